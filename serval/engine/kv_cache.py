@@ -1,0 +1,152 @@
+"""KVCacheManager: the block pool, each request's block table, and the prefix cache.
+
+A block is free when no request references it (ref_count == 0). Free blocks wait in an LRU queue; a
+free block that still holds a full, hashed block of tokens stays findable by its hash until it is
+handed out again (that is the eviction). So "free" counts cached-but-unreferenced blocks too, and an
+idle engine always has every block free.
+
+Prefix hashes are chained: a block's key is (parent block's hash, its tokens), so equal hashes mean
+equal whole prefixes. The key itself is kept and compared on a hit, so a hash collision can never
+serve wrong K/V.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from serval.engine.request import Request
+
+_ROOT_HASH = 0
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: int | None = None
+    block_key: tuple | None = None  # (parent hash, tokens): what block_hash stands for
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # front = evict first
+        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.prefix_cache_queries = 0  # tokens looked up
+        self.prefix_cache_hits = 0  # tokens found
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def find_cached_prefix(self, request: Request) -> list[int]:
+        """Block ids holding the longest cached prefix of the request's tokens (full blocks only).
+
+        At least one token is always left to compute, since the step that computes it yields the logits
+        the next token is sampled from. Requests that want prompt logprobs compute every position.
+        """
+        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
+            return []
+        self._update_block_hashes(request)
+        hits = []
+        for index, block_hash in enumerate(request.block_hashes):
+            block_id = self.cached.get(block_hash)
+            if block_id is None or self.blocks[block_id].block_key != self._block_key(request, index):
+                break
+            hits.append(block_id)
+        if len(hits) * self.block_size >= request.num_tokens:
+            hits.pop()
+        self.prefix_cache_queries += request.num_tokens
+        self.prefix_cache_hits += len(hits) * self.block_size
+        return hits
+
+    def allocate(self, request: Request, num_new_tokens: int, cached_block_ids: list[int] = ()) -> bool:
+        """Give the request blocks for its cached prefix plus num_new_tokens more; False (and no change) if
+        the pool can't. Blocks that will be full after this step are registered in the prefix cache now,
+        which is safe because each layer writes the whole batch's K/V before any attention reads it.
+        """
+        num_tokens_after = request.num_computed_tokens + len(cached_block_ids) * self.block_size + num_new_tokens
+        num_needed = -(-num_tokens_after // self.block_size) - len(request.block_ids) - len(cached_block_ids)
+        num_cached_free = sum(1 for block_id in cached_block_ids if self.blocks[block_id].ref_count == 0)
+        if num_needed > self.num_free_blocks - num_cached_free:
+            return False
+        for block_id in cached_block_ids:
+            self._take(block_id)
+        request.block_ids.extend(cached_block_ids)
+        for _ in range(max(num_needed, 0)):
+            block_id = next(iter(self.free_queue))
+            self._take(block_id)
+            self._evict(block_id)
+            request.block_ids.append(block_id)
+        if self.enable_prefix_caching:
+            self._cache_full_blocks(request, num_tokens_after // self.block_size)
+        return True
+
+    def free(self, request: Request) -> None:
+        """Release the request's blocks; the tail goes to the free queue first, so it is evicted before
+        the prefix blocks other requests are more likely to share."""
+        for block_id in reversed(request.block_ids):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_queue[block_id] = None
+        request.block_ids = []
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix; only possible while no block is in use."""
+        if self.num_free_blocks != self.num_blocks:
+            return False
+        for block in self.blocks:
+            self._evict(block.block_id)
+        return True
+
+    def check_invariants(self, requests: list[Request]) -> None:
+        """Assert the pool's bookkeeping against the live requests (for tests)."""
+        expected = [0] * self.num_blocks
+        for request in requests:
+            for block_id in request.block_ids:
+                expected[block_id] += 1
+        for block in self.blocks:
+            assert block.ref_count == expected[block.block_id], (block, expected[block.block_id])
+            assert (block.ref_count == 0) == (block.block_id in self.free_queue), block
+            if block.block_hash is not None:
+                assert self.cached.get(block.block_hash) == block.block_id, block
+        assert len(self.cached) == sum(1 for b in self.blocks if b.block_hash is not None)
+
+    def _take(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.free_queue[block_id]
+        block.ref_count += 1
+
+    def _evict(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.block_hash is not None:
+            del self.cached[block.block_hash]
+            block.block_hash = block.block_key = None
+
+    def _cache_full_blocks(self, request: Request, num_full_blocks: int) -> None:
+        self._update_block_hashes(request)
+        for index in range(num_full_blocks):
+            block = self.blocks[request.block_ids[index]]
+            block_hash = request.block_hashes[index]
+            if block.block_hash is not None or block_hash in self.cached:
+                continue  # already cached, here or (same tokens computed twice) in another block
+            block.block_hash, block.block_key = block_hash, self._block_key(request, index)
+            self.cached[block_hash] = block.block_id
+
+    def _block_key(self, request: Request, index: int) -> tuple:
+        parent = request.block_hashes[index - 1] if index else _ROOT_HASH
+        start = index * self.block_size
+        return parent, tuple(request.all_token_ids[start:start + self.block_size])
+
+    def _update_block_hashes(self, request: Request) -> None:
+        for index in range(len(request.block_hashes), request.num_tokens // self.block_size):
+            request.block_hashes.append(hash(self._block_key(request, index)))

@@ -1,0 +1,118 @@
+"""ModelRunner: turns a SchedulerOutput into flat tensors, runs the model, samples.
+
+The batch is flat (no padding): request i's new tokens are rows query_start_loc[i]:query_start_loc[i+1].
+Logits are computed only for rows that are sampled from or that prompt logprobs need.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from serval.engine import sampler
+from serval.engine.request import Request
+from serval.engine.scheduler import SchedulerOutput
+from serval.layers.attention import AttentionMetadata
+from serval.outputs import Logprob
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled_token_ids: list[int | None]  # per scheduled request; None where its step ended mid-prompt
+    logprobs: list[dict[int, Logprob] | None]
+    prompt_logprobs: list[list[dict[int, Logprob]] | None]  # new prompt positions this step, in order
+
+
+@dataclass
+class _BatchPlan:
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    query_start_loc: list[int]
+    seq_lens: list[int]
+    sample_rows: list[int]  # flat row per sampled request
+    sampled_requests: list[Request]
+    prompt_rows: list[tuple[int, list[int], list[int]]]  # (batch index, flat rows, target token ids)
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        shape = (2, num_blocks, block_size, model.num_kv_heads, model.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
+
+    @staticmethod
+    def kv_cache_bytes_per_block(model: torch.nn.Module, block_size: int, dtype: torch.dtype) -> int:
+        element_size = torch.empty((), dtype=dtype).element_size()
+        return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * element_size
+
+    @torch.inference_mode()
+    def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+        plan = self._plan(scheduled)
+        metadata = AttentionMetadata(
+            slot_mapping=self._tensor(plan.slot_mapping, torch.int64),
+            query_start_loc=plan.query_start_loc,
+            seq_lens=plan.seq_lens,
+            block_tables=self._block_tables(scheduled.requests),
+            block_size=self.block_size,
+        )
+        hidden = self.model(self._tensor(plan.input_ids, torch.int64), self._tensor(plan.positions, torch.int64),
+                            self.kv_caches, metadata)
+        prompt_flat_rows = [row for _, rows, _ in plan.prompt_rows for row in rows]
+        logits = self.model.compute_logits(hidden[self._tensor(plan.sample_rows + prompt_flat_rows, torch.int64)])
+        num_sampled = len(plan.sample_rows)
+        return self._outputs(scheduled, plan, logits[:num_sampled], logits[num_sampled:])
+
+    def _plan(self, scheduled: SchedulerOutput) -> _BatchPlan:
+        plan = _BatchPlan([], [], [], [0], [], [], [], [])
+        block_size = self.block_size
+        for batch_index, (request, num_new) in enumerate(zip(scheduled.requests, scheduled.num_scheduled_tokens)):
+            start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
+            row0 = plan.query_start_loc[-1]
+            plan.input_ids.extend(request.all_token_ids[start:end])
+            plan.positions.extend(range(start, end))
+            blocks = request.block_ids
+            plan.slot_mapping.extend(blocks[p // block_size] * block_size + p % block_size for p in range(start, end))
+            plan.query_start_loc.append(row0 + num_new)
+            plan.seq_lens.append(end)
+            if request.prompt_logprobs is not None:
+                # Position p predicts token p + 1; positions already done (before a preemption) are skipped.
+                first = max(start, len(request.prompt_logprobs) - 1)
+                last = min(end, request.num_prompt_tokens - 1)
+                if first < last:
+                    plan.prompt_rows.append((batch_index, [row0 + p - start for p in range(first, last)],
+                                             request.all_token_ids[first + 1:last + 1]))
+            if end == request.num_tokens:
+                plan.sample_rows.append(row0 + num_new - 1)
+                plan.sampled_requests.append(request)
+        return plan
+
+    def _outputs(self, scheduled: SchedulerOutput, plan: _BatchPlan, sample_logits: torch.Tensor,
+                 prompt_logits: torch.Tensor) -> ModelRunnerOutput:
+        num_requests = len(scheduled.requests)
+        out = ModelRunnerOutput([None] * num_requests, [None] * num_requests, [None] * num_requests)
+        if plan.sampled_requests:
+            sampled = sampler.sample(sample_logits, plan.sampled_requests)
+            position = {id(request): i for i, request in enumerate(scheduled.requests)}
+            for request, token_id, logprobs in zip(plan.sampled_requests, sampled.sampled_token_ids, sampled.logprobs):
+                out.sampled_token_ids[position[id(request)]] = token_id
+                out.logprobs[position[id(request)]] = logprobs
+        offset = 0
+        for batch_index, rows, targets in plan.prompt_rows:
+            request = scheduled.requests[batch_index]
+            chunk = prompt_logits[offset:offset + len(rows)]
+            out.prompt_logprobs[batch_index] = sampler.compute_prompt_logprobs(
+                chunk, self._tensor(targets, torch.int64), request.sampling_params.prompt_logprobs)
+            offset += len(rows)
+        return out
+
+    def _block_tables(self, requests: list[Request]) -> torch.Tensor:
+        width = max(len(request.block_ids) for request in requests)
+        rows = [request.block_ids + [0] * (width - len(request.block_ids)) for request in requests]
+        return self._tensor(rows, torch.int32)
+
+    def _tensor(self, values, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)

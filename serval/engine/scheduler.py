@@ -1,0 +1,156 @@
+"""Scheduler: which requests run this step and how many new tokens each computes.
+
+There is no prefill/decode split (as in vLLM v1): every request has num_computed_tokens and
+num_tokens, and a step computes some of the difference under the token budget, so chunked prefills
+and decodes share a step. Running requests go first, oldest first; when blocks run out the newest
+(or lowest-priority) running request is preempted by recompute: its blocks are freed and it waits
+again with its output so far, to be recomputed (mostly from the prefix cache) later.
+"""
+from __future__ import annotations
+
+import bisect
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from serval.config import EngineConfig
+from serval.engine.kv_cache import KVCacheManager
+from serval.engine.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerOutput:
+    requests: list[Request] = field(default_factory=list)  # the batch, in order
+    num_scheduled_tokens: list[int] = field(default_factory=list)  # new tokens per request, same order
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens)
+
+    def add(self, request: Request, num_tokens: int) -> None:
+        self.requests.append(request)
+        self.num_scheduled_tokens.append(num_tokens)
+
+    def remove(self, request: Request) -> int:
+        index = self.requests.index(request)
+        del self.requests[index]
+        return self.num_scheduled_tokens.pop(index)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, kv_cache: KVCacheManager) -> None:
+        """config has max_num_batched_tokens resolved (see engine._resolve_config)."""
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.enable_chunked_prefill = config.enable_chunked_prefill
+        self.use_priority = config.scheduling_policy == "priority"
+        self.kv_cache = kv_cache
+        self.waiting: list[tuple[tuple, Request]] = []  # sorted by _waiting_key
+        self.running: list[Request] = []  # in admission order
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+        self._arrival_counter = itertools.count()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        request.arrival_order = next(self._arrival_counter)
+        self._enqueue(request)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.kv_cache.allocate(request, num_new):
+                victim = max(self.running, key=self._waiting_key)
+                if self.running.index(victim) < index:
+                    index -= 1
+                if victim in out.requests:
+                    budget += out.remove(victim)
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                out.add(request, num_new)
+                budget -= num_new
+                index += 1
+        if not out.preempted:
+            self._admit_waiting(out, budget)
+        return out
+
+    def update(self, out: SchedulerOutput) -> list[Request]:
+        """Advance the batch's computed tokens after the forward pass; return the requests whose step
+        ended on their last known token, i.e. those that sampled a new token."""
+        sampled = []
+        for request, num_tokens in zip(out.requests, out.num_scheduled_tokens):
+            request.num_computed_tokens += num_tokens
+            if request.num_computed_tokens == request.num_tokens:
+                sampled.append(request)
+        return sampled
+
+    def finish_request(self, request: Request, status: RequestStatus) -> None:
+        """Finish (stop, length or abort) a request wherever it is; frees its blocks."""
+        assert status.finished
+        if request.status.finished:
+            return
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove((self._waiting_key(request), request))
+        self.kv_cache.free(request)
+        request.status = status
+        request.finished_time = time.monotonic()
+        del self.requests[request.request_id]
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0][1]
+            cached_block_ids = self.kv_cache.find_cached_prefix(request)
+            num_cached = len(cached_block_ids) * self.kv_cache.block_size
+            num_new = request.num_tokens - num_cached
+            if num_new > budget:
+                if not self.enable_chunked_prefill:
+                    break
+                num_new = budget
+            if not self.kv_cache.allocate(request, num_new, cached_block_ids):
+                break
+            self.waiting.pop(0)
+            self.running.append(request)
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_cached
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_cached
+                request.first_scheduled_time = time.monotonic()
+            out.add(request, num_new)
+            budget -= num_new
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv_cache.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self._enqueue(request)
+
+    def _enqueue(self, request: Request) -> None:
+        bisect.insort(self.waiting, (self._waiting_key(request), request), key=lambda item: item[0])
+
+    def _waiting_key(self, request: Request) -> tuple:
+        return (request.priority if self.use_priority else 0, request.arrival_order)
+
