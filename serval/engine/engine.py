@@ -21,7 +21,6 @@ from serval.engine.request import Request, RequestStatus
 from serval.engine.scheduler import Scheduler
 from serval.model.default_model import default_model_path
 from serval.model.loader import load_model
-from serval.model.tokenizer import load_tokenizer
 from serval.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from serval.sampling_params import SamplingParams
 
@@ -120,6 +119,7 @@ class LLMEngine:
         if parent.request_id in self.parents:
             raise ValueError(f"invalid request_id {parent.request_id!r}: a request with this id is already running")
         self.parents[parent.request_id] = parent
+        self.num_prompt_tokens += len(parent.prompt_token_ids)
         for child in parent.children:
             self.scheduler.add_request(child)
 
@@ -138,9 +138,6 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled.requests:
             return []
-        for request in scheduled.requests:
-            if request.num_computed_tokens == 0 and request.num_preemptions == 0:
-                self.num_prompt_tokens += request.num_prompt_tokens
         runner_output = self.runner.execute(scheduled)
         self.scheduler.update(scheduled)
         return self._process(scheduled.requests, runner_output)
@@ -279,6 +276,9 @@ def _checkpoint_dtype(model_path: str) -> torch.dtype | None:
 
 
 def _load_tokenizer_or_none(model_path: str, config: EngineConfig):
+    if config.skip_tokenizer_init:
+        return None
+    from serval.model.tokenizer import load_tokenizer
     try:
         return load_tokenizer(model_path, config.tokenizer)
     except Exception as error:  # dummy weights for a config.json alone need no tokenizer: ids only

@@ -1,0 +1,221 @@
+"""Sampler: logits of the rows being sampled → one token per request, plus logprobs when asked.
+
+Order of operations follows vLLM v1's sampler, so the same request gives the same distribution on either engine:
+raw logprobs (before any processing) → logit_bias → min_tokens mask → repetition/frequency/presence penalties →
+greedy argmax, or temperature → min_p → top_k → top_p → exponential-race draw.
+
+Everything is vectorized over the batch with per-row parameter tensors; Python loops only build the ragged
+index lists (bias entries, penalized tokens) and draw the seeded rows from their own generators.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from serval.engine.request import Request
+from serval.outputs import Logprob
+from serval.sampling_params import SAMPLING_EPS, SamplingParams
+
+_NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplerOutput:
+    sampled_token_ids: list[int]  # one per request
+    # Per request: None unless sampling_params.logprobs is not None; else {sampled token: Logprob(rank=its rank)}
+    # plus the top-`logprobs` alternatives ranked 1..k.
+    logprobs: list[dict[int, Logprob] | None]
+
+
+def sample(logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+    """Sample one token per row of logits [B, V] (row i is requests[i]).
+
+    The logits are consumed: float32 logits are modified in place, as in vLLM (a copy of [B, V] per step is
+    pure overhead for the runner, which doesn't look at them again).
+    """
+    logits = logits.float()
+    params = [request.sampling_params for request in requests]
+    logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    # vLLM's default logprobs mode ("raw_logprobs"): what the model said, before any processing.
+    raw_logprobs = torch.log_softmax(logits[logprob_rows], dim=-1) if logprob_rows else None
+
+    _apply_logit_bias(logits, params)
+    _apply_min_tokens(logits, requests)
+    _apply_penalties(logits, requests)
+    token_ids = _sample_tokens(logits, requests)
+
+    logprobs: list[dict[int, Logprob] | None] = [None] * len(requests)
+    if raw_logprobs is not None:
+        chosen = token_ids[logprob_rows]
+        entries = _logprob_entries(raw_logprobs, chosen, [params[i].logprobs for i in logprob_rows])
+        for row, entry in zip(logprob_rows, entries):
+            logprobs[row] = entry
+    return SamplerOutput(sampled_token_ids=token_ids.tolist(), logprobs=logprobs)
+
+
+def compute_prompt_logprobs(logits: torch.Tensor, target_token_ids: torch.Tensor,
+                            num_top: int) -> list[dict[int, Logprob]]:
+    """Row j: the logprob (and rank) of target_token_ids[j] under logits[j], plus the top-num_top alternatives."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return _logprob_entries(logprobs, target_token_ids.to(logprobs.device, torch.int64), [num_top] * len(logprobs))
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    """Mask to -inf what top_k [B] (int, V = off) and top_p [B] (float, 1.0 = off) drop; returns new logits.
+
+    top_p keeps the smallest set of most likely tokens whose probability, renormalized after top_k, reaches
+    top_p; the most likely token always stays. Ties at the top_k threshold are all kept.
+    """
+    if top_k is None and top_p is None:
+        return logits
+    if top_p is None:
+        # top_k alone needs no full sort: the k-th largest value is the threshold.
+        max_k = int(top_k.max())
+        top_values = logits.topk(max_k, dim=-1).values
+        threshold = top_values.gather(1, (top_k - 1).clamp(min=0).unsqueeze(1))
+        return logits.masked_fill(logits < threshold, _NEG_INF)
+    sorted_logits, order = logits.sort(dim=-1)  # ascending: masks grow from the left
+    if top_k is not None:
+        threshold = sorted_logits.gather(1, (logits.shape[1] - top_k).clamp(min=0).unsqueeze(1))
+        sorted_logits.masked_fill_(sorted_logits < threshold, _NEG_INF)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    # Drop the least likely tokens while the mass dropped stays within 1 - top_p.
+    drop = cumulative <= 1 - top_p.unsqueeze(1)
+    drop[:, -1] = False
+    sorted_logits.masked_fill_(drop, _NEG_INF)
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def _apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> None:
+    rows, cols, values = [], [], []
+    for row, p in enumerate(params):
+        if p.logit_bias:
+            for token_id, bias in p.logit_bias.items():
+                rows.append(row)
+                cols.append(token_id)
+                values.append(bias)
+    if rows:
+        index = (_tensor(rows, logits), _tensor(cols, logits))
+        logits.index_put_(index, torch.tensor(values, dtype=logits.dtype, device=logits.device), accumulate=True)
+
+
+def _apply_min_tokens(logits: torch.Tensor, requests: list[Request]) -> None:
+    """Until min_tokens are out, no token may end the request: EOS (unless ignored) and the stop token ids."""
+    rows, cols = [], []
+    for row, request in enumerate(requests):
+        p = request.sampling_params
+        if len(request.output_token_ids) >= p.min_tokens:
+            continue
+        blocked = list(p.stop_token_ids)
+        if request.eos_token_id is not None and not p.ignore_eos:
+            blocked.append(request.eos_token_id)
+        rows.extend([row] * len(blocked))
+        cols.extend(blocked)
+    if rows:
+        logits[_tensor(rows, logits), _tensor(cols, logits)] = _NEG_INF
+
+
+def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
+    """Repetition penalty over prompt + output tokens (CTRL paper); OpenAI's frequency/presence over output only."""
+    rows = [i for i, r in enumerate(requests) if _has_penalties(r.sampling_params)]
+    if not rows:
+        return
+    penalized = [requests[i] for i in rows]
+    params = [r.sampling_params for r in penalized]
+    sub = logits[rows]
+    vocab_size = logits.shape[1]
+    if any(p.repetition_penalty != 1.0 for p in params):
+        seen = _token_counts([r.all_token_ids for r in penalized], vocab_size, logits) > 0
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=logits.device).unsqueeze(1)
+        sub = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
+    if any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params):
+        counts = _token_counts([r.output_token_ids for r in penalized], vocab_size, logits)
+        frequency = torch.tensor([p.frequency_penalty for p in params], device=logits.device).unsqueeze(1)
+        presence = torch.tensor([p.presence_penalty for p in params], device=logits.device).unsqueeze(1)
+        sub = sub - frequency * counts - presence * (counts > 0).float()
+    logits[rows] = sub
+
+
+def _has_penalties(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
+def _token_counts(token_lists: list[list[int]], vocab_size: int, like: torch.Tensor) -> torch.Tensor:
+    """[len(token_lists), vocab_size] float counts of each token id per row."""
+    rows = [row for row, tokens in enumerate(token_lists) for _ in tokens]
+    cols = [token for tokens in token_lists for token in tokens]
+    counts = torch.zeros(len(token_lists), vocab_size, dtype=torch.float32, device=like.device)
+    if cols:
+        counts.index_put_((_tensor(rows, like), _tensor(cols, like)),
+                          torch.ones(len(cols), dtype=torch.float32, device=like.device), accumulate=True)
+    return counts
+
+
+def _sample_tokens(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    params = [request.sampling_params for request in requests]
+    greedy = [p.temperature < SAMPLING_EPS for p in params]
+    if all(greedy):
+        return logits.argmax(dim=-1)
+    device = logits.device
+    greedy_tokens = logits.argmax(dim=-1) if any(greedy) else None
+    temperature = torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)], device=device)
+    logits.div_(temperature.unsqueeze(1))
+
+    if any(p.min_p > 0.0 for p in params):
+        probs = logits.softmax(dim=-1)
+        min_p = torch.tensor([p.min_p for p in params], device=device)
+        threshold = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
+        logits.masked_fill_(probs < threshold, _NEG_INF)
+
+    vocab_size = logits.shape[1]
+    top_k = [p.top_k if p.top_k > 0 else vocab_size for p in params]
+    top_p = [p.top_p for p in params]
+    logits = apply_top_k_top_p(
+        logits,
+        torch.tensor(top_k, device=device).clamp(max=vocab_size) if any(k < vocab_size for k in top_k) else None,
+        torch.tensor(top_p, device=device) if any(p < 1.0 for p in top_p) else None)
+
+    probs = logits.softmax(dim=-1)
+    random_tokens = probs.div_(_exponential_noise(probs, requests, greedy)).argmax(dim=-1)
+    if greedy_tokens is None:
+        return random_tokens
+    return torch.where(torch.tensor(greedy, device=device), greedy_tokens, random_tokens)
+
+
+def _exponential_noise(probs: torch.Tensor, requests: list[Request], greedy: list[bool]) -> torch.Tensor:
+    """q ~ Exp(1) per entry; argmax(probs / q) is a draw from probs (the exponential race).
+
+    A seeded row draws only from its own generator, so its tokens don't depend on the rest of the batch; the
+    other rows share the default RNG in one batched draw.
+    """
+    noise = torch.empty_like(probs)
+    seeded = [row for row, r in enumerate(requests) if r.generator is not None and not greedy[row]]
+    if len(seeded) < len(requests):
+        noise.exponential_()
+    for row in seeded:
+        noise[row].exponential_(generator=requests[row].generator)
+    # A draw of exactly 0 would turn a masked token's 0 / 0 into NaN, which argmax picks.
+    return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+
+
+def _logprob_entries(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: list[int]) -> list[dict[int, Logprob]]:
+    """Per row: {token: Logprob with rank = 1 + #tokens strictly more likely}, then the top num_top[row]."""
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1))
+    ranks = (logprobs > chosen).sum(dim=-1) + 1
+    max_top = max(num_top, default=0)
+    top_values, top_ids = (logprobs.topk(max_top, dim=-1) if max_top > 0 else (None, None))
+    chosen_list, rank_list, id_list = chosen.squeeze(1).tolist(), ranks.tolist(), token_ids.tolist()
+    top_value_list = top_values.tolist() if top_values is not None else None
+    top_id_list = top_ids.tolist() if top_ids is not None else None
+    entries = []
+    for row, k in enumerate(num_top):
+        entry = {id_list[row]: Logprob(logprob=chosen_list[row], rank=rank_list[row])}
+        for j in range(k):
+            entry.setdefault(top_id_list[row][j], Logprob(logprob=top_value_list[row][j], rank=j + 1))
+        entries.append(entry)
+    return entries
+
+
+def _tensor(values: list[int], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64, device=like.device)

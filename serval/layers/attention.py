@@ -1,0 +1,62 @@
+"""Attention over the paged KV cache: the metadata the runner builds each step, and the layer that uses it.
+
+The layer writes this step's K/V into the cache first and then attends over the cache only, so a request's
+cached prefix, earlier prefill chunks and this step's tokens are all read the same way, through its block table.
+Which implementation runs is chosen here (the torch reference on CPU; Triton kernels on GPU, later).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from serval.kernels.paged_attention import paged_attention, write_kv
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64: cache slot (block_id * block_size + offset) of each new token's K/V
+    query_start_loc: list[int]  # [B + 1] host: request i's new tokens are rows query_start_loc[i]:[i + 1]
+    seq_lens: list[int]  # [B] host: request i's context length including this step's tokens
+    block_tables: torch.Tensor  # [B, max_blocks_per_seq] int32, padded with 0
+    block_size: int
+    # Derived once per step (not per layer) in __post_init__ when left at their defaults.
+    max_query_len: int = 0
+    max_seq_len: int = 0
+    seq_lens_tensor: torch.Tensor | None = field(default=None, repr=False)  # [B] int32 on block_tables' device
+
+    def __post_init__(self) -> None:
+        if len(self.query_start_loc) != len(self.seq_lens) + 1:
+            raise ValueError(f"query_start_loc has {len(self.query_start_loc)} entries for "
+                             f"{len(self.seq_lens)} requests; expected {len(self.seq_lens) + 1}")
+        if not self.max_query_len and self.seq_lens:
+            self.max_query_len = max(b - a for a, b in zip(self.query_start_loc, self.query_start_loc[1:]))
+        if not self.max_seq_len and self.seq_lens:
+            self.max_seq_len = max(self.seq_lens)
+        if self.seq_lens_tensor is None:
+            self.seq_lens_tensor = torch.tensor(self.seq_lens, dtype=torch.int32, device=self.block_tables.device)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.seq_lens)
+
+
+class Attention(nn.Module):
+    """softmax(q k^T * scale) v with grouped-query heads over the paged cache; no weights of its own."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_attention_heads ({num_heads}) must be a multiple of "
+                             f"num_key_value_heads ({num_kv_heads})")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                metadata: AttentionMetadata) -> torch.Tensor:
+        """query [T, H, D], key/value [T, KVH, D] for this step's tokens -> [T, H, D]."""
+        write_kv(kv_cache, key, value, metadata.slot_mapping)
+        return paged_attention(query, kv_cache, metadata, self.scale, self.sliding_window)

@@ -1,0 +1,33 @@
+"""RMSNorm (Zhang & Sennrich, 2019) with the residual add fused in, as every pre-norm block does both together.
+
+Fusing the add is what lets a GPU kernel read the activations once; here it also keeps the decoder layer short.
+The arithmetic follows transformers' LlamaRMSNorm exactly (add in the model dtype, normalize in float32, scale in
+the model dtype) so that logits match it bit for bit in float32 and closely in bf16/fp16.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (weight * normalize(x + residual), x + residual); with residual None, (weight * normalize(x), x)."""
+    if residual is not None:
+        x = x + residual
+    new_residual = x
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype), new_residual
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """normed x alone; with a residual, (normed x + residual, x + residual) for the next block to add to."""
+        normed, new_residual = rms_norm(x, residual, self.weight, self.eps)
+        return normed if residual is None else (normed, new_residual)

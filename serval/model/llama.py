@@ -1,0 +1,225 @@
+"""The Llama family: Llama 2/3/3.1, Mistral, Qwen2 and Qwen3 are one pre-norm decoder with small switches.
+
+    h = x + Attn(RMSNorm(x));  out = h + MLP(RMSNorm(h))          (Touvron et al., 2023)
+    Attn: merged qkv projection, [Qwen3: per-head RMSNorm of q and k], RoPE, paged causal GQA, o_proj
+    MLP:  merged gate/up projection, SiLU(gate) * up, down_proj  (SwiGLU)
+
+Qwen2 adds a bias to q/k/v; Qwen3 normalizes q and k per head and sets head_dim explicitly; Mistral (and Qwen
+layers marked "sliding_attention") attend to the last `sliding_window` positions only. Module names follow the
+Hugging Face checkpoints so that load_weights maps names directly, except for the merged projections.
+
+Input is a flat batch: the new tokens of every scheduled request, concatenated, no padding (see AttentionMetadata).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from serval.layers.activation import get_act_and_mul
+from serval.layers.attention import Attention, AttentionMetadata
+from serval.layers.linear import Linear, MergedLinear, gate_up_linear, qkv_linear
+from serval.layers.norm import RMSNorm
+from serval.layers.rotary import RotaryEmbedding, rope_parameters
+
+# Checkpoint projection name -> (our merged module, its shard).
+_MERGED_PROJECTIONS = {
+    "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up"),
+}
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def sliding_window_of(config, layer_idx: int) -> int | None:
+    """The layer's attention window, or None for full attention.
+
+    Configs with `layer_types` (Qwen2/3 in transformers 5) say per layer; Mistral applies sliding_window to all.
+    """
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is None or layer_types is None:
+        return window
+    return window if layer_types[layer_idx] == "sliding_attention" else None
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config, layer_idx: int, rotary_emb: RotaryEmbedding, qkv_bias: bool, o_bias: bool,
+                 qk_norm: bool) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = head_dim_of(config)
+        self.qkv_proj = qkv_linear(config.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, qkv_bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=o_bias)
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = qk_norm
+        self.rotary_emb = rotary_emb  # shared by all layers
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale=self.head_dim ** -0.5,
+                              sliding_window=sliding_window_of(config, layer_idx))
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor,
+                metadata: AttentionMetadata) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn(q, k, v, kv_cache, metadata)
+        return self.o_proj(out.view(num_tokens, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        bias = getattr(config, "mlp_bias", False)
+        self.gate_up_proj = gate_up_linear(config.hidden_size, config.intermediate_size, bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.act_and_mul = get_act_and_mul(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx: int, rotary_emb: RotaryEmbedding, **attention_options) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, layer_idx, rotary_emb, **attention_options)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+                kv_cache: torch.Tensor, metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        # The residual stream is carried beside the block output so each norm can fuse "add, then normalize".
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config, **attention_options) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        rotary_emb = RotaryEmbedding(head_dim_of(config), config.max_position_embeddings, rope_parameters(config))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, rotary_emb, **attention_options)
+                                    for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                metadata: AttentionMetadata) -> torch.Tensor:
+        hidden, residual = self.embed_tokens(input_ids), None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    # Architecture switches; subclasses below flip them.
+    qkv_bias: bool | None = None  # None: config.attention_bias decides, for o_proj too
+    qk_norm: bool = False
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        qkv_bias = attention_bias if self.qkv_bias is None else self.qkv_bias
+        self.model = LlamaModel(config, qkv_bias=qkv_bias, o_bias=attention_bias, qk_norm=self.qk_norm)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # What the model runner sizes the KV cache with.
+        self.num_layers = config.num_hidden_layers
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = head_dim_of(config)
+        self.vocab_size = config.vocab_size
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        """input_ids/positions [T] (flat, all requests) -> final hidden states [T, hidden]."""
+        return self.model(input_ids, positions, kv_caches, attn_metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> float32 logits [N, vocab]; called only on the rows that are sampled from."""
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy Hugging Face-named tensors into the model; raise naming any unknown, mis-shaped or missing weight."""
+        params = dict(self.named_parameters())
+        expected = {(name, shard) for name, param in params.items() for shard in self._shards_of(name)}
+        loaded: set[tuple[str, str | None]] = set()
+        unknown: list[str] = []
+        for hf_name, tensor in weights:
+            if "rotary_emb." in hf_name:  # inv_freq and cos/sin caches of older checkpoints: recomputed here
+                continue
+            name, shard = self._our_name(hf_name)
+            if name not in params:
+                unknown.append(hf_name)
+                continue
+            param = params[name]
+            target = param.data if shard is None else self._module_of(name).shard(param.data, shard)
+            if target.shape != tensor.shape:
+                raise ValueError(f"weight {hf_name!r} has shape {tuple(tensor.shape)}; the model (from config.json) "
+                                 f"expects {tuple(target.shape)}")
+            target.copy_(tensor)
+            loaded.add((name, shard))
+        missing = sorted(self._hf_name(name, shard) for name, shard in expected - loaded)
+        if unknown or missing:
+            raise ValueError(f"checkpoint does not match {type(self).__name__}: "
+                             f"unknown weights {_preview(unknown)}, missing weights {_preview(missing)}")
+
+    def _our_name(self, hf_name: str) -> tuple[str, str | None]:
+        if self.tie_word_embeddings and hf_name == "lm_head.weight":
+            return "model.embed_tokens.weight", None  # named_parameters lists the shared tensor once, by this name
+        parts = hf_name.split(".")
+        if len(parts) >= 2 and parts[-2] in _MERGED_PROJECTIONS:
+            merged, shard = _MERGED_PROJECTIONS[parts[-2]]
+            return ".".join(parts[:-2] + [merged, parts[-1]]), shard
+        return hf_name, None
+
+    def _hf_name(self, name: str, shard: str | None) -> str:
+        if shard is None:
+            return name
+        merged = name.split(".")[-2]
+        projection = next(p for p, (m, s) in _MERGED_PROJECTIONS.items() if m == merged and s == shard)
+        return name.replace(f".{merged}.", f".{projection}.")
+
+    def _module_of(self, param_name: str) -> nn.Module:
+        return self.get_submodule(param_name.rsplit(".", 1)[0])
+
+    def _shards_of(self, param_name: str) -> tuple[str | None, ...]:
+        module = self._module_of(param_name)
+        return module.shard_names if isinstance(module, MergedLinear) else (None,)
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    pass  # Llama plus config.sliding_window, which the attention reads
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    qkv_bias = True
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    qk_norm = True
+
+
+def _preview(names: list[str], limit: int = 8) -> str:
+    if not names:
+        return "none"
+    shown = ", ".join(names[:limit])
+    return f"[{shown}{f', ... ({len(names) - limit} more)' if len(names) > limit else ''}]"

@@ -1,0 +1,125 @@
+"""load_model: a checkpoint directory (safetensors), a GGUF file, or a config.json alone (dummy weights) -> model.
+
+The model is built directly in the requested dtype on the requested device, then filled from the checkpoint one
+tensor at a time: safetensors shards are memory-mapped and each tensor is read once, straight into its parameter.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from typing import Iterator
+
+import torch
+import transformers
+from safetensors import safe_open
+from torch import nn
+
+from serval.model.registry import get_model_class
+
+logger = logging.getLogger(__name__)
+
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+# vLLM's dummy loader range: small enough that activations stay finite through any depth, in any dtype.
+DUMMY_WEIGHT_RANGE = (-1e-3, 1e-3)
+
+
+def load_model(model: str, *, load_format: str = "auto", dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu", seed: int = 0) -> tuple[nn.Module, transformers.PretrainedConfig]:
+    """Build and load the model at `model` (a directory, or a GGUF file); return (model in eval mode, HF config)."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format {load_format!r} is not supported; choose one of {list(LOAD_FORMATS)}")
+    if not os.path.exists(model):
+        raise FileNotFoundError(f"model path {model!r} does not exist")
+    start = time.perf_counter()
+    gguf_file = _find_gguf_file(model) if load_format in ("auto", "gguf") else None
+    if load_format == "gguf" and gguf_file is None:
+        raise FileNotFoundError(f"load_format='gguf' but no .gguf file found at {model!r}")
+    if gguf_file is not None:
+        from serval.model.gguf import load_gguf
+        checkpoint = load_gguf(gguf_file)
+        config, weights = checkpoint.config, iter(checkpoint.weights.items())
+        load_format = "gguf"
+    else:
+        config = load_config(model)
+        weights = None if load_format == "dummy" else iter_safetensors(safetensors_files(model))
+        load_format = "dummy" if load_format == "dummy" else "safetensors"
+    net = build_model(config, dtype, device)
+    if weights is None:
+        init_dummy_weights(net, seed)
+    else:
+        net.load_weights(weights)
+    logger.info("model loaded", extra={"model": model, "load_format": load_format, "dtype": str(dtype),
+                                       "device": str(device), "seconds": round(time.perf_counter() - start, 3)})
+    return net, config
+
+
+def load_config(model_dir: str) -> transformers.PretrainedConfig:
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise FileNotFoundError(f"no config.json in {model_dir!r}; a safetensors or dummy load needs one")
+    return transformers.AutoConfig.from_pretrained(model_dir)
+
+
+def build_model(config: transformers.PretrainedConfig, dtype: torch.dtype, device: str | torch.device) -> nn.Module:
+    """The model for config.architectures[0], parameters allocated (not initialized) in dtype on device."""
+    model_class = get_model_class(config)
+    with torch.device(device), _default_dtype(dtype):
+        model = model_class(config)
+    return model.eval().requires_grad_(False)
+
+
+def safetensors_files(model_dir: str) -> list[str]:
+    """The checkpoint's .safetensors files: the one model.safetensors, or the shards its index lists."""
+    index_path = os.path.join(model_dir, SAFETENSORS_INDEX)
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(model_dir, shard) for shard in shards]
+        missing = [path for path in files if not os.path.isfile(path)]
+        if missing:
+            raise FileNotFoundError(f"{index_path} lists shards that are not there: {missing}")
+        return files
+    single = os.path.join(model_dir, SAFETENSORS_FILE)
+    if os.path.isfile(single):
+        return [single]
+    raise FileNotFoundError(
+        f"no weights in {model_dir!r}: expected {SAFETENSORS_FILE} or {SAFETENSORS_INDEX} (or a .gguf file); "
+        f"found {sorted(os.listdir(model_dir))}. Use load_format='dummy' for random weights.")
+
+
+def iter_safetensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of the files, each read from the memory map once, when asked for."""
+    for path in files:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def init_dummy_weights(model: nn.Module, seed: int) -> None:
+    """Fill every parameter with uniform values in DUMMY_WEIGHT_RANGE, deterministically from seed."""
+    low, high = DUMMY_WEIGHT_RANGE
+    generators: dict[torch.device, torch.Generator] = {}
+    for _, param in sorted(model.named_parameters()):
+        if param.device not in generators:
+            generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
+        param.data.uniform_(low, high, generator=generators[param.device])
+
+
+def _find_gguf_file(model: str) -> str | None:
+    from serval.model.gguf import find_gguf_file  # imported here: the gguf reader is only needed for GGUF files
+    return find_gguf_file(model)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    # Parameters are created in the target dtype rather than cast after: no float32 copy of the model ever exists.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

