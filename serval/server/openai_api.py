@@ -1,0 +1,706 @@
+"""The OpenAI-compatible HTTP server: FastAPI on uvicorn, the AsyncEngine behind it.
+
+Every route answers OpenAI's error body on failure; user input never yields a 500. A request whose client
+goes away (streaming or not) is cancelled, which aborts its engine requests and frees their KV blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import serval
+from serval.engine.async_engine import AsyncEngine, EngineDeadError
+from serval.outputs import CompletionOutput, Logprob, RequestOutput
+from serval.sampling_params import SamplingParams
+from serval.server import protocol
+from serval.server.metrics import CONTENT_TYPE, ServerMetrics
+from serval.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                    TokenizeRequest, random_id)
+from serval.server.request_log import RequestRecord
+from serval.server.tracing import RequestTracer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# nginx's code for "client closed request": what the log and metrics say of a request whose client left.
+CLIENT_CLOSED = 499
+_DONE = object()  # a prompt's generator has ended
+_PARAM_IN_MESSAGE = re.compile(r"^invalid (?:sampling parameter |engine argument )?([a-z_]+)")
+
+
+class APIError(Exception):
+    """An error with the fields of OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def response(self) -> JSONResponse:
+        body = protocol.ErrorResponse(error=protocol.ErrorInfo(message=self.message, type=self.type,
+                                                               param=self.param, code=self.code))
+        return JSONResponse(body.model_dump(), status_code=self.status)
+
+    @classmethod
+    def from_value_error(cls, error: ValueError, default_param: str | None = None) -> "APIError":
+        """The engine and SamplingParams say 'invalid <argument>...': that argument is OpenAI's param."""
+        match = _PARAM_IN_MESSAGE.match(str(error))
+        return cls(400, str(error), param=match.group(1) if match else default_param)
+
+    @classmethod
+    def from_validation_error(cls, error: ValidationError) -> "APIError":
+        first = error.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        message = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in error.errors())
+        return cls(400, message, param=param)
+
+
+class Generation:
+    """The engine requests of one HTTP request (one per prompt), merged into one stream of outputs.
+
+    Each prompt's generator runs in its own task; closing the Generation cancels them, which aborts
+    their engine requests. Inter-token latency and per-request histograms are observed here.
+    """
+
+    def __init__(self, server: "OpenAIServer", record: RequestRecord) -> None:
+        self.server = server
+        self.record = record
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.tasks: list[asyncio.Task] = []
+        self.failed: Exception | None = None
+
+    async def start(self, prompts: list[dict], params: SamplingParams) -> None:
+        """Queue every prompt; raises the first prompt's ValueError if any is invalid (nothing then runs)."""
+        for index, prompt in enumerate(prompts):
+            request_id = self.record.request_id if len(prompts) == 1 else f"{self.record.request_id}-{index}"
+            stream = self.server.engine.generate(prompt, params, request_id=request_id)
+            self.tasks.append(asyncio.create_task(self._produce(index, stream)))
+        # engine.generate validates synchronously before its first await, so after one turn of the loop
+        # (tasks run in creation order) every prompt is either queued or failed.
+        await asyncio.sleep(0)
+        if self.failed is not None:
+            await self.close()
+            raise self.failed
+
+    async def _produce(self, index: int, stream: AsyncIterator[RequestOutput]) -> None:
+        metrics = self.server.metrics
+        num_tokens, previous_time = 0, time.monotonic()
+        try:
+            async with aclosing(stream):
+                async for output in stream:
+                    now = time.monotonic()
+                    total = sum(len(completion.token_ids) for completion in output.outputs)
+                    if num_tokens and total > num_tokens:  # the first token's wait is TTFT, not ITL
+                        metrics.observe_tokens(total - num_tokens, now - previous_time)
+                    if total > num_tokens:
+                        num_tokens, previous_time = total, now
+                    if output.finished:
+                        self.record.add_finished(output)
+                        metrics.observe_finished(output, now)
+                    self.queue.put_nowait((index, output))
+        except Exception as error:  # noqa: BLE001 - handed to the consumer, which answers with it
+            self.failed = self.failed or error
+            self.queue.put_nowait((index, error))
+        else:
+            self.queue.put_nowait((index, _DONE))
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, cumulative output) until every prompt is done; raises a prompt's error."""
+        remaining = len(self.tasks)
+        while remaining:
+            index, item = await self.queue.get()
+            if item is _DONE:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+
+    async def close(self) -> None:
+        """Cancel what still runs (aborting it in the engine). Safe to call more than once."""
+        unfinished = [task for task in self.tasks if not task.done()]
+        if not unfinished:
+            return
+        for task in unfinished:
+            task.cancel()
+        self.server.metrics.request_success.labels(self.server.model_name, "abort").inc(len(unfinished))
+        self.record.finish_reasons.extend(["abort"] * len(unfinished))
+        await asyncio.gather(*unfinished, return_exceptions=True)
+
+
+class OpenAIServer:
+    def __init__(self, engine: AsyncEngine, served_model_names: list[str], api_key: str | None = None,
+                 max_waiting_requests: int | None = None, tracer: RequestTracer | None = None,
+                 log_requests: bool = True) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_names = served_model_names
+        self.model_name = served_model_names[0]
+        self.api_key = api_key
+        self.max_waiting_requests = max_waiting_requests
+        self.tracer = tracer
+        self.log_requests = log_requests
+        self.metrics = ServerMetrics(self.model_name, engine.get_stats)
+        self.max_model_len = engine.config.max_model_len
+
+    # ---------------------------------------------------------------- checks
+    def check_model(self, name: str | None) -> str:
+        if name is None or name in self.model_names:
+            return self.model_name
+        raise APIError(404, f"The model `{name}` does not exist; this server serves {self.model_names}.",
+                       param="model", code="model_not_found")
+
+    def check_capacity(self) -> None:
+        if self.max_waiting_requests is None:
+            return
+        stats = self.engine.get_stats()
+        # Requests in the engine's inbox are not in the scheduler's count yet; count them as waiting too.
+        waiting = max(stats.num_requests_waiting, self.engine.num_unfinished_requests - stats.num_requests_running)
+        if waiting >= self.max_waiting_requests:
+            raise APIError(429, f"The server is overloaded: {waiting} requests are waiting, the limit is "
+                                f"{self.max_waiting_requests} (--max-waiting-requests). Retry later.",
+                           type="rate_limit_error", code="rate_limit_exceeded")
+
+    def check_context(self, num_prompt_tokens: int, max_tokens: int | None, where: str) -> None:
+        limit = self.max_model_len
+        if num_prompt_tokens >= limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your {where} "
+                                f"has {num_prompt_tokens} tokens; at most {limit - 1} leave room for one to be "
+                                "generated. Please reduce the length of the " + where + ".",
+                           param="messages" if where == "messages" else "prompt", code="context_length_exceeded")
+        if max_tokens is not None and num_prompt_tokens + max_tokens > limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                                f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the {where}, "
+                                f"{max_tokens} in the completion). Please reduce the length of the {where} or "
+                                "completion.", param="max_tokens", code="context_length_exceeded")
+
+    def require_tokenizer(self):
+        if self.tokenizer is None:
+            raise APIError(400, "This model was loaded without a tokenizer: send prompts as token ids to "
+                                "/v1/completions.", param="prompt")
+        return self.tokenizer
+
+    # ---------------------------------------------------------------- prompts
+    def completion_prompt(self, prompt: str | list[int]) -> dict:
+        if isinstance(prompt, str):
+            return {"prompt": prompt, "prompt_token_ids": self.require_tokenizer().encode(prompt)}
+        text = self.tokenizer.decode(prompt) if self.tokenizer is not None else ""
+        return {"prompt": text, "prompt_token_ids": list(prompt)}
+
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> dict:
+        tokenizer = self.require_tokenizer()
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt)
+        except Exception as error:  # jinja's TemplateError and raise_exception() in templates: bad messages
+            raise APIError(400, f"The chat template rejected the messages: {error}", param="messages") from error
+        return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+
+    # ---------------------------------------------------------------- completions
+    async def create_completion(self, body: CompletionRequest, record: RequestRecord) -> Response:
+        params = body.to_sampling_params()
+        prompts = [self.completion_prompt(prompt) for prompt in body.prompts()]
+        for prompt in prompts:
+            self.check_context(len(prompt["prompt_token_ids"]), params.max_tokens, "prompt")
+        generation = await self.start(record, prompts, params)
+        if body.stream:
+            return self.sse(self.stream_completion(body, record, generation, prompts, params))
+        finals = await self.collect(generation)
+        choices = []
+        for index, output in enumerate(finals):
+            for completion in output.outputs:
+                text = completion.text
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs = protocol.CompletionLogprobs()
+                    if body.echo:
+                        _add_completion_logprobs(logprobs, output.prompt_token_ids, output.prompt_logprobs,
+                                                 body.logprobs, self.tokenizer)
+                    _add_completion_logprobs(logprobs, completion.token_ids, completion.logprobs, body.logprobs,
+                                             self.tokenizer)
+                if body.echo:
+                    text = prompts[index]["prompt"] + text
+                choices.append(protocol.CompletionChoice(
+                    index=index * params.n + completion.index, text=text, logprobs=logprobs,
+                    finish_reason=completion.finish_reason, stop_reason=completion.stop_reason))
+        return JSONResponse(protocol.CompletionResponse(
+            id=record.request_id, model=record.model, choices=choices, usage=_usage(record)).model_dump())
+
+    async def stream_completion(self, body: CompletionRequest, record: RequestRecord, generation: Generation,
+                                prompts: list[dict], params: SamplingParams) -> AsyncIterator[str]:
+        created = int(time.time())
+        sent = _SentState()
+        try:
+            async for index, output in generation.outputs():
+                for completion in output.outputs:
+                    key = index * params.n + completion.index
+                    first = sent.first(key)
+                    delta = sent.delta(key, completion)
+                    if delta is None:
+                        continue
+                    text, token_ids, logprobs = delta
+                    if body.echo and first:
+                        text = prompts[index]["prompt"] + text
+                    chunk_logprobs = None
+                    if body.logprobs is not None:
+                        chunk_logprobs = protocol.CompletionLogprobs()
+                        if body.echo and first:
+                            _add_completion_logprobs(chunk_logprobs, output.prompt_token_ids, output.prompt_logprobs,
+                                                     body.logprobs, self.tokenizer)
+                        _add_completion_logprobs(chunk_logprobs, token_ids, logprobs, body.logprobs, self.tokenizer)
+                    chunk = protocol.CompletionResponse(
+                        id=record.request_id, created=created, model=record.model,
+                        choices=[protocol.CompletionChoice(index=key, text=text, logprobs=chunk_logprobs,
+                                                           finish_reason=completion.finish_reason,
+                                                           stop_reason=completion.stop_reason)])
+                    yield _sse(chunk)
+            if body.include_usage_in_stream:
+                yield _sse(protocol.CompletionResponse(id=record.request_id, created=created, model=record.model,
+                                                       choices=[], usage=_usage(record)))
+        finally:
+            await generation.close()
+
+    # ---------------------------------------------------------------- chat
+    async def create_chat_completion(self, body: ChatCompletionRequest, record: RequestRecord) -> Response:
+        params = body.to_sampling_params()
+        prompt = self.chat_prompt(body.template_messages(), body.add_generation_prompt)
+        self.check_context(len(prompt["prompt_token_ids"]), params.max_tokens, "messages")
+        generation = await self.start(record, [prompt], params)
+        top_logprobs = body.top_logprobs or 0
+        if body.stream:
+            return self.sse(self.stream_chat(body, record, generation, params, top_logprobs))
+        (output,) = await self.collect(generation)
+        choices = [protocol.ChatChoice(
+            index=completion.index, message=protocol.ChatResponseMessage(content=completion.text),
+            logprobs=_chat_logprobs(completion.token_ids, completion.logprobs, top_logprobs, self.tokenizer)
+            if body.logprobs else None,
+            finish_reason=completion.finish_reason, stop_reason=completion.stop_reason)
+            for completion in output.outputs]
+        return JSONResponse(protocol.ChatCompletionResponse(
+            id=record.request_id, model=record.model, choices=choices, usage=_usage(record)).model_dump())
+
+    async def stream_chat(self, body: ChatCompletionRequest, record: RequestRecord, generation: Generation,
+                          params: SamplingParams, top_logprobs: int) -> AsyncIterator[str]:
+        created = int(time.time())
+
+        def chunk(choices: list[protocol.ChatStreamChoice], usage=None) -> str:
+            return _sse(protocol.ChatCompletionChunk(id=record.request_id, created=created, model=record.model,
+                                                     choices=choices, usage=usage))
+
+        sent = _SentState()
+        try:
+            for index in range(params.n):
+                yield chunk([protocol.ChatStreamChoice(index=index, delta=protocol.DeltaMessage(
+                    role="assistant", content=""))])
+            async for _, output in generation.outputs():
+                for completion in output.outputs:
+                    delta = sent.delta(completion.index, completion)
+                    if delta is None:
+                        continue
+                    text, token_ids, logprobs = delta
+                    yield chunk([protocol.ChatStreamChoice(
+                        index=completion.index, delta=protocol.DeltaMessage(content=text),
+                        logprobs=_chat_logprobs(token_ids, logprobs, top_logprobs, self.tokenizer)
+                        if body.logprobs else None,
+                        finish_reason=completion.finish_reason)])
+            if body.include_usage_in_stream:
+                yield chunk([], usage=_usage(record))
+        finally:
+            await generation.close()
+
+    # ---------------------------------------------------------------- shared
+    async def start(self, record: RequestRecord, prompts: list[dict], params: SamplingParams) -> Generation:
+        self.check_capacity()
+        generation = Generation(self, record)
+        await generation.start(prompts, params)
+        return generation
+
+    @staticmethod
+    async def collect(generation: Generation) -> list[RequestOutput]:
+        finals: dict[int, RequestOutput] = {}
+        try:
+            async for index, output in generation.outputs():
+                if output.finished:
+                    finals[index] = output
+        finally:
+            await generation.close()
+        return [finals[index] for index in sorted(finals)]
+
+    def sse(self, events: AsyncIterator[str]) -> StreamingResponse:
+        """Marks the response as streaming; `handle` wraps it so the stream owns the request's record."""
+        return _PendingStream(events)
+
+    async def handle(self, raw: Request, model_cls: type[BaseModel],
+                     handler: Callable, operation: str) -> Response:
+        """Parse, validate, run one OpenAI request; turn every failure into OpenAI's error body."""
+        prefix = "chatcmpl" if operation == "chat" else "cmpl"
+        record = RequestRecord(request_id=random_id(prefix), model=self.model_name, operation=operation)
+        span, streaming = None, False
+        try:
+            body = model_cls.model_validate(await _json_body(raw))
+            record.model = self.check_model(body.model)
+            span = self._start_span(raw, body, record)
+            response = await _until_disconnect(raw, handler(body, record))
+            if response is None:
+                record.status, record.error = CLIENT_CLOSED, "client disconnected"
+                return Response(status_code=CLIENT_CLOSED)
+            if isinstance(response, _PendingStream):
+                streaming = True  # from here the stream logs the request when it ends
+                return self._stream_response(response.events, record, span)
+            return response
+        except Exception as error:  # noqa: BLE001 - every failure becomes an error body, never a dead server
+            api_error = _to_api_error(error)
+            record.status, record.error = api_error.status, api_error.message
+            return api_error.response()
+        finally:
+            if not streaming:
+                self._finish(record, span)
+
+    def _stream_response(self, events: AsyncIterator[str], record: RequestRecord, span) -> StreamingResponse:
+        async def body() -> AsyncIterator[str]:
+            try:
+                async with aclosing(events):
+                    async for event in events:
+                        yield event
+                yield "data: [DONE]\n\n"
+            except Exception as error:  # noqa: BLE001 - the status line is sent: report in the stream
+                api_error = _to_api_error(error)
+                record.status, record.error = api_error.status, api_error.message
+                yield _sse(protocol.ErrorResponse(error=protocol.ErrorInfo(
+                    message=api_error.message, type=api_error.type, param=api_error.param, code=api_error.code)))
+                yield "data: [DONE]\n\n"
+            except BaseException:  # cancelled: the client went away mid-stream
+                record.status, record.error = CLIENT_CLOSED, "client disconnected"
+                raise
+            finally:
+                self._finish(record, span)
+
+        return _ClosingStreamingResponse(body(), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def _start_span(self, raw: Request, body, record: RequestRecord):
+        if self.tracer is None:
+            return None
+        max_tokens = body.requested_max_tokens if isinstance(body, ChatCompletionRequest) else body.max_tokens
+        return self.tracer.start_request_span(record.operation, record.model, raw.headers, {
+            "gen_ai.request.max_tokens": max_tokens, "gen_ai.request.temperature": body.temperature,
+            "gen_ai.request.top_p": body.top_p, "gen_ai.request.top_k": body.top_k,
+            "gen_ai.request.seed": body.seed, "gen_ai.request.choice.count": body.n,
+            "gen_ai.request.stream": body.stream, "gen_ai.response.id": record.request_id,
+            "gen_ai.response.model": record.model})
+
+    def _finish(self, record: RequestRecord, span) -> None:
+        if span is not None:
+            self.tracer.end_request_span(span, {
+                "gen_ai.usage.input_tokens": record.prompt_tokens,
+                "gen_ai.usage.output_tokens": record.completion_tokens,
+                "gen_ai.response.finish_reasons": tuple(record.finish_reasons),
+                "gen_ai.latency.time_in_queue": record.queue_seconds,
+                "gen_ai.latency.time_to_first_token": record.ttft_seconds,
+                "gen_ai.latency.e2e": time.monotonic() - record.arrival_time,
+                "http.response.status_code": record.status}, error=record.error)
+        if self.log_requests:
+            record.log()
+
+    # ---------------------------------------------------------------- the small endpoints
+    def tokenize(self, body: TokenizeRequest) -> dict:
+        self.check_model(body.model)
+        tokenizer = self.require_tokenizer()
+        if body.messages is not None:
+            messages = ChatCompletionRequest(messages=body.messages).template_messages()
+            tokens = self.chat_prompt(messages, body.add_generation_prompt)["prompt_token_ids"]
+        else:
+            tokens = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"count": len(tokens), "max_model_len": self.max_model_len, "tokens": tokens,
+                "token_strs": tokenizer.convert_ids_to_tokens(tokens)}
+
+    def detokenize(self, body: DetokenizeRequest) -> dict:
+        self.check_model(body.model)
+        tokenizer = self.require_tokenizer()
+        bad = [token for token in body.tokens if not 0 <= token < len(tokenizer)]
+        if bad:
+            raise APIError(400, f"invalid token ids {bad[:5]}: allowed integers in [0, {len(tokenizer)})",
+                           param="tokens")
+        return {"prompt": tokenizer.decode(body.tokens)}
+
+    def models(self) -> dict:
+        cards = [protocol.ModelCard(id=name, root=self.engine.config.model, max_model_len=self.max_model_len)
+                 for name in self.model_names]
+        return protocol.ModelList(data=cards).model_dump()
+
+    def healthy(self) -> bool:
+        return getattr(self.engine, "_dead", None) is None
+
+
+# -------------------------------------------------------------------- the app
+def build_app(server: OpenAIServer) -> FastAPI:
+    app = FastAPI(title="Serval", version=serval.__version__, docs_url=None, redoc_url=None)
+    app.state.server = server
+
+    @app.post("/v1/completions")
+    async def completions(raw: Request):
+        return await server.handle(raw, CompletionRequest, server.create_completion, "text_completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(raw: Request):
+        return await server.handle(raw, ChatCompletionRequest, server.create_chat_completion, "chat")
+
+    @app.get("/v1/models")
+    async def models():
+        return server.models()
+
+    @app.get("/health")
+    async def health():
+        if not server.healthy():
+            return APIError(503, "the engine has stopped", type="server_error").response()
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version():
+        return {"version": serval.__version__}
+
+    @app.post("/tokenize")
+    async def tokenize(raw: Request):
+        return await _simple(raw, TokenizeRequest, server.tokenize)
+
+    @app.post("/detokenize")
+    async def detokenize(raw: Request):
+        return await _simple(raw, DetokenizeRequest, server.detokenize)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException):
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        return APIError(error.status_code, str(error.detail), type=kind).response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, error: Exception):
+        logger.exception("unhandled error")
+        return APIError(500, f"internal error: {error!r}", type="server_error").response()
+
+    routes = {route.path for route in app.routes}
+    return _ObservedApp(app, server, routes)
+
+
+class _ObservedApp:
+    """ASGI wrapper: API-key check on /v1 and HTTP metrics. Plain ASGI rather than BaseHTTPMiddleware, which
+    would stand between the handlers and the disconnect messages they watch for."""
+
+    def __init__(self, app: FastAPI, server: OpenAIServer, routes: set[str]) -> None:
+        self.app, self.server, self.routes = app, server, routes
+        self.state = app.state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.monotonic()
+        status = 500
+        path = scope["path"]
+
+        async def observed_send(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if self.server.api_key is not None and path.startswith("/v1") and not self._authorized(scope):
+                status = 401
+                response = APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                                    code="invalid_api_key").response()
+                return await response(scope, receive, send)
+            await self.app(scope, receive, observed_send)
+        finally:
+            handler = path if path in self.routes else "other"
+            self.server.metrics.observe_http(scope["method"], handler, status, time.monotonic() - started)
+
+    def _authorized(self, scope) -> bool:
+        headers = dict(scope["headers"])
+        return headers.get(b"authorization", b"").decode("latin-1") == f"Bearer {self.server.api_key}"
+
+
+def serve(engine: AsyncEngine, host: str, port: int, served_model_names: list[str], api_key: str | None = None,
+          max_waiting_requests: int | None = None, otlp_traces_endpoint: str | None = None,
+          log_requests: bool = True, access_log: bool = True, log_level: str = "info") -> None:
+    """Run the server until SIGINT/SIGTERM; the engine is shut down on exit."""
+    tracer = RequestTracer(otlp_traces_endpoint) if otlp_traces_endpoint else None
+    server = OpenAIServer(engine, served_model_names, api_key, max_waiting_requests, tracer, log_requests)
+    app = build_app(server)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        logger.info("serving", extra={"url": f"http://{host}:{port}", "model": server.model_name,
+                                      "model_path": engine.config.model, "max_model_len": server.max_model_len})
+        yield
+
+    app.app.router.lifespan_context = lifespan
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=access_log,
+                            log_level=log_level, timeout_graceful_shutdown=5)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        if tracer is not None:
+            tracer.shutdown()
+        engine.shutdown()
+
+
+# -------------------------------------------------------------------- helpers
+class _PendingStream(Response):
+    """What a handler returns to stream: `handle` turns it into the real response once it owns the record."""
+
+    def __init__(self, events: AsyncIterator[str]) -> None:
+        super().__init__()
+        self.events = events
+
+
+class _ClosingStreamingResponse(StreamingResponse):
+    """Closes the body iterator however the response ends (Starlette leaves a cancelled one suspended)."""
+
+    async def stream_response(self, send) -> None:
+        async with aclosing(self.body_iterator):
+            await super().stream_response(send)
+
+
+class _SentState:
+    """What a stream has sent of each choice, to send only what is new."""
+
+    def __init__(self) -> None:
+        self.text: dict[int, int] = {}
+        self.tokens: dict[int, int] = {}
+        self.done: set[int] = set()
+
+    def first(self, key: int) -> bool:
+        return self.tokens.get(key, 0) == 0 and self.text.get(key, 0) == 0
+
+    def delta(self, key: int, completion: CompletionOutput):
+        """(new text, new token ids, their logprobs) or None when nothing is new for this choice."""
+        if key in self.done:
+            return None
+        sent_text, sent_tokens = self.text.get(key, 0), self.tokens.get(key, 0)
+        text = completion.text[sent_text:]
+        token_ids = completion.token_ids[sent_tokens:]
+        if not text and not token_ids and completion.finish_reason is None:
+            return None
+        logprobs = completion.logprobs[sent_tokens:] if completion.logprobs is not None else None
+        self.text[key] = max(sent_text, len(completion.text))
+        self.tokens[key] = len(completion.token_ids)
+        if completion.finish_reason is not None:
+            self.done.add(key)
+        return text, token_ids, logprobs
+
+
+async def _json_body(raw: Request):
+    data = await raw.body()
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise APIError(400, f"The body is not valid JSON: {error}") from error
+
+
+async def _simple(raw: Request, model_cls: type[BaseModel], handler: Callable) -> Response:
+    try:
+        return JSONResponse(handler(model_cls.model_validate(await _json_body(raw))))
+    except Exception as error:  # noqa: BLE001
+        return _to_api_error(error).response()
+
+
+def _to_api_error(error: Exception) -> APIError:
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, ValidationError):
+        return APIError.from_validation_error(error)
+    if isinstance(error, EngineDeadError):
+        return APIError(503, f"The engine has stopped: {error}", type="server_error")
+    if isinstance(error, ValueError):
+        return APIError.from_value_error(error)
+    logger.exception("unexpected error while handling a request", exc_info=error)
+    return APIError(500, f"internal error: {error!r}", type="server_error")
+
+
+async def _until_disconnect(raw: Request, work):
+    """Run the handler; if the client disconnects first, cancel it (aborting its engine requests): None."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await raw.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled() or not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+    return task.result()
+
+
+def _sse(payload: BaseModel) -> str:
+    return f"data: {payload.model_dump_json()}\n\n"
+
+
+def _usage(record: RequestRecord) -> protocol.UsageInfo:
+    return protocol.UsageInfo.of(record.prompt_tokens, record.completion_tokens, record.cached_tokens)
+
+
+def _token_text(token_id: int, position: dict[int, Logprob] | None, tokenizer) -> str:
+    if position is not None and token_id in position and position[token_id].decoded_token is not None:
+        return position[token_id].decoded_token
+    return tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
+
+
+def _top(position: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
+    ranked = sorted(position.items(), key=lambda item: item[1].rank if item[1].rank is not None else 1 << 30)
+    return ranked[:k]
+
+
+def _add_completion_logprobs(target: protocol.CompletionLogprobs, token_ids: list[int],
+                             positions: list | None, k: int, tokenizer) -> None:
+    offset = target.text_offset[-1] + len(target.tokens[-1]) if target.tokens else 0
+    for step, token_id in enumerate(token_ids):
+        position = positions[step] if positions is not None and step < len(positions) else None
+        token = _token_text(token_id, position, tokenizer)
+        target.tokens.append(token)
+        target.text_offset.append(offset)
+        offset += len(token)
+        if position is None:
+            target.token_logprobs.append(None)
+            target.top_logprobs.append(None)
+            continue
+        target.token_logprobs.append(position[token_id].logprob if token_id in position else None)
+        target.top_logprobs.append({_token_text(t, position, tokenizer): lp.logprob for t, lp in _top(position, k)}
+                                   if k else None)
+
+
+def _chat_logprobs(token_ids: list[int], positions: list | None, k: int, tokenizer) -> protocol.ChatLogprobs:
+    content = []
+    for step, token_id in enumerate(token_ids):
+        position = positions[step] if positions is not None and step < len(positions) else None
+        token = _token_text(token_id, position, tokenizer)
+        if position is None or token_id not in position:
+            continue
+        top = [protocol.TopLogprob(token=_token_text(t, position, tokenizer), logprob=lp.logprob,
+                                   bytes=list(_token_text(t, position, tokenizer).encode()))
+               for t, lp in _top(position, k)]
+        content.append(protocol.TokenLogprob(token=token, logprob=position[token_id].logprob,
+                                             bytes=list(token.encode()), top_logprobs=top))
+    return protocol.ChatLogprobs(content=content)

@@ -1,0 +1,142 @@
+"""Real `serval serve` processes for tests, and the tiny model they serve.
+
+The tiny model is a random-weight Llama saved by transformers with the default model's tokenizer (and so its
+chat template) beside it: text and chat work end to end, and a forward pass costs almost nothing on CPU.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+API_KEY = "test-key"
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@functools.cache
+def tiny_model_dir() -> str:
+    """Build once per test process: a 2-layer, 64-wide Llama with SmolLM2's 49,152-token tokenizer."""
+    import torch
+    import transformers
+
+    from serval.model.default_model import default_model_path
+
+    path = tempfile.mkdtemp(prefix="serval-tiny-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    gguf = default_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
+    tokenizer.save_pretrained(path)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.08,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RemoteServer:
+    """`python -m serval.cli serve ARGS` on a free loopback port, ready when /health answers."""
+
+    def __init__(self, args: list[str], env: dict | None = None, api_key: str | None = None,
+                 startup_timeout: float = 240.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api_key = api_key
+        self.log_file = tempfile.NamedTemporaryFile(prefix="serval-serve-", suffix=".log", delete=False)
+        command = [sys.executable, "-m", "serval.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                   *args]
+        if api_key is not None:
+            command += ["--api-key", api_key]
+        self.process = subprocess.Popen(command, stdout=self.log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                                        env={**os.environ, **(env or {})})
+        self._wait_ready(startup_timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"serval serve exited with {self.process.returncode}:\n{self.log_text()[-4000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        self.close()
+        raise TimeoutError(f"serval serve not ready after {timeout}s:\n{self.log_text()[-4000:]}")
+
+    def client(self, **kwargs):
+        import openai
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=self.api_key or "none", max_retries=0, **kwargs)
+
+    def async_client(self, **kwargs):
+        import openai
+        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=self.api_key or "none", max_retries=0,
+                                  **kwargs)
+
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def log_text(self) -> str:
+        with open(self.log_file.name, errors="replace") as f:
+            return f.read()
+
+    def log_records(self) -> list[dict]:
+        records = []
+        for line in self.log_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                records.append({"unparsed": line})
+        return records
+
+    def metrics(self) -> dict[tuple, float]:
+        """(sample name, sorted label items) -> value, from /metrics."""
+        from prometheus_client.parser import text_string_to_metric_families
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in text_string_to_metric_families(text) for sample in family.samples}
+
+    def metric(self, name: str, **labels) -> float:
+        """Sum of the samples called name whose labels include the given ones."""
+        return sum(value for (sample, items), value in self.metrics().items()
+                   if sample == name and set(labels.items()) <= set(items))
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """True once nothing runs or waits and the KV cache is empty."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if (self.metric("serval:num_requests_running") == 0 and self.metric("serval:num_requests_waiting") == 0
+                    and self.metric("serval:kv_cache_usage_perc") == 0):
+                return True
+            time.sleep(0.1)
+        return False
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log_file.close()
+        os.unlink(self.log_file.name)

@@ -1,0 +1,66 @@
+"""The `serval` command: flags map to EngineConfig with vLLM's names; `generate` prints what LLM generates."""
+import subprocess
+import sys
+
+from e2e.server import REPO_ROOT, tiny_model_dir
+from serval.cli import build_parser, engine_config_from_args
+from serval.config import EngineConfig
+
+
+def test_every_engine_field_is_a_kebab_case_flag():
+    args = build_parser().parse_args(["serve"])
+    for name in EngineConfig.field_names():
+        assert hasattr(args, name), name
+
+
+def test_flags_map_to_engine_config():
+    args = build_parser().parse_args([
+        "serve", "--model", "/m", "--max-model-len", "512", "--max-num-seqs", "8", "--block-size", "32",
+        "--no-enable-prefix-caching", "--no-enable-chunked-prefill", "--max-num-batched-tokens", "512",
+        "--gpu-memory-utilization", "0.5", "--dtype", "float16", "--seed", "3", "--load-format", "dummy",
+        "--num-gpu-blocks-override", "100", "--kv-cache-memory-bytes", "1000000", "--scheduling-policy",
+        "priority", "--device", "cpu"])
+    config = engine_config_from_args(args)
+    assert config == EngineConfig(model="/m", max_model_len=512, max_num_seqs=8, block_size=32,
+                                  enable_prefix_caching=False, enable_chunked_prefill=False,
+                                  max_num_batched_tokens=512, gpu_memory_utilization=0.5, dtype="float16",
+                                  seed=3, load_format="dummy", num_gpu_blocks_override=100,
+                                  kv_cache_memory_bytes=1000000, scheduling_policy="priority", device="cpu")
+
+
+def test_serve_defaults():
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.api_key, args.max_waiting_requests) == ("0.0.0.0", 8000, None, None)
+    assert engine_config_from_args(args) == EngineConfig()
+
+
+def run_cli(*args, timeout=180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "serval.cli", *args], capture_output=True, text=True,
+                          cwd=REPO_ROOT, timeout=timeout)
+
+
+def test_invalid_engine_argument_exits_with_its_name():
+    result = run_cli("serve", "--dtype", "int3")
+    assert result.returncode == 2 and "dtype" in result.stderr and "int3" in result.stderr
+
+
+def test_positional_and_flag_model_must_agree():
+    result = run_cli("serve", "/a", "--model", "/b")
+    assert result.returncode == 2 and "twice" in result.stderr
+
+
+def test_generate_prints_the_offline_engines_text():
+    from serval import LLM, SamplingParams
+    model = tiny_model_dir()
+    expected = LLM(model=model, max_model_len=256).generate(
+        "Hello there", SamplingParams(max_tokens=5, temperature=0), use_tqdm=False)[0].outputs[0].text
+    result = run_cli("generate", "Hello there", "--model", model, "--max-model-len", "256", "--max-tokens", "5")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+
+
+def test_generate_chat():
+    result = run_cli("generate", "Hi", "--chat", "--model", tiny_model_dir(), "--max-model-len", "256",
+                     "--max-tokens", "3")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
