@@ -1,0 +1,1 @@
+"""The advisor: requirements and bench measurements -> a ranked, reasoned recommendation."""

@@ -1,0 +1,1 @@
+"""Benchmarks: workloads, the load generator for OpenAI-compatible endpoints, metrics, reports, cost."""

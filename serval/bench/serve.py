@@ -1,0 +1,83 @@
+"""`serval bench serve`: one workload against each endpoint, at each request rate, then the reports.
+
+Endpoints run one after another, never at once: side by side they would share the client (and often the
+GPUs), and each would measure the other. Every endpoint gets the same requests on the same arrival schedule.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+
+from serval.bench.cost import run_cost
+from serval.bench.endpoints import Endpoint
+from serval.bench.loadgen import LoadConfig, run_endpoint
+from serval.bench.metrics import RequestResult, summarize
+from serval.bench.tokenizer import BenchTokenizer
+from serval.bench.workloads import BenchRequest, WorkloadConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeConfig:
+    workload: WorkloadConfig
+    load: LoadConfig
+    rates: list[float]  # one run per rate; --sweep gives several
+    slo: dict[str, float] = field(default_factory=dict)  # seconds
+    slo_attainment: float = 0.95  # a rate "meets the SLOs" when this share of its requests does
+    gpu_hour_price: float | None = None
+    num_gpus: int = 1
+    tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.slo_attainment <= 1:
+            raise ValueError(f"invalid --slo-attainment: {self.slo_attainment}; allowed: 0 < x <= 1")
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["slo_ms"] = {key: value * 1000.0 for key, value in out.pop("slo").items()}
+        out["rates"] = [rate_json(rate) for rate in self.rates]
+        out["load"]["request_rate"] = rate_json(self.load.request_rate)
+        out["workload"].pop("extra")
+        return out
+
+
+def rate_json(rate: float) -> float | str:
+    return "inf" if math.isinf(rate) else rate
+
+
+def bench_endpoint(endpoint: Endpoint, workload: list[BenchRequest], config: ServeConfig,
+                   tokenizer: BenchTokenizer | None) -> tuple[dict, dict[float, list[RequestResult]]]:
+    """Runs every rate (stopping after the first that misses the SLOs); returns the endpoint's summary and results."""
+    runs, per_rate = [], {}
+    for rate in sorted(config.rates):
+        load = LoadConfig(**{**asdict(config.load), "request_rate": rate})
+        label = f"rate={rate_json(rate)}"
+        results = run_endpoint(endpoint, workload, load, tokenizer, label)
+        summary = summarize(results, config.slo)
+        per_rate[rate] = results
+        meets = summary["completed"] > 0 and summary["slo_attainment"] >= config.slo_attainment
+        runs.append({"request_rate": rate_json(rate), "max_concurrency": config.load.max_concurrency,
+                     "meets_slo": meets, "summary": summary,
+                     "cost": run_cost(summary, config.gpu_hour_price, config.num_gpus)})
+        logger.info("run finished", extra={"endpoint": endpoint.name, "rate": rate, "completed": summary["completed"],
+                                           "failed": summary["failed"], "slo_attainment": summary["slo_attainment"]})
+        if not meets and len(config.rates) > 1:
+            break  # higher rates only queue more
+    best = max((run for run in runs if run["meets_slo"]), default=None,
+               key=lambda run: math.inf if run["request_rate"] == "inf" else run["request_rate"])
+    return {"endpoint": endpoint.to_json(), "runs": runs,
+            "best_rate_meeting_slo": best["request_rate"] if best else None,
+            "best_run": runs.index(best) if best else None}, per_rate
+
+
+def bench_serve(endpoints: list[Endpoint], workload: list[BenchRequest], config: ServeConfig,
+                tokenizer: BenchTokenizer | None) -> tuple[dict, dict[str, dict[float, list[RequestResult]]]]:
+    report = {"config": config.to_json(), "endpoints": []}
+    all_results = {}
+    for endpoint in endpoints:
+        summary, results = bench_endpoint(endpoint, workload, config, tokenizer)
+        report["endpoints"].append(summary)
+        all_results[endpoint.name] = results
+    return report, all_results

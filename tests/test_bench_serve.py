@@ -1,0 +1,119 @@
+"""`serval bench serve` end to end: endpoints side by side (real stub servers), sweep, SLO, cost, reports."""
+import json
+import socket
+
+import pytest
+
+from serval.bench.cli import main
+from serval.bench.stub_server import stub_process
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def side_by_side(tmp_path_factory):
+    """A fast and a slow stub, a flaky one and an unreachable one, swept at two rates."""
+    result_dir = tmp_path_factory.mktemp("bench")
+    with stub_process("--model", "m", "--ttft-ms", "20", "--itl-ms", "5") as fast, \
+            stub_process("--model", "m", "--ttft-ms", "150", "--itl-ms", "5") as slow, \
+            stub_process("--model", "m", "--fail-every", "2") as flaky:
+        (result_dir / "endpoints.yaml").write_text(
+            f"endpoints:\n  - {{name: fast, base_url: {fast}, engine: serval}}\n"
+            f"  - {{name: slow, base_url: {slow}/v1, engine: vllm}}\n  - {{name: flaky, base_url: {flaky}}}\n"
+            f"  - {{name: down, base_url: 'http://127.0.0.1:{free_port()}'}}\n")
+        code = main(["serve", "--endpoints", str(result_dir / "endpoints.yaml"), "--model", "m",
+                     "--tokenizer", "llama3", "--num-prompts", "8", "--input-len", "32", "--output-len", "4",
+                     "--sweep", "20,40", "--slo", "ttft=100", "--slo-attainment", "0.9", "--gpu-hour-price", "2.5",
+                     "--num-gpus", "2", "--result-dir", str(result_dir), "--disable-tqdm", "--seed", "3"])
+    assert code == 0
+    return result_dir, json.loads((result_dir / "summary.json").read_text())
+
+
+def test_side_by_side_summary(side_by_side):
+    _, report = side_by_side
+    by_name = {e["endpoint"]["name"]: e for e in report["endpoints"]}
+    assert list(by_name) == ["fast", "slow", "flaky", "down"]
+    assert by_name["fast"]["best_rate_meeting_slo"] == 40.0 and len(by_name["fast"]["runs"]) == 2
+    assert by_name["slow"]["best_rate_meeting_slo"] is None and len(by_name["slow"]["runs"]) == 1  # stops early
+    assert by_name["slow"]["runs"][0]["summary"]["completed"] == 8
+    assert by_name["flaky"]["runs"][0]["summary"]["errors"] == {"http_500": 4}
+    assert by_name["down"]["runs"][0]["summary"]["errors"] == {"connect": 8}
+    assert by_name["fast"]["endpoint"]["engine"] == "serval" and "api_key" not in by_name["fast"]["endpoint"]
+
+
+def test_cost_uses_the_measured_throughput(side_by_side):
+    _, report = side_by_side
+    run = report["endpoints"][0]["runs"][0]
+    expected = 2.5 * 2 / (run["summary"]["output_throughput"] * 3600) * 1e6
+    assert run["cost"]["usd_per_1m_output_tokens"] == pytest.approx(expected)
+    assert report["endpoints"][3]["runs"][0]["cost"]["usd_per_1m_output_tokens"] is None
+
+
+def test_result_files(side_by_side):
+    result_dir, report = side_by_side
+    rows = [json.loads(line) for line in (result_dir / "requests.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 * (2 + 1 + 1 + 1)
+    assert {row["endpoint"] for row in rows} == {"fast", "slow", "flaky", "down"}
+    markdown = (result_dir / "report.md").read_text()
+    assert "| Metric | fast | slow | flaky | down |" in markdown and "connect: 8" in markdown
+    assert set(report["plots"]) == {"latency_cdf_rate_20.png", "latency_cdf_rate_40.png", "throughput_vs_rate.png",
+                                    "ttft_vs_rate.png"}
+    for name in report["plots"]:
+        assert (result_dir / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_arguments_are_reported_without_traceback(capsys):
+    assert main(["serve", "--base-url", "http://127.0.0.1:1"]) == 2
+    assert "--model is required" in capsys.readouterr().err
+    assert main(["serve", "--base-url", "ftp://x", "--model", "m"]) == 2
+    assert "allowed: http(s)" in capsys.readouterr().err
+
+
+def test_against_a_serval_server(tmp_path):
+    """The real thing: `serval serve` with the default model, completions and chat, usage from the server."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "serval.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+                               "--max-model-len", "512", "--served-model-name", "smol", "--disable-log-requests",
+                               "--disable-uvicorn-access-log"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "serval serve did not start"
+                time.sleep(0.5)
+        base = f"http://127.0.0.1:{port}"
+        args = ["--tokenizer", "smollm2", "--num-prompts", "3", "--input-len", "24", "--output-len", "4",
+                "--disable-tqdm", "--no-plots", "--max-concurrency", "3"]
+        endpoints = tmp_path / "endpoints.yaml"
+        endpoints.write_text(f"- {{name: serval, base_url: {base}, model: smol, engine: serval}}\n"
+                             f"- {{name: wrong-model, base_url: {base}, model: nope}}\n")
+        assert main(["serve", "--endpoints", str(endpoints), "--result-dir", str(tmp_path / "c"), *args]) == 0
+        assert main(["serve", "--base-url", base, "--model", "smol", "--api", "chat", "--workload", "chat",
+                     "--chat-turns", "3", "--result-dir", str(tmp_path / "chat"), *args]) == 0
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    report = json.loads((tmp_path / "c" / "summary.json").read_text())
+    good = report["endpoints"][0]["runs"][0]["summary"]
+    assert good["completed"] == 3 and good["usage_from_server"]
+    assert good["total_input_tokens"] == 3 * 24 and good["total_output_tokens"] == 3 * 4  # ignore_eos honoured
+    assert good["tpot_ms"]["mean"] > 0 and good["itl_ms"]["mean"] > 0
+    wrong = report["endpoints"][1]["runs"][0]["summary"]
+    assert wrong["failed"] == 3 and list(wrong["errors"]) == ["http_404"]
+    chat = json.loads((tmp_path / "chat" / "summary.json").read_text())["endpoints"][0]["runs"][0]["summary"]
+    assert chat["completed"] == 3 and chat["total_output_tokens"] == 12
+    rows = [json.loads(line) for line in (tmp_path / "chat" / "requests.jsonl").read_text().splitlines()]
+    assert rows[1]["prompt_tokens"] > rows[0]["prompt_tokens"] + 24  # turn 2 carries turn 1 and its reply
+
