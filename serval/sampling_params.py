@@ -15,6 +15,42 @@ def _bad(name: str, given, allowed: str) -> ValueError:
     return ValueError(f"invalid sampling parameter {name}={given!r}: allowed {allowed}")
 
 
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """Constrained decoding (vLLM's StructuredOutputsParams): exactly one of the constraints.
+
+    json: a JSON schema (dict or its JSON text); json_object: any JSON object; regex: a regular expression
+    (Rust regex syntax); choice: one of these strings; grammar: an EBNF (GBNF) or Lark grammar.
+    """
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.choice is not None:
+            if isinstance(self.choice, str) or not all(isinstance(c, str) for c in self.choice) or not self.choice:
+                raise _bad("structured_outputs.choice", self.choice, "a non-empty list of strings")
+            object.__setattr__(self, "choice", tuple(self.choice))
+        given = [name for name in STRUCTURED_KINDS if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise _bad("structured_outputs", given or None, f"exactly one of {', '.join(STRUCTURED_KINDS)}")
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise _bad("structured_outputs.json", self.json, "a JSON schema object")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise _bad(f"structured_outputs.{name}", value, "a non-empty string")
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in STRUCTURED_KINDS if getattr(self, name) not in (None, False))
+
+
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -38,6 +74,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     detokenize: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -79,6 +116,8 @@ class SamplingParams:
                 raise _bad(name, value, "an integer >= 0 or None")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise _bad("stop", self.stop, "non-empty strings")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise _bad("structured_outputs", self.structured_outputs, "a StructuredOutputsParams")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise _bad("stop_token_ids", self.stop_token_ids, "non-negative integers")
 

@@ -176,6 +176,9 @@ class LLMEngine:
         if self.tokenizer is not None and params.detokenize:
             request.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens,
                                                          params.spaces_between_special_tokens)
+        if params.structured_outputs is not None:
+            from serval.guard.structured import new_grammar_state  # llguidance loads only when asked for
+            request.grammar = new_grammar_state(params.structured_outputs, self.tokenizer)
         return request
 
     def _process(self, requests: list[Request], runner_output: ModelRunnerOutput) -> list[RequestOutput]:
@@ -209,6 +212,8 @@ class LLMEngine:
             request.cumulative_logprob += logprobs[token_id].logprob
         status = _token_stop(request, token_id)
         params = request.sampling_params
+        # A grammar's last token is part of the output (the closing brace), unlike EOS or a stop token.
+        grammar_done = request.grammar is not None and status is None and _grammar_stop(request, token_id)
         if request.detokenizer is not None and (status is None or params.include_stop_str_in_output):
             new_text = request.detokenizer.push([token_id])
             request.output_text += new_text
@@ -219,6 +224,8 @@ class LLMEngine:
                     request.stop_reason, truncate_to = match
                     request.output_text = request.output_text[:truncate_to]
                     status = RequestStatus.FINISHED_STOPPED
+        if status is None and grammar_done:
+            status = RequestStatus.FINISHED_STOPPED
         if status is None and (request.num_output_tokens >= request.max_tokens
                                or request.num_tokens >= request.max_model_len):
             status = RequestStatus.FINISHED_LENGTH
@@ -263,6 +270,18 @@ def _token_stop(request: Request, token_id: int) -> RequestStatus | None:
         request.stop_reason = token_id
         return RequestStatus.FINISHED_STOPPED
     return None
+
+
+def _grammar_stop(request: Request, token_id: int) -> bool:
+    """Advance the grammar; True when structured output is complete (nothing but EOS could follow)."""
+    if not request.grammar.advance(token_id):
+        # The sampler only offers tokens the grammar allows, so this is a bug, not a user error: stop rather
+        # than emit output that no longer matches.
+        logger.error("grammar rejected a sampled token", extra={"request_id": request.request_id,
+                                                                "token_id": token_id,
+                                                                "error": request.grammar.matcher.get_error()})
+        return True
+    return request.grammar.terminated
 
 
 def _checkpoint_dtype(model_path: str) -> torch.dtype | None:

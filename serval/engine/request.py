@@ -62,6 +62,9 @@ class Request:
     cumulative_logprob: float = 0.0
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     stop_reason: int | str | None = None
+    # serval.guard.structured.GrammarState when sampling_params.structured_outputs is set: the sampler masks
+    # with it, the engine advances it on each accepted token and finishes the request when it terminates.
+    grammar: Any = None
 
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

@@ -2,7 +2,7 @@
 
 Order of operations follows vLLM v1's sampler, so the same request gives the same distribution on either engine:
 raw logprobs (before any processing) → logit_bias → min_tokens mask → repetition/frequency/presence penalties →
-greedy argmax, or temperature → min_p → top_k → top_p → exponential-race draw.
+grammar bitmask (structured outputs) → greedy argmax, or temperature → min_p → top_k → top_p → exponential-race draw.
 
 Everything is vectorized over the batch with per-row parameter tensors; Python loops only build the ragged
 index lists (bias entries, penalized tokens) and draw the seeded rows from their own generators.
@@ -43,6 +43,7 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
     _apply_logit_bias(logits, params)
     _apply_min_tokens(logits, requests)
     _apply_penalties(logits, requests)
+    _apply_grammar_mask(logits, requests)
     token_ids = _sample_tokens(logits, requests)
 
     logprobs: list[dict[int, Logprob] | None] = [None] * len(requests)
@@ -135,6 +136,24 @@ def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
         presence = torch.tensor([p.presence_penalty for p in params], device=logits.device).unsqueeze(1)
         sub = sub - frequency * counts - presence * (counts > 0).float()
     logits[rows] = sub
+
+
+def _apply_grammar_mask(logits: torch.Tensor, requests: list[Request]) -> None:
+    """Structured outputs: tokens the request's grammar can't take next get -inf (one bitmask for the batch)."""
+    rows = [row for row, request in enumerate(requests) if request.grammar is not None]
+    if not rows:
+        return
+    from serval.guard import structured  # llguidance loads only when a request asks for it
+    states = [requests[row].grammar for row in rows]
+    bitmask = structured.fill_bitmask([state.matcher for state in states], max(s.vocab_size for s in states))
+    allowed = structured.allowed_mask(bitmask, logits.shape[1]).to(logits.device)
+    index = _tensor(rows, logits)
+    masked = logits[index].masked_fill(~allowed, _NEG_INF)
+    # min_tokens may have masked the only token the grammar allows (EOS of a complete output): the grammar wins.
+    dead = torch.isneginf(masked).all(dim=-1)
+    if bool(dead.any()):
+        masked[dead] = torch.where(allowed[dead], 0.0, _NEG_INF)
+    logits[index] = masked
 
 
 def _has_penalties(p: SamplingParams) -> bool:

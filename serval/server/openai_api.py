@@ -349,7 +349,11 @@ class OpenAIServer:
         record = RequestRecord(request_id=random_id(prefix), model=self.model_name, operation=operation)
         span, streaming = None, False
         try:
-            body = model_cls.model_validate(await _json_body(raw))
+            data = await _json_body(raw)
+            unsupported = protocol.unsupported_structured_field(data)
+            if unsupported is not None:
+                raise APIError(400, protocol.unsupported_structured_message(unsupported), param=unsupported)
+            body = model_cls.model_validate(data)
             record.model = self.check_model(body.model)
             span = self._start_span(raw, body, record)
             response = await _until_disconnect(raw, handler(body, record))

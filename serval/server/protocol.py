@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from serval.sampling_params import SamplingParams
+from serval.sampling_params import STRUCTURED_KINDS, SamplingParams, StructuredOutputsParams
 
 # OpenAI allows at most 20 alternatives per position.
 MAX_TOP_LOGPROBS = 20
@@ -43,6 +43,56 @@ class StreamOptions(OpenAIBase):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text (no constraint), json_object, or json_schema with a schema."""
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_for_json_schema(self):
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.json_schema is None):
+            raise ValueError("type 'json_schema' needs json_schema.schema, a JSON schema object")
+        return self
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs request field. Options Serval doesn't implement are rejected, not ignored."""
+    model_config = ConfigDict(extra="forbid")
+    json_: dict | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+# vLLM's removed guided_* fields and the structured-output options Serval lacks: a client sending them expects
+# a constraint, so ignoring them would silently return unconstrained text.
+UNSUPPORTED_STRUCTURED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                                 "guided_decoding_backend", "guided_whitespace_pattern", "guided_json_object",
+                                 "structural_tag", "guided_options_request")
+
+
+def unsupported_structured_field(data) -> str | None:
+    """The first structured-output field of a raw body that Serval rejects, or None."""
+    if isinstance(data, dict):
+        return next((name for name in UNSUPPORTED_STRUCTURED_FIELDS if data.get(name) is not None), None)
+    return None
+
+
+def unsupported_structured_message(name: str) -> str:
+    return (f"{name} is not supported; use structured_outputs with one of {', '.join(STRUCTURED_KINDS)}, "
+            "or response_format")
+
+
 class SamplingFields(OpenAIBase):
     """What completions and chat share: the sampling parameters and the stream switch."""
     model: str | None = None
@@ -65,6 +115,40 @@ class SamplingFields(OpenAIBase):
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unsupported_structured_fields(cls, data):
+        name = unsupported_structured_field(data)
+        if name is not None:
+            raise ValueError(unsupported_structured_message(name))
+        return data
+
+    @model_validator(mode="after")
+    def _one_structured_constraint(self):
+        wants_format = self.response_format is not None and self.response_format.type != "text"
+        if wants_format and self.structured_outputs is not None:
+            raise ValueError("give either response_format or structured_outputs, not both")
+        if self.structured_outputs is not None:
+            given = [k for k in STRUCTURED_KINDS if getattr(self.structured_outputs, k + ("_" if k == "json" else ""))
+                     not in (None, False)]
+            if len(given) != 1:
+                raise ValueError(f"structured_outputs needs exactly one of {', '.join(STRUCTURED_KINDS)}; got "
+                                 f"{given or 'none'}")
+        return self
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        if self.response_format is not None and self.response_format.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if self.response_format is not None and self.response_format.type == "json_schema":
+            return StructuredOutputsParams(json=self.response_format.json_schema.json_schema)
+        so = self.structured_outputs
+        if so is None:
+            return None
+        return StructuredOutputsParams(json=so.json_, regex=so.regex, choice=so.choice, grammar=so.grammar,
+                                       json_object=so.json_object)
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -99,6 +183,7 @@ class SamplingFields(OpenAIBase):
             max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
             skip_special_tokens=self.skip_special_tokens, include_stop_str_in_output=self.include_stop_str_in_output,
+            structured_outputs=self.structured_outputs_params(),
             **{name: value for name, value in given.items() if value is not None})
 
 

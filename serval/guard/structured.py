@@ -1,0 +1,144 @@
+"""Structured output by constrained decoding: StructuredOutputsParams → llguidance grammar → per-request matcher,
+and the token bitmask the sampler applies.
+
+llguidance rather than xgrammar: it has no dependencies (xgrammar pulls in triton), installs offline as one
+3 MB wheel, and takes JSON schema, regex, Lark and GBNF/EBNF grammars. Compiling a grammar against a
+vocabulary is the expensive step (milliseconds for a schema; the tokenizer itself ~0.5 s), so both are cached:
+one LLTokenizer per tokenizer object, one compiled matcher per (tokenizer, constraint), deep-copied per request.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import llguidance
+import llguidance.hf
+import torch
+
+from serval.sampling_params import StructuredOutputsParams
+
+logger = logging.getLogger(__name__)
+
+# Compact JSON: no free whitespace between tokens. With flexible whitespace a weak (or random) model can emit
+# whitespace forever; vLLM offers the same choice as disable_any_whitespace.
+JSON_OPTIONS = {"whitespace_flexible": False}
+GRAMMAR_CACHE_SIZE = 256
+
+_lock = threading.Lock()
+_tokenizers: dict[int, tuple[object, llguidance.LLTokenizer]] = {}
+_compiled: OrderedDict[tuple[int, str, str], llguidance.LLMatcher] = OrderedDict()
+_executor: llguidance.LLExecutor | None = None
+cache_stats = {"hits": 0, "misses": 0}
+
+
+@dataclass(eq=False)
+class GrammarState:
+    """One request's position in its grammar (lives on Request.grammar; advanced by the engine per token)."""
+    matcher: llguidance.LLMatcher
+    vocab_size: int  # the tokenizer's: the bitmask's width in bits
+
+    def advance(self, token_id: int) -> bool:
+        """Consume an accepted token; False if the grammar rejected it (the matcher is then in error)."""
+        return self.matcher.consume_token(token_id)
+
+    @property
+    def terminated(self) -> bool:
+        """Nothing but end-of-sequence may follow: the output is complete."""
+        return self.matcher.is_stopped()
+
+
+def grammar_spec(params: StructuredOutputsParams) -> tuple[str, str]:
+    """(kind, llguidance grammar text). Raises ValueError naming the field for a malformed constraint."""
+    kind = params.kind
+    if kind == "json":
+        schema = params.json
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"invalid sampling parameter structured_outputs.json: not valid JSON ({error})")
+        if not isinstance(schema, dict):
+            raise ValueError("invalid sampling parameter structured_outputs.json: allowed a JSON schema object, "
+                             f"got {type(schema).__name__}")
+        return kind, llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+    if kind == "json_object":
+        return kind, llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
+    if kind == "regex":
+        return kind, llguidance.LLMatcher.grammar_from_regex(params.regex)
+    if kind == "choice":
+        return kind, llguidance.grammar_from("choice", list(params.choice))
+    try:
+        return kind, llguidance.grammar_from("ebnf", params.grammar)
+    except ValueError as error:
+        raise ValueError(f"invalid sampling parameter structured_outputs.grammar: {error}") from error
+
+
+def ll_tokenizer(tokenizer) -> llguidance.LLTokenizer:
+    """The llguidance view of an HF fast tokenizer (from tokenizer.json or rebuilt from a GGUF), built once."""
+    key = id(tokenizer)
+    with _lock:
+        cached = _tokenizers.get(key)
+        if cached is not None and cached[0] is tokenizer:
+            return cached[1]
+    built = llguidance.hf.from_tokenizer(tokenizer)
+    with _lock:
+        _tokenizers[key] = (tokenizer, built)  # holding the tokenizer keeps its id from being reused
+    return built
+
+
+def new_grammar_state(params: StructuredOutputsParams, tokenizer) -> GrammarState:
+    matcher = compile_matcher(params, tokenizer)
+    return GrammarState(matcher, ll_tokenizer(tokenizer).vocab_size)
+
+
+def compile_matcher(params: StructuredOutputsParams, tokenizer) -> llguidance.LLMatcher:
+    """A fresh matcher for one request. Raises ValueError ('invalid sampling parameter structured_outputs.<kind>:
+    ...') when the constraint does not compile; compiled grammars are cached, so repeats cost a deep copy."""
+    if tokenizer is None:
+        raise ValueError("invalid sampling parameter structured_outputs: constrained decoding needs a tokenizer")
+    kind, grammar = grammar_spec(params)
+    key = (id(tokenizer), kind, grammar)
+    with _lock:
+        prototype = _compiled.get(key)
+        if prototype is not None:
+            _compiled.move_to_end(key)
+            cache_stats["hits"] += 1
+            return prototype.deep_copy()
+    prototype = llguidance.LLMatcher(ll_tokenizer(tokenizer), grammar, log_level=0)
+    if prototype.is_error():
+        raise ValueError(f"invalid sampling parameter structured_outputs.{kind}: {_first_line(prototype.get_error())}")
+    with _lock:
+        cache_stats["misses"] += 1
+        _compiled[key] = prototype
+        while len(_compiled) > GRAMMAR_CACHE_SIZE:
+            _compiled.popitem(last=False)
+    return prototype.deep_copy()
+
+
+def fill_bitmask(matchers: list[llguidance.LLMatcher], vocab_size: int) -> torch.Tensor:
+    """int32 [len(matchers), ceil(vocab/32)]: bit j of word w allows token 32*w + j. Matchers run in parallel."""
+    global _executor
+    if _executor is None:
+        _executor = llguidance.LLExecutor()
+    words = (vocab_size + 31) // 32
+    bitmask = torch.full((len(matchers), words), -1, dtype=torch.int32)
+    _executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bitmask.data_ptr(), words * 4,
+                                      len(matchers))
+    return bitmask
+
+
+def allowed_mask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """bool [B, vocab_size] from an int32 bitmask; tokens past the tokenizer's vocabulary (padding rows of
+    the embedding) are never allowed."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)
+    if bits.shape[1] >= vocab_size:
+        return bits[:, :vocab_size]
+    return torch.nn.functional.pad(bits, (0, vocab_size - bits.shape[1]), value=False)
+
+
+def _first_line(message: str) -> str:
+    return " ".join(line.strip() for line in message.strip().splitlines()[:3])
