@@ -1,9 +1,15 @@
 """Shared fixtures: tiny random-weight checkpoints saved by transformers, the reference for correctness."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import transformers
+
+# Triton kernels run in Triton's interpreter where there is no GPU; it must be set before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.08, bos_token_id=1,

@@ -2,16 +2,21 @@
 
 The layer writes this step's K/V into the cache first and then attends over the cache only, so a request's
 cached prefix, earlier prefill chunks and this step's tokens are all read the same way, through its block table.
-Which implementation runs is chosen here (the torch reference on CPU; Triton kernels on GPU, later).
+Which implementation runs is chosen here: the Triton kernels on CUDA, the torch reference elsewhere;
+SERVAL_ATTENTION_BACKEND=torch|triton overrides (as VLLM_ATTENTION_BACKEND does), e.g. to run the Triton kernels in
+the interpreter on CPU (TRITON_INTERPRET=1) or the reference on a GPU.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from serval.kernels.paged_attention import paged_attention, write_kv
+from serval.kernels import paged_attention as torch_backend
+
+_BACKENDS = ("torch", "triton")
 
 
 @dataclass
@@ -25,6 +30,7 @@ class AttentionMetadata:
     max_query_len: int = 0
     max_seq_len: int = 0
     seq_lens_tensor: torch.Tensor | None = field(default=None, repr=False)  # [B] int32 on block_tables' device
+    query_start_loc_tensor: torch.Tensor | None = field(default=None, repr=False)  # [B + 1] int32, same device
 
     def __post_init__(self) -> None:
         if len(self.query_start_loc) != len(self.seq_lens) + 1:
@@ -36,6 +42,9 @@ class AttentionMetadata:
             self.max_seq_len = max(self.seq_lens)
         if self.seq_lens_tensor is None:
             self.seq_lens_tensor = torch.tensor(self.seq_lens, dtype=torch.int32, device=self.block_tables.device)
+        if self.query_start_loc_tensor is None:
+            self.query_start_loc_tensor = torch.tensor(self.query_start_loc, dtype=torch.int32,
+                                                       device=self.block_tables.device)
 
     @property
     def num_requests(self) -> int:
@@ -54,9 +63,23 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
         self.sliding_window = sliding_window
+        self._backend = None  # chosen on the first call, when the device is known
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 metadata: AttentionMetadata) -> torch.Tensor:
         """query [T, H, D], key/value [T, KVH, D] for this step's tokens -> [T, H, D]."""
-        write_kv(kv_cache, key, value, metadata.slot_mapping)
-        return paged_attention(query, kv_cache, metadata, self.scale, self.sliding_window)
+        if self._backend is None:
+            self._backend = attention_backend(query.device)
+        self._backend.write_kv(kv_cache, key, value, metadata.slot_mapping)
+        return self._backend.paged_attention(query, kv_cache, metadata, self.scale, self.sliding_window)
+
+
+def attention_backend(device: torch.device):
+    """The module holding write_kv and paged_attention for this device (see the module docstring)."""
+    name = os.environ.get("SERVAL_ATTENTION_BACKEND") or ("triton" if device.type == "cuda" else "torch")
+    if name not in _BACKENDS:
+        raise ValueError(f"invalid SERVAL_ATTENTION_BACKEND={name!r}: allowed {list(_BACKENDS)}")
+    if name == "torch":
+        return torch_backend
+    from serval.kernels import triton_attention  # imports triton, which CPU-only installs may lack
+    return triton_attention

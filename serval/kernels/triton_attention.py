@@ -1,0 +1,202 @@
+"""Triton kernels for attention over the paged KV cache: what CUDA runs; serval.kernels.paged_attention is their
+reference (same arguments, same layout) and what CPU runs.
+
+One attention kernel serves prefill chunks, prefix-cache hits and decode. A program owns one KV head of one
+request and a tile of its query tokens, and packs the tile's tokens x the KV head's group of query heads into
+the rows of its matrix: K/V are read once per KV head, not once per query head (grouped-query attention), and a
+decode step (one token) still fills the 16 rows tensor cores want when the group is small. It walks the
+request's keys through the block table TILE_N at a time with an online softmax (Milakov & Gimelshein, 2018;
+FlashAttention, Dao et al., 2022), in the exp2 domain.
+
+Decode uses split-K (flash-decoding): a request's keys are cut into NUM_SPLITS ranges handled by separate programs,
+whose partial outputs and log-sum-exps are combined afterwards, so that a batch of a few long sequences still
+occupies every multiprocessor. Every size the kernel needs comes from the device tensors (sequence lengths, query
+start offsets), never from the host, so a decode step can be captured in a CUDA graph and replayed for any lengths.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+import triton.language as tl
+
+if TYPE_CHECKING:
+    from serval.layers.attention import AttentionMetadata
+
+_LOG2E = 1.4426950408889634
+# Rows per program: decode packs >= 16 (a tensor-core tile); prefill tiles are larger to reuse each K/V load.
+_DECODE_ROWS = 16
+_PREFILL_ROWS = 64
+_TILE_N = 64
+_MAX_SPLITS = 32
+# Programs wanted in flight for decode: about twice an H100's 132 multiprocessors.
+_TARGET_PROGRAMS = 264
+
+
+@triton.jit
+def _write_kv_kernel(key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_mapping_ptr,
+                     stride_key_token, stride_key_head, stride_value_token, stride_value_head,
+                     NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    token = tl.program_id(0)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot < 0:  # a padding row of a captured batch
+        return
+    heads = tl.arange(0, HEADS_PAD)[:, None]
+    dims = tl.arange(0, HEAD_DIM_PAD)[None, :]
+    mask = (heads < NUM_KV_HEADS) & (dims < HEAD_DIM)
+    cache_offset = slot * NUM_KV_HEADS * HEAD_DIM + heads * HEAD_DIM + dims
+    key = tl.load(key_ptr + token * stride_key_token + heads * stride_key_head + dims, mask=mask)
+    tl.store(key_cache_ptr + cache_offset, key.to(key_cache_ptr.dtype.element_ty), mask=mask)
+    value = tl.load(value_ptr + token * stride_value_token + heads * stride_value_head + dims, mask=mask)
+    tl.store(value_cache_ptr + cache_offset, value.to(value_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store key/value [T, KVH, D] at their slots (slot < 0: skipped); kv_cache [2, blocks, block_size, KVH, D]."""
+    num_tokens, num_kv_heads, head_dim = key.shape
+    if num_tokens == 0:
+        return
+    assert key.stride(-1) == 1 and value.stride(-1) == 1 and kv_cache.is_contiguous()
+    _write_kv_kernel[(num_tokens,)](
+        key, value, kv_cache[0], kv_cache[1], slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads),
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim))
+
+
+@triton.jit
+def _attention_kernel(query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
+                      block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, scale_log2, sliding_window,
+                      stride_query_token, stride_query_head, stride_out_token, stride_out_head, stride_block_table,
+                      NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                      BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                      BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                      USE_WINDOW: tl.constexpr):
+    query_tile = tl.program_id(0)
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2) // NUM_SPLITS
+    split = tl.program_id(2) % NUM_SPLITS
+
+    query_start = tl.load(query_start_loc_ptr + seq)
+    query_len = tl.load(query_start_loc_ptr + seq + 1) - query_start
+    if query_tile * BLOCK_Q >= query_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - query_len  # query i sits at position context_len + i
+
+    rows = tl.arange(0, BLOCK_Q * GROUP_PAD)
+    query_index = query_tile * BLOCK_Q + rows // GROUP_PAD
+    head = kv_head * GROUP + rows % GROUP_PAD
+    row_valid = (query_index < query_len) & (rows % GROUP_PAD < GROUP)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_valid = dims < HEAD_DIM
+    token = (query_start + query_index).to(tl.int64)
+    query = tl.load(query_ptr + token[:, None] * stride_query_token + head[:, None] * stride_query_head
+                    + dims[None, :], mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
+    query_pos = context_len + query_index
+
+    # Keys this tile can see: causal up to its last query; with a window, from its first query's window start.
+    key_end = context_len + tl.minimum((query_tile + 1) * BLOCK_Q, query_len)
+    key_begin = 0
+    if USE_WINDOW:
+        key_begin = tl.maximum(context_len + query_tile * BLOCK_Q - sliding_window + 1, 0)
+    per_split = tl.cdiv(tl.cdiv(key_end - key_begin, NUM_SPLITS), TILE_N) * TILE_N
+    split_begin = key_begin + split * per_split
+    split_end = tl.minimum(key_end, split_begin + per_split)
+
+    m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM_PAD], tl.float32)
+    kv_offset = kv_head * HEAD_DIM + dims
+    for start in range(split_begin, split_end, TILE_N):
+        key_pos = start + tl.arange(0, TILE_N)
+        key_valid = key_pos < split_end
+        block = tl.load(block_tables_ptr + seq * stride_block_table + key_pos // BLOCK_SIZE, mask=key_valid, other=0)
+        slot = block.to(tl.int64) * BLOCK_SIZE + key_pos % BLOCK_SIZE
+        cache_offset = slot * (NUM_KV_HEADS * HEAD_DIM)
+        kv_mask = key_valid[:, None] & dim_valid[None, :]
+        key = tl.load(key_cache_ptr + cache_offset[:, None] + kv_offset[None, :], mask=kv_mask, other=0.0)
+        scores = tl.dot(query, tl.trans(key)) * scale_log2
+        visible = key_valid[None, :] & (key_pos[None, :] <= query_pos[:, None])
+        if USE_WINDOW:
+            visible = visible & (key_pos[None, :] > query_pos[:, None] - sliding_window)
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+        alpha = tl.exp2(m_i - m_safe)
+        probs = tl.exp2(scores - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(probs, 1)
+        value = tl.load(value_cache_ptr + cache_offset[:, None] + kv_offset[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(probs.to(value.dtype), value)
+        m_i = m_new
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    store_mask = row_valid[:, None] & dim_valid[None, :]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + token[:, None] * stride_out_token + head[:, None] * stride_out_head + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=store_mask)
+    else:
+        # partial_out [T, H, NUM_SPLITS, D] and partial_lse [T, H, NUM_SPLITS], float32, log2 domain.
+        partial_row = (token * (NUM_KV_HEADS * GROUP) + head) * NUM_SPLITS + split
+        tl.store(partial_out_ptr + partial_row[:, None] * HEAD_DIM + dims[None, :], out, mask=store_mask)
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_i))
+        tl.store(partial_lse_ptr + partial_row, lse, mask=row_valid)
+
+
+def decode_num_splits(num_seqs: int, num_kv_heads: int) -> int:
+    """Splits per sequence so that a decode batch has about _TARGET_PROGRAMS programs: a power of two, 1..32."""
+    wanted = -(-_TARGET_PROGRAMS // max(num_seqs * num_kv_heads, 1))
+    return min(triton.next_power_of_2(wanted), _MAX_SPLITS)
+
+
+def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
+                    sliding_window: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of query [T, H, D] over each request's cached K/V -> [T, H, D]; the reference's contract.
+
+    A batch whose every request has one query token (decode) runs split-K and reads no host-side lengths, so it
+    may be captured in a CUDA graph; any other batch runs one program per tile of BLOCK_Q query tokens.
+    """
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
+    group = num_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    num_seqs = metadata.block_tables.shape[0]
+    if out is None:
+        out = torch.empty_like(query)
+    decode = metadata.max_query_len == 1
+    if decode:
+        block_q = max(1, _DECODE_ROWS // group_pad)
+        num_splits = decode_num_splits(num_seqs, num_kv_heads)
+        grid = (1, num_seqs, num_kv_heads * num_splits)
+    else:
+        block_q = max(1, _PREFILL_ROWS // group_pad)
+        num_splits = 1
+        grid = (triton.cdiv(metadata.max_query_len, block_q), num_seqs, num_kv_heads)
+    partial_out = partial_lse = out
+    if num_splits > 1:
+        partial_out = torch.empty((num_tokens, num_heads, num_splits, head_dim), dtype=torch.float32,
+                                  device=query.device)
+        partial_lse = torch.empty((num_tokens, num_heads, num_splits), dtype=torch.float32, device=query.device)
+    assert query.stride(-1) == 1 and out.stride(-1) == 1 and kv_cache.is_contiguous()
+    _attention_kernel[grid](
+        query, kv_cache[0], kv_cache[1], out, partial_out, partial_lse,
+        metadata.block_tables, metadata.seq_lens_tensor, metadata.query_start_loc_tensor,
+        scale * _LOG2E, sliding_window or 0,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1), metadata.block_tables.stride(0),
+        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size,
+        TILE_N=_TILE_N, NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None,
+        num_warps=4, num_stages=2)
+    if num_splits > 1:
+        _combine_splits(partial_out, partial_lse, out)
+    return out
+
+
+def _combine_splits(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: torch.Tensor) -> None:
+    """out = sum_s 2^(lse_s - max) * partial_s / sum_s 2^(lse_s - max); rows with no keys (padding) give 0."""
+    lse_max = partial_lse.amax(dim=-1, keepdim=True)
+    weights = torch.exp2(partial_lse - torch.where(torch.isinf(lse_max), 0.0, lse_max))
+    total = weights.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+    out.copy_(((weights / total).unsqueeze(-1) * partial_out).sum(dim=-2))

@@ -1,0 +1,129 @@
+"""The Triton attention kernels against the torch reference (serval.kernels.paged_attention).
+
+On a machine without CUDA they run in Triton's interpreter (conftest sets TRITON_INTERPRET=1), on small shapes;
+on a GPU the same tests run the compiled kernels. Block tables are random and non-contiguous, outputs are
+poisoned with NaN first so a row the kernel forgets to write fails, and every check draws fresh inputs.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from serval.kernels import paged_attention as reference  # noqa: E402
+from serval.kernels import triton_attention  # noqa: E402
+from serval.layers.attention import AttentionMetadata  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def random_step(rng: random.Random, spans: list[tuple[int, int]], num_kv_heads: int, head_dim: int,
+                block_size: int, dtype: torch.dtype):
+    """A cache holding every request's keys up to its span's end, in shuffled blocks, and the step's metadata."""
+    needed = [-(-end // block_size) for _, end in spans]
+    num_blocks = sum(needed) + 4
+    order = list(range(num_blocks))
+    rng.shuffle(order)
+    tables, used = [], 0
+    for n in needed:
+        tables.append(order[used:used + n])
+        used += n
+    kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=DEVICE)
+    slots, query_start_loc = [], [0]
+    for table, (start, end) in zip(tables, spans):
+        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
+        query_start_loc.append(query_start_loc[-1] + end - start)
+    width = max(needed) + 2  # wider than any request needs: padding the kernel must not read
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=DEVICE)
+    metadata = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEVICE),
+                                 query_start_loc=query_start_loc, seq_lens=[end for _, end in spans],
+                                 block_tables=block_tables, block_size=block_size)
+    return kv_cache, metadata
+
+
+def run_both(query, kv_cache, metadata, scale, sliding_window):
+    expected = reference.paged_attention(query.float(), kv_cache.float(), metadata, scale, sliding_window)
+    out = torch.full_like(query, float("nan"))
+    triton_attention.paged_attention(query, kv_cache, metadata, scale, sliding_window, out=out)
+    return out.float(), expected
+
+
+@pytest.mark.parametrize("sliding_window", [None, 7])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 4, 16), (4, 2, 32), (6, 2, 16), (8, 1, 16)])
+def test_prefill_chunks_and_mixed_batches_match_reference(num_heads, num_kv_heads, head_dim, sliding_window):
+    rng = random.Random(num_heads * 100 + num_kv_heads + (sliding_window or 0))
+    for trial in range(2):
+        # Whole prompts, later chunks after a cached prefix, and single-token (decode) rows in one batch.
+        spans = [(0, rng.randint(2, 40)), (rng.randint(1, 30), 0), (rng.randint(5, 60), 0), (0, 1)]
+        spans = [(start, end if end else start + rng.choice([1, rng.randint(2, 70)])) for start, end in spans]
+        kv_cache, metadata = random_step(rng, spans, num_kv_heads, head_dim, block_size=4, dtype=torch.float32)
+        query = torch.randn(metadata.query_start_loc[-1], num_heads, head_dim, device=DEVICE)
+        out, expected = run_both(query, kv_cache, metadata, head_dim ** -0.5, sliding_window)
+        torch.testing.assert_close(out, expected, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (8, 8), (6, 2)])
+def test_decode_split_k_matches_reference(num_heads, num_kv_heads):
+    rng = random.Random(num_heads + 10 * num_kv_heads)
+    head_dim = 32
+    lens = [1, 2, 17, 130, 64, 5]  # from shorter than one split's tile to many tiles per split
+    kv_cache, metadata = random_step(rng, [(n - 1, n) for n in lens], num_kv_heads, head_dim, block_size=16,
+                                     dtype=torch.float32)
+    assert triton_attention.decode_num_splits(len(lens), num_kv_heads) > 1
+    query = torch.randn(len(lens), num_heads, head_dim, device=DEVICE)
+    out, expected = run_both(query, kv_cache, metadata, head_dim ** -0.5, None)
+    torch.testing.assert_close(out, expected, atol=2e-3, rtol=2e-3)
+
+
+def test_decode_padding_rows_are_zero():
+    """A captured batch pads with rows of seq_len 0: they must read nothing and come out as zeros, not NaN."""
+    rng = random.Random(5)
+    kv_cache, metadata = random_step(rng, [(8, 9), (0, 1), (0, 1)], 2, 16, block_size=4, dtype=torch.float32)
+    metadata.seq_lens_tensor[1:] = 0
+    query = torch.randn(3, 4, 16, device=DEVICE)
+    out = torch.full_like(query, float("nan"))
+    triton_attention.paged_attention(query, kv_cache, metadata, 0.25, out=out)
+    assert torch.equal(out[1:], torch.zeros_like(out[1:]))
+    expected = reference.paged_attention(query[:1], kv_cache, AttentionMetadata(
+        metadata.slot_mapping[:1], [0, 1], [9], metadata.block_tables[:1], 4), 0.25)
+    torch.testing.assert_close(out[:1], expected, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    DEVICE == "cpu", reason="Triton's interpreter computes bfloat16 wrongly (NumPy has no bfloat16); GPU only"))])
+def test_half_precision_close_to_float32_reference(dtype):
+    rng = random.Random(7)
+    kv_cache, metadata = random_step(rng, [(0, 33), (20, 21), (3, 40)], 2, 32, block_size=16, dtype=dtype)
+    query = torch.randn(metadata.query_start_loc[-1], 8, 32, device=DEVICE, dtype=dtype)
+    out, expected = run_both(query, kv_cache, metadata, 32 ** -0.5, None)
+    relative = (out - expected).norm() / expected.norm()
+    assert relative < 1e-2, relative
+
+
+def test_write_kv_matches_reference_and_skips_negative_slots():
+    torch.manual_seed(3)
+    key, value = torch.randn(6, 3, 16, device=DEVICE), torch.randn(6, 3, 16, device=DEVICE)
+    slots = torch.tensor([9, 0, -1, 4, 15, -1], device=DEVICE)
+    expected = torch.randn(2, 4, 4, 3, 16, device=DEVICE)
+    cache = expected.clone()
+    keep = slots >= 0
+    reference.write_kv(expected, key[keep], value[keep], slots[keep])
+    triton_attention.write_kv(cache, key, value, slots)
+    assert torch.equal(cache, expected)
+
+
+def test_write_kv_reads_strided_projections():
+    """k and v arrive as column slices of the merged qkv projection, not contiguous tensors."""
+    torch.manual_seed(4)
+    qkv = torch.randn(5, (4 + 2 + 2) * 16, device=DEVICE)
+    key = qkv[:, 64:96].view(5, 2, 16)
+    value = qkv[:, 96:].view(5, 2, 16)
+    slots = torch.tensor([3, 1, 7, 6, 0], device=DEVICE)
+    expected = torch.zeros(2, 2, 4, 2, 16, device=DEVICE)
+    cache = expected.clone()
+    reference.write_kv(expected, key, value, slots)
+    triton_attention.write_kv(cache, key, value, slots)
+    assert torch.equal(cache, expected)
