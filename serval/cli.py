@@ -96,7 +96,30 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     add_engine_args(generate)
+    _add_route_parser(commands)
     return parser
+
+
+def _add_route_parser(commands) -> None:
+    route = commands.add_parser("route", help="run the router: one OpenAI-compatible gateway over many backends",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    route.add_argument("--config", required=True, help="router YAML: backends, model groups, policies")
+    route.add_argument("--host", default="0.0.0.0", help="address to bind")
+    route.add_argument("--port", type=int, default=8080)
+    route.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _route(args: argparse.Namespace) -> int:
+    from serval.router.config import ConfigError, load_config
+    from serval.router.gateway import serve
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        logger.error("invalid router config", extra={"error": str(error)})
+        return 2
+    serve(config, args.host, args.port, log_level=args.log_level)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from serval.server.request_log import configure_logging
     configure_logging(args.log_level)
+    if args.command == "route":
+        return _route(args)
     if getattr(args, "model_tag", None) is not None:
         if args.model is not None and args.model != args.model_tag:
             parser.error(f"the model is given twice: {args.model_tag!r} and --model {args.model!r}")

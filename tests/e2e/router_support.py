@@ -1,0 +1,171 @@
+"""For router tests: `serval route` as a real process, backends started in parallel, and a scriptable backend.
+
+The scriptable backend is a tiny OpenAI-compatible streaming server on loopback whose behaviour a test sets
+(answer, fail with a status, break a stream after its first chunk): what a real engine cannot be made to do
+on command. Everything else in the router tests is a real `serval serve`.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import yaml
+
+from e2e.server import REPO_ROOT, RemoteServer, free_port
+
+
+def start_servers(arg_lists: list[list[str]]) -> list[RemoteServer]:
+    """Start several `serval serve` processes at once (each takes seconds to load)."""
+    with ThreadPoolExecutor(len(arg_lists)) as pool:
+        return list(pool.map(RemoteServer, arg_lists))
+
+
+class RouterProcess:
+    """`python -m serval.cli route --config FILE` on a free loopback port, ready when /health answers."""
+
+    def __init__(self, config: dict, extra_args: list[str] | None = None, timeout: float = 60.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config_file = tempfile.NamedTemporaryFile("w", prefix="router-", suffix=".yaml", delete=False)
+        yaml.safe_dump(config, self.config_file)
+        self.config_file.close()
+        self.log_file = tempfile.NamedTemporaryFile(prefix="serval-route-", suffix=".log", delete=False)
+        command = [sys.executable, "-m", "serval.cli", "route", "--config", self.config_file.name,
+                   "--host", "127.0.0.1", "--port", str(self.port), *(extra_args or [])]
+        self.process = subprocess.Popen(command, stdout=self.log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"serval route exited with {self.process.returncode}:\n{self.log_text()[-3000:]}")
+            try:
+                httpx.get(self.url + "/health", timeout=1.0)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.close()
+        raise TimeoutError(f"serval route not ready:\n{self.log_text()[-3000:]}")
+
+    def log_text(self) -> str:
+        with open(self.log_file.name, errors="replace") as handle:
+            return handle.read()
+
+    def log_records(self) -> list[dict]:
+        out = []
+        for line in self.log_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+        return out
+
+    def metric(self, name: str, **labels) -> float:
+        from prometheus_client.parser import text_string_to_metric_families
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+                   if sample.name == name and set(labels.items()) <= set(sample.labels.items()))
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log_file.close()
+        os.unlink(self.log_file.name)
+        os.unlink(self.config_file.name)
+
+
+class ScriptedBackend:
+    """An OpenAI-compatible backend on a loopback port, run in a thread; `mode` says how it answers:
+    "ok" (streams or answers `tokens` words), "status:N" (HTTP N with an OpenAI error body),
+    "break" (a stream that dies after its first chunk), "down" (/health and /v1/models answer 503)."""
+
+    def __init__(self, model: str = "stub", tokens: int = 3) -> None:
+        self.model, self.tokens, self.mode = model, tokens, "ok"
+        self.requests: list[dict] = []
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self.thread.start()
+        ready.wait(10)
+
+    def _run(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", self.port))
+        ready.set()
+        self.loop.run_forever()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+                method, path, _ = head[0].split(" ", 2)
+                headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)}
+                body = await reader.readexactly(int(headers.get("content-length", 0)))
+                if not await self._route(method, path, body, writer):
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def _route(self, method: str, path: str, body: bytes, writer) -> bool:
+        """Answer one request; False closes the connection."""
+        if path == "/health":
+            return await _respond(writer, 503 if self.mode == "down" else 200, {})
+        if path == "/v1/models":
+            if self.mode == "down":
+                return await _respond(writer, 503, {})
+            return await _respond(writer, 200, {"object": "list", "data": [{"id": self.model, "max_model_len": 64}]})
+        request = json.loads(body or b"{}")
+        self.requests.append(request)
+        if self.mode.startswith("status:"):
+            status = int(self.mode.split(":")[1])
+            return await _respond(writer, status, {"error": {"message": f"scripted {status}", "type": "x",
+                                                             "param": None, "code": None}})
+        chat = path.endswith("chat/completions")
+        if not request.get("stream"):
+            text = " tok" * self.tokens
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0, "text": text}
+            return await _respond(writer, 200, {"id": "s", "model": request.get("model"), "choices": [choice]})
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for index in range(self.tokens):
+            choice = {"index": 0, "delta": {"content": f" tok{index}"}} if chat else {"index": 0, "text": f" tok{index}"}
+            await _chunk(writer, b"data: " + json.dumps({"id": "s", "choices": [choice]}).encode() + b"\n\n")
+            if self.mode == "break":
+                await asyncio.sleep(0.05)  # let the first chunk reach the router before the connection dies
+                writer.transport.abort()
+                return False
+        await _chunk(writer, b"data: [DONE]\n\n")
+        await _chunk(writer, b"")
+        return True
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+async def _chunk(writer, data: bytes) -> None:
+    writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+    await writer.drain()
+
+
+async def _respond(writer, status: int, payload: dict) -> bool:
+    body = json.dumps(payload).encode()
+    writer.write(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                 % (status, len(body), body))
+    await writer.drain()
+    return True
