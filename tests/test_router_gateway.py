@@ -19,7 +19,8 @@ def setup():
         "backends": [{"name": "flaky", "url": flaky.url, "models": ["stub"]},
                      {"name": "good", "url": good.url, "models": ["stub"]}],
         "models": [{"name": "stub", "policy": "round_robin", "aliases": ["gpt-4o-mini"]},
-                   {"name": "only-flaky", "backends": ["flaky"], "policy": "round_robin"}],
+                   {"name": "only-flaky", "backends": ["flaky"], "policy": "round_robin"},
+                   {"name": "least", "backends": ["flaky", "good"], "policy": "least_requests"}],
         "health_check": {"interval_s": 0.3, "timeout_s": 1},
         "breaker": {"failure_threshold": 2, "cooldown_s": 3},
         "retries": 2, "api_keys": [KEY]}
@@ -32,8 +33,8 @@ def setup():
 
 @pytest.fixture
 def client(setup):
-    router, flaky, _ = setup
-    flaky.mode = "ok"
+    router, flaky, good = setup
+    flaky.mode = good.mode = "ok"
     with httpx.Client(base_url=router.url, headers=HEADERS, timeout=30) as client:
         _wait(lambda: router.metric("serval:router_breaker_state", backend="flaky") == 0
               and router.metric("serval:router_backend_healthy", backend="flaky") == 1, timeout=30,
@@ -53,6 +54,29 @@ def _wait(condition, timeout: float, tick=None) -> None:
 def _stream(client, body) -> tuple[int, str]:
     with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
         return response.status_code, response.read().decode()
+
+
+def test_streams_are_relayed_chunk_by_chunk_and_least_requests_avoids_the_busy_backend(setup, client):
+    router, flaky, good = setup
+    flaky.hold()
+    good.hold()  # streams stop after their first chunk until released
+    try:
+        with client.stream("POST", "/v1/completions", json={"model": "least", "prompt": "p", "stream": True}) as held:
+            busy = held.headers["x-serval-backend"]
+            chunks = held.iter_raw()  # kept: a dropped iterator would close the stream
+            first = next(chunks)  # arrives while the backend still holds the rest: nothing buffered
+            assert first.startswith(b"data: ") and b" tok0" in first
+            assert router.metric("serval:router_backend_in_flight", backend=busy) == 1
+            others = {client.post("/v1/completions", json={"model": "least", "prompt": "q"}).headers[
+                "x-serval-backend"] for _ in range(3)}
+            assert others == {"flaky", "good"} - {busy}
+            flaky.release_held()
+            good.release_held()
+            rest = b"".join(chunks).decode()
+        assert " tok2" in rest and rest.endswith("data: [DONE]\n\n")
+    finally:
+        flaky.release_held()
+        good.release_held()
 
 
 def test_failures_before_the_first_byte_are_retried_on_another_backend(setup, client):

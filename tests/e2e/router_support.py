@@ -7,8 +7,11 @@ on command. Everything else in the router tests is a real `serval serve`.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,7 +22,26 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import yaml
 
-from e2e.server import REPO_ROOT, RemoteServer, free_port
+from e2e.server import REPO_ROOT, RemoteServer, free_port, tiny_model_dir
+
+
+@functools.cache
+def other_model_dir() -> str:
+    """A second tiny model (other weights, longer context) with the same tokenizer as tiny_model_dir()."""
+    import torch
+    import transformers
+
+    source = tiny_model_dir()
+    path = tempfile.mkdtemp(prefix="serval-tiny-other-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    for name in os.listdir(source):
+        if "token" in name or name.endswith(".jinja") or name == "special_tokens_map.json":
+            shutil.copy(os.path.join(source, name), path)
+    config = transformers.LlamaConfig.from_pretrained(source)
+    config.num_hidden_layers, config.max_position_embeddings = 3, 2048
+    torch.manual_seed(1)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
 
 
 def start_servers(arg_lists: list[list[str]]) -> list[RemoteServer]:
@@ -88,11 +110,12 @@ class RouterProcess:
 class ScriptedBackend:
     """An OpenAI-compatible backend on a loopback port, run in a thread; `mode` says how it answers:
     "ok" (streams or answers `tokens` words), "status:N" (HTTP N with an OpenAI error body),
-    "break" (a stream that dies after its first chunk), "down" (/health and /v1/models answer 503)."""
+    "break" (a stream that dies after its first chunk), "hold" (streams wait after their first chunk), "down" (/health and /v1/models answer 503)."""
 
     def __init__(self, model: str = "stub", tokens: int = 3) -> None:
         self.model, self.tokens, self.mode = model, tokens, "ok"
         self.requests: list[dict] = []
+        self.release: asyncio.Event | None = None
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.loop = asyncio.new_event_loop()
@@ -103,6 +126,7 @@ class ScriptedBackend:
 
     def _run(self, ready: threading.Event) -> None:
         asyncio.set_event_loop(self.loop)
+        self.release = asyncio.Event()
         self.server = self.loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", self.port))
         ready.set()
         self.loop.run_forever()
@@ -144,6 +168,8 @@ class ScriptedBackend:
         for index in range(self.tokens):
             choice = {"index": 0, "delta": {"content": f" tok{index}"}} if chat else {"index": 0, "text": f" tok{index}"}
             await _chunk(writer, b"data: " + json.dumps({"id": "s", "choices": [choice]}).encode() + b"\n\n")
+            if self.mode == "hold" and index == 0:
+                await self.release.wait()  # the test reads the first chunk through the router, then releases
             if self.mode == "break":
                 await asyncio.sleep(0.05)  # let the first chunk reach the router before the connection dies
                 writer.transport.abort()
@@ -151,6 +177,14 @@ class ScriptedBackend:
         await _chunk(writer, b"data: [DONE]\n\n")
         await _chunk(writer, b"")
         return True
+
+    def hold(self) -> None:
+        """Streams stop after their first chunk until release_held()."""
+        self.loop.call_soon_threadsafe(self.release.clear)
+        self.mode = "hold"
+
+    def release_held(self) -> None:
+        self.loop.call_soon_threadsafe(self.release.set)
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.server.close)
