@@ -116,6 +116,7 @@ class ScriptedBackend:
         self.model, self.tokens, self.mode = model, tokens, "ok"
         self.requests: list[dict] = []
         self.release: asyncio.Event | None = None
+        self.metrics_text = ""  # served at /metrics
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.loop = asyncio.new_event_loop()
@@ -149,6 +150,12 @@ class ScriptedBackend:
         """Answer one request; False closes the connection."""
         if path == "/health":
             return await _respond(writer, 503 if self.mode == "down" else 200, {})
+        if path == "/metrics":
+            body = self.metrics_text.encode()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))
+            await writer.drain()
+            return True
         if path == "/v1/models":
             if self.mode == "down":
                 return await _respond(writer, 503, {})
