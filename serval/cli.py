@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--disable-log-requests", action="store_true", help="no JSON line per finished request")
     serve.add_argument("--disable-uvicorn-access-log", action="store_true", help="no HTTP access log lines")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--policy", default=None,
+                       help="guard policy YAML: API keys and budgets, input/output rails, audit log (docs/guard.md); "
+                            "SIGHUP reloads it")
     add_engine_args(serve)
 
     generate = commands.add_parser("generate", help="generate from one prompt and print the text",
@@ -147,6 +150,15 @@ def _serve(args: argparse.Namespace, config: EngineConfig) -> int:
     from serval.server.openai_api import DEFAULT_MODEL_NAME, serve
 
     names = args.served_model_name or [args.model or DEFAULT_MODEL_NAME]
+    guard = None
+    if args.policy is not None:
+        from serval.guard.guard import Guard
+        from serval.guard.policy import PolicyError
+        try:
+            guard = Guard.from_file(args.policy)
+        except PolicyError as error:
+            logger.error("invalid policy file", extra={"error": str(error)})
+            return 2
     try:
         engine = AsyncEngine(config)
     except (ValueError, FileNotFoundError) as error:
@@ -155,7 +167,7 @@ def _serve(args: argparse.Namespace, config: EngineConfig) -> int:
     serve(engine, args.host, args.port, names, api_key=args.api_key,
           max_waiting_requests=args.max_waiting_requests, otlp_traces_endpoint=args.otlp_traces_endpoint,
           log_requests=not args.disable_log_requests, access_log=not args.disable_uvicorn_access_log,
-          log_level=args.log_level)
+          log_level=args.log_level, guard=guard)
     return 0
 
 

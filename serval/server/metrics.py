@@ -26,6 +26,8 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
 REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                    240.0, 480.0, 960.0, 1920.0, 7680.0)
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+# Rails run in microseconds to milliseconds; the classifier-free rails should stay far under a token's time.
+GUARD_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0)
 
 
 class EngineStatsCollector:
@@ -63,6 +65,34 @@ class EngineStatsCollector:
             yield family
 
 
+class KeyUsageCollector:
+    """Per-key usage from the guard's KeyStore at scrape time (it keeps the totals; nothing here can drift)."""
+
+    def __init__(self, key_store) -> None:
+        self.key_store = key_store
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        usage = dict(self.key_store.usage)
+        requests = CounterMetricFamily(PREFIX + "guard_key_requests", "Requests admitted per API key.",
+                                       labels=["key_id"])
+        rejected = CounterMetricFamily(PREFIX + "guard_key_rejected_requests",
+                                       "Requests refused for a key's limits or budget.", labels=["key_id"])
+        tokens = CounterMetricFamily(PREFIX + "guard_key_tokens", "Tokens charged per API key.",
+                                     labels=["key_id", "kind"])
+        running = GaugeMetricFamily(PREFIX + "guard_key_requests_running", "Requests in flight per API key.",
+                                    labels=["key_id"])
+        for key_id, key_usage in sorted(usage.items()):
+            requests.add_metric([key_id], key_usage.requests_total)
+            rejected.add_metric([key_id], key_usage.rejected_total)
+            tokens.add_metric([key_id, "prompt"], key_usage.prompt_tokens_total)
+            tokens.add_metric([key_id, "completion"], key_usage.completion_tokens_total)
+            running.add_metric([key_id], key_usage.in_flight)
+        yield from (requests, rejected, tokens, running)
+
+
 class ServerMetrics:
     """One registry per server: the engine's collector, the request histograms and the HTTP counters."""
 
@@ -95,6 +125,19 @@ class ServerMetrics:
                                      ["method", "handler", "status"], registry=self.registry)
         self.http_latency = Histogram(PREFIX + "http_request_duration_seconds", "HTTP request handling time.",
                                       ["method", "handler"], buckets=REQUEST_BUCKETS, registry=self.registry)
+        self.guard_decisions = Counter(PREFIX + "guard_decisions", "Guard rail decisions by rail and action.",
+                                       ["rail", "action"], registry=self.registry)
+        self.guard_latency = Histogram(PREFIX + "guard_latency_seconds", "Time one guard rail took on one check.",
+                                       ["rail"], buckets=GUARD_BUCKETS, registry=self.registry)
+
+    def add_key_usage(self, key_store) -> None:
+        self.registry.register(KeyUsageCollector(key_store))
+
+    def observe_guard_decision(self, rail: str, action: str) -> None:
+        self.guard_decisions.labels(rail, action).inc()
+
+    def observe_guard_latency(self, rail: str, seconds: float) -> None:
+        self.guard_latency.labels(rail).observe(seconds)
 
     def observe_tokens(self, num_new_tokens: int, seconds_since_previous: float) -> None:
         """Inter-token latency: a step that brought k tokens counts as k gaps of a k-th of the time."""

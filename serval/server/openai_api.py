@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import re
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
@@ -22,6 +23,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import serval
 from serval.engine.async_engine import AsyncEngine, EngineDeadError
+from serval.guard.decisions import Decision, GuardRejection
+from serval.guard.guard import Guard, RequestContext
+from serval.guard.output import OutputFilter
+from serval.guard.policy import PolicyError
 from serval.outputs import CompletionOutput, Logprob, RequestOutput
 from serval.sampling_params import SamplingParams
 from serval.server import protocol
@@ -44,14 +49,21 @@ class APIError(Exception):
     """An error with the fields of OpenAI's error body."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def response(self) -> JSONResponse:
         body = protocol.ErrorResponse(error=protocol.ErrorInfo(message=self.message, type=self.type,
                                                                param=self.param, code=self.code))
-        return JSONResponse(body.model_dump(), status_code=self.status)
+        return JSONResponse(body.model_dump(), status_code=self.status, headers=self.headers)
+
+    @classmethod
+    def from_rejection(cls, rejection: GuardRejection) -> "APIError":
+        headers = {"Retry-After": str(rejection.retry_after)} if rejection.retry_after is not None else None
+        return cls(rejection.status, rejection.message, type=rejection.type, param=rejection.param,
+                   code=rejection.code, headers=headers)
 
     @classmethod
     def from_value_error(cls, error: ValueError, default_param: str | None = None) -> "APIError":
@@ -80,6 +92,7 @@ class Generation:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.tasks: list[asyncio.Task] = []
         self.failed: Exception | None = None
+        self.latest: dict[int, RequestOutput] = {}  # each prompt's last output: what a key is charged for
 
     async def start(self, prompts: list[dict], params: SamplingParams) -> None:
         """Queue every prompt; raises the first prompt's ValueError if any is invalid (nothing then runs)."""
@@ -109,6 +122,7 @@ class Generation:
                     if output.finished:
                         self.record.add_finished(output)
                         metrics.observe_finished(output, now)
+                    self.latest[index] = output
                     self.queue.put_nowait((index, output))
         except Exception as error:  # noqa: BLE001 - handed to the consumer, which answers with it
             self.failed = self.failed or error
@@ -128,6 +142,12 @@ class Generation:
             else:
                 yield index, item
 
+    def usage(self) -> tuple[int, int]:
+        """(prompt, completion) tokens so far, aborted prompts included: a client that leaves early still pays."""
+        prompt = sum(len(output.prompt_token_ids) for output in self.latest.values())
+        completion = sum(len(c.token_ids) for output in self.latest.values() for c in output.outputs)
+        return prompt, completion
+
     async def close(self) -> None:
         """Cancel what still runs (aborting it in the engine). Safe to call more than once."""
         unfinished = [task for task in self.tasks if not task.done()]
@@ -143,7 +163,7 @@ class Generation:
 class OpenAIServer:
     def __init__(self, engine: AsyncEngine, served_model_names: list[str], api_key: str | None = None,
                  max_waiting_requests: int | None = None, tracer: RequestTracer | None = None,
-                 log_requests: bool = True) -> None:
+                 log_requests: bool = True, guard: Guard | None = None) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_names = served_model_names
@@ -154,6 +174,25 @@ class OpenAIServer:
         self.log_requests = log_requests
         self.metrics = ServerMetrics(self.model_name, engine.get_stats)
         self.max_model_len = engine.config.max_model_len
+        self.guard = guard
+        # request id -> (the key it was admitted under, its Generation once started): released in _finish
+        self._admitted: dict[str, list] = {}
+        if guard is not None:
+            guard.observers.append(_GuardObserver(self.metrics, tracer))
+            self.metrics.add_key_usage(guard.keys)
+            if api_key is not None and guard.requires_keys:
+                logger.warning("--api-key is ignored: the policy file's keys decide who may call",
+                               extra={"policy": guard.policy.source})
+
+    def reload_policy(self) -> None:
+        """SIGHUP: re-read the policy; a bad file is logged and the running policy stays."""
+        if self.guard is None:
+            logger.warning("SIGHUP ignored: the server runs without --policy")
+            return
+        try:
+            self.guard.reload()
+        except PolicyError as error:
+            logger.error("policy reload failed; keeping the running policy", extra={"error": str(error)})
 
     # ---------------------------------------------------------------- checks
     def check_model(self, name: str | None) -> str:
@@ -209,19 +248,22 @@ class OpenAIServer:
         return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
 
     # ---------------------------------------------------------------- completions
-    async def create_completion(self, body: CompletionRequest, record: RequestRecord) -> Response:
+    async def create_completion(self, body: CompletionRequest, record: RequestRecord,
+                                ctx: RequestContext) -> Response:
         params = body.to_sampling_params()
-        prompts = [self.completion_prompt(prompt) for prompt in body.prompts()]
+        prompts = [self.completion_prompt(prompt) for prompt in self.guarded_prompts(body.prompts(), ctx)]
         for prompt in prompts:
+            if self.guard is not None:
+                self.guard.check_prompt_tokens(len(prompt["prompt_token_ids"]), ctx, "prompt")
             self.check_context(len(prompt["prompt_token_ids"]), params.max_tokens, "prompt")
         generation = await self.start(record, prompts, params)
         if body.stream:
-            return self.sse(self.stream_completion(body, record, generation, prompts, params))
+            return self.sse(self.stream_completion(body, record, generation, prompts, params, ctx))
         finals = await self.collect(generation)
         choices = []
         for index, output in enumerate(finals):
             for completion in output.outputs:
-                text = completion.text
+                text, finish_reason = self.filter_output(completion, ctx)
                 logprobs = None
                 if body.logprobs is not None:
                     logprobs = protocol.CompletionLogprobs()
@@ -234,23 +276,28 @@ class OpenAIServer:
                     text = prompts[index]["prompt"] + text
                 choices.append(protocol.CompletionChoice(
                     index=index * params.n + completion.index, text=text, logprobs=logprobs,
-                    finish_reason=completion.finish_reason, stop_reason=completion.stop_reason))
+                    finish_reason=finish_reason, stop_reason=completion.stop_reason))
         return JSONResponse(protocol.CompletionResponse(
             id=record.request_id, model=record.model, choices=choices, usage=_usage(record)).model_dump())
 
     async def stream_completion(self, body: CompletionRequest, record: RequestRecord, generation: Generation,
-                                prompts: list[dict], params: SamplingParams) -> AsyncIterator[str]:
+                                prompts: list[dict], params: SamplingParams,
+                                ctx: RequestContext) -> AsyncIterator[str]:
         created = int(time.time())
         sent = _SentState()
+        rails = _StreamRails(self.guard, ctx, len(prompts) * params.n)
         try:
             async for index, output in generation.outputs():
                 for completion in output.outputs:
                     key = index * params.n + completion.index
                     first = sent.first(key)
                     delta = sent.delta(key, completion)
-                    if delta is None:
+                    if delta is None or rails.done(key):
                         continue
                     text, token_ids, logprobs = delta
+                    text, finish_reason = rails.filter(key, text, completion.finish_reason)
+                    if not text and finish_reason is None and body.logprobs is None:
+                        continue  # the rails hold this delta back (a match may be forming)
                     if body.echo and first:
                         text = prompts[index]["prompt"] + text
                     chunk_logprobs = None
@@ -263,9 +310,11 @@ class OpenAIServer:
                     chunk = protocol.CompletionResponse(
                         id=record.request_id, created=created, model=record.model,
                         choices=[protocol.CompletionChoice(index=key, text=text, logprobs=chunk_logprobs,
-                                                           finish_reason=completion.finish_reason,
+                                                           finish_reason=finish_reason,
                                                            stop_reason=completion.stop_reason)])
                     yield _sse(chunk)
+                if rails.all_stopped():
+                    break  # every choice hit a stop rail: closing the generation aborts the engine requests
             if body.include_usage_in_stream:
                 yield _sse(protocol.CompletionResponse(id=record.request_id, created=created, model=record.model,
                                                        choices=[], usage=_usage(record)))
@@ -273,26 +322,35 @@ class OpenAIServer:
             await generation.close()
 
     # ---------------------------------------------------------------- chat
-    async def create_chat_completion(self, body: ChatCompletionRequest, record: RequestRecord) -> Response:
+    async def create_chat_completion(self, body: ChatCompletionRequest, record: RequestRecord,
+                                     ctx: RequestContext) -> Response:
         params = body.to_sampling_params()
-        prompt = self.chat_prompt(body.template_messages(), body.add_generation_prompt)
+        messages = body.template_messages()
+        if self.guard is not None:
+            contents = self.guard.check_input([message["content"] for message in messages], ctx, "messages")
+            messages = [{**message, "content": content} for message, content in zip(messages, contents)]
+        prompt = self.chat_prompt(messages, body.add_generation_prompt)
+        if self.guard is not None:
+            self.guard.check_prompt_tokens(len(prompt["prompt_token_ids"]), ctx, "messages")
         self.check_context(len(prompt["prompt_token_ids"]), params.max_tokens, "messages")
         generation = await self.start(record, [prompt], params)
         top_logprobs = body.top_logprobs or 0
         if body.stream:
-            return self.sse(self.stream_chat(body, record, generation, params, top_logprobs))
+            return self.sse(self.stream_chat(body, record, generation, params, top_logprobs, ctx))
         (output,) = await self.collect(generation)
-        choices = [protocol.ChatChoice(
-            index=completion.index, message=protocol.ChatResponseMessage(content=completion.text),
-            logprobs=_chat_logprobs(completion.token_ids, completion.logprobs, top_logprobs, self.tokenizer)
-            if body.logprobs else None,
-            finish_reason=completion.finish_reason, stop_reason=completion.stop_reason)
-            for completion in output.outputs]
+        choices = []
+        for completion in output.outputs:
+            text, finish_reason = self.filter_output(completion, ctx)
+            choices.append(protocol.ChatChoice(
+                index=completion.index, message=protocol.ChatResponseMessage(content=text),
+                logprobs=_chat_logprobs(completion.token_ids, completion.logprobs, top_logprobs, self.tokenizer)
+                if body.logprobs else None,
+                finish_reason=finish_reason, stop_reason=completion.stop_reason))
         return JSONResponse(protocol.ChatCompletionResponse(
             id=record.request_id, model=record.model, choices=choices, usage=_usage(record)).model_dump())
 
     async def stream_chat(self, body: ChatCompletionRequest, record: RequestRecord, generation: Generation,
-                          params: SamplingParams, top_logprobs: int) -> AsyncIterator[str]:
+                          params: SamplingParams, top_logprobs: int, ctx: RequestContext) -> AsyncIterator[str]:
         created = int(time.time())
 
         def chunk(choices: list[protocol.ChatStreamChoice], usage=None) -> str:
@@ -300,6 +358,7 @@ class OpenAIServer:
                                                      choices=choices, usage=usage))
 
         sent = _SentState()
+        rails = _StreamRails(self.guard, ctx, params.n)
         try:
             for index in range(params.n):
                 yield chunk([protocol.ChatStreamChoice(index=index, delta=protocol.DeltaMessage(
@@ -307,14 +366,19 @@ class OpenAIServer:
             async for _, output in generation.outputs():
                 for completion in output.outputs:
                     delta = sent.delta(completion.index, completion)
-                    if delta is None:
+                    if delta is None or rails.done(completion.index):
                         continue
                     text, token_ids, logprobs = delta
+                    text, finish_reason = rails.filter(completion.index, text, completion.finish_reason)
+                    if not text and finish_reason is None and not body.logprobs:
+                        continue  # the rails hold this delta back (a match may be forming)
                     yield chunk([protocol.ChatStreamChoice(
                         index=completion.index, delta=protocol.DeltaMessage(content=text),
                         logprobs=_chat_logprobs(token_ids, logprobs, top_logprobs, self.tokenizer)
                         if body.logprobs else None,
-                        finish_reason=completion.finish_reason)])
+                        finish_reason=finish_reason)])
+                if rails.all_stopped():
+                    break  # every choice hit a stop rail: closing the generation aborts the engine requests
             if body.include_usage_in_stream:
                 yield chunk([], usage=_usage(record))
         finally:
@@ -324,8 +388,33 @@ class OpenAIServer:
     async def start(self, record: RequestRecord, prompts: list[dict], params: SamplingParams) -> Generation:
         self.check_capacity()
         generation = Generation(self, record)
+        if record.request_id in self._admitted:
+            self._admitted[record.request_id][1] = generation
         await generation.start(prompts, params)
         return generation
+
+    # ---------------------------------------------------------------- guard
+    def guarded_prompts(self, prompts: list[str | list[int]], ctx: RequestContext) -> list[str | list[int]]:
+        """Completion prompts through the input rails. Token-id prompts are checked as their decoded text (so
+        ids are no way around the rails) and re-encoded only if a rail redacted them."""
+        if self.guard is None:
+            return prompts
+        texts = [p if isinstance(p, str) or self.tokenizer is None else self.tokenizer.decode(p) for p in prompts]
+        checkable = [i for i, t in enumerate(texts) if isinstance(t, str)]
+        checked = self.guard.check_input([texts[i] for i in checkable], ctx, "prompt")
+        guarded = list(prompts)
+        for i, text in zip(checkable, checked):
+            if text != texts[i]:
+                guarded[i] = text if isinstance(prompts[i], str) else self.tokenizer.encode(text)
+        return guarded
+
+    def filter_output(self, completion: CompletionOutput, ctx: RequestContext) -> tuple[str, str | None]:
+        """A whole completion through the output rails: (text, finish_reason)."""
+        output_filter = self.guard.output_filter(ctx) if self.guard is not None else None
+        if output_filter is None:
+            return completion.text, completion.finish_reason
+        step = output_filter.filter_all(completion.text)
+        return step.text, "content_filter" if step.stopped else completion.finish_reason
 
     @staticmethod
     async def collect(generation: Generation) -> list[RequestOutput]:
@@ -356,7 +445,13 @@ class OpenAIServer:
             body = model_cls.model_validate(data)
             record.model = self.check_model(body.model)
             span = self._start_span(raw, body, record)
-            response = await _until_disconnect(raw, handler(body, record))
+            ctx = RequestContext(record.request_id, trace=span)
+            if self.guard is not None:
+                key = raw.scope.get("state", {}).get("guard_key")
+                ctx.key_id = key.id if key is not None else None
+                self.guard.admit(key, record.model, ctx)
+                self._admitted[record.request_id] = [key, None]
+            response = await _until_disconnect(raw, handler(body, record, ctx))
             if response is None:
                 record.status, record.error = CLIENT_CLOSED, "client disconnected"
                 return Response(status_code=CLIENT_CLOSED)
@@ -406,6 +501,11 @@ class OpenAIServer:
             "gen_ai.response.model": record.model})
 
     def _finish(self, record: RequestRecord, span) -> None:
+        admitted = self._admitted.pop(record.request_id, None)
+        if admitted is not None:
+            key, generation = admitted
+            prompt, completion = generation.usage() if generation is not None else (0, 0)
+            self.guard.release(key, max(prompt, record.prompt_tokens), max(completion, record.completion_tokens))
         if span is not None:
             self.tracer.end_request_span(span, {
                 "gen_ai.usage.input_tokens": record.prompt_tokens,
@@ -523,7 +623,15 @@ class _ObservedApp:
             await send(message)
 
         try:
-            if self.server.api_key is not None and path.startswith("/v1") and not self._authorized(scope):
+            guard = self.server.guard
+            if guard is not None and guard.requires_keys and path.startswith("/v1"):
+                try:
+                    key = guard.authenticate(_header(scope, b"authorization"), RequestContext())
+                except GuardRejection as rejection:
+                    status = rejection.status
+                    return await APIError.from_rejection(rejection).response()(scope, receive, send)
+                scope.setdefault("state", {})["guard_key"] = key
+            elif self.server.api_key is not None and path.startswith("/v1") and not self._authorized(scope):
                 status = 401
                 response = APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
                                     code="invalid_api_key").response()
@@ -540,16 +648,20 @@ class _ObservedApp:
 
 def serve(engine: AsyncEngine, host: str, port: int, served_model_names: list[str], api_key: str | None = None,
           max_waiting_requests: int | None = None, otlp_traces_endpoint: str | None = None,
-          log_requests: bool = True, access_log: bool = True, log_level: str = "info") -> None:
-    """Run the server until SIGINT/SIGTERM; the engine is shut down on exit."""
+          log_requests: bool = True, access_log: bool = True, log_level: str = "info",
+          guard: Guard | None = None) -> None:
+    """Run the server until SIGINT/SIGTERM; the engine is shut down on exit. SIGHUP reloads the policy."""
     tracer = RequestTracer(otlp_traces_endpoint) if otlp_traces_endpoint else None
-    server = OpenAIServer(engine, served_model_names, api_key, max_waiting_requests, tracer, log_requests)
+    server = OpenAIServer(engine, served_model_names, api_key, max_waiting_requests, tracer, log_requests, guard)
     app = build_app(server)
 
     @contextlib.asynccontextmanager
     async def lifespan(_):
+        if guard is not None:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, server.reload_policy)
         logger.info("serving", extra={"url": f"http://{host}:{port}", "model": server.model_name,
-                                      "model_path": engine.config.model, "max_model_len": server.max_model_len})
+                                      "model_path": engine.config.model, "max_model_len": server.max_model_len,
+                                      "policy": guard.policy.source if guard is not None else None})
         yield
 
     app.app.router.lifespan_context = lifespan
@@ -578,6 +690,61 @@ class _ClosingStreamingResponse(StreamingResponse):
     async def stream_response(self, send) -> None:
         async with aclosing(self.body_iterator):
             await super().stream_response(send)
+
+
+class _StreamRails:
+    """The output rails of one streamed response: a filter per choice, and which choices a stop rail ended."""
+
+    def __init__(self, guard: Guard | None, ctx: RequestContext, num_choices: int) -> None:
+        self.guard, self.ctx, self.num_choices = guard, ctx, num_choices
+        self.filters: dict[int, OutputFilter | None] = {}
+        self.stopped: set[int] = set()
+
+    def done(self, key: int) -> bool:
+        return key in self.stopped
+
+    def all_stopped(self) -> bool:
+        return len(self.stopped) == self.num_choices
+
+    def filter(self, key: int, text: str, finish_reason: str | None) -> tuple[str, str | None]:
+        if key not in self.filters:
+            self.filters[key] = self.guard.output_filter(self.ctx) if self.guard is not None else None
+        output_filter = self.filters[key]
+        if output_filter is None:
+            return text, finish_reason
+        step = output_filter.push(text)
+        if not step.stopped and finish_reason is not None:
+            last = output_filter.finish()
+            step = type(step)(step.text + last.text, last.stopped)
+        if step.stopped:
+            self.stopped.add(key)
+            return step.text, "content_filter"
+        return step.text, finish_reason
+
+
+class _GuardObserver:
+    """Guard decisions and rail latencies into the server's metrics, and a span per rail under the request's."""
+
+    def __init__(self, metrics: ServerMetrics, tracer: RequestTracer | None) -> None:
+        self.metrics, self.tracer = metrics, tracer
+
+    def decision(self, decision: Decision, ctx: RequestContext) -> None:
+        self.metrics.observe_guard_decision(decision.rail, decision.action)
+
+    def latency(self, rail: str, seconds: float, ctx: RequestContext) -> None:
+        self.metrics.observe_guard_latency(rail, seconds)
+        if self.tracer is not None and ctx.trace is not None:
+            from opentelemetry import trace
+            end = time.time_ns()
+            span = self.tracer.tracer.start_span(f"guard {rail}", context=trace.set_span_in_context(ctx.trace),
+                                                 start_time=end - int(seconds * 1e9),
+                                                 attributes={"serval.guard.rail": rail})
+            span.end(end_time=end)
+
+
+def _header(scope, name: bytes) -> str | None:
+    value = dict(scope["headers"]).get(name)
+    return value.decode("latin-1") if value is not None else None
 
 
 class _SentState:
@@ -626,6 +793,8 @@ async def _simple(raw: Request, model_cls: type[BaseModel], handler: Callable) -
 def _to_api_error(error: Exception) -> APIError:
     if isinstance(error, APIError):
         return error
+    if isinstance(error, GuardRejection):
+        return APIError.from_rejection(error)
     if isinstance(error, ValidationError):
         return APIError.from_validation_error(error)
     if isinstance(error, EngineDeadError):

@@ -1,0 +1,159 @@
+"""Guard: the one entry point for servers and the router. Built from a policy file; no web framework inside.
+
+    guard = Guard.from_file("policy.yaml")
+    ctx = RequestContext(request_id="chatcmpl-1")
+    key = guard.authenticate(headers.get("authorization"), ctx)   # 401 → GuardRejection; None without keys
+    guard.admit(key, model, ctx)                                    # 403 / 429 → GuardRejection
+    try:
+        texts = guard.check_input(texts, ctx, param="messages")     # 400 → GuardRejection; maybe redacted
+        guard.check_prompt_tokens(num_tokens, ctx)
+        out = guard.output_filter(ctx)                              # None without output rails
+        for delta in stream: send(out.push(delta).text) ...; send(out.finish().text)
+    finally:
+        guard.release(key, prompt_tokens, completion_tokens)
+
+Every decision goes to the audit log (when the policy names one) and to each observer's
+`decision(decision, ctx)`; every rail's run time to `latency(rail, seconds, ctx)`.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from serval.guard.audit import AuditLog
+from serval.guard.decisions import Decision, GuardRejection
+from serval.guard.keys import KeyStore
+from serval.guard.output import OutputFilter
+from serval.guard.policy import KeyPolicy, Policy, load_policy
+from serval.guard.rails import deny_rail, injection_rail, pii_rail
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestContext:
+    request_id: str | None = None
+    key_id: str | None = None
+    trace: Any = None  # an observer's per-request handle (the server puts its OpenTelemetry span here)
+
+
+class GuardObserver(Protocol):
+    def decision(self, decision: Decision, ctx: RequestContext) -> None: ...
+
+    def latency(self, rail: str, seconds: float, ctx: RequestContext) -> None: ...
+
+
+class Guard:
+    def __init__(self, policy: Policy, clock: Callable[[], float] = time.monotonic) -> None:
+        self.policy = policy
+        self.keys = KeyStore(policy.keys or (), clock)
+        self.audit = AuditLog(policy.audit_path) if policy.audit_path else None
+        self.observers: list[GuardObserver] = []
+        self._reload_lock = threading.Lock()
+
+    @classmethod
+    def from_file(cls, path: str, clock: Callable[[], float] = time.monotonic) -> "Guard":
+        """Raises PolicyError ('FILE:LINE: field problem') for a file that can't be used."""
+        return cls(load_policy(path), clock)
+
+    def reload(self) -> Policy:
+        """Re-read the policy file (SIGHUP). On an error the old policy stays and PolicyError is raised.
+        Key usage (budgets, windows, in-flight counts) carries over by key id."""
+        with self._reload_lock:
+            policy = load_policy(self.policy.source)
+            if policy.audit_path != (self.audit.path if self.audit else None):
+                old, self.audit = self.audit, AuditLog(policy.audit_path) if policy.audit_path else None
+                if old is not None:
+                    old.close()
+            self.keys.set_keys(policy.keys or ())
+            self.policy = policy
+            logger.info("policy reloaded", extra={"policy": policy.source,
+                                                  "num_keys": len(policy.keys or ())})
+            return policy
+
+    @property
+    def requires_keys(self) -> bool:
+        return self.policy.keys is not None
+
+    # ---- keys and limits ----
+    def authenticate(self, authorization: str | None, ctx: RequestContext) -> KeyPolicy | None:
+        if not self.requires_keys:
+            return None
+        try:
+            key = self.keys.authenticate(authorization)
+        except GuardRejection as rejection:
+            self._record(Decision("api_key", "reject", rejection.code), ctx, "input")
+            raise
+        ctx.key_id = key.id
+        return key
+
+    def admit(self, key: KeyPolicy | None, model: str, ctx: RequestContext) -> None:
+        if key is None:
+            return
+        try:
+            self.keys.admit(key, model)
+        except GuardRejection as rejection:
+            self._record(Decision(rejection.rail, "reject", rejection.code), ctx, "input")
+            raise
+
+    def release(self, key: KeyPolicy | None, prompt_tokens: int, completion_tokens: int) -> None:
+        if key is not None:
+            self.keys.release(key, prompt_tokens, completion_tokens)
+
+    # ---- input rails ----
+    def check_input(self, texts: list[str], ctx: RequestContext, param: str = "messages") -> list[str]:
+        """The texts the model may see (PII redacted where the policy says so); GuardRejection 400 if blocked."""
+        policy = self.policy
+        if policy.input_deny:
+            self._run("input_deny", lambda: deny_rail(texts, policy.input_deny, param), ctx)
+        if policy.injection is not None:
+            self._run("injection", lambda: injection_rail(texts, policy.injection, param), ctx)
+        if policy.input_pii:
+            texts = self._run("input_pii", lambda: pii_rail(texts, policy.input_pii, param), ctx)
+        return texts
+
+    def check_prompt_tokens(self, num_tokens: int, ctx: RequestContext, param: str = "messages") -> None:
+        limit = self.policy.max_prompt_tokens
+        if limit is not None and num_tokens > limit:
+            self._record(Decision("max_prompt_tokens", "block", "max_prompt_tokens"), ctx, "input")
+            raise GuardRejection(400, f"The prompt has {num_tokens} tokens; this server's policy allows at most "
+                                      f"{limit} (input.max_prompt_tokens).", "prompt_too_long",
+                                 rail="max_prompt_tokens", param=param)
+
+    # ---- output rails ----
+    def output_filter(self, ctx: RequestContext) -> OutputFilter | None:
+        if not self.policy.has_output_rails:
+            return None
+        return OutputFilter(self.policy, lambda decision: self._record(decision, ctx, "output"),
+                            lambda rail, seconds: self._observe_latency(rail, seconds, ctx))
+
+    # ---- internals ----
+    def _run(self, rail: str, check: Callable, ctx: RequestContext):
+        """Time one rail and record its decisions, whether it passes or blocks."""
+        started = time.perf_counter()
+        try:
+            result = check()
+        except GuardRejection as rejection:
+            self._observe_latency(rail, time.perf_counter() - started, ctx)
+            for decision in getattr(rejection, "decisions", ()):
+                self._record(decision, ctx, "input")
+            raise
+        self._observe_latency(rail, time.perf_counter() - started, ctx)
+        texts, decisions = result if isinstance(result, tuple) else (None, result)
+        for decision in decisions:
+            self._record(decision, ctx, "input")
+        return texts
+
+    def _record(self, decision: Decision, ctx: RequestContext, direction: str) -> None:
+        if self.audit is not None:
+            self.audit.write(decision, ctx.request_id, ctx.key_id, direction)
+        for observer in self.observers:
+            observer.decision(decision, ctx)
+
+    def _observe_latency(self, rail: str, seconds: float, ctx: RequestContext) -> None:
+        for observer in self.observers:
+            observer.latency(rail, seconds, ctx)

@@ -1,0 +1,144 @@
+"""PII and secret detection: regular expressions, each with a checksum or plausibility check where one exists
+(Luhn for card numbers, ISO 7064 mod 97 for IBANs, Shannon entropy for unnamed secrets).
+
+Patterns use the `regex` module for its partial matching: a stream filter asks "could the text's tail still
+become a match?" and holds back only from where such a match would start.
+"""
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import regex
+
+PII_TYPES = ("email", "phone", "credit_card", "iban", "ssn", "ip_address", "secret")
+
+# Known credential formats: prefix + body. Listed by vendor so a reader can check each against its docs.
+_SECRET_FORMATS = [
+    r"sk-(?:proj-|ant-|svcacct-)?[A-Za-z0-9_\-]{20,200}",  # OpenAI, Anthropic
+    r"gh[pousr]_[A-Za-z0-9]{36,255}",                   # GitHub tokens
+    r"github_pat_[A-Za-z0-9_]{22,255}",                 # GitHub fine-grained tokens
+    r"(?:AKIA|ASIA)[0-9A-Z]{16}",                       # AWS access key ids
+    r"xox[abprs]-[A-Za-z0-9\-]{10,200}",                # Slack
+    r"AIza[0-9A-Za-z_\-]{35}",                          # Google API keys
+    r"glpat-[A-Za-z0-9_\-]{20,100}",                    # GitLab
+    r"(?:sk|rk)_(?:live|test)_[0-9A-Za-z]{24,200}",     # Stripe
+    r"hf_[A-Za-z0-9]{30,100}",                          # Hugging Face
+    r"eyJ[A-Za-z0-9_\-]{8,2000}\.eyJ[A-Za-z0-9_\-]{8,2000}\.[A-Za-z0-9_\-]{8,2000}",  # JWTs
+    r"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----",         # PEM private keys
+]
+# Unnamed secrets: long runs of key-like characters with high entropy and both letters and digits. The bounds keep
+# English words and identifiers out (an English word of 24+ letters has no digits; hex hashes of 32+ do match).
+_ENTROPY_CANDIDATE = r"(?<![A-Za-z0-9+/_\-])[A-Za-z0-9+/_\-]{24,256}={0,2}(?![A-Za-z0-9+/_\-])"
+MIN_SECRET_ENTROPY = 3.5  # bits per character
+
+_PATTERNS = {
+    "secret": regex.compile("|".join(f"(?:{p})" for p in _SECRET_FORMATS)),
+    "secret_entropy": regex.compile(_ENTROPY_CANDIDATE),
+    "credit_card": regex.compile(r"(?<![\d-])\d(?:[ \-]?\d){12,18}(?![\d-])"),
+    "iban": regex.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z0-9])"),
+    "ssn": regex.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])"),
+    "email": regex.compile(r"(?<![\w.+\-])[A-Za-z0-9._%+\-]{1,64}@[A-Za-z0-9\-]{1,63}(?:\.[A-Za-z0-9\-]{1,63})*"
+                           r"\.[A-Za-z]{2,24}(?![\w\-])"),
+    "ip_address": regex.compile(r"(?<![\w.:])(?:(?:\d{1,3}\.){3}\d{1,3}|(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4})"
+                                r"(?![\w:]|\.\d)"),
+    "phone": regex.compile(r"(?<![\w+])(?:\+\d{1,3}[ .\-]?(?:\(?\d{1,4}\)?[ .\-]?){1,4}\d{2,4}"
+                           r"|\(?\d{3}\)?[ .\-]\d{3}[ .\-]\d{4})(?![\w])"),
+}
+# Overlaps go to the earlier type: a card number is not also a phone number.
+_ORDER = ("secret", "secret_entropy", "credit_card", "iban", "ssn", "email", "ip_address", "phone")
+
+
+@dataclass(frozen=True)
+class Span:
+    start: int
+    end: int
+    category: str  # a PII type, or 'deny:<rule name>'
+    partial: bool = False  # the text ends inside what may still become a match
+
+
+def find_pii(text: str, types: tuple[str, ...] = PII_TYPES, partial: bool = False) -> list[Span]:
+    """Non-overlapping PII spans, by start. With partial, also spans the text's tail may be the start of."""
+    spans: list[Span] = []
+    for name in _ORDER:
+        category = "secret" if name == "secret_entropy" else name
+        if category not in types:
+            continue
+        for match in _PATTERNS[name].finditer(text, partial=partial):
+            is_partial = bool(match.partial)
+            if match.start() == match.end():
+                continue
+            if not is_partial and not _valid(name, match.group()):
+                continue
+            span = Span(match.start(), match.end(), category, is_partial)
+            # Partial spans only mark where text must be held back; they never shadow another type's match.
+            if is_partial or not any(span.start < other.end and other.start < span.end
+                                     for other in spans if not other.partial):
+                spans.append(span)
+    return sorted(spans, key=lambda s: s.start)
+
+
+def find_pattern(pattern: regex.Pattern, category: str, text: str, partial: bool = False) -> list[Span]:
+    return [Span(m.start(), m.end(), category, bool(m.partial))
+            for m in pattern.finditer(text, partial=partial) if m.end() > m.start() or m.partial]
+
+
+def redact(text: str, spans: list[Span]) -> str:
+    """Each span replaced by [REDACTED:<category>]; spans must not overlap."""
+    pieces, position = [], 0
+    for span in sorted(spans, key=lambda s: s.start):
+        pieces.append(text[position:span.start])
+        pieces.append(placeholder(span.category))
+        position = span.end
+    pieces.append(text[position:])
+    return "".join(pieces)
+
+
+def placeholder(category: str) -> str:
+    return f"[REDACTED:{category}]"
+
+
+def _valid(name: str, value: str) -> bool:
+    if name == "credit_card":
+        return luhn_valid("".join(c for c in value if c.isdigit()))
+    if name == "iban":
+        return iban_valid(value)
+    if name == "ip_address":
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            return False
+        return True
+    if name == "secret_entropy":
+        return (any(c.isdigit() for c in value) and any(c.isalpha() for c in value)
+                and shannon_entropy(value) >= MIN_SECRET_ENTROPY)
+    if name == "phone":
+        return 9 <= sum(c.isdigit() for c in value) <= 15
+    return True
+
+
+def luhn_valid(digits: str) -> bool:
+    if not 13 <= len(digits) <= 19:
+        return False
+    total = 0
+    for position, char in enumerate(reversed(digits)):
+        digit = int(char)
+        if position % 2 == 1:
+            digit = digit * 2 - 9 if digit > 4 else digit * 2
+        total += digit
+    return total % 10 == 0
+
+
+def iban_valid(value: str) -> bool:
+    compact = value.replace(" ", "").upper()
+    if not 15 <= len(compact) <= 34:
+        return False
+    rearranged = compact[4:] + compact[:4]
+    return int("".join(str(int(c, 36)) for c in rearranged)) % 97 == 1
+
+
+def shannon_entropy(value: str) -> float:
+    counts = Counter(value)
+    return -sum(n / len(value) * math.log2(n / len(value)) for n in counts.values())
