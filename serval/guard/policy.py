@@ -132,7 +132,9 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
 def _key(reader: "_Reader", node, where: str) -> KeyPolicy:
     fields = reader.mapping(node, where, {"id", "sha256", "models", "requests_per_minute", "tokens_per_minute",
                                           "token_budget", "max_concurrent_requests"}, required=("id", "sha256"))
-    digest = reader.string(fields["sha256"], f"{where}.sha256").lower()
+    # The raw scalar: an unquoted digest of digits alone would otherwise resolve to an integer.
+    reader.scalar(fields["sha256"], f"{where}.sha256")
+    digest = fields["sha256"].value.lower()
     if not regex.fullmatch(r"[0-9a-f]{64}", digest):
         reader.fail(fields["sha256"], f"{where}.sha256", "is not a hex SHA-256 digest (64 hex digits); store "
                     "keys hashed: python -m serval.guard.keys hash KEY")
