@@ -33,8 +33,8 @@ def test_availability_needs_health_and_a_closed_breaker():
     b.breaker.record_failure(0)
     assert not b.available(1) and "breaker open" in b.unavailable_reason(1)
     b.breaker.record_success()
-    b.healthy, b.health_error = False, "ConnectError"
-    assert not b.available(1) and "unhealthy (ConnectError)" == b.unavailable_reason(1)
+    b.healthy, b.health_error = False, "ClientConnectorError"
+    assert not b.available(1) and "unhealthy (ClientConnectorError)" == b.unavailable_reason(1)
     assert b.max_context is None
     b.learned_max_context = 512
     assert b.max_context == 512

@@ -1,7 +1,7 @@
 """Active health checks and load scraping against a scripted backend on loopback."""
 import asyncio
 
-import httpx
+import aiohttp
 
 from e2e.router_support import ScriptedBackend
 from serval.router.backends import build_backends
@@ -22,8 +22,8 @@ serval:time_to_first_token_seconds_sum{{model_name="m"}} {total}
 
 def check(backends) -> None:
     async def run():
-        async with httpx.AsyncClient() as client:
-            await check_all(client, backends, timeout=2)
+        async with aiohttp.ClientSession() as session:
+            await check_all(session, backends, timeout=2)
     asyncio.run(run())
 
 
@@ -46,7 +46,7 @@ def test_health_scraping_and_learned_context():
         check(backends)
         assert serval.ttft_ewma == 0.5
         assert backends["generic"].healthy and backends["generic"].scraped_running is None  # not scraped
-        assert not backends["gone"].healthy and "ConnectError" in backends["gone"].health_error
+        assert not backends["gone"].healthy and "Cannot connect" in backends["gone"].health_error
         scripted.mode = "down"
         check(backends)
         assert not serval.healthy and serval.health_error == "HTTP 503" and serval.scraped_running is None

@@ -16,8 +16,7 @@ import time
 import uuid
 from contextlib import aclosing
 
-import anyio
-import httpx
+import aiohttp
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -55,29 +54,31 @@ class Router:
         self.backends = build_backends(config)
         self.policies = {name: make_policy(group) for name, group in config.groups.items()}
         self.metrics = m.RouterMetrics(self.backends, clock)
-        self.client: httpx.AsyncClient | None = None
+        self.session: aiohttp.ClientSession | None = None
         self._health_task: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        timeout = httpx.Timeout(connect=self.config.connect_timeout, read=self.config.read_timeout,
-                                write=self.config.read_timeout, pool=self.config.connect_timeout)
-        # Keep-alive connections to every backend: the router's added latency is mostly connection setup
-        # otherwise.
-        limits = httpx.Limits(max_connections=2048, max_keepalive_connections=512)
-        self.client = httpx.AsyncClient(timeout=timeout, limits=limits)
+        # aiohttp rather than httpx: httpcore's pool re-checks every pooled connection's socket on each request,
+        # which measured as most of the router's CPU at 32 requests in flight (docs/performance.md); and
+        # aiohttp is already a dependency (the benchmark client). Keep-alive connections to every backend;
+        # no overall deadline (generations are long), but bounded connect and per-read silence.
+        timeout = aiohttp.ClientTimeout(total=None, connect=self.config.connect_timeout,
+                                        sock_read=self.config.read_timeout)
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+                                             timeout=timeout, auto_decompress=False)
         if self.config.health_check_interval > 0:
-            await check_all(self.client, self.backends, self.config.health_check_timeout)
+            await check_all(self.session, self.backends, self.config.health_check_timeout)
             self._health_task = asyncio.create_task(health_loop(
-                self.client, self.backends, self.config.health_check_interval, self.config.health_check_timeout))
+                self.session, self.backends, self.config.health_check_interval, self.config.health_check_timeout))
 
     async def stop(self) -> None:
         if self._health_task is not None:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
-        if self.client is not None:
-            await self.client.aclose()
+        if self.session is not None:
+            await self.session.close()
 
     # ------------------------------------------------------------------ routing
     def candidates(self, group: GroupConfig, request: RouteRequest, tried: set[str]) -> tuple[list[Backend], dict]:
@@ -191,7 +192,8 @@ class Router:
                       raw: Request, request_id: str, started: float, reason: str, attempts: int) -> Response:
         model = backend.model_for(group.name)
         payload = body_bytes if body.get("model") == model else json.dumps({**body, "model": model}).encode()
-        headers = {"content-type": "application/json", "x-request-id": request_id}
+        # identity: relay the backend's bytes as they are, never a compressed stream to re-chunk
+        headers = {"content-type": "application/json", "x-request-id": request_id, "accept-encoding": "identity"}
         for name in FORWARDED_HEADERS[:2]:
             if name in raw.headers:
                 headers[name] = raw.headers[name]
@@ -201,23 +203,23 @@ class Router:
         backend.served[group.name] = backend.served.get(group.name, 0) + 1
         sent = self.clock()
         handed_over = False  # once a stream is returned, its relay owns in_flight and the breaker
+        response = None
         try:
-            request = self.client.build_request("POST", backend.config.url + path, content=payload, headers=headers)
             try:
-                response = await self.client.send(request, stream=True)
-            except httpx.TimeoutException as error:
+                response = await self.session.post(backend.config.url + path, data=payload, headers=headers)
+            except asyncio.TimeoutError as error:
                 raise self._failure(backend, m.TIMEOUT, f"timed out connecting or waiting ({type(error).__name__})")
-            except httpx.HTTPError as error:
+            except aiohttp.ClientError as error:
                 raise self._failure(backend, m.BACKEND_ERROR, f"{type(error).__name__}: {error}")
-            if response.status_code != 200 or "text/event-stream" not in response.headers.get("content-type", ""):
+            if response.status != 200 or "text/event-stream" not in response.headers.get("content-type", ""):
                 return await self._whole_response(backend, group, response, started, sent, request_id, reason,
                                                   attempts)
             try:
-                chunks = response.aiter_raw()
+                chunks = response.content.iter_any()  # whatever has arrived, as soon as it has: no re-buffering
                 first = await anext(chunks)
-            except (httpx.HTTPError, StopAsyncIteration) as error:
-                await response.aclose()
-                outcome = m.TIMEOUT if isinstance(error, httpx.TimeoutException) else m.BACKEND_ERROR
+            except (aiohttp.ClientError, asyncio.TimeoutError, StopAsyncIteration) as error:
+                response.close()
+                outcome = m.TIMEOUT if isinstance(error, asyncio.TimeoutError) else m.BACKEND_ERROR
                 raise self._failure(backend, outcome, f"stream broke before its first chunk ({type(error).__name__})")
             first_byte = self.clock() - sent
             self.metrics.first_byte_latency.labels(backend.name).observe(first_byte)
@@ -234,6 +236,8 @@ class Router:
         finally:
             if not handed_over:
                 backend.in_flight -= 1
+                if response is not None:
+                    response.close()  # a no-op once released; otherwise (cancelled) the backend must abort
 
     def _failure(self, backend: Backend, outcome: str, detail: str) -> _Failed:
         if outcome == m.OVERLOADED:
@@ -242,16 +246,16 @@ class Router:
             backend.breaker.record_failure(self.clock())
         return _Failed(outcome, detail)
 
-    async def _whole_response(self, backend: Backend, group: GroupConfig, response: httpx.Response,
+    async def _whole_response(self, backend: Backend, group: GroupConfig, response: aiohttp.ClientResponse,
                               started: float, sent: float, request_id: str, reason: str, attempts: int) -> Response:
         try:
-            content = await response.aread()
-        except httpx.HTTPError as error:
-            outcome = m.TIMEOUT if isinstance(error, httpx.TimeoutException) else m.BACKEND_ERROR
+            content = await response.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+            outcome = m.TIMEOUT if isinstance(error, asyncio.TimeoutError) else m.BACKEND_ERROR
             raise self._failure(backend, outcome, f"response broke off ({type(error).__name__})")
         finally:
-            await response.aclose()
-        status = response.status_code
+            response.release()
+        status = response.status
         if status in RETRYABLE_STATUS:
             raise self._failure(backend, m.BACKEND_ERROR, f"HTTP {status}: {content[:200].decode(errors='replace')}")
         if status == 429:
@@ -416,7 +420,7 @@ class _Relay:
     response ends, even when the client left before the first chunk was sent and the generator never ran.
     """
 
-    def __init__(self, router: Router, backend: Backend, group: GroupConfig, response: httpx.Response,
+    def __init__(self, router: Router, backend: Backend, group: GroupConfig, response: aiohttp.ClientResponse,
                  first: bytes, chunks, context: tuple) -> None:
         self.router, self.backend, self.group, self.response = router, backend, group, response
         self.first, self.chunks, self.context = first, chunks, context
@@ -429,7 +433,7 @@ class _Relay:
             async for chunk in self.chunks:
                 yield chunk
             self.outcome = m.SUCCESS
-        except httpx.HTTPError as error:
+        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
             # Too late to retry: the client has bytes. Say so inside the stream, as `serval serve` does.
             self.outcome = m.STREAM_ERROR
             message = f"backend {self.backend.name} failed mid-stream: {type(error).__name__}"
@@ -453,8 +457,10 @@ class _Relay:
             backend.breaker.release()
         started, request_id, reason, attempts = self.context
         router._finished(backend, self.group, self.outcome, 200, started, request_id, reason, attempts, stream=True)
-        with anyio.CancelScope(shield=True):  # closing must finish even while the relay is being cancelled
-            await self.response.aclose()
+        if self.outcome == m.SUCCESS:
+            self.response.release()  # the connection goes back to the pool
+        else:
+            self.response.close()  # dropping the connection is what tells the backend to abort the request
 
 
 class _ClosingStreamingResponse(StreamingResponse):
@@ -476,7 +482,6 @@ class _ClosingStreamingResponse(StreamingResponse):
 def serve(config: RouterConfig, host: str, port: int, guard=None, access_log: bool = False,
           log_level: str = "info") -> None:
     """Run the gateway until SIGINT/SIGTERM."""
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per backend call would drown the log
     app = build_app(Router(config, guard=guard))
     uvicorn.run(app, host=host, port=port, log_config=None, access_log=access_log, log_level=log_level,
                 timeout_graceful_shutdown=5)

@@ -8,9 +8,10 @@ to real requests failing, the checks catch a dead backend before a request has t
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
-import httpx
+import aiohttp
 
 from serval.router.backends import Backend
 from serval.router.config import SCRAPED_ENGINES
@@ -27,12 +28,17 @@ def _headers(backend: Backend) -> dict:
     return {"Authorization": f"Bearer {backend.config.api_key}"} if backend.config.api_key else {}
 
 
-async def check_backend(client: httpx.AsyncClient, backend: Backend, timeout: float) -> None:
+async def _get(session: aiohttp.ClientSession, backend: Backend, path: str, timeout: float) -> tuple[int, bytes]:
+    async with session.get(backend.config.url + path, headers=_headers(backend),
+                           timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+        return response.status, await response.read()
+
+
+async def check_backend(session: aiohttp.ClientSession, backend: Backend, timeout: float) -> None:
     try:
-        response = await client.get(backend.config.url + health_path(backend), headers=_headers(backend),
-                                    timeout=timeout)
-        ok, error = response.is_success, None if response.is_success else f"HTTP {response.status_code}"
-    except httpx.HTTPError as exc:
+        status, _ = await _get(session, backend, health_path(backend), timeout)
+        ok, error = 200 <= status < 300, None if 200 <= status < 300 else f"HTTP {status}"
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         ok, error = False, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     if ok != backend.healthy:
         logger.warning("backend health changed", extra={"backend": backend.name, "healthy": ok, "error": error})
@@ -41,17 +47,18 @@ async def check_backend(client: httpx.AsyncClient, backend: Backend, timeout: fl
         backend.scraped_running = backend.scraped_waiting = None
         return
     if backend.max_context is None:
-        await _learn_max_context(client, backend, timeout)
+        await _learn_max_context(session, backend, timeout)
     if backend.config.scrape_metrics and backend.config.engine in SCRAPED_ENGINES:
-        await scrape_backend(client, backend, timeout)
+        await scrape_backend(session, backend, timeout)
 
 
-async def scrape_backend(client: httpx.AsyncClient, backend: Backend, timeout: float) -> None:
+async def scrape_backend(session: aiohttp.ClientSession, backend: Backend, timeout: float) -> None:
     try:
-        response = await client.get(backend.config.url + "/metrics", headers=_headers(backend), timeout=timeout)
-        response.raise_for_status()
-        signals = parse_load_signals(response.text)
-    except (httpx.HTTPError, ValueError) as exc:
+        status, body = await _get(session, backend, "/metrics", timeout)
+        if status != 200:
+            raise ValueError(f"HTTP {status}")
+        signals = parse_load_signals(body.decode("utf-8", errors="replace"))
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
         logger.debug("cannot scrape backend metrics", extra={"backend": backend.name, "error": str(exc)})
         return
     previous = backend.scraped_ttft_totals
@@ -64,11 +71,11 @@ async def scrape_backend(client: httpx.AsyncClient, backend: Backend, timeout: f
             backend.observe_ttft((signals.ttft_sum - previous[0]) / (signals.ttft_count - previous[1]))
 
 
-async def _learn_max_context(client: httpx.AsyncClient, backend: Backend, timeout: float) -> None:
+async def _learn_max_context(session: aiohttp.ClientSession, backend: Backend, timeout: float) -> None:
     try:
-        response = await client.get(backend.config.url + "/v1/models", headers=_headers(backend), timeout=timeout)
-        cards = response.json().get("data", []) if response.is_success else []
-    except (httpx.HTTPError, ValueError, AttributeError):
+        status, body = await _get(session, backend, "/v1/models", timeout)
+        cards = json.loads(body).get("data", []) if status == 200 else []
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError):
         return
     lengths = [card.get("max_model_len") for card in cards if isinstance(card, dict)]
     lengths = [length for length in lengths if isinstance(length, int) and length > 0]
@@ -76,12 +83,12 @@ async def _learn_max_context(client: httpx.AsyncClient, backend: Backend, timeou
         backend.learned_max_context = min(lengths)
 
 
-async def health_loop(client: httpx.AsyncClient, backends: dict[str, Backend], interval: float,
+async def health_loop(session: aiohttp.ClientSession, backends: dict[str, Backend], interval: float,
                       timeout: float) -> None:
     while True:
-        await check_all(client, backends, timeout)
+        await check_all(session, backends, timeout)
         await asyncio.sleep(interval)
 
 
-async def check_all(client: httpx.AsyncClient, backends: dict[str, Backend], timeout: float) -> None:
-    await asyncio.gather(*(check_backend(client, backend, timeout) for backend in backends.values()))
+async def check_all(session: aiohttp.ClientSession, backends: dict[str, Backend], timeout: float) -> None:
+    await asyncio.gather(*(check_backend(session, backend, timeout) for backend in backends.values()))
