@@ -146,14 +146,21 @@ def _apply_grammar_mask(logits: torch.Tensor, requests: list[Request]) -> None:
     from serval.guard import structured  # llguidance loads only when a request asks for it
     states = [requests[row].grammar for row in rows]
     bitmask = structured.fill_bitmask([state.matcher for state in states], max(s.vocab_size for s in states))
-    allowed = structured.allowed_mask(bitmask, logits.shape[1]).to(logits.device)
-    index = _tensor(rows, logits)
-    masked = logits[index].masked_fill(~allowed, _NEG_INF)
+    disallowed = structured.disallowed_mask(bitmask, logits.shape[1]).to(logits.device)
+    if len(rows) == len(requests):
+        logits.masked_fill_(disallowed, _NEG_INF)
+        sub = logits
+    else:
+        index = _tensor(rows, logits)
+        sub = logits[index].masked_fill_(disallowed, _NEG_INF)
+        logits[index] = sub
     # min_tokens may have masked the only token the grammar allows (EOS of a complete output): the grammar wins.
-    dead = torch.isneginf(masked).all(dim=-1)
-    if bool(dead.any()):
-        masked[dead] = torch.where(allowed[dead], 0.0, _NEG_INF)
-    logits[index] = masked
+    early = [i for i, row in enumerate(rows)
+             if requests[row].num_output_tokens < requests[row].sampling_params.min_tokens]
+    for i in early:
+        if bool(torch.isneginf(sub[i]).all()):
+            sub[i] = torch.where(disallowed[i], _NEG_INF, 0.0)
+            logits[rows[i]] = sub[i]
 
 
 def _has_penalties(p: SamplingParams) -> bool:

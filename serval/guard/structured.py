@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import llguidance
 import llguidance.hf
+import numpy as np
 import torch
 
 from serval.sampling_params import StructuredOutputsParams
@@ -133,11 +134,17 @@ def fill_bitmask(matchers: list[llguidance.LLMatcher], vocab_size: int) -> torch
 def allowed_mask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """bool [B, vocab_size] from an int32 bitmask; tokens past the tokenizer's vocabulary (padding rows of
     the embedding) are never allowed."""
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    bits = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)
+    return ~disallowed_mask(bitmask, vocab_size)
+
+
+def disallowed_mask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """bool [B, vocab_size], True where the token is not allowed: what masked_fill wants, in one unpack (numpy's
+    unpackbits is one pass over the bytes; shifting int32 words by 0..31 in torch makes 32 passes)."""
+    inverted = (~bitmask).contiguous().numpy().view(np.uint8)  # little-endian words: bit j of byte k = token 8k+j
+    bits = torch.from_numpy(np.unpackbits(inverted, axis=1, bitorder="little")).bool()
     if bits.shape[1] >= vocab_size:
         return bits[:, :vocab_size]
-    return torch.nn.functional.pad(bits, (0, vocab_size - bits.shape[1]), value=False)
+    return torch.nn.functional.pad(bits, (0, vocab_size - bits.shape[1]), value=True)
 
 
 def _first_line(message: str) -> str:
