@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from serval.guard.audit import AuditLog
+from serval.guard.classifier import ClassifierClient
 from serval.guard.decisions import Decision, GuardRejection
 from serval.guard.keys import KeyStore
 from serval.guard.output import OutputFilter
@@ -53,6 +54,7 @@ class Guard:
         self.keys = KeyStore(policy.keys or (), clock)
         self.audit = AuditLog(policy.audit_path) if policy.audit_path else None
         self.observers: list[GuardObserver] = []
+        self.classifier_client = ClassifierClient()
         self._reload_lock = threading.Lock()
 
     @classmethod
@@ -115,6 +117,39 @@ class Guard:
         if policy.input_pii:
             texts = self._run("input_pii", lambda: pii_rail(texts, policy.input_pii, param), ctx)
         return texts
+
+    @property
+    def has_classifier(self) -> bool:
+        return self.policy.classifier is not None
+
+    async def classify_input(self, messages: list[dict], ctx: RequestContext, param: str = "messages") -> None:
+        """Ask the guard model for a verdict on messages ([{"role", "content"}]); start it beside the main
+        request's prefill and await it before sending output. GuardRejection 400 when unsafe and blocking,
+        503 when there is no verdict and on_error is block."""
+        rule = self.policy.classifier
+        if rule is None:
+            return
+        started = time.perf_counter()
+        try:
+            verdict, _ = await self.classifier_client.classify(rule, messages)
+        except Exception as error:  # noqa: BLE001 - down, timed out or unparsable: the policy says what then
+            self._observe_latency("classifier", time.perf_counter() - started, ctx)
+            logger.warning("no verdict from the guard model", extra={"url": rule.url, "error": repr(error)})
+            action = "block" if rule.on_error == "block" else "allow"
+            self._record(Decision("classifier", action, "unavailable"), ctx, "input")
+            if rule.on_error == "block":
+                raise GuardRejection(503, "The safety classifier is unavailable; try again later.",
+                                     "classifier_unavailable", rail="classifier", type="server_error") from error
+            return
+        self._observe_latency("classifier", time.perf_counter() - started, ctx)
+        if verdict.safe:
+            return
+        category = "unsafe:" + ",".join(verdict.categories) if verdict.categories else "unsafe"
+        self._record(Decision("classifier", rule.action, category), ctx, "input")
+        if rule.action == "block":
+            raise GuardRejection(400, "The request was blocked by the input rail 'classifier': the guard model "
+                                      f"judged it unsafe ({', '.join(verdict.categories) or 'no category'}).",
+                                 "content_policy_violation", rail="classifier", param=param)
 
     def check_prompt_tokens(self, num_tokens: int, ctx: RequestContext, param: str = "messages") -> None:
         limit = self.policy.max_prompt_tokens

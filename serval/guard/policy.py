@@ -15,6 +15,7 @@ input:
   pii: {action: redact, types: [email, phone, credit_card, iban, ssn, ip_address, secret]}  # block|redact|log
   # or one action per type:  pii: [{types: [secret, credit_card], action: block}, {types: [email], action: redact}]
   injection: {action: block, threshold: 0.5}                                 # block | log
+  classifier: {url: "http://127.0.0.1:8001/v1", model: llama-guard, action: block}  # a guard model's server
 output:
   deny: [{name: profanity, pattern: "darn", action: redact}]                 # redact | stop | log
   pii: {action: redact}                                                      # redact | stop | log
@@ -36,6 +37,8 @@ from serval.guard.pii import PII_TYPES
 INPUT_PII_ACTIONS = ("block", "redact", "log")
 INPUT_DENY_ACTIONS = ("block", "log")
 INJECTION_ACTIONS = ("block", "log")
+CLASSIFIER_ACTIONS = ("block", "log")
+CLASSIFIER_ON_ERROR = ("block", "allow")
 OUTPUT_ACTIONS = ("redact", "stop", "log")
 
 
@@ -75,6 +78,16 @@ class InjectionRule:
 
 
 @dataclass(frozen=True)
+class ClassifierRule:
+    url: str                      # the guard model's server, e.g. http://127.0.0.1:8001/v1
+    model: str
+    action: str = "block"
+    timeout_seconds: float = 10.0
+    api_key: str | None = None
+    on_error: str = "block"       # no verdict (down, timeout, bad answer): block (503) or allow
+
+
+@dataclass(frozen=True)
 class Policy:
     source: str = "<default>"
     keys: tuple[KeyPolicy, ...] | None = None
@@ -82,6 +95,7 @@ class Policy:
     input_deny: tuple[DenyRule, ...] = ()
     input_pii: tuple[PiiRule, ...] = ()  # each PII type in at most one rule
     injection: InjectionRule | None = None
+    classifier: ClassifierRule | None = None
     output_deny: tuple[DenyRule, ...] = ()
     output_pii: tuple[PiiRule, ...] = ()
     audit_path: str | None = None
@@ -158,7 +172,7 @@ def _unique_keys(reader: "_Reader", keys: tuple[KeyPolicy, ...], node) -> None:
 
 
 def _input(reader: "_Reader", node, policy: Policy) -> Policy:
-    fields = reader.mapping(node, "input", {"max_prompt_tokens", "deny", "pii", "injection"})
+    fields = reader.mapping(node, "input", {"max_prompt_tokens", "deny", "pii", "injection", "classifier"})
     changes = {}
     if "max_prompt_tokens" in fields:
         changes["max_prompt_tokens"] = reader.positive_int(fields["max_prompt_tokens"], "input.max_prompt_tokens")
@@ -176,7 +190,32 @@ def _input(reader: "_Reader", node, policy: Policy) -> Policy:
             if not 0.0 < threshold <= 1.0:
                 reader.fail(rule["threshold"], "input.injection.threshold", f"is {threshold}; allowed (0, 1]")
         changes["injection"] = InjectionRule(action, threshold)
+    if "classifier" in fields:
+        changes["classifier"] = _classifier(reader, fields["classifier"])
     return dataclasses.replace(policy, **changes)
+
+
+def _classifier(reader: "_Reader", node) -> ClassifierRule:
+    where = "input.classifier"
+    fields = reader.mapping(node, where, {"url", "model", "action", "timeout_seconds", "api_key", "on_error"},
+                            required=("url", "model"))
+    url = reader.string(fields["url"], f"{where}.url")
+    if not regex.match(r"https?://", url):
+        reader.fail(fields["url"], f"{where}.url", f"is {url!r}; allowed an http:// or https:// URL of a /v1 API")
+    rule = ClassifierRule(url, reader.string(fields["model"], f"{where}.model"))
+    changes = {}
+    if "action" in fields:
+        changes["action"] = reader.choice(fields["action"], f"{where}.action", CLASSIFIER_ACTIONS)
+    if "on_error" in fields:
+        changes["on_error"] = reader.choice(fields["on_error"], f"{where}.on_error", CLASSIFIER_ON_ERROR)
+    if "api_key" in fields:
+        changes["api_key"] = reader.string(fields["api_key"], f"{where}.api_key")
+    if "timeout_seconds" in fields:
+        timeout = reader.number(fields["timeout_seconds"], f"{where}.timeout_seconds")
+        if timeout <= 0:
+            reader.fail(fields["timeout_seconds"], f"{where}.timeout_seconds", f"is {timeout}; allowed > 0")
+        changes["timeout_seconds"] = timeout
+    return dataclasses.replace(rule, **changes)
 
 
 def _output(reader: "_Reader", node, policy: Policy) -> Policy:

@@ -256,7 +256,8 @@ class OpenAIServer:
             if self.guard is not None:
                 self.guard.check_prompt_tokens(len(prompt["prompt_token_ids"]), ctx, "prompt")
             self.check_context(len(prompt["prompt_token_ids"]), params.max_tokens, "prompt")
-        generation = await self.start(record, prompts, params)
+        conversations = [[{"role": "user", "content": prompt["prompt"]}] for prompt in prompts]
+        generation = await self.start(record, prompts, params, ctx, conversations, "prompt")
         if body.stream:
             return self.sse(self.stream_completion(body, record, generation, prompts, params, ctx))
         finals = await self.collect(generation)
@@ -333,7 +334,7 @@ class OpenAIServer:
         if self.guard is not None:
             self.guard.check_prompt_tokens(len(prompt["prompt_token_ids"]), ctx, "messages")
         self.check_context(len(prompt["prompt_token_ids"]), params.max_tokens, "messages")
-        generation = await self.start(record, [prompt], params)
+        generation = await self.start(record, [prompt], params, ctx, [messages])
         top_logprobs = body.top_logprobs or 0
         if body.stream:
             return self.sse(self.stream_chat(body, record, generation, params, top_logprobs, ctx))
@@ -385,12 +386,28 @@ class OpenAIServer:
             await generation.close()
 
     # ---------------------------------------------------------------- shared
-    async def start(self, record: RequestRecord, prompts: list[dict], params: SamplingParams) -> Generation:
+    async def start(self, record: RequestRecord, prompts: list[dict], params: SamplingParams,
+                    ctx: RequestContext | None = None, conversations: list[list[dict]] | None = None,
+                    param: str = "messages") -> Generation:
+        """Queue the prompts. With a classifier rail, its verdicts on `conversations` are asked for at the same
+        time and awaited here, while the engine runs the prefill: an unsafe verdict aborts the generation
+        before any output is sent."""
         self.check_capacity()
+        verdicts = None
+        if self.guard is not None and self.guard.has_classifier and conversations:
+            verdicts = asyncio.gather(*[self.guard.classify_input(c, ctx, param) for c in conversations])
         generation = Generation(self, record)
         if record.request_id in self._admitted:
             self._admitted[record.request_id][1] = generation
-        await generation.start(prompts, params)
+        try:
+            await generation.start(prompts, params)
+            if verdicts is not None:
+                await verdicts
+        except BaseException:
+            if verdicts is not None and not verdicts.done():
+                verdicts.cancel()
+            await generation.close()
+            raise
         return generation
 
     # ---------------------------------------------------------------- guard
