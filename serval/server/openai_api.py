@@ -680,6 +680,8 @@ def serve(engine: AsyncEngine, host: str, port: int, served_model_names: list[st
                                       "model_path": engine.config.model, "max_model_len": server.max_model_len,
                                       "policy": guard.policy.source if guard is not None else None})
         yield
+        if guard is not None:
+            await guard.classifier_client.close()
 
     app.app.router.lifespan_context = lifespan
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=access_log,
