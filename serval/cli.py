@@ -35,6 +35,7 @@ _ENGINE_HELP = {
     "load_format": "auto, safetensors, gguf or dummy (random weights)",
     "device": "auto, cpu, cuda or cuda:N",
     "scheduling_policy": "fcfs or priority",
+    "enforce_eager": "never capture CUDA graphs for decode steps (GPU only)",
 }
 
 

@@ -37,6 +37,7 @@ class EngineConfig:
     load_format: str = "auto"
     device: str = "auto"
     scheduling_policy: str = "fcfs"
+    enforce_eager: bool = False  # True: no CUDA graphs (GPU only; CPU always runs eagerly)
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

@@ -88,3 +88,19 @@ def test_sample_logprobs_match_transformers(tiny_models):
         assert out.logprobs[step][token].logprob == pytest.approx(row[token].item(), abs=1e-4)
         assert out.logprobs[step][token].rank == 1  # greedy picks the top token
     assert out.cumulative_logprob == pytest.approx(sum(out.logprobs[i][t].logprob for i, t in enumerate(out.token_ids)))
+
+
+def test_triton_kernels_in_the_engine_match_transformers(tiny_models, monkeypatch):
+    """The whole engine on the Triton attention kernels (the interpreter here, compiled on a GPU): chunked prefill,
+    prefix hits and split-K decode give transformers' greedy tokens."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("SERVAL_ATTENTION_BACKEND", "triton")
+    path, hf_model = tiny_models("qwen2")
+    prompts = [make_prompts(hf_model.config.vocab_size)[i] for i in (6, 9)]  # 23 and 47 tokens, a shared prefix
+    llm = LLM(model=path, skip_tokenizer_init=True, max_num_seqs=4, max_num_batched_tokens=16, block_size=4,
+              max_model_len=128)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for prompt, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, 4), f"prompt of {len(prompt)}"
+    assert llm.engine.get_stats().prefix_cache_hits > 0

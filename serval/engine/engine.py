@@ -66,7 +66,8 @@ class LLMEngine:
         num_blocks = _num_kv_blocks(self.config, self.model, self.dtype, self.device)
         self.kv_cache = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.kv_cache)
-        self.runner = ModelRunner(self.model, num_blocks, self.config.block_size, self.dtype, self.device)
+        self.runner = ModelRunner(self.model, num_blocks, self.config.block_size, self.dtype, self.device,
+                                  self.config.max_num_seqs, self.config.max_model_len, self.config.enforce_eager)
         self.vocab_size = self.model.vocab_size
         self.eos_token_id = _eos_token_id(self.hf_config, self.tokenizer)
         self.parents: dict[str, ProcessedRequest] = {}
@@ -331,6 +332,27 @@ def _resolve_config(config: EngineConfig, model_path: str, hf_config) -> EngineC
                                max_num_batched_tokens=max_num_batched_tokens)
 
 
+# Room left beside the KV cache for the CUDA graphs' memory pool and the allocator's fragmentation.
+_GPU_RESERVE_BYTES = 1024**3
+
+
+def _gpu_kv_cache_bytes(config: EngineConfig, model, dtype: torch.dtype, device: torch.device) -> int:
+    """What gpu_memory_utilization leaves for the KV cache: utilization x total memory, less the weights and the
+    peak activations of a profiling forward over a full step (max_num_batched_tokens), less a reserve; never more
+    than is free now (another process may hold part of the card)."""
+    activation_bytes = ModelRunner.profile_activation_bytes(model, config.max_num_batched_tokens,
+                                                            config.max_num_seqs, config.block_size, dtype, device)
+    free, total = torch.cuda.mem_get_info(device)
+    weights = torch.cuda.memory_allocated(device)
+    budget = config.gpu_memory_utilization * total - weights - activation_bytes - _GPU_RESERVE_BYTES
+    budget = min(budget, free - activation_bytes - _GPU_RESERVE_BYTES)
+    logger.info("gpu memory profiled", extra={"total_gib": round(total / 1024**3, 2),
+                                              "weights_gib": round(weights / 1024**3, 2),
+                                              "activations_gib": round(activation_bytes / 1024**3, 2),
+                                              "kv_cache_gib": round(max(budget, 0) / 1024**3, 2)})
+    return max(int(budget), 0)
+
+
 def _num_kv_blocks(config: EngineConfig, model, dtype: torch.dtype, device: torch.device) -> int:
     per_block = ModelRunner.kv_cache_bytes_per_block(model, config.block_size, dtype)
     if config.num_gpu_blocks_override is not None:
@@ -338,10 +360,7 @@ def _num_kv_blocks(config: EngineConfig, model, dtype: torch.dtype, device: torc
     elif config.kv_cache_memory_bytes is not None:
         num_blocks = config.kv_cache_memory_bytes // per_block
     elif device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        # Leave (1 - utilization) of the card plus room for activations of one full step.
-        budget = free - (1.0 - config.gpu_memory_utilization) * total - 2 * 1024**3
-        num_blocks = int(budget // per_block)
+        num_blocks = int(_gpu_kv_cache_bytes(config, model, dtype, device) // per_block)
     else:
         num_blocks = DEFAULT_CPU_KV_CACHE_BYTES // per_block
         # No point holding more than every sequence at full length.

@@ -1,7 +1,8 @@
 """ModelRunner: turns a SchedulerOutput into flat tensors, runs the model, samples.
 
 The batch is flat (no padding): request i's new tokens are rows query_start_loc[i]:query_start_loc[i+1].
-Logits are computed only for rows that are sampled from or that prompt logprobs need.
+Logits are computed only for rows that are sampled from or that prompt logprobs need. On CUDA, a step where every
+request decodes one token replays a captured CUDA graph instead (serval.engine.cuda_graphs).
 """
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from dataclasses import dataclass
 import torch
 
 from serval.engine import sampler
+from serval.engine.cuda_graphs import DecodeGraphs
 from serval.engine.request import Request
 from serval.engine.scheduler import SchedulerOutput
-from serval.layers.attention import AttentionMetadata
+from serval.kernels import paged_attention as torch_attention
+from serval.layers.attention import AttentionMetadata, attention_backend
 from serval.outputs import Logprob
 
 
@@ -37,21 +40,61 @@ class _BatchPlan:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, max_num_seqs: int = 1, max_model_len: int = 1,
+                 enforce_eager: bool = True) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
         shape = (2, num_blocks, block_size, model.num_kv_heads, model.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
+        self.graphs: DecodeGraphs | None = None
+        # Graphs need the Triton kernels, whose lengths come from device buffers; the torch reference reads host lists.
+        if device.type == "cuda" and not enforce_eager and attention_backend(device) is not torch_attention:
+            self.graphs = DecodeGraphs(model, self.kv_caches, block_size, max_num_seqs, max_model_len, device)
+            self.graphs.capture()
 
     @staticmethod
     def kv_cache_bytes_per_block(model: torch.nn.Module, block_size: int, dtype: torch.dtype) -> int:
         element_size = torch.empty((), dtype=dtype).element_size()
         return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * element_size
 
+    @staticmethod
+    @torch.inference_mode()
+    def profile_activation_bytes(model: torch.nn.Module, num_tokens: int, num_seqs: int, block_size: int,
+                                 dtype: torch.dtype, device: torch.device) -> int:
+        """Peak memory of the largest step the scheduler can make (num_tokens tokens, logits for num_seqs rows)
+        beyond what is allocated before it, on CUDA: one prompt of num_tokens over a scratch KV cache just big
+        enough, which is not counted."""
+        num_blocks = -(-num_tokens // block_size)
+        shape = (2, num_blocks, block_size, model.num_kv_heads, model.head_dim)
+        kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        metadata = AttentionMetadata(
+            slot_mapping=torch.arange(num_tokens, device=device), query_start_loc=[0, num_tokens],
+            seq_lens=[num_tokens], block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None],
+            block_size=block_size)
+        positions = torch.arange(num_tokens, device=device) % model.config.max_position_embeddings
+        hidden = model(torch.zeros(num_tokens, dtype=torch.int64, device=device), positions, kv_caches, metadata)
+        logits = model.compute_logits(hidden[-num_seqs:])
+        # The sampler's working copies of the logits (probabilities, noise, sort) are a few times their size.
+        logits.softmax(dim=-1).sort(dim=-1)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        del kv_caches, hidden, logits
+        torch.cuda.empty_cache()
+        return peak
+
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
         plan = self._plan(scheduled)
+        num_requests = len(scheduled.requests)
+        if (self.graphs is not None and not plan.prompt_rows and len(plan.sample_rows) == num_requests
+                and len(plan.input_ids) == num_requests and self.graphs.can_run(num_requests)):
+            logits = self.graphs.run(plan.input_ids, plan.positions, plan.slot_mapping, plan.seq_lens,
+                                     [request.block_ids for request in scheduled.requests])
+            return self._outputs(scheduled, plan, logits, logits[:0])
         metadata = AttentionMetadata(
             slot_mapping=self._tensor(plan.slot_mapping, torch.int64),
             query_start_loc=plan.query_start_loc,

@@ -194,9 +194,30 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
     return out
 
 
+@triton.jit
+def _combine_splits_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, stride_out_token, stride_out_head,
+                           NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           HEAD_DIM_PAD: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    first = (token * NUM_HEADS + head) * NUM_SPLITS
+    splits = tl.arange(0, NUM_SPLITS)
+    lse = tl.load(partial_lse_ptr + first + splits)
+    lse_max = tl.max(lse, 0)
+    weights = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))
+    total = tl.sum(weights, 0)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_valid = dims < HEAD_DIM
+    partial = tl.load(partial_out_ptr + (first + splits)[:, None] * HEAD_DIM + dims[None, :],
+                      mask=dim_valid[None, :], other=0.0)
+    out = tl.sum(weights[:, None] * partial, 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + token * stride_out_token + head * stride_out_head + dims, out.to(out_ptr.dtype.element_ty),
+             mask=dim_valid)
+
+
 def _combine_splits(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: torch.Tensor) -> None:
     """out = sum_s 2^(lse_s - max) * partial_s / sum_s 2^(lse_s - max); rows with no keys (padding) give 0."""
-    lse_max = partial_lse.amax(dim=-1, keepdim=True)
-    weights = torch.exp2(partial_lse - torch.where(torch.isinf(lse_max), 0.0, lse_max))
-    total = weights.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-    out.copy_(((weights / total).unsqueeze(-1) * partial_out).sum(dim=-2))
+    num_tokens, num_heads, num_splits, head_dim = partial_out.shape
+    _combine_splits_kernel[(num_tokens, num_heads)](
+        partial_out, partial_lse, out, out.stride(0), out.stride(1), NUM_HEADS=num_heads, NUM_SPLITS=num_splits,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim))

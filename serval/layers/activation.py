@@ -9,6 +9,9 @@ import torch.nn.functional as F
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU. x is [..., 2 * I]: gate in the first half, up in the second (the merged projection's layout)."""
+    if x.is_cuda:  # one fused kernel (serval.kernels.triton_fused); this function is its reference
+        from serval.kernels import triton_fused
+        return triton_fused.silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
 

@@ -1,6 +1,7 @@
 """RMSNorm (Zhang & Sennrich, 2019) with the residual add fused in, as every pre-norm block does both together.
 
-Fusing the add is what lets a GPU kernel read the activations once; here it also keeps the decoder layer short.
+Fusing the add is what lets a GPU kernel read the activations once (serval.kernels.triton_fused, on CUDA); here it
+also keeps the decoder layer short.
 The arithmetic follows transformers' LlamaRMSNorm exactly (add in the model dtype, normalize in float32, scale in
 the model dtype) so that logits match it bit for bit in float32 and closely in bf16/fp16.
 """
@@ -29,5 +30,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """normed x alone; with a residual, (normed x + residual, x + residual) for the next block to add to."""
-        normed, new_residual = rms_norm(x, residual, self.weight, self.eps)
+        if x.is_cuda and x.dim() == 2:
+            from serval.kernels import triton_fused
+            normed, new_residual = triton_fused.rms_norm(x, residual, self.weight, self.eps)
+        else:
+            normed, new_residual = rms_norm(x, residual, self.weight, self.eps)
         return normed if residual is None else (normed, new_residual)

@@ -80,5 +80,8 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, query: torch.Tensor,
                 key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """query [T, H, D], key [T, KVH, D], positions [T] -> rotated (query, key)."""
+        if query.is_cuda:  # one fused kernel for q and k, in place (serval.kernels.triton_fused)
+            from serval.kernels import triton_fused
+            return triton_fused.rotary_(positions, query, key, self.cos_cache, self.sin_cache)
         cos, sin = self.cos_cache[positions], self.sin_cache[positions]
         return apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)

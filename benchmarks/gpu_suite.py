@@ -1,0 +1,305 @@
+"""The GPU benchmark suite (issue 7): one command, a table at the end, JSON under --out.
+
+Llama-3-8B shape (benchmarks/configs/llama-3-8b, dummy bf16 weights, no download), on one GPU:
+  1. device bandwidth (a large device-to-device copy, bytes read + written) and the batch-1 decode roofline it
+     implies: bytes each decode step must read (every weight except the embedding table, of which one row is
+     gathered, plus the KV cache) / bandwidth;
+  2. batch-1 decode tokens/s, 128-token prompt, 256 new tokens: Serval vs transformers `generate` with a static
+     cache, on the same weights (transformers' model shares Serval's tensors) in the same run;
+  3. offline throughput: 1000 requests, input lengths uniform in [128, 1024], outputs uniform in [128, 512]; and
+     512 x (512 in, 256 out), Serval vs transformers `generate_batch` (continuous batching, paged sdpa).
+Every request ignores EOS, so each produces exactly its output length.
+
+    python benchmarks/gpu_suite.py --out results/gpu [--model benchmarks/configs/llama-3-8b] [--skip-hf]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+import traceback
+
+import torch
+
+from serval import LLM, SamplingParams
+
+logger = logging.getLogger("gpu_suite")
+
+
+def measure_bandwidth(device: torch.device) -> dict:
+    import triton.testing
+    num_bytes = 4 * 1024**3
+    src = torch.randn(num_bytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=100, rep=500, return_mode="median")
+    del src, dst
+    torch.cuda.empty_cache()
+    return {"copy_bytes": num_bytes, "copy_ms": ms, "bandwidth_gb_s": 2 * num_bytes / ms / 1e6}
+
+
+def decode_bytes_per_token(model: torch.nn.Module, context_len: int) -> dict:
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    embedding = model.model.embed_tokens.weight
+    gathered_table = embedding.numel() * embedding.element_size() if not model.tie_word_embeddings else 0
+    kv = 2 * model.num_layers * model.num_kv_heads * model.head_dim * 2 * context_len
+    return {"weight_bytes": weights, "weight_bytes_read": weights - gathered_table, "kv_bytes_read": kv,
+            "bytes_per_token": weights - gathered_table + kv}
+
+
+def random_prompts(rng: random.Random, count: int, low: int, high: int, vocab: int) -> list[list[int]]:
+    return [[rng.randrange(1000, vocab - 1000) for _ in range(rng.randint(low, high))] for _ in range(count)]
+
+
+def serval_decode_batch1(llm: LLM, prompt: list[int], new_tokens: int) -> dict:
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    llm.generate({"prompt_token_ids": prompt}, params.clone(max_tokens=16), use_tqdm=False)  # warm-up
+    runs = []
+    for _ in range(3):
+        llm.engine.kv_cache.reset_prefix_cache()
+        started = time.perf_counter()
+        out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
+        elapsed = time.perf_counter() - started
+        metrics = out.metrics
+        decode_s = metrics.last_token_time - metrics.first_token_time
+        runs.append({"elapsed_s": elapsed, "ttft_s": metrics.first_token_time - metrics.arrival_time,
+                     "decode_tokens_per_s": (new_tokens - 1) / decode_s})
+    best = max(runs, key=lambda r: r["decode_tokens_per_s"])
+    return {**best, "runs": runs}
+
+
+def serval_throughput(llm: LLM, prompts: list[list[int]], output_lens: list[int]) -> dict:
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in output_lens]
+    llm.generate([{"prompt_token_ids": p} for p in prompts[:8]], params[:8], use_tqdm=False)  # warm-up
+    llm.engine.kv_cache.reset_prefix_cache()
+    started = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    elapsed = time.perf_counter() - started
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    in_tokens = sum(len(p) for p in prompts)
+    return {"num_requests": len(prompts), "elapsed_s": elapsed, "input_tokens": in_tokens, "output_tokens": out_tokens,
+            "output_tokens_per_s": out_tokens / elapsed, "total_tokens_per_s": (in_tokens + out_tokens) / elapsed,
+            "num_preemptions": llm.engine.get_stats().num_preemptions}
+
+
+def hf_model_sharing_weights(model: torch.nn.Module, hf_config) -> torch.nn.Module:
+    """transformers' model for the same config whose parameters are views of Serval's: same weights, no copy."""
+    import transformers
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=next(model.parameters()).dtype)
+    device = next(model.parameters()).device
+    state = {}
+    for name, param in model.named_parameters():
+        for shard in model._shards_of(name):
+            tensor = param.data if shard is None else model._module_of(name).shard(param.data, shard)
+            state[model._hf_name(name, shard)] = tensor
+    if model.tie_word_embeddings:
+        state["lm_head.weight"] = model.model.embed_tokens.weight.data
+    missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
+    assert not unexpected and not [m for m in missing if "rotary" not in m], (missing, unexpected)
+    # Non-persistent buffers (rotary inverse frequencies) are still on the meta device: rebuild them.
+    for module_name, module in hf.named_modules():
+        if module_name.endswith("rotary_emb"):
+            parent = hf.get_submodule(module_name.rsplit(".", 1)[0])
+            setattr(parent, "rotary_emb", type(module)(hf.config).to(device))
+    return hf.eval()
+
+
+def hf_decode_batch1(hf, prompt: list[int], new_tokens: int) -> dict:
+    ids = torch.tensor([prompt], device="cuda")
+
+    def generate(n: int) -> float:
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache_implementation="static",
+                    pad_token_id=0)
+        torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    generate(16)  # warm-up
+    first = min(generate(1) for _ in range(2))
+    whole = min(generate(new_tokens) for _ in range(2))
+    return {"elapsed_s": whole, "ttft_s": first, "decode_tokens_per_s": (new_tokens - 1) / (whole - first)}
+
+
+def hf_generate_batch(hf, prompts: list[list[int]], new_tokens: int) -> dict:
+    from transformers import GenerationConfig
+    for name in ("paged|sdpa", "sdpa_paged"):
+        try:
+            hf.set_attn_implementation(name)
+            break
+        except Exception:  # noqa: BLE001 - the name changed across transformers 5.x releases
+            continue
+    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+    hf.generate_batch(inputs=prompts[:8], generation_config=config)  # warm-up
+    started = time.perf_counter()
+    outputs = hf.generate_batch(inputs=prompts, generation_config=config)
+    elapsed = time.perf_counter() - started
+    out_tokens = sum(len(o.generated_tokens) for o in outputs.values())
+    in_tokens = sum(len(p) for p in prompts)
+    return {"num_requests": len(prompts), "elapsed_s": elapsed, "input_tokens": in_tokens, "output_tokens": out_tokens,
+            "output_tokens_per_s": out_tokens / elapsed, "total_tokens_per_s": (in_tokens + out_tokens) / elapsed,
+            "attn_implementation": hf.config._attn_implementation}
+
+
+def hf_generate_batch_in_child(args, prompts: list[list[int]]) -> dict:
+    """transformers' generate_batch in a child process, so that a run slower than --hf-timeout can be stopped and
+    reported as a bound. The child loads the same dummy weights (same seed) through Serval's loader."""
+    prompts_file = os.path.join(args.out, "prompts_512.json")
+    with open(prompts_file, "w") as f:
+        json.dump(prompts, f)
+    command = [sys.executable, __file__, "--child-hf-generate-batch", prompts_file, "--model", args.model]
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.hf_timeout)
+    except subprocess.TimeoutExpired:
+        elapsed = time.perf_counter() - started
+        output_tokens = 256 * len(prompts)
+        return {"error": f"did not finish in {args.hf_timeout} s", "elapsed_s_at_least": elapsed,
+                "output_tokens_per_s_at_most": output_tokens / elapsed}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return {"error": f"child exited {done.returncode}", "stderr_tail": done.stderr[-2000:]}
+    return json.loads(lines[-1])
+
+
+def child_hf_generate_batch(prompts_file: str, model_path: str) -> None:
+    from serval.model.loader import load_model
+    with open(prompts_file) as f:
+        prompts = json.load(f)
+    model, hf_config = load_model(model_path, load_format="dummy", dtype=torch.bfloat16, device="cuda", seed=0)
+    hf = hf_model_sharing_weights(model, hf_config)
+    print(json.dumps(hf_generate_batch(hf, prompts, 256)), flush=True)
+
+
+def profile_serval(llm: LLM, prompts: list[list[int]], out_dir: str) -> dict:
+    """PyTorch profiler over a batch-1 decode and a batch-256 decode: where a step's time goes (tables to files)."""
+    from torch.profiler import ProfilerActivity, profile
+    result = {}
+    for name, batch in (("batch1", prompts[:1]), ("batch256", prompts[:256])):
+        params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+        llm.generate([{"prompt_token_ids": p[:128]} for p in batch], params, use_tqdm=False)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            started = time.perf_counter()
+            llm.generate([{"prompt_token_ids": p[:128]} for p in batch], params, use_tqdm=False)
+            result[f"{name}_elapsed_s"] = time.perf_counter() - started
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+        with open(os.path.join(out_dir, f"profile_{name}.txt"), "w") as f:
+            f.write(table)
+        events = prof.key_averages()
+        result[f"{name}_cuda_time_s"] = sum(e.self_device_time_total for e in events) / 1e6
+    return result
+
+
+def run_section(results: dict, name: str, fn, *args) -> None:
+    started = time.perf_counter()
+    try:
+        results[name] = fn(*args)
+    except Exception as error:  # noqa: BLE001 - one failed section must not lose the others' numbers
+        results[name] = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+    results[name]["section_s"] = time.perf_counter() - started
+    print(f"[{name}] {json.dumps({k: v for k, v in results[name].items() if k != 'traceback'})[:400]}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="benchmarks/configs/llama-3-8b")
+    parser.add_argument("--out", default="results/gpu")
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--num-requests", type=int, default=1000)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--profile", action="store_true", help="also write PyTorch profiler tables under --out")
+    parser.add_argument("--hf-timeout", type=float, default=200.0, help="seconds for transformers' generate_batch")
+    parser.add_argument("--child-hf-generate-batch", metavar="PROMPTS_JSON", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_hf_generate_batch:
+        child_hf_generate_batch(args.child_hf_generate_batch, args.model)
+        return
+    logging.basicConfig(level=logging.WARNING)
+    os.makedirs(args.out, exist_ok=True)
+    device = torch.device("cuda")
+    results: dict = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+                     "python": platform.python_version(), "model": args.model, "dtype": "bfloat16"}
+    run_section(results, "bandwidth", measure_bandwidth, device)
+
+    started = time.perf_counter()
+    llm = LLM(model=args.model, load_format="dummy", dtype="bfloat16", max_model_len=2048,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              gpu_memory_utilization=0.9)
+    results["serval_startup_s"] = time.perf_counter() - started
+    results["kv_cache_blocks"] = llm.engine.kv_cache.num_blocks
+    model = llm.engine.model
+    vocab = model.vocab_size
+    rng = random.Random(0)
+    roofline = decode_bytes_per_token(model, context_len=128 + 128)
+    bandwidth = results["bandwidth"].get("bandwidth_gb_s")
+    if bandwidth:
+        roofline["roofline_tokens_per_s"] = bandwidth * 1e9 / roofline["bytes_per_token"]
+        roofline["roofline_all_weights_tokens_per_s"] = bandwidth * 1e9 / roofline["weight_bytes"]
+    results["roofline"] = roofline
+
+    prompt_128 = random_prompts(rng, 1, 128, 128, vocab)[0]
+    run_section(results, "serval_batch1", serval_decode_batch1, llm, prompt_128, 256)
+    prompts_1000 = random_prompts(rng, args.num_requests, 128, 1024, vocab)
+    outputs_1000 = [rng.randint(128, 512) for _ in prompts_1000]
+    run_section(results, "serval_1000", serval_throughput, llm, prompts_1000, outputs_1000)
+    prompts_512 = random_prompts(rng, 512, 512, 512, vocab)
+    run_section(results, "serval_512x512x256", serval_throughput, llm, prompts_512, [256] * 512)
+    if args.profile:
+        run_section(results, "serval_profile", profile_serval, llm, prompts_1000, args.out)
+
+    if not args.skip_hf:
+        hf_config = llm.engine.hf_config
+        # transformers gets the card: Serval's KV cache and graphs go, its weights stay (transformers shares them).
+        llm.engine.runner.kv_caches.clear()
+        llm.engine.runner.graphs = None
+        gc.collect()
+        torch.cuda.empty_cache()
+        hf = hf_model_sharing_weights(model, hf_config)
+        run_section(results, "hf_batch1_static", hf_decode_batch1, hf, prompt_128, 256)
+        del hf
+        gc.collect()
+        torch.cuda.empty_cache()
+        run_section(results, "hf_generate_batch_512x512x256", hf_generate_batch_in_child, args, prompts_512)
+
+    with open(os.path.join(args.out, "gpu_suite.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print_table(results)
+
+
+def print_table(results: dict) -> None:
+    def get(section: str, key: str) -> float | None:
+        return results.get(section, {}).get(key)
+
+    print(f"\nGPU suite: {results['device']}, torch {results['torch']}, {results['model']} (dummy bf16 weights)")
+    bandwidth = get("bandwidth", "bandwidth_gb_s")
+    roof = results.get("roofline", {}).get("roofline_tokens_per_s")
+    print(f"  device-to-device copy: {bandwidth or float('nan'):.0f} GB/s; batch-1 decode roofline "
+          f"{roof or float('nan'):.1f} tok/s ({results['roofline']['bytes_per_token'] / 1e9:.2f} GB read per token)")
+    rows = [("batch-1 decode tok/s", "serval_batch1", "hf_batch1_static", "decode_tokens_per_s"),
+            ("1000 req output tok/s", "serval_1000", None, "output_tokens_per_s"),
+            ("1000 req total tok/s", "serval_1000", None, "total_tokens_per_s"),
+            ("512x(512,256) output tok/s", "serval_512x512x256", "hf_generate_batch_512x512x256",
+             "output_tokens_per_s")]
+    print(f"  {'measure':<30}{'serval':>12}{'transformers':>14}{'ratio':>9}")
+    for label, ours, theirs, key in rows:
+        a, b = get(ours, key), get(theirs, key) if theirs else None
+        ratio = f"{a / b:.2f}x" if a and b else "-"
+        print(f"  {label:<30}{a or float('nan'):>12.1f}{b or float('nan'):>14.1f}{ratio:>9}")
+    if roof and get("serval_batch1", "decode_tokens_per_s"):
+        print(f"  serval batch-1 decode = {100 * get('serval_batch1', 'decode_tokens_per_s') / roof:.1f}% of roofline")
+    for name, section in results.items():
+        if isinstance(section, dict) and "error" in section:
+            print(f"  {name} FAILED: {section['error']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""CUDA graphs of the decode step: the model's forward and logits, captured once per batch size of a ladder.
+
+A decode step launches a few hundred small kernels (eight or so per layer); replaying them as one graph removes
+the host's launch cost, which at batch 1 is larger than the GPU's work. A step with n requests replays the graph
+of the smallest captured size >= n; the rows past n are padding: slot -1 (the KV write skips them) and sequence
+length 0 (attention reads nothing and returns zeros), so they cost a little compute and change nothing.
+
+The graphs read fixed input buffers, filled before each replay with one host-to-device copy of a pinned staging
+buffer. The attention kernels take every length from these buffers, never from the host, which is what makes the
+captured graph valid for any sequence lengths (see serval.kernels.triton_attention).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from serval.layers.attention import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """vLLM's ladder: 1, 2, 4, then every multiple of 8, up to max_num_seqs (itself included)."""
+    sizes = [s for s in (1, 2, 4) if s < max_num_seqs] + list(range(8, max_num_seqs, 8))
+    return sizes + [max_num_seqs]
+
+
+class DecodeGraphs:
+    def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], block_size: int, max_num_seqs: int,
+                 max_model_len: int, device: torch.device) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.sizes = capture_sizes(max_num_seqs)
+        self.max_batch = self.sizes[-1]
+        self.max_blocks = -(-max_model_len // block_size)
+        # One int32 buffer holds every input, so a replay needs one copy: input ids, positions, slots, seq_lens,
+        # then the block table rows. (Token ids and positions fit int32; embedding and rotary index with them.)
+        batch = self.max_batch
+        self._layout = {"input_ids": 0, "positions": batch, "slot_mapping": 2 * batch, "seq_lens": 3 * batch,
+                        "block_tables": 4 * batch}
+        size = 4 * batch + batch * self.max_blocks
+        self.staging = torch.zeros(size, dtype=torch.int32, pin_memory=True)
+        self.inputs = torch.zeros(size, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(batch + 1, dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+
+    def _view(self, name: str, batch: int) -> torch.Tensor:
+        start = self._layout[name]
+        if name == "block_tables":
+            return self.inputs[start:start + batch * self.max_blocks].view(batch, self.max_blocks)
+        return self.inputs[start:start + batch]
+
+    def _forward(self, batch: int) -> torch.Tensor:
+        metadata = AttentionMetadata(
+            slot_mapping=self._view("slot_mapping", batch), query_start_loc=list(range(batch + 1)),
+            seq_lens=[1] * batch, block_tables=self._view("block_tables", batch), block_size=self.block_size,
+            max_query_len=1, max_seq_len=1, seq_lens_tensor=self._view("seq_lens", batch),
+            query_start_loc_tensor=self.query_start_loc[:batch + 1])
+        hidden = self.model(self._view("input_ids", batch), self._view("positions", batch), self.kv_caches, metadata)
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        started = time.monotonic()
+        self._fill([], [], [], [], [], self.max_batch)
+        torch.cuda.synchronize()
+        pool = None
+        for batch in reversed(self.sizes):  # largest first: the later, smaller graphs reuse its memory pool
+            for _ in range(2):  # warm-up: Triton compiles and cuBLAS picks its kernels outside the capture
+                self._forward(batch)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.logits[batch] = self._forward(batch)
+            pool = graph.pool()
+            self.graphs[batch] = graph
+        torch.cuda.synchronize()
+        logger.info("cuda graphs captured", extra={"batch_sizes": len(self.sizes), "max_batch": self.max_batch,
+                                                   "seconds": round(time.monotonic() - started, 2)})
+
+    def can_run(self, num_requests: int) -> bool:
+        return 0 < num_requests <= self.max_batch
+
+    def run(self, input_ids: list[int], positions: list[int], slot_mapping: list[int], seq_lens: list[int],
+            block_tables: list[list[int]]) -> torch.Tensor:
+        """Logits [n, vocab] of a decode step of n requests (one new token each), by graph replay."""
+        num_requests = len(input_ids)
+        batch = next(size for size in self.sizes if size >= num_requests)
+        self._fill(input_ids, positions, slot_mapping, seq_lens, block_tables, batch)
+        self.graphs[batch].replay()
+        return self.logits[batch][:num_requests]
+
+    def _fill(self, input_ids, positions, slot_mapping, seq_lens, block_tables, batch: int) -> None:
+        n = len(input_ids)
+        staging = self.staging
+        for name, values in (("input_ids", input_ids), ("positions", positions), ("slot_mapping", slot_mapping),
+                             ("seq_lens", seq_lens)):
+            start = self._layout[name]
+            staging[start:start + n] = torch.tensor(values, dtype=torch.int32) if n else staging[start:start]
+            staging[start + n:start + batch] = -1 if name == "slot_mapping" else 0
+        table_start = self._layout["block_tables"]
+        width = max((len(row) for row in block_tables), default=0)
+        if n and width:
+            rows = torch.tensor([row + [0] * (width - len(row)) for row in block_tables], dtype=torch.int32)
+            staging[table_start:table_start + n * self.max_blocks].view(n, self.max_blocks)[:, :width] = rows
+        # Only what this batch reads goes over: the four per-request vectors and its block-table rows.
+        end = table_start + batch * self.max_blocks
+        self.inputs[:end].copy_(staging[:end], non_blocking=True)
