@@ -12,6 +12,7 @@ from serval.guard.classifier import MAX_VERDICT_TOKENS, VERDICT_REGEX, build_pro
 from serval.guard.decisions import GuardRejection
 from serval.guard.guard import Guard, RequestContext
 from serval.guard.policy import parse_policy
+from test_tracing import OTLPReceiver
 
 # A 2-layer random model's verdict hardly depends on a short question, but long repetitive ones move it.
 PROMPTS = ["hi", "word " * 150, "1 2 3 4 5 6 7 8 9 " * 30, "!!!!!!" * 100, "The cat sat on the mat. " * 20,
@@ -26,12 +27,21 @@ def guard_model():
 
 
 @pytest.fixture(scope="module")
-def server(guard_model, tmp_path_factory):
+def receiver():
+    otlp = OTLPReceiver()
+    yield otlp
+    otlp.close()
+
+
+@pytest.fixture(scope="module")
+def server(guard_model, receiver, tmp_path_factory):
     path = tmp_path_factory.mktemp("classifier") / "policy.yaml"
     path.write_text(f"input:\n  classifier: {{url: '{guard_model.url}/v1', model: guard, action: block}}\n"
+                    "  injection: {action: log}\n"
                     "audit: {path: audit.jsonl}\n")
     remote = RemoteServer(["--model", tiny_model_dir(), "--max-model-len", "1024", "--served-model-name", "tiny",
-                           "--policy", str(path)])
+                           "--policy", str(path), "--otlp-traces-endpoint", receiver.url],
+                          env={"OTEL_BSP_SCHEDULE_DELAY": "100"})
     yield remote
     remote.close()
 
@@ -69,6 +79,17 @@ def test_completions_are_classified_too(server, guard_model):
     response = httpx.post(server.url + "/v1/completions", timeout=60,
                           json={"model": "tiny", "prompt": unsafe, "max_tokens": 2})
     assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+
+
+def test_each_rail_is_a_child_span_of_the_request(server, receiver, guard_model):
+    safe = next(text for text in PROMPTS if verdict_of(guard_model, text).safe)
+    response = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "model": "tiny", "messages": [{"role": "user", "content": safe}], "max_tokens": 2})
+    request_span = receiver.wait_for(lambda s: s["attributes"].get("gen_ai.response.id") == response.json()["id"])
+    for rail in ("classifier", "injection"):
+        span = receiver.wait_for(lambda s: s["name"] == f"guard {rail}"
+                                 and s["parent_span_id"] == request_span["span_id"])
+        assert span["trace_id"] == request_span["trace_id"] and span["attributes"]["serval.guard.rail"] == rail
 
 
 def test_no_verdict_blocks_or_allows_as_the_policy_says():
