@@ -34,7 +34,8 @@ class LLM:
         try:
             for prompt, prompt_params, prompt_priority in zip(prompts, params, priorities):
                 request_id = str(next(self._request_counter))
-                self.engine.add_request(request_id, prompt, prompt_params or SamplingParams(), prompt_priority)
+                self.engine.add_request(request_id, prompt, prompt_params or SamplingParams(), prompt_priority,
+                                        stream=False)
                 request_ids.append(request_id)
         except Exception:
             self.engine.abort_request(request_ids)  # one bad prompt: none of the batch runs

@@ -51,6 +51,10 @@ class ProcessedRequest:
     prompt: str | None
     prompt_token_ids: list[int]
     children: list[Request]
+    # False: step() reports this request only once it has finished (vLLM's FINAL_ONLY output kind). Offline
+    # generation needs nothing else, and building a RequestOutput for every running request every step is host
+    # time the GPU waits for.
+    stream: bool = True
 
 
 class LLMEngine:
@@ -100,9 +104,12 @@ class LLMEngine:
                          "{'prompt': str} or {'prompt_token_ids': [...]}")
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
-                    priority: int = 0, arrival_time: float | None = None) -> None:
-        """Validate and queue a request; raises ValueError (and changes nothing) if it is invalid."""
-        self.add_processed(self.process_inputs(request_id, prompt, params, priority, arrival_time))
+                    priority: int = 0, arrival_time: float | None = None, stream: bool = True) -> None:
+        """Validate and queue a request; raises ValueError (and changes nothing) if it is invalid.
+        stream=False: step() returns its output only when it has finished."""
+        processed = self.process_inputs(request_id, prompt, params, priority, arrival_time)
+        processed.stream = stream
+        self.add_processed(processed)
 
     def process_inputs(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
                        priority: int = 0, arrival_time: float | None = None) -> ProcessedRequest:
@@ -192,9 +199,13 @@ class LLMEngine:
             if token_id is None:
                 continue
             self._append_token(request, token_id, logprobs, now)
-            touched[request.parent_request_id] = self.parents[request.parent_request_id]
+            parent = self.parents[request.parent_request_id]
+            if parent.stream or request.is_finished:
+                touched[request.parent_request_id] = parent
         outputs = []
         for parent in touched.values():
+            if not parent.stream and not all(child.is_finished for child in parent.children):
+                continue
             output = self._request_output(parent)
             if output.finished:
                 del self.parents[parent.request_id]
