@@ -69,6 +69,9 @@ def _base_type(hint) -> type:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="serval", description="Serval: LLM inference serving.")
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("bench", help="benchmark: `serval bench serve|throughput --help`", add_help=False)
+    commands.add_parser("advise", help="recommend an engine and hardware from bench results: `serval advise --help`",
+                        add_help=False)
 
     serve = commands.add_parser("serve", help="run the OpenAI-compatible server",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -111,6 +114,8 @@ def _add_route_parser(commands) -> None:
     route.add_argument("--host", default="0.0.0.0", help="address to bind")
     route.add_argument("--port", type=int, default=8080)
     route.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    route.add_argument("--policy", default=None,
+                       help="guard policy YAML, as for `serval serve --policy`, applied before routing; SIGHUP reloads it")
 
 
 def _route(args: argparse.Namespace) -> int:
@@ -122,11 +127,28 @@ def _route(args: argparse.Namespace) -> int:
     except ConfigError as error:
         logger.error("invalid router config", extra={"error": str(error)})
         return 2
-    serve(config, args.host, args.port, log_level=args.log_level)
+    guard = None
+    if args.policy is not None:
+        from serval.guard.guard import Guard
+        from serval.guard.policy import PolicyError
+        try:
+            guard = Guard.from_file(args.policy)
+        except PolicyError as error:
+            logger.error("invalid policy", extra={"error": str(error)})
+            return 2
+    serve(config, args.host, args.port, guard=guard, log_level=args.log_level)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # bench and advise own their (long) argument lists; they are listed in --help but parsed by their own modules.
+    if argv and argv[0] == "bench":
+        from serval.bench.cli import main as bench_main
+        return bench_main(argv[1:])
+    if argv and argv[0] == "advise":
+        from serval.advise.cli import main as advise_main
+        return advise_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     from serval.server.request_log import configure_logging

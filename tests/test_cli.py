@@ -2,8 +2,10 @@
 import subprocess
 import sys
 
+import pytest
+
 from e2e.server import REPO_ROOT, tiny_model_dir
-from serval.cli import build_parser, engine_config_from_args
+from serval.cli import build_parser, engine_config_from_args, main
 from serval.config import EngineConfig
 
 
@@ -64,3 +66,11 @@ def test_generate_chat():
                      "--max-tokens", "3")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
+
+
+@pytest.mark.parametrize("command", ["bench", "advise"])
+def test_bench_and_advise_are_serval_subcommands(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"serval {command}" in capsys.readouterr().out
