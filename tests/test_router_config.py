@@ -87,3 +87,16 @@ def test_unreadable_and_invalid_yaml(tmp_path):
     bad.write_text("- just a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(str(bad))
+
+
+def test_serval_route_exits_2_naming_the_field(tmp_path):
+    import subprocess
+    import sys
+
+    from e2e.server import REPO_ROOT
+    path = tmp_path / "router.yaml"
+    path.write_text("backends:\n  - {name: a, url: http://127.0.0.1:1, models: [m], engine: tgi}\n")
+    done = subprocess.run([sys.executable, "-m", "serval.cli", "route", "--config", str(path)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "backend 'a': engine: 'tgi'; allowed: serval, vllm" in done.stderr

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
 import time
 import uuid
 from contextlib import aclosing
@@ -27,6 +28,7 @@ from serval.router import metrics as m
 from serval.router.backends import Backend, build_backends
 from serval.router.config import GroupConfig, RouterConfig
 from serval.router.errors import RouterError
+from serval.router.guarding import GuardObserver, GuardSession, StreamRewriter
 from serval.router.health import check_all, health_loop
 from serval.router.policies import make_policy
 from serval.router.request_info import RouteRequest, route_request
@@ -50,10 +52,12 @@ class Router:
     def __init__(self, config: RouterConfig, clock=time.monotonic, guard=None) -> None:
         self.config = config
         self.clock = clock
-        self.guard = guard  # an object with check(body, headers) -> RouterError | None, or None
+        self.guard = guard  # serval.guard.guard.Guard from `--policy`, or None
         self.backends = build_backends(config)
         self.policies = {name: make_policy(group) for name, group in config.groups.items()}
         self.metrics = m.RouterMetrics(self.backends, clock)
+        if guard is not None:
+            guard.observers.append(GuardObserver(self.metrics))
         self.session: aiohttp.ClientSession | None = None
         self._health_task: asyncio.Task | None = None
 
@@ -72,6 +76,14 @@ class Router:
             self._health_task = asyncio.create_task(health_loop(
                 self.session, self.backends, self.config.health_check_interval, self.config.health_check_timeout))
 
+    def reload_policy(self) -> None:
+        """SIGHUP: re-read the guard policy; a bad file is logged and the running policy stays."""
+        from serval.guard.policy import PolicyError
+        try:
+            self.guard.reload()
+        except PolicyError as error:
+            logger.error("policy reload failed; keeping the running policy", extra={"error": str(error)})
+
     async def stop(self) -> None:
         if self._health_task is not None:
             self._health_task.cancel()
@@ -79,6 +91,8 @@ class Router:
                 await self._health_task
         if self.session is not None:
             await self.session.close()
+        if self.guard is not None:
+            await self.guard.classifier_client.close()
 
     # ------------------------------------------------------------------ routing
     def candidates(self, group: GroupConfig, request: RouteRequest, tried: set[str]) -> tuple[list[Backend], dict]:
@@ -111,7 +125,8 @@ class Router:
         limit = backend.max_context
         return limit is None or request.estimated_total_tokens <= limit
 
-    async def route(self, raw: Request, path: str, body: dict, body_bytes: bytes, request_id: str) -> Response:
+    async def route(self, raw: Request, path: str, body: dict, body_bytes: bytes, request_id: str,
+                    session: GuardSession | None = None) -> Response:
         started = self.clock()
         group = self.resolve_group(body)
         request = route_request(body, raw.headers, group.session_header)
@@ -144,7 +159,7 @@ class Router:
             attempts += 1
             try:
                 return await self.attempt(backend, group, path, body, body_bytes, raw, request_id, started,
-                                          decision.reason, attempts)
+                                          decision.reason, attempts, session)
             except _Failed as failure:
                 self.metrics.requests.labels(backend.name, group.name, failure.outcome).inc()
                 failures.append(f"{backend.name}: {failure.detail}")
@@ -163,7 +178,7 @@ class Router:
     def resolve_group(self, body: dict) -> GroupConfig:
         model = body.get("model")
         if model is None and len(self.config.groups) == 1:
-            model = body["model"] = next(iter(self.config.groups))
+            model = next(iter(self.config.groups))  # attempt() then writes it into the body it sends
         if not isinstance(model, str):
             raise RouterError(400, f"`model` must be a string naming one of {self.config.public_names()}; "
                                    f"got {model!r}.", param="model")
@@ -189,7 +204,8 @@ class Router:
 
     # ------------------------------------------------------------------ one attempt
     async def attempt(self, backend: Backend, group: GroupConfig, path: str, body: dict, body_bytes: bytes,
-                      raw: Request, request_id: str, started: float, reason: str, attempts: int) -> Response:
+                      raw: Request, request_id: str, started: float, reason: str, attempts: int,
+                      session: GuardSession | None = None) -> Response:
         model = backend.model_for(group.name)
         payload = body_bytes if body.get("model") == model else json.dumps({**body, "model": model}).encode()
         # identity: relay the backend's bytes as they are, never a compressed stream to re-chunk
@@ -213,7 +229,7 @@ class Router:
                 raise self._failure(backend, m.BACKEND_ERROR, f"{type(error).__name__}: {error}")
             if response.status != 200 or "text/event-stream" not in response.headers.get("content-type", ""):
                 return await self._whole_response(backend, group, response, started, sent, request_id, reason,
-                                                  attempts)
+                                                  attempts, session, path.endswith("chat/completions"))
             try:
                 chunks = response.content.iter_any()  # whatever has arrived, as soon as it has: no re-buffering
                 first = await anext(chunks)
@@ -225,7 +241,9 @@ class Router:
             self.metrics.first_byte_latency.labels(backend.name).observe(first_byte)
             backend.observe_ttft(first_byte)
             handed_over = True
-            relay = _Relay(self, backend, group, response, first, chunks, (started, request_id, reason, attempts))
+            rewriter = session.stream_rewriter(path.endswith("chat/completions")) if session is not None else None
+            relay = _Relay(self, backend, group, response, first, chunks, (started, request_id, reason, attempts),
+                           session, rewriter)
             return _ClosingStreamingResponse(relay.events(), relay.close, status_code=200,
                                              media_type="text/event-stream",
                                              headers={BACKEND_HEADER: backend.name, "cache-control": "no-cache",
@@ -247,7 +265,8 @@ class Router:
         return _Failed(outcome, detail)
 
     async def _whole_response(self, backend: Backend, group: GroupConfig, response: aiohttp.ClientResponse,
-                              started: float, sent: float, request_id: str, reason: str, attempts: int) -> Response:
+                              started: float, sent: float, request_id: str, reason: str, attempts: int,
+                              session: GuardSession | None, chat: bool) -> Response:
         try:
             content = await response.read()
         except (aiohttp.ClientError, asyncio.TimeoutError) as error:
@@ -261,6 +280,8 @@ class Router:
         if status == 429:
             raise self._failure(backend, m.OVERLOADED, "HTTP 429 (overloaded)")
         self.metrics.first_byte_latency.labels(backend.name).observe(self.clock() - sent)
+        if session is not None and status == 200:
+            content = session.filter_whole(content, chat)  # output rails, and the usage to charge
         relayed = Response(content, status_code=status, media_type=response.headers.get("content-type"),
                            headers={BACKEND_HEADER: backend.name})
         backend.breaker.record_success()  # it answered: alive, whatever the answer says of the request
@@ -330,8 +351,10 @@ def build_app(router: Router) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         await router.start()
-        logger.info("routing", extra={"models": router.config.public_names(),
-                                      "backends": list(router.backends)})
+        if router.guard is not None:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, router.reload_policy)
+        logger.info("routing", extra={"models": router.config.public_names(), "backends": list(router.backends),
+                                      "policy": router.guard.policy.source if router.guard is not None else None})
         yield
         await router.stop()
 
@@ -347,21 +370,26 @@ def build_app(router: Router) -> Starlette:
 
 async def _handle(router: Router, raw: Request, path: str) -> Response:
     request_id = raw.headers.get("x-request-id") or f"route-{uuid.uuid4().hex}"
+    session, response = None, None
     try:
-        if router.config.api_keys and not _authorized(raw, router.config.api_keys):
+        guard_keys = router.guard is not None and router.guard.requires_keys  # then the policy's keys decide
+        if router.config.api_keys and not guard_keys and not _authorized(raw, router.config.api_keys):
             raise RouterError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
                               code="invalid_api_key")
         body_bytes = await raw.body()
         body = _parse_body(body_bytes)
         if router.guard is not None:
-            rejection = router.guard.check(body, raw.headers)
-            if rejection is not None:
-                raise rejection
-        work = router.route(raw, path, body, body_bytes, request_id)
-        response = await _until_disconnect(raw, work)
+            session = GuardSession(router.guard, request_id)
+            if await session.admit(body, raw.headers):
+                body_bytes = json.dumps(body).encode()
+        try:
+            response = await _until_disconnect(raw, router.route(raw, path, body, body_bytes, request_id, session))
+        finally:
+            if session is not None and not isinstance(response, _ClosingStreamingResponse):
+                session.release()  # a stream's relay releases when it ends
         return response if response is not None else Response(status_code=499)
     except RouterError as error:
-        return error.response()
+        return error.response(headers=error.headers)
     except Exception as error:  # noqa: BLE001 - the gateway stays up; say what broke
         logger.exception("unexpected error while routing", extra={"request_id": request_id})
         return RouterError(500, f"internal router error: {error!r}", type="server_error").response()
@@ -421,17 +449,23 @@ class _Relay:
     """
 
     def __init__(self, router: Router, backend: Backend, group: GroupConfig, response: aiohttp.ClientResponse,
-                 first: bytes, chunks, context: tuple) -> None:
+                 first: bytes, chunks, context: tuple, session: GuardSession | None = None,
+                 rewriter: StreamRewriter | None = None) -> None:
         self.router, self.backend, self.group, self.response = router, backend, group, response
         self.first, self.chunks, self.context = first, chunks, context
+        self.session, self.rewriter = session, rewriter
         self.outcome = m.CLIENT_DISCONNECT  # until the stream ends one way or the other
         self.closed = False
 
     async def events(self):
         try:
-            yield self.first
-            async for chunk in self.chunks:
-                yield chunk
+            if self.rewriter is None:
+                yield self.first
+                async for chunk in self.chunks:
+                    yield chunk
+            else:
+                async for out in self._rewritten():
+                    yield out
             self.outcome = m.SUCCESS
         except (aiohttp.ClientError, asyncio.TimeoutError) as error:
             # Too late to retry: the client has bytes. Say so inside the stream, as `serval serve` does.
@@ -443,10 +477,33 @@ class _Relay:
         finally:
             await self.close()
 
+    async def _rewritten(self):
+        """The stream through the guard's output rails, event by event."""
+        rewriter = self.rewriter
+        for chunk in (self.first,):
+            out = rewriter.feed(chunk)
+            if out:
+                yield out
+        if rewriter.all_stopped:
+            yield b"data: [DONE]\n\n"
+            return
+        async for chunk in self.chunks:
+            out = rewriter.feed(chunk)
+            if out:
+                yield out
+            if rewriter.all_stopped:  # every choice ended by a stop rail: end here, the backend is dropped
+                yield b"data: [DONE]\n\n"
+                return
+        tail = rewriter.end()
+        if tail:
+            yield tail
+
     async def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        if self.session is not None:
+            self.session.release()
         backend, router = self.backend, self.router
         backend.in_flight -= 1
         if self.outcome == m.SUCCESS:
@@ -457,7 +514,7 @@ class _Relay:
             backend.breaker.release()
         started, request_id, reason, attempts = self.context
         router._finished(backend, self.group, self.outcome, 200, started, request_id, reason, attempts, stream=True)
-        if self.outcome == m.SUCCESS:
+        if self.outcome == m.SUCCESS and self.response.content.at_eof():
             self.response.release()  # the connection goes back to the pool
         else:
             self.response.close()  # dropping the connection is what tells the backend to abort the request

@@ -80,5 +80,11 @@ class RouterMetrics:
                                             "roughly the time to first token).", ["backend"],
                                             buckets=LATENCY_BUCKETS, registry=self.registry)
 
+        # The guard's names, as `serval serve --policy` exports them (fed by guarding.GuardObserver).
+        self.guard_decisions = Counter("serval:guard_decisions", "Guard decisions by rail and action.",
+                                       ["rail", "action"], registry=self.registry)
+        self.guard_latency = Histogram("serval:guard_latency_seconds", "Time per guard rail run.", ["rail"],
+                                       buckets=LATENCY_BUCKETS, registry=self.registry)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -32,7 +32,7 @@ class RouteRequest:
 
 
 def route_request(body: dict, headers, session_header: str = "x-session-id") -> RouteRequest:
-    """Build from a validated-enough body: a dict whose 'model' is a string."""
+    """Build from a request body (a JSON object); fields of the wrong type are treated as absent."""
     modalities = {"text"}
     if "messages" in body:
         text = _messages_text(body.get("messages"), modalities)
@@ -47,8 +47,9 @@ def route_request(body: dict, headers, session_header: str = "x-session-id") -> 
     structured = (isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema")
                   or any(key in body for key in ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
                                                  "structured_outputs")))
-    return RouteRequest(model=body["model"], text=text, stream=body.get("stream") is True, max_tokens=max_tokens,
-                        session_key=session_key, modalities=modalities, needs_structured_output=structured)
+    return RouteRequest(model=str(body.get("model") or ""), text=text, stream=body.get("stream") is True,
+                        max_tokens=max_tokens, session_key=session_key, modalities=modalities,
+                        needs_structured_output=structured)
 
 
 def _prompt_text(prompt) -> str:

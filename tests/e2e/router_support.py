@@ -117,6 +117,7 @@ class ScriptedBackend:
         self.requests: list[dict] = []
         self.release: asyncio.Event | None = None
         self.metrics_text = ""  # served at /metrics
+        self.chunks: list[str] | None = None  # the streamed texts (default: " tok0", " tok1", ...)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.loop = asyncio.new_event_loop()
@@ -168,13 +169,20 @@ class ScriptedBackend:
                                                              "param": None, "code": None}})
         chat = path.endswith("chat/completions")
         if not request.get("stream"):
-            text = " tok" * self.tokens
+            text = "".join(self.chunks) if self.chunks else " tok" * self.tokens
             choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0, "text": text}
             return await _respond(writer, 200, {"id": "s", "model": request.get("model"), "choices": [choice]})
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
-        for index in range(self.tokens):
-            choice = {"index": 0, "delta": {"content": f" tok{index}"}} if chat else {"index": 0, "text": f" tok{index}"}
+        texts = self.chunks or [f" tok{index}" for index in range(self.tokens)]
+        for index, piece in enumerate(texts):
+            finish = "length" if index == len(texts) - 1 else None
+            choice = {"index": 0, "delta": {"content": piece}, "finish_reason": finish} if chat else \
+                {"index": 0, "text": piece, "finish_reason": finish}
             await _chunk(writer, b"data: " + json.dumps({"id": "s", "choices": [choice]}).encode() + b"\n\n")
+            if (request.get("stream_options") or {}).get("include_usage") and index == len(texts) - 1:
+                usage = {"prompt_tokens": 5, "completion_tokens": len(texts), "total_tokens": 5 + len(texts)}
+                await _chunk(writer, b"data: " + json.dumps({"id": "s", "choices": [], "usage": usage}).encode()
+                             + b"\n\n")
             if self.mode == "hold" and index == 0:
                 await self.release.wait()  # the test reads the first chunk through the router, then releases
             if self.mode == "break":
