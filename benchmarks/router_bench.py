@@ -43,6 +43,7 @@ def start(command: list[str], url: str, env: dict | None = None, timeout: float 
     log = tempfile.NamedTemporaryFile(prefix="router-bench-", suffix=".log", delete=False)
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                env={**os.environ, **(env or {})})
+    process.log_path = log.name  # removed by stop(); kept (and shown) when the process fails to start
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -64,6 +65,7 @@ def stop(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+    os.unlink(process.log_path)
 
 
 def start_router(backends: list[dict], policy: str) -> tuple[subprocess.Popen, str]:
@@ -76,30 +78,34 @@ def start_router(backends: list[dict], policy: str) -> tuple[subprocess.Popen, s
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "serval.cli", "route", "--config", path.name, "--host", "127.0.0.1",
                "--port", str(port), "--log-level", "warning"]
-    return start(command, url), url
+    try:
+        return start(command, url), url
+    finally:
+        os.unlink(path.name)  # read at startup
 
 
 def bench(endpoints: dict[str, str], args: list[str]) -> dict:
     """`serval bench serve` (as a subprocess, exactly as a user runs it); returns summary.json."""
-    result_dir = tempfile.mkdtemp(prefix="router-bench-")
-    command = [sys.executable, "-m", "serval.bench", "serve", "--model", MODEL, "--disable-tqdm", "--no-plots",
-               "--result-dir", result_dir, *[f"--base-url={name}={url}" for name, url in endpoints.items()], *args]
-    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    with open(os.path.join(result_dir, "summary.json")) as handle:
-        return json.load(handle)
+    with tempfile.TemporaryDirectory(prefix="router-bench-") as result_dir:
+        command = [sys.executable, "-m", "serval.bench", "serve", "--model", MODEL, "--disable-tqdm", "--no-plots",
+                   "--result-dir", result_dir, *[f"--base-url={name}={url}" for name, url in endpoints.items()],
+                   *args]
+        subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        with open(os.path.join(result_dir, "summary.json")) as handle:
+            return json.load(handle)
 
 
-def prefix_counters(urls: list[str]) -> tuple[float, float]:
+def replica_counters(url: str) -> dict[str, float]:
+    """Prefix-cache hit and query tokens and finished requests of one replica, cumulative."""
     from prometheus_client.parser import text_string_to_metric_families
-    hits = queries = 0.0
-    for url in urls:
-        for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
-            for sample in family.samples:
-                if sample.name == "serval:prefix_cache_hits_total":
-                    hits += sample.value
-                elif sample.name == "serval:prefix_cache_queries_total":
-                    queries += sample.value
-    return hits, queries
+    names = {"serval:prefix_cache_hits_total": "hits", "serval:prefix_cache_queries_total": "queries",
+             "serval:request_success_total": "requests"}
+    out = dict.fromkeys(names.values(), 0.0)
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name in names:
+                out[names[sample.name]] += sample.value
+    return out
 
 
 def run_policy(policy: str, options: argparse.Namespace) -> dict:
@@ -116,21 +122,26 @@ def run_policy(policy: str, options: argparse.Namespace) -> dict:
         backends = [{"name": f"replica{i}", "url": url, "models": [MODEL], "engine": "serval"}
                     for i, url in enumerate(urls)]
         router, router_url = start_router(backends, policy)
-        before = prefix_counters(urls)
+        before = [replica_counters(url) for url in urls]
         summary = bench({policy: router_url}, [
             "--workload", "shared-prefix", "--num-groups", str(options.num_groups), "--prefix-len",
             str(options.prefix_len), "--input-len", str(options.input_len), "--output-len", str(options.output_len),
             "--num-prompts", str(options.num_prompts), "--max-concurrency", str(options.max_concurrency),
             "--seed", "0"])
-        after = prefix_counters(urls)
+        after = [replica_counters(url) for url in urls]
     finally:
         for process in [router, *replicas]:
             if process is not None:
                 stop(process)
     run = summary["endpoints"][0]["runs"][0]["summary"]
-    hits, queries = after[0] - before[0], after[1] - before[1]
+    delta = [{key: a[key] - b[key] for key in a} for a, b in zip(after, before)]
+    hits, queries = sum(d["hits"] for d in delta), sum(d["queries"] for d in delta)
     return {"policy": policy, "prefix_cache_hit_rate": hits / queries if queries else 0.0,
             "prefix_cache_hit_tokens": hits, "prefix_cache_query_tokens": queries,
+            # the prefill work actually done, and how it was split: what the policy changes
+            "prefill_tokens_computed": queries - hits,
+            "requests_per_replica": [d["requests"] for d in delta],
+            "prefill_tokens_per_replica": [d["queries"] - d["hits"] for d in delta],
             "completed": run["completed"], "failed": run["failed"],
             "request_throughput": run["request_throughput"], "total_token_throughput": run["total_token_throughput"],
             "ttft_p50_ms": run["ttft_ms"]["median"], "ttft_p99_ms": run["ttft_ms"]["p99"],
@@ -156,7 +167,8 @@ def run_overhead(options: argparse.Namespace) -> dict:
         many = next(e for e in capacity["endpoints"] if e["endpoint"]["name"] == name)["runs"][0]["summary"]
         out[name] = {"ttft_p50_ms": one["ttft_ms"]["median"], "ttft_p99_ms": one["ttft_ms"]["p99"],
                      "e2el_p50_ms": one["e2el_ms"]["median"], "e2el_p99_ms": one["e2el_ms"]["p99"],
-                     "requests_per_s_at_32_in_flight": many["request_throughput"], "failed": one["failed"] + many["failed"]}
+                     "requests_per_s_at_32_in_flight": many["request_throughput"],
+                     "failed": one["failed"] + many["failed"]}
     out["added"] = {key: out["router"][key] - out["direct"][key]
                     for key in ("ttft_p50_ms", "ttft_p99_ms", "e2el_p50_ms", "e2el_p99_ms")}
     return out
@@ -185,14 +197,17 @@ def main() -> int:
 
     out = sys.stdout
     if policies:
-        out.write(f"\nshared-prefix: {options.num_prompts} prompts, {options.num_groups} groups x {options.prefix_len}-token "
+        out.write(f"\nshared-prefix: {options.num_prompts} prompts, {options.num_groups} groups x "
+                  f"{options.prefix_len}-token "
                   f"prefix + {options.input_len}-token question, {options.output_len} output tokens, "
                   f"{options.max_concurrency} in flight, 2 replicas\n")
-        out.write(f"{'policy':<13}{'hit rate':>9}{'req/s':>8}{'tok/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'failed':>8}\n")
+        out.write(f"{'policy':<13}{'hit rate':>9}{'prefilled':>10}{'split (req)':>13}{'req/s':>7}{'tok/s':>7}"
+                  f"{'TTFT p50':>9}{'TTFT p99':>9}{'failed':>7}\n")
         for row in policies:
-            out.write(f"{row['policy']:<13}{row['prefix_cache_hit_rate']:>9.1%}{row['request_throughput']:>8.2f}"
-                      f"{row['total_token_throughput']:>8.0f}{row['ttft_p50_ms']:>10.0f}{row['ttft_p99_ms']:>10.0f}"
-                      f"{row['failed']:>8}\n")
+            split = "/".join(f"{count:.0f}" for count in row["requests_per_replica"])
+            out.write(f"{row['policy']:<13}{row['prefix_cache_hit_rate']:>9.1%}{row['prefill_tokens_computed']:>10.0f}"
+                      f"{split:>13}{row['request_throughput']:>7.2f}{row['total_token_throughput']:>7.0f}"
+                      f"{row['ttft_p50_ms']:>9.0f}{row['ttft_p99_ms']:>9.0f}{row['failed']:>7}\n")
     out.write("\nrouter overhead (stub backend, 1 request in flight; ms) and capacity (32 in flight)\n")
     out.write(f"{'path':<8}{'TTFT p50':>10}{'TTFT p99':>10}{'E2E p50':>10}{'E2E p99':>10}{'req/s @32':>11}\n")
     for name in ("direct", "router"):

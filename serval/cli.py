@@ -115,7 +115,8 @@ def _add_route_parser(commands) -> None:
     route.add_argument("--port", type=int, default=8080)
     route.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     route.add_argument("--policy", default=None,
-                       help="guard policy YAML, as for `serval serve --policy`, applied before routing; SIGHUP reloads it")
+                       help="guard policy YAML, as for `serval serve --policy`, applied before routing; "
+                            "SIGHUP reloads it")
 
 
 def _route(args: argparse.Namespace) -> int:

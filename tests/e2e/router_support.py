@@ -110,7 +110,8 @@ class RouterProcess:
 class ScriptedBackend:
     """An OpenAI-compatible backend on a loopback port, run in a thread; `mode` says how it answers:
     "ok" (streams or answers `tokens` words), "status:N" (HTTP N with an OpenAI error body),
-    "break" (a stream that dies after its first chunk), "hold" (streams wait after their first chunk), "down" (/health and /v1/models answer 503)."""
+    "break" (a stream that dies after its first chunk), "hold" (streams wait after their first chunk),
+    "down" (/health and /v1/models answer 503)."""
 
     def __init__(self, model: str = "stub", tokens: int = 3) -> None:
         self.model, self.tokens, self.mode = model, tokens, "ok"
@@ -138,7 +139,8 @@ class ScriptedBackend:
             while True:
                 head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
                 method, path, _ = head[0].split(" ", 2)
-                headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)}
+                headers = {k.strip().lower(): v.strip()
+                           for k, _, v in (line.partition(":") for line in head[1:] if line)}
                 body = await reader.readexactly(int(headers.get("content-length", 0)))
                 if not await self._route(method, path, body, writer):
                     break
@@ -170,7 +172,8 @@ class ScriptedBackend:
         chat = path.endswith("chat/completions")
         if not request.get("stream"):
             text = "".join(self.chunks) if self.chunks else " tok" * self.tokens
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0, "text": text}
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat
+                      else {"index": 0, "text": text})
             return await _respond(writer, 200, {"id": "s", "model": request.get("model"), "choices": [choice]})
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
         texts = self.chunks or [f" tok{index}" for index in range(self.tokens)]
