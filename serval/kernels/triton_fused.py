@@ -52,6 +52,19 @@ def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
 
 
 @triton.jit
+def _rotate_heads(base_ptr, stride_head, num_heads, cos, sin, dims, dim_valid,
+                  HEADS_PAD: tl.constexpr, HALF: tl.constexpr):
+    # Rotate-half layout: element i pairs with i + D/2.
+    heads = tl.arange(0, HEADS_PAD)[:, None]
+    mask = (heads < num_heads) & dim_valid[None, :]
+    first = base_ptr + heads * stride_head + dims[None, :]
+    x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
+    tl.store(first, (x1 * cos - x2 * sin).to(base_ptr.dtype.element_ty), mask=mask)
+    tl.store(first + HALF, (x2 * cos + x1 * sin).to(base_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rotary_kernel(query_ptr, key_ptr, cos_ptr, sin_ptr, positions_ptr, stride_query_token, stride_query_head,
                    stride_key_token, stride_key_head, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
                    HEADS_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
@@ -61,20 +74,10 @@ def _rotary_kernel(query_ptr, key_ptr, cos_ptr, sin_ptr, positions_ptr, stride_q
     dim_valid = dims < HALF
     cos = tl.load(cos_ptr + position * HALF + dims, mask=dim_valid, other=0.0)[None, :]
     sin = tl.load(sin_ptr + position * HALF + dims, mask=dim_valid, other=0.0)[None, :]
-    heads = tl.arange(0, HEADS_PAD)[:, None]
-    # Rotate-half layout: element i pairs with i + D/2.
-    mask = (heads < NUM_HEADS) & dim_valid[None, :]
-    first = query_ptr + token * stride_query_token + heads * stride_query_head + dims[None, :]
-    x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(first, (x1 * cos - x2 * sin).to(query_ptr.dtype.element_ty), mask=mask)
-    tl.store(first + HALF, (x2 * cos + x1 * sin).to(query_ptr.dtype.element_ty), mask=mask)
-    mask = (heads < NUM_KV_HEADS) & dim_valid[None, :]
-    first = key_ptr + token * stride_key_token + heads * stride_key_head + dims[None, :]
-    x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(first, (x1 * cos - x2 * sin).to(key_ptr.dtype.element_ty), mask=mask)
-    tl.store(first + HALF, (x2 * cos + x1 * sin).to(key_ptr.dtype.element_ty), mask=mask)
+    _rotate_heads(query_ptr + token * stride_query_token, stride_query_head, NUM_HEADS, cos, sin, dims, dim_valid,
+                  HEADS_PAD, HALF)
+    _rotate_heads(key_ptr + token * stride_key_token, stride_key_head, NUM_KV_HEADS, cos, sin, dims, dim_valid,
+                  HEADS_PAD, HALF)
 
 
 def rotary_(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_cache: torch.Tensor,
