@@ -141,7 +141,8 @@ def disallowed_mask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """bool [B, vocab_size], True where the token is not allowed: what masked_fill wants, in one unpack (numpy's
     unpackbits is one pass over the bytes; shifting int32 words by 0..31 in torch makes 32 passes)."""
     inverted = (~bitmask).contiguous().numpy().view(np.uint8)  # little-endian words: bit j of byte k = token 8k+j
-    bits = torch.from_numpy(np.unpackbits(inverted, axis=1, bitorder="little")).bool()
+    # unpackbits gives 0/1 bytes, which is torch.bool's representation: a view, no conversion pass.
+    bits = torch.from_numpy(np.unpackbits(inverted, axis=1, bitorder="little")).view(torch.bool)
     if bits.shape[1] >= vocab_size:
         return bits[:, :vocab_size]
     return torch.nn.functional.pad(bits, (0, vocab_size - bits.shape[1]), value=True)
