@@ -44,6 +44,8 @@ def test_least_requests_picks_the_least_loaded_and_rotates_ties():
     assert LeastRequests().choose([a, b, c], req()).backend is c
     idle = backends("x", "y")
     assert names(LeastRequests(), idle, [req()] * 4) == ["x", "y", "x", "y"]
+    idle[0].kv_cache_usage, idle[1].kv_cache_usage = 0.9, 0.2  # equal load: the emptier KV cache
+    assert names(LeastRequests(), idle, [req()] * 2) == ["y", "y"]
 
 
 def test_cache_aware_sticks_prefixes_to_a_backend_and_spreads_new_ones():

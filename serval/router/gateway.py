@@ -36,7 +36,7 @@ from serval.router.request_info import RouteRequest, route_request
 logger = logging.getLogger("serval.router")
 
 BACKEND_HEADER = "x-serval-backend"  # names the backend that answered; useful in logs, tests and debugging
-FORWARDED_HEADERS = ("traceparent", "tracestate", "x-request-id", "x-session-id")
+FORWARDED_HEADERS = ("traceparent", "tracestate")  # W3C trace context: the backend's spans join the client's trace
 RETRYABLE_STATUS = (500, 502, 503, 504)
 
 
@@ -210,7 +210,7 @@ class Router:
         payload = body_bytes if body.get("model") == model else json.dumps({**body, "model": model}).encode()
         # identity: relay the backend's bytes as they are, never a compressed stream to re-chunk
         headers = {"content-type": "application/json", "x-request-id": request_id, "accept-encoding": "identity"}
-        for name in FORWARDED_HEADERS[:2]:
+        for name in FORWARDED_HEADERS:
             if name in raw.headers:
                 headers[name] = raw.headers[name]
         if backend.config.api_key:

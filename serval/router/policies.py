@@ -168,8 +168,13 @@ def estimated_cost(backend: Backend, request: RouteRequest) -> float:
 
 
 def _least_loaded(candidates: list[Backend], tie_breaker: RoundRobin, request: RouteRequest) -> Backend:
-    lowest = min(backend.weighted_load() for backend in candidates)
-    tied = [backend for backend in candidates if backend.weighted_load() <= lowest]
+    """Fewest outstanding requests; among equals, the emptiest KV cache when the backends report it (the one
+    least likely to preempt), then round robin."""
+    def key(backend: Backend) -> tuple[float, float]:
+        return backend.weighted_load(), backend.kv_cache_usage or 0.0
+
+    lowest = min(key(backend) for backend in candidates)
+    tied = [backend for backend in candidates if key(backend) <= lowest]
     return tied[0] if len(tied) == 1 else tie_breaker.choose(tied, request).backend
 
 

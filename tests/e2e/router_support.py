@@ -208,6 +208,8 @@ class ScriptedBackend:
         self.loop.call_soon_threadsafe(self.server.close)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+        if not self.loop.is_running():
+            self.loop.close()
 
 
 async def _chunk(writer, data: bytes) -> None:
