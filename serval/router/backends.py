@@ -5,7 +5,7 @@ and the scraped load signals. One object per backend, shared by every group that
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from serval.router.breaker import CircuitBreaker
 from serval.router.config import BackendConfig, RouterConfig
@@ -28,7 +28,6 @@ class Backend:
     ttft_ewma: float | None = None  # seconds
     scraped_ttft_totals: tuple[float, float] | None = None  # (sum, count) of its TTFT histogram at the last scrape
     learned_max_context: int | None = None  # from its /v1/models max_model_len
-    served: dict[str, int] = field(default_factory=dict)  # requests routed here, by group: for tests and logs
 
     @property
     def name(self) -> str:

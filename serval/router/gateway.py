@@ -216,7 +216,6 @@ class Router:
         if backend.config.api_key:
             headers["authorization"] = f"Bearer {backend.config.api_key}"
         backend.in_flight += 1
-        backend.served[group.name] = backend.served.get(group.name, 0) + 1
         sent = self.clock()
         handed_over = False  # once a stream is returned, its relay owns in_flight and the breaker
         response = None
