@@ -264,6 +264,8 @@ def test_output_stop_finishes_with_content_filter(server):
 def test_output_log_passes_unchanged(server, policy_dir):
     text, finish, _ = stream_chat(server, "a remarkable day at 10.9.8.7 indeed")
     assert text == "a remarkable day at 10.9.8.7 indeed" and finish == "stop"
+    response = chat(server, "say it", **forced("a remarkable day at 10.9.8.7 indeed"), temperature=1.0)
+    assert response.json()["choices"][0]["message"]["content"] == "a remarkable day at 10.9.8.7 indeed"
     lines = audit_lines(policy_dir)
     assert any(line["rail"] == "output_deny" and line["category"] == "deny:noted" and line["action"] == "log"
                for line in lines)
