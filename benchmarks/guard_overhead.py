@@ -3,20 +3,23 @@ throughput of constrained decoding against unconstrained decoding of the same ba
 
     python benchmarks/guard_overhead.py [--model PATH] [--batch 16] [--max-tokens 64] [--json guard_overhead.json]
 
-Rails: each is timed on a 1,000-character chat message (with and without PII) over --iterations calls; the
-output rails are timed per streamed chunk (a 1,000-character answer pushed 4 characters at a time, what a
-detokenized token is on average). Keys: authenticate + admit + release of one request.
+Rails: each is timed (this thread's CPU time, and wall time) on a 1,000-character chat message, with and
+without PII, over --iterations calls; the output rails per streamed chunk (a 1,000-character answer pushed 4
+characters at a time, what a detokenized token is on average). Keys: authenticate + admit + release.
 
-Decoding: --batch prompts, each to --max-tokens tokens (ignore_eos), unconstrained and under each constraint,
-stepped through the engine; the median decode step with the whole batch running gives tokens/s (a constraint
-that completes early, like choice, counts only its full-batch steps). Cases are interleaved over --rounds so a
-noisy machine slows them alike. The mask step (llguidance filling the batch's bitmask, then unpacking it) is
-also timed alone.
+Decoding (on --threads torch threads): --batch prompts, each to --max-tokens tokens (ignore_eos), unconstrained
+and under each constraint, stepped through the engine; the median decode step with the whole batch running
+gives tokens/s (a constraint that completes early, like choice, counts only its full-batch steps). Cases are
+interleaved over --rounds so a noisy machine slows them alike; the table gives wall time and the process's CPU
+time per step (the cost on an otherwise idle machine). The mask step (llguidance filling the batch's bitmask,
+then unpacking it) is also timed alone.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import platform
 import statistics
 import sys
@@ -26,7 +29,9 @@ import torch
 
 from serval.guard.guard import Guard, RequestContext
 from serval.guard.keys import hash_key
+from serval.guard.output import OutputFilter
 from serval.guard.policy import parse_policy
+from serval.guard.rails import deny_rail, injection_rail, pii_rail
 from serval.sampling_params import SamplingParams, StructuredOutputsParams
 
 POLICY = f"""
@@ -54,56 +59,69 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", 
                          "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}}}}
 
 
-class Timings:
-    def __init__(self) -> None:
-        self.by_rail: dict[str, list[float]] = {}
-
-    def decision(self, decision, ctx) -> None:
-        pass
-
-    def latency(self, rail: str, seconds: float, ctx) -> None:
-        self.by_rail.setdefault(rail, []).append(seconds)
-
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def timed(call, iterations: int) -> tuple[list[float], list[float]]:
+    """(wall seconds, this thread's CPU seconds) per call. CPU time is what the rail costs on an idle core;
+    wall time adds whatever else the machine was doing."""
+    wall, cpu = [], []
+    for _ in range(iterations):
+        started_wall, started_cpu = time.perf_counter(), time.thread_time()
+        call()
+        cpu.append(time.thread_time() - started_cpu)
+        wall.append(time.perf_counter() - started_wall)
+    return wall, cpu
+
+
 def rail_latencies(iterations: int) -> list[dict]:
-    guard = Guard(parse_policy(POLICY))
-    timings = Timings()
-    guard.observers.append(timings)
+    policy = parse_policy(POLICY)
     rows = []
     for label, text in (("clean 1k chars", CLEAN), ("with PII 1k chars", WITH_PII)):
-        timings.by_rail.clear()
-        for _ in range(iterations):
-            guard.check_input([text], RequestContext("bench"), "messages")
-        for rail, values in sorted(timings.by_rail.items()):
-            rows.append(_row(f"input: {rail}", label, values))
+        texts = [text]
+        rows.append(_row("input_deny", label, *timed(lambda: deny_rail(texts, policy.input_deny, "m"), iterations)))
+        rows.append(_row("injection", label, *timed(lambda: injection_rail(texts, policy.injection, "m"),
+                                                    iterations)))
+        rows.append(_row("input_pii (redact)", label, *timed(lambda: pii_rail(texts, policy.input_pii, "m"),
+                                                             iterations)))
     answer = (WITH_PII + " and that is darn good.")[:1000]
-    timings.by_rail.clear()
-    for _ in range(max(1, iterations // 10)):
-        output_filter = guard.output_filter(RequestContext("bench"))
-        for start in range(0, len(answer), 4):
-            output_filter.push(answer[start:start + 4])
-        output_filter.finish()
-    for rail, values in sorted(timings.by_rail.items()):
-        rows.append(_row(f"output: {rail}", "per 4-char chunk, PII in text", values))
-    key_times = []
-    for _ in range(iterations):
-        started = time.perf_counter()
+    chunks = [answer[start:start + 4] for start in range(0, len(answer), 4)]
+    for rail, only in (("output_deny", dataclasses.replace(policy, output_pii=())),
+                       ("output_pii", dataclasses.replace(policy, output_deny=()))):
+        wall, cpu = [], []
+        for _ in range(max(1, iterations // 20)):
+            output_filter = OutputFilter(only, lambda decision: None, lambda rail, seconds: None)
+            chunk_wall, chunk_cpu = timed_each(output_filter.push, chunks)
+            wall += chunk_wall
+            cpu += chunk_cpu
+        rows.append(_row(rail, "per 4-char streamed chunk", wall, cpu))
+    guard = Guard(policy)
+
+    def one_request() -> None:
         key = guard.authenticate("Bearer sk-bench", RequestContext("bench"))
         guard.admit(key, "m", RequestContext("bench"))
         guard.release(key, 10, 10)
-        key_times.append(time.perf_counter() - started)
-    rows.append(_row("keys: authenticate+admit+release", "one request", key_times))
+
+    rows.append(_row("keys", "authenticate+admit+release", *timed(one_request, iterations)))
     return rows
 
 
-def _row(rail: str, workload: str, values: list[float]) -> dict:
-    return {"rail": rail, "workload": workload, "calls": len(values), "p50_us": percentile(values, 0.5) * 1e6,
-            "p99_us": percentile(values, 0.99) * 1e6, "mean_us": statistics.fmean(values) * 1e6}
+def timed_each(call, arguments: list) -> tuple[list[float], list[float]]:
+    wall, cpu = [], []
+    for argument in arguments:
+        started_wall, started_cpu = time.perf_counter(), time.thread_time()
+        call(argument)
+        cpu.append(time.thread_time() - started_cpu)
+        wall.append(time.perf_counter() - started_wall)
+    return wall, cpu
+
+
+def _row(rail: str, workload: str, wall: list[float], cpu: list[float]) -> dict:
+    return {"rail": rail, "workload": workload, "calls": len(wall),
+            "cpu_p50_us": percentile(cpu, 0.5) * 1e6, "cpu_p99_us": percentile(cpu, 0.99) * 1e6,
+            "wall_p50_us": percentile(wall, 0.5) * 1e6, "wall_p99_us": percentile(wall, 0.99) * 1e6}
 
 
 def decoding_throughput(model: str | None, batch: int, max_tokens: int, rounds: int) -> tuple[list[dict], dict]:
@@ -120,6 +138,7 @@ def decoding_throughput(model: str | None, batch: int, max_tokens: int, rounds: 
              ("choice", StructuredOutputsParams(choice=["alpha", "beta", "gamma"]))]
     llm.generate(prompts[:2], SamplingParams(max_tokens=4), use_tqdm=False)  # warm up
     steps: dict[str, list[float]] = {name: [] for name, _ in cases}
+    cpu_steps: dict[str, list[float]] = {name: [] for name, _ in cases}
     tokens: dict[str, int] = {name: 0 for name, _ in cases}
     for round_index in range(rounds):
         for name, constraint in cases:
@@ -131,32 +150,31 @@ def decoding_throughput(model: str | None, batch: int, max_tokens: int, rounds: 
             first = True
             while engine.has_unfinished_requests():
                 running = engine.scheduler.num_running
-                started = time.perf_counter()
+                started, started_cpu = time.perf_counter(), time.process_time()
                 outputs = engine.step()
-                seconds = time.perf_counter() - started
+                seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
                 # Decode steps only (the first step is the batch's prefill), with every request still running.
                 if not first and running == batch and engine.scheduler.num_running + _finished(outputs) == batch:
                     steps[name].append(seconds)
+                    cpu_steps[name].append(cpu_seconds)
                 first = False
                 tokens[name] += sum(1 for o in outputs for c in o.outputs if c.token_ids)
     base = statistics.median(steps["unconstrained"])
+    base_cpu = statistics.median(cpu_steps["unconstrained"])
     rows = []
     for name, _ in cases:
         step = statistics.median(steps[name]) if steps[name] else float("nan")
+        cpu = statistics.median(cpu_steps[name]) if cpu_steps[name] else float("nan")
         rows.append({"case": name, "batch": batch, "decode_steps": len(steps[name]), "step_ms": step * 1e3,
-                     "tokens_per_s": batch / step, "relative_throughput": base / step})
+                     "tokens_per_s": batch / step, "relative_throughput": base / step,
+                     "cpu_ms_per_step": cpu * 1e3, "relative_cpu_throughput": base_cpu / cpu})
     # The mask step alone: a batch of fresh JSON-schema matchers, bitmask filled and unpacked.
     matchers = [structured.compile_matcher(StructuredOutputsParams(json=SCHEMA), llm.engine.tokenizer)
                 for _ in range(batch)]
     vocab = structured.ll_tokenizer(llm.engine.tokenizer).vocab_size
-    times = []
-    for _ in range(200):
-        started = time.perf_counter()
-        bitmask = structured.fill_bitmask(matchers, vocab)
-        structured.allowed_mask(bitmask, vocab)
-        times.append(time.perf_counter() - started)
-    mask = {"batch": batch, "vocab_size": vocab, "p50_ms": percentile(times, 0.5) * 1e3,
-            "p99_ms": percentile(times, 0.99) * 1e3}
+    wall, cpu = timed(lambda: structured.disallowed_mask(structured.fill_bitmask(matchers, vocab), vocab), 200)
+    mask = {"batch": batch, "vocab_size": vocab, "cpu_p50_ms": percentile(cpu, 0.5) * 1e3,
+            "wall_p50_ms": percentile(wall, 0.5) * 1e3, "wall_p99_ms": percentile(wall, 0.99) * 1e3}
     return rows, mask
 
 
@@ -192,29 +210,39 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--iterations", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of the decoding cases")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for decoding; 1 keeps CPU time per step honest on a shared machine "
+                             "(idle OpenMP threads spin, which a busy machine turns into CPU time)")
     parser.add_argument("--json", default="guard_overhead.json")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    load_before = os.getloadavg()[0]
     rails = rail_latencies(args.iterations)
     out = sys.stdout
-    out.write(f"{'rail':<36} {'workload':<32} {'calls':>6} {'p50 us':>9} {'p99 us':>9}\n")
+    out.write(f"{'rail':<20} {'workload':<28} {'calls':>6} {'cpu p50 us':>11} {'cpu p99 us':>11} "
+              f"{'wall p50 us':>12} {'wall p99 us':>12}\n")
     for row in rails:
-        out.write(f"{row['rail']:<36} {row['workload']:<32} {row['calls']:>6} {row['p50_us']:>9.1f} "
-                  f"{row['p99_us']:>9.1f}\n")
+        out.write(f"{row['rail']:<20} {row['workload']:<28} {row['calls']:>6} {row['cpu_p50_us']:>11.1f} "
+                  f"{row['cpu_p99_us']:>11.1f} {row['wall_p50_us']:>12.1f} {row['wall_p99_us']:>12.1f}\n")
     model = args.model
     if model == "tiny":
         import tempfile
         model = build_tiny_model(tempfile.mkdtemp(prefix="serval-guard-bench-"))
+    torch.set_num_threads(args.threads)
     decoding, mask = decoding_throughput(model, args.batch, args.max_tokens, args.rounds)
-    out.write(f"\n{'decoding':<16} {'batch':>6} {'steps':>6} {'step ms p50':>12} {'tok/s':>8} {'vs unconstrained':>17}\n")
+    out.write(f"\n{'decoding':<14} {'batch':>5} {'steps':>6} {'wall ms/step':>13} {'tok/s':>7} {'vs unconstr.':>13} "
+              f"{'cpu ms/step':>12} {'cpu vs unconstr.':>17}\n")
     for row in decoding:
-        out.write(f"{row['case']:<16} {row['batch']:>6} {row['decode_steps']:>6} {row['step_ms']:>12.1f} "
-                  f"{row['tokens_per_s']:>8.1f} {row['relative_throughput']:>16.2f}x\n")
-    out.write(f"\nmask step (fill + unpack), batch {mask['batch']}, vocab {mask['vocab_size']}: "
-              f"p50 {mask['p50_ms']:.2f} ms, p99 {mask['p99_ms']:.2f} ms\n")
+        out.write(f"{row['case']:<14} {row['batch']:>5} {row['decode_steps']:>6} {row['step_ms']:>13.1f} "
+                  f"{row['tokens_per_s']:>7.1f} {row['relative_throughput']:>12.2f}x {row['cpu_ms_per_step']:>12.1f} "
+                  f"{row['relative_cpu_throughput']:>16.2f}x\n")
+    out.write(f"\nmask step (llguidance fill + unpack), batch {mask['batch']}, vocab {mask['vocab_size']}: "
+              f"cpu p50 {mask['cpu_p50_ms']:.3f} ms, wall p50 {mask['wall_p50_ms']:.3f} ms\n")
+    load_after = os.getloadavg()[0]
+    out.write(f"load average (1 min) before / after: {load_before:.2f} / {load_after:.2f} on {os.cpu_count()} CPUs\n")
     with open(args.json, "w") as handle:
-        json.dump({"machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(),
-                               "torch": torch.__version__},
+        json.dump({"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                               "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                               "load_average_before_after": [load_before, load_after]},
                    "args": vars(args), "rails": rails, "decoding": decoding, "mask_step": mask}, handle, indent=2)
     return 0
 

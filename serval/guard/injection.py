@@ -11,17 +11,21 @@ import unicodedata
 
 import regex
 
-_PRIOR = r"(?:all |any |the |your |these |those |my )*(?:previous|prior|above|earlier|preceding|former|original|initial|system)"
+_PRIOR = (r"(?:all |any |the |your |these |those |my )*"
+          r"(?:previous|prior|above|earlier|preceding|former|original|initial|system)")
 _RULES = r"(?:instructions?|prompts?|messages?|rules|directions|guidelines|context|commands?|constraints)"
 PATTERNS: list[tuple[str, float]] = [
     (rf"\b(?:ignore|disregard|forget|skip|bypass|override|neglect) {_PRIOR} {_RULES}\b", 0.9),
-    (rf"\b(?:ignore|disregard|forget) (?:everything|all|anything) (?:you were|you ve been|that was|i) (?:told|said|given)\b", 0.8),
+    (r"\b(?:ignore|disregard|forget) (?:everything|all|anything) (?:you were|you ve been|that was|i) "
+     r"(?:told|said|given)\b", 0.8),
     (rf"\b(?:ignore|disregard|forget|override) (?:your|the|all) (?:safety |content )?{_RULES}\b", 0.7),
     (r"\byou are (?:now )?(?:dan|in developer mode|jailbroken|unrestricted|unfiltered|no longer bound)\b", 0.8),
     (r"\bdo anything now\b", 0.6),
     (r"\b(?:developer|god|admin|sudo) mode (?:enabled|on|activated)\b", 0.6),
-    (r"\b(?:reveal|print|show|repeat|output|leak|tell me) (?:me )?(?:your|the) (?:system prompt|hidden (?:instructions|prompt)|initial (?:instructions|prompt)|original instructions)\b", 0.8),
-    (r"\bpretend (?:you are|to be|that you) .{0,40}(?:without|no|free of) (?:any )?(?:restrictions|rules|filters|limits)\b", 0.6),
+    (r"\b(?:reveal|print|show|repeat|output|leak|tell me) (?:me )?(?:your|the) (?:system prompt|hidden "
+     r"(?:instructions|prompt)|initial (?:instructions|prompt)|original instructions)\b", 0.8),
+    (r"\bpretend (?:you are|to be|that you) .{0,40}(?:without|no|free of) (?:any )?"
+     r"(?:restrictions|rules|filters|limits)\b", 0.6),
     (r"\bact as (?:an? )?(?:unfiltered|uncensored|unrestricted|evil)\b", 0.6),
     (r"\bnew (?:instructions|rules|system prompt)\b", 0.4),
     (r"\bfrom now on you (?:will|must|are)\b", 0.3),
