@@ -10,9 +10,9 @@ characters at a time, what a detokenized token is on average). Keys: authenticat
 Decoding (on --threads torch threads): --batch prompts, each to --max-tokens tokens (ignore_eos), unconstrained
 and under each constraint, stepped through the engine; the median decode step with the whole batch running
 gives tokens/s (a constraint that completes early, like choice, counts only its full-batch steps). Cases are
-interleaved over --rounds so a noisy machine slows them alike; the table gives wall time and the process's CPU
-time per step (the cost on an otherwise idle machine). The mask step (llguidance filling the batch's bitmask,
-then unpacking it) is also timed alone.
+interleaved over --rounds, each round starting at the next case, so a noisy machine slows them alike; the
+table gives wall time and the process's CPU time per step (the cost on an otherwise idle machine). The mask
+step (llguidance filling the batch's bitmask, then unpacking it) is also timed alone.
 """
 from __future__ import annotations
 
@@ -141,7 +141,8 @@ def decoding_throughput(model: str | None, batch: int, max_tokens: int, rounds: 
     cpu_steps: dict[str, list[float]] = {name: [] for name, _ in cases}
     tokens: dict[str, int] = {name: 0 for name, _ in cases}
     for round_index in range(rounds):
-        for name, constraint in cases:
+        # Each round starts at a different case, so none always runs first (after a switch) or last.
+        for name, constraint in cases[round_index % len(cases):] + cases[:round_index % len(cases)]:
             params = SamplingParams(temperature=1.0, max_tokens=max_tokens, ignore_eos=True, seed=round_index,
                                     structured_outputs=constraint)
             engine = llm.engine
