@@ -170,6 +170,7 @@ class OpenAIServer:
         self.model_name = served_model_names[0]
         self.api_key = api_key
         self.max_waiting_requests = max_waiting_requests
+        self._num_starting = 0  # prompts past check_capacity, not yet in the engine (see check_capacity)
         self.tracer = tracer
         self.log_requests = log_requests
         self.metrics = ServerMetrics(self.model_name, engine.get_stats)
@@ -205,8 +206,10 @@ class OpenAIServer:
         if self.max_waiting_requests is None:
             return
         stats = self.engine.get_stats()
-        # Requests in the engine's inbox are not in the scheduler's count yet; count them as waiting too.
+        # Requests in the engine's inbox are not in the scheduler's count yet, and those admitted here but not yet
+        # handed to the engine (start() awaits once in between) are in neither: count both as waiting.
         waiting = max(stats.num_requests_waiting, self.engine.num_unfinished_requests - stats.num_requests_running)
+        waiting += self._num_starting
         if waiting >= self.max_waiting_requests:
             raise APIError(429, f"The server is overloaded: {waiting} requests are waiting, the limit is "
                                 f"{self.max_waiting_requests} (--max-waiting-requests). Retry later.",
@@ -393,6 +396,7 @@ class OpenAIServer:
         time and awaited here, while the engine runs the prefill: an unsafe verdict aborts the generation
         before any output is sent."""
         self.check_capacity()
+        self._num_starting += len(prompts)  # no await since the check: concurrent requests see each other
         verdicts = None
         if self.guard is not None and self.guard.has_classifier and conversations:
             verdicts = asyncio.gather(*[self.guard.classify_input(c, ctx, param) for c in conversations])
@@ -400,7 +404,10 @@ class OpenAIServer:
         if record.request_id in self._admitted:
             self._admitted[record.request_id][1] = generation
         try:
-            await generation.start(prompts, params)
+            try:
+                await generation.start(prompts, params)
+            finally:
+                self._num_starting -= len(prompts)  # now in the engine's own count, or failed
             if verdicts is not None:
                 await verdicts
         except BaseException:
