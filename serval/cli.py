@@ -119,6 +119,19 @@ def _add_route_parser(commands) -> None:
                             "SIGHUP reloads it")
 
 
+def _load_guard(policy_path: str | None):
+    """The Guard for --policy (serve and route take the same file): None without one, False (logged) if invalid."""
+    if policy_path is None:
+        return None
+    from serval.guard.guard import Guard
+    from serval.guard.policy import PolicyError
+    try:
+        return Guard.from_file(policy_path)
+    except PolicyError as error:
+        logger.error("invalid policy file", extra={"error": str(error)})
+        return False
+
+
 def _route(args: argparse.Namespace) -> int:
     from serval.router.config import ConfigError, load_config
     from serval.router.gateway import serve
@@ -128,15 +141,9 @@ def _route(args: argparse.Namespace) -> int:
     except ConfigError as error:
         logger.error("invalid router config", extra={"error": str(error)})
         return 2
-    guard = None
-    if args.policy is not None:
-        from serval.guard.guard import Guard
-        from serval.guard.policy import PolicyError
-        try:
-            guard = Guard.from_file(args.policy)
-        except PolicyError as error:
-            logger.error("invalid policy", extra={"error": str(error)})
-            return 2
+    guard = _load_guard(args.policy)
+    if guard is False:
+        return 2
     serve(config, args.host, args.port, guard=guard, log_level=args.log_level)
     return 0
 
@@ -174,15 +181,9 @@ def _serve(args: argparse.Namespace, config: EngineConfig) -> int:
     from serval.server.openai_api import DEFAULT_MODEL_NAME, serve
 
     names = args.served_model_name or [args.model or DEFAULT_MODEL_NAME]
-    guard = None
-    if args.policy is not None:
-        from serval.guard.guard import Guard
-        from serval.guard.policy import PolicyError
-        try:
-            guard = Guard.from_file(args.policy)
-        except PolicyError as error:
-            logger.error("invalid policy file", extra={"error": str(error)})
-            return 2
+    guard = _load_guard(args.policy)
+    if guard is False:
+        return 2
     try:
         engine = AsyncEngine(config)
     except (ValueError, FileNotFoundError) as error:

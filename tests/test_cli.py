@@ -74,3 +74,9 @@ def test_bench_and_advise_are_serval_subcommands(command, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert f"serval {command}" in capsys.readouterr().out
+
+
+def test_invalid_policy_file_exits_2_before_loading_a_model(tmp_path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("keys: [1, 2\n")
+    assert main(["serve", "--policy", str(policy)]) == 2
