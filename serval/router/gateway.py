@@ -32,6 +32,7 @@ from serval.router.guarding import GuardObserver, GuardSession, StreamRewriter
 from serval.router.health import check_all, health_loop
 from serval.router.policies import make_policy
 from serval.router.request_info import RouteRequest, route_request
+from serval.server.disconnect import until_disconnect
 
 logger = logging.getLogger("serval.router")
 
@@ -382,7 +383,7 @@ async def _handle(router: Router, raw: Request, path: str) -> Response:
             if await session.admit(body, raw.headers):
                 body_bytes = json.dumps(body).encode()
         try:
-            response = await _until_disconnect(raw, router.route(raw, path, body, body_bytes, request_id, session))
+            response = await until_disconnect(raw, router.route(raw, path, body, body_bytes, request_id, session))
         finally:
             if session is not None and not isinstance(response, _ClosingStreamingResponse):
                 session.release()  # a stream's relay releases when it ends
@@ -415,29 +416,6 @@ def _error_code(content: bytes) -> str | None:
         return error.get("code") if isinstance(error, dict) else None
     except (ValueError, AttributeError):
         return None
-
-
-async def _until_disconnect(raw: Request, work):
-    """Route; if the client disconnects before an answer is ready, cancel (closing the backend request,
-    which aborts it there) and return None. Once a stream is returned, Starlette watches the client."""
-    task = asyncio.ensure_future(work)
-
-    async def disconnected() -> None:
-        while (await raw.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if task.cancelled() or not task.done():
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        return None
-    return task.result()
 
 
 class _Relay:

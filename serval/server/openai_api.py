@@ -30,6 +30,7 @@ from serval.guard.policy import PolicyError
 from serval.outputs import CompletionOutput, Logprob, RequestOutput
 from serval.sampling_params import SamplingParams
 from serval.server import protocol
+from serval.server.disconnect import until_disconnect
 from serval.server.metrics import CONTENT_TYPE, ServerMetrics
 from serval.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                     TokenizeRequest, random_id)
@@ -475,7 +476,7 @@ class OpenAIServer:
                 ctx.key_id = key.id if key is not None else None
                 self.guard.admit(key, record.model, ctx)
                 self._admitted[record.request_id] = [key, None]
-            response = await _until_disconnect(raw, handler(body, record, ctx))
+            response = await until_disconnect(raw, handler(body, record, ctx))
             if response is None:
                 record.status, record.error = CLIENT_CLOSED, "client disconnected"
                 return Response(status_code=CLIENT_CLOSED)
@@ -829,28 +830,6 @@ def _to_api_error(error: Exception) -> APIError:
         return APIError.from_value_error(error)
     logger.exception("unexpected error while handling a request", exc_info=error)
     return APIError(500, f"internal error: {error!r}", type="server_error")
-
-
-async def _until_disconnect(raw: Request, work):
-    """Run the handler; if the client disconnects first, cancel it (aborting its engine requests): None."""
-    task = asyncio.ensure_future(work)
-
-    async def disconnected() -> None:
-        while (await raw.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if task.cancelled() or not task.done():
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        return None
-    return task.result()
 
 
 def _sse(payload: BaseModel) -> str:
