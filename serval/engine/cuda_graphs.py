@@ -100,7 +100,8 @@ class DecodeGraphs:
         for name, values in (("input_ids", input_ids), ("positions", positions), ("slot_mapping", slot_mapping),
                              ("seq_lens", seq_lens)):
             start = self._layout[name]
-            staging[start:start + n] = torch.tensor(values, dtype=torch.int32) if n else staging[start:start]
+            if n:
+                staging[start:start + n] = torch.tensor(values, dtype=torch.int32)
             staging[start + n:start + batch] = -1 if name == "slot_mapping" else 0
         table_start = self._layout["block_tables"]
         width = max((len(row) for row in block_tables), default=0)
