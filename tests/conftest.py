@@ -69,3 +69,12 @@ def hf_default_model():
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    """A local OTLP trace receiver (tests/e2e/otlp_receiver.py) for the module's server to export spans to."""
+    from e2e.otlp_receiver import OTLPReceiver
+    otlp = OTLPReceiver()
+    yield otlp
+    otlp.close()

@@ -12,7 +12,6 @@ from serval.guard.classifier import MAX_VERDICT_TOKENS, VERDICT_REGEX, build_pro
 from serval.guard.decisions import GuardRejection
 from serval.guard.guard import Guard, RequestContext
 from serval.guard.policy import parse_policy
-from test_tracing import OTLPReceiver
 
 # A 2-layer random model's verdict hardly depends on a short question, but long repetitive ones move it.
 PROMPTS = ["hi", "word " * 150, "1 2 3 4 5 6 7 8 9 " * 30, "!!!!!!" * 100, "The cat sat on the mat. " * 20,
@@ -24,13 +23,6 @@ def guard_model():
     remote = RemoteServer(["--model", tiny_model_dir(), "--max-model-len", "1024", "--served-model-name", "guard"])
     yield remote
     remote.close()
-
-
-@pytest.fixture(scope="module")
-def receiver():
-    otlp = OTLPReceiver()
-    yield otlp
-    otlp.close()
 
 
 @pytest.fixture(scope="module")
