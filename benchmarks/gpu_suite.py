@@ -11,6 +11,7 @@ Llama-3-8B shape (benchmarks/configs/llama-3-8b, dummy bf16 weights, no download
 Every request ignores EOS, so each produces exactly its output length.
 
     python benchmarks/gpu_suite.py --out results/gpu [--model benchmarks/configs/llama-3-8b] [--skip-hf]
+        [--skip-hf-generate-batch] [--skip-variants] [--profile]
 """
 from __future__ import annotations
 
@@ -72,6 +73,22 @@ def serval_decode_batch1(llm: LLM, prompt: list[int], new_tokens: int) -> dict:
                      "decode_tokens_per_s": (new_tokens - 1) / decode_s})
     best = max(runs, key=lambda r: r["decode_tokens_per_s"])
     return {**best, "runs": runs}
+
+
+def serval_batch1_variants(llm: LLM, prompt: list[int], new_tokens: int) -> dict:
+    """Batch-1 decode with one part of the fast path switched off at a time: asynchronous scheduling, and the
+    Triton GEMV (cuBLAS instead, graphs recaptured). Says what each is worth, in the same run."""
+    engine = llm.engine
+    results = {}
+    engine.async_scheduling = False
+    results["no_async_scheduling"] = serval_decode_batch1(llm, prompt, new_tokens)
+    engine.async_scheduling = True
+    os.environ["SERVAL_GEMV"] = "cublas"
+    engine.runner.graphs.capture()
+    results["cublas_gemv"] = serval_decode_batch1(llm, prompt, new_tokens)
+    del os.environ["SERVAL_GEMV"]
+    engine.runner.graphs.capture()
+    return {name: {k: v for k, v in r.items() if k != "runs"} for name, r in results.items()}
 
 
 def serval_throughput(llm: LLM, prompts: list[list[int]], output_lens: list[int]) -> dict:
@@ -213,6 +230,10 @@ def main() -> None:
     parser.add_argument("--model", default="benchmarks/configs/llama-3-8b")
     parser.add_argument("--out", default="results/gpu")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--skip-hf-generate-batch", action="store_true",
+                        help="skip transformers' generate_batch (minutes; its number does not move with Serval's)")
+    parser.add_argument("--skip-variants", action="store_true",
+                        help="skip batch-1 with asynchronous scheduling off and with cuBLAS for the GEMVs")
     parser.add_argument("--num-requests", type=int, default=1000)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--max-num-seqs", type=int, default=256)
@@ -248,6 +269,8 @@ def main() -> None:
 
     prompt_128 = random_prompts(rng, 1, 128, 128, vocab)[0]
     run_section(results, "serval_batch1", serval_decode_batch1, llm, prompt_128, 256)
+    if not args.skip_variants:
+        run_section(results, "serval_batch1_variants", serval_batch1_variants, llm, prompt_128, 256)
     prompts_1000 = random_prompts(rng, args.num_requests, 128, 1024, vocab)
     outputs_1000 = [rng.randint(128, 512) for _ in prompts_1000]
     run_section(results, "serval_1000", serval_throughput, llm, prompts_1000, outputs_1000)
@@ -268,7 +291,8 @@ def main() -> None:
         del hf
         gc.collect()
         torch.cuda.empty_cache()
-        run_section(results, "hf_generate_batch_512x512x256", hf_generate_batch_in_child, args, prompts_512)
+        if not args.skip_hf_generate_batch:
+            run_section(results, "hf_generate_batch_512x512x256", hf_generate_batch_in_child, args, prompts_512)
 
     with open(os.path.join(args.out, "gpu_suite.json"), "w") as f:
         json.dump(results, f, indent=2)
@@ -296,6 +320,10 @@ def print_table(results: dict) -> None:
         print(f"  {label:<30}{a or float('nan'):>12.1f}{b or float('nan'):>14.1f}{ratio:>9}")
     if roof and get("serval_batch1", "decode_tokens_per_s"):
         print(f"  serval batch-1 decode = {100 * get('serval_batch1', 'decode_tokens_per_s') / roof:.1f}% of roofline")
+    for name, variant in results.get("serval_batch1_variants", {}).items():
+        if isinstance(variant, dict) and roof:
+            print(f"  batch-1 decode, {name.replace('_', ' ')}: {variant['decode_tokens_per_s']:.1f} tok/s "
+                  f"({100 * variant['decode_tokens_per_s'] / roof:.1f}% of roofline)")
     for name, section in results.items():
         if isinstance(section, dict) and "error" in section:
             print(f"  {name} FAILED: {section['error']}")

@@ -36,6 +36,7 @@ _ENGINE_HELP = {
     "device": "auto, cpu, cuda or cuda:N",
     "scheduling_policy": "fcfs or priority",
     "enforce_eager": "never capture CUDA graphs for decode steps (GPU only)",
+    "async_scheduling": "queue decode step N+1 before step N's tokens reach the host (default: on with CUDA graphs)",
 }
 
 

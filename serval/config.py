@@ -38,6 +38,9 @@ class EngineConfig:
     device: str = "auto"
     scheduling_policy: str = "fcfs"
     enforce_eager: bool = False  # True: no CUDA graphs (GPU only; CPU always runs eagerly)
+    # Queue decode step N+1 before step N's tokens reach the host. None: on where CUDA graphs run (on CPU the
+    # device and the host are the same cores, so there is nothing to overlap).
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

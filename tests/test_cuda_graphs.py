@@ -48,3 +48,16 @@ def test_graph_replay_equals_eager_in_bfloat16(tiny_models):
     eager = generate(path, prompts, device="cuda", dtype="bfloat16", enforce_eager=True, max_num_seqs=16)
     graphs = generate(path, prompts, device="cuda", dtype="bfloat16", max_num_seqs=16)
     assert graphs == eager
+
+
+@requires_cuda
+def test_async_scheduling_on_the_gpu_changes_no_token(tiny_models):
+    """Graph steps queued behind unread ones (device-side input ids, double-buffered staging) against the
+    synchronous loop, in bfloat16 where the batch-1 steps also take the Triton GEMV."""
+    path, hf_model = tiny_models("qwen3")
+    prompts = [[7 + i] * (2 + 5 * i) for i in range(6)]
+    synchronous = generate(path, prompts, device="cuda", dtype="bfloat16", max_num_seqs=8, async_scheduling=False)
+    overlapped = generate(path, prompts, device="cuda", dtype="bfloat16", max_num_seqs=8, async_scheduling=True)
+    assert overlapped == synchronous
+    alone = generate(path, prompts[:1], device="cuda", dtype="bfloat16", max_num_seqs=8, async_scheduling=True)
+    assert alone == synchronous[:1]

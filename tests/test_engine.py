@@ -104,3 +104,103 @@ def test_triton_kernels_in_the_engine_match_transformers(tiny_models, monkeypatc
     for prompt, output in zip(prompts, outputs):
         assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, 4), f"prompt of {len(prompt)}"
     assert llm.engine.get_stats().prefix_cache_hits > 0
+
+
+# ---- asynchronous scheduling (decode step N+1 queued before step N's tokens are read) ----
+def counted_launches(engine) -> list[int]:
+    """Wrap the engine's real launch_decode to count the steps it queued: proof the overlapped path ran."""
+    calls = []
+    launch = engine.runner.launch_decode
+
+    def counting(requests, previous=None):
+        calls.append(previous is not None)
+        return launch(requests, previous)
+
+    engine.runner.launch_decode = counting
+    return calls
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_async_scheduling_matches_transformers_under_pressure(tiny_models, arch):
+    path, hf_model = tiny_models(arch)
+    prompts = make_prompts(hf_model.config.vocab_size)
+    llm = LLM(model=path, skip_tokenizer_init=True, max_num_seqs=4, max_num_batched_tokens=32, block_size=4,
+              num_gpu_blocks_override=40, max_model_len=128, async_scheduling=True)
+    launches = counted_launches(llm.engine)
+    params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for prompt, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, NUM_NEW_TOKENS), f"prompt of {len(prompt)}"
+        assert output.outputs[0].finish_reason == "length"
+    assert sum(launches) > 10, "steps were meant to be queued behind unread ones"
+    stats = llm.engine.get_stats()
+    assert stats.num_preemptions > 0 and stats.num_free_blocks == stats.num_blocks
+    assert llm.engine.in_flight is None
+    llm.engine.kv_cache.check_invariants([])
+
+
+def mixed_requests(vocab_size: int, stop_token: int) -> list[tuple[list[int], SamplingParams]]:
+    prompts = make_prompts(vocab_size, count=8, seed=5)
+    return [
+        (prompts[0], SamplingParams(temperature=0.0, max_tokens=20, stop_token_ids=[stop_token])),  # stops early
+        (prompts[1], SamplingParams(temperature=0.9, seed=7, n=2, max_tokens=15, ignore_eos=True)),
+        (prompts[2], SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, seed=3, max_tokens=17,
+                                    ignore_eos=True)),
+        (prompts[3], SamplingParams(temperature=0.0, max_tokens=9, min_tokens=6, stop_token_ids=[stop_token])),
+        (prompts[4], SamplingParams(temperature=0.0, max_tokens=12, repetition_penalty=1.3, ignore_eos=True)),
+        (prompts[5], SamplingParams(temperature=0.0, max_tokens=7, logprobs=2, ignore_eos=True)),
+        (prompts[6], SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)),
+        (prompts[7], SamplingParams(temperature=1.0, seed=11, max_tokens=25, logit_bias={7: 3.0}, ignore_eos=True)),
+    ]
+
+
+@pytest.mark.parametrize("which", ["all", "overlap-safe"])
+def test_async_scheduling_gives_the_synchronous_outputs(tiny_models, which):
+    """Stops on a token (one queued row wasted), seeded sampling, n=2, min_tokens, and requests that can't overlap
+    (penalties, logprobs) in one batch: every output equals the synchronous engine's. Without min_tokens and
+    those, the batch overlaps from its first decode step, so the stop lands on a queued step."""
+    path, hf_model = tiny_models("llama")
+    greedy = hf_greedy(hf_model, make_prompts(hf_model.config.vocab_size, count=8, seed=5)[0], 6)
+    stop_token = greedy[4]
+    requests = mixed_requests(hf_model.config.vocab_size, stop_token)
+    if which == "overlap-safe":
+        requests = requests[:3] + requests[6:]
+    results = {}
+    for overlap in (False, True):
+        llm = LLM(model=path, skip_tokenizer_init=True, max_num_seqs=6, max_num_batched_tokens=64, block_size=4,
+                  max_model_len=128, async_scheduling=overlap)
+        launches = counted_launches(llm.engine)
+        outputs = llm.generate([{"prompt_token_ids": p} for p, _ in requests], [p for _, p in requests],
+                               use_tqdm=False)
+        results[overlap] = [[(c.token_ids, c.finish_reason, c.stop_reason) for c in o.outputs] for o in outputs]
+        assert (sum(launches) > 0) == overlap
+        llm.engine.kv_cache.check_invariants([])
+    assert results[True] == results[False]
+    assert results[True][0][0][1:] == ("stop", stop_token)
+    assert len(results[True][0][0][0]) == greedy.index(stop_token) + 1
+
+
+def test_abort_while_a_step_is_queued_frees_everything(tiny_models):
+    path, hf_model = tiny_models("llama")
+    prompts = make_prompts(hf_model.config.vocab_size, count=3, seed=8)
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    engine = LLM(model=path, skip_tokenizer_init=True, block_size=4, max_model_len=128,
+                 async_scheduling=True).engine
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), {"prompt_token_ids": prompt}, params)
+    while engine.in_flight is None:
+        engine.step()
+    engine.abort_request("1")
+    finished = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = output.outputs[0].token_ids
+    assert sorted(finished) == ["0", "2"]
+    for request_id in ("0", "2"):
+        assert finished[request_id] == hf_greedy(hf_model, prompts[int(request_id)], 10)
+    engine.step()  # whatever is still queued is read and dropped
+    assert engine.in_flight is None
+    stats = engine.get_stats()
+    assert stats.num_free_blocks == stats.num_blocks
+    engine.kv_cache.check_invariants([])

@@ -42,7 +42,10 @@ class DecodeGraphs:
         self._layout = {"input_ids": 0, "positions": batch, "slot_mapping": 2 * batch, "seq_lens": 3 * batch,
                         "block_tables": 4 * batch}
         size = 4 * batch + batch * self.max_blocks
-        self.staging = torch.zeros(size, dtype=torch.int32, pin_memory=True)
+        # Two staging buffers, used in turn: with asynchronous scheduling the host fills step N+1's while step N's
+        # copy may not have run yet; by the time a buffer comes round again the host has waited for that step.
+        self._stagings = [torch.zeros(size, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+        self._fills = 0
         self.inputs = torch.zeros(size, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(batch + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -86,28 +89,33 @@ class DecodeGraphs:
         return 0 < num_requests <= self.max_batch
 
     def run(self, input_ids: list[int], positions: list[int], slot_mapping: list[int], seq_lens: list[int],
-            block_tables: list[list[int]]) -> torch.Tensor:
-        """Logits [n, vocab] of a decode step of n requests (one new token each), by graph replay."""
+            block_tables: list[list[int]], source: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [n, vocab] of a decode step of n requests (one new token each), by graph replay.
+        With `source` (a device tensor of token ids), input_ids are row indices into it rather than token ids:
+        the previous step's samples, gathered on the device without the host reading them."""
         num_requests = len(input_ids)
         batch = next(size for size in self.sizes if size >= num_requests)
         self._fill(input_ids, positions, slot_mapping, seq_lens, block_tables, batch)
+        if source is not None:
+            ids = self._view("input_ids", num_requests)
+            ids.copy_(source.index_select(0, ids))
         self.graphs[batch].replay()
         return self.logits[batch][:num_requests]
 
     def _fill(self, input_ids, positions, slot_mapping, seq_lens, block_tables, batch: int) -> None:
         n = len(input_ids)
-        staging = self.staging
+        staging_tensor = self._stagings[self._fills % 2]
+        self._fills += 1
+        staging = staging_tensor.numpy()  # numpy slice assignment from lists is several times cheaper than torch's
         for name, values in (("input_ids", input_ids), ("positions", positions), ("slot_mapping", slot_mapping),
                              ("seq_lens", seq_lens)):
             start = self._layout[name]
-            if n:
-                staging[start:start + n] = torch.tensor(values, dtype=torch.int32)
+            staging[start:start + n] = values
             staging[start + n:start + batch] = -1 if name == "slot_mapping" else 0
         table_start = self._layout["block_tables"]
-        width = max((len(row) for row in block_tables), default=0)
-        if n and width:
-            rows = torch.tensor([row + [0] * (width - len(row)) for row in block_tables], dtype=torch.int32)
-            staging[table_start:table_start + n * self.max_blocks].view(n, self.max_blocks)[:, :width] = rows
+        table = staging[table_start:table_start + batch * self.max_blocks].reshape(batch, self.max_blocks)
+        for i, row in enumerate(block_tables):
+            table[i, :len(row)] = row
         # Only what this batch reads goes over: the four per-request vectors and its block-table rows.
         end = table_start + batch * self.max_blocks
-        self.inputs[:end].copy_(staging[:end], non_blocking=True)
+        self.inputs[:end].copy_(staging_tensor[:end], non_blocking=True)

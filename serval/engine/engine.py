@@ -16,9 +16,9 @@ import torch
 from serval.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from serval.engine.detokenizer import IncrementalDetokenizer, find_stop_string, stop_holdback
 from serval.engine.kv_cache import KVCacheManager
-from serval.engine.model_runner import ModelRunner, ModelRunnerOutput
+from serval.engine.model_runner import DecodeInFlight, ModelRunner, ModelRunnerOutput
 from serval.engine.request import Request, RequestStatus
-from serval.engine.scheduler import Scheduler
+from serval.engine.scheduler import Scheduler, SchedulerOutput
 from serval.model.default_model import default_model_path
 from serval.model.loader import load_model
 from serval.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -75,6 +75,10 @@ class LLMEngine:
         self.vocab_size = self.model.vocab_size
         self.eos_token_id = _eos_token_id(self.hf_config, self.tokenizer)
         self.parents: dict[str, ProcessedRequest] = {}
+        self.async_scheduling = (self.config.async_scheduling if self.config.async_scheduling is not None
+                                 else self.runner.graphs is not None)
+        # With asynchronous scheduling: the decode step queued on the device whose tokens are not processed yet.
+        self.in_flight: DecodeInFlight | None = None
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         logger.info("engine ready", extra={"model": self.config.model, "device": str(self.device),
@@ -143,9 +147,15 @@ class LLMEngine:
 
     # ---- one step ----
     def step(self) -> list[RequestOutput]:
+        if self.in_flight is not None:
+            return self._finish_in_flight()
         scheduled = self.scheduler.schedule()
         if not scheduled.requests:
             return []
+        if self.async_scheduling and self._can_overlap(scheduled):
+            self.in_flight = self.runner.launch_decode(scheduled.requests)
+            self.scheduler.update(scheduled)
+            return self._finish_in_flight()
         runner_output = self.runner.execute(scheduled)
         self.scheduler.update(scheduled)
         return self._process(scheduled.requests, runner_output)
@@ -155,6 +165,56 @@ class LLMEngine:
                            self.kv_cache.num_free_blocks, self.kv_cache.num_blocks,
                            self.kv_cache.prefix_cache_queries, self.kv_cache.prefix_cache_hits,
                            self.scheduler.num_preemptions, self.num_prompt_tokens, self.num_generation_tokens)
+
+    # ---- asynchronous scheduling ----
+    # While the device runs decode step N, the host queues step N+1 (its input ids gathered on the device from
+    # step N's samples) and only then waits for step N's tokens and processes them: detokenizing, stop checks and
+    # the next launch overlap the device's work instead of leaving it idle between steps. Step N+1 assumes every
+    # request goes on; one that stops on step N's token (EOS, a stop string) has one wasted row in step N+1, which
+    # is dropped. Only plain decode batches overlap: anything that needs step N's tokens on the host before
+    # sampling step N+1 (penalties, grammars, min_tokens still masking, logprobs) or a change in the batch (a
+    # waiting request to admit, a prompt chunk) takes the synchronous path for that step.
+    def _can_overlap(self, scheduled: SchedulerOutput) -> bool:
+        return all(num_new == 1 and request.num_computed_tokens + 1 == request.num_tokens
+                   and self._overlap_safe(request, 0)
+                   for request, num_new in zip(scheduled.requests, scheduled.num_scheduled_tokens))
+
+    @staticmethod
+    def _overlap_safe(request: Request, num_pending: int) -> bool:
+        """Can the request's next token be sampled while num_pending of its tokens are still on the device?"""
+        params = request.sampling_params
+        return (params.logprobs is None and request.grammar is None and request.prompt_logprobs is None
+                and params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
+                and params.presence_penalty == 0.0 and request.num_output_tokens + num_pending >= params.min_tokens)
+
+    def _finish_in_flight(self) -> list[RequestOutput]:
+        current, self.in_flight = self.in_flight, None
+        following = self._launch_following(current)
+        token_ids = current.token_ids()  # waits for the device: `following` is queued behind it by now
+        none = [None] * len(token_ids)
+        outputs = self._process(current.requests, ModelRunnerOutput(token_ids, none, none))
+        if following is not None:
+            live = [request for request in following.requests if not request.is_finished]
+            if live:  # the rest stopped on current's tokens: their rows in `following` are never read
+                self.scheduler.update(SchedulerOutput(live, [1] * len(live)))
+                self.in_flight = following
+        return outputs
+
+    def _launch_following(self, current: DecodeInFlight) -> DecodeInFlight | None:
+        """Queue the decode step after `current`, before its tokens are known; None where that isn't safe."""
+        scheduler = self.scheduler
+        running = [request for request in current.requests if not request.is_finished]
+        if len(running) != scheduler.num_running or (scheduler.num_waiting
+                                                      and scheduler.num_running < scheduler.max_num_seqs):
+            return None  # the batch changes: requests to admit, or running ones that weren't in this step
+        # A request that reaches its length limit with current's token is known to stop: leave it out.
+        following = [request for request in running if request.num_output_tokens + 1 < request.max_tokens]
+        if not following or not all(self._overlap_safe(request, 1) for request in following):
+            return None
+        for request in following:
+            if not self.kv_cache.allocate(request, 1):
+                return None  # out of blocks: the synchronous step will preempt
+        return self.runner.launch_decode(following, previous=current)
 
     # ---- internals ----
     def _validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
@@ -194,6 +254,8 @@ class LLMEngine:
         now = time.monotonic()
         for request, token_id, logprobs, prompt_logprobs in zip(
                 requests, runner_output.sampled_token_ids, runner_output.logprobs, runner_output.prompt_logprobs):
+            if request.is_finished:  # aborted, or (asynchronous scheduling) stopped on the previous step's token
+                continue
             if prompt_logprobs is not None:
                 request.prompt_logprobs.extend(self._decoded(entry) for entry in prompt_logprobs)
             if token_id is None:

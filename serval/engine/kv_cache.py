@@ -134,6 +134,9 @@ class KVCacheManager:
 
     def _cache_full_blocks(self, request: Request, num_full_blocks: int) -> None:
         self._update_block_hashes(request)
+        # With asynchronous scheduling a block can fill with a token the host hasn't read yet: it has no hash
+        # until then, and the next allocation registers it (the scan below walks back to it).
+        num_full_blocks = min(num_full_blocks, len(request.block_hashes))
         # Blocks are registered in order as they fill, so only those after the last registered one can be new:
         # scanning from the end keeps a decode step O(1) per request rather than O(blocks).
         first = num_full_blocks

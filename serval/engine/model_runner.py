@@ -27,6 +27,22 @@ class ModelRunnerOutput:
 
 
 @dataclass
+class DecodeInFlight:
+    """A decode step queued on the device whose sampled tokens the host has not read yet (asynchronous
+    scheduling): the next step can take its input ids from `token_ids_device` while this one still runs."""
+    requests: list[Request]
+    token_ids_device: torch.Tensor  # [n] int64
+    token_ids_host: torch.Tensor  # [n] int64, pinned on CUDA: filled by a copy queued after the sampler
+    copied: torch.cuda.Event | None  # recorded after that copy; None on CPU, where it is already done
+
+    def token_ids(self) -> list[int]:
+        """Wait for the step and return its sampled tokens, in request order."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.token_ids_host.tolist()
+
+
+@dataclass
 class _BatchPlan:
     input_ids: list[int]
     positions: list[int]
@@ -108,6 +124,45 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[self._tensor(plan.sample_rows + prompt_flat_rows, torch.int64)])
         num_sampled = len(plan.sample_rows)
         return self._outputs(scheduled, plan, logits[:num_sampled], logits[num_sampled:])
+
+    @torch.inference_mode()
+    def launch_decode(self, requests: list[Request], previous: DecodeInFlight | None = None) -> DecodeInFlight:
+        """Queue a decode step (one new token per request at position num_computed_tokens) and its sampling,
+        without waiting for the device. Input ids come from the requests' tokens or, when `previous` is given,
+        from the tokens `previous` sampled on the device, which the host need not have seen: that is what lets
+        step N+1 be queued while step N runs. Requests must not need logprobs (they are read back eagerly)."""
+        block_size = self.block_size
+        positions = [request.num_computed_tokens for request in requests]
+        slot_mapping = [request.block_ids[p // block_size] * block_size + p % block_size
+                        for request, p in zip(requests, positions)]
+        seq_lens = [p + 1 for p in positions]
+        source = None
+        if previous is None:
+            input_ids = [request.all_token_ids[p] for request, p in zip(requests, positions)]
+        else:
+            row = {id(request): i for i, request in enumerate(previous.requests)}
+            input_ids = [row[id(request)] for request in requests]  # rows of previous.token_ids_device
+            source = previous.token_ids_device
+        if self.graphs is not None and self.graphs.can_run(len(requests)):
+            logits = self.graphs.run(input_ids, positions, slot_mapping, seq_lens,
+                                     [request.block_ids for request in requests], source)
+        else:
+            ids = self._tensor(input_ids, torch.int64)
+            if source is not None:
+                ids = source.index_select(0, ids)
+            metadata = AttentionMetadata(
+                slot_mapping=self._tensor(slot_mapping, torch.int64), query_start_loc=list(range(len(requests) + 1)),
+                seq_lens=seq_lens, block_tables=self._block_tables(requests), block_size=self.block_size)
+            hidden = self.model(ids, self._tensor(positions, torch.int64), self.kv_caches, metadata)
+            logits = self.model.compute_logits(hidden)
+        token_ids = sampler.sample_token_tensor(logits, requests)
+        if self.device.type != "cuda":
+            return DecodeInFlight(requests, token_ids, token_ids, None)
+        host = torch.empty(len(requests), dtype=torch.int64, pin_memory=True)
+        host.copy_(token_ids, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return DecodeInFlight(requests, token_ids, host, copied)
 
     def _plan(self, scheduled: SchedulerOutput) -> _BatchPlan:
         plan = _BatchPlan([], [], [], [0], [], [], [], [])

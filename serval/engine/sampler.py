@@ -39,12 +39,7 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
     logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
     # vLLM's default logprobs mode ("raw_logprobs"): what the model said, before any processing.
     raw_logprobs = torch.log_softmax(logits[logprob_rows], dim=-1) if logprob_rows else None
-
-    _apply_logit_bias(logits, params)
-    _apply_min_tokens(logits, requests)
-    _apply_penalties(logits, requests)
-    _apply_grammar_mask(logits, requests)
-    token_ids = _sample_tokens(logits, requests)
+    token_ids = sample_token_tensor(logits, requests)
 
     logprobs: list[dict[int, Logprob] | None] = [None] * len(requests)
     if raw_logprobs is not None:
@@ -55,6 +50,18 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
     return SamplerOutput(sampled_token_ids=token_ids.tolist(), logprobs=logprobs)
 
 
+def sample_token_tensor(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """The sampled token ids [B] (int64, on the logits' device), without waiting for the device: nothing here
+    reads a result back, so the runner can queue the next step before these are known (asynchronous
+    scheduling). Consumes float32 logits as sample() does."""
+    logits = logits.float()
+    _apply_logit_bias(logits, [request.sampling_params for request in requests])
+    _apply_min_tokens(logits, requests)
+    _apply_penalties(logits, requests)
+    _apply_grammar_mask(logits, requests)
+    return _sample_tokens(logits, requests)
+
+
 def compute_prompt_logprobs(logits: torch.Tensor, target_token_ids: torch.Tensor,
                             num_top: int) -> list[dict[int, Logprob]]:
     """Row j: the logprob (and rank) of target_token_ids[j] under logits[j], plus the top-num_top alternatives."""
@@ -62,17 +69,19 @@ def compute_prompt_logprobs(logits: torch.Tensor, target_token_ids: torch.Tensor
     return _logprob_entries(logprobs, target_token_ids.to(logprobs.device, torch.int64), [num_top] * len(logprobs))
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
+                      max_top_k: int | None = None) -> torch.Tensor:
     """Mask to -inf what top_k [B] (int, V = off) and top_p [B] (float, 1.0 = off) drop; returns new logits.
 
     top_p keeps the smallest set of most likely tokens whose probability, renormalized after top_k, reaches
-    top_p; the most likely token always stays. Ties at the top_k threshold are all kept.
+    top_p; the most likely token always stays. Ties at the top_k threshold are all kept. max_top_k (top_k's
+    largest value, when the caller knows it) saves reading it back from the device.
     """
     if top_k is None and top_p is None:
         return logits
     if top_p is None:
         # top_k alone needs no full sort: the k-th largest value is the threshold.
-        max_k = int(top_k.max())
+        max_k = max_top_k if max_top_k is not None else int(top_k.max())
         top_values = logits.topk(max_k, dim=-1).values
         threshold = top_values.gather(1, (top_k - 1).clamp(min=0).unsqueeze(1))
         return logits.masked_fill(logits < threshold, _NEG_INF)
@@ -98,7 +107,7 @@ def _apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> Non
                 values.append(bias)
     if rows:
         index = (_tensor(rows, logits), _tensor(cols, logits))
-        logits.index_put_(index, torch.tensor(values, dtype=logits.dtype, device=logits.device), accumulate=True)
+        logits.index_put_(index, _to_device(values, logits.dtype, logits.device), accumulate=True)
 
 
 def _apply_min_tokens(logits: torch.Tensor, requests: list[Request]) -> None:
@@ -128,12 +137,12 @@ def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
     vocab_size = logits.shape[1]
     if any(p.repetition_penalty != 1.0 for p in params):
         seen = _token_counts([r.all_token_ids for r in penalized], vocab_size, logits) > 0
-        penalty = torch.tensor([p.repetition_penalty for p in params], device=logits.device).unsqueeze(1)
+        penalty = _to_device([p.repetition_penalty for p in params], torch.float32, logits.device).unsqueeze(1)
         sub = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
     if any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params):
         counts = _token_counts([r.output_token_ids for r in penalized], vocab_size, logits)
-        frequency = torch.tensor([p.frequency_penalty for p in params], device=logits.device).unsqueeze(1)
-        presence = torch.tensor([p.presence_penalty for p in params], device=logits.device).unsqueeze(1)
+        frequency = _to_device([p.frequency_penalty for p in params], torch.float32, logits.device).unsqueeze(1)
+        presence = _to_device([p.presence_penalty for p in params], torch.float32, logits.device).unsqueeze(1)
         sub = sub - frequency * counts - presence * (counts > 0).float()
     logits[rows] = sub
 
@@ -185,12 +194,12 @@ def _sample_tokens(logits: torch.Tensor, requests: list[Request]) -> torch.Tenso
         return logits.argmax(dim=-1)
     device = logits.device
     greedy_tokens = logits.argmax(dim=-1) if any(greedy) else None
-    temperature = torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)], device=device)
+    temperature = _to_device([1.0 if g else p.temperature for g, p in zip(greedy, params)], torch.float32, device)
     logits.div_(temperature.unsqueeze(1))
 
     if any(p.min_p > 0.0 for p in params):
         probs = logits.softmax(dim=-1)
-        min_p = torch.tensor([p.min_p for p in params], device=device)
+        min_p = _to_device([p.min_p for p in params], torch.float32, device)
         threshold = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
         logits.masked_fill_(probs < threshold, _NEG_INF)
 
@@ -199,14 +208,16 @@ def _sample_tokens(logits: torch.Tensor, requests: list[Request]) -> torch.Tenso
     top_p = [p.top_p for p in params]
     logits = apply_top_k_top_p(
         logits,
-        torch.tensor(top_k, device=device).clamp(max=vocab_size) if any(k < vocab_size for k in top_k) else None,
-        torch.tensor(top_p, device=device) if any(p < 1.0 for p in top_p) else None)
+        _to_device([min(k, vocab_size) for k in top_k], torch.int64, device) if any(k < vocab_size for k in top_k)
+        else None,
+        _to_device(top_p, torch.float32, device) if any(p < 1.0 for p in top_p) else None,
+        max_top_k=min(max(top_k), vocab_size))
 
     probs = logits.softmax(dim=-1)
     random_tokens = probs.div_(_exponential_noise(probs, requests, greedy)).argmax(dim=-1)
     if greedy_tokens is None:
         return random_tokens
-    return torch.where(torch.tensor(greedy, device=device), greedy_tokens, random_tokens)
+    return torch.where(_to_device(greedy, torch.bool, device), greedy_tokens, random_tokens)
 
 
 def _exponential_noise(probs: torch.Tensor, requests: list[Request], greedy: list[bool]) -> torch.Tensor:
@@ -244,4 +255,13 @@ def _logprob_entries(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: l
 
 
 def _tensor(values: list[int], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int64, device=like.device)
+    return _to_device(values, torch.int64, like.device)
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on the device. From pinned memory the copy is queued behind the step's kernels rather
+    than waited for, which a plain torch.tensor(..., device="cuda") would do."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)

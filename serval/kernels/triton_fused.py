@@ -66,8 +66,10 @@ def _rotate_heads(base_ptr, stride_head, num_heads, cos, sin, dims, dim_valid,
 
 @triton.jit
 def _rotary_kernel(query_ptr, key_ptr, cos_ptr, sin_ptr, positions_ptr, stride_query_token, stride_query_head,
-                   stride_key_token, stride_key_head, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
-                   HEADS_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+                   stride_key_token, stride_key_head, value_ptr, key_cache_ptr, value_cache_ptr, slot_mapping_ptr,
+                   stride_value_token, stride_value_head, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+                   HEADS_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, WRITE_KV: tl.constexpr,
+                   KV_HEADS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
     dims = tl.arange(0, HALF_PAD)
@@ -78,21 +80,45 @@ def _rotary_kernel(query_ptr, key_ptr, cos_ptr, sin_ptr, positions_ptr, stride_q
                   HEADS_PAD, HALF)
     _rotate_heads(key_ptr + token * stride_key_token, stride_key_head, NUM_KV_HEADS, cos, sin, dims, dim_valid,
                   HEADS_PAD, HALF)
+    if WRITE_KV:
+        # The K/V write of serval.kernels.triton_attention.write_kv, here so a decode step launches one kernel
+        # fewer per layer. Its threads read k in another layout than the rotation wrote it: barrier first.
+        tl.debug_barrier()
+        slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+        if slot >= 0:  # slot < 0: a padding row of a captured batch
+            heads = tl.arange(0, KV_HEADS_PAD)[:, None]
+            cols = tl.arange(0, HEAD_DIM_PAD)[None, :]
+            mask = (heads < NUM_KV_HEADS) & (cols < 2 * HALF)
+            cache_offset = slot * NUM_KV_HEADS * 2 * HALF + heads * 2 * HALF + cols
+            key = tl.load(key_ptr + token * stride_key_token + heads * stride_key_head + cols, mask=mask)
+            tl.store(key_cache_ptr + cache_offset, key.to(key_cache_ptr.dtype.element_ty), mask=mask)
+            value = tl.load(value_ptr + token * stride_value_token + heads * stride_value_head + cols, mask=mask)
+            tl.store(value_cache_ptr + cache_offset, value.to(value_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def rotary_(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_cache: torch.Tensor,
-            sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            sin_cache: torch.Tensor, value: torch.Tensor | None = None, kv_cache: torch.Tensor | None = None,
+            slot_mapping: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate query [T, H, D] and key [T, KVH, D] in place by position (cos/sin caches [positions, D/2], float32);
-    they may be strided views of the merged qkv projection. Returns them."""
+    they may be strided views of the merged qkv projection. Returns them. With value, kv_cache and slot_mapping,
+    also stores the rotated key and the value at their slots as triton_attention.write_kv does (slot < 0:
+    skipped), in the same kernel."""
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[1]
     assert query.stride(-1) == 1 and key.stride(-1) == 1 and cos_cache.is_contiguous()
+    write_kv = kv_cache is not None
+    if write_kv:
+        assert value.stride(-1) == 1 and kv_cache.is_contiguous()
     if num_tokens:
         _rotary_kernel[(num_tokens,)](
             query, key, cos_cache, sin_cache, positions, query.stride(0), query.stride(1), key.stride(0),
-            key.stride(1), NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
+            key.stride(1), value if write_kv else key, kv_cache[0] if write_kv else key,
+            kv_cache[1] if write_kv else key, slot_mapping if write_kv else positions,
+            value.stride(0) if write_kv else 0, value.stride(1) if write_kv else 0,
+            NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
             HEADS_PAD=triton.next_power_of_2(max(num_heads, num_kv_heads)), HALF=head_dim // 2,
-            HALF_PAD=triton.next_power_of_2(head_dim // 2))
+            HALF_PAD=triton.next_power_of_2(head_dim // 2), WRITE_KV=write_kv,
+            KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM_PAD=triton.next_power_of_2(head_dim))
     return query, key
 
 

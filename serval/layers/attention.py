@@ -65,12 +65,14 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self._backend = None  # chosen on the first call, when the device is known
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                metadata: AttentionMetadata) -> torch.Tensor:
-        """query [T, H, D], key/value [T, KVH, D] for this step's tokens -> [T, H, D]."""
+    def forward(self, query: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor | None,
+                kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """query [T, H, D], key/value [T, KVH, D] for this step's tokens -> [T, H, D]. key and value None: they
+        are in the cache already (RotaryEmbedding.rotate_and_write_kv wrote them)."""
         if self._backend is None:
             self._backend = attention_backend(query.device)
-        self._backend.write_kv(kv_cache, key, value, metadata.slot_mapping)
+        if key is not None:
+            self._backend.write_kv(kv_cache, key, value, metadata.slot_mapping)
         return self._backend.paged_attention(query, kv_cache, metadata, self.scale, self.sliding_window)
 
 

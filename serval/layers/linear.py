@@ -3,12 +3,18 @@
 q/k/v share one input and so do gate/up: one [sum(out), in] weight turns three (or two) small GEMMs into one,
 which matters most at decode batch sizes where each GEMM is bandwidth-bound. A checkpoint stores the parts
 separately; `load_shard` copies each into its rows. Quantization (later) replaces these modules; the model
-only calls them.
+only calls them. On a GPU a single half-precision row goes to the Triton GEMV (SERVAL_GEMV=cublas: torch's matmul).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
+
+from serval.layers.activation import silu_and_mul
+
+_GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
 
 class Linear(nn.Linear):
@@ -19,6 +25,27 @@ class Linear(nn.Linear):
     def reset_parameters(self) -> None:
         # Kaiming init is overwritten by every load path and costs seconds on large models on CPU.
         pass
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _takes_gemv(x, self.in_features):
+            from serval.kernels import triton_gemv
+            return triton_gemv.gemv(x, self.weight, self.bias).view(*x.shape[:-1], self.out_features)
+        return super().forward(x)
+
+    def forward_silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """self(silu(gate) * up) of a merged gate/up output; for one row on a GPU, one fused GEMV."""
+        if _takes_gemv(gate_up, 2 * self.in_features):
+            from serval.kernels import triton_gemv
+            out = triton_gemv.gemv(gate_up, self.weight, self.bias, gated=True)
+            return out.view(*gate_up.shape[:-1], self.out_features)
+        return self(silu_and_mul(gate_up))
+
+
+def _takes_gemv(x: torch.Tensor, row_length: int) -> bool:
+    """One row on a GPU in half precision: batch-1 decode, where reading the weight is the whole cost and the
+    Triton GEMV reads every projection faster than cuBLAS (serval.kernels.triton_gemv)."""
+    return (x.is_cuda and x.dtype in _GEMV_DTYPES and x.numel() == row_length
+            and os.environ.get("SERVAL_GEMV", "triton") != "cublas")
 
 
 class MergedLinear(Linear):

@@ -85,3 +85,11 @@ class RotaryEmbedding(nn.Module):
             return triton_fused.rotary_(positions, query, key, self.cos_cache, self.sin_cache)
         cos, sin = self.cos_cache[positions], self.sin_cache[positions]
         return apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+
+    def rotate_and_write_kv(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                            value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+        """CUDA only: rotate query and key in place and store the rotated key and value at their cache slots, in
+        one kernel (one launch fewer per layer than rotating and then writing). Returns query."""
+        from serval.kernels import triton_fused
+        triton_fused.rotary_(positions, query, key, self.cos_cache, self.sin_cache, value, kv_cache, slot_mapping)
+        return query

@@ -17,7 +17,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from serval.layers.activation import get_act_and_mul
+from serval.layers.activation import get_act_and_mul, silu_and_mul
 from serval.layers.attention import Attention, AttentionMetadata
 from serval.layers.linear import Linear, MergedLinear, gate_up_linear, qkv_linear
 from serval.layers.norm import RMSNorm
@@ -72,8 +72,12 @@ class LlamaAttention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(q, k, v, kv_cache, metadata)
+        if q.is_cuda:  # the K/V write is fused into the rotary kernel; attention only reads the cache
+            q = self.rotary_emb.rotate_and_write_kv(positions, q, k, v, kv_cache, metadata.slot_mapping)
+            out = self.attn(q, None, None, kv_cache, metadata)
+        else:
+            q, k = self.rotary_emb(positions, q, k)
+            out = self.attn(q, k, v, kv_cache, metadata)
         return self.o_proj(out.view(num_tokens, self.num_heads * self.head_dim))
 
 
@@ -86,6 +90,8 @@ class LlamaMLP(nn.Module):
         self.act_and_mul = get_act_and_mul(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_and_mul is silu_and_mul:
+            return self.down_proj.forward_silu_and_mul(self.gate_up_proj(x))
         return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
 
 

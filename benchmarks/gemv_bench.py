@@ -1,0 +1,100 @@
+"""Batch-1 projections of the Llama-3-8B shape on a GPU: cuBLAS (torch's F.linear) against the Triton GEMV
+(serval.kernels.triton_gemv) over a grid of its block sizes, in GB/s of weight read.
+
+Each measurement replays a CUDA graph of one product per weight over enough distinct weight matrices (>= 400 MB)
+that nothing is served from the 50 MB L2, as in a decode step where every weight is read once; the graph removes
+launch gaps, as the engine's decode graphs do. Prints a table and writes JSON.
+
+    python benchmarks/gemv_bench.py [--out DIR] [--dtype bfloat16]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+from serval.kernels import triton_gemv
+
+# (name, N, K) of Llama-3-8B's projections: merged q/k/v, o, merged gate/up, down, lm_head.
+SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
+          ("lm_head", 128256, 4096)]
+GRID = list(itertools.product((2, 4, 8), (1024, 2048, 4096), (4, 8, 16)))
+
+
+def time_graph(fn, weights: list[torch.Tensor], x: torch.Tensor, repeats: int = 20) -> float:
+    """Seconds per product, from a graph of one product per weight replayed `repeats` times."""
+    for w in weights[:2]:
+        fn(x, w)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for w in weights:
+            fn(x, w)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / (repeats * len(weights))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="results")
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    x = torch.randn(1, 14336, device="cuda", dtype=dtype)
+    rows = []
+    for name, n, k in SHAPES:
+        weight_bytes = n * k * x.element_size()
+        copies = max(2, -(-400 * 2**20 // weight_bytes))
+        weights = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(copies)]
+        xk = x[:, :k].contiguous()
+        reference = F.linear(xk, weights[0]).float()
+        cublas = time_graph(lambda a, w: F.linear(a, w), weights, xk)
+        results = {}
+        for config in GRID:
+            got = triton_gemv.gemv(xk, weights[0], config=config).float()
+            if not torch.allclose(got, reference, atol=5e-2, rtol=5e-2):
+                raise AssertionError(f"{name} {config}: max error {(got - reference).abs().max().item()}")
+            results[config] = time_graph(lambda a, w, c=config: triton_gemv.gemv(a, w, config=c), weights, xk)
+        default = triton_gemv.DEFAULT_CONFIG
+        best = min(results, key=results.get)
+        row = {"name": name, "N": n, "K": k, "mb": weight_bytes / 1e6,
+               "cublas_us": cublas * 1e6, "cublas_gbs": weight_bytes / cublas / 1e9,
+               "default_config": list(default), "default_us": results[default] * 1e6,
+               "default_gbs": weight_bytes / results[default] / 1e9,
+               "best_config": list(best), "best_us": results[best] * 1e6,
+               "best_gbs": weight_bytes / results[best] / 1e9,
+               "all_us": {str(c): t * 1e6 for c, t in results.items()}}
+        rows.append(row)
+        del weights
+        torch.cuda.empty_cache()
+    print(f"device: {torch.cuda.get_device_name()}, dtype {args.dtype}, batch 1")
+    print(f"{'proj':8} {'N x K':>13} {'MB':>7} | {'cuBLAS us':>9} {'GB/s':>6} | {'Triton default':>15} {'us':>7} "
+          f"{'GB/s':>6} | {'best config':>15} {'us':>7} {'GB/s':>6}")
+    for r in rows:
+        print(f"{r['name']:8} {r['N']:>6}x{r['K']:<6} {r['mb']:7.1f} | {r['cublas_us']:9.1f} {r['cublas_gbs']:6.0f} | "
+              f"{str(tuple(r['default_config'])):>15} {r['default_us']:7.1f} {r['default_gbs']:6.0f} | "
+              f"{str(tuple(r['best_config'])):>15} {r['best_us']:7.1f} {r['best_gbs']:6.0f}")
+    # Per decode step of the 32-layer model: 32 x (qkv + o + gate_up + down) + lm_head.
+    layer = {r["name"]: r for r in rows}
+    for key in ("cublas_us", "default_us", "best_us"):
+        total = sum(32 * layer[p][key] for p in ("qkv", "o", "gate_up", "down")) + layer["lm_head"][key]
+        print(f"one decode step's projections, {key[:-3]}: {total / 1e3:.3f} ms")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gemv_bench.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "dtype": args.dtype, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

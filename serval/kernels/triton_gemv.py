@@ -1,0 +1,83 @@
+"""Matrix-vector products for decode at batch 1: y [1, N] = x [1, K] @ W [N, K]^T (+ bias), in Triton.
+
+Why: a batch-1 decode step is nothing but reading every weight once, so its speed is the speed at which the
+projections stream W from memory. cuBLAS reads the large gate/up projection of an 8B model near the copy
+bandwidth, but the smaller q/k/v and o projections at 40 to 80% of it, and adds a split-K reduction kernel to
+some of them (docs/performance.md, issue 7's profile). Here each program owns BLOCK_N whole rows of W and
+walks K in BLOCK_K steps, keeping a [BLOCK_N, BLOCK_K] float32 partial sum so that the only reduction across
+threads is one per program, at the end. With rows this short the grid has hundreds to thousands of programs even
+for the smallest projection, enough to keep every SM's loads in flight, and no second kernel is needed.
+
+The torch reference is x @ W.T (serval.layers.linear); the tests compare against it in the interpreter on CPU.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Rows per program, K per step, warps: the fastest of benchmarks/gemv_bench.py's grid on an H100 for every
+# projection of the Llama-3-8B shape (docs/results/gemv_bench_h100.json); 2.6 to 3.2 TB/s against cuBLAS's
+# 2.2 to 2.8.
+DEFAULT_CONFIG = (2, 2048, 8)
+
+
+@triton.jit
+def _load(ptr, mask, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptr, mask=mask, other=0.0)
+    return tl.load(ptr)
+
+
+@triton.jit
+def _load_x(x_ptr, offsets, K, mask, GATED: tl.constexpr, MASKED: tl.constexpr):
+    if GATED:  # x = silu(gate) * up of the merged gate/up output [gate | up], rounded as silu_and_mul rounds it
+        gate = _load(x_ptr + offsets, mask, MASKED)
+        up = _load(x_ptr + K + offsets, mask, MASKED).to(tl.float32)
+        gate32 = gate.to(tl.float32)
+        return (gate32 * tl.sigmoid(gate32) * up).to(gate.dtype).to(tl.float32)
+    return _load(x_ptr + offsets, mask, MASKED).to(tl.float32)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, N, K, stride_w, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+                 EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_valid = rows < N
+    # A row past N reads row N-1 again rather than masking: every load stays unmasked along K when K is even.
+    safe_rows = tl.where(row_valid, rows, N - 1).to(tl.int64)
+    cols = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + safe_rows[:, None] * stride_w
+    partial = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_rows + (k + cols)[None, :], eviction_policy="evict_first")
+            x = _load_x(x_ptr, k + cols, K, None, GATED, False)
+        else:
+            col_valid = (k + cols) < K
+            w = tl.load(w_rows + (k + cols)[None, :], mask=col_valid[None, :], other=0.0,
+                        eviction_policy="evict_first")
+            x = _load_x(x_ptr, k + cols, K, col_valid, GATED, True)
+        partial += w.to(tl.float32) * x[None, :]
+    y = tl.sum(partial, axis=1)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rows, mask=row_valid, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_valid)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         config: tuple[int, int, int] | None = None, gated: bool = False) -> torch.Tensor:
+    """x [1, K] (any leading shape with one row) @ weight [N, K]^T + bias [N] -> [1, N], in x's dtype.
+    gated: x is [1, 2K], a merged gate/up output, and the product is with silu(gate) * up (SwiGLU fused into the
+    down projection: one kernel, and the [1, K] activation never goes to memory). Accumulates in float32, as
+    cuBLAS does. config: (BLOCK_N, BLOCK_K, num_warps)."""
+    n, k = weight.shape
+    assert x.numel() == (2 * k if gated else k) and weight.stride(1) == 1, (x.shape, weight.shape, weight.stride())
+    x = x.reshape(-1).contiguous()
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    block_n, block_k, num_warps = config or DEFAULT_CONFIG
+    block_k = min(block_k, triton.next_power_of_2(k))
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, y, n, k, weight.stride(0), HAS_BIAS=bias is not None,
+        GATED=gated, EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+    return y
