@@ -76,17 +76,19 @@ def serval_decode_batch1(llm: LLM, prompt: list[int], new_tokens: int) -> dict:
 
 
 def serval_batch1_variants(llm: LLM, prompt: list[int], new_tokens: int) -> dict:
-    """Batch-1 decode with one part of the fast path switched off at a time: asynchronous scheduling, and the
-    Triton GEMV (cuBLAS instead, graphs recaptured). Says what each is worth, in the same run."""
+    """Batch-1 decode with one part of the fast path switched off at a time: asynchronous scheduling; the Triton
+    GEMV (cuBLAS instead); programmatic dependent launch. Graphs are recaptured for the kernel switches. Says
+    what each is worth, in the same run."""
     engine = llm.engine
     results = {}
     engine.async_scheduling = False
     results["no_async_scheduling"] = serval_decode_batch1(llm, prompt, new_tokens)
     engine.async_scheduling = True
-    os.environ["SERVAL_GEMV"] = "cublas"
-    engine.runner.graphs.capture()
-    results["cublas_gemv"] = serval_decode_batch1(llm, prompt, new_tokens)
-    del os.environ["SERVAL_GEMV"]
+    for name, variable, value in (("cublas_gemv", "SERVAL_GEMV", "cublas"), ("no_pdl", "SERVAL_PDL", "0")):
+        os.environ[variable] = value
+        engine.runner.graphs.capture()
+        results[name] = serval_decode_batch1(llm, prompt, new_tokens)
+        del os.environ[variable]
     engine.runner.graphs.capture()
     return {name: {k: v for k, v in r.items() if k != "runs"} for name, r in results.items()}
 
@@ -233,7 +235,7 @@ def main() -> None:
     parser.add_argument("--skip-hf-generate-batch", action="store_true",
                         help="skip transformers' generate_batch (minutes; its number does not move with Serval's)")
     parser.add_argument("--skip-variants", action="store_true",
-                        help="skip batch-1 with asynchronous scheduling off and with cuBLAS for the GEMVs")
+                        help="skip batch-1 with asynchronous scheduling, the Triton GEMV or PDL switched off")
     parser.add_argument("--num-requests", type=int, default=1000)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--max-num-seqs", type=int, default=256)

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from serval.kernels import pdl
+
 if TYPE_CHECKING:
     from serval.layers.attention import AttentionMetadata
 
@@ -73,7 +75,8 @@ def _attention_kernel(query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partia
                       NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                       BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                       BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                      USE_WINDOW: tl.constexpr):
+                      USE_WINDOW: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl.wait(USE_PDL)
     query_tile = tl.program_id(0)
     seq = tl.program_id(1)
     kv_head = tl.program_id(2) // NUM_SPLITS
@@ -188,7 +191,7 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size,
         TILE_N=_TILE_N, NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None,
-        num_warps=4, num_stages=2)
+        num_warps=4, num_stages=2, **pdl.launch_options(query))
     if num_splits > 1:
         _combine_splits(partial_out, partial_lse, out)
     return out
@@ -197,7 +200,8 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
 @triton.jit
 def _combine_splits_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, stride_out_token, stride_out_head,
                            NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                           HEAD_DIM_PAD: tl.constexpr):
+                           HEAD_DIM_PAD: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl.wait(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     first = (token * NUM_HEADS + head) * NUM_SPLITS
@@ -220,4 +224,4 @@ def _combine_splits(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: t
     num_tokens, num_heads, num_splits, head_dim = partial_out.shape
     _combine_splits_kernel[(num_tokens, num_heads)](
         partial_out, partial_lse, out, out.stride(0), out.stride(1), NUM_HEADS=num_heads, NUM_SPLITS=num_splits,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim))
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), **pdl.launch_options(out))

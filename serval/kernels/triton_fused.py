@@ -14,11 +14,14 @@ import torch
 import triton
 import triton.language as tl
 
+from serval.kernels import pdl
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, stride_x, stride_residual,
                      stride_out, stride_residual_out, hidden_size, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl.wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden_size
@@ -47,7 +50,7 @@ def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
         _rms_norm_kernel[(rows.shape[0],)](
             rows, residual_rows, weight, out, residual_out, rows.stride(0), residual_rows.stride(0), out.stride(0),
             residual_out.stride(0), hidden_size, eps, HAS_RESIDUAL=residual is not None, BLOCK=block,
-            num_warps=min(max(block // 256, 1), 16))
+            num_warps=min(max(block // 256, 1), 16), **pdl.launch_options(x))
     return out.view(x.shape), residual_out.view(x.shape) if residual is not None else x
 
 
@@ -69,7 +72,8 @@ def _rotary_kernel(query_ptr, key_ptr, cos_ptr, sin_ptr, positions_ptr, stride_q
                    stride_key_token, stride_key_head, value_ptr, key_cache_ptr, value_cache_ptr, slot_mapping_ptr,
                    stride_value_token, stride_value_head, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
                    HEADS_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, WRITE_KV: tl.constexpr,
-                   KV_HEADS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+                   KV_HEADS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl.wait(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
     dims = tl.arange(0, HALF_PAD)
@@ -118,7 +122,8 @@ def rotary_(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
             HEADS_PAD=triton.next_power_of_2(max(num_heads, num_kv_heads)), HALF=head_dim // 2,
             HALF_PAD=triton.next_power_of_2(head_dim // 2), WRITE_KV=write_kv,
-            KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM_PAD=triton.next_power_of_2(head_dim))
+            KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+            **pdl.launch_options(query))
     return query, key
 
 

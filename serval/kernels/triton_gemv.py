@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from serval.kernels import pdl
+
 # Rows per program, K per step, warps: the fastest of benchmarks/gemv_bench.py's grid on an H100 for every
 # projection of the Llama-3-8B shape (docs/results/gemv_bench_h100.json); 2.6 to 3.2 TB/s against cuBLAS's
 # 2.2 to 2.8.
@@ -41,15 +43,22 @@ def _load_x(x_ptr, offsets, K, mask, GATED: tl.constexpr, MASKED: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, N, K, stride_w, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
-                 EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_valid = rows < N
     # A row past N reads row N-1 again rather than masking: every load stays unmasked along K when K is even.
     safe_rows = tl.where(row_valid, rows, N - 1).to(tl.int64)
     cols = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + safe_rows[:, None] * stride_w
-    partial = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
+    # The first tile of W is no earlier kernel's output: it is read while the previous kernel may still run
+    # (programmatic dependent launch), and only x waits for it.
+    if EVEN_K:
+        w = tl.load(w_rows + cols[None, :], eviction_policy="evict_first")
+    else:
+        w = tl.load(w_rows + cols[None, :], mask=(cols < K)[None, :], other=0.0, eviction_policy="evict_first")
+    pdl.wait(USE_PDL)
+    partial = w.to(tl.float32) * _load_x(x_ptr, cols, K, cols < K, GATED, not EVEN_K)[None, :]
+    for k in range(BLOCK_K, K, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_rows + (k + cols)[None, :], eviction_policy="evict_first")
             x = _load_x(x_ptr, k + cols, K, None, GATED, False)
@@ -79,5 +88,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     block_k = min(block_k, triton.next_power_of_2(k))
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, y, n, k, weight.stride(0), HAS_BIAS=bias is not None,
-        GATED=gated, EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+        GATED=gated, EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        **pdl.launch_options(x))
     return y
