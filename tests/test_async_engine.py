@@ -113,3 +113,26 @@ def test_duplicate_request_id_is_rejected(engine):
 
     assert asyncio.run(main())[-1].finished
     assert wait_idle(engine)
+
+
+@pytest.mark.parametrize("spacing_s, same_step", [(0.005, True), (0.08, False)])
+def test_a_burst_of_arrivals_is_prefilled_together(tiny_models, spacing_s, same_step):
+    """An idle engine waits for requests arriving close together (gaps within a fraction of a step) and prefills
+    them in one step; one that comes later than that is not waited for. Steps are made to look 200 ms long, as
+    on CPU with a real model: gaps up to 20 ms are waited for, 50 ms in all."""
+    engine = AsyncEngine(EngineConfig(model=tiny_models("llama")[0], **ENGINE_ARGS))
+    try:
+        async def main():
+            engine._step_s = 0.2
+            first = asyncio.create_task(collect(engine, [3, 4, 5], SamplingParams(max_tokens=2, ignore_eos=True)))
+            await asyncio.sleep(spacing_s)
+            second = await collect(engine, [6, 7, 8], SamplingParams(max_tokens=2, ignore_eos=True))
+            return await first, second
+
+        first, second = asyncio.run(main())
+        # Requests prefilled in the same step get their first token at the same instant (one clock read per step).
+        scheduled = [outputs[-1].metrics.first_token_time for outputs in (first, second)]
+        assert (scheduled[0] == scheduled[1]) == same_step, scheduled
+        assert first[-1].outputs[0].token_ids and second[-1].outputs[0].token_ids
+    finally:
+        engine.shutdown()

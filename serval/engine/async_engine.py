@@ -4,6 +4,15 @@ outputs reach its caller through its own asyncio queue.
 A thread rather than an asyncio task because a step is seconds of torch work on CPU: the event loop
 must stay free to accept connections and stream. torch releases the GIL inside its kernels. Requests
 and aborts reach the loop thread through an inbox, so the engine's state has a single writer.
+
+Two things keep the frontend from slowing the engine where they share the CPU cores:
+- a step's outputs go to the event loop in one hand-off, and on CPU the engine waits (briefly) until the loop
+  has taken them before it starts the next step. torch's intra-op threads occupy every core during a step; an
+  event loop that wakes in the middle of one to stream tokens preempts one of them, and the others wait for it
+  at the op's barrier. Doing that work between steps costs the same CPU and stalls nothing.
+- when the engine goes from idle to busy it gathers the requests arriving together (a burst of clients, one
+  request parsed after another by the server) before its first step, for at most a small fraction of a step,
+  rather than prefilling the first arrival alone and making the rest wait a whole step for theirs.
 """
 from __future__ import annotations
 
@@ -12,6 +21,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -33,6 +43,17 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+# Gathering a burst of arrivals: keep waiting while requests arrive within this fraction of a step's time (a
+# moving average) of each other, at most _MAX_ARRIVAL_GAP_S, and no longer than _ARRIVAL_WINDOW_STEPS steps in
+# all. On CPU a step is a few hundred ms (gaps of 20 ms); on a GPU ~10 ms (gaps of 1 ms).
+_ARRIVAL_GAP_FRACTION = 0.1
+_MAX_ARRIVAL_GAP_S = 0.02
+_ARRIVAL_WINDOW_STEPS = 0.25
+_STEP_TIME_SMOOTHING = 0.2
+# How long a CPU engine waits for the event loop to take a step's outputs (it is not worth more than this).
+_HANDOFF_TIMEOUT_S = 0.05
+
+
 class AsyncEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.engine = LLMEngine(config)
@@ -44,6 +65,8 @@ class AsyncEngine:
         self._stopped = threading.Event()
         self._dead: BaseException | None = None
         self._ids = itertools.count()
+        self._yield_between_steps = self.engine.device.type == "cpu"
+        self._step_s = 0.0  # moving average of a step's time
         self._thread = threading.Thread(target=self._loop, name="serval-engine", daemon=True)
         self._thread.start()
 
@@ -102,10 +125,15 @@ class AsyncEngine:
     def _loop(self) -> None:
         try:
             while not self._stopped.is_set():
-                self._drain_inbox(block=not self.engine.has_unfinished_requests())
+                idle = not self.engine.has_unfinished_requests()
+                self._drain_inbox(block=idle)
+                if idle and self.engine.has_unfinished_requests():
+                    self._gather_arrivals()
                 if self.engine.has_unfinished_requests():
-                    for output in self.engine.step():
-                        self._deliver(output.request_id, output, last=output.finished)
+                    started = time.monotonic()
+                    outputs = self.engine.step()
+                    self._step_s += _STEP_TIME_SMOOTHING * (time.monotonic() - started - self._step_s)
+                    self._deliver_step(outputs)
         except BaseException as error:  # the engine is broken: fail every waiting caller, loudly
             logger.exception("engine loop died")
             self._dead = error
@@ -121,10 +149,23 @@ class AsyncEngine:
             except queue.Empty:
                 return
             block = False
-            if kind == "add":
-                self._add(payload)
-            elif kind == "abort":
-                self.engine.abort_request(payload)
+            self._handle(kind, payload)
+
+    def _handle(self, kind: str, payload) -> None:
+        if kind == "add":
+            self._add(payload)
+        elif kind == "abort":
+            self.engine.abort_request(payload)
+
+    def _gather_arrivals(self) -> None:
+        gap = min(_MAX_ARRIVAL_GAP_S, _ARRIVAL_GAP_FRACTION * self._step_s)
+        deadline = time.monotonic() + _ARRIVAL_WINDOW_STEPS * self._step_s
+        while (remaining := deadline - time.monotonic()) > 0 and gap > 0:
+            try:
+                kind, payload = self._inbox.get(timeout=min(gap, remaining))
+            except queue.Empty:
+                return
+            self._handle(kind, payload)
 
     def _add(self, processed: ProcessedRequest) -> None:
         with self._streams_lock:
@@ -135,8 +176,38 @@ class AsyncEngine:
         except ValueError as error:
             self._deliver(processed.request_id, error, last=True)
 
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """Every output of a step to its caller's queue: one hand-off per event loop (see the module docstring)."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        with self._streams_lock:
+            for output in outputs:
+                stream = (self._streams.pop(output.request_id, None) if output.finished
+                          else self._streams.get(output.request_id))
+                if stream is not None:
+                    batches.setdefault(stream.loop, []).append((stream.queue, output))
+        handed_off = []
+        for loop, items in batches.items():
+            done = threading.Event() if self._yield_between_steps else None
+            try:
+                loop.call_soon_threadsafe(_put_all, loop, items, done)
+            except RuntimeError:  # that caller's loop has closed: nobody is waiting for these
+                continue
+            if done is not None:
+                handed_off.append(done)
+        for done in handed_off:
+            done.wait(_HANDOFF_TIMEOUT_S)
+
     def _deliver(self, request_id: str, item, last: bool) -> None:
         with self._streams_lock:
             stream = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
         if stream is not None:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+
+def _put_all(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, RequestOutput]],
+             done: threading.Event | None) -> None:
+    """On the event loop: queue each output; then, once the streams they woke have run, set done."""
+    for stream_queue, item in items:
+        stream_queue.put_nowait(item)
+    if done is not None:
+        loop.call_soon(done.set)
