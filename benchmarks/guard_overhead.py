@@ -170,9 +170,9 @@ def decoding_throughput(model: str | None, batch: int, max_tokens: int, rounds: 
                      "tokens_per_s": batch / step, "relative_throughput": base / step,
                      "cpu_ms_per_step": cpu * 1e3, "relative_cpu_throughput": base_cpu / cpu})
     # The mask step alone: a batch of fresh JSON-schema matchers, bitmask filled and unpacked.
-    matchers = [structured.compile_matcher(StructuredOutputsParams(json=SCHEMA), llm.engine.tokenizer)
-                for _ in range(batch)]
-    vocab = structured.ll_tokenizer(llm.engine.tokenizer).vocab_size
+    compiler = llm.engine.grammar_compiler()
+    matchers = [compiler.compile(StructuredOutputsParams(json=SCHEMA)) for _ in range(batch)]
+    vocab = compiler.ll_tokenizer.vocab_size
     wall, cpu = timed(lambda: structured.disallowed_mask(structured.fill_bitmask(matchers, vocab), vocab), 200)
     mask = {"batch": batch, "vocab_size": vocab, "cpu_p50_ms": percentile(cpu, 0.5) * 1e3,
             "wall_p50_ms": percentile(wall, 0.5) * 1e3, "wall_p99_ms": percentile(wall, 0.99) * 1e3}

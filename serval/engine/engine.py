@@ -79,6 +79,7 @@ class LLMEngine:
                                  else self.runner.graphs is not None)
         # With asynchronous scheduling: the decode step queued on the device whose tokens are not processed yet.
         self.in_flight: DecodeInFlight | None = None
+        self._grammar_compiler = None
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         logger.info("engine ready", extra={"model": self.config.model, "device": str(self.device),
@@ -245,8 +246,7 @@ class LLMEngine:
             request.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens,
                                                          params.spaces_between_special_tokens)
         if params.structured_outputs is not None:
-            from serval.guard.structured import new_grammar_state  # llguidance loads only when asked for
-            request.grammar = new_grammar_state(params.structured_outputs, self.tokenizer)
+            request.grammar = self.grammar_compiler().new_state(params.structured_outputs)
         return request
 
     def _process(self, requests: list[Request], runner_output: ModelRunnerOutput) -> list[RequestOutput]:
@@ -305,6 +305,17 @@ class LLMEngine:
             status = RequestStatus.FINISHED_LENGTH
         if status is not None:
             self.scheduler.finish_request(request, status)
+
+    def grammar_compiler(self):
+        """serval.guard.structured.GrammarCompiler for this engine's tokenizer, made on first use (llguidance
+        loads only when a request asks for structured output)."""
+        if self._grammar_compiler is None:
+            if self.tokenizer is None:
+                raise ValueError("invalid sampling parameter structured_outputs: constrained decoding needs a "
+                                 "tokenizer")
+            from serval.guard.structured import GrammarCompiler
+            self._grammar_compiler = GrammarCompiler(self.tokenizer)
+        return self._grammar_compiler
 
     def _decoded(self, logprobs: dict[int, Logprob]) -> dict[int, Logprob]:
         if self.tokenizer is not None:

@@ -3,8 +3,8 @@ and the token bitmask the sampler applies.
 
 llguidance rather than xgrammar: it has no dependencies (xgrammar pulls in triton), installs offline as one
 3 MB wheel, and takes JSON schema, regex, Lark and GBNF/EBNF grammars. Compiling a grammar against a
-vocabulary is the expensive step (milliseconds for a schema; the tokenizer itself ~0.5 s), so both are cached:
-one LLTokenizer per tokenizer object, one compiled matcher per (tokenizer, constraint), deep-copied per request.
+vocabulary is the expensive step (milliseconds for a schema; the tokenizer itself ~0.5 s), so the engine keeps a
+GrammarCompiler: the LLTokenizer built once, and one compiled matcher per constraint, deep-copied per request.
 """
 from __future__ import annotations
 
@@ -28,11 +28,8 @@ logger = logging.getLogger(__name__)
 JSON_OPTIONS = {"whitespace_flexible": False}
 GRAMMAR_CACHE_SIZE = 256
 
-_lock = threading.Lock()
-_tokenizers: dict[int, tuple[object, llguidance.LLTokenizer]] = {}
-_compiled: OrderedDict[tuple[int, str, str], llguidance.LLMatcher] = OrderedDict()
+# llguidance's thread pool for filling bitmasks: process-wide, like torch's intra-op pool, and stateless.
 _executor: llguidance.LLExecutor | None = None
-cache_stats = {"hits": 0, "misses": 0}
 
 
 @dataclass(eq=False)
@@ -77,46 +74,53 @@ def grammar_spec(params: StructuredOutputsParams) -> tuple[str, str]:
         raise ValueError(f"invalid sampling parameter structured_outputs.grammar: {error}") from error
 
 
-def ll_tokenizer(tokenizer) -> llguidance.LLTokenizer:
-    """The llguidance view of an HF fast tokenizer (from tokenizer.json or rebuilt from a GGUF), built once."""
-    key = id(tokenizer)
-    with _lock:
-        cached = _tokenizers.get(key)
-        if cached is not None and cached[0] is tokenizer:
-            return cached[1]
-    built = llguidance.hf.from_tokenizer(tokenizer)
-    with _lock:
-        _tokenizers[key] = (tokenizer, built)  # holding the tokenizer keeps its id from being reused
-    return built
+class GrammarCompiler:
+    """Compiles constraints against one tokenizer's vocabulary, with an LRU cache of compiled matchers. The
+    engine owns one; the server's threads may use it concurrently (tokenizing and validating happen there)."""
 
+    def __init__(self, tokenizer, cache_size: int = GRAMMAR_CACHE_SIZE) -> None:
+        self.tokenizer = tokenizer
+        self.cache_size = cache_size
+        self._ll_tokenizer: llguidance.LLTokenizer | None = None
+        self._compiled: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
 
-def new_grammar_state(params: StructuredOutputsParams, tokenizer) -> GrammarState:
-    matcher = compile_matcher(params, tokenizer)
-    return GrammarState(matcher, ll_tokenizer(tokenizer).vocab_size)
+    @property
+    def ll_tokenizer(self) -> llguidance.LLTokenizer:
+        """The llguidance view of the HF fast tokenizer (from tokenizer.json or rebuilt from a GGUF), built once."""
+        if self._ll_tokenizer is None:
+            built = llguidance.hf.from_tokenizer(self.tokenizer)
+            with self._lock:
+                if self._ll_tokenizer is None:
+                    self._ll_tokenizer = built
+        return self._ll_tokenizer
 
+    def new_state(self, params: StructuredOutputsParams) -> GrammarState:
+        return GrammarState(self.compile(params), self.ll_tokenizer.vocab_size)
 
-def compile_matcher(params: StructuredOutputsParams, tokenizer) -> llguidance.LLMatcher:
-    """A fresh matcher for one request. Raises ValueError ('invalid sampling parameter structured_outputs.<kind>:
-    ...') when the constraint does not compile; compiled grammars are cached, so repeats cost a deep copy."""
-    if tokenizer is None:
-        raise ValueError("invalid sampling parameter structured_outputs: constrained decoding needs a tokenizer")
-    kind, grammar = grammar_spec(params)
-    key = (id(tokenizer), kind, grammar)
-    with _lock:
-        prototype = _compiled.get(key)
-        if prototype is not None:
-            _compiled.move_to_end(key)
-            cache_stats["hits"] += 1
-            return prototype.deep_copy()
-    prototype = llguidance.LLMatcher(ll_tokenizer(tokenizer), grammar, log_level=0)
-    if prototype.is_error():
-        raise ValueError(f"invalid sampling parameter structured_outputs.{kind}: {_first_line(prototype.get_error())}")
-    with _lock:
-        cache_stats["misses"] += 1
-        _compiled[key] = prototype
-        while len(_compiled) > GRAMMAR_CACHE_SIZE:
-            _compiled.popitem(last=False)
-    return prototype.deep_copy()
+    def compile(self, params: StructuredOutputsParams) -> llguidance.LLMatcher:
+        """A fresh matcher for one request. Raises ValueError ('invalid sampling parameter
+        structured_outputs.<kind>: ...') when the constraint does not compile; repeats cost a deep copy."""
+        kind, grammar = grammar_spec(params)
+        key = (kind, grammar)
+        with self._lock:
+            prototype = self._compiled.get(key)
+            if prototype is not None:
+                self._compiled.move_to_end(key)
+                self.hits += 1
+                return prototype.deep_copy()
+        prototype = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
+        if prototype.is_error():
+            raise ValueError(f"invalid sampling parameter structured_outputs.{kind}: "
+                             f"{_first_line(prototype.get_error())}")
+        with self._lock:
+            self.misses += 1
+            self._compiled[key] = prototype
+            while len(self._compiled) > self.cache_size:
+                self._compiled.popitem(last=False)
+        return prototype.deep_copy()
 
 
 def fill_bitmask(matchers: list[llguidance.LLMatcher], vocab_size: int) -> torch.Tensor:
