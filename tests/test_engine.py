@@ -204,3 +204,25 @@ def test_abort_while_a_step_is_queued_frees_everything(tiny_models):
     stats = engine.get_stats()
     assert stats.num_free_blocks == stats.num_blocks
     engine.kv_cache.check_invariants([])
+
+
+def test_async_scheduling_with_text_stops_and_the_default_model(default_llm):
+    """Stop strings found by the detokenizer while the next step is already queued: same text, same token ids,
+    same finish as the synchronous engine, on the real default model and tokenizer."""
+    overlapped = LLM(max_model_len=2048, async_scheduling=True)
+    prompts = ["The quick brown fox jumps over the lazy dog. The quick brown fox", "Once upon a time",
+               "1, 2, 3, 4,"]
+    plain = SamplingParams(temperature=0.0, max_tokens=24)
+    reference = default_llm.generate(prompts, plain, use_tqdm=False)
+    # Stop on a short string each output reaches a few tokens in (whatever the model writes).
+    stops = [out.outputs[0].text[len(out.outputs[0].text) // 3:][:3] for out in reference]
+    params = [plain.clone(stop=[stop]) for stop in stops] + [plain.clone(seed=5, temperature=0.8)]
+    expected = default_llm.generate(prompts + prompts[:1], params, use_tqdm=False)
+    launches = counted_launches(overlapped.engine)
+    got = overlapped.generate(prompts + prompts[:1], params, use_tqdm=False)
+    assert sum(launches) > 5
+    for ours, theirs in zip(got, expected):
+        assert (ours.outputs[0].text, ours.outputs[0].token_ids, ours.outputs[0].finish_reason) == \
+               (theirs.outputs[0].text, theirs.outputs[0].token_ids, theirs.outputs[0].finish_reason)
+    assert [out.outputs[0].finish_reason for out in got[:3]] == ["stop"] * 3
+    assert overlapped.engine.in_flight is None
