@@ -111,15 +111,8 @@ class ModelRunner:
             logits = self.graphs.run(plan.input_ids, plan.positions, plan.slot_mapping, plan.seq_lens,
                                      [request.block_ids for request in scheduled.requests])
             return self._outputs(scheduled, plan, logits, logits[:0])
-        metadata = AttentionMetadata(
-            slot_mapping=self._tensor(plan.slot_mapping, torch.int64),
-            query_start_loc=plan.query_start_loc,
-            seq_lens=plan.seq_lens,
-            block_tables=self._block_tables(scheduled.requests),
-            block_size=self.block_size,
-        )
-        hidden = self.model(self._tensor(plan.input_ids, torch.int64), self._tensor(plan.positions, torch.int64),
-                            self.kv_caches, metadata)
+        hidden = self._forward_eager(self._tensor(plan.input_ids, torch.int64), plan.positions, plan.slot_mapping,
+                                     plan.query_start_loc, plan.seq_lens, scheduled.requests)
         prompt_flat_rows = [row for _, rows, _ in plan.prompt_rows for row in rows]
         logits = self.model.compute_logits(hidden[self._tensor(plan.sample_rows + prompt_flat_rows, torch.int64)])
         num_sampled = len(plan.sample_rows)
@@ -131,10 +124,8 @@ class ModelRunner:
         without waiting for the device. Input ids come from the requests' tokens or, when `previous` is given,
         from the tokens `previous` sampled on the device, which the host need not have seen: that is what lets
         step N+1 be queued while step N runs. Requests must not need logprobs (they are read back eagerly)."""
-        block_size = self.block_size
         positions = [request.num_computed_tokens for request in requests]
-        slot_mapping = [request.block_ids[p // block_size] * block_size + p % block_size
-                        for request, p in zip(requests, positions)]
+        slot_mapping = [slot for request, p in zip(requests, positions) for slot in self._slots(request, p, p + 1)]
         seq_lens = [p + 1 for p in positions]
         source = None
         if previous is None:
@@ -150,10 +141,8 @@ class ModelRunner:
             ids = self._tensor(input_ids, torch.int64)
             if source is not None:
                 ids = source.index_select(0, ids)
-            metadata = AttentionMetadata(
-                slot_mapping=self._tensor(slot_mapping, torch.int64), query_start_loc=list(range(len(requests) + 1)),
-                seq_lens=seq_lens, block_tables=self._block_tables(requests), block_size=self.block_size)
-            hidden = self.model(ids, self._tensor(positions, torch.int64), self.kv_caches, metadata)
+            hidden = self._forward_eager(ids, positions, slot_mapping, list(range(len(requests) + 1)), seq_lens,
+                                         requests)
             logits = self.model.compute_logits(hidden)
         token_ids = sampler.sample_token_tensor(logits, requests)
         if self.device.type != "cuda":
@@ -164,16 +153,27 @@ class ModelRunner:
         copied.record()
         return DecodeInFlight(requests, token_ids, host, copied)
 
+    def _forward_eager(self, input_ids: torch.Tensor, positions: list[int], slot_mapping: list[int],
+                       query_start_loc: list[int], seq_lens: list[int], requests: list[Request]) -> torch.Tensor:
+        """Hidden states of a flat batch, run op by op (no graph)."""
+        metadata = AttentionMetadata(slot_mapping=self._tensor(slot_mapping, torch.int64),
+                                     query_start_loc=query_start_loc, seq_lens=seq_lens,
+                                     block_tables=self._block_tables(requests), block_size=self.block_size)
+        return self.model(input_ids, self._tensor(positions, torch.int64), self.kv_caches, metadata)
+
+    def _slots(self, request: Request, start: int, end: int) -> list[int]:
+        """The KV-cache slots of a request's positions [start, end), through its block table."""
+        blocks, block_size = request.block_ids, self.block_size
+        return [blocks[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
     def _plan(self, scheduled: SchedulerOutput) -> _BatchPlan:
         plan = _BatchPlan([], [], [], [0], [], [], [], [])
-        block_size = self.block_size
         for batch_index, (request, num_new) in enumerate(zip(scheduled.requests, scheduled.num_scheduled_tokens)):
             start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
             row0 = plan.query_start_loc[-1]
             plan.input_ids.extend(request.all_token_ids[start:end])
             plan.positions.extend(range(start, end))
-            blocks = request.block_ids
-            plan.slot_mapping.extend(blocks[p // block_size] * block_size + p % block_size for p in range(start, end))
+            plan.slot_mapping.extend(self._slots(request, start, end))
             plan.query_start_loc.append(row0 + num_new)
             plan.seq_lens.append(end)
             if request.prompt_logprobs is not None:
@@ -213,4 +213,4 @@ class ModelRunner:
         return self._tensor(rows, torch.int32)
 
     def _tensor(self, values, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=self.device)
+        return sampler.to_device(values, dtype, self.device)

@@ -107,7 +107,7 @@ def _apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> Non
                 values.append(bias)
     if rows:
         index = (_tensor(rows, logits), _tensor(cols, logits))
-        logits.index_put_(index, _to_device(values, logits.dtype, logits.device), accumulate=True)
+        logits.index_put_(index, to_device(values, logits.dtype, logits.device), accumulate=True)
 
 
 def _apply_min_tokens(logits: torch.Tensor, requests: list[Request]) -> None:
@@ -137,12 +137,12 @@ def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
     vocab_size = logits.shape[1]
     if any(p.repetition_penalty != 1.0 for p in params):
         seen = _token_counts([r.all_token_ids for r in penalized], vocab_size, logits) > 0
-        penalty = _to_device([p.repetition_penalty for p in params], torch.float32, logits.device).unsqueeze(1)
+        penalty = to_device([p.repetition_penalty for p in params], torch.float32, logits.device).unsqueeze(1)
         sub = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
     if any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params):
         counts = _token_counts([r.output_token_ids for r in penalized], vocab_size, logits)
-        frequency = _to_device([p.frequency_penalty for p in params], torch.float32, logits.device).unsqueeze(1)
-        presence = _to_device([p.presence_penalty for p in params], torch.float32, logits.device).unsqueeze(1)
+        frequency = to_device([p.frequency_penalty for p in params], torch.float32, logits.device).unsqueeze(1)
+        presence = to_device([p.presence_penalty for p in params], torch.float32, logits.device).unsqueeze(1)
         sub = sub - frequency * counts - presence * (counts > 0).float()
     logits[rows] = sub
 
@@ -194,12 +194,12 @@ def _sample_tokens(logits: torch.Tensor, requests: list[Request]) -> torch.Tenso
         return logits.argmax(dim=-1)
     device = logits.device
     greedy_tokens = logits.argmax(dim=-1) if any(greedy) else None
-    temperature = _to_device([1.0 if g else p.temperature for g, p in zip(greedy, params)], torch.float32, device)
+    temperature = to_device([1.0 if g else p.temperature for g, p in zip(greedy, params)], torch.float32, device)
     logits.div_(temperature.unsqueeze(1))
 
     if any(p.min_p > 0.0 for p in params):
         probs = logits.softmax(dim=-1)
-        min_p = _to_device([p.min_p for p in params], torch.float32, device)
+        min_p = to_device([p.min_p for p in params], torch.float32, device)
         threshold = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
         logits.masked_fill_(probs < threshold, _NEG_INF)
 
@@ -208,16 +208,16 @@ def _sample_tokens(logits: torch.Tensor, requests: list[Request]) -> torch.Tenso
     top_p = [p.top_p for p in params]
     logits = apply_top_k_top_p(
         logits,
-        _to_device([min(k, vocab_size) for k in top_k], torch.int64, device) if any(k < vocab_size for k in top_k)
+        to_device([min(k, vocab_size) for k in top_k], torch.int64, device) if any(k < vocab_size for k in top_k)
         else None,
-        _to_device(top_p, torch.float32, device) if any(p < 1.0 for p in top_p) else None,
+        to_device(top_p, torch.float32, device) if any(p < 1.0 for p in top_p) else None,
         max_top_k=min(max(top_k), vocab_size))
 
     probs = logits.softmax(dim=-1)
     random_tokens = probs.div_(_exponential_noise(probs, requests, greedy)).argmax(dim=-1)
     if greedy_tokens is None:
         return random_tokens
-    return torch.where(_to_device(greedy, torch.bool, device), greedy_tokens, random_tokens)
+    return torch.where(to_device(greedy, torch.bool, device), greedy_tokens, random_tokens)
 
 
 def _exponential_noise(probs: torch.Tensor, requests: list[Request], greedy: list[bool]) -> torch.Tensor:
@@ -255,10 +255,10 @@ def _logprob_entries(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: l
 
 
 def _tensor(values: list[int], like: torch.Tensor) -> torch.Tensor:
-    return _to_device(values, torch.int64, like.device)
+    return to_device(values, torch.int64, like.device)
 
 
-def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small host list on the device. From pinned memory the copy is queued behind the step's kernels rather
     than waited for, which a plain torch.tensor(..., device="cuda") would do."""
     host = torch.tensor(values, dtype=dtype)
