@@ -37,22 +37,31 @@ _TARGET_PROGRAMS = 264
 
 
 @triton.jit
+def store_kv(key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot, stride_key_head, stride_value_head,
+             NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+             HEAD_DIM_PAD: tl.constexpr):
+    """One token's key and value [KVH, D] (key_ptr, value_ptr: its rows) into cache slot `slot`."""
+    heads = tl.arange(0, HEADS_PAD)[:, None]
+    dims = tl.arange(0, HEAD_DIM_PAD)[None, :]
+    mask = (heads < NUM_KV_HEADS) & (dims < HEAD_DIM)
+    cache_offset = slot * NUM_KV_HEADS * HEAD_DIM + heads * HEAD_DIM + dims
+    key = tl.load(key_ptr + heads * stride_key_head + dims, mask=mask)
+    tl.store(key_cache_ptr + cache_offset, key.to(key_cache_ptr.dtype.element_ty), mask=mask)
+    value = tl.load(value_ptr + heads * stride_value_head + dims, mask=mask)
+    tl.store(value_cache_ptr + cache_offset, value.to(value_cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _write_kv_kernel(key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_mapping_ptr,
                      stride_key_token, stride_key_head, stride_value_token, stride_value_head,
                      NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-    if slot < 0:  # a padding row of a captured batch
-        return
-    heads = tl.arange(0, HEADS_PAD)[:, None]
-    dims = tl.arange(0, HEAD_DIM_PAD)[None, :]
-    mask = (heads < NUM_KV_HEADS) & (dims < HEAD_DIM)
-    cache_offset = slot * NUM_KV_HEADS * HEAD_DIM + heads * HEAD_DIM + dims
-    key = tl.load(key_ptr + token * stride_key_token + heads * stride_key_head + dims, mask=mask)
-    tl.store(key_cache_ptr + cache_offset, key.to(key_cache_ptr.dtype.element_ty), mask=mask)
-    value = tl.load(value_ptr + token * stride_value_token + heads * stride_value_head + dims, mask=mask)
-    tl.store(value_cache_ptr + cache_offset, value.to(value_cache_ptr.dtype.element_ty), mask=mask)
+    if slot >= 0:  # slot < 0: a padding row of a captured batch
+        store_kv(key_ptr + token * stride_key_token, value_ptr + token * stride_value_token, key_cache_ptr,
+                 value_cache_ptr, slot, stride_key_head, stride_value_head, NUM_KV_HEADS, HEADS_PAD, HEAD_DIM,
+                 HEAD_DIM_PAD)
 
 
 def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from serval.kernels import pdl
+from serval.kernels.triton_attention import store_kv
 
 
 @triton.jit
@@ -72,7 +73,8 @@ def _rotary_kernel(query_ptr, key_ptr, cos_ptr, sin_ptr, positions_ptr, stride_q
                    stride_key_token, stride_key_head, value_ptr, key_cache_ptr, value_cache_ptr, slot_mapping_ptr,
                    stride_value_token, stride_value_head, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
                    HEADS_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, WRITE_KV: tl.constexpr,
-                   KV_HEADS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, USE_PDL: tl.constexpr):
+                   KV_HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                   USE_PDL: tl.constexpr):
     pdl.wait(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
@@ -85,19 +87,14 @@ def _rotary_kernel(query_ptr, key_ptr, cos_ptr, sin_ptr, positions_ptr, stride_q
     _rotate_heads(key_ptr + token * stride_key_token, stride_key_head, NUM_KV_HEADS, cos, sin, dims, dim_valid,
                   HEADS_PAD, HALF)
     if WRITE_KV:
-        # The K/V write of serval.kernels.triton_attention.write_kv, here so a decode step launches one kernel
-        # fewer per layer. Its threads read k in another layout than the rotation wrote it: barrier first.
+        # The K/V write of serval.kernels.triton_attention.write_kv (its store_kv), here so a decode step launches
+        # one kernel fewer per layer. Its threads read k in another layout than the rotation wrote it: barrier first.
         tl.debug_barrier()
         slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
         if slot >= 0:  # slot < 0: a padding row of a captured batch
-            heads = tl.arange(0, KV_HEADS_PAD)[:, None]
-            cols = tl.arange(0, HEAD_DIM_PAD)[None, :]
-            mask = (heads < NUM_KV_HEADS) & (cols < 2 * HALF)
-            cache_offset = slot * NUM_KV_HEADS * 2 * HALF + heads * 2 * HALF + cols
-            key = tl.load(key_ptr + token * stride_key_token + heads * stride_key_head + cols, mask=mask)
-            tl.store(key_cache_ptr + cache_offset, key.to(key_cache_ptr.dtype.element_ty), mask=mask)
-            value = tl.load(value_ptr + token * stride_value_token + heads * stride_value_head + cols, mask=mask)
-            tl.store(value_cache_ptr + cache_offset, value.to(value_cache_ptr.dtype.element_ty), mask=mask)
+            store_kv(key_ptr + token * stride_key_token, value_ptr + token * stride_value_token, key_cache_ptr,
+                     value_cache_ptr, slot, stride_key_head, stride_value_head, NUM_KV_HEADS, KV_HEADS_PAD,
+                     HEAD_DIM, HEAD_DIM_PAD)
 
 
 def rotary_(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_cache: torch.Tensor,
@@ -122,7 +119,8 @@ def rotary_(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
             HEADS_PAD=triton.next_power_of_2(max(num_heads, num_kv_heads)), HALF=head_dim // 2,
             HALF_PAD=triton.next_power_of_2(head_dim // 2), WRITE_KV=write_kv,
-            KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+            KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
+            HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
             **pdl.launch_options(query))
     return query, key
 

@@ -25,20 +25,30 @@ DEFAULT_CONFIG = (2, 2048, 8)
 
 
 @triton.jit
-def _load(ptr, mask, MASKED: tl.constexpr):
-    if MASKED:
-        return tl.load(ptr, mask=mask, other=0.0)
-    return tl.load(ptr)
+def _load(ptr, offsets, K, EVEN_K: tl.constexpr):
+    """Elements offsets of the vector at ptr, past K read as 0 (no mask at all when K is a multiple of BLOCK_K)."""
+    if EVEN_K:
+        return tl.load(ptr + offsets)
+    return tl.load(ptr + offsets, mask=offsets < K, other=0.0)
 
 
 @triton.jit
-def _load_x(x_ptr, offsets, K, mask, GATED: tl.constexpr, MASKED: tl.constexpr):
+def _load_w(w_rows, offsets, K, EVEN_K: tl.constexpr):
+    """A [BLOCK_N, BLOCK_K] tile of W; read once, so not worth keeping in L2."""
+    if EVEN_K:
+        return tl.load(w_rows + offsets[None, :], eviction_policy="evict_first")
+    return tl.load(w_rows + offsets[None, :], mask=(offsets < K)[None, :], other=0.0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _load_x(x_ptr, offsets, K, GATED: tl.constexpr, EVEN_K: tl.constexpr):
+    """A BLOCK_K slice of x in float32."""
     if GATED:  # x = silu(gate) * up of the merged gate/up output [gate | up], rounded as silu_and_mul rounds it
-        gate = _load(x_ptr + offsets, mask, MASKED)
-        up = _load(x_ptr + K + offsets, mask, MASKED).to(tl.float32)
+        gate = _load(x_ptr, offsets, K, EVEN_K)
+        up = _load(x_ptr + K, offsets, K, EVEN_K).to(tl.float32)
         gate32 = gate.to(tl.float32)
         return (gate32 * tl.sigmoid(gate32) * up).to(gate.dtype).to(tl.float32)
-    return _load(x_ptr + offsets, mask, MASKED).to(tl.float32)
+    return _load(x_ptr, offsets, K, EVEN_K).to(tl.float32)
 
 
 @triton.jit
@@ -52,22 +62,12 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, N, K, stride_w, HAS_BIAS: tl.con
     w_rows = w_ptr + safe_rows[:, None] * stride_w
     # The first tile of W is no earlier kernel's output: it is read while the previous kernel may still run
     # (programmatic dependent launch), and only x waits for it.
-    if EVEN_K:
-        w = tl.load(w_rows + cols[None, :], eviction_policy="evict_first")
-    else:
-        w = tl.load(w_rows + cols[None, :], mask=(cols < K)[None, :], other=0.0, eviction_policy="evict_first")
+    w = _load_w(w_rows, cols, K, EVEN_K)
     pdl.wait(USE_PDL)
-    partial = w.to(tl.float32) * _load_x(x_ptr, cols, K, cols < K, GATED, not EVEN_K)[None, :]
+    partial = w.to(tl.float32) * _load_x(x_ptr, cols, K, GATED, EVEN_K)[None, :]
     for k in range(BLOCK_K, K, BLOCK_K):
-        if EVEN_K:
-            w = tl.load(w_rows + (k + cols)[None, :], eviction_policy="evict_first")
-            x = _load_x(x_ptr, k + cols, K, None, GATED, False)
-        else:
-            col_valid = (k + cols) < K
-            w = tl.load(w_rows + (k + cols)[None, :], mask=col_valid[None, :], other=0.0,
-                        eviction_policy="evict_first")
-            x = _load_x(x_ptr, k + cols, K, col_valid, GATED, True)
-        partial += w.to(tl.float32) * x[None, :]
+        partial += _load_w(w_rows, k + cols, K, EVEN_K).to(tl.float32) * _load_x(x_ptr, k + cols, K, GATED,
+                                                                                  EVEN_K)[None, :]
     y = tl.sum(partial, axis=1)
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows, mask=row_valid, other=0.0).to(tl.float32)
