@@ -90,10 +90,15 @@ def main() -> None:
                "torch": torch.__version__, "threads": torch.get_num_threads(), "num_prompts": args.num_prompts,
                "max_tokens": args.max_tokens, "results": [{k: v for k, v in r.items() if k != "first_output"}
                                                           for r in results]}
-    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    with open(args.output, "w") as f:
+    write_summary(args.output, summary)
+
+
+def write_summary(path: str, summary: dict) -> None:
+    """The benchmark's JSON at path (its folder made if need be)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
         json.dump(summary, f, indent=2)
-    print(f"wrote {args.output}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

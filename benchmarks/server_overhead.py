@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import re
@@ -43,7 +42,7 @@ from serval.bench.metrics import RequestResult, stats_ms, summarize
 from serval.bench.workloads import BenchRequest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cpu_offline import conversations  # noqa: E402  (the same 32 essay prompts as the offline benchmark)
+from cpu_offline import conversations, write_summary  # noqa: E402  (the offline benchmark's 32 essay prompts)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -269,10 +268,7 @@ def main() -> None:
                "offline": offline, "http": http, "http_overhead": overhead, "http_overhead_per_repeat": per_repeat,
                "event_loop_cpu_share_of_e2e": loop_share, "cpu_overhead": (http_cpu - offline_cpu) / http_cpu,
                "target_met": overhead < 0.05, "same_prompt_tokens": same_prompts, "identical_outputs": same_text}
-    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(summary, f, indent=2)
-    print(f"wrote {args.output}")
+    write_summary(args.output, summary)
 
 
 if __name__ == "__main__":

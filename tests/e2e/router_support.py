@@ -16,13 +16,12 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import yaml
 
-from e2e.server import REPO_ROOT, RemoteServer, free_port, tiny_model_dir
+from e2e.server import (REPO_ROOT, RemoteServer, free_port, metric_sum, stop_process, tiny_model_dir,
+                        wait_for_health)
 
 
 @functools.cache
@@ -63,47 +62,21 @@ class RouterProcess:
         command = [sys.executable, "-m", "serval.cli", "route", "--config", self.config_file.name,
                    "--host", "127.0.0.1", "--port", str(self.port), *(extra_args or [])]
         self.process = subprocess.Popen(command, stdout=self.log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"serval route exited with {self.process.returncode}:\n{self.log_text()[-3000:]}")
-            try:
-                httpx.get(self.url + "/health", timeout=1.0)
-                return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        self.close()
-        raise TimeoutError(f"serval route not ready:\n{self.log_text()[-3000:]}")
+        try:  # /health answers 503 while no backend is healthy: any answer means it is up
+            wait_for_health(self.process, self.url, timeout, "serval route", self.log_text, needs_ok=False)
+        except TimeoutError:
+            self.close()
+            raise
 
     def log_text(self) -> str:
         with open(self.log_file.name, errors="replace") as handle:
             return handle.read()
 
-    def log_records(self) -> list[dict]:
-        out = []
-        for line in self.log_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-        return out
-
     def metric(self, name: str, **labels) -> float:
-        from prometheus_client.parser import text_string_to_metric_families
-        text = httpx.get(self.url + "/metrics", timeout=10).text
-        return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-                   if sample.name == name and set(labels.items()) <= set(sample.labels.items()))
+        return metric_sum(self.url, name, **labels)
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log_file.close()
-        os.unlink(self.log_file.name)
+        stop_process(self.process, self.log_file, timeout=10)
         os.unlink(self.config_file.name)
 
 

@@ -51,6 +51,50 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_for_health(process: subprocess.Popen, url: str, timeout: float, name: str, log_text,
+                    needs_ok: bool = True) -> None:
+    """Return once `url`/health answers (with 200 when needs_ok); raise with the log's tail if the process exits
+    or the time runs out (the caller closes it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}:\n{log_text()[-4000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1.0).status_code == 200 or not needs_ok:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{name} not ready after {timeout}s:\n{log_text()[-4000:]}")
+
+
+def metric_samples(url: str) -> dict[tuple, float]:
+    """(sample name, sorted label items) -> value, from url/metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def metric_sum(url: str, name: str, **labels) -> float:
+    """Sum of the url/metrics samples called name whose labels include the given ones."""
+    return sum(value for (sample, items), value in metric_samples(url).items()
+               if sample == name and set(labels.items()) <= set(items))
+
+
+def stop_process(process: subprocess.Popen, log_file, timeout: float) -> None:
+    """Terminate (kill after timeout seconds), then delete its log."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    log_file.close()
+    os.unlink(log_file.name)
+
+
 class RemoteServer:
     """`python -m serval.cli serve ARGS` on a free loopback port, ready when /health answers."""
 
@@ -69,18 +113,11 @@ class RemoteServer:
         self._wait_ready(startup_timeout)
 
     def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"serval serve exited with {self.process.returncode}:\n{self.log_text()[-4000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        self.close()
-        raise TimeoutError(f"serval serve not ready after {timeout}s:\n{self.log_text()[-4000:]}")
+        try:
+            wait_for_health(self.process, self.url, timeout, "serval serve", self.log_text)
+        except TimeoutError:
+            self.close()
+            raise
 
     def client(self, **kwargs):
         import openai
@@ -109,16 +146,10 @@ class RemoteServer:
         return records
 
     def metrics(self) -> dict[tuple, float]:
-        """(sample name, sorted label items) -> value, from /metrics."""
-        from prometheus_client.parser import text_string_to_metric_families
-        text = httpx.get(self.url + "/metrics", timeout=10).text
-        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-                for family in text_string_to_metric_families(text) for sample in family.samples}
+        return metric_samples(self.url)
 
     def metric(self, name: str, **labels) -> float:
-        """Sum of the samples called name whose labels include the given ones."""
-        return sum(value for (sample, items), value in self.metrics().items()
-                   if sample == name and set(labels.items()) <= set(items))
+        return metric_sum(self.url, name, **labels)
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """True once nothing runs or waits and the KV cache is empty."""
@@ -131,12 +162,4 @@ class RemoteServer:
         return False
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log_file.close()
-        os.unlink(self.log_file.name)
+        stop_process(self.process, self.log_file, timeout=20)
