@@ -36,6 +36,9 @@ _ENGINE_HELP = {
     "device": "auto, cpu, cuda or cuda:N",
     "scheduling_policy": "fcfs or priority",
     "enforce_eager": "never capture CUDA graphs for decode steps (GPU only)",
+    "quantization": "fp8: float8 weights with per-channel scales and per-token activation scales, from a "
+                    "half-precision checkpoint (None: the checkpoint's weights as they are)",
+    "kv_cache_dtype": "auto (the model's dtype), fp8 or fp8_e4m3 (float8 e4m3, scale 1.0: half the KV memory)",
     "async_scheduling": "queue decode step N+1 before step N's tokens reach the host (default: on with CUDA graphs)",
 }
 

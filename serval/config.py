@@ -10,6 +10,11 @@ _DTYPES = {"auto": None, "float32": torch.float32, "float": torch.float32, "floa
            "half": torch.float16, "bfloat16": torch.bfloat16}
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _SCHEDULING_POLICIES = ("fcfs", "priority")
+# vLLM's names. fp8: weights stored in float8 e4m3 with one scale per output channel, activations quantized per
+# token at run time (W8A8, vLLM's dynamic fp8). The KV cache in float8 e4m3 with scale 1.0, as vLLM without
+# calibrated scales.
+QUANTIZATIONS = (None, "fp8")
+_KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
 # On CPU there is no device memory to profile; this is the KV pool unless the user sizes it.
 DEFAULT_CPU_KV_CACHE_BYTES = 2 * 1024**3
 
@@ -41,12 +46,18 @@ class EngineConfig:
     # Queue decode step N+1 before step N's tokens reach the host. None: on where CUDA graphs run (on CPU the
     # device and the host are the same cores, so there is nothing to overlap).
     async_scheduling: bool | None = None
+    quantization: str | None = None  # None or "fp8" (from a half-precision checkpoint, at load time)
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype), fp8 or fp8_e4m3
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise _bad("dtype", self.dtype, f"one of {sorted(_DTYPES)}")
         if self.load_format not in _LOAD_FORMATS:
             raise _bad("load_format", self.load_format, f"one of {list(_LOAD_FORMATS)}")
+        if self.quantization not in QUANTIZATIONS:
+            raise _bad("quantization", self.quantization, f"one of {list(QUANTIZATIONS)}")
+        if self.kv_cache_dtype not in _KV_CACHE_DTYPES:
+            raise _bad("kv_cache_dtype", self.kv_cache_dtype, f"one of {list(_KV_CACHE_DTYPES)}")
         if self.scheduling_policy not in _SCHEDULING_POLICIES:
             raise _bad("scheduling_policy", self.scheduling_policy, f"one of {list(_SCHEDULING_POLICIES)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -85,3 +96,7 @@ class EngineConfig:
         if self.torch_device().type == "cpu":
             return torch.float32
         return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+    def torch_kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The KV cache's element type: the model's dtype unless kv_cache_dtype names another."""
+        return _KV_CACHE_DTYPES[self.kv_cache_dtype] or model_dtype

@@ -135,3 +135,27 @@ def test_default_gguf_model_loads(tmp_path):
     assert config.architectures == ["LlamaForCausalLM"] and model.tie_word_embeddings
     logits = logits_of(model, torch.tensor([1, 504, 3458, 282, 4649]))
     assert torch.isfinite(logits).all()
+
+
+def test_fp8_quantizes_the_decoder_projections_only(tiny_models):
+    path, hf_model = tiny_models("llama")
+    model, _ = load_model(path, quantization="fp8")
+    quantized = {name for name, param in model.named_parameters() if param.dtype == torch.float8_e4m3fn}
+    projections = {f"model.layers.{i}.{p}.weight" for i in range(hf_model.config.num_hidden_layers)
+                   for p in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")}
+    assert quantized == projections
+    assert model.lm_head.weight.dtype == model.model.embed_tokens.weight.dtype == torch.float32
+    with torch.no_grad():
+        expected = hf_model(INPUT_IDS[None]).logits[0]
+    got = logits_of(model, INPUT_IDS)
+    # fp8 moves a tiny random model's logits by ~8% (its weights are all of one size; real ones lose less),
+    # but no more: a wrong or missing scale would be off by orders of magnitude.
+    assert 0 < (got - expected).norm() / expected.norm() < 0.15
+
+
+def test_fp8_needs_sizes_the_fp8_gemm_takes(tmp_path):
+    build_tiny_model(tmp_path, "llama", seed=3, intermediate_size=100)
+    with pytest.raises(ValueError, match="multiples of 16.*mlp.gate_up_proj is 200 x 64"):
+        load_model(str(tmp_path), quantization="fp8")
+    with pytest.raises(ValueError, match="quantization 'int3' is not supported"):
+        load_model(str(tmp_path), quantization="int3")

@@ -112,3 +112,26 @@ def test_half_precision_cache_is_close_to_float32():
     out = paged_attention(q.bfloat16(), kv_cache, metadata, 8 ** -0.5)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), dense_attention(q, k, v, 8 ** -0.5), atol=3e-2, rtol=3e-2)
+
+
+def test_float8_cache_saturates_and_attention_stays_close_to_float32():
+    """kv_cache_dtype="fp8": stored with scale 1.0, clamped to e4m3's +-448 (an unclamped cast would be NaN),
+    and read back into float32 for the same attention: within fp8's few percent of the unquantized result."""
+    kv_cache = torch.zeros(2, 2, 2, 1, 2, dtype=torch.float8_e4m3fn)
+    key = torch.tensor([[1000.0, -600.0], [0.3, 448.0]]).view(2, 1, 2)
+    write_kv(kv_cache, key, -key, torch.tensor([3, 0]))
+    assert kv_cache[0].float().flatten().tolist() == [0.3125, 448.0, 0, 0, 0, 0, 448.0, -448.0]
+    assert kv_cache[1].float().flatten().tolist() == [-0.3125, -448.0, 0, 0, 0, 0, -448.0, 448.0]
+
+    torch.manual_seed(3)
+    lens = [1, 9, 21]
+    q, k, v = torch.randn(sum(lens), 4, 16), torch.randn(sum(lens), 2, 16), torch.randn(sum(lens), 2, 16)
+    block_ids, num_blocks = allocate_blocks(lens, 4)
+    _, metadata = step_metadata(block_ids, [(0, n) for n in lens], 4)
+    kv_cache = torch.zeros(2, num_blocks, 4, 2, 16, dtype=torch.float8_e4m3fn)
+    write_kv(kv_cache, k, v, metadata.slot_mapping)
+    out = paged_attention(q, kv_cache, metadata, 0.25)
+    starts = metadata.query_start_loc
+    expected = torch.cat([dense_attention(q[a:b], k[a:b], v[a:b], 0.25) for a, b in zip(starts, starts[1:])])
+    relative = (out - expected).norm() / expected.norm()
+    assert 1e-3 < relative < 5e-2, relative  # quantized (not silently float32), and dequantized right

@@ -2,7 +2,8 @@
 
 On a machine without CUDA they run in Triton's interpreter (conftest sets TRITON_INTERPRET=1), on small shapes;
 on a GPU the same tests run the compiled kernels. Block tables are random and non-contiguous, outputs are
-poisoned with NaN first so a row the kernel forgets to write fails, and every check draws fresh inputs.
+poisoned with NaN first so a row the kernel forgets to write fails, and every check draws fresh inputs. A few
+cases use a float8 e4m3 cache (kv_cache_dtype="fp8"): the reference reads the same float8 cache.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from serval.kernels import triton_attention  # noqa: E402
 from serval.layers.attention import AttentionMetadata  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP8 = torch.float8_e4m3fn
 
 
 def random_step(rng: random.Random, spans: list[tuple[int, int]], num_kv_heads: int, head_dim: int,
@@ -31,7 +33,8 @@ def random_step(rng: random.Random, spans: list[tuple[int, int]], num_kv_heads: 
     for n in needed:
         tables.append(order[used:used + n])
         used += n
-    kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=DEVICE)
+    kv_cache = reference.to_cache_dtype(torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim,
+                                                    device=DEVICE), dtype)
     slots, query_start_loc = [], [0]
     for table, (start, end) in zip(tables, spans):
         slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
@@ -45,33 +48,37 @@ def random_step(rng: random.Random, spans: list[tuple[int, int]], num_kv_heads: 
 
 
 def run_both(query, kv_cache, metadata, scale, sliding_window):
-    expected = reference.paged_attention(query.float(), kv_cache.float(), metadata, scale, sliding_window)
+    expected = reference.paged_attention(query.float(), kv_cache, metadata, scale, sliding_window)
     out = torch.full_like(query, float("nan"))
     triton_attention.paged_attention(query, kv_cache, metadata, scale, sliding_window, out=out)
     return out.float(), expected
 
 
 @pytest.mark.parametrize("sliding_window", [None, 7])
-@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 4, 16), (4, 2, 32), (6, 2, 16), (8, 1, 16)])
-def test_prefill_chunks_and_mixed_batches_match_reference(num_heads, num_kv_heads, head_dim, sliding_window):
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,kv_dtype", [
+    (4, 4, 16, torch.float32), (4, 2, 32, torch.float32), (6, 2, 16, torch.float32), (8, 1, 16, torch.float32),
+    (4, 2, 32, FP8)])
+def test_prefill_chunks_and_mixed_batches_match_reference(num_heads, num_kv_heads, head_dim, kv_dtype,
+                                                          sliding_window):
     rng = random.Random(num_heads * 100 + num_kv_heads + (sliding_window or 0))
     for trial in range(2):
         # Whole prompts, later chunks after a cached prefix, and single-token (decode) rows in one batch.
         spans = [(0, rng.randint(2, 40)), (rng.randint(1, 30), 0), (rng.randint(5, 60), 0), (0, 1)]
         spans = [(start, end if end else start + rng.choice([1, rng.randint(2, 70)])) for start, end in spans]
-        kv_cache, metadata = random_step(rng, spans, num_kv_heads, head_dim, block_size=4, dtype=torch.float32)
+        kv_cache, metadata = random_step(rng, spans, num_kv_heads, head_dim, block_size=4, dtype=kv_dtype)
         query = torch.randn(metadata.query_start_loc[-1], num_heads, head_dim, device=DEVICE)
         out, expected = run_both(query, kv_cache, metadata, head_dim ** -0.5, sliding_window)
         torch.testing.assert_close(out, expected, atol=2e-3, rtol=2e-3)
 
 
-@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (8, 8), (6, 2)])
-def test_decode_split_k_matches_reference(num_heads, num_kv_heads):
+@pytest.mark.parametrize("num_heads,num_kv_heads,kv_dtype", [
+    (4, 2, torch.float32), (8, 8, torch.float32), (6, 2, torch.float32), (4, 2, FP8)])
+def test_decode_split_k_matches_reference(num_heads, num_kv_heads, kv_dtype):
     rng = random.Random(num_heads + 10 * num_kv_heads)
     head_dim = 32
     lens = [1, 2, 17, 130, 64, 5]  # from shorter than one split's tile to many tiles per split
     kv_cache, metadata = random_step(rng, [(n - 1, n) for n in lens], num_kv_heads, head_dim, block_size=16,
-                                     dtype=torch.float32)
+                                     dtype=kv_dtype)
     assert triton_attention.decode_num_splits(len(lens), num_kv_heads) > 1
     query = torch.randn(len(lens), num_heads, head_dim, device=DEVICE)
     out, expected = run_both(query, kv_cache, metadata, head_dim ** -0.5, None)
@@ -103,16 +110,35 @@ def test_half_precision_close_to_float32_reference(dtype):
     assert relative < 1e-2, relative
 
 
-def test_write_kv_matches_reference_and_skips_negative_slots():
+@pytest.mark.parametrize("kv_dtype", [torch.float32, FP8])
+def test_write_kv_matches_reference_and_skips_negative_slots(kv_dtype):
+    """Byte for byte, float8 included: magnitudes from e4m3's subnormals to past its 448 (which saturate)."""
     torch.manual_seed(3)
-    key, value = torch.randn(6, 3, 16, device=DEVICE), torch.randn(6, 3, 16, device=DEVICE)
+    magnitudes = torch.logspace(-4, 3, 16, device=DEVICE)
+    key, value = torch.randn(6, 3, 16, device=DEVICE) * magnitudes, torch.randn(6, 3, 16, device=DEVICE) * magnitudes
+    key[0, 0, -1], value[3, 1, -1] = 1000.0, -500.0
     slots = torch.tensor([9, 0, -1, 4, 15, -1], device=DEVICE)
-    expected = torch.randn(2, 4, 4, 3, 16, device=DEVICE)
+    expected = reference.to_cache_dtype(torch.randn(2, 4, 4, 3, 16, device=DEVICE), kv_dtype)
     cache = expected.clone()
     keep = slots >= 0
     reference.write_kv(expected, key[keep], value[keep], slots[keep])
     triton_attention.write_kv(cache, key, value, slots)
-    assert torch.equal(cache, expected)
+    assert torch.equal(cache.view(torch.uint8), expected.view(torch.uint8))
+    assert not expected.float().isnan().any()
+
+
+def test_float8_cache_close_to_unquantized_cache():
+    """Half-precision queries over a float8 copy of a cache (tiles widened to the query's dtype, not float32):
+    near the reference over that float8 cache, and within fp8's few percent of the reference over the
+    unquantized one, so the kernel dequantizes, with scale 1.0."""
+    rng = random.Random(11)
+    dtype = torch.float16 if DEVICE == "cpu" else torch.bfloat16  # the interpreter has no bfloat16
+    kv_cache, metadata = random_step(rng, [(0, 33), (20, 21), (3, 40)], 2, 32, block_size=16, dtype=torch.float32)
+    query = torch.randn(metadata.query_start_loc[-1], 8, 32, device=DEVICE, dtype=dtype)
+    out, on_fp8 = run_both(query, reference.to_cache_dtype(kv_cache, FP8), metadata, 32 ** -0.5, None)
+    unquantized = reference.paged_attention(query.float(), kv_cache, metadata, 32 ** -0.5)
+    assert (out - on_fp8).norm() / on_fp8.norm() < 1e-2
+    assert 1e-3 < (out - unquantized).norm() / unquantized.norm() < 5e-2
 
 
 def test_write_kv_reads_strided_projections():

@@ -52,27 +52,31 @@ def test_rotary_in_place_on_qkv_views_matches_reference(dtype):
     assert torch.equal(qkv[:, (num_heads + num_kv_heads) * head_dim:], before_v)  # v untouched
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_rotary_with_kv_write_matches_rotary_then_write_kv(dtype):
-    """The fused kernel against the two references in sequence: apply_rotary, then paged_attention.write_kv;
-    a padding row (slot -1) writes nothing, and the rest of the cache keeps its poison."""
+@pytest.mark.parametrize("dtype,kv_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                            (torch.float16, torch.float8_e4m3fn)])
+def test_rotary_with_kv_write_matches_rotary_then_write_kv(dtype, kv_dtype):
+    """The fused kernel against the two references in sequence: apply_rotary, then paged_attention.write_kv
+    (of the key as the kernel rotated it, so the cache must match byte for byte, float8 included, where a value
+    past 448 saturates); a padding row (slot -1) writes nothing, and the rest of the cache keeps its poison."""
     torch.manual_seed(5)
     num_heads, num_kv_heads, head_dim, block_size = 6, 2, 32, 4
     rotary = RotaryEmbedding(head_dim, 64, {"rope_type": "default", "rope_theta": 10000.0}).to(DEVICE)
     qkv = torch.randn(5, (num_heads + 2 * num_kv_heads) * head_dim, device=DEVICE, dtype=dtype)
+    qkv[0, -1], qkv[3, -2] = 1000.0, -600.0  # in v
     q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
     q, k, v = (t.view(5, -1, head_dim) for t in (q, k, v))
     positions = torch.tensor([0, 9, 33, 2, 5], device=DEVICE)
     slot_mapping = torch.tensor([13, 2, -1, 30, 7], device=DEVICE)
-    kv_cache = torch.full((2, 10, block_size, num_kv_heads, head_dim), 7.0, device=DEVICE, dtype=dtype)
+    kv_cache = torch.full((2, 10, block_size, num_kv_heads, head_dim), 7.0, device=DEVICE).to(kv_dtype)
     cos, sin = rotary.cos_cache[positions].cpu(), rotary.sin_cache[positions].cpu()
     expected_q, expected_k = apply_rotary(q.cpu(), cos, sin), apply_rotary(k.cpu(), cos, sin)
     expected_cache = kv_cache.cpu().clone()
-    real = slot_mapping.cpu() >= 0  # the reference has no padding rows
-    paged_attention.write_kv(expected_cache, expected_k[real], v.cpu()[real], slot_mapping.cpu()[real])
     triton_fused.rotary_(positions, q, k, rotary.cos_cache, rotary.sin_cache, v, kv_cache, slot_mapping)
     torch.testing.assert_close(q.cpu(), expected_q, atol=1e-5, rtol=1e-3)
-    torch.testing.assert_close(kv_cache.cpu(), expected_cache, atol=1e-5, rtol=1e-3)
+    torch.testing.assert_close(k.cpu(), expected_k, atol=1e-5, rtol=1e-3)
+    real = slot_mapping.cpu() >= 0  # the reference has no padding rows
+    paged_attention.write_kv(expected_cache, k.cpu()[real], v.cpu()[real], slot_mapping.cpu()[real])
+    assert torch.equal(kv_cache.cpu().view(torch.uint8), expected_cache.view(torch.uint8))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

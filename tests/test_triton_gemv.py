@@ -7,6 +7,7 @@ import torch
 pytest.importorskip("triton")
 
 from serval.kernels import triton_gemv  # noqa: E402
+from serval.layers import fp8  # noqa: E402
 from serval.layers.activation import silu_and_mul  # noqa: E402
 from serval.layers.linear import Linear  # noqa: E402
 
@@ -53,18 +54,56 @@ def test_gated_gemv_is_down_of_silu_and_mul(dtype, k):
         torch.testing.assert_close(y.float(), expected, **tolerance)
 
 
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("k", [256, 96])
+def test_fp8_weights_with_row_scales(gated, k):
+    # quantization="fp8": W is float8 e4m3 and row n of the product is scaled by weight_scale[n].
+    torch.manual_seed(k + gated)
+    q_weight, weight_scale = fp8.quantize_weight(torch.randn(37, k, device=DEVICE))
+    x = torch.randn(1, 2 * k if gated else k, device=DEVICE, dtype=torch.float16)
+    activation = silu_and_mul(x.cpu()).to(DEVICE) if gated else x
+    expected = activation.float() @ (q_weight.float() * weight_scale[:, None]).T
+    for config in [None, (4, 64, 2)]:
+        y = triton_gemv.gemv(x, q_weight, config=config, gated=gated, weight_scale=weight_scale)
+        assert y.dtype == torch.float16
+        torch.testing.assert_close(y.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+def bf16_layer(in_features: int, out_features: int) -> Linear:
+    layer = Linear(in_features, out_features, bias=False).to("cuda", torch.bfloat16)
+    torch.nn.init.normal_(layer.weight, std=0.02)
+    return layer
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GEMV path is taken on CUDA only")
 def test_linear_on_one_half_precision_row_agrees_with_cublas(monkeypatch):
     torch.manual_seed(4)
-    layer = Linear(4096, 6144, bias=False).to("cuda", torch.bfloat16)
-    torch.nn.init.normal_(layer.weight, std=0.02)
+    layer = bf16_layer(4096, 6144)
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     ours = layer(x)
-    down = Linear(2048, 4096, bias=False).to("cuda", torch.bfloat16)
-    torch.nn.init.normal_(down.weight, std=0.02)
+    down = bf16_layer(2048, 4096)
     gate_up = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     ours_down = down.forward_silu_and_mul(gate_up)
     monkeypatch.setenv("SERVAL_GEMV", "cublas")
     theirs = layer(x)
     torch.testing.assert_close(ours.float(), theirs.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(ours_down.float(), down(silu_and_mul(gate_up)).float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the float8 GEMM and the GEMV run on CUDA only")
+def test_fp8_linear_one_row_agrees_with_the_fp8_gemm(monkeypatch):
+    # Batch 1 takes the GEMV over float8 weights (x unquantized), more rows take torch._scaled_mm (x quantized per
+    # token): both approximate the bf16 product, and each other, within fp8's rounding.
+    torch.manual_seed(5)
+    layer = bf16_layer(4096, 6144)
+    x = torch.randn(4, 4096, device="cuda", dtype=torch.bfloat16)
+    exact = layer(x).float()
+    layer.quantize_fp8_()
+    batched = layer(x).float()
+    single = torch.cat([layer(x[i:i + 1]) for i in range(4)]).float()
+    for got in (batched, single):
+        assert (got - exact).norm() / exact.norm() < 0.05
+    assert (single - batched).norm() / exact.norm() < 0.05
+    # The float8 GEMM's fast accumulation (the default) against promotion to float32: far below fp8's own error.
+    monkeypatch.setenv("SERVAL_FP8_FAST_ACCUM", "0")
+    assert (layer(x).float() - batched).norm() / exact.norm() < 0.01

@@ -64,13 +64,16 @@ class LLMEngine:
         self.dtype = config.torch_dtype(_checkpoint_dtype(model_path))
         started = time.monotonic()
         self.model, self.hf_config = load_model(model_path, load_format=config.load_format, dtype=self.dtype,
-                                                device=self.device, seed=config.seed)
+                                                device=self.device, seed=config.seed,
+                                                quantization=config.quantization)
         self.tokenizer = _load_tokenizer_or_none(model_path, config)
         self.config = _resolve_config(config, model_path, self.hf_config)
-        num_blocks = _num_kv_blocks(self.config, self.model, self.dtype, self.device)
+        # The model computes in self.dtype; the KV cache may be stored narrower (kv_cache_dtype="fp8").
+        self.kv_cache_dtype = self.config.torch_kv_cache_dtype(self.dtype)
+        num_blocks = _num_kv_blocks(self.config, self.model, self.kv_cache_dtype, self.device)
         self.kv_cache = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.kv_cache)
-        self.runner = ModelRunner(self.model, num_blocks, self.config.block_size, self.dtype, self.device,
+        self.runner = ModelRunner(self.model, num_blocks, self.config.block_size, self.kv_cache_dtype, self.device,
                                   self.config.max_num_seqs, self.config.max_model_len, self.config.enforce_eager)
         self.vocab_size = self.model.vocab_size
         self.eos_token_id = _eos_token_id(self.hf_config, self.tokenizer)
@@ -83,7 +86,8 @@ class LLMEngine:
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         logger.info("engine ready", extra={"model": self.config.model, "device": str(self.device),
-                                           "dtype": str(self.dtype), "num_kv_blocks": num_blocks,
+                                           "dtype": str(self.dtype), "kv_cache_dtype": str(self.kv_cache_dtype),
+                                           "num_kv_blocks": num_blocks,
                                            "max_model_len": self.config.max_model_len,
                                            "load_seconds": round(time.monotonic() - started, 2)})
 
@@ -420,12 +424,13 @@ def _resolve_config(config: EngineConfig, model_path: str, hf_config) -> EngineC
 _GPU_RESERVE_BYTES = 1024**3
 
 
-def _gpu_kv_cache_bytes(config: EngineConfig, model, dtype: torch.dtype, device: torch.device) -> int:
+def _gpu_kv_cache_bytes(config: EngineConfig, model, kv_cache_dtype: torch.dtype, device: torch.device) -> int:
     """What gpu_memory_utilization leaves for the KV cache: utilization x total memory, less the weights and the
     peak activations of a profiling forward over a full step (max_num_batched_tokens), less a reserve; never more
     than is free now (another process may hold part of the card)."""
     activation_bytes = ModelRunner.profile_activation_bytes(model, config.max_num_batched_tokens,
-                                                            config.max_num_seqs, config.block_size, dtype, device)
+                                                            config.max_num_seqs, config.block_size, kv_cache_dtype,
+                                                            device)
     free, total = torch.cuda.mem_get_info(device)
     weights = torch.cuda.memory_allocated(device)
     budget = config.gpu_memory_utilization * total - weights - activation_bytes - _GPU_RESERVE_BYTES
@@ -437,14 +442,16 @@ def _gpu_kv_cache_bytes(config: EngineConfig, model, dtype: torch.dtype, device:
     return max(int(budget), 0)
 
 
-def _num_kv_blocks(config: EngineConfig, model, dtype: torch.dtype, device: torch.device) -> int:
-    per_block = ModelRunner.kv_cache_bytes_per_block(model, config.block_size, dtype)
+def _num_kv_blocks(config: EngineConfig, model, kv_cache_dtype: torch.dtype, device: torch.device) -> int:
+    """Blocks in the KV pool: its memory (given, profiled, or the CPU default) over one block's bytes in
+    kv_cache_dtype, so a float8 cache holds twice the blocks of a 16-bit one."""
+    per_block = ModelRunner.kv_cache_bytes_per_block(model, config.block_size, kv_cache_dtype)
     if config.num_gpu_blocks_override is not None:
         num_blocks = config.num_gpu_blocks_override
     elif config.kv_cache_memory_bytes is not None:
         num_blocks = config.kv_cache_memory_bytes // per_block
     elif device.type == "cuda":
-        num_blocks = int(_gpu_kv_cache_bytes(config, model, dtype, device) // per_block)
+        num_blocks = int(_gpu_kv_cache_bytes(config, model, kv_cache_dtype, device) // per_block)
     else:
         num_blocks = DEFAULT_CPU_KV_CACHE_BYTES // per_block
         # No point holding more than every sequence at full length.

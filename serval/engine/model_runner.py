@@ -56,13 +56,15 @@ class _BatchPlan:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device, max_num_seqs: int = 1, max_model_len: int = 1,
+                 kv_cache_dtype: torch.dtype, device: torch.device, max_num_seqs: int = 1, max_model_len: int = 1,
                  enforce_eager: bool = True) -> None:
+        """kv_cache_dtype: the cache's element type, the model's dtype or float8_e4m3fn (EngineConfig's
+        torch_kv_cache_dtype); the attention layers convert on write and on read."""
         self.model = model
         self.block_size = block_size
         self.device = device
         shape = (2, num_blocks, block_size, model.num_kv_heads, model.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
+        self.kv_caches = [torch.zeros(shape, dtype=kv_cache_dtype, device=device) for _ in range(model.num_layers)]
         self.graphs: DecodeGraphs | None = None
         # Graphs need the Triton kernels, whose lengths come from device buffers; the torch reference reads host lists.
         if device.type == "cuda" and not enforce_eager and attention_backend(device) is not torch_attention:
@@ -70,20 +72,19 @@ class ModelRunner:
             self.graphs.capture()
 
     @staticmethod
-    def kv_cache_bytes_per_block(model: torch.nn.Module, block_size: int, dtype: torch.dtype) -> int:
-        element_size = torch.empty((), dtype=dtype).element_size()
-        return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * element_size
+    def kv_cache_bytes_per_block(model: torch.nn.Module, block_size: int, kv_cache_dtype: torch.dtype) -> int:
+        return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * kv_cache_dtype.itemsize
 
     @staticmethod
     @torch.inference_mode()
     def profile_activation_bytes(model: torch.nn.Module, num_tokens: int, num_seqs: int, block_size: int,
-                                 dtype: torch.dtype, device: torch.device) -> int:
+                                 kv_cache_dtype: torch.dtype, device: torch.device) -> int:
         """Peak memory of the largest step the scheduler can make (num_tokens tokens, logits for num_seqs rows)
         beyond what is allocated before it, on CUDA: one prompt of num_tokens over a scratch KV cache just big
-        enough, which is not counted."""
+        enough, which is not counted (in the real cache's dtype, so the kernels profiled are the ones that run)."""
         num_blocks = -(-num_tokens // block_size)
         shape = (2, num_blocks, block_size, model.num_kv_heads, model.head_dim)
-        kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
+        kv_caches = [torch.zeros(shape, dtype=kv_cache_dtype, device=device) for _ in range(model.num_layers)]
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)

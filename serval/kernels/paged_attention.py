@@ -3,6 +3,9 @@
 KV cache layout per layer: [2, num_blocks, block_size, num_kv_heads, head_dim], index 0 = K, 1 = V. A token at
 position p of a request lives in slot block_table[p // block_size] * block_size + p % block_size.
 
+The cache may be float8 e4m3 (kv_cache_dtype="fp8"): K/V are stored with scale 1.0, clamped to the format's
++-448 (see to_cache_dtype), and read back exactly into the query's precision; the attention math is unchanged.
+
 Single-token queries (decode) are batched into one SDPA call over K/V gathered to the longest context; multi-token
 queries (prefill and its chunks) run one call each, so a long prompt never pads the decodes beside it.
 """
@@ -17,15 +20,27 @@ if TYPE_CHECKING:
     from serval.layers.attention import AttentionMetadata
 
 
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in the cache's element type. float8 e4m3 has no infinity and torch's cast turns anything past its range
+    into NaN, so values are clamped to +-448 first: saturation, as vLLM's fp8 cache with scale 1.0 does, and as
+    triton_attention.to_cache_dtype rounds (to nearest even, from float32), byte for byte."""
+    if dtype == torch.float8_e4m3fn:
+        limit = torch.finfo(dtype).max
+        return x.float().clamp(-limit, limit).to(dtype)
+    return x.to(dtype)
+
+
 def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Store key/value [T, KVH, D] at their slots; the cache is updated in place."""
     num_kv_heads, head_dim = kv_cache.shape[-2:]
-    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
-    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+    # Indexed assignment rather than index_copy_, which CPU torch lacks for float8.
+    kv_cache[0].view(-1, num_kv_heads, head_dim)[slot_mapping] = to_cache_dtype(key, kv_cache.dtype)
+    kv_cache[1].view(-1, num_kv_heads, head_dim)[slot_mapping] = to_cache_dtype(value, kv_cache.dtype)
 
 
 def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of positions [0, num_tokens) for each row of block_tables: two [B, num_tokens, KVH, D] tensors."""
+    """K and V of positions [0, num_tokens) for each row of block_tables: two [B, num_tokens, KVH, D] tensors, in
+    the cache's dtype (float8 supports indexing but no arithmetic: callers upcast)."""
     block_size = kv_cache.shape[2]
     num_blocks = -(-num_tokens // block_size)
     blocks = block_tables[:, :num_blocks].long()
@@ -47,7 +62,8 @@ def attention_mask(query_positions: torch.Tensor, num_keys: int, sliding_window:
 
 def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
           scale: float) -> torch.Tensor:
-    """query [B, Q, H, D], key/value [B, S, KVH, D], mask [B, Q, S] -> [B, Q, H, D], computed in float32."""
+    """query [B, Q, H, D], key/value [B, S, KVH, D], mask [B, Q, S] -> [B, Q, H, D], computed in float32 (a float8
+    key/value converts exactly, as it would to the query's dtype: e4m3 values are all bf16 and fp16 values)."""
     out = F.scaled_dot_product_attention(
         query.float().transpose(1, 2), key.float().transpose(1, 2), value.float().transpose(1, 2),
         attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=True)

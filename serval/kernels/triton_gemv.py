@@ -8,7 +8,10 @@ walks K in BLOCK_K steps, keeping a [BLOCK_N, BLOCK_K] float32 partial sum so th
 threads is one per program, at the end. With rows this short the grid has hundreds to thousands of programs even
 for the smallest projection, enough to keep every SM's loads in flight, and no second kernel is needed.
 
-The torch reference is x @ W.T (serval.layers.linear); the tests compare against it in the interpreter on CPU.
+W may also be float8 e4m3 with one float32 scale per row (quantization="fp8", serval.layers.fp8): the tile is
+converted to float32 on load and the row's sum multiplied by its scale at the end, so an fp8 step reads half the
+bytes. The torch reference is x @ W.T (serval.layers.linear; for fp8, x @ (W * scale).T); the tests compare
+against it in the interpreter on CPU.
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ from serval.kernels import pdl
 # projection of the Llama-3-8B shape (docs/results/gemv_bench_h100.json); 2.6 to 3.2 TB/s against cuBLAS's
 # 2.2 to 2.8.
 DEFAULT_CONFIG = (2, 2048, 8)
+# The same for float8 weights (one byte each: twice the K per step for the same bytes per tile).
+FP8_CONFIG = (2, 4096, 8)
 
 
 @triton.jit
@@ -52,7 +57,8 @@ def _load_x(x_ptr, offsets, K, GATED: tl.constexpr, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, N, K, stride_w, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, N, K, stride_w, HAS_SCALE: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
                  EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_valid = rows < N
@@ -69,25 +75,30 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, N, K, stride_w, HAS_BIAS: tl.con
         partial += _load_w(w_rows, k + cols, K, EVEN_K).to(tl.float32) * _load_x(x_ptr, k + cols, K, GATED,
                                                                                   EVEN_K)[None, :]
     y = tl.sum(partial, axis=1)
+    if HAS_SCALE:
+        y *= tl.load(scale_ptr + safe_rows)
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows, mask=row_valid, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_valid)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: tuple[int, int, int] | None = None, gated: bool = False) -> torch.Tensor:
+         config: tuple[int, int, int] | None = None, gated: bool = False,
+         weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [1, K] (any leading shape with one row) @ weight [N, K]^T + bias [N] -> [1, N], in x's dtype.
     gated: x is [1, 2K], a merged gate/up output, and the product is with silu(gate) * up (SwiGLU fused into the
     down projection: one kernel, and the [1, K] activation never goes to memory). Accumulates in float32, as
-    cuBLAS does. config: (BLOCK_N, BLOCK_K, num_warps)."""
+    cuBLAS does. config: (BLOCK_N, BLOCK_K, num_warps). weight_scale [N] float32: weight is float8 and row n of
+    the product is multiplied by weight_scale[n]."""
     n, k = weight.shape
     assert x.numel() == (2 * k if gated else k) and weight.stride(1) == 1, (x.shape, weight.shape, weight.stride())
     x = x.reshape(-1).contiguous()
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    block_n, block_k, num_warps = config or DEFAULT_CONFIG
+    block_n, block_k, num_warps = config or (FP8_CONFIG if weight_scale is not None else DEFAULT_CONFIG)
     block_k = min(block_k, triton.next_power_of_2(k))
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, y, n, k, weight.stride(0), HAS_BIAS=bias is not None,
+        x, weight, weight_scale if weight_scale is not None else weight, bias if bias is not None else weight, y, n,
+        k, weight.stride(0), HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None,
         GATED=gated, EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
         **pdl.launch_options(x))
     return y

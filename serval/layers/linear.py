@@ -2,8 +2,9 @@
 
 q/k/v share one input and so do gate/up: one [sum(out), in] weight turns three (or two) small GEMMs into one,
 which matters most at decode batch sizes where each GEMM is bandwidth-bound. A checkpoint stores the parts
-separately; `load_shard` copies each into its rows. Quantization (later) replaces these modules; the model
-only calls them. On a GPU a single half-precision row goes to the Triton GEMV (SERVAL_GEMV=cublas: torch's matmul).
+separately; `load_shard` copies each into its rows. On a GPU a single half-precision row goes to the Triton GEMV
+(SERVAL_GEMV=cublas: torch's matmul). `quantize_fp8_` turns a loaded layer's weight into float8 with per-channel
+scales (quantization="fp8"; the math is in serval.layers.fp8); the model calls the layer the same either way.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import os
 import torch
 from torch import nn
 
+from serval.layers import fp8
 from serval.layers.activation import silu_and_mul
 
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)
@@ -22,6 +24,18 @@ class Linear(nn.Linear):
 
     shard_names: tuple[str, ...] = ()
 
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        # [out_features] float32 once quantize_fp8_ has run (the weight is then float8 e4m3); None before.
+        self.register_buffer("weight_scale", None)
+
+    def quantize_fp8_(self) -> None:
+        """Replace the weight by float8 e4m3 with one scale per output row (in place; done once, after loading)."""
+        if self.weight_scale is not None:
+            raise ValueError(f"{self!r} is already quantized")
+        qweight, self.weight_scale = fp8.quantize_weight(self.weight)
+        self.weight = nn.Parameter(qweight, requires_grad=False)
+
     def reset_parameters(self) -> None:
         # Kaiming init is overwritten by every load path and costs seconds on large models on CPU.
         pass
@@ -29,15 +43,20 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _takes_gemv(x, self.in_features):
             from serval.kernels import triton_gemv
-            return triton_gemv.gemv(x, self.weight, self.bias).view(*x.shape[:-1], self.out_features)
+            out = triton_gemv.gemv(x, self.weight, self.bias, weight_scale=self.weight_scale)
+            return out.view(*x.shape[:-1], self.out_features)
+        if self.weight_scale is not None:
+            return fp8.linear(x, self.weight, self.weight_scale, self.bias)
         return super().forward(x)
 
     def forward_silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """self(silu(gate) * up) of a merged gate/up output; for one row on a GPU, one fused GEMV."""
         if _takes_gemv(gate_up, 2 * self.in_features):
             from serval.kernels import triton_gemv
-            out = triton_gemv.gemv(gate_up, self.weight, self.bias, gated=True)
+            out = triton_gemv.gemv(gate_up, self.weight, self.bias, gated=True, weight_scale=self.weight_scale)
             return out.view(*gate_up.shape[:-1], self.out_features)
+        if self.weight_scale is not None:  # SwiGLU fused into the activation's quantization
+            return fp8.linear(gate_up, self.weight, self.weight_scale, self.bias, gated=True)
         return self(silu_and_mul(gate_up))
 
 

@@ -17,6 +17,8 @@ import transformers
 from safetensors import safe_open
 from torch import nn
 
+from serval.config import QUANTIZATIONS
+from serval.layers.linear import Linear
 from serval.model.registry import get_model_class
 
 logger = logging.getLogger(__name__)
@@ -29,10 +31,14 @@ DUMMY_WEIGHT_RANGE = (-1e-3, 1e-3)
 
 
 def load_model(model: str, *, load_format: str = "auto", dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu", seed: int = 0) -> tuple[nn.Module, transformers.PretrainedConfig]:
-    """Build and load the model at `model` (a directory, or a GGUF file); return (model in eval mode, HF config)."""
+               device: str | torch.device = "cpu", seed: int = 0,
+               quantization: str | None = None) -> tuple[nn.Module, transformers.PretrainedConfig]:
+    """Build and load the model at `model` (a directory, or a GGUF file); return (model in eval mode, HF config).
+    quantization="fp8": the decoder's projections are quantized to float8 once loaded (quantize_fp8)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format {load_format!r} is not supported; choose one of {list(LOAD_FORMATS)}")
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization {quantization!r} is not supported; choose one of {list(QUANTIZATIONS)}")
     if not os.path.exists(model):
         raise FileNotFoundError(f"model path {model!r} does not exist")
     start = time.perf_counter()
@@ -53,9 +59,26 @@ def load_model(model: str, *, load_format: str = "auto", dtype: torch.dtype = to
         init_dummy_weights(net, seed)
     else:
         net.load_weights(weights)
+    if quantization == "fp8":
+        quantize_fp8(net)
     logger.info("model loaded", extra={"model": model, "load_format": load_format, "dtype": str(dtype),
+                                       "quantization": quantization,
                                        "device": str(device), "seconds": round(time.perf_counter() - start, 3)})
     return net, config
+
+
+def quantize_fp8(model: nn.Module) -> None:
+    """Every projection of the decoder layers to float8 with per-channel scales, layer by layer (the half-precision
+    copy of one layer at a time is the only extra memory). The embedding and the LM head stay in the model's dtype,
+    as vLLM's fp8 leaves them: they are the most sensitive to rounding and the head's logits are the output."""
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear) or name.split(".")[-1] == "lm_head":
+            continue
+        if module.in_features % 16 or module.out_features % 16:
+            # The float8 GEMM (cuBLASLt) takes only multiples of 16.
+            raise ValueError(f"quantization='fp8' needs projections whose sizes are multiples of 16; {name} is "
+                             f"{module.out_features} x {module.in_features}")
+        module.quantize_fp8_()
 
 
 def load_config(model_dir: str) -> transformers.PretrainedConfig:
