@@ -5,7 +5,10 @@ Each measurement replays a CUDA graph of one product per weight over enough dist
 that nothing is served from the 50 MB L2, as in a decode step where every weight is read once; the graph removes
 launch gaps, as the engine's decode graphs do. Prints a table and writes JSON.
 
-    python benchmarks/gemv_bench.py [--out DIR] [--dtype bfloat16]
+    python benchmarks/gemv_bench.py [--out DIR] [--dtype bfloat16] [--fp8]
+
+--fp8: the Triton GEMV reads float8 weights with per-row scales (quantization="fp8"), GB/s counted in float8
+bytes; cuBLAS still reads the half-precision weights (what the model does unquantized).
 """
 from __future__ import annotations
 
@@ -18,11 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from serval.kernels import triton_gemv
+from serval.layers import fp8
 
 # (name, N, K) of Llama-3-8B's projections: merged q/k/v, o, merged gate/up, down, lm_head.
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
           ("lm_head", 128256, 4096)]
 GRID = list(itertools.product((2, 4, 8), (1024, 2048, 4096), (4, 8, 16)))
+FP8_GRID = list(itertools.product((2, 4, 8), (2048, 4096, 8192), (4, 8, 16)))  # one byte a weight: longer K steps
 
 
 def time_graph(fn, weights: list[torch.Tensor], x: torch.Tensor, repeats: int = 20) -> float:
@@ -49,28 +54,40 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--fp8", action="store_true", help="float8 weights for the Triton GEMV")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     x = torch.randn(1, 14336, device="cuda", dtype=dtype)
     rows = []
     for name, n, k in SHAPES:
-        weight_bytes = n * k * x.element_size()
+        half_bytes = n * k * x.element_size()
+        weight_bytes = n * k if args.fp8 else half_bytes
         copies = max(2, -(-400 * 2**20 // weight_bytes))
         weights = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(copies)]
         xk = x[:, :k].contiguous()
         reference = F.linear(xk, weights[0]).float()
-        cublas = time_graph(lambda a, w: F.linear(a, w), weights, xk)
+        cublas = time_graph(lambda a, w: F.linear(a, w), weights[:max(2, -(-400 * 2**20 // half_bytes))], xk)
+        scales = {}
+        if args.fp8:  # quantized one at a time: the half-precision copies go as their float8 ones come
+            for i, w in enumerate(weights):
+                weights[i], scales[i] = fp8.quantize_weight(w)
+            scales = {id(w): scales[i] for i, w in enumerate(weights)}
+
+        def gemv(a, w, c):
+            return triton_gemv.gemv(a, w, config=c, weight_scale=scales.get(id(w)))
+        if args.fp8:  # checked against the product with the dequantized weight
+            reference = F.linear(xk.float(), weights[0].float() * scales[id(weights[0])][:, None])
         results = {}
-        for config in GRID:
-            got = triton_gemv.gemv(xk, weights[0], config=config).float()
+        for config in FP8_GRID if args.fp8 else GRID:
+            got = gemv(xk, weights[0], config).float()
             if not torch.allclose(got, reference, atol=5e-2, rtol=5e-2):
                 raise AssertionError(f"{name} {config}: max error {(got - reference).abs().max().item()}")
-            results[config] = time_graph(lambda a, w, c=config: triton_gemv.gemv(a, w, config=c), weights, xk)
-        default = triton_gemv.DEFAULT_CONFIG
+            results[config] = time_graph(lambda a, w, c=config: gemv(a, w, c), weights, xk)
+        default = triton_gemv.FP8_CONFIG if args.fp8 else triton_gemv.DEFAULT_CONFIG
         best = min(results, key=results.get)
         row = {"name": name, "N": n, "K": k, "mb": weight_bytes / 1e6,
-               "cublas_us": cublas * 1e6, "cublas_gbs": weight_bytes / cublas / 1e9,
+               "cublas_us": cublas * 1e6, "cublas_gbs": half_bytes / cublas / 1e9,
                "default_config": list(default), "default_us": results[default] * 1e6,
                "default_gbs": weight_bytes / results[default] / 1e9,
                "best_config": list(best), "best_us": results[best] * 1e6,
@@ -79,7 +96,8 @@ def main() -> None:
         rows.append(row)
         del weights
         torch.cuda.empty_cache()
-    print(f"device: {torch.cuda.get_device_name()}, dtype {args.dtype}, batch 1")
+    print(f"device: {torch.cuda.get_device_name()}, dtype {args.dtype}, batch 1, Triton weights "
+          f"{'float8 e4m3' if args.fp8 else args.dtype}")
     print(f"{'proj':8} {'N x K':>13} {'MB':>7} | {'cuBLAS us':>9} {'GB/s':>6} | {'Triton default':>15} {'us':>7} "
           f"{'GB/s':>6} | {'best config':>15} {'us':>7} {'GB/s':>6}")
     for r in rows:
@@ -92,8 +110,10 @@ def main() -> None:
         total = sum(32 * layer[p][key] for p in ("qkv", "o", "gate_up", "down")) + layer["lm_head"][key]
         print(f"one decode step's projections, {key[:-3]}: {total / 1e3:.3f} ms")
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gemv_bench.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "dtype": args.dtype, "rows": rows}, f, indent=1)
+    name = "gemv_bench_fp8.json" if args.fp8 else "gemv_bench.json"
+    with open(os.path.join(args.out, name), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "dtype": args.dtype, "fp8_weights": args.fp8,
+                   "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,13 @@ Llama-3-8B shape (benchmarks/configs/llama-3-8b, dummy bf16 weights, no download
      512 x (512 in, 256 out), Serval vs transformers `generate_batch` (continuous batching, paged sdpa).
 Every request ignores EOS, so each produces exactly its output length.
 
+--quantization fp8 and --kv-cache-dtype fp8 run Serval's sections on float8 weights and/or KV cache (quantized at
+load from the same dummy bf16 weights); transformers still runs bf16 (its generate_batch in a child process on
+the same seed's weights; its batch-1 `generate`, which shares Serval's weights, is skipped then).
+
     python benchmarks/gpu_suite.py --out results/gpu [--model benchmarks/configs/llama-3-8b] [--skip-hf]
-        [--skip-hf-generate-batch] [--skip-variants] [--profile]
+        [--skip-hf-generate-batch] [--skip-variants] [--profile] [--quantization fp8] [--kv-cache-dtype fp8]
+        [--num-requests 0 (skips the 1000-request workload)]
 """
 from __future__ import annotations
 
@@ -45,11 +50,13 @@ def measure_bandwidth(device: torch.device) -> dict:
     return {"copy_bytes": num_bytes, "copy_ms": ms, "bandwidth_gb_s": 2 * num_bytes / ms / 1e6}
 
 
-def decode_bytes_per_token(model: torch.nn.Module, context_len: int) -> dict:
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+def decode_bytes_per_token(model: torch.nn.Module, context_len: int, kv_element_size: int) -> dict:
+    # float8 weights count one byte each, and their per-row scales count too.
+    scales = [b for name, b in model.named_buffers() if name.endswith("weight_scale")]
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *scales])
     embedding = model.model.embed_tokens.weight
     gathered_table = embedding.numel() * embedding.element_size() if not model.tie_word_embeddings else 0
-    kv = 2 * model.num_layers * model.num_kv_heads * model.head_dim * 2 * context_len
+    kv = 2 * model.num_layers * model.num_kv_heads * model.head_dim * kv_element_size * context_len
     return {"weight_bytes": weights, "weight_bytes_read": weights - gathered_table, "kv_bytes_read": kv,
             "bytes_per_token": weights - gathered_table + kv}
 
@@ -199,15 +206,19 @@ def child_hf_generate_batch(prompts_file: str, model_path: str) -> None:
 
 
 def profile_serval(llm: LLM, prompts: list[list[int]], out_dir: str) -> dict:
-    """PyTorch profiler over a batch-1 decode and a batch-256 decode: where a step's time goes (tables to files)."""
+    """PyTorch profiler over a batch-1 decode, a batch-256 decode and a prefill: where the time goes (tables to files)."""
     from torch.profiler import ProfilerActivity, profile
     result = {}
-    for name, batch in (("batch1", prompts[:1]), ("batch256", prompts[:256])):
-        params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
-        llm.generate([{"prompt_token_ids": p[:128]} for p in batch], params, use_tqdm=False)
+    cases = (("batch1", prompts[:1], 128, 48), ("batch256", prompts[:256], 128, 48),
+             ("prefill", prompts[:32], 512, 1))  # 32 prompts of up to 512 tokens: prefill only
+    for name, batch, prompt_len, new_tokens in cases:
+        params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+        llm.engine.kv_cache.reset_prefix_cache()
+        llm.generate([{"prompt_token_ids": p[:prompt_len]} for p in batch], params, use_tqdm=False)
+        llm.engine.kv_cache.reset_prefix_cache()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             started = time.perf_counter()
-            llm.generate([{"prompt_token_ids": p[:128]} for p in batch], params, use_tqdm=False)
+            llm.generate([{"prompt_token_ids": p[:prompt_len]} for p in batch], params, use_tqdm=False)
             result[f"{name}_elapsed_s"] = time.perf_counter() - started
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
         with open(os.path.join(out_dir, f"profile_{name}.txt"), "w") as f:
@@ -241,6 +252,8 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--profile", action="store_true", help="also write PyTorch profiler tables under --out")
     parser.add_argument("--hf-timeout", type=float, default=200.0, help="seconds for transformers' generate_batch")
+    parser.add_argument("--quantization", default=None, choices=[None, "fp8"])
+    parser.add_argument("--kv-cache-dtype", default="auto")
     parser.add_argument("--child-hf-generate-batch", metavar="PROMPTS_JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_hf_generate_batch:
@@ -250,19 +263,22 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda")
     results: dict = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-                     "python": platform.python_version(), "model": args.model, "dtype": "bfloat16"}
+                     "python": platform.python_version(), "model": args.model, "dtype": "bfloat16",
+                     "quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype,
+                     "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens}
     run_section(results, "bandwidth", measure_bandwidth, device)
 
     started = time.perf_counter()
     llm = LLM(model=args.model, load_format="dummy", dtype="bfloat16", max_model_len=2048,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              gpu_memory_utilization=0.9)
+              gpu_memory_utilization=0.9, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     results["serval_startup_s"] = time.perf_counter() - started
     results["kv_cache_blocks"] = llm.engine.kv_cache.num_blocks
     model = llm.engine.model
     vocab = model.vocab_size
     rng = random.Random(0)
-    roofline = decode_bytes_per_token(model, context_len=128 + 128)
+    roofline = decode_bytes_per_token(model, context_len=128 + 128,
+                                      kv_element_size=llm.engine.runner.kv_caches[0].element_size())
     bandwidth = results["bandwidth"].get("bandwidth_gb_s")
     if bandwidth:
         roofline["roofline_tokens_per_s"] = bandwidth * 1e9 / roofline["bytes_per_token"]
@@ -275,13 +291,23 @@ def main() -> None:
         run_section(results, "serval_batch1_variants", serval_batch1_variants, llm, prompt_128, 256)
     prompts_1000 = random_prompts(rng, args.num_requests, 128, 1024, vocab)
     outputs_1000 = [rng.randint(128, 512) for _ in prompts_1000]
-    run_section(results, "serval_1000", serval_throughput, llm, prompts_1000, outputs_1000)
+    if prompts_1000:
+        run_section(results, "serval_1000", serval_throughput, llm, prompts_1000, outputs_1000)
     prompts_512 = random_prompts(rng, 512, 512, 512, vocab)
     run_section(results, "serval_512x512x256", serval_throughput, llm, prompts_512, [256] * 512)
     if args.profile:
         run_section(results, "serval_profile", profile_serval, llm, prompts_1000, args.out)
 
-    if not args.skip_hf:
+    quantized = args.quantization is not None
+    if quantized and not args.skip_hf:
+        # transformers' generate_batch (a child process) gets the whole card: Serval's cache, graphs and weights go.
+        llm.engine.runner.kv_caches.clear()
+        llm.engine.runner.graphs = None
+        del llm, model
+        gc.collect()
+        torch.cuda.empty_cache()
+        results["serval_memory_left_for_transformers_gib"] = torch.cuda.memory_allocated(device) / 1024**3
+    if not args.skip_hf and not quantized:  # transformers' batch-1 shares Serval's weights: bf16 ones only
         hf_config = llm.engine.hf_config
         # transformers gets the card: Serval's KV cache and graphs go, its weights stay (transformers shares them).
         llm.engine.runner.kv_caches.clear()
@@ -293,8 +319,8 @@ def main() -> None:
         del hf
         gc.collect()
         torch.cuda.empty_cache()
-        if not args.skip_hf_generate_batch:
-            run_section(results, "hf_generate_batch_512x512x256", hf_generate_batch_in_child, args, prompts_512)
+    if not args.skip_hf and not args.skip_hf_generate_batch:
+        run_section(results, "hf_generate_batch_512x512x256", hf_generate_batch_in_child, args, prompts_512)
 
     with open(os.path.join(args.out, "gpu_suite.json"), "w") as f:
         json.dump(results, f, indent=2)
@@ -305,7 +331,8 @@ def print_table(results: dict) -> None:
     def get(section: str, key: str) -> float | None:
         return results.get(section, {}).get(key)
 
-    print(f"\nGPU suite: {results['device']}, torch {results['torch']}, {results['model']} (dummy bf16 weights)")
+    print(f"\nGPU suite: {results['device']}, torch {results['torch']}, {results['model']} (dummy bf16 weights; "
+          f"Serval quantization {results.get('quantization')}, KV cache {results.get('kv_cache_dtype', 'auto')})")
     bandwidth = get("bandwidth", "bandwidth_gb_s")
     roof = results.get("roofline", {}).get("roofline_tokens_per_s")
     print(f"  device-to-device copy: {bandwidth or float('nan'):.0f} GB/s; batch-1 decode roofline "
