@@ -159,3 +159,68 @@ def test_fp8_needs_sizes_the_fp8_gemm_takes(tmp_path):
         load_model(str(tmp_path), quantization="fp8")
     with pytest.raises(ValueError, match="quantization 'int3' is not supported"):
         load_model(str(tmp_path), quantization="int3")
+
+
+def save_fp8_checkpoint(path, hf_model, **quantization_config) -> dict[str, torch.Tensor]:
+    """Rewrite the checkpoint at path as an fp8 one (vLLM's/transformers' format): each decoder projection as float8
+    e4m3 with a per-tensor weight_scale (layer 0) or a per-channel [N, 1] one (other layers), plus a static
+    input_scale. Returns the tensors written."""
+    from safetensors.torch import save_file
+    state = {}
+    for name, tensor in hf_model.state_dict().items():
+        if ".layers." in name and name.endswith("_proj.weight"):
+            per_channel = ".layers.0." not in name
+            amax = tensor.abs().amax(dim=1, keepdim=True) if per_channel else tensor.abs().amax()
+            scale = (amax / 448).float()
+            state[name] = (tensor / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+            state[name.replace(".weight", ".weight_scale")] = scale
+            state[name.replace(".weight", ".input_scale")] = torch.tensor(1.0)
+        else:
+            state[name] = tensor.contiguous()
+    save_file(state, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "static", **quantization_config}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    return state
+
+
+def test_an_fp8_checkpoint_loads_as_it_is_written(tmp_path):
+    hf_model = build_tiny_model(tmp_path, "qwen2", seed=5, tie_word_embeddings=False)
+    state = save_fp8_checkpoint(tmp_path, hf_model)
+    model, _ = load_model(str(tmp_path))  # no quantization= needed: config.json says fp8
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    expected = torch.cat([state[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv"])
+    assert qkv.weight.dtype == torch.float8_e4m3fn
+    assert torch.equal(qkv.weight.view(torch.uint8), expected.view(torch.uint8))  # no requantization
+    per_tensor = torch.cat([state[f"model.layers.0.self_attn.{p}_proj.weight_scale"].expand(rows)
+                            for p, rows in zip("qkv", qkv.output_sizes.values())])
+    torch.testing.assert_close(qkv.weight_scale, per_tensor, atol=0, rtol=0)
+    down = model.model.layers[1].mlp.down_proj
+    torch.testing.assert_close(down.weight_scale, state["model.layers.1.mlp.down_proj.weight_scale"][:, 0],
+                               atol=0, rtol=0)
+    assert model.model.layers[0].self_attn.qkv_proj.bias.dtype == torch.float32  # Qwen2's biases stay as they are
+    with torch.no_grad():
+        expected_logits = hf_model(INPUT_IDS[None]).logits[0]
+    got = logits_of(model, INPUT_IDS)
+    assert 0 < (got - expected_logits).norm() / expected_logits.norm() < 0.15
+    # The engine reads it the same way, on its own: its greedy tokens are this model's.
+    from serval import LLM, SamplingParams
+    llm = LLM(model=str(tmp_path), skip_tokenizer_init=True, max_model_len=64, block_size=4, device="cpu")
+    out = llm.generate({"prompt_token_ids": INPUT_IDS.tolist()},
+                       SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    tokens = INPUT_IDS.tolist()
+    for _ in range(3):
+        tokens.append(int(logits_of(model, torch.tensor(tokens))[-1].argmax()))
+    assert out[0].outputs[0].token_ids == tokens[len(INPUT_IDS):]
+
+
+def test_fp8_checkpoints_serval_cannot_read_are_named(tmp_path):
+    hf_model = build_tiny_model(tmp_path, "llama", seed=5)
+    save_fp8_checkpoint(tmp_path, hf_model, weight_block_size=[128, 128])
+    with pytest.raises(ValueError, match="block-wise fp8"):
+        load_model(str(tmp_path))
+    save_fp8_checkpoint(tmp_path, hf_model, quant_method="awq")
+    with pytest.raises(ValueError, match="quant_method 'awq'"):
+        load_model(str(tmp_path))

@@ -36,6 +36,12 @@ class Linear(nn.Linear):
         qweight, self.weight_scale = fp8.quantize_weight(self.weight)
         self.weight = nn.Parameter(qweight, requires_grad=False)
 
+    def empty_fp8_(self) -> None:
+        """Room for a checkpoint's float8 weight and per-row scales (filled by the model's load_weights)."""
+        self.weight = nn.Parameter(torch.empty(self.weight.shape, dtype=fp8.FP8, device=self.weight.device),
+                                   requires_grad=False)
+        self.weight_scale = torch.empty(self.out_features, dtype=torch.float32, device=self.weight.device)
+
     def reset_parameters(self) -> None:
         # Kaiming init is overwritten by every load path and costs seconds on large models on CPU.
         pass

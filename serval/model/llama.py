@@ -165,7 +165,9 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named tensors into the model; raise naming any unknown, mis-shaped or missing weight."""
-        params = dict(self.named_parameters())
+        # A float8 layer (the loader's empty_fp8_) also takes its per-row scales from the checkpoint.
+        params = dict(self.named_parameters()) | {name: scale for name, scale in self.named_buffers()
+                                                  if name.endswith(".weight_scale")}
         expected = {(name, shard) for name, param in params.items() for shard in self._shards_of(name)}
         loaded: set[tuple[str, str | None]] = set()
         unknown: list[str] = []
@@ -173,14 +175,21 @@ class LlamaForCausalLM(nn.Module):
             if "rotary_emb." in hf_name:  # inv_freq and cos/sin caches of older checkpoints: recomputed here
                 continue
             name, shard = self._our_name(hf_name)
+            if name.endswith(".input_scale") and name.replace("input_scale", "weight_scale") in params:
+                continue  # a static activation scale: activations are quantized per token instead
             if name not in params:
                 unknown.append(hf_name)
                 continue
             param = params[name]
             target = param.data if shard is None else self._module_of(name).shard(param.data, shard)
+            if name.endswith(".weight_scale"):
+                tensor = _row_scales(hf_name, tensor, len(target))
             if target.shape != tensor.shape:
                 raise ValueError(f"weight {hf_name!r} has shape {tuple(tensor.shape)}; the model (from config.json) "
                                  f"expects {tuple(target.shape)}")
+            if target.dtype == torch.float8_e4m3fn and tensor.dtype != target.dtype:
+                raise ValueError(f"weight {hf_name!r} is {tensor.dtype}; the checkpoint declares fp8, so it must be "
+                                 "torch.float8_e4m3fn")
             target.copy_(tensor)
             loaded.add((name, shard))
         missing = sorted(self._hf_name(name, shard) for name, shard in expected - loaded)
@@ -222,6 +231,17 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
     qk_norm = True
+
+
+def _row_scales(hf_name: str, scale: torch.Tensor, rows: int) -> torch.Tensor:
+    """A checkpoint's weight_scale as one float32 scale per output row: a per-tensor scale ([] or [1]) repeated,
+    or a per-channel one ([rows] or [rows, 1]) as it is."""
+    if scale.numel() == 1:
+        return scale.float().reshape(1).expand(rows)
+    if scale.numel() == rows:
+        return scale.float().reshape(rows)
+    raise ValueError(f"weight scale {hf_name!r} has shape {tuple(scale.shape)}: expected one scale, or one per "
+                     f"output row ({rows})")
 
 
 def _preview(names: list[str], limit: int = 8) -> str:

@@ -34,7 +34,8 @@ def load_model(model: str, *, load_format: str = "auto", dtype: torch.dtype = to
                device: str | torch.device = "cpu", seed: int = 0,
                quantization: str | None = None) -> tuple[nn.Module, transformers.PretrainedConfig]:
     """Build and load the model at `model` (a directory, or a GGUF file); return (model in eval mode, HF config).
-    quantization="fp8": the decoder's projections are quantized to float8 once loaded (quantize_fp8)."""
+    quantization="fp8": the decoder's projections are quantized to float8 once loaded (quantize_fp8). A checkpoint
+    whose config.json declares fp8 (checkpoint_quantization) is read in float8 as it is, with or without it."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format {load_format!r} is not supported; choose one of {list(LOAD_FORMATS)}")
     if quantization not in QUANTIZATIONS:
@@ -55,11 +56,18 @@ def load_model(model: str, *, load_format: str = "auto", dtype: torch.dtype = to
         weights = None if load_format == "dummy" else iter_safetensors(safetensors_files(model))
         load_format = "dummy" if load_format == "dummy" else "safetensors"
     net = build_model(config, dtype, device)
+    # A checkpoint saved in float8 is loaded as it is (and asks for no quantization=); dummy weights for its
+    # config are quantized like any half-precision ones.
+    quantization = quantization or checkpoint_quantization(config)
+    from_float8 = weights is not None and checkpoint_quantization(config) == "fp8"
+    if from_float8:
+        for _, module in fp8_projections(net):
+            module.empty_fp8_()
     if weights is None:
         init_dummy_weights(net, seed)
     else:
         net.load_weights(weights)
-    if quantization == "fp8":
+    if quantization == "fp8" and not from_float8:
         quantize_fp8(net)
     logger.info("model loaded", extra={"model": model, "load_format": load_format, "dtype": str(dtype),
                                        "quantization": quantization,
@@ -67,10 +75,31 @@ def load_model(model: str, *, load_format: str = "auto", dtype: torch.dtype = to
     return net, config
 
 
-def quantize_fp8(model: nn.Module) -> None:
-    """Every projection of the decoder layers to float8 with per-channel scales, layer by layer (the half-precision
-    copy of one layer at a time is the only extra memory). The embedding and the LM head stay in the model's dtype,
-    as vLLM's fp8 leaves them: they are the most sensitive to rounding and the head's logits are the output."""
+def checkpoint_quantization(config: transformers.PretrainedConfig) -> str | None:
+    """The quantization a checkpoint's config.json declares (its quantization_config): None, or "fp8" for
+    vLLM's/transformers' fp8 format (float8 e4m3 `weight` with a per-tensor or per-channel `weight_scale` beside
+    it). Static activation scales (`input_scale`) are not used: activations are quantized per token instead."""
+    quantization_config = getattr(config, "quantization_config", None)
+    if not quantization_config:
+        return None
+    if not isinstance(quantization_config, dict):
+        quantization_config = quantization_config.to_dict()
+    method = quantization_config.get("quant_method")
+    if method != "fp8":
+        raise ValueError(f"the checkpoint's quantization_config has quant_method {method!r}; Serval reads 'fp8' "
+                         "checkpoints (or quantizes a half-precision one with quantization='fp8')")
+    if quantization_config.get("weight_block_size"):
+        raise ValueError("block-wise fp8 checkpoints (quantization_config.weight_block_size "
+                         f"{quantization_config['weight_block_size']}) are not supported; per-tensor and "
+                         "per-channel weight scales are")
+    return "fp8"
+
+
+def fp8_projections(model: nn.Module) -> list[tuple[str, Linear]]:
+    """The layers fp8 applies to: every projection of the decoder layers. The embedding and the LM head stay in
+    the model's dtype, as vLLM's fp8 leaves them: they are the most sensitive to rounding and the head's logits
+    are the output."""
+    layers = []
     for name, module in model.named_modules():
         if not isinstance(module, Linear) or name.split(".")[-1] == "lm_head":
             continue
@@ -78,6 +107,14 @@ def quantize_fp8(model: nn.Module) -> None:
             # The float8 GEMM (cuBLASLt) takes only multiples of 16.
             raise ValueError(f"quantization='fp8' needs projections whose sizes are multiples of 16; {name} is "
                              f"{module.out_features} x {module.in_features}")
+        layers.append((name, module))
+    return layers
+
+
+def quantize_fp8(model: nn.Module) -> None:
+    """Every fp8 projection to float8 with per-channel scales, layer by layer (the half-precision copy of one
+    layer at a time is the only extra memory)."""
+    for _, module in fp8_projections(model):
         module.quantize_fp8_()
 
 
