@@ -64,20 +64,19 @@ def main() -> None:
         half_bytes = n * k * x.element_size()
         weight_bytes = n * k if args.fp8 else half_bytes
         copies = max(2, -(-400 * 2**20 // weight_bytes))
-        weights = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(copies)]
+        halves = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(copies)]
         xk = x[:, :k].contiguous()
-        reference = F.linear(xk, weights[0]).float()
-        cublas = time_graph(lambda a, w: F.linear(a, w), weights[:max(2, -(-400 * 2**20 // half_bytes))], xk)
-        scales = {}
-        if args.fp8:  # quantized one at a time: the half-precision copies go as their float8 ones come
-            for i, w in enumerate(weights):
-                weights[i], scales[i] = fp8.quantize_weight(w)
-            scales = {id(w): scales[i] for i, w in enumerate(weights)}
+        cublas = time_graph(lambda a, w: F.linear(a, w), halves[:max(2, -(-400 * 2**20 // half_bytes))], xk)
+        # (weight, its row scales): float8 with --fp8, else the half-precision weight and None.
+        weights = [fp8.quantize_weight(w) if args.fp8 else (w, None) for w in halves]
+        del halves
+        first, first_scale = weights[0]
+        # Checked against cuBLAS, or with --fp8 against the product with the dequantized weight.
+        reference = (F.linear(xk.float(), first.float() * first_scale[:, None]) if args.fp8
+                     else F.linear(xk, first).float())
 
-        def gemv(a, w, c):
-            return triton_gemv.gemv(a, w, config=c, weight_scale=scales.get(id(w)))
-        if args.fp8:  # checked against the product with the dequantized weight
-            reference = F.linear(xk.float(), weights[0].float() * scales[id(weights[0])][:, None])
+        def gemv(a, weight, c):
+            return triton_gemv.gemv(a, weight[0], config=c, weight_scale=weight[1])
         results = {}
         for config in FP8_GRID if args.fp8 else GRID:
             got = gemv(xk, weights[0], config).float()

@@ -298,29 +298,26 @@ def main() -> None:
     if args.profile:
         run_section(results, "serval_profile", profile_serval, llm, prompts_1000, args.out)
 
-    quantized = args.quantization is not None
-    if quantized and not args.skip_hf:
-        # transformers' generate_batch (a child process) gets the whole card: Serval's cache, graphs and weights go.
-        llm.engine.runner.kv_caches.clear()
-        llm.engine.runner.graphs = None
-        del llm, model
-        gc.collect()
-        torch.cuda.empty_cache()
-        results["serval_memory_left_for_transformers_gib"] = torch.cuda.memory_allocated(device) / 1024**3
-    if not args.skip_hf and not quantized:  # transformers' batch-1 shares Serval's weights: bf16 ones only
+    if not args.skip_hf:
+        # transformers gets the card: Serval's KV cache and graphs go. Its bf16 weights stay, shared by transformers'
+        # batch-1 model; float8 ones cannot be shared, so they go too and that model is skipped.
+        shares_weights = args.quantization is None
         hf_config = llm.engine.hf_config
-        # transformers gets the card: Serval's KV cache and graphs go, its weights stay (transformers shares them).
         llm.engine.runner.kv_caches.clear()
         llm.engine.runner.graphs = None
+        if not shares_weights:
+            del llm, model
         gc.collect()
         torch.cuda.empty_cache()
-        hf = hf_model_sharing_weights(model, hf_config)
-        run_section(results, "hf_batch1_static", hf_decode_batch1, hf, prompt_128, 256)
-        del hf
-        gc.collect()
-        torch.cuda.empty_cache()
-    if not args.skip_hf and not args.skip_hf_generate_batch:
-        run_section(results, "hf_generate_batch_512x512x256", hf_generate_batch_in_child, args, prompts_512)
+        if shares_weights:
+            hf = hf_model_sharing_weights(model, hf_config)
+            run_section(results, "hf_batch1_static", hf_decode_batch1, hf, prompt_128, 256)
+            del hf
+            gc.collect()
+            torch.cuda.empty_cache()
+        results["serval_memory_left_for_transformers_gib"] = torch.cuda.memory_allocated(device) / 1024**3
+        if not args.skip_hf_generate_batch:
+            run_section(results, "hf_generate_batch_512x512x256", hf_generate_batch_in_child, args, prompts_512)
 
     with open(os.path.join(args.out, "gpu_suite.json"), "w") as f:
         json.dump(results, f, indent=2)

@@ -58,10 +58,11 @@ def load_model(model: str, *, load_format: str = "auto", dtype: torch.dtype = to
     net = build_model(config, dtype, device)
     # A checkpoint saved in float8 is loaded as it is (and asks for no quantization=); dummy weights for its
     # config are quantized like any half-precision ones.
-    quantization = quantization or checkpoint_quantization(config)
-    from_float8 = weights is not None and checkpoint_quantization(config) == "fp8"
+    declared = checkpoint_quantization(config)
+    quantization = quantization or declared
+    from_float8 = weights is not None and declared == "fp8"
     if from_float8:
-        for _, module in fp8_projections(net):
+        for module in fp8_projections(net):
             module.empty_fp8_()
     if weights is None:
         init_dummy_weights(net, seed)
@@ -95,7 +96,7 @@ def checkpoint_quantization(config: transformers.PretrainedConfig) -> str | None
     return "fp8"
 
 
-def fp8_projections(model: nn.Module) -> list[tuple[str, Linear]]:
+def fp8_projections(model: nn.Module) -> list[Linear]:
     """The layers fp8 applies to: every projection of the decoder layers. The embedding and the LM head stay in
     the model's dtype, as vLLM's fp8 leaves them: they are the most sensitive to rounding and the head's logits
     are the output."""
@@ -107,14 +108,14 @@ def fp8_projections(model: nn.Module) -> list[tuple[str, Linear]]:
             # The float8 GEMM (cuBLASLt) takes only multiples of 16.
             raise ValueError(f"quantization='fp8' needs projections whose sizes are multiples of 16; {name} is "
                              f"{module.out_features} x {module.in_features}")
-        layers.append((name, module))
+        layers.append(module)
     return layers
 
 
 def quantize_fp8(model: nn.Module) -> None:
     """Every fp8 projection to float8 with per-channel scales, layer by layer (the half-precision copy of one
     layer at a time is the only extra memory)."""
-    for _, module in fp8_projections(model):
+    for module in fp8_projections(model):
         module.quantize_fp8_()
 
 
