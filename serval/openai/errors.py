@@ -1,0 +1,67 @@
+"""Errors as OpenAI's clients expect them: one APIError with the fields of OpenAI's error body, and
+InvalidArgument, the ValueError the engine and SamplingParams raise with the name of the argument at fault.
+
+The server and the router answer every failure with `APIError.response()`; nobody parses exception text.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from starlette.responses import JSONResponse
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
+    from serval.guard.decisions import GuardRejection
+
+
+class InvalidArgument(ValueError):
+    """A request argument out of its allowed range. `param` is the OpenAI body field it came from."""
+
+    def __init__(self, param: str | None, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class APIError(Exception):
+    """An error with the fields of OpenAI's error body, its HTTP status and any headers (Retry-After)."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+    @classmethod
+    def from_rejection(cls, rejection: "GuardRejection") -> "APIError":
+        headers = {"Retry-After": str(rejection.retry_after)} if rejection.retry_after is not None else None
+        return cls(rejection.status, rejection.message, type=rejection.type, param=rejection.param,
+                   code=rejection.code, headers=headers)
+
+    @classmethod
+    def from_invalid_argument(cls, error: ValueError, default_param: str | None = None) -> "APIError":
+        param = error.param if isinstance(error, InvalidArgument) else default_param
+        return cls(400, str(error), param=param)
+
+    @classmethod
+    def from_validation_error(cls, error: "ValidationError") -> "APIError":
+        first = error.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        message = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in error.errors())
+        return cls(400, message, param=param)
+
+    @classmethod
+    def overloaded(cls, message: str, retry_after: int = 1) -> "APIError":
+        return cls(429, message, type="rate_limit_error", code="rate_limit_exceeded",
+                   headers={"Retry-After": str(retry_after)})
+
+    @classmethod
+    def unavailable(cls, message: str, retry_after: int | None = None) -> "APIError":
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        return cls(503, message, type="server_error", headers=headers)
