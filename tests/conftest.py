@@ -74,7 +74,7 @@ def hf_default_model():
 @pytest.fixture(scope="module")
 def receiver():
     """A local OTLP trace receiver (tests/e2e/otlp_receiver.py) for the module's server to export spans to."""
-    from e2e.otlp_receiver import OTLPReceiver
+    from tests.e2e.otlp_receiver import OTLPReceiver
     otlp = OTLPReceiver()
     yield otlp
     otlp.close()

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from e2e.server import REPO_ROOT, tiny_model_dir
+from tests.e2e.server import REPO_ROOT, tiny_model_dir
 from serval.cli import build_parser, engine_config_from_args, main
 from serval.config import EngineConfig
 

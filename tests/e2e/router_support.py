@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import yaml
 
-from e2e.server import (REPO_ROOT, RemoteServer, free_port, metric_sum, stop_process, tiny_model_dir,
+from tests.e2e.server import (REPO_ROOT, RemoteServer, free_port, metric_sum, stop_process, tiny_model_dir,
                         wait_for_health)
 
 

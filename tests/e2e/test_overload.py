@@ -4,7 +4,7 @@ import asyncio
 import httpx
 import pytest
 
-from e2e.server import RemoteServer, tiny_model_dir
+from tests.e2e.server import RemoteServer, tiny_model_dir
 
 MODEL = "tiny"
 

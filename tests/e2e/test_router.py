@@ -7,8 +7,8 @@ import json
 import httpx
 import pytest
 
-from e2e.router_support import RouterProcess, other_model_dir, start_servers
-from e2e.server import tiny_model_dir
+from tests.e2e.router_support import RouterProcess, other_model_dir, start_servers
+from tests.e2e.server import tiny_model_dir
 
 POLICIES = ["round_robin", "least_requests", "cache_aware", "session", "cost", "latency"]
 

@@ -7,8 +7,8 @@ import httpx
 import pytest
 import yaml
 
-from e2e.router_support import RouterProcess, ScriptedBackend, start_servers
-from e2e.server import tiny_model_dir
+from tests.e2e.router_support import RouterProcess, ScriptedBackend, start_servers
+from tests.e2e.server import tiny_model_dir
 
 KEY_A, KEY_B = "sk-team-a-secret", "sk-team-b-secret"
 

@@ -2,7 +2,7 @@
 text is the offline engine's text for the same prompt."""
 import pytest
 
-from e2e.server import RemoteServer
+from tests.e2e.server import RemoteServer
 
 MAX_TOKENS = 8
 

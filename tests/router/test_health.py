@@ -3,7 +3,7 @@ import asyncio
 
 import aiohttp
 
-from e2e.router_support import ScriptedBackend
+from tests.e2e.router_support import ScriptedBackend
 from serval.router.backends import build_backends
 from serval.router.config import parse_config
 from serval.router.health import check_all, health_path

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from e2e.server import REPO_ROOT, RemoteServer, tiny_model_dir
+from tests.e2e.server import REPO_ROOT, RemoteServer, tiny_model_dir
 from serval.guard.keys import hash_key
 
 MODEL = "tiny"

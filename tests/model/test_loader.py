@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import build_tiny_model
-from test_paged_attention import allocate_blocks, step_metadata
+from tests.conftest import build_tiny_model
+from tests.kernels.test_paged_attention import allocate_blocks, step_metadata
 
 from serval.model.loader import load_model
 

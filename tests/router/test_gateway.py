@@ -6,7 +6,7 @@ import time
 import httpx
 import pytest
 
-from e2e.router_support import RouterProcess, ScriptedBackend
+from tests.e2e.router_support import RouterProcess, ScriptedBackend
 
 KEY = "sk-router"
 HEADERS = {"Authorization": f"Bearer {KEY}"}

@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from e2e.server import API_KEY, RemoteServer, tiny_model_dir
+from tests.e2e.server import API_KEY, RemoteServer, tiny_model_dir
 
 MODEL = "tiny"
 MAX_MODEL_LEN = 512

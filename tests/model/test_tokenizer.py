@@ -10,7 +10,7 @@ from transformers.integrations.gguf.reader import read_gguf_metadata
 
 from serval.model.default_model import default_model_path
 from serval.model.tokenizer import load_tokenizer
-from tests.test_gguf import write_gguf
+from tests.model.test_gguf import write_gguf
 
 TEXTS = [
     "Hello, world!",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_paged_attention import allocate_blocks, dense_attention, step_metadata
+from tests.kernels.test_paged_attention import allocate_blocks, dense_attention, step_metadata
 
 from serval.layers.attention import Attention, AttentionMetadata
 

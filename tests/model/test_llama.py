@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny_model
-from test_paged_attention import allocate_blocks, step_metadata
+from tests.conftest import build_tiny_model
+from tests.kernels.test_paged_attention import allocate_blocks, step_metadata
 
 from serval.model.llama import LlamaForCausalLM
 from serval.model.loader import load_model

@@ -93,7 +93,7 @@ def test_serval_route_exits_2_naming_the_field(tmp_path):
     import subprocess
     import sys
 
-    from e2e.server import REPO_ROOT
+    from tests.e2e.server import REPO_ROOT
     path = tmp_path / "router.yaml"
     path.write_text("backends:\n  - {name: a, url: http://127.0.0.1:1, models: [m], engine: tgi}\n")
     done = subprocess.run([sys.executable, "-m", "serval.cli", "route", "--config", str(path)], cwd=REPO_ROOT,

@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 
-from e2e.server import RemoteServer, free_port, tiny_model_dir
+from tests.e2e.server import RemoteServer, free_port, tiny_model_dir
 from serval.guard.classifier import MAX_VERDICT_TOKENS, VERDICT_REGEX, build_prompt, parse_verdict
 from serval.guard.decisions import GuardRejection
 from serval.guard.guard import Guard, RequestContext

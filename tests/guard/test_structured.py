@@ -8,7 +8,7 @@ import httpx
 import jsonschema
 import pytest
 
-from e2e.server import RemoteServer, tiny_model_dir
+from tests.e2e.server import RemoteServer, tiny_model_dir
 from serval.guard import structured
 from serval.sampling_params import SamplingParams, StructuredOutputsParams
 

@@ -1,7 +1,7 @@
 """Tracing end to end: a real server exports over OTLP/HTTP (protobuf) to a tiny local receiver."""
 import pytest
 
-from e2e.server import RemoteServer, tiny_model_dir
+from tests.e2e.server import RemoteServer, tiny_model_dir
 from serval.server.tracing import traces_url
 
 MODEL = "tiny"

@@ -4,7 +4,7 @@ import time
 import httpx
 import pytest
 
-from e2e.server import RemoteServer, tiny_model_dir
+from tests.e2e.server import RemoteServer, tiny_model_dir
 
 MODEL = "tiny"
 LABEL = {"model_name": MODEL}
@@ -131,7 +131,7 @@ def test_dashboard_queries_only_exported_metrics(server):
     import os
     import re
 
-    from e2e.server import REPO_ROOT
+    from tests.e2e.server import REPO_ROOT
     with open(os.path.join(REPO_ROOT, "dashboards", "serval-grafana.json")) as f:
         dashboard = json.load(f)
     queried = {name for panel in dashboard["panels"] for target in panel["targets"]
