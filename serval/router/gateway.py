@@ -32,7 +32,7 @@ from serval.router.guarding import GuardObserver, GuardSession, StreamRewriter
 from serval.router.health import check_all, health_loop
 from serval.router.policies import make_policy
 from serval.router.request_info import RouteRequest, route_request
-from serval.server.disconnect import until_disconnect
+from serval.openai.disconnect import until_disconnect
 
 logger = logging.getLogger("serval.router")
 

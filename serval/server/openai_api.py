@@ -29,10 +29,10 @@ from serval.guard.output import OutputFilter
 from serval.guard.policy import PolicyError
 from serval.outputs import CompletionOutput, Logprob, RequestOutput
 from serval.sampling_params import SamplingParams
-from serval.server import protocol
-from serval.server.disconnect import until_disconnect
+from serval.openai import protocol
+from serval.openai.disconnect import until_disconnect
 from serval.server.metrics import CONTENT_TYPE, ServerMetrics
-from serval.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+from serval.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                     TokenizeRequest, random_id)
 from serval.server.request_log import RequestRecord
 from serval.server.tracing import RequestTracer

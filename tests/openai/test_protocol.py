@@ -2,7 +2,7 @@
 import pytest
 from pydantic import ValidationError
 
-from serval.server.protocol import (ChatCompletionRequest, CompletionRequest, TokenizeRequest, UsageInfo)
+from serval.openai.protocol import (ChatCompletionRequest, CompletionRequest, TokenizeRequest, UsageInfo)
 
 
 def test_completion_defaults_are_openais():

@@ -3,7 +3,7 @@ import asyncio
 
 from starlette.requests import Request
 
-from serval.server.disconnect import until_disconnect
+from serval.openai.disconnect import until_disconnect
 
 
 def request_that_disconnects_after(seconds: float | None) -> Request:
