@@ -30,7 +30,9 @@ def test_layer_writes_cache_then_attends_over_it():
     kv_cache = torch.zeros(2, num_blocks, 2, 2, 8)
     _, first = step_metadata(block_ids, [(0, 4)], 2)
     _, second = step_metadata(block_ids, [(4, 6)], 2)
-    out = torch.cat([layer(q[:4], k[:4], v[:4], kv_cache, first), layer(q[4:], k[4:], v[4:], kv_cache, second)])
+    positions = torch.arange(6)  # unused: the layer has no rotary embedding
+    out = torch.cat([layer(positions[:4], q[:4], k[:4], v[:4], kv_cache, first),
+                     layer(positions[4:], q[4:], k[4:], v[4:], kv_cache, second)])
     torch.testing.assert_close(out, dense_attention(q, k, v, 0.3, sliding_window=3), atol=1e-5, rtol=1e-5)
     slot = block_ids[0][5 // 2] * 2 + 1  # position 5's K landed at its slot
     torch.testing.assert_close(kv_cache[0].view(-1, 2, 8)[slot], k[5])
