@@ -64,7 +64,8 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor,
                 metadata: AttentionMetadata) -> torch.Tensor:
-        q, k, v = (x.unflatten(-1, (-1, self.head_dim)) for x in self.qkv_proj.split(self.qkv_proj(hidden)))
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        q, k, v = (x.unflatten(-1, (-1, self.head_dim)) for x in (q, k, v))  # [T, heads, head_dim]
         q, k = self.q_norm(q), self.k_norm(k)
         out = self.attn(positions, q, k, v, kv_cache, metadata)
         return self.o_proj(out.flatten(-2))
