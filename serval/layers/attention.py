@@ -1,10 +1,12 @@
 """Attention over the paged KV cache: the metadata the runner builds each step, and the layer that uses it.
 
-The layer writes this step's K/V into the cache first and then attends over the cache only, so a request's
-cached prefix, earlier prefill chunks and this step's tokens are all read the same way, through its block table.
-Which implementation runs is chosen here: the Triton kernels on CUDA, the torch reference elsewhere;
-SERVAL_ATTENTION_BACKEND=torch|triton overrides (as VLLM_ATTENTION_BACKEND does), e.g. to run the Triton kernels in
-the interpreter on CPU (TRITON_INTERPRET=1) or the reference on a GPU.
+The layer takes this step's q/k/v as the projections give them and does the rest: rotate q and k by position,
+write k and v into the cache, then attend over the cache only, so a request's cached prefix, earlier prefill
+chunks and this step's tokens are all read the same way, through its block table. A model file calls it the same
+on every device. Which implementation runs is chosen here: the Triton kernels on CUDA (rotation and K/V write fused
+in one kernel), the torch reference elsewhere; SERVAL_ATTENTION_BACKEND=torch|triton overrides (as
+VLLM_ATTENTION_BACKEND does), e.g. to run the Triton kernels in the interpreter on CPU (TRITON_INTERPRET=1) or the
+reference on a GPU.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from serval.kernels import paged_attention as torch_backend
+from serval.layers.rotary import RotaryEmbedding
 
 _BACKENDS = ("torch", "triton")
 
@@ -52,26 +55,33 @@ class AttentionMetadata:
 
 
 class Attention(nn.Module):
-    """softmax(q k^T * scale) v with grouped-query heads over the paged cache; no weights of its own."""
+    """softmax(q k^T * scale) v with grouped-query heads over the paged cache, q and k rotated first (RoPE) when
+    the layer has a rotary embedding; no weights of its own."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 sliding_window: int | None = None) -> None:
+                 rotary_emb: RotaryEmbedding | None = None, sliding_window: int | None = None) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_attention_heads ({num_heads}) must be a multiple of "
                              f"num_key_value_heads ({num_kv_heads})")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
+        self.rotary_emb = rotary_emb  # usually one module shared by every layer of the model
         self.sliding_window = sliding_window
         self._backend = None  # chosen on the first call, when the device is known
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor | None,
+    def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
-        """query [T, H, D], key/value [T, KVH, D] for this step's tokens -> [T, H, D]. key and value None: they
-        are in the cache already (RotaryEmbedding.rotate_and_write_kv wrote them)."""
+        """positions [T], query [T, H, D], key/value [T, KVH, D] of this step's tokens, not rotated -> [T, H, D].
+        query and key may be views of a merged projection; the fused path rotates them in place."""
         if self._backend is None:
             self._backend = attention_backend(query.device)
-        if key is not None:
+        if self.rotary_emb is not None and self._backend is not torch_backend:
+            # One kernel rotates and stores, a launch fewer per layer; attention then reads k from the cache only.
+            query = self.rotary_emb.rotate_and_write_kv(positions, query, key, value, kv_cache, metadata.slot_mapping)
+        else:
+            if self.rotary_emb is not None:
+                query, key = self.rotary_emb(positions, query, key)
             self._backend.write_kv(kv_cache, key, value, metadata.slot_mapping)
         return self._backend.paged_attention(query, kv_cache, metadata, self.scale, self.sliding_window)
 

@@ -3,8 +3,9 @@
 q/k/v share one input and so do gate/up: one [sum(out), in] weight turns three (or two) small GEMMs into one,
 which matters most at decode batch sizes where each GEMM is bandwidth-bound. A checkpoint stores the parts
 separately; `load_shard` copies each into its rows. On a GPU a single half-precision row goes to the Triton GEMV
-(SERVAL_GEMV=cublas: torch's matmul). `quantize_fp8_` turns a loaded layer's weight into float8 with per-channel
-scales (quantization="fp8"; the math is in serval.layers.fp8); the model calls the layer the same either way.
+(SERVAL_GEMV=cublas: torch's matmul; SERVAL_GEMV=triton: the GEMV on CPU too, in Triton's interpreter).
+`quantize_fp8_` turns a loaded layer's weight into float8 with per-channel scales (quantization="fp8"; the math
+is in serval.layers.fp8); the model calls the layer the same either way.
 """
 from __future__ import annotations
 
@@ -67,10 +68,12 @@ class Linear(nn.Linear):
 
 
 def _takes_gemv(x: torch.Tensor, row_length: int) -> bool:
-    """One row on a GPU in half precision: batch-1 decode, where reading the weight is the whole cost and the
-    Triton GEMV reads every projection faster than cuBLAS (serval.kernels.triton_gemv)."""
-    return (x.is_cuda and x.dtype in _GEMV_DTYPES and x.numel() == row_length
-            and os.environ.get("SERVAL_GEMV", "triton") != "cublas")
+    """One row in half precision: batch-1 decode, where reading the weight is the whole cost and the Triton GEMV
+    reads every projection faster than cuBLAS (serval.kernels.triton_gemv). On CUDA unless SERVAL_GEMV=cublas;
+    SERVAL_GEMV=triton takes it on any device (on CPU, Triton's interpreter with TRITON_INTERPRET=1, as tests do)."""
+    choice = os.environ.get("SERVAL_GEMV")
+    wanted = choice == "triton" or (x.is_cuda and choice != "cublas")
+    return wanted and x.dtype in _GEMV_DTYPES and x.numel() == row_length
 
 
 class MergedLinear(Linear):

@@ -88,8 +88,9 @@ class RotaryEmbedding(nn.Module):
 
     def rotate_and_write_kv(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
                             value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
-        """CUDA only: rotate query and key in place and store the rotated key and value at their cache slots, in
-        one kernel (one launch fewer per layer than rotating and then writing). Returns query."""
+        """Rotate query and key in place and store the rotated key and value at their cache slots, in one Triton
+        kernel (one launch fewer per layer than rotating and then writing); what the Triton attention backend runs
+        (compiled on CUDA, interpreted on CPU with TRITON_INTERPRET=1). Returns query."""
         from serval.kernels import triton_fused
         triton_fused.rotary_(positions, query, key, self.cos_cache, self.sin_cache, value, kv_cache, slot_mapping)
         return query

@@ -7,6 +7,8 @@
 Qwen2 adds a bias to q/k/v; Qwen3 normalizes q and k per head and sets head_dim explicitly; Mistral (and Qwen
 layers marked "sliding_attention") attend to the last `sliding_window` positions only. Module names follow the
 Hugging Face checkpoints so that load_weights maps names directly, except for the merged projections.
+Devices and fusions are the layers' business (serval.layers): Attention rotates q and k, writes the KV cache and
+attends, GatedMLP fuses SwiGLU into its down projection, and a quantized Linear runs its own format.
 
 Input is a flat batch: the new tokens of every scheduled request, concatenated, no padding (see AttentionMetadata).
 """
@@ -17,9 +19,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from serval.layers.activation import get_act_and_mul, silu_and_mul
 from serval.layers.attention import Attention, AttentionMetadata
-from serval.layers.linear import Linear, MergedLinear, gate_up_linear, qkv_linear
+from serval.layers.linear import Linear, MergedLinear, qkv_linear
+from serval.layers.mlp import GatedMLP
 from serval.layers.norm import RMSNorm
 from serval.layers.rotary import RotaryEmbedding, rope_parameters
 
@@ -50,49 +52,23 @@ class LlamaAttention(nn.Module):
     def __init__(self, config, layer_idx: int, rotary_emb: RotaryEmbedding, qkv_bias: bool, o_bias: bool,
                  qk_norm: bool) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        num_heads, num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = head_dim_of(config)
-        self.qkv_proj = qkv_linear(config.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, qkv_bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=o_bias)
-        if qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.qk_norm = qk_norm
-        self.rotary_emb = rotary_emb  # shared by all layers
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale=self.head_dim ** -0.5,
-                              sliding_window=sliding_window_of(config, layer_idx))
+        self.qkv_proj = qkv_linear(config.hidden_size, num_heads, num_kv_heads, self.head_dim, qkv_bias)
+        self.o_proj = Linear(num_heads * self.head_dim, config.hidden_size, bias=o_bias)
+        # Qwen3 normalizes each head of q and k; the others pass them through, so forward has no switch.
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else nn.Identity()
+        self.attn = Attention(num_heads, num_kv_heads, self.head_dim, scale=self.head_dim ** -0.5,
+                              rotary_emb=rotary_emb, sliding_window=sliding_window_of(config, layer_idx))
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor,
                 metadata: AttentionMetadata) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if q.is_cuda:  # the K/V write is fused into the rotary kernel; attention only reads the cache
-            q = self.rotary_emb.rotate_and_write_kv(positions, q, k, v, kv_cache, metadata.slot_mapping)
-            out = self.attn(q, None, None, kv_cache, metadata)
-        else:
-            q, k = self.rotary_emb(positions, q, k)
-            out = self.attn(q, k, v, kv_cache, metadata)
-        return self.o_proj(out.view(num_tokens, self.num_heads * self.head_dim))
-
-
-class LlamaMLP(nn.Module):
-    def __init__(self, config) -> None:
-        super().__init__()
-        bias = getattr(config, "mlp_bias", False)
-        self.gate_up_proj = gate_up_linear(config.hidden_size, config.intermediate_size, bias)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
-        self.act_and_mul = get_act_and_mul(config.hidden_act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act_and_mul is silu_and_mul:
-            return self.down_proj.forward_silu_and_mul(self.gate_up_proj(x))
-        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
+        q, k, v = (x.unflatten(-1, (-1, self.head_dim)) for x in (q, k, v))  # [T, heads, head_dim]
+        q, k = self.q_norm(q), self.k_norm(k)
+        out = self.attn(positions, q, k, v, kv_cache, metadata)
+        return self.o_proj(out.flatten(-2))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -101,7 +77,8 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(config, layer_idx, rotary_emb, **attention_options)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
+                            bias=getattr(config, "mlp_bias", False))
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
                 kv_cache: torch.Tensor, metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,8 +96,10 @@ class LlamaModel(nn.Module):
     def __init__(self, config, **attention_options) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        rotary_emb = RotaryEmbedding(head_dim_of(config), config.max_position_embeddings, rope_parameters(config))
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, rotary_emb, **attention_options)
+        # One table of cos/sin for all layers; each layer's attention holds it.
+        self.rotary_emb = RotaryEmbedding(head_dim_of(config), config.max_position_embeddings,
+                                          rope_parameters(config))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, self.rotary_emb, **attention_options)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

@@ -88,8 +88,8 @@ def test_the_engine_on_fp8_weights_gives_its_model_s_greedy_tokens(tiny_models):
     """quantization="fp8" through the whole engine (batching, chunked prefill, preemption, prefix cache) gives
     the same tokens as recomputing the quantized model over the whole sequence at every step: per-token activation
     scales make a token's result independent of what it is batched with."""
-    from test_engine import make_prompts, pressured_llm
-    from test_loader import logits_of
+    from tests.engine.test_engine import make_prompts, pressured_llm
+    from tests.model.test_loader import logits_of
 
     from serval import SamplingParams
     from serval.model.loader import load_model

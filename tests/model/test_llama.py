@@ -94,7 +94,7 @@ def test_bfloat16_is_close_to_float32_reference(tiny_models):
     path, hf_model = tiny_models("qwen3")
     model, config = load_model(path, load_format="safetensors", dtype=torch.bfloat16)
     assert model.lm_head.weight.dtype == torch.bfloat16
-    assert model.model.layers[0].self_attn.rotary_emb.cos_cache.dtype == torch.float32
+    assert model.model.layers[0].self_attn.attn.rotary_emb.cos_cache.dtype == torch.float32
     sequences = sequences_for(config.vocab_size)
     got = run_steps(model, sequences, [[(0, len(s)) for s in sequences]])
     for g, want in zip(got, hf_logits(hf_model, sequences)):
