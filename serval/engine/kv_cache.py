@@ -98,6 +98,10 @@ class KVCacheManager:
             self._cache_full_blocks(request, num_tokens_after // self.block_size)
         return True
 
+    def num_allocatable_tokens(self, request: Request) -> int:
+        """Tokens past the request's computed ones that its blocks and the free blocks can hold together."""
+        return (len(request.block_ids) + self.num_free_blocks) * self.block_size - request.num_computed_tokens
+
     def free(self, request: Request) -> None:
         """Release the request's blocks; the tail goes to the free queue first, so it is evicted before
         the prefix blocks other requests are more likely to share."""

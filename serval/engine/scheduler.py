@@ -151,12 +151,13 @@ class Scheduler:
 
     def _extend_capped_prefills(self, out: SchedulerOutput, budget: int) -> None:
         """Give the budget nobody else wanted to the prefills the cap cut short, oldest first. A top-up takes
-        only free blocks: it is worth no preemption."""
+        only the blocks that are free: it is worth no preemption."""
         for index, request in enumerate(out.requests):
             if budget <= 0:
                 break
             num_scheduled = out.num_scheduled_tokens[index]
-            extra = min(request.num_tokens - request.num_computed_tokens - num_scheduled, budget)
+            extra = min(request.num_tokens - request.num_computed_tokens - num_scheduled, budget,
+                        self.kv_cache.num_allocatable_tokens(request) - num_scheduled)
             # allocate counts from num_computed_tokens, which update() advances only after the step: ask for the
             # whole of this step's tokens, and it adds the blocks the extra ones need.
             if extra > 0 and self.kv_cache.allocate(request, num_scheduled + extra):
