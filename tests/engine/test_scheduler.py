@@ -1,8 +1,10 @@
 import random
 
 import pytest
+import torch
 
 from serval.config import EngineConfig
+from serval.engine.engine import LLMEngine
 from serval.engine.kv_cache import KVCacheManager
 from serval.engine.request import Request, RequestStatus
 from serval.engine.scheduler import Scheduler
@@ -246,3 +248,48 @@ def test_randomized_run_with_a_prefill_cap_returns_every_block(seed, threshold):
         run_step(scheduler)
     assert scheduler.kv_cache.num_free_blocks == scheduler.kv_cache.num_blocks
     assert all(request.is_finished for request in requests)
+
+
+def hf_greedy(model, prompt: list[int], num_new: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=num_new, min_new_tokens=num_new,
+                             do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("threshold", [None, 0], ids=["default-cap", "no-cap"])
+def test_a_short_requests_first_token_comes_while_a_max_length_prompt_prefills(tiny_models, threshold):
+    """Through the real engine: a one-token-prompt request sent while a prompt of max_model_len - 1 tokens
+    prefills gets its first token in the next step (with the default cap), and both generate transformers'
+    greedy tokens. Without the cap it waits for the whole long prefill, which is what the test would catch."""
+    path, hf_model = tiny_models("llama")
+    engine = LLMEngine(EngineConfig(model=path, skip_tokenizer_init=True, max_model_len=256, block_size=4,
+                                    max_num_batched_tokens=32, long_prefill_token_threshold=threshold))
+    rng = random.Random(7)
+    long_prompt = [rng.randrange(3, 320) for _ in range(255)]
+    short_prompt = [rng.randrange(3, 320)]
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=1)
+    engine.add_request("long", {"prompt_token_ids": long_prompt}, params)
+    tokens = {"long": [], "short": []}
+    first_token_step = {}
+
+    def step(number: int) -> None:
+        for output in engine.step():
+            tokens[output.request_id] = output.outputs[0].token_ids
+            first_token_step.setdefault(output.request_id, number)
+
+    step(0)
+    engine.add_request("short", {"prompt_token_ids": short_prompt}, params.clone(max_tokens=8))
+    number = 1
+    while engine.has_unfinished_requests():
+        step(number)
+        number += 1
+    long_prefill_steps = -(-len(long_prompt) // 32)  # 8: the steps the long prompt needs alone
+    if threshold is None:
+        assert first_token_step["short"] == 1
+        assert first_token_step["long"] <= long_prefill_steps  # the short request slowed it by under a step
+    else:
+        assert first_token_step["short"] >= long_prefill_steps - 1 == first_token_step["long"]
+    assert tokens["long"] == hf_greedy(hf_model, long_prompt, 1)
+    assert tokens["short"] == hf_greedy(hf_model, short_prompt, 8)
+    assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks
