@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 
 from serval.openai.errors import InvalidArgument
@@ -18,22 +19,22 @@ SEED_RANGE = (-2**63, 2**63 - 1)
 # The most choices one request may ask for. Far above any real use (OpenAI allows 128, and the server bounds n
 # itself); it stops a request from making millions of sequences at once.
 MAX_N = 1024
-# Names are SamplingParams' fields, which are also the OpenAI (or vLLM extension) body fields a server maps them from.
 _BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output",
                 "detokenize")
 
 
 def _bad(name: str, given, allowed: str) -> InvalidArgument:
+    """name is the field, which is also the OpenAI (or vLLM extension) body field a server fills it from."""
     return InvalidArgument(name, f"invalid sampling parameter {name}={given!r}: allowed {allowed}")
 
 
 def _is_int(value) -> bool:
-    """An integer, but not a bool (Python's bool is an int subclass; True is no token count)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer (numpy's too), but not a bool: Python's bool is an int subclass, and True is no token count."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _is_token_id(value) -> bool:
@@ -50,7 +51,7 @@ def _token_id_list(name: str, value) -> list[int]:
     bad = [token_id for token_id in ids if not _is_token_id(token_id)]
     if bad:
         raise _bad(name, bad[:5], "non-negative integer token ids")
-    return ids
+    return [int(token_id) for token_id in ids]
 
 
 def _logit_bias(value) -> dict[int, float] | None:
@@ -66,7 +67,7 @@ def _logit_bias(value) -> dict[int, float] | None:
             raise _bad("logit_bias", {key: given}, "non-negative integer token ids as keys")
         if not _is_number(given) or not math.isfinite(given):
             raise _bad("logit_bias", {key: given}, "finite numbers as biases")
-        bias[token_id] = float(given)
+        bias[int(token_id)] = float(given)
     return bias
 
 

@@ -128,3 +128,13 @@ def test_the_engine_samples_with_the_extreme_seeds(tiny_models):
         first, again = (llm.generate({"prompt_token_ids": [5, 6, 7]}, params, use_tqdm=False)[0] for _ in range(2))
         assert [c.token_ids for c in first.outputs] == [c.token_ids for c in again.outputs]
         assert all(len(c.token_ids) == 4 for c in first.outputs)
+
+
+def test_numpy_integers_are_integers_and_numpy_bools_are_not():
+    import numpy as np
+    params = SamplingParams(stop_token_ids=[np.int64(3)], logit_bias={np.int32(4): np.float32(1.5)}, seed=np.int64(2))
+    assert params.stop_token_ids == [3] and type(params.stop_token_ids[0]) is int
+    assert params.logit_bias == {4: 1.5} and type(next(iter(params.logit_bias))) is int
+    with pytest.raises(InvalidArgument) as caught:
+        SamplingParams(max_tokens=np.bool_(True))
+    assert caught.value.param == "max_tokens"
