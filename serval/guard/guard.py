@@ -122,13 +122,17 @@ class Guard:
         await self.classifier_client.close()
 
     # ---- input rails ----
-    def check_input(self, texts: list[str], ctx: RequestContext, param: str = "messages") -> list[str]:
-        """The texts the model may see (PII redacted where the policy says so); GuardRejection 400 if blocked."""
+    def check_input(self, texts: list[str], ctx: RequestContext, param: str = "messages",
+                    conversation: bool | None = None) -> list[str]:
+        """The texts the model may see (PII redacted where the policy says so); GuardRejection 400 if blocked.
+        When the texts are one conversation (by default, for param "messages"), deny rules and the injection
+        heuristic also read them joined; separate prompts are read one by one."""
         policy = self.policy
+        joined = param == "messages" if conversation is None else conversation
         if policy.input_deny:
-            self._run("input_deny", lambda: deny_rail(texts, policy.input_deny, param), ctx)
+            self._run("input_deny", lambda: deny_rail(texts, policy.input_deny, param, joined), ctx)
         if policy.injection is not None:
-            self._run("injection", lambda: injection_rail(texts, policy.injection, param), ctx)
+            self._run("injection", lambda: injection_rail(texts, policy.injection, param, joined), ctx)
         if policy.input_pii:
             texts = self._run("input_pii", lambda: pii_rail(texts, policy.input_pii, param), ctx)
         return texts

@@ -71,14 +71,27 @@ def normalize_with_offsets(text: str, previous: str = "") -> tuple[str, list[int
 
 
 def normalize_pattern(pattern: str) -> str:
-    """A deny pattern rewritten to match normalised text: each non-ASCII letter or digit replaced by its normal
-    form (a Cyrillic word in a pattern still matches the Cyrillic word, whose look-alike letters are Latin after
-    normalisation). ASCII, the regular-expression syntax, is left as written."""
-    out = []
+    """A deny pattern rewritten to match normalised text: each non-ASCII letter or digit replaced by the normal
+    forms of its lower and upper case (Cyrillic в stays в but В reads as Latin b, so "взрыв" must match both),
+    so a word in another script still matches that word in any case. ASCII, the regular-expression syntax, is
+    left as written."""
+    out, in_class, escaped = [], False, False
     for char in pattern:
-        if char.isascii() or not char.isalnum():
+        if escaped or char.isascii() or not char.isalnum():
             out.append(char)
+            if not escaped and char == "\\":
+                escaped = True
+                continue
+            if not escaped and char in "[]":
+                in_class = char == "["
+            escaped = False
             continue
-        normal = normalize_char(char)
-        out.append(regex.escape(normal) if normal and normal.isalnum() else char)
+        forms = sorted({form for form in (normalize_char(char.lower()), normalize_char(char.upper()),
+                                          normalize_char(char)) if form})
+        if in_class:
+            out.append("".join(regex.escape(form) for form in forms if len(form) == 1) or char)
+        elif len(forms) == 1:
+            out.append(regex.escape(forms[0]))
+        else:
+            out.append("(?:" + "|".join(regex.escape(form) for form in forms) + ")")
     return "".join(out)

@@ -14,9 +14,9 @@ from serval.guard.pii import find_pii, redact
 from serval.guard.policy import DenyRule, InjectionRule, PiiRule
 
 
-def deny_rail(texts: list[str], rules: tuple[DenyRule, ...], param: str) -> list[Decision]:
+def deny_rail(texts: list[str], rules: tuple[DenyRule, ...], param: str, joined: bool = True) -> list[Decision]:
     decisions = []
-    readings = _readings(texts)
+    readings = _readings(texts, joined)
     for rule in rules:
         if any(rule.compiled.search(text) for text in readings):
             decisions.append(Decision("input_deny", rule.action, f"deny:{rule.name}"))
@@ -25,8 +25,8 @@ def deny_rail(texts: list[str], rules: tuple[DenyRule, ...], param: str) -> list
     return decisions
 
 
-def injection_rail(texts: list[str], rule: InjectionRule, param: str) -> list[Decision]:
-    score = max((injection_score(text) for text in _readings(texts)), default=0.0)
+def injection_rail(texts: list[str], rule: InjectionRule, param: str, joined: bool = True) -> list[Decision]:
+    score = max((injection_score(text) for text in _readings(texts, joined)), default=0.0)
     if score < rule.threshold:
         return []
     decisions = [Decision("injection", rule.action, "injection", score)]
@@ -50,10 +50,10 @@ def pii_rail(texts: list[str], rules: tuple[PiiRule, ...], param: str) -> tuple[
     return texts, decisions
 
 
-def _readings(texts: list[str]) -> list[str]:
-    """Each text normalised, and all of them joined (a phrase split across messages)."""
+def _readings(texts: list[str], joined: bool) -> list[str]:
+    """Each text normalised, and, for one conversation, all of them joined (a phrase split across messages)."""
     normalised = [normalize(text) for text in texts]
-    return normalised + [" ".join(normalised)] if len(normalised) > 1 else normalised
+    return normalised + [normalize(" ".join(texts))] if joined and len(texts) > 1 else normalised
 
 
 def _blocked(rail: str, why: str, param: str, decisions: list[Decision]) -> GuardRejection:

@@ -151,10 +151,11 @@ class GuardSession:
         self.guard.release(self.key, prompt_tokens, completion_tokens, reservation)
 
     # ---- input rails ----
-    def check_input(self, texts: list[str], param: str = "messages") -> list[str]:
-        """The texts the model may see (PII redacted where the policy says so); 400 when a rail blocks. Texts
-        are one conversation (or one prompt each): deny rules also see them joined."""
-        return self.guard.check_input(texts, self.ctx, param)
+    def check_input(self, texts: list[str], param: str = "messages", conversation: bool | None = None) -> list[str]:
+        """The texts the model may see (PII redacted where the policy says so); 400 when a rail blocks. Deny rules
+        and the injection heuristic read normalised text, and when the texts are one conversation (the default
+        for param "messages"; separate completion prompts are not) they also read them joined."""
+        return self.guard.check_input(texts, self.ctx, param, conversation)
 
     def check_prompt_tokens(self, num_tokens: int, param: str = "messages") -> None:
         self.guard.check_prompt_tokens(num_tokens, self.ctx, param)
@@ -220,7 +221,7 @@ class NullGuardSession:
     def release(self, prompt_tokens: int, completion_tokens: int) -> None:
         pass
 
-    def check_input(self, texts: list[str], param: str = "messages") -> list[str]:
+    def check_input(self, texts: list[str], param: str = "messages", conversation: bool | None = None) -> list[str]:
         return texts
 
     def check_prompt_tokens(self, num_tokens: int, param: str = "messages") -> None:
