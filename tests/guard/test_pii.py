@@ -1,4 +1,4 @@
-"""PII and secret detection, with checksums; partial matches for streaming."""
+"""PII and secret detection, with checksums (streaming is tests/guard/test_output.py)."""
 import pytest
 
 from serval.guard.pii import find_pii, iban_valid, luhn_valid, redact, shannon_entropy
@@ -51,10 +51,3 @@ def test_redact_and_types_filter():
     text = "mail bob@example.com from 10.0.0.1"
     assert redact(text, find_pii(text)) == "mail [REDACTED:email] from [REDACTED:ip_address]"
     assert [s.category for s in find_pii(text, types=("ip_address",))] == ["ip_address"]
-
-
-def test_partial_spans_mark_what_may_still_become_a_match():
-    text = "my key is sk-proj-abc"
-    spans = find_pii(text, partial=True)
-    assert min(s.start for s in spans if s.partial) == text.index("sk-")
-    assert not any(s.partial for s in find_pii("done. ", partial=True) if s.start < 4)
