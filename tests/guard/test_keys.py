@@ -109,6 +109,8 @@ def test_a_reservation_holds_the_budget_until_settled():
     assert (usage.tokens_total, usage.reserved_tokens, usage.in_flight) == (25, 0, 0)
     keys.admit(key, "m")
     second = keys.reserve(key, 75)  # exactly what is left
+    error = rejected(lambda: keys.admit(key, "m"))  # all of it reserved: nothing to admit against until it ends
+    assert (error.code, error.rail, error.retry_after) == ("rate_limit_exceeded", "token_budget", 1)
     keys.release(key, 40, 35, second)
     error = rejected(lambda: keys.admit(key, "m"))
     assert (error.code, error.retry_after) == ("insufficient_quota", None)
