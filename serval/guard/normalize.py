@@ -7,7 +7,9 @@ Latin letter or digit they imitate (Unicode's confusables, serval.guard.confusab
 of whitespace collapsed to one space. So "build  a bomb", "bu\u200bild a bomb", "build а bomb" (Cyrillic а) and
 "ｂｕｉｌｄ a bomb" all read "build a bomb".
 
-`normalize_with_offsets(text)` does the same character by character and says, for each character of the result,
+`visible_with_offsets(text)` is the lighter form PII detection reads: NFKC and invisible characters removed.
+
+`normalize_with_offsets(text)` does the same as `normalize` character by character and says, for each character of the result,
 which character of the input it came from, so the output rails can find a match in normalised text and redact
 the original characters. Character by character, NFKC cannot compose a base letter with a following combining
 mark; the output rails accept that to keep a streamed answer's normalisation equal to the whole answer's.
@@ -50,6 +52,8 @@ def _build_tables() -> tuple[dict[int, str], dict[int, str | None]]:
 
 
 _BEFORE_FOLDING, _AFTER_FOLDING = _build_tables()
+_INVISIBLE = {code: None for code, replacement in _AFTER_FOLDING.items() if replacement is None}
+_ASCII_CONTROLS = re.compile(r"[\x00-\x08\x0e-\x1b\x7f]")
 
 
 def normalize(text: str) -> str:
@@ -76,6 +80,22 @@ def normalize_with_offsets(text: str, previous: str = "") -> tuple[str, list[int
                 piece, last_space = " ", True
             else:
                 last_space = False
+            out.append(piece)
+            offsets.append(index)
+    return "".join(out), offsets
+
+
+def visible_with_offsets(text: str) -> tuple[str, list[int]]:
+    """What PII detection reads: each character's NFKC form (full-width digits and @ become ASCII) with invisible
+    characters removed ("4111<U+200B>1111..." is a card number), and where each character came from. Case,
+    scripts and whitespace are kept: IBANs and key prefixes are case-sensitive, and spaces separate a card's
+    digit groups."""
+    if text.isascii() and not _ASCII_CONTROLS.search(text):
+        return text, list(range(len(text)))
+    out: list[str] = []
+    offsets: list[int] = []
+    for index, char in enumerate(text):
+        for piece in unicodedata.normalize("NFKC", char).translate(_INVISIBLE):
             out.append(piece)
             offsets.append(index)
     return "".join(out), offsets

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import regex
 
+from serval.guard.normalize import visible_with_offsets
+
 PII_TYPES = ("email", "phone", "credit_card", "iban", "ssn", "ip_address", "secret")
 
 # Known credential formats: prefix + body. Listed by vendor so a reader can check each against its docs.
@@ -75,16 +77,18 @@ class Span:
 
 
 def find_pii(text: str, types: tuple[str, ...] = PII_TYPES) -> list[Span]:
-    """Non-overlapping PII spans of a whole text, by start; where two types overlap, the earlier in
-    PII_PATTERNS wins."""
+    """Non-overlapping PII spans of a whole text, by start, in the text's own positions; where two types overlap,
+    the earlier in PII_PATTERNS wins. The detectors read the text's visible form (NFKC, invisible characters
+    removed), so full-width digits or a zero-width space between digit groups don't hide a card number."""
+    visible, origin = visible_with_offsets(text)
     spans: list[Span] = []
     for detector in PII_PATTERNS:
         if detector.category not in types:
             continue
-        for match in detector.pattern.finditer(text):
+        for match in detector.pattern.finditer(visible):
             if match.start() == match.end() or not detector.valid(match.group()):
                 continue
-            span = Span(match.start(), match.end(), detector.category)
+            span = Span(origin[match.start()], origin[match.end() - 1] + 1, detector.category)
             if not any(span.start < other.end and other.start < span.end for other in spans):
                 spans.append(span)
     return sorted(spans, key=lambda s: s.start)

@@ -179,3 +179,18 @@ def test_a_runaway_deny_pattern_cannot_hold_a_response_forever():
     output_filter = OutputFilter(policy, lambda decision: None, lambda rail, seconds: None)
     released = "".join(output_filter.push("a" + "x" * 99).text for _ in range(90))
     assert released.startswith("axxx") and len(output_filter.buffer) <= MAX_HOLDBACK_CHARS
+
+
+def test_disguised_pii_is_redacted_whole_and_streamed():
+    # Full-width digits and @, and invisible characters inside a match: detectors read the visible text, and
+    # the original characters (the invisible ones included) are redacted.
+    for value, category in (("\uff14\uff11\uff11\uff11 \uff11\uff11\uff11\uff11 \uff11\uff11\uff11\uff11 "
+                             "\uff11\uff11\uff11\uff11", "credit_card"),
+                            ("4111\u200b1111\u200b1111\u200b1111", "credit_card"),
+                            ("bob\uff20example.com", "email"), ("123\u00ad-45-6789", "ssn"),
+                            ("sk-proj-\u2060abcdefghijklmnopqrstuvwxyz0123", "secret")):
+        text = f"it is {value}, ok"
+        expected = whole(ALL_PII, text)
+        assert expected == (f"it is [REDACTED:{category}], ok", False), value
+        for cut in range(1, len(text)):
+            assert stream(ALL_PII, [text[:cut], text[cut:]]) == expected, (value, cut)

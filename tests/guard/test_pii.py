@@ -51,3 +51,9 @@ def test_redact_and_types_filter():
     text = "mail bob@example.com from 10.0.0.1"
     assert redact(text, find_pii(text)) == "mail [REDACTED:email] from [REDACTED:ip_address]"
     assert [s.category for s in find_pii(text, types=("ip_address",))] == ["ip_address"]
+
+
+def test_detectors_read_the_visible_text():
+    text = "card 4111\u200b1111 1111 1111 and \uff11\uff12\uff13-45-6789 ok"
+    assert categories(text) == [("credit_card", "4111\u200b1111 1111 1111"), ("ssn", "\uff11\uff12\uff13-45-6789")]
+    assert redact(text, find_pii(text)) == "card [REDACTED:credit_card] and [REDACTED:ssn] ok"
