@@ -11,6 +11,7 @@ from serval.guard.guard import Guard
 from serval.openai.errors import APIError
 from serval.server.config import ServerConfig
 from serval.server.fan_in import FanIn
+from serval.server.guard_session import GuardObserver
 from serval.server.metrics import ServerMetrics
 from serval.server.tracing import RequestTracer
 
@@ -36,7 +37,10 @@ class ServerState:
         self.idle = asyncio.Event()
         self.idle.set()
         self.open_fan_ins: set[FanIn] = set()
-        if guard is not None and api_key_ignored(config, guard):
+        if guard is not None:
+            guard.observers.append(GuardObserver(self.metrics, tracer))
+            self.metrics.add_key_usage(guard.keys)
+        if api_key_ignored(config, guard):
             logger.warning("--api-key is ignored: the policy file's keys decide who may call",
                            extra={"policy": guard.policy.source})
 
