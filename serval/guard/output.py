@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from serval.guard.decisions import Decision
 from serval.guard.pii import Span, find_pattern, find_pii, placeholder
@@ -22,8 +22,8 @@ from serval.guard.policy import Policy
 MAX_HOLDBACK_CHARS = 4096
 
 
-@dataclass(frozen=True)
-class FilterStep:
+class FilterStep(NamedTuple):
+    """A named pair, so callers may unpack it: `text, stopped = filter.push(delta)`."""
     text: str       # safe to send now
     stopped: bool   # a 'stop' rail fired: send text, then end the choice with finish_reason "content_filter"
 
