@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import serval
 from serval.guard.decisions import GuardRejection
 from serval.guard.guard import Guard, RequestContext
-from serval.guard.policy import PolicyError
+from serval.guard.session import reload_policy
 from serval.openai.auth import check_api_key
 from serval.openai.errors import APIError
 from serval.openai.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, \
@@ -206,7 +206,7 @@ def serve(engine, config: ServerConfig, guard: Guard | None = None) -> int:
         yield
         await server.stopped()
         if guard is not None:
-            await guard.classifier_client.close()
+            await guard.aclose()
 
     app.app.router.lifespan_context = lifespan
     try:
@@ -218,10 +218,3 @@ def serve(engine, config: ServerConfig, guard: Guard | None = None) -> int:
         engine.shutdown()
     return server.exit_code
 
-
-def reload_policy(guard: Guard) -> None:
-    """SIGHUP: re-read the policy; a bad file is logged and the running policy stays."""
-    try:
-        guard.reload()
-    except PolicyError as error:
-        logger.error("policy reload failed; keeping the running policy", extra={"error": str(error)})

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from serval.engine.async_engine import EngineDeadError
 from serval.guard.decisions import GuardRejection
+from serval.guard.session import GuardSession, NullGuardSession, open_session
 from serval.openai import protocol
 from serval.openai.disconnect import until_disconnect
 from serval.openai.errors import APIError, InvalidArgument
@@ -25,7 +26,6 @@ from serval.openai.http import OFF_LOOP_BYTES, json_object, parse_json_body, rea
 from serval.openai.protocol import random_id
 from serval.openai.sse import DONE, SSE_HEADERS, ClosingStreamingResponse, error_event
 from serval.server.admission import check_model
-from serval.server.guard_session import open_session
 from serval.server.request_log import RequestRecord
 from serval.server.state import ServerState
 
@@ -39,7 +39,7 @@ CLIENT_CLOSED = 499
 class Call:
     """One OpenAI call's state, from admission to its log line."""
     record: RequestRecord
-    session: Any  # the guard session: admission, rails, the key's release
+    session: GuardSession | NullGuardSession  # admission, rails, the key's release
     span: Any = None
     fan_in: Any = None  # the FanIn once the engine has the prompts
     # Body fields an engine error names under another name than the client sent (max_completion_tokens).
@@ -93,7 +93,7 @@ async def handle(state: ServerState, raw: Request, model_cls: type[BaseModel], h
     """Parse, validate, admit and run one OpenAI call; turn every failure into OpenAI's error body."""
     prefix = "chatcmpl" if operation == "chat" else "cmpl"
     record = RequestRecord(request_id=random_id(prefix), model=state.model_name, operation=operation)
-    call = Call(record, open_session(None, record.request_id, None))
+    call = Call(record, open_session(None, record.request_id))
     streaming = False
     try:
         body = await read_request(state, raw, model_cls)
@@ -101,8 +101,8 @@ async def handle(state: ServerState, raw: Request, model_cls: type[BaseModel], h
         if getattr(body, "max_completion_tokens", None) is not None:
             call.param_aliases["max_tokens"] = "max_completion_tokens"
         call.span = _start_span(state, raw, body, record)
-        call.session = open_session(state.guard, record.request_id, raw.scope.get("state", {}).get("guard_key"),
-                                    call.span)
+        call.session = open_session(state.guard, record.request_id, trace=call.span)
+        call.session.use_key(raw.scope.get("state", {}).get("guard_key"))  # authenticated by the middleware
         call.session.admit(record.model)
         response = await until_disconnect(raw, handler(state, body, call))
         if response is None:
@@ -123,8 +123,6 @@ async def handle(state: ServerState, raw: Request, model_cls: type[BaseModel], h
 
 def _stream_response(state: ServerState, events: AsyncIterator[str], call: Call) -> ClosingStreamingResponse:
     record = call.record
-    if call.fan_in is not None:
-        state.open_fan_ins.add(call.fan_in)
 
     async def body() -> AsyncIterator[str]:
         try:
@@ -141,7 +139,6 @@ def _stream_response(state: ServerState, events: AsyncIterator[str], call: Call)
             record.status, record.error = CLIENT_CLOSED, "client disconnected"
             raise
         finally:
-            state.open_fan_ins.discard(call.fan_in)
             finish(state, call)
 
     return ClosingStreamingResponse(body(), headers=SSE_HEADERS)
@@ -187,6 +184,7 @@ def _start_span(state: ServerState, raw: Request, body, record: RequestRecord):
 def finish(state: ServerState, call: Call) -> None:
     """Release the key (charged for what ran, aborted prompts included), end the span, write the log line."""
     record = call.record
+    state.open_fan_ins.discard(call.fan_in)
     usage = call.fan_in.usage() if call.fan_in is not None else None
     call.session.release(max(usage.prompt_tokens if usage else 0, record.prompt_tokens),
                          max(usage.completion_tokens if usage else 0, record.completion_tokens))

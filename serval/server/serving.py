@@ -179,6 +179,7 @@ async def start(state: ServerState, call: Call, prompts: list[dict], params, con
     # No await between the capacity check and the engine taking the requests: concurrent requests see each other.
     fan_in.start(state.engine, prompts, params)
     call.fan_in = fan_in
+    state.open_fan_ins.add(fan_in)  # until `finish`: what the shutdown deadline interrupts
     verdicts = asyncio.ensure_future(call.session.classify(conversations, param))
     try:
         await verdicts
@@ -206,41 +207,11 @@ async def collect(fan_in: FanIn) -> list[RequestOutput]:
     return [finals[index] for index in sorted(finals)]
 
 
-class StreamRails:
-    """The output rails of one streamed response: a filter per choice, and which choices a stop rail ended."""
-
-    def __init__(self, call: Call, num_choices: int) -> None:
-        self.call, self.num_choices = call, num_choices
-        self.filters: dict = {}
-        self.stopped: set[int] = set()
-
-    def done(self, key: int) -> bool:
-        return key in self.stopped
-
-    def all_stopped(self) -> bool:
-        return len(self.stopped) == self.num_choices
-
-    def filter(self, key: int, text: str, finish_reason: str | None) -> tuple[str, str | None]:
-        if key not in self.filters:
-            self.filters[key] = self.call.session.stream_filter()
-        output_filter = self.filters[key]
-        if output_filter is None:
-            return text, finish_reason
-        step = output_filter.push(text)
-        if not step.stopped and finish_reason is not None:
-            last = output_filter.finish()
-            step = type(step)(step.text + last.text, last.stopped)
-        if step.stopped:
-            self.stopped.add(key)
-            return step.text, "content_filter"
-        return step.text, finish_reason
-
-
 async def stream_deltas(fan_in: FanIn, chunks, call: Call, n: int, include_usage: bool) -> AsyncIterator[str]:
     """The delta loop both APIs stream with: what is new in each choice, through the rails, as `chunks` shapes
     it. Choice keys are global: prompt index × n + choice index."""
     sent = SentState()
-    rails = StreamRails(call, len(fan_in.tasks) * n)
+    rails = call.session.choice_filters(len(fan_in.tasks) * n)
     try:
         for event in chunks.opening():
             yield event
@@ -251,11 +222,13 @@ async def stream_deltas(fan_in: FanIn, chunks, call: Call, n: int, include_usage
                 delta = sent.delta(key, completion)
                 if delta is None or rails.done(key):
                     continue
-                text, finish_reason = rails.filter(key, delta.text, completion.finish_reason)
+                step = rails.filter(key, delta.text, completion.finish_reason is not None)
+                text = step.text
+                finish_reason = "content_filter" if step.stopped else completion.finish_reason
                 if not text and finish_reason is None and not chunks.wants_logprobs:
                     continue  # the rails hold this delta back (a match may be forming)
                 yield chunks.chunk(key, index, output, completion, delta, text, finish_reason, first)
-            if rails.all_stopped():
+            if rails.all_stopped:
                 break  # every choice hit a stop rail: closing the fan-in aborts the engine requests
         if include_usage:
             yield chunks.usage_chunk()

@@ -11,7 +11,7 @@ from serval.guard.guard import Guard
 from serval.openai.errors import APIError
 from serval.server.config import ServerConfig
 from serval.server.fan_in import FanIn
-from serval.server.guard_session import GuardObserver
+from serval.guard.session import GuardMetricsObserver
 from serval.server.metrics import ServerMetrics
 from serval.server.tracing import RequestTracer
 
@@ -38,7 +38,8 @@ class ServerState:
         self.idle.set()
         self.open_fan_ins: set[FanIn] = set()
         if guard is not None:
-            guard.observers.append(GuardObserver(self.metrics, tracer))
+            guard.observers.append(GuardMetricsObserver(self.metrics.guard_decisions, self.metrics.guard_latency,
+                                                        tracer.tracer if tracer is not None else None))
             self.metrics.add_key_usage(guard.keys)
         if api_key_ignored(config, guard):
             logger.warning("--api-key is ignored: the policy file's keys decide who may call",
