@@ -32,6 +32,7 @@ class FanIn:
         self.tasks: list[asyncio.Task] = []
         self.streams: list = []  # the engine's RequestStreams, parallel to tasks
         self.latest: dict[int, RequestOutput] = {}  # each prompt's last output: what a key is charged for
+        self.interrupted: Exception | None = None
 
     def start(self, engine, prompts: list[dict], params) -> None:
         """Hand every prompt to the engine; if one is invalid, close what started and raise its error (the
@@ -47,7 +48,9 @@ class FanIn:
             self.tasks.append(asyncio.create_task(self._read(index, stream)))
 
     def interrupt(self, error: Exception) -> None:
-        """End the fan-in with `error` (the server's shutdown deadline): the reader sees it next."""
+        """End the fan-in with `error` (the server's shutdown deadline): the reader gets it in place of its next
+        output, even when outputs are queued (a slow client's stream) or none will come."""
+        self.interrupted = error
         self.queue.put_nowait((-1, error))
 
     async def _read(self, index: int, stream) -> None:
@@ -75,6 +78,8 @@ class FanIn:
         """(prompt index, cumulative output) until every prompt is done; raises a prompt's error."""
         remaining = len(self.tasks)
         while remaining:
+            if self.interrupted is not None:
+                raise self.interrupted
             index, item = await self.queue.get()
             if item is _DONE:
                 remaining -= 1
