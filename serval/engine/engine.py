@@ -21,6 +21,7 @@ from serval.engine.request import Request, RequestStatus
 from serval.engine.scheduler import Scheduler, SchedulerOutput
 from serval.model.default_model import default_model_path
 from serval.model.loader import load_model
+from serval.openai.errors import InvalidArgument
 from serval.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from serval.sampling_params import SamplingParams
 
@@ -101,15 +102,15 @@ class LLMEngine:
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
             if "prompt" not in prompt:
-                raise ValueError(f"invalid prompt {prompt!r}: a dict needs 'prompt' or 'prompt_token_ids'")
+                raise InvalidArgument("prompt", f"invalid prompt {prompt!r}: a dict needs 'prompt' or 'prompt_token_ids'")
             prompt = prompt["prompt"]
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("invalid prompt: this engine has no tokenizer, so prompts must be token ids")
+                raise InvalidArgument("prompt", "invalid prompt: this engine has no tokenizer, so prompts must be token ids")
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, list):
             return None, list(prompt)
-        raise ValueError(f"invalid prompt of type {type(prompt).__name__}: allowed str, list of token ids, "
+        raise InvalidArgument("prompt", f"invalid prompt of type {type(prompt).__name__}: allowed str, list of token ids, "
                          "{'prompt': str} or {'prompt_token_ids': [...]}")
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
@@ -134,7 +135,7 @@ class LLMEngine:
 
     def add_processed(self, parent: ProcessedRequest) -> None:
         if parent.request_id in self.parents:
-            raise ValueError(f"invalid request_id {parent.request_id!r}: a request with this id is already running")
+            raise InvalidArgument(None, f"invalid request_id {parent.request_id!r}: a request with this id is already running")
         self.parents[parent.request_id] = parent
         self.num_prompt_tokens += len(parent.prompt_token_ids)
         for child in parent.children:
@@ -224,20 +225,20 @@ class LLMEngine:
     # ---- internals ----
     def _validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
         if not token_ids:
-            raise ValueError("invalid prompt: it is empty; allowed: at least one token")
+            raise InvalidArgument("prompt", "invalid prompt: it is empty; allowed: at least one token")
         bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"invalid prompt token ids {bad[:5]}: allowed integers in [0, {self.vocab_size})")
+            raise InvalidArgument("prompt", f"invalid prompt token ids {bad[:5]}: allowed integers in [0, {self.vocab_size})")
         limit = self.config.max_model_len
         if len(token_ids) >= limit:
-            raise ValueError(f"invalid prompt: it has {len(token_ids)} tokens, but max_model_len is {limit}; "
+            raise InvalidArgument("prompt", f"invalid prompt: it has {len(token_ids)} tokens, but max_model_len is {limit}; "
                              f"allowed at most {limit - 1} prompt tokens so that one can be generated")
         if params.logit_bias:
             bad = [t for t in params.logit_bias if not 0 <= t < self.vocab_size]
             if bad:
-                raise ValueError(f"invalid logit_bias token ids {bad[:5]}: allowed [0, {self.vocab_size})")
+                raise InvalidArgument("logit_bias", f"invalid logit_bias token ids {bad[:5]}: allowed [0, {self.vocab_size})")
         if self.tokenizer is None and params.stop:
-            raise ValueError("invalid sampling parameter stop: stop strings need a tokenizer")
+            raise InvalidArgument("stop", "invalid sampling parameter stop: stop strings need a tokenizer")
 
     def _new_request(self, request_id: str, parent_id: str, index: int, text: str | None, token_ids: list[int],
                      params: SamplingParams, priority: int, arrival_time: float) -> Request:
@@ -315,7 +316,7 @@ class LLMEngine:
         loads only when a request asks for structured output)."""
         if self._grammar_compiler is None:
             if self.tokenizer is None:
-                raise ValueError("invalid sampling parameter structured_outputs: constrained decoding needs a "
+                raise InvalidArgument("structured_outputs", "invalid sampling parameter structured_outputs: constrained decoding needs a "
                                  "tokenizer")
             from serval.guard.structured import GrammarCompiler
             self._grammar_compiler = GrammarCompiler(self.tokenizer)
@@ -408,13 +409,13 @@ def _resolve_config(config: EngineConfig, model_path: str, hf_config) -> EngineC
     model_limit = getattr(hf_config, "max_position_embeddings", None) or 2048
     max_model_len = config.max_model_len or model_limit
     if max_model_len > model_limit:
-        raise ValueError(f"invalid engine argument max_model_len={max_model_len}: the model allows at most "
+        raise InvalidArgument("max_model_len", f"invalid engine argument max_model_len={max_model_len}: the model allows at most "
                          f"{model_limit} (max_position_embeddings)")
     max_num_batched_tokens = config.max_num_batched_tokens
     if max_num_batched_tokens is None:
         max_num_batched_tokens = max(2048, config.max_num_seqs) if config.enable_chunked_prefill else max_model_len
     if not config.enable_chunked_prefill and max_num_batched_tokens < max_model_len:
-        raise ValueError(f"invalid engine argument max_num_batched_tokens={max_num_batched_tokens}: without "
+        raise InvalidArgument("max_num_batched_tokens", f"invalid engine argument max_num_batched_tokens={max_num_batched_tokens}: without "
                          f"chunked prefill it must be >= max_model_len ({max_model_len}) so every prompt fits a step")
     return dataclasses.replace(config, model=model_path, max_model_len=max_model_len,
                                max_num_batched_tokens=max_num_batched_tokens)
