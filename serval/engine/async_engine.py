@@ -47,6 +47,17 @@ class EngineDeadError(RuntimeError):
     """The engine loop has stopped; no request can be served until the process restarts."""
 
 
+class RequestFailedError(RuntimeError):
+    """This request ended with an error inside the engine (a step that held it failed, or its grammar could not
+    go on); its output is not to be trusted. The engine goes on serving other requests. The message is safe to
+    show a client: the cause is logged, not carried."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"request {request_id} failed inside the engine and was stopped; other requests are "
+                         "unaffected")
+        self.request_id = request_id
+
+
 class RequestStream:
     """One request's outputs as an async iterator: cumulative RequestOutputs, the last with finished=True; an
     error for this request (or the engine's death) is raised from the iteration. Closing it before the end
@@ -263,13 +274,14 @@ class AsyncEngine:
 
     def _deliver_step(self, outputs: list[RequestOutput]) -> None:
         """Every output of a step to its caller's queue: one hand-off per event loop (see the module docstring)."""
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput | Exception]]] = {}
         with self._streams_lock:
             for output in outputs:
                 stream = (self._streams.pop(output.request_id, None) if output.finished
                           else self._streams.get(output.request_id))
                 if stream is not None:
-                    batches.setdefault(stream.loop, []).append((stream.queue, output))
+                    item = RequestFailedError(output.request_id) if _failed(output) else output
+                    batches.setdefault(stream.loop, []).append((stream.queue, item))
         handed_off = []
         for loop, items in batches.items():
             done = threading.Event() if self._yield_between_steps else None
@@ -289,7 +301,11 @@ class AsyncEngine:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
 
-def _put_all(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, RequestOutput]],
+def _failed(output: RequestOutput) -> bool:
+    return output.finished and any(completion.finish_reason == "error" for completion in output.outputs)
+
+
+def _put_all(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, RequestOutput | Exception]],
              done: threading.Event | None) -> None:
     """On the event loop: queue each output; then, once the streams they woke have run, set done."""
     for stream_queue, item in items:

@@ -84,6 +84,8 @@ class LLMEngine:
         # With asynchronous scheduling: the decode step queued on the device whose tokens are not processed yet.
         self.in_flight: DecodeInFlight | None = None
         self._grammar_compiler = None
+        self.stepping: list[Request] = []  # the requests the current step holds, to fail if it raises
+        self.num_consecutive_failed_steps = 0
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         logger.info("engine ready", extra={"model": self.config.model, "device": str(self.device),
@@ -100,7 +102,11 @@ class LLMEngine:
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+                token_ids = prompt["prompt_token_ids"]
+                if not isinstance(token_ids, (list, tuple)):
+                    raise InvalidArgument("prompt", f"invalid prompt_token_ids of type {type(token_ids).__name__}: "
+                                                    "allowed a list of token ids")
+                return prompt.get("prompt"), list(token_ids)
             if "prompt" not in prompt:
                 raise InvalidArgument("prompt", f"invalid prompt {prompt!r}: a dict needs 'prompt' or 'prompt_token_ids'")
             prompt = prompt["prompt"]
@@ -153,9 +159,25 @@ class LLMEngine:
 
     # ---- one step ----
     def step(self) -> list[RequestOutput]:
+        """One scheduling step. If it raises, the requests it held end with finish_reason "error" (their
+        blocks freed, their prefix-cache entries forgotten) and the engine goes on; only a run of failed
+        steps (a broken device, a bug hit by every step) escapes as the exception."""
+        self.stepping = []
+        try:
+            outputs = self._step()
+        except Exception as error:
+            self.num_consecutive_failed_steps += 1
+            if self.num_consecutive_failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS:
+                raise
+            return self._fail_step(error)
+        self.num_consecutive_failed_steps = 0
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         if self.in_flight is not None:
             return self._finish_in_flight()
         scheduled = self.scheduler.schedule()
+        self.stepping = scheduled.requests
         if not scheduled.requests:
             return []
         if self.async_scheduling and self._can_overlap(scheduled):
@@ -165,6 +187,26 @@ class LLMEngine:
         runner_output = self.runner.execute(scheduled)
         self.scheduler.update(scheduled)
         return self._process(scheduled.requests, runner_output)
+
+    def _fail_step(self, error: Exception) -> list[RequestOutput]:
+        """End every request of the failed step (all of them if it failed before it knew which it held)."""
+        self.in_flight = None
+        parent_ids = (dict.fromkeys(r.parent_request_id for r in self.stepping) if self.stepping
+                      else list(self.parents))
+        logger.error("engine step failed; its requests end with an error", exc_info=error,
+                     extra={"request_ids": list(parent_ids)})
+        outputs = []
+        for parent_id in parent_ids:
+            parent = self.parents.pop(parent_id, None)
+            if parent is None:
+                continue
+            for child in parent.children:
+                if not child.is_finished:
+                    # Blocks this step wrote may hold garbage K/V: no later request may hit them.
+                    forget_cached_blocks(self.kv_cache, child)
+                    self.scheduler.finish_request(child, RequestStatus.FINISHED_ERROR)
+            outputs.append(self._request_output(parent))
+        return outputs
 
     def get_stats(self) -> EngineStats:
         return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, self.kv_cache.usage,
@@ -195,6 +237,7 @@ class LLMEngine:
 
     def _finish_in_flight(self) -> list[RequestOutput]:
         current, self.in_flight = self.in_flight, None
+        self.stepping = current.requests
         following = self._launch_following(current)
         token_ids = current.token_ids()  # waits for the device: `following` is queued behind it by now
         none = [None] * len(token_ids)
@@ -226,19 +269,27 @@ class LLMEngine:
     def _validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
         if not token_ids:
             raise InvalidArgument("prompt", "invalid prompt: it is empty; allowed: at least one token")
-        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidArgument("prompt", f"invalid prompt token ids {bad[:5]}: allowed integers in [0, {self.vocab_size})")
+        self._check_token_ids(token_ids, params)
         limit = self.config.max_model_len
         if len(token_ids) >= limit:
-            raise InvalidArgument("prompt", f"invalid prompt: it has {len(token_ids)} tokens, but max_model_len is {limit}; "
-                             f"allowed at most {limit - 1} prompt tokens so that one can be generated")
-        if params.logit_bias:
-            bad = [t for t in params.logit_bias if not 0 <= t < self.vocab_size]
-            if bad:
-                raise InvalidArgument("logit_bias", f"invalid logit_bias token ids {bad[:5]}: allowed [0, {self.vocab_size})")
+            raise InvalidArgument("prompt", f"invalid prompt: it has {len(token_ids)} tokens, but max_model_len is "
+                                            f"{limit}; allowed at most {limit - 1} prompt tokens so that one can be "
+                                            "generated")
         if self.tokenizer is None and params.stop:
             raise InvalidArgument("stop", "invalid sampling parameter stop: stop strings need a tokenizer")
+
+    def _check_token_ids(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Every token id the request carries must index the vocabulary: the sampler indexes the logits with
+        them, and one out of range there fails the whole step."""
+        vocab_size = self.vocab_size
+        bad = [t for t in prompt_token_ids if not _is_token_id(t, vocab_size)]
+        if bad:
+            raise InvalidArgument("prompt", f"invalid prompt token ids {bad[:5]}: allowed integers in [0, {vocab_size})")
+        for param, token_ids in _sampling_token_ids(params):
+            bad = [t for t in token_ids if not _is_token_id(t, vocab_size)]
+            if bad:
+                raise InvalidArgument(param, f"invalid sampling parameter {param}={bad[:5]}: allowed token ids in "
+                                             f"[0, {vocab_size})")
 
     def _new_request(self, request_id: str, parent_id: str, index: int, text: str | None, token_ids: list[int],
                      params: SamplingParams, priority: int, arrival_time: float) -> Request:
@@ -269,14 +320,12 @@ class LLMEngine:
             parent = self.parents[request.parent_request_id]
             if parent.stream or request.is_finished:
                 touched[request.parent_request_id] = parent
-        outputs = []
-        for parent in touched.values():
-            if not parent.stream and not all(child.is_finished for child in parent.children):
-                continue
-            output = self._request_output(parent)
+        outputs = [self._request_output(parent) for parent in touched.values()
+                   if parent.stream or all(child.is_finished for child in parent.children)]
+        # Only now, so that a step failing half-way leaves every request it held to _fail_step.
+        for output in outputs:
             if output.finished:
-                del self.parents[parent.request_id]
-            outputs.append(output)
+                del self.parents[output.request_id]
         return outputs
 
     def _append_token(self, request: Request, token_id: int, logprobs: dict[int, Logprob] | None,
@@ -347,6 +396,33 @@ class LLMEngine:
                              prompt_token_ids=parent.prompt_token_ids, prompt_logprobs=first.prompt_logprobs,
                              outputs=completions, finished=all(c.is_finished for c in parent.children),
                              metrics=metrics, num_cached_tokens=metrics.num_cached_tokens)
+
+
+# This many failed steps in a row means the engine itself is broken (a lost device, a bug every step hits), not
+# one request: the loop stops so that the process can be restarted.
+MAX_CONSECUTIVE_FAILED_STEPS = 3
+
+
+def _is_token_id(value, vocab_size: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab_size
+
+
+def _sampling_token_ids(params: SamplingParams) -> list[tuple[str, list]]:
+    """(OpenAI body field, token ids) for every token id the sampling parameters carry."""
+    fields = [("stop_token_ids", params.stop_token_ids or []), ("logit_bias", list(params.logit_bias or ()))]
+    for name in ("allowed_token_ids", "bad_words_token_ids"):  # vLLM's, once SamplingParams carries them
+        token_ids = getattr(params, name, None)
+        if token_ids:
+            fields.append((name, [t for group in token_ids for t in group] if name == "bad_words_token_ids"
+                           else list(token_ids)))
+    return fields
+
+
+def forget_cached_blocks(kv_cache: KVCacheManager, request: Request) -> None:
+    """Drop the request's blocks from the prefix cache (they stay allocated until freed)."""
+    # TODO(kv_cache owner): a public KVCacheManager method for this; until then the eviction helper.
+    for block_id in request.block_ids:
+        kv_cache._evict(block_id)
 
 
 def _token_stop(request: Request, token_id: int) -> RequestStatus | None:

@@ -7,7 +7,9 @@ import pytest
 
 from serval import AsyncEngine, LLM, SamplingParams
 from serval.config import EngineConfig
+from serval.engine.async_engine import EngineDeadError, RequestFailedError
 from serval.openai.errors import InvalidArgument
+from tests.engine.test_engine import fail_once, hf_greedy
 
 ENGINE_ARGS = dict(skip_tokenizer_init=True, max_num_seqs=4, max_num_batched_tokens=32, block_size=4,
                    max_model_len=128, num_gpu_blocks_override=64)
@@ -197,3 +199,53 @@ def test_closing_or_dropping_an_unread_stream_aborts(engine):
     asyncio.run(main())
     assert wait_idle(engine)
     assert engine.get_stats().num_generation_tokens - before < 100  # neither ran to its 100 tokens
+
+
+def test_a_failed_step_errors_its_streams_and_the_engine_serves_on(tiny_models):
+    path, hf_model = tiny_models("llama")
+    engine = AsyncEngine(EngineConfig(model=path, **ENGINE_ARGS))
+    try:
+        fail_once(engine.engine.runner)
+        params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+        async def main():
+            with pytest.raises(RequestFailedError, match="failed inside the engine"):
+                await collect(engine, [3, 4, 5], params)
+            return await collect(engine, [6, 7, 8, 9], params)
+
+        outputs = asyncio.run(main())
+        assert not engine.is_dead and engine.errored is None
+        assert outputs[-1].outputs[0].token_ids == hf_greedy(hf_model, [6, 7, 8, 9], 6)
+        assert wait_idle(engine)
+    finally:
+        engine.shutdown()
+
+
+def test_an_engine_whose_every_step_fails_is_dead(tiny_models):
+    """A run of failed steps is the engine, not a request: the loop stops, is_dead and errored say so, waiting
+    streams get EngineDeadError and new requests are refused at once."""
+    engine = AsyncEngine(EngineConfig(model=tiny_models("llama")[0], **ENGINE_ARGS))
+    try:
+        def broken(scheduled):
+            raise RuntimeError("device lost")
+
+        engine.engine.runner.execute = broken
+        params = SamplingParams(max_tokens=4, ignore_eos=True)
+
+        async def main():
+            for attempt in range(10):
+                try:
+                    await collect(engine, [3, 4, 5], params)
+                except EngineDeadError:
+                    break
+                except RequestFailedError:
+                    continue
+            with pytest.raises(EngineDeadError):
+                engine.add_request("after", {"prompt_token_ids": [3]}, params)
+            return attempt
+
+        attempts = asyncio.run(main())
+        assert attempts >= 1  # the first failures were the requests'; the engine died of the run of them
+        assert engine.is_dead and isinstance(engine.errored, RuntimeError)
+    finally:
+        engine.shutdown()
