@@ -16,7 +16,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
-from serval.engine.async_engine import EngineDeadError
+from serval.engine.async_engine import EngineDeadError, RequestFailedError
 from serval.guard.decisions import GuardRejection
 from serval.guard.session import GuardSession, NullGuardSession, open_session
 from serval.openai import protocol
@@ -161,6 +161,8 @@ def to_api_error(error: Exception, call: Call | None = None) -> APIError:
         return APIError.from_validation_error(error)
     if isinstance(error, EngineDeadError):
         return APIError.unavailable("The engine has stopped; the server is restarting.")
+    if isinstance(error, RequestFailedError):  # its message names the request only; the cause is in the log
+        return APIError(500, str(error), type="server_error", code="request_failed")
     if isinstance(error, InvalidArgument) or type(error) is ValueError:
         return call.invalid_argument(error) if call is not None else APIError.from_invalid_argument(error)
     request_id = call.record.request_id if call is not None else None
