@@ -66,6 +66,13 @@ def check_context(state: ServerState, num_prompt_tokens: int, max_tokens: int | 
                             "completion.", param=params.max_tokens, code="context_length_exceeded")
 
 
+def token_reservation(state: ServerState, prompts: list[dict], params) -> tuple[int, int]:
+    """(prompt tokens, the most tokens all choices can generate) of a request: what its key must have room for."""
+    num_prompt_tokens = [len(prompt["prompt_token_ids"]) for prompt in prompts]
+    caps = [params.max_tokens if params.max_tokens is not None else state.max_model_len - n for n in num_prompt_tokens]
+    return sum(num_prompt_tokens), sum(caps) * params.n
+
+
 def require_tokenizer(tokenizer):
     if tokenizer is None:
         raise APIError(400, "This model was loaded without a tokenizer: send prompts as token ids to "

@@ -172,8 +172,10 @@ class ChatChunks:
 # ---------------------------------------------------------------- shared
 async def start(state: ServerState, call: Call, prompts: list[dict], params, conversations: list[list[dict]],
                 param: str) -> FanIn:
-    """Hand the prompts to the engine. A classifier rail's verdicts are asked for at the same time and awaited
+    """Hand the prompts to the engine, once the key has the tokens they may use reserved (budgets cannot overshoot
+    however many run at once; `release` settles the reservation). A classifier rail's verdicts are asked for at the same time and awaited
     here, while the engine runs the prefill: an unsafe verdict aborts the requests before any output is sent."""
+    call.session.reserve(*admission.token_reservation(state, prompts, params))
     admission.check_capacity(state)
     fan_in = FanIn(state.metrics, state.model_name, call.record)
     # No await between the capacity check and the engine taking the requests: concurrent requests see each other.
