@@ -1,4 +1,4 @@
-"""What a request must pass before it reaches the engine (served model, capacity, context length, `n`, `seed`),
+"""What a request must pass before it reaches the engine (served model, capacity, context length, `n`),
 and its prompts in the engine's form: each `{"prompt": text, "prompt_token_ids": ids}`.
 
 The prompt builders are synchronous and CPU-bound (tokenizing, templating): handlers run them through
@@ -10,10 +10,6 @@ from dataclasses import dataclass
 
 from serval.openai.errors import APIError
 from serval.server.state import ServerState
-
-# OpenAI's seed is a 64-bit signed integer; torch's generators take no more.
-SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1
-
 
 @dataclass
 class ContextParams:
@@ -43,12 +39,6 @@ def check_capacity(state: ServerState) -> None:
 def check_n(state: ServerState, n: int) -> None:
     if n > state.config.max_n:
         raise APIError(400, f"invalid n {n}: at most {state.config.max_n} choices per request (--max-n)", param="n")
-
-
-def check_seed(seed: int | None) -> None:
-    if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
-        raise APIError(400, f"invalid seed {seed}: must be a 64-bit signed integer, in [{SEED_MIN}, {SEED_MAX}]",
-                       param="seed")
 
 
 def check_context(state: ServerState, num_prompt_tokens: int, max_tokens: int | None, where: str,

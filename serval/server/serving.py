@@ -41,7 +41,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, call: C
     fan_in = await start(state, call, prompts, params, conversations, "prompt")
     chunks = CompletionChunks(call, body, state.tokenizer, [prompt["prompt"] for prompt in prompts])
     if body.stream:
-        return PendingStream(stream_deltas(fan_in, chunks, call, params.n, body.include_usage_in_stream))
+        return PendingStream(stream_deltas(fan_in, chunks, call, body.include_usage_in_stream))
     finals = await collect(fan_in)
     choices = [chunks.whole_choice(index, output, completion, *whole_text(call, completion))
                for index, output in enumerate(finals) for completion in output.outputs]
@@ -118,7 +118,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     fan_in = await start(state, call, [prompt], params, [messages], "messages")
     chunks = ChatChunks(call, body, state.tokenizer)
     if body.stream:
-        return PendingStream(stream_deltas(fan_in, chunks, call, params.n, body.include_usage_in_stream))
+        return PendingStream(stream_deltas(fan_in, chunks, call, body.include_usage_in_stream))
     (output,) = await collect(fan_in)
     choices = [chunks.whole_choice(completion, *whole_text(call, completion)) for completion in output.outputs]
     return JSONResponse(protocol.ChatCompletionResponse(id=call.record.request_id, model=call.record.model,
@@ -209,9 +209,11 @@ async def collect(fan_in: FanIn) -> list[RequestOutput]:
     return [finals[index] for index in sorted(finals)]
 
 
-async def stream_deltas(fan_in: FanIn, chunks, call: Call, n: int, include_usage: bool) -> AsyncIterator[str]:
+async def stream_deltas(fan_in: FanIn, chunks: "CompletionChunks | ChatChunks", call: Call,
+                        include_usage: bool) -> AsyncIterator[str]:
     """The delta loop both APIs stream with: what is new in each choice, through the rails, as `chunks` shapes
     it. Choice keys are global: prompt index × n + choice index."""
+    n = chunks.n
     sent = SentState()
     rails = call.session.choice_filters(len(fan_in.tasks) * n)
     try:

@@ -8,7 +8,6 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 from serval.guard.guard import Guard
-from serval.openai.errors import APIError
 from serval.server.config import ServerConfig
 from serval.server.fan_in import FanIn
 from serval.guard.session import GuardMetricsObserver
@@ -48,13 +47,6 @@ class ServerState:
     async def off_loop(self, function, *args, **kwargs):
         """Run CPU-heavy request work (tokenizing, templating, detokenizing) on the worker thread."""
         return await asyncio.get_running_loop().run_in_executor(self.cpu, partial(function, *args, **kwargs))
-
-    def healthy(self) -> bool:
-        return not self.engine.is_dead and not self.draining
-
-    def refuse_while_draining(self) -> None:
-        if self.draining:
-            raise APIError.unavailable("The server is shutting down; send the request to another replica.")
 
     def enter(self) -> None:
         self.num_in_flight += 1
