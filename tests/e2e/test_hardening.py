@@ -322,7 +322,7 @@ def test_n_past_the_bound_is_400_and_n_128_is_served_without_stalling_health(ser
 
 # ---------------------------------------------------------------- 12: the smaller ones
 @pytest.mark.parametrize("header", [f"bearer {API_KEY}", f"Bearer  {API_KEY}", f"BEARER {API_KEY}",
-                                    f"Bearer {API_KEY} "])
+                                    f"Bearer \t {API_KEY}"])
 def test_bearer_forms_the_policy_keys_accept(server, header):
     assert httpx.get(server.url + "/v1/models", headers={"Authorization": header}, timeout=30).status_code == 200
 
