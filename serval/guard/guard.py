@@ -1,16 +1,10 @@
-"""Guard: the one entry point for servers and the router. Built from a policy file; no web framework inside.
+"""Guard: a policy file's rails and keys, shared by all requests of a server or the router. No web framework
+inside. Handlers don't call it directly: each request opens a session (serval.guard.session.open_session),
+which calls these methods with the request's RequestContext.
 
-    guard = Guard.from_file("policy.yaml")
-    ctx = RequestContext(request_id="chatcmpl-1")
-    key = guard.authenticate(headers.get("authorization"), ctx)   # 401 → GuardRejection; None without keys
-    guard.admit(key, model, ctx)                                    # 403 / 429 → GuardRejection
-    try:
-        texts = guard.check_input(texts, ctx, param="messages")     # 400 → GuardRejection; maybe redacted
-        guard.check_prompt_tokens(num_tokens, ctx)
-        out = guard.output_filter(ctx)                              # None without output rails
-        for delta in stream: send(out.push(delta).text) ...; send(out.finish().text)
-    finally:
-        guard.release(key, prompt_tokens, completion_tokens)
+    guard = Guard.from_file("policy.yaml")       # PolicyError('FILE:LINE: ...') for a file that can't be used
+    reload_policy(guard)                         # SIGHUP: a bad file is logged, the running policy stays
+    await guard.aclose()                         # at shutdown
 
 Every decision goes to the audit log (when the policy names one) and to each observer's
 `decision(decision, ctx)`; every rail's run time to `latency(rail, seconds, ctx)`.
@@ -122,13 +116,17 @@ class Guard:
         await self.classifier_client.close()
 
     # ---- input rails ----
-    def check_input(self, texts: list[str], ctx: RequestContext, param: str = "messages") -> list[str]:
-        """The texts the model may see (PII redacted where the policy says so); GuardRejection 400 if blocked."""
+    def check_input(self, texts: list[str], ctx: RequestContext, param: str = "messages",
+                    conversation: bool | None = None) -> list[str]:
+        """The texts the model may see (PII redacted where the policy says so); GuardRejection 400 if blocked.
+        When the texts are one conversation (by default, for param "messages"), deny rules and the injection
+        heuristic also read them joined; separate prompts are read one by one."""
         policy = self.policy
+        joined = param == "messages" if conversation is None else conversation
         if policy.input_deny:
-            self._run("input_deny", lambda: deny_rail(texts, policy.input_deny, param), ctx)
+            self._run("input_deny", lambda: deny_rail(texts, policy.input_deny, param, joined), ctx)
         if policy.injection is not None:
-            self._run("injection", lambda: injection_rail(texts, policy.injection, param), ctx)
+            self._run("injection", lambda: injection_rail(texts, policy.injection, param, joined), ctx)
         if policy.input_pii:
             texts = self._run("input_pii", lambda: pii_rail(texts, policy.input_pii, param), ctx)
         return texts

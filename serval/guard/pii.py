@@ -1,8 +1,8 @@
 """PII and secret detection: regular expressions, each with a checksum or plausibility check where one exists
 (Luhn for card numbers, ISO 7064 mod 97 for IBANs, Shannon entropy for unnamed secrets).
 
-Patterns use the `regex` module for its partial matching: a stream filter asks "could the text's tail still
-become a match?" and holds back only from where such a match would start.
+Patterns use the `regex` module for its partial matching: the output rails' stream filter (serval.guard.output)
+asks "could a match starting here still run on through the text to come?" and holds back only from there.
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 import regex
+
+from serval.guard.normalize import visible_with_offsets
 
 PII_TYPES = ("email", "phone", "credit_card", "iban", "ssn", "ip_address", "secret")
 
@@ -52,37 +54,44 @@ _ORDER = ("secret", "secret_entropy", "credit_card", "iban", "ssn", "email", "ip
 
 
 @dataclass(frozen=True)
+class PiiPattern:
+    """One detector: its regular expression and the check a complete match must pass."""
+    name: str       # the pattern's own name (secret_entropy is a second detector of category secret)
+    category: str   # the PII type it reports
+    pattern: regex.Pattern
+
+    def valid(self, value: str) -> bool:
+        return _valid(self.name, value)
+
+
+# In priority order: where two types' matches overlap, the earlier type's wins.
+PII_PATTERNS = tuple(PiiPattern(name, "secret" if name == "secret_entropy" else name, _PATTERNS[name])
+                     for name in _ORDER)
+
+
+@dataclass(frozen=True)
 class Span:
     start: int
     end: int
-    category: str  # a PII type, or 'deny:<rule name>'
-    partial: bool = False  # the text ends inside what may still become a match
+    category: str  # a PII type
 
 
-def find_pii(text: str, types: tuple[str, ...] = PII_TYPES, partial: bool = False) -> list[Span]:
-    """Non-overlapping PII spans, by start. With partial, also spans the text's tail may be the start of."""
+def find_pii(text: str, types: tuple[str, ...] = PII_TYPES) -> list[Span]:
+    """Non-overlapping PII spans of a whole text, by start, in the text's own positions; where two types overlap,
+    the earlier in PII_PATTERNS wins. The detectors read the text's visible form (NFKC, invisible characters
+    removed), so full-width digits or a zero-width space between digit groups don't hide a card number."""
+    visible, origin = visible_with_offsets(text)
     spans: list[Span] = []
-    for name in _ORDER:
-        category = "secret" if name == "secret_entropy" else name
-        if category not in types:
+    for detector in PII_PATTERNS:
+        if detector.category not in types:
             continue
-        for match in _PATTERNS[name].finditer(text, partial=partial):
-            is_partial = bool(match.partial)
-            if match.start() == match.end():
+        for match in detector.pattern.finditer(visible):
+            if match.start() == match.end() or not detector.valid(match.group()):
                 continue
-            if not is_partial and not _valid(name, match.group()):
-                continue
-            span = Span(match.start(), match.end(), category, is_partial)
-            # Partial spans only mark where text must be held back; they never shadow another type's match.
-            if is_partial or not any(span.start < other.end and other.start < span.end
-                                     for other in spans if not other.partial):
+            span = Span(origin[match.start()], origin[match.end() - 1] + 1, detector.category)
+            if not any(span.start < other.end and other.start < span.end for other in spans):
                 spans.append(span)
     return sorted(spans, key=lambda s: s.start)
-
-
-def find_pattern(pattern: regex.Pattern, category: str, text: str, partial: bool = False) -> list[Span]:
-    return [Span(m.start(), m.end(), category, bool(m.partial))
-            for m in pattern.finditer(text, partial=partial) if m.end() > m.start() or m.partial]
 
 
 def redact(text: str, spans: list[Span]) -> str:

@@ -4,9 +4,9 @@
     session.authenticate(headers.get("authorization"))      # or session.use_key(key) after the middleware's check
     try:
         session.admit(model)                                 # the key's models, requests per minute, concurrency
-        session.reserve(prompt_tokens, max_tokens)           # budget and tokens per minute, held until release
         texts = session.check_input(texts, "messages")       # deny, injection, PII (maybe redacted)
-        session.check_prompt_tokens(num_tokens)
+        session.check_prompt_tokens(num_tokens)              # once the (redacted) prompt is tokenized
+        session.reserve(num_tokens, max_tokens)              # budget and tokens per minute, held until release
         await session.classify(conversations)                # the guard model, beside the prefill
         text, stopped = session.filter_whole(answer)         # or, streaming, one filter per choice:
         choices = session.choice_filters(n); text, stopped = choices.filter(index, delta, finished)
@@ -151,10 +151,11 @@ class GuardSession:
         self.guard.release(self.key, prompt_tokens, completion_tokens, reservation)
 
     # ---- input rails ----
-    def check_input(self, texts: list[str], param: str = "messages") -> list[str]:
-        """The texts the model may see (PII redacted where the policy says so); 400 when a rail blocks. Texts
-        are one conversation (or one prompt each): deny rules also see them joined."""
-        return self.guard.check_input(texts, self.ctx, param)
+    def check_input(self, texts: list[str], param: str = "messages", conversation: bool | None = None) -> list[str]:
+        """The texts the model may see (PII redacted where the policy says so); 400 when a rail blocks. Deny rules
+        and the injection heuristic read normalised text, and when the texts are one conversation (the default
+        for param "messages"; separate completion prompts are not) they also read them joined."""
+        return self.guard.check_input(texts, self.ctx, param, conversation)
 
     def check_prompt_tokens(self, num_tokens: int, param: str = "messages") -> None:
         self.guard.check_prompt_tokens(num_tokens, self.ctx, param)
@@ -220,7 +221,7 @@ class NullGuardSession:
     def release(self, prompt_tokens: int, completion_tokens: int) -> None:
         pass
 
-    def check_input(self, texts: list[str], param: str = "messages") -> list[str]:
+    def check_input(self, texts: list[str], param: str = "messages", conversation: bool | None = None) -> list[str]:
         return texts
 
     def check_prompt_tokens(self, num_tokens: int, param: str = "messages") -> None:
