@@ -98,8 +98,8 @@ async def handle(state: ServerState, raw: Request, model_cls: type[BaseModel], h
     try:
         body = await read_request(state, raw, model_cls)
         record.model = check_model(state, body.model)
-        if getattr(body, "max_completion_tokens", None) is not None:
-            call.param_aliases["max_tokens"] = "max_completion_tokens"
+        if isinstance(body, protocol.ChatCompletionRequest):
+            call.param_aliases["max_tokens"] = body.max_tokens_param  # SamplingParams knows one name
         call.span = _start_span(state, raw, body, record)
         call.session = open_session(state.guard, record.request_id, trace=call.span)
         call.session.use_key(raw.scope.get("state", {}).get("guard_key"))  # authenticated by the middleware

@@ -112,9 +112,8 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     messages = [{**message, "content": content} for message, content in zip(messages, contents)]
     prompt = await state.off_loop(admission.chat_prompt, state.tokenizer, messages, body.add_generation_prompt)
     call.session.check_prompt_tokens(len(prompt["prompt_token_ids"]), "messages")
-    max_tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     admission.check_context(state, len(prompt["prompt_token_ids"]), params.max_tokens, "messages",
-                            ContextParams("messages", max_tokens_param))
+                            ContextParams("messages", body.max_tokens_param))
     fan_in = await start(state, call, [prompt], params, [messages], "messages")
     chunks = ChatChunks(call, body, state.tokenizer)
     if body.stream:
