@@ -13,14 +13,8 @@ import json
 
 from serval.guard.decisions import GuardRejection
 from serval.guard.guard import Guard, RequestContext
-from serval.router.errors import RouterError
+from serval.openai.errors import APIError
 from serval.router.request_info import CHARS_PER_TOKEN
-
-
-def rejection_error(rejection: GuardRejection) -> RouterError:
-    headers = {"Retry-After": str(rejection.retry_after)} if rejection.retry_after is not None else None
-    return RouterError(rejection.status, rejection.message, type=rejection.type, param=rejection.param,
-                       code=rejection.code, headers=headers)
 
 
 class GuardObserver:
@@ -51,7 +45,7 @@ class GuardSession:
         self.expected_choices = 1  # n x prompts: when all have been stopped by a rail, the stream can end
 
     async def admit(self, body: dict, headers) -> bool:
-        """Keys, limits and input rails; raises RouterError. True when the body was changed (redaction,
+        """Keys, limits and input rails; raises APIError. True when the body was changed (redaction,
         usage asked for), so it must be serialized again."""
         try:
             self.key = self.guard.authenticate(headers.get("authorization"), self.ctx)
@@ -66,7 +60,7 @@ class GuardSession:
                                                 param="prompt")
         except GuardRejection as rejection:
             self.release()
-            raise rejection_error(rejection) from None
+            raise APIError.from_rejection(rejection) from None
         n = body.get("n") if isinstance(body.get("n"), int) and body.get("n") > 0 else 1
         self.expected_choices = n * max(1, len(_prompts(body))) if "messages" not in body else n
         if "messages" in body:

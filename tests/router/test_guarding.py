@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from serval.guard.guard import Guard
-from serval.router.errors import RouterError
+from serval.openai.errors import APIError
 from serval.router.guarding import GuardSession
 
 KEY = "sk-test-key"
@@ -45,10 +45,10 @@ def test_input_is_redacted_in_place_and_usage_is_asked_for(guard):
 
 
 def test_rejections_become_openai_errors(guard):
-    with pytest.raises(RouterError) as info:
+    with pytest.raises(APIError) as info:
         asyncio.run(GuardSession(guard, "r").admit({"model": "m", "prompt": "x"}, {}))
     assert info.value.status == 401 and info.value.code == "invalid_api_key"
-    with pytest.raises(RouterError) as info:
+    with pytest.raises(APIError) as info:
         admitted(guard, {"model": "m", "prompt": [1, 2, 3]})  # token ids: the rails could not read them
     assert info.value.status == 400 and info.value.param == "prompt"
 

@@ -1,0 +1,151 @@
+"""The gateway's Starlette app: the OpenAI endpoints, the client's key, the body read once, the guard session
+opened and released, every failure answered with OpenAI's error body; and `serve`, which runs it."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import signal
+import uuid
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from serval.openai.disconnect import until_disconnect
+from serval.openai.errors import APIError
+from serval.router import metrics as m
+from serval.router.config import RouterConfig
+from serval.router.gateway import RoutedRequest, Router
+from serval.router.guarding import GuardSession
+
+logger = logging.getLogger("serval.router")
+
+CLIENT_CLOSED = 499  # nginx's status for a client that left before the answer
+
+
+def build_app(router: Router) -> Starlette:
+    async def completions(raw: Request) -> Response:
+        return await handle(router, raw, "/v1/completions")
+
+    async def chat_completions(raw: Request) -> Response:
+        return await handle(router, raw, "/v1/chat/completions")
+
+    async def models(_: Request) -> Response:
+        return JSONResponse(router.models())
+
+    async def health(_: Request) -> Response:
+        return router.health()
+
+    async def metrics(_: Request) -> Response:
+        return Response(router.metrics.render(), media_type=m.CONTENT_TYPE)
+
+    async def not_found(raw: Request, _exc) -> Response:
+        return APIError(404, f"No route {raw.method} {raw.url.path}; the router serves /v1/completions, "
+                             "/v1/chat/completions, /v1/models, /health, /metrics.",
+                        type="not_found_error").response()
+
+    async def not_allowed(raw: Request, _exc) -> Response:
+        return APIError(405, f"Method {raw.method} is not allowed on {raw.url.path}.").response()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        await router.start()
+        if router.guard is not None:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, router.reload_policy)
+        logger.info("routing", extra={"models": router.config.public_names(), "backends": list(router.backends),
+                                      "policy": router.guard.policy.source if router.guard is not None else None})
+        yield
+        await router.stop()
+
+    routes = [Route("/v1/completions", completions, methods=["POST"]),
+              Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+              Route("/v1/models", models, methods=["GET"]),
+              Route("/health", health, methods=["GET"]),
+              Route("/metrics", metrics, methods=["GET"])]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_allowed})
+    app.state.router = router
+    return app
+
+
+async def handle(router: Router, raw: Request, path: str) -> Response:
+    request_id = raw.headers.get("x-request-id") or f"route-{uuid.uuid4().hex}"
+    session, response = None, None
+    try:
+        guard_keys = router.guard is not None and router.guard.requires_keys  # then the policy's keys decide
+        if router.config.api_keys and not guard_keys and not _authorized(raw, router.config.api_keys):
+            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key")
+        body_bytes = await raw.body()
+        body = _parse_body(body_bytes)
+        if router.guard is not None:
+            session = GuardSession(router.guard, request_id)
+            if await session.admit(body, raw.headers):
+                body_bytes = json.dumps(body).encode()
+        request = RoutedRequest(path, body, body_bytes, raw.headers, request_id, router.clock(), session)
+        try:
+            response = await until_disconnect(raw, router.route(request))
+        finally:
+            if session is not None and not isinstance(response, StreamingResponse):
+                session.release()  # a stream's relay releases when it ends
+        return response if response is not None else Response(status_code=CLIENT_CLOSED)
+    except APIError as error:
+        return error.response()
+    except Exception:  # noqa: BLE001 - the gateway stays up; the log says what broke, the client is not told
+        logger.exception("unexpected error while routing", extra={"request_id": request_id})
+        return APIError(500, "The router failed on this request; its log has the details (request id "
+                             f"{request_id}).", type="server_error").response()
+
+
+def _parse_body(data: bytes) -> dict:
+    """The body as a JSON object, or a 400: not JSON, not an object, NaN or Infinity (not JSON either), nested too
+    deep to walk, or a string with a lone surrogate (no UTF-8 can carry it to a backend)."""
+    try:
+        body = json.loads(data, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise APIError(400, f"The body is not valid JSON: {error}") from error
+    except RecursionError:
+        raise APIError(400, "The body is nested too deeply.") from None
+    if not isinstance(body, dict):
+        raise APIError(400, f"The body must be a JSON object, got {type(body).__name__}.")
+    _reject_lone_surrogates(body)
+    return body
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _reject_lone_surrogates(body: dict) -> None:
+    pending = [(body, None)]
+    while pending:
+        value, param = pending.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise APIError(400, "A string in the body holds a lone UTF-16 surrogate; send valid Unicode.",
+                               param=param) from None
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                pending.append((key, param))
+                pending.append((item, key if param is None else f"{param}.{key}"))
+        elif isinstance(value, list):
+            pending.extend((item, param) for item in value)
+
+
+def _authorized(raw: Request, keys: list[str]) -> bool:
+    header = raw.headers.get("authorization", "")
+    return header.startswith("Bearer ") and any(hmac.compare_digest(header[7:].encode(), key.encode()) for key in keys)
+
+
+def serve(config: RouterConfig, host: str, port: int, guard=None, access_log: bool = False,
+          log_level: str = "info") -> None:
+    """Run the gateway until SIGINT/SIGTERM."""
+    app = build_app(Router(config, guard=guard))
+    uvicorn.run(app, host=host, port=port, log_config=None, access_log=access_log, log_level=log_level,
+                timeout_graceful_shutdown=5)
