@@ -52,8 +52,8 @@ class APIError(Exception):
     @classmethod
     def from_validation_error(cls, error: "ValidationError") -> "APIError":
         first = error.errors()[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
-        message = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in error.errors())
+        param = _field_path(first["loc"]) or None
+        message = "; ".join(dict.fromkeys(f"{_field_path(e['loc']) or 'body'}: {e['msg']}" for e in error.errors()))
         return cls(400, message, param=param)
 
     @classmethod
@@ -65,3 +65,14 @@ class APIError(Exception):
     def unavailable(cls, message: str, retry_after: int | None = None) -> "APIError":
         headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
         return cls(503, message, type="server_error", headers=headers)
+
+
+# Parts of a pydantic error location that name a member of a union ('str', 'list[str]', 'constrained-int',
+# 'TextPart'), not a body field: a client's param is `stop`, not `stop.str`.
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none", "any", "bytes"}
+
+
+def _field_path(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc
+                    if not (isinstance(part, str) and (part in _TYPE_NAMES or "[" in part or "-" in part
+                                                        or part[:1].isupper())))

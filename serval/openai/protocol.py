@@ -1,25 +1,73 @@
 """The OpenAI API's request and response bodies (pydantic), and the step from a request to SamplingParams.
 
 Field names and defaults are OpenAI's; the extras (top_k, min_p, repetition_penalty, ignore_eos, min_tokens,
-stop_token_ids, skip_special_tokens, include_stop_str_in_output) are vLLM's. Unknown fields are ignored, as
-OpenAI's SDKs send fields that a given server may not know.
+stop_token_ids, skip_special_tokens, include_stop_str_in_output, allowed_token_ids) are vLLM's. Unknown fields
+are ignored, as OpenAI's SDKs send fields that a given server may not know.
+
+Types are strict, as OpenAI's are: `"max_tokens": true`, `"stream": "yes"` and `"temperature": "0.5"` are 400s,
+not coerced (pydantic's lax mode would take all three). Numbers may be integers where OpenAI takes a float, and
+`null` means the default for a field that has one, as OpenAI's optional fields do. Token ids are non-negative
+integers here; their upper bound is the vocabulary's, which only the engine knows.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
+import typing
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (AllowInfNan, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator,
+                      model_validator)
 
+from serval.openai.http import lone_surrogate_path
 from serval.sampling_params import STRUCTURED_KINDS, SamplingParams, StructuredOutputsParams
 
 # OpenAI allows at most 20 alternatives per position.
 MAX_TOP_LOGPROBS = 20
+# torch's int64, as vLLM's protocol bounds seed: the engine seeds a torch.Generator with it.
+SEED_MIN, SEED_MAX = -2**63, 2**63 - 1
+
+# A float that takes integers (JSON has one number type) but not booleans, strings or non-finite values.
+Float = Annotated[float, Field(strict=True), AllowInfNan(False)]
+Int = StrictInt
+Bool = StrictBool
+TokenId = Annotated[int, Field(strict=True, ge=0)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+Seed = Annotated[int, Field(strict=True, ge=SEED_MIN, le=SEED_MAX)]
+PositiveInt = Annotated[int, Field(strict=True, ge=1)]
+
+# Whether the engine takes allowed_token_ids (vLLM's name); until it does, a request that sends them is refused
+# rather than served unconstrained.
+ENGINE_HAS_ALLOWED_TOKEN_IDS = "allowed_token_ids" in {f.name for f in dataclasses.fields(SamplingParams)}
 
 
 class OpenAIBase(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data):
+        """`"n": null` is n's default, as in OpenAI's API, where these fields are optional. (A field that takes
+        null keeps it: completions' `"max_tokens": null` means up to the context, as in vLLM.)"""
+        if not isinstance(data, dict) or None not in data.values():
+            return data
+        fields = cls.model_fields
+        return {key: value for key, value in data.items()
+                if value is not None or key not in fields or fields[key].is_required()
+                or type(None) in typing.get_args(fields[key].annotation)}
+
+
+class RequestBody(OpenAIBase):
+    """A top-level request body: strings in it must be valid Unicode, wherever they are."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data):
+        where = lone_surrogate_path(data)
+        if where is not None:
+            raise ValueError(f"{where or 'the body'} holds a lone UTF-16 surrogate, which is not valid Unicode")
+        return data
 
 
 def random_id(prefix: str) -> str:
@@ -40,7 +88,7 @@ class ErrorResponse(OpenAIBase):
 
 # ---------------------------------------------------------------- requests
 class StreamOptions(OpenAIBase):
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 class JsonSchemaFormat(BaseModel):
@@ -48,7 +96,7 @@ class JsonSchemaFormat(BaseModel):
     name: str | None = None
     description: str | None = None
     json_schema: dict | None = Field(default=None, alias="schema")
-    strict: bool | None = None
+    strict: Bool | None = None
 
 
 class ResponseFormat(BaseModel):
@@ -67,11 +115,11 @@ class ResponseFormat(BaseModel):
 class StructuredOutputs(BaseModel):
     """vLLM's structured_outputs request field. Options Serval doesn't implement are rejected, not ignored."""
     model_config = ConfigDict(extra="forbid")
-    json_: dict | str | None = Field(default=None, alias="json")
-    regex: str | None = None
-    choice: list[str] | None = None
-    grammar: str | None = None
-    json_object: bool | None = None
+    json_: dict | StrictStr | None = Field(default=None, alias="json")
+    regex: StrictStr | None = None
+    choice: list[StrictStr] | None = None
+    grammar: StrictStr | None = None
+    json_object: Bool | None = None
 
 
 # vLLM's removed guided_* fields and the structured-output options Serval lacks: a client sending them expects
@@ -93,27 +141,29 @@ def unsupported_structured_message(name: str) -> str:
             "or response_format")
 
 
-class SamplingFields(OpenAIBase):
+class SamplingFields(RequestBody):
     """What completions and chat share: the sampling parameters and the stream switch."""
-    model: str | None = None
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
-    user: str | None = None
-    stream: bool = False
+    model: StrictStr | None = None
+    # Only n >= 1 here: the server bounds it from above (a setting, OpenAI's 128 by default).
+    n: PositiveInt = 1
+    temperature: Float | None = None
+    top_p: Float | None = None
+    top_k: Int | None = None
+    min_p: Float | None = None
+    seed: Seed | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    stop_token_ids: list[TokenId] | None = None
+    presence_penalty: Float | None = None
+    frequency_penalty: Float | None = None
+    repetition_penalty: Float | None = None
+    logit_bias: dict[str, Float] | None = None
+    allowed_token_ids: TokenIds | None = None
+    ignore_eos: Bool = False
+    min_tokens: Annotated[int, Field(strict=True, ge=0)] = 0
+    skip_special_tokens: Bool = True
+    include_stop_str_in_output: Bool = False
+    user: StrictStr | None = None
+    stream: Bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
@@ -162,10 +212,17 @@ class SamplingFields(OpenAIBase):
         if value is None:
             return value
         for key, bias in value.items():
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"keys must be token ids (non-negative integers), got {key[:40]!r}")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"biases must be in [-100, 100], got {bias} for token {key}")
+        return value
+
+    @field_validator("allowed_token_ids")
+    @classmethod
+    def _engine_takes_allowed_token_ids(cls, value):
+        if value is not None and not ENGINE_HAS_ALLOWED_TOKEN_IDS:
+            raise ValueError("allowed_token_ids is not supported by this server")
         return value
 
     @property
@@ -177,7 +234,7 @@ class SamplingFields(OpenAIBase):
         """Raises ValueError naming the argument for a value out of range (SamplingParams checks them)."""
         given = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                      presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                     repetition_penalty=self.repetition_penalty)
+                     repetition_penalty=self.repetition_penalty, allowed_token_ids=self.allowed_token_ids)
         return SamplingParams(
             n=self.n, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
             max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
@@ -188,16 +245,25 @@ class SamplingFields(OpenAIBase):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
-    echo: bool = False
+    prompt: StrictStr | list[StrictStr] | list[TokenId] | list[TokenIds]
+    max_tokens: PositiveInt | None = 16
+    logprobs: Int | None = None
+    echo: Bool = False
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _prompt_not_empty_list(cls, value):
-        if isinstance(value, list) and not value:
+    def _prompt_form(cls, value):
+        """Checked before the union, so a bad token id is named once (pydantic would report every member of the
+        union) and a list mixing forms is refused."""
+        if not isinstance(value, list):
+            return value
+        if not value:
             raise ValueError("the prompt list is empty; give a string, strings, token ids or lists of token ids")
+        if all(isinstance(item, list) for item in value):
+            for index, ids in enumerate(value):
+                _check_token_ids(ids, f"prompt[{index}]")
+        elif not all(isinstance(item, str) for item in value):
+            _check_token_ids(value, "prompt")
         return value
 
     @field_validator("logprobs")
@@ -222,8 +288,8 @@ class CompletionRequest(SamplingFields):
 
 
 class TextPart(OpenAIBase):
-    type: str
-    text: str | None = None
+    type: StrictStr
+    text: StrictStr | None = None
 
     @model_validator(mode="after")
     def _text_only(self):
@@ -234,9 +300,9 @@ class TextPart(OpenAIBase):
 
 class ChatMessage(OpenAIBase):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-    tool_call_id: str | None = None
+    content: StrictStr | list[TextPart] | None = None
+    name: StrictStr | None = None
+    tool_call_id: StrictStr | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -248,11 +314,11 @@ class ChatMessage(OpenAIBase):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    add_generation_prompt: bool = True
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+    logprobs: Bool = False
+    top_logprobs: Int | None = None
+    add_generation_prompt: Bool = True
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
@@ -279,17 +345,23 @@ class ChatCompletionRequest(SamplingFields):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    @property
+    def max_tokens_param(self) -> str:
+        """The body field the token limit came from, for errors about it (the context-length check): OpenAI's new
+        name when it was sent. Its type and range errors name it already, at parse time."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
     def to_sampling_params(self) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self._sampling_params(self.requested_max_tokens, logprobs)
 
 
-class TokenizeRequest(OpenAIBase):
-    model: str | None = None
-    prompt: str | None = None
+class TokenizeRequest(RequestBody):
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
-    add_generation_prompt: bool = True
+    add_special_tokens: Bool = True
+    add_generation_prompt: Bool = True
 
     @model_validator(mode="after")
     def _one_of_prompt_messages(self):
@@ -298,9 +370,18 @@ class TokenizeRequest(OpenAIBase):
         return self
 
 
-class DetokenizeRequest(OpenAIBase):
-    model: str | None = None
-    tokens: list[int]
+class DetokenizeRequest(RequestBody):
+    model: StrictStr | None = None
+    tokens: list[TokenId]
+
+
+def _check_token_ids(ids, where: str) -> None:
+    """A non-empty list of non-negative integers (not booleans), or ValueError naming the first bad one."""
+    if not isinstance(ids, list) or not ids:
+        raise ValueError(f"{where} must be a non-empty list of token ids")
+    for index, token_id in enumerate(ids):
+        if not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0:
+            raise ValueError(f"{where}[{index}] must be a token id (an integer >= 0), got {str(token_id)[:40]}")
 
 
 # ---------------------------------------------------------------- responses
