@@ -27,9 +27,9 @@ from typing import Any, Protocol
 from serval.guard.audit import AuditLog
 from serval.guard.classifier import ClassifierClient
 from serval.guard.decisions import Decision, GuardRejection
-from serval.guard.keys import KeyStore
+from serval.guard.keys import KeyStore, Reservation
 from serval.guard.output import OutputFilter
-from serval.guard.policy import KeyPolicy, Policy, load_policy
+from serval.guard.policy import KeyPolicy, Policy, PolicyError, load_policy
 from serval.guard.rails import deny_rail, injection_rail, pii_rail
 
 logger = logging.getLogger(__name__)
@@ -102,18 +102,37 @@ class Guard:
             self._record(Decision(rejection.rail, "reject", rejection.code), ctx, "input")
             raise
 
-    def release(self, key: KeyPolicy | None, prompt_tokens: int, completion_tokens: int) -> None:
+    def reserve(self, key: KeyPolicy | None, tokens: int, ctx: RequestContext) -> Reservation | None:
+        """Hold prompt + max_tokens against the key's budget and per-minute limit; GuardRejection 429."""
+        if key is None:
+            return None
+        try:
+            return self.keys.reserve(key, tokens)
+        except GuardRejection as rejection:
+            self._record(Decision(rejection.rail, "reject", rejection.code), ctx, "input")
+            raise
+
+    def release(self, key: KeyPolicy | None, prompt_tokens: int, completion_tokens: int,
+                reservation: Reservation | None = None) -> None:
         if key is not None:
-            self.keys.release(key, prompt_tokens, completion_tokens)
+            self.keys.release(key, prompt_tokens, completion_tokens, reservation)
+
+    async def aclose(self) -> None:
+        """Close what the guard holds open (the classifier's HTTP session); call once at shutdown."""
+        await self.classifier_client.close()
 
     # ---- input rails ----
-    def check_input(self, texts: list[str], ctx: RequestContext, param: str = "messages") -> list[str]:
-        """The texts the model may see (PII redacted where the policy says so); GuardRejection 400 if blocked."""
+    def check_input(self, texts: list[str], ctx: RequestContext, param: str = "messages",
+                    conversation: bool | None = None) -> list[str]:
+        """The texts the model may see (PII redacted where the policy says so); GuardRejection 400 if blocked.
+        When the texts are one conversation (by default, for param "messages"), deny rules and the injection
+        heuristic also read them joined; separate prompts are read one by one."""
         policy = self.policy
+        joined = param == "messages" if conversation is None else conversation
         if policy.input_deny:
-            self._run("input_deny", lambda: deny_rail(texts, policy.input_deny, param), ctx)
+            self._run("input_deny", lambda: deny_rail(texts, policy.input_deny, param, joined), ctx)
         if policy.injection is not None:
-            self._run("injection", lambda: injection_rail(texts, policy.injection, param), ctx)
+            self._run("injection", lambda: injection_rail(texts, policy.injection, param, joined), ctx)
         if policy.input_pii:
             texts = self._run("input_pii", lambda: pii_rail(texts, policy.input_pii, param), ctx)
         return texts
@@ -192,3 +211,14 @@ class Guard:
     def _observe_latency(self, rail: str, seconds: float, ctx: RequestContext) -> None:
         for observer in self.observers:
             observer.latency(rail, seconds, ctx)
+
+
+def reload_policy(guard: Guard | None) -> None:
+    """SIGHUP: re-read the policy; a bad file is logged and the running policy stays."""
+    if guard is None:
+        logger.warning("SIGHUP ignored: running without --policy")
+        return
+    try:
+        guard.reload()
+    except PolicyError as error:
+        logger.error("policy reload failed; keeping the running policy", extra={"error": str(error)})

@@ -2,14 +2,15 @@
 combined as independent evidence: score = 1 - prod(1 - weight of each pattern that matched), in [0, 1).
 
 A heuristic, not a classifier: it catches the copy-pasted attacks that make up most injection attempts, and
-its score threshold trades false positives for recall. The text is normalized first (NFKC, zero-width
-characters removed, case folded, punctuation to spaces) so "I.g.n.o.r.e" style spacing tricks still match.
+its score threshold trades false positives for recall. The text is normalized first (serval.guard.normalize:
+NFKC, invisible characters removed, look-alikes mapped to Latin, case folded; then punctuation to spaces) so
+"I.g.n.o.r.e" style spacing tricks and Cyrillic look-alikes still match.
 """
 from __future__ import annotations
 
-import unicodedata
-
 import regex
+
+from serval.guard.normalize import normalize as normalize_text
 
 _PRIOR = (r"(?:all |any |the |your |these |those |my )*"
           r"(?:previous|prior|above|earlier|preceding|former|original|initial|system)")
@@ -32,11 +33,10 @@ PATTERNS: list[tuple[str, float]] = [
     (r"\bjailbreak\b", 0.4),
 ]
 _COMPILED = [(regex.compile(p), w) for p, w in PATTERNS]
-_ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
 
 
 def normalize(text: str) -> str:
-    text = unicodedata.normalize("NFKC", text).translate(_ZERO_WIDTH).casefold()
+    text = normalize_text(text)
     text = regex.sub(r"(?<=\b\w)[.\-_*](?=\w\b)", "", text)  # i.g.n.o.r.e → ignore
     return " ".join(regex.sub(r"[^\w]+", " ", text).split())
 

@@ -2,8 +2,12 @@
 60-second windows), a total token budget and a cap on concurrent requests.
 
 Usage lives in memory, keyed by key id, and survives a policy reload (a key's budget isn't reset by SIGHUP);
-it does not survive a restart. Tokens are charged when a request finishes (prompt + completion), so a
-request admitted just under a limit may take the key over it: the next one waits.
+it does not survive a restart.
+
+Tokens are reserved when a request is admitted (prompt + max_tokens: the most it can use) and settled when it
+ends (the unused part refunded), so concurrent requests can't together spend more than the budget or the
+per-minute limit: a request whose reservation doesn't fit is refused up front. A reservation's charge in the
+per-minute window keeps its admission time and shrinks to the tokens actually used.
 
 `python -m serval.guard.keys hash KEY` prints the digest to put in the policy file.
 """
@@ -30,10 +34,26 @@ def hash_key(key: str) -> str:
 
 
 @dataclass
+class TokenCharge:
+    """Tokens counted against the per-minute window from `time`; a reservation's charge shrinks when settled."""
+    time: float
+    tokens: int
+
+
+@dataclass
+class Reservation:
+    """Tokens held for one admitted request until it is settled by `KeyStore.release`."""
+    key_id: str
+    tokens: int
+    charge: TokenCharge
+
+
+@dataclass
 class KeyUsage:
     request_times: deque = field(default_factory=deque)   # admission times in the window
-    token_events: deque = field(default_factory=deque)    # (time, tokens) charged in the window
+    token_events: deque = field(default_factory=deque)    # TokenCharge, oldest first, in the window
     in_flight: int = 0
+    reserved_tokens: int = 0                              # held by requests still running
     requests_total: int = 0
     prompt_tokens_total: int = 0
     completion_tokens_total: int = 0
@@ -92,17 +112,51 @@ class KeyStore:
             usage.in_flight += 1
             usage.requests_total += 1
 
-    def release(self, key: KeyPolicy, prompt_tokens: int, completion_tokens: int) -> None:
+    def reserve(self, key: KeyPolicy, tokens: int) -> Reservation:
+        """Hold `tokens` (prompt + max_tokens) against the budget and the per-minute window, or GuardRejection 429.
+        The reservation must be handed back to `release`."""
+        with self._lock:
+            usage = self.usage.setdefault(key.id, KeyUsage())
+            now = self.clock()
+            self._expire(usage, now)
+            try:
+                self._check_reservation(key, usage, tokens, now)
+            except GuardRejection:
+                usage.rejected_total += 1
+                raise
+            charge = TokenCharge(now, tokens)
+            if tokens:
+                usage.token_events.append(charge)
+            usage.reserved_tokens += tokens
+            return Reservation(key.id, tokens, charge)
+
+    def release(self, key: KeyPolicy, prompt_tokens: int, completion_tokens: int,
+                reservation: Reservation | None = None) -> None:
+        """Count the request out and charge what it used; with a reservation, settle it (refund the rest)."""
+        used = prompt_tokens + completion_tokens
         with self._lock:
             usage = self.usage.setdefault(key.id, KeyUsage())
             usage.in_flight = max(0, usage.in_flight - 1)
             usage.prompt_tokens_total += prompt_tokens
             usage.completion_tokens_total += completion_tokens
-            if prompt_tokens + completion_tokens:
-                usage.token_events.append((self.clock(), prompt_tokens + completion_tokens))
+            if reservation is None:
+                if used:
+                    usage.token_events.append(TokenCharge(self.clock(), used))
+                return
+            usage.reserved_tokens = max(0, usage.reserved_tokens - reservation.tokens)
+            # The window keeps the admission time; a request that used more than it reserved (the router's
+            # estimates) is charged the excess now.
+            excess = max(0, used - reservation.charge.tokens)
+            reservation.charge.tokens = min(used, reservation.charge.tokens)
+            if excess:
+                usage.token_events.append(TokenCharge(self.clock(), excess))
 
     def _check_limits(self, key: KeyPolicy, usage: KeyUsage, now: float) -> None:
-        if key.token_budget is not None and usage.tokens_total >= key.token_budget:
+        if key.token_budget is not None and usage.tokens_total + usage.reserved_tokens >= key.token_budget:
+            if usage.tokens_total < key.token_budget:
+                raise GuardRejection(429, f"The API key {key.id!r} has the rest of its token budget reserved by "
+                                          "requests still running.", "rate_limit_exceeded", rail="token_budget",
+                                     retry_after=1)
             raise GuardRejection(429, f"The API key {key.id!r} has used its token budget: {usage.tokens_total} of "
                                       f"{key.token_budget} tokens.", "insufficient_quota", rail="token_budget")
         if key.max_concurrent_requests is not None and usage.in_flight >= key.max_concurrent_requests:
@@ -115,25 +169,57 @@ class KeyStore:
                                       "requests per minute.", "rate_limit_exceeded", rail="requests_per_minute",
                                  retry_after=_seconds(wait))
         if key.tokens_per_minute is not None:
-            used = sum(tokens for _, tokens in usage.token_events)
+            used = sum(charge.tokens for charge in usage.token_events)
             if used >= key.tokens_per_minute:
-                # Wait until enough of the window's tokens age out to fall under the limit.
-                excess, wait = used - key.tokens_per_minute, 0.0
-                for charged_at, tokens in usage.token_events:
-                    excess -= tokens
-                    wait = charged_at + WINDOW_SECONDS - now
-                    if excess < 0:
-                        break
                 raise GuardRejection(429, f"The API key {key.id!r} is over its limit of {key.tokens_per_minute} "
                                           f"tokens per minute ({used} used in the last minute).",
-                                     "rate_limit_exceeded", rail="tokens_per_minute", retry_after=_seconds(wait))
+                                     "rate_limit_exceeded", rail="tokens_per_minute",
+                                     retry_after=_seconds(_window_wait(usage, key.tokens_per_minute - 1, now)))
+
+    def _check_reservation(self, key: KeyPolicy, usage: KeyUsage, tokens: int, now: float) -> None:
+        if key.token_budget is not None:
+            left = key.token_budget - usage.tokens_total
+            if tokens > left:
+                raise GuardRejection(429, f"The API key {key.id!r} has {max(0, left)} tokens left of its budget of "
+                                          f"{key.token_budget}; this request may use up to {tokens} (prompt + "
+                                          "max_tokens). Lower max_tokens.", "insufficient_quota",
+                                     rail="token_budget")
+            if tokens > left - usage.reserved_tokens:
+                raise GuardRejection(429, f"The API key {key.id!r} has {usage.reserved_tokens} of its remaining "
+                                          f"{left} budget tokens reserved by requests still running; this request "
+                                          f"may use up to {tokens}.", "rate_limit_exceeded", rail="token_budget",
+                                     retry_after=1)
+        if key.tokens_per_minute is not None:
+            if tokens > key.tokens_per_minute:
+                raise GuardRejection(429, f"Request too large: it may use up to {tokens} tokens (prompt + "
+                                          f"max_tokens); the API key {key.id!r} is limited to "
+                                          f"{key.tokens_per_minute} tokens per minute. Lower max_tokens.",
+                                     "rate_limit_exceeded", rail="tokens_per_minute")
+            used = sum(charge.tokens for charge in usage.token_events)
+            if used + tokens > key.tokens_per_minute:
+                wait = _window_wait(usage, key.tokens_per_minute - tokens, now)
+                raise GuardRejection(429, f"The API key {key.id!r} is over its limit of {key.tokens_per_minute} "
+                                          f"tokens per minute ({used} used or reserved in the last minute; this "
+                                          f"request may use up to {tokens}).", "rate_limit_exceeded",
+                                     rail="tokens_per_minute", retry_after=_seconds(wait))
 
     @staticmethod
     def _expire(usage: KeyUsage, now: float) -> None:
         while usage.request_times and usage.request_times[0] <= now - WINDOW_SECONDS:
             usage.request_times.popleft()
-        while usage.token_events and usage.token_events[0][0] <= now - WINDOW_SECONDS:
+        while usage.token_events and usage.token_events[0].time <= now - WINDOW_SECONDS:
             usage.token_events.popleft()
+
+
+def _window_wait(usage: KeyUsage, allowed: int, now: float) -> float:
+    """Seconds until the window's charges age out to `allowed` tokens or fewer."""
+    used, wait = sum(charge.tokens for charge in usage.token_events), 0.0
+    for charge in usage.token_events:
+        if used <= allowed:
+            break
+        used -= charge.tokens
+        wait = charge.time + WINDOW_SECONDS - now
+    return wait
 
 
 def _seconds(wait: float) -> int:

@@ -1,31 +1,104 @@
 """Output rails, streaming-safe: PII and deny patterns applied to generated text as it streams.
 
-Each choice gets an OutputFilter. `push(delta)` returns the text that is safe to send now; it holds back only
-from the earliest place where a match could still be forming (a partial regex match at the tail, or a full
-match that touches the tail and could still grow), so a secret split across chunks is caught whole, and text
-ahead of it flows without delay. `finish()` releases the rest once the choice has ended.
+Each choice gets an OutputFilter. `push(delta)` returns the text that is safe to send now, `finish()` the rest
+once the choice has ended, and `filter_all(text)` is the two at once (a whole answer). The promise: however the
+answer is split into deltas, the text streamed equals the text of the whole answer filtered at once.
+
+What keeps that promise is how much is held back. Text is released up to the earliest position from which some
+detector's regular expression could still match through the end of the text so far (`fullmatch(..., partial=
+True)` from that position: a match still forming, or a complete match that more text could lengthen or change,
+valid or not yet valid, such as "4111 1111 1111 111" one digit short of a Luhn-valid card number), pulled back
+further while any decided match (valid or not) straddles it. Before that point every detector's matches are
+decided, so they are acted on exactly as the whole answer's would be; the next push resumes every detector's
+scan at that point, with the released text kept before it as context for lookbehinds:
+
+    released (context) | decided: acted on, released now | held: could still match | <- next delta
+
+Deny rules match normalised text (serval.guard.normalize, character by character, with each normalised
+character's origin), and the original characters of a match are what is redacted.
 
 Actions: redact (replace with [REDACTED:<category>]), stop (send the text before the match, then end the
 choice with finish_reason "content_filter"), log (send unchanged, record the decision).
 """
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
+
+import regex
 
 from serval.guard.decisions import Decision
-from serval.guard.pii import Span, find_pattern, find_pii, placeholder
+from serval.guard.normalize import normalize_with_offsets
+from serval.guard.pii import PII_PATTERNS, placeholder
 from serval.guard.policy import Policy
 
-# A runaway partial match (a deny pattern like "a.*b" on text with no b) must not hold text forever.
-MAX_HOLDBACK_CHARS = 4096
+# A runaway forming match (a deny pattern like "a.*b" on text with no b) must not hold text forever. Above the
+# longest PII match (a JWT, about 6,000 characters), so the streaming promise holds for every PII type.
+MAX_HOLDBACK_CHARS = 8192
+# Released text kept before the held text, for lookbehinds and word boundaries at the seam.
+CONTEXT_CHARS = 256
+
+
+class FilterStep(NamedTuple):
+    """A named pair, so callers may unpack it: `text, stopped = filter.push(delta)`."""
+    text: str       # safe to send now
+    stopped: bool   # a 'stop' rail fired: send text, then end the choice with finish_reason "content_filter"
 
 
 @dataclass(frozen=True)
-class FilterStep:
-    text: str       # safe to send now
-    stopped: bool   # a 'stop' rail fired: send text, then end the choice with finish_reason "content_filter"
+class Detector:
+    """One regular expression the output rails look for, and what a complete match of it means."""
+    category: str              # a PII type, or 'deny:<rule name>'
+    rail: str                  # output_pii or output_deny
+    action: str                # redact, stop or log
+    pattern: regex.Pattern
+    valid: Callable[[str], bool]
+    normalised: bool           # matches normalised text (deny rules) rather than the text as generated
+    priority: int              # PII overlaps go to the lower; deny rules come after every PII type
+
+
+@dataclass(frozen=True)
+class Match:
+    start: int                 # in the filter's text
+    end: int
+    detector: Detector
+    valid: bool
+
+
+def detectors(policy: Policy) -> tuple[Detector, ...]:
+    pii_action = {pii_type: rule.action for rule in policy.output_pii for pii_type in rule.types}
+    found = [Detector(p.category, "output_pii", pii_action[p.category], p.pattern, p.valid, False, priority)
+             for priority, p in enumerate(PII_PATTERNS) if p.category in pii_action]
+    found += [Detector(f"deny:{rule.name}", "output_deny", rule.action, rule.compiled, _always, True,
+                       len(PII_PATTERNS)) for rule in policy.output_deny]
+    return tuple(found)
+
+
+class _View:
+    """The text a detector reads (as generated, or normalised) and, for normalised text, the answer position each
+    of its characters came from (`origin`, counted from the answer's start; `offset` is where the filter's text
+    begins in the answer)."""
+
+    def __init__(self, text: str, origin: list[int] | None, offset: int) -> None:
+        self.text, self.origin, self.offset = text, origin, offset
+
+    def index(self, position: int) -> int:
+        """The first character of the view at or after `position` of the filter's text."""
+        return position if self.origin is None else bisect.bisect_left(self.origin, position + self.offset)
+
+    def original(self, index: int, length: int) -> int:
+        """Where the view's character `index` came from in the filter's text (`length` past its end)."""
+        if self.origin is None:
+            return index
+        return self.origin[index] - self.offset if index < len(self.origin) else length
+
+    def original_span(self, start: int, end: int) -> tuple[int, int]:
+        if self.origin is None:
+            return start, end
+        return self.origin[start] - self.offset, self.origin[end - 1] + 1 - self.offset
 
 
 class OutputFilter:
@@ -34,15 +107,29 @@ class OutputFilter:
         self.policy = policy
         self.record = record
         self.observe_latency = observe_latency
-        self.buffer = ""
+        self.detectors = detectors(policy)
+        self.text = ""        # released context, then the held text
+        self.start = 0        # where the held text begins in self.text
+        self.offset = 0       # how many characters of the answer come before self.text
+        # Per detector, the answer position before which no position can start a match any more (checked).
+        self.decided = [0] * len(self.detectors)
+        # The held text and its context normalised (for deny rules), kept in step with self.text as it grows and
+        # is trimmed, so each character is normalised once.
+        self.normalising = any(detector.normalised for detector in self.detectors)
+        self.normalised = ""
+        self.normalised_origin: list[int] = []
         self.stopped = False
-        self._pii_types = tuple(t for rule in policy.output_pii for t in rule.types)
+
+    @property
+    def buffer(self) -> str:
+        """The text held back so far."""
+        return self.text[self.start:]
 
     def push(self, text: str) -> FilterStep:
         if self.stopped:
             return FilterStep("", True)
-        self.buffer += text
-        return self._release(final=len(self.buffer) > MAX_HOLDBACK_CHARS)
+        self._append(text)
+        return self._release(final=len(self.text) - self.start > MAX_HOLDBACK_CHARS)
 
     def finish(self) -> FilterStep:
         if self.stopped:
@@ -50,71 +137,104 @@ class OutputFilter:
         return self._release(final=True)
 
     def filter_all(self, text: str) -> FilterStep:
-        """A whole (non-streamed) output."""
-        first = self.push(text)
-        if first.stopped:
-            return first
-        last = self.finish()
-        return FilterStep(first.text + last.text, last.stopped)
+        """A whole (non-streamed) output, in one final pass."""
+        if self.stopped:
+            return FilterStep("", True)
+        self._append(text)
+        return self._release(final=True)
+
+    def _append(self, text: str) -> None:
+        if self.normalising:
+            normalised, origin = normalize_with_offsets(text, self.normalised[-1:])
+            base = self.offset + len(self.text)
+            self.normalised += normalised
+            self.normalised_origin.extend(base + index for index in origin)
+        self.text += text
 
     def _release(self, final: bool) -> FilterStep:
-        buffer = self.buffer
-        spans = self._spans(buffer, partial=not final)
-        hold = len(buffer) if final else _hold_point(spans, len(buffer))
-        pieces, position = [], 0
-        for span in _non_overlapping([s for s in spans if not s.partial and s.end <= hold]):
-            action = self._action(span.category)
-            rail = "output_pii" if not span.category.startswith("deny:") else "output_deny"
-            self.record(Decision(rail, action, span.category))
-            if action == "log":
+        text, start = self.text, self.start
+        matches, hold = self._scan(text, start, final)
+        decided = [m for m in matches if m.start < hold]
+        # No decided match may straddle the release point: every detector resumes its scan there.
+        changed = True
+        while changed:
+            changed = False
+            for match in decided:
+                if match.start < hold < match.end:
+                    hold, changed = match.start, True
+        pieces, position = [], start
+        for match in _resolve([m for m in decided if m.valid and m.end <= hold]):
+            detector = match.detector
+            self.record(Decision(detector.rail, detector.action, detector.category))
+            if detector.action == "log":
                 continue
-            pieces.append(buffer[position:span.start])
-            position = span.end
-            if action == "stop":
-                self.stopped, self.buffer = True, ""
+            pieces.append(text[position:match.start])
+            position = match.end
+            if detector.action == "stop":
+                self.stopped, self.text, self.start = True, "", 0
+                self.normalised, self.normalised_origin = "", []
                 return FilterStep("".join(pieces), True)
-            pieces.append(placeholder(span.category))
-        pieces.append(buffer[position:hold])
-        self.buffer = buffer[hold:]
+            pieces.append(placeholder(detector.category))
+        pieces.append(text[position:hold])
+        keep_from = max(0, hold - CONTEXT_CHARS)
+        self.text, self.start, self.offset = text[keep_from:], hold - keep_from, self.offset + keep_from
+        if self.normalising:
+            drop = bisect.bisect_left(self.normalised_origin, self.offset)
+            self.normalised, self.normalised_origin = self.normalised[drop:], self.normalised_origin[drop:]
         return FilterStep("".join(pieces), False)
 
-    def _spans(self, text: str, partial: bool) -> list[Span]:
-        spans: list[Span] = []
-        if self.policy.output_deny:
+    def _scan(self, text: str, start: int, final: bool) -> tuple[list[Match], int]:
+        """Every detector's matches from `start`, and the earliest position a match could still be forming at
+        (the length of the text when final)."""
+        hold = len(text)
+        matches: list[Match] = []
+        views = {False: _View(text, None, self.offset),
+                 True: _View(self.normalised, self.normalised_origin, self.offset)}
+        timings: dict[str, float] = {}
+        for number, detector in enumerate(self.detectors):
             started = time.perf_counter()
-            for rule in self.policy.output_deny:
-                spans.extend(find_pattern(rule.compiled, f"deny:{rule.name}", text, partial))
-            self.observe_latency("output_deny", time.perf_counter() - started)
-        if self.policy.output_pii:
-            started = time.perf_counter()
-            spans.extend(find_pii(text, self._pii_types, partial))
-            self.observe_latency("output_pii", time.perf_counter() - started)
-        return spans
-
-    def _action(self, category: str) -> str:
-        if category.startswith("deny:"):
-            name = category[len("deny:"):]
-            return next(rule.action for rule in self.policy.output_deny if rule.name == name)
-        return next(rule.action for rule in self.policy.output_pii if category in rule.types)
-
-
-def _hold_point(spans: list[Span], length: int) -> int:
-    """Where text must stop being released: the start of the earliest match still forming, widened until no
-    complete match straddles it."""
-    hold = min((s.start for s in spans if s.partial or s.end >= length), default=length)
-    changed = True
-    while changed:
-        changed = False
-        for span in spans:
-            if span.start < hold < span.end:
-                hold, changed = span.start, True
-    return hold
+            view = views[detector.normalised]
+            begin = view.index(start)
+            if not final:
+                forming = _first_forming(detector.pattern, view.text,
+                                         view.index(max(start, self.decided[number] - self.offset)))
+                self.decided[number] = self.offset + view.original(forming, len(text))
+                hold = min(hold, self.decided[number] - self.offset)
+            for found in detector.pattern.finditer(view.text, begin):
+                if found.end() == found.start():
+                    continue
+                match_start, match_end = view.original_span(found.start(), found.end())
+                matches.append(Match(match_start, match_end, detector, detector.valid(found.group())))
+            timings[detector.rail] = timings.get(detector.rail, 0.0) + time.perf_counter() - started
+        for rail, seconds in timings.items():
+            self.observe_latency(rail, seconds)
+        return matches, hold
 
 
-def _non_overlapping(spans: list[Span]) -> list[Span]:
-    """Earliest first, longest on ties; a span overlapping a kept one is dropped."""
-    kept: list[Span] = []
-    for span in sorted(spans, key=lambda s: (s.start, -(s.end - s.start))):
-        if not kept or span.start >= kept[-1].end:
-            kept.append(span)
-    return kept
+def _first_forming(pattern: regex.Pattern, text: str, begin: int) -> int:
+    """The first position from `begin` at which a match could run through the end of the text (and so is not
+    decided yet); len(text) when there is none. A complete match ending before the end is decided only if no
+    way of matching from its start reaches the end: `a(?:bc)?` on "ab" matches "a" now and "abc" later."""
+    for position in range(begin, len(text)):
+        if pattern.fullmatch(text, position, partial=True) is not None:
+            return position
+    return len(text)
+
+
+def _resolve(matches: list[Match]) -> list[Match]:
+    """The matches to act on, by start: PII types in priority order, a match overlapping one already kept
+    dropped (a card number is not also a phone number); then deny matches; earliest first, longest on ties."""
+    kept: list[Match] = []
+    for match in sorted(matches, key=lambda m: (m.detector.priority, m.start)):
+        if match.detector.rail == "output_deny" or not any(
+                match.start < other.end and other.start < match.end for other in kept):
+            kept.append(match)
+    chosen: list[Match] = []
+    for match in sorted(kept, key=lambda m: (m.start, -(m.end - m.start))):
+        if not chosen or match.start >= chosen[-1].end:
+            chosen.append(match)
+    return chosen
+
+
+def _always(_: str) -> bool:
+    return True

@@ -52,6 +52,22 @@ _ORDER = ("secret", "secret_entropy", "credit_card", "iban", "ssn", "email", "ip
 
 
 @dataclass(frozen=True)
+class PiiPattern:
+    """One detector: its regular expression and the check a complete match must pass."""
+    name: str       # the pattern's own name (secret_entropy is a second detector of category secret)
+    category: str   # the PII type it reports
+    pattern: regex.Pattern
+
+    def valid(self, value: str) -> bool:
+        return _valid(self.name, value)
+
+
+# In priority order: where two types' matches overlap, the earlier type's wins.
+PII_PATTERNS = tuple(PiiPattern(name, "secret" if name == "secret_entropy" else name, _PATTERNS[name])
+                     for name in _ORDER)
+
+
+@dataclass(frozen=True)
 class Span:
     start: int
     end: int
@@ -62,17 +78,16 @@ class Span:
 def find_pii(text: str, types: tuple[str, ...] = PII_TYPES, partial: bool = False) -> list[Span]:
     """Non-overlapping PII spans, by start. With partial, also spans the text's tail may be the start of."""
     spans: list[Span] = []
-    for name in _ORDER:
-        category = "secret" if name == "secret_entropy" else name
-        if category not in types:
+    for detector in PII_PATTERNS:
+        if detector.category not in types:
             continue
-        for match in _PATTERNS[name].finditer(text, partial=partial):
+        for match in detector.pattern.finditer(text, partial=partial):
             is_partial = bool(match.partial)
             if match.start() == match.end():
                 continue
-            if not is_partial and not _valid(name, match.group()):
+            if not is_partial and not detector.valid(match.group()):
                 continue
-            span = Span(match.start(), match.end(), category, is_partial)
+            span = Span(match.start(), match.end(), detector.category, is_partial)
             # Partial spans only mark where text must be held back; they never shadow another type's match.
             if is_partial or not any(span.start < other.end and other.start < span.end
                                      for other in spans if not other.partial):

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import regex
 import yaml
 
+from serval.guard.normalize import normalize_pattern
 from serval.guard.pii import PII_TYPES
 
 INPUT_PII_ACTIONS = ("block", "redact", "log")
@@ -235,7 +236,8 @@ def _deny_rules(reader: "_Reader", node, where: str, actions: tuple[str, ...], d
         fields = reader.mapping(item, here, {"name", "pattern", "action"}, required=("name", "pattern"))
         pattern = reader.string(fields["pattern"], f"{here}.pattern")
         try:
-            compiled = regex.compile(pattern, regex.IGNORECASE)
+            # Rules match normalised text (serval.guard.normalize), so the pattern's own letters are normalised too.
+            compiled = regex.compile(normalize_pattern(pattern), regex.IGNORECASE)
         except regex.error as error:
             reader.fail(fields["pattern"], f"{here}.pattern", f"is not a valid regular expression: {error}")
         action = reader.choice(fields["action"], f"{here}.action", actions) if "action" in fields else default
