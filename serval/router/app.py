@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import signal
@@ -16,12 +15,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from serval.openai.auth import check_api_key
 from serval.openai.disconnect import until_disconnect
 from serval.openai.errors import APIError
+from serval.openai.http import OFF_LOOP_BYTES, json_object, parse_json_body, read_body
 from serval.router import metrics as m
 from serval.router.config import RouterConfig
 from serval.router.gateway import RoutedRequest, Router
-from serval.router.guarding import GuardSession
+from serval.router.guarding import RouterGuardSession
 
 logger = logging.getLogger("serval.router")
 
@@ -74,23 +75,23 @@ def build_app(router: Router) -> Starlette:
 
 async def handle(router: Router, raw: Request, path: str) -> Response:
     request_id = raw.headers.get("x-request-id") or f"route-{uuid.uuid4().hex}"
-    session, response = None, None
+    session = RouterGuardSession(router.guard, request_id)
+    response = None
     try:
-        guard_keys = router.guard is not None and router.guard.requires_keys  # then the policy's keys decide
-        if router.config.api_keys and not guard_keys and not _authorized(raw, router.config.api_keys):
-            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
-                           code="invalid_api_key")
-        body_bytes = await raw.body()
-        body = _parse_body(body_bytes)
-        if router.guard is not None:
-            session = GuardSession(router.guard, request_id)
-            if await session.admit(body, raw.headers):
-                body_bytes = json.dumps(body).encode()
+        if router.config.api_keys and not (router.guard is not None and router.guard.requires_keys):
+            check_api_key(raw.headers.get("authorization"), router.config.api_keys)  # else the policy's keys decide
+        body_bytes = await read_body(raw, router.config.max_body_bytes)
+        # Large bodies are parsed on a thread, so one of them doesn't hold up every stream the router relays.
+        parsed = (await asyncio.to_thread(parse_json_body, body_bytes) if len(body_bytes) > OFF_LOOP_BYTES
+                  else parse_json_body(body_bytes))
+        body = json_object(parsed)
+        if await session.admit(body, raw.headers):
+            body_bytes = json.dumps(body).encode()
         request = RoutedRequest(path, body, body_bytes, raw.headers, request_id, router.clock(), session)
         try:
             response = await until_disconnect(raw, router.route(request))
         finally:
-            if session is not None and not isinstance(response, StreamingResponse):
+            if not isinstance(response, StreamingResponse):
                 session.release()  # a stream's relay releases when it ends
         return response if response is not None else Response(status_code=CLIENT_CLOSED)
     except APIError as error:
@@ -99,48 +100,6 @@ async def handle(router: Router, raw: Request, path: str) -> Response:
         logger.exception("unexpected error while routing", extra={"request_id": request_id})
         return APIError(500, "The router failed on this request; its log has the details (request id "
                              f"{request_id}).", type="server_error").response()
-
-
-def _parse_body(data: bytes) -> dict:
-    """The body as a JSON object, or a 400: not JSON, not an object, NaN or Infinity (not JSON either), nested too
-    deep to walk, or a string with a lone surrogate (no UTF-8 can carry it to a backend)."""
-    try:
-        body = json.loads(data, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise APIError(400, f"The body is not valid JSON: {error}") from error
-    except RecursionError:
-        raise APIError(400, "The body is nested too deeply.") from None
-    if not isinstance(body, dict):
-        raise APIError(400, f"The body must be a JSON object, got {type(body).__name__}.")
-    _reject_lone_surrogates(body)
-    return body
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _reject_lone_surrogates(body: dict) -> None:
-    pending = [(body, None)]
-    while pending:
-        value, param = pending.pop()
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise APIError(400, "A string in the body holds a lone UTF-16 surrogate; send valid Unicode.",
-                               param=param) from None
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                pending.append((key, param))
-                pending.append((item, key if param is None else f"{param}.{key}"))
-        elif isinstance(value, list):
-            pending.extend((item, param) for item in value)
-
-
-def _authorized(raw: Request, keys: list[str]) -> bool:
-    header = raw.headers.get("authorization", "")
-    return header.startswith("Bearer ") and any(hmac.compare_digest(header[7:].encode(), key.encode()) for key in keys)
 
 
 def serve(config: RouterConfig, host: str, port: int, guard=None, access_log: bool = False,

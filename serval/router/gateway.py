@@ -29,10 +29,12 @@ from serval.router import metrics as m
 from serval.router.backends import Backend, build_backends
 from serval.router.config import GroupConfig, RouterConfig
 from serval.router.failures import AttemptFailed, error_fields, request_at_fault
-from serval.router.guarding import GuardObserver, GuardSession
+from serval.guard.session import GuardMetricsObserver, reload_policy
+from serval.openai.sse import ClosingStreamingResponse
+from serval.router.guarding import RouterGuardSession
 from serval.router.health import check_all, health_loop
 from serval.router.policies import make_policy
-from serval.router.relay import ClosingStreamingResponse, StreamRelay
+from serval.router.relay import StreamRelay
 from serval.router.request_info import RouteRequest, route_request
 
 logger = logging.getLogger("serval.router")
@@ -55,7 +57,7 @@ class RoutedRequest:
     headers: Headers  # the client's (trace context is forwarded, the session header read)
     request_id: str
     started: float  # the router's clock when the request arrived
-    session: GuardSession | None = None  # the guard's, with --policy
+    session: RouterGuardSession  # a pass-through one without --policy
 
     @property
     def chat(self) -> bool:
@@ -81,7 +83,7 @@ class Router:
         self.policies = {name: make_policy(group) for name, group in config.groups.items()}
         self.metrics = m.RouterMetrics(self.backends, clock)
         if guard is not None:
-            guard.observers.append(GuardObserver(self.metrics))
+            guard.observers.append(GuardMetricsObserver(self.metrics.guard_decisions, self.metrics.guard_latency))
         self.session: aiohttp.ClientSession | None = None
         self._health_task: asyncio.Task | None = None
 
@@ -102,11 +104,7 @@ class Router:
 
     def reload_policy(self) -> None:
         """SIGHUP: re-read the guard policy; a bad file is logged and the running policy stays."""
-        from serval.guard.policy import PolicyError
-        try:
-            self.guard.reload()
-        except PolicyError as error:
-            logger.error("policy reload failed; keeping the running policy", extra={"error": str(error)})
+        reload_policy(self.guard)
 
     async def stop(self) -> None:
         if self._health_task is not None:
@@ -116,7 +114,7 @@ class Router:
         if self.session is not None:
             await self.session.close()
         if self.guard is not None:
-            await self.guard.classifier_client.close()
+            await self.guard.aclose()
 
     # ------------------------------------------------------------------ routing
     def candidates(self, group: GroupConfig, tried: set[str]) -> tuple[list[Backend], dict]:
@@ -288,7 +286,7 @@ class Router:
             self.metrics.first_byte_latency.labels(backend.name).observe(first_byte)
             backend.observe_ttft(first_byte)
             handed_over = True
-            rewriter = request.session.stream_rewriter(request.chat) if request.session is not None else None
+            rewriter = request.session.stream_rewriter(request.chat)
             relay = StreamRelay(self, attempt, response, first, chunks, rewriter)
             return ClosingStreamingResponse(relay.events(), relay.close, status_code=200,
                                             media_type="text/event-stream",
@@ -334,7 +332,7 @@ class Router:
             raise self._backend_failed(backend, m.BACKEND_ERROR,
                                        f"HTTP {status}: {content[:200].decode(errors='replace')}", response=relayed)
         self.metrics.first_byte_latency.labels(backend.name).observe(self.clock() - sent)
-        if request.session is not None and status == 200:
+        if status == 200:
             content = request.session.filter_whole(content, request.chat)  # output rails, and the usage to charge
         relayed = Response(content, status_code=status, media_type=response.headers.get("content-type"),
                            headers=headers)

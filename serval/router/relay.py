@@ -3,20 +3,19 @@ guard's output rails rewrite it), settled exactly once however it ends."""
 from __future__ import annotations
 
 import asyncio
-import json
-from contextlib import aclosing
 from typing import TYPE_CHECKING
 
 import aiohttp
-from starlette.responses import StreamingResponse
 
+from serval.openai.errors import APIError
+from serval.openai.sse import DONE, error_event
 from serval.router import metrics as m
 
 if TYPE_CHECKING:
     from serval.router.gateway import Attempt, Router
     from serval.router.guarding import StreamRewriter
 
-DONE_EVENT = b"data: [DONE]\n\n"
+DONE_EVENT = DONE.encode()
 
 
 def ends_with_done(chunk: bytes) -> bool:
@@ -51,9 +50,8 @@ class StreamRelay:
             # Too late to retry: the client has bytes. Say so inside the stream, as `serval serve` does.
             self.outcome = m.STREAM_ERROR
             message = f"backend {self.attempt.backend.name} failed mid-stream: {type(error).__name__}"
-            error_body = {"error": {"message": message, "type": "server_error", "param": None,
-                                    "code": "backend_failed"}}
-            yield f"data: {json.dumps(error_body)}\n\n".encode() + DONE_EVENT
+            error = APIError(502, message, type="server_error", code="backend_failed")
+            yield (error_event(error) + DONE).encode()
         finally:
             await self.close()
 
@@ -83,8 +81,7 @@ class StreamRelay:
         attempt, router = self.attempt, self.router
         if self.outcome == m.CLIENT_DISCONNECT and self.done_sent:
             self.outcome = m.SUCCESS
-        if attempt.request.session is not None:
-            attempt.request.session.release()
+        attempt.request.session.release()
         backend = attempt.backend
         backend.in_flight -= 1
         if self.outcome == m.SUCCESS:
@@ -99,18 +96,3 @@ class StreamRelay:
         else:
             self.response.close()  # dropping the connection is what tells the backend to abort the request
 
-
-class ClosingStreamingResponse(StreamingResponse):
-    """Closes the relay however the response ends (Starlette leaves a cancelled generator suspended), so
-    the backend stream is closed and the backend aborts the request."""
-
-    def __init__(self, content, on_close, **kwargs) -> None:
-        super().__init__(content, **kwargs)
-        self.on_close = on_close
-
-    async def stream_response(self, send) -> None:
-        try:
-            async with aclosing(self.body_iterator):
-                await super().stream_response(send)
-        finally:
-            await self.on_close()

@@ -34,7 +34,7 @@ def setup(third):
                    {"name": "trio", "backends": ["flaky", "good", "third"], "policy": "round_robin"}],
         "health_check": {"interval_s": 0.3, "timeout_s": 1},
         "breaker": {"failure_threshold": 2, "cooldown_s": 3},
-        "retries": 2, "api_keys": [KEY]}
+        "retries": 2, "api_keys": [KEY], "max_body_bytes": 1_000_000}
     router = RouterProcess(config)
     yield router, flaky, good
     router.close()
@@ -283,7 +283,7 @@ def test_a_client_that_closes_right_after_done_is_a_finished_stream_not_a_discon
 @pytest.mark.parametrize("body, param", [
     (b'{"model": "stub\\ud800", "prompt": "p"}', "model"),
     (b'{"model": "stub", "prompt": "a \\udfff b"}', "prompt"),
-    (b'{"model": "stub", "messages": [{"role": "user", "content": "\\ud83d"}]}', "messages.content"),
+    (b'{"model": "stub", "messages": [{"role": "user", "content": "\\ud83d"}]}', "messages[0].content"),
     (b'{"model": "stub", "prompt": "p", "temperature": NaN}', None),
     (b'{"model": "stub", "prompt": "p", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),
     (b"\xff\xfe{}", None),
@@ -297,4 +297,13 @@ def test_unencodable_or_pathological_bodies_get_a_400_json_error(setup, client, 
     assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
     assert len(flaky.requests) + len(good.requests) == seen_before  # refused before any backend saw it
     assert httpx.get(router.url + "/health").status_code == 200
+    assert client.post("/v1/completions", json={"model": "stub", "prompt": "p"}).status_code == 200
+
+
+def test_a_body_over_the_limit_gets_413_before_any_backend_sees_it(setup, client):
+    router, flaky, good = setup
+    seen_before = len(flaky.requests) + len(good.requests)
+    response = client.post("/v1/completions", json={"model": "stub", "prompt": "p" * 1_000_001})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    assert len(flaky.requests) + len(good.requests) == seen_before
     assert client.post("/v1/completions", json={"model": "stub", "prompt": "p"}).status_code == 200

@@ -8,7 +8,7 @@ import yaml
 
 from serval.guard.guard import Guard
 from serval.openai.errors import APIError
-from serval.router.guarding import GuardSession
+from serval.router.guarding import RouterGuardSession
 
 KEY = "sk-test-key"
 
@@ -24,8 +24,8 @@ def guard(tmp_path):
     return Guard.from_file(str(path))
 
 
-def admitted(guard, body) -> GuardSession:
-    session = GuardSession(guard, "req-1")
+def admitted(guard, body) -> RouterGuardSession:
+    session = RouterGuardSession(guard, "req-1")
     asyncio.run(session.admit(body, {"authorization": f"Bearer {KEY}"}))
     return session
 
@@ -38,7 +38,7 @@ def test_input_is_redacted_in_place_and_usage_is_asked_for(guard):
     body = {"model": "m", "stream": True, "messages": [
         {"role": "system", "content": "be nice"},
         {"role": "user", "content": [{"type": "text", "text": "I am eve@example.com"}]}]}
-    session = GuardSession(guard, "req-1")
+    session = RouterGuardSession(guard, "req-1")
     assert asyncio.run(session.admit(body, {"authorization": f"Bearer {KEY}"}))
     assert body["messages"][1]["content"][0]["text"] == "I am [REDACTED:email]"
     assert body["stream_options"] == {"include_usage": True} and not session.client_wants_usage
@@ -46,7 +46,7 @@ def test_input_is_redacted_in_place_and_usage_is_asked_for(guard):
 
 def test_rejections_become_openai_errors(guard):
     with pytest.raises(APIError) as info:
-        asyncio.run(GuardSession(guard, "r").admit({"model": "m", "prompt": "x"}, {}))
+        asyncio.run(RouterGuardSession(guard, "r").admit({"model": "m", "prompt": "x"}, {}))
     assert info.value.status == 401 and info.value.code == "invalid_api_key"
     with pytest.raises(APIError) as info:
         admitted(guard, {"model": "m", "prompt": [1, 2, 3]})  # token ids: the rails could not read them
