@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import signal
+import time
 import uuid
 
 import uvicorn
@@ -37,10 +38,10 @@ def build_app(router: Router) -> Starlette:
         return await handle(router, raw, "/v1/chat/completions")
 
     async def models(_: Request) -> Response:
-        return JSONResponse(router.models())
+        return JSONResponse(model_list(router))
 
     async def health(_: Request) -> Response:
-        return router.health()
+        return health_response(router)
 
     async def metrics(_: Request) -> Response:
         return Response(router.metrics.render(), media_type=m.CONTENT_TYPE)
@@ -71,6 +72,30 @@ def build_app(router: Router) -> Starlette:
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_allowed})
     app.state.router = router
     return app
+
+
+def model_list(router: Router) -> dict:
+    """/v1/models: every group and alias, with the longest context among the group's backends."""
+    created = int(time.time())
+    cards = []
+    for group in router.config.groups.values():
+        lengths = [router.backends[name].max_context for name in group.backends]
+        known = [length for length in lengths if length is not None]
+        for name in (group.name, *group.aliases):
+            cards.append({"id": name, "object": "model", "created": created, "owned_by": "serval-router",
+                          "root": group.name, "max_model_len": max(known) if known else None,
+                          "backends": list(group.backends)})
+    return {"object": "list", "data": cards}
+
+
+def health_response(router: Router) -> Response:
+    """200 while any backend can take a request; 503 (with every backend's state) when none can."""
+    now = router.clock()
+    status = {name: {"healthy": b.healthy, "breaker": b.breaker.current_state(now), "in_flight": b.in_flight}
+              for name, b in router.backends.items()}
+    if not any(backend.available(now) for backend in router.backends.values()):
+        return APIError(503, f"No backend is available: {status}", type="server_error").response()
+    return JSONResponse({"status": "ok", "backends": status})
 
 
 async def handle(router: Router, raw: Request, path: str) -> Response:

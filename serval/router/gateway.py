@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from starlette.datastructures import Headers
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from serval.openai.errors import APIError
 from serval.router import metrics as m
@@ -358,25 +358,3 @@ class Router:
             "request_id": request.request_id, "model": group.name, "policy": group.policy,
             "reason": attempt.reason, "backend": attempt.backend.name, "attempts": attempt.number,
             "status": status, "outcome": outcome, "stream": stream, "total_s": round(elapsed, 4)})
-
-    # ------------------------------------------------------------------ small endpoints
-    def models(self) -> dict:
-        created = int(time.time())
-        cards = []
-        for group in self.config.groups.values():
-            lengths = [self.backends[name].max_context for name in group.backends]
-            known = [length for length in lengths if length is not None]
-            for name in (group.name, *group.aliases):
-                cards.append({"id": name, "object": "model", "created": created, "owned_by": "serval-router",
-                              "root": group.name, "max_model_len": max(known) if known else None,
-                              "backends": list(group.backends)})
-        return {"object": "list", "data": cards}
-
-    def health(self) -> Response:
-        now = self.clock()
-        status = {name: {"healthy": b.healthy, "breaker": b.breaker.current_state(now), "in_flight": b.in_flight}
-                  for name, b in self.backends.items()}
-        if not any(backend.available(now) for backend in self.backends.values()):
-            return APIError(503, f"No backend is available: {status}", type="server_error").response()
-        return JSONResponse({"status": "ok", "backends": status})
-
