@@ -46,10 +46,12 @@ class AttemptFailed(Exception):
 
     `reached_backend`: the backend may have read the request (anything but a refused connection), so the request
     itself could be what failed it; such failures are retried at most once. `response`: the backend's own answer
-    (a 5xx or 429), relayed to the client when no retry is left.
+    (a 5xx or 429), relayed to the client when no retry is left. `attempt`: the Attempt it ended, set by the
+    routing loop.
     """
 
     def __init__(self, outcome: str, detail: str, reached_backend: bool = True,
                  response: Response | None = None) -> None:
         super().__init__(detail)
         self.outcome, self.detail, self.reached_backend, self.response = outcome, detail, reached_backend, response
+        self.attempt = None

@@ -27,6 +27,7 @@ from starlette.responses import Response
 from serval.openai.errors import APIError
 from serval.router import metrics as m
 from serval.router.backends import Backend, build_backends
+from serval.router.breaker import OPEN
 from serval.router.config import GroupConfig, RouterConfig
 from serval.router.failures import AttemptFailed, error_fields, request_at_fault
 from serval.guard.session import GuardMetricsObserver, reload_policy
@@ -154,7 +155,7 @@ class Router:
         failures: list[str] = []
         fallbacks_left = list(self.config.context_window_fallbacks.get(group.name, []))
         attempts = failed_tries = 0
-        last: tuple[Attempt, AttemptFailed] | None = None
+        last: AttemptFailed | None = None
         while True:
             capable = {backend.name for backend in self.capable(group, info)}
             if not capable:
@@ -180,11 +181,12 @@ class Router:
                 continue  # another request took the half-open probe slot meanwhile
             attempts += 1
             if last is not None:
-                self.metrics.retries.labels(group.name, last[1].outcome).inc()
+                self.metrics.retries.labels(group.name, last.outcome).inc()
             attempt = Attempt(request, backend, group, decision.reason, attempts)
             try:
                 return await self.attempt(attempt)
             except AttemptFailed as failure:
+                failure.attempt = attempt
                 self.metrics.requests.labels(backend.name, group.name, failure.outcome).inc()
                 failures.append(f"{backend.name}: {failure.detail}")
                 logger.warning("backend attempt failed", extra={
@@ -199,7 +201,7 @@ class Router:
                     attempts = failed_tries = 0  # a fallback is not a retry: the new group gets its own
                     last = None
                     continue
-                last = (attempt, failure)
+                last = failure
                 failed_tries += failure.reached_backend
 
     def resolve_group(self, body: dict) -> GroupConfig:
@@ -222,12 +224,11 @@ class Router:
         return target
 
     def _give_up(self, group: GroupConfig, excluded: dict, failures: list[str],
-                 last: tuple[Attempt, AttemptFailed] | None, out_of_retries: bool) -> Response:
-        if last is not None and last[1].response is not None:
+                 last: AttemptFailed | None, out_of_retries: bool) -> Response:
+        if last is not None and last.response is not None:
             # The backend's own answer (its 5xx, or its 429 with Retry-After) tells the client more than ours.
-            attempt, failure = last
-            self.log_routed(attempt, failure.outcome, failure.response.status_code)
-            return failure.response
+            self.log_routed(last.attempt, last.outcome, last.response.status_code)
+            return last.response
         self.metrics.requests.labels("none", group.name, m.NO_BACKEND).inc()
         reasons = failures + [f"{name}: {why}" for name, why in excluded.items() if why != "already tried"]
         lead = ("Every attempt failed" if out_of_retries or failures
@@ -241,7 +242,7 @@ class Router:
         now = self.clock()
         waits = [backend.breaker.opened_at + backend.breaker.cooldown - now
                  for backend in (self.backends[name] for name in group.backends)
-                 if backend.breaker.current_state(now) == "open"]
+                 if backend.breaker.current_state(now) == OPEN]
         return max(1, math.ceil(min(waits))) if waits else None
 
     # ------------------------------------------------------------------ one attempt
