@@ -86,3 +86,18 @@ def test_whole_answers_are_filtered_and_charged(guard):
     filtered = json.loads(session.filter_whole(content, chat=False))
     assert filtered["choices"][0]["text"] == "reach [REDACTED:email]"
     assert (session.prompt_tokens, session.completion_tokens) == (2, 5)
+
+
+def test_admission_reserves_the_estimated_prompt_and_max_tokens(guard):
+    """Budget 100: a request that may use more is refused up front; running requests' reservations count, and
+    that refusal says when to retry."""
+    with pytest.raises(APIError) as info:
+        admitted(guard, {"model": "m", "prompt": "hi", "max_tokens": 60, "n": 2})  # up to 120 tokens
+    assert info.value.status == 429 and info.value.code == "insufficient_quota"
+    running = admitted(guard, {"model": "m", "prompt": "x" * 40, "max_tokens": 80})  # 10 + 80 reserved
+    with pytest.raises(APIError) as info:
+        admitted(guard, {"model": "m", "prompt": "hi", "max_tokens": 20})
+    assert info.value.status == 429 and info.value.headers == {"Retry-After": "1"}
+    running.release()  # no usage from the backend: charged the estimate, the rest of the reservation refunded
+    assert guard.keys.usage["k"].tokens_total == 10
+    admitted(guard, {"model": "m", "prompt": "hi", "max_tokens": 20}).release()
