@@ -16,8 +16,12 @@ from starlette.responses import Response
 # validation error escaped as a 500 still says the request was at fault here, and that is what we trust.
 REQUEST_FAULT_TYPES = frozenset({"invalid_request_error", "BadRequestError", "NotFoundError"})
 # Codes that only a request can cause, for servers that put the blame in `code` rather than `type`.
-REQUEST_FAULT_CODES = frozenset({"context_length_exceeded", "invalid_value", "invalid_type", "missing_required_parameter",
-                                 "model_not_found", "unsupported_request", "invalid_json"})
+# `request_failed` is `serval serve`'s answer for the requests of an engine step that raised: the engine goes on
+# serving, so the backend is healthy, and the request that broke the step would break a step on the next backend
+# too, failing the requests batched with it there. So it is relayed, not retried, and not held against a breaker.
+REQUEST_FAULT_CODES = frozenset({"context_length_exceeded", "invalid_value", "invalid_type",
+                                 "missing_required_parameter", "model_not_found", "unsupported_request",
+                                 "invalid_json", "request_failed"})
 
 
 def error_fields(content: bytes) -> dict:

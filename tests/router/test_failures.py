@@ -18,6 +18,7 @@ def body(type_=None, code=None) -> bytes:
     (500, body("invalid_request_error"), True),  # a validation error that escaped as a 500
     (500, body("BadRequestError"), True),  # vLLM names types after its exceptions
     (500, body("server_error", code="invalid_value"), True),
+    (500, body("server_error", code="request_failed"), True),  # serval serve: an engine step raised on it
     (500, body("server_error"), False),
     (500, body("InternalServerError"), False),
     (502, b"<html>bad gateway</html>", False),  # a proxy's page: no OpenAI body, the backend's fault

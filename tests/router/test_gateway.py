@@ -1,7 +1,8 @@
 """The gateway against scriptable backends: retries before the first byte (at most one after a failure), the
 circuit breaker, answers the request caused (never retried nor held against a backend), 429s, a stream broken
-midway, a stream closed after [DONE], 503 when nothing can serve, bad input, API keys. The router is a real `serval route` process;
-the backends are scripted because a real engine cannot be made to fail on command (tests/e2e has the rest)."""
+midway, a stream closed after [DONE], 503 when nothing can serve, bad input, API keys. The router is a real
+`serval route` process; the backends are scripted because a real engine cannot be made to fail on command
+(tests/e2e has the rest)."""
 import time
 
 import httpx
