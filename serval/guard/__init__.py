@@ -1,3 +1,3 @@
-"""Runtime enforcement while serving: policy (YAML), API keys and budgets, input and output rails, structured
-output by constrained decoding, and the audit log. `serval.guard.guard.Guard` is the entry point for servers
-and the router; nothing here depends on FastAPI."""
+"""Runtime enforcement while serving: policy (YAML), API keys with budgets and reservations, input and output
+rails, and the audit log. Servers and the router open one `serval.guard.session.GuardSession` per request on a
+shared `serval.guard.guard.Guard`; nothing here depends on FastAPI."""

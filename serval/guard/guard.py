@@ -1,16 +1,10 @@
-"""Guard: the one entry point for servers and the router. Built from a policy file; no web framework inside.
+"""Guard: a policy file's rails and keys, shared by all requests of a server or the router. No web framework
+inside. Handlers don't call it directly: each request opens a session (serval.guard.session.open_session),
+which calls these methods with the request's RequestContext.
 
-    guard = Guard.from_file("policy.yaml")
-    ctx = RequestContext(request_id="chatcmpl-1")
-    key = guard.authenticate(headers.get("authorization"), ctx)   # 401 → GuardRejection; None without keys
-    guard.admit(key, model, ctx)                                    # 403 / 429 → GuardRejection
-    try:
-        texts = guard.check_input(texts, ctx, param="messages")     # 400 → GuardRejection; maybe redacted
-        guard.check_prompt_tokens(num_tokens, ctx)
-        out = guard.output_filter(ctx)                              # None without output rails
-        for delta in stream: send(out.push(delta).text) ...; send(out.finish().text)
-    finally:
-        guard.release(key, prompt_tokens, completion_tokens)
+    guard = Guard.from_file("policy.yaml")       # PolicyError('FILE:LINE: ...') for a file that can't be used
+    reload_policy(guard)                         # SIGHUP: a bad file is logged, the running policy stays
+    await guard.aclose()                         # at shutdown
 
 Every decision goes to the audit log (when the policy names one) and to each observer's
 `decision(decision, ctx)`; every rail's run time to `latency(rail, seconds, ctx)`.

@@ -7,48 +7,63 @@ Latin letter or digit they imitate (Unicode's confusables, serval.guard.confusab
 of whitespace collapsed to one space. So "build  a bomb", "bu\u200bild a bomb", "build а bomb" (Cyrillic а) and
 "ｂｕｉｌｄ a bomb" all read "build a bomb".
 
-`normalize_with_offsets(text)` does the same character by character and says, for each character of the result,
+`visible_with_offsets(text)` is the lighter form PII detection reads: NFKC and invisible characters removed.
+
+`normalize_with_offsets(text)` does the same as `normalize` character by character and says, for each character of the result,
 which character of the input it came from, so the output rails can find a match in normalised text and redact
 the original characters. Character by character, NFKC cannot compose a base letter with a following combining
 mark; the output rails accept that to keep a streamed answer's normalisation equal to the whole answer's.
 """
 from __future__ import annotations
 
+import re
 import unicodedata
 
 import regex
 
 from serval.guard.confusables import SKELETON
 
-# Format characters (zero-width space and joiners, soft hyphen, bidi controls, tags), control characters other
-# than whitespace, variation selectors, the combining grapheme joiner, Hangul fillers and Khmer inherent vowels.
-_INVISIBLE = regex.compile(r"[[\p{Cf}\p{Cc}\uFE00-\uFE0F\U000E0100-\U000E01EF\u180B-\u180F\u034F\u115F\u1160"
-                           r"\u3164\uFFA0\u17B4\u17B5]--[\t\n\v\f\r\x1c-\x1f\x85]]", regex.V1)
-_WHITESPACE = regex.compile(r"\s+")
+# Besides format characters (category Cf: zero-width space and joiners, soft hyphen, bidi controls, tags) and
+# control characters other than whitespace: variation selectors, the combining grapheme joiner, Hangul fillers,
+# Khmer inherent vowels and Mongolian free variation selectors.
+_INVISIBLE_RANGES = ((0xFE00, 0xFE0F), (0xE0100, 0xE01EF), (0x180B, 0x180F), (0x034F, 0x034F), (0x115F, 0x1160),
+                     (0x3164, 0x3164), (0xFFA0, 0xFFA0), (0x17B4, 0x17B5))
+# Where format and control characters are: the Basic and Supplementary Multilingual Planes and the tags block.
+_SCANNED_PLANES = ((0x0000, 0x1FFFF), (0xE0000, 0xE0FFF))
+# The standard library's \s is str.isspace's whitespace. A lone space is left alone: most text is words and spaces.
+_WHITESPACE = re.compile(r"\s{2,}|[^\S ]")
 
 
-def _build_tables() -> tuple[dict[int, str], dict[int, str]]:
-    """(before case folding, after it). A look-alike whose lower case is a look-alike too maps after folding (Greek
-    capital iota → ι → i, though confusables.txt pairs the capital with l); the rest, whose lower case looks like
-    nothing Latin (Cyrillic В, Н, М), map before folding."""
+def _build_tables() -> tuple[dict[int, str], dict[int, str | None]]:
+    """(before case folding, after it; the second also deletes invisible characters). A look-alike whose lower
+    case is a look-alike too maps after folding (Greek capital iota → ι → i, though confusables.txt pairs the
+    capital with l); the rest, whose lower case looks like nothing Latin (Cyrillic В, Н, М), map before folding."""
     before = {ord(char): ascii_char for char, ascii_char in SKELETON.items()
               if len(char.casefold()) != 1 or char.casefold() not in SKELETON}
-    after = {ord(char): ascii_char.casefold() for char, ascii_char in SKELETON.items()}
+    after: dict[int, str | None] = {ord(char): ascii_char.casefold() for char, ascii_char in SKELETON.items()}
+    for low, high in _SCANNED_PLANES:
+        for code in range(low, high + 1):
+            category = unicodedata.category(chr(code))
+            if category == "Cf" or (category == "Cc" and not chr(code).isspace()):
+                after[code] = None
+    for low, high in _INVISIBLE_RANGES:
+        after.update(dict.fromkeys(range(low, high + 1)))
     return before, after
 
 
 _BEFORE_FOLDING, _AFTER_FOLDING = _build_tables()
+_INVISIBLE = {code: None for code, replacement in _AFTER_FOLDING.items() if replacement is None}
+_ASCII_CONTROLS = re.compile(r"[\x00-\x08\x0e-\x1b\x7f]")
 
 
 def normalize(text: str) -> str:
     text = unicodedata.normalize("NFKC", text).translate(_BEFORE_FOLDING).casefold().translate(_AFTER_FOLDING)
-    return _WHITESPACE.sub(" ", _INVISIBLE.sub("", text))
+    return _WHITESPACE.sub(" ", text)
 
 
 def normalize_char(char: str) -> str:
     """One character's normal form (possibly empty, or several characters), whitespace not yet collapsed."""
-    text = unicodedata.normalize("NFKC", char).translate(_BEFORE_FOLDING).casefold().translate(_AFTER_FOLDING)
-    return _INVISIBLE.sub("", text)
+    return unicodedata.normalize("NFKC", char).translate(_BEFORE_FOLDING).casefold().translate(_AFTER_FOLDING)
 
 
 def normalize_with_offsets(text: str, previous: str = "") -> tuple[str, list[int]]:
@@ -65,6 +80,22 @@ def normalize_with_offsets(text: str, previous: str = "") -> tuple[str, list[int
                 piece, last_space = " ", True
             else:
                 last_space = False
+            out.append(piece)
+            offsets.append(index)
+    return "".join(out), offsets
+
+
+def visible_with_offsets(text: str) -> tuple[str, list[int]]:
+    """What PII detection reads: each character's NFKC form (full-width digits and @ become ASCII) with invisible
+    characters removed ("4111<U+200B>1111..." is a card number), and where each character came from. Case,
+    scripts and whitespace are kept: IBANs and key prefixes are case-sensitive, and spaces separate a card's
+    digit groups."""
+    if text.isascii() and not _ASCII_CONTROLS.search(text):
+        return text, list(range(len(text)))
+    out: list[str] = []
+    offsets: list[int] = []
+    for index, char in enumerate(text):
+        for piece in unicodedata.normalize("NFKC", char).translate(_INVISIBLE):
             out.append(piece)
             offsets.append(index)
     return "".join(out), offsets

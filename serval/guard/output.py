@@ -14,8 +14,9 @@ scan at that point, with the released text kept before it as context for lookbeh
 
     released (context) | decided: acted on, released now | held: could still match | <- next delta
 
-Deny rules match normalised text (serval.guard.normalize, character by character, with each normalised
-character's origin), and the original characters of a match are what is redacted.
+PII detectors read the answer's visible form and deny rules its normalised form (serval.guard.normalize,
+character by character, with each character's origin in the answer); the original characters of a match are
+what is redacted, invisible ones inside it included.
 
 Actions: redact (replace with [REDACTED:<category>]), stop (send the text before the match, then end the
 choice with finish_reason "content_filter"), log (send unchanged, record the decision).
@@ -31,7 +32,7 @@ from typing import NamedTuple
 import regex
 
 from serval.guard.decisions import Decision
-from serval.guard.normalize import normalize_with_offsets
+from serval.guard.normalize import normalize_with_offsets, visible_with_offsets
 from serval.guard.pii import PII_PATTERNS, placeholder
 from serval.guard.policy import Policy
 
@@ -56,7 +57,7 @@ class Detector:
     action: str                # redact, stop or log
     pattern: regex.Pattern
     valid: Callable[[str], bool]
-    normalised: bool           # matches normalised text (deny rules) rather than the text as generated
+    normalised: bool           # reads normalised text (deny rules), or the visible text (PII)
     priority: int              # PII overlaps go to the lower; deny rules come after every PII type
 
 
@@ -77,28 +78,36 @@ def detectors(policy: Policy) -> tuple[Detector, ...]:
     return tuple(found)
 
 
-class _View:
-    """The text a detector reads (as generated, or normalised) and, for normalised text, the answer position each
-    of its characters came from (`origin`, counted from the answer's start; `offset` is where the filter's text
-    begins in the answer)."""
+class _Reading:
+    """The answer as one kind of detector reads it (visible or normalised), kept in step with the filter's text
+    as it grows and is trimmed, so each character is normalised once; `origin[i]` is the answer position its
+    character i came from."""
 
-    def __init__(self, text: str, origin: list[int] | None, offset: int) -> None:
-        self.text, self.origin, self.offset = text, origin, offset
+    def __init__(self, normalised: bool) -> None:
+        self.read = normalize_with_offsets if normalised else _visible
+        self.text = ""
+        self.origin: list[int] = []
+
+    def append(self, text: str, base: int) -> None:
+        read, origin = self.read(text, self.text[-1:])
+        self.text += read
+        self.origin.extend(base + index for index in origin)
+
+    def trim(self, offset: int) -> None:
+        """Forget what came from answer positions before `offset`."""
+        drop = bisect.bisect_left(self.origin, offset)
+        self.text, self.origin = self.text[drop:], self.origin[drop:]
 
     def index(self, position: int) -> int:
-        """The first character of the view at or after `position` of the filter's text."""
-        return position if self.origin is None else bisect.bisect_left(self.origin, position + self.offset)
+        """The first character read at or after answer position `position`."""
+        return bisect.bisect_left(self.origin, position)
 
-    def original(self, index: int, length: int) -> int:
-        """Where the view's character `index` came from in the filter's text (`length` past its end)."""
-        if self.origin is None:
-            return index
-        return self.origin[index] - self.offset if index < len(self.origin) else length
+    def position(self, index: int, end: int) -> int:
+        """The answer position character `index` came from (`end` past the last)."""
+        return self.origin[index] if index < len(self.origin) else end
 
-    def original_span(self, start: int, end: int) -> tuple[int, int]:
-        if self.origin is None:
-            return start, end
-        return self.origin[start] - self.offset, self.origin[end - 1] + 1 - self.offset
+    def span(self, start: int, end: int) -> tuple[int, int]:
+        return self.origin[start], self.origin[end - 1] + 1
 
 
 class OutputFilter:
@@ -113,11 +122,8 @@ class OutputFilter:
         self.offset = 0       # how many characters of the answer come before self.text
         # Per detector, the answer position before which no position can start a match any more (checked).
         self.decided = [0] * len(self.detectors)
-        # The held text and its context normalised (for deny rules), kept in step with self.text as it grows and
-        # is trimmed, so each character is normalised once.
-        self.normalising = any(detector.normalised for detector in self.detectors)
-        self.normalised = ""
-        self.normalised_origin: list[int] = []
+        self.readings = {normalised: _Reading(normalised)
+                         for normalised in {detector.normalised for detector in self.detectors}}
         self.stopped = False
 
     @property
@@ -144,11 +150,8 @@ class OutputFilter:
         return self._release(final=True)
 
     def _append(self, text: str) -> None:
-        if self.normalising:
-            normalised, origin = normalize_with_offsets(text, self.normalised[-1:])
-            base = self.offset + len(self.text)
-            self.normalised += normalised
-            self.normalised_origin.extend(base + index for index in origin)
+        for reading in self.readings.values():
+            reading.append(text, self.offset + len(self.text))
         self.text += text
 
     def _release(self, final: bool) -> FilterStep:
@@ -171,40 +174,36 @@ class OutputFilter:
             pieces.append(text[position:match.start])
             position = match.end
             if detector.action == "stop":
-                self.stopped, self.text, self.start = True, "", 0
-                self.normalised, self.normalised_origin = "", []
+                self.stopped, self.text, self.start, self.readings = True, "", 0, {}
                 return FilterStep("".join(pieces), True)
             pieces.append(placeholder(detector.category))
         pieces.append(text[position:hold])
         keep_from = max(0, hold - CONTEXT_CHARS)
         self.text, self.start, self.offset = text[keep_from:], hold - keep_from, self.offset + keep_from
-        if self.normalising:
-            drop = bisect.bisect_left(self.normalised_origin, self.offset)
-            self.normalised, self.normalised_origin = self.normalised[drop:], self.normalised_origin[drop:]
+        for reading in self.readings.values():
+            reading.trim(self.offset)
         return FilterStep("".join(pieces), False)
 
     def _scan(self, text: str, start: int, final: bool) -> tuple[list[Match], int]:
         """Every detector's matches from `start`, and the earliest position a match could still be forming at
-        (the length of the text when final)."""
+        (the length of the text when final); positions in the filter's text."""
         hold = len(text)
         matches: list[Match] = []
-        views = {False: _View(text, None, self.offset),
-                 True: _View(self.normalised, self.normalised_origin, self.offset)}
         timings: dict[str, float] = {}
         for number, detector in enumerate(self.detectors):
             started = time.perf_counter()
-            view = views[detector.normalised]
-            begin = view.index(start)
+            reading = self.readings[detector.normalised]
             if not final:
-                forming = _first_forming(detector.pattern, view.text,
-                                         view.index(max(start, self.decided[number] - self.offset)))
-                self.decided[number] = self.offset + view.original(forming, len(text))
+                forming = _first_forming(detector.pattern, reading.text,
+                                         reading.index(self.offset + max(start, self.decided[number] - self.offset)))
+                self.decided[number] = reading.position(forming, self.offset + len(text))
                 hold = min(hold, self.decided[number] - self.offset)
-            for found in detector.pattern.finditer(view.text, begin):
+            for found in detector.pattern.finditer(reading.text, reading.index(self.offset + start)):
                 if found.end() == found.start():
                     continue
-                match_start, match_end = view.original_span(found.start(), found.end())
-                matches.append(Match(match_start, match_end, detector, detector.valid(found.group())))
+                match_start, match_end = reading.span(found.start(), found.end())
+                matches.append(Match(match_start - self.offset, match_end - self.offset, detector,
+                                     detector.valid(found.group())))
             timings[detector.rail] = timings.get(detector.rail, 0.0) + time.perf_counter() - started
         for rail, seconds in timings.items():
             self.observe_latency(rail, seconds)
@@ -238,3 +237,7 @@ def _resolve(matches: list[Match]) -> list[Match]:
 
 def _always(_: str) -> bool:
     return True
+
+
+def _visible(text: str, previous: str) -> tuple[str, list[int]]:
+    return visible_with_offsets(text)

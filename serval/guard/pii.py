@@ -1,8 +1,8 @@
 """PII and secret detection: regular expressions, each with a checksum or plausibility check where one exists
 (Luhn for card numbers, ISO 7064 mod 97 for IBANs, Shannon entropy for unnamed secrets).
 
-Patterns use the `regex` module for its partial matching: a stream filter asks "could the text's tail still
-become a match?" and holds back only from where such a match would start.
+Patterns use the `regex` module for its partial matching: the output rails' stream filter (serval.guard.output)
+asks "could a match starting here still run on through the text to come?" and holds back only from there.
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 import regex
+
+from serval.guard.normalize import visible_with_offsets
 
 PII_TYPES = ("email", "phone", "credit_card", "iban", "ssn", "ip_address", "secret")
 
@@ -71,33 +73,25 @@ PII_PATTERNS = tuple(PiiPattern(name, "secret" if name == "secret_entropy" else 
 class Span:
     start: int
     end: int
-    category: str  # a PII type, or 'deny:<rule name>'
-    partial: bool = False  # the text ends inside what may still become a match
+    category: str  # a PII type
 
 
-def find_pii(text: str, types: tuple[str, ...] = PII_TYPES, partial: bool = False) -> list[Span]:
-    """Non-overlapping PII spans, by start. With partial, also spans the text's tail may be the start of."""
+def find_pii(text: str, types: tuple[str, ...] = PII_TYPES) -> list[Span]:
+    """Non-overlapping PII spans of a whole text, by start, in the text's own positions; where two types overlap,
+    the earlier in PII_PATTERNS wins. The detectors read the text's visible form (NFKC, invisible characters
+    removed), so full-width digits or a zero-width space between digit groups don't hide a card number."""
+    visible, origin = visible_with_offsets(text)
     spans: list[Span] = []
     for detector in PII_PATTERNS:
         if detector.category not in types:
             continue
-        for match in detector.pattern.finditer(text, partial=partial):
-            is_partial = bool(match.partial)
-            if match.start() == match.end():
+        for match in detector.pattern.finditer(visible):
+            if match.start() == match.end() or not detector.valid(match.group()):
                 continue
-            if not is_partial and not detector.valid(match.group()):
-                continue
-            span = Span(match.start(), match.end(), detector.category, is_partial)
-            # Partial spans only mark where text must be held back; they never shadow another type's match.
-            if is_partial or not any(span.start < other.end and other.start < span.end
-                                     for other in spans if not other.partial):
+            span = Span(origin[match.start()], origin[match.end() - 1] + 1, detector.category)
+            if not any(span.start < other.end and other.start < span.end for other in spans):
                 spans.append(span)
     return sorted(spans, key=lambda s: s.start)
-
-
-def find_pattern(pattern: regex.Pattern, category: str, text: str, partial: bool = False) -> list[Span]:
-    return [Span(m.start(), m.end(), category, bool(m.partial))
-            for m in pattern.finditer(text, partial=partial) if m.end() > m.start() or m.partial]
 
 
 def redact(text: str, spans: list[Span]) -> str:

@@ -4,9 +4,9 @@
     session.authenticate(headers.get("authorization"))      # or session.use_key(key) after the middleware's check
     try:
         session.admit(model)                                 # the key's models, requests per minute, concurrency
-        session.reserve(prompt_tokens, max_tokens)           # budget and tokens per minute, held until release
         texts = session.check_input(texts, "messages")       # deny, injection, PII (maybe redacted)
-        session.check_prompt_tokens(num_tokens)
+        session.check_prompt_tokens(num_tokens)              # once the (redacted) prompt is tokenized
+        session.reserve(num_tokens, max_tokens)              # budget and tokens per minute, held until release
         await session.classify(conversations)                # the guard model, beside the prefill
         text, stopped = session.filter_whole(answer)         # or, streaming, one filter per choice:
         choices = session.choice_filters(n); text, stopped = choices.filter(index, delta, finished)

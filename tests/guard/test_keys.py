@@ -92,3 +92,70 @@ def test_hash_command(capsys):
     assert main(["hash", "sk-good"]) == 0
     assert capsys.readouterr().out.strip() == hash_key("sk-good")
     assert main([]) == 2
+
+
+# ---------------------------------------------------------------- reservations (issue 13, defect 7)
+def test_a_reservation_holds_the_budget_until_settled():
+    keys, key = store(token_budget=100)
+    keys.admit(key, "m")
+    first = keys.reserve(key, 60)  # prompt + max_tokens
+    keys.admit(key, "m")
+    error = rejected(lambda: keys.reserve(key, 50))
+    # Running requests hold the rest: worth retrying soon, unlike a spent budget.
+    assert (error.status, error.code, error.rail, error.retry_after) == (429, "rate_limit_exceeded", "token_budget", 1)
+    keys.release(key, 0, 0)
+    keys.release(key, 10, 15, first)  # used 25 of 60: 35 refunded
+    usage = keys.usage["k"]
+    assert (usage.tokens_total, usage.reserved_tokens, usage.in_flight) == (25, 0, 0)
+    keys.admit(key, "m")
+    second = keys.reserve(key, 75)  # exactly what is left
+    error = rejected(lambda: keys.admit(key, "m"))  # all of it reserved: nothing to admit against until it ends
+    assert (error.code, error.rail, error.retry_after) == ("rate_limit_exceeded", "token_budget", 1)
+    keys.release(key, 40, 35, second)
+    error = rejected(lambda: keys.admit(key, "m"))
+    assert (error.code, error.retry_after) == ("insufficient_quota", None)
+
+
+def test_a_request_larger_than_what_is_left_is_refused_up_front():
+    keys, key = store(token_budget=100)
+    keys.admit(key, "m")
+    keys.release(key, 50, 20, keys.reserve(key, 70))
+    keys.admit(key, "m")
+    error = rejected(lambda: keys.reserve(key, 31))
+    assert (error.status, error.code, error.retry_after) == (429, "insufficient_quota", None)
+    assert "30 tokens left" in error.message and "max_tokens" in error.message
+    keys.release(key, 0, 0)
+    assert keys.usage["k"].rejected_total == 1
+
+
+def test_tokens_per_minute_reservations():
+    clock = Clock()
+    keys, key = store(clock, tokens_per_minute=100)
+    keys.admit(key, "m")
+    first = keys.reserve(key, 80)
+    clock.now += 10
+    keys.admit(key, "m")
+    error = rejected(lambda: keys.reserve(key, 30))
+    # 80 reserved 10 s ago leave 20: room for 30 once it ages out, 50 s from now.
+    assert (error.status, error.rail, error.retry_after) == (429, "tokens_per_minute", 50)
+    keys.release(key, 0, 0)
+    keys.release(key, 20, 10, first)  # settled at 30: its charge keeps its time, the rest is refunded now
+    keys.admit(key, "m")
+    keys.release(key, 30, 40, keys.reserve(key, 70))
+    error = rejected(lambda: keys.admit(key, "m"))
+    assert (error.rail, error.retry_after) == ("tokens_per_minute", 50)
+    too_large = rejected(lambda: keys.reserve(key, 101))
+    assert (too_large.status, too_large.retry_after) == (429, None) and "Request too large" in too_large.message
+
+
+def test_usage_beyond_the_reservation_is_charged_when_settled():
+    # The router estimates prompt tokens from characters: a request may use more than it reserved.
+    clock = Clock()
+    keys, key = store(clock, tokens_per_minute=1000, token_budget=1000)
+    keys.admit(key, "m")
+    reservation = keys.reserve(key, 10)
+    clock.now += 5
+    keys.release(key, 8, 12, reservation)
+    usage = keys.usage["k"]
+    assert usage.tokens_total == 20 and [(c.time, c.tokens) for c in usage.token_events] == [(1000.0, 10),
+                                                                                            (1005.0, 10)]

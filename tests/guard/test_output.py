@@ -1,7 +1,7 @@
 """Streaming output rails: a match split across chunks anywhere is still caught, text before it isn't delayed."""
 import random
 
-from serval.guard.output import OutputFilter
+from serval.guard.output import MAX_HOLDBACK_CHARS, OutputFilter
 from serval.guard.pii import find_pii, redact
 from serval.guard.policy import parse_policy
 
@@ -80,11 +80,12 @@ PII_SAMPLES = {
     "iban": ["DE89 3704 0044 0532 0130 00", "GB82WEST12345698765432"],
     "ssn": ["123-45-6789"],
     "ip_address": ["192.168.10.1", "2001:db8::8a2e:370:7334", "fe80::1"],
-    "secret": ["sk-proj-abcdefghijklmnopqrstuvwxyz0123", "sk-ant-" + "a1B2c3D4" * 3, "svcacct-free sk-svcacct-" + "Zx9" * 8,
+    "secret": ["sk-proj-abcdefghijklmnopqrstuvwxyz0123", "sk-ant-" + "a1B2c3D4" * 3, "sk-svcacct-" + "Zx9" * 8,
                "ghp_" + "abcdefghij" * 3 + "012345", "github_pat_" + "A1b2C3d4E5" * 3, "AKIAIOSFODNN7EXAMPLE",
-               "xoxb-1234567890-abcdefghij", "AIza" + "SyA1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q", "glpat-" + "a1B2c3D4e5" * 2,
-               "sk_live_" + "4eC39HqLyjWDarjtT1zdp7dc", "hf_" + "aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456", JWT,
-               "-----BEGIN RSA PRIVATE KEY-----", "a8Fk2LmQ9zXp4RtY7wVb3NcJ6hGd"],
+               "xoxb-1234567890-abcdefghij", "AIza" + "SyA1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q",
+               "glpat-" + "a1B2c3D4e5" * 2, "sk_live_" + "4eC39HqLyjWDarjtT1zdp7dc",
+               "hf_" + "aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456", JWT, "-----BEGIN RSA PRIVATE KEY-----",
+               "a8Fk2LmQ9zXp4RtY7wVb3NcJ6hGd"],
 }
 
 
@@ -171,3 +172,25 @@ def test_output_deny_rules_match_normalised_text_and_redact_the_original():
     policy = parse_policy("output:\n  deny: [{name: falcon, pattern: 'project falcon', action: redact}]\n")
     for spelling in ("Project  Falcon", "project fal\u200bcon", "prоject falcon", "ｐｒｏｊｅｃｔ falcon"):
         assert whole(policy, f"about {spelling}!") == ("about [REDACTED:deny:falcon]!", False), spelling
+
+
+def test_a_runaway_deny_pattern_cannot_hold_a_response_forever():
+    policy = parse_policy("output:\n  deny: [{name: span, pattern: 'a.*b', action: redact}]\n")
+    output_filter = OutputFilter(policy, lambda decision: None, lambda rail, seconds: None)
+    released = "".join(output_filter.push("a" + "x" * 99).text for _ in range(90))
+    assert released.startswith("axxx") and len(output_filter.buffer) <= MAX_HOLDBACK_CHARS
+
+
+def test_disguised_pii_is_redacted_whole_and_streamed():
+    # Full-width digits and @, and invisible characters inside a match: detectors read the visible text, and
+    # the original characters (the invisible ones included) are redacted.
+    for value, category in (("\uff14\uff11\uff11\uff11 \uff11\uff11\uff11\uff11 \uff11\uff11\uff11\uff11 "
+                             "\uff11\uff11\uff11\uff11", "credit_card"),
+                            ("4111\u200b1111\u200b1111\u200b1111", "credit_card"),
+                            ("bob\uff20example.com", "email"), ("123\u00ad-45-6789", "ssn"),
+                            ("sk-proj-\u2060abcdefghijklmnopqrstuvwxyz0123", "secret")):
+        text = f"it is {value}, ok"
+        expected = whole(ALL_PII, text)
+        assert expected == (f"it is [REDACTED:{category}], ok", False), value
+        for cut in range(1, len(text)):
+            assert stream(ALL_PII, [text[:cut], text[cut:]]) == expected, (value, cut)

@@ -1,4 +1,4 @@
-"""PII and secret detection, with checksums; partial matches for streaming."""
+"""PII and secret detection, with checksums (streaming is tests/guard/test_output.py)."""
 import pytest
 
 from serval.guard.pii import find_pii, iban_valid, luhn_valid, redact, shannon_entropy
@@ -53,8 +53,7 @@ def test_redact_and_types_filter():
     assert [s.category for s in find_pii(text, types=("ip_address",))] == ["ip_address"]
 
 
-def test_partial_spans_mark_what_may_still_become_a_match():
-    text = "my key is sk-proj-abc"
-    spans = find_pii(text, partial=True)
-    assert min(s.start for s in spans if s.partial) == text.index("sk-")
-    assert not any(s.partial for s in find_pii("done. ", partial=True) if s.start < 4)
+def test_detectors_read_the_visible_text():
+    text = "card 4111\u200b1111 1111 1111 and \uff11\uff12\uff13-45-6789 ok"
+    assert categories(text) == [("credit_card", "4111\u200b1111 1111 1111"), ("ssn", "\uff11\uff12\uff13-45-6789")]
+    assert redact(text, find_pii(text)) == "card [REDACTED:credit_card] and [REDACTED:ssn] ok"

@@ -168,3 +168,77 @@ def test_reload_policy_keeps_the_running_one_on_a_bad_file(guard, tmp_path, capl
     reload_policy(guard)
     assert guard.policy.input_deny[0].name == "x" and guard.policy.keys is None
     reload_policy(None)  # no policy: logged, nothing else
+
+
+# ---------------------------------------------------------------- budgets under concurrency (issue 13, defect 7)
+BUDGET_POLICY = f"""
+keys:
+  - {{id: budget, sha256: {hash_key("sk-budget")}, token_budget: 200}}
+  - {{id: tpm, sha256: {hash_key("sk-tpm")}, tokens_per_minute: 300}}
+"""
+
+
+def test_concurrent_requests_never_spend_more_than_the_budget(tmp_path):
+    """The issue's case: 16 concurrent requests under a 200-token budget were served 614 tokens. Each request
+    here uses its whole reservation (prompt 10 + max_tokens 30), the worst case for the budget."""
+    (tmp_path / "p.yaml").write_text(BUDGET_POLICY)
+    guard = Guard.from_file(str(tmp_path / "p.yaml"))
+    served, refusals = [], []
+
+    async def request(number: int) -> None:
+        session = open_session(guard, f"req-{number}")
+        session.authenticate("Bearer sk-budget")
+        prompt_tokens, max_tokens, completion_tokens = 10, 30, 0
+        try:
+            session.admit("m")
+            session.reserve(prompt_tokens, max_tokens)
+            for _ in range(max_tokens):  # decoding: every request is admitted before any finishes
+                await asyncio.sleep(0)
+                completion_tokens += 1
+            served.append(prompt_tokens + completion_tokens)
+        except GuardRejection as rejection:
+            refusals.append((rejection.status, rejection.code, rejection.retry_after))
+        finally:
+            session.release(prompt_tokens if completion_tokens else 0, completion_tokens)
+
+    async def wave() -> None:
+        await asyncio.gather(*[request(number) for number in range(16)])
+
+    asyncio.run(wave())
+    assert sum(served) == 200 and len(served) == 5  # five reservations of 40 fit, in flight together
+    assert set(refusals) == {(429, "rate_limit_exceeded", 1)}  # the budget is held, not spent: retry soon
+    asyncio.run(wave())
+    usage = guard.keys.usage["budget"]
+    assert (usage.tokens_total, usage.reserved_tokens, usage.in_flight) == (200, 0, 0)
+    assert sum(served) == 200 and refusals[-1] == (429, "insufficient_quota", None)
+
+
+def test_concurrent_threads_stay_within_tokens_per_minute(tmp_path):
+    # Threads, as a multi-worker server would admit from: the key store's lock keeps reservations exact.
+    import threading
+    (tmp_path / "p.yaml").write_text(BUDGET_POLICY)
+    guard = Guard.from_file(str(tmp_path / "p.yaml"))
+    served, refusals, start = [], [], threading.Barrier(24)
+
+    def request() -> None:
+        session = open_session(guard, "r")
+        session.authenticate("Bearer sk-tpm")
+        session.admit("m")
+        start.wait()
+        try:
+            session.reserve(20, 30)
+            served.append(50)
+        except GuardRejection as rejection:
+            refusals.append((rejection.status, rejection.rail, rejection.retry_after))
+        finally:
+            used = (20, 30) if session.reservation is not None else (0, 0)
+            session.release(*used)
+
+    threads = [threading.Thread(target=request) for _ in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(served) == 300 and {(status, rail) for status, rail, _ in refusals} == {(429, "tokens_per_minute")}
+    assert all(1 <= retry_after <= 60 for _, _, retry_after in refusals)  # until the window frees room
+    assert sum(charge.tokens for charge in guard.keys.usage["tpm"].token_events) == 300
