@@ -322,7 +322,7 @@ def test_n_past_the_bound_is_400_and_n_128_is_served_without_stalling_health(ser
 
 # ---------------------------------------------------------------- 12: the smaller ones
 @pytest.mark.parametrize("header", [f"bearer {API_KEY}", f"Bearer  {API_KEY}", f"BEARER {API_KEY}",
-                                    f"Bearer {API_KEY} "])
+                                    f"Bearer \t {API_KEY}"])
 def test_bearer_forms_the_policy_keys_accept(server, header):
     assert httpx.get(server.url + "/v1/models", headers={"Authorization": header}, timeout=30).status_code == 200
 
@@ -453,3 +453,43 @@ def test_sigterm_lets_a_short_stream_complete():
     assert events[-1] == "[DONE]" and not any("error" in payload for payload in payloads)
     assert payloads[-1]["choices"][0]["finish_reason"] == "length"
     assert "".join(p["choices"][0]["text"] for p in payloads) != ""
+
+
+# ---------------------------------------------------------------- 3, 5, 12 behind the router
+# The catalogue's cases that don't depend on the server's flags: the router must answer each with OpenAI's body
+# (its own 400 or the backend's, relayed), never retry it nor count it against the backend.
+ROUTER_CASES = ["stop id = vocab, min_tokens 1", "logit_bias id past vocab", "prompt id past vocab", "deep nesting",
+                "deep nesting, objects", "lone surrogate in content", "lone surrogate in model", "negative prompt ids",
+                "invalid JSON", "not UTF-8", "body not an object", "integer too long", "n = 50000", "max_tokens true",
+                "stream 'yes'", "temperature '0.5'", "temperature Infinity", "top_p NaN", "temperature 1e999",
+                "seed 2**64", "max_completion_tokens true", "wrong key"]
+
+
+@pytest.fixture(scope="module")
+def router(server):
+    from tests.e2e.router_support import RouterProcess
+    config = {"backends": [{"name": "a", "url": server.url, "models": [MODEL], "engine": "serval",
+                            "api_key": API_KEY}],
+              "models": [{"name": MODEL, "backends": ["a"], "policy": "round_robin"}],
+              "api_keys": [API_KEY], "health_check": {"interval_s": 0.5}}
+    process = RouterProcess(config)
+    yield process
+    process.close()
+
+
+@pytest.mark.parametrize("name", ROUTER_CASES)
+def test_router_answers_hostile_requests_with_openais_error(router, name):
+    probe = next(p for p in hostile_catalogue(vocab_size()) if p.name == name)
+    assert_openai_error(send(router.url, probe), probe.status, probe.param)
+
+
+def test_router_keeps_the_backend_after_request_faults(router, server):
+    for _ in range(3):  # more than enough to open a breaker if these counted as the backend's failures
+        for name in ROUTER_CASES:
+            send(router.url, next(p for p in hostile_catalogue(vocab_size()) if p.name == name))
+    for header in (f"bearer {API_KEY}", f"Bearer  {API_KEY}"):
+        response = httpx.post(router.url + "/v1/completions", timeout=60, headers={"Authorization": header},
+                              json={"model": MODEL, "prompt": "hello", "max_tokens": 2})
+        assert response.status_code == 200, response.text[:500]
+    assert httpx.get(router.url + "/health", timeout=30).status_code == 200
+    assert_unharmed(server)

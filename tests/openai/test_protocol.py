@@ -285,3 +285,16 @@ def test_union_members_do_not_leak_into_param():
     with pytest.raises(ValidationError) as error:
         ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": 5}]})
     assert APIError.from_validation_error(error.value).param == "messages.0.content"
+
+
+def test_request_schemas_say_the_strict_types():
+    """/openapi.json is built from these: schema-driven clients and fuzzers see what the server accepts."""
+    completion = CompletionRequest.model_json_schema()["properties"]
+    assert {"minimum": 1, "type": "integer"} in completion["max_tokens"]["anyOf"]
+    assert completion["stream"]["type"] == "boolean"
+    assert {"type": "number"} in completion["temperature"]["anyOf"]
+    token_ids = {"items": {"minimum": 0, "type": "integer"}, "type": "array"}
+    assert token_ids in completion["prompt"]["anyOf"]
+    chat = ChatCompletionRequest.model_json_schema()["properties"]
+    assert {"minimum": 1, "type": "integer"} in chat["max_completion_tokens"]["anyOf"]
+    assert DetokenizeRequest.model_json_schema()["properties"]["tokens"] == {**token_ids, "title": "Tokens"}
