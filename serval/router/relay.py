@@ -40,8 +40,8 @@ class StreamRelay:
     async def events(self):
         try:
             async for chunk in (self._passed() if self.rewriter is None else self._rewritten()):
-                self.done_sent = ends_with_done(chunk)
                 yield chunk
+                self.done_sent = ends_with_done(chunk)  # once it has been sent: the client may now leave
             self.outcome = m.SUCCESS
         except (aiohttp.ClientError, asyncio.TimeoutError) as error:
             if self.done_sent:
@@ -50,8 +50,7 @@ class StreamRelay:
             # Too late to retry: the client has bytes. Say so inside the stream, as `serval serve` does.
             self.outcome = m.STREAM_ERROR
             message = f"backend {self.attempt.backend.name} failed mid-stream: {type(error).__name__}"
-            error = APIError(502, message, type="server_error", code="backend_failed")
-            yield (error_event(error) + DONE).encode()
+            yield (error_event(APIError(502, message, type="server_error", code="backend_failed")) + DONE).encode()
         finally:
             await self.close()
 

@@ -183,7 +183,15 @@ class ScriptedBackend:
         self.loop.call_soon_threadsafe(self.release.set)
 
     def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.server.close)
+        async def shut_down() -> None:  # connections still open (keep-alive, held streams) end before the loop
+            self.server.close()
+            self.release.set()
+            handlers = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in handlers:
+                task.cancel()
+            await asyncio.gather(*handlers, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shut_down(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         if not self.loop.is_running():
