@@ -144,7 +144,9 @@ def _health_result(watch: HealthWatch, seconds: float, response: httpx.Response 
 def probe_drain(args: argparse.Namespace, model_args: list[str]) -> dict:
     """SIGTERM with streams in flight: seconds to exit, exit status, how the streams ended, the late request's
     status."""
-    remote = RemoteServer([*model_args, "--max-num-seqs", "1", "--shutdown-timeout", str(args.shutdown_timeout)])
+    # A context long enough for the streams, one sequence at a time: the drain has more work than its timeout.
+    remote = RemoteServer([*model_args, "--max-model-len", "1024", "--max-num-seqs", "1",
+                           "--shutdown-timeout", str(args.shutdown_timeout)])
     streams: list[list] = [[] for _ in range(args.drain_streams)]
     body = {"model": MODEL, "prompt": "drain", "max_tokens": args.drain_tokens, "ignore_eos": True, "stream": True}
 
@@ -199,7 +201,8 @@ def main() -> None:
     parser.add_argument("--fuzz", type=int, default=100, help="fuzz bodies per endpoint (4 endpoints)")
     parser.add_argument("--shutdown-timeout", type=float, default=3.0)
     parser.add_argument("--drain-streams", type=int, default=3)
-    parser.add_argument("--drain-tokens", type=int, default=1000)
+    parser.add_argument("--drain-tokens", type=int, default=900, help="per stream; the drain server's context is "
+                                                                       "1024 tokens")
     parser.add_argument("--output", default="docs/results/probe.json")
     args = parser.parse_args()
 
@@ -207,16 +210,16 @@ def main() -> None:
         model_path = tiny_model_dir()
         with open(os.path.join(model_path, "config.json")) as f:
             vocab = args.vocab_size or json.load(f)["vocab_size"]
-        model_args = ["--model", model_path, "--max-model-len", "512"]
+        model_args = ["--model", model_path]
     else:
         vocab = args.vocab_size or SMOLLM2_VOCAB
-        model_args = ([] if args.model == "default" else ["--model", args.model]) + ["--max-model-len", "512"]
+        model_args = [] if args.model == "default" else ["--model", args.model]
     model_args += ["--served-model-name", MODEL]
 
     tally = Tally()
     started = time.monotonic()
-    server = RemoteServer([*model_args, "--max-request-body-bytes", str(BODY_LIMIT), "--max-num-seqs", "8"],
-                          api_key=API_KEY)
+    server = RemoteServer([*model_args, "--max-model-len", "512", "--max-request-body-bytes", str(BODY_LIMIT),
+                           "--max-num-seqs", "8"], api_key=API_KEY)
     try:
         probe_catalogue(server, vocab, tally)
         probe_fuzz(server, args.fuzz, tally)

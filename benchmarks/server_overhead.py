@@ -50,7 +50,7 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 # ---------------------------------------------------------------- offline: AsyncEngine in this process
 def chat_prompts(engine: AsyncEngine, convs: list[list[dict]]) -> list[dict]:
-    """What the server's chat endpoint builds from the same messages (OpenAIServer.chat_prompt)."""
+    """What the server's chat endpoint builds from the same messages (serval.server.admission.chat_prompt)."""
     prompts = []
     for conversation in convs:
         text = engine.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)

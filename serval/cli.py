@@ -14,6 +14,9 @@ import types
 import typing
 from typing import TYPE_CHECKING
 
+from serval.server.config import (DEFAULT_MAX_N, DEFAULT_MAX_REQUEST_BODY_BYTES, DEFAULT_MODEL_NAME,
+                                  DEFAULT_SHUTDOWN_TIMEOUT_S, ServerConfig)
+
 if TYPE_CHECKING:  # the engine's config imports torch: `serval route` must not pay for it
     from serval.config import EngineConfig
 
@@ -91,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", nargs="+", default=None,
                        help="names the API answers to, the first reported (None: the --model argument)")
     serve.add_argument("--api-key", default=os.environ.get("SERVAL_API_KEY"),
-                       help="require 'Authorization: Bearer KEY' on /v1 (or set SERVAL_API_KEY)")
+                       help="require 'Authorization: Bearer KEY' on every endpoint but /health, /version and "
+                            "/metrics (or set SERVAL_API_KEY)")
     serve.add_argument("--max-waiting-requests", type=int, default=None,
                        help="answer 429 while this many requests wait to be scheduled (None: no limit)")
     serve.add_argument("--otlp-traces-endpoint", default=None,
@@ -102,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--policy", default=None,
                        help="guard policy YAML: API keys and budgets, input/output rails, audit log (docs/guard.md); "
                             "SIGHUP reloads it")
+    serve.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES,
+                       help="answer 413 to a request body larger than this")
+    serve.add_argument("--max-n", type=int, default=DEFAULT_MAX_N, help="most choices (`n`) one request may ask for")
+    serve.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT_S,
+                       help="seconds SIGTERM/SIGINT waits for requests in flight (new ones get 503) before ending "
+                            "the rest with an error event; then the process exits 0")
+    serve.add_argument("--metrics-require-key", action="store_true",
+                       help="put /metrics behind the API key too (by default only /health, /version and /metrics "
+                            "answer without one)")
     add_engine_args(serve)
 
     generate = commands.add_parser("generate", help="generate from one prompt and print the text",
@@ -200,9 +213,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace, config: EngineConfig) -> int:
     from serval.engine.async_engine import AsyncEngine
-    from serval.server.openai_api import DEFAULT_MODEL_NAME, serve
+    from serval.server.app import serve
 
-    names = args.served_model_name or [args.model or DEFAULT_MODEL_NAME]
+    try:
+        server_config = ServerConfig(
+            host=args.host, port=args.port, served_model_names=args.served_model_name or [args.model or
+                                                                                          DEFAULT_MODEL_NAME],
+            api_key=args.api_key, max_waiting_requests=args.max_waiting_requests,
+            otlp_traces_endpoint=args.otlp_traces_endpoint, log_requests=not args.disable_log_requests,
+            access_log=not args.disable_uvicorn_access_log, log_level=args.log_level,
+            max_request_body_bytes=args.max_request_body_bytes, max_n=args.max_n,
+            shutdown_timeout=args.shutdown_timeout, metrics_require_key=args.metrics_require_key)
+    except ValueError as error:
+        logger.error("invalid server argument", extra={"error": str(error)})
+        return 2
     guard = _load_guard(args.policy)
     if guard is False:
         return 2
@@ -211,11 +235,7 @@ def _serve(args: argparse.Namespace, config: EngineConfig) -> int:
     except (ValueError, FileNotFoundError) as error:
         logger.error("cannot start the engine", extra={"error": str(error)})
         return 2
-    serve(engine, args.host, args.port, names, api_key=args.api_key,
-          max_waiting_requests=args.max_waiting_requests, otlp_traces_endpoint=args.otlp_traces_endpoint,
-          log_requests=not args.disable_log_requests, access_log=not args.disable_uvicorn_access_log,
-          log_level=args.log_level, guard=guard)
-    return 0
+    return serve(engine, server_config, guard)
 
 
 def _generate(args: argparse.Namespace, config: EngineConfig) -> int:

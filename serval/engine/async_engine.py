@@ -17,16 +17,19 @@ Two things keep the frontend from slowing the engine where they share the CPU co
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import queue
 import threading
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from serval.config import EngineConfig
-from serval.engine.engine import LLMEngine, ProcessedRequest, PromptType
+from serval.engine.engine import EngineStats, LLMEngine, ProcessedRequest, PromptType
+from serval.openai.errors import InvalidArgument
 from serval.outputs import RequestOutput
 from serval.sampling_params import SamplingParams
 
@@ -35,12 +38,69 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Stream:
+    """Where the loop thread puts one request's outputs: a queue on its caller's event loop."""
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
 
 
 class EngineDeadError(RuntimeError):
-    pass
+    """The engine loop has stopped; no request can be served until the process restarts."""
+
+
+class RequestFailedError(RuntimeError):
+    """This request ended with an error inside the engine (a step that held it failed, or its grammar could not
+    go on); its output is not to be trusted. The engine goes on serving other requests. The message is safe to
+    show a client: the cause is logged, not carried."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"request {request_id} failed inside the engine and was stopped; other requests are "
+                         "unaffected")
+        self.request_id = request_id
+
+
+class RequestStream:
+    """One request's outputs as an async iterator: cumulative RequestOutputs, the last with finished=True; an
+    error for this request (or the engine's death) is raised from the iteration. Closing it before the end
+    (aclose(), leaving `async with aclosing(stream)`, a cancelled wait, or dropping it unread) aborts the
+    request and frees its blocks."""
+
+    def __init__(self, engine: "AsyncEngine", request_id: str, stream: _Stream) -> None:
+        self.request_id = request_id
+        self._engine = engine
+        self._stream = stream
+        self._done = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._stream.queue.get()
+        except BaseException:  # cancelled while waiting: the caller is gone
+            self.close()
+            raise
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        self._done = item.finished
+        return item
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._engine.abort(self.request_id)
+
+    def __del__(self) -> None:
+        # The garbage collector may run this anywhere, even inside a lock's holder: only the inbox (a
+        # SimpleQueue, safe here) is touched, and the loop thread does the rest.
+        if not self._done:
+            self._done = True
+            self._engine._inbox.put(("drop", (self.request_id, self._stream)))
 
 
 # Gathering a burst of arrivals: keep waiting while requests arrive within this fraction of a step's time (a
@@ -55,13 +115,18 @@ _HANDOFF_TIMEOUT_S = 0.05
 
 
 class AsyncEngine:
+    """The server's view of the engine: add_request → a RequestStream, abort, and public questions (is_dead,
+    errored, num_waiting, num_running, get_stats). Nothing else is the server's business."""
+
     def __init__(self, config: EngineConfig) -> None:
         self.engine = LLMEngine(config)
         self.config = self.engine.config
         self.tokenizer = self.engine.tokenizer
         self._streams: dict[str, _Stream] = {}
         self._streams_lock = threading.Lock()
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", ProcessedRequest) | ("abort", id)
+        # ("add", ProcessedRequest) | ("abort", id) | ("drop", (id, _Stream)) | ("stop", None)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._num_in_inbox = 0  # sequences accepted by add_request that the loop thread has not scheduled yet
         self._stopped = threading.Event()
         self._dead: BaseException | None = None
         self._ids = itertools.count()
@@ -74,45 +139,63 @@ class AsyncEngine:
     def from_engine_args(cls, **kwargs) -> "AsyncEngine":
         return cls(EngineConfig.from_kwargs(**kwargs))
 
-    async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
-                       request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
-        """Yield the request's cumulative output after every step that changes it; the last one has
-        finished=True. Invalid input raises ValueError before anything is queued; leaving the iteration
-        early (client gone, task cancelled) aborts the request and frees its blocks."""
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                    priority: int = 0) -> RequestStream:
+        """Validate the request now, queue it, and return its output stream. Call it on the event loop that
+        will read the stream. Raises InvalidArgument (nothing is queued) for bad input or a request id that is
+        already running, EngineDeadError if the engine has stopped."""
         if self._dead is not None:
             raise EngineDeadError(f"the engine loop has stopped: {self._dead!r}")
-        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        processed = self.engine.process_inputs(request_id, prompt, sampling_params, priority)
+        processed = self.engine.process_inputs(request_id, prompt, params, priority)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._streams_lock:
             if request_id in self._streams:
-                raise ValueError(f"invalid request_id {request_id!r}: a request with this id is already running")
+                raise InvalidArgument(None, f"invalid request_id {request_id!r}: a request with this id is "
+                                            "already running")
             self._streams[request_id] = stream
+            self._num_in_inbox += len(processed.children)
         self._inbox.put(("add", processed))
-        finished = False
-        try:
-            while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.abort(request_id)
+        return RequestStream(self, request_id, stream)
+
+    async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
+                       request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """add_request as an async generator (vLLM's form): yields the request's cumulative outputs."""
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        async with aclosing(self.add_request(request_id, prompt, sampling_params, priority)) as stream:
+            async for output in stream:
+                yield output
 
     def abort(self, request_id: str) -> None:
         with self._streams_lock:
             self._streams.pop(request_id, None)
         self._inbox.put(("abort", request_id))
 
-    def get_stats(self):
-        return self.engine.get_stats()
+    @property
+    def is_dead(self) -> bool:
+        """True once the loop thread has stopped for good (errored says why); requests are then refused."""
+        return self._dead is not None
+
+    @property
+    def errored(self) -> BaseException | None:
+        """The exception that stopped the engine loop, or None while it runs."""
+        return self._dead
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences accepted but not running: those in the scheduler's queue and those on their way to it."""
+        return self.engine.scheduler.num_waiting + self._num_in_inbox
+
+    @property
+    def num_running(self) -> int:
+        return self.engine.scheduler.num_running
+
+    def get_stats(self) -> EngineStats:
+        stats = self.engine.get_stats()
+        return dataclasses.replace(stats, num_requests_waiting=stats.num_requests_waiting + self._num_in_inbox)
 
     @property
     def num_unfinished_requests(self) -> int:
+        """Requests whose stream is still open (kept for the current server)."""
         with self._streams_lock:
             return len(self._streams)
 
@@ -156,6 +239,13 @@ class AsyncEngine:
             self._add(payload)
         elif kind == "abort":
             self.engine.abort_request(payload)
+        elif kind == "drop":  # a stream nobody holds any more; its id may already belong to a newer request
+            request_id, stream = payload
+            with self._streams_lock:
+                if self._streams.get(request_id) is not stream:
+                    return
+                del self._streams[request_id]
+            self.engine.abort_request(request_id)
 
     def _gather_arrivals(self) -> None:
         gap = min(_MAX_ARRIVAL_GAP_S, _ARRIVAL_GAP_FRACTION * self._step_s)
@@ -168,23 +258,30 @@ class AsyncEngine:
             self._handle(kind, payload)
 
     def _add(self, processed: ProcessedRequest) -> None:
-        with self._streams_lock:
-            if processed.request_id not in self._streams:
-                return  # aborted before it reached the engine
         try:
-            self.engine.add_processed(processed)
-        except ValueError as error:
-            self._deliver(processed.request_id, error, last=True)
+            with self._streams_lock:
+                if processed.request_id not in self._streams:
+                    return  # aborted before it reached the engine
+            try:
+                self.engine.add_processed(processed)
+            except ValueError as error:
+                self._deliver(processed.request_id, error, last=True)
+        finally:
+            # Counted out only once the scheduler counts it: num_waiting may count a request twice for a moment,
+            # never zero times.
+            with self._streams_lock:
+                self._num_in_inbox -= len(processed.children)
 
     def _deliver_step(self, outputs: list[RequestOutput]) -> None:
         """Every output of a step to its caller's queue: one hand-off per event loop (see the module docstring)."""
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput | Exception]]] = {}
         with self._streams_lock:
             for output in outputs:
                 stream = (self._streams.pop(output.request_id, None) if output.finished
                           else self._streams.get(output.request_id))
                 if stream is not None:
-                    batches.setdefault(stream.loop, []).append((stream.queue, output))
+                    item = RequestFailedError(output.request_id) if _failed(output) else output
+                    batches.setdefault(stream.loop, []).append((stream.queue, item))
         handed_off = []
         for loop, items in batches.items():
             done = threading.Event() if self._yield_between_steps else None
@@ -204,7 +301,11 @@ class AsyncEngine:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
 
-def _put_all(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, RequestOutput]],
+def _failed(output: RequestOutput) -> bool:
+    return output.finished and any(completion.finish_reason == "error" for completion in output.outputs)
+
+
+def _put_all(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, RequestOutput | Exception]],
              done: threading.Event | None) -> None:
     """On the event loop: queue each output; then, once the streams they woke have run, set done."""
     for stream_queue, item in items:

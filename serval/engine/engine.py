@@ -21,6 +21,7 @@ from serval.engine.request import Request, RequestStatus
 from serval.engine.scheduler import Scheduler, SchedulerOutput
 from serval.model.default_model import default_model_path
 from serval.model.loader import load_model
+from serval.openai.errors import InvalidArgument
 from serval.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from serval.sampling_params import SamplingParams
 
@@ -83,6 +84,8 @@ class LLMEngine:
         # With asynchronous scheduling: the decode step queued on the device whose tokens are not processed yet.
         self.in_flight: DecodeInFlight | None = None
         self._grammar_compiler = None
+        self.stepping: list[Request] = []  # the requests the current step holds, to fail if it raises
+        self.num_consecutive_failed_steps = 0
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         logger.info("engine ready", extra={"model": self.config.model, "device": str(self.device),
@@ -99,17 +102,21 @@ class LLMEngine:
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+                token_ids = prompt["prompt_token_ids"]
+                if not isinstance(token_ids, (list, tuple)):
+                    raise InvalidArgument("prompt", f"invalid prompt_token_ids of type {type(token_ids).__name__}: "
+                                                    "allowed a list of token ids")
+                return prompt.get("prompt"), list(token_ids)
             if "prompt" not in prompt:
-                raise ValueError(f"invalid prompt {prompt!r}: a dict needs 'prompt' or 'prompt_token_ids'")
+                raise InvalidArgument("prompt", f"invalid prompt {prompt!r}: a dict needs 'prompt' or 'prompt_token_ids'")
             prompt = prompt["prompt"]
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("invalid prompt: this engine has no tokenizer, so prompts must be token ids")
+                raise InvalidArgument("prompt", "invalid prompt: this engine has no tokenizer, so prompts must be token ids")
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, list):
             return None, list(prompt)
-        raise ValueError(f"invalid prompt of type {type(prompt).__name__}: allowed str, list of token ids, "
+        raise InvalidArgument("prompt", f"invalid prompt of type {type(prompt).__name__}: allowed str, list of token ids, "
                          "{'prompt': str} or {'prompt_token_ids': [...]}")
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
@@ -134,7 +141,7 @@ class LLMEngine:
 
     def add_processed(self, parent: ProcessedRequest) -> None:
         if parent.request_id in self.parents:
-            raise ValueError(f"invalid request_id {parent.request_id!r}: a request with this id is already running")
+            raise InvalidArgument(None, f"invalid request_id {parent.request_id!r}: a request with this id is already running")
         self.parents[parent.request_id] = parent
         self.num_prompt_tokens += len(parent.prompt_token_ids)
         for child in parent.children:
@@ -152,9 +159,25 @@ class LLMEngine:
 
     # ---- one step ----
     def step(self) -> list[RequestOutput]:
+        """One scheduling step. If it raises, the requests it held end with finish_reason "error" (their
+        blocks freed, their prefix-cache entries forgotten) and the engine goes on; only a run of failed
+        steps (a broken device, a bug hit by every step) escapes as the exception."""
+        self.stepping = []
+        try:
+            outputs = self._step()
+        except Exception as error:
+            self.num_consecutive_failed_steps += 1
+            if self.num_consecutive_failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS:
+                raise
+            return self._fail_step(error)
+        self.num_consecutive_failed_steps = 0
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         if self.in_flight is not None:
             return self._finish_in_flight()
         scheduled = self.scheduler.schedule()
+        self.stepping = scheduled.requests
         if not scheduled.requests:
             return []
         if self.async_scheduling and self._can_overlap(scheduled):
@@ -164,6 +187,26 @@ class LLMEngine:
         runner_output = self.runner.execute(scheduled)
         self.scheduler.update(scheduled)
         return self._process(scheduled.requests, runner_output)
+
+    def _fail_step(self, error: Exception) -> list[RequestOutput]:
+        """End every request of the failed step (all of them if it failed before it knew which it held)."""
+        self.in_flight = None
+        parent_ids = (dict.fromkeys(r.parent_request_id for r in self.stepping) if self.stepping
+                      else list(self.parents))
+        logger.error("engine step failed; its requests end with an error", exc_info=error,
+                     extra={"request_ids": list(parent_ids)})
+        outputs = []
+        for parent_id in parent_ids:
+            parent = self.parents.pop(parent_id, None)
+            if parent is None:
+                continue
+            for child in parent.children:
+                if not child.is_finished:
+                    # Blocks this step wrote may hold garbage K/V: no later request may hit them.
+                    forget_cached_blocks(self.kv_cache, child)
+                    self.scheduler.finish_request(child, RequestStatus.FINISHED_ERROR)
+            outputs.append(self._request_output(parent))
+        return outputs
 
     def get_stats(self) -> EngineStats:
         return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, self.kv_cache.usage,
@@ -194,6 +237,7 @@ class LLMEngine:
 
     def _finish_in_flight(self) -> list[RequestOutput]:
         current, self.in_flight = self.in_flight, None
+        self.stepping = current.requests
         following = self._launch_following(current)
         token_ids = current.token_ids()  # waits for the device: `following` is queued behind it by now
         none = [None] * len(token_ids)
@@ -224,20 +268,28 @@ class LLMEngine:
     # ---- internals ----
     def _validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
         if not token_ids:
-            raise ValueError("invalid prompt: it is empty; allowed: at least one token")
-        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"invalid prompt token ids {bad[:5]}: allowed integers in [0, {self.vocab_size})")
+            raise InvalidArgument("prompt", "invalid prompt: it is empty; allowed: at least one token")
+        self._check_token_ids(token_ids, params)
         limit = self.config.max_model_len
         if len(token_ids) >= limit:
-            raise ValueError(f"invalid prompt: it has {len(token_ids)} tokens, but max_model_len is {limit}; "
-                             f"allowed at most {limit - 1} prompt tokens so that one can be generated")
-        if params.logit_bias:
-            bad = [t for t in params.logit_bias if not 0 <= t < self.vocab_size]
-            if bad:
-                raise ValueError(f"invalid logit_bias token ids {bad[:5]}: allowed [0, {self.vocab_size})")
+            raise InvalidArgument("prompt", f"invalid prompt: it has {len(token_ids)} tokens, but max_model_len is "
+                                            f"{limit}; allowed at most {limit - 1} prompt tokens so that one can be "
+                                            "generated")
         if self.tokenizer is None and params.stop:
-            raise ValueError("invalid sampling parameter stop: stop strings need a tokenizer")
+            raise InvalidArgument("stop", "invalid sampling parameter stop: stop strings need a tokenizer")
+
+    def _check_token_ids(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Every token id the request carries must index the vocabulary: the sampler indexes the logits with
+        them, and one out of range there fails the whole step."""
+        vocab_size = self.vocab_size
+        bad = [t for t in prompt_token_ids if not _is_token_id(t, vocab_size)]
+        if bad:
+            raise InvalidArgument("prompt", f"invalid prompt token ids {bad[:5]}: allowed integers in [0, {vocab_size})")
+        for param, token_ids in _sampling_token_ids(params):
+            bad = [t for t in token_ids if not _is_token_id(t, vocab_size)]
+            if bad:
+                raise InvalidArgument(param, f"invalid sampling parameter {param}={bad[:5]}: allowed token ids in "
+                                             f"[0, {vocab_size})")
 
     def _new_request(self, request_id: str, parent_id: str, index: int, text: str | None, token_ids: list[int],
                      params: SamplingParams, priority: int, arrival_time: float) -> Request:
@@ -268,14 +320,12 @@ class LLMEngine:
             parent = self.parents[request.parent_request_id]
             if parent.stream or request.is_finished:
                 touched[request.parent_request_id] = parent
-        outputs = []
-        for parent in touched.values():
-            if not parent.stream and not all(child.is_finished for child in parent.children):
-                continue
-            output = self._request_output(parent)
+        outputs = [self._request_output(parent) for parent in touched.values()
+                   if parent.stream or all(child.is_finished for child in parent.children)]
+        # Only now, so that a step failing half-way leaves every request it held to _fail_step.
+        for output in outputs:
             if output.finished:
-                del self.parents[parent.request_id]
-            outputs.append(output)
+                del self.parents[output.request_id]
         return outputs
 
     def _append_token(self, request: Request, token_id: int, logprobs: dict[int, Logprob] | None,
@@ -315,7 +365,7 @@ class LLMEngine:
         loads only when a request asks for structured output)."""
         if self._grammar_compiler is None:
             if self.tokenizer is None:
-                raise ValueError("invalid sampling parameter structured_outputs: constrained decoding needs a "
+                raise InvalidArgument("structured_outputs", "invalid sampling parameter structured_outputs: constrained decoding needs a "
                                  "tokenizer")
             from serval.guard.structured import GrammarCompiler
             self._grammar_compiler = GrammarCompiler(self.tokenizer)
@@ -346,6 +396,33 @@ class LLMEngine:
                              prompt_token_ids=parent.prompt_token_ids, prompt_logprobs=first.prompt_logprobs,
                              outputs=completions, finished=all(c.is_finished for c in parent.children),
                              metrics=metrics, num_cached_tokens=metrics.num_cached_tokens)
+
+
+# This many failed steps in a row means the engine itself is broken (a lost device, a bug every step hits), not
+# one request: the loop stops so that the process can be restarted.
+MAX_CONSECUTIVE_FAILED_STEPS = 3
+
+
+def _is_token_id(value, vocab_size: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab_size
+
+
+def _sampling_token_ids(params: SamplingParams) -> list[tuple[str, list]]:
+    """(OpenAI body field, token ids) for every token id the sampling parameters carry."""
+    fields = [("stop_token_ids", params.stop_token_ids or []), ("logit_bias", list(params.logit_bias or ()))]
+    for name in ("allowed_token_ids", "bad_words_token_ids"):  # vLLM's, once SamplingParams carries them
+        token_ids = getattr(params, name, None)
+        if token_ids:
+            fields.append((name, [t for group in token_ids for t in group] if name == "bad_words_token_ids"
+                           else list(token_ids)))
+    return fields
+
+
+def forget_cached_blocks(kv_cache: KVCacheManager, request: Request) -> None:
+    """Drop the request's blocks from the prefix cache (they stay allocated until freed)."""
+    # TODO(kv_cache owner): a public KVCacheManager method for this; until then the eviction helper.
+    for block_id in request.block_ids:
+        kv_cache._evict(block_id)
 
 
 def _token_stop(request: Request, token_id: int) -> RequestStatus | None:
@@ -408,13 +485,13 @@ def _resolve_config(config: EngineConfig, model_path: str, hf_config) -> EngineC
     model_limit = getattr(hf_config, "max_position_embeddings", None) or 2048
     max_model_len = config.max_model_len or model_limit
     if max_model_len > model_limit:
-        raise ValueError(f"invalid engine argument max_model_len={max_model_len}: the model allows at most "
+        raise InvalidArgument("max_model_len", f"invalid engine argument max_model_len={max_model_len}: the model allows at most "
                          f"{model_limit} (max_position_embeddings)")
     max_num_batched_tokens = config.max_num_batched_tokens
     if max_num_batched_tokens is None:
         max_num_batched_tokens = max(2048, config.max_num_seqs) if config.enable_chunked_prefill else max_model_len
     if not config.enable_chunked_prefill and max_num_batched_tokens < max_model_len:
-        raise ValueError(f"invalid engine argument max_num_batched_tokens={max_num_batched_tokens}: without "
+        raise InvalidArgument("max_num_batched_tokens", f"invalid engine argument max_num_batched_tokens={max_num_batched_tokens}: without "
                          f"chunked prefill it must be >= max_model_len ({max_model_len}) so every prompt fits a step")
     return dataclasses.replace(config, model=model_path, max_model_len=max_model_len,
                                max_num_batched_tokens=max_num_batched_tokens)

@@ -96,15 +96,16 @@ def stop_process(process: subprocess.Popen, log_file, timeout: float) -> None:
 
 
 class RemoteServer:
-    """`python -m serval.cli serve ARGS` on a free loopback port, ready when /health answers."""
+    """`python -m serval.cli serve ARGS` on a free loopback port, ready when /health answers. `module` runs another
+    entry point with the same arguments (tests/e2e/faulty_serve.py, which injects faults)."""
 
     def __init__(self, args: list[str], env: dict | None = None, api_key: str | None = None,
-                 startup_timeout: float = 240.0) -> None:
+                 startup_timeout: float = 240.0, module: str = "serval.cli") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
         self.log_file = tempfile.NamedTemporaryFile(prefix="serval-serve-", suffix=".log", delete=False)
-        command = [sys.executable, "-m", "serval.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+        command = [sys.executable, "-m", module, "serve", "--host", "127.0.0.1", "--port", str(self.port),
                    *args]
         if api_key is not None:
             command += ["--api-key", api_key]
@@ -160,6 +161,16 @@ class RemoteServer:
                 return True
             time.sleep(0.1)
         return False
+
+    def wait_for_log(self, message: str, timeout: float = 60.0) -> dict:
+        """The first log record whose message starts with `message`, once it is written."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for record in self.log_records():
+                if str(record.get("message", "")).startswith(message):
+                    return record
+            time.sleep(0.1)
+        raise AssertionError(f"no {message!r} log line after {timeout}s:\n{self.log_text()[-3000:]}")
 
     def close(self) -> None:
         stop_process(self.process, self.log_file, timeout=20)

@@ -31,6 +31,7 @@ def test_over_the_waiting_limit_is_429_and_the_rest_complete(server):
         if response.status_code == 429:
             error = response.json()["error"]
             assert error["code"] == "rate_limit_exceeded" and "--max-waiting-requests" in error["message"]
+            assert int(response.headers["Retry-After"]) >= 1
         else:
             assert response.json()["usage"]["completion_tokens"] == 150
     assert server.wait_idle()

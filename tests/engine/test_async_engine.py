@@ -1,11 +1,15 @@
 """AsyncEngine: many concurrent streams through one background loop, aborts, bad input."""
 import asyncio
 import time
+from contextlib import aclosing
 
 import pytest
 
 from serval import AsyncEngine, LLM, SamplingParams
 from serval.config import EngineConfig
+from serval.engine.async_engine import EngineDeadError, RequestFailedError
+from serval.openai.errors import InvalidArgument
+from tests.engine.test_engine import fail_once, hf_greedy
 
 ENGINE_ARGS = dict(skip_tokenizer_init=True, max_num_seqs=4, max_num_batched_tokens=32, block_size=4,
                    max_model_len=128, num_gpu_blocks_override=64)
@@ -134,5 +138,114 @@ def test_a_burst_of_arrivals_is_prefilled_together(tiny_models, spacing_s, same_
         scheduled = [outputs[-1].metrics.first_token_time for outputs in (first, second)]
         assert (scheduled[0] == scheduled[1]) == same_step, scheduled
         assert first[-1].outputs[0].token_ids and second[-1].outputs[0].token_ids
+    finally:
+        engine.shutdown()
+
+
+def test_add_request_validates_before_returning(engine):
+    """add_request is synchronous: bad input raises InvalidArgument with the body field at fault, at the call,
+    and a duplicate running id is refused the same way; nothing is queued for either."""
+    async def main():
+        with pytest.raises(InvalidArgument) as error:
+            engine.add_request("too-long", {"prompt_token_ids": [1] * 500}, SamplingParams())
+        assert error.value.param == "prompt" and "max_model_len" in str(error.value)
+        running = engine.add_request("dup2", {"prompt_token_ids": [4] * 10},
+                                     SamplingParams(max_tokens=50, ignore_eos=True))
+        with pytest.raises(InvalidArgument, match="already running") as error:
+            engine.add_request("dup2", {"prompt_token_ids": [5]}, SamplingParams())
+        assert error.value.param is None
+        async with aclosing(running):
+            outputs = [output async for output in running]
+        return outputs
+
+    outputs = asyncio.run(main())
+    assert outputs[-1].finished and len(outputs[-1].outputs[0].token_ids) == 50
+    assert not engine.is_dead and engine.errored is None
+    assert wait_idle(engine)
+
+
+def test_a_burst_is_counted_waiting_at_once(engine):
+    """num_waiting counts requests still in the inbox: right after add_request returns, before the loop thread
+    has seen them (the server's queue limit and the waiting gauge read it)."""
+    async def main():
+        params = SamplingParams(max_tokens=4, ignore_eos=True)
+        before = engine.num_waiting + engine.num_running
+        streams = [engine.add_request(f"burst-{i}", {"prompt_token_ids": [3 + i] * 4}, params) for i in range(12)]
+        counted = engine.num_waiting + engine.num_running - before
+        stats_counted = engine.get_stats().num_requests_waiting + engine.get_stats().num_requests_running - before
+        finals = []
+        for stream in streams:
+            async with aclosing(stream):
+                finals.append([output async for output in stream][-1])
+        return counted, stats_counted, finals
+
+    counted, stats_counted, finals = asyncio.run(main())
+    assert counted >= 12 and stats_counted >= 12
+    assert all(final.finished and len(final.outputs[0].token_ids) == 4 for final in finals)
+    assert wait_idle(engine)
+    assert engine.num_waiting == 0 and engine.num_running == 0
+
+
+def test_closing_or_dropping_an_unread_stream_aborts(engine):
+    before = engine.get_stats().num_generation_tokens
+
+    async def main():
+        params = SamplingParams(max_tokens=100, ignore_eos=True)
+        closed = engine.add_request("closed", {"prompt_token_ids": [6] * 8}, params)
+        await closed.aclose()
+        engine.add_request("dropped", {"prompt_token_ids": [7] * 8}, params)  # never read: garbage at once
+        await asyncio.sleep(0.2)
+
+    asyncio.run(main())
+    assert wait_idle(engine)
+    assert engine.get_stats().num_generation_tokens - before < 100  # neither ran to its 100 tokens
+
+
+def test_a_failed_step_errors_its_streams_and_the_engine_serves_on(tiny_models):
+    path, hf_model = tiny_models("llama")
+    engine = AsyncEngine(EngineConfig(model=path, **ENGINE_ARGS))
+    try:
+        fail_once(engine.engine.runner)
+        params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+        async def main():
+            with pytest.raises(RequestFailedError, match="failed inside the engine"):
+                await collect(engine, [3, 4, 5], params)
+            return await collect(engine, [6, 7, 8, 9], params)
+
+        outputs = asyncio.run(main())
+        assert not engine.is_dead and engine.errored is None
+        assert outputs[-1].outputs[0].token_ids == hf_greedy(hf_model, [6, 7, 8, 9], 6)
+        assert wait_idle(engine)
+    finally:
+        engine.shutdown()
+
+
+def test_an_engine_whose_every_step_fails_is_dead(tiny_models):
+    """A run of failed steps is the engine, not a request: the loop stops, is_dead and errored say so, waiting
+    streams get EngineDeadError and new requests are refused at once."""
+    engine = AsyncEngine(EngineConfig(model=tiny_models("llama")[0], **ENGINE_ARGS))
+    try:
+        def broken(scheduled):
+            raise RuntimeError("device lost")
+
+        engine.engine.runner.execute = broken
+        params = SamplingParams(max_tokens=4, ignore_eos=True)
+
+        async def main():
+            for attempt in range(10):
+                try:
+                    await collect(engine, [3, 4, 5], params)
+                except EngineDeadError:
+                    break
+                except RequestFailedError:
+                    continue
+            with pytest.raises(EngineDeadError):
+                engine.add_request("after", {"prompt_token_ids": [3]}, params)
+            return attempt
+
+        attempts = asyncio.run(main())
+        assert attempts >= 1  # the first failures were the requests'; the engine died of the run of them
+        assert engine.is_dead and isinstance(engine.errored, RuntimeError)
     finally:
         engine.shutdown()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from serval import LLM, SamplingParams
+from serval.openai.errors import InvalidArgument
 from tests.conftest import ARCHITECTURES
 
 NUM_NEW_TOKENS = 12
@@ -264,3 +265,100 @@ def test_async_scheduling_with_text_stops_and_the_default_model(default_llm):
                (theirs.outputs[0].text, theirs.outputs[0].token_ids, theirs.outputs[0].finish_reason)
     assert [out.outputs[0].finish_reason for out in got[:3]] == ["stop"] * 3
     assert overlapped.engine.in_flight is None
+
+
+# ---- a request can't kill the engine ----
+def bad_token_id_requests(vocab_size: int) -> list[tuple[str, dict, SamplingParams]]:
+    """(param at fault, prompt, params): one for every token id a request can carry."""
+    good = {"prompt_token_ids": [5, 6, 7]}
+    return [
+        ("prompt", {"prompt_token_ids": [5, vocab_size]}, SamplingParams()),
+        ("prompt", {"prompt_token_ids": [5, -1]}, SamplingParams()),
+        ("prompt", {"prompt_token_ids": [5, True]}, SamplingParams()),
+        ("prompt", {"prompt_token_ids": 5}, SamplingParams()),
+        # The original defect: min_tokens made the sampler index the logits with this id, inside step().
+        ("stop_token_ids", good, SamplingParams(stop_token_ids=[vocab_size + 5], min_tokens=1)),
+        ("stop_token_ids", good, SamplingParams(stop_token_ids=[3, vocab_size])),
+        ("logit_bias", good, SamplingParams(logit_bias={vocab_size + 5: 1.0})),
+    ]
+
+
+def test_every_token_id_is_range_checked_before_admission(tiny_models):
+    path, hf_model = tiny_models("llama")
+    vocab_size = hf_model.config.vocab_size
+    engine = pressured_llm(path, prefix_caching=True).engine
+    for param, prompt, params in bad_token_id_requests(vocab_size):
+        with pytest.raises(InvalidArgument) as error:
+            engine.add_request(f"bad-{param}", prompt, params)
+        assert error.value.param == param, (param, prompt, params)
+        assert not engine.has_unfinished_requests()
+    prompt = make_prompts(vocab_size, count=3)[2]
+    engine.add_request("good", {"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=6,
+                                                                             ignore_eos=True))
+    outputs = [output for _ in range(20) for output in engine.step() if output.finished]
+    assert outputs[0].outputs[0].token_ids == hf_greedy(hf_model, prompt, 6)
+
+
+def fail_once(runner, method: str = "execute"):
+    """Make the runner's next call of `method` raise, as a device or kernel fault would (nothing outside can
+    fault a step on demand); later calls run the real method."""
+    real = getattr(runner, method)
+    calls = []
+
+    def faulty(*args, **kwargs):
+        calls.append(True)
+        if len(calls) == 1:
+            raise RuntimeError("injected fault")
+        return real(*args, **kwargs)
+
+    setattr(runner, method, faulty)
+    return calls
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async-scheduling"])
+def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(tiny_models, async_scheduling):
+    path, hf_model = tiny_models("llama")
+    prompts = make_prompts(hf_model.config.vocab_size, count=6, seed=9)
+    llm = pressured_llm(path, prefix_caching=True, async_scheduling=async_scheduling)
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    for i, prompt in enumerate(prompts[:4]):
+        engine.add_request(str(i), {"prompt_token_ids": prompt}, params)
+    for _ in range(3):  # prefills done; decoding (queued ahead, with asynchronous scheduling)
+        engine.step()
+    fail_once(engine.runner, "launch_decode" if async_scheduling else "execute")
+    failed = {output.request_id: output for output in engine.step()}
+    assert failed and all(output.finished for output in failed.values())
+    assert {c.finish_reason for output in failed.values() for c in output.outputs} == {"error"}
+    finished = dict(failed)
+    while engine.has_unfinished_requests():
+        finished.update((output.request_id, output) for output in engine.step() if output.finished)
+    assert sorted(finished) == ["0", "1", "2", "3"]
+    stats = engine.get_stats()
+    assert stats.num_free_blocks == stats.num_blocks
+    engine.kv_cache.check_invariants([])
+    # The engine goes on, and nothing the failed step wrote is served from the prefix cache.
+    later = [prompts[4], prompts[5]] + [prompts[int(i)] for i in failed]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in later], params, use_tqdm=False)
+    for prompt, output in zip(later, outputs):
+        assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, 8)
+        assert output.outputs[0].finish_reason == "length"
+
+
+def test_the_original_defect_without_the_range_check_fails_only_its_step(tiny_models, monkeypatch):
+    """Defence in depth: were a bad id to slip past admission (the check switched off here), the step it
+    breaks (the min_tokens mask indexing the logits with it) fails that step's requests, not the engine."""
+    path, hf_model = tiny_models("llama")
+    vocab_size = hf_model.config.vocab_size
+    engine = pressured_llm(path, prefix_caching=True).engine
+    monkeypatch.setattr(engine, "_check_token_ids", lambda *args: None)
+    engine.add_request("bad", {"prompt_token_ids": [5, 6, 7]},
+                       SamplingParams(stop_token_ids=[vocab_size + 5], min_tokens=1))
+    [output] = engine.step()
+    assert output.finished and output.outputs[0].finish_reason == "error"
+    assert engine.get_stats().num_free_blocks == engine.get_stats().num_blocks
+    prompt = make_prompts(vocab_size, count=2)[1]
+    engine.add_request("next", {"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=5,
+                                                                             ignore_eos=True))
+    outputs = [output for _ in range(10) for output in engine.step() if output.finished]
+    assert outputs[0].outputs[0].token_ids == hf_greedy(hf_model, prompt, 5)

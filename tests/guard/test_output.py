@@ -1,6 +1,9 @@
 """Streaming output rails: a match split across chunks anywhere is still caught, text before it isn't delayed."""
 import random
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from serval.guard.output import MAX_HOLDBACK_CHARS, OutputFilter
 from serval.guard.pii import find_pii, redact
 from serval.guard.policy import parse_policy
@@ -194,3 +197,23 @@ def test_disguised_pii_is_redacted_whole_and_streamed():
         assert expected == (f"it is [REDACTED:{category}], ok", False), value
         for cut in range(1, len(text)):
             assert stream(ALL_PII, [text[:cut], text[cut:]]) == expected, (value, cut)
+
+
+PIECES = [value for values in PII_SAMPLES.values() for value in values if len(value) < 80] + [
+    "4111 1111 1111 111", "bob@example.com.", "10.0.0.1.5", "DE89 3704", "sk-proj-", "darn", "project falcon",
+    " ", "  ", ", ", ".", "-", ":", "@", "\n", "1", "12", "a", "ab", "word", "\u200b", "\uff14", "x:y:z"]
+MIXED = parse_policy("""
+output:
+  pii: [{types: [secret, credit_card, iban, email], action: redact}, {types: [phone, ssn, ip_address], action: log}]
+  deny: [{name: rude, pattern: "darn+", action: redact}, {name: halt, pattern: "project falcon", action: stop}]
+""")
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(pieces=st.lists(st.sampled_from(PIECES), min_size=1, max_size=8), data=st.data())
+def test_any_text_split_anywhere_streams_as_the_whole(pieces, data):
+    text = "".join(pieces)
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(text) - 1)), max_size=6)))
+    chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)]) if b > a]
+    for policy in (ALL_PII, MIXED):
+        assert stream(policy, chunks) == whole(policy, text)

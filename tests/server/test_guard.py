@@ -4,6 +4,7 @@
 Output rails need the model to say something specific; a random-weight model won't, so those tests force the
 text with structured outputs (a `choice` grammar): the text still streams token by token through the rails.
 """
+import asyncio
 import json
 import signal
 import subprocess
@@ -20,7 +21,8 @@ from serval.guard.keys import hash_key
 MODEL = "tiny"
 SECRET = "sk-proj-Q7fA2kLm9ZxP4rT8wVb3NcJ6hGd1"
 CARD = "4111 1111 1111 1111"
-KEYS = {name: f"sk-serval-{name}" for name in ("full", "other-model", "rpm", "budget", "concurrent", "tpm")}
+KEYS = {name: f"sk-serval-{name}" for name in ("full", "other-model", "rpm", "budget", "concurrent", "tpm",
+                                                "budget200")}
 
 POLICY = f"""
 keys:
@@ -30,6 +32,7 @@ keys:
   - {{id: budget, sha256: {hash_key(KEYS['budget'])}, token_budget: 30}}
   - {{id: concurrent, sha256: {hash_key(KEYS['concurrent'])}, max_concurrent_requests: 1}}
   - {{id: tpm, sha256: {hash_key(KEYS['tpm'])}, tokens_per_minute: 10}}
+  - {{id: budget200, sha256: {hash_key(KEYS['budget200'])}, token_budget: 200}}
 input:
   max_prompt_tokens: 200
   deny:
@@ -124,20 +127,48 @@ def test_requests_per_minute_gets_429_with_retry_after(server):
             model=MODEL, messages=[{"role": "user", "content": "four"}], max_tokens=2)
 
 
+def complete(server, prompt: str, max_tokens: int, key: str) -> httpx.Response:
+    return post(server, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens,
+                                            "ignore_eos": True}, key)
+
+
 def test_tokens_per_minute_gets_429_with_retry_after(server):
-    first = chat(server, "count these tokens please", key="tpm", max_tokens=8)
-    assert first.status_code == 200 and first.json()["usage"]["total_tokens"] > 10
-    response = chat(server, "again", key="tpm")
+    # A request reserves prompt + max_tokens at admission: this one fits the 10 tokens a minute, and uses them.
+    first = complete(server, "count", max_tokens=8, key="tpm")
+    assert first.status_code == 200 and first.json()["usage"]["total_tokens"] >= 9
+    response = complete(server, "again", max_tokens=2, key="tpm")
     assert_error(response, 429, "rate_limit_exceeded")
     assert 1 <= int(response.headers["Retry-After"]) <= 60
+    too_large = chat(server, "a chat prompt alone is over ten tokens", key="tpm")
+    assert_error(too_large, 429, "rate_limit_exceeded")  # can never fit the window: no Retry-After
+    assert "Retry-After" not in too_large.headers
 
 
 def test_token_budget_exhausted_gets_429_insufficient_quota(server):
-    first = chat(server, "spend the budget", key="budget", max_tokens=20)
-    assert first.status_code == 200 and first.json()["usage"]["total_tokens"] >= 30
-    response = chat(server, "more", key="budget")
+    first = complete(server, "spend", max_tokens=20, key="budget")
+    assert first.status_code == 200 and first.json()["usage"]["total_tokens"] >= 21
+    response = complete(server, "more", max_tokens=16, key="budget")  # more than the 30 - 21 left
     assert_error(response, 429, "insufficient_quota")
     assert "Retry-After" not in response.headers  # a budget doesn't refill
+
+
+def test_concurrent_requests_cannot_overshoot_a_budget(server):
+    async def burst():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(client.post(
+                server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEYS['budget200']}"},
+                json={"model": MODEL, "prompt": "spend", "max_tokens": 20, "ignore_eos": True}) for _ in range(16)))
+
+    responses = asyncio.run(burst())
+    served = [response.json()["usage"]["total_tokens"] for response in responses if response.status_code == 200]
+    refused = [response for response in responses if response.status_code != 200]
+    assert served and refused and sum(served) <= 200, (served, [r.text for r in refused])
+    for response in refused:
+        assert response.status_code == 429 and response.json()["error"]["code"] in ("insufficient_quota",
+                                                                                      "rate_limit_exceeded")
+    charged = server.metric("serval:guard_key_tokens_total", key_id="budget200")
+    assert charged == sum(served) <= 200
+    assert httpx.get(server.url + "/health").status_code == 200
 
 
 def test_max_concurrent_requests(server):

@@ -1,0 +1,220 @@
+"""The HTTP app: FastAPI routes over the handlers, the ASGI middleware in front of them (keys, drain, HTTP
+metrics), the OpenAPI document with the request bodies, and `serve`, which runs it all on uvicorn.
+
+Every route answers OpenAI's error body on failure; user input never yields a 500. A request whose client goes
+away (streaming or not) is cancelled, which aborts its engine requests and frees their KV blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+
+import uvicorn
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import Response
+from pydantic.json_schema import models_json_schema
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import serval
+from serval.guard.decisions import GuardRejection
+from serval.guard.guard import Guard, RequestContext
+from serval.guard.session import reload_policy
+from serval.openai.auth import check_api_key
+from serval.openai.errors import APIError
+from serval.openai.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, \
+    TokenizeRequest
+from serval.server import serving, tokenization
+from serval.server.lifecycle import handle, simple
+from serval.server.metrics import CONTENT_TYPE
+from serval.server.config import ServerConfig
+from serval.server.drain import UVICORN_GRACE_S, DrainingServer
+from serval.server.state import ServerState
+from serval.server.tracing import RequestTracer
+
+logger = logging.getLogger(__name__)
+
+# Routes anyone may call: liveness for load balancers and supervisors, and the version (a constant).
+OPEN_PATHS = frozenset({"/health", "/version"})
+# The request body of each POST route, for the OpenAPI document (handlers read the raw body themselves, so that
+# every error stays OpenAI-shaped).
+REQUEST_BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
+                  "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}
+
+
+def build_app(state: ServerState) -> "ObservedApp":
+    app = FastAPI(title="Serval", version=serval.__version__, docs_url=None, redoc_url=None)
+    app.state.server = state
+
+    @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
+    async def completions(raw: Request):
+        return await handle(state, raw, CompletionRequest, serving.create_completion, "text_completion")
+
+    @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
+    async def chat_completions(raw: Request):
+        return await handle(state, raw, ChatCompletionRequest, serving.create_chat_completion, "chat")
+
+    @app.get("/v1/models")
+    async def models():
+        return tokenization.models(state)
+
+    @app.get("/health")
+    async def health():
+        if state.engine.is_dead:
+            return APIError.unavailable("The engine has stopped; the server is restarting.").response()
+        if state.draining:
+            return APIError.unavailable("The server is shutting down.").response()
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version():
+        return {"version": serval.__version__}
+
+    @app.post("/tokenize", openapi_extra=_body_schema(TokenizeRequest))
+    async def tokenize(raw: Request):
+        return await simple(state, raw, TokenizeRequest, tokenization.tokenize)
+
+    @app.post("/detokenize", openapi_extra=_body_schema(DetokenizeRequest))
+    async def detokenize(raw: Request):
+        return await simple(state, raw, DetokenizeRequest, tokenization.detokenize)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException):
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        return APIError(error.status_code, str(error.detail), type=kind).response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, error: Exception):
+        logger.error("unhandled error", exc_info=error)
+        return APIError(500, "internal error", type="server_error").response()
+
+    app.openapi = lambda: _openapi(app)
+    return ObservedApp(app, state, {route.path for route in app.routes})
+
+
+def _body_schema(model) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's document, with the request bodies the routes read themselves and OpenAI's error body."""
+    if app.openapi_schema is None:
+        document = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        _, definitions = models_json_schema([(model, "validation") for model in REQUEST_BODIES.values()]
+                                            + [(ErrorResponse, "serialization")],
+                                            ref_template="#/components/schemas/{model}")
+        document.setdefault("components", {}).setdefault("schemas", {}).update(definitions["$defs"])
+        app.openapi_schema = document
+    return app.openapi_schema
+
+
+class ObservedApp:
+    """ASGI in front of the app: the key check, refusals while draining, the in-flight count and the HTTP metrics.
+    Plain ASGI rather than BaseHTTPMiddleware, which would stand between the handlers and the disconnect messages
+    they watch for."""
+
+    def __init__(self, app: FastAPI, state: ServerState, routes: set[str]) -> None:
+        self.app, self.server, self.routes = app, state, routes
+        self.state = app.state
+        self.open_paths = OPEN_PATHS if state.config.metrics_require_key else OPEN_PATHS | {"/metrics"}
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.monotonic()
+        status = 500
+        path = scope["path"]
+        counted = path not in ("/health", "/metrics")
+
+        async def observed_send(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        if counted:
+            self.server.enter()
+        try:
+            refusal = self._refusal(scope, path)
+            if refusal is not None:
+                status = refusal.status
+                return await refusal.response()(scope, receive, send)
+            await self.app(scope, receive, observed_send)
+        finally:
+            if counted:
+                self.server.leave()
+            handler = path if path in self.routes else "other"
+            self.server.metrics.observe_http(scope["method"], handler, status, time.monotonic() - started)
+
+    def _refusal(self, scope, path: str) -> APIError | None:
+        """Why this request is answered before it reaches a route, or None."""
+        state = self.server
+        if path not in self.open_paths:
+            guard = state.guard
+            authorization = _header(scope, b"authorization")
+            if guard is not None and guard.requires_keys:
+                try:
+                    scope.setdefault("state", {})["guard_key"] = guard.authenticate(authorization, RequestContext())
+                except GuardRejection as rejection:
+                    return APIError.from_rejection(rejection)
+            elif state.config.api_key is not None:
+                try:
+                    check_api_key(authorization, [state.config.api_key])
+                except APIError as error:
+                    return error
+        if state.draining and path not in ("/health", "/metrics"):
+            return APIError.unavailable("The server is shutting down; send the request to another replica.")
+        return None
+
+
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def serve(engine, config: ServerConfig, guard: Guard | None = None) -> int:
+    """Run the server until a signal drains it or the engine dies; shut the engine down; return the exit status
+    (0 after a drain, 1 when the engine died). SIGHUP reloads the policy."""
+    tracer = RequestTracer(config.otlp_traces_endpoint) if config.otlp_traces_endpoint else None
+    state = ServerState(engine, config, guard, tracer)
+    app = build_app(state)
+    uvicorn_config = uvicorn.Config(app, host=config.host, port=config.port, log_config=None,
+                                    access_log=config.access_log, log_level=config.log_level,
+                                    timeout_graceful_shutdown=UVICORN_GRACE_S)
+    server = DrainingServer(uvicorn_config, state, config.shutdown_timeout)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        loop = asyncio.get_running_loop()
+        server.started_on(loop)
+        if guard is not None:
+            loop.add_signal_handler(signal.SIGHUP, reload_policy, guard)
+        logger.info("serving", extra={"url": f"http://{config.host}:{config.port}", "model": state.model_name,
+                                      "model_path": engine.config.model, "max_model_len": state.max_model_len,
+                                      "policy": guard.policy.source if guard is not None else None})
+        yield
+        await server.stopped()
+        if guard is not None:
+            await guard.aclose()
+
+    app.app.router.lifespan_context = lifespan
+    try:
+        server.run()
+    finally:
+        state.close()
+        if tracer is not None:
+            tracer.shutdown()
+        engine.shutdown()
+    return server.exit_code
+

@@ -1,0 +1,55 @@
+"""The server's settings (`serval serve`'s flags that are not engine arguments), validated once at the edge."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from serval.openai.errors import InvalidArgument
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# Large enough for a full 128k-token context as JSON text with room to spare, small enough that a hostile body is
+# refused before it costs memory or parsing time.
+DEFAULT_MAX_REQUEST_BODY_BYTES = 8 * 1024 * 1024
+# OpenAI's own bound on `n`.
+DEFAULT_MAX_N = 128
+# Under Kubernetes' default 30 s termination grace period, so the drain ends before the kill.
+DEFAULT_SHUTDOWN_TIMEOUT_S = 20.0
+
+
+@dataclass
+class ServerConfig:
+    """What `serve` needs besides the engine. Field names are the flags' (`--max-waiting-requests` →
+    max_waiting_requests)."""
+    host: str = "0.0.0.0"
+    port: int = 8000
+    served_model_names: list[str] = field(default_factory=lambda: [DEFAULT_MODEL_NAME])
+    api_key: str | None = None
+    max_waiting_requests: int | None = None
+    otlp_traces_endpoint: str | None = None
+    log_requests: bool = True
+    access_log: bool = True
+    log_level: str = "info"
+    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
+    max_n: int = DEFAULT_MAX_N
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+    # /metrics answers without a key unless this is set: Prometheus scrapers are usually configured without one.
+    metrics_require_key: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.served_model_names:
+            raise InvalidArgument("served_model_names", "invalid served_model_names: give at least one name")
+        if self.max_request_body_bytes < 1:
+            raise InvalidArgument("max_request_body_bytes", "invalid max_request_body_bytes "
+                                  f"{self.max_request_body_bytes}: must be a positive number of bytes")
+        if self.max_n < 1:
+            raise InvalidArgument("max_n", f"invalid max_n {self.max_n}: must be at least 1")
+        if self.shutdown_timeout < 0:
+            raise InvalidArgument("shutdown_timeout", f"invalid shutdown_timeout {self.shutdown_timeout}: must be "
+                                  "zero or more seconds")
+        if self.max_waiting_requests is not None and self.max_waiting_requests < 1:
+            raise InvalidArgument("max_waiting_requests", "invalid max_waiting_requests "
+                                  f"{self.max_waiting_requests}: must be at least 1")
+
+    @property
+    def model_name(self) -> str:
+        """The name the server reports; the others are aliases it answers to."""
+        return self.served_model_names[0]
