@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from serval.guard.session import reload_policy
 from serval.openai.auth import check_api_key
 from serval.openai.disconnect import until_disconnect
 from serval.openai.errors import APIError
@@ -58,7 +59,8 @@ def build_app(router: Router) -> Starlette:
     async def lifespan(_app):
         await router.start()
         if router.guard is not None:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, router.reload_policy)
+            # SIGHUP re-reads the policy; a bad file is logged and the running policy stays
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_policy, router.guard)
         logger.info("routing", extra={"models": router.config.public_names(), "backends": list(router.backends),
                                       "policy": router.guard.policy.source if router.guard is not None else None})
         yield

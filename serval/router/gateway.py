@@ -30,7 +30,7 @@ from serval.router.backends import Backend, build_backends
 from serval.router.breaker import OPEN
 from serval.router.config import GroupConfig, RouterConfig
 from serval.router.failures import AttemptFailed, error_fields, request_at_fault
-from serval.guard.session import GuardMetricsObserver, reload_policy
+from serval.guard.session import GuardMetricsObserver
 from serval.openai.sse import ClosingStreamingResponse
 from serval.router.guarding import RouterGuardSession
 from serval.router.health import check_all, health_loop
@@ -102,10 +102,6 @@ class Router:
             await check_all(self.session, self.backends, self.config.health_check_timeout)
             self._health_task = asyncio.create_task(health_loop(
                 self.session, self.backends, self.config.health_check_interval, self.config.health_check_timeout))
-
-    def reload_policy(self) -> None:
-        """SIGHUP: re-read the guard policy; a bad file is logged and the running policy stays."""
-        reload_policy(self.guard)
 
     async def stop(self) -> None:
         if self._health_task is not None:

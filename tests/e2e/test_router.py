@@ -216,6 +216,7 @@ BAD_REQUESTS = [
     {"prompt": "p", "temperature": -3},
     {"prompt": "p", "logit_bias": {"not-a-token": 1}},
     {"prompt": [10 ** 9]},  # a token id past the vocabulary
+    {"prompt": "p", "stop_token_ids": [10 ** 9], "min_tokens": 1},  # once stopped the engine (defect 1)
     {"prompt": "p", "n": 0},
     {"prompt": "p", "structured_outputs": {"regex": "("}},
 ]
@@ -228,7 +229,7 @@ def test_bad_requests_are_answered_by_one_backend_and_open_no_breaker(cluster, c
     retries = router.metric("serval:router_retries_total", model="tiny")
     failures = sum(router.metric("serval:router_requests_total", backend=name, outcome="backend_error")
                    for name in ("a", "b"))
-    for body in BAD_REQUESTS * 2:  # 14 bad requests against breakers that open after 3 failures
+    for body in BAD_REQUESTS * 2:  # 16 bad requests against breakers that open after 3 failures
         response = client.post("/v1/completions", json={"model": "tiny", **body})
         assert 400 <= response.status_code < 500, (body, response.text)
         error = response.json()["error"]
