@@ -122,7 +122,7 @@ def test_round_robin_alternates(client):
 
 
 def test_least_requests_spreads_concurrent_requests(cluster, client):
-    # Avoiding a busy backend is shown with a held stream in tests/test_router_gateway.py: a real engine
+    # Avoiding a busy backend is shown with a held stream in tests/router/test_gateway.py: a real engine
     # finishes too fast to hold one open here.
     router, _ = cluster
 
