@@ -12,10 +12,13 @@ import os
 import sys
 import types
 import typing
+from typing import TYPE_CHECKING
 
-from serval.config import EngineConfig
 from serval.server.config import (DEFAULT_MAX_N, DEFAULT_MAX_REQUEST_BODY_BYTES, DEFAULT_MODEL_NAME,
                                   DEFAULT_SHUTDOWN_TIMEOUT_S, ServerConfig)
+
+if TYPE_CHECKING:  # the engine's config imports torch: `serval route` must not pay for it
+    from serval.config import EngineConfig
 
 logger = logging.getLogger("serval.cli")
 
@@ -49,6 +52,8 @@ _ENGINE_HELP = {
 
 
 def add_engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    from serval.config import EngineConfig
+
     group = parser.add_argument_group("engine arguments (vLLM's names)")
     hints = typing.get_type_hints(EngineConfig)
     for field in dataclasses.fields(EngineConfig):
@@ -66,6 +71,8 @@ def add_engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ())
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """Raises ValueError naming the argument for an invalid value."""
+    from serval.config import EngineConfig
+
     return EngineConfig(**{name: getattr(args, name) for name in EngineConfig.field_names() if hasattr(args, name)})
 
 
@@ -126,9 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+ROUTE_HELP = "run the router: one OpenAI-compatible gateway over many backends"
+
+
 def _add_route_parser(commands) -> None:
-    route = commands.add_parser("route", help="run the router: one OpenAI-compatible gateway over many backends",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_route_args(commands.add_parser("route", help=ROUTE_HELP,
+                                        formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+
+
+def _add_route_args(route: argparse.ArgumentParser) -> None:
     route.add_argument("--config", required=True, help="router YAML: backends, model groups, policies")
     route.add_argument("--host", default="0.0.0.0", help="address to bind")
     route.add_argument("--port", type=int, default=8080)
@@ -153,7 +166,7 @@ def _load_guard(policy_path: str | None):
 
 def _route(args: argparse.Namespace) -> int:
     from serval.router.config import ConfigError, load_config
-    from serval.router.gateway import serve
+    from serval.router.app import serve
 
     try:
         config = load_config(args.config)
@@ -176,12 +189,18 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "advise":
         from serval.advise.cli import main as advise_main
         return advise_main(argv[1:])
+    if argv and argv[0] == "route":  # parsed alone: the full parser reads EngineConfig, which imports torch
+        route = argparse.ArgumentParser(prog="serval route", description=ROUTE_HELP,
+                                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        _add_route_args(route)
+        args = route.parse_args(argv[1:])
+        from serval.server.request_log import configure_logging
+        configure_logging(args.log_level)
+        return _route(args)
     parser = build_parser()
     args = parser.parse_args(argv)
     from serval.server.request_log import configure_logging
     configure_logging(args.log_level)
-    if args.command == "route":
-        return _route(args)
     if getattr(args, "model_tag", None) is not None:
         if args.model is not None and args.model != args.model_tag:
             parser.error(f"the model is given twice: {args.model_tag!r} and --model {args.model!r}")

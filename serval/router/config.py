@@ -67,6 +67,7 @@ class RouterConfig:
     connect_timeout: float = 5.0
     read_timeout: float = 600.0  # longest silence from a backend, before or between chunks
     api_keys: list[str] = field(default_factory=list)  # clients must send one of these, when given
+    max_body_bytes: int = 32 * 1024 * 1024  # larger request bodies are refused with 413 before they are read
 
     def group_for(self, model: str) -> GroupConfig | None:
         group = self.groups.get(model)
@@ -93,7 +94,7 @@ def parse_config(data, source: str = "router config") -> RouterConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping with 'backends', got {type(data).__name__}")
     _no_unknown(data, {"backends", "models", "policy", "fallbacks", "health_check", "breaker", "retries",
-                       "timeouts", "api_keys"}, source)
+                       "timeouts", "api_keys", "max_body_bytes"}, source)
     rows = data.get("backends")
     if not isinstance(rows, list) or not rows:
         raise ConfigError(f"{source}: 'backends' must be a non-empty list of backends, got {rows!r}")
@@ -115,6 +116,8 @@ def parse_config(data, source: str = "router config") -> RouterConfig:
              {"connect_s": "connect_timeout", "read_s": "read_timeout"})
     if "retries" in data:
         config.num_retries = _number(data["retries"], "retries", minimum=0, integer=True)
+    if "max_body_bytes" in data:
+        config.max_body_bytes = _number(data["max_body_bytes"], "max_body_bytes", minimum=1, integer=True)
     if config.failure_threshold < 1:
         raise ConfigError(f"breaker.failure_threshold: {config.failure_threshold}; allowed: an integer >= 1")
     keys = data.get("api_keys") or []

@@ -1,10 +1,14 @@
-"""The gateway: an OpenAI-compatible Starlette app that routes each request to a backend and relays the answer.
+"""The routing loop: which backend tries a request, what a failed try means, and the answer relayed back.
 
-A request is tried on one backend at a time. Until its first byte has reached the client, a failure
-(refused, reset, timeout, 5xx, 429) sends it to another backend of the group, and a context-length rejection
-sends it to the group's context-window fallback; after that the bytes stream through unchanged, chunk by
-chunk, and a failure is reported inside the stream. Response headers are sent only once the backend's
-first chunk is in hand, which is what makes the retry invisible to the client.
+A request is tried on one backend at a time. Until its first byte has reached the client, a failure the backend
+caused (refused, reset, timeout, a 5xx that does not blame the request, 429) sends it to another backend of the
+group, and a context-length rejection sends it to the group's context-window fallback; after that the bytes
+stream through unchanged, chunk by chunk, and a failure is reported inside the stream. Response headers are
+sent only once the backend's first chunk is in hand, which is what makes the retry invisible to the client.
+
+An answer the request caused (serval.router.failures) is relayed at once and never held against the backend.
+A request that failed on a backend that had read it is tried on at most one more: if the request is what
+breaks backends, replaying it across the fleet would break them all.
 """
 from __future__ import annotations
 
@@ -12,41 +16,63 @@ import asyncio
 import contextlib
 import json
 import logging
-import signal
+import math
 import time
-import uuid
-from contextlib import aclosing
+from dataclasses import dataclass
 
 import aiohttp
-import uvicorn
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.datastructures import Headers
+from starlette.responses import Response
 
+from serval.openai.errors import APIError
 from serval.router import metrics as m
 from serval.router.backends import Backend, build_backends
+from serval.router.breaker import OPEN
 from serval.router.config import GroupConfig, RouterConfig
-from serval.router.errors import RouterError
-from serval.router.guarding import GuardObserver, GuardSession, StreamRewriter
+from serval.router.failures import AttemptFailed, error_fields, request_at_fault
+from serval.guard.session import GuardMetricsObserver
+from serval.openai.sse import ClosingStreamingResponse
+from serval.router.guarding import RouterGuardSession
 from serval.router.health import check_all, health_loop
 from serval.router.policies import make_policy
+from serval.router.relay import StreamRelay
 from serval.router.request_info import RouteRequest, route_request
-from serval.openai.disconnect import until_disconnect
 
 logger = logging.getLogger("serval.router")
 
 BACKEND_HEADER = "x-serval-backend"  # names the backend that answered; useful in logs, tests and debugging
 FORWARDED_HEADERS = ("traceparent", "tracestate")  # W3C trace context: the backend's spans join the client's trace
-RETRYABLE_STATUS = (500, 502, 503, 504)
+RELAYED_ERROR_HEADERS = ("retry-after",)
+# Tries on backends that read the request and failed: the first, and at most one more.
+MAX_FAILED_TRIES = 2
+# Retry-After on a relayed 429 whose backend gave none: clients back off by at least this.
+DEFAULT_RETRY_AFTER_S = 1
 
 
-class _Failed(Exception):
-    """An attempt that failed before anything reached the client."""
+@dataclass
+class RoutedRequest:
+    """One client request as the router received it: what each attempt sends and logs."""
+    path: str  # /v1/completions or /v1/chat/completions
+    body: dict
+    body_bytes: bytes  # sent as they are when the backend takes the model name the client gave
+    headers: Headers  # the client's (trace context is forwarded, the session header read)
+    request_id: str
+    started: float  # the router's clock when the request arrived
+    session: RouterGuardSession  # a pass-through one without --policy
 
-    def __init__(self, outcome: str, detail: str, response: Response | None = None) -> None:
-        super().__init__(detail)
-        self.outcome, self.detail, self.response = outcome, detail, response
+    @property
+    def chat(self) -> bool:
+        return self.path.endswith("chat/completions")
+
+
+@dataclass
+class Attempt:
+    """One try of a request on one backend."""
+    request: RoutedRequest
+    backend: Backend
+    group: GroupConfig
+    reason: str  # why the policy chose this backend
+    number: int  # 1 for the first try of the request in its group
 
 
 class Router:
@@ -58,7 +84,7 @@ class Router:
         self.policies = {name: make_policy(group) for name, group in config.groups.items()}
         self.metrics = m.RouterMetrics(self.backends, clock)
         if guard is not None:
-            guard.observers.append(GuardObserver(self.metrics))
+            guard.observers.append(GuardMetricsObserver(self.metrics.guard_decisions, self.metrics.guard_latency))
         self.session: aiohttp.ClientSession | None = None
         self._health_task: asyncio.Task | None = None
 
@@ -77,14 +103,6 @@ class Router:
             self._health_task = asyncio.create_task(health_loop(
                 self.session, self.backends, self.config.health_check_interval, self.config.health_check_timeout))
 
-    def reload_policy(self) -> None:
-        """SIGHUP: re-read the guard policy; a bad file is logged and the running policy stays."""
-        from serval.guard.policy import PolicyError
-        try:
-            self.guard.reload()
-        except PolicyError as error:
-            logger.error("policy reload failed; keeping the running policy", extra={"error": str(error)})
-
     async def stop(self) -> None:
         if self._health_task is not None:
             self._health_task.cancel()
@@ -93,10 +111,10 @@ class Router:
         if self.session is not None:
             await self.session.close()
         if self.guard is not None:
-            await self.guard.classifier_client.close()
+            await self.guard.aclose()
 
     # ------------------------------------------------------------------ routing
-    def candidates(self, group: GroupConfig, request: RouteRequest, tried: set[str]) -> tuple[list[Backend], dict]:
+    def candidates(self, group: GroupConfig, tried: set[str]) -> tuple[list[Backend], dict]:
         """(backends that may take the request now, why each other one may not)."""
         now = self.clock()
         chosen, excluded = [], {}
@@ -126,67 +144,73 @@ class Router:
         limit = backend.max_context
         return limit is None or request.estimated_total_tokens <= limit
 
-    async def route(self, raw: Request, path: str, body: dict, body_bytes: bytes, request_id: str,
-                    session: GuardSession | None = None) -> Response:
-        started = self.clock()
-        group = self.resolve_group(body)
-        request = route_request(body, raw.headers, group.session_header)
+    async def route(self, request: RoutedRequest) -> Response:
+        group = self.resolve_group(request.body)
+        info = route_request(request.body, request.headers, group.session_header)
         tried: set[str] = set()
         failures: list[str] = []
         fallbacks_left = list(self.config.context_window_fallbacks.get(group.name, []))
-        attempts = 0
+        attempts = failed_tries = 0
+        last: AttemptFailed | None = None
         while True:
-            capable = {backend.name for backend in self.capable(group, request)}
+            capable = {backend.name for backend in self.capable(group, info)}
             if not capable:
-                raise RouterError(400, f"No backend of model `{group.name}` accepts this request: it needs "
-                                       f"{sorted(request.modalities)} input"
-                                       f"{' and structured output' if request.needs_structured_output else ''}.",
-                                  param="messages", code="unsupported_request")
-            candidates, excluded = self.candidates(group, request, tried)
+                raise APIError(400, f"No backend of model `{group.name}` accepts this request: it needs "
+                                    f"{sorted(info.modalities)} input"
+                                    f"{' and structured output' if info.needs_structured_output else ''}.",
+                               param="messages", code="unsupported_request")
+            candidates, excluded = self.candidates(group, tried)
             candidates = [backend for backend in candidates if backend.name in capable]
-            fitting = [backend for backend in candidates if self.fits(backend, request)]
+            fitting = [backend for backend in candidates if self.fits(backend, info)]
             if not fitting and candidates and fallbacks_left:
                 group = self._fall_back(group, fallbacks_left, "estimated prompt too long")
                 continue
             candidates = fitting or candidates  # none fits by estimate: let the backend itself decide
-            if not candidates or attempts > self.config.num_retries:
-                return self._no_backend(group, excluded, failures, attempts > self.config.num_retries)
-            decision = self.policies[group.name].choose(candidates, request)
+            out_of_retries = attempts > self.config.num_retries or failed_tries >= MAX_FAILED_TRIES
+            if not candidates or out_of_retries:
+                return self._give_up(group, excluded, failures, last, out_of_retries)
+            decision = self.policies[group.name].choose(candidates, info)
             backend = decision.backend
             self.metrics.decisions.labels(group.name, group.policy, backend.name, decision.reason).inc()
             tried.add(backend.name)
             if not backend.breaker.acquire(self.clock()):
                 continue  # another request took the half-open probe slot meanwhile
             attempts += 1
+            if last is not None:
+                self.metrics.retries.labels(group.name, last.outcome).inc()
+            attempt = Attempt(request, backend, group, decision.reason, attempts)
             try:
-                return await self.attempt(backend, group, path, body, body_bytes, raw, request_id, started,
-                                          decision.reason, attempts, session)
-            except _Failed as failure:
+                return await self.attempt(attempt)
+            except AttemptFailed as failure:
+                failure.attempt = attempt
                 self.metrics.requests.labels(backend.name, group.name, failure.outcome).inc()
                 failures.append(f"{backend.name}: {failure.detail}")
                 logger.warning("backend attempt failed", extra={
-                    "request_id": request_id, "backend": backend.name, "model": group.name,
+                    "request_id": request.request_id, "backend": backend.name, "model": group.name,
                     "outcome": failure.outcome, "error": failure.detail})
                 if failure.outcome == m.CONTEXT_EXCEEDED:
                     if not fallbacks_left:
+                        self.log_routed(attempt, failure.outcome, failure.response.status_code)
                         return failure.response
                     group = self._fall_back(group, fallbacks_left, "backend rejected the context length")
                     tried.clear()
-                    attempts = 0  # a fallback is not a retry: the new group gets its own
+                    attempts = failed_tries = 0  # a fallback is not a retry: the new group gets its own
+                    last = None
                     continue
-                self.metrics.retries.labels(group.name, failure.outcome).inc()
+                last = failure
+                failed_tries += failure.reached_backend
 
     def resolve_group(self, body: dict) -> GroupConfig:
         model = body.get("model")
         if model is None and len(self.config.groups) == 1:
             model = next(iter(self.config.groups))  # attempt() then writes it into the body it sends
         if not isinstance(model, str):
-            raise RouterError(400, f"`model` must be a string naming one of {self.config.public_names()}; "
-                                   f"got {model!r}.", param="model")
+            raise APIError(400, f"`model` must be a string naming one of {self.config.public_names()}; "
+                                f"got {model!r}.", param="model")
         group = self.config.group_for(model)
         if group is None:
-            raise RouterError(404, f"The model `{model}` does not exist; this router serves "
-                                   f"{self.config.public_names()}.", param="model", code="model_not_found")
+            raise APIError(404, f"The model `{model}` does not exist; this router serves "
+                                f"{self.config.public_names()}.", param="model", code="model_not_found")
         return group
 
     def _fall_back(self, group: GroupConfig, fallbacks_left: list[str], why: str) -> GroupConfig:
@@ -195,25 +219,40 @@ class Router:
         logger.info("context-window fallback", extra={"model": group.name, "fallback": target.name, "why": why})
         return target
 
-    def _no_backend(self, group: GroupConfig, excluded: dict, failures: list[str], out_of_retries: bool) -> Response:
+    def _give_up(self, group: GroupConfig, excluded: dict, failures: list[str],
+                 last: AttemptFailed | None, out_of_retries: bool) -> Response:
+        if last is not None and last.response is not None:
+            # The backend's own answer (its 5xx, or its 429 with Retry-After) tells the client more than ours.
+            self.log_routed(last.attempt, last.outcome, last.response.status_code)
+            return last.response
         self.metrics.requests.labels("none", group.name, m.NO_BACKEND).inc()
         reasons = failures + [f"{name}: {why}" for name, why in excluded.items() if why != "already tried"]
         lead = ("Every attempt failed" if out_of_retries or failures
                 else "No backend can serve this request now")
-        return RouterError(503, f"{lead} for model `{group.name}` ({'; '.join(reasons) or 'no backends'}). "
-                                "Retry later.", type="server_error", code="no_backend_available").response()
+        retry_after = self._seconds_until_a_breaker_half_opens(group)
+        return APIError(503, f"{lead} for model `{group.name}` ({'; '.join(reasons) or 'no backends'}). "
+                             "Retry later.", type="server_error", code="no_backend_available",
+                        headers={"Retry-After": str(retry_after)} if retry_after is not None else None).response()
+
+    def _seconds_until_a_breaker_half_opens(self, group: GroupConfig) -> int | None:
+        now = self.clock()
+        waits = [backend.breaker.opened_at + backend.breaker.cooldown - now
+                 for backend in (self.backends[name] for name in group.backends)
+                 if backend.breaker.current_state(now) == OPEN]
+        return max(1, math.ceil(min(waits))) if waits else None
 
     # ------------------------------------------------------------------ one attempt
-    async def attempt(self, backend: Backend, group: GroupConfig, path: str, body: dict, body_bytes: bytes,
-                      raw: Request, request_id: str, started: float, reason: str, attempts: int,
-                      session: GuardSession | None = None) -> Response:
-        model = backend.model_for(group.name)
-        payload = body_bytes if body.get("model") == model else json.dumps({**body, "model": model}).encode()
+    async def attempt(self, attempt: Attempt) -> Response:
+        backend, request = attempt.backend, attempt.request
+        model = backend.model_for(attempt.group.name)
+        payload = (request.body_bytes if request.body.get("model") == model
+                   else json.dumps({**request.body, "model": model}).encode())
         # identity: relay the backend's bytes as they are, never a compressed stream to re-chunk
-        headers = {"content-type": "application/json", "x-request-id": request_id, "accept-encoding": "identity"}
+        headers = {"content-type": "application/json", "x-request-id": request.request_id,
+                   "accept-encoding": "identity"}
         for name in FORWARDED_HEADERS:
-            if name in raw.headers:
-                headers[name] = raw.headers[name]
+            if name in request.headers:
+                headers[name] = request.headers[name]
         if backend.config.api_key:
             headers["authorization"] = f"Bearer {backend.config.api_key}"
         backend.in_flight += 1
@@ -222,32 +261,34 @@ class Router:
         response = None
         try:
             try:
-                response = await self.session.post(backend.config.url + path, data=payload, headers=headers)
-            except asyncio.TimeoutError as error:
-                raise self._failure(backend, m.TIMEOUT, f"timed out connecting or waiting ({type(error).__name__})")
-            except aiohttp.ClientError as error:
-                raise self._failure(backend, m.BACKEND_ERROR, f"{type(error).__name__}: {error}")
+                response = await self.session.post(backend.config.url + request.path, data=payload, headers=headers)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+                # A refused or timed-out connection never carried the request: it cannot be the request's fault.
+                reached = not isinstance(error, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
+                if isinstance(error, asyncio.TimeoutError):
+                    raise self._backend_failed(backend, m.TIMEOUT, f"timed out connecting or waiting "
+                                                                   f"({type(error).__name__})", reached)
+                raise self._backend_failed(backend, m.BACKEND_ERROR, f"{type(error).__name__}: {error}", reached)
             if response.status != 200 or "text/event-stream" not in response.headers.get("content-type", ""):
-                return await self._whole_response(backend, group, response, started, sent, request_id, reason,
-                                                  attempts, session, path.endswith("chat/completions"))
+                return await self._whole_response(attempt, response, sent)
             try:
                 chunks = response.content.iter_any()  # whatever has arrived, as soon as it has: no re-buffering
                 first = await anext(chunks)
             except (aiohttp.ClientError, asyncio.TimeoutError, StopAsyncIteration) as error:
                 response.close()
                 outcome = m.TIMEOUT if isinstance(error, asyncio.TimeoutError) else m.BACKEND_ERROR
-                raise self._failure(backend, outcome, f"stream broke before its first chunk ({type(error).__name__})")
+                raise self._backend_failed(backend, outcome, "stream broke before its first chunk "
+                                                             f"({type(error).__name__})")
             first_byte = self.clock() - sent
             self.metrics.first_byte_latency.labels(backend.name).observe(first_byte)
             backend.observe_ttft(first_byte)
             handed_over = True
-            rewriter = session.stream_rewriter(path.endswith("chat/completions")) if session is not None else None
-            relay = _Relay(self, backend, group, response, first, chunks, (started, request_id, reason, attempts),
-                           session, rewriter)
-            return _ClosingStreamingResponse(relay.events(), relay.close, status_code=200,
-                                             media_type="text/event-stream",
-                                             headers={BACKEND_HEADER: backend.name, "cache-control": "no-cache",
-                                                      "x-accel-buffering": "no"})
+            rewriter = request.session.stream_rewriter(request.chat)
+            relay = StreamRelay(self, attempt, response, first, chunks, rewriter)
+            return ClosingStreamingResponse(relay.events(), relay.close, status_code=200,
+                                            media_type="text/event-stream",
+                                            headers={BACKEND_HEADER: backend.name, "cache-control": "no-cache",
+                                                     "x-accel-buffering": "no"})
         except asyncio.CancelledError:
             backend.breaker.release()
             raise
@@ -257,265 +298,60 @@ class Router:
                 if response is not None:
                     response.close()  # a no-op once released; otherwise (cancelled) the backend must abort
 
-    def _failure(self, backend: Backend, outcome: str, detail: str) -> _Failed:
+    def _backend_failed(self, backend: Backend, outcome: str, detail: str, reached_backend: bool = True,
+                        response: Response | None = None) -> AttemptFailed:
         if outcome == m.OVERLOADED:
             backend.breaker.release()  # busy, not broken
         else:
             backend.breaker.record_failure(self.clock())
-        return _Failed(outcome, detail)
+        return AttemptFailed(outcome, detail, reached_backend, response)
 
-    async def _whole_response(self, backend: Backend, group: GroupConfig, response: aiohttp.ClientResponse,
-                              started: float, sent: float, request_id: str, reason: str, attempts: int,
-                              session: GuardSession | None, chat: bool) -> Response:
+    async def _whole_response(self, attempt: Attempt, response: aiohttp.ClientResponse, sent: float) -> Response:
+        backend, request = attempt.backend, attempt.request
         try:
             content = await response.read()
         except (aiohttp.ClientError, asyncio.TimeoutError) as error:
             outcome = m.TIMEOUT if isinstance(error, asyncio.TimeoutError) else m.BACKEND_ERROR
-            raise self._failure(backend, outcome, f"response broke off ({type(error).__name__})")
+            raise self._backend_failed(backend, outcome, f"response broke off ({type(error).__name__})")
         finally:
             response.release()
         status = response.status
-        if status in RETRYABLE_STATUS:
-            raise self._failure(backend, m.BACKEND_ERROR, f"HTTP {status}: {content[:200].decode(errors='replace')}")
+        headers = {BACKEND_HEADER: backend.name}
+        headers.update({name: response.headers[name] for name in RELAYED_ERROR_HEADERS if name in response.headers})
         if status == 429:
-            raise self._failure(backend, m.OVERLOADED, "HTTP 429 (overloaded)")
+            headers.setdefault("retry-after", str(DEFAULT_RETRY_AFTER_S))
+            relayed = Response(content, status_code=status, media_type=response.headers.get("content-type"),
+                               headers=headers)
+            raise self._backend_failed(backend, m.OVERLOADED, "HTTP 429 (overloaded)", response=relayed)
+        if status >= 500 and not request_at_fault(status, content):
+            relayed = Response(content, status_code=status, media_type=response.headers.get("content-type"),
+                               headers=headers)
+            raise self._backend_failed(backend, m.BACKEND_ERROR,
+                                       f"HTTP {status}: {content[:200].decode(errors='replace')}", response=relayed)
         self.metrics.first_byte_latency.labels(backend.name).observe(self.clock() - sent)
-        if session is not None and status == 200:
-            content = session.filter_whole(content, chat)  # output rails, and the usage to charge
+        if status == 200:
+            content = request.session.filter_whole(content, request.chat)  # output rails, and the usage to charge
         relayed = Response(content, status_code=status, media_type=response.headers.get("content-type"),
-                           headers={BACKEND_HEADER: backend.name})
-        backend.breaker.record_success()  # it answered: alive, whatever the answer says of the request
-        if status == 400 and _error_code(content) == "context_length_exceeded":
-            raise _Failed(m.CONTEXT_EXCEEDED, "context length exceeded", relayed)
-        outcome = m.SUCCESS if status < 400 else m.CLIENT_ERROR
-        self._finished(backend, group, outcome, status, started, request_id, reason, attempts, stream=False)
+                           headers=headers)
+        if status >= 500:
+            backend.breaker.release()  # the request broke it, not the backend: neither health nor failure
+        else:
+            backend.breaker.record_success()  # it answered: alive, whatever the answer says of the request
+        if status == 400 and error_fields(content).get("code") == "context_length_exceeded":
+            raise AttemptFailed(m.CONTEXT_EXCEEDED, "context length exceeded", response=relayed)
+        self.finished(attempt, m.SUCCESS if status < 400 else m.CLIENT_ERROR, status)
         return relayed
 
-    def _finished(self, backend: Backend, group: GroupConfig, outcome: str, status: int, started: float,
-                  request_id: str, reason: str, attempts: int, stream: bool) -> None:
-        elapsed = self.clock() - started
-        self.metrics.requests.labels(backend.name, group.name, outcome).inc()
+    def finished(self, attempt: Attempt, outcome: str, status: int, stream: bool = False) -> None:
+        """The attempt that answered the client: its outcome counted, the request's latency and log line."""
+        self.metrics.requests.labels(attempt.backend.name, attempt.group.name, outcome).inc()
+        self.log_routed(attempt, outcome, status, stream)
+
+    def log_routed(self, attempt: Attempt, outcome: str, status: int, stream: bool = False) -> None:
+        request, group = attempt.request, attempt.group
+        elapsed = self.clock() - request.started
         self.metrics.request_latency.labels(group.name).observe(elapsed)
         logger.info("request routed", extra={
-            "request_id": request_id, "model": group.name, "policy": group.policy, "reason": reason,
-            "backend": backend.name, "attempts": attempts, "status": status, "outcome": outcome,
-            "stream": stream, "total_s": round(elapsed, 4)})
-
-    # ------------------------------------------------------------------ small endpoints
-    def models(self) -> dict:
-        created = int(time.time())
-        cards = []
-        for group in self.config.groups.values():
-            lengths = [self.backends[name].max_context for name in group.backends]
-            known = [length for length in lengths if length is not None]
-            for name in (group.name, *group.aliases):
-                cards.append({"id": name, "object": "model", "created": created, "owned_by": "serval-router",
-                              "root": group.name, "max_model_len": max(known) if known else None,
-                              "backends": list(group.backends)})
-        return {"object": "list", "data": cards}
-
-    def health(self) -> Response:
-        now = self.clock()
-        status = {name: {"healthy": b.healthy, "breaker": b.breaker.current_state(now), "in_flight": b.in_flight}
-                  for name, b in self.backends.items()}
-        if not any(backend.available(now) for backend in self.backends.values()):
-            return RouterError(503, f"No backend is available: {status}", type="server_error").response()
-        return JSONResponse({"status": "ok", "backends": status})
-
-
-# ---------------------------------------------------------------------- the app
-def build_app(router: Router) -> Starlette:
-    async def completions(raw: Request) -> Response:
-        return await _handle(router, raw, "/v1/completions")
-
-    async def chat_completions(raw: Request) -> Response:
-        return await _handle(router, raw, "/v1/chat/completions")
-
-    async def models(_: Request) -> Response:
-        return JSONResponse(router.models())
-
-    async def health(_: Request) -> Response:
-        return router.health()
-
-    async def metrics(_: Request) -> Response:
-        return Response(router.metrics.render(), media_type=m.CONTENT_TYPE)
-
-    async def not_found(raw: Request, _exc) -> Response:
-        return RouterError(404, f"No route {raw.method} {raw.url.path}; the router serves /v1/completions, "
-                                "/v1/chat/completions, /v1/models, /health, /metrics.",
-                           type="not_found_error").response()
-
-    async def not_allowed(raw: Request, _exc) -> Response:
-        return RouterError(405, f"Method {raw.method} is not allowed on {raw.url.path}.").response()
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_app):
-        await router.start()
-        if router.guard is not None:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, router.reload_policy)
-        logger.info("routing", extra={"models": router.config.public_names(), "backends": list(router.backends),
-                                      "policy": router.guard.policy.source if router.guard is not None else None})
-        yield
-        await router.stop()
-
-    routes = [Route("/v1/completions", completions, methods=["POST"]),
-              Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-              Route("/v1/models", models, methods=["GET"]),
-              Route("/health", health, methods=["GET"]),
-              Route("/metrics", metrics, methods=["GET"])]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_allowed})
-    app.state.router = router
-    return app
-
-
-async def _handle(router: Router, raw: Request, path: str) -> Response:
-    request_id = raw.headers.get("x-request-id") or f"route-{uuid.uuid4().hex}"
-    session, response = None, None
-    try:
-        guard_keys = router.guard is not None and router.guard.requires_keys  # then the policy's keys decide
-        if router.config.api_keys and not guard_keys and not _authorized(raw, router.config.api_keys):
-            raise RouterError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
-                              code="invalid_api_key")
-        body_bytes = await raw.body()
-        body = _parse_body(body_bytes)
-        if router.guard is not None:
-            session = GuardSession(router.guard, request_id)
-            if await session.admit(body, raw.headers):
-                body_bytes = json.dumps(body).encode()
-        try:
-            response = await until_disconnect(raw, router.route(raw, path, body, body_bytes, request_id, session))
-        finally:
-            if session is not None and not isinstance(response, _ClosingStreamingResponse):
-                session.release()  # a stream's relay releases when it ends
-        return response if response is not None else Response(status_code=499)
-    except RouterError as error:
-        return error.response(headers=error.headers)
-    except Exception as error:  # noqa: BLE001 - the gateway stays up; say what broke
-        logger.exception("unexpected error while routing", extra={"request_id": request_id})
-        return RouterError(500, f"internal router error: {error!r}", type="server_error").response()
-
-
-def _parse_body(data: bytes) -> dict:
-    try:
-        body = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise RouterError(400, f"The body is not valid JSON: {error}") from error
-    if not isinstance(body, dict):
-        raise RouterError(400, f"The body must be a JSON object, got {type(body).__name__}.")
-    return body
-
-
-def _authorized(raw: Request, keys: list[str]) -> bool:
-    header = raw.headers.get("authorization", "")
-    return header.startswith("Bearer ") and header[7:] in keys
-
-
-def _error_code(content: bytes) -> str | None:
-    try:
-        error = json.loads(content).get("error")
-        return error.get("code") if isinstance(error, dict) else None
-    except (ValueError, AttributeError):
-        return None
-
-
-class _Relay:
-    """One backend stream relayed to the client, chunk by chunk as they arrive (no buffering, no parsing).
-
-    close() settles the attempt exactly once (in-flight count, breaker, metrics, log line) however the
-    response ends, even when the client left before the first chunk was sent and the generator never ran.
-    """
-
-    def __init__(self, router: Router, backend: Backend, group: GroupConfig, response: aiohttp.ClientResponse,
-                 first: bytes, chunks, context: tuple, session: GuardSession | None = None,
-                 rewriter: StreamRewriter | None = None) -> None:
-        self.router, self.backend, self.group, self.response = router, backend, group, response
-        self.first, self.chunks, self.context = first, chunks, context
-        self.session, self.rewriter = session, rewriter
-        self.outcome = m.CLIENT_DISCONNECT  # until the stream ends one way or the other
-        self.closed = False
-
-    async def events(self):
-        try:
-            if self.rewriter is None:
-                yield self.first
-                async for chunk in self.chunks:
-                    yield chunk
-            else:
-                async for out in self._rewritten():
-                    yield out
-            self.outcome = m.SUCCESS
-        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
-            # Too late to retry: the client has bytes. Say so inside the stream, as `serval serve` does.
-            self.outcome = m.STREAM_ERROR
-            message = f"backend {self.backend.name} failed mid-stream: {type(error).__name__}"
-            error_body = {"error": {"message": message, "type": "server_error", "param": None,
-                                    "code": "backend_failed"}}
-            yield f"data: {json.dumps(error_body)}\n\ndata: [DONE]\n\n".encode()
-        finally:
-            await self.close()
-
-    async def _rewritten(self):
-        """The stream through the guard's output rails, event by event."""
-        rewriter = self.rewriter
-        for chunk in (self.first,):
-            out = rewriter.feed(chunk)
-            if out:
-                yield out
-        if rewriter.all_stopped:
-            yield b"data: [DONE]\n\n"
-            return
-        async for chunk in self.chunks:
-            out = rewriter.feed(chunk)
-            if out:
-                yield out
-            if rewriter.all_stopped:  # every choice ended by a stop rail: end here, the backend is dropped
-                yield b"data: [DONE]\n\n"
-                return
-        tail = rewriter.end()
-        if tail:
-            yield tail
-
-    async def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        if self.session is not None:
-            self.session.release()
-        backend, router = self.backend, self.router
-        backend.in_flight -= 1
-        if self.outcome == m.SUCCESS:
-            backend.breaker.record_success()
-        elif self.outcome == m.STREAM_ERROR:
-            backend.breaker.record_failure(router.clock())
-        else:
-            backend.breaker.release()
-        started, request_id, reason, attempts = self.context
-        router._finished(backend, self.group, self.outcome, 200, started, request_id, reason, attempts, stream=True)
-        if self.outcome == m.SUCCESS and self.response.content.at_eof():
-            self.response.release()  # the connection goes back to the pool
-        else:
-            self.response.close()  # dropping the connection is what tells the backend to abort the request
-
-
-class _ClosingStreamingResponse(StreamingResponse):
-    """Closes the relay however the response ends (Starlette leaves a cancelled generator suspended), so
-    the backend stream is closed and the backend aborts the request."""
-
-    def __init__(self, content, on_close, **kwargs) -> None:
-        super().__init__(content, **kwargs)
-        self.on_close = on_close
-
-    async def stream_response(self, send) -> None:
-        try:
-            async with aclosing(self.body_iterator):
-                await super().stream_response(send)
-        finally:
-            await self.on_close()
-
-
-def serve(config: RouterConfig, host: str, port: int, guard=None, access_log: bool = False,
-          log_level: str = "info") -> None:
-    """Run the gateway until SIGINT/SIGTERM."""
-    app = build_app(Router(config, guard=guard))
-    uvicorn.run(app, host=host, port=port, log_config=None, access_log=access_log, log_level=log_level,
-                timeout_graceful_shutdown=5)
+            "request_id": request.request_id, "model": group.name, "policy": group.policy,
+            "reason": attempt.reason, "backend": attempt.backend.name, "attempts": attempt.number,
+            "status": status, "outcome": outcome, "stream": stream, "total_s": round(elapsed, 4)})

@@ -1,47 +1,30 @@
-"""The guard at the gateway: `serval serve`'s policy file (keys, limits, budgets, input and output rails)
-applied by the router before it routes, so the rails hold in front of engines that have none.
+"""The guard at the gateway: `serval serve`'s policy file (keys, limits, budgets, input and output rails) applied by
+the router before it routes, so the rails hold in front of engines that have none.
 
-One GuardSession per request: it authenticates and admits the key, runs the input rails (rewriting the body
-when PII is redacted), filters the answer (a whole JSON body, or the SSE stream event by event with one
-streaming-safe filter per choice) and releases the key with the tokens used, exactly once. The router does not
-tokenize: token counts come from the backends' `usage` (asked for on streams, and removed again when the
-client did not ask), so `input.max_prompt_tokens` is left to the backends.
+The decisions are the shared per-request session's (serval.guard.session); what is the router's own is where the
+texts live: it reads them out of the client's raw JSON body and writes redactions back, and it rewrites the
+backend's answer, a whole JSON body or an SSE stream event by event (one streaming-safe filter per choice). The
+router does not tokenize: token counts come from the backends' `usage` (asked for on streams, and removed again
+when the client did not ask), the budget reservation and the fallback charge are estimates (characters ÷ 4), and
+`input.max_prompt_tokens` is left to the backends.
 """
 from __future__ import annotations
 
 import json
 
 from serval.guard.decisions import GuardRejection
-from serval.guard.guard import Guard, RequestContext
-from serval.router.errors import RouterError
+from serval.guard.session import ChoiceFilters, open_session
+from serval.openai.errors import APIError
 from serval.router.request_info import CHARS_PER_TOKEN
 
 
-def rejection_error(rejection: GuardRejection) -> RouterError:
-    headers = {"Retry-After": str(rejection.retry_after)} if rejection.retry_after is not None else None
-    return RouterError(rejection.status, rejection.message, type=rejection.type, param=rejection.param,
-                       code=rejection.code, headers=headers)
+class RouterGuardSession:
+    """One request's guard session as the router needs it: over the raw body and the backend's raw answer.
+    Without a policy the shared session is the null one and every method passes things through."""
 
-
-class GuardObserver:
-    """Feeds the router's guard metrics (the same names `serval serve` exports)."""
-
-    def __init__(self, metrics) -> None:
-        self.metrics = metrics
-
-    def decision(self, decision, ctx) -> None:
-        self.metrics.guard_decisions.labels(decision.rail, decision.action).inc()
-
-    def latency(self, rail: str, seconds: float, ctx) -> None:
-        self.metrics.guard_latency.labels(rail).observe(seconds)
-
-
-class GuardSession:
-    def __init__(self, guard: Guard, request_id: str) -> None:
+    def __init__(self, guard, request_id: str) -> None:
+        self.shared = open_session(guard, request_id)
         self.guard = guard
-        self.ctx = RequestContext(request_id=request_id)
-        self.key = None
-        self.admitted = False
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.usage_seen = False
@@ -50,30 +33,31 @@ class GuardSession:
         self.client_wants_usage = True
         self.expected_choices = 1  # n x prompts: when all have been stopped by a rail, the stream can end
 
+    @property
+    def active(self) -> bool:
+        return self.shared.active
+
     async def admit(self, body: dict, headers) -> bool:
-        """Keys, limits and input rails; raises RouterError. True when the body was changed (redaction,
-        usage asked for), so it must be serialized again."""
+        """Keys, limits, the token reservation and the input rails; raises APIError. True when the body was
+        changed (redaction, usage asked for), so it must be serialized again."""
+        if not self.active:
+            return False
+        chat = "messages" in body
         try:
-            self.key = self.guard.authenticate(headers.get("authorization"), self.ctx)
+            self.shared.authenticate(headers.get("authorization"))
             model = body.get("model")
-            self.guard.admit(self.key, model if isinstance(model, str) else "", self.ctx)
-            self.admitted = True
-            changed = self._check_input(body) if self._has_input_rails else False
-            if self.guard.has_classifier and "messages" in body:
-                await self.guard.classify_input(_text_messages(body["messages"]), self.ctx)
-            elif self.guard.has_classifier:
-                await self.guard.classify_input([{"role": "user", "content": p} for p in _prompts(body)], self.ctx,
-                                                param="prompt")
+            self.shared.admit(model if isinstance(model, str) else "")
+            self._measure(body, chat)
+            self.shared.reserve(self.prompt_chars // CHARS_PER_TOKEN, self._max_completion_tokens(body))
+            changed = self._check_input(body, chat) if self._has_input_rails else False
+            if self.shared.has_classifier and chat:
+                await self.shared.classify([_text_messages(body["messages"])])
+            elif self.shared.has_classifier:
+                await self.shared.classify([[{"role": "user", "content": p}] for p in _prompts(body)], "prompt")
         except GuardRejection as rejection:
             self.release()
-            raise rejection_error(rejection) from None
-        n = body.get("n") if isinstance(body.get("n"), int) and body.get("n") > 0 else 1
-        self.expected_choices = n * max(1, len(_prompts(body))) if "messages" not in body else n
-        if "messages" in body:
-            self.prompt_chars = sum(len(m["content"]) for m in _text_messages(body["messages"]))
-        else:
-            self.prompt_chars = sum(len(prompt) for prompt in _prompts(body))
-        if body.get("stream") is True and self.key is not None:
+            raise APIError.from_rejection(rejection) from None
+        if body.get("stream") is True and self.shared.key is not None:
             # Budgets are charged in tokens: ask the backend for usage, and strip it again if the client didn't.
             options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
             self.client_wants_usage = bool(options.get("include_usage"))
@@ -84,18 +68,30 @@ class GuardSession:
 
     @property
     def _has_input_rails(self) -> bool:
+        """Whether the input rails must read the texts (a prompt of token ids is refused only then)."""
         policy = self.guard.policy
         return bool(policy.input_deny or policy.injection is not None or policy.input_pii)
 
-    def _check_input(self, body: dict) -> bool:
-        if "messages" in body:
-            slots = _message_slots(body.get("messages"))
-            param = "messages"
+    def _measure(self, body: dict, chat: bool) -> None:
+        n = body.get("n") if isinstance(body.get("n"), int) and body.get("n") > 0 else 1
+        self.expected_choices = n if chat else n * max(1, len(_prompts(body)))
+        if chat:
+            self.prompt_chars = sum(len(m["content"]) for m in _text_messages(body["messages"]))
         else:
-            slots = _prompt_slots(body)
-            param = "prompt"
+            self.prompt_chars = sum(len(prompt) for prompt in _prompts(body))
+
+    def _max_completion_tokens(self, body: dict) -> int:
+        """The most the request may generate, all choices together; 0 when it doesn't say (the backend's default
+        then applies, and the usage is settled when the request ends)."""
+        limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+            return 0
+        return limit * self.expected_choices
+
+    def _check_input(self, body: dict, chat: bool) -> bool:
+        slots = _message_slots(body.get("messages")) if chat else _prompt_slots(body)
         texts = [get() for get, _ in slots]
-        checked = self.guard.check_input(texts, self.ctx, param=param)
+        checked = self.shared.check_input(texts, "messages" if chat else "prompt")
         changed = False
         for (_, put), old, new in zip(slots, texts, checked):
             if new != old:
@@ -106,13 +102,15 @@ class GuardSession:
     # ---------------------------------------------------------------- answers
     def filter_whole(self, content: bytes, chat: bool) -> bytes:
         """A non-streamed 200 body: each choice's text through the output rails; usage recorded."""
+        if not self.active:
+            return content
         try:
             payload = json.loads(content)
         except ValueError:
             return content
         if not isinstance(payload, dict):
             return content
-        self._record_usage(payload.get("usage"))
+        self.record_usage(payload.get("usage"))
         changed = False
         for choice in payload.get("choices") or []:
             holder, field = (choice.get("message") or {}, "content") if chat else (choice, "text")
@@ -120,10 +118,7 @@ class GuardSession:
             if not isinstance(text, str):
                 continue
             self.completion_chars += len(text)
-            output_filter = self.guard.output_filter(self.ctx)
-            if output_filter is None:
-                continue
-            step = output_filter.filter_all(text)
+            step = self.shared.filter_whole(text)
             holder[field] = step.text
             if step.stopped:
                 choice["finish_reason"] = "content_filter"
@@ -132,11 +127,11 @@ class GuardSession:
 
     def stream_rewriter(self, chat: bool) -> "StreamRewriter | None":
         """None when the stream can pass through untouched."""
-        if not self.guard.policy.has_output_rails and (self.key is None or self.client_wants_usage):
+        if not self.shared.has_output_rails and (self.shared.key is None or self.client_wants_usage):
             return None
         return StreamRewriter(self, chat)
 
-    def _record_usage(self, usage) -> None:
+    def record_usage(self, usage) -> None:
         if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
             self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             self.completion_tokens = usage["completion_tokens"]
@@ -144,13 +139,10 @@ class GuardSession:
 
     def release(self) -> None:
         """Charge the key once; without the backend's usage, charge the estimate (characters ÷ 4)."""
-        if not self.admitted:
-            return
-        self.admitted = False
         if not self.usage_seen:
             self.prompt_tokens = self.prompt_chars // CHARS_PER_TOKEN
             self.completion_tokens = -(-self.completion_chars // CHARS_PER_TOKEN)
-        self.guard.release(self.key, self.prompt_tokens, self.completion_tokens)
+        self.shared.release(self.prompt_tokens, self.completion_tokens)
 
 
 class StreamRewriter:
@@ -158,16 +150,15 @@ class StreamRewriter:
     (held-back text is released when the choice finishes), `content_filter` when a stop rail fires, usage
     recorded and dropped when only the router asked for it."""
 
-    def __init__(self, session: GuardSession, chat: bool) -> None:
+    def __init__(self, session: RouterGuardSession, chat: bool) -> None:
         self.session, self.chat = session, chat
         self.buffer = b""
-        self.filters: dict[int, object] = {}
-        self.stopped: set[int] = set()
+        self.choices: ChoiceFilters = session.shared.choice_filters(session.expected_choices)
 
     @property
     def all_stopped(self) -> bool:
         """Every choice was ended by a stop rail: nothing more will be sent, the backend can stop."""
-        return len(self.stopped) >= self.session.expected_choices
+        return self.choices.all_stopped
 
     def feed(self, data: bytes) -> bytes:
         self.buffer += data
@@ -196,7 +187,7 @@ class StreamRewriter:
         if not isinstance(payload, dict):
             return event + b"\n\n"
         if payload.get("usage"):
-            self.session._record_usage(payload["usage"])
+            self.session.record_usage(payload["usage"])
             if not self.session.client_wants_usage:
                 if not payload.get("choices"):
                     return b""
@@ -204,7 +195,7 @@ class StreamRewriter:
         choices = []
         for choice in payload.get("choices") or []:
             index = choice.get("index", 0)
-            if index in self.stopped:
+            if self.choices.done(index):
                 continue
             choices.append(choice)
             self._filter_choice(index, choice)
@@ -217,24 +208,11 @@ class StreamRewriter:
         holder, field = (choice.setdefault("delta", {}), "content") if self.chat else (choice, "text")
         text = holder.get(field) or ""
         self.session.completion_chars += len(text)
-        if index not in self.filters:
-            self.filters[index] = self.session.guard.output_filter(self.session.ctx)
-        output_filter = self.filters[index]
-        if output_filter is None:
-            return
-        step = output_filter.push(text) if text else None
-        out = step.text if step is not None else ""
-        if step is not None and step.stopped:
-            self.stopped.add(index)
+        step = self.choices.filter(index, text, finished=choice.get("finish_reason") is not None)
+        if step.stopped:
             choice["finish_reason"] = "content_filter"
-        elif choice.get("finish_reason") is not None:
-            last = output_filter.finish()
-            out += last.text
-            if last.stopped:
-                self.stopped.add(index)
-                choice["finish_reason"] = "content_filter"
-        if text or out:
-            holder[field] = out
+        if text or step.text:
+            holder[field] = step.text
 
 
 def _message_slots(messages) -> list[tuple]:

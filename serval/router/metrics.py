@@ -16,8 +16,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 # Outcomes of one attempt on one backend (serval:router_requests_total's outcome label):
 SUCCESS = "success"  # relayed a 2xx
-CLIENT_ERROR = "client_error"  # relayed the backend's 4xx
-BACKEND_ERROR = "backend_error"  # 5xx, refused or reset before the first byte: retried elsewhere
+CLIENT_ERROR = "client_error"  # relayed an answer the request caused (4xx, or a 5xx blaming it): never retried
+BACKEND_ERROR = "backend_error"  # the backend's 5xx, refused or reset before the first byte: retried elsewhere
 TIMEOUT = "timeout"  # connect or read timeout before the first byte: retried elsewhere
 OVERLOADED = "overloaded"  # the backend's 429: retried elsewhere, not held against its breaker
 CONTEXT_EXCEEDED = "context_length_exceeded"  # the backend's context was too short: fallback group, if any
@@ -80,7 +80,7 @@ class RouterMetrics:
                                             "roughly the time to first token).", ["backend"],
                                             buckets=LATENCY_BUCKETS, registry=self.registry)
 
-        # The guard's names, as `serval serve --policy` exports them (fed by guarding.GuardObserver).
+        # The guard's names, as `serval serve --policy` exports them (fed by serval.guard.session.GuardMetricsObserver).
         self.guard_decisions = Counter("serval:guard_decisions", "Guard decisions by rail and action.",
                                        ["rail", "action"], registry=self.registry)
         self.guard_latency = Histogram("serval:guard_latency_seconds", "Time per guard rail run.", ["rail"],

@@ -92,6 +92,8 @@ class ScriptedBackend:
         self.release: asyncio.Event | None = None
         self.metrics_text = ""  # served at /metrics
         self.chunks: list[str] | None = None  # the streamed texts (default: " tok0", " tok1", ...)
+        self.error_type = "x"  # the error body's type in "status:N" mode
+        self.retry_after: str | None = None  # Retry-After in "status:N" mode
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.loop = asyncio.new_event_loop()
@@ -140,8 +142,9 @@ class ScriptedBackend:
         self.requests.append(request)
         if self.mode.startswith("status:"):
             status = int(self.mode.split(":")[1])
-            return await _respond(writer, status, {"error": {"message": f"scripted {status}", "type": "x",
-                                                             "param": None, "code": None}})
+            headers = {"Retry-After": self.retry_after} if self.retry_after is not None else {}
+            return await _respond(writer, status, {"error": {"message": f"scripted {status}", "type": self.error_type,
+                                                             "param": None, "code": None}}, headers)
         chat = path.endswith("chat/completions")
         if not request.get("stream"):
             text = "".join(self.chunks) if self.chunks else " tok" * self.tokens
@@ -166,19 +169,29 @@ class ScriptedBackend:
                 writer.transport.abort()
                 return False
         await _chunk(writer, b"data: [DONE]\n\n")
+        if self.mode == "linger":
+            await self.release.wait()  # the client has its whole answer; the response has not ended yet
         await _chunk(writer, b"")
         return True
 
-    def hold(self) -> None:
-        """Streams stop after their first chunk until release_held()."""
+    def hold(self, mode: str = "hold") -> None:
+        """Streams stop after their first chunk ("hold") or after [DONE] ("linger") until release_held()."""
         self.loop.call_soon_threadsafe(self.release.clear)
-        self.mode = "hold"
+        self.mode = mode
 
     def release_held(self) -> None:
         self.loop.call_soon_threadsafe(self.release.set)
 
     def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.server.close)
+        async def shut_down() -> None:  # connections still open (keep-alive, held streams) end before the loop
+            self.server.close()
+            self.release.set()
+            handlers = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in handlers:
+                task.cancel()
+            await asyncio.gather(*handlers, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shut_down(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         if not self.loop.is_running():
@@ -190,9 +203,10 @@ async def _chunk(writer, data: bytes) -> None:
     await writer.drain()
 
 
-async def _respond(writer, status: int, payload: dict) -> bool:
+async def _respond(writer, status: int, payload: dict, headers: dict | None = None) -> bool:
     body = json.dumps(payload).encode()
-    writer.write(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                 % (status, len(body), body))
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items()).encode()
+    writer.write(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\n\r\n%s"
+                 % (status, extra, len(body), body))
     await writer.drain()
     return True

@@ -122,7 +122,7 @@ def test_round_robin_alternates(client):
 
 
 def test_least_requests_spreads_concurrent_requests(cluster, client):
-    # Avoiding a busy backend is shown with a held stream in tests/test_router_gateway.py: a real engine
+    # Avoiding a busy backend is shown with a held stream in tests/router/test_gateway.py: a real engine
     # finishes too fast to hold one open here.
     router, _ = cluster
 
@@ -209,6 +209,36 @@ def test_metrics_and_scraped_load_signals(cluster, client):
     assert 'serval:router_breaker_state{backend="a"} 0.0' in text
     health = httpx.get(router.url + "/health").json()
     assert health["status"] == "ok" and set(health["backends"]) == {"a", "b", "c"}
+
+
+BAD_REQUESTS = [
+    {"prompt": "p", "max_tokens": -1},
+    {"prompt": "p", "temperature": -3},
+    {"prompt": "p", "logit_bias": {"not-a-token": 1}},
+    {"prompt": [10 ** 9]},  # a token id past the vocabulary
+    {"prompt": "p", "stop_token_ids": [10 ** 9], "min_tokens": 1},  # once stopped the engine (defect 1)
+    {"prompt": "p", "n": 0},
+    {"prompt": "p", "structured_outputs": {"regex": "("}},
+]
+
+
+def test_bad_requests_are_answered_by_one_backend_and_open_no_breaker(cluster, client):
+    """Issue 13, defect 3: requests the backends refuse must not be retried across them nor counted as their
+    failures, or a few of them would open every breaker and take the fleet down for everyone."""
+    router, _ = cluster
+    retries = router.metric("serval:router_retries_total", model="tiny")
+    failures = sum(router.metric("serval:router_requests_total", backend=name, outcome="backend_error")
+                   for name in ("a", "b"))
+    for body in BAD_REQUESTS * 2:  # 16 bad requests against breakers that open after 3 failures
+        response = client.post("/v1/completions", json={"model": "tiny", **body})
+        assert 400 <= response.status_code < 500, (body, response.text)
+        error = response.json()["error"]
+        assert error["message"] and error["type"] == "invalid_request_error"
+    assert router.metric("serval:router_retries_total", model="tiny") == retries
+    assert sum(router.metric("serval:router_requests_total", backend=name, outcome="backend_error")
+               for name in ("a", "b")) == failures
+    assert all(router.metric("serval:router_breaker_state", backend=name) == 0 for name in ("a", "b", "c"))
+    assert {backend_of(complete(client, "tiny")) for _ in range(2)} == {"a", "b"}  # both still serve
 
 
 def test_a_backend_killed_mid_run_loses_no_request_that_had_not_started_streaming(cluster):

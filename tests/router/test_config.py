@@ -69,6 +69,7 @@ api_keys: [sk-1]
     ({"retries": -1}, ["retries", ">= 0"]),
     ({"timeouts": {"read": 3}}, ["timeouts", "unknown", "read"]),
     ({"routes": []}, ["unknown", "routes"]),
+    ({"max_body_bytes": 0}, ["max_body_bytes", ">= 1"]),
 ])
 def test_errors_name_the_field_and_what_is_allowed(change, words):
     with pytest.raises(ConfigError) as info:

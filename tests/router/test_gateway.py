@@ -1,6 +1,8 @@
-"""The gateway against scriptable backends: retries before the first byte, the circuit breaker, 429s, a stream
-broken midway, 503 when nothing can serve, bad input, API keys. The router is a real `serval route` process;
-the backends are scripted because a real engine cannot be made to fail on command (tests/e2e has the rest)."""
+"""The gateway against scriptable backends: retries before the first byte (at most one after a failure), the
+circuit breaker, answers the request caused (never retried nor held against a backend), 429s, a stream broken
+midway, a stream closed after [DONE], 503 when nothing can serve, bad input, API keys. The router is a real
+`serval route` process; the backends are scripted because a real engine cannot be made to fail on command
+(tests/e2e has the rest)."""
 import time
 
 import httpx
@@ -13,17 +15,27 @@ HEADERS = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def setup():
+def third():
+    """A third backend, in the "trio" group only (it serves another model name)."""
+    backend = ScriptedBackend(model="other")
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def setup(third):
     flaky, good = ScriptedBackend(), ScriptedBackend()
     config = {
         "backends": [{"name": "flaky", "url": flaky.url, "models": ["stub"]},
-                     {"name": "good", "url": good.url, "models": ["stub"]}],
+                     {"name": "good", "url": good.url, "models": ["stub"]},
+                     {"name": "third", "url": third.url, "models": ["other"]}],
         "models": [{"name": "stub", "policy": "round_robin", "aliases": ["gpt-4o-mini"]},
                    {"name": "only-flaky", "backends": ["flaky"], "policy": "round_robin"},
-                   {"name": "least", "backends": ["flaky", "good"], "policy": "least_requests"}],
+                   {"name": "least", "backends": ["flaky", "good"], "policy": "least_requests"},
+                   {"name": "trio", "backends": ["flaky", "good", "third"], "policy": "round_robin"}],
         "health_check": {"interval_s": 0.3, "timeout_s": 1},
         "breaker": {"failure_threshold": 2, "cooldown_s": 3},
-        "retries": 2, "api_keys": [KEY]}
+        "retries": 2, "api_keys": [KEY], "max_body_bytes": 1_000_000}
     router = RouterProcess(config)
     yield router, flaky, good
     router.close()
@@ -32,9 +44,10 @@ def setup():
 
 
 @pytest.fixture
-def client(setup):
+def client(setup, third):
     router, flaky, good = setup
-    flaky.mode = good.mode = "ok"
+    for backend in (flaky, good, third):
+        backend.mode, backend.error_type, backend.retry_after = "ok", "x", None
     with httpx.Client(base_url=router.url, headers=HEADERS, timeout=30) as client:
         _wait(lambda: router.metric("serval:router_breaker_state", backend="flaky") == 0
               and router.metric("serval:router_backend_healthy", backend="flaky") == 1, timeout=30,
@@ -187,3 +200,111 @@ def test_unknown_routes_methods_and_missing_keys(setup, client):
     response = httpx.post(router.url + "/v1/completions", json={"model": "stub", "prompt": "p"})
     assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(router.url + "/v1/models", headers=HEADERS).status_code == 200
+
+
+def _breakers_closed(router) -> bool:
+    return all(router.metric("serval:router_breaker_state", backend=name) == 0 for name in ("flaky", "good", "third"))
+
+
+@pytest.mark.parametrize("status", [500, 400, 422])
+def test_requests_that_break_backends_are_neither_retried_nor_held_against_them(setup, client, third, status):
+    """A bad request must not take the fleet down: what the request caused (any 4xx, or a 5xx whose body says
+    invalid_request_error) is answered at once from the one backend it reached, and no breaker moves."""
+    router, flaky, good = setup
+    for backend in (flaky, good, third):
+        backend.mode, backend.error_type = f"status:{status}", "invalid_request_error"
+    seen_before = len(flaky.requests) + len(good.requests) + len(third.requests)
+    retries_before = router.metric("serval:router_retries_total", model="trio")
+    bad = 6  # three times the breaker's threshold on every backend, were they counted
+    for index in range(bad):
+        response = client.post("/v1/completions", json={"model": "trio", "prompt": f"bad {index}"})
+        assert response.status_code == status
+        assert response.json()["error"] == {"message": f"scripted {status}", "type": "invalid_request_error",
+                                             "param": None, "code": None}
+    assert len(flaky.requests) + len(good.requests) + len(third.requests) - seen_before == bad  # one try each
+    assert router.metric("serval:router_retries_total", model="trio") == retries_before
+    assert _breakers_closed(router)
+    for backend in (flaky, good, third):
+        backend.mode = "ok"
+    for index in range(3):  # every backend serves the next good requests
+        response = client.post("/v1/completions", json={"model": "trio", "prompt": f"good {index}"})
+        assert response.status_code == 200 and response.json()["choices"][0]["text"] == " tok tok tok"
+    assert _breakers_closed(router)
+
+
+def test_a_backend_failure_is_retried_once_then_answered_with_that_backends_error(setup, client, third):
+    router, flaky, good = setup
+    for backend in (flaky, good, third):
+        backend.mode = "status:500"  # a server_error-like body: the backend's fault
+    seen_before = len(flaky.requests) + len(good.requests) + len(third.requests)
+    response = client.post("/v1/completions", json={"model": "trio", "prompt": "p"})
+    assert len(flaky.requests) + len(good.requests) + len(third.requests) - seen_before == 2
+    assert response.status_code == 500 and response.json()["error"]["message"] == "scripted 500"
+    assert response.headers["x-serval-backend"] in ("flaky", "good", "third")
+    for backend in (flaky, good, third):
+        backend.mode = "ok"
+    assert client.post("/v1/completions", json={"model": "trio", "prompt": "p"}).status_code == 200
+
+
+def test_when_every_backend_is_overloaded_the_429_carries_retry_after(setup, client):
+    router, flaky, good = setup
+    flaky.mode = good.mode = "status:429"
+    response = client.post("/v1/completions", json={"model": "stub", "prompt": "p"})
+    assert response.status_code == 429 and response.headers["retry-after"] == "1"
+    assert response.json()["error"]["message"] == "scripted 429"
+    flaky.retry_after = good.retry_after = "7"  # the backend's own Retry-After is relayed
+    response = client.post("/v1/completions", json={"model": "stub", "prompt": "p"})
+    assert response.status_code == 429 and response.headers["retry-after"] == "7"
+    assert router.metric("serval:router_breaker_state", backend="flaky") == 0
+    assert router.metric("serval:router_breaker_state", backend="good") == 0
+
+
+def test_a_client_that_closes_right_after_done_is_a_finished_stream_not_a_disconnect(setup, client):
+    router, flaky, _ = setup
+    success_before = router.metric("serval:router_requests_total", backend="flaky", outcome="success")
+    gone_before = router.metric("serval:router_requests_total", backend="flaky", outcome="client_disconnect")
+    flaky.hold("linger")  # the backend keeps its response open after [DONE]
+    try:
+        with client.stream("POST", "/v1/completions", json={"model": "only-flaky", "prompt": "p",
+                                                            "stream": True}) as response:
+            received = b""
+            for chunk in response.iter_raw():
+                received += chunk
+                if received.endswith(b"data: [DONE]\n\n"):
+                    break  # leaving the block closes the connection before the response has ended
+        _wait(lambda: router.metric("serval:router_requests_total", backend="flaky", outcome="success")
+              > success_before, timeout=10)
+        assert router.metric("serval:router_requests_total", backend="flaky",
+                             outcome="client_disconnect") == gone_before
+        assert router.metric("serval:router_backend_in_flight", backend="flaky") == 0
+    finally:
+        flaky.release_held()
+
+
+@pytest.mark.parametrize("body, param", [
+    (b'{"model": "stub\\ud800", "prompt": "p"}', "model"),
+    (b'{"model": "stub", "prompt": "a \\udfff b"}', "prompt"),
+    (b'{"model": "stub", "messages": [{"role": "user", "content": "\\ud83d"}]}', "messages[0].content"),
+    (b'{"model": "stub", "prompt": "p", "temperature": NaN}', None),
+    (b'{"model": "stub", "prompt": "p", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),
+    (b"\xff\xfe{}", None),
+], ids=["surrogate-in-model", "surrogate-in-prompt", "surrogate-in-message", "nan", "deep-nesting", "not-utf8"])
+def test_unencodable_or_pathological_bodies_get_a_400_json_error(setup, client, body, param):
+    router, flaky, good = setup
+    seen_before = len(flaky.requests) + len(good.requests)
+    response = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+    assert len(flaky.requests) + len(good.requests) == seen_before  # refused before any backend saw it
+    assert httpx.get(router.url + "/health").status_code == 200
+    assert client.post("/v1/completions", json={"model": "stub", "prompt": "p"}).status_code == 200
+
+
+def test_a_body_over_the_limit_gets_413_before_any_backend_sees_it(setup, client):
+    router, flaky, good = setup
+    seen_before = len(flaky.requests) + len(good.requests)
+    response = client.post("/v1/completions", json={"model": "stub", "prompt": "p" * 1_000_001})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    assert len(flaky.requests) + len(good.requests) == seen_before
+    assert client.post("/v1/completions", json={"model": "stub", "prompt": "p"}).status_code == 200

@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from serval.guard.guard import Guard
-from serval.router.errors import RouterError
-from serval.router.guarding import GuardSession
+from serval.openai.errors import APIError
+from serval.router.guarding import RouterGuardSession
 
 KEY = "sk-test-key"
 
@@ -24,8 +24,8 @@ def guard(tmp_path):
     return Guard.from_file(str(path))
 
 
-def admitted(guard, body) -> GuardSession:
-    session = GuardSession(guard, "req-1")
+def admitted(guard, body) -> RouterGuardSession:
+    session = RouterGuardSession(guard, "req-1")
     asyncio.run(session.admit(body, {"authorization": f"Bearer {KEY}"}))
     return session
 
@@ -38,17 +38,17 @@ def test_input_is_redacted_in_place_and_usage_is_asked_for(guard):
     body = {"model": "m", "stream": True, "messages": [
         {"role": "system", "content": "be nice"},
         {"role": "user", "content": [{"type": "text", "text": "I am eve@example.com"}]}]}
-    session = GuardSession(guard, "req-1")
+    session = RouterGuardSession(guard, "req-1")
     assert asyncio.run(session.admit(body, {"authorization": f"Bearer {KEY}"}))
     assert body["messages"][1]["content"][0]["text"] == "I am [REDACTED:email]"
     assert body["stream_options"] == {"include_usage": True} and not session.client_wants_usage
 
 
 def test_rejections_become_openai_errors(guard):
-    with pytest.raises(RouterError) as info:
-        asyncio.run(GuardSession(guard, "r").admit({"model": "m", "prompt": "x"}, {}))
+    with pytest.raises(APIError) as info:
+        asyncio.run(RouterGuardSession(guard, "r").admit({"model": "m", "prompt": "x"}, {}))
     assert info.value.status == 401 and info.value.code == "invalid_api_key"
-    with pytest.raises(RouterError) as info:
+    with pytest.raises(APIError) as info:
         admitted(guard, {"model": "m", "prompt": [1, 2, 3]})  # token ids: the rails could not read them
     assert info.value.status == 400 and info.value.param == "prompt"
 
@@ -86,3 +86,18 @@ def test_whole_answers_are_filtered_and_charged(guard):
     filtered = json.loads(session.filter_whole(content, chat=False))
     assert filtered["choices"][0]["text"] == "reach [REDACTED:email]"
     assert (session.prompt_tokens, session.completion_tokens) == (2, 5)
+
+
+def test_admission_reserves_the_estimated_prompt_and_max_tokens(guard):
+    """Budget 100: a request that may use more is refused up front; running requests' reservations count, and
+    that refusal says when to retry."""
+    with pytest.raises(APIError) as info:
+        admitted(guard, {"model": "m", "prompt": "hi", "max_tokens": 60, "n": 2})  # up to 120 tokens
+    assert info.value.status == 429 and info.value.code == "insufficient_quota"
+    running = admitted(guard, {"model": "m", "prompt": "x" * 40, "max_tokens": 80})  # 10 + 80 reserved
+    with pytest.raises(APIError) as info:
+        admitted(guard, {"model": "m", "prompt": "hi", "max_tokens": 20})
+    assert info.value.status == 429 and info.value.headers == {"Retry-After": "1"}
+    running.release()  # no usage from the backend: charged the estimate, the rest of the reservation refunded
+    assert guard.keys.usage["k"].tokens_total == 10
+    admitted(guard, {"model": "m", "prompt": "hi", "max_tokens": 20}).release()
