@@ -1,0 +1,1 @@
+"""Tool-call parsers by vLLM's names."""
