@@ -64,6 +64,14 @@ class ToolRequestFields(BaseModel):
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool = True
 
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice_form(cls, value):
+        if isinstance(value, str) and value not in ("none", "auto", "required"):
+            raise InvalidArgument("tool_choice", f"tool_choice must be 'none', 'auto', 'required' or "
+                                  f'{{"type": "function", "function": {{"name": ...}}}}, got {value!r}')
+        return value
+
     @model_validator(mode="after")
     def _tools_consistent(self):
         check_tools(self.tools, self.tool_choice)
@@ -152,3 +160,8 @@ def template_tool_calls(tool_calls: list[AssistantToolCall]) -> list[dict]:
              "function": {"name": call.function.name,
                           "arguments": parse_arguments(call.function.arguments, "tool_calls.function.arguments")}}
             for call in tool_calls]
+
+
+def tool_template_fields(message: ToolCallMessageFields) -> dict:
+    """The keys a message's tool calls add to its chat-template dict (none for a message without calls)."""
+    return {"tool_calls": template_tool_calls(message.tool_calls)} if message.tool_calls else {}
