@@ -21,6 +21,7 @@ from serval.openai.errors import InvalidArgument
 # chat templates render for past calls (`tojson`: ", " and ": ").
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 GRAMMAR_FORMATS = ("hermes", "llama3_json", "mistral", "qwen3_xml", "qwen3_coder")
+_REGEX_SPECIAL = set("\\.+*?()|[]{}^$/&-~#")
 _NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
@@ -102,15 +103,21 @@ def _xml_function(name: str, parameters: dict) -> str:
 
 
 def _xml_value(schema: dict) -> str:
-    """A parameter's text: plain text for strings (as the parser keeps it), JSON for every other type."""
+    """A parameter's text: plain text where the schema allows a string (the parser keeps it as text), JSON for
+    every other type. String `pattern` and `format` are not enforced in this form; lengths and enums are."""
     schema = schema if isinstance(schema, dict) else {}
-    if schema.get("type") == "string" and "enum" in schema:
-        return "(" + " | ".join(json.dumps(value) for value in schema["enum"]) + ")"
-    if schema.get("type") == "string":
-        # no "<" at all: the value cannot run into the closing tag, and leading or trailing newlines would be
-        # taken by the parser's strip of the layout newlines
-        return '/[^<\\n]([^<]*[^<\\n])?/'
-    return _json(schema)
+    types = schema.get("type")
+    types = [types] if isinstance(types, str) else types if isinstance(types, list) else []
+    if "string" not in types:
+        return _json(schema)
+    if "enum" in schema:
+        return "(" + " | ".join(json.dumps(str(value)) for value in schema["enum"]) + ")"
+    # no "<": the value cannot run into the closing tag; no newline at either end: the parser strips one there
+    longest = schema.get("maxLength")
+    if longest == 1:
+        return "/[^<\\n]/"
+    inner = "*" if longest is None else f"{{0,{max(longest - 2, 0)}}}"
+    return f"/[^<\\n]([^<]{inner}[^<\\n])?/"
 
 
 def json_schema_grammar(schema: dict) -> str:
@@ -121,10 +128,15 @@ def json_schema_grammar(schema: dict) -> str:
 def with_reasoning(grammar: str, added_tokens: Mapping[str, int] | None = None, think_start: str = "<think>",
                    think_end: str = "</think>") -> str:
     """`grammar` (whose top rule is `constraint`) after a free think section: an optional `<think>`, any text
-    without the end marker, the end marker, blank lines, then the constraint."""
+    without the end marker, the end marker, newlines, then the constraint."""
     added_tokens = added_tokens or {}
-    escaped = think_end.replace("/", "\\/")
-    thought = f"/((?s:.*)&~((?s:.*){escaped}(?s:.*)))/"
     rules = grammar.replace("start: constraint\n", "", 1)
-    return (f'start: {marker(think_start, added_tokens)}? THOUGHT {marker(think_end, added_tokens)} /\\n*/ '
-            f"constraint\nTHOUGHT: {thought}\n{rules}")
+    opening = f"{marker(think_start, added_tokens)}?"
+    if think_end in added_tokens:
+        # the end marker is one token, which no text lexeme can contain: any text, then that token
+        thought = f"thought: THOUGHT {marker(think_end, added_tokens)}\nTHOUGHT: /(?s:.*)/"
+    else:
+        # spelled in text: lazy, so the thought ends at the first end marker, as the reasoning parser reads it
+        escaped = "".join("\\" + char if char in _REGEX_SPECIAL else char for char in think_end)
+        thought = f"thought[lazy]: /(?s:.*){escaped}/"
+    return f"start: {opening} thought /\\n*/ constraint\n{thought}\n{rules}"

@@ -174,3 +174,12 @@ def test_rendered_prompt_equals_transformers(template, kwargs):
     assert tokenizer.encode(ours, add_special_tokens=False) == tokenizer.encode(reference, add_special_tokens=False)
     # the template really rendered the tools, the calls and the results
     assert '"name": "get_weather"' in ours and "Paris" in ours and "18 degrees, sunny" in ours
+
+
+def test_tool_modules_do_not_import_torch():
+    """serval/openai is shared with the router, which never loads torch."""
+    import subprocess
+    import sys
+    code = ("import sys, serval.openai.tools, serval.openai.tool_grammar, serval.openai.tool_parsers, "
+            "serval.openai.reasoning; assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
