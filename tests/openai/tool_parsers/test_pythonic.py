@@ -32,6 +32,10 @@ CASES = [  # model output, content, [(name, exact arguments)]
     ("[1, 2, 3] are numbers", "[1, 2, 3] are numbers", []),
     ("<|python_start|>[get_weather(city=\"Paris\")]<|python_end|>", None, [("get_weather", '{"city": "Paris"}')]),
     (f"[{SIMPLE[0]}]\nIt is sunny.", "\nIt is sunny.", [SIMPLE[1]]),
+    # SGLang's test_pythonic_detector cases
+    ('[get_weather(city="Tokyo"), search(query="restaurants")]', None,
+     [("get_weather", '{"city": "Tokyo"}'), ("search", '{"query": "restaurants"}')]),
+    ('[get_weather(city="London", unit="celsius")]', None, [("get_weather", '{"city": "London", "unit": "celsius"}')]),
 ]
 
 
