@@ -181,5 +181,5 @@ def test_tool_modules_do_not_import_torch():
     import subprocess
     import sys
     code = ("import sys, serval.openai.tools, serval.openai.tool_grammar, serval.openai.tool_parsers, "
-            "serval.openai.reasoning; assert 'torch' not in sys.modules, 'torch imported'")
+            "serval.openai.reasoning, serval.openai.tool_parsers.chat_output; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -80,7 +80,11 @@ def partial_marker_length(text: str, marker: str) -> int:
 
 class ToolParser:
     """The base of every format: subclasses implement `_consume(final)`, reading `self._buffer` and calling
-    `_emit_content`, `_start_call` and `_emit_arguments`."""
+    `_emit_text`, `_start_call` and `_emit_arguments`."""
+
+    # Markers that are special tokens in their model's vocabulary: the text fed must be detokenized with
+    # skip_special_tokens=False, or the markers vanish before the parser sees them.
+    special_tokens: tuple[str, ...] = ()
 
     def __init__(self, tools: list[dict] | None = None) -> None:
         # name -> JSON schema of the parameters, for formats whose values are typed by the schema

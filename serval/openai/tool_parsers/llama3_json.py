@@ -11,6 +11,7 @@ ARGUMENT_KEYS = ("parameters", "arguments")
 
 
 class Llama3JsonToolParser(ToolParser):
+    special_tokens = (PYTHON_TAG,)
 
     def __init__(self, tools: list[dict] | None = None) -> None:
         super().__init__(tools)
