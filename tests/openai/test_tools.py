@@ -144,7 +144,8 @@ LLAMA31_STYLE_TEMPLATE = """{{- bos_token }}
 {{- '<|eot_id|>' }}
 {%- else %}
 {%- if loop.last and tools and message.role == 'user' %}
-{{- '<|start_header_id|>user<|end_header_id|>\\n\\nGiven the following functions, respond with a JSON function call.\\n\\n' }}
+{{- '<|start_header_id|>user<|end_header_id|>\\n\\n' }}
+{{- 'Given the following functions, respond with a JSON function call.\\n\\n' }}
 {%- for tool in tools %}{{- tool | tojson(indent=4) + '\\n\\n' }}{%- endfor %}
 {{- message.content + '<|eot_id|>' }}
 {%- else %}
@@ -181,5 +182,6 @@ def test_tool_modules_do_not_import_torch():
     import subprocess
     import sys
     code = ("import sys, serval.openai.tools, serval.openai.tool_grammar, serval.openai.tool_parsers, "
-            "serval.openai.reasoning, serval.openai.tool_parsers.chat_output; assert 'torch' not in sys.modules, 'torch imported'")
+            "serval.openai.reasoning, serval.openai.tool_parsers.chat_output; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ast
 import json
-import math
 import re
 
 from serval.openai.tool_parsers.base import ToolParser

@@ -7,7 +7,8 @@ from serval.openai.reasoning import REASONING_PARSERS, get_reasoning_parser
 from serval.openai.tool_parsers import get_tool_parser
 from tests.openai.tool_parsers.streaming import qwen3_tokenizer, token_deltas
 
-TOOL_CALL_BODY = "<tool_call>\n<function=bash>\n<parameter=command>\ncat /etc/hosts\n</parameter>\n</function>\n</tool_call>"
+TOOL_CALL_BODY = ("<tool_call>\n<function=bash>\n<parameter=command>\ncat /etc/hosts\n</parameter>\n</function>\n"
+                  "</tool_call>")
 
 COMMON = [  # output, reasoning, content: the same for both parsers
     ("This is a reasoning section</think>This is the rest", "This is a reasoning section", "This is the rest"),
