@@ -213,10 +213,11 @@ class JsonCallScanner:
             if key == "name":
                 role = "name"
             elif key in self.argument_keys and not self.has_arguments:
-                if char != "{":  # arguments must be an object
+                if char not in '{"':  # arguments must be an object, or one serialized in a string (Granite)
                     scan.invalid = True
                     return "ok"
-                role, self.has_arguments = "arguments", True
+                role = "arguments" if char == "{" else "serialized_arguments"
+                self.has_arguments = True
             else:
                 role = "other"
             self._begin_value("", role)
@@ -253,6 +254,16 @@ class JsonCallScanner:
                 scan.invalid = True
                 return
             self.name = scan.name = name
+        if self._role == "serialized_arguments":  # sent whole once the string ends, decoded once
+            arguments = json.loads(self._raw)
+            try:
+                is_object = isinstance(json.loads(arguments), dict)
+            except json.JSONDecodeError:
+                is_object = False
+            if not is_object:
+                scan.invalid = True
+                return
+            scan.arguments += arguments.strip()
         self._state = "comma_or_end"
 
 

@@ -40,6 +40,9 @@ CASES = [  # model output, content, [(name, arguments)]
     ('<tool_call>{"name": "f", "arguments": {invalid}}</tool_call>',
      '<tool_call>{"name": "f", "arguments": {invalid}}</tool_call>', []),
     ("a < b and <tool is not a tag", "a < b and <tool is not a tag", []),
+    # arguments the model serialized itself (Granite) are decoded once, not encoded twice
+    ('<tool_call>\n{"name": "get_db_config", "arguments": "{\\"param\\": \\"max_connections\\"}"}\n</tool_call>',
+     None, [("get_db_config", {"param": "max_connections"})]),
 ]
 
 
