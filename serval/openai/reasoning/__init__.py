@@ -1,0 +1,38 @@
+"""Reasoning parsers by vLLM's names (`--reasoning-parser NAME`): the think section goes to `reasoning_content`,
+the rest to `content`, streamed as deltas.
+
+    parser = get_reasoning_parser("qwen3")(chat_template_kwargs=request.chat_template_kwargs)
+    delta = parser.feed(text_delta)      # ReasoningDelta(reasoning=..., content=...)
+    delta = parser.finish()
+"""
+from __future__ import annotations
+
+from serval.openai.errors import InvalidArgument
+from serval.openai.reasoning.base import ExtractedReasoning, ReasoningDelta, ReasoningParser
+
+
+class Qwen3ReasoningParser(ReasoningParser):
+    """Qwen3 / Qwen3.5: a tool call also ends the thought, when the model skips `</think>` before calling."""
+    implicit_ends = ("<tool_call>",)
+
+
+class DeepSeekR1ReasoningParser(ReasoningParser):
+    """DeepSeek-R1: the template opens `<think>`, so the output usually starts inside the thought."""
+
+
+REASONING_PARSERS: dict[str, type[ReasoningParser]] = {
+    "qwen3": Qwen3ReasoningParser,
+    "deepseek_r1": DeepSeekR1ReasoningParser,
+}
+
+
+def get_reasoning_parser(name: str) -> type[ReasoningParser]:
+    try:
+        return REASONING_PARSERS[name]
+    except KeyError:
+        raise InvalidArgument("reasoning_parser", f"unknown reasoning parser {name!r}; valid: "
+                              f"{', '.join(sorted(REASONING_PARSERS))}") from None
+
+
+__all__ = ["REASONING_PARSERS", "DeepSeekR1ReasoningParser", "ExtractedReasoning", "Qwen3ReasoningParser",
+           "ReasoningDelta", "ReasoningParser", "get_reasoning_parser"]

