@@ -205,8 +205,8 @@ def fused_experts(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: t
     # Exact either way: products of bfloat16 values are exact in float32.
     interpreted_bfloat16 = os.environ.get("TRITON_INTERPRET") == "1" and hidden.dtype == torch.bfloat16
     precision = "ieee" if hidden.dtype == torch.float32 or interpreted_bfloat16 else "tf32"
-    launch = dict(DOT_PRECISION=precision, DOT_IN_FLOAT32=interpreted_bfloat16, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                  BLOCK_K=config.block_k, GROUP_M=config.group_m, num_warps=config.num_warps,
+    launch = dict(DOT_PRECISION=precision, DOT_IN_FLOAT32=interpreted_bfloat16, BLOCK_M=config.block_m,
+                  BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m, num_warps=config.num_warps,
                   num_stages=config.num_stages)
     activations = torch.empty(num_slots, intermediate_size, dtype=hidden.dtype, device=hidden.device)
     _expert_gemm_kernel[(max_blocks * triton.cdiv(intermediate_size, config.block_n),)](

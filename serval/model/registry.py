@@ -19,7 +19,8 @@ _MODELS: dict[str, type[nn.Module]] = {
 # For configs without `architectures` (some GGUF conversions): model_type names the family.
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                 "qwen3": "Qwen3ForCausalLM"}
-_MODEL_TYPES |= {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+_MODEL_TYPES |= {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 SUPPORTED_ARCHITECTURES = tuple(_MODELS)
 
