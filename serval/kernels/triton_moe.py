@@ -2,9 +2,9 @@
 Python loop over experts. Its torch reference is serval.layers.moe.fused_experts_reference (a loop over experts),
 which CPU runs and the tests compare against in Triton's interpreter.
 
-    1. align_by_expert: the batch's T*k (token, slot) pairs sorted by expert, each expert's run padded to a
-       multiple of BLOCK_M, so that every BLOCK_M rows of the sorted list belong to one expert (padding rows
-       point past the end and are masked);
+    1. align_by_expert (one small kernel): the batch's T*k (token, slot) pairs sorted by expert, each expert's
+       run padded to a multiple of BLOCK_M, so that every BLOCK_M rows of the sorted list belong to one expert
+       (padding rows point past the end and are masked);
     2. gate/up GEMM with SwiGLU fused: each program takes BLOCK_M sorted rows and BLOCK_N columns of the expert's
        intermediate, gathers the tokens' hidden rows, accumulates gate and up in float32 and writes only
        silu(gate) * up, [T*k, I] in slot order: the [T*k, 2I] gate/up output never reaches memory;
@@ -12,7 +12,8 @@ which CPU runs and the tests compare against in Triton's interpreter.
     4. combine: out[t] = sum_j weight[t, j] * down[t, j] in float32, the top-k weights applied here.
 
 Why: a loop over experts launches two GEMMs per expert that is hit (up to 128 per layer for Qwen3-30B-A3B) and
-syncs to find which are; here the work is four kernels whatever the routing, each expert's weights are read once
+syncs to find which are; here the work is four kernels whatever the routing (the alignment is one kernel, not a
+dozen torch ops, because at batch-1 decode each launch costs about what a layer's expert GEMMs do), each expert's weights are read once
 per BLOCK_M tokens routed to it, and the shapes are static for a given batch size, so decode steps replay from
 CUDA graphs. Block sizes come from a per-device table written by benchmarks/moe_tune.py
 (serval/kernels/configs/), keyed by (experts, hidden, intermediate) and the batch size nearest the number of
@@ -46,7 +47,7 @@ class MoeKernelConfig:
 class ExpertBlocks:
     """The (token, slot) pairs of a batch sorted by expert and padded per expert to BLOCK_M rows."""
     sorted_slots: torch.Tensor  # [max_blocks * BLOCK_M] int32: slot t * k + j, or T * k for padding
-    block_experts: torch.Tensor  # [max_blocks] int32: the expert of each BLOCK_M rows (E past the end)
+    block_experts: torch.Tensor  # [max_blocks] int32: the expert of each BLOCK_M rows in use
     num_padded: torch.Tensor  # [1] int32: rows in use (a multiple of BLOCK_M)
 
 
@@ -92,25 +93,55 @@ def config_table_json(table: dict[int, MoeKernelConfig]) -> str:
 
 
 def align_by_expert(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertBlocks:
-    """Sort the T*k slots of expert_ids [T, k] by expert, each expert's run padded to a multiple of block_m.
-    Static shapes for a given T (no host sync): the row count is bounded by cdiv(T*k, block_m) + min(E, T*k)
-    blocks, since each expert used adds at most one partly filled block."""
+    """Sort the T*k slots of expert_ids [T, k] by expert (slot order within an expert), each expert's run padded
+    to a multiple of block_m. One kernel launch, static shapes for a given T, no host sync: the row count is
+    bounded by cdiv(T*k, block_m) + min(E, T*k) blocks, since each expert used adds at most one partly filled
+    block. Entries past num_padded are left unwritten (nothing reads them)."""
     flat = expert_ids.flatten()
     num_slots = flat.numel()
     max_blocks = triton.cdiv(num_slots, block_m) + min(num_experts, num_slots)
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
-    counts.index_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + block_m - 1) // block_m * block_m
-    padded_end = torch.cumsum(padded, 0)
-    order = torch.argsort(flat, stable=True)
-    sorted_experts = flat[order]
-    rank_in_expert = torch.arange(num_slots, device=flat.device) - (torch.cumsum(counts, 0) - counts)[sorted_experts]
-    rows = (padded_end - padded)[sorted_experts] + rank_in_expert
-    sorted_slots = torch.full((max_blocks * block_m,), num_slots, dtype=torch.int32, device=flat.device)
-    sorted_slots[rows] = order.to(torch.int32)
-    block_starts = torch.arange(max_blocks, device=flat.device) * block_m
-    block_experts = torch.searchsorted(padded_end, block_starts, right=True).to(torch.int32)
-    return ExpertBlocks(sorted_slots, block_experts, padded_end[-1:].to(torch.int32))
+    sorted_slots = torch.empty(max_blocks * block_m, dtype=torch.int32, device=flat.device)
+    block_experts = torch.empty(max_blocks, dtype=torch.int32, device=flat.device)
+    num_padded = torch.empty(1, dtype=torch.int32, device=flat.device)
+    # One bin more than there are experts: the bin that masked-off loads fall into.
+    _align_kernel[(num_experts,)](flat, sorted_slots, block_experts, num_padded, num_slots, NUM_EXPERTS=num_experts,
+                                  EXPERTS_PAD=triton.next_power_of_2(num_experts + 1), BLOCK_M=block_m,
+                                  CHUNK=min(triton.next_power_of_2(num_slots), 1024))
+    return ExpertBlocks(sorted_slots, block_experts, num_padded)
+
+
+@triton.jit
+def _align_kernel(expert_ids_ptr, sorted_slots_ptr, block_experts_ptr, num_padded_ptr, num_slots,
+                  NUM_EXPERTS: tl.constexpr, EXPERTS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
+    """Program e: count every expert's slots (a histogram; cheap next to the GEMMs, and it saves a second launch
+    to share it), place expert e's run after the padded runs of experts 0..e-1, then write its slots, its
+    padding rows and its blocks' expert id."""
+    expert = tl.program_id(0)
+    counts = tl.zeros((EXPERTS_PAD,), dtype=tl.int32)
+    for start in range(0, num_slots, CHUNK):
+        offsets = start + tl.arange(0, CHUNK)
+        ids = tl.load(expert_ids_ptr + offsets, mask=offsets < num_slots, other=EXPERTS_PAD - 1).to(tl.int32)
+        counts += tl.histogram(ids, EXPERTS_PAD)
+    experts = tl.arange(0, EXPERTS_PAD)
+    padded = tl.where(experts < NUM_EXPERTS, (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
+    first_row = tl.sum(tl.where(experts < expert, padded, 0))
+    count = tl.sum(tl.where(experts == expert, counts, 0))
+    rows = tl.sum(tl.where(experts == expert, padded, 0))
+    if expert == 0:
+        tl.store(num_padded_ptr, tl.sum(padded))
+    seen = tl.full((), 0, dtype=tl.int32)
+    for start in range(0, num_slots, CHUNK):
+        offsets = start + tl.arange(0, CHUNK)
+        ids = tl.load(expert_ids_ptr + offsets, mask=offsets < num_slots, other=-1).to(tl.int32)
+        mine = (ids == expert).to(tl.int32)
+        rank = seen + tl.cumsum(mine, 0) - mine
+        tl.store(sorted_slots_ptr + first_row + rank, offsets.to(tl.int32), mask=mine != 0)
+        seen += tl.sum(mine)
+    padding = tl.arange(0, BLOCK_M)
+    tl.store(sorted_slots_ptr + first_row + count + padding, tl.full((BLOCK_M,), 0, tl.int32) + num_slots,
+             mask=padding < rows - count)
+    for block in range(0, rows // BLOCK_M):
+        tl.store(block_experts_ptr + first_row // BLOCK_M + block, expert)
 
 
 @triton.jit

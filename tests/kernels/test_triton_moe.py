@@ -92,7 +92,7 @@ def test_alignment_groups_slots_by_expert_in_blocks():
                                                  0, 2, 5, padding]
     assert blocks.num_padded.tolist() == [12]
     assert blocks.block_experts.tolist()[:3] == [0, 1, 2]
-    # The static bound: cdiv(6, 4) + min(4, 6) = 6 blocks, the ones past num_padded unused.
+    # The static bound: cdiv(6, 4) + min(4, 6) = 6 blocks, the ones past num_padded unused (and unwritten).
     assert len(blocks.block_experts) == 6 and len(blocks.sorted_slots) == 24
 
 
@@ -106,3 +106,24 @@ def test_config_table_nearest_batch_size_and_default(tmp_path):
     assert triton_moe.pick_config(None, 40, 8) == triton_moe.default_config(40, 8)
     # No table for a CPU device: the default.
     assert triton_moe.get_config(8, 64, 32, 40, torch.device("cpu")) == triton_moe.default_config(40, 8)
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,block_m", [(600, 8, 16), (3, 128, 16), (700, 5, 64)])
+def test_alignment_of_random_routings(num_tokens, num_experts, block_m):
+    """Every slot exactly once, in slot order within its expert, each block of one expert; more slots than one
+    chunk of the kernel's scan (1024) in the first case, many experts unused in the second."""
+    generator = torch.Generator().manual_seed(num_tokens)
+    expert_ids = torch.randint(0, num_experts, (num_tokens, 2), generator=generator)
+    blocks = triton_moe.align_by_expert(expert_ids.to(DEVICE), num_experts, block_m)
+    flat = expert_ids.flatten()
+    used = blocks.num_padded.item()
+    slots = blocks.sorted_slots[:used].cpu().view(-1, block_m)
+    block_experts = blocks.block_experts[:used // block_m].cpu()
+    real = slots < flat.numel()
+    assert sorted(slots[real].tolist()) == list(range(flat.numel()))
+    assert torch.equal(flat[slots[real]], block_experts[:, None].expand_as(slots)[real])
+    for expert in range(num_experts):
+        mine = slots[(block_experts == expert)[:, None].expand_as(slots) & real]
+        assert torch.equal(mine, torch.nonzero(flat == expert).flatten().to(mine.dtype))
+    counts = torch.bincount(flat, minlength=num_experts)
+    assert used == int(((counts + block_m - 1) // block_m * block_m).sum())
