@@ -108,9 +108,11 @@ class SparseMoeBlock(nn.Module):
     Hugging Face checkpoints: gate, experts, shared_expert, shared_expert_gate."""
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int, renormalize: bool,
-                 shared_expert_intermediate_size: int = 0) -> None:
+                 shared_expert_intermediate_size: int = 0, weights_in_model_dtype: bool = False) -> None:
         super().__init__()
         self.top_k, self.renormalize = top_k, renormalize
+        # Qwen's routers round the top-k weights to the model dtype; Mixtral's keep them in float32.
+        self.weights_in_model_dtype = weights_in_model_dtype
         # The router and the shared expert's gate are plain nn.Linear: they stay in the model dtype under
         # quantization (their widths, E and 1, are no GEMM shapes worth quantizing).
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
@@ -120,7 +122,10 @@ class SparseMoeBlock(nn.Module):
         self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if shared_expert_intermediate_size else None
 
     def route(self, hidden: torch.Tensor) -> ExpertRouting:
-        return softmax_top_k(self.gate(hidden), self.top_k, self.renormalize)
+        routing = softmax_top_k(self.gate(hidden), self.top_k, self.renormalize)
+        if self.weights_in_model_dtype and hidden.dtype != torch.float32:
+            routing.weights = routing.weights.to(hidden.dtype).float()
+        return routing
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         out = self.experts(hidden, self.route(hidden))

@@ -27,7 +27,8 @@ def qwen_moe_mlp(config, layer_idx: int) -> nn.Module:
         return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
     return SparseMoeBlock(config.hidden_size, config.num_experts, config.num_experts_per_tok,
                           config.moe_intermediate_size, renormalize=bool(config.norm_topk_prob),
-                          shared_expert_intermediate_size=getattr(config, "shared_expert_intermediate_size", 0))
+                          shared_expert_intermediate_size=getattr(config, "shared_expert_intermediate_size", 0),
+                          weights_in_model_dtype=True)
 
 
 class Qwen2MoeForCausalLM(MixtralForCausalLM):

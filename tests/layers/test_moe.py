@@ -59,7 +59,8 @@ def test_router_picks_transformers_experts_and_weights(family):
 def our_block(family: str) -> SparseMoeBlock:
     config, _, _, renormalize = FAMILIES[family]
     return SparseMoeBlock(HIDDEN, EXPERTS, TOP_K, INTERMEDIATE, renormalize,
-                          shared_expert_intermediate_size=SHARED if family == "qwen2_moe" else 0)
+                          shared_expert_intermediate_size=SHARED if family == "qwen2_moe" else 0,
+                          weights_in_model_dtype=family != "mixtral")
 
 
 def copy_weights(hf_block, block: SparseMoeBlock) -> None:
@@ -104,3 +105,20 @@ def test_reference_skips_unused_experts_and_weights_each_pick():
 
     torch.testing.assert_close(fused_experts_reference(x, gate_up, down, routing), 0.75 * mlp(1) + 0.25 * mlp(3),
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_block_routing_weights_in_bfloat16_are_transformers(family):
+    """In half precision the routers differ: Qwen's round the top-k weights to the model dtype, Mixtral's don't."""
+    config, router_class, _, _ = FAMILIES[family]
+    torch.manual_seed(4)
+    router = router_class(config).to(torch.bfloat16)
+    torch.nn.init.normal_(router.weight, std=0.3)
+    block = our_block(family).to(torch.bfloat16)
+    block.gate.weight.data.copy_(router.weight)
+    hidden = random_hidden(seed=5).to(torch.bfloat16)
+    _, hf_weights, hf_experts = router(hidden)
+    routing = block.route(hidden)
+    assert torch.equal(routing.expert_ids, hf_experts)
+    assert hf_weights.dtype == (torch.float32 if family == "mixtral" else torch.bfloat16)
+    torch.testing.assert_close(routing.weights, hf_weights.float(), atol=0, rtol=0)
