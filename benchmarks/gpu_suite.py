@@ -19,6 +19,8 @@ the same seed's weights; its batch-1 `generate`, which shares Serval's weights, 
     python benchmarks/gpu_suite.py --out results/gpu [--model benchmarks/configs/llama-3-8b] [--skip-hf]
         [--skip-hf-generate-batch] [--skip-variants] [--profile] [--quantization fp8] [--kv-cache-dtype fp8]
         [--num-requests 0 (skips the 1000-request workload)]
+    python benchmarks/gpu_suite.py --out results/gpu_qwen3_30b_a3b --model benchmarks/configs/qwen3-30b-a3b
+    python benchmarks/gpu_suite.py --out results/gpu_mixtral_8x7b --model benchmarks/configs/mixtral-8x7b
 """
 from __future__ import annotations
 
