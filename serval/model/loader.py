@@ -9,7 +9,9 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -173,6 +175,49 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
 def _find_gguf_file(model: str) -> str | None:
     from serval.model.gguf import find_gguf_file  # imported here: the gguf reader is only needed for GGUF files
     return find_gguf_file(model)
+
+
+# Mixture-of-experts checkpoints name each expert's projections (Mixtral: w1 gate, w3 up, w2 down; Qwen:
+# gate_proj, up_proj, down_proj), or, as transformers 5 saves with save_original_format=False, stack them:
+# experts.gate_up_proj [E, 2I, H] (gate rows first) and experts.down_proj [E, H, I].
+_PER_EXPERT = re.compile(r"^(?P<block>.+)\.(?:block_sparse_moe|mlp)\.experts\.(?P<expert>\d+)\."
+                         r"(?P<projection>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_STACKED_EXPERTS = re.compile(r"^(?P<block>.+)\.(?:block_sparse_moe|mlp)\.experts\.(?P<stack>gate_up_proj|down_proj)$")
+_PROJECTIONS = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+
+
+@dataclass
+class ExpertSlice:
+    """One expert's projection in a checkpoint, and the stacked parameter it belongs to."""
+    checkpoint_name: str  # as the checkpoint names it (for a stacked tensor, its name plus the expert)
+    name: str  # our stacked parameter: <layer>.mlp.experts.gate_up_proj or .down_proj
+    expert: int
+    projection: str  # "gate", "up" or "down"
+    tensor: torch.Tensor  # [I, H] for gate/up, [H, I] for down
+
+
+def expert_weight_slices(hf_name: str, tensor: torch.Tensor) -> list[ExpertSlice] | None:
+    """The expert projections a checkpoint tensor holds (views, nothing copied), or None if it holds none."""
+    match = _PER_EXPERT.match(hf_name)
+    if match:
+        projection = _PROJECTIONS[match["projection"]]
+        stack = "down_proj" if projection == "down" else "gate_up_proj"
+        return [ExpertSlice(hf_name, f"{match['block']}.mlp.experts.{stack}", int(match["expert"]), projection,
+                            tensor)]
+    match = _STACKED_EXPERTS.match(hf_name)
+    if not match:
+        return None
+    name = f"{match['block']}.mlp.experts.{match['stack']}"
+    if tensor.dim() != 3:
+        raise ValueError(f"weight {hf_name!r} has shape {tuple(tensor.shape)}; stacked experts are 3-D [E, out, in]")
+    if match["stack"] == "down_proj":
+        return [ExpertSlice(f"{hf_name}[{e}]", name, e, "down", tensor[e]) for e in range(len(tensor))]
+    if tensor.shape[1] % 2:
+        raise ValueError(f"weight {hf_name!r} has shape {tuple(tensor.shape)}: gate_up_proj stacks gate and up "
+                         "rows, so its second dimension must be even")
+    gate, up = tensor.chunk(2, dim=1)
+    return [ExpertSlice(f"{hf_name}[{e}]", name, e, projection, part[e])
+            for e in range(len(tensor)) for projection, part in (("gate", gate), ("up", up))]
 
 
 @contextlib.contextmanager
