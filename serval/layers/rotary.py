@@ -7,12 +7,13 @@ so a flat batch of tokens from many requests at different offsets is rotated in 
 Partial rotary (`partial_rotary_factor` < 1, Phi-4-mini) rotates the first part of each head and passes the rest.
 
 LongRoPE has two sets of frequencies: short factors for contexts within original_max_position_embeddings, long
-ones beyond. transformers picks one set per forward call by the call's largest position, so a token's rotation
-depends on how the call was batched. Here the choice is per position: positions below the original context use
-the short factors, the others the long ones. That equals transformers' generate() for every prompt that fits the
-original context, including decode steps that run past it (each decode call there holds one position), and it is
-the same however the engine chunks, batches or caches a prefix. It differs from transformers only for a prompt
-longer than the original context, whose early positions transformers rotates with the long factors.
+ones beyond. transformers picks one set per forward call by the call's largest position, and its generate()
+recomputes the whole KV cache with the long factors when a sequence first grows past the original context, so
+there every token of a long sequence is rotated with the long factors. Here the choice is per position: positions
+below the original context use the short factors, the others the long ones. That equals transformers for every
+sequence that stays within the original context (and transformers' rotary embedding at each single position), and
+it is the same however the engine chunks, batches or caches a prefix. For a sequence past the original context it
+differs from generate(): matching it needs the engine to recompute a request's cache when it crosses (later work).
 """
 from __future__ import annotations
 
