@@ -19,6 +19,7 @@ from torch import nn
 
 from serval.config import QUANTIZATIONS
 from serval.layers.linear import Linear
+from serval.model.default_model import MODEL_ALIASES, resolve_model
 from serval.model.registry import get_model_class
 
 logger = logging.getLogger(__name__)
@@ -33,15 +34,18 @@ DUMMY_WEIGHT_RANGE = (-1e-3, 1e-3)
 def load_model(model: str, *, load_format: str = "auto", dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", seed: int = 0,
                quantization: str | None = None) -> tuple[nn.Module, transformers.PretrainedConfig]:
-    """Build and load the model at `model` (a directory, or a GGUF file); return (model in eval mode, HF config).
+    """Build and load the model at `model` (a directory, a GGUF file, or a packaged model's alias such as
+    "gemma3-270m"); return (model in eval mode, HF config).
     quantization="fp8": the decoder's projections are quantized to float8 once loaded (quantize_fp8). A checkpoint
     whose config.json declares fp8 (checkpoint_quantization) is read in float8 as it is, with or without it."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format {load_format!r} is not supported; choose one of {list(LOAD_FORMATS)}")
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization {quantization!r} is not supported; choose one of {list(QUANTIZATIONS)}")
+    model = resolve_model(model)
     if not os.path.exists(model):
-        raise FileNotFoundError(f"model path {model!r} does not exist")
+        raise FileNotFoundError(f"model path {model!r} does not exist (packaged models by name: "
+                                f"{list(MODEL_ALIASES)})")
     start = time.perf_counter()
     gguf_file = _find_gguf_file(model) if load_format in ("auto", "gguf") else None
     if load_format == "gguf" and gguf_file is None:
