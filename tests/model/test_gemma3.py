@@ -13,6 +13,7 @@ from tests.engine.test_engine import NUM_NEW_TOKENS, hf_greedy, make_prompts, pr
 from tests.model.test_llama import hf_logits, run_steps, sequences_for
 
 from serval import LLM, SamplingParams
+from serval.layers.norm import GemmaRMSNorm
 from serval.model.gemma3 import Gemma3ForCausalLM
 from serval.model.loader import load_model
 
@@ -136,3 +137,36 @@ def test_unsupported_options_are_named(tmp_path):
     build_tiny_gemma3(tmp_path, attn_logit_softcapping=50.0)
     with pytest.raises(ValueError, match="attn_logit_softcapping=50.0"):
         LLM(model=str(tmp_path), skip_tokenizer_init=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemma_rms_norm_equals_transformers_bit_for_bit(dtype):
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    torch.manual_seed(0)
+    hf = Gemma3RMSNorm(64, eps=1e-6).to(dtype)
+    ours = GemmaRMSNorm(64, eps=1e-6).to(dtype)
+    assert not ours.weight.any()  # (1 + 0): a checkpoint's zero weight is the identity scale
+    with torch.no_grad():
+        hf.weight.normal_()
+        ours.weight.copy_(hf.weight)
+    x, residual = torch.randn(7, 64, dtype=dtype), torch.randn(7, 64, dtype=dtype)
+    torch.testing.assert_close(ours(x), hf(x), atol=0, rtol=0)
+    normed, new_residual = ours(x, residual)
+    torch.testing.assert_close(new_residual, residual + x, atol=0, rtol=0)
+    torch.testing.assert_close(normed, hf(residual + x), atol=0, rtol=0)
+
+
+def test_triton_attention_backend_matches_transformers(tiny_gemma3, monkeypatch):
+    """The Triton kernels (the interpreter here, compiled on a GPU): windowed and global layers, chunked prefill and
+    a prefix hit give transformers' greedy tokens."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("SERVAL_ATTENTION_BACKEND", "triton")
+    path, hf_model = tiny_gemma3
+    prompts = [make_prompts(hf_model.config.vocab_size)[i] for i in (6, 9)]  # 23 and 47 tokens, a shared prefix
+    llm = LLM(model=path, skip_tokenizer_init=True, max_num_seqs=4, max_num_batched_tokens=16, block_size=4,
+              max_model_len=128)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                           SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    for prompt, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, 4), f"prompt of {len(prompt)}"
+    assert llm.engine.get_stats().prefix_cache_hits > 0

@@ -14,7 +14,7 @@ import transformers
 from tests.engine.test_engine import NUM_NEW_TOKENS, hf_greedy, make_prompts, pressured_llm
 from tests.model.test_llama import hf_logits, run_steps, sequences_for
 
-from serval import SamplingParams
+from serval import LLM, SamplingParams
 from serval.layers.rotary import RotaryEmbedding, rope_parameters
 from serval.model.loader import load_model
 from serval.model.phi3 import Phi3ForCausalLM
@@ -130,3 +130,18 @@ def test_fused_weight_of_the_wrong_size_is_named(tiny_phi3):
     weights["model.layers.0.self_attn.qkv_proj.weight"] = torch.zeros(100, 64)
     with pytest.raises(ValueError, match=r"qkv_proj.weight.*100 rows.*128 \(64 \+ 32 \+ 32\)"):
         model.load_weights(weights.items())
+
+
+def test_partial_rotary_on_the_triton_attention_backend(tiny_phi3, monkeypatch):
+    """The fused rotate-and-store kernel rotates whole heads; with partial rotary the layer rotates in torch and
+    stores, and the Triton attention (the interpreter here) reads it: transformers' greedy tokens."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("SERVAL_ATTENTION_BACKEND", "triton")
+    path, hf_model = tiny_phi3("partial-rotary")
+    prompts = [make_prompts(hf_model.config.vocab_size)[i] for i in (6, 9)]
+    llm = LLM(model=path, skip_tokenizer_init=True, max_num_seqs=4, max_num_batched_tokens=16, block_size=4,
+              max_model_len=128)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                           SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    for prompt, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, 4), f"prompt of {len(prompt)}"
