@@ -92,14 +92,14 @@ def _longrope_tables(rotary_dim: int, positions: torch.Tensor,
     # Short factors below the original context, long ones from it on (see the module docstring), and both scaled
     # by the attention factor sqrt(1 + ln(factor) / ln(original context)).
     original = params["original_max_position_embeddings"]
-    factor = params.get("factor") or len(positions) / original
+    factor = params.get("factor") or len(positions) / original  # max_position_embeddings / original context
     attention_factor = params.get("attention_factor")
     if attention_factor is None:
         attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
-    wavelengths = float(params["rope_theta"]) ** exponents
-    short = 1.0 / (torch.tensor(params["short_factor"], dtype=torch.float32) * wavelengths)
-    long = 1.0 / (torch.tensor(params["long_factor"], dtype=torch.float32) * wavelengths)
+    base_powers = float(params["rope_theta"]) ** exponents
+    short = 1.0 / (torch.tensor(params["short_factor"], dtype=torch.float32) * base_powers)
+    long = 1.0 / (torch.tensor(params["long_factor"], dtype=torch.float32) * base_powers)
     inv_freq = torch.where(positions[:, None] < original, short, long)
     freqs = positions[:, None] * inv_freq
     return freqs.cos() * attention_factor, freqs.sin() * attention_factor
