@@ -21,7 +21,8 @@ from torch import nn
 
 from serval.config import QUANTIZATIONS
 from serval.layers.linear import Linear
-from serval.model.registry import get_model_class
+from serval.model.default_model import MODEL_ALIASES, resolve_model
+from serval.model import registry  # the module: the registry imports the family files, some of which import us
 
 logger = logging.getLogger(__name__)
 
@@ -35,15 +36,18 @@ DUMMY_WEIGHT_RANGE = (-1e-3, 1e-3)
 def load_model(model: str, *, load_format: str = "auto", dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", seed: int = 0,
                quantization: str | None = None) -> tuple[nn.Module, transformers.PretrainedConfig]:
-    """Build and load the model at `model` (a directory, or a GGUF file); return (model in eval mode, HF config).
+    """Build and load the model at `model` (a directory, a GGUF file, or a packaged model's alias such as
+    "gemma3-270m"); return (model in eval mode, HF config).
     quantization="fp8": the decoder's projections are quantized to float8 once loaded (quantize_fp8). A checkpoint
     whose config.json declares fp8 (checkpoint_quantization) is read in float8 as it is, with or without it."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format {load_format!r} is not supported; choose one of {list(LOAD_FORMATS)}")
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization {quantization!r} is not supported; choose one of {list(QUANTIZATIONS)}")
+    model = resolve_model(model)
     if not os.path.exists(model):
-        raise FileNotFoundError(f"model path {model!r} does not exist")
+        raise FileNotFoundError(f"model path {model!r} does not exist (packaged models by name: "
+                                f"{list(MODEL_ALIASES)})")
     start = time.perf_counter()
     gguf_file = _find_gguf_file(model) if load_format in ("auto", "gguf") else None
     if load_format == "gguf" and gguf_file is None:
@@ -129,7 +133,7 @@ def load_config(model_dir: str) -> transformers.PretrainedConfig:
 
 def build_model(config: transformers.PretrainedConfig, dtype: torch.dtype, device: str | torch.device) -> nn.Module:
     """The model for config.architectures[0], parameters allocated (not initialized) in dtype on device."""
-    model_class = get_model_class(config)
+    model_class = registry.get_model_class(config)
     with torch.device(device), _default_dtype(dtype):
         model = model_class(config)
     return model.eval().requires_grad_(False)
