@@ -19,6 +19,7 @@ from openai.types.responses import Response, ResponseItem, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from serval.guard.keys import hash_key
+from tests.e2e.faulty_serve import KILL_ENGINE_MARKER, SECRET
 from tests.e2e.server import RemoteServer, tiny_model_dir
 
 MODEL = "tiny"
@@ -305,6 +306,14 @@ def test_bad_input_is_an_openai_4xx_and_the_server_stays_up(server, client):
     assert_alive(server, client)
 
 
+def test_openapi_documents_the_responses_body(server):
+    document = httpx.get(server.url + "/openapi.json", headers=server.headers, timeout=30).json()
+    body = document["paths"]["/v1/responses"]["post"]["requestBody"]
+    assert body["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ResponsesRequest"}
+    assert {"input", "previous_response_id", "text"} <= set(document["components"]["schemas"]["ResponsesRequest"][
+        "properties"])
+
+
 # ---------------------------------------------------------------- persistence
 def test_a_restart_with_responses_store_keeps_the_conversation(tmp_path, tokenizer):
     path = str(tmp_path / "responses.sqlite")
@@ -325,3 +334,20 @@ def test_a_restart_with_responses_store_keeps_the_conversation(tmp_path, tokeniz
             {"role": "user", "content": "Which colour?"}])
     finally:
         second_server.close()
+
+
+def test_an_engine_failure_mid_stream_is_response_failed():
+    remote = RemoteServer(server_args(), module="tests.e2e.faulty_serve")
+    try:
+        with httpx.stream("POST", remote.url + "/v1/responses", timeout=120, json={
+                "model": MODEL, "input": KILL_ENGINE_MARKER, "max_output_tokens": 50, "stream": True}) as raw:
+            assert raw.status_code == 200
+            lines = [line for line in raw.iter_lines() if line.startswith("data: ")]
+    finally:
+        remote.close()
+    assert lines[-1] == "data: [DONE]" and SECRET not in "".join(lines)
+    events = [EVENTS.validate_python(json.loads(line[len("data: "):])) for line in lines[:-1]]
+    assert [event.type for event in events][:2] == ["response.created", "response.in_progress"]
+    assert events[-1].type == "response.failed" and events[-1].response.status == "failed"
+    assert events[-1].response.error.code == "server_error"
+    assert [event.sequence_number for event in events] == list(range(len(events)))
