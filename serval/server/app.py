@@ -178,7 +178,9 @@ class ObservedApp:
         finally:
             if counted:
                 self.server.leave()
-            handler = path if path in self.routes else "other"
+            # The route's template (/v1/responses/{response_id}), so that ids don't each become a label value.
+            route = scope.get("route")
+            handler = route.path if route is not None else path if path in self.routes else "other"
             self.server.metrics.observe_http(scope["method"], handler, status, time.monotonic() - started)
 
     def _refusal(self, scope, path: str) -> APIError | None:

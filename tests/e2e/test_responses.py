@@ -215,6 +215,9 @@ def test_retrieve_input_items_and_delete(server, client):
     assert first_page.has_more and first_page.data[0].role == "developer"
     rest = client.responses.input_items.list(created.id, order="asc", limit=1, after=first_page.data[0].id)
     assert not rest.has_more and rest.data[0].role == "user"
+    # HTTP metrics label the route's template, not each id.
+    assert server.metric("serval:http_requests_total", method="GET", handler="/v1/responses/{response_id}",
+                         status="200") >= 1
     client.responses.delete(created.id)
     with pytest.raises(openai.NotFoundError) as missing:
         client.responses.retrieve(created.id)
