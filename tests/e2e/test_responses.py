@@ -25,7 +25,8 @@ from tests.e2e.server import RemoteServer, tiny_model_dir
 MODEL = "tiny"
 BLOCK_SIZE = 16
 KEYS = {"alice": "sk-serval-alice", "bob": "sk-serval-bob"}
-POLICY = "keys:\n" + "".join(f"  - {{id: {name}, sha256: {hash_key(key)}}}\n" for name, key in KEYS.items())
+POLICY = ("keys:\n" + "".join(f"  - {{id: {name}, sha256: {hash_key(key)}}}\n" for name, key in KEYS.items())
+          + "output:\n  deny:\n    - {name: halt, pattern: forbidden, action: stop}\n")
 EVENTS = TypeAdapter(ResponseStreamEvent)
 ITEMS = TypeAdapter(ResponseItem)
 SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
@@ -126,6 +127,19 @@ def test_text_format_json_schema_gives_valid_json_and_completes(client):
         assert isinstance(json.loads(json_object.output_text), dict)
     else:  # cut by the limit: still a JSON object's beginning
         assert json_object.output_text.lstrip().startswith("{")
+
+
+def test_an_output_rail_stop_is_incomplete_with_content_filter(server, client):
+    """The random model says what a `choice` constraint forces; the policy's output rail stops it mid-text."""
+    forced = {"structured_outputs": {"choice": ["this part is fine but forbidden words follow"]}}
+    whole = client.responses.create(model=MODEL, input="say it", max_output_tokens=40, extra_body=forced)
+    assert whole.status == "incomplete" and whole.incomplete_details.reason == "content_filter"
+    assert whole.output_text == "this part is fine but "
+    events = list(client.responses.create(model=MODEL, input="say it", max_output_tokens=40, stream=True,
+                                          extra_body=forced))
+    assert events[-1].type == "response.incomplete"
+    assert events[-1].response.incomplete_details.reason == "content_filter"
+    assert events[-1].response.output_text == "this part is fine but "
 
 
 # ---------------------------------------------------------------- streaming
