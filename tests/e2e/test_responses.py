@@ -9,6 +9,8 @@ chat template: the outside reference for "the items became these messages".
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import httpx
 import jsonschema
@@ -20,7 +22,7 @@ from pydantic import TypeAdapter
 
 from serval.guard.keys import hash_key
 from tests.e2e.faulty_serve import KILL_ENGINE_MARKER, SECRET
-from tests.e2e.server import RemoteServer, tiny_model_dir
+from tests.e2e.server import REPO_ROOT, RemoteServer, tiny_model_dir
 
 MODEL = "tiny"
 BLOCK_SIZE = 16
@@ -368,3 +370,11 @@ def test_an_engine_failure_mid_stream_is_response_failed():
     assert events[-1].type == "response.failed" and events[-1].response.status == "failed"
     assert events[-1].response.error.code == "server_error"
     assert [event.sequence_number for event in events] == list(range(len(events)))
+
+
+def test_a_store_path_that_cannot_be_opened_exits_2_naming_the_flag(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "serval.cli", "serve", "--port", "1", *server_args(
+        "--responses-store", str(tmp_path / "no-such-dir" / "store.sqlite"))], cwd=REPO_ROOT, capture_output=True,
+        text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "--responses-store" in result.stderr
