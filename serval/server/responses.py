@@ -76,7 +76,11 @@ async def create_response(store: ResponseStore, state: ServerState, body: Respon
     messages = conversation.messages
     contents = call.session.check_input([message["content"] for message in messages], "input")
     messages = [{**message, "content": content} for message, content in zip(messages, contents)]
-    prompt = await state.off_loop(admission.chat_prompt, state.tokenizer, messages, True, body.template_tools())
+    try:
+        prompt = await state.off_loop(admission.chat_prompt, state.tokenizer, messages, True, body.template_tools())
+    except APIError as error:  # the template's refusal names chat's field
+        error.param = "input" if error.param == "messages" else error.param
+        raise
     call.session.check_prompt_tokens(len(prompt["prompt_token_ids"]), "input")
     admission.check_context(state, len(prompt["prompt_token_ids"]), params.max_tokens, "input",
                             ContextParams("input", "max_output_tokens"))
