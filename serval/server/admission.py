@@ -91,10 +91,13 @@ def completion_prompts(tokenizer, prompts: list[str | list[int]], texts: list[st
     return built
 
 
-def chat_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> dict:
+def chat_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                tools: list[dict] | None = None) -> dict:
+    """`tools` (chat-completions function tools) are rendered as the template renders them."""
     tokenizer = require_tokenizer(tokenizer)
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
     except Exception as error:  # jinja's TemplateError and raise_exception() in templates: bad messages
         raise APIError(400, f"The chat template rejected the messages: {error}", param="messages") from error
     return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
