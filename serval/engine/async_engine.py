@@ -28,7 +28,9 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from serval.config import EngineConfig
-from serval.engine.engine import EngineStats, LLMEngine, ProcessedRequest, PromptType
+from serval.engine.engine import EngineStats, LLMEngine
+from serval.engine.input_processor import PromptType
+from serval.engine.output_processor import RequestState
 from serval.openai.errors import InvalidArgument
 from serval.outputs import RequestOutput
 from serval.sampling_params import SamplingParams
@@ -124,7 +126,7 @@ class AsyncEngine:
         self.tokenizer = self.engine.tokenizer
         self._streams: dict[str, _Stream] = {}
         self._streams_lock = threading.Lock()
-        # ("add", ProcessedRequest) | ("abort", id) | ("drop", (id, _Stream)) | ("stop", None)
+        # ("add", RequestState) | ("abort", id) | ("drop", (id, _Stream)) | ("stop", None)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._num_in_inbox = 0  # sequences accepted by add_request that the loop thread has not scheduled yet
         self._stopped = threading.Event()
@@ -146,15 +148,15 @@ class AsyncEngine:
         already running, EngineDeadError if the engine has stopped."""
         if self._dead is not None:
             raise EngineDeadError(f"the engine loop has stopped: {self._dead!r}")
-        processed = self.engine.process_inputs(request_id, prompt, params, priority)
+        state = self.engine.process_inputs(request_id, prompt, params, priority)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._streams_lock:
             if request_id in self._streams:
                 raise InvalidArgument(None, f"invalid request_id {request_id!r}: a request with this id is "
                                             "already running")
             self._streams[request_id] = stream
-            self._num_in_inbox += len(processed.children)
-        self._inbox.put(("add", processed))
+            self._num_in_inbox += len(state.sequences)
+        self._inbox.put(("add", state))
         return RequestStream(self, request_id, stream)
 
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
@@ -257,20 +259,20 @@ class AsyncEngine:
                 return
             self._handle(kind, payload)
 
-    def _add(self, processed: ProcessedRequest) -> None:
+    def _add(self, state: RequestState) -> None:
         try:
             with self._streams_lock:
-                if processed.request_id not in self._streams:
+                if state.request_id not in self._streams:
                     return  # aborted before it reached the engine
             try:
-                self.engine.add_processed(processed)
+                self.engine.add_processed(state)
             except ValueError as error:
-                self._deliver(processed.request_id, error, last=True)
+                self._deliver(state.request_id, error, last=True)
         finally:
             # Counted out only once the scheduler counts it: num_waiting may count a request twice for a moment,
             # never zero times.
             with self._streams_lock:
-                self._num_in_inbox -= len(processed.children)
+                self._num_in_inbox -= len(state.sequences)
 
     def _deliver_step(self, outputs: list[RequestOutput]) -> None:
         """Every output of a step to its caller's queue: one hand-off per event loop (see the module docstring)."""

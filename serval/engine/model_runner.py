@@ -177,9 +177,9 @@ class ModelRunner:
             plan.slot_mapping.extend(self._slots(request, start, end))
             plan.query_start_loc.append(row0 + num_new)
             plan.seq_lens.append(end)
-            if request.prompt_logprobs is not None:
+            if request.sampling_params.prompt_logprobs is not None:
                 # Position p predicts token p + 1; positions already done (before a preemption) are skipped.
-                first = max(start, len(request.prompt_logprobs) - 1)
+                first = max(start, request.num_prompt_logprobs_computed)
                 last = min(end, request.num_prompt_tokens - 1)
                 if first < last:
                     plan.prompt_rows.append((batch_index, [row0 + p - start for p in range(first, last)],
