@@ -147,7 +147,7 @@ class AsyncEngine:
         will read the stream. Raises InvalidArgument (nothing is queued) for bad input or a request id that is
         already running, EngineDeadError if the engine has stopped."""
         if self._dead is not None:
-            raise EngineDeadError(f"the engine loop has stopped: {self._dead!r}")
+            raise _dead_error(self._dead)
         state = self.engine.process_inputs(request_id, prompt, params, priority)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._streams_lock:
@@ -225,7 +225,7 @@ class AsyncEngine:
             with self._streams_lock:
                 streams, self._streams = self._streams, {}
             for stream in streams.values():
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, EngineDeadError(repr(error)))
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, _dead_error(error))
 
     def _drain_inbox(self, block: bool) -> None:
         while True:
@@ -301,6 +301,13 @@ class AsyncEngine:
             stream = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
         if stream is not None:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+
+def _dead_error(cause: BaseException) -> EngineDeadError:
+    # The message goes to clients: the cause is logged and chained, not quoted.
+    error = EngineDeadError("the engine has stopped after an internal error; the server needs a restart")
+    error.__cause__ = cause
+    return error
 
 
 def _failed(output: RequestOutput) -> bool:

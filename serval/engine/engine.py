@@ -236,6 +236,7 @@ class LLMEngine:
                 return None  # out of blocks: the synchronous step will preempt
         return self.runner.launch_decode(following, previous=current)
 
+
 def forget_cached_blocks(kv_cache: KVCacheManager, request: Request) -> None:
     """Drop the request's blocks from the prefix cache (they stay allocated until freed)."""
     # KVCacheManager has no public method for this yet (its owner is asked for one): its eviction helper.

@@ -176,8 +176,8 @@ class OutputProcessor:
             if status is None and params.stop and request.num_output_tokens > params.min_tokens:
                 match = find_stop_string(sequence.text, len(new_text), params.stop, params.include_stop_str_in_output)
                 if match is not None:
-                    sequence.stop_reason, truncate_to = match
-                    sequence.text = sequence.text[:truncate_to]
+                    sequence.stop_reason = match.stop
+                    sequence.text = sequence.text[:match.truncate_to]
                     status = RequestStatus.FINISHED_STOPPED
         status = status or grammar_status
         if status is None and (request.num_output_tokens >= request.max_tokens
