@@ -28,7 +28,7 @@ PERSON = {"type": "object", "additionalProperties": False, "required": ["name", 
 @pytest.fixture(scope="module")
 def server():
     remote = RemoteServer(["--model", tiny_model_dir(), "--max-model-len", "512", "--served-model-name", MODEL,
-                           "--max-num-seqs", "256"])
+                           "--max-num-seqs", "256", "--max-n", "200"])
     yield remote
     remote.close()
 
