@@ -106,7 +106,7 @@ def test_streaming_structured_output(server):
     ({"response_format": {"type": "json_schema"}}, "response_format"),
     ({"structured_outputs": {"regex": "[a-"}}, "structured_outputs"),
     ({"structured_outputs": {"grammar": "root ::= ( \"a\""}}, "structured_outputs"),
-    ({"structured_outputs": {"choice": []}}, "structured_outputs"),
+    ({"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
     ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, None),
     # Compiles, but past llguidance's limits: refused before the first token, not "stop" with text that
     # doesn't match.
