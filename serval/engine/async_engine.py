@@ -172,6 +172,13 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
         self._inbox.put(("abort", request_id))
 
+    def compile_grammar(self, params: SamplingParams | None) -> None:
+        """Compile the request's structured-output constraint into the engine's grammar cache, raising
+        InvalidArgument as add_request would. A new grammar takes up to seconds to compile: the server calls
+        this on a worker thread first, so add_request (on the event loop) finds it cached."""
+        if params is not None and params.structured_outputs is not None:
+            self.engine.grammar_compiler().compile(params.structured_outputs)
+
     @property
     def is_dead(self) -> bool:
         """True once the loop thread has stopped for good (errored says why); requests are then refused."""
