@@ -84,7 +84,7 @@ def test_every_tile_shape_gives_the_same_result(block_m, group_m):
 
 
 def test_alignment_groups_slots_by_expert_in_blocks():
-    expert_ids = torch.tensor([[2, 0], [2, 1], [0, 2]])
+    expert_ids = torch.tensor([[2, 0], [2, 1], [0, 2]], device=DEVICE)
     blocks = triton_moe.align_by_expert(expert_ids, num_experts=4, block_m=4)
     padding = expert_ids.numel()
     # Expert 0: slots 1, 4; expert 1: slot 3; expert 2: slots 0, 2, 5; expert 3: none; each run padded to 4.

@@ -71,6 +71,8 @@ def run_steps_on_backend(backend: str, monkeypatch, qkv: torch.Tensor, lens: lis
 
 @pytest.mark.parametrize("dtype,kv_dtype,sliding_window", [(torch.float32, torch.float32, None),
                                                            (torch.float16, torch.float8_e4m3fn, 5)])
+@pytest.mark.skipif(torch.cuda.is_available(), reason="builds CPU tensors for Triton's interpreter; on a GPU "
+                    "tests/engine/test_cuda_graphs.py runs this path against the CPU engine")
 def test_fused_rotary_and_kv_write_path_equals_the_reference_path(dtype, kv_dtype, sliding_window, monkeypatch):
     """What CUDA runs (one Triton kernel rotates q/k and writes K/V, then the Triton attention; here in the
     interpreter) against what CPU runs (rotary, write_kv, attention in torch): the same outputs and the same cache,

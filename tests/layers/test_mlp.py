@@ -10,6 +10,9 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 from serval.layers.activation import silu_and_mul
 from serval.layers.mlp import GatedMLP
 
+# Triton's interpreter on CPU, the compiled kernel on a GPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def random_mlp(hidden_act: str, bias: bool, seed: int = 0) -> tuple[GatedMLP, LlamaMLP]:
     """Ours and transformers' with the same random weights (gate and up merged into ours)."""
@@ -41,11 +44,11 @@ def test_fused_swiglu_equals_the_unfused_layer(quantized, monkeypatch):
     input; the unfused layer runs act_and_mul and then the plain GEMV. float8 weights (quantization="fp8") too."""
     pytest.importorskip("triton")
     ours, _ = random_mlp("silu", bias=False, seed=1)
-    ours = ours.to(torch.float16)
+    ours = ours.to(DEVICE, torch.float16)
     if quantized:
         ours.gate_up_proj.quantize_fp8_()
         ours.down_proj.quantize_fp8_()
-    x = torch.randn(1, 64, dtype=torch.float16)
+    x = torch.randn(1, 64, dtype=torch.float16).to(DEVICE)
     with torch.no_grad():
         reference = ours.down_proj(silu_and_mul(ours.gate_up_proj(x)))  # torch, on CPU
         monkeypatch.setenv("SERVAL_GEMV", "triton")
