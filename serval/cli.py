@@ -42,6 +42,9 @@ _ENGINE_HELP = {
                     "half-precision checkpoint (None: the checkpoint's weights as they are)",
     "kv_cache_dtype": "auto (the model's dtype), fp8 or fp8_e4m3 (float8 e4m3, scale 1.0: half the KV memory)",
     "async_scheduling": "queue decode step N+1 before step N's tokens reach the host (default: on with CUDA graphs)",
+    "long_prefill_token_threshold": "most prompt tokens one request prefills in a step before the other requests "
+                                    "have had theirs, so a long prompt doesn't delay everyone's first token; the "
+                                    "budget left over still goes to it (0: no cap; None: max_num_batched_tokens / 4)",
 }
 
 

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 import torch
+
+from serval.openai.errors import InvalidArgument
+from serval.sampling_params import SEED_RANGE
 
 _DTYPES = {"auto": None, "float32": torch.float32, "float": torch.float32, "float16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16}
@@ -19,8 +23,21 @@ _KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.
 DEFAULT_CPU_KV_CACHE_BYTES = 2 * 1024**3
 
 
-def _bad(name: str, given, allowed: str) -> ValueError:
-    return ValueError(f"invalid engine argument {name}={given!r}: allowed {allowed}")
+# Without a threshold given, one request prefills at most this fraction of a step's tokens while others wait.
+# A quarter of the default 2048 is 512 tokens: a prompt that long is already a full matrix multiply on a GPU, so
+# the long prefill loses little speed, and up to four long prompts (or any number of short ones) progress in one
+# step instead of queueing behind the first.
+LONG_PREFILL_BUDGET_FRACTION = 4
+
+_BOOL_FIELDS = ("skip_tokenizer_init", "enable_prefix_caching", "enable_chunked_prefill", "enforce_eager")
+
+
+def _bad(name: str, given, allowed: str) -> InvalidArgument:
+    return InvalidArgument(name, f"invalid engine argument {name}={given!r}: allowed {allowed}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -48,8 +65,20 @@ class EngineConfig:
     async_scheduling: bool | None = None
     quantization: str | None = None  # None or "fp8" (from a half-precision checkpoint, at load time)
     kv_cache_dtype: str = "auto"  # auto (the model's dtype), fp8 or fp8_e4m3
+    # The most prompt tokens one request prefills in a step before the other requests have had their share,
+    # so one long prompt can't hold back the others' first tokens. 0: no cap. None: a quarter of
+    # max_num_batched_tokens. Budget left after every request had its share goes back to the long prefills.
+    long_prefill_token_threshold: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("model", "tokenizer"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise _bad(name, getattr(self, name), "a path (string) or None")
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise _bad(name, getattr(self, name), "True or False")
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            raise _bad("async_scheduling", self.async_scheduling, "True, False or None")
         if self.dtype not in _DTYPES:
             raise _bad("dtype", self.dtype, f"one of {sorted(_DTYPES)}")
         if self.load_format not in _LOAD_FORMATS:
@@ -60,17 +89,36 @@ class EngineConfig:
             raise _bad("kv_cache_dtype", self.kv_cache_dtype, f"one of {list(_KV_CACHE_DTYPES)}")
         if self.scheduling_policy not in _SCHEDULING_POLICIES:
             raise _bad("scheduling_policy", self.scheduling_policy, f"one of {list(_SCHEDULING_POLICIES)}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+        if not isinstance(self.device, str) or (self.device not in ("auto", "cpu", "cuda")
+                                                and not re.fullmatch(r"cuda:\d+", self.device)):
             raise _bad("device", self.device, "auto, cpu, cuda or cuda:N")
         for name in ("max_num_seqs", "block_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise _bad(name, getattr(self, name), "an integer >= 1")
         for name in ("max_model_len", "max_num_batched_tokens", "num_gpu_blocks_override", "kv_cache_memory_bytes"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (not _is_int(value) or value < 1):
                 raise _bad(name, value, "an integer >= 1 or None")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise _bad("gpu_memory_utilization", self.gpu_memory_utilization, "(0, 1]")
+        threshold = self.long_prefill_token_threshold
+        if threshold is not None and (not _is_int(threshold) or threshold < 0):
+            raise _bad("long_prefill_token_threshold", threshold, "an integer >= 0 (0: no cap) or None")
+        if not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise _bad("seed", self.seed, f"an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
+        utilization = self.gpu_memory_utilization
+        if isinstance(utilization, bool) or not isinstance(utilization, (int, float)) or not 0.0 < utilization <= 1.0:
+            raise _bad("gpu_memory_utilization", utilization, "a number in (0, 1]")
+
+    def long_prefill_cap(self) -> int:
+        """Tokens one request may prefill in a step before the others have had theirs; max_num_batched_tokens
+        (no cap) when long_prefill_token_threshold is 0 or not below the budget, or without chunked prefill
+        (a prompt then runs whole). Needs max_num_batched_tokens resolved (engine._resolve_config)."""
+        budget = self.max_num_batched_tokens
+        threshold = self.long_prefill_token_threshold
+        if threshold is None:
+            threshold = max(1, budget // LONG_PREFILL_BUDGET_FRACTION)
+        if not self.enable_chunked_prefill or threshold == 0:
+            return budget
+        return min(threshold, budget)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -80,7 +128,7 @@ class EngineConfig:
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
         unknown = sorted(set(kwargs) - set(cls.field_names()))
         if unknown:
-            raise ValueError(f"unknown engine argument(s) {unknown}: allowed {cls.field_names()}")
+            raise InvalidArgument(unknown[0], f"unknown engine argument(s) {unknown}: allowed {cls.field_names()}")
         return cls(**kwargs)
 
     def torch_device(self) -> torch.device:

@@ -5,14 +5,70 @@ Validated once, here, at the edge; the engine trusts it afterwards.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import math
+import numbers
+from dataclasses import dataclass
+
+from serval.openai.errors import InvalidArgument
 
 # Below this temperature sampling is greedy (vLLM's _SAMPLING_EPS).
 SAMPLING_EPS = 1e-5
+# torch's int64 range, as vLLM's OpenAI protocol bounds seed. The engine seeds choice i of n with seed + i, and
+# torch.Generator.manual_seed takes up to 2**64 - 1, so every seed here plus any index below MAX_N fits.
+SEED_RANGE = (-2**63, 2**63 - 1)
+# The most choices one request may ask for. Far above any real use (OpenAI allows 128, and the server bounds n
+# itself); it stops a request from making millions of sequences at once.
+MAX_N = 1024
+_BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output",
+                "detokenize")
 
 
-def _bad(name: str, given, allowed: str) -> ValueError:
-    return ValueError(f"invalid sampling parameter {name}={given!r}: allowed {allowed}")
+def _bad(name: str, given, allowed: str) -> InvalidArgument:
+    """name is the field, which is also the OpenAI (or vLLM extension) body field a server fills it from."""
+    return InvalidArgument(name, f"invalid sampling parameter {name}={given!r}: allowed {allowed}")
+
+
+def _is_int(value) -> bool:
+    """An integer (numpy's too), but not a bool: Python's bool is an int subclass, and True is no token count."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_token_id(value) -> bool:
+    return _is_int(value) and value >= 0
+
+
+def _token_id_list(name: str, value) -> list[int]:
+    """A list of non-negative integer ids; the engine checks the upper bound, as only it knows the vocabulary."""
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise _bad(name, value, "a list of non-negative integer token ids")
+    ids = list(value)
+    bad = [token_id for token_id in ids if not _is_token_id(token_id)]
+    if bad:
+        raise _bad(name, bad[:5], "non-negative integer token ids")
+    return [int(token_id) for token_id in ids]
+
+
+def _logit_bias(value) -> dict[int, float] | None:
+    """Keys are token ids (integers, or their decimal strings as JSON object keys arrive); values finite numbers."""
+    if not value:
+        return None
+    if not isinstance(value, dict):
+        raise _bad("logit_bias", value, "a mapping of token ids to biases")
+    bias = {}
+    for key, given in value.items():
+        token_id = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else key
+        if not _is_token_id(token_id):
+            raise _bad("logit_bias", {key: given}, "non-negative integer token ids as keys")
+        if not _is_number(given) or not math.isfinite(given):
+            raise _bad("logit_bias", {key: given}, "finite numbers as biases")
+        bias[int(token_id)] = float(given)
+    return bias
 
 
 @dataclass(frozen=True)
@@ -30,7 +86,8 @@ class StructuredOutputsParams:
 
     def __post_init__(self) -> None:
         if self.choice is not None:
-            if isinstance(self.choice, str) or not all(isinstance(c, str) for c in self.choice) or not self.choice:
+            if (isinstance(self.choice, str) or not isinstance(self.choice, (list, tuple))
+                    or not all(isinstance(c, str) for c in self.choice) or not self.choice):
                 raise _bad("structured_outputs.choice", self.choice, "a non-empty list of strings")
             object.__setattr__(self, "choice", tuple(self.choice))
         given = [name for name in STRUCTURED_KINDS if getattr(self, name) not in (None, False)]
@@ -79,47 +136,50 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if self.stop is not None and not isinstance(self.stop, (list, tuple)):
+            raise _bad("stop", self.stop, "a string, a list of strings or None")
         self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.logit_bias:
-            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        self.stop_token_ids = _token_id_list("stop_token_ids", self.stop_token_ids)
+        self.logit_bias = _logit_bias(self.logit_bias)
         self._validate()
 
     def _validate(self) -> None:
-        if not isinstance(self.n, int) or self.n < 1:
-            raise _bad("n", self.n, "an integer >= 1")
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            raise _bad("presence_penalty", self.presence_penalty, "[-2, 2]")
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            raise _bad("frequency_penalty", self.frequency_penalty, "[-2, 2]")
-        if not 0.0 < self.repetition_penalty <= 2.0:
-            raise _bad("repetition_penalty", self.repetition_penalty, "(0, 2]")
-        if not 0.0 <= self.temperature or self.temperature != self.temperature:
-            raise _bad("temperature", self.temperature, ">= 0")
-        if not 0.0 < self.top_p <= 1.0:
-            raise _bad("top_p", self.top_p, "(0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise _bad("n", self.n, f"an integer in [1, {MAX_N}]")
+        self._check_number("presence_penalty", -2.0, 2.0, "a number in [-2, 2]")
+        self._check_number("frequency_penalty", -2.0, 2.0, "a number in [-2, 2]")
+        self._check_number("repetition_penalty", 0.0, 2.0, "a number in (0, 2]", low_open=True)
+        self._check_number("temperature", 0.0, math.inf, "a finite number >= 0")
+        self._check_number("top_p", 0.0, 1.0, "a number in (0, 1]", low_open=True)
+        self._check_number("min_p", 0.0, 1.0, "a number in [0, 1]")
+        if not _is_int(self.top_k) or self.top_k < -1:
             raise _bad("top_k", self.top_k, "-1, 0 (all tokens) or a positive integer")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise _bad("min_p", self.min_p, "[0, 1]")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise _bad("seed", self.seed, "an integer or None")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        if self.seed is not None and (not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise _bad("seed", self.seed, f"an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] or None")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise _bad("max_tokens", self.max_tokens, "an integer >= 1 or None")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
             raise _bad("min_tokens", self.min_tokens, "an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise _bad("min_tokens", self.min_tokens, f"<= max_tokens ({self.max_tokens})")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 0):
+            if value is not None and (not _is_int(value) or value < 0):
                 raise _bad(name, value, "an integer >= 0 or None")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise _bad("stop", self.stop, "non-empty strings")
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise _bad(name, getattr(self, name), "true or false")
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             raise _bad("structured_outputs", self.structured_outputs, "a StructuredOutputsParams")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise _bad("stop_token_ids", self.stop_token_ids, "non-negative integers")
+
+    def _check_number(self, name: str, low: float, high: float, allowed: str, low_open: bool = False) -> None:
+        value = getattr(self, name)
+        # NaN fails both comparisons, so it is refused with the rest; infinity fails the finiteness check.
+        if (not _is_number(value) or not math.isfinite(value) or not low <= value <= high
+                or (low_open and value == low)):
+            raise _bad(name, value, allowed)
 
     @property
     def greedy(self) -> bool:

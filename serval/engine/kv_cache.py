@@ -71,6 +71,15 @@ class KVCacheManager:
         """Give the request blocks for its cached prefix plus num_new_tokens more; False (and no change) if
         the pool can't. Blocks that will be full after this step are registered in the prefix cache now,
         which is safe because each layer writes the whole batch's K/V before any attention reads it.
+
+        Blocks layout. A cached prefix comes only on admission, when nothing is computed yet, so at most one of
+        the first two spans is non-empty. New tokens first fill the free slots of the last held block:
+
+            tokens: |<-- computed -->|<---- cached prefix ---->|<------------- new (num_new_tokens) ----------->|
+            blocks: [ held ][ held  ][ cached    ][ cached     ][ fresh         ][ fresh         ][ fresh        ]
+                     request.block_ids  taken from the cache:     taken from the free queue's front (LRU), old hash
+                     as they are        ref_count + 1, hash kept  evicted; those full after this step hashed now
+            free(): every block's ref_count - 1; unreferenced ones rejoin the free queue tail first, hash kept
         """
         num_tokens_after = request.num_computed_tokens + len(cached_block_ids) * self.block_size + num_new_tokens
         num_needed = -(-num_tokens_after // self.block_size) - len(request.block_ids) - len(cached_block_ids)
@@ -88,6 +97,10 @@ class KVCacheManager:
         if self.enable_prefix_caching:
             self._cache_full_blocks(request, num_tokens_after // self.block_size)
         return True
+
+    def num_allocatable_tokens(self, request: Request) -> int:
+        """Tokens past the request's computed ones that its blocks and the free blocks can hold together."""
+        return (len(request.block_ids) + self.num_free_blocks) * self.block_size - request.num_computed_tokens
 
     def free(self, request: Request) -> None:
         """Release the request's blocks; the tail goes to the free queue first, so it is evicted before

@@ -5,6 +5,10 @@ num_tokens, and a step computes some of the difference under the token budget, s
 and decodes share a step. Running requests go first, oldest first; when blocks run out the newest
 (or lowest-priority) running request is preempted by recompute: its blocks are freed and it waits
 again with its output so far, to be recomputed (mostly from the prefix cache) later.
+
+A long prefill takes at most config.long_prefill_cap() tokens while the others get theirs, so waiting requests are
+admitted and later-admitted decodes run in the steps where a long prompt is still prefilling. The budget left
+after that goes back to the capped prefills, oldest first, so a prompt alone still fills whole steps.
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ class Scheduler:
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.enable_chunked_prefill = config.enable_chunked_prefill
+        self.long_prefill_cap = config.long_prefill_cap()
         self.use_priority = config.scheduling_policy == "priority"
         self.kv_cache = kv_cache
         self.waiting: list[tuple[tuple, Request]] = []  # sorted by _waiting_key
@@ -74,7 +79,7 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget, self.long_prefill_cap)
             while not self.kv_cache.allocate(request, num_new):
                 victim = max(self.running, key=self._waiting_key)
                 if self.running.index(victim) < index:
@@ -90,7 +95,8 @@ class Scheduler:
                 budget -= num_new
                 index += 1
         if not out.preempted:
-            self._admit_waiting(out, budget)
+            budget = self._admit_waiting(out, budget)
+            self._extend_capped_prefills(out, budget)
         return out
 
     def update(self, out: SchedulerOutput) -> list[Request]:
@@ -117,7 +123,9 @@ class Scheduler:
         request.finished_time = time.monotonic()
         del self.requests[request.request_id]
 
-    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
+        """Admit waiting requests in order while the budget, the sequence slots and the blocks allow; return the
+        budget left."""
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0][1]
             cached_block_ids = self.kv_cache.find_cached_prefix(request)
@@ -127,6 +135,7 @@ class Scheduler:
                 if not self.enable_chunked_prefill:
                     break
                 num_new = budget
+            num_new = min(num_new, self.long_prefill_cap)
             if not self.kv_cache.allocate(request, num_new, cached_block_ids):
                 break
             self.waiting.pop(0)
@@ -138,6 +147,22 @@ class Scheduler:
                 request.first_scheduled_time = time.monotonic()
             out.add(request, num_new)
             budget -= num_new
+        return budget
+
+    def _extend_capped_prefills(self, out: SchedulerOutput, budget: int) -> None:
+        """Give the budget nobody else wanted to the prefills the cap cut short, oldest first. A top-up takes
+        only the blocks that are free: it is worth no preemption."""
+        for index, request in enumerate(out.requests):
+            if budget <= 0:
+                break
+            num_scheduled = out.num_scheduled_tokens[index]
+            extra = min(request.num_tokens - request.num_computed_tokens - num_scheduled, budget,
+                        self.kv_cache.num_allocatable_tokens(request) - num_scheduled)
+            # allocate counts from num_computed_tokens, which update() advances only after the step: ask for the
+            # whole of this step's tokens, and it adds the blocks the extra ones need.
+            if extra > 0 and self.kv_cache.allocate(request, num_scheduled + extra):
+                out.num_scheduled_tokens[index] += extra
+                budget -= extra
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)

@@ -194,8 +194,9 @@ class OutputFilter:
             started = time.perf_counter()
             reading = self.readings[detector.normalised]
             if not final:
-                forming = _first_forming(detector.pattern, reading.text,
-                                         reading.index(self.offset + max(start, self.decided[number] - self.offset)))
+                # Positions already found unable to reach the end stay so, whatever text comes.
+                begin = reading.index(max(self.offset + start, self.decided[number]))
+                forming = _first_forming(detector.pattern, reading.text, begin)
                 self.decided[number] = reading.position(forming, self.offset + len(text))
                 hold = min(hold, self.decided[number] - self.offset)
             for found in detector.pattern.finditer(reading.text, reading.index(self.offset + start)):

@@ -130,3 +130,16 @@ def test_usage_tracks_blocks(block_size):
     request = make_request(range(block_size * 5))
     admit(kv, request)
     assert kv.usage == pytest.approx(0.5)
+
+
+def test_num_allocatable_tokens_is_what_allocate_can_give():
+    kv = KVCacheManager(num_blocks=6, block_size=4)
+    other = make_request(range(100, 108), request_id="other")
+    assert kv.allocate(other, 8)
+    request = make_request(range(10))
+    assert kv.allocate(request, 6)  # 2 blocks, 2 free slots in the second
+    request.num_computed_tokens = 6
+    assert kv.num_allocatable_tokens(request) == 2 + 2 * 4
+    assert not kv.allocate(request, 11)
+    assert kv.allocate(request, 10) and kv.num_free_blocks == 0
+    kv.check_invariants([other, request])
