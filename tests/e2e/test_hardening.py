@@ -350,6 +350,9 @@ def _stream_events(url: str, body: dict, out: list, headers: dict | None = None)
     try:
         with httpx.stream("POST", url + "/v1/completions", json=body, headers=headers or {}, timeout=120) as response:
             out.append(response.status_code)
+            if response.status_code != 200:  # refused before its stream began: keep the error body
+                out.append(response.read().decode())
+                return
             for line in response.iter_lines():
                 if line.startswith("data: "):
                     out.append(line[6:])
@@ -387,9 +390,16 @@ def assert_unharmed_open(server: RemoteServer) -> None:
     assert server.wait_idle()
 
 
+def _was_refused(events: list) -> bool:
+    """A request the drain ended before its stream began: a 503 with OpenAI's error body."""
+    return len(events) == 2 and events[0] == 503 and "error" in json.loads(events[1])
+
+
 def _ended_properly(events: list) -> bool:
     """A stream that either completed (a finish_reason, then [DONE]) or was ended with an error event and
-    [DONE]."""
+    [DONE], or a request refused with 503 before its stream began."""
+    if _was_refused(events):
+        return True
     if not events or events[0] != 200 or events[-1] != "[DONE]":
         return False
     payloads = [json.loads(event) for event in events[1:-1]]
@@ -426,8 +436,9 @@ def test_sigterm_drains_streams_refuses_new_requests_and_exits_zero():
         remote.close()
     assert status == 0, log[-3000:]
     for events in streams:
-        assert _ended_properly(events), (events[:2], events[-3:])
-    interrupted = [events for events in streams if any("error" in json.loads(e) for e in events[1:-1])]
+        assert _ended_properly(events), (events[:2], events[-3:], log[-3000:])
+    interrupted = [events for events in streams
+                   if _was_refused(events) or any("error" in json.loads(e) for e in events[1:-1])]
     assert interrupted, "3 x 1000 tokens one at a time finished inside a 3 s drain: the test proves nothing"
     assert "drain" in log
 
