@@ -106,6 +106,7 @@ def matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
     m, k = x.shape
     n = qweight.shape[1]
     assert qweight.shape[0] * 8 == k and g_idx.shape == (k,) and x.stride(1) == 1, (x.shape, qweight.shape)
+    assert qweight.is_contiguous() and scales.is_contiguous() and zeros.is_contiguous(), "row-major layout only"
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m <= GEMV_MAX_ROWS:
         block_n, block_k, num_warps = gemv_config or GEMV_CONFIG

@@ -217,3 +217,17 @@ def test_published_layout_loads_and_matches_the_dequantized_model(tmp_path, name
                            SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), use_tqdm=False)
     for prompt, output in zip(prompts, outputs):
         near_tie_greedy_check(reference, prompt, output.outputs[0].token_ids, tolerance)
+
+
+@pytest.mark.parametrize("name, switch", [("awq", "SERVAL_W4A16"), ("gptq-asym-act-order", "SERVAL_W4A16"),
+                                          ("block-fp8", "SERVAL_FP8_BLOCK")])
+def test_the_triton_kernels_give_the_reference_s_logits(tmp_path, monkeypatch, name, switch):
+    """The whole model through the Triton kernels (the interpreter on CPU) equals the torch reference path."""
+    quantization_config, layout, _ = FORMATS[name]
+    hf_model = build_tiny_model(tmp_path, "llama", seed=7, **SHAPE)
+    torch.manual_seed(11)
+    write_checkpoint(tmp_path, hf_model, quantization_config, layout)
+    model, _ = load_model(str(tmp_path))
+    expected = logits_of(model, INPUT_IDS)
+    monkeypatch.setenv(switch, "triton")
+    torch.testing.assert_close(logits_of(model, INPUT_IDS), expected, atol=2e-3, rtol=2e-3)

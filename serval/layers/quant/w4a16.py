@@ -40,7 +40,7 @@ def pack_int4(values: torch.Tensor, dim: int, order: tuple[int, ...] = SEQUENTIA
     for j, element in enumerate(order):
         words |= (values[..., element] & 0xF) << (4 * j)
     words = torch.where(words >= 2 ** 31, words - 2 ** 32, words)
-    return words.to(torch.int32).movedim(-1, dim)
+    return words.to(torch.int32).movedim(-1, dim).contiguous()
 
 
 @dataclass(frozen=True)
