@@ -231,3 +231,47 @@ def test_the_triton_kernels_give_the_reference_s_logits(tmp_path, monkeypatch, n
     expected = logits_of(model, INPUT_IDS)
     monkeypatch.setenv(switch, "triton")
     torch.testing.assert_close(logits_of(model, INPUT_IDS), expected, atol=2e-3, rtol=2e-3)
+
+
+def test_checkpoints_serval_cannot_run_are_refused_by_name(tmp_path):
+    hf_model = build_tiny_model(tmp_path, "llama", seed=7, **SHAPE)
+    config, layout, _ = FORMATS["ct-w4a16-sym"]
+    # q_proj left unquantized but k_proj and v_proj not: they are one merged layer here.
+    write_checkpoint(tmp_path, hf_model, {**config, "ignore": ["lm_head", "model.layers.0.self_attn.q_proj"]},
+                     layout)
+    with pytest.raises(ValueError, match="merged into model.layers.0.self_attn.qkv_proj.*different formats"):
+        load_model(str(tmp_path))
+    config, layout, _ = FORMATS["awq"]
+    write_checkpoint(tmp_path, hf_model, config, layout)
+    with pytest.raises(ValueError, match="quantization='fp8'.*awq.*mixed formats"):
+        load_model(str(tmp_path), quantization="fp8")
+
+    def without_zeros(weight, perm):
+        tensors, dequantized = awq(weight, perm)
+        return {k: v for k, v in tensors.items() if k != "qzeros"}, dequantized
+    write_checkpoint(tmp_path, hf_model, config, without_zeros)
+    with pytest.raises(ValueError, match=r"awq \(4-bit\) checkpoint: missing tensors.*qkv_proj\[q\]\.qzeros"):
+        load_model(str(tmp_path))
+
+
+def test_merged_projections_must_share_gptq_s_input_order(tmp_path):
+    hf_model = build_tiny_model(tmp_path, "llama", seed=7, **SHAPE)
+    config, _, _ = FORMATS["gptq-asym-act-order"]
+    act_order = gptq(False, True)
+    write_checkpoint(tmp_path, hf_model, config,
+                     lambda weight, perm: act_order(weight, torch.randperm(weight.shape[1])))
+    with pytest.raises(ValueError, match="orders the inputs differently.*one g_idx per merged layer"):
+        load_model(str(tmp_path))
+
+
+def test_dummy_weights_for_a_quantized_config_run_in_its_format(tmp_path):
+    """What the GPU benchmarks load: a quantized config.json without weights is quantized into its format."""
+    hf_model = build_tiny_model(tmp_path, "llama", seed=7, **SHAPE)
+    for name in ("awq", "block-fp8", "ct-int8-channel"):
+        config, layout, _ = FORMATS[name]
+        write_checkpoint(tmp_path, hf_model, config, layout)
+        model, _ = load_model(str(tmp_path), load_format="dummy")
+        qkv = model.model.layers[0].self_attn.qkv_proj
+        assert qkv.quant_method is not None and model.lm_head.quant_method is None
+        logits = logits_of(model, INPUT_IDS)
+        assert torch.isfinite(logits).all() and logits.abs().max() > 0
