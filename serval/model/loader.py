@@ -78,12 +78,17 @@ def load_model(model: str, *, load_format: str = "auto", dtype: torch.dtype = to
         # Dummy weights for a quantized config are quantized into its formats, as a checkpoint would hold them.
         init_dummy_weights(net, seed)
         if declared is not None:
-            for layer, method in assign_formats(net, declared).layers.items():
-                layer.quantize_(method)
+            formats = assign_formats(net, declared)
+            for name, module in net.named_modules():
+                if module in formats.layers:
+                    with _naming_layer(name):
+                        module.quantize_(formats.layers[module])
     else:
         formats = assign_formats(net, declared) if declared is not None else LayerFormats({}, {})
-        for layer, method in formats.layers.items():
-            layer.set_quant_method(method)
+        for name, module in net.named_modules():
+            if module in formats.layers:
+                with _naming_layer(name):
+                    module.set_quant_method(formats.layers[module])
         net.load_weights(route_to_formats(weights, formats.routes))
         for name, module in net.named_modules():
             if isinstance(module, Linear) and module.quant_method is not None:
@@ -281,6 +286,15 @@ def expert_weight_slices(hf_name: str, tensor: torch.Tensor) -> list[ExpertSlice
     gate, up = tensor.chunk(2, dim=1)
     return [ExpertSlice(f"{hf_name}[{e}]", name, e, projection, part[e])
             for e in range(len(tensor)) for projection, part in (("gate", gate), ("up", up))]
+
+
+@contextlib.contextmanager
+def _naming_layer(name: str):
+    """A format's refusal (shape, group size) says which layer it is about."""
+    try:
+        yield
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from error
 
 
 @contextlib.contextmanager

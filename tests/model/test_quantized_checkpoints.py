@@ -275,3 +275,27 @@ def test_dummy_weights_for_a_quantized_config_run_in_its_format(tmp_path):
         assert qkv.quant_method is not None and model.lm_head.quant_method is None
         logits = logits_of(model, INPUT_IDS)
         assert torch.isfinite(logits).all() and logits.abs().max() > 0
+
+
+def test_a_layer_the_format_cannot_hold_is_named(tmp_path):
+    # intermediate 320: down_proj's 320 inputs are not whole 128-column blocks (nor 128-row groups).
+    hf_model = build_tiny_model(tmp_path, "llama", seed=7, **{**SHAPE, "intermediate_size": 320})
+    config, _, _ = FORMATS["block-fp8"]
+
+    def padded_blocks(weight, perm):
+        n, k = weight.shape
+        padded = torch.zeros(-(-n // 128) * 128, -(-k // 128) * 128)
+        padded[:n, :k] = weight
+        q, scale, dequantized = quantize_fp8_blocks(padded)
+        return {"weight": q[:n, :k].contiguous(), "weight_scale_inv": scale}, dequantized[:n, :k]
+    write_checkpoint(tmp_path, hf_model, config, padded_blocks)
+    with pytest.raises(ValueError, match="model.layers.0.mlp.down_proj: fp8 \\(block-wise\\).*320 inputs"):
+        load_model(str(tmp_path))
+    config, layout, _ = FORMATS["awq"]
+    with open(os.path.join(tmp_path, "config.json")) as f:
+        saved = json.load(f)
+    saved["quantization_config"] = config
+    with open(os.path.join(tmp_path, "config.json"), "w") as f:
+        json.dump(saved, f)
+    with pytest.raises(ValueError, match="model.layers.0.mlp.down_proj: awq \\(4-bit\\).*320 inputs.*groups of 128"):
+        load_model(str(tmp_path))

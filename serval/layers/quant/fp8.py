@@ -57,6 +57,7 @@ class BlockFp8Method(QuantMethod):
     routed_tensors = ("weight_scale_inv",)
 
     def create_weights(self, layer) -> None:
+        self._check_shape(layer)
         device = layer.weight.device
         layer.weight = nn.Parameter(torch.empty(layer.weight.shape, dtype=fp8.FP8, device=device),
                                     requires_grad=False)
@@ -77,7 +78,14 @@ class BlockFp8Method(QuantMethod):
     def finish(self, layer, layer_name: str) -> None:
         check_loaded(layer, layer_name, self.name, self.routed_tensors)
 
+    def _check_shape(self, layer) -> None:
+        # Activations are quantized in groups of block_k columns: a partial group has no kernel.
+        if layer.in_features % self.block_k:
+            raise ValueError(f"{self.name}: a layer of {layer.in_features} inputs is not a whole number of "
+                             f"{self.block_k}-column blocks")
+
     def quantize_dense(self, layer) -> None:
+        self._check_shape(layer)
         from serval.kernels.triton_fp8_block import quantize_weight_blocks
         qweight, block_scales = quantize_weight_blocks(layer.weight, self.block_n, self.block_k)
         layer.weight = nn.Parameter(qweight, requires_grad=False)
