@@ -37,7 +37,9 @@ def test_gemm_matches_the_reference(m, n, k):
     expected = triton_fp8_block.reference_linear(xq, x_scale, wq, w_scale, 128)
     got = triton_fp8_block.gemm(xq, x_scale, wq, w_scale, 128)
     assert got.shape == (m, n)
-    torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-3)
+    # On Hopper the float8 tensor cores keep a narrower accumulator within each 128-long group.
+    tolerance = dict(atol=1e-3, rtol=1e-3) if DEVICE == "cpu" else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(got, expected, **tolerance)
     # And close to the unquantized product: a few percent, not the answer.
     exact = x @ (wq.float() * w_scale.repeat_interleave(128, 1)).T
     assert (got - exact).norm() / exact.norm() < 0.05
