@@ -12,13 +12,17 @@ under benchmarks/configs with --model (e.g. the mixture-of-experts qwen3-30b-a3b
      512 x (512 in, 256 out), Serval vs transformers `generate_batch` (continuous batching, paged sdpa).
 Every request ignores EOS, so each produces exactly its output length.
 
+--checkpoint-format block-fp8|awq|gptq|compressed-w4a16 runs Serval on a checkpoint format as published (the
+model's config.json plus that quantization_config, written under --out; the dummy weights are quantized into the
+format at load, so the kernels and bytes are a real checkpoint's); transformers runs bf16 as with --quantization.
+
 --quantization fp8 and --kv-cache-dtype fp8 run Serval's sections on float8 weights and/or KV cache (quantized at
 load from the same dummy bf16 weights); transformers still runs bf16 (its generate_batch in a child process on
 the same seed's weights; its batch-1 `generate`, which shares Serval's weights, is skipped then).
 
     python benchmarks/gpu_suite.py --out results/gpu [--model benchmarks/configs/llama-3-8b] [--skip-hf]
         [--skip-hf-generate-batch] [--skip-variants] [--profile] [--quantization fp8] [--kv-cache-dtype fp8]
-        [--num-requests 0 (skips the 1000-request workload)]
+        [--num-requests 0 (skips the 1000-request workload)] [--checkpoint-format awq]
     python benchmarks/gpu_suite.py --out results/gpu_qwen3_30b_a3b --model benchmarks/configs/qwen3-30b-a3b
     python benchmarks/gpu_suite.py --out results/gpu_mixtral_8x7b --model benchmarks/configs/mixtral-8x7b
 """
@@ -54,9 +58,35 @@ def measure_bandwidth(device: torch.device) -> dict:
     return {"copy_bytes": num_bytes, "copy_ms": ms, "bandwidth_gb_s": 2 * num_bytes / ms / 1e6}
 
 
+# The tensors a quantized linear layer keeps as buffers (serval.layers.quant): read by every decode step.
+QUANTIZED_BUFFERS = ("weight_scale", "weight_scale_inv", "qweight", "scales", "zeros", "g_idx")
+# --checkpoint-format: the quantization_config each published format's config.json carries.
+CHECKPOINT_FORMATS = {
+    "block-fp8": {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]},
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
+    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True},
+    "compressed-w4a16": {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+                         "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                             "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
+                             "group_size": 128}}}},
+}
+
+
+def quantized_config_dir(model_dir: str, checkpoint_format: str, out: str) -> str:
+    """A copy of model_dir's config.json with the format's quantization_config, under out."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = CHECKPOINT_FORMATS[checkpoint_format]
+    path = os.path.join(out, f"model_{checkpoint_format}")
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    return path
+
+
 def decode_bytes_per_token(model: torch.nn.Module, context_len: int, kv_element_size: int) -> dict:
     # float8 weights count one byte each, and their per-row scales count too.
-    scales = [b for name, b in model.named_buffers() if name.endswith("weight_scale")]
+    scales = [b for name, b in model.named_buffers() if name.rsplit(".", 1)[-1] in QUANTIZED_BUFFERS]
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *scales])
     embedding = model.model.embed_tokens.weight
     gathered_table = embedding.numel() * embedding.element_size() if not model.tie_word_embeddings else 0
@@ -273,6 +303,8 @@ def main() -> None:
     parser.add_argument("--hf-timeout", type=float, default=200.0, help="seconds for transformers' generate_batch")
     parser.add_argument("--quantization", default=None, choices=[None, "fp8"])
     parser.add_argument("--kv-cache-dtype", default="auto")
+    parser.add_argument("--checkpoint-format", default=None, choices=[None, *CHECKPOINT_FORMATS],
+                        help="run Serval on this published quantized format (dummy weights quantized into it)")
     parser.add_argument("--child-hf-generate-batch", metavar="PROMPTS_JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_hf_generate_batch:
@@ -283,12 +315,15 @@ def main() -> None:
     device = torch.device("cuda")
     results: dict = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
                      "python": platform.python_version(), "model": args.model, "dtype": "bfloat16",
-                     "quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype,
+                     "quantization": args.quantization or args.checkpoint_format,
+                     "kv_cache_dtype": args.kv_cache_dtype,
                      "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens}
     run_section(results, "bandwidth", measure_bandwidth, device)
 
     started = time.perf_counter()
-    llm = LLM(model=args.model, load_format="dummy", dtype="bfloat16", max_model_len=2048,
+    serval_model = (quantized_config_dir(args.model, args.checkpoint_format, args.out) if args.checkpoint_format
+                    else args.model)
+    llm = LLM(model=serval_model, load_format="dummy", dtype="bfloat16", max_model_len=2048,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               gpu_memory_utilization=0.9, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     results["serval_startup_s"] = time.perf_counter() - started
@@ -320,7 +355,7 @@ def main() -> None:
     if not args.skip_hf:
         # transformers gets the card: Serval's KV cache and graphs go. Its bf16 weights stay, shared by transformers'
         # batch-1 model; float8 ones cannot be shared, so they go too and that model is skipped.
-        shares_weights = args.quantization is None
+        shares_weights = args.quantization is None and args.checkpoint_format is None
         hf_config = llm.engine.hf_config
         llm.engine.runner.kv_caches.clear()
         llm.engine.runner.graphs = None

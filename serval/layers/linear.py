@@ -4,8 +4,8 @@ q/k/v share one input and so do gate/up: one [sum(out), in] weight turns three (
 which matters most at decode batch sizes where each GEMM is bandwidth-bound. A checkpoint stores the parts
 separately; `load_shard` copies each into its rows. On a GPU a single half-precision row goes to the Triton GEMV
 (SERVAL_GEMV=cublas: torch's matmul; SERVAL_GEMV=triton: the GEMV on CPU too, in Triton's interpreter).
-`quantize_fp8_` turns a loaded layer's weight into float8 with per-channel scales (quantization="fp8"; the math
-is in serval.layers.fp8); the model calls the layer the same either way.
+A quantized layer holds its format in `quant_method` (serval.layers.quant: fp8, block fp8, int8, 4-bit), which
+creates, loads and applies its weights; the model calls the layer the same either way.
 """
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import os
 import torch
 from torch import nn
 
-from serval.layers import fp8
 from serval.layers.activation import silu_and_mul
+from serval.layers.quant.base import QuantMethod
+from serval.layers.quant.fp8 import Fp8Method
 
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -27,47 +28,57 @@ class Linear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__(in_features, out_features, bias=bias)
-        # [out_features] float32 once quantize_fp8_ has run (the weight is then float8 e4m3); None before.
+        # [out_features] float32 for the per-channel formats (fp8, int8); None otherwise.
         self.register_buffer("weight_scale", None)
+        self.quant_method: QuantMethod | None = None
+
+    def set_quant_method(self, method: QuantMethod) -> None:
+        """Room for a checkpoint's tensors in this format (filled by the model's load_weights and the loader)."""
+        if self.quant_method is not None:
+            raise ValueError(f"{self!r} is already quantized ({self.quant_method.name})")
+        method.create_weights(self)
+        self.quant_method = method
+
+    def quantize_(self, method: QuantMethod) -> None:
+        """This layer's loaded float weight into the format (in place; done once, after loading)."""
+        if self.quant_method is not None:
+            raise ValueError(f"{self!r} is already quantized ({self.quant_method.name})")
+        method.quantize_dense(self)
+        self.quant_method = method
 
     def quantize_fp8_(self) -> None:
-        """Replace the weight by float8 e4m3 with one scale per output row (in place; done once, after loading)."""
-        if self.weight_scale is not None:
-            raise ValueError(f"{self!r} is already quantized")
-        qweight, self.weight_scale = fp8.quantize_weight(self.weight)
-        self.weight = nn.Parameter(qweight, requires_grad=False)
+        """Replace the weight by float8 e4m3 with one scale per output row (quantization="fp8")."""
+        self.quantize_(Fp8Method())
 
     def empty_fp8_(self) -> None:
         """Room for a checkpoint's float8 weight and per-row scales (filled by the model's load_weights)."""
-        self.weight = nn.Parameter(torch.empty(self.weight.shape, dtype=fp8.FP8, device=self.weight.device),
-                                   requires_grad=False)
-        self.weight_scale = torch.empty(self.out_features, dtype=torch.float32, device=self.weight.device)
+        self.set_quant_method(Fp8Method())
 
     def reset_parameters(self) -> None:
         # Kaiming init is overwritten by every load path and costs seconds on large models on CPU.
         pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _takes_gemv(x, self.in_features):
+        if self.quant_method is not None:
+            return self.quant_method.apply(self, x)
+        if takes_gemv(x, self.in_features):
             from serval.kernels import triton_gemv
-            out = triton_gemv.gemv(x, self.weight, self.bias, weight_scale=self.weight_scale)
+            out = triton_gemv.gemv(x, self.weight, self.bias)
             return out.view(*x.shape[:-1], self.out_features)
-        if self.weight_scale is not None:
-            return fp8.linear(x, self.weight, self.weight_scale, self.bias)
         return super().forward(x)
 
     def forward_silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """self(silu(gate) * up) of a merged gate/up output; for one row on a GPU, one fused GEMV."""
-        if _takes_gemv(gate_up, 2 * self.in_features):
+        if self.quant_method is not None:  # the format may fuse SwiGLU (fp8: into the activation's quantization)
+            return self.quant_method.apply(self, gate_up, gated=True)
+        if takes_gemv(gate_up, 2 * self.in_features):
             from serval.kernels import triton_gemv
-            out = triton_gemv.gemv(gate_up, self.weight, self.bias, gated=True, weight_scale=self.weight_scale)
+            out = triton_gemv.gemv(gate_up, self.weight, self.bias, gated=True)
             return out.view(*gate_up.shape[:-1], self.out_features)
-        if self.weight_scale is not None:  # SwiGLU fused into the activation's quantization
-            return fp8.linear(gate_up, self.weight, self.weight_scale, self.bias, gated=True)
         return self(silu_and_mul(gate_up))
 
 
-def _takes_gemv(x: torch.Tensor, row_length: int) -> bool:
+def takes_gemv(x: torch.Tensor, row_length: int) -> bool:
     """One row in half precision: batch-1 decode, where reading the weight is the whole cost and the Triton GEMV
     reads every projection faster than cuBLAS (serval.kernels.triton_gemv). On CUDA unless SERVAL_GEMV=cublas;
     SERVAL_GEMV=triton takes it on any device (on CPU, Triton's interpreter with TRITON_INTERPRET=1, as tests do)."""

@@ -2,6 +2,11 @@
 
 The model is built directly in the requested dtype on the requested device, then filled from the checkpoint one
 tensor at a time: safetensors shards are memory-mapped and each tensor is read once, straight into its parameter.
+
+A quantized checkpoint (config.json's quantization_config: fp8, block fp8, compressed-tensors, awq, gptq; see
+serval.layers.quant.config) gives each linear layer its format before loading. The model's load_weights copies
+the tensors it knows (`weight`, `weight_scale`, biases); the tensors only the format knows (packed 4-bit words,
+block scales, zero points) go straight to the layer's format, so model files never learn which one runs.
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 import transformers
@@ -20,6 +25,7 @@ from safetensors import safe_open
 from torch import nn
 
 from serval.config import QUANTIZATIONS
+from serval.layers import quant
 from serval.layers.linear import Linear
 from serval.model.default_model import MODEL_ALIASES, resolve_model
 from serval.model import registry  # the module: the registry imports the family files, some of which import us
@@ -62,44 +68,102 @@ def load_model(model: str, *, load_format: str = "auto", dtype: torch.dtype = to
         weights = None if load_format == "dummy" else iter_safetensors(safetensors_files(model))
         load_format = "dummy" if load_format == "dummy" else "safetensors"
     net = build_model(config, dtype, device)
-    # A checkpoint saved in float8 is loaded as it is (and asks for no quantization=); dummy weights for its
-    # config are quantized like any half-precision ones.
-    declared = checkpoint_quantization(config)
-    quantization = quantization or declared
-    from_float8 = weights is not None and declared == "fp8"
-    if from_float8:
-        for module in fp8_projections(net):
-            module.empty_fp8_()
+    declared = checkpoint_quant(config)
+    if quantization == "fp8" and declared is not None and \
+            any(rule.method != quant.Fp8Method() for rule in declared.rules):
+        raise ValueError(f"quantization='fp8' asks for per-channel fp8, but the checkpoint is already quantized "
+                         f"({declared.quant_method}: {', '.join(rule.method.name for rule in declared.rules)}); "
+                         "mixed formats are not supported: leave quantization unset")
     if weights is None:
+        # Dummy weights for a quantized config are quantized into its formats, as a checkpoint would hold them.
         init_dummy_weights(net, seed)
+        if declared is not None:
+            formats = assign_formats(net, declared)
+            for name, module in net.named_modules():
+                if module in formats.layers:
+                    with _naming_layer(name):
+                        module.quantize_(formats.layers[module])
     else:
-        net.load_weights(weights)
-    if quantization == "fp8" and not from_float8:
+        formats = assign_formats(net, declared) if declared is not None else LayerFormats({}, {})
+        for name, module in net.named_modules():
+            if module in formats.layers:
+                with _naming_layer(name):
+                    module.set_quant_method(formats.layers[module])
+        net.load_weights(route_to_formats(weights, formats.routes))
+        for name, module in net.named_modules():
+            if isinstance(module, Linear) and module.quant_method is not None:
+                module.quant_method.finish(module, name)
+    if quantization == "fp8" and declared is None:
         quantize_fp8(net)
+    quantization = quantization or (declared.quant_method if declared is not None else None)
     logger.info("model loaded", extra={"model": model, "load_format": load_format, "dtype": str(dtype),
                                        "quantization": quantization,
                                        "device": str(device), "seconds": round(time.perf_counter() - start, 3)})
     return net, config
 
 
-def checkpoint_quantization(config: transformers.PretrainedConfig) -> str | None:
-    """The quantization a checkpoint's config.json declares (its quantization_config): None, or "fp8" for
-    vLLM's/transformers' fp8 format (float8 e4m3 `weight` with a per-tensor or per-channel `weight_scale` beside
-    it). Static activation scales (`input_scale`) are not used: activations are quantized per token instead."""
+def checkpoint_quant(config: transformers.PretrainedConfig) -> quant.CheckpointQuantization | None:
+    """The formats a checkpoint's config.json declares (its quantization_config), or None; raises naming the
+    format for one Serval cannot read."""
     quantization_config = getattr(config, "quantization_config", None)
     if not quantization_config:
         return None
     if not isinstance(quantization_config, dict):
         quantization_config = quantization_config.to_dict()
-    method = quantization_config.get("quant_method")
-    if method != "fp8":
-        raise ValueError(f"the checkpoint's quantization_config has quant_method {method!r}; Serval reads 'fp8' "
-                         "checkpoints (or quantizes a half-precision one with quantization='fp8')")
-    if quantization_config.get("weight_block_size"):
-        raise ValueError("block-wise fp8 checkpoints (quantization_config.weight_block_size "
-                         f"{quantization_config['weight_block_size']}) are not supported; per-tensor and "
-                         "per-channel weight scales are")
-    return "fp8"
+    return quant.parse(quantization_config)
+
+
+def checkpoint_quantization(config: transformers.PretrainedConfig) -> str | None:
+    """The quant_method a checkpoint declares ("fp8", "compressed-tensors", "awq", "gptq") or None."""
+    declared = checkpoint_quant(config)
+    return declared.quant_method if declared is not None else None
+
+
+@dataclass
+class LayerFormats:
+    """Each quantized linear layer's format, and where each checkpoint module's tensors go."""
+    layers: dict[Linear, quant.QuantMethod]
+    routes: dict[str, tuple[Linear, str | None]]  # checkpoint module name -> (layer, shard of a merged layer)
+
+
+def assign_formats(model: nn.Module, declared: quant.CheckpointQuantization) -> LayerFormats:
+    """The format of every linear layer, asked by its checkpoint name(s): a merged layer's projections (q/k/v,
+    gate/up) must agree. A head tied to the embedding stays as it is."""
+    formats = LayerFormats({}, {})
+    tied = bool(getattr(model, "tie_word_embeddings", False))
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear) or (tied and name.split(".")[-1] == "lm_head"):
+            continue
+        parent = name.rpartition(".")[0]
+        shard_names = {shard: f"{parent}.{shard}_proj" if parent else f"{shard}_proj"
+                       for shard in module.shard_names}
+        methods = {declared.method_for(n) for n in (shard_names.values() or [name])}
+        if len(methods) > 1:
+            raise ValueError(f"{declared.quant_method} checkpoint: the projections merged into {name} "
+                             f"({', '.join(shard_names.values())}) are in different formats "
+                             f"({sorted(m.name if m else 'unquantized' for m in methods)}); mixed formats in one "
+                             "merged layer are not supported")
+        method = methods.pop()
+        if method is None:
+            continue
+        formats.layers[module] = method
+        formats.routes[name] = (module, None)  # a checkpoint that stores the merged projection as one
+        for shard, checkpoint_name in shard_names.items():
+            formats.routes[checkpoint_name] = (module, shard)
+    return formats
+
+
+def route_to_formats(weights: Iterable[tuple[str, torch.Tensor]],
+                     routes: dict[str, tuple[Linear, str | None]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors, less those only a layer's format reads (handed to it on the way)."""
+    for hf_name, tensor in weights:
+        module_name, _, suffix = hf_name.rpartition(".")
+        route = routes.get(module_name)
+        if route is not None and suffix in route[0].quant_method.routed_tensors:
+            layer, shard = route
+            layer.quant_method.load(layer, shard, suffix, tensor, hf_name)
+            continue
+        yield hf_name, tensor
 
 
 def fp8_projections(model: nn.Module) -> list[Linear]:
@@ -222,6 +286,15 @@ def expert_weight_slices(hf_name: str, tensor: torch.Tensor) -> list[ExpertSlice
     gate, up = tensor.chunk(2, dim=1)
     return [ExpertSlice(f"{hf_name}[{e}]", name, e, projection, part[e])
             for e in range(len(tensor)) for projection, part in (("gate", gate), ("up", up))]
+
+
+@contextlib.contextmanager
+def _naming_layer(name: str):
+    """A format's refusal (shape, group size) says which layer it is about."""
+    try:
+        yield
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from error
 
 
 @contextlib.contextmanager
