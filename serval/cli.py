@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="SQLite file for /v1/responses' stored responses, kept across restarts (None: in memory)")
     serve.add_argument("--responses-max-stored", type=int, default=DEFAULT_RESPONSES_MAX_STORED,
                        help="most stored responses; the oldest are evicted first")
+    serve.add_argument("--generation-config", default="auto",
+                       help="default sampling parameters for requests that leave them out: 'auto' (the model's "
+                            "generation_config.json; for the built-in model its card's temperature 0.2, top_p 0.9), "
+                            "'vllm' (SamplingParams' own defaults) or a folder holding a generation_config.json")
     add_engine_args(serve)
 
     generate = commands.add_parser("generate", help="generate from one prompt and print the text",
@@ -235,6 +239,12 @@ def _serve(args: argparse.Namespace, config: EngineConfig) -> int:
     except ValueError as error:
         logger.error("invalid server argument", extra={"error": str(error)})
         return 2
+    from serval.model.generation_config import load_generation_defaults
+    try:
+        generation_defaults = load_generation_defaults(args.generation_config, config.model)
+    except ValueError as error:
+        logger.error("invalid server argument", extra={"error": str(error)})
+        return 2
     guard = _load_guard(args.policy)
     if guard is False:
         return 2
@@ -243,7 +253,7 @@ def _serve(args: argparse.Namespace, config: EngineConfig) -> int:
     except (ValueError, FileNotFoundError) as error:
         logger.error("cannot start the engine", extra={"error": str(error)})
         return 2
-    return serve(engine, server_config, guard)
+    return serve(engine, server_config, guard, generation_defaults)
 
 
 def _generate(args: argparse.Namespace, config: EngineConfig) -> int:

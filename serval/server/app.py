@@ -25,6 +25,7 @@ import serval
 from serval.guard.decisions import GuardRejection
 from serval.guard.guard import Guard, RequestContext
 from serval.guard.session import reload_policy
+from serval.model.generation_config import GenerationDefaults
 from serval.openai.auth import check_api_key
 from serval.openai.errors import APIError
 from serval.openai.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, \
@@ -211,11 +212,16 @@ def _header(scope, name: bytes) -> str | None:
     return None
 
 
-def serve(engine, config: ServerConfig, guard: Guard | None = None) -> int:
+def serve(engine, config: ServerConfig, guard: Guard | None = None,
+          generation_defaults: GenerationDefaults | None = None) -> int:
     """Run the server until a signal drains it or the engine dies; shut the engine down; return the exit status
-    (0 after a drain, 1 when the engine died). SIGHUP reloads the policy."""
+    (0 after a drain, 1 when the engine died). SIGHUP reloads the policy. `generation_defaults` fill the sampling
+    fields a request leaves out."""
     tracer = RequestTracer(config.otlp_traces_endpoint) if config.otlp_traces_endpoint else None
-    state = ServerState(engine, config, guard, tracer)
+    state = ServerState(engine, config, guard, tracer, generation_defaults)
+    if generation_defaults is not None:
+        logger.info("sampling defaults for requests that leave them out",
+                    extra={"generation_config": generation_defaults.source, **generation_defaults.values()})
     try:
         app = build_app(state)
     except ResponseStoreError as error:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from serval.outputs import RequestOutput
 
 logger = logging.getLogger("serval.request")
+# The SamplingParams fields a request's log line shows: those --generation-config may set.
+SAMPLING_LOGGED = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens")
 
 # Attributes every LogRecord has; anything else on a record came from `extra=` and belongs in the JSON.
 # uvicorn's color_message is its message with ANSI colours: noise in JSON.
@@ -59,6 +61,11 @@ class RequestRecord:
     finish_reasons: list[str] = field(default_factory=list)
     status: int = 200
     error: str | None = None
+    # The sampling values the request ran with (its own or the model's defaults), for the log line.
+    sampling: dict | None = None
+
+    def note_sampling(self, params) -> None:
+        self.sampling = {name: getattr(params, name) for name in SAMPLING_LOGGED}
 
     def add_finished(self, output: RequestOutput) -> None:
         """Count one engine request (one prompt of the HTTP request) into the record."""
@@ -86,7 +93,8 @@ class RequestRecord:
                 "completion_tokens": self.completion_tokens, "cached_tokens": self.cached_tokens,
                 "ttft_s": _rounded(self.ttft_seconds), "queue_s": _rounded(self.queue_seconds),
                 "total_s": _rounded(time.monotonic() - self.arrival_time),
-                "finish_reason": ",".join(self.finish_reasons) or None, "error": self.error}
+                "finish_reason": ",".join(self.finish_reasons) or None, "error": self.error,
+                **(self.sampling or {})}
 
     def log(self) -> None:
         logger.info("request finished", extra=self.fields())
