@@ -248,12 +248,19 @@ def _serve(args: argparse.Namespace, config: EngineConfig) -> int:
     guard = _load_guard(args.policy)
     if guard is False:
         return 2
+    from serval.server.banner import loading_line, write
+    write(loading_line(args.model or DEFAULT_MODEL_NAME))
     try:
         engine = AsyncEngine(config)
     except (ValueError, FileNotFoundError) as error:
         logger.error("cannot start the engine", extra={"error": str(error)})
         return 2
-    return serve(engine, server_config, guard, generation_defaults)
+    exit_code = serve(engine, server_config, guard, generation_defaults)
+    # serve() closed all that holds state (engine, store, tracer). Tearing down the interpreter (torch's modules,
+    # thread joins) takes seconds on a small machine; a stopped server should be gone at once.
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(exit_code)
 
 
 def _generate(args: argparse.Namespace, config: EngineConfig) -> int:

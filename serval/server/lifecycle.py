@@ -195,6 +195,10 @@ def finish(state: ServerState, call: Call) -> None:
     record = call.record
     state.open_fan_ins.discard(call.fan_in)
     usage = call.fan_in.usage() if call.fan_in is not None else None
+    if call.fan_in is not None:  # a client that left mid-stream: log the tokens it did get and its first-token time
+        for output in call.fan_in.latest.values():
+            if not output.finished:
+                record.add_unfinished(output)
     call.session.release(max(usage.prompt_tokens if usage else 0, record.prompt_tokens),
                          max(usage.completion_tokens if usage else 0, record.completion_tokens))
     if call.span is not None:

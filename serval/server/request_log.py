@@ -15,6 +15,8 @@ from serval.outputs import RequestOutput
 
 logger = logging.getLogger("serval.request")
 # The SamplingParams fields a request's log line shows: those --generation-config may set.
+# Probes whose access lines only show at debug level.
+QUIET_PATHS = frozenset({"/health", "/metrics"})
 SAMPLING_LOGGED = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens")
 
 # Attributes every LogRecord has; anything else on a record came from `extra=` and belongs in the JSON.
@@ -35,10 +37,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+class QuietProbes(logging.Filter):
+    """Drops uvicorn's access lines for /health and /metrics unless the log level is debug: load balancers, the
+    router and Prometheus call them every few seconds and would fill the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "uvicorn.access" or not isinstance(record.args, tuple) or len(record.args) < 3:
+            return True
+        path = str(record.args[2]).split("?", 1)[0]
+        return path not in QUIET_PATHS or logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
 def configure_logging(level: str = "info") -> None:
     """JSON lines on stderr for the root logger (uvicorn's loggers included)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(QuietProbes())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -69,11 +83,17 @@ class RequestRecord:
 
     def add_finished(self, output: RequestOutput) -> None:
         """Count one engine request (one prompt of the HTTP request) into the record."""
+        self.add_unfinished(output)
+        for completion in output.outputs:
+            self.finish_reasons.append(completion.finish_reason or "abort")
+
+    def add_unfinished(self, output: RequestOutput) -> None:
+        """Count what an engine request produced before it was aborted (its client left): tokens and times, no
+        finish reason (the abort adds its own)."""
         self.prompt_tokens += len(output.prompt_token_ids)
         self.cached_tokens += output.num_cached_tokens
         for completion in output.outputs:
             self.completion_tokens += len(completion.token_ids)
-            self.finish_reasons.append(completion.finish_reason or "abort")
         metrics = output.metrics
         if metrics is not None:
             self.first_scheduled_time = _earliest(self.first_scheduled_time, metrics.first_scheduled_time)

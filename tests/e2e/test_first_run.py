@@ -1,7 +1,13 @@
-"""The first minutes against a real `serval serve`: the model's generation_config.json gives the defaults of
-requests that leave them out (the request log shows the values used), and `--generation-config vllm` ignores it."""
+"""The first minutes against a real `serval serve`: the ready banner's curl command and Python snippet work as
+printed; the model's generation_config.json gives the defaults of requests that leave them out (the request log
+shows the values used) and `--generation-config vllm` ignores it; a client that leaves mid-stream is logged with
+the tokens it got; probes stay out of the access log; SIGINT when idle stops the process."""
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 
 import httpx
@@ -60,3 +66,107 @@ def test_generation_config_vllm_ignores_the_file(model_with_generation_config):
         assert (line["temperature"], line["top_p"]) == (1.0, 1.0)
     finally:
         server.close()
+
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def server():
+    remote = RemoteServer(["--model", tiny_model_dir(), "--max-model-len", "256", "--served-model-name", MODEL])
+    yield remote
+    remote.close()
+
+
+def banner_commands(server: RemoteServer) -> dict[str, str]:
+    """The banner's example commands by their program, once printed (it follows the port's binding)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        commands = {line.split()[0]: line.strip() for line in server.log_text().splitlines()
+                    if line.startswith(("  curl ", "  python -c "))}
+        if len(commands) == 2:
+            return commands
+        time.sleep(0.1)
+    raise AssertionError(f"no ready banner:\n{server.log_text()[-3000:]}")
+
+
+def run_shell(command: str) -> subprocess.CompletedProcess:
+    """As a user would paste it into bash, with this interpreter as `python`."""
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    return subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PATH": path})
+
+
+def test_the_banners_curl_command_works_as_printed(server):
+    commands = banner_commands(server)
+    assert f"http://127.0.0.1:{server.port}/v1" in commands["curl"] and "Authorization" not in commands["curl"]
+    result = run_shell(commands["curl"])
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["object"] == "chat.completion" and answer["model"] == MODEL
+    assert isinstance(answer["choices"][0]["message"]["content"], str)
+    assert answer["usage"]["completion_tokens"] >= 1
+    ready = server.wait_for_log("ready")
+    assert ready["weights_mib"] > 0 and ready["kv_cache_mib"] > 0 and ready["kv_cache_tokens"] > 0
+
+
+def test_the_banners_python_snippet_works_as_printed(server):
+    result = run_shell(banner_commands(server)["python"])
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_key_placeholder_only_when_a_key_is_required():
+    keyed = RemoteServer(["--model", tiny_model_dir(), "--max-model-len", "256"], api_key="secret")
+    try:
+        commands = banner_commands(keyed)
+        assert '-H "Authorization: Bearer $SERVAL_API_KEY"' in commands["curl"]
+        result = run_shell("export SERVAL_API_KEY=secret; " + commands["curl"])
+        assert json.loads(result.stdout)["object"] == "chat.completion", result.stdout
+    finally:
+        keyed.close()
+
+
+def test_a_client_that_leaves_mid_stream_is_logged_with_its_tokens(server):
+    body = {"model": MODEL, "prompt": "count", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    received = 0
+    with httpx.Client(timeout=60) as client, client.stream("POST", server.url + "/v1/completions",
+                                                           json=body) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                received += 1  # one event per token while the stream runs
+            if received == 5:
+                break
+    line, = _wait_for_status(server, 499)
+    assert line["completion_tokens"] >= received and line["ttft_s"] is not None and line["finish_reason"] == "abort"
+
+
+def _wait_for_status(server: RemoteServer, status: int) -> list[dict]:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        lines = [record for record in server.log_records()
+                 if record.get("message") == "request finished" and record.get("status") == status]
+        if lines:
+            return lines
+        time.sleep(0.1)
+    raise AssertionError(f"no request line with status {status}:\n{server.log_text()[-3000:]}")
+
+
+def test_probes_stay_out_of_the_access_log(server):
+    for path in ("/health", "/metrics", "/v1/models"):
+        assert httpx.get(server.url + path, timeout=30).status_code == 200
+    deadline = time.monotonic() + 30
+    while not any("/v1/models" in str(record.get("message")) for record in server.log_records()):
+        assert time.monotonic() < deadline, server.log_text()[-3000:]
+        time.sleep(0.1)
+    access = [str(record.get("message")) for record in server.log_records() if record.get("logger") == "uvicorn.access"]
+    assert not [line for line in access if "/health" in line or "/metrics" in line]
+
+
+def test_sigint_when_idle_stops_the_process():
+    idle = RemoteServer(["--model", tiny_model_dir(), "--max-model-len", "256"])
+    try:
+        idle.process.send_signal(signal.SIGINT)
+        assert idle.process.wait(timeout=30) == 0
+        assert idle.wait_for_log("stopped")["exit_code"] == 0
+    finally:
+        idle.close()
