@@ -1,4 +1,5 @@
-"""The `serval` command: `serve` (the OpenAI-compatible server) and `generate` (one prompt, printed).
+"""The `serval` command: `serve` (the OpenAI-compatible server), `generate` (one prompt, printed), `chat` and
+`complete` (a terminal session with a server or an engine loaded here).
 
 Engine arguments are EngineConfig's fields as --kebab-case flags, with vLLM's names; booleans come in pairs
 (--enable-prefix-caching / --no-enable-prefix-caching).
@@ -137,8 +138,37 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     add_engine_args(generate)
+    for name, what in (("chat", "chat in the terminal"), ("complete", "complete prompts in the terminal")):
+        _add_chat_args(commands.add_parser(name, help=f"{what} with a running server (or, with --offline or none "
+                                           "at --url, a model loaded here); /reset, /exit",
+                                           formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     _add_route_parser(commands)
     return parser
+
+
+def _add_chat_args(chat: argparse.ArgumentParser) -> None:
+    from serval.chat import DEFAULT_URL
+    chat.add_argument("--url", default=DEFAULT_URL, help="the server's OpenAI base URL")
+    chat.add_argument("--model-name", default=None, help="the served model to ask for (None: the server's first)")
+    chat.add_argument("--api-key", default=os.environ.get("SERVAL_API_KEY"), help="the server's key, if it needs one")
+    chat.add_argument("--system-prompt", default=None, help="a system message to start every conversation")
+    chat.add_argument("--max-tokens", type=int, default=None, help="most tokens per answer (None: the server's)")
+    chat.add_argument("--temperature", type=float, default=None, help="None: the model's default")
+    chat.add_argument("--offline", action="store_true", help="load the model here instead of using a server")
+    chat.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    add_engine_args(chat)
+
+
+def _chat(args: argparse.Namespace, config: EngineConfig) -> int:
+    from serval.chat import ChatSettings, prompt_reader, run
+
+    settings = ChatSettings(url=args.url, model=args.model_name, api_key=args.api_key, system=args.system_prompt,
+                            max_tokens=args.max_tokens, temperature=args.temperature, offline=args.offline)
+    try:
+        return run(args.command, settings, config, read_line=prompt_reader())
+    except (RuntimeError, ValueError, FileNotFoundError) as error:
+        logger.error(f"cannot {args.command}", extra={"error": str(error)})
+        return 2
 
 
 ROUTE_HELP = "run the router: one OpenAI-compatible gateway over many backends"
@@ -219,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     if args.command == "serve":
         return _serve(args, config)
+    if args.command in ("chat", "complete"):
+        return _chat(args, config)
     return _generate(args, config)
 
 
