@@ -36,7 +36,8 @@ _ENGINE_HELP = {
     "enable_chunked_prefill": "split long prompts across steps, batched with decodes",
     "gpu_memory_utilization": "fraction of GPU memory the engine may use",
     "num_gpu_blocks_override": "number of KV-cache blocks, overriding the memory-based size",
-    "kv_cache_memory_bytes": "KV-cache size in bytes (None on CPU: 2 GiB)",
+    "kv_cache_memory_bytes": "KV-cache size in bytes (None on CPU: 512 MiB, at most a quarter of the memory "
+                             "available, at least one sequence of max_model_len)",
     "seed": "random seed",
     "load_format": "auto, safetensors, gguf or dummy (random weights)",
     "device": "auto, cpu, cuda or cuda:N",
