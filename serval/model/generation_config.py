@@ -52,9 +52,10 @@ def load_generation_defaults(generation_config: str, model: str | None) -> Gener
     if generation_config == AUTO:
         if model is None or _is_default_model(model):
             return _checked(dict(DEFAULT_MODEL_CARD), "SmolLM2-135M-Instruct model card")
+        # A name that is no path (an alias such as gemma3-270m) has no folder to look in.
         folder = model if os.path.isdir(model) else os.path.dirname(os.path.abspath(model))
         path = os.path.join(folder, GENERATION_CONFIG_FILE)
-        if not os.path.isfile(path):
+        if not os.path.exists(model) or not os.path.isfile(path):
             return GenerationDefaults()
         return _checked(_read(path), path)
     path = os.path.join(generation_config, GENERATION_CONFIG_FILE)

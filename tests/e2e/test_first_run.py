@@ -170,3 +170,31 @@ def test_sigint_when_idle_stops_the_process():
         assert idle.wait_for_log("stopped")["exit_code"] == 0
     finally:
         idle.close()
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt(server):
+    """What evaluation harnesses send: the prompt's logprobs, equal to transformers' log-softmax, nothing else."""
+    import torch
+    import transformers
+
+    prompt = "The capital of France is Paris"
+    response = httpx.post(server.url + "/v1/completions", timeout=60, json={
+        "model": MODEL, "prompt": prompt, "echo": True, "max_tokens": 0, "logprobs": 1})
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    assert choice["text"] == prompt and choice["finish_reason"] == "length"
+    assert response.json()["usage"]["completion_tokens"] == 0
+    ids = httpx.post(server.url + "/tokenize", json={"model": MODEL, "prompt": prompt}, timeout=60).json()["tokens"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir(), torch_dtype=torch.float32)
+    with torch.no_grad():
+        log_softmax = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    expected = [None] + [log_softmax[i - 1, ids[i]].item() for i in range(1, len(ids))]
+    got = choice["logprobs"]["token_logprobs"]
+    assert len(got) == len(ids) and got[0] is None
+    assert got[1:] == pytest.approx(expected[1:], abs=1e-4)
+
+
+def test_max_tokens_0_without_prompt_logprobs_is_refused(server):
+    response = httpx.post(server.url + "/v1/completions", timeout=60,
+                          json={"model": MODEL, "prompt": "x", "max_tokens": 0})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "max_tokens"

@@ -9,6 +9,7 @@ from serval.model.default_model import default_model_path
 from serval.model.generation_config import DEFAULT_MODEL_CARD, GenerationDefaults, load_generation_defaults
 from serval.openai.errors import InvalidArgument
 from serval.openai.protocol import ChatCompletionRequest, CompletionRequest
+from serval.sampling_params import SamplingParams
 from serval.server.request_defaults import with_defaults
 
 
@@ -28,7 +29,9 @@ def test_auto_reads_the_models_generation_config(model_dir):
 
 
 def test_auto_next_to_a_gguf_file_and_without_a_file(model_dir, tmp_path_factory):
+    (model_dir / "model.gguf").write_bytes(b"")
     assert load_generation_defaults("auto", str(model_dir / "model.gguf")).temperature == 0.7
+    assert load_generation_defaults("auto", "gemma3-270m").values() == {}  # an alias, not a folder
     assert load_generation_defaults("auto", str(tmp_path_factory.mktemp("bare"))).values() == {}
 
 
@@ -77,3 +80,17 @@ def test_explicit_values_win_even_the_sampling_params_defaults():
 def test_no_defaults_leave_the_params_alone():
     body = CompletionRequest(prompt="hi")
     assert with_defaults(body.to_sampling_params(), body, None) == body.to_sampling_params()
+
+
+def test_llm_uses_the_models_defaults_for_prompts_without_params(tmp_path):
+    import shutil
+
+    from serval import LLM
+    from tests.e2e.server import tiny_model_dir
+
+    shutil.copytree(tiny_model_dir(), tmp_path, dirs_exist_ok=True)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.7, "top_p": 0.8}))
+    llm = LLM(model=str(tmp_path), max_model_len=64)
+    assert (llm.get_default_sampling_params().temperature, llm.get_default_sampling_params().top_p) == (0.7, 0.8)
+    assert LLM(model=str(tmp_path), max_model_len=64, generation_config="vllm").get_default_sampling_params() == \
+        SamplingParams()
