@@ -1,4 +1,5 @@
-"""The `serval` command: `serve` (the OpenAI-compatible server) and `generate` (one prompt, printed).
+"""The `serval` command: `serve` (the OpenAI-compatible server), `generate` (one prompt, printed), `chat` and
+`complete` (a terminal session with a server or an engine loaded here).
 
 Engine arguments are EngineConfig's fields as --kebab-case flags, with vLLM's names; booleans come in pairs
 (--enable-prefix-caching / --no-enable-prefix-caching).
@@ -35,7 +36,8 @@ _ENGINE_HELP = {
     "enable_chunked_prefill": "split long prompts across steps, batched with decodes",
     "gpu_memory_utilization": "fraction of GPU memory the engine may use",
     "num_gpu_blocks_override": "number of KV-cache blocks, overriding the memory-based size",
-    "kv_cache_memory_bytes": "KV-cache size in bytes (None on CPU: 2 GiB)",
+    "kv_cache_memory_bytes": "KV-cache size in bytes (None on CPU: 512 MiB, at most a quarter of the memory "
+                             "available, at least one sequence of max_model_len)",
     "seed": "random seed",
     "load_format": "auto, safetensors, gguf or dummy (random weights)",
     "device": "auto, cpu, cuda or cuda:N",
@@ -122,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="SQLite file for /v1/responses' stored responses, kept across restarts (None: in memory)")
     serve.add_argument("--responses-max-stored", type=int, default=DEFAULT_RESPONSES_MAX_STORED,
                        help="most stored responses; the oldest are evicted first")
+    serve.add_argument("--generation-config", default="auto",
+                       help="default sampling parameters for requests that leave them out: 'auto' (the model's "
+                            "generation_config.json; for the built-in model its card's temperature 0.2, top_p 0.9), "
+                            "'vllm' (SamplingParams' own defaults) or a folder holding a generation_config.json")
     add_engine_args(serve)
 
     generate = commands.add_parser("generate", help="generate from one prompt and print the text",
@@ -133,8 +139,37 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     add_engine_args(generate)
+    for name, what in (("chat", "chat in the terminal"), ("complete", "complete prompts in the terminal")):
+        _add_chat_args(commands.add_parser(name, help=f"{what} with a running server (or, with --offline or none "
+                                           "at --url, a model loaded here); /reset, /exit",
+                                           formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     _add_route_parser(commands)
     return parser
+
+
+def _add_chat_args(chat: argparse.ArgumentParser) -> None:
+    from serval.chat import DEFAULT_URL
+    chat.add_argument("--url", default=DEFAULT_URL, help="the server's OpenAI base URL")
+    chat.add_argument("--model-name", default=None, help="the served model to ask for (None: the server's first)")
+    chat.add_argument("--api-key", default=os.environ.get("SERVAL_API_KEY"), help="the server's key, if it needs one")
+    chat.add_argument("--system-prompt", default=None, help="a system message to start every conversation")
+    chat.add_argument("--max-tokens", type=int, default=None, help="most tokens per answer (None: the server's)")
+    chat.add_argument("--temperature", type=float, default=None, help="None: the model's default")
+    chat.add_argument("--offline", action="store_true", help="load the model here instead of using a server")
+    chat.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    add_engine_args(chat)
+
+
+def _chat(args: argparse.Namespace, config: EngineConfig) -> int:
+    from serval.chat import ChatSettings, prompt_reader, run
+
+    settings = ChatSettings(url=args.url, model=args.model_name, api_key=args.api_key, system=args.system_prompt,
+                            max_tokens=args.max_tokens, temperature=args.temperature, offline=args.offline)
+    try:
+        return run(args.command, settings, config, read_line=prompt_reader())
+    except (RuntimeError, ValueError, FileNotFoundError) as error:
+        logger.error(f"cannot {args.command}", extra={"error": str(error)})
+        return 2
 
 
 ROUTE_HELP = "run the router: one OpenAI-compatible gateway over many backends"
@@ -215,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     if args.command == "serve":
         return _serve(args, config)
+    if args.command in ("chat", "complete"):
+        return _chat(args, config)
     return _generate(args, config)
 
 
@@ -235,15 +272,28 @@ def _serve(args: argparse.Namespace, config: EngineConfig) -> int:
     except ValueError as error:
         logger.error("invalid server argument", extra={"error": str(error)})
         return 2
+    from serval.model.generation_config import load_generation_defaults
+    try:
+        generation_defaults = load_generation_defaults(args.generation_config, config.model)
+    except ValueError as error:
+        logger.error("invalid server argument", extra={"error": str(error)})
+        return 2
     guard = _load_guard(args.policy)
     if guard is False:
         return 2
+    from serval.server.banner import loading_line, write
+    write(loading_line(args.model or DEFAULT_MODEL_NAME))
     try:
         engine = AsyncEngine(config)
     except (ValueError, FileNotFoundError) as error:
         logger.error("cannot start the engine", extra={"error": str(error)})
         return 2
-    return serve(engine, server_config, guard)
+    exit_code = serve(engine, server_config, guard, generation_defaults)
+    # serve() closed all that holds state (engine, store, tracer). Tearing down the interpreter (torch's modules,
+    # thread joins) takes seconds on a small machine; a stopped server should be gone at once.
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(exit_code)
 
 
 def _generate(args: argparse.Namespace, config: EngineConfig) -> int:

@@ -19,8 +19,24 @@ _SCHEDULING_POLICIES = ("fcfs", "priority")
 # calibrated scales.
 QUANTIZATIONS = (None, "fp8")
 _KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
-# On CPU there is no device memory to profile; this is the KV pool unless the user sizes it.
-DEFAULT_CPU_KV_CACHE_BYTES = 2 * 1024**3
+# On CPU there is no device memory to profile; this is the KV pool unless the user sizes it. 512 MiB holds 11k
+# tokens of the default model in float32 (45 KiB a token): its full 8k context, or a dozen chats of a few hundred
+# tokens, more than two cores decode at once. It was 2 GiB, two thirds of the server's memory, zero-filled at start.
+DEFAULT_CPU_KV_CACHE_BYTES = 512 * 1024**2
+# Nor more than this share of the memory available at start, on a small machine.
+CPU_KV_CACHE_MEMORY_FRACTION = 0.25
+
+
+def default_cpu_kv_cache_blocks(bytes_per_block: int, max_blocks_per_sequence: int, max_num_seqs: int,
+                                available_bytes: int | None) -> int:
+    """The CPU KV pool in blocks: DEFAULT_CPU_KV_CACHE_BYTES, less on a machine with little memory available,
+    no more than every sequence at full length, and never less than one sequence at max_model_len (a model with
+    a long context gets it; the user asked for that context)."""
+    budget = DEFAULT_CPU_KV_CACHE_BYTES
+    if available_bytes is not None:
+        budget = min(budget, int(available_bytes * CPU_KV_CACHE_MEMORY_FRACTION))
+    num_blocks = min(budget // bytes_per_block, max_num_seqs * max_blocks_per_sequence)
+    return max(num_blocks, max_blocks_per_sequence)
 
 
 # Without a threshold given, one request prefills at most this fraction of a step's tokens while others wait.
@@ -54,7 +70,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
-    kv_cache_memory_bytes: int | None = None  # KV pool size; on CPU defaults to 2 GiB
+    kv_cache_memory_bytes: int | None = None  # KV pool size; on CPU defaults to 512 MiB (default_cpu_kv_cache_blocks)
     seed: int = 0
     load_format: str = "auto"
     device: str = "auto"

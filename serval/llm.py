@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 from serval.config import EngineConfig
 from serval.engine.engine import LLMEngine
 from serval.engine.input_processor import PromptType
+from serval.model.generation_config import load_generation_defaults
 from serval.outputs import RequestOutput
 from serval.sampling_params import SamplingParams
 
@@ -16,12 +17,21 @@ Conversation = list[dict]
 
 
 class LLM:
-    def __init__(self, model: str | None = None, tokenizer: str | None = None, **engine_args) -> None:
+    def __init__(self, model: str | None = None, tokenizer: str | None = None, generation_config: str = "auto",
+                 **engine_args) -> None:
+        """generation_config: where the default sampling parameters come from, as `serval serve
+        --generation-config`: "auto" (the model's generation_config.json; the built-in model's card), "vllm"
+        (SamplingParams' own) or a folder holding a generation_config.json."""
+        self.generation_defaults = load_generation_defaults(generation_config, model)
         self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, tokenizer=tokenizer, **engine_args))
         self._request_counter = itertools.count()
 
     def get_tokenizer(self):
         return self.engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What a prompt given no SamplingParams runs with: the model's defaults (vLLM's name)."""
+        return SamplingParams(**self.generation_defaults.values())
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -35,8 +45,8 @@ class LLM:
         try:
             for prompt, prompt_params, prompt_priority in zip(prompts, params, priorities):
                 request_id = str(next(self._request_counter))
-                self.engine.add_request(request_id, prompt, prompt_params or SamplingParams(), prompt_priority,
-                                        stream=False)
+                self.engine.add_request(request_id, prompt, prompt_params or self.get_default_sampling_params(),
+                                        prompt_priority, stream=False)
                 request_ids.append(request_id)
         except Exception:
             self.engine.abort_request(request_ids)  # one bad prompt: none of the batch runs

@@ -156,8 +156,11 @@ class SamplingParams:
             raise _bad("top_k", self.top_k, "-1, 0 (all tokens) or a positive integer")
         if self.seed is not None and (not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
             raise _bad("seed", self.seed, f"an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] or None")
-        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
-            raise _bad("max_tokens", self.max_tokens, "an integer >= 1 or None")
+        # 0 scores a prompt: its prompt logprobs are the answer and nothing is generated (evaluation harnesses).
+        lowest = 0 if self.prompt_logprobs is not None else 1
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < lowest):
+            raise _bad("max_tokens", self.max_tokens, "an integer >= 1 or None (0 only with prompt_logprobs: "
+                       "scoring the prompt)")
         if not _is_int(self.min_tokens) or self.min_tokens < 0:
             raise _bad("min_tokens", self.min_tokens, "an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from serval.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from serval.config import EngineConfig, default_cpu_kv_cache_blocks
 from serval.engine.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -62,14 +62,26 @@ def num_kv_blocks(config: EngineConfig, model, kv_cache_dtype: torch.dtype, devi
             "activations_gib": _gib(profile.activations), "kv_cache_gib": _gib(budget)})
         num_blocks = budget // per_block
     else:
-        # No point holding more than every sequence at full length.
-        num_blocks = min(DEFAULT_CPU_KV_CACHE_BYTES // per_block, config.max_num_seqs * max_blocks_per_sequence)
+        num_blocks = default_cpu_kv_cache_blocks(per_block, max_blocks_per_sequence, config.max_num_seqs,
+                                                 available_memory_bytes())
     if num_blocks < max_blocks_per_sequence:
         raise ValueError(f"the KV cache has {num_blocks} blocks of {config.block_size} tokens, fewer than one "
                          f"sequence of max_model_len={config.max_model_len} needs ({max_blocks_per_sequence}); raise "
                          "the KV memory (kv_cache_memory_bytes, gpu_memory_utilization or num_gpu_blocks_override) "
                          "or lower max_model_len")
     return num_blocks
+
+
+def available_memory_bytes() -> int | None:
+    """The memory the kernel could give this process now (MemAvailable), or None where /proc/meminfo is absent."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _gib(num_bytes: int) -> float:

@@ -121,7 +121,11 @@ class OutputProcessor:
             if result.token_id is None:
                 continue
             sequence = state.sequences[request.index]
-            self._append_token(sequence, result.token_id, result.logprobs, now)
+            # max_tokens 0 scores the prompt: its logprobs are the answer, and the token sampled after it is not.
+            if request.sampling_params.max_tokens == 0:
+                sequence.status = RequestStatus.FINISHED_LENGTH
+            else:
+                self._append_token(sequence, result.token_id, result.logprobs, now)
             if sequence.status is not None:
                 update.finished.append(sequence)
             if state.stream or sequence.status is not None:

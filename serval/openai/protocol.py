@@ -36,6 +36,7 @@ TokenId = Annotated[int, Field(strict=True, ge=0)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 Seed = Annotated[int, Field(strict=True, ge=SEED_MIN, le=SEED_MAX)]
 PositiveInt = Annotated[int, Field(strict=True, ge=1)]
+NonNegativeInt = Annotated[int, Field(strict=True, ge=0)]
 
 # Whether the engine takes allowed_token_ids (vLLM's name); until it does, a request that sends them is refused
 # rather than served unconstrained.
@@ -246,7 +247,8 @@ class SamplingFields(RequestBody):
 
 class CompletionRequest(SamplingFields):
     prompt: StrictStr | list[StrictStr] | list[TokenId] | list[TokenIds]
-    max_tokens: PositiveInt | None = 16
+    # 0 with echo and logprobs scores the prompt and generates nothing (SamplingParams refuses it otherwise).
+    max_tokens: NonNegativeInt | None = 16
     logprobs: Int | None = None
     echo: Bool = False
 

@@ -25,12 +25,13 @@ import serval
 from serval.guard.decisions import GuardRejection
 from serval.guard.guard import Guard, RequestContext
 from serval.guard.session import reload_policy
+from serval.model.generation_config import GenerationDefaults
 from serval.openai.auth import check_api_key
 from serval.openai.errors import APIError
 from serval.openai.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, \
     TokenizeRequest
 from serval.openai.responses import ResponsesRequest
-from serval.server import responses, serving, tokenization
+from serval.server import banner, responses, serving, tokenization
 from serval.server.lifecycle import handle, simple
 from serval.server.metrics import CONTENT_TYPE
 from serval.server.config import ServerConfig
@@ -211,11 +212,29 @@ def _header(scope, name: bytes) -> str | None:
     return None
 
 
-def serve(engine, config: ServerConfig, guard: Guard | None = None) -> int:
+async def _announce_when_listening(server: DrainingServer, state: ServerState) -> None:
+    """The ready banner, once uvicorn has bound the port (the lifespan starts before it does)."""
+    while not server.started:
+        await asyncio.sleep(0.05)
+    config = state.config
+    ready = banner.ReadyBanner(banner.base_url(config.host, config.port), state.model_name,
+                               needs_key=config.api_key is not None or (state.guard is not None
+                                                                        and state.guard.requires_keys),
+                               memory=banner.resident_memory(state.engine))
+    logger.info("ready", extra={"url": ready.base_url, "model": state.model_name, **ready.memory.fields()})
+    banner.write(ready.text())
+
+
+def serve(engine, config: ServerConfig, guard: Guard | None = None,
+          generation_defaults: GenerationDefaults | None = None) -> int:
     """Run the server until a signal drains it or the engine dies; shut the engine down; return the exit status
-    (0 after a drain, 1 when the engine died). SIGHUP reloads the policy."""
+    (0 after a drain, 1 when the engine died). SIGHUP reloads the policy. `generation_defaults` fill the sampling
+    fields a request leaves out."""
     tracer = RequestTracer(config.otlp_traces_endpoint) if config.otlp_traces_endpoint else None
-    state = ServerState(engine, config, guard, tracer)
+    state = ServerState(engine, config, guard, tracer, generation_defaults)
+    if generation_defaults is not None:
+        logger.info("sampling defaults for requests that leave them out",
+                    extra={"generation_config": generation_defaults.source, **generation_defaults.values()})
     try:
         app = build_app(state)
     except ResponseStoreError as error:
@@ -239,7 +258,9 @@ def serve(engine, config: ServerConfig, guard: Guard | None = None) -> int:
         logger.info("serving", extra={"url": f"http://{config.host}:{config.port}", "model": state.model_name,
                                       "model_path": engine.config.model, "max_model_len": state.max_model_len,
                                       "policy": guard.policy.source if guard is not None else None})
+        announce = loop.create_task(_announce_when_listening(server, state))
         yield
+        announce.cancel()
         await server.stopped()
         if guard is not None:
             await guard.aclose()
@@ -248,10 +269,13 @@ def serve(engine, config: ServerConfig, guard: Guard | None = None) -> int:
     try:
         server.run()
     finally:
+        stopping = time.monotonic()
         state.close()
         app.state.responses.close()
         if tracer is not None:
             tracer.shutdown()
         engine.shutdown()
+        logger.info("stopped", extra={"exit_code": server.exit_code,
+                                      "engine_shutdown_s": round(time.monotonic() - stopping, 3)})
     return server.exit_code
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from serval.engine.async_engine import EngineDeadError, RequestFailedError
 from serval.guard.decisions import GuardRejection
 from serval.guard.session import GuardSession, NullGuardSession, open_session
+from serval.model.generation_config import GenerationDefaults
 from serval.openai import protocol
 from serval.openai.disconnect import until_disconnect
 from serval.openai.errors import APIError, InvalidArgument
@@ -26,6 +27,7 @@ from serval.openai.http import OFF_LOOP_BYTES, json_object, parse_json_body, rea
 from serval.openai.protocol import random_id
 from serval.openai.sse import DONE, SSE_HEADERS, ClosingStreamingResponse, error_event
 from serval.server.admission import check_model
+from serval.server.request_defaults import with_defaults
 from serval.server.request_log import RequestRecord
 from serval.server.state import ServerState
 
@@ -46,12 +48,15 @@ class Call:
     fan_in: Any = None  # the FanIn once the engine has the prompts
     # Body fields an engine error names under another name than the client sent (max_completion_tokens).
     param_aliases: dict[str, str] = field(default_factory=dict)
+    defaults: GenerationDefaults | None = None  # the model's, for what the body leaves out
 
     def sampling_params(self, body):
         try:
-            return body.to_sampling_params()
+            params = with_defaults(body.to_sampling_params(), body, self.defaults)
         except ValueError as error:
             raise self.invalid_argument(error) from error
+        self.record.note_sampling(params)
+        return params
 
     def invalid_argument(self, error: ValueError) -> APIError:
         api_error = APIError.from_invalid_argument(error)
@@ -95,7 +100,7 @@ async def handle(state: ServerState, raw: Request, model_cls: type[BaseModel], h
     """Parse, validate, admit and run one OpenAI call; turn every failure into OpenAI's error body."""
     prefix = ID_PREFIXES.get(operation, "cmpl")
     record = RequestRecord(request_id=random_id(prefix), model=state.model_name, operation=operation)
-    call = Call(record, open_session(None, record.request_id))
+    call = Call(record, open_session(None, record.request_id), defaults=state.generation_defaults)
     streaming = False
     try:
         body = await read_request(state, raw, model_cls)
@@ -190,6 +195,10 @@ def finish(state: ServerState, call: Call) -> None:
     record = call.record
     state.open_fan_ins.discard(call.fan_in)
     usage = call.fan_in.usage() if call.fan_in is not None else None
+    if call.fan_in is not None:  # a client that left mid-stream: log the tokens it did get and its first-token time
+        for output in call.fan_in.latest.values():
+            if not output.finished:
+                record.add_unfinished(output)
     call.session.release(max(usage.prompt_tokens if usage else 0, record.prompt_tokens),
                          max(usage.completion_tokens if usage else 0, record.completion_tokens))
     if call.span is not None:

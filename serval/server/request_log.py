@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from serval.outputs import RequestOutput
 
 logger = logging.getLogger("serval.request")
+# The SamplingParams fields a request's log line shows: those --generation-config may set.
+# Probes whose access lines only show at debug level.
+QUIET_PATHS = frozenset({"/health", "/metrics"})
+SAMPLING_LOGGED = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens")
 
 # Attributes every LogRecord has; anything else on a record came from `extra=` and belongs in the JSON.
 # uvicorn's color_message is its message with ANSI colours: noise in JSON.
@@ -33,10 +37,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+class QuietProbes(logging.Filter):
+    """Drops uvicorn's access lines for /health and /metrics unless the log level is debug: load balancers, the
+    router and Prometheus call them every few seconds and would fill the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "uvicorn.access" or not isinstance(record.args, tuple) or len(record.args) < 3:
+            return True
+        path = str(record.args[2]).split("?", 1)[0]
+        return path not in QUIET_PATHS or logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
 def configure_logging(level: str = "info") -> None:
     """JSON lines on stderr for the root logger (uvicorn's loggers included)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(QuietProbes())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -59,14 +75,25 @@ class RequestRecord:
     finish_reasons: list[str] = field(default_factory=list)
     status: int = 200
     error: str | None = None
+    # The sampling values the request ran with (its own or the model's defaults), for the log line.
+    sampling: dict | None = None
+
+    def note_sampling(self, params) -> None:
+        self.sampling = {name: getattr(params, name) for name in SAMPLING_LOGGED}
 
     def add_finished(self, output: RequestOutput) -> None:
         """Count one engine request (one prompt of the HTTP request) into the record."""
+        self.add_unfinished(output)
+        for completion in output.outputs:
+            self.finish_reasons.append(completion.finish_reason or "abort")
+
+    def add_unfinished(self, output: RequestOutput) -> None:
+        """Count what an engine request produced before it was aborted (its client left): tokens and times, no
+        finish reason (the abort adds its own)."""
         self.prompt_tokens += len(output.prompt_token_ids)
         self.cached_tokens += output.num_cached_tokens
         for completion in output.outputs:
             self.completion_tokens += len(completion.token_ids)
-            self.finish_reasons.append(completion.finish_reason or "abort")
         metrics = output.metrics
         if metrics is not None:
             self.first_scheduled_time = _earliest(self.first_scheduled_time, metrics.first_scheduled_time)
@@ -86,7 +113,8 @@ class RequestRecord:
                 "completion_tokens": self.completion_tokens, "cached_tokens": self.cached_tokens,
                 "ttft_s": _rounded(self.ttft_seconds), "queue_s": _rounded(self.queue_seconds),
                 "total_s": _rounded(time.monotonic() - self.arrival_time),
-                "finish_reason": ",".join(self.finish_reasons) or None, "error": self.error}
+                "finish_reason": ",".join(self.finish_reasons) or None, "error": self.error,
+                **(self.sampling or {})}
 
     def log(self) -> None:
         logger.info("request finished", extra=self.fields())

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 from serval.guard.guard import Guard
+from serval.model.generation_config import GenerationDefaults
 from serval.server.config import ServerConfig
 from serval.server.fan_in import FanIn
 from serval.guard.session import GuardMetricsObserver
@@ -19,8 +20,10 @@ logger = logging.getLogger(__name__)
 
 class ServerState:
     def __init__(self, engine, config: ServerConfig, guard: Guard | None = None,
-                 tracer: RequestTracer | None = None) -> None:
+                 tracer: RequestTracer | None = None, generation_defaults: GenerationDefaults | None = None) -> None:
         self.engine = engine
+        # The model's sampling defaults (--generation-config) for the fields a request leaves out.
+        self.generation_defaults = generation_defaults
         self.config = config
         self.guard = guard
         self.tracer = tracer

@@ -51,3 +51,17 @@ def test_gpu_budget_leaves_weights_activations_and_a_reserve():
     crowded = dataclasses.replace(profile, free=20 * gib)
     assert crowded.kv_cache_budget(0.9) == 20 * gib - 2 * gib - GPU_RESERVE_BYTES
     assert dataclasses.replace(profile, free=gib).kv_cache_budget(0.9) == 0
+
+
+def test_the_cpu_default_fits_the_machine():
+    from serval.config import default_cpu_kv_cache_blocks
+    # The default model in float32: 30 layers x K and V x 3 heads x 64 x 4 bytes = 45 KiB a token, 16 a block.
+    per_block = 16 * 30 * 2 * 3 * 64 * 4
+    full_context = 8192 // 16
+    plenty = 64 * 1024**3
+    assert default_cpu_kv_cache_blocks(per_block, full_context, 256, plenty) == DEFAULT_CPU_KV_CACHE_BYTES // per_block
+    assert default_cpu_kv_cache_blocks(per_block, full_context, 1, plenty) == full_context  # one sequence is all
+    # Little memory available: a quarter of it, but never less than one sequence at full length.
+    assert default_cpu_kv_cache_blocks(per_block, 64, 256, 512 * 1024**2) == 128 * 1024**2 // per_block
+    assert default_cpu_kv_cache_blocks(per_block, full_context, 256, 512 * 1024**2) == full_context
+    assert default_cpu_kv_cache_blocks(per_block, full_context, 256, None) == DEFAULT_CPU_KV_CACHE_BYTES // per_block
