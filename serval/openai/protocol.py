@@ -315,6 +315,7 @@ class ChatMessage(OpenAIBase, ToolCallMessageFields):
 
 class ChatCompletionRequest(SamplingFields, ToolRequestFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    parallel_tool_calls: Bool = True  # strict, as every flag of the body is here
     # extra variables for the chat template (vLLM's name), e.g. {"enable_thinking": false} for Qwen3
     chat_template_kwargs: dict | None = None
     max_tokens: PositiveInt | None = None
