@@ -26,7 +26,7 @@ ANSWER = {"type": "object", "additionalProperties": False, "required": ["verdict
 RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER}}
 MESSAGES = [{"role": "user", "content": "Is it going to rain? Think first."}]
 # The output rails redact this word wherever it appears, the think section included.
-POLICY = 'output:\n  deny: [{name: codename, pattern: "osprey", action: redact}]\n'
+POLICY = 'output:\n  deny: [{name: codename, pattern: "osprey", action: redact}]\naudit: {path: audit.jsonl}\n'
 NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
 
 
@@ -43,6 +43,7 @@ def server():
             file.write(POLICY)
         remote = RemoteServer(["--model", tiny_qwen3_dir(), "--max-model-len", "1024", "--served-model-name", MODEL,
                                "--reasoning-parser", "qwen3", "--tool-call-parser", "hermes", "--policy", policy])
+        remote.audit_path = os.path.join(directory, "audit.jsonl")
         yield remote
         remote.close()
 
@@ -141,23 +142,31 @@ def forced_thought_grammar() -> str:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_output_rails_filter_the_reasoning_too(client, stream):
+def test_output_rails_filter_the_reasoning_too(server, client, stream):
     body = dict(model=MODEL, messages=MESSAGES, temperature=0.0, max_tokens=60,
                 extra_body={"structured_outputs": {"grammar": forced_thought_grammar()}})
     if stream:
-        result = stream_reasoning(client, **body)
+        request_id, reasoning, content = stream_reasoning(client, **body)
     else:
-        (choice,) = client.chat.completions.create(**body).choices
-        result = (choice.message.reasoning_content, choice.message.content)
-    reasoning, content = result
+        response = client.chat.completions.create(**body)
+        (choice,) = response.choices
+        request_id, reasoning, content = response.id, choice.message.reasoning_content, choice.message.content
     assert reasoning.startswith("the codename is ") and "osprey" not in reasoning and "REDACTED" in reasoning
     assert content.strip().startswith("The ") and "osprey" not in content and "REDACTED" in content
+    # the audit log has the decision for each of the two matches, the one in the thought included
+    with open(server.audit_path) as file:
+        records = [json.loads(line) for line in file]
+    redactions = [record for record in records if record["request_id"] == request_id
+                  and record["direction"] == "output" and record["action"] == "redact"]
+    assert len(redactions) == 2, records
 
 
-def stream_reasoning(client, **body) -> tuple[str, str]:
-    reasoning, content = [], []
+def stream_reasoning(client, **body) -> tuple[str, str, str]:
+    """(request id, reasoning, content) of a streamed choice."""
+    reasoning, content, request_id = [], [], None
     for chunk in client.chat.completions.create(stream=True, **body):
+        request_id = chunk.id
         delta = chunk.choices[0].delta
         reasoning.append(getattr(delta, "reasoning_content", None) or "")
         content.append(delta.content or "")
-    return "".join(reasoning), "".join(content)
+    return request_id, "".join(reasoning), "".join(content)
