@@ -1,9 +1,11 @@
 """The GPU benchmark suite (issue 7): one command, a table at the end, JSON under --out.
 
-Llama-3-8B shape (benchmarks/configs/llama-3-8b, dummy bf16 weights, no download), on one GPU:
+Llama-3-8B shape (benchmarks/configs/llama-3-8b, dummy bf16 weights, no download), on one GPU; any other shape
+under benchmarks/configs with --model (e.g. the mixture-of-experts qwen3-30b-a3b and mixtral-8x7b):
   1. device bandwidth (a large device-to-device copy, bytes read + written) and the batch-1 decode roofline it
      implies: bytes each decode step must read (every weight except the embedding table, of which one row is
-     gathered, plus the KV cache) / bandwidth;
+     gathered, and, in a mixture-of-experts layer, except the experts the token is not routed to: attention, the
+     router, the k chosen experts and any shared expert; plus the KV cache) / bandwidth;
   2. batch-1 decode tokens/s, 128-token prompt, 256 new tokens: Serval vs transformers `generate` with a static
      cache, on the same weights (transformers' model shares Serval's tensors) in the same run;
   3. offline throughput: 1000 requests, input lengths uniform in [128, 1024], outputs uniform in [128, 512]; and
@@ -17,6 +19,8 @@ the same seed's weights; its batch-1 `generate`, which shares Serval's weights, 
     python benchmarks/gpu_suite.py --out results/gpu [--model benchmarks/configs/llama-3-8b] [--skip-hf]
         [--skip-hf-generate-batch] [--skip-variants] [--profile] [--quantization fp8] [--kv-cache-dtype fp8]
         [--num-requests 0 (skips the 1000-request workload)]
+    python benchmarks/gpu_suite.py --out results/gpu_qwen3_30b_a3b --model benchmarks/configs/qwen3-30b-a3b
+    python benchmarks/gpu_suite.py --out results/gpu_mixtral_8x7b --model benchmarks/configs/mixtral-8x7b
 """
 from __future__ import annotations
 
@@ -57,8 +61,23 @@ def decode_bytes_per_token(model: torch.nn.Module, context_len: int, kv_element_
     embedding = model.model.embed_tokens.weight
     gathered_table = embedding.numel() * embedding.element_size() if not model.tie_word_embeddings else 0
     kv = 2 * model.num_layers * model.num_kv_heads * model.head_dim * kv_element_size * context_len
-    return {"weight_bytes": weights, "weight_bytes_read": weights - gathered_table, "kv_bytes_read": kv,
-            "bytes_per_token": weights - gathered_table + kv}
+    unread_experts = unread_expert_bytes(model)
+    read = weights - gathered_table - unread_experts
+    return {"weight_bytes": weights, "weight_bytes_read": read, "kv_bytes_read": kv,
+            "moe_expert_bytes_not_read": unread_experts, "bytes_per_token": read + kv}
+
+
+def unread_expert_bytes(model: torch.nn.Module) -> int:
+    """A mixture-of-experts layer reads only the k experts a token is routed to (and its router and any shared
+    expert, counted with the other weights): the other E - k experts' bytes are not part of a token's roofline."""
+    from serval.layers.moe import SparseMoeBlock
+    unread = 0
+    for block in model.modules():
+        if isinstance(block, SparseMoeBlock):
+            experts = block.experts
+            expert_bytes = sum(p.numel() * p.element_size() for p in experts.parameters())
+            unread += expert_bytes * (experts.num_experts - block.top_k) // experts.num_experts
+    return unread
 
 
 def random_prompts(rng: random.Random, count: int, low: int, high: int, vocab: int) -> list[list[int]]:
@@ -312,7 +331,7 @@ def main() -> None:
         if shares_weights:
             hf = hf_model_sharing_weights(model, hf_config)
             run_section(results, "hf_batch1_static", hf_decode_batch1, hf, prompt_128, 256)
-            del hf
+            del hf, llm, model  # the child loads its own copy (a Mixtral-8x7B shape is two thirds of an H200)
             gc.collect()
             torch.cuda.empty_cache()
         results["serval_memory_left_for_transformers_gib"] = torch.cuda.memory_allocated(device) / 1024**3

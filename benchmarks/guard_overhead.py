@@ -128,7 +128,7 @@ def decoding_throughput(model: str | None, batch: int, max_tokens: int, rounds: 
     """Median time of a decode step with the whole batch running, per case; cases interleaved over rounds so
     that a noisy machine slows them alike. Constraints that finish early only count their full-batch steps."""
     from serval import LLM
-    from serval.guard import structured
+    from serval.engine import structured_output as structured
     llm = LLM(model=model, max_model_len=512, max_num_seqs=batch, seed=0)
     prompts = [f"Request {i}: describe a person as JSON." for i in range(batch)]
     cases = [("unconstrained", None),

@@ -15,7 +15,7 @@ import typing
 from typing import TYPE_CHECKING
 
 from serval.server.config import (DEFAULT_MAX_N, DEFAULT_MAX_REQUEST_BODY_BYTES, DEFAULT_MODEL_NAME,
-                                  DEFAULT_SHUTDOWN_TIMEOUT_S, ServerConfig)
+                                  DEFAULT_RESPONSES_MAX_STORED, DEFAULT_SHUTDOWN_TIMEOUT_S, ServerConfig)
 
 if TYPE_CHECKING:  # the engine's config imports torch: `serval route` must not pay for it
     from serval.config import EngineConfig
@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-require-key", action="store_true",
                        help="put /metrics behind the API key too (by default only /health, /version and /metrics "
                             "answer without one)")
+    serve.add_argument("--responses-store", default=None,
+                       help="SQLite file for /v1/responses' stored responses, kept across restarts (None: in memory)")
+    serve.add_argument("--responses-max-stored", type=int, default=DEFAULT_RESPONSES_MAX_STORED,
+                       help="most stored responses; the oldest are evicted first")
     add_engine_args(serve)
 
     generate = commands.add_parser("generate", help="generate from one prompt and print the text",
@@ -233,7 +237,8 @@ def _serve(args: argparse.Namespace, config: EngineConfig) -> int:
             max_request_body_bytes=args.max_request_body_bytes, max_n=args.max_n,
             shutdown_timeout=args.shutdown_timeout, metrics_require_key=args.metrics_require_key,
             enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser,
-            reasoning_parser=args.reasoning_parser)
+            reasoning_parser=args.reasoning_parser,
+            responses_store=args.responses_store, responses_max_stored=args.responses_max_stored)
     except ValueError as error:
         logger.error("invalid server argument", extra={"error": str(error)})
         return 2

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 
 from serval.config import EngineConfig
-from serval.engine.engine import LLMEngine, PromptType
+from serval.engine.engine import LLMEngine
+from serval.engine.input_processor import PromptType
 from serval.outputs import RequestOutput
 from serval.sampling_params import SamplingParams
 

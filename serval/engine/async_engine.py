@@ -28,7 +28,9 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from serval.config import EngineConfig
-from serval.engine.engine import EngineStats, LLMEngine, ProcessedRequest, PromptType
+from serval.engine.engine import EngineStats, LLMEngine
+from serval.engine.input_processor import PromptType
+from serval.engine.output_processor import RequestState
 from serval.openai.errors import InvalidArgument
 from serval.outputs import RequestOutput
 from serval.sampling_params import SamplingParams
@@ -124,7 +126,7 @@ class AsyncEngine:
         self.tokenizer = self.engine.tokenizer
         self._streams: dict[str, _Stream] = {}
         self._streams_lock = threading.Lock()
-        # ("add", ProcessedRequest) | ("abort", id) | ("drop", (id, _Stream)) | ("stop", None)
+        # ("add", RequestState) | ("abort", id) | ("drop", (id, _Stream)) | ("stop", None)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._num_in_inbox = 0  # sequences accepted by add_request that the loop thread has not scheduled yet
         self._stopped = threading.Event()
@@ -145,16 +147,16 @@ class AsyncEngine:
         will read the stream. Raises InvalidArgument (nothing is queued) for bad input or a request id that is
         already running, EngineDeadError if the engine has stopped."""
         if self._dead is not None:
-            raise EngineDeadError(f"the engine loop has stopped: {self._dead!r}")
-        processed = self.engine.process_inputs(request_id, prompt, params, priority)
+            raise _dead_error(self._dead)
+        state = self.engine.process_inputs(request_id, prompt, params, priority)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._streams_lock:
             if request_id in self._streams:
                 raise InvalidArgument(None, f"invalid request_id {request_id!r}: a request with this id is "
                                             "already running")
             self._streams[request_id] = stream
-            self._num_in_inbox += len(processed.children)
-        self._inbox.put(("add", processed))
+            self._num_in_inbox += len(state.sequences)
+        self._inbox.put(("add", state))
         return RequestStream(self, request_id, stream)
 
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
@@ -169,6 +171,13 @@ class AsyncEngine:
         with self._streams_lock:
             self._streams.pop(request_id, None)
         self._inbox.put(("abort", request_id))
+
+    def compile_grammar(self, params: SamplingParams | None) -> None:
+        """Compile the request's structured-output constraint into the engine's grammar cache, raising
+        InvalidArgument as add_request would. A new grammar takes up to seconds to compile: the server calls
+        this on a worker thread first, so add_request (on the event loop) finds it cached."""
+        if params is not None and params.structured_outputs is not None:
+            self.engine.grammar_compiler().compile(params.structured_outputs)
 
     @property
     def is_dead(self) -> bool:
@@ -223,7 +232,7 @@ class AsyncEngine:
             with self._streams_lock:
                 streams, self._streams = self._streams, {}
             for stream in streams.values():
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, EngineDeadError(repr(error)))
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, _dead_error(error))
 
     def _drain_inbox(self, block: bool) -> None:
         while True:
@@ -257,20 +266,20 @@ class AsyncEngine:
                 return
             self._handle(kind, payload)
 
-    def _add(self, processed: ProcessedRequest) -> None:
+    def _add(self, state: RequestState) -> None:
         try:
             with self._streams_lock:
-                if processed.request_id not in self._streams:
+                if state.request_id not in self._streams:
                     return  # aborted before it reached the engine
             try:
-                self.engine.add_processed(processed)
+                self.engine.add_processed(state)
             except ValueError as error:
-                self._deliver(processed.request_id, error, last=True)
+                self._deliver(state.request_id, error, last=True)
         finally:
             # Counted out only once the scheduler counts it: num_waiting may count a request twice for a moment,
             # never zero times.
             with self._streams_lock:
-                self._num_in_inbox -= len(processed.children)
+                self._num_in_inbox -= len(state.sequences)
 
     def _deliver_step(self, outputs: list[RequestOutput]) -> None:
         """Every output of a step to its caller's queue: one hand-off per event loop (see the module docstring)."""
@@ -299,6 +308,13 @@ class AsyncEngine:
             stream = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
         if stream is not None:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+
+def _dead_error(cause: BaseException) -> EngineDeadError:
+    # The message goes to clients: the cause is logged and chained, not quoted.
+    error = EngineDeadError("the engine has stopped after an internal error; the server needs a restart")
+    error.__cause__ = cause
+    return error
 
 
 def _failed(output: RequestOutput) -> bool:

@@ -22,6 +22,7 @@ Rust backend get the same window in Python on tokenizer.decode (17 us/token).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from tokenizers import Tokenizer
@@ -131,17 +132,22 @@ def _context_ids(decode: Callable[[list[int]], str], prompt_token_ids: list[int]
     return list(prompt_token_ids[start:])
 
 
+@dataclass(frozen=True)
+class StopMatch:
+    stop: str  # the stop string found
+    truncate_to: int  # the text's length to keep: the match's start, or its end when the stop string is kept
+
+
 def find_stop_string(output_text: str, num_new_chars: int, stop: list[str],
-                     include_stop_str_in_output: bool) -> tuple[str, int] | None:
+                     include_stop_str_in_output: bool) -> StopMatch | None:
     """The stop string completed by the newest num_new_chars characters, and where to cut the text.
 
     A match may start in earlier text but must end in the new characters (earlier ones were checked before).
-    Returns (stop string, length to truncate output_text to: the match start, or its end when the stop string
-    is kept). The earliest match start wins; at the same start the shorter string, which ended first.
+    The earliest match start wins; at the same start the shorter string, which ended first.
     """
     if num_new_chars <= 0 or not stop:
         return None
-    best: tuple[int, int, str] | None = None
+    best: tuple[int, int, str] | None = None  # (start, length, string): compared in that order
     for stop_str in stop:
         search_from = max(0, len(output_text) - num_new_chars - len(stop_str) + 1)
         index = output_text.find(stop_str, search_from)
@@ -150,7 +156,7 @@ def find_stop_string(output_text: str, num_new_chars: int, stop: list[str],
     if best is None:
         return None
     index, length, stop_str = best
-    return stop_str, index + length if include_stop_str_in_output else index
+    return StopMatch(stop_str, index + length if include_stop_str_in_output else index)
 
 
 def stop_holdback(output_text: str, stop: list[str]) -> int:

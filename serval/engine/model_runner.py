@@ -43,6 +43,14 @@ class DecodeInFlight:
 
 
 @dataclass
+class PromptLogprobRows:
+    """The prompt positions of one request whose logprobs this step computes."""
+    batch_index: int  # the request's index in the scheduled batch
+    rows: list[int]  # flat rows of the batch, one per position
+    target_token_ids: list[int]  # the prompt token each position predicts
+
+
+@dataclass
 class _BatchPlan:
     input_ids: list[int]
     positions: list[int]
@@ -51,7 +59,7 @@ class _BatchPlan:
     seq_lens: list[int]
     sample_rows: list[int]  # flat row per sampled request
     sampled_requests: list[Request]
-    prompt_rows: list[tuple[int, list[int], list[int]]]  # (batch index, flat rows, target token ids)
+    prompt_rows: list[PromptLogprobRows]
 
 
 class ModelRunner:
@@ -114,7 +122,7 @@ class ModelRunner:
             return self._outputs(scheduled, plan, logits, logits[:0])
         hidden = self._forward_eager(self._tensor(plan.input_ids, torch.int64), plan.positions, plan.slot_mapping,
                                      plan.query_start_loc, plan.seq_lens, scheduled.requests)
-        prompt_flat_rows = [row for _, rows, _ in plan.prompt_rows for row in rows]
+        prompt_flat_rows = [row for prompt_rows in plan.prompt_rows for row in prompt_rows.rows]
         logits = self.model.compute_logits(hidden[self._tensor(plan.sample_rows + prompt_flat_rows, torch.int64)])
         num_sampled = len(plan.sample_rows)
         return self._outputs(scheduled, plan, logits[:num_sampled], logits[num_sampled:])
@@ -177,13 +185,14 @@ class ModelRunner:
             plan.slot_mapping.extend(self._slots(request, start, end))
             plan.query_start_loc.append(row0 + num_new)
             plan.seq_lens.append(end)
-            if request.prompt_logprobs is not None:
+            if request.sampling_params.prompt_logprobs is not None:
                 # Position p predicts token p + 1; positions already done (before a preemption) are skipped.
-                first = max(start, len(request.prompt_logprobs) - 1)
+                first = max(start, request.num_prompt_logprobs_computed)
                 last = min(end, request.num_prompt_tokens - 1)
                 if first < last:
-                    plan.prompt_rows.append((batch_index, [row0 + p - start for p in range(first, last)],
-                                             request.all_token_ids[first + 1:last + 1]))
+                    rows = [row0 + p - start for p in range(first, last)]
+                    plan.prompt_rows.append(PromptLogprobRows(batch_index, rows,
+                                                              request.all_token_ids[first + 1:last + 1]))
             if end == request.num_tokens:
                 plan.sample_rows.append(row0 + num_new - 1)
                 plan.sampled_requests.append(request)
@@ -200,12 +209,12 @@ class ModelRunner:
                 out.sampled_token_ids[position[id(request)]] = token_id
                 out.logprobs[position[id(request)]] = logprobs
         offset = 0
-        for batch_index, rows, targets in plan.prompt_rows:
-            request = scheduled.requests[batch_index]
-            chunk = prompt_logits[offset:offset + len(rows)]
-            out.prompt_logprobs[batch_index] = sampler.compute_prompt_logprobs(
-                chunk, self._tensor(targets, torch.int64), request.sampling_params.prompt_logprobs)
-            offset += len(rows)
+        for prompt_rows in plan.prompt_rows:
+            request = scheduled.requests[prompt_rows.batch_index]
+            chunk = prompt_logits[offset:offset + len(prompt_rows.rows)]
+            out.prompt_logprobs[prompt_rows.batch_index] = sampler.compute_prompt_logprobs(
+                chunk, self._tensor(prompt_rows.target_token_ids, torch.int64), request.sampling_params.prompt_logprobs)
+            offset += len(prompt_rows.rows)
         return out
 
     def _block_tables(self, requests: list[Request]) -> torch.Tensor:

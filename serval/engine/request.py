@@ -1,19 +1,22 @@
-"""Request: one sequence's whole state, read and written by the scheduler, KV cache manager, runner and sampler.
+"""Request: one sequence's engine state, read and written by the scheduler, KV cache manager, runner and sampler.
 
-Nothing else keeps a parallel copy. With n > 1 each sample is its own Request (index 0..n-1) sharing a
-parent_request_id; the engine joins them into one RequestOutput.
+Nothing else keeps a parallel copy. What the user sees of it (text, logprobs, stop reason) is the output
+processor's (serval.engine.output_processor.SequenceState). With n > 1 each sample is its own Request (index
+0..n-1) sharing a parent_request_id; the output processor joins them into one RequestOutput.
 """
 from __future__ import annotations
 
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from serval.outputs import Logprob
 from serval.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # llguidance loads only when a request asks for structured output
+    from serval.engine.structured_output import GrammarState
 
 
 class RequestStatus(enum.Enum):
@@ -59,15 +62,11 @@ class Request:
     num_preemptions: int = 0
     generator: torch.Generator | None = None
 
-    output_text: str = ""
-    detokenizer: Any = None  # serval.engine.detokenizer.IncrementalDetokenizer
-    logprobs: list[dict[int, Logprob]] | None = None
-    cumulative_logprob: float = 0.0
-    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
-    stop_reason: int | str | None = None
-    # serval.guard.structured.GrammarState when sampling_params.structured_outputs is set: the sampler masks
-    # with it, the engine advances it on each accepted token and finishes the request when it terminates.
-    grammar: Any = None
+    # Prompt positions whose logprob is computed (when asked for): after a preemption they are not computed again.
+    num_prompt_logprobs_computed: int = 0
+    # serval.engine.structured_output.GrammarState when sampling_params.structured_outputs is set: the sampler masks
+    # with it, the output processor advances it on each accepted token and finishes the request when it terminates.
+    grammar: GrammarState | None = None
 
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -76,10 +75,6 @@ class Request:
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
-        if self.sampling_params.logprobs is not None:
-            self.logprobs = []
-        if self.sampling_params.prompt_logprobs is not None:
-            self.prompt_logprobs = [None]
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -152,7 +152,7 @@ def _apply_grammar_mask(logits: torch.Tensor, requests: list[Request]) -> None:
     rows = [row for row, request in enumerate(requests) if request.grammar is not None]
     if not rows:
         return
-    from serval.guard import structured  # llguidance loads only when a request asks for it
+    from serval.engine import structured_output as structured  # llguidance loads only when a request asks for it
     states = [requests[row].grammar for row in rows]
     bitmask = structured.fill_bitmask([state.matcher for state in states], max(s.vocab_size for s in states))
     disallowed = structured.disallowed_mask(bitmask, logits.shape[1]).to(logits.device)

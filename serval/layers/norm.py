@@ -4,6 +4,8 @@ Fusing the add is what lets a GPU kernel read the activations once (serval.kerne
 also keeps the decoder layer short.
 The arithmetic follows transformers' LlamaRMSNorm exactly (add in the model dtype, normalize in float32, scale in
 the model dtype) so that logits match it bit for bit in float32 and closely in bf16/fp16.
+Gemma's norm (GemmaRMSNorm) stores w - 1 and scales by (1 + w) in float32 before rounding to the model dtype, as
+transformers' Gemma3RMSNorm does; its weights start at zero.
 """
 from __future__ import annotations
 
@@ -35,4 +37,29 @@ class RMSNorm(nn.Module):
             normed, new_residual = triton_fused.rms_norm(x, residual, self.weight, self.eps)
         else:
             normed, new_residual = rms_norm(x, residual, self.weight, self.eps)
+        return normed if residual is None else (normed, new_residual)
+
+
+def gemma_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ((1 + weight) * normalize(x + residual), x + residual), scaled in float32 and then rounded."""
+    if residual is not None:
+        x = x + residual
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (x32 * (1.0 + weight.float())).to(x.dtype), x
+
+
+class GemmaRMSNorm(RMSNorm):
+    """RMSNorm with Gemma's (1 + w) scale; the same residual interface as RMSNorm."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__(hidden_size, eps)
+        with torch.no_grad():
+            self.weight.zero_()
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        # The fused Triton kernel scales by w in the model dtype; Gemma scales by (1 + w) in float32, so the
+        # torch reference runs on every device.
+        normed, new_residual = gemma_rms_norm(x, residual, self.weight, self.eps)
         return normed if residual is None else (normed, new_residual)

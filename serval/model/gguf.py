@@ -28,6 +28,7 @@ SUPPORTED_ARCHITECTURES = {
     "llama": (transformers.LlamaConfig, "LlamaForCausalLM", True),
     "qwen2": (transformers.Qwen2Config, "Qwen2ForCausalLM", False),
     "qwen3": (transformers.Qwen3Config, "Qwen3ForCausalLM", False),
+    "gemma3": (transformers.Gemma3TextConfig, "Gemma3ForCausalLM", False),
 }
 
 _GLOBAL_NAMES = {
@@ -48,6 +49,20 @@ _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+# Gemma 3 has four norms per block: llama.cpp's ffn_norm is the one before the feed-forward block there, and its
+# converter stores every Gemma norm as 1 + w (ggml scales by w), which load_gguf undoes.
+_GEMMA3_LAYER_NAMES = _LAYER_NAMES | {
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_LAYER_NAMES_BY_ARCHITECTURE = {"gemma3": _GEMMA3_LAYER_NAMES}
+# llama.cpp's constants for Gemma 3 (llama-model.cpp), which its GGUF files do not store: every sixth layer is
+# global, the local layers' rope base is 10k, and queries are scaled by head_dim^-1/2 except in the 27B model
+# (62 layers), which uses (hidden / heads)^-1/2.
+_GEMMA3_SLIDING_WINDOW_PATTERN = 6
+_GEMMA3_LOCAL_ROPE_BASE = 10000.0
+_GEMMA3_27B_LAYERS = 62
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # Tensors that describe the model rather than hold its weights (llama 3 writes its rope scaling as a tensor).
 _ROPE_FREQS = "rope_freqs.weight"
@@ -113,27 +128,30 @@ def load_gguf(path: str) -> GGUFCheckpoint:
     tensors = {tensor.name: tensor for tensor in reader.tensors}
     config = _config(arch, metadata, tensors)
     permuted = SUPPORTED_ARCHITECTURES[arch][2]
+    layer_names = _LAYER_NAMES_BY_ARCHITECTURE.get(arch, _LAYER_NAMES)
     weights = {}
     for name, tensor in tensors.items():
         if name == _ROPE_FREQS:
             continue
-        hf_name = _hf_name(name, file)
+        hf_name = _hf_name(name, file, layer_names)
         raw = tensor.data
         if permuted and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             raw = _unpermute_rows(raw, config.num_attention_heads)
         elif permuted and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             raw = _unpermute_rows(raw, config.num_key_value_heads)
         weights[hf_name] = dequantize(raw, tensor.tensor_type, tuple(int(d) for d in reversed(tensor.shape)))
+        if arch == "gemma3" and hf_name.endswith("norm.weight"):
+            weights[hf_name] -= 1
     return GGUFCheckpoint(config=config, weights=weights)
 
 
-def _hf_name(name: str, file: str) -> str:
+def _hf_name(name: str, file: str, layer_names: dict[str, str] = _LAYER_NAMES) -> str:
     stem, _, suffix = name.rpartition(".")
     if stem in _GLOBAL_NAMES and suffix in ("weight", "bias"):
         return f"{_GLOBAL_NAMES[stem]}.{suffix}"
     match = _LAYER_TENSOR.fullmatch(name)
-    if match and match.group(2) in _LAYER_NAMES:
-        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.{match.group(3)}"
+    if match and match.group(2) in layer_names:
+        return f"model.layers.{match.group(1)}.{layer_names[match.group(2)]}.{match.group(3)}"
     raise ValueError(f"GGUF file {file!r} has tensor {name!r}, which no supported architecture uses")
 
 
@@ -181,10 +199,20 @@ def _config(arch: str, meta: dict, tensors: dict) -> transformers.PretrainedConf
     )
     if arch == "qwen2":
         kwargs["attention_bias"] = "blk.0.attn_q.bias" in tensors
+    if arch == "gemma3":
+        kwargs.update(_gemma3_options(kwargs, get("attention.sliding_window")))
     rope_scaling = _rope_scaling(get, tensors, kwargs)
     if rope_scaling is not None:
         kwargs["rope_scaling"] = rope_scaling
     return config_cls(**kwargs)
+
+
+def _gemma3_options(kwargs: dict, sliding_window: int | None) -> dict:
+    hidden_size, num_heads = kwargs["hidden_size"], kwargs["num_attention_heads"]
+    is_27b = kwargs["num_hidden_layers"] == _GEMMA3_27B_LAYERS
+    return dict(hidden_activation="gelu_pytorch_tanh", sliding_window=sliding_window,
+                sliding_window_pattern=_GEMMA3_SLIDING_WINDOW_PATTERN, rope_local_base_freq=_GEMMA3_LOCAL_ROPE_BASE,
+                query_pre_attn_scalar=hidden_size // num_heads if is_27b else kwargs["head_dim"])
 
 
 def _rope_scaling(get, tensors: dict, kwargs: dict) -> dict | None:

@@ -9,7 +9,9 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -19,7 +21,8 @@ from torch import nn
 
 from serval.config import QUANTIZATIONS
 from serval.layers.linear import Linear
-from serval.model.registry import get_model_class
+from serval.model.default_model import MODEL_ALIASES, resolve_model
+from serval.model import registry  # the module: the registry imports the family files, some of which import us
 
 logger = logging.getLogger(__name__)
 
@@ -33,15 +36,18 @@ DUMMY_WEIGHT_RANGE = (-1e-3, 1e-3)
 def load_model(model: str, *, load_format: str = "auto", dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", seed: int = 0,
                quantization: str | None = None) -> tuple[nn.Module, transformers.PretrainedConfig]:
-    """Build and load the model at `model` (a directory, or a GGUF file); return (model in eval mode, HF config).
+    """Build and load the model at `model` (a directory, a GGUF file, or a packaged model's alias such as
+    "gemma3-270m"); return (model in eval mode, HF config).
     quantization="fp8": the decoder's projections are quantized to float8 once loaded (quantize_fp8). A checkpoint
     whose config.json declares fp8 (checkpoint_quantization) is read in float8 as it is, with or without it."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format {load_format!r} is not supported; choose one of {list(LOAD_FORMATS)}")
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization {quantization!r} is not supported; choose one of {list(QUANTIZATIONS)}")
+    model = resolve_model(model)
     if not os.path.exists(model):
-        raise FileNotFoundError(f"model path {model!r} does not exist")
+        raise FileNotFoundError(f"model path {model!r} does not exist (packaged models by name: "
+                                f"{list(MODEL_ALIASES)})")
     start = time.perf_counter()
     gguf_file = _find_gguf_file(model) if load_format in ("auto", "gguf") else None
     if load_format == "gguf" and gguf_file is None:
@@ -127,7 +133,7 @@ def load_config(model_dir: str) -> transformers.PretrainedConfig:
 
 def build_model(config: transformers.PretrainedConfig, dtype: torch.dtype, device: str | torch.device) -> nn.Module:
     """The model for config.architectures[0], parameters allocated (not initialized) in dtype on device."""
-    model_class = get_model_class(config)
+    model_class = registry.get_model_class(config)
     with torch.device(device), _default_dtype(dtype):
         model = model_class(config)
     return model.eval().requires_grad_(False)
@@ -173,6 +179,49 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
 def _find_gguf_file(model: str) -> str | None:
     from serval.model.gguf import find_gguf_file  # imported here: the gguf reader is only needed for GGUF files
     return find_gguf_file(model)
+
+
+# Mixture-of-experts checkpoints name each expert's projections (Mixtral: w1 gate, w3 up, w2 down; Qwen:
+# gate_proj, up_proj, down_proj), or, as transformers 5 saves with save_original_format=False, stack them:
+# experts.gate_up_proj [E, 2I, H] (gate rows first) and experts.down_proj [E, H, I].
+_PER_EXPERT = re.compile(r"^(?P<block>.+)\.(?:block_sparse_moe|mlp)\.experts\.(?P<expert>\d+)\."
+                         r"(?P<projection>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_STACKED_EXPERTS = re.compile(r"^(?P<block>.+)\.(?:block_sparse_moe|mlp)\.experts\.(?P<stack>gate_up_proj|down_proj)$")
+_PROJECTIONS = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+
+
+@dataclass
+class ExpertSlice:
+    """One expert's projection in a checkpoint, and the stacked parameter it belongs to."""
+    checkpoint_name: str  # as the checkpoint names it (for a stacked tensor, its name plus the expert)
+    name: str  # our stacked parameter: <layer>.mlp.experts.gate_up_proj or .down_proj
+    expert: int
+    projection: str  # "gate", "up" or "down"
+    tensor: torch.Tensor  # [I, H] for gate/up, [H, I] for down
+
+
+def expert_weight_slices(hf_name: str, tensor: torch.Tensor) -> list[ExpertSlice] | None:
+    """The expert projections a checkpoint tensor holds (views, nothing copied), or None if it holds none."""
+    match = _PER_EXPERT.match(hf_name)
+    if match:
+        projection = _PROJECTIONS[match["projection"]]
+        stack = "down_proj" if projection == "down" else "gate_up_proj"
+        return [ExpertSlice(hf_name, f"{match['block']}.mlp.experts.{stack}", int(match["expert"]), projection,
+                            tensor)]
+    match = _STACKED_EXPERTS.match(hf_name)
+    if not match:
+        return None
+    name = f"{match['block']}.mlp.experts.{match['stack']}"
+    if tensor.dim() != 3:
+        raise ValueError(f"weight {hf_name!r} has shape {tuple(tensor.shape)}; stacked experts are 3-D [E, out, in]")
+    if match["stack"] == "down_proj":
+        return [ExpertSlice(f"{hf_name}[{e}]", name, e, "down", tensor[e]) for e in range(len(tensor))]
+    if tensor.shape[1] % 2:
+        raise ValueError(f"weight {hf_name!r} has shape {tuple(tensor.shape)}: gate_up_proj stacks gate and up "
+                         "rows, so its second dimension must be even")
+    gate, up = tensor.chunk(2, dim=1)
+    return [ExpertSlice(f"{hf_name}[{e}]", name, e, projection, part[e])
+            for e in range(len(tensor)) for projection, part in (("gate", gate), ("up", up))]
 
 
 @contextlib.contextmanager

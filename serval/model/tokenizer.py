@@ -1,17 +1,38 @@
-"""Tokenizers: from a Hugging Face directory, or rebuilt from a GGUF file's metadata."""
+"""Tokenizers: from a Hugging Face directory, or rebuilt from a GGUF file's metadata.
+
+A GGUF without a chat template of its own (the Gemma 3 270M conversion has none) gets its family's turn format, so
+that chat requests work; `model` may also be a short alias of a packaged model (serval.model.default_model).
+"""
 from __future__ import annotations
 
 import os
 
 import transformers
 
+from serval.model.default_model import resolve_model
 from serval.model.gguf import find_gguf_file
+
+# Gemma's turn format (text only): <start_of_turn>user|model ... <end_of_turn>; a system message is prefixed to the
+# first user turn, since Gemma has no system role.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system_prefix = messages[0]['content'] + '\n\n' -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set system_prefix = '' -%}{%- set turns = messages -%}{%- endif -%}"
+    "{%- for message in turns -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (system_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+_DEFAULT_CHAT_TEMPLATES = {"gemma3": GEMMA_CHAT_TEMPLATE}
 
 
 def load_tokenizer(model: str, tokenizer: str | None = None) -> transformers.PreTrainedTokenizerBase:
     """The tokenizer for `model` (an HF directory, a .gguf file or a directory holding one); `tokenizer` overrides
     where it is loaded from. A GGUF gives its vocabulary, merges, special tokens and chat template."""
-    source = tokenizer if tokenizer is not None else model
+    source = resolve_model(tokenizer if tokenizer is not None else model)
     argument = "tokenizer" if tokenizer is not None else "model"
     if not os.path.exists(source):
         raise FileNotFoundError(f"{argument}={source!r} does not exist: pass an HF model directory, a .gguf file "
@@ -43,4 +64,7 @@ def _gguf_tokenizer(path: str) -> transformers.PreTrainedTokenizerBase:
                                                           gguf_file=os.path.basename(path))
     architecture, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(path)
     backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
-    return TokenizersBackend(tokenizer_object=backend, name_or_path=path, **tokenizer_config, **extra)
+    loaded = TokenizersBackend(tokenizer_object=backend, name_or_path=path, **tokenizer_config, **extra)
+    if loaded.chat_template is None and architecture in _DEFAULT_CHAT_TEMPLATES:
+        loaded.chat_template = _DEFAULT_CHAT_TEMPLATES[architecture]
+    return loaded

@@ -108,6 +108,7 @@ def completion_prompts(tokenizer, prompts: list[str | list[int]], texts: list[st
 
 def chat_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
                 chat_template_kwargs: dict | None = None) -> dict:
+    """`tools` (chat-completions function tools) are rendered as the template renders them."""
     tokenizer = require_tokenizer(tokenizer)
     kwargs = chat_template_kwargs or {}
     reserved = sorted(RESERVED_TEMPLATE_KWARGS.intersection(kwargs))

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import signal
 import time
+from functools import partial
 
 import uvicorn
 
@@ -28,11 +29,13 @@ from serval.openai.auth import check_api_key
 from serval.openai.errors import APIError
 from serval.openai.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, \
     TokenizeRequest
-from serval.server import serving, tokenization
+from serval.openai.responses import ResponsesRequest
+from serval.server import responses, serving, tokenization
 from serval.server.lifecycle import handle, simple
 from serval.server.metrics import CONTENT_TYPE
 from serval.server.config import ServerConfig
 from serval.server.drain import UVICORN_GRACE_S, DrainingServer
+from serval.server.response_store import ResponseStore, ResponseStoreError
 from serval.server.state import ServerState
 from serval.server.tracing import RequestTracer
 
@@ -43,12 +46,15 @@ OPEN_PATHS = frozenset({"/health", "/version"})
 # The request body of each POST route, for the OpenAPI document (handlers read the raw body themselves, so that
 # every error stays OpenAI-shaped).
 REQUEST_BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
-                  "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}
+                  "/v1/responses": ResponsesRequest, "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}
 
 
 def build_app(state: ServerState) -> "ObservedApp":
+    """Raises ResponseStoreError when --responses-store cannot be opened."""
     app = FastAPI(title="Serval", version=serval.__version__, docs_url=None, redoc_url=None)
     app.state.server = state
+    store = ResponseStore(state.config.responses_store, state.config.responses_max_stored)
+    app.state.responses = store
 
     @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     async def completions(raw: Request):
@@ -57,6 +63,26 @@ def build_app(state: ServerState) -> "ObservedApp":
     @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
     async def chat_completions(raw: Request):
         return await handle(state, raw, ChatCompletionRequest, serving.create_chat_completion, "chat")
+
+    @app.post("/v1/responses", openapi_extra=_body_schema(ResponsesRequest))
+    async def create_response(raw: Request):
+        return await handle(state, raw, ResponsesRequest, partial(responses.create_response, store), "responses")
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(raw: Request, response_id: str):
+        return await responses.retrieve_response(store, state, raw, response_id)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(raw: Request, response_id: str):
+        return await responses.delete_response(store, state, raw, response_id)
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def list_input_items(raw: Request, response_id: str):
+        return await responses.list_input_items(store, state, raw, response_id)
+
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def cancel_response(response_id: str):
+        return responses.refuse_cancel(response_id)
 
     @app.get("/v1/models")
     async def models():
@@ -152,7 +178,9 @@ class ObservedApp:
         finally:
             if counted:
                 self.server.leave()
-            handler = path if path in self.routes else "other"
+            # The route's template (/v1/responses/{response_id}), so that ids don't each become a label value.
+            route = scope.get("route")
+            handler = route.path if route is not None else path if path in self.routes else "other"
             self.server.metrics.observe_http(scope["method"], handler, status, time.monotonic() - started)
 
     def _refusal(self, scope, path: str) -> APIError | None:
@@ -188,7 +216,15 @@ def serve(engine, config: ServerConfig, guard: Guard | None = None) -> int:
     (0 after a drain, 1 when the engine died). SIGHUP reloads the policy."""
     tracer = RequestTracer(config.otlp_traces_endpoint) if config.otlp_traces_endpoint else None
     state = ServerState(engine, config, guard, tracer)
-    app = build_app(state)
+    try:
+        app = build_app(state)
+    except ResponseStoreError as error:
+        logger.error("invalid server argument", extra={"error": str(error)})
+        state.close()
+        if tracer is not None:
+            tracer.shutdown()
+        engine.shutdown()
+        return 2
     uvicorn_config = uvicorn.Config(app, host=config.host, port=config.port, log_config=None,
                                     access_log=config.access_log, log_level=config.log_level,
                                     timeout_graceful_shutdown=UVICORN_GRACE_S)
@@ -213,6 +249,7 @@ def serve(engine, config: ServerConfig, guard: Guard | None = None) -> int:
         server.run()
     finally:
         state.close()
+        app.state.responses.close()
         if tracer is not None:
             tracer.shutdown()
         engine.shutdown()

@@ -13,6 +13,8 @@ DEFAULT_MAX_REQUEST_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_N = 128
 # Under Kubernetes' default 30 s termination grace period, so the drain ends before the kill.
 DEFAULT_SHUTDOWN_TIMEOUT_S = 20.0
+# Stored Responses API responses kept before the oldest are evicted.
+DEFAULT_RESPONSES_MAX_STORED = 10_000
 
 
 @dataclass
@@ -37,6 +39,9 @@ class ServerConfig:
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    # The Responses API's store: a SQLite file (kept across restarts), or memory when None.
+    responses_store: str | None = None
+    responses_max_stored: int = DEFAULT_RESPONSES_MAX_STORED
 
     def __post_init__(self) -> None:
         self._check_output_parsers()
@@ -50,6 +55,9 @@ class ServerConfig:
         if self.shutdown_timeout < 0:
             raise InvalidArgument("shutdown_timeout", f"invalid shutdown_timeout {self.shutdown_timeout}: must be "
                                   "zero or more seconds")
+        if self.responses_max_stored < 1:
+            raise InvalidArgument("responses_max_stored", "invalid responses_max_stored "
+                                  f"{self.responses_max_stored}: must be at least 1")
         if self.max_waiting_requests is not None and self.max_waiting_requests < 1:
             raise InvalidArgument("max_waiting_requests", "invalid max_waiting_requests "
                                   f"{self.max_waiting_requests}: must be at least 1")

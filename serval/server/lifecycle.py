@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 # nginx's code for "client closed request": what the log and metrics say of a request whose client left.
 CLIENT_CLOSED = 499
+# The id prefix of each operation's responses, OpenAI's.
+ID_PREFIXES = {"chat": "chatcmpl", "text_completion": "cmpl", "responses": "resp"}
 
 
 @dataclass
@@ -91,7 +93,7 @@ def _parse(data: bytes, model_cls: type[BaseModel]) -> BaseModel:
 async def handle(state: ServerState, raw: Request, model_cls: type[BaseModel], handler: Handler,
                  operation: str) -> Response:
     """Parse, validate, admit and run one OpenAI call; turn every failure into OpenAI's error body."""
-    prefix = "chatcmpl" if operation == "chat" else "cmpl"
+    prefix = ID_PREFIXES.get(operation, "cmpl")
     record = RequestRecord(request_id=random_id(prefix), model=state.model_name, operation=operation)
     call = Call(record, open_session(None, record.request_id))
     streaming = False

@@ -233,6 +233,7 @@ async def start(state: ServerState, call: Call, prompts: list[dict], params, con
     """Hand the prompts to the engine, once the key has the tokens they may use reserved (budgets cannot overshoot
     however many run at once; `release` settles the reservation). A classifier rail's verdicts are asked for at the same time and awaited
     here, while the engine runs the prefill: an unsafe verdict aborts the requests before any output is sent."""
+    await state.off_loop(state.engine.compile_grammar, params)  # not on the event loop: it can take seconds
     call.session.reserve(*admission.token_reservation(state, prompts, params))
     admission.check_capacity(state)
     fan_in = FanIn(state.metrics, state.model_name, call.record)

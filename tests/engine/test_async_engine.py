@@ -240,8 +240,10 @@ def test_an_engine_whose_every_step_fails_is_dead(tiny_models):
                     break
                 except RequestFailedError:
                     continue
-            with pytest.raises(EngineDeadError):
+            with pytest.raises(EngineDeadError) as error:
                 engine.add_request("after", {"prompt_token_ids": [3]}, params)
+            assert "device lost" not in str(error.value)  # clients see no internal text; the cause is chained
+            assert error.value.__cause__ is engine.errored
             return attempt
 
         attempts = asyncio.run(main())

@@ -15,7 +15,8 @@ import pytest
 import transformers
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from serval.engine.detokenizer import IncrementalDetokenizer, _WindowStream, find_stop_string, stop_holdback
+from serval.engine.detokenizer import (IncrementalDetokenizer, StopMatch, _WindowStream, find_stop_string,
+                                      stop_holdback)
 
 TEXTS = [
     "Hello world! The café serves naïve crème brûlée.",
@@ -218,17 +219,17 @@ def test_python_window_matches_decode_stream(tokenizers, name):
 
 
 def test_find_stop_string():
-    assert find_stop_string("Hello world", 5, ["wor"], False) == ("wor", 6)
-    assert find_stop_string("Hello world", 5, ["wor"], True) == ("wor", 9)
+    assert find_stop_string("Hello world", 5, ["wor"], False) == StopMatch("wor", 6)
+    assert find_stop_string("Hello world", 5, ["wor"], True) == StopMatch("wor", 9)
     # A match starting in old text but completed by the new characters counts ...
-    assert find_stop_string("Hello world", 3, ["o wor"], False) == ("o wor", 4)
+    assert find_stop_string("Hello world", 3, ["o wor"], False) == StopMatch("o wor", 4)
     # ... one entirely in old text was checked before and doesn't.
     assert find_stop_string("Hello world", 2, ["Hell"], False) is None
     assert find_stop_string("Hello world", 0, ["d"], False) is None
     # The earliest start wins, whatever the order of the list; at one start, the shorter one.
-    assert find_stop_string("abcdef", 6, ["de", "bc"], False) == ("bc", 1)
-    assert find_stop_string("abcdef", 6, ["bcd", "bc"], True) == ("bc", 3)
-    assert find_stop_string("x😀y", 2, ["😀"], False) == ("😀", 1)
+    assert find_stop_string("abcdef", 6, ["de", "bc"], False) == StopMatch("bc", 1)
+    assert find_stop_string("abcdef", 6, ["bcd", "bc"], True) == StopMatch("bc", 3)
+    assert find_stop_string("x😀y", 2, ["😀"], False) == StopMatch("😀", 1)
     assert find_stop_string("abc", 3, [], False) is None
 
 
@@ -258,11 +259,11 @@ def test_stop_strings_across_token_boundaries(tokenizers, name):
             output_text += new_text
             match = find_stop_string(output_text, len(new_text), [stop], include)
             if match is not None:
-                output_text = output_text[:match[1]]
+                output_text = output_text[:match.truncate_to]
                 break
             safe = output_text[:len(output_text) - stop_holdback(output_text, [stop])]
             assert safe.startswith(streamed) and stop not in safe
             streamed = safe
         full = tokenizer.decode(output) if name in BYTE_LEVEL else " " + tokenizer.decode(output)
         cut = full.index(stop) + (len(stop) if include else 0)
-        assert match == (stop, cut) and output_text == full[:cut]
+        assert match == StopMatch(stop, cut) and output_text == full[:cut]

@@ -351,7 +351,7 @@ def test_the_original_defect_without_the_range_check_fails_only_its_step(tiny_mo
     path, hf_model = tiny_models("llama")
     vocab_size = hf_model.config.vocab_size
     engine = pressured_llm(path, prefix_caching=True).engine
-    monkeypatch.setattr(engine, "_check_token_ids", lambda *args: None)
+    monkeypatch.setattr(engine.input_processor, "_check_token_ids", lambda *args: None)
     engine.add_request("bad", {"prompt_token_ids": [5, 6, 7]},
                        SamplingParams(stop_token_ids=[vocab_size + 5], min_tokens=1))
     [output] = engine.step()

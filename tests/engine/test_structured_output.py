@@ -2,6 +2,7 @@
 validates, through a real `serval serve` (hundreds of samples, batched with n) and through LLM offline; bad or
 unsupported constraints are 400s naming the field; compiled grammars are cached."""
 import json
+import logging
 import re
 
 import httpx
@@ -9,7 +10,8 @@ import jsonschema
 import pytest
 
 from tests.e2e.server import RemoteServer, tiny_model_dir
-from serval.guard import structured
+from serval.engine import structured_output as structured
+from serval.openai.errors import InvalidArgument
 from serval.sampling_params import SamplingParams, StructuredOutputsParams
 
 MODEL = "tiny"
@@ -26,7 +28,7 @@ PERSON = {"type": "object", "additionalProperties": False, "required": ["name", 
 @pytest.fixture(scope="module")
 def server():
     remote = RemoteServer(["--model", tiny_model_dir(), "--max-model-len", "512", "--served-model-name", MODEL,
-                           "--max-num-seqs", "256"])
+                           "--max-num-seqs", "256", "--max-n", "200"])
     yield remote
     remote.close()
 
@@ -104,8 +106,12 @@ def test_streaming_structured_output(server):
     ({"response_format": {"type": "json_schema"}}, "response_format"),
     ({"structured_outputs": {"regex": "[a-"}}, "structured_outputs"),
     ({"structured_outputs": {"grammar": "root ::= ( \"a\""}}, "structured_outputs"),
-    ({"structured_outputs": {"choice": []}}, "structured_outputs"),
+    ({"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
     ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, None),
+    # Compiles, but past llguidance's limits: refused before the first token, not "stop" with text that
+    # doesn't match.
+    ({"structured_outputs": {"choice": [f"option number {i}" for i in range(10_000)]}}, "structured_outputs"),
+    ({"structured_outputs": {"regex": "a{1000}{1000}"}}, "structured_outputs"),
 ])
 def test_unknown_or_bad_structured_fields_are_400(server, body, param):
     response = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
@@ -141,6 +147,47 @@ def test_min_tokens_cannot_break_a_finished_grammar(llm):
                             structured_outputs=StructuredOutputsParams(choice=["yes", "no"]))
     (output,) = llm.generate(["x"], params, use_tqdm=False)
     assert output.outputs[0].text in ("yes", "no") and output.outputs[0].finish_reason == "stop"
+
+
+TOO_COMPLEX = {"choice-10k": StructuredOutputsParams(choice=[f"option number {i}" for i in range(10_000)]),
+               "regex-a1000-1000": StructuredOutputsParams(regex="a{1000}{1000}")}
+
+
+@pytest.mark.parametrize("name", list(TOO_COMPLEX))
+def test_constraints_past_the_parser_limits_are_refused_before_the_first_token(llm, name, caplog):
+    params = SamplingParams(max_tokens=5, structured_outputs=TOO_COMPLEX[name])
+    for attempt in range(2):  # the second refusal comes from the compiled-grammar cache
+        with caplog.at_level(logging.INFO):
+            with pytest.raises(InvalidArgument, match="too complex for the grammar engine") as error:
+                llm.generate(["x"], params, use_tqdm=False)
+        assert error.value.param == "structured_outputs"
+        assert len(str(error.value)) < 400
+        assert not llm.engine.has_unfinished_requests()
+    # Logged once, naming the grammar by a short hash; no record carries the grammar (100+ KB for the choice).
+    refusals = [r for r in caplog.records if getattr(r, "grammar_sha256", None)]
+    assert len(refusals) == 1 and len(refusals[0].grammar_sha256) == 16
+    assert all(len(r.getMessage()) + len(str(r.__dict__)) < 2000 for r in caplog.records)
+    ok = llm.generate(["x"], SamplingParams(max_tokens=5, structured_outputs=StructuredOutputsParams(choice=["a"])),
+                      use_tqdm=False)
+    assert ok[0].outputs[0].text == "a" and ok[0].outputs[0].finish_reason == "stop"
+
+
+def test_a_limit_hit_during_generation_ends_with_an_error_not_stop(llm, caplog):
+    """The probe at admission walks one path ('0' completes the choice); the sampler, pushed by logit_bias,
+    takes the other ('z', after which 5,000 choices make an Earley row over the limit). The request ends with
+    finish_reason "error" and its text is never reported as a complete match."""
+    z = llm.get_tokenizer().encode("z")[0]
+    choices = ["0"] + [f"z{i}" for i in range(5_000)]
+    params = SamplingParams(temperature=0.0, max_tokens=10, logit_bias={z: 100.0},
+                            structured_outputs=StructuredOutputsParams(choice=choices))
+    with caplog.at_level(logging.INFO):
+        (output,) = llm.generate(["x"], params, use_tqdm=False)
+    assert output.outputs[0].finish_reason == "error"
+    assert output.outputs[0].token_ids == [z]
+    [record] = [r for r in caplog.records if r.getMessage() == "structured output failed during generation"]
+    assert len(record.grammar_sha256) == 16 and "items; max is 2000" in record.error and len(record.error) <= 300
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.get_stats().num_free_blocks == llm.engine.get_stats().num_blocks
 
 
 def test_structured_outputs_params_validation():

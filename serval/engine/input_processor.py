@@ -1,0 +1,139 @@
+"""InputProcessor: a user's request → validated engine Requests (vLLM's InputProcessor).
+
+Tokenizes the prompt, checks every token id the request carries against the vocabulary and the prompt against
+max_model_len, compiles any structured-output constraint (so a constraint the grammar engine can't serve is refused
+here, before the first token), and makes one Request per sample. It touches no engine state, so the caller's thread
+runs it: bad input raises InvalidArgument to the caller, and the engine loop never sees it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from serval.config import EngineConfig
+from serval.engine.request import Request
+from serval.openai.errors import InvalidArgument
+from serval.sampling_params import SamplingParams
+
+# What a prompt may be: text, token ids, or vLLM's dict forms {"prompt": ...} / {"prompt_token_ids": [...]}.
+PromptType = str | list[int] | dict
+
+
+@dataclass
+class TokenizedPrompt:
+    text: str | None  # None when the prompt came as token ids alone
+    token_ids: list[int]
+
+
+@dataclass
+class ProcessedInput:
+    """A validated request: its prompt and one Request per sample."""
+    prompt: TokenizedPrompt
+    requests: list[Request]
+
+
+class InputProcessor:
+    def __init__(self, config: EngineConfig, tokenizer, vocab_size: int, eos_token_id: int | None,
+                 device: torch.device) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.eos_token_id = eos_token_id
+        self.device = device
+        self._grammar_compiler = None
+
+    def process(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                priority: int = 0, arrival_time: float | None = None) -> ProcessedInput:
+        """Raises InvalidArgument, naming the body field at fault, for anything the engine can't serve."""
+        params = params or SamplingParams()
+        tokenized = self.tokenize_prompt(prompt)
+        self._validate_prompt(tokenized.token_ids, params)
+        arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        grammars = ([self.grammar_compiler().new_state(params.structured_outputs) for _ in range(params.n)]
+                    if params.structured_outputs is not None else [None] * params.n)
+        requests = [Request(request_id=request_id if params.n == 1 else f"{index}_{request_id}",
+                            prompt_token_ids=tokenized.token_ids, sampling_params=params,
+                            eos_token_id=self.eos_token_id, max_model_len=self.config.max_model_len,
+                            prompt=tokenized.text, priority=priority, arrival_time=arrival_time,
+                            parent_request_id=request_id, index=index, grammar=grammars[index],
+                            generator=(torch.Generator(device=self.device).manual_seed(params.seed + index)
+                                       if params.seed is not None else None))
+                    for index in range(params.n)]
+        return ProcessedInput(tokenized, requests)
+
+    def tokenize_prompt(self, prompt: PromptType) -> TokenizedPrompt:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                token_ids = prompt["prompt_token_ids"]
+                if not isinstance(token_ids, (list, tuple)):
+                    raise InvalidArgument("prompt", f"invalid prompt_token_ids of type {type(token_ids).__name__}: "
+                                                    "allowed a list of token ids")
+                return TokenizedPrompt(prompt.get("prompt"), list(token_ids))
+            if "prompt" not in prompt:
+                raise InvalidArgument("prompt", f"invalid prompt {prompt!r}: a dict needs 'prompt' or "
+                                                "'prompt_token_ids'")
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidArgument("prompt", "invalid prompt: this engine has no tokenizer, so prompts must be "
+                                                "token ids")
+            return TokenizedPrompt(prompt, self.tokenizer.encode(prompt))
+        if isinstance(prompt, list):
+            return TokenizedPrompt(None, list(prompt))
+        raise InvalidArgument("prompt", f"invalid prompt of type {type(prompt).__name__}: allowed str, list of "
+                                        "token ids, {'prompt': str} or {'prompt_token_ids': [...]}")
+
+    def grammar_compiler(self):
+        """serval.engine.structured_output.GrammarCompiler for this engine's tokenizer, made on first use
+        (llguidance loads only when a request asks for structured output)."""
+        if self._grammar_compiler is None:
+            if self.tokenizer is None:
+                raise InvalidArgument("structured_outputs", "invalid sampling parameter structured_outputs: "
+                                                            "constrained decoding needs a tokenizer")
+            from serval.engine.structured_output import GrammarCompiler
+            self._grammar_compiler = GrammarCompiler(self.tokenizer)
+        return self._grammar_compiler
+
+    # ---- validation ----
+    def _validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise InvalidArgument("prompt", "invalid prompt: it is empty; allowed: at least one token")
+        self._check_token_ids(token_ids, params)
+        limit = self.config.max_model_len
+        if len(token_ids) >= limit:
+            raise InvalidArgument("prompt", f"invalid prompt: it has {len(token_ids)} tokens, but max_model_len is "
+                                            f"{limit}; allowed at most {limit - 1} prompt tokens so that one can be "
+                                            "generated")
+        if self.tokenizer is None and params.stop:
+            raise InvalidArgument("stop", "invalid sampling parameter stop: stop strings need a tokenizer")
+
+    def _check_token_ids(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Every token id the request carries must index the vocabulary: the sampler indexes the logits with
+        them, and one out of range there fails the whole step."""
+        vocab_size = self.vocab_size
+        bad = [t for t in prompt_token_ids if not _is_token_id(t, vocab_size)]
+        if bad:
+            raise InvalidArgument("prompt",
+                                  f"invalid prompt token ids {bad[:5]}: allowed integers in [0, {vocab_size})")
+        for param, token_ids in _sampling_token_ids(params):
+            bad = [t for t in token_ids if not _is_token_id(t, vocab_size)]
+            if bad:
+                raise InvalidArgument(param, f"invalid sampling parameter {param}={bad[:5]}: allowed token ids in "
+                                             f"[0, {vocab_size})")
+
+
+def _is_token_id(value, vocab_size: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab_size
+
+
+def _sampling_token_ids(params: SamplingParams) -> list[tuple[str, list]]:
+    """(OpenAI body field, token ids) for every token id the sampling parameters carry."""
+    fields = [("stop_token_ids", params.stop_token_ids or []), ("logit_bias", list(params.logit_bias or ()))]
+    for name in ("allowed_token_ids", "bad_words_token_ids"):  # vLLM's, once SamplingParams carries them
+        token_ids = getattr(params, name, None)
+        if token_ids:
+            fields.append((name, [t for group in token_ids for t in group] if name == "bad_words_token_ids"
+                           else list(token_ids)))
+    return fields

@@ -1,0 +1,239 @@
+"""OutputProcessor: what the model sampled → what the user sees (vLLM v1's output processor).
+
+The engine core emits token ids; this module owns everything after: appending them to their requests, stop checks
+(EOS and stop token ids, stop strings, a completed or failed grammar, the length limits), detokenization, logprobs
+with their decoded tokens, and building each request's cumulative RequestOutput. It keeps the frontend state of
+every live request (RequestState, one SequenceState per sample) so that Request holds engine state only.
+
+A step is processed in two calls, because a finished sequence's output carries the time the scheduler finished it:
+process_step() decides which sequences finish and with what status, the engine finishes them in the scheduler,
+then make_outputs() builds the outputs.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from serval.engine.detokenizer import IncrementalDetokenizer, find_stop_string, stop_holdback
+from serval.engine.request import Request, RequestStatus
+from serval.openai.errors import InvalidArgument
+from serval.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestMetrics, RequestOutput, SampleLogprobs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class SequenceState:
+    """One sample's frontend state: its text so far and the rest of its CompletionOutput."""
+    request: Request
+    detokenizer: IncrementalDetokenizer | None
+    text: str = ""
+    logprobs: SampleLogprobs | None = None
+    cumulative_logprob: float = 0.0
+    stop_reason: int | str | None = None
+    # Set by process_step when the sequence is to finish; the engine then finishes it in the scheduler.
+    status: RequestStatus | None = None
+
+
+@dataclass(eq=False)
+class RequestState:
+    """One user request as the engine accepted it: one prompt, n samples (each its own Request)."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    sequences: list[SequenceState]
+    prompt_logprobs: PromptLogprobs | None = None
+    # False: reported only once every sample has finished (vLLM's FINAL_ONLY output kind). Offline generation
+    # needs nothing else, and building a RequestOutput for every running request every step is host time the
+    # GPU waits for.
+    stream: bool = True
+
+    @property
+    def requests(self) -> list[Request]:
+        return [sequence.request for sequence in self.sequences]
+
+    @property
+    def finished(self) -> bool:
+        return all(sequence.status is not None for sequence in self.sequences)
+
+
+@dataclass
+class StepUpdate:
+    """What a step changed: the sequences to finish (their status set) and the requests to report."""
+    finished: list[SequenceState] = field(default_factory=list)
+    to_report: list[RequestState] = field(default_factory=list)
+
+
+@dataclass
+class SampledToken:
+    """One request's result from a step: its new token (None mid-prompt), and the logprobs asked for."""
+    token_id: int | None
+    logprobs: dict[int, Logprob] | None
+    prompt_logprobs: list[dict[int, Logprob]] | None
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.request_states: dict[str, RequestState] = {}
+        self.num_generation_tokens = 0
+
+    def new_request_state(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                          requests: list[Request]) -> RequestState:
+        """The frontend state of a request being admitted. Touches nothing shared: a frontend thread may call it
+        (starting a detokenizer decodes the end of the prompt)."""
+        sequences = []
+        for request in requests:
+            params = request.sampling_params
+            detokenizer = (IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens,
+                                                  params.spaces_between_special_tokens)
+                           if self.tokenizer is not None and params.detokenize else None)
+            sequences.append(SequenceState(request, detokenizer, logprobs=[] if params.logprobs is not None else None))
+        first = requests[0].sampling_params
+        return RequestState(request_id, prompt, prompt_token_ids, sequences,
+                            prompt_logprobs=[None] if first.prompt_logprobs is not None else None)
+
+    def add_request(self, state: RequestState) -> None:
+        if state.request_id in self.request_states:
+            raise InvalidArgument(None, f"invalid request_id {state.request_id!r}: a request with this id is "
+                                        "already running")
+        self.request_states[state.request_id] = state
+
+    def remove_request(self, request_id: str) -> RequestState | None:
+        return self.request_states.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.request_states)
+
+    def process_step(self, requests: list[Request], sampled: list[SampledToken], now: float) -> StepUpdate:
+        """Append each request's new token and check its stops. Requests already finished (aborted, or stopped
+        on the previous step's token under asynchronous scheduling) are skipped."""
+        update = StepUpdate()
+        to_report: dict[str, RequestState] = {}
+        for request, result in zip(requests, sampled):
+            state = self.request_states.get(request.parent_request_id)
+            if state is None or request.is_finished:
+                continue
+            if result.prompt_logprobs is not None:
+                request.num_prompt_logprobs_computed += len(result.prompt_logprobs)
+                if request.index == 0:  # every sample computes them; the output has one copy
+                    state.prompt_logprobs.extend(self._decoded(entry) for entry in result.prompt_logprobs)
+            if result.token_id is None:
+                continue
+            sequence = state.sequences[request.index]
+            self._append_token(sequence, result.token_id, result.logprobs, now)
+            if sequence.status is not None:
+                update.finished.append(sequence)
+            if state.stream or sequence.status is not None:
+                to_report[state.request_id] = state
+        update.to_report = [state for state in to_report.values() if state.stream or state.finished]
+        return update
+
+    def fail_requests(self, request_ids: list[str]) -> StepUpdate:
+        """End these requests' unfinished sequences with an error (a step that held them raised)."""
+        update = StepUpdate()
+        for request_id in request_ids:
+            state = self.request_states.get(request_id)
+            if state is None:
+                continue
+            for sequence in state.sequences:
+                if sequence.status is None:
+                    sequence.status = RequestStatus.FINISHED_ERROR
+                    update.finished.append(sequence)
+            update.to_report.append(state)
+        return update
+
+    def make_outputs(self, states: list[RequestState]) -> list[RequestOutput]:
+        """Each state's cumulative RequestOutput; finished requests are forgotten."""
+        outputs = [_request_output(state) for state in states]
+        for state in states:
+            if state.finished:
+                del self.request_states[state.request_id]
+        return outputs
+
+    def _append_token(self, sequence: SequenceState, token_id: int, logprobs: dict[int, Logprob] | None,
+                      now: float) -> None:
+        request = sequence.request
+        request.append_output_token(token_id)
+        self.num_generation_tokens += 1
+        if request.first_token_time is None:
+            request.first_token_time = now
+        request.last_token_time = now
+        if logprobs is not None:
+            sequence.logprobs.append(self._decoded(logprobs))
+            sequence.cumulative_logprob += logprobs[token_id].logprob
+        status = _token_stop(sequence, token_id)
+        # A grammar's last token is part of the output (the closing brace), unlike EOS or a stop token: it is
+        # detokenized before the grammar's status applies.
+        grammar_status = _grammar_status(request, token_id) if status is None and request.grammar is not None else None
+        if grammar_status == RequestStatus.FINISHED_ERROR:
+            sequence.status = grammar_status
+            return
+        params = request.sampling_params
+        if sequence.detokenizer is not None and (status is None or params.include_stop_str_in_output):
+            new_text = sequence.detokenizer.push([token_id])
+            sequence.text += new_text
+            if status is None and params.stop and request.num_output_tokens > params.min_tokens:
+                match = find_stop_string(sequence.text, len(new_text), params.stop, params.include_stop_str_in_output)
+                if match is not None:
+                    sequence.stop_reason = match.stop
+                    sequence.text = sequence.text[:match.truncate_to]
+                    status = RequestStatus.FINISHED_STOPPED
+        status = status or grammar_status
+        if status is None and (request.num_output_tokens >= request.max_tokens
+                               or request.num_tokens >= request.max_model_len):
+            status = RequestStatus.FINISHED_LENGTH
+        sequence.status = status
+
+    def _decoded(self, logprobs: dict[int, Logprob]) -> dict[int, Logprob]:
+        if self.tokenizer is not None:
+            for token_id, logprob in logprobs.items():
+                logprob.decoded_token = self.tokenizer.decode([token_id])
+        return logprobs
+
+
+def _token_stop(sequence: SequenceState, token_id: int) -> RequestStatus | None:
+    """EOS and stop token ids end a request once min_tokens are out (the sampler masks them before)."""
+    request = sequence.request
+    params = request.sampling_params
+    if request.num_output_tokens <= params.min_tokens:  # the sampler masked them for these
+        return None
+    if token_id == request.eos_token_id and not params.ignore_eos:
+        return RequestStatus.FINISHED_STOPPED
+    if token_id in params.stop_token_ids:
+        sequence.stop_reason = token_id
+        return RequestStatus.FINISHED_STOPPED
+    return None
+
+
+def _grammar_status(request: Request, token_id: int) -> RequestStatus | None:
+    """Advance the grammar: STOPPED when structured output is complete (nothing but EOS could follow), ERROR when
+    the grammar could not take the token (a parser limit hit on this path: the text would no longer match)."""
+    grammar = request.grammar
+    if grammar.advance(token_id):
+        return RequestStatus.FINISHED_STOPPED if grammar.terminated else None
+    logger.error("structured output failed during generation", extra={
+        "request_id": request.request_id, "token_id": token_id, "grammar_sha256": grammar.digest,
+        "error": grammar.error})
+    return RequestStatus.FINISHED_ERROR
+
+
+def _request_output(state: RequestState) -> RequestOutput:
+    completions = []
+    for sequence in state.sequences:
+        params = sequence.request.sampling_params
+        text = sequence.text
+        if sequence.status is None and params.stop:
+            text = text[:len(text) - stop_holdback(text, params.stop)]
+        completions.append(CompletionOutput(
+            index=sequence.request.index, text=text, token_ids=list(sequence.request.output_token_ids),
+            cumulative_logprob=sequence.cumulative_logprob if params.logprobs is not None else None,
+            logprobs=sequence.logprobs, finish_reason=sequence.status.value if sequence.status else None,
+            stop_reason=sequence.stop_reason))
+    first = state.sequences[0].request
+    metrics = RequestMetrics(arrival_time=first.arrival_time, first_scheduled_time=first.first_scheduled_time,
+                             first_token_time=first.first_token_time, last_token_time=first.last_token_time,
+                             finished_time=first.finished_time, num_cached_tokens=max(first.num_cached_tokens, 0))
+    return RequestOutput(request_id=state.request_id, prompt=state.prompt, prompt_token_ids=state.prompt_token_ids,
+                         prompt_logprobs=state.prompt_logprobs, outputs=completions, finished=state.finished,
+                         metrics=metrics, num_cached_tokens=metrics.num_cached_tokens)

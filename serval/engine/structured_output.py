@@ -1,0 +1,227 @@
+"""Structured output by constrained decoding: StructuredOutputsParams → llguidance grammar → per-request matcher,
+and the token bitmask the sampler applies.
+
+llguidance rather than xgrammar: it has no dependencies (xgrammar pulls in triton), installs offline as one
+3 MB wheel, and takes JSON schema, regex, Lark and GBNF/EBNF grammars. Compiling a grammar against a
+vocabulary is the expensive step (milliseconds for a schema; the tokenizer itself ~0.5 s), so the engine keeps a
+GrammarCompiler: the LLTokenizer built once, and one compiled matcher per constraint, deep-copied per request.
+
+A constraint can compile and still exceed llguidance's parser limits (ParserLimits: a choice of 10,000 strings makes
+an Earley row of 10,001 items, over max_items_in_row; `a{1000}{1000}` runs the lexer out of fuel), and llguidance
+reports that only when a token is consumed, by putting the matcher in an error state. So a new constraint is
+probed when it is compiled: a few tokens are fed along one allowed path, and a limit hit there refuses the request
+before its first token. A limit hit later, on another path, ends the request with an error (finish_reason
+"error"), never with a "stop" whose text doesn't match. Errors carry no grammar (verbose_errors off) and logs name
+a grammar by a short sha256, as grammars can be hundreds of kilobytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import llguidance
+import llguidance.hf
+import numpy as np
+import torch
+
+from serval.openai.errors import InvalidArgument
+from serval.sampling_params import StructuredOutputsParams
+
+logger = logging.getLogger(__name__)
+
+# Compact JSON: no free whitespace between tokens. With flexible whitespace a weak (or random) model can emit
+# whitespace forever; vLLM offers the same choice as disable_any_whitespace.
+JSON_OPTIONS = {"whitespace_flexible": False}
+GRAMMAR_CACHE_SIZE = 256
+# Tokens fed along one allowed path when a constraint is first compiled. The limits found so far trip on the
+# first token; a few more cost a few bitmasks (milliseconds), once per distinct constraint.
+PROBE_TOKENS = 4
+# The OpenAI body field a constraint came from. response_format's json_schema/json_object reach SamplingParams as
+# the same StructuredOutputsParams as structured_outputs' json/json_object, so the field can't be told apart here.
+PARAM = "structured_outputs"
+
+# llguidance's thread pool for filling bitmasks: process-wide, like torch's intra-op pool, and stateless.
+_executor: llguidance.LLExecutor | None = None
+
+
+def _limits() -> llguidance.LLParserLimits:
+    # llguidance's default limits; verbose_errors off so that an error never carries the grammar or parser state.
+    return llguidance.LLParserLimits(verbose_errors=False)
+
+
+def grammar_digest(grammar: str) -> str:
+    """What logs call a grammar: the first 16 hex digits of its sha256."""
+    return hashlib.sha256(grammar.encode()).hexdigest()[:16]
+
+
+@dataclass(eq=False)
+class GrammarState:
+    """One request's position in its grammar (lives on Request.grammar; advanced by the engine per token)."""
+    matcher: llguidance.LLMatcher
+    vocab_size: int  # the tokenizer's: the bitmask's width in bits
+    digest: str = ""  # grammar_digest of its grammar, for logs
+
+    @property
+    def error(self) -> str:
+        """llguidance's error, first lines only; empty while the matcher is fine."""
+        return _first_line(self.matcher.get_error()) if self.matcher.is_error() else ""
+
+    def advance(self, token_id: int) -> bool:
+        """Consume an accepted token; False if the grammar rejected it (the matcher is then in error)."""
+        return self.matcher.consume_token(token_id)
+
+    @property
+    def terminated(self) -> bool:
+        """Nothing but end-of-sequence may follow: the output is complete."""
+        return self.matcher.is_stopped()
+
+
+def grammar_spec(params: StructuredOutputsParams) -> tuple[str, str]:
+    """(kind, llguidance grammar text). Raises InvalidArgument for a malformed constraint."""
+    kind = params.kind
+    if kind == "json":
+        schema = params.json
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as error:
+                raise InvalidArgument(PARAM, "invalid sampling parameter structured_outputs.json: not valid JSON "
+                                             f"({error})")
+        if not isinstance(schema, dict):
+            raise InvalidArgument(PARAM, "invalid sampling parameter structured_outputs.json: allowed a JSON schema "
+                                         f"object, got {type(schema).__name__}")
+        return kind, llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+    if kind == "json_object":
+        return kind, llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
+    if kind == "regex":
+        return kind, llguidance.LLMatcher.grammar_from_regex(params.regex)
+    if kind == "choice":
+        return kind, llguidance.grammar_from("choice", list(params.choice))
+    try:
+        return kind, llguidance.grammar_from("ebnf", params.grammar)
+    except ValueError as error:
+        raise InvalidArgument(PARAM, f"invalid sampling parameter structured_outputs.grammar: {error}") from error
+
+
+class GrammarCompiler:
+    """Compiles constraints against one tokenizer's vocabulary, with an LRU cache of compiled matchers. The
+    engine owns one; the server's threads may use it concurrently (tokenizing and validating happen there)."""
+
+    def __init__(self, tokenizer, cache_size: int = GRAMMAR_CACHE_SIZE) -> None:
+        self.tokenizer = tokenizer
+        self.cache_size = cache_size
+        self._ll_tokenizer: llguidance.LLTokenizer | None = None
+        # (kind, sha256 of the grammar) -> the prototype matcher, or the message of the refusal.
+        self._compiled: OrderedDict[tuple[str, str], llguidance.LLMatcher | str] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def ll_tokenizer(self) -> llguidance.LLTokenizer:
+        """The llguidance view of the HF fast tokenizer (from tokenizer.json or rebuilt from a GGUF), built once."""
+        if self._ll_tokenizer is None:
+            built = llguidance.hf.from_tokenizer(self.tokenizer)
+            with self._lock:
+                if self._ll_tokenizer is None:
+                    self._ll_tokenizer = built
+        return self._ll_tokenizer
+
+    def new_state(self, params: StructuredOutputsParams) -> GrammarState:
+        kind, grammar = grammar_spec(params)
+        return GrammarState(self._matcher(kind, grammar), self.ll_tokenizer.vocab_size, grammar_digest(grammar))
+
+    def compile(self, params: StructuredOutputsParams) -> llguidance.LLMatcher:
+        return self._matcher(*grammar_spec(params))
+
+    def _matcher(self, kind: str, grammar: str) -> llguidance.LLMatcher:
+        """A fresh matcher for one request. Raises InvalidArgument ('invalid sampling parameter
+        structured_outputs.<kind>: ...') when the constraint does not compile or exceeds the parser's limits;
+        repeats (refusals too) cost a dictionary lookup and, when accepted, a deep copy."""
+        key = (kind, hashlib.sha256(grammar.encode()).hexdigest())  # grammars can be 100s of KB: keep their hash
+        with self._lock:
+            compiled = self._compiled.get(key)
+            if compiled is not None:
+                self._compiled.move_to_end(key)
+                self.hits += 1
+        if compiled is None:
+            compiled = self._compile_new(kind, grammar)
+            with self._lock:
+                self.misses += 1
+                self._compiled[key] = compiled
+                while len(self._compiled) > self.cache_size:
+                    self._compiled.popitem(last=False)
+        if isinstance(compiled, str):
+            raise InvalidArgument(PARAM, compiled)
+        return compiled.deep_copy()
+
+    def _compile_new(self, kind: str, grammar: str) -> llguidance.LLMatcher | str:
+        """The prototype matcher, or the refusal's message."""
+        prototype = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0, limits=_limits())
+        if prototype.is_error():
+            return f"invalid sampling parameter structured_outputs.{kind}: {_first_line(prototype.get_error())}"
+        error = probe(prototype, self.ll_tokenizer.vocab_size, self.ll_tokenizer.eos_token)
+        if error:
+            logger.warning("structured output constraint exceeds the grammar engine's limits",
+                           extra={"grammar_sha256": grammar_digest(grammar), "kind": kind, "error": error})
+            return (f"invalid sampling parameter structured_outputs.{kind}: the constraint is too complex for the "
+                    f"grammar engine ({error})")
+        return prototype
+
+
+def probe(prototype: llguidance.LLMatcher, vocab_size: int, eos_token_id: int) -> str:
+    """Feed a copy of the matcher up to PROBE_TOKENS tokens along one allowed path (the lowest allowed id that
+    isn't EOS at each step); llguidance's error if it hits one, else ""."""
+    matcher = prototype.deep_copy()
+    for _ in range(PROBE_TOKENS):
+        if matcher.is_stopped():
+            return ""
+        allowed = allowed_mask(fill_bitmask([matcher], vocab_size), vocab_size)[0]
+        if matcher.is_error():
+            return _first_line(matcher.get_error())
+        allowed[eos_token_id] = False
+        candidates = allowed.nonzero()
+        if not len(candidates):
+            return ""  # only the end may follow
+        if not matcher.consume_token(int(candidates[0])):
+            return _first_line(matcher.get_error())
+    return ""
+
+
+def fill_bitmask(matchers: list[llguidance.LLMatcher], vocab_size: int) -> torch.Tensor:
+    """int32 [len(matchers), ceil(vocab/32)]: bit j of word w allows token 32*w + j. Matchers run in parallel."""
+    global _executor
+    if _executor is None:
+        _executor = llguidance.LLExecutor()
+    words = (vocab_size + 31) // 32
+    bitmask = torch.full((len(matchers), words), -1, dtype=torch.int32)
+    _executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bitmask.data_ptr(), words * 4,
+                                      len(matchers))
+    return bitmask
+
+
+def allowed_mask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """bool [B, vocab_size] from an int32 bitmask; tokens past the tokenizer's vocabulary (padding rows of
+    the embedding) are never allowed."""
+    return ~disallowed_mask(bitmask, vocab_size)
+
+
+def disallowed_mask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """bool [B, vocab_size], True where the token is not allowed: what masked_fill wants, in one unpack (numpy's
+    unpackbits is one pass over the bytes; shifting int32 words by 0..31 in torch makes 32 passes)."""
+    inverted = (~bitmask).contiguous().numpy().view(np.uint8)  # little-endian words: bit j of byte k = token 8k+j
+    # unpackbits gives 0/1 bytes, which is torch.bool's representation: a view, no conversion pass.
+    bits = torch.from_numpy(np.unpackbits(inverted, axis=1, bitorder="little")).view(torch.bool)
+    if bits.shape[1] >= vocab_size:
+        return bits[:, :vocab_size]
+    return torch.nn.functional.pad(bits, (0, vocab_size - bits.shape[1]), value=True)
+
+
+def _first_line(message: str) -> str:
+    """The message's first lines, joined, at most 300 characters: llguidance's errors can quote a whole grammar."""
+    lines = [line.strip() for line in message.strip().splitlines()[:3] if line.strip() != "<non-verbose/>"]
+    return " ".join(lines)[:300]

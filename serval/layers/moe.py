@@ -1,0 +1,134 @@
+"""Sparse mixture-of-experts feed-forward (Shazeer et al., 2017; Fedus et al., 2021): a router picks k of E SwiGLU
+experts per token and the block returns their outputs weighted by the router's scores.
+
+    logits = gate(x);  (weights, experts) = route(logits);  out = sum_j weights_j * expert_j(x)  [+ shared expert]
+
+Routing is per family (`softmax_top_k`): Mixtral takes the softmax over all experts, keeps the top k and
+renormalizes them to sum to one; Qwen2-MoE and Qwen3-MoE do the same but renormalize only when the config's
+`norm_topk_prob` says so (false by default in Qwen2-MoE, true in Qwen3-MoE's checkpoints). Qwen2-MoE adds a shared
+expert every token goes through, scaled by sigmoid(shared_expert_gate(x)).
+
+The experts' weights are stacked, as transformers 5 keeps them: `gate_up_proj` [E, 2 * I, H] (gate rows, then up
+rows) and `down_proj` [E, H, I]. Which implementation computes them is chosen here, as Attention chooses its
+backend: the fused Triton kernel on CUDA (serval.kernels.triton_moe: tokens grouped by expert, two grouped
+GEMMs), `fused_experts_reference` (a loop over experts) elsewhere; SERVAL_MOE_BACKEND=torch|triton overrides, e.g.
+to run the kernel in Triton's interpreter on CPU (TRITON_INTERPRET=1).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from serval.layers.mlp import GatedMLP
+
+_BACKENDS = ("torch", "triton")
+
+
+@dataclass
+class ExpertRouting:
+    """Which experts each token goes to, and with what weight."""
+    weights: torch.Tensor  # [T, k] float32
+    expert_ids: torch.Tensor  # [T, k] int64
+
+    @property
+    def top_k(self) -> int:
+        return self.expert_ids.shape[-1]
+
+
+def softmax_top_k(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> ExpertRouting:
+    """The k largest of softmax(logits) in float32 (ties to the lower expert id, as torch.topk), optionally
+    rescaled to sum to one. Mixtral: renormalize=True; Qwen2/3-MoE: renormalize=config.norm_topk_prob."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, expert_ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return ExpertRouting(weights, expert_ids)
+
+
+def fused_experts_reference(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                            routing: ExpertRouting) -> torch.Tensor:
+    """sum_j weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = expert_ids[t, j]: the reference the kernel
+    is tested against and what CPU runs. Each expert's product is rounded to the model dtype, weighted in float32
+    and summed in float32, as the kernel does."""
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    for expert in torch.unique(routing.expert_ids).tolist():
+        tokens, slots = torch.nonzero(routing.expert_ids == expert, as_tuple=True)
+        gate, up = F.linear(hidden[tokens], gate_up_proj[expert]).chunk(2, dim=-1)
+        expert_out = F.linear(F.silu(gate) * up, down_proj[expert])
+        out.index_add_(0, tokens, expert_out.float() * routing.weights[tokens, slots, None])
+    return out.to(hidden.dtype)
+
+
+class FusedMoE(nn.Module):
+    """E SwiGLU experts with stacked weights; forward(x, routing) -> the routed, weighted sum [T, H]."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size),
+                                         requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size), requires_grad=False)
+        self._backend = None  # chosen on the first call, when the device is known
+
+    def shard(self, param: torch.Tensor, shard: tuple[int, str]) -> torch.Tensor:
+        """The part of a stacked weight that one checkpoint tensor fills: (expert, "gate" | "up" | "down")."""
+        expert, projection = shard
+        if projection == "down":
+            return param[expert]
+        offset = 0 if projection == "gate" else self.intermediate_size
+        return param[expert].narrow(0, offset, self.intermediate_size)
+
+    def shard_names(self, param_name: str) -> list[tuple[int, str]]:
+        projections = ("down",) if param_name == "down_proj" else ("gate", "up")
+        return [(expert, projection) for expert in range(self.num_experts) for projection in projections]
+
+    def forward(self, hidden: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
+        if self._backend is None:
+            self._backend = moe_backend(hidden.device)
+        return self._backend(hidden, self.gate_up_proj, self.down_proj, routing)
+
+
+def moe_backend(device: torch.device):
+    """The function computing the experts on this device (see the module docstring)."""
+    name = os.environ.get("SERVAL_MOE_BACKEND") or ("triton" if device.type == "cuda" else "torch")
+    if name not in _BACKENDS:
+        raise ValueError(f"invalid SERVAL_MOE_BACKEND={name!r}: allowed {list(_BACKENDS)}")
+    if name == "torch":
+        return fused_experts_reference
+    from serval.kernels import triton_moe  # imports triton, which CPU-only installs may lack
+    return triton_moe.fused_experts
+
+
+class SparseMoeBlock(nn.Module):
+    """Router, routed experts and (Qwen2-MoE) a shared expert with a sigmoid gate. Module names follow the
+    Hugging Face checkpoints: gate, experts, shared_expert, shared_expert_gate."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int, renormalize: bool,
+                 shared_expert_intermediate_size: int = 0, weights_in_model_dtype: bool = False) -> None:
+        super().__init__()
+        self.top_k, self.renormalize = top_k, renormalize
+        # Qwen's routers round the top-k weights to the model dtype; Mixtral's keep them in float32.
+        self.weights_in_model_dtype = weights_in_model_dtype
+        # The router and the shared expert's gate are plain nn.Linear: they stay in the model dtype under
+        # quantization (their widths, E and 1, are no GEMM shapes worth quantizing).
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.experts = FusedMoE(num_experts, hidden_size, intermediate_size)
+        self.shared_expert = (GatedMLP(hidden_size, shared_expert_intermediate_size, "silu")
+                              if shared_expert_intermediate_size else None)
+        self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if shared_expert_intermediate_size else None
+
+    def route(self, hidden: torch.Tensor) -> ExpertRouting:
+        routing = softmax_top_k(self.gate(hidden), self.top_k, self.renormalize)
+        if self.weights_in_model_dtype and hidden.dtype != torch.float32:
+            routing.weights = routing.weights.to(hidden.dtype).float()
+        return routing
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.experts(hidden, self.route(hidden))
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(hidden)) * self.shared_expert(hidden)
+        return out

@@ -1,0 +1,129 @@
+"""The fused-MoE Triton kernel against its torch reference (serval.layers.moe.fused_experts_reference, a loop over
+experts): random, skewed (every token to the same experts) and sparse routings (most experts empty), batch sizes
+1 to 512, float32 and half precision; in Triton's interpreter on CPU, compiled on a GPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from serval.kernels import triton_moe  # noqa: E402
+from serval.layers.moe import ExpertRouting, fused_experts_reference, softmax_top_k  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Absolute tolerance in units of the output's largest value: bfloat16's 8 bits of mantissa, rounded after each of
+# the two GEMMs and the SwiGLU (at different points than the reference's F.linear), leave a few units in the last
+# place of the largest outputs.
+RELATIVE_ATOL = {torch.float32: 1e-6, torch.float16: 2 ** -9, torch.bfloat16: 2 ** -5}
+
+
+def expert_weights(num_experts: int, hidden: int, intermediate: int, dtype: torch.dtype, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    gate_up = torch.randn(num_experts, 2 * intermediate, hidden, generator=generator) * hidden ** -0.5
+    down = torch.randn(num_experts, hidden, intermediate, generator=generator) * intermediate ** -0.5
+    return gate_up.to(DEVICE, dtype), down.to(DEVICE, dtype)
+
+
+def random_routing(num_tokens: int, num_experts: int, top_k: int, seed: int = 0) -> ExpertRouting:
+    generator = torch.Generator().manual_seed(seed)
+    routing = softmax_top_k(torch.randn(num_tokens, num_experts, generator=generator), top_k, renormalize=True)
+    return ExpertRouting(routing.weights.to(DEVICE), routing.expert_ids.to(DEVICE))
+
+
+def fixed_routing(expert_ids: torch.Tensor, seed: int = 0) -> ExpertRouting:
+    generator = torch.Generator().manual_seed(seed)
+    weights = torch.rand(expert_ids.shape, generator=generator)
+    return ExpertRouting(weights.to(DEVICE), expert_ids.to(DEVICE))
+
+
+def check(routing: ExpertRouting, num_experts: int, hidden: int, intermediate: int, dtype: torch.dtype,
+          config: triton_moe.MoeKernelConfig | None = None) -> None:
+    gate_up, down = expert_weights(num_experts, hidden, intermediate, dtype)
+    x = torch.randn(routing.expert_ids.shape[0], hidden, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    expected = fused_experts_reference(x.cpu(), gate_up.cpu(), down.cpu(),
+                                       ExpertRouting(routing.weights.cpu(), routing.expert_ids.cpu()))
+    got = triton_moe.fused_experts(x, gate_up, down, routing, config)
+    assert got.dtype == dtype and got.shape == x.shape
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(got.cpu(), expected, atol=RELATIVE_ATOL[dtype] * scale, rtol=1e-2)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 2, 7, 33, 512])
+def test_random_routing_float32(num_tokens):
+    # 512 tokens: more than the experts, so the default configuration's larger M tile runs too.
+    check(random_routing(num_tokens, 8, 2, seed=num_tokens), 8, 32, 24 if num_tokens < 512 else 16, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("num_tokens", [1, 19, 512])
+def test_random_routing_half_precision(dtype, num_tokens):
+    check(random_routing(num_tokens, 4, 2, seed=num_tokens), 4, 32, 16, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_skewed_routing_every_token_to_the_same_experts(dtype):
+    """All 64 tokens to expert 5 (first choice) and 2: two full experts, six empty; many M blocks of one expert."""
+    expert_ids = torch.tensor([[5, 2]] * 64)
+    check(fixed_routing(expert_ids), 8, 32, 16, dtype)
+
+
+def test_empty_experts_and_odd_widths():
+    """Only experts 0 and 7 of 8 used, top-3 with repeated picks across tokens; widths that are no multiple of any
+    tile (hidden 40, intermediate 20), so every mask matters."""
+    expert_ids = torch.tensor([[0, 7, 3], [7, 0, 3], [3, 0, 7], [0, 3, 7], [7, 3, 0]])
+    check(fixed_routing(expert_ids, seed=2), 8, 40, 20, torch.float32)
+
+
+@pytest.mark.parametrize("block_m,group_m", [(16, 1), (32, 4), (64, 8)])
+def test_every_tile_shape_gives_the_same_result(block_m, group_m):
+    """A tuned table may pick any configuration; all must compute the same thing (here T > and < E * block_m)."""
+    config = triton_moe.MoeKernelConfig(block_m=block_m, block_n=32, block_k=32, group_m=group_m, num_warps=4,
+                                        num_stages=2)
+    check(random_routing(45, 6, 2, seed=3), 6, 48, 40, torch.float32, config)
+
+
+def test_alignment_groups_slots_by_expert_in_blocks():
+    expert_ids = torch.tensor([[2, 0], [2, 1], [0, 2]])
+    blocks = triton_moe.align_by_expert(expert_ids, num_experts=4, block_m=4)
+    padding = expert_ids.numel()
+    # Expert 0: slots 1, 4; expert 1: slot 3; expert 2: slots 0, 2, 5; expert 3: none; each run padded to 4.
+    assert blocks.sorted_slots.tolist()[:12] == [1, 4, padding, padding, 3, padding, padding, padding,
+                                                 0, 2, 5, padding]
+    assert blocks.num_padded.tolist() == [12]
+    assert blocks.block_experts.tolist()[:3] == [0, 1, 2]
+    # The static bound: cdiv(6, 4) + min(4, 6) = 6 blocks, the ones past num_padded unused (and unwritten).
+    assert len(blocks.block_experts) == 6 and len(blocks.sorted_slots) == 24
+
+
+def test_config_table_nearest_batch_size_and_default(tmp_path):
+    table = {1: triton_moe.MoeKernelConfig(16, 32, 64, 1, 4, 3), 64: triton_moe.MoeKernelConfig(64, 64, 32, 8, 8, 4)}
+    path = tmp_path / triton_moe.config_file_name(8, 64, 32, "NVIDIA H200")
+    path.write_text(triton_moe.config_table_json(table))
+    read = triton_moe._load_table(str(path))
+    assert read == table
+    assert triton_moe.pick_config(read, 40, 8) == table[64] and triton_moe.pick_config(read, 2, 8) == table[1]
+    assert triton_moe.pick_config(None, 40, 8) == triton_moe.default_config(40, 8)
+    # No table for a CPU device: the default.
+    assert triton_moe.get_config(8, 64, 32, 40, torch.device("cpu")) == triton_moe.default_config(40, 8)
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,block_m", [(600, 8, 16), (3, 128, 16), (700, 5, 64)])
+def test_alignment_of_random_routings(num_tokens, num_experts, block_m):
+    """Every slot exactly once, in slot order within its expert, each block of one expert; more slots than one
+    chunk of the kernel's scan (1024) in the first case, many experts unused in the second."""
+    generator = torch.Generator().manual_seed(num_tokens)
+    expert_ids = torch.randint(0, num_experts, (num_tokens, 2), generator=generator)
+    blocks = triton_moe.align_by_expert(expert_ids.to(DEVICE), num_experts, block_m)
+    flat = expert_ids.flatten()
+    used = blocks.num_padded.item()
+    slots = blocks.sorted_slots[:used].cpu().view(-1, block_m)
+    block_experts = blocks.block_experts[:used // block_m].cpu()
+    real = slots < flat.numel()
+    assert sorted(slots[real].tolist()) == list(range(flat.numel()))
+    assert torch.equal(flat[slots[real]], block_experts[:, None].expand_as(slots)[real])
+    for expert in range(num_experts):
+        mine = slots[(block_experts == expert)[:, None].expand_as(slots) & real]
+        assert torch.equal(mine, torch.nonzero(flat == expert).flatten().to(mine.dtype))
+    counts = torch.bincount(flat, minlength=num_experts)
+    assert used == int(((counts + block_m - 1) // block_m * block_m).sum())
