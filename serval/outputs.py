@@ -1,7 +1,7 @@
 """Output objects, shaped like vLLM's so users switching engines keep their code."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass

@@ -175,7 +175,7 @@ class LLMEngine:
         update = self.output_processor.fail_requests(request_ids)
         for sequence in update.finished:
             # Blocks this step wrote may hold garbage K/V: no later request may hit them.
-            forget_cached_blocks(self.kv_cache, sequence.request)
+            self.kv_cache.uncache(sequence.request)
         return self._finish(update)
 
     def get_stats(self) -> EngineStats:
@@ -235,13 +235,6 @@ class LLMEngine:
             if not self.kv_cache.allocate(request, 1):
                 return None  # out of blocks: the synchronous step will preempt
         return self.runner.launch_decode(following, previous=current)
-
-
-def forget_cached_blocks(kv_cache: KVCacheManager, request: Request) -> None:
-    """Drop the request's blocks from the prefix cache (they stay allocated until freed)."""
-    # KVCacheManager has no public method for this yet (its owner is asked for one): its eviction helper.
-    for block_id in request.block_ids:
-        kv_cache._evict(block_id)
 
 
 def _checkpoint_dtype(model_path: str) -> torch.dtype | None:

@@ -139,6 +139,12 @@ class KVCacheManager:
             del self.free_queue[block_id]
         block.ref_count += 1
 
+    def uncache(self, request: Request) -> None:
+        """Forget the request's blocks in the prefix cache (a failed step may have written bad K/V into them);
+        they stay allocated to it until freed."""
+        for block_id in request.block_ids:
+            self._evict(block_id)
+
     def _evict(self, block_id: int) -> None:
         block = self.blocks[block_id]
         if block.block_hash is not None:
