@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT_S,
                        help="seconds SIGTERM/SIGINT waits for requests in flight (new ones get 503) before ending "
                             "the rest with an error event; then the process exits 0")
+    serve.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help='parse tool calls from the output when tool_choice is "auto" (needs --tool-call-parser)')
+    serve.add_argument("--tool-call-parser", default=None,
+                       help="tool call format: hermes, llama3_json, mistral, pythonic, qwen3_xml, qwen3_coder")
+    serve.add_argument("--reasoning-parser", default=None, help="think-section format: qwen3, deepseek_r1")
     serve.add_argument("--metrics-require-key", action="store_true",
                        help="put /metrics behind the API key too (by default only /health, /version and /metrics "
                             "answer without one)")
@@ -268,6 +273,8 @@ def _serve(args: argparse.Namespace, config: EngineConfig) -> int:
             access_log=not args.disable_uvicorn_access_log, log_level=args.log_level,
             max_request_body_bytes=args.max_request_body_bytes, max_n=args.max_n,
             shutdown_timeout=args.shutdown_timeout, metrics_require_key=args.metrics_require_key,
+            enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser,
+            reasoning_parser=args.reasoning_parser,
             responses_store=args.responses_store, responses_max_stored=args.responses_max_stored)
     except ValueError as error:
         logger.error("invalid server argument", extra={"error": str(error)})

@@ -1,28 +1,44 @@
 """LLM: the offline Python API, with vLLM's names (generate, chat)."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
+from functools import partial
 
+from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from serval.config import EngineConfig
 from serval.engine.engine import LLMEngine
 from serval.engine.input_processor import PromptType
 from serval.model.generation_config import load_generation_defaults
+from serval.openai.errors import InvalidArgument
+from serval.openai.reasoning import get_reasoning_parser
+from serval.openai.tool_grammar import tool_call_grammar, with_reasoning
+from serval.openai.tool_parsers import get_tool_parser
+from serval.openai.tool_parsers.chat_output import chat_output_parser
+from serval.openai.tools import NamedToolChoice, ToolRequestFields
 from serval.outputs import RequestOutput
-from serval.sampling_params import SamplingParams
+from serval.sampling_params import SamplingParams, StructuredOutputsParams
 
 Conversation = list[dict]
 
 
 class LLM:
     def __init__(self, model: str | None = None, tokenizer: str | None = None, generation_config: str = "auto",
-                 **engine_args) -> None:
+                 tool_call_parser: str | None = None, reasoning_parser: str | None = None, **engine_args) -> None:
         """generation_config: where the default sampling parameters come from, as `serval serve
         --generation-config`: "auto" (the model's generation_config.json; the built-in model's card), "vllm"
-        (SamplingParams' own) or a folder holding a generation_config.json."""
+        (SamplingParams' own) or a folder holding a generation_config.json. `tool_call_parser` and
+        `reasoning_parser` are `serval serve`'s flags of the same names: how `chat` reads tool calls and the think
+        section out of the output."""
         self.generation_defaults = load_generation_defaults(generation_config, model)
+        if tool_call_parser is not None:
+            get_tool_parser(tool_call_parser)  # an unknown name fails here, with the valid ones
+        if reasoning_parser is not None:
+            get_reasoning_parser(reasoning_parser)
+        self.tool_call_parser, self.reasoning_parser = tool_call_parser, reasoning_parser
         self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, tokenizer=tokenizer, **engine_args))
         self._request_counter = itertools.count()
 
@@ -56,21 +72,60 @@ class LLM:
     def chat(self, messages: Conversation | Sequence[Conversation],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
              chat_template: str | None = None, add_generation_prompt: bool = True,
-             continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
-        """Apply the model's chat template to each conversation, then generate."""
+             continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
+             tools: list[dict] | None = None, tool_choice: str | dict | None = None,
+             parallel_tool_calls: bool = True) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation (with `tools`, OpenAI's function tools), then
+        generate. With tools or a reasoning parser, each completion's `tool_calls` and `reasoning_content` hold
+        what the parsers read out of its text; `tool_choice` "required" or a named function is enforced by a
+        grammar, as in the server."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tokenizer = self.get_tokenizer()
         if tokenizer is None:
             raise ValueError("chat needs a tokenizer with a chat template; this engine has none")
+        tool_request = _tool_request(tools, tool_choice, parallel_tool_calls)
+        new_parser = partial(chat_output_parser, self.tool_call_parser, self.reasoning_parser,
+                             tool_request.tool_dicts(), tool_request.resolved_tool_choice(), True,
+                             chat_template_kwargs)
+        parser = new_parser()  # checks the choice against the parsers (required needs --tool-call-parser)
         prompts = []
         for conversation in conversations:
             text = tokenizer.apply_chat_template(
-                conversation, tokenize=False, chat_template=chat_template,
+                conversation, tokenize=False, chat_template=chat_template, tools=tool_request.template_tools(),
                 add_generation_prompt=add_generation_prompt and not continue_final_message,
                 continue_final_message=continue_final_message, **(chat_template_kwargs or {}))
             # The template already holds BOS where the model wants it.
             prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        params = [self._chat_params(prompt_params or self.get_default_sampling_params(), tool_request, parser, chat_template_kwargs)
+                  for prompt_params in _per_prompt(sampling_params, len(prompts), "sampling_params")]
+        outputs = self.generate(prompts, params, use_tqdm=use_tqdm)
+        if parser.reasoning is not None or parser.tools is not None:
+            for completion in (completion for output in outputs for completion in output.outputs):
+                choice_parser = new_parser()
+                choice_parser.feed(completion.text)
+                choice_parser.finish()
+                parsed = choice_parser.result()
+                completion.tool_calls, completion.reasoning_content = parsed.tool_calls, parsed.reasoning
+        return outputs
+
+    def _chat_params(self, params: SamplingParams, tool_request: ToolRequestFields, parser,
+                     chat_template_kwargs: dict | None) -> SamplingParams:
+        """What the server's admission does to a chat request's params: the tool-choice grammar (after the think
+        section when thinking is on), special tokens kept when the call markers are special tokens."""
+        changes: dict = {}
+        if parser.tools is not None and type(parser.tools).special_tokens:
+            changes["skip_special_tokens"] = False
+        choice = tool_request.resolved_tool_choice()
+        if parser.tools is not None and (choice == "required" or isinstance(choice, NamedToolChoice)):
+            added = self.get_tokenizer().get_added_vocab()
+            grammar = tool_call_grammar(self.tool_call_parser, tool_request.tool_dicts(),
+                                        choice.model_dump() if isinstance(choice, NamedToolChoice) else choice,
+                                        tool_request.parallel_tool_calls, added)
+            if parser.reasoning is not None and (chat_template_kwargs or {}).get("enable_thinking") is not False:
+                reasoning = type(parser.reasoning)
+                grammar = with_reasoning(grammar, added, reasoning.think_start, reasoning.think_end)
+            changes["structured_outputs"] = StructuredOutputsParams(grammar=grammar)
+        return dataclasses.replace(params, **changes) if changes else params
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
@@ -81,6 +136,20 @@ class LLM:
                         finished[output.request_id] = output
                         bar.update(1)
         return [finished[request_id] for request_id in request_ids]
+
+
+def _tool_request(tools: list[dict] | None, tool_choice, parallel_tool_calls: bool) -> ToolRequestFields:
+    """The tool fields checked as the server checks them; InvalidArgument names the one at fault."""
+    try:
+        return ToolRequestFields.model_validate({"tools": tools, "tool_choice": tool_choice,
+                                                 "parallel_tool_calls": parallel_tool_calls})
+    except ValidationError as error:
+        first = error.errors()[0]
+        wrapped = first.get("ctx", {}).get("error")
+        if isinstance(wrapped, InvalidArgument):
+            raise wrapped from None
+        where = ".".join(str(part) for part in first["loc"])
+        raise InvalidArgument(where or "tools", f"invalid {where or 'tools'}: {first['msg']}") from None
 
 
 def _per_prompt(value, count: int, name: str) -> list:

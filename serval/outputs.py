@@ -26,6 +26,10 @@ class CompletionOutput:
     logprobs: SampleLogprobs | None
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    # LLM.chat with tools or a reasoning parser: the calls parsed out of `text` (serval.openai.tool_parsers'
+    # ToolCall: id, name, arguments) and the think section; `text` stays the raw output.
+    tool_calls: list | None = None
+    reasoning_content: str | None = None
 
     def finished(self) -> bool:
         return self.finish_reason is not None

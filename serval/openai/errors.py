@@ -52,6 +52,15 @@ class APIError(Exception):
     @classmethod
     def from_validation_error(cls, error: "ValidationError") -> "APIError":
         first = error.errors()[0]
+        # A validator that raised InvalidArgument knows the field better than the location it ran at (the body,
+        # for a check across fields such as tool_choice against tools).
+        wrapped = first.get("ctx", {}).get("error")
+        if isinstance(wrapped, InvalidArgument):
+            # inside a list item (messages.0), the item's place comes first: its validator knows only itself
+            loc = first["loc"]
+            item = max((i for i, part in enumerate(loc) if isinstance(part, int)), default=-1)
+            place = _field_path(loc[:item + 1])
+            return cls(400, str(wrapped), param=f"{place}.{wrapped.param}" if place else wrapped.param)
         param = _field_path(first["loc"]) or None
         message = "; ".join(dict.fromkeys(f"{_field_path(e['loc']) or 'body'}: {e['msg']}" for e in error.errors()))
         return cls(400, message, param=param)

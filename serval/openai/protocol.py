@@ -21,6 +21,7 @@ from pydantic import (AllowInfNan, BaseModel, ConfigDict, Field, StrictBool, Str
                       model_validator)
 
 from serval.openai.http import lone_surrogate_path
+from serval.openai.tools import AssistantToolCall, ToolCallMessageFields, ToolRequestFields, tool_template_fields
 from serval.sampling_params import STRUCTURED_KINDS, SamplingParams, StructuredOutputsParams
 
 # OpenAI allows at most 20 alternatives per position.
@@ -300,7 +301,7 @@ class TextPart(OpenAIBase):
         return self
 
 
-class ChatMessage(OpenAIBase):
+class ChatMessage(OpenAIBase, ToolCallMessageFields):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextPart] | None = None
     name: StrictStr | None = None
@@ -314,8 +315,11 @@ class ChatMessage(OpenAIBase):
         return "".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, ToolRequestFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    parallel_tool_calls: Bool = True  # strict, as every flag of the body is here
+    # extra variables for the chat template (vLLM's name), e.g. {"enable_thinking": false} for Qwen3
+    chat_template_kwargs: dict | None = None
     max_tokens: PositiveInt | None = None
     max_completion_tokens: PositiveInt | None = None
     logprobs: Bool = False
@@ -340,7 +344,7 @@ class ChatCompletionRequest(SamplingFields):
                 item["name"] = message.name
             if message.tool_call_id is not None:
                 item["tool_call_id"] = message.tool_call_id
-            rendered.append(item)
+            rendered.append({**item, **tool_template_fields(message)})
         return rendered
 
     @property
@@ -442,6 +446,8 @@ class ChatLogprobs(OpenAIBase):
 class ChatResponseMessage(OpenAIBase):
     role: str = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[AssistantToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(OpenAIBase):
@@ -461,9 +467,24 @@ class ChatCompletionResponse(OpenAIBase):
     usage: UsageInfo | None = None
 
 
+class DeltaFunctionCall(OpenAIBase):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(OpenAIBase):
+    """A stream's piece of a tool call: the first for a call carries id, type and name, the rest arguments."""
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(OpenAIBase):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(OpenAIBase):

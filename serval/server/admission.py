@@ -6,10 +6,25 @@ The prompt builders are synchronous and CPU-bound (tokenizing, templating): hand
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
+from functools import partial
 
-from serval.openai.errors import APIError
+from serval.openai.errors import APIError, InvalidArgument
+from serval.openai.reasoning import get_reasoning_parser
+from serval.openai.tool_grammar import json_schema_grammar, tool_call_grammar, with_reasoning
+from serval.openai.tool_parsers.chat_output import ChatOutputParser, chat_output_parser
+from serval.openai.tools import NamedToolChoice
+from serval.sampling_params import SamplingParams, StructuredOutputsParams
+from serval.server.config import ServerConfig
 from serval.server.state import ServerState
+
+# apply_chat_template's own arguments: chat_template_kwargs may add template variables, not change the call.
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs"})
 
 @dataclass
 class ContextParams:
@@ -91,13 +106,81 @@ def completion_prompts(tokenizer, prompts: list[str | list[int]], texts: list[st
     return built
 
 
-def chat_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
-                tools: list[dict] | None = None) -> dict:
+def chat_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
+                chat_template_kwargs: dict | None = None) -> dict:
     """`tools` (chat-completions function tools) are rendered as the template renders them."""
     tokenizer = require_tokenizer(tokenizer)
+    kwargs = chat_template_kwargs or {}
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS.intersection(kwargs))
+    if reserved:
+        raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}: they are arguments of the "
+                            "request itself", param="chat_template_kwargs")
     try:
         text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+                                             add_generation_prompt=add_generation_prompt, **kwargs)
     except Exception as error:  # jinja's TemplateError and raise_exception() in templates: bad messages
         raise APIError(400, f"The chat template rejected the messages: {error}", param="messages") from error
     return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+
+
+# ---------------------------------------------------------------- tools and reasoning
+def chat_output_parsers(config: ServerConfig, body) -> partial:
+    """A factory of per-choice output parsers (reasoning, then tool calls) for a chat request. Building one here
+    checks the request against the server's flags: "auto" without --enable-auto-tool-choice is a 400."""
+    factory = partial(chat_output_parser, config.tool_call_parser, config.reasoning_parser, body.tool_dicts(),
+                      body.resolved_tool_choice(), config.enable_auto_tool_choice, body.chat_template_kwargs)
+    factory()
+    return factory
+
+
+def thinking_enabled(config: ServerConfig, body) -> bool:
+    return config.reasoning_parser is not None and (body.chat_template_kwargs or {}).get("enable_thinking") is not False
+
+
+def chat_sampling_params(config: ServerConfig, tokenizer, body, params: SamplingParams,
+                         parser: ChatOutputParser) -> SamplingParams:
+    """`params` with what tool calling and reasoning need: the grammar that forces tool_choice "required" or a
+    named function, structured outputs moved after the think section, and special tokens kept in the text when
+    the tool call format's markers are special tokens. Runs on the tokenizer's thread (it reads the vocabulary)."""
+    changes: dict = {}
+    if parser.tools is not None and type(parser.tools).special_tokens:
+        changes["skip_special_tokens"] = False
+    grammar = _tool_choice_grammar(config, tokenizer, body, params, parser)
+    thinking = thinking_enabled(config, body)
+    if grammar is None and thinking:
+        grammar = _json_grammar(params.structured_outputs)
+    if grammar is not None:
+        if thinking:
+            reasoning = get_reasoning_parser(config.reasoning_parser)
+            grammar = with_reasoning(grammar, tokenizer.get_added_vocab(), reasoning.think_start, reasoning.think_end)
+        changes["structured_outputs"] = StructuredOutputsParams(grammar=grammar)
+    return dataclasses.replace(params, **changes) if changes else params
+
+
+def _tool_choice_grammar(config: ServerConfig, tokenizer, body, params: SamplingParams,
+                         parser: ChatOutputParser) -> str | None:
+    choice = body.resolved_tool_choice()
+    if parser.tools is None or not (choice == "required" or isinstance(choice, NamedToolChoice)):
+        return None
+    if params.structured_outputs is not None:
+        raise InvalidArgument("tool_choice", 'tool_choice "required" or a named function constrains the output '
+                              "already; it cannot be combined with response_format or structured_outputs")
+    choice = choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
+    # in the parser's own format, so the calls the grammar forces are the calls the parser reads back
+    return tool_call_grammar(config.tool_call_parser, body.tool_dicts(), choice, body.parallel_tool_calls,
+                             tokenizer.get_added_vocab())
+
+
+def _json_grammar(structured: StructuredOutputsParams | None) -> str | None:
+    """A JSON constraint as a grammar with a `constraint` rule, so it can follow a think section."""
+    if structured is None:
+        return None
+    if structured.json_object:
+        return json_schema_grammar({"type": "object"})
+    schema = structured.json
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError:
+            return None  # the engine refuses it with its own message
+    return json_schema_grammar(schema) if isinstance(schema, dict) else None

@@ -35,11 +35,16 @@ class ServerConfig:
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S
     # /metrics answers without a key unless this is set: Prometheus scrapers are usually configured without one.
     metrics_require_key: bool = False
+    # Tool calling and reasoning (vLLM's flags): which formats the model's output is parsed with.
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
     # The Responses API's store: a SQLite file (kept across restarts), or memory when None.
     responses_store: str | None = None
     responses_max_stored: int = DEFAULT_RESPONSES_MAX_STORED
 
     def __post_init__(self) -> None:
+        self._check_output_parsers()
         if not self.served_model_names:
             raise InvalidArgument("served_model_names", "invalid served_model_names: give at least one name")
         if self.max_request_body_bytes < 1:
@@ -61,3 +66,15 @@ class ServerConfig:
     def model_name(self) -> str:
         """The name the server reports; the others are aliases it answers to."""
         return self.served_model_names[0]
+
+    def _check_output_parsers(self) -> None:
+        # imported here: the parser registries are only needed once a server is configured
+        from serval.openai.reasoning import get_reasoning_parser
+        from serval.openai.tool_parsers import get_tool_parser
+
+        if self.tool_call_parser is not None:
+            get_tool_parser(self.tool_call_parser)
+        if self.reasoning_parser is not None:
+            get_reasoning_parser(self.reasoning_parser)
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise InvalidArgument("tool_call_parser", "--enable-auto-tool-choice needs --tool-call-parser NAME")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from fastapi.responses import JSONResponse, Response
@@ -14,6 +14,8 @@ from serval.openai import protocol
 from serval.openai.logprobs import add_completion_logprobs, chat_logprobs
 from serval.openai.protocol import ChatCompletionRequest, CompletionRequest
 from serval.openai.sse import Delta, SentState, sse
+from serval.openai.tool_parsers import ToolCallDelta
+from serval.openai.tool_parsers.chat_output import ChatDelta, ChatOutputParser
 from serval.outputs import CompletionOutput, RequestOutput
 from serval.server import admission
 from serval.server.admission import ContextParams
@@ -107,15 +109,19 @@ class CompletionChunks:
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, call: Call) -> Response:
     params = call.sampling_params(body)
     admission.check_n(state, params.n)
+    output_parsers = admission.chat_output_parsers(state.config, body)
+    params = await state.off_loop(admission.chat_sampling_params, state.config, state.tokenizer, body, params,
+                                  output_parsers())
     messages = body.template_messages()
     contents = call.session.check_input([message["content"] for message in messages], "messages")
     messages = [{**message, "content": content} for message, content in zip(messages, contents)]
-    prompt = await state.off_loop(admission.chat_prompt, state.tokenizer, messages, body.add_generation_prompt)
+    prompt = await state.off_loop(admission.chat_prompt, state.tokenizer, messages, body.add_generation_prompt,
+                                  body.template_tools(), body.chat_template_kwargs)
     call.session.check_prompt_tokens(len(prompt["prompt_token_ids"]), "messages")
     admission.check_context(state, len(prompt["prompt_token_ids"]), params.max_tokens, "messages",
                             ContextParams("messages", body.max_tokens_param))
     fan_in = await start(state, call, [prompt], params, [messages], "messages")
-    chunks = ChatChunks(call, body, state.tokenizer)
+    chunks = ChatChunks(call, body, state.tokenizer, output_parsers)
     if body.stream:
         return PendingStream(stream_deltas(fan_in, chunks, call, body.include_usage_in_stream))
     (output,) = await collect(fan_in)
@@ -126,11 +132,15 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
 
 @dataclass
 class ChatChunks:
-    """Chat's shapes: every choice opens with an assistant-role delta."""
+    """Chat's shapes: every choice opens with an assistant-role delta. Each choice's text (after the output rails,
+    which so see the reasoning and the calls too) goes through its own output parser: reasoning, content and tool
+    calls apart."""
     call: Call
     body: ChatCompletionRequest
     tokenizer: object
+    new_parser: Callable[[], ChatOutputParser] = ChatOutputParser
     created: int = field(default_factory=lambda: int(time.time()))
+    parsers: dict[int, ChatOutputParser] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -154,18 +164,67 @@ class ChatChunks:
             role="assistant", content=""))]) for index in range(self.n)]
 
     def whole_choice(self, completion: CompletionOutput, text: str, finish_reason: str | None) -> protocol.ChatChoice:
-        return protocol.ChatChoice(index=completion.index, message=protocol.ChatResponseMessage(content=text),
+        parser = self.new_parser()
+        parser.feed(text)
+        parser.finish()
+        parsed = parser.result()
+        message = protocol.ChatResponseMessage(
+            content=text if plain(parser) else parsed.content, reasoning_content=parsed.reasoning,
+            tool_calls=[protocol.AssistantToolCall(**call.to_openai()) for call in parsed.tool_calls])
+        return protocol.ChatChoice(index=completion.index, message=message,
                                    logprobs=self._logprobs(completion.token_ids, completion.logprobs),
-                                   finish_reason=finish_reason, stop_reason=completion.stop_reason)
+                                   finish_reason=api_finish_reason(parser, finish_reason),
+                                   stop_reason=completion.stop_reason)
 
     def chunk(self, key: int, prompt_index: int, output: RequestOutput, completion: CompletionOutput, delta: Delta,
-              text: str, finish_reason: str | None, first: bool) -> str:
+              text: str, finish_reason: str | None, first: bool) -> str | None:
+        """The choice's next chunk, or None when its parser holds everything back (a marker may be forming)."""
+        parser = self.parsers.get(key)
+        if parser is None:
+            parser = self.parsers[key] = self.new_parser()
+        parsed = parser.feed(text)
+        if finish_reason is not None:
+            last = parser.finish()
+            parsed = ChatDelta(parsed.reasoning + last.reasoning, parsed.content + last.content,
+                               merge_tool_call_deltas(parsed.tool_calls + last.tool_calls))
+        if not parsed and finish_reason is None and not self.wants_logprobs:
+            return None
+        if plain(parser):
+            message = protocol.DeltaMessage(content=text)
+        else:
+            message = protocol.DeltaMessage(
+                content=parsed.content or None, reasoning_content=parsed.reasoning or None,
+                tool_calls=[protocol.DeltaToolCall(**item.to_openai()) for item in parsed.tool_calls] or None)
         return self._event([protocol.ChatStreamChoice(
-            index=key, delta=protocol.DeltaMessage(content=text),
-            logprobs=self._logprobs(delta.token_ids, delta.logprobs), finish_reason=finish_reason)])
+            index=key, delta=message, logprobs=self._logprobs(delta.token_ids, delta.logprobs),
+            finish_reason=api_finish_reason(parser, finish_reason))])
 
     def usage_chunk(self) -> str:
         return self._event([], usage=self.call.usage())
+
+
+def plain(parser: ChatOutputParser) -> bool:
+    """No reasoning and no tool calls to parse: the text is the content, as it always was."""
+    return parser.reasoning is None and parser.tools is None
+
+
+def api_finish_reason(parser: ChatOutputParser, finish_reason: str | None) -> str | None:
+    if finish_reason is None or finish_reason == "content_filter":
+        return finish_reason
+    return parser.result().finish_reason(finish_reason)
+
+
+def merge_tool_call_deltas(deltas: list[ToolCallDelta]) -> list[ToolCallDelta]:
+    """Argument fragments of one call in one chunk joined, as the parsers join them within one delta (the entry
+    that opens a call stays apart: it carries the name, the next ones the arguments)."""
+    merged: list[ToolCallDelta] = []
+    for item in deltas:
+        if merged and merged[-1].index == item.index and merged[-1].id is None and item.id is None:
+            previous = merged[-1].function
+            previous.arguments = (previous.arguments or "") + (item.function.arguments or "")
+        else:
+            merged.append(item)
+    return merged
 
 
 # ---------------------------------------------------------------- shared
@@ -231,7 +290,9 @@ async def stream_deltas(fan_in: FanIn, chunks: "CompletionChunks | ChatChunks", 
                 finish_reason = "content_filter" if step.stopped else completion.finish_reason
                 if not text and finish_reason is None and not chunks.wants_logprobs:
                     continue  # the rails hold this delta back (a match may be forming)
-                yield chunks.chunk(key, index, output, completion, delta, text, finish_reason, first)
+                event = chunks.chunk(key, index, output, completion, delta, text, finish_reason, first)
+                if event is not None:
+                    yield event
             if rails.all_stopped:
                 break  # every choice hit a stop rail: closing the fan-in aborts the engine requests
         if include_usage:
