@@ -139,4 +139,4 @@ def with_reasoning(grammar: str, added_tokens: Mapping[str, int] | None = None, 
         # spelled in text: lazy, so the thought ends at the first end marker, as the reasoning parser reads it
         escaped = "".join("\\" + char if char in _REGEX_SPECIAL else char for char in think_end)
         thought = f"thought[lazy]: /(?s:.*){escaped}/"
-    return f"start: {opening} thought /\\n*/ constraint\n{thought}\n{rules}"
+    return f"start: {opening} thought /\\n{{0,2}}/ constraint\n{thought}\n{rules}"
