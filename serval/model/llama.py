@@ -71,14 +71,21 @@ class LlamaAttention(nn.Module):
         return self.o_proj(out.flatten(-2))
 
 
+def dense_mlp(config, layer_idx: int) -> nn.Module:
+    return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
+                    bias=getattr(config, "mlp_bias", False))
+
+
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, rotary_emb: RotaryEmbedding, **attention_options) -> None:
+    """`mlp` is the feed-forward block: Llama's GatedMLP, or a mixture of experts (mixtral.py, qwen_moe.py)."""
+
+    def __init__(self, config, layer_idx: int, rotary_emb: RotaryEmbedding, mlp: nn.Module,
+                 **attention_options) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(config, layer_idx, rotary_emb, **attention_options)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
-                            bias=getattr(config, "mlp_bias", False))
+        self.mlp = mlp
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
                 kv_cache: torch.Tensor, metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,13 +100,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, **attention_options) -> None:
+    def __init__(self, config, make_mlp=dense_mlp, **attention_options) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         # One table of cos/sin for all layers; each layer's attention holds it.
         self.rotary_emb = RotaryEmbedding(head_dim_of(config), config.max_position_embeddings,
                                           rope_parameters(config))
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, self.rotary_emb, **attention_options)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, self.rotary_emb, make_mlp(config, i),
+                                                      **attention_options)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

@@ -23,9 +23,7 @@ from torch import nn
 from serval.layers.attention import AttentionMetadata
 from serval.layers.linear import Linear, MergedLinear
 from serval.layers.moe import FusedMoE, SparseMoeBlock
-from serval.layers.norm import RMSNorm
-from serval.layers.rotary import RotaryEmbedding, rope_parameters
-from serval.model.llama import LlamaAttention, head_dim_of
+from serval.model.llama import LlamaModel, head_dim_of
 from serval.model import loader  # the module, not its names: loader imports the registry, which imports us
 
 # Checkpoint projection name -> (our merged module, its shard), for attention and dense/shared-expert MLPs.
@@ -35,46 +33,6 @@ _MERGED_PROJECTIONS = {
 }
 
 
-class MoeDecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, rotary_emb: RotaryEmbedding, mlp: nn.Module,
-                 **attention_options) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, layer_idx, rotary_emb, **attention_options)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = mlp
-
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
-                kv_cache: torch.Tensor, metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            hidden, residual = self.input_layernorm(hidden), hidden
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, metadata)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
-
-
-class MoeModel(nn.Module):
-    def __init__(self, config, make_mlp, **attention_options) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.rotary_emb = RotaryEmbedding(head_dim_of(config), config.max_position_embeddings,
-                                          rope_parameters(config))
-        self.layers = nn.ModuleList(MoeDecoderLayer(config, i, self.rotary_emb, make_mlp(config, i),
-                                                    **attention_options)
-                                    for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                metadata: AttentionMetadata) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
-
-
 class MixtralForCausalLM(nn.Module):
     # Architecture switches; Qwen2/3-MoE (qwen_moe.py) flip them.
     qk_norm: bool = False
@@ -82,8 +40,8 @@ class MixtralForCausalLM(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
         self.config = config
-        self.model = MoeModel(config, self.make_mlp, qkv_bias=self.qkv_bias(config),
-                              o_bias=bool(getattr(config, "attention_bias", False)), qk_norm=self.qk_norm)
+        self.model = LlamaModel(config, self.make_mlp, qkv_bias=self.qkv_bias(config),
+                                o_bias=bool(getattr(config, "attention_bias", False)), qk_norm=self.qk_norm)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
