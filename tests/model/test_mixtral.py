@@ -7,8 +7,8 @@ import torch
 
 from serval.model.loader import load_model
 from serval.model.mixtral import MixtralForCausalLM
-from tests.model.moe_support import (build_tiny_moe, check_greedy_matches_transformers,
-                                     check_prompt_logprobs_match_transformers)
+from tests.model.engine_checks import check_greedy_matches_transformers, check_prompt_logprobs_match_transformers
+from tests.model.moe_support import build_tiny_moe
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from tests.engine.test_engine import NUM_NEW_TOKENS, hf_greedy, make_prompts, pressured_llm
+from tests.engine.test_engine import NUM_NEW_TOKENS, hf_greedy, make_prompts
+from tests.model.engine_checks import check_greedy_matches_transformers, check_prompt_logprobs_match_transformers
 from tests.model.test_llama import hf_logits, run_steps, sequences_for
 
 from serval import LLM, SamplingParams
@@ -94,33 +95,13 @@ def test_longrope_positions_past_the_original_context_use_the_long_factors():
 @pytest.mark.parametrize("variant", ["longrope", "partial-rotary"])
 def test_engine_greedy_matches_transformers(tiny_phi3, variant, prefix_caching):
     path, hf_model = tiny_phi3(variant)
-    prompts = make_prompts(hf_model.config.vocab_size)
-    llm = pressured_llm(path, prefix_caching)
-    params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    assert max(len(p) for p in prompts) + NUM_NEW_TOKENS <= ORIGINAL_CONTEXT
-    for prompt, output in zip(prompts, outputs):
-        assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, NUM_NEW_TOKENS), f"prompt of {len(prompt)}"
-    stats = llm.engine.get_stats()
-    assert stats.num_preemptions > 0, "the block pool was meant to force preemption"
-    assert (stats.prefix_cache_hits > 0) == prefix_caching
-    assert stats.num_free_blocks == stats.num_blocks
-    llm.engine.kv_cache.check_invariants([])
+    # Within the original context, where per-position LongRoPE equals transformers' generate().
+    assert max(len(p) for p in make_prompts(hf_model.config.vocab_size)) + NUM_NEW_TOKENS <= ORIGINAL_CONTEXT
+    check_greedy_matches_transformers(path, hf_model, prefix_caching)
 
 
 def test_engine_prompt_logprobs_match_transformers(tiny_phi3):
-    path, hf_model = tiny_phi3("partial-rotary")
-    prompts = make_prompts(hf_model.config.vocab_size, count=8, seed=1)
-    llm = pressured_llm(path, prefix_caching=True)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                           SamplingParams(max_tokens=1, prompt_logprobs=3, temperature=0.0), use_tqdm=False)
-    for prompt, output in zip(prompts, outputs):
-        with torch.no_grad():
-            reference = torch.log_softmax(hf_model(torch.tensor([prompt])).logits[0].float(), dim=-1)
-        for position in range(1, len(prompt)):
-            token = prompt[position]
-            assert output.prompt_logprobs[position][token].logprob == pytest.approx(
-                reference[position - 1, token].item(), abs=1e-4)
+    check_prompt_logprobs_match_transformers(*tiny_phi3("partial-rotary"))
 
 
 def test_fused_weight_of_the_wrong_size_is_named(tiny_phi3):

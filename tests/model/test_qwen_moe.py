@@ -10,8 +10,8 @@ from serval.layers.mlp import GatedMLP
 from serval.layers.moe import SparseMoeBlock
 from serval.model.loader import load_model
 from tests.engine.test_engine import hf_greedy, make_prompts
-from tests.model.moe_support import (build_tiny_moe, check_greedy_matches_transformers,
-                                     check_prompt_logprobs_match_transformers)
+from tests.model.engine_checks import check_greedy_matches_transformers, check_prompt_logprobs_match_transformers
+from tests.model.moe_support import build_tiny_moe
 
 ARCHS = ["qwen2_moe", "qwen3_moe"]
 
