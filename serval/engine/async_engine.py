@@ -198,6 +198,10 @@ class AsyncEngine:
     def num_running(self) -> int:
         return self.engine.scheduler.num_running
 
+    def memory_usage(self):
+        """Bytes of weights and KV cache (serval.engine.memory.MemoryUsage), for the server's banner."""
+        return self.engine.memory_usage()
+
     def get_stats(self) -> EngineStats:
         stats = self.engine.get_stats()
         return dataclasses.replace(stats, num_requests_waiting=stats.num_requests_waiting + self._num_in_inbox)

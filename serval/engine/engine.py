@@ -17,7 +17,7 @@ import torch
 from serval.config import EngineConfig
 from serval.engine.input_processor import InputProcessor, PromptType
 from serval.engine.kv_cache import KVCacheManager
-from serval.engine.memory import num_kv_blocks
+from serval.engine.memory import MemoryUsage, memory_usage, num_kv_blocks
 from serval.engine.model_runner import DecodeInFlight, ModelRunner, ModelRunnerOutput
 from serval.engine.output_processor import OutputProcessor, RequestState, SampledToken, StepUpdate
 from serval.engine.request import Request, RequestStatus
@@ -177,6 +177,9 @@ class LLMEngine:
             # Blocks this step wrote may hold garbage K/V: no later request may hit them.
             self.kv_cache.uncache(sequence.request)
         return self._finish(update)
+
+    def memory_usage(self) -> MemoryUsage:
+        return memory_usage(self.model, self.runner.kv_caches)
 
     def get_stats(self) -> EngineStats:
         return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, self.kv_cache.usage,

@@ -35,6 +35,18 @@ class GpuMemoryProfile:
         return max(int(budget), 0)
 
 
+@dataclass(frozen=True)
+class MemoryUsage:
+    """Bytes the engine holds on its device: the model's weights (and buffers) and the KV cache pool."""
+    weight_bytes: int
+    kv_cache_bytes: int
+
+
+def memory_usage(model, kv_caches: list[torch.Tensor]) -> MemoryUsage:
+    weights = sum(t.nbytes for t in model.parameters()) + sum(t.nbytes for t in model.buffers())
+    return MemoryUsage(weights, sum(t.nbytes for t in kv_caches))
+
+
 def profile_gpu_memory(config: EngineConfig, model, kv_cache_dtype: torch.dtype,
                        device: torch.device) -> GpuMemoryProfile:
     activations = ModelRunner.profile_activation_bytes(model, config.max_num_batched_tokens, config.max_num_seqs,

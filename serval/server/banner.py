@@ -83,14 +83,8 @@ def base_url(host: str, port: int) -> str:
 def resident_memory(engine) -> ResidentMemory:
     """What the engine's weights and KV cache hold, and the process's resident set."""
     stats = engine.get_stats()
-    llm_engine = getattr(engine, "engine", None)
-    model = getattr(llm_engine, "model", None)
-    runner = getattr(llm_engine, "runner", None)
-    weights = None
-    if model is not None and hasattr(model, "parameters"):
-        weights = sum(t.nbytes for t in model.parameters()) + sum(t.nbytes for t in model.buffers())
-    caches = getattr(runner, "kv_caches", None)
-    kv_bytes = sum(t.nbytes for t in caches) if caches else None
+    usage = engine.memory_usage()
+    weights, kv_bytes = usage.weight_bytes, usage.kv_cache_bytes
     return ResidentMemory(weights, kv_bytes, stats.num_blocks * engine.config.block_size, process_resident_bytes())
 
 
