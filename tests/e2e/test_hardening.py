@@ -142,6 +142,7 @@ class HealthWatch:
         self.statuses: list[int | str] = []
         self.latencies: list[float] = []
         self._stop = threading.Event()
+        self._first_answer = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -153,10 +154,14 @@ class HealthWatch:
                 except httpx.HTTPError as error:
                     self.statuses.append(type(error).__name__)
                 self.latencies.append(time.monotonic() - started)
+                self._first_answer.set()
                 self._stop.wait(0.05)
 
     def __enter__(self) -> "HealthWatch":
+        # Polling before the watched work starts: a fast refusal (413 on Content-Length) could otherwise end
+        # before the thread's first request, leaving nothing to check.
         self._thread.start()
+        self._first_answer.wait(self.timeout)
         return self
 
     def __exit__(self, *exc) -> None:
