@@ -124,13 +124,13 @@ class LlamaForCausalLM(nn.Module):
     # Architecture switches; subclasses below flip them.
     qkv_bias: bool | None = None  # None: config.attention_bias decides, for o_proj too
     qk_norm: bool = False
+    make_mlp = staticmethod(dense_mlp)  # layer i's feed-forward block; the MoE families (mixtral.py) give theirs
 
     def __init__(self, config) -> None:
         super().__init__()
         self.config = config
-        attention_bias = bool(getattr(config, "attention_bias", False))
-        qkv_bias = attention_bias if self.qkv_bias is None else self.qkv_bias
-        self.model = LlamaModel(config, qkv_bias=qkv_bias, o_bias=attention_bias, qk_norm=self.qk_norm)
+        self.model = LlamaModel(config, self.make_mlp, qkv_bias=self.qkv_bias_of(config),
+                                o_bias=bool(getattr(config, "attention_bias", False)), qk_norm=self.qk_norm)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
@@ -140,6 +140,9 @@ class LlamaForCausalLM(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = head_dim_of(config)
         self.vocab_size = config.vocab_size
+
+    def qkv_bias_of(self, config) -> bool:
+        return bool(getattr(config, "attention_bias", False)) if self.qkv_bias is None else self.qkv_bias
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 attn_metadata: AttentionMetadata) -> torch.Tensor:

@@ -20,10 +20,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from serval.layers.attention import AttentionMetadata
-from serval.layers.linear import Linear, MergedLinear
+from serval.layers.linear import MergedLinear
 from serval.layers.moe import FusedMoE, SparseMoeBlock
-from serval.model.llama import LlamaModel, head_dim_of
+from serval.model.llama import LlamaForCausalLM
 from serval.model import loader  # the module, not its names: loader imports the registry, which imports us
 
 # Checkpoint projection name -> (our merged module, its shard), for attention and dense/shared-expert MLPs.
@@ -33,43 +32,15 @@ _MERGED_PROJECTIONS = {
 }
 
 
-class MixtralForCausalLM(nn.Module):
-    # Architecture switches; Qwen2/3-MoE (qwen_moe.py) flip them.
-    qk_norm: bool = False
-
-    def __init__(self, config) -> None:
-        super().__init__()
-        self.config = config
-        self.model = LlamaModel(config, self.make_mlp, qkv_bias=self.qkv_bias(config),
-                                o_bias=bool(getattr(config, "attention_bias", False)), qk_norm=self.qk_norm)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        if self.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        # What the model runner sizes the KV cache with.
-        self.num_layers = config.num_hidden_layers
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = head_dim_of(config)
-        self.vocab_size = config.vocab_size
-
-    @staticmethod
-    def qkv_bias(config) -> bool:
-        return bool(getattr(config, "attention_bias", False))
+class MixtralForCausalLM(LlamaForCausalLM):
+    """Llama's model with a sparse MoE block as each layer's feed-forward; Qwen2/3-MoE (qwen_moe.py) flip the
+    switches. Its own load_weights: experts are parts of stacked parameters."""
 
     @staticmethod
     def make_mlp(config, layer_idx: int) -> nn.Module:
         require_silu(config)
         return SparseMoeBlock(config.hidden_size, config.num_local_experts, config.num_experts_per_tok,
                               config.intermediate_size, renormalize=True)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        """input_ids/positions [T] (flat, all requests) -> final hidden states [T, hidden]."""
-        return self.model(input_ids, positions, kv_caches, attn_metadata)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> float32 logits [N, vocab]; called only on the rows that are sampled from."""
-        return self.lm_head(hidden).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named tensors into the model; raise naming any unknown, mis-shaped or missing weight.

@@ -34,8 +34,7 @@ def qwen_moe_mlp(config, layer_idx: int) -> nn.Module:
 class Qwen2MoeForCausalLM(MixtralForCausalLM):
     make_mlp = staticmethod(qwen_moe_mlp)
 
-    @staticmethod
-    def qkv_bias(config) -> bool:
+    def qkv_bias_of(self, config) -> bool:
         return bool(getattr(config, "qkv_bias", True))
 
 
