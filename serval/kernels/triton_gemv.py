@@ -27,6 +27,9 @@ from serval.kernels import pdl
 DEFAULT_CONFIG = (2, 2048, 8)
 # The same for float8 weights (one byte each: twice the K per step for the same bytes per tile).
 FP8_CONFIG = (2, 4096, 8)
+# Block-scaled float8 (serval.layers.quant.fp8's block FP8): benchmarks/quant_kernel_tune.py's fastest on an H200
+# (1.6 to 3.3 TB/s over the Llama-3-8B projections; FP8_CONFIG reads the 4096-wide o projection at 0.5).
+BLOCK_SCALED_CONFIG = (4, 2048, 4)
 
 
 @triton.jit
@@ -80,6 +83,57 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, N, K, stride_w, HAS_S
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows, mask=row_valid, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_valid)
+
+
+@triton.jit
+def _block_scaled_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, N, K, stride_w, stride_s,
+                              HAS_BIAS: tl.constexpr, GATED: tl.constexpr, SCALE_GROUP: tl.constexpr,
+                              EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              USE_PDL: tl.constexpr):
+    # Block-scaled float8 W (one scale per row and SCALE_GROUP columns): each group's partial sum is multiplied by
+    # its scale before it joins the others, so x stays unquantized and W is read once, as float8.
+    GROUPS_PER_TILE: tl.constexpr = BLOCK_K // SCALE_GROUP
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_valid = rows < N
+    safe_rows = tl.where(row_valid, rows, N - 1).to(tl.int64)
+    cols = tl.arange(0, BLOCK_K)
+    tile_groups = tl.arange(0, GROUPS_PER_TILE)
+    w_rows = w_ptr + safe_rows[:, None] * stride_w
+    scale_rows = scale_ptr + safe_rows[:, None] * stride_s
+    num_groups = K // SCALE_GROUP
+    pdl.wait(USE_PDL)
+    partial = tl.zeros((BLOCK_N, GROUPS_PER_TILE), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        products = _load_w(w_rows, k + cols, K, EVEN_K).to(tl.float32) * _load_x(x_ptr, k + cols, K, GATED,
+                                                                                  EVEN_K)[None, :]
+        per_group = tl.sum(tl.reshape(products, (BLOCK_N, GROUPS_PER_TILE, SCALE_GROUP)), axis=2)
+        groups = k // SCALE_GROUP + tile_groups
+        partial += per_group * tl.load(scale_rows + groups[None, :], mask=(groups < num_groups)[None, :], other=0.0)
+    y = tl.sum(partial, axis=1)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rows, mask=row_valid, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_valid)
+
+
+def block_scaled_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, scale_group: int,
+                      bias: torch.Tensor | None = None, config: tuple[int, int, int] | None = None,
+                      gated: bool = False) -> torch.Tensor:
+    """x [1, K] @ (weight [N, K] float8 * weight_scale [N, K/scale_group] repeated per group)^T + bias -> [1, N] in
+    x's dtype: block FP8's batch-1 product (serval.layers.quant.fp8), x not quantized. gated as in gemv."""
+    n, k = weight.shape
+    assert x.numel() == (2 * k if gated else k) and weight.stride(1) == 1 and k % scale_group == 0, \
+        (x.shape, weight.shape, scale_group)
+    assert weight_scale.shape == (n, k // scale_group) and weight_scale.stride(1) == 1, weight_scale.shape
+    x = x.reshape(-1).contiguous()
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    block_n, block_k, num_warps = config or BLOCK_SCALED_CONFIG
+    block_k = max(scale_group, min(block_k, triton.next_power_of_2(k)))
+    assert block_k % scale_group == 0, (block_k, scale_group)
+    _block_scaled_gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, weight_scale, bias if bias is not None else weight, y, n, k, weight.stride(0),
+        weight_scale.stride(0), HAS_BIAS=bias is not None, GATED=gated, SCALE_GROUP=scale_group,
+        EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, **pdl.launch_options(x))
+    return y
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
