@@ -85,6 +85,9 @@ class EngineConfig:
     # so one long prompt can't hold back the others' first tokens. 0: no cap. None: a quarter of
     # max_num_batched_tokens. Budget left after every request had its share goes back to the long prefills.
     long_prefill_token_threshold: int | None = None
+    # Devices one model is split across (Megatron-style tensor parallelism, serval.distributed): one worker
+    # process per rank. 1: today's single-process engine.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         for name in ("model", "tokenizer"):
@@ -108,7 +111,7 @@ class EngineConfig:
         if not isinstance(self.device, str) or (self.device not in ("auto", "cpu", "cuda")
                                                 and not re.fullmatch(r"cuda:\d+", self.device)):
             raise _bad("device", self.device, "auto, cpu, cuda or cuda:N")
-        for name in ("max_num_seqs", "block_size"):
+        for name in ("max_num_seqs", "block_size", "tensor_parallel_size"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise _bad(name, getattr(self, name), "an integer >= 1")
         for name in ("max_model_len", "max_num_batched_tokens", "num_gpu_blocks_override", "kv_cache_memory_bytes"):
