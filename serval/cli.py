@@ -52,6 +52,8 @@ _ENGINE_HELP = {
                                     "budget left over still goes to it (0: no cap; None: max_num_batched_tokens / 4)",
     "tensor_parallel_size": "split the model across this many devices, one worker process each (NCCL on GPUs, "
                             "gloo on CPU); it must divide the attention heads",
+    "distributed_executor_backend": "mp: run the model through the multi-process (tensor-parallel) executor even "
+                                    "at --tensor-parallel-size 1 (default: in this process when the size is 1)",
 }
 
 

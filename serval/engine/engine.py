@@ -59,7 +59,7 @@ class LLMEngine:
         # tensor_parallel_size > 1: worker processes hold the other shards (serval.distributed); this process is
         # rank 0. Otherwise the model runs here, as it always has.
         self.executor = None
-        if config.tensor_parallel_size > 1:
+        if config.tensor_parallel_size > 1 or config.distributed_executor_backend == "mp":
             from serval.distributed.executor import TensorParallelExecutor
             self.executor = TensorParallelExecutor.start(config, model_path, self.dtype, self.device)
             self.model, self.hf_config = self.executor.model, self.executor.hf_config

@@ -68,3 +68,29 @@ def test_more_ranks_than_devices_is_refused(tmp_path):
     build_tiny_model(tmp_path, "llama")
     with pytest.raises(InvalidArgument, match=r"tensor_parallel_size=4096: this host has \d+ CPU cores"):
         LLM(model=str(tmp_path), skip_tokenizer_init=True, tensor_parallel_size=4096)
+
+
+def test_the_multiprocess_executor_at_size_one_gives_the_engines_tokens(tmp_path):
+    """distributed_executor_backend="mp" at size 1 (what benchmarks/tp_bench.py times against today's path): the
+    parallel layers and the step broadcast over a group of one, no worker to start."""
+    hf_model = build_tiny_model(tmp_path, "llama")
+    prompts = make_prompts(hf_model.config.vocab_size, count=6)
+    params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
+    single = pressured_llm(str(tmp_path), prefix_caching=True)
+    executor = pressured_llm(str(tmp_path), prefix_caching=True, distributed_executor_backend="mp")
+    try:
+        assert executor.engine.executor is not None and executor.engine.executor.processes == []
+        through_executor, in_process = (
+            [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                          use_tqdm=False)] for llm in (executor, single))
+        assert through_executor == in_process
+    finally:
+        executor.engine.shutdown()
+
+
+def test_engine_arguments_are_checked():
+    from serval.config import EngineConfig
+    with pytest.raises(InvalidArgument, match="tensor_parallel_size=0"):
+        EngineConfig(tensor_parallel_size=0)
+    with pytest.raises(InvalidArgument, match="distributed_executor_backend='ray'"):
+        EngineConfig(distributed_executor_backend="ray")
