@@ -48,7 +48,9 @@ class TensorParallelExecutor:
         self.hf_config = hf_config
         self.device = device
         self.failed: WorkerFailedError | None = None
-        self._finalizer = weakref.finalize(self, _stop, processes, False)
+        # An engine that fails after this point (or is dropped without shutdown) still frees its workers and
+        # the process group, so that another engine can start in this process.
+        self._finalizer = weakref.finalize(self, _release, processes)
 
     @classmethod
     def start(cls, config: EngineConfig, model_path: str, dtype: torch.dtype,
@@ -74,7 +76,7 @@ class TensorParallelExecutor:
             for process in processes:
                 process.start()
             groups.wait_joined(store, processes)
-            parallel = groups.init_groups(store, 0, size, device)
+            parallel = groups.init_groups(store, 0, size, groups.rank_device(device, 0))
             model = load_rank_model(model_path, layout, load_format=config.load_format, dtype=dtype, device=device,
                                     seed=config.seed, group=parallel.device_group)
         except BaseException:
@@ -154,6 +156,11 @@ class ParallelModelRunner(ModelRunner):
     def forward_logits(self, inputs: ForwardInputs) -> torch.Tensor:
         self.executor.broadcast(inputs)
         return self.executor.run_guarded(lambda: super(ParallelModelRunner, self).forward_logits(inputs))
+
+
+def _release(processes: list[multiprocessing.Process]) -> None:
+    _stop(processes, False)
+    groups.destroy_groups()
 
 
 def _stop(processes: list[multiprocessing.Process], graceful: bool) -> None:
