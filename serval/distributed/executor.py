@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing
+import pickle
 import weakref
 
 import torch
@@ -71,7 +72,7 @@ class TensorParallelExecutor:
         context = multiprocessing.get_context("spawn")
         processes = [context.Process(target=worker_main, name=f"serval-tp-rank-{rank}", daemon=True, args=(
             WorkerArgs(dataclasses.replace(layout, rank=rank), store.port, model_path, config, dtype, device,
-                       logging.getLogger().getEffectiveLevel()),)) for rank in range(1, size)]
+                       logging.getLogger().getEffectiveLevel(), _root_formatter()),)) for rank in range(1, size)]
         try:
             for process in processes:
                 process.start()
@@ -156,6 +157,18 @@ class ParallelModelRunner(ModelRunner):
     def forward_logits(self, inputs: ForwardInputs) -> torch.Tensor:
         self.executor.broadcast(inputs)
         return self.executor.run_guarded(lambda: super(ParallelModelRunner, self).forward_logits(inputs))
+
+
+def _root_formatter() -> logging.Formatter | None:
+    """The first root handler's formatter when it can travel to a spawned process (a test runner's may not)."""
+    handlers = logging.getLogger().handlers
+    if not handlers or handlers[0].formatter is None:
+        return None
+    try:
+        pickle.dumps(handlers[0].formatter)
+    except Exception:
+        return None
+    return handlers[0].formatter
 
 
 def _release(processes: list[multiprocessing.Process]) -> None:

@@ -41,6 +41,7 @@ class WorkerArgs:
     dtype: torch.dtype
     device: torch.device  # the engine's device; the worker runs on rank_device(device, rank)
     log_level: int
+    log_formatter: logging.Formatter | None  # the driver's (the server's JSON lines), so one log reads alike
 
 
 @dataclass
@@ -52,8 +53,10 @@ class RankSetup:
 
 def worker_main(args: WorkerArgs) -> None:
     """The spawned process's entry point."""
-    logging.basicConfig(level=args.log_level, format=f"%(asctime)s tp-rank-{args.layout.rank} %(levelname)s "
-                                                     "%(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(args.log_formatter or logging.Formatter(
+        f"%(asctime)s tp-rank-{args.layout.rank} %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level, handlers=[handler])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the driver decides
     _exit_with_parent(os.getppid())
     try:
