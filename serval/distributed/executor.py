@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import pickle
 import weakref
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -63,6 +64,9 @@ class TensorParallelExecutor:
         if config.quantization is not None:
             raise InvalidArgument("quantization", f"invalid engine argument quantization={config.quantization!r}: "
                                                   "tensor parallelism does not shard quantized layers yet")
+        if dist.is_initialized():
+            raise RuntimeError("this process already belongs to a torch.distributed group (another tensor-parallel "
+                               "engine?); shut that engine down first (LLMEngine.shutdown)")
         hf_config = load_config(model_path)
         try:
             layout = shard_layout(hf_config, 0, size)
@@ -81,7 +85,7 @@ class TensorParallelExecutor:
             model = load_rank_model(model_path, layout, load_format=config.load_format, dtype=dtype, device=device,
                                     seed=config.seed, group=parallel.device_group)
         except BaseException:
-            _stop(processes, True)
+            _release(processes)
             raise
         logger.info("tensor-parallel workers started", extra={
             "tensor_parallel_size": size, "worker_pids": [p.pid for p in processes],
@@ -93,8 +97,12 @@ class TensorParallelExecutor:
         with the all-reduces inside are not captured yet), and the KV pool's blocks, the fewest any rank holds."""
         config = dataclasses.replace(config, enforce_eager=True, async_scheduling=False)
         self.broadcast(RankSetup(config, kv_cache_dtype))
-        return config, self.run_guarded(lambda: agree_num_blocks(
-            num_kv_blocks(config, self.model, kv_cache_dtype, self.device), self.parallel))
+        try:
+            num_blocks = num_kv_blocks(config, self.model, kv_cache_dtype, self.device)
+        except ValueError:  # too little KV memory: the user's error as it is, and no worker left waiting
+            self._finalizer()
+            raise
+        return config, self.run_guarded(lambda: agree_num_blocks(num_blocks, self.parallel))
 
     def make_runner(self, num_blocks: int, config: EngineConfig, kv_cache_dtype: torch.dtype) -> ModelRunner:
         return ParallelModelRunner(self, num_blocks, config.block_size, kv_cache_dtype, self.device,
@@ -127,7 +135,7 @@ class TensorParallelExecutor:
             self._fail(f"tensor-parallel step failed ({type(error).__name__}: {error}); "
                        f"workers gone: {', '.join(dead) or 'none'}", error)
 
-    def _fail(self, message: str, cause: BaseException | None = None):
+    def _fail(self, message: str, cause: BaseException | None = None) -> NoReturn:
         self.failed = WorkerFailedError(message)
         logger.error("tensor parallelism failed; stopping the workers", extra={"reason": message})
         _stop(self.processes, False)

@@ -84,9 +84,6 @@ def init_groups(store: dist.TCPStore, rank: int, world_size: int, device: torch.
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if dist.is_initialized():
-        raise RuntimeError("this process already belongs to a torch.distributed group (another tensor-parallel "
-                           "engine?); shut that engine down first (LLMEngine.shutdown)")
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     control_group = dist.new_group(backend="gloo", timeout=_IDLE_TIMEOUT)
