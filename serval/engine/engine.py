@@ -56,8 +56,9 @@ class LLMEngine:
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(_checkpoint_dtype(model_path))
         started = time.monotonic()
-        # tensor_parallel_size > 1: worker processes hold the other shards (serval.distributed); this process is
-        # rank 0. Otherwise the model runs here, as it always has.
+        # tensor_parallel_size > 1 (or distributed_executor_backend="mp"): this process is rank 0 of the
+        # multi-process executor, whose workers hold the other shards (serval.distributed). Otherwise the model
+        # runs here, as it always has.
         self.executor = None
         if config.tensor_parallel_size > 1 or config.distributed_executor_backend == "mp":
             from serval.distributed.executor import TensorParallelExecutor
