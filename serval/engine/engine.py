@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from serval.layers.quant.kv_scales import enable_kv_scale_calculation
 from serval.config import EngineConfig
 from serval.engine.input_processor import InputProcessor, PromptType
 from serval.engine.kv_cache import KVCacheManager
@@ -63,6 +64,8 @@ class LLMEngine:
         # The model computes in self.dtype; the KV cache may be stored narrower (kv_cache_dtype="fp8").
         self.kv_cache_dtype = self.config.torch_kv_cache_dtype(self.dtype)
         num_blocks = num_kv_blocks(self.config, self.model, self.kv_cache_dtype, self.device)
+        if self.config.calculate_kv_scales:  # after the memory profile's forward, before graph capture
+            enable_kv_scale_calculation(self.model)
         self.kv_cache = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.kv_cache)
         self.runner = ModelRunner(self.model, num_blocks, self.config.block_size, self.kv_cache_dtype, self.device,
