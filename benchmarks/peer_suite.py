@@ -31,6 +31,7 @@ import gzip
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -409,12 +410,14 @@ def run_child(args, engine_name: str, precision: str, plan_path: str) -> dict:
     log_path = os.path.join(args.out, f"{engine_name}_{precision}.log")
     started = time.perf_counter()
     with open(log_path, "w") as log:
+        # Its own session, so that the engine processes it starts (vLLM's engine core) go with it.
+        child = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
         try:
-            done = subprocess.run(command, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=args.child_timeout)
-            returncode = done.returncode
+            returncode = child.wait(timeout=args.child_timeout)
         except subprocess.TimeoutExpired:
             returncode = "timeout"
+        end_session(child)
     result = {}
     if os.path.exists(result_path):
         with open(result_path) as f:
@@ -426,6 +429,31 @@ def run_child(args, engine_name: str, precision: str, plan_path: str) -> dict:
             result["log_tail"] = f.read()[-3000:]
     print(f"[{engine_name} {precision}] {json.dumps(compact(result))[:600]}", flush=True)
     return result
+
+
+def end_session(child: subprocess.Popen) -> None:
+    """Stop the child and whatever it started that outlived it, then wait until the GPU's memory is given back
+    (the next engine sizes its KV cache from what is free)."""
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    child.wait()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        used = gpu_memory_used_mib()
+        if used is None or used < 2048:
+            return
+        time.sleep(2)
+
+
+def gpu_memory_used_mib() -> float | None:
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=30)
+        return float(done.stdout.split()[0]) if done.returncode == 0 and done.stdout.strip() else None
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
 
 
 def compact(result: dict) -> dict:
