@@ -470,7 +470,8 @@ def print_formats_table(results: dict) -> None:
         out_512 = get(result, "serval_512x512x256", "output_tokens_per_s")
         roof = result.get("roofline", {}).get("roofline_tokens_per_s")
         share = f"{100 * batch1 / roof:.1f}%" if batch1 and roof else "-"
-        print(f"| {name} | {result['roofline']['bytes_per_token'] / 1e9:.3f} | {batch1 or float('nan'):.1f} | {share} | "
+        gb_per_token = result["roofline"]["bytes_per_token"] / 1e9
+        print(f"| {name} | {gb_per_token:.3f} | {batch1 or float('nan'):.1f} | {share} | "
               f"{_ratio(batch1, base_batch1)} | {out_512 or float('nan'):,.0f} | {_ratio(out_512, base_512)} |")
 
 

@@ -97,8 +97,7 @@ class ServalEngine:
     name = "serval"
 
     def __init__(self, plan: Plan, precision: str) -> None:
-        import torch  # noqa: F401 - imported here: the parent process needs neither engine's dependencies
-        from serval import LLM, SamplingParams
+        from serval import LLM, SamplingParams  # here: the parent process needs neither engine's dependencies
         self.sampling_params = SamplingParams
         options = PRECISIONS[precision]
         self.llm = LLM(model=plan.model, load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
@@ -566,7 +565,7 @@ def print_table(results: dict, rows: list[str]) -> None:
     print(f"\nServal vs vLLM: {results['device']}, {results['model']} (dummy weights), max_model_len "
           f"{results['settings']['max_model_len']}, max_num_seqs {results['settings']['max_num_seqs']}, "
           f"max_num_batched_tokens {results['settings']['max_num_batched_tokens']}; versions {versions}")
-    print(f"| measure | Serval | vLLM | Serval / vLLM |\n| --- | ---: | ---: | ---: |")
+    print("| measure | Serval | vLLM | Serval / vLLM |\n| --- | ---: | ---: | ---: |")
     for row in rows:
         precision, workload = row.split("-", 1)
         label = f"{'bf16' if precision == 'bf16' else 'fp8 weights + fp8 KV'}, {ROW_LABELS[workload]}"

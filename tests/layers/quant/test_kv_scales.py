@@ -101,7 +101,8 @@ def logprob_errors(llm: LLM, hf_model, prompts: list[list[int]]) -> float:
         with torch.no_grad():
             reference = torch.log_softmax(hf_model(torch.tensor([prompt + completion.token_ids])).logits[0], dim=-1)
         for step, token in enumerate(completion.token_ids):
-            errors.append(abs(completion.logprobs[step][token].logprob - reference[len(prompt) - 1 + step][token].item()))
+            row = reference[len(prompt) - 1 + step]
+            errors.append(abs(completion.logprobs[step][token].logprob - row[token].item()))
     return sum(errors) / len(errors)
 
 
