@@ -46,7 +46,8 @@ def default_cpu_kv_cache_blocks(bytes_per_block: int, max_blocks_per_sequence: i
 # step instead of queueing behind the first.
 LONG_PREFILL_BUDGET_FRACTION = 4
 
-_BOOL_FIELDS = ("skip_tokenizer_init", "enable_prefix_caching", "enable_chunked_prefill", "enforce_eager")
+_BOOL_FIELDS = ("skip_tokenizer_init", "enable_prefix_caching", "enable_chunked_prefill", "enforce_eager",
+                "calculate_kv_scales")
 
 
 def _bad(name: str, given, allowed: str) -> InvalidArgument:
@@ -82,6 +83,8 @@ class EngineConfig:
     async_scheduling: bool | None = None
     quantization: str | None = None  # None or "fp8" (from a half-precision checkpoint, at load time)
     kv_cache_dtype: str = "auto"  # auto (the model's dtype), fp8 or fp8_e4m3
+    # fp8 KV cache without scales in the checkpoint: take each layer's k/v scales from the first prefill batch.
+    calculate_kv_scales: bool = False
     # The most prompt tokens one request prefills in a step before the other requests have had their share,
     # so one long prompt can't hold back the others' first tokens. 0: no cap. None: a quarter of
     # max_num_batched_tokens. Budget left after every request had its share goes back to the long prefills.

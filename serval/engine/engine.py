@@ -23,6 +23,7 @@ from serval.engine.model_runner import DecodeInFlight, ModelRunner, ModelRunnerO
 from serval.engine.output_processor import OutputProcessor, RequestState, SampledToken, StepUpdate
 from serval.engine.request import Request, RequestStatus
 from serval.engine.scheduler import Scheduler, SchedulerOutput
+from serval.layers.quant.kv_scales import enable_kv_scale_calculation
 from serval.model.default_model import default_model_path
 from serval.model.loader import load_model
 from serval.openai.errors import InvalidArgument
@@ -76,6 +77,8 @@ class LLMEngine:
             num_blocks = num_kv_blocks(self.config, self.model, self.kv_cache_dtype, self.device)
         else:  # every rank sizes its pool (its heads, its memory); all take the smallest
             self.config, num_blocks = self.executor.configure(self.config, self.kv_cache_dtype)
+        if self.config.calculate_kv_scales:  # after the memory profile's forward, before graph capture
+            enable_kv_scale_calculation(self.model)
         self.kv_cache = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.kv_cache)
         if self.executor is None:

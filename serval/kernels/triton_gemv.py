@@ -12,8 +12,17 @@ W may also be float8 e4m3 with one float32 scale per row (quantization="fp8", se
 converted to float32 on load and the row's sum multiplied by its scale at the end, so an fp8 step reads half the
 bytes. The torch reference is x @ W.T (serval.layers.linear; for fp8, x @ (W * scale).T); the tests compare
 against it in the interpreter on CPU.
+
+The block configuration is chosen per GPU: benchmarks/gemv_bench.py --write-config times its grid on the GPU it
+runs on and writes configs/gemv,device=<GPU name>.json, one table for half-precision and one for float8 weights,
+each keyed by the projection's "NxK" with a "default" (the configuration fastest over a whole decode step). A shape
+the table lacks takes the device's default; a GPU without a table takes DEFAULT_CONFIG / FP8_CONFIG.
 """
 from __future__ import annotations
+
+import functools
+import json
+import os
 
 import torch
 import triton
@@ -30,6 +39,55 @@ FP8_CONFIG = (2, 4096, 8)
 # Block-scaled float8 (serval.layers.quant.fp8's block FP8): benchmarks/quant_kernel_tune.py's fastest on an H200
 # (1.6 to 3.3 TB/s over the Llama-3-8B projections; FP8_CONFIG reads the 4096-wide o projection at 0.5).
 BLOCK_SCALED_CONFIG = (4, 2048, 4)
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+# The tables' two sections: weights in the activations' half precision, and float8 weights with row scales.
+HALF, FLOAT8 = "half", "float8"
+
+
+def config_file_name(device_name: str) -> str:
+    return f"gemv,device={device_name.replace(' ', '_')}.json"
+
+
+def shape_key(n: int, k: int) -> str:
+    return f"{n}x{k}"
+
+
+@functools.cache
+def _load_table(path: str) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+@functools.cache
+def _device_table(device_index: int) -> dict | None:
+    return _load_table(os.path.join(CONFIG_DIR, config_file_name(torch.cuda.get_device_name(device_index))))
+
+
+def pick_config(table: dict | None, n: int, k: int, float8: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) for an N x K weight from a device's table: the shape's own entry, else the
+    table's default, else the built-in one."""
+    section = (table or {}).get(FLOAT8 if float8 else HALF) or {}
+    config = section.get(shape_key(n, k)) or section.get("default")
+    if config is None:
+        return FP8_CONFIG if float8 else DEFAULT_CONFIG
+    return tuple(int(v) for v in config)
+
+
+def get_config(n: int, k: int, float8: bool, device: torch.device) -> tuple[int, int, int]:
+    """The configuration for this GPU (its table under CONFIG_DIR, if benchmarks/gemv_bench.py wrote one)."""
+    table = _device_table(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else None
+    return pick_config(table, n, k, float8)
+
+
+def config_table_json(half: dict[str, tuple[int, int, int]], float8: dict[str, tuple[int, int, int]],
+                      device_name: str) -> str:
+    """A table as get_config reads it: {"device", "half": {"NxK" | "default": [BLOCK_N, BLOCK_K, num_warps]},
+    "float8": {...}} (what benchmarks/gemv_bench.py --write-config writes)."""
+    return json.dumps({"device": device_name, HALF: {key: list(c) for key, c in half.items()},
+                       FLOAT8: {key: list(c) for key, c in float8.items()}}, indent=1)
 
 
 @triton.jit
@@ -142,13 +200,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     """x [1, K] (any leading shape with one row) @ weight [N, K]^T + bias [N] -> [1, N], in x's dtype.
     gated: x is [1, 2K], a merged gate/up output, and the product is with silu(gate) * up (SwiGLU fused into the
     down projection: one kernel, and the [1, K] activation never goes to memory). Accumulates in float32, as
-    cuBLAS does. config: (BLOCK_N, BLOCK_K, num_warps). weight_scale [N] float32: weight is float8 and row n of
-    the product is multiplied by weight_scale[n]."""
+    cuBLAS does. config: (BLOCK_N, BLOCK_K, num_warps); None: this GPU's tuned one (get_config). weight_scale [N]
+    float32: weight is float8 and row n of the product is multiplied by weight_scale[n]."""
     n, k = weight.shape
     assert x.numel() == (2 * k if gated else k) and weight.stride(1) == 1, (x.shape, weight.shape, weight.stride())
     x = x.reshape(-1).contiguous()
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    block_n, block_k, num_warps = config or (FP8_CONFIG if weight_scale is not None else DEFAULT_CONFIG)
+    block_n, block_k, num_warps = config or get_config(n, k, weight_scale is not None, x.device)
     block_k = min(block_k, triton.next_power_of_2(k))
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, weight_scale if weight_scale is not None else weight, bias if bias is not None else weight, y, n,
