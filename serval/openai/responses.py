@@ -242,7 +242,8 @@ class ResponsesRequest(SamplingFields):
         choice = self._named_choice() or self.tool_choice
         if not self.tools or (choice == "auto" and not parse_auto):
             choice = "none"
-        return ChatToolFields(self.template_tools() or [], choice, self.parallel_tool_calls,
+        # parameters as given: a tool without them gets the grammar's "no arguments", not an open object
+        return ChatToolFields([tool.template_dict() for tool in self._chat_tools()], choice, self.parallel_tool_calls,
                               self.chat_template_kwargs)
 
     def unsupported(self) -> tuple[str, str] | None:
