@@ -171,3 +171,20 @@ def test_reasoning_is_an_item_and_counted_and_json_follows_it(client):
     if reasoning:
         done = [event.type for event in events if event.type.startswith("response.reasoning_text")][-1]
         assert done == "response.reasoning_text.done"
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"tools": [WEATHER, WEATHER]}, "tools[1].name"),
+    ({"tools": [{**WEATHER, "name": "bad name"}]}, "tools[0].name"),
+    ({"tools": [{**WEATHER, "parameters": {"type": "array"}}]}, "tools[0].parameters"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": []}}, "tool_choice"),
+], ids=["duplicate", "bad-name", "array-schema", "unknown-named", "required-without-tools", "allowed-tools"])
+def test_bad_tools_are_400s_naming_the_field(server, client, fields, param):
+    import httpx
+
+    answer = httpx.post(server.url + "/v1/responses", json={"model": MODEL, "input": "hi", **fields}, timeout=60)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == param, answer.json()
+    assert client.responses.create(model=MODEL, input="alive?", max_output_tokens=2).status == "incomplete"

@@ -161,3 +161,21 @@ def test_item_pages():
     with pytest.raises(InvalidArgument) as error:
         item_page(items, 2, "asc", "nope")
     assert error.value.param == "after"
+
+
+def test_tool_fields_as_the_chat_path_reads_them():
+    from serval.openai.tools import NamedToolChoice
+    clock = {"type": "function", "name": "now"}
+    body = request(tools=[WEATHER, clock], tool_choice={"type": "function", "name": "now"}, parallel_tool_calls=False)
+    fields = body.chat_tool_fields(parse_auto=False)
+    assert fields.resolved_tool_choice() == NamedToolChoice(function={"name": "now"})
+    assert fields.parallel_tool_calls is False
+    # a tool without parameters stays without them: the grammar then allows only "{}"
+    assert fields.tool_dicts()[1] == {"type": "function", "function": {"name": "now"}}
+    assert fields.tool_dicts()[0]["function"]["parameters"] == WEATHER["parameters"]
+    auto = request(tools=[WEATHER])
+    assert auto.chat_tool_fields(parse_auto=True).resolved_tool_choice() == "auto"
+    assert auto.chat_tool_fields(parse_auto=False).resolved_tool_choice() == "none"
+    assert request().chat_tool_fields(parse_auto=True).resolved_tool_choice() == "none"  # no tools
+    with pytest.raises(ValidationError, match="duplicate"):
+        request(tools=[WEATHER, WEATHER])
