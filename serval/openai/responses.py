@@ -1,6 +1,7 @@
 """OpenAI's Responses API on the wire: the request body (pydantic), its input items in one canonical shape (the
 shape `GET /v1/responses/{id}/input_items` returns and the store keeps), the step from items to chat-template
-messages, the response object, and the typed stream events with their sequence numbers.
+messages, the tool fields as the chat path reads them, and the response object (its output items and stream
+events are assembled in response_output.py).
 
 Items are plain dicts in OpenAI's shapes from the moment they are validated: they go to the client, to SQLite and
 back to the chat template without another model in between. The item shapes and event names are those of the
@@ -20,7 +21,6 @@ from pydantic import Field, StrictStr, field_validator, model_validator
 from serval.openai.errors import InvalidArgument
 from serval.openai.protocol import (Bool, JsonSchemaFormat, OpenAIBase, PositiveInt, ResponseFormat,
                                     SamplingFields, random_id)
-from serval.openai.response_output import EventSequence, OutputAssembler
 from serval.openai.tools import ChatCompletionTool, NamedToolChoice, check_tools
 from serval.sampling_params import SamplingParams
 

@@ -12,7 +12,8 @@ from openai.types.responses import Response, ResponseItem, ResponseStreamEvent
 from pydantic import TypeAdapter, ValidationError
 
 from serval.openai.errors import InvalidArgument
-from serval.openai.responses import (EventSequence, OutputAssembler, ResponsesRequest, chat_messages, item_page,
+from serval.openai.response_output import EventSequence, OutputAssembler
+from serval.openai.responses import (ResponsesRequest, chat_messages, item_page,
                                      response_object, response_status, usage)
 from serval.sampling_params import StructuredOutputsParams
 
