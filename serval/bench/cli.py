@@ -37,6 +37,13 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--model", default=None, help="model name sent in requests")
     target.add_argument("--api", choices=("completions", "chat"), default="completions")
     target.add_argument("--no-ignore-eos", action="store_true", help="don't send ignore_eos (strict OpenAI servers)")
+    tools = parser.add_argument_group("tools (chat)")
+    tools.add_argument("--tools", dest="tools_file", default=None, metavar="FILE.json",
+                       help="function tools sent with every chat request (a JSON list, or one under 'tools')")
+    tools.add_argument("--tool-workload", action="store_true",
+                       help="send the built-in tools (weather, flights, calendar, orders, time)")
+    tools.add_argument("--tool-choice", default=None,
+                       help="none, auto (default with tools), required, or a tool's name (a named function)")
     load = parser.add_argument_group("load")
     load.add_argument("--request-rate", type=float, default=math.inf, help="req/s (default inf: all at once)")
     load.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 is Poisson, <1 burstier")
@@ -76,11 +83,15 @@ def run_serve(args) -> int:
     from serval.bench.tokenizer import load_tokenizer
     from serval.bench.workloads import build_workload
 
+    from serval.bench.tools import tool_options
+
     endpoints = load_endpoints(args.base_url, args.endpoints, args.model, args.api)
+    tools = tool_options(args.tools_file, args.tool_workload, args.tool_choice, args.api)
     rates = [float(rate) for rate in args.sweep.split(",")] if args.sweep else [args.request_rate]
     load = LoadConfig(request_rate=rates[0], burstiness=args.burstiness, max_concurrency=args.max_concurrency,
                       duration=args.duration, num_warmups=args.num_warmups, timeout=args.request_timeout,
-                      ignore_eos=not args.no_ignore_eos, seed=args.seed, progress=not args.disable_tqdm)
+                      ignore_eos=not args.no_ignore_eos, seed=args.seed, progress=not args.disable_tqdm,
+                      tools=tools)
     config = ServeConfig(workload=workload_config(args), load=load, rates=rates, slo=parse_slo(args.slo),
                          slo_attainment=args.slo_attainment, gpu_hour_price=args.gpu_hour_price,
                          num_gpus=args.num_gpus, tokenizer=args.tokenizer)

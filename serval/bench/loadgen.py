@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from serval.bench.endpoints import Endpoint
 from serval.bench.metrics import RequestResult
 from serval.bench.tokenizer import BenchTokenizer
+from serval.bench.tools import ToolOptions
 from serval.bench.workloads import BenchRequest
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ class LoadConfig:
     ignore_eos: bool = True  # vLLM/SGLang extension so outputs have the asked length; off for strict OpenAI servers
     seed: int = 0
     progress: bool = True
+    tools: ToolOptions | None = None  # chat: the tools and tool_choice every request carries
 
     def __post_init__(self) -> None:
         if not self.request_rate > 0:
@@ -54,7 +56,8 @@ def arrival_intervals(rng: np.random.Generator, rate: float, burstiness: float):
         yield 0.0 if math.isinf(rate) else float(rng.gamma(shape=burstiness, scale=1.0 / (rate * burstiness)))
 
 
-def build_body(endpoint: Endpoint, request: BenchRequest, history: list[dict], ignore_eos: bool) -> dict:
+def build_body(endpoint: Endpoint, request: BenchRequest, history: list[dict], ignore_eos: bool,
+               tools: ToolOptions | None = None) -> dict:
     body = {"model": endpoint.model, "max_tokens": request.output_len, "temperature": 0.0, "stream": True,
             "stream_options": {"include_usage": True}}
     if ignore_eos:
@@ -63,6 +66,8 @@ def build_body(endpoint: Endpoint, request: BenchRequest, history: list[dict], i
                                      *history, {"role": "user", "content": request.user}]
     if endpoint.api == "chat":
         body["messages"] = messages
+        if tools is not None:
+            body.update(tools.body_fields())
     elif request.messages or history:
         body["prompt"] = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
     else:
@@ -100,14 +105,14 @@ async def stream_request(session: aiohttp.ClientSession, endpoint: Endpoint, bod
                     return
                 now = time.perf_counter() - origin
                 choices = chunk.get("choices") or []
-                text = (choices[0].get("delta", {}).get("content") if chat else choices[0].get("text")) if choices else None
-                if text:
+                text, arrived = _chunk_output(choices[0], chat, result) if choices else (None, False)
+                if arrived:
                     if result.ttft is None:
                         result.ttft = now - result.sent
                     else:
                         result.itl.append(now - last)
                     last = now
-                    result.output_text += text
+                    result.output_text += text or ""
                 if chunk.get("usage"):
                     result.prompt_tokens = chunk["usage"].get("prompt_tokens", 0)
                     result.output_tokens = chunk["usage"].get("completion_tokens", 0)
@@ -122,6 +127,21 @@ async def stream_request(session: aiohttp.ClientSession, endpoint: Endpoint, bod
         result.error_type, result.error = type(error).__name__, str(error)[:300]
     finally:
         result.end = time.perf_counter() - origin
+
+
+def _chunk_output(choice: dict, chat: bool, result: RequestResult) -> tuple[str | None, bool]:
+    """(the chunk's content text, whether it carried any output): a chat delta's reasoning and tool-call
+    fragments are output too (their tokens are in usage), so they time the stream like text does."""
+    if not chat:
+        text = choice.get("text")
+        return text, bool(text)
+    delta = choice.get("delta") or {}
+    text = delta.get("content")
+    calls = delta.get("tool_calls") or []
+    result.tool_calls += sum(1 for call in calls if call.get("id"))
+    fragments = "".join((call.get("function") or {}).get("arguments") or "" for call in calls)
+    named = any((call.get("function") or {}).get("name") for call in calls)
+    return text, bool(text or delta.get("reasoning_content") or fragments or named)
 
 
 class Run:
@@ -151,7 +171,7 @@ class Run:
             result.scheduled = max(scheduled, time.perf_counter() - origin)
         history = self.histories.setdefault(conversation, []) if conversation is not None else []
         try:
-            body = build_body(self.endpoint, request, history, self.config.ignore_eos)
+            body = build_body(self.endpoint, request, history, self.config.ignore_eos, self.config.tools)
             if slots is not None:
                 async with slots:
                     await stream_request(session, self.endpoint, body, result, origin, self.config.timeout)
@@ -170,7 +190,8 @@ class Run:
     async def warm_up(self, session) -> None:
         if not self.config.num_warmups:
             return
-        bodies = [build_body(self.endpoint, self.workload[i % len(self.workload)], [], self.config.ignore_eos)
+        bodies = [build_body(self.endpoint, self.workload[i % len(self.workload)], [], self.config.ignore_eos,
+                             self.config.tools)
                   for i in range(self.config.num_warmups)]
         origin = time.perf_counter()
         await asyncio.gather(*(stream_request(session, self.endpoint, body, RequestResult(-1, 0.0), origin,

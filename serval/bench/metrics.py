@@ -36,6 +36,7 @@ class RequestResult:
     conversation_id: int | None = None
     turn: int = 0
     output_text: str = ""
+    tool_calls: int = 0  # chat: calls the streamed answer made (their tokens are in output_tokens, from usage)
 
     @property
     def success(self) -> bool:
@@ -119,6 +120,8 @@ def summarize(results: list[RequestResult], slo: dict[str, float] | None = None)
         "errors": dict(Counter(r.error_type for r in results if not r.success)),
         "duration_s": duration, "total_input_tokens": input_tokens, "total_output_tokens": output_tokens,
         "usage_from_server": bool(done) and all(r.usage_from_server for r in done),
+        "tool_calls": sum(r.tool_calls for r in done),
+        "requests_with_tool_calls": sum(1 for r in done if r.tool_calls),
         "request_throughput": per_second(len(done)), "output_throughput": per_second(output_tokens),
         "total_token_throughput": per_second(input_tokens + output_tokens),
         "slo_ms": {key: value * 1000.0 for key, value in slo.items()},

@@ -14,6 +14,7 @@ ROWS = [  # (label, path into a run, format)
     ("Benchmark duration (s)", ("summary", "duration_s"), "{:.2f}"),
     ("Total input tokens", ("summary", "total_input_tokens"), "{:d}"),
     ("Total output tokens", ("summary", "total_output_tokens"), "{:d}"),
+    ("Requests with tool calls", ("summary", "requests_with_tool_calls"), "{:d}"),
     ("Request throughput (req/s)", ("summary", "request_throughput"), "{:.2f}"),
     ("Output token throughput (tok/s)", ("summary", "output_throughput"), "{:.1f}"),
     ("Total token throughput (tok/s)", ("summary", "total_token_throughput"), "{:.1f}"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 from serval.bench.cost import run_cost
@@ -52,7 +53,7 @@ def bench_endpoint(endpoint: Endpoint, workload: list[BenchRequest], config: Ser
     """Runs every rate (stopping after the first that misses the SLOs); returns the endpoint's summary and results."""
     runs, per_rate = [], {}
     for rate in sorted(config.rates):
-        load = LoadConfig(**{**asdict(config.load), "request_rate": rate})
+        load = dataclasses.replace(config.load, request_rate=rate)
         label = f"rate={rate_json(rate)}"
         results = run_endpoint(endpoint, workload, load, tokenizer, label)
         summary = summarize(results, config.slo)

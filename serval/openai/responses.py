@@ -1,6 +1,7 @@
 """OpenAI's Responses API on the wire: the request body (pydantic), its input items in one canonical shape (the
 shape `GET /v1/responses/{id}/input_items` returns and the store keeps), the step from items to chat-template
-messages, the response object, and the typed stream events with their sequence numbers.
+messages, the tool fields as the chat path reads them, and the response object (its output items and stream
+events are assembled in response_output.py).
 
 Items are plain dicts in OpenAI's shapes from the moment they are validated: they go to the client, to SQLite and
 back to the chat template without another model in between. The item shapes and event names are those of the
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Annotated, Literal, Union
 
 from pydantic import Field, StrictStr, field_validator, model_validator
@@ -19,6 +21,7 @@ from pydantic import Field, StrictStr, field_validator, model_validator
 from serval.openai.errors import InvalidArgument
 from serval.openai.protocol import (Bool, JsonSchemaFormat, OpenAIBase, PositiveInt, ResponseFormat,
                                     SamplingFields, random_id)
+from serval.openai.tools import ChatCompletionTool, NamedToolChoice, check_tools
 from serval.sampling_params import SamplingParams
 
 ItemStatus = Literal["in_progress", "completed", "incomplete"]
@@ -99,6 +102,13 @@ class ToolChoiceObject(OpenAIBase):
     type: StrictStr
     name: StrictStr | None = None
 
+    @model_validator(mode="after")
+    def _a_function(self):
+        if self.type != "function" or self.name is None:
+            raise ValueError(f"tool_choice {{'type': {self.type!r}}} is not supported: give 'none', 'auto', "
+                             "'required' or {'type': 'function', 'name': ...} naming one of the function tools")
+        return self
+
 
 class TextFormat(OpenAIBase):
     type: Literal["text", "json_object", "json_schema"]
@@ -133,6 +143,7 @@ class ResponsesRequest(SamplingFields):
     background: Bool = False
     truncation: Literal["disabled", "auto"] = "disabled"
     reasoning: dict | None = None
+    chat_template_kwargs: dict | None = None  # vLLM's extension, as in chat (e.g. {"enable_thinking": false})
     conversation: StrictStr | dict | None = None
     # One answer per request: the Responses API has no `n`.
     n: Literal[1] = 1
@@ -174,6 +185,16 @@ class ResponsesRequest(SamplingFields):
         return value
 
     @model_validator(mode="after")
+    def _tools_consistent(self):
+        """The chat API's checks (names, schemas, duplicates, tool_choice naming a tool), under this API's
+        field names."""
+        try:
+            check_tools(self._chat_tools(), self._named_choice() or self.tool_choice)
+        except InvalidArgument as error:
+            raise InvalidArgument(error.param.replace(".function.", "."), str(error)) from None
+        return self
+
+    @model_validator(mode="after")
     def _text_format_is_the_response_format(self):
         """text.format takes the chat API's response_format path to StructuredOutputsParams."""
         text_format = self.text.format if self.text is not None else None
@@ -205,6 +226,26 @@ class ResponsesRequest(SamplingFields):
             "parameters": tool.parameters if tool.parameters is not None else {"type": "object", "properties": {}}}}
             for tool in self.tools]
 
+    def _chat_tools(self) -> list[ChatCompletionTool]:
+        return [ChatCompletionTool(function=tool.model_dump(exclude={"type"}, exclude_none=True))
+                for tool in self.tools]
+
+    def _named_choice(self) -> NamedToolChoice | None:
+        if isinstance(self.tool_choice, ToolChoiceObject):
+            return NamedToolChoice(function={"name": self.tool_choice.name})
+        return None
+
+    def chat_tool_fields(self, parse_auto: bool) -> "ChatToolFields":
+        """The tool fields as the chat path reads them. Without the server's auto parsing (`parse_auto` false:
+        no --enable-auto-tool-choice and --tool-call-parser) "auto", this API's default, renders the tools and
+        leaves the text unparsed, where chat completions would refuse the request."""
+        choice = self._named_choice() or self.tool_choice
+        if not self.tools or (choice == "auto" and not parse_auto):
+            choice = "none"
+        # parameters as given: a tool without them gets the grammar's "no arguments", not an open object
+        return ChatToolFields([tool.template_dict() for tool in self._chat_tools()], choice, self.parallel_tool_calls,
+                              self.chat_template_kwargs)
+
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for what this server refuses rather than ignores, or None."""
         if self.background:
@@ -215,11 +256,6 @@ class ResponsesRequest(SamplingFields):
         if self.truncation == "auto":
             return "truncation", ("truncation 'auto' is not supported: the server does not drop input items; a "
                                   "context that is too long is a 400 (context_length_exceeded)")
-        if not isinstance(self.tool_choice, str) or self.tool_choice == "required":
-            # Forcing a call needs the tool-call parsers and a constraint on the output; until they are wired in,
-            # a forced call that could silently not happen is refused.
-            return "tool_choice", ("tool_choice 'required' or a named tool is not yet supported; use 'auto' or "
-                                   "'none'")
         return None
 
     def input_items(self) -> list[dict]:
@@ -227,6 +263,22 @@ class ResponsesRequest(SamplingFields):
         if isinstance(self.input, str):
             return [message_item("user", self.input)]
         return [canonical_item(item) for item in self.input]
+
+
+@dataclass
+class ChatToolFields:
+    """A Responses request's tools under the chat API's names: what the chat path's output-parser and tool-grammar
+    builders (server/admission.py) read from a chat request."""
+    tools: list[dict]
+    tool_choice: str | NamedToolChoice
+    parallel_tool_calls: bool
+    chat_template_kwargs: dict | None
+
+    def tool_dicts(self) -> list[dict]:
+        return self.tools
+
+    def resolved_tool_choice(self) -> str | NamedToolChoice:
+        return self.tool_choice
 
 
 def message_item(role: str, text: str, item_id: str | None = None) -> dict:
@@ -325,11 +377,10 @@ def response_status(finish_reason: str | None) -> tuple[str, dict | None]:
     return "completed", None
 
 
-def usage(input_tokens: int, output_tokens: int, cached_tokens: int) -> dict:
-    # Serval has no reasoning parser wired in yet, so no output token is counted as reasoning.
+def usage(input_tokens: int, output_tokens: int, cached_tokens: int, reasoning_tokens: int = 0) -> dict:
     return {"input_tokens": input_tokens, "output_tokens": output_tokens, "total_tokens": input_tokens + output_tokens,
             "input_tokens_details": {"cached_tokens": cached_tokens, "cache_write_tokens": 0},
-            "output_tokens_details": {"reasoning_tokens": 0}}
+            "output_tokens_details": {"reasoning_tokens": reasoning_tokens}}
 
 
 def response_object(response_id: str, model: str, body: ResponsesRequest, created_at: int, status: str,
@@ -350,73 +401,6 @@ def response_object(response_id: str, model: str, body: ResponsesRequest, create
                  else {"type": "text"}},
         "truncation": body.truncation, "user": body.user, "store": body.store, "background": False,
         "reasoning": body.reasoning}
-
-
-# ---------------------------------------------------------------- stream events
-class EventSequence:
-    """Stream events numbered in the order they are sent (`sequence_number`, from 0)."""
-
-    def __init__(self) -> None:
-        self.next_number = 0
-
-    def event(self, kind: str, **fields) -> dict:
-        event = {"type": kind, "sequence_number": self.next_number, **fields}
-        self.next_number += 1
-        return event
-
-
-class OutputAssembler:
-    """The model's text as output items, and, for a stream, the events that build them.
-
-    THE PARSER HOOK: today all text is one `message` item with one `output_text` part. When the tool-call and
-    reasoning parsers (serval/openai/tool_parsers/, serval/openai/reasoning/) are wired in, `feed` routes each
-    delta through them and opens `reasoning` and `function_call` items (with their
-    `response.reasoning_text.delta` / `response.function_call_arguments.delta` events) beside the message; both
-    the whole and the streamed answer are assembled here, so nothing else changes.
-    """
-
-    def __init__(self, events: EventSequence) -> None:
-        self.events = events
-        self.items: list[dict] = []
-        self.message_id = random_id("msg")
-        self.text = ""
-        self.opened = False
-
-    def _open_message(self) -> list[dict]:
-        self.opened = True
-        self.items.append({"id": self.message_id, "type": "message", "role": "assistant", "content": [],
-                           "status": "in_progress"})
-        return [self.events.event("response.output_item.added", output_index=self._index(),
-                                  item=dict(self.items[-1])),
-                self.events.event("response.content_part.added", item_id=self.message_id,
-                                  output_index=self._index(), content_index=0,
-                                  part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})]
-
-    def _index(self) -> int:
-        return next(i for i, item in enumerate(self.items) if item["id"] == self.message_id)
-
-    def feed(self, delta: str) -> list[dict]:
-        """The events for `delta`, the next text of the answer."""
-        opening = [] if self.opened else self._open_message()
-        if not delta:
-            return opening
-        self.text += delta
-        return opening + [self.events.event("response.output_text.delta", item_id=self.message_id,
-                                            output_index=self._index(), content_index=0, delta=delta, logprobs=[])]
-
-    def finish(self, item_status: str) -> list[dict]:
-        """The closing events; `items` is then the answer's output."""
-        closing = [] if self.opened else self._open_message()
-        index = self._index()
-        part = {"type": "output_text", "text": self.text, "annotations": [], "logprobs": []}
-        message = self.items[index]
-        message.update(content=[part], status=item_status)
-        return closing + [
-            self.events.event("response.output_text.done", item_id=self.message_id, output_index=index,
-                              content_index=0, text=self.text, logprobs=[]),
-            self.events.event("response.content_part.done", item_id=self.message_id, output_index=index,
-                              content_index=0, part=part),
-            self.events.event("response.output_item.done", output_index=index, item=message)]
 
 
 def item_page(items: list[dict], limit: int, order: str, after: str | None) -> dict:

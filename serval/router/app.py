@@ -10,6 +10,7 @@ import signal
 import time
 import uuid
 
+import aiohttp
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -23,8 +24,9 @@ from serval.openai.errors import APIError
 from serval.openai.http import OFF_LOOP_BYTES, json_object, parse_json_body, read_body
 from serval.router import metrics as m
 from serval.router.config import RouterConfig
-from serval.router.gateway import RoutedRequest, Router
+from serval.router.gateway import BACKEND_HEADER, RoutedRequest, Router
 from serval.router.guarding import RouterGuardSession
+from serval.router.responses import RESPONSES_PATH, client_owner, not_found as response_not_found
 
 logger = logging.getLogger("serval.router")
 
@@ -38,6 +40,12 @@ def build_app(router: Router) -> Starlette:
     async def chat_completions(raw: Request) -> Response:
         return await handle(router, raw, "/v1/chat/completions")
 
+    async def create_response(raw: Request) -> Response:
+        return await handle(router, raw, RESPONSES_PATH)
+
+    async def stored_response(raw: Request) -> Response:
+        return await forward_stored(router, raw)
+
     async def models(_: Request) -> Response:
         return JSONResponse(model_list(router))
 
@@ -49,7 +57,7 @@ def build_app(router: Router) -> Starlette:
 
     async def not_found(raw: Request, _exc) -> Response:
         return APIError(404, f"No route {raw.method} {raw.url.path}; the router serves /v1/completions, "
-                             "/v1/chat/completions, /v1/models, /health, /metrics.",
+                             "/v1/chat/completions, /v1/responses, /v1/models, /health, /metrics.",
                         type="not_found_error").response()
 
     async def not_allowed(raw: Request, _exc) -> Response:
@@ -68,6 +76,10 @@ def build_app(router: Router) -> Starlette:
 
     routes = [Route("/v1/completions", completions, methods=["POST"]),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+              Route(RESPONSES_PATH, create_response, methods=["POST"]),
+              Route(RESPONSES_PATH + "/{response_id}", stored_response, methods=["GET", "DELETE"]),
+              Route(RESPONSES_PATH + "/{response_id}/input_items", stored_response, methods=["GET"]),
+              Route(RESPONSES_PATH + "/{response_id}/cancel", stored_response, methods=["POST"]),
               Route("/v1/models", models, methods=["GET"]),
               Route("/health", health, methods=["GET"]),
               Route("/metrics", metrics, methods=["GET"])]
@@ -107,6 +119,8 @@ async def handle(router: Router, raw: Request, path: str) -> Response:
     try:
         if router.config.api_keys and not (router.guard is not None and router.guard.requires_keys):
             check_api_key(raw.headers.get("authorization"), router.config.api_keys)  # else the policy's keys decide
+        if path == RESPONSES_PATH:
+            refuse_responses_under_policy(router)
         body_bytes = await read_body(raw, router.config.max_body_bytes)
         # Large bodies are parsed on a thread, so one of them doesn't hold up every stream the router relays.
         parsed = (await asyncio.to_thread(parse_json_body, body_bytes) if len(body_bytes) > OFF_LOOP_BYTES
@@ -114,7 +128,8 @@ async def handle(router: Router, raw: Request, path: str) -> Response:
         body = json_object(parsed)
         if await session.admit(body, raw.headers):
             body_bytes = json.dumps(body).encode()
-        request = RoutedRequest(path, body, body_bytes, raw.headers, request_id, router.clock(), session)
+        request = RoutedRequest(path, body, body_bytes, raw.headers, request_id, router.clock(), session,
+                                client_owner(raw.headers.get("authorization"), bool(router.config.api_keys)))
         try:
             response = await until_disconnect(raw, router.route(request))
         finally:
@@ -127,6 +142,45 @@ async def handle(router: Router, raw: Request, path: str) -> Response:
         logger.exception("unexpected error while routing", extra={"request_id": request_id})
         return APIError(500, "The router failed on this request; its log has the details (request id "
                              f"{request_id}).", type="server_error").response()
+
+
+def refuse_responses_under_policy(router: Router) -> None:
+    # The router's rails read chat messages and completion prompts; Responses items would pass them unread.
+    if router.guard is not None:
+        raise APIError(400, "This router runs a guard policy, whose rails do not read the Responses API's items: "
+                            "/v1/responses is refused here. Put the policy on the backends (serval serve --policy) "
+                            "to serve it.", param=None, code="unsupported_with_policy")
+
+
+async def forward_stored(router: Router, raw: Request) -> Response:
+    """GET/DELETE /v1/responses/{id} (and input_items, cancel) on the backend that stores the response."""
+    response_id = raw.path_params["response_id"]
+    try:
+        if router.config.api_keys:
+            check_api_key(raw.headers.get("authorization"), router.config.api_keys)
+        refuse_responses_under_policy(router)
+        home = router.response_homes.find(response_id, client_owner(raw.headers.get("authorization"),
+                                                                    bool(router.config.api_keys)))
+        if home is None:
+            raise response_not_found(response_id)
+        backend = router.backends[home.backend]
+        headers = {"accept-encoding": "identity"}
+        if backend.config.api_key:
+            headers["authorization"] = f"Bearer {backend.config.api_key}"
+        url = backend.config.url + raw.url.path + (f"?{raw.url.query}" if raw.url.query else "")
+        try:
+            async with router.session.request(raw.method, url, headers=headers) as answer:
+                content, status = await answer.read(), answer.status
+                content_type = answer.headers.get("content-type")
+        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+            raise APIError(503, f"Backend {backend.name}, which stores response '{response_id}', did not answer "
+                                f"({type(error).__name__}); retry later.", type="server_error",
+                           code="backend_unavailable") from None
+    except APIError as error:
+        return error.response()
+    if raw.method == "DELETE" and status == 200:
+        router.response_homes.forget(response_id)
+    return Response(content, status_code=status, media_type=content_type, headers={BACKEND_HEADER: backend.name})
 
 
 def serve(config: RouterConfig, host: str, port: int, guard=None, access_log: bool = False,

@@ -37,6 +37,8 @@ from serval.router.health import check_all, health_loop
 from serval.router.policies import make_policy
 from serval.router.relay import StreamRelay
 from serval.router.request_info import RouteRequest, route_request
+from serval.router.responses import RESPONSES_PATH, ResponseHome, ResponseHomes, StreamIdReader, not_found, \
+    whole_response_id
 
 logger = logging.getLogger("serval.router")
 
@@ -52,13 +54,14 @@ DEFAULT_RETRY_AFTER_S = 1
 @dataclass
 class RoutedRequest:
     """One client request as the router received it: what each attempt sends and logs."""
-    path: str  # /v1/completions or /v1/chat/completions
+    path: str  # /v1/completions, /v1/chat/completions or /v1/responses
     body: dict
     body_bytes: bytes  # sent as they are when the backend takes the model name the client gave
     headers: Headers  # the client's (trace context is forwarded, the session header read)
     request_id: str
     started: float  # the router's clock when the request arrived
     session: RouterGuardSession  # a pass-through one without --policy
+    owner: str = ""  # who stored responses belong to (serval.router.responses.client_owner)
 
     @property
     def chat(self) -> bool:
@@ -86,6 +89,7 @@ class Router:
         if guard is not None:
             guard.observers.append(GuardMetricsObserver(self.metrics.guard_decisions, self.metrics.guard_latency))
         self.session: aiohttp.ClientSession | None = None
+        self.response_homes = ResponseHomes()  # which backend stores each relayed Responses API response
         self._health_task: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -147,6 +151,7 @@ class Router:
     async def route(self, request: RoutedRequest) -> Response:
         group = self.resolve_group(request.body)
         info = route_request(request.body, request.headers, group.session_header)
+        home = self._previous_response_home(request, group)
         tried: set[str] = set()
         failures: list[str] = []
         fallbacks_left = list(self.config.context_window_fallbacks.get(group.name, []))
@@ -161,6 +166,8 @@ class Router:
                                param="messages", code="unsupported_request")
             candidates, excluded = self.candidates(group, tried)
             candidates = [backend for backend in candidates if backend.name in capable]
+            if home is not None:  # the conversation's state is in that backend's store: nowhere else will do
+                candidates = [backend for backend in candidates if backend.name == home]
             fitting = [backend for backend in candidates if self.fits(backend, info)]
             if not fitting and candidates and fallbacks_left:
                 group = self._fall_back(group, fallbacks_left, "estimated prompt too long")
@@ -199,6 +206,29 @@ class Router:
                     continue
                 last = failure
                 failed_tries += failure.reached_backend
+
+    def _previous_response_home(self, request: RoutedRequest, group: GroupConfig) -> str | None:
+        """The backend a Responses API continuation must go to, when the router relayed the previous response."""
+        previous = request.body.get("previous_response_id") if request.path == RESPONSES_PATH else None
+        if not isinstance(previous, str) or not self.response_homes.is_known(previous):
+            return None  # unknown here: the backend it lands on answers from its own store
+        home = self.response_homes.find(previous, request.owner)
+        if home is None:
+            raise not_found(previous, "previous_response_id")
+        return home.backend if home.backend in group.backends else None
+
+    def _remember_response(self, attempt: Attempt, response_id: str | None) -> None:
+        if response_id is not None:
+            self.response_homes.remember(response_id, ResponseHome(attempt.backend.name, attempt.request.owner))
+
+    async def _remembering(self, attempt: Attempt, first: bytes, chunks):
+        """The stream's chunks as they are, the response id read from its first event on the way."""
+        reader = StreamIdReader()
+        self._remember_response(attempt, reader.feed(first))
+        async for chunk in chunks:
+            if not reader.done:
+                self._remember_response(attempt, reader.feed(chunk))
+            yield chunk
 
     def resolve_group(self, body: dict) -> GroupConfig:
         model = body.get("model")
@@ -283,6 +313,8 @@ class Router:
             self.metrics.first_byte_latency.labels(backend.name).observe(first_byte)
             backend.observe_ttft(first_byte)
             handed_over = True
+            if request.path == RESPONSES_PATH:
+                chunks = self._remembering(attempt, first, chunks)
             rewriter = request.session.stream_rewriter(request.chat)
             relay = StreamRelay(self, attempt, response, first, chunks, rewriter)
             return ClosingStreamingResponse(relay.events(), relay.close, status_code=200,
@@ -331,6 +363,8 @@ class Router:
         self.metrics.first_byte_latency.labels(backend.name).observe(self.clock() - sent)
         if status == 200:
             content = request.session.filter_whole(content, request.chat)  # output rails, and the usage to charge
+            if request.path == RESPONSES_PATH:
+                self._remember_response(attempt, whole_response_id(content))
         relayed = Response(content, status_code=status, media_type=response.headers.get("content-type"),
                            headers=headers)
         if status >= 500:

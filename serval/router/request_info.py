@@ -36,14 +36,19 @@ def route_request(body: dict, headers, session_header: str = "x-session-id") -> 
     modalities = {"text"}
     if "messages" in body:
         text = _messages_text(body.get("messages"), modalities)
+    elif "input" in body:  # the Responses API: its items read as messages (a string is one user message)
+        text = _responses_text(body, modalities)
     else:
         text = _prompt_text(body.get("prompt"))
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", body.get("max_output_tokens")))
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
         max_tokens = None
     user = body.get("user")
     session_key = headers.get(session_header) or (user if isinstance(user, str) and user else None)
     response_format = body.get("response_format")
+    text_config = body.get("text")
+    if response_format is None and isinstance(text_config, dict):  # the Responses API's text.format
+        response_format = text_config.get("format")
     structured = (isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema")
                   or any(key in body for key in ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
                                                  "structured_outputs")))
@@ -64,6 +69,23 @@ def _prompt_text(prompt) -> str:
         if isinstance(first, list):
             return " ".join(str(token) for token in first)
     return ""
+
+
+def _responses_text(body: dict, modalities: set[str]) -> str:
+    items = body.get("input")
+    items = [{"role": "user", "content": items}] if isinstance(items, str) else items
+    if not isinstance(items, list):
+        return ""
+    instructions = body.get("instructions")
+    parts = [{"role": "system", "content": instructions}] if isinstance(instructions, str) else []
+    for item in items:
+        if isinstance(item, dict) and "content" in item:
+            content = item["content"]
+            if isinstance(content, list):  # input_text parts read as text parts
+                content = [{**part, "type": "text"} if isinstance(part, dict) and part.get("type") in
+                           ("input_text", "output_text") else part for part in content]
+            parts.append({"role": item.get("role", ""), "content": content})
+    return _messages_text(parts, modalities)
 
 
 def _messages_text(messages, modalities: set[str]) -> str:

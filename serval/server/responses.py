@@ -17,7 +17,9 @@ from fastapi.responses import JSONResponse, Response
 
 from serval.openai import responses as wire
 from serval.openai.errors import APIError
-from serval.openai.responses import EventSequence, OutputAssembler, ResponsesRequest
+from serval.openai.response_output import EventSequence, OutputAssembler
+from serval.openai.responses import ResponsesRequest
+from serval.openai.tool_parsers.chat_output import ChatOutputParser
 from serval.openai.sse import Delta, sse
 from serval.outputs import CompletionOutput, RequestOutput
 from serval.server import admission
@@ -71,13 +73,20 @@ async def create_response(store: ResponseStore, state: ServerState, body: Respon
     if refused is not None:
         raise APIError(400, refused[1], param=refused[0])
     params = call.sampling_params(body)
+    config = state.config
+    tool_fields = body.chat_tool_fields(config.enable_auto_tool_choice and config.tool_call_parser is not None)
+    output_parsers = admission.chat_output_parsers(config, tool_fields)  # a 400 for a choice the flags can't serve
+    parser = output_parsers()
+    # the chat path's grammar for tool_choice "required" or named, and structured output after the think section
+    params = await state.off_loop(admission.chat_sampling_params, config, state.tokenizer, tool_fields, params, parser)
     owner = owner_of(state, call.session.key)
     conversation = await _conversation(store, body, owner)
     messages = conversation.messages
     contents = call.session.check_input([message["content"] for message in messages], "input")
     messages = [{**message, "content": content} for message, content in zip(messages, contents)]
     try:
-        prompt = await state.off_loop(admission.chat_prompt, state.tokenizer, messages, True, body.template_tools())
+        prompt = await state.off_loop(admission.chat_prompt, state.tokenizer, messages, True, body.template_tools(),
+                                      body.chat_template_kwargs)
     except APIError as error:  # the template's refusal names chat's field
         error.param = "input" if error.param == "messages" else error.param
         raise
@@ -85,7 +94,7 @@ async def create_response(store: ResponseStore, state: ServerState, body: Respon
     admission.check_context(state, len(prompt["prompt_token_ids"]), params.max_tokens, "input",
                             ContextParams("input", "max_output_tokens"))
     fan_in = await start(state, call, [prompt], params, [messages], "input")
-    answer = ResponseChunks(call, body, store, owner, conversation)
+    answer = ResponseChunks(call, body, store, owner, conversation, state, parser)
     if body.stream:
         return PendingStream(answer.stream(stream_deltas(fan_in, answer, call, include_usage=False)))
     (output,) = await collect(fan_in)
@@ -105,6 +114,8 @@ class ResponseChunks:
     store: ResponseStore
     owner: str
     conversation: Conversation
+    state: ServerState
+    parser: ChatOutputParser
     created_at: int = field(default_factory=lambda: int(time.time()))
     events: EventSequence = field(default_factory=EventSequence)
     finish_reason: str | None = None
@@ -112,7 +123,7 @@ class ResponseChunks:
     wants_logprobs = False
 
     def __post_init__(self) -> None:
-        self.assembler = OutputAssembler(self.events)
+        self.assembler = OutputAssembler(self.events, self.parser)
 
     def response(self, status: str, output: list[dict], **fields) -> dict:
         return wire.response_object(self.call.record.request_id, self.call.record.model, self.body, self.created_at,
@@ -138,9 +149,11 @@ class ResponseChunks:
         """The final Response, stored first when `store`."""
         record = self.call.record
         status, incomplete_details = wire.response_status(finish_reason)
+        reasoning_tokens = await self.state.off_loop(count_tokens, self.state.tokenizer, self.assembler.reasoning_text)
         response = self.response(status, self.assembler.items, incomplete_details=incomplete_details,
                                  usage_=wire.usage(record.prompt_tokens, record.completion_tokens,
-                                                   record.cached_tokens))
+                                                   record.cached_tokens, min(reasoning_tokens,
+                                                                             record.completion_tokens)))
         if self.body.store:
             await self.store.put(StoredResponse(record.request_id, self.owner, response,
                                                 self.conversation.input_items, self.conversation.context))
@@ -168,6 +181,11 @@ class ResponseChunks:
         for event in closing:
             yield sse(event)
         yield sse(self.events.event(f"response.{response['status']}", response=response))
+
+
+def count_tokens(tokenizer, text: str) -> int:
+    """usage's reasoning_tokens: the think section's text re-tokenized (the parser splits text, not tokens)."""
+    return len(tokenizer.encode(text, add_special_tokens=False)) if text else 0
 
 
 # ---------------------------------------------------------------- stored responses

