@@ -71,9 +71,10 @@ class Attention(nn.Module):
         self._backend = None  # chosen on the first call, when the device is known
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+                kv_cache: torch.Tensor, metadata: AttentionMetadata, sinks: torch.Tensor | None = None) -> torch.Tensor:
         """positions [T], query [T, H, D], key/value [T, KVH, D] of this step's tokens, not rotated -> [T, H, D].
-        query and key may be views of a merged projection; the fused path rotates them in place."""
+        query and key may be views of a merged projection; the fused path rotates them in place. sinks [H]
+        (gpt-oss): a learned logit per head that joins every softmax with no value."""
         if self._backend is None:
             self._backend = attention_backend(query.device)
         if self.rotary_emb is not None and self._backend is not torch_backend:
@@ -83,6 +84,9 @@ class Attention(nn.Module):
             if self.rotary_emb is not None:
                 query, key = self.rotary_emb(positions, query, key)
             self._backend.write_kv(kv_cache, key, value, metadata.slot_mapping)
+        if sinks is not None:
+            return self._backend.paged_attention(query, kv_cache, metadata, self.scale, self.sliding_window,
+                                                 sinks=sinks)
         return self._backend.paged_attention(query, kv_cache, metadata, self.scale, self.sliding_window)
 
 
