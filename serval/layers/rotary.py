@@ -87,6 +87,9 @@ def yarn_attention_factor(params: dict[str, Any]) -> float:
 def _yarn_scaled(dim: int, params: dict[str, Any]) -> torch.Tensor:
     # Dimensions that turn fewer than beta_slow times over the original context are interpolated (divided by
     # factor), those that turn more than beta_fast times are kept, and a linear ramp blends the band between.
+    missing = [key for key in ("factor", "original_max_position_embeddings") if params.get(key) is None]
+    if missing:
+        raise ValueError(f"rope_type 'yarn' needs {missing} in the config's rope parameters")
     base, factor = float(params["rope_theta"]), params["factor"]
     original = params["original_max_position_embeddings"]
     beta_fast, beta_slow = params.get("beta_fast") or 32, params.get("beta_slow") or 1
