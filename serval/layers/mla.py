@@ -16,20 +16,20 @@ Two ways to attend over it, equal in exact arithmetic:
 - absorbed (decode, one query per request): fold W_UK into the query, q_lat_h = q_nope_h W_UK_h, score against
   the latents directly (q_lat_h . c + q_pe_h . k_pe), take the probability-weighted sum of latents and apply W_UV
   last, so a decode step reads each cached latent once and never builds K or V.
-Both are torch code on every device for now (a Triton kernel for the absorbed decode is later work).
+The absorbed decode runs the Triton kernel (serval.kernels.triton_mla) where the attention backend is Triton (CUDA,
+or SERVAL_ATTENTION_BACKEND=triton in the interpreter) and the torch code below elsewhere; the plain path is torch
+code on every device.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from serval.kernels import paged_attention as torch_backend
 from serval.kernels.paged_attention import attention_mask, to_cache_dtype
-
-if TYPE_CHECKING:
-    from serval.layers.attention import AttentionMetadata
+from serval.layers.attention import AttentionMetadata, attention_backend
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,9 @@ def latent_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tens
     weight = kv_b_weight.float().view(dims.num_heads, dims.qk_nope_head_dim + dims.v_head_dim, dims.kv_lora_rank)
     decode = [i for i in range(len(seq_lens)) if starts[i + 1] - starts[i] == 1]
     if decode:
-        _absorbed_decode(q_nope, q_pe, cache, metadata, weight, dims, scale, decode, out)
+        triton = attention_backend(q_nope.device) is not torch_backend
+        decode_fn = _absorbed_decode_triton if triton else _absorbed_decode
+        decode_fn(q_nope, q_pe, cache, metadata, weight, dims, scale, decode, out)
     for i in range(len(seq_lens)):
         start, end = starts[i], starts[i + 1]
         if end - start > 1:
@@ -119,4 +121,18 @@ def _absorbed_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tens
     mask = attention_mask(seq_lens - 1, latents.shape[1], None)  # [B, S]
     scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
     out_latent = torch.einsum("bhs,bsr->bhr", torch.softmax(scores, dim=-1), latent)
+    out[rows] = torch.einsum("bhr,hvr->bhv", out_latent, w_uv).to(out.dtype)
+
+
+def _absorbed_decode_triton(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
+                            metadata: AttentionMetadata, weight: torch.Tensor, dims: LatentDims, scale: float,
+                            requests: list[int], out: torch.Tensor) -> None:
+    """_absorbed_decode with the latents read by the Triton kernel (no gather, no padding to the longest)."""
+    from serval.kernels import triton_mla  # imports triton, which CPU-only installs may lack
+    rows = torch.tensor([metadata.query_start_loc[i] for i in requests], device=q_nope.device)
+    index = torch.tensor(requests, device=q_nope.device)
+    w_uk, w_uv = weight.split([dims.qk_nope_head_dim, dims.v_head_dim], dim=1)
+    q_latent = torch.einsum("bhn,hnr->bhr", q_nope[rows].float(), w_uk).to(q_nope.dtype)
+    out_latent = triton_mla.absorbed_decode(q_latent, q_pe[rows].contiguous(), cache, metadata.block_tables[index],
+                                            metadata.seq_lens_tensor[index], scale)
     out[rows] = torch.einsum("bhr,hvr->bhv", out_latent, w_uv).to(out.dtype)
