@@ -43,7 +43,10 @@ TINY = dict(architectures=["DeepseekV3ForCausalLM"], vocab_size=320, hidden_size
 def full_kv_forward(self, positions, hidden, kv_cache, metadata):
     """DeepseekV3Attention.forward with full K/V in a regular paged cache: the baseline the latent cache saves on."""
     dims = self.dims
-    q = self.q_proj(hidden) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden)))
+    if self.q_lora_rank is None:
+        q = self.q_proj(hidden)
+    else:
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden)))
     q_nope, q_pe = q.unflatten(-1, (dims.num_heads, self.qk_head_dim)).split(
         [dims.qk_nope_head_dim, dims.qk_rope_head_dim], dim=-1)
     latent, k_pe = self.kv_a_proj_with_mqa(hidden).split([dims.kv_lora_rank, dims.qk_rope_head_dim], dim=-1)
@@ -98,7 +101,6 @@ def decode_tokens_per_s(model, batch: int, context: int, block_size: int, steps:
     sync(device)
     seconds = (time.perf_counter() - started) / steps
     cache_bytes = sum(c.nbytes for c in kv_caches)
-    del kv_caches
     return {"batch": batch, "context": context, "step_ms": seconds * 1e3, "tokens_per_s": batch / seconds,
             "kv_cache_gib": cache_bytes / 1024**3}
 

@@ -78,7 +78,10 @@ class DeepseekV3Attention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor,
                 metadata: AttentionMetadata) -> torch.Tensor:
         dims = self.dims
-        q = self.q_proj(hidden) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden)))
+        if self.q_lora_rank is None:
+            q = self.q_proj(hidden)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden)))
         q_nope, q_pe = q.unflatten(-1, (dims.num_heads, self.qk_head_dim)).split(
             [dims.qk_nope_head_dim, dims.qk_rope_head_dim], dim=-1)
         latent, k_pe = self.kv_a_proj_with_mqa(hidden).split([dims.kv_lora_rank, dims.qk_rope_head_dim], dim=-1)
