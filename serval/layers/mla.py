@@ -100,9 +100,10 @@ def _plain(q_nope: torch.Tensor, q_pe: torch.Tensor, latents: torch.Tensor, posi
     k_nope, value = kv.split([dims.qk_nope_head_dim, dims.v_head_dim], dim=-1)
     key = torch.cat((k_nope, k_pe[:, None, :].expand(-1, dims.num_heads, -1)), dim=-1)
     query = torch.cat((q_nope, q_pe), dim=-1).float()
-    scores = torch.einsum("qhd,khd->hqk", query, key) * scale
+    # matmul rather than einsum: torch's einsum spends tens of milliseconds per call on CPU at these sizes.
+    scores = (query.transpose(0, 1) @ key.permute(1, 2, 0)) * scale  # [H, Q, K]
     scores = scores.masked_fill(~attention_mask(positions, num_keys, None), float("-inf"))
-    return torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), value).to(q_nope.dtype)
+    return (torch.softmax(scores, dim=-1) @ value.transpose(0, 1)).transpose(0, 1).to(q_nope.dtype)
 
 
 def _absorbed_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, metadata: AttentionMetadata,
@@ -115,13 +116,23 @@ def _absorbed_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tens
     latents = _gather_latent(cache, metadata.block_tables[index], max(metadata.seq_lens[i] for i in requests))
     latent, k_pe = latents.split([dims.kv_lora_rank, dims.qk_rope_head_dim], dim=-1)  # [B, S, r], [B, S, rope]
     w_uk, w_uv = weight.split([dims.qk_nope_head_dim, dims.v_head_dim], dim=1)  # [H, nope, r], [H, v, r]
-    q_latent = torch.einsum("bhn,hnr->bhr", q_nope[rows].float(), w_uk)
-    scores = (torch.einsum("bhr,bsr->bhs", q_latent, latent)
-              + torch.einsum("bhp,bsp->bhs", q_pe[rows].float(), k_pe)) * scale
+    q_latent = absorb_query(q_nope[rows].float(), w_uk)  # [B, H, r]
+    scores = (q_latent @ latent.transpose(1, 2) + q_pe[rows].float() @ k_pe.transpose(1, 2)) * scale  # [B, H, S]
     mask = attention_mask(seq_lens - 1, latents.shape[1], None)  # [B, S]
     scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
-    out_latent = torch.einsum("bhs,bsr->bhr", torch.softmax(scores, dim=-1), latent)
-    out[rows] = torch.einsum("bhr,hvr->bhv", out_latent, w_uv).to(out.dtype)
+    out_latent = torch.softmax(scores, dim=-1) @ latent  # [B, H, r]
+    out[rows] = expand_values(out_latent, w_uv).to(out.dtype)
+
+
+def absorb_query(q_nope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:
+    """q_nope [B, H, nope] through each head's key rows w_uk [H, nope, r] -> [B, H, r]: q_nope_h . W_UK_h c equals
+    (q_nope_h W_UK_h) . c, so the query moves to the latent space instead of every key leaving it."""
+    return (q_nope.transpose(0, 1) @ w_uk).transpose(0, 1)
+
+
+def expand_values(out_latent: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
+    """Weighted latents [B, H, r] through each head's value rows w_uv [H, v, r] -> [B, H, v]."""
+    return (out_latent.transpose(0, 1) @ w_uv.transpose(1, 2)).transpose(0, 1)
 
 
 def _absorbed_decode_triton(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
@@ -132,7 +143,7 @@ def _absorbed_decode_triton(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: tor
     rows = torch.tensor([metadata.query_start_loc[i] for i in requests], device=q_nope.device)
     index = torch.tensor(requests, device=q_nope.device)
     w_uk, w_uv = weight.split([dims.qk_nope_head_dim, dims.v_head_dim], dim=1)
-    q_latent = torch.einsum("bhn,hnr->bhr", q_nope[rows].float(), w_uk).to(q_nope.dtype)
+    q_latent = absorb_query(q_nope[rows].float(), w_uk).to(q_nope.dtype).contiguous()
     out_latent = triton_mla.absorbed_decode(q_latent, q_pe[rows].contiguous(), cache, metadata.block_tables[index],
                                             metadata.seq_lens_tensor[index], scale)
-    out[rows] = torch.einsum("bhr,hvr->bhv", out_latent, w_uv).to(out.dtype)
+    out[rows] = expand_values(out_latent, w_uv).to(out.dtype)
