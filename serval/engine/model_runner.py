@@ -6,6 +6,7 @@ request decodes one token replays a captured CUDA graph instead (serval.engine.c
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,14 @@ class _BatchPlan:
     prompt_rows: list[PromptLogprobRows]
 
 
+def kv_cache_shape(model: torch.nn.Module, num_blocks: int, block_size: int) -> tuple[int, ...]:
+    """One layer's KV cache shape: the model's own (`model.kv_cache_shape`, e.g. DeepSeek-V3's latent cache) or
+    full K and V, [2, blocks, block_size, kv_heads, head_dim]."""
+    if hasattr(model, "kv_cache_shape"):
+        return tuple(model.kv_cache_shape(num_blocks, block_size))
+    return (2, num_blocks, block_size, model.num_kv_heads, model.head_dim)
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int,
                  kv_cache_dtype: torch.dtype, device: torch.device, max_num_seqs: int = 1, max_model_len: int = 1,
@@ -84,17 +93,20 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = device
-        shape = (2, num_blocks, block_size, model.num_kv_heads, model.head_dim)
+        shape = kv_cache_shape(model, num_blocks, block_size)
         self.kv_caches = [torch.zeros(shape, dtype=kv_cache_dtype, device=device) for _ in range(model.num_layers)]
         self.graphs: DecodeGraphs | None = None
-        # Graphs need the Triton kernels, whose lengths come from device buffers; the torch reference reads host lists.
-        if device.type == "cuda" and not enforce_eager and attention_backend(device) is not torch_attention:
+        # Graphs need the Triton kernels, whose lengths come from device buffers; the torch reference reads host lists
+        # (as does a model whose attention has no such kernel yet: supports_cuda_graphs = False).
+        if device.type == "cuda" and not enforce_eager and attention_backend(device) is not torch_attention \
+                and getattr(model, "supports_cuda_graphs", True):
             self.graphs = DecodeGraphs(model, self.kv_caches, block_size, max_num_seqs, max_model_len, device)
             self.graphs.capture()
 
     @staticmethod
     def kv_cache_bytes_per_block(model: torch.nn.Module, block_size: int, kv_cache_dtype: torch.dtype) -> int:
-        return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * kv_cache_dtype.itemsize
+        per_layer = kv_cache_shape(model, 1, block_size)
+        return model.num_layers * math.prod(per_layer) * kv_cache_dtype.itemsize
 
     @staticmethod
     @torch.inference_mode()
@@ -104,7 +116,7 @@ class ModelRunner:
         beyond what is allocated before it, on CUDA: one prompt of num_tokens over a scratch KV cache just big
         enough, which is not counted (in the real cache's dtype, so the kernels profiled are the ones that run)."""
         num_blocks = -(-num_tokens // block_size)
-        shape = (2, num_blocks, block_size, model.num_kv_heads, model.head_dim)
+        shape = kv_cache_shape(model, num_blocks, block_size)
         kv_caches = [torch.zeros(shape, dtype=kv_cache_dtype, device=device) for _ in range(model.num_layers)]
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

@@ -8,6 +8,9 @@ The cache may be float8 e4m3 (kv_cache_dtype="fp8"): K/V are stored with scale 1
 With per-layer scales (k_scale, v_scale: 0-d float32 tensors, serval.layers.quant.kv_scales) the cache holds
 k / k_scale and v / v_scale, and reads multiply them back.
 
+Attention sinks (gpt-oss): a learned logit per head joins each softmax as one more column with no value, so a
+query may put weight on "nothing"; the probabilities of the real keys then sum to less than one.
+
 Single-token queries (decode) are batched into one SDPA call over K/V gathered to the longest context; multi-token
 queries (prefill and its chunks) run one call each, so a long prompt never pads the decodes beside it.
 """
@@ -67,19 +70,36 @@ def attention_mask(query_positions: torch.Tensor, num_keys: int, sliding_window:
 
 
 def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-          scale: float) -> torch.Tensor:
+          scale: float, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """query [B, Q, H, D], key/value [B, S, KVH, D], mask [B, Q, S] -> [B, Q, H, D], computed in float32 (a float8
     key/value converts exactly, as it would to the query's dtype: e4m3 values are all bf16 and fp16 values)."""
+    if sinks is not None:
+        return _attention_with_sinks(query, key, value, mask, scale, sinks)
     out = F.scaled_dot_product_attention(
         query.float().transpose(1, 2), key.float().transpose(1, 2), value.float().transpose(1, 2),
         attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=True)
     return out.transpose(1, 2).to(query.dtype)
 
 
+def _attention_with_sinks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                          scale: float, sinks: torch.Tensor) -> torch.Tensor:
+    """_sdpa with sinks [H] as one more logit per head in each softmax (SDPA has no such column)."""
+    group = query.shape[2] // key.shape[2]
+    q = query.float().transpose(1, 2)  # [B, H, Q, D]
+    k = key.float().repeat_interleave(group, dim=2).transpose(1, 2)
+    v = value.float().repeat_interleave(group, dim=2).transpose(1, 2)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
+    sink_column = sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    probs = torch.softmax(torch.cat((scores, sink_column), dim=-1), dim=-1)[..., :-1]
+    return (probs @ v).transpose(1, 2).to(query.dtype)
+
+
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
-                    sliding_window: int | None = None, k_scale: torch.Tensor | None = None,
-                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal attention of query [T, H, D] over each request's cached K/V -> [T, H, D].
+                    sliding_window: int | None = None, sinks: torch.Tensor | None = None,
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of query [T, H, D] over each request's cached K/V -> [T, H, D]; sinks [H] (gpt-oss), when
+    given, are one more logit per head in every softmax.
 
     Request i's queries are rows query_start_loc[i]:query_start_loc[i + 1], at positions ending at seq_lens[i] - 1;
     its K/V for positions [0, seq_lens[i]) must already be in the cache (write_kv first). k_scale / v_scale: the
@@ -90,7 +110,7 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
     starts, seq_lens = metadata.query_start_loc, metadata.seq_lens
     decode = [i for i in range(len(seq_lens)) if starts[i + 1] - starts[i] == 1]
     if decode:
-        _decode_attention(query, kv_cache, metadata, decode, scale, sliding_window, out, scales)
+        _decode_attention(query, kv_cache, metadata, decode, scale, sliding_window, out, sinks, scales)
     for i in range(len(seq_lens)):
         start, end = starts[i], starts[i + 1]
         if end - start <= 1:
@@ -98,12 +118,13 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
         k, v = _scaled(*gather_kv(kv_cache, metadata.block_tables[i:i + 1], seq_lens[i]), scales)
         positions = torch.arange(seq_lens[i] - (end - start), seq_lens[i], device=query.device)
         mask = attention_mask(positions, seq_lens[i], sliding_window).unsqueeze(0)
-        out[start:end] = _sdpa(query[start:end].unsqueeze(0), k, v, mask, scale)[0]
+        out[start:end] = _sdpa(query[start:end].unsqueeze(0), k, v, mask, scale, sinks)[0]
     return out
 
 
 def _decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, requests: list[int],
                       scale: float, sliding_window: int | None, out: torch.Tensor,
+                      sinks: torch.Tensor | None = None,
                       scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     rows = torch.tensor([metadata.query_start_loc[i] for i in requests], device=query.device)
     index = torch.tensor(requests, device=query.device)
@@ -112,7 +133,7 @@ def _decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Att
     k, v = _scaled(*gather_kv(kv_cache, metadata.block_tables[index], max_len), scales)
     # Keys past a request's own length are padding from the longest one; the causal mask hides them.
     mask = attention_mask(seq_lens - 1, max_len, sliding_window).unsqueeze(1)  # [B, 1, S]
-    out[rows] = _sdpa(query[rows].unsqueeze(1), k, v, mask, scale)[:, 0]
+    out[rows] = _sdpa(query[rows].unsqueeze(1), k, v, mask, scale, sinks)[:, 0]
 
 
 def _scaled(k: torch.Tensor, v: torch.Tensor,

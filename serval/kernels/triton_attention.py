@@ -13,6 +13,10 @@ whose partial outputs and log-sum-exps are combined afterwards, so that a batch 
 occupies every multiprocessor. Every size the kernel needs comes from the device tensors (sequence lengths, query
 start offsets), never from the host, so a decode step can be captured in a CUDA graph and replayed for any lengths.
 
+Attention sinks (gpt-oss) are one more logit per head with no value: the first split of each row starts its online
+softmax from the sink (running max = sink, running sum = 1) instead of from nothing, and the combine of the splits
+then counts it once.
+
 A float8 e4m3 cache (kv_cache_dtype="fp8") is written through to_cache_dtype and each K/V tile is converted to the
 query's dtype as it is loaded, before the dot products: half the bytes read, the same math. With per-layer scales
 (k_scale, v_scale: serval.layers.quant.kv_scales) the cache holds k / k_scale and v / v_scale; the kernel reads the
@@ -100,13 +104,14 @@ def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slo
 
 @triton.jit
 def _attention_kernel(query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
-                      block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, scale_log2, sliding_window,
+                      block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, sinks_ptr, scale_log2, sliding_window,
                       k_scale_ptr, v_scale_ptr,
                       stride_query_token, stride_query_head, stride_out_token, stride_out_head, stride_block_table,
                       NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                       BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                       BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                      USE_WINDOW: tl.constexpr, HAS_KV_SCALE: tl.constexpr, USE_PDL: tl.constexpr):
+                      USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr, HAS_KV_SCALE: tl.constexpr,
+                      USE_PDL: tl.constexpr):
     pdl.wait(USE_PDL)
     if HAS_KV_SCALE:  # q . (k_scale * k) = k_scale * (q . k): the key scale joins the softmax scale
         scale_log2 = scale_log2 * tl.load(k_scale_ptr)
@@ -145,6 +150,11 @@ def _attention_kernel(query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partia
     m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM_PAD], tl.float32)
+    if USE_SINKS:
+        if split == 0:
+            sink = tl.load(sinks_ptr + head, mask=row_valid, other=0.0).to(tl.float32) * 1.4426950408889634
+            m_i = tl.where(row_valid, sink, m_i)
+            l_i = tl.where(row_valid, 1.0, l_i)
     kv_offset = kv_head * HEAD_DIM + dims
     for start in range(split_begin, split_end, TILE_N):
         key_pos = start + tl.arange(0, TILE_N)
@@ -194,7 +204,8 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int) -> int:
 
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
                     sliding_window: int | None = None, out: torch.Tensor | None = None,
-                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                    sinks: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of query [T, H, D] over each request's cached K/V -> [T, H, D]; the reference's contract.
 
     A batch whose every request has one query token (decode) runs split-K and reads no host-side lengths, so it
@@ -225,12 +236,12 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
     _attention_kernel[grid](
         query, kv_cache[0], kv_cache[1], out, partial_out, partial_lse,
         metadata.block_tables, metadata.seq_lens_tensor, metadata.query_start_loc_tensor,
-        scale * _LOG2E, sliding_window or 0,
+        sinks if sinks is not None else out, scale * _LOG2E, sliding_window or 0,
         k_scale if k_scale is not None else partial_lse, v_scale if v_scale is not None else partial_lse,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), metadata.block_tables.stride(0),
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size,
-        TILE_N=_TILE_N, NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None,
+        TILE_N=_TILE_N, NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None, USE_SINKS=sinks is not None,
         HAS_KV_SCALE=k_scale is not None,
         num_warps=4, num_stages=2, **pdl.launch_options(query))
     if num_splits > 1:

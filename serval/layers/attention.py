@@ -80,13 +80,14 @@ class Attention(nn.Module):
         self.calculate_kv_scales = False  # take them from the next prefill batch
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+                kv_cache: torch.Tensor, metadata: AttentionMetadata, sinks: torch.Tensor | None = None) -> torch.Tensor:
         """positions [T], query [T, H, D], key/value [T, KVH, D] of this step's tokens, not rotated -> [T, H, D].
-        query and key may be views of a merged projection; the fused path rotates them in place."""
+        query and key may be views of a merged projection; the fused path rotates them in place. sinks [H]
+        (gpt-oss): a learned logit per head that joins every softmax with no value."""
         if self._backend is None:
             self._backend = attention_backend(query.device)
         if self.has_kv_scales and kv_cache.dtype == torch.float8_e4m3fn:
-            return self._forward_scaled(positions, query, key, value, kv_cache, metadata)
+            return self._forward_scaled(positions, query, key, value, kv_cache, metadata, sinks)
         if self.rotary_emb is not None and self._backend is not torch_backend:
             # One kernel rotates and stores, a launch fewer per layer; attention then reads k from the cache only.
             query = self.rotary_emb.rotate_and_write_kv(positions, query, key, value, kv_cache, metadata.slot_mapping)
@@ -94,10 +95,14 @@ class Attention(nn.Module):
             if self.rotary_emb is not None:
                 query, key = self.rotary_emb(positions, query, key)
             self._backend.write_kv(kv_cache, key, value, metadata.slot_mapping)
+        if sinks is not None:
+            return self._backend.paged_attention(query, kv_cache, metadata, self.scale, self.sliding_window,
+                                                 sinks=sinks)
         return self._backend.paged_attention(query, kv_cache, metadata, self.scale, self.sliding_window)
 
     def _forward_scaled(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                        kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+                        kv_cache: torch.Tensor, metadata: AttentionMetadata,
+                        sinks: torch.Tensor | None = None) -> torch.Tensor:
         """forward with a scaled float8 cache: rotate, write k / k_scale and v / v_scale, attend reading them back
         scaled. (Not the fused rotate-and-write kernel, which stores with scale 1.0.)"""
         # The first prefill (more than one token a request) sets the scales; decode steps, as the graph capture's
@@ -111,7 +116,7 @@ class Attention(nn.Module):
         self._backend.write_kv(kv_cache, key, value, metadata.slot_mapping, k_scale=self.k_scale,
                                v_scale=self.v_scale)
         return self._backend.paged_attention(query, kv_cache, metadata, self.scale, self.sliding_window,
-                                             k_scale=self.k_scale, v_scale=self.v_scale)
+                                             sinks=sinks, k_scale=self.k_scale, v_scale=self.v_scale)
 
 
 def _capturing(x: torch.Tensor) -> bool:

@@ -6,7 +6,14 @@ experts per token and the block returns their outputs weighted by the router's s
 Routing is per family (`softmax_top_k`): Mixtral takes the softmax over all experts, keeps the top k and
 renormalizes them to sum to one; Qwen2-MoE and Qwen3-MoE do the same but renormalize only when the config's
 `norm_topk_prob` says so (false by default in Qwen2-MoE, true in Qwen3-MoE's checkpoints). Qwen2-MoE adds a shared
-expert every token goes through, scaled by sigmoid(shared_expert_gate(x)).
+expert every token goes through, scaled by sigmoid(shared_expert_gate(x)). gpt-oss (`top_k_softmax`) keeps the k
+largest logits of a router with a bias and takes the softmax over those k only. DeepSeek-V3
+(`sigmoid_group_top_k`) scores experts by sigmoid, picks the best `topk_group` of `n_group` groups by the sum of
+each group's two best scores plus a load-balancing correction bias, takes the top k within those groups, and
+weights them by their sigmoid scores (renormalized, then times routed_scaling_factor).
+
+gpt-oss's experts also carry biases and a clamped SwiGLU (`ClampedSwiGLU`); those run the torch reference on every
+device for now (the fused kernel has plain SiLU and no biases built in).
 
 The experts' weights are stacked, as transformers 5 keeps them: `gate_up_proj` [E, 2 * I, H] (gate rows, then up
 rows) and `down_proj` [E, H, I]. Which implementation computes them is chosen here, as Attention chooses its
@@ -49,29 +56,82 @@ def softmax_top_k(router_logits: torch.Tensor, top_k: int, renormalize: bool) ->
     return ExpertRouting(weights, expert_ids)
 
 
+def top_k_softmax(router_logits: torch.Tensor, top_k: int) -> ExpertRouting:
+    """gpt-oss: the k largest logits, then the softmax over those k (in the logits' dtype, as transformers)."""
+    values, expert_ids = torch.topk(router_logits, top_k, dim=-1)
+    return ExpertRouting(torch.softmax(values, dim=-1).float(), expert_ids)
+
+
+def sigmoid_group_top_k(router_logits: torch.Tensor, top_k: int, num_groups: int, top_k_groups: int,
+                        correction_bias: torch.Tensor, renormalize: bool, scaling_factor: float) -> ExpertRouting:
+    """DeepSeek-V3's router (see the module docstring), in float32. The bias steers which experts are chosen,
+    never their weights."""
+    scores = torch.sigmoid(router_logits.float())
+    choice = scores + correction_bias.float()
+    num_tokens, num_experts = choice.shape
+    grouped = choice.view(num_tokens, num_groups, num_experts // num_groups)
+    group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1)[0].sum(dim=-1)
+    best_groups = torch.topk(group_scores, top_k_groups, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
+    choice = choice.masked_fill(~group_mask.repeat_interleave(num_experts // num_groups, dim=1), float("-inf"))
+    expert_ids = torch.topk(choice, top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, expert_ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return ExpertRouting(weights * scaling_factor, expert_ids)
+
+
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    """gpt-oss's expert activation: gate and up interleaved (even, odd columns), gate clamped above and up on both
+    sides at `limit`, then (up + 1) * gate * sigmoid(alpha * gate)."""
+    alpha: float
+    limit: float
+
+    def __call__(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+
+def silu_gate_then_up(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def fused_experts_reference(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-                            routing: ExpertRouting) -> torch.Tensor:
+                            routing: ExpertRouting, gate_up_bias: torch.Tensor | None = None,
+                            down_bias: torch.Tensor | None = None, activation=silu_gate_then_up) -> torch.Tensor:
     """sum_j weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = expert_ids[t, j]: the reference the kernel
     is tested against and what CPU runs. Each expert's product is rounded to the model dtype, weighted in float32
-    and summed in float32, as the kernel does."""
+    and summed in float32, as the kernel does. gpt-oss: biases [E, 2I] and [E, H], and its own activation."""
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     for expert in torch.unique(routing.expert_ids).tolist():
         tokens, slots = torch.nonzero(routing.expert_ids == expert, as_tuple=True)
-        gate, up = F.linear(hidden[tokens], gate_up_proj[expert]).chunk(2, dim=-1)
-        expert_out = F.linear(F.silu(gate) * up, down_proj[expert])
+        gate_up = F.linear(hidden[tokens], gate_up_proj[expert],
+                           None if gate_up_bias is None else gate_up_bias[expert])
+        expert_out = F.linear(activation(gate_up), down_proj[expert], None if down_bias is None else down_bias[expert])
         out.index_add_(0, tokens, expert_out.float() * routing.weights[tokens, slots, None])
     return out.to(hidden.dtype)
 
 
 class FusedMoE(nn.Module):
-    """E SwiGLU experts with stacked weights; forward(x, routing) -> the routed, weighted sum [T, H]."""
+    """E SwiGLU experts with stacked weights; forward(x, routing) -> the routed, weighted sum [T, H].
+    gpt-oss: bias=True adds gate_up_proj_bias [E, 2I] and down_proj_bias [E, H], and `activation` replaces SiLU
+    (ClampedSwiGLU, whose gate/up rows are interleaved as its checkpoints store them)."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, bias: bool = False,
+                 activation: ClampedSwiGLU | None = None) -> None:
         super().__init__()
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size),
                                          requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size), requires_grad=False)
+        self.gate_up_proj_bias = (nn.Parameter(torch.empty(num_experts, 2 * intermediate_size), requires_grad=False)
+                                  if bias else None)
+        self.down_proj_bias = nn.Parameter(torch.empty(num_experts, hidden_size), requires_grad=False) if bias else None
+        self.activation = activation
         self._backend = None  # chosen on the first call, when the device is known
 
     def shard(self, param: torch.Tensor, shard: tuple[int, str]) -> torch.Tensor:
@@ -87,6 +147,9 @@ class FusedMoE(nn.Module):
         return [(expert, projection) for expert in range(self.num_experts) for projection in projections]
 
     def forward(self, hidden: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
+        if self.activation is not None or self.gate_up_proj_bias is not None:
+            return fused_experts_reference(hidden, self.gate_up_proj, self.down_proj, routing, self.gate_up_proj_bias,
+                                           self.down_proj_bias, self.activation or silu_gate_then_up)
         if self._backend is None:
             self._backend = moe_backend(hidden.device)
         return self._backend(hidden, self.gate_up_proj, self.down_proj, routing)

@@ -2,8 +2,9 @@
 
 cos/sin are precomputed in float32 for every position up to max_position and indexed by each token's position,
 so a flat batch of tokens from many requests at different offsets is rotated in one gather. Frequency scaling:
-`linear` (Chen et al., 2023, position interpolation), `llama3` (Llama 3.1's wavelength-dependent blend) and
-`longrope` (Ding et al., 2024, Phi-3); the formulas are transformers' (modeling_rope_utils) so logits match it.
+`linear` (Chen et al., 2023, position interpolation), `llama3` (Llama 3.1's wavelength-dependent blend),
+`longrope` (Ding et al., 2024, Phi-3) and `yarn` (Peng et al., 2023: gpt-oss, DeepSeek-V3, whose attention factor
+scales cos and sin); the formulas are transformers' (modeling_rope_utils) so logits match it.
 Partial rotary (`partial_rotary_factor` < 1, Phi-4-mini) rotates the first part of each head and passes the rest.
 
 LongRoPE has two sets of frequencies: short factors for contexts within original_max_position_embeddings, long
@@ -44,6 +45,9 @@ def rope_parameters(config, layer_type: str | None = None) -> dict[str, Any]:
         params["partial_rotary_factor"] = config.partial_rotary_factor
     if params["rope_type"] == "longrope" and "original_max_position_embeddings" not in params:
         params["original_max_position_embeddings"] = config.original_max_position_embeddings
+    if params["rope_type"] == "yarn" and params.get("factor") is None:
+        # DeepSeek-V3 may leave the factor to the ratio of the two contexts, as transformers does.
+        params["factor"] = config.max_position_embeddings / params["original_max_position_embeddings"]
     return params
 
 
@@ -58,8 +62,51 @@ def inverse_frequencies(head_dim: int, params: dict[str, Any]) -> torch.Tensor:
         return inv_freq / params["factor"]
     if rope_type == "llama3":
         return _llama3_scaled(inv_freq, params)
+    if rope_type == "yarn":
+        return _yarn_scaled(head_dim, params)
     raise ValueError(f"rope_type {rope_type!r} is not supported; supported: "
-                     "['default', 'linear', 'llama3', 'longrope']")
+                     "['default', 'linear', 'llama3', 'longrope', 'yarn']")
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature, 0.1 * mscale * ln(factor) + 1 (1 when not stretched)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_attention_factor(params: dict[str, Any]) -> float:
+    """The factor YaRN multiplies cos and sin by: given, or from mscale / mscale_all_dim (DeepSeek), or from
+    the stretch factor alone."""
+    if params.get("attention_factor") is not None:
+        return float(params["attention_factor"])
+    factor, mscale, mscale_all_dim = params["factor"], params.get("mscale"), params.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+    return yarn_mscale(factor)
+
+
+def _yarn_scaled(dim: int, params: dict[str, Any]) -> torch.Tensor:
+    # Dimensions that turn fewer than beta_slow times over the original context are interpolated (divided by
+    # factor), those that turn more than beta_fast times are kept, and a linear ramp blends the band between.
+    missing = [key for key in ("factor", "original_max_position_embeddings") if params.get(key) is None]
+    if missing:
+        raise ValueError(f"rope_type 'yarn' needs {missing} in the config's rope parameters")
+    base, factor = float(params["rope_theta"]), params["factor"]
+    original = params["original_max_position_embeddings"]
+    beta_fast, beta_slow = params.get("beta_fast") or 32, params.get("beta_slow") or 1
+
+    def correction_dim(num_rotations: float) -> float:
+        return dim * math.log(original / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # the ramp needs a width
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp
+    return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
 
 
 def _llama3_scaled(inv_freq: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
@@ -84,6 +131,9 @@ def rope_tables(rotary_dim: int, max_position: int, params: dict[str, Any]) -> t
     if params["rope_type"] == "longrope":
         return _longrope_tables(rotary_dim, positions, params)
     freqs = torch.outer(positions, inverse_frequencies(rotary_dim, params))
+    if params["rope_type"] == "yarn":
+        scale = yarn_attention_factor(params)
+        return freqs.cos() * scale, freqs.sin() * scale
     return freqs.cos(), freqs.sin()
 
 

@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+# Formats a model file dequantizes itself at load (gpt-oss's MXFP4 experts), which the linear layers never see.
+MODEL_DEQUANTIZED_FORMATS = ("mxfp4",)
 # vLLM's dummy loader range: small enough that activations stay finite through any depth, in any dtype.
 DUMMY_WEIGHT_RANGE = (-1e-3, 1e-3)
 
@@ -112,6 +114,8 @@ def checkpoint_quant(config: transformers.PretrainedConfig) -> quant.CheckpointQ
         return None
     if not isinstance(quantization_config, dict):
         quantization_config = quantization_config.to_dict()
+    if quantization_config.get("quant_method") in MODEL_DEQUANTIZED_FORMATS:
+        return None
     return quant.parse(quantization_config)
 
 

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from serval.model.deepseek_v3 import DeepseekV3ForCausalLM
 from serval.model.gemma3 import Gemma3ForCausalLM
+from serval.model.gpt_oss import GptOssForCausalLM
 from serval.model.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 from serval.model.mixtral import MixtralForCausalLM
 from serval.model.phi3 import Phi3ForCausalLM
@@ -19,11 +21,14 @@ _MODELS: dict[str, type[nn.Module]] = {
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
+    "GptOssForCausalLM": GptOssForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
 }
 # For configs without `architectures` (some GGUF conversions): model_type names the family.
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                 "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                "qwen3_moe": "Qwen3MoeForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}
+                "qwen3_moe": "Qwen3MoeForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM",
+                "gpt_oss": "GptOssForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
 
 SUPPORTED_ARCHITECTURES = tuple(_MODELS)
 

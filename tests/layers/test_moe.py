@@ -122,3 +122,35 @@ def test_block_routing_weights_in_bfloat16_are_transformers(family):
     assert torch.equal(routing.expert_ids, hf_experts)
     assert hf_weights.dtype == (torch.float32 if family == "mixtral" else torch.bfloat16)
     torch.testing.assert_close(routing.weights, hf_weights.float(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpt_oss_experts_with_biases_and_clamped_swiglu_equal_transformers(dtype):
+    """FusedMoE(bias=True, activation=ClampedSwiGLU) against transformers' GptOssExperts: its [E, H, 2I] weights
+    (gate/up interleaved) transposed into ours, random biases, a limit low enough to clamp."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    from serval.layers.moe import ClampedSwiGLU, FusedMoE, top_k_softmax
+    config = transformers.GptOssConfig(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_local_experts=EXPERTS,
+                                       num_experts_per_tok=TOP_K, swiglu_limit=0.6)
+    torch.manual_seed(0)
+    theirs = GptOssExperts(config).to(dtype)
+    ours = FusedMoE(EXPERTS, HIDDEN, INTERMEDIATE, bias=True, activation=ClampedSwiGLU(config.swiglu_alpha, 0.6))
+    with torch.no_grad():
+        for param in theirs.parameters():
+            param.normal_(0.0, 0.3)
+        ours.to(dtype)
+        ours.gate_up_proj.copy_(theirs.gate_up_proj.transpose(1, 2))
+        ours.down_proj.copy_(theirs.down_proj.transpose(1, 2))
+        ours.gate_up_proj_bias.copy_(theirs.gate_up_proj_bias)
+        ours.down_proj_bias.copy_(theirs.down_proj_bias)
+    hidden = torch.randn(40, HIDDEN, dtype=dtype)
+    routing = top_k_softmax(torch.randn(40, EXPERTS, dtype=dtype), TOP_K)
+    with torch.no_grad():
+        want = theirs(hidden, routing.expert_ids, routing.weights.to(dtype))
+        got = ours(hidden, routing)
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
+    ours.activation = ClampedSwiGLU(config.swiglu_alpha, 1e9)
+    with torch.no_grad():
+        assert not torch.allclose(ours(hidden, routing).float(), want.float(), atol=0.05)

@@ -77,5 +77,26 @@ def test_rope_parameters_reads_both_spellings(tmp_path):
 
 
 def test_unsupported_rope_type_is_named():
-    with pytest.raises(ValueError, match="'yarn'.*supported"):
+    with pytest.raises(ValueError, match="'dynamic'.*supported"):
+        RotaryEmbedding(8, 32, {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    with pytest.raises(ValueError, match="'yarn' needs \\['original_max_position_embeddings'\\]"):
         RotaryEmbedding(8, 32, {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0})
+
+
+@pytest.mark.parametrize("rope", [
+    # gpt-oss: attention factor from the stretch factor, no truncation of the ramp
+    {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+     "original_max_position_embeddings": 64, "rope_theta": 150000.0},
+    # DeepSeek-V3: mscale / mscale_all_dim, truncated ramp
+    {"rope_type": "yarn", "factor": 40.0, "mscale": 1.0, "mscale_all_dim": 0.8, "beta_fast": 32, "beta_slow": 1,
+     "original_max_position_embeddings": 64, "rope_theta": 10000.0}])
+def test_yarn_tables_equal_transformers(rope):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=256,
+                                      rope_parameters=dict(rope))
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](config)
+    rotary = RotaryEmbedding(16, 256, rope_parameters(config))
+    freqs = torch.outer(torch.arange(256).float(), inv_freq)
+    torch.testing.assert_close(rotary.cos_cache, freqs.cos() * attention_factor, atol=1e-6, rtol=0)
+    torch.testing.assert_close(rotary.sin_cache, freqs.sin() * attention_factor, atol=1e-6, rtol=0)
+    assert attention_factor != 1.0

@@ -1,0 +1,173 @@
+"""DeepSeek-V3's latent KV cache against full K/V (issue 17): one command, a table at the end, JSON under --out.
+
+A DeepSeek-V3-shaped model scaled down to fit one GPU (benchmarks/configs/deepseek-v3-3l: DeepSeek-V3's widths,
+3 layers, the first dense; dummy bf16 weights, no download) runs decode steps at a long context two ways:
+  - latent: Serval's DeepseekV3ForCausalLM, whose cache keeps c_kv (512) + k_pe (64) per token and layer and whose
+    decode attends through the absorbed weights (serval.layers.mla);
+  - full K/V: the same model and weights with the latents expanded through kv_b_proj at write time and full K
+    (128 heads x 192) and V (128 x 128, stored padded to 192 as the paged cache keeps one head size) cached and
+    attended by the regular paged attention kernel.
+For each, the KV bytes per token (all layers) and decode tokens/s for batch sizes at --context tokens (the cache
+filled with random values: timing does not depend on them), each step a full forward and the logits.
+
+The Mixtral-8x7B and Qwen3-30B-A3B numbers (batch-1 decode against the roofline of the bytes a token reads,
+512 x (512, 256) against transformers' generate_batch) come from benchmarks/gpu_suite.py --model
+benchmarks/configs/mixtral-8x7b (see docs/performance.md).
+
+    python benchmarks/moe_suite.py --out results/moe_mla                 # H200: context 8192, batch 1, 8, 32
+    python benchmarks/moe_suite.py --tiny --device cpu --out /tmp/mla    # a tiny shape, end to end on CPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+import types
+
+import torch
+import torch.nn.functional as F
+import transformers
+
+from serval.layers.attention import attention_backend
+from serval.model.loader import build_model, init_dummy_weights
+
+TINY = dict(architectures=["DeepseekV3ForCausalLM"], vocab_size=320, hidden_size=64, intermediate_size=96,
+            moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+            n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2, first_k_dense_replace=1,
+            kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+            max_position_embeddings=512)
+
+
+def full_kv_forward(self, positions, hidden, kv_cache, metadata):
+    """DeepseekV3Attention.forward with full K/V in a regular paged cache: the baseline the latent cache saves on."""
+    dims = self.dims
+    if self.q_lora_rank is None:
+        q = self.q_proj(hidden)
+    else:
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden)))
+    q_nope, q_pe = q.unflatten(-1, (dims.num_heads, self.qk_head_dim)).split(
+        [dims.qk_nope_head_dim, dims.qk_rope_head_dim], dim=-1)
+    latent, k_pe = self.kv_a_proj_with_mqa(hidden).split([dims.kv_lora_rank, dims.qk_rope_head_dim], dim=-1)
+    latent = self.kv_a_layernorm(latent.contiguous())
+    q_pe, k_pe = q_pe.contiguous(), k_pe.unsqueeze(1).contiguous()
+    q_pe, k_pe = self.rotary_emb(positions, q_pe, k_pe)
+    kv = self.kv_b_proj(latent).unflatten(-1, (dims.num_heads, -1))
+    k_nope, value = kv.split([dims.qk_nope_head_dim, dims.v_head_dim], dim=-1)
+    key = torch.cat((k_nope, k_pe.expand(-1, dims.num_heads, -1)), dim=-1)
+    value = F.pad(value, (0, self.qk_head_dim - dims.v_head_dim))
+    query = torch.cat((q_nope, q_pe), dim=-1)
+    backend = attention_backend(hidden.device)
+    backend.write_kv(kv_cache, key, value, metadata.slot_mapping)
+    out = backend.paged_attention(query, kv_cache, metadata, self.scale)
+    return self.o_proj(out[..., :dims.v_head_dim].flatten(-2))
+
+
+def with_full_kv(model) -> None:
+    dims = model.latent_dims
+    qk_dim = dims.qk_nope_head_dim + dims.qk_rope_head_dim
+    model.kv_cache_shape = lambda num_blocks, block_size: (2, num_blocks, block_size, dims.num_heads, qk_dim)
+    for layer in model.model.layers:
+        layer.self_attn.forward = types.MethodType(full_kv_forward, layer.self_attn)
+
+
+@torch.inference_mode()
+def decode_tokens_per_s(model, batch: int, context: int, block_size: int, steps: int, device) -> dict:
+    """Decode steps for `batch` requests at `context` tokens each (cache pre-filled), full forward plus logits."""
+    from serval.layers.attention import AttentionMetadata
+    blocks_per_seq = -(-context // block_size)
+    num_blocks = batch * blocks_per_seq
+    shape = model.kv_cache_shape(num_blocks, block_size)
+    dtype = model.lm_head.weight.dtype
+    kv_caches = [torch.randn(shape, dtype=dtype, device=device) * 0.1 for _ in range(model.num_layers)]
+    tables = torch.arange(num_blocks, dtype=torch.int32, device=device).view(batch, blocks_per_seq)
+    last = context - 1
+    slots = tables[:, last // block_size].long() * block_size + last % block_size
+    metadata = AttentionMetadata(slot_mapping=slots, query_start_loc=list(range(batch + 1)), seq_lens=[context] * batch,
+                                 block_tables=tables, block_size=block_size)
+    input_ids = torch.randint(3, model.vocab_size, (batch,), device=device)
+    positions = torch.full((batch,), last, device=device)
+
+    def step():
+        model.compute_logits(model(input_ids, positions, kv_caches, metadata))
+
+    for _ in range(2):
+        step()
+    sync(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    seconds = (time.perf_counter() - started) / steps
+    cache_bytes = sum(c.nbytes for c in kv_caches)
+    return {"batch": batch, "context": context, "step_ms": seconds * 1e3, "tokens_per_s": batch / seconds,
+            "kv_cache_gib": cache_bytes / 1024**3}
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def kv_bytes_per_token(model, dtype: torch.dtype) -> int:
+    return model.num_layers * int(torch.Size(model.kv_cache_shape(1, 1)).numel()) * dtype.itemsize
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="benchmarks/configs/deepseek-v3-3l")
+    parser.add_argument("--out", default="results/moe_mla")
+    parser.add_argument("--tiny", action="store_true", help="a tiny DeepSeek-V3 shape instead of --model")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--context", type=int, default=None, help="tokens per sequence (8192; 128 with --tiny)")
+    parser.add_argument("--batch-sizes", default=None, help="comma-separated (1,8,32; 1,2 with --tiny)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--block-size", type=int, default=16)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.tiny:
+        config = transformers.DeepseekV3Config(**TINY)
+    else:
+        config = transformers.AutoConfig.from_pretrained(args.model)
+    context = args.context or (128 if args.tiny else 8192)
+    batch_sizes = [int(b) for b in (args.batch_sizes or ("1,2" if args.tiny else "1,8,32")).split(",")]
+    os.makedirs(args.out, exist_ok=True)
+    results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+                     "torch": torch.__version__, "model": "tiny" if args.tiny else args.model, "dtype": str(dtype),
+                     "context": context, "variants": {}}
+    model = build_model(config, dtype, device)
+    init_dummy_weights(model, seed=0)
+    results["weight_gib"] = sum(p.nbytes for p in model.parameters()) / 1024**3
+    for variant in ("latent", "full_kv"):
+        if variant == "full_kv":
+            with_full_kv(model)
+        runs = []
+        for batch in batch_sizes:
+            try:
+                runs.append(decode_tokens_per_s(model, batch, context, args.block_size, args.steps, device))
+            except torch.OutOfMemoryError as error:
+                runs.append({"batch": batch, "error": f"out of memory: {error}"[:200]})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            print(f"[{variant}] {json.dumps(runs[-1])}", flush=True)
+        results["variants"][variant] = {"kv_bytes_per_token": kv_bytes_per_token(model, dtype), "runs": runs}
+    with open(os.path.join(args.out, "moe_suite.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print_table(results)
+
+
+def print_table(results: dict) -> None:
+    variants = results["variants"]
+    latent, full = variants["latent"]["kv_bytes_per_token"], variants["full_kv"]["kv_bytes_per_token"]
+    print(f"\nDeepSeek-V3 shape ({results['model']}, {results['dtype']}), decode at {results['context']} tokens")
+    print(f"  KV bytes per token (all layers): latent {latent:,}  full K/V {full:,}  ({full / latent:.1f}x)")
+    print(f"  {'batch':>5}  {'latent tok/s':>13}  {'full K/V tok/s':>15}")
+    for latent_run, full_run in zip(variants["latent"]["runs"], variants["full_kv"]["runs"]):
+        cells = [f"{run['tokens_per_s']:.1f}" if "tokens_per_s" in run else "OOM" for run in (latent_run, full_run)]
+        print(f"  {latent_run['batch']:>5}  {cells[0]:>13}  {cells[1]:>15}")
+
+
+if __name__ == "__main__":
+    main()

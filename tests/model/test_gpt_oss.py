@@ -1,0 +1,224 @@
+"""gpt-oss against transformers on tiny random checkpoints: logits per step and chunk, the engine's greedy tokens and
+prompt logprobs under batching, chunked prefill, preemption and prefix caching, the router, and MXFP4 experts.
+
+The window (8) is far shorter than most prompts, so the sliding layers drop most of the context; YaRN is active
+(factor 4 over an original context of 64); sinks, expert biases and norms are randomized (transformers starts the
+biases at zero, which would hide a missing bias), and swiglu_limit is low enough that the clamp changes outputs."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
+
+from serval import LLM, SamplingParams
+from serval.layers.moe import top_k_softmax
+from serval.model.gpt_oss import FP4_VALUES, GptOssForCausalLM, dequantize_mxfp4
+from serval.model.loader import load_model
+from tests.engine.test_engine import hf_greedy, make_prompts
+from tests.model.engine_checks import check_greedy_matches_transformers, check_prompt_logprobs_match_transformers
+from tests.model.test_llama import hf_logits, run_steps, sequences_for
+
+TINY_GPT_OSS = dict(vocab_size=320, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                    max_position_embeddings=256, sliding_window=8, initializer_range=0.08, swiglu_limit=0.5,
+                    bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+                    rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                     "truncate": False, "original_max_position_embeddings": 64,
+                                     "rope_theta": 150000.0})
+
+
+def build_tiny_gpt_oss(path, seed: int = 0, **overrides) -> transformers.GptOssForCausalLM:
+    config = transformers.GptOssConfig(**{**TINY_GPT_OSS, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.GptOssForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(1.0, 0.3)
+            elif name.endswith(("_bias", "sinks")):
+                param.normal_(0.0, 0.5)
+    model.generation_config.eos_token_id = None  # tests compare fixed lengths
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt_oss(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpt_oss")
+    return str(path), build_tiny_gpt_oss(path)
+
+
+def test_flat_batch_and_chunked_prefill_match_transformers(tiny_gpt_oss):
+    path, hf_model = tiny_gpt_oss
+    model, config = load_model(path, load_format="safetensors")
+    assert isinstance(model, GptOssForCausalLM)
+    assert [layer.self_attn.attn.sliding_window for layer in model.model.layers] == [8, None]
+    sequences = sequences_for(config.vocab_size)
+    expected = hf_logits(hf_model, sequences)
+    one_batch = run_steps(model, sequences, [[(0, len(s)) for s in sequences]])
+    splits = [4, 9, 23]
+    chunked = run_steps(model, sequences, [[(0, s) for s in splits], list(zip(splits, map(len, sequences)))])
+    for got_batch, got_chunked, want in zip(one_batch, chunked, expected):
+        torch.testing.assert_close(got_batch, want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got_chunked, want, atol=1e-4, rtol=1e-4)
+
+
+def test_each_gpt_oss_detail_changes_the_output(tiny_gpt_oss):
+    """Guards the comparison above against passing vacuously: without sinks, the window, the clamp or YaRN's
+    attention factor, the logits of the long sequence differ from transformers'."""
+    path, hf_model = tiny_gpt_oss
+    sequences = sequences_for(hf_model.config.vocab_size)
+    expected = hf_logits(hf_model, sequences)[2]
+
+    def logits_with(change) -> torch.Tensor:
+        model, _ = load_model(path, load_format="safetensors")
+        change(model)
+        return run_steps(model, sequences, [[(0, len(s)) for s in sequences]])[2]
+
+    def no_sinks(model):
+        for layer in model.model.layers:
+            layer.self_attn.sinks.fill_(-1e9)
+
+    def no_window(model):
+        for layer in model.model.layers:
+            layer.self_attn.attn.sliding_window = None
+
+    def no_clamp(model):
+        from serval.layers.moe import ClampedSwiGLU
+        for layer in model.model.layers:
+            layer.mlp.experts.activation = ClampedSwiGLU(layer.mlp.experts.activation.alpha, 1e9)
+
+    def no_yarn_scale(model):
+        rotary = model.model.rotary_emb
+        norm = (rotary.cos_cache[0, 0]).item()  # cos(0) * attention factor
+        rotary.cos_cache /= norm
+        rotary.sin_cache /= norm
+
+    for change in (no_sinks, no_window, no_clamp, no_yarn_scale):
+        assert not torch.allclose(logits_with(change), expected, atol=1e-3), change.__name__
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False], ids=["prefix-cache", "no-prefix-cache"])
+def test_engine_greedy_matches_transformers(tiny_gpt_oss, prefix_caching):
+    check_greedy_matches_transformers(*tiny_gpt_oss, prefix_caching)
+
+
+def test_engine_prompt_logprobs_match_transformers(tiny_gpt_oss):
+    check_prompt_logprobs_match_transformers(*tiny_gpt_oss)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_router_picks_transformers_experts_and_weights(dtype):
+    config = transformers.GptOssConfig(**{**TINY_GPT_OSS, "num_local_experts": 16, "num_experts_per_tok": 4})
+    torch.manual_seed(0)
+    router = GptOssTopKRouter(config).to(dtype)
+    with torch.no_grad():
+        router.weight.normal_()
+        router.bias.normal_()
+    hidden = torch.randn(300, config.hidden_size, dtype=dtype)
+    with torch.no_grad():
+        logits, want_weights, want_ids = router(hidden)
+    routing = top_k_softmax(logits, config.num_experts_per_tok)
+    assert torch.equal(routing.expert_ids, want_ids)
+    torch.testing.assert_close(routing.weights, want_weights.float(), atol=0, rtol=0)
+
+
+def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [..., K] (K a multiple of 32) -> (blocks [..., K/32, 16] uint8, scales [..., K/32] uint8): the
+    published layout, each group of 32 scaled by a power of two so that its largest value fits e2m1's 6."""
+    groups = weight.float().unflatten(-1, (-1, 32))
+    exponent = torch.ceil(torch.log2(groups.abs().amax(-1).clamp(min=2.0 ** -100) / 6.0)).clamp(-127, 127)
+    scaled = groups / torch.exp2(exponent)[..., None]
+    table = torch.tensor(FP4_VALUES)
+    codes = (scaled[..., None] - table).abs().argmin(-1).to(torch.uint8)  # nearest value (+0 before -0)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks, (exponent + 127).to(torch.uint8)
+
+
+def test_mxfp4_dequantization_equals_transformers():
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    torch.manual_seed(0)
+    weight = torch.randn(3, 40, 64) * 0.1  # [E, out, in]
+    blocks, scales = quantize_mxfp4(weight)
+    ours = dequantize_mxfp4(blocks, scales, torch.float32)
+    theirs = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # [E, in, out], their layout
+    torch.testing.assert_close(ours, theirs.transpose(1, 2), atol=0, rtol=0)
+    assert (ours - weight).abs().max() <= weight.abs().max() / 3  # half the widest e2m1 step (2) x 2^e < amax/3
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt_oss_mxfp4(tmp_path_factory):
+    """A checkpoint whose experts are MXFP4 in the published tensor names, and the transformers model holding the
+    same experts dequantized by transformers' own converter."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    path = tmp_path_factory.mktemp("gpt_oss_mxfp4")
+    hf_model = build_tiny_gpt_oss(path, seed=5)
+    weights = load_file(path / "model.safetensors")
+    for name in [n for n in weights if n.endswith((".experts.gate_up_proj", ".experts.down_proj"))]:
+        blocks, scales = quantize_mxfp4(weights.pop(name).transpose(1, 2))  # to [E, out, in]
+        weights[f"{name}_blocks"], weights[f"{name}_scales"] = blocks, scales
+        with torch.no_grad():
+            hf_param = hf_model.get_parameter(name)
+            hf_param.copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4",
+                                     "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                                "model.embed_tokens", "lm_head"]}
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path), hf_model
+
+
+def test_mxfp4_checkpoint_matches_transformers(tiny_gpt_oss_mxfp4):
+    path, hf_model = tiny_gpt_oss_mxfp4
+    model, config = load_model(path)
+    sequences = sequences_for(config.vocab_size)
+    for got, want in zip(run_steps(model, sequences, [[(0, len(s)) for s in sequences]]),
+                         hf_logits(hf_model, sequences)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_mxfp4_engine_greedy_matches_transformers(tiny_gpt_oss_mxfp4):
+    check_greedy_matches_transformers(*tiny_gpt_oss_mxfp4, prefix_caching=True)
+
+
+def test_mxfp4_half_missing_is_named(tmp_path):
+    build_tiny_gpt_oss(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    blocks, _ = quantize_mxfp4(weights.pop("model.layers.0.mlp.experts.down_proj").transpose(1, 2))
+    weights["model.layers.0.mlp.experts.down_proj_blocks"] = blocks
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"down_proj': \['blocks'\]"):
+        load_model(str(tmp_path))
+
+
+def test_triton_attention_backend_matches_transformers(tiny_gpt_oss, monkeypatch):
+    """The Triton kernels with sinks (the interpreter here, compiled on a GPU): windowed and full layers, chunked
+    prefill and a prefix hit give transformers' greedy tokens."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("SERVAL_ATTENTION_BACKEND", "triton")
+    path, hf_model = tiny_gpt_oss
+    prompts = [make_prompts(hf_model.config.vocab_size)[i] for i in (6, 9)]
+    llm = LLM(model=path, skip_tokenizer_init=True, max_num_seqs=4, max_num_batched_tokens=16, block_size=4,
+              max_model_len=128)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                           SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    for prompt, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, 4), f"prompt of {len(prompt)}"
+    assert llm.engine.get_stats().prefix_cache_hits > 0
+
+
+def test_bfloat16_is_close_to_transformers_in_bfloat16(tiny_gpt_oss):
+    path, hf_model = tiny_gpt_oss
+    model, config = load_model(path, load_format="safetensors", dtype=torch.bfloat16)
+    sequences = sequences_for(config.vocab_size)
+    for got, want in zip(run_steps(model, sequences, [[(0, len(s)) for s in sequences]]),
+                         hf_logits(copy.deepcopy(hf_model).to(torch.bfloat16), sequences)):
+        # Against transformers in bf16 too: a router's choice can flip under bf16 rounding (it does here).
+        assert torch.isfinite(got).all()
+        assert (got - want).abs().max() < 0.1 * want.abs().max()
