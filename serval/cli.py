@@ -50,6 +50,9 @@ _ENGINE_HELP = {
     "long_prefill_token_threshold": "most prompt tokens one request prefills in a step before the other requests "
                                     "have had theirs, so a long prompt doesn't delay everyone's first token; the "
                                     "budget left over still goes to it (0: no cap; None: max_num_batched_tokens / 4)",
+    "speculative_config": 'speculative decoding, JSON: {"method": "ngram", "num_speculative_tokens": 4, '
+                          '"prompt_lookup_min": 1, "prompt_lookup_max": 3} or {"method": "suffix", '
+                          '"num_speculative_tokens": 4}; optional "disable_by_batch_size": N',
 }
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from serval.engine.spec_decode.config import SpeculativeConfig, parse_speculative_config
 from serval.openai.errors import InvalidArgument
 from serval.sampling_params import SEED_RANGE
 
@@ -85,6 +86,9 @@ class EngineConfig:
     # so one long prompt can't hold back the others' first tokens. 0: no cap. None: a quarter of
     # max_num_batched_tokens. Budget left after every request had its share goes back to the long prefills.
     long_prefill_token_threshold: int | None = None
+    # Speculative decoding (serval.engine.spec_decode): a dict or its JSON, e.g. {"method": "ngram",
+    # "num_speculative_tokens": 4, "prompt_lookup_max": 3}; parsed into a SpeculativeConfig. None: off.
+    speculative_config: str | dict | SpeculativeConfig | None = None  # str first: the CLI flag's type
 
     def __post_init__(self) -> None:
         for name in ("model", "tokenizer"):
@@ -120,6 +124,7 @@ class EngineConfig:
             raise _bad("long_prefill_token_threshold", threshold, "an integer >= 0 (0: no cap) or None")
         if not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise _bad("seed", self.seed, f"an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
+        self.speculative_config = parse_speculative_config(self.speculative_config)
         utilization = self.gpu_memory_utilization
         if isinstance(utilization, bool) or not isinstance(utilization, (int, float)) or not 0.0 < utilization <= 1.0:
             raise _bad("gpu_memory_utilization", utilization, "a number in (0, 1]")

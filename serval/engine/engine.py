@@ -22,6 +22,7 @@ from serval.engine.model_runner import DecodeInFlight, ModelRunner, ModelRunnerO
 from serval.engine.output_processor import OutputProcessor, RequestState, SampledToken, StepUpdate
 from serval.engine.request import Request, RequestStatus
 from serval.engine.scheduler import Scheduler, SchedulerOutput
+from serval.engine.spec_decode.decoder import SpecDecoder, SpecDecodeStats
 from serval.model.default_model import default_model_path
 from serval.model.loader import load_model
 from serval.openai.errors import InvalidArgument
@@ -47,6 +48,7 @@ class EngineStats:
     num_preemptions: int
     num_prompt_tokens: int
     num_generation_tokens: int
+    spec_decode: SpecDecodeStats | None = None  # None without speculative decoding
 
 
 class LLMEngine:
@@ -74,6 +76,11 @@ class LLMEngine:
                                               self.device)
         self.async_scheduling = (self.config.async_scheduling if self.config.async_scheduling is not None
                                  else self.runner.graphs is not None)
+        spec_config = self.config.speculative_config
+        self.spec_decoder = SpecDecoder(spec_config, self.vocab_size) if spec_config is not None else None
+        if self.spec_decoder is not None:
+            # A verify step needs the previous step's tokens on the host to propose from: nothing to overlap.
+            self.async_scheduling = False
         # With asynchronous scheduling: the decode step queued on the device whose tokens are not processed yet.
         self.in_flight: DecodeInFlight | None = None
         self.stepping: list[Request] = []  # the requests the current step holds, to fail if it raises
@@ -153,16 +160,51 @@ class LLMEngine:
             return self._finish_in_flight()
         runner_output = self.runner.execute(scheduled)
         self.scheduler.update(scheduled)
-        return self._process(scheduled.requests, runner_output)
+        if self.spec_decoder is None:
+            return self._process(scheduled.requests, runner_output)
+        if runner_output.verified is not None:
+            self.spec_decoder.accept(scheduled.requests, runner_output.verified, self.kv_cache)
+        outputs = self._process(scheduled.requests, runner_output)
+        self.spec_decoder.propose(self.scheduler.running)
+        return outputs
 
     def _process(self, requests: list[Request], runner_output: ModelRunnerOutput) -> list[RequestOutput]:
         sampled = [SampledToken(token_id, logprobs, prompt_logprobs) for token_id, logprobs, prompt_logprobs
                    in zip(runner_output.sampled_token_ids, runner_output.logprobs, runner_output.prompt_logprobs)]
-        return self._finish(self.output_processor.process_step(requests, sampled, time.monotonic()))
+        update = self.output_processor.process_step(requests, sampled, time.monotonic())
+        if runner_output.verified is not None:
+            self._process_verified(requests, runner_output, update)
+        return self._finish(update)
+
+    def _process_verified(self, requests: list[Request], runner_output: ModelRunnerOutput,
+                          update: StepUpdate) -> None:
+        """The tokens after the first of each verify step, one position at a time, so a stop (EOS, a stop string,
+        the length limit) on one of them drops the rest as it would have without speculation."""
+        finished = {id(sequence.request) for sequence in update.finished}
+        reported = {id(state) for state in update.to_report}
+        position = 1
+        while True:
+            batch = [(request, result) for request, result in zip(requests, runner_output.verified)
+                     if result is not None and len(result.token_ids) > position and id(request) not in finished]
+            if not batch:
+                return
+            sampled = [SampledToken(result.token_ids[position],
+                                    result.logprobs[position] if result.logprobs is not None else None, None)
+                       for _, result in batch]
+            more = self.output_processor.process_step([request for request, _ in batch], sampled, time.monotonic())
+            update.finished.extend(more.finished)
+            finished.update(id(sequence.request) for sequence in more.finished)
+            for state in more.to_report:
+                if id(state) not in reported:
+                    reported.add(id(state))
+                    update.to_report.append(state)
+            position += 1
 
     def _finish(self, update: StepUpdate) -> list[RequestOutput]:
         for sequence in update.finished:
             self.scheduler.finish_request(sequence.request, sequence.status)
+            if self.spec_decoder is not None:
+                self.spec_decoder.on_finished(sequence.request)
         return self.output_processor.make_outputs(update.to_report)
 
     def _fail_step(self, error: Exception) -> list[RequestOutput]:
@@ -186,7 +228,8 @@ class LLMEngine:
                            self.kv_cache.num_free_blocks, self.kv_cache.num_blocks,
                            self.kv_cache.prefix_cache_queries, self.kv_cache.prefix_cache_hits,
                            self.scheduler.num_preemptions, self.num_prompt_tokens,
-                           self.output_processor.num_generation_tokens)
+                           self.output_processor.num_generation_tokens,
+                           self.spec_decoder.stats if self.spec_decoder is not None else None)
 
     # ---- asynchronous scheduling ----
     # While the device runs decode step N, the host queues step N+1 (its input ids gathered on the device from
