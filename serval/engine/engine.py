@@ -23,6 +23,7 @@ from serval.engine.output_processor import OutputProcessor, RequestState, Sample
 from serval.engine.request import Request, RequestStatus
 from serval.engine.scheduler import Scheduler, SchedulerOutput
 from serval.engine.spec_decode.decoder import SpecDecoder, SpecDecodeStats
+from serval.engine.spec_decode.draft_model import DraftModel
 from serval.model.default_model import default_model_path
 from serval.model.loader import load_model
 from serval.openai.errors import InvalidArgument
@@ -64,11 +65,17 @@ class LLMEngine:
         self.config = _resolve_config(config, model_path, self.hf_config)
         # The model computes in self.dtype; the KV cache may be stored narrower (kv_cache_dtype="fp8").
         self.kv_cache_dtype = self.config.torch_kv_cache_dtype(self.dtype)
+        draft_model = self._load_draft_model()  # before the pool is sized: its weights take memory first
         num_blocks = num_kv_blocks(self.config, self.model, self.kv_cache_dtype, self.device)
+        drafter = None
+        if draft_model is not None:
+            num_blocks = share_blocks_with_draft(num_blocks, self.config, self.model, draft_model, self.kv_cache_dtype)
+            drafter = DraftModel(draft_model, num_blocks, self.config.block_size, self.kv_cache_dtype, self.device)
         self.kv_cache = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.kv_cache)
         self.runner = ModelRunner(self.model, num_blocks, self.config.block_size, self.kv_cache_dtype, self.device,
-                                  self.config.max_num_seqs, self.config.max_model_len, self.config.enforce_eager)
+                                  self.config.max_num_seqs, self.config.max_model_len, self.config.enforce_eager,
+                                  drafter)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.vocab_size = self.model.vocab_size
         self.eos_token_id = _eos_token_id(self.hf_config, self.tokenizer)
@@ -90,6 +97,18 @@ class LLMEngine:
                                            "dtype": str(self.dtype), "kv_cache_dtype": str(self.kv_cache_dtype),
                                            "num_kv_blocks": num_blocks, "max_model_len": self.config.max_model_len,
                                            "load_seconds": round(time.monotonic() - started, 2)})
+
+    def _load_draft_model(self) -> torch.nn.Module | None:
+        spec_config = self.config.speculative_config
+        if spec_config is None or spec_config.method != "draft_model":
+            return None
+        draft, _ = load_model(spec_config.model, load_format=self.config.load_format, dtype=self.dtype,
+                              device=self.device, seed=self.config.seed)
+        if draft.vocab_size != self.model.vocab_size:
+            raise InvalidArgument("speculative_config", f"invalid speculative_config: the draft model's vocabulary "
+                                                        f"({draft.vocab_size}) differs from the target's "
+                                                        f"({self.model.vocab_size}); it must share the tokenizer")
+        return draft
 
     @classmethod
     def from_engine_args(cls, **kwargs) -> "LLMEngine":
@@ -281,6 +300,17 @@ class LLMEngine:
             if not self.kv_cache.allocate(request, 1):
                 return None  # out of blocks: the synchronous step will preempt
         return self.runner.launch_decode(following, previous=current)
+
+
+def share_blocks_with_draft(num_blocks: int, config: EngineConfig, model, draft_model,
+                            kv_cache_dtype: torch.dtype) -> int:
+    """A draft model's cache uses the target's block ids, so a block costs both caches' bytes: the pool sized for
+    the target alone shrinks to keep the same memory (unless the user fixed the block count)."""
+    if config.num_gpu_blocks_override is not None:
+        return num_blocks
+    target = ModelRunner.kv_cache_bytes_per_block(model, config.block_size, kv_cache_dtype)
+    draft = ModelRunner.kv_cache_bytes_per_block(draft_model, config.block_size, kv_cache_dtype)
+    return max(num_blocks * target // (target + draft), -(-config.max_model_len // config.block_size))
 
 
 def _checkpoint_dtype(model_path: str) -> torch.dtype | None:

@@ -15,6 +15,7 @@ from serval.engine.cuda_graphs import DecodeGraphs
 from serval.engine.request import Request
 from serval.engine.scheduler import SchedulerOutput
 from serval.engine.spec_decode import rejection_sampler
+from serval.engine.spec_decode.draft_model import DraftModel
 from serval.engine.spec_decode.rejection_sampler import VerifiedTokens
 from serval.kernels import paged_attention as torch_attention
 from serval.layers.attention import AttentionMetadata, attention_backend
@@ -79,10 +80,11 @@ class _BatchPlan:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int,
                  kv_cache_dtype: torch.dtype, device: torch.device, max_num_seqs: int = 1, max_model_len: int = 1,
-                 enforce_eager: bool = True) -> None:
+                 enforce_eager: bool = True, drafter: DraftModel | None = None) -> None:
         """kv_cache_dtype: the cache's element type, the model's dtype or float8_e4m3fn (EngineConfig's
         torch_kv_cache_dtype); the attention layers convert on write and on read."""
         self.model = model
+        self.drafter = drafter  # speculative decoding with a draft model: it runs beside the target every step
         self.block_size = block_size
         self.device = device
         shape = (2, num_blocks, block_size, model.num_kv_heads, model.head_dim)
@@ -127,7 +129,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+        if self.drafter is not None:
+            self.drafter.propose([request for request, num_new in zip(scheduled.requests, scheduled.num_scheduled_tokens)
+                                  if request.num_computed_tokens + num_new > request.num_tokens])
         plan = self._plan(scheduled)
+        if self.drafter is not None:
+            self.drafter.forward(plan.input_ids, plan.positions, plan.query_start_loc, plan.seq_lens,
+                                 scheduled.requests)
         num_requests = len(scheduled.requests)
         if (self.graphs is not None and not plan.prompt_rows and len(plan.sample_rows) == num_requests
                 and len(plan.input_ids) == num_requests and self.graphs.can_run(num_requests)):

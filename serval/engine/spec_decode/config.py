@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from serval.openai.errors import InvalidArgument
 
 PARAM = "speculative_config"
-# Methods that run here. "draft_model" and "eagle3" need a second model's forward inside the verify step, which is not
-# built yet: they are refused by name rather than silently ignored.
-METHODS = ("ngram", "suffix", "replay")
-NOT_YET = ("draft_model", "eagle3", "eagle", "medusa", "mtp")
+# Methods that run here. The others vLLM knows are refused by name rather than silently ignored.
+METHODS = ("ngram", "suffix", "draft_model", "replay")
+NOT_YET = ("eagle3", "eagle", "medusa", "mtp")
 _KEYS = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "model",
          "disable_by_batch_size", "suffix_decoding_max_cached_requests", "suffix_decoding_max_tree_depth",
          "acceptance_rate", "seed"}
@@ -20,6 +19,7 @@ _KEYS = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup
 class SpeculativeConfig:
     method: str
     num_speculative_tokens: int
+    model: str | None = None  # draft_model: the draft checkpoint (it must share the target's tokenizer)
     prompt_lookup_min: int = 1  # ngram: shortest suffix of the request's tokens to look up
     prompt_lookup_max: int = 3  # ngram: longest; longer matches are tried first
     # Steps with at least this many running requests don't speculate (verification then costs more than it saves);
@@ -52,7 +52,7 @@ def parse_speculative_config(value) -> SpeculativeConfig | None:
                                      f"{list(METHODS)}")
     if method not in METHODS:
         raise InvalidArgument(PARAM, f"invalid {PARAM}: method={method!r}; allowed {list(METHODS)}")
-    fields = {key: item for key, item in value.items() if key not in ("method", "model")}
+    fields = {key: item for key, item in value.items() if key != "method"}
     if "num_speculative_tokens" not in fields:
         raise InvalidArgument(PARAM, f"invalid {PARAM}: num_speculative_tokens is required")
     config = SpeculativeConfig(method=method, **fields)
@@ -63,6 +63,9 @@ def parse_speculative_config(value) -> SpeculativeConfig | None:
 def _validate(config: SpeculativeConfig) -> None:
     def bad(name: str, allowed: str) -> InvalidArgument:
         return InvalidArgument(PARAM, f"invalid {PARAM}: {name}={getattr(config, name)!r}; allowed {allowed}")
+
+    if (config.method == "draft_model") != isinstance(config.model, str) or config.model == "":
+        raise bad("model", "a draft checkpoint path with method draft_model, and only then")
 
     for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
                  "suffix_decoding_max_cached_requests", "suffix_decoding_max_tree_depth"):
