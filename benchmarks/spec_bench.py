@@ -7,8 +7,10 @@ the replay proposer's, so its time is paid and acceptance is still alpha. Prints
 
     # one H200 (Llama-3-8B shape target, Llama-3.2-1B shape draft, dummy bf16 weights, no download):
     PYTHONPATH=/tmp/site:. python benchmarks/spec_bench.py --json spec_bench.json
-    # two CPU cores, tiny shapes, a minute:
+    # two CPU cores, tiny shapes:
     python benchmarks/spec_bench.py --tiny --json spec_bench_tiny.json
+    # real acceptance: the default model (SmolLM2-135M) with ngram and suffix on prompts the answer must quote:
+    python benchmarks/spec_bench.py --real [--device cpu] --json spec_bench_real.json
 """
 from __future__ import annotations
 
@@ -164,6 +166,53 @@ def sweep(args, target: str, draft: str) -> list[Run]:
     return runs
 
 
+# The editing workload: documents the answer has to repeat with a small change, as an editor or coding agent asks.
+EDIT_TASKS = ("Repeat the following text exactly, but in upper case the first word of each sentence:",
+              "Copy the following text word for word, then add one sentence summarizing it:",
+              "Rewrite the following text with every occurrence of 'the' replaced by 'THE', keeping the rest as is:")
+
+
+def real_workload(args) -> list[dict]:
+    """Acceptance and speed-up with real weights: the default model, greedy, chat prompts quoting serval's own
+    module docstrings (text the answer must repeat)."""
+    import serval.engine as engine_package
+    documents = []
+    folder = os.path.dirname(engine_package.__file__)
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py") and name != "__init__.py":
+            with open(os.path.join(folder, name)) as f:
+                text = f.read()
+            if text.startswith('"""'):
+                documents.append(text[3:text.index('"""', 3)].strip())
+    conversations = [[{"role": "user", "content": f"{EDIT_TASKS[i % len(EDIT_TASKS)]}\n\n{document}"}]
+                     for i, document in enumerate(documents[:args.real_prompts])]
+    params = SamplingParams(temperature=0.0, max_tokens=args.real_output_len)
+    rows = []
+    for name, config in (("none", None), ("ngram", {"method": "ngram", "num_speculative_tokens": 4,
+                                                     "prompt_lookup_max": 3}),
+                         ("suffix", {"method": "suffix", "num_speculative_tokens": 4})):
+        for batch_size in (1, len(conversations)):
+            llm = LLM(max_model_len=2048, device=args.device, speculative_config=config)
+            llm.chat(conversations[:1], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)  # warm-up
+            started = time.perf_counter()
+            num_tokens = 0
+            for first in range(0, len(conversations), batch_size):
+                outputs = llm.chat(conversations[first:first + batch_size], params, use_tqdm=False)
+                num_tokens += sum(len(output.outputs[0].token_ids) for output in outputs)
+            rate = num_tokens / (time.perf_counter() - started)
+            stats = llm.engine.get_stats().spec_decode
+            rows.append({"method": name, "batch_size": batch_size, "tokens_per_s": rate, "output_tokens": num_tokens,
+                         "acceptance_length": (1 + stats.num_accepted_tokens / stats.num_drafts)
+                         if stats is not None and stats.num_drafts else None})
+            sys.stderr.write(f"  done: {rows[-1]}\n")
+            del llm
+            release()
+    baseline = {row["batch_size"]: row["tokens_per_s"] for row in rows if row["method"] == "none"}
+    for row in rows:
+        row["speedup"] = row["tokens_per_s"] / baseline[row["batch_size"]]
+    return rows
+
+
 def release() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -211,8 +260,21 @@ def main() -> int:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: checks the script end to end")
+    parser.add_argument("--real", action="store_true", help="only the real-weights workload (default model)")
+    parser.add_argument("--real-prompts", type=int, default=8)
+    parser.add_argument("--real-output-len", type=int, default=256)
     parser.add_argument("--json", default="spec_bench.json")
     args = parser.parse_args()
+    if args.real:
+        rows = real_workload(args)
+        sys.stdout.write(f"{'method':>7} {'batch':>5} {'tok/s':>8} {'speed-up':>8} {'tok/step':>8}\n")
+        for row in rows:
+            length = row["acceptance_length"]
+            sys.stdout.write(f"{row['method']:>7} {row['batch_size']:>5} {row['tokens_per_s']:>8.1f} "
+                             f"{row['speedup']:>7.2f}x {'-' if length is None else f'{length:.2f}':>8}\n")
+        with open(args.json, "w") as f:
+            json.dump({"device": args.device, "torch": torch.__version__, "rows": rows}, f, indent=2)
+        return 0
     work = tempfile.mkdtemp(prefix="spec_bench_")
     if args.tiny:
         args.model = write_config(os.path.join(work, "tiny-target"), TINY_TARGET)

@@ -12,6 +12,9 @@ def test_parses_dict_and_json():
     assert config == SpeculativeConfig("ngram", 4, prompt_lookup_max=5)
     assert parse_speculative_config('{"method": "suffix", "num_speculative_tokens": 2}').method == "suffix"
     assert parse_speculative_config(None) is None
+    # vLLM's shorthand: a model without a method is a draft model.
+    assert parse_speculative_config({"model": "/d", "num_speculative_tokens": 2}) == SpeculativeConfig(
+        "draft_model", 2, model="/d")
 
 
 def test_cli_flag_reaches_the_engine_config():
@@ -32,7 +35,8 @@ def test_cli_flag_reaches_the_engine_config():
     ({"method": "ngram", "num_speculative_tokens": 2, "typo": 1}, "unknown key(s) ['typo']"),
     ({"method": "medusa2", "num_speculative_tokens": 2}, "method='medusa2'"),
     ({"method": "eagle3", "model": "/x", "num_speculative_tokens": 2}, "not supported yet"),
-    ({"model": "/x", "num_speculative_tokens": 2}, "'draft_model' is not supported yet"),
+    ({"method": "draft_model", "num_speculative_tokens": 2}, "model=None"),
+    ({"method": "ngram", "model": "/x", "num_speculative_tokens": 2}, "model='/x'"),
     ({"method": "replay", "num_speculative_tokens": 2, "acceptance_rate": 1.5}, "acceptance_rate=1.5"),
     ({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 0}, "disable_by_batch_size=0"),
 ])
