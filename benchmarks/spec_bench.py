@@ -279,8 +279,8 @@ def main() -> int:
     if args.tiny:
         args.model = write_config(os.path.join(work, "tiny-target"), TINY_TARGET)
         args.draft_model = write_config(os.path.join(work, "tiny-draft"), TINY_DRAFT)
-        args.batch_sizes, args.alphas, args.ks, args.draft_batch_sizes = "1,4", "0.5,0.9", "2,4", "1,4"
-        args.prompt_len, args.output_len, args.dtype, args.device = 16, 24, "float32", "cpu"
+        args.batch_sizes, args.alphas, args.ks, args.draft_batch_sizes = "1,2", "0.5,0.9", "2", "1"
+        args.prompt_len, args.output_len, args.dtype, args.device = 16, 12, "float32", "cpu"
     draft = args.draft_model or write_config(os.path.join(work, "llama-3.2-1b"), LLAMA_3_2_1B)
     args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",")]
     args.draft_batch_sizes = [int(b) for b in str(args.draft_batch_sizes).split(",") if int(b) in args.batch_sizes]

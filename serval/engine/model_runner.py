@@ -130,7 +130,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
         if self.drafter is not None:
-            self.drafter.propose([request for request, num_new in zip(scheduled.requests, scheduled.num_scheduled_tokens)
+            self.drafter.propose([request for request, num_new
+                                  in zip(scheduled.requests, scheduled.num_scheduled_tokens)
                                   if request.num_computed_tokens + num_new > request.num_tokens])
         plan = self._plan(scheduled)
         if self.drafter is not None:

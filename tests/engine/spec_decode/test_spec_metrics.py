@@ -37,4 +37,5 @@ def test_counters_and_acceptance_length(tiny_models):
     record = RequestRecord("r", "tiny", "text_completion")
     speculated = next(output for output, length in zip(outputs, lengths) if length is not None)
     record.add_finished(speculated)
-    assert record.fields()["spec_decode_acceptance_length"] == round(speculated.metrics.spec_decode_acceptance_length, 3)
+    expected = round(speculated.metrics.spec_decode_acceptance_length, 3)
+    assert record.fields()["spec_decode_acceptance_length"] == expected
