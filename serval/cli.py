@@ -56,6 +56,9 @@ _ENGINE_HELP = {
                             "gloo on CPU); it must divide the attention heads",
     "distributed_executor_backend": "mp: run the model through the multi-process (tensor-parallel) executor even "
                                     "at --tensor-parallel-size 1 (default: in this process when the size is 1)",
+    "speculative_config": 'speculative decoding, JSON: {"method": "ngram", "num_speculative_tokens": 4, '
+                          '"prompt_lookup_min": 1, "prompt_lookup_max": 3} or {"method": "suffix", '
+                          '"num_speculative_tokens": 4}; optional "disable_by_batch_size": N',
 }
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from serval.engine.spec_decode.config import SpeculativeConfig, parse_speculative_config
 from serval.openai.errors import InvalidArgument
 from serval.sampling_params import SEED_RANGE
 
@@ -95,6 +96,9 @@ class EngineConfig:
     # vLLM's name. None: the model runs in the engine process when tensor_parallel_size is 1, else "mp".
     # "mp": the multi-process executor even at size 1 (what benchmarks/tp_bench.py compares with today's path).
     distributed_executor_backend: str | None = None
+    # Speculative decoding (serval.engine.spec_decode): a dict or its JSON, e.g. {"method": "ngram",
+    # "num_speculative_tokens": 4, "prompt_lookup_max": 3}; parsed into a SpeculativeConfig. None: off.
+    speculative_config: str | dict | SpeculativeConfig | None = None  # str first: the CLI flag's type
 
     def __post_init__(self) -> None:
         for name in ("model", "tokenizer"):
@@ -133,6 +137,11 @@ class EngineConfig:
             raise _bad("long_prefill_token_threshold", threshold, "an integer >= 0 (0: no cap) or None")
         if not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise _bad("seed", self.seed, f"an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
+        self.speculative_config = parse_speculative_config(self.speculative_config)
+        if self.speculative_config is not None and (self.tensor_parallel_size != 1
+                                                    or self.distributed_executor_backend is not None):
+            raise _bad("speculative_config", self.speculative_config.method,
+                       "speculative decoding in one process (not with tensor parallelism yet)")
         utilization = self.gpu_memory_utilization
         if isinstance(utilization, bool) or not isinstance(utilization, (int, float)) or not 0.0 < utilization <= 1.0:
             raise _bad("gpu_memory_utilization", utilization, "a number in (0, 1]")

@@ -43,6 +43,8 @@ class RequestMetrics:
     last_token_time: float | None = None
     finished_time: float | None = None
     num_cached_tokens: int = 0
+    # Speculative decoding: mean tokens per verify step (accepted drafts + 1); None where it never speculated.
+    spec_decode_acceptance_length: float | None = None
 
 
 @dataclass

@@ -132,6 +132,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     detokenize: bool = True
     structured_outputs: StructuredOutputsParams | None = None
+    # True: this request decodes one token per step even where the engine speculates (serval.engine.spec_decode).
+    disable_speculation: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -174,6 +176,8 @@ class SamplingParams:
         for name in _BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise _bad(name, getattr(self, name), "true or false")
+        if not isinstance(self.disable_speculation, bool):
+            raise _bad("disable_speculation", self.disable_speculation, "true or false")
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             raise _bad("structured_outputs", self.structured_outputs, "a StructuredOutputsParams")
 

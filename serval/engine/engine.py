@@ -23,6 +23,8 @@ from serval.engine.model_runner import DecodeInFlight, ModelRunner, ModelRunnerO
 from serval.engine.output_processor import OutputProcessor, RequestState, SampledToken, StepUpdate
 from serval.engine.request import Request, RequestStatus
 from serval.engine.scheduler import Scheduler, SchedulerOutput
+from serval.engine.spec_decode.decoder import SpecDecoder, SpecDecodeStats
+from serval.engine.spec_decode.draft_model import DraftModel
 from serval.layers.quant.kv_scales import enable_kv_scale_calculation
 from serval.model.default_model import default_model_path
 from serval.model.loader import load_model
@@ -49,6 +51,7 @@ class EngineStats:
     num_preemptions: int
     num_prompt_tokens: int
     num_generation_tokens: int
+    spec_decode: SpecDecodeStats | None = None  # None without speculative decoding
 
 
 class LLMEngine:
@@ -73,18 +76,23 @@ class LLMEngine:
         self.config = _resolve_config(config, model_path, self.hf_config)
         # The model computes in self.dtype; the KV cache may be stored narrower (kv_cache_dtype="fp8").
         self.kv_cache_dtype = self.config.torch_kv_cache_dtype(self.dtype)
+        draft_model = self._load_draft_model()  # before the pool is sized: its weights take memory first
         if self.executor is None:
             num_blocks = num_kv_blocks(self.config, self.model, self.kv_cache_dtype, self.device)
         else:  # every rank sizes its pool (its heads, its memory); all take the smallest
             self.config, num_blocks = self.executor.configure(self.config, self.kv_cache_dtype)
         if self.config.calculate_kv_scales:  # after the memory profile's forward, before graph capture
             enable_kv_scale_calculation(self.model)
+        drafter = None
+        if draft_model is not None:
+            num_blocks = share_blocks_with_draft(num_blocks, self.config, self.model, draft_model, self.kv_cache_dtype)
+            drafter = DraftModel(draft_model, num_blocks, self.config.block_size, self.kv_cache_dtype, self.device)
         self.kv_cache = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.kv_cache)
         if self.executor is None:
             self.runner = ModelRunner(self.model, num_blocks, self.config.block_size, self.kv_cache_dtype,
                                       self.device, self.config.max_num_seqs, self.config.max_model_len,
-                                      self.config.enforce_eager)
+                                      self.config.enforce_eager, drafter)
         else:
             self.runner = self.executor.make_runner(num_blocks, self.config, self.kv_cache_dtype)
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -94,6 +102,11 @@ class LLMEngine:
                                               self.device)
         self.async_scheduling = (self.config.async_scheduling if self.config.async_scheduling is not None
                                  else self.runner.graphs is not None)
+        spec_config = self.config.speculative_config
+        self.spec_decoder = SpecDecoder(spec_config, self.vocab_size) if spec_config is not None else None
+        if self.spec_decoder is not None:
+            # A verify step needs the previous step's tokens on the host to propose from: nothing to overlap.
+            self.async_scheduling = False
         # With asynchronous scheduling: the decode step queued on the device whose tokens are not processed yet.
         self.in_flight: DecodeInFlight | None = None
         self.stepping: list[Request] = []  # the requests the current step holds, to fail if it raises
@@ -103,6 +116,18 @@ class LLMEngine:
                                            "dtype": str(self.dtype), "kv_cache_dtype": str(self.kv_cache_dtype),
                                            "num_kv_blocks": num_blocks, "max_model_len": self.config.max_model_len,
                                            "load_seconds": round(time.monotonic() - started, 2)})
+
+    def _load_draft_model(self) -> torch.nn.Module | None:
+        spec_config = self.config.speculative_config
+        if spec_config is None or spec_config.method != "draft_model":
+            return None
+        draft, _ = load_model(spec_config.model, load_format=self.config.load_format, dtype=self.dtype,
+                              device=self.device, seed=self.config.seed)
+        if draft.vocab_size != self.model.vocab_size:
+            raise InvalidArgument("speculative_config", f"invalid speculative_config: the draft model's vocabulary "
+                                                        f"({draft.vocab_size}) differs from the target's "
+                                                        f"({self.model.vocab_size}); it must share the tokenizer")
+        return draft
 
     @classmethod
     def from_engine_args(cls, **kwargs) -> "LLMEngine":
@@ -174,16 +199,51 @@ class LLMEngine:
             return self._finish_in_flight()
         runner_output = self.runner.execute(scheduled)
         self.scheduler.update(scheduled)
-        return self._process(scheduled.requests, runner_output)
+        if self.spec_decoder is None:
+            return self._process(scheduled.requests, runner_output)
+        if runner_output.verified is not None:
+            self.spec_decoder.accept(scheduled.requests, runner_output.verified, self.kv_cache)
+        outputs = self._process(scheduled.requests, runner_output)
+        self.spec_decoder.propose(self.scheduler.running)
+        return outputs
 
     def _process(self, requests: list[Request], runner_output: ModelRunnerOutput) -> list[RequestOutput]:
         sampled = [SampledToken(token_id, logprobs, prompt_logprobs) for token_id, logprobs, prompt_logprobs
                    in zip(runner_output.sampled_token_ids, runner_output.logprobs, runner_output.prompt_logprobs)]
-        return self._finish(self.output_processor.process_step(requests, sampled, time.monotonic()))
+        update = self.output_processor.process_step(requests, sampled, time.monotonic())
+        if runner_output.verified is not None:
+            self._process_verified(requests, runner_output, update)
+        return self._finish(update)
+
+    def _process_verified(self, requests: list[Request], runner_output: ModelRunnerOutput,
+                          update: StepUpdate) -> None:
+        """The tokens after the first of each verify step, one position at a time, so a stop (EOS, a stop string,
+        the length limit) on one of them drops the rest as it would have without speculation."""
+        finished = {id(sequence.request) for sequence in update.finished}
+        reported = {id(state) for state in update.to_report}
+        position = 1
+        while True:
+            batch = [(request, result) for request, result in zip(requests, runner_output.verified)
+                     if result is not None and len(result.token_ids) > position and id(request) not in finished]
+            if not batch:
+                return
+            sampled = [SampledToken(result.token_ids[position],
+                                    result.logprobs[position] if result.logprobs is not None else None, None)
+                       for _, result in batch]
+            more = self.output_processor.process_step([request for request, _ in batch], sampled, time.monotonic())
+            update.finished.extend(more.finished)
+            finished.update(id(sequence.request) for sequence in more.finished)
+            for state in more.to_report:
+                if id(state) not in reported:
+                    reported.add(id(state))
+                    update.to_report.append(state)
+            position += 1
 
     def _finish(self, update: StepUpdate) -> list[RequestOutput]:
         for sequence in update.finished:
             self.scheduler.finish_request(sequence.request, sequence.status)
+            if self.spec_decoder is not None:
+                self.spec_decoder.on_finished(sequence.request)
         return self.output_processor.make_outputs(update.to_report)
 
     def _fail_step(self, error: Exception) -> list[RequestOutput]:
@@ -212,7 +272,8 @@ class LLMEngine:
                            self.kv_cache.num_free_blocks, self.kv_cache.num_blocks,
                            self.kv_cache.prefix_cache_queries, self.kv_cache.prefix_cache_hits,
                            self.scheduler.num_preemptions, self.num_prompt_tokens,
-                           self.output_processor.num_generation_tokens)
+                           self.output_processor.num_generation_tokens,
+                           self.spec_decoder.stats if self.spec_decoder is not None else None)
 
     # ---- asynchronous scheduling ----
     # While the device runs decode step N, the host queues step N+1 (its input ids gathered on the device from
@@ -264,6 +325,17 @@ class LLMEngine:
             if not self.kv_cache.allocate(request, 1):
                 return None  # out of blocks: the synchronous step will preempt
         return self.runner.launch_decode(following, previous=current)
+
+
+def share_blocks_with_draft(num_blocks: int, config: EngineConfig, model, draft_model,
+                            kv_cache_dtype: torch.dtype) -> int:
+    """A draft model's cache uses the target's block ids, so a block costs both caches' bytes: the pool sized for
+    the target alone shrinks to keep the same memory (unless the user fixed the block count)."""
+    if config.num_gpu_blocks_override is not None:
+        return num_blocks
+    target = ModelRunner.kv_cache_bytes_per_block(model, config.block_size, kv_cache_dtype)
+    draft = ModelRunner.kv_cache_bytes_per_block(draft_model, config.block_size, kv_cache_dtype)
+    return max(num_blocks * target // (target + draft), -(-config.max_model_len // config.block_size))
 
 
 def _checkpoint_dtype(model_path: str) -> torch.dtype | None:

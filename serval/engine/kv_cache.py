@@ -112,6 +112,17 @@ class KVCacheManager:
                 self.free_queue[block_id] = None
         request.block_ids = []
 
+    def free_tail(self, request: Request, num_tokens: int) -> None:
+        """Release the blocks past the first num_tokens tokens (speculative drafts the verify step rejected). They
+        hold no full block of the request's known tokens, so none is in the prefix cache."""
+        num_kept = -(-num_tokens // self.block_size)
+        for block_id in reversed(request.block_ids[num_kept:]):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_queue[block_id] = None
+        del request.block_ids[num_kept:]
+
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix; only possible while no block is in use."""
         if self.num_free_blocks != self.num_blocks:

@@ -15,6 +15,9 @@ from serval.engine import sampler
 from serval.engine.cuda_graphs import DecodeGraphs
 from serval.engine.request import Request
 from serval.engine.scheduler import SchedulerOutput
+from serval.engine.spec_decode import rejection_sampler
+from serval.engine.spec_decode.draft_model import DraftModel
+from serval.engine.spec_decode.rejection_sampler import VerifiedTokens
 from serval.kernels import paged_attention as torch_attention
 from serval.layers.attention import AttentionMetadata, attention_backend
 from serval.outputs import Logprob
@@ -25,6 +28,9 @@ class ModelRunnerOutput:
     sampled_token_ids: list[int | None]  # per scheduled request; None where its step ended mid-prompt
     logprobs: list[dict[int, Logprob] | None]
     prompt_logprobs: list[list[dict[int, Logprob]] | None]  # new prompt positions this step, in order
+    # Per scheduled request: what a speculative verify step kept (sampled_token_ids and logprobs then hold its
+    # first token); None for requests without drafts, and all None when nobody speculated.
+    verified: list[VerifiedTokens | None] | None = None
 
 
 @dataclass
@@ -65,6 +71,14 @@ class ForwardInputs:
 
 
 @dataclass
+class VerifyRows:
+    """A request whose step verifies speculative drafts: its last known token and each draft is a row."""
+    batch_index: int
+    rows: list[int]  # flat rows of the batch: len(draft_token_ids) + 1
+    draft_token_ids: list[int]
+
+
+@dataclass
 class _BatchPlan:
     input_ids: list[int]
     positions: list[int]
@@ -74,6 +88,7 @@ class _BatchPlan:
     sample_rows: list[int]  # flat row per sampled request
     sampled_requests: list[Request]
     prompt_rows: list[PromptLogprobRows]
+    verify_rows: list[VerifyRows]
 
 
 def kv_cache_shape(model: torch.nn.Module, num_blocks: int, block_size: int) -> tuple[int, ...]:
@@ -87,10 +102,11 @@ def kv_cache_shape(model: torch.nn.Module, num_blocks: int, block_size: int) -> 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int,
                  kv_cache_dtype: torch.dtype, device: torch.device, max_num_seqs: int = 1, max_model_len: int = 1,
-                 enforce_eager: bool = True) -> None:
+                 enforce_eager: bool = True, drafter: DraftModel | None = None) -> None:
         """kv_cache_dtype: the cache's element type, the model's dtype or float8_e4m3fn (EngineConfig's
         torch_kv_cache_dtype); the attention layers convert on write and on read."""
         self.model = model
+        self.drafter = drafter  # speculative decoding with a draft model: it runs beside the target every step
         self.block_size = block_size
         self.device = device
         shape = kv_cache_shape(model, num_blocks, block_size)
@@ -138,7 +154,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+        if self.drafter is not None:
+            self.drafter.propose([request for request, num_new
+                                  in zip(scheduled.requests, scheduled.num_scheduled_tokens)
+                                  if request.num_computed_tokens + num_new > request.num_tokens])
         plan = self._plan(scheduled)
+        if self.drafter is not None:
+            self.drafter.forward(plan.input_ids, plan.positions, plan.query_start_loc, plan.seq_lens,
+                                 scheduled.requests)
         num_requests = len(scheduled.requests)
         if (self.graphs is not None and not plan.prompt_rows and len(plan.sample_rows) == num_requests
                 and len(plan.input_ids) == num_requests and self.graphs.can_run(num_requests)):
@@ -146,11 +169,29 @@ class ModelRunner:
                                      [request.block_ids for request in scheduled.requests])
             return self._outputs(scheduled, plan, logits, logits[:0])
         prompt_flat_rows = [row for prompt_rows in plan.prompt_rows for row in prompt_rows.rows]
+        verify_flat_rows = [row for verify_rows in plan.verify_rows for row in verify_rows.rows]
         logits = self.forward_logits(ForwardInputs(
             plan.input_ids, plan.positions, plan.slot_mapping, plan.query_start_loc, plan.seq_lens,
-            [request.block_ids for request in scheduled.requests], plan.sample_rows + prompt_flat_rows))
-        num_sampled = len(plan.sample_rows)
-        return self._outputs(scheduled, plan, logits[:num_sampled], logits[num_sampled:])
+            [request.block_ids for request in scheduled.requests],
+            plan.sample_rows + prompt_flat_rows + verify_flat_rows))
+        num_sampled, num_prompt = len(plan.sample_rows), len(prompt_flat_rows)
+        out = self._outputs(scheduled, plan, logits[:num_sampled], logits[num_sampled:num_sampled + num_prompt])
+        if plan.verify_rows:
+            self._verify(scheduled, plan, logits[num_sampled + num_prompt:], out)
+        return out
+
+    @staticmethod
+    def _verify(scheduled: SchedulerOutput, plan: _BatchPlan, verify_logits: torch.Tensor,
+                out: ModelRunnerOutput) -> None:
+        """Speculative verification: the rows of each request with drafts → the tokens it keeps."""
+        requests = [scheduled.requests[verify_rows.batch_index] for verify_rows in plan.verify_rows]
+        verified = rejection_sampler.verify(verify_logits, requests,
+                                            [verify_rows.draft_token_ids for verify_rows in plan.verify_rows])
+        out.verified = [None] * len(scheduled.requests)
+        for verify_rows, result in zip(plan.verify_rows, verified):
+            out.verified[verify_rows.batch_index] = result
+            out.sampled_token_ids[verify_rows.batch_index] = result.token_ids[0]
+            out.logprobs[verify_rows.batch_index] = result.logprobs[0] if result.logprobs is not None else None
 
     @torch.inference_mode()
     def launch_decode(self, requests: list[Request], previous: DecodeInFlight | None = None) -> DecodeInFlight:
@@ -212,11 +253,13 @@ class ModelRunner:
         return [blocks[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
     def _plan(self, scheduled: SchedulerOutput) -> _BatchPlan:
-        plan = _BatchPlan([], [], [], [0], [], [], [], [])
+        plan = _BatchPlan([], [], [], [0], [], [], [], [], [])
         for batch_index, (request, num_new) in enumerate(zip(scheduled.requests, scheduled.num_scheduled_tokens)):
             start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
             row0 = plan.query_start_loc[-1]
-            plan.input_ids.extend(request.all_token_ids[start:end])
+            num_drafts = end - request.num_tokens
+            known = request.all_token_ids if num_drafts <= 0 else request.all_token_ids + request.spec_token_ids
+            plan.input_ids.extend(known[start:end])
             plan.positions.extend(range(start, end))
             plan.slot_mapping.extend(self._slots(request, start, end))
             plan.query_start_loc.append(row0 + num_new)
@@ -229,7 +272,11 @@ class ModelRunner:
                     rows = [row0 + p - start for p in range(first, last)]
                     plan.prompt_rows.append(PromptLogprobRows(batch_index, rows,
                                                               request.all_token_ids[first + 1:last + 1]))
-            if end == request.num_tokens:
+            if num_drafts > 0:
+                rows = list(range(row0 + num_new - num_drafts - 1, row0 + num_new))
+                plan.verify_rows.append(VerifyRows(batch_index, rows,
+                                                   request.spec_token_ids[:num_drafts]))
+            elif end == request.num_tokens:
                 plan.sample_rows.append(row0 + num_new - 1)
                 plan.sampled_requests.append(request)
         return plan

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from serval.engine.detokenizer import IncrementalDetokenizer, find_stop_string, stop_holdback
 from serval.engine.request import Request, RequestStatus
+from serval.engine.spec_decode.decoder import acceptance_length
 from serval.openai.errors import InvalidArgument
 from serval.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestMetrics, RequestOutput, SampleLogprobs
 
@@ -237,7 +238,8 @@ def _request_output(state: RequestState) -> RequestOutput:
     first = state.sequences[0].request
     metrics = RequestMetrics(arrival_time=first.arrival_time, first_scheduled_time=first.first_scheduled_time,
                              first_token_time=first.first_token_time, last_token_time=first.last_token_time,
-                             finished_time=first.finished_time, num_cached_tokens=max(first.num_cached_tokens, 0))
+                             finished_time=first.finished_time, num_cached_tokens=max(first.num_cached_tokens, 0),
+                             spec_decode_acceptance_length=acceptance_length(first))
     return RequestOutput(request_id=state.request_id, prompt=state.prompt, prompt_token_ids=state.prompt_token_ids,
                          prompt_logprobs=state.prompt_logprobs, outputs=completions, finished=state.finished,
                          metrics=metrics, num_cached_tokens=metrics.num_cached_tokens)

@@ -67,6 +67,12 @@ class Request:
     # serval.engine.structured_output.GrammarState when sampling_params.structured_outputs is set: the sampler masks
     # with it, the output processor advances it on each accepted token and finishes the request when it terminates.
     grammar: GrammarState | None = None
+    # Speculative decoding (serval.engine.spec_decode): tokens proposed to follow all_token_ids, verified in the next
+    # step; what the request's verify steps drafted and accepted, for its acceptance length.
+    spec_token_ids: list[int] = field(default_factory=list)
+    num_spec_steps: int = 0
+    num_spec_draft_tokens: int = 0
+    num_spec_accepted_tokens: int = 0
 
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

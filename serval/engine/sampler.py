@@ -55,7 +55,7 @@ def sample_token_tensor(logits: torch.Tensor, requests: list[Request]) -> torch.
     reads a result back, so the runner can queue the next step before these are known (asynchronous
     scheduling). Consumes float32 logits as sample() does."""
     logits = logits.float()
-    _apply_logit_bias(logits, [request.sampling_params for request in requests])
+    apply_logit_bias(logits, [request.sampling_params for request in requests])
     _apply_min_tokens(logits, requests)
     _apply_penalties(logits, requests)
     _apply_grammar_mask(logits, requests)
@@ -97,7 +97,7 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
-def _apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> None:
+def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> None:
     rows, cols, values = [], [], []
     for row, p in enumerate(params):
         if p.logit_bias:
@@ -192,8 +192,19 @@ def _sample_tokens(logits: torch.Tensor, requests: list[Request]) -> torch.Tenso
     greedy = [p.temperature < SAMPLING_EPS for p in params]
     if all(greedy):
         return logits.argmax(dim=-1)
-    device = logits.device
     greedy_tokens = logits.argmax(dim=-1) if any(greedy) else None
+    probs = warp_logits(logits, params).softmax(dim=-1)
+    random_tokens = probs.div_(_exponential_noise(probs, requests, greedy)).argmax(dim=-1)
+    if greedy_tokens is None:
+        return random_tokens
+    return torch.where(to_device(greedy, torch.bool, logits.device), greedy_tokens, random_tokens)
+
+
+def warp_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature → min_p → top_k → top_p, the logits a random draw is made from (greedy rows: temperature 1).
+    Scales float32 logits in place; returns the masked logits (speculative verification draws from the same)."""
+    device = logits.device
+    greedy = [p.temperature < SAMPLING_EPS for p in params]
     temperature = to_device([1.0 if g else p.temperature for g, p in zip(greedy, params)], torch.float32, device)
     logits.div_(temperature.unsqueeze(1))
 
@@ -212,12 +223,7 @@ def _sample_tokens(logits: torch.Tensor, requests: list[Request]) -> torch.Tenso
         else None,
         to_device(top_p, torch.float32, device) if any(p < 1.0 for p in top_p) else None,
         max_top_k=min(max(top_k), vocab_size))
-
-    probs = logits.softmax(dim=-1)
-    random_tokens = probs.div_(_exponential_noise(probs, requests, greedy)).argmax(dim=-1)
-    if greedy_tokens is None:
-        return random_tokens
-    return torch.where(to_device(greedy, torch.bool, device), greedy_tokens, random_tokens)
+    return logits
 
 
 def _exponential_noise(probs: torch.Tensor, requests: list[Request], greedy: list[bool]) -> torch.Tensor:

@@ -79,8 +79,12 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget, self.long_prefill_cap)
+            num_left = request.num_tokens - request.num_computed_tokens
+            num_new = min(num_left + self._num_drafts(request), budget, self.long_prefill_cap)
             while not self.kv_cache.allocate(request, num_new):
+                if num_new > num_left:  # drafts are worth no preemption: verify none this step
+                    num_new = min(num_left, budget, self.long_prefill_cap)
+                    continue
                 victim = max(self.running, key=self._waiting_key)
                 if self.running.index(victim) < index:
                     index -= 1
@@ -91,6 +95,8 @@ class Scheduler:
                 if victim is request:
                     break
             else:
+                # The drafts the runner verifies are those the budget left room for.
+                del request.spec_token_ids[max(num_new - num_left, 0):]
                 out.add(request, num_new)
                 budget -= num_new
                 index += 1
@@ -164,7 +170,13 @@ class Scheduler:
                 out.num_scheduled_tokens[index] += extra
                 budget -= extra
 
+    @staticmethod
+    def _num_drafts(request: Request) -> int:
+        """Speculative drafts to verify: only on a decode step (one known token left to compute)."""
+        return len(request.spec_token_ids) if request.num_tokens - request.num_computed_tokens == 1 else 0
+
     def _preempt(self, request: Request) -> None:
+        request.spec_token_ids = []
         self.running.remove(request)
         self.kv_cache.free(request)
         request.status = RequestStatus.PREEMPTED

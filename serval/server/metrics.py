@@ -59,9 +59,25 @@ class EngineStatsCollector:
             family = GaugeMetricFamily(PREFIX + name, documentation, labels=["model_name"])
             family.add_metric([self.model_name], float(value))
             yield family
+        spec = stats.spec_decode
+        if spec is not None:
+            counters += [
+                ("spec_decode_num_drafts", "Speculative verify steps, per request.", spec.num_drafts),
+                ("spec_decode_num_draft_tokens", "Speculative tokens proposed.", spec.num_draft_tokens),
+                ("spec_decode_num_accepted_tokens", "Speculative tokens accepted.", spec.num_accepted_tokens),
+                ("spec_decode_num_disabled_steps", "Steps that did not speculate because the batch was at least "
+                                                   "disable_by_batch_size.", spec.num_disabled_steps),
+            ]
         for name, documentation, value in counters:
             family = CounterMetricFamily(PREFIX + name, documentation, labels=["model_name"])
             family.add_metric([self.model_name], float(value))
+            yield family
+        if spec is not None:
+            family = CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                                         "Speculative tokens accepted, per draft position.",
+                                         labels=["model_name", "position"])
+            for position, value in enumerate(spec.num_accepted_tokens_per_pos):
+                family.add_metric([self.model_name, str(position)], float(value))
             yield family
 
 

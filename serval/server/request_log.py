@@ -72,6 +72,7 @@ class RequestRecord:
     cached_tokens: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    spec_decode_acceptance_length: float | None = None  # speculative decoding: mean tokens per verify step
     finish_reasons: list[str] = field(default_factory=list)
     status: int = 200
     error: str | None = None
@@ -98,6 +99,8 @@ class RequestRecord:
         if metrics is not None:
             self.first_scheduled_time = _earliest(self.first_scheduled_time, metrics.first_scheduled_time)
             self.first_token_time = _earliest(self.first_token_time, metrics.first_token_time)
+            if metrics.spec_decode_acceptance_length is not None:
+                self.spec_decode_acceptance_length = metrics.spec_decode_acceptance_length
 
     @property
     def ttft_seconds(self) -> float | None:
@@ -114,6 +117,8 @@ class RequestRecord:
                 "ttft_s": _rounded(self.ttft_seconds), "queue_s": _rounded(self.queue_seconds),
                 "total_s": _rounded(time.monotonic() - self.arrival_time),
                 "finish_reason": ",".join(self.finish_reasons) or None, "error": self.error,
+                **({"spec_decode_acceptance_length": round(self.spec_decode_acceptance_length, 3)}
+                   if self.spec_decode_acceptance_length is not None else {}),
                 **(self.sampling or {})}
 
     def log(self) -> None:

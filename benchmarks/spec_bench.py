@@ -1,0 +1,306 @@
+"""Speculative decoding's mechanism, measured apart from acceptance: the replay proposer (serval.engine.spec_decode.
+replay) proposes the continuation a non-speculative run produced, each token replaced by a wrong one with
+probability 1 - alpha, so dummy weights verify at a chosen acceptance. Greedy decode tok/s with speculation against
+the same engine without it, over batch sizes, alpha and k; then the draft-model path's cost: a draft model of its
+own shape runs every step as usual (its K/V cache, its k draft forwards) while its proposals are overwritten by
+the replay proposer's, so its time is paid and acceptance is still alpha. Prints a table and writes JSON.
+
+    # one H200 (Llama-3-8B shape target, Llama-3.2-1B shape draft, dummy bf16 weights, no download):
+    PYTHONPATH=/tmp/site:. python benchmarks/spec_bench.py --json spec_bench.json
+    # two CPU cores, tiny shapes:
+    python benchmarks/spec_bench.py --tiny --json spec_bench_tiny.json
+    # real acceptance: the default model (SmolLM2-135M) with ngram and suffix on prompts the answer must quote:
+    python benchmarks/spec_bench.py --real [--device cpu] --json spec_bench_real.json
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+
+import torch
+
+from serval import LLM, SamplingParams
+from serval.engine.spec_decode.config import SpeculativeConfig
+from serval.engine.spec_decode.decoder import SpecDecoder
+from serval.engine.spec_decode.replay import ReplayProposer
+
+# Llama-3.2-1B's shape (its config.json values), for the draft model; same vocabulary as Llama-3-8B.
+LLAMA_3_2_1B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
+                "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+                "num_key_value_heads": 8, "head_dim": 64, "max_position_embeddings": 8192, "rms_norm_eps": 1e-05,
+                "rope_theta": 500000.0, "tie_word_embeddings": True, "vocab_size": 128256, "bos_token_id": 128000,
+                "eos_token_id": 128001, "torch_dtype": "bfloat16"}
+TINY_TARGET = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
+               "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "max_position_embeddings": 1024, "vocab_size": 2048, "bos_token_id": 1, "eos_token_id": 2,
+               "tie_word_embeddings": False}
+TINY_DRAFT = {**TINY_TARGET, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1}
+
+
+@dataclasses.dataclass
+class Run:
+    batch_size: int
+    alpha: float | None  # None: no speculation
+    k: int
+    tokens_per_s: float
+    acceptance_rate: float | None  # measured: accepted / drafted tokens
+    acceptance_length: float | None  # measured: tokens per verify step (accepted + 1)
+    draft_model: bool = False
+
+
+def write_config(directory: str, config: dict) -> str:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f)
+    return directory
+
+
+def prompts_for(batch_size: int, prompt_len: int, vocab_size: int) -> list[list[int]]:
+    rng = random.Random(batch_size)
+    return [[rng.randrange(3, vocab_size) for _ in range(prompt_len)] for _ in range(batch_size)]
+
+
+def timed_generate(llm: LLM, prompts: list[list[int]], output_len: int) -> tuple[list[list[int]], float]:
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - started
+    return [output.outputs[0].token_ids for output in outputs], len(prompts) * output_len / elapsed
+
+
+def use_replay(llm: LLM, alpha: float, k: int, references: dict[tuple, list[int]]) -> SpecDecoder:
+    """Point the engine's speculation at a fresh replay proposer (alpha, k) that knows the reference outputs."""
+    engine = llm.engine
+    config = dataclasses.replace(engine.spec_decoder.config, acceptance_rate=alpha, num_speculative_tokens=k)
+    decoder = SpecDecoder(config, engine.vocab_size)
+    decoder.replay = ReplayProposer(alpha, engine.vocab_size, seed=0)  # the draft_model method has none of its own
+    for prompt, output in references.items():
+        decoder.replay.add_continuation(list(prompt), output)
+    engine.spec_decoder = decoder
+    return decoder
+
+
+def replay_over_draft_model(llm: LLM, decoder: SpecDecoder) -> None:
+    """The draft model proposes as usual (its forwards are timed), then the replay proposer's tokens replace its
+    own, so acceptance is alpha rather than a dummy draft's near zero. Benchmark-only."""
+    drafter = llm.engine.runner.drafter
+    propose = drafter.propose
+
+    def propose_then_replay(requests):
+        propose(requests)
+        for request in requests:
+            replayed = decoder.replay.propose(request.prompt_token_ids, request.output_token_ids,
+                                              len(request.spec_token_ids))
+            request.spec_token_ids[:len(replayed)] = replayed
+
+    drafter.propose = propose_then_replay
+
+
+def measured(decoder: SpecDecoder) -> tuple[float | None, float | None]:
+    stats = decoder.stats
+    if not stats.num_draft_tokens:
+        return None, None
+    return (stats.num_accepted_tokens / stats.num_draft_tokens, 1 + stats.num_accepted_tokens / stats.num_drafts)
+
+
+def engine_args(args) -> dict:
+    return dict(load_format="dummy", skip_tokenizer_init=True, max_model_len=args.prompt_len + args.output_len + 16,
+                max_num_seqs=max(args.batch_sizes), dtype=args.dtype, device=args.device,
+                gpu_memory_utilization=0.85)
+
+
+def sweep(args, target: str, draft: str) -> list[Run]:
+    runs: list[Run] = []
+    references: dict[int, dict[tuple, list[int]]] = {}
+    llm = LLM(model=target, **engine_args(args))
+    vocab_size = llm.engine.vocab_size
+    for batch_size in args.batch_sizes:
+        prompts = prompts_for(batch_size, args.prompt_len, vocab_size)
+        timed_generate(llm, prompts, min(8, args.output_len))  # warm-up (graphs, allocator)
+        outputs, rate = timed_generate(llm, prompts, args.output_len)
+        references[batch_size] = {tuple(p): o for p, o in zip(prompts, outputs)}
+        runs.append(Run(batch_size, None, 0, rate, None, None))
+        log(runs[-1])
+    del llm
+    release()
+
+    llm = LLM(model=target, speculative_config={"method": "replay", "num_speculative_tokens": max(args.ks)},
+              **engine_args(args))
+    for batch_size in args.batch_sizes:
+        prompts = [list(p) for p in references[batch_size]]
+        for k in args.ks:
+            for alpha in args.alphas:
+                use_replay(llm, alpha, k, references[batch_size])
+                timed_generate(llm, prompts, min(8, args.output_len))
+                decoder = use_replay(llm, alpha, k, references[batch_size])
+                _, rate = timed_generate(llm, prompts, args.output_len)
+                runs.append(Run(batch_size, alpha, k, rate, *measured(decoder)))
+                log(runs[-1])
+    del llm
+    release()
+
+    llm = LLM(model=target, speculative_config={"method": "draft_model", "model": draft,
+                                                "num_speculative_tokens": args.draft_k}, **engine_args(args))
+    for batch_size in args.draft_batch_sizes:
+        prompts = [list(p) for p in references[batch_size]]
+        decoder = use_replay(llm, args.draft_alpha, args.draft_k, references[batch_size])
+        replay_over_draft_model(llm, decoder)
+        timed_generate(llm, prompts, min(8, args.output_len))
+        decoder = use_replay(llm, args.draft_alpha, args.draft_k, references[batch_size])
+        replay_over_draft_model(llm, decoder)
+        _, rate = timed_generate(llm, prompts, args.output_len)
+        runs.append(Run(batch_size, args.draft_alpha, args.draft_k, rate, *measured(decoder), draft_model=True))
+        log(runs[-1])
+    return runs
+
+
+# The editing workload: documents the answer has to repeat with a small change, as an editor or coding agent asks.
+EDIT_TASKS = ("Repeat the following text exactly, but in upper case the first word of each sentence:",
+              "Copy the following text word for word, then add one sentence summarizing it:",
+              "Rewrite the following text with every occurrence of 'the' replaced by 'THE', keeping the rest as is:")
+
+
+def real_workload(args) -> list[dict]:
+    """Acceptance and speed-up with real weights: the default model, greedy, chat prompts quoting serval's own
+    module docstrings (text the answer must repeat)."""
+    import serval.engine as engine_package
+    documents = []
+    folder = os.path.dirname(engine_package.__file__)
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py") and name != "__init__.py":
+            with open(os.path.join(folder, name)) as f:
+                text = f.read()
+            if text.startswith('"""'):
+                documents.append(text[3:text.index('"""', 3)].strip())
+    conversations = [[{"role": "user", "content": f"{EDIT_TASKS[i % len(EDIT_TASKS)]}\n\n{document}"}]
+                     for i, document in enumerate(documents[:args.real_prompts])]
+    params = SamplingParams(temperature=0.0, max_tokens=args.real_output_len)
+    rows = []
+    for name, config in (("none", None), ("ngram", {"method": "ngram", "num_speculative_tokens": 4,
+                                                     "prompt_lookup_max": 3}),
+                         ("suffix", {"method": "suffix", "num_speculative_tokens": 4})):
+        for batch_size in (1, len(conversations)):
+            llm = LLM(max_model_len=2048, device=args.device, speculative_config=config)
+            llm.chat(conversations[:1], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)  # warm-up
+            started = time.perf_counter()
+            num_tokens = 0
+            for first in range(0, len(conversations), batch_size):
+                outputs = llm.chat(conversations[first:first + batch_size], params, use_tqdm=False)
+                num_tokens += sum(len(output.outputs[0].token_ids) for output in outputs)
+            rate = num_tokens / (time.perf_counter() - started)
+            stats = llm.engine.get_stats().spec_decode
+            rows.append({"method": name, "batch_size": batch_size, "tokens_per_s": rate, "output_tokens": num_tokens,
+                         "acceptance_length": (1 + stats.num_accepted_tokens / stats.num_drafts)
+                         if stats is not None and stats.num_drafts else None})
+            sys.stderr.write(f"  done: {rows[-1]}\n")
+            del llm
+            release()
+    baseline = {row["batch_size"]: row["tokens_per_s"] for row in rows if row["method"] == "none"}
+    for row in rows:
+        row["speedup"] = row["tokens_per_s"] / baseline[row["batch_size"]]
+    return rows
+
+
+def release() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def log(run: Run) -> None:
+    sys.stderr.write(f"  done: {run}\n")
+
+
+def table(runs: list[Run]) -> str:
+    baseline = {run.batch_size: run.tokens_per_s for run in runs if run.alpha is None}
+    lines = [f"{'batch':>5} {'alpha':>5} {'k':>2} {'draft':>5} {'tok/s':>10} {'speed-up':>8} {'accepted':>8} "
+             f"{'tok/step':>8}"]
+    for run in runs:
+        speedup = run.tokens_per_s / baseline[run.batch_size]
+        lines.append(f"{run.batch_size:>5} {'-' if run.alpha is None else run.alpha:>5} {run.k:>2} "
+                     f"{'yes' if run.draft_model else 'no':>5} {run.tokens_per_s:>10.1f} {speedup:>7.2f}x "
+                     f"{'-' if run.acceptance_rate is None else f'{run.acceptance_rate:.2f}':>8} "
+                     f"{'-' if run.acceptance_length is None else f'{run.acceptance_length:.2f}':>8}")
+    return "\n".join(lines)
+
+
+def break_even_batch(runs: list[Run], alpha: float, k: int) -> int | None:
+    """The smallest batch size where speculation (alpha, k, replay) no longer beats plain decoding."""
+    baseline = {run.batch_size: run.tokens_per_s for run in runs if run.alpha is None}
+    for run in sorted(runs, key=lambda r: r.batch_size):
+        if run.alpha == alpha and run.k == k and not run.draft_model and run.tokens_per_s <= baseline[run.batch_size]:
+            return run.batch_size
+    return None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="benchmarks/configs/llama-3-8b", help="target config directory")
+    parser.add_argument("--draft-model", default=None, help="draft config directory (default: Llama-3.2-1B shape)")
+    parser.add_argument("--batch-sizes", default="1,2,8,32,64")
+    parser.add_argument("--alphas", default="0.5,0.7,0.8,0.9")
+    parser.add_argument("--ks", default="2,4,6")
+    parser.add_argument("--draft-batch-sizes", default="1,8")
+    parser.add_argument("--draft-alpha", type=float, default=0.8)
+    parser.add_argument("--draft-k", type=int, default=4)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: checks the script end to end")
+    parser.add_argument("--real", action="store_true", help="only the real-weights workload (default model)")
+    parser.add_argument("--real-prompts", type=int, default=8)
+    parser.add_argument("--real-output-len", type=int, default=256)
+    parser.add_argument("--json", default="spec_bench.json")
+    args = parser.parse_args()
+    if args.real:
+        rows = real_workload(args)
+        sys.stdout.write(f"{'method':>7} {'batch':>5} {'tok/s':>8} {'speed-up':>8} {'tok/step':>8}\n")
+        for row in rows:
+            length = row["acceptance_length"]
+            sys.stdout.write(f"{row['method']:>7} {row['batch_size']:>5} {row['tokens_per_s']:>8.1f} "
+                             f"{row['speedup']:>7.2f}x {'-' if length is None else f'{length:.2f}':>8}\n")
+        with open(args.json, "w") as f:
+            json.dump({"device": args.device, "torch": torch.__version__, "rows": rows}, f, indent=2)
+        return 0
+    work = tempfile.mkdtemp(prefix="spec_bench_")
+    if args.tiny:
+        args.model = write_config(os.path.join(work, "tiny-target"), TINY_TARGET)
+        args.draft_model = write_config(os.path.join(work, "tiny-draft"), TINY_DRAFT)
+        args.batch_sizes, args.alphas, args.ks, args.draft_batch_sizes = "1,2", "0.5,0.9", "2", "1"
+        args.prompt_len, args.output_len, args.dtype, args.device = 16, 12, "float32", "cpu"
+    draft = args.draft_model or write_config(os.path.join(work, "llama-3.2-1b"), LLAMA_3_2_1B)
+    args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",")]
+    args.draft_batch_sizes = [int(b) for b in str(args.draft_batch_sizes).split(",") if int(b) in args.batch_sizes]
+    args.alphas = [float(a) for a in str(args.alphas).split(",")]
+    args.ks = [int(k) for k in str(args.ks).split(",")]
+    runs = sweep(args, args.model, draft)
+    sys.stdout.write(f"speculative decoding, replay proposer: {args.model} (draft {draft}), greedy, prompt "
+                     f"{args.prompt_len}, output {args.output_len} tokens, {args.dtype}\n{table(runs)}\n")
+    alpha = 0.8 if 0.8 in args.alphas else args.alphas[-1]
+    k = 4 if 4 in args.ks else args.ks[-1]
+    stop = break_even_batch(runs, alpha, k)
+    sys.stdout.write(f"speculation (alpha {alpha}, k {k}) stops paying at batch size: {stop or 'beyond the sweep'}\n")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    with open(args.json, "w") as f:
+        json.dump({"device": device, "torch": torch.__version__, "python": platform.python_version(),
+                   "model": args.model, "draft_model": draft, "prompt_len": args.prompt_len,
+                   "output_len": args.output_len, "break_even_batch": stop,
+                   "runs": [dataclasses.asdict(run) for run in runs]}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""SpecDecoder: the engine's speculative-decoding hooks around a step, and their counters.
+
+Per step: propose() sets request.spec_token_ids on running requests that are decoding; the scheduler schedules
+each request's last token plus its drafts (dropping drafts that don't fit the token budget or the block pool rather
+than preempting anyone); the runner verifies the k + 1 rows in the same forward as everything else; accept()
+turns back the computed-token count over rejected drafts and frees the blocks only they used:
+
+    before:   tokens [0, T)                  computed [0, T-1)   drafts d_1..d_k
+    verify:   positions T-1 .. T+k-1 written (k + 1 slots; blocks allocated for T + k tokens)
+    after:    a drafts accepted + 1 token     tokens [0, T+a+1)   computed [0, T+a): K/V of rejected drafts is
+              garbage past the computed end; blocks wholly past it go back to the pool (kv_cache.free_tail)
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from serval.engine.kv_cache import KVCacheManager
+from serval.engine.request import Request
+from serval.engine.spec_decode.config import SpeculativeConfig
+from serval.engine.spec_decode.ngram import propose_ngram
+from serval.engine.spec_decode.rejection_sampler import VerifiedTokens
+from serval.engine.spec_decode.replay import ReplayProposer
+from serval.engine.spec_decode.suffix import SuffixIndex
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SpecDecodeStats:
+    """Cumulative counters, vLLM's spec_decode_* metrics."""
+    num_drafts: int = 0  # verify steps of one request that had at least one drafted token
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_accepted_tokens_per_pos: list[int] = field(default_factory=list)  # [j]: drafts accepted at position j
+    num_disabled_steps: int = 0  # steps that didn't speculate because the batch was at least disable_by_batch_size
+
+
+def can_speculate(request: Request) -> bool:
+    """Whether the request's next tokens may be drafted. Drafting needs every verified row to be sampled with the
+    same processing: penalties (counts grow with each accepted draft), min_tokens still masking EOS and grammars
+    (the matcher advances per token) would not, so those requests decode one token at a time."""
+    params = request.sampling_params
+    return (not params.disable_speculation and request.grammar is None and params.repetition_penalty == 1.0
+            and params.frequency_penalty == 0.0 and params.presence_penalty == 0.0
+            and request.num_output_tokens >= params.min_tokens and params.max_tokens != 0
+            and request.num_tokens - request.num_computed_tokens == 1)
+
+
+class SpecDecoder:
+    def __init__(self, config: SpeculativeConfig, vocab_size: int) -> None:
+        self.config = config
+        self.stats = SpecDecodeStats(num_accepted_tokens_per_pos=[0] * config.num_speculative_tokens)
+        self.suffix_index = (SuffixIndex(config.suffix_decoding_max_cached_requests,
+                                         config.suffix_decoding_max_tree_depth) if config.method == "suffix" else None)
+        self.replay = (ReplayProposer(config.acceptance_rate, vocab_size, config.seed) if config.method == "replay"
+                       else None)
+
+    def propose(self, running: list[Request]) -> None:
+        """Set spec_token_ids on each running request that may speculate this step ([] on the others)."""
+        limit = self.config.disable_by_batch_size
+        disabled = limit is not None and len(running) >= limit
+        if disabled and running:
+            self.stats.num_disabled_steps += 1
+        for request in running:
+            request.spec_token_ids = [] if disabled or not can_speculate(request) else self._drafts(request)
+
+    def _drafts(self, request: Request) -> list[int]:
+        # a + 1 tokens come out of a verify step: keep them within max_tokens and the context.
+        room = min(request.max_tokens - request.num_output_tokens, request.max_model_len - request.num_tokens) - 1
+        num_tokens = min(self.config.num_speculative_tokens, room)
+        if num_tokens <= 0:
+            return []
+        config = self.config
+        if config.method == "ngram":
+            return propose_ngram(request.all_token_ids, num_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
+        if config.method == "suffix":
+            return self.suffix_index.propose(request.all_token_ids, num_tokens)
+        if config.method == "draft_model":
+            # Placeholders: the draft model fills them in the runner once the scheduler has allocated their slots.
+            return [0] * num_tokens
+        return self.replay.propose(request.prompt_token_ids, request.output_token_ids, num_tokens)
+
+    def accept(self, requests: list[Request], verified: list[VerifiedTokens | None], kv_cache: KVCacheManager) -> None:
+        """After scheduler.update counted every scheduled row as computed: un-count the rejected drafts, free the
+        blocks only they used, clear the drafts, count."""
+        stats = self.stats
+        for request, result in zip(requests, verified):
+            request.spec_token_ids = []
+            if result is None:
+                continue
+            num_rejected = result.num_draft_tokens - result.num_accepted
+            request.num_computed_tokens -= num_rejected
+            kv_cache.free_tail(request, request.num_computed_tokens)
+            request.num_spec_draft_tokens += result.num_draft_tokens
+            request.num_spec_accepted_tokens += result.num_accepted
+            request.num_spec_steps += 1
+            stats.num_drafts += 1
+            stats.num_draft_tokens += result.num_draft_tokens
+            stats.num_accepted_tokens += result.num_accepted
+            for position in range(result.num_accepted):
+                stats.num_accepted_tokens_per_pos[position] += 1
+
+    def on_finished(self, request: Request) -> None:
+        if self.suffix_index is not None:
+            self.suffix_index.add(request.all_token_ids)
+
+
+def acceptance_length(request: Request) -> float | None:
+    """Mean tokens a verify step of the request produced (accepted drafts + 1); None if it never speculated."""
+    if not request.num_spec_steps:
+        return None
+    return 1.0 + request.num_spec_accepted_tokens / request.num_spec_steps

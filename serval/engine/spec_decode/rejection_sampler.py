@@ -1,0 +1,152 @@
+"""Which drafted tokens the target keeps: speculative sampling that preserves the target's distribution.
+
+A request with d drafted tokens is verified on d + 1 rows of target logits: row j is the target's next-token
+distribution p_j after the tokens before draft j. Draft j (drawn from q_j; a point mass for proposers that
+propose without a distribution: n-gram, suffix, replay) is accepted with probability min(1, p_j(x) / q_j(x)).
+The first rejection draws from the residual max(0, p_j - q_j), renormalized, and ends the step; if every draft is
+accepted, one more token is drawn from p_d. Each emitted token is then distributed exactly as p (Leviathan et al.
+2023, Chen et al. 2023). Greedy requests keep the drafts equal to the target's argmax, then the argmax itself.
+
+p is what the plain sampler draws from: logit_bias, then temperature, min_p, top_k, top_p (sampler.warp_logits).
+History-dependent processing (penalties, min_tokens, grammars) would change p_j with each accepted draft; requests
+that need it are not speculated (decoder.can_speculate), so every row's processing is the same.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from serval.engine import sampler
+from serval.engine.request import Request
+from serval.outputs import Logprob
+from serval.sampling_params import SAMPLING_EPS
+
+
+@dataclass
+class VerifiedTokens:
+    """One request's result of a verify step."""
+    token_ids: list[int]  # accepted drafts, then one token of the target's own (1..num_draft_tokens + 1 tokens)
+    logprobs: list[dict[int, Logprob]] | None  # per token, the target's raw logprobs, when the request asked
+    num_draft_tokens: int
+
+    @property
+    def num_accepted(self) -> int:
+        return len(self.token_ids) - 1
+
+
+def verify(logits: torch.Tensor, requests: list[Request], draft_token_ids: list[list[int]],
+           draft_probs: torch.Tensor | None = None) -> list[VerifiedTokens]:
+    """logits [sum(d_i + 1), V]: request i's d_i + 1 rows in order. draft_probs [sum(d_i), V]: the distributions
+    the drafts were drawn from, or None for point masses. Consumes float32 logits."""
+    logits = logits.float()
+    row_requests = [request for request, drafts in zip(requests, draft_token_ids) for _ in range(len(drafts) + 1)]
+    params = [request.sampling_params for request in row_requests]
+    starts = _row_starts(draft_token_ids)
+    logprob_rows = [row for row, p in enumerate(params) if p.logprobs is not None]
+    raw_logits = logits[logprob_rows].clone() if logprob_rows else None
+    sampler.apply_logit_bias(logits, params)
+    greedy = [p.temperature < SAMPLING_EPS for p in params]
+    greedy_tokens = logits.argmax(dim=-1).tolist() if any(greedy) else None
+    if all(greedy):
+        emitted = [_accept_greedy(drafts, greedy_tokens[start:start + len(drafts) + 1])
+                   for start, drafts in zip(starts, draft_token_ids)]
+    else:
+        emitted = _accept_random(logits, row_requests, params, draft_token_ids, starts, draft_probs, greedy,
+                                 greedy_tokens)
+    return [VerifiedTokens(tokens, _logprobs(raw_logits, logprob_rows, start, tokens, request), len(drafts))
+            for request, drafts, start, tokens in zip(requests, draft_token_ids, starts, emitted)]
+
+
+def _row_starts(draft_token_ids: list[list[int]]) -> list[int]:
+    starts, row = [], 0
+    for drafts in draft_token_ids:
+        starts.append(row)
+        row += len(drafts) + 1
+    return starts
+
+
+def _accept_greedy(drafts: list[int], target: list[int]) -> list[int]:
+    for j, draft in enumerate(drafts):
+        if draft != target[j]:
+            return target[:j + 1]
+    return target
+
+
+def _accept_random(logits: torch.Tensor, row_requests: list[Request], params, draft_token_ids: list[list[int]],
+                   starts: list[int], draft_probs: torch.Tensor | None, greedy: list[bool],
+                   greedy_tokens: list[int] | None) -> list[list[int]]:
+    """Every row's acceptance test and fallback draw is made on the device in one batch; the host then walks
+    each request's rows to its first rejection (one read back per step)."""
+    device = logits.device
+    probs = sampler.warp_logits(logits, params).softmax(dim=-1)
+    num_rows = probs.shape[0]
+    # q per row: the draft's distribution on draft rows; zero on each request's last (bonus) row, which makes the
+    # residual p itself there.
+    draft_rows = [start + j for start, drafts in zip(starts, draft_token_ids) for j in range(len(drafts))]
+    flat_drafts = [token for drafts in draft_token_ids for token in drafts]
+    q = torch.zeros_like(probs)
+    if draft_rows:
+        rows = sampler.to_device(draft_rows, torch.int64, device)
+        tokens = sampler.to_device(flat_drafts, torch.int64, device)
+        if draft_probs is None:
+            q[rows, tokens] = 1.0
+        else:
+            q[rows] = draft_probs.to(device, torch.float32)
+    drafts_per_row = torch.zeros(num_rows, dtype=torch.int64, device=device)
+    if draft_rows:
+        drafts_per_row[rows] = tokens
+    p_draft = probs.gather(1, drafts_per_row.unsqueeze(1)).squeeze(1)
+    q_draft = q.gather(1, drafts_per_row.unsqueeze(1)).squeeze(1)
+    uniform = _uniform(num_rows, row_requests, device)
+    # u < p / q, written without the division (q > 0 wherever a draft token could come from).
+    accepted = (uniform * q_draft < p_draft).tolist()
+    residual = (probs - q).clamp_(min=0.0)
+    # A residual of all zeros (p == q, rejection impossible) would give NaN: fall back to p, never drawn anyway.
+    empty = residual.sum(dim=-1, keepdim=True) <= 0
+    residual = torch.where(empty, probs, residual)
+    fallback = residual.div_(_exponential(residual, row_requests)).argmax(dim=-1).tolist()
+    emitted = []
+    for start, drafts in zip(starts, draft_token_ids):
+        tokens = []
+        for j in range(len(drafts) + 1):
+            row = start + j
+            if greedy[row]:
+                tokens.append(greedy_tokens[row])
+                if j == len(drafts) or greedy_tokens[row] != drafts[j]:
+                    break
+            elif j < len(drafts) and accepted[row]:
+                tokens.append(drafts[j])
+            else:
+                tokens.append(fallback[row])
+                break
+        emitted.append(tokens)
+    return emitted
+
+
+def _uniform(num_rows: int, row_requests: list[Request], device: torch.device) -> torch.Tensor:
+    """U(0, 1) per row; a seeded request's rows draw from its own generator (its tokens don't depend on the batch)."""
+    uniform = torch.rand(num_rows, device=device)
+    for row, request in enumerate(row_requests):
+        if request.generator is not None:
+            uniform[row] = torch.rand(1, generator=request.generator, device=request.generator.device)[0]
+    return uniform
+
+
+def _exponential(probs: torch.Tensor, row_requests: list[Request]) -> torch.Tensor:
+    """Exp(1) noise: argmax(probs / noise) is a draw from probs (the exponential race, as the plain sampler)."""
+    noise = torch.empty_like(probs).exponential_()
+    for row, request in enumerate(row_requests):
+        if request.generator is not None:
+            noise[row].exponential_(generator=request.generator)
+    return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+
+
+def _logprobs(raw_logits: torch.Tensor | None, logprob_rows: list[int], start: int, tokens: list[int],
+              request: Request) -> list[dict[int, Logprob]] | None:
+    num_top = request.sampling_params.logprobs
+    if num_top is None:
+        return None
+    first = logprob_rows.index(start)
+    rows = raw_logits[first:first + len(tokens)]
+    return sampler.compute_prompt_logprobs(rows, torch.tensor(tokens), num_top)
