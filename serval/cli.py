@@ -50,6 +50,8 @@ _ENGINE_HELP = {
     "long_prefill_token_threshold": "most prompt tokens one request prefills in a step before the other requests "
                                     "have had theirs, so a long prompt doesn't delay everyone's first token; the "
                                     "budget left over still goes to it (0: no cap; None: max_num_batched_tokens / 4)",
+    "runner": "generate (sample tokens: completions, chat) or pooling (embeddings, score, rerank from the prompt "
+              "alone); auto: pooling for XModel and XForSequenceClassification checkpoints, else generate",
 }
 
 

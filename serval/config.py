@@ -14,6 +14,9 @@ _DTYPES = {"auto": None, "float32": torch.float32, "float": torch.float32, "floa
            "half": torch.float16, "bfloat16": torch.bfloat16}
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _SCHEDULING_POLICIES = ("fcfs", "priority")
+# vLLM's --runner: generate (sample tokens) or pooling (embeddings and scores from prefill alone); auto: what the
+# checkpoint's architecture is (XModel and XForSequenceClassification pool).
+RUNNERS = ("auto", "generate", "pooling")
 # vLLM's names. fp8: weights stored in float8 e4m3 with one scale per output channel, activations quantized per
 # token at run time (W8A8, vLLM's dynamic fp8). The KV cache in float8 e4m3 with scale 1.0, as vLLM without
 # calibrated scales.
@@ -85,6 +88,7 @@ class EngineConfig:
     # so one long prompt can't hold back the others' first tokens. 0: no cap. None: a quarter of
     # max_num_batched_tokens. Budget left after every request had its share goes back to the long prefills.
     long_prefill_token_threshold: int | None = None
+    runner: str = "auto"  # auto, generate or pooling (RUNNERS); the engine resolves auto from the architecture
 
     def __post_init__(self) -> None:
         for name in ("model", "tokenizer"):
@@ -103,6 +107,8 @@ class EngineConfig:
             raise _bad("quantization", self.quantization, f"one of {list(QUANTIZATIONS)}")
         if self.kv_cache_dtype not in _KV_CACHE_DTYPES:
             raise _bad("kv_cache_dtype", self.kv_cache_dtype, f"one of {list(_KV_CACHE_DTYPES)}")
+        if self.runner not in RUNNERS:
+            raise _bad("runner", self.runner, f"one of {list(RUNNERS)}")
         if self.scheduling_policy not in _SCHEDULING_POLICIES:
             raise _bad("scheduling_policy", self.scheduling_policy, f"one of {list(_SCHEDULING_POLICIES)}")
         if not isinstance(self.device, str) or (self.device not in ("auto", "cpu", "cuda")

@@ -1,4 +1,4 @@
-"""LLM: the offline Python API, with vLLM's names (generate, chat)."""
+"""LLM: the offline Python API, with vLLM's names (generate, chat; with runner="pooling": embed, score, encode)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,6 +11,8 @@ from tqdm.auto import tqdm
 
 from serval.config import EngineConfig
 from serval.engine.engine import LLMEngine
+from serval.engine.pooling import EmbeddingOutput, EmbeddingRequestOutput, PoolingRequestOutput, ScoringOutput, \
+    ScoringRequestOutput
 from serval.engine.input_processor import PromptType
 from serval.model.generation_config import load_generation_defaults
 from serval.openai.errors import InvalidArgument
@@ -20,6 +22,7 @@ from serval.openai.tool_parsers import get_tool_parser
 from serval.openai.tool_parsers.chat_output import chat_output_parser
 from serval.openai.tools import NamedToolChoice, ToolRequestFields
 from serval.outputs import RequestOutput
+from serval.pooling_params import PoolingParams
 from serval.sampling_params import SamplingParams, StructuredOutputsParams
 
 Conversation = list[dict]
@@ -127,6 +130,56 @@ class LLM:
             changes["structured_outputs"] = StructuredOutputsParams(grammar=grammar)
         return dataclasses.replace(params, **changes) if changes else params
 
+    # ---- pooling models (runner="pooling") ----
+    def encode(self, prompts: PromptType | Sequence[PromptType], pooling_params: PoolingParams | None = None,
+               use_tqdm: bool = True) -> list[PoolingRequestOutput]:
+        """Each prompt's pooled output (outputs.data: the embedding, or a classifier's scores), in prompt order."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        params = pooling_params or PoolingParams()
+        request_ids = []
+        try:
+            for prompt in prompts:
+                request_id = str(next(self._request_counter))
+                self.engine.add_request(request_id, prompt, params, stream=False)
+                request_ids.append(request_id)
+        except Exception:
+            self.engine.abort_request(request_ids)
+            raise
+        outputs = self._run(request_ids, use_tqdm)
+        failed = [output.request_id for output in outputs if output.finish_reason == "error"]
+        if failed:
+            raise RuntimeError(f"requests {failed} failed inside the engine (the log says why)")
+        return outputs
+
+    def embed(self, prompts: PromptType | Sequence[PromptType], pooling_params: PoolingParams | None = None,
+              use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
+        """Embeddings (outputs.embedding) pooled as the model's config says (vLLM's LLM.embed)."""
+        return [EmbeddingRequestOutput(output.request_id, output.prompt_token_ids,
+                                       EmbeddingOutput(output.outputs.data.tolist()))
+                for output in self.encode(prompts, pooling_params, use_tqdm)]
+
+    def score(self, text_1: str | Sequence[str], text_2: str | Sequence[str],
+              pooling_params: PoolingParams | None = None, use_tqdm: bool = True) -> list[ScoringRequestOutput]:
+        """Relevance of each text_2 to text_1 (one text_1 against many, or pairs of equal lists), vLLM's LLM.score:
+        a cross-encoder (sequence classifier) reads each pair as one prompt; an embedder scores the cosine
+        similarity of the two embeddings."""
+        pairs = score_pairs(text_1, text_2)
+        if self.engine.pooling is None:
+            raise InvalidArgument("model", "score needs a pooling model (runner='pooling')")
+        if self.engine.pooling.is_classifier:
+            prompts = [{"prompt": f"{first}{second}",
+                        "prompt_token_ids": pair_token_ids(self.get_tokenizer(), first, second)}
+                       for first, second in pairs]
+            outputs = self.encode(prompts, pooling_params, use_tqdm)
+            return [ScoringRequestOutput(output.request_id, output.prompt_token_ids,
+                                         ScoringOutput(float(output.outputs.data[0]))) for output in outputs]
+        firsts = self.encode([first for first, _ in pairs], pooling_params, use_tqdm)
+        seconds = self.encode([second for _, second in pairs], pooling_params, use_tqdm)
+        return [ScoringRequestOutput(second.request_id, first.prompt_token_ids + second.prompt_token_ids,
+                                     ScoringOutput(cosine_similarity(first.outputs.data, second.outputs.data)))
+                for first, second in zip(firsts, seconds)]
+
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
         with tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm, unit="req") as bar:
@@ -136,6 +189,32 @@ class LLM:
                         finished[output.request_id] = output
                         bar.update(1)
         return [finished[request_id] for request_id in request_ids]
+
+
+def score_pairs(text_1: str | Sequence[str], text_2: str | Sequence[str]) -> list[tuple[str, str]]:
+    """vLLM's pairing: one text_1 against every text_2, or text_1[i] with text_2[i]."""
+    firsts = [text_1] if isinstance(text_1, str) else list(text_1)
+    seconds = [text_2] if isinstance(text_2, str) else list(text_2)
+    if not firsts or not seconds:
+        raise InvalidArgument("text_1" if not firsts else "text_2", "invalid input: it is empty")
+    if len(firsts) == 1:
+        firsts = firsts * len(seconds)
+    if len(firsts) != len(seconds):
+        raise InvalidArgument("text_2", f"invalid text_2: {len(seconds)} texts for {len(firsts)} text_1; allowed "
+                                        "one text_1, or as many as text_2")
+    return list(zip(firsts, seconds))
+
+
+def pair_token_ids(tokenizer, first: str, second: str) -> list[int]:
+    """A cross-encoder's input: the tokenizer's own pair encoding (its special tokens between and around)."""
+    if tokenizer is None:
+        raise InvalidArgument("text_1", "scoring text needs a tokenizer; this engine has none")
+    return list(tokenizer(text=first, text_pair=second)["input_ids"])
+
+
+def cosine_similarity(first, second) -> float:
+    import torch
+    return float(torch.nn.functional.cosine_similarity(first.float(), second.float(), dim=-1))
 
 
 def _tool_request(tools: list[dict] | None, tool_choice, parallel_tool_calls: bool) -> ToolRequestFields:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from serval.pooling_params import PoolingParams
 from serval.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # llguidance loads only when a request asks for structured output
@@ -67,6 +68,9 @@ class Request:
     # serval.engine.structured_output.GrammarState when sampling_params.structured_outputs is set: the sampler masks
     # with it, the output processor advances it on each accepted token and finishes the request when it terminates.
     grammar: GrammarState | None = None
+    # Set for a pooling request (--runner pooling): prefill only, its hidden states pooled instead of sampled
+    # (serval.engine.pooling); sampling_params is then unused.
+    pooling_params: PoolingParams | None = None
 
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
