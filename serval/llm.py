@@ -12,9 +12,10 @@ from tqdm.auto import tqdm
 from serval.config import EngineConfig
 from serval.engine.engine import LLMEngine
 from serval.engine.pooling import EmbeddingOutput, EmbeddingRequestOutput, PoolingRequestOutput, ScoringOutput, \
-    ScoringRequestOutput
+    ScoringRequestOutput, cosine_similarity, pair_token_ids
 from serval.engine.input_processor import PromptType
 from serval.model.generation_config import load_generation_defaults
+from serval.openai.embeddings import score_pairs
 from serval.openai.errors import InvalidArgument
 from serval.openai.reasoning import get_reasoning_parser
 from serval.openai.tool_grammar import tool_call_grammar, with_reasoning
@@ -165,9 +166,9 @@ class LLM:
         a cross-encoder (sequence classifier) reads each pair as one prompt; an embedder scores the cosine
         similarity of the two embeddings."""
         pairs = score_pairs(text_1, text_2)
-        if self.engine.pooling is None:
+        if self.engine.pooling_task is None:
             raise InvalidArgument("model", "score needs a pooling model (runner='pooling')")
-        if self.engine.pooling.is_classifier:
+        if self.engine.pooling_task == "classify":
             prompts = [{"prompt": f"{first}{second}",
                         "prompt_token_ids": pair_token_ids(self.get_tokenizer(), first, second)}
                        for first, second in pairs]
@@ -189,32 +190,6 @@ class LLM:
                         finished[output.request_id] = output
                         bar.update(1)
         return [finished[request_id] for request_id in request_ids]
-
-
-def score_pairs(text_1: str | Sequence[str], text_2: str | Sequence[str]) -> list[tuple[str, str]]:
-    """vLLM's pairing: one text_1 against every text_2, or text_1[i] with text_2[i]."""
-    firsts = [text_1] if isinstance(text_1, str) else list(text_1)
-    seconds = [text_2] if isinstance(text_2, str) else list(text_2)
-    if not firsts or not seconds:
-        raise InvalidArgument("text_1" if not firsts else "text_2", "invalid input: it is empty")
-    if len(firsts) == 1:
-        firsts = firsts * len(seconds)
-    if len(firsts) != len(seconds):
-        raise InvalidArgument("text_2", f"invalid text_2: {len(seconds)} texts for {len(firsts)} text_1; allowed "
-                                        "one text_1, or as many as text_2")
-    return list(zip(firsts, seconds))
-
-
-def pair_token_ids(tokenizer, first: str, second: str) -> list[int]:
-    """A cross-encoder's input: the tokenizer's own pair encoding (its special tokens between and around)."""
-    if tokenizer is None:
-        raise InvalidArgument("text_1", "scoring text needs a tokenizer; this engine has none")
-    return list(tokenizer(text=first, text_pair=second)["input_ids"])
-
-
-def cosine_similarity(first, second) -> float:
-    import torch
-    return float(torch.nn.functional.cosine_similarity(first.float(), second.float(), dim=-1))
 
 
 def _tool_request(tools: list[dict] | None, tool_choice, parallel_tool_calls: bool) -> ToolRequestFields:

@@ -199,6 +199,11 @@ class AsyncEngine:
     def num_running(self) -> int:
         return self.engine.scheduler.num_running
 
+    @property
+    def pooling_task(self) -> str | None:
+        """"embed" or "classify" for a pooling engine (--runner pooling); None for a generative one."""
+        return self.engine.pooling_task
+
     def memory_usage(self):
         """Bytes of weights and KV cache (serval.engine.memory.MemoryUsage), for the server's banner."""
         return self.engine.memory_usage()

@@ -155,6 +155,13 @@ class LLMEngine:
         return self.output_processor.has_unfinished_requests() or (self.pooling is not None
                                                                     and self.pooling.has_unfinished())
 
+    @property
+    def pooling_task(self) -> str | None:
+        """"embed" (an embedder) or "classify" (a cross-encoder) with --runner pooling; None for a generative model."""
+        if self.pooling is None:
+            return None
+        return "classify" if self.pooling.is_classifier else "embed"
+
     def grammar_compiler(self):
         return self.input_processor.grammar_compiler()
 

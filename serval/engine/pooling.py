@@ -223,3 +223,14 @@ class PoolingProcessor:
 def _metrics(request: Request) -> RequestMetrics:
     return RequestMetrics(arrival_time=request.arrival_time, first_scheduled_time=request.first_scheduled_time,
                           finished_time=request.finished_time, num_cached_tokens=max(request.num_cached_tokens, 0))
+
+
+def pair_token_ids(tokenizer, first: str, second: str) -> list[int]:
+    """A cross-encoder's input: the tokenizer's own pair encoding (its special tokens between and around)."""
+    if tokenizer is None:
+        raise InvalidArgument("text_1", "scoring text needs a tokenizer; this engine has none")
+    return list(tokenizer(text=first, text_pair=second)["input_ids"])
+
+
+def cosine_similarity(first: torch.Tensor, second: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(first.float(), second.float(), dim=-1))

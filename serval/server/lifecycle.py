@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 # nginx's code for "client closed request": what the log and metrics say of a request whose client left.
 CLIENT_CLOSED = 499
 # The id prefix of each operation's responses, OpenAI's.
-ID_PREFIXES = {"chat": "chatcmpl", "text_completion": "cmpl", "responses": "resp"}
+ID_PREFIXES = {"chat": "chatcmpl", "text_completion": "cmpl", "responses": "resp", "embeddings": "embd",
+               "score": "score", "rerank": "rerank"}
 
 
 @dataclass
