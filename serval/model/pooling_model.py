@@ -68,8 +68,10 @@ class LlamaForSequenceClassification(LlamaForEmbedding):
 
     def __init__(self, config) -> None:
         super().__init__(config)
+        # A yes/no reranker has one label whatever its config's num_labels (transformers' default is 2).
+        num_labels = 1 if getattr(config, "classifier_from_token", None) is not None else config.num_labels
         # A plain nn.Linear: the quantized formats (serval.layers.linear.Linear) must not claim a 1-row head.
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.score = nn.Linear(config.hidden_size, num_labels, bias=False)
 
     def default_pooler_config(self) -> PoolerConfig:
         return PoolerConfig("LAST", normalize=False)
