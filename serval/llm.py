@@ -154,8 +154,14 @@ class LLM:
         return outputs
 
     def embed(self, prompts: PromptType | Sequence[PromptType], pooling_params: PoolingParams | None = None,
-              use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
-        """Embeddings (outputs.embedding) pooled as the model's config says (vLLM's LLM.embed)."""
+              use_tqdm: bool = True, prompt_name: str | None = None) -> list[EmbeddingRequestOutput]:
+        """Embeddings (outputs.embedding) pooled as the model's config says (vLLM's LLM.embed). prompt_name:
+        sentence-transformers' named instruction (config_sentence_transformers.json, e.g. "query") put before each
+        text prompt; None: the config's default prompt, if any."""
+        prefix = self.engine.instruction_prefix(prompt_name)
+        if prefix:
+            prompts = [prefix + prompt if isinstance(prompt, str) else prompt
+                       for prompt in ([prompts] if isinstance(prompts, (str, dict)) else prompts)]
         return [EmbeddingRequestOutput(output.request_id, output.prompt_token_ids,
                                        EmbeddingOutput(output.outputs.data.tolist()))
                 for output in self.encode(prompts, pooling_params, use_tqdm)]

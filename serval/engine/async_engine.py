@@ -204,6 +204,10 @@ class AsyncEngine:
         """"embed" or "classify" for a pooling engine (--runner pooling); None for a generative one."""
         return self.engine.pooling_task
 
+    def instruction_prefix(self, prompt_name: str | None) -> str:
+        """The pooling model's instruction text for prompt_name (LLMEngine.instruction_prefix)."""
+        return self.engine.instruction_prefix(prompt_name)
+
     def memory_usage(self):
         """Bytes of weights and KV cache (serval.engine.memory.MemoryUsage), for the server's banner."""
         return self.engine.memory_usage()

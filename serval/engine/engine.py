@@ -162,6 +162,11 @@ class LLMEngine:
             return None
         return "classify" if self.pooling.is_classifier else "embed"
 
+    def instruction_prefix(self, prompt_name: str | None) -> str:
+        """The text a pooling model's sentence-transformers config puts before a text input named prompt_name (its
+        default prompt when None; "" when it has none). Raises InvalidArgument for a name it doesn't have."""
+        return self.pooling.prompts.prefix(prompt_name) if self.pooling is not None else ""
+
     def grammar_compiler(self):
         return self.input_processor.grammar_compiler()
 

@@ -22,7 +22,8 @@ from serval.engine.input_processor import InputProcessor, PromptType
 from serval.engine.request import Request
 from serval.engine.scheduler import SchedulerOutput
 from serval.layers.pooling import PooledRows, PoolerConfig, normalize, truncate_dimensions
-from serval.model.pooling_model import LlamaForSequenceClassification, is_pooling_model, load_pooler_config
+from serval.model.pooling_model import InstructionPrompts, LlamaForSequenceClassification, is_pooling_model, \
+    load_instruction_prompts, load_pooler_config
 from serval.openai.errors import InvalidArgument
 from serval.outputs import RequestMetrics
 from serval.pooling_params import PoolingParams
@@ -107,9 +108,10 @@ class PoolingProcessor:
     """Validates pooling requests, feeds their hidden states to their reductions and makes their outputs."""
 
     def __init__(self, model: torch.nn.Module, pooler: PoolerConfig, hf_config, input_processor: InputProcessor,
-                 max_model_len: int) -> None:
+                 max_model_len: int, prompts: InstructionPrompts | None = None) -> None:
         self.model = model
         self.pooler = pooler
+        self.prompts = prompts or InstructionPrompts()
         self.is_classifier = isinstance(model, LlamaForSequenceClassification)
         self.output_size = model.output_size
         self.matryoshka_dimensions = getattr(hf_config, "matryoshka_dimensions", None)
@@ -122,7 +124,8 @@ class PoolingProcessor:
                   max_model_len: int) -> "PoolingProcessor":
         if not is_pooling_model(model):
             raise ValueError(f"{type(model).__name__} is not a pooling model")
-        return cls(model, load_pooler_config(model_path, model), hf_config, input_processor, max_model_len)
+        return cls(model, load_pooler_config(model_path, model), hf_config, input_processor, max_model_len,
+                   load_instruction_prompts(model_path))
 
     # ---- requests in ----
     def new_request(self, request_id: str, prompt: PromptType, params: PoolingParams, priority: int,

@@ -45,10 +45,10 @@ class PooledRows:
         end_position = start_position + len(rows)
         if self.pooling_type == "LAST":
             if end_position == self.num_positions:
-                self.vector = rows[-1]
+                self.vector = rows[-1]  # read in this same step (the last chunk completes the request)
         elif self.pooling_type == "CLS":
             if start_position == 0:
-                self.vector = rows[0]
+                self.vector = rows[0].clone()  # a view would keep the whole step's hidden states alive
         else:
             chunk_sum = rows.sum(dim=0, dtype=torch.float32)
             self.vector = chunk_sum if self.vector is None else self.vector + chunk_sum

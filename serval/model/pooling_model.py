@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import torch
@@ -24,6 +25,7 @@ from torch import nn
 
 from serval.layers.pooling import PoolerConfig
 from serval.model.llama import LlamaForCausalLM, LlamaModel, head_dim_of
+from serval.openai.errors import InvalidArgument
 
 # sentence-transformers' Pooling module flags -> our pooling type. The others (max, weighted mean, mean of
 # sqrt length) have no equivalent here and are refused by name.
@@ -135,6 +137,33 @@ def load_pooler_config(model_dir: str, model: LlamaForEmbedding) -> PoolerConfig
         raise ValueError(f"{pooling.get('path')}/config.json asks for pooling {unsupported or chosen or 'none'}; "
                          f"supported: exactly one of {sorted(_SENTENCE_TRANSFORMERS_MODES)}")
     return PoolerConfig(chosen[0], normalize)
+
+
+@dataclass(frozen=True)
+class InstructionPrompts:
+    """sentence-transformers' named prompts (config_sentence_transformers.json): text put before an input, such as
+    Qwen3-Embedding's "query" instruction. default_name applies when a request names none."""
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_name: str | None = None
+
+    def prefix(self, name: str | None) -> str:
+        name = self.default_name if name is None else name
+        if name is None:
+            return ""
+        if name not in self.prompts:
+            raise InvalidArgument("prompt_name", f"invalid prompt_name {name!r}: this model's prompts are "
+                                                 f"{sorted(self.prompts)} (config_sentence_transformers.json)")
+        return self.prompts[name]
+
+
+def load_instruction_prompts(model_dir: str) -> InstructionPrompts:
+    path = os.path.join(model_dir, "config_sentence_transformers.json") if os.path.isdir(model_dir) else ""
+    if not os.path.isfile(path):
+        return InstructionPrompts()
+    with open(path) as f:
+        saved = json.load(f)
+    prompts = saved.get("prompts") or {}
+    return InstructionPrompts({str(k): str(v) for k, v in prompts.items()}, saved.get("default_prompt_name"))
 
 
 def _as_decoder_names(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:

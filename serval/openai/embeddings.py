@@ -37,6 +37,9 @@ class EmbeddingRequest(RequestBody):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: PositiveInt | None = None
     user: StrictStr | None = None
+    # sentence-transformers' named instruction from the model's config (an extension, e.g. "query" for
+    # Qwen3-Embedding), put before every string input; None: the config's default prompt, if any.
+    prompt_name: StrictStr | None = None
 
     @field_validator("input")
     @classmethod

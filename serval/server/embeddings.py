@@ -26,10 +26,12 @@ from serval.server.state import ServerState
 async def create_embedding(state: ServerState, body: EmbeddingRequest, call: Call) -> Response:
     require_pooling(state, "/v1/embeddings", "embed")
     params = PoolingParams(dimensions=body.dimensions)
+    prefix = state.engine.instruction_prefix(body.prompt_name)
     inputs = body.inputs()
     texts = [item for item in inputs if isinstance(item, str)]
     checked = iter(call.session.check_input(texts, "input", conversation=False)) if texts else iter(())
-    inputs = [next(checked) if isinstance(item, str) else item for item in inputs]
+    # The guard reads what the user sent; the model's instruction goes before it afterwards.
+    inputs = [prefix + next(checked) if isinstance(item, str) else item for item in inputs]
     prompts = await state.off_loop(_tokenized, state.tokenizer, inputs)
     outputs = await run_pooling(state, call, prompts, params)
     data = [EmbeddingData(index=index, embedding=encode_embedding(output.outputs.data.tolist(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import json
 
 import httpx
 import numpy as np
@@ -23,6 +24,7 @@ TEXTS = ["The quick brown fox jumps over the lazy dog, again and again, until th
 QUERY = "Which animal jumps?"
 DOCUMENTS = ["A fox jumps over a dog.", "Block tables map positions to KV-cache blocks.", "Cats sleep all day long.",
              "Kangaroos jump far."]
+INSTRUCTION = "Instruct: Given a question, retrieve passages that answer it\nQuery:"
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              head_dim=16, max_position_embeddings=256, initializer_range=0.08)
 
@@ -40,6 +42,9 @@ def _tiny(kind: str, tmp_root: str):
     model = (transformers.Qwen3Model(config) if kind == "embed"
              else transformers.Qwen3ForSequenceClassification(config)).eval()
     model.save_pretrained(path)
+    if kind == "embed":  # Qwen3-Embedding's named prompts; none is applied unless asked for
+        with open(f"{path}/config_sentence_transformers.json", "w") as f:
+            json.dump({"prompts": {"query": INSTRUCTION, "document": ""}, "default_prompt_name": None}, f)
     return path, model
 
 
@@ -118,6 +123,23 @@ def test_base64_and_matryoshka_dimensions(embed_server, embedder):
     assert abs(np.linalg.norm(vector) - 1.0) < 1e-5  # renormalised after truncation
     floats = client.embeddings.create(model=embed_server_model(embed_server), input=TEXTS[0], dimensions=16)
     np.testing.assert_allclose(floats.data[0].embedding, vector, atol=1e-6)
+
+
+def test_prompt_name_puts_the_configs_instruction_before_the_text(embed_server, embedder):
+    _, model = embedder
+    client = embed_server.client()
+    response = client.embeddings.create(model=embed_server_model(embed_server), input=QUERY,
+                                        extra_body={"prompt_name": "query"})
+    expected = _reference_embedding(model, qwen3_tokenizer().encode(INSTRUCTION + QUERY))
+    np.testing.assert_allclose(response.data[0].embedding, expected, atol=1e-4)
+    # Token arrays are the model's input as they are: no instruction is put before them.
+    tokens = client.embeddings.create(model=embed_server_model(embed_server), input=[5, 6, 7],
+                                      extra_body={"prompt_name": "query"})
+    np.testing.assert_allclose(tokens.data[0].embedding, _reference_embedding(model, [5, 6, 7]), atol=1e-4)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.embeddings.create(model=embed_server_model(embed_server), input=QUERY,
+                                 extra_body={"prompt_name": "passage"})
+    assert caught.value.body["param"] == "prompt_name" and "query" in caught.value.message
 
 
 def embed_server_model(server: RemoteServer) -> str:
