@@ -72,25 +72,38 @@ def release_gpu() -> None:
 
 
 # ---------------------------------------------------------------- transformers
+def build_transformers_model(config, device: str, dtype: torch.dtype):
+    """Built in its dtype on the device: no float32 copy of 8B parameters."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return transformers.Qwen3Model(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def transformers_embed(model, batch: list[list[int]]) -> torch.Tensor:
+    """The same pooling as the checkpoint's sentence-transformers modules: last token, L2-normalised (documents
+    of one length: no padding to skip)."""
+    ids = torch.tensor(batch, device=model.device)
+    hidden = model(input_ids=ids).last_hidden_state[:, -1]
+    return torch.nn.functional.normalize(hidden.float(), dim=-1).cpu()
+
+
 def run_transformers(shape: dict, docs: list[list[int]], batch_size: int, device: str, dtype: torch.dtype) -> dict:
     config = transformers.Qwen3Config(**{k: v for k, v in shape.items() if k not in ("architectures", "model_type")})
     started = time.perf_counter()
-    with torch.device(device):
-        model = transformers.Qwen3Model(config).to(dtype).eval()
+    model = build_transformers_model(config, device, dtype)
     load_s = time.perf_counter() - started
 
-    def embed(batch: list[list[int]]) -> torch.Tensor:
-        ids = torch.tensor(batch, device=device)
-        hidden = model(input_ids=ids).last_hidden_state[:, -1]
-        return torch.nn.functional.normalize(hidden.float(), dim=-1).cpu()
-
     with torch.inference_mode():
-        embed(docs[:batch_size])  # warm-up
+        transformers_embed(model, docs[:batch_size])  # warm-up
         if device == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
         for start in range(0, len(docs), batch_size):
-            embed(docs[start:start + batch_size])
+            transformers_embed(model, docs[start:start + batch_size])
         elapsed = time.perf_counter() - started
     del model
     release_gpu()

@@ -25,7 +25,7 @@ from serval.engine.request import Request, RequestStatus
 from serval.engine.scheduler import Scheduler, SchedulerOutput
 from serval.model.default_model import default_model_path
 from serval.model.loader import load_model
-from serval.model.pooling_model import is_pooling_model, load_pooler_config
+from serval.model.pooling_model import is_pooling_model, load_instruction_prompts, load_pooler_config
 from serval.openai.errors import InvalidArgument
 from serval.pooling_params import PoolingParams
 from serval.outputs import RequestOutput
@@ -63,8 +63,9 @@ class LLMEngine:
                                                 quantization=config.quantization, runner=config.runner)
         self.tokenizer = _load_tokenizer_or_none(model_path, config)
         self.config = _resolve_config(config, model_path, self.hf_config)
-        if is_pooling_model(self.model):  # --runner pooling (serval.engine.pooling)
-            self.config = pooling_engine_config(self.config, load_pooler_config(model_path, self.model))
+        pooler = load_pooler_config(model_path, self.model) if is_pooling_model(self.model) else None
+        if pooler is not None:  # --runner pooling (serval.engine.pooling)
+            self.config = pooling_engine_config(self.config, pooler)
         else:
             self.config = dataclasses.replace(self.config, runner="generate")
         # The model computes in self.dtype; the KV cache may be stored narrower (kv_cache_dtype="fp8").
@@ -79,9 +80,9 @@ class LLMEngine:
         self.eos_token_id = _eos_token_id(self.hf_config, self.tokenizer)
         self.input_processor = InputProcessor(self.config, self.tokenizer, self.vocab_size, self.eos_token_id,
                                               self.device)
-        self.pooling = (PoolingProcessor.for_model(self.model, model_path, self.hf_config, self.input_processor,
-                                                   self.config.max_model_len)
-                        if self.config.runner == "pooling" else None)
+        self.pooling = (PoolingProcessor(self.model, pooler, self.hf_config, self.input_processor,
+                                         self.config.max_model_len, load_instruction_prompts(model_path))
+                        if pooler is not None else None)
         self.async_scheduling = (self.config.async_scheduling if self.config.async_scheduling is not None
                                  else self.runner.graphs is not None)
         # With asynchronous scheduling: the decode step queued on the device whose tokens are not processed yet.

@@ -22,8 +22,7 @@ from serval.engine.input_processor import InputProcessor, PromptType
 from serval.engine.request import Request
 from serval.engine.scheduler import SchedulerOutput
 from serval.layers.pooling import PooledRows, PoolerConfig, normalize, truncate_dimensions
-from serval.model.pooling_model import InstructionPrompts, LlamaForSequenceClassification, is_pooling_model, \
-    load_instruction_prompts, load_pooler_config
+from serval.model.pooling_model import InstructionPrompts, LlamaForSequenceClassification
 from serval.openai.errors import InvalidArgument
 from serval.outputs import RequestMetrics
 from serval.pooling_params import PoolingParams
@@ -118,14 +117,6 @@ class PoolingProcessor:
         self.input_processor = input_processor
         self.max_model_len = max_model_len
         self.states: dict[str, PoolingRequestState] = {}
-
-    @classmethod
-    def for_model(cls, model: torch.nn.Module, model_path: str, hf_config, input_processor: InputProcessor,
-                  max_model_len: int) -> "PoolingProcessor":
-        if not is_pooling_model(model):
-            raise ValueError(f"{type(model).__name__} is not a pooling model")
-        return cls(model, load_pooler_config(model_path, model), hf_config, input_processor, max_model_len,
-                   load_instruction_prompts(model_path))
 
     # ---- requests in ----
     def new_request(self, request_id: str, prompt: PromptType, params: PoolingParams, priority: int,

@@ -4,7 +4,6 @@ causal LM's own logits."""
 from __future__ import annotations
 
 import json
-import os
 import types
 
 import pytest
