@@ -52,6 +52,8 @@ _ENGINE_HELP = {
                                     "budget left over still goes to it (0: no cap; None: max_num_batched_tokens / 4)",
     "runner": "generate (sample tokens: completions, chat) or pooling (embeddings, score, rerank from the prompt "
               "alone); auto: pooling for XModel and XForSequenceClassification checkpoints, else generate",
+    "pooler_config": "how a pooling model pools, as JSON overriding its checkpoint's sentence-transformers "
+                     "config: '{\"pooling_type\": \"MEAN\", \"normalize\": true}' (LAST, MEAN or CLS)",
 }
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from serval.layers.pooling import parse_pooler_overrides
 from serval.openai.errors import InvalidArgument
 from serval.sampling_params import SEED_RANGE
 
@@ -89,6 +90,9 @@ class EngineConfig:
     # max_num_batched_tokens. Budget left after every request had its share goes back to the long prefills.
     long_prefill_token_threshold: int | None = None
     runner: str = "auto"  # auto, generate or pooling (RUNNERS); the engine resolves auto from the architecture
+    # vLLM's --pooler-config: JSON (or a dict) overriding how a pooling model pools, {"pooling_type": "MEAN",
+    # "normalize": true}; what it leaves out comes from the checkpoint (serval.model.pooling_model).
+    pooler_config: str | dict | None = None
 
     def __post_init__(self) -> None:
         for name in ("model", "tokenizer"):
@@ -109,6 +113,11 @@ class EngineConfig:
             raise _bad("kv_cache_dtype", self.kv_cache_dtype, f"one of {list(_KV_CACHE_DTYPES)}")
         if self.runner not in RUNNERS:
             raise _bad("runner", self.runner, f"one of {list(RUNNERS)}")
+        try:
+            parse_pooler_overrides(self.pooler_config)
+        except ValueError as error:
+            raise InvalidArgument("pooler_config", f"invalid engine argument pooler_config="
+                                                   f"{self.pooler_config!r}: {error}") from None
         if self.scheduling_policy not in _SCHEDULING_POLICIES:
             raise _bad("scheduling_policy", self.scheduling_policy, f"one of {list(_SCHEDULING_POLICIES)}")
         if not isinstance(self.device, str) or (self.device not in ("auto", "cpu", "cuda")

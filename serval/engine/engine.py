@@ -23,6 +23,7 @@ from serval.engine.output_processor import OutputProcessor, RequestState, Sample
 from serval.engine.pooling import PoolingProcessor, PoolingRequestOutput, PoolingRequestState, pooling_engine_config
 from serval.engine.request import Request, RequestStatus
 from serval.engine.scheduler import Scheduler, SchedulerOutput
+from serval.layers.pooling import parse_pooler_overrides
 from serval.model.default_model import default_model_path
 from serval.model.loader import load_model
 from serval.model.pooling_model import is_pooling_model, load_instruction_prompts, load_pooler_config
@@ -65,6 +66,7 @@ class LLMEngine:
         self.config = _resolve_config(config, model_path, self.hf_config)
         pooler = load_pooler_config(model_path, self.model) if is_pooling_model(self.model) else None
         if pooler is not None:  # --runner pooling (serval.engine.pooling)
+            pooler = dataclasses.replace(pooler, **parse_pooler_overrides(config.pooler_config))
             self.config = pooling_engine_config(self.config, pooler)
         else:
             self.config = dataclasses.replace(self.config, runner="generate")

@@ -11,6 +11,8 @@ needs is kept: one row for last/CLS, a float32 sum for mean (hidden states of th
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +29,32 @@ class PoolerConfig:
     def __post_init__(self) -> None:
         if self.pooling_type not in POOLING_TYPES:
             raise ValueError(f"pooling_type {self.pooling_type!r} is not supported; allowed {list(POOLING_TYPES)}")
+
+
+def parse_pooler_overrides(value: str | dict | None) -> dict:
+    """vLLM's --pooler-config (a JSON object, or a dict from Python) as PoolerConfig fields; ValueError says what
+    is wrong."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"not JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise ValueError("allowed a JSON object such as {\"pooling_type\": \"MEAN\", \"normalize\": true}")
+    fields = {field.name for field in dataclasses.fields(PoolerConfig)}
+    unknown = sorted(set(value) - fields)
+    if unknown:
+        raise ValueError(f"unknown keys {unknown}; allowed {sorted(fields)}")
+    overrides = dict(value)
+    if "pooling_type" in overrides:
+        if not isinstance(overrides["pooling_type"], str) or overrides["pooling_type"].upper() not in POOLING_TYPES:
+            raise ValueError(f"pooling_type {overrides['pooling_type']!r}: allowed {list(POOLING_TYPES)}")
+        overrides["pooling_type"] = overrides["pooling_type"].upper()
+    if "normalize" in overrides and not isinstance(overrides["normalize"], bool):
+        raise ValueError(f"normalize {overrides['normalize']!r}: allowed true or false")
+    return overrides
 
 
 @dataclass

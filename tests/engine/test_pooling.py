@@ -115,6 +115,20 @@ def test_sentence_transformers_pooling_config(tmp_path, flag, normalize):
     assert llm.engine.config.enable_prefix_caching == (flag == "pooling_mode_lasttoken")
 
 
+def test_pooler_config_overrides_the_checkpoint(qwen3_embedder):
+    """vLLM's --pooler-config: mean pooling, unnormalised, for a checkpoint that would pool its last token."""
+    path, model = qwen3_embedder
+    llm = _embedder(path, pooler_config='{"pooling_type": "mean", "normalize": false}')
+    assert not llm.engine.config.enable_prefix_caching
+    prompts = _prompts(7, (20, 6))
+    for prompt, output in zip(prompts, llm.embed(prompts, use_tqdm=False)):
+        torch.testing.assert_close(torch.tensor(output.outputs.embedding), _hidden(model, prompt).mean(dim=0),
+                                   atol=1e-4, rtol=0)
+    with pytest.raises(InvalidArgument) as caught:
+        _embedder(path, pooler_config={"pooling_type": "MAX"})
+    assert caught.value.param == "pooler_config"
+
+
 def test_mean_pooling_survives_preemption(tmp_path):
     """Six blocks of 16 tokens for four 60-token prompts prefilled 8 tokens at a time: requests are preempted
     mid-prompt and recomputed, and their means count every position once."""
