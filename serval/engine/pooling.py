@@ -194,9 +194,10 @@ class PoolingProcessor:
             self.states.pop(state.request_id, None)
             request = state.request
             request.finished_time = now
-            outputs.append(PoolingRequestOutput(
-                request.request_id, request.prompt, request.prompt_token_ids, PoolingOutput(self._post(result, state.params)),
-                metrics=_metrics(request), num_cached_tokens=max(request.num_cached_tokens, 0)))
+            data = PoolingOutput(self._post(result, state.params))
+            outputs.append(PoolingRequestOutput(request.request_id, request.prompt, request.prompt_token_ids, data,
+                                                metrics=_metrics(request),
+                                                num_cached_tokens=max(request.num_cached_tokens, 0)))
         return outputs
 
     def failed_output(self, state: PoolingRequestState) -> PoolingRequestOutput:

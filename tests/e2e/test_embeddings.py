@@ -258,3 +258,27 @@ def test_metrics_count_prompt_tokens_and_requests_by_endpoint(embed_server):
                                status="200") == requests_before + 1
     assert embed_server.metric("serval:request_prompt_tokens_count") >= 2
     assert embed_server.wait_idle()
+
+
+def test_openapi_documents_the_pooling_bodies(embed_server):
+    document = httpx.get(embed_server.url + "/openapi.json", timeout=30).json()
+    schemas = document["components"]["schemas"]
+    for path, model, field in [("/v1/embeddings", "EmbeddingRequest", "input"),
+                               ("/v1/score", "ScoreRequest", "text_2"), ("/v1/rerank", "RerankRequest", "documents")]:
+        body = document["paths"][path]["post"]["requestBody"]
+        assert body["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{model}"}
+        assert field in schemas[model]["properties"]
+    refs = set(_refs(document))
+    assert all(ref.rsplit("/", 1)[1] in schemas for ref in refs), refs  # no dangling reference
+
+
+def _refs(value):
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "$ref":
+                yield item
+            else:
+                yield from _refs(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _refs(item)

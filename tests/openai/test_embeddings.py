@@ -33,7 +33,8 @@ def test_every_openai_input_form(value, expected):
 
 
 @pytest.mark.parametrize("body, param", [
-    ({"input": ""}, "input"), ({"input": []}, "input"), ({"input": ["a", ""]}, "input"), ({"input": [[1], []]}, "input"),
+    ({"input": ""}, "input"), ({"input": []}, "input"), ({"input": ["a", ""]}, "input"),
+    ({"input": [[1], []]}, "input"),
     ({"input": [-1]}, "input"), ({"input": [True]}, "input"), ({}, "input"),
     ({"input": "a", "dimensions": 0}, "dimensions"), ({"input": "a", "encoding_format": "hex"}, "encoding_format"),
 ])
