@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from serval.config import EngineConfig
+from serval.distributed import WorkerFailedError
 from serval.engine.input_processor import InputProcessor, PromptType
 from serval.engine.kv_cache import KVCacheManager
 from serval.engine.memory import MemoryUsage, memory_usage, num_kv_blocks
@@ -24,6 +25,7 @@ from serval.engine.pooling import PoolingProcessor, PoolingRequestOutput, Poolin
 from serval.engine.request import Request, RequestStatus
 from serval.engine.scheduler import Scheduler, SchedulerOutput
 from serval.layers.pooling import parse_pooler_overrides
+from serval.layers.quant.kv_scales import enable_kv_scale_calculation
 from serval.model.default_model import default_model_path
 from serval.model.loader import load_model
 from serval.model.pooling_model import is_pooling_model, load_instruction_prompts, load_pooler_config
@@ -59,12 +61,25 @@ class LLMEngine:
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(_checkpoint_dtype(model_path))
         started = time.monotonic()
-        self.model, self.hf_config = load_model(model_path, load_format=config.load_format, dtype=self.dtype,
-                                                device=self.device, seed=config.seed,
-                                                quantization=config.quantization, runner=config.runner)
+        # tensor_parallel_size > 1 (or distributed_executor_backend="mp"): this process is rank 0 of the
+        # multi-process executor, whose workers hold the other shards (serval.distributed). Otherwise the model
+        # runs here, as it always has.
+        self.executor = None
+        if config.tensor_parallel_size > 1 or config.distributed_executor_backend == "mp":
+            from serval.distributed.executor import TensorParallelExecutor
+            self.executor = TensorParallelExecutor.start(config, model_path, self.dtype, self.device)
+            self.model, self.hf_config = self.executor.model, self.executor.hf_config
+        else:
+            self.model, self.hf_config = load_model(model_path, load_format=config.load_format, dtype=self.dtype,
+                                                    device=self.device, seed=config.seed,
+                                                    quantization=config.quantization, runner=config.runner)
         self.tokenizer = _load_tokenizer_or_none(model_path, config)
         self.config = _resolve_config(config, model_path, self.hf_config)
         pooler = load_pooler_config(model_path, self.model) if is_pooling_model(self.model) else None
+        if pooler is not None and self.executor is not None:
+            self.executor.shutdown()
+            raise InvalidArgument("runner", "invalid engine arguments: the pooling runner runs in one process; "
+                                            "tensor_parallel_size must be 1 and distributed_executor_backend unset")
         if pooler is not None:  # --runner pooling (serval.engine.pooling)
             pooler = dataclasses.replace(pooler, **parse_pooler_overrides(config.pooler_config))
             self.config = pooling_engine_config(self.config, pooler)
@@ -72,11 +87,20 @@ class LLMEngine:
             self.config = dataclasses.replace(self.config, runner="generate")
         # The model computes in self.dtype; the KV cache may be stored narrower (kv_cache_dtype="fp8").
         self.kv_cache_dtype = self.config.torch_kv_cache_dtype(self.dtype)
-        num_blocks = num_kv_blocks(self.config, self.model, self.kv_cache_dtype, self.device)
+        if self.executor is None:
+            num_blocks = num_kv_blocks(self.config, self.model, self.kv_cache_dtype, self.device)
+        else:  # every rank sizes its pool (its heads, its memory); all take the smallest
+            self.config, num_blocks = self.executor.configure(self.config, self.kv_cache_dtype)
+        if self.config.calculate_kv_scales:  # after the memory profile's forward, before graph capture
+            enable_kv_scale_calculation(self.model)
         self.kv_cache = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.kv_cache)
-        self.runner = ModelRunner(self.model, num_blocks, self.config.block_size, self.kv_cache_dtype, self.device,
-                                  self.config.max_num_seqs, self.config.max_model_len, self.config.enforce_eager)
+        if self.executor is None:
+            self.runner = ModelRunner(self.model, num_blocks, self.config.block_size, self.kv_cache_dtype,
+                                      self.device, self.config.max_num_seqs, self.config.max_model_len,
+                                      self.config.enforce_eager)
+        else:
+            self.runner = self.executor.make_runner(num_blocks, self.config, self.kv_cache_dtype)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.vocab_size = self.model.vocab_size
         self.eos_token_id = _eos_token_id(self.hf_config, self.tokenizer)
@@ -183,8 +207,9 @@ class LLMEngine:
             outputs = self._step()
         except Exception as error:
             self.num_consecutive_failed_steps += 1
-            if self.num_consecutive_failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS:
-                raise
+            if self.num_consecutive_failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS or isinstance(error,
+                                                                                               WorkerFailedError):
+                raise  # a lost tensor-parallel worker: no later step can run either
             return self._fail_step(error)
         self.num_consecutive_failed_steps = 0
         return outputs
@@ -258,6 +283,11 @@ class LLMEngine:
                 self.scheduler.finish_request(state.request, RequestStatus.FINISHED_ERROR)
                 outputs.append(self.pooling.failed_output(state))
         return outputs
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (a single-process engine holds nothing to stop)."""
+        if self.executor is not None:
+            self.executor.shutdown()
 
     def memory_usage(self) -> MemoryUsage:
         return memory_usage(self.model, self.runner.kv_caches)
