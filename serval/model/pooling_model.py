@@ -124,6 +124,11 @@ def load_pooler_config(model_dir: str, model: LlamaForEmbedding) -> PoolerConfig
         return model.default_pooler_config()
     with open(modules_file) as f:
         modules = json.load(f)
+    known = ("Transformer", "Pooling", "Normalize")
+    unknown = [m.get("type") for m in modules if not str(m.get("type", "")).endswith(known)]
+    if unknown:  # a Dense projection (say) would change every embedding: refuse rather than serve wrong vectors
+        raise ValueError(f"modules.json lists sentence-transformers modules Serval does not run: {unknown}; "
+                         f"supported: {list(known)}")
     pooling = next((m for m in modules if str(m.get("type", "")).endswith("Pooling")), None)
     normalize = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
     if pooling is None:

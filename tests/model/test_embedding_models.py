@@ -60,6 +60,11 @@ def test_pooler_config_from_sentence_transformers_files(tmp_path):
     write_sentence_transformers(str(tmp_path), "pooling_mode_max_tokens", normalize=False)
     with pytest.raises(ValueError, match="pooling_mode_max_tokens"):
         pooling_model.load_pooler_config(str(tmp_path), embedder)
+    modules = json.loads((tmp_path / "modules.json").read_text())
+    (tmp_path / "modules.json").write_text(json.dumps(modules + [{"idx": 3, "name": "3", "path": "3_Dense",
+                                                                  "type": "sentence_transformers.models.Dense"}]))
+    with pytest.raises(ValueError, match="Dense"):
+        pooling_model.load_pooler_config(str(tmp_path), embedder)
 
 
 def test_a_bare_decoder_checkpoint_loads_and_a_wrong_one_is_refused(tmp_path):
