@@ -15,6 +15,10 @@ _EXPORTS = {
     "RequestOutput": "serval.outputs",
     "CompletionOutput": "serval.outputs",
     "Logprob": "serval.outputs",
+    "PoolingParams": "serval.pooling_params",
+    "PoolingRequestOutput": "serval.engine.pooling",
+    "EmbeddingRequestOutput": "serval.engine.pooling",
+    "ScoringRequestOutput": "serval.engine.pooling",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

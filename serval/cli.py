@@ -52,6 +52,10 @@ _ENGINE_HELP = {
     "long_prefill_token_threshold": "most prompt tokens one request prefills in a step before the other requests "
                                     "have had theirs, so a long prompt doesn't delay everyone's first token; the "
                                     "budget left over still goes to it (0: no cap; None: max_num_batched_tokens / 4)",
+    "runner": "generate (sample tokens: completions, chat) or pooling (embeddings, score, rerank from the prompt "
+              "alone); auto: pooling for XModel and XForSequenceClassification checkpoints, else generate",
+    "pooler_config": "how a pooling model pools, as JSON overriding its checkpoint's sentence-transformers "
+                     "config: '{\"pooling_type\": \"MEAN\", \"normalize\": true}' (LAST, MEAN or CLS)",
     "tensor_parallel_size": "split the model across this many devices, one worker process each (NCCL on GPUs, "
                             "gloo on CPU); it must divide the attention heads",
     "distributed_executor_backend": "mp: run the model through the multi-process (tensor-parallel) executor even "

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from serval.engine.spec_decode.config import SpeculativeConfig, parse_speculative_config
+from serval.layers.pooling import parse_pooler_overrides
 from serval.openai.errors import InvalidArgument
 from serval.sampling_params import SEED_RANGE
 
@@ -15,6 +16,9 @@ _DTYPES = {"auto": None, "float32": torch.float32, "float": torch.float32, "floa
            "half": torch.float16, "bfloat16": torch.bfloat16}
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _SCHEDULING_POLICIES = ("fcfs", "priority")
+# vLLM's --runner: generate (sample tokens) or pooling (embeddings and scores from prefill alone); auto: what the
+# checkpoint's architecture is (XModel and XForSequenceClassification pool).
+RUNNERS = ("auto", "generate", "pooling")
 _EXECUTOR_BACKENDS = (None, "mp")
 # vLLM's names. fp8: weights stored in float8 e4m3 with one scale per output channel, activations quantized per
 # token at run time (W8A8, vLLM's dynamic fp8). The KV cache in float8 e4m3 with scale 1.0, as vLLM without
@@ -90,6 +94,10 @@ class EngineConfig:
     # so one long prompt can't hold back the others' first tokens. 0: no cap. None: a quarter of
     # max_num_batched_tokens. Budget left after every request had its share goes back to the long prefills.
     long_prefill_token_threshold: int | None = None
+    runner: str = "auto"  # auto, generate or pooling (RUNNERS); the engine resolves auto from the architecture
+    # vLLM's --pooler-config: JSON (or a dict) overriding how a pooling model pools, {"pooling_type": "MEAN",
+    # "normalize": true}; what it leaves out comes from the checkpoint (serval.model.pooling_model).
+    pooler_config: str | dict | None = None
     # Devices one model is split across (Megatron-style tensor parallelism, serval.distributed): one worker
     # process per rank. 1: today's single-process engine.
     tensor_parallel_size: int = 1
@@ -117,6 +125,13 @@ class EngineConfig:
             raise _bad("quantization", self.quantization, f"one of {list(QUANTIZATIONS)}")
         if self.kv_cache_dtype not in _KV_CACHE_DTYPES:
             raise _bad("kv_cache_dtype", self.kv_cache_dtype, f"one of {list(_KV_CACHE_DTYPES)}")
+        if self.runner not in RUNNERS:
+            raise _bad("runner", self.runner, f"one of {list(RUNNERS)}")
+        try:
+            parse_pooler_overrides(self.pooler_config)
+        except ValueError as error:
+            raise InvalidArgument("pooler_config", f"invalid engine argument pooler_config="
+                                                   f"{self.pooler_config!r}: {error}") from None
         if self.distributed_executor_backend not in _EXECUTOR_BACKENDS:
             raise _bad("distributed_executor_backend", self.distributed_executor_backend,
                        f"one of {list(_EXECUTOR_BACKENDS)}")

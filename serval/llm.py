@@ -1,4 +1,4 @@
-"""LLM: the offline Python API, with vLLM's names (generate, chat)."""
+"""LLM: the offline Python API, with vLLM's names (generate, chat; with runner="pooling": embed, score, encode)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,8 +11,11 @@ from tqdm.auto import tqdm
 
 from serval.config import EngineConfig
 from serval.engine.engine import LLMEngine
+from serval.engine.pooling import EmbeddingOutput, EmbeddingRequestOutput, PoolingRequestOutput, ScoringOutput, \
+    ScoringRequestOutput, cosine_similarity, pair_token_ids
 from serval.engine.input_processor import PromptType
 from serval.model.generation_config import load_generation_defaults
+from serval.openai.embeddings import score_pairs
 from serval.openai.errors import InvalidArgument
 from serval.openai.reasoning import get_reasoning_parser
 from serval.openai.tool_grammar import tool_call_grammar, with_reasoning
@@ -20,6 +23,7 @@ from serval.openai.tool_parsers import get_tool_parser
 from serval.openai.tool_parsers.chat_output import chat_output_parser
 from serval.openai.tools import NamedToolChoice, ToolRequestFields
 from serval.outputs import RequestOutput
+from serval.pooling_params import PoolingParams
 from serval.sampling_params import SamplingParams, StructuredOutputsParams
 
 Conversation = list[dict]
@@ -126,6 +130,62 @@ class LLM:
                 grammar = with_reasoning(grammar, added, reasoning.think_start, reasoning.think_end)
             changes["structured_outputs"] = StructuredOutputsParams(grammar=grammar)
         return dataclasses.replace(params, **changes) if changes else params
+
+    # ---- pooling models (runner="pooling") ----
+    def encode(self, prompts: PromptType | Sequence[PromptType], pooling_params: PoolingParams | None = None,
+               use_tqdm: bool = True) -> list[PoolingRequestOutput]:
+        """Each prompt's pooled output (outputs.data: the embedding, or a classifier's scores), in prompt order."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        params = pooling_params or PoolingParams()
+        request_ids = []
+        try:
+            for prompt in prompts:
+                request_id = str(next(self._request_counter))
+                self.engine.add_request(request_id, prompt, params, stream=False)
+                request_ids.append(request_id)
+        except Exception:
+            self.engine.abort_request(request_ids)
+            raise
+        outputs = self._run(request_ids, use_tqdm)
+        failed = [output.request_id for output in outputs if output.finish_reason == "error"]
+        if failed:
+            raise RuntimeError(f"requests {failed} failed inside the engine (the log says why)")
+        return outputs
+
+    def embed(self, prompts: PromptType | Sequence[PromptType], pooling_params: PoolingParams | None = None,
+              use_tqdm: bool = True, prompt_name: str | None = None) -> list[EmbeddingRequestOutput]:
+        """Embeddings (outputs.embedding) pooled as the model's config says (vLLM's LLM.embed). prompt_name:
+        sentence-transformers' named instruction (config_sentence_transformers.json, e.g. "query") put before each
+        text prompt; None: the config's default prompt, if any."""
+        prefix = self.engine.instruction_prefix(prompt_name)
+        if prefix:
+            prompts = [prefix + prompt if isinstance(prompt, str) else prompt
+                       for prompt in ([prompts] if isinstance(prompts, (str, dict)) else prompts)]
+        return [EmbeddingRequestOutput(output.request_id, output.prompt_token_ids,
+                                       EmbeddingOutput(output.outputs.data.tolist()))
+                for output in self.encode(prompts, pooling_params, use_tqdm)]
+
+    def score(self, text_1: str | Sequence[str], text_2: str | Sequence[str],
+              pooling_params: PoolingParams | None = None, use_tqdm: bool = True) -> list[ScoringRequestOutput]:
+        """Relevance of each text_2 to text_1 (one text_1 against many, or pairs of equal lists), vLLM's LLM.score:
+        a cross-encoder (sequence classifier) reads each pair as one prompt; an embedder scores the cosine
+        similarity of the two embeddings."""
+        pairs = score_pairs(text_1, text_2)
+        if self.engine.pooling_task is None:
+            raise InvalidArgument("model", "score needs a pooling model (runner='pooling')")
+        if self.engine.pooling_task == "classify":
+            prompts = [{"prompt": f"{first}{second}",
+                        "prompt_token_ids": pair_token_ids(self.get_tokenizer(), first, second)}
+                       for first, second in pairs]
+            outputs = self.encode(prompts, pooling_params, use_tqdm)
+            return [ScoringRequestOutput(output.request_id, output.prompt_token_ids,
+                                         ScoringOutput(float(output.outputs.data[0]))) for output in outputs]
+        firsts = self.encode([first for first, _ in pairs], pooling_params, use_tqdm)
+        seconds = self.encode([second for _, second in pairs], pooling_params, use_tqdm)
+        return [ScoringRequestOutput(second.request_id, first.prompt_token_ids + second.prompt_token_ids,
+                                     ScoringOutput(cosine_similarity(first.outputs.data, second.outputs.data)))
+                for first, second in zip(firsts, seconds)]
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}

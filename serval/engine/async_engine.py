@@ -31,6 +31,7 @@ from serval.config import EngineConfig
 from serval.engine.engine import EngineStats, LLMEngine
 from serval.engine.input_processor import PromptType
 from serval.engine.output_processor import RequestState
+from serval.engine.pooling import PoolingRequestOutput
 from serval.openai.errors import InvalidArgument
 from serval.outputs import RequestOutput
 from serval.sampling_params import SamplingParams
@@ -155,7 +156,7 @@ class AsyncEngine:
                 raise InvalidArgument(None, f"invalid request_id {request_id!r}: a request with this id is "
                                             "already running")
             self._streams[request_id] = stream
-            self._num_in_inbox += len(state.sequences)
+            self._num_in_inbox += len(state.requests)
         self._inbox.put(("add", state))
         return RequestStream(self, request_id, stream)
 
@@ -197,6 +198,15 @@ class AsyncEngine:
     @property
     def num_running(self) -> int:
         return self.engine.scheduler.num_running
+
+    @property
+    def pooling_task(self) -> str | None:
+        """"embed" or "classify" for a pooling engine (--runner pooling); None for a generative one."""
+        return self.engine.pooling_task
+
+    def instruction_prefix(self, prompt_name: str | None) -> str:
+        """The pooling model's instruction text for prompt_name (LLMEngine.instruction_prefix)."""
+        return self.engine.instruction_prefix(prompt_name)
 
     def memory_usage(self):
         """Bytes of weights and KV cache (serval.engine.memory.MemoryUsage), for the server's banner."""
@@ -284,7 +294,7 @@ class AsyncEngine:
             # Counted out only once the scheduler counts it: num_waiting may count a request twice for a moment,
             # never zero times.
             with self._streams_lock:
-                self._num_in_inbox -= len(state.sequences)
+                self._num_in_inbox -= len(state.requests)
 
     def _deliver_step(self, outputs: list[RequestOutput]) -> None:
         """Every output of a step to its caller's queue: one hand-off per event loop (see the module docstring)."""
@@ -323,6 +333,8 @@ def _dead_error(cause: BaseException) -> EngineDeadError:
 
 
 def _failed(output: RequestOutput) -> bool:
+    if isinstance(output, PoolingRequestOutput):
+        return output.finish_reason == "error"
     return output.finished and any(completion.finish_reason == "error" for completion in output.outputs)
 
 

@@ -21,14 +21,18 @@ from serval.engine.kv_cache import KVCacheManager
 from serval.engine.memory import MemoryUsage, memory_usage, num_kv_blocks
 from serval.engine.model_runner import DecodeInFlight, ModelRunner, ModelRunnerOutput
 from serval.engine.output_processor import OutputProcessor, RequestState, SampledToken, StepUpdate
+from serval.engine.pooling import PoolingProcessor, PoolingRequestOutput, PoolingRequestState, pooling_engine_config
 from serval.engine.request import Request, RequestStatus
 from serval.engine.scheduler import Scheduler, SchedulerOutput
 from serval.engine.spec_decode.decoder import SpecDecoder, SpecDecodeStats
 from serval.engine.spec_decode.draft_model import DraftModel
+from serval.layers.pooling import parse_pooler_overrides
 from serval.layers.quant.kv_scales import enable_kv_scale_calculation
 from serval.model.default_model import default_model_path
 from serval.model.loader import load_model
+from serval.model.pooling_model import is_pooling_model, load_instruction_prompts, load_pooler_config
 from serval.openai.errors import InvalidArgument
+from serval.pooling_params import PoolingParams
 from serval.outputs import RequestOutput
 from serval.sampling_params import SamplingParams
 
@@ -71,9 +75,22 @@ class LLMEngine:
         else:
             self.model, self.hf_config = load_model(model_path, load_format=config.load_format, dtype=self.dtype,
                                                     device=self.device, seed=config.seed,
-                                                    quantization=config.quantization)
+                                                    quantization=config.quantization, runner=config.runner)
         self.tokenizer = _load_tokenizer_or_none(model_path, config)
         self.config = _resolve_config(config, model_path, self.hf_config)
+        pooler = load_pooler_config(model_path, self.model) if is_pooling_model(self.model) else None
+        if pooler is not None and self.executor is not None:
+            self.executor.shutdown()
+            raise InvalidArgument("runner", "invalid engine arguments: the pooling runner runs in one process; "
+                                            "tensor_parallel_size must be 1 and distributed_executor_backend unset")
+        if pooler is not None and config.speculative_config is not None:
+            raise InvalidArgument("speculative_config", "invalid engine arguments: the pooling runner decodes "
+                                                        "nothing, so it takes no speculative_config")
+        if pooler is not None:  # --runner pooling (serval.engine.pooling)
+            pooler = dataclasses.replace(pooler, **parse_pooler_overrides(config.pooler_config))
+            self.config = pooling_engine_config(self.config, pooler)
+        else:
+            self.config = dataclasses.replace(self.config, runner="generate")
         # The model computes in self.dtype; the KV cache may be stored narrower (kv_cache_dtype="fp8").
         self.kv_cache_dtype = self.config.torch_kv_cache_dtype(self.dtype)
         draft_model = self._load_draft_model()  # before the pool is sized: its weights take memory first
@@ -100,6 +117,9 @@ class LLMEngine:
         self.eos_token_id = _eos_token_id(self.hf_config, self.tokenizer)
         self.input_processor = InputProcessor(self.config, self.tokenizer, self.vocab_size, self.eos_token_id,
                                               self.device)
+        self.pooling = (PoolingProcessor(self.model, pooler, self.hf_config, self.input_processor,
+                                         self.config.max_model_len, load_instruction_prompts(model_path))
+                        if pooler is not None else None)
         self.async_scheduling = (self.config.async_scheduling if self.config.async_scheduling is not None
                                  else self.runner.graphs is not None)
         spec_config = self.config.speculative_config
@@ -145,12 +165,31 @@ class LLMEngine:
     def process_inputs(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
                        priority: int = 0, arrival_time: float | None = None) -> RequestState:
         """Tokenize, validate, compile any grammar, without touching engine state (so a frontend thread may
-        call it)."""
+        call it). A pooling engine takes PoolingParams (and returns a PoolingRequestState) and only those."""
+        if self.pooling is not None or isinstance(params, PoolingParams):
+            return self._process_pooling_inputs(request_id, prompt, params, priority, arrival_time)
         processed = self.input_processor.process(request_id, prompt, params, priority, arrival_time)
         return self.output_processor.new_request_state(request_id, processed.prompt.text, processed.prompt.token_ids,
                                                        processed.requests)
 
-    def add_processed(self, state: RequestState) -> None:
+    def _process_pooling_inputs(self, request_id: str, prompt: PromptType, params, priority: int,
+                                arrival_time: float | None) -> PoolingRequestState:
+        if self.pooling is None:
+            raise InvalidArgument("model", f"model {self.config.model!r} is served by the generate runner (text "
+                                           "generation); embeddings and scores need a pooling model served with "
+                                           "--runner pooling")
+        if params is not None and not isinstance(params, PoolingParams):
+            raise InvalidArgument("model", f"model {self.config.model!r} is served by the pooling runner "
+                                           "(embeddings, score, rerank); it does not generate text: serve a "
+                                           "generative model with --runner generate for completions and chat")
+        return self.pooling.new_request(request_id, prompt, params or PoolingParams(), priority, arrival_time)
+
+    def add_processed(self, state: RequestState | PoolingRequestState) -> None:
+        if isinstance(state, PoolingRequestState):
+            self.pooling.add(state)
+            self.num_prompt_tokens += len(state.prompt_token_ids)
+            self.scheduler.add_request(state.request)
+            return
         self.output_processor.add_request(state)
         self.num_prompt_tokens += len(state.prompt_token_ids)
         for request in state.requests:
@@ -158,13 +197,30 @@ class LLMEngine:
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            pooling_state = self.pooling.remove(request_id) if self.pooling is not None else None
+            if pooling_state is not None:
+                self.scheduler.finish_request(pooling_state.request, RequestStatus.FINISHED_ABORTED)
+                continue
             state = self.output_processor.remove_request(request_id)
             if state is not None:
                 for request in state.requests:
                     self.scheduler.finish_request(request, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.output_processor.has_unfinished_requests()
+        return self.output_processor.has_unfinished_requests() or (self.pooling is not None
+                                                                    and self.pooling.has_unfinished())
+
+    @property
+    def pooling_task(self) -> str | None:
+        """"embed" (an embedder) or "classify" (a cross-encoder) with --runner pooling; None for a generative model."""
+        if self.pooling is None:
+            return None
+        return "classify" if self.pooling.is_classifier else "embed"
+
+    def instruction_prefix(self, prompt_name: str | None) -> str:
+        """The text a pooling model's sentence-transformers config puts before a text input named prompt_name (its
+        default prompt when None; "" when it has none). Raises InvalidArgument for a name it doesn't have."""
+        return self.pooling.prompts.prefix(prompt_name) if self.pooling is not None else ""
 
     def grammar_compiler(self):
         return self.input_processor.grammar_compiler()
@@ -187,6 +243,8 @@ class LLMEngine:
         return outputs
 
     def _step(self) -> list[RequestOutput]:
+        if self.pooling is not None:
+            return self._pooling_step()
         if self.in_flight is not None:
             return self._finish_in_flight()
         scheduled = self.scheduler.schedule()
@@ -205,6 +263,20 @@ class LLMEngine:
             self.spec_decoder.accept(scheduled.requests, runner_output.verified, self.kv_cache)
         outputs = self._process(scheduled.requests, runner_output)
         self.spec_decoder.propose(self.scheduler.running)
+        return outputs
+
+    def _pooling_step(self) -> list[PoolingRequestOutput]:
+        """Prefill chunks of pooling requests; those whose prompt is complete are pooled and finish now."""
+        scheduled = self.scheduler.schedule()
+        self.stepping = scheduled.requests
+        if not scheduled.requests:
+            return []
+        hidden = self.runner.execute_hidden(scheduled)
+        completed = self.pooling.add_hidden_states(scheduled, hidden)
+        self.scheduler.update(scheduled)
+        outputs = self.pooling.finish(completed)
+        for state in completed:
+            self.scheduler.finish_request(state.request, RequestStatus.FINISHED_STOPPED)
         return outputs
 
     def _process(self, requests: list[Request], runner_output: ModelRunnerOutput) -> list[RequestOutput]:
@@ -249,6 +321,8 @@ class LLMEngine:
     def _fail_step(self, error: Exception) -> list[RequestOutput]:
         """End every request of the failed step (all of them if it failed before it knew which it held)."""
         self.in_flight = None
+        if self.pooling is not None:
+            return self._fail_pooling_step(error)
         request_ids = (list(dict.fromkeys(request.parent_request_id for request in self.stepping)) if self.stepping
                        else list(self.output_processor.request_states))
         logger.error("engine step failed; its requests end with an error", exc_info=error,
@@ -258,6 +332,20 @@ class LLMEngine:
             # Blocks this step wrote may hold garbage K/V: no later request may hit them.
             self.kv_cache.uncache(sequence.request)
         return self._finish(update)
+
+    def _fail_pooling_step(self, error: Exception) -> list[PoolingRequestOutput]:
+        request_ids = ([request.request_id for request in self.stepping] if self.stepping
+                       else list(self.pooling.states))
+        logger.error("engine step failed; its requests end with an error", exc_info=error,
+                     extra={"request_ids": request_ids})
+        outputs = []
+        for request_id in request_ids:
+            state = self.pooling.remove(request_id)
+            if state is not None:
+                self.kv_cache.uncache(state.request)
+                self.scheduler.finish_request(state.request, RequestStatus.FINISHED_ERROR)
+                outputs.append(self.pooling.failed_output(state))
+        return outputs
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers, if any (a single-process engine holds nothing to stop)."""

@@ -194,6 +194,14 @@ class ModelRunner:
             out.logprobs[verify_rows.batch_index] = result.logprobs[0] if result.logprobs is not None else None
 
     @torch.inference_mode()
+    def execute_hidden(self, scheduled: SchedulerOutput) -> torch.Tensor:
+        """The final hidden states [T, hidden] of every scheduled token, flat in batch order, nothing sampled (the
+        pooling runner, serval.engine.pooling)."""
+        plan = self._plan(scheduled)
+        return self._forward_eager(self._tensor(plan.input_ids, torch.int64), plan.positions, plan.slot_mapping,
+                                   plan.query_start_loc, plan.seq_lens, scheduled.requests)
+
+    @torch.inference_mode()
     def launch_decode(self, requests: list[Request], previous: DecodeInFlight | None = None) -> DecodeInFlight:
         """Queue a decode step (one new token per request at position num_computed_tokens) and its sampling,
         without waiting for the device. Input ids come from the requests' tokens or, when `previous` is given,

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from serval.pooling_params import PoolingParams
 from serval.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # llguidance loads only when a request asks for structured output
@@ -73,6 +74,9 @@ class Request:
     num_spec_steps: int = 0
     num_spec_draft_tokens: int = 0
     num_spec_accepted_tokens: int = 0
+    # Set for a pooling request (--runner pooling): prefill only, its hidden states pooled instead of sampled
+    # (serval.engine.pooling); sampling_params is then unused.
+    pooling_params: PoolingParams | None = None
 
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

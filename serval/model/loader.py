@@ -44,7 +44,8 @@ DUMMY_WEIGHT_RANGE = (-1e-3, 1e-3)
 
 def load_model(model: str, *, load_format: str = "auto", dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", seed: int = 0,
-               quantization: str | None = None) -> tuple[nn.Module, transformers.PretrainedConfig]:
+               quantization: str | None = None,
+               runner: str = "auto") -> tuple[nn.Module, transformers.PretrainedConfig]:
     """Build and load the model at `model` (a directory, a GGUF file, or a packaged model's alias such as
     "gemma3-270m"); return (model in eval mode, HF config).
     quantization="fp8": the decoder's projections are quantized to float8 once loaded (quantize_fp8). A checkpoint
@@ -70,7 +71,7 @@ def load_model(model: str, *, load_format: str = "auto", dtype: torch.dtype = to
         config = load_config(model)
         weights = None if load_format == "dummy" else iter_safetensors(safetensors_files(model))
         load_format = "dummy" if load_format == "dummy" else "safetensors"
-    net = build_model(config, dtype, device)
+    net = build_model(config, dtype, device, runner)
     declared = checkpoint_quant(config)
     if quantization == "fp8" and declared is not None and \
             any(rule.method != quant.Fp8Method() for rule in declared.rules):
@@ -201,9 +202,11 @@ def load_config(model_dir: str) -> transformers.PretrainedConfig:
     return transformers.AutoConfig.from_pretrained(model_dir)
 
 
-def build_model(config: transformers.PretrainedConfig, dtype: torch.dtype, device: str | torch.device) -> nn.Module:
-    """The model for config.architectures[0], parameters allocated (not initialized) in dtype on device."""
-    model_class = registry.get_model_class(config)
+def build_model(config: transformers.PretrainedConfig, dtype: torch.dtype, device: str | torch.device,
+                runner: str = "auto") -> nn.Module:
+    """The model for config.architectures[0] (runner "pooling": its pooling model, see registry.get_model_class),
+    parameters allocated (not initialized) in dtype on device."""
+    model_class = registry.get_model_class(config, runner)
     with torch.device(device), _default_dtype(dtype):
         model = model_class(config)
     return model.eval().requires_grad_(False)

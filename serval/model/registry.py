@@ -9,6 +9,8 @@ from serval.model.gpt_oss import GptOssForCausalLM
 from serval.model.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 from serval.model.mixtral import MixtralForCausalLM
 from serval.model.phi3 import Phi3ForCausalLM
+from serval.model.pooling_model import LlamaForEmbedding, LlamaForSequenceClassification, MistralForEmbedding, \
+    Qwen2ForEmbedding, Qwen2ForSequenceClassification, Qwen3ForEmbedding, Qwen3ForSequenceClassification
 from serval.model.qwen_moe import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 
 _MODELS: dict[str, type[nn.Module]] = {
@@ -30,7 +32,22 @@ _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "q
                 "qwen3_moe": "Qwen3MoeForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM",
                 "gpt_oss": "GptOssForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
 
-SUPPORTED_ARCHITECTURES = tuple(_MODELS)
+# Pooling models (embedders without an LM head, cross-encoders with a score head): --runner pooling.
+_POOLING_MODELS: dict[str, type[nn.Module]] = {
+    "LlamaModel": LlamaForEmbedding,
+    "MistralModel": MistralForEmbedding,
+    "Qwen2Model": Qwen2ForEmbedding,
+    "Qwen3Model": Qwen3ForEmbedding,
+    "LlamaForSequenceClassification": LlamaForSequenceClassification,
+    "Qwen2ForSequenceClassification": Qwen2ForSequenceClassification,
+    "Qwen3ForSequenceClassification": Qwen3ForSequenceClassification,
+}
+# A causal LM served with --runner pooling: its decoder as an embedder (the LM head is dropped).
+_CAUSAL_AS_EMBEDDING = {"LlamaForCausalLM": LlamaForEmbedding, "MistralForCausalLM": MistralForEmbedding,
+                        "Qwen2ForCausalLM": Qwen2ForEmbedding, "Qwen3ForCausalLM": Qwen3ForEmbedding}
+
+
+SUPPORTED_ARCHITECTURES = tuple(_MODELS) + tuple(_POOLING_MODELS)
 
 
 def architecture_of(config) -> str:
@@ -44,8 +61,25 @@ def architecture_of(config) -> str:
                      f"supported architectures: {list(SUPPORTED_ARCHITECTURES)}")
 
 
-def get_model_class(config) -> type[nn.Module]:
+def resolve_runner(config, runner: str = "auto") -> str:
+    """"generate" or "pooling": what `runner` asks for, or for "auto", what the architecture is (vLLM's --runner)."""
+    if runner != "auto":
+        return runner
+    return "pooling" if architecture_of(config) in _POOLING_MODELS else "generate"
+
+
+def get_model_class(config, runner: str = "auto") -> type[nn.Module]:
     architecture = architecture_of(config)
+    runner = resolve_runner(config, runner)
+    if runner == "pooling":
+        model_class = _POOLING_MODELS.get(architecture) or _CAUSAL_AS_EMBEDDING.get(architecture)
+        if model_class is None:
+            raise ValueError(f"architecture {architecture!r} cannot run with runner='pooling'; pooling "
+                             f"architectures: {list(_POOLING_MODELS) + list(_CAUSAL_AS_EMBEDDING)}")
+        return model_class
+    if architecture in _POOLING_MODELS:
+        raise ValueError(f"architecture {architecture!r} is a pooling model (embeddings, scores): it runs with "
+                         "runner='pooling' (--runner pooling), not runner='generate'")
     if architecture not in _MODELS:
         raise ValueError(f"architecture {architecture!r} is not supported; "
                          f"supported architectures: {list(SUPPORTED_ARCHITECTURES)}")

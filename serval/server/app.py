@@ -30,8 +30,9 @@ from serval.openai.auth import check_api_key
 from serval.openai.errors import APIError
 from serval.openai.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, \
     TokenizeRequest
+from serval.openai.embeddings import EmbeddingRequest, RerankRequest, ScoreRequest
 from serval.openai.responses import ResponsesRequest
-from serval.server import banner, responses, serving, tokenization
+from serval.server import banner, embeddings, responses, serving, tokenization
 from serval.server.lifecycle import handle, simple
 from serval.server.metrics import CONTENT_TYPE
 from serval.server.config import ServerConfig
@@ -47,7 +48,8 @@ OPEN_PATHS = frozenset({"/health", "/version"})
 # The request body of each POST route, for the OpenAPI document (handlers read the raw body themselves, so that
 # every error stays OpenAI-shaped).
 REQUEST_BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
-                  "/v1/responses": ResponsesRequest, "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}
+                  "/v1/responses": ResponsesRequest, "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest,
+                  "/v1/embeddings": EmbeddingRequest, "/v1/score": ScoreRequest, "/v1/rerank": RerankRequest}
 
 
 def build_app(state: ServerState) -> "ObservedApp":
@@ -84,6 +86,22 @@ def build_app(state: ServerState) -> "ObservedApp":
     @app.post("/v1/responses/{response_id}/cancel")
     async def cancel_response(response_id: str):
         return responses.refuse_cancel(response_id)
+
+    # The pooling endpoints (--runner pooling); vLLM serves score and rerank under these paths too.
+    @app.post("/v1/embeddings", openapi_extra=_body_schema(EmbeddingRequest))
+    async def create_embedding(raw: Request):
+        return await handle(state, raw, EmbeddingRequest, embeddings.create_embedding, "embeddings")
+
+    @app.post("/v1/score", openapi_extra=_body_schema(ScoreRequest))
+    @app.post("/score", include_in_schema=False)
+    async def create_score(raw: Request):
+        return await handle(state, raw, ScoreRequest, embeddings.create_score, "score")
+
+    @app.post("/v1/rerank", openapi_extra=_body_schema(RerankRequest))
+    @app.post("/rerank", include_in_schema=False)
+    @app.post("/v2/rerank", include_in_schema=False)
+    async def create_rerank(raw: Request):
+        return await handle(state, raw, RerankRequest, embeddings.create_rerank, "rerank")
 
     @app.get("/v1/models")
     async def models():

@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 # nginx's code for "client closed request": what the log and metrics say of a request whose client left.
 CLIENT_CLOSED = 499
 # The id prefix of each operation's responses, OpenAI's.
-ID_PREFIXES = {"chat": "chatcmpl", "text_completion": "cmpl", "responses": "resp"}
+ID_PREFIXES = {"chat": "chatcmpl", "text_completion": "cmpl", "responses": "resp", "embeddings": "embd",
+               "score": "score", "rerank": "rerank"}
 
 
 @dataclass
@@ -181,12 +182,14 @@ def to_api_error(error: Exception, call: Call | None = None) -> APIError:
 def _start_span(state: ServerState, raw: Request, body, record: RequestRecord):
     if state.tracer is None:
         return None
-    max_tokens = body.requested_max_tokens if isinstance(body, protocol.ChatCompletionRequest) else body.max_tokens
+    max_tokens = (body.requested_max_tokens if isinstance(body, protocol.ChatCompletionRequest)
+                  else getattr(body, "max_tokens", None))
+    # Pooling bodies (embeddings, score, rerank) have no sampling fields: their attributes are left out.
+    sampling = {f"gen_ai.request.{name}": getattr(body, field, None) for name, field in (
+        ("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"), ("seed", "seed"),
+        ("choice.count", "n"), ("stream", "stream"))}
     return state.tracer.start_request_span(record.operation, record.model, raw.headers, {
-        "gen_ai.request.max_tokens": max_tokens, "gen_ai.request.temperature": body.temperature,
-        "gen_ai.request.top_p": body.top_p, "gen_ai.request.top_k": body.top_k,
-        "gen_ai.request.seed": body.seed, "gen_ai.request.choice.count": body.n,
-        "gen_ai.request.stream": body.stream, "gen_ai.response.id": record.request_id,
+        "gen_ai.request.max_tokens": max_tokens, **sampling, "gen_ai.response.id": record.request_id,
         "gen_ai.response.model": record.model})
 
 
