@@ -155,7 +155,7 @@ def _apply_grammar_mask(logits: torch.Tensor, requests: list[Request]) -> None:
     from serval.engine import structured_output as structured  # llguidance loads only when a request asks for it
     states = [requests[row].grammar for row in rows]
     bitmask = structured.fill_bitmask([state.matcher for state in states], max(s.vocab_size for s in states))
-    disallowed = structured.disallowed_mask(bitmask, logits.shape[1]).to(logits.device)
+    disallowed = structured.disallowed_mask_on(bitmask, logits.shape[1], logits.device)
     if len(rows) == len(requests):
         logits.masked_fill_(disallowed, _NEG_INF)
         sub = logits

@@ -207,3 +207,13 @@ def test_allowed_mask_unpacks_bits_and_pads():
     assert allowed.shape == (1, 70)
     assert allowed[0, :3].tolist() == [True, False, True] and not allowed[0, 3:32].any()
     assert allowed[0, 32:64].all() and not allowed[0, 64:].any()  # past the tokenizer: never allowed
+
+
+def test_torch_unpack_equals_the_numpy_unpack():
+    # What a GPU runs (the words unpacked on the device) against the host's unpack, on random words, a vocabulary
+    # past the words (padding) and one inside them.
+    import torch
+    bitmask = torch.randint(-2**31, 2**31 - 1, (5, 4), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
+    for vocab_size in (100, 128, 150):
+        assert torch.equal(structured.unpack_disallowed(bitmask, vocab_size),
+                           structured.disallowed_mask(bitmask, vocab_size))
