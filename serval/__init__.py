@@ -15,6 +15,7 @@ _EXPORTS = {
     "RequestOutput": "serval.outputs",
     "CompletionOutput": "serval.outputs",
     "Logprob": "serval.outputs",
+    "LoRARequest": "serval.lora.request",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

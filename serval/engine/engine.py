@@ -22,6 +22,7 @@ from serval.engine.model_runner import DecodeInFlight, ModelRunner, ModelRunnerO
 from serval.engine.output_processor import OutputProcessor, RequestState, SampledToken, StepUpdate
 from serval.engine.request import Request, RequestStatus
 from serval.engine.scheduler import Scheduler, SchedulerOutput
+from serval.lora.request import LoRARequest
 from serval.model.default_model import default_model_path
 from serval.model.loader import load_model
 from serval.openai.errors import InvalidArgument
@@ -65,8 +66,10 @@ class LLMEngine:
         num_blocks = num_kv_blocks(self.config, self.model, self.kv_cache_dtype, self.device)
         self.kv_cache = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.kv_cache)
+        self.lora = _lora_manager(self.config, self.model, self.device, self.dtype)
         self.runner = ModelRunner(self.model, num_blocks, self.config.block_size, self.kv_cache_dtype, self.device,
-                                  self.config.max_num_seqs, self.config.max_model_len, self.config.enforce_eager)
+                                  self.config.max_num_seqs, self.config.max_model_len, self.config.enforce_eager,
+                                  lora=self.lora)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.vocab_size = self.model.vocab_size
         self.eos_token_id = _eos_token_id(self.hf_config, self.tokenizer)
@@ -90,18 +93,23 @@ class LLMEngine:
 
     # ---- requests in ----
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
-                    priority: int = 0, arrival_time: float | None = None, stream: bool = True) -> None:
+                    priority: int = 0, arrival_time: float | None = None, stream: bool = True,
+                    lora_request: LoRARequest | None = None) -> None:
         """Validate and queue a request; raises InvalidArgument (and changes nothing) if it is invalid.
         stream=False: step() returns its output only when it has finished."""
-        state = self.process_inputs(request_id, prompt, params, priority, arrival_time)
+        state = self.process_inputs(request_id, prompt, params, priority, arrival_time, lora_request)
         state.stream = stream
         self.add_processed(state)
 
     def process_inputs(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
-                       priority: int = 0, arrival_time: float | None = None) -> RequestState:
-        """Tokenize, validate, compile any grammar, without touching engine state (so a frontend thread may
-        call it)."""
+                       priority: int = 0, arrival_time: float | None = None,
+                       lora_request: LoRARequest | None = None) -> RequestState:
+        """Tokenize, validate, compile any grammar, read the LoRA adapter if it isn't in host memory, without
+        touching engine state (so a frontend thread may call it)."""
+        adapter = self.lora_adapter(lora_request) if lora_request is not None else None
         processed = self.input_processor.process(request_id, prompt, params, priority, arrival_time)
+        for request in processed.requests:
+            request.lora_adapter = adapter
         return self.output_processor.new_request_state(request_id, processed.prompt.text, processed.prompt.token_ids,
                                                        processed.requests)
 
@@ -117,6 +125,29 @@ class LLMEngine:
             if state is not None:
                 for request in state.requests:
                     self.scheduler.finish_request(request, RequestStatus.FINISHED_ABORTED)
+
+    # ---- LoRA adapters (vLLM's add_lora / remove_lora / list_loras) ----
+    def lora_adapter(self, lora_request: LoRARequest):
+        """The request's adapter (serval.lora.adapter.LoRAAdapter), read and checked on first use."""
+        if self.lora is None:
+            raise InvalidArgument("lora_request", "invalid lora_request: this engine runs without LoRA; start it "
+                                                  "with enable_lora=True (serve: --enable-lora)")
+        return self.lora.get(lora_request)
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Read and check the adapter now, so its first request doesn't wait for the disk; InvalidArgument if bad."""
+        self.lora_adapter(lora_request)
+        return True
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Forget the adapter in host memory; requests that hold it finish with it."""
+        if self.lora is None:
+            return False
+        self.lora.remove(lora_int_id)
+        return True
+
+    def list_loras(self) -> set[int]:
+        return set(self.lora.host_adapter_ids()) if self.lora is not None else set()
 
     def has_unfinished_requests(self) -> bool:
         return self.output_processor.has_unfinished_requests()
@@ -238,6 +269,13 @@ class LLMEngine:
             if not self.kv_cache.allocate(request, 1):
                 return None  # out of blocks: the synchronous step will preempt
         return self.runner.launch_decode(following, previous=current)
+
+
+def _lora_manager(config: EngineConfig, model, device: torch.device, dtype: torch.dtype):
+    if not config.enable_lora:
+        return None
+    from serval.lora.manager import LoRAManager
+    return LoRAManager(model, config.max_loras, config.max_lora_rank, config.lora_host_capacity(), device, dtype)
 
 
 def _checkpoint_dtype(model_path: str) -> torch.dtype | None:
