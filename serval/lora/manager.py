@@ -13,6 +13,7 @@ slots. Reading a folder happens on the caller's thread (never the engine loop); 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict
 
@@ -34,7 +35,7 @@ class LoRAManager:
         self.max_loras, self.max_lora_rank, self.max_cpu_loras = max_loras, max_lora_rank, max_cpu_loras
         self.device, self.dtype = device, dtype
         self.lora_layers: LoRALayers = wrap_lora_layers(model, max_loras, max_lora_rank,
-                                                        use_triton=device.type == "cuda")
+                                                        use_triton=_use_triton(device))
         self.targets: dict[TargetKey, TargetShape] = {
             (path, part.name): TargetShape(layer.in_features, part.size)
             for path, layer in self.lora_layers.layers.items() for part in layer.slices}
@@ -118,3 +119,10 @@ class LoRAManager:
             by_layer.setdefault(path, {})[part] = pair
         for path, layer in self.lora_layers.layers.items():
             layer.set_slot(slot, by_layer.get(path, {}))
+
+
+def _use_triton(device: torch.device) -> bool:
+    """The Triton kernels on CUDA unless SERVAL_LORA=torch; SERVAL_LORA=triton takes them on any device (on CPU,
+    Triton's interpreter with TRITON_INTERPRET=1, as tests do)."""
+    choice = os.environ.get("SERVAL_LORA")
+    return choice == "triton" or (device.type == "cuda" and choice != "torch")
