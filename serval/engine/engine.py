@@ -48,6 +48,10 @@ class EngineStats:
     num_preemptions: int
     num_prompt_tokens: int
     num_generation_tokens: int
+    # LoRA (vLLM's lora_requests_info): adapter names of the running and waiting requests, max_loras (0: LoRA off).
+    running_lora_adapters: list[str] = dataclasses.field(default_factory=list)
+    waiting_lora_adapters: list[str] = dataclasses.field(default_factory=list)
+    max_lora: int = 0
 
 
 class LLMEngine:
@@ -217,7 +221,15 @@ class LLMEngine:
                            self.kv_cache.num_free_blocks, self.kv_cache.num_blocks,
                            self.kv_cache.prefix_cache_queries, self.kv_cache.prefix_cache_hits,
                            self.scheduler.num_preemptions, self.num_prompt_tokens,
-                           self.output_processor.num_generation_tokens)
+                           self.output_processor.num_generation_tokens, *self._lora_stats())
+
+    def _lora_stats(self) -> tuple[list[str], list[str], int]:
+        if self.lora is None:
+            return [], [], 0
+        def names(requests) -> list[str]:
+            return sorted({r.lora_adapter.request.lora_name for r in requests if r.lora_adapter is not None})
+        return (names(list(self.scheduler.running)), names([r for _, r in list(self.scheduler.waiting)]),
+                self.config.max_loras)
 
     # ---- asynchronous scheduling ----
     # While the device runs decode step N, the host queues step N+1 (its input ids gathered on the device from

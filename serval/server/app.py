@@ -31,7 +31,7 @@ from serval.openai.errors import APIError
 from serval.openai.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, \
     TokenizeRequest
 from serval.openai.responses import ResponsesRequest
-from serval.server import banner, responses, serving, tokenization
+from serval.server import banner, lora_routes, responses, serving, tokenization
 from serval.server.lifecycle import handle, simple
 from serval.server.metrics import CONTENT_TYPE
 from serval.server.config import ServerConfig
@@ -84,6 +84,14 @@ def build_app(state: ServerState) -> "ObservedApp":
     @app.post("/v1/responses/{response_id}/cancel")
     async def cancel_response(response_id: str):
         return responses.refuse_cancel(response_id)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(raw: Request):
+        return await lora_routes.load_lora_adapter(state, raw)
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(raw: Request):
+        return await lora_routes.unload_lora_adapter(state, raw)
 
     @app.get("/v1/models")
     async def models():
