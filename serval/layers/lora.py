@@ -122,7 +122,7 @@ def wrap_lora_layers(model: nn.Module, max_loras: int, max_lora_rank: int, use_t
     """Replace each decoder layer's projections by LoRALinear around them (after the weights are loaded)."""
     wrapped = LoRALayers(LoRAContext(use_triton=use_triton))
     for name, module in list(model.named_modules()):
-        if not isinstance(module, Linear) or not any(name.endswith("." + p) for p in LORA_PROJECTIONS):
+        if not isinstance(module, Linear) or not any(f".{name}".endswith(f".{p}") for p in LORA_PROJECTIONS):
             continue
         parent_name, _, child = name.rpartition(".")
         layer = LoRALinear(module, wrapped.context, max_loras, max_lora_rank)

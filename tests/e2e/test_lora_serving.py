@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -194,3 +195,28 @@ def test_runtime_updating_off_by_default(adapters):
         assert complete(remote, "gamma") == texts["gamma"]
     finally:
         remote.close()
+
+
+def test_the_router_routes_by_adapter_name(server, adapters):
+    """serval route already routes by adapter: an adapter is a model name, declared as its own group (so its
+    cache_aware prefix trees are its own); the backend gets the adapter's name and answers with its tokens."""
+    from tests.e2e.router_support import RouterProcess
+    _, texts = adapters
+    router = RouterProcess({
+        "backends": [{"name": "lora", "url": server.url, "models": [MODEL, "beta"], "engine": "serval",
+                      "api_key": API_KEY}],
+        "models": [{"name": MODEL, "policy": "cache_aware"}, {"name": "beta", "policy": "cache_aware"}],
+        "health_check": {"interval_s": 0.3, "timeout_s": 5}})
+    try:
+        client = httpx.Client(base_url=router.url, timeout=120)
+        for _ in range(150):  # until its first health check has passed
+            if router.metric("serval:router_backend_healthy", backend="lora") == 1:
+                break
+            time.sleep(0.2)
+        for model in ("beta", MODEL):
+            response = client.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": MAX_TOKENS,
+                                                            "temperature": 0, "ignore_eos": True})
+            assert response.status_code == 200, response.text
+            assert response.json()["choices"][0]["text"] == texts["beta" if model == "beta" else None]
+    finally:
+        router.close()
