@@ -63,6 +63,8 @@ class LLMEngine:
         self.model, self.hf_config = load_model(model_path, load_format=config.load_format, dtype=self.dtype,
                                                 device=self.device, seed=config.seed,
                                                 quantization=config.quantization)
+        # The resident adapter slots take device memory before the KV cache is sized from what is left.
+        self.lora = _lora_manager(config, self.model, self.device, self.dtype)
         self.tokenizer = _load_tokenizer_or_none(model_path, config)
         self.config = _resolve_config(config, model_path, self.hf_config)
         # The model computes in self.dtype; the KV cache may be stored narrower (kv_cache_dtype="fp8").
@@ -70,7 +72,6 @@ class LLMEngine:
         num_blocks = num_kv_blocks(self.config, self.model, self.kv_cache_dtype, self.device)
         self.kv_cache = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.kv_cache)
-        self.lora = _lora_manager(self.config, self.model, self.device, self.dtype)
         self.runner = ModelRunner(self.model, num_blocks, self.config.block_size, self.kv_cache_dtype, self.device,
                                   self.config.max_num_seqs, self.config.max_model_len, self.config.enforce_eager,
                                   lora=self.lora)

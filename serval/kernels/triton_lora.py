@@ -4,13 +4,14 @@ Each resident adapter sits in a slot of stacked weights: A [slots, K, in] and B 
 slot s = token_slots[t] (-1: no adapter) a LoRA layer adds B[s] @ (A[s] @ x[t]) to the base output, in two steps:
     shrink: h[t] = A[s] @ x[t]                  h [T, K] float32, K = slices x R (q/k/v share one launch)
     expand: y[t, offset:offset + n] += B[s] @ h[t, columns of the slice]
-Two forms of each:
-- segment (prefill): a request's rows are consecutive and share one adapter, so a program takes BLOCK_M rows of one
-  segment and runs tl.dot on tiles of that adapter, reading each tile once for BLOCK_M rows.
-- gather (decode): one row per request, each with its own adapter; a program takes one row and BLOCK_N outputs and
-  reduces with elementwise products (a dot of one row is a GEMV, where reading the weights is the cost anyway).
-Rows without an adapter are skipped: no segment is launched for them, and in the gather form their program returns
-before reading anything. The torch reference (what the CPU runs) loops over the adapters in the batch.
+Two forms of each (serval.lora.batch says which a step takes):
+- segment (prefill, and decode with several rows per adapter): the rows of one adapter, grouped (row_order), are a
+  segment; a program takes BLOCK_M rows of one segment and runs tl.dot on tiles of that adapter, reading each tile
+  once for BLOCK_M rows.
+- gather (decode with about one row per adapter): a program takes one row and BLOCK_N outputs, reads that row's
+  adapter and reduces with elementwise products (a dot of one row is a GEMV, where reading the weights is the cost).
+Rows without an adapter are skipped: they are in no segment, and in the gather form their program returns before
+reading anything. The torch reference (what the CPU runs) loops over the adapters in the batch.
 """
 from __future__ import annotations
 
@@ -49,25 +50,28 @@ def lora_expand_reference(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor
 
 # ---------------------------------------------------------------- kernels
 @triton.jit
-def _segment_kernel(x_ptr, w_ptr, y_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr, N, K, stride_xm, stride_ws,
+def _segment_kernel(x_ptr, w_ptr, y_ptr, row_order_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr, N, K, stride_xm,
+                    stride_ws,
                     stride_wn, stride_ym, ACCUMULATE: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr):
-    """y[rows of segment, n] (+)= x[rows] . w[slot, n] for BLOCK_M rows of one segment and BLOCK_N columns."""
+    """y[row, n] (+)= x[row] . w[slot, n] for BLOCK_M rows of one segment (rows through row_order) and BLOCK_N
+    columns."""
     pid_m, segment, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     length = tl.load(seg_len_ptr + segment)
     if pid_m * BLOCK_M < length:
-        start = tl.load(seg_start_ptr + segment).to(tl.int64)
+        start = tl.load(seg_start_ptr + segment)
         slot = tl.load(seg_slot_ptr + segment).to(tl.int64)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_valid = rows < length
+        local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_valid = local < length
+        rows = tl.load(row_order_ptr + start + local, mask=row_valid, other=0).to(tl.int64)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_valid = cols < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_valid = ks < K
-            x = tl.load(x_ptr + (start + rows)[:, None] * stride_xm + ks[None, :],
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :],
                         mask=row_valid[:, None] & k_valid[None, :], other=0.0)
             w = tl.load(w_ptr + slot * stride_ws + cols[None, :] * stride_wn + ks[:, None],
                         mask=k_valid[:, None] & col_valid[None, :], other=0.0)
@@ -75,7 +79,7 @@ def _segment_kernel(x_ptr, w_ptr, y_ptr, seg_start_ptr, seg_len_ptr, seg_slot_pt
                 acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision=DOT_PRECISION)
             else:
                 acc = tl.dot(x.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
-        y_ptrs = y_ptr + (start + rows)[:, None] * stride_ym + cols[None, :]
+        y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :]
         mask = row_valid[:, None] & col_valid[None, :]
         if ACCUMULATE:
             acc += tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -113,7 +117,7 @@ def _apply(x: torch.Tensor, weights: torch.Tensor, y: torch.Tensor, batch: LoRAB
     if num_rows == 0 or not batch.slots:
         return
     assert x.stride(1) == 1 and weights.stride(2) == 1 and y.stride(1) == 1
-    if batch.is_decode:
+    if batch.uses_gather:
         block_k = min(_BLOCK_K, triton.next_power_of_2(k))
         grid = (num_rows, triton.cdiv(n, _GATHER_BLOCK_N))
         _gather_kernel[grid](x, weights, y, batch.token_slots, n, k, x.stride(0), weights.stride(0),
@@ -124,9 +128,9 @@ def _apply(x: torch.Tensor, weights: torch.Tensor, y: torch.Tensor, batch: LoRAB
     widen = weights.dtype == torch.float32 or (os.environ.get("TRITON_INTERPRET") == "1")
     block_n = max(16, min(64, triton.next_power_of_2(n)))
     block_k = max(16, min(_BLOCK_K, triton.next_power_of_2(k)))
-    grid = (triton.cdiv(batch.max_segment_length, _SEGMENT_BLOCK_M), batch.segment_slots.numel(), triton.cdiv(n, block_n))
-    _segment_kernel[grid](x, weights, y, batch.segment_starts, batch.segment_lengths, batch.segment_slots, n, k,
-                          x.stride(0), weights.stride(0), weights.stride(1), y.stride(0), ACCUMULATE=accumulate,
+    grid = (triton.cdiv(batch.max_segment_length, _SEGMENT_BLOCK_M), len(batch.slots), triton.cdiv(n, block_n))
+    _segment_kernel[grid](x, weights, y, batch.row_order, batch.segment_starts, batch.segment_lengths,
+                          batch.segment_slots, n, k, x.stride(0), weights.stride(0), weights.stride(1), y.stride(0), ACCUMULATE=accumulate,
                           DOT_IN_FLOAT32=widen, DOT_PRECISION="ieee" if widen else "tf32",
                           BLOCK_M=_SEGMENT_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k)
 

@@ -58,7 +58,17 @@ def test_segment_form_mixed_prefill(rank):
 
 
 @pytest.mark.parametrize("rank", [8, 16, 64])
+def test_segment_form_decode_rows_grouped_by_adapter(rank):
+    """A decode batch with many rows per adapter, interleaved: grouped through row_order into segments."""
+    slots = [(row * 7) % 3 - 1 for row in range(40)]  # -1, 0, 1 interleaved
+    batch = build_lora_batch([1] * 40, slots, torch.device(DEVICE))
+    assert not batch.uses_gather
+    run([1] * 40, slots, rank, torch.float32)
+
+
+@pytest.mark.parametrize("rank", [8, 16, 64])
 def test_gather_form_decode(rank):
+    assert build_lora_batch([1] * 9, [0, -1, 3, 3, 1, -1, 2, 0, 1], torch.device(DEVICE)).uses_gather
     run([1] * 9, [0, -1, 3, 3, 1, -1, 2, 0, 1], rank, torch.float32)
 
 

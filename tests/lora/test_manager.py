@@ -62,7 +62,7 @@ def test_slots_are_reused_least_recently_used_first(setup):
     torch.testing.assert_close(layer.lora_a[1, :8], a2.pairs[("model.layers.0.self_attn.o_proj", None)].a)
     lora.prepare([a2], [1])  # a2 used last: a1 is the one to go
     lora.prepare([a3, a2], [1, 1])
-    assert lora.batch().token_slots.tolist() == [0, 1] and lora.batch().is_decode
+    assert lora.batch().token_slots.tolist() == [0, 1] and lora.batch().uses_gather
     torch.testing.assert_close(layer.lora_a[0, :12], a3.pairs[("model.layers.0.self_attn.o_proj", None)].a)
     assert torch.count_nonzero(layer.lora_a[0, 12:]) == 0  # rank 12 in a slot of 16: the rest is zero
     lora.prepare([None, None], [2, 1])
