@@ -16,6 +16,11 @@ Every request ignores EOS, so each produces exactly its output length.
 model's config.json plus that quantization_config, written under --out; the dummy weights are quantized into the
 format at load, so the kernels and bytes are a real checkpoint's); transformers runs bf16 as with --quantization.
 
+--formats bf16,fp8,block-fp8,awq runs batch 1 and 512 x (512, 256) once per format, each in its own process (the
+whole GPU each), and prints them side by side with each format's own roofline: bf16, fp8 (per-channel, at load),
+and the --checkpoint-format layouts. --tiny runs a two-layer shape (hidden 256, so 128-blocks and groups fill) on
+the CPU with short workloads: the CPU check of the script, no GPU numbers.
+
 --quantization fp8 and --kv-cache-dtype fp8 run Serval's sections on float8 weights and/or KV cache (quantized at
 load from the same dummy bf16 weights); transformers still runs bf16 (its generate_batch in a child process on
 the same seed's weights; its batch-1 `generate`, which shares Serval's weights, is skipped then).
@@ -23,6 +28,7 @@ the same seed's weights; its batch-1 `generate`, which shares Serval's weights, 
     python benchmarks/gpu_suite.py --out results/gpu [--model benchmarks/configs/llama-3-8b] [--skip-hf]
         [--skip-hf-generate-batch] [--skip-variants] [--profile] [--quantization fp8] [--kv-cache-dtype fp8]
         [--num-requests 0 (skips the 1000-request workload)] [--checkpoint-format awq]
+    python benchmarks/gpu_suite.py --out results/gpu_formats --formats bf16,fp8,block-fp8,awq,gptq,compressed-w4a16
     python benchmarks/gpu_suite.py --out results/gpu_qwen3_30b_a3b --model benchmarks/configs/qwen3-30b-a3b
     python benchmarks/gpu_suite.py --out results/gpu_mixtral_8x7b --model benchmarks/configs/mixtral-8x7b
 """
@@ -48,6 +54,8 @@ logger = logging.getLogger("gpu_suite")
 
 
 def measure_bandwidth(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {"error": "no GPU: no bandwidth, no roofline"}
     import triton.testing
     num_bytes = 4 * 1024**3
     src = torch.randn(num_bytes // 2, dtype=torch.bfloat16, device=device)
@@ -70,6 +78,14 @@ CHECKPOINT_FORMATS = {
                              "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
                              "group_size": 128}}}},
 }
+
+
+# --formats: what each format runs as (--quantization, --checkpoint-format).
+FORMATS = {"bf16": (None, None), "fp8": ("fp8", None), **{name: (None, name) for name in CHECKPOINT_FORMATS}}
+TINY_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
+               "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+               "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "vocab_size": 4096,
+               "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2}
 
 
 def quantized_config_dir(model_dir: str, checkpoint_format: str, out: str) -> str:
@@ -305,6 +321,10 @@ def main() -> None:
     parser.add_argument("--kv-cache-dtype", default="auto")
     parser.add_argument("--checkpoint-format", default=None, choices=[None, *CHECKPOINT_FORMATS],
                         help="run Serval on this published quantized format (dummy weights quantized into it)")
+    parser.add_argument("--formats", default=None,
+                        help=f"comma-separated, from {list(FORMATS)}: batch 1 and 512 x (512, 256) of each, one table")
+    parser.add_argument("--format-timeout", type=float, default=240.0, help="seconds per format with --formats")
+    parser.add_argument("--tiny", action="store_true", help="a two-layer shape on the CPU, short workloads")
     parser.add_argument("--child-hf-generate-batch", metavar="PROMPTS_JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_hf_generate_batch:
@@ -312,8 +332,18 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.WARNING)
     os.makedirs(args.out, exist_ok=True)
-    device = torch.device("cuda")
-    results: dict = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+    if args.formats:
+        run_formats(args)
+        return
+    device = torch.device("cpu" if args.tiny else "cuda")
+    # Sizes of the batch-1 run and the 512-request workload: the issue's, or a CPU's worth with --tiny.
+    batch1_tokens, count_512, prompt_512, output_512 = (16, 8, 32, 8) if args.tiny else (256, 512, 512, 256)
+    if args.tiny:
+        args.model = write_tiny_model(args.out)
+        args.skip_hf = args.skip_variants = True
+        args.num_requests = 0
+    results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                     "torch": torch.__version__,
                      "python": platform.python_version(), "model": args.model, "dtype": "bfloat16",
                      "quantization": args.quantization or args.checkpoint_format,
                      "kv_cache_dtype": args.kv_cache_dtype,
@@ -325,7 +355,8 @@ def main() -> None:
                     else args.model)
     llm = LLM(model=serval_model, load_format="dummy", dtype="bfloat16", max_model_len=2048,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              gpu_memory_utilization=0.9, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
+              gpu_memory_utilization=0.9, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+              device=device.type)
     results["serval_startup_s"] = time.perf_counter() - started
     results["kv_cache_blocks"] = llm.engine.kv_cache.num_blocks
     model = llm.engine.model
@@ -340,15 +371,15 @@ def main() -> None:
     results["roofline"] = roofline
 
     prompt_128 = random_prompts(rng, 1, 128, 128, vocab)[0]
-    run_section(results, "serval_batch1", serval_decode_batch1, llm, prompt_128, 256)
+    run_section(results, "serval_batch1", serval_decode_batch1, llm, prompt_128, batch1_tokens)
     if not args.skip_variants:
-        run_section(results, "serval_batch1_variants", serval_batch1_variants, llm, prompt_128, 256)
+        run_section(results, "serval_batch1_variants", serval_batch1_variants, llm, prompt_128, batch1_tokens)
     prompts_1000 = random_prompts(rng, args.num_requests, 128, 1024, vocab)
     outputs_1000 = [rng.randint(128, 512) for _ in prompts_1000]
     if prompts_1000:
         run_section(results, "serval_1000", serval_throughput, llm, prompts_1000, outputs_1000)
-    prompts_512 = random_prompts(rng, 512, 512, 512, vocab)
-    run_section(results, "serval_512x512x256", serval_throughput, llm, prompts_512, [256] * 512)
+    prompts_512 = [p[:prompt_512] for p in random_prompts(rng, 512, 512, 512, vocab)[:count_512]]
+    run_section(results, "serval_512x512x256", serval_throughput, llm, prompts_512, [output_512] * count_512)
     if args.profile:
         run_section(results, "serval_profile", profile_serval, llm, prompts_1000, args.out)
 
@@ -376,6 +407,76 @@ def main() -> None:
     with open(os.path.join(args.out, "gpu_suite.json"), "w") as f:
         json.dump(results, f, indent=2)
     print_table(results)
+
+
+def write_tiny_model(out: str) -> str:
+    path = os.path.join(out, "tiny_model")
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(TINY_CONFIG, f, indent=1)
+    return path
+
+
+def run_formats(args) -> None:
+    """--formats: this script once per format in a child process (a fresh GPU each), then one table."""
+    formats = [name.strip() for name in args.formats.split(",") if name.strip()]
+    unknown = [name for name in formats if name not in FORMATS]
+    if unknown:
+        raise SystemExit(f"--formats: unknown {unknown}; choose from {list(FORMATS)}")
+    results = {}
+    for name in formats:
+        quantization, checkpoint_format = FORMATS[name]
+        out = os.path.join(args.out, name)
+        command = [sys.executable, os.path.abspath(__file__), "--out", out, "--model", args.model, "--skip-hf",
+                   "--skip-variants", "--num-requests", "0", "--kv-cache-dtype", args.kv_cache_dtype,
+                   "--max-num-seqs", str(args.max_num_seqs),
+                   "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+        command += ["--quantization", quantization] if quantization else []
+        command += ["--checkpoint-format", checkpoint_format] if checkpoint_format else []
+        command += ["--tiny"] if args.tiny else []
+        started = time.perf_counter()
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=args.format_timeout)
+            error = None if done.returncode == 0 else f"exited {done.returncode}: {done.stderr[-1500:]}"
+        except subprocess.TimeoutExpired:
+            error = f"did not finish in {args.format_timeout} s"
+        path = os.path.join(out, "gpu_suite.json")
+        results[name] = json.load(open(path)) if error is None and os.path.exists(path) else {"error": error}
+        results[name]["format_s"] = time.perf_counter() - started
+        print(f"[{name}] {results[name].get('error') or 'done'} in {results[name]['format_s']:.0f} s", flush=True)
+    with open(os.path.join(args.out, "gpu_formats.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print_formats_table(results)
+
+
+def print_formats_table(results: dict) -> None:
+    first = next((r for r in results.values() if "device" in r), {})
+    print(f"\nFormats side by side: {first.get('device')}, {first.get('model')} (dummy weights quantized into each "
+          f"format), KV cache {first.get('kv_cache_dtype')}")
+    print("| format | GB read per token | batch-1 decode tok/s | % of its roofline | vs bf16 | "
+          "512 x (512, 256) output tok/s | vs bf16 |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    base = results.get("bf16", {})
+
+    def get(result: dict, section: str, key: str) -> float | None:
+        return result.get(section, {}).get(key)
+    base_batch1 = get(base, "serval_batch1", "decode_tokens_per_s")
+    base_512 = get(base, "serval_512x512x256", "output_tokens_per_s")
+    for name, result in results.items():
+        if "error" in result:
+            print(f"| {name} | FAILED: {str(result['error'])[:200]} |")
+            continue
+        batch1 = get(result, "serval_batch1", "decode_tokens_per_s")
+        out_512 = get(result, "serval_512x512x256", "output_tokens_per_s")
+        roof = result.get("roofline", {}).get("roofline_tokens_per_s")
+        share = f"{100 * batch1 / roof:.1f}%" if batch1 and roof else "-"
+        gb_per_token = result["roofline"]["bytes_per_token"] / 1e9
+        print(f"| {name} | {gb_per_token:.3f} | {batch1 or float('nan'):.1f} | {share} | "
+              f"{_ratio(batch1, base_batch1)} | {out_512 or float('nan'):,.0f} | {_ratio(out_512, base_512)} |")
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    return f"{value / base:.2f}x" if value and base else "-"
 
 
 def print_table(results: dict) -> None:

@@ -46,10 +46,16 @@ _ENGINE_HELP = {
     "quantization": "fp8: float8 weights with per-channel scales and per-token activation scales, from a "
                     "half-precision checkpoint (None: the checkpoint's weights as they are)",
     "kv_cache_dtype": "auto (the model's dtype), fp8 or fp8_e4m3 (float8 e4m3, scale 1.0: half the KV memory)",
+    "calculate_kv_scales": "with kv_cache_dtype fp8 and no k/v scales in the checkpoint: take each layer's scales "
+                           "from the first prefill batch (amax / 200 for keys, / 100 for values) instead of 1.0",
     "async_scheduling": "queue decode step N+1 before step N's tokens reach the host (default: on with CUDA graphs)",
     "long_prefill_token_threshold": "most prompt tokens one request prefills in a step before the other requests "
                                     "have had theirs, so a long prompt doesn't delay everyone's first token; the "
                                     "budget left over still goes to it (0: no cap; None: max_num_batched_tokens / 4)",
+    "tensor_parallel_size": "split the model across this many devices, one worker process each (NCCL on GPUs, "
+                            "gloo on CPU); it must divide the attention heads",
+    "distributed_executor_backend": "mp: run the model through the multi-process (tensor-parallel) executor even "
+                                    "at --tensor-parallel-size 1 (default: in this process when the size is 1)",
     "enable_lora": "serve LoRA adapters (PEFT format) on the base model, batched together (docs/lora.md)",
     "max_loras": "LoRA adapters resident in the model at once (a step holds at most this many)",
     "max_lora_rank": "the largest LoRA rank accepted; every resident slot is this wide",

@@ -14,6 +14,7 @@ _DTYPES = {"auto": None, "float32": torch.float32, "float": torch.float32, "floa
            "half": torch.float16, "bfloat16": torch.bfloat16}
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _SCHEDULING_POLICIES = ("fcfs", "priority")
+_EXECUTOR_BACKENDS = (None, "mp")
 # vLLM's names. fp8: weights stored in float8 e4m3 with one scale per output channel, activations quantized per
 # token at run time (W8A8, vLLM's dynamic fp8). The KV cache in float8 e4m3 with scale 1.0, as vLLM without
 # calibrated scales.
@@ -46,7 +47,7 @@ def default_cpu_kv_cache_blocks(bytes_per_block: int, max_blocks_per_sequence: i
 LONG_PREFILL_BUDGET_FRACTION = 4
 
 _BOOL_FIELDS = ("skip_tokenizer_init", "enable_prefix_caching", "enable_chunked_prefill", "enforce_eager",
-                "enable_lora")
+                "calculate_kv_scales", "enable_lora")
 
 
 def _bad(name: str, given, allowed: str) -> InvalidArgument:
@@ -82,10 +83,18 @@ class EngineConfig:
     async_scheduling: bool | None = None
     quantization: str | None = None  # None or "fp8" (from a half-precision checkpoint, at load time)
     kv_cache_dtype: str = "auto"  # auto (the model's dtype), fp8 or fp8_e4m3
+    # fp8 KV cache without scales in the checkpoint: take each layer's k/v scales from the first prefill batch.
+    calculate_kv_scales: bool = False
     # The most prompt tokens one request prefills in a step before the other requests have had their share,
     # so one long prompt can't hold back the others' first tokens. 0: no cap. None: a quarter of
     # max_num_batched_tokens. Budget left after every request had its share goes back to the long prefills.
     long_prefill_token_threshold: int | None = None
+    # Devices one model is split across (Megatron-style tensor parallelism, serval.distributed): one worker
+    # process per rank. 1: today's single-process engine.
+    tensor_parallel_size: int = 1
+    # vLLM's name. None: the model runs in the engine process when tensor_parallel_size is 1, else "mp".
+    # "mp": the multi-process executor even at size 1 (what benchmarks/tp_bench.py compares with today's path).
+    distributed_executor_backend: str | None = None
     # Multi-LoRA (vLLM's names): adapters resident in the model at once, their largest rank, and how many are kept
     # in host memory (None: max_loras). Requests name an adapter with a LoRARequest (serval.lora).
     enable_lora: bool = False
@@ -110,12 +119,15 @@ class EngineConfig:
             raise _bad("quantization", self.quantization, f"one of {list(QUANTIZATIONS)}")
         if self.kv_cache_dtype not in _KV_CACHE_DTYPES:
             raise _bad("kv_cache_dtype", self.kv_cache_dtype, f"one of {list(_KV_CACHE_DTYPES)}")
+        if self.distributed_executor_backend not in _EXECUTOR_BACKENDS:
+            raise _bad("distributed_executor_backend", self.distributed_executor_backend,
+                       f"one of {list(_EXECUTOR_BACKENDS)}")
         if self.scheduling_policy not in _SCHEDULING_POLICIES:
             raise _bad("scheduling_policy", self.scheduling_policy, f"one of {list(_SCHEDULING_POLICIES)}")
         if not isinstance(self.device, str) or (self.device not in ("auto", "cpu", "cuda")
                                                 and not re.fullmatch(r"cuda:\d+", self.device)):
             raise _bad("device", self.device, "auto, cpu, cuda or cuda:N")
-        for name in ("max_num_seqs", "block_size"):
+        for name in ("max_num_seqs", "block_size", "tensor_parallel_size"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise _bad(name, getattr(self, name), "an integer >= 1")
         for name in ("max_model_len", "max_num_batched_tokens", "num_gpu_blocks_override", "kv_cache_memory_bytes"):

@@ -226,6 +226,7 @@ class AsyncEngine:
         self._stopped.set()
         self._inbox.put(("stop", None))
         self._thread.join(timeout=10)
+        self.engine.shutdown()  # tensor-parallel workers stop with the engine, not at interpreter exit
 
     # ---- the loop thread ----
     def _loop(self) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from serval.config import EngineConfig
+from serval.distributed import WorkerFailedError
 from serval.engine.input_processor import InputProcessor, PromptType
 from serval.engine.kv_cache import KVCacheManager
 from serval.engine.memory import MemoryUsage, memory_usage, num_kv_blocks
@@ -22,6 +23,7 @@ from serval.engine.model_runner import DecodeInFlight, ModelRunner, ModelRunnerO
 from serval.engine.output_processor import OutputProcessor, RequestState, SampledToken, StepUpdate
 from serval.engine.request import Request, RequestStatus
 from serval.engine.scheduler import Scheduler, SchedulerOutput
+from serval.layers.quant.kv_scales import enable_kv_scale_calculation
 from serval.lora.request import LoRARequest
 from serval.model.default_model import default_model_path
 from serval.model.loader import load_model
@@ -60,21 +62,42 @@ class LLMEngine:
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(_checkpoint_dtype(model_path))
         started = time.monotonic()
-        self.model, self.hf_config = load_model(model_path, load_format=config.load_format, dtype=self.dtype,
-                                                device=self.device, seed=config.seed,
-                                                quantization=config.quantization)
+        # tensor_parallel_size > 1 (or distributed_executor_backend="mp"): this process is rank 0 of the
+        # multi-process executor, whose workers hold the other shards (serval.distributed). Otherwise the model
+        # runs here, as it always has.
+        self.executor = None
+        multi_process = config.tensor_parallel_size > 1 or config.distributed_executor_backend == "mp"
+        if config.enable_lora and multi_process:
+            raise InvalidArgument("enable_lora", "invalid engine argument enable_lora=True: LoRA does not run with "
+                                                 "the multi-process executor (tensor_parallel_size > 1) yet")
+        if multi_process:
+            from serval.distributed.executor import TensorParallelExecutor
+            self.executor = TensorParallelExecutor.start(config, model_path, self.dtype, self.device)
+            self.model, self.hf_config = self.executor.model, self.executor.hf_config
+        else:
+            self.model, self.hf_config = load_model(model_path, load_format=config.load_format, dtype=self.dtype,
+                                                    device=self.device, seed=config.seed,
+                                                    quantization=config.quantization)
         # The resident adapter slots take device memory before the KV cache is sized from what is left.
         self.lora = _lora_manager(config, self.model, self.device, self.dtype)
         self.tokenizer = _load_tokenizer_or_none(model_path, config)
         self.config = _resolve_config(config, model_path, self.hf_config)
         # The model computes in self.dtype; the KV cache may be stored narrower (kv_cache_dtype="fp8").
         self.kv_cache_dtype = self.config.torch_kv_cache_dtype(self.dtype)
-        num_blocks = num_kv_blocks(self.config, self.model, self.kv_cache_dtype, self.device)
+        if self.executor is None:
+            num_blocks = num_kv_blocks(self.config, self.model, self.kv_cache_dtype, self.device)
+        else:  # every rank sizes its pool (its heads, its memory); all take the smallest
+            self.config, num_blocks = self.executor.configure(self.config, self.kv_cache_dtype)
+        if self.config.calculate_kv_scales:  # after the memory profile's forward, before graph capture
+            enable_kv_scale_calculation(self.model)
         self.kv_cache = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.kv_cache)
-        self.runner = ModelRunner(self.model, num_blocks, self.config.block_size, self.kv_cache_dtype, self.device,
-                                  self.config.max_num_seqs, self.config.max_model_len, self.config.enforce_eager,
-                                  lora=self.lora)
+        if self.executor is None:
+            self.runner = ModelRunner(self.model, num_blocks, self.config.block_size, self.kv_cache_dtype,
+                                      self.device, self.config.max_num_seqs, self.config.max_model_len,
+                                      self.config.enforce_eager, lora=self.lora)
+        else:
+            self.runner = self.executor.make_runner(num_blocks, self.config, self.kv_cache_dtype)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.vocab_size = self.model.vocab_size
         self.eos_token_id = _eos_token_id(self.hf_config, self.tokenizer)
@@ -170,8 +193,9 @@ class LLMEngine:
             outputs = self._step()
         except Exception as error:
             self.num_consecutive_failed_steps += 1
-            if self.num_consecutive_failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS:
-                raise
+            if self.num_consecutive_failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS or isinstance(error,
+                                                                                               WorkerFailedError):
+                raise  # a lost tensor-parallel worker: no later step can run either
             return self._fail_step(error)
         self.num_consecutive_failed_steps = 0
         return outputs
@@ -213,6 +237,11 @@ class LLMEngine:
             # Blocks this step wrote may hold garbage K/V: no later request may hit them.
             self.kv_cache.uncache(sequence.request)
         return self._finish(update)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (a single-process engine holds nothing to stop)."""
+        if self.executor is not None:
+            self.executor.shutdown()
 
     def memory_usage(self) -> MemoryUsage:
         return memory_usage(self.model, self.runner.kv_caches)

@@ -57,6 +57,19 @@ class PromptLogprobRows:
 
 
 @dataclass
+class ForwardInputs:
+    """One eager forward with no Request objects in it: what a tensor-parallel driver broadcasts to its workers
+    each step (serval.distributed), and what every rank runs."""
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    query_start_loc: list[int]
+    seq_lens: list[int]
+    block_tables: list[list[int]]  # per request, unpadded
+    logits_rows: list[int]  # the flat rows whose logits are computed, in order
+
+
+@dataclass
 class _BatchPlan:
     input_ids: list[int]
     positions: list[int]
@@ -128,10 +141,10 @@ class ModelRunner:
             logits = self.graphs.run(plan.input_ids, plan.positions, plan.slot_mapping, plan.seq_lens,
                                      [request.block_ids for request in scheduled.requests])
             return self._outputs(scheduled, plan, logits, logits[:0])
-        hidden = self._forward_eager(self._tensor(plan.input_ids, torch.int64), plan.positions, plan.slot_mapping,
-                                     plan.query_start_loc, plan.seq_lens, scheduled.requests)
         prompt_flat_rows = [row for prompt_rows in plan.prompt_rows for row in prompt_rows.rows]
-        logits = self.model.compute_logits(hidden[self._tensor(plan.sample_rows + prompt_flat_rows, torch.int64)])
+        logits = self.forward_logits(ForwardInputs(
+            plan.input_ids, plan.positions, plan.slot_mapping, plan.query_start_loc, plan.seq_lens,
+            [request.block_ids for request in scheduled.requests], plan.sample_rows + prompt_flat_rows))
         num_sampled = len(plan.sample_rows)
         return self._outputs(scheduled, plan, logits[:num_sampled], logits[num_sampled:])
 
@@ -169,6 +182,17 @@ class ModelRunner:
         copied = torch.cuda.Event()
         copied.record()
         return DecodeInFlight(requests, token_ids, host, copied)
+
+    @torch.inference_mode()
+    def forward_logits(self, inputs: ForwardInputs) -> torch.Tensor:
+        """float32 logits [len(inputs.logits_rows), vocab] of one eager forward."""
+        metadata = AttentionMetadata(slot_mapping=self._tensor(inputs.slot_mapping, torch.int64),
+                                     query_start_loc=inputs.query_start_loc, seq_lens=inputs.seq_lens,
+                                     block_tables=self._padded_block_tables(inputs.block_tables),
+                                     block_size=self.block_size)
+        hidden = self.model(self._tensor(inputs.input_ids, torch.int64), self._tensor(inputs.positions, torch.int64),
+                            self.kv_caches, metadata)
+        return self.model.compute_logits(hidden[self._tensor(inputs.logits_rows, torch.int64)])
 
     def _forward_eager(self, input_ids: torch.Tensor, positions: list[int], slot_mapping: list[int],
                        query_start_loc: list[int], seq_lens: list[int], requests: list[Request]) -> torch.Tensor:
@@ -236,9 +260,11 @@ class ModelRunner:
         return out
 
     def _block_tables(self, requests: list[Request]) -> torch.Tensor:
-        width = max(len(request.block_ids) for request in requests)
-        rows = [request.block_ids + [0] * (width - len(request.block_ids)) for request in requests]
-        return self._tensor(rows, torch.int32)
+        return self._padded_block_tables([request.block_ids for request in requests])
+
+    def _padded_block_tables(self, block_tables: list[list[int]]) -> torch.Tensor:
+        width = max(len(block_ids) for block_ids in block_tables)
+        return self._tensor([block_ids + [0] * (width - len(block_ids)) for block_ids in block_tables], torch.int32)
 
     def _tensor(self, values, dtype: torch.dtype) -> torch.Tensor:
         return sampler.to_device(values, dtype, self.device)

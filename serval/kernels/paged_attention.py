@@ -5,6 +5,8 @@ position p of a request lives in slot block_table[p // block_size] * block_size 
 
 The cache may be float8 e4m3 (kv_cache_dtype="fp8"): K/V are stored with scale 1.0, clamped to the format's
 +-448 (see to_cache_dtype), and read back exactly into the query's precision; the attention math is unchanged.
+With per-layer scales (k_scale, v_scale: 0-d float32 tensors, serval.layers.quant.kv_scales) the cache holds
+k / k_scale and v / v_scale, and reads multiply them back.
 
 Single-token queries (decode) are batched into one SDPA call over K/V gathered to the longest context; multi-token
 queries (prefill and its chunks) run one call each, so a long prompt never pads the decodes beside it.
@@ -30,9 +32,13 @@ def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype)
 
 
-def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store key/value [T, KVH, D] at their slots; the cache is updated in place."""
+def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
+             k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
+    """Store key/value [T, KVH, D] at their slots (divided by k_scale / v_scale when given); the cache is updated
+    in place."""
     num_kv_heads, head_dim = kv_cache.shape[-2:]
+    if k_scale is not None:
+        key, value = key.float() / k_scale, value.float() / v_scale
     # Indexed assignment rather than index_copy_, which CPU torch lacks for float8.
     kv_cache[0].view(-1, num_kv_heads, head_dim)[slot_mapping] = to_cache_dtype(key, kv_cache.dtype)
     kv_cache[1].view(-1, num_kv_heads, head_dim)[slot_mapping] = to_cache_dtype(value, kv_cache.dtype)
@@ -71,22 +77,25 @@ def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: tor
 
 
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
-                    sliding_window: int | None = None) -> torch.Tensor:
+                    sliding_window: int | None = None, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of query [T, H, D] over each request's cached K/V -> [T, H, D].
 
     Request i's queries are rows query_start_loc[i]:query_start_loc[i + 1], at positions ending at seq_lens[i] - 1;
-    its K/V for positions [0, seq_lens[i]) must already be in the cache (write_kv first).
+    its K/V for positions [0, seq_lens[i]) must already be in the cache (write_kv first). k_scale / v_scale: the
+    cache holds K / k_scale and V / v_scale.
     """
+    scales = (k_scale, v_scale) if k_scale is not None else None
     out = torch.empty_like(query)
     starts, seq_lens = metadata.query_start_loc, metadata.seq_lens
     decode = [i for i in range(len(seq_lens)) if starts[i + 1] - starts[i] == 1]
     if decode:
-        _decode_attention(query, kv_cache, metadata, decode, scale, sliding_window, out)
+        _decode_attention(query, kv_cache, metadata, decode, scale, sliding_window, out, scales)
     for i in range(len(seq_lens)):
         start, end = starts[i], starts[i + 1]
         if end - start <= 1:
             continue
-        k, v = gather_kv(kv_cache, metadata.block_tables[i:i + 1], seq_lens[i])
+        k, v = _scaled(*gather_kv(kv_cache, metadata.block_tables[i:i + 1], seq_lens[i]), scales)
         positions = torch.arange(seq_lens[i] - (end - start), seq_lens[i], device=query.device)
         mask = attention_mask(positions, seq_lens[i], sliding_window).unsqueeze(0)
         out[start:end] = _sdpa(query[start:end].unsqueeze(0), k, v, mask, scale)[0]
@@ -94,12 +103,20 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
 
 
 def _decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, requests: list[int],
-                      scale: float, sliding_window: int | None, out: torch.Tensor) -> None:
+                      scale: float, sliding_window: int | None, out: torch.Tensor,
+                      scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     rows = torch.tensor([metadata.query_start_loc[i] for i in requests], device=query.device)
     index = torch.tensor(requests, device=query.device)
     seq_lens = metadata.seq_lens_tensor[index].long()
     max_len = max(metadata.seq_lens[i] for i in requests)
-    k, v = gather_kv(kv_cache, metadata.block_tables[index], max_len)
+    k, v = _scaled(*gather_kv(kv_cache, metadata.block_tables[index], max_len), scales)
     # Keys past a request's own length are padding from the longest one; the causal mask hides them.
     mask = attention_mask(seq_lens - 1, max_len, sliding_window).unsqueeze(1)  # [B, 1, S]
     out[rows] = _sdpa(query[rows].unsqueeze(1), k, v, mask, scale)[:, 0]
+
+
+def _scaled(k: torch.Tensor, v: torch.Tensor,
+            scales: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if scales is None:
+        return k, v
+    return k.float() * scales[0], v.float() * scales[1]

@@ -14,7 +14,9 @@ occupies every multiprocessor. Every size the kernel needs comes from the device
 start offsets), never from the host, so a decode step can be captured in a CUDA graph and replayed for any lengths.
 
 A float8 e4m3 cache (kv_cache_dtype="fp8") is written through to_cache_dtype and each K/V tile is converted to the
-query's dtype as it is loaded, before the dot products: half the bytes read, the same math.
+query's dtype as it is loaded, before the dot products: half the bytes read, the same math. With per-layer scales
+(k_scale, v_scale: serval.layers.quant.kv_scales) the cache holds k / k_scale and v / v_scale; the kernel reads the
+two scales from device memory (graph-safe) and folds them into the softmax scale and the output.
 """
 from __future__ import annotations
 
@@ -77,11 +79,17 @@ def _write_kv_kernel(key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_ma
                  HEAD_DIM_PAD)
 
 
-def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store key/value [T, KVH, D] at their slots (slot < 0: skipped); kv_cache [2, blocks, block_size, KVH, D]."""
+def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
+             k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
+    """Store key/value [T, KVH, D] at their slots (slot < 0: skipped); kv_cache [2, blocks, block_size, KVH, D].
+    k_scale / v_scale: store key / k_scale and value / v_scale."""
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return
+    if k_scale is not None:
+        # Divided in float32 before the kernel rounds to float8, as the reference does. Two small launches; moving
+        # the division into store_kv (and the fused rotary kernel) would save them.
+        key, value = key.float() / k_scale, value.float() / v_scale
     assert key.stride(-1) == 1 and value.stride(-1) == 1 and kv_cache.is_contiguous()
     _write_kv_kernel[(num_tokens,)](
         key, value, kv_cache[0], kv_cache[1], slot_mapping,
@@ -93,12 +101,15 @@ def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slo
 @triton.jit
 def _attention_kernel(query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
                       block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, scale_log2, sliding_window,
+                      k_scale_ptr, v_scale_ptr,
                       stride_query_token, stride_query_head, stride_out_token, stride_out_head, stride_block_table,
                       NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                       BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                       BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                      USE_WINDOW: tl.constexpr, USE_PDL: tl.constexpr):
+                      USE_WINDOW: tl.constexpr, HAS_KV_SCALE: tl.constexpr, USE_PDL: tl.constexpr):
     pdl.wait(USE_PDL)
+    if HAS_KV_SCALE:  # q . (k_scale * k) = k_scale * (q . k): the key scale joins the softmax scale
+        scale_log2 = scale_log2 * tl.load(k_scale_ptr)
     query_tile = tl.program_id(0)
     seq = tl.program_id(1)
     kv_head = tl.program_id(2) // NUM_SPLITS
@@ -161,6 +172,8 @@ def _attention_kernel(query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partia
         m_i = m_new
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if HAS_KV_SCALE:  # sum p (v_scale * v) = v_scale * sum p v; split partials too, their combination is linear
+        out = out * tl.load(v_scale_ptr)
     store_mask = row_valid[:, None] & dim_valid[None, :]
     if NUM_SPLITS == 1:
         tl.store(out_ptr + token[:, None] * stride_out_token + head[:, None] * stride_out_head + dims[None, :],
@@ -180,7 +193,8 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int) -> int:
 
 
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
-                    sliding_window: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                    sliding_window: int | None = None, out: torch.Tensor | None = None,
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of query [T, H, D] over each request's cached K/V -> [T, H, D]; the reference's contract.
 
     A batch whose every request has one query token (decode) runs split-K and reads no host-side lengths, so it
@@ -212,10 +226,12 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
         query, kv_cache[0], kv_cache[1], out, partial_out, partial_lse,
         metadata.block_tables, metadata.seq_lens_tensor, metadata.query_start_loc_tensor,
         scale * _LOG2E, sliding_window or 0,
+        k_scale if k_scale is not None else partial_lse, v_scale if v_scale is not None else partial_lse,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), metadata.block_tables.stride(0),
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size,
         TILE_N=_TILE_N, NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None,
+        HAS_KV_SCALE=k_scale is not None,
         num_warps=4, num_stages=2, **pdl.launch_options(query))
     if num_splits > 1:
         _combine_splits(partial_out, partial_lse, out)

@@ -12,8 +12,17 @@ W may also be float8 e4m3 with one float32 scale per row (quantization="fp8", se
 converted to float32 on load and the row's sum multiplied by its scale at the end, so an fp8 step reads half the
 bytes. The torch reference is x @ W.T (serval.layers.linear; for fp8, x @ (W * scale).T); the tests compare
 against it in the interpreter on CPU.
+
+The block configuration is chosen per GPU: benchmarks/gemv_bench.py --write-config times its grid on the GPU it
+runs on and writes configs/gemv,device=<GPU name>.json, one table for half-precision and one for float8 weights,
+each keyed by the projection's "NxK" with a "default" (the configuration fastest over a whole decode step). A shape
+the table lacks takes the device's default; a GPU without a table takes DEFAULT_CONFIG / FP8_CONFIG.
 """
 from __future__ import annotations
+
+import functools
+import json
+import os
 
 import torch
 import triton
@@ -27,6 +36,58 @@ from serval.kernels import pdl
 DEFAULT_CONFIG = (2, 2048, 8)
 # The same for float8 weights (one byte each: twice the K per step for the same bytes per tile).
 FP8_CONFIG = (2, 4096, 8)
+# Block-scaled float8 (serval.layers.quant.fp8's block FP8): benchmarks/quant_kernel_tune.py's fastest on an H200
+# (1.6 to 3.3 TB/s over the Llama-3-8B projections; FP8_CONFIG reads the 4096-wide o projection at 0.5).
+BLOCK_SCALED_CONFIG = (4, 2048, 4)
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+# The tables' two sections: weights in the activations' half precision, and float8 weights with row scales.
+HALF, FLOAT8 = "half", "float8"
+
+
+def config_file_name(device_name: str) -> str:
+    return f"gemv,device={device_name.replace(' ', '_')}.json"
+
+
+def shape_key(n: int, k: int) -> str:
+    return f"{n}x{k}"
+
+
+@functools.cache
+def _load_table(path: str) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+@functools.cache
+def _device_table(device_index: int) -> dict | None:
+    return _load_table(os.path.join(CONFIG_DIR, config_file_name(torch.cuda.get_device_name(device_index))))
+
+
+def pick_config(table: dict | None, n: int, k: int, float8: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) for an N x K weight from a device's table: the shape's own entry, else the
+    table's default, else the built-in one."""
+    section = (table or {}).get(FLOAT8 if float8 else HALF) or {}
+    config = section.get(shape_key(n, k)) or section.get("default")
+    if config is None:
+        return FP8_CONFIG if float8 else DEFAULT_CONFIG
+    return tuple(int(v) for v in config)
+
+
+def get_config(n: int, k: int, float8: bool, device: torch.device) -> tuple[int, int, int]:
+    """The configuration for this GPU (its table under CONFIG_DIR, if benchmarks/gemv_bench.py wrote one)."""
+    table = _device_table(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else None
+    return pick_config(table, n, k, float8)
+
+
+def config_table_json(half: dict[str, tuple[int, int, int]], float8: dict[str, tuple[int, int, int]],
+                      device_name: str) -> str:
+    """A table as get_config reads it: {"device", "half": {"NxK" | "default": [BLOCK_N, BLOCK_K, num_warps]},
+    "float8": {...}} (what benchmarks/gemv_bench.py --write-config writes)."""
+    return json.dumps({"device": device_name, HALF: {key: list(c) for key, c in half.items()},
+                       FLOAT8: {key: list(c) for key, c in float8.items()}}, indent=1)
 
 
 @triton.jit
@@ -82,19 +143,70 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, N, K, stride_w, HAS_S
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_valid)
 
 
+@triton.jit
+def _block_scaled_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, N, K, stride_w, stride_s,
+                              HAS_BIAS: tl.constexpr, GATED: tl.constexpr, SCALE_GROUP: tl.constexpr,
+                              EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              USE_PDL: tl.constexpr):
+    # Block-scaled float8 W (one scale per row and SCALE_GROUP columns): each group's partial sum is multiplied by
+    # its scale before it joins the others, so x stays unquantized and W is read once, as float8.
+    GROUPS_PER_TILE: tl.constexpr = BLOCK_K // SCALE_GROUP
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_valid = rows < N
+    safe_rows = tl.where(row_valid, rows, N - 1).to(tl.int64)
+    cols = tl.arange(0, BLOCK_K)
+    tile_groups = tl.arange(0, GROUPS_PER_TILE)
+    w_rows = w_ptr + safe_rows[:, None] * stride_w
+    scale_rows = scale_ptr + safe_rows[:, None] * stride_s
+    num_groups = K // SCALE_GROUP
+    pdl.wait(USE_PDL)
+    partial = tl.zeros((BLOCK_N, GROUPS_PER_TILE), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        products = _load_w(w_rows, k + cols, K, EVEN_K).to(tl.float32) * _load_x(x_ptr, k + cols, K, GATED,
+                                                                                  EVEN_K)[None, :]
+        per_group = tl.sum(tl.reshape(products, (BLOCK_N, GROUPS_PER_TILE, SCALE_GROUP)), axis=2)
+        groups = k // SCALE_GROUP + tile_groups
+        partial += per_group * tl.load(scale_rows + groups[None, :], mask=(groups < num_groups)[None, :], other=0.0)
+    y = tl.sum(partial, axis=1)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rows, mask=row_valid, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_valid)
+
+
+def block_scaled_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, scale_group: int,
+                      bias: torch.Tensor | None = None, config: tuple[int, int, int] | None = None,
+                      gated: bool = False) -> torch.Tensor:
+    """x [1, K] @ (weight [N, K] float8 * weight_scale [N, K/scale_group] repeated per group)^T + bias -> [1, N] in
+    x's dtype: block FP8's batch-1 product (serval.layers.quant.fp8), x not quantized. gated as in gemv."""
+    n, k = weight.shape
+    assert x.numel() == (2 * k if gated else k) and weight.stride(1) == 1 and k % scale_group == 0, \
+        (x.shape, weight.shape, scale_group)
+    assert weight_scale.shape == (n, k // scale_group) and weight_scale.stride(1) == 1, weight_scale.shape
+    x = x.reshape(-1).contiguous()
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    block_n, block_k, num_warps = config or BLOCK_SCALED_CONFIG
+    block_k = max(scale_group, min(block_k, triton.next_power_of_2(k)))
+    assert block_k % scale_group == 0, (block_k, scale_group)
+    _block_scaled_gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, weight_scale, bias if bias is not None else weight, y, n, k, weight.stride(0),
+        weight_scale.stride(0), HAS_BIAS=bias is not None, GATED=gated, SCALE_GROUP=scale_group,
+        EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, **pdl.launch_options(x))
+    return y
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          config: tuple[int, int, int] | None = None, gated: bool = False,
          weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [1, K] (any leading shape with one row) @ weight [N, K]^T + bias [N] -> [1, N], in x's dtype.
     gated: x is [1, 2K], a merged gate/up output, and the product is with silu(gate) * up (SwiGLU fused into the
     down projection: one kernel, and the [1, K] activation never goes to memory). Accumulates in float32, as
-    cuBLAS does. config: (BLOCK_N, BLOCK_K, num_warps). weight_scale [N] float32: weight is float8 and row n of
-    the product is multiplied by weight_scale[n]."""
+    cuBLAS does. config: (BLOCK_N, BLOCK_K, num_warps); None: this GPU's tuned one (get_config). weight_scale [N]
+    float32: weight is float8 and row n of the product is multiplied by weight_scale[n]."""
     n, k = weight.shape
     assert x.numel() == (2 * k if gated else k) and weight.stride(1) == 1, (x.shape, weight.shape, weight.stride())
     x = x.reshape(-1).contiguous()
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    block_n, block_k, num_warps = config or (FP8_CONFIG if weight_scale is not None else DEFAULT_CONFIG)
+    block_n, block_k, num_warps = config or get_config(n, k, weight_scale is not None, x.device)
     block_k = min(block_k, triton.next_power_of_2(k))
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, weight_scale if weight_scale is not None else weight, bias if bias is not None else weight, y, n,

@@ -22,6 +22,10 @@ import triton.language as tl
 # (BLOCK_N, BLOCK_K, num_warps) of the GEMV; (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the GEMM.
 GEMV_CONFIG = (64, 128, 4)
 GEMM_CONFIG = (32, 64, 64, 4)
+# The same for groups in order (every format but GPTQ's act-order): a tile holds whole groups (the GEMV) or part of
+# one (the GEMM; BLOCK_K divides the group), so scales and zeros are read per group, not per weight.
+GROUPED_GEMV_CONFIG = (16, 512, 4)
+GROUPED_GEMM_CONFIG = (128, 128, 64, 4)  # the fastest of benchmarks/quant_kernel_tune.py's grid on an H200
 # Up to this many rows the GEMV (one program per row and BLOCK_N columns) reads W once per row and still wins.
 GEMV_MAX_ROWS = 4
 
@@ -40,12 +44,24 @@ def reference_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     return x.float() @ dequantize(qweight, scales, zeros, g_idx)
 
 
+def groups_in_order(g_idx: torch.Tensor, num_groups: int) -> int | None:
+    """The group size when g_idx is k // group_size (no act-order permutation), else None. Called once at load:
+    it reads g_idx back from the device."""
+    k = g_idx.numel()
+    if k % num_groups:
+        return None
+    group = k // num_groups
+    in_order = torch.arange(k, device=g_idx.device, dtype=torch.int32) // group
+    return group if torch.equal(g_idx.int(), in_order) else None
+
+
 def linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
-           bias: torch.Tensor | None = None) -> torch.Tensor:
+           bias: torch.Tensor | None = None, group_size: int | None = None) -> torch.Tensor:
     """x [M, K] -> [M, N] in x's dtype: the kernels on a GPU (or anywhere with SERVAL_W4A16=triton), else the
-    reference."""
+    reference. group_size: g_idx is k // group_size (groups_in_order), which lets the kernels read one scale row
+    per tile."""
     if x.is_cuda or os.environ.get("SERVAL_W4A16") == "triton":
-        y = matmul(x, qweight, scales, zeros, g_idx)
+        y = matmul(x, qweight, scales, zeros, g_idx, group_size=group_size)
     else:
         y = reference_linear(x, qweight, scales, zeros, g_idx).to(x.dtype)
     if bias is not None:
@@ -98,16 +114,76 @@ def _w4a16_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, g_idx_ptr, y_p
              mask=(rows < M)[:, None] & (cols < N)[None, :])
 
 
+@triton.jit
+def _unpacked_tile(qweight_ptr, k, cols, col_ok, N, BLOCK_K: tl.constexpr):
+    """The 4-bit values W[k:k+BLOCK_K, cols] as int32 [BLOCK_K, BLOCK_N]: each word read once and split in eight."""
+    words = tl.load(qweight_ptr + (k // 8 + tl.arange(0, BLOCK_K // 8))[:, None].to(tl.int64) * N + cols[None, :],
+                    mask=col_ok[None, :], other=0, eviction_policy="evict_first")
+    shifts = tl.arange(0, 8) * 4
+    q = (words[:, None, :] >> shifts[None, :, None]) & 0xF  # [BLOCK_K/8, 8, BLOCK_N]: row 8i+j at [i, j]
+    return tl.reshape(q, (BLOCK_K, cols.shape[0]))
+
+
+@triton.jit
+def _w4a16_grouped_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, y_ptr, N, K, stride_x,
+                               GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # A tile holds TILE_GROUPS whole groups (or part of one): sum_k x_k (q_kn - z_gn) s_gn is, per group,
+    # s_gn (sum_k x_k q_kn - z_gn sum_k x_k), so the zero point and scale are applied once per group and column.
+    # Long tiles keep enough of W in flight per program: a decode projection has only N / BLOCK_N programs.
+    TILE_GROUPS: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
+    ROWS: tl.constexpr = BLOCK_K // TILE_GROUPS
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    offsets = tl.arange(0, BLOCK_K)
+    tile_groups = tl.arange(0, TILE_GROUPS)
+    acc = tl.zeros((TILE_GROUPS, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K and of GROUP: no tile crosses K or splits a group
+        q = tl.reshape(_unpacked_tile(qweight_ptr, k, cols, col_ok, N, BLOCK_K), (TILE_GROUPS, ROWS, BLOCK_N))
+        x = tl.reshape(tl.load(x_ptr + row * stride_x + k + offsets).to(tl.float32), (TILE_GROUPS, ROWS))
+        groups = k // GROUP + tile_groups
+        at = groups[:, None] * N + cols[None, :]
+        scale = tl.load(scales_ptr + at, mask=col_ok[None, :], other=0.0).to(tl.float32)
+        zero = tl.load(zeros_ptr + at, mask=col_ok[None, :], other=0).to(tl.float32)
+        acc += scale * (tl.sum(q.to(tl.float32) * x[:, :, None], axis=1) - zero * tl.sum(x, axis=1)[:, None])
+    tl.store(y_ptr + row * N + cols, tl.sum(acc, axis=0).to(y_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _w4a16_grouped_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, y_ptr, M, N, K, stride_x,
+                               GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    offsets = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + (k + offsets)[None, :],
+                    mask=(rows < M)[:, None], other=0.0)
+        group = k // GROUP
+        scale = tl.load(scales_ptr + group * N + cols, mask=col_ok, other=0.0).to(tl.float32)
+        zero = tl.load(zeros_ptr + group * N + cols, mask=col_ok, other=0).to(tl.int32)
+        q = _unpacked_tile(qweight_ptr, k, cols, col_ok, N, BLOCK_K)
+        w = (q - zero[None, :]).to(tl.float32) * scale[None, :]
+        acc += tl.dot(x, w.to(x.dtype))
+    tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(rows < M)[:, None] & col_ok[None, :])
+
+
 def matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
            gemv_config: tuple[int, int, int] | None = None,
-           gemm_config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+           gemm_config: tuple[int, int, int, int] | None = None, group_size: int | None = None) -> torch.Tensor:
     """x [M, K] @ W -> [M, N] in x's dtype, accumulated in float32: the GEMV up to GEMV_MAX_ROWS rows, else the
-    GEMM."""
+    GEMM. group_size: g_idx is k // group_size (see groups_in_order), so the grouped kernels may run."""
     m, k = x.shape
     n = qweight.shape[1]
     assert qweight.shape[0] * 8 == k and g_idx.shape == (k,) and x.stride(1) == 1, (x.shape, qweight.shape)
     assert qweight.is_contiguous() and scales.is_contiguous() and zeros.is_contiguous(), "row-major layout only"
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if group_size is not None and _grouped_fits(m, k, group_size, gemv_config, gemm_config):
+        _grouped_matmul(x, qweight, scales, zeros, y, group_size, gemv_config, gemm_config)
+        return y
     if m <= GEMV_MAX_ROWS:
         block_n, block_k, num_warps = gemv_config or GEMV_CONFIG
         _w4a16_gemv_kernel[(m, triton.cdiv(n, block_n))](x, qweight, scales, zeros, g_idx, y, n, k, x.stride(0),
@@ -118,3 +194,32 @@ def matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
         _w4a16_gemm_kernel[grid](x, qweight, scales, zeros, g_idx, y, m, n, k, x.stride(0),
                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
     return y
+
+
+def _grouped_config(m: int, gemv_config, gemm_config) -> tuple[int, ...]:
+    if m <= GEMV_MAX_ROWS:
+        return gemv_config or GROUPED_GEMV_CONFIG
+    return gemm_config or GROUPED_GEMM_CONFIG
+
+
+def _grouped_fits(m: int, k: int, group_size: int, gemv_config, gemm_config) -> bool:
+    """The grouped kernels need whole groups and whole tiles in K, and tiles that never split a group across
+    two (BLOCK_K divides the group, or in the GEMV, the group divides BLOCK_K)."""
+    block_k = _grouped_config(m, gemv_config, gemm_config)[-2]
+    tiles_groups = group_size % block_k == 0 or (m <= GEMV_MAX_ROWS and block_k % group_size == 0)
+    return k % group_size == 0 and k % block_k == 0 and tiles_groups and block_k % 8 == 0
+
+
+def _grouped_matmul(x, qweight, scales, zeros, y, group_size, gemv_config, gemm_config) -> None:
+    m, k = x.shape
+    n = qweight.shape[1]
+    if m <= GEMV_MAX_ROWS:
+        block_n, block_k, num_warps = gemv_config or GROUPED_GEMV_CONFIG
+        _w4a16_grouped_gemv_kernel[(m, triton.cdiv(n, block_n))](
+            x, qweight, scales, zeros, y, n, k, x.stride(0), GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=num_warps)
+    else:
+        block_m, block_n, block_k, num_warps = gemm_config or GROUPED_GEMM_CONFIG
+        _w4a16_grouped_gemm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+            x, qweight, scales, zeros, y, m, n, k, x.stride(0), GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_K=block_k, num_warps=num_warps)

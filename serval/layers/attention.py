@@ -7,6 +7,9 @@ on every device. Which implementation runs is chosen here: the Triton kernels on
 in one kernel), the torch reference elsewhere; SERVAL_ATTENTION_BACKEND=torch|triton overrides (as
 VLLM_ATTENTION_BACKEND does), e.g. to run the Triton kernels in the interpreter on CPU (TRITON_INTERPRET=1) or the
 reference on a GPU.
+
+A float8 KV cache may have per-layer scales (k_scale, v_scale: serval.layers.quant.kv_scales, from the checkpoint
+or from the first prefill): the cache then holds k / k_scale and v / v_scale and attention reads them back scaled.
 """
 from __future__ import annotations
 
@@ -69,6 +72,12 @@ class Attention(nn.Module):
         self.rotary_emb = rotary_emb  # usually one module shared by every layer of the model
         self.sliding_window = sliding_window
         self._backend = None  # chosen on the first call, when the device is known
+        # A float8 cache's per-layer scales (serval.layers.quant.kv_scales). Device tensors, not floats: the kernels
+        # read them, so decode graphs captured before the first prefill calculates them replay the right values.
+        self.register_buffer("k_scale", torch.ones((), dtype=torch.float32), persistent=False)
+        self.register_buffer("v_scale", torch.ones((), dtype=torch.float32), persistent=False)
+        self.has_kv_scales = False  # set by the loader or enable_kv_scale_calculation; else scale 1.0, no reads
+        self.calculate_kv_scales = False  # take them from the next prefill batch
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
@@ -76,6 +85,8 @@ class Attention(nn.Module):
         query and key may be views of a merged projection; the fused path rotates them in place."""
         if self._backend is None:
             self._backend = attention_backend(query.device)
+        if self.has_kv_scales and kv_cache.dtype == torch.float8_e4m3fn:
+            return self._forward_scaled(positions, query, key, value, kv_cache, metadata)
         if self.rotary_emb is not None and self._backend is not torch_backend:
             # One kernel rotates and stores, a launch fewer per layer; attention then reads k from the cache only.
             query = self.rotary_emb.rotate_and_write_kv(positions, query, key, value, kv_cache, metadata.slot_mapping)
@@ -84,6 +95,27 @@ class Attention(nn.Module):
                 query, key = self.rotary_emb(positions, query, key)
             self._backend.write_kv(kv_cache, key, value, metadata.slot_mapping)
         return self._backend.paged_attention(query, kv_cache, metadata, self.scale, self.sliding_window)
+
+    def _forward_scaled(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """forward with a scaled float8 cache: rotate, write k / k_scale and v / v_scale, attend reading them back
+        scaled. (Not the fused rotate-and-write kernel, which stores with scale 1.0.)"""
+        # The first prefill (more than one token a request) sets the scales; decode steps, as the graph capture's
+        # warm-ups are, never do, nor does anything captured.
+        if self.calculate_kv_scales and metadata.max_query_len > 1 and not _capturing(query):
+            from serval.layers.quant.kv_scales import calculate_kv_scales
+            calculate_kv_scales(key, value, self.k_scale, self.v_scale)
+            self.calculate_kv_scales = False
+        if self.rotary_emb is not None:
+            query, key = self.rotary_emb(positions, query, key)
+        self._backend.write_kv(kv_cache, key, value, metadata.slot_mapping, k_scale=self.k_scale,
+                               v_scale=self.v_scale)
+        return self._backend.paged_attention(query, kv_cache, metadata, self.scale, self.sliding_window,
+                                             k_scale=self.k_scale, v_scale=self.v_scale)
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def attention_backend(device: torch.device):

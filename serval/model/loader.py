@@ -24,6 +24,7 @@ import transformers
 from safetensors import safe_open
 from torch import nn
 
+from serval.layers.quant.kv_scales import take_kv_scales
 from serval.config import QUANTIZATIONS
 from serval.layers import quant
 from serval.layers.linear import Linear
@@ -89,7 +90,8 @@ def load_model(model: str, *, load_format: str = "auto", dtype: torch.dtype = to
             if module in formats.layers:
                 with _naming_layer(name):
                     module.set_quant_method(formats.layers[module])
-        net.load_weights(route_to_formats(weights, formats.routes))
+        # A float8 KV cache's per-layer scales go to the attention layers, not to load_weights.
+        net.load_weights(route_to_formats(take_kv_scales(net, weights), formats.routes))
         for name, module in net.named_modules():
             if isinstance(module, Linear) and module.quant_method is not None:
                 module.quant_method.finish(module, name)

@@ -107,3 +107,21 @@ def test_fp8_linear_one_row_agrees_with_the_fp8_gemm(monkeypatch):
     # The float8 GEMM's fast accumulation (the default) against promotion to float32: far below fp8's own error.
     monkeypatch.setenv("SERVAL_FP8_FAST_ACCUM", "0")
     assert (layer(x).float() - batched).norm() / exact.norm() < 0.01
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("k, config", [(512, None), (384, (4, 256, 2)), (256, (2, 128, 4))])
+def test_block_scaled_fp8_gemv(gated, k, config):
+    # Block FP8 (scales per row and 128 columns, as serval.layers.quant.fp8 keeps them): k=384 with BLOCK_K 256 is
+    # a partial last tile whose second group lies past K.
+    from serval.kernels.triton_fp8_block import quantize_weight_blocks
+    torch.manual_seed(k + gated)
+    q_weight, block_scale = quantize_weight_blocks(torch.randn(37, k, device=DEVICE), 128, 128)
+    per_row = block_scale.repeat_interleave(128, dim=0)[:37].contiguous()
+    bias = torch.randn(37, device=DEVICE, dtype=torch.float16)
+    x = torch.randn(1, 2 * k if gated else k, device=DEVICE, dtype=torch.float16)
+    activation = silu_and_mul(x.cpu()).to(DEVICE) if gated else x
+    expected = activation.float() @ (q_weight.float() * per_row.repeat_interleave(128, dim=1)).T + bias.float()
+    y = triton_gemv.block_scaled_gemv(x, q_weight, per_row, 128, bias, config=config, gated=gated)
+    assert y.dtype == torch.float16 and y.shape == (1, 37)
+    torch.testing.assert_close(y.float(), expected, atol=3e-2, rtol=2e-2)

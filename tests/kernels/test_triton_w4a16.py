@@ -64,3 +64,23 @@ def test_packing_orders_round_trip():
     # AWQ's order: the word's second nibble holds the third column.
     word = pack_int4(torch.arange(8)[None], 1, AWQ_ORDER)
     assert (int(word) >> 4) & 0xF == 2
+
+
+@pytest.mark.parametrize("m", [1, 4, 5, 70])
+@pytest.mark.parametrize("k, n, group", [(256, 40, 128), (512, 72, 64), (128, 8, 128)])
+def test_grouped_kernels_match_the_reference(m, k, n, group):
+    # Groups in order (AWQ, GPTQ without act-order, compressed-tensors): the kernels that read one scale row per
+    # tile. n=40, 72: partial column blocks; m=4/5: either side of GEMV_MAX_ROWS; 70: a partial GEMM row block.
+    qweight, scales, zeros, g_idx, _ = random_layout(k, n, group, False, seed=m + k + n)
+    assert triton_w4a16.groups_in_order(g_idx, k // group) == group
+    x = torch.randn(m, k, device=DEVICE)
+    expected = triton_w4a16.reference_linear(x, qweight, scales, zeros, g_idx)
+    for gemv_config, gemm_config in [(None, None), ((16, 64, 2), (16, 32, 32, 2)), ((8, 256, 4), (32, 64, 128, 4))]:
+        got = triton_w4a16.matmul(x, qweight, scales, zeros, g_idx, gemv_config=gemv_config,
+                                  gemm_config=gemm_config, group_size=group)
+        torch.testing.assert_close(got, expected, **FLOAT32)
+
+
+def test_act_order_is_not_groups_in_order():
+    _, _, _, g_idx, _ = random_layout(384, 8, 128, True, seed=2)
+    assert triton_w4a16.groups_in_order(g_idx, 3) is None

@@ -94,6 +94,13 @@ class BlockFp8Method(QuantMethod):
 
     def apply(self, layer, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
         from serval.kernels import triton_fp8_block
+        from serval.layers.linear import takes_gemv
+        if takes_gemv(x, 2 * layer.in_features if gated else layer.in_features) and self.block_k & (
+                self.block_k - 1) == 0:
+            from serval.kernels import triton_gemv
+            out = triton_gemv.block_scaled_gemv(x, layer.weight, layer.weight_scale_inv, self.block_k, layer.bias,
+                                                gated=gated)
+            return out.view(*x.shape[:-1], layer.out_features)
         if gated:
             x = silu_and_mul(x)
         rows = x.reshape(-1, x.shape[-1])

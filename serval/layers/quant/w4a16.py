@@ -139,6 +139,7 @@ class W4A16Method(QuantMethod):
 
     def finish(self, layer, layer_name: str) -> None:
         check_loaded(layer, layer_name, self.name, self._required())
+        _note_group_order(layer)
 
     def quantize_dense(self, layer) -> None:
         """Symmetric round-to-nearest into the packed layout (dummy weights for benchmarks)."""
@@ -151,6 +152,7 @@ class W4A16Method(QuantMethod):
         q = (grouped / scale[:, None, :]).round().clamp(-8, 7) + 8
         layer.qweight.copy_(pack_int4(q.reshape(k, n), 0))
         layer.scales.copy_(scale)
+        _note_group_order(layer)
 
     def apply(self, layer, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
         from serval.kernels import triton_w4a16
@@ -158,8 +160,16 @@ class W4A16Method(QuantMethod):
         if gated:
             x = silu_and_mul(x)
         rows = x.reshape(-1, x.shape[-1])
-        y = triton_w4a16.linear(rows, layer.qweight, layer.scales, layer.zeros, layer.g_idx, layer.bias)
+        y = triton_w4a16.linear(rows, layer.qweight, layer.scales, layer.zeros, layer.g_idx, layer.bias,
+                                group_size=getattr(layer, "w4a16_group_in_order", None))
         return y.view(*x.shape[:-1], layer.out_features)
+
+
+def _note_group_order(layer) -> None:
+    """Remember, once, whether the layer's groups are in order (no act-order): the kernels then read one scale row
+    per tile instead of gathering one per weight."""
+    from serval.kernels import triton_w4a16
+    layer.w4a16_group_in_order = triton_w4a16.groups_in_order(layer.g_idx, layer.scales.shape[0])
 
 
 _TARGET = {"qweight": "qweight", "qzeros": "zeros", "scales": "scales", "weight_packed": "qweight",

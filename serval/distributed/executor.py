@@ -1,0 +1,199 @@
+"""The driver side of tensor parallelism (rank 0, the engine process): start the workers, broadcast each step,
+watch for failures, stop them.
+
+    start ──► spawn ranks 1..N-1 ──► rendezvous ──► every rank loads its shard ──► configure: the resolved engine
+    arguments go out, every rank sizes its KV pool, all take the smallest ──► steps ──► shutdown
+
+Failure is bounded in time: the workers' liveness is checked before each step; a worker that dies during a step
+closes its sockets, so the driver's collective fails at once; one that hangs makes the collective time out
+(COLLECTIVE_TIMEOUT_S). Any of these, or a failed forward on the driver (which leaves the ranks out of step),
+stops every worker and raises WorkerFailedError, which ends the engine. No worker outlives the driver: they are
+daemonic (multiprocessing stops them at exit), a finalizer stops them when the executor is collected, and each
+watches its parent.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import pickle
+import weakref
+from typing import NoReturn
+
+import torch
+import torch.distributed as dist
+
+from serval.config import EngineConfig
+from serval.distributed import WorkerFailedError
+from serval.distributed import group as groups
+from serval.distributed.weights import load_rank_model
+from serval.distributed.worker import RankSetup, WorkerArgs, agree_num_blocks, worker_main
+from serval.engine.memory import num_kv_blocks
+from serval.engine.model_runner import ForwardInputs, ModelRunner
+from serval.layers.parallel import ShardLayout, shard_layout
+from serval.model.loader import load_config
+from serval.openai.errors import InvalidArgument
+
+logger = logging.getLogger(__name__)
+
+_JOIN_TIMEOUT_S = 10.0
+
+
+class TensorParallelExecutor:
+    """The driver's handle on its workers and its own shard (`model`)."""
+
+    def __init__(self, processes: list[multiprocessing.Process], parallel: groups.ParallelGroups,
+                 model: torch.nn.Module, hf_config, device: torch.device) -> None:
+        self.processes = processes
+        self.parallel = parallel
+        self.model = model
+        self.hf_config = hf_config
+        self.device = device
+        self.failed: WorkerFailedError | None = None
+        # An engine that fails after this point (or is dropped without shutdown) still frees its workers and
+        # the process group, so that another engine can start in this process.
+        self._finalizer = weakref.finalize(self, _release, processes)
+
+    @classmethod
+    def start(cls, config: EngineConfig, model_path: str, dtype: torch.dtype,
+              device: torch.device) -> "TensorParallelExecutor":
+        """Check the request (devices, heads), start the workers, load rank 0's shard. Raises InvalidArgument for
+        a size this host or model cannot take, WorkerFailedError for a worker that could not start."""
+        size = config.tensor_parallel_size
+        groups.check_devices(size, device)
+        if config.quantization is not None:
+            raise InvalidArgument("quantization", f"invalid engine argument quantization={config.quantization!r}: "
+                                                  "tensor parallelism does not shard quantized layers yet")
+        if dist.is_initialized():
+            raise RuntimeError("this process already belongs to a torch.distributed group (another tensor-parallel "
+                               "engine?); shut that engine down first (LLMEngine.shutdown)")
+        hf_config = load_config(model_path)
+        try:
+            layout = shard_layout(hf_config, 0, size)
+        except ValueError as error:
+            raise InvalidArgument("tensor_parallel_size", str(error)) from None
+        store = groups.open_store(0, size)
+        context = multiprocessing.get_context("spawn")
+        processes = [context.Process(target=worker_main, name=f"serval-tp-rank-{rank}", daemon=True, args=(
+            WorkerArgs(dataclasses.replace(layout, rank=rank), store.port, model_path, config, dtype, device,
+                       logging.getLogger().getEffectiveLevel(), _root_formatter()),)) for rank in range(1, size)]
+        try:
+            for process in processes:
+                process.start()
+            groups.wait_joined(store, processes)
+            parallel = groups.init_groups(store, 0, size, groups.rank_device(device, 0))
+            model = load_rank_model(model_path, layout, load_format=config.load_format, dtype=dtype, device=device,
+                                    seed=config.seed, group=parallel.device_group)
+        except BaseException:
+            _release(processes)
+            raise
+        logger.info("tensor-parallel workers started", extra={
+            "tensor_parallel_size": size, "worker_pids": [p.pid for p in processes],
+            "backend": dist.get_backend(parallel.device_group)})
+        return cls(processes, parallel, model, hf_config, device)
+
+    def configure(self, config: EngineConfig, kv_cache_dtype: torch.dtype) -> tuple[EngineConfig, int]:
+        """The engine's resolved arguments as tensor parallelism runs them (eager, synchronous steps: CUDA graphs
+        with the all-reduces inside are not captured yet), and the KV pool's blocks, the fewest any rank holds."""
+        config = dataclasses.replace(config, enforce_eager=True, async_scheduling=False)
+        self.broadcast(RankSetup(config, kv_cache_dtype))
+        try:
+            num_blocks = num_kv_blocks(config, self.model, kv_cache_dtype, self.device)
+        except ValueError:  # too little KV memory: the user's error as it is, and no worker left waiting
+            self._finalizer()
+            raise
+        return config, self.run_guarded(lambda: agree_num_blocks(num_blocks, self.parallel))
+
+    def make_runner(self, num_blocks: int, config: EngineConfig, kv_cache_dtype: torch.dtype) -> ModelRunner:
+        return ParallelModelRunner(self, num_blocks, config.block_size, kv_cache_dtype, self.device,
+                                   config.max_num_seqs, config.max_model_len)
+
+    def broadcast(self, message: RankSetup | ForwardInputs | None) -> None:
+        self.check_workers()
+        self.run_guarded(lambda: dist.broadcast_object_list([message], src=0, group=self.parallel.control_group))
+
+    def check_workers(self) -> None:
+        """Raise WorkerFailedError if the executor has failed or a worker has exited."""
+        if self.failed is not None:
+            raise self.failed
+        for rank, process in enumerate(self.processes, start=1):
+            if not process.is_alive():
+                self._fail(f"tensor-parallel worker rank {rank} (pid {process.pid}) exited with code "
+                           f"{process.exitcode}")
+
+    def run_guarded(self, action):
+        """Run a step of the ranks' protocol; any failure in it leaves them out of step for good."""
+        if self.failed is not None:
+            raise self.failed
+        try:
+            return action()
+        except Exception as error:
+            for process in self.processes:
+                process.join(timeout=0.5)  # a worker that just died: let its exit code be known
+            dead = [f"rank {rank} (exit code {p.exitcode})" for rank, p in enumerate(self.processes, start=1)
+                    if not p.is_alive()]
+            self._fail(f"tensor-parallel step failed ({type(error).__name__}: {error}); "
+                       f"workers gone: {', '.join(dead) or 'none'}", error)
+
+    def _fail(self, message: str, cause: BaseException | None = None) -> NoReturn:
+        self.failed = WorkerFailedError(message)
+        logger.error("tensor parallelism failed; stopping the workers", extra={"reason": message})
+        _stop(self.processes, False)
+        raise self.failed from cause
+
+    def shutdown(self) -> None:
+        """Tell the workers to stop, wait for them (then terminate any left), leave the process group."""
+        if self.failed is None and all(process.is_alive() for process in self.processes):
+            try:
+                dist.broadcast_object_list([None], src=0, group=self.parallel.control_group)
+            except Exception:  # a worker died meanwhile: _stop deals with the rest
+                logger.warning("a tensor-parallel worker did not take the stop message")
+        self._finalizer.detach()
+        groups.destroy_groups()
+        _stop(self.processes, True)
+
+
+class ParallelModelRunner(ModelRunner):
+    """The driver's ModelRunner: every forward goes to the workers first, then runs on rank 0's shard."""
+
+    def __init__(self, executor: TensorParallelExecutor, num_blocks: int, block_size: int,
+                 kv_cache_dtype: torch.dtype, device: torch.device, max_num_seqs: int, max_model_len: int) -> None:
+        super().__init__(executor.model, num_blocks, block_size, kv_cache_dtype, device, max_num_seqs,
+                         max_model_len, enforce_eager=True)
+        self.executor = executor
+
+    def forward_logits(self, inputs: ForwardInputs) -> torch.Tensor:
+        self.executor.broadcast(inputs)
+        return self.executor.run_guarded(lambda: super(ParallelModelRunner, self).forward_logits(inputs))
+
+
+def _root_formatter() -> logging.Formatter | None:
+    """The first root handler's formatter when it can travel to a spawned process (a test runner's may not)."""
+    handlers = logging.getLogger().handlers
+    if not handlers or handlers[0].formatter is None:
+        return None
+    try:
+        pickle.dumps(handlers[0].formatter)
+    except Exception:
+        return None
+    return handlers[0].formatter
+
+
+def _release(processes: list[multiprocessing.Process]) -> None:
+    _stop(processes, False)
+    groups.destroy_groups()
+
+
+def _stop(processes: list[multiprocessing.Process], graceful: bool) -> None:
+    """Wait a little for exiting workers (graceful), then terminate, then kill what is left."""
+    if graceful:
+        for process in processes:
+            process.join(timeout=_JOIN_TIMEOUT_S)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(timeout=_JOIN_TIMEOUT_S)
+        if process.is_alive():
+            process.kill()
+            process.join()

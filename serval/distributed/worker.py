@@ -1,0 +1,114 @@
+"""A tensor-parallel worker process (ranks 1..N-1): its shard, its KV pool, then one forward per step broadcast.
+
+The worker keeps no request state: each step's ForwardInputs carry everything (token ids, positions, slots,
+block tables), and the driver's scheduler decided them. It computes the same logits as the driver (the LM head
+gathers them on every rank) and drops them; only the driver samples. It exits when the driver says stop, when
+the driver's sockets close (a crash), when its parent process is gone (checked every second, so a driver killed
+with SIGKILL leaves no orphan), or when its own step fails (the driver's next collective then fails, and the
+engine stops).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from serval.config import EngineConfig
+from serval.distributed import group as groups
+from serval.distributed.weights import load_rank_model
+from serval.engine.memory import num_kv_blocks
+from serval.engine.model_runner import ForwardInputs, ModelRunner
+from serval.layers.parallel import ShardLayout
+
+logger = logging.getLogger(__name__)
+
+_PARENT_POLL_S = 1.0
+
+
+@dataclass
+class WorkerArgs:
+    """What a spawned worker needs to join: its rank, the rendezvous, and what to load."""
+    layout: ShardLayout  # its rank is the worker's
+    store_port: int
+    model_path: str
+    config: EngineConfig
+    dtype: torch.dtype
+    device: torch.device  # the engine's device; the worker runs on rank_device(device, rank)
+    log_level: int
+    log_formatter: logging.Formatter | None  # the driver's (the server's JSON lines), so one log reads alike
+
+
+@dataclass
+class RankSetup:
+    """The driver's first broadcast: the engine's resolved arguments, from which every rank sizes its KV pool."""
+    config: EngineConfig
+    kv_cache_dtype: torch.dtype
+
+
+def worker_main(args: WorkerArgs) -> None:
+    """The spawned process's entry point."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(args.log_formatter or logging.Formatter(
+        f"%(asctime)s tp-rank-{args.layout.rank} %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level, handlers=[handler])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the driver decides
+    _exit_with_parent(os.getppid())
+    try:
+        run_worker(args)
+    except BaseException:
+        logger.exception("tensor-parallel worker failed", extra={"rank": args.layout.rank})
+        os._exit(1)  # no interpreter teardown: it could wait on a collective that will never complete
+    os._exit(0)
+
+
+def run_worker(args: WorkerArgs) -> None:
+    rank, world_size = args.layout.rank, args.layout.size
+    device = groups.rank_device(args.device, rank)
+    if device.type == "cpu":  # the ranks share the host's cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    store = groups.open_store(rank, world_size, args.store_port)
+    groups.announce_joined(store, rank)
+    parallel = groups.init_groups(store, rank, world_size, device)
+    try:
+        model = load_rank_model(args.model_path, args.layout, load_format=args.config.load_format, dtype=args.dtype,
+                                device=device, seed=args.config.seed, group=parallel.device_group)
+        setup = receive(parallel)
+        config = setup.config
+        num_blocks = agree_num_blocks(num_kv_blocks(config, model, setup.kv_cache_dtype, device), parallel)
+        runner = ModelRunner(model, num_blocks, config.block_size, setup.kv_cache_dtype, device,
+                             config.max_num_seqs, config.max_model_len, enforce_eager=True)
+        logger.info("tensor-parallel worker ready", extra={"rank": rank, "device": str(device),
+                                                           "num_kv_blocks": num_blocks})
+        while (inputs := receive(parallel)) is not None:
+            runner.forward_logits(inputs)
+    finally:
+        groups.destroy_groups()
+
+
+def receive(parallel: groups.ParallelGroups) -> RankSetup | ForwardInputs | None:
+    """The driver's next broadcast: RankSetup once, then a ForwardInputs per step; None means stop."""
+    message = [None]
+    dist.broadcast_object_list(message, src=0, group=parallel.control_group)
+    return message[0]
+
+
+def agree_num_blocks(num_blocks: int, parallel: groups.ParallelGroups) -> int:
+    """The smallest of every rank's KV pool: the driver's block manager hands out block ids all ranks hold."""
+    count = torch.tensor([num_blocks], dtype=torch.int64)
+    dist.all_reduce(count, op=dist.ReduceOp.MIN, group=parallel.control_group)
+    return int(count.item())
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(_PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="serval-tp-parent-watch", daemon=True).start()

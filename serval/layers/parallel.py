@@ -1,0 +1,207 @@
+"""Tensor-parallel layers (Megatron-LM, Shoeybi et al., 2019): each rank holds a slice of every projection.
+
+    qkv_proj, gate_up_proj  column-parallel: rank r holds its heads' (its intermediate slice's) output rows;
+                            no communication, the output stays split by head / by intermediate column
+    o_proj, down_proj       row-parallel: rank r holds the matching input columns; the partial sums are
+                            all-reduced, the bias added once after
+    embed_tokens            vocabulary-parallel: rank r holds rows [r*V/N, (r+1)*V/N); an id outside them looks
+                            up zeros, and the all-reduce fills in the owner's row
+    lm_head                 vocabulary-parallel: rank r computes its vocabulary slice's logits; they are gathered
+
+So a decoder layer costs two all-reduces. A rank's model is built at its shard's sizes from a per-rank config
+(`local_config`: heads, intermediate size and vocabulary divided by N), so no rank ever allocates the full
+model; `parallelize` then gives the four layers above their collectives. K/V heads fewer than N are replicated:
+rank r holds K/V head r * KVH / N, the one its query heads read. `checkpoint_slice` says which slice of a
+checkpoint tensor a rank loads (serval.distributed.weights reads only that slice).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from serval.layers.linear import Linear, takes_gemv
+
+# The families whose every projection follows Llama's names and shapes (serval/model/llama.py).
+TENSOR_PARALLEL_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """How one model splits over `size` ranks, and which slice rank `rank` holds."""
+    rank: int
+    size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+
+    @property
+    def local_num_heads(self) -> int:
+        return self.num_heads // self.size
+
+    @property
+    def local_num_kv_heads(self) -> int:
+        return max(self.num_kv_heads // self.size, 1)
+
+    @property
+    def first_kv_head(self) -> int:
+        if self.num_kv_heads >= self.size:
+            return self.rank * self.local_num_kv_heads
+        return self.rank * self.num_kv_heads // self.size  # replicated: the head this rank's query heads read
+
+    @property
+    def local_intermediate_size(self) -> int:
+        return self.intermediate_size // self.size
+
+    @property
+    def local_vocab_size(self) -> int:
+        """Rows of the vocabulary each rank holds; the last rank's slice is padded when N does not divide V."""
+        return -(-self.vocab_size // self.size)
+
+    @property
+    def vocab_start(self) -> int:
+        return self.rank * self.local_vocab_size
+
+
+def shard_layout(hf_config, rank: int, size: int) -> ShardLayout:
+    """The layout of the model `hf_config` describes over `size` ranks; raises ValueError when it cannot split
+    that way (an architecture without tensor parallelism, heads or intermediate size that N does not divide)."""
+    architecture = (getattr(hf_config, "architectures", None) or ["?"])[0]
+    if architecture not in TENSOR_PARALLEL_ARCHITECTURES:
+        raise ValueError(f"tensor_parallel_size={size}: {architecture} has no tensor-parallel implementation yet; "
+                         f"supported: {list(TENSOR_PARALLEL_ARCHITECTURES)}")
+    num_heads, num_kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+    if num_heads % size:
+        raise ValueError(f"tensor_parallel_size={size} must divide the model's attention heads "
+                         f"(num_attention_heads={num_heads})")
+    if num_kv_heads % size and size % num_kv_heads:
+        raise ValueError(f"tensor_parallel_size={size} must divide the model's key/value heads "
+                         f"(num_key_value_heads={num_kv_heads}) or be a multiple of them (then they are replicated)")
+    if hf_config.intermediate_size % size:
+        raise ValueError(f"tensor_parallel_size={size} must divide the model's intermediate_size "
+                         f"({hf_config.intermediate_size})")
+    return ShardLayout(rank, size, num_heads, num_kv_heads, head_dim, hf_config.intermediate_size,
+                       hf_config.vocab_size)
+
+
+def local_config(hf_config, layout: ShardLayout):
+    """A copy of hf_config at one rank's sizes: building the model from it allocates exactly that rank's shard."""
+    local = copy.deepcopy(hf_config)
+    local.num_attention_heads = layout.local_num_heads
+    local.num_key_value_heads = layout.local_num_kv_heads
+    local.head_dim = layout.head_dim  # no longer hidden_size / heads
+    local.intermediate_size = layout.local_intermediate_size
+    local.vocab_size = layout.local_vocab_size
+    return local
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """The part of a checkpoint tensor one rank loads: `length` entries from `start` along `dim`, zero-padded to
+    `padded_length` (the last vocabulary slice)."""
+    dim: int
+    start: int
+    length: int
+    padded_length: int
+
+
+# Checkpoint projection -> (the dim it splits along, which split). Anything else (norms, biases of row-parallel
+# projections) every rank loads whole.
+_SPLITS = {"q_proj": (0, "q"), "k_proj": (0, "kv"), "v_proj": (0, "kv"), "o_proj": (1, "q"),
+           "gate_proj": (0, "intermediate"), "up_proj": (0, "intermediate"), "down_proj": (1, "intermediate"),
+           "embed_tokens": (0, "vocab"), "lm_head": (0, "vocab")}
+
+
+def checkpoint_slice(hf_name: str, layout: ShardLayout) -> TensorSlice | None:
+    """The slice of checkpoint tensor `hf_name` that rank layout.rank holds, or None for the whole tensor."""
+    parts = hf_name.split(".")
+    if len(parts) < 2 or parts[-2] not in _SPLITS:
+        return None
+    dim, split = _SPLITS[parts[-2]]
+    if dim == 1 and parts[-1] == "bias":
+        return None  # a row-parallel projection's bias is added once, after the all-reduce
+    if split == "q":
+        length = layout.local_num_heads * layout.head_dim
+        return TensorSlice(dim, layout.rank * length, length, length)
+    if split == "kv":
+        length = layout.local_num_kv_heads * layout.head_dim
+        return TensorSlice(dim, layout.first_kv_head * layout.head_dim, length, length)
+    if split == "intermediate":
+        length = layout.local_intermediate_size
+        return TensorSlice(dim, layout.rank * length, length, length)
+    start, padded = layout.vocab_start, layout.local_vocab_size
+    return TensorSlice(dim, start, max(min(padded, layout.vocab_size - start), 0), padded)
+
+
+class RowParallelLinear(Linear):
+    """A Linear holding input columns of the full projection: the partial products are summed over the ranks."""
+    group: dist.ProcessGroup | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if takes_gemv(x, self.in_features):
+            from serval.kernels import triton_gemv
+            out = triton_gemv.gemv(x, self.weight, None).view(*x.shape[:-1], self.out_features)
+        else:
+            out = F.linear(x, self.weight)
+        dist.all_reduce(out, group=self.group)
+        return out if self.bias is None else out + self.bias
+
+    def forward_silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        # The fused SwiGLU GEMV would add the bias on every rank; the unfused pair keeps one all-reduce.
+        from serval.layers.activation import silu_and_mul
+        return self.forward(silu_and_mul(gate_up))
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """An nn.Embedding holding rows [vocab_start, vocab_start + num_embeddings) of the full table."""
+    group: dist.ProcessGroup | None = None
+    vocab_start: int = 0
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        local = input_ids - self.vocab_start
+        owned = (local >= 0) & (local < self.num_embeddings)
+        out = F.embedding(torch.where(owned, local, 0), self.weight) * owned.unsqueeze(-1).to(self.weight.dtype)
+        dist.all_reduce(out, group=self.group)
+        return out
+
+
+class ParallelLMHead(Linear):
+    """A Linear holding the logits of one vocabulary slice; forward returns every rank's slices gathered."""
+    group: dist.ProcessGroup | None = None
+    vocab_size: int = 0  # the full vocabulary: the gathered logits lose the last slice's padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        local = super().forward(x).contiguous()
+        slices = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(slices, local, group=self.group)
+        return torch.cat(slices, dim=-1)[..., :self.vocab_size]
+
+
+def parallelize(model: nn.Module, layout: ShardLayout, group: dist.ProcessGroup | None = None) -> nn.Module:
+    """Give a Llama-family model built from local_config its collectives (the layer classes above, in place:
+    parameters, their names and tied weights stay as they are) and its full vocabulary size back."""
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and module.quant_method is not None:
+            raise ValueError(f"tensor parallelism does not shard quantized layers yet ({name}: "
+                             f"{module.quant_method.name})")
+        leaf = name.rpartition(".")[2]
+        if leaf in ("o_proj", "down_proj"):
+            module.__class__ = RowParallelLinear
+        elif leaf == "lm_head":
+            module.__class__ = ParallelLMHead
+            module.vocab_size = layout.vocab_size
+        elif leaf == "embed_tokens":
+            module.__class__ = VocabParallelEmbedding
+            module.vocab_start = layout.vocab_start
+        else:
+            continue
+        module.group = group
+    model.vocab_size = layout.vocab_size
+    return model

@@ -1,0 +1,96 @@
+"""tensor_parallel_size=2 on CPU (gloo, one spawned worker): greedy tokens equal transformers' and
+tensor_parallel_size=1's through an engine forced to batch, chunk prefills, preempt and hit the prefix cache;
+prompt logprobs too (the gathered logits are the whole vocabulary's); clear errors at start."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from serval import LLM, SamplingParams
+from serval.openai.errors import InvalidArgument
+from tests.conftest import build_tiny_model
+from tests.engine.test_engine import NUM_NEW_TOKENS, hf_greedy, make_prompts, pressured_llm
+
+# Each case starts a worker process (seconds on a small machine): few cases, each covering several switches.
+CASES = {
+    "llama": ("llama", {}),  # 2 K/V heads split
+    "qwen2": ("qwen2", {}),  # q/k/v biases, tied embeddings
+    # per-head q/k norms, explicit head_dim; one K/V head replicated on both ranks; 321 = 161 + 160 (+1 padding)
+    "qwen3-replicated-kv-odd-vocab": ("qwen3", dict(num_key_value_heads=1, vocab_size=321)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_matches_transformers_and_tp1(tmp_path, case):
+    arch, overrides = CASES[case]
+    hf_model = build_tiny_model(tmp_path, arch, **overrides)
+    prompts = make_prompts(hf_model.config.vocab_size)
+    params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
+    single = pressured_llm(str(tmp_path), prefix_caching=True)
+    expected = [o.outputs[0].token_ids for o in single.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                                use_tqdm=False)]
+    llm = pressured_llm(str(tmp_path), prefix_caching=True, tensor_parallel_size=2)
+    try:
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outputs] == expected
+        for prompt, output in zip(prompts, outputs):
+            assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, NUM_NEW_TOKENS), f"{len(prompt)}"
+        stats = llm.engine.get_stats()
+        assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
+        assert stats.num_free_blocks == stats.num_blocks
+        if case == "qwen3-replicated-kv-odd-vocab":
+            check_prompt_logprobs(llm, hf_model)
+    finally:
+        llm.engine.shutdown()
+    assert not [p for p in llm.engine.executor.processes if p.is_alive()]
+
+
+def check_prompt_logprobs(llm: LLM, hf_model) -> None:
+    prompt = make_prompts(hf_model.config.vocab_size, count=8, seed=1)[-1]
+    output = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=1, prompt_logprobs=2),
+                          use_tqdm=False)[0]
+    with torch.no_grad():
+        reference = torch.log_softmax(hf_model(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    for position in range(1, len(prompt)):
+        token = prompt[position]
+        assert output.prompt_logprobs[position][token].logprob == pytest.approx(
+            reference[position - 1, token].item(), abs=1e-4), f"position {position}"
+
+
+def test_heads_not_divisible_is_refused_before_any_worker_starts(tmp_path):
+    build_tiny_model(tmp_path, "llama", hidden_size=48, num_attention_heads=3, num_key_value_heads=1)
+    with pytest.raises(InvalidArgument, match=r"tensor_parallel_size=2 must divide .*num_attention_heads=3") as info:
+        LLM(model=str(tmp_path), skip_tokenizer_init=True, tensor_parallel_size=2)
+    assert info.value.param == "tensor_parallel_size"
+
+
+def test_more_ranks_than_devices_is_refused(tmp_path):
+    build_tiny_model(tmp_path, "llama")
+    with pytest.raises(InvalidArgument, match=r"tensor_parallel_size=4096: this host has \d+ CPU cores"):
+        LLM(model=str(tmp_path), skip_tokenizer_init=True, tensor_parallel_size=4096)
+
+
+def test_the_multiprocess_executor_at_size_one_gives_the_engines_tokens(tmp_path):
+    """distributed_executor_backend="mp" at size 1 (what benchmarks/tp_bench.py times against today's path): the
+    parallel layers and the step broadcast over a group of one, no worker to start."""
+    hf_model = build_tiny_model(tmp_path, "llama")
+    prompts = make_prompts(hf_model.config.vocab_size, count=6)
+    params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
+    single = pressured_llm(str(tmp_path), prefix_caching=True)
+    executor = pressured_llm(str(tmp_path), prefix_caching=True, distributed_executor_backend="mp")
+    try:
+        assert executor.engine.executor is not None and executor.engine.executor.processes == []
+        through_executor, in_process = (
+            [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                          use_tqdm=False)] for llm in (executor, single))
+        assert through_executor == in_process
+    finally:
+        executor.engine.shutdown()
+
+
+def test_engine_arguments_are_checked():
+    from serval.config import EngineConfig
+    with pytest.raises(InvalidArgument, match="tensor_parallel_size=0"):
+        EngineConfig(tensor_parallel_size=0)
+    with pytest.raises(InvalidArgument, match="distributed_executor_backend='ray'"):
+        EngineConfig(distributed_executor_backend="ray")

@@ -1,0 +1,76 @@
+"""Sharded loading: each rank's parameters are exactly its slice of the checkpoint (read with get_slice), for
+split K/V heads and for K/V heads replicated over more ranks than there are, and a vocabulary N doesn't divide."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from serval.distributed.weights import load_rank_model
+from serval.layers.parallel import shard_layout
+from tests.conftest import build_tiny_model
+
+TP = 2
+
+
+def expected_slices(hf_state: dict[str, torch.Tensor], layout) -> dict[str, torch.Tensor]:
+    """Our parameter names -> the rank's slice of the full HF tensors, cut here by hand from the layout."""
+    heads, head_dim = layout.num_heads // TP, layout.head_dim
+    kv_heads = max(layout.num_kv_heads // TP, 1)
+    kv_first = layout.rank * layout.num_kv_heads // TP if layout.num_kv_heads < TP else layout.rank * kv_heads
+    inter = layout.intermediate_size // TP
+    vocab = -(-layout.vocab_size // TP)
+    rank = layout.rank
+    out = {}
+    for name, full in hf_state.items():
+        if name.endswith(("q_proj.weight", "q_proj.bias")):
+            out[name] = full[rank * heads * head_dim:(rank + 1) * heads * head_dim]
+        elif name.endswith(("k_proj.weight", "v_proj.weight", "k_proj.bias", "v_proj.bias")):
+            out[name] = full[kv_first * head_dim:(kv_first + kv_heads) * head_dim]
+        elif name.endswith("o_proj.weight"):
+            out[name] = full[:, rank * heads * head_dim:(rank + 1) * heads * head_dim]
+        elif name.endswith(("gate_proj.weight", "up_proj.weight")):
+            out[name] = full[rank * inter:(rank + 1) * inter]
+        elif name.endswith("down_proj.weight"):
+            out[name] = full[:, rank * inter:(rank + 1) * inter]
+        elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            rows = full[rank * vocab:(rank + 1) * vocab]
+            out[name] = torch.cat([rows, rows.new_zeros(vocab - len(rows), rows.shape[1])])  # the last is padded
+        else:
+            out[name] = full
+    return out
+
+
+def ours(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Our parameters under the checkpoint's names (the merged q/k/v and gate/up split back)."""
+    named = {}
+    for name, param in model.state_dict().items():
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if getattr(module, "shard_names", ()):
+            for shard in module.shard_names:
+                named[f"{module_name.rpartition('.')[0]}.{shard}_proj.{leaf}"] = module.shard(param, shard)
+        else:
+            named[name] = param
+    return named
+
+
+@pytest.mark.parametrize("arch, overrides", [
+    ("qwen2", {}),  # q/k/v biases, tied embeddings
+    ("llama", dict(num_key_value_heads=1, vocab_size=321)),  # one K/V head replicated; 321 = 161 + 160 (+1 pad)
+], ids=["qwen2-split-kv", "llama-replicated-kv-odd-vocab"])
+def test_each_rank_holds_its_slice(tmp_path, arch, overrides):
+    hf_model = build_tiny_model(tmp_path, arch, **overrides)
+    hf_state = hf_model.state_dict()
+    for rank in range(TP):
+        layout = shard_layout(hf_model.config, rank, TP)
+        model = load_rank_model(str(tmp_path), layout, load_format="auto", dtype=torch.float32,
+                                device=torch.device("cpu"), seed=0)
+        got = ours(model)
+        if model.tie_word_embeddings:
+            got["lm_head.weight"] = got["model.embed_tokens.weight"]
+        want = expected_slices(hf_state, layout)
+        assert sorted(got) == sorted(want)
+        for name in want:
+            assert torch.equal(got[name], want[name]), f"rank {rank}: {name}"
+        assert model.num_kv_heads == max(hf_model.config.num_key_value_heads // TP, 1)
+        assert model.vocab_size == hf_model.config.vocab_size
