@@ -142,9 +142,13 @@ class ModelRunner:
                                      [request.block_ids for request in scheduled.requests])
             return self._outputs(scheduled, plan, logits, logits[:0])
         prompt_flat_rows = [row for prompt_rows in plan.prompt_rows for row in prompt_rows.rows]
-        logits = self.forward_logits(ForwardInputs(
-            plan.input_ids, plan.positions, plan.slot_mapping, plan.query_start_loc, plan.seq_lens,
-            [request.block_ids for request in scheduled.requests], plan.sample_rows + prompt_flat_rows))
+        self._prepare_lora(scheduled.requests, plan.query_start_loc)
+        try:
+            logits = self.forward_logits(ForwardInputs(
+                plan.input_ids, plan.positions, plan.slot_mapping, plan.query_start_loc, plan.seq_lens,
+                [request.block_ids for request in scheduled.requests], plan.sample_rows + prompt_flat_rows))
+        finally:
+            self._clear_lora()
         num_sampled = len(plan.sample_rows)
         return self._outputs(scheduled, plan, logits[:num_sampled], logits[num_sampled:])
 
@@ -200,13 +204,20 @@ class ModelRunner:
         metadata = AttentionMetadata(slot_mapping=self._tensor(slot_mapping, torch.int64),
                                      query_start_loc=query_start_loc, seq_lens=seq_lens,
                                      block_tables=self._block_tables(requests), block_size=self.block_size)
-        if self.lora is None:
-            return self.model(input_ids, self._tensor(positions, torch.int64), self.kv_caches, metadata)
-        rows_per_request = [end - start for start, end in zip(query_start_loc, query_start_loc[1:])]
-        self.lora.prepare([request.lora_adapter for request in requests], rows_per_request)
+        self._prepare_lora(requests, query_start_loc)
         try:
             return self.model(input_ids, self._tensor(positions, torch.int64), self.kv_caches, metadata)
         finally:
+            self._clear_lora()
+
+    def _prepare_lora(self, requests: list[Request], query_start_loc: list[int]) -> None:
+        """Set the step's LoRA batch (each row's adapter) on the model; nothing without LoRA."""
+        if self.lora is not None:
+            rows_per_request = [end - start for start, end in zip(query_start_loc, query_start_loc[1:])]
+            self.lora.prepare([request.lora_adapter for request in requests], rows_per_request)
+
+    def _clear_lora(self) -> None:
+        if self.lora is not None:
             self.lora.clear()
 
     def _has_lora(self, requests: list[Request]) -> bool:
