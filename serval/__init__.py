@@ -19,6 +19,7 @@ _EXPORTS = {
     "PoolingRequestOutput": "serval.engine.pooling",
     "EmbeddingRequestOutput": "serval.engine.pooling",
     "ScoringRequestOutput": "serval.engine.pooling",
+    "LoRARequest": "serval.lora.request",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

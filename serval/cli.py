@@ -63,6 +63,10 @@ _ENGINE_HELP = {
     "speculative_config": 'speculative decoding, JSON: {"method": "ngram", "num_speculative_tokens": 4, '
                           '"prompt_lookup_min": 1, "prompt_lookup_max": 3} or {"method": "suffix", '
                           '"num_speculative_tokens": 4}; optional "disable_by_batch_size": N',
+    "enable_lora": "serve LoRA adapters (PEFT format) on the base model, batched together (docs/lora.md)",
+    "max_loras": "LoRA adapters resident in the model at once (a step holds at most this many)",
+    "max_lora_rank": "the largest LoRA rank accepted; every resident slot is this wide",
+    "max_cpu_loras": "LoRA adapters kept in host memory, least recently used evicted (None: --max-loras)",
 }
 
 
@@ -146,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default sampling parameters for requests that leave them out: 'auto' (the model's "
                             "generation_config.json; for the built-in model its card's temperature 0.2, top_p 0.9), "
                             "'vllm' (SamplingParams' own defaults) or a folder holding a generation_config.json")
+    serve.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                       help="LoRA adapters served from the start, each name=path or JSON {\"name\": ..., \"path\": "
+                            "..., \"base_model_name\": ...}; a request's `model` picks one (needs --enable-lora)")
+    serve.add_argument("--allow-runtime-lora-updating", action="store_true",
+                       default=os.environ.get("SERVAL_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true"),
+                       help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (or set "
+                            "SERVAL_ALLOW_RUNTIME_LORA_UPDATING=true)")
     add_engine_args(serve)
 
     generate = commands.add_parser("generate", help="generate from one prompt and print the text",
@@ -275,9 +286,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace, config: EngineConfig) -> int:
     from serval.engine.async_engine import AsyncEngine
+    from serval.lora.registry import parse_lora_module
     from serval.server.app import serve
 
     try:
+        lora_modules = [parse_lora_module(text) for text in args.lora_modules]
+        if lora_modules and not config.enable_lora:
+            raise ValueError("--lora-modules needs --enable-lora")
         server_config = ServerConfig(
             host=args.host, port=args.port, served_model_names=args.served_model_name or [args.model or
                                                                                           DEFAULT_MODEL_NAME],
@@ -288,7 +303,8 @@ def _serve(args: argparse.Namespace, config: EngineConfig) -> int:
             shutdown_timeout=args.shutdown_timeout, metrics_require_key=args.metrics_require_key,
             enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser,
             reasoning_parser=args.reasoning_parser,
-            responses_store=args.responses_store, responses_max_stored=args.responses_max_stored)
+            responses_store=args.responses_store, responses_max_stored=args.responses_max_stored,
+            lora_modules=lora_modules, allow_runtime_lora_updating=args.allow_runtime_lora_updating)
     except ValueError as error:
         logger.error("invalid server argument", extra={"error": str(error)})
         return 2
@@ -307,6 +323,13 @@ def _serve(args: argparse.Namespace, config: EngineConfig) -> int:
         engine = AsyncEngine(config)
     except (ValueError, FileNotFoundError) as error:
         logger.error("cannot start the engine", extra={"error": str(error)})
+        return 2
+    from serval.lora.registry import preload_lora_modules
+    try:
+        preload_lora_modules(engine, server_config)
+    except Exception as error:  # noqa: BLE001 - a bad adapter (InvalidArgument) or a taken name (APIError)
+        logger.error("invalid --lora-modules", extra={"error": str(error)})
+        engine.shutdown()
         return 2
     exit_code = serve(engine, server_config, guard, generation_defaults)
     # serve() closed all that holds state (engine, store, tracer). Tearing down the interpreter (torch's modules,

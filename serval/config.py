@@ -52,7 +52,7 @@ def default_cpu_kv_cache_blocks(bytes_per_block: int, max_blocks_per_sequence: i
 LONG_PREFILL_BUDGET_FRACTION = 4
 
 _BOOL_FIELDS = ("skip_tokenizer_init", "enable_prefix_caching", "enable_chunked_prefill", "enforce_eager",
-                "calculate_kv_scales")
+                "calculate_kv_scales", "enable_lora")
 
 
 def _bad(name: str, given, allowed: str) -> InvalidArgument:
@@ -107,6 +107,12 @@ class EngineConfig:
     # Speculative decoding (serval.engine.spec_decode): a dict or its JSON, e.g. {"method": "ngram",
     # "num_speculative_tokens": 4, "prompt_lookup_max": 3}; parsed into a SpeculativeConfig. None: off.
     speculative_config: str | dict | SpeculativeConfig | None = None  # str first: the CLI flag's type
+    # Multi-LoRA (vLLM's names): adapters resident in the model at once, their largest rank, and how many are kept
+    # in host memory (None: max_loras). Requests name an adapter with a LoRARequest (serval.lora).
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 64
+    max_cpu_loras: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("model", "tokenizer"):
@@ -147,6 +153,7 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):
                 raise _bad(name, value, "an integer >= 1 or None")
+        self._check_lora()
         threshold = self.long_prefill_token_threshold
         if threshold is not None and (not _is_int(threshold) or threshold < 0):
             raise _bad("long_prefill_token_threshold", threshold, "an integer >= 0 (0: no cap) or None")
@@ -161,11 +168,24 @@ class EngineConfig:
         if isinstance(utilization, bool) or not isinstance(utilization, (int, float)) or not 0.0 < utilization <= 1.0:
             raise _bad("gpu_memory_utilization", utilization, "a number in (0, 1]")
 
+    def _check_lora(self) -> None:
+        for name in ("max_loras", "max_lora_rank"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise _bad(name, getattr(self, name), "an integer >= 1")
+        if self.max_cpu_loras is not None and (not _is_int(self.max_cpu_loras)
+                                               or self.max_cpu_loras < self.max_loras):
+            raise _bad("max_cpu_loras", self.max_cpu_loras, f"an integer >= max_loras ({self.max_loras}) or None")
+
+    def lora_host_capacity(self) -> int:
+        """Adapters kept in host memory: max_cpu_loras, or max_loras when it is not given."""
+        return self.max_cpu_loras if self.max_cpu_loras is not None else self.max_loras
+
     def long_prefill_cap(self) -> int:
         """Tokens one request may prefill in a step before the others have had theirs; max_num_batched_tokens
         (no cap) when long_prefill_token_threshold is 0 or not below the budget, or without chunked prefill
         (a prompt then runs whole). Needs max_num_batched_tokens resolved (engine._resolve_config)."""
         budget = self.max_num_batched_tokens
+        self._check_lora()
         threshold = self.long_prefill_token_threshold
         if threshold is None:
             threshold = max(1, budget // LONG_PREFILL_BUDGET_FRACTION)

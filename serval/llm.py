@@ -14,6 +14,7 @@ from serval.engine.engine import LLMEngine
 from serval.engine.pooling import EmbeddingOutput, EmbeddingRequestOutput, PoolingRequestOutput, ScoringOutput, \
     ScoringRequestOutput, cosine_similarity, pair_token_ids
 from serval.engine.input_processor import PromptType
+from serval.lora.request import LoRARequest
 from serval.model.generation_config import load_generation_defaults
 from serval.openai.embeddings import score_pairs
 from serval.openai.errors import InvalidArgument
@@ -55,18 +56,22 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True, priority: list[int] | None = None) -> list[RequestOutput]:
-        """Run prompts to completion; outputs come back in the order of the prompts."""
+                 use_tqdm: bool = True, priority: list[int] | None = None,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
+        """Run prompts to completion; outputs come back in the order of the prompts. lora_request: the adapter
+        (serval.lora.LoRARequest) every prompt runs with, or one per prompt (None: the base model); needs
+        enable_lora=True."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         params = _per_prompt(sampling_params, len(prompts), "sampling_params")
         priorities = _per_prompt(priority, len(prompts), "priority") if priority is not None else [0] * len(prompts)
+        lora_requests = _per_prompt(lora_request, len(prompts), "lora_request")
         request_ids = []
         try:
-            for prompt, prompt_params, prompt_priority in zip(prompts, params, priorities):
+            for prompt, prompt_params, prompt_priority, prompt_lora in zip(prompts, params, priorities, lora_requests):
                 request_id = str(next(self._request_counter))
                 self.engine.add_request(request_id, prompt, prompt_params or self.get_default_sampling_params(),
-                                        prompt_priority, stream=False)
+                                        prompt_priority, stream=False, lora_request=prompt_lora)
                 request_ids.append(request_id)
         except Exception:
             self.engine.abort_request(request_ids)  # one bad prompt: none of the batch runs

@@ -32,6 +32,7 @@ from serval.engine.engine import EngineStats, LLMEngine
 from serval.engine.input_processor import PromptType
 from serval.engine.output_processor import RequestState
 from serval.engine.pooling import PoolingRequestOutput
+from serval.lora.request import LoRARequest
 from serval.openai.errors import InvalidArgument
 from serval.outputs import RequestOutput
 from serval.sampling_params import SamplingParams
@@ -143,13 +144,13 @@ class AsyncEngine:
         return cls(EngineConfig.from_kwargs(**kwargs))
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
-                    priority: int = 0) -> RequestStream:
+                    priority: int = 0, lora_request: LoRARequest | None = None) -> RequestStream:
         """Validate the request now, queue it, and return its output stream. Call it on the event loop that
         will read the stream. Raises InvalidArgument (nothing is queued) for bad input or a request id that is
         already running, EngineDeadError if the engine has stopped."""
         if self._dead is not None:
             raise _dead_error(self._dead)
-        state = self.engine.process_inputs(request_id, prompt, params, priority)
+        state = self.engine.process_inputs(request_id, prompt, params, priority, lora_request=lora_request)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._streams_lock:
             if request_id in self._streams:
@@ -167,6 +168,15 @@ class AsyncEngine:
         async with aclosing(self.add_request(request_id, prompt, sampling_params, priority)) as stream:
             async for output in stream:
                 yield output
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Read and check an adapter into host memory (blocking: call it off the event loop); InvalidArgument if
+        it is bad. The engine loop goes on stepping meanwhile."""
+        return self.engine.add_lora(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Forget an adapter; requests already holding it finish with it."""
+        return self.engine.remove_lora(lora_int_id)
 
     def abort(self, request_id: str) -> None:
         with self._streams_lock:

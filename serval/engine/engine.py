@@ -28,6 +28,7 @@ from serval.engine.spec_decode.decoder import SpecDecoder, SpecDecodeStats
 from serval.engine.spec_decode.draft_model import DraftModel
 from serval.layers.pooling import parse_pooler_overrides
 from serval.layers.quant.kv_scales import enable_kv_scale_calculation
+from serval.lora.request import LoRARequest
 from serval.model.default_model import default_model_path
 from serval.model.loader import load_model
 from serval.model.pooling_model import is_pooling_model, load_instruction_prompts, load_pooler_config
@@ -56,6 +57,10 @@ class EngineStats:
     num_prompt_tokens: int
     num_generation_tokens: int
     spec_decode: SpecDecodeStats | None = None  # None without speculative decoding
+    # LoRA (vLLM's lora_requests_info): adapter names of the running and waiting requests, max_loras (0: LoRA off).
+    running_lora_adapters: list[str] = dataclasses.field(default_factory=list)
+    waiting_lora_adapters: list[str] = dataclasses.field(default_factory=list)
+    max_lora: int = 0
 
 
 class LLMEngine:
@@ -68,7 +73,11 @@ class LLMEngine:
         # multi-process executor, whose workers hold the other shards (serval.distributed). Otherwise the model
         # runs here, as it always has.
         self.executor = None
-        if config.tensor_parallel_size > 1 or config.distributed_executor_backend == "mp":
+        multi_process = config.tensor_parallel_size > 1 or config.distributed_executor_backend == "mp"
+        if config.enable_lora and multi_process:
+            raise InvalidArgument("enable_lora", "invalid engine argument enable_lora=True: LoRA does not run with "
+                                                 "the multi-process executor (tensor_parallel_size > 1) yet")
+        if multi_process:
             from serval.distributed.executor import TensorParallelExecutor
             self.executor = TensorParallelExecutor.start(config, model_path, self.dtype, self.device)
             self.model, self.hf_config = self.executor.model, self.executor.hf_config
@@ -76,6 +85,8 @@ class LLMEngine:
             self.model, self.hf_config = load_model(model_path, load_format=config.load_format, dtype=self.dtype,
                                                     device=self.device, seed=config.seed,
                                                     quantization=config.quantization, runner=config.runner)
+        # The resident adapter slots take device memory before the KV cache is sized from what is left.
+        self.lora = _lora_manager(config, self.model, self.device, self.dtype)
         self.tokenizer = _load_tokenizer_or_none(model_path, config)
         self.config = _resolve_config(config, model_path, self.hf_config)
         pooler = load_pooler_config(model_path, self.model) if is_pooling_model(self.model) else None
@@ -109,7 +120,7 @@ class LLMEngine:
         if self.executor is None:
             self.runner = ModelRunner(self.model, num_blocks, self.config.block_size, self.kv_cache_dtype,
                                       self.device, self.config.max_num_seqs, self.config.max_model_len,
-                                      self.config.enforce_eager, drafter)
+                                      self.config.enforce_eager, drafter, lora=self.lora)
         else:
             self.runner = self.executor.make_runner(num_blocks, self.config, self.kv_cache_dtype)
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -155,20 +166,28 @@ class LLMEngine:
 
     # ---- requests in ----
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
-                    priority: int = 0, arrival_time: float | None = None, stream: bool = True) -> None:
+                    priority: int = 0, arrival_time: float | None = None, stream: bool = True,
+                    lora_request: LoRARequest | None = None) -> None:
         """Validate and queue a request; raises InvalidArgument (and changes nothing) if it is invalid.
         stream=False: step() returns its output only when it has finished."""
-        state = self.process_inputs(request_id, prompt, params, priority, arrival_time)
+        state = self.process_inputs(request_id, prompt, params, priority, arrival_time, lora_request)
         state.stream = stream
         self.add_processed(state)
 
     def process_inputs(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
-                       priority: int = 0, arrival_time: float | None = None) -> RequestState:
-        """Tokenize, validate, compile any grammar, without touching engine state (so a frontend thread may
-        call it). A pooling engine takes PoolingParams (and returns a PoolingRequestState) and only those."""
+                       priority: int = 0, arrival_time: float | None = None,
+                       lora_request: LoRARequest | None = None) -> RequestState:
+        """Tokenize, validate, compile any grammar, read the LoRA adapter if it isn't in host memory, without
+        touching engine state (so a frontend thread may call it). A pooling engine takes PoolingParams (and
+        returns a PoolingRequestState) and only those."""
         if self.pooling is not None or isinstance(params, PoolingParams):
+            if lora_request is not None:
+                raise InvalidArgument("model", "LoRA adapters are served by the generate runner, not pooling")
             return self._process_pooling_inputs(request_id, prompt, params, priority, arrival_time)
+        adapter = self.lora_adapter(lora_request) if lora_request is not None else None
         processed = self.input_processor.process(request_id, prompt, params, priority, arrival_time)
+        for request in processed.requests:
+            request.lora_adapter = adapter
         return self.output_processor.new_request_state(request_id, processed.prompt.text, processed.prompt.token_ids,
                                                        processed.requests)
 
@@ -205,6 +224,29 @@ class LLMEngine:
             if state is not None:
                 for request in state.requests:
                     self.scheduler.finish_request(request, RequestStatus.FINISHED_ABORTED)
+
+    # ---- LoRA adapters (vLLM's add_lora / remove_lora / list_loras) ----
+    def lora_adapter(self, lora_request: LoRARequest):
+        """The request's adapter (serval.lora.adapter.LoRAAdapter), read and checked on first use."""
+        if self.lora is None:
+            raise InvalidArgument("lora_request", "invalid lora_request: this engine runs without LoRA; start it "
+                                                  "with enable_lora=True (serve: --enable-lora)")
+        return self.lora.get(lora_request)
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Read and check the adapter now, so its first request doesn't wait for the disk; InvalidArgument if bad."""
+        self.lora_adapter(lora_request)
+        return True
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Forget the adapter in host memory; requests that hold it finish with it."""
+        if self.lora is None:
+            return False
+        self.lora.remove(lora_int_id)
+        return True
+
+    def list_loras(self) -> set[int]:
+        return set(self.lora.host_adapter_ids()) if self.lora is not None else set()
 
     def has_unfinished_requests(self) -> bool:
         return self.output_processor.has_unfinished_requests() or (self.pooling is not None
@@ -361,7 +403,16 @@ class LLMEngine:
                            self.kv_cache.prefix_cache_queries, self.kv_cache.prefix_cache_hits,
                            self.scheduler.num_preemptions, self.num_prompt_tokens,
                            self.output_processor.num_generation_tokens,
-                           self.spec_decoder.stats if self.spec_decoder is not None else None)
+                           self.spec_decoder.stats if self.spec_decoder is not None else None,
+                           *self._lora_stats())
+
+    def _lora_stats(self) -> tuple[list[str], list[str], int]:
+        if self.lora is None:
+            return [], [], 0
+        def names(requests) -> list[str]:
+            return sorted({r.lora_adapter.request.lora_name for r in requests if r.lora_adapter is not None})
+        return (names(list(self.scheduler.running)), names([r for _, r in list(self.scheduler.waiting)]),
+                self.config.max_loras)
 
     # ---- asynchronous scheduling ----
     # While the device runs decode step N, the host queues step N+1 (its input ids gathered on the device from
@@ -424,6 +475,13 @@ def share_blocks_with_draft(num_blocks: int, config: EngineConfig, model, draft_
     target = ModelRunner.kv_cache_bytes_per_block(model, config.block_size, kv_cache_dtype)
     draft = ModelRunner.kv_cache_bytes_per_block(draft_model, config.block_size, kv_cache_dtype)
     return max(num_blocks * target // (target + draft), -(-config.max_model_len // config.block_size))
+
+
+def _lora_manager(config: EngineConfig, model, device: torch.device, dtype: torch.dtype):
+    if not config.enable_lora:
+        return None
+    from serval.lora.manager import LoRAManager
+    return LoRAManager(model, config.max_loras, config.max_lora_rank, config.lora_host_capacity(), device, dtype)
 
 
 def _checkpoint_dtype(model_path: str) -> torch.dtype | None:

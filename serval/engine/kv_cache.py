@@ -6,7 +6,8 @@ handed out again (that is the eviction). So "free" counts cached-but-unreference
 idle engine always has every block free.
 
 Prefix hashes are chained: a block's key is (parent block's hash, its tokens), so equal hashes mean
-equal whole prefixes. The key itself is kept and compared on a hit, so a hash collision can never
+equal whole prefixes. A request's first block chains from its LoRA adapter's id (0: the base model), so requests
+of different adapters, whose K/V differ for the same tokens, never share a block. The key itself is kept and compared on a hit, so a hash collision can never
 serve wrong K/V.
 """
 from __future__ import annotations
@@ -181,10 +182,14 @@ class KVCacheManager:
             self.cached[block_hash] = block.block_id
 
     def _block_key(self, request: Request, index: int) -> tuple:
-        parent = request.block_hashes[index - 1] if index else _ROOT_HASH
+        parent = request.block_hashes[index - 1] if index else _root_hash(request)
         start = index * self.block_size
         return parent, tuple(request.all_token_ids[start:start + self.block_size])
 
     def _update_block_hashes(self, request: Request) -> None:
         for index in range(len(request.block_hashes), request.num_tokens // self.block_size):
             request.block_hashes.append(hash(self._block_key(request, index)))
+
+
+def _root_hash(request: Request) -> int | tuple:
+    return _ROOT_HASH if request.lora_adapter is None else ("lora", request.lora_int_id)

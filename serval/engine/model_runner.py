@@ -2,12 +2,15 @@
 
 The batch is flat (no padding): request i's new tokens are rows query_start_loc[i]:query_start_loc[i+1].
 Logits are computed only for rows that are sampled from or that prompt logprobs need. On CUDA, a step where every
-request decodes one token replays a captured CUDA graph instead (serval.engine.cuda_graphs).
+request decodes one token replays a captured CUDA graph instead (serval.engine.cuda_graphs). A step with a LoRA
+adapter in it runs eagerly, with each row's adapter set on the model's LoRA layers (serval.lora.manager); a step
+without one runs the base model as if LoRA were off.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +24,9 @@ from serval.engine.spec_decode.rejection_sampler import VerifiedTokens
 from serval.kernels import paged_attention as torch_attention
 from serval.layers.attention import AttentionMetadata, attention_backend
 from serval.outputs import Logprob
+
+if TYPE_CHECKING:
+    from serval.lora.manager import LoRAManager
 
 
 @dataclass
@@ -102,11 +108,13 @@ def kv_cache_shape(model: torch.nn.Module, num_blocks: int, block_size: int) -> 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int,
                  kv_cache_dtype: torch.dtype, device: torch.device, max_num_seqs: int = 1, max_model_len: int = 1,
-                 enforce_eager: bool = True, drafter: DraftModel | None = None) -> None:
+                 enforce_eager: bool = True, drafter: DraftModel | None = None,
+                 lora: "LoRAManager | None" = None) -> None:
         """kv_cache_dtype: the cache's element type, the model's dtype or float8_e4m3fn (EngineConfig's
         torch_kv_cache_dtype); the attention layers convert on write and on read."""
         self.model = model
         self.drafter = drafter  # speculative decoding with a draft model: it runs beside the target every step
+        self.lora = lora
         self.block_size = block_size
         self.device = device
         shape = kv_cache_shape(model, num_blocks, block_size)
@@ -163,17 +171,22 @@ class ModelRunner:
             self.drafter.forward(plan.input_ids, plan.positions, plan.query_start_loc, plan.seq_lens,
                                  scheduled.requests)
         num_requests = len(scheduled.requests)
-        if (self.graphs is not None and not plan.prompt_rows and len(plan.sample_rows) == num_requests
+        if (self.graphs is not None and not self._has_lora(scheduled.requests)
+                and not plan.prompt_rows and len(plan.sample_rows) == num_requests
                 and len(plan.input_ids) == num_requests and self.graphs.can_run(num_requests)):
             logits = self.graphs.run(plan.input_ids, plan.positions, plan.slot_mapping, plan.seq_lens,
                                      [request.block_ids for request in scheduled.requests])
             return self._outputs(scheduled, plan, logits, logits[:0])
         prompt_flat_rows = [row for prompt_rows in plan.prompt_rows for row in prompt_rows.rows]
         verify_flat_rows = [row for verify_rows in plan.verify_rows for row in verify_rows.rows]
-        logits = self.forward_logits(ForwardInputs(
-            plan.input_ids, plan.positions, plan.slot_mapping, plan.query_start_loc, plan.seq_lens,
-            [request.block_ids for request in scheduled.requests],
-            plan.sample_rows + prompt_flat_rows + verify_flat_rows))
+        self._prepare_lora(scheduled.requests, plan.query_start_loc)
+        try:
+            logits = self.forward_logits(ForwardInputs(
+                plan.input_ids, plan.positions, plan.slot_mapping, plan.query_start_loc, plan.seq_lens,
+                [request.block_ids for request in scheduled.requests],
+                plan.sample_rows + prompt_flat_rows + verify_flat_rows))
+        finally:
+            self._clear_lora()
         num_sampled, num_prompt = len(plan.sample_rows), len(prompt_flat_rows)
         out = self._outputs(scheduled, plan, logits[:num_sampled], logits[num_sampled:num_sampled + num_prompt])
         if plan.verify_rows:
@@ -217,7 +230,7 @@ class ModelRunner:
             row = {id(request): i for i, request in enumerate(previous.requests)}
             input_ids = [row[id(request)] for request in requests]  # rows of previous.token_ids_device
             source = previous.token_ids_device
-        if self.graphs is not None and self.graphs.can_run(len(requests)):
+        if self.graphs is not None and not self._has_lora(requests) and self.graphs.can_run(len(requests)):
             logits = self.graphs.run(input_ids, positions, slot_mapping, seq_lens,
                                      [request.block_ids for request in requests], source)
         else:
@@ -253,7 +266,24 @@ class ModelRunner:
         metadata = AttentionMetadata(slot_mapping=self._tensor(slot_mapping, torch.int64),
                                      query_start_loc=query_start_loc, seq_lens=seq_lens,
                                      block_tables=self._block_tables(requests), block_size=self.block_size)
-        return self.model(input_ids, self._tensor(positions, torch.int64), self.kv_caches, metadata)
+        self._prepare_lora(requests, query_start_loc)
+        try:
+            return self.model(input_ids, self._tensor(positions, torch.int64), self.kv_caches, metadata)
+        finally:
+            self._clear_lora()
+
+    def _prepare_lora(self, requests: list[Request], query_start_loc: list[int]) -> None:
+        """Set the step's LoRA batch (each row's adapter) on the model; nothing without LoRA."""
+        if self.lora is not None:
+            rows_per_request = [end - start for start, end in zip(query_start_loc, query_start_loc[1:])]
+            self.lora.prepare([request.lora_adapter for request in requests], rows_per_request)
+
+    def _clear_lora(self) -> None:
+        if self.lora is not None:
+            self.lora.clear()
+
+    def _has_lora(self, requests: list[Request]) -> bool:
+        return self.lora is not None and any(request.lora_adapter is not None for request in requests)
 
     def _slots(self, request: Request, start: int, end: int) -> list[int]:
         """The KV-cache slots of a request's positions [start, end), through its block table."""

@@ -18,6 +18,7 @@ from serval.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # llguidance loads only when a request asks for structured output
     from serval.engine.structured_output import GrammarState
+    from serval.lora.adapter import LoRAAdapter
 
 
 class RequestStatus(enum.Enum):
@@ -77,6 +78,8 @@ class Request:
     # Set for a pooling request (--runner pooling): prefill only, its hidden states pooled instead of sampled
     # (serval.engine.pooling); sampling_params is then unused.
     pooling_params: PoolingParams | None = None
+    # The LoRA adapter the request runs with (serval.lora), held until it ends; None: the base model.
+    lora_adapter: LoRAAdapter | None = None
 
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -104,6 +107,11 @@ class Request:
         room = self.max_model_len - self.num_prompt_tokens
         asked = self.sampling_params.max_tokens
         return room if asked is None else min(asked, room)
+
+    @property
+    def lora_int_id(self) -> int:
+        """The adapter's id; 0 for the base model."""
+        return 0 if self.lora_adapter is None else self.lora_adapter.adapter_id
 
     @property
     def is_finished(self) -> bool:

@@ -50,6 +50,7 @@ class Scheduler:
         self.enable_chunked_prefill = config.enable_chunked_prefill
         self.long_prefill_cap = config.long_prefill_cap()
         self.use_priority = config.scheduling_policy == "priority"
+        self.max_loras = config.max_loras if config.enable_lora else None
         self.kv_cache = kv_cache
         self.waiting: list[tuple[tuple, Request]] = []  # sorted by _waiting_key
         self.running: list[Request] = []  # in admission order
@@ -134,6 +135,8 @@ class Scheduler:
         budget left."""
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0][1]
+            if not self._lora_fits(request):
+                break  # its adapter would be one more than the resident slots hold: it waits for one to free
             cached_block_ids = self.kv_cache.find_cached_prefix(request)
             num_cached = len(cached_block_ids) * self.kv_cache.block_size
             num_new = request.num_tokens - num_cached
@@ -154,6 +157,12 @@ class Scheduler:
             out.add(request, num_new)
             budget -= num_new
         return budget
+
+    def _lora_fits(self, request: Request) -> bool:
+        if self.max_loras is None or request.lora_adapter is None:
+            return True
+        running = {r.lora_int_id for r in self.running if r.lora_adapter is not None}
+        return request.lora_int_id in running or len(running) < self.max_loras
 
     def _extend_capped_prefills(self, out: SchedulerOutput, budget: int) -> None:
         """Give the budget nobody else wanted to the prefills the cap cut short, oldest first. A top-up takes

@@ -509,6 +509,7 @@ class ModelCard(OpenAIBase):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "serval"
     root: str | None = None
+    parent: str | None = None  # a LoRA adapter's base model (vLLM's)
     max_model_len: int | None = None
 
 

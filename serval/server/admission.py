@@ -37,7 +37,11 @@ def check_model(state: ServerState, name: str | None) -> str:
     names = state.config.served_model_names
     if name is None or name in names:
         return state.model_name
-    raise APIError(404, f"The model `{name}` does not exist; this server serves {names}.", param="model",
+    if state.loras.get(name) is not None:
+        return name  # a LoRA adapter: the request runs with it (Call.lora_request)
+    adapters = [adapter.lora_name for adapter in state.loras.adapters()]
+    raise APIError(404, f"The model `{name}` does not exist; this server serves {names}"
+                        f"{f' and the LoRA adapters {adapters}' if adapters else ''}.", param="model",
                    code="model_not_found")
 
 

@@ -32,7 +32,7 @@ from serval.openai.protocol import ChatCompletionRequest, CompletionRequest, Det
     TokenizeRequest
 from serval.openai.embeddings import EmbeddingRequest, RerankRequest, ScoreRequest
 from serval.openai.responses import ResponsesRequest
-from serval.server import banner, embeddings, responses, serving, tokenization
+from serval.server import banner, embeddings, lora_routes, responses, serving, tokenization
 from serval.server.lifecycle import handle, simple
 from serval.server.metrics import CONTENT_TYPE
 from serval.server.config import ServerConfig
@@ -102,6 +102,13 @@ def build_app(state: ServerState) -> "ObservedApp":
     @app.post("/v2/rerank", include_in_schema=False)
     async def create_rerank(raw: Request):
         return await handle(state, raw, RerankRequest, embeddings.create_rerank, "rerank")
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(raw: Request):
+        return await lora_routes.load_lora_adapter(state, raw)
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(raw: Request):
+        return await lora_routes.unload_lora_adapter(state, raw)
 
     @app.get("/v1/models")
     async def models():

@@ -42,6 +42,10 @@ class ServerConfig:
     # The Responses API's store: a SQLite file (kept across restarts), or memory when None.
     responses_store: str | None = None
     responses_max_stored: int = DEFAULT_RESPONSES_MAX_STORED
+    # LoRA adapters served by name from the start (--lora-modules), and whether /v1/load_lora_adapter and
+    # /v1/unload_lora_adapter may change them while serving (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING).
+    lora_modules: list = field(default_factory=list)  # serval.lora.registry.LoRAModulePath
+    allow_runtime_lora_updating: bool = False
 
     def __post_init__(self) -> None:
         self._check_output_parsers()

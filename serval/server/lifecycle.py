@@ -50,6 +50,7 @@ class Call:
     # Body fields an engine error names under another name than the client sent (max_completion_tokens).
     param_aliases: dict[str, str] = field(default_factory=dict)
     defaults: GenerationDefaults | None = None  # the model's, for what the body leaves out
+    lora_request: Any = None  # serval.lora.LoRARequest when the body's `model` names an adapter
 
     def sampling_params(self, body):
         try:
@@ -106,6 +107,7 @@ async def handle(state: ServerState, raw: Request, model_cls: type[BaseModel], h
     try:
         body = await read_request(state, raw, model_cls)
         record.model = check_model(state, body.model)
+        call.lora_request = state.loras.get(record.model)
         if isinstance(body, protocol.ChatCompletionRequest):
             call.param_aliases["max_tokens"] = body.max_tokens_param  # SamplingParams knows one name
         call.span = _start_span(state, raw, body, record)

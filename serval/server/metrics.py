@@ -79,6 +79,18 @@ class EngineStatsCollector:
             for position, value in enumerate(spec.num_accepted_tokens_per_pos):
                 family.add_metric([self.model_name, str(position)], float(value))
             yield family
+        if getattr(stats, "max_lora", 0):
+            yield lora_requests_info(stats)
+
+
+def lora_requests_info(stats) -> GaugeMetricFamily:
+    """vLLM's lora_requests_info: the adapters of running and waiting requests as labels (comma-separated),
+    the value the time of the scrape."""
+    family = GaugeMetricFamily(PREFIX + "lora_requests_info", "Running stats on LoRA requests.",
+                               labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+    family.add_metric([str(stats.max_lora), ",".join(stats.running_lora_adapters),
+                       ",".join(stats.waiting_lora_adapters)], time.time())
+    return family
 
 
 class KeyUsageCollector:

@@ -234,11 +234,13 @@ async def start(state: ServerState, call: Call, prompts: list[dict], params, con
     however many run at once; `release` settles the reservation). A classifier rail's verdicts are asked for at the same time and awaited
     here, while the engine runs the prefill: an unsafe verdict aborts the requests before any output is sent."""
     await state.off_loop(state.engine.compile_grammar, params)  # not on the event loop: it can take seconds
+    if call.lora_request is not None:  # in host memory before add_request (a cache miss reads the disk)
+        await asyncio.to_thread(state.engine.add_lora, call.lora_request)
     call.session.reserve(*admission.token_reservation(state, prompts, params))
     admission.check_capacity(state)
     fan_in = FanIn(state.metrics, state.model_name, call.record)
     # No await between the capacity check and the engine taking the requests: concurrent requests see each other.
-    fan_in.start(state.engine, prompts, params)
+    fan_in.start(state.engine, prompts, params, call.lora_request)
     call.fan_in = fan_in
     state.open_fan_ins.add(fan_in)  # until `finish`: what the shutdown deadline interrupts
     verdicts = asyncio.ensure_future(call.session.classify(conversations, param))

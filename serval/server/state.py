@@ -9,6 +9,7 @@ from functools import partial
 
 from serval.guard.guard import Guard
 from serval.model.generation_config import GenerationDefaults
+from serval.lora.registry import LoRARegistry
 from serval.server.config import ServerConfig
 from serval.server.fan_in import FanIn
 from serval.guard.session import GuardMetricsObserver
@@ -31,6 +32,8 @@ class ServerState:
         self.model_name = config.model_name
         self.max_model_len = engine.config.max_model_len
         self.metrics = ServerMetrics(self.model_name, engine.get_stats)
+        # The LoRA adapters a request's `model` may name (--lora-modules, then the load/unload routes).
+        self.loras = LoRARegistry(config.lora_modules, config.served_model_names)
         # Tokenization, chat templating and detokenization run here, off the event loop. One thread: a tokenizer
         # is not safe to use from several at once, and one keeps them in arrival order.
         self.cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="serval-tokenize")

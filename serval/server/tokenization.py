@@ -39,4 +39,6 @@ async def detokenize(state: ServerState, body: DetokenizeRequest) -> dict:
 def models(state: ServerState) -> dict:
     cards = [protocol.ModelCard(id=name, root=state.engine.config.model, max_model_len=state.max_model_len)
              for name in state.config.served_model_names]
+    cards += [protocol.ModelCard(id=adapter.lora_name, root=adapter.lora_path, parent=state.model_name,
+                                 max_model_len=state.max_model_len) for adapter in state.loras.adapters()]
     return protocol.ModelList(data=cards).model_dump()
