@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from serval.layers.quant.gguf import ROW_MULTIPLE
 from serval.layers.quant.gguf_blocks import INT4_TYPES, Q, dequantize  # noqa: F401 - dequantize: this module's API
 from serval.model.gguf_config import (ROPE_FREQS, SUPPORTED_ARCHITECTURES, gguf_config,
                                       llama3_rope_scaling as _llama3_rope_scaling)  # noqa: F401 - tests use it
@@ -125,7 +126,9 @@ def load_gguf(path: str, keep_packed: bool = False) -> GGUFCheckpoint:
 
 
 def _packed_projections(hf_names: dict[str, str], tensors: dict) -> dict[str, Q]:
-    """HF weight name -> GGUF type of each projection kept packed: a 4-bit type, shared by its merged group."""
+    """HF weight name -> GGUF type of each projection kept packed: a 4-bit type, shared by its merged group, of
+    rows the int4 kernel takes (a merged group of such projections then fits too)."""
+    name_of = {hf_name: name for name, hf_name in hf_names.items()}
     types = {hf_name: Q(tensors[name].tensor_type) for name, hf_name in hf_names.items()
              if hf_name.endswith("_proj.weight") and name.startswith("blk.")}
     packed = {}
@@ -134,7 +137,8 @@ def _packed_projections(hf_names: dict[str, str], tensors: dict) -> dict[str, Q]
         parent, _, projection = module.rpartition(".")
         group = next((g for g in _MERGED_GROUPS if projection in g), (projection,))
         siblings = [types.get(f"{parent}.{member}.weight") for member in group]
-        if qtype in INT4_TYPES and all(sibling == qtype for sibling in siblings):
+        rows_fit = tensors[name_of[hf_name]].shape[1] % ROW_MULTIPLE == 0
+        if qtype in INT4_TYPES and rows_fit and all(sibling == qtype for sibling in siblings):
             packed[hf_name] = qtype
     return packed
 

@@ -24,6 +24,8 @@ from serval.layers.quant.gguf_blocks import GROUP_SIZE, INT4_TYPES, Q, int4_bloc
 # The inner K tiles of the CPU packing: the only value torch's CPU kernel takes.
 _INNER_K_TILES = 2
 _STAGING = "gguf_int4_staging"
+# The int4 kernel's rule for a layer's outputs.
+ROW_MULTIPLE = 16
 # torch's CPU int4 layout interleaves rows in blocks of this many (pack_int4_for_cpu).
 _PACK_ROWS = 64
 
@@ -72,8 +74,9 @@ class GGUFInt4Method(QuantMethod):
         device = layer.weight.device
         if device.type != "cpu":
             raise ValueError(f"{self.name}: packed GGUF weights run on the CPU only; this layer is on {device}")
-        if k % GROUP_SIZE:
-            raise ValueError(f"{self.name}: a layer of {k} inputs is not a whole number of {GROUP_SIZE}-weight groups")
+        if k % GROUP_SIZE or n % ROW_MULTIPLE:
+            raise ValueError(f"{self.name}: a {n} x {k} layer does not fit the int4 kernel (inputs in whole "
+                             f"{GROUP_SIZE}-weight groups, outputs a multiple of {ROW_MULTIPLE})")
         layer.register_parameter("weight", None)  # the checkpoint has no float weight for this layer
         # Staged in numpy and packed once in finish(): torch's small ops on this 2-core CPU cost more in thread
         # barriers than in work (the load took 11 s instead of 1 s with per-shard torch copies).
