@@ -24,6 +24,9 @@ from serval.layers.quant.gguf_blocks import GROUP_SIZE, INT4_TYPES, Q, int4_bloc
 # The inner K tiles of the CPU packing: the only value torch's CPU kernel takes.
 _INNER_K_TILES = 2
 _STAGING = "gguf_int4_staging"
+# The kernel's activation and scale dtype. With float32 it takes a scalar path: 22 ms for a 1536 x 576 layer at
+# batch 1 on this CPU, against 0.04 ms in bfloat16 (AVX512-BF16) and 0.25 ms for the float32 matmul it replaces.
+KERNEL_DTYPE = torch.bfloat16
 # The int4 kernel's rule for a layer's outputs.
 ROW_MULTIPLE = 16
 # torch's CPU int4 layout interleaves rows in blocks of this many (pack_int4_for_cpu).
@@ -100,13 +103,14 @@ class GGUFInt4Method(QuantMethod):
         check_loaded(layer, layer_name, self.name, self.routed_tensors)
         staging = layer.__dict__.pop(_STAGING)
         layer.register_buffer("qweight", pack_int4_for_cpu(staging.values))
-        layer.register_buffer("scales_and_zeros", torch.from_numpy(staging.scales_and_zeros))
+        layer.register_buffer("scales_and_zeros", torch.from_numpy(staging.scales_and_zeros).to(KERNEL_DTYPE))
 
     def apply(self, layer, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
         if gated:
             x = silu_and_mul(x)
         rows = x.reshape(-1, x.shape[-1])
-        y = torch._weight_int4pack_mm_for_cpu(rows.float(), layer.qweight, GROUP_SIZE, layer.scales_and_zeros)
+        y = torch._weight_int4pack_mm_for_cpu(rows.to(KERNEL_DTYPE), layer.qweight, GROUP_SIZE,
+                                              layer.scales_and_zeros)
         if layer.bias is not None:
             y = y + layer.bias
         return y.to(x.dtype).view(*x.shape[:-1], layer.out_features)
