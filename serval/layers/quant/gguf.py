@@ -4,11 +4,12 @@ At load, each projection's GGUF blocks (`<module>.gguf_blocks`, uint8 [rows, byt
 and one scale and zero per 32 weights (gguf_blocks.int4_blocks), repacked for torch._weight_int4pack_mm_for_cpu:
 
     qweight           uint8 [N, K / 2]          torch._convert_weight_to_int4pack_for_cpu of the values
-    scales_and_zeros  float32 [K / 32, N, 2]    w = (q - 8) * scale + zero, the number GGUF's dequantizer gives
+    scales_and_zeros  bfloat16 [K / 32, N, 2]   w = (q - 8) * scale + zero, GGUF's dequantized weight
 
-A Q4_1 weight takes 0.75 bytes in memory (0.5 for the value, 0.25 for its share of a float32 scale and zero)
-instead of 4 when dequantized, and the kernel reads those bytes, not float32 rows. The kernel runs with float32
-activations, so answers equal the dequantized float32 model's up to summation order.
+A Q4_1 weight takes 0.625 bytes in memory (0.5 for the value, 0.125 for its share of a bfloat16 scale and zero)
+instead of 4 when dequantized, and the kernel reads those bytes, not float32 rows. The kernel computes in
+bfloat16 (its float32 path is scalar, see KERNEL_DTYPE), so outputs carry bfloat16's rounding: the default
+model's greedy answers equal the float32 dequantized model's except at near ties (tests/model/test_gguf_packed).
 """
 from __future__ import annotations
 

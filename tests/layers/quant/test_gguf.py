@@ -1,5 +1,7 @@
 """serval.layers.quant.gguf: 4-bit GGUF blocks kept packed on the CPU, against gguf's own dequantizer followed by
-a float32 matmul (what the loader did before: dequantize, then nn.Linear)."""
+a float32 matmul (what the loader did before: dequantize, then nn.Linear). The kernel multiplies in bfloat16 and
+returns bfloat16 (its float32 path is 60x slower), so results agree to bfloat16's precision: BF16_TOLERANCE of
+the largest output."""
 from __future__ import annotations
 
 import gguf
@@ -13,6 +15,11 @@ from serval.layers.quant.gguf_blocks import int4_blocks
 
 Q = gguf.GGMLQuantizationType
 INT4 = [Q.Q4_0, Q.Q4_1, Q.Q4_K]
+BF16_TOLERANCE = 1e-2  # bfloat16 keeps 8 bits: a relative step of 2^-8 = 0.004 per rounding
+
+
+def assert_close_in_bf16(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, rtol=0, atol=BF16_TOLERANCE * float(expected.abs().max()))
 
 
 def random_blocks(qtype: Q, rows: int, k: int, seed: int) -> np.ndarray:
@@ -60,7 +67,7 @@ def test_packed_linear_equals_dequantized_matmul(qtype, batch):
     layer.quant_method.finish(layer, "w")
     x = torch.randn(batch, k, generator=torch.Generator().manual_seed(batch))
     expected = x @ reference(raw, qtype).t() + layer.bias
-    torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
+    assert_close_in_bf16(layer(x), expected)
     assert layer.weight is None and layer.qweight.dtype == torch.uint8 and layer.qweight.shape == (n, k // 2)
 
 
@@ -80,7 +87,7 @@ def test_merged_layer_loads_each_shard_and_fuses_swiglu():
     x = torch.randn(5, k)
     gate, up = (x @ reference(raws[name], Q.Q4_1).t() for name in sizes)
     expected = (torch.nn.functional.silu(gate) * up) @ reference(down_raw, Q.Q4_1).t()
-    torch.testing.assert_close(down.forward_silu_and_mul(layer(x)), expected, rtol=1e-4, atol=1e-4)
+    assert_close_in_bf16(down.forward_silu_and_mul(layer(x)), expected)
 
 
 def test_a_missing_shard_and_a_wrong_type_are_named():
