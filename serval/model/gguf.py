@@ -93,7 +93,7 @@ def load_gguf(path: str, keep_packed: bool = False) -> GGUFCheckpoint:
     file = find_gguf_file(path)
     if file is None:
         raise FileNotFoundError(f"no GGUF file at {path!r}: pass a .gguf file or a directory holding exactly one")
-    gguf_file = read_gguf_file(file)
+    gguf_file = read_gguf_file(file, decode_strings=False)  # the tokenizer reads the vocabulary, not the model
     metadata = dict(gguf_file.metadata)
     if (tokens := metadata.get("tokenizer.ggml.tokens")) is not None:
         metadata["tokenizer.ggml.tokens"] = len(tokens)

@@ -40,6 +40,15 @@ class GGUFTensor:
 
 
 @dataclass
+class StringArray:
+    """A string array read without decoding its strings (read_gguf_file(decode_strings=False)): its length."""
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
+
+
+@dataclass
 class GGUFFile:
     path: str
     metadata: dict[str, Any]  # scalars as Python values, string arrays as lists, numeric arrays as numpy views
@@ -47,8 +56,8 @@ class GGUFFile:
 
 
 class _Cursor:
-    def __init__(self, buffer: memoryview, path: str) -> None:
-        self.buffer, self.path, self.offset = buffer, path, 0
+    def __init__(self, buffer: memoryview, path: str, decode_strings: bool) -> None:
+        self.buffer, self.path, self.offset, self.decode_strings = buffer, path, 0, decode_strings
 
     def scalar(self, fmt: str):
         value, = struct.unpack_from(fmt, self.buffer, self.offset)
@@ -78,8 +87,15 @@ class _Cursor:
             self.offset += count * dtype.itemsize
             return values
         if item_type == _STRING:
-            return self._strings(count)
+            return self._strings(count) if self.decode_strings else self._skip_strings(count)
         return [self.value(item_type) for _ in range(count)]
+
+    def _skip_strings(self, count: int) -> StringArray:
+        buffer, offset, unpack = self.buffer, self.offset, struct.Struct("<Q").unpack_from
+        for _ in range(count):
+            offset += 8 + unpack(buffer, offset)[0]
+        self.offset = offset
+        return StringArray(count)
 
     def _strings(self, count: int) -> list[str]:
         buffer, offset, unpack = self.buffer, self.offset, struct.Struct("<Q").unpack_from
@@ -94,10 +110,11 @@ class _Cursor:
         return strings
 
 
-def read_gguf_file(path: str) -> GGUFFile:
-    """The metadata and tensors of the GGUF file at `path` (little-endian, version 2 or 3)."""
+def read_gguf_file(path: str, decode_strings: bool = True) -> GGUFFile:
+    """The metadata and tensors of the GGUF file at `path` (little-endian, version 2 or 3). decode_strings=False:
+    string arrays (the vocabulary, the merges) become StringArray lengths, which is all a model load needs."""
     data = np.memmap(path, mode="r", dtype=np.uint8)
-    cursor = _Cursor(memoryview(data), path)
+    cursor = _Cursor(memoryview(data), path, decode_strings)
     if bytes(cursor.buffer[:4]) != GGUF_MAGIC:
         raise ValueError(f"{path!r} is not a GGUF file (it does not start with 'GGUF')")
     cursor.offset = 4

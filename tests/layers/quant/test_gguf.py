@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from serval.layers.linear import Linear, MergedLinear
-from serval.layers.quant.gguf import GGUFInt4Method, pack_int4_for_cpu
+from serval.layers.quant.gguf import GGUFInt4Method, bfloat16_from_numpy, pack_int4_for_cpu
 from serval.layers.quant.gguf_blocks import int4_blocks
 
 Q = gguf.GGMLQuantizationType
@@ -62,6 +62,7 @@ def test_packed_linear_equals_dequantized_matmul(qtype, batch):
     raw = random_blocks(qtype, n, k, seed=1)
     layer = Linear(k, n, bias=True)
     layer.bias.data.copy_(torch.randn(n))
+    layer.requires_grad_(False)
     layer.set_quant_method(GGUFInt4Method(qtype.name))
     layer.quant_method.load(layer, None, "gguf_blocks", torch.from_numpy(raw), "w.gguf_blocks")
     layer.quant_method.finish(layer, "w")
@@ -98,3 +99,9 @@ def test_a_missing_shard_and_a_wrong_type_are_named():
         layer.quant_method.finish(layer, "qkv")
     with pytest.raises(ValueError, match="Q8_0: not a 4-bit type"):
         Linear(64, 64).set_quant_method(GGUFInt4Method("Q8_0"))
+
+
+def test_bfloat16_rounding_equals_torch():
+    rng = np.random.default_rng(3)
+    values = (rng.normal(size=4096) * 10.0 ** rng.integers(-6, 6, size=4096)).astype(np.float32)
+    assert torch.equal(bfloat16_from_numpy(values), torch.from_numpy(values).bfloat16())
