@@ -11,6 +11,12 @@ llama.cpp's (llama-cpp-python, same GGUF, same thread count) when it is installe
 variant. Rounds alternate between the engines so that other work on a shared machine hits them alike.
 
     python benchmarks/cpu_offline.py --decode [--max-tokens 64] [--rounds 2] [--output results/cpu_decode.json]
+
+--kernels: microseconds per call of one 1536 x 576 projection (the default model's gate/up) through the float32
+matmul, torch's int4 CPU kernel with bfloat16, float32 and float16 activations, and a bfloat16 dense matmul, at
+1, 16 and 64 rows: which CPU path the packed GGUF format should take.
+
+    python benchmarks/cpu_offline.py --kernels
 """
 from __future__ import annotations
 
@@ -165,6 +171,34 @@ def decode_main(args) -> None:
                                 "results": results})
 
 
+def kernel_choice() -> None:
+    n, k, group = 1536, 576, 32
+    weight = torch.randn(n, k)
+    packed = torch._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32), 2)
+    scales_and_zeros = torch.rand(k // group, n, 2) * 0.01
+
+    def best_us(call, calls: int = 50) -> float:
+        call()
+        best = float("inf")
+        for _ in range(5):
+            started = time.perf_counter()
+            for _ in range(calls):
+                call()
+            best = min(best, (time.perf_counter() - started) / calls * 1e6)
+        return best
+
+    print(f"{'rows':>5}{'f32 mm':>10}{'int4 bf16':>11}{'int4 f32':>10}{'int4 f16':>10}{'bf16 mm':>9}  (us per call)")
+    for rows in (1, 16, 64):
+        x = torch.randn(rows, k)
+        times = [best_us(lambda: x @ weight.t())]
+        for dtype in (torch.bfloat16, torch.float32, torch.float16):
+            xd, sz = x.to(dtype), scales_and_zeros.to(dtype)
+            times.append(best_us(lambda: torch._weight_int4pack_mm_for_cpu(xd, packed, group, sz), 5))
+        wb, xb = weight.bfloat16(), x.bfloat16()
+        times.append(best_us(lambda: xb @ wb.t(), 5))
+        print(f"{rows:>5}" + "".join(f"{t:>10.0f}" for t in times))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-prompts", type=int, default=32)
@@ -172,7 +206,10 @@ def main() -> None:
     parser.add_argument("--output", default=None)
     parser.add_argument("--decode", action="store_true", help="batch-1 decode and 16 streams (see above)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--kernels", action="store_true", help="the CPU kernel comparison (see above)")
     args = parser.parse_args()
+    if args.kernels:
+        return kernel_choice()
     if args.decode:
         args.output = args.output or "results/cpu_decode.json"
         return decode_main(args)
