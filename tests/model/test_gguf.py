@@ -10,8 +10,8 @@ import torch
 import transformers
 
 from serval.layers.rotary import inverse_frequencies, rope_parameters
-from serval.model.llama import head_dim_of
 from serval.model.gguf import _llama3_rope_scaling, dequantize, find_gguf_file, load_gguf
+from serval.model.llama import head_dim_of
 
 Q = gguf.GGMLQuantizationType
 QUANTIZABLE = [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0]  # gguf.quants can quantize these
