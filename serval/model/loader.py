@@ -40,6 +40,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 MODEL_DEQUANTIZED_FORMATS = ("mxfp4",)
 # vLLM's dummy loader range: small enough that activations stay finite through any depth, in any dtype.
 DUMMY_WEIGHT_RANGE = (-1e-3, 1e-3)
+GGUF_DEQUANTIZE_ENV = "SERVAL_GGUF_DEQUANTIZE"
 
 
 def load_model(model: str, *, load_format: str = "auto", dtype: torch.dtype = torch.float32,
@@ -64,7 +65,7 @@ def load_model(model: str, *, load_format: str = "auto", dtype: torch.dtype = to
         raise FileNotFoundError(f"load_format='gguf' but no .gguf file found at {model!r}")
     if gguf_file is not None:
         from serval.model.gguf import load_gguf
-        checkpoint = load_gguf(gguf_file)
+        checkpoint = load_gguf(gguf_file, keep_packed=gguf_keeps_packed(device, quantization))
         config, weights = checkpoint.config, iter(checkpoint.weights.items())
         load_format = "gguf"
     else:
@@ -73,6 +74,8 @@ def load_model(model: str, *, load_format: str = "auto", dtype: torch.dtype = to
         load_format = "dummy" if load_format == "dummy" else "safetensors"
     net = build_model(config, dtype, device, runner)
     declared = checkpoint_quant(config)
+    if gguf_file is not None and checkpoint.quantization is not None:
+        declared = checkpoint.quantization  # the 4-bit projections a GGUF keeps packed (serval.layers.quant.gguf)
     if quantization == "fp8" and declared is not None and \
             any(rule.method != quant.Fp8Method() for rule in declared.rules):
         raise ValueError(f"quantization='fp8' asks for per-channel fp8, but the checkpoint is already quantized "
@@ -107,6 +110,15 @@ def load_model(model: str, *, load_format: str = "auto", dtype: torch.dtype = to
     return net, config
 
 
+def gguf_keeps_packed(device: str | torch.device, quantization: str | None) -> bool:
+    """Whether a GGUF's 4-bit projections stay packed (torch's int4 CPU kernel) rather than dequantized to float:
+    on the CPU, with no other quantization asked for, unless SERVAL_GGUF_DEQUANTIZE=1 (today's float32 path, for
+    comparisons)."""
+    from serval.layers.quant.gguf import int4_kernel_available
+    return (torch.device(device).type == "cpu" and quantization is None and int4_kernel_available()
+            and os.environ.get(GGUF_DEQUANTIZE_ENV) != "1")
+
+
 def checkpoint_quant(config: transformers.PretrainedConfig) -> quant.CheckpointQuantization | None:
     """The formats a checkpoint's config.json declares (its quantization_config), or None; raises naming the
     format for one Serval cannot read."""
@@ -123,6 +135,8 @@ def checkpoint_quant(config: transformers.PretrainedConfig) -> quant.CheckpointQ
 def checkpoint_quantization(config: transformers.PretrainedConfig) -> str | None:
     """The quant_method a checkpoint declares ("fp8", "compressed-tensors", "awq", "gptq") or None."""
     declared = checkpoint_quant(config)
+    if gguf_file is not None and checkpoint.quantization is not None:
+        declared = checkpoint.quantization  # the 4-bit projections a GGUF keeps packed (serval.layers.quant.gguf)
     return declared.quant_method if declared is not None else None
 
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import transformers
 
 from serval.model.default_model import resolve_model
 from serval.model.gguf import find_gguf_file
+from serval.model.gguf_reader import read_gguf_file
 
 # Gemma's turn format (text only): <start_of_turn>user|model ... <end_of_turn>; a system message is prefixed to the
 # first user turn, since Gemma has no system role.
@@ -53,16 +55,31 @@ def _gguf_tokenizer(path: str) -> transformers.PreTrainedTokenizerBase:
     """The tokenizer transformers builds for `AutoTokenizer.from_pretrained(dir, gguf_file=name)`, built directly.
 
     AutoTokenizer first derives a model config through GGUFReader, which parses every metadata string again:
-    ~5 s for SmolLM2. transformers' tokenizer builder reads only the tokenizer keys with its own array reader
-    (~0.4 s). Older transformers lack that builder: fall back to AutoTokenizer there.
+    ~5 s for SmolLM2. Here the metadata comes from Serval's header reader (~0.1 s) and goes to transformers'
+    tokenizer builder. Older transformers lack that builder: fall back to AutoTokenizer there.
     """
     try:
-        from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+            _SPECIAL_TOKENS, GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
         from transformers.tokenization_utils_tokenizers import TokenizersBackend
     except ImportError:
         return transformers.AutoTokenizer.from_pretrained(os.path.dirname(path) or ".",
                                                           gguf_file=os.path.basename(path))
-    architecture, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(path)
+    metadata = {name: value.tolist() if isinstance(value, np.ndarray) else value
+                for name, value in read_gguf_file(path).metadata.items()}
+    architecture = metadata["general.architecture"]
+    grouped = {group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items()
+                       if f"tokenizer.{key}" in metadata}
+               for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    tokenizer_dict, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if tokenizer_dict.get("tokenizer_type") == "llama":
+        # As transformers: llama.cpp adds BOS to a sentencepiece vocabulary that does not say otherwise.
+        tokenizer_config.setdefault("add_bos_token", True)
+    elif tokenizer_dict.get("tokenizer_type") == "gemma4":
+        tokenizer_config["add_bos_token"] = False
+    for name, key in _SPECIAL_TOKENS.items():
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        tokenizer_config[name] = tokenizer_dict["tokens"][token_id] if token_id is not None else None
     backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
     loaded = TokenizersBackend(tokenizer_object=backend, name_or_path=path, **tokenizer_config, **extra)
     if loaded.chat_template is None and architecture in _DEFAULT_CHAT_TEMPLATES:

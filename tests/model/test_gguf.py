@@ -9,7 +9,9 @@ import pytest
 import torch
 import transformers
 
+from serval.layers.rotary import inverse_frequencies, rope_parameters
 from serval.model.gguf import _llama3_rope_scaling, dequantize, find_gguf_file, load_gguf
+from serval.model.llama import head_dim_of
 
 Q = gguf.GGMLQuantizationType
 QUANTIZABLE = [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0]  # gguf.quants can quantize these
@@ -173,9 +175,19 @@ def test_round_trip_config_rebuilds_the_same_model(tmp_path, tiny_models, arch, 
     write_gguf(tmp_path / "model.gguf", gguf_arch, model)
 
     checkpoint = load_gguf(str(tmp_path))  # a directory holding one GGUF works too
-    config = checkpoint.config
-
-    assert config.architectures == [type(model).__name__]
+    # Serval's models read the GGUF's own config (no transformers import); every field they read equals
+    # transformers', and to_transformers() rebuilds transformers' class, which must run the same model.
+    assert checkpoint.config.architectures == [type(model).__name__]
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+                "bos_token_id", "eos_token_id", "pad_token_id", "hidden_act", "sliding_window", "model_type"):
+        assert getattr(checkpoint.config, key) == getattr(model.config, key, None), key
+    assert checkpoint.config.head_dim == head_dim_of(model.config)
+    # llama 3 rope parameters are refitted from rope_freqs (equal frequencies, not equal numbers).
+    torch.testing.assert_close(inverse_frequencies(checkpoint.config.head_dim, rope_parameters(checkpoint.config)),
+                               model.model.rotary_emb.inv_freq)
+    assert checkpoint.config.attention_bias == getattr(model.config, "attention_bias", arch == "qwen2")
+    config = checkpoint.config.to_transformers()
     assert type(config) is type(model.config)
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "max_position_embeddings", "rms_norm_eps",

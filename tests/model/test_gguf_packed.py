@@ -1,0 +1,71 @@
+"""The default model (SmolLM2-135M-Instruct, Q4_1 GGUF) with its 4-bit projections kept packed on the CPU, against
+the same file dequantized to float32 (SERVAL_GGUF_DEQUANTIZE=1, the path before packing): equal greedy answers,
+and the weight memory each holds.
+
+The packed kernel multiplies in bfloat16 (its float32 path is 60x slower), so two answers can part at a near tie
+of the float32 model: the rule is that every answer equals the reference up to its first difference, and there
+the reference's top token beat the packed one by less than NEAR_TIE_NATS."""
+from __future__ import annotations
+
+import pytest
+
+from serval import LLM, SamplingParams
+from serval.layers.quant.gguf import GGUFInt4Method
+from serval.model.loader import GGUF_DEQUANTIZE_ENV
+
+NUM_NEW_TOKENS = 24
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Answer in one short sentence."},
+     {"role": "user", "content": "Why is the sky blue?"}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+    [{"role": "user", "content": "Count from one to ten."},
+     {"role": "assistant", "content": "One, two, three, four, five, six, seven, eight, nine, ten."},
+     {"role": "user", "content": "Now backwards."}],
+]
+ENGINE_ARGS = dict(max_model_len=1024, max_num_batched_tokens=256, block_size=16, num_gpu_blocks_override=64)
+
+
+NEAR_TIE_NATS = 0.3
+
+
+def greedy_answers(llm: LLM, logprobs: int | None = None):
+    params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True, logprobs=logprobs)
+    return [output.outputs[0] for output in llm.chat(CONVERSATIONS, params, use_tqdm=False)]
+
+
+def assert_equal_but_near_ties(answer: list[int], reference) -> None:
+    """answer equals the reference's tokens, or parts from them where the reference's choice was a near tie."""
+    for position, (token, expected) in enumerate(zip(answer, reference.token_ids)):
+        if token != expected:
+            top = reference.logprobs[position]
+            assert token in top, f"position {position}: {token} is not among the reference's top {len(top)}"
+            gap = top[expected].logprob - top[token].logprob
+            assert gap < NEAR_TIE_NATS, f"position {position}: the reference preferred {expected} by {gap:.3f}"
+            return
+
+
+@pytest.fixture(scope="module")
+def dequantized():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(GGUF_DEQUANTIZE_ENV, "1")
+        llm = LLM(**ENGINE_ARGS)
+    return llm, greedy_answers(llm, logprobs=5), llm.engine.memory_usage().weight_bytes
+
+
+def test_packed_default_model_answers_as_the_dequantized_one_in_a_third_of_the_memory(dequantized):
+    reference, expected, dequantized_bytes = dequantized
+    assert not any(isinstance(m.quant_method, GGUFInt4Method)
+                   for m in reference.engine.model.modules() if hasattr(m, "quant_method"))
+    llm = LLM(**ENGINE_ARGS)
+    packed = [m for m in llm.engine.model.modules() if isinstance(getattr(m, "quant_method", None), GGUFInt4Method)]
+    assert len(packed) == 30 * 4  # qkv, o, gate_up, down of every layer; the tied embedding/head stays float
+    answers = [output.token_ids for output in greedy_answers(llm)]
+    for answer, reference_answer in zip(answers, expected):
+        assert_equal_but_near_ties(answer, reference_answer)
+    print(f"greedy answers equal to the dequantized model's: {sum(a == r.token_ids for a, r in zip(answers, expected))}"
+          f" of {len(answers)}")
+    packed_bytes = llm.engine.memory_usage().weight_bytes
+    # 515 MiB float32 -> 186 MiB: the Q8_0 embedding (shared with the LM head) is still float32, 108 MiB of it.
+    print(f"default model weights: packed {packed_bytes / 2**20:.0f} MiB, dequantized {dequantized_bytes / 2**20:.0f} MiB")
+    assert packed_bytes < 0.4 * dequantized_bytes
