@@ -13,6 +13,7 @@ pytest.importorskip("triton")
 from serval.kernels import triton_gemv  # noqa: E402
 from serval.layers import fp8  # noqa: E402
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel on a GPU; Triton's interpreter on the CPU
 TABLE = json.loads(triton_gemv.config_table_json(
     half={"6144x4096": (4, 1024, 4), "default": (8, 512, 2)}, float8={"4096x14336": (2, 8192, 16)},
     device_name="NVIDIA H200"))
@@ -46,7 +47,7 @@ def test_gemv_with_a_picked_config_matches_matmul(float8):
     # 37 rows and K = 96: neither a multiple of the picked blocks, so the masked paths run.
     torch.manual_seed(7)
     table = {"half": {"37x96": [4, 32, 2]}, "float8": {"37x96": [8, 64, 4]}}
-    x, weight = torch.randn(1, 96), torch.randn(37, 96)
+    x, weight = torch.randn(1, 96, device=DEVICE), torch.randn(37, 96, device=DEVICE)
     scale = None
     if float8:
         weight, scale = fp8.quantize_weight(weight)
@@ -54,4 +55,4 @@ def test_gemv_with_a_picked_config_matches_matmul(float8):
     config = triton_gemv.pick_config(table, 37, 96, float8)
     assert config == ((8, 64, 4) if float8 else (4, 32, 2))
     torch.testing.assert_close(triton_gemv.gemv(x, weight, config=config, weight_scale=scale), expected,
-                               atol=1e-4, rtol=1e-4)
+                               atol=1e-3, rtol=1e-3)
