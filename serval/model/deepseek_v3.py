@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from serval.layers.attention import AttentionMetadata
+from serval.layers.embedding import Embedding
 from serval.layers.linear import Linear
 from serval.layers.mla import LatentDims, latent_attention, latent_cache_shape, write_latent
 from serval.layers.mlp import GatedMLP
@@ -150,7 +151,7 @@ class DeepseekV3DecoderLayer(nn.Module):
 class DeepseekV3Model(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.rotary_emb = RotaryEmbedding(config.qk_rope_head_dim, config.max_position_embeddings,
                                           rope_parameters(config))
         self.layers = nn.ModuleList(DeepseekV3DecoderLayer(config, i, self.rotary_emb)

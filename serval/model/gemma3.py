@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from serval.layers.attention import Attention, AttentionMetadata
+from serval.layers.embedding import Embedding
 from serval.layers.linear import Linear, qkv_linear
 from serval.layers.mlp import GatedMLP
 from serval.layers.norm import GemmaRMSNorm
@@ -85,7 +86,7 @@ class Gemma3DecoderLayer(nn.Module):
 class Gemma3Model(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.embed_scale = config.hidden_size ** 0.5
         layer_types = layer_types_of(config)
         # One cos/sin table per layer type: local layers and global ones rotate with different bases.

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from serval.layers.attention import Attention, AttentionMetadata
+from serval.layers.embedding import Embedding
 from serval.layers.linear import Linear, qkv_linear
 from serval.layers.moe import ClampedSwiGLU, FusedMoE, top_k_softmax
 from serval.layers.norm import RMSNorm
@@ -99,7 +100,7 @@ class GptOssDecoderLayer(nn.Module):
 class GptOssModel(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, rope_parameters(config))
         self.layers = nn.ModuleList(GptOssDecoderLayer(config, i, self.rotary_emb)
                                     for i in range(config.num_hidden_layers))

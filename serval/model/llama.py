@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from serval.layers.attention import Attention, AttentionMetadata
+from serval.layers.embedding import Embedding
 from serval.layers.linear import Linear, MergedLinear, qkv_linear
 from serval.layers.mlp import GatedMLP
 from serval.layers.norm import RMSNorm
@@ -102,7 +103,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config, make_mlp=dense_mlp, **attention_options) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         # One table of cos/sin for all layers; each layer's attention holds it.
         self.rotary_emb = RotaryEmbedding(head_dim_of(config), config.max_position_embeddings,
                                           rope_parameters(config))

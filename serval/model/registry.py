@@ -1,30 +1,25 @@
 """config.architectures[0] -> model class. One family file serves several architectures."""
 from __future__ import annotations
 
+import importlib
+
 from torch import nn
 
-from serval.model.deepseek_v3 import DeepseekV3ForCausalLM
-from serval.model.gemma3 import Gemma3ForCausalLM
-from serval.model.gpt_oss import GptOssForCausalLM
-from serval.model.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
-from serval.model.mixtral import MixtralForCausalLM
-from serval.model.phi3 import Phi3ForCausalLM
-from serval.model.pooling_model import LlamaForEmbedding, LlamaForSequenceClassification, MistralForEmbedding, \
-    Qwen2ForEmbedding, Qwen2ForSequenceClassification, Qwen3ForEmbedding, Qwen3ForSequenceClassification
-from serval.model.qwen_moe import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
-
-_MODELS: dict[str, type[nn.Module]] = {
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": MistralForCausalLM,
-    "Qwen2ForCausalLM": Qwen2ForCausalLM,
-    "Qwen3ForCausalLM": Qwen3ForCausalLM,
-    "MixtralForCausalLM": MixtralForCausalLM,
-    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
-    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
-    "Gemma3ForCausalLM": Gemma3ForCausalLM,
-    "Phi3ForCausalLM": Phi3ForCausalLM,
-    "GptOssForCausalLM": GptOssForCausalLM,
-    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
+# Architecture -> (module under serval.model, class). Imported on first use, as vLLM's registry does: a family file
+# (and its kernels) loads only when a checkpoint needs it, and the family files may import the loader, which
+# imports this, without a cycle.
+_MODELS: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("llama", "MistralForCausalLM"),
+    "Qwen2ForCausalLM": ("llama", "Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": ("llama", "Qwen3ForCausalLM"),
+    "MixtralForCausalLM": ("mixtral", "MixtralForCausalLM"),
+    "Qwen2MoeForCausalLM": ("qwen_moe", "Qwen2MoeForCausalLM"),
+    "Qwen3MoeForCausalLM": ("qwen_moe", "Qwen3MoeForCausalLM"),
+    "Gemma3ForCausalLM": ("gemma3", "Gemma3ForCausalLM"),
+    "Phi3ForCausalLM": ("phi3", "Phi3ForCausalLM"),
+    "GptOssForCausalLM": ("gpt_oss", "GptOssForCausalLM"),
+    "DeepseekV3ForCausalLM": ("deepseek_v3", "DeepseekV3ForCausalLM"),
 }
 # For configs without `architectures` (some GGUF conversions): model_type names the family.
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -33,18 +28,25 @@ _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "q
                 "gpt_oss": "GptOssForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
 
 # Pooling models (embedders without an LM head, cross-encoders with a score head): --runner pooling.
-_POOLING_MODELS: dict[str, type[nn.Module]] = {
-    "LlamaModel": LlamaForEmbedding,
-    "MistralModel": MistralForEmbedding,
-    "Qwen2Model": Qwen2ForEmbedding,
-    "Qwen3Model": Qwen3ForEmbedding,
-    "LlamaForSequenceClassification": LlamaForSequenceClassification,
-    "Qwen2ForSequenceClassification": Qwen2ForSequenceClassification,
-    "Qwen3ForSequenceClassification": Qwen3ForSequenceClassification,
+_POOLING_MODELS: dict[str, tuple[str, str]] = {
+    "LlamaModel": ("pooling_model", "LlamaForEmbedding"),
+    "MistralModel": ("pooling_model", "MistralForEmbedding"),
+    "Qwen2Model": ("pooling_model", "Qwen2ForEmbedding"),
+    "Qwen3Model": ("pooling_model", "Qwen3ForEmbedding"),
+    "LlamaForSequenceClassification": ("pooling_model", "LlamaForSequenceClassification"),
+    "Qwen2ForSequenceClassification": ("pooling_model", "Qwen2ForSequenceClassification"),
+    "Qwen3ForSequenceClassification": ("pooling_model", "Qwen3ForSequenceClassification"),
 }
 # A causal LM served with --runner pooling: its decoder as an embedder (the LM head is dropped).
-_CAUSAL_AS_EMBEDDING = {"LlamaForCausalLM": LlamaForEmbedding, "MistralForCausalLM": MistralForEmbedding,
-                        "Qwen2ForCausalLM": Qwen2ForEmbedding, "Qwen3ForCausalLM": Qwen3ForEmbedding}
+_CAUSAL_AS_EMBEDDING = {"LlamaForCausalLM": ("pooling_model", "LlamaForEmbedding"),
+                        "MistralForCausalLM": ("pooling_model", "MistralForEmbedding"),
+                        "Qwen2ForCausalLM": ("pooling_model", "Qwen2ForEmbedding"),
+                        "Qwen3ForCausalLM": ("pooling_model", "Qwen3ForEmbedding")}
+
+
+def _load(entry: tuple[str, str]) -> type[nn.Module]:
+    module, name = entry
+    return getattr(importlib.import_module(f"serval.model.{module}"), name)
 
 
 SUPPORTED_ARCHITECTURES = tuple(_MODELS) + tuple(_POOLING_MODELS)
@@ -72,15 +74,15 @@ def get_model_class(config, runner: str = "auto") -> type[nn.Module]:
     architecture = architecture_of(config)
     runner = resolve_runner(config, runner)
     if runner == "pooling":
-        model_class = _POOLING_MODELS.get(architecture) or _CAUSAL_AS_EMBEDDING.get(architecture)
-        if model_class is None:
+        entry = _POOLING_MODELS.get(architecture) or _CAUSAL_AS_EMBEDDING.get(architecture)
+        if entry is None:
             raise ValueError(f"architecture {architecture!r} cannot run with runner='pooling'; pooling "
                              f"architectures: {list(_POOLING_MODELS) + list(_CAUSAL_AS_EMBEDDING)}")
-        return model_class
+        return _load(entry)
     if architecture in _POOLING_MODELS:
         raise ValueError(f"architecture {architecture!r} is a pooling model (embeddings, scores): it runs with "
                          "runner='pooling' (--runner pooling), not runner='generate'")
     if architecture not in _MODELS:
         raise ValueError(f"architecture {architecture!r} is not supported; "
                          f"supported architectures: {list(SUPPORTED_ARCHITECTURES)}")
-    return _MODELS[architecture]
+    return _load(_MODELS[architecture])

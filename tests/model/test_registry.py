@@ -6,6 +6,7 @@ import types
 import pytest
 
 from serval.model import llama
+from serval.model import registry
 from serval.model.registry import SUPPORTED_ARCHITECTURES, get_model_class
 
 
@@ -33,3 +34,14 @@ def test_unknown_architecture_names_it_and_the_supported_ones():
 def test_no_architecture_at_all():
     with pytest.raises(ValueError, match="no architecture.*model_type='bert'"):
         get_model_class(types.SimpleNamespace(model_type="bert"))
+
+
+def test_every_family_file_imports_first_in_a_fresh_interpreter():
+    # The family files import the loader, which imports the registry; the registry imports them lazily, so any
+    # of them may be the first import (a user's, or a worker process's) without a circular-import error.
+    import subprocess
+    import sys
+    entries = list(registry._MODELS.values()) + list(registry._POOLING_MODELS.values())
+    modules = sorted({module for module, _ in entries})
+    for module in modules:
+        subprocess.run([sys.executable, "-c", f"import serval.model.{module}"], check=True)
