@@ -47,6 +47,11 @@ class LLM:
         self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, tokenizer=tokenizer, **engine_args))
         self._request_counter = itertools.count()
 
+    def shutdown(self) -> None:
+        """Stop the engine's worker processes (tensor parallelism) now rather than at interpreter exit; nothing to
+        stop for a single-process engine."""
+        self.engine.shutdown()
+
     def get_tokenizer(self):
         return self.engine.tokenizer
 

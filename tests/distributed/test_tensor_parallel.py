@@ -41,7 +41,7 @@ def test_greedy_matches_transformers_and_tp1(tmp_path, case):
         if case == "qwen3-replicated-kv-odd-vocab":
             check_prompt_logprobs(llm, hf_model)
     finally:
-        llm.engine.shutdown()
+        llm.shutdown()
     assert not [p for p in llm.engine.executor.processes if p.is_alive()]
 
 
