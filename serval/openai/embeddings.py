@@ -19,12 +19,18 @@ from serval.openai.protocol import OpenAIBase, PositiveInt, RequestBody, TokenId
 EmbeddingInput = StrictStr | list[StrictStr] | list[TokenId] | list[list[TokenId]]
 
 
+# OpenAI's bound on an embeddings input array; each item is an engine request, so one body can't queue millions.
+MAX_INPUTS = 2048
+
+
 def _not_empty(value, field: str):
-    """Every input must hold something: an empty string or token array has nothing to pool."""
+    """Every input must hold something: an empty string or token array has nothing to pool; at most MAX_INPUTS."""
     items = [value] if isinstance(value, str) or (value and isinstance(value[0], int)) else value
     if not items:
         raise InvalidArgument(field, f"invalid {field}: it is empty; allowed a string, strings, a token array or "
                                      "token arrays, none of them empty")
+    if len(items) > MAX_INPUTS:
+        raise InvalidArgument(field, f"invalid {field}: {len(items)} items; at most {MAX_INPUTS} per request")
     for index, item in enumerate(items):
         if len(item) == 0:
             raise InvalidArgument(field, f"invalid {field}: item {index} is empty")

@@ -19,6 +19,7 @@ from serval.openai.embeddings import EmbeddingData, EmbeddingRequest, EmbeddingR
     rerank_results, score_pairs
 from serval.openai.errors import APIError, InvalidArgument
 from serval.pooling_params import PoolingParams
+from serval.server import admission
 from serval.server.lifecycle import Call
 from serval.server.state import ServerState
 
@@ -94,6 +95,10 @@ async def run_pooling(state: ServerState, call: Call, prompts: list[dict],
     client gone) aborts the ones still running."""
     for prompt in prompts:
         call.session.check_prompt_tokens(len(prompt["prompt_token_ids"]), "input")
+    # As generation's admission (serving.start): the key's budget holds the prompts, and --max-waiting-requests
+    # applies, with no await between the check and the engine taking the requests.
+    call.session.reserve(sum(len(prompt["prompt_token_ids"]) for prompt in prompts), 0)
+    admission.check_capacity(state)
     base = call.record.request_id
     streams = []
     tasks: list[asyncio.Task] = []

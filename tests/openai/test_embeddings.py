@@ -37,12 +37,17 @@ def test_every_openai_input_form(value, expected):
     ({"input": [[1], []]}, "input"),
     ({"input": [-1]}, "input"), ({"input": [True]}, "input"), ({}, "input"),
     ({"input": "a", "dimensions": 0}, "dimensions"), ({"input": "a", "encoding_format": "hex"}, "encoding_format"),
+    ({"input": ["a"] * 2049}, "input"), ({"input": [[1]] * 2049}, "input"),  # OpenAI's 2048 items at most
 ])
 def test_bad_embedding_bodies_name_the_field(body, param):
     with pytest.raises(ValidationError) as caught:
         EmbeddingRequest.model_validate(body)
     error = APIError.from_validation_error(caught.value)
     assert error.status == 400 and error.param == param
+
+
+def test_the_largest_input_array_is_accepted():
+    assert len(EmbeddingRequest.model_validate({"input": ["a"] * 2048}).inputs()) == 2048
 
 
 def test_score_and_rerank_bodies():
