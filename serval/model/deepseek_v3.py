@@ -30,6 +30,7 @@ from serval.layers.mlp import GatedMLP
 from serval.layers.moe import FusedMoE, sigmoid_group_top_k
 from serval.layers.norm import RMSNorm
 from serval.layers.rotary import RotaryEmbedding, rope_parameters, yarn_mscale
+from serval.model.llama import LlamaDecoderLayer
 from serval.model.mixtral import MixtralForCausalLM, require_silu
 
 _LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm and kv_a_layernorm with the default, not rms_norm_eps
@@ -137,15 +138,8 @@ class DeepseekV3DecoderLayer(nn.Module):
         self.mlp = (GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
                     if layer_idx < config.first_k_dense_replace else DeepseekV3MoE(config))
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
-                kv_cache: torch.Tensor, metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            hidden, residual = self.input_layernorm(hidden), hidden
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, metadata)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+    # The same pre-norm block as Llama's (the same four submodule names): its forward, not a copy.
+    forward = LlamaDecoderLayer.forward
 
 
 class DeepseekV3Model(nn.Module):

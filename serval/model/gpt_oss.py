@@ -27,7 +27,7 @@ from serval.layers.linear import Linear, qkv_linear
 from serval.layers.moe import ClampedSwiGLU, FusedMoE, top_k_softmax
 from serval.layers.norm import RMSNorm
 from serval.layers.rotary import RotaryEmbedding, rope_parameters
-from serval.model.llama import LlamaForCausalLM, sliding_window_of
+from serval.model.llama import LlamaDecoderLayer, LlamaForCausalLM, sliding_window_of
 
 # e2m1: sign bit, two exponent bits, one mantissa bit; index = the 4-bit code.
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -86,15 +86,8 @@ class GptOssDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = GptOssMLP(config)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
-                kv_cache: torch.Tensor, metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            hidden, residual = self.input_layernorm(hidden), hidden
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, metadata)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+    # The same pre-norm block as Llama's (the same four submodule names): its forward, not a copy.
+    forward = LlamaDecoderLayer.forward
 
 
 class GptOssModel(nn.Module):
