@@ -118,6 +118,12 @@ class ServalEngine:
     def reset_prefix_cache(self) -> None:
         self.llm.engine.kv_cache.reset_prefix_cache()
 
+    def stats(self) -> dict:
+        """The scheduler's counters so far: a throughput row that falls behind shows whether it preempted."""
+        engine = self.llm.engine
+        return {"num_kv_blocks": engine.kv_cache.num_blocks, "block_size": engine.config.block_size,
+                "num_preemptions": engine.scheduler.num_preemptions}
+
 
 class VllmEngine:
     name = "vllm"
@@ -383,6 +389,8 @@ def child_main(engine_name: str, precision: str, plan_path: str, result_path: st
                 except Exception as error:  # noqa: BLE001 - one failed row must not lose the others
                     result[row] = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
                 result[row]["section_s"] = time.perf_counter() - started
+                if hasattr(engine, "stats"):
+                    result[row]["engine_stats"] = engine.stats()
                 write_json(result_path, result)
     except Exception as error:  # noqa: BLE001 - reported in the parent's table
         result["error"] = f"{type(error).__name__}: {error}"
@@ -521,8 +529,7 @@ def main() -> None:
     plan_path = os.path.join(args.out, "plan.json")
     write_json(plan_path, asdict(plan))
     engines = [e for e in args.engines.split(",") if e and not (args.skip_peer and e == "vllm")]
-    precisions = (["bf16", "fp8"] if args.profile
-                  else [p for p in PRECISIONS if any(row.startswith(p + "-") for row in rows)])
+    precisions = [p for p in PRECISIONS if any(row.startswith(p + "-") for row in rows)]
     results = {"model": model, "settings": {k: v for k, v in asdict(plan).items() if not k.startswith("prompt")
                                                  and k != "outputs_1000"},
                "device": device_name(), "engines": {e: {} for e in engines}}
