@@ -151,8 +151,9 @@ def main() -> None:
     if args.write_config:
         text = triton_gemv.config_table_json(tables[False], tables[True], device_name)
         name = triton_gemv.config_file_name(device_name)
-        for directory in (triton_gemv.CONFIG_DIR, args.out):
-            with open(os.path.join(directory, name), "w") as f:
+        # The copy under --out has no "=" in its name: a device call brings back only plain names.
+        for path in (os.path.join(triton_gemv.CONFIG_DIR, name), os.path.join(args.out, name.replace("=", "_"))):
+            with open(path, "w") as f:
                 f.write(text + "\n")
         print(f"\n{name} written under serval/kernels/configs/ and {args.out}:\n{text}")
 
