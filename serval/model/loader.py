@@ -135,8 +135,6 @@ def checkpoint_quant(config: transformers.PretrainedConfig) -> quant.CheckpointQ
 def checkpoint_quantization(config: transformers.PretrainedConfig) -> str | None:
     """The quant_method a checkpoint declares ("fp8", "compressed-tensors", "awq", "gptq") or None."""
     declared = checkpoint_quant(config)
-    if gguf_file is not None and checkpoint.quantization is not None:
-        declared = checkpoint.quantization  # the 4-bit projections a GGUF keeps packed (serval.layers.quant.gguf)
     return declared.quant_method if declared is not None else None
 
 

@@ -225,3 +225,20 @@ def test_fp8_checkpoints_serval_cannot_read_are_named(tmp_path):
     save_fp8_checkpoint(tmp_path, hf_model, quant_method="bitsandbytes")
     with pytest.raises(ValueError, match="quant_method 'bitsandbytes'.*'awq', 'gptq'"):
         load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("quantization_config, expected", [
+    (None, None),
+    ({"quant_method": "fp8", "activation_scheme": "dynamic"}, "fp8"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}, "awq"),
+])
+def test_checkpoint_quantization_names_the_declared_method(quantization_config, expected):
+    # What tensor parallelism's refusal of a quantized checkpoint names (serval.distributed.weights).
+    import transformers
+
+    from serval.model.loader import checkpoint_quantization
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    if quantization_config is not None:
+        config.quantization_config = quantization_config
+    assert checkpoint_quantization(config) == expected
