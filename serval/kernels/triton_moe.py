@@ -151,15 +151,23 @@ def _dot_operand(x, DOT_IN_FLOAT32: tl.constexpr):
     return x
 
 
+# What the gate/up GEMM's epilogue computes (the down GEMM's is NO_ACTIVATION). constexpr: the kernel reads them.
+NO_ACTIVATION = tl.constexpr(0)
+SILU_GATE_THEN_UP = tl.constexpr(1)
+CLAMPED_SWIGLU_INTERLEAVED = tl.constexpr(2)
+
+
 @triton.jit
-def _expert_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_slots_ptr, block_experts_ptr, num_padded_ptr, num_slots,
-                        N, K, stride_am, stride_we, stride_wn, stride_om,
-                        SLOTS_PER_A_ROW: tl.constexpr, SWIGLU: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        DOT_IN_FLOAT32: tl.constexpr,
+def _expert_gemm_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, sorted_slots_ptr, block_experts_ptr, num_padded_ptr,
+                        num_slots, N, K, stride_am, stride_we, stride_wn, stride_be, stride_om, swiglu_alpha,
+                        swiglu_limit, SLOTS_PER_A_ROW: tl.constexpr, ACTIVATION: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr):
-    """out[slot, n] = a[slot // SLOTS_PER_A_ROW] . w[expert, n] for the BLOCK_M sorted slots of this program's
-    block; with SWIGLU, w holds gate rows [0, N) and up rows [N, 2N) and out gets silu(gate) * up."""
+    """out[slot, n] = a[slot // SLOTS_PER_A_ROW] . w[expert, n] (+ bias[expert, n]) for the BLOCK_M sorted slots
+    of this program's block. With SILU_GATE_THEN_UP, w holds gate rows [0, N) and up rows [N, 2N) and out gets
+    silu(gate) * up; with CLAMPED_SWIGLU_INTERLEAVED (gpt-oss), gate rows 2n and up rows 2n + 1, and out gets
+    (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)."""
     pid = tl.program_id(0)
     num_pid_m = tl.num_programs(0) // tl.cdiv(N, BLOCK_N)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -177,9 +185,17 @@ def _expert_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_slots_ptr, block_experts_p
     expert = tl.load(block_experts_ptr + pid_m).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_valid = cols < N
+    # The weight rows that give output column n: itself, or its gate row and its up row.
+    if ACTIVATION == CLAMPED_SWIGLU_INTERLEAVED:
+        w_rows = 2 * cols
+        up_rows = 2 * cols + 1
+    else:
+        w_rows = cols
+        up_rows = cols + N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
-    w_ptrs = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [K, N] tile
+    w_ptrs = w_ptr + expert * stride_we + w_rows[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [K, N] tile
+    up_ptrs = w_ptr + expert * stride_we + up_rows[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
@@ -189,16 +205,27 @@ def _expert_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_slots_ptr, block_experts_p
         if DOT_IN_FLOAT32:
             a = a.to(tl.float32)
         acc = tl.dot(a, _dot_operand(w, DOT_IN_FLOAT32), acc, input_precision=DOT_PRECISION)
-        if SWIGLU:
-            w_up = tl.load(w_ptrs + N * stride_wn, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
+        if ACTIVATION != NO_ACTIVATION:
+            w_up = tl.load(up_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
             acc_up = tl.dot(a, _dot_operand(w_up, DOT_IN_FLOAT32), acc_up, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    if SWIGLU:
-        # gate and up rounded to the model dtype first, as the reference's two projections are.
+        up_ptrs += BLOCK_K
+    if HAS_BIAS:
+        bias_ptrs = bias_ptr + expert * stride_be
+        acc += tl.load(bias_ptrs + w_rows, mask=col_valid, other=0.0).to(tl.float32)[None, :]
+        if ACTIVATION != NO_ACTIVATION:
+            acc_up += tl.load(bias_ptrs + up_rows, mask=col_valid, other=0.0).to(tl.float32)[None, :]
+    if ACTIVATION != NO_ACTIVATION:
+        # gate and up rounded to the model dtype first, as the reference's projection is.
         gate = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
         up = acc_up.to(out_ptr.dtype.element_ty).to(tl.float32)
-        acc = gate * tl.sigmoid(gate) * up
+        if ACTIVATION == CLAMPED_SWIGLU_INTERLEAVED:
+            gate = tl.minimum(gate, swiglu_limit)
+            up = tl.minimum(tl.maximum(up, -swiglu_limit), swiglu_limit)
+            acc = (up + 1.0) * (gate * tl.sigmoid(gate * swiglu_alpha))
+        else:
+            acc = gate * tl.sigmoid(gate) * up
     out_ptrs = out_ptr + slots[:, None].to(tl.int64) * stride_om + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=slot_valid[:, None] & col_valid[None, :])
 
@@ -218,9 +245,12 @@ def _combine_kernel(expert_out_ptr, weights_ptr, out_ptr, H, stride_expert_out, 
 
 
 def fused_experts(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, routing,
-                  config: MoeKernelConfig | None = None) -> torch.Tensor:
+                  config: MoeKernelConfig | None = None, *, gate_up_bias: torch.Tensor | None = None,
+                  down_bias: torch.Tensor | None = None, activation=None) -> torch.Tensor:
     """serval.layers.moe.fused_experts_reference: hidden [T, H], gate_up_proj [E, 2I, H], down_proj [E, H, I],
-    routing (ExpertRouting: weights [T, k] float32, expert_ids [T, k]) -> [T, H] in hidden's dtype."""
+    routing (ExpertRouting: weights [T, k] float32, expert_ids [T, k]) -> [T, H] in hidden's dtype.
+    gpt-oss: gate_up_bias [E, 2I], down_bias [E, H], and activation a ClampedSwiGLU (anything with `alpha` and
+    `limit`), whose gate/up rows are interleaved; activation None is SiLU over gate rows then up rows."""
     num_tokens, hidden_size = hidden.shape
     num_experts, intermediate_size = down_proj.shape[0], down_proj.shape[2]
     top_k = routing.expert_ids.shape[1]
@@ -239,16 +269,26 @@ def fused_experts(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: t
     launch = dict(DOT_PRECISION=precision, DOT_IN_FLOAT32=interpreted_bfloat16, BLOCK_M=config.block_m,
                   BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m, num_warps=config.num_warps,
                   num_stages=config.num_stages)
+    if activation is None:
+        gated, alpha, limit = SILU_GATE_THEN_UP.value, 1.0, 0.0
+    else:
+        gated, alpha, limit = CLAMPED_SWIGLU_INTERLEAVED.value, float(activation.alpha), float(activation.limit)
+    gate_up_bias = None if gate_up_bias is None else gate_up_bias.contiguous()
+    down_bias = None if down_bias is None else down_bias.contiguous()
     activations = torch.empty(num_slots, intermediate_size, dtype=hidden.dtype, device=hidden.device)
     _expert_gemm_kernel[(max_blocks * triton.cdiv(intermediate_size, config.block_n),)](
-        hidden, gate_up_proj, activations, blocks.sorted_slots, blocks.block_experts, blocks.num_padded, num_slots,
-        intermediate_size, hidden_size, hidden.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1),
-        activations.stride(0), SLOTS_PER_A_ROW=top_k, SWIGLU=True, **launch)
+        hidden, gate_up_proj, gate_up_proj if gate_up_bias is None else gate_up_bias, activations,
+        blocks.sorted_slots, blocks.block_experts, blocks.num_padded, num_slots, intermediate_size, hidden_size,
+        hidden.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1),
+        0 if gate_up_bias is None else gate_up_bias.stride(0), activations.stride(0), alpha, limit,
+        SLOTS_PER_A_ROW=top_k, ACTIVATION=gated, HAS_BIAS=gate_up_bias is not None, **launch)
     expert_out = torch.empty(num_slots, hidden_size, dtype=hidden.dtype, device=hidden.device)
     _expert_gemm_kernel[(max_blocks * triton.cdiv(hidden_size, config.block_n),)](
-        activations, down_proj, expert_out, blocks.sorted_slots, blocks.block_experts, blocks.num_padded, num_slots,
-        hidden_size, intermediate_size, activations.stride(0), down_proj.stride(0), down_proj.stride(1),
-        expert_out.stride(0), SLOTS_PER_A_ROW=1, SWIGLU=False, **launch)
+        activations, down_proj, down_proj if down_bias is None else down_bias, expert_out, blocks.sorted_slots,
+        blocks.block_experts, blocks.num_padded, num_slots, hidden_size, intermediate_size, activations.stride(0),
+        down_proj.stride(0), down_proj.stride(1), 0 if down_bias is None else down_bias.stride(0),
+        expert_out.stride(0), 1.0, 0.0, SLOTS_PER_A_ROW=1, ACTIVATION=NO_ACTIVATION.value,
+        HAS_BIAS=down_bias is not None, **launch)
     block_h = min(triton.next_power_of_2(hidden_size), 1024)
     _combine_kernel[(num_tokens, triton.cdiv(hidden_size, block_h))](
         expert_out, routing.weights.float().contiguous(), out, hidden_size, expert_out.stride(0), out.stride(0),

@@ -12,8 +12,9 @@ largest logits of a router with a bias and takes the softmax over those k only. 
 each group's two best scores plus a load-balancing correction bias, takes the top k within those groups, and
 weights them by their sigmoid scores (renormalized, then times routed_scaling_factor).
 
-gpt-oss's experts also carry biases and a clamped SwiGLU (`ClampedSwiGLU`); those run the torch reference on every
-device for now (the fused kernel has plain SiLU and no biases built in).
+gpt-oss's experts also carry biases and a clamped SwiGLU (`ClampedSwiGLU`, gate/up rows interleaved): both
+backends take them as options (the kernel adds the biases and applies the clamp in its GEMMs' epilogues), so
+gpt-oss runs the fused kernel on CUDA as Mixtral and Qwen do.
 
 The experts' weights are stacked, as transformers 5 keeps them: `gate_up_proj` [E, 2 * I, H] (gate rows, then up
 rows) and `down_proj` [E, H, I]. Which implementation computes them is chosen here, as Attention chooses its
@@ -102,10 +103,13 @@ def silu_gate_then_up(gate_up: torch.Tensor) -> torch.Tensor:
 
 def fused_experts_reference(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
                             routing: ExpertRouting, gate_up_bias: torch.Tensor | None = None,
-                            down_bias: torch.Tensor | None = None, activation=silu_gate_then_up) -> torch.Tensor:
+                            down_bias: torch.Tensor | None = None,
+                            activation: ClampedSwiGLU | None = None) -> torch.Tensor:
     """sum_j weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = expert_ids[t, j]: the reference the kernel
     is tested against and what CPU runs. Each expert's product is rounded to the model dtype, weighted in float32
-    and summed in float32, as the kernel does. gpt-oss: biases [E, 2I] and [E, H], and its own activation."""
+    and summed in float32, as the kernel does. gpt-oss: biases [E, 2I] and [E, H], and its ClampedSwiGLU
+    (None: SiLU over the gate rows times the up rows)."""
+    activation = activation or silu_gate_then_up
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     for expert in torch.unique(routing.expert_ids).tolist():
         tokens, slots = torch.nonzero(routing.expert_ids == expert, as_tuple=True)
@@ -147,12 +151,12 @@ class FusedMoE(nn.Module):
         return [(expert, projection) for expert in range(self.num_experts) for projection in projections]
 
     def forward(self, hidden: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
-        if self.activation is not None or self.gate_up_proj_bias is not None:
-            return fused_experts_reference(hidden, self.gate_up_proj, self.down_proj, routing, self.gate_up_proj_bias,
-                                           self.down_proj_bias, self.activation or silu_gate_then_up)
         if self._backend is None:
             self._backend = moe_backend(hidden.device)
-        return self._backend(hidden, self.gate_up_proj, self.down_proj, routing)
+        if self.gate_up_proj_bias is None and self.activation is None:
+            return self._backend(hidden, self.gate_up_proj, self.down_proj, routing)
+        return self._backend(hidden, self.gate_up_proj, self.down_proj, routing, gate_up_bias=self.gate_up_proj_bias,
+                             down_bias=self.down_proj_bias, activation=self.activation)
 
 
 def moe_backend(device: torch.device):
