@@ -158,16 +158,18 @@ CLAMPED_SWIGLU_INTERLEAVED = tl.constexpr(2)
 
 
 @triton.jit
-def _expert_gemm_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, sorted_slots_ptr, block_experts_ptr, num_padded_ptr,
-                        num_slots, N, K, stride_am, stride_we, stride_wn, stride_be, stride_om, swiglu_alpha,
-                        swiglu_limit, SLOTS_PER_A_ROW: tl.constexpr, ACTIVATION: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr,
+def _expert_gemm_kernel(a_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, sorted_slots_ptr, block_experts_ptr,
+                        num_padded_ptr, num_slots, N, K, stride_am, stride_we, stride_wn, stride_se, stride_be,
+                        stride_om, swiglu_alpha, swiglu_limit, SLOTS_PER_A_ROW: tl.constexpr,
+                        ACTIVATION: tl.constexpr, HAS_W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr):
     """out[slot, n] = a[slot // SLOTS_PER_A_ROW] . w[expert, n] (+ bias[expert, n]) for the BLOCK_M sorted slots
     of this program's block. With SILU_GATE_THEN_UP, w holds gate rows [0, N) and up rows [N, 2N) and out gets
     silu(gate) * up; with CLAMPED_SWIGLU_INTERLEAVED (gpt-oss), gate rows 2n and up rows 2n + 1, and out gets
-    (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)."""
+    (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit). With HAS_W_SCALE, w is float8
+    and row n of expert e stands for w[e, n] * w_scale[e, n]: tiles are widened to a's dtype for the dot (float8
+    e4m3 values are exact in it) and the scale multiplies the float32 accumulator, before the bias."""
     pid = tl.program_id(0)
     num_pid_m = tl.num_programs(0) // tl.cdiv(N, BLOCK_N)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -202,15 +204,24 @@ def _expert_gemm_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, sorted_slots_ptr, block
         k_valid = offs_k < K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=slot_valid[:, None] & k_valid[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
+        if HAS_W_SCALE:
+            w = w.to(a_ptr.dtype.element_ty)
         if DOT_IN_FLOAT32:
             a = a.to(tl.float32)
         acc = tl.dot(a, _dot_operand(w, DOT_IN_FLOAT32), acc, input_precision=DOT_PRECISION)
         if ACTIVATION != NO_ACTIVATION:
             w_up = tl.load(up_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
+            if HAS_W_SCALE:
+                w_up = w_up.to(a_ptr.dtype.element_ty)
             acc_up = tl.dot(a, _dot_operand(w_up, DOT_IN_FLOAT32), acc_up, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
         up_ptrs += BLOCK_K
+    if HAS_W_SCALE:
+        scale_ptrs = w_scale_ptr + expert * stride_se
+        acc *= tl.load(scale_ptrs + w_rows, mask=col_valid, other=0.0)[None, :]
+        if ACTIVATION != NO_ACTIVATION:
+            acc_up *= tl.load(scale_ptrs + up_rows, mask=col_valid, other=0.0)[None, :]
     if HAS_BIAS:
         bias_ptrs = bias_ptr + expert * stride_be
         acc += tl.load(bias_ptrs + w_rows, mask=col_valid, other=0.0).to(tl.float32)[None, :]
@@ -246,11 +257,14 @@ def _combine_kernel(expert_out_ptr, weights_ptr, out_ptr, H, stride_expert_out, 
 
 def fused_experts(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, routing,
                   config: MoeKernelConfig | None = None, *, gate_up_bias: torch.Tensor | None = None,
-                  down_bias: torch.Tensor | None = None, activation=None) -> torch.Tensor:
+                  down_bias: torch.Tensor | None = None, activation=None, gate_up_scale: torch.Tensor | None = None,
+                  down_scale: torch.Tensor | None = None) -> torch.Tensor:
     """serval.layers.moe.fused_experts_reference: hidden [T, H], gate_up_proj [E, 2I, H], down_proj [E, H, I],
     routing (ExpertRouting: weights [T, k] float32, expert_ids [T, k]) -> [T, H] in hidden's dtype.
     gpt-oss: gate_up_bias [E, 2I], down_bias [E, H], and activation a ClampedSwiGLU (anything with `alpha` and
-    `limit`), whose gate/up rows are interleaved; activation None is SiLU over gate rows then up rows."""
+    `limit`), whose gate/up rows are interleaved; activation None is SiLU over gate rows then up rows.
+    quantization="fp8": the weights float8 e4m3 with float32 scales per expert and output row, gate_up_scale
+    [E, 2I] and down_scale [E, H]."""
     num_tokens, hidden_size = hidden.shape
     num_experts, intermediate_size = down_proj.shape[0], down_proj.shape[2]
     top_k = routing.expert_ids.shape[1]
@@ -273,24 +287,33 @@ def fused_experts(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: t
         gated, alpha, limit = SILU_GATE_THEN_UP.value, 1.0, 0.0
     else:
         gated, alpha, limit = CLAMPED_SWIGLU_INTERLEAVED.value, float(activation.alpha), float(activation.limit)
-    gate_up_bias = None if gate_up_bias is None else gate_up_bias.contiguous()
-    down_bias = None if down_bias is None else down_bias.contiguous()
+    gate_up_bias, down_bias, gate_up_scale, down_scale = (
+        None if t is None else t.contiguous() for t in (gate_up_bias, down_bias, gate_up_scale, down_scale))
     activations = torch.empty(num_slots, intermediate_size, dtype=hidden.dtype, device=hidden.device)
     _expert_gemm_kernel[(max_blocks * triton.cdiv(intermediate_size, config.block_n),)](
-        hidden, gate_up_proj, gate_up_proj if gate_up_bias is None else gate_up_bias, activations,
+        hidden, gate_up_proj, _or(gate_up_scale, gate_up_proj), _or(gate_up_bias, gate_up_proj), activations,
         blocks.sorted_slots, blocks.block_experts, blocks.num_padded, num_slots, intermediate_size, hidden_size,
-        hidden.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1),
-        0 if gate_up_bias is None else gate_up_bias.stride(0), activations.stride(0), alpha, limit,
-        SLOTS_PER_A_ROW=top_k, ACTIVATION=gated, HAS_BIAS=gate_up_bias is not None, **launch)
+        hidden.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), _row_stride(gate_up_scale),
+        _row_stride(gate_up_bias), activations.stride(0), alpha, limit, SLOTS_PER_A_ROW=top_k, ACTIVATION=gated,
+        HAS_W_SCALE=gate_up_scale is not None, HAS_BIAS=gate_up_bias is not None, **launch)
     expert_out = torch.empty(num_slots, hidden_size, dtype=hidden.dtype, device=hidden.device)
     _expert_gemm_kernel[(max_blocks * triton.cdiv(hidden_size, config.block_n),)](
-        activations, down_proj, down_proj if down_bias is None else down_bias, expert_out, blocks.sorted_slots,
-        blocks.block_experts, blocks.num_padded, num_slots, hidden_size, intermediate_size, activations.stride(0),
-        down_proj.stride(0), down_proj.stride(1), 0 if down_bias is None else down_bias.stride(0),
-        expert_out.stride(0), 1.0, 0.0, SLOTS_PER_A_ROW=1, ACTIVATION=NO_ACTIVATION.value,
-        HAS_BIAS=down_bias is not None, **launch)
+        activations, down_proj, _or(down_scale, down_proj), _or(down_bias, down_proj), expert_out,
+        blocks.sorted_slots, blocks.block_experts, blocks.num_padded, num_slots, hidden_size, intermediate_size,
+        activations.stride(0), down_proj.stride(0), down_proj.stride(1), _row_stride(down_scale),
+        _row_stride(down_bias), expert_out.stride(0), 1.0, 0.0, SLOTS_PER_A_ROW=1, ACTIVATION=NO_ACTIVATION.value,
+        HAS_W_SCALE=down_scale is not None, HAS_BIAS=down_bias is not None, **launch)
     block_h = min(triton.next_power_of_2(hidden_size), 1024)
     _combine_kernel[(num_tokens, triton.cdiv(hidden_size, block_h))](
         expert_out, routing.weights.float().contiguous(), out, hidden_size, expert_out.stride(0), out.stride(0),
         TOP_K=top_k, BLOCK_H=block_h)
     return out
+
+
+def _or(tensor: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
+    """An optional operand, or any tensor in its place (the kernel never reads it: its HAS_ flag is off)."""
+    return placeholder if tensor is None else tensor
+
+
+def _row_stride(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.stride(0)

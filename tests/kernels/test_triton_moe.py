@@ -193,3 +193,44 @@ def test_each_gpt_oss_option_changes_the_output():
     }
     for name, options in variants.items():
         assert not torch.allclose(check(routing, 8, 32, 16, torch.float32, **options), full, atol=1e-3), name
+
+
+def fp8_experts(gate_up: torch.Tensor, down: torch.Tensor):
+    """Both stacks as quantization="fp8" stores them: float8 e4m3, a float32 scale per expert and output row."""
+    from serval.layers.fp8 import quantize_weight
+    quantized = []
+    for stack in (gate_up, down):
+        pairs = [quantize_weight(expert) for expert in stack]
+        quantized += [torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])]
+    return quantized
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gpt_oss", [False, True], ids=["silu", "gpt-oss"])
+def test_fp8_experts_apply_per_expert_row_scales(dtype, gpt_oss):
+    """float8 weights with scales per expert and row (sized unlike each other, so a scale from the wrong expert or
+    row shows): the kernel against the reference, which dequantizes each expert before its product."""
+    num_experts, hidden, intermediate = 8, 48, 24
+    gate_up, down = expert_weights(num_experts, hidden, intermediate, torch.float32)
+    spread = torch.logspace(-2, 2, num_experts, device=DEVICE)[:, None, None]  # expert e's weights times 10^(4e/7 - 2)
+    gate_up_q, gate_up_scale, down_q, down_scale = fp8_experts(gate_up * spread, down * spread)
+    assert gate_up_scale.shape == (num_experts, 2 * intermediate) and down_scale.shape == (num_experts, hidden)
+    routing = gpt_oss_routing(21, num_experts, 4, seed=11) if gpt_oss else random_routing(21, num_experts, 2, seed=11)
+    options = dict(activation=GPT_OSS_ACTIVATION) if gpt_oss else {}
+    if gpt_oss:
+        options["gate_up_bias"], options["down_bias"] = expert_biases(num_experts, hidden, intermediate, dtype)
+    x = torch.randn(21, hidden, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    on_cpu = {name: tensor.cpu() if isinstance(tensor, torch.Tensor) else tensor for name, tensor in options.items()}
+    expected = fused_experts_reference(x.cpu(), gate_up_q.cpu(), down_q.cpu(),
+                                       ExpertRouting(routing.weights.cpu(), routing.expert_ids.cpu()),
+                                       gate_up_scale=gate_up_scale.cpu(), down_scale=down_scale.cpu(), **on_cpu)
+    got = triton_moe.fused_experts(x, gate_up_q, down_q, routing, gate_up_scale=gate_up_scale,
+                                   down_scale=down_scale, **options)
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(got.cpu(), expected, atol=RELATIVE_ATOL[dtype] * scale * 4, rtol=1e-2)
+    # And fp8 is what ran: near the unquantized experts (e4m3 keeps 3 mantissa bits, up to 6% off a weight, through
+    # two products and the activation), not equal to them; a scale of the wrong expert would be 10x off or more.
+    unquantized = fused_experts_reference(x.cpu(), (gate_up * spread).to(dtype).cpu(), (down * spread).to(dtype).cpu(),
+                                          ExpertRouting(routing.weights.cpu(), routing.expert_ids.cpu()), **on_cpu)
+    error = (got.cpu().float() - unquantized.float()).norm() / unquantized.float().norm()
+    assert 0 < error < 0.15
