@@ -129,7 +129,7 @@ def gguf_config(arch: str, meta: dict, tensor_shapes: dict[str, tuple[int, ...]]
             kwargs["rope_scaling"] = rope_scaling
         return getattr(transformers, class_name)(**kwargs)
     rope_parameters = {"rope_type": "default", **(rope_scaling or {}), "rope_theta": rope_theta}
-    if arch == "qwen3moe" or get("expert_count"):
+    if arch == "qwen3moe" or (arch == "llama" and get("expert_count")):
         return _moe_config(arch, get, kwargs, rope_parameters)
     return GGUFModelConfig(model_type=arch, rope_parameters=rope_parameters,
                            attention_bias=arch == "qwen2" and "blk.0.attn_q.bias" in tensor_shapes, **kwargs)
@@ -141,10 +141,12 @@ def _moe_config(arch: str, get, kwargs: dict, rope_parameters: dict):
     says so whatever transformers' defaults are."""
     import transformers
 
+    needed = ("expert_count", "expert_used_count") + (("expert_feed_forward_length",) if arch == "qwen3moe" else ())
+    missing = [f"{arch}.{key}" for key in needed if not get(key)]
+    if missing:
+        raise ValueError(f"GGUF {arch} mixture of experts without {', '.join(missing)}: the file cannot say how its "
+                         "experts are shaped or routed")
     num_experts, top_k = get("expert_count"), get("expert_used_count")
-    if not num_experts or not top_k:
-        raise ValueError(f"GGUF {arch} mixture of experts without {arch}.expert_count / {arch}.expert_used_count "
-                         f"(got {num_experts!r} and {top_k!r})")
     if arch == "qwen3moe":
         expert_width = get("expert_feed_forward_length")
         return transformers.Qwen3MoeConfig(
