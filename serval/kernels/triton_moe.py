@@ -11,6 +11,11 @@ which CPU runs and the tests compare against in Triton's interpreter.
     3. down GEMM: the same over the activations, unweighted, [T*k, H] in the model dtype;
     4. combine: out[t] = sum_j weight[t, j] * down[t, j] in float32, the top-k weights applied here.
 
+Options of the two GEMMs, all off for Mixtral and Qwen: gpt-oss's per-expert biases (added to the float32
+accumulators) and its clamped SwiGLU over interleaved gate/up rows (ACTIVATION picks the epilogue); and float8
+weights with a scale per expert and output row (quantization="fp8"; tiles widened to the activations' dtype,
+scales applied to the accumulators).
+
 Why: a loop over experts launches two GEMMs per expert that is hit (up to 128 per layer for Qwen3-30B-A3B) and
 syncs to find which are; here the work is four kernels whatever the routing (the alignment is one kernel, not a
 dozen torch ops, because at batch-1 decode each launch costs about what a layer's expert GEMMs do), each expert's weights are read once
@@ -161,7 +166,8 @@ CLAMPED_SWIGLU_INTERLEAVED = tl.constexpr(2)
 def _expert_gemm_kernel(a_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, sorted_slots_ptr, block_experts_ptr,
                         num_padded_ptr, num_slots, N, K, stride_am, stride_we, stride_wn, stride_se, stride_be,
                         stride_om, swiglu_alpha, swiglu_limit, SLOTS_PER_A_ROW: tl.constexpr,
-                        ACTIVATION: tl.constexpr, HAS_W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr,
+                        ACTIVATION: tl.constexpr, HAS_W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr):
     """out[slot, n] = a[slot // SLOTS_PER_A_ROW] . w[expert, n] (+ bias[expert, n]) for the BLOCK_M sorted slots

@@ -4,6 +4,7 @@ random weights: greedy tokens under engine pressure and prompt logprobs."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from serval import LLM, SamplingParams
 from serval.layers.mlp import GatedMLP
@@ -75,8 +76,6 @@ def test_fp8_quantizes_the_experts_too(qwen_moe, backend, monkeypatch):
     """quantization="fp8": the experts' stacks become float8 with a scale per expert and row (the router and the
     shared expert's gate stay in the model dtype), and the logits stay near transformers' unquantized ones, on
     the torch reference and on the fused kernel (the interpreter here)."""
-    import torch
-
     from tests.model.test_llama import hf_logits, run_steps, sequences_for
     if backend == "triton":
         pytest.importorskip("triton")
@@ -94,3 +93,20 @@ def test_fp8_quantizes_the_experts_too(qwen_moe, backend, monkeypatch):
         # fp8 moves a tiny random model's logits by several percent (as for the dense layers, test_loader.py),
         # no more: a scale of the wrong expert or row would be orders of magnitude off.
         assert 0 < (got - want).norm() / want.norm() < 0.15
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_fp8_experts_replayed_from_graphs_equal_eager(qwen_moe):
+    """quantization="fp8" on a GPU: float8 experts through the fused kernel, captured in CUDA graphs, give the
+    eager steps' tokens."""
+    path, _ = qwen_moe("qwen3_moe")
+    prompts = [[5 + i] * (3 + 7 * i) for i in range(9)]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+
+    def generate(**engine_args):
+        llm = LLM(model=path, skip_tokenizer_init=True, block_size=4, max_model_len=256, max_num_seqs=16,
+                  num_gpu_blocks_override=400, device="cuda", dtype="bfloat16", quantization="fp8", **engine_args)
+        return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                              use_tqdm=False)]
+
+    assert generate() == generate(enforce_eager=True)
