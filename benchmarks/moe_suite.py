@@ -16,6 +16,15 @@ benchmarks/configs/mixtral-8x7b (see docs/performance.md).
 
     python benchmarks/moe_suite.py --out results/moe_mla                 # H200: context 8192, batch 1, 8, 32
     python benchmarks/moe_suite.py --tiny --device cpu --out /tmp/mla    # a tiny shape, end to end on CPU
+
+--experts SHAPE times one MoE layer's experts instead, the fused Triton kernel against the torch loop over experts
+(serval.layers.moe.fused_experts_reference, what gpt-oss ran before the kernel took its biases and clamped SwiGLU),
+on bf16 dummy weights with gpt-oss's router, per batch size; batch 1 also as GB/s of the k experts' weights read.
+Writes moe_experts.json:
+
+    python benchmarks/moe_suite.py --experts gpt-oss-20b --out results/moe_experts    # E=32, H=I=2880, top-4
+    python benchmarks/moe_suite.py --experts gpt-oss-120b --fp8 --out results/moe_experts   # E=128, and fp8
+    TRITON_INTERPRET=1 python benchmarks/moe_suite.py --experts tiny --device cpu --out /tmp/moe_experts
 """
 from __future__ import annotations
 
@@ -25,6 +34,7 @@ import os
 import platform
 import time
 import types
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -114,9 +124,123 @@ def kv_bytes_per_token(model, dtype: torch.dtype) -> int:
     return model.num_layers * int(torch.Size(model.kv_cache_shape(1, 1)).numel()) * dtype.itemsize
 
 
+@dataclass(frozen=True)
+class ExpertShape:
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+    top_k: int
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+
+
+# gpt-oss's published configs (experts of one layer); tiny: a shape Triton's interpreter runs in seconds.
+EXPERT_SHAPES = {
+    "gpt-oss-20b": ExpertShape(num_experts=32, hidden_size=2880, intermediate_size=2880, top_k=4),
+    "gpt-oss-120b": ExpertShape(num_experts=128, hidden_size=2880, intermediate_size=2880, top_k=4),
+    "tiny": ExpertShape(num_experts=8, hidden_size=64, intermediate_size=32, top_k=4),
+}
+
+
+def time_ms(fn, device, repeats: int) -> float:
+    """Median milliseconds per call: CUDA events on a GPU, the wall clock elsewhere."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            started = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - started) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+@torch.inference_mode()
+def expert_runs(shape: ExpertShape, batch_sizes: list[int], device, dtype, repeats: int, fp8: bool) -> list[dict]:
+    """Fused kernel against the torch loop for gpt-oss's experts (biases, clamped SwiGLU), one row per batch size;
+    fp8: the kernel on float8 experts too (quantization="fp8": scales per expert and row)."""
+    from serval.layers.moe import ClampedSwiGLU, FusedMoE, fused_experts_reference, top_k_softmax
+    kernel = None
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        from serval.kernels.triton_moe import fused_experts as kernel
+    generator = torch.Generator(device=device).manual_seed(0)
+    experts, hidden, intermediate = shape.num_experts, shape.hidden_size, shape.intermediate_size
+
+    def normal(*size, scale: float) -> torch.Tensor:
+        return (torch.randn(*size, generator=generator, device=device) * scale).to(dtype)
+
+    gate_up = normal(experts, 2 * intermediate, hidden, scale=hidden ** -0.5)
+    down = normal(experts, hidden, intermediate, scale=intermediate ** -0.5)
+    gate_up_bias, down_bias = normal(experts, 2 * intermediate, scale=0.1), normal(experts, hidden, scale=0.1)
+    activation = ClampedSwiGLU(shape.swiglu_alpha, shape.swiglu_limit)
+    options = dict(gate_up_bias=gate_up_bias, down_bias=down_bias, activation=activation)
+    expert_bytes = (3 * intermediate * hidden + 2 * intermediate + hidden) * dtype.itemsize
+    fp8_options = None
+    if fp8 and kernel is not None:
+        with torch.device("meta"):  # no allocation: the stacks are replaced by the ones timed above
+            quantized = FusedMoE(experts, hidden, intermediate)
+        quantized.gate_up_proj = torch.nn.Parameter(gate_up, requires_grad=False)
+        quantized.down_proj = torch.nn.Parameter(down, requires_grad=False)
+        quantized.quantize_fp8_()
+        fp8_weights = (quantized.gate_up_proj, quantized.down_proj)
+        fp8_options = dict(options, gate_up_scale=quantized.gate_up_proj_scale, down_scale=quantized.down_proj_scale)
+        # float8 weights, float32 scales, biases in the model dtype.
+        fp8_expert_bytes = 3 * intermediate * hidden + (2 * intermediate + hidden) * (4 + dtype.itemsize)
+    runs = []
+    for batch in batch_sizes:
+        x = normal(batch, hidden, scale=1.0)
+        routing = top_k_softmax(normal(batch, experts, scale=1.0), shape.top_k)
+        run = {"batch": batch, "loop_ms": time_ms(lambda: fused_experts_reference(x, gate_up, down, routing, **options),
+                                                  device, repeats)}
+        if kernel is not None:
+            run["fused_ms"] = time_ms(lambda: kernel(x, gate_up, down, routing, **options), device, repeats)
+            run["speedup"] = run["loop_ms"] / run["fused_ms"]
+            read = expert_bytes * len(torch.unique(routing.expert_ids))
+            run["fused_expert_gb_per_s"] = read / run["fused_ms"] / 1e6
+        if fp8_options is not None:
+            run["fp8_ms"] = time_ms(lambda: kernel(x, *fp8_weights, routing, **fp8_options), device, repeats)
+            run["fp8_expert_gb_per_s"] = (fp8_expert_bytes * len(torch.unique(routing.expert_ids))
+                                          / run["fp8_ms"] / 1e6)
+        runs.append(run)
+        print(f"[experts] {json.dumps(run)}", flush=True)
+    return runs
+
+
+def experts_main(args, device) -> None:
+    shape = EXPERT_SHAPES[args.experts]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    batch_sizes = [int(b) for b in (args.batch_sizes or ("1,4" if args.experts == "tiny" else "1,8,64,512")).split(",")]
+    runs = expert_runs(shape, batch_sizes, device, dtype, repeats=args.steps, fp8=args.fp8)
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+               "torch": torch.__version__, "shape": args.experts, **asdict(shape), "dtype": str(dtype), "runs": runs}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "moe_experts.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\n{args.experts} experts (E={shape.num_experts}, H={shape.hidden_size}, I={shape.intermediate_size}, "
+          f"top-{shape.top_k}, {dtype}), one layer: fused Triton kernel against the torch loop")
+    print(f"  {'batch':>5}  {'loop ms':>9}  {'fused ms':>9}  {'speed-up':>8}  {'fused GB/s':>10}  {'fp8 ms':>8}  "
+          f"{'fp8 GB/s':>8}")
+    for run in runs:
+        fused = [f"{run['fused_ms']:.3f}", f"{run['speedup']:.1f}x", f"{run['fused_expert_gb_per_s']:.0f}"] \
+            if "fused_ms" in run else ["n/a"] * 3
+        fp8 = [f"{run['fp8_ms']:.3f}", f"{run['fp8_expert_gb_per_s']:.0f}"] if "fp8_ms" in run else ["-"] * 2
+        print(f"  {run['batch']:>5}  {run['loop_ms']:>9.3f}  {fused[0]:>9}  {fused[1]:>8}  {fused[2]:>10}  "
+              f"{fp8[0]:>8}  {fp8[1]:>8}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="benchmarks/configs/deepseek-v3-3l")
+    parser.add_argument("--experts", choices=sorted(EXPERT_SHAPES),
+                        help="time one layer's experts (fused kernel against the torch loop) instead of MLA")
+    parser.add_argument("--fp8", action="store_true", help="with --experts: the kernel on float8 experts too")
     parser.add_argument("--out", default="results/moe_mla")
     parser.add_argument("--tiny", action="store_true", help="a tiny DeepSeek-V3 shape instead of --model")
     parser.add_argument("--device", default="cuda")
@@ -126,6 +250,9 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.experts:
+        experts_main(args, device)
+        return
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.tiny:
         config = transformers.DeepseekV3Config(**TINY)

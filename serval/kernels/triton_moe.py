@@ -11,6 +11,11 @@ which CPU runs and the tests compare against in Triton's interpreter.
     3. down GEMM: the same over the activations, unweighted, [T*k, H] in the model dtype;
     4. combine: out[t] = sum_j weight[t, j] * down[t, j] in float32, the top-k weights applied here.
 
+Options of the two GEMMs, all off for Mixtral and Qwen: gpt-oss's per-expert biases (added to the float32
+accumulators) and its clamped SwiGLU over interleaved gate/up rows (ACTIVATION picks the epilogue); and float8
+weights with a scale per expert and output row (quantization="fp8"; tiles widened to the activations' dtype,
+scales applied to the accumulators).
+
 Why: a loop over experts launches two GEMMs per expert that is hit (up to 128 per layer for Qwen3-30B-A3B) and
 syncs to find which are; here the work is four kernels whatever the routing (the alignment is one kernel, not a
 dozen torch ops, because at batch-1 decode each launch costs about what a layer's expert GEMMs do), each expert's weights are read once
@@ -151,15 +156,26 @@ def _dot_operand(x, DOT_IN_FLOAT32: tl.constexpr):
     return x
 
 
+# What the gate/up GEMM's epilogue computes (the down GEMM's is NO_ACTIVATION). constexpr: the kernel reads them.
+NO_ACTIVATION = tl.constexpr(0)
+SILU_GATE_THEN_UP = tl.constexpr(1)
+CLAMPED_SWIGLU_INTERLEAVED = tl.constexpr(2)
+
+
 @triton.jit
-def _expert_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_slots_ptr, block_experts_ptr, num_padded_ptr, num_slots,
-                        N, K, stride_am, stride_we, stride_wn, stride_om,
-                        SLOTS_PER_A_ROW: tl.constexpr, SWIGLU: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        DOT_IN_FLOAT32: tl.constexpr,
+def _expert_gemm_kernel(a_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, sorted_slots_ptr, block_experts_ptr,
+                        num_padded_ptr, num_slots, N, K, stride_am, stride_we, stride_wn, stride_se, stride_be,
+                        stride_om, swiglu_alpha, swiglu_limit, SLOTS_PER_A_ROW: tl.constexpr,
+                        ACTIVATION: tl.constexpr, HAS_W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr):
-    """out[slot, n] = a[slot // SLOTS_PER_A_ROW] . w[expert, n] for the BLOCK_M sorted slots of this program's
-    block; with SWIGLU, w holds gate rows [0, N) and up rows [N, 2N) and out gets silu(gate) * up."""
+    """out[slot, n] = a[slot // SLOTS_PER_A_ROW] . w[expert, n] (+ bias[expert, n]) for the BLOCK_M sorted slots
+    of this program's block. With SILU_GATE_THEN_UP, w holds gate rows [0, N) and up rows [N, 2N) and out gets
+    silu(gate) * up; with CLAMPED_SWIGLU_INTERLEAVED (gpt-oss), gate rows 2n and up rows 2n + 1, and out gets
+    (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit). With HAS_W_SCALE, w is float8
+    and row n of expert e stands for w[e, n] * w_scale[e, n]: tiles are widened to a's dtype for the dot (float8
+    e4m3 values are exact in it) and the scale multiplies the float32 accumulator, before the bias."""
     pid = tl.program_id(0)
     num_pid_m = tl.num_programs(0) // tl.cdiv(N, BLOCK_N)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -177,28 +193,56 @@ def _expert_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_slots_ptr, block_experts_p
     expert = tl.load(block_experts_ptr + pid_m).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_valid = cols < N
+    # The weight rows that give output column n: itself, or its gate row and its up row.
+    if ACTIVATION == CLAMPED_SWIGLU_INTERLEAVED:
+        w_rows = 2 * cols
+        up_rows = 2 * cols + 1
+    else:
+        w_rows = cols
+        up_rows = cols + N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
-    w_ptrs = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [K, N] tile
+    w_ptrs = w_ptr + expert * stride_we + w_rows[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [K, N] tile
+    up_ptrs = w_ptr + expert * stride_we + up_rows[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_valid = offs_k < K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=slot_valid[:, None] & k_valid[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
+        if HAS_W_SCALE:
+            w = w.to(a_ptr.dtype.element_ty)
         if DOT_IN_FLOAT32:
             a = a.to(tl.float32)
         acc = tl.dot(a, _dot_operand(w, DOT_IN_FLOAT32), acc, input_precision=DOT_PRECISION)
-        if SWIGLU:
-            w_up = tl.load(w_ptrs + N * stride_wn, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
+        if ACTIVATION != NO_ACTIVATION:
+            w_up = tl.load(up_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
+            if HAS_W_SCALE:
+                w_up = w_up.to(a_ptr.dtype.element_ty)
             acc_up = tl.dot(a, _dot_operand(w_up, DOT_IN_FLOAT32), acc_up, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    if SWIGLU:
-        # gate and up rounded to the model dtype first, as the reference's two projections are.
+        up_ptrs += BLOCK_K
+    if HAS_W_SCALE:
+        scale_ptrs = w_scale_ptr + expert * stride_se
+        acc *= tl.load(scale_ptrs + w_rows, mask=col_valid, other=0.0)[None, :]
+        if ACTIVATION != NO_ACTIVATION:
+            acc_up *= tl.load(scale_ptrs + up_rows, mask=col_valid, other=0.0)[None, :]
+    if HAS_BIAS:
+        bias_ptrs = bias_ptr + expert * stride_be
+        acc += tl.load(bias_ptrs + w_rows, mask=col_valid, other=0.0).to(tl.float32)[None, :]
+        if ACTIVATION != NO_ACTIVATION:
+            acc_up += tl.load(bias_ptrs + up_rows, mask=col_valid, other=0.0).to(tl.float32)[None, :]
+    if ACTIVATION != NO_ACTIVATION:
+        # gate and up rounded to the model dtype first, as the reference's projection is.
         gate = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
         up = acc_up.to(out_ptr.dtype.element_ty).to(tl.float32)
-        acc = gate * tl.sigmoid(gate) * up
+        if ACTIVATION == CLAMPED_SWIGLU_INTERLEAVED:
+            gate = tl.minimum(gate, swiglu_limit)
+            up = tl.minimum(tl.maximum(up, -swiglu_limit), swiglu_limit)
+            acc = (up + 1.0) * (gate * tl.sigmoid(gate * swiglu_alpha))
+        else:
+            acc = gate * tl.sigmoid(gate) * up
     out_ptrs = out_ptr + slots[:, None].to(tl.int64) * stride_om + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=slot_valid[:, None] & col_valid[None, :])
 
@@ -218,9 +262,15 @@ def _combine_kernel(expert_out_ptr, weights_ptr, out_ptr, H, stride_expert_out, 
 
 
 def fused_experts(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, routing,
-                  config: MoeKernelConfig | None = None) -> torch.Tensor:
+                  config: MoeKernelConfig | None = None, *, gate_up_bias: torch.Tensor | None = None,
+                  down_bias: torch.Tensor | None = None, activation=None, gate_up_scale: torch.Tensor | None = None,
+                  down_scale: torch.Tensor | None = None) -> torch.Tensor:
     """serval.layers.moe.fused_experts_reference: hidden [T, H], gate_up_proj [E, 2I, H], down_proj [E, H, I],
-    routing (ExpertRouting: weights [T, k] float32, expert_ids [T, k]) -> [T, H] in hidden's dtype."""
+    routing (ExpertRouting: weights [T, k] float32, expert_ids [T, k]) -> [T, H] in hidden's dtype.
+    gpt-oss: gate_up_bias [E, 2I], down_bias [E, H], and activation a ClampedSwiGLU (anything with `alpha` and
+    `limit`), whose gate/up rows are interleaved; activation None is SiLU over gate rows then up rows.
+    quantization="fp8": the weights float8 e4m3 with float32 scales per expert and output row, gate_up_scale
+    [E, 2I] and down_scale [E, H]."""
     num_tokens, hidden_size = hidden.shape
     num_experts, intermediate_size = down_proj.shape[0], down_proj.shape[2]
     top_k = routing.expert_ids.shape[1]
@@ -239,18 +289,37 @@ def fused_experts(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: t
     launch = dict(DOT_PRECISION=precision, DOT_IN_FLOAT32=interpreted_bfloat16, BLOCK_M=config.block_m,
                   BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m, num_warps=config.num_warps,
                   num_stages=config.num_stages)
+    if activation is None:
+        gated, alpha, limit = SILU_GATE_THEN_UP.value, 1.0, 0.0
+    else:
+        gated, alpha, limit = CLAMPED_SWIGLU_INTERLEAVED.value, float(activation.alpha), float(activation.limit)
+    gate_up_bias, down_bias, gate_up_scale, down_scale = (
+        None if t is None else t.contiguous() for t in (gate_up_bias, down_bias, gate_up_scale, down_scale))
     activations = torch.empty(num_slots, intermediate_size, dtype=hidden.dtype, device=hidden.device)
     _expert_gemm_kernel[(max_blocks * triton.cdiv(intermediate_size, config.block_n),)](
-        hidden, gate_up_proj, activations, blocks.sorted_slots, blocks.block_experts, blocks.num_padded, num_slots,
-        intermediate_size, hidden_size, hidden.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1),
-        activations.stride(0), SLOTS_PER_A_ROW=top_k, SWIGLU=True, **launch)
+        hidden, gate_up_proj, _or(gate_up_scale, gate_up_proj), _or(gate_up_bias, gate_up_proj), activations,
+        blocks.sorted_slots, blocks.block_experts, blocks.num_padded, num_slots, intermediate_size, hidden_size,
+        hidden.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), _row_stride(gate_up_scale),
+        _row_stride(gate_up_bias), activations.stride(0), alpha, limit, SLOTS_PER_A_ROW=top_k, ACTIVATION=gated,
+        HAS_W_SCALE=gate_up_scale is not None, HAS_BIAS=gate_up_bias is not None, **launch)
     expert_out = torch.empty(num_slots, hidden_size, dtype=hidden.dtype, device=hidden.device)
     _expert_gemm_kernel[(max_blocks * triton.cdiv(hidden_size, config.block_n),)](
-        activations, down_proj, expert_out, blocks.sorted_slots, blocks.block_experts, blocks.num_padded, num_slots,
-        hidden_size, intermediate_size, activations.stride(0), down_proj.stride(0), down_proj.stride(1),
-        expert_out.stride(0), SLOTS_PER_A_ROW=1, SWIGLU=False, **launch)
+        activations, down_proj, _or(down_scale, down_proj), _or(down_bias, down_proj), expert_out,
+        blocks.sorted_slots, blocks.block_experts, blocks.num_padded, num_slots, hidden_size, intermediate_size,
+        activations.stride(0), down_proj.stride(0), down_proj.stride(1), _row_stride(down_scale),
+        _row_stride(down_bias), expert_out.stride(0), 1.0, 0.0, SLOTS_PER_A_ROW=1, ACTIVATION=NO_ACTIVATION.value,
+        HAS_W_SCALE=down_scale is not None, HAS_BIAS=down_bias is not None, **launch)
     block_h = min(triton.next_power_of_2(hidden_size), 1024)
     _combine_kernel[(num_tokens, triton.cdiv(hidden_size, block_h))](
         expert_out, routing.weights.float().contiguous(), out, hidden_size, expert_out.stride(0), out.stride(0),
         TOP_K=top_k, BLOCK_H=block_h)
     return out
+
+
+def _or(tensor: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
+    """An optional operand, or any tensor in its place (the kernel never reads it: its HAS_ flag is off)."""
+    return placeholder if tensor is None else tensor
+
+
+def _row_stride(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.stride(0)

@@ -12,14 +12,20 @@ largest logits of a router with a bias and takes the softmax over those k only. 
 each group's two best scores plus a load-balancing correction bias, takes the top k within those groups, and
 weights them by their sigmoid scores (renormalized, then times routed_scaling_factor).
 
-gpt-oss's experts also carry biases and a clamped SwiGLU (`ClampedSwiGLU`); those run the torch reference on every
-device for now (the fused kernel has plain SiLU and no biases built in).
+gpt-oss's experts also carry biases and a clamped SwiGLU (`ClampedSwiGLU`, gate/up rows interleaved): both
+backends take them as options (the kernel adds the biases and applies the clamp in its GEMMs' epilogues), so
+gpt-oss runs the fused kernel on CUDA as Mixtral and Qwen do.
 
 The experts' weights are stacked, as transformers 5 keeps them: `gate_up_proj` [E, 2 * I, H] (gate rows, then up
 rows) and `down_proj` [E, H, I]. Which implementation computes them is chosen here, as Attention chooses its
 backend: the fused Triton kernel on CUDA (serval.kernels.triton_moe: tokens grouped by expert, two grouped
 GEMMs), `fused_experts_reference` (a loop over experts) elsewhere; SERVAL_MOE_BACKEND=torch|triton overrides, e.g.
 to run the kernel in Triton's interpreter on CPU (TRITON_INTERPRET=1).
+
+quantization="fp8" stores both stacks in float8 e4m3 with a float32 scale per expert and output row
+(`FusedMoE.quantize_fp8_`): half the bytes a decode step reads from the experts, which is most of what a MoE
+decode step reads. Activations stay in the model dtype (weight-only): the kernel widens each float8 tile and
+scales its float32 accumulator.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serval.layers.fp8 import FP8, quantize_weight
 from serval.layers.mlp import GatedMLP
 
 _BACKENDS = ("torch", "triton")
@@ -102,18 +109,30 @@ def silu_gate_then_up(gate_up: torch.Tensor) -> torch.Tensor:
 
 def fused_experts_reference(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
                             routing: ExpertRouting, gate_up_bias: torch.Tensor | None = None,
-                            down_bias: torch.Tensor | None = None, activation=silu_gate_then_up) -> torch.Tensor:
+                            down_bias: torch.Tensor | None = None, activation: ClampedSwiGLU | None = None,
+                            gate_up_scale: torch.Tensor | None = None,
+                            down_scale: torch.Tensor | None = None) -> torch.Tensor:
     """sum_j weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = expert_ids[t, j]: the reference the kernel
     is tested against and what CPU runs. Each expert's product is rounded to the model dtype, weighted in float32
-    and summed in float32, as the kernel does. gpt-oss: biases [E, 2I] and [E, H], and its own activation."""
+    and summed in float32, as the kernel does. gpt-oss: biases [E, 2I] and [E, H], and its ClampedSwiGLU
+    (None: SiLU over the gate rows times the up rows). fp8 experts: float8 weights with float32 scales per expert
+    and output row ([E, 2I], [E, H]), dequantized one expert at a time."""
+    activation = activation or silu_gate_then_up
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     for expert in torch.unique(routing.expert_ids).tolist():
         tokens, slots = torch.nonzero(routing.expert_ids == expert, as_tuple=True)
-        gate_up = F.linear(hidden[tokens], gate_up_proj[expert],
+        gate_up = F.linear(hidden[tokens], _expert_weight(gate_up_proj, gate_up_scale, expert, hidden.dtype),
                            None if gate_up_bias is None else gate_up_bias[expert])
-        expert_out = F.linear(activation(gate_up), down_proj[expert], None if down_bias is None else down_bias[expert])
+        expert_out = F.linear(activation(gate_up), _expert_weight(down_proj, down_scale, expert, hidden.dtype),
+                              None if down_bias is None else down_bias[expert])
         out.index_add_(0, tokens, expert_out.float() * routing.weights[tokens, slots, None])
     return out.to(hidden.dtype)
+
+
+def _expert_weight(stacked: torch.Tensor, scale: torch.Tensor | None, expert: int, dtype: torch.dtype) -> torch.Tensor:
+    if scale is None:
+        return stacked[expert]
+    return (stacked[expert].float() * scale[expert, :, None]).to(dtype)
 
 
 class FusedMoE(nn.Module):
@@ -132,7 +151,23 @@ class FusedMoE(nn.Module):
                                   if bias else None)
         self.down_proj_bias = nn.Parameter(torch.empty(num_experts, hidden_size), requires_grad=False) if bias else None
         self.activation = activation
+        # quantization="fp8" (quantize_fp8_): float32 scales per expert and output row of the float8 weights.
+        self.gate_up_proj_scale: nn.Parameter | None = None
+        self.down_proj_scale: nn.Parameter | None = None
         self._backend = None  # chosen on the first call, when the device is known
+
+    def quantize_fp8_(self) -> None:
+        """Both stacks to float8 e4m3 with one scale per expert and output row, as quantization="fp8" does to a
+        linear layer's rows (serval.layers.fp8.quantize_weight), one expert at a time so that the float32 copy
+        is one expert's. The kernel widens the tiles and applies the scales; activations stay in the model dtype."""
+        for name in ("gate_up_proj", "down_proj"):
+            weight = getattr(self, name)
+            quantized = torch.empty(weight.shape, dtype=FP8, device=weight.device)
+            scale = torch.empty(weight.shape[:2], dtype=torch.float32, device=weight.device)
+            for expert in range(self.num_experts):
+                quantized[expert], scale[expert] = quantize_weight(weight[expert])
+            setattr(self, name, nn.Parameter(quantized, requires_grad=False))
+            setattr(self, f"{name}_scale", nn.Parameter(scale, requires_grad=False))
 
     def shard(self, param: torch.Tensor, shard: tuple[int, str]) -> torch.Tensor:
         """The part of a stacked weight that one checkpoint tensor fills: (expert, "gate" | "up" | "down")."""
@@ -147,12 +182,13 @@ class FusedMoE(nn.Module):
         return [(expert, projection) for expert in range(self.num_experts) for projection in projections]
 
     def forward(self, hidden: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
-        if self.activation is not None or self.gate_up_proj_bias is not None:
-            return fused_experts_reference(hidden, self.gate_up_proj, self.down_proj, routing, self.gate_up_proj_bias,
-                                           self.down_proj_bias, self.activation or silu_gate_then_up)
         if self._backend is None:
             self._backend = moe_backend(hidden.device)
-        return self._backend(hidden, self.gate_up_proj, self.down_proj, routing)
+        if self.gate_up_proj_bias is None and self.activation is None and self.gate_up_proj_scale is None:
+            return self._backend(hidden, self.gate_up_proj, self.down_proj, routing)
+        return self._backend(hidden, self.gate_up_proj, self.down_proj, routing, gate_up_bias=self.gate_up_proj_bias,
+                             down_bias=self.down_proj_bias, activation=self.activation,
+                             gate_up_scale=self.gate_up_proj_scale, down_scale=self.down_proj_scale)
 
 
 def moe_backend(device: torch.device):

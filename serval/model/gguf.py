@@ -40,6 +40,7 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",  # a mixture of experts' router
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
@@ -52,6 +53,9 @@ _GEMMA3_LAYER_NAMES = _LAYER_NAMES | {
 }
 _LAYER_NAMES_BY_ARCHITECTURE = {"gemma3": _GEMMA3_LAYER_NAMES}
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+# llama.cpp stacks each projection of a layer's experts in one tensor, [E, out, in] rows first (ggml's shape
+# (in, out, E)): Qwen3-MoE, Mixtral. Each expert's slice reaches the model under its per-expert HF name.
+_EXPERT_STACK = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight")
 # Projections the model merges into one layer (llama.py's qkv_proj, gate_up_proj): kept packed only together,
 # since a merged layer has one format.
 _MERGED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -106,7 +110,9 @@ def load_gguf(path: str, keep_packed: bool = False) -> GGUFCheckpoint:
                          (lambda: rope_freqs.data) if rope_freqs is not None else None)
     permuted = SUPPORTED_ARCHITECTURES[arch][2]
     layer_names = _LAYER_NAMES_BY_ARCHITECTURE.get(arch, _LAYER_NAMES)
-    hf_names = {name: _hf_name(name, file, layer_names) for name in tensors if name != ROPE_FREQS}
+    expert_stacks = {name: match for name in tensors if (match := _EXPERT_STACK.fullmatch(name))}
+    hf_names = {name: _hf_name(name, file, layer_names) for name in tensors
+                if name != ROPE_FREQS and name not in expert_stacks}
     packed = _packed_projections(hf_names, tensors) if keep_packed else {}
     weights = {}
     for name, hf_name in hf_names.items():
@@ -122,7 +128,18 @@ def load_gguf(path: str, keep_packed: bool = False) -> GGUFCheckpoint:
         weights[hf_name] = dequantize(raw, tensor.tensor_type, tuple(int(d) for d in reversed(tensor.shape)))
         if arch == "gemma3" and hf_name.endswith("norm.weight"):
             weights[hf_name] -= 1
+    for name, match in expert_stacks.items():
+        weights.update(_expert_weights(match, tensors[name]))
     return GGUFCheckpoint(config=config, weights=weights, quantization=_packed_quantization(packed))
+
+
+def _expert_weights(match: re.Match, tensor) -> dict[str, torch.Tensor]:
+    """Each expert's projection of a stacked expert tensor, as views of one dequantized tensor. Always float:
+    the packed GGUF formats are for linear layers, and experts are not."""
+    layer, projection = match.groups()
+    stacked = dequantize(tensor.data, tensor.tensor_type, tuple(int(d) for d in reversed(tensor.shape)))
+    return {f"model.layers.{layer}.mlp.experts.{expert}.{projection}_proj.weight": stacked[expert]
+            for expert in range(stacked.shape[0])}
 
 
 def _packed_projections(hf_names: dict[str, str], tensors: dict) -> dict[str, Q]:

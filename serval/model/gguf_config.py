@@ -5,7 +5,8 @@ transformers' defaults for what the file does not state. Building transformers' 
 modeling utilities (torch.distributed.tensor, sympy): 1.2-1.5 s of the default model's start on this 2-core
 machine, for a dozen numbers. `to_transformers()` gives the transformers config when a caller needs one (tests
 compare the two). Gemma 3's config derives many fields (layer types, soft-capping, one rope per layer type), so
-it stays transformers' Gemma3TextConfig.
+it stays transformers' Gemma3TextConfig; so do the mixtures of experts (Qwen3-MoE, and Mixtral, which llama.cpp
+writes as a `llama` with `llama.expert_count`), whose routing options have no place in GGUFModelConfig.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ SUPPORTED_ARCHITECTURES = {
     "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", False),
     "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", False),
     "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", False),
+    "qwen3moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", False),
 }
 # llama.cpp's constants for Gemma 3 (llama-model.cpp), which its GGUF files do not store: every sixth layer is
 # global, the local layers' rope base is 10k, and queries are scaled by head_dim^-1/2 except in the 27B model
@@ -127,8 +129,33 @@ def gguf_config(arch: str, meta: dict, tensor_shapes: dict[str, tuple[int, ...]]
             kwargs["rope_scaling"] = rope_scaling
         return getattr(transformers, class_name)(**kwargs)
     rope_parameters = {"rope_type": "default", **(rope_scaling or {}), "rope_theta": rope_theta}
+    if arch == "qwen3moe" or (arch == "llama" and get("expert_count")):
+        return _moe_config(arch, get, kwargs, rope_parameters)
     return GGUFModelConfig(model_type=arch, rope_parameters=rope_parameters,
                            attention_bias=arch == "qwen2" and "blk.0.attn_q.bias" in tensor_shapes, **kwargs)
+
+
+def _moe_config(arch: str, get, kwargs: dict, rope_parameters: dict):
+    """transformers' Qwen3MoeConfig or MixtralConfig. llama.cpp's qwen3moe has experts in every layer and always
+    renormalizes the top-k weights (its graph has no dense layers and no norm_topk_prob switch), so the config
+    says so whatever transformers' defaults are."""
+    import transformers
+
+    needed = ("expert_count", "expert_used_count") + (("expert_feed_forward_length",) if arch == "qwen3moe" else ())
+    missing = [f"{arch}.{key}" for key in needed if not get(key)]
+    if missing:
+        raise ValueError(f"GGUF {arch} mixture of experts without {', '.join(missing)}: the file cannot say how its "
+                         "experts are shaped or routed")
+    num_experts, top_k = get("expert_count"), get("expert_used_count")
+    if arch == "qwen3moe":
+        expert_width = get("expert_feed_forward_length")
+        return transformers.Qwen3MoeConfig(
+            **(kwargs | {"intermediate_size": kwargs["intermediate_size"] or expert_width}),
+            rope_parameters=rope_parameters, num_experts=num_experts, num_experts_per_tok=top_k,
+            moe_intermediate_size=expert_width, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)
+    return transformers.MixtralConfig(**(kwargs | {"architectures": ["MixtralForCausalLM"]}),
+                                      rope_parameters=rope_parameters, num_local_experts=num_experts,
+                                      num_experts_per_tok=top_k)
 
 
 def _gemma3_options(kwargs: dict, sliding_window: int | None) -> dict:

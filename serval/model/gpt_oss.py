@@ -110,10 +110,9 @@ class GptOssModel(nn.Module):
 
 class GptOssForCausalLM(LlamaForCausalLM):
     """Llama's interface and weight loading (merged q/k/v, tied head), its own decoder; expert tensors are put in
-    Serval's layout (and MXFP4 ones dequantized) before they reach LlamaForCausalLM.load_weights."""
-    # The experts run the torch reference (a loop over the experts hit, read on the host), which a CUDA graph
-    # cannot capture; decode runs eagerly until the fused kernel has biases and the clamped SwiGLU.
-    supports_cuda_graphs = False
+    Serval's layout (and MXFP4 ones dequantized) before they reach LlamaForCausalLM.load_weights. Decode runs from
+    CUDA graphs: the experts are the fused kernel (biases and the clamped SwiGLU included) and attention with
+    sinks and windows the Triton kernel, neither of which reads anything on the host."""
 
     def __init__(self, config) -> None:
         nn.Module.__init__(self)

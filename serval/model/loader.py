@@ -28,6 +28,7 @@ from serval.layers.quant.kv_scales import take_kv_scales
 from serval.config import QUANTIZATIONS
 from serval.layers import quant
 from serval.layers.linear import Linear
+from serval.layers.moe import FusedMoE
 from serval.model.default_model import MODEL_ALIASES, resolve_model
 from serval.model import registry  # the module: the registry imports the family files, some of which import us
 
@@ -206,6 +207,9 @@ def quantize_fp8(model: nn.Module) -> None:
     layer at a time is the only extra memory)."""
     for module in fp8_projections(model):
         module.quantize_fp8_()
+    for module in model.modules():
+        if isinstance(module, FusedMoE):  # experts: float8 stacks, scales per expert and row (layers/moe.py)
+            module.quantize_fp8_()
 
 
 def load_config(model_dir: str) -> transformers.PretrainedConfig:

@@ -222,3 +222,57 @@ def test_bfloat16_is_close_to_transformers_in_bfloat16(tiny_gpt_oss):
         # Against transformers in bf16 too: a router's choice can flip under bf16 rounding (it does here).
         assert torch.isfinite(got).all()
         assert (got - want).abs().max() < 0.1 * want.abs().max()
+
+
+def test_fused_moe_kernel_matches_transformers(tiny_gpt_oss, monkeypatch):
+    """The experts on the fused Triton kernel (the interpreter here, compiled on a GPU), its biases and clamped
+    SwiGLU included: logits per chunk, then the engine's greedy tokens with attention on the Triton kernel too,
+    the whole path a GPU runs (and captures in CUDA graphs)."""
+    triton_moe = pytest.importorskip("serval.kernels.triton_moe")
+    monkeypatch.setenv("SERVAL_MOE_BACKEND", "triton")
+    path, hf_model = tiny_gpt_oss
+    model, config = load_model(path, load_format="safetensors")
+    sequences = sequences_for(config.vocab_size)
+    splits = [4, 9, 23]
+    chunked = run_steps(model, sequences, [[(0, s) for s in splits], list(zip(splits, map(len, sequences)))])
+    for got, want in zip(chunked, hf_logits(hf_model, sequences)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert model.model.layers[0].mlp.experts._backend is triton_moe.fused_experts
+
+    monkeypatch.setenv("SERVAL_ATTENTION_BACKEND", "triton")
+    prompts = [make_prompts(hf_model.config.vocab_size)[i] for i in (6, 9)]
+    llm = LLM(model=path, skip_tokenizer_init=True, max_num_seqs=4, max_num_batched_tokens=16, block_size=4,
+              max_model_len=128)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                           SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    for prompt, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, 4), f"prompt of {len(prompt)}"
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+@requires_cuda
+def test_gpu_graphs_match_cpu_engine(tiny_gpt_oss):
+    """gpt-oss decodes from CUDA graphs now that its experts are the fused kernel: the GPU engine (Triton attention
+    with sinks and windows, fused experts, graphs) gives the CPU engine's greedy tokens in float32, with batches of
+    every size from 1 to 9 passing through the graphs as requests finish; and in bfloat16 graphs equal eager."""
+    path, hf_model = tiny_gpt_oss
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, hf_model.config.vocab_size, (n,), generator=generator).tolist()
+               for n in (1, 3, 8, 9, 16, 17, 30, 41, 70)]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+    def generate(**engine_args):
+        llm = LLM(model=path, skip_tokenizer_init=True, block_size=4, max_model_len=256, max_num_seqs=12,
+                  num_gpu_blocks_override=400, **engine_args)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return llm, [output.outputs[0].token_ids for output in outputs]
+
+    _, cpu = generate(device="cpu")
+    llm, gpu = generate(device="cuda", dtype="float32")
+    assert llm.engine.runner.graphs is not None
+    assert gpu == cpu
+    _, eager = generate(device="cuda", dtype="bfloat16", enforce_eager=True)
+    _, graphs = generate(device="cuda", dtype="bfloat16")
+    assert graphs == eager

@@ -4,6 +4,7 @@ random weights: greedy tokens under engine pressure and prompt logprobs."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from serval import LLM, SamplingParams
 from serval.layers.mlp import GatedMLP
@@ -68,3 +69,44 @@ def test_fused_moe_kernel_in_the_engine_matches_transformers(qwen_moe, monkeypat
         assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, 4), f"prompt of {len(prompt)}"
     block = llm.engine.model.model.layers[0].mlp
     assert block.experts._backend is triton_moe.fused_experts
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp8_quantizes_the_experts_too(qwen_moe, backend, monkeypatch):
+    """quantization="fp8": the experts' stacks become float8 with a scale per expert and row (the router and the
+    shared expert's gate stay in the model dtype), and the logits stay near transformers' unquantized ones, on
+    the torch reference and on the fused kernel (the interpreter here)."""
+    from tests.model.test_llama import hf_logits, run_steps, sequences_for
+    if backend == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("SERVAL_MOE_BACKEND", backend)
+    path, hf_model = qwen_moe("qwen3_moe")
+    model, config = load_model(path, quantization="fp8")
+    experts = model.model.layers[1].mlp.experts
+    assert experts.gate_up_proj.dtype == experts.down_proj.dtype == torch.float8_e4m3fn
+    assert experts.gate_up_proj_scale.shape == (config.num_experts, 2 * config.moe_intermediate_size)
+    assert experts.down_proj_scale.shape == (config.num_experts, config.hidden_size)
+    assert model.model.layers[1].mlp.gate.weight.dtype == torch.float32
+    sequences = sequences_for(config.vocab_size)[:3]
+    for got, want in zip(run_steps(model, sequences, [[(0, len(s)) for s in sequences]]),
+                         hf_logits(hf_model, sequences)):
+        # fp8 moves a tiny random model's logits by several percent (as for the dense layers, test_loader.py),
+        # no more: a scale of the wrong expert or row would be orders of magnitude off.
+        assert 0 < (got - want).norm() / want.norm() < 0.15
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_fp8_experts_replayed_from_graphs_equal_eager(qwen_moe):
+    """quantization="fp8" on a GPU: float8 experts through the fused kernel, captured in CUDA graphs, give the
+    eager steps' tokens."""
+    path, _ = qwen_moe("qwen3_moe")
+    prompts = [[5 + i] * (3 + 7 * i) for i in range(9)]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+
+    def generate(**engine_args):
+        llm = LLM(model=path, skip_tokenizer_init=True, block_size=4, max_model_len=256, max_num_seqs=16,
+                  num_gpu_blocks_override=400, device="cuda", dtype="bfloat16", quantization="fp8", **engine_args)
+        return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                              use_tqdm=False)]
+
+    assert generate() == generate(enforce_eager=True)
