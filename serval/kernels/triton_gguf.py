@@ -8,6 +8,8 @@ read as w = q * scale + offset per scale group, q the unsigned (Q8_0: signed) qu
     Q8_0   32   34     d f16, 32 x int8                               32     d            0            8.5
     Q4_0   32   18     d f16, 16 bytes: q j (low) and j+16 (high)     32     d            -8 d         4.5
     Q4_1   32   20     d, m f16, 16 bytes as Q4_0                     32     d            m            5.0
+    Q5_0   32   22     d f16, 4 bytes of fifth bits, 16 as Q4_0       32     d            -16 d        5.5
+    Q5_1   32   24     d, m f16, 4 bytes of fifth bits, 16 as Q4_0    32     d            m            6.0
     Q4_K   256  144    d, dmin f16, 12 bytes of 6-bit sc/mn x 8,      32     d sc_s       -dmin mn_s   4.5
                        128 bytes: 4 chunks of 32, low then high nibble
     Q5_K   256  176    Q4_K's, then 32 bytes of fifth bits, then qs  32     d sc_s       -dmin mn_s   5.5
@@ -26,7 +28,7 @@ import triton
 import triton.language as tl
 
 Q = gguf.GGMLQuantizationType
-SUPPORTED_TYPES = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+SUPPORTED_TYPES = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 # (BLOCK_N, BLOCK_K, num_warps) of the GEMV, per block size QK (BLOCK_K a multiple of it).
 GEMV_CONFIG = {32: (16, 256, 4), 256: (16, 256, 4)}
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the GEMM: decode batches (up to 16 rows, W read once for all of them)
@@ -80,6 +82,13 @@ def _k_scale_and_min(scales_ptr, s, mask):
 
 
 @triton.jit
+def _five_bit_quants(w_ptr, block, j, mask, SCALES_END: tl.constexpr):
+    byte = tl.load(w_ptr + block + (SCALES_END + 4 + j % 16)[None, :], mask=mask, other=0).to(tl.int32)
+    fifth = tl.load(w_ptr + block + (SCALES_END + j // 8)[None, :], mask=mask, other=0).to(tl.int32)
+    return ((byte >> ((j // 16) * 4)[None, :]) & 0xF) | (((fifth >> (j % 8)[None, :]) & 1) << 4)
+
+
+@triton.jit
 def _quants(w_ptr, row_base, k, mask, QTYPE: tl.constexpr, QK: tl.constexpr, BYTES: tl.constexpr):
     """The quants of weights k (a [BLOCK_K] range) of the rows at row_base, as float32 [BLOCK_N, BLOCK_K]."""
     j = k % QK
@@ -92,6 +101,10 @@ def _quants(w_ptr, row_base, k, mask, QTYPE: tl.constexpr, QK: tl.constexpr, BYT
     elif QTYPE == 3:  # Q4_1: as Q4_0 after two fp16
         byte = tl.load(w_ptr + block + (4 + j % 16)[None, :], mask=mask, other=0).to(tl.int32)
         q = (byte >> ((j // 16) * 4)[None, :]) & 0xF
+    elif QTYPE == 6:  # Q5_0: 32 fifth bits (weight j: bit j % 8 of byte j // 8), then Q4_0's nibbles
+        q = _five_bit_quants(w_ptr, block, j, mask, 2)
+    elif QTYPE == 7:  # Q5_1: the same after two fp16
+        q = _five_bit_quants(w_ptr, block, j, mask, 4)
     elif QTYPE == 12:  # Q4_K: chunks of 64 weights in 32 bytes, low nibbles then high
         byte = tl.load(w_ptr + block + (16 + j // 64 * 32 + j % 32)[None, :], mask=mask, other=0).to(tl.int32)
         q = (byte >> ((j // 32 % 2) * 4)[None, :]) & 0xF
@@ -121,9 +134,12 @@ def _group_scales(w_ptr, row_base, groups, mask, QTYPE: tl.constexpr, QK: tl.con
     elif QTYPE == 2:
         scale = d
         offset = -8.0 * d
-    elif QTYPE == 3:
+    elif QTYPE == 3 or QTYPE == 7:
         scale = d
         offset = _f16_at(w_ptr + block + 2, mask)
+    elif QTYPE == 6:
+        scale = d
+        offset = -16.0 * d
     elif QTYPE == 12 or QTYPE == 13:
         sc, mn = _k_scale_and_min(w_ptr + block + 4, s[None, :], mask)
         scale = d * sc

@@ -1,5 +1,7 @@
 """GGUF checkpoints: read the header (gguf_reader), rename tensors to Hugging Face names and layout, and either
-dequantize every tensor to float32 or keep the 4-bit projections in their blocks for the layer's GGUF format.
+dequantize every tensor to float32 or keep the projections in their blocks for the layer's GGUF format: on the CPU
+the 4-bit types for torch's int4 kernel (PACK_CPU_INT4, serval.layers.quant.gguf), on the GPU every type the Triton
+kernels read (PACK_TRITON, serval.layers.quant.gguf_triton).
 
 transformers can load a GGUF too, but takes ~20 s for SmolLM2-135M on a 2-core CPU; this module takes a fraction
 of a second, so the default model starts fast. The result is a state dict plus a config (gguf_config), the same
@@ -57,6 +59,10 @@ _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _MERGED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 # The suffix under which a packed projection's raw blocks reach its layer's format.
 PACKED_SUFFIX = "gguf_blocks"
+# How load_gguf keeps projections packed: for torch's int4 CPU kernel, or as raw blocks for the Triton kernels.
+PACK_CPU_INT4 = "cpu-int4"
+PACK_TRITON = "triton"
+PACKINGS = (PACK_CPU_INT4, PACK_TRITON)
 
 
 @dataclass
@@ -86,10 +92,14 @@ def read_gguf(path: str) -> GGUFFile:
     return read_gguf_file(path)
 
 
-def load_gguf(path: str, keep_packed: bool = False) -> GGUFCheckpoint:
+def load_gguf(path: str, keep_packed: bool | str = False) -> GGUFCheckpoint:
     """The GGUF at `path` (a file, or a directory holding one) as a config and HF-named weights: float32, except
-    with keep_packed, where each 4-bit projection (Q4_0, Q4_1, Q4_K; all of a merged group alike) stays as its
-    raw blocks under `<module>.gguf_blocks` and `quantization` says its format."""
+    with keep_packed, where each projection the packing takes stays as its raw blocks under
+    `<module>.gguf_blocks` and `quantization` says its format. keep_packed: PACK_CPU_INT4 (or True): 4-bit types
+    (Q4_0, Q4_1, Q4_K; all of a merged group alike); PACK_TRITON: every type in triton_gguf.SUPPORTED_TYPES."""
+    packing = PACK_CPU_INT4 if keep_packed is True else keep_packed or None
+    if packing is not None and packing not in PACKINGS:
+        raise ValueError(f"keep_packed={keep_packed!r}: choose one of {list(PACKINGS)}")
     file = find_gguf_file(path)
     if file is None:
         raise FileNotFoundError(f"no GGUF file at {path!r}: pass a .gguf file or a directory holding exactly one")
@@ -107,7 +117,7 @@ def load_gguf(path: str, keep_packed: bool = False) -> GGUFCheckpoint:
     permuted = SUPPORTED_ARCHITECTURES[arch][2]
     layer_names = _LAYER_NAMES_BY_ARCHITECTURE.get(arch, _LAYER_NAMES)
     hf_names = {name: _hf_name(name, file, layer_names) for name in tensors if name != ROPE_FREQS}
-    packed = _packed_projections(hf_names, tensors) if keep_packed else {}
+    packed = _packed_projections(hf_names, tensors, packing) if packing else {}
     weights = {}
     for name, hf_name in hf_names.items():
         tensor = tensors[name]
@@ -122,12 +132,18 @@ def load_gguf(path: str, keep_packed: bool = False) -> GGUFCheckpoint:
         weights[hf_name] = dequantize(raw, tensor.tensor_type, tuple(int(d) for d in reversed(tensor.shape)))
         if arch == "gemma3" and hf_name.endswith("norm.weight"):
             weights[hf_name] -= 1
-    return GGUFCheckpoint(config=config, weights=weights, quantization=_packed_quantization(packed))
+    return GGUFCheckpoint(config=config, weights=weights, quantization=_packed_quantization(packed, packing))
 
 
-def _packed_projections(hf_names: dict[str, str], tensors: dict) -> dict[str, Q]:
-    """HF weight name -> GGUF type of each projection kept packed: a 4-bit type, shared by its merged group, of
-    rows the int4 kernel takes (a merged group of such projections then fits too)."""
+def _packed_projections(hf_names: dict[str, str], tensors: dict, packing: str = PACK_CPU_INT4) -> dict[str, Q]:
+    """HF weight name -> GGUF type of each projection kept packed. PACK_CPU_INT4: a 4-bit type, shared by its
+    merged group, of rows the int4 kernel takes (a merged group of such projections then fits too). PACK_TRITON:
+    a type the kernels read, shared by its merged group."""
+    if packing == PACK_TRITON:
+        from serval.kernels.triton_gguf import SUPPORTED_TYPES
+        kept_types, row_multiple = SUPPORTED_TYPES, 1
+    else:
+        kept_types, row_multiple = INT4_TYPES, ROW_MULTIPLE
     name_of = {hf_name: name for name, hf_name in hf_names.items()}
     types = {hf_name: Q(tensors[name].tensor_type) for name, hf_name in hf_names.items()
              if hf_name.endswith("_proj.weight") and name.startswith("blk.")}
@@ -137,19 +153,21 @@ def _packed_projections(hf_names: dict[str, str], tensors: dict) -> dict[str, Q]
         parent, _, projection = module.rpartition(".")
         group = next((g for g in _MERGED_GROUPS if projection in g), (projection,))
         siblings = [types.get(f"{parent}.{member}.weight") for member in group]
-        rows_fit = tensors[name_of[hf_name]].shape[1] % ROW_MULTIPLE == 0
-        if qtype in INT4_TYPES and rows_fit and all(sibling == qtype for sibling in siblings):
+        rows_fit = tensors[name_of[hf_name]].shape[1] % row_multiple == 0
+        if qtype in kept_types and rows_fit and all(sibling == qtype for sibling in siblings):
             packed[hf_name] = qtype
     return packed
 
 
-def _packed_quantization(packed: dict[str, Q]):
+def _packed_quantization(packed: dict[str, Q], packing: str | None):
     if not packed:
         return None
     from serval.layers.quant.config import CheckpointQuantization, LayerRule
     from serval.layers.quant.gguf import GGUFInt4Method
+    from serval.layers.quant.gguf_triton import GGUFTritonMethod
 
-    rules = tuple(LayerRule((name.removesuffix(".weight"),), GGUFInt4Method(qtype.name))
+    method = GGUFTritonMethod if packing == PACK_TRITON else GGUFInt4Method
+    rules = tuple(LayerRule((name.removesuffix(".weight"),), method(qtype.name))
                   for name, qtype in packed.items())
     return CheckpointQuantization("gguf", rules)
 
