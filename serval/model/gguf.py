@@ -138,7 +138,7 @@ def load_gguf(path: str, keep_packed: bool | str = False) -> GGUFCheckpoint:
 def _packed_projections(hf_names: dict[str, str], tensors: dict, packing: str = PACK_CPU_INT4) -> dict[str, Q]:
     """HF weight name -> GGUF type of each projection kept packed. PACK_CPU_INT4: a 4-bit type, shared by its
     merged group, of rows the int4 kernel takes (a merged group of such projections then fits too). PACK_TRITON:
-    a type the kernels read, shared by its merged group."""
+    a type the kernels read, as is every type of its merged group (Q4_K_M files mix Q4_K and Q6_K in q/k/v)."""
     if packing == PACK_TRITON:
         from serval.kernels.triton_gguf import SUPPORTED_TYPES
         kept_types, row_multiple = SUPPORTED_TYPES, 1
@@ -154,7 +154,9 @@ def _packed_projections(hf_names: dict[str, str], tensors: dict, packing: str = 
         group = next((g for g in _MERGED_GROUPS if projection in g), (projection,))
         siblings = [types.get(f"{parent}.{member}.weight") for member in group]
         rows_fit = tensors[name_of[hf_name]].shape[1] % row_multiple == 0
-        if qtype in kept_types and rows_fit and all(sibling == qtype for sibling in siblings):
+        alike = all(sibling == qtype for sibling in siblings) or (
+            packing == PACK_TRITON and all(sibling in kept_types for sibling in siblings))
+        if qtype in kept_types and rows_fit and alike:
             packed[hf_name] = qtype
     return packed
 
@@ -166,9 +168,21 @@ def _packed_quantization(packed: dict[str, Q], packing: str | None):
     from serval.layers.quant.gguf import GGUFInt4Method
     from serval.layers.quant.gguf_triton import GGUFTritonMethod
 
-    method = GGUFTritonMethod if packing == PACK_TRITON else GGUFInt4Method
-    rules = tuple(LayerRule((name.removesuffix(".weight"),), method(qtype.name))
-                  for name, qtype in packed.items())
+    if packing != PACK_TRITON:
+        rules = tuple(LayerRule((name.removesuffix(".weight"),), GGUFInt4Method(qtype.name))
+                      for name, qtype in packed.items())
+        return CheckpointQuantization("gguf", rules)
+    rules = []
+    for name, qtype in packed.items():
+        parent, _, projection = name.removesuffix(".weight").rpartition(".")
+        group = next((g for g in _MERGED_GROUPS if projection in g), (projection,))
+        types = tuple((member.removesuffix("_proj"), packed[f"{parent}.{member}.weight"].name) for member in group)
+        if len({t for _, t in types}) > 1:  # one object for every projection of the group: assign_formats checks
+            method = GGUFTritonMethod("+".join(t for _, t in types), shard_types=types)
+        else:
+            method = GGUFTritonMethod(qtype.name)
+        rules.append(LayerRule((name.removesuffix(".weight"),), method))
+    rules = tuple(rules)
     return CheckpointQuantization("gguf", rules)
 
 
