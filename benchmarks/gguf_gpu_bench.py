@@ -1,8 +1,9 @@
 """GGUF weights kept in their blocks on a GPU (serval.kernels.triton_gguf) against half-precision weights, on the
 projections of the Llama-3-8B shape: batch-1 GEMV time, GB/s of weight bytes read, and the decode rate the
 projections of a 32-layer model allow (tok/s = 1 / (32 x the four projections' time)); next to them the bf16 Triton
-GEMV (serval.kernels.triton_gemv) and torch's F.linear (cuBLAS) on bf16 weights ("torch" in the table). Optionally more rows (--rows 16,512: the
-small-batch GEMM and the prefill GEMM) and a grid of GEMV configurations per type (--tune).
+GEMV (serval.kernels.triton_gemv) and torch's F.linear (cuBLAS) on bf16 weights ("torch" in the table).
+Optionally more rows (--rows 16,512: the small-batch GEMM and the prefill GEMM) and a grid of GEMV configurations
+per type (--tune).
 
 Weights are random GGUF blocks with sane fp16 scales (no checkpoint needed); each product is checked against the
 numpy dequantizer on its first 64 output rows before it is timed. On a GPU each time comes from a CUDA graph of one
@@ -22,7 +23,6 @@ import os
 import time
 
 import gguf
-import numpy as np
 import torch
 import torch.nn.functional as F
 
