@@ -3,7 +3,8 @@ projections of the Llama-3-8B shape: batch-1 GEMV time, GB/s of weight bytes rea
 projections of a 32-layer model allow (tok/s = 1 / (32 x the four projections' time)); next to them the bf16 Triton
 GEMV (serval.kernels.triton_gemv) and torch's F.linear (cuBLAS) on bf16 weights ("torch" in the table).
 Optionally more rows (--rows 16,512: the small-batch GEMM and the prefill GEMM) and a grid of GEMV configurations
-per type (--tune).
+per type (--tune; for Q4_K at batch 1 the generic GEMV's grid and the word-reading q4_k_gemv's, whose default is
+the table's "us").
 
 Weights are random GGUF blocks with sane fp16 scales (no checkpoint needed); each product is checked against the
 numpy dequantizer on its first 64 output rows before it is timed. On a GPU each time comes from a CUDA graph of one
@@ -35,6 +36,7 @@ LAYERS = 32
 SCALE_FIELDS = {Q.Q8_0: ((0,), 1e-3), Q.Q4_0: ((0,), 1e-2), Q.Q4_1: ((0, 2), 1e-2), Q.Q5_0: ((0,), 5e-3),
                 Q.Q5_1: ((0, 2), 5e-3), Q.Q4_K: ((0, 2), 2e-4), Q.Q5_K: ((0, 2), 1e-4), Q.Q6_K: ((208,), 5e-5)}
 GEMV_GRID = list(itertools.product((8, 16, 32, 64), (256, 512, 1024), (2, 4, 8)))
+Q4_K_GRID = list(itertools.product((4, 8, 16, 32, 64), (1, 2, 4, 8)))  # (BLOCK_N, num_warps) of q4_k_gemv
 
 
 def random_blocks(qtype: Q, n: int, k: int, device: str, seed: int) -> torch.Tensor:
@@ -120,6 +122,10 @@ def bench_shape(name: str, n: int, k: int, types: list[Q], rows: list[int], dtyp
                             weights, x, repeats) * 1e6
                     except Exception:  # noqa: BLE001 - a configuration past the device's limits is skipped
                         continue
+                if qtype == Q.Q4_K and m == 1:  # its own batch-1 kernel (the default above), over its own grid
+                    for config in Q4_K_GRID if device == "cuda" else Q4_K_GRID[:1]:
+                        entry["grid_us"][f"q4_k_gemv {config}"] = time_products(
+                            lambda a, w, c=config: triton_gguf.q4_k_gemv(a, w, c), weights, x, repeats) * 1e6
                 best = min(entry["grid_us"], key=entry["grid_us"].get)
                 entry["best_config"], entry["best_us"] = best, entry["grid_us"][best]
             row[qtype.name] = entry

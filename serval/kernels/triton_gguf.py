@@ -1,7 +1,8 @@
 """GGUF weights kept in their blocks on the GPU: y [M, N] = x [M, K] @ W^T, W read as the GGUF file stores it and
 dequantized in registers (Triton): a GEMV for decode rows and a tl.dot GEMM for more rows.
 
-The layout is the file's own: `blocks` uint8 [N, K / QK * BYTES], one row of GGUF blocks per output. Each type is
+A batch-1 Q4_K product (the bulk of a Q4_K_M model's decode) has its own kernel that reads the quants as 32-bit
+words and applies each sub-block's scale to partial sums (q4_k_gemv). The layout is the file's own: `blocks` uint8 [N, K / QK * BYTES], one row of GGUF blocks per output. Each type is
 read as w = q * scale + offset per scale group, q the unsigned (Q8_0: signed) quant:
 
     type   QK   bytes  per block                                      group  scale        offset       bits/weight
@@ -31,6 +32,8 @@ Q = gguf.GGMLQuantizationType
 SUPPORTED_TYPES = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 # (BLOCK_N, BLOCK_K, num_warps) of the GEMV, per block size QK (BLOCK_K a multiple of it).
 GEMV_CONFIG = {32: (16, 256, 4), 256: (16, 256, 4)}
+# (BLOCK_N, num_warps) of the batch-1 Q4_K GEMV (one 256-weight super-block per step).
+Q4_K_GEMV_CONFIG = (16, 4)
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the GEMM: decode batches (up to 16 rows, W read once for all of them)
 # and prefill.
 SMALL_GEMM_CONFIG = (16, 32, 256, 4)
@@ -203,6 +206,41 @@ def _gguf_gemm_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_x, stride_w, QTYPE: t
              mask=(rows < M)[:, None] & (cols < N)[None, :])
 
 
+@triton.jit
+def _q4_k_gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BLOCK_N: tl.constexpr):
+    # Batch-1 Q4_K: a super-block's 128 quant bytes read as 32 words (one 16-byte aligned run per row, where the
+    # generic tile's per-weight byte gathers issue 8x as many loads), x gathered in the words' nibble order, and
+    # each 32-weight sub-block's scale and min applied to its partial sums: sum_j x_j (d sc q_j - dmin mn) =
+    # d sc (sum_j x_j q_j) - dmin mn (sum_j x_j).
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    chunk = tl.arange(0, 4)  # 64 weights, 32 bytes: low nibbles are weights 0..31 of it, high ones 32..63
+    word = tl.arange(0, 8)  # the chunk's 8 words, 4 bytes each
+    high = tl.arange(0, 2)
+    byte = tl.arange(0, 4)
+    word_at = 16 + (chunk[:, None] * 8 + word[None, :]) * 4  # [4, 8] byte offset in the block
+    x_at = (chunk[:, None, None, None] * 64 + high[None, None, :, None] * 32 + word[None, :, None, None] * 4
+            + byte[None, None, None, :])  # [4, 8, 2, 4]: the weight each nibble holds
+    shifts = high[:, None] * 4 + byte[None, :] * 8  # [2, 4]
+    sub_block = chunk[:, None] * 2 + high[None, :]  # [4, 2]
+    row_base = cols.to(tl.int64) * stride_w
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for b in range(0, K // 256):
+        block = row_base + b * 144
+        words = tl.load((w_ptr + block[:, None, None] + word_at[None, :, :]).to(tl.pointer_type(tl.int32)),
+                        mask=col_ok[:, None, None], other=0)  # [BLOCK_N, 4, 8]
+        q = (words[:, :, :, None, None] >> shifts[None, None, None, :, :]) & 0xF  # [BLOCK_N, 4, 8, 2, 4]
+        x = tl.load(x_ptr + b * 256 + x_at).to(tl.float32)
+        dots = tl.sum(tl.sum(q.to(tl.float32) * x[None], axis=4), axis=2)  # [BLOCK_N, 4, 2]
+        x_sums = tl.sum(tl.sum(x, axis=3), axis=1)  # [4, 2]
+        ok = col_ok[:, None, None]
+        d = _f16_at(w_ptr + block[:, None, None], ok)
+        dmin = _f16_at(w_ptr + block[:, None, None] + 2, ok)
+        sc, mn = _k_scale_and_min(w_ptr + block[:, None, None] + 4, sub_block[None, :, :], ok)
+        acc += tl.sum(tl.sum(d * sc * dots - dmin * mn * x_sums[None], axis=2), axis=1)
+    tl.store(y_ptr + cols, acc.to(y_ptr.dtype.element_ty), mask=col_ok)
+
+
 def _type_constants(qtype) -> dict:
     qtype = Q(qtype)
     if qtype not in SUPPORTED_TYPES:
@@ -215,14 +253,17 @@ def _type_constants(qtype) -> dict:
 def matmul(x: torch.Tensor, blocks: torch.Tensor, qtype, gemv_config: tuple[int, int, int] | None = None,
            gemm_config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """x [M, K] @ W^T -> [M, N] in x's dtype, accumulated in float32; W the GGUF blocks uint8 [N, bytes per row].
-    The GEMV up to GEMV_MAX_ROWS rows, else the GEMM (16-row tiles up to SMALL_GEMM_MAX_ROWS). A config's BLOCK_K
-    must be a multiple of the type's block size (32, or 256 for the K-quants)."""
+    The GEMV up to GEMV_MAX_ROWS rows (one Q4_K row: q4_k_gemv, unless gemv_config asks for the generic one), else
+    the GEMM (16-row tiles up to SMALL_GEMM_MAX_ROWS). A config's BLOCK_K must be a multiple of the type's block
+    size (32, or 256 for the K-quants)."""
     m, k = x.shape
     n = blocks.shape[0]
     constants = _type_constants(qtype)
     assert k % constants["QK"] == 0 and blocks.shape[1] == row_bytes(qtype, k), (x.shape, blocks.shape)
     assert blocks.dtype == torch.uint8 and blocks.stride(1) == 1 and x.stride(1) == 1
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 1 and Q(qtype) == Q.Q4_K and gemv_config is None:
+        return q4_k_gemv(x, blocks)
     if m <= GEMV_MAX_ROWS:
         block_n, block_k, num_warps = gemv_config or GEMV_CONFIG[constants["QK"]]
         _check_block_k(block_k, constants["QK"])
@@ -236,6 +277,21 @@ def matmul(x: torch.Tensor, blocks: torch.Tensor, qtype, gemv_config: tuple[int,
     _gguf_gemm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
         x, blocks, y, m, n, k, x.stride(0), blocks.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=num_warps, **constants)
+    return y
+
+
+def q4_k_gemv(x: torch.Tensor, blocks: torch.Tensor, config: tuple[int, int] | None = None) -> torch.Tensor:
+    """x [1, K] @ W^T -> [1, N] for Q4_K blocks: the batch-1 kernel that reads the quants as words. config:
+    (BLOCK_N, num_warps), Q4_K_GEMV_CONFIG by default."""
+    k = x.shape[-1]
+    n = blocks.shape[0]
+    assert x.shape == (1, k) and k % 256 == 0 and blocks.shape[1] == row_bytes(Q.Q4_K, k), (x.shape, blocks.shape)
+    assert blocks.dtype == torch.uint8 and blocks.stride(1) == 1
+    x = x.contiguous()
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    block_n, num_warps = config or Q4_K_GEMV_CONFIG
+    _q4_k_gemv_kernel[(triton.cdiv(n, block_n),)](x, blocks, y, n, k, blocks.stride(0), BLOCK_N=block_n,
+                                                  num_warps=num_warps)
     return y
 
 

@@ -92,3 +92,14 @@ def test_unsupported_types_and_split_blocks_are_refused():
     blocks = torch.zeros(4, triton_gguf.row_bytes(Q.Q4_K, 256), dtype=torch.uint8, device=DEVICE)
     with pytest.raises(ValueError, match="BLOCK_K=128 splits GGUF blocks of 256"):
         triton_gguf.matmul(x, blocks, Q.Q4_K, gemv_config=(16, 128, 4))
+
+
+@pytest.mark.parametrize("config", [None, (8, 2), (32, 4)])
+def test_batch_1_q4_k_kernel_equals_the_reference_in_half_precision(config):
+    n, k = 40, 768  # 40 outputs: a partial column block for every BLOCK_N here; three super-blocks per row
+    raw = gguf_rows(Q.Q4_K, n, k, seed=11)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(0)).half()
+    expected = x.float() @ gguf_reference(raw, Q.Q4_K).t()
+    got = triton_gguf.q4_k_gemv(x.to(DEVICE), torch.from_numpy(raw).to(DEVICE), config)
+    assert got.shape == (1, n) and got.dtype == torch.float16
+    torch.testing.assert_close(got.float().cpu(), expected, atol=1e-2 * float(expected.abs().max()), rtol=1e-2)
