@@ -35,7 +35,7 @@ LAYERS = 32
 # The fp16 fields of each type's block (byte offsets) and the largest scale that keeps weights near 0.02..0.2.
 SCALE_FIELDS = {Q.Q8_0: ((0,), 1e-3), Q.Q4_0: ((0,), 1e-2), Q.Q4_1: ((0, 2), 1e-2), Q.Q5_0: ((0,), 5e-3),
                 Q.Q5_1: ((0, 2), 5e-3), Q.Q4_K: ((0, 2), 2e-4), Q.Q5_K: ((0, 2), 1e-4), Q.Q6_K: ((208,), 5e-5)}
-GEMV_GRID = list(itertools.product((8, 16, 32, 64), (256, 512, 1024), (2, 4, 8)))
+GEMV_GRID = list(itertools.product((8, 16, 32), (256, 512), (2, 4, 8)))
 Q4_K_GRID = list(itertools.product((4, 8, 16, 32, 64), (1, 2, 4, 8)))  # (BLOCK_N, num_warps) of q4_k_gemv
 
 
