@@ -4,10 +4,14 @@ shape: the block-FP8 GEMV (serval.kernels.triton_gemv.block_scaled_gemv) and the
 and the fastest configuration's; writes JSON.
 
     python benchmarks/quant_kernel_tune.py [--hidden 4096 --intermediate 14336 --heads 32 --kv-heads 8]
-        [--gemm-rows 256,2048] [--quick] [--out results/quant_kernel_tune]
+        [--gemm-rows 256,2048] [--quick] [--write-config] [--out results/quant_kernel_tune]
 
 What to do with it: the defaults in triton_gemv.FP8_CONFIG and triton_w4a16.GROUPED_* are the fastest on the
-device the table was measured on; a different GPU wants its own run.
+device the table was measured on; a different GPU wants its own run. --write-config writes this GPU's W4A16 table,
+which triton_w4a16 reads on that GPU: serval/kernels/configs/w4a16,device=<GPU name>.json (and a copy under --out,
+which is what comes back from a device call: copy it there and commit). Per projection its fastest GEMV and GEMM
+(the GEMM at the first --gemm-rows), and as "default" (for other shapes) the configuration fastest over all four
+projections together.
 """
 from __future__ import annotations
 
@@ -40,10 +44,23 @@ def tune(name: str, nbytes: int, run, configs: list, default) -> dict:
     best_ms, best = min(timed, key=lambda t: t[0])
     row = {"projection": name, "default": list(default), "default_us": default_ms * 1e3,
            "default_gb_s": nbytes / default_ms / 1e6, "best": list(best), "best_us": best_ms * 1e3,
-           "best_gb_s": nbytes / best_ms / 1e6}
+           "best_gb_s": nbytes / best_ms / 1e6, "all_us": {str(list(c)): ms * 1e3 for ms, c in timed}}
     print(f"  {name:<22} default {row['default_us']:8.1f} us {row['default_gb_s']:7.0f} GB/s   best "
           f"{row['best_us']:8.1f} us {row['best_gb_s']:7.0f} GB/s  {tuple(best)}", flush=True)
     return row
+
+
+def device_table(rows: list[dict], shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[int, ...]]:
+    """Per shape ("NxK") its fastest configuration, and "default": the one fastest over all the rows together
+    (among those every row could run)."""
+    table = {}
+    for row in rows:
+        n, k = shapes[row["projection"].split(" ")[0]]
+        table[f"{n}x{k}"] = tuple(row["best"])
+    common = set.intersection(*(set(row["all_us"]) for row in rows))
+    if common:
+        table["default"] = tuple(json.loads(min(common, key=lambda c: sum(row["all_us"][c] for row in rows))))
+    return table
 
 
 def main() -> None:
@@ -54,6 +71,8 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--gemm-rows", default="256,2048")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--write-config", action="store_true",
+                        help="this GPU's W4A16 table under serval/kernels/configs/ (and --out)")
     parser.add_argument("--out", default="results/quant_kernel_tune")
     args = parser.parse_args()
     from serval.kernels import triton_fp8_block, triton_gemv, triton_w4a16
@@ -107,6 +126,16 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "quant_kernel_tune.json"), "w") as f:
         json.dump(results, f, indent=2)
+    if args.write_config:
+        first_rows = f"M={args.gemm_rows.split(',')[0]}"
+        gemm_rows = [row for row in results["w4a16_gemm"] if row["projection"].endswith(first_rows)]
+        text = triton_w4a16.config_table_json(device_table(results["w4a16_gemv"], shapes),
+                                              device_table(gemm_rows, shapes), results["device"])
+        name = triton_w4a16.config_file_name(results["device"])
+        for directory in (triton_w4a16.CONFIG_DIR, args.out):
+            with open(os.path.join(directory, name), "w") as f:
+                f.write(text + "\n")
+        print(f"\n{name} written under serval/kernels/configs/ and {args.out}:\n{text}")
 
 
 if __name__ == "__main__":

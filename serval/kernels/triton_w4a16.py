@@ -10,9 +10,16 @@ The one layout every 4-bit format is repacked into at load (serval.layers.quant.
 Reading 4 bits a weight instead of 16 is what a decode step gains: it is nothing but reading the weights.
 
 `reference_linear` dequantizes W in float32 and multiplies: what the CPU runs and what the tests compare with.
+
+The grouped kernels' block sizes come from this GPU's table when there is one, `configs/w4a16,device=<GPU>.json`
+(`{"device", "grouped_gemv": {"NxK" | "default": [BLOCK_N, BLOCK_K, num_warps]}, "grouped_gemm": {...: [BLOCK_M,
+BLOCK_N, BLOCK_K, num_warps]}}`, written by `benchmarks/quant_kernel_tune.py --write-config`), else the built-in
+GROUPED_* configs below.
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
 
 import torch
@@ -28,6 +35,46 @@ GROUPED_GEMV_CONFIG = (16, 512, 4)
 GROUPED_GEMM_CONFIG = (128, 128, 64, 4)  # the fastest of benchmarks/quant_kernel_tune.py's grid on an H200
 # Up to this many rows the GEMV (one program per row and BLOCK_N columns) reads W once per row and still wins.
 GEMV_MAX_ROWS = 4
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+GROUPED_GEMV, GROUPED_GEMM = "grouped_gemv", "grouped_gemm"  # the sections of a device's table
+
+
+def config_file_name(device_name: str) -> str:
+    return f"w4a16,device={device_name.replace(' ', '_')}.json"
+
+
+def config_table_json(gemv: dict[str, tuple[int, ...]], gemm: dict[str, tuple[int, ...]], device_name: str) -> str:
+    """A device's table as tuned_configs reads it (what benchmarks/quant_kernel_tune.py --write-config writes)."""
+    return json.dumps({"device": device_name, GROUPED_GEMV: {key: list(c) for key, c in gemv.items()},
+                       GROUPED_GEMM: {key: list(c) for key, c in gemm.items()}}, indent=1)
+
+
+def pick_configs(table: dict | None, n: int, k: int) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
+    """(GEMV config, GEMM config) for an N x K weight from a device's table: the shape's own entry, else the
+    table's default, else None (the built-in one)."""
+    picked = []
+    for section_name in (GROUPED_GEMV, GROUPED_GEMM):
+        section = (table or {}).get(section_name) or {}
+        config = section.get(f"{n}x{k}") or section.get("default")
+        picked.append(tuple(int(v) for v in config) if config else None)
+    return picked[0], picked[1]
+
+
+@functools.cache
+def _device_table(device_index: int) -> dict | None:
+    path = os.path.join(CONFIG_DIR, config_file_name(torch.cuda.get_device_name(device_index)))
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def tuned_configs(x: torch.Tensor, n: int, k: int) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
+    """This GPU's grouped-kernel configs for an N x K weight (None, None on the CPU or without a table)."""
+    if not x.is_cuda:
+        return None, None
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return pick_configs(_device_table(index), n, k)
 
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -181,6 +228,10 @@ def matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
     assert qweight.shape[0] * 8 == k and g_idx.shape == (k,) and x.stride(1) == 1, (x.shape, qweight.shape)
     assert qweight.is_contiguous() and scales.is_contiguous() and zeros.is_contiguous(), "row-major layout only"
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if group_size is not None and gemv_config is None and gemm_config is None:
+        tuned_gemv, tuned_gemm = tuned_configs(x, n, k)
+        if _grouped_fits(m, k, group_size, tuned_gemv, tuned_gemm):  # a table tuned for another group size may not
+            gemv_config, gemm_config = tuned_gemv, tuned_gemm
     if group_size is not None and _grouped_fits(m, k, group_size, gemv_config, gemm_config):
         _grouped_matmul(x, qweight, scales, zeros, y, group_size, gemv_config, gemm_config)
         return y

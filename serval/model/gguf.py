@@ -1,5 +1,7 @@
 """GGUF checkpoints: read the header (gguf_reader), rename tensors to Hugging Face names and layout, and either
-dequantize every tensor to float32 or keep the 4-bit projections in their blocks for the layer's GGUF format.
+dequantize every tensor to float32 or keep the projections in their blocks for the layer's GGUF format: on the CPU
+the 4-bit types for torch's int4 kernel (PACK_CPU_INT4, serval.layers.quant.gguf), on the GPU every type the Triton
+kernels read (PACK_TRITON, serval.layers.quant.gguf_triton).
 
 transformers can load a GGUF too, but takes ~20 s for SmolLM2-135M on a 2-core CPU; this module takes a fraction
 of a second, so the default model starts fast. The result is a state dict plus a config (gguf_config), the same
@@ -61,6 +63,10 @@ _EXPERT_STACK = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight")
 _MERGED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 # The suffix under which a packed projection's raw blocks reach its layer's format.
 PACKED_SUFFIX = "gguf_blocks"
+# How load_gguf keeps projections packed: for torch's int4 CPU kernel, or as raw blocks for the Triton kernels.
+PACK_CPU_INT4 = "cpu-int4"
+PACK_TRITON = "triton"
+PACKINGS = (PACK_CPU_INT4, PACK_TRITON)
 
 
 @dataclass
@@ -90,10 +96,14 @@ def read_gguf(path: str) -> GGUFFile:
     return read_gguf_file(path)
 
 
-def load_gguf(path: str, keep_packed: bool = False) -> GGUFCheckpoint:
+def load_gguf(path: str, keep_packed: bool | str = False) -> GGUFCheckpoint:
     """The GGUF at `path` (a file, or a directory holding one) as a config and HF-named weights: float32, except
-    with keep_packed, where each 4-bit projection (Q4_0, Q4_1, Q4_K; all of a merged group alike) stays as its
-    raw blocks under `<module>.gguf_blocks` and `quantization` says its format."""
+    with keep_packed, where each projection the packing takes stays as its raw blocks under
+    `<module>.gguf_blocks` and `quantization` says its format. keep_packed: PACK_CPU_INT4 (or True): 4-bit types
+    (Q4_0, Q4_1, Q4_K; all of a merged group alike); PACK_TRITON: every type in triton_gguf.SUPPORTED_TYPES."""
+    packing = PACK_CPU_INT4 if keep_packed is True else keep_packed or None
+    if packing is not None and packing not in PACKINGS:
+        raise ValueError(f"keep_packed={keep_packed!r}: choose one of {list(PACKINGS)}")
     file = find_gguf_file(path)
     if file is None:
         raise FileNotFoundError(f"no GGUF file at {path!r}: pass a .gguf file or a directory holding exactly one")
@@ -113,7 +123,7 @@ def load_gguf(path: str, keep_packed: bool = False) -> GGUFCheckpoint:
     expert_stacks = {name: match for name in tensors if (match := _EXPERT_STACK.fullmatch(name))}
     hf_names = {name: _hf_name(name, file, layer_names) for name in tensors
                 if name != ROPE_FREQS and name not in expert_stacks}
-    packed = _packed_projections(hf_names, tensors) if keep_packed else {}
+    packed = _packed_projections(hf_names, tensors, packing) if packing else {}
     weights = {}
     for name, hf_name in hf_names.items():
         tensor = tensors[name]
@@ -130,7 +140,7 @@ def load_gguf(path: str, keep_packed: bool = False) -> GGUFCheckpoint:
             weights[hf_name] -= 1
     for name, match in expert_stacks.items():
         weights.update(_expert_weights(match, tensors[name]))
-    return GGUFCheckpoint(config=config, weights=weights, quantization=_packed_quantization(packed))
+    return GGUFCheckpoint(config=config, weights=weights, quantization=_packed_quantization(packed, packing))
 
 
 def _expert_weights(match: re.Match, tensor) -> dict[str, torch.Tensor]:
@@ -142,9 +152,15 @@ def _expert_weights(match: re.Match, tensor) -> dict[str, torch.Tensor]:
             for expert in range(stacked.shape[0])}
 
 
-def _packed_projections(hf_names: dict[str, str], tensors: dict) -> dict[str, Q]:
-    """HF weight name -> GGUF type of each projection kept packed: a 4-bit type, shared by its merged group, of
-    rows the int4 kernel takes (a merged group of such projections then fits too)."""
+def _packed_projections(hf_names: dict[str, str], tensors: dict, packing: str = PACK_CPU_INT4) -> dict[str, Q]:
+    """HF weight name -> GGUF type of each projection kept packed. PACK_CPU_INT4: a 4-bit type, shared by its
+    merged group, of rows the int4 kernel takes (a merged group of such projections then fits too). PACK_TRITON:
+    a type the kernels read, as is every type of its merged group (Q4_K_M files mix Q4_K and Q6_K in q/k/v)."""
+    if packing == PACK_TRITON:
+        from serval.kernels.triton_gguf import SUPPORTED_TYPES
+        kept_types, row_multiple = SUPPORTED_TYPES, 1
+    else:
+        kept_types, row_multiple = INT4_TYPES, ROW_MULTIPLE
     name_of = {hf_name: name for name, hf_name in hf_names.items()}
     types = {hf_name: Q(tensors[name].tensor_type) for name, hf_name in hf_names.items()
              if hf_name.endswith("_proj.weight") and name.startswith("blk.")}
@@ -154,20 +170,36 @@ def _packed_projections(hf_names: dict[str, str], tensors: dict) -> dict[str, Q]
         parent, _, projection = module.rpartition(".")
         group = next((g for g in _MERGED_GROUPS if projection in g), (projection,))
         siblings = [types.get(f"{parent}.{member}.weight") for member in group]
-        rows_fit = tensors[name_of[hf_name]].shape[1] % ROW_MULTIPLE == 0
-        if qtype in INT4_TYPES and rows_fit and all(sibling == qtype for sibling in siblings):
+        rows_fit = tensors[name_of[hf_name]].shape[1] % row_multiple == 0
+        alike = all(sibling == qtype for sibling in siblings) or (
+            packing == PACK_TRITON and all(sibling in kept_types for sibling in siblings))
+        if qtype in kept_types and rows_fit and alike:
             packed[hf_name] = qtype
     return packed
 
 
-def _packed_quantization(packed: dict[str, Q]):
+def _packed_quantization(packed: dict[str, Q], packing: str | None):
     if not packed:
         return None
     from serval.layers.quant.config import CheckpointQuantization, LayerRule
     from serval.layers.quant.gguf import GGUFInt4Method
+    from serval.layers.quant.gguf_triton import GGUFTritonMethod
 
-    rules = tuple(LayerRule((name.removesuffix(".weight"),), GGUFInt4Method(qtype.name))
-                  for name, qtype in packed.items())
+    if packing != PACK_TRITON:
+        rules = tuple(LayerRule((name.removesuffix(".weight"),), GGUFInt4Method(qtype.name))
+                      for name, qtype in packed.items())
+        return CheckpointQuantization("gguf", rules)
+    rules = []
+    for name, qtype in packed.items():
+        parent, _, projection = name.removesuffix(".weight").rpartition(".")
+        group = next((g for g in _MERGED_GROUPS if projection in g), (projection,))
+        types = tuple((member.removesuffix("_proj"), packed[f"{parent}.{member}.weight"].name) for member in group)
+        if len({t for _, t in types}) > 1:  # one object for every projection of the group: assign_formats checks
+            method = GGUFTritonMethod("+".join(t for _, t in types), shard_types=types)
+        else:
+            method = GGUFTritonMethod(qtype.name)
+        rules.append(LayerRule((name.removesuffix(".weight"),), method))
+    rules = tuple(rules)
     return CheckpointQuantization("gguf", rules)
 
 

@@ -42,6 +42,7 @@ MODEL_DEQUANTIZED_FORMATS = ("mxfp4",)
 # vLLM's dummy loader range: small enough that activations stay finite through any depth, in any dtype.
 DUMMY_WEIGHT_RANGE = (-1e-3, 1e-3)
 GGUF_DEQUANTIZE_ENV = "SERVAL_GGUF_DEQUANTIZE"
+GGUF_KERNEL_ENV = "SERVAL_GGUF"  # "triton": the Triton GGUF kernels on any device (the interpreter on the CPU)
 
 
 def load_model(model: str, *, load_format: str = "auto", dtype: torch.dtype = torch.float32,
@@ -66,7 +67,7 @@ def load_model(model: str, *, load_format: str = "auto", dtype: torch.dtype = to
         raise FileNotFoundError(f"load_format='gguf' but no .gguf file found at {model!r}")
     if gguf_file is not None:
         from serval.model.gguf import load_gguf
-        checkpoint = load_gguf(gguf_file, keep_packed=gguf_keeps_packed(device, quantization))
+        checkpoint = load_gguf(gguf_file, keep_packed=gguf_packing(device, quantization))
         config, weights = checkpoint.config, iter(checkpoint.weights.items())
         load_format = "gguf"
     else:
@@ -118,6 +119,18 @@ def gguf_keeps_packed(device: str | torch.device, quantization: str | None) -> b
     from serval.layers.quant.gguf import int4_kernel_available
     return (torch.device(device).type == "cpu" and quantization is None and int4_kernel_available()
             and os.environ.get(GGUF_DEQUANTIZE_ENV) != "1")
+
+
+def gguf_packing(device: str | torch.device, quantization: str | None) -> str | None:
+    """How a GGUF's projections stay packed (serval.model.gguf's PACK_*), or None to dequantize them: on a GPU
+    (or anywhere with SERVAL_GGUF=triton) as raw blocks for the Triton kernels, on the CPU for torch's int4
+    kernel; None with another quantization asked for or SERVAL_GGUF_DEQUANTIZE=1."""
+    from serval.model.gguf import PACK_CPU_INT4, PACK_TRITON
+    if quantization is not None or os.environ.get(GGUF_DEQUANTIZE_ENV) == "1":
+        return None
+    if torch.device(device).type == "cuda" or os.environ.get(GGUF_KERNEL_ENV) == "triton":
+        return PACK_TRITON
+    return PACK_CPU_INT4 if gguf_keeps_packed(device, quantization) else None
 
 
 def checkpoint_quant(config: transformers.PretrainedConfig) -> quant.CheckpointQuantization | None:

@@ -1,0 +1,50 @@
+"""The W4A16 grouped kernels' per-GPU block configurations: the table benchmarks/quant_kernel_tune.py --write-config
+writes (per shape its fastest, a default fastest over all shapes), read back and picked per shape, and the kernels
+run with picked configurations against the torch reference (interpreter on CPU)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from benchmarks.quant_kernel_tune import device_table  # noqa: E402
+from serval.kernels import triton_w4a16  # noqa: E402
+from tests.kernels.test_triton_w4a16 import DEVICE, FLOAT32, random_layout  # noqa: E402
+
+TABLE = json.loads(triton_w4a16.config_table_json(
+    gemv={"6144x4096": (16, 512, 4), "default": (8, 256, 2)}, gemm={"4096x14336": (64, 64, 64, 4)},
+    device_name="NVIDIA H200"))
+
+
+def test_table_file_name_and_pick():
+    assert triton_w4a16.config_file_name("NVIDIA H200") == "w4a16,device=NVIDIA_H200.json"
+    assert triton_w4a16.pick_configs(TABLE, 6144, 4096) == ((16, 512, 4), None)  # the shape's own GEMV entry
+    assert triton_w4a16.pick_configs(TABLE, 4096, 14336) == ((8, 256, 2), (64, 64, 64, 4))  # the GEMV's default
+    assert triton_w4a16.pick_configs(None, 4096, 4096) == (None, None)
+    assert triton_w4a16.tuned_configs(torch.zeros(1, 8), 4096, 4096) == (None, None)  # the CPU reads no table
+
+
+def test_the_benchmark_s_table_takes_each_shape_s_best_and_the_fastest_default_overall():
+    shapes = {"qkv": (6144, 4096), "o": (4096, 4096)}
+    rows = [{"projection": "qkv M=256", "best": [32, 64, 64, 4],
+             "all_us": {"[32, 64, 64, 4]": 10.0, "[64, 64, 64, 4]": 12.0, "[16, 16, 16, 2]": 50.0}},
+            {"projection": "o M=256", "best": [16, 16, 16, 2],
+             "all_us": {"[32, 64, 64, 4]": 9.0, "[64, 64, 64, 4]": 6.0, "[16, 16, 16, 2]": 5.0}}]
+    # Per shape its best; overall, [64, 64, 64, 4] (18 us) beats [32, 64, 64, 4] (19) and [16, 16, 16, 2] (55).
+    assert device_table(rows, shapes) == {"6144x4096": (32, 64, 64, 4), "4096x4096": (16, 16, 16, 2),
+                                          "default": (64, 64, 64, 4)}
+
+
+@pytest.mark.parametrize("m", [1, 9])
+def test_picked_configs_match_the_reference(m):
+    k, n, group = 256, 40, 128
+    qweight, scales, zeros, g_idx, _ = random_layout(k, n, group, False, seed=m)
+    table = {"grouped_gemv": {f"{n}x{k}": [8, 128, 2]}, "grouped_gemm": {"default": [16, 16, 64, 2]}}
+    gemv_config, gemm_config = triton_w4a16.pick_configs(table, n, k)
+    x = torch.randn(m, k, device=DEVICE)
+    got = triton_w4a16.matmul(x, qweight, scales, zeros, g_idx, gemv_config=gemv_config, gemm_config=gemm_config,
+                              group_size=group)
+    torch.testing.assert_close(got, triton_w4a16.reference_linear(x, qweight, scales, zeros, g_idx), **FLOAT32)
