@@ -9,6 +9,11 @@
 Rows of base-model requests (slot -1) get no LoRA term and are in no segment. The segment form serves prefill and
 decode batches with several rows per adapter; the gather form decode batches with about one row per adapter (where
 grouping saves nothing). Built once per step by the model runner and read by every LoRA layer of the model.
+
+Inside a captured decode graph (serval.engine.cuda_graphs) the host does not know the step's slots: token_slots is a
+region of the graph's input buffer, and graph_lora_batch derives the segments from it on the device (elementwise
+ops, a cumsum and a scatter: nothing that syncs with the host), sized for every slot (max_loras segments, any of
+them empty) so that one captured graph serves any mix of adapters.
 """
 from __future__ import annotations
 
@@ -29,11 +34,19 @@ class LoRABatch:
     segment_lengths: torch.Tensor  # [S] int32
     segment_slots: torch.Tensor  # [S] int32
     max_segment_length: int
-    slots: list[int]  # the distinct slots in the batch (host copy, for the torch reference)
+    slots: list[int]  # the distinct slots in the batch (host copy, for the torch reference); [] in a graph
+    # token_slots is a captured graph's input: the slots are known on the device only, max_segment_length is the
+    # row count (a bound), and every slot has a segment (most of them empty).
+    in_graph: bool = False
 
     @property
     def uses_gather(self) -> bool:
         return self.max_segment_length <= MAX_GATHER_ROWS_PER_ADAPTER
+
+    @property
+    def has_adapters(self) -> bool:
+        """Whether any row may have an adapter (in a graph the host cannot tell, so it must assume so)."""
+        return self.in_graph or bool(self.slots)
 
 
 def build_lora_batch(rows_per_request: list[int], slot_per_request: list[int], device: torch.device) -> LoRABatch:
@@ -56,3 +69,37 @@ def build_lora_batch(rows_per_request: list[int], slot_per_request: list[int], d
 
     return LoRABatch(tensor(token_slots), tensor(row_order), tensor(starts), tensor(lengths), tensor(slots),
                      max(lengths, default=0), slots)
+
+
+# A captured graph of at most this many rows gathers (each row reads its adapter); a larger one groups its rows by
+# slot on the device, so each adapter's weight tile is read once per 16 rows instead of once per row.
+MAX_GRAPH_GATHER_ROWS = 8
+
+
+def graph_lora_batch(token_slots: torch.Tensor, max_loras: int) -> LoRABatch:
+    """The LoRABatch of a decode graph whose rows' slots are token_slots [T] int32 (-1: none; padding rows are -1),
+    built with device ops only, so it can be captured and replayed for any slots.
+
+    Segment s holds slot s's rows, in row order:
+        one_hot[t, s] = token_slots[t] == s;  rank[t] = (cumsum over rows of one_hot)[t, slot of t] - 1
+        segment_lengths = sum of one_hot over rows;  segment_starts = exclusive cumsum of segment_lengths
+        row_order[segment_starts[slot of t] + rank[t]] = t   (rows without an adapter are in no segment)
+    """
+    num_rows = token_slots.shape[0]
+    empty = torch.zeros(0, dtype=torch.int32, device=token_slots.device)
+    if num_rows <= MAX_GRAPH_GATHER_ROWS:
+        return LoRABatch(token_slots, empty, empty, empty, empty, max_segment_length=0, slots=[], in_graph=True)
+    slots = token_slots.long()
+    all_slots = torch.arange(max_loras, device=token_slots.device)
+    one_hot = (slots[:, None] == all_slots[None, :]).to(torch.int32)  # [T, max_loras]
+    lengths = one_hot.sum(dim=0)
+    starts = torch.cumsum(lengths, dim=0) - lengths
+    has_adapter = slots >= 0
+    own = slots.clamp(min=0)
+    rank = torch.cumsum(one_hot, dim=0).gather(1, own[:, None]).squeeze(1) - 1
+    # Rows without an adapter go to a spare last position, past every segment, and are never read.
+    destination = torch.where(has_adapter, starts[own] + rank, num_rows)
+    row_order = torch.zeros(num_rows + 1, dtype=torch.int32, device=token_slots.device)
+    row_order.scatter_(0, destination, torch.arange(num_rows, dtype=torch.int32, device=token_slots.device))
+    return LoRABatch(token_slots, row_order[:num_rows], starts.to(torch.int32), lengths.to(torch.int32),
+                     all_slots.to(torch.int32), max_segment_length=num_rows, slots=[], in_graph=True)
