@@ -31,9 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from serval.lora.batch import LoRABatch
+from serval.lora.batch import SEGMENT_TILE_ROWS, LoRABatch
 
-_SEGMENT_BLOCK_M = 16  # rows per program: tl.dot's smallest tile
 _GATHER_BLOCK_N = 32
 _BLOCK_K = 64
 MAX_SLICES = 3  # q/k/v
@@ -100,14 +99,17 @@ def _slice_bounds(s, offset0, size0, offset1, size1, offset2, size2):
 
 
 @triton.jit
-def _segment_kernel(x_ptr, w_ptr, y_ptr, row_order_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr, K,
+def _segment_kernel(x_ptr, w_ptr, y_ptr, row_order_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr, tile_segment_ptr,
+                    tile_block_ptr, K,
                     x_slice_stride, blocks_per_slice, offset0, size0, offset1, size1, offset2, size2,
                     stride_xm, stride_ws, stride_wn, stride_ym, ACCUMULATE: tl.constexpr,
                     DOT_IN_FLOAT32: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[row, offset_s + n] (+)= x[row, s * x_slice_stride:] . w[slot, offset_s + n] for BLOCK_M rows of one
-    segment (rows through row_order) and BLOCK_N columns of slice s."""
-    pid_m, segment, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    segment (a tile: rows through row_order) and BLOCK_N columns of slice s."""
+    tile, pid_n = tl.program_id(0), tl.program_id(1)
+    segment = tl.load(tile_segment_ptr + tile)
+    pid_m = tl.load(tile_block_ptr + tile)
     length = tl.load(seg_len_ptr + segment)
     if pid_m * BLOCK_M < length:
         s = pid_n // blocks_per_slice
@@ -195,13 +197,12 @@ def _apply(x: torch.Tensor, weights: torch.Tensor, y: torch.Tensor, batch: LoRAB
     block_n = max(16, min(64, triton.next_power_of_2(widest)))
     block_k = max(16, min(_BLOCK_K, triton.next_power_of_2(k)))
     blocks_per_slice = triton.cdiv(widest, block_n)
-    grid = (triton.cdiv(batch.max_segment_length, _SEGMENT_BLOCK_M), batch.segment_slots.shape[0],
-            len(slices) * blocks_per_slice)
+    grid = (batch.tile_segments.shape[0], len(slices) * blocks_per_slice)
     _segment_kernel[grid](x, weights, y, batch.row_order, batch.segment_starts, batch.segment_lengths,
-                          batch.segment_slots, k, x_slice_stride, blocks_per_slice, *bounds, x.stride(0),
+                          batch.segment_slots, batch.tile_segments, batch.tile_blocks, k, x_slice_stride, blocks_per_slice, *bounds, x.stride(0),
                           weights.stride(0), weights.stride(1), y.stride(0), ACCUMULATE=accumulate,
                           DOT_IN_FLOAT32=widen, DOT_PRECISION="ieee" if widen else "tf32",
-                          BLOCK_M=_SEGMENT_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k)
+                          BLOCK_M=SEGMENT_TILE_ROWS, BLOCK_N=block_n, BLOCK_K=block_k)
 
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, batch: LoRABatch) -> torch.Tensor:

@@ -128,7 +128,7 @@ def test_fused_expand_of_merged_slices(rank, form):
         torch.testing.assert_close(y_kernel[:, columns].float(), expected, **TOLERANCE[torch.float32])
 
 
-@pytest.mark.parametrize("num_rows", [4, 16, 40])
+@pytest.mark.parametrize("num_rows", [4, 16, 40, 90])
 def test_graph_batch_from_a_device_slot_buffer(num_rows):
     """graph_lora_batch: slots read from a device buffer (padding rows -1), no host list of slots. Gather form up
     to MAX_GRAPH_GATHER_ROWS rows, every slot's segment (empty ones included) past it. Shrink and fused expand, the
@@ -147,6 +147,13 @@ def test_graph_batch_from_a_device_slot_buffer(num_rows):
         for slot in range(max_loras):
             start, length = graph_batch.segment_starts[slot].item(), graph_batch.segment_lengths[slot].item()
             assert order[start:start + length] == [row for row, s in enumerate(slots) if s == slot]
+        # Every 16-row block of every segment is exactly one tile; the spare tiles cover no rows.
+        lengths = graph_batch.segment_lengths.tolist()
+        tiles = [(segment, block) for segment, block in zip(graph_batch.tile_segments.tolist(),
+                                                            graph_batch.tile_blocks.tolist())
+                 if block * 16 < lengths[segment]]
+        assert sorted(tiles) == [(segment, block) for segment, length in enumerate(lengths)
+                                 for block in range(-(-length // 16))]
     host_batch = build_lora_batch([1] * num_rows, slots, torch.device(DEVICE))
     x = torch.randn(num_rows, hidden, generator=generator).to(DEVICE)
     a = stacked(max_loras, 2 * rank, hidden, torch.float32, 1)
