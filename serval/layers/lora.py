@@ -79,9 +79,13 @@ class LoRALinear(nn.Module):
         return self.add_lora(y, x, batch)
 
     def forward_silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        if self.context.batch is None:
-            return self.base.forward_silu_and_mul(gate_up)
-        return self(silu_and_mul(gate_up))
+        y = self.base.forward_silu_and_mul(gate_up)
+        batch = self.context.batch
+        if batch is None:
+            return y
+        # The base keeps its fused path (a decode graph with LoRA runs every step through here); the adapters
+        # read the activation on their own.
+        return self.add_lora(y, silu_and_mul(gate_up), batch)
 
     def add_lora(self, y: torch.Tensor, x: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
         """y + each row's adapter term; x [T, in], y [T, out]."""
