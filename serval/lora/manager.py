@@ -4,6 +4,7 @@
                                   │ a request holds its LoRAAdapter from admission to its end
     step's requests ──prepare()──► slots: max_loras per LoRA layer, LRU among those the step doesn't use
                                   └► LoRABatch (each row's slot) on the layers' shared LoRAContext
+    decode graph step ──slots_for()──► the same slots; each request's slot goes into the graph's input buffer
 
 A request keeps a reference to its LoRAAdapter (Request.lora_adapter), so an adapter unloaded or evicted from the
 host cache while requests use it stays readable until the last of them ends: unloading lets requests in flight
