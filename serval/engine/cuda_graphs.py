@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import time
-
 from typing import TYPE_CHECKING
 
 import torch

@@ -199,9 +199,9 @@ def _apply(x: torch.Tensor, weights: torch.Tensor, y: torch.Tensor, batch: LoRAB
     blocks_per_slice = triton.cdiv(widest, block_n)
     grid = (batch.tile_segments.shape[0], len(slices) * blocks_per_slice)
     _segment_kernel[grid](x, weights, y, batch.row_order, batch.segment_starts, batch.segment_lengths,
-                          batch.segment_slots, batch.tile_segments, batch.tile_blocks, k, x_slice_stride, blocks_per_slice, *bounds, x.stride(0),
-                          weights.stride(0), weights.stride(1), y.stride(0), ACCUMULATE=accumulate,
-                          DOT_IN_FLOAT32=widen, DOT_PRECISION="ieee" if widen else "tf32",
+                          batch.segment_slots, batch.tile_segments, batch.tile_blocks, k, x_slice_stride,
+                          blocks_per_slice, *bounds, x.stride(0), weights.stride(0), weights.stride(1), y.stride(0),
+                          ACCUMULATE=accumulate, DOT_IN_FLOAT32=widen, DOT_PRECISION="ieee" if widen else "tf32",
                           BLOCK_M=SEGMENT_TILE_ROWS, BLOCK_N=block_n, BLOCK_K=block_k)
 
 

@@ -13,9 +13,9 @@ grouping saves nothing). Built once per step by the model runner and read by eve
 
 Inside a captured decode graph (serval.engine.cuda_graphs) the host does not know the step's slots: token_slots is a
 region of the graph's input buffer, and graph_lora_batch derives the segments from it on the device (elementwise
-ops, cumsums, a scatter and a searchsorted: nothing that syncs with the host), sized for every slot (max_loras segments, any of
-them empty) so that one captured graph serves any mix of adapters. Its tile table has a fixed length, a bound on
-the tiles any mix needs (T / BLOCK_M + max_loras); the tiles past the step's own point at no rows.
+ops, cumsums, a scatter and a searchsorted: nothing that syncs with the host), sized for every slot (max_loras
+segments, any of them empty) so that one captured graph serves any mix of adapters. Its tile table has a fixed
+length, a bound on the tiles any mix needs (T / BLOCK_M + max_loras); the tiles past the step's own point at no rows.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import torch
 from serval import LLM
 from serval.engine.cuda_graphs import DecodeGraphs
 from serval.lora.batch import MAX_GRAPH_GATHER_ROWS
-from tests.lora.test_lora_generate import check, family, mixed_jobs  # noqa: F401 (family: the shared fixture)
+from tests.lora.test_lora_generate import check, family, mixed_jobs  # noqa: F401, F811 (family: the fixture)
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
