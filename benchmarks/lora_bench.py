@@ -1,6 +1,6 @@
 """Multi-LoRA throughput (issue 19): the base model alone vs 1, 8 and 32 rank-16 adapters, each request drawing an
-adapter at random, in one run on one engine (the base rows are requests without an adapter on the same engine; a
-step without an adapter runs exactly the base model's path, CUDA graphs included).
+adapter at random, in one run on one engine (the base rows are requests without an adapter on the same engine, whose
+decode graphs hold the LoRA kernels: on a row without an adapter they return at once).
 
 Llama-3-8B shape (benchmarks/configs/llama-3-8b, dummy bf16 weights, no download); adapters in PEFT format with
 random weights on q/k/v/o/gate/up/down, written under --out. Workloads: 512 x (512 in, 256 out), and the

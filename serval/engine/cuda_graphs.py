@@ -8,15 +8,27 @@ length 0 (attention reads nothing and returns zeros), so they cost a little comp
 The graphs read fixed input buffers, filled before each replay with one host-to-device copy of a pinned staging
 buffer. The attention kernels take every length from these buffers, never from the host, which is what makes the
 captured graph valid for any sequence lengths (see serval.kernels.triton_attention).
+
+With LoRA (`lora`, the model's LoRAContext) the buffer has one more region, each row's adapter slot (-1: none, as
+padding rows are), and the graphs are captured with the LoRA kernels in them, reading that region: one graph serves
+any mix of adapters, since adapters are copied into fixed slots of stacked weights (serval.layers.lora). Without
+LoRA the graphs are exactly the base model's.
+
+Off CUDA (tests) nothing is captured and run() calls the same forward on the same buffers eagerly.
 """
 from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from serval.layers.attention import AttentionMetadata
+from serval.lora.batch import graph_lora_batch
+
+if TYPE_CHECKING:
+    from serval.layers.lora import LoRAContext
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +41,10 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], block_size: int, max_num_seqs: int,
-                 max_model_len: int, device: torch.device) -> None:
+                 max_model_len: int, device: torch.device, lora: LoRAContext | None = None,
+                 max_loras: int = 0) -> None:
         self.model = model
+        self.lora, self.max_loras = lora, max_loras
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.sizes = capture_sizes(max_num_seqs)
@@ -41,10 +55,12 @@ class DecodeGraphs:
         batch = self.max_batch
         self._layout = {"input_ids": 0, "positions": batch, "slot_mapping": 2 * batch, "seq_lens": 3 * batch,
                         "block_tables": 4 * batch}
-        size = 4 * batch + batch * self.max_blocks
+        if lora is not None:  # each row's LoRA slot, before the block tables: a replay copies one prefix
+            self._layout["lora_slots"], self._layout["block_tables"] = 4 * batch, 5 * batch
+        size = self._layout["block_tables"] + batch * self.max_blocks
         # Two staging buffers, used in turn: with asynchronous scheduling the host fills step N+1's while step N's
         # copy may not have run yet; by the time a buffer comes round again the host has waited for that step.
-        self._stagings = [torch.zeros(size, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+        self._stagings = [torch.zeros(size, dtype=torch.int32, pin_memory=device.type == "cuda") for _ in range(2)]
         self._fills = 0
         self.inputs = torch.zeros(size, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(batch + 1, dtype=torch.int32, device=device)
@@ -63,7 +79,14 @@ class DecodeGraphs:
             seq_lens=[1] * batch, block_tables=self._view("block_tables", batch), block_size=self.block_size,
             max_query_len=1, max_seq_len=1, seq_lens_tensor=self._view("seq_lens", batch),
             query_start_loc_tensor=self.query_start_loc[:batch + 1])
-        hidden = self.model(self._view("input_ids", batch), self._view("positions", batch), self.kv_caches, metadata)
+        if self.lora is not None:
+            self.lora.batch = graph_lora_batch(self._view("lora_slots", batch), self.max_loras)
+        try:
+            hidden = self.model(self._view("input_ids", batch), self._view("positions", batch), self.kv_caches,
+                                metadata)
+        finally:
+            if self.lora is not None:
+                self.lora.batch = None
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
@@ -89,33 +112,41 @@ class DecodeGraphs:
         return 0 < num_requests <= self.max_batch
 
     def run(self, input_ids: list[int], positions: list[int], slot_mapping: list[int], seq_lens: list[int],
-            block_tables: list[list[int]], source: torch.Tensor | None = None) -> torch.Tensor:
+            block_tables: list[list[int]], source: torch.Tensor | None = None,
+            lora_slots: list[int] | None = None) -> torch.Tensor:
         """Logits [n, vocab] of a decode step of n requests (one new token each), by graph replay.
         With `source` (a device tensor of token ids), input_ids are row indices into it rather than token ids:
-        the previous step's samples, gathered on the device without the host reading them."""
+        the previous step's samples, gathered on the device without the host reading them. lora_slots: each
+        request's adapter slot (-1: none), with LoRA."""
         num_requests = len(input_ids)
         batch = next(size for size in self.sizes if size >= num_requests)
-        self._fill(input_ids, positions, slot_mapping, seq_lens, block_tables, batch)
+        self._fill(input_ids, positions, slot_mapping, seq_lens, block_tables, batch, lora_slots)
         if source is not None:
             ids = self._view("input_ids", num_requests)
             ids.copy_(source.index_select(0, ids))
+        if batch not in self.graphs:  # nothing captured (off CUDA): the same forward on the same buffers, eagerly
+            return self._forward(batch)[:num_requests]
         self.graphs[batch].replay()
         return self.logits[batch][:num_requests]
 
-    def _fill(self, input_ids, positions, slot_mapping, seq_lens, block_tables, batch: int) -> None:
+    def _fill(self, input_ids, positions, slot_mapping, seq_lens, block_tables, batch: int,
+              lora_slots: list[int] | None = None) -> None:
         n = len(input_ids)
         staging_tensor = self._stagings[self._fills % 2]
         self._fills += 1
         staging = staging_tensor.numpy()  # numpy slice assignment from lists is several times cheaper than torch's
-        for name, values in (("input_ids", input_ids), ("positions", positions), ("slot_mapping", slot_mapping),
-                             ("seq_lens", seq_lens)):
+        vectors = [("input_ids", input_ids), ("positions", positions), ("slot_mapping", slot_mapping),
+                   ("seq_lens", seq_lens)]
+        if self.lora is not None:
+            vectors.append(("lora_slots", [-1] * n if lora_slots is None else lora_slots))
+        for name, values in vectors:
             start = self._layout[name]
             staging[start:start + n] = values
-            staging[start + n:start + batch] = -1 if name == "slot_mapping" else 0
+            staging[start + n:start + batch] = -1 if name in ("slot_mapping", "lora_slots") else 0
         table_start = self._layout["block_tables"]
         table = staging[table_start:table_start + batch * self.max_blocks].reshape(batch, self.max_blocks)
         for i, row in enumerate(block_tables):
             table[i, :len(row)] = row
-        # Only what this batch reads goes over: the four per-request vectors and its block-table rows.
+        # Only what this batch reads goes over: the per-request vectors and its block-table rows.
         end = table_start + batch * self.max_blocks
         self.inputs[:end].copy_(staging_tensor[:end], non_blocking=True)

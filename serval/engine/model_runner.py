@@ -2,9 +2,10 @@
 
 The batch is flat (no padding): request i's new tokens are rows query_start_loc[i]:query_start_loc[i+1].
 Logits are computed only for rows that are sampled from or that prompt logprobs need. On CUDA, a step where every
-request decodes one token replays a captured CUDA graph instead (serval.engine.cuda_graphs). A step with a LoRA
-adapter in it runs eagerly, with each row's adapter set on the model's LoRA layers (serval.lora.manager); a step
-without one runs the base model as if LoRA were off.
+request decodes one token replays a captured CUDA graph instead (serval.engine.cuda_graphs). With LoRA, each row's
+adapter is set on the model's LoRA layers (serval.lora.manager): in an eager step as a LoRABatch (a step without an
+adapter runs the base model as if LoRA were off), in a graph step as each row's slot in the graph's inputs (the
+graphs are captured with the LoRA kernels in them).
 """
 from __future__ import annotations
 
@@ -124,7 +125,8 @@ class ModelRunner:
         # (as does a model whose attention has no such kernel yet: supports_cuda_graphs = False).
         if device.type == "cuda" and not enforce_eager and attention_backend(device) is not torch_attention \
                 and getattr(model, "supports_cuda_graphs", True):
-            self.graphs = DecodeGraphs(model, self.kv_caches, block_size, max_num_seqs, max_model_len, device)
+            self.graphs = DecodeGraphs(model, self.kv_caches, block_size, max_num_seqs, max_model_len, device,
+                                       **self._graph_lora_args())
             self.graphs.capture()
 
     @staticmethod
@@ -171,11 +173,12 @@ class ModelRunner:
             self.drafter.forward(plan.input_ids, plan.positions, plan.query_start_loc, plan.seq_lens,
                                  scheduled.requests)
         num_requests = len(scheduled.requests)
-        if (self.graphs is not None and not self._has_lora(scheduled.requests)
+        if (self.graphs is not None and self._graphs_serve_lora(scheduled.requests)
                 and not plan.prompt_rows and len(plan.sample_rows) == num_requests
                 and len(plan.input_ids) == num_requests and self.graphs.can_run(num_requests)):
             logits = self.graphs.run(plan.input_ids, plan.positions, plan.slot_mapping, plan.seq_lens,
-                                     [request.block_ids for request in scheduled.requests])
+                                     [request.block_ids for request in scheduled.requests],
+                                     lora_slots=self._lora_slots(scheduled.requests))
             return self._outputs(scheduled, plan, logits, logits[:0])
         prompt_flat_rows = [row for prompt_rows in plan.prompt_rows for row in prompt_rows.rows]
         verify_flat_rows = [row for verify_rows in plan.verify_rows for row in verify_rows.rows]
@@ -230,9 +233,9 @@ class ModelRunner:
             row = {id(request): i for i, request in enumerate(previous.requests)}
             input_ids = [row[id(request)] for request in requests]  # rows of previous.token_ids_device
             source = previous.token_ids_device
-        if self.graphs is not None and not self._has_lora(requests) and self.graphs.can_run(len(requests)):
+        if self.graphs is not None and self._graphs_serve_lora(requests) and self.graphs.can_run(len(requests)):
             logits = self.graphs.run(input_ids, positions, slot_mapping, seq_lens,
-                                     [request.block_ids for request in requests], source)
+                                     [request.block_ids for request in requests], source, self._lora_slots(requests))
         else:
             ids = self._tensor(input_ids, torch.int64)
             if source is not None:
@@ -284,6 +287,20 @@ class ModelRunner:
 
     def _has_lora(self, requests: list[Request]) -> bool:
         return self.lora is not None and any(request.lora_adapter is not None for request in requests)
+
+    def _graph_lora_args(self) -> dict:
+        """DecodeGraphs' LoRA arguments: the graphs take adapters when LoRA is on (none without it: the base graphs)."""
+        return {} if self.lora is None else {"lora": self.lora.context, "max_loras": self.lora.max_loras}
+
+    def _graphs_serve_lora(self, requests: list[Request]) -> bool:
+        """Whether the decode graphs can run these requests' adapters (graphs captured without LoRA run none)."""
+        return self.graphs.lora is not None or not self._has_lora(requests)
+
+    def _lora_slots(self, requests: list[Request]) -> list[int] | None:
+        """Each request's resident adapter slot for a graph step (-1: none); None without LoRA."""
+        if self.lora is None:
+            return None
+        return self.lora.slots_for([request.lora_adapter for request in requests])
 
     def _slots(self, request: Request, start: int, end: int) -> list[int]:
         """The KV-cache slots of a request's positions [start, end), through its block table."""

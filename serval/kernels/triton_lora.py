@@ -11,26 +11,46 @@ Two forms of each (serval.lora.batch says which a step takes):
 - gather (decode with about one row per adapter): a program takes one row and BLOCK_N outputs, reads that row's
   adapter and reduces with elementwise products (a dot of one row is a GEMV, where reading the weights is the cost).
 Rows without an adapter are skipped: they are in no segment, and in the gather form their program returns before
-reading anything. The torch reference (what the CPU runs) loops over the adapters in the batch.
+reading anything (the shrink writes their h row as zeros, so h needs no zeroing launch of its own). The torch
+reference (what the CPU runs) loops over the adapters in the batch, or, in a captured graph's batch whose slots the
+host does not know, gathers each row's adapter on the device.
+
+A merged projection's expand is one launch for all its slices (q/k/v, gate/up): slice s adds
+h[:, s*R:(s+1)*R] @ B[slot, offset_s:offset_s + size_s]^T into y's columns offset_s:offset_s + size_s, and the
+programs of the slices share the launch's last grid axis. Each slice's offset and size are kernel arguments (up to
+MAX_SLICES), never device reads, so nothing depends on the host at replay. With the shrink already one launch over
+the stacked A matrices of every slice, each LoRA projection costs two launches.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from serval.lora.batch import LoRABatch
+from serval.lora.batch import SEGMENT_TILE_ROWS, LoRABatch
 
-_SEGMENT_BLOCK_M = 16  # rows per program: tl.dot's smallest tile
 _GATHER_BLOCK_N = 32
 _BLOCK_K = 64
+MAX_SLICES = 3  # q/k/v
+
+
+@dataclass(frozen=True)
+class ColumnSlice:
+    """One slice of a merged projection's output: columns offset:offset + size of y and rows of B."""
+    offset: int
+    size: int
 
 
 # ---------------------------------------------------------------- torch reference
 def lora_shrink_reference(x: torch.Tensor, lora_a: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
     """x [T, in], lora_a [slots, K, in] -> h [T, K] float32; zero on rows without an adapter."""
+    if batch.in_graph:
+        a, has_adapter = _gathered(lora_a, batch.token_slots)
+        return torch.einsum("tki,ti->tk", a.float(), x.float()) * has_adapter[:, None]
     h = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
     for slot in batch.slots:
         rows = (batch.token_slots == slot).nonzero().squeeze(1)
@@ -42,37 +62,72 @@ def lora_expand_reference(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor
                           out_offset: int = 0) -> None:
     """y[:, out_offset:out_offset + n] += h @ lora_b[slot].T per row (lora_b [slots, n, R], h [T, R]), in place."""
     n = lora_b.shape[1]
+    if batch.in_graph:
+        b, has_adapter = _gathered(lora_b, batch.token_slots)
+        term = torch.einsum("tnr,tr->tn", b.float(), h.float())
+        part = y[:, out_offset:out_offset + n]
+        part.copy_(torch.where(has_adapter[:, None], part.float() + term, part.float()).to(y.dtype))
+        return
     for slot in batch.slots:
         rows = (batch.token_slots == slot).nonzero().squeeze(1)
         part = y[rows, out_offset:out_offset + n].float() + h[rows].float() @ lora_b[slot].float().T
         y[rows, out_offset:out_offset + n] = part.to(y.dtype)
 
 
+def lora_expand_slices_reference(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor,
+                                 slices: Sequence[ColumnSlice], batch: LoRABatch) -> None:
+    """lora_expand_slices' definition: each slice expanded on its own."""
+    rank = lora_b.shape[2]
+    for index, part in enumerate(slices):
+        lora_expand_reference(y, h[:, index * rank:(index + 1) * rank],
+                              lora_b[:, part.offset:part.offset + part.size], batch, part.offset)
+
+
+def _gathered(weights: torch.Tensor, token_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's adapter weights [T, ...] (slot 0's for rows without one) and which rows have one: device ops
+    only, as a graph's batch needs."""
+    has_adapter = token_slots >= 0
+    return weights[token_slots.clamp(min=0).long()], has_adapter
+
+
 # ---------------------------------------------------------------- kernels
 @triton.jit
-def _segment_kernel(x_ptr, w_ptr, y_ptr, row_order_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr, N, K, stride_xm,
-                    stride_ws,
-                    stride_wn, stride_ym, ACCUMULATE: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
-    """y[row, n] (+)= x[row] . w[slot, n] for BLOCK_M rows of one segment (rows through row_order) and BLOCK_N
-    columns."""
-    pid_m, segment, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _slice_bounds(s, offset0, size0, offset1, size1, offset2, size2):
+    offset = tl.where(s == 0, offset0, tl.where(s == 1, offset1, offset2))
+    size = tl.where(s == 0, size0, tl.where(s == 1, size1, size2))
+    return offset, size
+
+
+@triton.jit
+def _segment_kernel(x_ptr, w_ptr, y_ptr, row_order_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr, tile_segment_ptr,
+                    tile_block_ptr, K,
+                    x_slice_stride, blocks_per_slice, offset0, size0, offset1, size1, offset2, size2,
+                    stride_xm, stride_ws, stride_wn, stride_ym, ACCUMULATE: tl.constexpr,
+                    DOT_IN_FLOAT32: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[row, offset_s + n] (+)= x[row, s * x_slice_stride:] . w[slot, offset_s + n] for BLOCK_M rows of one
+    segment (a tile: rows through row_order) and BLOCK_N columns of slice s."""
+    tile, pid_n = tl.program_id(0), tl.program_id(1)
+    segment = tl.load(tile_segment_ptr + tile)
+    pid_m = tl.load(tile_block_ptr + tile)
     length = tl.load(seg_len_ptr + segment)
     if pid_m * BLOCK_M < length:
+        s = pid_n // blocks_per_slice
+        offset, size = _slice_bounds(s, offset0, size0, offset1, size1, offset2, size2)
         start = tl.load(seg_start_ptr + segment)
         slot = tl.load(seg_slot_ptr + segment).to(tl.int64)
         local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_valid = local < length
         rows = tl.load(row_order_ptr + start + local, mask=row_valid, other=0).to(tl.int64)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_valid = cols < N
+        local_cols = (pid_n % blocks_per_slice) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_valid = local_cols < size
+        cols = offset + local_cols
+        x_base = x_ptr + rows[:, None] * stride_xm + s * x_slice_stride
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_valid = ks < K
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :],
-                        mask=row_valid[:, None] & k_valid[None, :], other=0.0)
+            x = tl.load(x_base + ks[None, :], mask=row_valid[:, None] & k_valid[None, :], other=0.0)
             w = tl.load(w_ptr + slot * stride_ws + cols[None, :] * stride_wn + ks[:, None],
                         mask=k_valid[:, None] & col_valid[None, :], other=0.0)
             if DOT_IN_FLOAT32:
@@ -87,58 +142,76 @@ def _segment_kernel(x_ptr, w_ptr, y_ptr, row_order_ptr, seg_start_ptr, seg_len_p
 
 
 @triton.jit
-def _gather_kernel(x_ptr, w_ptr, y_ptr, token_slot_ptr, N, K, stride_xm, stride_ws, stride_wn, stride_ym,
+def _gather_kernel(x_ptr, w_ptr, y_ptr, token_slot_ptr, K, x_slice_stride, blocks_per_slice, offset0, size0,
+                   offset1, size1, offset2, size2, stride_xm, stride_ws, stride_wn, stride_ym,
                    ACCUMULATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[row, n] (+)= x[row] . w[slot of row, n] for one row and BLOCK_N columns."""
+    """y[row, offset_s + n] (+)= x[row, s * x_slice_stride:] . w[slot of row, offset_s + n] for one row and
+    BLOCK_N columns of slice s; a row without an adapter gets zeros when not accumulating (the shrink's h)."""
     row, pid_n = tl.program_id(0), tl.program_id(1)
     slot = tl.load(token_slot_ptr + row).to(tl.int64)
+    s = pid_n // blocks_per_slice
+    offset, size = _slice_bounds(s, offset0, size0, offset1, size1, offset2, size2)
+    local_cols = (pid_n % blocks_per_slice) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_valid = local_cols < size
+    cols = offset + local_cols
+    y_ptrs = y_ptr + row * stride_ym + cols
     if slot >= 0:
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_valid = cols < N
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        x_base = x_ptr + row * stride_xm + s * x_slice_stride
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_valid = ks < K
-            x = tl.load(x_ptr + row * stride_xm + ks, mask=k_valid, other=0.0).to(tl.float32)
+            x = tl.load(x_base + ks, mask=k_valid, other=0.0).to(tl.float32)
             w = tl.load(w_ptr + slot * stride_ws + cols[:, None] * stride_wn + ks[None, :],
                         mask=col_valid[:, None] & k_valid[None, :], other=0.0).to(tl.float32)
             acc += w * x[None, :]
         out = tl.sum(acc, axis=1)
-        y_ptrs = y_ptr + row * stride_ym + cols
         if ACCUMULATE:
             out += tl.load(y_ptrs, mask=col_valid, other=0.0).to(tl.float32)
         tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=col_valid)
+    elif not ACCUMULATE:
+        tl.store(y_ptrs, tl.zeros((BLOCK_N,), dtype=tl.float32).to(y_ptr.dtype.element_ty), mask=col_valid)
 
 
-def _apply(x: torch.Tensor, weights: torch.Tensor, y: torch.Tensor, batch: LoRABatch, accumulate: bool) -> None:
-    """y (+)= x . weights[slot]^T per row; x [T, K] (unit stride in K), weights [slots, N, K], y [T, N] views."""
-    num_rows, k = x.shape
-    n = weights.shape[1]
-    if num_rows == 0 or not batch.slots:
+def _apply(x: torch.Tensor, weights: torch.Tensor, y: torch.Tensor, batch: LoRABatch, accumulate: bool,
+           slices: Sequence[ColumnSlice], x_slice_stride: int) -> None:
+    """y[:, slice s] (+)= x[:, s * x_slice_stride:][:K] . weights[slot, slice s]^T per row, one launch for every
+    slice; x [T, *] (unit stride), weights [slots, N, K], y [T, *] views."""
+    num_rows, k = x.shape[0], weights.shape[2]
+    if num_rows == 0 or not batch.has_adapters:
         return
-    assert x.stride(1) == 1 and weights.stride(2) == 1 and y.stride(1) == 1
+    assert x.stride(1) == 1 and weights.stride(2) == 1 and y.stride(1) == 1 and 1 <= len(slices) <= MAX_SLICES
+    bounds = [value for part in slices for value in (part.offset, part.size)]
+    bounds += [0, 0] * (MAX_SLICES - len(slices))
+    widest = max(part.size for part in slices)
     if batch.uses_gather:
         block_k = min(_BLOCK_K, triton.next_power_of_2(k))
-        grid = (num_rows, triton.cdiv(n, _GATHER_BLOCK_N))
-        _gather_kernel[grid](x, weights, y, batch.token_slots, n, k, x.stride(0), weights.stride(0),
-                             weights.stride(1), y.stride(0), ACCUMULATE=accumulate, BLOCK_N=_GATHER_BLOCK_N,
-                             BLOCK_K=block_k)
+        blocks_per_slice = triton.cdiv(widest, _GATHER_BLOCK_N)
+        grid = (num_rows, len(slices) * blocks_per_slice)
+        _gather_kernel[grid](x, weights, y, batch.token_slots, k, x_slice_stride, blocks_per_slice, *bounds,
+                             x.stride(0), weights.stride(0), weights.stride(1), y.stride(0), ACCUMULATE=accumulate,
+                             BLOCK_N=_GATHER_BLOCK_N, BLOCK_K=block_k)
         return
     # Triton's interpreter multiplies bfloat16 tiles wrongly (numpy has no bfloat16): there, widen them first.
     widen = weights.dtype == torch.float32 or (os.environ.get("TRITON_INTERPRET") == "1")
-    block_n = max(16, min(64, triton.next_power_of_2(n)))
+    block_n = max(16, min(64, triton.next_power_of_2(widest)))
     block_k = max(16, min(_BLOCK_K, triton.next_power_of_2(k)))
-    grid = (triton.cdiv(batch.max_segment_length, _SEGMENT_BLOCK_M), len(batch.slots), triton.cdiv(n, block_n))
+    blocks_per_slice = triton.cdiv(widest, block_n)
+    grid = (batch.tile_segments.shape[0], len(slices) * blocks_per_slice)
     _segment_kernel[grid](x, weights, y, batch.row_order, batch.segment_starts, batch.segment_lengths,
-                          batch.segment_slots, n, k, x.stride(0), weights.stride(0), weights.stride(1), y.stride(0), ACCUMULATE=accumulate,
-                          DOT_IN_FLOAT32=widen, DOT_PRECISION="ieee" if widen else "tf32",
-                          BLOCK_M=_SEGMENT_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k)
+                          batch.segment_slots, batch.tile_segments, batch.tile_blocks, k, x_slice_stride,
+                          blocks_per_slice, *bounds, x.stride(0), weights.stride(0), weights.stride(1), y.stride(0),
+                          ACCUMULATE=accumulate, DOT_IN_FLOAT32=widen, DOT_PRECISION="ieee" if widen else "tf32",
+                          BLOCK_M=SEGMENT_TILE_ROWS, BLOCK_N=block_n, BLOCK_K=block_k)
 
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
     """x [T, in], lora_a [slots, K, in] -> h [T, K] float32 (zero on rows without an adapter)."""
-    h = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
-    _apply(x.contiguous(), lora_a, h, batch, accumulate=False)
+    # The gather kernel writes every row of h (zeros where there is no adapter); the segment kernel only its rows.
+    allocate = torch.empty if batch.uses_gather and batch.has_adapters else torch.zeros
+    h = allocate(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
+    _apply(x.contiguous(), lora_a, h, batch, accumulate=False, slices=(ColumnSlice(0, lora_a.shape[1]),),
+           x_slice_stride=0)
     return h
 
 
@@ -146,4 +219,12 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, batch: L
                 out_offset: int = 0) -> None:
     """y[:, out_offset:out_offset + n] += h @ lora_b[slot]^T per row, in place; h [T, R] may be a column slice."""
     n = lora_b.shape[1]
-    _apply(h, lora_b, y[:, out_offset:out_offset + n], batch, accumulate=True)
+    _apply(h, lora_b, y[:, out_offset:out_offset + n], batch, accumulate=True, slices=(ColumnSlice(0, n),),
+           x_slice_stride=0)
+
+
+def lora_expand_slices(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, slices: Sequence[ColumnSlice],
+                       batch: LoRABatch) -> None:
+    """For each slice s, in one launch: y[:, offset_s:offset_s + size_s] += h[:, s*R:(s+1)*R] @
+    lora_b[slot, offset_s:offset_s + size_s]^T per row, in place (lora_b [slots, out, R], h [T, len(slices) * R])."""
+    _apply(h, lora_b, y, batch, accumulate=True, slices=slices, x_slice_stride=lora_b.shape[2])

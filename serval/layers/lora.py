@@ -3,11 +3,14 @@
 The base layer is kept whole and runs first, exactly as without LoRA; the adapters' term is added to its output:
     y = base(x);  for each slice s of the projection: y[:, slice s] += B_s[slot] @ (A_s[slot] @ x)
 A merged projection (q/k/v, gate/up) has one slice per part, each with its own adapter pair; their A matrices are
-stacked, so one shrink serves all slices, and each slice is expanded into its columns of y. Every slot holds
+stacked, so one shrink serves all slices, and one expand writes every slice into its columns of y: two launches
+per projection. Every slot holds
 max_lora_rank rows of A and columns of B: an adapter of lower rank, or one that leaves a slice out, is zero there.
 
 Which slot each row uses is the step's LoRABatch (serval.lora.batch), on a LoRAContext that every LoRA layer of the
 model shares and the model runner sets; with none set (no adapter in the step) the layer is the base layer.
+The stacked lora_a / lora_b buffers are allocated once and adapters are copied into their slots in place
+(set_slot), so decode graphs captured over them stay valid as adapters come and go.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch
 from torch import nn
 
 from serval.layers.activation import silu_and_mul
+from serval.kernels.triton_lora import ColumnSlice
 from serval.layers.linear import Linear
 from serval.lora.batch import LoRABatch
 
@@ -46,6 +50,7 @@ class LoRALinear(nn.Module):
                                 for name in base.shard_names)
         else:
             self.slices = (LoRASlice(None, 0, base.out_features),)
+        self.column_slices = tuple(ColumnSlice(part.offset, part.size) for part in self.slices)
         weight = base.weight
         dtype = weight.dtype if weight.is_floating_point() and weight.element_size() >= 2 else torch.bfloat16
         rank_rows = len(self.slices) * max_lora_rank
@@ -74,23 +79,24 @@ class LoRALinear(nn.Module):
         return self.add_lora(y, x, batch)
 
     def forward_silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        if self.context.batch is None:
-            return self.base.forward_silu_and_mul(gate_up)
-        return self(silu_and_mul(gate_up))
+        y = self.base.forward_silu_and_mul(gate_up)
+        batch = self.context.batch
+        if batch is None:
+            return y
+        # The base keeps its fused path (a decode graph with LoRA runs every step through here); the adapters
+        # read the activation on their own.
+        return self.add_lora(y, silu_and_mul(gate_up), batch)
 
     def add_lora(self, y: torch.Tensor, x: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
         """y + each row's adapter term; x [T, in], y [T, out]."""
         if self.context.use_triton:
-            from serval.kernels.triton_lora import lora_expand, lora_shrink
+            from serval.kernels.triton_lora import lora_expand_slices, lora_shrink
         else:
-            from serval.kernels.triton_lora import lora_expand_reference as lora_expand
+            from serval.kernels.triton_lora import lora_expand_slices_reference as lora_expand_slices
             from serval.kernels.triton_lora import lora_shrink_reference as lora_shrink
         flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
         h = lora_shrink(flat_x, self.lora_a, batch)
-        rank = self.max_lora_rank
-        for index, part in enumerate(self.slices):
-            lora_expand(flat_y, h[:, index * rank:(index + 1) * rank],
-                        self.lora_b[:, part.offset:part.offset + part.size], batch, part.offset)
+        lora_expand_slices(flat_y, h, self.lora_b, self.column_slices, batch)
         return y
 
     def set_slot(self, slot: int, pairs: dict) -> None:

@@ -4,6 +4,7 @@
                                   │ a request holds its LoRAAdapter from admission to its end
     step's requests ──prepare()──► slots: max_loras per LoRA layer, LRU among those the step doesn't use
                                   └► LoRABatch (each row's slot) on the layers' shared LoRAContext
+    decode graph step ──slots_for()──► the same slots; each request's slot goes into the graph's input buffer
 
 A request keeps a reference to its LoRAAdapter (Request.lora_adapter), so an adapter unloaded or evicted from the
 host cache while requests use it stays readable until the last of them ends: unloading lets requests in flight
@@ -20,7 +21,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from serval.layers.lora import LoRALayers, wrap_lora_layers
+from serval.layers.lora import LoRAContext, LoRALayers, wrap_lora_layers
 from serval.lora.adapter import LoRAAdapter, TargetKey, TargetShape, load_adapter
 from serval.lora.batch import LoRABatch, build_lora_batch
 from serval.lora.request import LoRARequest
@@ -81,9 +82,18 @@ class LoRAManager:
         if all(adapter is None for adapter in adapters):
             self.lora_layers.context.batch = None
             return
+        self.lora_layers.context.batch = build_lora_batch(rows_per_request, self.slots_for(adapters), self.device)
+
+    def slots_for(self, adapters: list[LoRAAdapter | None]) -> list[int]:
+        """Each request's resident slot (-1: no adapter), copying adapters into slots (in place) as needed: what a
+        decode graph's slot region is filled with."""
         slot_of = self._activate({adapter.adapter_id: adapter for adapter in adapters if adapter is not None})
-        slots = [-1 if adapter is None else slot_of[adapter.adapter_id] for adapter in adapters]
-        self.lora_layers.context.batch = build_lora_batch(rows_per_request, slots, self.device)
+        return [-1 if adapter is None else slot_of[adapter.adapter_id] for adapter in adapters]
+
+    @property
+    def context(self) -> LoRAContext:
+        """What the model's LoRA layers read each step's batch from (a decode graph sets it while capturing)."""
+        return self.lora_layers.context
 
     def clear(self) -> None:
         self.lora_layers.context.batch = None
