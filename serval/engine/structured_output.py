@@ -311,6 +311,9 @@ def next_token_bitmask(states: list[GrammarState], pin_memory: bool = False) -> 
         rows = [pending.row for pending in current]
         if rows == list(range(fill.bitmask.shape[0])):
             return fill.wait()  # the usual case: the fill was started for exactly these states
+        # Some stopped after the fill started (a stop string, EOS): their rows are left out.
+        bitmask = torch.empty((len(rows), fill.bitmask.shape[1]), dtype=torch.int32, pin_memory=pin_memory)
+        return torch.index_select(fill.wait(), 0, torch.tensor(rows), out=bitmask)
     words = (max(state.vocab_size for state in states) + 31) // 32
     bitmask = torch.full((len(states), words), -1, dtype=torch.int32, pin_memory=pin_memory)
     for fill in fills.values():
