@@ -13,6 +13,11 @@ probed when it is compiled: a few tokens are fed along one allowed path, and a l
 before its first token. A limit hit later, on another path, ends the request with an error (finish_reason
 "error"), never with a "stop" whose text doesn't match. Errors carry no grammar (verbose_errors off) and logs name
 a grammar by a short sha256, as grammars can be hundreds of kilobytes.
+
+Filling a batch's masks takes milliseconds (llguidance's thread pool: ~10 ms for 256 rows of a tool grammar over
+a 128k vocabulary), so it is kept off the step's critical path: the engine starts the fill on a worker thread
+(start_mask_fill) as soon as each row's last token is in its matcher, before or while the forward runs, and the
+sampler joins it (next_token_bitmask). The masks are the same as a fill at sampling time.
 """
 from __future__ import annotations
 
