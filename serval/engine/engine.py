@@ -19,7 +19,7 @@ from serval.distributed import WorkerFailedError
 from serval.engine.input_processor import InputProcessor, PromptType
 from serval.engine.kv_cache import KVCacheManager
 from serval.engine.memory import MemoryUsage, memory_usage, num_kv_blocks
-from serval.engine.model_runner import DecodeInFlight, ModelRunner, ModelRunnerOutput
+from serval.engine.model_runner import DecodeForward, DecodeInFlight, ModelRunner, ModelRunnerOutput
 from serval.engine.output_processor import OutputProcessor, RequestState, SampledToken, StepUpdate
 from serval.engine.pooling import PoolingProcessor, PoolingRequestOutput, PoolingRequestState, pooling_engine_config
 from serval.engine.request import Request, RequestStatus
@@ -141,6 +141,8 @@ class LLMEngine:
             self.async_scheduling = False
         # With asynchronous scheduling: the decode step queued on the device whose tokens are not processed yet.
         self.in_flight: DecodeInFlight | None = None
+        # The decode forward queued behind in_flight whose sampling waits for in_flight's tokens (grammars).
+        self.queued_forward: DecodeForward | None = None
         self.stepping: list[Request] = []  # the requests the current step holds, to fail if it raises
         self.num_consecutive_failed_steps = 0
         self.num_prompt_tokens = 0
@@ -294,6 +296,9 @@ class LLMEngine:
         self.stepping = scheduled.requests
         if not scheduled.requests:
             return []
+        self._start_grammar_fill([request for request, num_new in zip(scheduled.requests,
+                                                                      scheduled.num_scheduled_tokens)
+                                  if request.num_computed_tokens + num_new >= request.num_tokens])
         if self.async_scheduling and self._can_overlap(scheduled):
             self.in_flight = self.runner.launch_decode(scheduled.requests)
             self.scheduler.update(scheduled)
@@ -364,6 +369,7 @@ class LLMEngine:
     def _fail_step(self, error: Exception) -> list[RequestOutput]:
         """End every request of the failed step (all of them if it failed before it knew which it held)."""
         self.in_flight = None
+        self.queued_forward = None
         if self.pooling is not None:
             return self._fail_pooling_step(error)
         request_ids = (list(dict.fromkeys(request.parent_request_id for request in self.stepping)) if self.stepping
@@ -420,12 +426,14 @@ class LLMEngine:
     # step N's samples) and only then waits for step N's tokens and processes them: detokenizing, stop checks and
     # the next launch overlap the device's work instead of leaving it idle between steps. Step N+1 assumes every
     # request goes on; one that stops on step N's token (EOS, a stop string) has one wasted row in step N+1, which
-    # is dropped. Only plain decode batches overlap: anything that needs step N's tokens on the host before
-    # sampling step N+1 (penalties, grammars, min_tokens still masking, logprobs) or a change in the batch (a
-    # waiting request to admit, a prompt chunk) takes the synchronous path for that step.
+    # is dropped. A batch whose sampling needs step N's tokens on the host (grammars, penalties, min_tokens still
+    # masking) queues step N+1's forward alone and samples it once step N is processed (_finish_deferred): the
+    # forward still overlaps the host's work, and each grammar's next mask is filled on a worker thread meanwhile.
+    # Logprobs (read back with the tokens) or a change in the batch (a waiting request to admit, a prompt chunk)
+    # take the synchronous path for that step.
     def _can_overlap(self, scheduled: SchedulerOutput) -> bool:
         return all(num_new == 1 and request.num_computed_tokens + 1 == request.num_tokens
-                   and self._overlap_safe(request, 0)
+                   and self._sampling_deferrable(request)
                    for request, num_new in zip(scheduled.requests, scheduled.num_scheduled_tokens))
 
     @staticmethod
@@ -436,10 +444,22 @@ class LLMEngine:
                 and params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
                 and params.presence_penalty == 0.0 and request.num_output_tokens + num_pending >= params.min_tokens)
 
+    @staticmethod
+    def _sampling_deferrable(request: Request) -> bool:
+        """Can the request's next forward be queued before its last token reaches the host, its sampling queued
+        once the host has processed that token? All but logprobs can: the sampler then sees the host's state
+        (the grammar's matcher, the tokens penalties count, min_tokens) as the synchronous engine does."""
+        params = request.sampling_params
+        return params.logprobs is None and params.prompt_logprobs is None
+
     def _finish_in_flight(self) -> list[RequestOutput]:
         current, self.in_flight = self.in_flight, None
         self.stepping = current.requests
-        following = self._launch_following(current)
+        following, self.queued_forward = self.queued_forward, None
+        if following is None:
+            following = self._launch_following(current)
+        if isinstance(following, DecodeForward):
+            return self._finish_deferred(current, following)
         token_ids = current.token_ids()  # waits for the device: `following` is queued behind it by now
         sampled = [SampledToken(token_id, None, None) for token_id in token_ids]
         outputs = self._finish(self.output_processor.process_step(current.requests, sampled, time.monotonic()))
@@ -450,8 +470,47 @@ class LLMEngine:
                 self.in_flight = following
         return outputs
 
-    def _launch_following(self, current: DecodeInFlight) -> DecodeInFlight | None:
-        """Queue the decode step after `current`, before its tokens are known; None where that isn't safe."""
+    def _finish_deferred(self, current: DecodeInFlight, forward: DecodeForward) -> list[RequestOutput]:
+        """Process current's tokens while `forward` (the next step) runs, then sample it and queue the forward
+        after it. Each grammar takes its token as soon as it is on the host, and the next masks fill on a worker
+        thread while the output processor works; the sampler joins the fill."""
+        token_ids = current.token_ids()
+        for request, token_id in zip(current.requests, token_ids):
+            if request.grammar is not None and not request.is_finished:
+                request.grammar.consume(token_id)
+        self._start_grammar_fill([request for request in forward.requests if not request.is_finished])
+        sampled = [SampledToken(token_id, None, None) for token_id in token_ids]
+        outputs = self._finish(self.output_processor.process_step(current.requests, sampled, time.monotonic()))
+        live = [request for request in forward.requests if not request.is_finished]
+        if live:  # the rest stopped on current's tokens: their rows of `forward` are never sampled
+            self.scheduler.update(SchedulerOutput(live, [1] * len(live)))
+            self.in_flight = self.runner.sample_decode(forward, live)
+            following = self._following_requests(self.in_flight)
+            if following is not None:
+                self.queued_forward = self.runner.launch_forward(following, previous=self.in_flight)
+        return outputs
+
+    def _start_grammar_fill(self, requests: list[Request]) -> None:
+        """Start filling the next-token masks of the requests with a grammar on a worker thread; the sampler
+        takes them (serval.engine.structured_output.next_token_bitmask)."""
+        states = [request.grammar for request in requests if request.grammar is not None]
+        if states:
+            from serval.engine.structured_output import start_mask_fill  # llguidance loads only when asked for
+            start_mask_fill(states, pin_memory=self.device.type == "cuda")
+
+    def _launch_following(self, current: DecodeInFlight) -> DecodeInFlight | DecodeForward | None:
+        """Queue the decode step after `current`, before its tokens are known: forward and sampling where the
+        sampling needs nothing from the host, else the forward alone; None where that isn't safe."""
+        following = self._following_requests(current)
+        if following is None:
+            return None
+        if all(self._overlap_safe(request, 1) for request in following):
+            return self.runner.launch_decode(following, previous=current)
+        return self.runner.launch_forward(following, previous=current)
+
+    def _following_requests(self, current: DecodeInFlight) -> list[Request] | None:
+        """The requests of the decode step after `current`, their next slot allocated; None where that step can't
+        be queued before current's tokens are known."""
         scheduler = self.scheduler
         running = [request for request in current.requests if not request.is_finished]
         if len(running) != scheduler.num_running or (scheduler.num_waiting
@@ -459,12 +518,12 @@ class LLMEngine:
             return None  # the batch changes: requests to admit, or running ones that weren't in this step
         # A request that reaches its length limit with current's token is known to stop: leave it out.
         following = [request for request in running if request.num_output_tokens + 1 < request.max_tokens]
-        if not following or not all(self._overlap_safe(request, 1) for request in following):
+        if not following or not all(self._sampling_deferrable(request) for request in following):
             return None
         for request in following:
             if not self.kv_cache.allocate(request, 1):
                 return None  # out of blocks: the synchronous step will preempt
-        return self.runner.launch_decode(following, previous=current)
+        return following
 
 
 def share_blocks_with_draft(num_blocks: int, config: EngineConfig, model, draft_model,

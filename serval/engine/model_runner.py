@@ -59,6 +59,13 @@ class DecodeInFlight:
 
 
 @dataclass
+class DecodeForward:
+    """A decode step's forward queued on the device whose logits are not sampled yet (launch_forward)."""
+    requests: list[Request]
+    logits: torch.Tensor  # [len(requests), vocab] on the device
+
+
+@dataclass
 class PromptLogprobRows:
     """The prompt positions of one request whose logprobs this step computes."""
     batch_index: int  # the request's index in the scheduled batch
@@ -241,6 +248,13 @@ class ModelRunner:
         without waiting for the device. Input ids come from the requests' tokens or, when `previous` is given,
         from the tokens `previous` sampled on the device, which the host need not have seen: that is what lets
         step N+1 be queued while step N runs. Requests must not need logprobs (they are read back eagerly)."""
+        return self.sample_decode(self.launch_forward(requests, previous), requests)
+
+    @torch.inference_mode()
+    def launch_forward(self, requests: list[Request], previous: DecodeInFlight | None = None) -> DecodeForward:
+        """launch_decode's forward without its sampling, which sample_decode queues later: a request whose next
+        token depends on host state (its grammar's matcher, its penalties) is sampled only once the host has
+        processed `previous`'s tokens, while this forward already runs."""
         positions = [request.num_computed_tokens for request in requests]
         slot_mapping = [slot for request, p in zip(requests, positions) for slot in self._slots(request, p, p + 1)]
         seq_lens = [p + 1 for p in positions]
@@ -252,6 +266,7 @@ class ModelRunner:
             input_ids = [row[id(request)] for request in requests]  # rows of previous.token_ids_device
             source = previous.token_ids_device
         if self.graphs is not None and self._graphs_serve_lora(requests) and self.graphs.can_run(len(requests)):
+            # The graph's output buffer: read by sample_decode before the next replay, which the stream orders.
             logits = self.graphs.run(input_ids, positions, slot_mapping, seq_lens,
                                      [request.block_ids for request in requests], source, self._lora_slots(requests))
         else:
@@ -261,6 +276,16 @@ class ModelRunner:
             hidden = self._forward_eager(ids, positions, slot_mapping, list(range(len(requests) + 1)), seq_lens,
                                          requests)
             logits = self.model.compute_logits(hidden)
+        return DecodeForward(requests, logits)
+
+    @torch.inference_mode()
+    def sample_decode(self, forward: DecodeForward, requests: list[Request]) -> DecodeInFlight:
+        """Queue the sampling of `requests` (forward's, in its order, less any that stopped since) from forward's
+        logits, without waiting for the device."""
+        logits = forward.logits
+        if len(requests) != len(forward.requests):
+            row = {id(request): i for i, request in enumerate(forward.requests)}
+            logits = logits.index_select(0, self._tensor([row[id(request)] for request in requests], torch.int64))
         token_ids = sampler.sample_token_tensor(logits, requests)
         if self.device.type != "cuda":
             return DecodeInFlight(requests, token_ids, token_ids, None)

@@ -154,7 +154,8 @@ def _apply_grammar_mask(logits: torch.Tensor, requests: list[Request]) -> None:
         return
     from serval.engine import structured_output as structured  # llguidance loads only when a request asks for it
     states = [requests[row].grammar for row in rows]
-    bitmask = structured.fill_bitmask([state.matcher for state in states], max(s.vocab_size for s in states))
+    # The masks a worker thread filled while the logits were computed, where the engine started one.
+    bitmask = structured.next_token_bitmask(states, pin_memory=logits.device.type == "cuda")
     disallowed = structured.disallowed_mask_on(bitmask, logits.shape[1], logits.device)
     if len(rows) == len(requests):
         logits.masked_fill_(disallowed, _NEG_INF)

@@ -13,9 +13,15 @@ probed when it is compiled: a few tokens are fed along one allowed path, and a l
 before its first token. A limit hit later, on another path, ends the request with an error (finish_reason
 "error"), never with a "stop" whose text doesn't match. Errors carry no grammar (verbose_errors off) and logs name
 a grammar by a short sha256, as grammars can be hundreds of kilobytes.
+
+Filling a batch's masks takes milliseconds (llguidance's thread pool: ~10 ms for 256 rows of a tool grammar over
+a 128k vocabulary), so it is kept off the step's critical path: the engine starts the fill on a worker thread
+(start_mask_fill) as soon as each row's last token is in its matcher, before or while the forward runs, and the
+sampler joins it (next_token_bitmask). The masks are the same as a fill at sampling time.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -44,10 +50,6 @@ PROBE_TOKENS = 4
 # the same StructuredOutputsParams as structured_outputs' json/json_object, so the field can't be told apart here.
 PARAM = "structured_outputs"
 
-# llguidance's thread pool for filling bitmasks: process-wide, like torch's intra-op pool, and stateless.
-_executor: llguidance.LLExecutor | None = None
-
-
 def _limits() -> llguidance.LLParserLimits:
     # llguidance's default limits; verbose_errors off so that an error never carries the grammar or parser state.
     return llguidance.LLParserLimits(verbose_errors=False)
@@ -60,24 +62,84 @@ def grammar_digest(grammar: str) -> str:
 
 @dataclass(eq=False)
 class GrammarState:
-    """One request's position in its grammar (lives on Request.grammar; advanced by the engine per token)."""
+    """One request's position in its grammar (lives on Request.grammar).
+
+    The output processor advances it per accepted token. With asynchronous scheduling the engine feeds the token
+    earlier (consume), right after it reaches the host, so that the next mask's fill can start on a worker thread
+    (start_mask_fill) while the host processes the step; advance() then reports that result instead of consuming
+    the token twice. While a fill reads the matcher, nothing else may touch it (llguidance borrows it for the
+    fill): every matcher call here waits for the state's pending fill first.
+    """
     matcher: llguidance.LLMatcher
     vocab_size: int  # the tokenizer's: the bitmask's width in bits
     digest: str = ""  # grammar_digest of its grammar, for logs
+    num_consumed: int = 0  # tokens fed to the matcher
+    num_reported: int = 0  # tokens the output processor advanced through: num_consumed, or one fewer after consume()
+    last_token_id: int | None = None
+    accepted: bool = True  # the matcher took the last token
+    stopped: bool = False  # after the last token, nothing but end-of-sequence may follow
+    pending: PendingMask | None = None  # this state's row of a fill started for it, until the sampler takes it
 
     @property
     def error(self) -> str:
         """llguidance's error, first lines only; empty while the matcher is fine."""
+        self.wait_for_fill()
         return _first_line(self.matcher.get_error()) if self.matcher.is_error() else ""
 
+    def consume(self, token_id: int) -> None:
+        """Feed a sampled token to the matcher ahead of advance(), which reports the result."""
+        if self.num_consumed != self.num_reported:
+            raise RuntimeError(f"grammar {self.digest}: token {token_id} fed before token {self.last_token_id} was "
+                               "reported")
+        self.wait_for_fill()
+        self.accepted = self.matcher.consume_token(token_id)
+        self.stopped = self.matcher.is_stopped()
+        self.last_token_id = token_id
+        self.num_consumed += 1
+
     def advance(self, token_id: int) -> bool:
-        """Consume an accepted token; False if the grammar rejected it (the matcher is then in error)."""
-        return self.matcher.consume_token(token_id)
+        """Consume an accepted token (unless consume() fed it already); False if the grammar rejected it (the
+        matcher is then in error)."""
+        if self.num_reported == self.num_consumed:
+            self.consume(token_id)
+        elif token_id != self.last_token_id:
+            raise RuntimeError(f"grammar {self.digest}: token {self.last_token_id} was fed ahead, but the output "
+                               f"has {token_id}")
+        self.num_reported += 1
+        return self.accepted
 
     @property
     def terminated(self) -> bool:
         """Nothing but end-of-sequence may follow: the output is complete."""
-        return self.matcher.is_stopped()
+        return self.stopped
+
+    def wait_for_fill(self) -> None:
+        if self.pending is not None:
+            self.pending.fill.wait()
+
+
+@dataclass(eq=False)
+class MaskFill:
+    """The next-token bitmasks of a batch of grammar states, filled on a worker thread. llguidance's fill
+    releases the GIL, so it runs while the device computes the logits and the host processes the last tokens."""
+    bitmask: torch.Tensor  # int32 [rows, words], pinned when it goes to a GPU
+    thread: threading.Thread | None = None
+    error: BaseException | None = None
+
+    def wait(self) -> torch.Tensor:
+        if self.thread is not None:
+            self.thread.join()
+        if self.error is not None:
+            raise RuntimeError(f"grammar mask fill failed: {self.error}") from self.error
+        return self.bitmask
+
+
+@dataclass(eq=False)
+class PendingMask:
+    """A state's row of a MaskFill, valid while the state is still where the fill started."""
+    fill: MaskFill
+    row: int
+    num_consumed: int
 
 
 def grammar_spec(params: StructuredOutputsParams) -> tuple[str, str]:
@@ -192,15 +254,81 @@ def probe(prototype: llguidance.LLMatcher, vocab_size: int, eos_token_id: int) -
     return ""
 
 
-def fill_bitmask(matchers: list[llguidance.LLMatcher], vocab_size: int) -> torch.Tensor:
+def fill_bitmask(matchers: list[llguidance.LLMatcher], vocab_size: int, pin_memory: bool = False) -> torch.Tensor:
     """int32 [len(matchers), ceil(vocab/32)]: bit j of word w allows token 32*w + j. Matchers run in parallel."""
-    global _executor
-    if _executor is None:
-        _executor = llguidance.LLExecutor()
     words = (vocab_size + 31) // 32
-    bitmask = torch.full((len(matchers), words), -1, dtype=torch.int32)
-    _executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bitmask.data_ptr(), words * 4,
-                                      len(matchers))
+    bitmask = torch.full((len(matchers), words), -1, dtype=torch.int32, pin_memory=pin_memory)
+    _fill_into(matchers, bitmask)
+    return bitmask
+
+
+def _fill_into(matchers: list[llguidance.LLMatcher], bitmask: torch.Tensor) -> None:
+    # What llguidance.torch.fill_next_token_bitmask_par does, without importing its torch.compile'd helpers.
+    if matchers:
+        _ll_executor().unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bitmask.data_ptr(),
+                                               bitmask.shape[1] * 4, bitmask.shape[0])
+
+
+@functools.cache
+def _ll_executor() -> llguidance.LLExecutor:
+    """llguidance's thread pool for filling bitmasks: process-wide, like torch's intra-op pool, and stateless."""
+    return llguidance.LLExecutor()
+
+
+def start_mask_fill(states: list[GrammarState], pin_memory: bool = False) -> MaskFill | None:
+    """Start filling the next-token masks of `states`, each of which has its last token in its matcher, on a worker
+    thread; the sampler takes each row (next_token_bitmask) or, if the state moved on since, fills it again.
+    Stopped matchers are left out: their requests end. pin_memory: the masks go to a GPU (copied without a wait)."""
+    states = [state for state in states if not state.stopped]
+    if not states:
+        return None
+    for state in states:
+        state.wait_for_fill()  # an older fill still reading a matcher: llguidance allows one borrower at a time
+    words = (max(state.vocab_size for state in states) + 31) // 32
+    fill = MaskFill(torch.full((len(states), words), -1, dtype=torch.int32, pin_memory=pin_memory))
+    matchers = [state.matcher for state in states]
+
+    def run() -> None:
+        try:
+            _fill_into(matchers, fill.bitmask)
+        except BaseException as error:  # handed to the thread that waits: a fill must fail its step, not vanish
+            fill.error = error
+
+    for row, state in enumerate(states):
+        state.pending = PendingMask(fill, row, state.num_consumed)
+    fill.thread = threading.Thread(target=run, name="serval-grammar-fill", daemon=True)
+    fill.thread.start()
+    return fill
+
+
+def next_token_bitmask(states: list[GrammarState], pin_memory: bool = False) -> torch.Tensor:
+    """int32 [len(states), words]: each state's next-token mask. Rows of a fill started for the state where it
+    still is are taken from that fill (waiting for it); the others are filled now. Equal to fill_bitmask of the
+    states' matchers either way."""
+    current = [state.pending if state.pending is not None and state.pending.num_consumed == state.num_consumed
+               else None for state in states]
+    fills = {id(pending.fill): pending.fill for pending in current if pending is not None}
+    for state in states:
+        state.wait_for_fill()
+        state.pending = None
+    if len(fills) == 1 and all(pending is not None for pending in current):
+        (fill,) = fills.values()
+        rows = [pending.row for pending in current]
+        if rows == list(range(fill.bitmask.shape[0])):
+            return fill.wait()  # the usual case: the fill was started for exactly these states
+        # Some stopped after the fill started (a stop string, EOS): their rows are left out.
+        bitmask = torch.empty((len(rows), fill.bitmask.shape[1]), dtype=torch.int32, pin_memory=pin_memory)
+        return torch.index_select(fill.wait(), 0, torch.tensor(rows), out=bitmask)
+    words = (max(state.vocab_size for state in states) + 31) // 32
+    bitmask = torch.full((len(states), words), -1, dtype=torch.int32, pin_memory=pin_memory)
+    for fill in fills.values():
+        fill.wait()
+    taken = [i for i, pending in enumerate(current) if pending is not None]
+    for i in taken:
+        bitmask[i] = current[i].fill.bitmask[current[i].row]
+    missing = [i for i, pending in enumerate(current) if pending is None]
+    if missing:
+        bitmask[missing] = fill_bitmask([states[i].matcher for i in missing], bitmask.shape[1] * 32)
     return bitmask
 
 
@@ -227,7 +355,8 @@ def disallowed_mask_on(bitmask: torch.Tensor, vocab_size: int, device: torch.dev
     unpack pass of every constrained step."""
     if device.type != "cuda":
         return disallowed_mask(bitmask, vocab_size)
-    return unpack_disallowed(bitmask.to(device), vocab_size)
+    # From pinned memory the copy is queued behind the step's kernels; a pageable one would wait for them.
+    return unpack_disallowed(bitmask.to(device, non_blocking=bitmask.is_pinned()), vocab_size)
 
 
 def unpack_disallowed(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:

