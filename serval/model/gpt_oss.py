@@ -66,13 +66,23 @@ class GptOssAttention(nn.Module):
         return self.o_proj(out.flatten(-2))
 
 
+# transformers 5.17 (the H200 machine's) hard-codes the SwiGLU alpha and its GptOssConfig has no field for it
+# (5.24 has one, defaulting to the same 1.702): a config without the fields takes gpt-oss's values.
+SWIGLU_ALPHA = 1.702
+SWIGLU_LIMIT = 7.0
+
+
+def swiglu_of(config) -> ClampedSwiGLU:
+    return ClampedSwiGLU(getattr(config, "swiglu_alpha", SWIGLU_ALPHA), getattr(config, "swiglu_limit", SWIGLU_LIMIT))
+
+
 class GptOssMLP(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.router = nn.Linear(config.hidden_size, config.num_local_experts, bias=True)
         self.experts = FusedMoE(config.num_local_experts, config.hidden_size, config.intermediate_size, bias=True,
-                                activation=ClampedSwiGLU(config.swiglu_alpha, config.swiglu_limit))
+                                activation=swiglu_of(config))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.experts(hidden, top_k_softmax(self.router(hidden), self.top_k))

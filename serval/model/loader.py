@@ -122,13 +122,15 @@ def gguf_keeps_packed(device: str | torch.device, quantization: str | None) -> b
 
 
 def gguf_packing(device: str | torch.device, quantization: str | None) -> str | None:
-    """How a GGUF's projections stay packed (serval.model.gguf's PACK_*), or None to dequantize them: on a GPU
-    (or anywhere with SERVAL_GGUF=triton) as raw blocks for the Triton kernels, on the CPU for torch's int4
-    kernel; None with another quantization asked for or SERVAL_GGUF_DEQUANTIZE=1."""
+    """How a GGUF's projections stay packed (serval.model.gguf's PACK_*), or None to dequantize them: with
+    SERVAL_GGUF=triton as raw blocks for the Triton kernels (any device), on the CPU for torch's int4 kernel;
+    None with another quantization asked for or SERVAL_GGUF_DEQUANTIZE=1. On a GPU the Triton kernels are opt-in
+    until they have passed their tests compiled on one (so far only in Triton's interpreter): dequantized there
+    by default, as before."""
     from serval.model.gguf import PACK_CPU_INT4, PACK_TRITON
     if quantization is not None or os.environ.get(GGUF_DEQUANTIZE_ENV) == "1":
         return None
-    if torch.device(device).type == "cuda" or os.environ.get(GGUF_KERNEL_ENV) == "triton":
+    if os.environ.get(GGUF_KERNEL_ENV) == "triton":
         return PACK_TRITON
     return PACK_CPU_INT4 if gguf_keeps_packed(device, quantization) else None
 

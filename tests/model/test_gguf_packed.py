@@ -66,7 +66,10 @@ def test_packed_default_model_answers_as_the_dequantized_one_in_under_half_the_m
     reference, expected, dequantized_bytes = dequantized
     assert not any(m.quant_method is not None
                    for m in reference.engine.model.modules() if hasattr(m, "quant_method"))
-    llm = LLM(**ENGINE_ARGS)
+    with pytest.MonkeyPatch.context() as patch:
+        if ON_GPU:  # the Triton GGUF kernels are opt-in on a GPU (serval.model.loader.gguf_packing)
+            patch.setenv("SERVAL_GGUF", "triton")
+        llm = LLM(**ENGINE_ARGS)
     packed = [m for m in llm.engine.model.modules() if isinstance(getattr(m, "quant_method", None), PACKED_METHOD)]
     assert len(packed) == 30 * 4  # qkv, o, gate_up, down of every layer; the tied embedding/head stays float
     answers = [output.token_ids for output in greedy_answers(llm)]

@@ -92,7 +92,7 @@ def test_packed_gguf_runs_the_kernels_and_matches_transformers(tmp_path, monkeyp
     hf_model = build_tiny_model(tmp_path / "hf", "qwen3", seed=3, **shape)
     with torch.no_grad():
         write_mixed_gguf(tmp_path / "model.gguf", hf_model, types)
-    monkeypatch.setenv("SERVAL_GGUF", "triton")  # on a GPU the loader takes this path by itself
+    monkeypatch.setenv("SERVAL_GGUF", "triton")  # opt-in on every device (serval.model.loader.gguf_packing)
     model, _ = load_model(str(tmp_path / "model.gguf"), device=DEVICE)
 
     layer = model.model.layers[0]
