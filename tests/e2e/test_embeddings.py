@@ -3,6 +3,7 @@ the same tiny random weights, with the official `openai` client where it has the
 where it does not (score, rerank: vLLM's shapes)."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import json
@@ -282,3 +283,79 @@ def _refs(value):
     elif isinstance(value, list):
         for item in value:
             yield from _refs(item)
+
+
+# ---------------------------------------------------------------- the guard's token budget on /v1/embeddings
+BUDGET_KEYS = {name: f"sk-serval-embed-{name}" for name in ("budget", "burst", "other")}
+
+
+@pytest.fixture(scope="module")
+def guarded_embed_server(embedder, tmp_path_factory):
+    """The embedder behind a policy: a key with a 40-token budget, one with 200 for a concurrent burst, and one
+    without limits."""
+    from serval.guard.keys import hash_key
+    policy = tmp_path_factory.mktemp("embed-policy") / "policy.yaml"
+    policy.write_text("keys:\n"
+                      f"  - {{id: budget, sha256: {hash_key(BUDGET_KEYS['budget'])}, token_budget: 40}}\n"
+                      f"  - {{id: burst, sha256: {hash_key(BUDGET_KEYS['burst'])}, token_budget: 200}}\n"
+                      f"  - {{id: other, sha256: {hash_key(BUDGET_KEYS['other'])}}}\n")
+    server = _serve(embedder[0], "--policy", str(policy))
+    yield server
+    server.close()
+
+
+def _embed(server: RemoteServer, token_ids: list[int], key: str) -> httpx.Response:
+    # Token arrays: the model's input as they are, so a request's token count is exact.
+    return httpx.post(server.url + "/v1/embeddings", json={"input": token_ids}, timeout=60,
+                      headers={"Authorization": f"Bearer {BUDGET_KEYS[key]}"})
+
+
+def _assert_out_of_budget(response: httpx.Response) -> None:
+    assert response.status_code == 429, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == "insufficient_quota" and "budget" in error["message"]
+    assert "Retry-After" not in response.headers  # a budget doesn't refill
+
+
+def test_token_budget_refuses_embeddings_once_spent_and_other_keys_are_served(guarded_embed_server, embedder):
+    server, (_, model) = guarded_embed_server, embedder
+    first = _embed(server, [7] * 20, "budget")
+    assert first.status_code == 200 and first.json()["usage"]["prompt_tokens"] == 20, first.text
+    # 25 tokens don't fit the 20 left: refused whole, and not charged.
+    _assert_out_of_budget(_embed(server, [7] * 25, "budget"))
+    assert _embed(server, [8] * 20, "budget").status_code == 200  # exactly the rest
+    _assert_out_of_budget(_embed(server, [9], "budget"))
+    other = openai.OpenAI(base_url=server.url + "/v1", api_key=BUDGET_KEYS["other"], max_retries=0)
+    model_name = other.models.list().data[0].id
+    with pytest.raises(openai.RateLimitError) as caught:
+        openai.OpenAI(base_url=server.url + "/v1", api_key=BUDGET_KEYS["budget"], max_retries=0).embeddings.create(
+            model=model_name, input="one more")
+    assert caught.value.code == "insufficient_quota"
+    assert server.metric("serval:guard_key_tokens_total", key_id="budget") == 40
+    # Another key is served as before, the right embeddings included.
+    response = other.embeddings.create(model=model_name, input=[[7] * 20, [8] * 30])
+    for item, ids in zip(response.data, ([7] * 20, [8] * 30)):
+        np.testing.assert_allclose(item.embedding, _reference_embedding(model, ids), atol=1e-4)
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+
+
+def test_concurrent_embeddings_cannot_overshoot_a_budget(guarded_embed_server):
+    server = guarded_embed_server
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(client.post(
+                server.url + "/v1/embeddings", headers={"Authorization": f"Bearer {BUDGET_KEYS['burst']}"},
+                json={"input": [[11] * 10, [12] * 15]}) for _ in range(12)))
+
+    responses = asyncio.run(burst())
+    served = [response.json()["usage"]["total_tokens"] for response in responses if response.status_code == 200]
+    refused = [response for response in responses if response.status_code != 200]
+    assert served and refused and sum(served) <= 200, (served, [r.text for r in refused])
+    for response in refused:  # out of budget, or the rest held by requests still running
+        assert response.status_code == 429 and response.json()["error"]["code"] in ("insufficient_quota",
+                                                                                      "rate_limit_exceeded")
+    assert server.metric("serval:guard_key_tokens_total", key_id="burst") == sum(served)
+    assert _embed(server, [5, 6, 7], "other").status_code == 200
+

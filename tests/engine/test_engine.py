@@ -1,6 +1,7 @@
 """The engine against Hugging Face transformers on the same weights, under batching pressure:
 fewer sequence slots than prompts, a token budget that chunks prefills, a block pool that preempts."""
 import random
+import weakref
 
 import pytest
 import torch
@@ -31,6 +32,20 @@ def hf_greedy(model, prompt: list[int], num_new: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+# transformers' generate() is the slow half of a greedy check, and each model is checked with and without prefix
+# caching on the same prompts: the reference tokens are computed once per model.
+_greedy_references: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def hf_greedy_references(model, prompts: list[list[int]], num_new: int) -> list[list[int]]:
+    """hf_greedy of each prompt, remembered for the model object."""
+    key = (tuple(map(tuple, prompts)), num_new)
+    per_model = _greedy_references.setdefault(model, {})
+    if key not in per_model:
+        per_model[key] = [hf_greedy(model, prompt, num_new) for prompt in prompts]
+    return per_model[key]
+
+
 def pressured_llm(path: str, prefix_caching: bool, **engine_args) -> LLM:
     return LLM(model=path, skip_tokenizer_init=True, max_num_seqs=4, max_num_batched_tokens=32, block_size=4,
                num_gpu_blocks_override=40, max_model_len=128, enable_prefix_caching=prefix_caching, **engine_args)
@@ -44,9 +59,9 @@ def test_greedy_matches_transformers(tiny_models, arch, prefix_caching):
     llm = pressured_llm(path, prefix_caching)
     params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    for prompt, output in zip(prompts, outputs):
+    for prompt, output, reference in zip(prompts, outputs, hf_greedy_references(hf_model, prompts, NUM_NEW_TOKENS)):
         assert output.prompt_token_ids == prompt
-        assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, NUM_NEW_TOKENS), f"prompt of {len(prompt)}"
+        assert output.outputs[0].token_ids == reference, f"prompt of {len(prompt)}"
         assert output.outputs[0].finish_reason == "length"
     stats = llm.engine.get_stats()
     assert stats.num_preemptions > 0, "the block pool was meant to force preemption"

@@ -12,7 +12,6 @@ import random
 
 import pytest
 import torch
-import transformers
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
 from serval.engine.model_runner import ModelRunner
@@ -22,39 +21,16 @@ from serval.layers.moe import sigmoid_group_top_k
 from serval.model.loader import load_model  # before the family file: loader -> registry -> families
 from tests.kernels.test_paged_attention import allocate_blocks, step_metadata
 from tests.kernels.test_triton_attention import random_step
-from tests.model.engine_checks import check_greedy_matches_transformers, check_prompt_logprobs_match_transformers
+from tests.model.engine_checks import (check_each_change_alters_the_logits, check_greedy_matches_transformers,
+                                       check_prompt_logprobs_match_transformers,
+                                       check_two_prompts_greedy_match_transformers)
 from tests.model.test_llama import BLOCK_SIZE, hf_logits, sequences_for
-
-TINY_DEEPSEEK_V3 = dict(vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-                        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
-                        n_group=4, topk_group=2, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
-                        routed_scaling_factor=2.5, kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8,
-                        qk_nope_head_dim=16, v_head_dim=12, max_position_embeddings=256, initializer_range=0.08,
-                        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
-                        rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
-                                         "mscale": 1.0, "mscale_all_dim": 0.7, "beta_fast": 32, "beta_slow": 1,
-                                         "rope_theta": 10000.0})
-
-
-def build_tiny_deepseek_v3(path, seed: int = 0, **overrides) -> transformers.DeepseekV3ForCausalLM:
-    config = transformers.DeepseekV3Config(**{**TINY_DEEPSEEK_V3, **overrides})
-    torch.manual_seed(seed)
-    model = transformers.DeepseekV3ForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.normal_(1.0, 0.3)
-        for layer in model.model.layers[config.first_k_dense_replace:]:
-            layer.mlp.gate.e_score_correction_bias.normal_(0.0, 0.2)
-    model.generation_config.eos_token_id = None  # tests compare fixed lengths
-    model.save_pretrained(path)
-    return model
+from tests.model.tiny_models import tiny_config
 
 
 @pytest.fixture(scope="module", params=[48, None], ids=["q-lora", "q-proj"])
-def tiny_deepseek_v3(tmp_path_factory, request):
-    path = tmp_path_factory.mktemp("deepseek_v3")
-    return str(path), build_tiny_deepseek_v3(path, q_lora_rank=request.param)
+def tiny_deepseek_v3(tiny_checkpoint, request):
+    return tiny_checkpoint("deepseek_v3", q_lora_rank=request.param)
 
 
 def run_latent_steps(model, sequences, steps: list[list[tuple[int, int]]]) -> list[torch.Tensor]:
@@ -93,15 +69,6 @@ def test_prefill_chunks_and_decode_steps_match_transformers(tiny_deepseek_v3):
 def test_each_deepseek_detail_changes_the_output(tiny_deepseek_v3):
     """Guards the comparison above: without the mscale in the softmax scale, without the correction bias, or with
     rope pairs taken as rotate-half, the logits of the long sequence differ from transformers'."""
-    path, hf_model = tiny_deepseek_v3
-    sequences = sequences_for(hf_model.config.vocab_size)
-    expected = hf_logits(hf_model, sequences)[2]
-
-    def logits_with(change) -> torch.Tensor:
-        model, _ = load_model(path, load_format="safetensors")
-        change(model)
-        return run_latent_steps(model, sequences, [[(0, len(s)) for s in sequences]])[2]
-
     def plain_scale(model):
         for layer in model.model.layers:
             layer.self_attn.scale = 24 ** -0.5
@@ -114,8 +81,8 @@ def test_each_deepseek_detail_changes_the_output(tiny_deepseek_v3):
         for layer in model.model.layers:
             layer.self_attn.rope_interleave = False
 
-    for change in (plain_scale, no_correction_bias, not_interleaved):
-        assert not torch.allclose(logits_with(change), expected, atol=1e-3), change.__name__
+    check_each_change_alters_the_logits(*tiny_deepseek_v3, [plain_scale, no_correction_bias, not_interleaved],
+                                        run=run_latent_steps)
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False], ids=["prefix-cache", "no-prefix-cache"])
@@ -128,8 +95,7 @@ def test_engine_prompt_logprobs_match_transformers(tiny_deepseek_v3):
 
 
 def test_router_picks_transformers_experts_and_weights():
-    config = transformers.DeepseekV3Config(**{**TINY_DEEPSEEK_V3, "n_routed_experts": 32, "n_group": 8,
-                                              "topk_group": 3, "num_experts_per_tok": 6})
+    config = tiny_config("deepseek_v3", n_routed_experts=32, n_group=8, topk_group=3, num_experts_per_tok=6)
     torch.manual_seed(0)
     router = DeepseekV3TopkRouter(config)
     with torch.no_grad():
@@ -222,17 +188,8 @@ def test_triton_backend_in_the_engine_matches_transformers(tiny_deepseek_v3, mon
     """Decode steps through the Triton absorbed-decode kernel (the interpreter here) give transformers' greedy
     tokens, with chunked prefill and a prefix hit."""
     pytest.importorskip("triton")
-    from serval import LLM, SamplingParams
-    from tests.engine.test_engine import hf_greedy, make_prompts
     monkeypatch.setenv("SERVAL_ATTENTION_BACKEND", "triton")
-    path, hf_model = tiny_deepseek_v3
-    prompts = [make_prompts(hf_model.config.vocab_size)[i] for i in (6, 9)]
-    llm = LLM(model=path, skip_tokenizer_init=True, max_num_seqs=4, max_num_batched_tokens=16, block_size=4,
-              max_model_len=128)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                           SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
-    for prompt, output in zip(prompts, outputs):
-        assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, 4), f"prompt of {len(prompt)}"
+    llm = check_two_prompts_greedy_match_transformers(*tiny_deepseek_v3)
     assert llm.engine.get_stats().prefix_cache_hits > 0
 
 

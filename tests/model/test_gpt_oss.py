@@ -11,75 +11,34 @@ import json
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file, save_file
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
 
-from serval import LLM, SamplingParams
+from serval import LLM, SamplingParams  # noqa: F401 (tests merging from other branches use them)
 from serval.layers.moe import top_k_softmax
 from serval.model.gpt_oss import FP4_VALUES, GptOssForCausalLM, dequantize_mxfp4
 from serval.model.loader import load_model
-from tests.engine.test_engine import hf_greedy, make_prompts
-from tests.model.engine_checks import check_greedy_matches_transformers, check_prompt_logprobs_match_transformers
+from tests.engine.test_engine import hf_greedy, make_prompts  # noqa: F401
+from tests.model.engine_checks import (check_each_change_alters_the_logits, check_greedy_matches_transformers,
+                                       check_logits_match_transformers, check_prompt_logprobs_match_transformers,
+                                       check_two_prompts_greedy_match_transformers)
 from tests.model.test_llama import hf_logits, run_steps, sequences_for
-
-TINY_GPT_OSS = dict(vocab_size=320, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
-                    max_position_embeddings=256, sliding_window=8, initializer_range=0.08, swiglu_limit=0.5,
-                    bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
-                    rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
-                                     "truncate": False, "original_max_position_embeddings": 64,
-                                     "rope_theta": 150000.0})
-
-
-def build_tiny_gpt_oss(path, seed: int = 0, **overrides) -> transformers.GptOssForCausalLM:
-    config = transformers.GptOssConfig(**{**TINY_GPT_OSS, **overrides})
-    torch.manual_seed(seed)
-    model = transformers.GptOssForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.normal_(1.0, 0.3)
-            elif name.endswith(("_bias", "sinks")):
-                param.normal_(0.0, 0.5)
-    model.generation_config.eos_token_id = None  # tests compare fixed lengths
-    model.save_pretrained(path)
-    return model
+from tests.model.tiny_models import build_tiny, tiny_config
 
 
 @pytest.fixture(scope="module")
-def tiny_gpt_oss(tmp_path_factory):
-    path = tmp_path_factory.mktemp("gpt_oss")
-    return str(path), build_tiny_gpt_oss(path)
+def tiny_gpt_oss(tiny_checkpoint):
+    return tiny_checkpoint("gpt_oss")
 
 
 def test_flat_batch_and_chunked_prefill_match_transformers(tiny_gpt_oss):
-    path, hf_model = tiny_gpt_oss
-    model, config = load_model(path, load_format="safetensors")
-    assert isinstance(model, GptOssForCausalLM)
+    model = check_logits_match_transformers(*tiny_gpt_oss, GptOssForCausalLM)
     assert [layer.self_attn.attn.sliding_window for layer in model.model.layers] == [8, None]
-    sequences = sequences_for(config.vocab_size)
-    expected = hf_logits(hf_model, sequences)
-    one_batch = run_steps(model, sequences, [[(0, len(s)) for s in sequences]])
-    splits = [4, 9, 23]
-    chunked = run_steps(model, sequences, [[(0, s) for s in splits], list(zip(splits, map(len, sequences)))])
-    for got_batch, got_chunked, want in zip(one_batch, chunked, expected):
-        torch.testing.assert_close(got_batch, want, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(got_chunked, want, atol=1e-4, rtol=1e-4)
 
 
 def test_each_gpt_oss_detail_changes_the_output(tiny_gpt_oss):
     """Guards the comparison above against passing vacuously: without sinks, the window, the clamp or YaRN's
     attention factor, the logits of the long sequence differ from transformers'."""
-    path, hf_model = tiny_gpt_oss
-    sequences = sequences_for(hf_model.config.vocab_size)
-    expected = hf_logits(hf_model, sequences)[2]
-
-    def logits_with(change) -> torch.Tensor:
-        model, _ = load_model(path, load_format="safetensors")
-        change(model)
-        return run_steps(model, sequences, [[(0, len(s)) for s in sequences]])[2]
-
     def no_sinks(model):
         for layer in model.model.layers:
             layer.self_attn.sinks.fill_(-1e9)
@@ -99,8 +58,7 @@ def test_each_gpt_oss_detail_changes_the_output(tiny_gpt_oss):
         rotary.cos_cache /= norm
         rotary.sin_cache /= norm
 
-    for change in (no_sinks, no_window, no_clamp, no_yarn_scale):
-        assert not torch.allclose(logits_with(change), expected, atol=1e-3), change.__name__
+    check_each_change_alters_the_logits(*tiny_gpt_oss, [no_sinks, no_window, no_clamp, no_yarn_scale])
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False], ids=["prefix-cache", "no-prefix-cache"])
@@ -114,7 +72,7 @@ def test_engine_prompt_logprobs_match_transformers(tiny_gpt_oss):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_router_picks_transformers_experts_and_weights(dtype):
-    config = transformers.GptOssConfig(**{**TINY_GPT_OSS, "num_local_experts": 16, "num_experts_per_tok": 4})
+    config = tiny_config("gpt_oss", num_local_experts=16, num_experts_per_tok=4)
     torch.manual_seed(0)
     router = GptOssTopKRouter(config).to(dtype)
     with torch.no_grad():
@@ -157,7 +115,7 @@ def tiny_gpt_oss_mxfp4(tmp_path_factory):
     same experts dequantized by transformers' own converter."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
     path = tmp_path_factory.mktemp("gpt_oss_mxfp4")
-    hf_model = build_tiny_gpt_oss(path, seed=5)
+    hf_model = build_tiny(path, "gpt_oss", seed=5)
     weights = load_file(path / "model.safetensors")
     for name in [n for n in weights if n.endswith((".experts.gate_up_proj", ".experts.down_proj"))]:
         blocks, scales = quantize_mxfp4(weights.pop(name).transpose(1, 2))  # to [E, out, in]
@@ -188,7 +146,7 @@ def test_mxfp4_engine_greedy_matches_transformers(tiny_gpt_oss_mxfp4):
 
 
 def test_mxfp4_half_missing_is_named(tmp_path):
-    build_tiny_gpt_oss(tmp_path)
+    build_tiny(tmp_path, "gpt_oss")
     weights = load_file(tmp_path / "model.safetensors")
     blocks, _ = quantize_mxfp4(weights.pop("model.layers.0.mlp.experts.down_proj").transpose(1, 2))
     weights["model.layers.0.mlp.experts.down_proj_blocks"] = blocks
@@ -202,14 +160,7 @@ def test_triton_attention_backend_matches_transformers(tiny_gpt_oss, monkeypatch
     prefill and a prefix hit give transformers' greedy tokens."""
     pytest.importorskip("triton")
     monkeypatch.setenv("SERVAL_ATTENTION_BACKEND", "triton")
-    path, hf_model = tiny_gpt_oss
-    prompts = [make_prompts(hf_model.config.vocab_size)[i] for i in (6, 9)]
-    llm = LLM(model=path, skip_tokenizer_init=True, max_num_seqs=4, max_num_batched_tokens=16, block_size=4,
-              max_model_len=128)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                           SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
-    for prompt, output in zip(prompts, outputs):
-        assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, 4), f"prompt of {len(prompt)}"
+    llm = check_two_prompts_greedy_match_transformers(*tiny_gpt_oss)
     assert llm.engine.get_stats().prefix_cache_hits > 0
 
 

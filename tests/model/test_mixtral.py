@@ -8,13 +8,12 @@ import torch
 from serval.model.loader import load_model
 from serval.model.mixtral import MixtralForCausalLM
 from tests.model.engine_checks import check_greedy_matches_transformers, check_prompt_logprobs_match_transformers
-from tests.model.moe_support import build_tiny_moe
+from tests.model.tiny_models import build_tiny
 
 
 @pytest.fixture(scope="module")
-def mixtral(tmp_path_factory):
-    path = tmp_path_factory.mktemp("mixtral")
-    return str(path), build_tiny_moe(path, "mixtral")
+def mixtral(tiny_checkpoint):
+    return tiny_checkpoint("mixtral")
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False], ids=["prefix-cache", "no-prefix-cache"])
@@ -28,7 +27,7 @@ def test_prompt_logprobs_match_transformers(mixtral):
 
 @pytest.mark.parametrize("save_original_format", [True, False], ids=["per-expert", "stacked"])
 def test_both_checkpoint_layouts_load_to_the_same_logits(tmp_path, save_original_format):
-    hf_model = build_tiny_moe(tmp_path, "mixtral", seed=3, save_original_format=save_original_format)
+    hf_model = build_tiny(tmp_path, "mixtral", seed=3, save_original_format=save_original_format)
     model, _ = load_model(str(tmp_path))
     assert isinstance(model, MixtralForCausalLM)
     # Every expert's weights landed in its slot of the stack.
@@ -40,7 +39,7 @@ def test_both_checkpoint_layouts_load_to_the_same_logits(tmp_path, save_original
 
 def test_missing_expert_is_named(tmp_path):
     from safetensors.torch import load_file, save_file
-    build_tiny_moe(tmp_path, "mixtral")
+    build_tiny(tmp_path, "mixtral")
     weights = load_file(tmp_path / "model.safetensors")
     del weights["model.layers.0.block_sparse_moe.experts.2.w3.weight"]
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})

@@ -6,28 +6,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serval import LLM, SamplingParams
 from serval.layers.mlp import GatedMLP
 from serval.layers.moe import SparseMoeBlock
 from serval.model.loader import load_model
-from tests.engine.test_engine import hf_greedy, make_prompts
-from tests.model.engine_checks import check_greedy_matches_transformers, check_prompt_logprobs_match_transformers
-from tests.model.moe_support import build_tiny_moe
+from tests.model.engine_checks import (check_greedy_matches_transformers, check_prompt_logprobs_match_transformers,
+                                       check_two_prompts_greedy_match_transformers)
+from tests.model.tiny_models import build_tiny
 
 ARCHS = ["qwen2_moe", "qwen3_moe"]
 
 
 @pytest.fixture(scope="module")
-def qwen_moe(tmp_path_factory):
-    built = {}
-
-    def get(arch: str):
-        if arch not in built:
-            path = tmp_path_factory.mktemp(arch)
-            built[arch] = (str(path), build_tiny_moe(path, arch))
-        return built[arch]
-
-    return get
+def qwen_moe(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False], ids=["prefix-cache", "no-prefix-cache"])
@@ -51,7 +42,7 @@ def test_dense_and_sparse_layers_follow_the_config(qwen_moe, arch, sparse):
 
 
 def test_stacked_experts_checkpoint_loads(tmp_path):
-    hf_model = build_tiny_moe(tmp_path, "qwen2_moe", seed=4, save_original_format=False)
+    hf_model = build_tiny(tmp_path, "qwen2_moe", seed=4, save_original_format=False)
     check_prompt_logprobs_match_transformers(str(tmp_path), hf_model)
 
 
@@ -59,14 +50,7 @@ def test_fused_moe_kernel_in_the_engine_matches_transformers(qwen_moe, monkeypat
     """The whole engine with the experts on the Triton kernel (the interpreter here, compiled on a GPU)."""
     triton_moe = pytest.importorskip("serval.kernels.triton_moe")
     monkeypatch.setenv("SERVAL_MOE_BACKEND", "triton")
-    path, hf_model = qwen_moe("qwen2_moe")
-    prompts = [make_prompts(hf_model.config.vocab_size)[i] for i in (6, 9)]  # 23 and 47 tokens, a shared prefix
-    llm = LLM(model=path, skip_tokenizer_init=True, max_num_seqs=4, max_num_batched_tokens=16, block_size=4,
-              max_model_len=128)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                           SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
-    for prompt, output in zip(prompts, outputs):
-        assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, 4), f"prompt of {len(prompt)}"
+    llm = check_two_prompts_greedy_match_transformers(*qwen_moe("qwen2_moe"))
     block = llm.engine.model.model.layers[0].mlp
     assert block.experts._backend is triton_moe.fused_experts
 
