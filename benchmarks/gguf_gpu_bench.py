@@ -53,30 +53,17 @@ def random_blocks(qtype: Q, n: int, k: int, device: str, seed: int) -> torch.Ten
 
 
 def time_products(fn, weights: list[torch.Tensor], x: torch.Tensor, repeats: int) -> float:
-    """Seconds per product: a CUDA graph of one product per weight, replayed; on the CPU, plain calls."""
-    if x.device.type != "cuda":
-        fn(x, weights[0])
-        start = time.perf_counter()
-        for _ in range(repeats):
-            for w in weights:
-                fn(x, w)
-        return (time.perf_counter() - start) / (repeats * len(weights))
-    for w in weights[:2]:
-        fn(x, w)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    """Seconds per product: a CUDA graph of one product per weight, replayed (gemv_bench's timing); on the CPU,
+    plain calls."""
+    if x.device.type == "cuda":
+        from gemv_bench import time_graph  # benchmarks/, the script's own directory
+        return time_graph(fn, weights, x, repeats)
+    fn(x, weights[0])
+    start = time.perf_counter()
+    for _ in range(repeats):
         for w in weights:
             fn(x, w)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / (repeats * len(weights))
+    return (time.perf_counter() - start) / (repeats * len(weights))
 
 
 def copies_for(nbytes: int, device: str) -> int:

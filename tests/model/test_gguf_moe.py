@@ -15,8 +15,8 @@ from serval.model.loader import load_model
 from serval.model.mixtral import MixtralForCausalLM
 from serval.model.qwen_moe import Qwen3MoeForCausalLM
 from tests.model.engine_checks import check_greedy_matches_transformers
-from tests.model.moe_support import build_tiny_moe
-from tests.model.test_gguf import llama_cpp_permute
+from tests.model.tiny_models import build_tiny as build_tiny_moe
+from tests.model.test_gguf import add_model_metadata, llama_cpp_permute
 from tests.model.test_llama import hf_logits, run_steps, sequences_for
 
 Q = gguf.GGMLQuantizationType
@@ -63,16 +63,7 @@ def write_moe_gguf(path, arch: str, model, expert_type=Q.F32) -> dict[str, np.nd
     expert_type; returns what was written (quantized tensors as their raw blocks)."""
     config = model.config
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    add_model_metadata(writer, config)
     writer.add_expert_used_count(config.num_experts_per_tok)
     if arch == "qwen3moe":
         writer.add_feed_forward_length(config.intermediate_size)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from tests.conftest import build_tiny_model
 from tests.kernels.test_triton_gguf import DEVICE, gguf_rows
-from tests.model.test_gguf import gguf_name
+from tests.model.test_gguf import add_model_metadata, gguf_name
 from tests.model.test_loader import INPUT_IDS, logits_of
 from tests.model.test_quantized_checkpoints import near_tie_greedy_check
 
@@ -44,16 +44,8 @@ def write_mixed_gguf(path, hf_model, types: dict[str, Q]) -> None:
     from `types`, and set the HF model's projections to what gguf.quants.dequantize reads back: the reference."""
     config = hf_model.config
     writer = gguf.GGUFWriter(str(path), "qwen3")
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
+    add_model_metadata(writer, config)
     writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_key_length(config.head_dim)
-    writer.add_value_length(config.head_dim)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_bos_token_id(config.bos_token_id)
     writer.add_eos_token_id(config.eos_token_id)
     writer.add_pad_token_id(config.pad_token_id)

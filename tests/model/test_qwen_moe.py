@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from serval import LLM, SamplingParams
 from serval.layers.mlp import GatedMLP
 from serval.layers.moe import SparseMoeBlock
 from serval.model.loader import load_model
