@@ -48,19 +48,9 @@ def run_steps(model, sequences, steps: list[list[tuple[int, int]]]) -> list[torc
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_flat_batch_and_chunked_prefill_match_transformers(arch, tiny_models):
+    from tests.model.engine_checks import check_logits_match_transformers  # it imports this module's helpers
     path, hf_model = tiny_models(arch)
-    model, config = load_model(path, load_format="safetensors")
-    assert isinstance(model, LlamaForCausalLM)
-    sequences = sequences_for(config.vocab_size)
-    expected = hf_logits(hf_model, sequences)
-
-    one_batch = run_steps(model, sequences, [[(0, len(s)) for s in sequences]])
-    # Second step: a single-token (decode-shaped) row, and chunks reading the first chunk through the cache.
-    splits = [4, 9, 23]
-    chunked = run_steps(model, sequences, [[(0, s) for s in splits], list(zip(splits, LENGTHS))])
-    for got_batch, got_chunked, want in zip(one_batch, chunked, expected):
-        torch.testing.assert_close(got_batch, want, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(got_chunked, want, atol=1e-4, rtol=1e-4)
+    check_logits_match_transformers(path, hf_model, LlamaForCausalLM)
 
 
 def test_sliding_window_changes_the_output(tiny_models):
