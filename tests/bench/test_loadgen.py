@@ -10,7 +10,7 @@ from serval.bench.stub_server import stub_process
 from serval.bench.tokenizer import load_tokenizer
 from serval.bench.workloads import BenchRequest
 
-SLACK = 0.08  # seconds of scheduling noise allowed on a shared 2-core machine
+SLACK = 0.15  # seconds of scheduling noise allowed on a shared 2-core machine running two test workers
 
 
 @pytest.fixture(scope="module")
