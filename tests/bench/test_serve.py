@@ -19,7 +19,7 @@ def side_by_side(tmp_path_factory):
     """A fast and a slow stub, a flaky one and an unreachable one, swept at two rates."""
     result_dir = tmp_path_factory.mktemp("bench")
     with stub_process("--model", "m", "--ttft-ms", "20", "--itl-ms", "5") as fast, \
-            stub_process("--model", "m", "--ttft-ms", "150", "--itl-ms", "5") as slow, \
+            stub_process("--model", "m", "--ttft-ms", "600", "--itl-ms", "5") as slow, \
             stub_process("--model", "m", "--fail-every", "2") as flaky:
         (result_dir / "endpoints.yaml").write_text(
             f"endpoints:\n  - {{name: fast, base_url: {fast}, engine: serval}}\n"
@@ -27,7 +27,7 @@ def side_by_side(tmp_path_factory):
             f"  - {{name: down, base_url: 'http://127.0.0.1:{free_port()}'}}\n")
         code = main(["serve", "--endpoints", str(result_dir / "endpoints.yaml"), "--model", "m",
                      "--tokenizer", "llama3", "--num-prompts", "8", "--input-len", "32", "--output-len", "4",
-                     "--sweep", "20,40", "--slo", "ttft=100", "--slo-attainment", "0.9", "--gpu-hour-price", "2.5",
+                     "--sweep", "20,40", "--slo", "ttft=300", "--slo-attainment", "0.9", "--gpu-hour-price", "2.5",
                      "--num-gpus", "2", "--result-dir", str(result_dir), "--disable-tqdm", "--seed", "3"])
     assert code == 0
     return result_dir, json.loads((result_dir / "summary.json").read_text())
