@@ -12,28 +12,36 @@ import torch.distributed as dist
 from safetensors import safe_open
 from torch import nn
 
-from serval.layers.parallel import ShardLayout, checkpoint_slice, local_config, parallelize
+from serval.layers.parallel import (ShardLayout, TensorSlice, checkpoint_slice, fused_checkpoint_parts, local_config,
+                                    parallelize)
 from serval.model import loader
 
 
 def iter_safetensors_shard(files: list[str], layout: ShardLayout) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, the rank's slice of the tensor) for every tensor of the files, as load_weights takes them."""
+    """(name, the rank's slice of the tensor) for every tensor of the files, as load_weights takes them. A fused
+    projection (Phi-3's qkv_proj, gate_up_proj) comes out as its parts (q_proj, ...), each already sliced."""
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():
-                piece = checkpoint_slice(name, layout)
-                if piece is None:
-                    yield name, f.get_tensor(name)
+                fused = fused_checkpoint_parts(name, layout)
+                if fused is not None:
+                    for part in fused:
+                        yield part.hf_name, _read_slice(f, name, part.piece)
                     continue
-                part = f.get_slice(name)
-                index = [slice(None)] * len(part.get_shape())
-                index[piece.dim] = slice(piece.start, piece.start + piece.length)
-                tensor = part[tuple(index)]
-                if piece.padded_length > piece.length:  # the last vocabulary slice: rows no token id reaches
-                    padding = list(tensor.shape)
-                    padding[piece.dim] = piece.padded_length - piece.length
-                    tensor = torch.cat([tensor, tensor.new_zeros(padding)], dim=piece.dim)
-                yield name, tensor
+                piece = checkpoint_slice(name, layout)
+                yield name, f.get_tensor(name) if piece is None else _read_slice(f, name, piece)
+
+
+def _read_slice(f, name: str, piece: TensorSlice) -> torch.Tensor:
+    part = f.get_slice(name)
+    index = [slice(None)] * len(part.get_shape())
+    index[piece.dim] = slice(piece.start, piece.start + piece.length)
+    tensor = part[tuple(index)]
+    if piece.padded_length > piece.length:  # the last vocabulary slice: rows no token id reaches
+        padding = list(tensor.shape)
+        padding[piece.dim] = piece.padded_length - piece.length
+        tensor = torch.cat([tensor, tensor.new_zeros(padding)], dim=piece.dim)
+    return tensor
 
 
 def load_rank_model(model_path: str, layout: ShardLayout, *, load_format: str, dtype: torch.dtype,

@@ -12,7 +12,8 @@ So a decoder layer costs two all-reduces. A rank's model is built at its shard's
 (`local_config`: heads, intermediate size and vocabulary divided by N), so no rank ever allocates the full
 model; `parallelize` then gives the four layers above their collectives. K/V heads fewer than N are replicated:
 rank r holds K/V head r * KVH / N, the one its query heads read. `checkpoint_slice` says which slice of a
-checkpoint tensor a rank loads (serval.distributed.weights reads only that slice).
+checkpoint tensor a rank loads (serval.distributed.weights reads only that slice); a fused checkpoint projection
+(Phi-3's qkv_proj, gate_up_proj) is not one slice but one per part, which `fused_checkpoint_parts` lists.
 """
 from __future__ import annotations
 
@@ -26,8 +27,11 @@ from torch import nn
 
 from serval.layers.linear import Linear, takes_gemv
 
-# The families whose every projection follows Llama's names and shapes (serval/model/llama.py).
-TENSOR_PARALLEL_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# The families whose every projection follows Llama's names and shapes (serval/model/llama.py). Gemma 3's
+# per-head q/k norms and per-layer rotary tables are replicated; Phi-3's fused checkpoint projections are read
+# part by part (fused_checkpoint_parts).
+TENSOR_PARALLEL_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                                 "Gemma3ForCausalLM", "Phi3ForCausalLM")
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,40 @@ def checkpoint_slice(hf_name: str, layout: ShardLayout) -> TensorSlice | None:
         return TensorSlice(dim, layout.rank * length, length, length)
     start, padded = layout.vocab_start, layout.local_vocab_size
     return TensorSlice(dim, start, max(min(padded, layout.vocab_size - start), 0), padded)
+
+
+# A fused checkpoint projection (Phi-3) -> the parts it stacks along its rows, in order.
+_FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+@dataclass(frozen=True)
+class FusedPart:
+    """One part of a fused checkpoint tensor as a rank loads it: the part's own checkpoint name (q_proj, ...) and
+    the rows of the fused tensor that hold the rank's slice of it."""
+    hf_name: str
+    piece: TensorSlice
+
+
+def fused_checkpoint_parts(hf_name: str, layout: ShardLayout) -> list[FusedPart] | None:
+    """The rank's slices of a fused checkpoint tensor, one per part, or None for a tensor that is not fused.
+
+        qkv_proj rows      [ q: H*d | k: KVH*d | v: KVH*d ]      rank r reads its heads' rows of each part
+        gate_up_proj rows  [ gate: I | up: I ]                   rank r reads its intermediate slice of each
+    """
+    parts = hf_name.split(".")
+    if len(parts) < 2 or parts[-2] not in _FUSED_PROJECTIONS:
+        return None
+    q_rows, kv_rows = layout.num_heads * layout.head_dim, layout.num_kv_heads * layout.head_dim
+    part_rows = ([q_rows, kv_rows, kv_rows] if parts[-2] == "qkv_proj"
+                 else [layout.intermediate_size, layout.intermediate_size])
+    fused_parts, offset = [], 0
+    for part, rows in zip(_FUSED_PROJECTIONS[parts[-2]], part_rows, strict=True):
+        part_name = ".".join(parts[:-2] + [part, parts[-1]])
+        piece = checkpoint_slice(part_name, layout)
+        fused_parts.append(FusedPart(part_name, TensorSlice(0, offset + piece.start, piece.length,
+                                                            piece.padded_length)))
+        offset += rows
+    return fused_parts
 
 
 class RowParallelLinear(Linear):

@@ -10,6 +10,7 @@ from serval import LLM, SamplingParams
 from serval.openai.errors import InvalidArgument
 from tests.conftest import build_tiny_model
 from tests.engine.test_engine import NUM_NEW_TOKENS, hf_greedy, make_prompts, pressured_llm
+from tests.model.tiny_models import build_tiny, longrope
 
 # Each case starts a worker process (seconds on a small machine): few cases, each covering several switches.
 CASES = {
@@ -17,13 +18,26 @@ CASES = {
     "qwen2": ("qwen2", {}),  # q/k/v biases, tied embeddings
     # per-head q/k norms, explicit head_dim; one K/V head replicated on both ranks; 321 = 161 + 160 (+1 padding)
     "qwen3-replicated-kv-odd-vocab": ("qwen3", dict(num_key_value_heads=1, vocab_size=321)),
+    # tests/model/tiny_models.py's families: Gemma 3's sliding and global layers, per-head q/k norms, GeGLU,
+    # scaled and tied embedding, final logit soft-cap; Phi-3's fused qkv_proj and gate_up_proj, LongRoPE.
+    "gemma3": ("gemma3", {}),
+    "phi3-partial-rotary": ("phi3", dict(partial_rotary_factor=0.5, rope_scaling=longrope(8))),
 }
+# Cases whose prompt logprobs are checked too: the gathered vocabulary, and the soft-cap applied after the gather.
+LOGPROB_CASES = ("qwen3-replicated-kv-odd-vocab", "gemma3")
+
+
+def build_case(path, arch: str, **overrides):
+    """tests/conftest.py's architectures, or tests/model/tiny_models.py's families."""
+    if arch in ("gemma3", "phi3"):
+        return build_tiny(path, arch, **overrides)
+    return build_tiny_model(path, arch, **overrides)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_greedy_matches_transformers_and_tp1(tmp_path, case):
     arch, overrides = CASES[case]
-    hf_model = build_tiny_model(tmp_path, arch, **overrides)
+    hf_model = build_case(tmp_path, arch, **overrides)
     prompts = make_prompts(hf_model.config.vocab_size)
     params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
     single = pressured_llm(str(tmp_path), prefix_caching=True)
@@ -38,7 +52,7 @@ def test_greedy_matches_transformers_and_tp1(tmp_path, case):
         stats = llm.engine.get_stats()
         assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
         assert stats.num_free_blocks == stats.num_blocks
-        if case == "qwen3-replicated-kv-odd-vocab":
+        if case in LOGPROB_CASES:
             check_prompt_logprobs(llm, hf_model)
     finally:
         llm.shutdown()

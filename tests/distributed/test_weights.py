@@ -1,5 +1,6 @@
 """Sharded loading: each rank's parameters are exactly its slice of the checkpoint (read with get_slice), for
-split K/V heads and for K/V heads replicated over more ranks than there are, and a vocabulary N doesn't divide."""
+split K/V heads and for K/V heads replicated over more ranks than there are, and a vocabulary N doesn't divide;
+for Gemma 3 (per-head norms replicated) and Phi-3 (fused qkv_proj and gate_up_proj, each part sliced)."""
 from __future__ import annotations
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from serval.distributed.weights import load_rank_model
 from serval.layers.parallel import shard_layout
 from tests.conftest import build_tiny_model
+from tests.model.tiny_models import build_tiny
 
 TP = 2
 
@@ -54,13 +56,36 @@ def ours(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return named
 
 
+def unfused(hf_state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """Phi-3's fused checkpoint tensors cut by hand into the Llama names: [q; k; v] and [gate; up] rows."""
+    head_dim = config.hidden_size // config.num_attention_heads
+    q_rows, kv_rows = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    out = {}
+    for name, full in hf_state.items():
+        if ".qkv_proj." in name:
+            q, k, v = full.split([q_rows, kv_rows, kv_rows])
+            out |= {name.replace("qkv_proj", "q_proj"): q, name.replace("qkv_proj", "k_proj"): k,
+                    name.replace("qkv_proj", "v_proj"): v}
+        elif ".gate_up_proj." in name:
+            gate, up = full.chunk(2)
+            out |= {name.replace("gate_up_proj", "gate_proj"): gate, name.replace("gate_up_proj", "up_proj"): up}
+        else:
+            out[name] = full
+    return out
+
+
 @pytest.mark.parametrize("arch, overrides", [
     ("qwen2", {}),  # q/k/v biases, tied embeddings
     ("llama", dict(num_key_value_heads=1, vocab_size=321)),  # one K/V head replicated; 321 = 161 + 160 (+1 pad)
-], ids=["qwen2-split-kv", "llama-replicated-kv-odd-vocab"])
+    ("gemma3", {}),  # per-head q/k norms, four norms per layer, tied embeddings
+    ("phi3", dict(num_key_value_heads=1, vocab_size=321)),  # fused projections; a replicated K/V head's rows
+], ids=["qwen2-split-kv", "llama-replicated-kv-odd-vocab", "gemma3", "phi3-fused-replicated-kv-odd-vocab"])
 def test_each_rank_holds_its_slice(tmp_path, arch, overrides):
-    hf_model = build_tiny_model(tmp_path, arch, **overrides)
-    hf_state = hf_model.state_dict()
+    if arch in ("gemma3", "phi3"):
+        hf_model = build_tiny(tmp_path, arch, **overrides)
+    else:
+        hf_model = build_tiny_model(tmp_path, arch, **overrides)
+    hf_state = unfused(hf_model.state_dict(), hf_model.config)
     for rank in range(TP):
         layout = shard_layout(hf_model.config, rank, TP)
         model = load_rank_model(str(tmp_path), layout, load_format="auto", dtype=torch.float32,

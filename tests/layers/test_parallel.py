@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import transformers
 
-from serval.layers.parallel import checkpoint_slice, shard_layout
+from serval.layers.parallel import checkpoint_slice, fused_checkpoint_parts, shard_layout
 
 
 def llama_config(**overrides) -> transformers.LlamaConfig:
@@ -39,7 +39,24 @@ def test_sizes_that_do_not_split_are_refused(overrides, size, message):
 
 
 def test_an_architecture_without_a_parallel_implementation_is_named():
-    config = transformers.Gemma3TextConfig(num_attention_heads=4, num_key_value_heads=2)
-    config.architectures = ["Gemma3ForCausalLM"]
-    with pytest.raises(ValueError, match="Gemma3ForCausalLM has no tensor-parallel implementation yet"):
+    # DeepSeek-V3's latent attention (MLA) has no head-sharded layout yet.
+    config = transformers.DeepseekV3Config(num_attention_heads=4, num_key_value_heads=4)
+    config.architectures = ["DeepseekV3ForCausalLM"]
+    with pytest.raises(ValueError, match="DeepseekV3ForCausalLM has no tensor-parallel implementation yet"):
         shard_layout(config, 0, 2)
+
+
+def test_fused_checkpoint_projections_are_read_as_each_parts_slice():
+    """Phi-3's qkv_proj rows are [q (16 heads) | k (4) | v (4)] x head_dim 16, gate_up_proj's [gate 512 | up 512]:
+    each rank reads its heads' rows of each part (replicated K/V heads at TP 8), its intermediate slice of each."""
+    config = llama_config()
+    config.architectures = ["Phi3ForCausalLM"]
+    assert fused_checkpoint_parts("model.layers.0.self_attn.o_proj.weight", shard_layout(config, 0, 2)) is None
+    qkv = fused_checkpoint_parts("model.layers.0.self_attn.qkv_proj.weight", shard_layout(config, 1, 2))
+    assert [(p.hf_name.split(".")[-2], p.piece.start, p.piece.length) for p in qkv] == [
+        ("q_proj", 128, 128), ("k_proj", 256 + 32, 32), ("v_proj", 256 + 64 + 32, 32)]
+    replicated = fused_checkpoint_parts("model.layers.0.self_attn.qkv_proj.weight", shard_layout(config, 5, 8))
+    assert [(p.piece.start, p.piece.length) for p in replicated] == [(160, 32), (256 + 32, 16), (256 + 64 + 32, 16)]
+    gate_up = fused_checkpoint_parts("model.layers.0.mlp.gate_up_proj.weight", shard_layout(config, 1, 4))
+    assert [(p.hf_name, p.piece.start, p.piece.length) for p in gate_up] == [
+        ("model.layers.0.mlp.gate_proj.weight", 128, 128), ("model.layers.0.mlp.up_proj.weight", 512 + 128, 128)]
