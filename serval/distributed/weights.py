@@ -12,8 +12,8 @@ import torch.distributed as dist
 from safetensors import safe_open
 from torch import nn
 
-from serval.layers.parallel import (ShardLayout, TensorSlice, checkpoint_slice, fused_checkpoint_parts, local_config,
-                                    parallelize)
+from serval.layers.parallel import (ShardLayout, TensorSlice, checkpoint_slice, expert_checkpoint_slices,
+                                    fused_checkpoint_parts, local_config, parallelize, parallelize_experts)
 from serval.model import loader
 
 
@@ -23,6 +23,9 @@ def iter_safetensors_shard(files: list[str], layout: ShardLayout) -> Iterator[tu
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():
+                if (expert_pieces := expert_checkpoint_slices(name, layout)) is not None:
+                    yield name, read_slices(f.get_slice(name), expert_pieces)
+                    continue
                 fused = fused_checkpoint_parts(name, layout)
                 if fused is not None:
                     for part in fused:
@@ -33,15 +36,22 @@ def iter_safetensors_shard(files: list[str], layout: ShardLayout) -> Iterator[tu
 
 
 def _read_slice(f, name: str, piece: TensorSlice) -> torch.Tensor:
-    part = f.get_slice(name)
-    index = [slice(None)] * len(part.get_shape())
-    index[piece.dim] = slice(piece.start, piece.start + piece.length)
-    tensor = part[tuple(index)]
+    tensor = read_slices(f.get_slice(name), [piece])
     if piece.padded_length > piece.length:  # the last vocabulary slice: rows no token id reaches
         padding = list(tensor.shape)
         padding[piece.dim] = piece.padded_length - piece.length
         tensor = torch.cat([tensor, tensor.new_zeros(padding)], dim=piece.dim)
     return tensor
+
+
+def read_slices(part, pieces: list[TensorSlice]) -> torch.Tensor:
+    """The pieces of a safetensors slice handle, read one by one and concatenated along their (common) dim."""
+    tensors = []
+    for piece in pieces:
+        index = [slice(None)] * len(part.get_shape())
+        index[piece.dim] = slice(piece.start, piece.start + piece.length)
+        tensors.append(part[tuple(index)])
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=pieces[0].dim)
 
 
 def load_rank_model(model_path: str, layout: ShardLayout, *, load_format: str, dtype: torch.dtype,
@@ -61,4 +71,4 @@ def load_rank_model(model_path: str, layout: ShardLayout, *, load_format: str, d
         loader.init_dummy_weights(model, seed)
     else:
         model.load_weights(iter_safetensors_shard(loader.safetensors_files(model_path), layout))
-    return parallelize(model, layout, group)
+    return parallelize_experts(parallelize(model, layout, group), group)

@@ -14,11 +14,18 @@ model; `parallelize` then gives the four layers above their collectives. K/V hea
 rank r holds K/V head r * KVH / N, the one its query heads read. `checkpoint_slice` says which slice of a
 checkpoint tensor a rank loads (serval.distributed.weights reads only that slice); a fused checkpoint projection
 (Phi-3's qkv_proj, gate_up_proj) is not one slice but one per part, which `fused_checkpoint_parts` lists.
+
+Mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE) split every expert the way the dense MLP splits:
+every rank holds all E experts, 1/N of each one's intermediate dimension (gate/up rows, down columns), and the
+router stays whole. The experts' partial sums, plus Qwen2-MoE's shared expert's (its down_proj left plain), are
+all-reduced once per block (`ParallelSparseMoeBlock`). Expert parallelism (experts split across ranks) is not
+implemented.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -26,12 +33,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from serval.layers.linear import Linear, takes_gemv
+from serval.layers.moe import SparseMoeBlock
 
 # The families whose every projection follows Llama's names and shapes (serval/model/llama.py). Gemma 3's
 # per-head q/k norms and per-layer rotary tables are replicated; Phi-3's fused checkpoint projections are read
 # part by part (fused_checkpoint_parts).
 TENSOR_PARALLEL_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                                  "Gemma3ForCausalLM", "Phi3ForCausalLM")
+# Llama's attention with sparse-MoE feed-forwards (serval/model/mixtral.py, qwen_moe.py): experts split by rows.
+MOE_TENSOR_PARALLEL_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,8 @@ class ShardLayout:
     head_dim: int
     intermediate_size: int
     vocab_size: int
+    expert_intermediate_size: int = 0  # each routed expert's (MoE families; Mixtral: intermediate_size)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert; 0: none
 
     @property
     def local_num_heads(self) -> int:
@@ -77,9 +89,9 @@ def shard_layout(hf_config, rank: int, size: int) -> ShardLayout:
     """The layout of the model `hf_config` describes over `size` ranks; raises ValueError when it cannot split
     that way (an architecture without tensor parallelism, heads or intermediate size that N does not divide)."""
     architecture = (getattr(hf_config, "architectures", None) or ["?"])[0]
-    if architecture not in TENSOR_PARALLEL_ARCHITECTURES:
+    if architecture not in TENSOR_PARALLEL_ARCHITECTURES + MOE_TENSOR_PARALLEL_ARCHITECTURES:
         raise ValueError(f"tensor_parallel_size={size}: {architecture} has no tensor-parallel implementation yet; "
-                         f"supported: {list(TENSOR_PARALLEL_ARCHITECTURES)}")
+                         f"supported: {list(TENSOR_PARALLEL_ARCHITECTURES + MOE_TENSOR_PARALLEL_ARCHITECTURES)}")
     num_heads, num_kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
     if num_heads % size:
@@ -91,8 +103,20 @@ def shard_layout(hf_config, rank: int, size: int) -> ShardLayout:
     if hf_config.intermediate_size % size:
         raise ValueError(f"tensor_parallel_size={size} must divide the model's intermediate_size "
                          f"({hf_config.intermediate_size})")
-    return ShardLayout(rank, size, num_heads, num_kv_heads, head_dim, hf_config.intermediate_size,
-                       hf_config.vocab_size)
+    layout = ShardLayout(rank, size, num_heads, num_kv_heads, head_dim, hf_config.intermediate_size,
+                         hf_config.vocab_size)
+    return with_expert_sizes(layout, hf_config) if architecture in MOE_TENSOR_PARALLEL_ARCHITECTURES else layout
+
+
+def with_expert_sizes(layout: ShardLayout, hf_config) -> ShardLayout:
+    """The layout with a MoE model's expert sizes; raises ValueError when N does not divide them."""
+    expert = getattr(hf_config, "moe_intermediate_size", None) or hf_config.intermediate_size
+    shared = getattr(hf_config, "shared_expert_intermediate_size", 0) or 0
+    for name, value in (("moe_intermediate_size", expert), ("shared_expert_intermediate_size", shared)):
+        if value % layout.size:
+            raise ValueError(f"tensor_parallel_size={layout.size} must divide the model's {name} ({value}): "
+                             "each rank holds 1/N of every expert")
+    return replace(layout, expert_intermediate_size=expert, shared_expert_intermediate_size=shared)
 
 
 def local_config(hf_config, layout: ShardLayout):
@@ -103,6 +127,10 @@ def local_config(hf_config, layout: ShardLayout):
     local.head_dim = layout.head_dim  # no longer hidden_size / heads
     local.intermediate_size = layout.local_intermediate_size
     local.vocab_size = layout.local_vocab_size
+    if getattr(local, "moe_intermediate_size", None):  # Mixtral's experts are intermediate_size, divided above
+        local.moe_intermediate_size = layout.expert_intermediate_size // layout.size
+    if getattr(local, "shared_expert_intermediate_size", None):
+        local.shared_expert_intermediate_size = layout.shared_expert_intermediate_size // layout.size
     return local
 
 
@@ -176,6 +204,60 @@ def fused_checkpoint_parts(hf_name: str, layout: ShardLayout) -> list[FusedPart]
                                                             piece.padded_length)))
         offset += rows
     return fused_parts
+
+
+# A routed expert's projection, per expert (Mixtral: w1 gate, w3 up, w2 down; Qwen: gate/up/down_proj) or stacked
+# as transformers 5 saves them (gate_up_proj [E, 2I, H], gate rows first; down_proj [E, H, I]); and Qwen2-MoE's
+# shared expert's.
+_EXPERT_TENSOR = re.compile(r"\.experts\.(?:\d+\.(?P<projection>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight|"
+                            r"(?P<stack>gate_up_proj|down_proj))$")
+_SHARED_EXPERT_TENSOR = re.compile(r"\.shared_expert\.(?P<projection>gate_proj|up_proj|down_proj)\.weight$")
+
+
+def expert_checkpoint_slices(hf_name: str, layout: ShardLayout) -> list[TensorSlice] | None:
+    """The slices of a MoE expert's checkpoint tensor that rank layout.rank holds, concatenated in this order along
+    their dim (two for a stacked gate_up_proj: its gate rows, then its up rows); None for any other tensor."""
+    if layout.expert_intermediate_size == 0:
+        return None
+    if match := _SHARED_EXPERT_TENSOR.search(hf_name):
+        length = layout.shared_expert_intermediate_size // layout.size
+        dim = 1 if match["projection"] == "down_proj" else 0
+        return [TensorSlice(dim, layout.rank * length, length, length)]
+    match = _EXPERT_TENSOR.search(hf_name)
+    if match is None:
+        return None
+    full = layout.expert_intermediate_size
+    length = full // layout.size
+    start = layout.rank * length
+    if match["stack"] == "gate_up_proj":
+        return [TensorSlice(1, start, length, length), TensorSlice(1, full + start, length, length)]
+    if match["stack"] == "down_proj":
+        return [TensorSlice(2, start, length, length)]
+    dim = 1 if match["projection"] in ("w2", "down_proj") else 0
+    return [TensorSlice(dim, start, length, length)]
+
+
+class ParallelSparseMoeBlock(SparseMoeBlock):
+    """A SparseMoeBlock whose experts (and shared expert) hold 1/N of their intermediate dimension: their outputs
+    are partial sums, added up over the ranks by one all-reduce. The router is whole on every rank."""
+    group: dist.ProcessGroup | None = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = super().forward(hidden)
+        dist.all_reduce(out, group=self.group)
+        return out
+
+
+def parallelize_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
+    """After parallelize: give each sparse MoE block its all-reduce. A shared expert's down_proj goes back to a
+    plain Linear, so that its partial sum joins the experts' before that one all-reduce. No-op for dense models."""
+    for module in model.modules():
+        if isinstance(module, SparseMoeBlock):
+            module.__class__ = ParallelSparseMoeBlock
+            module.group = group
+            if module.shared_expert is not None:
+                module.shared_expert.down_proj.__class__ = Linear
+    return model
 
 
 class RowParallelLinear(Linear):
