@@ -1,6 +1,6 @@
-"""tensor_parallel_size=2 on CPU (gloo, one spawned worker): greedy tokens equal transformers' and
-tensor_parallel_size=1's through an engine forced to batch, chunk prefills, preempt and hit the prefix cache;
-prompt logprobs too (the gathered logits are the whole vocabulary's); clear errors at start."""
+"""tensor_parallel_size=2 on CPU (gloo, one spawned worker), dense and mixture-of-experts families: greedy tokens
+equal transformers' and tensor_parallel_size=1's through an engine forced to batch, chunk prefills, preempt and hit
+the prefix cache; prompt logprobs too (the gathered logits are the whole vocabulary's); clear errors at start."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +10,7 @@ from serval import LLM, SamplingParams
 from serval.openai.errors import InvalidArgument
 from tests.conftest import build_tiny_model
 from tests.engine.test_engine import NUM_NEW_TOKENS, hf_greedy, make_prompts, pressured_llm
-from tests.model.tiny_models import build_tiny, longrope
+from tests.model.tiny_models import FAMILIES, build_tiny, longrope
 
 # Each case starts a worker process (seconds on a small machine): few cases, each covering several switches.
 CASES = {
@@ -22,6 +22,12 @@ CASES = {
     # scaled and tied embedding, final logit soft-cap; Phi-3's fused qkv_proj and gate_up_proj, LongRoPE.
     "gemma3": ("gemma3", {}),
     "phi3-partial-rotary": ("phi3", dict(partial_rotary_factor=0.5, rope_scaling=longrope(8))),
+    # Mixture-of-experts, every rank half of every expert: Mixtral's per-expert w1/w2/w3; Qwen3-MoE's stacked
+    # gate_up_proj/down_proj (two slices of each gate_up), q/k norm, a dense layer among sparse ones; Qwen2-MoE's
+    # shared expert, whose partial sum joins the experts' before the all-reduce, q/k/v bias, tied embeddings.
+    "mixtral-per-expert": ("mixtral", dict(save_original_format=True)),
+    "qwen3_moe-stacked": ("qwen3_moe", dict(save_original_format=False)),
+    "qwen2_moe-per-expert": ("qwen2_moe", dict(save_original_format=True)),
 }
 # Cases whose prompt logprobs are checked too: the gathered vocabulary, and the soft-cap applied after the gather.
 LOGPROB_CASES = ("qwen3-replicated-kv-odd-vocab", "gemma3")
@@ -29,7 +35,7 @@ LOGPROB_CASES = ("qwen3-replicated-kv-odd-vocab", "gemma3")
 
 def build_case(path, arch: str, **overrides):
     """tests/conftest.py's architectures, or tests/model/tiny_models.py's families."""
-    if arch in ("gemma3", "phi3"):
+    if arch in FAMILIES:
         return build_tiny(path, arch, **overrides)
     return build_tiny_model(path, arch, **overrides)
 
