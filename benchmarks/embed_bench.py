@@ -20,7 +20,6 @@ import gc
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,8 @@ import torch
 import transformers
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+from tests.e2e.server import free_port, wait_for_health  # noqa: E402  (the e2e tests' server start-up)
 
 # Qwen3-Embedding-8B's config.json (a Qwen3 decoder without an LM head), and its sentence-transformers modules:
 # last-token pooling, then Normalize.
@@ -135,10 +136,9 @@ def run_offline(path: str, docs: list[list[int]], args) -> dict:
 
 
 # ---------------------------------------------------------------- Serval over HTTP
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def read_log(path: str) -> str:
+    with open(path, errors="replace") as handle:
+        return handle.read()
 
 
 class Server:
@@ -156,18 +156,7 @@ class Server:
                    *flags]
         started = time.perf_counter()
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"serval serve exited with {self.process.returncode}; see {log_path}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        else:
-            raise RuntimeError(f"serval serve did not answer /health within 600 s; see {log_path}")
+        wait_for_health(self.process, self.url, 600, "serval serve", lambda: read_log(log_path))
         self.load_s = time.perf_counter() - started
 
     def close(self) -> None:

@@ -53,16 +53,7 @@ TINY = dict(architectures=["DeepseekV3ForCausalLM"], vocab_size=320, hidden_size
 def full_kv_forward(self, positions, hidden, kv_cache, metadata):
     """DeepseekV3Attention.forward with full K/V in a regular paged cache: the baseline the latent cache saves on."""
     dims = self.dims
-    if self.q_lora_rank is None:
-        q = self.q_proj(hidden)
-    else:
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden)))
-    q_nope, q_pe = q.unflatten(-1, (dims.num_heads, self.qk_head_dim)).split(
-        [dims.qk_nope_head_dim, dims.qk_rope_head_dim], dim=-1)
-    latent, k_pe = self.kv_a_proj_with_mqa(hidden).split([dims.kv_lora_rank, dims.qk_rope_head_dim], dim=-1)
-    latent = self.kv_a_layernorm(latent.contiguous())
-    q_pe, k_pe = q_pe.contiguous(), k_pe.unsqueeze(1).contiguous()
-    q_pe, k_pe = self.rotary_emb(positions, q_pe, k_pe)
+    q_nope, q_pe, latent, k_pe = self.project(positions, hidden)
     kv = self.kv_b_proj(latent).unflatten(-1, (dims.num_heads, -1))
     k_nope, value = kv.split([dims.qk_nope_head_dim, dims.v_head_dim], dim=-1)
     key = torch.cat((k_nope, k_pe.expand(-1, dims.num_heads, -1)), dim=-1)

@@ -30,7 +30,7 @@ from serval.layers.mlp import GatedMLP
 from serval.layers.moe import FusedMoE, sigmoid_group_top_k
 from serval.layers.norm import RMSNorm
 from serval.layers.rotary import RotaryEmbedding, rope_parameters, yarn_mscale
-from serval.model.llama import LlamaDecoderLayer
+from serval.model.llama import LlamaDecoderLayer, LlamaModel
 from serval.model.mixtral import MixtralForCausalLM, require_silu
 
 _LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm and kv_a_layernorm with the default, not rms_norm_eps
@@ -77,8 +77,8 @@ class DeepseekV3Attention(nn.Module):
         self.rope_interleave = bool(getattr(config, "rope_interleave", True))
         self.scale = softmax_scale(config)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor,
-                metadata: AttentionMetadata) -> torch.Tensor:
+    def project(self, positions: torch.Tensor, hidden: torch.Tensor):
+        """(q_nope, rotated q_pe, normed latent, rotated k_pe [T, 1, rope dim]) of the step's tokens."""
         dims = self.dims
         if self.q_lora_rank is None:
             q = self.q_proj(hidden)
@@ -92,8 +92,13 @@ class DeepseekV3Attention(nn.Module):
         if self.rope_interleave:
             q_pe, k_pe = deinterleave(q_pe), deinterleave(k_pe)
         q_pe, k_pe = self.rotary_emb(positions, q_pe, k_pe)
+        return q_nope, q_pe, latent, k_pe
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor,
+                metadata: AttentionMetadata) -> torch.Tensor:
+        q_nope, q_pe, latent, k_pe = self.project(positions, hidden)
         write_latent(kv_cache, latent, k_pe[:, 0], metadata.slot_mapping)
-        out = latent_attention(q_nope, q_pe, kv_cache, metadata, self.kv_b_proj.weight, dims, self.scale)
+        out = latent_attention(q_nope, q_pe, kv_cache, metadata, self.kv_b_proj.weight, self.dims, self.scale)
         return self.o_proj(out.flatten(-2))
 
 
@@ -152,13 +157,8 @@ class DeepseekV3Model(nn.Module):
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                metadata: AttentionMetadata) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+    # Llama's loop over the same submodule names (embed_tokens, layers, norm): its forward, not a copy.
+    forward = LlamaModel.forward
 
 
 class DeepseekV3ForCausalLM(MixtralForCausalLM):

@@ -27,7 +27,7 @@ from serval.layers.linear import Linear, qkv_linear
 from serval.layers.moe import ClampedSwiGLU, FusedMoE, top_k_softmax
 from serval.layers.norm import RMSNorm
 from serval.layers.rotary import RotaryEmbedding, rope_parameters
-from serval.model.llama import LlamaDecoderLayer, LlamaForCausalLM, sliding_window_of
+from serval.model.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel, sliding_window_of
 
 # e2m1: sign bit, two exponent bits, one mantissa bit; index = the 4-bit code.
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -109,13 +109,8 @@ class GptOssModel(nn.Module):
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                metadata: AttentionMetadata) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+    # Llama's loop over the same submodule names (embed_tokens, layers, norm): its forward, not a copy.
+    forward = LlamaModel.forward
 
 
 class GptOssForCausalLM(LlamaForCausalLM):
