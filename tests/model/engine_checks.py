@@ -31,15 +31,15 @@ def check_logits_match_transformers(path: str, hf_model, model_class: type) -> t
     return model
 
 
-def check_each_change_alters_the_logits(path: str, hf_model, changes: list[Callable[[torch.nn.Module], None]],
-                                        run=run_steps) -> None:
+def check_each_change_alters_the_logits(path: str, hf_model,
+                                        changes: list[Callable[[torch.nn.Module], None]]) -> None:
     """For each change (applied to a freshly loaded model), the long sequence's logits differ from transformers'."""
     sequences = sequences_for(hf_model.config.vocab_size)
     expected = hf_logits(hf_model, sequences)[2]
     for change in changes:
         model, _ = load_model(path, load_format="safetensors")
         change(model)
-        changed = run(model, sequences, [[(0, len(s)) for s in sequences]])[2]
+        changed = run_steps(model, sequences, [[(0, len(s)) for s in sequences]])[2]
         assert not torch.allclose(changed, expected, atol=1e-3), change.__name__
 
 

@@ -19,12 +19,11 @@ from serval.kernels import paged_attention
 from serval.layers.mla import LatentDims, latent_attention, write_latent
 from serval.layers.moe import sigmoid_group_top_k
 from serval.model.loader import load_model  # before the family file: loader -> registry -> families
-from tests.kernels.test_paged_attention import allocate_blocks, step_metadata
 from tests.kernels.test_triton_attention import random_step
 from tests.model.engine_checks import (check_each_change_alters_the_logits, check_greedy_matches_transformers,
                                        check_prompt_logprobs_match_transformers,
                                        check_two_prompts_greedy_match_transformers)
-from tests.model.test_llama import BLOCK_SIZE, hf_logits, sequences_for
+from tests.model.test_llama import hf_logits, run_steps, sequences_for
 from tests.model.tiny_models import tiny_config
 
 
@@ -33,34 +32,17 @@ def tiny_deepseek_v3(tiny_checkpoint, request):
     return tiny_checkpoint("deepseek_v3", q_lora_rank=request.param)
 
 
-def run_latent_steps(model, sequences, steps: list[list[tuple[int, int]]]) -> list[torch.Tensor]:
-    """Run the steps (per-request spans [start, end)) through one latent cache; return each sequence's logits."""
-    block_ids, num_blocks = allocate_blocks([len(s) for s in sequences], BLOCK_SIZE, seed=7)
-    kv_caches = [torch.zeros(model.kv_cache_shape(num_blocks, BLOCK_SIZE)) for _ in range(model.num_layers)]
-    logits = [[] for _ in sequences]
-    with torch.inference_mode():
-        for spans in steps:
-            active = [i for i, (start, end) in enumerate(spans) if end > start]
-            positions, metadata = step_metadata([block_ids[i] for i in active], [spans[i] for i in active],
-                                                BLOCK_SIZE)
-            input_ids = torch.cat([sequences[i][slice(*spans[i])] for i in active])
-            out = model.compute_logits(model(input_ids, positions, kv_caches, metadata))
-            for row, i in enumerate(active):
-                logits[i].append(out[metadata.query_start_loc[row]:metadata.query_start_loc[row + 1]])
-    return [torch.cat(chunks) for chunks in logits]
-
-
 def test_prefill_chunks_and_decode_steps_match_transformers(tiny_deepseek_v3):
     path, hf_model = tiny_deepseek_v3
     model, config = load_model(path, load_format="safetensors")
     assert type(model).__name__ == "DeepseekV3ForCausalLM"
     sequences = sequences_for(config.vocab_size)  # 5, 17 and 30 tokens
     expected = hf_logits(hf_model, sequences)
-    whole = run_latent_steps(model, sequences, [[(0, len(s)) for s in sequences]])
+    whole = run_steps(model, sequences, [[(0, len(s)) for s in sequences]])
     # Chunks, then decode-only steps (the absorbed path), then a step mixing decodes and a prefill chunk.
     steps = [[(0, 3), (0, 9), (0, 20)], [(3, 4), (9, 10), (20, 21)], [(4, 5), (10, 11), (21, 22)],
              [(5, 5), (11, 17), (22, 23)], [(5, 5), (17, 17), (23, 30)]]
-    stepped = run_latent_steps(model, sequences, steps)
+    stepped = run_steps(model, sequences, steps)
     for got_whole, got_stepped, want in zip(whole, stepped, expected):
         torch.testing.assert_close(got_whole, want, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(got_stepped, want, atol=1e-4, rtol=1e-4)
@@ -81,8 +63,7 @@ def test_each_deepseek_detail_changes_the_output(tiny_deepseek_v3):
         for layer in model.model.layers:
             layer.self_attn.rope_interleave = False
 
-    check_each_change_alters_the_logits(*tiny_deepseek_v3, [plain_scale, no_correction_bias, not_interleaved],
-                                        run=run_latent_steps)
+    check_each_change_alters_the_logits(*tiny_deepseek_v3, [plain_scale, no_correction_bias, not_interleaved])
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False], ids=["prefix-cache", "no-prefix-cache"])
@@ -199,7 +180,8 @@ def test_bfloat16_is_close_to_transformers_in_bfloat16(tiny_deepseek_v3):
     assert model.model.layers[1].mlp.gate.weight.dtype == torch.float32  # the router stays float32, as in transformers
     sequences = sequences_for(config.vocab_size)
     steps = [[(0, 3), (0, 9), (0, 20)], [(3, 4), (9, 10), (20, 21)], [(4, 5), (10, 17), (21, 30)]]
-    for got, want in zip(run_latent_steps(model, sequences, steps), hf_logits(copy.deepcopy(hf_model).to(torch.bfloat16), sequences)):
+    expected = hf_logits(copy.deepcopy(hf_model).to(torch.bfloat16), sequences)
+    for got, want in zip(run_steps(model, sequences, steps), expected):
         # Against transformers in bf16 too: a router's choice can flip under bf16 rounding (it does here).
         assert torch.isfinite(got).all()
         assert (got - want).abs().max() < 0.1 * want.abs().max()

@@ -6,6 +6,7 @@ import torch
 from tests.conftest import build_tiny_model
 from tests.kernels.test_paged_attention import allocate_blocks, step_metadata
 
+from serval.engine.model_runner import kv_cache_shape
 from serval.model.llama import LlamaForCausalLM
 from serval.model.loader import load_model
 
@@ -25,10 +26,11 @@ def sequences_for(vocab_size: int, seed: int = 0) -> list[torch.Tensor]:
 
 
 def run_steps(model, sequences, steps: list[list[tuple[int, int]]]) -> list[torch.Tensor]:
-    """Run the steps (per-request spans [start, end)) through one KV cache; return each sequence's logits."""
+    """Run the steps (per-request spans [start, end)) through one KV cache (the model's own shape, as the runner
+    allocates it: DeepSeek-V3's latent cache too); return each sequence's logits."""
     block_ids, num_blocks = allocate_blocks([len(s) for s in sequences], BLOCK_SIZE, seed=7)
     dtype = next(model.parameters()).dtype
-    kv_caches = [torch.zeros(2, num_blocks, BLOCK_SIZE, model.num_kv_heads, model.head_dim, dtype=dtype)
+    kv_caches = [torch.zeros(kv_cache_shape(model, num_blocks, BLOCK_SIZE), dtype=dtype)
                  for _ in range(model.num_layers)]
     logits = [[] for _ in sequences]
     with torch.inference_mode():
