@@ -1,6 +1,7 @@
-"""A property of the whole API, tested with hypothesis against one real `serval serve`: whatever the body (schema-valid,
-schema-invalid, arbitrary JSON, odd Unicode, huge and negative numbers, not JSON at all), the answer is never a 5xx,
-a 4xx carries OpenAI's error body, and the server still answers /health at the end with nothing left running.
+"""A property of the whole API, tested with hypothesis against real `serval serve` processes (a generative one; an
+embedder and a scorer for the pooling endpoints): whatever the body (schema-valid, schema-invalid, arbitrary JSON,
+odd Unicode, huge and negative numbers, not JSON at all), the answer is never a 5xx, a 4xx carries OpenAI's error
+body, and the server still answers /health at the end with nothing left running.
 
 Bounded so it runs in well under a minute: a fixed number of examples per endpoint, derandomized (the same bodies
 every run, so CI doesn't flake), and valid bodies ask for at most 4 tokens and 2 choices.
@@ -99,8 +100,33 @@ def raw_bodies(schema_body):
     return st.one_of(as_json, as_json, as_json, not_json)
 
 
+responses_body = st.fixed_dictionaries(
+    {"input": maybe_wrong(st.one_of(text, st.lists(message, min_size=1, max_size=2)))},
+    optional={"model": SAMPLING["model"], "stream": SAMPLING["stream"], "temperature": SAMPLING["temperature"],
+              "top_p": SAMPLING["top_p"], "max_output_tokens": maybe_wrong(st.integers(1, 4)),
+              "instructions": maybe_wrong(text), "store": maybe_wrong(st.booleans()),
+              "previous_response_id": maybe_wrong(st.one_of(text, st.just("resp_unknown"))),
+              "text": maybe_wrong(st.sampled_from([{"format": {"type": "text"}}, {"format": {"type": "json_object"}}])),
+              "metadata": maybe_wrong(st.dictionaries(text, text, max_size=2)),
+              "background": maybe_wrong(st.booleans()), "user": maybe_wrong(text)})
 ENDPOINTS = {"/v1/completions": completion_body, "/v1/chat/completions": chat_body, "/tokenize": tokenize_body,
-             "/detokenize": detokenize_body}
+             "/detokenize": detokenize_body, "/v1/responses": responses_body}
+texts = st.one_of(text, st.lists(text, min_size=1, max_size=3))
+# The pooling endpoints, each against a pooling server (--runner pooling): an embedder, a one-label scorer.
+POOLING_ENDPOINTS = {
+    "/v1/embeddings": ("embed", st.fixed_dictionaries(
+        {"input": maybe_wrong(st.one_of(texts, token_ids, st.lists(token_ids, min_size=1, max_size=2)))},
+        optional={"model": SAMPLING["model"], "encoding_format": maybe_wrong(st.sampled_from(["float", "base64"])),
+                  "dimensions": maybe_wrong(st.integers(-2, 100)), "user": maybe_wrong(text)})),
+    "/v1/score": ("score", st.fixed_dictionaries(
+        {"text_1": maybe_wrong(texts), "text_2": maybe_wrong(texts)},
+        optional={"model": SAMPLING["model"], "activation": maybe_wrong(st.booleans())})),
+    "/v1/rerank": ("score", st.fixed_dictionaries(
+        {"query": maybe_wrong(text),
+         "documents": maybe_wrong(st.lists(st.one_of(text, st.fixed_dictionaries({"text": text})), max_size=3))},
+        optional={"model": SAMPLING["model"], "top_n": maybe_wrong(st.integers(-1, 4)),
+                  "return_documents": maybe_wrong(st.booleans())})),
+}
 
 
 def check_answer(response: httpx.Response) -> None:
@@ -114,6 +140,12 @@ def check_answer(response: httpx.Response) -> None:
     assert response.status_code == 200, response.status_code
     if response.headers.get("content-type", "").startswith("text/event-stream"):
         events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+        if response.request.url.path == "/v1/responses":  # typed events, the last one closing the response
+            last = json.loads(events[-1]) if events else {}
+            assert last.get("type") in ("response.completed", "response.incomplete", "response.failed"), \
+                response.text[-800:]
+            assert (last["response"].get("error") or {}).get("code") != "server_error", last
+            return
         assert events and events[-1] == "[DONE]", response.text[-800:]
         for event in events[:-1]:
             payload = json.loads(event)
@@ -147,4 +179,32 @@ def test_no_body_gets_a_5xx(server, client, path):
 
     property_holds()
     assert client.get("/health").status_code == 200
+    assert server.wait_idle(), "requests left running or waiting"
+
+
+@pytest.fixture(scope="module")
+def pooling_servers(tmp_path_factory):
+    from tests.e2e.test_embeddings import _tiny
+    root = str(tmp_path_factory.mktemp("fuzz-pooling"))
+    servers = {kind: RemoteServer([_tiny(kind, root)[0], "--runner", "pooling", "--max-model-len", "256",
+                                   "--served-model-name", MODEL]) for kind in ("embed", "score")}
+    yield servers
+    for remote in servers.values():
+        remote.close()
+
+
+@pytest.mark.parametrize("path", list(POOLING_ENDPOINTS))
+def test_no_pooling_body_gets_a_5xx(pooling_servers, path):
+    kind, body = POOLING_ENDPOINTS[path]
+    server = pooling_servers[kind]
+    with httpx.Client(base_url=server.url, timeout=120, headers={"content-type": "application/json"}) as http:
+        @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                         HealthCheck.filter_too_much])
+        @given(body=raw_bodies(body))
+        def property_holds(body: bytes) -> None:
+            check_answer(http.post(path, content=body))
+
+        property_holds()
+        assert http.get("/health").status_code == 200
     assert server.wait_idle(), "requests left running or waiting"
