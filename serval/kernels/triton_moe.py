@@ -276,7 +276,8 @@ def fused_experts(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: t
     grouped config, the grouped GEMMs. T * k is a host-known shape: no sync, and each graph captures one path."""
     options = dict(gate_up_bias=gate_up_bias, down_bias=down_bias, activation=activation,
                    gate_up_scale=gate_up_scale, down_scale=down_scale)
-    if config is None and hidden.shape[0] * routing.expert_ids.shape[1] <= triton_moe_gemv.max_rows(hidden.device):
+    max_rows = triton_moe_gemv.max_rows(down_proj.shape[2], down_proj.shape[1], hidden.device)
+    if config is None and hidden.shape[0] * routing.expert_ids.shape[1] <= max_rows:
         return triton_moe_gemv.fused_experts_gemv(hidden, gate_up_proj, down_proj, routing, **options)
     return fused_experts_grouped(hidden, gate_up_proj, down_proj, routing, config, **options)
 

@@ -24,8 +24,8 @@ load and each row's sum is multiplied by its scale, half the bytes read.
 
 Block configurations come from a per-device table that benchmarks/moe_tune.py --gemv writes
 (configs/moe_gemv,device=<GPU name>.json, named as triton_gemv's table): per kernel and weight format, each
-expert shape's [BLOCK_N, BLOCK_K, num_warps] or the table's default, and max_rows, the largest T * k for which this
-path beat the grouped kernel there.
+expert shape's [BLOCK_N, BLOCK_K, num_warps] or the table's default; and per expert shape max_rows, the largest
+T * k for which this path beat the grouped kernel there.
 """
 from __future__ import annotations
 
@@ -93,23 +93,27 @@ def pick_config(table: dict | None, kernel: str, n: int, k: int, float8: bool) -
     return FP8_DOWN if float8 else DEFAULT_DOWN
 
 
-def pick_max_rows(table: dict | None) -> int:
-    return int((table or {}).get("max_rows", DEFAULT_MAX_ROWS))
+def pick_max_rows(table: dict | None, intermediate_size: int, hidden_size: int) -> int:
+    """The table's crossover for experts of this shape (keyed by gate/up's I x H), else its default, else
+    DEFAULT_MAX_ROWS."""
+    section = (table or {}).get("max_rows") or {}
+    return int(section.get(shape_key(intermediate_size, hidden_size)) or section.get("default") or DEFAULT_MAX_ROWS)
 
 
 def get_config(kernel: str, n: int, k: int, float8: bool, device: torch.device) -> tuple[int, int, int]:
     return pick_config(_table_for(device), kernel, n, k, float8)
 
 
-def max_rows(device: torch.device) -> int:
+def max_rows(intermediate_size: int, hidden_size: int, device: torch.device) -> int:
     """The largest T * k (tokens times experts per token) for which fused_experts takes this path on device."""
-    return pick_max_rows(_table_for(device))
+    return pick_max_rows(_table_for(device), intermediate_size, hidden_size)
 
 
-def config_table_json(device_name: str, max_rows: int, half: dict[str, dict[str, tuple[int, int, int]]],
+def config_table_json(device_name: str, max_rows: dict[str, int], half: dict[str, dict[str, tuple[int, int, int]]],
                       float8: dict[str, dict[str, tuple[int, int, int]]]) -> str:
-    """A table as get_config reads it: {"device", "max_rows", "half": {"gate_up" | "down": {"NxK" | "default":
-    [BLOCK_N, BLOCK_K, num_warps]}}, "float8": {...}} (what benchmarks/moe_tune.py --gemv writes)."""
+    """A table as get_config reads it: {"device", "max_rows": {"IxH" | "default": rows}, "half": {"gate_up" |
+    "down": {"NxK" | "default": [BLOCK_N, BLOCK_K, num_warps]}}, "float8": {...}} (what benchmarks/moe_tune.py
+    --gemv writes)."""
     def section(configs: dict) -> dict:
         return {kernel: {key: list(c) for key, c in shapes.items()} for kernel, shapes in configs.items()}
     return json.dumps({"device": device_name, "max_rows": max_rows, HALF: section(half), FLOAT8: section(float8)},

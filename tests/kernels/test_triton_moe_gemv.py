@@ -140,7 +140,7 @@ def test_fused_experts_takes_the_gemv_path_up_to_max_rows():
     """triton_moe.fused_experts: T * k <= max_rows runs the GEMV kernels (the same bits as calling them), more runs
     the grouped ones (their bits), an explicit grouped config always the grouped ones. The two paths sum in
     different orders, so their float32 bits differ here and the equalities say which one ran."""
-    max_rows = triton_moe_gemv.max_rows(torch.device(DEVICE))
+    max_rows = triton_moe_gemv.max_rows(32, 64, torch.device(DEVICE))
     gate_up, down = expert_weights(16, 64, 32, torch.float32)
     for num_tokens, gemv_expected in ((max_rows // 4, True), (max_rows // 4 + 1, False)):
         routing = random_routing(num_tokens, 16, 4, seed=num_tokens)
@@ -156,14 +156,15 @@ def test_fused_experts_takes_the_gemv_path_up_to_max_rows():
 
 def test_config_table_round_trips_and_picks_per_kernel(tmp_path):
     text = triton_moe_gemv.config_table_json(
-        "NVIDIA H200", max_rows=64,
+        "NVIDIA H200", max_rows={"768x2048": 64, "default": 16},
         half={"gate_up": {"768x2048": (4, 512, 4), "default": (2, 1024, 8)}, "down": {"2048x768": (32, 256, 4)}},
         float8={"gate_up": {"768x2048": (8, 1024, 4)}})
     path = tmp_path / triton_moe_gemv.config_file_name("NVIDIA H200")
     assert path.name == "moe_gemv,device=NVIDIA_H200.json"
     path.write_text(text)
     table = triton_moe_gemv._load_table(str(path))
-    assert table == json.loads(text) and triton_moe_gemv.pick_max_rows(table) == 64
+    assert table == json.loads(text)
+    assert triton_moe_gemv.pick_max_rows(table, 768, 2048) == 64 and triton_moe_gemv.pick_max_rows(table, 1, 2) == 16
     pick = triton_moe_gemv.pick_config
     assert pick(table, "gate_up", 768, 2048, float8=False) == (4, 512, 4)  # the shape's own entry
     assert pick(table, "gate_up", 1408, 2048, float8=False) == (2, 1024, 8)  # the kernel's default
@@ -172,9 +173,9 @@ def test_config_table_round_trips_and_picks_per_kernel(tmp_path):
     assert pick(table, "gate_up", 768, 2048, float8=True) == (8, 1024, 4)  # float8 reads its own section
     assert pick(table, "down", 2048, 768, float8=True) == triton_moe_gemv.FP8_DOWN
     assert pick(None, "gate_up", 768, 2048, float8=False) == triton_moe_gemv.DEFAULT_GATE_UP
-    assert triton_moe_gemv.pick_max_rows(None) == triton_moe_gemv.DEFAULT_MAX_ROWS
+    assert triton_moe_gemv.pick_max_rows(None, 768, 2048) == triton_moe_gemv.DEFAULT_MAX_ROWS
     # A CPU device has no table.
-    assert triton_moe_gemv.max_rows(torch.device("cpu")) == triton_moe_gemv.DEFAULT_MAX_ROWS
+    assert triton_moe_gemv.max_rows(768, 2048, torch.device("cpu")) == triton_moe_gemv.DEFAULT_MAX_ROWS
 
 
 def test_tuned_table_configs_compute_the_same_result():
