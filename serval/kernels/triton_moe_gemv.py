@@ -97,7 +97,11 @@ def pick_max_rows(table: dict | None, intermediate_size: int, hidden_size: int) 
     """The table's crossover for experts of this shape (keyed by gate/up's I x H), else its default, else
     DEFAULT_MAX_ROWS."""
     section = (table or {}).get("max_rows") or {}
-    return int(section.get(shape_key(intermediate_size, hidden_size)) or section.get("default") or DEFAULT_MAX_ROWS)
+    # 0 is a measured answer (the grouped kernel always won), not a missing one.
+    for key in (shape_key(intermediate_size, hidden_size), "default"):
+        if section.get(key) is not None:
+            return int(section[key])
+    return DEFAULT_MAX_ROWS
 
 
 def get_config(kernel: str, n: int, k: int, float8: bool, device: torch.device) -> tuple[int, int, int]:

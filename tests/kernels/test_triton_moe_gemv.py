@@ -174,6 +174,8 @@ def test_config_table_round_trips_and_picks_per_kernel(tmp_path):
     assert pick(table, "down", 2048, 768, float8=True) == triton_moe_gemv.FP8_DOWN
     assert pick(None, "gate_up", 768, 2048, float8=False) == triton_moe_gemv.DEFAULT_GATE_UP
     assert triton_moe_gemv.pick_max_rows(None, 768, 2048) == triton_moe_gemv.DEFAULT_MAX_ROWS
+    # A shape where the grouped kernel always won: 0, not the default.
+    assert triton_moe_gemv.pick_max_rows({"max_rows": {"768x2048": 0, "default": 16}}, 768, 2048) == 0
     # A CPU device has no table.
     assert triton_moe_gemv.max_rows(768, 2048, torch.device("cpu")) == triton_moe_gemv.DEFAULT_MAX_ROWS
 
