@@ -193,7 +193,7 @@ def gemv_main(args, parser) -> None:
     device = torch.device(args.device)
     if device.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel modules load
-    from serval.kernels import triton_moe, triton_moe_gemv
+    from serval.kernels import triton_moe_gemv
     from serval.layers.moe import FusedMoE
     num_experts, hidden, intermediate, top_k = TINY_SHAPE if args.tiny else expert_shape(args)
     if None in (num_experts, hidden, intermediate, top_k):

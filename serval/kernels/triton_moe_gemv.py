@@ -282,7 +282,6 @@ def fused_experts_gemv(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_pr
     """serval.kernels.triton_moe.fused_experts's contract (hidden [T, H], gate_up_proj [E, 2I, H], down_proj
     [E, H, I], routing with weights [T, k] float32 and expert_ids [T, k]; gpt-oss's biases and ClampedSwiGLU;
     float8 stacks with scales [E, 2I] and [E, H]) -> [T, H] in hidden's dtype, for small T * k."""
-    out_shape = hidden.shape
     if hidden.shape[0] == 0:
         return torch.empty_like(hidden)
     hidden, gate_up_proj, down_proj = hidden.contiguous(), gate_up_proj.contiguous(), down_proj.contiguous()
@@ -291,9 +290,8 @@ def fused_experts_gemv(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_pr
         None if t is None else t.contiguous() for t in (gate_up_bias, down_bias, gate_up_scale, down_scale))
     act = gate_up_gemv(hidden, gate_up_proj, expert_ids, gate_up_bias=gate_up_bias, activation=activation,
                        gate_up_scale=gate_up_scale, config=gate_up_config)
-    out = down_gemv(act, down_proj, expert_ids, routing.weights.float().contiguous(), down_bias=down_bias,
-                    down_scale=down_scale, config=down_config)
-    return out.view(out_shape)
+    return down_gemv(act, down_proj, expert_ids, routing.weights.float().contiguous(), down_bias=down_bias,
+                     down_scale=down_scale, config=down_config)
 
 
 def _or(tensor: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
