@@ -187,3 +187,25 @@ def test_tuned_table_configs_compute_the_same_result():
         for config in [triton_moe_gemv.DEFAULT_GATE_UP, triton_moe_gemv.DEFAULT_DOWN, (8, 64, 4), (1, 32, 2)]:
             configs = dict(gate_up_config=config) if kernel == "gate_up" else dict(down_config=config)
             check(random_routing(2, 8, 8, seed=9), 8, 96, 48, torch.float32, **configs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_gemv_path_replays_from_a_cuda_graph():
+    """Decode graphs capture the MoE layers: the GEMV path reads the routing on the device (no host sync), so a
+    replay with new hidden states and a new routing in the captured tensors equals an eager call on them."""
+    gate_up, down = expert_weights(16, 64, 32, torch.bfloat16)
+    static_x = torch.zeros(2, 64, device=DEVICE, dtype=torch.bfloat16)
+    static_routing = random_routing(2, 16, 4, seed=0)
+    assert 2 * 4 <= triton_moe_gemv.max_rows(32, 64, static_x.device)
+    triton_moe.fused_experts(static_x, gate_up, down, static_routing)  # compiled before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = triton_moe.fused_experts(static_x, gate_up, down, static_routing)
+    for seed in (1, 2):
+        routing = random_routing(2, 16, 4, seed=seed)
+        x = torch.randn(2, 64, generator=torch.Generator().manual_seed(seed)).to(DEVICE, torch.bfloat16)
+        static_x.copy_(x)
+        static_routing.weights.copy_(routing.weights)
+        static_routing.expert_ids.copy_(routing.expert_ids)
+        graph.replay()
+        assert torch.equal(static_out, triton_moe.fused_experts(x, gate_up, down, routing))
