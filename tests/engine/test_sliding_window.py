@@ -17,7 +17,7 @@ from serval.engine.request import RequestStatus
 from serval.engine.scheduler import Scheduler
 from serval.model.loader import load_model
 from tests.conftest import build_tiny_model
-from tests.engine.test_engine import hf_greedy_references
+from tests.engine.test_engine import counted_launches, hf_greedy_references
 from tests.engine.test_kv_cache import admit, make_request
 from tests.engine.test_scheduler import make_request as make_scheduled_request
 from tests.engine.test_scheduler import run_step
@@ -99,6 +99,47 @@ def test_triton_kernels_match_transformers_with_freed_blocks(tiny_mistral, monke
     for prompt, output, reference in zip(prompts, outputs, hf_greedy_references(hf_model, prompts, 6)):
         assert output.outputs[0].token_ids == reference, f"prompt of {len(prompt)}"
     assert outputs[1].num_cached_tokens == 44
+
+
+def record_freeing(kv: KVCacheManager) -> list[int]:
+    """Wrap kv.allocate to count the allocations after which the request's table held null blocks."""
+    freed = []
+    allocate = kv.allocate
+
+    def recording(request, *args, **kwargs):
+        done = allocate(request, *args, **kwargs)
+        if NULL_BLOCK_ID in request.block_ids:
+            freed.append(1)
+        return done
+
+    kv.allocate = recording
+    return freed
+
+
+@pytest.mark.parametrize("engine_args", [
+    {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}},
+    {"async_scheduling": True}], ids=["ngram-speculation", "async-scheduling"])
+def test_speculation_and_async_scheduling_match_transformers(tiny_mistral, engine_args):
+    """Verify steps (their rejected drafts' blocks go back through free_tail) and decode steps queued before the
+    previous one's tokens are read (their blocks allocated a step ahead) on a cache that frees behind the window."""
+    path, hf_model = tiny_mistral
+    # Each prompt ends with its opening repeated, so prompt lookup has drafts to offer.
+    prompts = [prompt + prompt[:6] for prompt in long_prompts(hf_model.config.vocab_size)]
+    llm = windowed_llm(path, prefix_caching=True, **engine_args)
+    freed = record_freeing(llm.engine.kv_cache)
+    launches = counted_launches(llm.engine)
+    num_new = 14
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                           SamplingParams(temperature=0.0, max_tokens=num_new, ignore_eos=True), use_tqdm=False)
+    for prompt, output, reference in zip(prompts, outputs, hf_greedy_references(hf_model, prompts, num_new)):
+        assert output.outputs[0].token_ids == reference, f"prompt of {len(prompt)}"
+    stats = llm.engine.get_stats()
+    if "speculative_config" in engine_args:
+        assert stats.spec_decode.num_accepted_tokens > 0
+    else:
+        assert sum(launches) > 10, "steps were meant to be queued behind unread ones"
+    assert freed and stats.num_free_blocks == stats.num_blocks
+    llm.engine.kv_cache.check_invariants([])
 
 
 # ---- memory: what a long sequence holds ----
