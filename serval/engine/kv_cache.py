@@ -116,16 +116,12 @@ class KVCacheManager:
             found.append(block_id)
             if block_id is None:
                 run_start = index + 1
-            elif run_start <= self._num_blocks_behind_window(index + 1):
+            elif run_start <= self.num_blocks_behind_window((index + 1) * self.block_size):
                 num_hits = index + 1
-        num_behind = self._num_blocks_behind_window(num_hits) if num_hits else 0
+        num_behind = self.num_blocks_behind_window(num_hits * self.block_size)
         return [NULL_BLOCK_ID] * num_behind + found[num_behind:num_hits]
 
-    def _num_blocks_behind_window(self, num_blocks_computed: int) -> int:
-        """Leading blocks that no query at or after position num_blocks_computed * block_size can see."""
-        return self.num_dead_blocks(num_blocks_computed * self.block_size)
-
-    def num_dead_blocks(self, first_query_position: int) -> int:
+    def num_blocks_behind_window(self, first_query_position: int) -> int:
         """Leading blocks whose every position is outside the window of a query at first_query_position (a query
         at p sees keys p - sliding_window < k <= p); 0 without a window."""
         if self.sliding_window is None:
@@ -180,11 +176,11 @@ class KVCacheManager:
     def _free_behind_window(self, request: Request) -> None:
         """Release the held blocks that no query from request.num_computed_tokens on can see; null in their place.
         Nulls are always a prefix of the table, so the scan stops at the first one it meets, walking back."""
-        index = min(self.num_dead_blocks(request.num_computed_tokens), len(request.block_ids))
-        first = index
+        end = min(self.num_blocks_behind_window(request.num_computed_tokens), len(request.block_ids))
+        first = end
         while first > 0 and not self._is_null(request.block_ids[first - 1]):
             first -= 1
-        for index in range(first, index):
+        for index in range(first, end):
             self._release(request.block_ids[index])
             request.block_ids[index] = NULL_BLOCK_ID
 
@@ -227,7 +223,7 @@ class KVCacheManager:
         for request in requests:
             num_null = sum(1 for block_id in request.block_ids if self._is_null(block_id))
             assert all(map(self._is_null, request.block_ids[:num_null])), request.block_ids  # nulls lead
-            assert num_null <= self.num_dead_blocks(request.num_computed_tokens), (request, num_null)
+            assert num_null <= self.num_blocks_behind_window(request.num_computed_tokens), (request, num_null)
             for block_id in request.block_ids[num_null:]:
                 expected[block_id] += 1
         if self.sliding_window is not None:

@@ -283,7 +283,7 @@ def test_randomized_run_returns_every_block(seed, window):
         out = run_step(scheduler)
         assert out.total_num_scheduled_tokens <= budget
         for request in scheduler.running:
-            num_inside = -(-request.num_computed_tokens // BLOCK) - kv.num_dead_blocks(request.num_computed_tokens)
+            num_inside = -(-request.num_computed_tokens // BLOCK) - kv.num_blocks_behind_window(request.num_computed_tokens)
             assert kv.num_held_blocks(request) <= num_inside + 2 + -(-budget // BLOCK)
         kv.check_invariants(list(scheduler.requests.values()))
     while scheduler.has_unfinished():
