@@ -38,9 +38,11 @@ def long_prompts(vocab_size: int, count: int = 8, seed: int = 0) -> list[list[in
     rng = random.Random(seed)
     shared = [rng.randrange(3, vocab_size) for _ in range(40)]
     lengths = [3, 19, 33, 44, 57, 61, 78, 90][:count]
-    return [(shared[:min(length, 40)] if i % 2 else []) + [rng.randrange(3, vocab_size)
-                                                          for _ in range(length - (min(length, 40) if i % 2 else 0))]
-            for i, length in enumerate(lengths)]
+    prompts = []
+    for i, length in enumerate(lengths):
+        head = shared[:min(length, 40)] if i % 2 else []
+        prompts.append(head + [rng.randrange(3, vocab_size) for _ in range(length - len(head))])
+    return prompts
 
 
 def windowed_llm(path: str, prefix_caching: bool, num_blocks: int = 30, **engine_args) -> LLM:
