@@ -144,6 +144,24 @@ def test_speculation_and_async_scheduling_match_transformers(tiny_mistral, engin
     llm.engine.kv_cache.check_invariants([])
 
 
+def test_tensor_parallel_workers_read_the_same_tables(tiny_mistral):
+    """tensor_parallel_size=2 on CPU (gloo, one spawned worker): the block tables with their null blocks go to the
+    worker as they are, and the tokens are transformers'."""
+    path, hf_model = tiny_mistral
+    prompts = long_prompts(hf_model.config.vocab_size)[3:7]
+    llm = windowed_llm(path, prefix_caching=True, tensor_parallel_size=2)
+    try:
+        assert llm.engine.kv_cache.sliding_window == WINDOW
+        freed = record_freeing(llm.engine.kv_cache)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                               SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+        for prompt, output, reference in zip(prompts, outputs, hf_greedy_references(hf_model, prompts, 12)):
+            assert output.outputs[0].token_ids == reference, f"prompt of {len(prompt)}"
+        assert freed
+    finally:
+        llm.shutdown()
+
+
 # ---- memory: what a long sequence holds ----
 def test_a_decoding_sequence_holds_only_the_window(tiny_mistral):
     path, hf_model = tiny_mistral
