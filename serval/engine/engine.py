@@ -17,7 +17,7 @@ import torch
 from serval.config import EngineConfig
 from serval.distributed import WorkerFailedError
 from serval.engine.input_processor import InputProcessor, PromptType
-from serval.engine.kv_cache import KVCacheManager
+from serval.engine.kv_cache import KVCacheManager, model_sliding_window
 from serval.engine.memory import MemoryUsage, memory_usage, num_kv_blocks
 from serval.engine.model_runner import DecodeForward, DecodeInFlight, ModelRunner, ModelRunnerOutput
 from serval.engine.output_processor import OutputProcessor, RequestState, SampledToken, StepUpdate
@@ -115,7 +115,8 @@ class LLMEngine:
         if draft_model is not None:
             num_blocks = share_blocks_with_draft(num_blocks, self.config, self.model, draft_model, self.kv_cache_dtype)
             drafter = DraftModel(draft_model, num_blocks, self.config.block_size, self.kv_cache_dtype, self.device)
-        self.kv_cache = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        self.kv_cache = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching,
+                                       sliding_window=_freeable_window(self.config, self.model, num_blocks, drafter))
         self.scheduler = Scheduler(self.config, self.kv_cache)
         if self.executor is None:
             self.runner = ModelRunner(self.model, num_blocks, self.config.block_size, self.kv_cache_dtype,
@@ -524,6 +525,15 @@ class LLMEngine:
             if not self.kv_cache.allocate(request, 1):
                 return None  # out of blocks: the synchronous step will preempt
         return following
+
+
+def _freeable_window(config: EngineConfig, model, num_blocks: int, drafter) -> int | None:
+    """The sliding window behind which the KV cache frees blocks (serval.engine.kv_cache), or None to keep every
+    block: a model with a full-attention layer; a draft model, which reads the target's blocks with its own window;
+    a pool of exactly one max_model_len sequence, which can't spare the null block."""
+    if drafter is not None or num_blocks <= -(-config.max_model_len // config.block_size):
+        return None
+    return model_sliding_window(model)
 
 
 def share_blocks_with_draft(num_blocks: int, config: EngineConfig, model, draft_model,
