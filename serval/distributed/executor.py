@@ -27,14 +27,14 @@ from serval.config import EngineConfig
 from serval.distributed import WorkerFailedError
 from serval.distributed import group as groups
 from serval.distributed.steps import DecodeStep, eager_decode, replay_decode
-from serval.distributed.weights import load_rank_model
+from serval.distributed.weights import check_load_format, check_quantization, load_rank_model, quantized_layout
 from serval.distributed.worker import RankSetup, WorkerArgs, agree_num_blocks, worker_main
 from serval.engine.cuda_graphs import DecodeGraphs
 from serval.engine.memory import num_kv_blocks
 from serval.engine.model_runner import DecodeForward, DecodeInFlight, ForwardInputs, ModelRunner
 from serval.engine.request import Request
 from serval.engine.sampler import to_device
-from serval.layers.parallel import ShardLayout, shard_layout
+from serval.layers.parallel import shard_layout
 from serval.model.loader import load_config
 from serval.openai.errors import InvalidArgument
 
@@ -65,15 +65,20 @@ class TensorParallelExecutor:
         a size this host or model cannot take, WorkerFailedError for a worker that could not start."""
         size = config.tensor_parallel_size
         groups.check_devices(size, device)
-        if config.quantization is not None:
-            raise InvalidArgument("quantization", f"invalid engine argument quantization={config.quantization!r}: "
-                                                  "tensor parallelism does not shard quantized layers yet")
         if dist.is_initialized():
             raise RuntimeError("this process already belongs to a torch.distributed group (another tensor-parallel "
                                "engine?); shut that engine down first (LLMEngine.shutdown)")
+        try:
+            check_load_format(config.load_format)
+        except ValueError as error:
+            raise InvalidArgument("load_format", str(error)) from None
         hf_config = load_config(model_path)
         try:
-            layout = shard_layout(hf_config, 0, size)
+            check_quantization(hf_config, config.quantization)
+        except ValueError as error:
+            raise InvalidArgument("quantization", str(error)) from None
+        try:
+            layout = quantized_layout(shard_layout(hf_config, 0, size), hf_config)
         except ValueError as error:
             raise InvalidArgument("tensor_parallel_size", str(error)) from None
         store = groups.open_store(0, size)
@@ -87,7 +92,7 @@ class TensorParallelExecutor:
             groups.wait_joined(store, processes)
             parallel = groups.init_groups(store, 0, size, groups.rank_device(device, 0))
             model = load_rank_model(model_path, layout, load_format=config.load_format, dtype=dtype, device=device,
-                                    seed=config.seed, group=parallel.device_group)
+                                    seed=config.seed, group=parallel.device_group, quantization=config.quantization)
         except BaseException:
             _release(processes)
             raise

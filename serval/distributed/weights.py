@@ -12,9 +12,14 @@ import torch.distributed as dist
 from safetensors import safe_open
 from torch import nn
 
-from serval.layers.parallel import (ShardLayout, TensorSlice, checkpoint_slice, expert_checkpoint_slices,
-                                    fused_checkpoint_parts, local_config, parallelize, parallelize_experts)
+from serval.layers.parallel import (MOE_TENSOR_PARALLEL_ARCHITECTURES, ShardLayout, TensorSlice, checkpoint_slice,
+                                    expert_checkpoint_slices, fused_checkpoint_parts, local_config, parallelize,
+                                    parallelize_experts, with_weight_blocks)
+from serval.layers.quant.fp8 import BlockFp8Method
 from serval.model import loader
+
+# Checkpoints that store q/k/v or gate/up as one tensor: their block-fp8 scales would need slicing per part.
+FUSED_CHECKPOINT_ARCHITECTURES = ("Phi3ForCausalLM",)
 
 
 def iter_safetensors_shard(files: list[str], layout: ShardLayout) -> Iterator[tuple[str, torch.Tensor]]:
@@ -54,21 +59,70 @@ def read_slices(part, pieces: list[TensorSlice]) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=pieces[0].dim)
 
 
-def load_rank_model(model_path: str, layout: ShardLayout, *, load_format: str, dtype: torch.dtype,
-                    device: torch.device, seed: int, group: dist.ProcessGroup | None = None) -> nn.Module:
-    """The rank's shard of the model at model_path (a safetensors checkpoint, or dummy weights), with its
-    collectives on `group`. Dummy weights are the same on every rank for the tensors they share (the shapes,
-    hence the generator's draws, are the same on every rank), but not tensor_parallel_size=1's."""
+def check_load_format(load_format: str) -> None:
+    """Raise ValueError for a load format tensor parallelism does not shard (GGUF: its blocks are not sliced)."""
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ValueError(f"tensor parallelism loads safetensors checkpoints or dummy weights; load_format="
-                         f"{load_format!r} is not supported with it yet")
+                         f"{load_format!r} (GGUF's quantized blocks) is not sharded yet")
+
+
+def check_quantization(hf_config, quantization: str | None) -> None:
+    """Raise ValueError for a quantized checkpoint or a quantization tensor parallelism does not shard: it shards
+    quantization="fp8" (each rank quantizes its own slice) and block-fp8 checkpoints of the dense families."""
+    declared = loader.checkpoint_quant(hf_config)
+    if declared is None:
+        return
+    methods = {rule.method for rule in declared.rules}
+    if not all(isinstance(method, BlockFp8Method) for method in methods):
+        raise ValueError(f"tensor parallelism does not shard {declared.quant_method} checkpoints "
+                         f"({', '.join(sorted(method.name for method in methods))}) yet; it shards block-fp8 "
+                         "checkpoints and half-precision ones with quantization='fp8'")
+    if quantization is not None:
+        raise ValueError(f"quantization={quantization!r} on a checkpoint already quantized (block fp8): leave "
+                         "quantization unset")
+    if getattr(hf_config, "architectures", [""])[0] in FUSED_CHECKPOINT_ARCHITECTURES + MOE_TENSOR_PARALLEL_ARCHITECTURES:
+        raise ValueError(f"tensor parallelism does not shard block-fp8 {hf_config.architectures[0]} checkpoints "
+                         "yet (fused or expert projections); it shards those of the Llama family and Gemma 3")
+
+
+def quantized_layout(layout: ShardLayout, hf_config) -> ShardLayout:
+    """The layout with a block-fp8 checkpoint's blocks (raises ValueError when they straddle ranks); unchanged for
+    any other checkpoint."""
+    declared = loader.checkpoint_quant(hf_config)
+    if declared is None:
+        return layout
+    method = declared.rules[0].method
+    return with_weight_blocks(layout, method.block_n, method.block_k)
+
+
+def load_rank_model(model_path: str, layout: ShardLayout, *, load_format: str, dtype: torch.dtype,
+                    device: torch.device, seed: int, group: dist.ProcessGroup | None = None,
+                    quantization: str | None = None) -> nn.Module:
+    """The rank's shard of the model at model_path (a safetensors checkpoint, or dummy weights), with its
+    collectives on `group`. Dummy weights are the same on every rank for the tensors they share (the shapes,
+    hence the generator's draws, are the same on every rank), but not tensor_parallel_size=1's.
+    quantization="fp8": each rank quantizes its own slices once loaded (a column-parallel shard's rows keep one
+    device's scales; a row-parallel shard's rows get scales over its columns). A block-fp8 checkpoint's blocks
+    are read as they are, each rank its own."""
+    check_load_format(load_format)
     hf_config = loader.load_config(model_path)
-    if loader.checkpoint_quant(hf_config) is not None:
-        raise ValueError("tensor parallelism does not shard quantized checkpoints yet "
-                         f"({loader.checkpoint_quantization(hf_config)})")
+    check_quantization(hf_config, quantization)
+    layout = quantized_layout(layout, hf_config)
     model = loader.build_model(local_config(hf_config, layout), dtype, device)
+    declared = loader.checkpoint_quant(hf_config)
+    formats = loader.assign_formats(model, declared) if declared is not None else loader.LayerFormats({}, {})
     if load_format == "dummy":
         loader.init_dummy_weights(model, seed)
+        for module, method in formats.layers.items():  # as a checkpoint would hold them
+            module.quantize_(method)
     else:
-        model.load_weights(iter_safetensors_shard(loader.safetensors_files(model_path), layout))
+        for module, method in formats.layers.items():
+            module.set_quant_method(method)
+        weights = iter_safetensors_shard(loader.safetensors_files(model_path), layout)
+        model.load_weights(loader.route_to_formats(weights, formats.routes))
+        for name, module in model.named_modules():
+            if module in formats.layers:
+                module.quant_method.finish(module, name)
+    if quantization == "fp8":
+        loader.quantize_fp8(model)
     return parallelize_experts(parallelize(model, layout, group), group)

@@ -80,7 +80,8 @@ def run_worker(args: WorkerArgs) -> None:
     parallel = groups.init_groups(store, rank, world_size, device)
     try:
         model = load_rank_model(args.model_path, args.layout, load_format=args.config.load_format, dtype=args.dtype,
-                                device=device, seed=args.config.seed, group=parallel.device_group)
+                                device=device, seed=args.config.seed, group=parallel.device_group,
+                                quantization=args.config.quantization)
         setup = receive(parallel)
         config = setup.config
         num_blocks = agree_num_blocks(num_kv_blocks(config, model, setup.kv_cache_dtype, device), parallel)

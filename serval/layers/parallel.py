@@ -34,6 +34,11 @@ from torch import nn
 
 from serval.layers.linear import Linear, takes_gemv
 from serval.layers.moe import SparseMoeBlock
+from serval.layers.quant.fp8 import BlockFp8Method, Fp8Method
+
+# The formats a rank applies to its own slice unchanged: per-channel scales are per row, and a row-parallel shard
+# gets its own (RowParallelLinear); block fp8 where the blocks fall on the shards' boundaries (with_weight_blocks).
+SHARDED_QUANT_METHODS = (Fp8Method, BlockFp8Method)
 
 # The families whose every projection follows Llama's names and shapes (serval/model/llama.py). Gemma 3's
 # per-head q/k norms and per-layer rotary tables are replicated; Phi-3's fused checkpoint projections are read
@@ -56,6 +61,9 @@ class ShardLayout:
     vocab_size: int
     expert_intermediate_size: int = 0  # each routed expert's (MoE families; Mixtral: intermediate_size)
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert; 0: none
+    # A block-fp8 checkpoint's (block_n, block_k): its weight_scale_inv holds one scale per block, so a rank reads
+    # the blocks of its rows (column-parallel) or columns (row-parallel); None for other checkpoints.
+    weight_block: tuple[int, int] | None = None
 
     @property
     def local_num_heads(self) -> int:
@@ -159,6 +167,15 @@ def checkpoint_slice(hf_name: str, layout: ShardLayout) -> TensorSlice | None:
     dim, split = _SPLITS[parts[-2]]
     if dim == 1 and parts[-1] == "bias":
         return None  # a row-parallel projection's bias is added once, after the all-reduce
+    piece = _split_slice(dim, split, layout)
+    if parts[-1] == "weight_scale_inv" and layout.weight_block is not None:  # block fp8: its blocks' scales
+        block = layout.weight_block[dim]  # rows in block_n, columns in block_k
+        num_blocks = -(-piece.length // block)
+        return TensorSlice(dim, piece.start // block, num_blocks, num_blocks)
+    return piece
+
+
+def _split_slice(dim: int, split: str, layout: ShardLayout) -> TensorSlice:
     if split == "q":
         length = layout.local_num_heads * layout.head_dim
         return TensorSlice(dim, layout.rank * length, length, length)
@@ -170,6 +187,24 @@ def checkpoint_slice(hf_name: str, layout: ShardLayout) -> TensorSlice | None:
         return TensorSlice(dim, layout.rank * length, length, length)
     start, padded = layout.vocab_start, layout.local_vocab_size
     return TensorSlice(dim, start, max(min(padded, layout.vocab_size - start), 0), padded)
+
+
+def with_weight_blocks(layout: ShardLayout, block_n: int, block_k: int) -> ShardLayout:
+    """The layout of a block-fp8 checkpoint ([block_n, block_k] blocks, one scale each); raises ValueError naming
+    the projection whose rank shard does not start and end on block boundaries (its blocks would straddle ranks)."""
+    q_rows, kv_rows = layout.local_num_heads * layout.head_dim, layout.local_num_kv_heads * layout.head_dim
+    kv_starts = [replace(layout, rank=rank).first_kv_head * layout.head_dim for rank in range(layout.size)]
+    checks = [("q_proj", "rows", q_rows, block_n), ("k_proj/v_proj", "rows", kv_rows, block_n),
+              ("k_proj/v_proj", "first row", next((start for start in kv_starts if start % block_n), 0), block_n),
+              ("gate_proj/up_proj", "rows", layout.local_intermediate_size, block_n),
+              ("o_proj", "input columns", q_rows, block_k),
+              ("down_proj", "input columns", layout.local_intermediate_size, block_k)]
+    for projection, what, value, block in checks:
+        if value % block:
+            raise ValueError(f"tensor_parallel_size={layout.size}: the checkpoint's {block_n}x{block_k} fp8 blocks "
+                             f"do not divide each rank's shard of {projection} ({value} {what} per rank, blocks of "
+                             f"{block}); a block's one scale cannot be split between ranks")
+    return replace(layout, weight_block=(block_n, block_k))
 
 
 # A fused checkpoint projection (Phi-3) -> the parts it stacks along its rows, in order.
@@ -261,22 +296,37 @@ def parallelize_experts(model: nn.Module, group: dist.ProcessGroup | None = None
 
 
 class RowParallelLinear(Linear):
-    """A Linear holding input columns of the full projection: the partial products are summed over the ranks."""
+    """A Linear holding input columns of the full projection: the partial products are summed over the ranks.
+
+    Quantized (fp8, block fp8), each rank's format applies to its columns: per-channel fp8 scales its rows and
+    the activations' tokens over its columns only (finer than one device's scales, so not bit-equal to it); block
+    fp8's blocks and activation groups fall on the shard's boundaries (with_weight_blocks), so they are the same.
+    A quantized layer's bias is kept apart (reduced_bias) so the format adds none before the all-reduce."""
     group: dist.ProcessGroup | None = None
+    reduced_bias: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if takes_gemv(x, self.in_features):
-            from serval.kernels import triton_gemv
-            out = triton_gemv.gemv(x, self.weight, None).view(*x.shape[:-1], self.out_features)
-        else:
-            out = F.linear(x, self.weight)
-        dist.all_reduce(out, group=self.group)
-        return out if self.bias is None else out + self.bias
+        return self._reduce(self._partial(x))
 
     def forward_silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         # The fused SwiGLU GEMV would add the bias on every rank; the unfused pair keeps one all-reduce.
-        from serval.layers.activation import silu_and_mul
-        return self.forward(silu_and_mul(gate_up))
+        return self._reduce(self._partial(gate_up, gated=True))
+
+    def _partial(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        if self.quant_method is not None:  # fp8 may fuse SwiGLU into the activations' quantization
+            return self.quant_method.apply(self, x, gated=gated)
+        if gated:
+            from serval.layers.activation import silu_and_mul
+            x = silu_and_mul(x)
+        if takes_gemv(x, self.in_features):
+            from serval.kernels import triton_gemv
+            return triton_gemv.gemv(x, self.weight, None).view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight)
+
+    def _reduce(self, out: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(out, group=self.group)
+        bias = self.bias if self.quant_method is None else self.reduced_bias
+        return out if bias is None else out + bias
 
 
 class VocabParallelEmbedding(nn.Embedding):
@@ -308,12 +358,16 @@ def parallelize(model: nn.Module, layout: ShardLayout, group: dist.ProcessGroup 
     """Give a Llama-family model built from local_config its collectives (the layer classes above, in place:
     parameters, their names and tied weights stay as they are) and its full vocabulary size back."""
     for name, module in model.named_modules():
-        if isinstance(module, Linear) and module.quant_method is not None:
-            raise ValueError(f"tensor parallelism does not shard quantized layers yet ({name}: "
-                             f"{module.quant_method.name})")
         leaf = name.rpartition(".")[2]
+        quant_method = getattr(module, "quant_method", None)
+        if quant_method is not None and (not isinstance(quant_method, SHARDED_QUANT_METHODS)
+                                         or leaf in ("lm_head", "embed_tokens")):
+            raise ValueError(f"tensor parallelism does not shard {quant_method.name} layers ({name}); it shards "
+                             "fp8 and block-fp8 projections")
         if leaf in ("o_proj", "down_proj"):
             module.__class__ = RowParallelLinear
+            if quant_method is not None and module.bias is not None:
+                module.reduced_bias, module.bias = module.bias, None
         elif leaf == "lm_head":
             module.__class__ = ParallelLMHead
             module.vocab_size = layout.vocab_size
