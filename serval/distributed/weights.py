@@ -80,7 +80,8 @@ def check_quantization(hf_config, quantization: str | None) -> None:
     if quantization is not None:
         raise ValueError(f"quantization={quantization!r} on a checkpoint already quantized (block fp8): leave "
                          "quantization unset")
-    if getattr(hf_config, "architectures", [""])[0] in FUSED_CHECKPOINT_ARCHITECTURES + MOE_TENSOR_PARALLEL_ARCHITECTURES:
+    architecture = (getattr(hf_config, "architectures", None) or [""])[0]
+    if architecture in FUSED_CHECKPOINT_ARCHITECTURES + MOE_TENSOR_PARALLEL_ARCHITECTURES:
         raise ValueError(f"tensor parallelism does not shard block-fp8 {hf_config.architectures[0]} checkpoints "
                          "yet (fused or expert projections); it shards those of the Llama family and Gemma 3")
 
