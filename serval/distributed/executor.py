@@ -78,9 +78,11 @@ class TensorParallelExecutor:
         except ValueError as error:
             raise InvalidArgument("quantization", str(error)) from None
         try:
-            layout = quantized_layout(shard_layout(hf_config, 0, size), hf_config)
+            layout = quantized_layout(shard_layout(hf_config, 0, size, config.enable_expert_parallel), hf_config)
         except ValueError as error:
-            raise InvalidArgument("tensor_parallel_size", str(error)) from None
+            param = "enable_expert_parallel" if str(error).startswith("enable_expert_parallel") else \
+                "tensor_parallel_size"
+            raise InvalidArgument(param, str(error)) from None
         store = groups.open_store(0, size)
         context = multiprocessing.get_context("spawn")
         processes = [context.Process(target=worker_main, name=f"serval-tp-rank-{rank}", daemon=True, args=(

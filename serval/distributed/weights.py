@@ -5,6 +5,8 @@ full projection it holds a part of (the replicated tensors, norms and row-parall
 """
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -15,6 +17,7 @@ from torch import nn
 from serval.layers.parallel import (MOE_TENSOR_PARALLEL_ARCHITECTURES, ShardLayout, TensorSlice, checkpoint_slice,
                                     expert_checkpoint_slices, fused_checkpoint_parts, local_config, parallelize,
                                     parallelize_experts, with_weight_blocks)
+from serval.layers.moe import FusedMoE
 from serval.layers.quant.fp8 import BlockFp8Method
 from serval.model import loader
 
@@ -28,6 +31,11 @@ def iter_safetensors_shard(files: list[str], layout: ShardLayout) -> Iterator[tu
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():
+                if layout.expert_parallel and (owned := owned_expert_tensor(name, layout)) is not None:
+                    if owned.hf_name is not None:  # None: another rank's expert
+                        yield owned.hf_name, (read_slices(f.get_slice(name), owned.pieces) if owned.pieces
+                                              else f.get_tensor(name))
+                    continue
                 if (expert_pieces := expert_checkpoint_slices(name, layout)) is not None:
                     yield name, read_slices(f.get_slice(name), expert_pieces)
                     continue
@@ -38,6 +46,46 @@ def iter_safetensors_shard(files: list[str], layout: ShardLayout) -> Iterator[tu
                     continue
                 piece = checkpoint_slice(name, layout)
                 yield name, f.get_tensor(name) if piece is None else _read_slice(f, name, piece)
+
+
+@dataclass(frozen=True)
+class OwnedExpertTensor:
+    """An expert tensor as an expert-parallel rank loads it: under its local expert numbering, and the pieces of
+    it that are the rank's (none: all of it). hf_name None: a tensor of another rank's expert, not read."""
+    hf_name: str | None
+    pieces: list[TensorSlice]
+
+
+_PER_EXPERT = re.compile(r"\.experts\.(?P<expert>\d+)\.")
+_STACKED_EXPERTS = re.compile(r"\.experts\.(?:gate_up_proj|down_proj)(?:_bias|_blocks|_scales)?$")
+
+
+def owned_expert_tensor(hf_name: str, layout: ShardLayout) -> OwnedExpertTensor | None:
+    """With expert parallelism: how rank layout.rank loads a routed expert's tensor (experts [first, first + E/N)
+    renumbered from 0; of the stacked ones, those rows of dim 0); None for any other tensor."""
+    first, count = layout.first_expert, layout.local_num_experts
+    if match := _PER_EXPERT.search(hf_name):
+        expert = int(match["expert"])
+        if not first <= expert < first + count:
+            return OwnedExpertTensor(None, [])
+        start, end = match.span()
+        return OwnedExpertTensor(f"{hf_name[:start]}.experts.{expert - first}.{hf_name[end:]}", [])
+    if _STACKED_EXPERTS.search(hf_name):
+        return OwnedExpertTensor(hf_name, [TensorSlice(0, first, count, count)])
+    return None
+
+
+def widen_routers(model: nn.Module, layout: ShardLayout) -> None:
+    """With expert parallelism the rank's model is built with its E/N experts, which also narrowed the routers
+    (a MoE block's `gate`, gpt-oss's `router`): give them back all E outputs, since every rank routes alike."""
+    for module in model.modules():
+        if not isinstance(getattr(module, "experts", None), FusedMoE):
+            continue
+        for name in ("gate", "router"):
+            router = getattr(module, name, None)
+            if isinstance(router, nn.Linear) and router.out_features != layout.num_experts:
+                setattr(module, name, nn.Linear(router.in_features, layout.num_experts, bias=router.bias is not None,
+                                                device=router.weight.device, dtype=router.weight.dtype))
 
 
 def _read_slice(f, name: str, piece: TensorSlice) -> torch.Tensor:
@@ -110,6 +158,8 @@ def load_rank_model(model_path: str, layout: ShardLayout, *, load_format: str, d
     check_quantization(hf_config, quantization)
     layout = quantized_layout(layout, hf_config)
     model = loader.build_model(local_config(hf_config, layout), dtype, device)
+    if layout.expert_parallel:
+        widen_routers(model, layout)
     declared = loader.checkpoint_quant(hf_config)
     formats = loader.assign_formats(model, declared) if declared is not None else loader.LayerFormats({}, {})
     if load_format == "dummy":
@@ -126,4 +176,4 @@ def load_rank_model(model_path: str, layout: ShardLayout, *, load_format: str, d
                 module.quant_method.finish(module, name)
     if quantization == "fp8":
         loader.quantize_fp8(model)
-    return parallelize_experts(parallelize(model, layout, group), group)
+    return parallelize_experts(parallelize(model, layout, group), group, layout)
