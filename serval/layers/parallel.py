@@ -452,10 +452,18 @@ class ParallelLMHead(Linear):
     vocab_size: int = 0  # the full vocabulary: the gathered logits lose the last slice's padding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        local = super().forward(x).contiguous()
-        slices = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
-        dist.all_gather(slices, local, group=self.group)
-        return torch.cat(slices, dim=-1)[..., :self.vocab_size]
+        local = super().forward(x)
+        rows = local.reshape(-1, local.shape[-1]).contiguous()
+        size = dist.get_world_size(self.group)
+        # One collective into one tensor (no per-slice copies after it): what a CUDA graph captures cleanly.
+        gathered = rows.new_empty((size * rows.shape[0], rows.shape[1]))
+        _all_gather_into_tensor(gathered, rows, group=self.group)
+        logits = gathered.view(size, *rows.shape).movedim(0, 1).flatten(1)
+        return logits.view(*local.shape[:-1], size * rows.shape[1])[..., :self.vocab_size]
+
+
+# torch 2.13 renames all_gather_into_tensor (still there, deprecated) to all_gather_single.
+_all_gather_into_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def parallelize(model: nn.Module, layout: ShardLayout, group: dist.ProcessGroup | None = None) -> nn.Module:
