@@ -120,6 +120,8 @@ class TensorParallelExecutor:
 
     def broadcast(self, message: RankSetup | ForwardInputs | DecodeStep | None) -> None:
         self.check_workers()
+        if not self.processes:  # tensor_parallel_size=1 through the executor: nobody to tell, no pickling per step
+            return
         self.run_guarded(lambda: dist.broadcast_object_list([message], src=0, group=self.parallel.control_group))
 
     def check_workers(self) -> None:

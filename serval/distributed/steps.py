@@ -50,7 +50,8 @@ def exchange_input_ids(step: DecodeStep, ids: torch.Tensor | None, group: dist.P
         return None
     if ids is None:
         ids = torch.empty(step.num_requests, dtype=torch.int64, device=device)
-    dist.broadcast(ids, src=0, group=group)
+    if dist.get_world_size(group) > 1:
+        dist.broadcast(ids, src=0, group=group)
     return ids
 
 
