@@ -4,10 +4,10 @@ The worker keeps no request state: each step's ForwardInputs or DecodeStep carry
 slots, block tables, the graph to replay), and the driver's scheduler decided them. Under asynchronous scheduling
 the input ids of a decode step come from the driver's device (serval.distributed.steps); the worker never waits
 for its own device, so it runs as far ahead as the driver's plans let it. It computes the same logits as the
-driver (the LM head gathers them on every rank) and drops them; only the driver samples. It exits when the driver says stop, when
-the driver's sockets close (a crash), when its parent process is gone (checked every second, so a driver killed
-with SIGKILL leaves no orphan), or when its own step fails (the driver's next collective then fails, and the
-engine stops).
+driver (the LM head gathers them on every rank) and drops them; only the driver samples. It exits when the driver
+says stop, when the driver's sockets close (a crash), when its parent process is gone (checked every second, so a
+driver killed with SIGKILL leaves no orphan), or when its own step fails (the driver's next collective then fails,
+and the engine stops).
 """
 from __future__ import annotations
 
