@@ -9,6 +9,7 @@ import torch
 from serval import LLM, SamplingParams
 from tests.conftest import build_tiny_model
 from tests.engine.test_engine import NUM_NEW_TOKENS, make_prompts, pressured_llm
+from tests.model.tiny_models import build_tiny
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 requires_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
@@ -89,3 +90,13 @@ def test_graphs_with_all_reduces_inside_on_two_gpus(tmp_path):
     """Two ranks on two GPUs: NCCL all-reduces captured in each rank's graphs, replayed in step."""
     hf_model = build_tiny_model(tmp_path, "llama")
     check_graphs_match_in_process(str(tmp_path), hf_model.config.vocab_size, tensor_parallel_size=2)
+
+
+@requires_two_gpus
+@pytest.mark.parametrize("family, engine_args", [
+    ("qwen3_moe", dict(enable_expert_parallel=True)),  # whole experts a rank, unowned slots weighted 0 in graphs
+    ("gpt_oss", {}),  # experts split by rows, sinks with the heads
+], ids=["qwen3_moe-expert-parallel", "gpt_oss-sliced"])
+def test_moe_graphs_on_two_gpus(tmp_path, family, engine_args):
+    hf_model = build_tiny(tmp_path, family)
+    check_graphs_match_in_process(str(tmp_path), hf_model.config.vocab_size, tensor_parallel_size=2, **engine_args)
