@@ -6,7 +6,8 @@ Dummy weights (load_format="dummy") from a config.json written here: no checkpoi
 a fresh subprocess (its own GPUs' memory, its own process group).
 
     cases    llama3-8b at tp 1/2/4, llama3-70b at tp 2/4 (those that fit the GPUs present), and llama3-8b tp=1
-             with distributed_executor_backend=mp ("tp1-executor") next to tp=1 in-process ("tp1-engine")
+             with distributed_executor_backend=mp ("tp1-executor") next to tp=1 in-process ("tp1-engine"); every
+             case with CUDA graphs and asynchronous scheduling, the engine's defaults (--enforce-eager: none)
     batch-1  one request, 32 prompt tokens: decode tok/s = (decode_tokens - 1) / (t(decode_tokens) - t(1));
              the roofline is HBM bandwidth / the weight bytes one GPU reads per token (rank 0's shard)
     offline  --num-prompts random-id prompts of --input-len, --output-len tokens each, all queued at once
@@ -61,6 +62,10 @@ class CaseResult:
     offline_total_tok_s: float | None
     offline_seconds: float | None
     error: str | None = None
+    # What the engine ran with: decode steps from CUDA graphs (every rank's, all-reduces inside), and decode step
+    # N+1 queued while N runs. Both sides of the tp1 comparison must say the same.
+    cuda_graphs: bool | None = None
+    async_scheduling: bool | None = None
 
 
 def executor_name(case: Case) -> str:
@@ -96,7 +101,7 @@ def run_case(case: Case, model_dir: str, args: argparse.Namespace) -> CaseResult
     max_model_len = min(args.max_model_len, SHAPES[case.shape]["max_position_embeddings"])
     llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, max_model_len=max_model_len,
               tensor_parallel_size=case.tensor_parallel_size, distributed_executor_backend=case.executor,
-              **device_args)
+              enforce_eager=args.enforce_eager, **device_args)
     try:
         rng = random.Random(0)
         vocab = SHAPES[case.shape]["vocab_size"]
@@ -123,7 +128,9 @@ def run_case(case: Case, model_dir: str, args: argparse.Namespace) -> CaseResult
         return CaseResult(case.name, case.shape, case.tensor_parallel_size, executor_name(case),
                           round(weight_bytes / 1024**3, 2), round(decode_tok_s, 1), round(roofline, 1),
                           round(decode_tok_s / roofline, 3), round(output_tokens / seconds, 1),
-                          round((output_tokens + args.num_prompts * args.input_len) / seconds, 1), round(seconds, 2))
+                          round((output_tokens + args.num_prompts * args.input_len) / seconds, 1), round(seconds, 2),
+                          cuda_graphs=llm.engine.runner.graphs is not None,
+                          async_scheduling=bool(llm.engine.async_scheduling))
     finally:
         llm.engine.shutdown()
 
@@ -149,14 +156,15 @@ def failed(case: Case, error: str) -> CaseResult:
 
 
 def print_table(results: list[CaseResult]) -> None:
-    header = (f"{'case':<18} {'tp':>3} {'executor':<11} {'GiB/GPU':>8} {'b1 tok/s':>9} {'roofline':>9} "
-              f"{'of roof':>8} {'offline out tok/s':>18} {'total tok/s':>12}")
+    header = (f"{'case':<18} {'tp':>3} {'executor':<11} {'graphs':>6} {'async':>5} {'GiB/GPU':>8} {'b1 tok/s':>9} "
+              f"{'roofline':>9} {'of roof':>8} {'offline out tok/s':>18} {'total tok/s':>12}")
     lines = [header, "-" * len(header)]
     for r in results:
         if r.error:
             lines.append(f"{r.name:<18} {r.tensor_parallel_size:>3} failed: {r.error.splitlines()[-1][:120]}")
             continue
-        lines.append(f"{r.name:<18} {r.tensor_parallel_size:>3} {r.executor:<11} {r.weight_gib_per_gpu:>8} "
+        lines.append(f"{r.name:<18} {r.tensor_parallel_size:>3} {r.executor:<11} {'yes' if r.cuda_graphs else 'no':>6} "
+                     f"{'yes' if r.async_scheduling else 'no':>5} {r.weight_gib_per_gpu:>8} "
                      f"{r.batch1_decode_tok_s:>9} {r.roofline_tok_s:>9} {r.roofline_fraction:>8} "
                      f"{r.offline_output_tok_s:>18} {r.offline_total_tok_s:>12}")
     by_name = {r.name: r for r in results if not r.error}
@@ -178,6 +186,8 @@ def main() -> int:
     parser.add_argument("--decode-tokens", type=int, default=None, help="batch-1 decode length (default 256)")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--hbm-gbps", type=float, default=4800.0, help="one GPU's memory bandwidth (H200: 4800)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="no CUDA graphs on any rank (by default every case captures them, the executor's too)")
     parser.add_argument("--case-timeout", type=float, default=900.0)
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     parser.add_argument("--run-case", default=None, help=argparse.SUPPRESS)
@@ -195,7 +205,7 @@ def main() -> int:
     num_devices = 0 if args.tiny else torch.cuda.device_count()
     if not args.tiny and num_devices == 0:
         parser.error("no CUDA device: use --tiny for the CPU check")
-    forwarded = ["--tiny"] * args.tiny + [
+    forwarded = ["--tiny"] * args.tiny + ["--enforce-eager"] * args.enforce_eager + [
         f"--{name.replace('_', '-')}={getattr(args, name)}"
         for name in ("num_prompts", "input_len", "output_len", "decode_tokens", "max_model_len", "hbm_gbps")]
     results = []

@@ -58,6 +58,8 @@ _ENGINE_HELP = {
                      "config: '{\"pooling_type\": \"MEAN\", \"normalize\": true}' (LAST, MEAN or CLS)",
     "tensor_parallel_size": "split the model across this many devices, one worker process each (NCCL on GPUs, "
                             "gloo on CPU); it must divide the attention heads",
+    "enable_expert_parallel": "with --tensor-parallel-size N on a mixture-of-experts model: each rank holds E/N whole "
+                              "experts rather than 1/N of every expert",
     "distributed_executor_backend": "mp: run the model through the multi-process (tensor-parallel) executor even "
                                     "at --tensor-parallel-size 1 (default: in this process when the size is 1)",
     "speculative_config": 'speculative decoding, JSON: {"method": "ngram", "num_speculative_tokens": 4, '

@@ -52,7 +52,7 @@ def default_cpu_kv_cache_blocks(bytes_per_block: int, max_blocks_per_sequence: i
 LONG_PREFILL_BUDGET_FRACTION = 4
 
 _BOOL_FIELDS = ("skip_tokenizer_init", "enable_prefix_caching", "enable_chunked_prefill", "enforce_eager",
-                "calculate_kv_scales", "enable_lora")
+                "calculate_kv_scales", "enable_lora", "enable_expert_parallel")
 
 
 def _bad(name: str, given, allowed: str) -> InvalidArgument:
@@ -104,6 +104,9 @@ class EngineConfig:
     # vLLM's name. None: the model runs in the engine process when tensor_parallel_size is 1, else "mp".
     # "mp": the multi-process executor even at size 1 (what benchmarks/tp_bench.py compares with today's path).
     distributed_executor_backend: str | None = None
+    # vLLM's name. Mixture-of-experts models under tensor parallelism: each rank holds E/N whole experts instead of
+    # 1/N of every expert (serval.layers.parallel); attention stays tensor-parallel.
+    enable_expert_parallel: bool = False
     # Speculative decoding (serval.engine.spec_decode): a dict or its JSON, e.g. {"method": "ngram",
     # "num_speculative_tokens": 4, "prompt_lookup_max": 3}; parsed into a SpeculativeConfig. None: off.
     speculative_config: str | dict | SpeculativeConfig | None = None  # str first: the CLI flag's type

@@ -3,12 +3,13 @@ GPUs, gloo on CPUs).
 
 The engine process is rank 0, the driver: it keeps the scheduler, the KV block manager and the sampler, and
 starts N - 1 worker processes (spawned, one per device). Each step the driver broadcasts the step's forward
-inputs (model_runner.ForwardInputs) to the workers, every rank runs its shard of the model (serval.layers.parallel:
-two all-reduces a layer, logits gathered), and the driver samples from the gathered logits.
+inputs (model_runner.ForwardInputs, or a steps.DecodeStep) to the workers, every rank runs its shard of the model
+(serval.layers.parallel: two all-reduces a layer, logits gathered), and the driver samples from the gathered logits.
 
     group.py     process group setup, the checks at start (devices, heads), the rendezvous
     weights.py   each rank reads only its slice of a safetensors checkpoint (safe_open's get_slice)
     worker.py    a worker process: its shard, its KV pool, the step loop
+    steps.py     the decode steps every rank runs alike: eager or the same CUDA graph, ids from the driver's device
     executor.py  the driver: starts and watches the workers, broadcasts each step, shuts them down
 """
 from __future__ import annotations

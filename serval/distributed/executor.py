@@ -26,11 +26,15 @@ import torch.distributed as dist
 from serval.config import EngineConfig
 from serval.distributed import WorkerFailedError
 from serval.distributed import group as groups
-from serval.distributed.weights import load_rank_model
+from serval.distributed.steps import DecodeStep, eager_decode, replay_decode
+from serval.distributed.weights import check_load_format, check_quantization, load_rank_model, quantized_layout
 from serval.distributed.worker import RankSetup, WorkerArgs, agree_num_blocks, worker_main
+from serval.engine.cuda_graphs import DecodeGraphs
 from serval.engine.memory import num_kv_blocks
-from serval.engine.model_runner import ForwardInputs, ModelRunner
-from serval.layers.parallel import ShardLayout, shard_layout
+from serval.engine.model_runner import DecodeForward, DecodeInFlight, ForwardInputs, ModelRunner
+from serval.engine.request import Request
+from serval.engine.sampler import to_device
+from serval.layers.parallel import shard_layout
 from serval.model.loader import load_config
 from serval.openai.errors import InvalidArgument
 
@@ -61,17 +65,24 @@ class TensorParallelExecutor:
         a size this host or model cannot take, WorkerFailedError for a worker that could not start."""
         size = config.tensor_parallel_size
         groups.check_devices(size, device)
-        if config.quantization is not None:
-            raise InvalidArgument("quantization", f"invalid engine argument quantization={config.quantization!r}: "
-                                                  "tensor parallelism does not shard quantized layers yet")
         if dist.is_initialized():
             raise RuntimeError("this process already belongs to a torch.distributed group (another tensor-parallel "
                                "engine?); shut that engine down first (LLMEngine.shutdown)")
+        try:
+            check_load_format(config.load_format)
+        except ValueError as error:
+            raise InvalidArgument("load_format", str(error)) from None
         hf_config = load_config(model_path)
         try:
-            layout = shard_layout(hf_config, 0, size)
+            check_quantization(hf_config, config.quantization)
         except ValueError as error:
-            raise InvalidArgument("tensor_parallel_size", str(error)) from None
+            raise InvalidArgument("quantization", str(error)) from None
+        try:
+            layout = quantized_layout(shard_layout(hf_config, 0, size, config.enable_expert_parallel), hf_config)
+        except ValueError as error:
+            param = "enable_expert_parallel" if str(error).startswith("enable_expert_parallel") else \
+                "tensor_parallel_size"
+            raise InvalidArgument(param, str(error)) from None
         store = groups.open_store(0, size)
         context = multiprocessing.get_context("spawn")
         processes = [context.Process(target=worker_main, name=f"serval-tp-rank-{rank}", daemon=True, args=(
@@ -83,7 +94,7 @@ class TensorParallelExecutor:
             groups.wait_joined(store, processes)
             parallel = groups.init_groups(store, 0, size, groups.rank_device(device, 0))
             model = load_rank_model(model_path, layout, load_format=config.load_format, dtype=dtype, device=device,
-                                    seed=config.seed, group=parallel.device_group)
+                                    seed=config.seed, group=parallel.device_group, quantization=config.quantization)
         except BaseException:
             _release(processes)
             raise
@@ -93,9 +104,9 @@ class TensorParallelExecutor:
         return cls(processes, parallel, model, hf_config, device)
 
     def configure(self, config: EngineConfig, kv_cache_dtype: torch.dtype) -> tuple[EngineConfig, int]:
-        """The engine's resolved arguments as tensor parallelism runs them (eager, synchronous steps: CUDA graphs
-        with the all-reduces inside are not captured yet), and the KV pool's blocks, the fewest any rank holds."""
-        config = dataclasses.replace(config, enforce_eager=True, async_scheduling=False)
+        """Send the engine's resolved arguments to the workers; return them and the KV pool's blocks, the fewest
+        any rank holds. CUDA graphs and asynchronous scheduling run as they do on one device (serval.distributed.
+        steps): every rank captures the same graphs, and the plans carry which one each step replays."""
         self.broadcast(RankSetup(config, kv_cache_dtype))
         try:
             num_blocks = num_kv_blocks(config, self.model, kv_cache_dtype, self.device)
@@ -105,11 +116,12 @@ class TensorParallelExecutor:
         return config, self.run_guarded(lambda: agree_num_blocks(num_blocks, self.parallel))
 
     def make_runner(self, num_blocks: int, config: EngineConfig, kv_cache_dtype: torch.dtype) -> ModelRunner:
-        return ParallelModelRunner(self, num_blocks, config.block_size, kv_cache_dtype, self.device,
-                                   config.max_num_seqs, config.max_model_len)
+        return self.run_guarded(lambda: ParallelModelRunner(self, num_blocks, config, kv_cache_dtype))
 
-    def broadcast(self, message: RankSetup | ForwardInputs | None) -> None:
+    def broadcast(self, message: RankSetup | ForwardInputs | DecodeStep | None) -> None:
         self.check_workers()
+        if not self.processes:  # tensor_parallel_size=1 through the executor: nobody to tell, no pickling per step
+            return
         self.run_guarded(lambda: dist.broadcast_object_list([message], src=0, group=self.parallel.control_group))
 
     def check_workers(self) -> None:
@@ -154,17 +166,62 @@ class TensorParallelExecutor:
 
 
 class ParallelModelRunner(ModelRunner):
-    """The driver's ModelRunner: every forward goes to the workers first, then runs on rank 0's shard."""
+    """The driver's ModelRunner: every forward's plan goes to the workers first, then runs on rank 0's shard.
 
-    def __init__(self, executor: TensorParallelExecutor, num_blocks: int, block_size: int,
-                 kv_cache_dtype: torch.dtype, device: torch.device, max_num_seqs: int, max_model_len: int) -> None:
-        super().__init__(executor.model, num_blocks, block_size, kv_cache_dtype, device, max_num_seqs,
-                         max_model_len, enforce_eager=True)
+    Three kinds of forward reach the workers: an eager step of any shape (forward_logits: ForwardInputs), a decode
+    step replayed from a graph (the graphs' run: a DecodeStep with its graph size), and an eager decode step queued
+    by asynchronous scheduling (launch_forward: a DecodeStep without a graph)."""
+
+    def __init__(self, executor: TensorParallelExecutor, num_blocks: int, config: EngineConfig,
+                 kv_cache_dtype: torch.dtype) -> None:
+        # With graphs, the capture runs here, on every rank at once (each worker builds its runner now too).
+        super().__init__(executor.model, num_blocks, config.block_size, kv_cache_dtype, executor.device,
+                         config.max_num_seqs, config.max_model_len, enforce_eager=config.enforce_eager)
         self.executor = executor
+        if self.graphs is not None:
+            self.graphs.__class__ = DriverDecodeGraphs
+            self.graphs.executor = executor
 
     def forward_logits(self, inputs: ForwardInputs) -> torch.Tensor:
         self.executor.broadcast(inputs)
         return self.executor.run_guarded(lambda: super(ParallelModelRunner, self).forward_logits(inputs))
+
+    @torch.inference_mode()
+    def launch_forward(self, requests: list[Request], previous: DecodeInFlight | None = None) -> DecodeForward:
+        if self.graphs is not None and self.graphs.can_run(len(requests)):
+            return super().launch_forward(requests, previous)  # the graphs' run sends the plan
+        positions = [request.num_computed_tokens for request in requests]
+        ids = None if previous is None else previous_samples(previous, requests)
+        step = DecodeStep(None if ids is not None else [r.all_token_ids[p] for r, p in zip(requests, positions)],
+                          positions, [r.block_ids[p // self.block_size] * self.block_size + p % self.block_size
+                                      for r, p in zip(requests, positions)],
+                          [p + 1 for p in positions], [request.block_ids for request in requests], graph_batch=0)
+        self.executor.broadcast(step)
+        group = self.executor.parallel.device_group
+        return DecodeForward(requests, self.executor.run_guarded(lambda: eager_decode(self, step, ids, group)))
+
+
+class DriverDecodeGraphs(DecodeGraphs):
+    """The driver's decode graphs: a replay first sends its plan (and, with asynchronous scheduling, its input
+    ids), so that every rank replays the same graph at once."""
+    executor: TensorParallelExecutor
+
+    def run(self, input_ids: list[int], positions: list[int], slot_mapping: list[int], seq_lens: list[int],
+            block_tables: list[list[int]], source: torch.Tensor | None = None,
+            lora_slots: list[int] | None = None) -> torch.Tensor:
+        ids = None if source is None else source.index_select(0, to_device(input_ids, torch.int64, source.device))
+        step = DecodeStep(None if ids is not None else list(input_ids), positions, slot_mapping, seq_lens,
+                          block_tables, graph_batch=self.padded_batch(len(input_ids)))
+        self.executor.broadcast(step)
+        group = self.executor.parallel.device_group
+        return self.executor.run_guarded(lambda: replay_decode(self, step, ids, group))
+
+
+def previous_samples(previous: DecodeInFlight, requests: list[Request]) -> torch.Tensor:
+    """The tokens `previous` sampled for `requests`, in their order, on the device (the host need not have them)."""
+    row = {id(request): i for i, request in enumerate(previous.requests)}
+    rows = to_device([row[id(request)] for request in requests], torch.int64, previous.token_ids_device.device)
+    return previous.token_ids_device.index_select(0, rows)
 
 
 def _root_formatter() -> logging.Formatter | None:

@@ -5,6 +5,8 @@ full projection it holds a part of (the replicated tensors, norms and row-parall
 """
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -12,9 +14,15 @@ import torch.distributed as dist
 from safetensors import safe_open
 from torch import nn
 
-from serval.layers.parallel import (ShardLayout, TensorSlice, checkpoint_slice, expert_checkpoint_slices,
-                                    fused_checkpoint_parts, local_config, parallelize, parallelize_experts)
+from serval.layers.parallel import (MOE_TENSOR_PARALLEL_ARCHITECTURES, ShardLayout, TensorSlice, checkpoint_slice,
+                                    expert_checkpoint_slices, fused_checkpoint_parts, local_config, parallelize,
+                                    parallelize_experts, with_weight_blocks)
+from serval.layers.moe import FusedMoE
+from serval.layers.quant.fp8 import BlockFp8Method
 from serval.model import loader
+
+# Checkpoints that store q/k/v or gate/up as one tensor: their block-fp8 scales would need slicing per part.
+FUSED_CHECKPOINT_ARCHITECTURES = ("Phi3ForCausalLM",)
 
 
 def iter_safetensors_shard(files: list[str], layout: ShardLayout) -> Iterator[tuple[str, torch.Tensor]]:
@@ -23,6 +31,11 @@ def iter_safetensors_shard(files: list[str], layout: ShardLayout) -> Iterator[tu
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():
+                if layout.expert_parallel and (owned := owned_expert_tensor(name, layout)) is not None:
+                    if owned.hf_name is not None:  # None: another rank's expert
+                        yield owned.hf_name, (read_slices(f.get_slice(name), owned.pieces) if owned.pieces
+                                              else f.get_tensor(name))
+                    continue
                 if (expert_pieces := expert_checkpoint_slices(name, layout)) is not None:
                     yield name, read_slices(f.get_slice(name), expert_pieces)
                     continue
@@ -33,6 +46,46 @@ def iter_safetensors_shard(files: list[str], layout: ShardLayout) -> Iterator[tu
                     continue
                 piece = checkpoint_slice(name, layout)
                 yield name, f.get_tensor(name) if piece is None else _read_slice(f, name, piece)
+
+
+@dataclass(frozen=True)
+class OwnedExpertTensor:
+    """An expert tensor as an expert-parallel rank loads it: under its local expert numbering, and the pieces of
+    it that are the rank's (none: all of it). hf_name None: a tensor of another rank's expert, not read."""
+    hf_name: str | None
+    pieces: list[TensorSlice]
+
+
+_PER_EXPERT = re.compile(r"\.experts\.(?P<expert>\d+)\.")
+_STACKED_EXPERTS = re.compile(r"\.experts\.(?:gate_up_proj|down_proj)(?:_bias|_blocks|_scales)?$")
+
+
+def owned_expert_tensor(hf_name: str, layout: ShardLayout) -> OwnedExpertTensor | None:
+    """With expert parallelism: how rank layout.rank loads a routed expert's tensor (experts [first, first + E/N)
+    renumbered from 0; of the stacked ones, those rows of dim 0); None for any other tensor."""
+    first, count = layout.first_expert, layout.local_num_experts
+    if match := _PER_EXPERT.search(hf_name):
+        expert = int(match["expert"])
+        if not first <= expert < first + count:
+            return OwnedExpertTensor(None, [])
+        start, end = match.span()
+        return OwnedExpertTensor(f"{hf_name[:start]}.experts.{expert - first}.{hf_name[end:]}", [])
+    if _STACKED_EXPERTS.search(hf_name):
+        return OwnedExpertTensor(hf_name, [TensorSlice(0, first, count, count)])
+    return None
+
+
+def widen_routers(model: nn.Module, layout: ShardLayout) -> None:
+    """With expert parallelism the rank's model is built with its E/N experts, which also narrowed the routers
+    (a MoE block's `gate`, gpt-oss's `router`): give them back all E outputs, since every rank routes alike."""
+    for module in model.modules():
+        if not isinstance(getattr(module, "experts", None), FusedMoE):
+            continue
+        for name in ("gate", "router"):
+            router = getattr(module, name, None)
+            if isinstance(router, nn.Linear) and router.out_features != layout.num_experts:
+                setattr(module, name, nn.Linear(router.in_features, layout.num_experts, bias=router.bias is not None,
+                                                device=router.weight.device, dtype=router.weight.dtype))
 
 
 def _read_slice(f, name: str, piece: TensorSlice) -> torch.Tensor:
@@ -54,21 +107,73 @@ def read_slices(part, pieces: list[TensorSlice]) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=pieces[0].dim)
 
 
-def load_rank_model(model_path: str, layout: ShardLayout, *, load_format: str, dtype: torch.dtype,
-                    device: torch.device, seed: int, group: dist.ProcessGroup | None = None) -> nn.Module:
-    """The rank's shard of the model at model_path (a safetensors checkpoint, or dummy weights), with its
-    collectives on `group`. Dummy weights are the same on every rank for the tensors they share (the shapes,
-    hence the generator's draws, are the same on every rank), but not tensor_parallel_size=1's."""
+def check_load_format(load_format: str) -> None:
+    """Raise ValueError for a load format tensor parallelism does not shard (GGUF: its blocks are not sliced)."""
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ValueError(f"tensor parallelism loads safetensors checkpoints or dummy weights; load_format="
-                         f"{load_format!r} is not supported with it yet")
+                         f"{load_format!r} (GGUF's quantized blocks) is not sharded yet")
+
+
+def check_quantization(hf_config, quantization: str | None) -> None:
+    """Raise ValueError for a quantized checkpoint or a quantization tensor parallelism does not shard: it shards
+    quantization="fp8" (each rank quantizes its own slice) and block-fp8 checkpoints of the dense families."""
+    declared = loader.checkpoint_quant(hf_config)
+    if declared is None:
+        return
+    methods = {rule.method for rule in declared.rules}
+    if not all(isinstance(method, BlockFp8Method) for method in methods):
+        raise ValueError(f"tensor parallelism does not shard {declared.quant_method} checkpoints "
+                         f"({', '.join(sorted(method.name for method in methods))}) yet; it shards block-fp8 "
+                         "checkpoints and half-precision ones with quantization='fp8'")
+    if quantization is not None:
+        raise ValueError(f"quantization={quantization!r} on a checkpoint already quantized (block fp8): leave "
+                         "quantization unset")
+    architecture = (getattr(hf_config, "architectures", None) or [""])[0]
+    if architecture in FUSED_CHECKPOINT_ARCHITECTURES + MOE_TENSOR_PARALLEL_ARCHITECTURES:
+        raise ValueError(f"tensor parallelism does not shard block-fp8 {hf_config.architectures[0]} checkpoints "
+                         "yet (fused or expert projections); it shards those of the Llama family and Gemma 3")
+
+
+def quantized_layout(layout: ShardLayout, hf_config) -> ShardLayout:
+    """The layout with a block-fp8 checkpoint's blocks (raises ValueError when they straddle ranks); unchanged for
+    any other checkpoint."""
+    declared = loader.checkpoint_quant(hf_config)
+    if declared is None:
+        return layout
+    method = declared.rules[0].method
+    return with_weight_blocks(layout, method.block_n, method.block_k)
+
+
+def load_rank_model(model_path: str, layout: ShardLayout, *, load_format: str, dtype: torch.dtype,
+                    device: torch.device, seed: int, group: dist.ProcessGroup | None = None,
+                    quantization: str | None = None) -> nn.Module:
+    """The rank's shard of the model at model_path (a safetensors checkpoint, or dummy weights), with its
+    collectives on `group`. Dummy weights are the same on every rank for the tensors they share (the shapes,
+    hence the generator's draws, are the same on every rank), but not tensor_parallel_size=1's.
+    quantization="fp8": each rank quantizes its own slices once loaded (a column-parallel shard's rows keep one
+    device's scales; a row-parallel shard's rows get scales over its columns). A block-fp8 checkpoint's blocks
+    are read as they are, each rank its own."""
+    check_load_format(load_format)
     hf_config = loader.load_config(model_path)
-    if loader.checkpoint_quant(hf_config) is not None:
-        raise ValueError("tensor parallelism does not shard quantized checkpoints yet "
-                         f"({loader.checkpoint_quantization(hf_config)})")
+    check_quantization(hf_config, quantization)
+    layout = quantized_layout(layout, hf_config)
     model = loader.build_model(local_config(hf_config, layout), dtype, device)
+    if layout.expert_parallel:
+        widen_routers(model, layout)
+    declared = loader.checkpoint_quant(hf_config)
+    formats = loader.assign_formats(model, declared) if declared is not None else loader.LayerFormats({}, {})
     if load_format == "dummy":
         loader.init_dummy_weights(model, seed)
+        for module, method in formats.layers.items():  # as a checkpoint would hold them
+            module.quantize_(method)
     else:
-        model.load_weights(iter_safetensors_shard(loader.safetensors_files(model_path), layout))
-    return parallelize_experts(parallelize(model, layout, group), group)
+        for module, method in formats.layers.items():
+            module.set_quant_method(method)
+        weights = iter_safetensors_shard(loader.safetensors_files(model_path), layout)
+        model.load_weights(loader.route_to_formats(weights, formats.routes))
+        for name, module in model.named_modules():
+            if module in formats.layers:
+                module.quant_method.finish(module, name)
+    if quantization == "fp8":
+        loader.quantize_fp8(model)
+    return parallelize_experts(parallelize(model, layout, group), group, layout)

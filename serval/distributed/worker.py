@@ -1,11 +1,13 @@
 """A tensor-parallel worker process (ranks 1..N-1): its shard, its KV pool, then one forward per step broadcast.
 
-The worker keeps no request state: each step's ForwardInputs carry everything (token ids, positions, slots,
-block tables), and the driver's scheduler decided them. It computes the same logits as the driver (the LM head
-gathers them on every rank) and drops them; only the driver samples. It exits when the driver says stop, when
-the driver's sockets close (a crash), when its parent process is gone (checked every second, so a driver killed
-with SIGKILL leaves no orphan), or when its own step fails (the driver's next collective then fails, and the
-engine stops).
+The worker keeps no request state: each step's ForwardInputs or DecodeStep carry everything (token ids, positions,
+slots, block tables, the graph to replay), and the driver's scheduler decided them. Under asynchronous scheduling
+the input ids of a decode step come from the driver's device (serval.distributed.steps); the worker never waits
+for its own device, so it runs as far ahead as the driver's plans let it. It computes the same logits as the
+driver (the LM head gathers them on every rank) and drops them; only the driver samples. It exits when the driver
+says stop, when the driver's sockets close (a crash), when its parent process is gone (checked every second, so a
+driver killed with SIGKILL leaves no orphan), or when its own step fails (the driver's next collective then fails,
+and the engine stops).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch.distributed as dist
 
 from serval.config import EngineConfig
 from serval.distributed import group as groups
+from serval.distributed.steps import DecodeStep, run_decode
 from serval.distributed.weights import load_rank_model
 from serval.engine.memory import num_kv_blocks
 from serval.engine.model_runner import ForwardInputs, ModelRunner
@@ -77,22 +80,26 @@ def run_worker(args: WorkerArgs) -> None:
     parallel = groups.init_groups(store, rank, world_size, device)
     try:
         model = load_rank_model(args.model_path, args.layout, load_format=args.config.load_format, dtype=args.dtype,
-                                device=device, seed=args.config.seed, group=parallel.device_group)
+                                device=device, seed=args.config.seed, group=parallel.device_group,
+                                quantization=args.config.quantization)
         setup = receive(parallel)
         config = setup.config
         num_blocks = agree_num_blocks(num_kv_blocks(config, model, setup.kv_cache_dtype, device), parallel)
         runner = ModelRunner(model, num_blocks, config.block_size, setup.kv_cache_dtype, device,
-                             config.max_num_seqs, config.max_model_len, enforce_eager=True)
+                             config.max_num_seqs, config.max_model_len, enforce_eager=config.enforce_eager)
         logger.info("tensor-parallel worker ready", extra={"rank": rank, "device": str(device),
                                                            "num_kv_blocks": num_blocks})
         while (inputs := receive(parallel)) is not None:
-            runner.forward_logits(inputs)
+            if isinstance(inputs, DecodeStep):
+                run_decode(runner, inputs, None, parallel.device_group)
+            else:
+                runner.forward_logits(inputs)
     finally:
         groups.destroy_groups()
 
 
-def receive(parallel: groups.ParallelGroups) -> RankSetup | ForwardInputs | None:
-    """The driver's next broadcast: RankSetup once, then a ForwardInputs per step; None means stop."""
+def receive(parallel: groups.ParallelGroups) -> RankSetup | ForwardInputs | DecodeStep | None:
+    """The driver's next broadcast: RankSetup once, then a ForwardInputs or a DecodeStep per step; None: stop."""
     message = [None]
     dist.broadcast_object_list(message, src=0, group=parallel.control_group)
     return message[0]

@@ -111,6 +111,10 @@ class DecodeGraphs:
     def can_run(self, num_requests: int) -> bool:
         return 0 < num_requests <= self.max_batch
 
+    def padded_batch(self, num_requests: int) -> int:
+        """The captured size a step of num_requests replays (tensor parallelism checks every rank's agrees)."""
+        return next(size for size in self.sizes if size >= num_requests)
+
     def run(self, input_ids: list[int], positions: list[int], slot_mapping: list[int], seq_lens: list[int],
             block_tables: list[list[int]], source: torch.Tensor | None = None,
             lora_slots: list[int] | None = None) -> torch.Tensor:

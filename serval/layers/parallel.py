@@ -33,15 +33,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from serval.layers.linear import Linear, takes_gemv
-from serval.layers.moe import SparseMoeBlock
+from serval.layers.moe import ExpertRouting, FusedMoE, SparseMoeBlock
+from serval.layers.quant.fp8 import BlockFp8Method, Fp8Method
+
+# The formats a rank applies to its own slice unchanged: per-channel scales are per row, and a row-parallel shard
+# gets its own (RowParallelLinear); block fp8 where the blocks fall on the shards' boundaries (with_weight_blocks).
+SHARDED_QUANT_METHODS = (Fp8Method, BlockFp8Method)
 
 # The families whose every projection follows Llama's names and shapes (serval/model/llama.py). Gemma 3's
 # per-head q/k norms and per-layer rotary tables are replicated; Phi-3's fused checkpoint projections are read
 # part by part (fused_checkpoint_parts).
 TENSOR_PARALLEL_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                                  "Gemma3ForCausalLM", "Phi3ForCausalLM")
-# Llama's attention with sparse-MoE feed-forwards (serval/model/mixtral.py, qwen_moe.py): experts split by rows.
-MOE_TENSOR_PARALLEL_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+# Llama's attention with sparse-MoE feed-forwards (serval/model/mixtral.py, qwen_moe.py, gpt_oss.py): experts
+# split by rows, or whole experts split among the ranks (expert parallelism). gpt-oss's attention sinks are per
+# head (split with the heads); its experts' gate/up columns are interleaved and transposed in its checkpoints.
+MOE_TENSOR_PARALLEL_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
+                                     "GptOssForCausalLM")
+_INTERLEAVED_EXPERT_ARCHITECTURES = ("GptOssForCausalLM",)
+MXFP4_BLOCK = 32  # gpt-oss's MXFP4 experts: values sharing one scale along the input dimension
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,12 @@ class ShardLayout:
     vocab_size: int
     expert_intermediate_size: int = 0  # each routed expert's (MoE families; Mixtral: intermediate_size)
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert; 0: none
+    # A block-fp8 checkpoint's (block_n, block_k): its weight_scale_inv holds one scale per block, so a rank reads
+    # the blocks of its rows (column-parallel) or columns (row-parallel); None for other checkpoints.
+    weight_block: tuple[int, int] | None = None
+    num_experts: int = 0  # routed experts (MoE families)
+    expert_parallel: bool = False  # each rank holds num_experts / size whole experts, not 1/size of each
+    interleaved_experts: bool = False  # gpt-oss: gate_up_proj [E, H, 2I] (gate, up interleaved), down [E, I, H]
 
     @property
     def local_num_heads(self) -> int:
@@ -84,10 +100,19 @@ class ShardLayout:
     def vocab_start(self) -> int:
         return self.rank * self.local_vocab_size
 
+    @property
+    def local_num_experts(self) -> int:
+        return self.num_experts // self.size if self.expert_parallel else self.num_experts
 
-def shard_layout(hf_config, rank: int, size: int) -> ShardLayout:
+    @property
+    def first_expert(self) -> int:
+        return self.rank * self.local_num_experts if self.expert_parallel else 0
+
+
+def shard_layout(hf_config, rank: int, size: int, expert_parallel: bool = False) -> ShardLayout:
     """The layout of the model `hf_config` describes over `size` ranks; raises ValueError when it cannot split
-    that way (an architecture without tensor parallelism, heads or intermediate size that N does not divide)."""
+    that way (an architecture without tensor parallelism, heads or intermediate size that N does not divide).
+    expert_parallel: a MoE model's experts are divided among the ranks whole."""
     architecture = (getattr(hf_config, "architectures", None) or ["?"])[0]
     if architecture not in TENSOR_PARALLEL_ARCHITECTURES + MOE_TENSOR_PARALLEL_ARCHITECTURES:
         raise ValueError(f"tensor_parallel_size={size}: {architecture} has no tensor-parallel implementation yet; "
@@ -104,19 +129,38 @@ def shard_layout(hf_config, rank: int, size: int) -> ShardLayout:
         raise ValueError(f"tensor_parallel_size={size} must divide the model's intermediate_size "
                          f"({hf_config.intermediate_size})")
     layout = ShardLayout(rank, size, num_heads, num_kv_heads, head_dim, hf_config.intermediate_size,
-                         hf_config.vocab_size)
-    return with_expert_sizes(layout, hf_config) if architecture in MOE_TENSOR_PARALLEL_ARCHITECTURES else layout
+                         hf_config.vocab_size, expert_parallel=expert_parallel,
+                         interleaved_experts=architecture in _INTERLEAVED_EXPERT_ARCHITECTURES)
+    if architecture in MOE_TENSOR_PARALLEL_ARCHITECTURES:
+        return with_expert_sizes(layout, hf_config)
+    if expert_parallel:
+        raise ValueError(f"enable_expert_parallel=True: {architecture} has no experts to divide among the ranks")
+    return layout
 
 
 def with_expert_sizes(layout: ShardLayout, hf_config) -> ShardLayout:
     """The layout with a MoE model's expert sizes; raises ValueError when N does not divide them."""
     expert = getattr(hf_config, "moe_intermediate_size", None) or hf_config.intermediate_size
     shared = getattr(hf_config, "shared_expert_intermediate_size", 0) or 0
-    for name, value in (("moe_intermediate_size", expert), ("shared_expert_intermediate_size", shared)):
+    num_experts = getattr(hf_config, "num_local_experts", None) or hf_config.num_experts
+    sliced = [("shared_expert_intermediate_size", shared)]  # a shared expert is always split by rows
+    if layout.expert_parallel and num_experts % layout.size:
+        raise ValueError(f"tensor_parallel_size={layout.size} must divide the model's experts ({num_experts}) "
+                         "with enable_expert_parallel: each rank holds E/N whole experts")
+    if not layout.expert_parallel:
+        sliced.insert(0, ("moe_intermediate_size", expert))
+    for name, value in sliced:
         if value % layout.size:
             raise ValueError(f"tensor_parallel_size={layout.size} must divide the model's {name} ({value}): "
                              "each rank holds 1/N of every expert")
-    return replace(layout, expert_intermediate_size=expert, shared_expert_intermediate_size=shared)
+    quant_method = (getattr(hf_config, "quantization_config", None) or {}).get("quant_method")
+    if layout.interleaved_experts and quant_method == "mxfp4" and not layout.expert_parallel and \
+            expert // layout.size % MXFP4_BLOCK:
+        raise ValueError(f"tensor_parallel_size={layout.size}: each rank's {expert // layout.size} columns of "
+                         f"every MXFP4 expert's down_proj are not whole {MXFP4_BLOCK}-value blocks; use "
+                         "enable_expert_parallel (whole experts per rank)")
+    return replace(layout, expert_intermediate_size=expert, shared_expert_intermediate_size=shared,
+                   num_experts=num_experts)
 
 
 def local_config(hf_config, layout: ShardLayout):
@@ -127,7 +171,13 @@ def local_config(hf_config, layout: ShardLayout):
     local.head_dim = layout.head_dim  # no longer hidden_size / heads
     local.intermediate_size = layout.local_intermediate_size
     local.vocab_size = layout.local_vocab_size
-    if getattr(local, "moe_intermediate_size", None):  # Mixtral's experts are intermediate_size, divided above
+    if layout.expert_parallel:  # whole experts, E/N of them; the router is widened back to E after the build
+        for field in ("num_local_experts", "num_experts"):
+            if getattr(local, field, None):
+                setattr(local, field, layout.local_num_experts)
+        if not getattr(local, "moe_intermediate_size", None):  # Mixtral's, gpt-oss's experts: intermediate_size
+            local.intermediate_size = layout.intermediate_size
+    elif getattr(local, "moe_intermediate_size", None):  # Mixtral's experts are intermediate_size, divided above
         local.moe_intermediate_size = layout.expert_intermediate_size // layout.size
     if getattr(local, "shared_expert_intermediate_size", None):
         local.shared_expert_intermediate_size = layout.shared_expert_intermediate_size // layout.size
@@ -154,11 +204,22 @@ _SPLITS = {"q_proj": (0, "q"), "k_proj": (0, "kv"), "v_proj": (0, "kv"), "o_proj
 def checkpoint_slice(hf_name: str, layout: ShardLayout) -> TensorSlice | None:
     """The slice of checkpoint tensor `hf_name` that rank layout.rank holds, or None for the whole tensor."""
     parts = hf_name.split(".")
+    if parts[-1] == "sinks":  # gpt-oss: one per query head
+        return TensorSlice(0, layout.rank * layout.local_num_heads, layout.local_num_heads, layout.local_num_heads)
     if len(parts) < 2 or parts[-2] not in _SPLITS:
         return None
     dim, split = _SPLITS[parts[-2]]
     if dim == 1 and parts[-1] == "bias":
         return None  # a row-parallel projection's bias is added once, after the all-reduce
+    piece = _split_slice(dim, split, layout)
+    if parts[-1] == "weight_scale_inv" and layout.weight_block is not None:  # block fp8: its blocks' scales
+        block = layout.weight_block[dim]  # rows in block_n, columns in block_k
+        num_blocks = -(-piece.length // block)
+        return TensorSlice(dim, piece.start // block, num_blocks, num_blocks)
+    return piece
+
+
+def _split_slice(dim: int, split: str, layout: ShardLayout) -> TensorSlice:
     if split == "q":
         length = layout.local_num_heads * layout.head_dim
         return TensorSlice(dim, layout.rank * length, length, length)
@@ -170,6 +231,24 @@ def checkpoint_slice(hf_name: str, layout: ShardLayout) -> TensorSlice | None:
         return TensorSlice(dim, layout.rank * length, length, length)
     start, padded = layout.vocab_start, layout.local_vocab_size
     return TensorSlice(dim, start, max(min(padded, layout.vocab_size - start), 0), padded)
+
+
+def with_weight_blocks(layout: ShardLayout, block_n: int, block_k: int) -> ShardLayout:
+    """The layout of a block-fp8 checkpoint ([block_n, block_k] blocks, one scale each); raises ValueError naming
+    the projection whose rank shard does not start and end on block boundaries (its blocks would straddle ranks)."""
+    q_rows, kv_rows = layout.local_num_heads * layout.head_dim, layout.local_num_kv_heads * layout.head_dim
+    kv_starts = [replace(layout, rank=rank).first_kv_head * layout.head_dim for rank in range(layout.size)]
+    checks = [("q_proj", "rows", q_rows, block_n), ("k_proj/v_proj", "rows", kv_rows, block_n),
+              ("k_proj/v_proj", "first row", next((start for start in kv_starts if start % block_n), 0), block_n),
+              ("gate_proj/up_proj", "rows", layout.local_intermediate_size, block_n),
+              ("o_proj", "input columns", q_rows, block_k),
+              ("down_proj", "input columns", layout.local_intermediate_size, block_k)]
+    for projection, what, value, block in checks:
+        if value % block:
+            raise ValueError(f"tensor_parallel_size={layout.size}: the checkpoint's {block_n}x{block_k} fp8 blocks "
+                             f"do not divide each rank's shard of {projection} ({value} {what} per rank, blocks of "
+                             f"{block}); a block's one scale cannot be split between ranks")
+    return replace(layout, weight_block=(block_n, block_k))
 
 
 # A fused checkpoint projection (Phi-3) -> the parts it stacks along its rows, in order.
@@ -214,11 +293,32 @@ _EXPERT_TENSOR = re.compile(r"\.experts\.(?:\d+\.(?P<projection>w1|w2|w3|gate_pr
 _SHARED_EXPERT_TENSOR = re.compile(r"\.shared_expert\.(?P<projection>gate_proj|up_proj|down_proj)\.weight$")
 
 
+# gpt-oss's stacked experts as its checkpoints hold them: transformers' [E, H, 2I] gate_up_proj (gate and up in
+# alternate columns) and [E, I, H] down_proj, their biases, or MXFP4 blocks [E, 2I, H/32, 16] / [E, H, I/32, 16]
+# with scales [E, 2I, H/32] / [E, H, I/32].
+_INTERLEAVED_EXPERT_TENSOR = re.compile(r"\.experts\.(?P<tensor>(?:gate_up_proj|down_proj)(?:_bias|_blocks|_scales)?)$")
+
+
+def interleaved_expert_slice(tensor: str, layout: ShardLayout) -> TensorSlice:
+    """Rank r's slice of every gpt-oss expert: intermediate columns [r*I/N, (r+1)*I/N), which in the interleaved
+    gate/up are the 2*I/N consecutive columns from 2*r*I/N. The down bias is whole (added by rank 0 alone)."""
+    length = layout.expert_intermediate_size // layout.size
+    start = layout.rank * length
+    if tensor.startswith("gate_up_proj"):  # [E, H, 2I] (dim 2), or [E, 2I] and MXFP4 [E, 2I, ...] (dim 1)
+        return TensorSlice(2 if tensor == "gate_up_proj" else 1, 2 * start, 2 * length, 2 * length)
+    if tensor == "down_proj":  # [E, I, H]
+        return TensorSlice(1, start, length, length)
+    blocks = length // MXFP4_BLOCK  # down_proj_blocks [E, H, I/32, 16], down_proj_scales [E, H, I/32]
+    return TensorSlice(2, start // MXFP4_BLOCK, blocks, blocks)
+
+
 def expert_checkpoint_slices(hf_name: str, layout: ShardLayout) -> list[TensorSlice] | None:
     """The slices of a MoE expert's checkpoint tensor that rank layout.rank holds, concatenated in this order along
     their dim (two for a stacked gate_up_proj: its gate rows, then its up rows); None for any other tensor."""
     if layout.expert_intermediate_size == 0:
         return None
+    if layout.interleaved_experts and (match := _INTERLEAVED_EXPERT_TENSOR.search(hf_name)):
+        return [interleaved_expert_slice(match["tensor"], layout)] if match["tensor"] != "down_proj_bias" else None
     if match := _SHARED_EXPERT_TENSOR.search(hf_name):
         length = layout.shared_expert_intermediate_size // layout.size
         dim = 1 if match["projection"] == "down_proj" else 0
@@ -238,8 +338,9 @@ def expert_checkpoint_slices(hf_name: str, layout: ShardLayout) -> list[TensorSl
 
 
 class ParallelSparseMoeBlock(SparseMoeBlock):
-    """A SparseMoeBlock whose experts (and shared expert) hold 1/N of their intermediate dimension: their outputs
-    are partial sums, added up over the ranks by one all-reduce. The router is whole on every rank."""
+    """A SparseMoeBlock whose experts (and shared expert) are a shard: 1/N of every expert's intermediate
+    dimension, or (expert parallelism) E/N whole experts. Either way its output is a partial sum, added up over the
+    ranks by one all-reduce. The router is whole on every rank."""
     group: dist.ProcessGroup | None = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -248,35 +349,88 @@ class ParallelSparseMoeBlock(SparseMoeBlock):
         return out
 
 
-def parallelize_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
-    """After parallelize: give each sparse MoE block its all-reduce. A shared expert's down_proj goes back to a
-    plain Linear, so that its partial sum joins the experts' before that one all-reduce. No-op for dense models."""
+class ShardedFusedMoE(FusedMoE):
+    """A FusedMoE holding a shard of the experts. With expert parallelism it holds experts [first_expert,
+    first_expert + num_experts): every rank routes every token alike (the router is whole), and a slot routed to
+    another rank's expert is given weight 0 on a local expert, so it adds exactly nothing here while its owner
+    adds its share (static shapes: CUDA graphs capture it). `reduces`: its output is all-reduced here (gpt-oss,
+    whose block has nothing else to join that all-reduce)."""
+    group: dist.ProcessGroup | None = None
+    expert_parallel: bool = False
+    first_expert: int = 0
+    reduces: bool = False
+
+    def forward(self, hidden: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
+        if self.expert_parallel:
+            routing = owned_routing(routing, self.first_expert, self.num_experts)
+        out = super().forward(hidden, routing)
+        if self.reduces:
+            dist.all_reduce(out, group=self.group)
+        return out
+
+
+def owned_routing(routing: ExpertRouting, first_expert: int, num_local_experts: int) -> ExpertRouting:
+    """The routing in local expert ids, slots of other ranks' experts sent to local expert 0 with weight 0."""
+    local = routing.expert_ids - first_expert
+    owned = (local >= 0) & (local < num_local_experts)
+    return ExpertRouting(torch.where(owned, routing.weights, 0.0), torch.where(owned, local, 0))
+
+
+def parallelize_experts(model: nn.Module, group: dist.ProcessGroup | None = None,
+                        layout: ShardLayout | None = None) -> nn.Module:
+    """After parallelize: give each sparse MoE block its all-reduce (gpt-oss's experts their own). A shared
+    expert's down_proj goes back to a plain Linear, so that its partial sum joins the experts' before that one
+    all-reduce. Split by rows, gpt-oss's down bias stays on rank 0 only (it is added once). No-op for dense models."""
     for module in model.modules():
         if isinstance(module, SparseMoeBlock):
             module.__class__ = ParallelSparseMoeBlock
             module.group = group
             if module.shared_expert is not None:
                 module.shared_expert.down_proj.__class__ = Linear
+    in_blocks = {id(module.experts) for module in model.modules() if isinstance(module, SparseMoeBlock)}
+    for module in model.modules():
+        if isinstance(module, FusedMoE):
+            module.__class__ = ShardedFusedMoE
+            module.group, module.reduces = group, id(module) not in in_blocks
+            if layout is not None and layout.expert_parallel:
+                module.expert_parallel, module.first_expert = True, layout.first_expert
+            elif layout is not None and layout.rank != 0 and module.down_proj_bias is not None:
+                module.down_proj_bias.data.zero_()
     return model
 
 
 class RowParallelLinear(Linear):
-    """A Linear holding input columns of the full projection: the partial products are summed over the ranks."""
+    """A Linear holding input columns of the full projection: the partial products are summed over the ranks.
+
+    Quantized (fp8, block fp8), each rank's format applies to its columns: per-channel fp8 scales its rows and
+    the activations' tokens over its columns only (finer than one device's scales, so not bit-equal to it); block
+    fp8's blocks and activation groups fall on the shard's boundaries (with_weight_blocks), so they are the same.
+    A quantized layer's bias is kept apart (reduced_bias) so the format adds none before the all-reduce."""
     group: dist.ProcessGroup | None = None
+    reduced_bias: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if takes_gemv(x, self.in_features):
-            from serval.kernels import triton_gemv
-            out = triton_gemv.gemv(x, self.weight, None).view(*x.shape[:-1], self.out_features)
-        else:
-            out = F.linear(x, self.weight)
-        dist.all_reduce(out, group=self.group)
-        return out if self.bias is None else out + self.bias
+        return self._reduce(self._partial(x))
 
     def forward_silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         # The fused SwiGLU GEMV would add the bias on every rank; the unfused pair keeps one all-reduce.
-        from serval.layers.activation import silu_and_mul
-        return self.forward(silu_and_mul(gate_up))
+        return self._reduce(self._partial(gate_up, gated=True))
+
+    def _partial(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        if self.quant_method is not None:  # fp8 may fuse SwiGLU into the activations' quantization
+            return self.quant_method.apply(self, x, gated=gated)
+        if gated:
+            from serval.layers.activation import silu_and_mul
+            x = silu_and_mul(x)
+        if takes_gemv(x, self.in_features):
+            from serval.kernels import triton_gemv
+            return triton_gemv.gemv(x, self.weight, None).view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight)
+
+    def _reduce(self, out: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(out, group=self.group)
+        bias = self.bias if self.quant_method is None else self.reduced_bias
+        return out if bias is None else out + bias
 
 
 class VocabParallelEmbedding(nn.Embedding):
@@ -298,22 +452,34 @@ class ParallelLMHead(Linear):
     vocab_size: int = 0  # the full vocabulary: the gathered logits lose the last slice's padding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        local = super().forward(x).contiguous()
-        slices = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
-        dist.all_gather(slices, local, group=self.group)
-        return torch.cat(slices, dim=-1)[..., :self.vocab_size]
+        local = super().forward(x)
+        rows = local.reshape(-1, local.shape[-1]).contiguous()
+        size = dist.get_world_size(self.group)
+        # One collective into one tensor (no per-slice copies after it): what a CUDA graph captures cleanly.
+        gathered = rows.new_empty((size * rows.shape[0], rows.shape[1]))
+        _all_gather_into_tensor(gathered, rows, group=self.group)
+        logits = gathered.view(size, *rows.shape).movedim(0, 1).flatten(1)
+        return logits.view(*local.shape[:-1], size * rows.shape[1])[..., :self.vocab_size]
+
+
+# torch 2.13 renames all_gather_into_tensor (still there, deprecated) to all_gather_single.
+_all_gather_into_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def parallelize(model: nn.Module, layout: ShardLayout, group: dist.ProcessGroup | None = None) -> nn.Module:
     """Give a Llama-family model built from local_config its collectives (the layer classes above, in place:
     parameters, their names and tied weights stay as they are) and its full vocabulary size back."""
     for name, module in model.named_modules():
-        if isinstance(module, Linear) and module.quant_method is not None:
-            raise ValueError(f"tensor parallelism does not shard quantized layers yet ({name}: "
-                             f"{module.quant_method.name})")
         leaf = name.rpartition(".")[2]
+        quant_method = getattr(module, "quant_method", None)
+        if quant_method is not None and (not isinstance(quant_method, SHARDED_QUANT_METHODS)
+                                         or leaf in ("lm_head", "embed_tokens")):
+            raise ValueError(f"tensor parallelism does not shard {quant_method.name} layers ({name}); it shards "
+                             "fp8 and block-fp8 projections")
         if leaf in ("o_proj", "down_proj"):
             module.__class__ = RowParallelLinear
+            if quant_method is not None and module.bias is not None:
+                module.reduced_bias, module.bias = module.bias, None
         elif leaf == "lm_head":
             module.__class__ = ParallelLMHead
             module.vocab_size = layout.vocab_size
