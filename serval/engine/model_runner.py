@@ -21,6 +21,7 @@ from serval.engine.request import Request
 from serval.engine.scheduler import SchedulerOutput
 from serval.engine.spec_decode import rejection_sampler
 from serval.engine.spec_decode.draft_model import DraftModel
+from serval.engine.spec_decode.eagle3 import Eagle3Drafter
 from serval.engine.spec_decode.rejection_sampler import VerifiedTokens
 from serval.engine.spec_decode.verify_graphs import VerifyGraphs, max_verify_batch
 from serval.kernels import paged_attention as torch_attention
@@ -118,13 +119,15 @@ def kv_cache_shape(model: torch.nn.Module, num_blocks: int, block_size: int) -> 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int,
                  kv_cache_dtype: torch.dtype, device: torch.device, max_num_seqs: int = 1, max_model_len: int = 1,
-                 enforce_eager: bool = True, drafter: DraftModel | None = None,
+                 enforce_eager: bool = True, drafter: DraftModel | Eagle3Drafter | None = None,
                  lora: "LoRAManager | None" = None,
                  speculative_config: "SpeculativeConfig | None" = None) -> None:
         """kv_cache_dtype: the cache's element type, the model's dtype or float8_e4m3fn (EngineConfig's
         torch_kv_cache_dtype); the attention layers convert on write and on read."""
         self.model = model
         self.drafter = drafter  # speculative decoding with a draft model: it runs beside the target every step
+        # An EAGLE-3 head runs after the target (it reads the target's hidden states and the tokens it kept).
+        self.drafter_follows_target = isinstance(drafter, Eagle3Drafter)
         self.lora = lora
         self.block_size = block_size
         self.device = device
@@ -133,8 +136,9 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         # Graphs need the Triton kernels, whose lengths come from device buffers; the torch reference reads host lists
         # (as does a model whose attention has no such kernel yet: supports_cuda_graphs = False).
+        # The target's graphs don't return the hidden states an EAGLE-3 head reads: with one, the target runs eagerly.
         if device.type == "cuda" and not enforce_eager and attention_backend(device) is not torch_attention \
-                and getattr(model, "supports_cuda_graphs", True):
+                and getattr(model, "supports_cuda_graphs", True) and not self.drafter_follows_target:
             self.graphs = DecodeGraphs(model, self.kv_caches, block_size, max_num_seqs, max_model_len, device,
                                        **self._graph_lora_args())
             self.graphs.capture()
@@ -189,7 +193,7 @@ class ModelRunner:
                                   in zip(scheduled.requests, scheduled.num_scheduled_tokens)
                                   if request.num_computed_tokens + num_new > request.num_tokens])
         plan = self._plan(scheduled)
-        if self.drafter is not None:
+        if self.drafter is not None and not self.drafter_follows_target:
             self.drafter.forward(plan.input_ids, plan.positions, plan.query_start_loc, plan.seq_lens,
                                  scheduled.requests)
         num_requests = len(scheduled.requests)
@@ -219,6 +223,9 @@ class ModelRunner:
         out = self._outputs(scheduled, plan, logits[:num_sampled], logits[num_sampled:num_sampled + num_prompt])
         if plan.verify_rows:
             self._verify(scheduled, plan, logits[num_sampled + num_prompt:], out)
+        if self.drafter_follows_target:
+            self.drafter.follow_target(scheduled.requests, plan.positions, plan.query_start_loc,
+                                       out.sampled_token_ids, out.verified)
         return out
 
     @staticmethod
