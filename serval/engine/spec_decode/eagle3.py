@@ -255,7 +255,8 @@ def load_eagle3_head(path: str, target: nn.Module, dtype: torch.dtype, device: t
     head = head.to(dtype).eval().requires_grad_(False)
     if load_format == "dummy":
         init_dummy_weights(head, seed)
-        head.embed_tokens.weight = target.model.embed_tokens.weight
+        if head.config.hidden_size == target_config.hidden_size:
+            head.embed_tokens.weight = target.model.embed_tokens.weight
         return head
     _load_weights(head, _read_tensors(path), path, target)
     return head
