@@ -136,9 +136,11 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         # Graphs need the Triton kernels, whose lengths come from device buffers; the torch reference reads host lists
         # (as does a model whose attention has no such kernel yet: supports_cuda_graphs = False).
-        # The target's graphs don't return the hidden states an EAGLE-3 head reads: with one, the target runs eagerly.
         if device.type == "cuda" and not enforce_eager and attention_backend(device) is not torch_attention \
-                and getattr(model, "supports_cuda_graphs", True) and not self.drafter_follows_target:
+                and getattr(model, "supports_cuda_graphs", True):
+            if self.drafter_follows_target:  # graph replays leave the hidden states the head reads in one buffer
+                drafter.reserve_graph_rows(max(max_num_seqs, max_verify_batch(max_num_seqs, speculative_config)
+                                               * (speculative_config.num_speculative_tokens + 1)))
             self.graphs = DecodeGraphs(model, self.kv_caches, block_size, max_num_seqs, max_model_len, device,
                                        **self._graph_lora_args())
             self.graphs.capture()
@@ -203,16 +205,22 @@ class ModelRunner:
             logits = self.graphs.run(plan.input_ids, plan.positions, plan.slot_mapping, plan.seq_lens,
                                      [request.block_ids for request in scheduled.requests],
                                      lora_slots=self._lora_slots(scheduled.requests))
-            return self._outputs(scheduled, plan, logits, logits[:0])
+            out = self._outputs(scheduled, plan, logits, logits[:0])
+            if self.drafter_follows_target:
+                self.drafter.follow_target(scheduled.requests, plan.positions, plan.query_start_loc,
+                                           out.sampled_token_ids, out.verified, graph_rows_per_request=1)
+            return out
         prompt_flat_rows = [row for prompt_rows in plan.prompt_rows for row in prompt_rows.rows]
         verify_flat_rows = [row for verify_rows in plan.verify_rows for row in verify_rows.rows]
         inputs = ForwardInputs(plan.input_ids, plan.positions, plan.slot_mapping, plan.query_start_loc,
                                plan.seq_lens, [request.block_ids for request in scheduled.requests],
                                plan.sample_rows + prompt_flat_rows + verify_flat_rows)
         # A speculative verify step (at most k + 1 rows a request) replays a graph too.
+        graph_rows_per_request = None
         if (self.verify_graphs is not None and plan.verify_rows and not self._has_lora(scheduled.requests)
                 and self.verify_graphs.can_run(plan.query_start_loc)):
             logits = self.verify_graphs.run(inputs)
+            graph_rows_per_request = self.verify_graphs.num_query_tokens
         else:
             self._prepare_lora(scheduled.requests, plan.query_start_loc)
             try:
@@ -225,7 +233,7 @@ class ModelRunner:
             self._verify(scheduled, plan, logits[num_sampled + num_prompt:], out)
         if self.drafter_follows_target:
             self.drafter.follow_target(scheduled.requests, plan.positions, plan.query_start_loc,
-                                       out.sampled_token_ids, out.verified)
+                                       out.sampled_token_ids, out.verified, graph_rows_per_request)
         return out
 
     @staticmethod

@@ -106,6 +106,9 @@ class LlamaModel(nn.Module):
     # aux layer ids: transformers' output_hidden_states[i]). Empty: nothing is kept, nothing is paid.
     aux_hidden_state_layers: tuple[int, ...] = ()
     aux_hidden_states: torch.Tensor | None = None
+    # Where CUDA graphs leave them: a forward of at most this many rows also writes its states to the first rows
+    # (a graph replay refills the same rows; aux_hidden_states is then the capture's, not the replay's).
+    aux_hidden_buffer: torch.Tensor | None = None
 
     def __init__(self, config, make_mlp=dense_mlp, **attention_options) -> None:
         super().__init__()
@@ -127,7 +130,11 @@ class LlamaModel(nn.Module):
                 captured[index] = hidden if residual is None else hidden + residual
             hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
         if captured:
-            self.aux_hidden_states = torch.cat([captured[i] for i in sorted(keep)], dim=-1)
+            states = torch.cat([captured[i] for i in sorted(keep)], dim=-1)
+            buffer = getattr(self, "aux_hidden_buffer", None)
+            if buffer is not None and len(states) <= len(buffer):
+                states = buffer[:len(states)].copy_(states)
+            self.aux_hidden_states = states
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

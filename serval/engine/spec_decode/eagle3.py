@@ -19,7 +19,9 @@ and that row's pre-norm output (a ChainStart). At the next step, once the schedu
 propose() takes draft 1 from the ChainStart and runs the chain: draft j + 1 comes from a one-row head step at
 position computed + j - 1 fed draft j and the previous step's pre-norm output (EAGLE-3's own hidden state, not the
 target's). follow_target() later rewrites those positions with the verified tokens and the target's hidden states,
-so the head's K/V below the computed end is always the one of the kept tokens. The head runs eagerly.
+so the head's K/V below the computed end is always the one of the kept tokens. The head runs eagerly; the target
+keeps its CUDA graphs, whose replays leave the hidden states in a buffer reserved before capture
+(reserve_graph_rows).
 """
 from __future__ import annotations
 
@@ -149,12 +151,24 @@ class Eagle3Drafter:
     def capture_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         """No graphs for the head yet: its chain steps run eagerly."""
 
+    def reserve_graph_rows(self, num_rows: int) -> None:
+        """Before the target's graphs are captured: a buffer their replays leave the captured hidden states in, for
+        steps of up to num_rows rows."""
+        self.target_model.aux_hidden_buffer = torch.empty(num_rows, self.model.fc.in_features,
+                                                          dtype=self.model.fc.weight.dtype, device=self.device)
+
     @torch.inference_mode()
     def follow_target(self, requests: list[Request], positions: list[int], query_start_loc: list[int],
-                      sampled_token_ids: list[int | None], verified: list | None) -> None:
+                      sampled_token_ids: list[int | None], verified: list | None,
+                      graph_rows_per_request: int | None = None) -> None:
         """Run the head over the rows of the target's step (its flat plan) that the step kept, each with the token
-        after it; set the chain start of each request whose step reached its last token."""
-        aux_hidden = self.target_model.aux_hidden_states
+        after it; set the chain start of each request whose step reached its last token. graph_rows_per_request:
+        the target's step was a graph replay in which request b's rows start at b x that (serval.engine.cuda_graphs,
+        spec_decode.verify_graphs), and left its hidden states in the reserved buffer."""
+        if graph_rows_per_request is None:
+            aux_hidden = self.target_model.aux_hidden_states
+        else:
+            aux_hidden = self.target_model.aux_hidden_buffer
         rows, input_ids, head_positions, starts, seq_lens, kept = [], [], [], [0], [], []
         ends_at_last_token: list[bool] = []
         for i, (request, start, end) in enumerate(zip(requests, query_start_loc, query_start_loc[1:])):
@@ -165,7 +179,8 @@ class Eagle3Drafter:
             num_rows = len(new_tokens) if result is not None else end - start
             tokens = request.all_token_ids + new_tokens
             first = positions[start]
-            rows += range(start, start + num_rows)
+            row0 = start if graph_rows_per_request is None else i * graph_rows_per_request
+            rows += range(row0, row0 + num_rows)
             input_ids += tokens[first + 1:first + num_rows + 1]
             head_positions += range(first, first + num_rows)
             starts.append(starts[-1] + num_rows)

@@ -19,6 +19,7 @@ from serval.layers.attention import AttentionMetadata
 from serval.model.loader import load_model
 from serval.openai.errors import InvalidArgument
 from tests.conftest import build_tiny_model
+from tests.engine.spec_decode.test_verify_graphs import graph_shaped
 from tests.engine.test_engine import hf_greedy, make_prompts, pressured_llm
 
 NUM_NEW_TOKENS = 12
@@ -173,15 +174,7 @@ def test_drafts_equal_the_eagle3_chain_over_transformers_hidden_states(target, h
     num_drafts = 3
     llm = pressured_llm(path, False, speculative_config={"method": "eagle3", "model": head_path,
                                                          "num_speculative_tokens": num_drafts})
-    drafter = llm.engine.runner.drafter
-    recorded = []
-    propose = drafter.propose
-
-    def recording_propose(requests):
-        propose(requests)
-        recorded.extend(list(request.spec_token_ids) for request in requests)
-
-    drafter.propose = recording_propose
+    recorded = recorded_drafts(llm)
     prompt = make_prompts(hf_model.config.vocab_size)[6]
     outputs = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0.0, max_tokens=6,
                                                                           ignore_eos=True), use_tqdm=False)
@@ -218,6 +211,46 @@ def test_greedy_equals_the_engine_without_speculation_and_transformers(target, h
     assert (stats.prefix_cache_hits > 0) == prefix_caching
     assert stats.num_free_blocks == stats.num_blocks
     llm.engine.kv_cache.check_invariants([])
+
+
+def recorded_drafts(llm) -> list[list[int]]:
+    """Spy on the engine's EAGLE-3 drafter: every request's drafts, as each propose() leaves them."""
+    drafter = llm.engine.runner.drafter
+    recorded = []
+    propose = drafter.propose
+
+    def recording_propose(requests):
+        propose(requests)
+        recorded.extend(list(request.spec_token_ids) for request in requests)
+
+    drafter.propose = recording_propose
+    return recorded
+
+
+def test_graph_shaped_target_steps_leave_the_head_the_same_hidden_states(target, head, monkeypatch):
+    """With CUDA graphs the target's hidden states come from the graphs' buffer, request b's rows at b x (k + 1) in
+    a verify step: on the CPU the verify graphs' padded forward runs eagerly (Triton's interpreter) and the head
+    must draft exactly what it drafts after plain steps."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("SERVAL_ATTENTION_BACKEND", "triton")
+    path, hf_model = target
+    prompts = [make_prompts(hf_model.config.vocab_size)[i] for i in (2, 4)]
+    params = SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True)
+    runs = []
+    for graph_shaped_steps in (False, True):
+        llm = pressured_llm(path, True, speculative_config={"method": "eagle3", "model": head[0],
+                                                            "num_speculative_tokens": 3})
+        steps = []
+        if graph_shaped_steps:
+            steps = graph_shaped(llm, 3)
+            llm.engine.runner.drafter.reserve_graph_rows(llm.engine.config.max_num_seqs * 4)
+        drafts = recorded_drafts(llm)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        runs.append((drafts, [output.outputs[0].token_ids for output in outputs], steps))
+    (eager_drafts, eager_tokens, _), (drafts, tokens, steps) = runs
+    assert steps, "the graph-shaped verify path was meant to run"
+    assert drafts == eager_drafts
+    assert tokens == eager_tokens == [hf_greedy(hf_model, prompt, 7) for prompt in prompts]
 
 
 @pytest.mark.parametrize("change, fragments", [
