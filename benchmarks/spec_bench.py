@@ -3,12 +3,17 @@ replay) proposes the continuation a non-speculative run produced, each token rep
 probability 1 - alpha, so dummy weights verify at a chosen acceptance. Greedy decode tok/s with speculation against
 the same engine without it, over batch sizes, alpha and k; then the draft-model path's cost: a draft model of its
 own shape runs every step as usual (its K/V cache, its k draft forwards) while its proposals are overwritten by
-the replay proposer's, so its time is paid and acceptance is still alpha. Prints a table and writes JSON.
+the replay proposer's, so its time is paid and acceptance is still alpha. `--method eagle3` measures an EAGLE-3
+head (Llama-3.1-8B's published head shape: one layer, a 32000-token draft vocabulary) on that path instead.
+Prints a table and writes JSON.
 
     # one H200 (Llama-3-8B shape target, Llama-3.2-1B shape draft, dummy bf16 weights, no download):
     PYTHONPATH=/tmp/site:. python benchmarks/spec_bench.py --json spec_bench.json
     # two CPU cores, tiny shapes:
     python benchmarks/spec_bench.py --tiny --json spec_bench_tiny.json
+    # the EAGLE-3 head's cost instead of the draft model's (batch 1 and 8, alpha 0.8, k 4):
+    PYTHONPATH=/tmp/site:. python benchmarks/spec_bench.py --method eagle3 --batch-sizes 1,8 --alphas 0.8 --ks 4 \
+        --json spec_bench_eagle3.json
     # real acceptance: the default model (SmolLM2-135M) with ngram and suffix on prompts the answer must quote:
     python benchmarks/spec_bench.py --real [--device cpu] [--real-model PATH.gguf] --json spec_bench_real.json
 """
@@ -42,6 +47,14 @@ TINY_TARGET = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hi
                "max_position_embeddings": 1024, "vocab_size": 2048, "bos_token_id": 1, "eos_token_id": 2,
                "tie_word_embeddings": False}
 TINY_DRAFT = {**TINY_TARGET, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1}
+# yuhuili/EAGLE3-LLaMA3.1-Instruct-8B's config.json shape: the head of a Llama-3-8B-shaped target.
+EAGLE3_LLAMA_3_8B = {"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_size": 4096,
+                     "intermediate_size": 14336, "num_hidden_layers": 1, "num_attention_heads": 32,
+                     "num_key_value_heads": 8, "max_position_embeddings": 2048, "rms_norm_eps": 1e-05,
+                     "rope_theta": 500000.0, "vocab_size": 128256, "draft_vocab_size": 32000,
+                     "hidden_act": "silu", "tie_word_embeddings": False}
+TINY_EAGLE3 = {**EAGLE3_LLAMA_3_8B, "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "vocab_size": 2048, "draft_vocab_size": 1024}
 
 
 @dataclasses.dataclass
@@ -52,7 +65,8 @@ class Run:
     tokens_per_s: float
     acceptance_rate: float | None  # measured: accepted / drafted tokens
     acceptance_length: float | None  # measured: tokens per verify step (accepted + 1)
-    draft_model: bool = False
+    draft_model: bool = False  # the draft cost path (a draft model or an EAGLE-3 head: `drafter`)
+    drafter: str = ""  # that path's method: draft_model or eagle3
     graphs: bool = False  # CUDA graphs replayed: decode steps without speculation, verify (and draft) steps with it
 
 
@@ -152,7 +166,7 @@ def sweep(args, target: str, draft: str) -> list[Run]:
         del llm
         release()
 
-    llm = LLM(model=target, speculative_config={"method": "draft_model", "model": draft,
+    llm = LLM(model=target, speculative_config={"method": args.method, "model": draft,
                                                 "num_speculative_tokens": args.draft_k}, **engine_args(args))
     for batch_size in args.draft_batch_sizes:
         prompts = [list(p) for p in references[batch_size]]
@@ -163,7 +177,7 @@ def sweep(args, target: str, draft: str) -> list[Run]:
         replay_over_draft_model(llm, decoder)
         _, rate = timed_generate(llm, prompts, args.output_len)
         runs.append(Run(batch_size, args.draft_alpha, args.draft_k, rate, *measured(decoder), draft_model=True,
-                        graphs=uses_graphs(llm)))
+                        drafter=args.method, graphs=uses_graphs(llm)))
         log(runs[-1])
     return sorted(runs, key=lambda run: (run.draft_model, run.batch_size, run.k, run.alpha or 0.0))
 
@@ -234,12 +248,12 @@ def log(run: Run) -> None:
 
 def table(runs: list[Run]) -> str:
     baseline = {run.batch_size: run.tokens_per_s for run in runs if run.alpha is None}
-    lines = [f"{'batch':>5} {'alpha':>5} {'k':>2} {'draft':>5} {'graphs':>6} {'tok/s':>10} {'speed-up':>8} "
+    lines = [f"{'batch':>5} {'alpha':>5} {'k':>2} {'draft':>11} {'graphs':>6} {'tok/s':>10} {'speed-up':>8} "
              f"{'accepted':>8} {'tok/step':>8}"]
     for run in runs:
         speedup = run.tokens_per_s / baseline[run.batch_size]
         lines.append(f"{run.batch_size:>5} {'-' if run.alpha is None else run.alpha:>5} {run.k:>2} "
-                     f"{'yes' if run.draft_model else 'no':>5} {'yes' if run.graphs else 'no':>6} "
+                     f"{run.drafter or 'no':>11} {'yes' if run.graphs else 'no':>6} "
                      f"{run.tokens_per_s:>10.1f} {speedup:>7.2f}x "
                      f"{'-' if run.acceptance_rate is None else f'{run.acceptance_rate:.2f}':>8} "
                      f"{'-' if run.acceptance_length is None else f'{run.acceptance_length:.2f}':>8}")
@@ -258,7 +272,10 @@ def break_even_batch(runs: list[Run], alpha: float, k: int) -> int | None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="benchmarks/configs/llama-3-8b", help="target config directory")
-    parser.add_argument("--draft-model", default=None, help="draft config directory (default: Llama-3.2-1B shape)")
+    parser.add_argument("--draft-model", default=None, help="draft config directory (default: Llama-3.2-1B shape, "
+                                                            "or the EAGLE-3 head of Llama-3.1-8B with --method eagle3)")
+    parser.add_argument("--method", default="draft_model", choices=("draft_model", "eagle3"),
+                        help="the drafter whose cost the draft path measures")
     parser.add_argument("--batch-sizes", default="1,2,8,32,64")
     parser.add_argument("--alphas", default="0.5,0.7,0.8,0.9")
     parser.add_argument("--ks", default="2,4,6")
@@ -290,10 +307,13 @@ def main() -> int:
     work = tempfile.mkdtemp(prefix="spec_bench_")
     if args.tiny:
         args.model = write_config(os.path.join(work, "tiny-target"), TINY_TARGET)
-        args.draft_model = write_config(os.path.join(work, "tiny-draft"), TINY_DRAFT)
+        args.draft_model = write_config(os.path.join(work, "tiny-draft"),
+                                        TINY_EAGLE3 if args.method == "eagle3" else TINY_DRAFT)
         args.batch_sizes, args.alphas, args.ks, args.draft_batch_sizes = "1,2", "0.5,0.9", "2", "1"
         args.prompt_len, args.output_len, args.dtype, args.device = 16, 12, "float32", "cpu"
-    draft = args.draft_model or write_config(os.path.join(work, "llama-3.2-1b"), LLAMA_3_2_1B)
+    draft = args.draft_model or (write_config(os.path.join(work, "eagle3-llama-3.1-8b"), EAGLE3_LLAMA_3_8B)
+                                 if args.method == "eagle3" else
+                                 write_config(os.path.join(work, "llama-3.2-1b"), LLAMA_3_2_1B))
     args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",")]
     args.draft_batch_sizes = [int(b) for b in str(args.draft_batch_sizes).split(",") if int(b) in args.batch_sizes]
     args.alphas = [float(a) for a in str(args.alphas).split(",")]

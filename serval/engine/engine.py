@@ -26,6 +26,7 @@ from serval.engine.request import Request, RequestStatus
 from serval.engine.scheduler import Scheduler, SchedulerOutput
 from serval.engine.spec_decode.decoder import SpecDecoder, SpecDecodeStats
 from serval.engine.spec_decode.draft_model import DraftModel
+from serval.engine.spec_decode.eagle3 import Eagle3Drafter, load_eagle3_head
 from serval.layers.pooling import parse_pooler_overrides
 from serval.layers.quant.kv_scales import enable_kv_scale_calculation
 from serval.lora.request import LoRARequest
@@ -114,7 +115,10 @@ class LLMEngine:
         drafter = None
         if draft_model is not None:
             num_blocks = share_blocks_with_draft(num_blocks, self.config, self.model, draft_model, self.kv_cache_dtype)
-            drafter = DraftModel(draft_model, num_blocks, self.config.block_size, self.kv_cache_dtype, self.device)
+            drafter = (Eagle3Drafter(draft_model, self.model, num_blocks, self.config.block_size, self.kv_cache_dtype,
+                                     self.device)
+                       if self.config.speculative_config.method == "eagle3" else
+                       DraftModel(draft_model, num_blocks, self.config.block_size, self.kv_cache_dtype, self.device))
         self.kv_cache = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching,
                                        sliding_window=_freeable_window(self.config, self.model, num_blocks, drafter))
         self.scheduler = Scheduler(self.config, self.kv_cache)
@@ -154,8 +158,11 @@ class LLMEngine:
 
     def _load_draft_model(self) -> torch.nn.Module | None:
         spec_config = self.config.speculative_config
-        if spec_config is None or spec_config.method != "draft_model":
+        if spec_config is None or spec_config.method not in ("draft_model", "eagle3"):
             return None
+        if spec_config.method == "eagle3":
+            return load_eagle3_head(spec_config.model, self.model, self.dtype, self.device,
+                                    self.config.load_format, self.config.seed)
         draft, _ = load_model(spec_config.model, load_format=self.config.load_format, dtype=self.dtype,
                               device=self.device, seed=self.config.seed)
         if draft.vocab_size != self.model.vocab_size:
@@ -529,7 +536,7 @@ class LLMEngine:
 
 def _freeable_window(config: EngineConfig, model, num_blocks: int, drafter) -> int | None:
     """The sliding window behind which the KV cache frees blocks (serval.engine.kv_cache), or None to keep every
-    block: a model with a full-attention layer; a draft model, which reads the target's blocks with its own window;
+    block: a model with a full-attention layer; a draft model or EAGLE-3 head, which reads the target's blocks with its own attention;
     a pool of exactly one max_model_len sequence, which can't spare the null block."""
     if drafter is not None or num_blocks <= -(-config.max_model_len // config.block_size):
         return None

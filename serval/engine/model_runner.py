@@ -21,6 +21,7 @@ from serval.engine.request import Request
 from serval.engine.scheduler import SchedulerOutput
 from serval.engine.spec_decode import rejection_sampler
 from serval.engine.spec_decode.draft_model import DraftModel
+from serval.engine.spec_decode.eagle3 import Eagle3Drafter
 from serval.engine.spec_decode.rejection_sampler import VerifiedTokens
 from serval.engine.spec_decode.verify_graphs import VerifyGraphs, max_verify_batch
 from serval.kernels import paged_attention as torch_attention
@@ -118,13 +119,15 @@ def kv_cache_shape(model: torch.nn.Module, num_blocks: int, block_size: int) -> 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int,
                  kv_cache_dtype: torch.dtype, device: torch.device, max_num_seqs: int = 1, max_model_len: int = 1,
-                 enforce_eager: bool = True, drafter: DraftModel | None = None,
+                 enforce_eager: bool = True, drafter: DraftModel | Eagle3Drafter | None = None,
                  lora: "LoRAManager | None" = None,
                  speculative_config: "SpeculativeConfig | None" = None) -> None:
         """kv_cache_dtype: the cache's element type, the model's dtype or float8_e4m3fn (EngineConfig's
         torch_kv_cache_dtype); the attention layers convert on write and on read."""
         self.model = model
         self.drafter = drafter  # speculative decoding with a draft model: it runs beside the target every step
+        # An EAGLE-3 head runs after the target (it reads the target's hidden states and the tokens it kept).
+        self.drafter_follows_target = isinstance(drafter, Eagle3Drafter)
         self.lora = lora
         self.block_size = block_size
         self.device = device
@@ -135,6 +138,9 @@ class ModelRunner:
         # (as does a model whose attention has no such kernel yet: supports_cuda_graphs = False).
         if device.type == "cuda" and not enforce_eager and attention_backend(device) is not torch_attention \
                 and getattr(model, "supports_cuda_graphs", True):
+            if self.drafter_follows_target:  # graph replays leave the hidden states the head reads in one buffer
+                drafter.reserve_graph_rows(max(max_num_seqs, max_verify_batch(max_num_seqs, speculative_config)
+                                               * (speculative_config.num_speculative_tokens + 1)))
             self.graphs = DecodeGraphs(model, self.kv_caches, block_size, max_num_seqs, max_model_len, device,
                                        **self._graph_lora_args())
             self.graphs.capture()
@@ -189,7 +195,7 @@ class ModelRunner:
                                   in zip(scheduled.requests, scheduled.num_scheduled_tokens)
                                   if request.num_computed_tokens + num_new > request.num_tokens])
         plan = self._plan(scheduled)
-        if self.drafter is not None:
+        if self.drafter is not None and not self.drafter_follows_target:
             self.drafter.forward(plan.input_ids, plan.positions, plan.query_start_loc, plan.seq_lens,
                                  scheduled.requests)
         num_requests = len(scheduled.requests)
@@ -199,16 +205,22 @@ class ModelRunner:
             logits = self.graphs.run(plan.input_ids, plan.positions, plan.slot_mapping, plan.seq_lens,
                                      [request.block_ids for request in scheduled.requests],
                                      lora_slots=self._lora_slots(scheduled.requests))
-            return self._outputs(scheduled, plan, logits, logits[:0])
+            out = self._outputs(scheduled, plan, logits, logits[:0])
+            if self.drafter_follows_target:
+                self.drafter.follow_target(scheduled.requests, plan.positions, plan.query_start_loc,
+                                           out.sampled_token_ids, out.verified, graph_rows_per_request=1)
+            return out
         prompt_flat_rows = [row for prompt_rows in plan.prompt_rows for row in prompt_rows.rows]
         verify_flat_rows = [row for verify_rows in plan.verify_rows for row in verify_rows.rows]
         inputs = ForwardInputs(plan.input_ids, plan.positions, plan.slot_mapping, plan.query_start_loc,
                                plan.seq_lens, [request.block_ids for request in scheduled.requests],
                                plan.sample_rows + prompt_flat_rows + verify_flat_rows)
         # A speculative verify step (at most k + 1 rows a request) replays a graph too.
+        graph_rows_per_request = None
         if (self.verify_graphs is not None and plan.verify_rows and not self._has_lora(scheduled.requests)
                 and self.verify_graphs.can_run(plan.query_start_loc)):
             logits = self.verify_graphs.run(inputs)
+            graph_rows_per_request = self.verify_graphs.num_query_tokens
         else:
             self._prepare_lora(scheduled.requests, plan.query_start_loc)
             try:
@@ -219,6 +231,9 @@ class ModelRunner:
         out = self._outputs(scheduled, plan, logits[:num_sampled], logits[num_sampled:num_sampled + num_prompt])
         if plan.verify_rows:
             self._verify(scheduled, plan, logits[num_sampled + num_prompt:], out)
+        if self.drafter_follows_target:
+            self.drafter.follow_target(scheduled.requests, plan.positions, plan.query_start_loc,
+                                       out.sampled_token_ids, out.verified, graph_rows_per_request)
         return out
 
     @staticmethod

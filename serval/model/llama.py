@@ -101,6 +101,15 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    # EAGLE-3 (serval.engine.spec_decode.eagle3) sets the layers whose input it reads: each forward then keeps the
+    # residual stream entering them, [T, len(layers) x hidden] in sorted layer order, as aux_hidden_states (vLLM's
+    # aux layer ids: transformers' output_hidden_states[i]). Empty: nothing is kept, nothing is paid.
+    aux_hidden_state_layers: tuple[int, ...] = ()
+    aux_hidden_states: torch.Tensor | None = None
+    # Where CUDA graphs leave them: a forward of at most this many rows also writes its states to the first rows
+    # (a graph replay refills the same rows; aux_hidden_states is then the capture's, not the replay's).
+    aux_hidden_buffer: torch.Tensor | None = None
+
     def __init__(self, config, make_mlp=dense_mlp, **attention_options) -> None:
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
@@ -115,8 +124,17 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 metadata: AttentionMetadata) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        captured, keep = {}, getattr(self, "aux_hidden_state_layers", ())  # DeepSeek-V3, gpt-oss borrow forward
+        for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            if index in keep:
+                captured[index] = hidden if residual is None else hidden + residual
             hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
+        if captured:
+            states = torch.cat([captured[i] for i in sorted(keep)], dim=-1)
+            buffer = getattr(self, "aux_hidden_buffer", None)
+            if buffer is not None and len(states) <= len(buffer):
+                states = buffer[:len(states)].copy_(states)
+            self.aux_hidden_states = states
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

@@ -8,8 +8,10 @@ from serval.openai.errors import InvalidArgument
 
 PARAM = "speculative_config"
 # Methods that run here. The others vLLM knows are refused by name rather than silently ignored.
-METHODS = ("ngram", "suffix", "draft_model", "replay")
-NOT_YET = ("eagle3", "eagle", "medusa", "mtp")
+METHODS = ("ngram", "suffix", "draft_model", "eagle3", "replay")
+NOT_YET = ("eagle", "medusa", "mtp")
+# Methods whose `model` is a checkpoint the engine loads beside the target.
+MODEL_METHODS = ("draft_model", "eagle3")
 _KEYS = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "model",
          "disable_by_batch_size", "suffix_decoding_max_cached_requests", "suffix_decoding_max_tree_depth",
          "acceptance_rate", "seed"}
@@ -19,7 +21,8 @@ _KEYS = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup
 class SpeculativeConfig:
     method: str
     num_speculative_tokens: int
-    model: str | None = None  # draft_model: the draft checkpoint (it must share the target's tokenizer)
+    # draft_model: the draft checkpoint (it must share the target's tokenizer); eagle3: the EAGLE-3 head's directory
+    model: str | None = None
     prompt_lookup_min: int = 1  # ngram: shortest suffix of the request's tokens to look up
     prompt_lookup_max: int = 3  # ngram: longest; longer matches are tried first
     # Steps with at least this many running requests don't speculate (verification then costs more than it saves);
@@ -64,8 +67,8 @@ def _validate(config: SpeculativeConfig) -> None:
     def bad(name: str, allowed: str) -> InvalidArgument:
         return InvalidArgument(PARAM, f"invalid {PARAM}: {name}={getattr(config, name)!r}; allowed {allowed}")
 
-    if (config.method == "draft_model") != isinstance(config.model, str) or config.model == "":
-        raise bad("model", "a draft checkpoint path with method draft_model, and only then")
+    if (config.method in MODEL_METHODS) != isinstance(config.model, str) or config.model == "":
+        raise bad("model", f"a checkpoint path with method {' or '.join(MODEL_METHODS)}, and only then")
 
     for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
                  "suffix_decoding_max_cached_requests", "suffix_decoding_max_tree_depth"):

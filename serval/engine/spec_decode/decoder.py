@@ -76,8 +76,8 @@ class SpecDecoder:
             return propose_ngram(request.all_token_ids, num_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
         if config.method == "suffix":
             return self.suffix_index.propose(request.all_token_ids, num_tokens)
-        if config.method == "draft_model":
-            # Placeholders: the draft model fills them in the runner once the scheduler has allocated their slots.
+        if config.method in ("draft_model", "eagle3"):
+            # Placeholders: the draft model (or EAGLE-3 head) fills them in the runner once the scheduler has allocated their slots.
             return [0] * num_tokens
         return self.replay.propose(request.prompt_token_ids, request.output_token_ids, num_tokens)
 
