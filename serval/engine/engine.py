@@ -536,8 +536,8 @@ class LLMEngine:
 
 def _freeable_window(config: EngineConfig, model, num_blocks: int, drafter) -> int | None:
     """The sliding window behind which the KV cache frees blocks (serval.engine.kv_cache), or None to keep every
-    block: a model with a full-attention layer; a draft model or EAGLE-3 head, which reads the target's blocks with its own attention;
-    a pool of exactly one max_model_len sequence, which can't spare the null block."""
+    block: a model with a full-attention layer; a draft model or an EAGLE-3 head, which reads the target's blocks
+    with its own attention; a pool of exactly one max_model_len sequence, which can't spare the null block."""
     if drafter is not None or num_blocks <= -(-config.max_model_len // config.block_size):
         return None
     return model_sliding_window(model)
