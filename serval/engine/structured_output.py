@@ -19,11 +19,12 @@ a 128k vocabulary), so it is kept off the step's critical path: the engine start
 (start_mask_fill) as soon as each row's last token is in its matcher, before or while the forward runs, and the
 sampler joins it (next_token_bitmask). The masks are the same as a fill at sampling time.
 
-Speculative decoding verifies a request's drafts d_1..d_k on k + 1 rows; row j is masked with the grammar's mask
-after d_1..d_j. llguidance fills those rows in one call per batch (the matcher advances through the drafts and is
-rolled back after), on the same worker thread when the drafts are known before the forward (draft_bitmasks). A
-draft the grammar rejects ends the rows that can be filled: the proposer cuts its drafts there (num_valid), and a
-draft model's unchecked drafts are rejected at that row by the mask itself, so later rows are never used.
+Speculative decoding verifies a request's drafts d_1..d_k on k + 1 rows; row j (0..k) is masked with the
+grammar's mask after d_1..d_j. llguidance fills those rows in one call per batch (the matcher advances through the
+drafts and is rolled back after), on the same worker thread when the drafts are known before the forward
+(draft_bitmasks). A draft the grammar rejects ends the rows that can be filled: the proposer cuts its drafts there
+(num_valid), and a draft model's unchecked drafts are rejected at that row by the mask itself, so later rows are
+never used.
 """
 from __future__ import annotations
 

@@ -31,6 +31,9 @@ CHOICES = ["yes", "no", "yes no yes no", "maybe"]
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}
 SUFFIX = {"method": "suffix", "num_speculative_tokens": 4}
 REPLAY = {"method": "replay", "num_speculative_tokens": 4, "acceptance_rate": 0.7, "seed": 1}
+# The target as its own draft model: its drafts are the unconstrained argmax, which the grammar often forbids (such
+# drafts are not cut when proposed; their row's mask rejects them).
+DRAFT_MODEL = {"method": "draft_model", "num_speculative_tokens": 3}
 
 
 def constrained(**kwargs) -> StructuredOutputsParams:
@@ -61,6 +64,8 @@ def mixed_batch() -> list[tuple[str, SamplingParams]]:
 
 
 def make_llm(speculative_config: dict | None) -> LLM:
+    if speculative_config is not None and speculative_config["method"] == "draft_model":
+        speculative_config = {**speculative_config, "model": tiny_model_dir()}
     # A small pool and token budget: prompts are chunked, requests preempted, prefixes hit.
     return LLM(model=tiny_model_dir(), max_model_len=96, max_num_seqs=4, max_num_batched_tokens=32, block_size=4,
                num_gpu_blocks_override=24, enable_prefix_caching=True, speculative_config=speculative_config)
@@ -75,7 +80,8 @@ def reference():
     return generate(make_llm(None), mixed_batch())
 
 
-@pytest.mark.parametrize("speculative_config", [NGRAM, SUFFIX, REPLAY], ids=["ngram", "suffix", "replay"])
+@pytest.mark.parametrize("speculative_config", [NGRAM, SUFFIX, REPLAY, DRAFT_MODEL],
+                         ids=["ngram", "suffix", "replay", "draft-model"])
 def test_greedy_constrained_equals_the_engine_without_speculation(reference, speculative_config):
     llm = make_llm(speculative_config)
     batch = mixed_batch()
@@ -104,7 +110,8 @@ def test_greedy_constrained_equals_the_engine_without_speculation(reference, spe
                 assert length is None, prompt
             elif length is not None and length > 1.0:
                 accepted_by_constrained += 1
-    assert accepted_by_constrained >= 2, "constrained requests were meant to accept drafts"
+    # The draft model's unconstrained argmax rarely fits a grammar: fewer of its requests accept anything.
+    assert accepted_by_constrained >= (1 if speculative_config is DRAFT_MODEL else 2), "no drafts accepted"
     json_output = json.loads(got[0].outputs[0].text)
     jsonschema.validate(json_output, ITEM)
     assert re.fullmatch(CODES, got[1].outputs[0].text) or got[1].outputs[0].finish_reason == "length"
