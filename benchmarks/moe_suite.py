@@ -17,14 +17,16 @@ benchmarks/configs/mixtral-8x7b (see docs/performance.md).
     python benchmarks/moe_suite.py --out results/moe_mla                 # H200: context 8192, batch 1, 8, 32
     python benchmarks/moe_suite.py --tiny --device cpu --out /tmp/mla    # a tiny shape, end to end on CPU
 
---experts SHAPE times one MoE layer's experts instead, the fused Triton kernel against the torch loop over experts
-(serval.layers.moe.fused_experts_reference, what gpt-oss ran before the kernel took its biases and clamped SwiGLU),
-on bf16 dummy weights with gpt-oss's router, per batch size; batch 1 also as GB/s of the k experts' weights read.
-Writes moe_experts.json:
+--experts SHAPE times one MoE layer's experts instead: the grouped fused-MoE kernel (serval.kernels.triton_moe),
+the small-batch GEMV path (serval.kernels.triton_moe_gemv) and the torch loop over experts
+(serval.layers.moe.fused_experts_reference), on bf16 dummy weights with the shape's router (gpt-oss: biases and the
+clamped SwiGLU), per batch size, each kernel also as GB/s of the distinct chosen experts' weights; the `path`
+column is the one triton_moe.fused_experts takes there. Writes moe_experts.json:
 
+    python benchmarks/moe_suite.py --experts qwen3-30b-a3b --out results/moe_experts   # E=128, H=2048, I=768, top-8
     python benchmarks/moe_suite.py --experts gpt-oss-20b --out results/moe_experts    # E=32, H=I=2880, top-4
     python benchmarks/moe_suite.py --experts gpt-oss-120b --fp8 --out results/moe_experts   # E=128, and fp8
-    TRITON_INTERPRET=1 python benchmarks/moe_suite.py --experts tiny --device cpu --out /tmp/moe_experts
+    python benchmarks/moe_suite.py --experts qwen3-30b-a3b --tiny --device cpu --out /tmp/moe_experts  # interpreter
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ import os
 import platform
 import time
 import types
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -121,16 +123,28 @@ class ExpertShape:
     hidden_size: int
     intermediate_size: int
     top_k: int
+    # gpt-oss's experts: biases, the clamped SwiGLU and its router (top-k logits, then softmax); else SiLU and
+    # softmax over all experts, top-k renormalised (Qwen3-MoE, Mixtral).
+    gpt_oss: bool = True
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
 
 
-# gpt-oss's published configs (experts of one layer); tiny: a shape Triton's interpreter runs in seconds.
+# The published configs (experts of one layer); tiny: a shape Triton's interpreter runs in seconds.
 EXPERT_SHAPES = {
     "gpt-oss-20b": ExpertShape(num_experts=32, hidden_size=2880, intermediate_size=2880, top_k=4),
     "gpt-oss-120b": ExpertShape(num_experts=128, hidden_size=2880, intermediate_size=2880, top_k=4),
+    "qwen3-30b-a3b": ExpertShape(num_experts=128, hidden_size=2048, intermediate_size=768, top_k=8, gpt_oss=False),
+    "mixtral-8x7b": ExpertShape(num_experts=8, hidden_size=4096, intermediate_size=14336, top_k=2, gpt_oss=False),
     "tiny": ExpertShape(num_experts=8, hidden_size=64, intermediate_size=32, top_k=4),
 }
+# The GEMV path is timed up to this many (token, expert) slots: past it, it only re-reads experts from L2.
+GEMV_TIMED_MAX_ROWS = 256
+
+
+def tiny_version(shape: ExpertShape) -> ExpertShape:
+    """The shape's routing (k, activation) on widths the interpreter runs in seconds (--tiny)."""
+    return replace(shape, num_experts=min(shape.num_experts, 16), hidden_size=64, intermediate_size=32)
 
 
 def time_ms(fn, device, repeats: int) -> float:
@@ -153,14 +167,25 @@ def time_ms(fn, device, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def expert_bytes(shape: ExpertShape, weight_itemsize: int, scaled: bool, dtype: torch.dtype) -> int:
+    """Bytes one chosen expert's weights take: both stacks, plus float32 row scales (fp8) and biases (gpt-oss)."""
+    rows = 2 * shape.intermediate_size + shape.hidden_size
+    total = 3 * shape.intermediate_size * shape.hidden_size * weight_itemsize
+    total += rows * 4 if scaled else 0
+    return total + (rows * dtype.itemsize if shape.gpt_oss else 0)
+
+
 @torch.inference_mode()
 def expert_runs(shape: ExpertShape, batch_sizes: list[int], device, dtype, repeats: int, fp8: bool) -> list[dict]:
-    """Fused kernel against the torch loop for gpt-oss's experts (biases, clamped SwiGLU), one row per batch size;
-    fp8: the kernel on float8 experts too (quantization="fp8": scales per expert and row)."""
-    from serval.layers.moe import ClampedSwiGLU, FusedMoE, fused_experts_reference, top_k_softmax
-    kernel = None
+    """One row per batch size: the torch loop, and on a GPU (or in the interpreter) the grouped kernel and the
+    small-batch GEMV path (serval.kernels.triton_moe_gemv), each also as GB/s of the distinct chosen experts'
+    weights; fp8: both kernels on float8 experts too (quantization="fp8": scales per expert and row)."""
+    from serval.layers.moe import ClampedSwiGLU, FusedMoE, fused_experts_reference, softmax_top_k, top_k_softmax
+    paths = {}
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        from serval.kernels.triton_moe import fused_experts as kernel
+        from serval.kernels import triton_moe, triton_moe_gemv
+        paths = {"grouped": triton_moe.fused_experts_grouped, "gemv": triton_moe_gemv.fused_experts_gemv}
+        max_rows = triton_moe_gemv.max_rows(shape.intermediate_size, shape.hidden_size, device)
     generator = torch.Generator(device=device).manual_seed(0)
     experts, hidden, intermediate = shape.num_experts, shape.hidden_size, shape.intermediate_size
 
@@ -169,36 +194,40 @@ def expert_runs(shape: ExpertShape, batch_sizes: list[int], device, dtype, repea
 
     gate_up = normal(experts, 2 * intermediate, hidden, scale=hidden ** -0.5)
     down = normal(experts, hidden, intermediate, scale=intermediate ** -0.5)
-    gate_up_bias, down_bias = normal(experts, 2 * intermediate, scale=0.1), normal(experts, hidden, scale=0.1)
-    activation = ClampedSwiGLU(shape.swiglu_alpha, shape.swiglu_limit)
-    options = dict(gate_up_bias=gate_up_bias, down_bias=down_bias, activation=activation)
-    expert_bytes = (3 * intermediate * hidden + 2 * intermediate + hidden) * dtype.itemsize
-    fp8_options = None
-    if fp8 and kernel is not None:
+    options = {}
+    if shape.gpt_oss:
+        options = dict(gate_up_bias=normal(experts, 2 * intermediate, scale=0.1), down_bias=normal(experts, hidden,
+                       scale=0.1), activation=ClampedSwiGLU(shape.swiglu_alpha, shape.swiglu_limit))
+    weights = {"bf16": ((gate_up, down), options, expert_bytes(shape, dtype.itemsize, False, dtype))}
+    if fp8 and paths:
         with torch.device("meta"):  # no allocation: the stacks are replaced by the ones timed above
             quantized = FusedMoE(experts, hidden, intermediate)
         quantized.gate_up_proj = torch.nn.Parameter(gate_up, requires_grad=False)
         quantized.down_proj = torch.nn.Parameter(down, requires_grad=False)
         quantized.quantize_fp8_()
-        fp8_weights = (quantized.gate_up_proj, quantized.down_proj)
-        fp8_options = dict(options, gate_up_scale=quantized.gate_up_proj_scale, down_scale=quantized.down_proj_scale)
-        # float8 weights, float32 scales, biases in the model dtype.
-        fp8_expert_bytes = 3 * intermediate * hidden + (2 * intermediate + hidden) * (4 + dtype.itemsize)
+        weights["fp8"] = ((quantized.gate_up_proj, quantized.down_proj),
+                          dict(options, gate_up_scale=quantized.gate_up_proj_scale,
+                               down_scale=quantized.down_proj_scale), expert_bytes(shape, 1, True, dtype))
     runs = []
     for batch in batch_sizes:
         x = normal(batch, hidden, scale=1.0)
-        routing = top_k_softmax(normal(batch, experts, scale=1.0), shape.top_k)
-        run = {"batch": batch, "loop_ms": time_ms(lambda: fused_experts_reference(x, gate_up, down, routing, **options),
-                                                  device, repeats)}
-        if kernel is not None:
-            run["fused_ms"] = time_ms(lambda: kernel(x, gate_up, down, routing, **options), device, repeats)
-            run["speedup"] = run["loop_ms"] / run["fused_ms"]
-            read = expert_bytes * len(torch.unique(routing.expert_ids))
-            run["fused_expert_gb_per_s"] = read / run["fused_ms"] / 1e6
-        if fp8_options is not None:
-            run["fp8_ms"] = time_ms(lambda: kernel(x, *fp8_weights, routing, **fp8_options), device, repeats)
-            run["fp8_expert_gb_per_s"] = (fp8_expert_bytes * len(torch.unique(routing.expert_ids))
-                                          / run["fp8_ms"] / 1e6)
+        logits = normal(batch, experts, scale=1.0)
+        routing = (top_k_softmax(logits, shape.top_k) if shape.gpt_oss
+                   else softmax_top_k(logits, shape.top_k, renormalize=True))
+        chosen = len(torch.unique(routing.expert_ids))
+        run = {"batch": batch, "slots": batch * shape.top_k, "experts_read": chosen,
+               "loop_ms": time_ms(lambda: fused_experts_reference(x, gate_up, down, routing, **options), device,
+                                  repeats)}
+        if paths:
+            run["dispatch"] = "gemv" if batch * shape.top_k <= max_rows else "grouped"
+        for fmt, ((w_gate_up, w_down), fmt_options, bytes_per_expert) in weights.items():
+            for name, path in paths.items():
+                if name == "gemv" and batch * shape.top_k > GEMV_TIMED_MAX_ROWS:
+                    continue
+                ms = time_ms(lambda: path(x, w_gate_up, w_down, routing, **fmt_options), device, repeats)
+                prefix = name if fmt == "bf16" else f"{fmt}_{name}"
+                run[f"{prefix}_ms"] = ms
+                run[f"{prefix}_gb_per_s"] = bytes_per_expert * chosen / ms / 1e6
         runs.append(run)
         print(f"[experts] {json.dumps(run)}", flush=True)
     return runs
@@ -206,34 +235,43 @@ def expert_runs(shape: ExpertShape, batch_sizes: list[int], device, dtype, repea
 
 def experts_main(args, device) -> None:
     shape = EXPERT_SHAPES[args.experts]
+    if args.tiny:
+        shape = tiny_version(shape)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    batch_sizes = [int(b) for b in (args.batch_sizes or ("1,4" if args.experts == "tiny" else "1,8,64,512")).split(",")]
+    small = args.experts == "tiny" or args.tiny
+    default_batches = "1,4" if small else ("1,8,64,512" if shape.gpt_oss else "1,2,4,8,16")
+    batch_sizes = [int(b) for b in (args.batch_sizes or default_batches).split(",")]
     runs = expert_runs(shape, batch_sizes, device, dtype, repeats=args.steps, fp8=args.fp8)
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-               "torch": torch.__version__, "shape": args.experts, **asdict(shape), "dtype": str(dtype), "runs": runs}
+               "torch": torch.__version__, "shape": args.experts, "tiny": args.tiny, **asdict(shape),
+               "dtype": str(dtype), "runs": runs}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "moe_experts.json"), "w") as f:
         json.dump(results, f, indent=2)
-    print(f"\n{args.experts} experts (E={shape.num_experts}, H={shape.hidden_size}, I={shape.intermediate_size}, "
-          f"top-{shape.top_k}, {dtype}), one layer: fused Triton kernel against the torch loop")
-    print(f"  {'batch':>5}  {'loop ms':>9}  {'fused ms':>9}  {'speed-up':>8}  {'fused GB/s':>10}  {'fp8 ms':>8}  "
-          f"{'fp8 GB/s':>8}")
+    print(f"\n{args.experts}{' (tiny)' if args.tiny else ''} experts (E={shape.num_experts}, H={shape.hidden_size}, "
+          f"I={shape.intermediate_size}, top-{shape.top_k}, {dtype}), one layer: the torch loop, the grouped kernel "
+          f"and the GEMV path; GB/s of the distinct chosen experts' weights")
+    columns = ["loop", "grouped", "gemv"] + (["fp8_grouped", "fp8_gemv"] if args.fp8 else [])
+    print(f"  {'batch':>5}  {'experts':>7}  {'path':>7}" + "".join(f"  {c + ' ms':>14}  {'GB/s':>6}" for c in columns))
     for run in runs:
-        fused = [f"{run['fused_ms']:.3f}", f"{run['speedup']:.1f}x", f"{run['fused_expert_gb_per_s']:.0f}"] \
-            if "fused_ms" in run else ["n/a"] * 3
-        fp8 = [f"{run['fp8_ms']:.3f}", f"{run['fp8_expert_gb_per_s']:.0f}"] if "fp8_ms" in run else ["-"] * 2
-        print(f"  {run['batch']:>5}  {run['loop_ms']:>9.3f}  {fused[0]:>9}  {fused[1]:>8}  {fused[2]:>10}  "
-              f"{fp8[0]:>8}  {fp8[1]:>8}")
+        cells = []
+        for column in columns:
+            ms, gb = run.get(f"{column}_ms"), run.get(f"{column}_gb_per_s")
+            cells.append(f"  {'-' if ms is None else f'{ms:.3f}':>14}  {'-' if gb is None else f'{gb:.0f}':>6}")
+        print(f"  {run['batch']:>5}  {run['experts_read']:>7}  {run.get('dispatch', '-'):>7}" + "".join(cells))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="benchmarks/configs/deepseek-v3-3l")
     parser.add_argument("--experts", choices=sorted(EXPERT_SHAPES),
-                        help="time one layer's experts (fused kernel against the torch loop) instead of MLA")
-    parser.add_argument("--fp8", action="store_true", help="with --experts: the kernel on float8 experts too")
+                        help="time one layer's experts (the grouped kernel, the GEMV path, the torch loop) instead "
+                             "of MLA")
+    parser.add_argument("--fp8", action="store_true", help="with --experts: the kernels on float8 experts too")
     parser.add_argument("--out", default="results/moe_mla")
-    parser.add_argument("--tiny", action="store_true", help="a tiny DeepSeek-V3 shape instead of --model")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a tiny DeepSeek-V3 shape instead of --model; with --experts, the shape's routing on tiny "
+                             "widths")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--context", type=int, default=None, help="tokens per sequence (8192; 128 with --tiny)")
     parser.add_argument("--batch-sizes", default=None, help="comma-separated (1,8,32; 1,2 with --tiny)")
@@ -241,6 +279,9 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.experts and device.type == "cpu":
+        # The kernels run in Triton's interpreter on a CPU; set before their module is imported (at its first use).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     if args.experts:
         experts_main(args, device)
         return

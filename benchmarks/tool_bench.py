@@ -162,6 +162,8 @@ def run_choice(choice: str, args, port: int, result_name: str | None = None) -> 
 
 
 def overhead_pct(results: dict, choice: str, key: str, baseline: str = "none") -> float | None:
+    if baseline not in results or choice not in results:
+        return None
     base, value = results[baseline].get(key), results[choice].get(key)
     if base is None or value is None or base <= 0:
         return None
@@ -176,7 +178,7 @@ def table(report: dict) -> str:
 
     rows = [("tool_choice", "ok/fail", "calls", "output tok/s", "TPOT p50 ms", "TPOT p99 ms", "vs none p50",
              "vs none p99", "server ITL ms", "vs none")]
-    for choice in TOOL_CHOICES:
+    for choice in results:
         row = results[choice]
         rows.append((choice, f"{row['completed']}/{row['failed']}", str(row["requests_with_tool_calls"]),
                      cell(row["output_tok_s"], "{:.1f}"), cell(row["tpot_p50_ms"], "{:.2f}"),
@@ -225,7 +227,13 @@ def main() -> None:
     # the same prompts and a fresh server: a whole untimed run first, so the baseline is not the warm-up.
     parser.add_argument("--warmup-run", action=argparse.BooleanOptionalAction, default=None,
                         help="an untimed tool_choice=none run before the measured ones (default: on, off with --tiny)")
+    parser.add_argument("--choices", default=",".join(TOOL_CHOICES),
+                        help="the tool_choice runs to time, comma-separated (default: all three)")
     args = parser.parse_args()
+    args.choices = [choice.strip() for choice in args.choices.split(",") if choice.strip()]
+    unknown = sorted(set(args.choices) - set(TOOL_CHOICES))
+    if unknown:
+        parser.error(f"--choices: unknown {', '.join(unknown)}; allowed: {', '.join(TOOL_CHOICES)}")
     defaults = {"concurrency": (256, 4), "input_len": (256, 16), "output_len": (128, 16), "num_warmups": (8, 1)}
     for name, (full, tiny) in defaults.items():
         if getattr(args, name) is None:
@@ -241,7 +249,7 @@ def main() -> None:
     try:
         if args.warmup_run:
             run_choice("none", args, port, result_name="warmup")
-        results = {choice: run_choice(choice, args, port) for choice in TOOL_CHOICES}
+        results = {choice: run_choice(choice, args, port) for choice in args.choices}
     finally:
         server.terminate()
         try:
@@ -256,7 +264,7 @@ def main() -> None:
                                                      "p99": overhead_pct(results, choice, "tpot_p99_ms"),
                                                      "server_itl_mean": overhead_pct(results, choice,
                                                                                      "server_itl_mean_ms")}
-                                            for choice in ("auto", "required")}}
+                                            for choice in ("auto", "required") if choice in results}}
     with open(os.path.join(args.out, "tool_bench.json"), "w") as handle:
         json.dump(report, handle, indent=1)
     sys.stdout.write(table(report) + "\n")

@@ -324,6 +324,10 @@ def _serve(args: argparse.Namespace, config: EngineConfig) -> int:
     except (ValueError, FileNotFoundError) as error:
         logger.error("cannot start the engine", extra={"error": str(error)})
         return 2
+    if (server_config.tool_call_parser or server_config.reasoning_parser) and engine.tokenizer is not None:
+        # Their clients send grammars (tool_choice "required", response_format): build the vocabulary's grammar
+        # view now, not under the GIL of a serving process at the first such request (a second or more).
+        engine.engine.grammar_compiler().ll_tokenizer
     from serval.lora.registry import preload_lora_modules
     try:
         preload_lora_modules(engine, server_config)

@@ -164,6 +164,14 @@ def _apply_grammar_mask(logits: torch.Tensor, requests: list[Request]) -> None:
     states = [requests[row].grammar for row in rows]
     # The masks a worker thread filled while the logits were computed, where the engine started one.
     bitmask = structured.next_token_bitmask(states, pin_memory=logits.device.type == "cuda")
+    early = [i for i, row in enumerate(rows)
+             if requests[row].num_output_tokens < requests[row].sampling_params.min_tokens]
+    if logits.device.type == "cuda" and not early and logits.stride(1) == 1:
+        from serval.kernels.triton_bitmask import apply_token_bitmask_
+        # From pinned memory the copy is queued behind the step's kernels; one launch masks every row.
+        apply_token_bitmask_(logits, bitmask.to(logits.device, non_blocking=bitmask.is_pinned()),
+                             None if len(rows) == len(requests) else _tensor(rows, logits))
+        return
     disallowed = structured.disallowed_mask_on(bitmask, logits.shape[1], logits.device)
     if len(rows) == len(requests):
         logits.masked_fill_(disallowed, _NEG_INF)
@@ -173,8 +181,6 @@ def _apply_grammar_mask(logits: torch.Tensor, requests: list[Request]) -> None:
         sub = logits[index].masked_fill_(disallowed, _NEG_INF)
         logits[index] = sub
     # min_tokens may have masked the only token the grammar allows (EOS of a complete output): the grammar wins.
-    early = [i for i, row in enumerate(rows)
-             if requests[row].num_output_tokens < requests[row].sampling_params.min_tokens]
     for i in early:
         if bool(torch.isneginf(sub[i]).all()):
             sub[i] = torch.where(disallowed[i], _NEG_INF, 0.0)

@@ -32,9 +32,10 @@ import functools
 import hashlib
 import json
 import logging
+import queue
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import llguidance
 import llguidance.hf
@@ -133,18 +134,47 @@ class GrammarState:
 
 @dataclass(eq=False)
 class MaskFill:
-    """The next-token bitmasks of a batch of grammar states, filled on a worker thread. llguidance's fill
+    """The next-token bitmasks of a batch of grammar states, filled on the fill worker thread. llguidance's fill
     releases the GIL, so it runs while the device computes the logits and the host processes the last tokens."""
     bitmask: torch.Tensor  # int32 [rows, words], pinned when it goes to a GPU
-    thread: threading.Thread | None = None
+    done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
 
     def wait(self) -> torch.Tensor:
-        if self.thread is not None:
-            self.thread.join()
+        if not self.done.is_set():
+            self.done.wait()
         if self.error is not None:
             raise RuntimeError(f"grammar mask fill failed: {self.error}") from self.error
         return self.bitmask
+
+
+class _FillWorker:
+    """One long-lived daemon thread that runs the mask fills in the order they were started. A thread started per
+    step cost two GIL hand-offs before the step could go on (Thread.start waits for the new thread to run), each up
+    to the interpreter's switch interval while the server's event loop holds the GIL."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="serval-grammar-fill", daemon=True).start()
+
+    def submit(self, fill: MaskFill, matchers: list[tuple[llguidance.LLMatcher, int, list[int]]]) -> None:
+        """matchers: (matcher, its first row, the drafts whose rows follow), as _fill_rows_into takes them."""
+        self._queue.put((fill, matchers))
+
+    def _run(self) -> None:
+        while True:
+            fill, matchers = self._queue.get()
+            try:
+                _fill_rows_into(matchers, fill.bitmask)
+            except BaseException as error:  # handed to the thread that waits: a fill must fail its step, not vanish
+                fill.error = error
+            finally:
+                fill.done.set()
+
+
+@functools.cache
+def _fill_worker() -> _FillWorker:
+    return _FillWorker()
 
 
 @dataclass(eq=False)
@@ -205,7 +235,7 @@ class GrammarCompiler:
     def ll_tokenizer(self) -> llguidance.LLTokenizer:
         """The llguidance view of the HF fast tokenizer (from tokenizer.json or rebuilt from a GGUF), built once."""
         if self._ll_tokenizer is None:
-            built = llguidance.hf.from_tokenizer(self.tokenizer)
+            built = _ll_tokenizer_of(self.tokenizer)
             with self._lock:
                 if self._ll_tokenizer is None:
                     self._ll_tokenizer = built
@@ -310,18 +340,9 @@ def start_mask_fill(states: list[GrammarState], pin_memory: bool = False,
     fill = MaskFill(torch.full((sum(len(drafts) + 1 for _, drafts in kept), words), -1, dtype=torch.int32,
                                pin_memory=pin_memory))
     rows = _first_rows([drafts for _, drafts in kept])
-    matchers = [(state.matcher, row, drafts) for (state, drafts), row in zip(kept, rows)]
-
-    def run() -> None:
-        try:
-            _fill_rows_into(matchers, fill.bitmask)
-        except BaseException as error:  # handed to the thread that waits: a fill must fail its step, not vanish
-            fill.error = error
-
     for (state, drafts), row in zip(kept, rows):
         state.pending = PendingMask(fill, row, state.num_consumed, tuple(drafts))
-    fill.thread = threading.Thread(target=run, name="serval-grammar-fill", daemon=True)
-    fill.thread.start()
+    _fill_worker().submit(fill, [(state.matcher, row, drafts) for (state, drafts), row in zip(kept, rows)])
     return fill
 
 
@@ -430,11 +451,26 @@ def disallowed_mask_on(bitmask: torch.Tensor, vocab_size: int, device: torch.dev
 
 def unpack_disallowed(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """disallowed_mask in torch ops, on the bitmask's own device."""
-    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
-    bits = ((bitmask.unsqueeze(-1) >> shifts) & 1).view(bitmask.shape[0], -1) == 0
+    bits = (bitmask.unsqueeze(-1) & _bit_values(bitmask.device)).view(bitmask.shape[0], -1) == 0
     if bits.shape[1] >= vocab_size:
         return bits[:, :vocab_size]
     return torch.nn.functional.pad(bits, (0, vocab_size - bits.shape[1]), value=True)
+
+
+def _ll_tokenizer_of(tokenizer) -> llguidance.LLTokenizer:
+    """llguidance.hf.from_tokenizer without its copy of the Rust tokenizer (seconds for a 128k vocabulary, under
+    the GIL: every stream of a running server stalls meanwhile), where nothing needs resetting on the copy."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.padding is not None or backend.truncation is not None:
+        return llguidance.hf.from_tokenizer(tokenizer)
+    return llguidance.LLTokenizer(backend.to_str(), eos_token=tokenizer.eos_token_id)
+
+
+@functools.cache
+def _bit_values(device: torch.device) -> torch.Tensor:
+    """int32 [32]: 1 << j (bit 31 as the negative int32 it is), made once per device: every torch call on the
+    engine thread can wait a switch interval for the GIL while the server's event loop runs."""
+    return torch.tensor([1 << j if j < 31 else -(1 << 31) for j in range(32)], dtype=torch.int32, device=device)
 
 
 def _first_line(message: str) -> str:

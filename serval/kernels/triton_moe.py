@@ -23,6 +23,10 @@ per BLOCK_M tokens routed to it, and the shapes are static for a given batch siz
 CUDA graphs. Block sizes come from a per-device table written by benchmarks/moe_tune.py
 (serval/kernels/configs/), keyed by (experts, hidden, intermediate) and the batch size nearest the number of
 tokens, with `default_config` for shapes without one.
+
+Small batches (T * k up to a few dozen slots, i.e. decode) take serval.kernels.triton_moe_gemv instead: two GEMV
+kernels that read each chosen expert's rows directly, without the alignment, the M padding and the combine.
+`fused_experts` picks the path; `fused_experts_grouped` is the grouped one.
 """
 from __future__ import annotations
 
@@ -34,6 +38,8 @@ from dataclasses import asdict, dataclass
 import torch
 import triton
 import triton.language as tl
+
+from serval.kernels import triton_moe_gemv
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
@@ -265,6 +271,22 @@ def fused_experts(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: t
                   config: MoeKernelConfig | None = None, *, gate_up_bias: torch.Tensor | None = None,
                   down_bias: torch.Tensor | None = None, activation=None, gate_up_scale: torch.Tensor | None = None,
                   down_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The experts on the GPU (arguments as fused_experts_grouped): up to triton_moe_gemv.max_rows (token, expert)
+    slots, the GEMV kernels that read each chosen expert's rows at bandwidth (decode); above, or with an explicit
+    grouped config, the grouped GEMMs. T * k is a host-known shape: no sync, and each graph captures one path."""
+    options = dict(gate_up_bias=gate_up_bias, down_bias=down_bias, activation=activation,
+                   gate_up_scale=gate_up_scale, down_scale=down_scale)
+    max_rows = triton_moe_gemv.max_rows(down_proj.shape[2], down_proj.shape[1], hidden.device)
+    if config is None and hidden.shape[0] * routing.expert_ids.shape[1] <= max_rows:
+        return triton_moe_gemv.fused_experts_gemv(hidden, gate_up_proj, down_proj, routing, **options)
+    return fused_experts_grouped(hidden, gate_up_proj, down_proj, routing, config, **options)
+
+
+def fused_experts_grouped(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, routing,
+                          config: MoeKernelConfig | None = None, *, gate_up_bias: torch.Tensor | None = None,
+                          down_bias: torch.Tensor | None = None, activation=None,
+                          gate_up_scale: torch.Tensor | None = None,
+                          down_scale: torch.Tensor | None = None) -> torch.Tensor:
     """serval.layers.moe.fused_experts_reference: hidden [T, H], gate_up_proj [E, 2I, H], down_proj [E, H, I],
     routing (ExpertRouting: weights [T, k] float32, expert_ids [T, k]) -> [T, H] in hidden's dtype.
     gpt-oss: gate_up_bias [E, 2I], down_bias [E, H], and activation a ClampedSwiGLU (anything with `alpha` and

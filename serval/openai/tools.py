@@ -6,6 +6,7 @@ Bad input raises `InvalidArgument(param, message)` with the OpenAI body field at
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Literal
@@ -123,13 +124,28 @@ def _check_parameters(parameters: dict | None, param: str) -> None:
     if not isinstance(parameters.get("required", []), list):
         raise InvalidArgument(param, "parameters.required must be a list of parameter names")
     try:
+        canonical = json.dumps(parameters, sort_keys=True)
+    except (TypeError, ValueError):
+        raise InvalidArgument(param, "parameters must be a JSON object") from None
+    problem = _schema_problem(canonical)
+    if problem is not None:
+        raise InvalidArgument(param, f"parameters is not a valid JSON schema: {problem}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _schema_problem(canonical: str) -> str | None:
+    """Why the schema (its canonical JSON text) is not valid JSON Schema, or None. Cached: agents send the same
+    tools with every turn, and the meta-schema check takes milliseconds on the event loop per tool."""
+    try:
         import jsonschema  # optional: a schema that is not valid JSON Schema is refused when we can tell
     except ImportError:
-        return
+        return None
+    parameters = json.loads(canonical)
     try:
         jsonschema.validators.validator_for(parameters).check_schema(parameters)
     except jsonschema.SchemaError as error:
-        raise InvalidArgument(param, f"parameters is not a valid JSON schema: {error.message}") from None
+        return error.message
+    return None
 
 
 class ToolCallMessageFields(BaseModel):

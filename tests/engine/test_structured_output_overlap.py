@@ -200,3 +200,23 @@ def test_a_token_fed_ahead_is_reported_once_by_advance(compiler):
     state.consume(token)
     with pytest.raises(RuntimeError, match="fed ahead"):
         state.advance(token + 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the one-launch bitmask kernel runs on a GPU")
+def test_gpu_constrained_greedy_equals_the_cpu_engine():
+    """On a GPU the sampler masks with one Triton launch (serval.kernels.triton_bitmask) instead of the CPU's
+    unpack and masked_fill: greedy constrained rows, mixed with unconstrained ones (the kernel's row-index form)
+    and alone (its whole-batch form), give the CPU engine's tokens in float32."""
+    greedy = [("Item:", SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=constrained(json=ITEM))),
+              ("Code:", SamplingParams(temperature=0.0, max_tokens=30, structured_outputs=constrained(regex=CODE))),
+              ("Pick:", SamplingParams(temperature=0.0, max_tokens=10, structured_outputs=constrained(choice=CHOICES))),
+              ("Free text", SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))]
+    results = {}
+    for device in ("cpu", "cuda"):
+        llm = LLM(model=tiny_model_dir(), max_model_len=256, max_num_seqs=16, block_size=4, device=device,
+                  dtype="float32", **({"num_gpu_blocks_override": 512} if device == "cuda" else {}))
+        mixed = summary(llm.generate([p for p, _ in greedy], [s for _, s in greedy], use_tqdm=False))
+        alone = summary(llm.generate([p for p, _ in greedy[:3]], [s for _, s in greedy[:3]], use_tqdm=False))
+        results[device] = (mixed, alone)
+    assert results["cuda"] == results["cpu"]
+    jsonschema.validate(json.loads(results["cuda"][0][0][0][1]), ITEM)

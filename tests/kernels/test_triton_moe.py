@@ -1,4 +1,5 @@
-"""The fused-MoE Triton kernel against its torch reference (serval.layers.moe.fused_experts_reference, a loop over
+"""The fused-MoE Triton kernel (its grouped path: the small-batch GEMV path is tests/kernels/test_triton_moe_gemv.py)
+against its torch reference (serval.layers.moe.fused_experts_reference, a loop over
 experts): random, skewed (every token to the same experts) and sparse routings (most experts empty), batch sizes
 1 to 512, float32 and half precision, and gpt-oss's options (per-expert biases, the clamped SwiGLU over interleaved
 gate/up rows); in Triton's interpreter on CPU, compiled on a GPU."""
@@ -57,8 +58,8 @@ def check(routing: ExpertRouting, num_experts: int, hidden: int, intermediate: i
         x.cpu(), gate_up.cpu(), down.cpu(), ExpertRouting(routing.weights.cpu(), routing.expert_ids.cpu()),
         gate_up_bias=None if gate_up_bias is None else gate_up_bias.cpu(),
         down_bias=None if down_bias is None else down_bias.cpu(), activation=activation)
-    got = triton_moe.fused_experts(x, gate_up, down, routing, config, gate_up_bias=gate_up_bias, down_bias=down_bias,
-                                   activation=activation)
+    got = triton_moe.fused_experts_grouped(x, gate_up, down, routing, config, gate_up_bias=gate_up_bias,
+                                           down_bias=down_bias, activation=activation)
     assert got.dtype == dtype and got.shape == x.shape
     scale = expected.abs().max().item()
     torch.testing.assert_close(got.cpu(), expected, atol=RELATIVE_ATOL[dtype] * scale, rtol=1e-2)
@@ -224,8 +225,8 @@ def test_fp8_experts_apply_per_expert_row_scales(dtype, gpt_oss):
     expected = fused_experts_reference(x.cpu(), gate_up_q.cpu(), down_q.cpu(),
                                        ExpertRouting(routing.weights.cpu(), routing.expert_ids.cpu()),
                                        gate_up_scale=gate_up_scale.cpu(), down_scale=down_scale.cpu(), **on_cpu)
-    got = triton_moe.fused_experts(x, gate_up_q, down_q, routing, gate_up_scale=gate_up_scale,
-                                   down_scale=down_scale, **options)
+    got = triton_moe.fused_experts_grouped(x, gate_up_q, down_q, routing, gate_up_scale=gate_up_scale,
+                                           down_scale=down_scale, **options)
     scale = expected.abs().max().item()
     torch.testing.assert_close(got.cpu(), expected, atol=RELATIVE_ATOL[dtype] * scale * 4, rtol=1e-2)
     # And fp8 is what ran: near the unquantized experts (e4m3 keeps 3 mantissa bits, up to 6% off a weight, through
