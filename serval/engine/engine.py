@@ -501,10 +501,14 @@ class LLMEngine:
     def _start_grammar_fill(self, requests: list[Request]) -> None:
         """Start filling the next-token masks of the requests with a grammar on a worker thread; the sampler
         takes them (serval.engine.structured_output.next_token_bitmask)."""
-        states = [request.grammar for request in requests if request.grammar is not None]
-        if states:
+        constrained = [request for request in requests if request.grammar is not None]
+        draft_token_ids = None
+        if self.spec_decoder is not None:  # a verifying request's rows after each draft are filled too
+            constrained, draft_token_ids = self.spec_decoder.grammar_fill_drafts(constrained)
+        if constrained:
             from serval.engine.structured_output import start_mask_fill  # llguidance loads only when asked for
-            start_mask_fill(states, pin_memory=self.device.type == "cuda")
+            start_mask_fill([request.grammar for request in constrained], pin_memory=self.device.type == "cuda",
+                            draft_token_ids=draft_token_ids)
 
     def _launch_following(self, current: DecodeInFlight) -> DecodeInFlight | DecodeForward | None:
         """Queue the decode step after `current`, before its tokens are known: forward and sampling where the

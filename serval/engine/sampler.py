@@ -62,6 +62,14 @@ def sample_token_tensor(logits: torch.Tensor, requests: list[Request]) -> torch.
     return _sample_tokens(logits, requests)
 
 
+def apply_history_processing(logits: torch.Tensor, requests: list) -> None:
+    """min_tokens, then the penalties: the processing that reads the tokens generated so far, in place. requests:
+    per row, a Request or anything with its sampling_params, eos_token_id, all_token_ids and output_token_ids
+    (speculative verification passes each draft position's view)."""
+    _apply_min_tokens(logits, requests)
+    _apply_penalties(logits, requests)
+
+
 def compute_prompt_logprobs(logits: torch.Tensor, target_token_ids: torch.Tensor,
                             num_top: int) -> list[dict[int, Logprob]]:
     """Row j: the logprob (and rank) of target_token_ids[j] under logits[j], plus the top-num_top alternatives."""

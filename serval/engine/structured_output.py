@@ -18,6 +18,13 @@ Filling a batch's masks takes milliseconds (llguidance's thread pool: ~10 ms for
 a 128k vocabulary), so it is kept off the step's critical path: the engine starts the fill on a worker thread
 (start_mask_fill) as soon as each row's last token is in its matcher, before or while the forward runs, and the
 sampler joins it (next_token_bitmask). The masks are the same as a fill at sampling time.
+
+Speculative decoding verifies a request's drafts d_1..d_k on k + 1 rows; row j (0..k) is masked with the
+grammar's mask after d_1..d_j. llguidance fills those rows in one call per batch (the matcher advances through the
+drafts and is rolled back after), on the same worker thread when the drafts are known before the forward
+(draft_bitmasks). A draft the grammar rejects ends the rows that can be filled: the proposer cuts its drafts there
+(num_valid), and a draft model's unchecked drafts are rejected at that row by the mask itself, so later rows are
+never used.
 """
 from __future__ import annotations
 
@@ -114,6 +121,12 @@ class GrammarState:
         """Nothing but end-of-sequence may follow: the output is complete."""
         return self.stopped
 
+    def num_valid(self, token_ids: list[int]) -> int:
+        """How many of token_ids, from the first, the grammar would take after the tokens consumed so far (the
+        matcher is left where it is)."""
+        self.wait_for_fill()
+        return self.matcher.validate_tokens(token_ids)
+
     def wait_for_fill(self) -> None:
         if self.pending is not None:
             self.pending.fill.wait()
@@ -144,14 +157,15 @@ class _FillWorker:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._run, name="serval-grammar-fill", daemon=True).start()
 
-    def submit(self, fill: MaskFill, matchers: list) -> None:
+    def submit(self, fill: MaskFill, matchers: list[tuple[llguidance.LLMatcher, int, list[int]]]) -> None:
+        """matchers: (matcher, its first row, the drafts whose rows follow), as _fill_rows_into takes them."""
         self._queue.put((fill, matchers))
 
     def _run(self) -> None:
         while True:
             fill, matchers = self._queue.get()
             try:
-                _fill_into(matchers, fill.bitmask)
+                _fill_rows_into(matchers, fill.bitmask)
             except BaseException as error:  # handed to the thread that waits: a fill must fail its step, not vanish
                 fill.error = error
             finally:
@@ -165,10 +179,15 @@ def _fill_worker() -> _FillWorker:
 
 @dataclass(eq=False)
 class PendingMask:
-    """A state's row of a MaskFill, valid while the state is still where the fill started."""
+    """A state's rows of a MaskFill, valid while the state is still where the fill started: row, then one row after
+    each of draft_token_ids (speculative decoding's verify rows)."""
     fill: MaskFill
     row: int
     num_consumed: int
+    draft_token_ids: tuple[int, ...] = ()
+
+    def matches(self, state: GrammarState, draft_token_ids: list[int]) -> bool:
+        return self.num_consumed == state.num_consumed and self.draft_token_ids == tuple(draft_token_ids)
 
 
 def grammar_spec(params: StructuredOutputsParams) -> tuple[str, str]:
@@ -304,29 +323,57 @@ def _ll_executor() -> llguidance.LLExecutor:
     return llguidance.LLExecutor()
 
 
-def start_mask_fill(states: list[GrammarState], pin_memory: bool = False) -> MaskFill | None:
+def start_mask_fill(states: list[GrammarState], pin_memory: bool = False,
+                    draft_token_ids: list[list[int]] | None = None) -> MaskFill | None:
     """Start filling the next-token masks of `states`, each of which has its last token in its matcher, on a worker
     thread; the sampler takes each row (next_token_bitmask) or, if the state moved on since, fills it again.
-    Stopped matchers are left out: their requests end. pin_memory: the masks go to a GPU (copied without a wait)."""
-    states = [state for state in states if not state.stopped]
-    if not states:
+    Stopped matchers are left out: their requests end. pin_memory: the masks go to a GPU (copied without a wait).
+    draft_token_ids: per state, the speculative drafts its request verifies: their rows are filled too
+    (draft_bitmasks takes them)."""
+    drafts_of = draft_token_ids if draft_token_ids is not None else [[] for _ in states]
+    kept = [(state, list(drafts)) for state, drafts in zip(states, drafts_of) if not state.stopped]
+    if not kept:
         return None
-    for state in states:
+    for state, _ in kept:
         state.wait_for_fill()  # an older fill still reading a matcher: llguidance allows one borrower at a time
-    words = (max(state.vocab_size for state in states) + 31) // 32
-    fill = MaskFill(torch.full((len(states), words), -1, dtype=torch.int32, pin_memory=pin_memory))
-    for row, state in enumerate(states):
-        state.pending = PendingMask(fill, row, state.num_consumed)
-    _fill_worker().submit(fill, [state.matcher for state in states])
+    words = (max(state.vocab_size for state, _ in kept) + 31) // 32
+    fill = MaskFill(torch.full((sum(len(drafts) + 1 for _, drafts in kept), words), -1, dtype=torch.int32,
+                               pin_memory=pin_memory))
+    rows = _first_rows([drafts for _, drafts in kept])
+    for (state, drafts), row in zip(kept, rows):
+        state.pending = PendingMask(fill, row, state.num_consumed, tuple(drafts))
+    _fill_worker().submit(fill, [(state.matcher, row, drafts) for (state, drafts), row in zip(kept, rows)])
     return fill
+
+
+def _first_rows(draft_token_ids: list[list[int]]) -> list[int]:
+    """Each state's first row when state i has 1 + len(draft_token_ids[i]) consecutive rows."""
+    rows, row = [], 0
+    for drafts in draft_token_ids:
+        rows.append(row)
+        row += len(drafts) + 1
+    return rows
+
+
+def _fill_rows_into(matchers: list[tuple[llguidance.LLMatcher, int, list[int]]], bitmask: torch.Tensor) -> None:
+    """Fill each (matcher, first row, drafts)'s rows: the mask now, then after each draft. llguidance advances the
+    matcher through the drafts and rolls it back; rows after a draft it rejects are left as they were."""
+    without_drafts = [(matcher, row) for matcher, row, drafts in matchers if not drafts]
+    with_drafts = [(matcher, row, drafts) for matcher, row, drafts in matchers if drafts]  # llguidance wants some
+    if without_drafts:
+        _ll_executor().unsafe_compute_mask_ptr(without_drafts, bitmask.data_ptr(), bitmask.shape[1] * 4,
+                                               bitmask.shape[0])
+    if with_drafts:
+        _ll_executor().unsafe_compute_mask_ptr_with_draft_token(with_drafts, bitmask.data_ptr(), bitmask.shape[1] * 4,
+                                                                bitmask.shape[0])
 
 
 def next_token_bitmask(states: list[GrammarState], pin_memory: bool = False) -> torch.Tensor:
     """int32 [len(states), words]: each state's next-token mask. Rows of a fill started for the state where it
     still is are taken from that fill (waiting for it); the others are filled now. Equal to fill_bitmask of the
     states' matchers either way."""
-    current = [state.pending if state.pending is not None and state.pending.num_consumed == state.num_consumed
-               else None for state in states]
+    current = [state.pending if state.pending is not None and state.pending.matches(state, []) else None
+               for state in states]
     fills = {id(pending.fill): pending.fill for pending in current if pending is not None}
     for state in states:
         state.wait_for_fill()
@@ -349,6 +396,29 @@ def next_token_bitmask(states: list[GrammarState], pin_memory: bool = False) -> 
     missing = [i for i, pending in enumerate(current) if pending is None]
     if missing:
         bitmask[missing] = fill_bitmask([states[i].matcher for i in missing], bitmask.shape[1] * 32)
+    return bitmask
+
+
+def draft_bitmasks(states: list[GrammarState], draft_token_ids: list[list[int]],
+                   pin_memory: bool = False) -> torch.Tensor:
+    """int32 [sum(len(drafts) + 1), words]: state i's rows, consecutive: its mask now, then after each of its drafts
+    (speculative verification). Rows after a draft the grammar rejects allow everything (that draft's own row
+    rejects it, so they are never sampled from). Taken from a fill started for the same state and drafts where
+    there is one, else filled now; every matcher is left where it was."""
+    words = (max(state.vocab_size for state in states) + 31) // 32
+    rows = _first_rows(draft_token_ids)
+    bitmask = torch.full((rows[-1] + len(draft_token_ids[-1]) + 1, words), -1, dtype=torch.int32,
+                         pin_memory=pin_memory)
+    missing = []
+    for state, drafts, row in zip(states, draft_token_ids, rows):
+        pending = state.pending
+        state.wait_for_fill()
+        state.pending = None
+        if pending is not None and pending.matches(state, drafts):
+            bitmask[row:row + len(drafts) + 1] = pending.fill.wait()[pending.row:pending.row + len(drafts) + 1]
+        else:
+            missing.append((state.matcher, row, list(drafts)))
+    _fill_rows_into(missing, bitmask)
     return bitmask
 
 

@@ -36,14 +36,15 @@ class SpecDecodeStats:
     num_disabled_steps: int = 0  # steps that didn't speculate because the batch was at least disable_by_batch_size
 
 
+# Methods whose drafts are known when proposed; a draft model's are placeholders until the runner fills them.
+DRAFTS_KNOWN_WHEN_PROPOSED = ("ngram", "suffix", "replay")
+
+
 def can_speculate(request: Request) -> bool:
-    """Whether the request's next tokens may be drafted. Drafting needs every verified row to be sampled with the
-    same processing: penalties (counts grow with each accepted draft), min_tokens still masking EOS and grammars
-    (the matcher advances per token) would not, so those requests decode one token at a time."""
+    """Whether the request's next tokens may be drafted. Penalties, min_tokens and grammars are applied to each
+    verify row as if the drafts before it had been generated (rejection_sampler), so they speculate too."""
     params = request.sampling_params
-    return (not params.disable_speculation and request.grammar is None and params.repetition_penalty == 1.0
-            and params.frequency_penalty == 0.0 and params.presence_penalty == 0.0
-            and request.num_output_tokens >= params.min_tokens and params.max_tokens != 0
+    return (not params.disable_speculation and params.max_tokens != 0
             and request.num_tokens - request.num_computed_tokens == 1)
 
 
@@ -64,6 +65,20 @@ class SpecDecoder:
             self.stats.num_disabled_steps += 1
         for request in running:
             request.spec_token_ids = [] if disabled or not can_speculate(request) else self._drafts(request)
+            if request.grammar is not None and request.spec_token_ids and self.drafts_known_when_proposed:
+                # Only drafts the grammar takes are worth verifying: the first it rejects would be rejected anyway.
+                del request.spec_token_ids[request.grammar.num_valid(request.spec_token_ids):]
+
+    @property
+    def drafts_known_when_proposed(self) -> bool:
+        return self.config.method in DRAFTS_KNOWN_WHEN_PROPOSED
+
+    def grammar_fill_drafts(self, requests: list[Request]) -> tuple[list[Request], list[list[int]]]:
+        """Of the scheduled constrained requests whose masks can be filled before the forward, each with the drafts
+        its verify rows follow. A draft model's requests with drafts are left out: their drafts are known only
+        after the runner's draft steps, and their masks are filled at verification."""
+        known = [request for request in requests if request.spec_token_ids == [] or self.drafts_known_when_proposed]
+        return known, [list(request.spec_token_ids) for request in known]
 
     def _drafts(self, request: Request) -> list[int]:
         # a + 1 tokens come out of a verify step: keep them within max_tokens and the context.

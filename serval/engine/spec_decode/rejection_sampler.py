@@ -7,9 +7,11 @@ The first rejection draws from the residual max(0, p_j - q_j), renormalized, and
 accepted, one more token is drawn from p_d. Each emitted token is then distributed exactly as p (Leviathan et al.
 2023, Chen et al. 2023). Greedy requests keep the drafts equal to the target's argmax, then the argmax itself.
 
-p is what the plain sampler draws from: logit_bias, then temperature, min_p, top_k, top_p (sampler.warp_logits).
-History-dependent processing (penalties, min_tokens, grammars) would change p_j with each accepted draft; requests
-that need it are not speculated (decoder.can_speculate), so every row's processing is the same.
+p_j is what the plain sampler would draw from had d_1..d_{j-1} been generated: logit_bias, min_tokens and the
+penalties counting the drafts before row j as output, the grammar's mask after them, then temperature, min_p,
+top_k, top_p (sampler.warp_logits). A draft the grammar rejects has p_j(x) = 0 and is always rejected; the
+matcher itself is left where it was (draft_bitmasks rolls it back), and the output processor advances it
+through the tokens kept, so afterwards it holds exactly those.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch
 from serval.engine import sampler
 from serval.engine.request import Request
 from serval.outputs import Logprob
-from serval.sampling_params import SAMPLING_EPS
+from serval.sampling_params import SAMPLING_EPS, SamplingParams
 
 
 @dataclass
@@ -46,6 +48,8 @@ def verify(logits: torch.Tensor, requests: list[Request], draft_token_ids: list[
     logprob_rows = [row for row, p in enumerate(params) if p.logprobs is not None]
     raw_logits = logits[logprob_rows].clone() if logprob_rows else None
     sampler.apply_logit_bias(logits, params)
+    _apply_history_processing(logits, requests, draft_token_ids, starts)
+    _apply_grammar_masks(logits, requests, draft_token_ids, starts)
     greedy = [p.temperature < SAMPLING_EPS for p in params]
     greedy_tokens = logits.argmax(dim=-1).tolist() if any(greedy) else None
     if all(greedy):
@@ -56,6 +60,66 @@ def verify(logits: torch.Tensor, requests: list[Request], draft_token_ids: list[
                                  greedy_tokens)
     return [VerifiedTokens(tokens, _logprobs(raw_logits, logprob_rows, start, tokens, request), len(drafts))
             for request, drafts, start, tokens in zip(requests, draft_token_ids, starts, emitted)]
+
+
+@dataclass
+class DraftPosition:
+    """A verify row's request as the plain sampler would see it had the drafts before the row been generated: what
+    min_tokens and the penalties read (sampler.apply_history_processing)."""
+    sampling_params: SamplingParams
+    eos_token_id: int | None
+    all_token_ids: list[int]
+    output_token_ids: list[int]
+
+
+def _needs_history(request: Request) -> bool:
+    params = request.sampling_params
+    return (request.num_output_tokens < params.min_tokens or params.repetition_penalty != 1.0
+            or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0)
+
+
+def _apply_history_processing(logits: torch.Tensor, requests: list[Request], draft_token_ids: list[list[int]],
+                              starts: list[int]) -> None:
+    """min_tokens and the penalties, row j of a request counting its drafts before j as generated tokens."""
+    rows, positions = [], []
+    for request, drafts, start in zip(requests, draft_token_ids, starts):
+        if not _needs_history(request):
+            continue
+        for j in range(len(drafts) + 1):
+            rows.append(start + j)
+            positions.append(DraftPosition(request.sampling_params, request.eos_token_id,
+                                           request.all_token_ids + drafts[:j], request.output_token_ids + drafts[:j]))
+    if rows:
+        index = sampler.to_device(rows, torch.int64, logits.device)
+        sub = logits[index]
+        sampler.apply_history_processing(sub, positions)
+        logits[index] = sub
+
+
+def _apply_grammar_masks(logits: torch.Tensor, requests: list[Request], draft_token_ids: list[list[int]],
+                         starts: list[int]) -> None:
+    """Structured outputs: each row of a constrained request masked with its grammar's mask after the drafts
+    before it."""
+    constrained = [i for i, request in enumerate(requests) if request.grammar is not None]
+    if not constrained:
+        return
+    from serval.engine import structured_output as structured  # llguidance loads only when a request asks for it
+    bitmask = structured.draft_bitmasks([requests[i].grammar for i in constrained],
+                                        [draft_token_ids[i] for i in constrained],
+                                        pin_memory=logits.device.type == "cuda")
+    positions = [(i, j) for i in constrained for j in range(len(draft_token_ids[i]) + 1)]
+    rows = [starts[i] + j for i, j in positions]
+    disallowed = structured.disallowed_mask_on(bitmask, logits.shape[1], logits.device)
+    index = sampler.to_device(rows, torch.int64, logits.device)
+    sub = logits[index].masked_fill_(disallowed, float("-inf"))
+    # As the plain sampler: min_tokens may have masked the only token the grammar allows (EOS of a complete
+    # output), and then the grammar wins.
+    early = [k for k, (i, j) in enumerate(positions)
+             if requests[i].num_output_tokens + j < requests[i].sampling_params.min_tokens]
+    for k in early:
+        if bool(torch.isneginf(sub[k]).all()):
+            sub[k] = torch.where(disallowed[k], float("-inf"), 0.0)
+    logits[index] = sub
 
 
 def _row_starts(draft_token_ids: list[list[int]]) -> list[int]:

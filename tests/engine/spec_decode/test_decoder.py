@@ -13,12 +13,13 @@ def decoding(**params) -> Request:
     return request
 
 
-def test_only_plain_decoding_requests_speculate():
+def test_decoding_requests_speculate_unless_they_opt_out():
     assert can_speculate(decoding())
     assert not can_speculate(decoding(disable_speculation=True))
-    assert not can_speculate(decoding(repetition_penalty=1.2))
-    assert not can_speculate(decoding(presence_penalty=0.5))
-    assert not can_speculate(decoding(min_tokens=3))  # EOS still masked for the next tokens
+    # Verification processes each row as if the drafts before it were output (test_spec_penalties).
+    assert can_speculate(decoding(repetition_penalty=1.2))
+    assert can_speculate(decoding(presence_penalty=0.5))
+    assert can_speculate(decoding(min_tokens=3))
     prefilling = decoding()
     prefilling.num_computed_tokens = 3
     assert not can_speculate(prefilling)
