@@ -14,6 +14,7 @@ from serval.bench.cost import run_cost
 from serval.bench.endpoints import Endpoint
 from serval.bench.loadgen import LoadConfig, run_endpoint
 from serval.bench.metrics import RequestResult, summarize
+from serval.bench.server_metrics import spec_decode_counters, spec_decode_summary
 from serval.bench.tokenizer import BenchTokenizer
 from serval.bench.workloads import BenchRequest, WorkloadConfig
 
@@ -55,8 +56,11 @@ def bench_endpoint(endpoint: Endpoint, workload: list[BenchRequest], config: Ser
     for rate in sorted(config.rates):
         load = dataclasses.replace(config.load, request_rate=rate)
         label = f"rate={rate_json(rate)}"
+        counters_before = spec_decode_counters(endpoint.base_url, endpoint.api_key)
         results = run_endpoint(endpoint, workload, load, tokenizer, label)
         summary = summarize(results, config.slo)
+        summary["spec_decode"] = spec_decode_summary(
+            counters_before, spec_decode_counters(endpoint.base_url, endpoint.api_key) if counters_before else None)
         per_rate[rate] = results
         meets = summary["completed"] > 0 and summary["slo_attainment"] >= config.slo_attainment
         runs.append({"request_rate": rate_json(rate), "max_concurrency": config.load.max_concurrency,

@@ -117,3 +117,43 @@ def test_against_a_serval_server(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "chat" / "requests.jsonl").read_text().splitlines()]
     assert rows[1]["prompt_tokens"] > rows[0]["prompt_tokens"] + 24  # turn 2 carries turn 1 and its reply
 
+
+
+def test_stub_servers_report_no_speculation(side_by_side):
+    _, report = side_by_side
+    assert all(run["summary"]["spec_decode"] is None for e in report["endpoints"] for run in e["runs"])
+
+
+def test_acceptance_from_a_speculating_serval_server(tmp_path):
+    """`serval serve --speculative-config` (n-gram on a tiny model, whose greedy text repeats): the run's summary
+    carries the server's acceptance, the difference of its /metrics counters over the run."""
+    import httpx
+
+    from serval.bench.server_metrics import spec_decode_counters
+    from tests.e2e.server import RemoteServer, tiny_model_dir
+
+    server = RemoteServer([tiny_model_dir(), "--served-model-name", "tiny", "--max-model-len", "256",
+                           "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}'])
+    try:
+        before = spec_decode_counters(server.url)
+        assert before == {"spec_decode_num_drafts": 0.0, "spec_decode_num_draft_tokens": 0.0,
+                          "spec_decode_num_accepted_tokens": 0.0}
+        endpoints = tmp_path / "endpoints.yaml"  # greedy: a random model's greedy text repeats, so n-grams match
+        endpoints.write_text(f"- {{name: serval, base_url: {server.url}, model: tiny, "
+                             f"extra_body: {{temperature: 0}}}}\n")
+        args = ["serve", "--endpoints", str(endpoints), "--tokenizer", "smollm2", "--num-prompts", "4",
+                "--input-len", "16", "--output-len", "48", "--disable-tqdm", "--no-plots", "--max-concurrency", "2",
+                "--result-dir", str(tmp_path / "spec")]
+        assert main(args) == 0
+        after = spec_decode_counters(server.url)
+        metrics_text = httpx.get(server.url + "/metrics").text
+    finally:
+        server.close()
+    summary = json.loads((tmp_path / "spec" / "summary.json").read_text())["endpoints"][0]["runs"][0]["summary"]
+    spec = summary["spec_decode"]
+    assert spec is not None, metrics_text[:2000]
+    assert spec["num_drafts"] == after["spec_decode_num_drafts"] > 0
+    assert spec["num_draft_tokens"] == after["spec_decode_num_draft_tokens"] <= 3 * spec["num_drafts"]
+    assert spec["num_accepted_tokens"] == after["spec_decode_num_accepted_tokens"] <= spec["num_draft_tokens"]
+    assert spec["acceptance_rate"] == spec["num_accepted_tokens"] / spec["num_draft_tokens"]
+    assert "Spec decode acceptance rate" in (tmp_path / "spec" / "report.md").read_text()
