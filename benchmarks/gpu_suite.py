@@ -364,6 +364,9 @@ def main() -> None:
     results["serval_startup_s"] = time.perf_counter() - started
     mixed_graphs = llm.engine.runner.mixed_graphs
     results["mixed_graph_token_buckets"] = mixed_graphs.sizes if mixed_graphs is not None else []
+    if mixed_graphs is not None:
+        results["mixed_graph_capture_s"] = mixed_graphs.capture_seconds
+        results["mixed_graph_pool_gib"] = mixed_graphs.pool_bytes / 1024**3
     results["kv_cache_blocks"] = llm.engine.kv_cache.num_blocks
     model = llm.engine.model
     vocab = model.vocab_size
@@ -493,8 +496,10 @@ def print_table(results: dict) -> None:
     print(f"\nGPU suite: {results['device']}, torch {results['torch']}, {results['model']} (dummy bf16 weights; "
           f"Serval quantization {results.get('quantization')}, KV cache {results.get('kv_cache_dtype', 'auto')})")
     buckets = results.get("mixed_graph_token_buckets") or []
-    print(f"  mixed prefill/decode steps: " + (f"CUDA graphs, {len(buckets)} token buckets up to {buckets[-1]}"
-                                                 if buckets else "eager"))
+    print("  mixed prefill/decode steps: " + (
+        f"CUDA graphs, {len(buckets)} token buckets up to {buckets[-1]}, captured in "
+        f"{results.get('mixed_graph_capture_s', 0):.1f} s, {results.get('mixed_graph_pool_gib', 0):.2f} GiB"
+        if buckets else "eager"))
     bandwidth = get("bandwidth", "bandwidth_gb_s")
     roof = results.get("roofline", {}).get("roofline_tokens_per_s")
     print(f"  device-to-device copy: {bandwidth or float('nan'):.0f} GB/s; batch-1 decode roofline "

@@ -87,6 +87,8 @@ class MixedGraphs:
         self._host_seq_lens: list[int] = []
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
+        self.capture_seconds = 0.0  # what capture() took, and the memory its graphs keep (benchmarks report them)
+        self.pool_bytes = 0
         # Attention layers that still take a float8 cache's scales from the next prefill: until they have, mixed
         # steps run eagerly (a graph would bake in "don't calculate").
         self._scales_pending = [module for module in model.modules() if getattr(module, "calculate_kv_scales", False)]
@@ -146,10 +148,11 @@ class MixedGraphs:
                 module.calculate_kv_scales = True
             self._scales_pending = pending
         torch.cuda.synchronize()
+        self.capture_seconds = time.monotonic() - started
+        self.pool_bytes = torch.cuda.memory_allocated() - allocated
         logger.info("mixed-step cuda graphs captured",
                     extra={"token_buckets": len(self.sizes), "max_tokens": self.sizes[-1],
-                           "seconds": round(time.monotonic() - started, 2),
-                           "pool_mib": round((torch.cuda.memory_allocated() - allocated) / 2**20, 1)})
+                           "seconds": round(self.capture_seconds, 2), "pool_mib": round(self.pool_bytes / 2**20, 1)})
 
     def _view(self, name: str, length: int) -> torch.Tensor:
         start = self._layout[name]
