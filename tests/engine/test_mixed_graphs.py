@@ -211,7 +211,9 @@ def count_replays(llm: LLM) -> list[int]:
 def test_gpu_mixed_graph_replay_equals_eager_mixed_steps(tiny_models, arch, dtype, engine_args):
     """Twenty prompts through 8 sequences and 96-token steps (buckets 16, 32, 64, 96): new prompts keep joining
     running decodes, so most steps are mixed and replay a graph; the tokens equal those of the same engine with
-    mixed steps eager (--no-cudagraph-mixed), decode graphs on in both."""
+    mixed steps eager (--no-cudagraph-mixed), decode graphs on in both. In float32 every token; in 16-bit and
+    float8 cuBLAS may pick another kernel for the padded row count, so a near-tie may flip a greedy token: at
+    least 18 of the 20 prompts must match whole (a wrong padding or tile mapping breaks nearly all)."""
     path, hf_model = tiny_models(arch)
     generator = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, hf_model.config.vocab_size, (n,), generator=generator).tolist()
@@ -219,7 +221,11 @@ def test_gpu_mixed_graph_replay_equals_eager_mixed_steps(tiny_models, arch, dtyp
     eager = cuda_generate(cuda_llm(path, dtype=dtype, cudagraph_mixed=False, **engine_args), prompts)
     llm = cuda_llm(path, dtype=dtype, **engine_args)
     replays = count_replays(llm)
-    assert cuda_generate(llm, prompts) == eager
+    graphs = cuda_generate(llm, prompts)
+    if dtype == "float32":
+        assert graphs == eager
+    else:
+        assert sum(a == b for a, b in zip(graphs, eager)) >= 18, (graphs, eager)
     assert len(replays) > 5 and len(set(replays)) > 3
 
 
