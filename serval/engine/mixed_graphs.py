@@ -190,7 +190,7 @@ class MixedGraphs:
 
     def _fill_padding(self, bucket: int) -> None:
         """Inputs of a step with no real request: the padding request owns every row (what capture runs)."""
-        from serval.engine.model_runner import ForwardInputs
+        from serval.engine.model_runner import ForwardInputs  # here: model_runner imports this module
         self._write(self._staging.numpy(), ForwardInputs([], [], [], [0], [], [], []), bucket)
         self._copy_to_device(0)
 
