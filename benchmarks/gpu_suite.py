@@ -27,7 +27,7 @@ the same seed's weights; its batch-1 `generate`, which shares Serval's weights, 
 
     python benchmarks/gpu_suite.py --out results/gpu [--model benchmarks/configs/llama-3-8b] [--skip-hf]
         [--skip-hf-generate-batch] [--skip-variants] [--profile] [--quantization fp8] [--kv-cache-dtype fp8]
-        [--num-requests 0 (skips the 1000-request workload)] [--checkpoint-format awq]
+        [--num-requests 0 (skips the 1000-request workload)] [--checkpoint-format awq] [--no-cudagraph-mixed]
     python benchmarks/gpu_suite.py --out results/gpu_formats --formats bf16,fp8,block-fp8,awq,gptq,compressed-w4a16
     python benchmarks/gpu_suite.py --out results/gpu_qwen3_30b_a3b --model benchmarks/configs/qwen3-30b-a3b
     python benchmarks/gpu_suite.py --out results/gpu_mixtral_8x7b --model benchmarks/configs/mixtral-8x7b
@@ -325,6 +325,9 @@ def main() -> None:
                         help=f"comma-separated, from {list(FORMATS)}: batch 1 and 512 x (512, 256) of each, one table")
     parser.add_argument("--format-timeout", type=float, default=240.0, help="seconds per format with --formats")
     parser.add_argument("--tiny", action="store_true", help="a two-layer shape on the CPU, short workloads")
+    parser.add_argument("--no-cudagraph-mixed", action="store_true",
+                        help="run steps that mix prefill chunks with decodes eagerly (the engine flag of that name), "
+                             "to compare with their CUDA graphs (the default)")
     parser.add_argument("--child-hf-generate-batch", metavar="PROMPTS_JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_hf_generate_batch:
@@ -347,7 +350,8 @@ def main() -> None:
                      "python": platform.python_version(), "model": args.model, "dtype": "bfloat16",
                      "quantization": args.quantization or args.checkpoint_format,
                      "kv_cache_dtype": args.kv_cache_dtype,
-                     "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens}
+                     "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+                     "cudagraph_mixed": not args.no_cudagraph_mixed}
     run_section(results, "bandwidth", measure_bandwidth, device)
 
     started = time.perf_counter()
@@ -356,8 +360,13 @@ def main() -> None:
     llm = LLM(model=serval_model, load_format="dummy", dtype="bfloat16", max_model_len=2048,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               gpu_memory_utilization=0.9, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
-              device=device.type)
+              device=device.type, cudagraph_mixed=not args.no_cudagraph_mixed)
     results["serval_startup_s"] = time.perf_counter() - started
+    mixed_graphs = llm.engine.runner.mixed_graphs
+    results["mixed_graph_token_buckets"] = mixed_graphs.sizes if mixed_graphs is not None else []
+    if mixed_graphs is not None:
+        results["mixed_graph_capture_s"] = mixed_graphs.capture_seconds
+        results["mixed_graph_pool_gib"] = mixed_graphs.pool_bytes / 1024**3
     results["kv_cache_blocks"] = llm.engine.kv_cache.num_blocks
     model = llm.engine.model
     vocab = model.vocab_size
@@ -390,6 +399,7 @@ def main() -> None:
         hf_config = llm.engine.hf_config
         llm.engine.runner.kv_caches.clear()
         llm.engine.runner.graphs = None
+        llm.engine.runner.mixed_graphs = None
         if not shares_weights:
             del llm, model
         gc.collect()
@@ -485,6 +495,11 @@ def print_table(results: dict) -> None:
 
     print(f"\nGPU suite: {results['device']}, torch {results['torch']}, {results['model']} (dummy bf16 weights; "
           f"Serval quantization {results.get('quantization')}, KV cache {results.get('kv_cache_dtype', 'auto')})")
+    buckets = results.get("mixed_graph_token_buckets") or []
+    print("  mixed prefill/decode steps: " + (
+        f"CUDA graphs, {len(buckets)} token buckets up to {buckets[-1]}, captured in "
+        f"{results.get('mixed_graph_capture_s', 0):.1f} s, {results.get('mixed_graph_pool_gib', 0):.2f} GiB"
+        if buckets else "eager"))
     bandwidth = get("bandwidth", "bandwidth_gb_s")
     roof = results.get("roofline", {}).get("roofline_tokens_per_s")
     print(f"  device-to-device copy: {bandwidth or float('nan'):.0f} GB/s; batch-1 decode roofline "

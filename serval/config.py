@@ -52,7 +52,7 @@ def default_cpu_kv_cache_blocks(bytes_per_block: int, max_blocks_per_sequence: i
 LONG_PREFILL_BUDGET_FRACTION = 4
 
 _BOOL_FIELDS = ("skip_tokenizer_init", "enable_prefix_caching", "enable_chunked_prefill", "enforce_eager",
-                "calculate_kv_scales", "enable_lora", "enable_expert_parallel")
+                "calculate_kv_scales", "enable_lora", "enable_expert_parallel", "cudagraph_mixed")
 
 
 def _bad(name: str, given, allowed: str) -> InvalidArgument:
@@ -83,6 +83,9 @@ class EngineConfig:
     device: str = "auto"
     scheduling_policy: str = "fcfs"
     enforce_eager: bool = False  # True: no CUDA graphs (GPU only; CPU always runs eagerly)
+    # With CUDA graphs, also capture steps that mix prefill chunks with decodes, per token bucket
+    # (serval.engine.mixed_graphs). False: such steps run eagerly, only pure decode steps replay graphs.
+    cudagraph_mixed: bool = True
     # Queue decode step N+1 before step N's tokens reach the host. None: on where CUDA graphs run (on CPU the
     # device and the host are the same cores, so there is nothing to overlap).
     async_scheduling: bool | None = None

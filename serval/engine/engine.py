@@ -126,7 +126,9 @@ class LLMEngine:
             self.runner = ModelRunner(self.model, num_blocks, self.config.block_size, self.kv_cache_dtype,
                                       self.device, self.config.max_num_seqs, self.config.max_model_len,
                                       self.config.enforce_eager, drafter, lora=self.lora,
-                                      speculative_config=self.config.speculative_config)
+                                      speculative_config=self.config.speculative_config,
+                                      max_num_batched_tokens=self.config.max_num_batched_tokens,
+                                      cudagraph_mixed=self.config.cudagraph_mixed)
         else:
             self.runner = self.executor.make_runner(num_blocks, self.config, self.kv_cache_dtype)
         self.output_processor = OutputProcessor(self.tokenizer)

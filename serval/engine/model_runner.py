@@ -2,7 +2,8 @@
 
 The batch is flat (no padding): request i's new tokens are rows query_start_loc[i]:query_start_loc[i+1].
 Logits are computed only for rows that are sampled from or that prompt logprobs need. On CUDA, a step where every
-request decodes one token replays a captured CUDA graph instead (serval.engine.cuda_graphs). With LoRA, each row's
+request decodes one token replays a captured CUDA graph instead (serval.engine.cuda_graphs), and so does a step
+that mixes prefill chunks with decodes, padded to a token bucket (serval.engine.mixed_graphs). With LoRA, each row's
 adapter is set on the model's LoRA layers (serval.lora.manager): in an eager step as a LoRABatch (a step without an
 adapter runs the base model as if LoRA were off), in a graph step as each row's slot in the graph's inputs (the
 graphs are captured with the LoRA kernels in them).
@@ -17,6 +18,7 @@ import torch
 
 from serval.engine import sampler
 from serval.engine.cuda_graphs import DecodeGraphs
+from serval.engine.mixed_graphs import MixedGraphs, mixed_capture_sizes
 from serval.engine.request import Request
 from serval.engine.scheduler import SchedulerOutput
 from serval.engine.spec_decode import rejection_sampler
@@ -121,9 +123,11 @@ class ModelRunner:
                  kv_cache_dtype: torch.dtype, device: torch.device, max_num_seqs: int = 1, max_model_len: int = 1,
                  enforce_eager: bool = True, drafter: DraftModel | Eagle3Drafter | None = None,
                  lora: "LoRAManager | None" = None,
-                 speculative_config: "SpeculativeConfig | None" = None) -> None:
+                 speculative_config: "SpeculativeConfig | None" = None, max_num_batched_tokens: int = 0,
+                 cudagraph_mixed: bool = True) -> None:
         """kv_cache_dtype: the cache's element type, the model's dtype or float8_e4m3fn (EngineConfig's
-        torch_kv_cache_dtype); the attention layers convert on write and on read."""
+        torch_kv_cache_dtype); the attention layers convert on write and on read. cudagraph_mixed: with decode
+        graphs, capture mixed prefill/decode steps too, per token bucket up to max_num_batched_tokens."""
         self.model = model
         self.drafter = drafter  # speculative decoding with a draft model: it runs beside the target every step
         # An EAGLE-3 head runs after the target (it reads the target's hidden states and the tokens it kept).
@@ -144,6 +148,13 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, self.kv_caches, block_size, max_num_seqs, max_model_len, device,
                                        **self._graph_lora_args())
             self.graphs.capture()
+        self.mixed_graphs: MixedGraphs | None = None
+        # Not with an EAGLE-3 head: it reads the hidden states of a step's rows, which mixed steps keep eagerly.
+        if (self.graphs is not None and cudagraph_mixed and not self.drafter_follows_target
+                and mixed_capture_sizes(max_num_batched_tokens)):
+            self.mixed_graphs = MixedGraphs(model, self.kv_caches, block_size, max_num_seqs, max_model_len,
+                                            max_num_batched_tokens, device)
+            self.mixed_graphs.capture()
         # Speculation's steps get graphs too: the target's verify step (k + 1 rows a request) and the draft's decode
         # steps, up to the largest batch that speculates.
         self.verify_graphs: VerifyGraphs | None = None
@@ -221,6 +232,9 @@ class ModelRunner:
                 and self.verify_graphs.can_run(plan.query_start_loc)):
             logits = self.verify_graphs.run(inputs)
             graph_rows_per_request = self.verify_graphs.num_query_tokens
+        elif (self.mixed_graphs is not None and not plan.prompt_rows and not plan.verify_rows
+              and not self._has_lora(scheduled.requests) and self.mixed_graphs.can_run(inputs)):
+            logits = self.mixed_graphs.run(inputs)
         else:
             self._prepare_lora(scheduled.requests, plan.query_start_loc)
             try:

@@ -12,6 +12,9 @@ Decode uses split-K (flash-decoding): a request's keys are cut into NUM_SPLITS r
 whose partial outputs and log-sum-exps are combined afterwards, so that a batch of a few long sequences still
 occupies every multiprocessor. Every size the kernel needs comes from the device tensors (sequence lengths, query
 start offsets), never from the host, so a decode step can be captured in a CUDA graph and replayed for any lengths.
+A prefill or mixed batch launches its query tiles as one flat range sized by the batch's shape alone (flat_tiles);
+each program finds its request by a binary search of query_start_loc on the device, so mixed steps padded to a
+token bucket are captured too (serval.engine.mixed_graphs).
 
 Attention sinks (gpt-oss) are one more logit per head with no value: the first split of each row starts its online
 softmax from the sink (running max = sink, running sum = 1) instead of from nothing, and the combine of the splits
@@ -103,20 +106,44 @@ def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slo
 
 
 @triton.jit
+def _tile_start(query_start_loc_ptr, seq, BLOCK_Q: tl.constexpr):
+    return tl.load(query_start_loc_ptr + seq) // BLOCK_Q + seq
+
+
+@triton.jit
+def _tile_owner(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
+    """The request whose tiles include flat tile `tile` (see flat_tiles): the last request i whose first tile,
+    _tile_start(i) = query_start_loc[i] // BLOCK_Q + i, is at or before it, by binary search over the device's
+    query_start_loc. _tile_start is strictly increasing, so every request, even one with no query, owns a tile."""
+    low = tl.full([], 0, tl.int32)
+    high = tl.full([], 0, tl.int32) + num_seqs
+    while high - low > 1:
+        middle = (low + high) // 2
+        before = _tile_start(query_start_loc_ptr, middle, BLOCK_Q) <= tile
+        low = tl.where(before, middle, low)
+        high = tl.where(before, high, middle)
+    return low
+
+
+@triton.jit
 def _attention_kernel(query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
                       block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, sinks_ptr, scale_log2, sliding_window,
-                      k_scale_ptr, v_scale_ptr,
+                      k_scale_ptr, v_scale_ptr, num_seqs,
                       stride_query_token, stride_query_head, stride_out_token, stride_out_head, stride_block_table,
                       NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                       BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                       BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
                       USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr, HAS_KV_SCALE: tl.constexpr,
-                      USE_PDL: tl.constexpr):
+                      FLAT_TILES: tl.constexpr, USE_PDL: tl.constexpr):
     pdl.wait(USE_PDL)
     if HAS_KV_SCALE:  # q . (k_scale * k) = k_scale * (q . k): the key scale joins the softmax scale
         scale_log2 = scale_log2 * tl.load(k_scale_ptr)
-    query_tile = tl.program_id(0)
-    seq = tl.program_id(1)
+    if FLAT_TILES:
+        seq = _tile_owner(query_start_loc_ptr, tl.program_id(0), num_seqs, BLOCK_Q)
+        query_tile = tl.program_id(0) - _tile_start(query_start_loc_ptr, seq, BLOCK_Q)
+    else:
+        query_tile = tl.program_id(0)
+        seq = tl.program_id(1)
     kv_head = tl.program_id(2) // NUM_SPLITS
     split = tl.program_id(2) % NUM_SPLITS
 
@@ -196,6 +223,14 @@ def _attention_kernel(query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partia
         tl.store(partial_lse_ptr + partial_row, lse, mask=row_valid)
 
 
+def flat_tiles(num_tokens: int, num_seqs: int, block_q: int) -> int:
+    """Query-tile programs of a prefill or mixed batch: one flat range shared by all requests, request i's tiles
+    starting at query_start_loc[i] // block_q + i. That bound (a request may waste one tile) depends only on the
+    batch's shape, not on its lengths, so the launch is the same for every batch of a shape and can be captured in
+    a CUDA graph (serval.engine.mixed_graphs); programs past a request's queries exit at once."""
+    return num_tokens // block_q + num_seqs
+
+
 def decode_num_splits(num_seqs: int, num_kv_heads: int) -> int:
     """Splits per sequence so that a decode batch has about _TARGET_PROGRAMS programs: a power of two, 1..32."""
     wanted = -(-_TARGET_PROGRAMS // max(num_seqs * num_kv_heads, 1))
@@ -209,7 +244,9 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
     """Causal attention of query [T, H, D] over each request's cached K/V -> [T, H, D]; the reference's contract.
 
     A batch whose every request has one query token (decode) runs split-K and reads no host-side lengths, so it
-    may be captured in a CUDA graph; any other batch runs one program per tile of BLOCK_Q query tokens.
+    may be captured in a CUDA graph; any other batch runs one program per tile of BLOCK_Q query tokens, over a
+    grid set by T and the block table's rows only (flat_tiles), and is graph-safe too: metadata.max_query_len
+    only picks between the two.
     """
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
@@ -226,7 +263,7 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
     else:
         block_q = max(1, _PREFILL_ROWS // group_pad)
         num_splits = 1
-        grid = (triton.cdiv(metadata.max_query_len, block_q), num_seqs, num_kv_heads)
+        grid = (flat_tiles(num_tokens, num_seqs, block_q), 1, num_kv_heads)
     partial_out = partial_lse = out
     if num_splits > 1:
         partial_out = torch.empty((num_tokens, num_heads, num_splits, head_dim), dtype=torch.float32,
@@ -237,12 +274,12 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
         query, kv_cache[0], kv_cache[1], out, partial_out, partial_lse,
         metadata.block_tables, metadata.seq_lens_tensor, metadata.query_start_loc_tensor,
         sinks if sinks is not None else out, scale * _LOG2E, sliding_window or 0,
-        k_scale if k_scale is not None else partial_lse, v_scale if v_scale is not None else partial_lse,
+        k_scale if k_scale is not None else partial_lse, v_scale if v_scale is not None else partial_lse, num_seqs,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), metadata.block_tables.stride(0),
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size,
         TILE_N=_TILE_N, NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None, USE_SINKS=sinks is not None,
-        HAS_KV_SCALE=k_scale is not None,
+        HAS_KV_SCALE=k_scale is not None, FLAT_TILES=not decode,
         num_warps=4, num_stages=2, **pdl.launch_options(query))
     if num_splits > 1:
         _combine_splits(partial_out, partial_lse, out)

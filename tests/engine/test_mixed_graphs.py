@@ -1,0 +1,246 @@
+"""Mixed prefill/decode steps in the captured-graph shape (serval.engine.mixed_graphs): tokens padded to a bucket,
+a padding request owning the padding rows, requests padded to the bucket's count, inputs from fixed buffers. On the
+CPU the same padded forward runs eagerly through the Triton kernels in the interpreter; each step is checked
+against the plain (unpadded) forward, and the tokens against transformers. On a GPU the captured graphs are checked
+against eager mixed steps."""
+import pytest
+import torch
+
+from serval import LLM, SamplingParams
+from serval.engine.mixed_graphs import MixedGraphs, mixed_capture_sizes
+from tests.engine.test_engine import hf_greedy_references, make_prompts, pressured_llm
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+NUM_NEW_TOKENS = 8
+
+
+def test_mixed_capture_sizes_cover_every_token_count_up_to_the_limit():
+    assert mixed_capture_sizes(32) == [16, 32]
+    assert mixed_capture_sizes(20) == [16, 20]
+    assert mixed_capture_sizes(8) == [8]
+    assert mixed_capture_sizes(1) == []
+    sizes = mixed_capture_sizes(8192)
+    assert sizes[:6] == [16, 32, 64, 128, 256, 512] and sizes[-1] == 2048 and sorted(set(sizes)) == sizes
+    assert all(b - a == 256 for a, b in zip(sizes[5:], sizes[6:]))
+    assert mixed_capture_sizes(8192, max_tokens=8192)[-1] == 8192
+    for num_tokens in range(1, 2049):
+        bucket = next(size for size in sizes if size >= num_tokens)
+        assert bucket - num_tokens < max(num_tokens, 256)  # padding: under half the step, or under 256 tokens
+
+
+class StepLog:
+    """What each graph-shaped step was: tokens, requests, and query rows per request."""
+
+    def __init__(self):
+        self.steps: list[list[int]] = []
+        self.order: list[str] = []  # "graph" per graph-shaped step, and "eager" where a test counts those too
+
+    def mixed(self) -> list[list[int]]:
+        return [step for step in self.steps if any(rows > 1 for rows in step) and 1 in step]
+
+
+def graph_shaped(llm: LLM, check: bool = True) -> StepLog:
+    """Give the engine's runner uncaptured mixed graphs (their eager, padded forward); with `check`, each step is
+    also run through the plain forward first and the logits compared."""
+    runner = llm.engine.runner
+    config = llm.engine.config
+    graphs = MixedGraphs(runner.model, runner.kv_caches, runner.block_size, config.max_num_seqs,
+                         config.max_model_len, config.max_num_batched_tokens, runner.device)
+    log = StepLog()
+
+    def run_and_compare(inputs):
+        expected = runner.forward_logits(inputs) if check else None  # writes the K/V the padded forward rewrites
+        got = MixedGraphs.run(graphs, inputs)
+        if check:
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        starts = inputs.query_start_loc
+        log.steps.append([end - start for start, end in zip(starts, starts[1:])])
+        log.order.append("graph")
+        return got
+
+    graphs.run = run_and_compare
+    runner.mixed_graphs = graphs
+    return log
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("SERVAL_ATTENTION_BACKEND", "triton")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral"])
+def test_graph_shaped_mixed_steps_equal_plain_steps_and_transformers(tiny_models, triton_backend, arch):
+    """Twelve prompts of 1-70 tokens through 4 sequences and 32-token steps (buckets 16 and 32): chunked prefill
+    beside decodes, padding of up to 15 rows, preemption (40 blocks) and prefix hits; mistral adds its sliding
+    window, qwen3 its q/k norms and wider heads."""
+    path, hf_model = tiny_models(arch)
+    prompts = make_prompts(hf_model.config.vocab_size)
+    llm = pressured_llm(path, True)
+    log = graph_shaped(llm)
+    params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    references = hf_greedy_references(hf_model, prompts, NUM_NEW_TOKENS)
+    for prompt, output, reference in zip(prompts, outputs, references):
+        assert output.outputs[0].token_ids == reference, f"prompt of {len(prompt)}"
+    stats = llm.engine.get_stats()
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
+    assert log.mixed(), "a step with a prefill chunk beside decodes"
+    assert any(sum(step) not in (16, 32) for step in log.steps), "a step padded to its bucket"
+    assert any(len(step) == 4 for step in log.mixed()), "a full batch of requests, mixed"
+    assert stats.num_free_blocks == stats.num_blocks
+    llm.engine.kv_cache.check_invariants([])
+
+
+def test_graph_shaped_sampling_and_logprobs_equal_the_plain_engine(tiny_models, triton_backend):
+    """Seeded sampling and logprobs of tokens sampled from the padded forward's logits, against the same engine
+    without it; a request asking prompt logprobs runs its steps eagerly, beside graph-shaped steps of others."""
+    path, hf_model = tiny_models("llama")
+    prompts = make_prompts(hf_model.config.vocab_size, seed=3)[5:10]
+    params = [SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True, seed=7),
+              SamplingParams(temperature=0.8, top_p=0.9, max_tokens=6, ignore_eos=True, seed=11, logprobs=1),
+              SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, prompt_logprobs=1),
+              SamplingParams(temperature=0.7, top_k=20, max_tokens=6, ignore_eos=True, seed=5)]
+    requests = [{"prompt_token_ids": p} for p in prompts]
+    plain = pressured_llm(path, True).generate(requests, params, use_tqdm=False)
+    llm = pressured_llm(path, True)
+    log = graph_shaped(llm, check=False)
+    got = llm.generate(requests, params, use_tqdm=False)
+    assert log.mixed()
+    for want, have in zip(plain, got):
+        assert have.outputs[0].token_ids == want.outputs[0].token_ids
+        for entry_a, entry_b in zip(want.outputs[0].logprobs or [], have.outputs[0].logprobs or []):
+            assert entry_a.keys() == entry_b.keys()
+            for token in entry_a:
+                assert entry_b[token].logprob == pytest.approx(entry_a[token].logprob, abs=1e-4)
+    assert got[3].prompt_logprobs is not None and len(got[3].prompt_logprobs) == len(prompts[3])
+
+
+def test_graph_shaped_steps_with_a_float8_cache(tiny_models, triton_backend):
+    """kv_cache_dtype="fp8": the padded forward writes and reads the float8 cache as the plain one does, step for
+    step, and the tokens equal the plain engine's."""
+    path, hf_model = tiny_models("llama")
+    prompts = make_prompts(hf_model.config.vocab_size)[4:]
+    params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
+    requests = [{"prompt_token_ids": p} for p in prompts]
+    plain = pressured_llm(path, True, kv_cache_dtype="fp8").generate(requests, params, use_tqdm=False)
+    llm = pressured_llm(path, True, kv_cache_dtype="fp8")
+    log = graph_shaped(llm)
+    got = llm.generate(requests, params, use_tqdm=False)
+    assert log.mixed() and llm.engine.get_stats().num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in plain]
+
+
+def test_steps_before_the_float8_scales_are_calculated_run_eagerly(tiny_models, triton_backend):
+    """calculate_kv_scales: the first prefill sets every layer's scales; a graph would skip that, so the graphs
+    take no step until it has run, and the scales come out as the plain engine's."""
+    path, hf_model = tiny_models("llama")
+    prompts = make_prompts(hf_model.config.vocab_size)[6:10]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    requests = [{"prompt_token_ids": p} for p in prompts]
+    engine_args = dict(kv_cache_dtype="fp8", calculate_kv_scales=True)
+    plain_llm = pressured_llm(path, True, **engine_args)
+    plain = plain_llm.generate(requests, params, use_tqdm=False)
+    llm = pressured_llm(path, True, **engine_args)
+    log = graph_shaped(llm, check=False)
+    runner = llm.engine.runner
+    eager_forward = runner.forward_logits
+
+    def counted_eager_forward(inputs):
+        log.order.append("eager")
+        return eager_forward(inputs)
+
+    runner.forward_logits = counted_eager_forward
+    got = llm.generate(requests, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in plain]
+    scales = [(m.k_scale.item(), m.v_scale.item()) for m in llm.engine.model.modules() if hasattr(m, "k_scale")]
+    want = [(m.k_scale.item(), m.v_scale.item()) for m in plain_llm.engine.model.modules() if hasattr(m, "k_scale")]
+    assert scales == want and all(k != 1.0 for k, _ in scales)
+    assert log.order[0] == "eager" and "graph" in log.order
+
+
+def test_the_torch_reference_is_refused(tiny_models, monkeypatch):
+    monkeypatch.setenv("SERVAL_ATTENTION_BACKEND", "torch")
+    path, _ = tiny_models("llama")
+    runner = pressured_llm(path, True).engine.runner
+    with pytest.raises(ValueError, match="Triton"):
+        MixedGraphs(runner.model, runner.kv_caches, runner.block_size, 4, 128, 32, runner.device)
+
+
+def test_no_cudagraph_mixed_flag():
+    from serval.cli import build_parser, engine_config_from_args
+    args = build_parser().parse_args(["serve", "--no-cudagraph-mixed"])
+    assert engine_config_from_args(args).cudagraph_mixed is False
+    assert engine_config_from_args(build_parser().parse_args(["serve"])).cudagraph_mixed is True
+
+
+# ---- on a GPU: captured graphs against eager mixed steps ----
+
+def cuda_llm(path: str, **engine_args) -> LLM:
+    return LLM(model=path, skip_tokenizer_init=True, device="cuda", block_size=16, max_model_len=256,
+               max_num_seqs=8, max_num_batched_tokens=96, num_gpu_blocks_override=512, **engine_args)
+
+
+def cuda_generate(llm: LLM, prompts: list[list[int]], num_new: int = 16) -> list[list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=num_new, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def count_replays(llm: LLM) -> list[int]:
+    graphs = llm.engine.runner.mixed_graphs
+    assert graphs is not None and set(graphs.graphs) == set(graphs.sizes)
+    replays = []
+    run = graphs.run
+
+    def counted(inputs):
+        replays.append(len(inputs.input_ids))
+        return run(inputs)
+
+    graphs.run = counted
+    return replays
+
+
+@requires_cuda
+@pytest.mark.parametrize("arch,dtype,engine_args", [
+    ("llama", "float32", {}), ("qwen3", "bfloat16", {}), ("mistral", "bfloat16", {}),
+    ("llama", "bfloat16", {"kv_cache_dtype": "fp8"}),
+    ("qwen3", "bfloat16", {"quantization": "fp8", "kv_cache_dtype": "fp8"})],
+    ids=["llama-fp32", "qwen3-bf16", "mistral-bf16", "llama-fp8kv", "qwen3-fp8"])
+def test_gpu_mixed_graph_replay_equals_eager_mixed_steps(tiny_models, arch, dtype, engine_args):
+    """Twenty prompts through 8 sequences and 96-token steps (buckets 16, 32, 64, 96): new prompts keep joining
+    running decodes, so most steps are mixed and replay a graph; the tokens equal those of the same engine with
+    mixed steps eager (--no-cudagraph-mixed), decode graphs on in both. In float32 every token; in 16-bit and
+    float8 cuBLAS may pick another kernel for the padded row count, so a near-tie may flip a greedy token: at
+    least 18 of the 20 prompts must match whole (a wrong padding or tile mapping breaks nearly all)."""
+    path, hf_model = tiny_models(arch)
+    generator = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, hf_model.config.vocab_size, (n,), generator=generator).tolist()
+               for n in (5, 17, 40, 90, 33, 2, 64, 120, 9, 71, 16, 48, 100, 3, 30, 57, 80, 11, 25, 140)]
+    eager = cuda_generate(cuda_llm(path, dtype=dtype, cudagraph_mixed=False, **engine_args), prompts)
+    llm = cuda_llm(path, dtype=dtype, **engine_args)
+    replays = count_replays(llm)
+    graphs = cuda_generate(llm, prompts)
+    if dtype == "float32":
+        assert graphs == eager
+    else:
+        assert sum(a == b for a, b in zip(graphs, eager)) >= 18, (graphs, eager)
+    assert len(replays) > 5 and len(set(replays)) > 3
+
+
+@requires_cuda
+def test_gpu_mixed_graphs_match_transformers_in_float32(tiny_models):
+    path, hf_model = tiny_models("llama")
+    prompts = make_prompts(hf_model.config.vocab_size)
+    llm = cuda_llm(path, dtype="float32")
+    replays = count_replays(llm)
+    assert cuda_generate(llm, prompts, NUM_NEW_TOKENS) == hf_greedy_references(hf_model, prompts, NUM_NEW_TOKENS)
+    assert replays
+
+
+@requires_cuda
+def test_gpu_no_mixed_graphs_with_enforce_eager_or_the_flag(tiny_models):
+    path, _ = tiny_models("llama")
+    assert cuda_llm(path, enforce_eager=True).engine.runner.mixed_graphs is None
+    assert cuda_llm(path, cudagraph_mixed=False).engine.runner.mixed_graphs is None
