@@ -10,6 +10,7 @@ graphs are captured with the LoRA kernels in them).
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -29,6 +30,8 @@ from serval.engine.spec_decode.verify_graphs import VerifyGraphs, max_verify_bat
 from serval.kernels import paged_attention as torch_attention
 from serval.layers.attention import AttentionMetadata, attention_backend
 from serval.outputs import Logprob
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from serval.engine.spec_decode.config import SpeculativeConfig
@@ -154,7 +157,12 @@ class ModelRunner:
                 and mixed_capture_sizes(max_num_batched_tokens)):
             self.mixed_graphs = MixedGraphs(model, self.kv_caches, block_size, max_num_seqs, max_model_len,
                                             max_num_batched_tokens, device)
-            self.mixed_graphs.capture()
+            try:
+                self.mixed_graphs.capture()
+            except torch.cuda.OutOfMemoryError as error:  # a tight --gpu-memory-utilization: mixed steps run eagerly
+                logger.warning("mixed-step cuda graphs not captured: out of memory", extra={"error": str(error)[:200]})
+                self.mixed_graphs = None
+                torch.cuda.empty_cache()
         # Speculation's steps get graphs too: the target's verify step (k + 1 rows a request) and the draft's decode
         # steps, up to the largest batch that speculates.
         self.verify_graphs: VerifyGraphs | None = None
