@@ -27,7 +27,7 @@ the same seed's weights; its batch-1 `generate`, which shares Serval's weights, 
 
     python benchmarks/gpu_suite.py --out results/gpu [--model benchmarks/configs/llama-3-8b] [--skip-hf]
         [--skip-hf-generate-batch] [--skip-variants] [--profile] [--quantization fp8] [--kv-cache-dtype fp8]
-        [--num-requests 0 (skips the 1000-request workload)] [--checkpoint-format awq] [--no-cudagraph-mixed]
+        [--num-requests 0 (skips the 1000-request workload)] [--checkpoint-format awq] [--cudagraph-mixed]
     python benchmarks/gpu_suite.py --out results/gpu_formats --formats bf16,fp8,block-fp8,awq,gptq,compressed-w4a16
     python benchmarks/gpu_suite.py --out results/gpu_qwen3_30b_a3b --model benchmarks/configs/qwen3-30b-a3b
     python benchmarks/gpu_suite.py --out results/gpu_mixtral_8x7b --model benchmarks/configs/mixtral-8x7b
@@ -325,9 +325,9 @@ def main() -> None:
                         help=f"comma-separated, from {list(FORMATS)}: batch 1 and 512 x (512, 256) of each, one table")
     parser.add_argument("--format-timeout", type=float, default=240.0, help="seconds per format with --formats")
     parser.add_argument("--tiny", action="store_true", help="a two-layer shape on the CPU, short workloads")
-    parser.add_argument("--no-cudagraph-mixed", action="store_true",
-                        help="run steps that mix prefill chunks with decodes eagerly (the engine flag of that name), "
-                             "to compare with their CUDA graphs (the default)")
+    parser.add_argument("--cudagraph-mixed", action=argparse.BooleanOptionalAction, default=False,
+                        help="capture steps that mix prefill chunks with decodes in CUDA graphs (the engine flag of "
+                             "that name; off by default as in the engine)")
     parser.add_argument("--child-hf-generate-batch", metavar="PROMPTS_JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_hf_generate_batch:
@@ -351,7 +351,7 @@ def main() -> None:
                      "quantization": args.quantization or args.checkpoint_format,
                      "kv_cache_dtype": args.kv_cache_dtype,
                      "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
-                     "cudagraph_mixed": not args.no_cudagraph_mixed}
+                     "cudagraph_mixed": args.cudagraph_mixed}
     run_section(results, "bandwidth", measure_bandwidth, device)
 
     started = time.perf_counter()
@@ -360,7 +360,7 @@ def main() -> None:
     llm = LLM(model=serval_model, load_format="dummy", dtype="bfloat16", max_model_len=2048,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               gpu_memory_utilization=0.9, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
-              device=device.type, cudagraph_mixed=not args.no_cudagraph_mixed)
+              device=device.type, cudagraph_mixed=args.cudagraph_mixed)
     results["serval_startup_s"] = time.perf_counter() - started
     mixed_graphs = llm.engine.runner.mixed_graphs
     results["mixed_graph_token_buckets"] = mixed_graphs.sizes if mixed_graphs is not None else []

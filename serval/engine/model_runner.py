@@ -127,7 +127,7 @@ class ModelRunner:
                  enforce_eager: bool = True, drafter: DraftModel | Eagle3Drafter | None = None,
                  lora: "LoRAManager | None" = None,
                  speculative_config: "SpeculativeConfig | None" = None, max_num_batched_tokens: int = 0,
-                 cudagraph_mixed: bool = True) -> None:
+                 cudagraph_mixed: bool = False) -> None:
         """kv_cache_dtype: the cache's element type, the model's dtype or float8_e4m3fn (EngineConfig's
         torch_kv_cache_dtype); the attention layers convert on write and on read. cudagraph_mixed: with decode
         graphs, capture mixed prefill/decode steps too, per token bucket up to max_num_batched_tokens."""

@@ -109,8 +109,13 @@ def get_config(kernel: str, n: int, k: int, float8: bool, device: torch.device) 
 
 
 def max_rows(intermediate_size: int, hidden_size: int, device: torch.device) -> int:
-    """The largest T * k (tokens times experts per token) for which fused_experts takes this path on device."""
-    return pick_max_rows(_table_for(device), intermediate_size, hidden_size)
+    """The largest T * k (tokens times experts per token) for which fused_experts takes this path on device. A GPU
+    without a table (no `moe_tune.py --gemv` run on its kind yet) keeps the grouped kernel unless SERVAL_MOE_GEMV=1:
+    these kernels have run only in Triton's interpreter so far, never compiled on a GPU."""
+    table = _table_for(device)
+    if device.type == "cuda" and table is None and os.environ.get("SERVAL_MOE_GEMV") != "1":
+        return 0
+    return pick_max_rows(table, intermediate_size, hidden_size)
 
 
 def config_table_json(device_name: str, max_rows: dict[str, int], half: dict[str, dict[str, tuple[int, int, int]]],

@@ -168,11 +168,13 @@ def test_the_torch_reference_is_refused(tiny_models, monkeypatch):
         MixedGraphs(runner.model, runner.kv_caches, runner.block_size, 4, 128, 32, runner.device)
 
 
-def test_no_cudagraph_mixed_flag():
+def test_cudagraph_mixed_flag():
     from serval.cli import build_parser, engine_config_from_args
+    args = build_parser().parse_args(["serve", "--cudagraph-mixed"])
+    assert engine_config_from_args(args).cudagraph_mixed is True
+    assert engine_config_from_args(build_parser().parse_args(["serve"])).cudagraph_mixed is False
     args = build_parser().parse_args(["serve", "--no-cudagraph-mixed"])
     assert engine_config_from_args(args).cudagraph_mixed is False
-    assert engine_config_from_args(build_parser().parse_args(["serve"])).cudagraph_mixed is True
 
 
 # ---- on a GPU: captured graphs against eager mixed steps ----
@@ -219,7 +221,7 @@ def test_gpu_mixed_graph_replay_equals_eager_mixed_steps(tiny_models, arch, dtyp
     prompts = [torch.randint(3, hf_model.config.vocab_size, (n,), generator=generator).tolist()
                for n in (5, 17, 40, 90, 33, 2, 64, 120, 9, 71, 16, 48, 100, 3, 30, 57, 80, 11, 25, 140)]
     eager = cuda_generate(cuda_llm(path, dtype=dtype, cudagraph_mixed=False, **engine_args), prompts)
-    llm = cuda_llm(path, dtype=dtype, **engine_args)
+    llm = cuda_llm(path, dtype=dtype, cudagraph_mixed=True, **engine_args)
     replays = count_replays(llm)
     graphs = cuda_generate(llm, prompts)
     if dtype == "float32":
@@ -233,7 +235,7 @@ def test_gpu_mixed_graph_replay_equals_eager_mixed_steps(tiny_models, arch, dtyp
 def test_gpu_mixed_graphs_match_transformers_in_float32(tiny_models):
     path, hf_model = tiny_models("llama")
     prompts = make_prompts(hf_model.config.vocab_size)
-    llm = cuda_llm(path, dtype="float32")
+    llm = cuda_llm(path, dtype="float32", cudagraph_mixed=True)
     replays = count_replays(llm)
     assert cuda_generate(llm, prompts, NUM_NEW_TOKENS) == hf_greedy_references(hf_model, prompts, NUM_NEW_TOKENS)
     assert replays
@@ -242,5 +244,6 @@ def test_gpu_mixed_graphs_match_transformers_in_float32(tiny_models):
 @requires_cuda
 def test_gpu_no_mixed_graphs_with_enforce_eager_or_the_flag(tiny_models):
     path, _ = tiny_models("llama")
-    assert cuda_llm(path, enforce_eager=True).engine.runner.mixed_graphs is None
-    assert cuda_llm(path, cudagraph_mixed=False).engine.runner.mixed_graphs is None
+    assert cuda_llm(path, enforce_eager=True, cudagraph_mixed=True).engine.runner.mixed_graphs is None
+    assert cuda_llm(path).engine.runner.mixed_graphs is None  # off by default
+    assert cuda_llm(path, cudagraph_mixed=True).engine.runner.mixed_graphs is not None
