@@ -53,16 +53,18 @@ def shape_key(n: int, k: int) -> str:
 
 
 @functools.cache
-def _load_table(path: str) -> dict | None:
+def load_table(path: str) -> dict | None:
+    """A per-GPU JSON table of block configurations (this module's or another kernel's), or None when absent."""
     if not os.path.isfile(path):
         return None
     with open(path) as f:
         return json.load(f)
 
 
+
 @functools.cache
 def _device_table(device_index: int) -> dict | None:
-    return _load_table(os.path.join(CONFIG_DIR, config_file_name(torch.cuda.get_device_name(device_index))))
+    return load_table(os.path.join(CONFIG_DIR, config_file_name(torch.cuda.get_device_name(device_index))))
 
 
 def pick_config(table: dict | None, n: int, k: int, float8: bool) -> tuple[int, int, int]:

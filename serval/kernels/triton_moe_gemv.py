@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from serval.kernels import pdl
+from serval.kernels.triton_gemv import FLOAT8, HALF, load_table, shape_key
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 # (BLOCK_N, BLOCK_K, num_warps) without a table: triton_gemv's tile of about 4K elements per step, counting the
@@ -50,29 +51,18 @@ FP8_DOWN = (16, 512, 4)
 # The largest T * k this path takes without a table (the grouped kernel above it).
 DEFAULT_MAX_ROWS = 32
 GATE_UP, DOWN = "gate_up", "down"
-HALF, FLOAT8 = "half", "float8"
+# Tables keyed as the dense GEMV's: an expert's weight by output rows x input columns (gate/up's I x H for each of
+# its two halves, down's H x I), "half" and "float8" sections.
 
 
 def config_file_name(device_name: str) -> str:
     return f"moe_gemv,device={device_name.replace(' ', '_')}.json"
 
 
-def shape_key(n: int, k: int) -> str:
-    """An expert's weight, output rows by input columns: gate/up's is I x H (each of its two halves), down's H x I."""
-    return f"{n}x{k}"
-
-
-@functools.cache
-def _load_table(path: str) -> dict | None:
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
 
 @functools.cache
 def _device_table(device_index: int) -> dict | None:
-    return _load_table(os.path.join(CONFIG_DIR, config_file_name(torch.cuda.get_device_name(device_index))))
+    return load_table(os.path.join(CONFIG_DIR, config_file_name(torch.cuda.get_device_name(device_index))))
 
 
 def _table_for(device: torch.device) -> dict | None:

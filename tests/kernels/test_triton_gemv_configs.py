@@ -23,7 +23,7 @@ def test_written_table_round_trips_through_its_file(tmp_path):
     path = tmp_path / triton_gemv.config_file_name("NVIDIA H200")
     assert path.name == "gemv,device=NVIDIA_H200.json"
     path.write_text(triton_gemv.config_table_json({"default": (8, 512, 2)}, {}, "NVIDIA H200"))
-    assert triton_gemv.pick_config(triton_gemv._load_table(str(path)), 1, 2, float8=False) == (8, 512, 2)
+    assert triton_gemv.pick_config(triton_gemv.load_table(str(path)), 1, 2, float8=False) == (8, 512, 2)
 
 
 @pytest.mark.parametrize("n, k, float8, expected", [

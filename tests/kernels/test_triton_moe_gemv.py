@@ -162,7 +162,7 @@ def test_config_table_round_trips_and_picks_per_kernel(tmp_path):
     path = tmp_path / triton_moe_gemv.config_file_name("NVIDIA H200")
     assert path.name == "moe_gemv,device=NVIDIA_H200.json"
     path.write_text(text)
-    table = triton_moe_gemv._load_table(str(path))
+    table = triton_moe_gemv.load_table(str(path))
     assert table == json.loads(text)
     assert triton_moe_gemv.pick_max_rows(table, 768, 2048) == 64 and triton_moe_gemv.pick_max_rows(table, 1, 2) == 16
     pick = triton_moe_gemv.pick_config
