@@ -73,23 +73,31 @@ class DraftModel:
         """One token a request at its position: logits [n, vocab] (a graph replay where one is captured)."""
         seq_lens = [p + 1 for p in positions]
         if self.graphs is not None and self.graphs.can_run(len(requests)):
-            slots = [self._slot(request, p) for request, p in zip(requests, positions)]
+            slots = [slot_of(request, p, self.block_size) for request, p in zip(requests, positions)]
             return self.graphs.run(input_ids, positions, slots, seq_lens, [request.block_ids for request in requests])
         hidden = self._forward(input_ids, positions, list(range(len(requests) + 1)), seq_lens, requests)
         return self.model.compute_logits(hidden) if compute_logits else None
 
     def _forward(self, input_ids: list[int], positions: list[int], query_start_loc: list[int],
                  seq_lens: list[int], requests: list[Request]) -> torch.Tensor:
-        slots = [self._slot(request, p) for request, start, end in zip(requests, query_start_loc, query_start_loc[1:])
-                 for p in positions[start:end]]
-        width = max(len(request.block_ids) for request in requests)
-        block_tables = [request.block_ids + [0] * (width - len(request.block_ids)) for request in requests]
-        metadata = AttentionMetadata(slot_mapping=sampler.to_device(slots, torch.int64, self.device),
-                                     query_start_loc=query_start_loc, seq_lens=seq_lens,
-                                     block_tables=sampler.to_device(block_tables, torch.int32, self.device),
-                                     block_size=self.block_size)
+        metadata = flat_batch_metadata(requests, positions, query_start_loc, seq_lens, self.block_size, self.device)
         return self.model(sampler.to_device(input_ids, torch.int64, self.device),
                           sampler.to_device(positions, torch.int64, self.device), self.kv_caches, metadata)
 
-    def _slot(self, request: Request, position: int) -> int:
-        return request.block_ids[position // self.block_size] * self.block_size + position % self.block_size
+
+def slot_of(request: Request, position: int, block_size: int) -> int:
+    return request.block_ids[position // block_size] * block_size + position % block_size
+
+
+def flat_batch_metadata(requests: list[Request], positions: list[int], query_start_loc: list[int],
+                        seq_lens: list[int], block_size: int, device: torch.device) -> AttentionMetadata:
+    """Attention metadata of a drafter's flat batch over the target's block ids (a draft model's or an EAGLE-3
+    head's own cache): each row's slot from its request's blocks, the block tables padded to the widest."""
+    slots = [slot_of(request, p, block_size) for request, start, end in zip(requests, query_start_loc,
+                                                                            query_start_loc[1:])
+             for p in positions[start:end]]
+    width = max(len(request.block_ids) for request in requests)
+    block_tables = [request.block_ids + [0] * (width - len(request.block_ids)) for request in requests]
+    return AttentionMetadata(slot_mapping=sampler.to_device(slots, torch.int64, device),
+                             query_start_loc=query_start_loc, seq_lens=seq_lens,
+                             block_tables=sampler.to_device(block_tables, torch.int32, device), block_size=block_size)

@@ -37,6 +37,7 @@ from torch import nn
 
 from serval.engine import sampler
 from serval.engine.request import Request
+from serval.engine.spec_decode.draft_model import flat_batch_metadata
 from serval.layers.attention import AttentionMetadata
 from serval.layers.embedding import Embedding
 from serval.layers.linear import Linear, MergedLinear, qkv_linear
@@ -227,19 +228,9 @@ class Eagle3Drafter:
 
     def _forward(self, input_ids: list[int], positions: list[int], hidden: torch.Tensor, query_start_loc: list[int],
                  seq_lens: list[int], requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
-        slots = [self._slot(request, p) for request, start, end in zip(requests, query_start_loc, query_start_loc[1:])
-                 for p in positions[start:end]]
-        width = max(len(request.block_ids) for request in requests)
-        block_tables = [request.block_ids + [0] * (width - len(request.block_ids)) for request in requests]
-        metadata = AttentionMetadata(slot_mapping=sampler.to_device(slots, torch.int64, self.device),
-                                     query_start_loc=query_start_loc, seq_lens=seq_lens,
-                                     block_tables=sampler.to_device(block_tables, torch.int32, self.device),
-                                     block_size=self.block_size)
+        metadata = flat_batch_metadata(requests, positions, query_start_loc, seq_lens, self.block_size, self.device)
         return self.model(sampler.to_device(input_ids, torch.int64, self.device),
                           sampler.to_device(positions, torch.int64, self.device), hidden, self.kv_caches, metadata)
-
-    def _slot(self, request: Request, position: int) -> int:
-        return request.block_ids[position // self.block_size] * self.block_size + position % self.block_size
 
 
 def load_eagle3_head(path: str, target: nn.Module, dtype: torch.dtype, device: torch.device,
