@@ -186,14 +186,18 @@ def test_each_gpt_oss_option_changes_the_output():
     routing = gpt_oss_routing(9, 8, 4, seed=2)
     gate_up_bias, down_bias = expert_biases(8, 32, 16, torch.float32)
     full = check(routing, 8, 32, 16, torch.float32, biases=(gate_up_bias, down_bias), activation=GPT_OSS_ACTIVATION)
-    variants = {
+    for name, options in gpt_oss_variants(gate_up_bias, down_bias).items():
+        assert not torch.allclose(check(routing, 8, 32, 16, torch.float32, **options), full, atol=1e-3), name
+
+
+def gpt_oss_variants(gate_up_bias: torch.Tensor, down_bias: torch.Tensor) -> dict[str, dict]:
+    """gpt-oss's expert options with one of them taken away: each must change the output."""
+    return {
         "no clamp": dict(biases=(gate_up_bias, down_bias), activation=ClampedSwiGLU(1.702, 1e9)),
         "no gate/up bias": dict(biases=(torch.zeros_like(gate_up_bias), down_bias), activation=GPT_OSS_ACTIVATION),
         "no down bias": dict(biases=(gate_up_bias, torch.zeros_like(down_bias)), activation=GPT_OSS_ACTIVATION),
         "silu, halves": dict(biases=(gate_up_bias, down_bias), activation=None),
     }
-    for name, options in variants.items():
-        assert not torch.allclose(check(routing, 8, 32, 16, torch.float32, **options), full, atol=1e-3), name
 
 
 def fp8_experts(gate_up: torch.Tensor, down: torch.Tensor):

@@ -15,7 +15,7 @@ from serval.kernels import triton_moe, triton_moe_gemv  # noqa: E402
 from serval.layers.moe import ClampedSwiGLU, ExpertRouting, fused_experts_reference  # noqa: E402
 from tests.kernels.test_triton_moe import (DEVICE, GPT_OSS_ACTIVATION, RELATIVE_ATOL, expert_biases,  # noqa: E402
                                            expert_weights, fixed_routing, fp8_experts, gpt_oss_routing,
-                                           random_routing)
+                                           gpt_oss_variants, random_routing)
 
 
 def on_cpu(tensor):
@@ -96,13 +96,7 @@ def test_each_gpt_oss_option_changes_the_output():
     routing = gpt_oss_routing(2, 8, 4, seed=2)
     gate_up_bias, down_bias = expert_biases(8, 32, 16, torch.float32)
     full = check(routing, 8, 32, 16, torch.float32, biases=(gate_up_bias, down_bias), activation=GPT_OSS_ACTIVATION)
-    variants = {
-        "no clamp": dict(biases=(gate_up_bias, down_bias), activation=ClampedSwiGLU(1.702, 1e9)),
-        "no gate/up bias": dict(biases=(torch.zeros_like(gate_up_bias), down_bias), activation=GPT_OSS_ACTIVATION),
-        "no down bias": dict(biases=(gate_up_bias, torch.zeros_like(down_bias)), activation=GPT_OSS_ACTIVATION),
-        "silu, halves": dict(biases=(gate_up_bias, down_bias), activation=None),
-    }
-    for name, options in variants.items():
+    for name, options in gpt_oss_variants(gate_up_bias, down_bias).items():
         assert not torch.allclose(check(routing, 8, 32, 16, torch.float32, **options), full, atol=1e-3), name
 
 
