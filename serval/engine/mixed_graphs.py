@@ -31,6 +31,7 @@ import torch
 
 from serval.kernels import paged_attention as torch_attention
 from serval.layers.attention import AttentionMetadata, attention_backend
+from serval.layers.quant.kv_scales import kv_scales_frozen, layers_awaiting_kv_scales
 
 if TYPE_CHECKING:
     from serval.engine.model_runner import ForwardInputs
@@ -91,7 +92,7 @@ class MixedGraphs:
         self.pool_bytes = 0
         # Attention layers that still take a float8 cache's scales from the next prefill: until they have, mixed
         # steps run eagerly (a graph would bake in "don't calculate").
-        self._scales_pending = [module for module in model.modules() if getattr(module, "calculate_kv_scales", False)]
+        self._scales_pending = layers_awaiting_kv_scales(model)
 
     def _num_requests(self, num_tokens: int) -> int:
         """Requests of a bucket's padded batch: every real one has a token, plus the one that owns the padding."""
@@ -129,10 +130,7 @@ class MixedGraphs:
         torch.cuda.synchronize()
         allocated = torch.cuda.memory_allocated()
         pool = None
-        pending, self._scales_pending = self._scales_pending, []
-        for module in pending:  # warm-ups look like prefills: keep their dummy inputs from setting the scales
-            module.calculate_kv_scales = False
-        try:
+        with kv_scales_frozen(self.model):
             for bucket in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
                 self._fill_padding(bucket)
                 for _ in range(2):  # warm-up: Triton compiles and cuBLAS picks its kernels outside the capture
@@ -143,10 +141,6 @@ class MixedGraphs:
                     self.logits[bucket] = self._forward(bucket)
                 pool = graph.pool()
                 self.graphs[bucket] = graph
-        finally:
-            for module in pending:
-                module.calculate_kv_scales = True
-            self._scales_pending = pending
         torch.cuda.synchronize()
         self.capture_seconds = time.monotonic() - started
         self.pool_bytes = torch.cuda.memory_allocated() - allocated

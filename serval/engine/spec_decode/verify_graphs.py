@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,6 +30,7 @@ from serval.engine import sampler
 from serval.engine.cuda_graphs import capture_sizes
 from serval.kernels import paged_attention as torch_attention
 from serval.layers.attention import AttentionMetadata, attention_backend
+from serval.layers.quant.kv_scales import kv_scales_frozen
 
 if TYPE_CHECKING:
     from serval.engine.model_runner import ForwardInputs
@@ -104,7 +104,7 @@ class VerifyGraphs:
         self._fill_padding(self.max_batch)
         torch.cuda.synchronize()
         pool = None
-        with _kv_scales_frozen(self.model):
+        with kv_scales_frozen(self.model):
             for batch in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
                 for _ in range(2):  # warm-up: Triton compiles and cuBLAS picks its kernels outside the capture
                     self._forward(batch)
@@ -187,17 +187,3 @@ class VerifyGraphs:
         # Every vector is copied whole (its rows past this batch are stale and unread); the table only to this batch.
         end = self._layout["block_tables"] + batch * self.max_blocks
         self.inputs[:end].copy_(self._staging[:end], non_blocking=True)
-
-
-@contextmanager
-def _kv_scales_frozen(model: torch.nn.Module):
-    """Warm-ups of Q > 1 rows look like a prefill, whose first one calculates a float8 cache's scales
-    (serval.layers.quant.kv_scales): keep the dummy inputs from setting them."""
-    pending = [module for module in model.modules() if getattr(module, "calculate_kv_scales", False)]
-    for module in pending:
-        module.calculate_kv_scales = False
-    try:
-        yield
-    finally:
-        for module in pending:
-            module.calculate_kv_scales = True

@@ -21,6 +21,7 @@ before the rotary embedding: rotating a pair can grow an element by up to sqrt(2
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -104,6 +105,25 @@ def enable_kv_scale_calculation(model: torch.nn.Module) -> None:
     for attention in kv_scale_modules(model).values():
         attention.has_kv_scales = True
         attention.calculate_kv_scales = True
+
+
+def layers_awaiting_kv_scales(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The attention layers whose next prefill still calculates their scales."""
+    return [module for module in model.modules() if getattr(module, "calculate_kv_scales", False)]
+
+
+@contextmanager
+def kv_scales_frozen(model: torch.nn.Module) -> Iterator[None]:
+    """While capturing CUDA graphs: warm-ups of several rows look like a prefill, whose first one would calculate
+    the scales from dummy inputs; keep them from it, and give the calculation back to the first real prefill."""
+    pending = layers_awaiting_kv_scales(model)
+    for module in pending:
+        module.calculate_kv_scales = False
+    try:
+        yield
+    finally:
+        for module in pending:
+            module.calculate_kv_scales = True
 
 
 def calculate_kv_scales(key: torch.Tensor, value: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor) -> None:
