@@ -205,6 +205,13 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def fill_size_defaults(args: argparse.Namespace, defaults: dict[str, tuple[int, int]]) -> None:
+    """Options left unset take their (full, tiny) default for the run's size."""
+    for name, (full, tiny) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, tiny if args.tiny else full)
+
+
 def device_name(tiny: bool) -> str:
     if tiny:
         return "cpu"
@@ -234,10 +241,8 @@ def main() -> None:
     unknown = sorted(set(args.choices) - set(TOOL_CHOICES))
     if unknown:
         parser.error(f"--choices: unknown {', '.join(unknown)}; allowed: {', '.join(TOOL_CHOICES)}")
-    defaults = {"concurrency": (256, 4), "input_len": (256, 16), "output_len": (128, 16), "num_warmups": (8, 1)}
-    for name, (full, tiny) in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, tiny if args.tiny else full)
+    fill_size_defaults(args, {"concurrency": (256, 4), "input_len": (256, 16), "output_len": (128, 16),
+                              "num_warmups": (8, 1)})
     if args.warmup_run is None:
         args.warmup_run = not args.tiny
     if args.num_prompts is None:

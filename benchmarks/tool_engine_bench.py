@@ -63,9 +63,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=None, help="tokens per request (default 128; tiny 16)")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    for name, full, tiny in (("batch", 256, 8), ("prompt_len", 800, 64), ("output_len", 128, 16)):
-        if getattr(args, name) is None:
-            setattr(args, name, tiny if args.tiny else full)
+    tool_bench.fill_size_defaults(args, {"batch": (256, 8), "prompt_len": (800, 64), "output_len": (128, 16)})
     os.makedirs(args.out, exist_ok=True)
     model_dir = tool_bench.write_model_dir(args.out, args.tiny)
     engine = LLMEngine.from_engine_args(model=model_dir, load_format="dummy", max_model_len=2048,
