@@ -166,21 +166,29 @@ def _apply_grammar_mask(logits: torch.Tensor, requests: list[Request]) -> None:
     bitmask = structured.next_token_bitmask(states, pin_memory=logits.device.type == "cuda")
     early = [i for i, row in enumerate(rows)
              if requests[row].num_output_tokens < requests[row].sampling_params.min_tokens]
+    apply_grammar_bitmask(logits, bitmask, rows, early)
+
+
+def apply_grammar_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int], early: list[int]) -> None:
+    """In place: logits row rows[i] gets -inf where bitmask row i (int32 words, on the host) disallows a token.
+    early: indexes i whose min_tokens masked EOS, which may be the only token the grammar allows (a complete
+    output): there the grammar wins, the row keeping only what it allows."""
+    from serval.engine import structured_output as structured  # llguidance loads only when a request asks for it
+    whole = rows == list(range(logits.shape[0]))
     if logits.device.type == "cuda" and not early and logits.stride(1) == 1:
         from serval.kernels.triton_bitmask import apply_token_bitmask_
         # From pinned memory the copy is queued behind the step's kernels; one launch masks every row.
         apply_token_bitmask_(logits, bitmask.to(logits.device, non_blocking=bitmask.is_pinned()),
-                             None if len(rows) == len(requests) else _tensor(rows, logits))
+                             None if whole else _tensor(rows, logits))
         return
     disallowed = structured.disallowed_mask_on(bitmask, logits.shape[1], logits.device)
-    if len(rows) == len(requests):
+    if whole:
         logits.masked_fill_(disallowed, _NEG_INF)
         sub = logits
     else:
         index = _tensor(rows, logits)
         sub = logits[index].masked_fill_(disallowed, _NEG_INF)
         logits[index] = sub
-    # min_tokens may have masked the only token the grammar allows (EOS of a complete output): the grammar wins.
     for i in early:
         if bool(torch.isneginf(sub[i]).all()):
             sub[i] = torch.where(disallowed[i], _NEG_INF, 0.0)

@@ -108,18 +108,10 @@ def _apply_grammar_masks(logits: torch.Tensor, requests: list[Request], draft_to
                                         [draft_token_ids[i] for i in constrained],
                                         pin_memory=logits.device.type == "cuda")
     positions = [(i, j) for i in constrained for j in range(len(draft_token_ids[i]) + 1)]
-    rows = [starts[i] + j for i, j in positions]
-    disallowed = structured.disallowed_mask_on(bitmask, logits.shape[1], logits.device)
-    index = sampler.to_device(rows, torch.int64, logits.device)
-    sub = logits[index].masked_fill_(disallowed, float("-inf"))
-    # As the plain sampler: min_tokens may have masked the only token the grammar allows (EOS of a complete
-    # output), and then the grammar wins.
+    # As the plain sampler: where min_tokens masked EOS at a position, the grammar wins.
     early = [k for k, (i, j) in enumerate(positions)
              if requests[i].num_output_tokens + j < requests[i].sampling_params.min_tokens]
-    for k in early:
-        if bool(torch.isneginf(sub[k]).all()):
-            sub[k] = torch.where(disallowed[k], float("-inf"), 0.0)
-    logits[index] = sub
+    sampler.apply_grammar_bitmask(logits, bitmask, [starts[i] + j for i, j in positions], early)
 
 
 def _row_starts(draft_token_ids: list[list[int]]) -> list[int]:
