@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serval import LLM, SamplingParams
+from serval import LLM
 from serval.distributed.weights import load_rank_model
 from serval.layers.parallel import ShardedFusedMoE, shard_layout
 from serval.openai.errors import InvalidArgument
 from tests.conftest import build_tiny_model
-from tests.engine.test_engine import NUM_NEW_TOKENS, hf_greedy, make_prompts, pressured_llm
+from tests.distributed.test_tensor_parallel import greedy_checked_tp_llm
 from tests.model.tiny_models import build_tiny, tiny_config
 
 TP = 2
@@ -36,24 +36,9 @@ CASES = {
 def test_greedy_matches_transformers_and_tp1(tmp_path, case):
     family, overrides, engine_args = CASES[case]
     hf_model = build_tiny(tmp_path, family, **overrides)
-    prompts = make_prompts(hf_model.config.vocab_size)
-    params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
-    single = pressured_llm(str(tmp_path), prefix_caching=True)
-    expected = [o.outputs[0].token_ids for o in single.generate([{"prompt_token_ids": p} for p in prompts], params,
-                                                                use_tqdm=False)]
-    llm = pressured_llm(str(tmp_path), prefix_caching=True, tensor_parallel_size=TP, **engine_args)
-    try:
+    with greedy_checked_tp_llm(str(tmp_path), hf_model, **engine_args) as llm:
         experts = [m for m in llm.engine.model.modules() if isinstance(m, ShardedFusedMoE)]
         assert experts and all(m.expert_parallel == bool(engine_args) for m in experts)
-        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        assert [o.outputs[0].token_ids for o in outputs] == expected
-        for prompt, output in zip(prompts, outputs):
-            assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, NUM_NEW_TOKENS), f"{len(prompt)}"
-        stats = llm.engine.get_stats()
-        assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
-    finally:
-        llm.shutdown()
-    assert not [p for p in llm.engine.executor.processes if p.is_alive()]
 
 
 def hf_experts(hf_model, layer: int):

@@ -3,6 +3,9 @@ equal transformers' and tensor_parallel_size=1's through an engine forced to bat
 the prefix cache; prompt logprobs too (the gathered logits are the whole vocabulary's); clear errors at start."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -44,12 +47,24 @@ def build_case(path, arch: str, **overrides):
 def test_greedy_matches_transformers_and_tp1(tmp_path, case):
     arch, overrides = CASES[case]
     hf_model = build_case(tmp_path, arch, **overrides)
+    with greedy_checked_tp_llm(str(tmp_path), hf_model) as llm:
+        stats = llm.engine.get_stats()
+        assert stats.num_free_blocks == stats.num_blocks
+        if case in LOGPROB_CASES:
+            check_prompt_logprobs(llm, hf_model)
+
+
+@contextmanager
+def greedy_checked_tp_llm(path: str, hf_model, **engine_args) -> Iterator[LLM]:
+    """A tensor_parallel_size=2 engine on the checkpoint at `path` whose greedy tokens, for a dozen prompts under
+    preemption and prefix hits, equal tensor_parallel_size=1's and transformers'; yielded for the caller's own
+    checks, then shut down, leaving no worker process."""
     prompts = make_prompts(hf_model.config.vocab_size)
     params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
-    single = pressured_llm(str(tmp_path), prefix_caching=True)
+    single = pressured_llm(path, prefix_caching=True)
     expected = [o.outputs[0].token_ids for o in single.generate([{"prompt_token_ids": p} for p in prompts], params,
                                                                 use_tqdm=False)]
-    llm = pressured_llm(str(tmp_path), prefix_caching=True, tensor_parallel_size=2)
+    llm = pressured_llm(path, prefix_caching=True, tensor_parallel_size=2, **engine_args)
     try:
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outputs] == expected
@@ -57,9 +72,7 @@ def test_greedy_matches_transformers_and_tp1(tmp_path, case):
             assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, NUM_NEW_TOKENS), f"{len(prompt)}"
         stats = llm.engine.get_stats()
         assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
-        assert stats.num_free_blocks == stats.num_blocks
-        if case in LOGPROB_CASES:
-            check_prompt_logprobs(llm, hf_model)
+        yield llm
     finally:
         llm.shutdown()
     assert not [p for p in llm.engine.executor.processes if p.is_alive()]
