@@ -45,8 +45,12 @@ def check_each_change_alters_the_logits(path: str, hf_model,
 
 def check_greedy_matches_transformers(path: str, hf_model, prefix_caching: bool) -> None:
     """A dozen prompts through an engine forced to batch, chunk prefills and preempt: transformers' tokens."""
+    check_pressured_greedy(pressured_llm(path, prefix_caching), hf_model, prefix_caching)
+
+
+def check_pressured_greedy(llm, hf_model, prefix_caching: bool) -> None:
+    """check_greedy_matches_transformers on an engine made by the caller (pressured_llm's sizes, maybe hooked)."""
     prompts = make_prompts(hf_model.config.vocab_size)
-    llm = pressured_llm(path, prefix_caching)
     params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     references = hf_greedy_references(hf_model, prompts, NUM_NEW_TOKENS)
