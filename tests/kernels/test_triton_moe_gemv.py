@@ -130,11 +130,13 @@ def test_fp8_experts_apply_per_expert_row_scales(dtype, gpt_oss):
     assert 0 < error < 0.15
 
 
-def test_fused_experts_takes_the_gemv_path_up_to_max_rows():
+def test_fused_experts_takes_the_gemv_path_up_to_max_rows(monkeypatch):
     """triton_moe.fused_experts: T * k <= max_rows runs the GEMV kernels (the same bits as calling them), more runs
     the grouped ones (their bits), an explicit grouped config always the grouped ones. The two paths sum in
     different orders, so their float32 bits differ here and the equalities say which one ran."""
+    monkeypatch.setenv("SERVAL_MOE_GEMV", "1")  # a GPU without a tuned table keeps the grouped path otherwise
     max_rows = triton_moe_gemv.max_rows(32, 64, torch.device(DEVICE))
+    assert max_rows >= 4
     gate_up, down = expert_weights(16, 64, 32, torch.float32)
     for num_tokens, gemv_expected in ((max_rows // 4, True), (max_rows // 4 + 1, False)):
         routing = random_routing(num_tokens, 16, 4, seed=num_tokens)
