@@ -134,7 +134,7 @@ def _attention_kernel(query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partia
                       BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                       BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
                       USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr, HAS_KV_SCALE: tl.constexpr,
-                      FLAT_TILES: tl.constexpr, USE_PDL: tl.constexpr):
+                      FLAT_TILES: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
     pdl.wait(USE_PDL)
     if HAS_KV_SCALE:  # q . (k_scale * k) = k_scale * (q . k): the key scale joins the softmax scale
         scale_log2 = scale_log2 * tl.load(k_scale_ptr)
@@ -193,7 +193,7 @@ def _attention_kernel(query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partia
         # A float8 cache's tile is widened here (exactly): tl.dot wants both operands in one type.
         key = tl.load(key_cache_ptr + cache_offset[:, None] + kv_offset[None, :], mask=kv_mask,
                       other=0.0).to(query.dtype)
-        scores = tl.dot(query, tl.trans(key)) * scale_log2
+        scores = tl.dot(query, tl.trans(key), input_precision=DOT_PRECISION) * scale_log2
         visible = key_valid[None, :] & (key_pos[None, :] <= query_pos[:, None])
         if USE_WINDOW:
             visible = visible & (key_pos[None, :] > query_pos[:, None] - sliding_window)
@@ -205,7 +205,7 @@ def _attention_kernel(query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partia
         l_i = l_i * alpha + tl.sum(probs, 1)
         value = tl.load(value_cache_ptr + cache_offset[:, None] + kv_offset[None, :], mask=kv_mask,
                         other=0.0).to(query.dtype)
-        acc = acc * alpha[:, None] + tl.dot(probs.to(value.dtype), value)
+        acc = acc * alpha[:, None] + tl.dot(probs.to(value.dtype), value, input_precision=DOT_PRECISION)
         m_i = m_new
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -280,6 +280,9 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
         HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size,
         TILE_N=_TILE_N, NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None, USE_SINKS=sinks is not None,
         HAS_KV_SCALE=k_scale is not None, FLAT_TILES=not decode,
+        # float32 models ask for float32 products: tl.dot would otherwise round float32 inputs to TF32 on a GPU,
+        # enough to flip near-tie greedy tokens against the CPU engine (seen with gpt-oss's sinks)
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=4, num_stages=2, **pdl.launch_options(query))
     if num_splits > 1:
         _combine_splits(partial_out, partial_lse, out)

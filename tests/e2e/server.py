@@ -24,7 +24,10 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 
 @functools.cache
 def tiny_model_dir() -> str:
-    """Build once per test process: a 2-layer, 64-wide Llama with SmolLM2's 49,152-token tokenizer."""
+    """Build once per test process: a 2-layer, 64-wide Llama with SmolLM2's 49,152-token tokenizer.
+    SERVAL_TINY_MODEL_DIR names one built before, for machines without the default model (the GPU box)."""
+    if os.environ.get("SERVAL_TINY_MODEL_DIR"):
+        return os.environ["SERVAL_TINY_MODEL_DIR"]
     import torch
     import transformers
 
