@@ -7,6 +7,7 @@
     embed_tokens            vocabulary-parallel: rank r holds rows [r*V/N, (r+1)*V/N); an id outside them looks
                             up zeros, and the all-reduce fills in the owner's row
     lm_head                 vocabulary-parallel: rank r computes its vocabulary slice's logits; they are gathered
+                            to rank 0, which samples
 
 So a decoder layer costs two all-reduces. A rank's model is built at its shard's sizes from a per-rank config
 (`local_config`: heads, intermediate size and vocabulary divided by N), so no rank ever allocates the full
@@ -447,7 +448,9 @@ class VocabParallelEmbedding(nn.Embedding):
 
 
 class ParallelLMHead(Linear):
-    """A Linear holding the logits of one vocabulary slice; forward returns every rank's slices gathered."""
+    """A Linear holding the logits of one vocabulary slice. The slices are gathered to rank 0, the only rank that
+    samples: forward returns the whole vocabulary's logits there, and on every other rank an empty [..., 0] tensor
+    (a worker sees no logits, and no rank receives N - 1 slices it would drop)."""
     group: dist.ProcessGroup | None = None
     vocab_size: int = 0  # the full vocabulary: the gathered logits lose the last slice's padding
 
@@ -455,15 +458,14 @@ class ParallelLMHead(Linear):
         local = super().forward(x)
         rows = local.reshape(-1, local.shape[-1]).contiguous()
         size = dist.get_world_size(self.group)
-        # One collective into one tensor (no per-slice copies after it): what a CUDA graph captures cleanly.
-        gathered = rows.new_empty((size * rows.shape[0], rows.shape[1]))
-        _all_gather_into_tensor(gathered, rows, group=self.group)
-        logits = gathered.view(size, *rows.shape).movedim(0, 1).flatten(1)
+        if dist.get_rank(self.group) != 0:
+            dist.gather(rows, None, dst=0, group=self.group)
+            return local[..., :0]
+        # One buffer, its per-rank views the gather's targets (no copies after it): what a CUDA graph captures.
+        gathered = rows.new_empty((size, rows.shape[0], rows.shape[1]))
+        dist.gather(rows, list(gathered.unbind(0)), dst=0, group=self.group)
+        logits = gathered.movedim(0, 1).flatten(1)
         return logits.view(*local.shape[:-1], size * rows.shape[1])[..., :self.vocab_size]
-
-
-# torch 2.13 renames all_gather_into_tensor (still there, deprecated) to all_gather_single.
-_all_gather_into_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def parallelize(model: nn.Module, layout: ShardLayout, group: dist.ProcessGroup | None = None) -> nn.Module:
