@@ -27,7 +27,8 @@ from serval.config import EngineConfig
 from serval.distributed import WorkerFailedError
 from serval.distributed import group as groups
 from serval.distributed.steps import DecodeStep, MixedStep, eager_decode, replay_decode, replay_mixed
-from serval.distributed.weights import check_load_format, check_quantization, load_rank_model, quantized_layout
+from serval.distributed.gguf_shards import check_gguf_layout, gguf_file_of
+from serval.distributed.weights import check_quantization, load_rank_model, quantized_layout, rank_config
 from serval.distributed.worker import RankSetup, WorkerArgs, agree_num_blocks, worker_main
 from serval.engine.cuda_graphs import DecodeGraphs
 from serval.engine.mixed_graphs import MixedGraphs
@@ -36,7 +37,6 @@ from serval.engine.model_runner import DecodeForward, DecodeInFlight, ForwardInp
 from serval.engine.request import Request
 from serval.engine.sampler import to_device
 from serval.layers.parallel import shard_layout
-from serval.model.loader import load_config
 from serval.openai.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
@@ -69,20 +69,18 @@ class TensorParallelExecutor:
         if dist.is_initialized():
             raise RuntimeError("this process already belongs to a torch.distributed group (another tensor-parallel "
                                "engine?); shut that engine down first (LLMEngine.shutdown)")
-        try:
-            check_load_format(config.load_format)
-        except ValueError as error:
-            raise InvalidArgument("load_format", str(error)) from None
-        hf_config = load_config(model_path)
+        hf_config = rank_config(model_path, config.load_format)
         try:
             check_quantization(hf_config, config.quantization)
         except ValueError as error:
             raise InvalidArgument("quantization", str(error)) from None
         try:
             layout = quantized_layout(shard_layout(hf_config, 0, size, config.enable_expert_parallel), hf_config)
+            if (gguf_file := gguf_file_of(model_path, config.load_format)) is not None:
+                check_gguf_layout(gguf_file, layout)
         except ValueError as error:
             param = "enable_expert_parallel" if str(error).startswith("enable_expert_parallel") else \
-                "tensor_parallel_size"
+                "load_format" if "GGUF mixture-of-experts" in str(error) else "tensor_parallel_size"
             raise InvalidArgument(param, str(error)) from None
         store = groups.open_store(0, size)
         context = multiprocessing.get_context("spawn")

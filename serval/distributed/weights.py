@@ -20,6 +20,7 @@ from serval.layers.parallel import (MOE_TENSOR_PARALLEL_ARCHITECTURES, ROW_PARAL
                                     parallelize_experts, with_weight_blocks)
 from serval.layers.mlp import GatedMLP
 from serval.layers.moe import FusedMoE
+from serval.distributed.gguf_shards import gguf_file_of, gguf_rank_config, iter_gguf_shard
 from serval.distributed.quant_shards import (QuantizedSharding, check_quantized_layout, quantized_read,
                                              quantized_sharding)
 from serval.layers.quant.fp8 import BlockFp8Method
@@ -141,11 +142,11 @@ def read_slices(part, pieces: list[TensorSlice]) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=pieces[0].dim)
 
 
-def check_load_format(load_format: str) -> None:
-    """Raise ValueError for a load format tensor parallelism does not shard (GGUF: its blocks are not sliced)."""
-    if load_format not in ("auto", "safetensors", "dummy"):
-        raise ValueError(f"tensor parallelism loads safetensors checkpoints or dummy weights; load_format="
-                         f"{load_format!r} (GGUF's quantized blocks) is not sharded yet")
+def rank_config(model_path: str, load_format: str):
+    """The config of the model at model_path: a GGUF's metadata (load_format "gguf", or "auto" with only a .gguf
+    there), else config.json."""
+    gguf_file = gguf_file_of(model_path, load_format)
+    return gguf_rank_config(gguf_file) if gguf_file is not None else loader.load_config(model_path)
 
 
 def check_quantization(hf_config, quantization: str | None) -> None:
@@ -198,14 +199,14 @@ def hold_every_group(model: nn.Module, formats: loader.LayerFormats, layout: Sha
 def load_rank_model(model_path: str, layout: ShardLayout, *, load_format: str, dtype: torch.dtype,
                     device: torch.device, seed: int, group: dist.ProcessGroup | None = None,
                     quantization: str | None = None) -> nn.Module:
-    """The rank's shard of the model at model_path (a safetensors checkpoint, or dummy weights), with its
+    """The rank's shard of the model at model_path (a safetensors checkpoint, a GGUF, or dummy weights), with its
     collectives on `group`. Dummy weights are the same on every rank for the tensors they share (the shapes,
     hence the generator's draws, are the same on every rank), but not tensor_parallel_size=1's.
     quantization="fp8": each rank quantizes its own slices once loaded (a column-parallel shard's rows keep one
     device's scales; a row-parallel shard's rows get scales over its columns). A block-fp8 checkpoint's blocks
     are read as they are, each rank its own."""
-    check_load_format(load_format)
-    hf_config = loader.load_config(model_path)
+    gguf_file = gguf_file_of(model_path, load_format)
+    hf_config = gguf_rank_config(gguf_file) if gguf_file is not None else loader.load_config(model_path)
     check_quantization(hf_config, quantization)
     layout = quantized_layout(layout, hf_config)
     model = loader.build_model(local_config(hf_config, layout), dtype, device)
@@ -214,7 +215,9 @@ def load_rank_model(model_path: str, layout: ShardLayout, *, load_format: str, d
         narrow_shared_experts(model, layout)
     declared = loader.checkpoint_quant(hf_config)
     formats = loader.assign_formats(model, declared) if declared is not None else loader.LayerFormats({}, {})
-    if load_format == "dummy":
+    if gguf_file is not None:
+        model.load_weights(iter_gguf_shard(gguf_file, layout, hf_config))
+    elif load_format == "dummy":
         loader.init_dummy_weights(model, seed)
         for module, method in formats.layers.items():  # as a checkpoint would hold them
             module.quantize_(method)

@@ -142,10 +142,3 @@ def test_blocks_that_straddle_ranks_are_refused(tmp_path):
                                               r"k_proj/v_proj \(64 rows per rank") as info:
         LLM(model=str(tmp_path), skip_tokenizer_init=True, tensor_parallel_size=TP)
     assert info.value.param == "tensor_parallel_size"
-
-
-def test_gguf_is_refused(tmp_path):
-    build_tiny_model(tmp_path, "llama")
-    with pytest.raises(InvalidArgument, match="load_format='gguf'.*not sharded") as info:
-        LLM(model=str(tmp_path), skip_tokenizer_init=True, tensor_parallel_size=TP, load_format="gguf")
-    assert info.value.param == "load_format"
