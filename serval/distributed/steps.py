@@ -7,8 +7,8 @@ step N+1 is planned before step N's tokens reach the driver's host: its input id
 still on the driver's device. They go to the workers by a broadcast on the device group (NCCL: queued on the
 stream, the host does not wait), right after the plan, so every rank issues its collectives in the same order:
 
-    driver   plan ─► [ids broadcast] ─► forward (the all-reduces) ─► sample
-    worker   plan ─► [ids broadcast] ─► forward (the all-reduces) ─► drop the logits
+    driver   plan ─► [ids broadcast] ─► forward (the all-reduces, the logits gathered here) ─► sample
+    worker   plan ─► [ids broadcast] ─► forward (the all-reduces, its logits' slice sent to the driver)
 
 Every rank captures the same ladder of graph sizes at start (the same max_num_seqs), in the same order, with the
 all-reduces inside: torch's NCCL process group can be captured once its communicator exists (the memory profile's

@@ -15,9 +15,9 @@ import torch.distributed as dist
 from safetensors import safe_open
 from torch import nn
 
-from serval.layers.parallel import (MOE_TENSOR_PARALLEL_ARCHITECTURES, ROW_PARALLEL_PROJECTIONS, ShardLayout, TensorSlice, checkpoint_slice,
-                                    expert_checkpoint_slices, fused_checkpoint_parts, local_config, parallelize,
-                                    parallelize_experts, with_weight_blocks)
+from serval.layers.parallel import (MOE_TENSOR_PARALLEL_ARCHITECTURES, ROW_PARALLEL_PROJECTIONS, ShardLayout,
+                                    TensorSlice, checkpoint_slice, expert_checkpoint_slices, fused_checkpoint_parts,
+                                    local_config, parallelize, parallelize_experts, with_weight_blocks)
 from serval.layers.mlp import GatedMLP
 from serval.layers.moe import FusedMoE
 from serval.distributed.gguf_shards import gguf_file_of, gguf_rank_config, iter_gguf_shard

@@ -1,7 +1,7 @@
 """GGUF checkpoints under tensor parallelism (CPU, gloo), written as llama.cpp's converter writes them
 (tests/model/test_gguf.py: q/k rows permuted, Q8_0 blocks of 32): each rank's weights are exactly its slice of the
-dequantized checkpoint, greedy tokens at tensor_parallel_size=2 equal size 1's, and a shard whose input columns
-cut through the blocks is refused at start, naming the tensor."""
+dequantized checkpoint, greedy tokens at tensor_parallel_size=2 equal size 1's; a shard whose input columns cut
+through the blocks is refused at start, naming the tensor, and so is a GGUF mixture of experts."""
 from __future__ import annotations
 
 import os
@@ -20,6 +20,8 @@ from tests.distributed.test_quantized import TP, check_tp2_equals_tp1
 from tests.distributed.test_weights import expected_slices, ours
 from tests.engine.test_engine import make_prompts
 from tests.model.test_gguf import write_gguf
+from tests.model.test_gguf_moe import write_moe_gguf
+from tests.model.tiny_models import build_tiny
 
 
 def build_gguf(tmp_path, **overrides) -> str:
@@ -53,7 +55,17 @@ def test_greedy_at_two_ranks_equals_one(tmp_path):
 def test_blocks_that_straddle_ranks_are_refused(tmp_path):
     """intermediate 96: each rank's 48 input columns of down_proj are one and a half Q8_0 blocks."""
     path = build_gguf(tmp_path, intermediate_size=96)
-    with pytest.raises(InvalidArgument, match=r"each rank's 48 input columns of model\.layers\.0\.mlp\.down_proj\.weight "
-                                              r"\(blk\.0\.ffn_down\.weight\) cut through its Q8_0 blocks of 32") as info:
+    with pytest.raises(InvalidArgument, match=r"each rank's 48 input columns of model\.layers\.0\.mlp\.down_proj\."
+                                              r"weight \(blk\.0\.ffn_down\.weight\) cut through its Q8_0 blocks of "
+                                              r"32") as info:
         LLM(model=path, skip_tokenizer_init=True, tensor_parallel_size=TP)
     assert info.value.param == "tensor_parallel_size"
+
+
+def test_mixture_of_experts_ggufs_are_refused(tmp_path):
+    hf_model = build_tiny(tmp_path / "hf", "mixtral")
+    write_moe_gguf(tmp_path / "model.gguf", "llama", hf_model)
+    with pytest.raises(InvalidArgument, match=r"does not shard GGUF mixture-of-experts checkpoints \(blk\.0\.ffn_\w+"
+                                              r"_exps\.weight stacks every expert") as info:
+        LLM(model=str(tmp_path / "model.gguf"), skip_tokenizer_init=True, tensor_parallel_size=TP)
+    assert info.value.param == "load_format"
