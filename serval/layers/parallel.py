@@ -16,11 +16,12 @@ rank r holds K/V head r * KVH / N, the one its query heads read. `checkpoint_sli
 checkpoint tensor a rank loads (serval.distributed.weights reads only that slice); a fused checkpoint projection
 (Phi-3's qkv_proj, gate_up_proj) is not one slice but one per part, which `fused_checkpoint_parts` lists.
 
-Mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE) split every expert the way the dense MLP splits:
-every rank holds all E experts, 1/N of each one's intermediate dimension (gate/up rows, down columns), and the
-router stays whole. The experts' partial sums, plus Qwen2-MoE's shared expert's (its down_proj left plain), are
-all-reduced once per block (`ParallelSparseMoeBlock`). Expert parallelism (experts split across ranks) is not
-implemented.
+Mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE, gpt-oss, DeepSeek-V3) split every expert the way the
+dense MLP splits: every rank holds all E experts, 1/N of each one's intermediate dimension (gate/up rows, down
+columns), or with expert parallelism E/N whole experts; the router stays whole. The experts' partial sums, plus the
+shared experts' (their down_proj left plain), are all-reduced once per block (`ParallelSparseMoeBlock`,
+`AllReducedOutput`). DeepSeek-V3's latent attention splits by heads with its own per-head widths
+(`latent_head_widths`).
 """
 from __future__ import annotations
 
