@@ -7,17 +7,22 @@ a fresh subprocess (its own GPUs' memory, its own process group).
 
     cases    llama3-8b at tp 1/2/4, llama3-70b at tp 2/4 (those that fit the GPUs present), and llama3-8b tp=1
              with distributed_executor_backend=mp ("tp1-executor") next to tp=1 in-process ("tp1-engine"); every
-             case with CUDA graphs and asynchronous scheduling, the engine's defaults (--enforce-eager: none)
+             case with CUDA graphs and asynchronous scheduling, the engine's defaults (--enforce-eager: none), and
+             each run with mixed prefill/decode graphs off and on (--cudagraph-mixed; --mixed-graphs picks), so the
+             tp1 pair is compared like for like under both: the executor's ranks capture and replay the same
+             mixed-step graphs as the in-process engine
     batch-1  one request, 32 prompt tokens: decode tok/s = (decode_tokens - 1) / (t(decode_tokens) - t(1));
              the roofline is HBM bandwidth / the weight bytes one GPU reads per token (rank 0's shard)
     offline  --num-prompts random-id prompts of --input-len, --output-len tokens each, all queued at once
 
     PYTHONPATH=/tmp/site:. python benchmarks/tp_bench.py --output docs/results/tp_bench_h200.json
+    PYTHONPATH=/tmp/site:. python benchmarks/tp_bench.py --cases tp1-engine tp1-executor   # one GPU: the tp1 pair
     python benchmarks/tp_bench.py --tiny     # CPU, gloo, a 2-layer model: checks the script end to end
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -45,6 +50,7 @@ class Case:
     shape: str
     tensor_parallel_size: int
     executor: str | None  # distributed_executor_backend
+    cudagraph_mixed: bool = False  # mixed prefill/decode steps replayed from graphs (--cudagraph-mixed)
 
 
 @dataclass
@@ -66,20 +72,29 @@ class CaseResult:
     # N+1 queued while N runs. Both sides of the tp1 comparison must say the same.
     cuda_graphs: bool | None = None
     async_scheduling: bool | None = None
+    cudagraph_mixed: bool = False  # asked for
+    mixed_graphs: bool | None = None  # captured (never on a CPU)
 
 
 def executor_name(case: Case) -> str:
     return "in-process" if case.tensor_parallel_size == 1 and case.executor is None else "mp"
 
 
+MIXED_SETTINGS = {"off": (False,), "on": (True,), "both": (False, True)}
+
+
 def cases_for(args: argparse.Namespace, num_devices: int) -> list[Case]:
     if args.tiny:
-        return [Case("tp1-engine", "tiny", 1, None), Case("tp1-executor", "tiny", 1, "mp"),
-                Case("tiny-tp2", "tiny", 2, None)]
-    cases = [Case("tp1-engine", "llama3-8b", 1, None), Case("tp1-executor", "llama3-8b", 1, "mp")]
-    cases += [Case(f"llama3-8b-tp{n}", "llama3-8b", n, None) for n in (2, 4) if n <= num_devices]
-    cases += [Case(f"llama3-70b-tp{n}", "llama3-70b", n, None) for n in (2, 4) if n <= num_devices]
-    return [case for case in cases if not args.cases or case.name in args.cases]
+        cases = [Case("tp1-engine", "tiny", 1, None), Case("tp1-executor", "tiny", 1, "mp"),
+                 Case("tiny-tp2", "tiny", 2, None)]
+    else:
+        cases = [Case("tp1-engine", "llama3-8b", 1, None), Case("tp1-executor", "llama3-8b", 1, "mp")]
+        cases += [Case(f"llama3-8b-tp{n}", "llama3-8b", n, None) for n in (2, 4) if n <= num_devices]
+        cases += [Case(f"llama3-70b-tp{n}", "llama3-70b", n, None) for n in (2, 4) if n <= num_devices]
+    cases = [case for case in cases if not args.cases or case.name in args.cases]
+    # Setting by setting, so that each tp1 pair runs back to back under the same one.
+    return [dataclasses.replace(case, cudagraph_mixed=mixed) for mixed in MIXED_SETTINGS[args.mixed_graphs]
+            for case in cases]
 
 
 def write_config(directory: str, shape: str) -> str:
@@ -101,7 +116,7 @@ def run_case(case: Case, model_dir: str, args: argparse.Namespace) -> CaseResult
     max_model_len = min(args.max_model_len, SHAPES[case.shape]["max_position_embeddings"])
     llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, max_model_len=max_model_len,
               tensor_parallel_size=case.tensor_parallel_size, distributed_executor_backend=case.executor,
-              enforce_eager=args.enforce_eager, **device_args)
+              enforce_eager=args.enforce_eager, cudagraph_mixed=case.cudagraph_mixed, **device_args)
     try:
         rng = random.Random(0)
         vocab = SHAPES[case.shape]["vocab_size"]
@@ -133,7 +148,8 @@ def run_case(case: Case, model_dir: str, args: argparse.Namespace) -> CaseResult
                           round(decode_tok_s / roofline, 3), round(output_tokens / seconds, 1),
                           round((output_tokens + args.num_prompts * args.input_len) / seconds, 1), round(seconds, 2),
                           cuda_graphs=llm.engine.runner.graphs is not None,
-                          async_scheduling=bool(llm.engine.async_scheduling))
+                          async_scheduling=bool(llm.engine.async_scheduling), cudagraph_mixed=case.cudagraph_mixed,
+                          mixed_graphs=llm.engine.runner.mixed_graphs is not None)
     finally:
         llm.engine.shutdown()
 
@@ -155,27 +171,34 @@ def run_in_subprocess(case: Case, model_dir: str, argv: list[str], timeout: floa
 
 def failed(case: Case, error: str) -> CaseResult:
     return CaseResult(case.name, case.shape, case.tensor_parallel_size, executor_name(case),
-                      None, None, None, None, None, None, None, error)
+                      None, None, None, None, None, None, None, error, cudagraph_mixed=case.cudagraph_mixed)
 
 
 def print_table(results: list[CaseResult]) -> None:
-    header = (f"{'case':<18} {'tp':>3} {'executor':<11} {'graphs':>6} {'async':>5} {'GiB/GPU':>8} {'b1 tok/s':>9} "
-              f"{'roofline':>9} {'of roof':>8} {'offline out tok/s':>18} {'total tok/s':>12}")
+    header = (f"{'case':<18} {'tp':>3} {'executor':<11} {'graphs':>6} {'mixed':>5} {'async':>5} {'GiB/GPU':>8} "
+              f"{'b1 tok/s':>9} {'roofline':>9} {'of roof':>8} {'offline out tok/s':>18} {'total tok/s':>12}")
     lines = [header, "-" * len(header)]
+
+    def yes(flag) -> str:
+        return "yes" if flag else "no"
+
     for r in results:
         if r.error:
             lines.append(f"{r.name:<18} {r.tensor_parallel_size:>3} failed: {r.error.splitlines()[-1][:120]}")
             continue
-        lines.append(f"{r.name:<18} {r.tensor_parallel_size:>3} {r.executor:<11} {'yes' if r.cuda_graphs else 'no':>6} "
-                     f"{'yes' if r.async_scheduling else 'no':>5} {r.weight_gib_per_gpu:>8} "
+        # mixed: "yes" replayed from graphs, "asked" with --cudagraph-mixed but nothing captured (a CPU)
+        mixed = "yes" if r.mixed_graphs else "asked" if r.cudagraph_mixed else "no"
+        lines.append(f"{r.name:<18} {r.tensor_parallel_size:>3} {r.executor:<11} {yes(r.cuda_graphs):>6} {mixed:>5} "
+                     f"{yes(r.async_scheduling):>5} {r.weight_gib_per_gpu:>8} "
                      f"{r.batch1_decode_tok_s:>9} {r.roofline_tok_s:>9} {r.roofline_fraction:>8} "
                      f"{r.offline_output_tok_s:>18} {r.offline_total_tok_s:>12}")
-    by_name = {r.name: r for r in results if not r.error}
-    if "tp1-engine" in by_name and "tp1-executor" in by_name:
-        engine, executor = by_name["tp1-engine"], by_name["tp1-executor"]
-        lines.append(f"tp=1 through the executor / in-process: batch-1 "
-                     f"{executor.batch1_decode_tok_s / engine.batch1_decode_tok_s:.3f}, offline "
-                     f"{executor.offline_output_tok_s / engine.offline_output_tok_s:.3f}")
+    for mixed in (False, True):
+        by_name = {r.name: r for r in results if not r.error and r.cudagraph_mixed == mixed}
+        if "tp1-engine" in by_name and "tp1-executor" in by_name:
+            engine, executor = by_name["tp1-engine"], by_name["tp1-executor"]
+            lines.append(f"tp=1 through the executor / in-process, mixed graphs {'on' if mixed else 'off'}: batch-1 "
+                         f"{executor.batch1_decode_tok_s / engine.batch1_decode_tok_s:.3f}, offline "
+                         f"{executor.offline_output_tok_s / engine.offline_output_tok_s:.3f}")
     sys.stdout.write("\n".join(lines) + "\n")
 
 
@@ -191,6 +214,8 @@ def main() -> int:
     parser.add_argument("--hbm-gbps", type=float, default=4800.0, help="one GPU's memory bandwidth (H200: 4800)")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="no CUDA graphs on any rank (by default every case captures them, the executor's too)")
+    parser.add_argument("--mixed-graphs", choices=sorted(MIXED_SETTINGS), default="both",
+                        help="run every case with mixed prefill/decode graphs off, on, or both (default)")
     parser.add_argument("--case-timeout", type=float, default=900.0)
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     parser.add_argument("--run-case", default=None, help=argparse.SUPPRESS)
@@ -215,7 +240,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="serval-tp-bench-") as directory:
         for case in cases_for(args, num_devices):
             results.append(run_in_subprocess(case, write_config(directory, case.shape), forwarded, args.case_timeout))
-            sys.stderr.write(f"done: {case.name}\n")
+            sys.stderr.write(f"done: {case.name} (mixed graphs {'on' if case.cudagraph_mixed else 'off'})\n")
     print_table(results)
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

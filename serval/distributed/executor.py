@@ -26,16 +26,17 @@ import torch.distributed as dist
 from serval.config import EngineConfig
 from serval.distributed import WorkerFailedError
 from serval.distributed import group as groups
-from serval.distributed.steps import DecodeStep, eager_decode, replay_decode
-from serval.distributed.weights import check_load_format, check_quantization, load_rank_model, quantized_layout
+from serval.distributed.steps import DecodeStep, MixedStep, eager_decode, replay_decode, replay_mixed
+from serval.distributed.gguf_shards import check_gguf_layout, gguf_file_of
+from serval.distributed.weights import check_quantization, load_rank_model, quantized_layout, rank_config
 from serval.distributed.worker import RankSetup, WorkerArgs, agree_num_blocks, worker_main
 from serval.engine.cuda_graphs import DecodeGraphs
+from serval.engine.mixed_graphs import MixedGraphs
 from serval.engine.memory import num_kv_blocks
 from serval.engine.model_runner import DecodeForward, DecodeInFlight, ForwardInputs, ModelRunner
 from serval.engine.request import Request
 from serval.engine.sampler import to_device
 from serval.layers.parallel import shard_layout
-from serval.model.loader import load_config
 from serval.openai.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
@@ -68,20 +69,18 @@ class TensorParallelExecutor:
         if dist.is_initialized():
             raise RuntimeError("this process already belongs to a torch.distributed group (another tensor-parallel "
                                "engine?); shut that engine down first (LLMEngine.shutdown)")
-        try:
-            check_load_format(config.load_format)
-        except ValueError as error:
-            raise InvalidArgument("load_format", str(error)) from None
-        hf_config = load_config(model_path)
+        hf_config = rank_config(model_path, config.load_format)
         try:
             check_quantization(hf_config, config.quantization)
         except ValueError as error:
             raise InvalidArgument("quantization", str(error)) from None
         try:
             layout = quantized_layout(shard_layout(hf_config, 0, size, config.enable_expert_parallel), hf_config)
+            if (gguf_file := gguf_file_of(model_path, config.load_format)) is not None:
+                check_gguf_layout(gguf_file, layout)
         except ValueError as error:
             param = "enable_expert_parallel" if str(error).startswith("enable_expert_parallel") else \
-                "tensor_parallel_size"
+                "load_format" if "GGUF mixture-of-experts" in str(error) else "tensor_parallel_size"
             raise InvalidArgument(param, str(error)) from None
         store = groups.open_store(0, size)
         context = multiprocessing.get_context("spawn")
@@ -118,7 +117,7 @@ class TensorParallelExecutor:
     def make_runner(self, num_blocks: int, config: EngineConfig, kv_cache_dtype: torch.dtype) -> ModelRunner:
         return self.run_guarded(lambda: ParallelModelRunner(self, num_blocks, config, kv_cache_dtype))
 
-    def broadcast(self, message: RankSetup | ForwardInputs | DecodeStep | None) -> None:
+    def broadcast(self, message: RankSetup | ForwardInputs | DecodeStep | MixedStep | None) -> None:
         self.check_workers()
         if not self.processes:  # tensor_parallel_size=1 through the executor: nobody to tell, no pickling per step
             return
@@ -168,19 +167,24 @@ class TensorParallelExecutor:
 class ParallelModelRunner(ModelRunner):
     """The driver's ModelRunner: every forward's plan goes to the workers first, then runs on rank 0's shard.
 
-    Three kinds of forward reach the workers: an eager step of any shape (forward_logits: ForwardInputs), a decode
-    step replayed from a graph (the graphs' run: a DecodeStep with its graph size), and an eager decode step queued
-    by asynchronous scheduling (launch_forward: a DecodeStep without a graph)."""
+    Four kinds of forward reach the workers: an eager step of any shape (forward_logits: ForwardInputs), a decode
+    step replayed from a graph (the graphs' run: a DecodeStep with its graph size), an eager decode step queued
+    by asynchronous scheduling (launch_forward: a DecodeStep without a graph), and a mixed prefill/decode step
+    replayed from a graph (the mixed graphs' run: a MixedStep with its token bucket)."""
 
     def __init__(self, executor: TensorParallelExecutor, num_blocks: int, config: EngineConfig,
                  kv_cache_dtype: torch.dtype) -> None:
         # With graphs, the capture runs here, on every rank at once (each worker builds its runner now too).
         super().__init__(executor.model, num_blocks, config.block_size, kv_cache_dtype, executor.device,
-                         config.max_num_seqs, config.max_model_len, enforce_eager=config.enforce_eager)
+                         config.max_num_seqs, config.max_model_len, enforce_eager=config.enforce_eager,
+                         max_num_batched_tokens=config.max_num_batched_tokens, cudagraph_mixed=config.cudagraph_mixed)
         self.executor = executor
         if self.graphs is not None:
             self.graphs.__class__ = DriverDecodeGraphs
             self.graphs.executor = executor
+        if self.mixed_graphs is not None:
+            self.mixed_graphs.__class__ = DriverMixedGraphs
+            self.mixed_graphs.executor = executor
 
     def forward_logits(self, inputs: ForwardInputs) -> torch.Tensor:
         self.executor.broadcast(inputs)
@@ -215,6 +219,17 @@ class DriverDecodeGraphs(DecodeGraphs):
         self.executor.broadcast(step)
         group = self.executor.parallel.device_group
         return self.executor.run_guarded(lambda: replay_decode(self, step, ids, group))
+
+
+class DriverMixedGraphs(MixedGraphs):
+    """The driver's mixed-step graphs: a replay first sends its plan and bucket, so that every rank replays the
+    same graph at once."""
+    executor: TensorParallelExecutor
+
+    def run(self, inputs: ForwardInputs) -> torch.Tensor:
+        step = MixedStep(inputs, self.bucket(len(inputs.input_ids)))
+        self.executor.broadcast(step)
+        return self.executor.run_guarded(lambda: replay_mixed(self, step))
 
 
 def previous_samples(previous: DecodeInFlight, requests: list[Request]) -> torch.Tensor:

@@ -7,12 +7,16 @@ step N+1 is planned before step N's tokens reach the driver's host: its input id
 still on the driver's device. They go to the workers by a broadcast on the device group (NCCL: queued on the
 stream, the host does not wait), right after the plan, so every rank issues its collectives in the same order:
 
-    driver   plan ─► [ids broadcast] ─► forward (the all-reduces) ─► sample
-    worker   plan ─► [ids broadcast] ─► forward (the all-reduces) ─► drop the logits
+    driver   plan ─► [ids broadcast] ─► forward (the all-reduces, the logits gathered here) ─► sample
+    worker   plan ─► [ids broadcast] ─► forward (the all-reduces, its logits' slice sent to the driver)
 
 Every rank captures the same ladder of graph sizes at start (the same max_num_seqs), in the same order, with the
 all-reduces inside: torch's NCCL process group can be captured once its communicator exists (the memory profile's
 forward has made it), and the capture's warm-up forwards run on every rank together.
+
+With --cudagraph-mixed every rank also captures the same token buckets of mixed prefill/decode steps
+(serval.engine.mixed_graphs), after the decode graphs. A step the driver replays from one travels as a MixedStep
+naming its bucket; a worker whose own buckets give another stops with an error rather than replay a different graph.
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ import torch
 import torch.distributed as dist
 
 from serval.engine.cuda_graphs import DecodeGraphs
-from serval.engine.model_runner import ModelRunner
+from serval.engine.mixed_graphs import MixedGraphs
+from serval.engine.model_runner import ForwardInputs, ModelRunner
 from serval.engine.sampler import to_device
 from serval.layers.attention import AttentionMetadata
 
@@ -96,3 +101,24 @@ def run_decode(runner: ModelRunner, step: DecodeStep, ids: torch.Tensor | None,
                                "captured none")
         return replay_decode(runner.graphs, step, ids, group)
     return eager_decode(runner, step, ids, group)
+
+
+@dataclass
+class MixedStep:
+    """A mixed prefill/decode step every rank replays from the graph of token bucket `bucket`."""
+    inputs: ForwardInputs
+    bucket: int
+
+
+@torch.inference_mode()
+def replay_mixed(graphs: MixedGraphs | None, step: MixedStep) -> torch.Tensor:
+    """Logits of the step from this rank's graph of the driver's bucket (MixedGraphs.run's own, not a subclass's:
+    the driver's graphs broadcast before they call this)."""
+    if graphs is None:
+        raise RuntimeError("tensor-parallel ranks out of step: the driver replays a mixed-step CUDA graph, this rank "
+                           "captured none")
+    bucket = graphs.bucket(len(step.inputs.input_ids))
+    if bucket != step.bucket:
+        raise RuntimeError(f"tensor-parallel ranks out of step: the driver replays the mixed-step graph of "
+                           f"{step.bucket} tokens, this rank's buckets give {bucket}")
+    return MixedGraphs.run(graphs, step.inputs)

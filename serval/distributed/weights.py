@@ -5,6 +5,7 @@ full projection it holds a part of (the replicated tensors, norms and row-parall
 """
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 from typing import Iterator
@@ -14,23 +15,36 @@ import torch.distributed as dist
 from safetensors import safe_open
 from torch import nn
 
-from serval.layers.parallel import (MOE_TENSOR_PARALLEL_ARCHITECTURES, ShardLayout, TensorSlice, checkpoint_slice,
-                                    expert_checkpoint_slices, fused_checkpoint_parts, local_config, parallelize,
-                                    parallelize_experts, with_weight_blocks)
+from serval.layers.parallel import (MOE_TENSOR_PARALLEL_ARCHITECTURES, ROW_PARALLEL_PROJECTIONS, ShardLayout,
+                                    TensorSlice, checkpoint_slice, expert_checkpoint_slices, fused_checkpoint_parts,
+                                    local_config, parallelize, parallelize_experts, with_weight_blocks)
+from serval.layers.mlp import GatedMLP
 from serval.layers.moe import FusedMoE
+from serval.distributed.gguf_shards import gguf_file_of, gguf_rank_config, iter_gguf_shard
+from serval.distributed.quant_shards import (QuantizedSharding, check_quantized_layout, quantized_read,
+                                             quantized_sharding)
 from serval.layers.quant.fp8 import BlockFp8Method
+from serval.layers.quant.w4a16 import W4A16Method
 from serval.model import loader
 
-# Checkpoints that store q/k/v or gate/up as one tensor: their block-fp8 scales would need slicing per part.
+# Checkpoints that store q/k/v or gate/up as one tensor: sliced part by part, which only block fp8's row-wise
+# layout allows (the 4-bit formats pack along the rows or transpose them).
 FUSED_CHECKPOINT_ARCHITECTURES = ("Phi3ForCausalLM",)
 
 
-def iter_safetensors_shard(files: list[str], layout: ShardLayout) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors_shard(files: list[str], layout: ShardLayout,
+                           sharding: QuantizedSharding | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, the rank's slice of the tensor) for every tensor of the files, as load_weights takes them. A fused
-    projection (Phi-3's qkv_proj, gate_up_proj) comes out as its parts (q_proj, ...), each already sliced."""
+    projection (Phi-3's qkv_proj, gate_up_proj) comes out as its parts (q_proj, ...), each already sliced. A
+    quantized checkpoint's own tensors (packed words, group scales) are sliced in their layouts (quant_shards)."""
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():
+                if sharding is not None and (read := quantized_read(name, layout, sharding,
+                                                                    f.get_slice(name).get_shape())) is not None:
+                    yield name, read.finish(read_slices(f.get_slice(name), read.pieces) if read.pieces
+                                            else f.get_tensor(name))
+                    continue
                 if layout.expert_parallel and (owned := owned_expert_tensor(name, layout)) is not None:
                     if owned.hf_name is not None:  # None: another rank's expert
                         yield owned.hf_name, (read_slices(f.get_slice(name), owned.pieces) if owned.pieces
@@ -86,6 +100,27 @@ def widen_routers(model: nn.Module, layout: ShardLayout) -> None:
             if isinstance(router, nn.Linear) and router.out_features != layout.num_experts:
                 setattr(module, name, nn.Linear(router.in_features, layout.num_experts, bias=router.bias is not None,
                                                 device=router.weight.device, dtype=router.weight.dtype))
+            elif hasattr(router, "config") and router.weight.shape[0] != layout.num_experts:
+                # DeepSeek-V3's router, built from its config: the same with every expert (and its groups) back.
+                config = copy.copy(router.config)
+                config.n_routed_experts = layout.num_experts
+                setattr(module, name, type(router)(config).to(router.weight.device))
+
+
+def narrow_shared_experts(model: nn.Module, layout: ShardLayout) -> None:
+    """With expert parallelism DeepSeek-V3's shared experts were built at their whole width (their width follows
+    moe_intermediate_size, kept whole for the routed experts): rebuild them at 1/N of it, split by rows as under
+    tensor parallelism."""
+    for module in model.modules():
+        shared = getattr(module, "shared_experts", None)
+        if not isinstance(shared, GatedMLP):
+            continue
+        width = layout.shared_expert_intermediate_size // layout.size
+        if shared.down_proj.in_features != width:
+            weight = shared.down_proj.weight
+            narrowed = GatedMLP(shared.down_proj.out_features, width, "silu").to(weight.device, weight.dtype)
+            narrowed.act_and_mul = shared.act_and_mul
+            module.shared_experts = narrowed
 
 
 def _read_slice(f, name: str, piece: TensorSlice) -> torch.Tensor:
@@ -107,69 +142,92 @@ def read_slices(part, pieces: list[TensorSlice]) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=pieces[0].dim)
 
 
-def check_load_format(load_format: str) -> None:
-    """Raise ValueError for a load format tensor parallelism does not shard (GGUF: its blocks are not sliced)."""
-    if load_format not in ("auto", "safetensors", "dummy"):
-        raise ValueError(f"tensor parallelism loads safetensors checkpoints or dummy weights; load_format="
-                         f"{load_format!r} (GGUF's quantized blocks) is not sharded yet")
+def rank_config(model_path: str, load_format: str):
+    """The config of the model at model_path: a GGUF's metadata (load_format "gguf", or "auto" with only a .gguf
+    there), else config.json."""
+    gguf_file = gguf_file_of(model_path, load_format)
+    return gguf_rank_config(gguf_file) if gguf_file is not None else loader.load_config(model_path)
 
 
 def check_quantization(hf_config, quantization: str | None) -> None:
     """Raise ValueError for a quantized checkpoint or a quantization tensor parallelism does not shard: it shards
-    quantization="fp8" (each rank quantizes its own slice) and block-fp8 checkpoints of the dense families."""
+    quantization="fp8" (each rank quantizes its own slice) and the checkpoint formats Serval reads (block and
+    per-channel fp8, compressed-tensors FP8/INT8/W4A16, AWQ, GPTQ) of the dense families; Phi-3's fused
+    projections in block fp8 only. Mixture-of-experts checkpoints are refused: one device does not read their
+    experts quantized either."""
     declared = loader.checkpoint_quant(hf_config)
     if declared is None:
         return
-    methods = {rule.method for rule in declared.rules}
-    if not all(isinstance(method, BlockFp8Method) for method in methods):
-        raise ValueError(f"tensor parallelism does not shard {declared.quant_method} checkpoints "
-                         f"({', '.join(sorted(method.name for method in methods))}) yet; it shards block-fp8 "
-                         "checkpoints and half-precision ones with quantization='fp8'")
     if quantization is not None:
-        raise ValueError(f"quantization={quantization!r} on a checkpoint already quantized (block fp8): leave "
-                         "quantization unset")
+        raise ValueError(f"quantization={quantization!r} on a checkpoint already quantized "
+                         f"({declared.quant_method}): leave quantization unset")
+    methods = {rule.method for rule in declared.rules}
     architecture = (getattr(hf_config, "architectures", None) or [""])[0]
-    if architecture in FUSED_CHECKPOINT_ARCHITECTURES + MOE_TENSOR_PARALLEL_ARCHITECTURES:
-        raise ValueError(f"tensor parallelism does not shard block-fp8 {hf_config.architectures[0]} checkpoints "
-                         "yet (fused or expert projections); it shards those of the Llama family and Gemma 3")
+    if architecture in MOE_TENSOR_PARALLEL_ARCHITECTURES:
+        raise ValueError(f"tensor parallelism does not shard quantized {architecture} checkpoints "
+                         f"({declared.quant_method}): their experts are not read in that format on one device "
+                         "either")
+    if architecture in FUSED_CHECKPOINT_ARCHITECTURES and \
+            not all(isinstance(method, BlockFp8Method) for method in methods):
+        raise ValueError(f"tensor parallelism does not shard {architecture}'s fused qkv_proj/gate_up_proj in "
+                         f"{declared.quant_method} ({', '.join(sorted(method.name for method in methods))}): "
+                         "their packed layout cannot be cut part by part; block-fp8 and half-precision "
+                         "checkpoints of it are sharded")
 
 
 def quantized_layout(layout: ShardLayout, hf_config) -> ShardLayout:
-    """The layout with a block-fp8 checkpoint's blocks (raises ValueError when they straddle ranks); unchanged for
-    any other checkpoint."""
+    """The layout with a block-fp8 checkpoint's blocks; raises ValueError when a format's blocks, words or groups
+    straddle ranks (naming the projection). Unchanged for any other checkpoint."""
     declared = loader.checkpoint_quant(hf_config)
     if declared is None:
         return layout
-    method = declared.rules[0].method
-    return with_weight_blocks(layout, method.block_n, method.block_k)
+    for rule in declared.rules:
+        if isinstance(rule.method, BlockFp8Method):
+            layout = with_weight_blocks(layout, rule.method.block_n, rule.method.block_k)
+        check_quantized_layout(layout, rule.method)
+    return layout
+
+
+def hold_every_group(model: nn.Module, formats: loader.LayerFormats, layout: ShardLayout) -> None:
+    """GPTQ with act-order: each row-parallel shard keeps every group's scales and zero points (quant_shards)."""
+    for name, module in model.named_modules():
+        method = formats.layers.get(module)
+        if isinstance(method, W4A16Method) and name.rpartition(".")[2] in ROW_PARALLEL_PROJECTIONS:
+            method.hold_every_group(module, method.groups(module.in_features) * layout.size)
 
 
 def load_rank_model(model_path: str, layout: ShardLayout, *, load_format: str, dtype: torch.dtype,
                     device: torch.device, seed: int, group: dist.ProcessGroup | None = None,
                     quantization: str | None = None) -> nn.Module:
-    """The rank's shard of the model at model_path (a safetensors checkpoint, or dummy weights), with its
+    """The rank's shard of the model at model_path (a safetensors checkpoint, a GGUF, or dummy weights), with its
     collectives on `group`. Dummy weights are the same on every rank for the tensors they share (the shapes,
     hence the generator's draws, are the same on every rank), but not tensor_parallel_size=1's.
     quantization="fp8": each rank quantizes its own slices once loaded (a column-parallel shard's rows keep one
     device's scales; a row-parallel shard's rows get scales over its columns). A block-fp8 checkpoint's blocks
     are read as they are, each rank its own."""
-    check_load_format(load_format)
-    hf_config = loader.load_config(model_path)
+    gguf_file = gguf_file_of(model_path, load_format)
+    hf_config = gguf_rank_config(gguf_file) if gguf_file is not None else loader.load_config(model_path)
     check_quantization(hf_config, quantization)
     layout = quantized_layout(layout, hf_config)
     model = loader.build_model(local_config(hf_config, layout), dtype, device)
     if layout.expert_parallel:
         widen_routers(model, layout)
+        narrow_shared_experts(model, layout)
     declared = loader.checkpoint_quant(hf_config)
     formats = loader.assign_formats(model, declared) if declared is not None else loader.LayerFormats({}, {})
-    if load_format == "dummy":
+    if gguf_file is not None:
+        model.load_weights(iter_gguf_shard(gguf_file, layout, hf_config))
+    elif load_format == "dummy":
         loader.init_dummy_weights(model, seed)
         for module, method in formats.layers.items():  # as a checkpoint would hold them
             module.quantize_(method)
     else:
         for module, method in formats.layers.items():
             module.set_quant_method(method)
-        weights = iter_safetensors_shard(loader.safetensors_files(model_path), layout)
+        sharding = quantized_sharding(hf_config, declared)
+        if sharding is not None and sharding.act_order:
+            hold_every_group(model, formats, layout)
+        weights = iter_safetensors_shard(loader.safetensors_files(model_path), layout, sharding)
         model.load_weights(loader.route_to_formats(weights, formats.routes))
         for name, module in model.named_modules():
             if module in formats.layers:

@@ -3,8 +3,8 @@
 The worker keeps no request state: each step's ForwardInputs or DecodeStep carry everything (token ids, positions,
 slots, block tables, the graph to replay), and the driver's scheduler decided them. Under asynchronous scheduling
 the input ids of a decode step come from the driver's device (serval.distributed.steps); the worker never waits
-for its own device, so it runs as far ahead as the driver's plans let it. It computes the same logits as the
-driver (the LM head gathers them on every rank) and drops them; only the driver samples. It exits when the driver
+for its own device, so it runs as far ahead as the driver's plans let it. Its LM head sends its vocabulary slice's
+logits to the driver (a gather to rank 0) and keeps none: only the driver samples. It exits when the driver
 says stop, when the driver's sockets close (a crash), when its parent process is gone (checked every second, so a
 driver killed with SIGKILL leaves no orphan), or when its own step fails (the driver's next collective then fails,
 and the engine stops).
@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from serval.config import EngineConfig
 from serval.distributed import group as groups
-from serval.distributed.steps import DecodeStep, run_decode
+from serval.distributed.steps import DecodeStep, MixedStep, replay_mixed, run_decode
 from serval.distributed.weights import load_rank_model
 from serval.engine.memory import num_kv_blocks
 from serval.engine.model_runner import ForwardInputs, ModelRunner
@@ -86,20 +86,25 @@ def run_worker(args: WorkerArgs) -> None:
         config = setup.config
         num_blocks = agree_num_blocks(num_kv_blocks(config, model, setup.kv_cache_dtype, device), parallel)
         runner = ModelRunner(model, num_blocks, config.block_size, setup.kv_cache_dtype, device,
-                             config.max_num_seqs, config.max_model_len, enforce_eager=config.enforce_eager)
+                             config.max_num_seqs, config.max_model_len, enforce_eager=config.enforce_eager,
+                             max_num_batched_tokens=config.max_num_batched_tokens,
+                             cudagraph_mixed=config.cudagraph_mixed)
         logger.info("tensor-parallel worker ready", extra={"rank": rank, "device": str(device),
                                                            "num_kv_blocks": num_blocks})
         while (inputs := receive(parallel)) is not None:
             if isinstance(inputs, DecodeStep):
                 run_decode(runner, inputs, None, parallel.device_group)
+            elif isinstance(inputs, MixedStep):
+                replay_mixed(runner.mixed_graphs, inputs)
             else:
                 runner.forward_logits(inputs)
     finally:
         groups.destroy_groups()
 
 
-def receive(parallel: groups.ParallelGroups) -> RankSetup | ForwardInputs | DecodeStep | None:
-    """The driver's next broadcast: RankSetup once, then a ForwardInputs or a DecodeStep per step; None: stop."""
+def receive(parallel: groups.ParallelGroups) -> RankSetup | ForwardInputs | DecodeStep | MixedStep | None:
+    """The driver's next broadcast: RankSetup once, then a ForwardInputs, a DecodeStep or a MixedStep per step;
+    None: stop."""
     message = [None]
     dist.broadcast_object_list(message, src=0, group=parallel.control_group)
     return message[0]

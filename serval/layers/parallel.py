@@ -7,6 +7,7 @@
     embed_tokens            vocabulary-parallel: rank r holds rows [r*V/N, (r+1)*V/N); an id outside them looks
                             up zeros, and the all-reduce fills in the owner's row
     lm_head                 vocabulary-parallel: rank r computes its vocabulary slice's logits; they are gathered
+                            to rank 0, which samples
 
 So a decoder layer costs two all-reduces. A rank's model is built at its shard's sizes from a per-rank config
 (`local_config`: heads, intermediate size and vocabulary divided by N), so no rank ever allocates the full
@@ -15,11 +16,12 @@ rank r holds K/V head r * KVH / N, the one its query heads read. `checkpoint_sli
 checkpoint tensor a rank loads (serval.distributed.weights reads only that slice); a fused checkpoint projection
 (Phi-3's qkv_proj, gate_up_proj) is not one slice but one per part, which `fused_checkpoint_parts` lists.
 
-Mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE) split every expert the way the dense MLP splits:
-every rank holds all E experts, 1/N of each one's intermediate dimension (gate/up rows, down columns), and the
-router stays whole. The experts' partial sums, plus Qwen2-MoE's shared expert's (its down_proj left plain), are
-all-reduced once per block (`ParallelSparseMoeBlock`). Expert parallelism (experts split across ranks) is not
-implemented.
+Mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE, gpt-oss, DeepSeek-V3) split every expert the way the
+dense MLP splits: every rank holds all E experts, 1/N of each one's intermediate dimension (gate/up rows, down
+columns), or with expert parallelism E/N whole experts; the router stays whole. The experts' partial sums, plus the
+shared experts' (their down_proj left plain), are all-reduced once per block (`ParallelSparseMoeBlock`,
+`AllReducedOutput`). DeepSeek-V3's latent attention splits by heads with its own per-head widths
+(`latent_head_widths`).
 """
 from __future__ import annotations
 
@@ -35,10 +37,13 @@ from torch import nn
 from serval.layers.linear import Linear, takes_gemv
 from serval.layers.moe import ExpertRouting, FusedMoE, SparseMoeBlock
 from serval.layers.quant.fp8 import BlockFp8Method, Fp8Method
+from serval.layers.quant.int8 import Int8Method
+from serval.layers.quant.w4a16 import W4A16Method
 
 # The formats a rank applies to its own slice unchanged: per-channel scales are per row, and a row-parallel shard
-# gets its own (RowParallelLinear); block fp8 where the blocks fall on the shards' boundaries (with_weight_blocks).
-SHARDED_QUANT_METHODS = (Fp8Method, BlockFp8Method)
+# gets its own (RowParallelLinear); block fp8 where the blocks fall on the shards' boundaries (with_weight_blocks);
+# int8 W8A8 (per-row scales) and the 4-bit formats where their words and groups do (serval.distributed.quant_shards).
+SHARDED_QUANT_METHODS = (Fp8Method, BlockFp8Method, Int8Method, W4A16Method)
 
 # The families whose every projection follows Llama's names and shapes (serval/model/llama.py). Gemma 3's
 # per-head q/k norms and per-layer rotary tables are replicated; Phi-3's fused checkpoint projections are read
@@ -49,8 +54,13 @@ TENSOR_PARALLEL_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen
 # split by rows, or whole experts split among the ranks (expert parallelism). gpt-oss's attention sinks are per
 # head (split with the heads); its experts' gate/up columns are interleaved and transposed in its checkpoints.
 MOE_TENSOR_PARALLEL_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
-                                     "GptOssForCausalLM")
+                                     "GptOssForCausalLM", "DeepseekV3ForCausalLM")
+# Multi-head latent attention (serval/model/deepseek_v3.py): q_proj / q_b_proj and kv_b_proj are split by heads,
+# each with its own per-head width, o_proj by its input heads; the down-projections to the latent (q_a_proj,
+# kv_a_proj_with_mqa) and their norms are whole on every rank, and so is the latent cache (per token, not per head).
+_LATENT_ATTENTION_ARCHITECTURES = ("DeepseekV3ForCausalLM",)
 _INTERLEAVED_EXPERT_ARCHITECTURES = ("GptOssForCausalLM",)
+ROW_PARALLEL_PROJECTIONS = ("o_proj", "down_proj")
 MXFP4_BLOCK = 32  # gpt-oss's MXFP4 experts: values sharing one scale along the input dimension
 
 
@@ -72,6 +82,9 @@ class ShardLayout:
     num_experts: int = 0  # routed experts (MoE families)
     expert_parallel: bool = False  # each rank holds num_experts / size whole experts, not 1/size of each
     interleaved_experts: bool = False  # gpt-oss: gate_up_proj [E, H, 2I] (gate, up interleaved), down [E, I, H]
+    # Multi-head latent attention's per-head widths: q_proj/q_b_proj (nope + rope), kv_b_proj (nope + v), o_proj's
+    # input (v); None for the other families.
+    latent_head_widths: tuple[int, int, int] | None = None
 
     @property
     def local_num_heads(self) -> int:
@@ -131,6 +144,9 @@ def shard_layout(hf_config, rank: int, size: int, expert_parallel: bool = False)
     layout = ShardLayout(rank, size, num_heads, num_kv_heads, head_dim, hf_config.intermediate_size,
                          hf_config.vocab_size, expert_parallel=expert_parallel,
                          interleaved_experts=architecture in _INTERLEAVED_EXPERT_ARCHITECTURES)
+    if architecture in _LATENT_ATTENTION_ARCHITECTURES:
+        nope, rope, v = hf_config.qk_nope_head_dim, hf_config.qk_rope_head_dim, hf_config.v_head_dim
+        layout = replace(layout, latent_head_widths=(nope + rope, nope + v, v))
     if architecture in MOE_TENSOR_PARALLEL_ARCHITECTURES:
         return with_expert_sizes(layout, hf_config)
     if expert_parallel:
@@ -142,7 +158,10 @@ def with_expert_sizes(layout: ShardLayout, hf_config) -> ShardLayout:
     """The layout with a MoE model's expert sizes; raises ValueError when N does not divide them."""
     expert = getattr(hf_config, "moe_intermediate_size", None) or hf_config.intermediate_size
     shared = getattr(hf_config, "shared_expert_intermediate_size", 0) or 0
-    num_experts = getattr(hf_config, "num_local_experts", None) or hf_config.num_experts
+    if getattr(hf_config, "n_shared_experts", None):  # DeepSeek-V3: n_shared_experts experts side by side
+        shared = hf_config.moe_intermediate_size * hf_config.n_shared_experts
+    num_experts = (getattr(hf_config, "num_local_experts", None) or getattr(hf_config, "n_routed_experts", None)
+                   or hf_config.num_experts)
     sliced = [("shared_expert_intermediate_size", shared)]  # a shared expert is always split by rows
     if layout.expert_parallel and num_experts % layout.size:
         raise ValueError(f"tensor_parallel_size={layout.size} must divide the model's experts ({num_experts}) "
@@ -172,7 +191,7 @@ def local_config(hf_config, layout: ShardLayout):
     local.intermediate_size = layout.local_intermediate_size
     local.vocab_size = layout.local_vocab_size
     if layout.expert_parallel:  # whole experts, E/N of them; the router is widened back to E after the build
-        for field in ("num_local_experts", "num_experts"):
+        for field in ("num_local_experts", "num_experts", "n_routed_experts"):
             if getattr(local, field, None):
                 setattr(local, field, layout.local_num_experts)
         if not getattr(local, "moe_intermediate_size", None):  # Mixtral's, gpt-oss's experts: intermediate_size
@@ -201,12 +220,24 @@ _SPLITS = {"q_proj": (0, "q"), "k_proj": (0, "kv"), "v_proj": (0, "kv"), "o_proj
            "embed_tokens": (0, "vocab"), "lm_head": (0, "vocab")}
 
 
+# Latent attention's projections split by heads -> (the dim they split along, which of latent_head_widths).
+_LATENT_SPLITS = {"q_proj": (0, 0), "q_b_proj": (0, 0), "kv_b_proj": (0, 1), "o_proj": (1, 2)}
+
+
 def checkpoint_slice(hf_name: str, layout: ShardLayout) -> TensorSlice | None:
     """The slice of checkpoint tensor `hf_name` that rank layout.rank holds, or None for the whole tensor."""
     parts = hf_name.split(".")
     if parts[-1] == "sinks":  # gpt-oss: one per query head
         return TensorSlice(0, layout.rank * layout.local_num_heads, layout.local_num_heads, layout.local_num_heads)
-    if len(parts) < 2 or parts[-2] not in _SPLITS:
+    if len(parts) < 2:
+        return None
+    if layout.latent_head_widths is not None and parts[-2] in _LATENT_SPLITS:
+        dim, width_index = _LATENT_SPLITS[parts[-2]]
+        if dim == 1 and parts[-1] == "bias":
+            return None
+        length = layout.local_num_heads * layout.latent_head_widths[width_index]
+        return TensorSlice(dim, layout.rank * length, length, length)
+    if parts[-2] not in _SPLITS:
         return None
     dim, split = _SPLITS[parts[-2]]
     if dim == 1 and parts[-1] == "bias":
@@ -268,6 +299,8 @@ def fused_checkpoint_parts(hf_name: str, layout: ShardLayout) -> list[FusedPart]
 
         qkv_proj rows      [ q: H*d | k: KVH*d | v: KVH*d ]      rank r reads its heads' rows of each part
         gate_up_proj rows  [ gate: I | up: I ]                   rank r reads its intermediate slice of each
+
+    A block-fp8 checkpoint's weight_scale_inv has the same parts in blocks of block_n rows.
     """
     parts = hf_name.split(".")
     if len(parts) < 2 or parts[-2] not in _FUSED_PROJECTIONS:
@@ -275,6 +308,8 @@ def fused_checkpoint_parts(hf_name: str, layout: ShardLayout) -> list[FusedPart]
     q_rows, kv_rows = layout.num_heads * layout.head_dim, layout.num_kv_heads * layout.head_dim
     part_rows = ([q_rows, kv_rows, kv_rows] if parts[-2] == "qkv_proj"
                  else [layout.intermediate_size, layout.intermediate_size])
+    if parts[-1] == "weight_scale_inv" and layout.weight_block is not None:  # block fp8: rows in blocks of block_n
+        part_rows = [rows // layout.weight_block[0] for rows in part_rows]  # whole blocks (with_weight_blocks)
     fused_parts, offset = [], 0
     for part, rows in zip(_FUSED_PROJECTIONS[parts[-2]], part_rows, strict=True):
         part_name = ".".join(parts[:-2] + [part, parts[-1]])
@@ -290,7 +325,7 @@ def fused_checkpoint_parts(hf_name: str, layout: ShardLayout) -> list[FusedPart]
 # shared expert's.
 _EXPERT_TENSOR = re.compile(r"\.experts\.(?:\d+\.(?P<projection>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight|"
                             r"(?P<stack>gate_up_proj|down_proj))$")
-_SHARED_EXPERT_TENSOR = re.compile(r"\.shared_expert\.(?P<projection>gate_proj|up_proj|down_proj)\.weight$")
+_SHARED_EXPERT_TENSOR = re.compile(r"\.shared_experts?\.(?P<projection>gate_proj|up_proj|down_proj)\.weight$")
 
 
 # gpt-oss's stacked experts as its checkpoints hold them: transformers' [E, H, 2I] gate_up_proj (gate and up in
@@ -376,18 +411,38 @@ def owned_routing(routing: ExpertRouting, first_expert: int, num_local_experts: 
     return ExpertRouting(torch.where(owned, routing.weights, 0.0), torch.where(owned, local, 0))
 
 
+class AllReducedOutput(nn.Module):
+    """Mixed into a MoE block whose routed and shared experts are shards (DeepSeek-V3's): their partial sums are
+    added in the block's own forward, then all-reduced once."""
+    group: dist.ProcessGroup | None = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = super().forward(hidden)
+        dist.all_reduce(out, group=self.group)
+        return out
+
+
 def parallelize_experts(model: nn.Module, group: dist.ProcessGroup | None = None,
                         layout: ShardLayout | None = None) -> nn.Module:
     """After parallelize: give each sparse MoE block its all-reduce (gpt-oss's experts their own). A shared
     expert's down_proj goes back to a plain Linear, so that its partial sum joins the experts' before that one
     all-reduce. Split by rows, gpt-oss's down bias stays on rank 0 only (it is added once). No-op for dense models."""
+    reducing_classes: dict[type, type] = {}
     for module in model.modules():
         if isinstance(module, SparseMoeBlock):
             module.__class__ = ParallelSparseMoeBlock
             module.group = group
             if module.shared_expert is not None:
                 module.shared_expert.down_proj.__class__ = Linear
-    in_blocks = {id(module.experts) for module in model.modules() if isinstance(module, SparseMoeBlock)}
+        elif isinstance(getattr(module, "experts", None), FusedMoE) and hasattr(module, "shared_experts"):
+            cls = type(module)  # DeepSeek-V3's block: experts(x) + shared_experts(x), then one all-reduce
+            if cls not in reducing_classes:
+                reducing_classes[cls] = type(f"Parallel{cls.__name__}", (AllReducedOutput, cls), {})
+            module.__class__ = reducing_classes[cls]
+            module.group = group
+            module.shared_experts.down_proj.__class__ = Linear
+    in_blocks = {id(module.experts) for module in model.modules()
+                 if isinstance(module, (SparseMoeBlock, AllReducedOutput))}
     for module in model.modules():
         if isinstance(module, FusedMoE):
             module.__class__ = ShardedFusedMoE
@@ -447,7 +502,9 @@ class VocabParallelEmbedding(nn.Embedding):
 
 
 class ParallelLMHead(Linear):
-    """A Linear holding the logits of one vocabulary slice; forward returns every rank's slices gathered."""
+    """A Linear holding the logits of one vocabulary slice. The slices are gathered to rank 0, the only rank that
+    samples: forward returns the whole vocabulary's logits there, and on every other rank an empty [..., 0] tensor
+    (a worker sees no logits, and no rank receives N - 1 slices it would drop)."""
     group: dist.ProcessGroup | None = None
     vocab_size: int = 0  # the full vocabulary: the gathered logits lose the last slice's padding
 
@@ -455,15 +512,14 @@ class ParallelLMHead(Linear):
         local = super().forward(x)
         rows = local.reshape(-1, local.shape[-1]).contiguous()
         size = dist.get_world_size(self.group)
-        # One collective into one tensor (no per-slice copies after it): what a CUDA graph captures cleanly.
-        gathered = rows.new_empty((size * rows.shape[0], rows.shape[1]))
-        _all_gather_into_tensor(gathered, rows, group=self.group)
-        logits = gathered.view(size, *rows.shape).movedim(0, 1).flatten(1)
+        if dist.get_rank(self.group) != 0:
+            dist.gather(rows, None, dst=0, group=self.group)
+            return local[..., :0]
+        # One buffer, its per-rank views the gather's targets (no copies after it): what a CUDA graph captures.
+        gathered = rows.new_empty((size, rows.shape[0], rows.shape[1]))
+        dist.gather(rows, list(gathered.unbind(0)), dst=0, group=self.group)
+        logits = gathered.movedim(0, 1).flatten(1)
         return logits.view(*local.shape[:-1], size * rows.shape[1])[..., :self.vocab_size]
-
-
-# torch 2.13 renames all_gather_into_tensor (still there, deprecated) to all_gather_single.
-_all_gather_into_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def parallelize(model: nn.Module, layout: ShardLayout, group: dist.ProcessGroup | None = None) -> nn.Module:
@@ -475,8 +531,8 @@ def parallelize(model: nn.Module, layout: ShardLayout, group: dist.ProcessGroup 
         if quant_method is not None and (not isinstance(quant_method, SHARDED_QUANT_METHODS)
                                          or leaf in ("lm_head", "embed_tokens")):
             raise ValueError(f"tensor parallelism does not shard {quant_method.name} layers ({name}); it shards "
-                             "fp8 and block-fp8 projections")
-        if leaf in ("o_proj", "down_proj"):
+                             "fp8, block-fp8, int8 and 4-bit projections of the decoder layers")
+        if leaf in ROW_PARALLEL_PROJECTIONS:
             module.__class__ = RowParallelLinear
             if quant_method is not None and module.bias is not None:
                 module.reduced_bias, module.bias = module.bias, None

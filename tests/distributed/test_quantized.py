@@ -1,10 +1,10 @@
 """Quantized layers under tensor parallelism (CPU, gloo): quantization="fp8" quantizes each rank's slice, a
-block-fp8 checkpoint's blocks are read rank by rank; greedy tokens equal tensor_parallel_size=1's in the same
-format. Each rank's float8 weights and block scales are exactly its slice of the checkpoint's; what is not sharded
-(blocks that straddle ranks, the other quantized formats, GGUF) is refused at start, naming what is at fault."""
+block-fp8 checkpoint's blocks are read rank by rank (Phi-3's fused projections part by part); greedy tokens equal
+tensor_parallel_size=1's in the same format. Each rank's float8 weights and block scales are exactly its slice of the
+checkpoint's; blocks that straddle ranks are refused at start, naming the projection. The other checkpoint formats:
+test_quantized_formats.py."""
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -19,6 +19,7 @@ from tests.conftest import build_tiny_model
 from tests.distributed.test_weights import expected_slices, ours
 from tests.engine.test_engine import NUM_NEW_TOKENS, make_prompts, pressured_llm
 from tests.model.test_quantized_checkpoints import block_fp8, near_tie_greedy_check, write_checkpoint
+from tests.model.tiny_models import build_tiny
 
 TP = 2
 BLOCK = 128
@@ -103,6 +104,14 @@ def test_block_fp8_checkpoint_at_two_ranks_gives_one_ranks_tokens(tmp_path):
     check_tp2_equals_tp1(str(tmp_path), make_prompts(hf_model.config.vocab_size, count=8))
 
 
+def test_phi3_fused_block_fp8_checkpoint_at_two_ranks_gives_one_ranks_tokens(tmp_path):
+    """Phi-3's qkv_proj and gate_up_proj are quantized as one tensor each; a rank reads its rows of every part and
+    the scales of their blocks (the parts start on block boundaries)."""
+    hf_model = build_tiny(tmp_path, "phi3", **BLOCK_SHAPE, rope_scaling=None)
+    write_checkpoint(tmp_path, hf_model, BLOCK_FP8_CONFIG, block_fp8)
+    check_tp2_equals_tp1(str(tmp_path), make_prompts(hf_model.config.vocab_size, count=6))
+
+
 def test_each_rank_reads_its_blocks(tmp_path):
     """Each rank's float8 weights are its slice of the checkpoint's, and its (per-row) block scales those of its
     rows and its columns' blocks."""
@@ -133,28 +142,3 @@ def test_blocks_that_straddle_ranks_are_refused(tmp_path):
                                               r"k_proj/v_proj \(64 rows per rank") as info:
         LLM(model=str(tmp_path), skip_tokenizer_init=True, tensor_parallel_size=TP)
     assert info.value.param == "tensor_parallel_size"
-
-
-@pytest.mark.parametrize("quantization_config, message", [
-    ({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
-     "does not shard awq checkpoints"),
-    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True},
-     "does not shard gptq checkpoints"),
-    ({"quant_method": "fp8", "activation_scheme": "dynamic"}, r"does not shard fp8 checkpoints \(fp8\)"),
-], ids=["awq", "gptq", "fp8-per-channel-checkpoint"])
-def test_other_quantized_checkpoints_are_refused(tmp_path, quantization_config, message):
-    build_tiny_model(tmp_path, "llama")
-    with open(os.path.join(tmp_path, "config.json")) as f:
-        config = json.load(f)
-    with open(os.path.join(tmp_path, "config.json"), "w") as f:
-        json.dump({**config, "quantization_config": quantization_config}, f)
-    with pytest.raises(InvalidArgument, match=message) as info:
-        LLM(model=str(tmp_path), skip_tokenizer_init=True, tensor_parallel_size=TP)
-    assert info.value.param == "quantization"
-
-
-def test_gguf_is_refused(tmp_path):
-    build_tiny_model(tmp_path, "llama")
-    with pytest.raises(InvalidArgument, match="load_format='gguf'.*not sharded") as info:
-        LLM(model=str(tmp_path), skip_tokenizer_init=True, tensor_parallel_size=TP, load_format="gguf")
-    assert info.value.param == "load_format"

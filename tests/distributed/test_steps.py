@@ -1,6 +1,7 @@
 """Decode steps across ranks (serval.distributed.steps): asynchronous scheduling under tensor parallelism (step N+1
 planned while step N runs, its input ids sent from the driver's device) gives the synchronous engine's tokens; on
-GPUs, every rank replays its captured graphs (the all-reduces inside) and the tokens equal the in-process engine's."""
+GPUs, every rank replays its captured graphs (the all-reduces inside), decode and, with --cudagraph-mixed, mixed
+prefill/decode steps, and the tokens equal the in-process engine's."""
 from __future__ import annotations
 
 import pytest
@@ -57,19 +58,25 @@ def gpu_prompts(vocab_size: int) -> list[list[int]]:
             for n in (1, 3, 8, 15, 16, 17, 30, 41, 64, 70, 100)]
 
 
-def check_graphs_match_in_process(path: str, vocab_size: int, **executor_args) -> None:
+def check_graphs_match_in_process(path: str, vocab_size: int, cudagraph_mixed: bool = False,
+                                  **executor_args) -> None:
+    """cudagraph_mixed: both engines replay mixed prefill/decode steps from graphs too (the executor's from every
+    rank's, the plan naming the bucket)."""
     prompts = gpu_prompts(vocab_size)
     params = greedy_params(len(prompts))
-    single = gpu_llm(path)
+    single = gpu_llm(path, cudagraph_mixed=cudagraph_mixed)
     assert single.engine.runner.graphs is not None and single.engine.async_scheduling
     expected = token_ids(single, prompts, params)
     single.shutdown()
     del single
     torch.cuda.empty_cache()
-    llm = gpu_llm(path, **executor_args)
+    llm = gpu_llm(path, cudagraph_mixed=cudagraph_mixed, **executor_args)
     try:
         assert llm.engine.executor is not None
         assert llm.engine.runner.graphs is not None and llm.engine.runner.graphs.graphs
+        if cudagraph_mixed:
+            assert type(llm.engine.runner.mixed_graphs).__name__ == "DriverMixedGraphs"
+            assert llm.engine.runner.mixed_graphs.graphs
         assert llm.engine.async_scheduling
         assert token_ids(llm, prompts, params) == expected
     finally:
@@ -83,6 +90,24 @@ def test_graphs_through_the_executor_on_one_gpu(tmp_path):
     and asynchronous steps give the in-process engine's tokens."""
     hf_model = build_tiny_model(tmp_path, "llama")
     check_graphs_match_in_process(str(tmp_path), hf_model.config.vocab_size, distributed_executor_backend="mp")
+
+
+@requires_cuda
+def test_mixed_step_graphs_through_the_executor_on_one_gpu(tmp_path):
+    """--cudagraph-mixed through the executor at size 1 (tp_bench's like-for-like comparison with mixed graphs on):
+    the in-process engine's tokens."""
+    hf_model = build_tiny_model(tmp_path, "llama")
+    check_graphs_match_in_process(str(tmp_path), hf_model.config.vocab_size, cudagraph_mixed=True,
+                                  distributed_executor_backend="mp")
+
+
+@requires_two_gpus
+def test_mixed_step_graphs_on_two_gpus(tmp_path):
+    """Every rank captures the same token buckets (all-reduces and the logits' gather inside) and replays the
+    driver's."""
+    hf_model = build_tiny_model(tmp_path, "llama")
+    check_graphs_match_in_process(str(tmp_path), hf_model.config.vocab_size, cudagraph_mixed=True,
+                                  tensor_parallel_size=2)
 
 
 @requires_two_gpus

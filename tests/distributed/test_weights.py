@@ -48,8 +48,9 @@ def ours(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     for name, param in model.state_dict().items():
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
-        if getattr(module, "shard_names", ()):
-            for shard in module.shard_names:
+        shards = getattr(module, "shard_names", ())  # a merged Linear's; FusedMoE's stacks keep their names
+        if isinstance(shards, (list, tuple)) and shards:
+            for shard in shards:
                 named[f"{module_name.rpartition('.')[0]}.{shard}_proj.{leaf}"] = module.shard(param, shard)
         else:
             named[name] = param

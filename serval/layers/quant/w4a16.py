@@ -83,6 +83,14 @@ class W4A16Method(QuantMethod):
         layer.register_buffer("zeros", torch.full((k // group, n), 8, dtype=torch.uint8, device=device))
         layer.register_buffer("g_idx", (torch.arange(k, device=device) // group).int())
 
+    def hold_every_group(self, layer, num_groups: int) -> None:
+        """Room for every group's scales and zero points: a row-parallel shard (serval.distributed) of an
+        act-order checkpoint, whose input columns may belong to any of the full projection's num_groups groups."""
+        scales = layer.scales
+        layer.register_buffer("scales", scales.new_zeros(num_groups, layer.out_features))
+        layer.register_buffer("zeros", torch.full((num_groups, layer.out_features), 8, dtype=torch.uint8,
+                                                  device=scales.device))
+
     def load(self, layer, shard: str | None, suffix: str, tensor: torch.Tensor, hf_name: str) -> None:
         start, rows = shard_rows(layer, shard)
         columns = slice(start, start + rows)
