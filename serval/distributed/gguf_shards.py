@@ -22,9 +22,9 @@ import torch
 
 from serval.layers.parallel import ShardLayout, TensorSlice, checkpoint_slice
 from serval.layers.quant.gguf_blocks import Q, dequantize
-# load_gguf's own naming and unpermuting, applied here to slices (its helpers are module-private there).
-from serval.model.gguf import (_EXPERT_STACK, _LAYER_NAMES, _LAYER_NAMES_BY_ARCHITECTURE, _hf_name,
-                               _unpermute_rows, find_gguf_file)
+# load_gguf's own naming and unpermuting, applied here to slices.
+from serval.model.gguf import (EXPERT_STACK, LAYER_NAMES, LAYER_NAMES_BY_ARCHITECTURE, gguf_hf_name,
+                               unpermute_rows, find_gguf_file)
 from serval.model.gguf_config import ROPE_FREQS, SUPPORTED_ARCHITECTURES, gguf_config
 from serval.model.gguf_reader import GGUFFile, GGUFTensor, read_gguf_file
 
@@ -65,10 +65,10 @@ def check_gguf_layout(file: str, layout: ShardLayout) -> None:
     row-parallel shard whose input columns cut through the tensor's blocks (naming the tensor)."""
     gguf_file = read_gguf_file(file, decode_strings=False)
     for name, tensor in gguf_file.tensors.items():
-        if _EXPERT_STACK.fullmatch(name):
+        if EXPERT_STACK.fullmatch(name):
             raise ValueError(f"tensor parallelism does not shard GGUF mixture-of-experts checkpoints ({name} stacks "
                              "every expert in one tensor)")
-        hf_name = _hf_name(name, file, _layer_names(gguf_file)) if name != ROPE_FREQS else None
+        hf_name = gguf_hf_name(name, file, _layer_names(gguf_file)) if name != ROPE_FREQS else None
         piece = checkpoint_slice(hf_name, layout) if hf_name is not None else None
         if piece is None or piece.dim != 1:
             continue
@@ -88,7 +88,7 @@ def iter_gguf_shard(file: str, layout: ShardLayout, config) -> Iterator[tuple[st
     for name, tensor in gguf_file.tensors.items():
         if name == ROPE_FREQS:
             continue
-        hf_name = _hf_name(name, file, _layer_names(gguf_file))
+        hf_name = gguf_hf_name(name, file, _layer_names(gguf_file))
         piece = checkpoint_slice(hf_name, layout)
         raw = tensor.data
         heads = None
@@ -103,7 +103,7 @@ def iter_gguf_shard(file: str, layout: ShardLayout, config) -> Iterator[tuple[st
                 heads = layout.local_num_heads if hf_name.endswith(("q_proj.weight", "q_proj.bias")) else \
                     layout.local_num_kv_heads
         if heads is not None:
-            raw = _unpermute_rows(raw, heads)
+            raw = unpermute_rows(raw, heads)
         weight = dequantize(raw, tensor.tensor_type, shape)
         if arch == "gemma3" and hf_name.endswith("norm.weight"):
             weight -= 1  # llama.cpp stores Gemma's norms as 1 + w
@@ -125,4 +125,4 @@ def _slice_raw(raw: np.ndarray, shape: tuple[int, ...], piece: TensorSlice,
 
 
 def _layer_names(gguf_file: GGUFFile) -> dict[str, str]:
-    return _LAYER_NAMES_BY_ARCHITECTURE.get(gguf_file.metadata.get("general.architecture"), _LAYER_NAMES)
+    return LAYER_NAMES_BY_ARCHITECTURE.get(gguf_file.metadata.get("general.architecture"), LAYER_NAMES)

@@ -32,7 +32,7 @@ _GLOBAL_NAMES = {
     "output_norm": "model.norm",
     "output": "lm_head",
 }
-_LAYER_NAMES = {
+LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
@@ -48,16 +48,16 @@ _LAYER_NAMES = {
 }
 # Gemma 3 has four norms per block: llama.cpp's ffn_norm is the one before the feed-forward block there, and its
 # converter stores every Gemma norm as 1 + w (ggml scales by w), which load_gguf undoes.
-_GEMMA3_LAYER_NAMES = _LAYER_NAMES | {
+_GEMMA3_LAYER_NAMES = LAYER_NAMES | {
     "post_attention_norm": "post_attention_layernorm",
     "ffn_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
-_LAYER_NAMES_BY_ARCHITECTURE = {"gemma3": _GEMMA3_LAYER_NAMES}
+LAYER_NAMES_BY_ARCHITECTURE = {"gemma3": _GEMMA3_LAYER_NAMES}
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # llama.cpp stacks each projection of a layer's experts in one tensor, [E, out, in] rows first (ggml's shape
 # (in, out, E)): Qwen3-MoE, Mixtral. Each expert's slice reaches the model under its per-expert HF name.
-_EXPERT_STACK = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight")
+EXPERT_STACK = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight")
 # Projections the model merges into one layer (llama.py's qkv_proj, gate_up_proj): kept packed only together,
 # since a merged layer has one format.
 _MERGED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -119,9 +119,9 @@ def load_gguf(path: str, keep_packed: bool | str = False) -> GGUFCheckpoint:
     config = gguf_config(arch, metadata, {name: tensor.shape for name, tensor in tensors.items()},
                          (lambda: rope_freqs.data) if rope_freqs is not None else None)
     permuted = SUPPORTED_ARCHITECTURES[arch][2]
-    layer_names = _LAYER_NAMES_BY_ARCHITECTURE.get(arch, _LAYER_NAMES)
-    expert_stacks = {name: match for name in tensors if (match := _EXPERT_STACK.fullmatch(name))}
-    hf_names = {name: _hf_name(name, file, layer_names) for name in tensors
+    layer_names = LAYER_NAMES_BY_ARCHITECTURE.get(arch, LAYER_NAMES)
+    expert_stacks = {name: match for name in tensors if (match := EXPERT_STACK.fullmatch(name))}
+    hf_names = {name: gguf_hf_name(name, file, layer_names) for name in tensors
                 if name != ROPE_FREQS and name not in expert_stacks}
     packed = _packed_projections(hf_names, tensors, packing) if packing else {}
     weights = {}
@@ -129,9 +129,9 @@ def load_gguf(path: str, keep_packed: bool | str = False) -> GGUFCheckpoint:
         tensor = tensors[name]
         raw = tensor.data
         if permuted and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-            raw = _unpermute_rows(raw, config.num_attention_heads)
+            raw = unpermute_rows(raw, config.num_attention_heads)
         elif permuted and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-            raw = _unpermute_rows(raw, config.num_key_value_heads)
+            raw = unpermute_rows(raw, config.num_key_value_heads)
         if hf_name in packed:
             weights[f"{hf_name.removesuffix('.weight')}.{PACKED_SUFFIX}"] = torch.from_numpy(np.array(raw))
             continue
@@ -203,7 +203,7 @@ def _packed_quantization(packed: dict[str, Q], packing: str | None):
     return CheckpointQuantization("gguf", rules)
 
 
-def _hf_name(name: str, file: str, layer_names: dict[str, str] = _LAYER_NAMES) -> str:
+def gguf_hf_name(name: str, file: str, layer_names: dict[str, str] = LAYER_NAMES) -> str:
     stem, _, suffix = name.rpartition(".")
     if stem in _GLOBAL_NAMES and suffix in ("weight", "bias"):
         return f"{_GLOBAL_NAMES[stem]}.{suffix}"
@@ -213,7 +213,7 @@ def _hf_name(name: str, file: str, layer_names: dict[str, str] = _LAYER_NAMES) -
     raise ValueError(f"GGUF file {file!r} has tensor {name!r}, which no supported architecture uses")
 
 
-def _unpermute_rows(raw: np.ndarray, num_heads: int) -> np.ndarray:
+def unpermute_rows(raw: np.ndarray, num_heads: int) -> np.ndarray:
     """Undo convert_hf_to_gguf's permute(): rows (head, half, pair) back to HF's (head, pair, half).
 
     Quantization blocks never cross rows, so the rows of raw (quantized) data move before dequantization: fewer bytes.
