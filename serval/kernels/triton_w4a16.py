@@ -59,9 +59,10 @@ GEMM_CONFIG = (32, 64, 64, 4)
 # 128 columns a warp: each thread reads 16 bytes of a row of words and keeps its four columns' sums to itself.
 GROUPED_GEMV_CONFIG = SplitKConfig(block_n=256, block_k=64, split_k=0, num_warps=2, num_stages=1)
 # split_k 0 aims at this many warps per SM (each with one tile in use and one in flight), with slices of at least
-# MIN_SLICE_K rows of K: the partial sums' traffic (8 bytes a column and slice) stays under 1/16 of the weights'.
-WARPS_PER_SM = 8
-MIN_SLICE_K = 256
+# MIN_SLICE_K rows of K: the partial sums (8 bytes a column and slice, written and read back from L2) stay under an
+# eighth of the weights' bytes.
+WARPS_PER_SM = 16
+MIN_SLICE_K = 128
 # A column block's arrival counter lives in a per-device buffer of this many (launches with more blocks don't split).
 MAX_COLUMN_BLOCKS = 1 << 16
 GROUPED_GEMM_CONFIG = (128, 128, 64, 4)  # the fastest of benchmarks/quant_kernel_tune.py's grid on an H200
@@ -254,7 +255,7 @@ def _finish_row(acc, row, y_ptr, partial_ptr, pid_k, cols, col_ok, M, N, SPLIT: 
 def _w4a16_split_k_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, y_ptr, partial_ptr, counter_ptr, M, N, K,
                                stride_x, K_PER_SPLIT, num_slices, SPLIT: tl.constexpr, GROUP: tl.constexpr,
                                ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                               USE_ASM: tl.constexpr, USE_PDL: tl.constexpr):
+                               SLICE_CHUNK: tl.constexpr, USE_ASM: tl.constexpr, USE_PDL: tl.constexpr):
     # Program (n, s) owns BLOCK_N columns for each of the ROWS (1 to 4) rows of x and the s-th slice of K: a decode
     # projection has only N / BLOCK_N column blocks, too few programs to keep a GPU's loads in flight, so K is split
     # too (split-K). BLOCK_K divides the group, so a tile has one scale and zero per column: the tile's sum over K
@@ -313,11 +314,16 @@ def _w4a16_split_k_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, y_ptr,
         tl.debug_barrier()  # every thread's partials are written before the count says so (release, below)
         arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
         if arrived == num_slices - 1:
+            # SLICE_CHUNK slices a load: a loop of one load each would wait one L2 round trip per slice, on the
+            # launch's critical path. .cg: the other programs' partials come from L2, never from a stale L1 line.
+            chunk = tl.arange(0, SLICE_CHUNK)
             for row in tl.static_range(ROWS):
                 total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-                for split in range(num_slices):  # .cg: the other programs' partials, from L2, never a stale L1 line
-                    total += tl.load(partial_ptr + (split * M + row) * N + cols, mask=col_ok, other=0.0,
-                                     cache_modifier=".cg")
+                for first in range(0, num_slices, SLICE_CHUNK):
+                    slices = first + chunk
+                    total += tl.sum(tl.load(partial_ptr + ((slices * M + row) * N)[:, None] + cols[None, :],
+                                            mask=(slices < num_slices)[:, None] & col_ok[None, :], other=0.0,
+                                            cache_modifier=".cg"), axis=0)
                 tl.store(y_ptr + row * N + cols, total.to(y_ptr.dtype.element_ty), mask=col_ok)
             tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
 
@@ -437,7 +443,7 @@ def _grouped_matmul(x, qweight, scales, zeros, y, group_size, gemv_config, gemm_
         _w4a16_split_k_gemv_kernel[(triton.cdiv(n, config.block_n), slices)](
             x, qweight, scales, zeros, y, partials, counters, m, n, k, x.stride(0), tiles_per_slice * block_k,
             slices, SPLIT=slices > 1, GROUP=group_size, ROWS=m, BLOCK_N=config.block_n, BLOCK_K=block_k,
-            USE_ASM=x.is_cuda, num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_options(x))
+            SLICE_CHUNK=min(16, triton.next_power_of_2(slices)), USE_ASM=x.is_cuda, num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_options(x))
     else:
         block_m, block_n, block_k, num_warps = gemm_config or GROUPED_GEMM_CONFIG
         _w4a16_grouped_gemm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](

@@ -108,6 +108,15 @@ def test_split_k_gemv_matches_the_reference(m, k, n, group, symmetric):
     assert not triton_w4a16._arrival_counters(x.device).any()
 
 
+def test_split_k_gemv_adds_more_slices_than_one_load_reads():
+    # 32 slices of one tile: the last program of each column block reads the partials 16 slices a load, twice.
+    qweight, scales, zeros, g_idx, _ = random_layout(512, 8, 128, False, seed=3)
+    x = torch.randn(2, 512, device=DEVICE)
+    got = triton_w4a16.matmul(x, qweight, scales, zeros, g_idx, gemv_config=(16, 16, 32, 1, 1), group_size=128)
+    torch.testing.assert_close(got, triton_w4a16.reference_linear(x, qweight, scales, zeros, g_idx), **FLOAT32)
+    assert not triton_w4a16._arrival_counters(x.device).any()
+
+
 def test_split_k_gemv_in_half_precision():
     qweight, scales, zeros, g_idx, _ = random_layout(512, 48, 128, False, seed=11)
     x = torch.randn(1, 512, device=DEVICE, dtype=torch.bfloat16)
@@ -125,7 +134,8 @@ def test_k_slices_are_whole_tiles_and_never_empty():
             slices = triton_w4a16.split_k_slices(config, 4096, tiles * 64, 64, torch.device("cpu"))
             assert (slices.count - 1) * slices.tiles_per_slice < tiles <= slices.count * slices.tiles_per_slice
             assert slices.count <= max(1, split_k) or split_k == 0
-    # split_k 0 on one SM (the CPU): 8 warps' worth of programs, slices of at least 256 rows of K.
+    # split_k 0 on one SM (the CPU): 16 warps' worth of programs, in slices of at least 128 rows of K.
     auto = triton_w4a16.SplitKConfig(block_n=128, block_k=64, split_k=0, num_warps=1, num_stages=1)
-    assert triton_w4a16.split_k_slices(auto, 128, 4096, 64, torch.device("cpu")).count == 8
-    assert triton_w4a16.split_k_slices(auto, 128, 512, 64, torch.device("cpu")).count == 2
+    assert triton_w4a16.split_k_slices(auto, 128, 4096, 64, torch.device("cpu")).count == 16
+    assert triton_w4a16.split_k_slices(auto, 256, 4096, 64, torch.device("cpu")).count == 8  # two column blocks
+    assert triton_w4a16.split_k_slices(auto, 128, 512, 64, torch.device("cpu")).count == 4
