@@ -16,8 +16,8 @@ projection is nothing but reading W, so the kernel is shaped for bandwidth:
     grid (N / BLOCK_N column blocks) x (SPLIT_K slices of K)   thousands of programs even for N = 4096
     program: BLOCK_N columns, all rows (1..4) at once, K slice in BLOCK_K steps, the next tile's words requested
              before this tile's are used; BLOCK_K divides the group, so one scale and zero per tile and column
-    weight:  nibble -> float by a mask into 2^23's mantissa (no int-to-float), zero point folded into that constant,
-             the scale applied once per word; the partial sums over K are reduced once, at the end
+    weight:  nibble -> float by a mask into a power of two's mantissa (no int-to-float), the zero point subtracted
+             with that power, one FMA per row; a thread sums its columns' tile and scales the sum once
     reduce:  each slice writes its partial; the column block's last program adds them (a counter it resets)
 Without split-K, 32 to 224 programs of a few warps walked K serially and read the H200's memory at 0.5 to 1.2
 TB/s (docs/performance.md).
@@ -54,9 +54,9 @@ class SplitKConfig(NamedTuple):
 # (BLOCK_N, BLOCK_K, num_warps) of the GEMV; (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the GEMM.
 GEMV_CONFIG = (64, 128, 4)
 GEMM_CONFIG = (32, 64, 64, 4)
-# The same for groups in order (every format but GPTQ's act-order): a tile holds whole groups (the GEMV) or part of
-# one (the GEMM; BLOCK_K divides the group), so scales and zeros are read per group, not per weight.
-# 128 columns a warp: each thread reads 16 bytes of a row of words and keeps its four columns' sums to itself.
+# The same for groups in order (every format but GPTQ's act-order): a tile is part of one group (BLOCK_K divides
+# the group), so scales and zeros are read per tile, not per weight. The GEMV's, a SplitKConfig: 128 columns a warp,
+# so each thread reads 16 bytes of a row of words and keeps its four columns' sums to itself.
 GROUPED_GEMV_CONFIG = SplitKConfig(block_n=256, block_k=64, split_k=0, num_warps=2, num_stages=1)
 # split_k 0 aims at this many warps per SM (each with one tile in use and one in flight), with slices of at least
 # MIN_SLICE_K rows of K: the partial sums (8 bytes a column and slice, written and read back from L2) stay under an
@@ -278,10 +278,9 @@ def _w4a16_split_k_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, y_ptr,
     acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k in range(k_begin, k_last + BLOCK_K, BLOCK_K):
-        # The next tile is requested before this one is used, so two are in flight (the last one is read twice).
-        next_words, next_scale, next_zero = _packed_tile(qweight_ptr, scales_ptr, zeros_ptr,
-                                                         tl.minimum(k + BLOCK_K, k_last), cols, col_ok, N, GROUP,
-                                                         BLOCK_K)
+        # The next tile is requested before this one is used, so two are in flight (none past the slice's last).
+        next_words, next_scale, next_zero = _packed_tile(qweight_ptr, scales_ptr, zeros_ptr, k + BLOCK_K, cols,
+                                                         col_ok & (k < k_last), N, GROUP, BLOCK_K)
         high = words >> 16  # nibbles 4..7 down to bits 0..15 (the sign bits the shift drags in are masked off)
         x_words = x_ptr + k + tl.arange(0, BLOCK_K // 8) * 8
         tile0 = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
