@@ -7,9 +7,10 @@ weights read, and the fastest configuration's; writes JSON.
         [--gemm-rows 256,2048] [--quick] [--skip-fp8] [--write-config] [--out results/quant_kernel_tune]
     python benchmarks/quant_kernel_tune.py --device cpu   # tiny shapes and grids in Triton's interpreter: a smoke run
 
-The GEMVs are timed as a decode step runs them: a CUDA graph of one product per weight over enough copies of the
-weights (>= 256 MB) that they come from HBM, not the 50 MB L2, with no launch gaps (one product alone, timed from
-Python, measures the launch, not the kernel). The GEMM (hundreds of rows) is timed on its own.
+The GEMVs are timed as a decode step runs them (as benchmarks/gemv_bench.py does): a CUDA graph of one product per
+weight over enough copies of the weights (>= 256 MB) that they come from HBM, not the 50 MB L2, back to back, so a
+kernel's start (and, with programmatic dependent launch, its overlap with the one before) counts as in decode. The
+GEMM (hundreds of rows) is timed on its own (triton.testing.do_bench, which flushes L2 before each call).
 
 What to do with it: the defaults in triton_gemv.BLOCK_SCALED_CONFIG and triton_w4a16.GROUPED_* are the fastest on the
 device the table was measured on; a different GPU wants its own run. --write-config writes this GPU's W4A16 table,
