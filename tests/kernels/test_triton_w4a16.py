@@ -139,3 +139,24 @@ def test_k_slices_are_whole_tiles_and_never_empty():
     assert triton_w4a16.split_k_slices(auto, 128, 4096, 64, torch.device("cpu")).count == 16
     assert triton_w4a16.split_k_slices(auto, 256, 4096, 64, torch.device("cpu")).count == 8  # two column blocks
     assert triton_w4a16.split_k_slices(auto, 128, 512, 64, torch.device("cpu")).count == 4
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs")
+def test_split_k_gemv_replays_in_a_cuda_graph():
+    # As the engine's decode graphs run it: the partials come from the graph's pool, the counters (allocated by the
+    # eager warm-up) are left at zero by every replay, and replays with new inputs give new, right answers.
+    qweight, scales, zeros, g_idx, _ = random_layout(4096, 520, 128, False, seed=13)
+    scales = scales.bfloat16()
+    x = torch.randn(1, 4096, device=DEVICE, dtype=torch.bfloat16)
+    config = (128, 64, 8, 1, 1)
+    triton_w4a16.matmul(x, qweight, scales, zeros, g_idx, gemv_config=config, group_size=128)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = triton_w4a16.matmul(x, qweight, scales, zeros, g_idx, gemv_config=config, group_size=128)
+    for seed in range(3):
+        x.copy_(torch.randn(1, 4096, generator=torch.Generator().manual_seed(seed)).to(x))
+        graph.replay()
+        torch.testing.assert_close(y.float(), triton_w4a16.reference_linear(x, qweight, scales, zeros, g_idx),
+                                   atol=5e-2, rtol=2e-2)
+    assert not triton_w4a16._arrival_counters(x.device).any()
