@@ -66,6 +66,8 @@ MIN_SLICE_K = 128
 # A column block's arrival counter lives in a per-device buffer of this many (launches with more blocks don't split).
 MAX_COLUMN_BLOCKS = 1 << 16
 GROUPED_GEMM_CONFIG = (128, 128, 64, 4)  # the fastest of benchmarks/quant_kernel_tune.py's grid on an H200
+# Rows x BLOCK_K of the split-K GEMV's tiles of products, at most, for 2 to 4 rows (_gemv_block_k).
+MAX_ROWS_X_BLOCK_K = 128
 # Up to this many rows the GEMVs (the act-order one reads W once per row) beat the GEMM.
 GEMV_MAX_ROWS = 4
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
@@ -379,9 +381,12 @@ def matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
     return y
 
 
-def _gemv_block_k(config: SplitKConfig, group_size: int) -> int:
-    """The config's BLOCK_K, down to the group when the group is smaller (a tile never spans two groups)."""
-    return min(config.block_k, group_size)
+def _gemv_block_k(config: SplitKConfig, group_size: int, rows: int) -> int:
+    """The config's BLOCK_K (tuned for one row), down to the group when the group is smaller (a tile never spans two
+    groups), and down to MAX_ROWS_X_BLOCK_K / rows for several rows: each row keeps its own tile of products, and
+    at 4 rows x 64 the compiled kernel spills registers (sm_90)."""
+    rows_limit = MAX_ROWS_X_BLOCK_K // triton.next_power_of_2(rows) if rows > 1 else config.block_k
+    return min(config.block_k, group_size, rows_limit)
 
 
 def _grouped_fits(m: int, k: int, group_size: int, gemv_config, gemm_config) -> bool:
@@ -390,7 +395,7 @@ def _grouped_fits(m: int, k: int, group_size: int, gemv_config, gemm_config) -> 
     if m <= GEMV_MAX_ROWS:
         if gemv_config is not None and len(gemv_config) != len(SplitKConfig._fields):
             return False  # (BLOCK_N, BLOCK_K, num_warps) configures the act-order GEMV
-        block_k = _gemv_block_k(SplitKConfig(*(gemv_config or GROUPED_GEMV_CONFIG)), group_size)
+        block_k = _gemv_block_k(SplitKConfig(*(gemv_config or GROUPED_GEMV_CONFIG)), group_size, m)
     else:
         block_k = (gemm_config or GROUPED_GEMM_CONFIG)[2]
     return k % group_size == 0 and group_size % block_k == 0 and block_k % 8 == 0
@@ -435,7 +440,7 @@ def _grouped_matmul(x, qweight, scales, zeros, y, group_size, gemv_config, gemm_
     n = qweight.shape[1]
     if m <= GEMV_MAX_ROWS:
         config = SplitKConfig(*(gemv_config or GROUPED_GEMV_CONFIG))
-        block_k = _gemv_block_k(config, group_size)
+        block_k = _gemv_block_k(config, group_size, m)
         slices, tiles_per_slice = split_k_slices(config, n, k, block_k, x.device)
         partials = torch.empty((slices, m, n), dtype=torch.float32, device=x.device) if slices > 1 else y
         counters = _arrival_counters(x.device) if slices > 1 else y
