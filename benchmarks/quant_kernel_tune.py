@@ -172,7 +172,6 @@ def main() -> None:
             name, n * k + weights[0][1].numel() * 4,
             lambda c: time_rotating(lambda w: triton_gemv.block_scaled_gemv(x, w[0], w[1], 128, config=c), weights),
             fp8_grid, triton_gemv.BLOCK_SCALED_CONFIG))
-        del weights
 
     print("W4A16 split-K GEMV (group 128): (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)")
     gemv_grid = split_k_gemv_grid(args.quick, cpu)
@@ -195,7 +194,6 @@ def main() -> None:
             name, nbytes,
             lambda c: time_rotating(lambda w: triton_w4a16.matmul(x, *w, gemv_config=c, group_size=128), copies),
             gemv_grid, triton_w4a16.GROUPED_GEMV_CONFIG))
-        del copies
     print("W4A16 grouped GEMM (group 128): TFLOP/s in place of GB/s")
     for rows in map(int, args.gemm_rows.split(",")):
         for name, (n, k) in shapes.items():
