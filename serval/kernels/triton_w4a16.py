@@ -447,8 +447,8 @@ def _grouped_matmul(x, qweight, scales, zeros, y, group_size, gemv_config, gemm_
         _w4a16_split_k_gemv_kernel[(triton.cdiv(n, config.block_n), slices)](
             x, qweight, scales, zeros, y, partials, counters, m, n, k, x.stride(0), tiles_per_slice * block_k,
             slices, SPLIT=slices > 1, GROUP=group_size, ROWS=m, BLOCK_N=config.block_n, BLOCK_K=block_k,
-            SLICE_CHUNK=min(16, triton.next_power_of_2(slices)), USE_ASM=x.is_cuda, num_warps=config.num_warps,
-            num_stages=config.num_stages, **pdl.launch_options(x))
+            SLICE_CHUNK=min(16, triton.next_power_of_2(slices)), USE_ASM=x.is_cuda and torch.version.hip is None,
+            num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_options(x))
     else:
         block_m, block_n, block_k, num_warps = gemm_config or GROUPED_GEMM_CONFIG
         _w4a16_grouped_gemm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
