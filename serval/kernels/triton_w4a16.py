@@ -13,7 +13,7 @@ Reading 4 bits a weight instead of 16 is what a decode step gains: it is nothing
 
 Decode rows with groups in order (AWQ, GPTQ without act-order, compressed-tensors) take the split-K GEMV. A batch-1
 projection is nothing but reading W, so the kernel is shaped for bandwidth:
-    grid (N / BLOCK_N column blocks) x (SPLIT_K slices of K)   thousands of programs even for N = 4096
+    grid (N / BLOCK_N column blocks) x (SPLIT_K slices of K)   ~4 programs a SM even for N = 4096
     program: BLOCK_N columns, all rows (1..4) at once, K slice in BLOCK_K steps, the next tile's words requested
              before this tile's are used; BLOCK_K divides the group, so one scale and zero per tile and column
     weight:  nibble -> float by a mask into a power of two's mantissa (no int-to-float), the zero point subtracted
@@ -58,10 +58,11 @@ GEMM_CONFIG = (32, 64, 64, 4)
 # the group), so scales and zeros are read per tile, not per weight. The GEMV's, a SplitKConfig: 128 columns a warp,
 # so each thread reads 16 bytes of a row of words and keeps its four columns' sums to itself.
 GROUPED_GEMV_CONFIG = SplitKConfig(block_n=256, block_k=64, split_k=0, num_warps=2, num_stages=1)
-# split_k 0 aims at this many warps per SM (each with one tile in use and one in flight), with slices of at least
-# MIN_SLICE_K rows of K: the partial sums (8 bytes a column and slice, written and read back from L2) stay under an
-# eighth of the weights' bytes.
-WARPS_PER_SM = 16
+# split_k 0 aims at this many warps per SM (each with one tile in use and one in flight: 64 KB a SM at the default,
+# enough to cover HBM's latency), with slices of at least MIN_SLICE_K rows of K: the partial sums (8 bytes a column
+# and slice, written and read back from L2) stay under an eighth of the weights' bytes. At 168 registers a thread
+# (the default config, sm_90) 6 programs of 2 warps fit an SM: 8 keeps the Llama-3-8B projections in one wave.
+WARPS_PER_SM = 8
 MIN_SLICE_K = 128
 # A column block's arrival counter lives in a per-device buffer of this many (launches with more blocks don't split).
 MAX_COLUMN_BLOCKS = 1 << 16
