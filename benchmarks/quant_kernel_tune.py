@@ -1,17 +1,24 @@
 """Time the quantized batch-1 kernels over a grid of configurations on this GPU, for the projections of one model
-shape: the block-FP8 GEMV (serval.kernels.triton_gemv.block_scaled_gemv) and the W4A16 grouped GEMV and GEMM
-(serval.kernels.triton_w4a16). Prints, per projection, the default configuration's time and GB/s of weights read,
-and the fastest configuration's; writes JSON.
+shape: the block-FP8 GEMV (serval.kernels.triton_gemv.block_scaled_gemv), the W4A16 split-K GEMV and the W4A16
+grouped GEMM (serval.kernels.triton_w4a16). Prints, per projection, the default configuration's time and GB/s of
+weights read, and the fastest configuration's; writes JSON.
 
     python benchmarks/quant_kernel_tune.py [--hidden 4096 --intermediate 14336 --heads 32 --kv-heads 8]
-        [--gemm-rows 256,2048] [--quick] [--write-config] [--out results/quant_kernel_tune]
+        [--gemm-rows 256,2048] [--quick] [--skip-fp8] [--write-config] [--out results/quant_kernel_tune]
+    python benchmarks/quant_kernel_tune.py --device cpu   # tiny shapes and grids in Triton's interpreter: a smoke run
 
-What to do with it: the defaults in triton_gemv.FP8_CONFIG and triton_w4a16.GROUPED_* are the fastest on the
+The GEMVs are timed as a decode step runs them (as benchmarks/gemv_bench.py does): a CUDA graph of one product per
+weight over enough copies of the weights (>= 256 MB) that they come from HBM, not the 50 MB L2, back to back, so a
+kernel's start (and, with programmatic dependent launch, its overlap with the one before) counts as in decode. The
+GEMM (hundreds of rows) is timed on its own (triton.testing.do_bench, which flushes L2 before each call).
+
+What to do with it: the defaults in triton_gemv.BLOCK_SCALED_CONFIG and triton_w4a16.GROUPED_* are the fastest on the
 device the table was measured on; a different GPU wants its own run. --write-config writes this GPU's W4A16 table,
 which triton_w4a16 reads on that GPU: serval/kernels/configs/w4a16,device=<GPU name>.json (and a copy under --out,
 which is what comes back from a device call: copy it there and commit). Per projection its fastest GEMV and GEMM
 (the GEMM at the first --gemm-rows), and as "default" (for other shapes) the configuration fastest over all four
-projections together.
+projections together. The GEMV's entries are triton_w4a16.SplitKConfig (BLOCK_N, BLOCK_K, SPLIT_K, num_warps,
+num_stages; SPLIT_K 0: chosen from the SM count).
 """
 from __future__ import annotations
 
@@ -19,8 +26,12 @@ import argparse
 import itertools
 import json
 import os
+import time
 
 import torch
+
+# Bytes of weights one timing cycles through: several times the H200's 50 MB L2.
+ROTATION_BYTES = 256 * 2**20
 
 
 def projections(hidden: int, intermediate: int, heads: int, kv_heads: int) -> dict[str, tuple[int, int]]:
@@ -30,7 +41,24 @@ def projections(hidden: int, intermediate: int, heads: int, kv_heads: int) -> di
             "gate_up": (2 * intermediate, hidden), "down": (hidden, intermediate)}
 
 
+def split_k_gemv_grid(quick: bool, cpu: bool = False) -> list[tuple[int, int, int, int, int]]:
+    """The W4A16 GEMV's (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) to try. BLOCK_N is 128 or 256 columns a
+    warp: a thread then holds whole columns (four or eight words wide) and sums its tile without the others."""
+    if cpu:
+        return [(128, 64, 0, 1, 1), (128, 32, 2, 1, 1)]
+    # Eight words a thread: BLOCK_K 128 would keep 128 words (and the next tile's) in registers, past 255.
+    tiles = [(128, 32), (128, 64), (256, 32), (256, 64)] + ([] if quick else [(128, 128)])
+    splits = (0, 4, 8, 16) if quick else (0, 2, 4, 8, 16, 32)
+    grid = [(per_warp * warps, block_k, split, warps, 1)
+            for (per_warp, block_k), split, warps in itertools.product(tiles, splits, (1, 2, 4))]
+    if not quick:  # Triton's software pipelining, on the tiles most likely to win (each stage count compiles anew)
+        grid += [(per_warp * warps, 64, split, warps, 2)
+                 for per_warp, split, warps in itertools.product((128, 256), splits, (1, 2, 4))]
+    return grid
+
+
 def time_ms(fn) -> float | None:
+    """Median ms of fn on its own (the GEMM), None when the configuration cannot run on this device."""
     import triton.testing
     try:
         return triton.testing.do_bench(fn, warmup=5, rep=30, return_mode="median")
@@ -38,9 +66,45 @@ def time_ms(fn) -> float | None:
         return None
 
 
-def tune(name: str, nbytes: int, run, configs: list, default) -> dict:
-    timed = [(ms, config) for config in configs if (ms := time_ms(lambda c=config: run(c))) is not None]
-    default_ms = time_ms(lambda: run(default))
+def time_graph_ms(fn, operands: list, repeats: int = 10) -> float | None:
+    """ms per product: a CUDA graph of fn(operand) over every operand (distinct weight copies), replayed."""
+    try:
+        for operand in operands[:2]:  # Triton compiles and the split-K counters are allocated outside the capture
+            fn(operand)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for operand in operands:
+                fn(operand)
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / (repeats * len(operands))
+    except Exception:  # noqa: BLE001 - a configuration past the device's limits (registers, shared memory)
+        torch.cuda.synchronize()
+        return None
+
+
+def time_wall_ms(fn, operands: list) -> float | None:
+    """ms of one call on the CPU (Triton's interpreter): the smoke run checks the script, not the speed."""
+    fn(operands[0])
+    start = time.perf_counter()
+    fn(operands[0])
+    return (time.perf_counter() - start) * 1e3
+
+
+def copies_for(nbytes: int, cpu: bool) -> int:
+    return 1 if cpu else max(2, -(-ROTATION_BYTES // nbytes))
+
+
+def tune(name: str, nbytes: int, timer, configs: list, default) -> dict:
+    """timer(config) -> ms or None, over the grid and the default; one row of the results."""
+    timed = [(ms, config) for config in configs if (ms := timer(config)) is not None]
+    default_ms = timer(default) or float("nan")  # NaN: the default cannot run here (the table must cover it)
     best_ms, best = min(timed, key=lambda t: t[0])
     row = {"projection": name, "default": list(default), "default_us": default_ms * 1e3,
            "default_gb_s": nbytes / default_ms / 1e6, "best": list(best), "best_us": best_ms * 1e3,
@@ -70,62 +134,87 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--gemm-rows", default="256,2048")
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="smaller grids (about a third of the compiles)")
+    parser.add_argument("--skip-fp8", action="store_true", help="only the W4A16 kernels")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu: tiny shapes and grids in Triton's interpreter, to check the script end to end")
     parser.add_argument("--write-config", action="store_true",
                         help="this GPU's W4A16 table under serval/kernels/configs/ (and --out)")
     parser.add_argument("--out", default="results/quant_kernel_tune")
     args = parser.parse_args()
+    cpu = args.device == "cpu"
+    if cpu:
+        if args.write_config:
+            parser.error("--write-config measures a GPU: leave out --device cpu")
+        os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels' module is imported, just below
+        args.hidden, args.intermediate, args.heads, args.kv_heads, args.gemm_rows = 256, 512, 4, 2, "16"
     from serval.kernels import triton_fp8_block, triton_gemv, triton_w4a16
     from serval.layers.quant.w4a16 import pack_int4
 
-    device = torch.device("cuda")
-    results: dict = {"device": torch.cuda.get_device_name(device), "fp8_block_gemv": [], "w4a16_gemv": [],
-                     "w4a16_gemm": []}
+    device = torch.device(args.device)
+    device_name = "cpu (Triton interpreter)" if cpu else torch.cuda.get_device_name(device)
+    results: dict = {"device": device_name, "fp8_block_gemv": [], "w4a16_gemv": [], "w4a16_gemm": []}
     shapes = projections(args.hidden, args.intermediate, args.heads, args.kv_heads)
     warps = (4, 8) if args.quick else (2, 4, 8)
+    time_rotating = time_wall_ms if cpu else time_graph_ms
 
     print(f"block-FP8 GEMV (128x128 blocks), {results['device']}")
-    fp8_grid = list(itertools.product((1, 2, 4, 8), (512, 1024, 2048, 4096), warps))
-    for name, (n, k) in shapes.items():
-        weight, block_scale = triton_fp8_block.quantize_weight_blocks(
-            torch.randn(n, k, device=device, dtype=torch.bfloat16), 128, 128)
-        per_row = block_scale.repeat_interleave(128, dim=0)[:n].contiguous()
+    fp8_grid = ([(4, 256, 4)] if cpu else
+                list(itertools.product((1, 2, 4, 8), (512, 1024, 2048, 4096), warps)))
+    for name, (n, k) in ({} if args.skip_fp8 else shapes).items():
         x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+        weights = []
+        for _ in range(copies_for(n * k, cpu)):
+            weight, block_scale = triton_fp8_block.quantize_weight_blocks(
+                torch.randn(n, k, device=device, dtype=torch.bfloat16), 128, 128)
+            weights.append((weight, block_scale.repeat_interleave(128, dim=0)[:n].contiguous()))
         results["fp8_block_gemv"].append(tune(
-            name, weight.numel() + per_row.numel() * 4,
-            lambda c: triton_gemv.block_scaled_gemv(x, weight, per_row, 128, config=c), fp8_grid,
-            triton_gemv.BLOCK_SCALED_CONFIG))
+            name, n * k + weights[0][1].numel() * 4,
+            lambda c: time_rotating(lambda w: triton_gemv.block_scaled_gemv(x, w[0], w[1], 128, config=c), weights),
+            fp8_grid, triton_gemv.BLOCK_SCALED_CONFIG))
 
-    print("W4A16 grouped GEMV (group 128)")
-    gemv_grid = list(itertools.product((8, 16, 32), (128, 256, 512, 1024), warps))
-    gemm_grid = list(itertools.product((32, 64, 128), (64, 128, 256), (32, 64, 128), (4, 8)))
+    print("W4A16 split-K GEMV (group 128): (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)")
+    gemv_grid = split_k_gemv_grid(args.quick, cpu)
+    gemm_grid = ([(16, 32, 64, 2)] if cpu else
+                 list(itertools.product((64, 128), (64, 128), (64,), (4, 8))) if args.quick else
+                 list(itertools.product((32, 64, 128), (64, 128, 256), (32, 64, 128), (4, 8))))
     layouts = {}
     for name, (n, k) in shapes.items():
-        q = torch.randint(0, 16, (k, n), device=device, dtype=torch.int32)
-        layouts[name] = (pack_int4(q, 0).contiguous(), torch.rand(k // 128, n, device=device, dtype=torch.bfloat16),
-                         torch.full((k // 128, n), 8, dtype=torch.uint8, device=device),
-                         (torch.arange(k, device=device) // 128).int())
+        nbytes = k * n // 2 + (k // 128) * n * 3  # the words, and a scale (2 bytes) and zero (1) per group
+        copies = []
+        for _ in range(copies_for(nbytes, cpu)):
+            q = torch.randint(0, 16, (k, n), device=device, dtype=torch.int32)
+            copies.append((pack_int4(q, 0).contiguous(),
+                           torch.rand(k // 128, n, device=device, dtype=torch.bfloat16) * 0.01,
+                           torch.randint(0, 16, (k // 128, n), dtype=torch.uint8, device=device),
+                           (torch.arange(k, device=device) // 128).int()))
+        layouts[name] = copies[0]
         x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
-        packed = layouts[name]
         results["w4a16_gemv"].append(tune(
-            name, packed[0].numel() * 4 + packed[1].numel() * 3,
-            lambda c: triton_w4a16.matmul(x, *packed, gemv_config=c, group_size=128), gemv_grid,
-            triton_w4a16.GROUPED_GEMV_CONFIG))
+            name, nbytes,
+            lambda c: time_rotating(lambda w: triton_w4a16.matmul(x, *w, gemv_config=c, group_size=128), copies),
+            gemv_grid, triton_w4a16.GROUPED_GEMV_CONFIG))
     print("W4A16 grouped GEMM (group 128): TFLOP/s in place of GB/s")
     for rows in map(int, args.gemm_rows.split(",")):
         for name, (n, k) in shapes.items():
             x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
             packed = layouts[name]
-            row = tune(f"{name} M={rows}", 2 * rows * n * k // 1000,
-                       lambda c: triton_w4a16.matmul(x, *packed, gemm_config=c, group_size=128), gemm_grid,
+
+            def gemm_ms(c):
+                run = lambda: triton_w4a16.matmul(x, *packed, gemm_config=c, group_size=128)  # noqa: E731
+                return time_wall_ms(lambda _: run(), [None]) if cpu else time_ms(run)
+            row = tune(f"{name} M={rows}", 2 * rows * n * k // 1000, gemm_ms, gemm_grid,
                        triton_w4a16.GROUPED_GEMM_CONFIG)
             dense = torch.randn(k, n, device=device, dtype=torch.bfloat16)
-            row["cublas_bf16_us"] = time_ms(lambda: x @ dense) * 1e3
-            print(f"    cuBLAS bf16 on the same shape: {row['cublas_bf16_us']:.1f} us", flush=True)
+            cublas_ms = time_wall_ms(lambda _: x @ dense, [None]) if cpu else time_ms(lambda: x @ dense)
+            row["cublas_bf16_us"] = cublas_ms * 1e3
+            print(f"    {'torch' if cpu else 'cuBLAS'} bf16 on the same shape: {row['cublas_bf16_us']:.1f} us",
+                  flush=True)
             results["w4a16_gemm"].append(row)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "quant_kernel_tune.json"), "w") as f:
         json.dump(results, f, indent=2)
+    print(f"\nwrote {os.path.join(args.out, 'quant_kernel_tune.json')}")
     if args.write_config:
         first_rows = f"M={args.gemm_rows.split(',')[0]}"
         gemm_rows = [row for row in results["w4a16_gemm"] if row["projection"].endswith(first_rows)]

@@ -15,12 +15,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FLOAT32 = dict(atol=1e-3, rtol=1e-3) if DEVICE == "cpu" else dict(atol=5e-2, rtol=1e-2)
 
 
-def random_layout(k: int, n: int, group: int, act_order: bool, seed: int):
+def random_layout(k: int, n: int, group: int, act_order: bool, seed: int, symmetric: bool = False):
     generator = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 16, (k, n), generator=generator)
     groups = k // group
     scales = torch.rand(groups, n, generator=generator) * 0.1 + 0.01
     zeros = torch.randint(0, 16, (groups, n), generator=generator).to(torch.uint8)
+    if symmetric:  # AWQ/GPTQ sym and compressed-tensors' symmetric W4A16 store no zeros: 8 for all
+        zeros = torch.full_like(zeros, 8)
     g_idx = torch.arange(k) // group
     if act_order:
         g_idx = g_idx[torch.randperm(k, generator=generator)]
@@ -66,16 +68,18 @@ def test_packing_orders_round_trip():
     assert (int(word) >> 4) & 0xF == 2
 
 
-@pytest.mark.parametrize("m", [1, 4, 5, 70])
+@pytest.mark.parametrize("m", [4, 5, 70])
 @pytest.mark.parametrize("k, n, group", [(256, 40, 128), (512, 72, 64), (128, 8, 128)])
 def test_grouped_kernels_match_the_reference(m, k, n, group):
     # Groups in order (AWQ, GPTQ without act-order, compressed-tensors): the kernels that read one scale row per
-    # tile. n=40, 72: partial column blocks; m=4/5: either side of GEMV_MAX_ROWS; 70: a partial GEMM row block.
+    # tile. n=40, 72: partial column blocks; m=4/5: either side of GEMV_MAX_ROWS (one row: the split-K test below);
+    # 70: a partial GEMM row block.
     qweight, scales, zeros, g_idx, _ = random_layout(k, n, group, False, seed=m + k + n)
     assert triton_w4a16.groups_in_order(g_idx, k // group) == group
     x = torch.randn(m, k, device=DEVICE)
     expected = triton_w4a16.reference_linear(x, qweight, scales, zeros, g_idx)
-    for gemv_config, gemm_config in [(None, None), ((16, 64, 2), (16, 32, 32, 2)), ((8, 256, 4), (32, 64, 128, 4))]:
+    for gemv_config, gemm_config in [(None, None), ((16, 64, 2, 1, 1), (16, 32, 32, 2)),
+                                     ((8, 256, 0, 4, 1), (32, 64, 128, 4))]:
         got = triton_w4a16.matmul(x, qweight, scales, zeros, g_idx, gemv_config=gemv_config,
                                   gemm_config=gemm_config, group_size=group)
         torch.testing.assert_close(got, expected, **FLOAT32)
@@ -84,3 +88,75 @@ def test_grouped_kernels_match_the_reference(m, k, n, group):
 def test_act_order_is_not_groups_in_order():
     _, _, _, g_idx, _ = random_layout(384, 8, 128, True, seed=2)
     assert triton_w4a16.groups_in_order(g_idx, 3) is None
+
+
+@pytest.mark.parametrize("m, k, n, group, symmetric", [
+    (1, 256, 40, 128, False), (2, 256, 72, 64, False), (3, 384, 24, 128, True), (4, 256, 16, 256, False),
+    (1, 96, 8, 32, True)])
+def test_split_k_gemv_matches_the_reference(m, k, n, group, symmetric):
+    # The split-K decode GEMV (groups in order), 1 to 4 rows at once, against dequantize-then-matmul. n=40, 72, 24,
+    # 8: partial column blocks for BLOCK_N 16 to 256; split 3 over 8 tiles (k=256, BLOCK_K 32): slices of 3, 3
+    # and 2; split 2 over k=384: 3+3 tiles of 64; group 256 = k: one group a column (per-channel); BLOCK_K 128
+    # over groups of 64 or 32: capped to the group. symmetric: the zero point 8 everywhere.
+    qweight, scales, zeros, g_idx, _ = random_layout(k, n, group, False, seed=m * 7 + k + n, symmetric=symmetric)
+    x = torch.randn(m, k, device=DEVICE)
+    expected = triton_w4a16.reference_linear(x, qweight, scales, zeros, g_idx)
+    for config in [None, (16, 32, 3, 1, 1), (64, 128, 1, 2, 1), (32, 64, 2, 1, 1)]:
+        got = triton_w4a16.matmul(x, qweight, scales, zeros, g_idx, gemv_config=config, group_size=group)
+        torch.testing.assert_close(got, expected, **FLOAT32)
+    # Each column block's last program sets its arrival counter back to zero for the next launch.
+    assert not triton_w4a16._arrival_counters(x.device).any()
+
+
+def test_split_k_gemv_adds_more_slices_than_one_load_reads():
+    # 32 slices of one tile: the last program of each column block reads the partials 16 slices a load, twice.
+    qweight, scales, zeros, g_idx, _ = random_layout(512, 8, 128, False, seed=3)
+    x = torch.randn(2, 512, device=DEVICE)
+    got = triton_w4a16.matmul(x, qweight, scales, zeros, g_idx, gemv_config=(16, 16, 32, 1, 1), group_size=128)
+    torch.testing.assert_close(got, triton_w4a16.reference_linear(x, qweight, scales, zeros, g_idx), **FLOAT32)
+    assert not triton_w4a16._arrival_counters(x.device).any()
+
+
+def test_split_k_gemv_in_half_precision():
+    qweight, scales, zeros, g_idx, _ = random_layout(512, 48, 128, False, seed=11)
+    x = torch.randn(1, 512, device=DEVICE, dtype=torch.bfloat16)
+    expected = triton_w4a16.reference_linear(x, qweight, scales.bfloat16(), zeros, g_idx)
+    got = triton_w4a16.matmul(x, qweight, scales.bfloat16(), zeros, g_idx, gemv_config=(32, 128, 4, 1, 1),
+                              group_size=128)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, atol=3e-2, rtol=2e-2)
+
+
+def test_k_slices_are_whole_tiles_and_never_empty():
+    for tiles in range(1, 40):
+        for split_k in range(0, 45):
+            config = triton_w4a16.SplitKConfig(block_n=128, block_k=64, split_k=split_k, num_warps=1, num_stages=1)
+            slices = triton_w4a16.split_k_slices(config, 4096, tiles * 64, 64, torch.device("cpu"))
+            assert (slices.count - 1) * slices.tiles_per_slice < tiles <= slices.count * slices.tiles_per_slice
+            assert slices.count <= max(1, split_k) or split_k == 0
+    # split_k 0 on one SM (the CPU): 8 warps' worth of programs, in slices of at least 128 rows of K.
+    auto = triton_w4a16.SplitKConfig(block_n=128, block_k=64, split_k=0, num_warps=1, num_stages=1)
+    assert triton_w4a16.split_k_slices(auto, 128, 4096, 64, torch.device("cpu")).count == 8
+    assert triton_w4a16.split_k_slices(auto, 256, 4096, 64, torch.device("cpu")).count == 4  # two column blocks
+    assert triton_w4a16.split_k_slices(auto, 128, 256, 64, torch.device("cpu")).count == 2  # 128 rows a slice
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs")
+def test_split_k_gemv_replays_in_a_cuda_graph():
+    # As the engine's decode graphs run it: the partials come from the graph's pool, the counters (allocated by the
+    # eager warm-up) are left at zero by every replay, and replays with new inputs give new, right answers.
+    qweight, scales, zeros, g_idx, _ = random_layout(4096, 520, 128, False, seed=13)
+    scales = scales.bfloat16()
+    x = torch.randn(1, 4096, device=DEVICE, dtype=torch.bfloat16)
+    config = (128, 64, 8, 1, 1)
+    triton_w4a16.matmul(x, qweight, scales, zeros, g_idx, gemv_config=config, group_size=128)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = triton_w4a16.matmul(x, qweight, scales, zeros, g_idx, gemv_config=config, group_size=128)
+    for seed in range(3):
+        x.copy_(torch.randn(1, 4096, generator=torch.Generator().manual_seed(seed)).to(x))
+        graph.replay()
+        torch.testing.assert_close(y.float(), triton_w4a16.reference_linear(x, qweight, scales, zeros, g_idx),
+                                   atol=5e-2, rtol=2e-2)
+    assert not triton_w4a16._arrival_counters(x.device).any()

@@ -15,16 +15,28 @@ from serval.kernels import triton_w4a16  # noqa: E402
 from tests.kernels.test_triton_w4a16 import DEVICE, FLOAT32, random_layout  # noqa: E402
 
 TABLE = json.loads(triton_w4a16.config_table_json(
-    gemv={"6144x4096": (16, 512, 4), "default": (8, 256, 2)}, gemm={"4096x14336": (64, 64, 64, 4)},
+    gemv={"6144x4096": (128, 128, 8, 1, 1), "default": (256, 64, 0, 2, 1)}, gemm={"4096x14336": (64, 64, 64, 4)},
     device_name="NVIDIA H200"))
 
 
 def test_table_file_name_and_pick():
     assert triton_w4a16.config_file_name("NVIDIA H200") == "w4a16,device=NVIDIA_H200.json"
-    assert triton_w4a16.pick_configs(TABLE, 6144, 4096) == ((16, 512, 4), None)  # the shape's own GEMV entry
-    assert triton_w4a16.pick_configs(TABLE, 4096, 14336) == ((8, 256, 2), (64, 64, 64, 4))  # the GEMV's default
+    # the shape's own GEMV entry, then the GEMV's default
+    assert triton_w4a16.pick_configs(TABLE, 6144, 4096) == ((128, 128, 8, 1, 1), None)
+    assert triton_w4a16.pick_configs(TABLE, 4096, 14336) == ((256, 64, 0, 2, 1), (64, 64, 64, 4))
+    assert triton_w4a16.pick_configs(TABLE, 6144, 4096)[0].split_k == 8
     assert triton_w4a16.pick_configs(None, 4096, 4096) == (None, None)
     assert triton_w4a16.tuned_configs(torch.zeros(1, 8), 4096, 4096) == (None, None)  # the CPU reads no table
+
+
+def test_an_older_table_s_gemv_entries_are_skipped():
+    # Three numbers (BLOCK_N, BLOCK_K, num_warps) tuned the GEMV before split-K: the shape falls to the table's
+    # new-style default, else to the built-in config; the GEMM's entries still count.
+    old = {"grouped_gemv": {"4096x4096": [8, 1024, 2], "default": [16, 1024, 2]},
+           "grouped_gemm": {"default": [128, 64, 64, 8]}}
+    assert triton_w4a16.pick_configs(old, 4096, 4096) == (None, (128, 64, 64, 8))
+    mixed = {"grouped_gemv": {"4096x4096": [8, 1024, 2], "default": [128, 64, 4, 1, 1]}}
+    assert triton_w4a16.pick_configs(mixed, 4096, 4096) == ((128, 64, 4, 1, 1), None)
 
 
 def test_the_benchmark_s_table_takes_each_shape_s_best_and_the_fastest_default_overall():
@@ -42,7 +54,7 @@ def test_the_benchmark_s_table_takes_each_shape_s_best_and_the_fastest_default_o
 def test_picked_configs_match_the_reference(m):
     k, n, group = 256, 40, 128
     qweight, scales, zeros, g_idx, _ = random_layout(k, n, group, False, seed=m)
-    table = {"grouped_gemv": {f"{n}x{k}": [8, 128, 2]}, "grouped_gemm": {"default": [16, 16, 64, 2]}}
+    table = {"grouped_gemv": {f"{n}x{k}": [16, 64, 2, 1, 1]}, "grouped_gemm": {"default": [16, 16, 64, 2]}}
     gemv_config, gemm_config = triton_w4a16.pick_configs(table, n, k)
     x = torch.randn(m, k, device=DEVICE)
     got = triton_w4a16.matmul(x, qweight, scales, zeros, g_idx, gemv_config=gemv_config, gemm_config=gemm_config,
