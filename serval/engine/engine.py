@@ -116,7 +116,7 @@ class LLMEngine:
         if draft_model is not None:
             num_blocks = share_blocks_with_draft(num_blocks, self.config, self.model, draft_model, self.kv_cache_dtype)
             drafter = (Eagle3Drafter(draft_model, self.model, num_blocks, self.config.block_size, self.kv_cache_dtype,
-                                     self.device)
+                                     self.device, self.config.speculative_config.num_speculative_tokens)
                        if self.config.speculative_config.method == "eagle3" else
                        DraftModel(draft_model, num_blocks, self.config.block_size, self.kv_cache_dtype, self.device))
         self.kv_cache = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching,
