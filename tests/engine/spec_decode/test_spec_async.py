@@ -7,9 +7,10 @@ import random
 
 import pytest
 
-from serval import SamplingParams
+from serval import LLM, SamplingParams
 from serval.engine.request import RequestStatus
 from tests.engine.spec_decode.test_spec_engine import NGRAM, SUFFIX, generate_ids, repetitive_prompts
+from tests.engine.spec_decode.test_verify_graphs import requires_cuda
 from tests.engine.test_engine import hf_greedy, pressured_llm
 
 NUM_NEW_TOKENS = 12
@@ -137,3 +138,24 @@ def test_drafters_keep_the_synchronous_engine(tiny_models):
     llm = pressured_llm(path, True, async_scheduling=True,
                         speculative_config={"method": "draft_model", "model": path, "num_speculative_tokens": 2})
     assert not llm.engine.async_scheduling
+
+
+@requires_cuda
+def test_gpu_overlapped_steps_give_the_synchronous_tokens(tiny_models):
+    """On a GPU (decode graphs queued behind one another, verify graphs in between): the synchronous engine's tokens
+    and transformers'."""
+    path, hf_model = tiny_models("llama")
+    prompts = repetitive_prompts(hf_model.config.vocab_size)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    config = {**NGRAM, "disable_by_batch_size": 4}
+    runs = []
+    for overlap in (False, True):
+        llm = LLM(model=path, skip_tokenizer_init=True, block_size=4, max_model_len=256, device="cuda",
+                  dtype="float32", max_num_seqs=8, num_gpu_blocks_override=2048, speculative_config=config,
+                  async_scheduling=overlap)
+        queued = count_queued_steps(llm)
+        runs.append(generate_ids(llm, prompts, params))
+    assert queued[0] > 0 and llm.engine.get_stats().spec_decode.num_accepted_tokens > 0
+    assert runs[1] == runs[0]
+    for prompt, tokens in zip(prompts[:4], runs[1]):
+        assert tokens == hf_greedy(hf_model, prompt, 24)
