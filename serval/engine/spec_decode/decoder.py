@@ -112,7 +112,8 @@ class SpecDecoder:
         if config.method == "suffix":
             return self.suffix_index.propose(request.all_token_ids, num_tokens)
         if config.method in ("draft_model", "eagle3"):
-            # Placeholders: the draft model (or EAGLE-3 head) fills them in the runner once the scheduler has allocated their slots.
+            # Placeholders: the draft model (or EAGLE-3 head) fills them in the runner once the scheduler has
+            # allocated their slots.
             return [0] * num_tokens
         return self.replay.propose(request.prompt_token_ids, request.output_token_ids, num_tokens)
 
