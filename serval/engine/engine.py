@@ -116,7 +116,7 @@ class LLMEngine:
         if draft_model is not None:
             num_blocks = share_blocks_with_draft(num_blocks, self.config, self.model, draft_model, self.kv_cache_dtype)
             drafter = (Eagle3Drafter(draft_model, self.model, num_blocks, self.config.block_size, self.kv_cache_dtype,
-                                     self.device)
+                                     self.device, self.config.speculative_config.num_speculative_tokens)
                        if self.config.speculative_config.method == "eagle3" else
                        DraftModel(draft_model, num_blocks, self.config.block_size, self.kv_cache_dtype, self.device))
         self.kv_cache = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching,
@@ -143,8 +143,8 @@ class LLMEngine:
                                  else self.runner.graphs is not None)
         spec_config = self.config.speculative_config
         self.spec_decoder = SpecDecoder(spec_config, self.vocab_size) if spec_config is not None else None
-        if self.spec_decoder is not None:
-            # A verify step needs the previous step's tokens on the host to propose from: nothing to overlap.
+        if self.spec_decoder is not None and not self.spec_decoder.overlaps_steps:
+            # A draft model or EAGLE-3 head runs inside every synchronous target step: nothing queues without it.
             self.async_scheduling = False
         # With asynchronous scheduling: the decode step queued on the device whose tokens are not processed yet.
         self.in_flight: DecodeInFlight | None = None
@@ -478,6 +478,7 @@ class LLMEngine:
             if live:  # the rest stopped on current's tokens: their rows in `following` are never read
                 self.scheduler.update(SchedulerOutput(live, [1] * len(live)))
                 self.in_flight = following
+        self._propose_after_overlap()
         return outputs
 
     def _finish_deferred(self, current: DecodeInFlight, forward: DecodeForward) -> list[RequestOutput]:
@@ -498,7 +499,14 @@ class LLMEngine:
             following = self._following_requests(self.in_flight)
             if following is not None:
                 self.queued_forward = self.runner.launch_forward(following, previous=self.in_flight)
+        self._propose_after_overlap()
         return outputs
+
+    def _propose_after_overlap(self) -> None:
+        """When the overlapped steps end (nothing queued behind the one just processed), propose for the next,
+        synchronous step as a synchronous step would have."""
+        if self.spec_decoder is not None and self.in_flight is None:
+            self.spec_decoder.propose(self.scheduler.running)
 
     def _start_grammar_fill(self, requests: list[Request]) -> None:
         """Start filling the next-token masks of the requests with a grammar on a worker thread; the sampler
@@ -534,9 +542,13 @@ class LLMEngine:
         following = [request for request in running if request.num_output_tokens + 1 < request.max_tokens]
         if not following or not all(self._sampling_deferrable(request) for request in following):
             return None
+        if self.spec_decoder is not None and not self.spec_decoder.drafts_nothing(following, scheduler.num_running):
+            return None  # its drafts are proposed from current's tokens: the host must see them first
         for request in following:
             if not self.kv_cache.allocate(request, 1):
                 return None  # out of blocks: the synchronous step will preempt
+        if self.spec_decoder is not None:
+            self.spec_decoder.count_queued_step(scheduler.num_running)
         return following
 
 

@@ -69,6 +69,26 @@ class SpecDecoder:
                 # Only drafts the grammar takes are worth verifying: the first it rejects would be rejected anyway.
                 del request.spec_token_ids[request.grammar.num_valid(request.spec_token_ids):]
 
+    def drafts_nothing(self, requests: list[Request], num_running: int) -> bool:
+        """Whether the requests' next step has no drafts whatever tokens the step before it brings: the batch is at
+        disable_by_batch_size, or every request opted out. Asynchronous scheduling queues such a step before the
+        previous step's tokens reach the host (proposing any other step needs them)."""
+        limit = self.config.disable_by_batch_size
+        return (limit is not None and num_running >= limit) or not any(
+            not request.sampling_params.disable_speculation for request in requests)
+
+    def count_queued_step(self, num_running: int) -> None:
+        """A step queued without drafts (drafts_nothing) counts as propose() would have counted it."""
+        limit = self.config.disable_by_batch_size
+        if limit is not None and num_running >= limit:
+            self.stats.num_disabled_steps += 1
+
+    @property
+    def overlaps_steps(self) -> bool:
+        """Whether asynchronous scheduling may queue this method's steps without drafts: a draft model or an
+        EAGLE-3 head must follow every target step (its K/V, its hidden states), which a queued decode step skips."""
+        return self.config.method in DRAFTS_KNOWN_WHEN_PROPOSED
+
     @property
     def drafts_known_when_proposed(self) -> bool:
         return self.config.method in DRAFTS_KNOWN_WHEN_PROPOSED
@@ -92,7 +112,8 @@ class SpecDecoder:
         if config.method == "suffix":
             return self.suffix_index.propose(request.all_token_ids, num_tokens)
         if config.method in ("draft_model", "eagle3"):
-            # Placeholders: the draft model (or EAGLE-3 head) fills them in the runner once the scheduler has allocated their slots.
+            # Placeholders: the draft model (or EAGLE-3 head) fills them in the runner once the scheduler has
+            # allocated their slots.
             return [0] * num_tokens
         return self.replay.propose(request.prompt_token_ids, request.output_token_ids, num_tokens)
 

@@ -19,7 +19,8 @@ and that row's pre-norm output (a ChainStart). At the next step, once the schedu
 propose() takes draft 1 from the ChainStart and runs the chain: draft j + 1 comes from a one-row head step at
 position computed + j - 1 fed draft j and the previous step's pre-norm output (EAGLE-3's own hidden state, not the
 target's). follow_target() later rewrites those positions with the verified tokens and the target's hidden states,
-so the head's K/V below the computed end is always the one of the kept tokens. The head runs eagerly; the target
+so the head's K/V below the computed end is always the one of the kept tokens. On CUDA the head's steps replay its
+own graphs (serval.engine.spec_decode.eagle3_graphs; a pass over a longer prefill chunk runs eagerly); the target
 keeps its CUDA graphs, whose replays leave the hidden states in a buffer reserved before capture
 (reserve_graph_rows).
 """
@@ -38,6 +39,7 @@ from torch import nn
 from serval.engine import sampler
 from serval.engine.request import Request
 from serval.engine.spec_decode.draft_model import flat_batch_metadata
+from serval.engine.spec_decode.eagle3_graphs import HeadDrafts, HeadGraphs, HeadStep
 from serval.layers.attention import AttentionMetadata
 from serval.layers.embedding import Embedding
 from serval.layers.linear import Linear, MergedLinear, qkv_linear
@@ -136,13 +138,17 @@ class ChainStart:
 
 class Eagle3Drafter:
     def __init__(self, head: Eagle3Head, target: nn.Module, num_blocks: int, block_size: int,
-                 kv_cache_dtype: torch.dtype, device: torch.device) -> None:
+                 kv_cache_dtype: torch.dtype, device: torch.device, num_speculative_tokens: int = 1) -> None:
         self.model = head
         self.block_size = block_size
         self.device = device
+        self.num_speculative_tokens = num_speculative_tokens
         shape = (2, num_blocks, block_size, head.num_kv_heads, head.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=kv_cache_dtype, device=device)]
-        self.graphs = None  # the head runs eagerly (its steps take a hidden state the decode graphs don't)
+        # The head's own graphs (serval.engine.spec_decode.eagle3_graphs), on CUDA: one row a request (chain steps,
+        # the pass after plain decodes) and k + 1 rows a request (the pass after a verify step).
+        self.graphs: HeadGraphs | None = None
+        self.verify_pass_graphs: HeadGraphs | None = None
         # The target's LlamaModel keeps the residual stream entering these layers after each forward.
         self.target_model = target.model
         self.target_model.aux_hidden_state_layers = head.aux_layer_ids
@@ -150,7 +156,18 @@ class Eagle3Drafter:
         self.chain_starts: weakref.WeakKeyDictionary[Request, ChainStart] = weakref.WeakKeyDictionary()
 
     def capture_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
-        """No graphs for the head yet: its chain steps run eagerly."""
+        """Capture the head's graphs for batches of up to max_num_seqs (the runner calls this on CUDA only)."""
+        self.use_graphs(max_num_seqs, max_model_len)
+        self.graphs.capture()
+        self.verify_pass_graphs.capture()
+
+    def use_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        """Run the head's steps in the graphs' padded shape from now on, without capturing (on a CPU, tests run
+        that shape eagerly through the Triton interpreter)."""
+        self.graphs = HeadGraphs(self.model, self.kv_caches, self.block_size, max_num_seqs, max_model_len, 1,
+                                 self.device)
+        self.verify_pass_graphs = HeadGraphs(self.model, self.kv_caches, self.block_size, max_num_seqs,
+                                             max_model_len, self.num_speculative_tokens + 1, self.device)
 
     def reserve_graph_rows(self, num_rows: int) -> None:
         """Before the target's graphs are captured: a buffer their replays leave the captured hidden states in, for
@@ -191,14 +208,11 @@ class Eagle3Drafter:
         if not rows:
             return
         fused = self.model.fuse(aux_hidden[sampler.to_device(rows, torch.int64, self.device)])
-        normed, prenorm = self._forward(input_ids, head_positions, fused, starts, seq_lens, kept)
+        step = HeadStep(input_ids, head_positions, starts, seq_lens, kept, fused)
         last_rows = [end - 1 for end, ends in zip(starts[1:], ends_at_last_token) if ends]
-        if not last_rows:
-            return
-        last = sampler.to_device(last_rows, torch.int64, self.device)
-        draft_ids = self.model.draft_token_ids(normed[last]).tolist()
+        drafts = self._run(step, last_rows)
         for request, row, token_id, hidden in zip([r for r, e in zip(kept, ends_at_last_token) if e], last_rows,
-                                                  draft_ids, prenorm[last]):
+                                                  drafts.token_ids, drafts.prenorm):
             self.chain_starts[request] = ChainStart(head_positions[row], token_id, hidden)
 
     @torch.inference_mode()
@@ -219,18 +233,31 @@ class Eagle3Drafter:
         for j in range(1, num_steps):
             active = [request for request, _ in chains if len(request.spec_token_ids) > j]
             positions = [request.num_computed_tokens + j - 1 for request in active]
-            normed, prenorm = self._forward([request.spec_token_ids[j - 1] for request in active], positions,
-                                            torch.stack([hidden[id(request)] for request in active]),
-                                            list(range(len(active) + 1)), [p + 1 for p in positions], active)
-            for request, token_id, row in zip(active, self.model.draft_token_ids(normed).tolist(), prenorm):
+            step = HeadStep([request.spec_token_ids[j - 1] for request in active], positions,
+                            list(range(len(active) + 1)), [p + 1 for p in positions], active,
+                            torch.stack([hidden[id(request)] for request in active]))
+            drafts = self._run(step, list(range(len(active))))
+            for request, token_id, row in zip(active, drafts.token_ids, drafts.prenorm):
                 request.spec_token_ids[j] = token_id
                 hidden[id(request)] = row
 
-    def _forward(self, input_ids: list[int], positions: list[int], hidden: torch.Tensor, query_start_loc: list[int],
-                 seq_lens: list[int], requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
-        metadata = flat_batch_metadata(requests, positions, query_start_loc, seq_lens, self.block_size, self.device)
-        return self.model(sampler.to_device(input_ids, torch.int64, self.device),
-                          sampler.to_device(positions, torch.int64, self.device), hidden, self.kv_caches, metadata)
+    def _run(self, step: HeadStep, draft_rows: list[int]) -> HeadDrafts:
+        """The head over the step's rows; the drafts and pre-norm outputs of draft_rows. A graph replay where one
+        fits (every request at most Q rows), else eagerly."""
+        for graphs in (self.graphs, self.verify_pass_graphs):
+            if graphs is not None and graphs.can_run(step.query_start_loc):
+                return graphs.run(step, draft_rows)
+        return self.run_eager(step, draft_rows)
+
+    def run_eager(self, step: HeadStep, draft_rows: list[int]) -> HeadDrafts:
+        """The head step op by op, over the flat rows (no padding, no graph)."""
+        metadata = flat_batch_metadata(step.requests, step.positions, step.query_start_loc, step.seq_lens,
+                                       self.block_size, self.device)
+        normed, prenorm = self.model(sampler.to_device(step.input_ids, torch.int64, self.device),
+                                     sampler.to_device(step.positions, torch.int64, self.device), step.hidden,
+                                     self.kv_caches, metadata)
+        wanted = sampler.to_device(draft_rows, torch.int64, self.device)
+        return HeadDrafts(self.model.draft_token_ids(normed[wanted]).tolist(), prenorm[wanted])
 
 
 def load_eagle3_head(path: str, target: nn.Module, dtype: torch.dtype, device: torch.device,
