@@ -21,6 +21,8 @@ from tests.openai.tool_parsers.streaming import qwen3_tokenizer
 
 MODEL = "tiny-qwen3"
 MAX_N = 50
+# Temperature-one samples per forced tool choice: two n=MAX_N requests, enough for "required" to pick every tool.
+NUM_FORCED_SAMPLES = 100
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
                                             "parameters": {
     "type": "object", "additionalProperties": False, "required": ["city"],
@@ -68,7 +70,7 @@ def assert_valid_calls(choice, allowed: set[str]) -> list:
 def test_forced_calls_validate_at_temperature_one(client, tool_choice):
     allowed = {"get_weather"} if isinstance(tool_choice, dict) else set(SCHEMAS)
     names, samples = set(), 0
-    for seed in range(200 // MAX_N):
+    for seed in range(NUM_FORCED_SAMPLES // MAX_N):
         response = client.chat.completions.create(
             model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice=tool_choice, parallel_tool_calls=False,
             temperature=1.0, n=MAX_N, seed=seed, max_tokens=64)
@@ -77,7 +79,7 @@ def test_forced_calls_validate_at_temperature_one(client, tool_choice):
             assert len(calls) == 1  # parallel_tool_calls=False
             names.add(calls[0].function.name)
             samples += 1
-    assert samples == 200
+    assert samples == NUM_FORCED_SAMPLES
     assert names == allowed  # "required" really lets the model pick any of the tools
 
 

@@ -2,12 +2,21 @@
 a padding request owning the padding rows, requests padded to the bucket's count, inputs from fixed buffers. On the
 CPU the same padded forward runs eagerly through the Triton kernels in the interpreter; each step is checked
 against the plain (unpadded) forward, and the tokens against transformers. On a GPU the captured graphs are checked
-against eager mixed steps."""
+against eager mixed steps.
+
+The plain forward and the plain engines the padded ones are checked against attend with the torch reference: the
+interpreter is what makes these tests slow, and the plain path through the Triton kernels is checked against
+transformers on its own (tests/engine/test_engine.py::test_triton_kernels_in_the_engine_match_transformers)."""
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 
 from serval import LLM, SamplingParams
 from serval.engine.mixed_graphs import MixedGraphs, mixed_capture_sizes
+from serval.kernels import paged_attention as torch_attention
+from serval.layers.attention import Attention
 from tests.engine.test_engine import PRESSURE, hf_greedy_references, make_prompts, pressured_llm
 from tests.model.engine_checks import check_pressured_greedy
 
@@ -40,9 +49,29 @@ class StepLog:
         return [step for step in self.steps if any(rows > 1 for rows in step) and 1 in step]
 
 
+@contextmanager
+def reference_attention(model: torch.nn.Module) -> Iterator[None]:
+    """The model's attention layers on the torch reference for the duration, then back on what they ran."""
+    layers = [module for module in model.modules() if isinstance(module, Attention)]
+    chosen = [layer._backend for layer in layers]
+    for layer in layers:
+        layer._backend = torch_attention
+    try:
+        yield
+    finally:
+        for layer, backend in zip(layers, chosen):
+            layer._backend = backend
+
+
+def reference_generate(llm: LLM, requests: list[dict], params) -> list:
+    """llm.generate with attention on the torch reference: the plain engine's outputs."""
+    with reference_attention(llm.engine.model):
+        return llm.generate(requests, params, use_tqdm=False)
+
+
 def graph_shaped(llm: LLM, check: bool = True) -> StepLog:
     """Give the engine's runner uncaptured mixed graphs (their eager, padded forward); with `check`, each step is
-    also run through the plain forward first and the logits compared."""
+    also run through the plain forward (attention on the torch reference) first and the logits compared."""
     runner = llm.engine.runner
     config = llm.engine.config
     graphs = MixedGraphs(runner.model, runner.kv_caches, runner.block_size, config.max_num_seqs,
@@ -50,7 +79,10 @@ def graph_shaped(llm: LLM, check: bool = True) -> StepLog:
     log = StepLog()
 
     def run_and_compare(inputs):
-        expected = runner.forward_logits(inputs) if check else None  # writes the K/V the padded forward rewrites
+        expected = None
+        if check:
+            with reference_attention(runner.model):
+                expected = runner.forward_logits(inputs)  # writes the K/V the padded forward rewrites
         got = MixedGraphs.run(graphs, inputs)
         if check:
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
@@ -95,7 +127,7 @@ def test_graph_shaped_sampling_and_logprobs_equal_the_plain_engine(tiny_models, 
               SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, prompt_logprobs=1),
               SamplingParams(temperature=0.7, top_k=20, max_tokens=6, ignore_eos=True, seed=5)]
     requests = [{"prompt_token_ids": p} for p in prompts]
-    plain = pressured_llm(path, True).generate(requests, params, use_tqdm=False)
+    plain = reference_generate(pressured_llm(path, True), requests, params)
     llm = pressured_llm(path, True)
     log = graph_shaped(llm, check=False)
     got = llm.generate(requests, params, use_tqdm=False)
@@ -116,7 +148,7 @@ def test_graph_shaped_steps_with_a_float8_cache(tiny_models, triton_backend):
     prompts = make_prompts(hf_model.config.vocab_size)[4:]
     params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
     requests = [{"prompt_token_ids": p} for p in prompts]
-    plain = pressured_llm(path, True, kv_cache_dtype="fp8").generate(requests, params, use_tqdm=False)
+    plain = reference_generate(pressured_llm(path, True, kv_cache_dtype="fp8"), requests, params)
     llm = pressured_llm(path, True, kv_cache_dtype="fp8")
     log = graph_shaped(llm)
     got = llm.generate(requests, params, use_tqdm=False)
@@ -133,7 +165,7 @@ def test_steps_before_the_float8_scales_are_calculated_run_eagerly(tiny_models, 
     requests = [{"prompt_token_ids": p} for p in prompts]
     engine_args = dict(kv_cache_dtype="fp8", calculate_kv_scales=True)
     plain_llm = pressured_llm(path, True, **engine_args)
-    plain = plain_llm.generate(requests, params, use_tqdm=False)
+    plain = reference_generate(plain_llm, requests, params)
     llm = pressured_llm(path, True, **engine_args)
     log = graph_shaped(llm, check=False)
     runner = llm.engine.runner
