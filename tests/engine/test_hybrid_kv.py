@@ -171,7 +171,7 @@ def test_decode_graph_inputs_carry_each_groups_tables(tiny_hybrid, monkeypatch):
     every length from those buffers, as graphs need) for every decode step: transformers' tokens."""
     monkeypatch.setenv("SERVAL_ATTENTION_BACKEND", "triton")
     path, hf_model = tiny_hybrid("gpt_oss")
-    prompts = [make_prompts(hf_model.config.vocab_size)[i] for i in (5, 6)]  # 17 and 23 tokens
+    prompts = [make_prompts(hf_model.config.vocab_size)[i] for i in (3, 4)]  # 9 and 16 tokens: past the window
     llm = hybrid_llm(path, True, POOLS["gpt_oss"])
     runner = llm.engine.runner
     runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.block_size, 4, 128, runner.device,
@@ -185,10 +185,10 @@ def test_decode_graph_inputs_carry_each_groups_tables(tiny_hybrid, monkeypatch):
 
     runner.graphs.run = counted
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                           SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), use_tqdm=False)
-    for prompt, output, reference in zip(prompts, outputs, hf_greedy_references(hf_model, prompts, 6)):
+                           SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True), use_tqdm=False)
+    for prompt, output, reference in zip(prompts, outputs, hf_greedy_references(hf_model, prompts, 5)):
         assert output.outputs[0].token_ids == reference, f"prompt of {len(prompt)}"
-    assert len(replays) >= 5
+    assert len(replays) >= 4
 
 
 # ---- memory ----
