@@ -239,7 +239,7 @@ class ModelRunner:
             logits = self.graphs.run(plan.input_ids, plan.positions, plan.slot_mapping, plan.seq_lens,
                                      [request.block_ids for request in scheduled.requests],
                                      lora_slots=self._lora_slots(scheduled.requests),
-                                     groups=self._graph_groups(scheduled.requests, plan.group_slot_mappings))
+                                     **self._graph_groups(scheduled.requests, plan.group_slot_mappings))
             out = self._outputs(scheduled, plan, logits, logits[:0])
             if self.drafter_follows_target:
                 self.drafter.follow_target(scheduled.requests, plan.positions, plan.query_start_loc,
@@ -333,7 +333,7 @@ class ModelRunner:
             # The graph's output buffer: read by sample_decode before the next replay, which the stream orders.
             logits = self.graphs.run(input_ids, positions, slot_mapping, seq_lens,
                                      [request.block_ids for request in requests], source, self._lora_slots(requests),
-                                     groups=self._graph_groups(requests, group_slot_mappings))
+                                     **self._graph_groups(requests, group_slot_mappings))
         else:
             ids = self._tensor(input_ids, torch.int64)
             if source is not None:
@@ -429,11 +429,12 @@ class ModelRunner:
         """A hybrid KV cache's block tables: per group, per request."""
         return [list(tables) for tables in zip(*(request.kv_group_block_ids for request in requests))]
 
-    def _graph_groups(self, requests: list[Request], group_slot_mappings: list[list[int]] | None):
-        """DecodeGraphs.run's per-group inputs (slots, block tables); None without a hybrid KV cache."""
+    def _graph_groups(self, requests: list[Request], group_slot_mappings: list[list[int]] | None) -> dict:
+        """DecodeGraphs.run's per-group inputs (slots, block tables) as its `groups` argument; none without a hybrid
+        KV cache."""
         if self.kv_layout is None:
-            return None
-        return list(zip(group_slot_mappings, self._group_block_tables(requests)))
+            return {}
+        return {"groups": list(zip(group_slot_mappings, self._group_block_tables(requests)))}
 
     def _slots(self, request: Request, start: int, end: int) -> list[int]:
         """The KV-cache slots of a request's positions [start, end), through its block table."""
