@@ -45,6 +45,9 @@ _ENGINE_HELP = {
     "enforce_eager": "never capture CUDA graphs for decode steps (GPU only)",
     "cudagraph_mixed": "with CUDA graphs, also capture steps that mix prefill chunks with decodes, one graph per "
                        "token bucket up to min(max_num_batched_tokens, 2048) (off by default: such steps run eagerly)",
+    "disable_hybrid_kv_cache_manager": "for models mixing sliding-window and full-attention layers (Gemma 3, "
+                                       "gpt-oss): keep every KV block for every layer instead of freeing the "
+                                       "sliding layers' blocks behind their window",
     "quantization": "fp8: float8 weights with per-channel scales and per-token activation scales, from a "
                     "half-precision checkpoint (None: the checkpoint's weights as they are)",
     "kv_cache_dtype": "auto (the model's dtype), fp8 or fp8_e4m3 (float8 e4m3, scale 1.0: half the KV memory)",

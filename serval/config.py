@@ -52,7 +52,8 @@ def default_cpu_kv_cache_blocks(bytes_per_block: int, max_blocks_per_sequence: i
 LONG_PREFILL_BUDGET_FRACTION = 4
 
 _BOOL_FIELDS = ("skip_tokenizer_init", "enable_prefix_caching", "enable_chunked_prefill", "enforce_eager",
-                "calculate_kv_scales", "enable_lora", "enable_expert_parallel", "cudagraph_mixed")
+                "calculate_kv_scales", "enable_lora", "enable_expert_parallel", "cudagraph_mixed",
+                "disable_hybrid_kv_cache_manager")
 
 
 def _bad(name: str, given, allowed: str) -> InvalidArgument:
@@ -88,6 +89,9 @@ class EngineConfig:
     # that measured them, +14.5% on the fp8 1000-request workload, could not run those tests); False: such steps
     # run eagerly, only pure decode steps replay graphs.
     cudagraph_mixed: bool = False
+    # A model mixing sliding-window and full layers (Gemma 3, gpt-oss) keeps a block table per layer group and
+    # frees the sliding groups' blocks behind the window (serval.engine.kv_groups); True keeps every block instead.
+    disable_hybrid_kv_cache_manager: bool = False
     # Queue decode step N+1 before step N's tokens reach the host. None: on where CUDA graphs run (on CPU the
     # device and the host are the same cores, so there is nothing to overlap).
     async_scheduling: bool | None = None

@@ -14,6 +14,10 @@ padding rows are), and the graphs are captured with the LoRA kernels in them, re
 any mix of adapters, since adapters are copied into fixed slots of stacked weights (serval.layers.lora). Without
 LoRA the graphs are exactly the base model's.
 
+With a hybrid KV cache (serval.engine.kv_groups, `num_kv_groups` > 0) each group has its own slots and block
+tables: the slots region holds one row of max_batch per group, and each request's block-table row holds one row
+per group, so a batch's tables stay one prefix of the buffer; each group's table is a strided view of it.
+
 Off CUDA (tests) nothing is captured and run() calls the same forward on the same buffers eagerly.
 """
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from serval.engine.kv_groups import with_group_metadata
 from serval.layers.attention import AttentionMetadata
 from serval.lora.batch import graph_lora_batch
 
@@ -42,8 +47,9 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], block_size: int, max_num_seqs: int,
                  max_model_len: int, device: torch.device, lora: LoRAContext | None = None,
-                 max_loras: int = 0) -> None:
+                 max_loras: int = 0, num_kv_groups: int = 0) -> None:
         self.model = model
+        self.num_kv_groups = num_kv_groups
         self.lora, self.max_loras = lora, max_loras
         self.kv_caches = kv_caches
         self.block_size = block_size
@@ -57,7 +63,11 @@ class DecodeGraphs:
                         "block_tables": 4 * batch}
         if lora is not None:  # each row's LoRA slot, before the block tables: a replay copies one prefix
             self._layout["lora_slots"], self._layout["block_tables"] = 4 * batch, 5 * batch
-        size = self._layout["block_tables"] + batch * self.max_blocks
+        if num_kv_groups:  # per group, its slots (before the tables: a replay still copies one prefix)
+            self._layout["group_slots"] = self._layout["block_tables"]
+            self._layout["block_tables"] += num_kv_groups * batch
+        self._table_rows = max(num_kv_groups, 1)  # block-table rows per request
+        size = self._layout["block_tables"] + batch * self._table_rows * self.max_blocks
         # Two staging buffers, used in turn: with asynchronous scheduling the host fills step N+1's while step N's
         # copy may not have run yet; by the time a buffer comes round again the host has waited for that step.
         self._stagings = [torch.zeros(size, dtype=torch.int32, pin_memory=device.type == "cuda") for _ in range(2)]
@@ -73,12 +83,25 @@ class DecodeGraphs:
             return self.inputs[start:start + batch * self.max_blocks].view(batch, self.max_blocks)
         return self.inputs[start:start + batch]
 
+    def _group_views(self, batch: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """A hybrid cache's per-group slots [batch] and block tables [batch, max_blocks] (strided views)."""
+        slots_start, tables_start = self._layout["group_slots"], self._layout["block_tables"]
+        tables = self.inputs[tables_start:tables_start + batch * self._table_rows * self.max_blocks]
+        tables = tables.view(batch, self._table_rows, self.max_blocks)
+        slots = [self.inputs[slots_start + g * self.max_batch:slots_start + g * self.max_batch + batch]
+                 for g in range(self.num_kv_groups)]
+        return slots, [tables[:, g] for g in range(self.num_kv_groups)]
+
     def _forward(self, batch: int) -> torch.Tensor:
+        group_slots, group_tables = self._group_views(batch) if self.num_kv_groups else ([], [])
         metadata = AttentionMetadata(
-            slot_mapping=self._view("slot_mapping", batch), query_start_loc=list(range(batch + 1)),
-            seq_lens=[1] * batch, block_tables=self._view("block_tables", batch), block_size=self.block_size,
-            max_query_len=1, max_seq_len=1, seq_lens_tensor=self._view("seq_lens", batch),
+            slot_mapping=group_slots[0] if group_slots else self._view("slot_mapping", batch),
+            query_start_loc=list(range(batch + 1)), seq_lens=[1] * batch,
+            block_tables=group_tables[0] if group_tables else self._view("block_tables", batch),
+            block_size=self.block_size, max_query_len=1, max_seq_len=1, seq_lens_tensor=self._view("seq_lens", batch),
             query_start_loc_tensor=self.query_start_loc[:batch + 1])
+        if self.num_kv_groups:
+            with_group_metadata(metadata, group_slots, group_tables)
         if self.lora is not None:
             self.lora.batch = graph_lora_batch(self._view("lora_slots", batch), self.max_loras)
         try:
@@ -117,14 +140,16 @@ class DecodeGraphs:
 
     def run(self, input_ids: list[int], positions: list[int], slot_mapping: list[int], seq_lens: list[int],
             block_tables: list[list[int]], source: torch.Tensor | None = None,
-            lora_slots: list[int] | None = None) -> torch.Tensor:
+            lora_slots: list[int] | None = None,
+            groups: list[tuple[list[int], list[list[int]]]] | None = None) -> torch.Tensor:
         """Logits [n, vocab] of a decode step of n requests (one new token each), by graph replay.
         With `source` (a device tensor of token ids), input_ids are row indices into it rather than token ids:
         the previous step's samples, gathered on the device without the host reading them. lora_slots: each
-        request's adapter slot (-1: none), with LoRA."""
+        request's adapter slot (-1: none), with LoRA. groups: with a hybrid KV cache, each group's (slots, block
+        tables), which replace slot_mapping and block_tables."""
         num_requests = len(input_ids)
         batch = next(size for size in self.sizes if size >= num_requests)
-        self._fill(input_ids, positions, slot_mapping, seq_lens, block_tables, batch, lora_slots)
+        self._fill(input_ids, positions, slot_mapping, seq_lens, block_tables, batch, lora_slots, groups)
         if source is not None:
             ids = self._view("input_ids", num_requests)
             ids.copy_(source.index_select(0, ids))
@@ -134,7 +159,8 @@ class DecodeGraphs:
         return self.logits[batch][:num_requests]
 
     def _fill(self, input_ids, positions, slot_mapping, seq_lens, block_tables, batch: int,
-              lora_slots: list[int] | None = None) -> None:
+              lora_slots: list[int] | None = None, groups: list[tuple[list[int], list[list[int]]]] | None = None
+              ) -> None:
         n = len(input_ids)
         staging_tensor = self._stagings[self._fills % 2]
         self._fills += 1
@@ -148,9 +174,25 @@ class DecodeGraphs:
             staging[start:start + n] = values
             staging[start + n:start + batch] = -1 if name in ("slot_mapping", "lora_slots") else 0
         table_start = self._layout["block_tables"]
-        table = staging[table_start:table_start + batch * self.max_blocks].reshape(batch, self.max_blocks)
-        for i, row in enumerate(block_tables):
-            table[i, :len(row)] = row
+        if self.num_kv_groups:
+            self._fill_groups(staging, groups, batch)
+        else:
+            table = staging[table_start:table_start + batch * self.max_blocks].reshape(batch, self.max_blocks)
+            for i, row in enumerate(block_tables):
+                table[i, :len(row)] = row
         # Only what this batch reads goes over: the per-request vectors and its block-table rows.
-        end = table_start + batch * self.max_blocks
+        end = table_start + batch * self._table_rows * self.max_blocks
         self.inputs[:end].copy_(staging_tensor[:end], non_blocking=True)
+
+    def _fill_groups(self, staging, groups: list[tuple[list[int], list[list[int]]]] | None, batch: int) -> None:
+        """A hybrid cache's per-group slots and block tables into the staging buffer (padding rows: slot -1)."""
+        slots_start, table_start = self._layout["group_slots"], self._layout["block_tables"]
+        tables = staging[table_start:table_start + batch * self._table_rows * self.max_blocks]
+        tables = tables.reshape(batch, self._table_rows, self.max_blocks)
+        for g in range(self.num_kv_groups):
+            slots, block_tables = groups[g] if groups else ([], [])
+            start = slots_start + g * self.max_batch
+            staging[start:start + len(slots)] = slots
+            staging[start + len(slots):start + batch] = -1
+            for i, row in enumerate(block_tables):
+                tables[i, g, :len(row)] = row

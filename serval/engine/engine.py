@@ -18,6 +18,7 @@ from serval.config import EngineConfig
 from serval.distributed import WorkerFailedError
 from serval.engine.input_processor import InputProcessor, PromptType
 from serval.engine.kv_cache import KVCacheManager, model_sliding_window
+from serval.engine.kv_groups import HybridKVCacheManager, KVCacheLayout, hybrid_kv_layout, max_blocks_per_sequence
 from serval.engine.memory import MemoryUsage, memory_usage, num_kv_blocks
 from serval.engine.model_runner import DecodeForward, DecodeInFlight, ModelRunner, ModelRunnerOutput
 from serval.engine.output_processor import OutputProcessor, RequestState, SampledToken, StepUpdate
@@ -119,8 +120,15 @@ class LLMEngine:
                                      self.device, self.config.speculative_config.num_speculative_tokens)
                        if self.config.speculative_config.method == "eagle3" else
                        DraftModel(draft_model, num_blocks, self.config.block_size, self.kv_cache_dtype, self.device))
-        self.kv_cache = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching,
-                                       sliding_window=_freeable_window(self.config, self.model, num_blocks, drafter))
+        kv_layout = _hybrid_layout(self.config, self.model, num_blocks, drafter, self.executor)
+        if kv_layout is not None:
+            num_blocks = _hybrid_num_blocks(self.config, num_blocks, kv_layout)
+            self.kv_cache = HybridKVCacheManager(num_blocks, self.config.block_size, kv_layout.groups,
+                                                 self.config.enable_prefix_caching)
+        else:
+            self.kv_cache = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching,
+                                           sliding_window=_freeable_window(self.config, self.model, num_blocks,
+                                                                           drafter))
         self.scheduler = Scheduler(self.config, self.kv_cache)
         if self.executor is None:
             self.runner = ModelRunner(self.model, num_blocks, self.config.block_size, self.kv_cache_dtype,
@@ -128,7 +136,7 @@ class LLMEngine:
                                       self.config.enforce_eager, drafter, lora=self.lora,
                                       speculative_config=self.config.speculative_config,
                                       max_num_batched_tokens=self.config.max_num_batched_tokens,
-                                      cudagraph_mixed=self.config.cudagraph_mixed)
+                                      cudagraph_mixed=self.config.cudagraph_mixed, kv_layout=kv_layout)
         else:
             self.runner = self.executor.make_runner(num_blocks, self.config, self.kv_cache_dtype)
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -559,6 +567,30 @@ def _freeable_window(config: EngineConfig, model, num_blocks: int, drafter) -> i
     if drafter is not None or num_blocks <= -(-config.max_model_len // config.block_size):
         return None
     return model_sliding_window(model)
+
+
+def _hybrid_layout(config: EngineConfig, model, num_blocks: int, drafter, executor) -> KVCacheLayout | None:
+    """The KV cache groups of a model that mixes sliding-window and full layers (serval.engine.kv_groups), or None
+    for today's one block table: disable_hybrid_kv_cache_manager; a draft model or EAGLE-3 head (it reads the
+    target's blocks through one table); tensor parallelism (its workers build one table); a pool of exactly one
+    max_model_len sequence, which can't spare the null block; a num_gpu_blocks_override too small for one such
+    sequence in every group."""
+    if (config.disable_hybrid_kv_cache_manager or drafter is not None or executor is not None
+            or num_blocks <= -(-config.max_model_len // config.block_size)):
+        return None
+    layout = hybrid_kv_layout(model)
+    if layout is None:
+        return None
+    need = max_blocks_per_sequence(layout, config.max_model_len, config.block_size, config.max_num_batched_tokens)
+    return layout if _hybrid_num_blocks(config, num_blocks, layout) > need else None
+
+
+def _hybrid_num_blocks(config: EngineConfig, num_blocks: int, layout: KVCacheLayout) -> int:
+    """A hybrid pool's blocks (each one group's layers): num_gpu_blocks_override as given (vLLM's meaning: the
+    pool's block count), else the same memory as num_blocks blocks of every layer."""
+    if config.num_gpu_blocks_override is not None:
+        return config.num_gpu_blocks_override
+    return num_blocks * layout.num_groups
 
 
 def share_blocks_with_draft(num_blocks: int, config: EngineConfig, model, draft_model,

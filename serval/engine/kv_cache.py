@@ -23,8 +23,9 @@ then holds at most ceil(sliding_window / block_size) + 1 blocks:
 
 A freed block keeps its hash in the free queue, as any freed block does, so other requests can still hit it. A
 prefix hit on a sliding model needs only the blocks inside the window of its first computed position (vLLM's
-rule): blocks before that come back as null, cached or not. Models with any full-attention layer (Gemma 3,
-gpt-oss) keep every block: their full layers read them all through the one block table.
+rule): blocks before that come back as null, cached or not. Models that mix full and windowed layers (Gemma 3,
+gpt-oss) get a block table per layer group instead (serval.engine.kv_groups.HybridKVCacheManager); with
+--disable-hybrid-kv-cache-manager they keep every block here, their full layers reading them all through one table.
 """
 from __future__ import annotations
 

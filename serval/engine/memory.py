@@ -44,7 +44,8 @@ class MemoryUsage:
 
 def memory_usage(model, kv_caches: list[torch.Tensor]) -> MemoryUsage:
     weights = sum(t.nbytes for t in model.parameters()) + sum(t.nbytes for t in model.buffers())
-    return MemoryUsage(weights, sum(t.nbytes for t in kv_caches))
+    # A hybrid KV cache's layers share tensors (serval.engine.kv_groups): each counts once.
+    return MemoryUsage(weights, sum(t.nbytes for t in {id(t): t for t in kv_caches}.values()))
 
 
 def profile_gpu_memory(config: EngineConfig, model, kv_cache_dtype: torch.dtype,

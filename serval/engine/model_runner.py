@@ -19,6 +19,8 @@ import torch
 
 from serval.engine import sampler
 from serval.engine.cuda_graphs import DecodeGraphs
+from serval.engine.kv_groups import KVCacheLayout, assign_kv_cache_groups, group_slots, shared_kv_caches, \
+    with_group_metadata
 from serval.engine.mixed_graphs import MixedGraphs, mixed_capture_sizes
 from serval.engine.request import Request
 from serval.engine.scheduler import SchedulerOutput
@@ -90,6 +92,10 @@ class ForwardInputs:
     seq_lens: list[int]
     block_tables: list[list[int]]  # per request, unpadded
     logits_rows: list[int]  # the flat rows whose logits are computed, in order
+    # A hybrid KV cache (serval.engine.kv_groups): per group, the slots and the block tables (the fields above then
+    # hold group 0's).
+    group_slot_mappings: list[list[int]] | None = None
+    group_block_tables: list[list[list[int]]] | None = None
 
 
 @dataclass
@@ -111,6 +117,7 @@ class _BatchPlan:
     sampled_requests: list[Request]
     prompt_rows: list[PromptLogprobRows]
     verify_rows: list[VerifyRows]
+    group_slot_mappings: list[list[int]] | None = None  # a hybrid KV cache: per group (slot_mapping is group 0's)
 
 
 def kv_cache_shape(model: torch.nn.Module, num_blocks: int, block_size: int) -> tuple[int, ...]:
@@ -127,10 +134,12 @@ class ModelRunner:
                  enforce_eager: bool = True, drafter: DraftModel | Eagle3Drafter | None = None,
                  lora: "LoRAManager | None" = None,
                  speculative_config: "SpeculativeConfig | None" = None, max_num_batched_tokens: int = 0,
-                 cudagraph_mixed: bool = False) -> None:
+                 cudagraph_mixed: bool = False, kv_layout: KVCacheLayout | None = None) -> None:
         """kv_cache_dtype: the cache's element type, the model's dtype or float8_e4m3fn (EngineConfig's
         torch_kv_cache_dtype); the attention layers convert on write and on read. cudagraph_mixed: with decode
-        graphs, capture mixed prefill/decode steps too, per token bucket up to max_num_batched_tokens."""
+        graphs, capture mixed prefill/decode steps too, per token bucket up to max_num_batched_tokens. kv_layout: a
+        hybrid KV cache's groups (serval.engine.kv_groups): layers share tensors of num_blocks blocks, and each
+        group's block tables come from request.kv_group_block_ids."""
         self.model = model
         self.drafter = drafter  # speculative decoding with a draft model: it runs beside the target every step
         # An EAGLE-3 head runs after the target (it reads the target's hidden states and the tokens it kept).
@@ -139,7 +148,12 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         shape = kv_cache_shape(model, num_blocks, block_size)
-        self.kv_caches = [torch.zeros(shape, dtype=kv_cache_dtype, device=device) for _ in range(model.num_layers)]
+        self.kv_layout = kv_layout
+        if kv_layout is None:
+            self.kv_caches = [torch.zeros(shape, dtype=kv_cache_dtype, device=device) for _ in range(model.num_layers)]
+        else:
+            self.kv_caches = shared_kv_caches(kv_layout, shape, kv_cache_dtype, device)
+            assign_kv_cache_groups(model, kv_layout)
         self.graphs: DecodeGraphs | None = None
         # Graphs need the Triton kernels, whose lengths come from device buffers; the torch reference reads host lists
         # (as does a model whose attention has no such kernel yet: supports_cuda_graphs = False).
@@ -149,11 +163,12 @@ class ModelRunner:
                 drafter.reserve_graph_rows(max(max_num_seqs, max_verify_batch(max_num_seqs, speculative_config)
                                                * (speculative_config.num_speculative_tokens + 1)))
             self.graphs = DecodeGraphs(model, self.kv_caches, block_size, max_num_seqs, max_model_len, device,
-                                       **self._graph_lora_args())
+                                       **self._graph_lora_args(), num_kv_groups=self._num_kv_groups())
             self.graphs.capture()
         self.mixed_graphs: MixedGraphs | None = None
         # Not with an EAGLE-3 head: it reads the hidden states of a step's rows, which mixed steps keep eagerly.
-        if (self.graphs is not None and cudagraph_mixed and not self.drafter_follows_target
+        # Not yet with a hybrid KV cache: its graphs would need a block table per group (decode graphs have them).
+        if (self.graphs is not None and cudagraph_mixed and not self.drafter_follows_target and kv_layout is None
                 and mixed_capture_sizes(max_num_batched_tokens)):
             self.mixed_graphs = MixedGraphs(model, self.kv_caches, block_size, max_num_seqs, max_model_len,
                                             max_num_batched_tokens, device)
@@ -166,7 +181,7 @@ class ModelRunner:
         # Speculation's steps get graphs too: the target's verify step (k + 1 rows a request) and the draft's decode
         # steps, up to the largest batch that speculates.
         self.verify_graphs: VerifyGraphs | None = None
-        if self.graphs is not None and speculative_config is not None:
+        if self.graphs is not None and speculative_config is not None and kv_layout is None:
             max_batch = max_verify_batch(max_num_seqs, speculative_config)
             self.verify_graphs = VerifyGraphs(model, self.kv_caches, block_size, max_batch, max_model_len,
                                               speculative_config.num_speculative_tokens + 1, device)
@@ -223,7 +238,8 @@ class ModelRunner:
                 and len(plan.input_ids) == num_requests and self.graphs.can_run(num_requests)):
             logits = self.graphs.run(plan.input_ids, plan.positions, plan.slot_mapping, plan.seq_lens,
                                      [request.block_ids for request in scheduled.requests],
-                                     lora_slots=self._lora_slots(scheduled.requests))
+                                     lora_slots=self._lora_slots(scheduled.requests),
+                                     **self._graph_groups(scheduled.requests, plan.group_slot_mappings))
             out = self._outputs(scheduled, plan, logits, logits[:0])
             if self.drafter_follows_target:
                 self.drafter.follow_target(scheduled.requests, plan.positions, plan.query_start_loc,
@@ -234,6 +250,10 @@ class ModelRunner:
         inputs = ForwardInputs(plan.input_ids, plan.positions, plan.slot_mapping, plan.query_start_loc,
                                plan.seq_lens, [request.block_ids for request in scheduled.requests],
                                plan.sample_rows + prompt_flat_rows + verify_flat_rows)
+        if self.kv_layout is not None:
+            inputs.group_slot_mappings = plan.group_slot_mappings
+            inputs.group_block_tables = self._group_block_tables(scheduled.requests)
+            inputs.block_tables = inputs.group_block_tables[0]
         # A speculative verify step (at most k + 1 rows a request) replays a graph too.
         graph_rows_per_request = None
         if (self.verify_graphs is not None and plan.verify_rows and not self._has_lora(scheduled.requests)
@@ -277,7 +297,7 @@ class ModelRunner:
         pooling runner, serval.engine.pooling)."""
         plan = self._plan(scheduled)
         return self._forward_eager(self._tensor(plan.input_ids, torch.int64), plan.positions, plan.slot_mapping,
-                                   plan.query_start_loc, plan.seq_lens, scheduled.requests)
+                                   plan.query_start_loc, plan.seq_lens, scheduled.requests, plan.group_slot_mappings)
 
     @torch.inference_mode()
     def launch_decode(self, requests: list[Request], previous: DecodeInFlight | None = None) -> DecodeInFlight:
@@ -293,7 +313,14 @@ class ModelRunner:
         token depends on host state (its grammar's matcher, its penalties) is sampled only once the host has
         processed `previous`'s tokens, while this forward already runs."""
         positions = [request.num_computed_tokens for request in requests]
-        slot_mapping = [slot for request, p in zip(requests, positions) for slot in self._slots(request, p, p + 1)]
+        group_slot_mappings = None
+        if self.kv_layout is None:
+            slot_mapping = [slot for request, p in zip(requests, positions) for slot in self._slots(request, p, p + 1)]
+        else:
+            group_slot_mappings = [[table[p // self.block_size] * self.block_size + p % self.block_size
+                                    for table, p in zip(tables, positions)]
+                                   for tables in zip(*(request.kv_group_block_ids for request in requests))]
+            slot_mapping = group_slot_mappings[0]
         seq_lens = [p + 1 for p in positions]
         source = None
         if previous is None:
@@ -305,13 +332,14 @@ class ModelRunner:
         if self.graphs is not None and self._graphs_serve_lora(requests) and self.graphs.can_run(len(requests)):
             # The graph's output buffer: read by sample_decode before the next replay, which the stream orders.
             logits = self.graphs.run(input_ids, positions, slot_mapping, seq_lens,
-                                     [request.block_ids for request in requests], source, self._lora_slots(requests))
+                                     [request.block_ids for request in requests], source, self._lora_slots(requests),
+                                     **self._graph_groups(requests, group_slot_mappings))
         else:
             ids = self._tensor(input_ids, torch.int64)
             if source is not None:
                 ids = source.index_select(0, ids)
             hidden = self._forward_eager(ids, positions, slot_mapping, list(range(len(requests) + 1)), seq_lens,
-                                         requests)
+                                         requests, group_slot_mappings)
             logits = self.model.compute_logits(hidden)
         return DecodeForward(requests, logits)
 
@@ -339,16 +367,28 @@ class ModelRunner:
                                      query_start_loc=inputs.query_start_loc, seq_lens=inputs.seq_lens,
                                      block_tables=self._padded_block_tables(inputs.block_tables),
                                      block_size=self.block_size)
+        if inputs.group_slot_mappings is not None:
+            with_group_metadata(metadata, [self._tensor(slots, torch.int64) for slots in inputs.group_slot_mappings],
+                                [self._padded_block_tables(tables) for tables in inputs.group_block_tables])
         hidden = self.model(self._tensor(inputs.input_ids, torch.int64), self._tensor(inputs.positions, torch.int64),
                             self.kv_caches, metadata)
         return self.model.compute_logits(hidden[self._tensor(inputs.logits_rows, torch.int64)])
 
     def _forward_eager(self, input_ids: torch.Tensor, positions: list[int], slot_mapping: list[int],
-                       query_start_loc: list[int], seq_lens: list[int], requests: list[Request]) -> torch.Tensor:
+                       query_start_loc: list[int], seq_lens: list[int], requests: list[Request],
+                       group_slot_mappings: list[list[int]] | None = None) -> torch.Tensor:
         """Hidden states of a flat batch, run op by op (no graph)."""
-        metadata = AttentionMetadata(slot_mapping=self._tensor(slot_mapping, torch.int64),
-                                     query_start_loc=query_start_loc, seq_lens=seq_lens,
-                                     block_tables=self._block_tables(requests), block_size=self.block_size)
+        if self.kv_layout is not None:
+            group_tables = [self._padded_block_tables(tables) for tables in self._group_block_tables(requests)]
+            metadata = AttentionMetadata(slot_mapping=self._tensor(slot_mapping, torch.int64),
+                                         query_start_loc=query_start_loc, seq_lens=seq_lens,
+                                         block_tables=group_tables[0], block_size=self.block_size)
+            with_group_metadata(metadata, [self._tensor(slots, torch.int64) for slots in group_slot_mappings],
+                                group_tables)
+        else:
+            metadata = AttentionMetadata(slot_mapping=self._tensor(slot_mapping, torch.int64),
+                                         query_start_loc=query_start_loc, seq_lens=seq_lens,
+                                         block_tables=self._block_tables(requests), block_size=self.block_size)
         self._prepare_lora(requests, query_start_loc)
         try:
             return self.model(input_ids, self._tensor(positions, torch.int64), self.kv_caches, metadata)
@@ -382,6 +422,20 @@ class ModelRunner:
             return None
         return self.lora.slots_for([request.lora_adapter for request in requests])
 
+    def _num_kv_groups(self) -> int:
+        return 0 if self.kv_layout is None else self.kv_layout.num_groups
+
+    def _group_block_tables(self, requests: list[Request]) -> list[list[list[int]]]:
+        """A hybrid KV cache's block tables: per group, per request."""
+        return [list(tables) for tables in zip(*(request.kv_group_block_ids for request in requests))]
+
+    def _graph_groups(self, requests: list[Request], group_slot_mappings: list[list[int]] | None) -> dict:
+        """DecodeGraphs.run's per-group inputs (slots, block tables) as its `groups` argument; none without a hybrid
+        KV cache."""
+        if self.kv_layout is None:
+            return {}
+        return {"groups": list(zip(group_slot_mappings, self._group_block_tables(requests)))}
+
     def _slots(self, request: Request, start: int, end: int) -> list[int]:
         """The KV-cache slots of a request's positions [start, end), through its block table."""
         blocks, block_size = request.block_ids, self.block_size
@@ -389,6 +443,8 @@ class ModelRunner:
 
     def _plan(self, scheduled: SchedulerOutput) -> _BatchPlan:
         plan = _BatchPlan([], [], [], [0], [], [], [], [], [])
+        if self.kv_layout is not None:
+            plan.group_slot_mappings = [[] for _ in range(self.kv_layout.num_groups)]
         for batch_index, (request, num_new) in enumerate(zip(scheduled.requests, scheduled.num_scheduled_tokens)):
             start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
             row0 = plan.query_start_loc[-1]
@@ -396,7 +452,11 @@ class ModelRunner:
             known = request.all_token_ids if num_drafts <= 0 else request.all_token_ids + request.spec_token_ids
             plan.input_ids.extend(known[start:end])
             plan.positions.extend(range(start, end))
-            plan.slot_mapping.extend(self._slots(request, start, end))
+            if plan.group_slot_mappings is None:
+                plan.slot_mapping.extend(self._slots(request, start, end))
+            else:
+                for slots, table in zip(plan.group_slot_mappings, request.kv_group_block_ids):
+                    slots.extend(group_slots(table, self.block_size, start, end))
             plan.query_start_loc.append(row0 + num_new)
             plan.seq_lens.append(end)
             if request.sampling_params.prompt_logprobs is not None:
@@ -414,6 +474,8 @@ class ModelRunner:
             elif end == request.num_tokens:
                 plan.sample_rows.append(row0 + num_new - 1)
                 plan.sampled_requests.append(request)
+        if plan.group_slot_mappings is not None:
+            plan.slot_mapping = plan.group_slot_mappings[0]
         return plan
 
     def _outputs(self, scheduled: SchedulerOutput, plan: _BatchPlan, sample_logits: torch.Tensor,

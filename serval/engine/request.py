@@ -59,6 +59,9 @@ class Request:
     # still need a forward pass; when a step brings it to num_tokens, a new token is sampled.
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
+    # With a hybrid KV cache (serval.engine.kv_groups) the block tables are here, one per KV cache group, and
+    # block_ids stays empty.
+    kv_group_block_ids: list[list[int]] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chained hash of each full block of all_token_ids
     num_cached_tokens: int = -1  # prefix-cache hit tokens when first scheduled; -1 until then
     num_preemptions: int = 0

@@ -37,6 +37,9 @@ class AttentionMetadata:
     max_seq_len: int = 0
     seq_lens_tensor: torch.Tensor | None = field(default=None, repr=False)  # [B] int32 on block_tables' device
     query_start_loc_tensor: torch.Tensor | None = field(default=None, repr=False)  # [B + 1] int32, same device
+    # A hybrid KV cache (serval.engine.kv_groups): per KV cache group, this metadata with the group's slots and
+    # block table; a layer with a kv_cache_group reads its own. None: every layer reads this one.
+    kv_groups: list[AttentionMetadata] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.query_start_loc) != len(self.seq_lens) + 1:
@@ -71,6 +74,7 @@ class Attention(nn.Module):
         self.scale = scale
         self.rotary_emb = rotary_emb  # usually one module shared by every layer of the model
         self.sliding_window = sliding_window
+        self.kv_cache_group: int | None = None  # set by serval.engine.kv_groups when the model's cache is hybrid
         self._backend = None  # chosen on the first call, when the device is known
         # A float8 cache's per-layer scales (serval.layers.quant.kv_scales). Device tensors, not floats: the kernels
         # read them, so decode graphs captured before the first prefill calculates them replay the right values.
@@ -86,6 +90,8 @@ class Attention(nn.Module):
         (gpt-oss): a learned logit per head that joins every softmax with no value."""
         if self._backend is None:
             self._backend = attention_backend(query.device)
+        if self.kv_cache_group is not None and metadata.kv_groups is not None:
+            metadata = metadata.kv_groups[self.kv_cache_group]
         if self.has_kv_scales and kv_cache.dtype == torch.float8_e4m3fn:
             return self._forward_scaled(positions, query, key, value, kv_cache, metadata, sinks)
         if self.rotary_emb is not None and self._backend is not torch_backend:
