@@ -64,7 +64,8 @@ def write_adapter(path: str, config: dict, rank: int, seed: int, dtype: torch.dt
         for module, (fan_in, fan_out) in projection_shapes(config).items():
             block = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
             prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
-            tensors[f"{prefix}.lora_A.weight"] = (torch.randn(rank, fan_in, generator=generator) * fan_in ** -0.5).to(dtype)
+            a = torch.randn(rank, fan_in, generator=generator) * fan_in ** -0.5
+            tensors[f"{prefix}.lora_A.weight"] = a.to(dtype)
             tensors[f"{prefix}.lora_B.weight"] = (torch.randn(fan_out, rank, generator=generator) * 0.01).to(dtype)
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
