@@ -140,7 +140,7 @@ def _labelled(method, record_function):
     return labelled
 
 
-KERNEL_KINDS = (("lora", ("lora",)), ("attention", ("attention", "attn", "flash")),
+KERNEL_KINDS = (("lora", ("lora",)), ("attention", ("attention", "attn", "flash", "combine_splits", "write_kv")),
                 ("gemm", ("gemm", "gemv", "cutlass", "nvjet", "xmma", "matmul", "cublas", "sm90_", "sm80_")),
                 ("copy", ("memcpy", "memset")))
 
