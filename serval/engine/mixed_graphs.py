@@ -16,8 +16,13 @@ Only logits_rows go through the LM head: at most one per request, so R_b - 1 row
 its query tiles over a grid set by T_b and R_b alone and finds each tile's request on the device
 (serval.kernels.triton_attention.flat_tiles), which is what makes one graph valid for any mix of lengths.
 
+With LoRA (`lora`, the model's LoRAContext) the buffer has one more region, each row's adapter slot (-1: none, as
+padding rows are), and the graphs are captured with the LoRA kernels in them reading it, as DecodeGraphs does: one
+graph serves any mix of adapters and the base (serval.lora.batch.graph_lora_batch groups the rows by slot on the
+device).
+
 Steps the graphs don't take run eagerly as before: pure decode (DecodeGraphs), speculative verify (VerifyGraphs),
-LoRA adapters, prompt logprobs, pooling, more tokens than the largest bucket, and every step until a float8
+prompt logprobs, pooling, more tokens than the largest bucket, and every step until a float8
 cache's scales have been calculated from a real prefill. On a CPU nothing is captured and run() calls the same
 padded forward on the same buffers eagerly (through the Triton interpreter in tests).
 """
@@ -32,9 +37,11 @@ import torch
 from serval.kernels import paged_attention as torch_attention
 from serval.layers.attention import AttentionMetadata, attention_backend
 from serval.layers.quant.kv_scales import kv_scales_frozen, layers_awaiting_kv_scales
+from serval.lora.batch import graph_lora_batch
 
 if TYPE_CHECKING:
     from serval.engine.model_runner import ForwardInputs
+    from serval.layers.lora import LoRAContext
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +64,13 @@ def mixed_capture_sizes(max_num_batched_tokens: int, max_tokens: int = MAX_MIXED
 class MixedGraphs:
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], block_size: int, max_num_seqs: int,
                  max_model_len: int, max_num_batched_tokens: int, device: torch.device,
-                 max_tokens: int = MAX_MIXED_GRAPH_TOKENS) -> None:
+                 max_tokens: int = MAX_MIXED_GRAPH_TOKENS, lora: LoRAContext | None = None,
+                 max_loras: int = 0) -> None:
         if attention_backend(device) is torch_attention:
             raise ValueError("mixed-step graphs need the Triton attention backend: the torch reference reads host "
                              "lengths and writes the padding rows' slot -1 into the cache's last slot")
         self.model = model
+        self.lora, self.max_loras = lora, max_loras
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
@@ -78,6 +87,9 @@ class MixedGraphs:
         self._layout["query_start_loc"] = self._layout["logits_rows"] + max_requests
         self._layout["seq_lens"] = self._layout["query_start_loc"] + max_requests + 1
         self._layout["block_tables"] = self._layout["seq_lens"] + max_requests
+        if lora is not None:  # each row's LoRA slot, before the block tables: a step copies one prefix
+            self._layout["lora_slots"] = self._layout["block_tables"]
+            self._layout["block_tables"] += max_tokens
         size = self._layout["block_tables"] + max_requests * self.max_blocks
         # One staging buffer: mixed steps run synchronously (the host reads each step's tokens before the next).
         self._staging = torch.zeros(size, dtype=torch.int32, pin_memory=device.type == "cuda")
@@ -112,11 +124,12 @@ class MixedGraphs:
                 and len(inputs.logits_rows) < self._num_requests(bucket))
 
     @torch.inference_mode()
-    def run(self, inputs: ForwardInputs) -> torch.Tensor:
+    def run(self, inputs: ForwardInputs, lora_slots: list[int] | None = None) -> torch.Tensor:
         """float32 logits [len(inputs.logits_rows), vocab] of the step, by graph replay (or, with no graph
-        captured, by the same padded forward run eagerly): ModelRunner.forward_logits' contract."""
+        captured, by the same padded forward run eagerly): ModelRunner.forward_logits' contract. lora_slots: each
+        row's adapter slot (-1: none), with LoRA."""
         bucket = self.bucket(len(inputs.input_ids))
-        self._fill(inputs, bucket)
+        self._fill(inputs, bucket, lora_slots)
         if bucket in self.graphs:
             self.graphs[bucket].replay()
             logits = self.logits[bucket]
@@ -164,15 +177,21 @@ class MixedGraphs:
             block_size=self.block_size, max_query_len=bucket, max_seq_len=self.max_model_len,
             seq_lens_tensor=self._view("seq_lens", num_requests),
             query_start_loc_tensor=self._view("query_start_loc", num_requests + 1))
-        hidden = self.model(self._view("input_ids", bucket), self._view("positions", bucket), self.kv_caches,
-                            metadata)
+        if self.lora is not None:
+            self.lora.batch = graph_lora_batch(self._view("lora_slots", bucket), self.max_loras)
+        try:
+            hidden = self.model(self._view("input_ids", bucket), self._view("positions", bucket), self.kv_caches,
+                                metadata)
+        finally:
+            if self.lora is not None:
+                self.lora.batch = None
         return self.model.compute_logits(hidden.index_select(0, self._view("logits_rows", num_requests - 1)))
 
-    def _fill(self, inputs: ForwardInputs, bucket: int) -> None:
+    def _fill(self, inputs: ForwardInputs, bucket: int, lora_slots: list[int] | None = None) -> None:
         """Write the step's inputs, padded to the bucket, into the buffers."""
         num_tokens, num_requests = len(inputs.input_ids), len(inputs.seq_lens)
         staging = self._staging.numpy()  # numpy slice assignment from lists is several times cheaper than torch's
-        self._write(staging, inputs, bucket)
+        self._write(staging, inputs, bucket, lora_slots)
         table_start = self._layout["block_tables"]
         table = staging[table_start:table_start + num_requests * self.max_blocks].reshape(num_requests,
                                                                                            self.max_blocks)
@@ -188,7 +207,7 @@ class MixedGraphs:
         self._write(self._staging.numpy(), ForwardInputs([], [], [], [0], [], [], []), bucket)
         self._copy_to_device(0)
 
-    def _write(self, staging, inputs: ForwardInputs, bucket: int) -> None:
+    def _write(self, staging, inputs: ForwardInputs, bucket: int, lora_slots: list[int] | None = None) -> None:
         num_tokens, num_requests = len(inputs.input_ids), len(inputs.seq_lens)
         padded_requests = self._num_requests(bucket)
         for name, values, fill, length in (
@@ -200,6 +219,10 @@ class MixedGraphs:
             start = self._layout[name]
             staging[start:start + len(values)] = values
             staging[start + len(values):start + length] = fill
+        if self.lora is not None:  # each row's adapter slot; the padding rows have none
+            start = self._layout["lora_slots"]
+            staging[start:start + num_tokens] = -1 if lora_slots is None else lora_slots
+            staging[start + num_tokens:start + bucket] = -1
         self._host_query_start_loc = inputs.query_start_loc + [bucket] * (padded_requests - num_requests)
         self._host_seq_lens = inputs.seq_lens + [0] * (padded_requests - num_requests)
         assert num_tokens == inputs.query_start_loc[-1]

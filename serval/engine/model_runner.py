@@ -171,7 +171,7 @@ class ModelRunner:
         if (self.graphs is not None and cudagraph_mixed and not self.drafter_follows_target and kv_layout is None
                 and mixed_capture_sizes(max_num_batched_tokens)):
             self.mixed_graphs = MixedGraphs(model, self.kv_caches, block_size, max_num_seqs, max_model_len,
-                                            max_num_batched_tokens, device)
+                                            max_num_batched_tokens, device, **self._graph_lora_args())
             try:
                 self.mixed_graphs.capture()
             except torch.cuda.OutOfMemoryError as error:  # a tight --gpu-memory-utilization: mixed steps run eagerly
@@ -261,8 +261,11 @@ class ModelRunner:
             logits = self.verify_graphs.run(inputs)
             graph_rows_per_request = self.verify_graphs.num_query_tokens
         elif (self.mixed_graphs is not None and not plan.prompt_rows and not plan.verify_rows
-              and not self._has_lora(scheduled.requests) and self.mixed_graphs.can_run(inputs)):
-            logits = self.mixed_graphs.run(inputs)
+              and (self.mixed_graphs.lora is not None or not self._has_lora(scheduled.requests))
+              and self.mixed_graphs.can_run(inputs)):
+            lora_slots = self._lora_row_slots(scheduled.requests, plan.query_start_loc)
+            logits = (self.mixed_graphs.run(inputs) if lora_slots is None  # without LoRA: the base graphs' call
+                      else self.mixed_graphs.run(inputs, lora_slots))
         else:
             self._prepare_lora(scheduled.requests, plan.query_start_loc)
             try:
@@ -435,6 +438,14 @@ class ModelRunner:
         if self.kv_layout is None:
             return {}
         return {"groups": list(zip(group_slot_mappings, self._group_block_tables(requests)))}
+
+    def _lora_row_slots(self, requests: list[Request], query_start_loc: list[int]) -> list[int] | None:
+        """Each flat row's resident adapter slot for a mixed-step graph (-1: none); None without LoRA."""
+        slots = self._lora_slots(requests)
+        if slots is None:
+            return None
+        return [slot for slot, start, end in zip(slots, query_start_loc, query_start_loc[1:])
+                for _ in range(end - start)]
 
     def _slots(self, request: Request, start: int, end: int) -> list[int]:
         """The KV-cache slots of a request's positions [start, end), through its block table."""

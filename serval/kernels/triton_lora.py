@@ -11,7 +11,9 @@ Two forms of each (serval.lora.batch says which a step takes):
 - gather (decode with about one row per adapter): a program takes one row and BLOCK_N outputs, reads that row's
   adapter and reduces with elementwise products (a dot of one row is a GEMV, where reading the weights is the cost).
 Rows without an adapter are skipped: they are in no segment, and in the gather form their program returns before
-reading anything (the shrink writes their h row as zeros, so h needs no zeroing launch of its own). The torch
+reading anything (h starts at zero). The shrink's K is long (4096, 14336) and its outputs few (slices x R), so a
+decode batch's shrink has few programs: it splits K over a third grid axis (split_k) and each part adds into h
+with atomic float adds (SGMV's and vLLM's split-K shrink). The torch
 reference (what the CPU runs) loops over the adapters in the batch, or, in a captured graph's batch whose slots the
 host does not know, gathers each row's adapter on the device.
 
@@ -19,7 +21,7 @@ A merged projection's expand is one launch for all its slices (q/k/v, gate/up): 
 h[:, s*R:(s+1)*R] @ B[slot, offset_s:offset_s + size_s]^T into y's columns offset_s:offset_s + size_s, and the
 programs of the slices share the launch's last grid axis. Each slice's offset and size are kernel arguments (up to
 MAX_SLICES), never device reads, so nothing depends on the host at replay. With the shrink already one launch over
-the stacked A matrices of every slice, each LoRA projection costs two launches.
+the stacked A matrices of every slice, each LoRA projection costs two launches (and h's zeroing).
 """
 from __future__ import annotations
 
@@ -36,6 +38,10 @@ from serval.lora.batch import SEGMENT_TILE_ROWS, LoRABatch
 _GATHER_BLOCK_N = 32
 _BLOCK_K = 64
 MAX_SLICES = 3  # q/k/v
+# A split-K shrink aims at about this many programs (a few per SM of an H200's 132) with parts of K at least this
+# wide (four BLOCK_K steps: fewer would spend more on the atomic adds than on reading A).
+TARGET_PROGRAMS = 512
+MIN_SPLIT_COLUMNS = 256
 
 
 @dataclass(frozen=True)
@@ -99,21 +105,23 @@ def _slice_bounds(s, offset0, size0, offset1, size1, offset2, size2):
 
 
 @triton.jit
-def _segment_kernel(x_ptr, w_ptr, y_ptr, row_order_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr, tile_segment_ptr,
-                    tile_block_ptr, K,
-                    x_slice_stride, blocks_per_slice, offset0, size0, offset1, size1, offset2, size2,
-                    stride_xm, stride_ws, stride_wn, stride_ym, ACCUMULATE: tl.constexpr,
-                    DOT_IN_FLOAT32: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _lora_segment_kernel(x_ptr, w_ptr, y_ptr, row_order_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr,
+                         tile_segment_ptr, tile_block_ptr, K, k_per_split,
+                         x_slice_stride, blocks_per_slice, offset0, size0, offset1, size1, offset2, size2,
+                         stride_xm, stride_ws, stride_wn, stride_ym, ACCUMULATE: tl.constexpr,
+                         SPLIT_K: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[row, offset_s + n] (+)= x[row, s * x_slice_stride:] . w[slot, offset_s + n] for BLOCK_M rows of one
-    segment (a tile: rows through row_order) and BLOCK_N columns of slice s."""
-    tile, pid_n = tl.program_id(0), tl.program_id(1)
+    segment (a tile: rows through row_order), BLOCK_N columns of slice s and the split's k_per_split columns of K
+    (with SPLIT_K > 1 the splits add into y, which starts at zero)."""
+    tile, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     segment = tl.load(tile_segment_ptr + tile)
     pid_m = tl.load(tile_block_ptr + tile)
     length = tl.load(seg_len_ptr + segment)
-    if pid_m * BLOCK_M < length:
-        s = pid_n // blocks_per_slice
-        offset, size = _slice_bounds(s, offset0, size0, offset1, size1, offset2, size2)
+    s = pid_n // blocks_per_slice
+    offset, size = _slice_bounds(s, offset0, size0, offset1, size1, offset2, size2)
+    # A merged projection's narrower slices (k/v beside q) leave the programs past their columns nothing to do.
+    if (pid_m * BLOCK_M < length) & ((pid_n % blocks_per_slice) * BLOCK_N < size):
         start = tl.load(seg_start_ptr + segment)
         slot = tl.load(seg_slot_ptr + segment).to(tl.int64)
         local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -124,9 +132,10 @@ def _segment_kernel(x_ptr, w_ptr, y_ptr, row_order_ptr, seg_start_ptr, seg_len_p
         cols = offset + local_cols
         x_base = x_ptr + rows[:, None] * stride_xm + s * x_slice_stride
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        k_end = tl.minimum(K, (split + 1) * k_per_split)
+        for k0 in range(split * k_per_split, k_end, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            k_valid = ks < K
+            k_valid = ks < k_end
             x = tl.load(x_base + ks[None, :], mask=row_valid[:, None] & k_valid[None, :], other=0.0)
             w = tl.load(w_ptr + slot * stride_ws + cols[None, :] * stride_wn + ks[:, None],
                         mask=k_valid[:, None] & col_valid[None, :], other=0.0)
@@ -136,18 +145,23 @@ def _segment_kernel(x_ptr, w_ptr, y_ptr, row_order_ptr, seg_start_ptr, seg_len_p
                 acc = tl.dot(x.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
         y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :]
         mask = row_valid[:, None] & col_valid[None, :]
-        if ACCUMULATE:
-            acc += tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        if SPLIT_K > 1:
+            tl.atomic_add(y_ptrs, acc, mask=mask)
+        else:
+            if ACCUMULATE:
+                acc += tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _gather_kernel(x_ptr, w_ptr, y_ptr, token_slot_ptr, K, x_slice_stride, blocks_per_slice, offset0, size0,
-                   offset1, size1, offset2, size2, stride_xm, stride_ws, stride_wn, stride_ym,
-                   ACCUMULATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[row, offset_s + n] (+)= x[row, s * x_slice_stride:] . w[slot of row, offset_s + n] for one row and
-    BLOCK_N columns of slice s; a row without an adapter gets zeros when not accumulating (the shrink's h)."""
-    row, pid_n = tl.program_id(0), tl.program_id(1)
+def _lora_gather_kernel(x_ptr, w_ptr, y_ptr, token_slot_ptr, K, k_per_split, x_slice_stride, blocks_per_slice,
+                        offset0, size0, offset1, size1, offset2, size2, stride_xm, stride_ws, stride_wn, stride_ym,
+                        ACCUMULATE: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """y[row, offset_s + n] (+)= x[row, s * x_slice_stride:] . w[slot of row, offset_s + n] for one row, BLOCK_N
+    columns of slice s and the split's k_per_split columns of K (with SPLIT_K > 1 the splits add into y, which
+    starts at zero); a row without an adapter is left alone."""
+    row, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     slot = tl.load(token_slot_ptr + row).to(tl.int64)
     s = pid_n // blocks_per_slice
     offset, size = _slice_bounds(s, offset0, size0, offset1, size1, offset2, size2)
@@ -155,28 +169,40 @@ def _gather_kernel(x_ptr, w_ptr, y_ptr, token_slot_ptr, K, x_slice_stride, block
     col_valid = local_cols < size
     cols = offset + local_cols
     y_ptrs = y_ptr + row * stride_ym + cols
-    if slot >= 0:
+    if (slot >= 0) & ((pid_n % blocks_per_slice) * BLOCK_N < size):
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         x_base = x_ptr + row * stride_xm + s * x_slice_stride
-        for k0 in range(0, K, BLOCK_K):
+        k_end = tl.minimum(K, (split + 1) * k_per_split)
+        for k0 in range(split * k_per_split, k_end, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            k_valid = ks < K
+            k_valid = ks < k_end
             x = tl.load(x_base + ks, mask=k_valid, other=0.0).to(tl.float32)
             w = tl.load(w_ptr + slot * stride_ws + cols[:, None] * stride_wn + ks[None, :],
                         mask=col_valid[:, None] & k_valid[None, :], other=0.0).to(tl.float32)
             acc += w * x[None, :]
         out = tl.sum(acc, axis=1)
-        if ACCUMULATE:
-            out += tl.load(y_ptrs, mask=col_valid, other=0.0).to(tl.float32)
-        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=col_valid)
-    elif not ACCUMULATE:
-        tl.store(y_ptrs, tl.zeros((BLOCK_N,), dtype=tl.float32).to(y_ptr.dtype.element_ty), mask=col_valid)
+        if SPLIT_K > 1:
+            tl.atomic_add(y_ptrs, out, mask=col_valid)
+        else:
+            if ACCUMULATE:
+                out += tl.load(y_ptrs, mask=col_valid, other=0.0).to(tl.float32)
+            tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=col_valid)
+
+
+def split_k(num_programs: int, k: int, block_k: int) -> int:
+    """How many parts a launch of num_programs splits its K into (each adding its partial sums into y): enough
+    for about TARGET_PROGRAMS programs, each at least MIN_SPLIT_COLUMNS of K. The shrink of a decode batch has
+    few programs (a 16-row tile or a row of an adapter, times a rank's few columns) and a long K (4096, 14336):
+    unsplit, a few programs stream the adapters' A matrices one BLOCK_K at a time while the rest of the GPU idles."""
+    most = max(1, k // max(block_k, MIN_SPLIT_COLUMNS))
+    return max(1, min(most, TARGET_PROGRAMS // max(1, num_programs)))
 
 
 def _apply(x: torch.Tensor, weights: torch.Tensor, y: torch.Tensor, batch: LoRABatch, accumulate: bool,
-           slices: Sequence[ColumnSlice], x_slice_stride: int) -> None:
+           slices: Sequence[ColumnSlice], x_slice_stride: int, splittable: bool = False) -> None:
     """y[:, slice s] (+)= x[:, s * x_slice_stride:][:K] . weights[slot, slice s]^T per row, one launch for every
-    slice; x [T, *] (unit stride), weights [slots, N, K], y [T, *] views."""
+    slice; x [T, *] (unit stride), weights [slots, N, K], y [T, *] views. splittable: y is float32 and zero (the
+    shrink's h), so programs may split K and add their parts into it."""
     num_rows, k = x.shape[0], weights.shape[2]
     if num_rows == 0 or not batch.has_adapters:
         return
@@ -187,31 +213,38 @@ def _apply(x: torch.Tensor, weights: torch.Tensor, y: torch.Tensor, batch: LoRAB
     if batch.uses_gather:
         block_k = min(_BLOCK_K, triton.next_power_of_2(k))
         blocks_per_slice = triton.cdiv(widest, _GATHER_BLOCK_N)
-        grid = (num_rows, len(slices) * blocks_per_slice)
-        _gather_kernel[grid](x, weights, y, batch.token_slots, k, x_slice_stride, blocks_per_slice, *bounds,
-                             x.stride(0), weights.stride(0), weights.stride(1), y.stride(0), ACCUMULATE=accumulate,
-                             BLOCK_N=_GATHER_BLOCK_N, BLOCK_K=block_k)
+        programs = num_rows * len(slices) * blocks_per_slice
+        splits = split_k(programs, k, block_k) if splittable else 1
+        k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+        grid = (num_rows, len(slices) * blocks_per_slice, triton.cdiv(k, k_per_split))
+        _lora_gather_kernel[grid](x, weights, y, batch.token_slots, k, k_per_split, x_slice_stride,
+                                  blocks_per_slice, *bounds, x.stride(0), weights.stride(0), weights.stride(1),
+                                  y.stride(0), ACCUMULATE=accumulate, SPLIT_K=grid[2], BLOCK_N=_GATHER_BLOCK_N,
+                                  BLOCK_K=block_k)
         return
     # Triton's interpreter multiplies bfloat16 tiles wrongly (numpy has no bfloat16): there, widen them first.
     widen = weights.dtype == torch.float32 or (os.environ.get("TRITON_INTERPRET") == "1")
     block_n = max(16, min(64, triton.next_power_of_2(widest)))
     block_k = max(16, min(_BLOCK_K, triton.next_power_of_2(k)))
     blocks_per_slice = triton.cdiv(widest, block_n)
-    grid = (batch.tile_segments.shape[0], len(slices) * blocks_per_slice)
-    _segment_kernel[grid](x, weights, y, batch.row_order, batch.segment_starts, batch.segment_lengths,
-                          batch.segment_slots, batch.tile_segments, batch.tile_blocks, k, x_slice_stride,
-                          blocks_per_slice, *bounds, x.stride(0), weights.stride(0), weights.stride(1), y.stride(0),
-                          ACCUMULATE=accumulate, DOT_IN_FLOAT32=widen, DOT_PRECISION="ieee" if widen else "tf32",
-                          BLOCK_M=SEGMENT_TILE_ROWS, BLOCK_N=block_n, BLOCK_K=block_k)
+    num_tiles = batch.tile_segments.shape[0]
+    splits = split_k(num_tiles * len(slices) * blocks_per_slice, k, block_k) if splittable else 1
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    grid = (num_tiles, len(slices) * blocks_per_slice, triton.cdiv(k, k_per_split))
+    _lora_segment_kernel[grid](x, weights, y, batch.row_order, batch.segment_starts, batch.segment_lengths,
+                               batch.segment_slots, batch.tile_segments, batch.tile_blocks, k, k_per_split,
+                               x_slice_stride, blocks_per_slice, *bounds, x.stride(0), weights.stride(0),
+                               weights.stride(1), y.stride(0), ACCUMULATE=accumulate, SPLIT_K=grid[2],
+                               DOT_IN_FLOAT32=widen, DOT_PRECISION="ieee" if widen else "tf32",
+                               BLOCK_M=SEGMENT_TILE_ROWS, BLOCK_N=block_n, BLOCK_K=block_k)
 
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
     """x [T, in], lora_a [slots, K, in] -> h [T, K] float32 (zero on rows without an adapter)."""
-    # The gather kernel writes every row of h (zeros where there is no adapter); the segment kernel only its rows.
-    allocate = torch.empty if batch.uses_gather and batch.has_adapters else torch.zeros
-    h = allocate(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
+    # h starts at zero: rows without an adapter keep it, and the programs of a split K add their parts into it.
+    h = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
     _apply(x.contiguous(), lora_a, h, batch, accumulate=False, slices=(ColumnSlice(0, lora_a.shape[1]),),
-           x_slice_stride=0)
+           x_slice_stride=0, splittable=True)
     return h
 
 
