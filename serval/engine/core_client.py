@@ -25,6 +25,7 @@ import dataclasses
 import itertools
 import logging
 import multiprocessing
+import pickle
 import queue
 import threading
 import time
@@ -58,11 +59,10 @@ class EngineCoreClient:
         context = multiprocessing.get_context("spawn")  # CUDA and threads: never fork
         self._connection, core_end = context.Pipe(duplex=True)
         root = logging.getLogger()
-        formatter = root.handlers[0].formatter if root.handlers else None
         # Not daemonic: a daemonic process may not start the tensor-parallel workers. The core exits with us
         # instead (its connection closes), and shutdown() stops it.
         self._process = context.Process(target=core_main, name="serval-engine-core", daemon=False,
-                                        args=(CoreArgs(core_end, config, root.getEffectiveLevel(), formatter),))
+                                        args=(CoreArgs(core_end, config, root.getEffectiveLevel(), _portable_formatter()),))
         self._process.start()
         core_end.close()  # ours closed, the core's end is its only one: its exit reads as EOF here
         ready = self._wait_ready()
@@ -333,6 +333,19 @@ class EngineCoreClient:
                 pass
         for future in calls.values():
             future.set_exception(_dead_error(cause))
+
+
+def _portable_formatter() -> logging.Formatter | None:
+    """The root handler's formatter (serve's JSON lines) when it can travel to a spawned process (a test runner's
+    may not)."""
+    handlers = logging.getLogger().handlers
+    if not handlers or handlers[0].formatter is None:
+        return None
+    try:
+        pickle.dumps(handlers[0].formatter)
+    except Exception:  # noqa: BLE001 - any reason it can't travel: the core logs in the default format
+        return None
+    return handlers[0].formatter
 
 
 def _load_tokenizer(ready: messages.CoreReady):
