@@ -209,7 +209,9 @@ def _completion_delta(completion: CompletionOutput, sent: _Sent) -> CompletionDe
     new_text = text[len(sent.text):] if appends else text
     token_ids = completion.token_ids
     new_token_ids = token_ids[sent.num_token_ids:]
-    logprobs = completion.logprobs
+    # The output processor appends to one logprobs list per sample, one entry per token, perhaps while this runs
+    # on another thread: the entries of this output's tokens are the ones it has.
+    logprobs = completion.logprobs[:len(token_ids)] if completion.logprobs is not None else None
     new_logprobs = logprobs[sent.num_logprobs:] if logprobs is not None else None
     sent.text, sent.num_token_ids = text, len(token_ids)
     sent.num_logprobs = len(logprobs) if logprobs is not None else 0

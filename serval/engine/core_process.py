@@ -72,7 +72,9 @@ class EngineCore:
         self.send_lock = threading.Lock()
         # ("add", RequestState) | ("abort", id) | ("error", RequestError) | ("stop", None)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.encoder = messages.OutputEncoder()
+        self.encoder = messages.OutputEncoder()  # the output thread's alone
+        # Steps' outputs for the output thread: ("step", StepMessage of RequestOutputs) | ("forget", id) | ("stop",)
+        self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.num_added = 0  # sequences taken in (or refused), for the API process's num_waiting
         self.pending_errors: list[messages.RequestError] = []
         self.changed = False  # something the API process should hear about since the last message
@@ -82,6 +84,8 @@ class EngineCore:
     def run(self) -> int:
         receiver = threading.Thread(target=self._receive, name="serval-core-receiver", daemon=True)
         receiver.start()
+        output_thread = threading.Thread(target=self._send_outputs, name="serval-core-output", daemon=True)
+        output_thread.start()
         self._send([messages.CoreReady(
             os.getpid(), self.engine.config, self.engine.tokenizer is not None, self.engine.vocab_size,
             self.engine.eos_token_id, self.engine.pooling_task,
@@ -92,9 +96,11 @@ class EngineCore:
             return 0
         except BaseException as error:  # noqa: BLE001 - the engine is broken: say so, then exit
             logger.exception("engine core loop died")
-            self._try_send([messages.CoreDied(messages.PortableError.of(error))])
+            self.outbox.put(("died", messages.CoreDied(messages.PortableError.of(error))))
             return 1
         finally:
+            self.outbox.put(("stop", None))
+            output_thread.join(timeout=_STOP_GRACE_S)
             self._stop_engine()
 
     def _stop_engine(self) -> None:
@@ -142,7 +148,7 @@ class EngineCore:
             self.num_added += num_sequences
         elif kind == "abort":
             self.engine.abort_request(payload)
-            self.encoder.forget(payload)
+            self.outbox.put(("forget", payload))
         elif kind == "error":
             error, num_sequences = payload
             self.pending_errors.append(error)
@@ -151,12 +157,28 @@ class EngineCore:
             self.stopping.set()
 
     def _send_step(self, outputs: list) -> None:
-        # Pooling outputs go whole: each comes once.
-        encoded = [self.encoder.encode(output) if isinstance(output, RequestOutput) else output
-                   for output in outputs]
+        """Hand the step's outputs, and the stats as they are now, to the output thread."""
         errors, self.pending_errors = self.pending_errors, []
         self.changed = False
-        self._send([messages.StepMessage(encoded, errors, self.engine.get_stats(), self.num_added)])
+        self.outbox.put(("step", messages.StepMessage(outputs, errors, self.engine.get_stats(), self.num_added)))
+
+    # ---- the output thread ----
+    def _send_outputs(self) -> None:
+        """Encode, pickle and send each step's message. On its own thread so that this work overlaps the next
+        step's device time (the step loop waits on the GPU without the GIL) instead of delaying its launch."""
+        while True:
+            kind, payload = self.outbox.get()
+            if kind == "step":
+                # Pooling outputs go whole: each comes once.
+                payload.outputs = [self.encoder.encode(output) if isinstance(output, RequestOutput) else output
+                                   for output in payload.outputs]
+                self._try_send([payload])
+            elif kind == "forget":
+                self.encoder.forget(payload)
+            elif kind == "died":
+                self._try_send([payload])
+            else:
+                return
 
     # ---- the receiver thread ----
     def _receive(self) -> None:
