@@ -309,11 +309,15 @@ class EngineCoreClient:
                 output = self._decoder.decode(delta) if isinstance(delta, messages.OutputDelta) else delta
                 item = RequestFailedError(output.request_id) if _failed(output) else output
                 batches.setdefault(stream.loop, []).append((stream.queue, item))
+        taken = _StepTaken(self._inbox, message.step, len(batches)) if message.step is not None else None
         for loop, items in batches.items():
             try:
-                loop.call_soon_threadsafe(_put_all, loop, items, None)
+                loop.call_soon_threadsafe(_put_all, loop, items, taken)
             except RuntimeError:  # that caller's loop has closed
-                continue
+                if taken is not None:
+                    taken.set()
+        if taken is not None and not batches:
+            self._inbox.put(("send", messages.StepTaken(message.step)))
 
     def _die(self, error: messages.PortableError) -> None:
         if self._dead is not None:
@@ -333,6 +337,22 @@ class EngineCoreClient:
                 pass
         for future in calls.values():
             future.set_exception(_dead_error(cause))
+
+
+class _StepTaken:
+    """Stands for _put_all's threading.Event: once every event loop given the step's outputs has run the streams
+    they woke, the core hears so (StepTaken)."""
+
+    def __init__(self, inbox: queue.SimpleQueue, step: int, num_loops: int) -> None:
+        self.inbox, self.step, self.num_left = inbox, step, num_loops
+        self.lock = threading.Lock()
+
+    def set(self) -> None:
+        with self.lock:
+            self.num_left -= 1
+            if self.num_left:
+                return
+        self.inbox.put(("send", messages.StepTaken(self.step)))
 
 
 def _portable_formatter() -> logging.Formatter | None:

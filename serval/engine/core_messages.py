@@ -56,6 +56,12 @@ class Shutdown:
     pass
 
 
+@dataclass
+class StepTaken:
+    """The API process's event loops have taken step `step`'s outputs (sent only when the StepMessage asks)."""
+    step: int
+
+
 # ---- core → API process ----
 @dataclass
 class CoreReady:
@@ -92,6 +98,9 @@ class StepMessage:
     errors: list[RequestError]
     stats: EngineStats
     num_added: int
+    # On CPU the core waits (briefly) for StepTaken(step) before its next step: see serval.engine.async_engine on
+    # why streaming between steps, not during one, costs the step nothing. None: no answer wanted.
+    step: int | None = None
 
 
 @dataclass

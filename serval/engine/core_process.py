@@ -22,9 +22,11 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
+import torch
+
 from serval.config import EngineConfig
 from serval.engine import core_messages as messages
-from serval.engine.async_engine import ENGINE_SWITCH_INTERVAL_S, ArrivalGate
+from serval.engine.async_engine import _HANDOFF_TIMEOUT_S, ENGINE_SWITCH_INTERVAL_S, ArrivalGate
 from serval.engine.engine import LLMEngine
 from serval.outputs import RequestOutput
 
@@ -47,6 +49,11 @@ def core_main(args: CoreArgs) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _configure_logging(args.log_level, args.log_formatter)
     connection = args.connection
+    if args.config.torch_device().type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # One core left to the API process. torch's intra-op threads meet at a barrier after every op; with one
+        # on each core, the API process's streaming preempts one of them and the rest wait for it (measured on 2
+        # cores: steps 7x slower than with one thread, or than the in-process engine, which streams between steps).
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - 1))
     try:
         engine = LLMEngine(args.config)
     except BaseException as error:  # noqa: BLE001 - whatever stops the start goes to the user, not a hang
@@ -80,6 +87,11 @@ class EngineCore:
         self.changed = False  # something the API process should hear about since the last message
         self.stopping = threading.Event()
         self.gate = ArrivalGate()
+        # On CPU, wait for the API process to take a step's outputs before the next step (StepMessage.step).
+        self.wait_for_handoff = engine.device.type == "cpu"
+        self.num_steps = 0
+        self.taken_step = -1
+        self.taken = threading.Condition()
 
     def run(self) -> int:
         receiver = threading.Thread(target=self._receive, name="serval-core-receiver", daemon=True)
@@ -160,7 +172,13 @@ class EngineCore:
         """Hand the step's outputs, and the stats as they are now, to the output thread."""
         errors, self.pending_errors = self.pending_errors, []
         self.changed = False
-        self.outbox.put(("step", messages.StepMessage(outputs, errors, self.engine.get_stats(), self.num_added)))
+        step = self.num_steps if self.wait_for_handoff and (outputs or errors) else None
+        self.num_steps += 1
+        self.outbox.put(("step", messages.StepMessage(outputs, errors, self.engine.get_stats(), self.num_added,
+                                                      step)))
+        if step is not None:
+            with self.taken:
+                self.taken.wait_for(lambda: self.taken_step >= step, timeout=_HANDOFF_TIMEOUT_S)
 
     # ---- the output thread ----
     def _send_outputs(self) -> None:
@@ -203,6 +221,10 @@ class EngineCore:
                                                                 messages.PortableError.of(error)), num_sequences)))
                 return
             self.inbox.put(("add", (state, num_sequences)))
+        elif isinstance(message, messages.StepTaken):
+            with self.taken:
+                self.taken_step = max(self.taken_step, message.step)
+                self.taken.notify()
         elif isinstance(message, messages.AbortRequest):
             self.inbox.put(("abort", message.request_id))
         elif isinstance(message, messages.CallRequest):
