@@ -16,11 +16,17 @@ the function's name, so for tool calls TTFT absorbs a few decode steps and clien
 mean inter-token latency (`serval:inter_token_latency_seconds`, from /metrics before and after each run) times
 every step whatever the parser holds back: the overhead line uses it.
 
+`--engine-process both` measures every tool_choice twice, on two fresh servers: the engine's step loop in the server
+process (a thread sharing the GIL with the event loop) and in its own process (`serve --engine-process`); `on` or
+`off` runs one of them, `auto` (the default) the server's default (on with CUDA).
+
     PYTHONPATH=/tmp/site:. python benchmarks/tool_bench.py --out results/tool_bench     # one GPU
+    PYTHONPATH=/tmp/site:. python benchmarks/tool_bench.py --out results/tool_bench --engine-process both
     python benchmarks/tool_bench.py --tiny                                               # CPU: tiny shape, 4 chats
 
 Writes OUT/tool_bench.json, OUT/server.log and each run's `bench serve` results under OUT/<tool_choice>/ (and the
-untimed first run's under OUT/warmup/).
+untimed first run's under OUT/warmup/); with `--engine-process both`, each mode's under OUT/engine-process-{off,on}/
+and one JSON holding both.
 """
 from __future__ import annotations
 
@@ -104,6 +110,8 @@ def start_server(model_dir: str, args, port: int, log_path: str) -> subprocess.P
                "--max-num-seqs", str(args.concurrency), "--served-model-name", MODEL_NAME,
                "--tool-call-parser", "llama3_json", "--enable-auto-tool-choice", "--host", "127.0.0.1",
                "--port", str(port), "--disable-log-requests", "--disable-uvicorn-access-log"]
+    if args.engine_process in ("on", "off"):
+        command.append("--engine-process" if args.engine_process == "on" else "--no-engine-process")
     log = open(log_path, "w")
     server = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + args.startup_timeout
@@ -190,7 +198,8 @@ def table(report: dict) -> str:
                                                       "{:+.1f}%")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [f"Tool calling: {report['model']} on {report['device']}, {report['concurrency']} concurrent chats, "
-             f"{report['input_len']} in / {report['output_len']} out tokens, 5 tools, llama3_json parser"]
+             f"{report['input_len']} in / {report['output_len']} out tokens, 5 tools, llama3_json parser, "
+             f"engine process {report.get('engine_process', 'auto')}"]
     lines += [" | ".join(value.rjust(width) if i else value.ljust(width) for i, (value, width)
                          in enumerate(zip(row, widths))) for row in rows]
     lines.insert(2, "-" * len(lines[1]))
@@ -234,6 +243,9 @@ def main() -> None:
     # the same prompts and a fresh server: a whole untimed run first, so the baseline is not the warm-up.
     parser.add_argument("--warmup-run", action=argparse.BooleanOptionalAction, default=None,
                         help="an untimed tool_choice=none run before the measured ones (default: on, off with --tiny)")
+    parser.add_argument("--engine-process", choices=("auto", "on", "off", "both"), default="auto",
+                        help="the engine's step loop in its own process (serve --engine-process): on, off, both "
+                             "(two servers, every tool_choice on each) or auto (the server's default)")
     parser.add_argument("--choices", default=",".join(TOOL_CHOICES),
                         help="the tool_choice runs to time, comma-separated (default: all three)")
     args = parser.parse_args()
@@ -249,30 +261,57 @@ def main() -> None:
         args.num_prompts = args.concurrency if args.tiny else 2 * args.concurrency
     os.makedirs(args.out, exist_ok=True)
     model_dir = write_model_dir(args.out, args.tiny)
+    if args.engine_process != "both":
+        report = measure(args, model_dir, args.out)
+        output = table(report)
+    else:
+        reports = {mode: measure(argparse.Namespace(**{**vars(args), "engine_process": mode}), model_dir,
+                                 os.path.join(args.out, f"engine-process-{mode}")) for mode in ("off", "on")}
+        report = {"benchmark": "tool_bench", "engine_process": "both", "runs": reports}
+        output = "\n\n".join(table(run) for run in reports.values()) + "\n" + process_summary(reports)
+    with open(os.path.join(args.out, "tool_bench.json"), "w") as handle:
+        json.dump(report, handle, indent=1)
+    sys.stdout.write(output + "\n")
+
+
+def measure(args: argparse.Namespace, model_dir: str, out: str) -> dict:
+    """Every tool_choice run against one fresh server; its report (results under out/)."""
+    os.makedirs(out, exist_ok=True)
+    run_args = argparse.Namespace(**{**vars(args), "out": out})
     port = free_port()
-    server = start_server(model_dir, args, port, os.path.join(args.out, "server.log"))
+    server = start_server(model_dir, run_args, port, os.path.join(out, "server.log"))
     try:
         if args.warmup_run:
-            run_choice("none", args, port, result_name="warmup")
-        results = {choice: run_choice(choice, args, port) for choice in args.choices}
+            run_choice("none", run_args, port, result_name="warmup")
+        results = {choice: run_choice(choice, run_args, port) for choice in args.choices}
     finally:
         server.terminate()
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
-    report = {"benchmark": "tool_bench", "device": device_name(args.tiny),
-              "model": f"{MODEL_NAME} shape{' (tiny)' if args.tiny else ''}, dummy weights",
-              "concurrency": args.concurrency, "num_prompts": args.num_prompts, "input_len": args.input_len,
-              "output_len": args.output_len, "tool_call_parser": "llama3_json", "results": results,
-              "tpot_overhead_vs_none_pct": {choice: {"p50": overhead_pct(results, choice, "tpot_p50_ms"),
-                                                     "p99": overhead_pct(results, choice, "tpot_p99_ms"),
-                                                     "server_itl_mean": overhead_pct(results, choice,
-                                                                                     "server_itl_mean_ms")}
-                                            for choice in ("auto", "required") if choice in results}}
-    with open(os.path.join(args.out, "tool_bench.json"), "w") as handle:
-        json.dump(report, handle, indent=1)
-    sys.stdout.write(table(report) + "\n")
+    return {"benchmark": "tool_bench", "device": device_name(args.tiny),
+            "model": f"{MODEL_NAME} shape{' (tiny)' if args.tiny else ''}, dummy weights",
+            "engine_process": args.engine_process,
+            "concurrency": args.concurrency, "num_prompts": args.num_prompts, "input_len": args.input_len,
+            "output_len": args.output_len, "tool_call_parser": "llama3_json", "results": results,
+            "tpot_overhead_vs_none_pct": {choice: {"p50": overhead_pct(results, choice, "tpot_p50_ms"),
+                                                   "p99": overhead_pct(results, choice, "tpot_p99_ms"),
+                                                   "server_itl_mean": overhead_pct(results, choice,
+                                                                                   "server_itl_mean_ms")}
+                                          for choice in ("auto", "required") if choice in results}}
+
+
+def process_summary(reports: dict) -> str:
+    """Each tool_choice's server ITL with the engine in its own process against in-process."""
+    lines = ["engine process on vs off (server mean ITL):"]
+    for choice in reports["off"]["results"]:
+        off = reports["off"]["results"][choice]["server_itl_mean_ms"]
+        on = reports["on"]["results"].get(choice, {}).get("server_itl_mean_ms")
+        change = "-" if off is None or on is None or off <= 0 else f"{100.0 * (on - off) / off:+.1f}%"
+        lines.append(f"  {choice}: off {'-' if off is None else f'{off:.2f}'} ms, "
+                     f"on {'-' if on is None else f'{on:.2f}'} ms ({change})")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,8 @@ _ENGINE_HELP = {
     "max_loras": "LoRA adapters resident in the model at once (a step holds at most this many)",
     "max_lora_rank": "the largest LoRA rank accepted; every resident slot is this wide",
     "max_cpu_loras": "LoRA adapters kept in host memory, least recently used evicted (None: --max-loras)",
+    "engine_process": "serve: run the engine's step loop in its own process, apart from the HTTP event loop "
+                      "(default: on with CUDA, off on CPU; or SERVAL_ENGINE_PROCESS=1/0)",
 }
 
 
@@ -292,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace, config: EngineConfig) -> int:
-    from serval.engine.async_engine import AsyncEngine
+    from serval.engine.async_engine import start_engine
     from serval.lora.registry import parse_lora_module
     from serval.server.app import serve
 
@@ -327,14 +329,14 @@ def _serve(args: argparse.Namespace, config: EngineConfig) -> int:
     from serval.server.banner import loading_line, write
     write(loading_line(args.model or DEFAULT_MODEL_NAME))
     try:
-        engine = AsyncEngine(config)
-    except (ValueError, FileNotFoundError) as error:
+        engine = start_engine(config)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:  # RuntimeError: the engine process died
         logger.error("cannot start the engine", extra={"error": str(error)})
         return 2
     if (server_config.tool_call_parser or server_config.reasoning_parser) and engine.tokenizer is not None:
         # Their clients send grammars (tool_choice "required", response_format): build the vocabulary's grammar
         # view now, not under the GIL of a serving process at the first such request (a second or more).
-        engine.engine.grammar_compiler().ll_tokenizer
+        engine.warm_grammar_compiler()
     from serval.lora.registry import preload_lora_modules
     try:
         preload_lora_modules(engine, server_config)

@@ -125,6 +125,11 @@ class EngineConfig:
     max_loras: int = 1
     max_lora_rank: int = 64
     max_cpu_loras: int | None = None
+    # The server's engine step loop in a process of its own (serval.engine.core_process), so the event loop
+    # streaming to clients doesn't take the GIL from it. None: on for CUDA devices, off on CPU (or the
+    # SERVAL_ENGINE_PROCESS environment variable, 1 or 0). The offline LLM steps in the caller's
+    # process.
+    engine_process: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("model", "tokenizer"):
@@ -135,6 +140,8 @@ class EngineConfig:
                 raise _bad(name, getattr(self, name), "True or False")
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise _bad("async_scheduling", self.async_scheduling, "True, False or None")
+        if self.engine_process is not None and not isinstance(self.engine_process, bool):
+            raise _bad("engine_process", self.engine_process, "True, False or None")
         if self.dtype not in _DTYPES:
             raise _bad("dtype", self.dtype, f"one of {sorted(_DTYPES)}")
         if self.load_format not in _LOAD_FORMATS:

@@ -26,6 +26,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import os
 import queue
 import sys
 import threading
@@ -122,6 +123,30 @@ _ARRIVAL_GAP_FRACTION = 0.1
 _MAX_ARRIVAL_GAP_S = 0.02
 _ARRIVAL_WINDOW_STEPS = 0.25
 _STEP_TIME_SMOOTHING = 0.2
+
+
+class ArrivalGate:
+    """When the engine goes from idle to busy: take in the requests arriving together before the first step (the
+    module docstring says why). Used by the loop thread here and by the engine-core process's step loop."""
+
+    def __init__(self) -> None:
+        self.step_s = 0.0  # moving average of a step's time
+
+    def observe_step(self, seconds: float) -> None:
+        self.step_s += _STEP_TIME_SMOOTHING * (seconds - self.step_s)
+
+    def gather(self, inbox: queue.SimpleQueue, handle) -> None:
+        """Pass each (kind, payload) arriving in the window to handle."""
+        gap = min(_MAX_ARRIVAL_GAP_S, _ARRIVAL_GAP_FRACTION * self.step_s)
+        deadline = time.monotonic() + _ARRIVAL_WINDOW_STEPS * self.step_s
+        while (remaining := deadline - time.monotonic()) > 0 and gap > 0:
+            try:
+                kind, payload = inbox.get(timeout=min(gap, remaining))
+            except queue.Empty:
+                return
+            handle(kind, payload)
+
+
 # How long a CPU engine waits for the event loop to take a step's outputs (it is not worth more than this).
 _HANDOFF_TIMEOUT_S = 0.05
 
@@ -134,6 +159,7 @@ class AsyncEngine:
         self.engine = LLMEngine(config)
         self.config = self.engine.config
         self.tokenizer = self.engine.tokenizer
+        self.core_pid: int | None = None  # the engine runs in this process (EngineCoreClient: in its own)
         self._streams: dict[str, _Stream] = {}
         self._streams_lock = threading.Lock()
         # ("add", RequestState) | ("abort", id) | ("drop", (id, _Stream)) | ("stop", None)
@@ -145,7 +171,7 @@ class AsyncEngine:
         self._yield_between_steps = self.engine.device.type == "cpu"
         if self.engine.device.type == "cuda":
             sys.setswitchinterval(min(sys.getswitchinterval(), ENGINE_SWITCH_INTERVAL_S))
-        self._step_s = 0.0  # moving average of a step's time
+        self._arrivals = ArrivalGate()
         self._thread = threading.Thread(target=self._loop, name="serval-engine", daemon=True)
         self._thread.start()
 
@@ -192,6 +218,11 @@ class AsyncEngine:
         with self._streams_lock:
             self._streams.pop(request_id, None)
         self._inbox.put(("abort", request_id))
+
+    def warm_grammar_compiler(self) -> None:
+        """Build the vocabulary's grammar view now, not under the GIL of a serving process at the first
+        constrained request (a second or more for a large vocabulary)."""
+        self.engine.grammar_compiler().ll_tokenizer
 
     def compile_grammar(self, params: SamplingParams | None) -> None:
         """Compile the request's structured-output constraint into the engine's grammar cache, raising
@@ -255,11 +286,11 @@ class AsyncEngine:
                 idle = not self.engine.has_unfinished_requests()
                 self._drain_inbox(block=idle)
                 if idle and self.engine.has_unfinished_requests():
-                    self._gather_arrivals()
+                    self._arrivals.gather(self._inbox, self._handle)
                 if self.engine.has_unfinished_requests():
                     started = time.monotonic()
                     outputs = self.engine.step()
-                    self._step_s += _STEP_TIME_SMOOTHING * (time.monotonic() - started - self._step_s)
+                    self._arrivals.observe_step(time.monotonic() - started)
                     self._deliver_step(outputs)
         except BaseException as error:  # the engine is broken: fail every waiting caller, loudly
             logger.exception("engine loop died")
@@ -290,16 +321,6 @@ class AsyncEngine:
                     return
                 del self._streams[request_id]
             self.engine.abort_request(request_id)
-
-    def _gather_arrivals(self) -> None:
-        gap = min(_MAX_ARRIVAL_GAP_S, _ARRIVAL_GAP_FRACTION * self._step_s)
-        deadline = time.monotonic() + _ARRIVAL_WINDOW_STEPS * self._step_s
-        while (remaining := deadline - time.monotonic()) > 0 and gap > 0:
-            try:
-                kind, payload = self._inbox.get(timeout=min(gap, remaining))
-            except queue.Empty:
-                return
-            self._handle(kind, payload)
 
     def _add(self, state: RequestState) -> None:
         try:
@@ -343,6 +364,28 @@ class AsyncEngine:
             stream = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
         if stream is not None:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+
+def start_engine(config: EngineConfig):
+    """The server's engine: EngineCoreClient (the step loop in its own process) when engine_process_enabled,
+    else AsyncEngine (a thread of this one). Both answer the same calls."""
+    if engine_process_enabled(config):
+        from serval.engine.core_client import EngineCoreClient
+        return EngineCoreClient(config)
+    return AsyncEngine(config)
+
+
+def engine_process_enabled(config: EngineConfig) -> bool:
+    """engine_process, or where it is None (auto): the SERVAL_ENGINE_PROCESS environment variable ("1" or "0",
+    as vLLM's VLLM_ENABLE_V1_MULTIPROCESSING), else on for a CUDA device and off on CPU. On a GPU the engine
+    thread waits for the GIL behind the event loop; on CPU the step's torch threads already use every core, and a
+    second process only adds the copy of every output."""
+    if config.engine_process is not None:
+        return config.engine_process
+    forced = os.environ.get("SERVAL_ENGINE_PROCESS")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return config.torch_device().type == "cuda"
 
 
 def _dead_error(cause: BaseException) -> EngineDeadError:

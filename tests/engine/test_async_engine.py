@@ -127,7 +127,7 @@ def test_a_burst_of_arrivals_is_prefilled_together(tiny_models, spacing_s, same_
     engine = AsyncEngine(EngineConfig(model=tiny_models("llama")[0], **ENGINE_ARGS))
     try:
         async def main():
-            engine._step_s = 0.2
+            engine._arrivals.step_s = 0.2
             first = asyncio.create_task(collect(engine, [3, 4, 5], SamplingParams(max_tokens=2, ignore_eos=True)))
             await asyncio.sleep(spacing_s)
             second = await collect(engine, [6, 7, 8], SamplingParams(max_tokens=2, ignore_eos=True))
