@@ -227,6 +227,7 @@ class GrammarCompiler:
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
         # (kind, sha256 of the grammar) -> the prototype matcher, or the message of the refusal.
         self._compiled: OrderedDict[tuple[str, str], llguidance.LLMatcher | str] = OrderedDict()
+        self._compiling: dict[tuple[str, str], threading.Event] = {}  # keys being compiled now
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -253,18 +254,31 @@ class GrammarCompiler:
         structured_outputs.<kind>: ...') when the constraint does not compile or exceeds the parser's limits;
         repeats (refusals too) cost a dictionary lookup and, when accepted, a deep copy."""
         key = (kind, hashlib.sha256(grammar.encode()).hexdigest())  # grammars can be 100s of KB: keep their hash
-        with self._lock:
-            compiled = self._compiled.get(key)
-            if compiled is not None:
-                self._compiled.move_to_end(key)
-                self.hits += 1
-        if compiled is None:
-            compiled = self._compile_new(kind, grammar)
+        while True:
             with self._lock:
-                self.misses += 1
-                self._compiled[key] = compiled
-                while len(self._compiled) > self.cache_size:
-                    self._compiled.popitem(last=False)
+                compiled = self._compiled.get(key)
+                if compiled is not None:
+                    self._compiled.move_to_end(key)
+                    self.hits += 1
+                    break
+                pending = self._compiling.get(key)
+                if pending is None:  # this thread compiles; others asking meanwhile wait for it
+                    pending = self._compiling[key] = threading.Event()
+                    break
+            # A burst of requests with the same new grammar (tool calls: every request carries the same tools)
+            # compiles it once, not once per request.
+            pending.wait()
+        if compiled is None:
+            try:
+                compiled = self._compile_new(kind, grammar)
+                with self._lock:
+                    self.misses += 1
+                    self._compiled[key] = compiled
+                    while len(self._compiled) > self.cache_size:
+                        self._compiled.popitem(last=False)
+            finally:
+                with self._lock:
+                    self._compiling.pop(key).set()
         if isinstance(compiled, str):
             raise InvalidArgument(PARAM, compiled)
         return compiled.deep_copy()

@@ -142,6 +142,32 @@ def test_llm_structured_outputs_and_the_grammar_cache(llm):
     assert compiler.hits - before_hits >= 63
 
 
+def test_concurrent_requests_for_one_new_grammar_compile_it_once(llm):
+    """Sixteen threads asking at once for a grammar nobody compiled yet (a burst of tool calls carrying the same
+    tools): one compile, fifteen waits, and every thread gets its own matcher."""
+    import threading
+    compiler = llm.engine.grammar_compiler()
+    schema = {"type": "object", "properties": {"burst": {"type": "integer"}, "other": {"type": "string"}},
+              "required": ["burst"]}
+    params = StructuredOutputsParams(json=schema)
+    before_misses, before_hits = compiler.misses, compiler.hits
+    start = threading.Barrier(16)
+    matchers = []
+
+    def ask():
+        start.wait()
+        matchers.append(compiler.compile(params))
+
+    threads = [threading.Thread(target=ask) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert compiler.misses - before_misses == 1
+    assert compiler.hits - before_hits == 15
+    assert len({id(m) for m in matchers}) == 16
+
+
 def test_min_tokens_cannot_break_a_finished_grammar(llm):
     params = SamplingParams(temperature=1.0, max_tokens=20, min_tokens=10,
                             structured_outputs=StructuredOutputsParams(choice=["yes", "no"]))
