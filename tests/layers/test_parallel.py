@@ -39,10 +39,10 @@ def test_sizes_that_do_not_split_are_refused(overrides, size, message):
 
 
 def test_an_architecture_without_a_parallel_implementation_is_named():
-    # DeepSeek-V3's latent attention (MLA) has no head-sharded layout yet.
-    config = transformers.DeepseekV3Config(num_attention_heads=4, num_key_value_heads=4)
-    config.architectures = ["DeepseekV3ForCausalLM"]
-    with pytest.raises(ValueError, match="DeepseekV3ForCausalLM has no tensor-parallel implementation yet"):
+    # Every causal family now shards; a sequence classifier (the pooling runner) has no sharded layout.
+    config = transformers.Qwen3Config(num_attention_heads=4, num_key_value_heads=4)
+    config.architectures = ["Qwen3ForSequenceClassification"]
+    with pytest.raises(ValueError, match="Qwen3ForSequenceClassification has no tensor-parallel implementation yet"):
         shard_layout(config, 0, 2)
 
 
