@@ -23,7 +23,7 @@ import torch
 from serval.layers.parallel import ShardLayout, TensorSlice, checkpoint_slice
 from serval.layers.quant.gguf_blocks import Q, dequantize
 # load_gguf's own naming and unpermuting, applied here to slices.
-from serval.model.gguf import (EXPERT_STACK, LAYER_NAMES, LAYER_NAMES_BY_ARCHITECTURE, gguf_hf_name,
+from serval.model.gguf import (EXPERT_STACK, LAYER_NAMES, LAYER_NAMES_BY_ARCHITECTURE, gguf_hf_name, read_model_header,
                                unpermute_rows, find_gguf_file)
 from serval.model.gguf_config import ROPE_FREQS, SUPPORTED_ARCHITECTURES, gguf_config
 from serval.model.gguf_reader import GGUFFile, GGUFTensor, read_gguf_file
@@ -41,13 +41,7 @@ def gguf_file_of(model_path: str, load_format: str) -> str | None:
 
 def gguf_rank_config(file: str):
     """The model config the GGUF's metadata describes (as load_gguf builds it)."""
-    gguf_file = read_gguf_file(file, decode_strings=False)
-    metadata = dict(gguf_file.metadata)
-    if (tokens := metadata.get("tokenizer.ggml.tokens")) is not None:
-        metadata["tokenizer.ggml.tokens"] = len(tokens)
-    arch = metadata.get("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"GGUF file {file!r} has architecture {arch!r}; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
+    gguf_file, metadata, arch = read_model_header(file)
     rope_freqs = gguf_file.tensors.get(ROPE_FREQS)
     return gguf_config(arch, metadata, {name: tensor.shape for name, tensor in gguf_file.tensors.items()},
                        (lambda: rope_freqs.data) if rope_freqs is not None else None)

@@ -107,13 +107,7 @@ def load_gguf(path: str, keep_packed: bool | str = False) -> GGUFCheckpoint:
     file = find_gguf_file(path)
     if file is None:
         raise FileNotFoundError(f"no GGUF file at {path!r}: pass a .gguf file or a directory holding exactly one")
-    gguf_file = read_gguf_file(file, decode_strings=False)  # the tokenizer reads the vocabulary, not the model
-    metadata = dict(gguf_file.metadata)
-    if (tokens := metadata.get("tokenizer.ggml.tokens")) is not None:
-        metadata["tokenizer.ggml.tokens"] = len(tokens)
-    arch = metadata.get("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"GGUF file {file!r} has architecture {arch!r}; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
+    gguf_file, metadata, arch = read_model_header(file)
     tensors = gguf_file.tensors
     rope_freqs = tensors.get(ROPE_FREQS)
     config = gguf_config(arch, metadata, {name: tensor.shape for name, tensor in tensors.items()},
@@ -201,6 +195,19 @@ def _packed_quantization(packed: dict[str, Q], packing: str | None):
         rules.append(LayerRule((name.removesuffix(".weight"),), method))
     rules = tuple(rules)
     return CheckpointQuantization("gguf", rules)
+
+
+def read_model_header(file: str):
+    """(the GGUF file, its metadata with the vocabulary replaced by its size, its architecture); ValueError for an
+    architecture Serval does not load. The tokenizer reads the vocabulary, not the model."""
+    gguf_file = read_gguf_file(file, decode_strings=False)
+    metadata = dict(gguf_file.metadata)
+    if (tokens := metadata.get("tokenizer.ggml.tokens")) is not None:
+        metadata["tokenizer.ggml.tokens"] = len(tokens)
+    arch = metadata.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"GGUF file {file!r} has architecture {arch!r}; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
+    return gguf_file, metadata, arch
 
 
 def gguf_hf_name(name: str, file: str, layer_names: dict[str, str] = LAYER_NAMES) -> str:
