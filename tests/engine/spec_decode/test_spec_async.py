@@ -146,7 +146,10 @@ def test_gpu_overlapped_steps_give_the_synchronous_tokens(tiny_models):
     and transformers'."""
     path, hf_model = tiny_models("llama")
     prompts = repetitive_prompts(hf_model.config.vocab_size)
-    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    # Lengths differ so that the batch shrinks below disable_by_batch_size at the end: steps both overlap (big
+    # batches) and speculate (the tail).
+    params = [SamplingParams(temperature=0.0, max_tokens=24 - 3 * (i % 5), ignore_eos=True)
+              for i in range(len(prompts))]
     config = {**NGRAM, "disable_by_batch_size": 4}
     runs = []
     for overlap in (False, True):
@@ -155,7 +158,8 @@ def test_gpu_overlapped_steps_give_the_synchronous_tokens(tiny_models):
                   async_scheduling=overlap)
         queued = count_queued_steps(llm)
         runs.append(generate_ids(llm, prompts, params))
-    assert queued[0] > 0 and llm.engine.get_stats().spec_decode.num_accepted_tokens > 0
+    stats = llm.engine.get_stats().spec_decode
+    assert queued[0] > 0 and stats.num_accepted_tokens > 0 and stats.num_disabled_steps > 0
     assert runs[1] == runs[0]
-    for prompt, tokens in zip(prompts[:4], runs[1]):
-        assert tokens == hf_greedy(hf_model, prompt, 24)
+    for prompt, tokens, param in zip(prompts[:4], runs[1], params):
+        assert tokens == hf_greedy(hf_model, prompt, param.max_tokens)
