@@ -151,11 +151,8 @@ class LLMEngine:
                                  else self.runner.graphs is not None)
         spec_config = self.config.speculative_config
         self.spec_decoder = SpecDecoder(spec_config, self.vocab_size) if spec_config is not None else None
-        if self.spec_decoder is not None and (not self.spec_decoder.overlaps_steps
-                                              or self.config.async_scheduling is None):
+        if self.spec_decoder is not None and not self.spec_decoder.overlaps_steps:
             # A draft model or EAGLE-3 head runs inside every synchronous target step: nothing queues without it.
-            # With n-gram/suffix the overlap is opt-in (--async-scheduling): its GPU equality test failed in its
-            # one H200 run (the CPU tests pass), so speculation stays synchronous by default.
             self.async_scheduling = False
         # With asynchronous scheduling: the decode step queued on the device whose tokens are not processed yet.
         self.in_flight: DecodeInFlight | None = None
