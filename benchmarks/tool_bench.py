@@ -26,7 +26,8 @@ process (a thread sharing the GIL with the event loop) and in its own process (`
 
 Writes OUT/tool_bench.json, OUT/server.log and each run's `bench serve` results under OUT/<tool_choice>/ (and the
 untimed first run's under OUT/warmup/); with `--engine-process both`, each mode's under OUT/engine-process-{off,on}/
-and one JSON holding both.
+and one JSON holding both. `--rounds N` runs every tool_choice N times on the one server, rotating the order each
+round, and reports medians (one run's server ITL moves by +-10% between runs with nothing changed).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -169,6 +171,28 @@ def run_choice(choice: str, args, port: int, result_name: str | None = None) -> 
             "server_itl_mean_ms": 1000.0 * (itl_sum_after - itl_sum) / steps if steps else None}
 
 
+def median_results(rounds: list[dict], choices: list[str]) -> dict:
+    """Each choice's numbers as the median over rounds (runs on one server drift by +-10% from run to run), with
+    every round's server ITL kept beside them."""
+    if len(rounds) == 1:
+        return rounds[0]
+    results = {}
+    for choice in choices:
+        runs = [run[choice] for run in rounds]
+        merged = dict(runs[0])
+        for key, value in runs[0].items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                values = [run[key] for run in runs if run[key] is not None]
+                merged[key] = statistics.median(values) if values else None
+        merged["completed"] = sum(run["completed"] for run in runs)
+        merged["failed"] = sum(run["failed"] for run in runs)
+        merged["requests_with_tool_calls"] = sum(run["requests_with_tool_calls"] for run in runs)
+        merged["rounds_server_itl_ms"] = [run["server_itl_mean_ms"] for run in runs]
+        merged["rounds_tpot_p99_ms"] = [run["tpot_p99_ms"] for run in runs]
+        results[choice] = merged
+    return results
+
+
 def overhead_pct(results: dict, choice: str, key: str, baseline: str = "none") -> float | None:
     if baseline not in results or choice not in results:
         return None
@@ -246,6 +270,9 @@ def main() -> None:
     parser.add_argument("--engine-process", choices=("auto", "on", "off", "both"), default="auto",
                         help="the engine's step loop in its own process (serve --engine-process): on, off, both "
                              "(two servers, every tool_choice on each) or auto (the server's default)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every tool_choice this many times on the one server, each round in a rotated "
+                             "order; the table gives each number's median over the rounds")
     parser.add_argument("--choices", default=",".join(TOOL_CHOICES),
                         help="the tool_choice runs to time, comma-separated (default: all three)")
     args = parser.parse_args()
@@ -283,7 +310,14 @@ def measure(args: argparse.Namespace, model_dir: str, out: str) -> dict:
     try:
         if args.warmup_run:
             run_choice("none", run_args, port, result_name="warmup")
-        results = {choice: run_choice(choice, run_args, port) for choice in args.choices}
+        rounds = []
+        for number in range(args.rounds):
+            # Each round starts with the next choice, so that no choice always runs first (or after another).
+            order = args.choices[number % len(args.choices):] + args.choices[:number % len(args.choices)]
+            rounds.append({choice: run_choice(choice, run_args, port,
+                                              result_name=choice if args.rounds == 1 else f"{choice}-round{number}")
+                           for choice in order})
+        results = median_results(rounds, args.choices)
     finally:
         server.terminate()
         try:
@@ -294,7 +328,8 @@ def measure(args: argparse.Namespace, model_dir: str, out: str) -> dict:
             "model": f"{MODEL_NAME} shape{' (tiny)' if args.tiny else ''}, dummy weights",
             "engine_process": args.engine_process,
             "concurrency": args.concurrency, "num_prompts": args.num_prompts, "input_len": args.input_len,
-            "output_len": args.output_len, "tool_call_parser": "llama3_json", "results": results,
+            "output_len": args.output_len, "tool_call_parser": "llama3_json", "rounds": args.rounds,
+            "results": results,
             "tpot_overhead_vs_none_pct": {choice: {"p50": overhead_pct(results, choice, "tpot_p50_ms"),
                                                    "p99": overhead_pct(results, choice, "tpot_p99_ms"),
                                                    "server_itl_mean": overhead_pct(results, choice,
