@@ -52,7 +52,7 @@ def default_cpu_kv_cache_blocks(bytes_per_block: int, max_blocks_per_sequence: i
 LONG_PREFILL_BUDGET_FRACTION = 4
 
 _BOOL_FIELDS = ("skip_tokenizer_init", "enable_prefix_caching", "enable_chunked_prefill", "enforce_eager",
-                "calculate_kv_scales", "enable_lora", "enable_expert_parallel", "cudagraph_mixed",
+                "calculate_kv_scales", "enable_lora", "enable_expert_parallel",
                 "disable_hybrid_kv_cache_manager")
 
 
@@ -85,10 +85,10 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"
     enforce_eager: bool = False  # True: no CUDA graphs (GPU only; CPU always runs eagerly)
     # With CUDA graphs, also capture steps that mix prefill chunks with decodes, per token bucket
-    # (serval.engine.mixed_graphs). Off by default until their GPU equality tests have run on a GPU (the H200 run
-    # that measured them, +14.5% on the fp8 1000-request workload, could not run those tests); False: such steps
-    # run eagerly, only pure decode steps replay graphs.
-    cudagraph_mixed: bool = False
+    # (serval.engine.mixed_graphs). None: on with enable_lora (eager mixed steps with adapters add hundreds of
+    # LoRA launches: +27% adapter throughput on the H200's 1000-request workload), off otherwise (in bf16 without
+    # adapters they measured 0.94x of eager steps; fp8 gained 14%). False: such steps run eagerly.
+    cudagraph_mixed: bool | None = None
     # A model mixing sliding-window and full layers (Gemma 3, gpt-oss) keeps a block table per layer group and
     # frees the sliding groups' blocks behind the window (serval.engine.kv_groups); True keeps every block instead.
     disable_hybrid_kv_cache_manager: bool = False
@@ -138,6 +138,10 @@ class EngineConfig:
         for name in _BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise _bad(name, getattr(self, name), "True or False")
+        if self.cudagraph_mixed is not None and not isinstance(self.cudagraph_mixed, bool):
+            raise _bad("cudagraph_mixed", self.cudagraph_mixed, "True, False or None")
+        if self.cudagraph_mixed is None:
+            self.cudagraph_mixed = self.enable_lora
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise _bad("async_scheduling", self.async_scheduling, "True, False or None")
         if self.engine_process is not None and not isinstance(self.engine_process, bool):

@@ -199,6 +199,10 @@ def test_cudagraph_mixed_flag():
     assert engine_config_from_args(build_parser().parse_args(["serve"])).cudagraph_mixed is False
     args = build_parser().parse_args(["serve", "--no-cudagraph-mixed"])
     assert engine_config_from_args(args).cudagraph_mixed is False
+    # With adapters the default turns on (eager mixed steps with LoRA pay its launches), unless turned off.
+    assert engine_config_from_args(build_parser().parse_args(["serve", "--enable-lora"])).cudagraph_mixed is True
+    args = build_parser().parse_args(["serve", "--enable-lora", "--no-cudagraph-mixed"])
+    assert engine_config_from_args(args).cudagraph_mixed is False
 
 
 # ---- on a GPU: captured graphs against eager mixed steps ----
