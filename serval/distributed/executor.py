@@ -192,8 +192,9 @@ class ParallelModelRunner(ModelRunner):
 
     @torch.inference_mode()
     def launch_forward(self, requests: list[Request], previous: DecodeInFlight | None = None) -> DecodeForward:
-        if self.graphs is not None and self.graphs.can_run(len(requests)):
-            return super().launch_forward(requests, previous)  # the graphs' run sends the plan
+        if not self.executor.processes or (self.graphs is not None and self.graphs.can_run(len(requests))):
+            # The graphs' run sends the plan; at size 1 there is nobody to send it to, so the in-process step.
+            return super().launch_forward(requests, previous)
         positions = [request.num_computed_tokens for request in requests]
         ids = None if previous is None else previous_samples(previous, requests)
         step = DecodeStep(None if ids is not None else [r.all_token_ids[p] for r, p in zip(requests, positions)],
@@ -213,6 +214,9 @@ class DriverDecodeGraphs(DecodeGraphs):
     def run(self, input_ids: list[int], positions: list[int], slot_mapping: list[int], seq_lens: list[int],
             block_tables: list[list[int]], source: torch.Tensor | None = None,
             lora_slots: list[int] | None = None) -> torch.Tensor:
+        if not self.executor.processes:  # size 1: no rank to send the plan or the ids to; the in-process replay
+            return self.executor.run_guarded(lambda: DecodeGraphs.run(self, input_ids, positions, slot_mapping,
+                                                                      seq_lens, block_tables, source))
         ids = None if source is None else source.index_select(0, to_device(input_ids, torch.int64, source.device))
         step = DecodeStep(None if ids is not None else list(input_ids), positions, slot_mapping, seq_lens,
                           block_tables, graph_batch=self.padded_batch(len(input_ids)))
