@@ -170,7 +170,8 @@ class ParallelModelRunner(ModelRunner):
     Four kinds of forward reach the workers: an eager step of any shape (forward_logits: ForwardInputs), a decode
     step replayed from a graph (the graphs' run: a DecodeStep with its graph size), an eager decode step queued
     by asynchronous scheduling (launch_forward: a DecodeStep without a graph), and a mixed prefill/decode step
-    replayed from a graph (the mixed graphs' run: a MixedStep with its token bucket)."""
+    replayed from a graph (the mixed graphs' run: a MixedStep with its token bucket). At size 1 nothing is sent and
+    every step is the in-process runner's (tp_bench's tp1 pair compares the two)."""
 
     def __init__(self, executor: TensorParallelExecutor, num_blocks: int, config: EngineConfig,
                  kv_cache_dtype: torch.dtype) -> None:
