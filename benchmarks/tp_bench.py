@@ -74,6 +74,9 @@ class CaseResult:
     async_scheduling: bool | None = None
     cudagraph_mixed: bool = False  # asked for
     mixed_graphs: bool | None = None  # captured (never on a CPU)
+    # The KV pool (blocks of the engine's block size): the offline rows of the tp1 pair are like for like only
+    # when both hold the same.
+    num_kv_blocks: int | None = None
 
 
 def executor_name(case: Case) -> str:
@@ -149,7 +152,8 @@ def run_case(case: Case, model_dir: str, args: argparse.Namespace) -> CaseResult
                           round((output_tokens + args.num_prompts * args.input_len) / seconds, 1), round(seconds, 2),
                           cuda_graphs=llm.engine.runner.graphs is not None,
                           async_scheduling=bool(llm.engine.async_scheduling), cudagraph_mixed=case.cudagraph_mixed,
-                          mixed_graphs=llm.engine.runner.mixed_graphs is not None)
+                          mixed_graphs=llm.engine.runner.mixed_graphs is not None,
+                          num_kv_blocks=llm.engine.get_stats().num_blocks)
     finally:
         llm.engine.shutdown()
 
@@ -176,7 +180,8 @@ def failed(case: Case, error: str) -> CaseResult:
 
 def print_table(results: list[CaseResult]) -> None:
     header = (f"{'case':<18} {'tp':>3} {'executor':<11} {'graphs':>6} {'mixed':>5} {'async':>5} {'GiB/GPU':>8} "
-              f"{'b1 tok/s':>9} {'roofline':>9} {'of roof':>8} {'offline out tok/s':>18} {'total tok/s':>12}")
+              f"{'b1 tok/s':>9} {'roofline':>9} {'of roof':>8} {'offline out tok/s':>18} {'total tok/s':>12} "
+              f"{'KV blocks':>10}")
     lines = [header, "-" * len(header)]
 
     def yes(flag) -> str:
@@ -191,7 +196,7 @@ def print_table(results: list[CaseResult]) -> None:
         lines.append(f"{r.name:<18} {r.tensor_parallel_size:>3} {r.executor:<11} {yes(r.cuda_graphs):>6} {mixed:>5} "
                      f"{yes(r.async_scheduling):>5} {r.weight_gib_per_gpu:>8} "
                      f"{r.batch1_decode_tok_s:>9} {r.roofline_tok_s:>9} {r.roofline_fraction:>8} "
-                     f"{r.offline_output_tok_s:>18} {r.offline_total_tok_s:>12}")
+                     f"{r.offline_output_tok_s:>18} {r.offline_total_tok_s:>12} {str(r.num_kv_blocks):>10}")
     for mixed in (False, True):
         by_name = {r.name: r for r in results if not r.error and r.cudagraph_mixed == mixed}
         if "tp1-engine" in by_name and "tp1-executor" in by_name:

@@ -170,7 +170,8 @@ class ParallelModelRunner(ModelRunner):
     Four kinds of forward reach the workers: an eager step of any shape (forward_logits: ForwardInputs), a decode
     step replayed from a graph (the graphs' run: a DecodeStep with its graph size), an eager decode step queued
     by asynchronous scheduling (launch_forward: a DecodeStep without a graph), and a mixed prefill/decode step
-    replayed from a graph (the mixed graphs' run: a MixedStep with its token bucket)."""
+    replayed from a graph (the mixed graphs' run: a MixedStep with its token bucket). At size 1 nothing is sent and
+    every step is the in-process runner's (tp_bench's tp1 pair compares the two)."""
 
     def __init__(self, executor: TensorParallelExecutor, num_blocks: int, config: EngineConfig,
                  kv_cache_dtype: torch.dtype) -> None:
@@ -192,8 +193,9 @@ class ParallelModelRunner(ModelRunner):
 
     @torch.inference_mode()
     def launch_forward(self, requests: list[Request], previous: DecodeInFlight | None = None) -> DecodeForward:
-        if self.graphs is not None and self.graphs.can_run(len(requests)):
-            return super().launch_forward(requests, previous)  # the graphs' run sends the plan
+        if not self.executor.processes or (self.graphs is not None and self.graphs.can_run(len(requests))):
+            # The graphs' run sends the plan; at size 1 there is nobody to send it to, so the in-process step.
+            return super().launch_forward(requests, previous)
         positions = [request.num_computed_tokens for request in requests]
         ids = None if previous is None else previous_samples(previous, requests)
         step = DecodeStep(None if ids is not None else [r.all_token_ids[p] for r, p in zip(requests, positions)],
@@ -213,6 +215,9 @@ class DriverDecodeGraphs(DecodeGraphs):
     def run(self, input_ids: list[int], positions: list[int], slot_mapping: list[int], seq_lens: list[int],
             block_tables: list[list[int]], source: torch.Tensor | None = None,
             lora_slots: list[int] | None = None) -> torch.Tensor:
+        if not self.executor.processes:  # size 1: no rank to send the plan or the ids to; the in-process replay
+            return self.executor.run_guarded(lambda: DecodeGraphs.run(self, input_ids, positions, slot_mapping,
+                                                                      seq_lens, block_tables, source))
         ids = None if source is None else source.index_select(0, to_device(input_ids, torch.int64, source.device))
         step = DecodeStep(None if ids is not None else list(input_ids), positions, slot_mapping, seq_lens,
                           block_tables, graph_batch=self.padded_batch(len(input_ids)))

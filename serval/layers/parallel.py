@@ -426,7 +426,10 @@ def parallelize_experts(model: nn.Module, group: dist.ProcessGroup | None = None
                         layout: ShardLayout | None = None) -> nn.Module:
     """After parallelize: give each sparse MoE block its all-reduce (gpt-oss's experts their own). A shared
     expert's down_proj goes back to a plain Linear, so that its partial sum joins the experts' before that one
-    all-reduce. Split by rows, gpt-oss's down bias stays on rank 0 only (it is added once). No-op for dense models."""
+    all-reduce. Split by rows, gpt-oss's down bias stays on rank 0 only (it is added once). No-op for dense models,
+    and at size 1 (as parallelize)."""
+    if layout is not None and layout.size == 1:
+        return model
     reducing_classes: dict[type, type] = {}
     for module in model.modules():
         if isinstance(module, SparseMoeBlock):
@@ -468,18 +471,19 @@ class RowParallelLinear(Linear):
         return self._reduce(self._partial(x))
 
     def forward_silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        # The fused SwiGLU GEMV would add the bias on every rank; the unfused pair keeps one all-reduce.
         return self._reduce(self._partial(gate_up, gated=True))
 
     def _partial(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
         if self.quant_method is not None:  # fp8 may fuse SwiGLU into the activations' quantization
             return self.quant_method.apply(self, x, gated=gated)
+        if takes_gemv(x, 2 * self.in_features if gated else self.in_features):
+            # One device's kernel for one row, SwiGLU fused in when gated (a separate silu_and_mul would be one more
+            # dependent launch per layer); without the bias, which _reduce adds once.
+            from serval.kernels import triton_gemv
+            return triton_gemv.gemv(x, self.weight, None, gated=gated).view(*x.shape[:-1], self.out_features)
         if gated:
             from serval.layers.activation import silu_and_mul
             x = silu_and_mul(x)
-        if takes_gemv(x, self.in_features):
-            from serval.kernels import triton_gemv
-            return triton_gemv.gemv(x, self.weight, None).view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight)
 
     def _reduce(self, out: torch.Tensor) -> torch.Tensor:
@@ -524,7 +528,11 @@ class ParallelLMHead(Linear):
 
 def parallelize(model: nn.Module, layout: ShardLayout, group: dist.ProcessGroup | None = None) -> nn.Module:
     """Give a Llama-family model built from local_config its collectives (the layer classes above, in place:
-    parameters, their names and tied weights stay as they are) and its full vocabulary size back."""
+    parameters, their names and tied weights stay as they are) and its full vocabulary size back.
+
+    At size 1 the layers stay as built: the one rank holds the whole model and runs one device's kernels and ops,
+    none more (a collective over a group of one is still a call into the process group, the logits' gather still
+    copies them, the embedding's vocabulary mask is five more ops, each a launch in every decode graph)."""
     for name, module in model.named_modules():
         leaf = name.rpartition(".")[2]
         quant_method = getattr(module, "quant_method", None)
@@ -532,6 +540,8 @@ def parallelize(model: nn.Module, layout: ShardLayout, group: dist.ProcessGroup 
                                          or leaf in ("lm_head", "embed_tokens")):
             raise ValueError(f"tensor parallelism does not shard {quant_method.name} layers ({name}); it shards "
                              "fp8, block-fp8, int8 and 4-bit projections of the decoder layers")
+        if layout.size == 1:
+            continue
         if leaf in ROW_PARALLEL_PROJECTIONS:
             module.__class__ = RowParallelLinear
             if quant_method is not None and module.bias is not None:

@@ -104,8 +104,8 @@ def test_more_ranks_than_devices_is_refused(tmp_path):
 
 
 def test_the_multiprocess_executor_at_size_one_gives_the_engines_tokens(tmp_path):
-    """distributed_executor_backend="mp" at size 1 (what benchmarks/tp_bench.py times against today's path): the
-    parallel layers and the step broadcast over a group of one, no worker to start."""
+    """distributed_executor_backend="mp" at size 1 (what benchmarks/tp_bench.py times against today's path): no
+    worker to start, and the same tokens (test_size_one.py: the same layers and ops, step for step)."""
     hf_model = build_tiny_model(tmp_path, "llama")
     prompts = make_prompts(hf_model.config.vocab_size, count=6)
     params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)

@@ -1,0 +1,153 @@
+"""tensor_parallel_size=1 through the multi-process executor (distributed_executor_backend="mp", what
+benchmarks/tp_bench.py times against the in-process engine) runs the single-device model op for op: the same layer
+classes and parameters, the same aten ops in a decode step and no collective among them, the same GEMV calls for a
+one-row step (SwiGLU fused into down_proj's). And a tensor-parallel rank's row-parallel down_proj decodes one row
+with the fused SwiGLU GEMV too, its bias added once after the all-reduce."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from serval import LLM
+from serval.engine.model_runner import ForwardInputs
+from serval.kernels import triton_gemv
+from serval.layers.linear import Linear
+from serval.layers.parallel import RowParallelLinear
+from tests.conftest import build_tiny_model
+from tests.model.tiny_models import build_tiny
+
+PROMPT = [5, 17, 42]
+
+
+class OpRecorder(TorchDispatchMode):
+    """The aten (and c10d) ops a forward dispatches, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def recording_gemv(calls: list[tuple[tuple[int, ...], bool]]):
+    """triton_gemv.gemv, recording each call's weight shape and whether SwiGLU was fused in."""
+    gemv = triton_gemv.gemv
+
+    def record(x, weight, bias=None, config=None, gated=False, weight_scale=None):
+        calls.append((tuple(weight.shape), gated))
+        return gemv(x, weight, bias, config, gated, weight_scale)
+
+    return record
+
+
+def decode_step(llm: LLM, monkeypatch) -> tuple[list[str], list[tuple[tuple[int, ...], bool]], torch.Tensor]:
+    """Prefill PROMPT, then record one decode step through the engine's runner (the executor's runner at size 1):
+    its ops, its GEMV calls (SERVAL_GEMV=triton: the GPU's batch-1 dispatch, in Triton's interpreter) and logits."""
+    runner, block_size = llm.engine.runner, llm.engine.config.block_size
+    n = len(PROMPT)
+    runner.forward_logits(ForwardInputs(PROMPT, list(range(n)), list(range(n)), [0, n], [n], [[0]], [n - 1]))
+    calls: list[tuple[tuple[int, ...], bool]] = []
+    decode = ForwardInputs([7], [n], [n], [0, 1], [n + 1], [[0]], [0])
+    assert n + 1 <= block_size
+    with monkeypatch.context() as patch:
+        patch.setenv("SERVAL_GEMV", "triton")
+        patch.setattr(triton_gemv, "gemv", recording_gemv(calls))
+        with OpRecorder() as recorder:
+            logits = runner.forward_logits(decode)
+    return recorder.ops, calls, logits
+
+
+def layer_signature(model: torch.nn.Module) -> list[tuple]:
+    modules = [(name, type(module).__name__) for name, module in model.named_modules()]
+    params = [(name, tuple(p.shape), p.stride(), p.dtype) for name, p in model.named_parameters()]
+    return modules + params
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
+def test_the_executor_at_size_one_runs_the_single_device_model(tmp_path, monkeypatch, family):
+    """Qwen2-MoE: its sparse blocks and shared expert stay one device's too (no all-reducing block class)."""
+    if family == "llama":
+        build_tiny_model(tmp_path, family)
+    else:
+        build_tiny(tmp_path, family)
+    engine_args = dict(model=str(tmp_path), skip_tokenizer_init=True, dtype="bfloat16", max_model_len=64,
+                       max_num_seqs=2, block_size=16)
+    single = LLM(**engine_args)
+    executor = LLM(**engine_args, distributed_executor_backend="mp")
+    try:
+        assert executor.engine.executor is not None and executor.engine.executor.processes == []
+        assert layer_signature(executor.engine.model) == layer_signature(single.engine.model)
+        ops, calls, logits = decode_step(executor, monkeypatch)
+        expected_ops, expected_calls, expected_logits = decode_step(single, monkeypatch)
+        assert not [op for op in ops if op.startswith("c10d.")]
+        assert ops == expected_ops
+        assert calls == expected_calls
+        if family == "llama":  # dense: every projection a GEMV, each down_proj with SwiGLU fused in
+            config = single.engine.hf_config
+            assert len(calls) == 4 * config.num_hidden_layers + 1
+            assert sum(gated for _, gated in calls) == config.num_hidden_layers
+        torch.testing.assert_close(logits, expected_logits, rtol=0, atol=0)
+    finally:
+        executor.engine.shutdown()
+
+
+HIDDEN, INTERMEDIATE, TP = 16, 32, 2
+
+
+def full_down_proj() -> Linear:
+    generator = torch.Generator().manual_seed(0)
+    layer = Linear(INTERMEDIATE, HIDDEN, bias=True).to(torch.bfloat16)
+    layer.weight.data.copy_(torch.randn(HIDDEN, INTERMEDIATE, generator=generator) / 4)
+    layer.bias.data.copy_(torch.randn(HIDDEN, generator=generator))
+    return layer
+
+
+def gate_up_row() -> torch.Tensor:
+    return torch.randn(1, 2 * INTERMEDIATE, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+
+
+def row_parallel_decode(rank: int, store_path: str, out_path: str) -> None:
+    """In a spawned process: rank `rank`'s down_proj (its intermediate columns) on one row of gate/up output."""
+    torch.set_num_threads(1)
+    os.environ["SERVAL_GEMV"] = "triton"
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=TP)
+    try:
+        full, gate_up = full_down_proj(), gate_up_row()
+        width = INTERMEDIATE // TP
+        columns = slice(rank * width, (rank + 1) * width)
+        layer = RowParallelLinear(width, HIDDEN, bias=True).to(torch.bfloat16)
+        layer.weight.data.copy_(full.weight[:, columns])
+        layer.bias.data.copy_(full.bias)
+        gate, up = gate_up.chunk(2, dim=-1)
+        calls: list[tuple[tuple[int, ...], bool]] = []
+        triton_gemv.gemv = recording_gemv(calls)
+        out = layer.forward_silu_and_mul(torch.cat([gate[:, columns], up[:, columns]], dim=-1))
+        torch.save({"out": out, "calls": calls}, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_ranks_down_proj_decodes_one_row_with_the_fused_swiglu_gemv(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    outputs = [os.path.join(tmp_path, f"rank{rank}.pt") for rank in range(TP)]
+    processes = [context.Process(target=row_parallel_decode,
+                                 args=(rank, os.path.join(tmp_path, "store"), outputs[rank])) for rank in range(TP)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=300)
+    assert [process.exitcode for process in processes] == [0] * TP
+    results = [torch.load(path) for path in outputs]
+    assert [result["calls"] for result in results] == [[((HIDDEN, INTERMEDIATE // TP), True)]] * TP
+    full, gate_up = full_down_proj(), gate_up_row()
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    expected = (torch.nn.functional.silu(gate) * up) @ full.weight.float().t() + full.bias.float()
+    for result in results:
+        torch.testing.assert_close(result["out"].float(), expected, rtol=2e-2, atol=2e-2)
