@@ -32,7 +32,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """normed x alone; with a residual, (normed x + residual, x + residual) for the next block to add to."""
-        if x.is_cuda and x.dim() == 2:
+        # 3-D: Qwen3's per-head q/k norm of a [T, heads, head_dim] view, as [T * heads, head_dim] rows (a view at
+        # batch 1; the torch math was some eight kernels a call, sixteen a layer).
+        if x.is_cuda and x.dim() >= 2:
             from serval.kernels import triton_fused
             normed, new_residual = triton_fused.rms_norm(x, residual, self.weight, self.eps)
         else:
