@@ -42,6 +42,17 @@ class RMSNorm(nn.Module):
         return normed if residual is None else (normed, new_residual)
 
 
+def rms_norm_heads(query: torch.Tensor, key: torch.Tensor, q_norm: nn.Module,
+                   k_norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_norm(query), k_norm(key)) of [T, heads, head_dim] views, Qwen3's per-head norms. On a GPU, with both
+    plain RMSNorms, one kernel for the two, in place (serval.kernels.triton_qk_norm); otherwise each module
+    (nn.Identity for the families without them)."""
+    if query.is_cuda and type(q_norm) is RMSNorm and type(k_norm) is RMSNorm and q_norm.eps == k_norm.eps:
+        from serval.kernels import triton_qk_norm
+        return triton_qk_norm.rms_norm_qk_(query, key, q_norm.weight, k_norm.weight, q_norm.eps)
+    return q_norm(query), k_norm(key)
+
+
 def gemma_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ((1 + weight) * normalize(x + residual), x + residual), scaled in float32 and then rounded."""
