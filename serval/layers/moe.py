@@ -75,6 +75,16 @@ def top_k_softmax(router_logits: torch.Tensor, top_k: int) -> ExpertRouting:
     return ExpertRouting(torch.softmax(values, dim=-1).float(), expert_ids)
 
 
+def route_top_k_softmax(router_logits: torch.Tensor, top_k: int) -> ExpertRouting:
+    """top_k_softmax, on the routing kernel where the experts run on Triton (gpt-oss's MLP calls this)."""
+    if routing_on_kernel(router_logits):
+        from serval.kernels import triton_routing
+        weights, expert_ids = triton_routing.route(router_logits, top_k, softmax_first=False,
+                                                   round_weights=router_logits.dtype != torch.float32)
+        return ExpertRouting(weights, expert_ids)
+    return top_k_softmax(router_logits, top_k)
+
+
 def sigmoid_group_top_k(router_logits: torch.Tensor, top_k: int, num_groups: int, top_k_groups: int,
                         correction_bias: torch.Tensor, renormalize: bool, scaling_factor: float) -> ExpertRouting:
     """DeepSeek-V3's router (see the module docstring), in float32. The bias steers which experts are chosen,

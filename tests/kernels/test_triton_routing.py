@@ -10,7 +10,8 @@ import torch
 pytest.importorskip("triton")
 
 from serval.kernels import triton_routing  # noqa: E402
-from serval.layers.moe import ExpertRouting, softmax_top_k, top_k_softmax  # noqa: E402
+from serval.layers.moe import (ExpertRouting, route_top_k_softmax, routing_on_kernel, softmax_top_k,  # noqa: E402
+                               top_k_softmax)
 from tests.layers.test_moe import FAMILIES, TOP_K, copy_weights, our_block, random_hidden  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -124,3 +125,26 @@ def test_block_routes_on_the_kernel_as_transformers(family, dtype, monkeypatch):
     else:  # float32 weights: within the softmax's sum order
         torch.testing.assert_close(got.weights, want.weights, atol=1e-6, rtol=1e-5)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpt_oss_routes_on_the_kernel_as_transformers(dtype, monkeypatch):
+    """route_top_k_softmax (gpt-oss's MLP) with the experts on Triton: transformers' GptOssTopKRouter's experts
+    and weights (compared in expert-id order: bfloat16 logits tie, and torch.topk orders ties its own way)."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
+
+    from tests.model.tiny_models import tiny_config
+    monkeypatch.setenv("SERVAL_MOE_BACKEND", "triton")
+    config = tiny_config("gpt_oss", num_local_experts=16, num_experts_per_tok=4)
+    torch.manual_seed(0)
+    router = GptOssTopKRouter(config).to(DEVICE, dtype)
+    with torch.no_grad():
+        router.weight.normal_()
+        router.bias.normal_()
+        logits, want_weights, want_ids = router(torch.randn(50, config.hidden_size, device=DEVICE, dtype=dtype))
+    assert routing_on_kernel(logits)
+    routing = route_top_k_softmax(logits, config.num_experts_per_tok)
+    got, want = by_expert_id(routing.weights, routing.expert_ids), by_expert_id(want_weights.float(), want_ids)
+    assert torch.equal(got.expert_ids, want.expert_ids)
+    torch.testing.assert_close(got.weights, want.weights, atol=1e-6 if dtype == torch.float32 else 0,
+                               rtol=1e-5 if dtype == torch.float32 else 0)
