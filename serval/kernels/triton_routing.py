@@ -26,14 +26,14 @@ MAX_EXPERTS = 1024
 
 
 @triton.jit
-def _round_to(x, dtype, BFLOAT16: tl.constexpr):
-    """float32 x rounded to dtype (to nearest, ties to even) and widened back. bfloat16 by its bits: Triton's
+def _round_like(x, like_ptr, BFLOAT16: tl.constexpr):
+    """float32 x rounded to like_ptr's dtype (to nearest, ties to even) and widened back. bfloat16 by its bits: Triton's
     interpreter truncates a float32 -> bfloat16 cast, and the tests compare against torch's rounding."""
     if BFLOAT16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         return bits.to(tl.float32, bitcast=True)
-    return x.to(dtype).to(tl.float32)
+    return x.to(like_ptr.dtype.element_ty).to(tl.float32)
 
 
 @triton.jit
@@ -71,7 +71,7 @@ def _route_kernel(logits_ptr, weights_ptr, expert_ids_ptr, num_experts, stride_l
         exps = tl.where(in_top_k, tl.exp(picked - tl.max(tl.where(in_top_k, picked, float("-inf")), axis=0)), 0.0)
         weights = exps / tl.sum(exps, axis=0)
     if ROUND_WEIGHTS:
-        weights = _round_to(weights, logits_ptr.dtype.element_ty, ROUND_BFLOAT16)
+        weights = _round_like(weights, logits_ptr, ROUND_BFLOAT16)
     tl.store(weights_ptr + row * TOP_K + picks, weights, mask=in_top_k)
     tl.store(expert_ids_ptr + row * TOP_K + picks, picked_ids, mask=in_top_k)
 

@@ -42,16 +42,17 @@ def test_softmax_top_k_float32(num_tokens, num_experts, top_k, renormalize):
     torch.testing.assert_close(weights.cpu(), expected.weights, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("renormalize", [True, False])
 @pytest.mark.parametrize("num_tokens", [1, 7])
-def test_bfloat16_logits_with_weights_rounded_as_qwen_does(num_tokens, renormalize):
+def test_half_precision_logits_with_weights_rounded_as_qwen_does(num_tokens, renormalize, dtype):
     """Qwen's routers round the top-k weights to the model dtype: the kernel's rounding is torch's (to nearest,
     ties to even), so the weights are the reference's bit for bit."""
-    logits = random_logits(num_tokens, 128, torch.bfloat16, seed=num_tokens)
+    logits = random_logits(num_tokens, 128, dtype, seed=num_tokens)
     weights, expert_ids = triton_routing.route(logits, 8, renormalize=renormalize, round_weights=True)
     expected = softmax_top_k(logits.cpu(), 8, renormalize)
     assert torch.equal(expert_ids.cpu(), expected.expert_ids)
-    assert torch.equal(weights.cpu(), expected.weights.to(torch.bfloat16).float())
+    assert torch.equal(weights.cpu(), expected.weights.to(dtype).float())
 
 
 def test_ties_go_to_the_lowest_expert_ids():
