@@ -6,8 +6,9 @@ which CPU runs and the tests compare against in Triton's interpreter.
     top k first (gpt-oss):          top k of logits;  w = softmax(those k);  rounded to the logits' dtype
 
 One program per token row holds the row's E logits (E <= MAX_EXPERTS, one block), takes the k largest by k rounds
-of "maximum, then the lowest expert id holding it" (torch.topk's tie-break), and writes weights [T, k] float32 and
-expert_ids [T, k] int64 in descending order of weight, as torch.topk does.
+of "maximum, then the lowest expert id holding it", and writes weights [T, k] float32 and expert_ids [T, k] int64
+in descending order of weight, as torch.topk does. Equal scores go to the lowest ids (torch.topk leaves the order
+of ties unspecified: the set it picks from is the same).
 
 Why: the torch path is eight kernels a layer (cast, softmax, topk's two, sum, divide, two casts), each a few
 microseconds at batch-1 decode, where the layer's expert GEMVs take about twenty (docs/models.md, "MoE decode").
@@ -27,8 +28,8 @@ MAX_EXPERTS = 1024
 
 @triton.jit
 def _round_like(x, like_ptr, BFLOAT16: tl.constexpr):
-    """float32 x rounded to like_ptr's dtype (to nearest, ties to even) and widened back. bfloat16 by its bits: Triton's
-    interpreter truncates a float32 -> bfloat16 cast, and the tests compare against torch's rounding."""
+    """float32 x rounded to like_ptr's dtype (to nearest, ties to even) and widened back. bfloat16 by its bits:
+    Triton's interpreter truncates a float32 -> bfloat16 cast, and the tests compare against torch's rounding."""
     if BFLOAT16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
@@ -39,7 +40,8 @@ def _round_like(x, like_ptr, BFLOAT16: tl.constexpr):
 @triton.jit
 def _route_kernel(logits_ptr, weights_ptr, expert_ids_ptr, num_experts, stride_logits, TOP_K: tl.constexpr,
                   TOP_K_PAD: tl.constexpr, SOFTMAX_FIRST: tl.constexpr, RENORMALIZE: tl.constexpr,
-                  ROUND_WEIGHTS: tl.constexpr, ROUND_BFLOAT16: tl.constexpr, BLOCK_E: tl.constexpr, USE_PDL: tl.constexpr):
+                  ROUND_WEIGHTS: tl.constexpr, ROUND_BFLOAT16: tl.constexpr, BLOCK_E: tl.constexpr,
+                  USE_PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     experts = tl.arange(0, BLOCK_E)
     valid = experts < num_experts
@@ -96,6 +98,6 @@ def route(router_logits: torch.Tensor, top_k: int, *, softmax_first: bool = True
         _route_kernel[(num_tokens,)](
             router_logits, weights, expert_ids, num_experts, router_logits.stride(0), TOP_K=top_k,
             TOP_K_PAD=triton.next_power_of_2(top_k), SOFTMAX_FIRST=softmax_first, RENORMALIZE=renormalize,
-            ROUND_WEIGHTS=round_weights, ROUND_BFLOAT16=router_logits.dtype == torch.bfloat16, BLOCK_E=block_e, num_warps=1 if block_e <= 256 else 4,
-            **pdl.launch_options(router_logits))
+            ROUND_WEIGHTS=round_weights, ROUND_BFLOAT16=router_logits.dtype == torch.bfloat16, BLOCK_E=block_e,
+            num_warps=1 if block_e <= 256 else 4, **pdl.launch_options(router_logits))
     return weights, expert_ids
