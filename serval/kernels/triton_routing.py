@@ -59,7 +59,8 @@ def _route_kernel(logits_ptr, weights_ptr, expert_ids_ptr, num_experts, stride_l
     picked_ids = tl.zeros((TOP_K_PAD,), dtype=tl.int64)
     for j in tl.static_range(TOP_K):
         best = tl.max(scores, axis=0)
-        expert = tl.min(tl.where(scores == best, experts, BLOCK_E), axis=0)
+        # A NaN row matches no maximum: its ids stay in range (the experts kernels index weights by them).
+        expert = tl.minimum(tl.min(tl.where(scores == best, experts, BLOCK_E), axis=0), num_experts - 1)
         picked = tl.where(picks == j, best, picked)
         picked_ids = tl.where(picks == j, expert.to(tl.int64), picked_ids)
         scores = tl.where(experts == expert, float("-inf"), scores)

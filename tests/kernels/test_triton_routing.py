@@ -88,6 +88,13 @@ def test_rejects_routers_past_one_block():
         triton_routing.route(torch.zeros(1, 8, device=DEVICE), 9)
 
 
+def test_nan_logits_still_give_expert_ids_in_range():
+    """A NaN row (a diverged model) must not send the experts' kernels outside the weights."""
+    logits = torch.tensor([[float("nan")] * 6, [0.0, float("nan"), 1.0, 2.0, 3.0, 4.0]], device=DEVICE)
+    _, expert_ids = triton_routing.route(logits, 2, renormalize=True)
+    assert ((expert_ids >= 0) & (expert_ids < 6)).all()
+
+
 def test_empty_batch():
     weights, expert_ids = triton_routing.route(torch.zeros(0, 8, device=DEVICE), 2)
     assert weights.shape == expert_ids.shape == (0, 2)
