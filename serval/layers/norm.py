@@ -32,8 +32,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """normed x alone; with a residual, (normed x + residual, x + residual) for the next block to add to."""
-        # 3-D: Qwen3's per-head q/k norm of a [T, heads, head_dim] view, as [T * heads, head_dim] rows (a view at
-        # batch 1; the torch math was some eight kernels a call, sixteen a layer).
+        # 3-D (a per-head norm of a [T, heads, head_dim] view): [T * heads, head_dim] rows, a view at batch 1. The
+        # torch math is some eight kernels a call.
         if x.is_cuda and x.dim() >= 2:
             from serval.kernels import triton_fused
             normed, new_residual = triton_fused.rms_norm(x, residual, self.weight, self.eps)
