@@ -11,6 +11,9 @@ largest logits of a router with a bias and takes the softmax over those k only. 
 (`sigmoid_group_top_k`) scores experts by sigmoid, picks the best `topk_group` of `n_group` groups by the sum of
 each group's two best scores plus a load-balancing correction bias, takes the top k within those groups, and
 weights them by their sigmoid scores (renormalized, then times routed_scaling_factor).
+Where the experts run on Triton, Mixtral's and Qwen's routing is one kernel (serval.kernels.triton_routing: softmax,
+top k, renormalization and rounding per token row) and a batch-1 router product the Triton GEMV; these functions
+are its reference and the CPU path.
 
 gpt-oss's experts also carry biases and a clamped SwiGLU (`ClampedSwiGLU`, gate/up rows interleaved): both
 backends take them as options (the kernel adds the biases and applies the clamp in its GEMMs' epilogues), so
@@ -37,9 +40,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from serval.layers.fp8 import FP8, quantize_weight
+from serval.layers.linear import takes_gemv
 from serval.layers.mlp import GatedMLP
 
 _BACKENDS = ("torch", "triton")
+# serval.kernels.triton_routing.MAX_EXPERTS (not imported here: CPU-only installs may lack triton).
+ROUTING_KERNEL_MAX_EXPERTS = 1024
 
 
 @dataclass
@@ -67,6 +73,16 @@ def top_k_softmax(router_logits: torch.Tensor, top_k: int) -> ExpertRouting:
     """gpt-oss: the k largest logits, then the softmax over those k (in the logits' dtype, as transformers)."""
     values, expert_ids = torch.topk(router_logits, top_k, dim=-1)
     return ExpertRouting(torch.softmax(values, dim=-1).float(), expert_ids)
+
+
+def route_top_k_softmax(router_logits: torch.Tensor, top_k: int) -> ExpertRouting:
+    """top_k_softmax, on the routing kernel where the experts run on Triton (gpt-oss's MLP calls this)."""
+    if routing_on_kernel(router_logits):
+        from serval.kernels import triton_routing
+        weights, expert_ids = triton_routing.route(router_logits, top_k, softmax_first=False,
+                                                   round_weights=router_logits.dtype != torch.float32)
+        return ExpertRouting(weights, expert_ids)
+    return top_k_softmax(router_logits, top_k)
 
 
 def sigmoid_group_top_k(router_logits: torch.Tensor, top_k: int, num_groups: int, top_k_groups: int,
@@ -191,12 +207,24 @@ class FusedMoE(nn.Module):
                              gate_up_scale=self.gate_up_proj_scale, down_scale=self.down_proj_scale)
 
 
-def moe_backend(device: torch.device):
-    """The function computing the experts on this device (see the module docstring)."""
+def moe_backend_name(device: torch.device) -> str:
+    """"triton" on CUDA, "torch" elsewhere; SERVAL_MOE_BACKEND overrides (see the module docstring)."""
     name = os.environ.get("SERVAL_MOE_BACKEND") or ("triton" if device.type == "cuda" else "torch")
     if name not in _BACKENDS:
         raise ValueError(f"invalid SERVAL_MOE_BACKEND={name!r}: allowed {list(_BACKENDS)}")
-    if name == "torch":
+    return name
+
+
+def routing_on_kernel(router_logits: torch.Tensor) -> bool:
+    """Route with serval.kernels.triton_routing (one kernel) rather than softmax_top_k (eight)? Where the experts
+    run on Triton, for routers of up to its MAX_EXPERTS."""
+    return (moe_backend_name(router_logits.device) == "triton"
+            and router_logits.shape[-1] <= ROUTING_KERNEL_MAX_EXPERTS)
+
+
+def moe_backend(device: torch.device):
+    """The function computing the experts on this device (see the module docstring)."""
+    if moe_backend_name(device) == "torch":
         return fused_experts_reference
     from serval.kernels import triton_moe  # imports triton, which CPU-only installs may lack
     return triton_moe.fused_experts
@@ -221,10 +249,25 @@ class SparseMoeBlock(nn.Module):
         self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if shared_expert_intermediate_size else None
 
     def route(self, hidden: torch.Tensor) -> ExpertRouting:
-        routing = softmax_top_k(self.gate(hidden), self.top_k, self.renormalize)
-        if self.weights_in_model_dtype and hidden.dtype != torch.float32:
+        logits = self.router_logits(hidden)
+        round_weights = self.weights_in_model_dtype and hidden.dtype != torch.float32
+        if routing_on_kernel(logits):
+            from serval.kernels import triton_routing
+            weights, expert_ids = triton_routing.route(logits, self.top_k, renormalize=self.renormalize,
+                                                       round_weights=round_weights)
+            return ExpertRouting(weights, expert_ids)
+        routing = softmax_top_k(logits, self.top_k, self.renormalize)
+        if round_weights:
             routing.weights = routing.weights.to(hidden.dtype).float()
         return routing
+
+    def router_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """gate(hidden); one row on a GPU through the Triton GEMV, as every other batch-1 projection (cuBLAS's
+        kernel for this [E, H] product took 5 us of a 5 ms token, 48 times)."""
+        if takes_gemv(hidden, self.gate.in_features):
+            from serval.kernels import triton_gemv
+            return triton_gemv.gemv(hidden, self.gate.weight).view(*hidden.shape[:-1], -1)
+        return self.gate(hidden)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         out = self.experts(hidden, self.route(hidden))

@@ -32,12 +32,25 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """normed x alone; with a residual, (normed x + residual, x + residual) for the next block to add to."""
-        if x.is_cuda and x.dim() == 2:
+        # 3-D (a per-head norm of a [T, heads, head_dim] view): [T * heads, head_dim] rows, a view at batch 1. The
+        # torch math is some eight kernels a call.
+        if x.is_cuda and x.dim() >= 2:
             from serval.kernels import triton_fused
             normed, new_residual = triton_fused.rms_norm(x, residual, self.weight, self.eps)
         else:
             normed, new_residual = rms_norm(x, residual, self.weight, self.eps)
         return normed if residual is None else (normed, new_residual)
+
+
+def rms_norm_heads(query: torch.Tensor, key: torch.Tensor, q_norm: nn.Module,
+                   k_norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_norm(query), k_norm(key)) of [T, heads, head_dim] views, Qwen3's per-head norms. On a GPU, with both
+    plain RMSNorms, one kernel for the two, in place (serval.kernels.triton_qk_norm); otherwise each module
+    (nn.Identity for the families without them)."""
+    if query.is_cuda and type(q_norm) is RMSNorm and type(k_norm) is RMSNorm and q_norm.eps == k_norm.eps:
+        from serval.kernels import triton_qk_norm
+        return triton_qk_norm.rms_norm_qk_(query, key, q_norm.weight, k_norm.weight, q_norm.eps)
+    return q_norm(query), k_norm(key)
 
 
 def gemma_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,

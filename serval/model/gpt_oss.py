@@ -24,7 +24,7 @@ from torch import nn
 from serval.layers.attention import Attention, AttentionMetadata
 from serval.layers.embedding import Embedding
 from serval.layers.linear import Linear, qkv_linear
-from serval.layers.moe import ClampedSwiGLU, FusedMoE, top_k_softmax
+from serval.layers.moe import ClampedSwiGLU, FusedMoE, route_top_k_softmax
 from serval.layers.norm import RMSNorm
 from serval.layers.rotary import RotaryEmbedding, rope_parameters
 from serval.model.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel, sliding_window_of
@@ -85,7 +85,7 @@ class GptOssMLP(nn.Module):
                                 activation=swiglu_of(config))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.experts(hidden, top_k_softmax(self.router(hidden), self.top_k))
+        return self.experts(hidden, route_top_k_softmax(self.router(hidden), self.top_k))
 
 
 class GptOssDecoderLayer(nn.Module):

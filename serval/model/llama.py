@@ -23,7 +23,7 @@ from serval.layers.attention import Attention, AttentionMetadata
 from serval.layers.embedding import Embedding
 from serval.layers.linear import Linear, MergedLinear, qkv_linear
 from serval.layers.mlp import GatedMLP
-from serval.layers.norm import RMSNorm
+from serval.layers.norm import RMSNorm, rms_norm_heads
 from serval.layers.rotary import RotaryEmbedding, rope_parameters
 
 # Checkpoint projection name -> (our merged module, its shard).
@@ -67,7 +67,7 @@ class LlamaAttention(nn.Module):
                 metadata: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
         q, k, v = (x.unflatten(-1, (-1, self.head_dim)) for x in (q, k, v))  # [T, heads, head_dim]
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rms_norm_heads(q, k, self.q_norm, self.k_norm)
         out = self.attn(positions, q, k, v, kv_cache, metadata)
         return self.o_proj(out.flatten(-2))
 
