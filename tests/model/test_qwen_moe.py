@@ -95,3 +95,23 @@ def test_fp8_experts_replayed_from_graphs_equal_eager(qwen_moe):
                                                               use_tqdm=False)]
 
     assert generate() == generate(enforce_eager=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton routing and q/k-norm kernels need a GPU")
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])
+def test_gpu_kernels_give_the_cpu_engines_tokens(qwen_moe, arch):
+    """In float32 on a GPU (routing in one Triton kernel, Qwen3's q/k norms in one, the experts on Triton, CUDA
+    graphs) the greedy tokens are the CPU engine's (torch reference throughout), prefill and decode alike."""
+    path, hf_model = qwen_moe(arch)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, hf_model.config.vocab_size, (n,), generator=generator).tolist()
+               for n in (1, 5, 17, 33, 64)]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+
+    def generate(**engine_args):
+        llm = LLM(model=path, skip_tokenizer_init=True, block_size=4, max_model_len=256, max_num_seqs=8,
+                  **engine_args)
+        return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                              use_tqdm=False)]
+
+    assert generate(device="cuda", dtype="float32", num_gpu_blocks_override=400) == generate(device="cpu")
