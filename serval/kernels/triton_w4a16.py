@@ -71,6 +71,8 @@ GROUPED_GEMM_CONFIG = (128, 128, 64, 4)  # the fastest of benchmarks/quant_kerne
 MAX_ROWS_X_BLOCK_K = 128
 # Up to this many rows the GEMVs (the act-order one reads W once per row) beat the GEMM.
 GEMV_MAX_ROWS = 4
+# The split-K GEMV stages x (16-bit activations) in chunks of at most this many values a load.
+X_STAGE_CHUNK = 2048
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 GROUPED_GEMV, GROUPED_GEMM = "grouped_gemv", "grouped_gemm"  # the sections of a device's table
 
@@ -255,10 +257,74 @@ def _finish_row(acc, row, y_ptr, partial_ptr, pid_k, cols, col_ok, M, N, SPLIT: 
 
 
 @triton.jit
-def _w4a16_split_k_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, y_ptr, partial_ptr, counter_ptr, M, N, K,
-                               stride_x, K_PER_SPLIT, num_slices, SPLIT: tl.constexpr, GROUP: tl.constexpr,
-                               ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                               SLICE_CHUNK: tl.constexpr, USE_ASM: tl.constexpr, USE_PDL: tl.constexpr):
+def _byte_halves(words, byte: tl.constexpr, USE_ASM: tl.constexpr):
+    """Nibbles 2 byte and 2 byte + 1 of each word as the float16 1024 + q and 1024 + 16 q, exactly, with no
+    conversion instruction: the nibble masked into the mantissa of 1024 (0x6400, one unit a step) or one nibble
+    up (16 units a step; a nibble at bits 8..11 would reach the exponent, so each byte is taken on its own). On the
+    GPU two adjacent words (columns) at a time: one prmt puts the byte of each in a 16-bit lane of one register,
+    then one lop3 (AND then OR) a nibble: two float16 in one register, 1.5 instructions for four weights."""
+    if USE_ASM:
+        selector: tl.constexpr = byte | ((4 + byte) << 8)  # byte `byte` of $2 to bits 0..7, of $3 to 16..23
+        low, high = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; prmt.b32 t, $2, $3, $4; lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA; "
+            "lop3.b32 $1, t, 0x00F000F0, 0x64006400, 0xEA; }",
+            "=r,=r,r,r,n,n", [words, selector], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+    else:  # the interpreter: the same numbers by arithmetic
+        low = ((words >> (8 * byte)) & 0xF).to(tl.float16) + 1024.0
+        high = ((words >> (8 * byte + 4)) & 0xF).to(tl.float16) * 16.0 + 1024.0
+    return low, high
+
+
+@triton.jit
+def _stage_half_x(x_ptr, stage_ptr, stride_x, row, k_begin, slice_len, BLOCK_K: tl.constexpr,
+                  X_CHUNK: tl.constexpr):
+    """Row row of x over the program's slice of K, scaled by a power of two into [-1, 1) and stored as float16 at
+    stage_ptr, each tile's values nibble-major (x[k + 8i + j] at j * BLOCK_K/8 + i), so the tile loop reads the
+    values that meet nibble j of its words as one vector. Returns the inverse power of two, which the row's sum is
+    multiplied by at the end. The scale keeps float16 products in range (|x| may be far past 65504 / 15); being a
+    power of two, bfloat16 values stay exact (8 bits of mantissa in float16's 11), short of float16's subnormals."""
+    words_per_tile: tl.constexpr = BLOCK_K // 8
+    amax = tl.zeros((), dtype=tl.float32)
+    for first in range(0, slice_len, X_CHUNK):
+        offsets = first + tl.arange(0, X_CHUNK)
+        x = tl.load(x_ptr + row * stride_x + k_begin + offsets, mask=offsets < slice_len, other=0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=0))
+    # amax lies in [2^(e-127), 2^(e-126)) for its exponent field e: scaling by 2^(126-e) puts it in [0.5, 1).
+    exponent = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    scale_field = tl.minimum(tl.maximum(253 - exponent, 1), 253)
+    scale = (scale_field << 23).to(tl.float32, bitcast=True)
+    for first in range(0, slice_len, X_CHUNK):
+        offsets = first + tl.arange(0, X_CHUNK)
+        x = tl.load(x_ptr + row * stride_x + k_begin + offsets, mask=offsets < slice_len, other=0.0)
+        in_tile = offsets % BLOCK_K
+        staged = offsets - in_tile + (in_tile % 8) * words_per_tile + in_tile // 8
+        tl.store(stage_ptr + staged, (x.to(tl.float32) * scale).to(tl.float16), mask=offsets < slice_len)
+    return ((254 - scale_field) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _add_half_row_products(tile, low, high, stage_ptr, byte: tl.constexpr, WORDS: tl.constexpr):
+    """tile + (q - z) x for nibbles 2 byte and 2 byte + 1 of each word, in float16 (two weights an instruction)."""
+    x_low = tl.load(stage_ptr + (2 * byte) * WORDS + tl.arange(0, WORDS))
+    x_high = tl.load(stage_ptr + (2 * byte + 1) * WORDS + tl.arange(0, WORDS))
+    tile += low * x_low[:, None]
+    tile += high * x_high[:, None]
+    return tile
+
+
+@triton.jit
+def _half_tile_sum(tile, scale):
+    """A row's float16 tile of products summed over K (in float16: at most 15 x BLOCK_K in size, |x| < 1), then
+    scaled in float32."""
+    return tl.sum(tile, axis=0).to(tl.float32) * scale
+
+
+@triton.jit
+def _w4a16_split_k_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, y_ptr, partial_ptr, counter_ptr,
+                               stage_ptr, M, N, K, stride_x, K_PER_SPLIT, num_slices, SPLIT: tl.constexpr,
+                               GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_K: tl.constexpr, SLICE_CHUNK: tl.constexpr, HALF: tl.constexpr,
+                               X_CHUNK: tl.constexpr, USE_ASM: tl.constexpr, USE_PDL: tl.constexpr):
     # Program (n, s) owns BLOCK_N columns for each of the ROWS (1 to 4) rows of x and the s-th slice of K: a decode
     # projection has only N / BLOCK_N column blocks, too few programs to keep a GPU's loads in flight, so K is split
     # too (split-K). BLOCK_K divides the group, so a tile has one scale and zero per column: the tile's sum over K
@@ -267,12 +333,15 @@ def _w4a16_split_k_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, y_ptr,
     # past ROWS compile away. The slices' partial sums go to partial_ptr; the last program of a column block to
     # finish (counted in counter_ptr, which it sets back to 0 for the next launch) adds them in slice order and
     # writes y: one kernel, no zeroed buffer, deterministic.
+    # HALF (x in bfloat16 or float16): the products are float16, two to an instruction, summed in float16 over a
+    # tile; x is staged first (_stage_half_x). Otherwise (float32 x) every weight is a float32 FMA.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     k_begin = pid_k * K_PER_SPLIT
-    k_last = tl.minimum(k_begin + K_PER_SPLIT, K) - BLOCK_K
+    k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
+    k_last = k_end - BLOCK_K
     # W is no earlier kernel's output: its first tile is read before waiting for the previous kernel (pdl).
     words, scale, zero = _packed_tile(qweight_ptr, scales_ptr, zeros_ptr, k_begin, cols, col_ok, N, GROUP, BLOCK_K)
     pdl.wait(USE_PDL)
@@ -280,31 +349,84 @@ def _w4a16_split_k_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, y_ptr,
     acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k in range(k_begin, k_last + BLOCK_K, BLOCK_K):
-        # The next tile is requested before this one is used, so two are in flight (none past the slice's last).
-        next_words, next_scale, next_zero = _packed_tile(qweight_ptr, scales_ptr, zeros_ptr, k + BLOCK_K, cols,
-                                                         col_ok & (k < k_last), N, GROUP, BLOCK_K)
-        high = words >> 16  # nibbles 4..7 down to bits 0..15 (the sign bits the shift drags in are masked off)
-        x_words = x_ptr + k + tl.arange(0, BLOCK_K // 8) * 8
-        tile0 = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-        tile1 = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-        tile2 = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-        tile3 = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-        for j in tl.static_range(4):
-            low_q = _nibble_floats(words, zero, j, USE_ASM)
-            high_q = _nibble_floats(high, zero, j, USE_ASM)
-            tile0 = _add_row_products(tile0, low_q, high_q, x_words, 0, stride_x, j)
+    if HALF:
+        WORDS: tl.constexpr = BLOCK_K // 8
+        # A region of ROWS x K_PER_SPLIT float16 per program (no other program reads it).
+        stage = stage_ptr + (pid_k * tl.num_programs(0) + pid_n).to(tl.int64) * ROWS * K_PER_SPLIT
+        unscale0 = _stage_half_x(x_ptr, stage, stride_x, 0, k_begin, k_end - k_begin, BLOCK_K, X_CHUNK)
+        unscale1 = unscale0
+        unscale2 = unscale0
+        unscale3 = unscale0
+        if ROWS > 1:
+            unscale1 = _stage_half_x(x_ptr, stage + K_PER_SPLIT, stride_x, 1, k_begin, k_end - k_begin, BLOCK_K,
+                                     X_CHUNK)
+        if ROWS > 2:
+            unscale2 = _stage_half_x(x_ptr, stage + 2 * K_PER_SPLIT, stride_x, 2, k_begin, k_end - k_begin,
+                                     BLOCK_K, X_CHUNK)
+        if ROWS > 3:
+            unscale3 = _stage_half_x(x_ptr, stage + 3 * K_PER_SPLIT, stride_x, 3, k_begin, k_end - k_begin,
+                                     BLOCK_K, X_CHUNK)
+        tl.debug_barrier()  # the staged x is read by other threads of the program than wrote it
+        for k in range(k_begin, k_last + BLOCK_K, BLOCK_K):
+            next_words, next_scale, next_zero = _packed_tile(qweight_ptr, scales_ptr, zeros_ptr, k + BLOCK_K, cols,
+                                                             col_ok & (k < k_last), N, GROUP, BLOCK_K)
+            # q - z exactly: 1024 + q less 1024 + z; (1024 + 16 q) / 16 less 64 + z (one FMA)
+            low_bias = (-1024.0 - zero).to(tl.float16)[None, :]
+            high_bias = (-64.0 - zero).to(tl.float16)[None, :]
+            staged = stage + (k - k_begin)
+            tile0 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float16)
+            tile1 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float16)
+            tile2 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float16)
+            tile3 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float16)
+            for byte in tl.static_range(4):
+                low, high = _byte_halves(words, byte, USE_ASM)
+                low = low + low_bias
+                high = high * 0.0625 + high_bias
+                tile0 = _add_half_row_products(tile0, low, high, staged, byte, WORDS)
+                if ROWS > 1:
+                    tile1 = _add_half_row_products(tile1, low, high, staged + K_PER_SPLIT, byte, WORDS)
+                if ROWS > 2:
+                    tile2 = _add_half_row_products(tile2, low, high, staged + 2 * K_PER_SPLIT, byte, WORDS)
+                if ROWS > 3:
+                    tile3 = _add_half_row_products(tile3, low, high, staged + 3 * K_PER_SPLIT, byte, WORDS)
+            acc0 += _half_tile_sum(tile0, scale)
             if ROWS > 1:
-                tile1 = _add_row_products(tile1, low_q, high_q, x_words, 1, stride_x, j)
+                acc1 += _half_tile_sum(tile1, scale)
             if ROWS > 2:
-                tile2 = _add_row_products(tile2, low_q, high_q, x_words, 2, stride_x, j)
+                acc2 += _half_tile_sum(tile2, scale)
             if ROWS > 3:
-                tile3 = _add_row_products(tile3, low_q, high_q, x_words, 3, stride_x, j)
-        acc0 += tl.sum(tile0, axis=0) * scale
-        acc1 += tl.sum(tile1, axis=0) * scale
-        acc2 += tl.sum(tile2, axis=0) * scale
-        acc3 += tl.sum(tile3, axis=0) * scale
-        words, scale, zero = next_words, next_scale, next_zero
+                acc3 += _half_tile_sum(tile3, scale)
+            words, scale, zero = next_words, next_scale, next_zero
+        acc0 *= unscale0
+        acc1 *= unscale1
+        acc2 *= unscale2
+        acc3 *= unscale3
+    else:
+        for k in range(k_begin, k_last + BLOCK_K, BLOCK_K):
+            # The next tile is requested before this one is used, so two are in flight (none past the slice's last).
+            next_words, next_scale, next_zero = _packed_tile(qweight_ptr, scales_ptr, zeros_ptr, k + BLOCK_K, cols,
+                                                             col_ok & (k < k_last), N, GROUP, BLOCK_K)
+            high = words >> 16  # nibbles 4..7 down to bits 0..15 (the sign bits the shift drags in are masked off)
+            x_words = x_ptr + k + tl.arange(0, BLOCK_K // 8) * 8
+            tile0 = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+            tile1 = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+            tile2 = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+            tile3 = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+            for j in tl.static_range(4):
+                low_q = _nibble_floats(words, zero, j, USE_ASM)
+                high_q = _nibble_floats(high, zero, j, USE_ASM)
+                tile0 = _add_row_products(tile0, low_q, high_q, x_words, 0, stride_x, j)
+                if ROWS > 1:
+                    tile1 = _add_row_products(tile1, low_q, high_q, x_words, 1, stride_x, j)
+                if ROWS > 2:
+                    tile2 = _add_row_products(tile2, low_q, high_q, x_words, 2, stride_x, j)
+                if ROWS > 3:
+                    tile3 = _add_row_products(tile3, low_q, high_q, x_words, 3, stride_x, j)
+            acc0 += tl.sum(tile0, axis=0) * scale
+            acc1 += tl.sum(tile1, axis=0) * scale
+            acc2 += tl.sum(tile2, axis=0) * scale
+            acc3 += tl.sum(tile3, axis=0) * scale
+            words, scale, zero = next_words, next_scale, next_zero
     _finish_row(acc0, 0, y_ptr, partial_ptr, pid_k, cols, col_ok, M, N, SPLIT)
     if ROWS > 1:
         _finish_row(acc1, 1, y_ptr, partial_ptr, pid_k, cols, col_ok, M, N, SPLIT)
@@ -445,10 +567,18 @@ def _grouped_matmul(x, qweight, scales, zeros, y, group_size, gemv_config, gemm_
         slices, tiles_per_slice = split_k_slices(config, n, k, block_k, x.device)
         partials = torch.empty((slices, m, n), dtype=torch.float32, device=x.device) if slices > 1 else y
         counters = _arrival_counters(x.device) if slices > 1 else y
-        _w4a16_split_k_gemv_kernel[(triton.cdiv(n, config.block_n), slices)](
-            x, qweight, scales, zeros, y, partials, counters, m, n, k, x.stride(0), tiles_per_slice * block_k,
-            slices, SPLIT=slices > 1, GROUP=group_size, ROWS=m, BLOCK_N=config.block_n, BLOCK_K=block_k,
-            SLICE_CHUNK=min(16, triton.next_power_of_2(slices)), USE_ASM=x.is_cuda and torch.version.hip is None,
+        column_blocks = triton.cdiv(n, config.block_n)
+        half = x.dtype in (torch.float16, torch.bfloat16)
+        k_per_split = tiles_per_slice * block_k
+        # Each program's staged x (float16): a few percent of the weights' bytes, from L1 and L2.
+        stage = torch.empty((column_blocks * slices * m * k_per_split if half else 1,), dtype=torch.float16,
+                            device=x.device)
+        _w4a16_split_k_gemv_kernel[(column_blocks, slices)](
+            x, qweight, scales, zeros, y, partials, counters, stage, m, n, k, x.stride(0), k_per_split, slices,
+            SPLIT=slices > 1, GROUP=group_size, ROWS=m, BLOCK_N=config.block_n, BLOCK_K=block_k,
+            SLICE_CHUNK=min(16, triton.next_power_of_2(slices)), HALF=half,
+            X_CHUNK=min(X_STAGE_CHUNK, triton.next_power_of_2(k_per_split)),
+            USE_ASM=x.is_cuda and torch.version.hip is None,
             num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_options(x))
     else:
         block_m, block_n, block_k, num_warps = gemm_config or GROUPED_GEMM_CONFIG
