@@ -257,22 +257,37 @@ def _finish_row(acc, row, y_ptr, partial_ptr, pid_k, cols, col_ok, M, N, SPLIT: 
 
 
 @triton.jit
-def _byte_halves(words, byte: tl.constexpr, USE_ASM: tl.constexpr):
-    """Nibbles 2 byte and 2 byte + 1 of each word as the float16 1024 + q and 1024 + 16 q, exactly, with no
-    conversion instruction: the nibble masked into the mantissa of 1024 (0x6400, one unit a step) or one nibble
-    up (16 units a step; a nibble at bits 8..11 would reach the exponent, so each byte is taken on its own). On the
-    GPU two adjacent words (columns) at a time: one prmt puts the byte of each in a 16-bit lane of one register,
-    then one lop3 (AND then OR) a nibble: two float16 in one register, 1.5 instructions for four weights."""
+def _byte_weights(words, low_bias, high_bias, byte: tl.constexpr, USE_ASM: tl.constexpr):
+    """q - z of nibbles 2 byte and 2 byte + 1 of each word as float16, exactly, with no int-to-float conversion:
+    the nibble masked into the mantissa of 1024 (0x6400, one unit a step) is the float16 1024 + q, less
+    low_bias = 1024 + z; the one above it is 1024 + 16 q, times 1/16 less high_bias = 64 + z (one FMA). A nibble
+    at bits 8..11 would reach the exponent, so each byte is taken on its own. On the GPU, two adjacent words
+    (columns) at a time, kept as two float16 in one register all the way through the products: one prmt puts the
+    byte of each in a 16-bit lane, one lop3 (AND then OR) a nibble, one f16x2 add or FMA the zero point."""
     if USE_ASM:
-        selector: tl.constexpr = byte | ((4 + byte) << 8)  # byte `byte` of $2 to bits 0..7, of $3 to 16..23
+        # Operands: $0 $1 out; float16 pairs one register each ($2 1/16, $5 low_bias, $6 high_bias), words one each
+        # ($3 $4: two columns); the selector puts byte `byte` of $3 in bits 0..7, of $4 in 16..23.
+        selector: tl.constexpr = byte | ((4 + byte) << 8)
         low, high = tl.inline_asm_elementwise(
-            "{ .reg .b32 t; prmt.b32 t, $2, $3, $4; lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA; "
-            "lop3.b32 $1, t, 0x00F000F0, 0x64006400, 0xEA; }",
-            "=r,=r,r,r,n,n", [words, selector], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+            "{ .reg .b32 t, u, v; prmt.b32 t, $3, $4, $7; "
+            "lop3.b32 u, t, 0x000F000F, 0x64006400, 0xEA; sub.f16x2 $0, u, $5; "
+            "lop3.b32 v, t, 0x00F000F0, 0x64006400, 0xEA; fma.rn.f16x2 $1, v, $2, $6; }",
+            "=r,=r,r,r,r,r,r,n,n", [tl.full(words.shape, 0.0625, tl.float16), words, low_bias, high_bias,
+                                          selector],
+            dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
     else:  # the interpreter: the same numbers by arithmetic
-        low = ((words >> (8 * byte)) & 0xF).to(tl.float16) + 1024.0
-        high = ((words >> (8 * byte + 4)) & 0xF).to(tl.float16) * 16.0 + 1024.0
+        low = ((words >> (8 * byte)) & 0xF).to(tl.float16) + 1024.0 - low_bias
+        high = (((words >> (8 * byte + 4)) & 0xF).to(tl.float16) * 16.0 + 1024.0) * 0.0625 + high_bias
     return low, high
+
+
+@triton.jit
+def _fma_half(a, b, c, USE_ASM: tl.constexpr):
+    """a b + c in float16; on the GPU two elements (adjacent columns) an instruction."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.float16,
+                                         is_pure=True, pack=2)
+    return a * b + c
 
 
 @triton.jit
@@ -303,13 +318,13 @@ def _stage_half_x(x_ptr, stage_ptr, stride_x, row, k_begin, slice_len, BLOCK_K: 
 
 
 @triton.jit
-def _add_half_row_products(tile, low, high, stage_ptr, byte: tl.constexpr, WORDS: tl.constexpr):
+def _add_half_row_products(tile, low, high, stage_ptr, byte: tl.constexpr, WORDS: tl.constexpr,
+                           USE_ASM: tl.constexpr):
     """tile + (q - z) x for nibbles 2 byte and 2 byte + 1 of each word, in float16 (two weights an instruction)."""
     x_low = tl.load(stage_ptr + (2 * byte) * WORDS + tl.arange(0, WORDS))
     x_high = tl.load(stage_ptr + (2 * byte + 1) * WORDS + tl.arange(0, WORDS))
-    tile += low * x_low[:, None]
-    tile += high * x_high[:, None]
-    return tile
+    tile = _fma_half(low, tl.broadcast_to(x_low[:, None], low.shape), tile, USE_ASM)
+    return _fma_half(high, tl.broadcast_to(x_high[:, None], high.shape), tile, USE_ASM)
 
 
 @triton.jit
@@ -370,25 +385,26 @@ def _w4a16_split_k_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, y_ptr,
         for k in range(k_begin, k_last + BLOCK_K, BLOCK_K):
             next_words, next_scale, next_zero = _packed_tile(qweight_ptr, scales_ptr, zeros_ptr, k + BLOCK_K, cols,
                                                              col_ok & (k < k_last), N, GROUP, BLOCK_K)
-            # q - z exactly: 1024 + q less 1024 + z; (1024 + 16 q) / 16 less 64 + z (one FMA)
-            low_bias = (-1024.0 - zero).to(tl.float16)[None, :]
-            high_bias = (-64.0 - zero).to(tl.float16)[None, :]
+            low_bias = tl.broadcast_to((1024.0 + zero).to(tl.float16)[None, :], words.shape)
+            high_bias = tl.broadcast_to((-64.0 - zero).to(tl.float16)[None, :], words.shape)
             staged = stage + (k - k_begin)
             tile0 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float16)
             tile1 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float16)
             tile2 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float16)
             tile3 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float16)
             for byte in tl.static_range(4):
-                low, high = _byte_halves(words, byte, USE_ASM)
-                low = low + low_bias
-                high = high * 0.0625 + high_bias
-                tile0 = _add_half_row_products(tile0, low, high, staged, byte, WORDS)
+                low, high = _byte_weights(words, low_bias, high_bias, byte, USE_ASM)
+                tile0 = _add_half_row_products(tile0, low, high, staged, byte, WORDS,
+                                                   USE_ASM)
                 if ROWS > 1:
-                    tile1 = _add_half_row_products(tile1, low, high, staged + K_PER_SPLIT, byte, WORDS)
+                    tile1 = _add_half_row_products(tile1, low, high, staged + K_PER_SPLIT, byte, WORDS,
+                                                   USE_ASM)
                 if ROWS > 2:
-                    tile2 = _add_half_row_products(tile2, low, high, staged + 2 * K_PER_SPLIT, byte, WORDS)
+                    tile2 = _add_half_row_products(tile2, low, high, staged + 2 * K_PER_SPLIT, byte, WORDS,
+                                                   USE_ASM)
                 if ROWS > 3:
-                    tile3 = _add_half_row_products(tile3, low, high, staged + 3 * K_PER_SPLIT, byte, WORDS)
+                    tile3 = _add_half_row_products(tile3, low, high, staged + 3 * K_PER_SPLIT, byte, WORDS,
+                                                   USE_ASM)
             acc0 += _half_tile_sum(tile0, scale)
             if ROWS > 1:
                 acc1 += _half_tile_sum(tile1, scale)

@@ -160,3 +160,51 @@ def test_split_k_gemv_replays_in_a_cuda_graph():
         torch.testing.assert_close(y.float(), triton_w4a16.reference_linear(x, qweight, scales, zeros, g_idx),
                                    atol=5e-2, rtol=2e-2)
     assert not triton_w4a16._arrival_counters(x.device).any()
+
+
+@pytest.mark.parametrize("m, k, n, group, symmetric, dtype", [
+    (1, 256, 40, 128, False, torch.bfloat16), (2, 256, 72, 64, True, torch.float16),
+    (3, 384, 24, 128, False, torch.bfloat16), (4, 256, 16, 256, False, torch.float16),
+    (1, 96, 8, 32, True, torch.bfloat16)])
+def test_split_k_gemv_float16_products_match_the_reference(m, k, n, group, symmetric, dtype):
+    # 16-bit x takes the GEMV's float16 path: x staged per program as float16 scaled by a power of two, products
+    # two to an instruction, each tile summed in float16. Its error against dequantize-then-matmul in float32 must
+    # stay within what rounding the output to 16 bits costs (one part in 256 for bfloat16) and a little more.
+    # x spans six decades (5e-3 to 5e3): float16 alone would overflow 15 x 5e3 x a tile's 64 rows.
+    qweight, scales, zeros, g_idx, _ = random_layout(k, n, group, False, seed=m * 5 + k + n, symmetric=symmetric)
+    generator = torch.Generator().manual_seed(m + n)
+    magnitudes = 10.0 ** (torch.rand(m, k, generator=generator) * 6 - 2.3)
+    x = (torch.randn(m, k, generator=generator) * magnitudes).to(DEVICE, dtype)
+    expected = triton_w4a16.reference_linear(x, qweight, scales.to(dtype), zeros, g_idx)
+    scale_of_output = expected.abs().amax(dim=1, keepdim=True)
+    for config in [None, (16, 32, 3, 1, 1), (64, 128, 1, 2, 1), (32, 64, 2, 1, 1)]:
+        got = triton_w4a16.matmul(x, qweight, scales.to(dtype), zeros, g_idx, gemv_config=config, group_size=group)
+        assert got.dtype == dtype and torch.isfinite(got).all()
+        assert ((got.float() - expected).abs() / scale_of_output).max() < 1e-2, config
+    assert not triton_w4a16._arrival_counters(x.device).any()
+
+
+def test_split_k_gemv_stages_x_in_several_loads(monkeypatch):
+    # A slice of K longer than the staging chunk (the whole K of one program here: split 1) is staged a chunk at a
+    # time, the scale from all of them: the largest |x| sits in the last chunk.
+    monkeypatch.setattr(triton_w4a16, "X_STAGE_CHUNK", 64)
+    qweight, scales, zeros, g_idx, _ = random_layout(512, 24, 128, False, seed=17)
+    x = torch.randn(2, 512, generator=torch.Generator().manual_seed(1))
+    x[:, -3] = 3e4
+    x = x.to(DEVICE, torch.bfloat16)
+    expected = triton_w4a16.reference_linear(x, qweight, scales.bfloat16(), zeros, g_idx)
+    got = triton_w4a16.matmul(x, qweight, scales.bfloat16(), zeros, g_idx, gemv_config=(32, 64, 1, 1, 1),
+                              group_size=128)
+    assert ((got.float() - expected).abs() / expected.abs().amax(dim=1, keepdim=True)).max() < 1e-2
+
+
+def test_split_k_gemv_zero_row():
+    # An all-zero row (its scale's exponent at the bottom of the range) gives zeros, not NaN.
+    qweight, scales, zeros, g_idx, _ = random_layout(256, 16, 128, False, seed=19)
+    x = torch.zeros(2, 256, device=DEVICE, dtype=torch.bfloat16)
+    x[1] = 1.0
+    got = triton_w4a16.matmul(x, qweight, scales.bfloat16(), zeros, g_idx, gemv_config=(16, 32, 2, 1, 1),
+                              group_size=128)
+    assert torch.equal(got[0], torch.zeros_like(got[0]))
+    torch.testing.assert_close(got[1].float(), triton_w4a16.reference_linear(x, qweight, scales.bfloat16(), zeros,
+                                                                               g_idx)[1], atol=3e-2, rtol=1e-2)
