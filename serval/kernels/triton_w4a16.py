@@ -58,11 +58,13 @@ GEMM_CONFIG = (32, 64, 64, 4)
 # the group), so scales and zeros are read per tile, not per weight. The GEMV's, a SplitKConfig: 128 columns a warp,
 # so each thread reads 16 bytes of a row of words and keeps its four columns' sums to itself.
 GROUPED_GEMV_CONFIG = SplitKConfig(block_n=256, block_k=64, split_k=0, num_warps=2, num_stages=1)
-# split_k 0 aims at this many warps per SM (each with one tile in use and one in flight: 64 KB a SM at the default,
-# enough to cover HBM's latency), with slices of at least MIN_SLICE_K rows of K: the partial sums (8 bytes a column
-# and slice, written and read back from L2) stay under an eighth of the weights' bytes. At 168 registers a thread
-# (the default config, sm_90) 6 programs of 2 warps fit an SM: 8 keeps the Llama-3-8B projections in one wave.
+# split_k 0 aims at this many warps per SM (each with one tile in use and one in flight, enough to cover HBM's
+# latency) and at least PROGRAMS_PER_SM programs (a program's staging of x and its last tile's wait are spent
+# once; other programs on the SM read meanwhile), with slices of at least MIN_SLICE_K rows of K: the partial sums
+# (8 bytes a column and slice, written and read back from L2) stay under an eighth of the weights' bytes. Llama-3-8B's
+# o projection (N = K = 4096) at 128 columns a program: 32 column blocks x 32 slices, 7.8 programs a SM of 132.
 WARPS_PER_SM = 8
+PROGRAMS_PER_SM = 4
 MIN_SLICE_K = 128
 # A column block's arrival counter lives in a per-device buffer of this many (launches with more blocks don't split).
 MAX_COLUMN_BLOCKS = 1 << 16
@@ -71,8 +73,10 @@ GROUPED_GEMM_CONFIG = (128, 128, 64, 4)  # the fastest of benchmarks/quant_kerne
 MAX_ROWS_X_BLOCK_K = 128
 # Up to this many rows the GEMVs (the act-order one reads W once per row) beat the GEMM.
 GEMV_MAX_ROWS = 4
-# The split-K GEMV stages x (16-bit activations) in chunks of at most this many values a load.
+# The split-K GEMV stages x (16-bit activations) in chunks of at most this many values a load, and at least
+# X_STAGE_MIN (one compiled kernel for all short slices).
 X_STAGE_CHUNK = 2048
+X_STAGE_MIN = 256
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 GROUPED_GEMV, GROUPED_GEMM = "grouped_gemv", "grouped_gemm"  # the sections of a device's table
 
@@ -211,12 +215,12 @@ def _unpacked_tile(qweight_ptr, k, cols, col_ok, N, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _packed_tile(qweight_ptr, scales_ptr, zeros_ptr, k, cols, col_ok, N, GROUP: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-    """The words of W[k:k+BLOCK_K, cols] ([BLOCK_K/8, BLOCK_N] int32, read once: not worth keeping in L2) and the
-    scale and zero point of the one group they lie in."""
-    words = tl.load(qweight_ptr + (k // 8 + tl.arange(0, BLOCK_K // 8))[:, None].to(tl.int64) * N + cols[None, :],
-                    mask=col_ok[None, :], other=0, eviction_policy="evict_first")
+def _packed_tile(word_ptrs, scales_ptr, zeros_ptr, k, cols, col_ok, N, GROUP: tl.constexpr):
+    """The words at word_ptrs, W[k:k+BLOCK_K, cols] ([BLOCK_K/8, BLOCK_N] int32, read once: not worth keeping in
+    L2), and the scale and zero point of the one group they lie in. Words masked off are left undefined (no
+    registers zeroed first): they only ever meet their own columns, which are not stored, or a tile past the slice's
+    last, which is not used."""
+    words = tl.load(word_ptrs, mask=col_ok[None, :], eviction_policy="evict_first")
     group = k // GROUP
     scale = tl.load(scales_ptr + group * N + cols, mask=col_ok, other=0.0).to(tl.float32)
     zero = tl.load(zeros_ptr + group * N + cols, mask=col_ok, other=0).to(tl.float32)
@@ -311,8 +315,8 @@ def _stage_half_x(x_ptr, stage_ptr, stride_x, row, k_begin, slice_len, BLOCK_K: 
     for first in range(0, slice_len, X_CHUNK):
         offsets = first + tl.arange(0, X_CHUNK)
         x = tl.load(x_ptr + row * stride_x + k_begin + offsets, mask=offsets < slice_len, other=0.0)
-        in_tile = offsets % BLOCK_K
-        staged = offsets - in_tile + (in_tile % 8) * words_per_tile + in_tile // 8
+        in_tile = offsets & (BLOCK_K - 1)  # BLOCK_K is a power of two
+        staged = offsets - in_tile + (in_tile & 7) * words_per_tile + (in_tile >> 3)
         tl.store(stage_ptr + staged, (x.to(tl.float32) * scale).to(tl.float16), mask=offsets < slice_len)
     return ((254 - scale_field) << 23).to(tl.float32, bitcast=True)
 
@@ -332,6 +336,30 @@ def _half_tile_sum(tile, scale):
     """A row's float16 tile of products summed over K (in float16: at most 15 x BLOCK_K in size, |x| < 1), then
     scaled in float32."""
     return tl.sum(tile, axis=0).to(tl.float32) * scale
+
+
+@triton.jit
+def _half_tile_sums(words, scale, zero, staged, K_PER_SPLIT, ROWS: tl.constexpr, WORDS: tl.constexpr,
+                    USE_ASM: tl.constexpr):
+    """Each row's sum over one tile of its products with W, in float32 per column (0 for rows past ROWS): the
+    products in float16 (_byte_weights, _add_half_row_products), with x staged at staged (a row every K_PER_SPLIT)."""
+    low_bias = tl.broadcast_to((1024.0 + zero).to(tl.float16)[None, :], words.shape)
+    high_bias = tl.broadcast_to((-64.0 - zero).to(tl.float16)[None, :], words.shape)
+    tile0 = tl.zeros(words.shape, dtype=tl.float16)
+    tile1 = tl.zeros(words.shape, dtype=tl.float16)
+    tile2 = tl.zeros(words.shape, dtype=tl.float16)
+    tile3 = tl.zeros(words.shape, dtype=tl.float16)
+    for byte in tl.static_range(4):
+        low, high = _byte_weights(words, low_bias, high_bias, byte, USE_ASM)
+        tile0 = _add_half_row_products(tile0, low, high, staged, byte, WORDS, USE_ASM)
+        if ROWS > 1:
+            tile1 = _add_half_row_products(tile1, low, high, staged + K_PER_SPLIT, byte, WORDS, USE_ASM)
+        if ROWS > 2:
+            tile2 = _add_half_row_products(tile2, low, high, staged + 2 * K_PER_SPLIT, byte, WORDS, USE_ASM)
+        if ROWS > 3:
+            tile3 = _add_half_row_products(tile3, low, high, staged + 3 * K_PER_SPLIT, byte, WORDS, USE_ASM)
+    return (_half_tile_sum(tile0, scale), _half_tile_sum(tile1, scale), _half_tile_sum(tile2, scale),
+            _half_tile_sum(tile3, scale))
 
 
 @triton.jit
@@ -358,7 +386,9 @@ def _w4a16_split_k_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, y_ptr,
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
     k_last = k_end - BLOCK_K
     # W is no earlier kernel's output: its first tile is read before waiting for the previous kernel (pdl).
-    words, scale, zero = _packed_tile(qweight_ptr, scales_ptr, zeros_ptr, k_begin, cols, col_ok, N, GROUP, BLOCK_K)
+    # The words' addresses step by BLOCK_K / 8 rows of N a tile (one add a 16-byte load, not a multiply per row).
+    word_ptrs = qweight_ptr + (k_begin // 8 + tl.arange(0, BLOCK_K // 8))[:, None].to(tl.int64) * N + cols[None, :]
+    words, scale, zero = _packed_tile(word_ptrs, scales_ptr, zeros_ptr, k_begin, cols, col_ok, N, GROUP)
     pdl.wait(USE_PDL)
     acc0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -382,37 +412,31 @@ def _w4a16_split_k_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, y_ptr,
             unscale3 = _stage_half_x(x_ptr, stage + 3 * K_PER_SPLIT, stride_x, 3, k_begin, k_end - k_begin,
                                      BLOCK_K, X_CHUNK)
         tl.debug_barrier()  # the staged x is read by other threads of the program than wrote it
-        for k in range(k_begin, k_last + BLOCK_K, BLOCK_K):
-            next_words, next_scale, next_zero = _packed_tile(qweight_ptr, scales_ptr, zeros_ptr, k + BLOCK_K, cols,
-                                                             col_ok & (k < k_last), N, GROUP, BLOCK_K)
-            low_bias = tl.broadcast_to((1024.0 + zero).to(tl.float16)[None, :], words.shape)
-            high_bias = tl.broadcast_to((-64.0 - zero).to(tl.float16)[None, :], words.shape)
-            staged = stage + (k - k_begin)
-            tile0 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float16)
-            tile1 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float16)
-            tile2 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float16)
-            tile3 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float16)
-            for byte in tl.static_range(4):
-                low, high = _byte_weights(words, low_bias, high_bias, byte, USE_ASM)
-                tile0 = _add_half_row_products(tile0, low, high, staged, byte, WORDS,
-                                                   USE_ASM)
-                if ROWS > 1:
-                    tile1 = _add_half_row_products(tile1, low, high, staged + K_PER_SPLIT, byte, WORDS,
-                                                   USE_ASM)
-                if ROWS > 2:
-                    tile2 = _add_half_row_products(tile2, low, high, staged + 2 * K_PER_SPLIT, byte, WORDS,
-                                                   USE_ASM)
-                if ROWS > 3:
-                    tile3 = _add_half_row_products(tile3, low, high, staged + 3 * K_PER_SPLIT, byte, WORDS,
-                                                   USE_ASM)
-            acc0 += _half_tile_sum(tile0, scale)
-            if ROWS > 1:
-                acc1 += _half_tile_sum(tile1, scale)
-            if ROWS > 2:
-                acc2 += _half_tile_sum(tile2, scale)
-            if ROWS > 3:
-                acc3 += _half_tile_sum(tile3, scale)
-            words, scale, zero = next_words, next_scale, next_zero
+        # Two tiles an iteration, each loaded while the other is used: loaded straight into the registers it is used
+        # from (one tile an iteration would copy its prefetched words over every iteration). A slice with an odd
+        # number of tiles ends on a second tile past it: masked, its words are zero and its scale 0, so it adds 0
+        # (it must add a finite number: see its staged x below).
+        step = (BLOCK_K // 8) * N
+        for k in range(k_begin, k_last + BLOCK_K, 2 * BLOCK_K):
+            second_words, second_scale, second_zero = _packed_tile(word_ptrs + step, scales_ptr, zeros_ptr,
+                                                                   k + BLOCK_K, cols, col_ok & (k < k_last), N, GROUP)
+            sum0, sum1, sum2, sum3 = _half_tile_sums(words, scale, zero, stage + (k - k_begin), K_PER_SPLIT, ROWS,
+                                                     WORDS, USE_ASM)
+            acc0 += sum0
+            acc1 += sum1
+            acc2 += sum2
+            acc3 += sum3
+            word_ptrs += 2 * step
+            words, scale, zero = _packed_tile(word_ptrs, scales_ptr, zeros_ptr, k + 2 * BLOCK_K, cols,
+                                              col_ok & (k + BLOCK_K < k_last), N, GROUP)
+            # (past the slice, it reads the first tile's staged x again: finite, times the scale 0)
+            sum0, sum1, sum2, sum3 = _half_tile_sums(second_words, second_scale, second_zero,
+                                                     stage + (tl.minimum(k + BLOCK_K, k_last) - k_begin),
+                                                     K_PER_SPLIT, ROWS, WORDS, USE_ASM)
+            acc0 += sum0
+            acc1 += sum1
+            acc2 += sum2
+            acc3 += sum3
         acc0 *= unscale0
         acc1 *= unscale1
         acc2 *= unscale2
@@ -420,8 +444,9 @@ def _w4a16_split_k_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, y_ptr,
     else:
         for k in range(k_begin, k_last + BLOCK_K, BLOCK_K):
             # The next tile is requested before this one is used, so two are in flight (none past the slice's last).
-            next_words, next_scale, next_zero = _packed_tile(qweight_ptr, scales_ptr, zeros_ptr, k + BLOCK_K, cols,
-                                                             col_ok & (k < k_last), N, GROUP, BLOCK_K)
+            word_ptrs += (BLOCK_K // 8) * N
+            next_words, next_scale, next_zero = _packed_tile(word_ptrs, scales_ptr, zeros_ptr, k + BLOCK_K, cols,
+                                                             col_ok & (k < k_last), N, GROUP)
             high = words >> 16  # nibbles 4..7 down to bits 0..15 (the sign bits the shift drags in are masked off)
             x_words = x_ptr + k + tl.arange(0, BLOCK_K // 8) * 8
             tile0 = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
@@ -560,14 +585,16 @@ class KSlices(NamedTuple):
     tiles_per_slice: int
 
 
-def split_k_slices(config: SplitKConfig, n: int, k: int, block_k: int, device: torch.device) -> KSlices:
-    """The config's number of K slices, or with split_k 0 enough for WARPS_PER_SM warps per SM in slices of at
-    least MIN_SLICE_K; one when the counters cannot hold the column blocks. Whole tiles, and no slice empty: every
-    slice's program must arrive at its column block's counter."""
+def split_k_slices(config: SplitKConfig, n: int, k: int, block_k: int, device: torch.device,
+                   num_sms: int | None = None) -> KSlices:
+    """The config's number of K slices, or with split_k 0 enough for WARPS_PER_SM warps and PROGRAMS_PER_SM programs
+    per SM (num_sms, else the device's) in slices of at least MIN_SLICE_K; one when the counters cannot hold the
+    column blocks. Whole tiles, and no slice empty: every slice's program must arrive at its column block's
+    counter."""
     column_blocks = triton.cdiv(n, config.block_n)
     tiles = k // block_k
-    wanted = config.split_k or min(triton.cdiv(WARPS_PER_SM * _num_sms(device), column_blocks * config.num_warps),
-                                   max(1, k // MIN_SLICE_K))
+    programs = max(WARPS_PER_SM // config.num_warps, PROGRAMS_PER_SM) * (num_sms or _num_sms(device))
+    wanted = config.split_k or min(triton.cdiv(programs, column_blocks), max(1, k // MIN_SLICE_K))
     if column_blocks > MAX_COLUMN_BLOCKS:
         wanted = 1
     tiles_per_slice = triton.cdiv(tiles, max(1, min(wanted, tiles)))
@@ -593,7 +620,7 @@ def _grouped_matmul(x, qweight, scales, zeros, y, group_size, gemv_config, gemm_
             x, qweight, scales, zeros, y, partials, counters, stage, m, n, k, x.stride(0), k_per_split, slices,
             SPLIT=slices > 1, GROUP=group_size, ROWS=m, BLOCK_N=config.block_n, BLOCK_K=block_k,
             SLICE_CHUNK=min(16, triton.next_power_of_2(slices)), HALF=half,
-            X_CHUNK=min(X_STAGE_CHUNK, triton.next_power_of_2(k_per_split)),
+            X_CHUNK=min(X_STAGE_CHUNK, max(X_STAGE_MIN, triton.next_power_of_2(k_per_split))),
             USE_ASM=x.is_cuda and torch.version.hip is None,
             num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_options(x))
     else:

@@ -139,6 +139,14 @@ def test_k_slices_are_whole_tiles_and_never_empty():
     assert triton_w4a16.split_k_slices(auto, 128, 4096, 64, torch.device("cpu")).count == 8
     assert triton_w4a16.split_k_slices(auto, 256, 4096, 64, torch.device("cpu")).count == 4  # two column blocks
     assert triton_w4a16.split_k_slices(auto, 128, 256, 64, torch.device("cpu")).count == 2  # 128 rows a slice
+    # On an H200 (132 SMs), N = K = 4096 (Llama-3-8B's o projection) at 128 columns and one warp a program: 32
+    # column blocks x 32 slices, at least 4 programs a SM; at 256 columns and 2 warps the 128-row floor holds it to
+    # 16 x 32 (3.9 a SM).
+    h200 = dict(device=torch.device("cpu"), num_sms=132)
+    assert triton_w4a16.split_k_slices(auto, 4096, 4096, 64, **h200) == (32, 2)
+    wide = auto._replace(block_n=256, num_warps=2)
+    assert triton_w4a16.split_k_slices(wide, 4096, 4096, 64, **h200) == (32, 2)
+    assert triton_w4a16.split_k_slices(wide._replace(split_k=64), 4096, 4096, 64, **h200) == (64, 1)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs")
