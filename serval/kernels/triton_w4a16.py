@@ -13,11 +13,15 @@ Reading 4 bits a weight instead of 16 is what a decode step gains: it is nothing
 
 Decode rows with groups in order (AWQ, GPTQ without act-order, compressed-tensors) take the split-K GEMV. A batch-1
 projection is nothing but reading W, so the kernel is shaped for bandwidth:
-    grid (N / BLOCK_N column blocks) x (SPLIT_K slices of K)   ~4 programs a SM even for N = 4096
-    program: BLOCK_N columns, all rows (1..4) at once, K slice in BLOCK_K steps, the next tile's words requested
-             before this tile's are used; BLOCK_K divides the group, so one scale and zero per tile and column
-    weight:  nibble -> float by a mask into a power of two's mantissa (no int-to-float), the zero point subtracted
-             with that power, one FMA per row; a thread sums its columns' tile and scales the sum once
+    grid (N / BLOCK_N column blocks) x (SPLIT_K slices of K)   >= 4 programs a SM even for N = 4096
+    program: BLOCK_N columns, all rows (1..4) at once, K slice in BLOCK_K steps, two tiles an iteration, each
+             loaded while the other is used; BLOCK_K divides the group, so one scale and zero per tile and column
+    x:       (16-bit x) first staged by the program as float16, scaled by a power of two into [-1, 1)
+    weight:  (16-bit x) a byte of two adjacent columns' words per prmt, a nibble of each into the mantissa of the
+             float16 1024 per lop3, the zero point off both by one f16x2 add (or FMA), then one f16x2 FMA per row:
+             two weights an instruction from unpacking to product; a tile's products summed in float16, then
+             scaled into a float32 sum. sm_90 SASS: about 2.3 instructions a weight at one row (4.5 before).
+             (float32 x) nibble -> float32 by a mask into a power of two's mantissa, one FMA per row.
     reduce:  each slice writes its partial; the column block's last program adds them (a counter it resets)
 Without split-K, 32 to 224 programs of a few warps walked K serially and read the H200's memory at 0.5 to 1.2
 TB/s (docs/performance.md).
@@ -73,6 +77,9 @@ GROUPED_GEMM_CONFIG = (128, 128, 64, 4)  # the fastest of benchmarks/quant_kerne
 MAX_ROWS_X_BLOCK_K = 128
 # Up to this many rows the GEMVs (the act-order one reads W once per row) beat the GEMM.
 GEMV_MAX_ROWS = 4
+# The split-K GEMV's last program of a column block reads the slices' partial sums this many a load (a constant, not
+# the launch's slice count: fewer kernels to compile, and the masked loads past the count cost nothing).
+PARTIALS_PER_LOAD = 16
 # The split-K GEMV stages x (16-bit activations) in chunks of at most this many values a load, and at least
 # X_STAGE_MIN (one compiled kernel for all short slices).
 X_STAGE_CHUNK = 2048
@@ -619,7 +626,7 @@ def _grouped_matmul(x, qweight, scales, zeros, y, group_size, gemv_config, gemm_
         _w4a16_split_k_gemv_kernel[(column_blocks, slices)](
             x, qweight, scales, zeros, y, partials, counters, stage, m, n, k, x.stride(0), k_per_split, slices,
             SPLIT=slices > 1, GROUP=group_size, ROWS=m, BLOCK_N=config.block_n, BLOCK_K=block_k,
-            SLICE_CHUNK=min(16, triton.next_power_of_2(slices)), HALF=half,
+            SLICE_CHUNK=PARTIALS_PER_LOAD, HALF=half,
             X_CHUNK=min(X_STAGE_CHUNK, max(X_STAGE_MIN, triton.next_power_of_2(k_per_split))),
             USE_ASM=x.is_cuda and torch.version.hip is None,
             num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_options(x))
