@@ -105,9 +105,9 @@ def inner_loop_instructions(config: tuple[int, ...], rows: int = 1, arch: int = 
         sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", cubin.name], capture_output=True,
                               text=True, check=True).stdout
     code = [(int(m.group(1), 16), m.group(2).strip())
-            for m in re.finditer(r"/\*([0-9a-f]{4})\*/\s+([^;]*);", sass)]
+            for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     loops = [(int(m.group(1), 16), address) for address, text in code
-             if (m := re.search(r"BRA\s.*?(0x[0-9a-f]+)", text)) and int(m.group(1), 16) < address]
+             if (m := re.search(r"BRA(?:\.\w+)*\s.*?(0x[0-9a-f]+)", text)) and int(m.group(1), 16) < address]
     fma_count = lambda loop: sum("HFMA2" in t or "FFMA" in t for a, t in code if loop[0] <= a <= loop[1])  # noqa
     first, last = max(loops, key=fma_count)
     body = [text for address, text in code if first <= address <= last]
