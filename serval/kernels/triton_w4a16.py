@@ -560,6 +560,12 @@ def _gemv_block_k(config: SplitKConfig, group_size: int, rows: int) -> int:
     return min(config.block_k, group_size, rows_limit)
 
 
+def _pairs_columns(config: SplitKConfig, block_k: int) -> bool:
+    """Does every thread hold an even number of the tile's words? The float16 path's inline PTX takes them two at
+    a time; a tile of fewer words than two a thread (BLOCK_N 16 x BLOCK_K 16 on a warp) takes the plain arithmetic."""
+    return (block_k // 8) * config.block_n >= 64 * config.num_warps
+
+
 def _grouped_fits(m: int, k: int, group_size: int, gemv_config, gemm_config) -> bool:
     """The grouped kernels need whole groups in K and tiles that never split a group across two: BLOCK_K divides
     the group (the GEMV's BLOCK_K is capped at the group first), and whole words."""
@@ -628,7 +634,7 @@ def _grouped_matmul(x, qweight, scales, zeros, y, group_size, gemv_config, gemm_
             SPLIT=slices > 1, GROUP=group_size, ROWS=m, BLOCK_N=config.block_n, BLOCK_K=block_k,
             SLICE_CHUNK=PARTIALS_PER_LOAD, HALF=half,
             X_CHUNK=min(X_STAGE_CHUNK, max(X_STAGE_MIN, triton.next_power_of_2(k_per_split))),
-            USE_ASM=x.is_cuda and torch.version.hip is None,
+            USE_ASM=x.is_cuda and torch.version.hip is None and (not half or _pairs_columns(config, block_k)),
             num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_options(x))
     else:
         block_m, block_n, block_k, num_warps = gemm_config or GROUPED_GEMM_CONFIG
