@@ -396,6 +396,11 @@ def _w4a16_split_k_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, y_ptr,
     # The words' addresses step by BLOCK_K / 8 rows of N a tile (one add a 16-byte load, not a multiply per row).
     word_ptrs = qweight_ptr + (k_begin // 8 + tl.arange(0, BLOCK_K // 8))[:, None].to(tl.int64) * N + cols[None, :]
     words, scale, zero = _packed_tile(word_ptrs, scales_ptr, zeros_ptr, k_begin, cols, col_ok, N, GROUP)
+    step = (BLOCK_K // 8) * N
+    if HALF:  # and the second, whose wait then overlaps x's staging too
+        second_words, second_scale, second_zero = _packed_tile(word_ptrs + step, scales_ptr, zeros_ptr,
+                                                               k_begin + BLOCK_K, cols, col_ok & (k_begin < k_last),
+                                                               N, GROUP)
     pdl.wait(USE_PDL)
     acc0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -423,10 +428,7 @@ def _w4a16_split_k_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, y_ptr,
         # from (one tile an iteration would copy its prefetched words over every iteration). A slice with an odd
         # number of tiles ends on a second tile past it: masked, its words are zero and its scale 0, so it adds 0
         # (it must add a finite number: see its staged x below).
-        step = (BLOCK_K // 8) * N
         for k in range(k_begin, k_last + BLOCK_K, 2 * BLOCK_K):
-            second_words, second_scale, second_zero = _packed_tile(word_ptrs + step, scales_ptr, zeros_ptr,
-                                                                   k + BLOCK_K, cols, col_ok & (k < k_last), N, GROUP)
             sum0, sum1, sum2, sum3 = _half_tile_sums(words, scale, zero, stage + (k - k_begin), K_PER_SPLIT, ROWS,
                                                      WORDS, USE_ASM)
             acc0 += sum0
@@ -444,6 +446,9 @@ def _w4a16_split_k_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, y_ptr,
             acc1 += sum1
             acc2 += sum2
             acc3 += sum3
+            second_words, second_scale, second_zero = _packed_tile(word_ptrs + step, scales_ptr, zeros_ptr,
+                                                                   k + 3 * BLOCK_K, cols,
+                                                                   col_ok & (k + 2 * BLOCK_K < k_last), N, GROUP)
         acc0 *= unscale0
         acc1 *= unscale1
         acc2 *= unscale2
@@ -451,7 +456,7 @@ def _w4a16_split_k_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, y_ptr,
     else:
         for k in range(k_begin, k_last + BLOCK_K, BLOCK_K):
             # The next tile is requested before this one is used, so two are in flight (none past the slice's last).
-            word_ptrs += (BLOCK_K // 8) * N
+            word_ptrs += step
             next_words, next_scale, next_zero = _packed_tile(word_ptrs, scales_ptr, zeros_ptr, k + BLOCK_K, cols,
                                                              col_ok & (k < k_last), N, GROUP)
             high = words >> 16  # nibbles 4..7 down to bits 0..15 (the sign bits the shift drags in are masked off)
