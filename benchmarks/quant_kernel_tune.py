@@ -1,7 +1,7 @@
 """Time the quantized batch-1 kernels over a grid of configurations on this GPU, for the projections of one model
-shape: the block-FP8 GEMV (serval.kernels.triton_gemv.block_scaled_gemv), the W4A16 split-K GEMV and the W4A16
-grouped GEMM (serval.kernels.triton_w4a16). Prints, per projection, the default configuration's time and GB/s of
-weights read, and the fastest configuration's; writes JSON.
+shape: the block-FP8 GEMV (serval.kernels.triton_gemv.block_scaled_gemv), the W4A16 split-K GEMV
+(serval.kernels.triton_w4a16_gemv) and the W4A16 grouped GEMM (serval.kernels.triton_w4a16). Prints, per
+projection, the default configuration's time and GB/s of weights read, and the fastest configuration's; writes JSON.
 
     python benchmarks/quant_kernel_tune.py [--hidden 4096 --intermediate 14336 --heads 32 --kv-heads 8]
         [--gemm-rows 256,2048] [--quick] [--skip-fp8] [--write-config] [--out results/quant_kernel_tune]
@@ -18,8 +18,8 @@ device the table was measured on; a different GPU wants its own run. --write-con
 which triton_w4a16 reads on that GPU: serval/kernels/configs/w4a16,device=<GPU name>.json (and a copy under --out,
 which is what comes back from a device call: copy it there and commit). Per projection its fastest GEMV and GEMM
 (the GEMM at the first --gemm-rows), and as "default" (for other shapes) the configuration fastest over all four
-projections together. The GEMV's entries are triton_w4a16.SplitKConfig (BLOCK_N, BLOCK_K, SPLIT_K, num_warps,
-num_stages; SPLIT_K 0: chosen from the SM count).
+projections together. The GEMV's entries are triton_w4a16_gemv.SplitKConfig (BLOCK_N, BLOCK_K, SPLIT_K,
+num_warps, num_stages; SPLIT_K 0: chosen from the SM count).
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def split_k_gemv_grid(quick: bool, cpu: bool = False) -> list[tuple[int, int, in
     """The W4A16 GEMV's (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) to try. BLOCK_N is 128 or 256 columns a
     warp: a thread then holds whole columns (four or eight words wide) and sums its tile without the others. SPLIT_K
     32 and 64 give N = K = 4096 (Llama-3-8B's o projection) at least 4 programs a SM of an H200's 132 from 256 and
-    from 128 columns a warp; 0 is the SM-count rule (triton_w4a16.split_k_slices)."""
+    from 128 columns a warp; 0 is the SM-count rule (triton_w4a16_gemv.split_k_slices)."""
     if cpu:
         return [(128, 64, 0, 1, 1), (128, 32, 2, 1, 1)]
     # Eight words a thread: BLOCK_K 128 would keep 128 words (and the next tile's) in registers, past 255.
@@ -62,10 +62,10 @@ def split_k_gemv_grid(quick: bool, cpu: bool = False) -> list[tuple[int, int, in
 
 def programs_per_sm(config: tuple[int, ...], n: int, k: int, num_sms: int) -> float:
     """How many programs a SM the split-K GEMV launches for an N x K weight at batch 1 under config."""
-    from serval.kernels import triton_w4a16
-    split = triton_w4a16.SplitKConfig(*config)
+    from serval.kernels import triton_w4a16_gemv
+    split = triton_w4a16_gemv.SplitKConfig(*config)
     block_k = min(split.block_k, 128)
-    slices = triton_w4a16.split_k_slices(split, n, k, block_k, torch.device("cpu"), num_sms=num_sms)
+    slices = triton_w4a16_gemv.split_k_slices(split, n, k, block_k, torch.device("cpu"), num_sms=num_sms)
     return -(-n // split.block_n) * slices.count / num_sms
 
 
@@ -82,12 +82,12 @@ def inner_loop_instructions(config: tuple[int, ...], rows: int = 1, arch: int = 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from serval.kernels import triton_w4a16
-    split = triton_w4a16.SplitKConfig(*config)
-    kernel = triton_w4a16._w4a16_split_k_gemv_kernel
+    from serval.kernels import triton_w4a16_gemv
+    split = triton_w4a16_gemv.SplitKConfig(*config)
+    kernel = triton_w4a16_gemv._w4a16_split_k_gemv_kernel
     pointers = {"x_ptr": "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*bf16", "zeros_ptr": "*u8", "y_ptr": "*bf16",
                 "partial_ptr": "*fp32", "counter_ptr": "*i32", "stage_ptr": "*fp16"}
-    block_k = triton_w4a16._gemv_block_k(split, 128, rows)  # as a launch of that many rows caps it
+    block_k = triton_w4a16_gemv.gemv_block_k(split, 128, rows)  # as a launch of that many rows caps it
     constants = dict(SPLIT=True, GROUP=128, ROWS=rows, BLOCK_N=split.block_n, BLOCK_K=block_k,
                      SLICE_CHUNK=16, HALF=True, X_CHUNK=1024, USE_ASM=True, USE_PDL=False)
     signature = {name: pointers.get(name, "constexpr" if name in constants else "i32") for name in kernel.arg_names}
