@@ -1,11 +1,12 @@
 """Time the quantized batch-1 kernels over a grid of configurations on this GPU, for the projections of one model
-shape: the block-FP8 GEMV (serval.kernels.triton_gemv.block_scaled_gemv), the W4A16 split-K GEMV and the W4A16
-grouped GEMM (serval.kernels.triton_w4a16). Prints, per projection, the default configuration's time and GB/s of
-weights read, and the fastest configuration's; writes JSON.
+shape: the block-FP8 GEMV (serval.kernels.triton_gemv.block_scaled_gemv), the W4A16 split-K GEMV
+(serval.kernels.triton_w4a16_gemv) and the W4A16 grouped GEMM (serval.kernels.triton_w4a16). Prints, per
+projection, the default configuration's time and GB/s of weights read, and the fastest configuration's; writes JSON.
 
     python benchmarks/quant_kernel_tune.py [--hidden 4096 --intermediate 14336 --heads 32 --kv-heads 8]
         [--gemm-rows 256,2048] [--quick] [--skip-fp8] [--write-config] [--out results/quant_kernel_tune]
     python benchmarks/quant_kernel_tune.py --device cpu   # tiny shapes and grids in Triton's interpreter: a smoke run
+    python benchmarks/quant_kernel_tune.py --count-instructions   # no GPU: the GEMV's SASS per weight for sm_90
 
 The GEMVs are timed as a decode step runs them (as benchmarks/gemv_bench.py does): a CUDA graph of one product per
 weight over enough copies of the weights (>= 256 MB) that they come from HBM, not the 50 MB L2, back to back, so a
@@ -17,8 +18,8 @@ device the table was measured on; a different GPU wants its own run. --write-con
 which triton_w4a16 reads on that GPU: serval/kernels/configs/w4a16,device=<GPU name>.json (and a copy under --out,
 which is what comes back from a device call: copy it there and commit). Per projection its fastest GEMV and GEMM
 (the GEMM at the first --gemm-rows), and as "default" (for other shapes) the configuration fastest over all four
-projections together. The GEMV's entries are triton_w4a16.SplitKConfig (BLOCK_N, BLOCK_K, SPLIT_K, num_warps,
-num_stages; SPLIT_K 0: chosen from the SM count).
+projections together. The GEMV's entries are triton_w4a16_gemv.SplitKConfig (BLOCK_N, BLOCK_K, SPLIT_K,
+num_warps, num_stages; SPLIT_K 0: chosen from the SM count).
 """
 from __future__ import annotations
 
@@ -43,18 +44,97 @@ def projections(hidden: int, intermediate: int, heads: int, kv_heads: int) -> di
 
 def split_k_gemv_grid(quick: bool, cpu: bool = False) -> list[tuple[int, int, int, int, int]]:
     """The W4A16 GEMV's (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) to try. BLOCK_N is 128 or 256 columns a
-    warp: a thread then holds whole columns (four or eight words wide) and sums its tile without the others."""
+    warp: a thread then holds whole columns (four or eight words wide) and sums its tile without the others. SPLIT_K
+    32 and 64 give N = K = 4096 (Llama-3-8B's o projection) at least 4 programs a SM of an H200's 132 from 256 and
+    from 128 columns a warp; 0 is the SM-count rule (triton_w4a16_gemv.split_k_slices)."""
     if cpu:
         return [(128, 64, 0, 1, 1), (128, 32, 2, 1, 1)]
     # Eight words a thread: BLOCK_K 128 would keep 128 words (and the next tile's) in registers, past 255.
-    tiles = [(128, 32), (128, 64), (256, 32), (256, 64)] + ([] if quick else [(128, 128)])
-    splits = (0, 4, 8, 16) if quick else (0, 2, 4, 8, 16, 32)
+    tiles = [(128, 32), (128, 64), (256, 64)] + ([] if quick else [(256, 32), (128, 128)])
+    splits = (0, 8, 16, 32, 64) if quick else (0, 2, 4, 8, 16, 32, 64)
     grid = [(per_warp * warps, block_k, split, warps, 1)
             for (per_warp, block_k), split, warps in itertools.product(tiles, splits, (1, 2, 4))]
     if not quick:  # Triton's software pipelining, on the tiles most likely to win (each stage count compiles anew)
         grid += [(per_warp * warps, 64, split, warps, 2)
                  for per_warp, split, warps in itertools.product((128, 256), splits, (1, 2, 4))]
     return grid
+
+
+def programs_per_sm(config: tuple[int, ...], n: int, k: int, num_sms: int) -> float:
+    """How many programs a SM the split-K GEMV launches for an N x K weight at batch 1 under config."""
+    from serval.kernels import triton_w4a16_gemv
+    split = triton_w4a16_gemv.SplitKConfig(*config)
+    block_k = min(split.block_k, 128)
+    slices = triton_w4a16_gemv.split_k_slices(split, n, k, block_k, torch.device("cpu"), num_sms=num_sms)
+    return -(-n // split.block_n) * slices.count / num_sms
+
+
+def inner_loop_instructions(config: tuple[int, ...], rows: int = 1, arch: int = 90) -> dict:
+    """The split-K GEMV (bfloat16 x, group 128) compiled for sm_<arch> by Triton, no GPU needed (ptxas and
+    cuobjdump ship with Triton): its K loop's SASS instructions, per weight a thread handles, and by opcode. The
+    loop is the one with the most HFMA2/FFMA; registers and spills from cuobjdump -res-usage."""
+    import collections
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from serval.kernels import triton_w4a16_gemv
+    split = triton_w4a16_gemv.SplitKConfig(*config)
+    kernel = triton_w4a16_gemv._w4a16_split_k_gemv_kernel
+    pointers = {"x_ptr": "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*bf16", "zeros_ptr": "*u8", "y_ptr": "*bf16",
+                "partial_ptr": "*fp32", "counter_ptr": "*i32", "stage_ptr": "*fp16"}
+    block_k = triton_w4a16_gemv.gemv_block_k(split, 128, rows)  # as a launch of that many rows caps it
+    constants = dict(SPLIT=True, GROUP=128, ROWS=rows, BLOCK_N=split.block_n, BLOCK_K=block_k,
+                     SLICE_CHUNK=16, HALF=True, X_CHUNK=1024, USE_ASM=True, USE_PDL=False)
+    signature = {name: pointers.get(name, "constexpr" if name in constants else "i32") for name in kernel.arg_names}
+    aligned = [*pointers, "N", "K", "stride_x", "K_PER_SPLIT"]  # as a launch on Llama shapes specializes them
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs),
+                              target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=split.num_warps, num_stages=split.num_stages))
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", cubin.name], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", cubin.name], capture_output=True,
+                              text=True, check=True).stdout
+    code = [(int(m.group(1), 16), m.group(2).strip())
+            for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = [(int(m.group(1), 16), address) for address, text in code
+             if (m := re.search(r"BRA(?:\.\w+)*\s.*?(0x[0-9a-f]+)", text)) and int(m.group(1), 16) < address]
+    fma_count = lambda loop: sum("HFMA2" in t or "FFMA" in t for a, t in code if loop[0] <= a <= loop[1])  # noqa
+    first, last = max(loops, key=fma_count)
+    body = [text for address, text in code if first <= address <= last]
+    opcodes = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0] for text in body)
+    weights = 2 * split.block_n * block_k / (32 * split.num_warps)  # the K loop takes two tiles an iteration
+    registers = re.search(r"REG:(\d+)", usage)
+    spills = re.search(r"STACK:(\d+)", usage)
+    return {"config": list(config), "rows": rows, "loop_instructions": len(body), "weights_per_thread": weights,
+            "per_weight": len(body) / weights, "registers": int(registers.group(1)) if registers else None,
+            "stack_bytes": int(spills.group(1)) if spills else None, "opcodes": dict(opcodes.most_common())}
+
+
+def count_instructions(configs: list[tuple[int, ...]], out: str) -> None:
+    """--count-instructions: the table of inner_loop_instructions over configs (1 and 4 rows), and its JSON."""
+    rows = []
+    print(f"{'config':<26} {'rows':>4} {'loop':>6} {'per weight':>10} {'regs':>5} {'stack':>5}  top opcodes")
+    for config in configs:
+        for m in (1, 4):
+            row = inner_loop_instructions(config, m)
+            rows.append(row)
+            top = ", ".join(f"{op} {count}" for op, count in list(row["opcodes"].items())[:6])
+            print(f"{str(tuple(config)):<26} {m:>4} {row['loop_instructions']:>6} {row['per_weight']:>10.2f} "
+                  f"{row['registers']:>5} {row['stack_bytes']:>5}  {top}", flush=True)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "w4a16_gemv_instructions.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    print(f"\nwrote {os.path.join(out, 'w4a16_gemv_instructions.json')}")
 
 
 def time_ms(fn) -> float | None:
@@ -141,7 +221,13 @@ def main() -> None:
     parser.add_argument("--write-config", action="store_true",
                         help="this GPU's W4A16 table under serval/kernels/configs/ (and --out)")
     parser.add_argument("--out", default="results/quant_kernel_tune")
+    parser.add_argument("--count-instructions", action="store_true",
+                        help="no timing: compile the W4A16 GEMV for sm_90 (no GPU needed) and count its K loop's "
+                             "SASS instructions per weight, over the --quick grid's tiles")
     args = parser.parse_args()
+    if args.count_instructions:
+        tiles = sorted({(c[0], c[1], 0, c[3], c[4]) for c in split_k_gemv_grid(quick=True)})
+        return count_instructions(tiles, args.out)
     cpu = args.device == "cpu"
     if cpu:
         if args.write_config:

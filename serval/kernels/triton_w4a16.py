@@ -11,21 +11,13 @@ Reading 4 bits a weight instead of 16 is what a decode step gains: it is nothing
 
 `reference_linear` dequantizes W in float32 and multiplies: what the CPU runs and what the tests compare with.
 
-Decode rows with groups in order (AWQ, GPTQ without act-order, compressed-tensors) take the split-K GEMV. A batch-1
-projection is nothing but reading W, so the kernel is shaped for bandwidth:
-    grid (N / BLOCK_N column blocks) x (SPLIT_K slices of K)   ~4 programs a SM even for N = 4096
-    program: BLOCK_N columns, all rows (1..4) at once, K slice in BLOCK_K steps, the next tile's words requested
-             before this tile's are used; BLOCK_K divides the group, so one scale and zero per tile and column
-    weight:  nibble -> float by a mask into a power of two's mantissa (no int-to-float), the zero point subtracted
-             with that power, one FMA per row; a thread sums its columns' tile and scales the sum once
-    reduce:  each slice writes its partial; the column block's last program adds them (a counter it resets)
-Without split-K, 32 to 224 programs of a few warps walked K serially and read the H200's memory at 0.5 to 1.2
-TB/s (docs/performance.md).
+Decode rows with groups in order (AWQ, GPTQ without act-order, compressed-tensors) take the split-K GEMV
+(serval.kernels.triton_w4a16_gemv); more rows, or GPTQ's act-order, the kernels here.
 
 The grouped kernels' block sizes come from this GPU's table when there is one, `configs/w4a16,device=<GPU>.json`
 (`{"device", "grouped_gemv": {"NxK" | "default": [BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages]},
 "grouped_gemm": {...: [BLOCK_M, BLOCK_N, BLOCK_K, num_warps]}}`, written by `benchmarks/quant_kernel_tune.py
---write-config`; SPLIT_K 0: chosen from the SM count, split_k_slices), else the built-in GROUPED_*
+--write-config`; SPLIT_K 0: chosen from the SM count, triton_w4a16_gemv.split_k_slices), else the built-in GROUPED_*
 configs below. A three-number GEMV entry is an older table's, for the kernel before split-K: it is skipped.
 """
 from __future__ import annotations
@@ -33,22 +25,12 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from serval.kernels import pdl
-
-
-class SplitKConfig(NamedTuple):
-    """The split-K GEMV's knobs, in a device table's order. split_k 0: chosen from the GPU's SM count."""
-    block_n: int
-    block_k: int
-    split_k: int
-    num_warps: int
-    num_stages: int
+from serval.kernels.triton_w4a16_gemv import SplitKConfig, gemv_block_k, split_k_gemv
 
 
 # (BLOCK_N, BLOCK_K, num_warps) of the GEMV; (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the GEMM.
@@ -58,17 +40,7 @@ GEMM_CONFIG = (32, 64, 64, 4)
 # the group), so scales and zeros are read per tile, not per weight. The GEMV's, a SplitKConfig: 128 columns a warp,
 # so each thread reads 16 bytes of a row of words and keeps its four columns' sums to itself.
 GROUPED_GEMV_CONFIG = SplitKConfig(block_n=256, block_k=64, split_k=0, num_warps=2, num_stages=1)
-# split_k 0 aims at this many warps per SM (each with one tile in use and one in flight: 64 KB a SM at the default,
-# enough to cover HBM's latency), with slices of at least MIN_SLICE_K rows of K: the partial sums (8 bytes a column
-# and slice, written and read back from L2) stay under an eighth of the weights' bytes. At 168 registers a thread
-# (the default config, sm_90) 6 programs of 2 warps fit an SM: 8 keeps the Llama-3-8B projections in one wave.
-WARPS_PER_SM = 8
-MIN_SLICE_K = 128
-# A column block's arrival counter lives in a per-device buffer of this many (launches with more blocks don't split).
-MAX_COLUMN_BLOCKS = 1 << 16
 GROUPED_GEMM_CONFIG = (128, 128, 64, 4)  # the fastest of benchmarks/quant_kernel_tune.py's grid on an H200
-# Rows x BLOCK_K of the split-K GEMV's tiles of products, at most, for 2 to 4 rows (_gemv_block_k).
-MAX_ROWS_X_BLOCK_K = 128
 # Up to this many rows the GEMVs (the act-order one reads W once per row) beat the GEMM.
 GEMV_MAX_ROWS = 4
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
@@ -209,128 +181,6 @@ def _unpacked_tile(qweight_ptr, k, cols, col_ok, N, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _packed_tile(qweight_ptr, scales_ptr, zeros_ptr, k, cols, col_ok, N, GROUP: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-    """The words of W[k:k+BLOCK_K, cols] ([BLOCK_K/8, BLOCK_N] int32, read once: not worth keeping in L2) and the
-    scale and zero point of the one group they lie in."""
-    words = tl.load(qweight_ptr + (k // 8 + tl.arange(0, BLOCK_K // 8))[:, None].to(tl.int64) * N + cols[None, :],
-                    mask=col_ok[None, :], other=0, eviction_policy="evict_first")
-    group = k // GROUP
-    scale = tl.load(scales_ptr + group * N + cols, mask=col_ok, other=0.0).to(tl.float32)
-    zero = tl.load(zeros_ptr + group * N + cols, mask=col_ok, other=0).to(tl.float32)
-    return words, scale, zero
-
-
-@triton.jit
-def _nibble_floats(words, zero, j: tl.constexpr, USE_ASM: tl.constexpr):
-    """q - z of nibble j (0..3) of each word, as float32, exactly, with no conversion instruction (int-to-float
-    runs at a quarter of the FMA rate: a 4-bit GEMV would be bound by it). Masked in place and OR-ed into the
-    mantissa of 2^(23-4j), whose unit in the last place is 16^-j, the nibble is the float 2^(23-4j) + q; subtracting
-    2^(23-4j) + z leaves q - z. One logic op (lop3, AND then OR) and one add per weight."""
-    mask = 0xF << (4 * j)
-    magic = 0x4B000000 - j * 0x2000000  # the bits of the float 2^(23-4j)
-    if USE_ASM:  # LLVM splits the AND-OR into two logic ops (or a bit-field extract): one lop3 instead
-        bits = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,n,n",
-                                         [words, mask, magic], dtype=tl.int32, is_pure=True, pack=1)
-    else:
-        bits = (words & mask) | magic
-    return bits.to(tl.float32, bitcast=True) - (zero + (1 << (23 - 4 * j)))[None, :]
-
-
-@triton.jit
-def _add_row_products(tile, low, high, x_words, row, stride_x, j: tl.constexpr):
-    """tile + (q - z)[8i + j] x[row, 8i + j] + (q - z)[8i + j + 4] x[row, 8i + j + 4] for each word i: two FMAs."""
-    tile += low * tl.load(x_words + row * stride_x + j).to(tl.float32)[:, None]
-    tile += high * tl.load(x_words + row * stride_x + (j + 4)).to(tl.float32)[:, None]
-    return tile
-
-
-@triton.jit
-def _finish_row(acc, row, y_ptr, partial_ptr, pid_k, cols, col_ok, M, N, SPLIT: tl.constexpr):
-    """Row row's sum over the program's slice of K: into y, or with split-K into the slice's partial sums."""
-    if SPLIT:
-        tl.store(partial_ptr + (pid_k * M + row) * N + cols, acc, mask=col_ok)
-    else:
-        tl.store(y_ptr + row * N + cols, acc.to(y_ptr.dtype.element_ty), mask=col_ok)
-
-
-@triton.jit
-def _w4a16_split_k_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, y_ptr, partial_ptr, counter_ptr, M, N, K,
-                               stride_x, K_PER_SPLIT, num_slices, SPLIT: tl.constexpr, GROUP: tl.constexpr,
-                               ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                               SLICE_CHUNK: tl.constexpr, USE_ASM: tl.constexpr, USE_PDL: tl.constexpr):
-    # Program (n, s) owns BLOCK_N columns for each of the ROWS (1 to 4) rows of x and the s-th slice of K: a decode
-    # projection has only N / BLOCK_N column blocks, too few programs to keep a GPU's loads in flight, so K is split
-    # too (split-K). BLOCK_K divides the group, so a tile has one scale and zero per column: the tile's sum over K
-    # is scaled once. With BLOCK_N = 128 x num_warps (or 256 x), a thread holds whole columns of the tile (four
-    # words wide, one 16-byte load a row), so that sum stays in the thread. Each row has its own accumulator; rows
-    # past ROWS compile away. The slices' partial sums go to partial_ptr; the last program of a column block to
-    # finish (counted in counter_ptr, which it sets back to 0 for the next launch) adds them in slice order and
-    # writes y: one kernel, no zeroed buffer, deterministic.
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    k_begin = pid_k * K_PER_SPLIT
-    k_last = tl.minimum(k_begin + K_PER_SPLIT, K) - BLOCK_K
-    # W is no earlier kernel's output: its first tile is read before waiting for the previous kernel (pdl).
-    words, scale, zero = _packed_tile(qweight_ptr, scales_ptr, zeros_ptr, k_begin, cols, col_ok, N, GROUP, BLOCK_K)
-    pdl.wait(USE_PDL)
-    acc0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k in range(k_begin, k_last + BLOCK_K, BLOCK_K):
-        # The next tile is requested before this one is used, so two are in flight (none past the slice's last).
-        next_words, next_scale, next_zero = _packed_tile(qweight_ptr, scales_ptr, zeros_ptr, k + BLOCK_K, cols,
-                                                         col_ok & (k < k_last), N, GROUP, BLOCK_K)
-        high = words >> 16  # nibbles 4..7 down to bits 0..15 (the sign bits the shift drags in are masked off)
-        x_words = x_ptr + k + tl.arange(0, BLOCK_K // 8) * 8
-        tile0 = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-        tile1 = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-        tile2 = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-        tile3 = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-        for j in tl.static_range(4):
-            low_q = _nibble_floats(words, zero, j, USE_ASM)
-            high_q = _nibble_floats(high, zero, j, USE_ASM)
-            tile0 = _add_row_products(tile0, low_q, high_q, x_words, 0, stride_x, j)
-            if ROWS > 1:
-                tile1 = _add_row_products(tile1, low_q, high_q, x_words, 1, stride_x, j)
-            if ROWS > 2:
-                tile2 = _add_row_products(tile2, low_q, high_q, x_words, 2, stride_x, j)
-            if ROWS > 3:
-                tile3 = _add_row_products(tile3, low_q, high_q, x_words, 3, stride_x, j)
-        acc0 += tl.sum(tile0, axis=0) * scale
-        acc1 += tl.sum(tile1, axis=0) * scale
-        acc2 += tl.sum(tile2, axis=0) * scale
-        acc3 += tl.sum(tile3, axis=0) * scale
-        words, scale, zero = next_words, next_scale, next_zero
-    _finish_row(acc0, 0, y_ptr, partial_ptr, pid_k, cols, col_ok, M, N, SPLIT)
-    if ROWS > 1:
-        _finish_row(acc1, 1, y_ptr, partial_ptr, pid_k, cols, col_ok, M, N, SPLIT)
-    if ROWS > 2:
-        _finish_row(acc2, 2, y_ptr, partial_ptr, pid_k, cols, col_ok, M, N, SPLIT)
-    if ROWS > 3:
-        _finish_row(acc3, 3, y_ptr, partial_ptr, pid_k, cols, col_ok, M, N, SPLIT)
-    if SPLIT:
-        tl.debug_barrier()  # every thread's partials are written before the count says so (release, below)
-        arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if arrived == num_slices - 1:
-            # SLICE_CHUNK slices a load: a loop of one load each would wait one L2 round trip per slice, on the
-            # launch's critical path. .cg: the other programs' partials come from L2, never from a stale L1 line.
-            chunk = tl.arange(0, SLICE_CHUNK)
-            for row in tl.static_range(ROWS):
-                total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-                for first in range(0, num_slices, SLICE_CHUNK):
-                    slices = first + chunk
-                    total += tl.sum(tl.load(partial_ptr + ((slices * M + row) * N)[:, None] + cols[None, :],
-                                            mask=(slices < num_slices)[:, None] & col_ok[None, :], other=0.0,
-                                            cache_modifier=".cg"), axis=0)
-                tl.store(y_ptr + row * N + cols, total.to(y_ptr.dtype.element_ty), mask=col_ok)
-            tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
 def _w4a16_grouped_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, y_ptr, M, N, K, stride_x,
                                GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_K: tl.constexpr):
@@ -382,58 +232,16 @@ def matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
     return y
 
 
-def _gemv_block_k(config: SplitKConfig, group_size: int, rows: int) -> int:
-    """The config's BLOCK_K (tuned for one row), down to the group when the group is smaller (a tile never spans two
-    groups), and down to MAX_ROWS_X_BLOCK_K / rows for several rows: each row keeps its own tile of products, and
-    at 4 rows x 64 the compiled kernel spills registers (sm_90)."""
-    rows_limit = MAX_ROWS_X_BLOCK_K // triton.next_power_of_2(rows) if rows > 1 else config.block_k
-    return min(config.block_k, group_size, rows_limit)
-
-
 def _grouped_fits(m: int, k: int, group_size: int, gemv_config, gemm_config) -> bool:
     """The grouped kernels need whole groups in K and tiles that never split a group across two: BLOCK_K divides
     the group (the GEMV's BLOCK_K is capped at the group first), and whole words."""
     if m <= GEMV_MAX_ROWS:
         if gemv_config is not None and len(gemv_config) != len(SplitKConfig._fields):
             return False  # (BLOCK_N, BLOCK_K, num_warps) configures the act-order GEMV
-        block_k = _gemv_block_k(SplitKConfig(*(gemv_config or GROUPED_GEMV_CONFIG)), group_size, m)
+        block_k = gemv_block_k(SplitKConfig(*(gemv_config or GROUPED_GEMV_CONFIG)), group_size, m)
     else:
         block_k = (gemm_config or GROUPED_GEMM_CONFIG)[2]
     return k % group_size == 0 and group_size % block_k == 0 and block_k % 8 == 0
-
-
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
-@functools.cache
-def _arrival_counters(device: torch.device) -> torch.Tensor:
-    """The split-K GEMV's per-column-block counters on a device. Every launch leaves them at zero (the last program
-    of a block resets its own), so one buffer serves all launches in stream order; launches that might overlap
-    (two streams at once) would need their own. First allocated by an eager call (CUDA graphs are captured after
-    a warm-up run), so it is zeroed when a captured launch first reads it."""
-    return torch.zeros(MAX_COLUMN_BLOCKS, dtype=torch.int32, device=device)
-
-
-class KSlices(NamedTuple):
-    """How the split-K GEMV cuts K: count slices of tiles_per_slice tiles each (the last may be shorter)."""
-    count: int
-    tiles_per_slice: int
-
-
-def split_k_slices(config: SplitKConfig, n: int, k: int, block_k: int, device: torch.device) -> KSlices:
-    """The config's number of K slices, or with split_k 0 enough for WARPS_PER_SM warps per SM in slices of at
-    least MIN_SLICE_K; one when the counters cannot hold the column blocks. Whole tiles, and no slice empty: every
-    slice's program must arrive at its column block's counter."""
-    column_blocks = triton.cdiv(n, config.block_n)
-    tiles = k // block_k
-    wanted = config.split_k or min(triton.cdiv(WARPS_PER_SM * _num_sms(device), column_blocks * config.num_warps),
-                                   max(1, k // MIN_SLICE_K))
-    if column_blocks > MAX_COLUMN_BLOCKS:
-        wanted = 1
-    tiles_per_slice = triton.cdiv(tiles, max(1, min(wanted, tiles)))
-    return KSlices(triton.cdiv(tiles, tiles_per_slice), tiles_per_slice)
 
 
 def _grouped_matmul(x, qweight, scales, zeros, y, group_size, gemv_config, gemm_config) -> None:
@@ -441,15 +249,7 @@ def _grouped_matmul(x, qweight, scales, zeros, y, group_size, gemv_config, gemm_
     n = qweight.shape[1]
     if m <= GEMV_MAX_ROWS:
         config = SplitKConfig(*(gemv_config or GROUPED_GEMV_CONFIG))
-        block_k = _gemv_block_k(config, group_size, m)
-        slices, tiles_per_slice = split_k_slices(config, n, k, block_k, x.device)
-        partials = torch.empty((slices, m, n), dtype=torch.float32, device=x.device) if slices > 1 else y
-        counters = _arrival_counters(x.device) if slices > 1 else y
-        _w4a16_split_k_gemv_kernel[(triton.cdiv(n, config.block_n), slices)](
-            x, qweight, scales, zeros, y, partials, counters, m, n, k, x.stride(0), tiles_per_slice * block_k,
-            slices, SPLIT=slices > 1, GROUP=group_size, ROWS=m, BLOCK_N=config.block_n, BLOCK_K=block_k,
-            SLICE_CHUNK=min(16, triton.next_power_of_2(slices)), USE_ASM=x.is_cuda and torch.version.hip is None,
-            num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_options(x))
+        split_k_gemv(x, qweight, scales, zeros, y, group_size, config)
     else:
         block_m, block_n, block_k, num_warps = gemm_config or GROUPED_GEMM_CONFIG
         _w4a16_grouped_gemm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from benchmarks.quant_kernel_tune import device_table  # noqa: E402
+from benchmarks.quant_kernel_tune import device_table, programs_per_sm, split_k_gemv_grid  # noqa: E402
 from serval.kernels import triton_w4a16  # noqa: E402
 from tests.kernels.test_triton_w4a16 import DEVICE, FLOAT32, random_layout  # noqa: E402
 
@@ -60,3 +60,14 @@ def test_picked_configs_match_the_reference(m):
     got = triton_w4a16.matmul(x, qweight, scales, zeros, g_idx, gemv_config=gemv_config, gemm_config=gemm_config,
                               group_size=group)
     torch.testing.assert_close(got, triton_w4a16.reference_linear(x, qweight, scales, zeros, g_idx), **FLOAT32)
+
+
+def test_the_quick_grid_fills_an_h200_on_the_o_projection():
+    # N = K = 4096 at batch 1 (Llama-3-8B's o projection) on 132 SMs: for each tile width the quick grid tries
+    # (128 and 256 columns a warp) at one warp, some SPLIT_K gives at least 4 programs a SM; SPLIT_K 0 does at 128.
+    grid = split_k_gemv_grid(quick=True)
+    for per_warp in (128, 256):
+        one_warp = [c for c in grid if c[0] == per_warp and c[3] == 1]
+        assert max(programs_per_sm(c, 4096, 4096, 132) for c in one_warp) >= 4, per_warp
+    assert programs_per_sm((128, 64, 0, 1, 1), 4096, 4096, 132) == 32 * 32 / 132
+    assert programs_per_sm((256, 64, 64, 1, 1), 4096, 4096, 132) == 16 * 64 / 132
