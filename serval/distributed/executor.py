@@ -11,10 +11,10 @@ falls back to the control group's gloo broadcast, in the ring's order.
 Failure is bounded in time: the workers' liveness is checked before each step; a worker that dies during a step
 closes its sockets, so the driver's collective fails at once; one that hangs makes the collective time out
 (COLLECTIVE_TIMEOUT_S), as does a ring no worker reads any more. Any of these, or a failed forward on the driver
-(which leaves the ranks out of step), stops every worker, unlinks the ring's segment and raises WorkerFailedError, which ends the engine. No worker
-outlives the driver: they are daemonic (multiprocessing stops them at exit), a finalizer stops them when the
-executor is collected, and each watches its parent (its step loop too, while it waits on the ring). No segment
-outlives it either: shutdown, failure and the finalizer unlink it, and multiprocessing's resource tracker does
+(which leaves the ranks out of step), stops every worker, unlinks the ring's segment and raises WorkerFailedError,
+which ends the engine. No worker outlives the driver: they are daemonic (multiprocessing stops them at exit), a
+finalizer stops them when the executor is collected, and each watches its parent (its step loop too, while it
+waits on the ring). No segment outlives it either: shutdown, failure and the finalizer unlink it, and multiprocessing's resource tracker does
 if the driver is killed.
 """
 from __future__ import annotations
