@@ -14,8 +14,8 @@ closes its sockets, so the driver's collective fails at once; one that hangs mak
 (which leaves the ranks out of step), stops every worker, unlinks the ring's segment and raises WorkerFailedError,
 which ends the engine. No worker outlives the driver: they are daemonic (multiprocessing stops them at exit), a
 finalizer stops them when the executor is collected, and each watches its parent (its step loop too, while it
-waits on the ring). No segment outlives it either: shutdown, failure and the finalizer unlink it, and multiprocessing's resource tracker does
-if the driver is killed.
+waits on the ring). No segment outlives it either: shutdown, failure and the finalizer unlink it, and
+multiprocessing's resource tracker does if the driver is killed.
 """
 from __future__ import annotations
 
