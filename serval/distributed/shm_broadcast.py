@@ -114,13 +114,13 @@ class ShmBroadcastWriter:
         base = self.next_slot * spec.stride
         readers = range(base + 1, base + 1 + spec.num_readers)
         if buf[base] and not all(buf[flag] for flag in readers):
-            deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+            limit_s = self.timeout_s if timeout_s is None else timeout_s
+            deadline = time.monotonic() + limit_s
 
             def on_wait() -> None:
                 self.check_readers()
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"tensor-parallel workers read no step plan for "
-                                       f"{self.timeout_s if timeout_s is None else timeout_s:.0f}s "
+                    raise TimeoutError(f"tensor-parallel workers read no step plan for {limit_s:g}s "
                                        "(SERVAL_DISTRIBUTED_TIMEOUT_S)")
 
             wait_until(lambda: all(buf[flag] for flag in readers), on_wait)
