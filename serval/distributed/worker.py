@@ -29,6 +29,7 @@ from serval.distributed.steps import DecodeStep, MixedStep, replay_mixed, run_de
 from serval.distributed.weights import load_rank_model
 from serval.engine.memory import num_kv_blocks
 from serval.engine.model_runner import ModelRunner
+from serval.layers.quant.kv_scales import enable_kv_scale_calculation
 from serval.layers.parallel import ShardLayout
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,8 @@ def run_worker(args: WorkerArgs) -> None:
         setup: RankSetup = plans.read()
         config = setup.config
         num_blocks = agree_num_blocks(num_kv_blocks(config, model, setup.kv_cache_dtype, device), parallel)
+        if config.calculate_kv_scales:  # as the driver's engine: after the memory profile, before graph capture
+            enable_kv_scale_calculation(model)  # each rank's scales from its own heads, which its cache holds
         runner = ModelRunner(model, num_blocks, config.block_size, setup.kv_cache_dtype, device,
                              config.max_num_seqs, config.max_model_len, enforce_eager=config.enforce_eager,
                              max_num_batched_tokens=config.max_num_batched_tokens,

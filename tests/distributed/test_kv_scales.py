@@ -66,3 +66,17 @@ def test_tp2_under_fp8_kv_decodes_as_tp1_with_the_checkpoint_scales(tmp_path):
         assert logprob_errors(llm, hf_model, prompts) < 0.1
     finally:
         llm.shutdown()
+
+
+def test_tp2_calculates_each_ranks_scales_from_its_first_prefill(tmp_path):
+    """--calculate-kv-scales on a checkpoint without scales: every rank (the worker too, not only the driver)
+    takes its heads' scales from the first prefill, so no rank's keys and values saturate at 448."""
+    hf_model, _ = grown_checkpoint(tmp_path)
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 320, (length,), generator=generator).tolist() for length in (5, 17, 30)]
+    llm = LLM(model=str(tmp_path), tensor_parallel_size=TP, calculate_kv_scales=True, skip_tokenizer_init=True,
+              block_size=4, max_model_len=96, num_gpu_blocks_override=64, kv_cache_dtype="fp8")
+    try:
+        assert logprob_errors(llm, hf_model, prompts) < 0.1
+    finally:
+        llm.shutdown()
