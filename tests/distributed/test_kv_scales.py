@@ -1,11 +1,11 @@
 """A float8 KV cache's per-layer scales under tensor parallelism: every rank takes the checkpoint's k_scale and
 v_scale (under the vLLM and the ModelOpt names) for the heads it holds, as one device does, and a tp=2 engine on a
-checkpoint whose keys and values exceed float8's range decodes as tp=1 does, close to transformers."""
+checkpoint whose keys and values exceed float8's range decodes as tp=1 does, close to transformers; without
+scales in the checkpoint, --calculate-kv-scales measures them on every rank."""
 from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
