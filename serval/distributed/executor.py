@@ -4,12 +4,18 @@ watch for failures, stop them.
     start ──► spawn ranks 1..N-1 ──► rendezvous ──► every rank loads its shard ──► configure: the resolved engine
     arguments go out, every rank sizes its KV pool, all take the smallest ──► steps ──► shutdown
 
+Every message to the workers (RankSetup, each step's plan, the stop) goes through a shared-memory ring
+(serval.distributed.shm_broadcast) that they poll: no collective, no socket per step. A message too big for a slot
+falls back to the control group's gloo broadcast, in the ring's order.
+
 Failure is bounded in time: the workers' liveness is checked before each step; a worker that dies during a step
 closes its sockets, so the driver's collective fails at once; one that hangs makes the collective time out
-(COLLECTIVE_TIMEOUT_S). Any of these, or a failed forward on the driver (which leaves the ranks out of step),
-stops every worker and raises WorkerFailedError, which ends the engine. No worker outlives the driver: they are
-daemonic (multiprocessing stops them at exit), a finalizer stops them when the executor is collected, and each
-watches its parent.
+(COLLECTIVE_TIMEOUT_S), as does a ring no worker reads any more. Any of these, or a failed forward on the driver
+(which leaves the ranks out of step), stops every worker, unlinks the ring's segment and raises WorkerFailedError,
+which ends the engine. No worker outlives the driver: they are daemonic (multiprocessing stops them at exit), a
+finalizer stops them when the executor is collected, and each watches its parent (its step loop too, while it
+waits on the ring). No segment outlives it either: shutdown, failure and the finalizer unlink it, and
+multiprocessing's resource tracker does if the driver is killed.
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ import torch.distributed as dist
 from serval.config import EngineConfig
 from serval.distributed import WorkerFailedError
 from serval.distributed import group as groups
+from serval.distributed import shm_broadcast
+from serval.distributed.shm_broadcast import ShmBroadcastWriter
 from serval.distributed.steps import DecodeStep, MixedStep, eager_decode, replay_decode, replay_mixed
 from serval.distributed.gguf_shards import check_gguf_layout, gguf_file_of
 from serval.distributed.weights import check_quantization, load_rank_model, quantized_layout, rank_config
@@ -48,8 +56,10 @@ class TensorParallelExecutor:
     """The driver's handle on its workers and its own shard (`model`)."""
 
     def __init__(self, processes: list[multiprocessing.Process], parallel: groups.ParallelGroups,
-                 model: torch.nn.Module, hf_config, device: torch.device) -> None:
+                 model: torch.nn.Module, hf_config, device: torch.device,
+                 plans: ShmBroadcastWriter | None = None) -> None:
         self.processes = processes
+        self.plans = plans  # None at tensor_parallel_size=1: no worker to tell
         self.parallel = parallel
         self.model = model
         self.hf_config = hf_config
@@ -57,7 +67,7 @@ class TensorParallelExecutor:
         self.failed: WorkerFailedError | None = None
         # An engine that fails after this point (or is dropped without shutdown) still frees its workers and
         # the process group, so that another engine can start in this process.
-        self._finalizer = weakref.finalize(self, _release, processes)
+        self._finalizer = weakref.finalize(self, _release, processes, plans)
 
     @classmethod
     def start(cls, config: EngineConfig, model_path: str, dtype: torch.dtype,
@@ -83,24 +93,32 @@ class TensorParallelExecutor:
                 "load_format" if "GGUF mixture-of-experts" in str(error) else "tensor_parallel_size"
             raise InvalidArgument(param, str(error)) from None
         store = groups.open_store(0, size)
+        segment, spec = shm_broadcast.create_segment(num_readers=size - 1) if size > 1 else (None, None)
         context = multiprocessing.get_context("spawn")
         processes = [context.Process(target=worker_main, name=f"serval-tp-rank-{rank}", daemon=True, args=(
             WorkerArgs(dataclasses.replace(layout, rank=rank), store.port, model_path, config, dtype, device,
-                       logging.getLogger().getEffectiveLevel(), _root_formatter()),)) for rank in range(1, size)]
+                       logging.getLogger().getEffectiveLevel(), _root_formatter(), spec),))
+            for rank in range(1, size)]
+        plans = None
         try:
             for process in processes:
                 process.start()
             groups.wait_joined(store, processes)
             parallel = groups.init_groups(store, 0, size, groups.rank_device(device, 0))
+            if segment is not None:
+                plans = ShmBroadcastWriter(segment, spec, parallel.control_group,
+                                           lambda: _raise_if_exited(processes), groups.COLLECTIVE_TIMEOUT_S)
             model = load_rank_model(model_path, layout, load_format=config.load_format, dtype=dtype, device=device,
                                     seed=config.seed, group=parallel.device_group, quantization=config.quantization)
         except BaseException:
-            _release(processes)
+            _release(processes, None)
+            if segment is not None:
+                shm_broadcast.release_segment(segment)
             raise
         logger.info("tensor-parallel workers started", extra={
             "tensor_parallel_size": size, "worker_pids": [p.pid for p in processes],
             "backend": dist.get_backend(parallel.device_group)})
-        return cls(processes, parallel, model, hf_config, device)
+        return cls(processes, parallel, model, hf_config, device, plans)
 
     def configure(self, config: EngineConfig, kv_cache_dtype: torch.dtype) -> tuple[EngineConfig, int]:
         """Send the engine's resolved arguments to the workers; return them and the KV pool's blocks, the fewest
@@ -121,7 +139,7 @@ class TensorParallelExecutor:
         self.check_workers()
         if not self.processes:  # tensor_parallel_size=1 through the executor: nobody to tell, no pickling per step
             return
-        self.run_guarded(lambda: dist.broadcast_object_list([message], src=0, group=self.parallel.control_group))
+        self.run_guarded(lambda: self.plans.write(message))
 
     def check_workers(self) -> None:
         """Raise WorkerFailedError if the executor has failed or a worker has exited."""
@@ -150,18 +168,22 @@ class TensorParallelExecutor:
         self.failed = WorkerFailedError(message)
         logger.error("tensor parallelism failed; stopping the workers", extra={"reason": message})
         _stop(self.processes, False)
+        if self.plans is not None:
+            shm_broadcast.release_segment(self.plans.segment)
         raise self.failed from cause
 
     def shutdown(self) -> None:
         """Tell the workers to stop, wait for them (then terminate any left), leave the process group."""
         if self.failed is None and all(process.is_alive() for process in self.processes):
             try:
-                dist.broadcast_object_list([None], src=0, group=self.parallel.control_group)
+                self.plans.write(None, timeout_s=_JOIN_TIMEOUT_S)
             except Exception:  # a worker died meanwhile: _stop deals with the rest
                 logger.warning("a tensor-parallel worker did not take the stop message")
         self._finalizer.detach()
         groups.destroy_groups()
         _stop(self.processes, True)
+        if self.plans is not None:
+            shm_broadcast.release_segment(self.plans.segment)
 
 
 class ParallelModelRunner(ModelRunner):
@@ -256,9 +278,18 @@ def _root_formatter() -> logging.Formatter | None:
     return handlers[0].formatter
 
 
-def _release(processes: list[multiprocessing.Process]) -> None:
+def _release(processes: list[multiprocessing.Process], plans: ShmBroadcastWriter | None) -> None:
     _stop(processes, False)
     groups.destroy_groups()
+    if plans is not None:
+        shm_broadcast.release_segment(plans.segment)
+
+
+def _raise_if_exited(processes: list[multiprocessing.Process]) -> None:
+    for rank, process in enumerate(processes, start=1):
+        if not process.is_alive():
+            raise WorkerFailedError(f"tensor-parallel worker rank {rank} (pid {process.pid}) exited with code "
+                                    f"{process.exitcode}")
 
 
 def _stop(processes: list[multiprocessing.Process], graceful: bool) -> None:

@@ -24,6 +24,7 @@ from serval.distributed.gguf_shards import gguf_file_of, gguf_rank_config, iter_
 from serval.distributed.quant_shards import (QuantizedSharding, check_quantized_layout, quantized_read,
                                              quantized_sharding)
 from serval.layers.quant.fp8 import BlockFp8Method
+from serval.layers.quant.kv_scales import parse_kv_scale_name, take_kv_scales
 from serval.layers.quant.w4a16 import W4A16Method
 from serval.model import loader
 
@@ -40,6 +41,11 @@ def iter_safetensors_shard(files: list[str], layout: ShardLayout,
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():
+                if parse_kv_scale_name(name) is not None:
+                    # One number per layer (k_proj.k_scale would otherwise be cut like k_proj's rows): every rank
+                    # takes it whole for its own heads.
+                    yield name, f.get_tensor(name)
+                    continue
                 if sharding is not None and (read := quantized_read(name, layout, sharding,
                                                                     f.get_slice(name).get_shape())) is not None:
                     yield name, read.finish(read_slices(f.get_slice(name), read.pieces) if read.pieces
@@ -204,7 +210,8 @@ def load_rank_model(model_path: str, layout: ShardLayout, *, load_format: str, d
     hence the generator's draws, are the same on every rank), but not tensor_parallel_size=1's.
     quantization="fp8": each rank quantizes its own slices once loaded (a column-parallel shard's rows keep one
     device's scales; a row-parallel shard's rows get scales over its columns). A block-fp8 checkpoint's blocks
-    are read as they are, each rank its own."""
+    are read as they are, each rank its own. A float8 KV cache's per-layer scales (k_scale, v_scale) are the same
+    on every rank: one number per layer, applied to whichever heads the rank holds."""
     gguf_file = gguf_file_of(model_path, load_format)
     hf_config = gguf_rank_config(gguf_file) if gguf_file is not None else loader.load_config(model_path)
     check_quantization(hf_config, quantization)
@@ -228,7 +235,8 @@ def load_rank_model(model_path: str, layout: ShardLayout, *, load_format: str, d
         if sharding is not None and sharding.act_order:
             hold_every_group(model, formats, layout)
         weights = iter_safetensors_shard(loader.safetensors_files(model_path), layout, sharding)
-        model.load_weights(loader.route_to_formats(weights, formats.routes))
+        # A float8 KV cache's per-layer scales go to the attention layers, as on one device.
+        model.load_weights(loader.route_to_formats(take_kv_scales(model, weights), formats.routes))
         for name, module in model.named_modules():
             if module in formats.layers:
                 module.quant_method.finish(module, name)

@@ -4,10 +4,11 @@ The worker keeps no request state: each step's ForwardInputs or DecodeStep carry
 slots, block tables, the graph to replay), and the driver's scheduler decided them. Under asynchronous scheduling
 the input ids of a decode step come from the driver's device (serval.distributed.steps); the worker never waits
 for its own device, so it runs as far ahead as the driver's plans let it. Its LM head sends its vocabulary slice's
-logits to the driver (a gather to rank 0) and keeps none: only the driver samples. It exits when the driver
-says stop, when the driver's sockets close (a crash), when its parent process is gone (checked every second, so a
-driver killed with SIGKILL leaves no orphan), or when its own step fails (the driver's next collective then fails,
-and the engine stops).
+logits to the driver (a gather to rank 0) and keeps none: only the driver samples. The driver's messages come
+through a shared-memory ring (serval.distributed.shm_broadcast) the worker polls. It exits when the driver says
+stop, when the driver's sockets close (a crash), when its parent process is gone (checked every second, and by
+the ring's wait every 0.1 s, so a driver killed with SIGKILL leaves no orphan), or when its own step fails (the
+driver's next collective then fails, and the engine stops).
 """
 from __future__ import annotations
 
@@ -23,10 +24,12 @@ import torch.distributed as dist
 
 from serval.config import EngineConfig
 from serval.distributed import group as groups
+from serval.distributed.shm_broadcast import ShmBroadcastReader, ShmQueueSpec
 from serval.distributed.steps import DecodeStep, MixedStep, replay_mixed, run_decode
 from serval.distributed.weights import load_rank_model
 from serval.engine.memory import num_kv_blocks
-from serval.engine.model_runner import ForwardInputs, ModelRunner
+from serval.engine.model_runner import ModelRunner
+from serval.layers.quant.kv_scales import enable_kv_scale_calculation
 from serval.layers.parallel import ShardLayout
 
 logger = logging.getLogger(__name__)
@@ -45,6 +48,7 @@ class WorkerArgs:
     device: torch.device  # the engine's device; the worker runs on rank_device(device, rank)
     log_level: int
     log_formatter: logging.Formatter | None  # the driver's (the server's JSON lines), so one log reads alike
+    plan_queue: ShmQueueSpec  # the driver's ring of step plans; this worker is its reader rank - 1
 
 
 @dataclass
@@ -78,20 +82,24 @@ def run_worker(args: WorkerArgs) -> None:
     store = groups.open_store(rank, world_size, args.store_port)
     groups.announce_joined(store, rank)
     parallel = groups.init_groups(store, rank, world_size, device)
+    plans = ShmBroadcastReader(args.plan_queue, rank - 1, parallel.control_group)
     try:
         model = load_rank_model(args.model_path, args.layout, load_format=args.config.load_format, dtype=args.dtype,
                                 device=device, seed=args.config.seed, group=parallel.device_group,
                                 quantization=args.config.quantization)
-        setup = receive(parallel)
+        # The driver's messages: RankSetup once, then a ForwardInputs, a DecodeStep or a MixedStep per step; None: stop.
+        setup: RankSetup = plans.read()
         config = setup.config
         num_blocks = agree_num_blocks(num_kv_blocks(config, model, setup.kv_cache_dtype, device), parallel)
+        if config.calculate_kv_scales:  # as the driver's engine: after the memory profile, before graph capture
+            enable_kv_scale_calculation(model)  # each rank's scales from its own heads, which its cache holds
         runner = ModelRunner(model, num_blocks, config.block_size, setup.kv_cache_dtype, device,
                              config.max_num_seqs, config.max_model_len, enforce_eager=config.enforce_eager,
                              max_num_batched_tokens=config.max_num_batched_tokens,
                              cudagraph_mixed=config.cudagraph_mixed)
         logger.info("tensor-parallel worker ready", extra={"rank": rank, "device": str(device),
                                                            "num_kv_blocks": num_blocks})
-        while (inputs := receive(parallel)) is not None:
+        while (inputs := plans.read()) is not None:
             if isinstance(inputs, DecodeStep):
                 run_decode(runner, inputs, None, parallel.device_group)
             elif isinstance(inputs, MixedStep):
@@ -99,15 +107,8 @@ def run_worker(args: WorkerArgs) -> None:
             else:
                 runner.forward_logits(inputs)
     finally:
+        plans.close()
         groups.destroy_groups()
-
-
-def receive(parallel: groups.ParallelGroups) -> RankSetup | ForwardInputs | DecodeStep | MixedStep | None:
-    """The driver's next broadcast: RankSetup once, then a ForwardInputs, a DecodeStep or a MixedStep per step;
-    None: stop."""
-    message = [None]
-    dist.broadcast_object_list(message, src=0, group=parallel.control_group)
-    return message[0]
 
 
 def agree_num_blocks(num_blocks: int, parallel: groups.ParallelGroups) -> int:
