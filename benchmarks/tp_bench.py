@@ -13,10 +13,20 @@ a fresh subprocess (its own GPUs' memory, its own process group).
              mixed-step graphs as the in-process engine
     batch-1  one request, 32 prompt tokens: decode tok/s = (decode_tokens - 1) / (t(decode_tokens) - t(1));
              the roofline is HBM bandwidth / the weight bytes one GPU reads per token (rank 0's shard)
-    offline  --num-prompts random-id prompts of --input-len, --output-len tokens each, all queued at once
+    offline  --num-prompts random-id prompts of --input-len, --output-len tokens each, all queued at once, timed
+             after --warmup-passes untimed passes of the same prompts. The timed pass finds the prompts in the
+             prefix cache, so its prefill steps differ from a first pass's (a chunk of each prompt's last block
+             over a cached context). After one warm-up pass (the old default) it launches Triton kernel variants
+             no earlier step had (seen in Triton's interpreter on the CPU), compiled inside the timed pass by the
+             first case run and read from Triton's disk cache by the next: the suspect for tp1-engine (always run
+             first) timing 1.28x below tp1-executor although both dispatch the same ops. Two passes (the default)
+             make the last warm-up the timed pass's twin; "new kernels" (Triton variants first launched in the
+             timed pass) and "compile s" (the seconds spent getting them) must read 0 for a fair row.
 
     PYTHONPATH=/tmp/site:. python benchmarks/tp_bench.py --output docs/results/tp_bench_h200.json
     PYTHONPATH=/tmp/site:. python benchmarks/tp_bench.py --cases tp1-engine tp1-executor   # one GPU: the tp1 pair
+    # cases run in the order given, repeats allowed: the pair both ways round, and the old single warm-up pass
+    PYTHONPATH=/tmp/site:. python benchmarks/tp_bench.py --cases tp1-engine tp1-executor tp1-engine --warmup-passes 1
     python benchmarks/tp_bench.py --tiny     # CPU, gloo, a 2-layer model: checks the script end to end
 """
 from __future__ import annotations
@@ -77,6 +87,10 @@ class CaseResult:
     # The KV pool (blocks of the engine's block size): the offline rows of the tp1 pair are like for like only
     # when both hold the same.
     num_kv_blocks: int | None = None
+    # Triton kernel variants the timed offline pass launched first (compiled, or read from Triton's disk cache if an
+    # earlier case compiled them) and the seconds they took; None without Triton. Nonzero: the warm-up missed them.
+    timed_new_kernels: int | None = None
+    timed_compile_seconds: float | None = None
 
 
 def executor_name(case: Case) -> str:
@@ -94,7 +108,9 @@ def cases_for(args: argparse.Namespace, num_devices: int) -> list[Case]:
         cases = [Case("tp1-engine", "llama3-8b", 1, None), Case("tp1-executor", "llama3-8b", 1, "mp")]
         cases += [Case(f"llama3-8b-tp{n}", "llama3-8b", n, None) for n in (2, 4) if n <= num_devices]
         cases += [Case(f"llama3-70b-tp{n}", "llama3-70b", n, None) for n in (2, 4) if n <= num_devices]
-    cases = [case for case in cases if not args.cases or case.name in args.cases]
+    if args.cases:  # in the order asked for, repeats kept: a pair run both ways round shows an order effect
+        by_name = {case.name: case for case in cases}
+        cases = [by_name[name] for name in args.cases if name in by_name]
     # Setting by setting, so that each tp1 pair runs back to back under the same one.
     return [dataclasses.replace(case, cudagraph_mixed=mixed) for mixed in MIXED_SETTINGS[args.mixed_graphs]
             for case in cases]
@@ -111,10 +127,44 @@ def write_config(directory: str, shape: str) -> str:
     return path
 
 
+class KernelCompiles:
+    """Counts the Triton kernel variants launched for the first time in this process (a miss of a kernel's
+    in-memory cache: a compile, or a read of Triton's disk cache) and the seconds spent on them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.seconds = 0.0
+        try:
+            from triton.runtime.jit import JITFunction
+        except ImportError:
+            self.available = False
+            return
+        self.available = hasattr(JITFunction, "_do_compile")
+        if not self.available:
+            return
+        do_compile = JITFunction._do_compile
+
+        def counted(function, *args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return do_compile(function, *args, **kwargs)
+            finally:
+                self.count += 1
+                self.seconds += time.perf_counter() - started
+
+        JITFunction._do_compile = counted
+
+    def since(self, count: int, seconds: float) -> tuple[int | None, float | None]:
+        if not self.available:
+            return None, None
+        return self.count - count, round(self.seconds - seconds, 3)
+
+
 def run_case(case: Case, model_dir: str, args: argparse.Namespace) -> CaseResult:
     """In this (fresh) process: start the engine, measure, shut it down."""
     from serval import LLM, SamplingParams
 
+    compiles = KernelCompiles()
     device_args = dict(device="cpu", dtype="float32") if args.tiny else dict(gpu_memory_utilization=0.85)
     max_model_len = min(args.max_model_len, SHAPES[case.shape]["max_position_embeddings"])
     llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, max_model_len=max_model_len,
@@ -141,10 +191,14 @@ def run_case(case: Case, model_dir: str, args: argparse.Namespace) -> CaseResult
         weight_bytes = llm.engine.memory_usage().weight_bytes
         roofline = args.hbm_gbps * 1e9 / weight_bytes
         prompts = [prompt(args.input_len) for _ in range(args.num_prompts)]
-        # An untimed pass first: the batched prefill and the decode batch sizes compile Triton variants the
-        # warm-up above never ran; the first case measured would pay them (the next finds them in the disk cache).
-        timed(prompts, args.output_len)
+        # Untimed passes first: the batched prefill and the decode batch sizes compile Triton variants the warm-up
+        # above never ran; the first case measured would pay them (the next finds them in the disk cache). The
+        # first pass fills the prefix cache, so only from the second on are the steps the timed pass's.
+        for _ in range(args.warmup_passes):
+            timed(prompts, args.output_len)
+        before = compiles.count, compiles.seconds
         seconds = timed(prompts, args.output_len)
+        new_kernels, compile_seconds = compiles.since(*before)
         output_tokens = args.num_prompts * args.output_len
         return CaseResult(case.name, case.shape, case.tensor_parallel_size, executor_name(case),
                           round(weight_bytes / 1024**3, 2), round(decode_tok_s, 1), round(roofline, 1),
@@ -153,7 +207,8 @@ def run_case(case: Case, model_dir: str, args: argparse.Namespace) -> CaseResult
                           cuda_graphs=llm.engine.runner.graphs is not None,
                           async_scheduling=bool(llm.engine.async_scheduling), cudagraph_mixed=case.cudagraph_mixed,
                           mixed_graphs=llm.engine.runner.mixed_graphs is not None,
-                          num_kv_blocks=llm.engine.get_stats().num_blocks)
+                          num_kv_blocks=llm.engine.get_stats().num_blocks, timed_new_kernels=new_kernels,
+                          timed_compile_seconds=compile_seconds)
     finally:
         llm.engine.shutdown()
 
@@ -181,7 +236,7 @@ def failed(case: Case, error: str) -> CaseResult:
 def print_table(results: list[CaseResult]) -> None:
     header = (f"{'case':<18} {'tp':>3} {'executor':<11} {'graphs':>6} {'mixed':>5} {'async':>5} {'GiB/GPU':>8} "
               f"{'b1 tok/s':>9} {'roofline':>9} {'of roof':>8} {'offline out tok/s':>18} {'total tok/s':>12} "
-              f"{'KV blocks':>10}")
+              f"{'KV blocks':>10} {'new kernels':>11} {'compile s':>9}")
     lines = [header, "-" * len(header)]
 
     def yes(flag) -> str:
@@ -196,7 +251,8 @@ def print_table(results: list[CaseResult]) -> None:
         lines.append(f"{r.name:<18} {r.tensor_parallel_size:>3} {r.executor:<11} {yes(r.cuda_graphs):>6} {mixed:>5} "
                      f"{yes(r.async_scheduling):>5} {r.weight_gib_per_gpu:>8} "
                      f"{r.batch1_decode_tok_s:>9} {r.roofline_tok_s:>9} {r.roofline_fraction:>8} "
-                     f"{r.offline_output_tok_s:>18} {r.offline_total_tok_s:>12} {str(r.num_kv_blocks):>10}")
+                     f"{r.offline_output_tok_s:>18} {r.offline_total_tok_s:>12} {str(r.num_kv_blocks):>10} "
+                     f"{str(r.timed_new_kernels):>11} {str(r.timed_compile_seconds):>9}")
     for mixed in (False, True):
         by_name = {r.name: r for r in results if not r.error and r.cudagraph_mixed == mixed}
         if "tp1-engine" in by_name and "tp1-executor" in by_name:
@@ -221,11 +277,16 @@ def main() -> int:
                         help="no CUDA graphs on any rank (by default every case captures them, the executor's too)")
     parser.add_argument("--mixed-graphs", choices=sorted(MIXED_SETTINGS), default="both",
                         help="run every case with mixed prefill/decode graphs off, on, or both (default)")
+    parser.add_argument("--warmup-passes", type=int, default=2,
+                        help="untimed offline passes before the timed one (default 2: the second is the timed "
+                             "pass's twin, prefix-cache hits and all; 1 reproduces the old, order-dependent rows)")
     parser.add_argument("--case-timeout", type=float, default=900.0)
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     parser.add_argument("--run-case", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.warmup_passes < 0:
+        parser.error(f"--warmup-passes must be >= 0, got {args.warmup_passes}")
     defaults = (16, 16, 8, 16) if args.tiny else (1000, 256, 128, 256)
     for name, default in zip(("num_prompts", "input_len", "output_len", "decode_tokens"), defaults):
         if getattr(args, name) is None:
@@ -240,7 +301,8 @@ def main() -> int:
         parser.error("no CUDA device: use --tiny for the CPU check")
     forwarded = ["--tiny"] * args.tiny + ["--enforce-eager"] * args.enforce_eager + [
         f"--{name.replace('_', '-')}={getattr(args, name)}"
-        for name in ("num_prompts", "input_len", "output_len", "decode_tokens", "max_model_len", "hbm_gbps")]
+        for name in ("num_prompts", "input_len", "output_len", "decode_tokens", "max_model_len", "hbm_gbps",
+                     "warmup_passes")]
     results = []
     with tempfile.TemporaryDirectory(prefix="serval-tp-bench-") as directory:
         for case in cases_for(args, num_devices):
