@@ -125,7 +125,11 @@ def _tile_owner(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
     return low
 
 
-@triton.jit
+# Triton compiles a variant per "divisible by 16" / "equals 1" pattern of its integer arguments. The batch's request
+# count and block-table width change from step to step, so specializing on them compiled new variants in the middle
+# of serving (a first prefill whose counts both divide by 16 stalled every request for a compile); neither feeds an
+# address the compiler could vectorize (a binary search bound; one int32 block-id load per block).
+@triton.jit(do_not_specialize=["num_seqs", "stride_block_table"])
 def _attention_kernel(query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
                       block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, sinks_ptr, scale_log2, sliding_window,
                       k_scale_ptr, v_scale_ptr, num_seqs,
