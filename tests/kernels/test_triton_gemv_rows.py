@@ -47,7 +47,10 @@ def test_float32_rows_and_a_strided_weight_view(config):
     weight = big[2:35, :64]
     x = torch.randn(2, 3, 64, device=DEVICE)  # any leading shape
     y = triton_gemv.gemv_rows(x, weight, config=config)
-    torch.testing.assert_close(y, x.reshape(6, 64) @ weight.T, atol=1e-4, rtol=1e-4)
+    # tl.dot multiplies float32 tiles in tf32 on a GPU (the engine sends it half precision only).
+    tf32 = config is not None and config.use_dot and DEVICE == "cuda"
+    tolerance = dict(atol=3e-2, rtol=1e-2) if tf32 else dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(y, x.reshape(6, 64) @ weight.T, **tolerance)
 
 
 # Triton 3.6's interpreter multiplies bfloat16 tiles in tl.dot wrongly (1e11 off on CPU), so the dot variant is
