@@ -11,6 +11,8 @@ creates, loads and applies its weights; the model calls the layer the same eithe
 """
 from __future__ import annotations
 
+import functools
+import logging
 import os
 
 import torch
@@ -19,6 +21,8 @@ from torch import nn
 from serval.layers.activation import silu_and_mul
 from serval.layers.quant.base import QuantMethod
 from serval.layers.quant.fp8 import Fp8Method
+
+logger = logging.getLogger(__name__)
 
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)
 # The most rows serval.kernels.triton_gemv.gemv_rows serves: its [BLOCK_N, rows] accumulator and x tile stay in
@@ -106,12 +110,26 @@ def takes_small_batch_gemv(x: torch.Tensor, row_length: int) -> bool:
     Opt-in: SERVAL_GEMV_ROWS unset or 0 keeps cuBLAS, because the kernel has not been timed on an H200 yet
     (benchmarks/gemv_bench.py --rows). Devices as takes_gemv: CUDA unless SERVAL_GEMV=cublas, any with
     SERVAL_GEMV=triton."""
-    max_rows = min(int(os.environ.get("SERVAL_GEMV_ROWS") or 0), GEMV_MAX_ROWS)
+    max_rows = _gemv_rows_limit(os.environ.get("SERVAL_GEMV_ROWS", ""))
     if max_rows < 2 or x.shape[-1] != row_length:
         return False
     choice = os.environ.get("SERVAL_GEMV")
     wanted = choice == "triton" or (x.is_cuda and choice != "cublas")
     return wanted and x.dtype in _GEMV_DTYPES and 2 <= x.numel() // row_length <= max_rows
+
+
+@functools.cache
+def _gemv_rows_limit(value: str) -> int:
+    """SERVAL_GEMV_ROWS as the most rows for gemv_rows (0: off); a value that is no number is off, said once
+    instead of failing every forward."""
+    if not value.strip():
+        return 0
+    try:
+        return min(int(value), GEMV_MAX_ROWS)
+    except ValueError:
+        logger.warning("SERVAL_GEMV_ROWS is not a number of rows; the multi-row GEMV stays off",
+                       extra={"value": value, "allowed": f"0 (off) or 2..{GEMV_MAX_ROWS}"})
+        return 0
 
 
 class MergedLinear(Linear):

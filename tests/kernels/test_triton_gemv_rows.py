@@ -151,6 +151,15 @@ def test_linear_takes_the_rows_gemv_only_when_asked(monkeypatch, quantized):
     torch.testing.assert_close(ours_down, expected_down, **tolerance)
 
 
+@pytest.mark.parametrize("value, rows, taken", [("8", 8, True), ("4", 5, False), ("4", 4, True), ("1", 2, False),
+                                                ("0", 2, False), ("", 2, False), ("on", 2, False), ("64", 9, False)])
+def test_serval_gemv_rows_is_the_most_rows_taken(monkeypatch, value, rows, taken):
+    # A value that is no number leaves the GEMV off (logged once) instead of failing every forward.
+    monkeypatch.setenv("SERVAL_GEMV", "triton")
+    monkeypatch.setenv("SERVAL_GEMV_ROWS", value)
+    assert takes_small_batch_gemv(torch.zeros(rows, 16, dtype=torch.float16), 16) == taken
+
+
 PROMPT = [5, 17, 42]
 DRAFTS = [7, 9, 11, 13]
 
