@@ -51,13 +51,15 @@ SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("do
 GRID = list(itertools.product((2, 4, 8), (1024, 2048, 4096), (4, 8, 16)))
 FP8_GRID = list(itertools.product((2, 4, 8), (2048, 4096, 8192), (4, 8, 16)))  # one byte a weight: longer K steps
 # gemv_rows' grid, small enough that compiling it for every row count and both weight types fits one short call:
-# FMA tiles of 0.5K to 2K elements per row of x (the broadcast product holds BLOCK_N x rows x BLOCK_K floats), and
-# tensor-core tiles of 32 to 128 rows of W.
+# FMA tiles whose float32 partial sum (BLOCK_N x rows x BLOCK_K) is at most 64 registers a thread at 8 rows, and
+# tensor-core tiles of 32 to 128 rows of W. float8 W: the same FMA tiles (the partial sum is float32 either way),
+# twice the K per step for the tensor cores (the same bytes of shared memory per stage).
 ROWS_GRID = [RowsConfig(2, 256, 4, False), RowsConfig(2, 512, 4, False), RowsConfig(4, 256, 4, False),
              RowsConfig(4, 512, 8, False), RowsConfig(8, 256, 8, False),
              RowsConfig(32, 128, 4, True, 3), RowsConfig(64, 128, 4, True, 3), RowsConfig(64, 256, 4, True, 3),
              RowsConfig(128, 128, 8, True, 3), RowsConfig(32, 256, 4, True, 4)]
-FP8_ROWS_GRID = [RowsConfig(c.block_n, 2 * c.block_k, c.num_warps, c.use_dot, c.num_stages) for c in ROWS_GRID]
+FP8_ROWS_GRID = [RowsConfig(c.block_n, c.block_k * (2 if c.use_dot else 1), c.num_warps, c.use_dot, c.num_stages)
+                 for c in ROWS_GRID]
 TINY_SHAPES = [("qkv", 48, 64), ("down", 32, 96)]
 TINY_GRID, TINY_FP8_GRID = [(2, 32, 2), (4, 64, 4)], [(2, 64, 2)]
 TINY_ROWS_GRID = [RowsConfig(2, 32, 2, False), RowsConfig(16, 32, 4, True, 1)]

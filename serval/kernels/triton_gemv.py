@@ -75,10 +75,10 @@ class RowsConfig:
         return cls(block_n, block_k, num_warps, bool(use_dot), num_stages)
 
 
-# First guesses, not measured on a GPU yet (benchmarks/gemv_bench.py --rows writes the measured ones): the
-# one-row kernel's ~4K-element tile per step split over the rows' products.
+# First guesses, not measured on a GPU yet (benchmarks/gemv_bench.py --rows writes the measured ones): the FMA
+# variant's [BLOCK_N, rows, BLOCK_K] float32 partial sum at 8 rows is 64 registers a thread, whatever W's dtype.
 ROWS_CONFIG = RowsConfig(block_n=2, block_k=512, num_warps=4, use_dot=False)
-FP8_ROWS_CONFIG = RowsConfig(block_n=2, block_k=1024, num_warps=4, use_dot=False)
+FP8_ROWS_CONFIG = ROWS_CONFIG
 
 
 def config_file_name(device_name: str) -> str:
@@ -304,13 +304,36 @@ def _load_x_rows(x_rows, offsets, K, GATED: tl.constexpr, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _rows_product(acc, w, x, USE_DOT: tl.constexpr):
-    """acc [BLOCK_N, BLOCK_M] + w [BLOCK_N, BLOCK_K] @ x [BLOCK_M, BLOCK_K]^T, in float32."""
-    if USE_DOT:
-        # W as the MMA's tall operand and the few rows of x as its narrow one ("swap AB"): BLOCK_N can be 64 or
-        # more while x pads only to 16.
-        return tl.dot(w.to(x.dtype), tl.trans(x), acc)
-    return acc + tl.sum(w.to(tl.float32)[:, None, :] * x.to(tl.float32)[None, :, :], axis=2)
+def _rows_fma(w_rows, x_rows, K, GATED: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
+              USE_PDL: tl.constexpr):
+    """[BLOCK_N, BLOCK_M] products on the CUDA cores: a [BLOCK_N, BLOCK_M, BLOCK_K] float32 partial sum, reduced
+    across threads once at the end, as _gemv_kernel does for one row."""
+    cols = tl.arange(0, BLOCK_K)
+    w = _load_w(w_rows, cols, K, EVEN_K)  # before the wait: W is no earlier kernel's output
+    pdl.wait(USE_PDL)
+    x = _load_x_rows(x_rows, cols, K, GATED, EVEN_K)
+    partial = w.to(tl.float32)[:, None, :] * x.to(tl.float32)[None, :, :]
+    for k in range(BLOCK_K, K, BLOCK_K):
+        w = _load_w(w_rows, k + cols, K, EVEN_K)
+        x = _load_x_rows(x_rows, k + cols, K, GATED, EVEN_K)
+        partial += w.to(tl.float32)[:, None, :] * x.to(tl.float32)[None, :, :]
+    return tl.sum(partial, axis=2)
+
+
+@triton.jit
+def _rows_dot(w_rows, x_rows, K, GATED: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+    """[BLOCK_N, BLOCK_M] products on the tensor cores, W as the MMA's tall operand and the few rows of x as its
+    narrow one ("swap AB"): BLOCK_N can be 64 or more while x pads only to 16. float8 W is converted to x's dtype."""
+    cols = tl.arange(0, BLOCK_K)
+    w = _load_w(w_rows, cols, K, EVEN_K)
+    pdl.wait(USE_PDL)
+    x = _load_x_rows(x_rows, cols, K, GATED, EVEN_K)
+    acc = tl.dot(w.to(x.dtype), tl.trans(x), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32))
+    for k in range(BLOCK_K, K, BLOCK_K):
+        x = _load_x_rows(x_rows, k + cols, K, GATED, EVEN_K)
+        acc = tl.dot(_load_w(w_rows, k + cols, K, EVEN_K).to(x.dtype), tl.trans(x), acc)
+    return acc
 
 
 @triton.jit
@@ -325,16 +348,12 @@ def _gemv_rows_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, M, N, K, stride_
     safe_rows = tl.where(row_valid, rows, N - 1).to(tl.int64)
     tokens = tl.arange(0, BLOCK_M)
     safe_tokens = tl.minimum(tokens, M - 1).to(tl.int64)
-    cols = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + safe_rows[:, None] * stride_w
     x_rows = x_ptr + safe_tokens[:, None] * stride_x
-    w = _load_w(w_rows, cols, K, EVEN_K)  # before the wait: W is no earlier kernel's output
-    pdl.wait(USE_PDL)
-    acc = _rows_product(tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), w,
-                        _load_x_rows(x_rows, cols, K, GATED, EVEN_K), USE_DOT)
-    for k in range(BLOCK_K, K, BLOCK_K):
-        acc = _rows_product(acc, _load_w(w_rows, k + cols, K, EVEN_K),
-                            _load_x_rows(x_rows, k + cols, K, GATED, EVEN_K), USE_DOT)
+    if USE_DOT:
+        acc = _rows_dot(w_rows, x_rows, K, GATED, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, USE_PDL)
+    else:
+        acc = _rows_fma(w_rows, x_rows, K, GATED, EVEN_K, BLOCK_K, USE_PDL)
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + safe_rows)[:, None]
     if HAS_BIAS:
