@@ -83,6 +83,26 @@ def test_fp8_weights_with_row_scales(config, gated):
     torch.testing.assert_close(y.float(), expected, **HALF_TOLERANCE)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels, tensor cores and PDL: a GPU's")
+@pytest.mark.parametrize("config", [triton_gemv.ROWS_CONFIG, RowsConfig(64, 128, 4, True, 3),
+                                    RowsConfig(32, 256, 4, True, 4)], ids=["fma", "dot", "dot-4-stages"])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_bf16_rows_on_a_gpu_agree_with_cublas(config, quantized):
+    # Blocks of the size benchmarks/gemv_bench.py tunes, bf16 activations as the engine runs them.
+    torch.manual_seed(6)
+    weight = torch.randn(1024, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
+    scale = None
+    if quantized:
+        weight, scale = fp8.quantize_weight(weight)
+    dense = weight.float() * (scale[:, None] if quantized else 1)
+    for m in (2, 5, 8):
+        x = torch.randn(m, 8192, device="cuda", dtype=torch.bfloat16)
+        plain = triton_gemv.gemv_rows(x[:, :4096], weight, config=config, weight_scale=scale)
+        gated = triton_gemv.gemv_rows(x, weight, config=config, gated=True, weight_scale=scale)
+        torch.testing.assert_close(plain.float(), x[:, :4096].float() @ dense.T, atol=3e-2, rtol=3e-2)
+        torch.testing.assert_close(gated.float(), silu_and_mul(x).float() @ dense.T, atol=3e-2, rtol=3e-2)
+
+
 TABLE = json.loads(triton_gemv.config_table_json(
     half={"default": (8, 512, 2)}, float8={}, device_name="NVIDIA H200",
     rows_half={2: {"6144x4096": DOT, "default": FMA}, 8: {"default": RowsConfig(8, 256, 8, False)}},
