@@ -87,7 +87,7 @@ def test_fp8_weights_with_row_scales(config, gated):
 @pytest.mark.parametrize("config", [triton_gemv.ROWS_CONFIG, RowsConfig(64, 128, 4, True, 3),
                                     RowsConfig(32, 256, 4, True, 4)], ids=["fma", "dot", "dot-4-stages"])
 @pytest.mark.parametrize("quantized", [False, True])
-def test_bf16_rows_on_a_gpu_agree_with_cublas(config, quantized):
+def test_bf16_rows_on_a_gpu_agree_with_the_float32_product(config, quantized):
     # Blocks of the size benchmarks/gemv_bench.py tunes, bf16 activations as the engine runs them.
     torch.manual_seed(6)
     weight = torch.randn(1024, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
