@@ -1,11 +1,19 @@
-"""Batch-1 projections of the Llama-3-8B shape on a GPU: cuBLAS (torch's F.linear) against the Triton GEMV
-(serval.kernels.triton_gemv) over a grid of its block sizes, in GB/s of weight read.
+"""Batch-1 and small-batch projections of the Llama-3-8B shape on a GPU: cuBLAS (torch's F.linear) against the
+Triton GEMV (serval.kernels.triton_gemv: gemv for one row, gemv_rows for 2 to 8) over a grid of its block sizes, in
+GB/s of weight read.
 
 Each measurement replays a CUDA graph of one product per weight over enough distinct weight matrices (>= 400 MB)
 that nothing is served from the 50 MB L2, as in a decode step where every weight is read once; the graph removes
 launch gaps, as the engine's decode graphs do. Prints a table and writes JSON.
 
-    python benchmarks/gemv_bench.py [--out DIR] [--dtype bfloat16] [--fp8] [--write-config]
+    python benchmarks/gemv_bench.py [--out DIR] [--dtype bfloat16] [--fp8] [--write-config] [--rows 1,2,4,5,8]
+    # tuning the multi-row GEMV on one H200 (keeps the table's one-row sections):
+    PYTHONPATH=/tmp/site:. python benchmarks/gemv_bench.py --rows 2,4,5,8 --write-config --out $OUT/gemv
+    # two CPU cores, Triton's interpreter, tiny shapes (the script runs end to end; the times mean nothing):
+    python benchmarks/gemv_bench.py --tiny --rows 1,2,5 --write-config --out /tmp/gemv_tiny
+
+--rows: the row counts to time (default 1). More than one row: cuBLAS at the same rows against gemv_rows in both
+variants (CUDA-core FMAs and tl.dot) over a small grid each; GB/s still counts the weight's bytes once.
 
 --fp8: the Triton GEMV reads float8 weights with per-row scales (quantization="fp8"), GB/s counted in float8
 bytes; cuBLAS still reads the half-precision weights (what the model does unquantized).
@@ -13,7 +21,8 @@ bytes; cuBLAS still reads the half-precision weights (what the model does unquan
 --write-config: both weight types in one run, and the table the kernel reads on this GPU written to
 serval/kernels/configs/gemv,device=<GPU name>.json (and a copy under --out, which is what comes back from a device
 call): per projection shape its fastest configuration, and as "default" (for other shapes) the one fastest over a
-whole decode step of the 32-layer model.
+whole decode step of the 32-layer model. With --rows above 1 the table's "rows" section too (per row count), and
+without 1 among --rows the one-row sections already in the table are kept as they are.
 """
 from __future__ import annotations
 
@@ -22,22 +31,48 @@ import ast
 import itertools
 import json
 import os
+import sys
+import time
 
-import torch
+# --tiny runs the kernels in Triton's interpreter, which must be chosen before triton is imported.
+if "--tiny" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
 import torch.nn.functional as F
 
-from serval.kernels import triton_gemv
-from serval.layers import fp8
+from serval.kernels import triton_gemv  # noqa: E402
+from serval.kernels.triton_gemv import RowsConfig  # noqa: E402
+from serval.layers import fp8  # noqa: E402
 
 # (name, N, K) of Llama-3-8B's projections: merged q/k/v, o, merged gate/up, down, lm_head.
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
           ("lm_head", 128256, 4096)]
 GRID = list(itertools.product((2, 4, 8), (1024, 2048, 4096), (4, 8, 16)))
 FP8_GRID = list(itertools.product((2, 4, 8), (2048, 4096, 8192), (4, 8, 16)))  # one byte a weight: longer K steps
+# gemv_rows' grid, small enough that compiling it for every row count and both weight types fits one short call:
+# FMA tiles whose float32 partial sum (BLOCK_N x rows x BLOCK_K) is at most 64 registers a thread at 8 rows, and
+# tensor-core tiles of 32 to 128 rows of W. float8 W: the same FMA tiles (the partial sum is float32 either way),
+# twice the K per step for the tensor cores (the same bytes of shared memory per stage).
+ROWS_GRID = [RowsConfig(2, 256, 4, False), RowsConfig(2, 512, 4, False), RowsConfig(4, 256, 4, False),
+             RowsConfig(4, 512, 8, False), RowsConfig(8, 256, 8, False),
+             RowsConfig(32, 128, 4, True, 3), RowsConfig(64, 128, 4, True, 3), RowsConfig(64, 256, 4, True, 3),
+             RowsConfig(128, 128, 8, True, 3), RowsConfig(32, 256, 4, True, 4)]
+FP8_ROWS_GRID = [RowsConfig(c.block_n, c.block_k * (2 if c.use_dot else 1), c.num_warps, c.use_dot, c.num_stages)
+                 for c in ROWS_GRID]
+TINY_SHAPES = [("qkv", 48, 64), ("down", 32, 96)]
+TINY_GRID, TINY_FP8_GRID = [(2, 32, 2), (4, 64, 4)], [(2, 64, 2)]
+TINY_ROWS_GRID = [RowsConfig(2, 32, 2, False), RowsConfig(16, 32, 4, True, 1)]
 
 
 def time_graph(fn, weights: list[torch.Tensor], x: torch.Tensor, repeats: int = 20) -> float:
-    """Seconds per product, from a graph of one product per weight replayed `repeats` times."""
+    """Seconds per product, from a graph of one product per weight replayed `repeats` times (on a CPU, --tiny: a
+    plain loop, to run the script end to end)."""
+    if not x.is_cuda:
+        start = time.perf_counter()
+        for w in weights:
+            fn(x, w)
+        return (time.perf_counter() - start) / len(weights)
     for w in weights[:2]:
         fn(x, w)
     torch.cuda.synchronize()
@@ -56,18 +91,24 @@ def time_graph(fn, weights: list[torch.Tensor], x: torch.Tensor, repeats: int = 
     return start.elapsed_time(end) / 1e3 / (repeats * len(weights))
 
 
-def bench(dtype: torch.dtype, use_fp8: bool) -> list[dict]:
+def weight_copies(weight_bytes: int, device: str) -> int:
+    """Distinct weights per graph: >= 400 MB, so that none is served from L2 (2 on a CPU, --tiny)."""
+    return max(2, -(-400 * 2**20 // weight_bytes)) if device == "cuda" else 2
+
+
+def bench(dtype: torch.dtype, use_fp8: bool, shapes=SHAPES, grid=None, device: str = "cuda") -> list[dict]:
     """Every configuration of the grid on every projection; one row per projection."""
     torch.manual_seed(0)
-    x = torch.randn(1, 14336, device="cuda", dtype=dtype)
+    x = torch.randn(1, max(k for _, _, k in shapes), device=device, dtype=dtype)
+    grid = grid or (FP8_GRID if use_fp8 else GRID)
     rows = []
-    for name, n, k in SHAPES:
+    for name, n, k in shapes:
         half_bytes = n * k * x.element_size()
         weight_bytes = n * k if use_fp8 else half_bytes
-        copies = max(2, -(-400 * 2**20 // weight_bytes))
-        halves = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(copies)]
+        copies = weight_copies(weight_bytes, device)
+        halves = [torch.randn(n, k, device=device, dtype=dtype) * 0.02 for _ in range(copies)]
         xk = x[:, :k].contiguous()
-        cublas = time_graph(lambda a, w: F.linear(a, w), halves[:max(2, -(-400 * 2**20 // half_bytes))], xk)
+        cublas = time_graph(lambda a, w: F.linear(a, w), halves[:weight_copies(half_bytes, device)], xk)
         # (weight, its row scales): float8 with --fp8, else the half-precision weight and None.
         weights = [fp8.quantize_weight(w) if use_fp8 else (w, None) for w in halves]
         del halves
@@ -79,12 +120,14 @@ def bench(dtype: torch.dtype, use_fp8: bool) -> list[dict]:
         def gemv(a, weight, c):
             return triton_gemv.gemv(a, weight[0], config=c, weight_scale=weight[1])
         results = {}
-        for config in FP8_GRID if use_fp8 else GRID:
+        for config in grid:
             got = gemv(xk, weights[0], config).float()
             if not torch.allclose(got, reference, atol=5e-2, rtol=5e-2):
                 raise AssertionError(f"{name} {config}: max error {(got - reference).abs().max().item()}")
             results[config] = time_graph(lambda a, w, c=config: gemv(a, w, c), weights, xk)
         default = triton_gemv.FP8_CONFIG if use_fp8 else triton_gemv.DEFAULT_CONFIG
+        if default not in results:  # --tiny's grid
+            default = grid[0]
         best = min(results, key=results.get)
         rows.append({"name": name, "N": n, "K": k, "mb": weight_bytes / 1e6,
                      "cublas_us": cublas * 1e6, "cublas_gbs": half_bytes / cublas / 1e9,
@@ -94,8 +137,87 @@ def bench(dtype: torch.dtype, use_fp8: bool) -> list[dict]:
                      "best_gbs": weight_bytes / results[best] / 1e9,
                      "all_us": {str(c): t * 1e6 for c, t in results.items()}})
         del weights
-        torch.cuda.empty_cache()
+        empty_cache()
     return rows
+
+
+def empty_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def bench_rows(dtype: torch.dtype, use_fp8: bool, m: int, shapes=SHAPES, grid=None,
+               device: str = "cuda") -> list[dict]:
+    """gemv_rows over its grid against cuBLAS at m rows, on every projection; one result per projection."""
+    torch.manual_seed(m)
+    x = torch.randn(m, max(k for _, _, k in shapes), device=device, dtype=dtype)
+    grid = grid or (FP8_ROWS_GRID if use_fp8 else ROWS_GRID)
+    results = []
+    for name, n, k in shapes:
+        half_bytes = n * k * x.element_size()
+        weight_bytes = n * k if use_fp8 else half_bytes
+        halves = [torch.randn(n, k, device=device, dtype=dtype) * 0.02
+                  for _ in range(weight_copies(weight_bytes, device))]
+        xk = x[:, :k].contiguous()
+        cublas = time_graph(lambda a, w: F.linear(a, w), halves[:weight_copies(half_bytes, device)], xk)
+        weights = [fp8.quantize_weight(w) if use_fp8 else (w, None) for w in halves]
+        del halves
+        first, first_scale = weights[0]
+        reference = (F.linear(xk.float(), first.float() * first_scale[:, None]) if use_fp8
+                     else F.linear(xk, first).float())
+
+        def gemv_rows(a, weight, c):
+            return triton_gemv.gemv_rows(a, weight[0], config=c, weight_scale=weight[1])
+        times = {}
+        for config in grid:
+            got = gemv_rows(xk, weights[0], config).float()
+            if not torch.allclose(got, reference, atol=5e-2, rtol=5e-2):
+                raise AssertionError(f"{name} rows={m} {config}: max error {(got - reference).abs().max().item()}")
+            times[config] = time_graph(lambda a, w, c=config: gemv_rows(a, w, c), weights, xk)
+        best = {}
+        for use_dot in (False, True):
+            variant = [c for c in times if c.use_dot == use_dot]
+            best[use_dot] = min(variant, key=times.get) if variant else None
+        overall = min(times, key=times.get)
+        results.append({
+            "name": name, "N": n, "K": k, "rows": m, "mb": weight_bytes / 1e6,
+            "cublas_us": cublas * 1e6, "cublas_gbs": half_bytes / cublas / 1e9,
+            **{f"{label}_config": best[use_dot].as_list() if best[use_dot] else None
+               for label, use_dot in (("fma", False), ("dot", True))},
+            **{f"{label}_us": times[best[use_dot]] * 1e6 if best[use_dot] else None
+               for label, use_dot in (("fma", False), ("dot", True))},
+            "best_config": overall.as_list(), "best_us": times[overall] * 1e6,
+            "best_gbs": weight_bytes / times[overall] / 1e9,
+            "all_us": {json.dumps(c.as_list()): t * 1e6 for c, t in times.items()}})
+        del weights
+        empty_cache()
+    return results
+
+
+def tuned_rows_table(results: list[dict]) -> dict[str, RowsConfig]:
+    """As tuned_table, for one row count of gemv_rows."""
+    table = {triton_gemv.shape_key(r["N"], r["K"]): RowsConfig.from_list(r["best_config"]) for r in results}
+    step_us = {c: sum(step_weight(r["name"]) * r["all_us"][c] for r in results) for c in results[0]["all_us"]}
+    table["default"] = RowsConfig.from_list(json.loads(min(step_us, key=step_us.get)))
+    return table
+
+
+def print_rows_results(results: list[dict], dtype_name: str, use_fp8: bool) -> None:
+    m = results[0]["rows"]
+    print(f"\n{m} rows, dtype {dtype_name}, Triton weights {'float8 e4m3' if use_fp8 else dtype_name} "
+          f"(GB/s: weight bytes read once / time; config [BLOCK_N, BLOCK_K, warps, dot, stages])")
+    print(f"{'proj':8} {'N x K':>13} | {'cuBLAS us':>9} {'GB/s':>6} | {'FMA us':>7} | {'dot us':>7} | "
+          f"{'best config':>22} {'us':>7} {'GB/s':>6}")
+
+    def us(value):
+        return f"{value:7.1f}" if value is not None else f"{'-':>7}"
+    for r in results:
+        print(f"{r['name']:8} {r['N']:>6}x{r['K']:<6} | {r['cublas_us']:9.1f} {r['cublas_gbs']:6.0f} | "
+              f"{us(r['fma_us'])} | {us(r['dot_us'])} | {str(r['best_config']):>22} {r['best_us']:7.1f} "
+              f"{r['best_gbs']:6.0f}")
+    for key in ("cublas_us", "best_us"):
+        total = sum(step_weight(r["name"]) * r[key] for r in results)
+        print(f"one {m}-row step's projections, {key[:-3]}: {total / 1e3:.3f} ms")
 
 
 def step_weight(name: str) -> int:
@@ -113,7 +235,7 @@ def tuned_table(rows: list[dict]) -> dict[str, tuple[int, int, int]]:
 
 
 def print_rows(rows: list[dict], dtype_name: str, use_fp8: bool) -> None:
-    print(f"device: {torch.cuda.get_device_name()}, dtype {dtype_name}, batch 1, Triton weights "
+    print(f"device: {device_name()}, dtype {dtype_name}, batch 1, Triton weights "
           f"{'float8 e4m3' if use_fp8 else dtype_name}")
     print(f"{'proj':8} {'N x K':>13} {'MB':>7} | {'cuBLAS us':>9} {'GB/s':>6} | {'Triton default':>15} {'us':>7} "
           f"{'GB/s':>6} | {'best config':>15} {'us':>7} {'GB/s':>6}")
@@ -127,36 +249,75 @@ def print_rows(rows: list[dict], dtype_name: str, use_fp8: bool) -> None:
         print(f"one decode step's projections, {key[:-3]}: {total / 1e3:.3f} ms")
 
 
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def existing_table(name: str) -> dict:
+    """The table already under serval/kernels/configs/ for this GPU ({} if none): sections not re-tuned are kept."""
+    return triton_gemv.load_table(os.path.join(triton_gemv.CONFIG_DIR, name)) or {}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default=None, help="default bfloat16 (float16 with --tiny: Triton's "
+                        "interpreter multiplies bfloat16 wrongly in tl.dot)")
     parser.add_argument("--fp8", action="store_true", help="float8 weights for the Triton GEMV")
     parser.add_argument("--write-config", action="store_true",
                         help="both weight types, and this GPU's table under serval/kernels/configs/")
+    parser.add_argument("--rows", default="1", help="comma-separated row counts, e.g. 1,2,4,5,8 (2..8: gemv_rows)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny shapes and grids on the CPU in Triton's interpreter (runs the script end to end)")
     args = parser.parse_args()
-    dtype = getattr(torch, args.dtype)
-    device_name = torch.cuda.get_device_name()
+    dtype_name = args.dtype or ("float16" if args.tiny else "bfloat16")
+    dtype = getattr(torch, dtype_name)
+    row_counts = sorted({int(v) for v in args.rows.split(",")})
+    device = "cpu" if args.tiny else "cuda"
+    shapes = TINY_SHAPES if args.tiny else SHAPES
+    name_of_device = device_name() if not args.tiny else "cpu"
     os.makedirs(args.out, exist_ok=True)
     kinds = (False, True) if args.write_config else (args.fp8,)
-    tables = {}
+    tables, rows_tables = {}, {False: {}, True: {}}
     for use_fp8 in kinds:
-        rows = bench(dtype, use_fp8)
-        print_rows(rows, args.dtype, use_fp8)
-        tables[use_fp8] = tuned_table(rows)
-        name = "gemv_bench_fp8.json" if use_fp8 else "gemv_bench.json"
-        with open(os.path.join(args.out, name), "w") as f:
-            json.dump({"device": device_name, "dtype": args.dtype, "fp8_weights": use_fp8, "rows": rows,
-                       "tuned": {k: list(v) for k, v in tables[use_fp8].items()}}, f, indent=1)
+        suffix = "_fp8" if use_fp8 else ""
+        if 1 in row_counts:
+            grid = (TINY_FP8_GRID if use_fp8 else TINY_GRID) if args.tiny else None
+            rows = bench(dtype, use_fp8, shapes, grid, device)
+            print_rows(rows, dtype_name, use_fp8)
+            tables[use_fp8] = tuned_table(rows)
+            with open(os.path.join(args.out, f"gemv_bench{suffix}.json"), "w") as f:
+                json.dump({"device": name_of_device, "dtype": dtype_name, "fp8_weights": use_fp8, "rows": rows,
+                           "tuned": {k: list(v) for k, v in tables[use_fp8].items()}}, f, indent=1)
+        results = []
+        for m in (m for m in row_counts if m > 1):
+            per_shape = bench_rows(dtype, use_fp8, m, shapes, TINY_ROWS_GRID if args.tiny else None, device)
+            print_rows_results(per_shape, dtype_name, use_fp8)
+            rows_tables[use_fp8][m] = tuned_rows_table(per_shape)
+            results += per_shape
+        if results:
+            with open(os.path.join(args.out, f"gemv_bench_rows{suffix}.json"), "w") as f:
+                json.dump({"device": name_of_device, "dtype": dtype_name, "fp8_weights": use_fp8, "results": results,
+                           "tuned": {m: {k: c.as_list() for k, c in t.items()} for m, t in
+                                     rows_tables[use_fp8].items()}}, f, indent=1)
     if args.write_config:
-        text = triton_gemv.config_table_json(tables[False], tables[True], device_name)
-        name = triton_gemv.config_file_name(device_name)
-        # The copy under --out has no "=" in its name: a device call brings back only plain names.
-        for path in (os.path.join(triton_gemv.CONFIG_DIR, name), os.path.join(args.out, name.replace("=", "_"))):
+        name = triton_gemv.config_file_name(name_of_device)
+        old = {} if args.tiny else existing_table(name)
+        table = json.loads(triton_gemv.config_table_json(tables.get(False, {}), tables.get(True, {}), name_of_device,
+                                                         rows_tables[False], rows_tables[True]))
+        for section in (triton_gemv.HALF, triton_gemv.FLOAT8, triton_gemv.ROWS):
+            if not table.get(section) and old.get(section):
+                table[section] = old[section]  # not re-tuned in this run
+        text = json.dumps(table, indent=1)
+        # The copy under --out has no "=" in its name: a device call brings back only plain names. --tiny's CPU
+        # numbers go under --out only.
+        paths = [os.path.join(args.out, name.replace("=", "_"))]
+        if not args.tiny:
+            paths.append(os.path.join(triton_gemv.CONFIG_DIR, name))
+        for path in paths:
             with open(path, "w") as f:
                 f.write(text + "\n")
-        print(f"\n{name} written under serval/kernels/configs/ and {args.out}:\n{text}")
-
+        print(f"\n{name} written to {', '.join(paths)}:\n{text}")
 
 if __name__ == "__main__":
     main()

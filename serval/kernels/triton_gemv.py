@@ -17,12 +17,21 @@ The block configuration is chosen per GPU: benchmarks/gemv_bench.py --write-conf
 runs on and writes configs/gemv,device=<GPU name>.json, one table for half-precision and one for float8 weights,
 each keyed by the projection's "NxK" with a "default" (the configuration fastest over a whole decode step). A shape
 the table lacks takes the device's default; a GPU without a table takes DEFAULT_CONFIG / FP8_CONFIG.
+
+Small batches (gemv_rows): y [M, N] = x [M, K] @ W^T for M = 2..8 rows, a speculative verify step (k drafts + 1)
+or a few concurrent decode streams. cuBLAS reads W for so few rows below the one-row GEMV's bandwidth although the
+bytes are the same, so each program again owns BLOCK_N rows of W, loads each W tile once and multiplies it with all
+M rows of x: with CUDA-core FMAs (broadcast products, as the one-row kernel does) or, USE_DOT, with the tensor
+cores (tl.dot of the W tile and x's rows padded to 16). Which one and which blocks is the per-GPU table's "rows"
+section, keyed by the number of rows benchmarks/gemv_bench.py --rows tuned. Opt-in until measured on an H200
+(serval.layers.linear.takes_small_batch_gemv, SERVAL_GEMV_ROWS).
 """
 from __future__ import annotations
 
 import functools
 import json
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -42,6 +51,34 @@ BLOCK_SCALED_CONFIG = (4, 2048, 4)
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 # The tables' two sections: weights in the activations' half precision, and float8 weights with row scales.
 HALF, FLOAT8 = "half", "float8"
+# The tables' section for gemv_rows: {"half" | "float8": {"<rows>": {"NxK" | "default": RowsConfig.as_list()}}}.
+ROWS = "rows"
+
+
+@dataclass(frozen=True)
+class RowsConfig:
+    """gemv_rows' blocks: BLOCK_N rows of W per program, BLOCK_K columns per step, and use_dot: the product on the
+    tensor cores (x's rows padded to 16) instead of CUDA-core FMAs. num_stages: Triton's software pipelining of
+    the K loop (the dot variant's W tiles go through shared memory)."""
+    block_n: int
+    block_k: int
+    num_warps: int
+    use_dot: bool
+    num_stages: int = 1
+
+    def as_list(self) -> list[int]:
+        return [self.block_n, self.block_k, self.num_warps, int(self.use_dot), self.num_stages]
+
+    @classmethod
+    def from_list(cls, values: list[int]) -> "RowsConfig":
+        block_n, block_k, num_warps, use_dot, num_stages = (int(v) for v in values)
+        return cls(block_n, block_k, num_warps, bool(use_dot), num_stages)
+
+
+# First guesses, not measured on a GPU yet (benchmarks/gemv_bench.py --rows writes the measured ones): the FMA
+# variant's [BLOCK_N, rows, BLOCK_K] float32 partial sum at 8 rows is 64 registers a thread, whatever W's dtype.
+ROWS_CONFIG = RowsConfig(block_n=2, block_k=512, num_warps=4, use_dot=False)
+FP8_ROWS_CONFIG = ROWS_CONFIG
 
 
 def config_file_name(device_name: str) -> str:
@@ -84,12 +121,43 @@ def get_config(n: int, k: int, float8: bool, device: torch.device) -> tuple[int,
     return pick_config(table, n, k, float8)
 
 
+def pick_rows_config(table: dict | None, m: int, n: int, k: int, float8: bool) -> RowsConfig:
+    """gemv_rows' blocks for m rows of an N x K weight from a device's table: the entries of the fewest tuned rows
+    >= m (else the most tuned), the shape's own entry or that row count's default; else the built-in one."""
+    by_rows = ((table or {}).get(ROWS) or {}).get(FLOAT8 if float8 else HALF) or {}
+    if by_rows:
+        tuned = sorted(int(rows) for rows in by_rows)
+        nearest = next((rows for rows in tuned if rows >= m), tuned[-1])
+        section = by_rows[str(nearest)]
+        config = section.get(shape_key(n, k)) or section.get("default")
+        if config is not None:
+            return RowsConfig.from_list(config)
+    return FP8_ROWS_CONFIG if float8 else ROWS_CONFIG
+
+
+def get_rows_config(m: int, n: int, k: int, float8: bool, device: torch.device) -> RowsConfig:
+    """gemv_rows' configuration for this GPU (its table's "rows" section, if benchmarks/gemv_bench.py wrote one)."""
+    table = _device_table(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else None
+    return pick_rows_config(table, m, n, k, float8)
+
+
+RowsTable = dict[int, dict[str, RowsConfig]]  # rows -> "NxK" | "default" -> configuration
+
+
 def config_table_json(half: dict[str, tuple[int, int, int]], float8: dict[str, tuple[int, int, int]],
-                      device_name: str) -> str:
+                      device_name: str, rows_half: RowsTable | None = None,
+                      rows_float8: RowsTable | None = None) -> str:
     """A table as get_config reads it: {"device", "half": {"NxK" | "default": [BLOCK_N, BLOCK_K, num_warps]},
-    "float8": {...}} (what benchmarks/gemv_bench.py --write-config writes)."""
-    return json.dumps({"device": device_name, HALF: {key: list(c) for key, c in half.items()},
-                       FLOAT8: {key: list(c) for key, c in float8.items()}}, indent=1)
+    "float8": {...}} (what benchmarks/gemv_bench.py --write-config writes), and with rows_half / rows_float8 the
+    "rows" section get_rows_config reads."""
+    table = {"device": device_name, HALF: {key: list(c) for key, c in half.items()},
+             FLOAT8: {key: list(c) for key, c in float8.items()}}
+    if rows_half or rows_float8:
+        table[ROWS] = {name: {str(m): {key: c.as_list() for key, c in entries.items()}
+                              for m, entries in sorted((rows or {}).items())}
+                       for name, rows in ((HALF, rows_half), (FLOAT8, rows_float8))}
+    return json.dumps(table, indent=1)
 
 
 @triton.jit
@@ -214,5 +282,109 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x, weight, weight_scale if weight_scale is not None else weight, bias if bias is not None else weight, y, n,
         k, weight.stride(0), HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None,
         GATED=gated, EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        **pdl.launch_options(x))
+    return y
+
+
+@triton.jit
+def _load_x_rows(x_rows, offsets, K, GATED: tl.constexpr, EVEN_K: tl.constexpr):
+    """A [BLOCK_M, BLOCK_K] tile of x's rows in x's dtype (gated: silu(gate) * up, rounded as silu_and_mul does)."""
+    if EVEN_K:
+        gate = tl.load(x_rows + offsets[None, :])
+    else:
+        gate = tl.load(x_rows + offsets[None, :], mask=(offsets < K)[None, :], other=0.0)
+    if GATED:
+        if EVEN_K:
+            up = tl.load(x_rows + K + offsets[None, :])
+        else:
+            up = tl.load(x_rows + K + offsets[None, :], mask=(offsets < K)[None, :], other=0.0)
+        gate32 = gate.to(tl.float32)
+        return (gate32 * tl.sigmoid(gate32) * up.to(tl.float32)).to(gate.dtype)
+    return gate
+
+
+@triton.jit
+def _rows_fma(w_rows, x_rows, K, GATED: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
+              USE_PDL: tl.constexpr):
+    """[BLOCK_N, BLOCK_M] products on the CUDA cores: a [BLOCK_N, BLOCK_M, BLOCK_K] float32 partial sum, reduced
+    across threads once at the end, as _gemv_kernel does for one row."""
+    cols = tl.arange(0, BLOCK_K)
+    w = _load_w(w_rows, cols, K, EVEN_K)  # before the wait: W is no earlier kernel's output
+    pdl.wait(USE_PDL)
+    x = _load_x_rows(x_rows, cols, K, GATED, EVEN_K)
+    partial = w.to(tl.float32)[:, None, :] * x.to(tl.float32)[None, :, :]
+    for k in range(BLOCK_K, K, BLOCK_K):
+        w = _load_w(w_rows, k + cols, K, EVEN_K)
+        x = _load_x_rows(x_rows, k + cols, K, GATED, EVEN_K)
+        partial += w.to(tl.float32)[:, None, :] * x.to(tl.float32)[None, :, :]
+    return tl.sum(partial, axis=2)
+
+
+@triton.jit
+def _rows_dot(w_rows, x_rows, K, GATED: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+    """[BLOCK_N, BLOCK_M] products on the tensor cores, W as the MMA's tall operand and the few rows of x as its
+    narrow one ("swap AB"): BLOCK_N can be 64 or more while x pads only to 16. float8 W is converted to x's dtype."""
+    cols = tl.arange(0, BLOCK_K)
+    w = _load_w(w_rows, cols, K, EVEN_K)
+    pdl.wait(USE_PDL)
+    x = _load_x_rows(x_rows, cols, K, GATED, EVEN_K)
+    acc = tl.dot(w.to(x.dtype), tl.trans(x), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32))
+    for k in range(BLOCK_K, K, BLOCK_K):
+        x = _load_x_rows(x_rows, k + cols, K, GATED, EVEN_K)
+        acc = tl.dot(_load_w(w_rows, k + cols, K, EVEN_K).to(x.dtype), tl.trans(x), acc)
+    return acc
+
+
+@triton.jit
+def _gemv_rows_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, M, N, K, stride_x, stride_y, stride_w,
+                      HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr, EVEN_K: tl.constexpr,
+                      USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      USE_PDL: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_valid = rows < N
+    # Rows of W past N and rows of x past M read the last real one again instead of masking (see _gemv_kernel);
+    # their products are never stored.
+    safe_rows = tl.where(row_valid, rows, N - 1).to(tl.int64)
+    tokens = tl.arange(0, BLOCK_M)
+    safe_tokens = tl.minimum(tokens, M - 1).to(tl.int64)
+    w_rows = w_ptr + safe_rows[:, None] * stride_w
+    x_rows = x_ptr + safe_tokens[:, None] * stride_x
+    if USE_DOT:
+        acc = _rows_dot(w_rows, x_rows, K, GATED, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, USE_PDL)
+    else:
+        acc = _rows_fma(w_rows, x_rows, K, GATED, EVEN_K, BLOCK_K, USE_PDL)
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + safe_rows)[:, None]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows, mask=row_valid, other=0.0).to(tl.float32)[:, None]
+    out = y_ptr + tokens[None, :].to(tl.int64) * stride_y + rows[:, None]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_valid[:, None] & (tokens < M)[None, :])
+
+
+def gemv_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+              config: RowsConfig | None = None, gated: bool = False,
+              weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] with a few rows (2 to 8: serval.layers.linear.takes_small_batch_gemv) @ weight [N, K]^T + bias
+    -> [M, N] in x's dtype, reading W once for all rows. gated and weight_scale as in gemv. config: blocks and
+    variant; None: this GPU's tuned one for this many rows (get_rows_config)."""
+    n, k = weight.shape
+    row_length = 2 * k if gated else k
+    assert x.shape[-1] == row_length and weight.stride(1) == 1, (x.shape, weight.shape, weight.stride())
+    x = x.reshape(-1, row_length)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m = x.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    config = config or get_rows_config(m, n, k, weight_scale is not None, x.device)
+    block_m, block_n = triton.next_power_of_2(m), config.block_n
+    block_k = min(config.block_k, triton.next_power_of_2(k))
+    if config.use_dot:  # tl.dot's smallest tile is 16 on every side
+        block_m, block_n, block_k = max(16, block_m), max(16, block_n), max(16, block_k)
+    _gemv_rows_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, weight_scale if weight_scale is not None else weight, bias if bias is not None else weight, y,
+        m, n, k, x.stride(0), y.stride(0), weight.stride(0), HAS_SCALE=weight_scale is not None,
+        HAS_BIAS=bias is not None, GATED=gated, EVEN_K=k % block_k == 0, USE_DOT=config.use_dot, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=config.num_warps, num_stages=config.num_stages,
         **pdl.launch_options(x))
     return y

@@ -4,11 +4,15 @@ q/k/v share one input and so do gate/up: one [sum(out), in] weight turns three (
 which matters most at decode batch sizes where each GEMM is bandwidth-bound. A checkpoint stores the parts
 separately; `load_shard` copies each into its rows. On a GPU a single half-precision row goes to the Triton GEMV
 (SERVAL_GEMV=cublas: torch's matmul; SERVAL_GEMV=triton: the GEMV on CPU too, in Triton's interpreter).
+2 to 8 rows (a speculative verify step, a few decode streams) may take the multi-row GEMV instead of cuBLAS:
+opt-in with SERVAL_GEMV_ROWS=8 until it is measured on an H200 (takes_small_batch_gemv).
 A quantized layer holds its format in `quant_method` (serval.layers.quant: fp8, block fp8, int8, 4-bit), which
 creates, loads and applies its weights; the model calls the layer the same either way.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import os
 
 import torch
@@ -18,7 +22,12 @@ from serval.layers.activation import silu_and_mul
 from serval.layers.quant.base import QuantMethod
 from serval.layers.quant.fp8 import Fp8Method
 
+logger = logging.getLogger(__name__)
+
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)
+# The most rows serval.kernels.triton_gemv.gemv_rows serves: its [BLOCK_N, rows] accumulator and x tile stay in
+# registers, and past a few rows a GEMM reads W as fast.
+GEMV_MAX_ROWS = 8
 
 
 class Linear(nn.Linear):
@@ -65,6 +74,10 @@ class Linear(nn.Linear):
             from serval.kernels import triton_gemv
             out = triton_gemv.gemv(x, self.weight, self.bias)
             return out.view(*x.shape[:-1], self.out_features)
+        if takes_small_batch_gemv(x, self.in_features):
+            from serval.kernels import triton_gemv
+            out = triton_gemv.gemv_rows(x, self.weight, self.bias)
+            return out.view(*x.shape[:-1], self.out_features)
         return super().forward(x)
 
     def forward_silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -74,6 +87,10 @@ class Linear(nn.Linear):
         if takes_gemv(gate_up, 2 * self.in_features):
             from serval.kernels import triton_gemv
             out = triton_gemv.gemv(gate_up, self.weight, self.bias, gated=True)
+            return out.view(*gate_up.shape[:-1], self.out_features)
+        if takes_small_batch_gemv(gate_up, 2 * self.in_features):
+            from serval.kernels import triton_gemv
+            out = triton_gemv.gemv_rows(gate_up, self.weight, self.bias, gated=True)
             return out.view(*gate_up.shape[:-1], self.out_features)
         return self(silu_and_mul(gate_up))
 
@@ -85,6 +102,34 @@ def takes_gemv(x: torch.Tensor, row_length: int) -> bool:
     choice = os.environ.get("SERVAL_GEMV")
     wanted = choice == "triton" or (x.is_cuda and choice != "cublas")
     return wanted and x.dtype in _GEMV_DTYPES and x.numel() == row_length
+
+
+def takes_small_batch_gemv(x: torch.Tensor, row_length: int) -> bool:
+    """2 to min(SERVAL_GEMV_ROWS, GEMV_MAX_ROWS) half-precision rows (a speculative verify step, a few decode
+    streams): the multi-row Triton GEMV reads W once for all of them (serval.kernels.triton_gemv.gemv_rows).
+    Opt-in: SERVAL_GEMV_ROWS unset or 0 keeps cuBLAS, because the kernel has not been timed on an H200 yet
+    (benchmarks/gemv_bench.py --rows). Devices as takes_gemv: CUDA unless SERVAL_GEMV=cublas, any with
+    SERVAL_GEMV=triton."""
+    max_rows = _gemv_rows_limit(os.environ.get("SERVAL_GEMV_ROWS", ""))
+    if max_rows < 2 or x.shape[-1] != row_length:
+        return False
+    choice = os.environ.get("SERVAL_GEMV")
+    wanted = choice == "triton" or (x.is_cuda and choice != "cublas")
+    return wanted and x.dtype in _GEMV_DTYPES and 2 <= x.numel() // row_length <= max_rows
+
+
+@functools.cache
+def _gemv_rows_limit(value: str) -> int:
+    """SERVAL_GEMV_ROWS as the most rows for gemv_rows (0: off); a value that is no number is off, said once
+    instead of failing every forward."""
+    if not value.strip():
+        return 0
+    try:
+        return min(int(value), GEMV_MAX_ROWS)
+    except ValueError:
+        logger.warning("SERVAL_GEMV_ROWS is not a number of rows; the multi-row GEMV stays off",
+                       extra={"value": value, "allowed": f"0 (off) or 2..{GEMV_MAX_ROWS}"})
+        return 0
 
 
 class MergedLinear(Linear):

@@ -39,10 +39,14 @@ class Fp8Method(QuantMethod):
         layer.weight = nn.Parameter(qweight, requires_grad=False)
 
     def apply(self, layer, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
-        from serval.layers.linear import takes_gemv
+        from serval.layers.linear import takes_gemv, takes_small_batch_gemv
         if takes_gemv(x, 2 * layer.in_features if gated else layer.in_features):
             from serval.kernels import triton_gemv
             out = triton_gemv.gemv(x, layer.weight, layer.bias, gated=gated, weight_scale=layer.weight_scale)
+            return out.view(*x.shape[:-1], layer.out_features)
+        if takes_small_batch_gemv(x, 2 * layer.in_features if gated else layer.in_features):
+            from serval.kernels import triton_gemv  # x stays unquantized, as in the one-row GEMV
+            out = triton_gemv.gemv_rows(x, layer.weight, layer.bias, gated=gated, weight_scale=layer.weight_scale)
             return out.view(*x.shape[:-1], layer.out_features)
         return fp8.linear(x, layer.weight, layer.weight_scale, layer.bias, gated=gated)
 
