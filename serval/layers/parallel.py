@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from serval.layers.linear import Linear, takes_gemv
+from serval.layers.linear import Linear, takes_gemv, takes_small_batch_gemv
 from serval.layers.moe import ExpertRouting, FusedMoE, SparseMoeBlock
 from serval.layers.quant.fp8 import BlockFp8Method, Fp8Method
 from serval.layers.quant.int8 import Int8Method
@@ -481,6 +481,9 @@ class RowParallelLinear(Linear):
             # dependent launch per layer); without the bias, which _reduce adds once.
             from serval.kernels import triton_gemv
             return triton_gemv.gemv(x, self.weight, None, gated=gated).view(*x.shape[:-1], self.out_features)
+        if takes_small_batch_gemv(x, 2 * self.in_features if gated else self.in_features):  # 2-8 rows, opt-in
+            from serval.kernels import triton_gemv
+            return triton_gemv.gemv_rows(x, self.weight, None, gated=gated).view(*x.shape[:-1], self.out_features)
         if gated:
             from serval.layers.activation import silu_and_mul
             x = silu_and_mul(x)
