@@ -33,6 +33,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 # --tiny runs the kernels in Triton's interpreter, which must be chosen before triton is imported.
 if "--tiny" in sys.argv:
@@ -96,6 +97,43 @@ def weight_copies(weight_bytes: int, device: str) -> int:
     return max(2, -(-400 * 2**20 // weight_bytes)) if device == "cuda" else 2
 
 
+@dataclass
+class GridTiming:
+    cublas_s: float  # cuBLAS at the same rows, half-precision weights
+    times: dict  # configuration -> seconds
+    weight_bytes: int  # the Triton side's (float8 with --fp8)
+    half_bytes: int
+
+
+def time_grid(x: torch.Tensor, n: int, k: int, use_fp8: bool, grid, kernel, device: str, label: str) -> GridTiming:
+    """cuBLAS and kernel(x, weight, config=, weight_scale=) over every configuration of the grid on one N x K
+    projection, each checked first against cuBLAS (or, with --fp8, the product with the dequantized weight)."""
+    half_bytes = n * k * x.element_size()
+    weight_bytes = n * k if use_fp8 else half_bytes
+    halves = [torch.randn(n, k, device=device, dtype=x.dtype) * 0.02
+              for _ in range(weight_copies(weight_bytes, device))]
+    xk = x[:, :k].contiguous()
+    cublas = time_graph(lambda a, w: F.linear(a, w), halves[:weight_copies(half_bytes, device)], xk)
+    # (weight, its row scales): float8 with --fp8, else the half-precision weight and None.
+    weights = [fp8.quantize_weight(w) if use_fp8 else (w, None) for w in halves]
+    del halves
+    first, first_scale = weights[0]
+    reference = (F.linear(xk.float(), first.float() * first_scale[:, None]) if use_fp8
+                 else F.linear(xk, first).float())
+
+    def run(a, weight, config):
+        return kernel(a, weight[0], config=config, weight_scale=weight[1])
+    times = {}
+    for config in grid:
+        got = run(xk, weights[0], config).float()
+        if not torch.allclose(got, reference, atol=5e-2, rtol=5e-2):
+            raise AssertionError(f"{label} {config}: max error {(got - reference).abs().max().item()}")
+        times[config] = time_graph(lambda a, w, c=config: run(a, w, c), weights, xk)
+    del weights
+    empty_cache()
+    return GridTiming(cublas, times, weight_bytes, half_bytes)
+
+
 def bench(dtype: torch.dtype, use_fp8: bool, shapes=SHAPES, grid=None, device: str = "cuda") -> list[dict]:
     """Every configuration of the grid on every projection; one row per projection."""
     torch.manual_seed(0)
@@ -103,41 +141,19 @@ def bench(dtype: torch.dtype, use_fp8: bool, shapes=SHAPES, grid=None, device: s
     grid = grid or (FP8_GRID if use_fp8 else GRID)
     rows = []
     for name, n, k in shapes:
-        half_bytes = n * k * x.element_size()
-        weight_bytes = n * k if use_fp8 else half_bytes
-        copies = weight_copies(weight_bytes, device)
-        halves = [torch.randn(n, k, device=device, dtype=dtype) * 0.02 for _ in range(copies)]
-        xk = x[:, :k].contiguous()
-        cublas = time_graph(lambda a, w: F.linear(a, w), halves[:weight_copies(half_bytes, device)], xk)
-        # (weight, its row scales): float8 with --fp8, else the half-precision weight and None.
-        weights = [fp8.quantize_weight(w) if use_fp8 else (w, None) for w in halves]
-        del halves
-        first, first_scale = weights[0]
-        # Checked against cuBLAS, or with --fp8 against the product with the dequantized weight.
-        reference = (F.linear(xk.float(), first.float() * first_scale[:, None]) if use_fp8
-                     else F.linear(xk, first).float())
-
-        def gemv(a, weight, c):
-            return triton_gemv.gemv(a, weight[0], config=c, weight_scale=weight[1])
-        results = {}
-        for config in grid:
-            got = gemv(xk, weights[0], config).float()
-            if not torch.allclose(got, reference, atol=5e-2, rtol=5e-2):
-                raise AssertionError(f"{name} {config}: max error {(got - reference).abs().max().item()}")
-            results[config] = time_graph(lambda a, w, c=config: gemv(a, w, c), weights, xk)
+        timing = time_grid(x, n, k, use_fp8, grid, triton_gemv.gemv, device, name)
+        results, weight_bytes = timing.times, timing.weight_bytes
         default = triton_gemv.FP8_CONFIG if use_fp8 else triton_gemv.DEFAULT_CONFIG
         if default not in results:  # --tiny's grid
             default = grid[0]
         best = min(results, key=results.get)
         rows.append({"name": name, "N": n, "K": k, "mb": weight_bytes / 1e6,
-                     "cublas_us": cublas * 1e6, "cublas_gbs": half_bytes / cublas / 1e9,
+                     "cublas_us": timing.cublas_s * 1e6, "cublas_gbs": timing.half_bytes / timing.cublas_s / 1e9,
                      "default_config": list(default), "default_us": results[default] * 1e6,
                      "default_gbs": weight_bytes / results[default] / 1e9,
                      "best_config": list(best), "best_us": results[best] * 1e6,
                      "best_gbs": weight_bytes / results[best] / 1e9,
                      "all_us": {str(c): t * 1e6 for c, t in results.items()}})
-        del weights
-        empty_cache()
     return rows
 
 
@@ -154,26 +170,8 @@ def bench_rows(dtype: torch.dtype, use_fp8: bool, m: int, shapes=SHAPES, grid=No
     grid = grid or (FP8_ROWS_GRID if use_fp8 else ROWS_GRID)
     results = []
     for name, n, k in shapes:
-        half_bytes = n * k * x.element_size()
-        weight_bytes = n * k if use_fp8 else half_bytes
-        halves = [torch.randn(n, k, device=device, dtype=dtype) * 0.02
-                  for _ in range(weight_copies(weight_bytes, device))]
-        xk = x[:, :k].contiguous()
-        cublas = time_graph(lambda a, w: F.linear(a, w), halves[:weight_copies(half_bytes, device)], xk)
-        weights = [fp8.quantize_weight(w) if use_fp8 else (w, None) for w in halves]
-        del halves
-        first, first_scale = weights[0]
-        reference = (F.linear(xk.float(), first.float() * first_scale[:, None]) if use_fp8
-                     else F.linear(xk, first).float())
-
-        def gemv_rows(a, weight, c):
-            return triton_gemv.gemv_rows(a, weight[0], config=c, weight_scale=weight[1])
-        times = {}
-        for config in grid:
-            got = gemv_rows(xk, weights[0], config).float()
-            if not torch.allclose(got, reference, atol=5e-2, rtol=5e-2):
-                raise AssertionError(f"{name} rows={m} {config}: max error {(got - reference).abs().max().item()}")
-            times[config] = time_graph(lambda a, w, c=config: gemv_rows(a, w, c), weights, xk)
+        timing = time_grid(x, n, k, use_fp8, grid, triton_gemv.gemv_rows, device, f"{name} rows={m}")
+        times, weight_bytes = timing.times, timing.weight_bytes
         best = {}
         for use_dot in (False, True):
             variant = [c for c in times if c.use_dot == use_dot]
@@ -181,7 +179,7 @@ def bench_rows(dtype: torch.dtype, use_fp8: bool, m: int, shapes=SHAPES, grid=No
         overall = min(times, key=times.get)
         results.append({
             "name": name, "N": n, "K": k, "rows": m, "mb": weight_bytes / 1e6,
-            "cublas_us": cublas * 1e6, "cublas_gbs": half_bytes / cublas / 1e9,
+            "cublas_us": timing.cublas_s * 1e6, "cublas_gbs": timing.half_bytes / timing.cublas_s / 1e9,
             **{f"{label}_config": best[use_dot].as_list() if best[use_dot] else None
                for label, use_dot in (("fma", False), ("dot", True))},
             **{f"{label}_us": times[best[use_dot]] * 1e6 if best[use_dot] else None
@@ -189,8 +187,6 @@ def bench_rows(dtype: torch.dtype, use_fp8: bool, m: int, shapes=SHAPES, grid=No
             "best_config": overall.as_list(), "best_us": times[overall] * 1e6,
             "best_gbs": weight_bytes / times[overall] / 1e9,
             "all_us": {json.dumps(c.as_list()): t * 1e6 for c, t in times.items()}})
-        del weights
-        empty_cache()
     return results
 
 
