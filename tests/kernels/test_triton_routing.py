@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 from serval.kernels import triton_routing  # noqa: E402
 from serval.layers.moe import (ExpertRouting, route_top_k_softmax, routing_on_kernel, softmax_top_k,  # noqa: E402
                                top_k_softmax)
-from tests.layers.test_moe import FAMILIES, TOP_K, copy_weights, our_block, random_hidden  # noqa: E402
+from tests.layers.test_moe import FAMILIES, TOP_K, matching_blocks, random_hidden  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -106,13 +106,8 @@ def test_block_routes_on_the_kernel_as_transformers(family, dtype, monkeypatch):
     """SparseMoeBlock.route with the experts on Triton takes the kernel, and picks transformers' router's experts
     with its weights (Qwen's rounded to bfloat16, Mixtral's float32)."""
     monkeypatch.setenv("SERVAL_MOE_BACKEND", "triton")
-    config, router_class, block_class, _ = FAMILIES[family]
-    torch.manual_seed(4)
-    hf_block = block_class(config).eval()
-    for param in hf_block.parameters():
-        torch.nn.init.normal_(param, std=0.3)
-    block = our_block(family)
-    copy_weights(hf_block, block)
+    config = FAMILIES[family][0]
+    hf_block, block = matching_blocks(family, seed=4, std=0.3)
     block, hf_router = block.to(DEVICE, dtype), hf_block.gate.to(DEVICE, dtype)
     hidden = random_hidden(seed=5).to(DEVICE, dtype)
     calls, kernel_route = [], triton_routing.route

@@ -63,6 +63,18 @@ def our_block(family: str) -> SparseMoeBlock:
                           weights_in_model_dtype=family != "mixtral")
 
 
+def matching_blocks(family: str, seed: int, std: float):
+    """transformers' block with random weights (normal, std) and ours holding the same: (hf_block, block)."""
+    config, _, block_class, _ = FAMILIES[family]
+    torch.manual_seed(seed)
+    hf_block = block_class(config).eval()
+    for param in hf_block.parameters():
+        torch.nn.init.normal_(param, std=std)
+    block = our_block(family)
+    copy_weights(hf_block, block)
+    return hf_block, block
+
+
 def copy_weights(hf_block, block: SparseMoeBlock) -> None:
     block.gate.weight.data.copy_(hf_block.gate.weight)
     block.experts.gate_up_proj.data.copy_(hf_block.experts.gate_up_proj)
@@ -77,13 +89,7 @@ def copy_weights(hf_block, block: SparseMoeBlock) -> None:
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_block_matches_transformers(family):
     """Router, experts and (Qwen2-MoE) the sigmoid-gated shared expert: the block's output equals transformers'."""
-    config, _, block_class, _ = FAMILIES[family]
-    torch.manual_seed(2)
-    hf_block = block_class(config).eval()
-    for param in hf_block.parameters():
-        torch.nn.init.normal_(param, std=0.2)
-    block = our_block(family)
-    copy_weights(hf_block, block)
+    hf_block, block = matching_blocks(family, seed=2, std=0.2)
     hidden = random_hidden(seed=3)
     with torch.no_grad():
         expected = hf_block(hidden[None])[0]
