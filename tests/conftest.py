@@ -95,3 +95,18 @@ def receiver():
     otlp = OTLPReceiver()
     yield otlp
     otlp.close()
+
+
+@pytest.fixture(autouse=True)
+def two_decode_splits_in_the_interpreter(request, monkeypatch):
+    """In Triton's interpreter a grid's programs run one after another in Python, and a decode batch is split into
+    up to 32 programs per sequence and head, for a GPU's sake: with at most two splits the engines' decode steps
+    still take the split-K path (partial sums and their combination) at a sixteenth of the cost. The kernel's own
+    tests (tests/kernels) keep the real split counts."""
+    if os.environ.get("TRITON_INTERPRET") != "1" or "kernels" in request.node.path.parts:
+        return
+    try:
+        from serval.kernels import triton_attention
+    except ImportError:  # no triton: nothing runs the kernel
+        return
+    monkeypatch.setattr(triton_attention, "_MAX_SPLITS", 2)

@@ -23,6 +23,7 @@ from serval.engine.memory import memory_usage
 from serval.engine.request import RequestStatus
 from serval.engine.scheduler import Scheduler
 from serval.layers.attention import Attention
+from tests.engine.attention_reference import eager_steps_on_reference
 from tests.engine.test_engine import hf_greedy_references, make_prompts
 from tests.engine.test_kv_cache import admit, make_request
 from tests.engine.test_scheduler import make_request as make_scheduled_request
@@ -168,7 +169,8 @@ def test_speculation_and_async_scheduling_match_transformers(tiny_hybrid, engine
 def test_decode_graph_inputs_carry_each_groups_tables(tiny_hybrid, monkeypatch):
     """DecodeGraphs' per-group slots and block tables (the buffers a CUDA graph replays from, each group's table a
     strided view of one region), run eagerly on the CPU through the Triton kernels in the interpreter (they take
-    every length from those buffers, as graphs need) for every decode step: transformers' tokens."""
+    every length from those buffers, as graphs need) for every decode step: transformers' tokens. The prefills
+    attend with the torch reference."""
     monkeypatch.setenv("SERVAL_ATTENTION_BACKEND", "triton")
     path, hf_model = tiny_hybrid("gpt_oss")
     prompts = [make_prompts(hf_model.config.vocab_size)[i] for i in (3, 4)]  # 9 and 16 tokens: past the window
@@ -184,6 +186,7 @@ def test_decode_graph_inputs_carry_each_groups_tables(tiny_hybrid, monkeypatch):
         return run(*args, **kwargs)
 
     runner.graphs.run = counted
+    eager_steps_on_reference(runner)  # the prefills: only the decode steps take the graphs' inputs
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                            SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True), use_tqdm=False)
     for prompt, output, reference in zip(prompts, outputs, hf_greedy_references(hf_model, prompts, 5)):

@@ -7,16 +7,12 @@ against eager mixed steps.
 The plain forward and the plain engines the padded ones are checked against attend with the torch reference: the
 interpreter is what makes these tests slow, and the plain path through the Triton kernels is checked against
 transformers on its own (tests/engine/test_engine.py::test_triton_kernels_in_the_engine_match_transformers)."""
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import pytest
 import torch
 
 from serval import LLM, SamplingParams
 from serval.engine.mixed_graphs import MixedGraphs, mixed_capture_sizes
-from serval.kernels import paged_attention as torch_attention
-from serval.layers.attention import Attention
+from tests.engine.attention_reference import reference_attention, reference_generate
 from tests.engine.test_engine import PRESSURE, hf_greedy_references, make_prompts, pressured_llm
 from tests.model.engine_checks import check_pressured_greedy
 
@@ -47,26 +43,6 @@ class StepLog:
 
     def mixed(self) -> list[list[int]]:
         return [step for step in self.steps if any(rows > 1 for rows in step) and 1 in step]
-
-
-@contextmanager
-def reference_attention(model: torch.nn.Module) -> Iterator[None]:
-    """The model's attention layers on the torch reference for the duration, then back on what they ran."""
-    layers = [module for module in model.modules() if isinstance(module, Attention)]
-    chosen = [layer._backend for layer in layers]
-    for layer in layers:
-        layer._backend = torch_attention
-    try:
-        yield
-    finally:
-        for layer, backend in zip(layers, chosen):
-            layer._backend = backend
-
-
-def reference_generate(llm: LLM, requests: list[dict], params) -> list:
-    """llm.generate with attention on the torch reference: the plain engine's outputs."""
-    with reference_attention(llm.engine.model):
-        return llm.generate(requests, params, use_tqdm=False)
 
 
 def graph_shaped(llm: LLM, check: bool = True) -> StepLog:

@@ -3,9 +3,10 @@
 On the CPU nothing is captured, but the graph path runs as on a GPU, eagerly: the fixed int32 input buffer with each
 row's slot in it, rows padded to the ladder's sizes (slot -1), the LoRA batch derived on the device from that
 buffer (gathered for small batches, grouped into every slot's segment for larger ones), the Triton attention (in the
-interpreter) reading lengths from the buffer. Each request's greedy tokens must equal the PEFT model's with its
-adapter, in mixed batches, and as adapters are copied in place into a reused slot between steps. On a GPU, graph
-replay is checked against the eager engine (and PEFT) as well.
+interpreter) reading lengths from the buffer; prefills attend with the torch reference (tests/engine/
+attention_reference.py). Each request's greedy tokens must equal the PEFT model's with its adapter, in mixed
+batches, and as adapters are copied in place into a reused slot between steps. On a GPU, graph replay is checked
+against the eager engine (and PEFT) as well.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from serval import LLM
 from serval.engine.cuda_graphs import DecodeGraphs
 from serval.lora.batch import MAX_GRAPH_GATHER_ROWS
+from tests.engine.attention_reference import eager_steps_on_reference
 from tests.lora.test_lora_generate import check, family, mixed_jobs  # noqa: F401, F811 (family: the fixture)
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -33,13 +35,15 @@ class RecordedGraphs(DecodeGraphs):
 
 
 def graph_path_llm(base: str, monkeypatch, max_loras: int, max_num_seqs: int, **engine_args) -> LLM:
-    """An engine on the CPU whose decode steps take the graph path (uncaptured, so run eagerly)."""
+    """An engine on the CPU whose decode steps take the graph path (uncaptured, so run eagerly), its prefills the
+    torch attention."""
     monkeypatch.setenv("SERVAL_ATTENTION_BACKEND", "triton")  # lengths from device buffers, as graphs need
     llm = LLM(model=base, skip_tokenizer_init=True, enable_lora=True, max_loras=max_loras, max_model_len=128,
               max_num_seqs=max_num_seqs, block_size=4, **engine_args)
     engine, runner = llm.engine, llm.engine.runner
     runner.graphs = RecordedGraphs(engine.model, runner.kv_caches, runner.block_size, max_num_seqs, 128,
                                    runner.device, lora=engine.lora.context, max_loras=max_loras)
+    eager_steps_on_reference(runner)
     return llm
 
 

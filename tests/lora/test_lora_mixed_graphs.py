@@ -4,7 +4,8 @@ against the eager LoRA step and PEFT.
 On the CPU nothing is captured, but the graph path runs as on a GPU, eagerly: the step's tokens padded to a token
 bucket in the fixed int32 input buffer, each row's adapter slot in it (padding rows -1), the LoRA batch grouped by
 slot on the device from that buffer (graph_lora_batch), the Triton attention (in the interpreter) reading lengths
-from the buffer. Each graph-shaped step's logits must equal the plain eager step's with the same adapters, and each
+from the buffer. Each graph-shaped step's logits must equal the plain eager step's with the same adapters (the plain
+steps and prefills attend with the torch reference: tests/engine/attention_reference.py), and each
 request's greedy tokens the PEFT model's with its adapter, under chunked prefill, preemption and prefix caching. On
 a GPU, replay of the captured graphs is checked against the eager engine (and PEFT).
 """
@@ -16,6 +17,7 @@ import torch
 from serval import LLM
 from serval.engine.mixed_graphs import MixedGraphs
 from serval.lora.batch import build_lora_batch
+from tests.engine.attention_reference import eager_steps_on_reference
 from tests.lora.test_lora_generate import check, family, mixed_jobs, run  # noqa: F401, F811 (family: the fixture)
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -55,7 +57,7 @@ class CheckedMixedGraphs(MixedGraphs):
 
 def mixed_graph_path_llm(base: str, monkeypatch, max_loras: int, check_steps: bool = True, **engine_args) -> LLM:
     """An engine on the CPU whose mixed steps take the mixed-graph path (uncaptured, so run eagerly); with
-    check_steps, each is compared with the plain eager step."""
+    check_steps, each is compared with the plain eager step. Eager steps attend with the torch reference."""
     monkeypatch.setenv("SERVAL_ATTENTION_BACKEND", "triton")  # lengths from device buffers, as graphs need
     engine_args = {"max_num_seqs": 4, "max_num_batched_tokens": 32, "block_size": 4, "max_model_len": 128,
                    **engine_args}
@@ -66,6 +68,7 @@ def mixed_graph_path_llm(base: str, monkeypatch, max_loras: int, check_steps: bo
                                              config.max_num_batched_tokens, runner.device,
                                              lora=engine.lora.context, max_loras=max_loras,
                                              check_steps=check_steps)
+    eager_steps_on_reference(runner)
     return llm
 
 

@@ -15,7 +15,8 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 
 from serval import SamplingParams
 from serval.engine.spec_decode.eagle3 import load_eagle3_head
-from serval.layers.attention import AttentionMetadata
+from serval.kernels import paged_attention as torch_attention
+from serval.layers.attention import Attention, AttentionMetadata
 from serval.model.loader import load_model
 from serval.openai.errors import InvalidArgument
 from tests.conftest import build_tiny_model
@@ -231,7 +232,7 @@ def test_graph_shaped_target_steps_leave_the_head_the_same_hidden_states(target,
     """With CUDA graphs the target's hidden states come from the graphs' buffer, request b's rows at b x (k + 1) in
     a verify step: on the CPU the verify graphs' padded forward runs eagerly (Triton's interpreter) and the head
     must draft exactly what it drafts after plain steps (the reference run on the torch kernels, which are faster
-    here than the interpreter)."""
+    here than the interpreter, as are the prefills and the head's eager steps of the graph-shaped run)."""
     pytest.importorskip("triton")
     path, hf_model = target
     prompts = [make_prompts(hf_model.config.vocab_size)[i] for i in (2, 4)]
@@ -245,6 +246,9 @@ def test_graph_shaped_target_steps_leave_the_head_the_same_hidden_states(target,
         if graph_shaped_steps:
             steps = graph_shaped(llm, 3)
             llm.engine.runner.drafter.reserve_graph_rows(llm.engine.config.max_num_seqs * 4)
+            for module in llm.engine.runner.drafter.model.modules():  # the head runs eagerly here
+                if isinstance(module, Attention):
+                    module._backend = torch_attention
         drafts = recorded_drafts(llm)
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         runs.append((drafts, [output.outputs[0].token_ids for output in outputs], steps))

@@ -10,6 +10,7 @@ import torch
 from serval import LLM, SamplingParams
 from serval.engine.spec_decode.eagle3_graphs import HeadGraphs
 from serval.layers.attention import Attention, attention_backend
+from tests.engine.attention_reference import reference_attention
 from tests.engine.spec_decode.test_eagle3 import head, recorded_drafts, target  # noqa: F401 (fixtures)
 from tests.engine.spec_decode.test_verify_graphs import requires_cuda
 from tests.engine.test_engine import hf_greedy, make_prompts, pressured_llm
@@ -19,10 +20,18 @@ NUM_DRAFTS = 3
 
 def graph_shaped_head(llm) -> list[tuple[int, list[int]]]:
     """Give the engine's EAGLE-3 drafter uncaptured head graphs (their eager, padded forward), each step also run
-    op by op and compared; returns each step's (Q, rows per request)."""
+    op by op and compared; returns each step's (Q, rows per request). The head's eager steps attend with the torch
+    reference."""
     drafter = llm.engine.runner.drafter
     drafter.use_graphs(llm.engine.config.max_num_seqs, llm.engine.config.max_model_len)
     steps = []
+    run_eager = drafter.run_eager
+
+    def run_eager_on_reference(step, draft_rows):
+        with reference_attention(drafter.model):
+            return run_eager(step, draft_rows)
+
+    drafter.run_eager = run_eager_on_reference  # the head's passes over prefill chunks, and the comparisons
 
     def run_and_compare(graphs, step, draft_rows):
         expected = drafter.run_eager(step, draft_rows)  # writes the K/V the padded forward then writes again

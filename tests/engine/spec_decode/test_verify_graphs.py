@@ -1,13 +1,15 @@
 """Verify steps in the captured-graph shape (serval.engine.spec_decode.verify_graphs): every request padded to k + 1
 rows, padding requests up to a ladder size, inputs from fixed buffers. On the CPU the same padded forward runs
 eagerly through the Triton kernels in the interpreter; each step is checked against the plain (unpadded) verify
-forward, and the tokens against transformers. On a GPU the captured graphs are checked against eager steps."""
+forward (on the torch attention, as are prefills: tests/engine/attention_reference.py), and the tokens against
+transformers. On a GPU the captured graphs are checked against eager steps."""
 import pytest
 import torch
 
 from serval import LLM, SamplingParams
 from serval.engine.spec_decode.config import parse_speculative_config
 from serval.engine.spec_decode.verify_graphs import VerifyGraphs, max_verify_batch
+from tests.engine.attention_reference import eager_steps_on_reference, reference_generate
 from tests.engine.spec_decode.test_spec_engine import hf_prompt_lookup, repetitive_prompts
 from tests.engine.test_engine import hf_greedy, make_prompts, pressured_llm
 
@@ -18,7 +20,8 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
 
 def graph_shaped(llm: LLM, num_speculative_tokens: int) -> list[list[int]]:
     """Give the engine's runner uncaptured verify graphs (their eager, padded forward), each step also run through
-    the plain forward and compared; returns each step's rows per request."""
+    the plain forward and compared; returns each step's rows per request. Eager steps attend with the torch
+    reference."""
     runner = llm.engine.runner
     config = llm.engine.config
     graphs = VerifyGraphs(runner.model, runner.kv_caches, runner.block_size, config.max_num_seqs,
@@ -35,6 +38,7 @@ def graph_shaped(llm: LLM, num_speculative_tokens: int) -> list[list[int]]:
 
     graphs.run = run_and_compare
     runner.verify_graphs = graphs
+    eager_steps_on_reference(runner)
     return steps
 
 
@@ -77,7 +81,7 @@ def test_graph_shaped_verify_with_logprobs_and_sampling(tiny_models, monkeypatch
               SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True, seed=7),
               SamplingParams(temperature=0.8, top_p=0.9, max_tokens=8, ignore_eos=True, seed=11, logprobs=1)]
     requests = [{"prompt_token_ids": p} for p in prompts]
-    plain = pressured_llm(path, True, speculative_config=NGRAM).generate(requests, params, use_tqdm=False)
+    plain = reference_generate(pressured_llm(path, True, speculative_config=NGRAM), requests, params)
     llm = pressured_llm(path, True, speculative_config=NGRAM)
     steps = graph_shaped(llm, NGRAM["num_speculative_tokens"])
     got = llm.generate(requests, params, use_tqdm=False)
