@@ -13,11 +13,21 @@ import torch
 from serval import LLM, SamplingParams
 from serval.engine.mixed_graphs import MixedGraphs, mixed_capture_sizes
 from tests.engine.attention_reference import reference_attention, reference_generate
-from tests.engine.test_engine import PRESSURE, hf_greedy_references, make_prompts, pressured_llm
-from tests.model.engine_checks import check_pressured_greedy
+from tests.engine.test_engine import hf_greedy_references, make_prompts, pressured_llm
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 NUM_NEW_TOKENS = 8
+# Six of make_prompts' twelve (5-70 tokens, three sharing its 20-token prefix) in a smaller pool: the steps still
+# cross both buckets, the 4-token blocks, preemption and prefix hits, at about half the interpreted steps and tokens.
+PROMPT_INDICES = (2, 3, 6, 8, 9, 11)
+# Mistral frees the blocks behind its sliding window: more sequences at once to be preempted (six fill a mixed step).
+POOLS = {"llama": dict(num_gpu_blocks_override=32), "qwen3": dict(num_gpu_blocks_override=32),
+         "mistral": dict(max_num_seqs=6, num_gpu_blocks_override=36)}
+
+
+def some_prompts(vocab_size: int) -> list[list[int]]:
+    prompts = make_prompts(vocab_size)
+    return [prompts[i] for i in PROMPT_INDICES]
 
 
 def test_mixed_capture_sizes_cover_every_token_count_up_to_the_limit():
@@ -80,13 +90,22 @@ def triton_backend(monkeypatch):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral"])
 def test_graph_shaped_mixed_steps_equal_plain_steps_and_transformers(tiny_models, triton_backend, arch):
-    """Twelve prompts of 1-70 tokens through 4 sequences and 32-token steps (buckets 16 and 32): chunked prefill
-    beside decodes, padding of up to 15 rows, preemption (40 blocks) and prefix hits; mistral adds its sliding
+    """Six prompts of 5-70 tokens through 4 sequences and 32-token steps (buckets 16 and 32): chunked prefill
+    beside decodes, padding of up to 15 rows, preemption (32 blocks) and prefix hits; mistral adds its sliding
     window, qwen3 its q/k norms and wider heads."""
     path, hf_model = tiny_models(arch)
-    llm = pressured_llm(path, True, **PRESSURE.get(arch, {}))  # mistral frees blocks behind its window
+    llm = pressured_llm(path, True, **POOLS[arch])
     log = graph_shaped(llm)
-    check_pressured_greedy(llm, hf_model, prefix_caching=True)
+    prompts = some_prompts(hf_model.config.vocab_size)
+    params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    references = hf_greedy_references(hf_model, prompts, NUM_NEW_TOKENS)
+    for prompt, output, reference in zip(prompts, outputs, references):
+        assert output.outputs[0].token_ids == reference, f"prompt of {len(prompt)}"
+    stats = llm.engine.get_stats()
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
+    assert stats.num_free_blocks == stats.num_blocks
+    llm.engine.kv_cache.check_invariants([])
     assert log.mixed(), "a step with a prefill chunk beside decodes"
     assert any(sum(step) not in (16, 32) for step in log.steps), "a step padded to its bucket"
     assert any(len(step) == llm.engine.config.max_num_seqs for step in log.mixed()), "a full batch, mixed"
@@ -121,11 +140,11 @@ def test_graph_shaped_steps_with_a_float8_cache(tiny_models, triton_backend):
     """kv_cache_dtype="fp8": the padded forward writes and reads the float8 cache as the plain one does, step for
     step, and the tokens equal the plain engine's."""
     path, hf_model = tiny_models("llama")
-    prompts = make_prompts(hf_model.config.vocab_size)[4:]
+    prompts = some_prompts(hf_model.config.vocab_size)
     params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
     requests = [{"prompt_token_ids": p} for p in prompts]
-    plain = reference_generate(pressured_llm(path, True, kv_cache_dtype="fp8"), requests, params)
-    llm = pressured_llm(path, True, kv_cache_dtype="fp8")
+    plain = reference_generate(pressured_llm(path, True, kv_cache_dtype="fp8", **POOLS["llama"]), requests, params)
+    llm = pressured_llm(path, True, kv_cache_dtype="fp8", **POOLS["llama"])
     log = graph_shaped(llm)
     got = llm.generate(requests, params, use_tqdm=False)
     assert log.mixed() and llm.engine.get_stats().num_preemptions > 0

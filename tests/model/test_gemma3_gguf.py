@@ -15,11 +15,11 @@ from serval.model.gguf import load_gguf
 from serval.model.tokenizer import load_tokenizer
 
 NUM_NEW_TOKENS = 16
+# A system turn and a multi-turn chat (with the long prompt in the greedy test: three paths, one conversation each;
+# the reference generates on the CPU, so each conversation costs seconds).
 CONVERSATIONS = [
-    [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "system", "content": "Answer in one short sentence."},
      {"role": "user", "content": "Why is the sky blue?"}],
-    [{"role": "user", "content": "Write a haiku about the sea."}],
     [{"role": "user", "content": "Count from one to ten."},
      {"role": "assistant", "content": "One, two, three, four, five, six, seven, eight, nine, ten."},
      {"role": "user", "content": "Now backwards."}],
@@ -77,7 +77,7 @@ def test_tokenizer_equals_transformers_and_renders_gemma_turns(gguf_path, hf_tok
     tokenizer = load_tokenizer(GEMMA3_270M_ALIAS)
     for text in ("Hello, world!", "  spaces and\nnewlines\t", "<start_of_turn>user\nhi<end_of_turn>", "日本語 ü 🙂"):
         assert tokenizer.encode(text) == hf_tokenizer.encode(text), text
-    rendered = tokenizer.apply_chat_template(CONVERSATIONS[1], tokenize=False, add_generation_prompt=True)
+    rendered = tokenizer.apply_chat_template(CONVERSATIONS[0], tokenize=False, add_generation_prompt=True)
     assert rendered == ("<bos><start_of_turn>user\nAnswer in one short sentence.\n\nWhy is the sky blue?"
                         "<end_of_turn>\n<start_of_turn>model\n")
 
