@@ -175,22 +175,16 @@ def test_bfloat16_is_close_to_transformers_in_bfloat16(tiny_gpt_oss):
         assert (got - want).abs().max() < 0.1 * want.abs().max()
 
 
-@pytest.fixture(scope="module")
-def tiny_gpt_oss_narrow(tmp_path_factory):
-    """tiny_gpt_oss with experts half as wide (16): the interpreter runs a GEMV program per two gate/up rows, so
-    this halves the fused kernel's cost; still no width a multiple of the kernels' tiles."""
-    path = tmp_path_factory.mktemp("gpt_oss_narrow")
-    return str(path), build_tiny(path, "gpt_oss", intermediate_size=16)
-
-
-def test_fused_moe_kernel_matches_transformers(tiny_gpt_oss_narrow, monkeypatch):
+def test_fused_moe_kernel_matches_transformers(tiny_checkpoint, monkeypatch):
     """The experts on the fused Triton kernel (the interpreter here, compiled on a GPU), its biases and clamped
     SwiGLU included: logits per chunk (the first step past the GEMV path's rows, on the grouped kernel; the second
     at them, on the GEMV kernels), then the engine's greedy tokens with attention on the Triton kernel too, the
     whole path a GPU runs (and captures in CUDA graphs)."""
     triton_moe = pytest.importorskip("serval.kernels.triton_moe")
     monkeypatch.setenv("SERVAL_MOE_BACKEND", "triton")
-    path, hf_model = tiny_gpt_oss_narrow
+    # Experts 16 wide, not 32: the interpreter runs a GEMV program per two gate/up rows, so this halves the
+    # kernel's cost, and still no width is a multiple of the kernels' tiles.
+    path, hf_model = tiny_checkpoint("gpt_oss", intermediate_size=16)
     model, config = load_model(path, load_format="safetensors")
     sequences = sequences_for(config.vocab_size)
     splits = [4, 9, 23]
