@@ -46,7 +46,7 @@ def check(routing: ExpertRouting, num_experts: int, hidden: int, intermediate: i
 def test_random_routing_float32(num_tokens, top_k):
     # 9 tokens with top-8: 72 slots, past the default max_rows (32) and a tuned table's (64), still right when called
     # directly.
-    check(random_routing(num_tokens, 16, top_k, seed=num_tokens * top_k), 16, 64, 32, torch.float32)
+    check(random_routing(num_tokens, 16, top_k, seed=num_tokens * top_k), 16, 64, 16, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
