@@ -14,6 +14,7 @@ from serval import LLM, SamplingParams
 from serval.engine.mixed_graphs import MixedGraphs, mixed_capture_sizes
 from tests.engine.attention_reference import reference_attention, reference_generate
 from tests.engine.test_engine import hf_greedy_references, make_prompts, pressured_llm
+from tests.model.engine_checks import check_pressured_greedy
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 NUM_NEW_TOKENS = 8
@@ -96,16 +97,7 @@ def test_graph_shaped_mixed_steps_equal_plain_steps_and_transformers(tiny_models
     path, hf_model = tiny_models(arch)
     llm = pressured_llm(path, True, **POOLS[arch])
     log = graph_shaped(llm)
-    prompts = some_prompts(hf_model.config.vocab_size)
-    params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    references = hf_greedy_references(hf_model, prompts, NUM_NEW_TOKENS)
-    for prompt, output, reference in zip(prompts, outputs, references):
-        assert output.outputs[0].token_ids == reference, f"prompt of {len(prompt)}"
-    stats = llm.engine.get_stats()
-    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
-    assert stats.num_free_blocks == stats.num_blocks
-    llm.engine.kv_cache.check_invariants([])
+    check_pressured_greedy(llm, hf_model, True, some_prompts(hf_model.config.vocab_size), NUM_NEW_TOKENS)
     assert log.mixed(), "a step with a prefill chunk beside decodes"
     assert any(sum(step) not in (16, 32) for step in log.steps), "a step padded to its bucket"
     assert any(len(step) == llm.engine.config.max_num_seqs for step in log.mixed()), "a full batch, mixed"

@@ -48,12 +48,14 @@ def check_greedy_matches_transformers(path: str, hf_model, prefix_caching: bool)
     check_pressured_greedy(pressured_llm(path, prefix_caching), hf_model, prefix_caching)
 
 
-def check_pressured_greedy(llm, hf_model, prefix_caching: bool) -> None:
-    """check_greedy_matches_transformers on an engine made by the caller (pressured_llm's sizes, maybe hooked)."""
-    prompts = make_prompts(hf_model.config.vocab_size)
-    params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
+def check_pressured_greedy(llm, hf_model, prefix_caching: bool, prompts: list[list[int]] | None = None,
+                           num_new_tokens: int = NUM_NEW_TOKENS) -> None:
+    """check_greedy_matches_transformers on an engine made by the caller (pressured_llm's sizes, maybe hooked);
+    prompts: make_prompts' dozen unless given."""
+    prompts = make_prompts(hf_model.config.vocab_size) if prompts is None else prompts
+    params = SamplingParams(temperature=0.0, max_tokens=num_new_tokens, ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    references = hf_greedy_references(hf_model, prompts, NUM_NEW_TOKENS)
+    references = hf_greedy_references(hf_model, prompts, num_new_tokens)
     for prompt, output, reference in zip(prompts, outputs, references):
         assert output.outputs[0].token_ids == reference, f"prompt of {len(prompt)}"
     stats = llm.engine.get_stats()
