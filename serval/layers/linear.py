@@ -5,7 +5,8 @@ which matters most at decode batch sizes where each GEMM is bandwidth-bound. A c
 separately; `load_shard` copies each into its rows. On a GPU a single half-precision row goes to the Triton GEMV
 (SERVAL_GEMV=cublas: torch's matmul; SERVAL_GEMV=triton: the GEMV on CPU too, in Triton's interpreter).
 2 to 8 rows (a speculative verify step, a few decode streams) may take the multi-row GEMV instead of cuBLAS:
-opt-in with SERVAL_GEMV_ROWS=8 until it is measured on an H200 (takes_small_batch_gemv).
+opt-in with SERVAL_GEMV_ROWS=8, off by default because on the H200 cuBLAS reads 2-8 rows faster
+(takes_small_batch_gemv).
 A quantized layer holds its format in `quant_method` (serval.layers.quant: fp8, block fp8, int8, 4-bit), which
 creates, loads and applies its weights; the model calls the layer the same either way.
 """
@@ -107,8 +108,8 @@ def takes_gemv(x: torch.Tensor, row_length: int) -> bool:
 def takes_small_batch_gemv(x: torch.Tensor, row_length: int) -> bool:
     """2 to min(SERVAL_GEMV_ROWS, GEMV_MAX_ROWS) half-precision rows (a speculative verify step, a few decode
     streams): the multi-row Triton GEMV reads W once for all of them (serval.kernels.triton_gemv.gemv_rows).
-    Opt-in: SERVAL_GEMV_ROWS unset or 0 keeps cuBLAS, because the kernel has not been timed on an H200 yet
-    (benchmarks/gemv_bench.py --rows). Devices as takes_gemv: CUDA unless SERVAL_GEMV=cublas, any with
+    Opt-in: SERVAL_GEMV_ROWS unset or 0 keeps cuBLAS, which the H200 measured faster for every Llama-3-8B
+    projection at 2, 4, 5 and 8 rows (benchmarks/gemv_bench.py --rows; docs/performance.md, "Small-batch GEMV"). Devices as takes_gemv: CUDA unless SERVAL_GEMV=cublas, any with
     SERVAL_GEMV=triton."""
     max_rows = _gemv_rows_limit(os.environ.get("SERVAL_GEMV_ROWS", ""))
     if max_rows < 2 or x.shape[-1] != row_length:
