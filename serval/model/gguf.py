@@ -143,6 +143,17 @@ def load_gguf(path: str, keep_packed: bool | str = False) -> GGUFCheckpoint:
                           quantization=_packed_quantization(packed, packing, head is not None))
 
 
+def dequantize_head(checkpoint: GGUFCheckpoint) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights with a packed LM head's table back in float32, for a model with no LM head to keep
+    it (a pooling model): the embedding's weight when the head was tied to it, nothing otherwise."""
+    weights = dict(checkpoint.weights)
+    raw = weights.pop(f"lm_head.{PACKED_SUFFIX}", None)
+    if raw is not None and checkpoint.config.tie_word_embeddings:
+        shape = (checkpoint.config.vocab_size, checkpoint.config.hidden_size)
+        weights["model.embed_tokens.weight"] = dequantize(raw.numpy(), Q.Q8_0, shape)
+    return weights
+
+
 def _expert_weights(match: re.Match, tensor) -> dict[str, torch.Tensor]:
     """Each expert's projection of a stacked expert tensor, as views of one dequantized tensor. Always float:
     the packed GGUF formats are for linear layers, and experts are not."""

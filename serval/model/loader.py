@@ -79,6 +79,9 @@ def load_model(model: str, *, load_format: str = "auto", dtype: torch.dtype = to
     declared = checkpoint_quant(config)
     if gguf_file is not None and checkpoint.quantization is not None:
         declared = checkpoint.quantization  # the 4-bit projections a GGUF keeps packed (serval.layers.quant.gguf)
+        if declared.quantizes_lm_head and not isinstance(getattr(net, "lm_head", None), Linear):
+            from serval.model.gguf import dequantize_head
+            weights = iter(dequantize_head(checkpoint).items())  # a pooling model: no head to keep the table in
     if quantization == "fp8" and declared is not None and \
             any(rule.method != quant.Fp8Method() for rule in declared.rules):
         raise ValueError(f"quantization='fp8' asks for per-channel fp8, but the checkpoint is already quantized "

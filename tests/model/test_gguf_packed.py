@@ -16,7 +16,9 @@ from serval import LLM, SamplingParams
 from serval.layers.quant.gguf import GGUFInt4Method
 from serval.layers.quant.gguf_q8 import GGUFQ8HeadMethod
 from serval.layers.quant.gguf_triton import GGUFTritonMethod
-from serval.model.loader import GGUF_DEQUANTIZE_ENV
+from serval.model.default_model import default_model_path
+from serval.model.gguf import load_gguf
+from serval.model.loader import GGUF_DEQUANTIZE_ENV, load_model
 
 NUM_NEW_TOKENS = 24
 CONVERSATIONS = [
@@ -87,3 +89,9 @@ def test_packed_default_model_answers_as_the_dequantized_one_in_under_half_the_m
     # 515 MiB float32 -> 101 MiB on the CPU: 66 MiB of 4-bit projections, 35 MiB of the 8-bit tied embedding.
     print(f"default model weights: packed {packed_bytes / 2**20:.0f} MiB, dequantized {dequantized_bytes / 2**20:.0f} MiB")
     assert packed_bytes < MAX_PACKED_SHARE * dequantized_bytes
+
+
+def test_a_pooling_model_has_no_head_to_keep_the_table_in_and_gets_the_embedding_dequantized():
+    model, _ = load_model(default_model_path(), runner="pooling")  # on the CPU, where the head would be 8-bit
+    expected = load_gguf(default_model_path()).weights["model.embed_tokens.weight"]
+    assert not hasattr(model, "lm_head") and torch.equal(model.model.embed_tokens.weight, expected)

@@ -12,7 +12,8 @@ and x . w = [x, x] . [hi, lo]: one torch._weight_int4pack_mm_for_cpu call over 2
 of serval.layers.quant.gguf). It reads 1.25 bytes a weight (one byte of nibbles, a quarter byte of bfloat16 scale
 and zero) instead of float32's 4: the default model's tied 49152 x 576 head reads 35 MB a token instead of 113.
 The kernel rounds d to bfloat16 (16 d and 8 d round alike: powers of two), takes bfloat16 activations and
-returns bfloat16 logits; it accumulates in float32.
+returns bfloat16 logits; it accumulates in float32. The largest logits of each row, the ones greedy and sampling
+choose among, are then computed again in float32 from the exact rows.
 
 The embedding's rows are read back from the packed nibbles and the float16 d (`q8_scales`), exactly the float32
 values the dequantizer gives, so one copy of the table serves both ends of the model.
@@ -31,6 +32,10 @@ from serval.layers.quant.gguf_blocks import GROUP_SIZE, Q
 
 # pack_int4_for_cpu's own layout (blocks of 64 rows), which embed() reads rows from.
 PACK_ROWS = 64
+# The logits of each row recomputed in float32 after the kernel (apply). The kernel's error is ~0.06, so the
+# float32 head's top choices are among its top few; each refined row costs a row lookup (64 took 0.2-0.5 ms a
+# step at batch 1, and ~17 ms at 16 rows, on the loaded 2-core VM; 8 took 0.06 and ~2).
+REFINED_LOGITS = 8
 
 
 def fits_q8_head(rows: int, columns: int) -> bool:
@@ -83,10 +88,17 @@ class GGUFQ8HeadMethod(QuantMethod):
     def apply(self, layer, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
         if gated:
             raise ValueError(f"{self.name}: the packed head is not a gated projection")
-        rows = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE)
-        y = torch._weight_int4pack_mm_for_cpu(torch.cat((rows, rows), dim=-1), layer.qweight, GROUP_SIZE,
-                                              layer.scales_and_zeros)
-        return y.to(x.dtype).view(*x.shape[:-1], layer.out_features)
+        rows = x.reshape(-1, x.shape[-1])
+        half = rows.to(KERNEL_DTYPE)
+        y = torch._weight_int4pack_mm_for_cpu(torch.cat((half, half), dim=-1), layer.qweight, GROUP_SIZE,
+                                              layer.scales_and_zeros).to(x.dtype)
+        # The kernel's logits carry bfloat16 rounding (~0.06 at a logit of 20), enough to flip near ties that the
+        # float32 head would not. Each row's REFINED_LOGITS largest, those greedy and sampling choose among, are
+        # computed again in float32 from the exact rows.
+        top = y.topk(min(REFINED_LOGITS, layer.out_features), dim=-1).indices  # [M, R]
+        exact = torch.bmm(self.embed(layer, top, torch.float32), rows.float().unsqueeze(-1)).squeeze(-1)
+        y.scatter_(-1, top, exact.to(y.dtype))
+        return y.view(*x.shape[:-1], layer.out_features)
 
     def embed(self, layer, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` of the table, [*ids.shape, K] in dtype: float32 d * q, as the dequantizer computes them."""

@@ -1,6 +1,6 @@
 """serval.layers.quant.gguf_q8: a Q8_0 table kept 8-bit on the CPU, against gguf's own dequantizer: the embedding's
 rows equal it exactly, and the LM head's logits equal the float32 matmul with it to bfloat16's precision (the
-kernel takes bfloat16 activations and scales and returns bfloat16)."""
+kernel takes bfloat16 activations and scales and returns bfloat16), its largest ones to float32's."""
 from __future__ import annotations
 
 import gguf
@@ -55,7 +55,11 @@ def test_head_logits_equal_the_dequantized_matmul(batch):
     head = packed_head(raw, rows, k)
     x = torch.randn(batch, k, generator=torch.Generator().manual_seed(batch))
     expected = x @ dequantized(raw).t()
-    torch.testing.assert_close(head(x), expected, rtol=0, atol=BF16_TOLERANCE * float(expected.abs().max()))
+    logits = head(x)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=BF16_TOLERANCE * float(expected.abs().max()))
+    # Each row's largest logits are computed again in float32: the top ones are the float32 head's.
+    top = expected.topk(2, dim=-1).indices
+    torch.testing.assert_close(logits.gather(-1, top), expected.gather(-1, top), rtol=1e-5, atol=1e-5)
     # 1.25 bytes a weight (nibbles, bfloat16 scale and zero per 32) plus the float16 scales the rows are read with
     held = sum(t.nbytes for t in head.buffers())
     assert held == rows * k * 5 // 4 + rows * k // 32 * 2
