@@ -16,6 +16,7 @@ queries (prefill and its chunks) run one call each, so a long prompt never pads 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -106,11 +107,13 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
     cache holds K / k_scale and V / v_scale.
     """
     scales = (k_scale, v_scale) if k_scale is not None else None
-    out = torch.empty_like(query)
     starts, seq_lens = metadata.query_start_loc, metadata.seq_lens
-    decode = [i for i in range(len(seq_lens)) if starts[i + 1] - starts[i] == 1]
-    if decode:
-        _decode_attention(query, kv_cache, metadata, decode, scale, sliding_window, out, sinks, scales)
+    plan = decode_plan(metadata)
+    if plan is not None and plan.whole_batch:  # a decode-only step: no scatter into a prefill's output
+        return _decode_attention(query, kv_cache, plan, scale, sliding_window, sinks, scales)
+    out = torch.empty_like(query)
+    if plan is not None:
+        out[plan.rows] = _decode_attention(query[plan.rows], kv_cache, plan, scale, sliding_window, sinks, scales)
     for i in range(len(seq_lens)):
         start, end = starts[i], starts[i + 1]
         if end - start <= 1:
@@ -122,18 +125,55 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
     return out
 
 
-def _decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, requests: list[int],
-                      scale: float, sliding_window: int | None, out: torch.Tensor,
-                      sinks: torch.Tensor | None = None,
-                      scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-    rows = torch.tensor([metadata.query_start_loc[i] for i in requests], device=query.device)
-    index = torch.tensor(requests, device=query.device)
-    seq_lens = metadata.seq_lens_tensor[index].long()
+@dataclass
+class DecodePlan:
+    """What every layer's decode attention of one step reads alike: which rows are single-token queries, their
+    requests' block tables, lengths and masks. Built by the first layer (decode_plan), kept on the step's metadata:
+    thirty layers of the default model otherwise repeat a dozen small ops each."""
+    rows: torch.Tensor  # [B] int64: the decode queries' rows of the flat batch
+    whole_batch: bool  # every row is a decode query, in order: query and out need no gather or scatter
+    blocks: torch.Tensor  # [B, ceil(max_len / block_size)] int64: block_tables of those requests
+    seq_lens: torch.Tensor  # [B] int64
+    max_len: int
+    masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # by sliding window: [B, 1, max_len]
+
+    def mask(self, sliding_window: int | None) -> torch.Tensor:
+        if sliding_window not in self.masks:
+            self.masks[sliding_window] = attention_mask(self.seq_lens - 1, self.max_len, sliding_window).unsqueeze(1)
+        return self.masks[sliding_window]
+
+
+def decode_plan(metadata: AttentionMetadata) -> DecodePlan | None:
+    """The step's DecodePlan (None without single-token queries), built once and kept on the metadata."""
+    if metadata.decode_plan is not None:
+        return metadata.decode_plan or None
+    starts, device = metadata.query_start_loc, metadata.block_tables.device
+    requests = [i for i in range(len(metadata.seq_lens)) if starts[i + 1] - starts[i] == 1]
+    if not requests:
+        metadata.decode_plan = False
+        return None
+    index = torch.tensor(requests, device=device)
     max_len = max(metadata.seq_lens[i] for i in requests)
-    k, v = _scaled(*gather_kv(kv_cache, metadata.block_tables[index], max_len), scales)
+    block_size = metadata.block_size
+    metadata.decode_plan = DecodePlan(
+        rows=torch.tensor([starts[i] for i in requests], device=device),
+        whole_batch=len(requests) == len(metadata.seq_lens) and starts[-1] == len(requests),
+        blocks=metadata.block_tables[index, :-(-max_len // block_size)].long(),
+        seq_lens=metadata.seq_lens_tensor[index].long(), max_len=max_len)
+    return metadata.decode_plan
+
+
+def _decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, plan: DecodePlan, scale: float,
+                      sliding_window: int | None, sinks: torch.Tensor | None = None,
+                      scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Attention of the plan's single-token queries [B, H, D] -> [B, H, D], batched in one SDPA call over K/V
+    gathered to the longest context."""
+    batch, (num_kv_heads, head_dim) = len(plan.blocks), kv_cache.shape[-2:]
+    k = kv_cache[0][plan.blocks].view(batch, -1, num_kv_heads, head_dim)[:, :plan.max_len]
+    v = kv_cache[1][plan.blocks].view(batch, -1, num_kv_heads, head_dim)[:, :plan.max_len]
+    k, v = _scaled(k, v, scales)
     # Keys past a request's own length are padding from the longest one; the causal mask hides them.
-    mask = attention_mask(seq_lens - 1, max_len, sliding_window).unsqueeze(1)  # [B, 1, S]
-    out[rows] = _sdpa(query[rows].unsqueeze(1), k, v, mask, scale, sinks)[:, 0]
+    return _sdpa(query.unsqueeze(1), k, v, plan.mask(sliding_window), scale, sinks)[:, 0]
 
 
 def _scaled(k: torch.Tensor, v: torch.Tensor,

@@ -40,6 +40,9 @@ class AttentionMetadata:
     # A hybrid KV cache (serval.engine.kv_groups): per KV cache group, this metadata with the group's slots and
     # block table; a layer with a kv_cache_group reads its own. None: every layer reads this one.
     kv_groups: list[AttentionMetadata] | None = field(default=None, repr=False)
+    # The torch backend's per-step decode plan (serval.kernels.paged_attention.decode_plan): None until its first
+    # layer builds it, False for a step without single-token queries.
+    decode_plan: object = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.query_start_loc) != len(self.seq_lens) + 1:

@@ -184,7 +184,12 @@ class RotaryEmbedding(nn.Module):
             from serval.kernels import triton_fused
             return triton_fused.rotary_(positions, query, key, self.cos_cache, self.sin_cache)
         cos, sin = self.cos_cache[positions], self.sin_cache[positions]
-        return apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        if query.dtype != key.dtype:
+            return apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        # q and k rotated as one tensor: the same arithmetic in half the ops, which at decode batch sizes cost more
+        # than the arithmetic (a dozen per call, thirty layers a step).
+        rotated = apply_rotary(torch.cat((query, key), dim=1), cos, sin)
+        return rotated.split((query.shape[1], key.shape[1]), dim=1)
 
     def rotate_and_write_kv(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
                             value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:

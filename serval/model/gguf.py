@@ -21,6 +21,7 @@ import torch
 
 from serval.layers.quant.gguf import ROW_MULTIPLE
 from serval.layers.quant.gguf_blocks import INT4_TYPES, Q, dequantize  # noqa: F401 - dequantize: this module's API
+from serval.layers.quant.gguf_q8 import fits_q8_head
 from serval.model.gguf_config import (ROPE_FREQS, SUPPORTED_ARCHITECTURES, gguf_config,
                                       llama3_rope_scaling as _llama3_rope_scaling)  # noqa: F401 - tests use it
 from serval.model.gguf_reader import GGUFFile, read_gguf_file
@@ -118,10 +119,14 @@ def load_gguf(path: str, keep_packed: bool | str = False) -> GGUFCheckpoint:
     hf_names = {name: gguf_hf_name(name, file, layer_names) for name in tensors
                 if name != ROPE_FREQS and name not in expert_stacks}
     packed = _packed_projections(hf_names, tensors, packing) if packing else {}
+    head = _packed_head(tensors) if packing == PACK_CPU_INT4 else None
     weights = {}
     for name, hf_name in hf_names.items():
         tensor = tensors[name]
         raw = tensor.data
+        if name == head:
+            weights[f"lm_head.{PACKED_SUFFIX}"] = torch.from_numpy(np.array(raw))
+            continue
         if permuted and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             raw = unpermute_rows(raw, config.num_attention_heads)
         elif permuted and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
@@ -134,7 +139,19 @@ def load_gguf(path: str, keep_packed: bool | str = False) -> GGUFCheckpoint:
             weights[hf_name] -= 1
     for name, match in expert_stacks.items():
         weights.update(_expert_weights(match, tensors[name]))
-    return GGUFCheckpoint(config=config, weights=weights, quantization=_packed_quantization(packed, packing))
+    return GGUFCheckpoint(config=config, weights=weights,
+                          quantization=_packed_quantization(packed, packing, head is not None))
+
+
+def dequantize_head(checkpoint: GGUFCheckpoint) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights with a packed LM head's table back in float32, for a model with no LM head to keep
+    it (a pooling model): the embedding's weight when the head was tied to it, nothing otherwise."""
+    weights = dict(checkpoint.weights)
+    raw = weights.pop(f"lm_head.{PACKED_SUFFIX}", None)
+    if raw is not None and checkpoint.config.tie_word_embeddings:
+        shape = (checkpoint.config.vocab_size, checkpoint.config.hidden_size)
+        weights["model.embed_tokens.weight"] = dequantize(raw.numpy(), Q.Q8_0, shape)
+    return weights
 
 
 def _expert_weights(match: re.Match, tensor) -> dict[str, torch.Tensor]:
@@ -172,17 +189,30 @@ def _packed_projections(hf_names: dict[str, str], tensors: dict, packing: str = 
     return packed
 
 
-def _packed_quantization(packed: dict[str, Q], packing: str | None):
-    if not packed:
+def _packed_head(tensors: dict) -> str | None:
+    """The GGUF tensor the LM head keeps 8-bit on the CPU (serval.layers.quant.gguf_q8), or None: `output`, or
+    the embedding when the head is tied to it (no `output`), if that table is Q8_0 of a shape the format takes."""
+    table = tensors.get("output.weight") or tensors.get("token_embd.weight")
+    if table is None or Q(table.tensor_type) != Q.Q8_0:
+        return None
+    columns, rows = (int(d) for d in table.shape)
+    return table.name if fits_q8_head(rows, columns) else None
+
+
+def _packed_quantization(packed: dict[str, Q], packing: str | None, head: bool = False):
+    if not packed and not head:
         return None
     from serval.layers.quant.config import CheckpointQuantization, LayerRule
     from serval.layers.quant.gguf import GGUFInt4Method
+    from serval.layers.quant.gguf_q8 import GGUFQ8HeadMethod
     from serval.layers.quant.gguf_triton import GGUFTritonMethod
 
     if packing != PACK_TRITON:
         rules = tuple(LayerRule((name.removesuffix(".weight"),), GGUFInt4Method(qtype.name))
                       for name, qtype in packed.items())
-        return CheckpointQuantization("gguf", rules)
+        if head:
+            rules += (LayerRule(("lm_head",), GGUFQ8HeadMethod()),)
+        return CheckpointQuantization("gguf", rules, quantizes_lm_head=head)
     rules = []
     for name, qtype in packed.items():
         parent, _, projection = name.removesuffix(".weight").rpartition(".")

@@ -27,6 +27,7 @@ from torch import nn
 from serval.layers.quant.kv_scales import take_kv_scales
 from serval.config import QUANTIZATIONS
 from serval.layers import quant
+from serval.layers.embedding import Embedding
 from serval.layers.linear import Linear
 from serval.layers.moe import FusedMoE
 from serval.model.default_model import MODEL_ALIASES, resolve_model
@@ -78,6 +79,9 @@ def load_model(model: str, *, load_format: str = "auto", dtype: torch.dtype = to
     declared = checkpoint_quant(config)
     if gguf_file is not None and checkpoint.quantization is not None:
         declared = checkpoint.quantization  # the 4-bit projections a GGUF keeps packed (serval.layers.quant.gguf)
+        if declared.quantizes_lm_head and not isinstance(getattr(net, "lm_head", None), Linear):
+            from serval.model.gguf import dequantize_head
+            weights = iter(dequantize_head(checkpoint).items())  # a pooling model: no head to keep the table in
     if quantization == "fp8" and declared is not None and \
             any(rule.method != quant.Fp8Method() for rule in declared.rules):
         raise ValueError(f"quantization='fp8' asks for per-channel fp8, but the checkpoint is already quantized "
@@ -94,6 +98,7 @@ def load_model(model: str, *, load_format: str = "auto", dtype: torch.dtype = to
                         module.quantize_(formats.layers[module])
     else:
         formats = assign_formats(net, declared) if declared is not None else LayerFormats({}, {})
+        tie_packed_embedding(net, formats)
         for name, module in net.named_modules():
             if module in formats.layers:
                 with _naming_layer(name):
@@ -163,11 +168,15 @@ class LayerFormats:
 
 def assign_formats(model: nn.Module, declared: quant.CheckpointQuantization) -> LayerFormats:
     """The format of every linear layer, asked by its checkpoint name(s): a merged layer's projections (q/k/v,
-    gate/up) must agree. A head tied to the embedding stays as it is."""
+    gate/up) must agree. A head tied to the embedding stays as it is, unless its format also serves the
+    embedding's rows (a GGUF's Q8_0 table on the CPU: tie_packed_embedding)."""
     formats = LayerFormats({}, {})
     tied = bool(getattr(model, "tie_word_embeddings", False))
     for name, module in model.named_modules():
-        if not isinstance(module, Linear) or (tied and name.split(".")[-1] == "lm_head"):
+        if not isinstance(module, Linear):
+            continue
+        if tied and name.split(".")[-1] == "lm_head" and \
+                not getattr(declared.method_for(name), "serves_embedding", False):
             continue
         parent = name.rpartition(".")[0]
         shard_names = {shard: f"{parent}.{shard}_proj" if parent else f"{shard}_proj"
@@ -186,6 +195,20 @@ def assign_formats(model: nn.Module, declared: quant.CheckpointQuantization) -> 
         for shard, checkpoint_name in shard_names.items():
             formats.routes[checkpoint_name] = (module, shard)
     return formats
+
+
+def tie_packed_embedding(model: nn.Module, formats: LayerFormats) -> None:
+    """A tied LM head whose format embeds too (serval.layers.quant.gguf_q8) holds the one table: the embedding
+    drops its float weight and reads its rows from the head. Before the formats create their weights, while the
+    two modules still share the weight that tells which embedding is tied."""
+    head = getattr(model, "lm_head", None)
+    if head not in formats.layers or not formats.layers[head].serves_embedding or \
+            not getattr(model, "tie_word_embeddings", False):
+        return
+    tied = [m for m in model.modules() if isinstance(m, Embedding) and m.weight is head.weight]
+    if len(tied) != 1:
+        raise ValueError(f"{type(model).__name__}: the packed LM head is tied to {len(tied)} embeddings; expected 1")
+    tied[0].read_rows_from(head)
 
 
 def route_to_formats(weights: Iterable[tuple[str, torch.Tensor]],

@@ -289,7 +289,7 @@ def load_eagle3_head(path: str, target: nn.Module, dtype: torch.dtype, device: t
     if load_format == "dummy":
         init_dummy_weights(head, seed)
         if head.config.hidden_size == target_config.hidden_size:
-            head.embed_tokens.weight = target.model.embed_tokens.weight
+            head.embed_tokens.share(target.model.embed_tokens)
         return head
     _load_weights(head, _read_tensors(path), path, target)
     return head
@@ -352,7 +352,7 @@ def _load_weights(head: Eagle3Head, tensors: dict[str, torch.Tensor], path: str,
         if target.config.hidden_size != head.config.hidden_size:
             raise _bad(path, f"no embed_tokens.weight, and the head's hidden size ({head.config.hidden_size}) "
                              f"differs from the target's ({target.config.hidden_size}), so it cannot share them")
-        head.embed_tokens.weight = target.model.embed_tokens.weight
+        head.embed_tokens.share(target.model.embed_tokens)
     if "d2t" in tensors:
         d2t = tensors["d2t"]
         if tuple(d2t.shape) != (head.draft_vocab_size,) or d2t.dtype.is_floating_point:

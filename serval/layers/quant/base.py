@@ -11,6 +11,8 @@ their objects are equal. The model file never learns which format it runs:
                             dummy weights for benchmarks)
     apply(layer, x, gated)  y = x @ W^T + b; gated: x is a merged gate/up output and the product is with
                             silu(gate) * up
+    embed(layer, ids, dtype) rows of W, for a tied LM head's format that serves the embedding too
+                            (serves_embedding: GGUF's Q8_0 table on the CPU)
 
 Tensors the model's own load_weights already copies (`weight`, `weight_scale`, `bias`) stay with it; the loader
 hands the format only the tensors in routed_tensors.
@@ -25,6 +27,7 @@ class QuantMethod:
 
     name = "none"  # as the checkpoint's quantization_config names it, for messages
     routed_tensors: tuple[str, ...] = ()  # checkpoint tensor suffixes the loader hands to load()
+    serves_embedding = False  # embed() gives rows of the table: the tied embedding keeps no copy
 
     def create_weights(self, layer) -> None:
         raise NotImplementedError
@@ -40,6 +43,9 @@ class QuantMethod:
 
     def apply(self, layer, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
         raise NotImplementedError
+
+    def embed(self, layer, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError(f"{self.name} does not serve an embedding's rows")
 
 
 def shard_rows(layer, shard: str | None) -> tuple[int, int]:
