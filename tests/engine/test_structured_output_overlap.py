@@ -98,6 +98,17 @@ def test_overlapped_grammar_steps_give_the_synchronous_outputs(synchronous):
     engine.kv_cache.check_invariants([])
 
 
+def test_overlapped_steps_feeding_the_batch_through_llguidance_pool_give_the_synchronous_outputs(synchronous,
+                                                                                                  monkeypatch):
+    """The engine's consume_tokens on its thread-pool path (taken on machines whose pool has several threads and
+    batches of PARALLEL_CONSUME_MIN rows), forced here for every constrained step."""
+    monkeypatch.setattr(structured, "PARALLEL_CONSUME_MIN", 1)
+    monkeypatch.setattr(structured, "_num_executor_threads", lambda: 2)
+    llm = make_llm(True)
+    batch = mixed_batch()
+    assert summary(llm.generate([p for p, _ in batch], [s for _, s in batch], use_tqdm=False)) == synchronous
+
+
 def test_abort_while_the_next_masks_are_pending(synchronous):
     """Aborts land between steps (the engine loop applies them), when a step is queued and the forward after it
     waits for its masks: the aborted request is dropped from both, the others end as the synchronous engine's."""
