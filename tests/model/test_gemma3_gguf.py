@@ -26,21 +26,27 @@ CONVERSATION = [
 
 
 @pytest.fixture(scope="module")
-def gguf_path():
-    """The file, its metadata parsed once for the module's transformers loads (model and tokenizer)."""
+def gguf_path() -> str:
+    return gemma3_270m_path()
+
+
+@pytest.fixture(scope="module")
+def hf_reference(gguf_path):
+    """transformers' own GGUF loading of the model and the tokenizer (about half a minute here): the reference. The
+    file's metadata is parsed once for both, and dropped after: its million objects kept alive would slow every
+    garbage collection of the tests that follow."""
     with gguf_metadata_read_once():
-        yield gemma3_270m_path()
+        return hf_gguf_model(gguf_path), hf_gguf_tokenizer(gguf_path)
 
 
 @pytest.fixture(scope="module")
-def hf_model(gguf_path):
-    """transformers' own GGUF loading (about half a minute here): the reference."""
-    return hf_gguf_model(gguf_path)
+def hf_model(hf_reference):
+    return hf_reference[0]
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer(gguf_path):
-    return hf_gguf_tokenizer(gguf_path)
+def hf_tokenizer(hf_reference):
+    return hf_reference[1]
 
 
 def test_the_alias_names_the_assembled_file(gguf_path):
