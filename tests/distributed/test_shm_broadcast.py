@@ -16,14 +16,11 @@ import torch
 from serval import LLM, SamplingParams
 from serval.distributed import WorkerFailedError
 from serval.distributed import group as groups
-from serval.distributed.shm_broadcast import (SEGMENT_PREFIX, ShmBroadcastReader, ShmBroadcastWriter,
-                                              WriterGoneError, create_segment, release_segment)
+from serval.distributed.shm_broadcast import SEGMENT_PREFIX, ShmBroadcastWriter, create_segment, release_segment
 from serval.distributed.steps import DecodeStep
 from tests.conftest import build_tiny_model
-
-NUM_SLOTS, SLOT_BYTES = 4, 4096
-# Bounds on waiting for another process's reaction, not timings: each passes in well under a second when it works.
-DEADLINE_S = 60.0
+from tests.distributed.shm_ring_processes import (DEADLINE_S, NUM_SLOTS, SLOT_BYTES, read_all, read_one_then_hang,
+                                                  write_then_wait)
 
 
 def messages() -> list[object]:
@@ -36,19 +33,6 @@ def messages() -> list[object]:
             out.append(bytes([i]) * (3 * SLOT_BYTES))  # past a slot: gloo
         out.append({"step": i})
     return out
-
-
-def read_all(spec, rank: int, port: int, results) -> None:
-    """A reader process: join the gloo group (for the big messages), read until None, send back what came."""
-    store = groups.open_store(rank, spec.num_readers + 1, port)
-    parallel = groups.init_groups(store, rank, spec.num_readers + 1, torch.device("cpu"))
-    reader = ShmBroadcastReader(spec, rank - 1, parallel.control_group)
-    received = []
-    while (message := reader.read()) is not None:
-        received.append(message)
-    results.put((rank, received))
-    reader.close()
-    groups.destroy_groups()
 
 
 def test_every_reader_gets_every_message_in_order_past_many_laps():
@@ -78,13 +62,6 @@ def test_every_reader_gets_every_message_in_order_past_many_laps():
             process.kill()
 
 
-def read_one_then_hang(spec, ready) -> None:
-    reader = ShmBroadcastReader(spec, 0, None)
-    reader.read()
-    ready.set()
-    time.sleep(3600)
-
-
 def test_a_reader_that_hangs_or_dies_gives_the_writer_a_bounded_error():
     context = multiprocessing.get_context("spawn")
     segment, spec = create_segment(1, NUM_SLOTS, SLOT_BYTES)
@@ -112,27 +89,6 @@ def test_a_reader_that_hangs_or_dies_gives_the_writer_a_bounded_error():
     finally:
         reader.kill()
         release_segment(segment)
-
-
-def read_until_the_writer_goes(spec, marker: str) -> None:
-    reader = ShmBroadcastReader(spec, 0, None)
-    try:
-        while True:
-            reader.read()
-    except WriterGoneError as error:
-        with open(marker, "w") as f:
-            f.write(type(error).__name__)
-
-
-def write_then_wait(marker: str, reader_pid, segment_name) -> None:
-    """A writer process with its own reader child: one message, then it waits to be killed."""
-    segment, spec = create_segment(1, NUM_SLOTS, SLOT_BYTES)
-    segment_name.put(spec.name)
-    reader = multiprocessing.get_context("spawn").Process(target=read_until_the_writer_goes, args=(spec, marker))
-    reader.start()
-    reader_pid.put(reader.pid)
-    ShmBroadcastWriter(segment, spec, None, lambda: None, DEADLINE_S).write("hello")
-    time.sleep(3600)
 
 
 def running(pid: int) -> bool:

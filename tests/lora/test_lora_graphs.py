@@ -47,12 +47,17 @@ def graph_path_llm(base: str, monkeypatch, max_loras: int, max_num_seqs: int, **
     return llm
 
 
-@pytest.mark.parametrize("num_jobs,async_scheduling", [(3, False), (12, False), (12, True)])
-def test_graph_path_mixed_adapters_matches_peft(family, monkeypatch, num_jobs, async_scheduling):
+@pytest.mark.parametrize("num_jobs,async_scheduling,lora_kernels", [(3, False, "triton"), (12, False, "triton"),
+                                                                    (12, True, "torch")])
+def test_graph_path_mixed_adapters_matches_peft(family, monkeypatch, num_jobs, async_scheduling, lora_kernels):
     """Base + three adapters interleaved: 3 requests pad to the graph of 4 (each row gathers its adapter), 12 to
-    the graph of 16 (rows grouped by slot on the device); asynchronous scheduling takes input ids on the device."""
+    the graph of 16 (rows grouped by slot on the device); asynchronous scheduling takes input ids on the device.
+    The LoRA kernels a GPU's graphs run, the Triton ones (in the interpreter), in both forms; the torch reference's
+    segment form here, its gather form in test_graph_path_reuses_a_slot_in_place."""
+    monkeypatch.setenv("SERVAL_LORA", lora_kernels)
     base, _, _ = family
     llm = graph_path_llm(base, monkeypatch, max_loras=3, max_num_seqs=16, async_scheduling=async_scheduling)
+    assert llm.engine.lora.context.use_triton == (lora_kernels == "triton")
     jobs = mixed_jobs()[:num_jobs]
     check(llm, family, jobs)
     steps = llm.engine.runner.graphs.steps
@@ -63,26 +68,20 @@ def test_graph_path_mixed_adapters_matches_peft(family, monkeypatch, num_jobs, a
 
 def test_graph_path_reuses_a_slot_in_place(family, monkeypatch):
     """max_loras=1: adapters take turns in the one slot, copied in place between steps into the same stacked
-    tensors the graph reads (never reallocated); a small host cache makes them re-read from their folders."""
+    tensors the graph reads (never reallocated); a small host cache makes them re-read from their folders (a8
+    comes back after b16 and c4 have had the slot)."""
+    monkeypatch.setenv("SERVAL_LORA", "torch")
     base, _, _ = family
     llm = graph_path_llm(base, monkeypatch, max_loras=1, max_num_seqs=8, max_cpu_loras=1)
     buffers = {name: (layer.lora_a.data_ptr(), layer.lora_b.data_ptr())
                for name, layer in llm.engine.lora.lora_layers.layers.items()}
-    check(llm, family, mixed_jobs())
+    jobs = mixed_jobs()[:6]  # base, a8, b16, c4, base, a8: four turns of the slot, each a request's whole decode
+    assert [name for name, _ in jobs].count("a8") == 2
+    check(llm, family, jobs)
     steps = llm.engine.runner.graphs.steps
     assert {slot for slots in steps for slot in slots} == {-1, 0}
     assert buffers == {name: (layer.lora_a.data_ptr(), layer.lora_b.data_ptr())
                        for name, layer in llm.engine.lora.lora_layers.layers.items()}
-
-
-def test_graph_path_with_the_triton_kernels(family, monkeypatch):
-    """The Triton LoRA kernels (in the interpreter) on the graph path: gather form at 3 rows, segments at 12."""
-    monkeypatch.setenv("SERVAL_LORA", "triton")
-    base, _, _ = family
-    llm = graph_path_llm(base, monkeypatch, max_loras=3, max_num_seqs=16)
-    assert llm.engine.lora.context.use_triton
-    check(llm, family, mixed_jobs()[:3])
-    check(llm, family, mixed_jobs())
 
 
 @requires_cuda

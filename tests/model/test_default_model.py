@@ -5,11 +5,11 @@ import os
 
 import pytest
 import torch
-import transformers
 
 from serval.model import default_model
 from serval.model.default_model import DEFAULT_MODEL_PACKAGE, default_model_path
 from serval.model.gguf import load_gguf
+from tests.conftest import hf_gguf_model
 
 
 @pytest.fixture(scope="module")
@@ -19,11 +19,8 @@ def checkpoint():
 
 @pytest.fixture(scope="module")
 def hf_state_dict():
-    """transformers' own GGUF loading of the default model (~20 s): the reference, loaded once."""
-    path = default_model_path()
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
-    return model.state_dict()
+    """transformers' own GGUF loading of the default model (~10 s): the reference, loaded once."""
+    return hf_gguf_model(default_model_path()).state_dict()
 
 
 def test_default_model_path_is_the_packaged_gguf():

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-import transformers
+from tests.conftest import gguf_metadata_read_once, hf_gguf_model, hf_gguf_tokenizer
 
 from serval import LLM, SamplingParams
 from serval.model.default_model import GEMMA3_270M_ALIAS, gemma3_270m_path, resolve_model
@@ -15,14 +15,13 @@ from serval.model.gguf import load_gguf
 from serval.model.tokenizer import load_tokenizer
 
 NUM_NEW_TOKENS = 16
-# A system turn and a multi-turn chat (with the long prompt in the greedy test: three paths, one conversation each;
-# the reference generates on the CPU, so each conversation costs seconds).
-CONVERSATIONS = [
-    [{"role": "system", "content": "Answer in one short sentence."},
-     {"role": "user", "content": "Why is the sky blue?"}],
-    [{"role": "user", "content": "Count from one to ten."},
-     {"role": "assistant", "content": "One, two, three, four, five, six, seven, eight, nine, ten."},
-     {"role": "user", "content": "Now backwards."}],
+# A multi-turn chat opened by a system turn, and the long prompt in the greedy test: two paths, one conversation
+# each (the reference generates on the CPU, so each conversation costs seconds).
+CONVERSATION = [
+    {"role": "system", "content": "Answer in one short sentence."},
+    {"role": "user", "content": "Count from one to ten."},
+    {"role": "assistant", "content": "One, two, three, four, five, six, seven, eight, nine, ten."},
+    {"role": "user", "content": "Now backwards."},
 ]
 
 
@@ -32,16 +31,22 @@ def gguf_path() -> str:
 
 
 @pytest.fixture(scope="module")
-def hf_model(gguf_path):
-    """transformers' own GGUF loading (about a minute here): the reference."""
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), dtype=torch.float32).eval()
+def hf_reference(gguf_path):
+    """transformers' own GGUF loading of the model and the tokenizer (about half a minute here): the reference. The
+    file's metadata is parsed once for both, and dropped after: its million objects kept alive would slow every
+    garbage collection of the tests that follow."""
+    with gguf_metadata_read_once():
+        return hf_gguf_model(gguf_path), hf_gguf_tokenizer(gguf_path)
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer(gguf_path):
-    return transformers.AutoTokenizer.from_pretrained(os.path.dirname(gguf_path),
-                                                      gguf_file=os.path.basename(gguf_path))
+def hf_model(hf_reference):
+    return hf_reference[0]
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(hf_reference):
+    return hf_reference[1]
 
 
 def test_the_alias_names_the_assembled_file(gguf_path):
@@ -77,16 +82,17 @@ def test_tokenizer_equals_transformers_and_renders_gemma_turns(gguf_path, hf_tok
     tokenizer = load_tokenizer(GEMMA3_270M_ALIAS)
     for text in ("Hello, world!", "  spaces and\nnewlines\t", "<start_of_turn>user\nhi<end_of_turn>", "日本語 ü 🙂"):
         assert tokenizer.encode(text) == hf_tokenizer.encode(text), text
-    rendered = tokenizer.apply_chat_template(CONVERSATIONS[0], tokenize=False, add_generation_prompt=True)
-    assert rendered == ("<bos><start_of_turn>user\nAnswer in one short sentence.\n\nWhy is the sky blue?"
-                        "<end_of_turn>\n<start_of_turn>model\n")
+    rendered = tokenizer.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
+    assert rendered == ("<bos><start_of_turn>user\nAnswer in one short sentence.\n\nCount from one to ten."
+                        "<end_of_turn>\n<start_of_turn>model\nOne, two, three, four, five, six, seven, eight, nine, "
+                        "ten.<end_of_turn>\n<start_of_turn>user\nNow backwards.<end_of_turn>\n<start_of_turn>model\n")
 
 
 def test_greedy_chat_answers_equal_transformers(hf_model, hf_tokenizer):
     llm = LLM(model=GEMMA3_270M_ALIAS, max_model_len=1024, max_num_batched_tokens=256, block_size=16)
     tokenizer = llm.get_tokenizer()
     long_text = " ".join(f"Item {i} is a {'red' if i % 2 else 'blue'} box." for i in range(90))
-    conversations = CONVERSATIONS + [[{"role": "user", "content": f"{long_text} What colour is item 41?"}]]
+    conversations = [CONVERSATION, [{"role": "user", "content": f"{long_text} What colour is item 41?"}]]
     params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
     outputs = llm.chat(conversations, params, use_tqdm=False)
     assert len(outputs[-1].prompt_token_ids) > 512 + 100  # the sliding layers drop the start of this one

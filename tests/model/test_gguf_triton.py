@@ -24,8 +24,8 @@ pytest.importorskip("triton")
 Q = gguf.GGMLQuantizationType
 # The types of each projection, as one llama.cpp mix might write them; q/k/v and gate/up are merged in Serval.
 MIXES = {
-    # Every K is a multiple of 256: head_dim 64 x 4 heads = hidden 256 (o_proj's K), intermediate 512.
-    "k-quants": (dict(hidden_size=256, intermediate_size=512, head_dim=64),
+    # Every K is a multiple of 256: head_dim 64 x 4 heads = hidden 256 (o_proj's K), intermediate 256.
+    "k-quants": (dict(hidden_size=256, intermediate_size=256, head_dim=64),
                  {"q_proj": Q.Q4_K, "k_proj": Q.Q4_K, "v_proj": Q.Q6_K, "o_proj": Q.Q5_K, "gate_proj": Q.Q4_K,
                   "up_proj": Q.Q4_K, "down_proj": Q.Q6_K}),
     # Gemma 3 270M's Q4_K_M file is mostly these (its K of 640 is no multiple of 256).
@@ -33,7 +33,8 @@ MIXES = {
                   {"q_proj": Q.Q5_0, "k_proj": Q.Q5_0, "v_proj": Q.Q8_0, "o_proj": Q.Q4_0, "gate_proj": Q.Q4_1,
                    "up_proj": Q.Q4_1, "down_proj": Q.Q5_1}),
 }
-SAMPLING = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+# A prefill (the GEMM) and two decode steps of two rows (the GEMV): each interpreted step costs seconds.
+SAMPLING = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
 # A greedy token may differ from transformers' only within this share of the logits' spread (near_tie_greedy_check):
 # float32 in the interpreter, the model's bfloat16 on a GPU.
 GREEDY_TOLERANCE = 1e-3 if DEVICE == "cpu" else 5e-2

@@ -10,6 +10,7 @@ from transformers.integrations.gguf.reader import read_gguf_metadata
 
 from serval.model.default_model import default_model_path
 from serval.model.tokenizer import load_tokenizer
+from tests.conftest import hf_gguf_tokenizer
 from tests.model.test_gguf import write_gguf
 
 TEXTS = [
@@ -35,8 +36,7 @@ CONVERSATION = [
 def gguf_tokenizers():
     """(ours, transformers') tokenizers of the default model's GGUF."""
     path = default_model_path()
-    reference = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    return load_tokenizer(path), reference
+    return load_tokenizer(path), hf_gguf_tokenizer(path)
 
 
 @pytest.mark.parametrize("text", TEXTS)
