@@ -167,7 +167,10 @@ def test_steps_before_the_float8_scales_are_calculated_run_eagerly(tiny_models, 
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in plain]
     scales = [(m.k_scale.item(), m.v_scale.item()) for m in llm.engine.model.modules() if hasattr(m, "k_scale")]
     want = [(m.k_scale.item(), m.v_scale.item()) for m in plain_llm.engine.model.modules() if hasattr(m, "k_scale")]
-    assert scales == want and all(k != 1.0 for k, _ in scales)
+    # Equal up to the matmuls' last bits (the two engines' prefills may block their GEMMs differently); a skipped
+    # calculation would leave 1.0, far outside the tolerance.
+    torch.testing.assert_close(scales, want, rtol=1e-5, atol=0)
+    assert all(k != 1.0 for k, _ in scales)
     assert log.order[0] == "eager" and "graph" in log.order
 
 
