@@ -37,9 +37,12 @@ def assert_refused_while_draining(server: RemoteServer) -> None:
 @pytest.mark.parametrize("deadline_passes", [False, True])
 def test_sigterm_drains_and_exits_zero(deadline_passes):
     server = start(shutdown_timeout=2 if deadline_passes else 120)
+    # The drain case reads its stream to the end: two choices outlast the checks made while draining by seconds;
+    # the deadline case needs all eight to still be streaming when its 2 s run out.
+    body = BIG_STREAM if deadline_passes else {**BIG_STREAM, "n": 2}
     try:
         with httpx.Client(timeout=120) as client, client.stream("POST", server.url + "/v1/chat/completions",
-                                                                json=BIG_STREAM) as response:
+                                                                json=body) as response:
             assert response.status_code == 200
             lines = response.iter_lines()
             first = next(lines)
@@ -61,7 +64,7 @@ def test_sigterm_drains_and_exits_zero(deadline_passes):
             finished = [json.loads(event) for event in rest[:-1]]
             reasons = [choice["finish_reason"] for chunk in finished for choice in chunk["choices"]
                        if choice.get("finish_reason")]
-            assert reasons == ["length"] * 8
+            assert reasons == ["length"] * body["n"]
         assert server.process.wait(timeout=60) == 0
         assert server.wait_for_log("drained")["interrupted"] == (1 if deadline_passes else 0)
     finally:
