@@ -440,10 +440,9 @@ def next_token_bitmask(states: list[GrammarState], pin_memory: bool = False) -> 
         state.pending = None
     if len(fills) == 1 and all(pending is not None for pending in current):
         (fill,) = fills.values()
+        # Some stopped after the fill started (a stop string, EOS): their rows are left out. (All of them in
+        # order is _whole_fill's case, taken above.)
         rows = [pending.row for pending in current]
-        if rows == list(range(fill.bitmask.shape[0])):
-            return fill.wait()
-        # Some stopped after the fill started (a stop string, EOS): their rows are left out.
         bitmask = torch.empty((len(rows), fill.bitmask.shape[1]), dtype=torch.int32, pin_memory=pin_memory)
         return torch.index_select(fill.wait(), 0, torch.tensor(rows), out=bitmask)
     words = (max(state.vocab_size for state in states) + 31) // 32

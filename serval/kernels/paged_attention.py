@@ -168,10 +168,7 @@ def _decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, plan: DecodeP
                       scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Attention of the plan's single-token queries [B, H, D] -> [B, H, D], batched in one SDPA call over K/V
     gathered to the longest context."""
-    batch, (num_kv_heads, head_dim) = len(plan.blocks), kv_cache.shape[-2:]
-    k = kv_cache[0][plan.blocks].view(batch, -1, num_kv_heads, head_dim)[:, :plan.max_len]
-    v = kv_cache[1][plan.blocks].view(batch, -1, num_kv_heads, head_dim)[:, :plan.max_len]
-    k, v = _scaled(k, v, scales)
+    k, v = _scaled(*gather_kv(kv_cache, plan.blocks, plan.max_len), scales)
     # Keys past a request's own length are padding from the longest one; the causal mask hides them.
     return _sdpa(query.unsqueeze(1), k, v, plan.mask(sliding_window), scale, sinks)[:, 0]
 

@@ -105,7 +105,7 @@ class GGUFQ8HeadMethod(QuantMethod):
         n, k = layer.out_features, layer.in_features
         flat = ids.reshape(-1).long()
         # pack_int4_for_cpu's layout: 64-row blocks of [2K][32] bytes, row j's nibble low, row j + 32's high.
-        packed = layer.qweight.view(n // PACK_ROWS, 2 * k, PACK_ROWS // 2)[flat // PACK_ROWS, :, flat % 32]
+        packed = layer.qweight.view(n // PACK_ROWS, 2 * k, PACK_ROWS // 2)[flat // PACK_ROWS, :, flat % (PACK_ROWS // 2)]
         shift = torch.where(flat % PACK_ROWS >= PACK_ROWS // 2, 4, 0).unsqueeze(-1)
         halves = (packed.int() >> shift) & 15  # [T, 2K]
         q = (halves[:, :k] - 8) * 16 + halves[:, k:]
