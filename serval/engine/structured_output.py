@@ -56,8 +56,11 @@ GRAMMAR_CACHE_SIZE = 256
 # first token; a few more cost a few bitmasks (milliseconds), once per distinct constraint.
 PROBE_TOKENS = 4
 # consume_tokens hands a batch at least this large to llguidance's thread pool; a smaller one costs less than the
-# hand-off to the pool's threads.
+# hand-off to the pool's threads. Opt-in (SERVAL_GRAMMAR_POOL_CONSUME=1): on the H200 host the engine-side TPOT
+# with tool_choice="required" went from +8.3% over none to +33.5% in the first run with the pool feed on
+# (docs/performance.md, issue 15), so it stays off until an A/B run clears it.
 PARALLEL_CONSUME_MIN = 32
+POOL_CONSUME_ENV = "SERVAL_GRAMMAR_POOL_CONSUME"
 # The OpenAI body field a constraint came from. response_format's json_schema/json_object reach SamplingParams as
 # the same StructuredOutputsParams as structured_outputs' json/json_object, so the field can't be told apart here.
 PARAM = "structured_outputs"
@@ -143,11 +146,13 @@ class GrammarState:
 
 
 def consume_tokens(states: list[GrammarState], token_ids: list[int], parallel: bool | None = None) -> None:
-    """GrammarState.consume for each state and its token. A large batch (parallel=None) or any (True) goes to
-    llguidance's thread pool in one call: the engine thread waits for a share of the per-token work (~4 us a
-    token on one core, 256 tokens a step), with the GIL free, instead of doing all of it itself."""
+    """GrammarState.consume for each state and its token. With SERVAL_GRAMMAR_POOL_CONSUME=1 a large batch
+    (parallel=None), or any (True), goes to llguidance's thread pool in one call: the engine thread waits for a
+    share of the per-token work (~4 us a token on one core, 256 tokens a step), with the GIL free, instead of doing
+    all of it itself."""
     if parallel is None:
-        parallel = len(states) >= PARALLEL_CONSUME_MIN and _num_executor_threads() > 1
+        parallel = (os.environ.get(POOL_CONSUME_ENV) == "1" and len(states) >= PARALLEL_CONSUME_MIN
+                    and _num_executor_threads() > 1)
     if not parallel:
         for state, token_id in zip(states, token_ids):
             state.consume(token_id)

@@ -100,8 +100,9 @@ def test_overlapped_grammar_steps_give_the_synchronous_outputs(synchronous):
 
 def test_overlapped_steps_feeding_the_batch_through_llguidance_pool_give_the_synchronous_outputs(synchronous,
                                                                                                   monkeypatch):
-    """The engine's consume_tokens on its thread-pool path (taken on machines whose pool has several threads and
-    batches of PARALLEL_CONSUME_MIN rows), forced here for every constrained step."""
+    """The engine's consume_tokens on its thread-pool path (opt-in, taken on machines whose pool has several
+    threads and batches of PARALLEL_CONSUME_MIN rows), forced here for every constrained step."""
+    monkeypatch.setenv(structured.POOL_CONSUME_ENV, "1")
     monkeypatch.setattr(structured, "PARALLEL_CONSUME_MIN", 1)
     monkeypatch.setattr(structured, "_num_executor_threads", lambda: 2)
     llm = make_llm(True)
