@@ -8,6 +8,10 @@ configuration's time.
     python benchmarks/moe_tune.py --experts 64 --hidden 2048 --intermediate 1408 --top-k 6 [--batch-sizes 1,64]
         [--quick] [--out results/moe_tune] [--dry-run (print, write no table)]
 
+The table keeps batch sizes an earlier run tuned and is rewritten after each batch size, so a sweep can be split
+over device calls (`--batch-sizes 1,2,4,8,16,24,32,48,64` in one, the rest in the next) and a stopped run keeps what
+it reached. A batch size between two tuned ones takes the nearer one's configuration.
+
 Each measurement is one whole fused_experts call (alignment, both GEMMs, combine) on bf16 weights with uniformly
 random routing, the median of triton.testing.do_bench. Batch 1 is also reported as GB/s of expert weights read
 (k experts' gate/up and down): the number to hold against the device's copy bandwidth.
@@ -106,7 +110,14 @@ def main() -> None:
                           generator=generator) * 0.02
     down = torch.randn(num_experts, hidden, intermediate, device=device, dtype=torch.bfloat16,
                        generator=generator) * 0.02
-    table, rows = {}, []
+    name = triton_moe.config_file_name(num_experts, hidden, intermediate, device_name)
+    table_path = os.path.join(triton_moe.CONFIG_DIR, name)
+    # Batch sizes tuned by an earlier run (or an earlier device call, when one call can't hold the whole sweep) are
+    # kept unless this run tunes them again; the table is rewritten after each batch size, so a run stopped by its
+    # time limit keeps what it measured.
+    table = dict(triton_moe.read_table(table_path) or {}) if not args.dry_run else {}
+    rows = []
+    os.makedirs(args.out, exist_ok=True)
     for num_tokens in [int(b) for b in args.batch_sizes.split(",")]:
         hidden_states = torch.randn(num_tokens, hidden, device=device, dtype=torch.bfloat16, generator=generator)
         logits = torch.randn(num_tokens, num_experts, device=device, generator=generator)
@@ -125,15 +136,12 @@ def main() -> None:
         print(f"batch {num_tokens:>5}: {best_ms * 1e3:8.1f} us tuned, {default_ms * 1e3:8.1f} us default "
               f"({default_ms / best_ms:4.2f}x); {rows[-1]['weight_gb_s']:7.0f} GB/s of {experts_read} experts' "
               f"weights; {best}", flush=True)
-    name = triton_moe.config_file_name(num_experts, hidden, intermediate, device_name)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, name.replace(".json", ".timings.json")), "w") as f:
-        json.dump({"device": device_name, "experts": num_experts, "hidden": hidden, "intermediate": intermediate,
-                   "top_k": top_k, "rows": rows}, f, indent=1)
-    text = triton_moe.config_table_json(table)
-    if not args.dry_run:
-        with open(os.path.join(triton_moe.CONFIG_DIR, name), "w") as f:
-            f.write(text + "\n")
+        with open(os.path.join(args.out, name.replace(".json", ".timings.json")), "w") as f:
+            json.dump({"device": device_name, "experts": num_experts, "hidden": hidden,
+                       "intermediate": intermediate, "top_k": top_k, "rows": rows}, f, indent=1)
+        if not args.dry_run:
+            with open(table_path, "w") as f:
+                f.write(triton_moe.config_table_json(table) + "\n")
     print(f"\n{name}{' (dry run: not written)' if args.dry_run else ' written under serval/kernels/configs/'}")
     print(f"{'batch':>6}{'tuned us':>10}{'default us':>12}{'speedup':>9}  config")
     for row in rows:

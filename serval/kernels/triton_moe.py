@@ -74,12 +74,15 @@ def config_file_name(num_experts: int, hidden_size: int, intermediate_size: int,
     return f"E={num_experts},H={hidden_size},I={intermediate_size},device={device_name.replace(' ', '_')}.json"
 
 
-@functools.cache
-def _load_table(path: str) -> dict[int, MoeKernelConfig] | None:
+def read_table(path: str) -> dict[int, MoeKernelConfig] | None:
+    """A tuned table as written by config_table_json, or None where there is none."""
     if not os.path.isfile(path):
         return None
     with open(path) as f:
         return {int(batch): MoeKernelConfig(**config) for batch, config in json.load(f).items()}
+
+
+_load_table = functools.cache(read_table)  # the kernel reads a device's table once
 
 
 def get_config(num_experts: int, hidden_size: int, intermediate_size: int, num_tokens: int,
