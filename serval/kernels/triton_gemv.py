@@ -266,18 +266,31 @@ def block_scaled_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          config: tuple[int, int, int] | None = None, gated: bool = False,
-         weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+         weight_scale: torch.Tensor | None = None, half_products: bool | None = None) -> torch.Tensor:
     """x [1, K] (any leading shape with one row) @ weight [N, K]^T + bias [N] -> [1, N], in x's dtype.
     gated: x is [1, 2K], a merged gate/up output, and the product is with silu(gate) * up (SwiGLU fused into the
     down projection: one kernel, and the [1, K] activation never goes to memory). Accumulates in float32, as
     cuBLAS does. config: (BLOCK_N, BLOCK_K, num_warps); None: this GPU's tuned one (get_config). weight_scale [N]
-    float32: weight is float8 and row n of the product is multiplied by weight_scale[n]."""
+    float32: weight is float8 and row n of the product is multiplied by weight_scale[n]. half_products (float8
+    weight, 16-bit x): the products in float16 (serval.kernels.triton_fp8_gemv); None: on the CPU yes, on CUDA as
+    SERVAL_FP8_GEMV_HALF says."""
     n, k = weight.shape
     assert x.numel() == (2 * k if gated else k) and weight.stride(1) == 1, (x.shape, weight.shape, weight.stride())
     x = x.reshape(-1).contiguous()
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     block_n, block_k, num_warps = config or get_config(n, k, weight_scale is not None, x.device)
     block_k = min(block_k, triton.next_power_of_2(k))
+    if weight_scale is not None and x.dtype in (torch.float16, torch.bfloat16):
+        from serval.kernels import triton_fp8_gemv
+        if half_products if half_products is not None else (
+                not x.is_cuda or triton_fp8_gemv.half_products_on_gpu()):
+            triton_fp8_gemv._fp8_half_gemv_kernel[(triton.cdiv(n, block_n),)](
+                x, weight, weight_scale, bias if bias is not None else weight, y, n, k, weight.stride(0),
+                HAS_BIAS=bias is not None, GATED=gated, EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k,
+                FLUSH=triton_fp8_gemv.FLUSH_TILES, USE_ASM=x.is_cuda and torch.version.hip is None
+                and block_n * block_k >= 2 * 32 * num_warps,  # the PTX takes two elements a thread at a time
+                num_warps=num_warps, **pdl.launch_options(x))
+            return y
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, weight_scale if weight_scale is not None else weight, bias if bias is not None else weight, y, n,
         k, weight.stride(0), HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None,
