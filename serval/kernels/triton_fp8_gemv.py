@@ -21,8 +21,10 @@ adds before float32, against e4m3's own 2^-4: tests/kernels/test_triton_fp8_gemv
 dequantized product in float32. x elements below 2^-14 of the scaled maximum become float16 subnormals (absolute
 error <= 2^-25 of it): far below the weights' rounding.
 
+sm_90 K loop at the H200 table's (4, 2048, 4): 2.44 instructions a weight (float32 path 3.48), gated 4.91 (7.92);
+benchmarks/gemv_bench.py --count-instructions counts both paths, no GPU needed; docs/performance.md has the table.
 On the CPU (Triton's interpreter) the inline PTX cannot run: the same float16 arithmetic in plain Triton (a product
-and a sum rounded apart, not fused). benchmarks/gemv_bench.py --count-instructions counts both paths' K loops.
+and a sum rounded apart, not fused; the exact sigmoid).
 """
 from __future__ import annotations
 
@@ -61,16 +63,14 @@ def _gated_bound(gate_up_ptr, offsets, K, EVEN_K: tl.constexpr):
 def _x_scale(x_ptr, K, GATED: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
     """(2^s, 2^-s): the power of two that puts x's largest |value| (or _gated_bound's) in [0.5, 1). One pass over
     x, elementwise maxima across tiles, one reduction across threads at the end."""
-    # [1, BLOCK_K], as the products' tiles use x: a 1-D x here would give the K loop's loads of x a layout of
-    # their own, and a conversion through shared memory every tile.
-    cols = tl.arange(0, BLOCK_K)[None, :]
-    largest = tl.zeros((1, BLOCK_K), dtype=tl.float32)
+    cols = tl.arange(0, BLOCK_K)
+    largest = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
         if GATED:
             largest = tl.maximum(largest, _gated_bound(x_ptr, k + cols, K, EVEN_K))
         else:
             largest = tl.maximum(largest, tl.abs(_load(x_ptr, k + cols, K, EVEN_K).to(tl.float32)))
-    amax = tl.max(tl.max(largest, axis=1), axis=0)
+    amax = tl.max(largest, axis=0)
     # amax lies in [2^(e-127), 2^(e-126)) for its exponent field e: 2^(126-e) puts it in [0.5, 1). Clamped to
     # normal float32 powers (x all zero: 2^126, harmless).
     exponent = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
@@ -79,16 +79,21 @@ def _x_scale(x_ptr, K, GATED: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.co
 
 
 @triton.jit
-def _load_half_x(x_ptr, offsets, K, x_scale, GATED: tl.constexpr, EVEN_K: tl.constexpr):
-    """x 2^s in float16 (gated: silu(gate) up, rounded to x's dtype as silu_and_mul rounds it, then scaled). The
-    sigmoid takes ex2.approx and an approximate division (div.full.f32, 2 float32 ulp): tl.sigmoid's IEEE division
-    and range checks were 16 instructions an element, most of the down projection's K loop; either rounds to the
-    same 16-bit x but in rare ties."""
+def _load_half_x(x_ptr, offsets, K, x_scale, GATED: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr):
+    """x 2^s in float16 (gated: silu(gate) up, rounded to x's dtype as silu_and_mul rounds it, then scaled). On the
+    GPU the sigmoid is ex2.approx.ftz and rcp.approx.ftz (a few float32 ulp; the range's ends give 0 and 1):
+    tl.sigmoid's IEEE division and range checks made it the most of the down projection's K loop. Either rounds to
+    the same 16-bit x but in rare ties."""
     if GATED:
         gate = _load(x_ptr, offsets, K, EVEN_K)
         gate32 = gate.to(tl.float32)
         up = _load(x_ptr + K, offsets, K, EVEN_K).to(tl.float32)
-        sigmoid = tl.fdiv(1.0, 1.0 + tl.math.exp2(gate32 * -1.4426950408889634), ieee_rounding=False)
+        if USE_ASM:
+            sigmoid = tl.inline_asm_elementwise(
+                "{ .reg .f32 e; ex2.approx.ftz.f32 e, $1; add.ftz.f32 e, e, 0f3F800000; rcp.approx.ftz.f32 $0, e; }",
+                "=r,r", [gate32 * -1.4426950408889634], dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            sigmoid = 1.0 / (1.0 + tl.math.exp2(gate32 * -1.4426950408889634))
         x = (gate32 * sigmoid * up).to(gate.dtype).to(tl.float32)
     else:
         x = _load(x_ptr, offsets, K, EVEN_K).to(tl.float32)
@@ -99,7 +104,7 @@ def _load_half_x(x_ptr, offsets, K, x_scale, GATED: tl.constexpr, EVEN_K: tl.con
 def _add_products(partial, w, x_ptr, offsets, K, x_scale, GATED: tl.constexpr, EVEN_K: tl.constexpr,
                   USE_ASM: tl.constexpr):
     """partial + W tile x (x 2^s), all in float16: two weights a cvt and two products an FMA on the GPU."""
-    x = _load_half_x(x_ptr, offsets, K, x_scale, GATED, EVEN_K)[None, :]
+    x = _load_half_x(x_ptr, offsets, K, x_scale, GATED, EVEN_K, USE_ASM)[None, :]
     return _fma_half(w.to(tl.float16), tl.broadcast_to(x, w.shape), partial, USE_ASM)
 
 

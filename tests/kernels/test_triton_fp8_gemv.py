@@ -115,7 +115,7 @@ def _sm90_tools_present() -> bool:
 def test_float16_products_take_fewer_sm90_instructions_a_weight():
     # Compiled for sm_90 with its inline PTX, no GPU needed (in a process of its own: this one may run Triton's
     # interpreter). At the H200 table's (4, 2048, 4): 2.44 a weight against the float32 path's 3.48 when written;
-    # gated (SwiGLU per tile, the down projection) 5.9 against 7.9.
+    # gated (SwiGLU per tile, the down projection) 4.9 against 7.9.
     script = ("import json, sys; from benchmarks.gemv_bench import fp8_loop_instructions as count; "
               "json.dump([count((4, 2048, 4), gated, half) for gated in (False, True) for half in (False, True)], "
               "sys.stdout)")
@@ -127,5 +127,5 @@ def test_float16_products_take_fewer_sm90_instructions_a_weight():
     plain_before, plain_after, gated_before, gated_after = json.loads(done.stdout)
     assert plain_after["per_weight"] < 3.0 < plain_before["per_weight"]
     assert plain_after["opcodes"].get("HFMA2", 0) * 2 == plain_after["weights_per_thread"]  # two products each
-    assert gated_after["per_weight"] < gated_before["per_weight"] - 1.5
+    assert gated_after["per_weight"] < gated_before["per_weight"] - 2.5
     assert plain_after["stack_bytes"] == 0 and gated_after["stack_bytes"] == 0
