@@ -285,7 +285,7 @@ def fp8_loop_instructions(config: tuple[int, int, int], gated: bool, half: bool)
     constants = dict(HAS_BIAS=False, GATED=gated, EVEN_K=True, BLOCK_N=block_n, BLOCK_K=block_k, USE_PDL=False)
     if half:
         kernel = triton_fp8_gemv._fp8_half_gemv_kernel
-        constants.update(FLUSH=triton_fp8_gemv.FLUSH_TILES, USE_ASM=True)
+        constants.update(X_BLOCK=triton_fp8_gemv.X_PASS_BLOCK, FLUSH=triton_fp8_gemv.FLUSH_TILES, USE_ASM=True)
     else:
         kernel = triton_gemv._gemv_kernel
         constants.update(HAS_SCALE=True)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -37,6 +38,8 @@ from serval.kernels import pdl
 from serval.kernels.triton_gemv import _load, _load_w
 from serval.kernels.triton_w4a16_gemv import _fma_half
 
+# The most of x the pass for its scale loads in one step (4096 bfloat16: 32 a thread at 4 warps, 16 registers).
+X_PASS_BLOCK = 4096
 # Tiles whose products one float16 partial element sums before it is flushed to float32 (the range bound above).
 FLUSH_TILES = 128
 # The largest |silu(g)| for g < 0 (at g = -1.278: -0.2785), rounded up.
@@ -50,26 +53,28 @@ def half_products_on_gpu() -> bool:
 
 
 @triton.jit
-def _gated_bound(gate_up_ptr, offsets, K, EVEN_K: tl.constexpr):
+def _gated_bound(gate_up_ptr, offsets, K):
     """An upper bound of |silu(gate) up| per element with no exponential: silu(g) = g sigmoid(g) lies in (0, g] for
     g >= 0 and in [-0.2785, 0) for g < 0. Tight where x is largest (a large positive gate, within 2x); looser only
     where x is small, which costs those elements float16 range, not overflow."""
-    gate = _load(gate_up_ptr, offsets, K, EVEN_K).to(tl.float32)
-    up = _load(gate_up_ptr + K, offsets, K, EVEN_K).to(tl.float32)
+    gate = _load(gate_up_ptr, offsets, K, False).to(tl.float32)
+    up = _load(gate_up_ptr + K, offsets, K, False).to(tl.float32)
     return tl.maximum(gate, SILU_NEGATIVE_BOUND) * tl.abs(up)
 
 
 @triton.jit
-def _x_scale(x_ptr, K, GATED: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+def _x_scale(x_ptr, K, GATED: tl.constexpr, X_BLOCK: tl.constexpr):
     """(2^s, 2^-s): the power of two that puts x's largest |value| (or _gated_bound's) in [0.5, 1). One pass over
-    x, elementwise maxima across tiles, one reduction across threads at the end."""
-    cols = tl.arange(0, BLOCK_K)
-    largest = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
+    x in X_BLOCK steps (masked), elementwise maxima across steps, one reduction across threads at the end. Every
+    program waits for this pass before its K loop: X_BLOCK covers all of K in one step up to X_PASS_BLOCK, so it is
+    one round trip to L2, not one per tile."""
+    cols = tl.arange(0, X_BLOCK)
+    largest = tl.zeros((X_BLOCK,), dtype=tl.float32)
+    for k in range(0, K, X_BLOCK):
         if GATED:
-            largest = tl.maximum(largest, _gated_bound(x_ptr, k + cols, K, EVEN_K))
+            largest = tl.maximum(largest, _gated_bound(x_ptr, k + cols, K))
         else:
-            largest = tl.maximum(largest, tl.abs(_load(x_ptr, k + cols, K, EVEN_K).to(tl.float32)))
+            largest = tl.maximum(largest, tl.abs(_load(x_ptr, k + cols, K, False).to(tl.float32)))
     amax = tl.max(largest, axis=0)
     # amax lies in [2^(e-127), 2^(e-126)) for its exponent field e: 2^(126-e) puts it in [0.5, 1). Clamped to
     # normal float32 powers (x all zero: 2^126, harmless).
@@ -111,7 +116,8 @@ def _add_products(partial, w, x_ptr, offsets, K, x_scale, GATED: tl.constexpr, E
 @triton.jit
 def _fp8_half_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, N, K, stride_w, HAS_BIAS: tl.constexpr,
                           GATED: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          FLUSH: tl.constexpr, USE_ASM: tl.constexpr, USE_PDL: tl.constexpr):
+                          X_BLOCK: tl.constexpr, FLUSH: tl.constexpr, USE_ASM: tl.constexpr,
+                          USE_PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_valid = rows < N
     # As triton_gemv._gemv_kernel: rows past N read row N-1 again (unmasked loads), the first tile before the wait.
@@ -120,7 +126,7 @@ def _fp8_half_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, N, K, stride
     w_rows = w_ptr + safe_rows[:, None] * stride_w
     w = _load_w(w_rows, cols, K, EVEN_K)
     pdl.wait(USE_PDL)
-    x_scale, x_unscale = _x_scale(x_ptr, K, GATED, EVEN_K, BLOCK_K)
+    x_scale, x_unscale = _x_scale(x_ptr, K, GATED, X_BLOCK)
     partial = _add_products(tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float16), w, x_ptr, cols, K, x_scale, GATED,
                             EVEN_K, USE_ASM)
     y = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -136,3 +142,18 @@ def _fp8_half_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, N, K, stride
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows, mask=row_valid, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_valid)
+
+
+def launch(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+           y: torch.Tensor, config: tuple[int, int, int], gated: bool) -> None:
+    """y [1, N] = x @ (weight * weight_scale)^T (+ bias) with triton_gemv.gemv's checked operands: x flat and
+    contiguous (gated: [gate | up]), BLOCK_K already capped at K's next power of two."""
+    n, k = weight.shape
+    block_n, block_k, num_warps = config
+    _fp8_half_gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, weight_scale, bias if bias is not None else weight, y, n, k, weight.stride(0),
+        HAS_BIAS=bias is not None, GATED=gated, EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k,
+        X_BLOCK=min(triton.next_power_of_2(k), X_PASS_BLOCK), FLUSH=FLUSH_TILES,
+        # The PTX takes two elements a thread at a time.
+        USE_ASM=x.is_cuda and torch.version.hip is None and block_n * block_k >= 2 * 32 * num_warps,
+        num_warps=num_warps, **pdl.launch_options(x))

@@ -286,12 +286,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         from serval.kernels import triton_fp8_gemv
         if half_products if half_products is not None else (
                 not x.is_cuda or triton_fp8_gemv.half_products_on_gpu()):
-            triton_fp8_gemv._fp8_half_gemv_kernel[(triton.cdiv(n, block_n),)](
-                x, weight, weight_scale, bias if bias is not None else weight, y, n, k, weight.stride(0),
-                HAS_BIAS=bias is not None, GATED=gated, EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k,
-                FLUSH=triton_fp8_gemv.FLUSH_TILES, USE_ASM=x.is_cuda and torch.version.hip is None
-                and block_n * block_k >= 2 * 32 * num_warps,  # the PTX takes two elements a thread at a time
-                num_warps=num_warps, **pdl.launch_options(x))
+            triton_fp8_gemv.launch(x, weight, weight_scale, bias, y, (block_n, block_k, num_warps), gated)
             return y
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, weight_scale if weight_scale is not None else weight, bias if bias is not None else weight, y, n,
