@@ -63,6 +63,10 @@ SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("do
 GATED = {"down"}
 GRID = list(itertools.product((2, 4, 8), (1024, 2048, 4096), (4, 8, 16)))
 FP8_GRID = list(itertools.product((2, 4, 8), (2048, 4096, 8192), (4, 8, 16)))  # one byte a weight: longer K steps
+# and 16 rows a program, whose threads each hold more rows: the float16 path (SERVAL_FP8_GEMV_HALF=1) converts a
+# tile's x once for all of a thread's rows (sm_90, --count-instructions: 1.7-2.3 instructions a weight, 2.4-2.9
+# gated, against 2.4 and 4.9 at (4, 2048, 4)).
+FP8_GRID += [(16, 1024, 4), (16, 1024, 8), (16, 2048, 8), (16, 2048, 16)]
 # gemv_rows' grid, small enough that compiling it for every row count and both weight types fits one short call:
 # FMA tiles whose float32 partial sum (BLOCK_N x rows x BLOCK_K) is at most 64 registers a thread at 8 rows, and
 # tensor-core tiles of 32 to 128 rows of W. float8 W: the same FMA tiles (the partial sum is float32 either way),
