@@ -43,7 +43,7 @@ def within_rounding(got: torch.Tensor, x: torch.Tensor, q_weight: torch.Tensor, 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("n, k, config", [(37, 256, None), (37, 96, (4, 64, 2)), (5, 40, (2, 32, 2)),
-                                          (19, 200, (8, 64, 4))])
+                                          (19, 200, (8, 64, 4)), (37, 160, (16, 32, 4))])
 def test_half_products_match_the_dequantized_product(dtype, gated, n, k, config):
     # 37 and 19 rows: not multiples of BLOCK_N; K 96, 40, 200: not multiples of BLOCK_K (the masked path).
     torch.manual_seed(n * k + gated)
