@@ -16,7 +16,15 @@ launch gaps, as the engine's decode graphs do. Prints a table and writes JSON.
 variants (CUDA-core FMAs and tl.dot) over a small grid each; GB/s still counts the weight's bytes once.
 
 --fp8: the Triton GEMV reads float8 weights with per-row scales (quantization="fp8"), GB/s counted in float8
-bytes; cuBLAS still reads the half-precision weights (what the model does unquantized).
+bytes; cuBLAS still reads the half-precision weights (what the model does unquantized). Which float8 kernel: as
+the model would take it, SERVAL_FP8_GEMV_HALF=1 the float16-products one (serval.kernels.triton_fp8_gemv), else
+the float32 path; compare the two with one run each:
+
+    PYTHONPATH=/tmp/site:. SERVAL_FP8_GEMV_HALF=0 python benchmarks/gemv_bench.py --fp8 --out $OUT/fp8_float32
+    PYTHONPATH=/tmp/site:. SERVAL_FP8_GEMV_HALF=1 python benchmarks/gemv_bench.py --fp8 --out $OUT/fp8_half
+
+--count-instructions: no GPU; both float8 paths compiled for sm_90, their K loops' SASS instructions per weight
+(plain and gated), for FP8_CONFIG and the float8 tables' configurations; writes fp8_gemv_instructions.json.
 
 --write-config: both weight types in one run, and the table the kernel reads on this GPU written to
 serval/kernels/configs/gemv,device=<GPU name>.json (and a copy under --out, which is what comes back from a device
@@ -45,12 +53,20 @@ import torch.nn.functional as F
 from serval.kernels import triton_gemv  # noqa: E402
 from serval.kernels.triton_gemv import RowsConfig  # noqa: E402
 from serval.layers import fp8  # noqa: E402
+from serval.layers.activation import silu_and_mul  # noqa: E402
 
 # (name, N, K) of Llama-3-8B's projections: merged q/k/v, o, merged gate/up, down, lm_head.
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
           ("lm_head", 128256, 4096)]
+# The projections the model runs with SwiGLU fused into the GEMV (serval.layers.linear.forward_silu_and_mul): timed
+# so, since silu(gate) up is computed per tile of W and is most of the down projection's instructions.
+GATED = {"down"}
 GRID = list(itertools.product((2, 4, 8), (1024, 2048, 4096), (4, 8, 16)))
 FP8_GRID = list(itertools.product((2, 4, 8), (2048, 4096, 8192), (4, 8, 16)))  # one byte a weight: longer K steps
+# and 16 rows a program, whose threads each hold more rows: the float16 path (SERVAL_FP8_GEMV_HALF=1) converts a
+# tile's x once for all of a thread's rows (sm_90, --count-instructions: 1.7-2.3 instructions a weight, 2.4-2.9
+# gated, against 2.4 and 4.9 at (4, 2048, 4)).
+FP8_GRID += [(16, 1024, 4), (16, 1024, 8), (16, 2048, 8), (16, 2048, 16)]
 # gemv_rows' grid, small enough that compiling it for every row count and both weight types fits one short call:
 # FMA tiles whose float32 partial sum (BLOCK_N x rows x BLOCK_K) is at most 64 registers a thread at 8 rows, and
 # tensor-core tiles of 32 to 128 rows of W. float8 W: the same FMA tiles (the partial sum is float32 either way),
@@ -105,14 +121,20 @@ class GridTiming:
     half_bytes: int
 
 
-def time_grid(x: torch.Tensor, n: int, k: int, use_fp8: bool, grid, kernel, device: str, label: str) -> GridTiming:
+def time_grid(x: torch.Tensor, n: int, k: int, use_fp8: bool, grid, kernel, device: str, label: str,
+              gated: bool = False) -> GridTiming:
     """cuBLAS and kernel(x, weight, config=, weight_scale=) over every configuration of the grid on one N x K
-    projection, each checked first against cuBLAS (or, with --fp8, the product with the dequantized weight)."""
+    projection, each checked first against cuBLAS (or, with --fp8, the product with the dequantized weight).
+    gated: the Triton side takes x's first 2K columns as [gate | up] (SwiGLU fused, as the model runs the down
+    projection); cuBLAS times the product with the activation alone."""
     half_bytes = n * k * x.element_size()
     weight_bytes = n * k if use_fp8 else half_bytes
     halves = [torch.randn(n, k, device=device, dtype=x.dtype) * 0.02
               for _ in range(weight_copies(weight_bytes, device))]
     xk = x[:, :k].contiguous()
+    x_in = x[:, :2 * k].contiguous() if gated else xk
+    if gated:
+        xk = silu_and_mul(x_in)
     cublas = time_graph(lambda a, w: F.linear(a, w), halves[:weight_copies(half_bytes, device)], xk)
     # (weight, its row scales): float8 with --fp8, else the half-precision weight and None.
     weights = [fp8.quantize_weight(w) if use_fp8 else (w, None) for w in halves]
@@ -122,13 +144,13 @@ def time_grid(x: torch.Tensor, n: int, k: int, use_fp8: bool, grid, kernel, devi
                  else F.linear(xk, first).float())
 
     def run(a, weight, config):
-        return kernel(a, weight[0], config=config, weight_scale=weight[1])
+        return kernel(a, weight[0], config=config, weight_scale=weight[1], gated=gated)
     times = {}
     for config in grid:
-        got = run(xk, weights[0], config).float()
+        got = run(x_in, weights[0], config).float()
         if not torch.allclose(got, reference, atol=5e-2, rtol=5e-2):
             raise AssertionError(f"{label} {config}: max error {(got - reference).abs().max().item()}")
-        times[config] = time_graph(lambda a, w, c=config: run(a, w, c), weights, xk)
+        times[config] = time_graph(lambda a, w, c=config: run(a, w, c), weights, x_in)
     del weights
     empty_cache()
     return GridTiming(cublas, times, weight_bytes, half_bytes)
@@ -137,11 +159,11 @@ def time_grid(x: torch.Tensor, n: int, k: int, use_fp8: bool, grid, kernel, devi
 def bench(dtype: torch.dtype, use_fp8: bool, shapes=SHAPES, grid=None, device: str = "cuda") -> list[dict]:
     """Every configuration of the grid on every projection; one row per projection."""
     torch.manual_seed(0)
-    x = torch.randn(1, max(k for _, _, k in shapes), device=device, dtype=dtype)
+    x = torch.randn(1, 2 * max(k for _, _, k in shapes), device=device, dtype=dtype)
     grid = grid or (FP8_GRID if use_fp8 else GRID)
     rows = []
     for name, n, k in shapes:
-        timing = time_grid(x, n, k, use_fp8, grid, triton_gemv.gemv, device, name)
+        timing = time_grid(x, n, k, use_fp8, grid, triton_gemv.gemv, device, name, gated=name in GATED)
         results, weight_bytes = timing.times, timing.weight_bytes
         default = triton_gemv.FP8_CONFIG if use_fp8 else triton_gemv.DEFAULT_CONFIG
         if default not in results:  # --tiny's grid
@@ -166,11 +188,12 @@ def bench_rows(dtype: torch.dtype, use_fp8: bool, m: int, shapes=SHAPES, grid=No
                device: str = "cuda") -> list[dict]:
     """gemv_rows over its grid against cuBLAS at m rows, on every projection; one result per projection."""
     torch.manual_seed(m)
-    x = torch.randn(m, max(k for _, _, k in shapes), device=device, dtype=dtype)
+    x = torch.randn(m, 2 * max(k for _, _, k in shapes), device=device, dtype=dtype)
     grid = grid or (FP8_ROWS_GRID if use_fp8 else ROWS_GRID)
     results = []
     for name, n, k in shapes:
-        timing = time_grid(x, n, k, use_fp8, grid, triton_gemv.gemv_rows, device, f"{name} rows={m}")
+        timing = time_grid(x, n, k, use_fp8, grid, triton_gemv.gemv_rows, device, f"{name} rows={m}",
+                           gated=name in GATED)
         times, weight_bytes = timing.times, timing.weight_bytes
         best = {}
         for use_dot in (False, True):
@@ -254,6 +277,53 @@ def existing_table(name: str) -> dict:
     return triton_gemv.load_table(os.path.join(triton_gemv.CONFIG_DIR, name)) or {}
 
 
+def fp8_loop_instructions(config: tuple[int, int, int], gated: bool, half: bool) -> dict:
+    """The batch-1 float8 GEMV (bfloat16 x, row scales) compiled for sm_90 with no GPU (quant_kernel_tune's
+    compiled_k_loop): its K loop's SASS instructions per weight a thread handles. half: the float16-products kernel
+    (serval.kernels.triton_fp8_gemv), else triton_gemv's float32 path."""
+    from benchmarks.quant_kernel_tune import compiled_k_loop
+    from serval.kernels import triton_fp8_gemv
+    block_n, block_k, num_warps = config
+    pointers = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "bias_ptr": "*fp8e4nv",
+                "y_ptr": "*bf16"}
+    constants = dict(HAS_BIAS=False, GATED=gated, EVEN_K=True, BLOCK_N=block_n, BLOCK_K=block_k, USE_PDL=False)
+    if half:
+        kernel = triton_fp8_gemv._fp8_half_gemv_kernel
+        constants.update(X_BLOCK=triton_fp8_gemv.X_PASS_BLOCK, FLUSH=triton_fp8_gemv.FLUSH_TILES, USE_ASM=True)
+    else:
+        kernel = triton_gemv._gemv_kernel
+        constants.update(HAS_SCALE=True)
+    loop = compiled_k_loop(kernel, pointers, constants, [*pointers, "N", "K", "stride_w"], num_warps, 1)
+    weights = block_n * block_k / (32 * num_warps)  # one tile an iteration
+    return {"config": list(config), "gated": gated, "half": half, "loop_instructions": loop["loop_instructions"],
+            "weights_per_thread": weights, "per_weight": loop["loop_instructions"] / weights,
+            "registers": loop["registers"], "stack_bytes": loop["stack_bytes"], "opcodes": loop["opcodes"]}
+
+
+def count_instructions(out: str) -> None:
+    """--count-instructions: both float8 paths' K loops, plain and gated (the down projection with SwiGLU fused),
+    for FP8_CONFIG and every block configuration of the float8 tables under serval/kernels/configs/."""
+    configs = {triton_gemv.FP8_CONFIG}
+    for name in sorted(os.listdir(triton_gemv.CONFIG_DIR)):
+        if name.startswith("gemv,"):
+            table = triton_gemv.load_table(os.path.join(triton_gemv.CONFIG_DIR, name)) or {}
+            configs |= {tuple(c) for c in (table.get(triton_gemv.FLOAT8) or {}).values()}
+    rows = []
+    print(f"{'config':<16} {'gated':>5} | {'float32 path':>12} {'regs':>4} | {'float16 path':>12} {'regs':>4}  "
+          f"top opcodes (float16)  [SASS instructions per weight, sm_90]")
+    for config in sorted(configs):
+        for gated in (False, True):
+            before, after = (fp8_loop_instructions(config, gated, half) for half in (False, True))
+            rows += [before, after]
+            top = ", ".join(f"{op} {count}" for op, count in list(after["opcodes"].items())[:5])
+            print(f"{str(config):<16} {str(gated):>5} | {before['per_weight']:12.2f} {before['registers']:>4} | "
+                  f"{after['per_weight']:12.2f} {after['registers']:>4}  {top}", flush=True)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "fp8_gemv_instructions.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"\nwrote {os.path.join(out, 'fp8_gemv_instructions.json')}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results")
@@ -265,7 +335,12 @@ def main() -> None:
     parser.add_argument("--rows", default="1", help="comma-separated row counts, e.g. 1,2,4,5,8 (2..8: gemv_rows)")
     parser.add_argument("--tiny", action="store_true",
                         help="tiny shapes and grids on the CPU in Triton's interpreter (runs the script end to end)")
+    parser.add_argument("--count-instructions", action="store_true",
+                        help="no timing, no GPU: the float8 GEMV's K loop compiled for sm_90, SASS instructions per "
+                             "weight of the float32 and the float16-products path")
     args = parser.parse_args()
+    if args.count_instructions:
+        return count_instructions(args.out)
     dtype_name = args.dtype or ("float16" if args.tiny else "bfloat16")
     dtype = getattr(torch, dtype_name)
     row_counts = sorted({int(v) for v in args.rows.split(",")})

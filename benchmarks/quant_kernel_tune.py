@@ -69,10 +69,12 @@ def programs_per_sm(config: tuple[int, ...], n: int, k: int, num_sms: int) -> fl
     return -(-n // split.block_n) * slices.count / num_sms
 
 
-def inner_loop_instructions(config: tuple[int, ...], rows: int = 1, arch: int = 90) -> dict:
-    """The split-K GEMV (bfloat16 x, group 128) compiled for sm_<arch> by Triton, no GPU needed (ptxas and
-    cuobjdump ship with Triton): its K loop's SASS instructions, per weight a thread handles, and by opcode. The
-    loop is the one with the most HFMA2/FFMA; registers and spills from cuobjdump -res-usage."""
+def compiled_k_loop(kernel, signature: dict, constants: dict, aligned: list[str], num_warps: int,
+                    num_stages: int, arch: int = 90) -> dict:
+    """A Triton kernel compiled for sm_<arch>, no GPU needed (ptxas and cuobjdump ship with Triton), and its K loop's
+    SASS: the loop with the most HFMA2/FFMA. signature: the pointer arguments' types (others i32 or constexpr);
+    aligned: arguments specialized as divisible by 16, as a launch on Llama shapes specializes them. Returns its
+    instruction count, registers and spills (cuobjdump -res-usage) and the count by opcode."""
     import collections
     import re
     import subprocess
@@ -82,20 +84,12 @@ def inner_loop_instructions(config: tuple[int, ...], rows: int = 1, arch: int = 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from serval.kernels import triton_w4a16_gemv
-    split = triton_w4a16_gemv.SplitKConfig(*config)
-    kernel = triton_w4a16_gemv._w4a16_split_k_gemv_kernel
-    pointers = {"x_ptr": "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*bf16", "zeros_ptr": "*u8", "y_ptr": "*bf16",
-                "partial_ptr": "*fp32", "counter_ptr": "*i32", "stage_ptr": "*fp16"}
-    block_k = triton_w4a16_gemv.gemv_block_k(split, 128, rows)  # as a launch of that many rows caps it
-    constants = dict(SPLIT=True, GROUP=128, ROWS=rows, BLOCK_N=split.block_n, BLOCK_K=block_k,
-                     SLICE_CHUNK=16, HALF=True, X_CHUNK=1024, USE_ASM=True, USE_PDL=False)
-    signature = {name: pointers.get(name, "constexpr" if name in constants else "i32") for name in kernel.arg_names}
-    aligned = [*pointers, "N", "K", "stride_x", "K_PER_SPLIT"]  # as a launch on Llama shapes specializes them
+    full_signature = {name: signature.get(name, "constexpr" if name in constants else "i32")
+                      for name in kernel.arg_names}
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs),
+    compiled = triton.compile(ASTSource(fn=kernel, signature=full_signature, constexprs=constants, attrs=attrs),
                               target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=split.num_warps, num_stages=split.num_stages))
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
@@ -112,12 +106,28 @@ def inner_loop_instructions(config: tuple[int, ...], rows: int = 1, arch: int = 
     first, last = max(loops, key=fma_count)
     body = [text for address, text in code if first <= address <= last]
     opcodes = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0] for text in body)
-    weights = 2 * split.block_n * block_k / (32 * split.num_warps)  # the K loop takes two tiles an iteration
     registers = re.search(r"REG:(\d+)", usage)
     spills = re.search(r"STACK:(\d+)", usage)
-    return {"config": list(config), "rows": rows, "loop_instructions": len(body), "weights_per_thread": weights,
-            "per_weight": len(body) / weights, "registers": int(registers.group(1)) if registers else None,
+    return {"loop_instructions": len(body), "registers": int(registers.group(1)) if registers else None,
             "stack_bytes": int(spills.group(1)) if spills else None, "opcodes": dict(opcodes.most_common())}
+
+
+def inner_loop_instructions(config: tuple[int, ...], rows: int = 1, arch: int = 90) -> dict:
+    """The split-K GEMV (bfloat16 x, group 128) compiled for sm_<arch> (compiled_k_loop): its K loop's SASS
+    instructions, per weight a thread handles, and by opcode."""
+    from serval.kernels import triton_w4a16_gemv
+    split = triton_w4a16_gemv.SplitKConfig(*config)
+    pointers = {"x_ptr": "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*bf16", "zeros_ptr": "*u8", "y_ptr": "*bf16",
+                "partial_ptr": "*fp32", "counter_ptr": "*i32", "stage_ptr": "*fp16"}
+    block_k = triton_w4a16_gemv.gemv_block_k(split, 128, rows)  # as a launch of that many rows caps it
+    constants = dict(SPLIT=True, GROUP=128, ROWS=rows, BLOCK_N=split.block_n, BLOCK_K=block_k,
+                     SLICE_CHUNK=16, HALF=True, X_CHUNK=1024, USE_ASM=True, USE_PDL=False)
+    loop = compiled_k_loop(triton_w4a16_gemv._w4a16_split_k_gemv_kernel, pointers, constants,
+                           [*pointers, "N", "K", "stride_x", "K_PER_SPLIT"], split.num_warps, split.num_stages, arch)
+    weights = 2 * split.block_n * block_k / (32 * split.num_warps)  # the K loop takes two tiles an iteration
+    return {"config": list(config), "rows": rows, "loop_instructions": loop["loop_instructions"],
+            "weights_per_thread": weights, "per_weight": loop["loop_instructions"] / weights,
+            "registers": loop["registers"], "stack_bytes": loop["stack_bytes"], "opcodes": loop["opcodes"]}
 
 
 def count_instructions(configs: list[tuple[int, ...]], out: str) -> None:

@@ -10,8 +10,10 @@ for the smallest projection, enough to keep every SM's loads in flight, and no s
 
 W may also be float8 e4m3 with one float32 scale per row (quantization="fp8", serval.layers.fp8): the tile is
 converted to float32 on load and the row's sum multiplied by its scale at the end, so an fp8 step reads half the
-bytes. The torch reference is x @ W.T (serval.layers.linear; for fp8, x @ (W * scale).T); the tests compare
-against it in the interpreter on CPU.
+bytes. With 16-bit x, serval.kernels.triton_fp8_gemv does the same with float16 products, two to an instruction
+(fewer instructions a weight; on CUDA opt-in, SERVAL_FP8_GEMV_HALF=1; the interpreter always takes it). The
+torch reference is x @ W.T (serval.layers.linear; for fp8, x @ (W * scale).T); the tests compare against it in the
+interpreter on CPU.
 
 The block configuration is chosen per GPU: benchmarks/gemv_bench.py --write-config times its grid on the GPU it
 runs on and writes configs/gemv,device=<GPU name>.json, one table for half-precision and one for float8 weights,
@@ -266,18 +268,26 @@ def block_scaled_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          config: tuple[int, int, int] | None = None, gated: bool = False,
-         weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+         weight_scale: torch.Tensor | None = None, half_products: bool | None = None) -> torch.Tensor:
     """x [1, K] (any leading shape with one row) @ weight [N, K]^T + bias [N] -> [1, N], in x's dtype.
     gated: x is [1, 2K], a merged gate/up output, and the product is with silu(gate) * up (SwiGLU fused into the
     down projection: one kernel, and the [1, K] activation never goes to memory). Accumulates in float32, as
     cuBLAS does. config: (BLOCK_N, BLOCK_K, num_warps); None: this GPU's tuned one (get_config). weight_scale [N]
-    float32: weight is float8 and row n of the product is multiplied by weight_scale[n]."""
+    float32: weight is float8 and row n of the product is multiplied by weight_scale[n]. half_products (float8
+    weight, 16-bit x): the products in float16 (serval.kernels.triton_fp8_gemv); None: on the CPU yes, on CUDA as
+    SERVAL_FP8_GEMV_HALF says."""
     n, k = weight.shape
     assert x.numel() == (2 * k if gated else k) and weight.stride(1) == 1, (x.shape, weight.shape, weight.stride())
     x = x.reshape(-1).contiguous()
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     block_n, block_k, num_warps = config or get_config(n, k, weight_scale is not None, x.device)
     block_k = min(block_k, triton.next_power_of_2(k))
+    if weight_scale is not None and x.dtype in (torch.float16, torch.bfloat16):
+        from serval.kernels import triton_fp8_gemv
+        if half_products if half_products is not None else (
+                not x.is_cuda or triton_fp8_gemv.half_products_on_gpu()):
+            triton_fp8_gemv.launch(x, weight, weight_scale, bias, y, (block_n, block_k, num_warps), gated)
+            return y
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, weight_scale if weight_scale is not None else weight, bias if bias is not None else weight, y, n,
         k, weight.stride(0), HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None,

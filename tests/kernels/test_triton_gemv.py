@@ -54,17 +54,20 @@ def test_gated_gemv_is_down_of_silu_and_mul(dtype, k):
         torch.testing.assert_close(y.float(), expected, **tolerance)
 
 
+@pytest.mark.parametrize("half_products", [False, True])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("k", [256, 96])
-def test_fp8_weights_with_row_scales(gated, k):
-    # quantization="fp8": W is float8 e4m3 and row n of the product is scaled by weight_scale[n].
+def test_fp8_weights_with_row_scales(gated, k, half_products):
+    # quantization="fp8": W is float8 e4m3 and row n of the product is scaled by weight_scale[n]; the float32 path
+    # and the float16-products one (serval.kernels.triton_fp8_gemv, which has its own tests).
     torch.manual_seed(k + gated)
     q_weight, weight_scale = fp8.quantize_weight(torch.randn(37, k, device=DEVICE))
     x = torch.randn(1, 2 * k if gated else k, device=DEVICE, dtype=torch.float16)
     activation = silu_and_mul(x.cpu()).to(DEVICE) if gated else x
     expected = activation.float() @ (q_weight.float() * weight_scale[:, None]).T
     for config in [None, (4, 64, 2)]:
-        y = triton_gemv.gemv(x, q_weight, config=config, gated=gated, weight_scale=weight_scale)
+        y = triton_gemv.gemv(x, q_weight, config=config, gated=gated, weight_scale=weight_scale,
+                             half_products=half_products)
         assert y.dtype == torch.float16
         torch.testing.assert_close(y.float(), expected, atol=2e-2, rtol=2e-2)
 
