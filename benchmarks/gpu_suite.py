@@ -336,9 +336,9 @@ def main() -> None:
                         help=f"comma-separated, from {list(FORMATS)}: batch 1 and 512 x (512, 256) of each, one table")
     parser.add_argument("--format-timeout", type=float, default=240.0, help="seconds per format with --formats")
     parser.add_argument("--tiny", action="store_true", help="a two-layer shape on the CPU, short workloads")
-    parser.add_argument("--cudagraph-mixed", action=argparse.BooleanOptionalAction, default=False,
+    parser.add_argument("--cudagraph-mixed", action=argparse.BooleanOptionalAction, default=None,
                         help="capture steps that mix prefill chunks with decodes in CUDA graphs (the engine flag of "
-                             "that name; off by default as in the engine)")
+                             "that name; unset: the engine's default, on with --quantization fp8)")
     parser.add_argument("--child-hf-generate-batch", metavar="PROMPTS_JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_hf_generate_batch:
@@ -362,7 +362,7 @@ def main() -> None:
                      "quantization": args.quantization or args.checkpoint_format,
                      "kv_cache_dtype": args.kv_cache_dtype,
                      "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
-                     "cudagraph_mixed": args.cudagraph_mixed}
+                     "cudagraph_mixed_asked": args.cudagraph_mixed}
     run_section(results, "bandwidth", measure_bandwidth, device)
 
     started = time.perf_counter()

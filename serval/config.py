@@ -86,8 +86,10 @@ class EngineConfig:
     enforce_eager: bool = False  # True: no CUDA graphs (GPU only; CPU always runs eagerly)
     # With CUDA graphs, also capture steps that mix prefill chunks with decodes, per token bucket
     # (serval.engine.mixed_graphs). None: on with enable_lora (eager mixed steps with adapters add hundreds of
-    # LoRA launches: +27% adapter throughput on the H200's 1000-request workload), off otherwise (in bf16 without
-    # adapters they measured 0.94x of eager steps; fp8 gained 14%). False: such steps run eagerly.
+    # LoRA launches: +27% adapter throughput on the H200's 1000-request workload) and with quantization="fp8"
+    # (its GEMMs are fast enough that the host's launches bound a mixed step: 28.0k against 24.5k total tok/s on
+    # that workload), off otherwise (bf16 without adapters measured 0.94x of eager steps: GEMM-bound, padding
+    # costs). False: such steps run eagerly.
     cudagraph_mixed: bool | None = None
     # A model mixing sliding-window and full layers (Gemma 3, gpt-oss) keeps a block table per layer group and
     # frees the sliding groups' blocks behind the window (serval.engine.kv_groups); True keeps every block instead.
@@ -141,7 +143,7 @@ class EngineConfig:
         if self.cudagraph_mixed is not None and not isinstance(self.cudagraph_mixed, bool):
             raise _bad("cudagraph_mixed", self.cudagraph_mixed, "True, False or None")
         if self.cudagraph_mixed is None:
-            self.cudagraph_mixed = self.enable_lora
+            self.cudagraph_mixed = self.enable_lora or self.quantization == "fp8"
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise _bad("async_scheduling", self.async_scheduling, "True, False or None")
         if self.engine_process is not None and not isinstance(self.engine_process, bool):

@@ -193,6 +193,10 @@ def test_cudagraph_mixed_flag():
     assert engine_config_from_args(build_parser().parse_args(["serve", "--enable-lora"])).cudagraph_mixed is True
     args = build_parser().parse_args(["serve", "--enable-lora", "--no-cudagraph-mixed"])
     assert engine_config_from_args(args).cudagraph_mixed is False
+    # And with float8 weights, whose mixed steps the host's launches bound.
+    assert engine_config_from_args(build_parser().parse_args(["serve", "--quantization", "fp8"])).cudagraph_mixed
+    args = build_parser().parse_args(["serve", "--quantization", "fp8", "--no-cudagraph-mixed"])
+    assert engine_config_from_args(args).cudagraph_mixed is False
 
 
 # ---- on a GPU: captured graphs against eager mixed steps ----
