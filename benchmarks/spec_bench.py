@@ -262,9 +262,16 @@ def host_steps(args, target: str) -> list[dict]:
         if speculative is None:
             outputs, _ = timed_generate(llm, prompts, args.output_len)
             reference = {tuple(prompts[0]): outputs[0]}
-        for attempt in range(2):  # the first warms up (allocator, caches); the second is measured
+        timers: dict[str, float] = {}
+        host: list[float] = []
+        for attempt in range(1 + args.host_repeats):  # the first warms up (allocator, caches) and isn't counted
             decoder = use_replay(llm, alpha, k, reference) if speculative else None
-            timers: dict[str, float] = {}
+            engine.add_request("host", {"prompt_token_ids": prompts[0]},
+                               SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True))
+            engine.step()  # the prefill
+            if attempt == 1:
+                timers.clear()
+                host.clear()
             owners = {"scheduler": engine.scheduler, "runner": engine.runner, "sampler": sampler,
                       "rejection_sampler": rejection_sampler, "spec_decoder": decoder,
                       "output_processor": engine.output_processor, "model": engine.model}
@@ -272,16 +279,11 @@ def host_steps(args, target: str) -> list[dict]:
             undo = [_time_calls(owners[owner], name, phase, timers, stack) for phase, owner, name in HOST_PHASES
                     if owners[owner] is not None]
             undo += [_time_calls(graph, "replay", "forward", timers, stack) for graph in _captured_graphs(engine)]
-            engine.add_request("host", {"prompt_token_ids": prompts[0]},
-                               SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True))
-            engine.step()  # the prefill
-            timers.clear()
-            host = []
             while engine.has_unfinished_requests():
                 forward_before = timers.get("forward", 0.0)
-                started = time.perf_counter()
+                started = time.thread_time()
                 engine.step()
-                host.append(time.perf_counter() - started - (timers.get("forward", 0.0) - forward_before))
+                host.append(time.thread_time() - started - (timers.get("forward", 0.0) - forward_before))
             for restore in undo:
                 restore()
         steps = len(host)
@@ -307,13 +309,13 @@ def _time_calls(owner, name: str, phase: str, timers: dict[str, float], stack: l
 
     def timed(*args, **kwargs):
         stack.append(0.0)
-        started = time.perf_counter()
+        started = time.thread_time()
         try:
             return original(*args, **kwargs)
         finally:
             if synchronize:
                 torch.cuda.synchronize()
-            elapsed = time.perf_counter() - started
+            elapsed = time.thread_time() - started
             inner = stack.pop()
             timers[phase] = timers.get(phase, 0.0) + elapsed - inner
             if stack:
@@ -490,6 +492,7 @@ def main() -> int:
     parser.add_argument("--host", action="store_true",
                         help="batch 1: the host's ms per decode and verify step, by phase, the model forward left "
                              "out (first alpha and k; with --tiny on the CPU)")
+    parser.add_argument("--host-repeats", type=int, default=3, help="--host: measured generations per case")
     parser.add_argument("--json", default="spec_bench.json")
     args = parser.parse_args()
     if args.real:
