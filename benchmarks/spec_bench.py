@@ -233,8 +233,8 @@ def profile_steps(args, target: str) -> list[dict]:
 
 # The engine's host work per step, by phase: (phase, owner, method). Each phase's time is exclusive (a timed call
 # inside another counts only for itself); "forward" is the model's forward and logits, left out of the host total.
-# "runner" is the runner's input building and launch around the forward; "sample" the sampler or the rejection
-# sampler, whose argmax and read-back are device work on a GPU.
+# "runner" is the runner's input building and launch around the forward (on a GPU, "graph launch" is the replay
+# call itself); "sample" the sampler or the rejection sampler, whose argmax and read-back are device work on a GPU.
 HOST_PHASES = (("schedule", "scheduler", "schedule"), ("runner", "runner", "execute"),
                ("runner", "runner", "launch_forward"), ("plan", "runner", "_plan"),
                ("sample", "runner", "sample_decode"), ("sample", "sampler", "sample"),
@@ -278,7 +278,7 @@ def host_steps(args, target: str) -> list[dict]:
             stack: list[float] = []
             undo = [_time_calls(owners[owner], name, phase, timers, stack) for phase, owner, name in HOST_PHASES
                     if owners[owner] is not None]
-            undo += [_time_calls(graph, "replay", "forward", timers, stack) for graph in _captured_graphs(engine)]
+            undo += [_time_calls(graph, "replay", "graph launch", timers, stack) for graph in _captured_graphs(engine)]
             while engine.has_unfinished_requests():
                 forward_before = timers.get("forward", 0.0)
                 started = time.thread_time()
@@ -302,10 +302,11 @@ def host_steps(args, target: str) -> list[dict]:
 
 def _time_calls(owner, name: str, phase: str, timers: dict[str, float], stack: list[float]):
     """Add the exclusive time of owner.name's calls to timers[phase]; returns the undo. `stack` holds the time of
-    timed calls made inside each open one, shared by every wrapper of a run."""
+    timed calls made inside each open one, shared by every wrapper of a run. On a GPU, the forward's calls and the
+    graph replays are followed by a synchronize, counted as "forward": the phases after them don't wait for it."""
     original = getattr(owner, name)
     own_attribute = isinstance(owner, type(sys)) or name in vars(owner)  # a module's function, an instance's own
-    synchronize = phase == "forward" and torch.cuda.is_available()
+    synchronize = phase in ("forward", "graph launch") and torch.cuda.is_available()
 
     def timed(*args, **kwargs):
         stack.append(0.0)
@@ -313,13 +314,14 @@ def _time_calls(owner, name: str, phase: str, timers: dict[str, float], stack: l
         try:
             return original(*args, **kwargs)
         finally:
+            called = time.thread_time()
             if synchronize:
                 torch.cuda.synchronize()
-            elapsed = time.thread_time() - started
-            inner = stack.pop()
-            timers[phase] = timers.get(phase, 0.0) + elapsed - inner
+            ended = time.thread_time()
+            timers[phase] = timers.get(phase, 0.0) + called - started - stack.pop()
+            timers["forward"] = timers.get("forward", 0.0) + ended - called
             if stack:
-                stack[-1] += elapsed
+                stack[-1] += ended - started
 
     setattr(owner, name, timed)
     if own_attribute:
