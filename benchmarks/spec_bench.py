@@ -240,6 +240,7 @@ HOST_PHASES = (("schedule", "scheduler", "schedule"), ("runner", "runner", "exec
                ("sample", "runner", "sample_decode"), ("sample", "sampler", "sample"),
                ("sample", "rejection_sampler", "verify"), ("spec accept", "spec_decoder", "accept"),
                ("spec propose", "spec_decoder", "propose"), ("outputs", "output_processor", "process_step"),
+               ("outputs", "output_processor", "process_more_tokens"),
                ("outputs", "output_processor", "make_outputs"), ("forward", "model", "forward"),
                ("forward", "model", "compute_logits"))
 
@@ -277,7 +278,7 @@ def host_steps(args, target: str) -> list[dict]:
                       "output_processor": engine.output_processor, "model": engine.model}
             stack: list[float] = []
             undo = [_time_calls(owners[owner], name, phase, timers, stack) for phase, owner, name in HOST_PHASES
-                    if owners[owner] is not None]
+                    if hasattr(owners[owner], name)]
             undo += [_time_calls(graph, "replay", "graph launch", timers, stack) for graph in _captured_graphs(engine)]
             while engine.has_unfinished_requests():
                 forward_before = timers.get("forward", 0.0)
