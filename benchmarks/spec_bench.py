@@ -18,6 +18,9 @@ Prints a table and writes JSON.
     python benchmarks/spec_bench.py --real [--device cpu] [--real-model PATH.gguf] --json spec_bench_real.json
     # where a verify step's time goes against a decode step's (batch 1, first of --alphas and --ks, graphs on):
     PYTHONPATH=/tmp/site:. python benchmarks/spec_bench.py --profile --alphas 0.8 --ks 4 --json spec_profile.json
+    # the host's own ms per decode and verify step, by phase, the forward left out (CPU with tiny shapes; GPU):
+    python benchmarks/spec_bench.py --tiny --host --alphas 0.8 --ks 4 --prompt-len 128 --output-len 128
+    PYTHONPATH=/tmp/site:. python benchmarks/spec_bench.py --host --alphas 0.8 --ks 4 --output-len 128
 """
 from __future__ import annotations
 
@@ -228,6 +231,124 @@ def profile_steps(args, target: str) -> list[dict]:
     return rows
 
 
+# The engine's host work per step, by phase: (phase, owner, method). Each phase's time is exclusive (a timed call
+# inside another counts only for itself); "forward" is the model's forward and logits, left out of the host total.
+# "runner" is the runner's input building and launch around the forward (on a GPU, "graph launch" is the replay
+# call itself); "sample" the sampler or the rejection sampler, whose argmax and read-back are device work on a GPU.
+HOST_PHASES = (("schedule", "scheduler", "schedule"), ("runner", "runner", "execute"),
+               ("runner", "runner", "launch_forward"), ("plan", "runner", "_plan"),
+               ("sample", "runner", "sample_decode"), ("sample", "sampler", "sample"),
+               ("sample", "rejection_sampler", "verify"), ("spec accept", "spec_decoder", "accept"),
+               ("spec propose", "spec_decoder", "propose"), ("outputs", "output_processor", "process_step"),
+               ("outputs", "output_processor", "process_more_tokens"),
+               ("outputs", "output_processor", "make_outputs"), ("forward", "model", "forward"),
+               ("forward", "model", "compute_logits"))
+
+
+def host_steps(args, target: str) -> list[dict]:
+    """Batch 1, decode (asynchronous scheduling on, as on a GPU) against verify steps (replay, the first alpha and
+    k): per engine step, the host's own time (the step's wall time less the model's forward) in total and by phase.
+    A GPU runs a verify step synchronously, so its device idles for all of that time; the decode step's host work
+    overlaps the device's. On a GPU the forward is each graph replay (or eager forward) up to a synchronize, so
+    the phases after it don't count the wait for the device."""
+    from serval.engine import sampler
+    from serval.engine.spec_decode import rejection_sampler
+    alpha, k = args.alphas[0], args.ks[0]
+    prompts = prompts_for(1, args.prompt_len, 128256 if not args.tiny else TINY_TARGET["vocab_size"])
+    rows, reference = [], None
+    for speculative in (None, {"method": "replay", "num_speculative_tokens": k}):
+        llm = LLM(model=target, speculative_config=speculative, async_scheduling=True if speculative is None else None,
+                  **engine_args(args))
+        engine = llm.engine
+        if speculative is None:
+            outputs, _ = timed_generate(llm, prompts, args.output_len)
+            reference = {tuple(prompts[0]): outputs[0]}
+        timers: dict[str, float] = {}
+        host: list[float] = []
+        for attempt in range(1 + args.host_repeats):  # the first warms up (allocator, caches) and isn't counted
+            decoder = use_replay(llm, alpha, k, reference) if speculative else None
+            engine.add_request("host", {"prompt_token_ids": prompts[0]},
+                               SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True))
+            engine.step()  # the prefill
+            if attempt == 1:
+                timers.clear()
+                host.clear()
+            owners = {"scheduler": engine.scheduler, "runner": engine.runner, "sampler": sampler,
+                      "rejection_sampler": rejection_sampler, "spec_decoder": decoder,
+                      "output_processor": engine.output_processor, "model": engine.model}
+            stack: list[float] = []
+            undo = [_time_calls(owners[owner], name, phase, timers, stack) for phase, owner, name in HOST_PHASES
+                    if hasattr(owners[owner], name)]
+            undo += [_time_calls(graph, "replay", "graph launch", timers, stack) for graph in _captured_graphs(engine)]
+            while engine.has_unfinished_requests():
+                forward_before = timers.get("forward", 0.0)
+                started = time.thread_time()
+                engine.step()
+                host.append(time.thread_time() - started - (timers.get("forward", 0.0) - forward_before))
+            for restore in undo:
+                restore()
+        steps = len(host)
+        by_phase = {phase: seconds * 1e3 / steps for phase, seconds in timers.items() if phase != "forward"}
+        by_phase["other"] = sum(host) * 1e3 / steps - sum(by_phase.values())
+        rows.append({"speculation": speculative is not None, "alpha": alpha if speculative else None,
+                     "k": k if speculative else 0, "steps": steps,
+                     "tokens_per_step": measured(decoder)[1] if decoder else 1.0,
+                     "host_ms_per_step": sum(host) * 1e3 / steps, "host_ms_median": sorted(host)[steps // 2] * 1e3,
+                     "forward_ms_per_step": timers.get("forward", 0.0) * 1e3 / steps,
+                     "host_ms_per_step_by_phase": by_phase, "async_scheduling": engine.async_scheduling})
+        del llm, engine
+        release()
+    return rows
+
+
+def _time_calls(owner, name: str, phase: str, timers: dict[str, float], stack: list[float]):
+    """Add the exclusive time of owner.name's calls to timers[phase]; returns the undo. `stack` holds the time of
+    timed calls made inside each open one, shared by every wrapper of a run. On a GPU, the forward's calls and the
+    graph replays are followed by a synchronize, counted as "forward": the phases after them don't wait for it."""
+    original = getattr(owner, name)
+    own_attribute = isinstance(owner, type(sys)) or name in vars(owner)  # a module's function, an instance's own
+    synchronize = phase in ("forward", "graph launch") and torch.cuda.is_available()
+
+    def timed(*args, **kwargs):
+        stack.append(0.0)
+        started = time.thread_time()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            called = time.thread_time()
+            if synchronize:
+                torch.cuda.synchronize()
+            ended = time.thread_time()
+            timers[phase] = timers.get(phase, 0.0) + called - started - stack.pop()
+            timers["forward"] = timers.get("forward", 0.0) + ended - called
+            if stack:
+                stack[-1] += ended - started
+
+    setattr(owner, name, timed)
+    if own_attribute:
+        return lambda: setattr(owner, name, original)
+    return lambda: delattr(owner, name)  # a method: the class's comes back
+
+
+def _captured_graphs(engine) -> list:
+    """The runner's captured decode and verify graphs (none on a CPU): their replays are the GPU's forward."""
+    runner = engine.runner
+    holders = [runner.graphs, runner.verify_graphs.rows if runner.verify_graphs is not None else None]
+    return [graph for holder in holders if holder is not None for graph in holder.graphs.values()]
+
+
+def print_host(rows: list[dict]) -> None:
+    phases = sorted({phase for row in rows for phase in row["host_ms_per_step_by_phase"]})
+    sys.stdout.write(f"{'case':>10} {'tok/step':>8} {'host ms':>8} {'median':>8} {'forward':>8} "
+                     + " ".join(f"{phase[:12]:>12}" for phase in phases) + "\n")
+    for row in rows:
+        case = f"k{row['k']} a{row['alpha']}" if row["speculation"] else "decode"
+        sys.stdout.write(f"{case:>10} {row['tokens_per_step']:8.2f} {row['host_ms_per_step']:8.3f} "
+                         f"{row['host_ms_median']:8.3f} {row['forward_ms_per_step']:8.3f} "
+                         + " ".join(f"{row['host_ms_per_step_by_phase'].get(phase, 0.0):12.3f}" for phase in phases)
+                         + "\n")
+
+
 def print_profile(rows: list[dict]) -> None:
     kinds = sorted({kind for row in rows for kind in row["ms_per_step_by_kind"]})
     sys.stdout.write(f"{'case':>10} {'tok/step':>8} {'wall ms/step':>12} {'span ms/step':>12} {'kernels':>8} "
@@ -371,6 +492,10 @@ def main() -> int:
     parser.add_argument("--real-output-len", type=int, default=256)
     parser.add_argument("--profile", action="store_true",
                         help="batch 1, decode against verify steps under torch.profiler (first alpha and k)")
+    parser.add_argument("--host", action="store_true",
+                        help="batch 1: the host's ms per decode and verify step, by phase, the model forward left "
+                             "out (first alpha and k; with --tiny on the CPU)")
+    parser.add_argument("--host-repeats", type=int, default=3, help="--host: measured generations per case")
     parser.add_argument("--json", default="spec_bench.json")
     args = parser.parse_args()
     if args.real:
@@ -393,8 +518,10 @@ def main() -> int:
         args.model = write_config(os.path.join(work, "tiny-target"), TINY_TARGET)
         args.draft_model = write_config(os.path.join(work, "tiny-draft"),
                                         TINY_EAGLE3 if args.method == "eagle3" else TINY_DRAFT)
-        args.batch_sizes, args.alphas, args.ks, args.draft_batch_sizes = "1,2", "0.5,0.9", "2", "1"
-        args.prompt_len, args.output_len, args.dtype, args.device = 16, 12, "float32", "cpu"
+        args.dtype, args.device = "float32", "cpu"
+        if not args.host:  # --host measures per step: its alpha, k and lengths stay as given
+            args.batch_sizes, args.alphas, args.ks, args.draft_batch_sizes = "1,2", "0.5,0.9", "2", "1"
+            args.prompt_len, args.output_len = 16, 12
     draft = args.draft_model or (write_config(os.path.join(work, "eagle3-llama-3.1-8b"), EAGLE3_LLAMA_3_8B)
                                  if args.method == "eagle3" else
                                  write_config(os.path.join(work, "llama-3.2-1b"), LLAMA_3_2_1B))
@@ -402,6 +529,16 @@ def main() -> int:
     args.draft_batch_sizes = [int(b) for b in str(args.draft_batch_sizes).split(",") if int(b) in args.batch_sizes]
     args.alphas = [float(a) for a in str(args.alphas).split(",")]
     args.ks = [int(k) for k in str(args.ks).split(",")]
+    if args.host:
+        args.batch_sizes = [1]
+        rows = host_steps(args, args.model)
+        print_host(rows)
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+        with open(args.json, "w") as f:
+            json.dump({"device": device, "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+                       "model": args.model, "prompt_len": args.prompt_len, "output_len": args.output_len,
+                       "rows": rows}, f, indent=2)
+        return 0
     if args.profile:
         args.batch_sizes = [1]
         rows = profile_steps(args, args.model)

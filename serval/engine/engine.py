@@ -355,27 +355,15 @@ class LLMEngine:
 
     def _process_verified(self, requests: list[Request], runner_output: ModelRunnerOutput,
                           update: StepUpdate) -> None:
-        """The tokens after the first of each verify step, one position at a time, so a stop (EOS, a stop string,
-        the length limit) on one of them drops the rest as it would have without speculation."""
-        finished = {id(sequence.request) for sequence in update.finished}
-        reported = {id(state) for state in update.to_report}
-        position = 1
-        while True:
-            batch = [(request, result) for request, result in zip(requests, runner_output.verified)
-                     if result is not None and len(result.token_ids) > position and id(request) not in finished]
-            if not batch:
-                return
-            sampled = [SampledToken(result.token_ids[position],
-                                    result.logprobs[position] if result.logprobs is not None else None, None)
-                       for _, result in batch]
-            more = self.output_processor.process_step([request for request, _ in batch], sampled, time.monotonic())
-            update.finished.extend(more.finished)
-            finished.update(id(sequence.request) for sequence in more.finished)
-            for state in more.to_report:
-                if id(state) not in reported:
-                    reported.add(id(state))
-                    update.to_report.append(state)
-            position += 1
+        """The tokens after the first of each verify step: a stop (EOS, a stop string, the length limit) on one of
+        them drops the rest as it would have without speculation."""
+        more = [(request, result) for request, result in zip(requests, runner_output.verified)
+                if result is not None and len(result.token_ids) > 1]
+        if more:
+            self.output_processor.process_more_tokens(
+                [request for request, _ in more], [result.token_ids[1:] for _, result in more],
+                [result.logprobs[1:] if result.logprobs is not None else None for _, result in more],
+                time.monotonic(), update)
 
     def _finish(self, update: StepUpdate) -> list[RequestOutput]:
         for sequence in update.finished:

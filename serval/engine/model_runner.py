@@ -375,7 +375,10 @@ class ModelRunner:
                                 [self._padded_block_tables(tables) for tables in inputs.group_block_tables])
         hidden = self.model(self._tensor(inputs.input_ids, torch.int64), self._tensor(inputs.positions, torch.int64),
                             self.kv_caches, metadata)
-        return self.model.compute_logits(hidden[self._tensor(inputs.logits_rows, torch.int64)])
+        rows, num_rows = inputs.logits_rows, len(inputs.input_ids)
+        if len(rows) == num_rows and rows == list(range(num_rows)):  # every row in order (verify only): no gather
+            return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden[self._tensor(rows, torch.int64)])
 
     def _forward_eager(self, input_ids: torch.Tensor, positions: list[int], slot_mapping: list[int],
                        query_start_loc: list[int], seq_lens: list[int], requests: list[Request],
@@ -460,8 +463,9 @@ class ModelRunner:
             start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
             row0 = plan.query_start_loc[-1]
             num_drafts = end - request.num_tokens
-            known = request.all_token_ids if num_drafts <= 0 else request.all_token_ids + request.spec_token_ids
-            plan.input_ids.extend(known[start:end])
+            plan.input_ids.extend(request.all_token_ids[start:end])
+            if num_drafts > 0:  # the drafts follow the known tokens (no copy of the whole sequence to slice)
+                plan.input_ids.extend(request.spec_token_ids[:num_drafts])
             plan.positions.extend(range(start, end))
             if plan.group_slot_mappings is None:
                 plan.slot_mapping.extend(self._slots(request, start, end))

@@ -134,6 +134,27 @@ class OutputProcessor:
         update.to_report = [state for state in to_report.values() if state.stream or state.finished]
         return update
 
+    def process_more_tokens(self, requests: list[Request], token_ids: list[list[int]],
+                            logprobs: list[list[dict[int, Logprob]] | None], now: float, update: StepUpdate) -> None:
+        """Append each request's further tokens of the step (a verify step's after its first, which process_step
+        took) one at a time, so a stop on one drops the rest as it would have without speculation; `update`, the
+        step's, takes the sequences that finish and the requests to report."""
+        reported = {id(state) for state in update.to_report}
+        for request, tokens, entries in zip(requests, token_ids, logprobs):
+            state = self.request_states.get(request.parent_request_id)
+            if state is None or request.is_finished:
+                continue
+            sequence = state.sequences[request.index]
+            for j, token_id in enumerate(tokens):
+                if sequence.status is not None:
+                    break
+                self._append_token(sequence, token_id, entries[j] if entries is not None else None, now)
+                if sequence.status is not None:
+                    update.finished.append(sequence)
+            if (state.stream or state.finished) and id(state) not in reported:
+                reported.add(id(state))
+                update.to_report.append(state)
+
     def fail_requests(self, request_ids: list[str]) -> StepUpdate:
         """End these requests' unfinished sequences with an error (a step that held them raised)."""
         update = StepUpdate()

@@ -95,6 +95,26 @@ def test_graph_shaped_verify_with_logprobs_and_sampling(tiny_models, monkeypatch
                     assert entry_b[token].logprob == pytest.approx(entry_a[token].logprob, abs=1e-4)
 
 
+def test_graph_shaped_verify_of_one_request_with_k_drafts(tiny_models, monkeypatch):
+    """One request verifying k drafts a step (the replay proposer at acceptance 1): its rows are the padded buffer's
+    first k + 1, which the step reads as a view rather than gathers; each step is checked against the plain
+    forward, and the tokens against transformers."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("SERVAL_ATTENTION_BACKEND", "triton")
+    path, hf_model = tiny_models("llama")
+    prompt = repetitive_prompts(hf_model.config.vocab_size)[3]
+    expected = hf_greedy(hf_model, prompt, NUM_NEW_TOKENS)
+    k = NGRAM["num_speculative_tokens"]
+    llm = pressured_llm(path, True, speculative_config={"method": "replay", "num_speculative_tokens": k,
+                                                        "acceptance_rate": 1.0})
+    llm.engine.spec_decoder.replay.add_continuation(prompt, expected)
+    steps = graph_shaped(llm, k)
+    params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
+    output = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+    assert output.outputs[0].token_ids == expected
+    assert [k + 1] in steps, "a step of one request with k drafts"
+
+
 def test_the_torch_reference_is_refused(tiny_models, monkeypatch):
     """The torch reference's write_kv has no slot -1 skip: the padded shape would overwrite a live slot."""
     monkeypatch.setenv("SERVAL_ATTENTION_BACKEND", "torch")
