@@ -250,12 +250,9 @@ def test_sigterm_leaves_no_engine_process():
         remote.close()
 
 
-def test_killed_api_process_takes_the_core_with_it():
-    remote = small_server()
-    try:
-        pid = core_pid(remote)
-        remote.process.kill()
-        remote.process.wait(timeout=30)
-        assert wait_gone(pid, 30), "the engine process outlived the killed server"
-    finally:
-        remote.close()
+def test_killed_api_process_takes_the_core_with_it(server):
+    """The module's server, killed by the file's last test (no later test needs it): a start-up saved."""
+    pid = core_pid(server)
+    server.process.kill()
+    server.process.wait(timeout=30)
+    assert wait_gone(pid, 30), "the engine process outlived the killed server"
