@@ -337,27 +337,29 @@ def _captured_graphs(engine) -> list:
     return [graph for holder in holders if holder is not None for graph in holder.graphs.values()]
 
 
-def print_host(rows: list[dict]) -> None:
-    phases = sorted({phase for row in rows for phase in row["host_ms_per_step_by_phase"]})
-    sys.stdout.write(f"{'case':>10} {'tok/step':>8} {'host ms':>8} {'median':>8} {'forward':>8} "
-                     + " ".join(f"{phase[:12]:>12}" for phase in phases) + "\n")
+def print_step_table(rows: list[dict], columns: list[tuple[str, str, int, int]], breakdown: str) -> None:
+    """One line per case (decode, or k and alpha): columns as (header, key, width, decimals), then the entries of
+    each row's `breakdown` dict (ms per step by phase or by kind)."""
+    names = sorted({name for row in rows for name in row[breakdown]})
+    sys.stdout.write(f"{'case':>10} " + " ".join(f"{header:>{width}}" for header, _, width, _ in columns) + " "
+                     + " ".join(f"{name[:12]:>12}" for name in names) + "\n")
     for row in rows:
         case = f"k{row['k']} a{row['alpha']}" if row["speculation"] else "decode"
-        sys.stdout.write(f"{case:>10} {row['tokens_per_step']:8.2f} {row['host_ms_per_step']:8.3f} "
-                         f"{row['host_ms_median']:8.3f} {row['forward_ms_per_step']:8.3f} "
-                         + " ".join(f"{row['host_ms_per_step_by_phase'].get(phase, 0.0):12.3f}" for phase in phases)
-                         + "\n")
+        sys.stdout.write(f"{case:>10} " + " ".join(f"{row[key]:{width}.{decimals}f}"
+                                                   for _, key, width, decimals in columns) + " "
+                         + " ".join(f"{row[breakdown].get(name, 0.0):12.3f}" for name in names) + "\n")
+
+
+def print_host(rows: list[dict]) -> None:
+    print_step_table(rows, [("tok/step", "tokens_per_step", 8, 2), ("host ms", "host_ms_per_step", 8, 3),
+                            ("median", "host_ms_median", 8, 3), ("forward", "forward_ms_per_step", 8, 3)],
+                     "host_ms_per_step_by_phase")
 
 
 def print_profile(rows: list[dict]) -> None:
-    kinds = sorted({kind for row in rows for kind in row["ms_per_step_by_kind"]})
-    sys.stdout.write(f"{'case':>10} {'tok/step':>8} {'wall ms/step':>12} {'span ms/step':>12} {'kernels':>8} "
-                     + " ".join(f"{kind[:12]:>12}" for kind in kinds) + "\n")
-    for row in rows:
-        case = f"k{row['k']} a{row['alpha']}" if row["speculation"] else "decode"
-        sys.stdout.write(f"{case:>10} {row['tokens_per_step']:8.2f} {row['wall_ms_per_step']:12.3f} "
-                         f"{row['span_ms_per_step']:12.3f} {row['kernels_per_step']:8.0f} "
-                         + " ".join(f"{row['ms_per_step_by_kind'].get(kind, 0.0):12.3f}" for kind in kinds) + "\n")
+    print_step_table(rows, [("tok/step", "tokens_per_step", 8, 2), ("wall ms/step", "wall_ms_per_step", 12, 3),
+                            ("span ms/step", "span_ms_per_step", 12, 3), ("kernels", "kernels_per_step", 8, 0)],
+                     "ms_per_step_by_kind")
     for row in rows:
         sys.stdout.write(f"top kernels, {'verify' if row['speculation'] else 'decode'} (ms over the run):\n")
         for kernel in row["top_kernels"][:10]:

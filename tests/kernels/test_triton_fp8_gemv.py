@@ -9,11 +9,6 @@ power-of-two scale is exact both ways; the float32 flushes add nothing near it);
 the neighbouring 16-bit value: one more unit of x's dtype per column."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -22,6 +17,7 @@ pytest.importorskip("triton")
 from serval.kernels import triton_fp8_gemv, triton_gemv  # noqa: E402
 from serval.layers import fp8  # noqa: E402
 from serval.layers.activation import silu_and_mul  # noqa: E402
+from tests.kernels.test_triton_w4a16_gemv import sm90_counts, sm90_tools_present  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 UNIT = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}  # half a unit in the last place, relative
@@ -106,12 +102,7 @@ def test_the_switch_on_gpus(monkeypatch):
     assert triton_fp8_gemv.half_products_on_gpu()
 
 
-def _sm90_tools_present() -> bool:
-    import triton
-    return os.path.isfile(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
-
-
-@pytest.mark.skipif(not _sm90_tools_present(), reason="Triton's bundled ptxas and cuobjdump")
+@pytest.mark.skipif(not sm90_tools_present(), reason="Triton's bundled ptxas and cuobjdump")
 def test_float16_products_take_fewer_sm90_instructions_a_weight():
     # Compiled for sm_90 with its inline PTX, no GPU needed (in a process of its own: this one may run Triton's
     # interpreter). At the H200 table's (4, 2048, 4): 2.44 a weight against the float32 path's 3.48 when written;
@@ -119,12 +110,7 @@ def test_float16_products_take_fewer_sm90_instructions_a_weight():
     script = ("import json, sys; from benchmarks.gemv_bench import fp8_loop_instructions as count; "
               "json.dump([count((4, 2048, 4), gated, half) for gated in (False, True) for half in (False, True)], "
               "sys.stdout)")
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    plain_before, plain_after, gated_before, gated_after = json.loads(done.stdout)
+    plain_before, plain_after, gated_before, gated_after = sm90_counts(script)
     assert plain_after["per_weight"] < 3.0 < plain_before["per_weight"]
     assert plain_after["opcodes"].get("HFMA2", 0) * 2 == plain_after["weights_per_thread"]  # two products each
     assert gated_after["per_weight"] < gated_before["per_weight"] - 2.5

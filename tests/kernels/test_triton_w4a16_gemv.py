@@ -146,12 +146,23 @@ def test_split_k_gemv_zero_row():
                                                                                g_idx)[1], atol=3e-2, rtol=1e-2)
 
 
-def _sm90_tools_present() -> bool:
+def sm90_tools_present() -> bool:
     import triton
     return os.path.isfile(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
 
 
-@pytest.mark.skipif(not _sm90_tools_present(), reason="Triton's bundled ptxas and cuobjdump")
+def sm90_counts(script: str):
+    """What `script` (Python that compiles kernels for sm_90 and dumps JSON to stdout) printed, run in a process of
+    its own without Triton's interpreter, which this one may run and which compiles nothing. No GPU needed."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+@pytest.mark.skipif(not sm90_tools_present(), reason="Triton's bundled ptxas and cuobjdump")
 def test_the_float16_path_compiles_for_sm90_at_under_three_instructions_a_weight():
     # Compiled for sm_90 with its inline PTX, no GPU needed (in a process of its own: this one may run Triton's
     # interpreter, which compiles nothing): the K loop of the built-in config at one row (2.3 when written; the
@@ -159,12 +170,7 @@ def test_the_float16_path_compiles_for_sm90_at_under_three_instructions_a_weight
     script = ("import json, sys; from benchmarks.quant_kernel_tune import inner_loop_instructions as count; "
               "from serval.kernels.triton_w4a16 import GROUPED_GEMV_CONFIG as c; "
               "json.dump([count(tuple(c), rows=1), count(tuple(c), rows=4)], sys.stdout)")
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    one_row, four_rows = json.loads(done.stdout)
+    one_row, four_rows = sm90_counts(script)
     assert one_row["per_weight"] < 3.0 and one_row["opcodes"].get("HFMA2", 0) > one_row["loop_instructions"] / 4
     assert four_rows["per_weight"] < 4 * 1.5
 
