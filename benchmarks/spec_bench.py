@@ -531,24 +531,15 @@ def main() -> int:
     args.draft_batch_sizes = [int(b) for b in str(args.draft_batch_sizes).split(",") if int(b) in args.batch_sizes]
     args.alphas = [float(a) for a in str(args.alphas).split(",")]
     args.ks = [int(k) for k in str(args.ks).split(",")]
-    if args.host:
+    if args.host or args.profile:  # batch 1, decode steps against verify steps
         args.batch_sizes = [1]
-        rows = host_steps(args, args.model)
-        print_host(rows)
+        rows = host_steps(args, args.model) if args.host else profile_steps(args, args.model)
+        (print_host if args.host else print_profile)(rows)
         device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
         with open(args.json, "w") as f:
             json.dump({"device": device, "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                        "model": args.model, "prompt_len": args.prompt_len, "output_len": args.output_len,
                        "rows": rows}, f, indent=2)
-        return 0
-    if args.profile:
-        args.batch_sizes = [1]
-        rows = profile_steps(args, args.model)
-        print_profile(rows)
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-        with open(args.json, "w") as f:
-            json.dump({"device": device, "torch": torch.__version__, "model": args.model,
-                       "prompt_len": args.prompt_len, "output_len": args.output_len, "rows": rows}, f, indent=2)
         return 0
     runs = sweep(args, args.model, draft)
     sys.stdout.write(f"speculative decoding, replay proposer: {args.model} (draft {draft}), greedy, prompt "
