@@ -282,9 +282,9 @@ def host_steps(args, target: str) -> list[dict]:
             undo += [_time_calls(graph, "replay", "graph launch", timers, stack) for graph in _captured_graphs(engine)]
             while engine.has_unfinished_requests():
                 forward_before = timers.get("forward", 0.0)
-                started = time.thread_time()
+                started = host_clock()
                 engine.step()
-                host.append(time.thread_time() - started - (timers.get("forward", 0.0) - forward_before))
+                host.append(host_clock() - started - (timers.get("forward", 0.0) - forward_before))
             for restore in undo:
                 restore()
         steps = len(host)
@@ -301,6 +301,13 @@ def host_steps(args, target: str) -> list[dict]:
     return rows
 
 
+def host_clock() -> float:
+    """--host's clock: on a GPU machine (a whole machine for the run) the wall clock, so that the engine waiting on the
+    device, with the CPU asleep or spinning, counts the same either way; on a shared CPU the engine thread's CPU time,
+    which other processes don't inflate."""
+    return time.perf_counter() if torch.cuda.is_available() else time.thread_time()
+
+
 def _time_calls(owner, name: str, phase: str, timers: dict[str, float], stack: list[float]):
     """Add the exclusive time of owner.name's calls to timers[phase]; returns the undo. `stack` holds the time of
     timed calls made inside each open one, shared by every wrapper of a run. On a GPU, the forward's calls and the
@@ -311,14 +318,14 @@ def _time_calls(owner, name: str, phase: str, timers: dict[str, float], stack: l
 
     def timed(*args, **kwargs):
         stack.append(0.0)
-        started = time.thread_time()
+        started = host_clock()
         try:
             return original(*args, **kwargs)
         finally:
-            called = time.thread_time()
+            called = host_clock()
             if synchronize:
                 torch.cuda.synchronize()
-            ended = time.thread_time()
+            ended = host_clock()
             timers[phase] = timers.get(phase, 0.0) + called - started - stack.pop()
             timers["forward"] = timers.get("forward", 0.0) + ended - called
             if stack:
