@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from serval.kernels import pdl
-from serval.kernels.triton_gemv import _load, _load_w
+from serval.kernels.triton_gemv import _load, _load_w, _row_block, _store_rows
 from serval.kernels.triton_w4a16_gemv import _fma_half
 
 # The most of x the pass for its scale loads in one step (4096 bfloat16: 32 a thread at 4 warps, 16 registers).
@@ -118,13 +118,8 @@ def _fp8_half_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, N, K, stride
                           GATED: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           X_BLOCK: tl.constexpr, FLUSH: tl.constexpr, USE_ASM: tl.constexpr,
                           USE_PDL: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_valid = rows < N
-    # As triton_gemv._gemv_kernel: rows past N read row N-1 again (unmasked loads), the first tile before the wait.
-    safe_rows = tl.where(row_valid, rows, N - 1).to(tl.int64)
-    cols = tl.arange(0, BLOCK_K)
-    w_rows = w_ptr + safe_rows[:, None] * stride_w
-    w = _load_w(w_rows, cols, K, EVEN_K)
+    rows, row_valid, safe_rows, cols, w_rows = _row_block(w_ptr, N, stride_w, BLOCK_N, BLOCK_K)
+    w = _load_w(w_rows, cols, K, EVEN_K)  # as triton_gemv._gemv_kernel: the first tile before the wait
     pdl.wait(USE_PDL)
     x_scale, x_unscale = _x_scale(x_ptr, K, GATED, X_BLOCK)
     partial = _add_products(tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float16), w, x_ptr, cols, K, x_scale, GATED,
@@ -139,9 +134,7 @@ def _fp8_half_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, N, K, stride
         y += tl.sum(partial.to(tl.float32), axis=1)
         partial = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float16)
     y = y * x_unscale * tl.load(scale_ptr + safe_rows)  # in this order: 2^-s times a row scale may underflow
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rows, mask=row_valid, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_valid)
+    _store_rows(y, y_ptr, bias_ptr, rows, row_valid, HAS_BIAS)
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,

@@ -190,15 +190,30 @@ def _load_x(x_ptr, offsets, K, GATED: tl.constexpr, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def _row_block(w_ptr, N, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The program's BLOCK_N output rows (rows, row_valid), the rows it reads (safe_rows), a tile's K offsets (cols)
+    and W's row pointers. A row past N reads row N-1 again rather than masking: every load stays unmasked along K
+    when K is even."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_valid = rows < N
+    safe_rows = tl.where(row_valid, rows, N - 1).to(tl.int64)
+    cols = tl.arange(0, BLOCK_K)
+    return rows, row_valid, safe_rows, cols, w_ptr + safe_rows[:, None] * stride_w
+
+
+@triton.jit
+def _store_rows(y, y_ptr, bias_ptr, rows, row_valid, HAS_BIAS: tl.constexpr):
+    """y (float32, [BLOCK_N]) plus the bias, stored in y's dtype for the valid rows."""
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rows, mask=row_valid, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_valid)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, N, K, stride_w, HAS_SCALE: tl.constexpr,
                  HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
                  EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_valid = rows < N
-    # A row past N reads row N-1 again rather than masking: every load stays unmasked along K when K is even.
-    safe_rows = tl.where(row_valid, rows, N - 1).to(tl.int64)
-    cols = tl.arange(0, BLOCK_K)
-    w_rows = w_ptr + safe_rows[:, None] * stride_w
+    rows, row_valid, safe_rows, cols, w_rows = _row_block(w_ptr, N, stride_w, BLOCK_N, BLOCK_K)
     # The first tile of W is no earlier kernel's output: it is read while the previous kernel may still run
     # (programmatic dependent launch), and only x waits for it.
     w = _load_w(w_rows, cols, K, EVEN_K)
@@ -210,9 +225,7 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, N, K, stride_w, HAS_S
     y = tl.sum(partial, axis=1)
     if HAS_SCALE:
         y *= tl.load(scale_ptr + safe_rows)
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rows, mask=row_valid, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_valid)
+    _store_rows(y, y_ptr, bias_ptr, rows, row_valid, HAS_BIAS)
 
 
 @triton.jit
@@ -223,12 +236,8 @@ def _block_scaled_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, N, K, st
     # Block-scaled float8 W (one scale per row and SCALE_GROUP columns): each group's partial sum is multiplied by
     # its scale before it joins the others, so x stays unquantized and W is read once, as float8.
     GROUPS_PER_TILE: tl.constexpr = BLOCK_K // SCALE_GROUP
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_valid = rows < N
-    safe_rows = tl.where(row_valid, rows, N - 1).to(tl.int64)
-    cols = tl.arange(0, BLOCK_K)
+    rows, row_valid, safe_rows, cols, w_rows = _row_block(w_ptr, N, stride_w, BLOCK_N, BLOCK_K)
     tile_groups = tl.arange(0, GROUPS_PER_TILE)
-    w_rows = w_ptr + safe_rows[:, None] * stride_w
     scale_rows = scale_ptr + safe_rows[:, None] * stride_s
     num_groups = K // SCALE_GROUP
     pdl.wait(USE_PDL)
@@ -239,10 +248,7 @@ def _block_scaled_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, N, K, st
         per_group = tl.sum(tl.reshape(products, (BLOCK_N, GROUPS_PER_TILE, SCALE_GROUP)), axis=2)
         groups = k // SCALE_GROUP + tile_groups
         partial += per_group * tl.load(scale_rows + groups[None, :], mask=(groups < num_groups)[None, :], other=0.0)
-    y = tl.sum(partial, axis=1)
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rows, mask=row_valid, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_valid)
+    _store_rows(tl.sum(partial, axis=1), y_ptr, bias_ptr, rows, row_valid, HAS_BIAS)
 
 
 def block_scaled_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, scale_group: int,
@@ -283,9 +289,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     block_n, block_k, num_warps = config or get_config(n, k, weight_scale is not None, x.device)
     block_k = min(block_k, triton.next_power_of_2(k))
     if weight_scale is not None and x.dtype in (torch.float16, torch.bfloat16):
-        from serval.kernels import triton_fp8_gemv
-        if half_products if half_products is not None else (
-                not x.is_cuda or triton_fp8_gemv.half_products_on_gpu()):
+        from serval.kernels import triton_fp8_gemv  # it imports this module's loads
+        if half_products is None:
+            half_products = not x.is_cuda or triton_fp8_gemv.half_products_on_gpu()
+        if half_products:
             triton_fp8_gemv.launch(x, weight, weight_scale, bias, y, (block_n, block_k, num_warps), gated)
             return y
     _gemv_kernel[(triton.cdiv(n, block_n),)](
