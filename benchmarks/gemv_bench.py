@@ -17,8 +17,8 @@ variants (CUDA-core FMAs and tl.dot) over a small grid each; GB/s still counts t
 
 --fp8: the Triton GEMV reads float8 weights with per-row scales (quantization="fp8"), GB/s counted in float8
 bytes; cuBLAS still reads the half-precision weights (what the model does unquantized). Which float8 kernel: as
-the model would take it, SERVAL_FP8_GEMV_HALF=1 the float16-products one (serval.kernels.triton_fp8_gemv), else
-the float32 path; compare the two with one run each:
+the model would take it: the float16-products one (serval.kernels.triton_fp8_gemv, the default), or with
+SERVAL_FP8_GEMV_HALF=0 the float32 path; compare the two with one run each:
 
     PYTHONPATH=/tmp/site:. SERVAL_FP8_GEMV_HALF=0 python benchmarks/gemv_bench.py --fp8 --out $OUT/fp8_float32
     PYTHONPATH=/tmp/site:. SERVAL_FP8_GEMV_HALF=1 python benchmarks/gemv_bench.py --fp8 --out $OUT/fp8_half
@@ -63,7 +63,7 @@ SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("do
 GATED = {"down"}
 GRID = list(itertools.product((2, 4, 8), (1024, 2048, 4096), (4, 8, 16)))
 FP8_GRID = list(itertools.product((2, 4, 8), (2048, 4096, 8192), (4, 8, 16)))  # one byte a weight: longer K steps
-# and 16 rows a program, whose threads each hold more rows: the float16 path (SERVAL_FP8_GEMV_HALF=1) converts a
+# and 16 rows a program, whose threads each hold more rows: the float16 path (the default) converts a
 # tile's x once for all of a thread's rows (sm_90, --count-instructions: 1.7-2.3 instructions a weight, 2.4-2.9
 # gated, against 2.4 and 4.9 at (4, 2048, 4)).
 FP8_GRID += [(16, 1024, 4), (16, 1024, 8), (16, 2048, 8), (16, 2048, 16)]

@@ -296,7 +296,7 @@ def host_steps(args, target: str) -> list[dict]:
                      "host_ms_per_step": sum(host) * 1e3 / steps, "host_ms_median": sorted(host)[steps // 2] * 1e3,
                      "forward_ms_per_step": timers.get("forward", 0.0) * 1e3 / steps,
                      "host_ms_per_step_by_phase": by_phase, "async_scheduling": engine.async_scheduling})
-        del llm, engine
+        del llm, engine, owners, undo, restore  # the timers' owners hold the runner, whose KV cache must go
         release()
     return rows
 

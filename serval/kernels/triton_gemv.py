@@ -11,7 +11,8 @@ for the smallest projection, enough to keep every SM's loads in flight, and no s
 W may also be float8 e4m3 with one float32 scale per row (quantization="fp8", serval.layers.fp8): the tile is
 converted to float32 on load and the row's sum multiplied by its scale at the end, so an fp8 step reads half the
 bytes. With 16-bit x, serval.kernels.triton_fp8_gemv does the same with float16 products, two to an instruction
-(fewer instructions a weight; on CUDA opt-in, SERVAL_FP8_GEMV_HALF=1; the interpreter always takes it). The
+(fewer instructions a weight; the default, SERVAL_FP8_GEMV_HALF=0 takes the float32 path on CUDA; the interpreter
+always takes it). The
 torch reference is x @ W.T (serval.layers.linear; for fp8, x @ (W * scale).T); the tests compare against it in the
 interpreter on CPU.
 

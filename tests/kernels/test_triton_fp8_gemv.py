@@ -97,9 +97,9 @@ def test_float32_x_keeps_the_float32_path():
 
 def test_the_switch_on_gpus(monkeypatch):
     monkeypatch.delenv("SERVAL_FP8_GEMV_HALF", raising=False)
-    assert not triton_fp8_gemv.half_products_on_gpu()
-    monkeypatch.setenv("SERVAL_FP8_GEMV_HALF", "1")
     assert triton_fp8_gemv.half_products_on_gpu()
+    monkeypatch.setenv("SERVAL_FP8_GEMV_HALF", "0")
+    assert not triton_fp8_gemv.half_products_on_gpu()
 
 
 @pytest.mark.skipif(not sm90_tools_present(), reason="Triton's bundled ptxas and cuobjdump")

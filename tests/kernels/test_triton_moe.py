@@ -121,6 +121,9 @@ def test_config_table_nearest_batch_size_and_default(tmp_path):
     assert read == table
     assert triton_moe.pick_config(read, 40, 8) == table[64] and triton_moe.pick_config(read, 2, 8) == table[1]
     assert triton_moe.pick_config(None, 40, 8) == triton_moe.default_config(40, 8)
+    # Past twice the largest tuned batch size (a partly tuned table), the default's prefill tiles, not 64's.
+    assert triton_moe.pick_config(read, 128, 8) == table[64]
+    assert triton_moe.pick_config(read, 129, 8) == triton_moe.default_config(129, 8) != table[64]
     # No table for a CPU device: the default.
     assert triton_moe.get_config(8, 64, 32, 40, torch.device("cpu")) == triton_moe.default_config(40, 8)
 

@@ -14,6 +14,11 @@ from tests.engine.spec_decode.test_spec_engine import hf_prompt_lookup, repetiti
 from tests.engine.test_engine import hf_greedy, make_prompts, pressured_llm
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+# The graph-shaped forward run eagerly, compared at 1e-4 with the plain forward and token for token with transformers
+# in float32: on a GPU the padded and the plain batch (different row counts) take different GEMV/GEMM kernels or
+# configurations, so a different summation order (measured ~2e-2 apart in these logits on an H200, and greedy
+# tokens that flip); there test_gpu_verify_graphs_equal_eager_verify checks the graphs.
+interpreter_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's float32 path; see above")
 NUM_NEW_TOKENS = 10
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
 
@@ -42,6 +47,7 @@ def graph_shaped(llm: LLM, num_speculative_tokens: int) -> list[list[int]]:
     return steps
 
 
+@interpreter_only
 def test_graph_shaped_verify_equals_plain_verify_and_transformers(tiny_models, monkeypatch):
     """Batches of 1-4 requests (a ladder of 1, 2, 4: three requests pad a whole one), drafts of 0 to k tokens side by
     side (requests padded within), prefill chunks, preemption and prefix hits."""
@@ -70,6 +76,7 @@ def test_graph_shaped_verify_equals_plain_verify_and_transformers(tiny_models, m
     llm.engine.kv_cache.check_invariants([])
 
 
+@interpreter_only
 def test_graph_shaped_verify_with_logprobs_and_sampling(tiny_models, monkeypatch):
     """Logprobs of the verified tokens and seeded sampling at temperature 1 come out of the padded forward as out of
     the plain one (the same engine with the same seeds, without the graph shape)."""
@@ -95,6 +102,7 @@ def test_graph_shaped_verify_with_logprobs_and_sampling(tiny_models, monkeypatch
                     assert entry_b[token].logprob == pytest.approx(entry_a[token].logprob, abs=1e-4)
 
 
+@interpreter_only
 def test_graph_shaped_verify_of_one_request_with_k_drafts(tiny_models, monkeypatch):
     """One request verifying k drafts a step (the replay proposer at acceptance 1): its rows are the padded buffer's
     first k + 1, which the step reads as a view rather than gathers; each step is checked against the plain
