@@ -70,18 +70,23 @@ def tiny_models(tmp_path_factory):
 
 
 @contextmanager
-def gguf_metadata_read_once():
+def gguf_parsed_once():
     """transformers reads a GGUF's metadata with a new gguf.GGUFReader each time it needs it: twice to load a model
     (its config, then its tensors) and twice for a tokenizer. A reader maps the file read-only and costs ~5 s for
     SmolLM2's 49k-token vocabulary, ~15 s for Gemma 3's 262k: inside this, one reader per file serves every load
     (the same parser on the same bytes, so the reference is unchanged). The readers (~0.5 GB and a million
-    objects for Gemma 3's) go when the outermost one exits: kept, they would slow every garbage collection after."""
+    objects for Gemma 3's) go when the outermost one exits: kept, they would slow every garbage collection after.
+
+    Its tensor-name mapping, too, is built once per (architecture, layer count): transformers builds a new
+    gguf.TensorNameMap for every submodule of the model it loads (~400 for SmolLM2, a third of the load's time),
+    each the same table of names, which nothing changes after."""
     import gguf
     from gguf.gguf_reader import GGUFReader
-    if gguf.GGUFReader is not GGUFReader:  # inside another: its readers serve
+    if gguf.GGUFReader is not GGUFReader:  # inside another: its readers and maps serve
         yield
         return
-    readers = {}
+    readers, name_maps = {}, {}
+    build_name_map = gguf.get_tensor_name_map
 
     def shared_reader(path, mode: str = "r"):
         key = (os.path.realpath(path), mode)
@@ -89,23 +94,28 @@ def gguf_metadata_read_once():
             readers[key] = GGUFReader(path, mode)
         return readers[key]
 
-    gguf.GGUFReader = shared_reader
+    def shared_name_map(arch, n_blocks: int):
+        if (arch, n_blocks) not in name_maps:
+            name_maps[arch, n_blocks] = build_name_map(arch, n_blocks)
+        return name_maps[arch, n_blocks]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = shared_reader, shared_name_map
     try:
         yield
     finally:
-        gguf.GGUFReader = GGUFReader
+        gguf.GGUFReader, gguf.get_tensor_name_map = GGUFReader, build_name_map
 
 
 def hf_gguf_model(path: str) -> transformers.PreTrainedModel:
     """transformers' own GGUF loading (dequantized, float32, eval): the reference for a GGUF file's model."""
-    with gguf_metadata_read_once():
+    with gguf_parsed_once():
         return transformers.AutoModelForCausalLM.from_pretrained(
             os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
 
 
 def hf_gguf_tokenizer(path: str) -> transformers.PreTrainedTokenizerBase:
     """transformers' own tokenizer of a GGUF file."""
-    with gguf_metadata_read_once():
+    with gguf_parsed_once():
         return transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
 
 
@@ -121,7 +131,7 @@ def hf_default_model():
     """transformers' own GGUF loading of the default model: the reference (slow, ~20 s, once)."""
     from serval.model.default_model import default_model_path
     path = default_model_path()
-    with gguf_metadata_read_once():
+    with gguf_parsed_once():
         return hf_gguf_model(path), hf_gguf_tokenizer(path)
 
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from tests.conftest import gguf_metadata_read_once, hf_gguf_model, hf_gguf_tokenizer
+from tests.conftest import gguf_parsed_once, hf_gguf_model, hf_gguf_tokenizer
 
 from serval import LLM, SamplingParams
 from serval.model.default_model import GEMMA3_270M_ALIAS, gemma3_270m_path, resolve_model
@@ -35,7 +35,7 @@ def hf_reference(gguf_path):
     """transformers' own GGUF loading of the model and the tokenizer (about half a minute here): the reference. The
     file's metadata is parsed once for both, and dropped after: its million objects kept alive would slow every
     garbage collection of the tests that follow."""
-    with gguf_metadata_read_once():
+    with gguf_parsed_once():
         return hf_gguf_model(gguf_path), hf_gguf_tokenizer(gguf_path)
 
 
