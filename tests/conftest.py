@@ -144,16 +144,39 @@ def receiver():
     otlp.close()
 
 
+def interpreting_outside_the_kernel_tests(request) -> bool:
+    """Triton's interpreter runs a grid's programs one after another in Python: outside tests/kernels (which keep a
+    GPU's grids), the fixtures below shrink the grids of the engines' kernels to what the tiny models need."""
+    return os.environ.get("TRITON_INTERPRET") == "1" and "kernels" not in request.node.path.parts
+
+
 @pytest.fixture(autouse=True)
 def two_decode_splits_in_the_interpreter(request, monkeypatch):
-    """In Triton's interpreter a grid's programs run one after another in Python, and a decode batch is split into
-    up to 32 programs per sequence and head, for a GPU's sake: with at most two splits the engines' decode steps
-    still take the split-K path (partial sums and their combination) at a sixteenth of the cost. The kernel's own
-    tests (tests/kernels) keep the real split counts."""
-    if os.environ.get("TRITON_INTERPRET") != "1" or "kernels" in request.node.path.parts:
+    """A decode batch is split into up to 32 programs per sequence and head, for a GPU's sake: with at most two
+    splits the engines' decode steps still take the split-K path (partial sums and their combination) at a
+    sixteenth of the cost."""
+    if not interpreting_outside_the_kernel_tests(request):
         return
     try:
         from serval.kernels import triton_attention
     except ImportError:  # no triton: nothing runs the kernel
         return
     monkeypatch.setattr(triton_attention, "_MAX_SPLITS", 2)
+
+
+@pytest.fixture(autouse=True)
+def wide_moe_gemv_tiles_in_the_interpreter(request, monkeypatch):
+    """The MoE GEMV kernels' built-in tiles are a GPU's: 2 gate/up columns and 8 output columns (of k = 2 experts)
+    a program, so a tiny model's 16-32 wide experts take 8-16 gate/up programs per (token, expert) and 8 down
+    programs per token. Gate/up tiles of 32 columns and down tiles of 256 rows (over the k experts) run the same
+    kernels in one program per (token, expert) and per token, masking what lies past a 16-wide expert or a 64-wide
+    hidden size. The kernels' own tests keep the built-in tiles and every other shape."""
+    if not interpreting_outside_the_kernel_tests(request):
+        return
+    try:
+        from serval.kernels import triton_moe_gemv
+    except ImportError:
+        return
+    for name, block_n in (("DEFAULT_GATE_UP", 32), ("FP8_GATE_UP", 32), ("DEFAULT_DOWN", 256), ("FP8_DOWN", 256)):
+        _, block_k, num_warps = getattr(triton_moe_gemv, name)
+        monkeypatch.setattr(triton_moe_gemv, name, (block_n, block_k, num_warps))
