@@ -295,9 +295,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace, config: EngineConfig) -> int:
-    from serval.engine.async_engine import start_engine
     from serval.lora.registry import parse_lora_module
-    from serval.server.app import serve
 
     try:
         lora_modules = [parse_lora_module(text) for text in args.lora_modules]
@@ -327,6 +325,10 @@ def _serve(args: argparse.Namespace, config: EngineConfig) -> int:
     guard = _load_guard(args.policy)
     if guard is False:
         return 2
+    # The engine and the HTTP stack are imported only once the arguments are known good (a second or more of
+    # imports): a mistyped flag is refused at once.
+    from serval.engine.async_engine import start_engine
+    from serval.server.app import serve
     from serval.server.banner import loading_line, write
     write(loading_line(args.model or DEFAULT_MODEL_NAME))
     try:

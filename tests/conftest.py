@@ -70,18 +70,23 @@ def tiny_models(tmp_path_factory):
 
 
 @contextmanager
-def gguf_metadata_read_once():
+def gguf_parsed_once():
     """transformers reads a GGUF's metadata with a new gguf.GGUFReader each time it needs it: twice to load a model
     (its config, then its tensors) and twice for a tokenizer. A reader maps the file read-only and costs ~5 s for
     SmolLM2's 49k-token vocabulary, ~15 s for Gemma 3's 262k: inside this, one reader per file serves every load
     (the same parser on the same bytes, so the reference is unchanged). The readers (~0.5 GB and a million
-    objects for Gemma 3's) go when the outermost one exits: kept, they would slow every garbage collection after."""
+    objects for Gemma 3's) go when the outermost one exits: kept, they would slow every garbage collection after.
+
+    Its tensor-name mapping, too, is built once per (architecture, layer count): transformers builds a new
+    gguf.TensorNameMap for every submodule of the model it loads (~400 for SmolLM2, a third of the load's time),
+    each the same table of names, which nothing changes after."""
     import gguf
     from gguf.gguf_reader import GGUFReader
-    if gguf.GGUFReader is not GGUFReader:  # inside another: its readers serve
+    if gguf.GGUFReader is not GGUFReader:  # inside another: its readers and maps serve
         yield
         return
-    readers = {}
+    readers, name_maps = {}, {}
+    build_name_map = gguf.get_tensor_name_map
 
     def shared_reader(path, mode: str = "r"):
         key = (os.path.realpath(path), mode)
@@ -89,23 +94,28 @@ def gguf_metadata_read_once():
             readers[key] = GGUFReader(path, mode)
         return readers[key]
 
-    gguf.GGUFReader = shared_reader
+    def shared_name_map(arch, n_blocks: int):
+        if (arch, n_blocks) not in name_maps:
+            name_maps[arch, n_blocks] = build_name_map(arch, n_blocks)
+        return name_maps[arch, n_blocks]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = shared_reader, shared_name_map
     try:
         yield
     finally:
-        gguf.GGUFReader = GGUFReader
+        gguf.GGUFReader, gguf.get_tensor_name_map = GGUFReader, build_name_map
 
 
 def hf_gguf_model(path: str) -> transformers.PreTrainedModel:
     """transformers' own GGUF loading (dequantized, float32, eval): the reference for a GGUF file's model."""
-    with gguf_metadata_read_once():
+    with gguf_parsed_once():
         return transformers.AutoModelForCausalLM.from_pretrained(
             os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
 
 
 def hf_gguf_tokenizer(path: str) -> transformers.PreTrainedTokenizerBase:
     """transformers' own tokenizer of a GGUF file."""
-    with gguf_metadata_read_once():
+    with gguf_parsed_once():
         return transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
 
 
@@ -121,7 +131,7 @@ def hf_default_model():
     """transformers' own GGUF loading of the default model: the reference (slow, ~20 s, once)."""
     from serval.model.default_model import default_model_path
     path = default_model_path()
-    with gguf_metadata_read_once():
+    with gguf_parsed_once():
         return hf_gguf_model(path), hf_gguf_tokenizer(path)
 
 
@@ -134,16 +144,39 @@ def receiver():
     otlp.close()
 
 
+def interpreting_outside_the_kernel_tests(request) -> bool:
+    """Triton's interpreter runs a grid's programs one after another in Python: outside tests/kernels (which keep a
+    GPU's grids), the fixtures below shrink the grids of the engines' kernels to what the tiny models need."""
+    return os.environ.get("TRITON_INTERPRET") == "1" and "kernels" not in request.node.path.parts
+
+
 @pytest.fixture(autouse=True)
 def two_decode_splits_in_the_interpreter(request, monkeypatch):
-    """In Triton's interpreter a grid's programs run one after another in Python, and a decode batch is split into
-    up to 32 programs per sequence and head, for a GPU's sake: with at most two splits the engines' decode steps
-    still take the split-K path (partial sums and their combination) at a sixteenth of the cost. The kernel's own
-    tests (tests/kernels) keep the real split counts."""
-    if os.environ.get("TRITON_INTERPRET") != "1" or "kernels" in request.node.path.parts:
+    """A decode batch is split into up to 32 programs per sequence and head, for a GPU's sake: with at most two
+    splits the engines' decode steps still take the split-K path (partial sums and their combination) at a
+    sixteenth of the cost."""
+    if not interpreting_outside_the_kernel_tests(request):
         return
     try:
         from serval.kernels import triton_attention
     except ImportError:  # no triton: nothing runs the kernel
         return
     monkeypatch.setattr(triton_attention, "_MAX_SPLITS", 2)
+
+
+@pytest.fixture(autouse=True)
+def wide_moe_gemv_tiles_in_the_interpreter(request, monkeypatch):
+    """The MoE GEMV kernels' built-in tiles are a GPU's: 2 gate/up columns and 8 output columns (of k = 2 experts)
+    a program, so a tiny model's 16-32 wide experts take 8-16 gate/up programs per (token, expert) and 8 down
+    programs per token. Gate/up tiles of 32 columns and down tiles of 256 rows (over the k experts) run the same
+    kernels in one program per (token, expert) and per token, masking what lies past a 16-wide expert or a 64-wide
+    hidden size. The kernels' own tests keep the built-in tiles and every other shape."""
+    if not interpreting_outside_the_kernel_tests(request):
+        return
+    try:
+        from serval.kernels import triton_moe_gemv
+    except ImportError:
+        return
+    for name, block_n in (("DEFAULT_GATE_UP", 32), ("FP8_GATE_UP", 32), ("DEFAULT_DOWN", 256), ("FP8_DOWN", 256)):
+        _, block_k, num_warps = getattr(triton_moe_gemv, name)
+        monkeypatch.setattr(triton_moe_gemv, name, (block_n, block_k, num_warps))

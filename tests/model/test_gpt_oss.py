@@ -182,8 +182,8 @@ def test_fused_moe_kernel_matches_transformers(tiny_checkpoint, monkeypatch):
     whole path a GPU runs (and captures in CUDA graphs)."""
     triton_moe = pytest.importorskip("serval.kernels.triton_moe")
     monkeypatch.setenv("SERVAL_MOE_BACKEND", "triton")
-    # Experts 16 wide, not 32: the interpreter runs a GEMV program per two gate/up rows, so this halves the
-    # kernel's cost, and still no width is a multiple of the kernels' tiles.
+    # Experts 16 wide, not 32: half of the interpreter's 32-column gate/up tile (tests/conftest.py) is masked, so
+    # no width is a multiple of the kernels' tiles.
     path, hf_model = tiny_checkpoint("gpt_oss", intermediate_size=16)
     model, config = load_model(path, load_format="safetensors")
     sequences = sequences_for(config.vocab_size)

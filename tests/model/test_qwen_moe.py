@@ -51,8 +51,8 @@ def test_fused_moe_kernel_in_the_engine_matches_transformers(qwen_moe, monkeypat
     """The whole engine with the experts on the Triton kernel (the interpreter here, compiled on a GPU)."""
     triton_moe = pytest.importorskip("serval.kernels.triton_moe")
     monkeypatch.setenv("SERVAL_MOE_BACKEND", "triton")
-    # Experts 16 wide, not 32: the interpreter runs a GEMV program per two gate/up rows, so this halves the
-    # kernel's cost; the shared expert (80) keeps its width.
+    # Experts 16 wide, not 32: half of the interpreter's 32-column gate/up tile (tests/conftest.py) is masked; the
+    # shared expert (80) keeps its width.
     llm = check_two_prompts_greedy_match_transformers(*qwen_moe("qwen2_moe", moe_intermediate_size=16))
     block = llm.engine.model.model.layers[0].mlp
     assert block.experts._backend is triton_moe.fused_experts
