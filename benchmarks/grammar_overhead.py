@@ -180,9 +180,9 @@ def measure(batch: Batch, steps: int, forward_s: float, host_s: float) -> dict:
 
 
 def hand_off(states: list[structured.GrammarState], tokens: list[int]) -> structured.MaskFill | None:
-    """What _finish_deferred does with a step's tokens before the output processor runs."""
-    structured.consume_tokens(states, tokens)
-    return structured.start_mask_fill(states)
+    """What _finish_deferred does with a step's tokens before the output processor runs: the fill worker feeds
+    them, then fills."""
+    return structured.start_mask_fill(states, fed=states, fed_token_ids=tokens)
 
 
 def python_work(iterations: int) -> int:
