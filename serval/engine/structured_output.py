@@ -93,14 +93,17 @@ class GrammarState:
     _accepted: bool = True  # the matcher took the last token
     _stopped: bool = False  # after the last token, nothing but end-of-sequence may follow
 
+    # Read per token on the engine thread (the output processor): the call to wait is made only while a feed is out.
     @property
     def accepted(self) -> bool:
-        self._wait_for_feed()
+        if self.feed is not None:
+            self._wait_for_feed()
         return self._accepted
 
     @property
     def stopped(self) -> bool:
-        self._wait_for_feed()
+        if self.feed is not None:
+            self._wait_for_feed()
         return self._stopped
 
     @property
@@ -146,13 +149,17 @@ class GrammarState:
         elif token_id != self.last_token_id:
             raise RuntimeError(f"grammar {self.digest}: token {self.last_token_id} was fed ahead, but the output "
                                f"has {token_id}")
+        elif self.feed is not None:
+            self._wait_for_feed()
         self.num_reported += 1
-        return self.accepted
+        return self._accepted
 
     @property
     def terminated(self) -> bool:
         """Nothing but end-of-sequence may follow: the output is complete."""
-        return self.stopped
+        if self.feed is not None:
+            self._wait_for_feed()
+        return self._stopped
 
     def num_valid(self, token_ids: list[int]) -> int:
         """How many of token_ids, from the first, the grammar would take after the tokens consumed so far (the
