@@ -22,11 +22,15 @@ call, as 256 concurrent chats do.
              the critical path is how long sampling waits past both the forward and the host work.
 
 --engine-thread measures instead what the engine thread itself spends per constrained step in _finish_deferred
-(issue 15: every millisecond of it past the forward is a GPU bubble): feeding each row its token
-(structured_output.consume_tokens), starting the fill (start_mask_fill) and taking its masks once it is done
-(next_token_bitmask), as CPU time of that thread (time.thread_time: on a shared machine, wall times also count
-other processes' turns), with the fill worker's wall time beside it and consume_tokens' thread-pool path timed
-on its own (parallel=True; the engine takes it where llguidance's pool has more than one thread).
+(issue 15: every millisecond of it past the forward is a GPU bubble), as the engine does it: hand each row's token
+to the grammars and start the next masks' fill (hand_off), do the output processor's other work (--host-ms of
+Python holding the GIL), read each grammar's status (advance: accepted, stopped), and take the masks once the fill
+is done (next_token_bitmask). CPU time of the engine thread part by part (time.thread_time: on a shared machine,
+wall times also count other processes' turns); "critical" is the wall time from the tokens to every status known,
+less the host work alone: what the grammars add to the engine thread before it can sample; "masks at" is when the
+fill is done, from the tokens (a forward shorter than that waits for it). The switch interval is the engine
+process's on a GPU (serval.engine.async_engine.ENGINE_SWITCH_INTERVAL_S): a worker thread waits at most that long
+for the GIL.
 """
 from __future__ import annotations
 
@@ -93,14 +97,30 @@ class Batch:
         tokens = []
         for row in range(len(self.states)):
             allowed[row, self.eos] = False
-            candidates = allowed[row].nonzero().flatten().tolist()
-            tokens.append(self.rng.choice(candidates) if candidates else self.eos)
+            candidates = allowed[row].nonzero().flatten()
+            # rng.choice's draw, without turning up to 128k candidates into a list per row (seconds a step)
+            tokens.append(int(candidates[self.rng.randrange(len(candidates))]) if len(candidates) else self.eos)
         return tokens
 
     def advance_all(self, tokens: list[int]) -> None:
         for state, token in zip(self.states, tokens):
             state.advance(token)
         self.refresh()
+
+    def replace_stopped(self, live: list[structured.GrammarState], masks: torch.Tensor | None) -> torch.Tensor:
+        """Each row's next mask after a step: `masks` (the live states', in order) for those that go on; a stopped
+        row goes to a new request, filled now."""
+        self.refresh()
+        bitmask = torch.empty((len(self.states), (self.states[0].vocab_size + 31) // 32), dtype=torch.int32)
+        taken = {id(state): row for row, state in enumerate(live)}
+        fresh = [row for row, state in enumerate(self.states) if id(state) not in taken]
+        for row, state in enumerate(self.states):
+            if id(state) in taken:
+                bitmask[row] = masks[taken[id(state)]]
+        if fresh:
+            bitmask[fresh] = structured.fill_bitmask([self.states[row].matcher for row in fresh],
+                                                     self.states[0].vocab_size)
+        return bitmask
 
     def refresh(self) -> None:
         """A finished call's row goes to a new request, as the engine's batch does."""
@@ -159,53 +179,82 @@ def measure(batch: Batch, steps: int, forward_s: float, host_s: float) -> dict:
             "after_critical_ms_max": max(after_left) * 1e3}
 
 
-def measure_engine_thread(batch: Batch, steps: int) -> dict:
-    """p50 CPU ms of the engine thread per step for each part of the deferred path, and the fill's wall ms."""
-    parts: dict[str, list[float]] = {"consume": [], "consume_parallel": [], "consume_parallel_wall": [],
-                                     "start_fill": [], "join": [], "fill_wall": []}
+def hand_off(states: list[structured.GrammarState], tokens: list[int]) -> structured.MaskFill | None:
+    """What _finish_deferred does with a step's tokens before the output processor runs: the fill worker feeds
+    them, then fills."""
+    return structured.start_mask_fill(states, fed=states, fed_token_ids=tokens)
+
+
+def python_work(iterations: int) -> int:
+    """The output processor's other work (detokenizing, stop checks): a fixed amount of Python, GIL held."""
+    total = 0
+    for i in range(iterations):
+        total += i & 7
+    return total
+
+
+def calibrated_work(seconds: float) -> tuple[int, float]:
+    """Iterations of python_work taking about `seconds` alone, and their median wall time (medians: the machine
+    may be shared)."""
+    def median_wall(iterations: int) -> float:
+        walls = []
+        for _ in range(7):
+            started = time.perf_counter()
+            python_work(iterations)
+            walls.append(time.perf_counter() - started)
+        return statistics.median(walls)
+
+    probe = 100_000
+    iterations = max(1, int(probe * seconds / median_wall(probe)))
+    return iterations, median_wall(iterations)
+
+
+def measure_engine_thread(batch: Batch, steps: int, host_s: float) -> dict:
+    """p50 CPU ms of the engine thread per step for each part of the deferred path; the wall ms the grammars add
+    before sampling, and when the masks are ready."""
+    iterations, work_alone = calibrated_work(host_s)
+    parts: dict[str, list[float]] = {"hand_off": [], "report": [], "join": [], "engine_thread": [], "critical": [],
+                                     "masks_at": []}
     bitmask = batch.masks()
-    for step in range(steps):
+    for _ in range(steps):
         tokens = batch.next_tokens(bitmask)
-        parallel = step % 2 == 1  # the pool's path on every other step, the engine's own choice on the rest
-        started, started_wall = time.thread_time(), time.perf_counter()
-        structured.consume_tokens(batch.states, tokens, parallel=True if parallel else None)
-        consumed, consumed_wall = time.thread_time(), time.perf_counter()
+        cpu_started, wall_started = time.thread_time(), time.perf_counter()
+        fill = hand_off(batch.states, tokens)
+        handed = time.thread_time()
+        python_work(iterations)
+        before_report = time.thread_time()
         for state, token in zip(batch.states, tokens):
-            state.advance(token)  # the output processor's: reports what consume_tokens found
-        batch.refresh()
-        before_start = time.thread_time()
-        fill = structured.start_mask_fill(batch.states)
-        started_fill, started_fill_wall = time.thread_time(), time.perf_counter()
-        fill.done.wait()  # the forward's time: the fill is done before sampling joins it
-        filled_wall = time.perf_counter()
+            state.advance(token)  # the output processor's grammar status: accepted, terminated
+        reported, reported_wall = time.thread_time(), time.perf_counter()
+        live = [state for state in batch.states if not state.stopped]
+        if fill is not None:
+            fill.done.wait()  # the forward's time: the fill is done before sampling joins it
+        masks_at = time.perf_counter()
         before_join = time.thread_time()
-        bitmask = structured.next_token_bitmask(batch.states)
+        masks = structured.next_token_bitmask(live) if live else None
         joined = time.thread_time()
-        if parallel:
-            parts["consume_parallel"].append(consumed - started)
-            parts["consume_parallel_wall"].append(consumed_wall - started_wall)
-        else:
-            parts["consume"].append(consumed - started)
-        parts["start_fill"].append(started_fill - before_start)
+        bitmask = batch.replace_stopped(live, masks)
+        parts["hand_off"].append(handed - cpu_started)
+        parts["report"].append(reported - before_report)
         parts["join"].append(joined - before_join)
-        parts["fill_wall"].append(filled_wall - started_fill_wall)
+        parts["engine_thread"].append(handed - cpu_started + reported - before_report + joined - before_join)
+        parts["critical"].append(max(0.0, reported_wall - wall_started - work_alone))
+        parts["masks_at"].append(masks_at - wall_started)
     result = {f"{name}_ms_p50": statistics.median(values) * 1e3 for name, values in parts.items()}
-    result["engine_thread_ms_p50"] = result["consume_ms_p50"] + result["start_fill_ms_p50"] + result["join_ms_p50"]
-    return {"rows": len(batch.states), "steps": steps, **result}
+    return {"rows": len(batch.states), "steps": steps, "host_ms": work_alone * 1e3, **result}
 
 
 def print_engine_thread(results: list[dict]) -> None:
-    header = (f"{'rows':>5} {'consume':>8} {'start fill':>11} {'join':>6} {'engine thread':>14} "
-              f"{'consume pool':>13} {'pool wall':>10} {'fill wall':>10}")
+    header = (f"{'rows':>5} {'hand off':>9} {'report':>7} {'join':>6} {'engine thread':>14} {'critical':>9} "
+              f"{'masks at':>9}")
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r['rows']:>5} {r['consume_ms_p50']:>8.3f} {r['start_fill_ms_p50']:>11.3f} {r['join_ms_p50']:>6.3f} "
-              f"{r['engine_thread_ms_p50']:>14.3f} {r['consume_parallel_ms_p50']:>13.3f} "
-              f"{r['consume_parallel_wall_ms_p50']:>10.3f} {r['fill_wall_ms_p50']:>10.3f}")
-    print("p50 ms per step. consume .. engine thread: CPU time of the engine thread (consume as the engine does it "
-          f"here: llguidance's pool has {structured._num_executor_threads()} thread(s)); consume pool: "
-          "consume_tokens(parallel=True), its CPU and wall time; fill wall: the worker's fill")
+        print(f"{r['rows']:>5} {r['hand_off_ms_p50']:>9.3f} {r['report_ms_p50']:>7.3f} {r['join_ms_p50']:>6.3f} "
+              f"{r['engine_thread_ms_p50']:>14.3f} {r['critical_ms_p50']:>9.3f} {r['masks_at_ms_p50']:>9.3f}")
+    print(f"p50 ms per step, host work {results[0]['host_ms']:.2f} ms. hand off .. engine thread: CPU time of the "
+          "engine thread; critical: wall time the grammars add before sampling; masks at: the fill done, from the "
+          f"tokens (llguidance's pool has {structured._num_executor_threads()} thread(s))")
 
 
 def main() -> int:
@@ -228,7 +277,10 @@ def main() -> int:
 
     compiler = load_compiler()
     if args.engine_thread:
-        results = [measure_engine_thread(Batch(compiler, count, args.seed + count), steps) for count in rows]
+        from serval.engine.async_engine import ENGINE_SWITCH_INTERVAL_S
+        sys.setswitchinterval(ENGINE_SWITCH_INTERVAL_S)
+        results = [measure_engine_thread(Batch(compiler, count, args.seed + count), steps, args.host_ms / 1e3)
+                   for count in rows]
         print(f"engine thread per constrained step: tool-call grammar (llama3_json, {len(BUILTIN_TOOLS)} tools), "
               f"Llama 3 vocabulary, {os.cpu_count()} CPUs")
         print_engine_thread(results)

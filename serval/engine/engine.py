@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -38,6 +39,9 @@ from serval.openai.errors import InvalidArgument
 from serval.pooling_params import PoolingParams
 from serval.outputs import RequestOutput
 from serval.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from serval.engine.structured_output import GrammarState
 
 logger = logging.getLogger(__name__)
 
@@ -479,15 +483,13 @@ class LLMEngine:
 
     def _finish_deferred(self, current: DecodeInFlight, forward: DecodeForward) -> list[RequestOutput]:
         """Process current's tokens while `forward` (the next step) runs, then sample it and queue the forward
-        after it. Each grammar takes its token as soon as it is on the host, and the next masks fill on a worker
-        thread while the output processor works; the sampler joins the fill."""
+        after it. A worker thread feeds each grammar its token and then fills the next masks while the output
+        processor works; the output processor reads a grammar's status (accepted, stopped) once its token is fed,
+        after its other work on the step (process_step), and the sampler joins the fill."""
         token_ids = current.token_ids()
         fed = [(request.grammar, token_id) for request, token_id in zip(current.requests, token_ids)
                if request.grammar is not None and not request.is_finished]
-        if fed:
-            from serval.engine.structured_output import consume_tokens  # llguidance loads only when asked for
-            consume_tokens([grammar for grammar, _ in fed], [token_id for _, token_id in fed])
-        self._start_grammar_fill([request for request in forward.requests if not request.is_finished])
+        self._start_grammar_fill([request for request in forward.requests if not request.is_finished], fed)
         sampled = [SampledToken(token_id, None, None) for token_id in token_ids]
         outputs = self._finish(self.output_processor.process_step(current.requests, sampled, time.monotonic()))
         live = [request for request in forward.requests if not request.is_finished]
@@ -506,17 +508,19 @@ class LLMEngine:
         if self.spec_decoder is not None and self.in_flight is None:
             self.spec_decoder.propose(self.scheduler.running)
 
-    def _start_grammar_fill(self, requests: list[Request]) -> None:
+    def _start_grammar_fill(self, requests: list[Request], fed: list[tuple[GrammarState, int]] = ()) -> None:
         """Start filling the next-token masks of the requests with a grammar on a worker thread; the sampler
-        takes them (serval.engine.structured_output.next_token_bitmask)."""
+        takes them (serval.engine.structured_output.next_token_bitmask). fed: (grammar, token) pairs whose token
+        the worker feeds first."""
         constrained = [request for request in requests if request.grammar is not None]
         draft_token_ids = None
         if self.spec_decoder is not None:  # a verifying request's rows after each draft are filled too
             constrained, draft_token_ids = self.spec_decoder.grammar_fill_drafts(constrained)
-        if constrained:
+        if constrained or fed:
             from serval.engine.structured_output import start_mask_fill  # llguidance loads only when asked for
             start_mask_fill([request.grammar for request in constrained], pin_memory=self.device.type == "cuda",
-                            draft_token_ids=draft_token_ids)
+                            draft_token_ids=draft_token_ids, fed=[grammar for grammar, _ in fed],
+                            fed_token_ids=[token_id for _, token_id in fed])
 
     def _launch_following(self, current: DecodeInFlight) -> DecodeInFlight | DecodeForward | None:
         """Queue the decode step after `current`, before its tokens are known: forward and sampling where the

@@ -110,7 +110,7 @@ class OutputProcessor:
         """Append each request's new token and check its stops. Requests already finished (aborted, or stopped
         on the previous step's token under asynchronous scheduling) are skipped."""
         update = StepUpdate()
-        to_report: dict[str, RequestState] = {}
+        appended: list[tuple[RequestState, SequenceState, RequestStatus | GrammarCheck | None]] = []
         for request, result in zip(requests, sampled):
             state = self.request_states.get(request.parent_request_id)
             if state is None or request.is_finished:
@@ -124,12 +124,22 @@ class OutputProcessor:
             sequence = state.sequences[request.index]
             # max_tokens 0 scores the prompt: its logprobs are the answer, and the token sampled after it is not.
             if request.sampling_params.max_tokens == 0:
-                sequence.status = RequestStatus.FINISHED_LENGTH
+                appended.append((state, sequence, RequestStatus.FINISHED_LENGTH))
             else:
-                self._append_token(sequence, result.token_id, result.logprobs, now)
-            if sequence.status is not None:
+                appended.append((state, sequence, self._append_token(sequence, result.token_id, result.logprobs,
+                                                                     now)))
+        # The grammars' statuses come last: with asynchronous scheduling a worker thread is still feeding them
+        # their tokens (structured_output.start_mask_fill) while the rest of the step is processed. Every status
+        # is known before any is set, so that a feed that failed leaves none set: the step's requests all end
+        # with an error (LLMEngine._fail_step), none finished here and never in the scheduler.
+        statuses = [_grammar_checked(sequence, found) if type(found) is tuple else found
+                    for _, sequence, found in appended]
+        to_report: dict[str, RequestState] = {}
+        for (state, sequence, _), status in zip(appended, statuses):
+            sequence.status = status
+            if status is not None:
                 update.finished.append(sequence)
-            if state.stream or sequence.status is not None:
+            if state.stream or status is not None:
                 to_report[state.request_id] = state
         update.to_report = [state for state in to_report.values() if state.stream or state.finished]
         return update
@@ -148,7 +158,8 @@ class OutputProcessor:
             for j, token_id in enumerate(tokens):
                 if sequence.status is not None:
                     break
-                self._append_token(sequence, token_id, entries[j] if entries is not None else None, now)
+                found = self._append_token(sequence, token_id, entries[j] if entries is not None else None, now)
+                sequence.status = _grammar_checked(sequence, found) if type(found) is tuple else found
                 if sequence.status is not None:
                     update.finished.append(sequence)
             if (state.stream or state.finished) and id(state) not in reported:
@@ -178,7 +189,9 @@ class OutputProcessor:
         return outputs
 
     def _append_token(self, sequence: SequenceState, token_id: int, logprobs: dict[int, Logprob] | None,
-                      now: float) -> None:
+                      now: float) -> RequestStatus | GrammarCheck | None:
+        """Append the token and check its stops: the sequence's status (None: it goes on), or where its grammar
+        decides, what _grammar_checked needs to read it."""
         request = sequence.request
         request.append_output_token(token_id)
         self.num_generation_tokens += 1
@@ -189,12 +202,8 @@ class OutputProcessor:
             sequence.logprobs.append(self._decoded(logprobs))
             sequence.cumulative_logprob += logprobs[token_id].logprob
         status = _token_stop(sequence, token_id)
-        # A grammar's last token is part of the output (the closing brace), unlike EOS or a stop token: it is
-        # detokenized before the grammar's status applies.
-        grammar_status = _grammar_status(request, token_id) if status is None and request.grammar is not None else None
-        if grammar_status == RequestStatus.FINISHED_ERROR:
-            sequence.status = grammar_status
-            return
+        grammar_decides = status is None and request.grammar is not None
+        text, stop_reason = sequence.text, sequence.stop_reason
         params = request.sampling_params
         if sequence.detokenizer is not None and (status is None or params.include_stop_str_in_output):
             new_text = sequence.detokenizer.push([token_id])
@@ -205,11 +214,9 @@ class OutputProcessor:
                     sequence.stop_reason = match.stop
                     sequence.text = sequence.text[:match.truncate_to]
                     status = RequestStatus.FINISHED_STOPPED
-        status = status or grammar_status
-        if status is None and (request.num_output_tokens >= request.max_tokens
-                               or request.num_tokens >= request.max_model_len):
-            status = RequestStatus.FINISHED_LENGTH
-        sequence.status = status
+        if grammar_decides:
+            return status, text, stop_reason
+        return status or _length_status(request)
 
     def _decoded(self, logprobs: dict[int, Logprob]) -> dict[int, Logprob]:
         if self.tokenizer is not None:
@@ -230,6 +237,30 @@ def _token_stop(sequence: SequenceState, token_id: int) -> RequestStatus | None:
         sequence.stop_reason = token_id
         return RequestStatus.FINISHED_STOPPED
     return None
+
+
+def _length_status(request: Request) -> RequestStatus | None:
+    if request.num_output_tokens >= request.max_tokens or request.num_tokens >= request.max_model_len:
+        return RequestStatus.FINISHED_LENGTH
+    return None
+
+
+# What _append_token leaves for the grammar to decide: a stop string's status, and the sequence's text and stop
+# reason before the token. A tuple: this is made per constrained token on the engine thread.
+GrammarCheck = tuple[RequestStatus | None, str, int | str | None]
+
+
+def _grammar_checked(sequence: SequenceState, check: GrammarCheck) -> RequestStatus | None:
+    """The status of a token whose other stops _append_token checked. A grammar's last token is part of the output
+    (the closing brace), unlike EOS or a stop token, so it is detokenized (and stop strings looked for) before the
+    grammar's status applies; a token the grammar rejects is taken out of the text again."""
+    stop_status, text, stop_reason = check
+    request = sequence.request
+    grammar_status = _grammar_status(request, request.output_token_ids[-1])
+    if grammar_status == RequestStatus.FINISHED_ERROR:
+        sequence.text, sequence.stop_reason = text, stop_reason
+        return grammar_status
+    return stop_status or grammar_status or _length_status(request)
 
 
 def _grammar_status(request: Request, token_id: int) -> RequestStatus | None:

@@ -16,8 +16,11 @@ a grammar by a short sha256, as grammars can be hundreds of kilobytes.
 
 Filling a batch's masks takes milliseconds (llguidance's thread pool: ~10 ms for 256 rows of a tool grammar over
 a 128k vocabulary), so it is kept off the step's critical path: the engine starts the fill on a worker thread
-(start_mask_fill) as soon as each row's last token is in its matcher, before or while the forward runs, and the
-sampler joins it (next_token_bitmask). The masks are the same as a fill at sampling time.
+(start_mask_fill) as soon as each row's last token is known, before or while the forward runs, and the sampler
+joins it (next_token_bitmask). The masks are the same as a fill at sampling time. With asynchronous scheduling the
+tokens are handed to the same worker (start_mask_fill's fed), which feeds them to their matchers before it fills,
+while the engine thread runs the output processor: feeding 256 tokens is ~1 ms of one core. What the output
+processor reads of a fed grammar (accepted, stopped) waits for the feed, not for the fill.
 
 Speculative decoding verifies a request's drafts d_1..d_k on k + 1 rows; row j (0..k) is masked with the
 grammar's mask after d_1..d_j. llguidance fills those rows in one call per batch (the matcher advances through the
@@ -55,12 +58,6 @@ GRAMMAR_CACHE_SIZE = 256
 # Tokens fed along one allowed path when a constraint is first compiled. The limits found so far trip on the
 # first token; a few more cost a few bitmasks (milliseconds), once per distinct constraint.
 PROBE_TOKENS = 4
-# consume_tokens hands a batch at least this large to llguidance's thread pool; a smaller one costs less than the
-# hand-off to the pool's threads. Opt-in (SERVAL_GRAMMAR_POOL_CONSUME=1): on the H200 host the engine-side TPOT
-# with tool_choice="required" went from +8.3% over none to +33.5% in the first run with the pool feed on
-# (docs/performance.md, issue 15), so it stays off until an A/B run clears it.
-PARALLEL_CONSUME_MIN = 32
-POOL_CONSUME_ENV = "SERVAL_GRAMMAR_POOL_CONSUME"
 # The OpenAI body field a constraint came from. response_format's json_schema/json_object reach SamplingParams as
 # the same StructuredOutputsParams as structured_outputs' json/json_object, so the field can't be told apart here.
 PARAM = "structured_outputs"
@@ -79,11 +76,11 @@ def grammar_digest(grammar: str) -> str:
 class GrammarState:
     """One request's position in its grammar (lives on Request.grammar).
 
-    The output processor advances it per accepted token. With asynchronous scheduling the engine feeds the token
-    earlier (consume), right after it reaches the host, so that the next mask's fill can start on a worker thread
-    (start_mask_fill) while the host processes the step; advance() then reports that result instead of consuming
-    the token twice. While a fill reads the matcher, nothing else may touch it (llguidance borrows it for the
-    fill): every matcher call here waits for the state's pending fill first.
+    The output processor advances it per accepted token. With asynchronous scheduling the token is fed earlier,
+    right after it reaches the host, by the fill worker (start_mask_fill's fed), which then fills the next mask
+    while the host processes the step; advance() then reports that result instead of consuming the token twice,
+    and accepted and stopped wait for the feed. While a worker feeds or fills the matcher, nothing else may touch
+    it (llguidance borrows it): every matcher call here waits for the state's feed and pending fill first.
     """
     matcher: llguidance.LLMatcher
     vocab_size: int  # the tokenizer's: the bitmask's width in bits
@@ -91,9 +88,23 @@ class GrammarState:
     num_consumed: int = 0  # tokens fed to the matcher
     num_reported: int = 0  # tokens the output processor advanced through: num_consumed, or one fewer after consume()
     last_token_id: int | None = None
-    accepted: bool = True  # the matcher took the last token
-    stopped: bool = False  # after the last token, nothing but end-of-sequence may follow
     pending: PendingMask | None = None  # this state's row of a fill started for it, until the sampler takes it
+    feed: MaskFill | None = None  # the fill whose worker feeds last_token_id, until its results are read
+    _accepted: bool = True  # the matcher took the last token
+    _stopped: bool = False  # after the last token, nothing but end-of-sequence may follow
+
+    # Read per token on the engine thread (the output processor): the call to wait is made only while a feed is out.
+    @property
+    def accepted(self) -> bool:
+        if self.feed is not None:
+            self._wait_for_feed()
+        return self._accepted
+
+    @property
+    def stopped(self) -> bool:
+        if self.feed is not None:
+            self._wait_for_feed()
+        return self._stopped
 
     @property
     def error(self) -> str:
@@ -113,10 +124,22 @@ class GrammarState:
         self.wait_for_fill()
 
     def _fed(self, token_id: int, accepted: bool) -> None:
-        self.accepted = accepted
-        self.stopped = self.matcher.is_stopped()
+        self._accepted = accepted
+        self._stopped = self.matcher.is_stopped()
         self.last_token_id = token_id
         self.num_consumed += 1
+
+    def _hand_off(self, token_id: int, fill: MaskFill) -> None:
+        """token_id goes to `fill`'s worker, which feeds it (_feed) and records what consume() would."""
+        self._check_feedable(token_id)
+        self.last_token_id = token_id
+        self.num_consumed += 1
+        self.feed = fill
+
+    def _wait_for_feed(self) -> None:
+        if self.feed is not None:
+            self.feed.wait_fed()
+            self.feed = None
 
     def advance(self, token_id: int) -> bool:
         """Consume an accepted token (unless consume() fed it already); False if the grammar rejected it (the
@@ -126,13 +149,17 @@ class GrammarState:
         elif token_id != self.last_token_id:
             raise RuntimeError(f"grammar {self.digest}: token {self.last_token_id} was fed ahead, but the output "
                                f"has {token_id}")
+        elif self.feed is not None:
+            self._wait_for_feed()
         self.num_reported += 1
-        return self.accepted
+        return self._accepted
 
     @property
     def terminated(self) -> bool:
         """Nothing but end-of-sequence may follow: the output is complete."""
-        return self.stopped
+        if self.feed is not None:
+            self._wait_for_feed()
+        return self._stopped
 
     def num_valid(self, token_ids: list[int]) -> int:
         """How many of token_ids, from the first, the grammar would take after the tokens consumed so far (the
@@ -141,45 +168,37 @@ class GrammarState:
         return self.matcher.validate_tokens(token_ids)
 
     def wait_for_fill(self) -> None:
+        """Until no worker uses the matcher: its last token fed, the fill started for it done."""
+        self._wait_for_feed()
         if self.pending is not None:
             self.pending.fill.wait()
 
 
-def consume_tokens(states: list[GrammarState], token_ids: list[int], parallel: bool | None = None) -> None:
-    """GrammarState.consume for each state and its token. With SERVAL_GRAMMAR_POOL_CONSUME=1 a large batch
-    (parallel=None), or any (True), goes to llguidance's thread pool in one call: the engine thread waits for a
-    share of the per-token work (~4 us a token on one core, 256 tokens a step), with the GIL free, instead of doing
-    all of it itself."""
-    if parallel is None:
-        parallel = (os.environ.get(POOL_CONSUME_ENV) == "1" and len(states) >= PARALLEL_CONSUME_MIN
-                    and _num_executor_threads() > 1)
-    if not parallel:
-        for state, token_id in zip(states, token_ids):
-            state.consume(token_id)
-        return
-    for state, token_id in zip(states, token_ids):
-        state._check_feedable(token_id)
-    accepted = _ll_executor().consume_token_par([(state.matcher, token_id)
-                                                 for state, token_id in zip(states, token_ids)])
-    for state, token_id, took in zip(states, token_ids, accepted):
-        state._fed(token_id, took)
-
-
 @dataclass(eq=False)
 class MaskFill:
-    """The next-token bitmasks of a batch of grammar states, filled on the fill worker thread. llguidance's fill
-    releases the GIL, so it runs while the device computes the logits and the host processes the last tokens."""
+    """The next-token bitmasks of a batch of grammar states, filled on the fill worker thread, after it has fed
+    the tokens handed to it. llguidance's feed and fill release the GIL, so they run while the device computes the
+    logits and the host processes the last tokens."""
     bitmask: torch.Tensor  # int32 [rows, words], pinned when it goes to a GPU
     states: list[GrammarState] = field(default_factory=list)  # in row order, one row each when nothing drafts
     done: threading.Event = field(default_factory=threading.Event)
+    fed: threading.Event = field(default_factory=threading.Event)  # the handed tokens are in their matchers
     error: BaseException | None = None
 
     def wait(self) -> torch.Tensor:
         if not self.done.is_set():
             self.done.wait()
+        self._raise_error()
+        return self.bitmask
+
+    def wait_fed(self) -> None:
+        if not self.fed.is_set():
+            self.fed.wait()
+        self._raise_error()
+
+    def _raise_error(self) -> None:
         if self.error is not None:
             raise RuntimeError(f"grammar mask fill failed: {self.error}") from self.error
-        return self.bitmask
 
 
 class _FillWorker:
@@ -191,21 +210,38 @@ class _FillWorker:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._run, name="serval-grammar-fill", daemon=True).start()
 
-    def submit(self, fill: MaskFill, matchers: list[tuple[llguidance.LLMatcher, int, list[int]]]) -> None:
-        """matchers: (matcher, its first row, the drafts whose rows follow), as _fill_rows_into takes them."""
-        self._queue.put((fill, matchers))
+    def submit(self, fill: MaskFill, fed: list[tuple[GrammarState, int]],
+               matchers: list[tuple[llguidance.LLMatcher, int, list[int]]]) -> None:
+        """fed: (state, token) to feed first. matchers: (matcher, its first row, the drafts whose rows follow), as
+        _fill_rows_into takes them."""
+        self._queue.put((fill, fed, matchers))
 
     def _run(self) -> None:
         while True:
-            fill, matchers = self._queue.get()
+            fill, fed, matchers = self._queue.get()
             try:
+                if fed:
+                    _feed(fed)
+                fill.fed.set()
                 if any(drafts for _, _, drafts in matchers):
                     fill.bitmask.fill_(-1)  # rows after a rejected draft are left unwritten: they allow everything
                 _fill_rows_into(matchers, fill.bitmask)
-            except BaseException as error:  # handed to the thread that waits: a fill must fail its step, not vanish
+            except BaseException as error:  # handed to the thread that waits: it must fail its step, not vanish
                 fill.error = error
             finally:
+                fill.fed.set()
                 fill.done.set()
+
+
+def _feed(fed: list[tuple[GrammarState, int]]) -> None:
+    """Each state's token into its matcher, and what GrammarState.consume records. One call with the GIL released,
+    on a one-thread pool of its own: the feed is serial work (~4 us a token) off the engine thread already, and
+    the fill's pool stays idle between fills (its 12 threads on the H200 host spinning through the host's step
+    was the suspect of the +33.5% run, docs/performance.md)."""
+    accepted = _ll_feed_executor().consume_token_par([(state.matcher, token_id) for state, token_id in fed])
+    for (state, _), took in zip(fed, accepted):
+        state._accepted = took
+        state._stopped = state.matcher.is_stopped()
 
 
 @functools.cache
@@ -369,40 +405,52 @@ def _fill_into(matchers: list[llguidance.LLMatcher], bitmask: torch.Tensor) -> N
 
 @functools.cache
 def _ll_executor() -> llguidance.LLExecutor:
-    """llguidance's thread pool for filling bitmasks and consuming a batch's tokens: process-wide, like torch's
-    intra-op pool, and stateless."""
+    """llguidance's thread pool for filling bitmasks: process-wide, like torch's intra-op pool, and stateless."""
     return llguidance.LLExecutor(num_threads=_num_executor_threads())
 
 
 @functools.cache
+def _ll_feed_executor() -> llguidance.LLExecutor:
+    return llguidance.LLExecutor(num_threads=1)
+
+
+@functools.cache
 def _num_executor_threads() -> int:
-    # llguidance's own default, spelled out so that consume_tokens knows whether the pool runs anything in parallel.
+    # llguidance's own default, spelled out so that the benchmarks can say how many threads fill.
     return max(1, min(32, int(0.8 * len(os.sched_getaffinity(0)))))
 
 
 def start_mask_fill(states: list[GrammarState], pin_memory: bool = False,
-                    draft_token_ids: list[list[int]] | None = None) -> MaskFill | None:
-    """Start filling the next-token masks of `states`, each of which has its last token in its matcher, on a worker
-    thread; the sampler takes each row (next_token_bitmask) or, if the state moved on since, fills it again.
-    Stopped matchers are left out: their requests end. pin_memory: the masks go to a GPU (copied without a wait).
-    draft_token_ids: per state, the speculative drafts its request verifies: their rows are filled too
-    (draft_bitmasks takes them)."""
+                    draft_token_ids: list[list[int]] | None = None, fed: list[GrammarState] = (),
+                    fed_token_ids: list[int] = ()) -> MaskFill | None:
+    """Start filling the next-token masks of `states` on a worker thread; the sampler takes each row
+    (next_token_bitmask) or, if the state moved on since, fills it again. Each state has its last token in its
+    matcher, or is one of `fed`: states whose sampled token (fed_token_ids) the worker feeds first, so that the
+    caller goes on meanwhile (their accepted and stopped wait for the feed). Stopped matchers are left out, their
+    requests end; a fed one is filled (with end-of-sequence alone) as its stop is not known yet.
+    pin_memory: the masks go to a GPU (copied without a wait). draft_token_ids: per state, the speculative drafts
+    its request verifies: their rows are filled too (draft_bitmasks takes them)."""
     drafts_of = draft_token_ids if draft_token_ids is not None else [[] for _ in states]
-    kept = [(state, list(drafts)) for state, drafts in zip(states, drafts_of) if not state.stopped]
-    if not kept:
+    fed_ids = {id(state) for state in fed}
+    kept = [(state, list(drafts)) for state, drafts in zip(states, drafts_of)
+            if id(state) in fed_ids or not state.stopped]
+    if not kept and not fed:
         return None
     for state, _ in kept:
         state.wait_for_fill()  # an older fill still reading a matcher: llguidance allows one borrower at a time
-    words = (max(state.vocab_size for state, _ in kept) + 31) // 32
+    words = (max(state.vocab_size for state, _ in kept) + 31) // 32 if kept else 0
     # llguidance writes every row it is given a matcher for (the fill worker blanks the rest where drafts leave
     # some), so the engine thread allocates without writing: a blank 4 MB for 256 rows of a 128k vocabulary cost it
     # a memset, and page faults where the memory is not pinned, every step.
     fill = MaskFill(torch.empty((sum(len(drafts) + 1 for _, drafts in kept), words), dtype=torch.int32,
                                 pin_memory=pin_memory), [state for state, _ in kept])
+    for state, token_id in zip(fed, fed_token_ids):
+        state._hand_off(token_id, fill)
     rows = _first_rows([drafts for _, drafts in kept])
     for (state, drafts), row in zip(kept, rows):
         state.pending = PendingMask(fill, row, state.num_consumed, tuple(drafts))
-    _fill_worker().submit(fill, [(state.matcher, row, drafts) for (state, drafts), row in zip(kept, rows)])
+    _fill_worker().submit(fill, list(zip(fed, fed_token_ids)),
+                          [(state.matcher, row, drafts) for (state, drafts), row in zip(kept, rows)])
     return fill
 
 

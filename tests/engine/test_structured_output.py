@@ -209,7 +209,7 @@ def test_a_limit_hit_during_generation_ends_with_an_error_not_stop(llm, caplog):
     with caplog.at_level(logging.INFO):
         (output,) = llm.generate(["x"], params, use_tqdm=False)
     assert output.outputs[0].finish_reason == "error"
-    assert output.outputs[0].token_ids == [z]
+    assert output.outputs[0].token_ids == [z] and output.outputs[0].text == ""  # the rejected token isn't text
     [record] = [r for r in caplog.records if r.getMessage() == "structured output failed during generation"]
     assert len(record.grammar_sha256) == 16 and "items; max is 2000" in record.error and len(record.error) <= 300
     assert not llm.engine.has_unfinished_requests()

@@ -98,18 +98,6 @@ def test_overlapped_grammar_steps_give_the_synchronous_outputs(synchronous):
     engine.kv_cache.check_invariants([])
 
 
-def test_overlapped_steps_feeding_the_batch_through_llguidance_pool_give_the_synchronous_outputs(synchronous,
-                                                                                                  monkeypatch):
-    """The engine's consume_tokens on its thread-pool path (opt-in, taken on machines whose pool has several
-    threads and batches of PARALLEL_CONSUME_MIN rows), forced here for every constrained step."""
-    monkeypatch.setenv(structured.POOL_CONSUME_ENV, "1")
-    monkeypatch.setattr(structured, "PARALLEL_CONSUME_MIN", 1)
-    monkeypatch.setattr(structured, "_num_executor_threads", lambda: 2)
-    llm = make_llm(True)
-    batch = mixed_batch()
-    assert summary(llm.generate([p for p, _ in batch], [s for _, s in batch], use_tqdm=False)) == synchronous
-
-
 def test_abort_while_the_next_masks_are_pending(synchronous):
     """Aborts land between steps (the engine loop applies them), when a step is queued and the forward after it
     waits for its masks: the aborted request is dropped from both, the others end as the synchronous engine's."""
@@ -214,10 +202,10 @@ def test_a_token_fed_ahead_is_reported_once_by_advance(compiler):
         state.advance(token + 1)
 
 
-@pytest.mark.parametrize("parallel", [False, True])
-def test_a_batch_consumed_at_once_equals_one_token_at_a_time(compiler, parallel):
-    """consume_tokens (llguidance's thread pool when parallel) leaves every state as its own consume() would: the
-    tokens taken, one rejected (its matcher then in error), the masks that follow."""
+def test_tokens_fed_by_the_fill_worker_equal_one_token_at_a_time(compiler):
+    """start_mask_fill's fed: the worker feeds each state its token, then fills; every state ends as its own
+    consume() would leave it (the tokens taken, one rejected: its matcher then in error), and the masks are a
+    fresh fill's after the tokens, the rejecting and stopped states' too (end-of-sequence alone)."""
     states = [state for state in walked_states(compiler, 12) if not state.stopped]
     twins = [structured.GrammarState(state.matcher.deep_copy(), state.vocab_size, state.digest, state.num_consumed,
                                      state.num_reported) for state in states]
@@ -225,15 +213,27 @@ def test_a_batch_consumed_at_once_equals_one_token_at_a_time(compiler, parallel)
     allowed = structured.allowed_mask(bitmask, states[0].vocab_size)
     tokens = [int(row.nonzero()[-1]) for row in allowed]
     tokens[0] = int((~allowed[0]).nonzero()[0])  # one the grammar rejects
-    structured.consume_tokens(states, tokens, parallel=parallel)
+    # The last state's token is fed but its mask not filled (a request at its length limit).
+    fill = structured.start_mask_fill(states[:-1], fed=states, fed_token_ids=tokens)
     for twin, token in zip(twins, tokens):
         twin.consume(token)
     assert [(s.accepted, s.stopped, s.error, s.num_consumed, s.last_token_id) for s in states] == \
         [(t.accepted, t.stopped, t.error, t.num_consumed, t.last_token_id) for t in twins]
     assert not states[0].accepted and states[0].error
+    assert any(twin.stopped for twin in twins), "a choice was meant to end with its token"
+    assert torch.equal(fill.wait(), structured.fill_bitmask([t.matcher for t in twins[:-1]], states[0].vocab_size))
+    assert torch.equal(structured.next_token_bitmask(states[:-1]), fill.bitmask)
     assert all(state.advance(token) == twin.advance(token) for state, twin, token in zip(states, twins, tokens))
-    assert torch.equal(structured.fill_bitmask([s.matcher for s in states[1:] if not s.stopped], states[0].vocab_size),
-                       structured.fill_bitmask([t.matcher for t in twins[1:] if not t.stopped], states[0].vocab_size))
+
+
+def test_a_failed_feed_fails_the_status_reads(compiler):
+    """An error on the worker reaches whoever reads a fed state (the output processor's advance), as a fill's
+    reaches the sampler: the step fails."""
+    (state,) = [s for s in walked_states(compiler, 5) if not s.stopped][-1:]
+    state.wait_for_fill()
+    structured.start_mask_fill([state], fed=[state], fed_token_ids=[-1])  # not a token id: llguidance raises
+    with pytest.raises(RuntimeError, match="grammar mask fill failed"):
+        state.advance(-1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the one-launch bitmask kernel runs on a GPU")
