@@ -154,12 +154,7 @@ class GrammarState:
         self.num_reported += 1
         return self._accepted
 
-    @property
-    def terminated(self) -> bool:
-        """Nothing but end-of-sequence may follow: the output is complete."""
-        if self.feed is not None:
-            self._wait_for_feed()
-        return self._stopped
+    terminated = stopped  # nothing but end-of-sequence may follow: the output is complete (the output processor's word)
 
     def num_valid(self, token_ids: list[int]) -> int:
         """How many of token_ids, from the first, the grammar would take after the tokens consumed so far (the
