@@ -186,7 +186,8 @@ def hand_off(states: list[structured.GrammarState], tokens: list[int]) -> struct
 
 
 def python_work(iterations: int) -> int:
-    """The output processor's other work (detokenizing, stop checks): a fixed amount of Python, GIL held."""
+    """The output processor's other work (detokenizing, stop checks): a fixed amount of Python, GIL held. Fixed work,
+    not hold_gil's fixed time: the GIL turns the fill worker takes must lengthen it, or "critical" would hide them."""
     total = 0
     for i in range(iterations):
         total += i & 7

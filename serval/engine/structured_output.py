@@ -124,10 +124,14 @@ class GrammarState:
         self.wait_for_fill()
 
     def _fed(self, token_id: int, accepted: bool) -> None:
-        self._accepted = accepted
-        self._stopped = self.matcher.is_stopped()
+        self._took(accepted)
         self.last_token_id = token_id
         self.num_consumed += 1
+
+    def _took(self, accepted: bool) -> None:
+        """What the matcher said of the token just fed: here by consume(), on the fill worker by _feed."""
+        self._accepted = accepted
+        self._stopped = self.matcher.is_stopped()
 
     def _hand_off(self, token_id: int, fill: MaskFill) -> None:
         """token_id goes to `fill`'s worker, which feeds it (_feed) and records what consume() would."""
@@ -235,8 +239,7 @@ def _feed(fed: list[tuple[GrammarState, int]]) -> None:
     was the suspect of the +33.5% run, docs/performance.md)."""
     accepted = _ll_feed_executor().consume_token_par([(state.matcher, token_id) for state, token_id in fed])
     for (state, _), took in zip(fed, accepted):
-        state._accepted = took
-        state._stopped = state.matcher.is_stopped()
+        state._took(took)
 
 
 @functools.cache

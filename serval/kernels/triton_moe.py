@@ -87,7 +87,7 @@ _load_table = functools.cache(read_table)  # the kernel reads a device's table o
 
 def get_config(num_experts: int, hidden_size: int, intermediate_size: int, num_tokens: int,
                device: torch.device) -> MoeKernelConfig:
-    """The tuned configuration for the batch size nearest num_tokens, or default_config without a table."""
+    """This device's tuned configuration for num_tokens (pick_config), or default_config without a table."""
     table = None
     if device.type == "cuda":
         name = config_file_name(num_experts, hidden_size, intermediate_size, torch.cuda.get_device_name(device))
