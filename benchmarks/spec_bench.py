@@ -318,8 +318,8 @@ def uncaptured_verify_graphs(engine, k: int) -> VerifyGraphs:
     refusal = os.environ.get("SERVAL_ATTENTION_BACKEND")
     os.environ["SERVAL_ATTENTION_BACKEND"] = "triton"  # passes the constructor's check; the layers keep theirs
     try:
-        return VerifyGraphs(runner.model, runner.kv_caches, runner.block_size, 1, config.max_model_len, k + 1,
-                            runner.device)
+        return VerifyGraphs(runner.model, runner.kv_caches, runner.block_size, config.max_num_seqs,
+                            config.max_model_len, k + 1, runner.device)
     finally:
         if refusal is None:
             del os.environ["SERVAL_ATTENTION_BACKEND"]
