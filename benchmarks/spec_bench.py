@@ -20,6 +20,8 @@ Prints a table and writes JSON.
     PYTHONPATH=/tmp/site:. python benchmarks/spec_bench.py --profile --alphas 0.8 --ks 4 --json spec_profile.json
     # the host's own ms per decode and verify step, by phase, the forward left out (CPU with tiny shapes; GPU):
     python benchmarks/spec_bench.py --tiny --host --alphas 0.8 --ks 4 --prompt-len 128 --output-len 128
+    # the same with verify steps on the GPU's code path (the verify graphs' buffers, uncaptured):
+    python benchmarks/spec_bench.py --tiny --host --verify-graphs --alphas 0.8 --ks 4 --prompt-len 128 --output-len 128
     PYTHONPATH=/tmp/site:. python benchmarks/spec_bench.py --host --alphas 0.8 --ks 4 --output-len 128
 """
 from __future__ import annotations
@@ -40,6 +42,7 @@ import torch
 from serval import LLM, SamplingParams
 from serval.engine.spec_decode.decoder import SpecDecoder
 from serval.engine.spec_decode.replay import ReplayProposer
+from serval.engine.spec_decode.verify_graphs import VerifyGraphs
 
 # Llama-3.2-1B's shape (its config.json values), for the draft model; same vocabulary as Llama-3-8B.
 LLAMA_3_2_1B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
@@ -263,6 +266,8 @@ def host_steps(args, target: str) -> list[dict]:
         if speculative is None:
             outputs, _ = timed_generate(llm, prompts, args.output_len)
             reference = {tuple(prompts[0]): outputs[0]}
+        elif args.verify_graphs and engine.runner.verify_graphs is None:
+            engine.runner.verify_graphs = uncaptured_verify_graphs(engine, k)
         timers: dict[str, float] = {}
         host: list[float] = []
         for attempt in range(1 + args.host_repeats):  # the first warms up (allocator, caches) and isn't counted
@@ -280,6 +285,9 @@ def host_steps(args, target: str) -> list[dict]:
             undo = [_time_calls(owners[owner], name, phase, timers, stack) for phase, owner, name in HOST_PHASES
                     if hasattr(owners[owner], name)]
             undo += [_time_calls(graph, "replay", "graph launch", timers, stack) for graph in _captured_graphs(engine)]
+            if engine.runner.verify_graphs is not None and not engine.runner.verify_graphs.graphs:
+                # Uncaptured (--verify-graphs on a CPU): the padded forward is what a replay runs on a GPU.
+                undo.append(_time_calls(engine.runner.verify_graphs, "_forward", "forward", timers, stack))
             while engine.has_unfinished_requests():
                 forward_before = timers.get("forward", 0.0)
                 started = host_clock()
@@ -299,6 +307,24 @@ def host_steps(args, target: str) -> list[dict]:
         del llm, engine, owners, undo, restore  # the timers' owners hold the runner, whose KV cache must go
         release()
     return rows
+
+
+def uncaptured_verify_graphs(engine, k: int) -> VerifyGraphs:
+    """--host --verify-graphs on a CPU: verify steps through the verify graphs' padded buffers and one copy, the
+    GPU's code path, with the padded forward run eagerly. The model keeps the torch attention (the Triton
+    interpreter would take minutes): VerifyGraphs refuses it because it writes padding rows' slot -1 into the
+    cache's last slot, which a batch-1 run over a pool this large never reads. Host phases don't depend on it."""
+    runner, config = engine.runner, engine.config
+    refusal = os.environ.get("SERVAL_ATTENTION_BACKEND")
+    os.environ["SERVAL_ATTENTION_BACKEND"] = "triton"  # passes the constructor's check; the layers keep theirs
+    try:
+        return VerifyGraphs(runner.model, runner.kv_caches, runner.block_size, config.max_num_seqs,
+                            config.max_model_len, k + 1, runner.device)
+    finally:
+        if refusal is None:
+            del os.environ["SERVAL_ATTENTION_BACKEND"]
+        else:
+            os.environ["SERVAL_ATTENTION_BACKEND"] = refusal
 
 
 def host_clock() -> float:
@@ -504,6 +530,9 @@ def main() -> int:
     parser.add_argument("--host", action="store_true",
                         help="batch 1: the host's ms per decode and verify step, by phase, the model forward left "
                              "out (first alpha and k; with --tiny on the CPU)")
+    parser.add_argument("--verify-graphs", action="store_true",
+                        help="--host on a CPU: verify steps through the verify graphs' buffers, uncaptured (the "
+                             "GPU's code path; the forward runs eagerly)")
     parser.add_argument("--host-repeats", type=int, default=3, help="--host: measured generations per case")
     parser.add_argument("--json", default="spec_bench.json")
     args = parser.parse_args()

@@ -40,6 +40,9 @@ class PaddedRows:
         self.inputs = torch.zeros(size, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(self.max_batch + 1, dtype=torch.int32, device=device) * num_query_tokens
         self._seq_lens_host = [0] * self.max_batch  # this step's, for AttentionMetadata's host fields
+        # Per batch size, the (device, staging) prefixes its copy moves: made once, as slicing a device tensor costs the
+        # host a few microseconds before the replay, on a verify step's critical path.
+        self._copy_views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.device = device
 
@@ -64,9 +67,28 @@ class PaddedRows:
             seq_lens_tensor=self.view("seq_lens", batch), query_start_loc_tensor=self.query_start_loc[:batch + 1])
 
     def fill(self, query_start_loc: list[int], input_ids: list[int], positions: list[int], slot_mapping: list[int],
-             seq_lens: list[int], block_tables: list[list[int]], batch: int) -> list[int]:
+             seq_lens: list[int], block_tables: list[list[int]], batch: int) -> list[int] | range:
         """Write a flat step's inputs (request i's rows at query_start_loc[i]:[i + 1]), padded, into the buffers;
-        return each flat row's padded row."""
+        return each flat row's padded row (a range where they are the same)."""
+        staging = self._staging.numpy()
+        if len(input_ids) == self.num_query_tokens * len(seq_lens):
+            # Every request has all Q rows (each verifies k drafts): the flat step is already in the padded layout.
+            self._write(staging, input_ids, positions, slot_mapping, seq_lens, batch)
+            padded_rows = range(len(input_ids))
+        else:
+            padded_rows = self._write_padded(staging, query_start_loc, input_ids, positions, slot_mapping, seq_lens,
+                                             batch)
+        table_start = self._layout["block_tables"]
+        table = staging[table_start:table_start + batch * self.max_blocks].reshape(batch, self.max_blocks)
+        # Entries past a request's blocks keep earlier steps' ids: valid blocks, and no visible key reads them.
+        for b, block_ids in enumerate(block_tables):
+            table[b, :len(block_ids)] = block_ids
+        self._copy_to_device(batch)
+        return padded_rows
+
+    def _write_padded(self, staging, query_start_loc: list[int], input_ids: list[int], positions: list[int],
+                      slot_mapping: list[int], seq_lens: list[int], batch: int) -> list[int]:
+        """fill's vectors of a step where some request has fewer than Q rows, each padded to Q."""
         width = self.num_query_tokens
         padded_ids, padded_positions, padded_slots, padded_seq_lens, padded_rows = [], [], [], [], []
         for b, (start, end) in enumerate(zip(query_start_loc, query_start_loc[1:])):
@@ -76,14 +98,7 @@ class PaddedRows:
             padded_slots += slot_mapping[start:end] + [-1] * padding
             padded_seq_lens.append(seq_lens[b] + padding)
             padded_rows += range(b * width, b * width + end - start)
-        staging = self._staging.numpy()
         self._write(staging, padded_ids, padded_positions, padded_slots, padded_seq_lens, batch)
-        table_start = self._layout["block_tables"]
-        table = staging[table_start:table_start + batch * self.max_blocks].reshape(batch, self.max_blocks)
-        # Entries past a request's blocks keep earlier steps' ids: valid blocks, and no visible key reads them.
-        for b, block_ids in enumerate(block_tables):
-            table[b, :len(block_ids)] = block_ids
-        self._copy_to_device(batch)
         return padded_rows
 
     def fill_padding(self, batch: int) -> None:
@@ -127,13 +142,18 @@ class PaddedRows:
                                    ("slot_mapping", slot_mapping, -1)):
             start = self._layout[name]
             staging[start:start + len(values)] = values
-            staging[start + len(values):start + num_rows] = fill
+            if len(values) < num_rows:  # a step of whole requests only (the usual verify step) has no tail
+                staging[start + len(values):start + num_rows] = fill
         start = self._layout["seq_lens"]
         staging[start:start + len(seq_lens)] = seq_lens
-        staging[start + len(seq_lens):start + batch] = 0
+        if len(seq_lens) < batch:
+            staging[start + len(seq_lens):start + batch] = 0
         self._seq_lens_host[:batch] = seq_lens + [0] * (batch - len(seq_lens))
 
     def _copy_to_device(self, batch: int) -> None:
         # Every vector is copied whole (its rows past this batch are stale and unread); the table only to this batch.
-        end = self._layout["block_tables"] + batch * self.max_blocks
-        self.inputs[:end].copy_(self._staging[:end], non_blocking=True)
+        if batch not in self._copy_views:
+            end = self._layout["block_tables"] + batch * self.max_blocks
+            self._copy_views[batch] = self.inputs[:end], self._staging[:end]
+        device, staging = self._copy_views[batch]
+        device.copy_(staging, non_blocking=True)

@@ -51,13 +51,13 @@ def verify(logits: torch.Tensor, requests: list[Request], draft_token_ids: list[
     _apply_history_processing(logits, requests, draft_token_ids, starts)
     _apply_grammar_masks(logits, requests, draft_token_ids, starts)
     greedy = [p.temperature < SAMPLING_EPS for p in params]
-    greedy_tokens = logits.argmax(dim=-1).tolist() if any(greedy) else None
     if all(greedy):
+        greedy_tokens = logits.argmax(dim=-1).tolist()
         emitted = [_accept_greedy(drafts, greedy_tokens[start:start + len(drafts) + 1])
                    for start, drafts in zip(starts, draft_token_ids)]
     else:
         emitted = _accept_random(logits, row_requests, params, draft_token_ids, starts, draft_probs, greedy,
-                                 greedy_tokens)
+                                 logits.argmax(dim=-1) if any(greedy) else None)
     return [VerifiedTokens(tokens, _logprobs(raw_logits, logprob_rows, start, tokens, request), len(drafts))
             for request, drafts, start, tokens in zip(requests, draft_token_ids, starts, emitted)]
 
@@ -131,9 +131,10 @@ def _accept_greedy(drafts: list[int], target: list[int]) -> list[int]:
 
 def _accept_random(logits: torch.Tensor, row_requests: list[Request], params, draft_token_ids: list[list[int]],
                    starts: list[int], draft_probs: torch.Tensor | None, greedy: list[bool],
-                   greedy_tokens: list[int] | None) -> list[list[int]]:
+                   greedy_argmax: torch.Tensor | None) -> list[list[int]]:
     """Every row's acceptance test and fallback draw is made on the device in one batch; the host then walks
-    each request's rows to its first rejection (one read back per step)."""
+    each request's rows to its first rejection. Acceptances, fallbacks and greedy rows' argmax come back in one
+    read: each read waits for the device, and a verify step's device idles until the host has its tokens."""
     device = logits.device
     probs = sampler.warp_logits(logits, params).softmax(dim=-1)
     num_rows = probs.shape[0]
@@ -156,12 +157,15 @@ def _accept_random(logits: torch.Tensor, row_requests: list[Request], params, dr
     q_draft = q.gather(1, drafts_per_row.unsqueeze(1)).squeeze(1)
     uniform = _uniform(num_rows, row_requests, device)
     # u < p / q, written without the division (q > 0 wherever a draft token could come from).
-    accepted = (uniform * q_draft < p_draft).tolist()
+    accepted = uniform * q_draft < p_draft
     residual = (probs - q).clamp_(min=0.0)
     # A residual of all zeros (p == q, rejection impossible) would give NaN: fall back to p, never drawn anyway.
     empty = residual.sum(dim=-1, keepdim=True) <= 0
     residual = torch.where(empty, probs, residual)
-    fallback = residual.div_(_exponential(residual, row_requests)).argmax(dim=-1).tolist()
+    fallback = residual.div_(_exponential(residual, row_requests)).argmax(dim=-1)
+    read = torch.stack([accepted.long(), fallback] + ([greedy_argmax] if greedy_argmax is not None else [])).tolist()
+    accepted, fallback = read[0], read[1]
+    greedy_tokens = read[2] if greedy_argmax is not None else None
     emitted = []
     for start, drafts in zip(starts, draft_token_ids):
         tokens = []

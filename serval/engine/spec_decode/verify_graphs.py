@@ -75,7 +75,9 @@ class VerifyGraphs:
         padded_rows = self.rows.fill(inputs.query_start_loc, inputs.input_ids, inputs.positions, inputs.slot_mapping,
                                      inputs.seq_lens, inputs.block_tables, batch)
         self.rows.replay(batch, self._forward)
-        rows = [padded_rows[row] for row in inputs.logits_rows]
+        rows = inputs.logits_rows
+        if not isinstance(padded_rows, range):  # a range: every flat row is its own padded row
+            rows = [padded_rows[row] for row in rows]
         if rows and rows == list(range(rows[0], rows[0] + len(rows))):
             # Every row of every request in order (each verifies k drafts, nothing else): a view of the buffer,
             # with no index copy to the device and no gather between the replay and the sampler.

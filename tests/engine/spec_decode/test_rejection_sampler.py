@@ -110,3 +110,21 @@ def test_seeded_requests_repeat_and_do_not_depend_on_the_batch():
         return [r.token_ids for r in verify(logits.repeat(batch_size, 1), requests, [drafts] * batch_size)]
 
     assert run(1)[0] == run(3)[2]
+
+
+def test_greedy_and_sampled_requests_in_one_batch_each_keep_their_own_tokens():
+    """Greedy rows beside sampled ones, whose acceptance, fallback draws and argmax come back in one read: the
+    greedy request keeps what it keeps alone, the seeded sampled one what it draws alone."""
+    logits = row_logits(4, seed=3)
+    target = logits.argmax(dim=-1).tolist()
+    drafts = [target[0], target[1], (target[2] + 1) % VOCAB]
+
+    def sampled() -> list[Request]:
+        requests = make_requests(1, temperature=1.0, seed=5)
+        requests[0].generator = torch.Generator().manual_seed(5)
+        return requests
+
+    alone = verify(logits.clone(), sampled(), [drafts])[0].token_ids
+    mixed = verify(torch.cat([logits, logits]), make_requests(1, temperature=0.0) + sampled(), [drafts, drafts])
+    assert [result.token_ids for result in mixed] == [target[:3], alone]
+    assert alone != target[:3]  # the sampled request does draw: the two rules are told apart
