@@ -1,0 +1,81 @@
+"""How serval's processes start and watch their driver (serval.distributed.processes): a process from the fork
+server has serval's modules already imported, no CUDA, and the fork server for its parent; DriverWatch sees a
+process exit that is not the watcher's parent, at once, before the process is reaped."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from serval.distributed.processes import SERVAL_PRELOAD, DriverWatch, preload_modules, start_context
+from tests.distributed.started_process import report
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="the fork server and pidfds are Linux's")
+DEADLINE_S = 60.0
+
+
+def test_a_started_process_comes_from_the_fork_server_with_serval_imported_and_no_cuda():
+    context = start_context()
+    results = context.Queue()
+    process = context.Process(target=report, args=(results,))
+    process.start()
+    found = results.get(timeout=DEADLINE_S)
+    process.join(DEADLINE_S)
+    assert process.exitcode == 0
+    assert found["parent_pid"] != os.getpid()  # the fork server's: why the workers watch the driver's pid
+    assert set(SERVAL_PRELOAD) <= set(found["preloaded"])
+    assert not found["cuda_initialized"]  # a fork of a process with CUDA initialised could not use CUDA
+
+
+def test_the_fork_server_preloads_serval_only_when_it_would_import_this_serval(tmp_path, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert preload_modules() == ["torch", *SERVAL_PRELOAD]
+    monkeypatch.chdir(tmp_path)  # the fork server would find serval where this process did
+    assert preload_modules() == ["torch", *SERVAL_PRELOAD]
+    (tmp_path / "serval").mkdir()
+    (tmp_path / "serval" / "__init__.py").write_text("")  # another checkout, first on the fork server's path
+    assert preload_modules() == ["torch"]
+
+
+def sleeper() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+
+
+def test_driver_watch_sees_the_process_exit_before_it_is_reaped():
+    process = sleeper()
+    watch = DriverWatch(process.pid)
+    try:
+        assert not watch.exited()
+        assert not watch.exited(timeout_s=0.2)
+        process.kill()
+        assert watch.exited(timeout_s=DEADLINE_S)  # a zombie still has its pid: only a pidfd says it exited
+    finally:
+        process.kill()
+        process.wait()
+        watch.close()
+
+
+def test_driver_watch_without_pidfds_polls_the_pid(monkeypatch):
+    def no_pidfds(pid: int) -> int:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfds)
+    process = sleeper()
+    watch = DriverWatch(process.pid)
+    try:
+        assert not watch.exited(timeout_s=0.2)
+        process.kill()
+        process.wait()
+        assert watch.exited(timeout_s=DEADLINE_S)
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_driver_watch_of_a_process_already_gone():
+    process = sleeper()
+    process.kill()
+    process.wait()
+    assert DriverWatch(process.pid).exited()
