@@ -24,7 +24,6 @@ import concurrent.futures
 import dataclasses
 import itertools
 import logging
-import multiprocessing
 import pickle
 import queue
 import threading
@@ -35,6 +34,7 @@ from contextlib import aclosing
 import torch
 
 from serval.config import EngineConfig
+from serval.distributed.processes import start_context
 from serval.engine import core_messages as messages
 from serval.engine.async_engine import RequestFailedError, RequestStream, _dead_error, _failed, _put_all, _Stream
 from serval.engine.core_process import CoreArgs, core_main
@@ -56,7 +56,7 @@ class EngineCoreClient:
     """The server's view of an engine running in another process: the same public questions as AsyncEngine."""
 
     def __init__(self, config: EngineConfig) -> None:
-        context = multiprocessing.get_context("spawn")  # CUDA and threads: never fork
+        context = start_context()  # CUDA and threads here: never a fork of this process, the fork server's
         self._connection, core_end = context.Pipe(duplex=True)
         root = logging.getLogger()
         # Not daemonic: a daemonic process may not start the tensor-parallel workers. The core exits with us
@@ -356,7 +356,7 @@ class _StepTaken:
 
 
 def _portable_formatter() -> logging.Formatter | None:
-    """The root handler's formatter (serve's JSON lines) when it can travel to a spawned process (a test runner's
+    """The root handler's formatter (serve's JSON lines) when it can travel to another process (a test runner's
     may not)."""
     handlers = logging.getLogger().handlers
     if not handlers or handlers[0].formatter is None:
