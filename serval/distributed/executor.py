@@ -37,7 +37,7 @@ from serval.config import EngineConfig
 from serval.distributed import WorkerFailedError
 from serval.distributed import group as groups
 from serval.distributed import shm_broadcast
-from serval.distributed.processes import start_context
+from serval.distributed.processes import new_process
 from serval.distributed.shm_broadcast import ShmBroadcastWriter
 from serval.distributed.steps import DecodeStep, MixedStep, eager_decode, replay_decode, replay_mixed
 from serval.distributed.gguf_shards import check_gguf_layout, gguf_file_of
@@ -99,11 +99,10 @@ class TensorParallelExecutor:
             raise InvalidArgument(param, str(error)) from None
         store = groups.open_store(0, size)
         segment, spec = shm_broadcast.create_segment(num_readers=size - 1) if size > 1 else (None, None)
-        context = start_context()
-        processes = [context.Process(target=worker_main, name=f"serval-tp-rank-{rank}", daemon=True, args=(
+        processes = [new_process(worker_main, (
             WorkerArgs(dataclasses.replace(layout, rank=rank), store.port, model_path, config, dtype, device,
-                       logging.getLogger().getEffectiveLevel(), _root_formatter(), spec, os.getpid()),))
-            for rank in range(1, size)]
+                       logging.getLogger().getEffectiveLevel(), _root_formatter(), spec, os.getpid()),),
+            name=f"serval-tp-rank-{rank}", daemon=True) for rank in range(1, size)]
         plans = None
         try:
             for process in processes:

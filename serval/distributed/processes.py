@@ -8,6 +8,10 @@ torch does not create one; nothing serval runs at import touches a device), no e
 ours, so forking it is safe where forking the driver is not. A driver's first start also pays the fork server's
 own imports; each later start is a fork. Where there is no fork server (not Linux), spawn.
 
+A fork has the fork server's environment, which is the driver's as of the fork server's start; a new_process
+takes the driver's as of its own start, as a spawned one does, since the kernels' switches (SERVAL_GEMV,
+SERVAL_ATTENTION_BACKEND, ...) are read from it at run time and the driver and its workers must choose alike.
+
 Whose child. A process forked by the fork server is the fork server's child, and the fork server outlives the
 driver (each of its children keeps it alive), so os.getppid() says nothing about the driver. The driver's pid does:
 DriverWatch opens a pidfd on it (Linux 5.3+), which refers to that process and not to its number, becomes readable
@@ -22,6 +26,8 @@ import os
 import select
 import time
 from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
+from typing import Callable
 
 # What the workers and the engine core import, most of it torch and transformers through serval's modules.
 SERVAL_PRELOAD = ["serval.engine.core_process", "serval.distributed.worker"]
@@ -35,6 +41,17 @@ def start_context() -> BaseContext:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(preload_modules())  # taken when the fork server starts: the first start
     return context
+
+
+def new_process(target: Callable[..., None], args: tuple, name: str, daemon: bool) -> BaseProcess:
+    """A process (not started yet) that will run target(*args) in this process's environment as it is now."""
+    return start_context().Process(target=_run_in, args=(dict(os.environ), target, args), name=name, daemon=daemon)
+
+
+def _run_in(environment: dict[str, str], target: Callable[..., None], args: tuple) -> None:
+    os.environ.clear()
+    os.environ.update(environment)
+    target(*args)
 
 
 def preload_modules() -> list[str]:

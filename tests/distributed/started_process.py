@@ -11,4 +11,5 @@ import sys
 def report(results) -> None:
     torch = sys.modules.get("torch")
     results.put({"parent_pid": os.getppid(), "preloaded": sorted(m for m in sys.modules if m.startswith("serval.")),
-                 "cuda_initialized": torch is not None and torch.cuda.is_initialized()})
+                 "cuda_initialized": torch is not None and torch.cuda.is_initialized(),
+                 "environment": dict(os.environ)})

@@ -1,25 +1,29 @@
-"""How serval's processes start and watch their driver (serval.distributed.processes): a process from the fork
-server has serval's modules already imported, no CUDA, and the fork server for its parent; DriverWatch sees a
-process exit that is not the watcher's parent, at once, before the process is reaped."""
+"""How serval's processes start and watch their driver (serval.distributed.processes): a new process comes from
+the fork server (its parent) with serval's modules already imported, no CUDA, and the environment of the process
+that started it, not the fork server's; DriverWatch sees a process exit that is not the watcher's parent, at once,
+before the process is reaped."""
 from __future__ import annotations
 
+import multiprocessing.forkserver
 import os
 import subprocess
 import sys
 
 import pytest
 
-from serval.distributed.processes import SERVAL_PRELOAD, DriverWatch, preload_modules, start_context
+from serval.distributed.processes import SERVAL_PRELOAD, DriverWatch, new_process, preload_modules, start_context
 from tests.distributed.started_process import report
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="the fork server and pidfds are Linux's")
 DEADLINE_S = 60.0
 
 
-def test_a_started_process_comes_from_the_fork_server_with_serval_imported_and_no_cuda():
-    context = start_context()
-    results = context.Queue()
-    process = context.Process(target=report, args=(results,))
+def test_a_new_process_is_a_fork_server_child_with_serval_imported_no_cuda_and_our_environment(monkeypatch):
+    results = start_context().Queue()
+    multiprocessing.forkserver.ensure_running()  # its environment is this process's as of now
+    monkeypatch.setenv("SERVAL_SET_AFTER_THE_FORK_SERVER_STARTED", "1")
+    monkeypatch.delenv("HOME", raising=False)
+    process = new_process(report, (results,), name="report", daemon=True)
     process.start()
     found = results.get(timeout=DEADLINE_S)
     process.join(DEADLINE_S)
@@ -27,6 +31,7 @@ def test_a_started_process_comes_from_the_fork_server_with_serval_imported_and_n
     assert found["parent_pid"] != os.getpid()  # the fork server's: why the workers watch the driver's pid
     assert set(SERVAL_PRELOAD) <= set(found["preloaded"])
     assert not found["cuda_initialized"]  # a fork of a process with CUDA initialised could not use CUDA
+    assert found["environment"] == dict(os.environ)
 
 
 def test_the_fork_server_preloads_serval_only_when_it_would_import_this_serval(tmp_path, monkeypatch):
