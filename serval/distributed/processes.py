@@ -6,7 +6,8 @@ of CPU on a 2-core host). multiprocessing's fork server imports them once and fo
 image (about 0.25 s). The fork server is a clean interpreter that only imports: it holds no CUDA context (importing
 torch does not create one; nothing serval runs at import touches a device), no engine state and no threads of
 ours, so forking it is safe where forking the driver is not. A driver's first start also pays the fork server's
-own imports; each later start is a fork. Where there is no fork server (not Linux), spawn.
+own imports; each later start is a fork. Where there is no fork server (not Linux), or when
+SERVAL_WORKER_MULTIPROC_METHOD=spawn, spawn.
 
 A fork has the fork server's environment, which is the driver's as of the fork server's start; a new_process
 takes the driver's as of its own start, as a spawned one does, since the kernels' switches (SERVAL_GEMV,
@@ -31,12 +32,19 @@ from typing import Callable
 
 # What the workers and the engine core import, most of it torch and transformers through serval's modules.
 SERVAL_PRELOAD = ["serval.engine.core_process", "serval.distributed.worker"]
+START_METHOD_ENV = "SERVAL_WORKER_MULTIPROC_METHOD"
 _PID_POLL_S = 1.0
 
 
 def start_context() -> BaseContext:
-    """The multiprocessing context serval's processes start from: the fork server, or spawn where there is none."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
+    """The multiprocessing context serval's processes start from: the fork server, or spawn where there is none or
+    SERVAL_WORKER_MULTIPROC_METHOD (vLLM's VLLM_WORKER_MULTIPROC_METHOD) says spawn."""
+    method = os.environ.get(START_METHOD_ENV) or \
+        ("forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
+    if method not in ("forkserver", "spawn"):
+        raise ValueError(f"{START_METHOD_ENV}={method!r}: use forkserver or spawn (this process's CUDA state and "
+                         "threads rule out fork)")
+    if method == "spawn":
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(preload_modules())  # taken when the fork server starts: the first start

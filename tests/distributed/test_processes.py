@@ -84,3 +84,12 @@ def test_driver_watch_of_a_process_already_gone():
     process.kill()
     process.wait()
     assert DriverWatch(process.pid).exited()
+
+
+def test_the_start_method_can_be_spawn_and_nothing_else_but_the_fork_server(monkeypatch):
+    assert start_context().get_start_method() == "forkserver"
+    monkeypatch.setenv("SERVAL_WORKER_MULTIPROC_METHOD", "spawn")
+    assert start_context().get_start_method() == "spawn"
+    monkeypatch.setenv("SERVAL_WORKER_MULTIPROC_METHOD", "fork")
+    with pytest.raises(ValueError, match="SERVAL_WORKER_MULTIPROC_METHOD='fork': use forkserver or spawn"):
+        start_context()
