@@ -1,9 +1,9 @@
 """The processes serval starts (tensor-parallel workers, the engine core): where they come from, and how one of them
 knows that its driver, the process that started it, still runs.
 
-Where from. A `spawn`ed process is a fresh interpreter that imports torch and serval before it runs (about 3.7 s
-of CPU on a 2-core host). multiprocessing's fork server imports them once and forks each new process from that
-image (about 0.25 s). The fork server is a clean interpreter that only imports: it holds no CUDA context (importing
+Where from. A `spawn`ed process is a fresh interpreter that imports torch and serval before it runs (seconds of
+CPU). multiprocessing's fork server imports them once and forks each new process from that image: a 2-rank engine
+starts in 1.1 s instead of 2.9 s on a 2-core host (benchmarks/process_start_bench.py). The fork server is a clean interpreter that only imports: it holds no CUDA context (importing
 torch does not create one; nothing serval runs at import touches a device), no engine state and no threads of
 ours, so forking it is safe where forking the driver is not. A driver's first start also pays the fork server's
 own imports; each later start is a fork. Where there is no fork server (not Linux), or when
