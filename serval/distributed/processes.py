@@ -3,11 +3,11 @@ knows that its driver, the process that started it, still runs.
 
 Where from. A `spawn`ed process is a fresh interpreter that imports torch and serval before it runs (seconds of
 CPU). multiprocessing's fork server imports them once and forks each new process from that image: a 2-rank engine
-starts in 1.1 s instead of 2.9 s on a 2-core host (benchmarks/process_start_bench.py). The fork server is a clean interpreter that only imports: it holds no CUDA context (importing
-torch does not create one; nothing serval runs at import touches a device), no engine state and no threads of
-ours, so forking it is safe where forking the driver is not. A driver's first start also pays the fork server's
-own imports; each later start is a fork. Where there is no fork server (not Linux), or when
-SERVAL_WORKER_MULTIPROC_METHOD=spawn, spawn.
+starts in 1.1 s instead of 2.9 s on a 2-core host (benchmarks/process_start_bench.py). The fork server is a
+clean interpreter that only imports: it holds no CUDA context (importing torch does not create one; nothing serval
+runs at import touches a device), no engine state and no threads of ours, so forking it is safe where forking the
+driver is not. A driver's first start also pays the fork server's own imports; each later start is a fork.
+Where there is no fork server (not Linux), or when SERVAL_WORKER_MULTIPROC_METHOD=spawn, spawn.
 
 A fork has the fork server's environment, which is the driver's as of the fork server's start; a new_process
 takes the driver's as of its own start, as a spawned one does, since the kernels' switches (SERVAL_GEMV,
