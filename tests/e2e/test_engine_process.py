@@ -78,7 +78,8 @@ def test_the_engine_runs_in_a_child_process(server):
     pid = core_pid(server)
     assert pid != server.process.pid and alive(pid)
     fork_server = parent_pid(pid)  # the core is forked by the server's fork server (serval.distributed.processes)
-    assert "forkserver" in open(f"/proc/{fork_server}/cmdline").read()
+    with open(f"/proc/{fork_server}/cmdline") as f:
+        assert "forkserver" in f.read()
     assert parent_pid(fork_server) == server.process.pid
 
 
