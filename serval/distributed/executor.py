@@ -1,7 +1,7 @@
 """The driver side of tensor parallelism (rank 0, the engine process): start the workers, broadcast each step,
 watch for failures, stop them.
 
-    start ──► spawn ranks 1..N-1 ──► rendezvous ──► every rank loads its shard ──► configure: the resolved engine
+    start ──► fork ranks 1..N-1 ──► rendezvous ──► every rank loads its shard ──► configure: the resolved engine
     arguments go out, every rank sizes its KV pool, all take the smallest ──► steps ──► shutdown
 
 Every message to the workers (RankSetup, each step's plan, the stop) goes through a shared-memory ring
@@ -13,15 +13,19 @@ closes its sockets, so the driver's collective fails at once; one that hangs mak
 (COLLECTIVE_TIMEOUT_S), as does a ring no worker reads any more. Any of these, or a failed forward on the driver
 (which leaves the ranks out of step), stops every worker, unlinks the ring's segment and raises WorkerFailedError,
 which ends the engine. No worker outlives the driver: they are daemonic (multiprocessing stops them at exit), a
-finalizer stops them when the executor is collected, and each watches its parent (its step loop too, while it
-waits on the ring). No segment outlives it either: shutdown, failure and the finalizer unlink it, and
+finalizer stops them when the executor is collected, and each watches the driver's process (its step loop too,
+while it waits on the ring). No segment outlives it either: shutdown, failure and the finalizer unlink it, and
 multiprocessing's resource tracker does if the driver is killed.
+
+The workers come from multiprocessing's fork server, which has torch and serval imported
+(serval.distributed.processes): a worker's start costs a fork, not a fresh interpreter's imports.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import multiprocessing
+import os
 import pickle
 import weakref
 from typing import NoReturn
@@ -33,6 +37,7 @@ from serval.config import EngineConfig
 from serval.distributed import WorkerFailedError
 from serval.distributed import group as groups
 from serval.distributed import shm_broadcast
+from serval.distributed.processes import new_process
 from serval.distributed.shm_broadcast import ShmBroadcastWriter
 from serval.distributed.steps import DecodeStep, MixedStep, eager_decode, replay_decode, replay_mixed
 from serval.distributed.gguf_shards import check_gguf_layout, gguf_file_of
@@ -94,11 +99,10 @@ class TensorParallelExecutor:
             raise InvalidArgument(param, str(error)) from None
         store = groups.open_store(0, size)
         segment, spec = shm_broadcast.create_segment(num_readers=size - 1) if size > 1 else (None, None)
-        context = multiprocessing.get_context("spawn")
-        processes = [context.Process(target=worker_main, name=f"serval-tp-rank-{rank}", daemon=True, args=(
+        processes = [new_process(worker_main, (
             WorkerArgs(dataclasses.replace(layout, rank=rank), store.port, model_path, config, dtype, device,
-                       logging.getLogger().getEffectiveLevel(), _root_formatter(), spec),))
-            for rank in range(1, size)]
+                       logging.getLogger().getEffectiveLevel(), _root_formatter(), spec, os.getpid()),),
+            name=f"serval-tp-rank-{rank}", daemon=True) for rank in range(1, size)]
         plans = None
         try:
             for process in processes:
@@ -267,7 +271,7 @@ def previous_samples(previous: DecodeInFlight, requests: list[Request]) -> torch
 
 
 def _root_formatter() -> logging.Formatter | None:
-    """The first root handler's formatter when it can travel to a spawned process (a test runner's may not)."""
+    """The first root handler's formatter when it can travel to a worker process (a test runner's may not)."""
     handlers = logging.getLogger().handlers
     if not handlers or handlers[0].formatter is None:
         return None

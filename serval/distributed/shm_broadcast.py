@@ -1,7 +1,7 @@
 """A one-writer, many-reader broadcast through shared memory: how the driver hands each step's plan to the workers
 of its host, instead of a gloo broadcast of a pickle (a size, then the bytes, over TCP) per step.
 
-The segment (multiprocessing.shared_memory, created by the driver before it spawns the workers) is a ring of
+The segment (multiprocessing.shared_memory, created by the driver before it starts the workers) is a ring of
 `num_slots` slots of `slot_bytes` each. A slot:
 
     [written][read by reader 0 .. R-1][padding to 8]  [kind: u8][length: u64]  [payload: slot_bytes]
@@ -20,10 +20,11 @@ idleness is seen up to SLEEP_S (plus the kernel's wake-up) late, once; steps tha
 once. The writer waits only when the readers are num_slots plans behind.
 
 Failures. A waiting writer checks the readers' liveness (its caller's check) every CHECK_INTERVAL_S and gives up
-after its timeout (COLLECTIVE_TIMEOUT_S in the executor); a waiting reader checks that its parent, the writer's
-process, is still there, and raises WriterGoneError when it is not. The writer's owner unlinks the segment at
+after its timeout (COLLECTIVE_TIMEOUT_S in the executor); a waiting reader checks that the writer's process is
+still there (serval.distributed.processes.DriverWatch: its pid, not the reader's parent, which may be a fork
+server), and raises WriterGoneError when it is not. The writer's owner unlinks the segment at
 shutdown or failure; if it is killed outright, multiprocessing's resource tracker (a process of its own, which
-spawned children share) unlinks it.
+its spawned or fork-server children share) unlinks it.
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ from multiprocessing import shared_memory
 from typing import Callable
 
 import torch.distributed as dist
+
+from serval.distributed.processes import DriverWatch
 
 NUM_SLOTS = 8
 SLOT_BYTES = 1 << 20  # a decode step's plan is a few kB; a long prefill's block tables fit too; past it, gloo
@@ -56,12 +59,12 @@ class WriterGoneError(RuntimeError):
 
 @dataclass(frozen=True)
 class ShmQueueSpec:
-    """What a reader needs to attach: travels to the spawned workers in WorkerArgs."""
+    """What a reader needs to attach: travels to the workers in WorkerArgs."""
     name: str
     num_readers: int
     num_slots: int
     slot_bytes: int
-    writer_pid: int  # the readers' parent: a reader whose parent changes has lost its writer
+    writer_pid: int  # the readers watch it: when it exits no message will come
 
     @property
     def header_bytes(self) -> int:
@@ -148,6 +151,7 @@ class ShmBroadcastReader:
         self.flag = 1 + reader_index
         self.fallback_group = fallback_group
         self.segment = shared_memory.SharedMemory(name=spec.name)
+        self.writer = DriverWatch(spec.writer_pid)
         self.next_slot = 0
         self._fence = threading.Lock()
 
@@ -172,11 +176,12 @@ class ShmBroadcastReader:
         return message
 
     def _check_writer(self) -> None:
-        if os.getppid() != self.spec.writer_pid:
+        if self.writer.exited():
             raise WriterGoneError(f"the step plans' writer (pid {self.spec.writer_pid}) has exited")
 
     def close(self) -> None:
         self.segment.close()
+        self.writer.close()
 
 
 def wait_until(ready: Callable[[], bool], on_wait: Callable[[], None]) -> None:

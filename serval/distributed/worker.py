@@ -6,9 +6,10 @@ the input ids of a decode step come from the driver's device (serval.distributed
 for its own device, so it runs as far ahead as the driver's plans let it. Its LM head sends its vocabulary slice's
 logits to the driver (a gather to rank 0) and keeps none: only the driver samples. The driver's messages come
 through a shared-memory ring (serval.distributed.shm_broadcast) the worker polls. It exits when the driver says
-stop, when the driver's sockets close (a crash), when its parent process is gone (checked every second, and by
-the ring's wait every 0.1 s, so a driver killed with SIGKILL leaves no orphan), or when its own step fails (the
-driver's next collective then fails, and the engine stops).
+stop, when the driver's sockets close (a crash), when the driver's process has exited (a thread waits on it, and
+the ring's wait checks every 0.1 s, so a driver killed with SIGKILL leaves no orphan; serval.distributed.processes
+says why the driver's pid and not the parent's, which is the fork server), or when its own step fails (the driver's
+next collective then fails, and the engine stops).
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from serval.config import EngineConfig
 from serval.distributed import group as groups
+from serval.distributed.processes import DriverWatch
 from serval.distributed.shm_broadcast import ShmBroadcastReader, ShmQueueSpec
 from serval.distributed.steps import DecodeStep, MixedStep, replay_mixed, run_decode
 from serval.distributed.weights import load_rank_model
@@ -34,12 +35,10 @@ from serval.layers.parallel import ShardLayout
 
 logger = logging.getLogger(__name__)
 
-_PARENT_POLL_S = 1.0
-
 
 @dataclass
 class WorkerArgs:
-    """What a spawned worker needs to join: its rank, the rendezvous, and what to load."""
+    """What a started worker needs to join: its rank, the rendezvous, and what to load."""
     layout: ShardLayout  # its rank is the worker's
     store_port: int
     model_path: str
@@ -49,6 +48,7 @@ class WorkerArgs:
     log_level: int
     log_formatter: logging.Formatter | None  # the driver's (the server's JSON lines), so one log reads alike
     plan_queue: ShmQueueSpec  # the driver's ring of step plans; this worker is its reader rank - 1
+    driver_pid: int  # the worker exits when this process does
 
 
 @dataclass
@@ -59,13 +59,13 @@ class RankSetup:
 
 
 def worker_main(args: WorkerArgs) -> None:
-    """The spawned process's entry point."""
+    """The worker process's entry point."""
     handler = logging.StreamHandler()
     handler.setFormatter(args.log_formatter or logging.Formatter(
         f"%(asctime)s tp-rank-{args.layout.rank} %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=args.log_level, handlers=[handler])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the driver decides
-    _exit_with_parent(os.getppid())
+    _exit_with_driver(args.driver_pid)
     try:
         run_worker(args)
     except BaseException:
@@ -118,10 +118,11 @@ def agree_num_blocks(num_blocks: int, parallel: groups.ParallelGroups) -> int:
     return int(count.item())
 
 
-def _exit_with_parent(parent_pid: int) -> None:
+def _exit_with_driver(driver_pid: int) -> None:
+    driver = DriverWatch(driver_pid)
+
     def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(_PARENT_POLL_S)
+        driver.exited(timeout_s=None)
         os._exit(1)
 
-    threading.Thread(target=watch, name="serval-tp-parent-watch", daemon=True).start()
+    threading.Thread(target=watch, name="serval-tp-driver-watch", daemon=True).start()

@@ -35,6 +35,7 @@ from contextlib import aclosing
 import torch
 
 from serval.config import EngineConfig
+from serval.distributed.processes import new_process
 from serval.engine import core_messages as messages
 from serval.engine.async_engine import RequestFailedError, RequestStream, _dead_error, _failed, _put_all, _Stream
 from serval.engine.core_process import CoreArgs, core_main
@@ -56,13 +57,14 @@ class EngineCoreClient:
     """The server's view of an engine running in another process: the same public questions as AsyncEngine."""
 
     def __init__(self, config: EngineConfig) -> None:
-        context = multiprocessing.get_context("spawn")  # CUDA and threads: never fork
-        self._connection, core_end = context.Pipe(duplex=True)
+        self._connection, core_end = multiprocessing.Pipe(duplex=True)
         root = logging.getLogger()
         # Not daemonic: a daemonic process may not start the tensor-parallel workers. The core exits with us
-        # instead (its connection closes), and shutdown() stops it.
-        self._process = context.Process(target=core_main, name="serval-engine-core", daemon=False,
-                                        args=(CoreArgs(core_end, config, root.getEffectiveLevel(), _portable_formatter()),))
+        # instead (its connection closes), and shutdown() stops it. CUDA and threads here: a fork of the fork
+        # server, never of this process.
+        self._process = new_process(core_main, (CoreArgs(core_end, config, root.getEffectiveLevel(),
+                                                         _portable_formatter()),),
+                                    name="serval-engine-core", daemon=False)
         self._process.start()
         core_end.close()  # ours closed, the core's end is its only one: its exit reads as EOF here
         ready = self._wait_ready()
@@ -356,7 +358,7 @@ class _StepTaken:
 
 
 def _portable_formatter() -> logging.Formatter | None:
-    """The root handler's formatter (serve's JSON lines) when it can travel to a spawned process (a test runner's
+    """The root handler's formatter (serve's JSON lines) when it can travel to another process (a test runner's
     may not)."""
     handlers = logging.getLogger().handlers
     if not handlers or handlers[0].formatter is None:

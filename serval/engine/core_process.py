@@ -45,7 +45,7 @@ class CoreArgs:
 
 
 def core_main(args: CoreArgs) -> None:
-    """The process's entry point (multiprocessing spawn)."""
+    """The process's entry point (started from multiprocessing's fork server: serval.distributed.processes)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _configure_logging(args.log_level, args.log_formatter)
     connection = args.connection

@@ -4,12 +4,12 @@ Apart from the test module so that a spawned process imports torch and the ring 
 engine, transformers and fixtures (seconds a process, on every spawn)."""
 from __future__ import annotations
 
-import multiprocessing
 import time
 
 import torch
 
 from serval.distributed import group as groups
+from serval.distributed.processes import start_context
 from serval.distributed.shm_broadcast import (ShmBroadcastReader, ShmBroadcastWriter, WriterGoneError,
                                               create_segment)
 
@@ -52,7 +52,8 @@ def write_then_wait(marker: str, reader_pid, segment_name) -> None:
     """A writer process with its own reader child: one message, then it waits to be killed."""
     segment, spec = create_segment(1, NUM_SLOTS, SLOT_BYTES)
     segment_name.put(spec.name)
-    reader = multiprocessing.get_context("spawn").Process(target=read_until_the_writer_goes, args=(spec, marker))
+    # From the fork server, as the engine's workers: the reader's parent is not the writer.
+    reader = start_context().Process(target=read_until_the_writer_goes, args=(spec, marker))
     reader.start()
     reader_pid.put(reader.pid)
     ShmBroadcastWriter(segment, spec, None, lambda: None, DEADLINE_S).write("hello")

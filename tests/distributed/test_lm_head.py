@@ -3,12 +3,12 @@ gets the whole vocabulary's logits, equal to one device's product (the last slic
 gets none (an empty last dimension), since only rank 0 samples."""
 from __future__ import annotations
 
-import multiprocessing
 import os
 
 import torch
 import torch.distributed as dist
 
+from serval.distributed.processes import start_context
 from serval.layers.parallel import ParallelLMHead
 
 TP = 2
@@ -24,7 +24,7 @@ def hidden_states() -> torch.Tensor:
 
 
 def rank_logits(rank: int, store_path: str, out_path: str) -> None:
-    """In a spawned process: rank `rank`'s head over its vocabulary rows; saves what its forward returned."""
+    """In a started process: rank `rank`'s head over its vocabulary rows; saves what its forward returned."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=TP)
     try:
@@ -40,7 +40,7 @@ def rank_logits(rank: int, store_path: str, out_path: str) -> None:
 
 
 def test_logits_reach_rank_0_only(tmp_path):
-    context = multiprocessing.get_context("spawn")
+    context = start_context()
     outputs = [os.path.join(tmp_path, f"rank{rank}.pt") for rank in range(TP)]
     processes = [context.Process(target=rank_logits, args=(rank, os.path.join(tmp_path, "store"), outputs[rank]))
                  for rank in range(TP)]

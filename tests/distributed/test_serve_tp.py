@@ -1,4 +1,4 @@
-"""`serval serve --tensor-parallel-size 2` as a real process (one spawned worker), through the openai client:
+"""`serval serve --tensor-parallel-size 2` as a real process (one worker), through the openai client:
 the same greedy text as the single-process engine; a worker killed mid-request ends that request with an error,
 turns /health 503 and stops the server non-zero with nothing left behind; a server killed outright takes its
 worker with it."""
@@ -25,12 +25,13 @@ def serve(extra: list[str] | None = None) -> RemoteServer:
 
 
 def children_of(server: RemoteServer) -> list[psutil.Process]:
-    """The worker and multiprocessing's resource tracker."""
+    """The worker, multiprocessing's fork server (the worker's parent) and its resource tracker."""
     return psutil.Process(server.process.pid).children(recursive=True)
 
 
 def workers_of(server: RemoteServer) -> list[psutil.Process]:
-    return [child for child in children_of(server) if "spawn_main" in " ".join(child.cmdline())]
+    """The fork server's children: forked, they show its command line."""
+    return [child for child in children_of(server) if "forkserver" in " ".join(child.parent().cmdline())]
 
 
 def wait_gone(processes: list[psutil.Process], timeout: float) -> list[psutil.Process]:

@@ -1,10 +1,9 @@
-"""The shared-memory ring of step plans (serval.distributed.shm_broadcast) across spawned processes: every reader
+"""The shared-memory ring of step plans (serval.distributed.shm_broadcast) across processes: every reader
 gets every message in order, past many laps of the ring, with messages bigger than a slot sent by gloo in their
 place; a reader that hangs or dies gives the writer a bounded error; readers of a writer that dies exit; and a
 tensor-parallel engine whose worker is killed leaves no segment in /dev/shm."""
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import time
@@ -16,6 +15,7 @@ import torch
 from serval import LLM, SamplingParams
 from serval.distributed import WorkerFailedError
 from serval.distributed import group as groups
+from serval.distributed.processes import start_context
 from serval.distributed.shm_broadcast import SEGMENT_PREFIX, ShmBroadcastWriter, create_segment, release_segment
 from serval.distributed.steps import DecodeStep
 from tests.conftest import build_tiny_model
@@ -36,7 +36,7 @@ def messages() -> list[object]:
 
 
 def test_every_reader_gets_every_message_in_order_past_many_laps():
-    context = multiprocessing.get_context("spawn")
+    context = start_context()
     num_readers = 2
     segment, spec = create_segment(num_readers, NUM_SLOTS, SLOT_BYTES)
     store = groups.open_store(0, num_readers + 1)
@@ -63,7 +63,7 @@ def test_every_reader_gets_every_message_in_order_past_many_laps():
 
 
 def test_a_reader_that_hangs_or_dies_gives_the_writer_a_bounded_error():
-    context = multiprocessing.get_context("spawn")
+    context = start_context()
     segment, spec = create_segment(1, NUM_SLOTS, SLOT_BYTES)
     ready = context.Event()
     reader = context.Process(target=read_one_then_hang, args=(spec, ready), daemon=True)
@@ -100,7 +100,7 @@ def running(pid: int) -> bool:
 
 
 def test_readers_of_a_writer_that_dies_exit(tmp_path):
-    context = multiprocessing.get_context("spawn")
+    context = start_context()
     marker = str(tmp_path / "reader-exit")
     reader_pid, segment_name = context.Queue(), context.Queue()
     writer = context.Process(target=write_then_wait, args=(marker, reader_pid, segment_name))  # it has a child

@@ -6,7 +6,6 @@ one-row step (SwiGLU fused into down_proj's); and over a whole offline workload 
 with the fused SwiGLU GEMV too, its bias added once after the all-reduce."""
 from __future__ import annotations
 
-import multiprocessing
 import os
 import random
 
@@ -15,6 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from serval import LLM, SamplingParams
+from serval.distributed.processes import start_context
 from serval.engine.model_runner import ForwardInputs
 from serval.kernels import triton_gemv
 from tests.conftest import build_tiny_model
@@ -150,7 +150,7 @@ def test_the_executor_at_size_one_runs_an_offline_batch_as_the_engine_does(tmp_p
 
 
 def test_a_ranks_down_proj_decodes_one_row_with_the_fused_swiglu_gemv(tmp_path):
-    context = multiprocessing.get_context("spawn")
+    context = start_context()
     outputs = [os.path.join(tmp_path, f"rank{rank}.pt") for rank in range(TP)]
     processes = [context.Process(target=row_parallel_decode,
                                  args=(rank, os.path.join(tmp_path, "store"), outputs[rank])) for rank in range(TP)]

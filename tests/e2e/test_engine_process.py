@@ -77,7 +77,10 @@ def wait_gone(pid: int, timeout: float) -> bool:
 def test_the_engine_runs_in_a_child_process(server):
     pid = core_pid(server)
     assert pid != server.process.pid and alive(pid)
-    assert parent_pid(pid) == server.process.pid
+    fork_server = parent_pid(pid)  # the core is forked by the server's fork server (serval.distributed.processes)
+    with open(f"/proc/{fork_server}/cmdline") as f:
+        assert "forkserver" in f.read()
+    assert parent_pid(fork_server) == server.process.pid
 
 
 def test_streamed_chat_and_tool_calls(server):
@@ -253,6 +256,8 @@ def test_sigterm_leaves_no_engine_process():
 def test_killed_api_process_takes_the_core_with_it(server):
     """The module's server, killed by the file's last test (no later test needs it): a start-up saved."""
     pid = core_pid(server)
+    fork_server = parent_pid(pid)
     server.process.kill()
     server.process.wait(timeout=30)
     assert wait_gone(pid, 30), "the engine process outlived the killed server"
+    assert wait_gone(fork_server, 30), "the fork server outlived the killed server and its engine process"
