@@ -25,8 +25,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing
-import os
-import pickle
 import weakref
 from typing import NoReturn
 
@@ -37,7 +35,7 @@ from serval.config import EngineConfig
 from serval.distributed import WorkerFailedError
 from serval.distributed import group as groups
 from serval.distributed import shm_broadcast
-from serval.distributed.processes import new_process
+from serval.distributed.processes import new_process, portable_log_formatter
 from serval.distributed.shm_broadcast import ShmBroadcastWriter
 from serval.distributed.steps import DecodeStep, MixedStep, eager_decode, replay_decode, replay_mixed
 from serval.distributed.gguf_shards import check_gguf_layout, gguf_file_of
@@ -101,7 +99,7 @@ class TensorParallelExecutor:
         segment, spec = shm_broadcast.create_segment(num_readers=size - 1) if size > 1 else (None, None)
         processes = [new_process(worker_main, (
             WorkerArgs(dataclasses.replace(layout, rank=rank), store.port, model_path, config, dtype, device,
-                       logging.getLogger().getEffectiveLevel(), _root_formatter(), spec, os.getpid()),),
+                       logging.getLogger().getEffectiveLevel(), portable_log_formatter(), spec),),
             name=f"serval-tp-rank-{rank}", daemon=True) for rank in range(1, size)]
         plans = None
         try:
@@ -268,18 +266,6 @@ def previous_samples(previous: DecodeInFlight, requests: list[Request]) -> torch
     row = {id(request): i for i, request in enumerate(previous.requests)}
     rows = to_device([row[id(request)] for request in requests], torch.int64, previous.token_ids_device.device)
     return previous.token_ids_device.index_select(0, rows)
-
-
-def _root_formatter() -> logging.Formatter | None:
-    """The first root handler's formatter when it can travel to a worker process (a test runner's may not)."""
-    handlers = logging.getLogger().handlers
-    if not handlers or handlers[0].formatter is None:
-        return None
-    try:
-        pickle.dumps(handlers[0].formatter)
-    except Exception:
-        return None
-    return handlers[0].formatter
 
 
 def _release(processes: list[multiprocessing.Process], plans: ShmBroadcastWriter | None) -> None:

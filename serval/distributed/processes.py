@@ -22,8 +22,10 @@ the children alive.) Without pidfds, os.kill(pid, 0) polls the pid instead.
 """
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
+import pickle
 import select
 import time
 from multiprocessing.context import BaseContext
@@ -54,6 +56,19 @@ def start_context() -> BaseContext:
 def new_process(target: Callable[..., None], args: tuple, name: str, daemon: bool) -> BaseProcess:
     """A process (not started yet) that will run target(*args) in this process's environment as it is now."""
     return start_context().Process(target=_run_in, args=(dict(os.environ), target, args), name=name, daemon=daemon)
+
+
+def portable_log_formatter() -> logging.Formatter | None:
+    """The root handler's formatter (serve's JSON lines) when it can travel to a started process, so that its log
+    reads like this one's; None when it can't (a test runner's may not): the process logs in a default format."""
+    handlers = logging.getLogger().handlers
+    if not handlers or handlers[0].formatter is None:
+        return None
+    try:
+        pickle.dumps(handlers[0].formatter)
+    except Exception:  # noqa: BLE001 - any reason it can't travel
+        return None
+    return handlers[0].formatter
 
 
 def _run_in(environment: dict[str, str], target: Callable[..., None], args: tuple) -> None:

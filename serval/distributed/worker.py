@@ -47,8 +47,7 @@ class WorkerArgs:
     device: torch.device  # the engine's device; the worker runs on rank_device(device, rank)
     log_level: int
     log_formatter: logging.Formatter | None  # the driver's (the server's JSON lines), so one log reads alike
-    plan_queue: ShmQueueSpec  # the driver's ring of step plans; this worker is its reader rank - 1
-    driver_pid: int  # the worker exits when this process does
+    plan_queue: ShmQueueSpec  # the driver's ring of step plans (its writer: the driver); this worker is reader rank - 1
 
 
 @dataclass
@@ -65,7 +64,7 @@ def worker_main(args: WorkerArgs) -> None:
         f"%(asctime)s tp-rank-{args.layout.rank} %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=args.log_level, handlers=[handler])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the driver decides
-    _exit_with_driver(args.driver_pid)
+    _exit_with_driver(args.plan_queue.writer_pid)
     try:
         run_worker(args)
     except BaseException:

@@ -25,7 +25,6 @@ import dataclasses
 import itertools
 import logging
 import multiprocessing
-import pickle
 import queue
 import threading
 import time
@@ -35,7 +34,7 @@ from contextlib import aclosing
 import torch
 
 from serval.config import EngineConfig
-from serval.distributed.processes import new_process
+from serval.distributed.processes import new_process, portable_log_formatter
 from serval.engine import core_messages as messages
 from serval.engine.async_engine import RequestFailedError, RequestStream, _dead_error, _failed, _put_all, _Stream
 from serval.engine.core_process import CoreArgs, core_main
@@ -63,7 +62,7 @@ class EngineCoreClient:
         # instead (its connection closes), and shutdown() stops it. CUDA and threads here: a fork of the fork
         # server, never of this process.
         self._process = new_process(core_main, (CoreArgs(core_end, config, root.getEffectiveLevel(),
-                                                         _portable_formatter()),),
+                                                         portable_log_formatter()),),
                                     name="serval-engine-core", daemon=False)
         self._process.start()
         core_end.close()  # ours closed, the core's end is its only one: its exit reads as EOF here
@@ -355,19 +354,6 @@ class _StepTaken:
             if self.num_left:
                 return
         self.inbox.put(("send", messages.StepTaken(self.step)))
-
-
-def _portable_formatter() -> logging.Formatter | None:
-    """The root handler's formatter (serve's JSON lines) when it can travel to another process (a test runner's
-    may not)."""
-    handlers = logging.getLogger().handlers
-    if not handlers or handlers[0].formatter is None:
-        return None
-    try:
-        pickle.dumps(handlers[0].formatter)
-    except Exception:  # noqa: BLE001 - any reason it can't travel: the core logs in the default format
-        return None
-    return handlers[0].formatter
 
 
 def _load_tokenizer(ready: messages.CoreReady):
