@@ -23,8 +23,8 @@ from serval.engine.kv_groups import HybridKVCacheManager, KVCacheLayout, hybrid_
 from serval.engine.memory import MemoryUsage, memory_usage, num_kv_blocks
 from serval.engine.model_runner import DecodeForward, DecodeInFlight, ModelRunner, ModelRunnerOutput
 from serval.engine.output_processor import OutputProcessor, RequestState, SampledToken, StepUpdate
-from serval.engine.profiler import EngineProfiler, host_range
 from serval.engine.pooling import PoolingProcessor, PoolingRequestOutput, PoolingRequestState, pooling_engine_config
+from serval.engine.profiler import EngineProfiler, host_range
 from serval.engine.request import Request, RequestStatus
 from serval.engine.scheduler import Scheduler, SchedulerOutput
 from serval.engine.spec_decode.decoder import SpecDecoder, SpecDecodeStats

@@ -44,7 +44,7 @@ def test_trace_holds_the_engine_ranges_and_the_fill_worker(llm, tmp_path):
     assert sum(summary["gpu_idle_by_engine_range_ms"].values()) == pytest.approx(summary["step_ms"])
     engine = summary["ranges_ms_per_step"]["engine"]
     assert {"serval.step", "serval.schedule", "serval.execute", "serval.process_step",
-            "serval.grammar_fill_start", "serval.grammar_join"} <= set(engine)
+            "serval.prepare_inputs", "serval.sample", "serval.grammar_fill_start", "serval.grammar_join"} <= set(engine)
     assert engine["serval.step"] >= engine["serval.execute"] > 0
     assert "serval.grammar_fill" in summary["ranges_ms_per_step"]["serval-grammar-fill"]
 
