@@ -29,6 +29,10 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from serval.openai.errors import InvalidArgument
 
 PROFILER_DIR_ENV = "SERVAL_TORCH_PROFILER_DIR"
+# vLLM's VLLM_TORCH_PROFILER_RECORD_SHAPES and _WITH_STACK; both off here unless set to 1 (vLLM keeps stacks on):
+# a 256-row step's trace grows by an order of magnitude with them.
+RECORD_SHAPES_ENV = "SERVAL_TORCH_PROFILER_RECORD_SHAPES"
+WITH_STACK_ENV = "SERVAL_TORCH_PROFILER_WITH_STACK"
 TRACE_SUFFIX = ".pt.trace.json.gz"
 
 
@@ -101,8 +105,8 @@ class EngineProfiler:
                                         "first")
         os.makedirs(trace_dir, exist_ok=True)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-        # Shapes and stacks off: a 256-row step's trace would grow by an order of magnitude.
-        self._profile = profile(activities=activities, record_shapes=False, with_stack=False)
+        self._profile = profile(activities=activities, record_shapes=os.environ.get(RECORD_SHAPES_ENV) == "1",
+                                with_stack=os.environ.get(WITH_STACK_ENV) == "1")
         self._profile.start()
         self._trace_dir = trace_dir
         _recording = _Recording(threading.get_ident())
