@@ -155,11 +155,6 @@ def metric_families(port: int) -> list:
     return list(text_string_to_metric_families(text))
 
 
-def gauge_value(port: int, name: str) -> float:
-    return sum(sample.value for family in metric_families(port) if family.name == name
-               for sample in family.samples)
-
-
 def histogram_totals(port: int, name: str) -> tuple[float, float]:
     """(sum, count) of one of the server's histograms."""
     totals = {"sum": 0.0, "count": 0.0}
@@ -255,29 +250,45 @@ def _profile_steps(port: int, args, finished: threading.Event, control: dict) ->
         request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=b"", method="POST")
         return urllib.request.urlopen(request, timeout=600).read().decode()
 
-    def num_tokens() -> float:
-        # Samples of the server's inter-token latency: one per running request a decode step.
-        return server_itl_totals(port)[1]
-
     try:
-        base, rows = num_tokens(), 0.0
-        while not finished.is_set():  # every chat admitted and past its first decode step
-            rows = gauge_value(port, "serval:num_requests_running")
-            if rows >= args.concurrency and num_tokens() - base >= rows:
-                break
-            time.sleep(0.01)
+        # Every chat running and prefilled: polls in a row (20 ms apart, a few steps) in which decode tokens came
+        # and no prompt token did, nothing waiting. The profile then holds decode steps alone.
+        previous, quiet = serving_counts(port), 0
+        while not finished.is_set() and quiet < 2:
+            time.sleep(0.02)  # /metrics costs the event loop ~1 ms: not much more often
+            counts = serving_counts(port)
+            decoding_alone = (counts["running"] >= args.concurrency and not counts["waiting"]
+                              and counts["prompt_tokens"] == previous["prompt_tokens"]
+                              and counts["itl_samples"] > previous["itl_samples"])
+            quiet = quiet + 1 if decoding_alone else 0
+            previous = counts
         if finished.is_set():
             control["error"] = "the profiled run ended before its chats were all decoding"
             return
+        rows = previous["running"]
         post("/start_profile")
-        started_count, started = num_tokens(), time.monotonic()
-        while not finished.is_set() and num_tokens() - started_count < args.profile_steps * rows:
-            time.sleep(0.02)  # /metrics costs the event loop ~1 ms: not much more often
-        steps = (num_tokens() - started_count) / rows
+        started_count, started = serving_counts(port)["itl_samples"], time.monotonic()
+        while not finished.is_set() and serving_counts(port)["itl_samples"] - started_count < args.profile_steps * rows:
+            time.sleep(0.02)
+        steps = (serving_counts(port)["itl_samples"] - started_count) / rows
         post("/stop_profile")
         control.update({"rows": rows, "decode_steps_seen": steps, "profiled_s": time.monotonic() - started})
     except OSError as error:  # urllib's HTTPError included: the server's answer is in the report
         control["error"] = f"profiler control failed: {error!r}"
+
+
+def serving_counts(port: int) -> dict[str, float]:
+    """One read of /metrics: requests running and waiting, prompt tokens prefilled so far, and the server's
+    inter-token latency samples (one per running request a decode step)."""
+    counts = {"running": 0.0, "waiting": 0.0, "prompt_tokens": 0.0, "itl_samples": 0.0}
+    names = {"serval:num_requests_running": "running", "serval:num_requests_waiting": "waiting",
+             "serval:prompt_tokens": "prompt_tokens"}
+    for family in metric_families(port):
+        if family.name in names:
+            counts[names[family.name]] += sum(sample.value for sample in family.samples)
+        elif family.name == "serval:inter_token_latency_seconds":
+            counts["itl_samples"] += sum(sample.value for sample in family.samples if sample.name.endswith("_count"))
+    return counts
 
 
 def median_results(rounds: list[dict], choices: list[str]) -> dict:
