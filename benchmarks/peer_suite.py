@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import gzip
 import json
 import os
 import random
@@ -39,6 +38,9 @@ import traceback
 from dataclasses import asdict, dataclass
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+from serval.bench.traces import Kernel, kernels_from_chrome_trace, summarize_kernels  # noqa: E402
 PRECISIONS = {"bf16": {"quantization": None, "kv_cache_dtype": "auto"},
               "fp8": {"quantization": "fp8", "kv_cache_dtype": "fp8"}}
 WORKLOADS = ("batch1", "1000", "512")
@@ -218,68 +220,6 @@ def run_workload(engine, plan: Plan, workload: str) -> dict:
 
 
 # ---- profiles: GPU kernel time by kind, and the host gaps between kernels --------------------------------
-
-# First match wins: attention kernels are named flash/fmha even when built on CUTLASS.
-KERNEL_KINDS = (
-    ("attention", ("attention", "attn", "flash", "fmha", "paged", "combine_splits", "reshape_and_cache",
-                   "write_kv", "rotary")),
-    ("sampling", ("sampl", "topk", "top_k", "argmax", "sort", "softmax", "gumbel", "exponential", "penalt",
-                  "multinomial", "logprob")),
-    ("quantization", ("quant", "scaled_fp8", "per_token")),
-    ("gemm", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "sm90_", "sm80_", "cublas", "matmul", "_mm_",
-              "scaled_mm", "w4a16", "fp8_block", "wgmma", "splitk", "::mm", "::addmm", "::bmm")),
-)
-
-
-@dataclass
-class Kernel:
-    name: str
-    start_us: float
-    duration_us: float
-
-
-def kernel_kind(name: str) -> str:
-    lowered = name.lower()
-    for kind, needles in KERNEL_KINDS:
-        if any(needle in lowered for needle in needles):
-            return kind
-    return "other kernels"
-
-
-def summarize_kernels(kernels: list[Kernel], wall_s: float | None = None) -> dict:
-    """GPU time per kind of kernel, and host gaps: the span from the first kernel's start to the last one's end
-    that no kernel covers (launch overhead, scheduling, the host waiting), all in ms and as shares of the span."""
-    if not kernels:
-        return {"error": "no GPU kernels in the trace"}
-    kernels = sorted(kernels, key=lambda k: k.start_us)
-    by_kind: dict[str, float] = {}
-    by_name: dict[str, float] = {}
-    busy, covered_until = 0.0, float("-inf")
-    for kernel in kernels:
-        kind = kernel_kind(kernel.name)
-        by_kind[kind] = by_kind.get(kind, 0.0) + kernel.duration_us
-        by_name[kernel.name] = by_name.get(kernel.name, 0.0) + kernel.duration_us
-        end = kernel.start_us + kernel.duration_us
-        if end > covered_until:
-            busy += end - max(kernel.start_us, covered_until)
-            covered_until = end
-    span = covered_until - kernels[0].start_us
-    kinds = {kind: {"ms": us / 1e3, "share": us / span} for kind, us in sorted(by_kind.items(), key=lambda i: -i[1])}
-    kinds["host gaps"] = {"ms": (span - busy) / 1e3, "share": (span - busy) / span}
-    top = sorted(by_name.items(), key=lambda i: -i[1])[:15]
-    return {"span_ms": span / 1e3, "wall_s": wall_s, "num_kernels": len(kernels), "kinds": kinds,
-            "top_kernels": [{"name": name[:120], "ms": us / 1e3, "kind": kernel_kind(name)} for name, us in top]}
-
-
-def kernels_from_chrome_trace(path: str) -> list[Kernel]:
-    """The GPU kernels of a torch.profiler Chrome trace (.json or .json.gz), as vLLM's worker writes them."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt") as f:
-        trace = json.load(f)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    return [Kernel(e["name"], float(e["ts"]), float(e.get("dur", 0.0))) for e in events
-            if e.get("ph") == "X" and e.get("cat") == "kernel"]
-
 
 def kernels_from_profiler(prof) -> list[Kernel]:
     """The GPU kernels of a finished torch.profiler.profile, read from its Kineto events (lighter than

@@ -28,6 +28,15 @@ Writes OUT/tool_bench.json, OUT/server.log and each run's `bench serve` results 
 untimed first run's under OUT/warmup/); with `--engine-process both`, each mode's under OUT/engine-process-{off,on}/
 and one JSON holding both. `--rounds N` runs every tool_choice N times on the one server, rotating the order each
 round, and reports medians (one run's server ITL moves by +-10% between runs with nothing changed).
+
+`--profile-steps N` adds, after the timed runs, one untimed run per tool_choice under torch's profiler (the server
+started with SERVAL_TORCH_PROFILER_DIR=OUT/traces): once all its chats decode, POST /start_profile, N decode steps,
+POST /stop_profile. Each trace's step summary (serval.bench.traces.summarize_steps: GPU busy and idle per step, the
+idle time by the engine thread's host range, every range's ms per step by thread) goes into the table and into
+tool_bench.json under "profiles"; the traces stay under OUT/traces for Perfetto.
+
+    python benchmarks/tool_bench.py --engine-process on --rounds 1 --choices none,required --profile-steps 30 \
+        --out results/tool
 """
 from __future__ import annotations
 
@@ -41,6 +50,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -48,7 +58,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 from serval.bench.cli import main as bench_main  # noqa: E402
+from serval.bench.traces import format_step_summary, load_chrome_trace, summarize_steps  # noqa: E402
 from serval.bench.tokenizer import resolve_path  # noqa: E402
+from serval.engine.profiler import PROFILER_DIR_ENV, TRACE_SUFFIX  # noqa: E402
 
 TOOL_CHOICES = ("none", "auto", "required")
 MODEL_NAME = "llama-3-8b"
@@ -114,8 +126,11 @@ def start_server(model_dir: str, args, port: int, log_path: str) -> subprocess.P
                "--port", str(port), "--disable-log-requests", "--disable-uvicorn-access-log"]
     if args.engine_process in ("on", "off"):
         command.append("--engine-process" if args.engine_process == "on" else "--no-engine-process")
+    env = dict(os.environ)
+    if args.profile_steps:
+        env[PROFILER_DIR_ENV] = trace_dir(args)
     log = open(log_path, "w")
-    server = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + args.startup_timeout
     while True:
         try:
@@ -130,12 +145,20 @@ def start_server(model_dir: str, args, port: int, log_path: str) -> subprocess.P
             time.sleep(1)
 
 
-def histogram_totals(port: int, name: str) -> tuple[float, float]:
-    """(sum, count) of one of the server's histograms."""
+def trace_dir(args) -> str:
+    return os.path.abspath(os.path.join(args.out, "traces"))
+
+
+def metric_families(port: int) -> list:
     from prometheus_client.parser import text_string_to_metric_families
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return list(text_string_to_metric_families(text))
+
+
+def histogram_totals(port: int, name: str) -> tuple[float, float]:
+    """(sum, count) of one of the server's histograms."""
     totals = {"sum": 0.0, "count": 0.0}
-    for family in text_string_to_metric_families(text):
+    for family in metric_families(port):
         if family.name != name:
             continue
         for sample in family.samples:
@@ -162,12 +185,7 @@ def run_choice(choice: str, args, port: int, result_name: str | None = None) -> 
     itl_sum, itl_count = server_itl_totals(port)
     tpot_sum, tpot_count = engine_tpot_totals(port)
     result_dir = os.path.join(args.out, result_name or choice)
-    bench_args = ["serve", "--base-url", f"serval=http://127.0.0.1:{port}", "--model", MODEL_NAME, "--api", "chat",
-                  "--tool-workload", "--tool-choice", choice, "--tokenizer", "llama3", "--workload", "random",
-                  "--input-len", str(args.input_len), "--output-len", str(args.output_len),
-                  "--num-prompts", str(args.num_prompts), "--max-concurrency", str(args.concurrency),
-                  "--num-warmups", str(args.num_warmups), "--seed", "0", "--result-dir", result_dir,
-                  "--no-plots", "--disable-tqdm"]
+    bench_args = bench_args_for(choice, args, port, result_dir, args.num_prompts, args.num_warmups)
     with contextlib.redirect_stdout(io.StringIO()):  # its own table; ours follows
         code = bench_main(bench_args)
     if code != 0:
@@ -185,6 +203,92 @@ def run_choice(choice: str, args, port: int, result_name: str | None = None) -> 
             "ttft_p50_ms": summary["ttft_ms"]["median"], "usage_from_server": summary["usage_from_server"],
             "server_itl_mean_ms": 1000.0 * (itl_sum_after - itl_sum) / steps if steps else None,
             "engine_tpot_mean_ms": 1000.0 * (tpot_sum_after - tpot_sum) / requests if requests else None}
+
+
+def bench_args_for(choice: str, args, port: int, result_dir: str, num_prompts: int, num_warmups: int) -> list[str]:
+    return ["serve", "--base-url", f"serval=http://127.0.0.1:{port}", "--model", MODEL_NAME, "--api", "chat",
+            "--tool-workload", "--tool-choice", choice, "--tokenizer", "llama3", "--workload", "random",
+            "--input-len", str(args.input_len), "--output-len", str(args.output_len),
+            "--num-prompts", str(num_prompts), "--max-concurrency", str(args.concurrency),
+            "--num-warmups", str(num_warmups), "--seed", "0", "--result-dir", result_dir, "--no-plots",
+            "--disable-tqdm"]
+
+
+def profile_choice(choice: str, args, port: int) -> dict:
+    """An extra, untimed run of `concurrency` chats under the profiler: once every chat decodes, POST
+    /start_profile, let --profile-steps decode steps pass (counted from the server's inter-token latency samples,
+    one per running request a step), POST /stop_profile; the trace's step summary (serval.bench.traces)."""
+    before = set(os.listdir(trace_dir(args))) if os.path.isdir(trace_dir(args)) else set()
+    finished = threading.Event()
+    control: dict = {}
+    controller = threading.Thread(target=_profile_steps, args=(port, args, finished, control), daemon=True)
+    controller.start()
+    bench_args = bench_args_for(choice, args, port, os.path.join(args.out, f"profile-{choice}"), args.concurrency, 0)
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = bench_main(bench_args)
+    finished.set()
+    controller.join()
+    if code != 0:
+        raise SystemExit(f"serval bench serve failed for the profiled tool_choice {choice} run (exit {code})")
+    if "error" in control:
+        return {"error": control["error"]}
+    traces = [name for name in os.listdir(trace_dir(args)) if name.endswith(TRACE_SUFFIX) and name not in before]
+    if len(traces) != 1:
+        return {"error": f"expected one new trace under {trace_dir(args)}, found {traces}"}
+    path = os.path.join(trace_dir(args), traces[0])
+    try:
+        summary = summarize_steps(load_chrome_trace(path))
+    except (OSError, ValueError, KeyError) as error:  # the timed numbers are still worth their JSON
+        summary = {"error": f"could not summarise {path}: {error!r}"}
+    return {"trace": path, "trace_mib": os.path.getsize(path) / 2**20,
+            "decode_steps_asked": args.profile_steps, **control, "summary": summary}
+
+
+def _profile_steps(port: int, args, finished: threading.Event, control: dict) -> None:
+    """The profiler's start and stop, while the profiled run goes on in the main thread."""
+    def post(path: str) -> str:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=b"", method="POST")
+        return urllib.request.urlopen(request, timeout=600).read().decode()
+
+    try:
+        # Every chat running and prefilled: polls in a row (20 ms apart, a few steps) in which decode tokens came
+        # and no prompt token did, nothing waiting. The profile then holds decode steps alone.
+        previous, quiet = serving_counts(port), 0
+        while not finished.is_set() and quiet < 2:
+            time.sleep(0.02)  # /metrics costs the event loop ~1 ms: not much more often
+            counts = serving_counts(port)
+            decoding_alone = (counts["running"] >= args.concurrency and not counts["waiting"]
+                              and counts["prompt_tokens"] == previous["prompt_tokens"]
+                              and counts["itl_samples"] > previous["itl_samples"])
+            quiet = quiet + 1 if decoding_alone else 0
+            previous = counts
+        if finished.is_set():
+            control["error"] = "the profiled run ended before its chats were all decoding"
+            return
+        rows = previous["running"]
+        post("/start_profile")
+        started_count, started = serving_counts(port)["itl_samples"], time.monotonic()
+        while not finished.is_set() and serving_counts(port)["itl_samples"] - started_count < args.profile_steps * rows:
+            time.sleep(0.02)
+        steps = (serving_counts(port)["itl_samples"] - started_count) / rows
+        post("/stop_profile")
+        control.update({"rows": rows, "decode_steps_seen": steps, "profiled_s": time.monotonic() - started})
+    except OSError as error:  # urllib's HTTPError included: the server's answer is in the report
+        control["error"] = f"profiler control failed: {error!r}"
+
+
+def serving_counts(port: int) -> dict[str, float]:
+    """One read of /metrics: requests running and waiting, prompt tokens prefilled so far, and the server's
+    inter-token latency samples (one per running request a decode step)."""
+    counts = {"running": 0.0, "waiting": 0.0, "prompt_tokens": 0.0, "itl_samples": 0.0}
+    names = {"serval:num_requests_running": "running", "serval:num_requests_waiting": "waiting",
+             "serval:prompt_tokens": "prompt_tokens"}
+    for family in metric_families(port):
+        if family.name in names:
+            counts[names[family.name]] += sum(sample.value for sample in family.samples)
+        elif family.name == "serval:inter_token_latency_seconds":
+            counts["itl_samples"] += sum(sample.value for sample in family.samples if sample.name.endswith("_count"))
+    return counts
 
 
 def median_results(rounds: list[dict], choices: list[str]) -> dict:
@@ -258,6 +362,10 @@ def table(report: dict) -> str:
         versus_auto = overhead_pct(results, "required", "server_itl_mean_ms", baseline="auto")
         lines.append(f"constrained (required) vs auto (same prompts, parsed, unconstrained): "
                      f"{cell(versus_auto, '{:+.1f}%')} server mean ITL")
+    for choice, profiled in report.get("profiles", {}).items():
+        title = f"profile of tool_choice={choice} (host time per decode step; trace {profiled.get('trace', '-')})"
+        lines.append(format_step_summary(profiled["summary"], title) if "summary" in profiled
+                     else f"{title}: {profiled['error']}")
     return "\n".join(lines)
 
 
@@ -296,6 +404,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every tool_choice this many times on the one server, each round in a rotated "
                              "order; the table gives each number's median over the rounds")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="after the timed runs, profile N decode steps of one more run per tool_choice "
+                             f"(POST /start_profile and /stop_profile, traces under OUT/traces via {PROFILER_DIR_ENV})"
+                             " and put each trace's step summary in the table and the JSON")
     parser.add_argument("--choices", default=",".join(TOOL_CHOICES),
                         help="the tool_choice runs to time, comma-separated (default: all three)")
     args = parser.parse_args()
@@ -341,6 +453,9 @@ def measure(args: argparse.Namespace, model_dir: str, out: str) -> dict:
                                               result_name=choice if args.rounds == 1 else f"{choice}-round{number}")
                            for choice in order})
         results = median_results(rounds, args.choices)
+        # After the timed runs, on the same warm server: the timed numbers stay unprofiled.
+        profiles = {choice: profile_choice(choice, run_args, port) for choice in args.choices} \
+            if args.profile_steps else None
     finally:
         server.terminate()
         try:
@@ -352,7 +467,7 @@ def measure(args: argparse.Namespace, model_dir: str, out: str) -> dict:
             "engine_process": args.engine_process,
             "concurrency": args.concurrency, "num_prompts": args.num_prompts, "input_len": args.input_len,
             "output_len": args.output_len, "tool_call_parser": "llama3_json", "rounds": args.rounds,
-            "results": results,
+            "results": results, **({"profiles": profiles} if profiles is not None else {}),
             "tpot_overhead_vs_none_pct": {choice: {"p50": overhead_pct(results, choice, "tpot_p50_ms"),
                                                    "p99": overhead_pct(results, choice, "tpot_p99_ms"),
                                                    "server_itl_mean": overhead_pct(results, choice,

@@ -52,6 +52,15 @@ class LLM:
         stop for a single-process engine."""
         self.engine.shutdown()
 
+    def start_profile(self, trace_dir: str | None = None) -> None:
+        """vLLM's LLM.start_profile: torch's profiler over the steps until stop_profile, its trace written under
+        trace_dir, else SERVAL_TORCH_PROFILER_DIR (serval.engine.profiler)."""
+        self.engine.start_profile(trace_dir)
+
+    def stop_profile(self) -> str:
+        """Stop the profile; returns the path of the trace written."""
+        return self.engine.stop_profile()
+
     def get_tokenizer(self):
         return self.engine.tokenizer
 

@@ -23,6 +23,7 @@ to ENGINE_SWITCH_INTERVAL_S.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import itertools
 import logging
@@ -162,7 +163,8 @@ class AsyncEngine:
         self.core_pid: int | None = None  # the engine runs in this process (EngineCoreClient: in its own)
         self._streams: dict[str, _Stream] = {}
         self._streams_lock = threading.Lock()
-        # ("add", RequestState) | ("abort", id) | ("drop", (id, _Stream)) | ("stop", None)
+        # ("add", RequestState) | ("abort", id) | ("drop", (id, _Stream)) | ("call", (Future, function, args))
+        # | ("stop", None)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._num_in_inbox = 0  # sequences accepted by add_request that the loop thread has not scheduled yet
         self._stopped = threading.Event()
@@ -218,6 +220,22 @@ class AsyncEngine:
         with self._streams_lock:
             self._streams.pop(request_id, None)
         self._inbox.put(("abort", request_id))
+
+    def start_profile(self, trace_dir: str | None = None) -> None:
+        """Start torch's profiler on the loop thread (LLMEngine.start_profile; blocking: call it off the event
+        loop)."""
+        self._on_loop_thread(self.engine.start_profile, trace_dir)
+
+    def stop_profile(self) -> str:
+        """Stop the profile; returns the path of the trace written."""
+        return self._on_loop_thread(self.engine.stop_profile)
+
+    def _on_loop_thread(self, function, *args):
+        if self._dead is not None:
+            raise _dead_error(self._dead)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("call", (future, function, args)))
+        return future.result()
 
     def warm_grammar_compiler(self) -> None:
         """Build the vocabulary's grammar view now, not under the GIL of a serving process at the first
@@ -299,6 +317,17 @@ class AsyncEngine:
                 streams, self._streams = self._streams, {}
             for stream in streams.values():
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, _dead_error(error))
+            self._fail_calls(error)
+
+    def _fail_calls(self, error: BaseException) -> None:
+        """Calls waiting for a loop thread that will not run them again."""
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "call":
+                payload[0].set_exception(_dead_error(error))
 
     def _drain_inbox(self, block: bool) -> None:
         while True:
@@ -321,6 +350,12 @@ class AsyncEngine:
                     return
                 del self._streams[request_id]
             self.engine.abort_request(request_id)
+        elif kind == "call":
+            future, function, args = payload
+            try:
+                future.set_result(function(*args))
+            except Exception as error:  # noqa: BLE001 - the caller raises it
+                future.set_exception(error)
 
     def _add(self, state: RequestState) -> None:
         try:

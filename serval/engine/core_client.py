@@ -40,6 +40,7 @@ from serval.engine.async_engine import RequestFailedError, RequestStream, _dead_
 from serval.engine.core_process import CoreArgs, core_main
 from serval.engine.engine import EngineStats
 from serval.engine.input_processor import InputProcessor, PromptType
+from serval.engine.profiler import profiler_dir
 from serval.lora.request import LoRARequest
 from serval.openai.errors import InvalidArgument
 from serval.outputs import RequestOutput
@@ -169,6 +170,14 @@ class EngineCoreClient:
         """Build the vocabulary's grammar view on both sides now rather than at the first constrained request."""
         self._input_processor.grammar_compiler().ll_tokenizer
         self._call("warm_grammar_compiler", None)
+
+    def start_profile(self, trace_dir: str | None = None) -> None:
+        """Start torch's profiler in the core, on its step thread (LLMEngine.start_profile)."""
+        self._call("start_profile", trace_dir or profiler_dir())
+
+    def stop_profile(self) -> str:
+        """Stop the core's profile; returns the path of the trace it wrote."""
+        return self._call("stop_profile", None)
 
     def _call(self, method: str, argument):
         if self._dead is not None:

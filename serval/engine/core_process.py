@@ -3,8 +3,8 @@ the API process (serval.engine.core_client), with no event loop to share the GIL
 
 Two threads, as in the in-process AsyncEngine: the main thread steps; a receiver thread reads the connection,
 turns each request into the engine's RequestState (grammar states, the LoRA adapter read from disk), answers
-blocking calls (add_lora, ...) and queues requests and aborts for the step loop, which alone touches the
-scheduler. After every step the loop sends one message: the step's outputs as deltas and the engine's stats.
+blocking calls (add_lora, ...) and queues requests, aborts and the profiler's calls for the step loop, which alone
+touches the scheduler. After every step the loop sends one message: the step's outputs as deltas and the engine's stats.
 
 The core lives only as long as its parent: the connection closes when the parent exits or dies (even kill -9), and
 the receiver then stops the loop. Ctrl-C reaches the whole process group; the core ignores it and lets the API
@@ -28,6 +28,7 @@ from serval.config import EngineConfig
 from serval.engine import core_messages as messages
 from serval.engine.async_engine import _HANDOFF_TIMEOUT_S, ENGINE_SWITCH_INTERVAL_S, ArrivalGate
 from serval.engine.engine import LLMEngine
+from serval.engine.profiler import host_range
 from serval.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class EngineCore:
         self.engine = engine
         self.connection = connection
         self.send_lock = threading.Lock()
-        # ("add", RequestState) | ("abort", id) | ("error", RequestError) | ("stop", None)
+        # ("add", RequestState) | ("abort", id) | ("error", RequestError) | ("call", CallRequest) | ("stop", None)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.encoder = messages.OutputEncoder()  # the output thread's alone
         # Steps' outputs for the output thread: ("step", StepMessage of RequestOutputs) | ("forget", id) | ("stop",)
@@ -136,7 +137,8 @@ class EngineCore:
                 started = time.monotonic()
                 outputs = engine.step()
                 self.gate.observe_step(time.monotonic() - started)
-                self._send_step(outputs)
+                with host_range("serval.send_step"):
+                    self._send_step(outputs)
             elif self.changed:  # aborts and refusals while idle: the stats moved
                 self._send_step([])
 
@@ -165,6 +167,8 @@ class EngineCore:
             error, num_sequences = payload
             self.pending_errors.append(error)
             self.num_added += num_sequences
+        elif kind == "call":
+            self._answer(payload)
         elif kind == "stop":
             self.stopping.set()
 
@@ -187,10 +191,11 @@ class EngineCore:
         while True:
             kind, payload = self.outbox.get()
             if kind == "step":
-                # Pooling outputs go whole: each comes once.
-                payload.outputs = [self.encoder.encode(output) if isinstance(output, RequestOutput) else output
-                                   for output in payload.outputs]
-                self._try_send([payload])
+                with host_range("serval.encode_send"):
+                    # Pooling outputs go whole: each comes once.
+                    payload.outputs = [self.encoder.encode(output) if isinstance(output, RequestOutput) else output
+                                       for output in payload.outputs]
+                    self._try_send([payload])
             elif kind == "forget":
                 self.encoder.forget(payload)
             elif kind == "died":
@@ -214,8 +219,10 @@ class EngineCore:
         if isinstance(message, messages.AddRequest):
             num_sequences = getattr(message.params, "n", 1)
             try:
-                state = self.engine.process_inputs(message.request_id, message.prompt, message.params,
-                                                   message.priority, message.arrival_time, message.lora_request)
+                with host_range("serval.process_inputs"):
+                    state = self.engine.process_inputs(message.request_id, message.prompt, message.params,
+                                                       message.priority, message.arrival_time,
+                                                       message.lora_request)
             except Exception as error:  # noqa: BLE001 - one bad request, not the core
                 self.inbox.put(("error", (messages.RequestError(message.request_id,
                                                                 messages.PortableError.of(error)), num_sequences)))
@@ -228,7 +235,10 @@ class EngineCore:
         elif isinstance(message, messages.AbortRequest):
             self.inbox.put(("abort", message.request_id))
         elif isinstance(message, messages.CallRequest):
-            self._answer(message)
+            if message.method in _STEP_THREAD_CALLS:
+                self.inbox.put(("call", message))
+            else:
+                self._answer(message)
         elif isinstance(message, messages.Shutdown):
             self.inbox.put(("stop", None))
 
@@ -262,11 +272,16 @@ def _warm_grammar_compiler(engine: LLMEngine, _argument) -> None:
 
 
 _CALLS = {
+    "start_profile": lambda engine, trace_dir: engine.start_profile(trace_dir),
+    "stop_profile": lambda engine, _argument: engine.stop_profile(),
     "add_lora": lambda engine, lora_request: engine.add_lora(lora_request),
     "remove_lora": lambda engine, lora_int_id: engine.remove_lora(lora_int_id),
     "compile_grammar": _compile_grammar,
     "warm_grammar_compiler": _warm_grammar_compiler,
 }
+
+# Answered by the step loop between steps, not by the receiver: torch's profiler records the thread that starts it.
+_STEP_THREAD_CALLS = frozenset({"start_profile", "stop_profile"})
 
 
 def _configure_logging(level: int, formatter: logging.Formatter | None) -> None:

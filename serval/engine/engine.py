@@ -24,6 +24,7 @@ from serval.engine.memory import MemoryUsage, memory_usage, num_kv_blocks
 from serval.engine.model_runner import DecodeForward, DecodeInFlight, ModelRunner, ModelRunnerOutput
 from serval.engine.output_processor import OutputProcessor, RequestState, SampledToken, StepUpdate
 from serval.engine.pooling import PoolingProcessor, PoolingRequestOutput, PoolingRequestState, pooling_engine_config
+from serval.engine.profiler import EngineProfiler, host_range
 from serval.engine.request import Request, RequestStatus
 from serval.engine.scheduler import Scheduler, SchedulerOutput
 from serval.engine.spec_decode.decoder import SpecDecoder, SpecDecodeStats
@@ -163,6 +164,7 @@ class LLMEngine:
         # The decode forward queued behind in_flight whose sampling waits for in_flight's tokens (grammars).
         self.queued_forward: DecodeForward | None = None
         self.stepping: list[Request] = []  # the requests the current step holds, to fail if it raises
+        self.profiler = EngineProfiler()
         self.num_consecutive_failed_steps = 0
         self.num_prompt_tokens = 0
         logger.info("engine ready", extra={"model": self.config.model, "device": str(self.device),
@@ -299,7 +301,8 @@ class LLMEngine:
         steps (a broken device, a bug hit by every step) escapes as the exception."""
         self.stepping = []
         try:
-            outputs = self._step()
+            with host_range("serval.step"):
+                outputs = self._step()
         except Exception as error:
             self.num_consecutive_failed_steps += 1
             if self.num_consecutive_failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS or isinstance(error,
@@ -314,7 +317,8 @@ class LLMEngine:
             return self._pooling_step()
         if self.in_flight is not None:
             return self._finish_in_flight()
-        scheduled = self.scheduler.schedule()
+        with host_range("serval.schedule"):
+            scheduled = self.scheduler.schedule()
         self.stepping = scheduled.requests
         if not scheduled.requests:
             return []
@@ -322,10 +326,12 @@ class LLMEngine:
                                                                       scheduled.num_scheduled_tokens)
                                   if request.num_computed_tokens + num_new >= request.num_tokens])
         if self.async_scheduling and self._can_overlap(scheduled):
-            self.in_flight = self.runner.launch_decode(scheduled.requests)
+            with host_range("serval.launch_decode"):
+                self.in_flight = self.runner.launch_decode(scheduled.requests)
             self.scheduler.update(scheduled)
             return self._finish_in_flight()
-        runner_output = self.runner.execute(scheduled)
+        with host_range("serval.execute"):
+            runner_output = self.runner.execute(scheduled)
         self.scheduler.update(scheduled)
         if self.spec_decoder is None:
             return self._process(scheduled.requests, runner_output)
@@ -352,7 +358,8 @@ class LLMEngine:
     def _process(self, requests: list[Request], runner_output: ModelRunnerOutput) -> list[RequestOutput]:
         sampled = [SampledToken(token_id, logprobs, prompt_logprobs) for token_id, logprobs, prompt_logprobs
                    in zip(runner_output.sampled_token_ids, runner_output.logprobs, runner_output.prompt_logprobs)]
-        update = self.output_processor.process_step(requests, sampled, time.monotonic())
+        with host_range("serval.process_step"):
+            update = self.output_processor.process_step(requests, sampled, time.monotonic())
         if runner_output.verified is not None:
             self._process_verified(requests, runner_output, update)
         return self._finish(update)
@@ -405,6 +412,16 @@ class LLMEngine:
                 self.scheduler.finish_request(state.request, RequestStatus.FINISHED_ERROR)
                 outputs.append(self.pooling.failed_output(state))
         return outputs
+
+    def start_profile(self, trace_dir: str | None = None) -> None:
+        """Start torch's profiler (serval.engine.profiler) on the calling thread, which must be the one that
+        steps. trace_dir defaults to SERVAL_TORCH_PROFILER_DIR; InvalidArgument if neither is set or a profile
+        runs already."""
+        self.profiler.start(trace_dir)
+
+    def stop_profile(self) -> str:
+        """Stop the profile and write its trace; returns the trace's path."""
+        return self.profiler.stop()
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers, if any (a single-process engine holds nothing to stop)."""
@@ -467,12 +484,16 @@ class LLMEngine:
         self.stepping = current.requests
         following, self.queued_forward = self.queued_forward, None
         if following is None:
-            following = self._launch_following(current)
+            with host_range("serval.launch_following"):
+                following = self._launch_following(current)
         if isinstance(following, DecodeForward):
             return self._finish_deferred(current, following)
-        token_ids = current.token_ids()  # waits for the device: `following` is queued behind it by now
+        with host_range("serval.token_ids"):
+            token_ids = current.token_ids()  # waits for the device: `following` is queued behind it by now
         sampled = [SampledToken(token_id, None, None) for token_id in token_ids]
-        outputs = self._finish(self.output_processor.process_step(current.requests, sampled, time.monotonic()))
+        with host_range("serval.process_step"):
+            update = self.output_processor.process_step(current.requests, sampled, time.monotonic())
+        outputs = self._finish(update)
         if following is not None:
             live = [request for request in following.requests if not request.is_finished]
             if live:  # the rest stopped on current's tokens: their rows in `following` are never read
@@ -486,19 +507,24 @@ class LLMEngine:
         after it. A worker thread feeds each grammar its token and then fills the next masks while the output
         processor works; the output processor reads a grammar's status (accepted, stopped) once its token is fed,
         after its other work on the step (process_step), and the sampler joins the fill."""
-        token_ids = current.token_ids()
+        with host_range("serval.token_ids"):
+            token_ids = current.token_ids()
         fed = [(request.grammar, token_id) for request, token_id in zip(current.requests, token_ids)
                if request.grammar is not None and not request.is_finished]
         self._start_grammar_fill([request for request in forward.requests if not request.is_finished], fed)
         sampled = [SampledToken(token_id, None, None) for token_id in token_ids]
-        outputs = self._finish(self.output_processor.process_step(current.requests, sampled, time.monotonic()))
+        with host_range("serval.process_step"):
+            update = self.output_processor.process_step(current.requests, sampled, time.monotonic())
+        outputs = self._finish(update)
         live = [request for request in forward.requests if not request.is_finished]
         if live:  # the rest stopped on current's tokens: their rows of `forward` are never sampled
             self.scheduler.update(SchedulerOutput(live, [1] * len(live)))
-            self.in_flight = self.runner.sample_decode(forward, live)
+            with host_range("serval.sample_decode"):
+                self.in_flight = self.runner.sample_decode(forward, live)
             following = self._following_requests(self.in_flight)
             if following is not None:
-                self.queued_forward = self.runner.launch_forward(following, previous=self.in_flight)
+                with host_range("serval.launch_forward"):
+                    self.queued_forward = self.runner.launch_forward(following, previous=self.in_flight)
         self._propose_after_overlap()
         return outputs
 
@@ -518,9 +544,10 @@ class LLMEngine:
             constrained, draft_token_ids = self.spec_decoder.grammar_fill_drafts(constrained)
         if constrained or fed:
             from serval.engine.structured_output import start_mask_fill  # llguidance loads only when asked for
-            start_mask_fill([request.grammar for request in constrained], pin_memory=self.device.type == "cuda",
-                            draft_token_ids=draft_token_ids, fed=[grammar for grammar, _ in fed],
-                            fed_token_ids=[token_id for _, token_id in fed])
+            with host_range("serval.grammar_fill_start"):
+                start_mask_fill([request.grammar for request in constrained],
+                                pin_memory=self.device.type == "cuda", draft_token_ids=draft_token_ids,
+                                fed=[grammar for grammar, _ in fed], fed_token_ids=[token_id for _, token_id in fed])
 
     def _launch_following(self, current: DecodeInFlight) -> DecodeInFlight | DecodeForward | None:
         """Queue the decode step after `current`, before its tokens are known: forward and sampling where the

@@ -22,6 +22,7 @@ from serval.engine.cuda_graphs import DecodeGraphs
 from serval.engine.kv_groups import KVCacheLayout, assign_kv_cache_groups, group_slots, shared_kv_caches, \
     with_group_metadata
 from serval.engine.mixed_graphs import MixedGraphs, mixed_capture_sizes
+from serval.engine.profiler import host_range
 from serval.engine.request import Request
 from serval.engine.scheduler import SchedulerOutput
 from serval.engine.spec_decode import rejection_sampler
@@ -228,7 +229,8 @@ class ModelRunner:
             self.drafter.propose([request for request, num_new
                                   in zip(scheduled.requests, scheduled.num_scheduled_tokens)
                                   if request.num_computed_tokens + num_new > request.num_tokens])
-        plan = self._plan(scheduled)
+        with host_range("serval.prepare_inputs"):
+            plan = self._plan(scheduled)
         if self.drafter is not None and not self.drafter_follows_target:
             self.drafter.forward(plan.input_ids, plan.positions, plan.query_start_loc, plan.seq_lens,
                                  scheduled.requests)
@@ -498,7 +500,8 @@ class ModelRunner:
         num_requests = len(scheduled.requests)
         out = ModelRunnerOutput([None] * num_requests, [None] * num_requests, [None] * num_requests)
         if plan.sampled_requests:
-            sampled = sampler.sample(sample_logits, plan.sampled_requests)
+            with host_range("serval.sample"):  # waits for the device: the tokens are read back
+                sampled = sampler.sample(sample_logits, plan.sampled_requests)
             position = {id(request): i for i, request in enumerate(scheduled.requests)}
             for request, token_id, logprobs in zip(plan.sampled_requests, sampled.sampled_token_ids, sampled.logprobs):
                 out.sampled_token_ids[position[id(request)]] = token_id

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from serval.engine.profiler import host_range
 from serval.engine.request import Request
 from serval.outputs import Logprob
 from serval.sampling_params import SAMPLING_EPS, SamplingParams
@@ -163,7 +164,8 @@ def _apply_grammar_mask(logits: torch.Tensor, requests: list[Request]) -> None:
     from serval.engine import structured_output as structured  # llguidance loads only when a request asks for it
     states = [requests[row].grammar for row in rows]
     # The masks a worker thread filled while the logits were computed, where the engine started one.
-    bitmask = structured.next_token_bitmask(states, pin_memory=logits.device.type == "cuda")
+    with host_range("serval.grammar_join"):
+        bitmask = structured.next_token_bitmask(states, pin_memory=logits.device.type == "cuda")
     early = [i for i, row in enumerate(rows)
              if requests[row].num_output_tokens < requests[row].sampling_params.min_tokens]
     apply_grammar_bitmask(logits, bitmask, rows, early)

@@ -46,6 +46,7 @@ import llguidance.hf
 import numpy as np
 import torch
 
+from serval.engine.profiler import host_range
 from serval.openai.errors import InvalidArgument
 from serval.sampling_params import StructuredOutputsParams
 
@@ -220,11 +221,13 @@ class _FillWorker:
             fill, fed, matchers = self._queue.get()
             try:
                 if fed:
-                    _feed(fed)
+                    with host_range("serval.grammar_feed"):
+                        _feed(fed)
                 fill.fed.set()
-                if any(drafts for _, _, drafts in matchers):
-                    fill.bitmask.fill_(-1)  # rows after a rejected draft are left unwritten: they allow everything
-                _fill_rows_into(matchers, fill.bitmask)
+                with host_range("serval.grammar_fill"):
+                    if any(drafts for _, _, drafts in matchers):
+                        fill.bitmask.fill_(-1)  # rows after a rejected draft are left unwritten: all allowed
+                    _fill_rows_into(matchers, fill.bitmask)
             except BaseException as error:  # handed to the thread that waits: it must fail its step, not vanish
                 fill.error = error
             finally:

@@ -32,7 +32,7 @@ from serval.openai.protocol import ChatCompletionRequest, CompletionRequest, Det
     TokenizeRequest
 from serval.openai.embeddings import EmbeddingRequest, RerankRequest, ScoreRequest
 from serval.openai.responses import ResponsesRequest
-from serval.server import banner, embeddings, lora_routes, responses, serving, tokenization
+from serval.server import banner, embeddings, lora_routes, profile_routes, responses, serving, tokenization
 from serval.server.lifecycle import handle, simple
 from serval.server.metrics import CONTENT_TYPE
 from serval.server.config import ServerConfig
@@ -109,6 +109,14 @@ def build_app(state: ServerState) -> "ObservedApp":
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(raw: Request):
         return await lora_routes.unload_lora_adapter(state, raw)
+
+    @app.post("/start_profile")
+    async def start_profile():
+        return await profile_routes.start_profile(state)
+
+    @app.post("/stop_profile")
+    async def stop_profile():
+        return await profile_routes.stop_profile(state)
 
     @app.get("/v1/models")
     async def models():

@@ -1,11 +1,13 @@
 """benchmarks/tool_bench.py's checkpoint: transformers renders its Llama 3.1-style template with tools, a past call
 and the call's result; the call as rendered is what the llama3_json parser reads back; and the written directory
-loads as a transformers tokenizer with the Llama 3 vocabulary."""
+loads as a transformers tokenizer with the Llama 3 vocabulary; and a --tiny run with --profile-steps end to end."""
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import transformers
 
@@ -44,3 +46,22 @@ def test_the_template_renders_tools_and_calls_the_parser_reads(tmp_path):
     assert parsed.content is None
     without_tools = tokenizer.apply_chat_template(messages[1:2], tokenize=False, add_generation_prompt=True)
     assert "Environment" not in without_tools and "Weather in Paris?<|eot_id|>" in without_tools
+
+
+def test_tiny_run_profiles_each_choice(tmp_path):
+    """--tiny --profile-steps end to end on the CPU, the engine in its own process: the timed runs, then one
+    profiled run per tool_choice whose trace summary lands in the JSON and the printed table."""
+    out = tmp_path / "tool"
+    done = subprocess.run([sys.executable, SCRIPT, "--tiny", "--engine-process", "on", "--choices", "none,required",
+                           "--profile-steps", "3", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.load(open(out / "tool_bench.json"))
+    assert set(report["results"]) == set(report["profiles"]) == {"none", "required"}
+    for choice, profiled in report["profiles"].items():
+        assert os.path.exists(profiled["trace"]) and profiled["decode_steps_seen"] >= 3
+        summary = profiled["summary"]
+        assert summary["num_steps"] >= 3 and "serval.execute" in summary["ranges_ms_per_step"]["engine"]
+        assert f"profile of tool_choice={choice}" in done.stdout
+    # Only the constrained run fills grammar masks.
+    assert "serval.grammar_join" in report["profiles"]["required"]["summary"]["ranges_ms_per_step"]["engine"]
+    assert "serval.grammar_join" not in report["profiles"]["none"]["summary"]["ranges_ms_per_step"]["engine"]
