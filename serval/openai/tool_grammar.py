@@ -16,6 +16,7 @@ import json
 from collections.abc import Mapping
 
 from serval.openai.errors import InvalidArgument
+from serval.openai.tool_parsers import deepseek
 
 # Canonical separators, no free whitespace: a weak model cannot pad forever, and the text matches what the
 # chat templates render for past calls (`tojson`: ", " and ": ").
@@ -91,15 +92,16 @@ def _calls(parser_name: str, parallel: bool, added_tokens: Mapping[str, int]) ->
     if parser_name == "llama3_json":
         return [f"constraint: {repeated('function', '; ')}"]
     if parser_name in DEEPSEEK_FORMATS:
-        begin, end = (marker(text, added_tokens) for text in ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"))
-        call = f'{marker("<｜tool▁call▁begin｜>", added_tokens)} function {marker("<｜tool▁call▁end｜>", added_tokens)}'
+        begin, end = marker(deepseek.CALLS_BEGIN, added_tokens), marker(deepseek.CALLS_END, added_tokens)
+        call = f"{marker(deepseek.CALL_BEGIN, added_tokens)} function {marker(deepseek.CALL_END, added_tokens)}"
         return [f"call: {call}", f"constraint: {begin} {'call+' if parallel else 'call'} {end}"]
     return [f'constraint: {marker("[TOOL_CALLS]", added_tokens)} "[" {repeated("function", ", ")} "]"']
 
 
 def _deepseek_function(parser_name: str, name: str, parameters: dict, added_tokens: Mapping[str, int]) -> str:
-    """V3 / R1-0528: `function<｜tool▁sep｜>NAME` and the arguments in a json fence; V3.1: `NAME<｜tool▁sep｜>{...}`."""
-    separator = marker("<｜tool▁sep｜>", added_tokens)
+    """V3 / R1-0528: `function<｜tool▁sep｜>NAME` and the arguments in a json fence; V3.1:
+    `NAME<｜tool▁sep｜>{...}`."""
+    separator = marker(deepseek.SEP, added_tokens)
     if parser_name == "deepseek_v31":
         return f"{json.dumps(name)} {separator} {_json(parameters)}"
     opening, closing = json.dumps(f"{name}\n```json\n"), json.dumps("\n```")

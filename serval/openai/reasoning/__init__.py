@@ -45,5 +45,5 @@ def get_reasoning_parser(name: str) -> type[ReasoningParser]:
                               f"{', '.join(sorted(REASONING_PARSERS))}") from None
 
 
-__all__ = ["REASONING_PARSERS", "DeepSeekR1ReasoningParser", "DeepSeekV3ReasoningParser", "ExtractedReasoning", "Qwen3ReasoningParser",
-           "ReasoningDelta", "ReasoningParser", "get_reasoning_parser"]
+__all__ = ["REASONING_PARSERS", "DeepSeekR1ReasoningParser", "DeepSeekV3ReasoningParser", "ExtractedReasoning",
+           "Qwen3ReasoningParser", "ReasoningDelta", "ReasoningParser", "get_reasoning_parser"]

@@ -1,12 +1,13 @@
 """`deepseek_v3` and `deepseek_v31`: DeepSeek's calls block, its markers special tokens spelled with full-width
-bars and U+2581 (▁). V3 and R1-0528 write
+bars and U+2581 (▁). V3 and R1-0528 write, for each call,
 
-    <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\n{...}\\n```<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>
+    <｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\n{...}\n```<｜tool▁call▁end｜>
 
-and V3.1 `<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜>` for each call. As in vLLM, the text before
-the block is content and the text after it is dropped; a block holding no readable call is left as content,
-whole. A call starts once its name is whole and its JSON arguments are past the opening brace; from then its
-arguments stream as the model's own characters, and a call that breaks off keeps what was sent.
+and V3.1 `<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜>`, all between
+`<｜tool▁calls▁begin｜>` and `<｜tool▁calls▁end｜>`. As in vLLM, the text before the block is content and the text after it is dropped; a
+block holding no readable call is left as content, whole. A call starts once its name is whole and its JSON
+arguments are past the opening brace; from then its arguments stream as the model's own characters, and a call
+that breaks off keeps what was sent (a stream cannot take them back).
 """
 from __future__ import annotations
 
@@ -44,11 +45,10 @@ class DeepSeekV3ToolParser(ToolParser):
             self._buffer = ""
             self._finish_text()
 
-    def _take_raw(self, length: int) -> str:
+    def _take_raw(self, length: int) -> None:
         piece, self._buffer = self._buffer[:length], self._buffer[length:]
         if not self._block_has_call:
             self._block_raw += piece
-        return piece
 
     def _leave_block(self) -> None:
         """Not a calls block after all: its text so far is content, and reading goes on as text."""
