@@ -1,13 +1,13 @@
 """`deepseek_v3` and `deepseek_v31`: DeepSeek's calls block, its markers special tokens spelled with full-width
 bars and U+2581 (▁). V3 and R1-0528 write, for each call,
 
-    <｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\n{...}\n```<｜tool▁call▁end｜>
+    <｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\n{...}\\n```<｜tool▁call▁end｜>
 
 and V3.1 `<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜>`, all between
-`<｜tool▁calls▁begin｜>` and `<｜tool▁calls▁end｜>`. As in vLLM, the text before the block is content and the text after it is dropped; a
-block holding no readable call is left as content, whole. A call starts once its name is whole and its JSON
-arguments are past the opening brace; from then its arguments stream as the model's own characters, and a call
-that breaks off keeps what was sent (a stream cannot take them back).
+`<｜tool▁calls▁begin｜>` and `<｜tool▁calls▁end｜>`. As in vLLM, the text before the block is content and
+the text after it is dropped; a block holding no readable call is left as content, whole. A call starts once
+its name is whole and its JSON arguments are past the opening brace; from then its arguments stream as the
+model's own characters, and a call that breaks off keeps what was sent (a stream cannot take them back).
 """
 from __future__ import annotations
 
