@@ -1,7 +1,7 @@
 """deepseek_v3 and deepseek_v31 on the cases of vLLM's tests/tool_parsers/test_deepseekv3_tool_parser.py and
-test_deepseekv31_tool_parser.py (and the V3 parser's docstring example, calls on separate lines), whole text,
-streamed character by character, and token by token with a 128k BPE that holds DeepSeek's markers as special
-tokens."""
+test_deepseekv31_tool_parser.py (and the V3 parser's docstring example, calls on separate lines) and SGLang's
+malformed-call tests (test/registered/function_call), whole text, streamed character by character, and token by
+token with a 128k BPE that holds DeepSeek's markers as special tokens."""
 import json
 
 import pytest
@@ -47,6 +47,9 @@ V3_CASES = [  # model output, content, [(name, arguments)]
     # malformed: the call markers are missing, so the block is no call and stays content, whole
     (f'{CALLS_BEGIN}function{SEP}get_weather\n```json\n{{"city": "Tokyo"}}\n```{CALLS_END}',
      f'{CALLS_BEGIN}function{SEP}get_weather\n```json\n{{"city": "Tokyo"}}\n```{CALLS_END}', []),
+    # SGLang's test_deepseek_malformed: a broken call after a good one keeps the good one, no markup in content
+    ("Sure. " + block(v3_call("get_weather", '{"city": "Boston"}'), v3_call("search", "{bad json")), "Sure.",
+     [("get_weather", '{"city": "Boston"}')]),
     # arguments that are not an object: no call
     (f"Sure.{CALLS_BEGIN}{CALL_BEGIN}function{SEP}f\n```json\nnope\n```{CALL_END}{CALLS_END}",
      f"Sure.{CALLS_BEGIN}{CALL_BEGIN}function{SEP}f\n```json\nnope\n```{CALL_END}{CALLS_END}", []),
@@ -61,6 +64,8 @@ V31_CASES = [
     (block(v31_call("send_message", ESCAPED), v31_call("get_current_time", "{}")), None,
      [("send_message", ESCAPED), ("get_current_time", "{}")]),
     ("No tools here.", "No tools here.", []),
+    ("Sure. " + block(v31_call("get_weather", '{"city": "Boston"}'), v31_call("search", "{bad json")), "Sure.",
+     [("get_weather", '{"city": "Boston"}')]),
 ]
 CASES = [("deepseek_v3", *case) for case in V3_CASES] + [("deepseek_v31", *case) for case in V31_CASES]
 TEXTS = {"deepseek_v3": [case[0] for case in V3_CASES], "deepseek_v31": [case[0] for case in V31_CASES]}
