@@ -21,7 +21,7 @@ class DeepSeekR1ReasoningParser(ReasoningParser):
 
 
 class DeepSeekV3ReasoningParser(DeepSeekR1ReasoningParser):
-    """DeepSeek-V3.1 / V3.2's hybrid template: no thought unless `thinking` (or `enable_thinking`) is true in
+    """DeepSeek-V3.1's hybrid template: no thought unless `thinking` (or `enable_thinking`) is true in
     chat_template_kwargs, then R1's reading; vLLM's `deepseek_v3` defaults to off the same way."""
 
     @classmethod
