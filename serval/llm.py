@@ -144,7 +144,7 @@ class LLM:
             grammar = tool_call_grammar(self.tool_call_parser, tool_request.tool_dicts(),
                                         choice.model_dump() if isinstance(choice, NamedToolChoice) else choice,
                                         tool_request.parallel_tool_calls, added)
-            if parser.reasoning is not None and (chat_template_kwargs or {}).get("enable_thinking") is not False:
+            if parser.reasoning is not None and parser.reasoning.thinking_enabled(chat_template_kwargs):
                 reasoning = type(parser.reasoning)
                 grammar = with_reasoning(grammar, added, reasoning.think_start, reasoning.think_end)
             changes["structured_outputs"] = StructuredOutputsParams(grammar=grammar)

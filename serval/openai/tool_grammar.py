@@ -16,11 +16,13 @@ import json
 from collections.abc import Mapping
 
 from serval.openai.errors import InvalidArgument
+from serval.openai.tool_parsers import deepseek
 
 # Canonical separators, no free whitespace: a weak model cannot pad forever, and the text matches what the
 # chat templates render for past calls (`tojson`: ", " and ": ").
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-GRAMMAR_FORMATS = ("hermes", "llama3_json", "mistral", "qwen3_xml", "qwen3_coder")
+GRAMMAR_FORMATS = ("hermes", "llama3_json", "mistral", "qwen3_xml", "qwen3_coder", "deepseek_v3", "deepseek_v31")
+DEEPSEEK_FORMATS = ("deepseek_v3", "deepseek_v31")
 _REGEX_SPECIAL = set("\\.+*?()|[]{}^$/&-~#")
 _NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
@@ -75,6 +77,8 @@ def _function_body(parser_name: str, tool: dict, added_tokens: Mapping[str, int]
         return _json(_call_object(name, _parameters(tool), "parameters"))
     if parser_name == "mistral":
         return _json(_call_object(name, _parameters(tool)))
+    if parser_name in DEEPSEEK_FORMATS:
+        return _deepseek_function(parser_name, name, _parameters(tool), added_tokens)
     return _xml_function(name, _parameters(tool))
 
 
@@ -87,7 +91,21 @@ def _calls(parser_name: str, parallel: bool, added_tokens: Mapping[str, int]) ->
         return [f'call: {start} "\\n" function "\\n" {end}', f"constraint: {repeated('call', chr(10))}"]
     if parser_name == "llama3_json":
         return [f"constraint: {repeated('function', '; ')}"]
+    if parser_name in DEEPSEEK_FORMATS:
+        begin, end = marker(deepseek.CALLS_BEGIN, added_tokens), marker(deepseek.CALLS_END, added_tokens)
+        call = f"{marker(deepseek.CALL_BEGIN, added_tokens)} function {marker(deepseek.CALL_END, added_tokens)}"
+        return [f"call: {call}", f"constraint: {begin} {'call+' if parallel else 'call'} {end}"]
     return [f'constraint: {marker("[TOOL_CALLS]", added_tokens)} "[" {repeated("function", ", ")} "]"']
+
+
+def _deepseek_function(parser_name: str, name: str, parameters: dict, added_tokens: Mapping[str, int]) -> str:
+    """V3 / R1-0528: `function<｜tool▁sep｜>NAME` and the arguments in a json fence; V3.1:
+    `NAME<｜tool▁sep｜>{...}`."""
+    separator = marker(deepseek.SEP, added_tokens)
+    if parser_name == "deepseek_v31":
+        return f"{json.dumps(name)} {separator} {_json(parameters)}"
+    opening, closing = json.dumps(f"{name}\n```json\n"), json.dumps("\n```")
+    return f'"function" {separator} {opening} {_json(parameters)} {closing}'
 
 
 def _xml_function(name: str, parameters: dict) -> str:

