@@ -11,7 +11,7 @@ import pytest
 
 from serval.openai.tool_grammar import tool_call_grammar
 from serval.openai.tool_parsers.deepseek import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, MARKERS, SEP
-from tests.openai.test_tool_grammar import TOOLS, parsed_calls, random_walk
+from tests.openai.test_tool_grammar import TOOLS, assert_walks_give_every_tool, parsed_calls, random_walk
 from tests.openai.tool_parsers.streaming import deepseek_tokenizer
 
 FORMATS = ["deepseek_v3", "deepseek_v31"]
@@ -43,20 +43,8 @@ def encode(text: str) -> list[int]:
 
 @pytest.mark.parametrize("parser_name", FORMATS)
 def test_required_gives_valid_calls(ll_tokenizer, parser_name):
-    rng, grammar = random.Random(1234), grammar_for(parser_name)
-    names, counts, finished = set(), set(), 0
-    for _ in range(60):
-        text = random_walk(ll_tokenizer, grammar, rng, tokenizer=deepseek_tokenizer())
-        if text is None:
-            continue
-        finished += 1
-        calls = parsed_calls(parser_name, text)
-        assert calls, text
-        names |= {call.name for call in calls}
-        counts.add(len(calls))
-    assert finished >= 50
-    assert names == {"get_weather", "book", "now"}  # every tool is reachable
-    assert max(counts) > 1  # parallel calls happen
+    assert_walks_give_every_tool(ll_tokenizer, grammar_for(parser_name), parser_name, 60,
+                                 tokenizer=deepseek_tokenizer(), min_finished=50 / 60)
 
 
 @pytest.mark.parametrize("parser_name", FORMATS)
