@@ -46,6 +46,11 @@ class ChatOutputParser:
         self._reasoning_text: list[str] = []
         self._content: list[str] = []
 
+    @property
+    def reads_special_tokens(self) -> bool:
+        """Whether the markers either parser reads are special tokens: then the output is detokenized with them."""
+        return any(part is not None and type(part).special_tokens for part in (self.reasoning, self.tools))
+
     def feed(self, text: str) -> ChatDelta:
         return self._step(text, final=False)
 
@@ -63,8 +68,10 @@ class ChatOutputParser:
         delta = ChatDelta()
         if self.reasoning is not None:
             split = self.reasoning.finish() if final else self.reasoning.feed(text)
-            delta.reasoning, text = split.reasoning, split.content
+            delta.reasoning = split.reasoning
             self._reasoning_text.append(split.reasoning)
+            if self.tools is None or not self.tools.reads_reasoning:
+                text = split.content
         if self.tools is None:
             delta.content = text
             self._content.append(text)
