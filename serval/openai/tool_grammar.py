@@ -183,7 +183,8 @@ def with_analysis(grammar: str, added_tokens: Mapping[str, int] | None = None) -
         analysis = f'analysis: {opening} ANALYSIS {end} {marker("<|start|>", added_tokens)} "assistant"\n' \
                    "ANALYSIS: /(?s:.*)/"
     else:  # spelled in text: lazy, so the analysis ends at the first end marker
-        analysis = f'analysis[lazy]: {opening} /(?s:.*)<\\|end\\|>/ {marker("<|start|>", added_tokens)} "assistant"'
+        analysis = f'analysis: {opening} analysis_text {marker("<|start|>", added_tokens)} "assistant"\n' \
+                   "analysis_text[lazy]: /(?s:.*)<\\|end\\|>/"
     return f"start: analysis? constraint\n{analysis}\n{rules}"
 
 
