@@ -138,6 +138,9 @@ class LLM:
         changes: dict = {}
         if parser.reads_special_tokens:
             changes["skip_special_tokens"] = False
+        stop_token_ids = parser.stop_token_ids(self.get_tokenizer().get_added_vocab(), params.stop_token_ids)
+        if stop_token_ids != (params.stop_token_ids or []):
+            changes["stop_token_ids"] = stop_token_ids
         choice = tool_request.resolved_tool_choice()
         if parser.tools is not None and (choice == "required" or isinstance(choice, NamedToolChoice)):
             added = self.get_tokenizer().get_added_vocab()

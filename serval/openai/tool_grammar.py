@@ -103,10 +103,9 @@ def _calls(parser_name: str, parallel: bool, added_tokens: Mapping[str, int]) ->
         begin, end = marker(deepseek.CALLS_BEGIN, added_tokens), marker(deepseek.CALLS_END, added_tokens)
         call = f"{marker(deepseek.CALL_BEGIN, added_tokens)} function {marker(deepseek.CALL_END, added_tokens)}"
         return [f"call: {call}", f"constraint: {begin} {'call+' if parallel else 'call'} {end}"]
-    if parser_name == "openai":  # each call its own message, the first opened by the prompt's `<|start|>assistant`
-        next_call = f'{marker("<|start|>", added_tokens)} "assistant" call'
-        return [f'call: function {marker("<|call|>", added_tokens)}',
-                "constraint: call" + (f" ({next_call})*" if parallel else "")]
+    if parser_name == "openai":
+        # One call whatever `parallel`: `<|call|>` ends gpt-oss's turn (it stops the request) until the result comes.
+        return [f'constraint: function {marker("<|call|>", added_tokens)}']
     return [f'constraint: {marker("[TOOL_CALLS]", added_tokens)} "[" {repeated("function", ", ")} "]"']
 
 

@@ -151,6 +151,9 @@ def chat_sampling_params(config: ServerConfig, tokenizer, body, params: Sampling
     changes: dict = {}
     if parser.reads_special_tokens:
         changes["skip_special_tokens"] = False
+    stop_token_ids = parser.stop_token_ids(tokenizer.get_added_vocab(), params.stop_token_ids)
+    if stop_token_ids != (params.stop_token_ids or []):
+        changes["stop_token_ids"] = stop_token_ids
     grammar = _tool_choice_grammar(config, tokenizer, body, params, parser)
     thinking = thinking_enabled(config, body)
     # a format that reads its own reasoning (harmony) has the reasoning in its grammar already

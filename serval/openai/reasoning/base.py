@@ -34,6 +34,8 @@ class ReasoningParser:
     implicit_ends: tuple[str, ...] = ()
     # markers that are special tokens in their model's vocabulary (kept in the text: skip_special_tokens=False)
     special_tokens: tuple[str, ...] = ()
+    # tokens that end the model's turn in this format, beyond the model's EOS: added to the request's stop tokens
+    stop_tokens: tuple[str, ...] = ()
 
     def __init__(self, chat_template_kwargs: dict | None = None) -> None:
         self._state = "start" if self.thinking_enabled(chat_template_kwargs) else "content"

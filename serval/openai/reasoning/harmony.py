@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from serval.openai.reasoning.base import ReasoningDelta, ReasoningParser
 from serval.openai.tool_grammar import in_final_message, with_analysis
-from serval.openai.tool_parsers.harmony_reader import SPECIAL_TOKENS, HarmonyReader
+from serval.openai.tool_parsers.harmony_reader import SPECIAL_TOKENS, TURN_ENDS, HarmonyReader
 
 
 class HarmonyReasoningParser(ReasoningParser):
     special_tokens = SPECIAL_TOKENS
+    stop_tokens = TURN_ENDS
 
     def __init__(self, chat_template_kwargs: dict | None = None) -> None:
         super().__init__(chat_template_kwargs)

@@ -6,11 +6,12 @@ the markup of reasoning and calls is one, so the chat handler feeds it the raw o
 from __future__ import annotations
 
 from serval.openai.tool_parsers.base import ToolParser
-from serval.openai.tool_parsers.harmony_reader import SPECIAL_TOKENS, HarmonyReader
+from serval.openai.tool_parsers.harmony_reader import SPECIAL_TOKENS, TURN_ENDS, HarmonyReader
 
 
 class HarmonyToolParser(ToolParser):
     special_tokens = SPECIAL_TOKENS
+    stop_tokens = TURN_ENDS
     reads_reasoning = True
 
     def __init__(self, tools: list[dict] | None = None) -> None:

@@ -24,6 +24,7 @@ from serval.openai.tool_parsers.base import partial_marker_length
 START, END, MESSAGE, CHANNEL = "<|start|>", "<|end|>", "<|message|>", "<|channel|>"
 CONSTRAIN, RETURN, CALL = "<|constrain|>", "<|return|>", "<|call|>"
 SPECIAL_TOKENS = (START, END, MESSAGE, CHANNEL, CONSTRAIN, RETURN, CALL)
+TURN_ENDS = (RETURN, CALL)  # the answer is done, or a call waits for its result
 # a body ends at its end marker; `<|start|>` too, when the model forgot the end
 _BODY_ENDS = (END, RETURN, CALL, START)
 _FUNCTIONS = "functions."

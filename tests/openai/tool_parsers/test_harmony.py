@@ -141,3 +141,10 @@ def test_markers_are_special_tokens_kept_in_the_text():
 def test_header(header, expected):
     parsed = parse_header(header)
     assert (parsed.recipient, parsed.channel, parsed.content_type) == expected
+
+
+def test_turn_ends_are_stop_tokens():
+    added = harmony_tokenizer().get_added_vocab()
+    parser = chat_output_parser("openai", "openai_gptoss", TOOLS, "auto", enable_auto_tool_choice=True)
+    assert parser.stop_token_ids(added, [7]) == [7, added["<|return|>"], added["<|call|>"]]
+    assert chat_output_parser("hermes", "qwen3", TOOLS, "required").stop_token_ids(added, None) == []
