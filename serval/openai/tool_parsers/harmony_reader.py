@@ -1,7 +1,7 @@
 """Reading OpenAI's harmony format (gpt-oss) as it streams: the output is a run of messages,
 
     <|channel|>analysis<|message|>thinking...<|end|>
-    <|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>
+    <|start|>assistant<|channel|>commentary to=functions.weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>
     <|start|>assistant<|channel|>final<|message|>The answer.<|return|>
 
 the first without `<|start|>assistant` (the chat template ends the prompt with it). `HarmonyReader.feed(text)`
