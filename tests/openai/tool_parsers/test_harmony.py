@@ -33,7 +33,8 @@ CASES = [  # model output, reasoning, content, [(name, arguments)]
     (ANALYSIS + call("get_current_weather", '{\n"location": "Tokyo"\n}'), THOUGHT, None,
      [("get_current_weather", '{\n"location": "Tokyo"\n}')]),
     (ANALYSIS + call("get_current_weather", '{"location": "Tokyo"}')
-     + call("get_user_location", '{"location": "Tokyo"}') + call("no_content_type", '{"location": "Tokyo"}', "") + call("not_json_no_content_type", "foo", "")
+     + call("get_user_location", '{"location": "Tokyo"}') + call("no_content_type", '{"location": "Tokyo"}', "")
+     + call("not_json_no_content_type", "foo", "")
      + call("empty_args", "{}") + call("no_args", ""), THOUGHT, None,
      [("get_current_weather", '{"location": "Tokyo"}'), ("get_user_location", '{"location": "Tokyo"}'),
       ("no_content_type", '{"location": "Tokyo"}'), ("not_json_no_content_type", "foo"), ("empty_args", "{}"),
