@@ -19,15 +19,24 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from serval.openai.tool_parsers.base import partial_marker_length
-
 START, END, MESSAGE, CHANNEL = "<|start|>", "<|end|>", "<|message|>", "<|channel|>"
 CONSTRAIN, RETURN, CALL = "<|constrain|>", "<|return|>", "<|call|>"
 SPECIAL_TOKENS = (START, END, MESSAGE, CHANNEL, CONSTRAIN, RETURN, CALL)
 TURN_ENDS = (RETURN, CALL)  # the answer is done, or a call waits for its result
 # a body ends at its end marker; `<|start|>` too, when the model forgot the end
 _BODY_ENDS = (END, RETURN, CALL, START)
+_LONGEST_END = max(len(marker) for marker in _BODY_ENDS)
 _FUNCTIONS = "functions."
+
+
+def _partial_end_length(text: str) -> int:
+    """How much of the end of `text` could begin a body's end marker: only from its last "<", since each marker
+    holds one "<", its first character (one search instead of one per marker and length: this runs per token)."""
+    start = text.rfind("<", max(0, len(text) - _LONGEST_END + 1))
+    if start < 0:
+        return 0
+    tail = text[start:]
+    return len(tail) if any(marker.startswith(tail) for marker in _BODY_ENDS) else 0
 
 
 @dataclass(frozen=True)
@@ -120,7 +129,7 @@ class HarmonyReader:
         found = [(self._buffer.find(marker), marker) for marker in _BODY_ENDS]
         found = [item for item in found if item[0] >= 0]
         if not found:
-            keep = 0 if final else max(partial_marker_length(self._buffer, marker) for marker in _BODY_ENDS)
+            keep = 0 if final else _partial_end_length(self._buffer)
             self._text(self._buffer[:len(self._buffer) - keep], events)
             self._buffer = self._buffer[len(self._buffer) - keep:]
             return False
