@@ -53,7 +53,7 @@ class Header:
 
     @property
     def kind(self) -> str:
-        """"call", "reasoning" or "content"."""
+        """One of "call", "reasoning", "content"."""
         if self.function_name is not None:
             return "call"
         if self.channel == "analysis" or self.recipient is not None:
