@@ -19,7 +19,7 @@ from serval.model.generation_config import load_generation_defaults
 from serval.openai.embeddings import score_pairs
 from serval.openai.errors import InvalidArgument
 from serval.openai.reasoning import get_reasoning_parser
-from serval.openai.tool_grammar import tool_call_grammar, with_reasoning
+from serval.openai.tool_grammar import tool_call_grammar
 from serval.openai.tool_parsers import get_tool_parser
 from serval.openai.tool_parsers.chat_output import chat_output_parser
 from serval.openai.tools import NamedToolChoice, ToolRequestFields
@@ -136,17 +136,20 @@ class LLM:
         """What the server's admission does to a chat request's params: the tool-choice grammar (after the think
         section when thinking is on), special tokens kept when the call markers are special tokens."""
         changes: dict = {}
-        if parser.tools is not None and type(parser.tools).special_tokens:
+        if parser.reads_special_tokens:
             changes["skip_special_tokens"] = False
+        stop_token_ids = parser.stop_token_ids(self.get_tokenizer().get_added_vocab(), params.stop_token_ids)
+        if stop_token_ids != (params.stop_token_ids or []):
+            changes["stop_token_ids"] = stop_token_ids
         choice = tool_request.resolved_tool_choice()
         if parser.tools is not None and (choice == "required" or isinstance(choice, NamedToolChoice)):
             added = self.get_tokenizer().get_added_vocab()
             grammar = tool_call_grammar(self.tool_call_parser, tool_request.tool_dicts(),
                                         choice.model_dump() if isinstance(choice, NamedToolChoice) else choice,
                                         tool_request.parallel_tool_calls, added)
-            if parser.reasoning is not None and parser.reasoning.thinking_enabled(chat_template_kwargs):
-                reasoning = type(parser.reasoning)
-                grammar = with_reasoning(grammar, added, reasoning.think_start, reasoning.think_end)
+            if (parser.reasoning is not None and not parser.tools.reads_reasoning
+                    and parser.reasoning.thinking_enabled(chat_template_kwargs)):
+                grammar = type(parser.reasoning).constrain_after_reasoning(grammar, added)
             changes["structured_outputs"] = StructuredOutputsParams(grammar=grammar)
         return dataclasses.replace(params, **changes) if changes else params
 

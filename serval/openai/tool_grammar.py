@@ -9,6 +9,7 @@ added vocabulary (`tokenizer.get_added_vocab()`) for that.
 
 `with_reasoning(grammar)` prefixes any such grammar (or a `json_schema_grammar`) with a free think section and
 its end marker, so a reasoning model thinks unconstrained and the constraint applies after `</think>`.
+`with_analysis` is the same for gpt-oss's harmony format: an optional free analysis message comes first.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from serval.openai.tool_parsers import deepseek
 # Canonical separators, no free whitespace: a weak model cannot pad forever, and the text matches what the
 # chat templates render for past calls (`tojson`: ", " and ": ").
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-GRAMMAR_FORMATS = ("hermes", "llama3_json", "mistral", "qwen3_xml", "qwen3_coder", "deepseek_v3", "deepseek_v31")
+GRAMMAR_FORMATS = ("hermes", "llama3_json", "mistral", "qwen3_xml", "qwen3_coder", "deepseek_v3", "deepseek_v31",
+                   "openai")
 DEEPSEEK_FORMATS = ("deepseek_v3", "deepseek_v31")
 _REGEX_SPECIAL = set("\\.+*?()|[]{}^$/&-~#")
 _NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
@@ -66,7 +68,9 @@ def tool_call_grammar(parser_name: str, tools: list[dict], tool_choice: str | di
     rules = [f"fn{index}: {_function_body(parser_name, tool, added_tokens)}" for index, tool in enumerate(chosen)]
     rules.append("function: " + " | ".join(f"fn{index}" for index in range(len(chosen))))
     rules.extend(_calls(parser_name, parallel_tool_calls, added_tokens))
-    return "\n".join(["start: constraint", *rules]) + "\n"
+    grammar = "\n".join(["start: constraint", *rules]) + "\n"
+    # gpt-oss thinks in an analysis message before it calls; the grammar lets it, as its parser reads it
+    return with_analysis(grammar, added_tokens) if parser_name == "openai" else grammar
 
 
 def _function_body(parser_name: str, tool: dict, added_tokens: Mapping[str, int]) -> str:
@@ -79,6 +83,10 @@ def _function_body(parser_name: str, tool: dict, added_tokens: Mapping[str, int]
         return _json(_call_object(name, _parameters(tool)))
     if parser_name in DEEPSEEK_FORMATS:
         return _deepseek_function(parser_name, name, _parameters(tool), added_tokens)
+    if parser_name == "openai":
+        header = f'{marker("<|channel|>", added_tokens)} {json.dumps(f"commentary to=functions.{name} ")}'
+        return (f'{header} {marker("<|constrain|>", added_tokens)} "json" {marker("<|message|>", added_tokens)} '
+                f'{_json(_parameters(tool))}')
     return _xml_function(name, _parameters(tool))
 
 
@@ -95,6 +103,9 @@ def _calls(parser_name: str, parallel: bool, added_tokens: Mapping[str, int]) ->
         begin, end = marker(deepseek.CALLS_BEGIN, added_tokens), marker(deepseek.CALLS_END, added_tokens)
         call = f"{marker(deepseek.CALL_BEGIN, added_tokens)} function {marker(deepseek.CALL_END, added_tokens)}"
         return [f"call: {call}", f"constraint: {begin} {'call+' if parallel else 'call'} {end}"]
+    if parser_name == "openai":
+        # One call whatever `parallel`: `<|call|>` ends gpt-oss's turn (it stops the request) until the result comes.
+        return [f'constraint: function {marker("<|call|>", added_tokens)}']
     return [f'constraint: {marker("[TOOL_CALLS]", added_tokens)} "[" {repeated("function", ", ")} "]"']
 
 
@@ -158,3 +169,27 @@ def with_reasoning(grammar: str, added_tokens: Mapping[str, int] | None = None, 
         escaped = "".join("\\" + char if char in _REGEX_SPECIAL else char for char in think_end)
         thought = f"thought[lazy]: /(?s:.*){escaped}/"
     return f"start: {opening} thought /\\n{{0,2}}/ constraint\n{thought}\n{rules}"
+
+
+def with_analysis(grammar: str, added_tokens: Mapping[str, int] | None = None) -> str:
+    """`grammar` (top rule `constraint`) after an optional harmony analysis message: any text up to `<|end|>`,
+    then the next message's `<|start|>assistant`. The constraint writes its own channel header."""
+    added_tokens = added_tokens or {}
+    rules = grammar.replace("start: constraint\n", "", 1)
+    end = marker("<|end|>", added_tokens)
+    opening = f'{marker("<|channel|>", added_tokens)} "analysis" {marker("<|message|>", added_tokens)}'
+    if "<|end|>" in added_tokens:  # one token, which no text lexeme can contain
+        analysis = f'analysis: {opening} ANALYSIS {end} {marker("<|start|>", added_tokens)} "assistant"\n' \
+                   "ANALYSIS: /(?s:.*)/"
+    else:  # spelled in text: lazy, so the analysis ends at the first end marker
+        analysis = f'analysis: {opening} analysis_text {marker("<|start|>", added_tokens)} "assistant"\n' \
+                   "analysis_text[lazy]: /(?s:.*)<\\|end\\|>/"
+    return f"start: analysis? constraint\n{analysis}\n{rules}"
+
+
+def in_final_message(grammar: str, added_tokens: Mapping[str, int] | None = None) -> str:
+    """`grammar`'s constraint as the body of a harmony final message (gpt-oss's answer channel)."""
+    added_tokens = added_tokens or {}
+    header = f'{marker("<|channel|>", added_tokens)} "final" {marker("<|message|>", added_tokens)}'
+    rules = grammar.replace("start: constraint\n", "", 1).replace("constraint:", "answer:", 1)
+    return f"start: constraint\nconstraint: {header} answer\n{rules}"

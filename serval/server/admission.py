@@ -13,7 +13,7 @@ from functools import partial
 
 from serval.openai.errors import APIError, InvalidArgument
 from serval.openai.reasoning import get_reasoning_parser
-from serval.openai.tool_grammar import json_schema_grammar, tool_call_grammar, with_reasoning
+from serval.openai.tool_grammar import json_schema_grammar, tool_call_grammar
 from serval.openai.tool_parsers.chat_output import ChatOutputParser, chat_output_parser
 from serval.openai.tools import NamedToolChoice
 from serval.sampling_params import SamplingParams, StructuredOutputsParams
@@ -149,16 +149,21 @@ def chat_sampling_params(config: ServerConfig, tokenizer, body, params: Sampling
     named function, structured outputs moved after the think section, and special tokens kept in the text when
     the tool call format's markers are special tokens. Runs on the tokenizer's thread (it reads the vocabulary)."""
     changes: dict = {}
-    if parser.tools is not None and type(parser.tools).special_tokens:
+    if parser.reads_special_tokens:
         changes["skip_special_tokens"] = False
+    stop_token_ids = parser.stop_token_ids(tokenizer.get_added_vocab(), params.stop_token_ids)
+    if stop_token_ids != (params.stop_token_ids or []):
+        changes["stop_token_ids"] = stop_token_ids
     grammar = _tool_choice_grammar(config, tokenizer, body, params, parser)
     thinking = thinking_enabled(config, body)
+    # a format that reads its own reasoning (harmony) has the reasoning in its grammar already
+    after_reasoning = thinking and not (grammar is not None and parser.tools.reads_reasoning)
     if grammar is None and thinking:
         grammar = _json_grammar(params.structured_outputs)
     if grammar is not None:
-        if thinking:
+        if after_reasoning:
             reasoning = get_reasoning_parser(config.reasoning_parser)
-            grammar = with_reasoning(grammar, tokenizer.get_added_vocab(), reasoning.think_start, reasoning.think_end)
+            grammar = reasoning.constrain_after_reasoning(grammar, tokenizer.get_added_vocab())
         changes["structured_outputs"] = StructuredOutputsParams(grammar=grammar)
     return dataclasses.replace(params, **changes) if changes else params
 

@@ -214,7 +214,7 @@ def test_openai_client_sees_the_400(client):
 
 
 @pytest.mark.parametrize("flags, valid", [(["--tool-call-parser", "bogus"], "hermes, llama3_json"),
-                                          (["--reasoning-parser", "bogus"], "deepseek_r1, qwen3"),
+                                          (["--reasoning-parser", "bogus"], "openai_gptoss, qwen3"),
                                           (["--enable-auto-tool-choice"], "--tool-call-parser")])
 def test_unknown_parser_names_are_refused_at_start(flags, valid):
     process = subprocess.run([sys.executable, "-m", "serval.cli", "serve", "--model", tiny_qwen3_dir(), *flags],

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from serval.openai.errors import InvalidArgument
-from serval.openai.tool_grammar import json_schema_grammar, tool_call_grammar, with_reasoning
+from serval.openai.tool_grammar import json_schema_grammar, tool_call_grammar, with_analysis, with_reasoning
 from serval.openai.tool_parsers import get_tool_parser
 from serval.openai.reasoning import get_reasoning_parser
-from tests.openai.tool_parsers.streaming import qwen3_tokenizer
+from tests.openai.tool_parsers.streaming import harmony_tokenizer, qwen3_tokenizer
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "additionalProperties": False, "required": ["city"],
@@ -181,6 +181,95 @@ def test_reasoning_with_a_spelled_end_marker(ll_tokenizer):
     tokenizer = qwen3_tokenizer()
     for text, valid in [("<reasoning>a < b </div> c</reasoning>\n42", True), ("hi</reasoning>7", True),
                         ("hi</reasoning>x</reasoning>7", False)]:
+        matcher = llguidance.LLMatcher(ll_tokenizer, llguidance.grammar_from("lark", grammar), log_level=0)
+        tokens = tokenizer.encode(text, add_special_tokens=False)
+        assert (matcher.validate_tokens(tokens) == len(tokens)) == valid, text
+
+
+# ---- gpt-oss's harmony format (`openai` parser): generation starts after the template's `<|start|>assistant`
+@pytest.fixture(scope="module")
+def harmony_ll_tokenizer():
+    return llguidance.hf.from_tokenizer(harmony_tokenizer())
+
+
+HARMONY_THOUGHT = '<|channel|>analysis<|message|>Maybe {"name": "now"}?<|end|><|start|>assistant'
+
+
+def harmony_forced(prefix: str) -> dict[int, int]:
+    return dict(enumerate(harmony_tokenizer().encode(prefix, add_special_tokens=False)))
+
+
+@pytest.mark.parametrize("prefix, parallel", [("<|channel|>commentary", True), (HARMONY_THOUGHT, True),
+                                              (HARMONY_THOUGHT, False)])
+def test_harmony_required_gives_valid_calls(harmony_ll_tokenizer, prefix, parallel):
+    """Each walk starts with the analysis message or without it (forced: a uniform walk would think forever), then
+    is free: calls the `openai` parser reads back, arguments valid against the schema, reasoning apart."""
+    tokenizer, rng = harmony_tokenizer(), random.Random(11)
+    grammar = tool_call_grammar("openai", TOOLS, "required", parallel, tokenizer.get_added_vocab())
+    names, counts, finished = set(), set(), 0
+    for _ in range(60):
+        text = random_walk(harmony_ll_tokenizer, grammar, rng, harmony_forced(prefix), tokenizer)
+        if text is None:
+            continue
+        finished += 1
+        calls = parsed_calls("openai", text)
+        assert calls, text
+        names |= {call.name for call in calls}
+        counts.add(len(calls))
+        reasoning = get_reasoning_parser("openai_gptoss")().extract(text)
+        assert reasoning.reasoning == ('Maybe {"name": "now"}?' if prefix == HARMONY_THOUGHT else None)
+        assert reasoning.content is None
+    assert finished >= 50 and names == {"get_weather", "book", "now"}
+    assert counts == {1}  # `<|call|>` ends the turn, parallel_tool_calls or not
+
+
+def test_harmony_named_function(harmony_ll_tokenizer):
+    tokenizer, rng = harmony_tokenizer(), random.Random(5)
+    grammar = tool_call_grammar("openai", TOOLS, {"type": "function", "function": {"name": "book"}}, False,
+                                tokenizer.get_added_vocab())
+    for _ in range(20):
+        text = random_walk(harmony_ll_tokenizer, grammar, rng, harmony_forced("<|channel|>commentary"), tokenizer)
+        if text is not None:
+            assert [call.name for call in parsed_calls("openai", text)] == ["book"]
+
+
+@pytest.mark.parametrize("text, valid", [
+    ('<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>', True),
+    (HARMONY_THOUGHT + '<|channel|>commentary to=functions.now <|constrain|>json<|message|>{}<|call|>', True),
+    ('<|channel|>final<|message|>Sure!<|return|>', False),  # the answer instead of a call
+    ('<|channel|>commentary to=functions.missing <|constrain|>json<|message|>{}<|call|>', False),
+    ('<|channel|>commentary to=functions.book <|constrain|>json<|message|>{"guests": "two"}<|call|>', False),
+    ("Sure!", False),
+])
+def test_harmony_matcher_accepts_only_the_format(harmony_ll_tokenizer, text, valid):
+    tokenizer = harmony_tokenizer()
+    grammar = tool_call_grammar("openai", TOOLS, "required", True, tokenizer.get_added_vocab())
+    matcher = llguidance.LLMatcher(harmony_ll_tokenizer, llguidance.grammar_from("lark", grammar), log_level=0)
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    accepted = matcher.validate_tokens(tokens) == len(tokens)
+    assert (accepted and matcher.consume_tokens(tokens) and matcher.is_accepting()) == valid
+
+
+def test_harmony_reasoning_then_json_schema(harmony_ll_tokenizer):
+    """response_format with openai_gptoss: think freely, then the JSON is the final message's body."""
+    schema = {"type": "object", "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["answer"], "additionalProperties": False}
+    tokenizer, rng = harmony_tokenizer(), random.Random(2)
+    reasoning = get_reasoning_parser("openai_gptoss")
+    grammar = reasoning.constrain_after_reasoning(json_schema_grammar(schema), tokenizer.get_added_vocab())
+    for _ in range(10):
+        text = random_walk(harmony_ll_tokenizer, grammar, rng, harmony_forced(HARMONY_THOUGHT), tokenizer)
+        split = reasoning().extract(text)
+        assert split.reasoning == 'Maybe {"name": "now"}?'
+        jsonschema.validate(json.loads(split.content), schema)
+
+
+def test_harmony_analysis_with_spelled_markers(ll_tokenizer):
+    """Markers that are no single token are text: the analysis ends lazily at the first `<|end|>`."""
+    grammar = with_analysis(json_schema_grammar({"type": "integer"}), {})
+    tokenizer = qwen3_tokenizer()
+    for text, valid in [("<|channel|>analysis<|message|>a < b<|end|><|start|>assistant42", True), ("7", True),
+                        ("<|channel|>analysis<|message|>a<|end|>x<|end|><|start|>assistant7", False)]:
         matcher = llguidance.LLMatcher(ll_tokenizer, llguidance.grammar_from("lark", grammar), log_level=0)
         tokens = tokenizer.encode(text, add_special_tokens=False)
         assert (matcher.validate_tokens(tokens) == len(tokens)) == valid, text

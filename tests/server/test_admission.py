@@ -1,21 +1,25 @@
 """chat_sampling_params: what a chat request's sampling params get from the server's tool and reasoning flags.
-Checked on the deepseek formats, whose markers are special tokens and whose thinking is off unless asked."""
+Checked on the deepseek formats, whose markers are special tokens and whose thinking is off unless asked, and on
+gpt-oss's harmony format, whose tool grammar holds its own analysis and whose turn ends at `<|call|>`."""
 import pytest
 
 from serval.openai.protocol import ChatCompletionRequest
-from serval.sampling_params import SamplingParams
+from serval.sampling_params import SamplingParams, StructuredOutputsParams
 from serval.server.admission import chat_output_parsers, chat_sampling_params
 from serval.server.config import ServerConfig
 from tests.e2e.test_tools import TOOLS
-from tests.openai.tool_parsers.streaming import deepseek_tokenizer
+from tests.openai.tool_parsers.streaming import deepseek_tokenizer, harmony_tokenizer
 
 CONFIG = ServerConfig(tool_call_parser="deepseek_v3", reasoning_parser="deepseek_v3", enable_auto_tool_choice=True)
 
 
-def params_for(**body) -> SamplingParams:
+HARMONY = ServerConfig(tool_call_parser="openai", reasoning_parser="openai_gptoss", enable_auto_tool_choice=True)
+
+
+def params_for(config=CONFIG, tokenizer=deepseek_tokenizer, params=None, **body) -> SamplingParams:
     request = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], tools=TOOLS, **body)
-    parser = chat_output_parsers(CONFIG, request)()
-    return chat_sampling_params(CONFIG, deepseek_tokenizer(), request, SamplingParams(), parser)
+    parser = chat_output_parsers(config, request)()
+    return chat_sampling_params(config, tokenizer(), request, params or SamplingParams(), parser)
 
 
 @pytest.mark.parametrize("kwargs, thinks", [(None, False), ({"thinking": False}, False), ({"thinking": True}, True),
@@ -30,3 +34,21 @@ def test_the_think_section_follows_deepseek_v3s_switch(kwargs, thinks):
 def test_special_tokens_are_kept_for_the_markers():
     assert params_for(tool_choice="auto").skip_special_tokens is False
     assert params_for(tool_choice="none").skip_special_tokens is True
+
+
+def test_harmony_keeps_markers_stops_at_turn_ends_and_wraps_its_analysis_once():
+    added = harmony_tokenizer().get_added_vocab()
+    params = params_for(HARMONY, harmony_tokenizer, SamplingParams(stop_token_ids=[5]), tool_choice="required")
+    assert params.skip_special_tokens is False
+    assert params.stop_token_ids == [5, added["<|return|>"], added["<|call|>"]]
+    grammar = params.structured_outputs.grammar
+    assert grammar.startswith("start: analysis? constraint\n") and grammar.count("analysis:") == 1
+    assert "thought" not in grammar  # not wrapped in a `<think>` section too
+
+
+def test_harmony_json_answer_is_the_final_message_after_analysis():
+    json_answer = SamplingParams(structured_outputs=StructuredOutputsParams(json={"type": "integer"}))
+    grammar = params_for(HARMONY, harmony_tokenizer, json_answer, tool_choice="none").structured_outputs.grammar
+    added = harmony_tokenizer().get_added_vocab()
+    assert grammar.startswith("start: analysis? constraint\n")
+    assert f'constraint: <[{added["<|channel|>"]}]> "final" <[{added["<|message|>"]}]> answer' in grammar

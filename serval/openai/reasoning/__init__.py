@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from serval.openai.errors import InvalidArgument
 from serval.openai.reasoning.base import ExtractedReasoning, ReasoningDelta, ReasoningParser
+from serval.openai.reasoning.harmony import HarmonyReasoningParser
 
 
 class Qwen3ReasoningParser(ReasoningParser):
@@ -34,6 +35,7 @@ REASONING_PARSERS: dict[str, type[ReasoningParser]] = {
     "qwen3": Qwen3ReasoningParser,
     "deepseek_r1": DeepSeekR1ReasoningParser,
     "deepseek_v3": DeepSeekV3ReasoningParser,
+    "openai_gptoss": HarmonyReasoningParser,
 }
 
 
@@ -46,4 +48,4 @@ def get_reasoning_parser(name: str) -> type[ReasoningParser]:
 
 
 __all__ = ["REASONING_PARSERS", "DeepSeekR1ReasoningParser", "DeepSeekV3ReasoningParser", "ExtractedReasoning",
-           "Qwen3ReasoningParser", "ReasoningDelta", "ReasoningParser", "get_reasoning_parser"]
+           "HarmonyReasoningParser", "Qwen3ReasoningParser", "ReasoningDelta", "ReasoningParser", "get_reasoning_parser"]

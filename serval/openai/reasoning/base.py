@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from serval.openai.tool_grammar import with_reasoning
 from serval.openai.tool_parsers.base import partial_marker_length
 
 
@@ -31,6 +32,10 @@ class ReasoningParser:
     think_end = "</think>"
     # markers that end the thought without being eaten by it (they begin the answer)
     implicit_ends: tuple[str, ...] = ()
+    # markers that are special tokens in their model's vocabulary (kept in the text: skip_special_tokens=False)
+    special_tokens: tuple[str, ...] = ()
+    # tokens that end the model's turn in this format, beyond the model's EOS: added to the request's stop tokens
+    stop_tokens: tuple[str, ...] = ()
 
     def __init__(self, chat_template_kwargs: dict | None = None) -> None:
         self._state = "start" if self.thinking_enabled(chat_template_kwargs) else "content"
@@ -46,6 +51,11 @@ class ReasoningParser:
     @property
     def reasoning_ended(self) -> bool:
         return self._state == "content"
+
+    @classmethod
+    def constrain_after_reasoning(cls, grammar: str, added_tokens) -> str:
+        """`grammar` (top rule `constraint`) after a free reasoning section in this format."""
+        return with_reasoning(grammar, added_tokens, cls.think_start, cls.think_end)
 
     def feed(self, text: str) -> ReasoningDelta:
         self._buffer += text

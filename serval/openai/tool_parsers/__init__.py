@@ -11,6 +11,7 @@ from serval.openai.errors import InvalidArgument
 from serval.openai.tool_parsers.base import (ExtractedToolCalls, FunctionDelta, ParserDelta, ToolCall,
                                              ToolCallDelta, ToolParser)
 from serval.openai.tool_parsers.deepseek import DeepSeekV3ToolParser, DeepSeekV31ToolParser
+from serval.openai.tool_parsers.harmony import HarmonyToolParser
 from serval.openai.tool_parsers.hermes import HermesToolParser
 from serval.openai.tool_parsers.llama3_json import Llama3JsonToolParser
 from serval.openai.tool_parsers.mistral import MistralToolParser
@@ -26,6 +27,7 @@ TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "qwen3_coder": Qwen3XmlToolParser,
     "deepseek_v3": DeepSeekV3ToolParser,
     "deepseek_v31": DeepSeekV31ToolParser,
+    "openai": HarmonyToolParser,
 }
 
 

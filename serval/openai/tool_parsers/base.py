@@ -85,6 +85,11 @@ class ToolParser:
     # Markers that are special tokens in their model's vocabulary: the text fed must be detokenized with
     # skip_special_tokens=False, or the markers vanish before the parser sees them.
     special_tokens: tuple[str, ...] = ()
+    # A format whose reasoning and calls share one markup (harmony's channels) reads the raw output, reasoning
+    # included: the reasoning parser then only supplies reasoning, and this parser's grammar covers the reasoning.
+    reads_reasoning = False
+    # tokens that end the model's turn in this format, beyond the model's EOS: added to the request's stop tokens
+    stop_tokens: tuple[str, ...] = ()
 
     def __init__(self, tools: list[dict] | None = None) -> None:
         # name -> JSON schema of the parameters, for formats whose values are typed by the schema

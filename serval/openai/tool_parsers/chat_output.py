@@ -46,6 +46,21 @@ class ChatOutputParser:
         self._reasoning_text: list[str] = []
         self._content: list[str] = []
 
+    @property
+    def reads_special_tokens(self) -> bool:
+        """Whether the markers either parser reads are special tokens: then the output is detokenized with them."""
+        return any(part is not None and type(part).special_tokens for part in (self.reasoning, self.tools))
+
+    def stop_token_ids(self, added_vocab: dict[str, int], params_stop_token_ids: list[int] | None) -> list[int]:
+        """The request's stop token ids with the tokens that end the turn in either parser's format (harmony's
+        `<|return|>` and `<|call|>`, as vLLM stops gpt-oss: a call waits for its result)."""
+        ids = list(params_stop_token_ids or [])
+        for part in (self.reasoning, self.tools):
+            if part is not None:
+                ids += [added_vocab[token] for token in type(part).stop_tokens
+                        if token in added_vocab and added_vocab[token] not in ids]
+        return ids
+
     def feed(self, text: str) -> ChatDelta:
         return self._step(text, final=False)
 
@@ -63,8 +78,10 @@ class ChatOutputParser:
         delta = ChatDelta()
         if self.reasoning is not None:
             split = self.reasoning.finish() if final else self.reasoning.feed(text)
-            delta.reasoning, text = split.reasoning, split.content
+            delta.reasoning = split.reasoning
             self._reasoning_text.append(split.reasoning)
+            if self.tools is None or not self.tools.reads_reasoning:
+                text = split.content
         if self.tools is None:
             delta.content = text
             self._content.append(text)

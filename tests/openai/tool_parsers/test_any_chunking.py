@@ -5,8 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from serval.openai.tool_parsers import get_tool_parser
-from tests.openai.tool_parsers import (test_deepseek, test_hermes, test_llama3_json, test_mistral, test_pythonic,
-                                      test_qwen3_xml)
+from tests.openai.tool_parsers import (test_deepseek, test_harmony, test_hermes, test_llama3_json, test_mistral,
+                                      test_pythonic, test_qwen3_xml)
 from tests.openai.tool_parsers.streaming import stream
 
 TEXTS = {
@@ -16,6 +16,7 @@ TEXTS = {
     "pythonic": [case[0] for case in test_pythonic.CASES],
     "qwen3_xml": [case[0] for case in test_qwen3_xml.CASES],
     **test_deepseek.TEXTS,
+    "openai": [case[0] for case in test_harmony.CASES],
 }
 
 
