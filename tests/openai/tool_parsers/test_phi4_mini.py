@@ -50,22 +50,13 @@ CASES = [  # model output, content, [(name, arguments)]
 
 
 @pytest.mark.parametrize("text, content, calls", CASES)
-def test_whole_text(text, content, calls):
-    result = Parser().extract(text)
-    assert result.content == content
-    assert [(call.name, json.loads(call.arguments)) for call in result.tool_calls] == calls
-
-
-@pytest.mark.parametrize("text, content, calls", CASES)
-def test_streamed_token_by_token_equals_whole_text(text, content, calls):
+def test_whole_text_and_streamed_token_by_token_and_char_by_char(text, content, calls):
+    whole = Parser().extract(text)
+    assert (whole.content, [(call.name, json.loads(call.arguments)) for call in whole.tool_calls]) == (content, calls)
     assert_stream_equals_whole(Parser, qwen3_tokenizer(), text)
-
-
-@pytest.mark.parametrize("text, content, calls", CASES)
-def test_streamed_char_by_char_equals_whole_text(text, content, calls):
-    streamed = stream(Parser(), list(text))
-    assert (streamed.content or None, streamed.names) == (content, [name for name, _ in calls])
-    assert [json.loads(arguments) for arguments in streamed.arguments] == [arguments for _, arguments in calls]
+    by_char = stream(Parser(), list(text))
+    assert (by_char.content, by_char.names, by_char.arguments) == (
+        whole.content or "", [call.name for call in whole.tool_calls], [call.arguments for call in whole.tool_calls])
 
 
 def test_arguments_are_the_models_own_characters():
