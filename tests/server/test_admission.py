@@ -64,6 +64,9 @@ def test_magistral_keeps_think_markers_and_its_thought_may_be_left_out():
     grammar = params_for(MAGISTRAL, magistral_tokenizer, tool_choice="required").structured_outputs.grammar
     assert grammar.startswith(f"start: (<[{added['[THINK]']}]> thought)? ")
     assert f"<[{added['[TOOL_CALLS]']}]>" in grammar
+    off = params_for(MAGISTRAL, magistral_tokenizer, tool_choice="required", chat_template_kwargs={
+        "enable_thinking": False}).structured_outputs.grammar
+    assert off == grammar  # the switch is not Magistral's: its parser reads a thought whatever the kwargs
 
 
 def test_phi4_mini_required_grammar_writes_the_plain_text_marker():

@@ -23,6 +23,11 @@ class MistralReasoningParser(ReasoningParser):
         self._state = "before"
 
     @classmethod
+    def thinking_enabled(cls, chat_template_kwargs: dict | None) -> bool:
+        # the grammar's thought is optional, so a constraint always leaves room for one, as the parser reads one
+        return True
+
+    @classmethod
     def constrain_after_reasoning(cls, grammar: str, added_tokens) -> str:
         # the thought is optional as a whole: output without [THINK] is content, so no free text may precede
         return with_reasoning(grammar, added_tokens, THINK_START, THINK_END, thought_optional=True)
