@@ -22,8 +22,8 @@ from serval.openai.tool_parsers import deepseek
 # Canonical separators, no free whitespace: a weak model cannot pad forever, and the text matches what the
 # chat templates render for past calls (`tojson`: ", " and ": ").
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-GRAMMAR_FORMATS = ("hermes", "llama3_json", "mistral", "qwen3_xml", "qwen3_coder", "deepseek_v3", "deepseek_v31",
-                   "openai")
+GRAMMAR_FORMATS = ("hermes", "llama3_json", "mistral", "phi4_mini_json", "qwen3_xml", "qwen3_coder", "deepseek_v3",
+                   "deepseek_v31", "openai")
 DEEPSEEK_FORMATS = ("deepseek_v3", "deepseek_v31")
 _REGEX_SPECIAL = set("\\.+*?()|[]{}^$/&-~#")
 _NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
@@ -75,12 +75,10 @@ def tool_call_grammar(parser_name: str, tools: list[dict], tool_choice: str | di
 
 def _function_body(parser_name: str, tool: dict, added_tokens: Mapping[str, int]) -> str:
     name = tool["function"]["name"]
-    if parser_name == "hermes":
+    if parser_name in ("hermes", "mistral", "phi4_mini_json"):
         return _json(_call_object(name, _parameters(tool)))
     if parser_name == "llama3_json":
         return _json(_call_object(name, _parameters(tool), "parameters"))
-    if parser_name == "mistral":
-        return _json(_call_object(name, _parameters(tool)))
     if parser_name in DEEPSEEK_FORMATS:
         return _deepseek_function(parser_name, name, _parameters(tool), added_tokens)
     if parser_name == "openai":
@@ -106,7 +104,9 @@ def _calls(parser_name: str, parallel: bool, added_tokens: Mapping[str, int]) ->
     if parser_name == "openai":
         # One call whatever `parallel`: `<|call|>` ends gpt-oss's turn (it stops the request) until the result comes.
         return [f'constraint: function {marker("<|call|>", added_tokens)}']
-    return [f'constraint: {marker("[TOOL_CALLS]", added_tokens)} "[" {repeated("function", ", ")} "]"']
+    # a JSON array of calls: Mistral's after its [TOOL_CALLS] token, Phi-4-mini's after the text `functools`
+    opening = '"functools["' if parser_name == "phi4_mini_json" else f'{marker("[TOOL_CALLS]", added_tokens)} "["'
+    return [f'constraint: {opening} {repeated("function", ", ")} "]"']
 
 
 def _deepseek_function(parser_name: str, name: str, parameters: dict, added_tokens: Mapping[str, int]) -> str:
@@ -155,12 +155,14 @@ def json_schema_grammar(schema: dict) -> str:
 
 
 def with_reasoning(grammar: str, added_tokens: Mapping[str, int] | None = None, think_start: str = "<think>",
-                   think_end: str = "</think>") -> str:
+                   think_end: str = "</think>", thought_optional: bool = False) -> str:
     """`grammar` (whose top rule is `constraint`) after a free think section: an optional `<think>`, any text
-    without the end marker, the end marker, newlines, then the constraint."""
+    without the end marker, the end marker, newlines, then the constraint. `thought_optional`: the section may be
+    left out, and when written it opens with its start marker (Magistral's: output without it is no thought)."""
     added_tokens = added_tokens or {}
     rules = grammar.replace("start: constraint\n", "", 1)
-    opening = f"{marker(think_start, added_tokens)}?"
+    opening = marker(think_start, added_tokens)
+    section = f"({opening} thought)?" if thought_optional else f"{opening}? thought"
     if think_end in added_tokens:
         # the end marker is one token, which no text lexeme can contain: any text, then that token
         thought = f"thought: THOUGHT {marker(think_end, added_tokens)}\nTHOUGHT: /(?s:.*)/"
@@ -168,7 +170,7 @@ def with_reasoning(grammar: str, added_tokens: Mapping[str, int] | None = None, 
         # spelled in text: lazy, so the thought ends at the first end marker, as the reasoning parser reads it
         escaped = "".join("\\" + char if char in _REGEX_SPECIAL else char for char in think_end)
         thought = f"thought[lazy]: /(?s:.*){escaped}/"
-    return f"start: {opening} thought /\\n{{0,2}}/ constraint\n{thought}\n{rules}"
+    return f"start: {section} /\\n{{0,2}}/ constraint\n{thought}\n{rules}"
 
 
 def with_analysis(grammar: str, added_tokens: Mapping[str, int] | None = None) -> str:

@@ -14,7 +14,7 @@ from serval.openai.errors import InvalidArgument
 from serval.openai.tool_grammar import json_schema_grammar, tool_call_grammar, with_analysis, with_reasoning
 from serval.openai.tool_parsers import get_tool_parser
 from serval.openai.reasoning import get_reasoning_parser
-from tests.openai.tool_parsers.streaming import harmony_tokenizer, qwen3_tokenizer
+from tests.openai.tool_parsers.streaming import harmony_tokenizer, magistral_tokenizer, qwen3_tokenizer
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "additionalProperties": False, "required": ["city"],
@@ -74,7 +74,7 @@ def parsed_calls(parser_name: str, text: str):
 
 
 @pytest.mark.parametrize("parser_name, samples", [("hermes", 200), ("qwen3_xml", 60), ("llama3_json", 40),
-                                                  ("mistral", 40)])
+                                                  ("mistral", 40), ("phi4_mini_json", 40)])
 def test_required_gives_valid_calls(ll_tokenizer, parser_name, samples):
     grammar = tool_call_grammar(parser_name, TOOLS, "required", True, qwen3_tokenizer().get_added_vocab())
     assert_walks_give_every_tool(ll_tokenizer, grammar, parser_name, samples)
@@ -273,3 +273,31 @@ def test_harmony_analysis_with_spelled_markers(ll_tokenizer):
         matcher = llguidance.LLMatcher(ll_tokenizer, llguidance.grammar_from("lark", grammar), log_level=0)
         tokens = tokenizer.encode(text, add_special_tokens=False)
         assert (matcher.validate_tokens(tokens) == len(tokens)) == valid, text
+
+
+@pytest.mark.parametrize("think", [True, False])
+def test_magistral_thinks_or_not_then_calls(think):
+    """Magistral's thought is optional as a whole (no `[THINK]`, no thought): a forced thought ends in `[/THINK]`
+    and the calls follow; a walk that starts with the call has nothing before it. `[THINK]`, `[/THINK]` and
+    `[TOOL_CALLS]` are single tokens, matched by id."""
+    tokenizer = magistral_tokenizer()
+    added = tokenizer.get_added_vocab()
+    reasoning = get_reasoning_parser("mistral")
+    grammar = reasoning.constrain_after_reasoning(tool_call_grammar("mistral", TOOLS, "required", True, added), added)
+    thought = [added["[THINK]"], *tokenizer.encode('Maybe {"name": "now"}?', add_special_tokens=False),
+               added["[/THINK]"]]
+    forced = dict(enumerate(thought if think else [added["[TOOL_CALLS]"]]))
+    ll_tokenizer, rng, finished = llguidance.hf.from_tokenizer(tokenizer), random.Random(5), 0
+    first = allowed_tokens(llguidance.LLMatcher(ll_tokenizer, llguidance.grammar_from("lark", grammar), log_level=0),
+                           ll_tokenizer.vocab_size)
+    assert {added["[THINK]"], added["[TOOL_CALLS]"]} <= set(first)
+    assert tokenizer.encode("Hello", add_special_tokens=False)[0] not in first  # no thought without [THINK]
+    for _ in range(15):
+        text = random_walk(ll_tokenizer, grammar, rng, forced, tokenizer=tokenizer)
+        if text is None:
+            continue
+        finished += 1
+        split = reasoning().extract(text)
+        assert split.reasoning == ('Maybe {"name": "now"}?' if think else None)
+        assert parsed_calls("mistral", split.content.lstrip("\n"))
+    assert finished

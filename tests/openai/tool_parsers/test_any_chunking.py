@@ -6,13 +6,14 @@ from hypothesis import strategies as st
 
 from serval.openai.tool_parsers import get_tool_parser
 from tests.openai.tool_parsers import (test_deepseek, test_harmony, test_hermes, test_llama3_json, test_mistral,
-                                      test_pythonic, test_qwen3_xml)
+                                      test_phi4_mini, test_pythonic, test_qwen3_xml)
 from tests.openai.tool_parsers.streaming import stream
 
 TEXTS = {
     "hermes": [case[0] for case in test_hermes.CASES],
     "llama3_json": [case[0] for case in test_llama3_json.CASES],
     "mistral": [case[0] for case in test_mistral.CASES],
+    "phi4_mini_json": [case[0] for case in test_phi4_mini.CASES],
     "pythonic": [case[0] for case in test_pythonic.CASES],
     "qwen3_xml": [case[0] for case in test_qwen3_xml.CASES],
     **test_deepseek.TEXTS,

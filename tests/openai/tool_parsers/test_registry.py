@@ -7,7 +7,7 @@ from serval.openai.tool_parsers import TOOL_PARSERS, get_tool_parser
 
 def test_vllm_names():
     assert {"hermes", "qwen3_xml", "qwen3_coder", "llama3_json", "mistral", "pythonic", "deepseek_v3",
-            "deepseek_v31", "openai"} <= set(TOOL_PARSERS)
+            "deepseek_v31", "openai", "phi4_mini_json"} <= set(TOOL_PARSERS)
 
 
 def test_unknown_name_is_refused_with_the_valid_ones():
