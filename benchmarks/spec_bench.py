@@ -5,7 +5,9 @@ the same engine without it, over batch sizes, alpha and k; then the draft-model 
 own shape runs every step as usual (its K/V cache, its k draft forwards) while its proposals are overwritten by
 the replay proposer's, so its time is paid and acceptance is still alpha. `--method eagle3` measures an EAGLE-3
 head (Llama-3.1-8B's published head shape: one layer, a 32000-token draft vocabulary) on that path instead.
-Prints a table and writes JSON.
+Decode tok/s is timed as the peer suite times batch 1 (issue 23): batch x (N - 1) / (t(N tokens) - t(1 token)),
+medians of --repeats runs, so the prefill, which speculation cannot shorten, is in neither side; the end-to-end
+rate (batch x N / t(N tokens)) is printed beside it. Prints a table and writes JSON.
 
     # one H200 (Llama-3-8B shape target, Llama-3.2-1B shape draft, dummy bf16 weights, no download):
     PYTHONPATH=/tmp/site:. python benchmarks/spec_bench.py --json spec_bench.json
@@ -33,6 +35,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -70,7 +73,7 @@ class Run:
     batch_size: int
     alpha: float | None  # None: no speculation
     k: int
-    tokens_per_s: float
+    tokens_per_s: float  # decode: batch x (N - 1) / (t(N tokens) - t(1 token)), the medians of --repeats runs each
     acceptance_rate: float | None  # measured: accepted / drafted tokens
     acceptance_length: float | None  # measured: tokens per verify step (accepted + 1)
     draft_model: bool = False  # the draft cost path (a draft model or an EAGLE-3 head: `drafter`)
@@ -79,6 +82,11 @@ class Run:
     # Asynchronous scheduling on: decode steps queued before the previous step's tokens reach the host. With
     # speculation only steps that draft nothing overlap; a draft model or EAGLE-3 head keeps the engine synchronous.
     async_scheduling: bool = False
+    # End to end: batch x N / t(N tokens), the prefill and first token included (what this benchmark reported until
+    # 2026-12-03); speculation can't shorten the prefill, so this ratio is below the decode one.
+    e2e_tokens_per_s: float = 0.0
+    seconds: list[float] = dataclasses.field(default_factory=list)  # t(N tokens) of each repeat
+    first_token_seconds: list[float] = dataclasses.field(default_factory=list)  # t(1 token) of each repeat
 
 
 def write_config(directory: str, config: dict) -> str:
@@ -103,6 +111,32 @@ def timed_generate(llm: LLM, prompts: list[list[int]], output_len: int) -> tuple
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - started
     return [output.outputs[0].token_ids for output in outputs], len(prompts) * output_len / elapsed
+
+
+@dataclasses.dataclass
+class Timing:
+    tokens_per_s: float
+    e2e_tokens_per_s: float
+    seconds: list[float]
+    first_token_seconds: list[float]
+
+
+def timed_decode(llm: LLM, prompts: list[list[int]], output_len: int, repeats: int,
+                 before_each=lambda: None) -> tuple[list[list[int]], Timing]:
+    """Decode tok/s as the peer suite times batch 1 (issue 23): the prompts generated to output_len and to one
+    token, each `repeats` times, alternately; batch x (output_len - 1) over the difference of the median times.
+    before_each: called before every generate (a fresh replay proposer, so that each repeat drafts the same)."""
+    seconds, first_token_seconds = [], []
+    for _ in range(repeats):
+        before_each()
+        outputs, rate = timed_generate(llm, prompts, output_len)
+        seconds.append(len(prompts) * output_len / rate)
+        before_each()
+        _, first_rate = timed_generate(llm, prompts, 1)
+        first_token_seconds.append(len(prompts) / first_rate)
+    whole, first = statistics.median(seconds), statistics.median(first_token_seconds)
+    decode = len(prompts) * (output_len - 1) / (whole - first) if output_len > 1 and whole > first else 0.0
+    return outputs, Timing(decode, len(prompts) * output_len / whole, seconds, first_token_seconds)
 
 
 def use_replay(llm: LLM, alpha: float, k: int, references: dict[tuple, list[int]]) -> SpecDecoder:
@@ -133,6 +167,11 @@ def replay_over_draft_model(llm: LLM, decoder: SpecDecoder) -> None:
     drafter.propose = propose_then_replay
 
 
+def _timing_fields(timing: Timing) -> dict:
+    return {"e2e_tokens_per_s": timing.e2e_tokens_per_s, "seconds": timing.seconds,
+            "first_token_seconds": timing.first_token_seconds}
+
+
 def measured(decoder: SpecDecoder) -> tuple[float | None, float | None]:
     stats = decoder.stats
     if not stats.num_draft_tokens:
@@ -154,10 +193,11 @@ def sweep(args, target: str, draft: str) -> list[Run]:
     for batch_size in args.batch_sizes:
         prompts = prompts_for(batch_size, args.prompt_len, vocab_size)
         timed_generate(llm, prompts, min(8, args.output_len))  # warm-up (graphs, allocator)
-        outputs, rate = timed_generate(llm, prompts, args.output_len)
+        outputs, timing = timed_decode(llm, prompts, args.output_len, args.repeats)
         references[batch_size] = {tuple(p): o for p, o in zip(prompts, outputs)}
-        runs.append(Run(batch_size, None, 0, rate, None, None, graphs=llm.engine.runner.graphs is not None,
-                        async_scheduling=llm.engine.async_scheduling))
+        runs.append(Run(batch_size, None, 0, timing.tokens_per_s, None, None,
+                        graphs=llm.engine.runner.graphs is not None, async_scheduling=llm.engine.async_scheduling,
+                        **_timing_fields(timing)))
         log(runs[-1])
     del llm
     release()
@@ -171,10 +211,12 @@ def sweep(args, target: str, draft: str) -> list[Run]:
             for alpha in args.alphas:
                 use_replay(llm, alpha, k, references[batch_size])
                 timed_generate(llm, prompts, min(8, args.output_len))
-                decoder = use_replay(llm, alpha, k, references[batch_size])
-                _, rate = timed_generate(llm, prompts, args.output_len)
-                runs.append(Run(batch_size, alpha, k, rate, *measured(decoder), graphs=uses_graphs(llm),
-                                async_scheduling=llm.engine.async_scheduling))
+                decoders = []
+                _, timing = timed_decode(llm, prompts, args.output_len, args.repeats, lambda: decoders.append(
+                    use_replay(llm, alpha, k, references[batch_size])))
+                runs.append(Run(batch_size, alpha, k, timing.tokens_per_s, *measured(decoders[-2]),
+                                graphs=uses_graphs(llm), async_scheduling=llm.engine.async_scheduling,
+                                **_timing_fields(timing)))
                 log(runs[-1])
         del llm
         release()
@@ -183,14 +225,18 @@ def sweep(args, target: str, draft: str) -> list[Run]:
                                                 "num_speculative_tokens": args.draft_k}, **engine_args(args))
     for batch_size in args.draft_batch_sizes:
         prompts = [list(p) for p in references[batch_size]]
-        decoder = use_replay(llm, args.draft_alpha, args.draft_k, references[batch_size])
-        replay_over_draft_model(llm, decoder)
+        decoders = []
+
+        def fresh_replay() -> None:
+            decoders.append(use_replay(llm, args.draft_alpha, args.draft_k, references[batch_size]))
+            replay_over_draft_model(llm, decoders[-1])
+
+        fresh_replay()
         timed_generate(llm, prompts, min(8, args.output_len))
-        decoder = use_replay(llm, args.draft_alpha, args.draft_k, references[batch_size])
-        replay_over_draft_model(llm, decoder)
-        _, rate = timed_generate(llm, prompts, args.output_len)
-        runs.append(Run(batch_size, args.draft_alpha, args.draft_k, rate, *measured(decoder), draft_model=True,
-                        drafter=args.method, graphs=uses_graphs(llm), async_scheduling=llm.engine.async_scheduling))
+        _, timing = timed_decode(llm, prompts, args.output_len, args.repeats, fresh_replay)
+        runs.append(Run(batch_size, args.draft_alpha, args.draft_k, timing.tokens_per_s, *measured(decoders[-2]),
+                        draft_model=True, drafter=args.method, graphs=uses_graphs(llm),
+                        async_scheduling=llm.engine.async_scheduling, **_timing_fields(timing)))
         log(runs[-1])
     return sorted(runs, key=lambda run: (run.draft_model, run.batch_size, run.k, run.alpha or 0.0))
 
@@ -478,15 +524,18 @@ def log(run: Run) -> None:
 
 
 def table(runs: list[Run]) -> str:
-    baseline = {run.batch_size: run.tokens_per_s for run in runs if run.alpha is None}
-    lines = [f"{'batch':>5} {'alpha':>5} {'k':>2} {'draft':>11} {'graphs':>6} {'async':>5} {'tok/s':>10} "
-             f"{'speed-up':>8} {'accepted':>8} {'tok/step':>8}"]
+    baseline = {run.batch_size: run for run in runs if run.alpha is None}
+    lines = [f"{'batch':>5} {'alpha':>5} {'k':>2} {'draft':>11} {'graphs':>6} {'async':>5} {'decode tok/s':>12} "
+             f"{'speed-up':>8} {'e2e tok/s':>10} {'e2e speed-up':>12} {'accepted':>8} {'tok/step':>8}"]
     for run in runs:
-        speedup = run.tokens_per_s / baseline[run.batch_size]
+        base = baseline[run.batch_size]
+        speedup = run.tokens_per_s / base.tokens_per_s
+        e2e_speedup = run.e2e_tokens_per_s / base.e2e_tokens_per_s if base.e2e_tokens_per_s else float("nan")
         lines.append(f"{run.batch_size:>5} {'-' if run.alpha is None else run.alpha:>5} {run.k:>2} "
                      f"{run.drafter or 'no':>11} {'yes' if run.graphs else 'no':>6} "
                      f"{'yes' if run.async_scheduling else 'no':>5} "
-                     f"{run.tokens_per_s:>10.1f} {speedup:>7.2f}x "
+                     f"{run.tokens_per_s:>12.1f} {speedup:>7.2f}x {run.e2e_tokens_per_s:>10.1f} "
+                     f"{e2e_speedup:>11.2f}x "
                      f"{'-' if run.acceptance_rate is None else f'{run.acceptance_rate:.2f}':>8} "
                      f"{'-' if run.acceptance_length is None else f'{run.acceptance_length:.2f}':>8}")
     return "\n".join(lines)
@@ -534,6 +583,8 @@ def main() -> int:
                         help="--host on a CPU: verify steps through the verify graphs' buffers, uncaptured (the "
                              "GPU's code path; the forward runs eagerly)")
     parser.add_argument("--host-repeats", type=int, default=3, help="--host: measured generations per case")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs of each case (to --output-len and to one token, alternately; medians)")
     parser.add_argument("--json", default="spec_bench.json")
     args = parser.parse_args()
     if args.real:
@@ -579,7 +630,9 @@ def main() -> int:
         return 0
     runs = sweep(args, args.model, draft)
     sys.stdout.write(f"speculative decoding, replay proposer: {args.model} (draft {draft}), greedy, prompt "
-                     f"{args.prompt_len}, output {args.output_len} tokens, {args.dtype}\n{table(runs)}\n")
+                     f"{args.prompt_len}, output {args.output_len} tokens, {args.dtype}; decode tok/s = batch x (output - 1) / "
+                     f"(t(output) - t(1 token)), medians of {args.repeats} runs; e2e: batch x output / t(output)\n"
+                     f"{table(runs)}\n")
     alpha = 0.8 if 0.8 in args.alphas else args.alphas[-1]
     k = 4 if 4 in args.ks else args.ks[-1]
     stop = break_even_batch(runs, alpha, k)
