@@ -47,6 +47,9 @@ _TILE_N = 64
 _MAX_SPLITS = 32
 # Programs wanted in flight for decode: about twice an H100's 132 multiprocessors.
 _TARGET_PROGRAMS = 264
+# Query tokens a request may have and still run as decode does, one tile split over its keys, where the batch asks
+# (AttentionMetadata.split_queries; launch_shape).
+_SMALL_QUERY_TOKENS = 8
 
 
 @triton.jit
@@ -241,16 +244,36 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int) -> int:
     return min(triton.next_power_of_2(wanted), _MAX_SPLITS)
 
 
+def launch_shape(max_query_len: int, num_seqs: int, num_kv_heads: int, group_pad: int,
+                 split_queries: bool = False) -> tuple[int, int, bool]:
+    """(BLOCK_Q, NUM_SPLITS, FLAT_TILES) for a batch whose requests have at most max_query_len query tokens.
+
+    Decode (one token each) runs split-K over one query tile per request, and so does a batch that asks for it
+    (split_queries: a speculative verify step's graph, k drafts + 1 tokens a request), so a batch of a few
+    requests still has ~_TARGET_PROGRAMS programs: a verify step at batch 1 otherwise ran one program per KV head
+    (8 on Llama-3-8B), each walking the whole context alone. Only on request, because each (BLOCK_Q, NUM_SPLITS)
+    is a kernel to compile, and verify graphs compile theirs at capture, not in the middle of serving. Anything
+    else runs the flat grid of _PREFILL_ROWS-row tiles. max_query_len only has to bound the requests' query
+    lengths (a captured batch passes its padded length), so the grid depends on shapes alone."""
+    if max_query_len == 1:
+        return max(1, _DECODE_ROWS // group_pad), decode_num_splits(num_seqs, num_kv_heads), False
+    block_q = max(triton.next_power_of_2(max(max_query_len, 1)), _DECODE_ROWS // group_pad)
+    if split_queries and 1 < max_query_len <= _SMALL_QUERY_TOKENS and block_q * group_pad <= _PREFILL_ROWS:
+        return block_q, decode_num_splits(num_seqs, num_kv_heads), False
+    return max(1, _PREFILL_ROWS // group_pad), 1, True
+
+
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
                     sliding_window: int | None = None, out: torch.Tensor | None = None,
                     sinks: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of query [T, H, D] over each request's cached K/V -> [T, H, D]; the reference's contract.
 
-    A batch whose every request has one query token (decode) runs split-K and reads no host-side lengths, so it
-    may be captured in a CUDA graph; any other batch runs one program per tile of BLOCK_Q query tokens, over a
-    grid set by T and the block table's rows only (flat_tiles), and is graph-safe too: metadata.max_query_len
-    only picks between the two.
+    A decode batch (one query token a request), or one with metadata.split_queries and at most
+    _SMALL_QUERY_TOKENS query tokens a request (a verify step's graph), runs split-K and reads no host-side
+    lengths, so it may be captured in a CUDA graph; any other batch runs one program per
+    tile of BLOCK_Q query tokens, over a grid set by T and the block table's rows only (flat_tiles), and is
+    graph-safe too: metadata.max_query_len only picks between the two (launch_shape).
     """
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
@@ -259,15 +282,10 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
     num_seqs = metadata.block_tables.shape[0]
     if out is None:
         out = torch.empty_like(query)
-    decode = metadata.max_query_len == 1
-    if decode:
-        block_q = max(1, _DECODE_ROWS // group_pad)
-        num_splits = decode_num_splits(num_seqs, num_kv_heads)
-        grid = (1, num_seqs, num_kv_heads * num_splits)
-    else:
-        block_q = max(1, _PREFILL_ROWS // group_pad)
-        num_splits = 1
-        grid = (flat_tiles(num_tokens, num_seqs, block_q), 1, num_kv_heads)
+    block_q, num_splits, flat = launch_shape(metadata.max_query_len, num_seqs, num_kv_heads, group_pad,
+                                             metadata.split_queries)
+    grid = ((flat_tiles(num_tokens, num_seqs, block_q), 1, num_kv_heads) if flat
+            else (1, num_seqs, num_kv_heads * num_splits))
     partial_out = partial_lse = out
     if num_splits > 1:
         partial_out = torch.empty((num_tokens, num_heads, num_splits, head_dim), dtype=torch.float32,
@@ -283,7 +301,7 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size,
         TILE_N=_TILE_N, NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None, USE_SINKS=sinks is not None,
-        HAS_KV_SCALE=k_scale is not None, FLAT_TILES=not decode,
+        HAS_KV_SCALE=k_scale is not None, FLAT_TILES=flat,
         # float32 models ask for float32 products: tl.dot would otherwise round float32 inputs to TF32 on a GPU,
         # enough to flip near-tie greedy tokens against the CPU engine (seen with gpt-oss's sinks)
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",

@@ -40,6 +40,9 @@ class AttentionMetadata:
     # A hybrid KV cache (serval.engine.kv_groups): per KV cache group, this metadata with the group's slots and
     # block table; a layer with a kv_cache_group reads its own. None: every layer reads this one.
     kv_groups: list[AttentionMetadata] | None = field(default=None, repr=False)
+    # Each request's few query tokens (at most triton_attention._SMALL_QUERY_TOKENS) fit one tile: the Triton
+    # kernel splits its keys across programs as for decode (a verify step's graph: spec_decode.padded_graphs).
+    split_queries: bool = False
     # The torch backend's per-step decode plan (serval.kernels.paged_attention.decode_plan): None until its first
     # layer builds it, False for a step without single-token queries.
     decode_plan: object = field(default=None, repr=False)

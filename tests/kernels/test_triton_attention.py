@@ -153,3 +153,37 @@ def test_write_kv_reads_strided_projections():
     reference.write_kv(expected, key, value, slots)
     triton_attention.write_kv(cache, key, value, slots)
     assert torch.equal(cache, expected)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 6])
+@pytest.mark.parametrize("num_heads,num_kv_heads,kv_dtype", [(4, 2, torch.float32), (8, 2, torch.float32),
+                                                              (4, 2, FP8)])
+def test_verify_shaped_batches_split_k_match_reference(num_heads, num_kv_heads, kv_dtype, sliding_window):
+    """A speculative verify step (k drafts + 1 query tokens a request, here k = 4, and one request with fewer)
+    runs one query tile per request split over its keys, as decode does: causal within the tile, each split's
+    partial combined, a request shorter than the tile and contexts shorter than one split included."""
+    rng = random.Random(num_heads + 10 * num_kv_heads + (sliding_window or 0))
+    head_dim = 32
+    contexts = [0, 3, 40, 130, 7]
+    spans = [(c, c + 5) for c in contexts] + [(20, 22)]
+    kv_cache, metadata = random_step(rng, spans, num_kv_heads, head_dim, block_size=16, dtype=kv_dtype)
+    metadata.split_queries = True
+    block_q, num_splits, flat = triton_attention.launch_shape(metadata.max_query_len, len(spans), num_kv_heads,
+                                                              num_heads // num_kv_heads, split_queries=True)
+    assert (metadata.max_query_len, flat, block_q) == (5, False, 8) and num_splits > 1
+    query = torch.randn(metadata.query_start_loc[-1], num_heads, head_dim, device=DEVICE)
+    out, expected = run_both(query, kv_cache, metadata, head_dim ** -0.5, sliding_window)
+    torch.testing.assert_close(out, expected, atol=2e-3, rtol=2e-3)
+
+
+def test_launch_shape_bounds_the_split_path():
+    """Only a batch that asks (a verify graph) and fits, or decode, splits; past _SMALL_QUERY_TOKENS query tokens or
+    a prefill tile's rows the flat prefill grid runs."""
+    decode_block_q, decode_splits, decode_flat = triton_attention.launch_shape(1, 3, 8, 4)
+    assert (decode_block_q, decode_flat) == (4, False) and decode_splits > 1
+    block_q, num_splits, flat = triton_attention.launch_shape(8, 3, 8, 4, split_queries=True)
+    assert (block_q, num_splits, flat) == (8, decode_splits, False)
+    assert triton_attention.launch_shape(8, 3, 8, 4) == (16, 1, True)  # not asked: no new kernel mid-serving
+    assert triton_attention.launch_shape(9, 3, 8, 4, split_queries=True) == (16, 1, True)
+    assert triton_attention.launch_shape(8, 3, 8, 16, split_queries=True)[2] is True  # 8 x 16 rows: past a tile
+    assert triton_attention.launch_shape(0, 3, 8, 4)[2] is True

@@ -64,7 +64,8 @@ class PaddedRows:
             query_start_loc=list(range(0, num_rows + 1, self.num_query_tokens)), seq_lens=seq_lens,
             block_tables=self.view("block_tables", batch), block_size=self.block_size,
             max_query_len=self.num_query_tokens, max_seq_len=max(max(seq_lens), 1),
-            seq_lens_tensor=self.view("seq_lens", batch), query_start_loc_tensor=self.query_start_loc[:batch + 1])
+            seq_lens_tensor=self.view("seq_lens", batch), query_start_loc_tensor=self.query_start_loc[:batch + 1],
+            split_queries=True)
 
     def fill(self, query_start_loc: list[int], input_ids: list[int], positions: list[int], slot_mapping: list[int],
              seq_lens: list[int], block_tables: list[list[int]], batch: int) -> list[int] | range:
