@@ -9,7 +9,8 @@
 #
 # Environment: VLLM_SITE (vLLM's staged wheels, default /tmp/site; ../shared/peers/README.md), VLLM_SERVE_WHEELS
 # (a folder of benchmarks/peer_serve_wheels.sh's wheels, installed into VLLM_SITE first if given), SERVAL_PYTHONPATH
-# (Serval's own path, default: the checkout; keep vLLM's site off it).
+# (Serval's own path, default: the checkout; keep vLLM's site off it), SERVAL_SERVE_ARGS (more `serval serve` flags,
+# e.g. "--cudagraph-mixed"; vLLM's side stays at its defaults).
 set -uo pipefail
 out=${1:-results/peer_serve}
 rates=${2:-4,8,16}
@@ -55,5 +56,5 @@ PYTHONPATH=$vllm_site VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 HF_HUB
     --served-model-name llama-3-8b --host 127.0.0.1 --port "$port" --uvicorn-log-level warning
 PYTHONPATH=$serval_path run_engine serval python3 -m serval.cli serve "$model" "${engine_args[@]}" \
     --tokenizer "$tokenizer" --served-model-name llama-3-8b --host 127.0.0.1 --port "$port" \
-    --disable-log-requests --disable-uvicorn-access-log
+    --disable-log-requests --disable-uvicorn-access-log ${SERVAL_SERVE_ARGS:-}
 PYTHONPATH=$serval_path python3 benchmarks/peer_suite.py --serve-table "$out" | tee "$out/serve_table.md"
