@@ -6,6 +6,7 @@ rest of the step's token budget prefills waiting prompts in order, in chunks), a
 what its GEMMs and attention cannot avoid:
 
     GEMMs      max(linear FLOPs / matmul rate, weight bytes / bandwidth): every step reads every weight once
+               (a mixture-of-experts model's: the dense ones and the experts its rows hit, model_shape.py)
     attention  decode rows' K/V bytes / bandwidth + prefill rows' causal attention FLOPs / matmul rate
 
 Norms, rotary, sampling, launches and host time cost nothing, so no engine can beat the sum ("sequential": GEMMs
@@ -13,13 +14,18 @@ and attention are separate kernels in both engines). "strict" is the looser boun
 every FLOP overlap: max(all FLOPs / rate, all bytes / bandwidth). The rates are this GPU's measured best
 (--measure times cuBLAS bf16 and float8 GEMMs and a streaming read; --rates reads them back), not datasheet
 peaks; --measure also times cuBLAS on the model's own projections at each row count, and the "cuBLAS" bound
-charges each step those times instead (a floor for an engine whose GEMMs are cuBLAS's, not for every kernel).
-With a peer_suite.json (--peer-suite) it prints the fraction of each bound each engine reached and what the
-issue's ratio goals over vLLM (batch 1 1.1x, throughput 1.2x) would need:
+charges each step those times instead (a floor for an engine whose GEMMs are cuBLAS's, not for every kernel;
+dense models only: an MoE layer's grouped GEMMs are not a cuBLAS call a projection). With a peer_suite.json
+(--peer-suite) it prints the fraction of each bound each engine reached and what the issue's ratio goals over
+vLLM (batch 1 1.1x, throughput 1.2x) would need. With gpu_suite.py JSONs (--gpu-suite, issue 17) it bounds each
+run's own 512 x (512 in, 256 out) and model instead, and prints Serval's fraction of the bound, the most any
+engine could reach over that run's transformers generate_batch, and the fraction of the bound 20x needs:
 
     python benchmarks/workload_bounds.py --measure --out results/bounds            # on the GPU (about 20 s)
     python benchmarks/workload_bounds.py --rates results/bounds/rates.json \
         --peer-suite docs/results/peer_suite_h200.json
+    python benchmarks/workload_bounds.py --rates results/bounds/rates.json \
+        --gpu-suite docs/results/gpu_suite_h200_mixtral_vs_hf_2026-12-03.json    # writes vs_transformers.json
 """
 from __future__ import annotations
 
@@ -30,51 +36,8 @@ import sys
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.model_shape import MoeShape, Shape, shape_from_config  # noqa: E402
 from benchmarks.peer_suite import ROW_METRIC, draw_workloads  # noqa: E402 - the suite's own prompts and metrics
-
-# bytes per weight: float8 weights keep the LM head (and the embedding) in bfloat16, as both engines run them
-WEIGHT_BYTES = {"bf16": 2, "fp8": 1}
-KV_BYTES = {"bf16": 2, "fp8": 1}
-
-
-@dataclass
-class Shape:
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-
-    @classmethod
-    def from_config(cls, path: str) -> "Shape":
-        with open(os.path.join(path, "config.json")) as f:
-            config = json.load(f)
-        heads = config["num_attention_heads"]
-        return cls(config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"], heads,
-                   config.get("num_key_value_heads", heads), config.get("head_dim") or config["hidden_size"] // heads,
-                   config["vocab_size"])
-
-    @property
-    def linear_params(self) -> int:
-        """Weights every token multiplies by: q, k, v, o, gate, up and down of every layer (not the LM head)."""
-        attention = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
-        return self.num_layers * (attention + 3 * self.hidden_size * self.intermediate_size)
-
-    @property
-    def head_params(self) -> int:
-        return self.hidden_size * self.vocab_size
-
-    def weight_bytes(self, precision: str) -> int:
-        return self.linear_params * WEIGHT_BYTES[precision] + self.head_params * 2
-
-    def kv_bytes_per_token(self, precision: str) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * KV_BYTES[precision]
-
-    def attention_flops(self, num_keys: int) -> int:
-        """QK^T and PV of one query over num_keys keys, every layer."""
-        return 4 * self.num_layers * self.num_heads * self.head_dim * num_keys
 
 
 @dataclass
@@ -141,11 +104,12 @@ def bound(shape: Shape, precision: str, steps: list[Step], rates: dict) -> dict:
     optionally gemm_ms (cuBLAS's measured time of one layer's projections and of the LM head by row count)."""
     rate = rates["gemm_tflops"][precision] * 1e12
     bandwidth = rates["bandwidth_gbs"] * 1e9
-    weight_bytes = shape.weight_bytes(precision)
     kv_bytes = shape.kv_bytes_per_token(precision)
-    measured = rates.get("gemm_ms", {}).get(precision)
+    # cuBLAS's times are of a dense layer's projections; an MoE layer's grouped GEMMs are not one cuBLAS call each
+    measured = None if isinstance(shape, MoeShape) else rates.get("gemm_ms", {}).get(precision)
     gemm_s = attention_s = flops = bytes_read = cublas_s = 0.0
     for step in steps:
+        weight_bytes = shape.weight_bytes(precision, step.num_tokens)
         gemm_flops = 2 * (shape.linear_params * step.num_tokens + shape.head_params * step.num_sampled)
         gemm_s += max(gemm_flops / rate, weight_bytes / bandwidth)
         if measured:
@@ -167,7 +131,7 @@ def bound(shape: Shape, precision: str, steps: list[Step], rates: dict) -> dict:
 
 def workload_bounds(model: str, settings: dict, rates: dict, precisions=("bf16", "fp8")) -> dict:
     """Per precision and peer-suite row: the bound's seconds and the metric's ceiling (tok/s)."""
-    shape = Shape.from_config(model)
+    shape = shape_from_config(model)
     drawn = draw_workloads(shape.vocab_size, 1000)
     seqs, budget = int(settings["max_num_seqs"]), int(settings["max_num_batched_tokens"])
     new_tokens = int(settings.get("batch1_new_tokens", 256))
@@ -177,23 +141,28 @@ def workload_bounds(model: str, settings: dict, rates: dict, precisions=("bf16",
         "1000": ([len(p) for p in drawn["prompts_1000"]], drawn["outputs_1000"], None),
         "512": ([len(p) for p in drawn["prompts_512"]], [int(settings.get("output_len_512", 256))] * 512, None),
     }
-    result = {}
-    for precision in precisions:
-        for name, (prompt_lens, output_lens, decode_tokens) in workloads.items():
-            steps = schedule(prompt_lens, output_lens, seqs, budget)
-            if decode_tokens is not None:
-                steps = [step for step in steps if not step.prefill_keys]
-            row = bound(shape, precision, steps, rates)
-            row["input_tokens"], row["output_tokens"] = sum(prompt_lens), sum(output_lens)
-            metric_tokens = {"decode_tokens_per_s": decode_tokens, "output_tokens_per_s": row["output_tokens"],
-                             "total_tokens_per_s": row["input_tokens"] + row["output_tokens"]}[ROW_METRIC[name]]
-            row["metric"] = ROW_METRIC[name]
-            row["ceiling_sequential"] = metric_tokens / row["sequential_s"]
-            row["ceiling_strict"] = metric_tokens / row["strict_s"]
-            if "cublas_sequential_s" in row:
-                row["ceiling_cublas"] = metric_tokens / row["cublas_sequential_s"]
-            result[f"{precision}-{name}"] = row
-    return result
+    return {f"{precision}-{name}": workload_bound(shape, precision, prompt_lens, output_lens, seqs, budget, rates,
+                                                  ROW_METRIC[name], decode_tokens)
+            for precision in precisions for name, (prompt_lens, output_lens, decode_tokens) in workloads.items()}
+
+
+def workload_bound(shape: Shape, precision: str, prompt_lens: list[int], output_lens: list[int], max_num_seqs: int,
+                   max_batched_tokens: int, rates: dict, metric: str, decode_tokens: int | None = None) -> dict:
+    """One workload's bound and the ceilings it puts on `metric` (decode_tokens: a batch-1 metric's tokens, its
+    prefill step left out)."""
+    steps = schedule(prompt_lens, output_lens, max_num_seqs, max_batched_tokens)
+    if decode_tokens is not None:
+        steps = [step for step in steps if not step.prefill_keys]
+    row = bound(shape, precision, steps, rates)
+    row["input_tokens"], row["output_tokens"] = sum(prompt_lens), sum(output_lens)
+    metric_tokens = {"decode_tokens_per_s": decode_tokens, "output_tokens_per_s": row["output_tokens"],
+                     "total_tokens_per_s": row["input_tokens"] + row["output_tokens"]}[metric]
+    row["metric"] = metric
+    row["ceiling_sequential"] = metric_tokens / row["sequential_s"]
+    row["ceiling_strict"] = metric_tokens / row["strict_s"]
+    if "cublas_sequential_s" in row:
+        row["ceiling_cublas"] = metric_tokens / row["cublas_sequential_s"]
+    return row
 
 
 MEASURED_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256, 320, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
@@ -202,7 +171,7 @@ MEASURED_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256, 320, 384, 512, 768, 1024
 def measure_rates(shape: Shape) -> dict:
     """On the current GPU: the best cuBLAS rates over a few large GEMMs (bf16, and float8 with per-tensor scales
     through torch._scaled_mm), the bandwidth of a streaming read, and cuBLAS's time for one layer's projections
-    and for the LM head at each of MEASURED_ROWS rows."""
+    and for the LM head at each of MEASURED_ROWS rows (a dense model's only)."""
     import torch
     device = torch.device("cuda")
     one = torch.ones((), device=device)
@@ -237,7 +206,7 @@ def measure_rates(shape: Shape) -> dict:
     projections = [(hidden, shape.head_dim * (shape.num_heads + 2 * shape.num_kv_heads)), (attention, hidden),
                    (hidden, 2 * shape.intermediate_size), (shape.intermediate_size, hidden)]
     gemm_ms = {}
-    for precision in best:
+    for precision in () if isinstance(shape, MoeShape) else best:  # bound() has no cuBLAS bound for experts
         layer = [sum(timed(matmul(precision, rows, k, n)) for k, n in projections) for rows in MEASURED_ROWS]
         head = [timed(matmul("bf16", rows, hidden, shape.vocab_size)) for rows in MEASURED_ROWS[:13]]
         gemm_ms[precision] = {"layer": {"rows": list(MEASURED_ROWS), "ms": layer},
@@ -299,6 +268,53 @@ def print_tables(bounds: dict, rates: dict, fractions: list[dict] | None) -> Non
               f"{entry['goal']}x vLLM | {shares('goal_needs_')} |")
 
 
+# Issue 17's goal: Serval's 512 x (512 in, 256 out) output tok/s over transformers' generate_batch in the same run.
+TRANSFORMERS_GOAL = 20
+GPU_SUITE_PRECISION = {None: "bf16", "fp8": "fp8"}  # gpu_suite.py's quantization: the weight bytes charged
+
+
+def versus_transformers(suite: dict, rates: dict) -> dict:
+    """One gpu_suite.py run's 512 x (512, 256) (its sizes, sequences and token budget): the bounds on its output
+    tok/s, Serval's fraction of them, the most any engine could reach over transformers' generate_batch, and the
+    fraction of each bound the goal needs."""
+    serval, hf = suite["serval_512x512x256"], suite.get("hf_generate_batch_512x512x256", {})
+    count = serval["num_requests"]
+    if serval["input_tokens"] % count or serval["output_tokens"] % count:
+        raise ValueError("gpu_suite's 512 x (512, 256) has equal prompts and outputs; this run's do not divide evenly")
+    if suite.get("quantization") not in GPU_SUITE_PRECISION:
+        raise ValueError(f"quantization {suite.get('quantization')!r}: bounds know {list(GPU_SUITE_PRECISION)}")
+    precision = GPU_SUITE_PRECISION[suite.get("quantization")]
+    row = workload_bound(shape_from_config(suite["model"]), precision, [serval["input_tokens"] // count] * count,
+                         [serval["output_tokens"] // count] * count, int(suite["max_num_seqs"]),
+                         int(suite["max_num_batched_tokens"]), rates, "output_tokens_per_s")
+    serval_rate, hf_rate = serval["output_tokens_per_s"], hf.get("output_tokens_per_s")
+    entry = {"model": suite["model"], "precision": precision, "bound": row, "goal": TRANSFORMERS_GOAL,
+             "serval": serval_rate, "transformers": hf_rate,
+             "serval_over_transformers": serval_rate / hf_rate if hf_rate else None}
+    for kind in ("sequential", "strict"):
+        ceiling = row[f"ceiling_{kind}"]
+        entry[f"serval_of_{kind}"] = serval_rate / ceiling
+        entry[f"most_over_transformers_{kind}"] = ceiling / hf_rate if hf_rate else None
+        entry[f"goal_needs_of_{kind}"] = TRANSFORMERS_GOAL * hf_rate / ceiling if hf_rate else None
+    return entry
+
+
+def print_versus_transformers(entries: list[dict], rates: dict) -> None:
+    names = [f"{os.path.basename(entry['model'])} {entry['precision']}-512x512x256" for entry in entries]
+    print_tables({name: entry["bound"] for name, entry in zip(names, entries)}, rates, None)
+    print("\n| row | ceiling (sequential / strict) | Serval | of the ceilings | transformers "
+          "| Serval over transformers | the most any engine could reach over transformers "
+          f"| {TRANSFORMERS_GOAL}x needs of the ceilings |")
+    print("| --- | --- | ---: | --- | ---: | ---: | --- | --- |")
+    for name, entry in zip(names, entries):
+        def pair(prefix, spec):
+            return " / ".join(_cell(entry[f"{prefix}_{kind}"], spec) for kind in ("sequential", "strict"))
+        print(f"| {name} | {entry['bound']['ceiling_sequential']:,.1f} / {entry['bound']['ceiling_strict']:,.1f} | "
+              f"{entry['serval']:,.1f} | {pair('serval_of', '.1%')} | {_cell(entry['transformers'])} | "
+              f"{_cell(entry['serval_over_transformers'], '.2f')}x | {pair('most_over_transformers', '.1f')}x | "
+              f"{pair('goal_needs_of', '.1%')} |")
+
+
 def _cell(value, spec: str = ",.1f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -309,17 +325,32 @@ def main() -> None:
     parser.add_argument("--measure", action="store_true", help="time this GPU's GEMM rates and bandwidth")
     parser.add_argument("--rates", help="a rates.json written by --measure")
     parser.add_argument("--peer-suite", help="a peer_suite.json: the fraction of the bound each engine reached")
+    parser.add_argument("--gpu-suite", action="append", default=[],
+                        help="a gpu_suite.py JSON (repeat for several): its model's bound on 512 x (512, 256) against "
+                        "its Serval and transformers rates, instead of the peer suite's rows")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--out", default="results/bounds")
     args = parser.parse_args()
     if args.measure:
-        rates = measure_rates(Shape.from_config(args.model))
+        rates = measure_rates(shape_from_config(args.model))
     elif args.rates:
         with open(args.rates) as f:
             rates = json.load(f)
     else:
         parser.error("give --measure (on a GPU) or --rates FILE")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "rates.json"), "w") as f:
+        json.dump(rates, f, indent=1)
+    if args.gpu_suite:
+        entries = []
+        for path in args.gpu_suite:
+            with open(path) as f:
+                entries.append(dict(versus_transformers(json.load(f), rates), gpu_suite=path))
+        print_versus_transformers(entries, rates)
+        with open(os.path.join(args.out, "vs_transformers.json"), "w") as f:
+            json.dump({"rates": rates, "entries": entries}, f, indent=1)
+        return
     peer = None
     settings = {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens}
     if args.peer_suite:
@@ -329,9 +360,6 @@ def main() -> None:
     bounds = workload_bounds(args.model, settings, rates)
     fractions = engine_fractions(bounds, peer) if peer else None
     print_tables(bounds, rates, fractions)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "rates.json"), "w") as f:
-        json.dump(rates, f, indent=1)
     with open(os.path.join(args.out, "workload_bounds.json"), "w") as f:
         json.dump({"model": args.model, "settings": settings, "rates": rates, "bounds": bounds,
                    "fractions": fractions}, f, indent=1)
