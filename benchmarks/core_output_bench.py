@@ -79,7 +79,7 @@ def measure(tokenizer, batch: int, warm_steps: int, num_steps: int) -> Row:
     prompt_token_ids = tokenizer.encode(PROMPT)
     answer = answer_token_ids(tokenizer, warm_steps + num_steps)
     requests = start_requests(processor, prompt_token_ids, batch, warm_steps + num_steps + 16)
-    encoder, decoder = messages.OutputEncoder(), messages.OutputDecoder()
+    decoder = messages.OutputDecoder()
     times: dict[str, list[float]] = {"engine": [], "output": [], "api": [], "process_step": []}
     size = 0
     for step in range(warm_steps + num_steps):
@@ -88,10 +88,9 @@ def measure(tokenizer, batch: int, warm_steps: int, num_steps: int) -> Row:
         started = time.perf_counter()
         update = processor.process_step(requests, sampled, time.monotonic())
         processed = time.perf_counter()
-        outputs = processor.make_outputs(update.to_report)
+        deltas = processor.make_deltas(update.to_report)
         built = time.perf_counter()
-        data = messages.dumps([messages.StepMessage([encoder.encode(output) for output in outputs], [], None,
-                                                    batch)])
+        data = messages.dumps([messages.StepMessage(deltas, [], None, batch)])
         sent = time.perf_counter()
         received = [decoder.decode(delta) for delta in messages.loads(data)[0].outputs]
         decoded = time.perf_counter()
