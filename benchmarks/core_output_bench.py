@@ -11,6 +11,7 @@ Three parts of a step, each timed on its own (time.perf_counter; median over the
 process_step (detokenizing, stop checks) is timed too, for scale: the change leaves it alone.
 
     python benchmarks/core_output_bench.py --out core_output_cpu.json
+    python benchmarks/core_output_bench.py --logprobs 5 --out core_output_logprobs_cpu.json
     python benchmarks/core_output_bench.py --batch-sizes 8 --steps 4     # checks the script end to end
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ from serval.engine.output_processor import OutputProcessor, SampledToken  # noqa
 from serval.engine.request import Request, RequestStatus  # noqa: E402
 from serval.model.default_model import default_model_path  # noqa: E402
 from serval.model.tokenizer import load_tokenizer  # noqa: E402
+from serval.outputs import Logprob  # noqa: E402
 from serval.sampling_params import SamplingParams  # noqa: E402
 
 ANSWER = (
@@ -47,6 +49,7 @@ PROMPT = ("You are a helpful assistant with access to tools. Answer the user's q
 @dataclass
 class Row:
     batch: int
+    logprobs: int | None  # top logprobs each request asked for
     num_steps: int
     tokens_before: int  # each request's output tokens when the first measured step starts
     engine_ms: float
@@ -61,12 +64,14 @@ def answer_token_ids(tokenizer, length: int) -> list[int]:
     return (token_ids * (length // len(token_ids) + 2))[:length + 64]
 
 
-def start_requests(processor: OutputProcessor, prompt_token_ids: list[int], batch: int, max_tokens: int):
+def start_requests(processor: OutputProcessor, prompt_token_ids: list[int], batch: int, max_tokens: int,
+                   logprobs: int | None):
     requests = []
     for i in range(batch):
         request_id = f"chatcmpl-{i:04d}"
-        request = Request(request_id, prompt_token_ids, SamplingParams(max_tokens=max_tokens, temperature=0),
-                          eos_token_id=None, max_model_len=4096, prompt=PROMPT, parent_request_id=request_id)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=logprobs)
+        request = Request(request_id, prompt_token_ids, params, eos_token_id=None, max_model_len=4096,
+                          prompt=PROMPT, parent_request_id=request_id)
         request.status = RequestStatus.RUNNING
         request.first_scheduled_time = request.num_cached_tokens = 0
         processor.add_request(processor.new_request_state(request_id, PROMPT, prompt_token_ids, [request]))
@@ -74,17 +79,28 @@ def start_requests(processor: OutputProcessor, prompt_token_ids: list[int], batc
     return requests
 
 
-def measure(tokenizer, batch: int, warm_steps: int, num_steps: int) -> Row:
+def sampled_logprobs(token_id: int, logprobs: int | None) -> dict[int, Logprob] | None:
+    """The chosen token and the top `logprobs` others, as the sampler reports them."""
+    if logprobs is None:
+        return None
+    entries = {token_id: Logprob(-0.25, 1)}
+    for rank in range(logprobs):
+        entries.setdefault(1000 + 37 * rank, Logprob(-1.5 - rank, rank + 2))
+    return entries
+
+
+def measure(tokenizer, batch: int, logprobs: int | None, warm_steps: int, num_steps: int) -> Row:
     processor = OutputProcessor(tokenizer)
     prompt_token_ids = tokenizer.encode(PROMPT)
     answer = answer_token_ids(tokenizer, warm_steps + num_steps)
-    requests = start_requests(processor, prompt_token_ids, batch, warm_steps + num_steps + 16)
+    requests = start_requests(processor, prompt_token_ids, batch, warm_steps + num_steps + 16, logprobs)
     decoder = messages.OutputDecoder()
     times: dict[str, list[float]] = {"engine": [], "output": [], "api": [], "process_step": []}
     size = 0
     for step in range(warm_steps + num_steps):
         # Each request at its own place in the answer, so their texts differ as a batch's do.
-        sampled = [SampledToken(answer[(step + i) % len(answer)], None, None) for i in range(batch)]
+        token_ids = [answer[(step + i) % len(answer)] for i in range(batch)]
+        sampled = [SampledToken(token_id, sampled_logprobs(token_id, logprobs), None) for token_id in token_ids]
         started = time.perf_counter()
         update = processor.process_step(requests, sampled, time.monotonic())
         processed = time.perf_counter()
@@ -100,19 +116,20 @@ def measure(tokenizer, batch: int, warm_steps: int, num_steps: int) -> Row:
                                   ("output", sent - built), ("api", decoded - sent)):
                 times[name].append(seconds * 1e3)
             size = len(data)
-    return Row(batch, num_steps, warm_steps, *(statistics.median(times[name]) for name in
+    return Row(batch, logprobs, num_steps, warm_steps, *(statistics.median(times[name]) for name in
                                               ("engine", "output", "api", "process_step")), size)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--logprobs", type=int, help="each request asks for this many top logprobs")
     parser.add_argument("--warm-steps", type=int, default=128, help="output tokens each request has before timing")
     parser.add_argument("--steps", type=int, default=128, help="steps timed")
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args()
     tokenizer = load_tokenizer(default_model_path())
-    rows = [measure(tokenizer, batch, args.warm_steps, args.steps) for batch in args.batch_sizes]
+    rows = [measure(tokenizer, batch, args.logprobs, args.warm_steps, args.steps) for batch in args.batch_sizes]
     print(f"{'B':>5} {'engine ms':>10} {'output ms':>10} {'core total':>11} {'api ms':>8} {'process_step':>13} "
           f"{'bytes':>8}")
     for row in rows:

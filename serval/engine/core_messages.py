@@ -25,7 +25,7 @@ from serval.engine.memory import MemoryUsage
 from serval.engine.output_processor import CompletionDelta, OutputDelta
 from serval.lora.request import LoRARequest
 from serval.openai.errors import InvalidArgument
-from serval.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from serval.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 
 
 # ---- API process → core ----
@@ -193,7 +193,8 @@ def _apply(previous: CompletionOutput | None, change: CompletionDelta) -> Comple
     if new_logprobs is not None:
         # The in-process engine shares one growing list between a request's outputs; a new list per output
         # keeps what a reader already holds unchanged, which is all it could rely on anyway.
-        logprobs = (logprobs or []) + new_logprobs
+        logprobs = (logprobs or []) + [{token_id: Logprob(*fields) for token_id, fields in position.items()}
+                                       for position in new_logprobs]
     return CompletionOutput(index, text if replaces_text else previous.text + text,
                             previous.token_ids + new_token_ids, cumulative_logprob, logprobs, finish_reason,
                             stop_reason)
