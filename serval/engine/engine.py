@@ -384,9 +384,10 @@ class LLMEngine:
             self.scheduler.finish_request(sequence.request, sequence.status)
             if self.spec_decoder is not None:
                 self.spec_decoder.on_finished(sequence.request)
-        if self.delta_outputs:
-            return self.output_processor.make_deltas(update.to_report)
-        return self.output_processor.make_outputs(update.to_report)
+        with host_range("serval.make_outputs"):
+            if self.delta_outputs:
+                return self.output_processor.make_deltas(update.to_report)
+            return self.output_processor.make_outputs(update.to_report)
 
     def _fail_step(self, error: Exception) -> list[RequestOutput]:
         """End every request of the failed step (all of them if it failed before it knew which it held)."""
