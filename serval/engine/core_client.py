@@ -310,13 +310,15 @@ class EngineCoreClient:
                 if stream is not None:
                     batches.setdefault(stream.loop, []).append((stream.queue, error.error.exception()))
             for delta in message.outputs:
-                stream = (self._streams.pop(delta.request_id, None) if delta.finished
-                          else self._streams.get(delta.request_id))
+                # An OutputDelta (a tuple), or a pooling output whole.
+                is_delta = type(delta) is tuple
+                request_id, finished = (delta[0], delta[2]) if is_delta else (delta.request_id, delta.finished)
+                stream = self._streams.pop(request_id, None) if finished else self._streams.get(request_id)
                 if stream is None:
-                    if isinstance(delta, messages.OutputDelta):
-                        self._decoder.forget(delta.request_id)
+                    if is_delta:
+                        self._decoder.forget(request_id)
                     continue
-                output = self._decoder.decode(delta) if isinstance(delta, messages.OutputDelta) else delta
+                output = self._decoder.decode(delta) if is_delta else delta
                 item = RequestFailedError(output.request_id) if _failed(output) else output
                 batches.setdefault(stream.loop, []).append((stream.queue, item))
         taken = _StepTaken(self._inbox, message.step, len(batches)) if message.step is not None else None

@@ -5,25 +5,27 @@ step, holding all that step's outputs and the engine's stats, so the API process
 to its event loop in one call. Plain pickle, not the Connection's own pickler: that one would put tensors in shared
 memory, which the receiver would then have to keep alive.
 
-A RequestOutput is cumulative (the whole text and every token id so far) and carries the prompt's token ids; sent
-as it is, a step's message grows with every request's length. So the core sends an OutputDelta instead: what is new
-since the last output it sent for that request (OutputEncoder), and the API process appends it to the last
-RequestOutput it built (OutputDecoder). Both sides see the same sequence of RequestOutputs.
+A RequestOutput is cumulative (the whole text and every token id so far) and carries the prompt's token ids; built
+and sent as it is, a step's work and message grow with every request's length. So the core's engine builds an
+OutputDelta instead, a plain tuple of what is new since the last one it sent for that request (the prompt in the
+first only), straight from the output processor's state (OutputProcessor.make_deltas; the layout is beside it);
+the API process appends it to the last RequestOutput it built (OutputDecoder). The API process sees the same
+sequence of RequestOutputs as the in-process engine returns.
 
-    core:  RequestOutput ─► OutputEncoder.encode ─► OutputDelta ─pickle─► OutputDecoder.decode ─► RequestOutput  :API
+  core:  OutputProcessor.make_deltas ─► OutputDelta ─pickle─► OutputDecoder.decode ─► RequestOutput  :API
 """
 from __future__ import annotations
 
-import dataclasses
 import pickle
 from dataclasses import dataclass
 
 from serval.config import EngineConfig
 from serval.engine.engine import EngineStats
 from serval.engine.memory import MemoryUsage
+from serval.engine.output_processor import CompletionDelta, OutputDelta
 from serval.lora.request import LoRARequest
 from serval.openai.errors import InvalidArgument
-from serval.outputs import CompletionOutput, PromptLogprobs, RequestMetrics, RequestOutput, SampleLogprobs
+from serval.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 
 
 # ---- API process → core ----
@@ -91,7 +93,7 @@ class RequestError:
 
 @dataclass
 class StepMessage:
-    """One step's outputs (OutputDelta, or a PoolingRequestOutput whole: it comes once) and the stats after it.
+    """One step's outputs (OutputDelta tuples, or a PoolingRequestOutput whole: it comes once) and the stats after it.
     num_added counts the sequences the core has taken in so far, so the API process knows how many it sent are
     still on their way (num_waiting)."""
     outputs: list
@@ -154,99 +156,29 @@ def loads(data: bytes) -> list:
 
 
 # ---- outputs as deltas ----
-@dataclass(slots=True)
-class CompletionDelta:
-    index: int
-    text: str  # appended to the text so far; the whole text when replaces_text
-    new_token_ids: list[int]
-    new_logprobs: SampleLogprobs | None
-    cumulative_logprob: float | None
-    finish_reason: str | None
-    stop_reason: int | str | None
-    replaces_text: bool = False
-
-
-@dataclass(slots=True)
-class OutputDelta:
-    request_id: str
-    completions: list[CompletionDelta]
-    finished: bool
-    metrics: RequestMetrics | None
-    num_cached_tokens: int
-    # The request's first delta only: what never changes afterwards.
-    prompt: str | None = None
-    prompt_token_ids: list[int] | None = None
-    prompt_logprobs: PromptLogprobs | None = None
-
-
-@dataclass(slots=True)
-class _Sent:
-    """How much of one completion the API process has: a prefix of the text and counts of the rest."""
-    text: str = ""
-    num_token_ids: int = 0
-    num_logprobs: int = 0
-
-
-class OutputEncoder:
-    """Core side: RequestOutput → OutputDelta, remembering what each live request's receiver already has."""
-
-    def __init__(self) -> None:
-        self._sent: dict[str, dict[int, _Sent]] = {}
-
-    def encode(self, output: RequestOutput) -> OutputDelta:
-        first = output.request_id not in self._sent
-        sent = self._sent.setdefault(output.request_id, {})
-        completions = [_completion_delta(completion, sent.setdefault(completion.index, _Sent()))
-                       for completion in output.outputs]
-        if output.finished:
-            del self._sent[output.request_id]
-        delta = OutputDelta(output.request_id, completions, output.finished, output.metrics,
-                            output.num_cached_tokens)
-        if first:
-            delta.prompt, delta.prompt_token_ids = output.prompt, output.prompt_token_ids
-            delta.prompt_logprobs = output.prompt_logprobs
-        return delta
-
-    def forget(self, request_id: str) -> None:
-        """The request was aborted: it sends nothing more."""
-        self._sent.pop(request_id, None)
-
-
-def _completion_delta(completion: CompletionOutput, sent: _Sent) -> CompletionDelta:
-    text = completion.text
-    appends = text.startswith(sent.text)
-    new_text = text[len(sent.text):] if appends else text
-    token_ids = completion.token_ids
-    new_token_ids = token_ids[sent.num_token_ids:]
-    # The output processor appends to one logprobs list per sample, one entry per token, perhaps while this runs
-    # on another thread: the entries of this output's tokens are the ones it has.
-    logprobs = completion.logprobs[:len(token_ids)] if completion.logprobs is not None else None
-    new_logprobs = logprobs[sent.num_logprobs:] if logprobs is not None else None
-    sent.text, sent.num_token_ids = text, len(token_ids)
-    sent.num_logprobs = len(logprobs) if logprobs is not None else 0
-    return CompletionDelta(completion.index, new_text, new_token_ids, new_logprobs, completion.cumulative_logprob,
-                           completion.finish_reason, completion.stop_reason, replaces_text=not appends)
-
-
 class OutputDecoder:
-    """API side: OutputDelta → the cumulative RequestOutput the in-process engine would have returned."""
+    """API side: OutputDelta (serval.engine.output_processor's tuple) → the cumulative RequestOutput the in-process
+    engine would have returned."""
 
     def __init__(self) -> None:
         self._latest: dict[str, RequestOutput] = {}
 
     def decode(self, delta: OutputDelta) -> RequestOutput:
-        previous = self._latest.get(delta.request_id)
+        request_id, changes, finished, metrics_fields, prompt = delta
+        previous = self._latest.get(request_id)
         if previous is None:
-            previous = RequestOutput(delta.request_id, delta.prompt, delta.prompt_token_ids or [],
-                                     delta.prompt_logprobs, [], False)
-        completions = {completion.index: completion for completion in previous.outputs}
-        outputs = [_apply(completions.get(change.index), change) for change in delta.completions]
-        output = dataclasses.replace(previous, outputs=outputs, finished=delta.finished, metrics=delta.metrics,
-                                     num_cached_tokens=delta.num_cached_tokens)
-        if delta.finished:
-            self._latest.pop(delta.request_id, None)
+            text, token_ids, logprobs = prompt if prompt is not None else (None, [], None)
+            previous = RequestOutput(request_id, text, token_ids, logprobs, [], False)
+        # Every delta has each sample's change, in the same order: the previous output's completions line up.
+        completions = previous.outputs or [None] * len(changes)
+        metrics = RequestMetrics(*metrics_fields)
+        output = RequestOutput(request_id, previous.prompt, previous.prompt_token_ids, previous.prompt_logprobs,
+                               [_apply(completion, change) for completion, change in zip(completions, changes)],
+                               finished, metrics, metrics.num_cached_tokens)
+        if finished:
+            self._latest.pop(request_id, None)
         else:
-            self._latest[delta.request_id] = output
+            self._latest[request_id] = output
         return output
 
     def forget(self, request_id: str) -> None:
@@ -254,14 +186,15 @@ class OutputDecoder:
 
 
 def _apply(previous: CompletionOutput | None, change: CompletionDelta) -> CompletionOutput:
+    index, text, replaces_text, new_token_ids, new_logprobs, cumulative_logprob, finish_reason, stop_reason = change
     if previous is None:
-        previous = CompletionOutput(change.index, "", [], None, [] if change.new_logprobs is not None else None)
-    text = change.text if change.replaces_text else previous.text + change.text
+        previous = CompletionOutput(index, "", [], None, [] if new_logprobs is not None else None)
     logprobs = previous.logprobs
-    if change.new_logprobs is not None:
+    if new_logprobs is not None:
         # The in-process engine shares one growing list between a request's outputs; a new list per output
         # keeps what a reader already holds unchanged, which is all it could rely on anyway.
-        logprobs = (logprobs or []) + change.new_logprobs
-    return CompletionOutput(change.index, text, previous.token_ids + change.new_token_ids, change.cumulative_logprob,
-                            logprobs, change.finish_reason, change.stop_reason)
-
+        logprobs = (logprobs or []) + [{token_id: Logprob(*fields) for token_id, fields in position.items()}
+                                       for position in new_logprobs]
+    return CompletionOutput(index, text if replaces_text else previous.text + text,
+                            previous.token_ids + new_token_ids, cumulative_logprob, logprobs, finish_reason,
+                            stop_reason)

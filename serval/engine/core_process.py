@@ -4,7 +4,8 @@ the API process (serval.engine.core_client), with no event loop to share the GIL
 Two threads, as in the in-process AsyncEngine: the main thread steps; a receiver thread reads the connection,
 turns each request into the engine's RequestState (grammar states, the LoRA adapter read from disk), answers
 blocking calls (add_lora, ...) and queues requests, aborts and the profiler's calls for the step loop, which alone
-touches the scheduler. After every step the loop sends one message: the step's outputs as deltas and the engine's stats.
+touches the scheduler. After every step the loop sends one message: the step's outputs as deltas (the engine
+builds them: LLMEngine(delta_outputs=True)) and the engine's stats; an output thread pickles and sends it.
 
 The core lives only as long as its parent: the connection closes when the parent exits or dies (even kill -9), and
 the receiver then stops the loop. Ctrl-C reaches the whole process group; the core ignores it and lets the API
@@ -29,7 +30,6 @@ from serval.engine import core_messages as messages
 from serval.engine.async_engine import _HANDOFF_TIMEOUT_S, ENGINE_SWITCH_INTERVAL_S, ArrivalGate
 from serval.engine.engine import LLMEngine
 from serval.engine.profiler import host_range
-from serval.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def core_main(args: CoreArgs) -> None:
         # cores: steps 7x slower than with one thread, or than the in-process engine, which streams between steps).
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - 1))
     try:
-        engine = LLMEngine(args.config)
+        engine = LLMEngine(args.config, delta_outputs=True)
     except BaseException as error:  # noqa: BLE001 - whatever stops the start goes to the user, not a hang
         if not isinstance(error, (ValueError, FileNotFoundError)):
             logger.exception("engine core failed to start")
@@ -80,8 +80,7 @@ class EngineCore:
         self.send_lock = threading.Lock()
         # ("add", RequestState) | ("abort", id) | ("error", RequestError) | ("call", CallRequest) | ("stop", None)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.encoder = messages.OutputEncoder()  # the output thread's alone
-        # Steps' outputs for the output thread: ("step", StepMessage of RequestOutputs) | ("forget", id) | ("stop",)
+        # Steps' messages for the output thread: ("step", StepMessage) | ("died", CoreDied) | ("stop", None)
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.num_added = 0  # sequences taken in (or refused), for the API process's num_waiting
         self.pending_errors: list[messages.RequestError] = []
@@ -162,7 +161,6 @@ class EngineCore:
             self.num_added += num_sequences
         elif kind == "abort":
             self.engine.abort_request(payload)
-            self.outbox.put(("forget", payload))
         elif kind == "error":
             error, num_sequences = payload
             self.pending_errors.append(error)
@@ -186,18 +184,13 @@ class EngineCore:
 
     # ---- the output thread ----
     def _send_outputs(self) -> None:
-        """Encode, pickle and send each step's message. On its own thread so that this work overlaps the next
-        step's device time (the step loop waits on the GPU without the GIL) instead of delaying its launch."""
+        """Pickle and send each step's message. On its own thread so that this work overlaps the next step's
+        device time (the step loop waits on the GPU without the GIL) instead of delaying its launch."""
         while True:
             kind, payload = self.outbox.get()
             if kind == "step":
-                with host_range("serval.encode_send"):
-                    # Pooling outputs go whole: each comes once.
-                    payload.outputs = [self.encoder.encode(output) if isinstance(output, RequestOutput) else output
-                                       for output in payload.outputs]
+                with host_range("serval.encode_send"):  # the name earlier profiles used, so they compare
                     self._try_send([payload])
-            elif kind == "forget":
-                self.encoder.forget(payload)
             elif kind == "died":
                 self._try_send([payload])
             else:

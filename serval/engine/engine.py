@@ -71,7 +71,10 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, delta_outputs: bool = False) -> None:
+        """delta_outputs: step() returns the output processor's OutputDeltas (what is new since the previous
+        step) instead of cumulative RequestOutputs; the engine-core process sends those (core_messages)."""
+        self.delta_outputs = delta_outputs
         model_path = config.model or default_model_path()
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(_checkpoint_dtype(model_path))
@@ -381,7 +384,10 @@ class LLMEngine:
             self.scheduler.finish_request(sequence.request, sequence.status)
             if self.spec_decoder is not None:
                 self.spec_decoder.on_finished(sequence.request)
-        return self.output_processor.make_outputs(update.to_report)
+        with host_range("serval.make_outputs"):
+            if self.delta_outputs:
+                return self.output_processor.make_deltas(update.to_report)
+            return self.output_processor.make_outputs(update.to_report)
 
     def _fail_step(self, error: Exception) -> list[RequestOutput]:
         """End every request of the failed step (all of them if it failed before it knew which it held)."""

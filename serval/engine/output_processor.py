@@ -2,7 +2,8 @@
 
 The engine core emits token ids; this module owns everything after: appending them to their requests, stop checks
 (EOS and stop token ids, stop strings, a completed or failed grammar, the length limits), detokenization, logprobs
-with their decoded tokens, and building each request's cumulative RequestOutput. It keeps the frontend state of
+with their decoded tokens, and building each request's cumulative RequestOutput, or in the engine-core process
+its OutputDelta (what is new since the last one sent, a plain tuple: make_deltas). It keeps the frontend state of
 every live request (RequestState, one SequenceState per sample) so that Request holds engine state only.
 
 A step is processed in two calls, because a finished sequence's output carries the time the scheduler finished it:
@@ -34,6 +35,10 @@ class SequenceState:
     stop_reason: int | str | None = None
     # Set by process_step when the sequence is to finish; the engine then finishes it in the scheduler.
     status: RequestStatus | None = None
+    # What the engine-core process has sent of it (make_deltas): the text as sent, and counts of the rest.
+    sent_text: str = ""
+    num_sent_token_ids: int = 0
+    num_sent_logprobs: int = 0
 
 
 @dataclass(eq=False)
@@ -48,6 +53,7 @@ class RequestState:
     # needs nothing else, and building a RequestOutput for every running request every step is host time the
     # GPU waits for.
     stream: bool = True
+    sent_prompt: bool = False  # make_deltas sent the prompt (its first delta)
 
     @property
     def requests(self) -> list[Request]:
@@ -55,7 +61,11 @@ class RequestState:
 
     @property
     def finished(self) -> bool:
-        return all(sequence.status is not None for sequence in self.sequences)
+        # A loop, not all() over a generator: read for every reported request every step.
+        for sequence in self.sequences:
+            if sequence.status is None:
+                return False
+        return True
 
 
 @dataclass
@@ -183,10 +193,23 @@ class OutputProcessor:
     def make_outputs(self, states: list[RequestState]) -> list[RequestOutput]:
         """Each state's cumulative RequestOutput; finished requests are forgotten."""
         outputs = [_request_output(state) for state in states]
+        self._forget_finished(states)
+        return outputs
+
+    def make_deltas(self, states: list[RequestState]) -> list[OutputDelta]:
+        """Each state's OutputDelta: what its cumulative RequestOutput adds to the last one sent (the engine-core
+        process's outputs; serval.engine.core_messages.OutputDecoder rebuilds the RequestOutputs). Finished
+        requests are forgotten."""
+        deltas = [_output_delta(state) for state in states]
+        for delta in deltas:
+            if delta[2]:  # finished
+                del self.request_states[delta[0]]
+        return deltas
+
+    def _forget_finished(self, states: list[RequestState]) -> None:
         for state in states:
             if state.finished:
                 del self.request_states[state.request_id]
-        return outputs
 
     def _append_token(self, sequence: SequenceState, token_id: int, logprobs: dict[int, Logprob] | None,
                       now: float) -> RequestStatus | GrammarCheck | None:
@@ -275,23 +298,78 @@ def _grammar_status(request: Request, token_id: int) -> RequestStatus | None:
     return RequestStatus.FINISHED_ERROR
 
 
+def _visible_text(sequence: SequenceState) -> str:
+    """The text a user may see: a running sequence holds back what could begin a stop string."""
+    text = sequence.text
+    stop = sequence.request.sampling_params.stop
+    if sequence.status is None and stop:
+        text = text[:len(text) - stop_holdback(text, stop)]
+    return text
+
+
 def _request_output(state: RequestState) -> RequestOutput:
     completions = []
     for sequence in state.sequences:
         params = sequence.request.sampling_params
-        text = sequence.text
-        if sequence.status is None and params.stop:
-            text = text[:len(text) - stop_holdback(text, params.stop)]
         completions.append(CompletionOutput(
-            index=sequence.request.index, text=text, token_ids=list(sequence.request.output_token_ids),
+            index=sequence.request.index, text=_visible_text(sequence),
+            token_ids=list(sequence.request.output_token_ids),
             cumulative_logprob=sequence.cumulative_logprob if params.logprobs is not None else None,
             logprobs=sequence.logprobs, finish_reason=sequence.status.value if sequence.status else None,
             stop_reason=sequence.stop_reason))
-    first = state.sequences[0].request
-    metrics = RequestMetrics(arrival_time=first.arrival_time, first_scheduled_time=first.first_scheduled_time,
-                             first_token_time=first.first_token_time, last_token_time=first.last_token_time,
-                             finished_time=first.finished_time, num_cached_tokens=max(first.num_cached_tokens, 0),
-                             spec_decode_acceptance_length=acceptance_length(first))
+    metrics = RequestMetrics(*_metrics_fields(state.sequences[0].request))
     return RequestOutput(request_id=state.request_id, prompt=state.prompt, prompt_token_ids=state.prompt_token_ids,
                          prompt_logprobs=state.prompt_logprobs, outputs=completions, finished=state.finished,
                          metrics=metrics, num_cached_tokens=metrics.num_cached_tokens)
+
+
+def _metrics_fields(first: Request) -> tuple:
+    """RequestMetrics' fields in order, of the request's first sample."""
+    return (first.arrival_time, first.first_scheduled_time, first.first_token_time, first.last_token_time,
+            first.finished_time, max(first.num_cached_tokens, 0), acceptance_length(first))
+
+
+# ---- the engine-core process's outputs ----
+# Plain tuples, not dataclasses: the core pickles a step's deltas while the engine thread waits for the GIL, and
+# pickle writes a tuple in C but calls Python (__reduce_ex__, __getstate__) for every dataclass instance.
+#
+#   OutputDelta      (request_id, [CompletionDelta, ...] one per sample, finished, metrics, prompt)
+#   CompletionDelta  (index, text, replaces_text, new_token_ids, new_logprobs, cumulative_logprob, finish_reason,
+#                     stop_reason): text is appended to the text sent so far, or replaces it when replaces_text;
+#                     new_logprobs one {token_id: Logprob's fields as a tuple} per new token (4x cheaper to pickle)
+#   metrics          RequestMetrics' fields as a tuple (_metrics_fields)
+#   prompt           (prompt, prompt_token_ids, prompt_logprobs) in a request's first delta only, else None
+OutputDelta = tuple
+CompletionDelta = tuple
+
+
+def _output_delta(state: RequestState) -> OutputDelta:
+    prompt = None
+    if not state.sent_prompt:
+        state.sent_prompt = True
+        # A copy: the engine thread may extend the state's list (sample 0's prefill) while the core's output
+        # thread pickles this one.
+        prompt = (state.prompt, state.prompt_token_ids,
+                  list(state.prompt_logprobs) if state.prompt_logprobs is not None else None)
+    return (state.request_id, [_completion_delta(sequence) for sequence in state.sequences], state.finished,
+            _metrics_fields(state.sequences[0].request), prompt)
+
+
+def _completion_delta(sequence: SequenceState) -> CompletionDelta:
+    """What the sample's CompletionOutput adds to the one sent last: O(new tokens), not O(length)."""
+    request = sequence.request
+    text, sent_text = _visible_text(sequence), sequence.sent_text
+    # The text only grows while the sequence runs; a grammar's rejected token can take its text back.
+    appends = text.startswith(sent_text)
+    sequence.sent_text = text
+    token_ids = request.output_token_ids
+    new_token_ids = token_ids[sequence.num_sent_token_ids:]
+    sequence.num_sent_token_ids = len(token_ids)
+    new_logprobs = cumulative_logprob = None
+    if sequence.logprobs is not None:
+        new_logprobs = [{token_id: (entry.logprob, entry.rank, entry.decoded_token) for token_id, entry in
+                         position.items()} for position in sequence.logprobs[sequence.num_sent_logprobs:]]
+        sequence.num_sent_logprobs = len(sequence.logprobs)
+        cumulative_logprob = sequence.cumulative_logprob
+    return (request.index, text[len(sent_text):] if appends else text, not appends, new_token_ids, new_logprobs,
+            cumulative_logprob, sequence.status.value if sequence.status else None, sequence.stop_reason)
