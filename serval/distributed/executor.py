@@ -44,7 +44,7 @@ from serval.distributed.worker import RankSetup, WorkerArgs, agree_num_blocks, w
 from serval.engine.cuda_graphs import DecodeGraphs
 from serval.engine.mixed_graphs import MixedGraphs
 from serval.engine.memory import num_kv_blocks
-from serval.engine.model_runner import DecodeForward, DecodeInFlight, ForwardInputs, ModelRunner
+from serval.engine.model_runner import DecodeForward, DecodeInFlight, ForwardInputs, ModelRunner, StagedForward
 from serval.engine.request import Request
 from serval.engine.sampler import to_device
 from serval.layers.parallel import shard_layout
@@ -216,10 +216,11 @@ class ParallelModelRunner(ModelRunner):
         return self.executor.run_guarded(lambda: super(ParallelModelRunner, self).forward_logits(inputs))
 
     @torch.inference_mode()
-    def launch_forward(self, requests: list[Request], previous: DecodeInFlight | None = None) -> DecodeForward:
+    def launch_forward(self, requests: list[Request], previous: DecodeInFlight | None = None,
+                       staged: StagedForward | None = None) -> DecodeForward:
         if not self.executor.processes or (self.graphs is not None and self.graphs.can_run(len(requests))):
             # The graphs' run sends the plan; at size 1 there is nobody to send it to, so the in-process step.
-            return super().launch_forward(requests, previous)
+            return super().launch_forward(requests, previous, staged)
         positions = [request.num_computed_tokens for request in requests]
         ids = None if previous is None else previous_samples(previous, requests)
         step = DecodeStep(None if ids is not None else [r.all_token_ids[p] for r, p in zip(requests, positions)],
@@ -233,8 +234,15 @@ class ParallelModelRunner(ModelRunner):
 
 class DriverDecodeGraphs(DecodeGraphs):
     """The driver's decode graphs: a replay first sends its plan (and, with asynchronous scheduling, its input
-    ids), so that every rank replays the same graph at once."""
+    ids), so that every rank replays the same graph at once. Staging ahead (DecodeGraphs.stage) keeps the inputs
+    for the replay, which sends them with the ids."""
     executor: TensorParallelExecutor
+
+    def stage(self, input_ids, positions, slot_mapping, seq_lens, block_tables, lora_slots=None, groups=None):
+        return input_ids, positions, slot_mapping, seq_lens, block_tables
+
+    def replay(self, staged, source: torch.Tensor | None = None) -> torch.Tensor:
+        return self.run(*staged, source)
 
     def run(self, input_ids: list[int], positions: list[int], slot_mapping: list[int], seq_lens: list[int],
             block_tables: list[list[int]], source: torch.Tensor | None = None,

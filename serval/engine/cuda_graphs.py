@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,6 +37,13 @@ if TYPE_CHECKING:
     from serval.layers.lora import LoRAContext
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StagedDecode:
+    """A decode step whose inputs are in the graphs' buffers (DecodeGraphs.stage), awaiting its replay."""
+    num_requests: int
+    batch: int  # the captured size it replays
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -147,16 +155,31 @@ class DecodeGraphs:
         the previous step's samples, gathered on the device without the host reading them. lora_slots: each
         request's adapter slot (-1: none), with LoRA. groups: with a hybrid KV cache, each group's (slots, block
         tables), which replace slot_mapping and block_tables."""
+        staged = DecodeGraphs.stage(self, input_ids, positions, slot_mapping, seq_lens, block_tables, lora_slots,
+                                    groups)
+        return DecodeGraphs.replay(self, staged, source)
+
+    def stage(self, input_ids: list[int], positions: list[int], slot_mapping: list[int], seq_lens: list[int],
+              block_tables: list[list[int]], lora_slots: list[int] | None = None,
+              groups: list[tuple[list[int], list[list[int]]]] | None = None) -> StagedDecode:
+        """run's first half: the step's inputs into the buffers, their copy queued on the stream now. Done ahead of
+        the replay (a constrained batch stages step N+2 before step N+1's sampling, which waits for the grammar
+        masks), it is safe in stream order: step N+1's graph, queued before, has read the buffers by the time the
+        copy runs, and its sampling reads only its logits. Arguments as run's."""
         num_requests = len(input_ids)
-        batch = next(size for size in self.sizes if size >= num_requests)
+        batch = self.padded_batch(num_requests)
         self._fill(input_ids, positions, slot_mapping, seq_lens, block_tables, batch, lora_slots, groups)
+        return StagedDecode(num_requests, batch)
+
+    def replay(self, staged: StagedDecode, source: torch.Tensor | None = None) -> torch.Tensor:
+        """run's second half: gather the input ids from `source` (as run) and replay the staged step's graph."""
         if source is not None:
-            ids = self._view("input_ids", num_requests)
+            ids = self._view("input_ids", staged.num_requests)
             ids.copy_(source.index_select(0, ids))
-        if batch not in self.graphs:  # nothing captured (off CUDA): the same forward on the same buffers, eagerly
-            return self._forward(batch)[:num_requests]
-        self.graphs[batch].replay()
-        return self.logits[batch][:num_requests]
+        if staged.batch not in self.graphs:  # nothing captured (off CUDA): the same forward on the same buffers
+            return self._forward(staged.batch)[:staged.num_requests]
+        self.graphs[staged.batch].replay()
+        return self.logits[staged.batch][:staged.num_requests]
 
     def _fill(self, input_ids, positions, slot_mapping, seq_lens, block_tables, batch: int,
               lora_slots: list[int] | None = None, groups: list[tuple[list[int], list[list[int]]]] | None = None

@@ -525,12 +525,19 @@ class LLMEngine:
         live = [request for request in forward.requests if not request.is_finished]
         if live:  # the rest stopped on current's tokens: their rows of `forward` are never sampled
             self.scheduler.update(SchedulerOutput(live, [1] * len(live)))
+            # The step after `forward` is staged before its sampling, which waits for the masks: between that
+            # sampling and the next forward only the replay is left, so the device does not wait for the host.
+            following = self._following_requests(live)
+            staged = None
+            if following is not None:
+                with host_range("serval.stage_forward"):
+                    staged = self.runner.stage_forward(following, live)
             with host_range("serval.sample_decode"):
                 self.in_flight = self.runner.sample_decode(forward, live)
-            following = self._following_requests(self.in_flight)
             if following is not None:
                 with host_range("serval.launch_forward"):
-                    self.queued_forward = self.runner.launch_forward(following, previous=self.in_flight)
+                    self.queued_forward = self.runner.launch_forward(following, previous=self.in_flight,
+                                                                     staged=staged)
         self._propose_after_overlap()
         return outputs
 
@@ -558,18 +565,18 @@ class LLMEngine:
     def _launch_following(self, current: DecodeInFlight) -> DecodeInFlight | DecodeForward | None:
         """Queue the decode step after `current`, before its tokens are known: forward and sampling where the
         sampling needs nothing from the host, else the forward alone; None where that isn't safe."""
-        following = self._following_requests(current)
+        following = self._following_requests(current.requests)
         if following is None:
             return None
         if all(self._overlap_safe(request, 1) for request in following):
             return self.runner.launch_decode(following, previous=current)
         return self.runner.launch_forward(following, previous=current)
 
-    def _following_requests(self, current: DecodeInFlight) -> list[Request] | None:
-        """The requests of the decode step after `current`, their next slot allocated; None where that step can't
-        be queued before current's tokens are known."""
+    def _following_requests(self, current: list[Request]) -> list[Request] | None:
+        """The requests of the decode step after the one of `current`, their next slot allocated; None where that
+        step can't be queued before current's tokens are known."""
         scheduler = self.scheduler
-        running = [request for request in current.requests if not request.is_finished]
+        running = [request for request in current if not request.is_finished]
         if len(running) != scheduler.num_running or (scheduler.num_waiting
                                                       and scheduler.num_running < scheduler.max_num_seqs):
             return None  # the batch changes: requests to admit, or running ones that weren't in this step

@@ -75,6 +75,16 @@ class DecodeForward:
 
 
 @dataclass
+class StagedForward:
+    """A decode forward's inputs, built (and with graphs copied into the graph's buffers) before its launch
+    (ModelRunner.stage_forward)."""
+    requests: list[Request]
+    from_previous: bool  # input ids are rows of the previous step's samples
+    graph: object = None  # DecodeGraphs.stage's result, or None: the forward runs eagerly from `eager`
+    eager: tuple | None = None  # (input_ids, positions, slot_mapping, seq_lens, group_slot_mappings)
+
+
+@dataclass
 class PromptLogprobRows:
     """The prompt positions of one request whose logprobs this step computes."""
     batch_index: int  # the request's index in the scheduled batch
@@ -313,10 +323,13 @@ class ModelRunner:
         return self.sample_decode(self.launch_forward(requests, previous), requests)
 
     @torch.inference_mode()
-    def launch_forward(self, requests: list[Request], previous: DecodeInFlight | None = None) -> DecodeForward:
-        """launch_decode's forward without its sampling, which sample_decode queues later: a request whose next
-        token depends on host state (its grammar's matcher, its penalties) is sampled only once the host has
-        processed `previous`'s tokens, while this forward already runs."""
+    def stage_forward(self, requests: list[Request], previous_requests: list[Request] | None = None
+                      ) -> StagedForward:
+        """launch_forward's host work, done ahead of it: the step's inputs, and with graphs their copy into the
+        graph's buffers (DecodeGraphs.stage). previous_requests: the requests, in order, of the step whose samples
+        will be launch_forward's `previous` (its input ids are rows of them); None: the requests' own last tokens.
+        A constrained batch stages step N + 2 while step N + 1's masks are still being filled, so that only the
+        replay is left between step N + 1's sampling and step N + 2's forward (serval.engine.engine)."""
         positions = [request.num_computed_tokens for request in requests]
         group_slot_mappings = None
         if self.kv_layout is None:
@@ -327,19 +340,37 @@ class ModelRunner:
                                    for tables in zip(*(request.kv_group_block_ids for request in requests))]
             slot_mapping = group_slot_mappings[0]
         seq_lens = [p + 1 for p in positions]
-        source = None
-        if previous is None:
+        if previous_requests is None:
             input_ids = [request.all_token_ids[p] for request, p in zip(requests, positions)]
         else:
-            row = {id(request): i for i, request in enumerate(previous.requests)}
-            input_ids = [row[id(request)] for request in requests]  # rows of previous.token_ids_device
-            source = previous.token_ids_device
+            row = {id(request): i for i, request in enumerate(previous_requests)}
+            input_ids = [row[id(request)] for request in requests]  # rows of the previous step's samples
+        staged = StagedForward(requests, previous_requests is not None)
         if self.graphs is not None and self._graphs_serve_lora(requests) and self.graphs.can_run(len(requests)):
-            # The graph's output buffer: read by sample_decode before the next replay, which the stream orders.
-            logits = self.graphs.run(input_ids, positions, slot_mapping, seq_lens,
-                                     [request.block_ids for request in requests], source, self._lora_slots(requests),
-                                     **self._graph_groups(requests, group_slot_mappings))
+            staged.graph = self.graphs.stage(input_ids, positions, slot_mapping, seq_lens,
+                                             [request.block_ids for request in requests],
+                                             lora_slots=self._lora_slots(requests),
+                                             **self._graph_groups(requests, group_slot_mappings))
         else:
+            staged.eager = (input_ids, positions, slot_mapping, seq_lens, group_slot_mappings)
+        return staged
+
+    @torch.inference_mode()
+    def launch_forward(self, requests: list[Request], previous: DecodeInFlight | None = None,
+                       staged: StagedForward | None = None) -> DecodeForward:
+        """launch_decode's forward without its sampling, which sample_decode queues later: a request whose next
+        token depends on host state (its grammar's matcher, its penalties) is sampled only once the host has
+        processed `previous`'s tokens, while this forward already runs. staged: stage_forward's for these requests
+        with `previous`'s requests (None: staged now)."""
+        if staged is None:
+            staged = self.stage_forward(requests, previous.requests if previous is not None else None)
+        assert staged.requests is requests and staged.from_previous == (previous is not None)
+        source = previous.token_ids_device if previous is not None else None
+        if staged.graph is not None:
+            # The graph's output buffer: read by sample_decode before the next replay, which the stream orders.
+            logits = self.graphs.replay(staged.graph, source)
+        else:
+            input_ids, positions, slot_mapping, seq_lens, group_slot_mappings = staged.eager
             ids = self._tensor(input_ids, torch.int64)
             if source is not None:
                 ids = source.index_select(0, ids)

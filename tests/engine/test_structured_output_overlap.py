@@ -12,6 +12,7 @@ import torch
 
 from serval import LLM
 from serval.engine import structured_output as structured
+from serval.engine.cuda_graphs import DecodeGraphs
 from serval.sampling_params import SamplingParams, StructuredOutputsParams
 from tests.e2e.server import tiny_model_dir
 
@@ -56,9 +57,9 @@ def counted_deferred_launches(engine) -> list[bool]:
     calls = []
     launch = engine.runner.launch_forward
 
-    def counting(requests, previous=None):
+    def counting(requests, previous=None, **kwargs):
         calls.append(previous is not None and any(request.grammar is not None for request in requests))
-        return launch(requests, previous)
+        return launch(requests, previous, **kwargs)
 
     engine.runner.launch_forward = counting
     return calls
@@ -95,6 +96,34 @@ def test_overlapped_grammar_steps_give_the_synchronous_outputs(synchronous):
     assert engine.in_flight is None and engine.queued_forward is None
     stats = engine.get_stats()
     assert stats.num_free_blocks == stats.num_blocks
+    engine.kv_cache.check_invariants([])
+
+
+def test_steps_staged_into_the_decode_graphs_buffers_give_the_synchronous_outputs(monkeypatch):
+    """A constrained batch stages step N + 2's inputs into the decode graphs' buffers before step N + 1's sampling
+    (ModelRunner.stage_forward), then replays. Here the graphs' buffers run eagerly on the CPU, through the Triton
+    kernels in the interpreter (they read every length from those buffers, as captured graphs do): the outputs
+    are the synchronous engine's on the same kernels, token for token."""
+    monkeypatch.setenv("SERVAL_ATTENTION_BACKEND", "triton")
+    batch = mixed_batch()[:4]
+    expected = summary(make_llm(False).generate([p for p, _ in batch], [s for _, s in batch], use_tqdm=False))
+    llm = make_llm(True)
+    runner = llm.engine.runner
+    runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.block_size, 16, 256, runner.device)
+    replays = []
+    replay = runner.graphs.replay
+
+    def counted(staged, source=None):
+        replays.append(source is not None)
+        return replay(staged, source)
+
+    runner.graphs.replay = counted
+    deferred = counted_deferred_launches(llm.engine)
+    staged = summary(llm.generate([p for p, _ in batch], [s for _, s in batch], use_tqdm=False))
+    assert staged == expected
+    assert sum(deferred) > 5 and sum(replays) > 5, "constrained steps were meant to be staged, then replayed"
+    engine = llm.engine
+    assert engine.in_flight is None and engine.queued_forward is None
     engine.kv_cache.check_invariants([])
 
 

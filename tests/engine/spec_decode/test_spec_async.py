@@ -23,9 +23,9 @@ def count_queued_steps(llm) -> list[int]:
     for name in ("launch_decode", "launch_forward"):
         launch = getattr(runner, name)
 
-        def counting(requests, previous=None, launch=launch):
+        def counting(requests, previous=None, launch=launch, **kwargs):
             counts[0] += previous is not None
-            return launch(requests, previous=previous)
+            return launch(requests, previous=previous, **kwargs)
 
         setattr(runner, name, counting)
     return counts
