@@ -234,22 +234,18 @@ class ParallelModelRunner(ModelRunner):
 
 class DriverDecodeGraphs(DecodeGraphs):
     """The driver's decode graphs: a replay first sends its plan (and, with asynchronous scheduling, its input
-    ids), so that every rank replays the same graph at once. Staging ahead (DecodeGraphs.stage) keeps the inputs
-    for the replay, which sends them with the ids."""
+    ids), so that every rank replays the same graph at once. Staging ahead (DecodeGraphs.stage) only keeps the
+    inputs: the replay sends them with the ids."""
     executor: TensorParallelExecutor
 
     def stage(self, input_ids, positions, slot_mapping, seq_lens, block_tables, lora_slots=None, groups=None):
         return input_ids, positions, slot_mapping, seq_lens, block_tables
 
     def replay(self, staged, source: torch.Tensor | None = None) -> torch.Tensor:
-        return self.run(*staged, source)
-
-    def run(self, input_ids: list[int], positions: list[int], slot_mapping: list[int], seq_lens: list[int],
-            block_tables: list[list[int]], source: torch.Tensor | None = None,
-            lora_slots: list[int] | None = None) -> torch.Tensor:
+        input_ids, positions, slot_mapping, seq_lens, block_tables = staged
         if not self.executor.processes:  # size 1: no rank to send the plan or the ids to; the in-process replay
-            return self.executor.run_guarded(lambda: DecodeGraphs.run(self, input_ids, positions, slot_mapping,
-                                                                      seq_lens, block_tables, source))
+            return self.executor.run_guarded(lambda: DecodeGraphs.replay(self, DecodeGraphs.stage(
+                self, input_ids, positions, slot_mapping, seq_lens, block_tables), source))
         ids = None if source is None else source.index_select(0, to_device(input_ids, torch.int64, source.device))
         step = DecodeStep(None if ids is not None else list(input_ids), positions, slot_mapping, seq_lens,
                           block_tables, graph_batch=self.padded_batch(len(input_ids)))

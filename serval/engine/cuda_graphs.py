@@ -155,9 +155,8 @@ class DecodeGraphs:
         the previous step's samples, gathered on the device without the host reading them. lora_slots: each
         request's adapter slot (-1: none), with LoRA. groups: with a hybrid KV cache, each group's (slots, block
         tables), which replace slot_mapping and block_tables."""
-        staged = DecodeGraphs.stage(self, input_ids, positions, slot_mapping, seq_lens, block_tables, lora_slots,
-                                    groups)
-        return DecodeGraphs.replay(self, staged, source)
+        return self.replay(self.stage(input_ids, positions, slot_mapping, seq_lens, block_tables, lora_slots, groups),
+                           source)
 
     def stage(self, input_ids: list[int], positions: list[int], slot_mapping: list[int], seq_lens: list[int],
               block_tables: list[list[int]], lora_slots: list[int] | None = None,

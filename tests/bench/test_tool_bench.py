@@ -52,8 +52,11 @@ def test_tiny_run_profiles_each_choice(tmp_path):
     """--tiny --profile-steps end to end on the CPU, the engine in its own process: the timed runs, then one
     profiled run per tool_choice whose trace summary lands in the JSON and the printed table."""
     out = tmp_path / "tool"
+    # 48 tokens an answer (tiny's default is 16): the profile starts once every chat decodes, a few steps in, and
+    # its 3 steps must come before the chats end, also on a loaded CI machine (16 left 2.75 there once)
     done = subprocess.run([sys.executable, SCRIPT, "--tiny", "--engine-process", "on", "--choices", "none,required",
-                           "--profile-steps", "3", "--out", str(out)], capture_output=True, text=True, timeout=300)
+                           "--output-len", "48", "--profile-steps", "3", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.load(open(out / "tool_bench.json"))
     assert set(report["results"]) == set(report["profiles"]) == {"none", "required"}

@@ -29,9 +29,9 @@ class RecordedGraphs(DecodeGraphs):
         super().__init__(*args, **kwargs)
         self.steps: list[list[int]] = []
 
-    def run(self, input_ids, positions, slot_mapping, seq_lens, block_tables, source=None, lora_slots=None):
+    def stage(self, input_ids, positions, slot_mapping, seq_lens, block_tables, lora_slots=None, groups=None):
         self.steps.append(list(lora_slots))
-        return super().run(input_ids, positions, slot_mapping, seq_lens, block_tables, source, lora_slots)
+        return super().stage(input_ids, positions, slot_mapping, seq_lens, block_tables, lora_slots, groups)
 
 
 def graph_path_llm(base: str, monkeypatch, max_loras: int, max_num_seqs: int, **engine_args) -> LLM:
