@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 # How often the watchdog looks at the engine: a dead engine is noticed within this.
 WATCHDOG_INTERVAL_S = 0.5
+# Once the engine is found dead, how long the server stays up answering 503 (/health and new requests) before it
+# exits: a load balancer's probe and the clients see why, instead of a refused connection.
+DEAD_ENGINE_GRACE_S = 2.0
 # After the deadline, how long the interrupted requests get to send their error events.
 INTERRUPT_GRACE_S = 2.0
 # uvicorn's own wait for connections once the drain is done; only idle keep-alive connections remain by then.
@@ -97,8 +100,9 @@ class DrainingServer(uvicorn.Server):
         while not self.should_exit:
             if engine.is_dead:
                 logger.error("the engine has stopped; exiting so that the server is restarted",
-                             extra={"error": repr(engine.errored)})
+                             extra={"error": repr(engine.errored), "exit_in_s": DEAD_ENGINE_GRACE_S})
                 self.exit_code = 1
+                await asyncio.sleep(DEAD_ENGINE_GRACE_S)
                 self.should_exit = True
                 return
             await asyncio.sleep(WATCHDOG_INTERVAL_S)

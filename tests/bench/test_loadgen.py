@@ -40,7 +40,9 @@ def test_times_match_the_servers_schedule(timed_stub, tokenizer, api):
         assert result.success, result.error
         assert (result.prompt_tokens, result.output_tokens, result.usage_from_server) == (4, 5, True)
         assert 0.1 <= result.ttft < 0.1 + SLACK
-        assert len(result.itl) == 4 and 0.08 - 0.005 <= sum(result.itl) < 0.08 + SLACK
+        # A first chunk read late (a loaded machine) lengthens the TTFT by what it takes from the first ITL
+        assert len(result.itl) == 4 and 0.08 - 0.005 <= sum(result.itl) + (result.ttft - 0.1)
+        assert sum(result.itl) < 0.08 + SLACK
         assert result.e2el == pytest.approx(result.ttft + sum(result.itl), abs=0.01)
         assert result.tpot == pytest.approx((result.e2el - result.ttft) / 4)
         assert result.output_text == " tok" * 5
