@@ -201,9 +201,7 @@ class OutputProcessor:
         process's outputs; serval.engine.core_messages.OutputDecoder rebuilds the RequestOutputs). Finished
         requests are forgotten."""
         deltas = [_output_delta(state) for state in states]
-        for delta in deltas:
-            if delta[2]:  # finished
-                del self.request_states[delta[0]]
+        self._forget_finished(states)
         return deltas
 
     def _forget_finished(self, states: list[RequestState]) -> None:
@@ -356,7 +354,8 @@ def _output_delta(state: RequestState) -> OutputDelta:
 
 
 def _completion_delta(sequence: SequenceState) -> CompletionDelta:
-    """What the sample's CompletionOutput adds to the one sent last: O(new tokens), not O(length)."""
+    """What the sample's CompletionOutput adds to the one sent last: only the new token ids and logprobs are
+    copied (the text is compared with what was sent, in C)."""
     request = sequence.request
     text, sent_text = _visible_text(sequence), sequence.sent_text
     # The text only grows while the sequence runs; a grammar's rejected token can take its text back.
