@@ -44,8 +44,10 @@ _ENGINE_HELP = {
     "scheduling_policy": "fcfs or priority",
     "enforce_eager": "never capture CUDA graphs for decode steps (GPU only)",
     "cudagraph_mixed": "with CUDA graphs, also capture steps that mix prefill chunks with decodes, one graph per "
-                       "token bucket up to min(max_num_batched_tokens, 2048) (default: on with --enable-lora, off "
+                       "token bucket up to min(max_num_batched_tokens, --cudagraph-mixed-max-tokens) (default: on with --enable-lora, off "
                        "otherwise: such steps run eagerly)",
+    "cudagraph_mixed_max_tokens": "the largest mixed step, in tokens, that --cudagraph-mixed captures a graph for; "
+                                  "larger ones run eagerly",
     "disable_hybrid_kv_cache_manager": "for models mixing sliding-window and full-attention layers (Gemma 3, "
                                        "gpt-oss): keep every KV block for every layer instead of freeing the "
                                        "sliding layers' blocks behind their window",

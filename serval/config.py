@@ -91,6 +91,9 @@ class EngineConfig:
     # that workload), off otherwise (bf16 without adapters measured 0.94x of eager steps: GEMM-bound, padding
     # costs). False: such steps run eagerly.
     cudagraph_mixed: bool | None = None
+    # The largest mixed step (in tokens) a graph is captured for; larger steps run eagerly (their GEMMs outlast
+    # their launches). Buckets: serval.engine.mixed_graphs.mixed_capture_sizes.
+    cudagraph_mixed_max_tokens: int = 2048
     # A model mixing sliding-window and full layers (Gemma 3, gpt-oss) keeps a block table per layer group and
     # frees the sliding groups' blocks behind the window (serval.engine.kv_groups); True keeps every block instead.
     disable_hybrid_kv_cache_manager: bool = False
@@ -171,7 +174,7 @@ class EngineConfig:
         if not isinstance(self.device, str) or (self.device not in ("auto", "cpu", "cuda")
                                                 and not re.fullmatch(r"cuda:\d+", self.device)):
             raise _bad("device", self.device, "auto, cpu, cuda or cuda:N")
-        for name in ("max_num_seqs", "block_size", "tensor_parallel_size"):
+        for name in ("max_num_seqs", "block_size", "tensor_parallel_size", "cudagraph_mixed_max_tokens"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise _bad(name, getattr(self, name), "an integer >= 1")
         for name in ("max_model_len", "max_num_batched_tokens", "num_gpu_blocks_override", "kv_cache_memory_bytes"):

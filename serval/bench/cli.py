@@ -51,6 +51,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--duration", type=float, default=None, help="seconds of arrivals, cycling the workload")
     load.add_argument("--num-warmups", type=int, default=0)
     load.add_argument("--sweep", default=None, help="comma-separated rates, e.g. 1,2,4,8; finds the highest meeting --slo")
+    load.add_argument("--reuse-prompts", action="store_true",
+                      help="every rate of --sweep sends the same prompts (by default each draws its own, seed + i: "
+                           "repeated prompts would hit the server's prefix cache)")
     load.add_argument("--request-timeout", type=float, default=600.0)
     slo = parser.add_argument_group("SLO and cost")
     slo.add_argument("--slo", "--goodput", dest="slo", default=None, help="ttft=MS,tpot=MS,e2e=MS")
@@ -79,10 +82,8 @@ def run_serve(args) -> int:
     from serval.bench.loadgen import LoadConfig
     from serval.bench.metrics import parse_slo
     from serval.bench.report import terminal_table, write_results
-    from serval.bench.serve import ServeConfig, bench_serve
+    from serval.bench.serve import ServeConfig, bench_serve, workloads_per_rate
     from serval.bench.tokenizer import load_tokenizer
-    from serval.bench.workloads import build_workload
-
     from serval.bench.tools import tool_options
 
     endpoints = load_endpoints(args.base_url, args.endpoints, args.model, args.api)
@@ -94,10 +95,11 @@ def run_serve(args) -> int:
                       tools=tools)
     config = ServeConfig(workload=workload_config(args), load=load, rates=rates, slo=parse_slo(args.slo),
                          slo_attainment=args.slo_attainment, gpu_hour_price=args.gpu_hour_price,
-                         num_gpus=args.num_gpus, tokenizer=args.tokenizer)
+                         num_gpus=args.num_gpus, tokenizer=args.tokenizer,
+                         reuse_prompts=args.reuse_prompts)
     tokenizer = load_tokenizer(args.tokenizer)
-    workload = build_workload(config.workload, tokenizer)
-    report, results = bench_serve(endpoints, workload, config, tokenizer)
+    workloads = workloads_per_rate(config, tokenizer)
+    report, results = bench_serve(endpoints, workloads, config, tokenizer)
     if args.result_dir:
         write_results(report, results, args.result_dir, make_plots=not args.no_plots)
     sys.stdout.write(terminal_table(report) + "\n")

@@ -20,6 +20,7 @@ ROWS = [  # (label, path into a run, format)
     ("Total token throughput (tok/s)", ("summary", "total_token_throughput"), "{:.1f}"),
     ("Spec decode acceptance rate (server)", ("summary", "spec_decode", "acceptance_rate"), "{:.1%}"),
     ("Spec decode acceptance length (server)", ("summary", "spec_decode", "acceptance_length"), "{:.2f}"),
+    ("Prefix cache hit rate (server)", ("summary", "prefix_cache", "hit_rate"), "{:.1%}"),
     ("SLO attainment", ("summary", "slo_attainment"), "{:.1%}"),
     ("Request goodput (req/s)", ("summary", "request_goodput"), "{:.2f}"),
 ] + [(f"{name.upper()} {stat} (ms)", ("summary", f"{name}_ms", stat), "{:.2f}")

@@ -2,6 +2,8 @@
 
 Endpoints run one after another, never at once: side by side they would share the client (and often the
 GPUs), and each would measure the other. Every endpoint gets the same requests on the same arrival schedule.
+Each rate of a sweep sends its own prompts (workloads_per_rate): the same prompts again would find the previous
+rate's KV blocks in a server's prefix cache, and later rates would measure cache hits, not the workload.
 """
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ from serval.bench.cost import run_cost
 from serval.bench.endpoints import Endpoint
 from serval.bench.loadgen import LoadConfig, run_endpoint
 from serval.bench.metrics import RequestResult, summarize
-from serval.bench.server_metrics import spec_decode_counters, spec_decode_summary
+from serval.bench.server_metrics import prefix_cache_summary, server_counters, spec_decode_summary
 from serval.bench.tokenizer import BenchTokenizer
-from serval.bench.workloads import BenchRequest, WorkloadConfig
+from serval.bench.workloads import BenchRequest, WorkloadConfig, build_workload
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ class ServeConfig:
     gpu_hour_price: float | None = None
     num_gpus: int = 1
     tokenizer: str | None = None
+    reuse_prompts: bool = False  # every rate sends the same prompts (workloads_per_rate)
 
     def __post_init__(self) -> None:
         if not 0 < self.slo_attainment <= 1:
@@ -49,18 +52,30 @@ def rate_json(rate: float) -> float | str:
     return "inf" if math.isinf(rate) else rate
 
 
-def bench_endpoint(endpoint: Endpoint, workload: list[BenchRequest], config: ServeConfig,
+def workloads_per_rate(config: ServeConfig, tokenizer: BenchTokenizer) -> dict[float, list[BenchRequest]]:
+    """Each rate's requests: the workload drawn with seed + i for the i-th rate (ascending), so no prompt repeats
+    across rates; a jsonl file, or config.reuse_prompts, gives every rate the same requests."""
+    rates = sorted(config.rates)
+    if config.reuse_prompts or config.workload.name == "jsonl" or len(rates) == 1:
+        workload = build_workload(config.workload, tokenizer)
+        return {rate: workload for rate in rates}
+    return {rate: build_workload(dataclasses.replace(config.workload, seed=config.workload.seed + index), tokenizer)
+            for index, rate in enumerate(rates)}
+
+
+def bench_endpoint(endpoint: Endpoint, workloads: dict[float, list[BenchRequest]], config: ServeConfig,
                    tokenizer: BenchTokenizer | None) -> tuple[dict, dict[float, list[RequestResult]]]:
     """Runs every rate (stopping after the first that misses the SLOs); returns the endpoint's summary and results."""
     runs, per_rate = [], {}
     for rate in sorted(config.rates):
         load = dataclasses.replace(config.load, request_rate=rate)
         label = f"rate={rate_json(rate)}"
-        counters_before = spec_decode_counters(endpoint.base_url, endpoint.api_key)
-        results = run_endpoint(endpoint, workload, load, tokenizer, label)
+        counters_before = server_counters(endpoint.base_url, endpoint.api_key)
+        results = run_endpoint(endpoint, workloads[rate], load, tokenizer, label)
         summary = summarize(results, config.slo)
-        summary["spec_decode"] = spec_decode_summary(
-            counters_before, spec_decode_counters(endpoint.base_url, endpoint.api_key) if counters_before else None)
+        counters_after = server_counters(endpoint.base_url, endpoint.api_key) if counters_before else {}
+        summary["spec_decode"] = spec_decode_summary(counters_before, counters_after)
+        summary["prefix_cache"] = prefix_cache_summary(counters_before, counters_after)
         per_rate[rate] = results
         meets = summary["completed"] > 0 and summary["slo_attainment"] >= config.slo_attainment
         runs.append({"request_rate": rate_json(rate), "max_concurrency": config.load.max_concurrency,
@@ -77,12 +92,12 @@ def bench_endpoint(endpoint: Endpoint, workload: list[BenchRequest], config: Ser
             "best_run": runs.index(best) if best else None}, per_rate
 
 
-def bench_serve(endpoints: list[Endpoint], workload: list[BenchRequest], config: ServeConfig,
+def bench_serve(endpoints: list[Endpoint], workloads: dict[float, list[BenchRequest]], config: ServeConfig,
                 tokenizer: BenchTokenizer | None) -> tuple[dict, dict[str, dict[float, list[RequestResult]]]]:
     report = {"config": config.to_json(), "endpoints": []}
     all_results = {}
     for endpoint in endpoints:
-        summary, results = bench_endpoint(endpoint, workload, config, tokenizer)
+        summary, results = bench_endpoint(endpoint, workloads, config, tokenizer)
         report["endpoints"].append(summary)
         all_results[endpoint.name] = results
     return report, all_results

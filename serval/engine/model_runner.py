@@ -21,7 +21,7 @@ from serval.engine import sampler
 from serval.engine.cuda_graphs import DecodeGraphs
 from serval.engine.kv_groups import KVCacheLayout, assign_kv_cache_groups, group_slots, shared_kv_caches, \
     with_group_metadata
-from serval.engine.mixed_graphs import MixedGraphs, mixed_capture_sizes
+from serval.engine.mixed_graphs import MAX_MIXED_GRAPH_TOKENS, MixedGraphs, mixed_capture_sizes
 from serval.engine.profiler import host_range
 from serval.engine.request import Request
 from serval.engine.scheduler import SchedulerOutput
@@ -145,7 +145,8 @@ class ModelRunner:
                  enforce_eager: bool = True, drafter: DraftModel | Eagle3Drafter | None = None,
                  lora: "LoRAManager | None" = None,
                  speculative_config: "SpeculativeConfig | None" = None, max_num_batched_tokens: int = 0,
-                 cudagraph_mixed: bool = False, kv_layout: KVCacheLayout | None = None) -> None:
+                 cudagraph_mixed: bool = False,
+                 cudagraph_mixed_max_tokens: int = MAX_MIXED_GRAPH_TOKENS, kv_layout: KVCacheLayout | None = None) -> None:
         """kv_cache_dtype: the cache's element type, the model's dtype or float8_e4m3fn (EngineConfig's
         torch_kv_cache_dtype); the attention layers convert on write and on read. cudagraph_mixed: with decode
         graphs, capture mixed prefill/decode steps too, per token bucket up to max_num_batched_tokens. kv_layout: a
@@ -180,9 +181,10 @@ class ModelRunner:
         # Not with an EAGLE-3 head: it reads the hidden states of a step's rows, which mixed steps keep eagerly.
         # Not yet with a hybrid KV cache: its graphs would need a block table per group (decode graphs have them).
         if (self.graphs is not None and cudagraph_mixed and not self.drafter_follows_target and kv_layout is None
-                and mixed_capture_sizes(max_num_batched_tokens)):
+                and mixed_capture_sizes(max_num_batched_tokens, cudagraph_mixed_max_tokens)):
             self.mixed_graphs = MixedGraphs(model, self.kv_caches, block_size, max_num_seqs, max_model_len,
-                                            max_num_batched_tokens, device, **self._graph_lora_args())
+                                            max_num_batched_tokens, device, max_tokens=cudagraph_mixed_max_tokens,
+                                            **self._graph_lora_args())
             try:
                 self.mixed_graphs.capture()
             except torch.cuda.OutOfMemoryError as error:  # a tight --gpu-memory-utilization: mixed steps run eagerly

@@ -1,4 +1,5 @@
 """`serval bench serve` end to end: endpoints side by side (real stub servers), sweep, SLO, cost, reports."""
+import dataclasses
 import json
 import socket
 
@@ -157,3 +158,47 @@ def test_acceptance_from_a_speculating_serval_server(tmp_path):
     assert spec["num_accepted_tokens"] == after["spec_decode_num_accepted_tokens"] <= spec["num_draft_tokens"]
     assert spec["acceptance_rate"] == spec["num_accepted_tokens"] / spec["num_draft_tokens"]
     assert "Spec decode acceptance rate" in (tmp_path / "spec" / "report.md").read_text()
+
+
+def test_each_rate_draws_its_own_prompts():
+    """A sweep's rates get different prompts of the same lengths' distribution; --reuse-prompts and jsonl repeat."""
+    from serval.bench.loadgen import LoadConfig
+    from serval.bench.serve import ServeConfig, workloads_per_rate
+    from serval.bench.tokenizer import load_tokenizer
+    from serval.bench.workloads import WorkloadConfig, build_workload
+
+    tokenizer = load_tokenizer("llama3")
+    workload = WorkloadConfig("random", num_prompts=6, input_len=48, output_len=4, seed=5)
+    config = ServeConfig(workload=workload, load=LoadConfig(), rates=[8.0, 2.0, 4.0])
+    per_rate = workloads_per_rate(config, tokenizer)
+    assert sorted(per_rate) == [2.0, 4.0, 8.0]
+    prompts = {rate: [request.user for request in requests] for rate, requests in per_rate.items()}
+    assert prompts[2.0] == [request.user for request in build_workload(workload, tokenizer)]  # the lowest: --seed
+    assert not set(prompts[2.0]) & set(prompts[4.0]) and not set(prompts[4.0]) & set(prompts[8.0])
+    assert all(request.prompt_len == 48 for requests in per_rate.values() for request in requests)
+    reused = workloads_per_rate(dataclasses.replace(config, reuse_prompts=True), tokenizer)
+    assert [r.user for r in reused[2.0]] == [r.user for r in reused[8.0]] == prompts[2.0]
+
+
+def test_prefix_cache_hit_rate_from_a_serval_server(tmp_path):
+    """Against a real `serval serve`: a sweep's second rate finds nothing of the first's prompts in the prefix
+    cache, unless --reuse-prompts sends them again; the report reads the server's own counters."""
+    from tests.e2e.server import RemoteServer, tiny_model_dir
+
+    server = RemoteServer([tiny_model_dir(), "--served-model-name", "tiny", "--max-model-len", "256"])
+    try:
+        def sweep(name, *extra):
+            args = ["serve", "--base-url", server.url, "--model", "tiny", "--tokenizer", "smollm2", "--num-prompts",
+                    "4", "--input-len", "96", "--output-len", "2", "--sweep", "50,100", "--disable-tqdm",
+                    "--no-plots", "--result-dir", str(tmp_path / name), "--seed", "11" if extra else "7", *extra]
+            assert main(args) == 0
+            runs = json.loads((tmp_path / name / "summary.json").read_text())["endpoints"][0]["runs"]
+            return [run["summary"]["prefix_cache"] for run in runs]
+
+        fresh = sweep("fresh")
+        reused = sweep("reused", "--reuse-prompts")
+    finally:
+        server.close()
+    assert all(cache["queried_tokens"] >= 4 * 96 for cache in fresh + reused)
+    assert fresh[1]["hit_rate"] < 0.2 and reused[0]["hit_rate"] < 0.2
+    assert reused[1]["hit_rate"] > 0.8  # every full block of the same four prompts
