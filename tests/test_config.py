@@ -10,6 +10,7 @@ INVALID = [
     (dict(max_num_seqs=0), "max_num_seqs", "0", "an integer >= 1"),
     (dict(max_num_seqs=True), "max_num_seqs", "True", "an integer >= 1"),
     (dict(block_size=16.0), "block_size", "16.0", "an integer >= 1"),
+    (dict(cudagraph_mixed_max_tokens=0), "cudagraph_mixed_max_tokens", "0", "an integer >= 1"),
     (dict(max_model_len=False), "max_model_len", "False", "an integer >= 1 or None"),
     (dict(max_num_batched_tokens=-5), "max_num_batched_tokens", "-5", "an integer >= 1 or None"),
     (dict(long_prefill_token_threshold=-1), "long_prefill_token_threshold", "-1", "an integer >= 0 (0: no cap)"),
