@@ -195,3 +195,59 @@ def format_step_summary(summary: dict, title: str) -> str:
         lines.append(f"  {thread} thread: " + ", ".join(f"{name} {ms:.3f}" for name, ms in ranges.items())
                      + " (ms/step)")
     return "\n".join(lines)
+
+
+def step_windows(events: list[dict], top: int = 10) -> dict:
+    """Every engine step's window (as summarize_steps cuts them): its wall time, GPU busy time, and the launches
+    its engine thread made (graph replays and single kernels, from the CUDA runtime rows), as percentiles over the
+    trace and the `top` longest steps with their engine ranges. A slow step that launched kernels one by one, not
+    a graph, ran eagerly."""
+    ranges = [e for e in events if e.get("ph") == "X" and e.get("cat") == "user_annotation"
+              and str(e.get("name", "")).startswith(RANGE_PREFIX)]
+    step_tids = Counter(e["tid"] for e in ranges if e["name"] == STEP_RANGE)
+    if not step_tids:
+        return {"error": f"no {STEP_RANGE} range in the trace: no engine step ran while it was recorded"}
+    engine_tid = step_tids.most_common(1)[0][0]
+    starts = sorted(float(e["ts"]) for e in ranges if e["tid"] == engine_tid and e["name"] == STEP_RANGE)
+    busy = _BusyTime([(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in events
+                      if e.get("ph") == "X" and e.get("cat") in _GPU_CATEGORIES])
+    launches = sorted((float(e["ts"]), "graph" if "GraphLaunch" in e["name"] else "kernel") for e in events
+                      if e.get("ph") == "X" and e.get("cat") == "cuda_runtime" and e.get("tid") == engine_tid
+                      and ("LaunchKernel" in e["name"] or "GraphLaunch" in e["name"]))
+    engine_ranges = [(float(e["ts"]), e["name"], float(e.get("dur", 0.0))) for e in ranges
+                     if e["tid"] == engine_tid and e["name"] != STEP_RANGE]
+    steps = []
+    for start, end in zip(starts, starts[1:]):
+        kinds = Counter(kind for ts, kind in launches if start <= ts < end)
+        inside: dict[str, float] = defaultdict(float)
+        for ts, name, dur in engine_ranges:
+            if start <= ts < end:
+                inside[name] += dur / 1e3
+        steps.append({"start_ms": (start - starts[0]) / 1e3, "wall_ms": (end - start) / 1e3,
+                      "gpu_busy_ms": busy.within(start, end) / 1e3, "graph_launches": kinds["graph"],
+                      "kernel_launches": kinds["kernel"],
+                      "ranges_ms": dict(sorted(inside.items(), key=lambda item: -item[1])[:5])})
+    if not steps:
+        return {"error": "one step only: no window to measure"}
+    walls = sorted(step["wall_ms"] for step in steps)
+
+    def percentile(q: float) -> float:
+        return walls[min(len(walls) - 1, int(q * len(walls)))]
+
+    return {"num_steps": len(steps), "wall_ms": {"p50": percentile(0.5), "p90": percentile(0.9),
+                                                 "p99": percentile(0.99), "max": walls[-1]},
+            "eager_steps": sum(1 for step in steps if step["kernel_launches"] > 8 * (step["graph_launches"] + 1)),
+            "slowest": sorted(steps, key=lambda step: -step["wall_ms"])[:top]}
+
+
+def format_step_windows(windows: dict, title: str) -> str:
+    if "error" in windows:
+        return f"{title}: {windows['error']}"
+    wall = windows["wall_ms"]
+    lines = [f"{title}: {windows['num_steps']} steps, wall ms p50 {wall['p50']:.2f} p90 {wall['p90']:.2f} "
+             f"p99 {wall['p99']:.2f} max {wall['max']:.2f}; {windows['eager_steps']} launched kernel by kernel"]
+    for step in windows["slowest"]:
+        lines.append(f"  at {step['start_ms']:9.1f} ms: {step['wall_ms']:7.2f} ms wall, GPU busy "
+                     f"{step['gpu_busy_ms']:7.2f}, {step['graph_launches']} graphs + {step['kernel_launches']} "
+                     "kernels; " + ", ".join(f"{name} {ms:.2f}" for name, ms in step["ranges_ms"].items()))
+    return "\n".join(lines)

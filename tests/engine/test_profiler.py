@@ -8,7 +8,7 @@ import re
 import pytest
 
 from serval import LLM, SamplingParams
-from serval.bench.traces import load_chrome_trace, summarize_steps
+from serval.bench.traces import format_step_windows, load_chrome_trace, step_windows, summarize_steps
 from serval.engine import profiler
 from serval.openai.errors import InvalidArgument
 from serval.sampling_params import StructuredOutputsParams
@@ -95,3 +95,22 @@ def test_step_summary_charges_gpu_gaps_to_the_engine_range():
         "serval.step": 15 / 2 / 1e3, "between steps": 10 / 2 / 1e3})
     assert summary["ranges_ms_per_step"]["serval-grammar-fill"] == {"serval.grammar_fill": pytest.approx(0.035)}
     assert summary["ranges_ms_per_step"]["engine"]["serval.step"] == pytest.approx(0.07)
+
+
+def test_step_windows_name_the_slow_eager_step():
+    """Three steps starting at 0, 100 and 1100 us (windows of 100 and 1000; the last has no window): the first
+    replays a graph (one cudaGraphLaunch, one copy), the second launches 20 kernels one by one under
+    serval.launch_forward and keeps the GPU busy 600 of its 1000 us."""
+    events = [x("serval.step", 7, 0, 90), x("serval.step", 7, 100, 990), x("serval.step", 7, 1100, 50),
+              x("serval.launch_forward", 7, 110, 800), x("cudaGraphLaunch", 7, 10, 5, cat="cuda_runtime"),
+              x("cudaMemcpyAsync", 7, 20, 5, cat="cuda_runtime"), x("gemm", 0, 10, 60, cat="kernel")]
+    events += [x("cudaLaunchKernel", 7, 120 + 10 * i, 5, cat="cuda_runtime") for i in range(20)]
+    events += [x("gemm", 0, 200 + 30 * i, 30, cat="kernel") for i in range(20)]
+    windows = step_windows(events, top=1)
+    assert windows["num_steps"] == 2 and windows["eager_steps"] == 1
+    assert windows["wall_ms"]["max"] == pytest.approx(1.0) and windows["wall_ms"]["p50"] == pytest.approx(1.0)
+    [slowest] = windows["slowest"]
+    assert slowest["start_ms"] == pytest.approx(0.1) and slowest["gpu_busy_ms"] == pytest.approx(0.6)
+    assert (slowest["graph_launches"], slowest["kernel_launches"]) == (0, 20)
+    assert slowest["ranges_ms"] == {"serval.launch_forward": pytest.approx(0.8)}
+    assert "1 launched kernel by kernel" in format_step_windows(windows, "t")
