@@ -548,28 +548,39 @@ def print_profile_table(results: dict) -> None:
 
 
 def print_serve_table(result_dir: str) -> None:
-    """TTFT, TPOT and ITL p50/p99 per request rate of peer_serve.sh's two `serval bench serve` runs."""
+    """TTFT, TPOT and ITL p50/p99 per request rate of peer_serve.sh's `serval bench serve` runs: each Serval run
+    (a folder named serval*) against vLLM's."""
     runs = {}
-    for engine in ("serval", "vllm"):
+    for engine in sorted(os.listdir(result_dir)):
         path = os.path.join(result_dir, engine, "summary.json")
-        if os.path.exists(path):
+        if (engine == "vllm" or engine.startswith("serval")) and os.path.exists(path):
             with open(path) as f:
                 report = json.load(f)
             runs[engine] = {run["request_rate"]: run["summary"] for e in report["endpoints"] for run in e["runs"]}
-    rates = sorted({rate for by_rate in runs.values() for rate in by_rate}, key=lambda r: float(r))
+    for ours in [engine for engine in runs if engine != "vllm"]:
+        if len(runs) > 2:
+            print(f"\n{ours} against vllm\n")
+        _print_serve_pair(runs, ours)
+
+
+def _print_serve_pair(runs: dict, ours_name: str) -> None:
+    engines = (ours_name, "vllm")
+    rates = sorted({rate for e in engines for rate in runs.get(e, {})}, key=lambda r: float(r))
     print("| rate req/s | metric | Serval p50 | vLLM p50 | Serval p99 | vLLM p99 | p99 Serval / vLLM |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for rate in rates:
         for name in ("ttft", "tpot", "itl"):
-            cells = {e: runs.get(e, {}).get(rate, {}).get(f"{name}_ms", {}) for e in ("serval", "vllm")}
-            ours, theirs = cells["serval"].get("p99"), cells["vllm"].get("p99")
+            cells = {e: runs.get(e, {}).get(rate, {}).get(f"{name}_ms", {}) for e in engines}
+            ours, theirs = cells[ours_name].get("p99"), cells["vllm"].get("p99")
             ratio = f"{ours / theirs:.2f}" if ours and theirs else "-"
-            print(f"| {rate} | {name.upper()} ms | {_number(cells['serval'].get('p50'))} | "
+            print(f"| {rate} | {name.upper()} ms | {_number(cells[ours_name].get('p50'))} | "
                   f"{_number(cells['vllm'].get('p50'))} | {_number(ours)} | {_number(theirs)} | {ratio} |")
-        for e in ("serval", "vllm"):
+        for e in engines:
             summary = runs.get(e, {}).get(rate)
             if summary:
-                print(f"|  | {e} output tok/s | {summary['output_throughput']:,.0f} (failed {summary['failed']}) |")
+                cache = (summary.get("prefix_cache") or {}).get("hit_rate")
+                hits = "" if cache is None else f", prefix-cache hits {cache:.1%}"
+                print(f"|  | {e} output tok/s | {summary['output_throughput']:,.0f} (failed {summary['failed']}{hits}) |")
 
 
 def _number(value: float | None) -> str:
