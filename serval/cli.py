@@ -44,10 +44,12 @@ _ENGINE_HELP = {
     "scheduling_policy": "fcfs or priority",
     "enforce_eager": "never capture CUDA graphs for decode steps (GPU only)",
     "cudagraph_mixed": "with CUDA graphs, also capture steps that mix prefill chunks with decodes, one graph per "
-                       "token bucket up to min(max_num_batched_tokens, --cudagraph-mixed-max-tokens) (default: on with --enable-lora, off "
-                       "otherwise: such steps run eagerly)",
-    "cudagraph_mixed_max_tokens": "the largest mixed step, in tokens, that --cudagraph-mixed captures a graph for; "
-                                  "larger ones run eagerly",
+                       "token bucket up to min(max_num_batched_tokens, --cudagraph-mixed-max-tokens) (default: on; "
+                       "--no-cudagraph-mixed runs such steps eagerly)",
+    "cudagraph_mixed_max_tokens": "the largest mixed step, in tokens, captured as a graph; larger ones run eagerly "
+                                  "(default: 2048 with --quantization fp8 or --enable-lora, where the host bounds "
+                                  "such steps, 256 otherwise, where padding a GEMM-bound step costs more than its "
+                                  "launches)",
     "disable_hybrid_kv_cache_manager": "for models mixing sliding-window and full-attention layers (Gemma 3, "
                                        "gpt-oss): keep every KV block for every layer instead of freeing the "
                                        "sliding layers' blocks behind their window",

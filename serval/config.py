@@ -51,6 +51,16 @@ def default_cpu_kv_cache_blocks(bytes_per_block: int, max_blocks_per_sequence: i
 # step instead of queueing behind the first.
 LONG_PREFILL_BUDGET_FRACTION = 4
 
+# Mixed-step CUDA graphs (serval.engine.mixed_graphs) pay where launching a step's kernels from Python takes longer
+# than running them. With float8 weights or LoRA adapters that holds up to ~2k tokens (measured: +14% and +27% on
+# the H200's 1000-request workload). In 16 bits a step's GEMMs stop being bound by the weights' bytes at ~180
+# rows on an H200, and a padded bucket above that costs compute (bf16 with buckets to 2,048: 0.94x eager on the
+# 1000-request workload); below it an eager step is host-bound: a decode batch plus a prompt whose blocks all came
+# from the prefix cache ran 30-42 ms eagerly against 5-8 ms from a graph (2026-12-03, `serval serve`, Llama-3-8B,
+# under torch's profiler).
+MIXED_GRAPH_MAX_TOKENS = 2048
+MIXED_GRAPH_MAX_TOKENS_16BIT = 256
+
 _BOOL_FIELDS = ("skip_tokenizer_init", "enable_prefix_caching", "enable_chunked_prefill", "enforce_eager",
                 "calculate_kv_scales", "enable_lora", "enable_expert_parallel",
                 "disable_hybrid_kv_cache_manager")
@@ -85,15 +95,11 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"
     enforce_eager: bool = False  # True: no CUDA graphs (GPU only; CPU always runs eagerly)
     # With CUDA graphs, also capture steps that mix prefill chunks with decodes, per token bucket
-    # (serval.engine.mixed_graphs). None: on with enable_lora (eager mixed steps with adapters add hundreds of
-    # LoRA launches: +27% adapter throughput on the H200's 1000-request workload) and with quantization="fp8"
-    # (its GEMMs are fast enough that the host's launches bound a mixed step: 28.0k against 24.5k total tok/s on
-    # that workload), off otherwise (bf16 without adapters measured 0.94x of eager steps: GEMM-bound, padding
-    # costs). False: such steps run eagerly.
+    # (serval.engine.mixed_graphs). None: on. False: such steps run eagerly.
     cudagraph_mixed: bool | None = None
-    # The largest mixed step (in tokens) a graph is captured for; larger steps run eagerly (their GEMMs outlast
-    # their launches). Buckets: serval.engine.mixed_graphs.mixed_capture_sizes.
-    cudagraph_mixed_max_tokens: int = 2048
+    # The largest mixed step (in tokens) a graph is captured for; larger steps run eagerly. None:
+    # MIXED_GRAPH_MAX_TOKENS with quantization="fp8" or enable_lora, MIXED_GRAPH_MAX_TOKENS_16BIT otherwise.
+    cudagraph_mixed_max_tokens: int | None = None
     # A model mixing sliding-window and full layers (Gemma 3, gpt-oss) keeps a block table per layer group and
     # frees the sliding groups' blocks behind the window (serval.engine.kv_groups); True keeps every block instead.
     disable_hybrid_kv_cache_manager: bool = False
@@ -146,7 +152,10 @@ class EngineConfig:
         if self.cudagraph_mixed is not None and not isinstance(self.cudagraph_mixed, bool):
             raise _bad("cudagraph_mixed", self.cudagraph_mixed, "True, False or None")
         if self.cudagraph_mixed is None:
-            self.cudagraph_mixed = self.enable_lora or self.quantization == "fp8"
+            self.cudagraph_mixed = True
+        if self.cudagraph_mixed_max_tokens is None:
+            self.cudagraph_mixed_max_tokens = (MIXED_GRAPH_MAX_TOKENS if self.enable_lora or self.quantization == "fp8"
+                                               else MIXED_GRAPH_MAX_TOKENS_16BIT)
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise _bad("async_scheduling", self.async_scheduling, "True, False or None")
         if self.engine_process is not None and not isinstance(self.engine_process, bool):

@@ -200,8 +200,9 @@ def format_step_summary(summary: dict, title: str) -> str:
 def step_windows(events: list[dict], top: int = 10) -> dict:
     """Every engine step's window (as summarize_steps cuts them): its wall time, GPU busy time, and the launches
     its engine thread made (graph replays and single kernels, from the CUDA runtime rows), as percentiles over the
-    trace and the `top` longest steps with their engine ranges. A slow step that launched kernels one by one, not
-    a graph, ran eagerly."""
+    trace and the `top` longest steps with their engine ranges and their kernels' time by kind (kernel_kind, by
+    start time; overlapping kernels each count whole). A slow step that launched kernels one by one, not a graph,
+    ran eagerly."""
     ranges = [e for e in events if e.get("ph") == "X" and e.get("cat") == "user_annotation"
               and str(e.get("name", "")).startswith(RANGE_PREFIX)]
     step_tids = Counter(e["tid"] for e in ranges if e["name"] == STEP_RANGE)
@@ -216,6 +217,8 @@ def step_windows(events: list[dict], top: int = 10) -> dict:
                       and ("LaunchKernel" in e["name"] or "GraphLaunch" in e["name"]))
     engine_ranges = [(float(e["ts"]), e["name"], float(e.get("dur", 0.0))) for e in ranges
                      if e["tid"] == engine_tid and e["name"] != STEP_RANGE]
+    kernels = sorted((float(e["ts"]), kernel_kind(str(e.get("name", ""))), float(e.get("dur", 0.0))) for e in events
+                     if e.get("ph") == "X" and e.get("cat") == "kernel")
     steps = []
     for start, end in zip(starts, starts[1:]):
         kinds = Counter(kind for ts, kind in launches if start <= ts < end)
@@ -223,10 +226,14 @@ def step_windows(events: list[dict], top: int = 10) -> dict:
         for ts, name, dur in engine_ranges:
             if start <= ts < end:
                 inside[name] += dur / 1e3
+        by_kind: dict[str, float] = defaultdict(float)
+        for ts, kind, dur in kernels[bisect_right(kernels, (start,)):bisect_right(kernels, (end,))]:
+            by_kind[kind] += dur / 1e3
         steps.append({"start_ms": (start - starts[0]) / 1e3, "wall_ms": (end - start) / 1e3,
                       "gpu_busy_ms": busy.within(start, end) / 1e3, "graph_launches": kinds["graph"],
                       "kernel_launches": kinds["kernel"],
-                      "ranges_ms": dict(sorted(inside.items(), key=lambda item: -item[1])[:5])})
+                      "ranges_ms": dict(sorted(inside.items(), key=lambda item: -item[1])[:5]),
+                      "kernels_ms": dict(sorted(by_kind.items(), key=lambda item: -item[1]))})
     if not steps:
         return {"error": "one step only: no window to measure"}
     walls = sorted(step["wall_ms"] for step in steps)
@@ -249,5 +256,6 @@ def format_step_windows(windows: dict, title: str) -> str:
     for step in windows["slowest"]:
         lines.append(f"  at {step['start_ms']:9.1f} ms: {step['wall_ms']:7.2f} ms wall, GPU busy "
                      f"{step['gpu_busy_ms']:7.2f}, {step['graph_launches']} graphs + {step['kernel_launches']} "
-                     "kernels; " + ", ".join(f"{name} {ms:.2f}" for name, ms in step["ranges_ms"].items()))
+                     "kernels; " + ", ".join(f"{name} {ms:.2f}" for name, ms in step["ranges_ms"].items())
+                     + "; GPU: " + ", ".join(f"{kind} {ms:.2f}" for kind, ms in step["kernels_ms"].items()))
     return "\n".join(lines)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from serval.config import MIXED_GRAPH_MAX_TOKENS
 from serval.kernels import paged_attention as torch_attention
 from serval.layers.attention import AttentionMetadata, attention_backend
 from serval.layers.quant.kv_scales import kv_scales_frozen, layers_awaiting_kv_scales
@@ -45,10 +46,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# The largest bucket. The graphs' memory pool holds the activations of the largest bucket for the engine's life,
-# beside the memory an eager step of max_num_batched_tokens takes, so it must stay small; and past ~2k tokens a
-# step's GEMMs take longer than launching them (docs/performance.md), so a graph saves little there.
-MAX_MIXED_GRAPH_TOKENS = 2048
+# The largest bucket by default. The graphs' memory pool holds the activations of the largest bucket for the
+# engine's life, beside the memory an eager step of max_num_batched_tokens takes, so it must stay small; and past
+# ~2k tokens a step's GEMMs take longer than launching them (docs/performance.md), so a graph saves little there.
+# The engine's default is smaller in 16 bits (serval.config.MIXED_GRAPH_MAX_TOKENS_16BIT).
+MAX_MIXED_GRAPH_TOKENS = MIXED_GRAPH_MAX_TOKENS
 
 
 def mixed_capture_sizes(max_num_batched_tokens: int, max_tokens: int = MAX_MIXED_GRAPH_TOKENS) -> list[int]:

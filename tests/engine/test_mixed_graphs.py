@@ -184,19 +184,18 @@ def test_the_torch_reference_is_refused(tiny_models, monkeypatch):
 
 def test_cudagraph_mixed_flag():
     from serval.cli import build_parser, engine_config_from_args
-    args = build_parser().parse_args(["serve", "--cudagraph-mixed"])
-    assert engine_config_from_args(args).cudagraph_mixed is True
-    assert engine_config_from_args(build_parser().parse_args(["serve"])).cudagraph_mixed is False
-    args = build_parser().parse_args(["serve", "--no-cudagraph-mixed"])
-    assert engine_config_from_args(args).cudagraph_mixed is False
-    # With adapters the default turns on (eager mixed steps with LoRA pay its launches), unless turned off.
-    assert engine_config_from_args(build_parser().parse_args(["serve", "--enable-lora"])).cudagraph_mixed is True
-    args = build_parser().parse_args(["serve", "--enable-lora", "--no-cudagraph-mixed"])
-    assert engine_config_from_args(args).cudagraph_mixed is False
-    # And with float8 weights, whose mixed steps the host's launches bound.
-    assert engine_config_from_args(build_parser().parse_args(["serve", "--quantization", "fp8"])).cudagraph_mixed
-    args = build_parser().parse_args(["serve", "--quantization", "fp8", "--no-cudagraph-mixed"])
-    assert engine_config_from_args(args).cudagraph_mixed is False
+
+    def config(*flags):
+        return engine_config_from_args(build_parser().parse_args(["serve", *flags]))
+
+    # On by default; in 16 bits only up to 256 tokens (a GEMM-bound step pays for its padding), to 2,048 with
+    # adapters (eager mixed steps with LoRA pay its launches) and with float8 weights (the host bounds their steps).
+    assert (config().cudagraph_mixed, config().cudagraph_mixed_max_tokens) == (True, 256)
+    assert (config("--enable-lora").cudagraph_mixed, config("--enable-lora").cudagraph_mixed_max_tokens) == (True, 2048)
+    assert config("--quantization", "fp8").cudagraph_mixed_max_tokens == 2048
+    assert config("--cudagraph-mixed-max-tokens", "1024").cudagraph_mixed_max_tokens == 1024
+    for flags in ((), ("--enable-lora",), ("--quantization", "fp8")):
+        assert config(*flags, "--no-cudagraph-mixed").cudagraph_mixed is False
 
 
 # ---- on a GPU: captured graphs against eager mixed steps ----
@@ -267,5 +266,8 @@ def test_gpu_mixed_graphs_match_transformers_in_float32(tiny_models):
 def test_gpu_no_mixed_graphs_with_enforce_eager_or_the_flag(tiny_models):
     path, _ = tiny_models("llama")
     assert cuda_llm(path, enforce_eager=True, cudagraph_mixed=True).engine.runner.mixed_graphs is None
-    assert cuda_llm(path).engine.runner.mixed_graphs is None  # off by default
-    assert cuda_llm(path, cudagraph_mixed=True).engine.runner.mixed_graphs is not None
+    assert cuda_llm(path, cudagraph_mixed=False).engine.runner.mixed_graphs is None
+    default = cuda_llm(path)  # on by default: buckets to min(max_num_batched_tokens 96, 256)
+    assert default.engine.config.cudagraph_mixed_max_tokens == 256
+    assert default.engine.runner.mixed_graphs.sizes == [16, 32, 64, 96]
+    assert cuda_llm(path, cudagraph_mixed_max_tokens=64).engine.runner.mixed_graphs.sizes == [16, 32, 64]

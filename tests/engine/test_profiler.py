@@ -105,7 +105,8 @@ def test_step_windows_name_the_slow_eager_step():
               x("serval.launch_forward", 7, 110, 800), x("cudaGraphLaunch", 7, 10, 5, cat="cuda_runtime"),
               x("cudaMemcpyAsync", 7, 20, 5, cat="cuda_runtime"), x("gemm", 0, 10, 60, cat="kernel")]
     events += [x("cudaLaunchKernel", 7, 120 + 10 * i, 5, cat="cuda_runtime") for i in range(20)]
-    events += [x("gemm", 0, 200 + 30 * i, 30, cat="kernel") for i in range(20)]
+    events += [x("gemm", 0, 200 + 30 * i, 30, cat="kernel") for i in range(19)] + [
+        x("flash_attention_fwd", 0, 770, 30, cat="kernel")]
     windows = step_windows(events, top=1)
     assert windows["num_steps"] == 2 and windows["eager_steps"] == 1
     assert windows["wall_ms"]["max"] == pytest.approx(1.0) and windows["wall_ms"]["p50"] == pytest.approx(1.0)
@@ -113,4 +114,5 @@ def test_step_windows_name_the_slow_eager_step():
     assert slowest["start_ms"] == pytest.approx(0.1) and slowest["gpu_busy_ms"] == pytest.approx(0.6)
     assert (slowest["graph_launches"], slowest["kernel_launches"]) == (0, 20)
     assert slowest["ranges_ms"] == {"serval.launch_forward": pytest.approx(0.8)}
+    assert slowest["kernels_ms"] == {"gemm": pytest.approx(0.57), "attention": pytest.approx(0.03)}
     assert "1 launched kernel by kernel" in format_step_windows(windows, "t")
