@@ -82,7 +82,7 @@ def run_serve(args) -> int:
     from serval.bench.loadgen import LoadConfig
     from serval.bench.metrics import parse_slo
     from serval.bench.report import terminal_table, write_results
-    from serval.bench.serve import ServeConfig, bench_serve, workloads_per_rate
+    from serval.bench.serve import ServeConfig, bench_serve, warmups_per_rate, workloads_per_rate
     from serval.bench.tokenizer import load_tokenizer
     from serval.bench.tools import tool_options
 
@@ -99,7 +99,7 @@ def run_serve(args) -> int:
                          reuse_prompts=args.reuse_prompts)
     tokenizer = load_tokenizer(args.tokenizer)
     workloads = workloads_per_rate(config, tokenizer)
-    report, results = bench_serve(endpoints, workloads, config, tokenizer)
+    report, results = bench_serve(endpoints, workloads, config, tokenizer, warmups_per_rate(config, tokenizer))
     if args.result_dir:
         write_results(report, results, args.result_dir, make_plots=not args.no_plots)
     sys.stdout.write(terminal_table(report) + "\n")

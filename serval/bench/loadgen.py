@@ -148,8 +148,11 @@ class Run:
     """One endpoint, one load: schedules arrivals, keeps chat histories, collects RequestResults."""
 
     def __init__(self, endpoint: Endpoint, workload: list[BenchRequest], config: LoadConfig,
-                 tokenizer: BenchTokenizer | None, label: str = "") -> None:
+                 tokenizer: BenchTokenizer | None, label: str = "",
+                 warmup_workload: list[BenchRequest] | None = None) -> None:
         self.endpoint, self.workload, self.config, self.tokenizer, self.label = endpoint, workload, config, tokenizer, label
+        # Prompts of their own keep the warm-ups' KV blocks out of the measured requests' prefix-cache lookups.
+        self.warmup_workload = warmup_workload or workload
         self.histories: dict[int, list[dict]] = {}
         self.turn_done: dict[tuple[int, int], asyncio.Event] = {}
         self.conversations_per_cycle = 1 + max((r.conversation_id or 0) for r in workload)
@@ -190,8 +193,8 @@ class Run:
     async def warm_up(self, session) -> None:
         if not self.config.num_warmups:
             return
-        bodies = [build_body(self.endpoint, self.workload[i % len(self.workload)], [], self.config.ignore_eos,
-                             self.config.tools)
+        bodies = [build_body(self.endpoint, self.warmup_workload[i % len(self.warmup_workload)], [],
+                             self.config.ignore_eos, self.config.tools)
                   for i in range(self.config.num_warmups)]
         origin = time.perf_counter()
         await asyncio.gather(*(stream_request(session, self.endpoint, body, RequestResult(-1, 0.0), origin,
@@ -224,5 +227,6 @@ class Run:
 
 
 def run_endpoint(endpoint: Endpoint, workload: list[BenchRequest], config: LoadConfig,
-                 tokenizer: BenchTokenizer | None, label: str = "") -> list[RequestResult]:
-    return asyncio.run(Run(endpoint, workload, config, tokenizer, label).run())
+                 tokenizer: BenchTokenizer | None, label: str = "",
+                 warmup_workload: list[BenchRequest] | None = None) -> list[RequestResult]:
+    return asyncio.run(Run(endpoint, workload, config, tokenizer, label, warmup_workload).run())

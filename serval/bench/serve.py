@@ -52,6 +52,10 @@ def rate_json(rate: float) -> float | str:
     return "inf" if math.isinf(rate) else rate
 
 
+# The warm-ups' prompts are drawn with this far-off seed, so they repeat none of the measured ones.
+WARMUP_SEED_OFFSET = 1_000_003
+
+
 def workloads_per_rate(config: ServeConfig, tokenizer: BenchTokenizer) -> dict[float, list[BenchRequest]]:
     """Each rate's requests: the workload drawn with seed + i for the i-th rate (ascending), so no prompt repeats
     across rates; a jsonl file, or config.reuse_prompts, gives every rate the same requests."""
@@ -63,15 +67,29 @@ def workloads_per_rate(config: ServeConfig, tokenizer: BenchTokenizer) -> dict[f
             for index, rate in enumerate(rates)}
 
 
+def warmups_per_rate(config: ServeConfig, tokenizer: BenchTokenizer) -> dict[float, list[BenchRequest] | None]:
+    """Each rate's warm-up requests: prompts of their own (seed + WARMUP_SEED_OFFSET + i), the same for every
+    endpoint, so the measured requests find none of them in a prefix cache. None (the measured requests' first
+    ones) without warm-ups, with a jsonl file or with reuse_prompts."""
+    rates = sorted(config.rates)
+    if not config.load.num_warmups or config.reuse_prompts or config.workload.name == "jsonl":
+        return {rate: None for rate in rates}
+    return {rate: build_workload(dataclasses.replace(config.workload, num_prompts=config.load.num_warmups,
+                                                     seed=config.workload.seed + WARMUP_SEED_OFFSET + index),
+                                 tokenizer)
+            for index, rate in enumerate(rates)}
+
+
 def bench_endpoint(endpoint: Endpoint, workloads: dict[float, list[BenchRequest]], config: ServeConfig,
-                   tokenizer: BenchTokenizer | None) -> tuple[dict, dict[float, list[RequestResult]]]:
+                   tokenizer: BenchTokenizer | None, warmups: dict[float, list[BenchRequest] | None] | None = None,
+                   ) -> tuple[dict, dict[float, list[RequestResult]]]:
     """Runs every rate (stopping after the first that misses the SLOs); returns the endpoint's summary and results."""
     runs, per_rate = [], {}
     for rate in sorted(config.rates):
         load = dataclasses.replace(config.load, request_rate=rate)
         label = f"rate={rate_json(rate)}"
         counters_before = server_counters(endpoint.base_url, endpoint.api_key)
-        results = run_endpoint(endpoint, workloads[rate], load, tokenizer, label)
+        results = run_endpoint(endpoint, workloads[rate], load, tokenizer, label, (warmups or {}).get(rate))
         summary = summarize(results, config.slo)
         counters_after = server_counters(endpoint.base_url, endpoint.api_key) if counters_before else {}
         summary["spec_decode"] = spec_decode_summary(counters_before, counters_after)
@@ -93,11 +111,12 @@ def bench_endpoint(endpoint: Endpoint, workloads: dict[float, list[BenchRequest]
 
 
 def bench_serve(endpoints: list[Endpoint], workloads: dict[float, list[BenchRequest]], config: ServeConfig,
-                tokenizer: BenchTokenizer | None) -> tuple[dict, dict[str, dict[float, list[RequestResult]]]]:
+                tokenizer: BenchTokenizer | None, warmups: dict[float, list[BenchRequest] | None] | None = None,
+                ) -> tuple[dict, dict[str, dict[float, list[RequestResult]]]]:
     report = {"config": config.to_json(), "endpoints": []}
     all_results = {}
     for endpoint in endpoints:
-        summary, results = bench_endpoint(endpoint, workloads, config, tokenizer)
+        summary, results = bench_endpoint(endpoint, workloads, config, tokenizer, warmups)
         report["endpoints"].append(summary)
         all_results[endpoint.name] = results
     return report, all_results

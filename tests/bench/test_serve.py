@@ -163,7 +163,7 @@ def test_acceptance_from_a_speculating_serval_server(tmp_path):
 def test_each_rate_draws_its_own_prompts():
     """A sweep's rates get different prompts of the same lengths' distribution; --reuse-prompts and jsonl repeat."""
     from serval.bench.loadgen import LoadConfig
-    from serval.bench.serve import ServeConfig, workloads_per_rate
+    from serval.bench.serve import ServeConfig, warmups_per_rate, workloads_per_rate
     from serval.bench.tokenizer import load_tokenizer
     from serval.bench.workloads import WorkloadConfig, build_workload
 
@@ -178,11 +178,20 @@ def test_each_rate_draws_its_own_prompts():
     assert all(request.prompt_len == 48 for requests in per_rate.values() for request in requests)
     reused = workloads_per_rate(dataclasses.replace(config, reuse_prompts=True), tokenizer)
     assert [r.user for r in reused[2.0]] == [r.user for r in reused[8.0]] == prompts[2.0]
+    # Warm-ups get prompts of their own at each rate; without warm-ups (or reusing prompts) the run's own first ones.
+    config.load.num_warmups = 3
+    warmups = warmups_per_rate(config, tokenizer)
+    assert [len(warmups[rate]) for rate in (2.0, 4.0, 8.0)] == [3, 3, 3]
+    measured = {prompt for rate_prompts in prompts.values() for prompt in rate_prompts}
+    assert not measured & {request.user for requests in warmups.values() for request in requests}
+    assert warmups[2.0][0].user != warmups[4.0][0].user
+    assert set(warmups_per_rate(dataclasses.replace(config, reuse_prompts=True), tokenizer).values()) == {None}
 
 
 def test_prefix_cache_hit_rate_from_a_serval_server(tmp_path):
     """Against a real `serval serve`: a sweep's second rate finds nothing of the first's prompts in the prefix
-    cache, unless --reuse-prompts sends them again; the report reads the server's own counters."""
+    cache, unless --reuse-prompts sends them again, and no rate finds its warm-ups' prompts; the report reads the
+    server's own counters."""
     from tests.e2e.server import RemoteServer, tiny_model_dir
 
     server = RemoteServer([tiny_model_dir(), "--served-model-name", "tiny", "--max-model-len", "256"])
@@ -190,15 +199,16 @@ def test_prefix_cache_hit_rate_from_a_serval_server(tmp_path):
         def sweep(name, *extra):
             args = ["serve", "--base-url", server.url, "--model", "tiny", "--tokenizer", "smollm2", "--num-prompts",
                     "4", "--input-len", "96", "--output-len", "2", "--sweep", "50,100", "--disable-tqdm",
-                    "--no-plots", "--result-dir", str(tmp_path / name), "--seed", "11" if extra else "7", *extra]
+                    "--no-plots", "--result-dir", str(tmp_path / name), "--seed", "11" if name == "reused" else "7",
+                    *extra]
             assert main(args) == 0
             runs = json.loads((tmp_path / name / "summary.json").read_text())["endpoints"][0]["runs"]
             return [run["summary"]["prefix_cache"] for run in runs]
 
-        fresh = sweep("fresh")
+        fresh = sweep("fresh", "--num-warmups", "2")
         reused = sweep("reused", "--reuse-prompts")
     finally:
         server.close()
     assert all(cache["queried_tokens"] >= 4 * 96 for cache in fresh + reused)
-    assert fresh[1]["hit_rate"] < 0.2 and reused[0]["hit_rate"] < 0.2
+    assert fresh[0]["hit_rate"] < 0.2 and fresh[1]["hit_rate"] < 0.2 and reused[0]["hit_rate"] < 0.2
     assert reused[1]["hit_rate"] > 0.8  # every full block of the same four prompts
