@@ -27,6 +27,9 @@ two scales from device memory (graph-safe) and folds them into the softmax scale
 """
 from __future__ import annotations
 
+import functools
+import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,6 +37,7 @@ import triton
 import triton.language as tl
 
 from serval.kernels import pdl
+from serval.kernels.triton_gemv import CONFIG_DIR, load_table
 from serval.kernels.triton_quant import round_to_e4m3
 
 if TYPE_CHECKING:
@@ -50,6 +54,58 @@ _TARGET_PROGRAMS = 264
 # Query tokens a request may have and still run as decode does, one tile split over its keys, where the batch asks
 # (AttentionMetadata.split_queries; launch_shape).
 _SMALL_QUERY_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """The flat launch of prefill and mixed batches: `rows` of a program's matrix (query tokens x the KV head's
+    group of query heads, padded to a power of two), `tile_n` keys a loop step, Triton's num_warps and num_stages
+    (the key loop's software pipelining). A table per GPU (configs/attention,device=<GPU>.json, written by
+    benchmarks/attention_tune.py) picks them by head size and padded group; decode and verify keep their own."""
+    rows: int = _PREFILL_ROWS
+    tile_n: int = _TILE_N
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def as_list(self) -> list[int]:
+        return [self.rows, self.tile_n, self.num_warps, self.num_stages]
+
+
+PREFILL_CONFIG = PrefillConfig()
+
+
+def attention_config_file_name(device_name: str) -> str:
+    return f"attention,device={device_name.replace(' ', '_')}.json"
+
+
+def prefill_shape_key(head_dim: int, group_pad: int) -> str:
+    return f"D={head_dim},G={group_pad}"
+
+
+def pick_prefill_config(table: dict | None, head_dim: int, group_pad: int) -> PrefillConfig:
+    """The table's entry for this head size and padded group, else its default, else PREFILL_CONFIG. An entry whose
+    rows don't hold one query token's heads (rows < group_pad) or a tensor-core tile (16) is not used."""
+    section = (table or {}).get("prefill") or {}
+    for key in (prefill_shape_key(head_dim, group_pad), "default"):
+        values = section.get(key)
+        if values is not None:
+            config = PrefillConfig(*(int(v) for v in values))
+            if config.rows >= max(16, group_pad):
+                return config
+    return PREFILL_CONFIG
+
+
+@functools.cache
+def _device_prefill_table(device_index: int) -> dict | None:
+    return load_table(os.path.join(CONFIG_DIR, attention_config_file_name(torch.cuda.get_device_name(device_index))))
+
+
+def prefill_config(device: torch.device, head_dim: int, group_pad: int) -> PrefillConfig:
+    """This GPU's flat-launch configuration (PREFILL_CONFIG without a table, and on the CPU's interpreter)."""
+    if device.type != "cuda":
+        return PREFILL_CONFIG
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return pick_prefill_config(_device_prefill_table(index), head_dim, group_pad)
 
 
 @triton.jit
@@ -245,7 +301,7 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int) -> int:
 
 
 def launch_shape(max_query_len: int, num_seqs: int, num_kv_heads: int, group_pad: int,
-                 split_queries: bool = False) -> tuple[int, int, bool]:
+                 split_queries: bool = False, prefill_rows: int = _PREFILL_ROWS) -> tuple[int, int, bool]:
     """(BLOCK_Q, NUM_SPLITS, FLAT_TILES) for a batch whose requests have at most max_query_len query tokens.
 
     Decode (one token each) runs split-K over one query tile per request, and so does a batch that asks for it
@@ -253,14 +309,14 @@ def launch_shape(max_query_len: int, num_seqs: int, num_kv_heads: int, group_pad
     requests still has ~_TARGET_PROGRAMS programs: a verify step at batch 1 otherwise ran one program per KV head
     (8 on Llama-3-8B), each walking the whole context alone. Only on request, because each (BLOCK_Q, NUM_SPLITS)
     is a kernel to compile, and verify graphs compile theirs at capture, not in the middle of serving. Anything
-    else runs the flat grid of _PREFILL_ROWS-row tiles. max_query_len only has to bound the requests' query
-    lengths (a captured batch passes its padded length), so the grid depends on shapes alone."""
+    else runs the flat grid of prefill_rows-row tiles (PrefillConfig.rows). max_query_len only has to bound the
+    requests' query lengths (a captured batch passes its padded length), so the grid depends on shapes alone."""
     if max_query_len == 1:
         return max(1, _DECODE_ROWS // group_pad), decode_num_splits(num_seqs, num_kv_heads), False
     block_q = max(triton.next_power_of_2(max(max_query_len, 1)), _DECODE_ROWS // group_pad)
     if split_queries and 1 < max_query_len <= _SMALL_QUERY_TOKENS and block_q * group_pad <= _PREFILL_ROWS:
         return block_q, decode_num_splits(num_seqs, num_kv_heads), False
-    return max(1, _PREFILL_ROWS // group_pad), 1, True
+    return max(1, prefill_rows // group_pad), 1, True
 
 
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
@@ -282,8 +338,11 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
     num_seqs = metadata.block_tables.shape[0]
     if out is None:
         out = torch.empty_like(query)
+    config = prefill_config(query.device, head_dim, group_pad)
     block_q, num_splits, flat = launch_shape(metadata.max_query_len, num_seqs, num_kv_heads, group_pad,
-                                             metadata.split_queries)
+                                             metadata.split_queries, config.rows)
+    if not flat:  # decode and verify keep the launch their graphs were tuned with
+        config = PREFILL_CONFIG
     grid = ((flat_tiles(num_tokens, num_seqs, block_q), 1, num_kv_heads) if flat
             else (1, num_seqs, num_kv_heads * num_splits))
     partial_out = partial_lse = out
@@ -300,12 +359,12 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), metadata.block_tables.stride(0),
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size,
-        TILE_N=_TILE_N, NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None, USE_SINKS=sinks is not None,
+        TILE_N=config.tile_n, NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None, USE_SINKS=sinks is not None,
         HAS_KV_SCALE=k_scale is not None, FLAT_TILES=flat,
         # float32 models ask for float32 products: tl.dot would otherwise round float32 inputs to TF32 on a GPU,
         # enough to flip near-tie greedy tokens against the CPU engine (seen with gpt-oss's sinks)
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2, **pdl.launch_options(query))
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_options(query))
     if num_splits > 1:
         _combine_splits(partial_out, partial_lse, out)
     return out

@@ -187,3 +187,28 @@ def test_launch_shape_bounds_the_split_path():
     assert triton_attention.launch_shape(9, 3, 8, 4, split_queries=True) == (16, 1, True)
     assert triton_attention.launch_shape(8, 3, 8, 16, split_queries=True)[2] is True  # 8 x 16 rows: past a tile
     assert triton_attention.launch_shape(0, 3, 8, 4)[2] is True
+
+
+@pytest.mark.parametrize("config", [triton_attention.PrefillConfig(128, 32, 8, 3),
+                                    triton_attention.PrefillConfig(16, 128, 4, 1)])
+def test_prefill_configs_from_a_device_table_match_reference(config, monkeypatch):
+    """The flat launch with another row count and key tile (what a device's table may pick; the interpreter
+    ignores warps and stages): prompts, chunks after a cached prefix and decode rows in one batch."""
+    monkeypatch.setattr(triton_attention, "prefill_config", lambda device, head_dim, group_pad: config)
+    rng = random.Random(config.rows)
+    for num_heads, num_kv_heads in ((4, 2), (8, 2)):
+        spans = [(0, 37), (21, 50), (40, 41), (0, 3)]
+        kv_cache, metadata = random_step(rng, spans, num_kv_heads, 16, block_size=4, dtype=torch.float32)
+        query = torch.randn(metadata.query_start_loc[-1], num_heads, 16, device=DEVICE)
+        out, expected = run_both(query, kv_cache, metadata, 16 ** -0.5, None)
+        torch.testing.assert_close(out, expected, atol=2e-3, rtol=2e-3)
+
+
+def test_prefill_config_table_lookup():
+    table = {"prefill": {"D=128,G=4": [128, 64, 8, 3], "default": [64, 32, 4, 2], "D=64,G=32": [16, 64, 4, 2]}}
+    pick = triton_attention.pick_prefill_config
+    assert pick(table, 128, 4) == triton_attention.PrefillConfig(128, 64, 8, 3)
+    assert pick(table, 64, 8) == triton_attention.PrefillConfig(64, 32, 4, 2)  # no entry: the table's default
+    assert pick(table, 64, 32) == triton_attention.PrefillConfig(64, 32, 4, 2)  # 16 rows can't hold 32 heads
+    assert pick(None, 128, 4) == pick({}, 128, 4) == triton_attention.PREFILL_CONFIG
+    assert triton_attention.prefill_config(torch.device("cpu"), 128, 4) == triton_attention.PREFILL_CONFIG
