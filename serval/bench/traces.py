@@ -135,16 +135,24 @@ def _thread_names(events: list[dict]) -> dict:
             if e.get("ph") == "M" and e.get("name") == "thread_name"}
 
 
+NO_STEPS = f"no {STEP_RANGE} range in the trace: no engine step ran while it was recorded"
+
+
+def _engine_ranges(events: list[dict]) -> tuple[list[dict], int | None]:
+    """Every `serval.*` range of the trace, and the engine thread: the one with the most step ranges (None: none)."""
+    ranges = [e for e in events if e.get("ph") == "X" and e.get("cat") == "user_annotation"
+              and str(e.get("name", "")).startswith(RANGE_PREFIX)]
+    step_tids = Counter(e["tid"] for e in ranges if e["name"] == STEP_RANGE)
+    return ranges, (step_tids.most_common(1)[0][0] if step_tids else None)
+
+
 def summarize_steps(events: list[dict]) -> dict:
     """Per engine step (ms, means over the trace's steps): the window, GPU busy and idle, GPU idle by the engine
     thread's innermost range, and every `serval.*` range's time per step by thread ("engine" for the step
     thread, the others by their names)."""
-    ranges = [e for e in events if e.get("ph") == "X" and e.get("cat") == "user_annotation"
-              and str(e.get("name", "")).startswith(RANGE_PREFIX)]
-    step_tids = Counter(e["tid"] for e in ranges if e["name"] == STEP_RANGE)
-    if not step_tids:
-        return {"error": f"no {STEP_RANGE} range in the trace: no engine step ran while it was recorded"}
-    engine_tid = step_tids.most_common(1)[0][0]
+    ranges, engine_tid = _engine_ranges(events)
+    if engine_tid is None:
+        return {"error": NO_STEPS}
     steps = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in ranges
                    if e["tid"] == engine_tid and e["name"] == STEP_RANGE)
     windows = [(start, following[0]) for (start, _), following in zip(steps, steps[1:])] + [steps[-1]]
@@ -203,12 +211,9 @@ def step_windows(events: list[dict], top: int = 10) -> dict:
     trace and the `top` longest steps with their engine ranges and their kernels' time by kind (kernel_kind, by
     start time; overlapping kernels each count whole). A slow step that launched kernels one by one, not a graph,
     ran eagerly."""
-    ranges = [e for e in events if e.get("ph") == "X" and e.get("cat") == "user_annotation"
-              and str(e.get("name", "")).startswith(RANGE_PREFIX)]
-    step_tids = Counter(e["tid"] for e in ranges if e["name"] == STEP_RANGE)
-    if not step_tids:
-        return {"error": f"no {STEP_RANGE} range in the trace: no engine step ran while it was recorded"}
-    engine_tid = step_tids.most_common(1)[0][0]
+    ranges, engine_tid = _engine_ranges(events)
+    if engine_tid is None:
+        return {"error": NO_STEPS}
     starts = sorted(float(e["ts"]) for e in ranges if e["tid"] == engine_tid and e["name"] == STEP_RANGE)
     busy = _BusyTime([(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in events
                       if e.get("ph") == "X" and e.get("cat") in _GPU_CATEGORIES])
