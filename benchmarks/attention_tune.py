@@ -1,6 +1,6 @@
 """The Triton attention kernel's prefill (flat) launch on a GPU, over a grid of its configurations: the rows of a
-program's matrix, the keys a loop step takes, num_warps and num_stages (serval.kernels.triton_attention
-.PrefillConfig), on the steps a server runs: whole prompts, a chunk after a cached prefix, and a prompt beside a
+program's matrix, the keys a loop step takes, num_warps, num_stages, and whether the key loop runs the tiles every
+row sees without the causal masks (serval.kernels.triton_attention.PrefillConfig), on the steps a server runs: whole prompts, a chunk after a cached prefix, and a prompt beside a
 batch of decodes. torch's scaled_dot_product_attention (FlashAttention on Hopper) on the same prompts, contiguous,
 is the yardstick. Prints a table (TFLOP/s of causal attention, and time) and writes JSON.
 
@@ -39,8 +39,8 @@ from serval.kernels.triton_gemv import CONFIG_DIR  # noqa: E402
 from serval.layers.attention import AttentionMetadata  # noqa: E402
 
 BLOCK_SIZE = 16
-GRID = {"rows": (64, 128), "tile_n": (32, 64, 128), "num_warps": (4, 8), "num_stages": (1, 2, 3, 4)}
-TINY_GRID = {"rows": (16, 32), "tile_n": (16, 32), "num_warps": (4,), "num_stages": (1,)}
+GRID = {"rows": (64, 128), "tile_n": (32, 64, 128), "num_warps": (4, 8), "num_stages": (2, 3), "split_causal": (0, 1)}
+TINY_GRID = {"rows": (16, 32), "tile_n": (16, 32), "num_warps": (4,), "num_stages": (1,), "split_causal": (0, 1)}
 
 
 @dataclass

@@ -61,14 +61,17 @@ class PrefillConfig:
     """The flat launch of prefill and mixed batches: `rows` of a program's matrix (query tokens x the KV head's
     group of query heads, padded to a power of two), `tile_n` keys a loop step, Triton's num_warps and num_stages
     (the key loop's software pipelining). A table per GPU (configs/attention,device=<GPU>.json, written by
-    benchmarks/attention_tune.py) picks them by head size and padded group; decode and verify keep their own."""
+    benchmarks/attention_tune.py) picks them by head size and padded group; decode and verify keep their own.
+    split_causal: the key loop in two, whole tiles before the program's first query without the masks, then the
+    rest with them (not with a sliding window)."""
     rows: int = _PREFILL_ROWS
     tile_n: int = _TILE_N
     num_warps: int = 4
     num_stages: int = 2
+    split_causal: int = 0
 
     def as_list(self) -> list[int]:
-        return [self.rows, self.tile_n, self.num_warps, self.num_stages]
+        return [self.rows, self.tile_n, self.num_warps, self.num_stages, self.split_causal]
 
 
 PREFILL_CONFIG = PrefillConfig()
@@ -184,6 +187,43 @@ def _tile_owner(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
     return low
 
 
+@triton.jit
+def _attend_tile(query, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq, stride_block_table, start, split_end,
+                 query_pos, sliding_window, kv_offset, dim_valid, scale_log2, m_i, l_i, acc,
+                 NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
+                 USE_WINDOW: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step over the TILE_N keys from `start`. MASKED: keys past split_end, after a row's query
+    (causal) or outside its window are left out; unmasked, every key is visible to every row."""
+    key_pos = start + tl.arange(0, TILE_N)
+    if MASKED:
+        key_valid = key_pos < split_end
+        block = tl.load(block_tables_ptr + seq * stride_block_table + key_pos // BLOCK_SIZE, mask=key_valid, other=0)
+        kv_mask = key_valid[:, None] & dim_valid[None, :]
+    else:
+        block = tl.load(block_tables_ptr + seq * stride_block_table + key_pos // BLOCK_SIZE)
+        kv_mask = dim_valid[None, :]
+    slot = block.to(tl.int64) * BLOCK_SIZE + key_pos % BLOCK_SIZE
+    cache_offset = slot * (NUM_KV_HEADS * HEAD_DIM)
+    # A float8 cache's tile is widened here (exactly): tl.dot wants both operands in one type.
+    key = tl.load(key_cache_ptr + cache_offset[:, None] + kv_offset[None, :], mask=kv_mask,
+                  other=0.0).to(query.dtype)
+    scores = tl.dot(query, tl.trans(key), input_precision=DOT_PRECISION) * scale_log2
+    if MASKED:
+        visible = key_valid[None, :] & (key_pos[None, :] <= query_pos[:, None])
+        if USE_WINDOW:
+            visible = visible & (key_pos[None, :] > query_pos[:, None] - sliding_window)
+        scores = tl.where(visible, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+    alpha = tl.exp2(m_i - m_safe)
+    probs = tl.exp2(scores - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(probs, 1)
+    value = tl.load(value_cache_ptr + cache_offset[:, None] + kv_offset[None, :], mask=kv_mask,
+                    other=0.0).to(query.dtype)
+    acc = acc * alpha[:, None] + tl.dot(probs.to(value.dtype), value, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
 # Triton compiles a variant per "divisible by 16" / "equals 1" pattern of its integer arguments. The batch's request
 # count and block-table width change from step to step, so specializing on them compiled new variants in the middle
 # of serving (a first prefill whose counts both divide by 16 stalled every request for a compile); neither feeds an
@@ -197,7 +237,8 @@ def _attention_kernel(query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partia
                       BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                       BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
                       USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr, HAS_KV_SCALE: tl.constexpr,
-                      FLAT_TILES: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+                      FLAT_TILES: tl.constexpr, SPLIT_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      USE_PDL: tl.constexpr):
     pdl.wait(USE_PDL)
     if HAS_KV_SCALE:  # q . (k_scale * k) = k_scale * (q . k): the key scale joins the softmax scale
         scale_log2 = scale_log2 * tl.load(k_scale_ptr)
@@ -246,30 +287,21 @@ def _attention_kernel(query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partia
             m_i = tl.where(row_valid, sink, m_i)
             l_i = tl.where(row_valid, 1.0, l_i)
     kv_offset = kv_head * HEAD_DIM + dims
-    for start in range(split_begin, split_end, TILE_N):
-        key_pos = start + tl.arange(0, TILE_N)
-        key_valid = key_pos < split_end
-        block = tl.load(block_tables_ptr + seq * stride_block_table + key_pos // BLOCK_SIZE, mask=key_valid, other=0)
-        slot = block.to(tl.int64) * BLOCK_SIZE + key_pos % BLOCK_SIZE
-        cache_offset = slot * (NUM_KV_HEADS * HEAD_DIM)
-        kv_mask = key_valid[:, None] & dim_valid[None, :]
-        # A float8 cache's tile is widened here (exactly): tl.dot wants both operands in one type.
-        key = tl.load(key_cache_ptr + cache_offset[:, None] + kv_offset[None, :], mask=kv_mask,
-                      other=0.0).to(query.dtype)
-        scores = tl.dot(query, tl.trans(key), input_precision=DOT_PRECISION) * scale_log2
-        visible = key_valid[None, :] & (key_pos[None, :] <= query_pos[:, None])
-        if USE_WINDOW:
-            visible = visible & (key_pos[None, :] > query_pos[:, None] - sliding_window)
-        scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
-        alpha = tl.exp2(m_i - m_safe)
-        probs = tl.exp2(scores - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(probs, 1)
-        value = tl.load(value_cache_ptr + cache_offset[:, None] + kv_offset[None, :], mask=kv_mask,
-                        other=0.0).to(query.dtype)
-        acc = acc * alpha[:, None] + tl.dot(probs.to(value.dtype), value, input_precision=DOT_PRECISION)
-        m_i = m_new
+    masked_begin = split_begin
+    if SPLIT_CAUSAL:
+        # Keys before the tile's first query are visible to every row: whole tiles of them go without the masks.
+        masked_begin = split_begin + (tl.maximum(context_len + query_tile * BLOCK_Q - split_begin, 0)
+                                      // TILE_N) * TILE_N
+        for start in range(split_begin, masked_begin, TILE_N):
+            m_i, l_i, acc = _attend_tile(query, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq,
+                                         stride_block_table, start, split_end, query_pos, sliding_window, kv_offset,
+                                         dim_valid, scale_log2, m_i, l_i, acc, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE,
+                                         TILE_N, USE_WINDOW, False, DOT_PRECISION)
+    for start in range(masked_begin, split_end, TILE_N):
+        m_i, l_i, acc = _attend_tile(query, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq,
+                                     stride_block_table, start, split_end, query_pos, sliding_window, kv_offset,
+                                     dim_valid, scale_log2, m_i, l_i, acc, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE,
+                                     TILE_N, USE_WINDOW, True, DOT_PRECISION)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if HAS_KV_SCALE:  # sum p (v_scale * v) = v_scale * sum p v; split partials too, their combination is linear
@@ -361,6 +393,7 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
         HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size,
         TILE_N=config.tile_n, NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None, USE_SINKS=sinks is not None,
         HAS_KV_SCALE=k_scale is not None, FLAT_TILES=flat,
+        SPLIT_CAUSAL=bool(config.split_causal) and flat and sliding_window is None,
         # float32 models ask for float32 products: tl.dot would otherwise round float32 inputs to TF32 on a GPU,
         # enough to flip near-tie greedy tokens against the CPU engine (seen with gpt-oss's sinks)
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",

@@ -190,10 +190,14 @@ def test_launch_shape_bounds_the_split_path():
 
 
 @pytest.mark.parametrize("config", [triton_attention.PrefillConfig(128, 32, 8, 3),
-                                    triton_attention.PrefillConfig(16, 128, 4, 1)])
+                                    triton_attention.PrefillConfig(16, 128, 4, 1),
+                                    triton_attention.PrefillConfig(16, 8, 4, 2, split_causal=1),
+                                    triton_attention.PrefillConfig(32, 16, 4, 2, split_causal=1)])
 def test_prefill_configs_from_a_device_table_match_reference(config, monkeypatch):
-    """The flat launch with another row count and key tile (what a device's table may pick; the interpreter
-    ignores warps and stages): prompts, chunks after a cached prefix and decode rows in one batch."""
+    """The flat launch with another row count and key tile, and with the causal split (whole tiles before a
+    program's first query unmasked; what a device's table may pick; the interpreter ignores warps and stages):
+    prompts, chunks after a cached prefix and decode rows in one batch, the split's tiles both sides of the
+    diagonal."""
     monkeypatch.setattr(triton_attention, "prefill_config", lambda device, head_dim, group_pad: config)
     rng = random.Random(config.rows)
     for num_heads, num_kv_heads in ((4, 2), (8, 2)):
@@ -205,10 +209,12 @@ def test_prefill_configs_from_a_device_table_match_reference(config, monkeypatch
 
 
 def test_prefill_config_table_lookup():
-    table = {"prefill": {"D=128,G=4": [128, 64, 8, 3], "default": [64, 32, 4, 2], "D=64,G=32": [16, 64, 4, 2]}}
+    table = {"prefill": {"D=128,G=4": [128, 64, 8, 3], "default": [64, 32, 4, 2], "D=64,G=32": [16, 64, 4, 2],
+                         "D=256,G=1": [64, 64, 4, 2, 1]}}
     pick = triton_attention.pick_prefill_config
     assert pick(table, 128, 4) == triton_attention.PrefillConfig(128, 64, 8, 3)
     assert pick(table, 64, 8) == triton_attention.PrefillConfig(64, 32, 4, 2)  # no entry: the table's default
     assert pick(table, 64, 32) == triton_attention.PrefillConfig(64, 32, 4, 2)  # 16 rows can't hold 32 heads
+    assert pick(table, 256, 1).split_causal == 1 and pick(table, 128, 4).split_causal == 0  # 4 values: off
     assert pick(None, 128, 4) == pick({}, 128, 4) == triton_attention.PREFILL_CONFIG
     assert triton_attention.prefill_config(torch.device("cpu"), 128, 4) == triton_attention.PREFILL_CONFIG
