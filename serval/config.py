@@ -57,7 +57,8 @@ LONG_PREFILL_BUDGET_FRACTION = 4
 # rows on an H200, and a padded bucket above that costs compute (bf16 with buckets to 2,048: 0.94x eager on the
 # 1000-request workload); below it an eager step is host-bound: a decode batch plus a prompt whose blocks all came
 # from the prefix cache ran 30-42 ms eagerly against 5-8 ms from a graph (2026-12-03, `serval serve`, Llama-3-8B,
-# under torch's profiler).
+# under torch's profiler). The graphs' memory pool holds the largest bucket's activations for the engine's life,
+# beside what an eager step of max_num_batched_tokens takes, so the bucket stays small in any case.
 MIXED_GRAPH_MAX_TOKENS = 2048
 MIXED_GRAPH_MAX_TOKENS_16BIT = 256
 

@@ -46,14 +46,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# The largest bucket by default. The graphs' memory pool holds the activations of the largest bucket for the
-# engine's life, beside the memory an eager step of max_num_batched_tokens takes, so it must stay small; and past
-# ~2k tokens a step's GEMMs take longer than launching them (docs/performance.md), so a graph saves little there.
-# The engine's default is smaller in 16 bits (serval.config.MIXED_GRAPH_MAX_TOKENS_16BIT).
-MAX_MIXED_GRAPH_TOKENS = MIXED_GRAPH_MAX_TOKENS
 
-
-def mixed_capture_sizes(max_num_batched_tokens: int, max_tokens: int = MAX_MIXED_GRAPH_TOKENS) -> list[int]:
+def mixed_capture_sizes(max_num_batched_tokens: int, max_tokens: int = MIXED_GRAPH_MAX_TOKENS) -> list[int]:
     """Token buckets: 16, 32, ..., 512, then every multiple of 256, up to the smaller limit (itself included).
     Padding is at most half a step below 512 tokens, where steps are cheap, and under 256 tokens above."""
     limit = min(max_num_batched_tokens, max_tokens)
@@ -66,7 +60,7 @@ def mixed_capture_sizes(max_num_batched_tokens: int, max_tokens: int = MAX_MIXED
 class MixedGraphs:
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], block_size: int, max_num_seqs: int,
                  max_model_len: int, max_num_batched_tokens: int, device: torch.device,
-                 max_tokens: int = MAX_MIXED_GRAPH_TOKENS, lora: LoRAContext | None = None,
+                 max_tokens: int = MIXED_GRAPH_MAX_TOKENS, lora: LoRAContext | None = None,
                  max_loras: int = 0) -> None:
         if attention_backend(device) is torch_attention:
             raise ValueError("mixed-step graphs need the Triton attention backend: the torch reference reads host "

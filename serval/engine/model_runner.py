@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from serval.config import MIXED_GRAPH_MAX_TOKENS
 from serval.engine import sampler
 from serval.engine.cuda_graphs import DecodeGraphs
 from serval.engine.kv_groups import KVCacheLayout, assign_kv_cache_groups, group_slots, shared_kv_caches, \
     with_group_metadata
-from serval.engine.mixed_graphs import MAX_MIXED_GRAPH_TOKENS, MixedGraphs, mixed_capture_sizes
+from serval.engine.mixed_graphs import MixedGraphs, mixed_capture_sizes
 from serval.engine.profiler import host_range
 from serval.engine.request import Request
 from serval.engine.scheduler import SchedulerOutput
@@ -145,13 +146,13 @@ class ModelRunner:
                  enforce_eager: bool = True, drafter: DraftModel | Eagle3Drafter | None = None,
                  lora: "LoRAManager | None" = None,
                  speculative_config: "SpeculativeConfig | None" = None, max_num_batched_tokens: int = 0,
-                 cudagraph_mixed: bool = False,
-                 cudagraph_mixed_max_tokens: int = MAX_MIXED_GRAPH_TOKENS, kv_layout: KVCacheLayout | None = None) -> None:
+                 cudagraph_mixed: bool = False, cudagraph_mixed_max_tokens: int = MIXED_GRAPH_MAX_TOKENS,
+                 kv_layout: KVCacheLayout | None = None) -> None:
         """kv_cache_dtype: the cache's element type, the model's dtype or float8_e4m3fn (EngineConfig's
         torch_kv_cache_dtype); the attention layers convert on write and on read. cudagraph_mixed: with decode
-        graphs, capture mixed prefill/decode steps too, per token bucket up to max_num_batched_tokens. kv_layout: a
-        hybrid KV cache's groups (serval.engine.kv_groups): layers share tensors of num_blocks blocks, and each
-        group's block tables come from request.kv_group_block_ids."""
+        graphs, capture mixed prefill/decode steps too, per token bucket up to max_num_batched_tokens and
+        cudagraph_mixed_max_tokens. kv_layout: a hybrid KV cache's groups (serval.engine.kv_groups): layers share
+        tensors of num_blocks blocks, and each group's block tables come from request.kv_group_block_ids."""
         self.model = model
         self.drafter = drafter  # speculative decoding with a draft model: it runs beside the target every step
         # An EAGLE-3 head runs after the target (it reads the target's hidden states and the tokens it kept).
