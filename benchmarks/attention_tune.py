@@ -1,8 +1,9 @@
 """The Triton attention kernel's prefill (flat) launch on a GPU, over a grid of its configurations: the rows of a
 program's matrix, the keys a loop step takes, num_warps, num_stages, and whether the key loop runs the tiles every
-row sees without the causal masks (serval.kernels.triton_attention.PrefillConfig), on the steps a server runs: whole prompts, a chunk after a cached prefix, and a prompt beside a
-batch of decodes. torch's scaled_dot_product_attention (FlashAttention on Hopper) on the same prompts, contiguous,
-is the yardstick. Prints a table (TFLOP/s of causal attention, and time) and writes JSON.
+row sees without the causal masks (serval.kernels.triton_attention.PrefillConfig), on the steps a server runs:
+whole prompts, a chunk after a cached prefix, and a prompt beside a batch of decodes. torch's
+scaled_dot_product_attention (FlashAttention on Hopper) on the same prompts, contiguous, is the yardstick.
+Prints a table (TFLOP/s of causal attention, and time) and writes JSON.
 
     python benchmarks/attention_tune.py [--out DIR] [--model benchmarks/configs/llama-3-8b] [--write-config]
     # two CPU cores, Triton's interpreter, tiny shapes (runs end to end; the times mean nothing):
@@ -92,12 +93,7 @@ def build_step(case: Case, num_heads: int, num_kv_heads: int, head_dim: int, dty
 
 
 def run_kernel(config: PrefillConfig, query, kv_cache, metadata, scale, out):
-    original = triton_attention.prefill_config
-    triton_attention.prefill_config = lambda device, head_dim, group_pad: config
-    try:
-        return triton_attention.paged_attention(query, kv_cache, metadata, scale, out=out)
-    finally:
-        triton_attention.prefill_config = original
+    return triton_attention.paged_attention(query, kv_cache, metadata, scale, out=out, prefill=config)
 
 
 def time_call(call, repeats: int, device: str) -> float:

@@ -98,17 +98,19 @@ def pick_prefill_config(table: dict | None, head_dim: int, group_pad: int) -> Pr
     return PREFILL_CONFIG
 
 
-@functools.cache
-def _device_prefill_table(device_index: int) -> dict | None:
-    return load_table(os.path.join(CONFIG_DIR, attention_config_file_name(torch.cuda.get_device_name(device_index))))
-
-
 def prefill_config(device: torch.device, head_dim: int, group_pad: int) -> PrefillConfig:
     """This GPU's flat-launch configuration (PREFILL_CONFIG without a table, and on the CPU's interpreter)."""
     if device.type != "cuda":
         return PREFILL_CONFIG
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return pick_prefill_config(_device_prefill_table(index), head_dim, group_pad)
+    return _device_prefill_config(index, head_dim, group_pad)
+
+
+@functools.cache
+def _device_prefill_config(device_index: int, head_dim: int, group_pad: int) -> PrefillConfig:
+    """Looked up once per GPU and shape: every attention layer of every step asks."""
+    table = load_table(os.path.join(CONFIG_DIR, attention_config_file_name(torch.cuda.get_device_name(device_index))))
+    return pick_prefill_config(table, head_dim, group_pad)
 
 
 @triton.jit
@@ -354,8 +356,9 @@ def launch_shape(max_query_len: int, num_seqs: int, num_kv_heads: int, group_pad
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
                     sliding_window: int | None = None, out: torch.Tensor | None = None,
                     sinks: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
-                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                    v_scale: torch.Tensor | None = None, prefill: PrefillConfig | None = None) -> torch.Tensor:
     """Causal attention of query [T, H, D] over each request's cached K/V -> [T, H, D]; the reference's contract.
+    prefill: the flat launch's configuration (None: this GPU's, prefill_config; the tuner passes its candidates).
 
     A decode batch (one query token a request), or one with metadata.split_queries and at most
     _SMALL_QUERY_TOKENS query tokens a request (a verify step's graph), runs split-K and reads no host-side
@@ -370,7 +373,7 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
     num_seqs = metadata.block_tables.shape[0]
     if out is None:
         out = torch.empty_like(query)
-    config = prefill_config(query.device, head_dim, group_pad)
+    config = prefill or prefill_config(query.device, head_dim, group_pad)
     block_q, num_splits, flat = launch_shape(metadata.max_query_len, num_seqs, num_kv_heads, group_pad,
                                              metadata.split_queries, config.rows)
     if not flat:  # decode and verify keep the launch their graphs were tuned with

@@ -47,10 +47,10 @@ def random_step(rng: random.Random, spans: list[tuple[int, int]], num_kv_heads: 
     return kv_cache, metadata
 
 
-def run_both(query, kv_cache, metadata, scale, sliding_window):
+def run_both(query, kv_cache, metadata, scale, sliding_window, prefill=None):
     expected = reference.paged_attention(query.float(), kv_cache, metadata, scale, sliding_window)
     out = torch.full_like(query, float("nan"))
-    triton_attention.paged_attention(query, kv_cache, metadata, scale, sliding_window, out=out)
+    triton_attention.paged_attention(query, kv_cache, metadata, scale, sliding_window, out=out, prefill=prefill)
     return out.float(), expected
 
 
@@ -193,18 +193,17 @@ def test_launch_shape_bounds_the_split_path():
                                     triton_attention.PrefillConfig(16, 128, 4, 1),
                                     triton_attention.PrefillConfig(16, 8, 4, 2, split_causal=1),
                                     triton_attention.PrefillConfig(32, 16, 4, 2, split_causal=1)])
-def test_prefill_configs_from_a_device_table_match_reference(config, monkeypatch):
+def test_prefill_configs_from_a_device_table_match_reference(config):
     """The flat launch with another row count and key tile, and with the causal split (whole tiles before a
     program's first query unmasked; what a device's table may pick; the interpreter ignores warps and stages):
     prompts, chunks after a cached prefix and decode rows in one batch, the split's tiles both sides of the
     diagonal."""
-    monkeypatch.setattr(triton_attention, "prefill_config", lambda device, head_dim, group_pad: config)
     rng = random.Random(config.rows)
     for num_heads, num_kv_heads in ((4, 2), (8, 2)):
         spans = [(0, 37), (21, 50), (40, 41), (0, 3)]
         kv_cache, metadata = random_step(rng, spans, num_kv_heads, 16, block_size=4, dtype=torch.float32)
         query = torch.randn(metadata.query_start_loc[-1], num_heads, 16, device=DEVICE)
-        out, expected = run_both(query, kv_cache, metadata, 16 ** -0.5, None)
+        out, expected = run_both(query, kv_cache, metadata, 16 ** -0.5, None, prefill=config)
         torch.testing.assert_close(out, expected, atol=2e-3, rtol=2e-3)
 
 
