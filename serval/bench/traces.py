@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
@@ -220,19 +220,18 @@ def step_windows(events: list[dict], top: int = 10) -> dict:
     launches = sorted((float(e["ts"]), "graph" if "GraphLaunch" in e["name"] else "kernel") for e in events
                       if e.get("ph") == "X" and e.get("cat") == "cuda_runtime" and e.get("tid") == engine_tid
                       and ("LaunchKernel" in e["name"] or "GraphLaunch" in e["name"]))
-    engine_ranges = [(float(e["ts"]), e["name"], float(e.get("dur", 0.0))) for e in ranges
-                     if e["tid"] == engine_tid and e["name"] != STEP_RANGE]
+    engine_ranges = sorted((float(e["ts"]), e["name"], float(e.get("dur", 0.0))) for e in ranges
+                           if e["tid"] == engine_tid and e["name"] != STEP_RANGE)
     kernels = sorted((float(e["ts"]), kernel_kind(str(e.get("name", ""))), float(e.get("dur", 0.0))) for e in events
                      if e.get("ph") == "X" and e.get("cat") == "kernel")
     steps = []
     for start, end in zip(starts, starts[1:]):
-        kinds = Counter(kind for ts, kind in launches if start <= ts < end)
+        kinds = Counter(kind for _, kind in _starting_within(launches, start, end))
         inside: dict[str, float] = defaultdict(float)
-        for ts, name, dur in engine_ranges:
-            if start <= ts < end:
-                inside[name] += dur / 1e3
+        for _, name, dur in _starting_within(engine_ranges, start, end):
+            inside[name] += dur / 1e3
         by_kind: dict[str, float] = defaultdict(float)
-        for ts, kind, dur in kernels[bisect_right(kernels, (start,)):bisect_right(kernels, (end,))]:
+        for _, kind, dur in _starting_within(kernels, start, end):
             by_kind[kind] += dur / 1e3
         steps.append({"start_ms": (start - starts[0]) / 1e3, "wall_ms": (end - start) / 1e3,
                       "gpu_busy_ms": busy.within(start, end) / 1e3, "graph_launches": kinds["graph"],
@@ -250,6 +249,11 @@ def step_windows(events: list[dict], top: int = 10) -> dict:
                                                  "p99": percentile(0.99), "max": walls[-1]},
             "eager_steps": sum(1 for step in steps if step["kernel_launches"] > 8 * (step["graph_launches"] + 1)),
             "slowest": sorted(steps, key=lambda step: -step["wall_ms"])[:top]}
+
+
+def _starting_within(rows: list[tuple], start: float, end: float) -> list[tuple]:
+    """The rows (sorted, each starting with its time) that start in [start, end)."""
+    return rows[bisect_left(rows, (start,)):bisect_left(rows, (end,))]
 
 
 def format_step_windows(windows: dict, title: str) -> str:
