@@ -580,7 +580,8 @@ def _print_serve_pair(runs: dict, ours_name: str) -> None:
             if summary:
                 cache = (summary.get("prefix_cache") or {}).get("hit_rate")
                 hits = "" if cache is None else f", prefix-cache hits {cache:.1%}"
-                print(f"|  | {e} output tok/s | {summary['output_throughput']:,.0f} (failed {summary['failed']}{hits}) |")
+                print(f"|  | {e} output tok/s | {summary['output_throughput']:,.0f} "
+                      f"(failed {summary['failed']}{hits}) |")
 
 
 def _number(value: float | None) -> str:

@@ -59,25 +59,27 @@ WARMUP_SEED_OFFSET = 1_000_003
 def workloads_per_rate(config: ServeConfig, tokenizer: BenchTokenizer) -> dict[float, list[BenchRequest]]:
     """Each rate's requests: the workload drawn with seed + i for the i-th rate (ascending), so no prompt repeats
     across rates; a jsonl file, or config.reuse_prompts, gives every rate the same requests."""
-    rates = sorted(config.rates)
-    if config.reuse_prompts or config.workload.name == "jsonl" or len(rates) == 1:
+    if config.reuse_prompts or config.workload.name == "jsonl":
         workload = build_workload(config.workload, tokenizer)
-        return {rate: workload for rate in rates}
-    return {rate: build_workload(dataclasses.replace(config.workload, seed=config.workload.seed + index), tokenizer)
-            for index, rate in enumerate(rates)}
+        return {rate: workload for rate in config.rates}
+    return _drawn_per_rate(config, tokenizer, 0)
 
 
 def warmups_per_rate(config: ServeConfig, tokenizer: BenchTokenizer) -> dict[float, list[BenchRequest] | None]:
     """Each rate's warm-up requests: prompts of their own (seed + WARMUP_SEED_OFFSET + i), the same for every
     endpoint, so the measured requests find none of them in a prefix cache. None (the measured requests' first
     ones) without warm-ups, with a jsonl file or with reuse_prompts."""
-    rates = sorted(config.rates)
     if not config.load.num_warmups or config.reuse_prompts or config.workload.name == "jsonl":
-        return {rate: None for rate in rates}
-    return {rate: build_workload(dataclasses.replace(config.workload, num_prompts=config.load.num_warmups,
-                                                     seed=config.workload.seed + WARMUP_SEED_OFFSET + index),
-                                 tokenizer)
-            for index, rate in enumerate(rates)}
+        return {rate: None for rate in config.rates}
+    return _drawn_per_rate(config, tokenizer, WARMUP_SEED_OFFSET, num_prompts=config.load.num_warmups)
+
+
+def _drawn_per_rate(config: ServeConfig, tokenizer: BenchTokenizer, seed_offset: int,
+                    **changes) -> dict[float, list[BenchRequest]]:
+    """The workload drawn for the i-th rate (ascending) with seed + seed_offset + i, and `changes` to its config."""
+    return {rate: build_workload(dataclasses.replace(config.workload, seed=config.workload.seed + seed_offset + index,
+                                                     **changes), tokenizer)
+            for index, rate in enumerate(sorted(config.rates))}
 
 
 def bench_endpoint(endpoint: Endpoint, workloads: dict[float, list[BenchRequest]], config: ServeConfig,
