@@ -7,6 +7,14 @@ runs, and their summed device time is what the graph's step costs when the GPU, 
     PYTHONPATH=/tmp/site:. python benchmarks/decode_profile.py --quantization fp8 --kv-cache-dtype fp8 --out $OUT/prof
     python benchmarks/decode_profile.py --tiny --out /tmp/prof        # CPU smoke run (a two-layer Llama)
 
+--prefill: one prompt of --prompt-len tokens, one output token, instead of a decode: the step a serving run's
+prefill takes (above the mixed-graph sizes every such step runs eagerly, as here). Prints the step's wall time
+(no profiler, best of 5) beside its summed kernel time, and the host-side runtime calls (kernel launches, copies,
+synchronizations) with their CPU time: a wall time well above the kernel time with a synchronization inside the
+step means the host's launches were not hidden behind the GPU.
+
+    PYTHONPATH=/tmp/site:. python benchmarks/decode_profile.py --prefill --prompt-len 1024 --out $OUT/prefill
+
 Prints the eager tok/s, the device time per token and the kernels sorted by their share; writes OUT/profile.txt
 and OUT/decode_profile.json (the top kernels with calls and microseconds per token).
 """
@@ -36,6 +44,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="decode tokens profiled (after as many untimed)")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--tiny", action="store_true", help="a two-layer Llama on the CPU")
+    parser.add_argument("--prefill", action="store_true", help="profile a prefill step instead (see above)")
     parser.add_argument("--out", default="results/decode_profile")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -47,7 +56,8 @@ def main() -> None:
     llm = LLM(model=model, load_format="dummy", dtype="bfloat16", max_model_len=2048, max_num_seqs=8,
               gpu_memory_utilization=0.9, enforce_eager=True, quantization=args.quantization,
               kv_cache_dtype=args.kv_cache_dtype, device="cuda" if cuda else "cpu", skip_tokenizer_init=True)
-    params = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
+    tokens = 1 if args.prefill else args.tokens  # what the per-token figures divide by
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     prompt = [{"prompt_token_ids": list(range(100, 100 + args.prompt_len))}]
 
     def run() -> float:
@@ -61,6 +71,8 @@ def main() -> None:
         return time.perf_counter() - started
 
     run()
+    if args.prefill:
+        return profile_prefill(llm, run, prompt, params, cuda, args)
     eager_tok_s = args.tokens / run()
     llm.engine.kv_cache.reset_prefix_cache()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -91,6 +103,39 @@ def main() -> None:
     print(f"{'kernel' if cuda else 'operator':70} {'calls/token':>11} {'us/token':>9} {'share':>6}")
     for row in top[:20]:
         print(f"{row['name'][:70]:70} {row['calls_per_token']:11.1f} {row['us_per_token']:9.1f} {row['share']:6.1%}")
+
+
+RUNTIME_CALLS = ("LaunchKernel", "Synchronize", "Memcpy", "Memset", "EventRecord", "StreamWait")
+
+
+def profile_prefill(llm, run, prompt, params, cuda: bool, args) -> None:
+    wall_ms = min(run() for _ in range(5)) * 1e3
+    llm.engine.kv_cache.reset_prefix_cache()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        llm.generate(prompt, params, use_tqdm=False)
+    events = prof.key_averages()
+    kernel_ms = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e3 if cuda else 0.0
+    runtime = sorted(({"name": e.key, "calls": e.count, "cpu_ms": e.self_cpu_time_total / 1e3} for e in events
+                      if any(part in e.key for part in RUNTIME_CALLS)), key=lambda r: r["cpu_ms"], reverse=True)
+    operators = sorted(({"name": e.key, "calls": e.count, "cpu_ms": e.self_cpu_time_total / 1e3} for e in events
+                        if e.device_type.name == "CPU" and not any(part in e.key for part in RUNTIME_CALLS)),
+                       key=lambda r: r["cpu_ms"], reverse=True)[:25]
+    result = {"model": args.model if not args.tiny else "tiny", "quantization": args.quantization,
+              "kv_cache_dtype": args.kv_cache_dtype, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+              "prompt_len": args.prompt_len, "wall_ms": wall_ms, "kernel_ms": kernel_ms,
+              "runtime_calls": runtime, "operators_by_self_cpu": operators}
+    with open(os.path.join(args.out, "prefill_profile.json"), "w") as handle:
+        json.dump(result, handle, indent=1)
+    print(f"{result['model']} ({args.quantization or 'bf16'}, kv {args.kv_cache_dtype}) on {result['device']}: "
+          f"a {args.prompt_len}-token prefill step {wall_ms:.2f} ms wall (best of 5, no profiler), "
+          f"{kernel_ms:.2f} ms of kernels")
+    print(f"{'runtime call':50} {'calls':>6} {'CPU ms':>8}")
+    for row in runtime[:12]:
+        print(f"{row['name'][:50]:50} {row['calls']:6d} {row['cpu_ms']:8.2f}")
+    print(f"{'operator (self CPU)':50} {'calls':>6} {'CPU ms':>8}")
+    for row in operators[:20]:
+        print(f"{row['name'][:50]:50} {row['calls']:6d} {row['cpu_ms']:8.2f}")
 
 
 if __name__ == "__main__":

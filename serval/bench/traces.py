@@ -205,6 +205,11 @@ def format_step_summary(summary: dict, title: str) -> str:
     return "\n".join(lines)
 
 
+# Triton launches through the driver (cuLaunchKernelEx, "cuda_driver" in the trace), torch's kernels and graph
+# replays through the runtime: counting only the runtime missed every Triton kernel of an eager step.
+_LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
+
+
 def step_windows(events: list[dict], top: int = 10) -> dict:
     """Every engine step's window (as summarize_steps cuts them): its wall time, GPU busy time, and the launches
     its engine thread made (graph replays and single kernels, from the CUDA runtime rows), as percentiles over the
@@ -218,7 +223,7 @@ def step_windows(events: list[dict], top: int = 10) -> dict:
     busy = _BusyTime([(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in events
                       if e.get("ph") == "X" and e.get("cat") in _GPU_CATEGORIES])
     launches = sorted((float(e["ts"]), "graph" if "GraphLaunch" in e["name"] else "kernel") for e in events
-                      if e.get("ph") == "X" and e.get("cat") == "cuda_runtime" and e.get("tid") == engine_tid
+                      if e.get("ph") == "X" and e.get("cat") in _LAUNCH_CATEGORIES and e.get("tid") == engine_tid
                       and ("LaunchKernel" in e["name"] or "GraphLaunch" in e["name"]))
     engine_ranges = sorted((float(e["ts"]), e["name"], float(e.get("dur", 0.0))) for e in ranges
                            if e["tid"] == engine_tid and e["name"] != STEP_RANGE)

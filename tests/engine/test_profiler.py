@@ -99,12 +99,15 @@ def test_step_summary_charges_gpu_gaps_to_the_engine_range():
 
 def test_step_windows_name_the_slow_eager_step():
     """Three steps starting at 0, 100 and 1100 us (windows of 100 and 1000; the last has no window): the first
-    replays a graph (one cudaGraphLaunch, one copy), the second launches 20 kernels one by one under
-    serval.launch_forward and keeps the GPU busy 600 of its 1000 us."""
+    replays a graph (one cudaGraphLaunch, one copy), the second launches 20 kernels one by one (10 through the
+    runtime, 10 through the driver as Triton does) under serval.launch_forward and keeps the GPU busy 600 of its
+    1000 us."""
     events = [x("serval.step", 7, 0, 90), x("serval.step", 7, 100, 990), x("serval.step", 7, 1100, 50),
               x("serval.launch_forward", 7, 110, 800), x("cudaGraphLaunch", 7, 10, 5, cat="cuda_runtime"),
               x("cudaMemcpyAsync", 7, 20, 5, cat="cuda_runtime"), x("gemm", 0, 10, 60, cat="kernel")]
-    events += [x("cudaLaunchKernel", 7, 120 + 10 * i, 5, cat="cuda_runtime") for i in range(20)]
+    # torch's kernels through the runtime, Triton's through the driver
+    events += [x("cudaLaunchKernel", 7, 120 + 10 * i, 5, cat="cuda_runtime") for i in range(0, 20, 2)]
+    events += [x("cuLaunchKernelEx", 7, 120 + 10 * i, 5, cat="cuda_driver") for i in range(1, 20, 2)]
     events += [x("gemm", 0, 200 + 30 * i, 30, cat="kernel") for i in range(19)] + [
         x("flash_attention_fwd", 0, 770, 30, cat="kernel")]
     windows = step_windows(events, top=1)
