@@ -100,9 +100,10 @@ def takes_gemv(x: torch.Tensor, row_length: int) -> bool:
     """One row in half precision: batch-1 decode, where reading the weight is the whole cost and the Triton GEMV
     reads every projection faster than cuBLAS (serval.kernels.triton_gemv). On CUDA unless SERVAL_GEMV=cublas;
     SERVAL_GEMV=triton takes it on any device (on CPU, Triton's interpreter with TRITON_INTERPRET=1, as tests do)."""
+    if x.numel() != row_length or x.dtype not in _GEMV_DTYPES:  # first: an eager prefill asks 128 times a step
+        return False
     choice = os.environ.get("SERVAL_GEMV")
-    wanted = choice == "triton" or (x.is_cuda and choice != "cublas")
-    return wanted and x.dtype in _GEMV_DTYPES and x.numel() == row_length
+    return choice == "triton" or (x.is_cuda and choice != "cublas")
 
 
 def takes_small_batch_gemv(x: torch.Tensor, row_length: int) -> bool:
@@ -111,12 +112,12 @@ def takes_small_batch_gemv(x: torch.Tensor, row_length: int) -> bool:
     Opt-in: SERVAL_GEMV_ROWS unset or 0 keeps cuBLAS, which the H200 measured faster for every Llama-3-8B
     projection at 2, 4, 5 and 8 rows (benchmarks/gemv_bench.py --rows; docs/performance.md, "Small-batch GEMV"). Devices as takes_gemv: CUDA unless SERVAL_GEMV=cublas, any with
     SERVAL_GEMV=triton."""
-    max_rows = _gemv_rows_limit(os.environ.get("SERVAL_GEMV_ROWS", ""))
-    if max_rows < 2 or x.shape[-1] != row_length:
+    rows = x.numel() // row_length
+    if not 2 <= rows <= GEMV_MAX_ROWS or x.shape[-1] != row_length or x.dtype not in _GEMV_DTYPES:
         return False
+    max_rows = _gemv_rows_limit(os.environ.get("SERVAL_GEMV_ROWS", ""))
     choice = os.environ.get("SERVAL_GEMV")
-    wanted = choice == "triton" or (x.is_cuda and choice != "cublas")
-    return wanted and x.dtype in _GEMV_DTYPES and 2 <= x.numel() // row_length <= max_rows
+    return rows <= max_rows and (choice == "triton" or (x.is_cuda and choice != "cublas"))
 
 
 @functools.cache
