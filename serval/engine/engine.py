@@ -146,7 +146,7 @@ class LLMEngine:
                                       max_num_batched_tokens=self.config.max_num_batched_tokens,
                                       cudagraph_mixed=self.config.cudagraph_mixed,
                                       cudagraph_mixed_max_tokens=self.config.cudagraph_mixed_max_tokens,
-                                      kv_layout=kv_layout)
+                                      cudagraph_mixed_sizes=self.config.cudagraph_mixed_sizes, kv_layout=kv_layout)
         else:
             self.runner = self.executor.make_runner(num_blocks, self.config, self.kv_cache_dtype)
         self.output_processor = OutputProcessor(self.tokenizer)

@@ -47,9 +47,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def mixed_capture_sizes(max_num_batched_tokens: int, max_tokens: int = MIXED_GRAPH_MAX_TOKENS) -> list[int]:
+def mixed_capture_sizes(max_num_batched_tokens: int, max_tokens: int = MIXED_GRAPH_MAX_TOKENS,
+                        sizes: tuple[int, ...] | None = None) -> list[int]:
     """Token buckets: 16, 32, ..., 512, then every multiple of 256, up to the smaller limit (itself included).
-    Padding is at most half a step below 512 tokens, where steps are cheap, and under 256 tokens above."""
+    Padding is at most half a step below 512 tokens, where steps are cheap, and under 256 tokens above.
+    sizes (EngineConfig.cudagraph_mixed_sizes): the buckets as given instead, those a step can reach (a size
+    above max_num_batched_tokens becomes max_num_batched_tokens); max_tokens is then not read."""
+    if sizes:
+        reachable = sorted({min(size, max_num_batched_tokens) for size in sizes})
+        return [size for size in reachable if size >= 2]
     limit = min(max_num_batched_tokens, max_tokens)
     if limit < 2:  # a step of one token is a decode step
         return []
@@ -61,7 +67,7 @@ class MixedGraphs:
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], block_size: int, max_num_seqs: int,
                  max_model_len: int, max_num_batched_tokens: int, device: torch.device,
                  max_tokens: int = MIXED_GRAPH_MAX_TOKENS, lora: LoRAContext | None = None,
-                 max_loras: int = 0) -> None:
+                 max_loras: int = 0, sizes: tuple[int, ...] | None = None) -> None:
         if attention_backend(device) is torch_attention:
             raise ValueError("mixed-step graphs need the Triton attention backend: the torch reference reads host "
                              "lengths and writes the padding rows' slot -1 into the cache's last slot")
@@ -71,7 +77,7 @@ class MixedGraphs:
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
-        self.sizes = mixed_capture_sizes(max_num_batched_tokens, max_tokens)
+        self.sizes = mixed_capture_sizes(max_num_batched_tokens, max_tokens, sizes)
         self.device = device
         self.max_blocks = -(-max_model_len // block_size)
         max_tokens = self.sizes[-1] if self.sizes else 0

@@ -147,11 +147,11 @@ class ModelRunner:
                  lora: "LoRAManager | None" = None,
                  speculative_config: "SpeculativeConfig | None" = None, max_num_batched_tokens: int = 0,
                  cudagraph_mixed: bool = False, cudagraph_mixed_max_tokens: int = MIXED_GRAPH_MAX_TOKENS,
-                 kv_layout: KVCacheLayout | None = None) -> None:
+                 kv_layout: KVCacheLayout | None = None, cudagraph_mixed_sizes: tuple[int, ...] | None = None) -> None:
         """kv_cache_dtype: the cache's element type, the model's dtype or float8_e4m3fn (EngineConfig's
         torch_kv_cache_dtype); the attention layers convert on write and on read. cudagraph_mixed: with decode
         graphs, capture mixed prefill/decode steps too, per token bucket up to max_num_batched_tokens and
-        cudagraph_mixed_max_tokens. kv_layout: a hybrid KV cache's groups (serval.engine.kv_groups): layers share
+        cudagraph_mixed_max_tokens, or the buckets cudagraph_mixed_sizes when given. kv_layout: a hybrid KV cache's groups (serval.engine.kv_groups): layers share
         tensors of num_blocks blocks, and each group's block tables come from request.kv_group_block_ids."""
         self.model = model
         self.drafter = drafter  # speculative decoding with a draft model: it runs beside the target every step
@@ -182,10 +182,10 @@ class ModelRunner:
         # Not with an EAGLE-3 head: it reads the hidden states of a step's rows, which mixed steps keep eagerly.
         # Not yet with a hybrid KV cache: its graphs would need a block table per group (decode graphs have them).
         if (self.graphs is not None and cudagraph_mixed and not self.drafter_follows_target and kv_layout is None
-                and mixed_capture_sizes(max_num_batched_tokens, cudagraph_mixed_max_tokens)):
+                and mixed_capture_sizes(max_num_batched_tokens, cudagraph_mixed_max_tokens, cudagraph_mixed_sizes)):
             self.mixed_graphs = MixedGraphs(model, self.kv_caches, block_size, max_num_seqs, max_model_len,
                                             max_num_batched_tokens, device, max_tokens=cudagraph_mixed_max_tokens,
-                                            **self._graph_lora_args())
+                                            sizes=cudagraph_mixed_sizes, **self._graph_lora_args())
             try:
                 self.mixed_graphs.capture()
             except torch.cuda.OutOfMemoryError as error:  # a tight --gpu-memory-utilization: mixed steps run eagerly

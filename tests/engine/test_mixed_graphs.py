@@ -7,11 +7,14 @@ against eager mixed steps.
 The plain forward and the plain engines the padded ones are checked against attend with the torch reference: the
 interpreter is what makes these tests slow, and the plain path through the Triton kernels is checked against
 transformers on its own (tests/engine/test_engine.py::test_triton_kernels_in_the_engine_match_transformers)."""
+import dataclasses
+
 import pytest
 import torch
 
 from serval import LLM, SamplingParams
 from serval.engine.mixed_graphs import MixedGraphs, mixed_capture_sizes
+from serval.openai.errors import InvalidArgument
 from tests.engine.attention_reference import reference_attention, reference_generate
 from tests.engine.test_engine import hf_greedy_references, make_prompts, pressured_llm
 from tests.model.engine_checks import check_pressured_greedy
@@ -196,6 +199,25 @@ def test_cudagraph_mixed_flag():
     assert config("--cudagraph-mixed-max-tokens", "1024").cudagraph_mixed_max_tokens == 1024
     for flags in ((), ("--enable-lora",), ("--quantization", "fp8")):
         assert config(*flags, "--no-cudagraph-mixed").cudagraph_mixed is False
+    # Buckets as given (sorted, once each); their largest is the limit, and a copy of the config keeps them.
+    given = config("--cudagraph-mixed-sizes", "640, 64,128,64")
+    assert (given.cudagraph_mixed_sizes, given.cudagraph_mixed_max_tokens) == ((64, 128, 640), 640)
+    assert dataclasses.replace(given, max_num_seqs=8).cudagraph_mixed_sizes == (64, 128, 640)
+    with pytest.raises(InvalidArgument, match="not both"):
+        config("--cudagraph-mixed-sizes", "64,128", "--cudagraph-mixed-max-tokens", "256")
+
+
+def test_given_capture_sizes_are_the_buckets(tiny_models, triton_backend):
+    """cudagraph_mixed_sizes replaces the computed buckets; one above the step limit becomes the limit, and a step
+    takes the smallest bucket that holds it."""
+    assert mixed_capture_sizes(512, 256, (24, 64, 1024)) == [24, 64, 512]
+    assert mixed_capture_sizes(8192, 256, (24, 64, 1024)) == [24, 64, 1024]
+    path, _ = tiny_models("llama")
+    runner = pressured_llm(path, True).engine.runner
+    graphs = MixedGraphs(runner.model, runner.kv_caches, runner.block_size, 4, 128, 32, runner.device,
+                         sizes=(8, 24, 40))
+    assert graphs.sizes == [8, 24, 32]
+    assert [graphs.bucket(n) for n in (2, 8, 9, 24, 25, 32)] == [8, 8, 24, 24, 32, 32]
 
 
 # ---- on a GPU: captured graphs against eager mixed steps ----
@@ -271,3 +293,4 @@ def test_gpu_no_mixed_graphs_with_enforce_eager_or_the_flag(tiny_models):
     assert default.engine.config.cudagraph_mixed_max_tokens == 256
     assert default.engine.runner.mixed_graphs.sizes == [16, 32, 64, 96]
     assert cuda_llm(path, cudagraph_mixed_max_tokens=64).engine.runner.mixed_graphs.sizes == [16, 32, 64]
+    assert cuda_llm(path, cudagraph_mixed_sizes="24,48,200").engine.runner.mixed_graphs.sizes == [24, 48, 96]
