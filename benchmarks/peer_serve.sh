@@ -10,7 +10,8 @@
 # Environment: VLLM_SITE (vLLM's staged wheels, default /tmp/site; ../shared/peers/README.md), VLLM_SERVE_WHEELS
 # (a folder of benchmarks/peer_serve_wheels.sh's wheels, installed into VLLM_SITE first if given), SERVAL_PYTHONPATH
 # (Serval's own path, default: the checkout; keep vLLM's site off it), SERVAL_SERVE_ARGS (more `serval serve` flags,
-# e.g. "--cudagraph-mixed"; vLLM's side stays at its defaults), SERVAL_VARIANTS (below). Each rate sends its own
+# e.g. "--cudagraph-mixed"; vLLM's side stays at its defaults), SERVAL_VARIANTS (below), SKIP_VLLM=1 (Serval's
+# variants alone, where vLLM is not staged: the table's vLLM columns stay empty). Each rate sends its own
 # prompts (`serval bench serve` draws them per rate), so no rate hits a prefix cache filled by the one before.
 set -uo pipefail
 out=${1:-results/peer_serve}
@@ -50,11 +51,14 @@ run_engine() {
     sleep 5  # the engine's worker processes let go of the GPU
 }
 
-# vLLM's own check that its API server imports with what is staged: names the first missing module, if any.
-PYTHONPATH=$vllm_site python3 -c "import vllm.entrypoints.openai.api_server" 2>&1 | tail -3
-PYTHONPATH=$vllm_site VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 \
-    run_engine vllm python3 -m vllm.entrypoints.cli.main serve "$model" "${engine_args[@]}" --tokenizer "$tokenizer" \
-    --served-model-name llama-3-8b --host 127.0.0.1 --port "$port" --uvicorn-log-level warning
+if [ -z "${SKIP_VLLM:-}" ]; then
+    # vLLM's own check that its API server imports with what is staged: names the first missing module, if any.
+    PYTHONPATH=$vllm_site python3 -c "import vllm.entrypoints.openai.api_server" 2>&1 | tail -3
+    PYTHONPATH=$vllm_site VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 HF_HUB_OFFLINE=1 \
+        run_engine vllm python3 -m vllm.entrypoints.cli.main serve "$model" "${engine_args[@]}" \
+        --tokenizer "$tokenizer" --served-model-name llama-3-8b --host 127.0.0.1 --port "$port" \
+        --uvicorn-log-level warning
+fi
 # SERVAL_VARIANTS="name=flags;name=flags" runs several `serval serve` settings in turn (each name must start with
 # "serval"), e.g. "serval=;serval_mixed=--cudagraph-mixed"; the default is one run named serval with SERVAL_SERVE_ARGS.
 IFS=';' read -ra variants <<< "${SERVAL_VARIANTS:-serval=${SERVAL_SERVE_ARGS:-}}"
