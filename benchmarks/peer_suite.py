@@ -18,6 +18,7 @@ the GPU kernels of each trace by kind: GEMM, attention, sampling, quantization, 
 (the trace's span that no kernel covers). Prints a table and writes JSON beside it.
 
     python benchmarks/peer_suite.py --out results/peer [--rows bf16-batch1,fp8-batch1] [--profile]
+        [--serval-engine-args '{"cudagraph_mixed_sizes": "16,32,64"}']   # an A/B of a Serval setting
         [--vllm-site /tmp/site] [--serval-pythonpath /tmp/serval-site:.] [--skip-peer] [--tiny]
     python benchmarks/peer_suite.py --serve-table results/peer_serve   (after benchmarks/peer_serve.sh)
 
@@ -35,7 +36,7 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
@@ -73,6 +74,7 @@ class Plan:
     prompts_512: list[list[int]]
     batch1_new_tokens: int = 256
     output_len_512: int = 256
+    serval_engine_args: dict = field(default_factory=dict)  # --serval-engine-args: more LLM(...) arguments
     profile: bool = False
     profile_num_requests: int = 1000
     out: str = "."
@@ -106,7 +108,8 @@ class ServalEngine:
                        max_model_len=plan.max_model_len, max_num_seqs=plan.max_num_seqs,
                        max_num_batched_tokens=plan.max_num_batched_tokens,
                        gpu_memory_utilization=plan.gpu_memory_utilization, device=plan.device,
-                       quantization=options["quantization"], kv_cache_dtype=options["kv_cache_dtype"])
+                       quantization=options["quantization"], kv_cache_dtype=options["kv_cache_dtype"],
+                       **plan.serval_engine_args)
 
     def version(self) -> str:
         import serval
@@ -425,6 +428,8 @@ def main() -> None:
     parser.add_argument("--vllm-site", default="/tmp/site", help="vLLM's PYTHONPATH (its staged wheels)")
     parser.add_argument("--serval-pythonpath", default=None,
                         help="Serval's PYTHONPATH (default: the repository root, then this process's PYTHONPATH)")
+    parser.add_argument("--serval-engine-args", type=json.loads, default={}, metavar="JSON",
+                        help='more engine arguments for Serval only, e.g. \'{"cudagraph_mixed_sizes": "16,32,64"}\'')
     parser.add_argument("--child-timeout", type=float, default=540.0, help="seconds per engine and precision")
     parser.add_argument("--profile", action="store_true",
                         help="profile the 1000-request workload (bf16, fp8) and fp8 batch 1 instead of timing rows")
@@ -465,7 +470,8 @@ def main() -> None:
     plan = Plan(model=model, rows=rows, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 gpu_memory_utilization=args.gpu_memory_utilization, device=device, profile=args.profile,
-                profile_num_requests=args.profile_num_requests, out=args.out, **workloads, **sizes)
+                profile_num_requests=args.profile_num_requests, out=args.out,
+                serval_engine_args=args.serval_engine_args, **workloads, **sizes)
     plan_path = os.path.join(args.out, "plan.json")
     write_json(plan_path, asdict(plan))
     engines = [e for e in args.engines.split(",") if e and not (args.skip_peer and e == "vllm")]
