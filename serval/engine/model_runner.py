@@ -151,8 +151,9 @@ class ModelRunner:
         """kv_cache_dtype: the cache's element type, the model's dtype or float8_e4m3fn (EngineConfig's
         torch_kv_cache_dtype); the attention layers convert on write and on read. cudagraph_mixed: with decode
         graphs, capture mixed prefill/decode steps too, per token bucket up to max_num_batched_tokens and
-        cudagraph_mixed_max_tokens, or the buckets cudagraph_mixed_sizes when given. kv_layout: a hybrid KV cache's groups (serval.engine.kv_groups): layers share
-        tensors of num_blocks blocks, and each group's block tables come from request.kv_group_block_ids."""
+        cudagraph_mixed_max_tokens, or the buckets cudagraph_mixed_sizes when given. kv_layout: a hybrid KV cache's
+        groups (serval.engine.kv_groups): layers share tensors of num_blocks blocks, and each group's block tables
+        come from request.kv_group_block_ids."""
         self.model = model
         self.drafter = drafter  # speculative decoding with a draft model: it runs beside the target every step
         # An EAGLE-3 head runs after the target (it reads the target's hidden states and the tokens it kept).
