@@ -213,9 +213,9 @@ _LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
 def step_windows(events: list[dict], top: int = 10) -> dict:
     """Every engine step's window (as summarize_steps cuts them): its wall time, GPU busy time, and the launches
     its engine thread made (graph replays and single kernels, from the CUDA runtime and driver rows), as
-    percentiles over the trace and the `top` longest steps with their engine ranges and their kernels' time by kind (kernel_kind, by
-    start time; overlapping kernels each count whole). A slow step that launched kernels one by one, not a graph,
-    ran eagerly."""
+    percentiles over the trace and the `top` longest steps with their engine ranges and their kernels' time by
+    kind (kernel_kind, by start time; overlapping kernels each count whole). A slow step that launched kernels one
+    by one, not a graph, ran eagerly."""
     ranges, engine_tid = _engine_ranges(events)
     if engine_tid is None:
         return {"error": NO_STEPS}
