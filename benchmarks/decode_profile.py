@@ -108,6 +108,15 @@ def main() -> None:
 RUNTIME_CALLS = ("LaunchKernel", "Synchronize", "Memcpy", "Memset", "EventRecord", "StreamWait")
 
 
+def _is_runtime_call(name: str) -> bool:
+    return any(part in name for part in RUNTIME_CALLS)
+
+
+def _by_cpu_time(events) -> list[dict]:
+    rows = [{"name": e.key, "calls": e.count, "cpu_ms": e.self_cpu_time_total / 1e3} for e in events]
+    return sorted(rows, key=lambda row: row["cpu_ms"], reverse=True)
+
+
 def profile_prefill(llm, run, prompt, params, cuda: bool, args) -> None:
     wall_ms = min(run() for _ in range(5)) * 1e3
     llm.engine.kv_cache.reset_prefix_cache()
@@ -116,11 +125,8 @@ def profile_prefill(llm, run, prompt, params, cuda: bool, args) -> None:
         llm.generate(prompt, params, use_tqdm=False)
     events = prof.key_averages()
     kernel_ms = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e3 if cuda else 0.0
-    runtime = sorted(({"name": e.key, "calls": e.count, "cpu_ms": e.self_cpu_time_total / 1e3} for e in events
-                      if any(part in e.key for part in RUNTIME_CALLS)), key=lambda r: r["cpu_ms"], reverse=True)
-    operators = sorted(({"name": e.key, "calls": e.count, "cpu_ms": e.self_cpu_time_total / 1e3} for e in events
-                        if e.device_type.name == "CPU" and not any(part in e.key for part in RUNTIME_CALLS)),
-                       key=lambda r: r["cpu_ms"], reverse=True)[:25]
+    runtime = _by_cpu_time(e for e in events if _is_runtime_call(e.key))
+    operators = _by_cpu_time(e for e in events if e.device_type.name == "CPU" and not _is_runtime_call(e.key))[:25]
     result = {"model": args.model if not args.tiny else "tiny", "quantization": args.quantization,
               "kv_cache_dtype": args.kv_cache_dtype, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
               "prompt_len": args.prompt_len, "wall_ms": wall_ms, "kernel_ms": kernel_ms,

@@ -102,22 +102,25 @@ def takes_gemv(x: torch.Tensor, row_length: int) -> bool:
     SERVAL_GEMV=triton takes it on any device (on CPU, Triton's interpreter with TRITON_INTERPRET=1, as tests do)."""
     if x.numel() != row_length or x.dtype not in _GEMV_DTYPES:  # first: an eager prefill asks 128 times a step
         return False
-    choice = os.environ.get("SERVAL_GEMV")
-    return choice == "triton" or (x.is_cuda and choice != "cublas")
+    return _gemv_on_device_of(x)
 
 
 def takes_small_batch_gemv(x: torch.Tensor, row_length: int) -> bool:
     """2 to min(SERVAL_GEMV_ROWS, GEMV_MAX_ROWS) half-precision rows (a speculative verify step, a few decode
     streams): the multi-row Triton GEMV reads W once for all of them (serval.kernels.triton_gemv.gemv_rows).
     Opt-in: SERVAL_GEMV_ROWS unset or 0 keeps cuBLAS, which the H200 measured faster for every Llama-3-8B
-    projection at 2, 4, 5 and 8 rows (benchmarks/gemv_bench.py --rows; docs/performance.md, "Small-batch GEMV"). Devices as takes_gemv: CUDA unless SERVAL_GEMV=cublas, any with
-    SERVAL_GEMV=triton."""
+    projection at 2, 4, 5 and 8 rows (benchmarks/gemv_bench.py --rows; docs/performance.md, "Small-batch GEMV").
+    Devices as takes_gemv: CUDA unless SERVAL_GEMV=cublas, any with SERVAL_GEMV=triton."""
     rows = x.numel() // row_length
     if not 2 <= rows <= GEMV_MAX_ROWS or x.shape[-1] != row_length or x.dtype not in _GEMV_DTYPES:
         return False
-    max_rows = _gemv_rows_limit(os.environ.get("SERVAL_GEMV_ROWS", ""))
+    return rows <= _gemv_rows_limit(os.environ.get("SERVAL_GEMV_ROWS", "")) and _gemv_on_device_of(x)
+
+
+def _gemv_on_device_of(x: torch.Tensor) -> bool:
+    """SERVAL_GEMV's choice for x's device: the Triton GEMV on CUDA unless "cublas", anywhere with "triton"."""
     choice = os.environ.get("SERVAL_GEMV")
-    return rows <= max_rows and (choice == "triton" or (x.is_cuda and choice != "cublas"))
+    return choice == "triton" or (x.is_cuda and choice != "cublas")
 
 
 @functools.cache
