@@ -126,6 +126,8 @@ def main() -> None:
         default_ms = time_config(inputs, default)
         timed = [(ms, config) for config in search_space(num_tokens, top_k, num_experts, args.quick)
                  if (ms := time_config(inputs, config)) is not None]
+        if default_ms is not None:  # the grid may lack the default (--quick has no group_m 8): never worse than it
+            timed.append((default_ms, default))
         best_ms, best = min(timed, key=lambda pair: pair[0])
         table[num_tokens] = best
         experts_read = len(torch.unique(inputs[3].expert_ids))

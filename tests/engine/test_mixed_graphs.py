@@ -20,6 +20,10 @@ from tests.engine.test_engine import hf_greedy_references, make_prompts, pressur
 from tests.model.engine_checks import check_pressured_greedy
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+# On a GPU the padded and the plain step take different GEMM configurations (logits ~2e-2 apart, measured on an
+# H200), so the step-for-step checks at 1e-4 hold on the interpreter's float32 path only; the GPU tests below check
+# captured graphs against eager mixed steps instead.
+interpreter_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's float32 path; see above")
 NUM_NEW_TOKENS = 8
 # Six of make_prompts' twelve (5-70 tokens, three sharing its 20-token prefix) in a smaller pool: the steps still
 # cross both buckets, the 4-token blocks, preemption and prefix hits, at about half the interpreted steps and tokens.
@@ -92,6 +96,7 @@ def triton_backend(monkeypatch):
     monkeypatch.setenv("SERVAL_ATTENTION_BACKEND", "triton")
 
 
+@interpreter_only
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral"])
 def test_graph_shaped_mixed_steps_equal_plain_steps_and_transformers(tiny_models, triton_backend, arch):
     """Six prompts of 5-70 tokens through 4 sequences and 32-token steps (buckets 16 and 32): chunked prefill
@@ -106,6 +111,7 @@ def test_graph_shaped_mixed_steps_equal_plain_steps_and_transformers(tiny_models
     assert any(len(step) == llm.engine.config.max_num_seqs for step in log.mixed()), "a full batch, mixed"
 
 
+@interpreter_only
 def test_graph_shaped_sampling_and_logprobs_equal_the_plain_engine(tiny_models, triton_backend):
     """Seeded sampling and logprobs of tokens sampled from the padded forward's logits, against the same engine
     without it; a request asking prompt logprobs runs its steps eagerly, beside graph-shaped steps of others."""
@@ -131,6 +137,7 @@ def test_graph_shaped_sampling_and_logprobs_equal_the_plain_engine(tiny_models, 
     assert got[3].prompt_logprobs is not None and len(got[3].prompt_logprobs) == len(prompts[3])
 
 
+@interpreter_only
 def test_graph_shaped_steps_with_a_float8_cache(tiny_models, triton_backend):
     """kv_cache_dtype="fp8": the padded forward writes and reads the float8 cache as the plain one does, step for
     step, and the tokens equal the plain engine's."""
@@ -146,6 +153,7 @@ def test_graph_shaped_steps_with_a_float8_cache(tiny_models, triton_backend):
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in plain]
 
 
+@interpreter_only
 def test_steps_before_the_float8_scales_are_calculated_run_eagerly(tiny_models, triton_backend):
     """calculate_kv_scales: the first prefill sets every layer's scales; a graph would skip that, so the graphs
     take no step until it has run, and the scales come out as the plain engine's."""
