@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -139,7 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="answer 429 while this many requests wait to be scheduled (None: no limit)")
     serve.add_argument("--otlp-traces-endpoint", default=None,
                        help="OTLP/HTTP collector URL for one span per request, e.g. http://localhost:4318")
-    serve.add_argument("--disable-log-requests", action="store_true", help="no JSON line per finished request")
+    request_log = serve.add_mutually_exclusive_group()
+    request_log.add_argument("--disable-log-requests", action="store_true", help="no JSON line per finished request")
+    request_log.add_argument("--enable-log-requests", action="store_true",
+                             help="a JSON line per finished request (the default; vLLM's newer spelling)")
     serve.add_argument("--disable-uvicorn-access-log", action="store_true", help="no HTTP access log lines")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--policy", default=None,
@@ -174,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
                        default=os.environ.get("SERVAL_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true"),
                        help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (or set "
                             "SERVAL_ALLOW_RUNTIME_LORA_UPDATING=true)")
+    serve.add_argument("--default-chat-template-kwargs", default=None, metavar="JSON",
+                       help='template variables every chat request gets unless it sets them in its own '
+                            'chat_template_kwargs, e.g. \'{"enable_thinking": false}\'')
+    serve.add_argument("--disable-fastapi-docs", action="store_true", help="no /openapi.json")
+    _add_vllm_compatibility_args(serve)
     add_engine_args(serve)
 
     generate = commands.add_parser("generate", help="generate from one prompt and print the text",
@@ -191,6 +200,41 @@ def build_parser() -> argparse.ArgumentParser:
                                            formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     _add_route_parser(commands)
     return parser
+
+
+def _add_vllm_compatibility_args(serve: argparse.ArgumentParser) -> None:
+    """Flags of `vllm serve` command lines that Serval honours as they are, so such a command runs unchanged;
+    a value Serval can't serve is refused by name (_check_vllm_compatibility_args)."""
+    serve.add_argument("--trust-remote-code", action="store_true",
+                       help="accepted: Serval builds each architecture itself and never runs a checkpoint's code")
+    serve.add_argument("--tokenizer-mode", default="auto", choices=["auto", "hf"],
+                       help="the checkpoint's Hugging Face tokenizer (vLLM's auto and hf)")
+    serve.add_argument("--pipeline-parallel-size", type=int, default=1,
+                       help="1 only: one model is split across GPUs with --tensor-parallel-size")
+    serve.add_argument("--data-parallel-size", type=int, default=1,
+                       help="1 only: run one server per replica behind `serval route` (docs/router.md)")
+
+
+def _check_vllm_compatibility_args(args: argparse.Namespace) -> None:
+    """Raises ValueError naming the flag for a value the compatibility flags can't take."""
+    if args.pipeline_parallel_size != 1:
+        raise ValueError(f"invalid --pipeline-parallel-size {args.pipeline_parallel_size}: Serval has no pipeline "
+                         "parallelism; split the model across GPUs with --tensor-parallel-size")
+    if args.data_parallel_size != 1:
+        raise ValueError(f"invalid --data-parallel-size {args.data_parallel_size}: run one `serval serve` per "
+                         "replica behind `serval route` (docs/router.md)")
+
+
+def _parse_template_kwargs(text: str | None) -> dict:
+    if text is None:
+        return {}
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"invalid --default-chat-template-kwargs {text!r}: not JSON ({error})") from error
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"invalid --default-chat-template-kwargs {text!r}: must be a JSON object")
+    return kwargs
 
 
 def _add_chat_args(chat: argparse.ArgumentParser) -> None:
@@ -305,6 +349,7 @@ def _serve(args: argparse.Namespace, config: EngineConfig) -> int:
     from serval.lora.registry import parse_lora_module
 
     try:
+        _check_vllm_compatibility_args(args)
         lora_modules = [parse_lora_module(text) for text in args.lora_modules]
         if lora_modules and not config.enable_lora:
             raise ValueError("--lora-modules needs --enable-lora")
@@ -319,7 +364,9 @@ def _serve(args: argparse.Namespace, config: EngineConfig) -> int:
             enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser,
             reasoning_parser=args.reasoning_parser,
             responses_store=args.responses_store, responses_max_stored=args.responses_max_stored,
-            lora_modules=lora_modules, allow_runtime_lora_updating=args.allow_runtime_lora_updating)
+            lora_modules=lora_modules, allow_runtime_lora_updating=args.allow_runtime_lora_updating,
+            default_chat_template_kwargs=_parse_template_kwargs(args.default_chat_template_kwargs),
+            disable_fastapi_docs=args.disable_fastapi_docs)
     except ValueError as error:
         logger.error("invalid server argument", extra={"error": str(error)})
         return 2

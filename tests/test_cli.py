@@ -1,4 +1,5 @@
 """The `serval` command: flags map to EngineConfig with vLLM's names; `generate` prints what LLM generates."""
+import json
 import subprocess
 import sys
 
@@ -80,3 +81,17 @@ def test_invalid_policy_file_exits_2_before_loading_a_model(tmp_path):
     policy = tmp_path / "policy.yaml"
     policy.write_text("keys: [1, 2\n")
     assert main(["serve", "--policy", str(policy)]) == 2
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--pipeline-parallel-size", "2"], "--pipeline-parallel-size"),
+    (["--data-parallel-size", "4"], "--data-parallel-size"),
+    (["--default-chat-template-kwargs", "{not json"], "--default-chat-template-kwargs"),
+    (["--default-chat-template-kwargs", "[1]"], "--default-chat-template-kwargs"),
+    (["--default-chat-template-kwargs", '{"add_generation_prompt": false}'], "add_generation_prompt")])
+def test_vllm_flags_with_values_serval_cannot_take_exit_2_naming_them(flags, named, capfd):
+    """vLLM's flags are accepted (tests/e2e/test_vllm_flags.py); a value Serval can't serve is refused by name
+    before a model loads."""
+    assert main(["serve", *flags]) == 2
+    (line,) = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
+    assert line["message"] == "invalid server argument" and named in line["error"]

@@ -368,6 +368,7 @@ class TokenizeRequest(RequestBody):
     messages: list[ChatMessage] | None = None
     add_special_tokens: Bool = True
     add_generation_prompt: Bool = True
+    chat_template_kwargs: dict | None = None  # with messages: rendered as chat renders them (vLLM's field)
 
     @model_validator(mode="after")
     def _one_of_prompt_messages(self):

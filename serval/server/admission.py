@@ -17,14 +17,8 @@ from serval.openai.tool_grammar import json_schema_grammar, tool_call_grammar
 from serval.openai.tool_parsers.chat_output import ChatOutputParser, chat_output_parser
 from serval.openai.tools import NamedToolChoice
 from serval.sampling_params import SamplingParams, StructuredOutputsParams
-from serval.server.config import ServerConfig
+from serval.server.config import RESERVED_TEMPLATE_KWARGS, ServerConfig
 from serval.server.state import ServerState
-
-# apply_chat_template's own arguments: chat_template_kwargs may add template variables, not change the call.
-RESERVED_TEMPLATE_KWARGS = frozenset({
-    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
-    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
-    "return_assistant_tokens_mask", "tokenizer_kwargs"})
 
 @dataclass
 class ContextParams:
@@ -108,6 +102,13 @@ def completion_prompts(tokenizer, prompts: list[str | list[int]], texts: list[st
         else:
             built.append({"prompt": text or "", "prompt_token_ids": list(prompt)})
     return built
+
+
+def apply_template_defaults(config: ServerConfig, body) -> None:
+    """The server's --default-chat-template-kwargs under the request's own chat_template_kwargs (the request's
+    win), set on the body before anything reads it: the template, and the reasoning parser's thinking switch."""
+    if config.default_chat_template_kwargs:
+        body.chat_template_kwargs = {**config.default_chat_template_kwargs, **(body.chat_template_kwargs or {})}
 
 
 def chat_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,

@@ -54,7 +54,8 @@ REQUEST_BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": 
 
 def build_app(state: ServerState) -> "ObservedApp":
     """Raises ResponseStoreError when --responses-store cannot be opened."""
-    app = FastAPI(title="Serval", version=serval.__version__, docs_url=None, redoc_url=None)
+    app = FastAPI(title="Serval", version=serval.__version__, docs_url=None, redoc_url=None,
+                  openapi_url=None if state.config.disable_fastapi_docs else "/openapi.json")
     app.state.server = state
     store = ResponseStore(state.config.responses_store, state.config.responses_max_stored)
     app.state.responses = store

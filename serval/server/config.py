@@ -15,6 +15,11 @@ DEFAULT_MAX_N = 128
 DEFAULT_SHUTDOWN_TIMEOUT_S = 20.0
 # Stored Responses API responses kept before the oldest are evicted.
 DEFAULT_RESPONSES_MAX_STORED = 10_000
+# apply_chat_template's own arguments: chat_template_kwargs may add template variables, not change the call.
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs"})
 
 
 @dataclass
@@ -46,6 +51,11 @@ class ServerConfig:
     # /v1/unload_lora_adapter may change them while serving (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING).
     lora_modules: list = field(default_factory=list)  # serval.lora.registry.LoRAModulePath
     allow_runtime_lora_updating: bool = False
+    # vLLM's --default-chat-template-kwargs: template variables every chat request gets unless it sets them in its
+    # own chat_template_kwargs (e.g. {"enable_thinking": false} for a Qwen3 served without thinking).
+    default_chat_template_kwargs: dict = field(default_factory=dict)
+    # vLLM's --disable-fastapi-docs: no /openapi.json (the /docs and /redoc pages are never served).
+    disable_fastapi_docs: bool = False
 
     def __post_init__(self) -> None:
         self._check_output_parsers()
@@ -62,6 +72,7 @@ class ServerConfig:
         if self.responses_max_stored < 1:
             raise InvalidArgument("responses_max_stored", "invalid responses_max_stored "
                                   f"{self.responses_max_stored}: must be at least 1")
+        self._check_default_chat_template_kwargs()
         if self.max_waiting_requests is not None and self.max_waiting_requests < 1:
             raise InvalidArgument("max_waiting_requests", "invalid max_waiting_requests "
                                   f"{self.max_waiting_requests}: must be at least 1")
@@ -70,6 +81,17 @@ class ServerConfig:
     def model_name(self) -> str:
         """The name the server reports; the others are aliases it answers to."""
         return self.served_model_names[0]
+
+    def _check_default_chat_template_kwargs(self) -> None:
+        kwargs = self.default_chat_template_kwargs
+        if not isinstance(kwargs, dict) or not all(isinstance(key, str) for key in kwargs):
+            raise InvalidArgument("default_chat_template_kwargs", "invalid default_chat_template_kwargs "
+                                  f"{kwargs!r}: must be a JSON object of template variables")
+        reserved = sorted(RESERVED_TEMPLATE_KWARGS.intersection(kwargs))
+        if reserved:
+            raise InvalidArgument("default_chat_template_kwargs", f"default_chat_template_kwargs may not set "
+                                  f"{', '.join(reserved)}: they are arguments of each request, not template "
+                                  "variables")
 
     def _check_output_parsers(self) -> None:
         # imported here: the parser registries are only needed once a server is configured

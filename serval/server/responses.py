@@ -74,6 +74,7 @@ async def create_response(store: ResponseStore, state: ServerState, body: Respon
         raise APIError(400, refused[1], param=refused[0])
     params = call.sampling_params(body)
     config = state.config
+    admission.apply_template_defaults(config, body)
     tool_fields = body.chat_tool_fields(config.enable_auto_tool_choice and config.tool_call_parser is not None)
     output_parsers = admission.chat_output_parsers(config, tool_fields)  # a 400 for a choice the flags can't serve
     parser = output_parsers()

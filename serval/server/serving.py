@@ -107,6 +107,7 @@ class CompletionChunks:
 
 # ---------------------------------------------------------------- chat
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, call: Call) -> Response:
+    admission.apply_template_defaults(state.config, body)
     params = call.sampling_params(body)
     admission.check_n(state, params.n)
     output_parsers = admission.chat_output_parsers(state.config, body)

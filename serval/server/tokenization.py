@@ -5,12 +5,13 @@ from __future__ import annotations
 from serval.openai import protocol
 from serval.openai.errors import APIError
 from serval.openai.protocol import ChatCompletionRequest, DetokenizeRequest, TokenizeRequest
-from serval.server.admission import chat_prompt, check_model, require_tokenizer
+from serval.server.admission import apply_template_defaults, chat_prompt, check_model, require_tokenizer
 from serval.server.state import ServerState
 
 
 async def tokenize(state: ServerState, body: TokenizeRequest) -> dict:
     check_model(state, body.model)
+    apply_template_defaults(state.config, body)
     return await state.off_loop(_tokenize, state.tokenizer, body, state.max_model_len)
 
 
@@ -18,7 +19,8 @@ def _tokenize(tokenizer, body: TokenizeRequest, max_model_len: int) -> dict:
     tokenizer = require_tokenizer(tokenizer)
     if body.messages is not None:
         messages = ChatCompletionRequest(messages=body.messages).template_messages()
-        tokens = chat_prompt(tokenizer, messages, body.add_generation_prompt)["prompt_token_ids"]
+        tokens = chat_prompt(tokenizer, messages, body.add_generation_prompt,
+                             chat_template_kwargs=body.chat_template_kwargs)["prompt_token_ids"]
     else:
         tokens = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
     return {"count": len(tokens), "max_model_len": max_model_len, "tokens": tokens,

@@ -1,0 +1,70 @@
+"""A `vllm serve` command line run as `serval serve`: vLLM's compatibility flags are accepted as given
+(--trust-remote-code, --tokenizer-mode auto, --pipeline-parallel-size 1, --data-parallel-size 1,
+--enable-log-requests), --default-chat-template-kwargs reaches the chat template and the reasoning parser for
+every request that does not set the variable itself, and --disable-fastapi-docs takes /openapi.json away. Values
+Serval can't serve are refused by name (tests/test_cli.py)."""
+import json
+
+import httpx
+import pytest
+
+from tests.e2e.server import RemoteServer
+from tests.e2e.tiny_qwen3 import tiny_qwen3_dir
+from tests.openai.tool_parsers.streaming import qwen3_tokenizer
+
+MODEL = "tiny-qwen3"
+MESSAGES = [{"role": "user", "content": "Is it going to rain?"}]
+DEFAULTS = {"enable_thinking": False}
+
+
+@pytest.fixture(scope="module")
+def server():
+    remote = RemoteServer(["--model", tiny_qwen3_dir(), "--max-model-len", "512", "--served-model-name", MODEL,
+                           "--reasoning-parser", "qwen3", "--default-chat-template-kwargs", json.dumps(DEFAULTS),
+                           "--trust-remote-code", "--tokenizer-mode", "auto", "--pipeline-parallel-size", "1",
+                           "--data-parallel-size", "1", "--enable-log-requests", "--disable-fastapi-docs"])
+    yield remote
+    remote.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.client(timeout=120)
+
+
+def template_tokens(**kwargs) -> int:
+    text = qwen3_tokenizer().apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True, **kwargs)
+    return len(qwen3_tokenizer().encode(text, add_special_tokens=False))
+
+
+def test_the_default_kwargs_reach_the_template_and_the_parser(client):
+    assert template_tokens(enable_thinking=False) != template_tokens()  # the variable changes the prompt
+    response = client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0.0, max_tokens=8)
+    assert response.usage.prompt_tokens == template_tokens(enable_thinking=False)
+    (choice,) = response.choices
+    assert choice.message.reasoning_content is None and choice.message.content  # no think section expected
+
+
+def test_a_requests_own_kwargs_win(client):
+    response = client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0.0, max_tokens=8,
+                                              extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    assert response.usage.prompt_tokens == template_tokens(enable_thinking=True)
+    (choice,) = response.choices
+    # thinking on: a random-weight model cut off after 8 tokens is still in its thought
+    assert choice.message.content is None and choice.message.reasoning_content
+
+
+def test_responses_and_tokenize_render_as_chat_does(server, client):
+    response = client.responses.create(model=MODEL, input=MESSAGES[0]["content"], max_output_tokens=8,
+                                       temperature=0.0)
+    assert response.usage.input_tokens == template_tokens(enable_thinking=False)
+    tokenize = httpx.post(f"{server.url}/tokenize", json={"model": MODEL, "messages": MESSAGES}, timeout=30)
+    assert tokenize.status_code == 200 and tokenize.json()["count"] == template_tokens(enable_thinking=False)
+    asked = httpx.post(f"{server.url}/tokenize", json={"model": MODEL, "messages": MESSAGES,
+                                                        "chat_template_kwargs": {"enable_thinking": True}}, timeout=30)
+    assert asked.json()["count"] == template_tokens(enable_thinking=True)
+
+
+def test_disable_fastapi_docs_takes_the_schema_away(server):
+    assert httpx.get(f"{server.url}/openapi.json", timeout=30).status_code == 404
+    assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
