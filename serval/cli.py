@@ -182,8 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help='template variables every chat request gets unless it sets them in its own '
                             'chat_template_kwargs, e.g. \'{"enable_thinking": false}\'')
     serve.add_argument("--disable-fastapi-docs", action="store_true", help="no /openapi.json")
+    serve.add_argument("--config", default=None, metavar="YAML",
+                       help="flags from a YAML file (`max-model-len: 4096`, ...); the command line's win")
     _add_vllm_compatibility_args(serve)
     add_engine_args(serve)
+    parser.serve_parser = serve  # --config looks its keys up among serve's flags
 
     generate = commands.add_parser("generate", help="generate from one prompt and print the text",
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -235,6 +238,58 @@ def _parse_template_kwargs(text: str | None) -> dict:
     if not isinstance(kwargs, dict):
         raise ValueError(f"invalid --default-chat-template-kwargs {text!r}: must be a JSON object")
     return kwargs
+
+
+def expand_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`serval serve --config FILE` (vLLM's): the YAML mapping's flags (`max-model-len: 4096`, snake or kebab case)
+    put before the command line's, so a flag given on the command line wins. true turns a switch on, false off
+    (`--no-X` where the flag has one), a list gives several values, a mapping goes as JSON. An unknown key, or a
+    file that is not such a mapping, exits 2 naming it."""
+    if len(argv) < 1 or argv[0] != "serve" or not any(arg == "--config" or arg.startswith("--config=")
+                                                      for arg in argv):
+        return argv
+    rest, path = [], None
+    arguments = iter(argv[1:])
+    for arg in arguments:
+        if arg == "--config":
+            path = next(arguments, None)
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    if path is None:
+        parser.error("--config needs a YAML file")
+    import yaml
+    try:
+        with open(path) as handle:
+            settings = yaml.safe_load(handle)
+    except (OSError, yaml.YAMLError) as error:
+        parser.error(f"cannot read --config {path}: {error}")
+    if settings is None:
+        settings = {}
+    if not isinstance(settings, dict):
+        parser.error(f"--config {path}: must be a mapping of flag names to values")
+    actions = {option: action for action in parser.serve_parser._actions for option in action.option_strings}
+    flags = []
+    for key, value in settings.items():
+        flag = "--" + str(key).replace("_", "-")
+        action = actions.get(flag)
+        if action is None or flag in ("--config", "--help"):
+            parser.error(f"--config {path}: unknown flag {key!r}")
+        if isinstance(value, bool):
+            if isinstance(action, argparse.BooleanOptionalAction):
+                flags.append(flag if value else "--no-" + flag[2:])
+            elif action.nargs == 0:  # store_true
+                flags += [flag] if value else []
+            else:
+                flags += [flag, str(value).lower()]
+        elif isinstance(value, list):
+            flags += [flag, *(json.dumps(item) if isinstance(item, dict) else str(item) for item in value)]
+        elif isinstance(value, dict):
+            flags += [flag, json.dumps(value)]
+        elif value is not None:
+            flags += [flag, str(value)]
+    return ["serve", *flags, *rest]
 
 
 def _add_chat_args(chat: argparse.ArgumentParser) -> None:
@@ -327,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(args.log_level)
         return _route(args)
     parser = build_parser()
+    argv = expand_config_file(parser, argv)
     args = parser.parse_args(argv)
     from serval.server.request_log import configure_logging
     configure_logging(args.log_level)

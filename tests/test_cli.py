@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from tests.e2e.server import REPO_ROOT, tiny_model_dir
-from serval.cli import build_parser, engine_config_from_args, main
+from serval.cli import build_parser, engine_config_from_args, expand_config_file, main
 from serval.config import EngineConfig
 
 
@@ -95,3 +95,31 @@ def test_vllm_flags_with_values_serval_cannot_take_exit_2_naming_them(flags, nam
     assert main(["serve", *flags]) == 2
     (line,) = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
     assert line["message"] == "invalid server argument" and named in line["error"]
+
+
+def test_a_config_file_gives_flags_and_the_command_line_wins(tmp_path):
+    """vLLM's `serve --config FILE`: snake or kebab keys, switches on and off, lists, mappings as JSON."""
+    config = tmp_path / "serve.yaml"
+    config.write_text("model: /models/m\nmax_model_len: 4096\nmax-num-seqs: 8\nenable-prefix-caching: false\n"
+                      "enforce_eager: true\nserved-model-name: [a, b]\ndisable-log-requests: true\n"
+                      "default-chat-template-kwargs: {enable_thinking: false}\nspeculative_config:\n"
+                      "  method: ngram\n  num_speculative_tokens: 3\n  prompt_lookup_max: 4\n")
+    parser = build_parser()
+    argv = expand_config_file(parser, ["serve", "--config", str(config), "--max-num-seqs", "16"])
+    args = parser.parse_args(argv)
+    engine = engine_config_from_args(args)
+    assert (engine.model, engine.max_model_len, engine.max_num_seqs) == ("/models/m", 4096, 16)
+    assert engine.enable_prefix_caching is False and engine.enforce_eager is True
+    spec = engine.speculative_config
+    assert (spec.method, spec.num_speculative_tokens, spec.prompt_lookup_max) == ("ngram", 3, 4)
+    assert args.served_model_name == ["a", "b"] and args.disable_log_requests
+    assert json.loads(args.default_chat_template_kwargs) == {"enable_thinking": False}
+
+
+@pytest.mark.parametrize("text,named", [("max-model-lenn: 5\n", "max-model-lenn"), ("[1, 2]\n", "mapping")])
+def test_a_config_file_with_an_unknown_flag_exits_2_naming_it(tmp_path, text, named, capsys):
+    config = tmp_path / "serve.yaml"
+    config.write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--config", str(config)])
+    assert exit_info.value.code == 2 and named in capsys.readouterr().err

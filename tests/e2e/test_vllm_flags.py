@@ -1,12 +1,15 @@
-"""A `vllm serve` command line run as `serval serve`: vLLM's compatibility flags are accepted as given
-(--trust-remote-code, --tokenizer-mode auto, --pipeline-parallel-size 1, --data-parallel-size 1,
---enable-log-requests), --default-chat-template-kwargs reaches the chat template and the reasoning parser for
-every request that does not set the variable itself, and --disable-fastapi-docs takes /openapi.json away. Values
-Serval can't serve are refused by name (tests/test_cli.py)."""
-import json
+"""A `vllm serve` deployment run as `serval serve`: its flags from a YAML file (`--config`, as vLLM reads it) with
+one more on the command line; vLLM's compatibility flags are accepted as given (--trust-remote-code,
+--tokenizer-mode auto, --pipeline-parallel-size 1, --data-parallel-size 1, --enable-log-requests),
+--default-chat-template-kwargs reaches the chat template and the reasoning parser for every request that does not
+set the variable itself, and --disable-fastapi-docs takes /openapi.json away. Values Serval can't serve are refused
+by name (tests/test_cli.py)."""
+import os
+import tempfile
 
 import httpx
 import pytest
+import yaml
 
 from tests.e2e.server import RemoteServer
 from tests.e2e.tiny_qwen3 import tiny_qwen3_dir
@@ -19,12 +22,17 @@ DEFAULTS = {"enable_thinking": False}
 
 @pytest.fixture(scope="module")
 def server():
-    remote = RemoteServer(["--model", tiny_qwen3_dir(), "--max-model-len", "512", "--served-model-name", MODEL,
-                           "--reasoning-parser", "qwen3", "--default-chat-template-kwargs", json.dumps(DEFAULTS),
-                           "--trust-remote-code", "--tokenizer-mode", "auto", "--pipeline-parallel-size", "1",
-                           "--data-parallel-size", "1", "--enable-log-requests", "--disable-fastapi-docs"])
-    yield remote
-    remote.close()
+    settings = {"model": tiny_qwen3_dir(), "max_model_len": 512, "served-model-name": [MODEL],
+                "reasoning-parser": "qwen3", "default-chat-template-kwargs": DEFAULTS, "trust-remote-code": True,
+                "tokenizer-mode": "auto", "pipeline-parallel-size": 1, "data-parallel-size": 1,
+                "enable-log-requests": True, "disable-fastapi-docs": True}
+    with tempfile.TemporaryDirectory(prefix="serval-config-") as directory:
+        path = os.path.join(directory, "serve.yaml")
+        with open(path, "w") as handle:
+            yaml.safe_dump(settings, handle)
+        remote = RemoteServer(["--config", path, "--max-model-len", "1024"])
+        yield remote
+        remote.close()
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +76,8 @@ def test_responses_and_tokenize_render_as_chat_does(server, client):
 def test_disable_fastapi_docs_takes_the_schema_away(server):
     assert httpx.get(f"{server.url}/openapi.json", timeout=30).status_code == 404
     assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
+
+
+def test_the_command_line_wins_over_the_file(server):
+    (card,) = httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"]
+    assert card["id"] == MODEL and card["max_model_len"] == 1024
