@@ -70,6 +70,8 @@ _ENGINE_HELP = {
               "alone); auto: pooling for XModel and XForSequenceClassification checkpoints, else generate",
     "pooler_config": "how a pooling model pools, as JSON overriding its checkpoint's sentence-transformers "
                      "config: '{\"pooling_type\": \"MEAN\", \"normalize\": true}' (LAST, MEAN or CLS)",
+    "hf_overrides": "config.json fields replaced at load, as JSON: '{\"max_position_embeddings\": 65536}'; a "
+                    "mapping merges into a mapping field (rope_parameters); a field the config lacks is refused",
     "tensor_parallel_size": "split the model across this many devices, one worker process each (NCCL on GPUs, "
                             "gloo on CPU); it must divide the attention heads",
     "enable_expert_parallel": "with --tensor-parallel-size N on a mixture-of-experts model: each rank holds E/N whole "

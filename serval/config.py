@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass
 
@@ -65,6 +66,19 @@ MIXED_GRAPH_MAX_TOKENS_16BIT = 256
 _BOOL_FIELDS = ("skip_tokenizer_init", "enable_prefix_caching", "enable_chunked_prefill", "enforce_eager",
                 "calculate_kv_scales", "enable_lora", "enable_expert_parallel",
                 "disable_hybrid_kv_cache_manager")
+
+
+def _json_object(name: str, value: str | dict | None) -> dict | None:
+    """A JSON-object argument (the CLI's string, or a dict) as a dict with string keys; None stays None."""
+    given = value
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise _bad(name, given, f"a JSON object ({error})") from None
+    if value is not None and (not isinstance(value, dict) or not all(isinstance(key, str) for key in value)):
+        raise _bad(name, given, "a JSON object")
+    return value
 
 
 def _bad(name: str, given, allowed: str) -> InvalidArgument:
@@ -143,6 +157,10 @@ class EngineConfig:
     # vLLM's --pooler-config: JSON (or a dict) overriding how a pooling model pools, {"pooling_type": "MEAN",
     # "normalize": true}; what it leaves out comes from the checkpoint (serval.model.pooling_model).
     pooler_config: str | dict | None = None
+    # vLLM's --hf-overrides: fields of the checkpoint's config replaced at load, JSON (or a dict), e.g.
+    # '{"max_position_embeddings": 65536}'; a mapping merges into a mapping field (rope_parameters). A key the
+    # config lacks is refused at load (serval.model.loader.apply_hf_overrides), not ignored.
+    hf_overrides: str | dict | None = None
     # Devices one model is split across (Megatron-style tensor parallelism, serval.distributed): one worker
     # process per rank. 1: today's single-process engine.
     tensor_parallel_size: int = 1
@@ -203,6 +221,7 @@ class EngineConfig:
             raise _bad("kv_cache_dtype", self.kv_cache_dtype, f"one of {list(_KV_CACHE_DTYPES)}")
         if self.runner not in RUNNERS:
             raise _bad("runner", self.runner, f"one of {list(RUNNERS)}")
+        self.hf_overrides = _json_object("hf_overrides", self.hf_overrides)
         try:
             parse_pooler_overrides(self.pooler_config)
         except ValueError as error:

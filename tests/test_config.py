@@ -33,6 +33,9 @@ INVALID = [
     (dict(dtype="int3"), "dtype", "'int3'", "one of"),
     (dict(model=3), "model", "3", "a path"),
     (dict(scheduling_policy="lifo"), "scheduling_policy", "'lifo'", "one of ['fcfs', 'priority']"),
+    (dict(hf_overrides="{rope"), "hf_overrides", "'{rope'", "a JSON object"),
+    (dict(hf_overrides="[1, 2]"), "hf_overrides", "'[1, 2]'", "a JSON object"),
+    (dict(hf_overrides={1: 2}), "hf_overrides", "{1: 2}", "a JSON object"),
 ]
 
 
@@ -73,3 +76,9 @@ def test_long_prefill_token_threshold_is_a_flag():
     assert engine_config_from_args(args).long_prefill_token_threshold == 256
     with pytest.raises(InvalidArgument, match="long_prefill_token_threshold=-4"):
         engine_config_from_args(parser.parse_args(["serve", "--long-prefill-token-threshold", "-4"]))
+
+
+def test_hf_overrides_is_a_json_flag():
+    args = build_parser().parse_args(["serve", "--hf-overrides", '{"max_position_embeddings": 4096}'])
+    assert engine_config_from_args(args).hf_overrides == {"max_position_embeddings": 4096}
+    assert EngineConfig(hf_overrides={"rms_norm_eps": 0.1}).hf_overrides == {"rms_norm_eps": 0.1}

@@ -82,7 +82,10 @@ class TensorParallelExecutor:
         if dist.is_initialized():
             raise RuntimeError("this process already belongs to a torch.distributed group (another tensor-parallel "
                                "engine?); shut that engine down first (LLMEngine.shutdown)")
-        hf_config = rank_config(model_path, config.load_format)
+        try:
+            hf_config = rank_config(model_path, config.load_format, config.hf_overrides)
+        except ValueError as error:
+            raise InvalidArgument("hf_overrides", str(error)) from None
         try:
             check_quantization(hf_config, config.quantization)
         except ValueError as error:
@@ -111,7 +114,8 @@ class TensorParallelExecutor:
                 plans = ShmBroadcastWriter(segment, spec, parallel.control_group,
                                            lambda: _raise_if_exited(processes), groups.COLLECTIVE_TIMEOUT_S)
             model = load_rank_model(model_path, layout, load_format=config.load_format, dtype=dtype, device=device,
-                                    seed=config.seed, group=parallel.device_group, quantization=config.quantization)
+                                    seed=config.seed, group=parallel.device_group, quantization=config.quantization,
+                                    hf_overrides=config.hf_overrides)
         except BaseException:
             _release(processes, None)
             if segment is not None:

@@ -148,11 +148,13 @@ def read_slices(part, pieces: list[TensorSlice]) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=pieces[0].dim)
 
 
-def rank_config(model_path: str, load_format: str):
+def rank_config(model_path: str, load_format: str, hf_overrides: dict | None = None):
     """The config of the model at model_path: a GGUF's metadata (load_format "gguf", or "auto" with only a .gguf
-    there), else config.json."""
+    there), else config.json; hf_overrides applied (loader.apply_hf_overrides)."""
     gguf_file = gguf_file_of(model_path, load_format)
-    return gguf_rank_config(gguf_file) if gguf_file is not None else loader.load_config(model_path)
+    config = gguf_rank_config(gguf_file) if gguf_file is not None else loader.load_config(model_path)
+    loader.apply_hf_overrides(config, hf_overrides)
+    return config
 
 
 def check_quantization(hf_config, quantization: str | None) -> None:
@@ -204,7 +206,7 @@ def hold_every_group(model: nn.Module, formats: loader.LayerFormats, layout: Sha
 
 def load_rank_model(model_path: str, layout: ShardLayout, *, load_format: str, dtype: torch.dtype,
                     device: torch.device, seed: int, group: dist.ProcessGroup | None = None,
-                    quantization: str | None = None) -> nn.Module:
+                    quantization: str | None = None, hf_overrides: dict | None = None) -> nn.Module:
     """The rank's shard of the model at model_path (a safetensors checkpoint, a GGUF, or dummy weights), with its
     collectives on `group`. Dummy weights are the same on every rank for the tensors they share (the shapes,
     hence the generator's draws, are the same on every rank), but not tensor_parallel_size=1's.
@@ -213,7 +215,7 @@ def load_rank_model(model_path: str, layout: ShardLayout, *, load_format: str, d
     are read as they are, each rank its own. A float8 KV cache's per-layer scales (k_scale, v_scale) are the same
     on every rank: one number per layer, applied to whichever heads the rank holds."""
     gguf_file = gguf_file_of(model_path, load_format)
-    hf_config = gguf_rank_config(gguf_file) if gguf_file is not None else loader.load_config(model_path)
+    hf_config = rank_config(model_path, load_format, hf_overrides)
     check_quantization(hf_config, quantization)
     layout = quantized_layout(layout, hf_config)
     model = loader.build_model(local_config(hf_config, layout), dtype, device)

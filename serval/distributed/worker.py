@@ -85,7 +85,7 @@ def run_worker(args: WorkerArgs) -> None:
     try:
         model = load_rank_model(args.model_path, args.layout, load_format=args.config.load_format, dtype=args.dtype,
                                 device=device, seed=args.config.seed, group=parallel.device_group,
-                                quantization=args.config.quantization)
+                                quantization=args.config.quantization, hf_overrides=args.config.hf_overrides)
         # The driver's messages: RankSetup once, then a ForwardInputs, a DecodeStep or a MixedStep per step; None: stop.
         setup: RankSetup = plans.read()
         config = setup.config

@@ -94,7 +94,8 @@ class LLMEngine:
         else:
             self.model, self.hf_config = load_model(model_path, load_format=config.load_format, dtype=self.dtype,
                                                     device=self.device, seed=config.seed,
-                                                    quantization=config.quantization, runner=config.runner)
+                                                    quantization=config.quantization, runner=config.runner,
+                                                    hf_overrides=config.hf_overrides)
         # The resident adapter slots take device memory before the KV cache is sized from what is left.
         self.lora = _lora_manager(config, self.model, self.device, self.dtype)
         self.tokenizer = _load_tokenizer_or_none(model_path, config)

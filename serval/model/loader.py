@@ -49,11 +49,12 @@ GGUF_KERNEL_ENV = "SERVAL_GGUF"  # "triton": the Triton GGUF kernels on any devi
 def load_model(model: str, *, load_format: str = "auto", dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", seed: int = 0,
                quantization: str | None = None,
-               runner: str = "auto") -> tuple[nn.Module, transformers.PretrainedConfig]:
+               runner: str = "auto", hf_overrides: dict | None = None) -> tuple[nn.Module, transformers.PretrainedConfig]:
     """Build and load the model at `model` (a directory, a GGUF file, or a packaged model's alias such as
     "gemma3-270m"); return (model in eval mode, HF config).
     quantization="fp8": the decoder's projections are quantized to float8 once loaded (quantize_fp8). A checkpoint
-    whose config.json declares fp8 (checkpoint_quantization) is read in float8 as it is, with or without it."""
+    whose config.json declares fp8 (checkpoint_quantization) is read in float8 as it is, with or without it.
+    hf_overrides: config fields replaced before the model is built (apply_hf_overrides)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format {load_format!r} is not supported; choose one of {list(LOAD_FORMATS)}")
     if quantization not in QUANTIZATIONS:
@@ -75,6 +76,7 @@ def load_model(model: str, *, load_format: str = "auto", dtype: torch.dtype = to
         config = load_config(model)
         weights = None if load_format == "dummy" else iter_safetensors(safetensors_files(model))
         load_format = "dummy" if load_format == "dummy" else "safetensors"
+    apply_hf_overrides(config, hf_overrides)
     net = build_model(config, dtype, device, runner)
     declared = checkpoint_quant(config)
     if gguf_file is not None and checkpoint.quantization is not None:
@@ -248,6 +250,19 @@ def quantize_fp8(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FusedMoE):  # experts: float8 stacks, scales per expert and row (layers/moe.py)
             module.quantize_fp8_()
+
+
+def apply_hf_overrides(config: transformers.PretrainedConfig, overrides: dict | None) -> None:
+    """vLLM's hf_overrides: each key's value replaces the config's (a mapping is merged into a mapping field, as
+    rope_parameters takes {"factor": 4.0}). A key the config lacks raises ValueError naming it: a misspelt field
+    would otherwise change nothing, silently."""
+    for key, value in (overrides or {}).items():
+        if not hasattr(config, key):
+            raise ValueError(f"invalid hf_overrides key {key!r}: {type(config).__name__} has no such field")
+        current = getattr(config, key)
+        if isinstance(value, dict) and isinstance(current, dict):
+            value = {**current, **value}
+        setattr(config, key, value)
 
 
 def load_config(model_dir: str) -> transformers.PretrainedConfig:

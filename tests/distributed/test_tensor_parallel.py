@@ -34,6 +34,9 @@ CASES = {
 }
 # Cases whose prompt logprobs are checked too: the gathered vocabulary, and the soft-cap applied after the gather.
 LOGPROB_CASES = ("qwen3-replicated-kv-odd-vocab", "gemma3")
+# hf_overrides given to both engines (every rank builds from the overridden config), against transformers loading
+# the checkpoint with the same fields.
+HF_OVERRIDES = {"llama": {"rms_norm_eps": 0.25}}
 
 
 def build_case(path, arch: str, **overrides):
@@ -47,7 +50,12 @@ def build_case(path, arch: str, **overrides):
 def test_greedy_matches_transformers_and_tp1(tmp_path, case):
     arch, overrides = CASES[case]
     hf_model = build_case(tmp_path, arch, **overrides)
-    with greedy_checked_tp_llm(str(tmp_path), hf_model) as llm:
+    hf_overrides = HF_OVERRIDES.get(case)
+    if hf_overrides is not None:
+        import transformers
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32,
+                                                                     **hf_overrides).eval()
+    with greedy_checked_tp_llm(str(tmp_path), hf_model, model_args=dict(hf_overrides=hf_overrides)) as llm:
         stats = llm.engine.get_stats()
         assert stats.num_free_blocks == stats.num_blocks
         if case in LOGPROB_CASES:
@@ -55,16 +63,17 @@ def test_greedy_matches_transformers_and_tp1(tmp_path, case):
 
 
 @contextmanager
-def greedy_checked_tp_llm(path: str, hf_model, **engine_args) -> Iterator[LLM]:
+def greedy_checked_tp_llm(path: str, hf_model, model_args: dict | None = None, **engine_args) -> Iterator[LLM]:
     """A tensor_parallel_size=2 engine on the checkpoint at `path` whose greedy tokens, for a dozen prompts under
     preemption and prefix hits, equal tensor_parallel_size=1's and transformers'; yielded for the caller's own
-    checks, then shut down, leaving no worker process."""
+    checks, then shut down, leaving no worker process. model_args go to both engines, engine_args to the
+    tensor-parallel one."""
     prompts = make_prompts(hf_model.config.vocab_size)
     params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
-    single = pressured_llm(path, prefix_caching=True)
+    single = pressured_llm(path, prefix_caching=True, **(model_args or {}))
     expected = [o.outputs[0].token_ids for o in single.generate([{"prompt_token_ids": p} for p in prompts], params,
                                                                 use_tqdm=False)]
-    llm = pressured_llm(path, prefix_caching=True, tensor_parallel_size=2, **engine_args)
+    llm = pressured_llm(path, prefix_caching=True, tensor_parallel_size=2, **(model_args or {}), **engine_args)
     try:
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outputs] == expected

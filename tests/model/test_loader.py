@@ -242,3 +242,30 @@ def test_checkpoint_quantization_names_the_declared_method(quantization_config, 
     if quantization_config is not None:
         config.quantization_config = quantization_config
     assert checkpoint_quantization(config) == expected
+
+
+def test_hf_overrides_replace_config_fields_as_transformers_reads_them(tiny_models):
+    """vLLM's hf_overrides: the model is built from the overridden config (transformers given the same fields is
+    the reference); a mapping merges into a mapping field."""
+    import transformers
+    path, hf_model = tiny_models("llama")
+    reference_config = transformers.AutoConfig.from_pretrained(path)
+    theta = reference_config.rope_parameters["rope_theta"] * 7
+    overrides = {"rms_norm_eps": 0.5, "rope_parameters": {"rope_theta": theta}}
+    model, config = load_model(path, hf_overrides=overrides)
+    assert config.rms_norm_eps == 0.5 and config.rope_parameters == {**reference_config.rope_parameters,
+                                                                     "rope_theta": theta}
+    reference_config.rms_norm_eps, reference_config.rope_parameters = 0.5, config.rope_parameters
+    reference = transformers.AutoModelForCausalLM.from_pretrained(path, config=reference_config,
+                                                                  dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected, plain = (m(INPUT_IDS[None]).logits[0] for m in (reference, hf_model))
+    got = logits_of(model, INPUT_IDS)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got, plain, atol=1e-2)  # the overrides changed the model
+
+
+def test_an_hf_override_the_config_lacks_is_named(tiny_models):
+    path, _ = tiny_models("llama")
+    with pytest.raises(ValueError, match="'rope_scalling'.*LlamaConfig has no such field"):
+        load_model(path, hf_overrides={"rope_scalling": {"factor": 2.0}})
