@@ -36,6 +36,8 @@ Bool = StrictBool
 TokenId = Annotated[int, Field(strict=True, ge=0)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 Seed = Annotated[int, Field(strict=True, ge=SEED_MIN, le=SEED_MAX)]
+# vLLM's request priority (lower is scheduled first, with --scheduling-policy priority), bounded as seeds are.
+Priority = Annotated[int, Field(strict=True, ge=SEED_MIN, le=SEED_MAX)]
 PositiveInt = Annotated[int, Field(strict=True, ge=1)]
 NonNegativeInt = Annotated[int, Field(strict=True, ge=0)]
 
@@ -169,6 +171,7 @@ class SamplingFields(RequestBody):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
+    priority: Priority = 0
 
     @model_validator(mode="before")
     @classmethod

@@ -104,6 +104,15 @@ def completion_prompts(tokenizer, prompts: list[str | list[int]], texts: list[st
     return built
 
 
+def check_priority(state: ServerState, priority: int) -> int:
+    """A request's priority, which only the priority scheduler reads: elsewhere anything but 0 is a 400, as in vLLM,
+    rather than an order silently not kept."""
+    if priority != 0 and state.engine.config.scheduling_policy != "priority":
+        raise APIError(400, f"priority {priority} needs a server started with --scheduling-policy priority (this "
+                            f"one schedules {state.engine.config.scheduling_policy})", param="priority")
+    return priority
+
+
 def apply_template_defaults(config: ServerConfig, body) -> None:
     """The server's --default-chat-template-kwargs under the request's own chat_template_kwargs (the request's
     win), set on the body before anything reads it: the template, and the reasoning parser's thinking switch."""

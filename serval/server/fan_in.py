@@ -34,14 +34,14 @@ class FanIn:
         self.latest: dict[int, RequestOutput] = {}  # each prompt's last output: what a key is charged for
         self.interrupted: Exception | None = None
 
-    def start(self, engine, prompts: list[dict], params, lora_request=None) -> None:
+    def start(self, engine, prompts: list[dict], params, lora_request=None, priority: int = 0) -> None:
         """Hand every prompt to the engine; if one is invalid, close what started and raise its error (the
         engine validates in add_request, so nothing of a refused request runs)."""
         for index, prompt in enumerate(prompts):
             request_id = self.record.request_id if len(prompts) == 1 else f"{self.record.request_id}-{index}"
             try:
-                stream = (engine.add_request(request_id, prompt, params) if lora_request is None
-                          else engine.add_request(request_id, prompt, params, lora_request=lora_request))
+                stream = (engine.add_request(request_id, prompt, params, priority) if lora_request is None
+                          else engine.add_request(request_id, prompt, params, priority, lora_request=lora_request))
             except BaseException:
                 self._cancel_started()
                 raise

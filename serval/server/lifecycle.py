@@ -26,7 +26,7 @@ from serval.openai.errors import APIError, InvalidArgument
 from serval.openai.http import OFF_LOOP_BYTES, json_object, parse_json_body, read_body
 from serval.openai.protocol import random_id
 from serval.openai.sse import DONE, SSE_HEADERS, ClosingStreamingResponse, error_event
-from serval.server.admission import check_model
+from serval.server.admission import check_model, check_priority
 from serval.server.request_defaults import with_defaults
 from serval.server.request_log import RequestRecord
 from serval.server.state import ServerState
@@ -51,6 +51,7 @@ class Call:
     param_aliases: dict[str, str] = field(default_factory=dict)
     defaults: GenerationDefaults | None = None  # the model's, for what the body leaves out
     lora_request: Any = None  # serval.lora.LoRARequest when the body's `model` names an adapter
+    priority: int = 0  # the body's (vLLM's field), checked against the scheduling policy at admission
 
     def sampling_params(self, body):
         try:
@@ -108,6 +109,7 @@ async def handle(state: ServerState, raw: Request, model_cls: type[BaseModel], h
         body = await read_request(state, raw, model_cls)
         record.model = check_model(state, body.model)
         call.lora_request = state.loras.get(record.model)
+        call.priority = check_priority(state, getattr(body, "priority", 0))
         if isinstance(body, protocol.ChatCompletionRequest):
             call.param_aliases["max_tokens"] = body.max_tokens_param  # SamplingParams knows one name
         call.span = _start_span(state, raw, body, record)

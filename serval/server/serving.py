@@ -241,7 +241,7 @@ async def start(state: ServerState, call: Call, prompts: list[dict], params, con
     admission.check_capacity(state)
     fan_in = FanIn(state.metrics, state.model_name, call.record)
     # No await between the capacity check and the engine taking the requests: concurrent requests see each other.
-    fan_in.start(state.engine, prompts, params, call.lora_request)
+    fan_in.start(state.engine, prompts, params, call.lora_request, call.priority)
     call.fan_in = fan_in
     state.open_fan_ins.add(fan_in)  # until `finish`: what the shutdown deadline interrupts
     verdicts = asyncio.ensure_future(call.session.classify(conversations, param))

@@ -58,6 +58,7 @@ SAMPLING = {
     "repetition_penalty": maybe_wrong(st.floats(min_value=0.5, max_value=2)),
     "logit_bias": maybe_wrong(st.dictionaries(st.integers(-3, 60_000).map(str), st.floats(-100, 100), max_size=3)),
     "min_tokens": maybe_wrong(st.integers(min_value=0, max_value=4)),
+    "priority": maybe_wrong(st.integers(min_value=-2, max_value=2)),
     "ignore_eos": maybe_wrong(st.booleans()),
     "stream": maybe_wrong(st.booleans()),
     "stream_options": maybe_wrong(st.fixed_dictionaries({"include_usage": st.booleans()})),
@@ -180,6 +181,18 @@ def test_no_body_gets_a_5xx(server, client, path):
     property_holds()
     assert client.get("/health").status_code == 200
     assert server.wait_idle(), "requests left running or waiting"
+
+
+def test_a_priority_needs_the_priority_scheduler(server):
+    """vLLM's `priority` field: this server schedules first come, first served, so any priority but 0 is refused
+    (an order it would not keep), naming the field; 0 is served (tests/e2e/test_vllm_flags.py: the order kept)."""
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
+    refused = httpx.post(f"{server.url}/v1/completions", json={**body, "priority": 3}, timeout=60)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "priority"
+    assert "--scheduling-policy priority" in refused.json()["error"]["message"]
+    assert httpx.post(f"{server.url}/v1/completions", json={**body, "priority": 0}, timeout=60).status_code == 200
+    wrong = httpx.post(f"{server.url}/v1/completions", json={**body, "priority": 2**63}, timeout=60)
+    assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "priority"
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,10 @@
 one more on the command line; vLLM's compatibility flags are accepted as given (--trust-remote-code,
 --tokenizer-mode auto, --pipeline-parallel-size 1, --data-parallel-size 1, --enable-log-requests),
 --default-chat-template-kwargs reaches the chat template and the reasoning parser for every request that does not
-set the variable itself, and --disable-fastapi-docs takes /openapi.json away. Values Serval can't serve are refused
-by name (tests/test_cli.py)."""
+set the variable itself, and --disable-fastapi-docs takes /openapi.json away. With --scheduling-policy priority a
+request's `priority` (vLLM's field) orders the waiting requests. Values Serval can't serve are refused by name
+(tests/test_cli.py; a priority without the priority scheduler: tests/e2e/test_api_fuzz.py)."""
+import asyncio
 import os
 import tempfile
 
@@ -25,7 +27,8 @@ def server():
     settings = {"model": tiny_qwen3_dir(), "max_model_len": 512, "served-model-name": [MODEL],
                 "reasoning-parser": "qwen3", "default-chat-template-kwargs": DEFAULTS, "trust-remote-code": True,
                 "tokenizer-mode": "auto", "pipeline-parallel-size": 1, "data-parallel-size": 1,
-                "enable-log-requests": True, "disable-fastapi-docs": True}
+                "enable-log-requests": True, "disable-fastapi-docs": True, "scheduling-policy": "priority",
+                "max-num-seqs": 1}
     with tempfile.TemporaryDirectory(prefix="serval-config-") as directory:
         path = os.path.join(directory, "serve.yaml")
         with open(path, "w") as handle:
@@ -81,3 +84,33 @@ def test_disable_fastapi_docs_takes_the_schema_away(server):
 def test_the_command_line_wins_over_the_file(server):
     (card,) = httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"]
     assert card["id"] == MODEL and card["max_model_len"] == 1024
+
+
+
+def test_waiting_requests_start_in_priority_order(server):
+    """One sequence at a time (max-num-seqs 1): while a long request runs, a priority-5 and then a priority--5
+    request wait; the later one, with the lower number, runs first, as vLLM's priority scheduler orders them."""
+    async def run() -> list[str]:
+        client = server.async_client(timeout=120)
+        finished = []
+
+        async def ask(name: str, priority: int, max_tokens: int) -> None:
+            await client.completions.create(model=MODEL, prompt="Count:", max_tokens=max_tokens, temperature=0.0,
+                                            extra_body={"priority": priority, "ignore_eos": True})
+            finished.append(name)
+
+        long_stream = await client.completions.create(model=MODEL, prompt="Count:", max_tokens=300, stream=True,
+                                                      extra_body={"ignore_eos": True})
+        chunks = aiter(long_stream)
+        await anext(chunks)  # running: the only sequence slot is taken
+        low = asyncio.create_task(ask("low", 5, 2))
+        await asyncio.sleep(0.3)  # queued first
+        high = asyncio.create_task(ask("high", -5, 2))
+        async for _ in chunks:
+            pass
+        finished.append("long")
+        await asyncio.gather(low, high)
+        return finished
+
+    finished = asyncio.run(run())
+    assert finished.index("high") < finished.index("low")
