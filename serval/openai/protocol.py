@@ -328,6 +328,15 @@ class ChatCompletionRequest(SamplingFields, ToolRequestFields):
     logprobs: Bool = False
     top_logprobs: Int | None = None
     add_generation_prompt: Bool = True
+    # vLLM's: the last (assistant) message is left open and the model continues it, as a prefill
+    continue_final_message: Bool = False
+
+    @model_validator(mode="after")
+    def _continue_or_open_a_turn(self):
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message needs add_generation_prompt to be false: the model either "
+                             "continues the last message or starts a new turn")
+        return self
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):

@@ -121,8 +121,9 @@ def apply_template_defaults(config: ServerConfig, body) -> None:
 
 
 def chat_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
-                chat_template_kwargs: dict | None = None) -> dict:
-    """`tools` (chat-completions function tools) are rendered as the template renders them."""
+                chat_template_kwargs: dict | None = None, continue_final_message: bool = False) -> dict:
+    """`tools` (chat-completions function tools) are rendered as the template renders them; with
+    continue_final_message the last message is left open for the model to continue."""
     tokenizer = require_tokenizer(tokenizer)
     kwargs = chat_template_kwargs or {}
     reserved = sorted(RESERVED_TEMPLATE_KWARGS.intersection(kwargs))
@@ -131,7 +132,8 @@ def chat_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = T
                             "request itself", param="chat_template_kwargs")
     try:
         text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt, **kwargs)
+                                             add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message, **kwargs)
     except Exception as error:  # jinja's TemplateError and raise_exception() in templates: bad messages
         raise APIError(400, f"The chat template rejected the messages: {error}", param="messages") from error
     return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}

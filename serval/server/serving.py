@@ -117,7 +117,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     contents = call.session.check_input([message["content"] for message in messages], "messages")
     messages = [{**message, "content": content} for message, content in zip(messages, contents)]
     prompt = await state.off_loop(admission.chat_prompt, state.tokenizer, messages, body.add_generation_prompt,
-                                  body.template_tools(), body.chat_template_kwargs)
+                                  body.template_tools(), body.chat_template_kwargs, body.continue_final_message)
     call.session.check_prompt_tokens(len(prompt["prompt_token_ids"]), "messages")
     admission.check_context(state, len(prompt["prompt_token_ids"]), params.max_tokens, "messages",
                             ContextParams("messages", body.max_tokens_param))

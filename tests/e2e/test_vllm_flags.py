@@ -114,3 +114,23 @@ def test_waiting_requests_start_in_priority_order(server):
 
     finished = asyncio.run(run())
     assert finished.index("high") < finished.index("low")
+
+
+def test_continue_final_message_leaves_the_assistant_turn_open(client):
+    """vLLM's continue_final_message (an assistant prefill): the prompt ends inside the last message, as
+    transformers renders it; with a new turn asked for too it is a 400."""
+    import openai
+    messages = MESSAGES + [{"role": "assistant", "content": "The answer is"}]
+    response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0.0,
+                                              extra_body={"continue_final_message": True,
+                                                          "add_generation_prompt": False})
+    text = qwen3_tokenizer().apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
+                                                 continue_final_message=True, enable_thinking=False)
+    assert text.endswith("The answer is")
+    assert response.usage.prompt_tokens == len(qwen3_tokenizer().encode(text, add_special_tokens=False))
+    closed = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1, temperature=0.0,
+                                            extra_body={"add_generation_prompt": False})
+    assert closed.usage.prompt_tokens > response.usage.prompt_tokens  # the turn closed: its end-of-turn tokens
+    with pytest.raises(openai.BadRequestError, match="continue_final_message needs add_generation_prompt"):
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1,
+                                       extra_body={"continue_final_message": True})
