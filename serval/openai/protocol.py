@@ -38,6 +38,14 @@ TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 Seed = Annotated[int, Field(strict=True, ge=SEED_MIN, le=SEED_MAX)]
 # vLLM's request priority (lower is scheduled first, with --scheduling-policy priority), bounded as seeds are.
 Priority = Annotated[int, Field(strict=True, ge=SEED_MIN, le=SEED_MAX)]
+# vLLM's truncate_prompt_tokens: keep the prompt's last k tokens; -1 keeps up to the context length. (0 is refused.)
+TruncatePromptTokens = Annotated[int, Field(strict=True, ge=-1)]
+
+
+def _keep_some_tokens(value):
+    if value == 0:
+        raise ValueError("truncate_prompt_tokens must be -1 (the context length) or at least 1")
+    return value
 PositiveInt = Annotated[int, Field(strict=True, ge=1)]
 NonNegativeInt = Annotated[int, Field(strict=True, ge=0)]
 
@@ -255,6 +263,8 @@ class CompletionRequest(SamplingFields):
     max_tokens: NonNegativeInt | None = 16
     logprobs: Int | None = None
     echo: Bool = False
+    truncate_prompt_tokens: TruncatePromptTokens | None = None
+    _truncate = field_validator("truncate_prompt_tokens")(_keep_some_tokens)
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -330,6 +340,8 @@ class ChatCompletionRequest(SamplingFields, ToolRequestFields):
     add_generation_prompt: Bool = True
     # vLLM's: the last (assistant) message is left open and the model continues it, as a prefill
     continue_final_message: Bool = False
+    truncate_prompt_tokens: TruncatePromptTokens | None = None
+    _truncate = field_validator("truncate_prompt_tokens")(_keep_some_tokens)
 
     @model_validator(mode="after")
     def _continue_or_open_a_turn(self):

@@ -104,6 +104,22 @@ def completion_prompts(tokenizer, prompts: list[str | list[int]], texts: list[st
     return built
 
 
+def truncate_prompt(state: ServerState, prompt: dict, keep: int | None) -> dict:
+    """vLLM's truncate_prompt_tokens: the prompt's last `keep` tokens (-1: the context length), its text decoded
+    from them (what echo shows). Runs on the tokenizer's thread."""
+    if keep is None:
+        return prompt
+    if keep > state.max_model_len:
+        raise APIError(400, f"truncate_prompt_tokens {keep} is more than the model's context length "
+                            f"({state.max_model_len})", param="truncate_prompt_tokens")
+    keep = state.max_model_len if keep == -1 else keep
+    ids = prompt["prompt_token_ids"]
+    if len(ids) <= keep:
+        return prompt
+    ids = ids[-keep:]
+    return {"prompt": state.tokenizer.decode(ids) if state.tokenizer is not None else "", "prompt_token_ids": ids}
+
+
 def check_priority(state: ServerState, priority: int) -> int:
     """A request's priority, which only the priority scheduler reads: elsewhere anything but 0 is a 400, as in vLLM,
     rather than an order silently not kept."""

@@ -35,6 +35,9 @@ async def create_completion(state: ServerState, body: CompletionRequest, call: C
     for i, text in zip(checkable, call.session.check_input([texts[i] for i in checkable], "prompt")):
         checked[i] = text
     prompts = await state.off_loop(admission.completion_prompts, state.tokenizer, raw_prompts, texts, checked)
+    if body.truncate_prompt_tokens is not None:
+        prompts = [await state.off_loop(admission.truncate_prompt, state, prompt, body.truncate_prompt_tokens)
+                   for prompt in prompts]
     for prompt in prompts:
         call.session.check_prompt_tokens(len(prompt["prompt_token_ids"]), "prompt")
         admission.check_context(state, len(prompt["prompt_token_ids"]), params.max_tokens, "prompt",
@@ -118,6 +121,8 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     messages = [{**message, "content": content} for message, content in zip(messages, contents)]
     prompt = await state.off_loop(admission.chat_prompt, state.tokenizer, messages, body.add_generation_prompt,
                                   body.template_tools(), body.chat_template_kwargs, body.continue_final_message)
+    if body.truncate_prompt_tokens is not None:
+        prompt = await state.off_loop(admission.truncate_prompt, state, prompt, body.truncate_prompt_tokens)
     call.session.check_prompt_tokens(len(prompt["prompt_token_ids"]), "messages")
     admission.check_context(state, len(prompt["prompt_token_ids"]), params.max_tokens, "messages",
                             ContextParams("messages", body.max_tokens_param))

@@ -134,3 +134,22 @@ def test_continue_final_message_leaves_the_assistant_turn_open(client):
     with pytest.raises(openai.BadRequestError, match="continue_final_message needs add_generation_prompt"):
         client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1,
                                        extra_body={"continue_final_message": True})
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(server, client):
+    """vLLM's truncate_prompt_tokens: the engine sees the prompt's last k tokens, so the answer is that of those
+    tokens sent alone; -1 keeps up to the context length; 0 and more than the context are refused by name."""
+    ids = [(7 * i + 3) % 1000 + 10 for i in range(40)]
+    body = dict(model=MODEL, max_tokens=6, temperature=0.0)
+    truncated = client.completions.create(prompt=ids, extra_body={"truncate_prompt_tokens": 9, "ignore_eos": True},
+                                          **body)
+    alone = client.completions.create(prompt=ids[-9:], extra_body={"ignore_eos": True}, **body)
+    assert truncated.usage.prompt_tokens == 9 and truncated.choices[0].text == alone.choices[0].text
+    whole = client.completions.create(prompt=ids, extra_body={"truncate_prompt_tokens": -1}, **body)
+    assert whole.usage.prompt_tokens == len(ids)
+    chat = client.chat.completions.create(messages=MESSAGES, extra_body={"truncate_prompt_tokens": 5}, **body)
+    assert chat.usage.prompt_tokens == 5
+    for keep in (0, 5000, "9"):
+        answer = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": ids,
+                                                                  "truncate_prompt_tokens": keep}, timeout=30)
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == "truncate_prompt_tokens", keep
