@@ -264,6 +264,7 @@ class CompletionRequest(SamplingFields):
     logprobs: Int | None = None
     echo: Bool = False
     truncate_prompt_tokens: TruncatePromptTokens | None = None
+    return_token_ids: Bool = False  # vLLM's: each choice carries prompt_token_ids and token_ids
     _truncate = field_validator("truncate_prompt_tokens")(_keep_some_tokens)
 
     @field_validator("prompt", mode="before")
@@ -341,6 +342,8 @@ class ChatCompletionRequest(SamplingFields, ToolRequestFields):
     # vLLM's: the last (assistant) message is left open and the model continues it, as a prefill
     continue_final_message: Bool = False
     truncate_prompt_tokens: TruncatePromptTokens | None = None
+    # vLLM's: the response carries prompt_token_ids (a stream: in its first chunk) and each choice token_ids
+    return_token_ids: Bool = False
     _truncate = field_validator("truncate_prompt_tokens")(_keep_some_tokens)
 
     @model_validator(mode="after")
@@ -443,6 +446,8 @@ class CompletionChoice(OpenAIBase):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_token_ids: list[int] | None = None  # with return_token_ids (a stream: in a choice's first chunk)
+    token_ids: list[int] | None = None  # with return_token_ids: the generated ids (a stream: this chunk's)
 
 
 class CompletionResponse(OpenAIBase):
@@ -481,6 +486,7 @@ class ChatChoice(OpenAIBase):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # with return_token_ids: the generated ids, before any parsing
 
 
 class ChatCompletionResponse(OpenAIBase):
@@ -490,6 +496,7 @@ class ChatCompletionResponse(OpenAIBase):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = None  # with return_token_ids
 
 
 class DeltaFunctionCall(OpenAIBase):
@@ -517,6 +524,7 @@ class ChatStreamChoice(OpenAIBase):
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    token_ids: list[int] | None = None  # with return_token_ids: this chunk's generated ids
 
 
 class ChatCompletionChunk(OpenAIBase):
@@ -526,6 +534,7 @@ class ChatCompletionChunk(OpenAIBase):
     model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = None  # with return_token_ids, in the stream's first chunk
 
 
 class ModelCard(OpenAIBase):

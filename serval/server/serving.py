@@ -87,19 +87,25 @@ class CompletionChunks:
     def whole_choice(self, prompt_index: int, output: RequestOutput, completion: CompletionOutput, text: str,
                      finish_reason: str | None) -> protocol.CompletionChoice:
         echo = self.body.echo
+        ids = self.body.return_token_ids
         return protocol.CompletionChoice(
             index=prompt_index * self.n + completion.index,
             text=self.prompt_texts[prompt_index] + text if echo else text,
             logprobs=self._logprobs(output, completion.token_ids, completion.logprobs, echo),
-            finish_reason=finish_reason, stop_reason=completion.stop_reason)
+            finish_reason=finish_reason, stop_reason=completion.stop_reason,
+            prompt_token_ids=list(output.prompt_token_ids) if ids else None,
+            token_ids=list(completion.token_ids) if ids else None)
 
     def chunk(self, key: int, prompt_index: int, output: RequestOutput, completion: CompletionOutput, delta: Delta,
               text: str, finish_reason: str | None, first: bool) -> str:
         echo = self.body.echo and first
+        ids = self.body.return_token_ids
         choice = protocol.CompletionChoice(
             index=key, text=self.prompt_texts[prompt_index] + text if echo else text,
             logprobs=self._logprobs(output, delta.token_ids, delta.logprobs, echo),
-            finish_reason=finish_reason, stop_reason=completion.stop_reason)
+            finish_reason=finish_reason, stop_reason=completion.stop_reason,
+            prompt_token_ids=list(output.prompt_token_ids) if ids and first else None,
+            token_ids=list(delta.token_ids) if ids else None)
         return sse(protocol.CompletionResponse(id=self.call.record.request_id, created=self.created,
                                                model=self.call.record.model, choices=[choice]))
 
@@ -127,13 +133,14 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     admission.check_context(state, len(prompt["prompt_token_ids"]), params.max_tokens, "messages",
                             ContextParams("messages", body.max_tokens_param))
     fan_in = await start(state, call, [prompt], params, [messages], "messages")
-    chunks = ChatChunks(call, body, state.tokenizer, output_parsers)
+    chunks = ChatChunks(call, body, state.tokenizer, output_parsers, prompt["prompt_token_ids"])
     if body.stream:
         return PendingStream(stream_deltas(fan_in, chunks, call, body.include_usage_in_stream))
     (output,) = await collect(fan_in)
     choices = [chunks.whole_choice(completion, *whole_text(call, completion)) for completion in output.outputs]
-    return JSONResponse(protocol.ChatCompletionResponse(id=call.record.request_id, model=call.record.model,
-                                                        choices=choices, usage=call.usage()).model_dump())
+    return JSONResponse(protocol.ChatCompletionResponse(
+        id=call.record.request_id, model=call.record.model, choices=choices, usage=call.usage(),
+        prompt_token_ids=list(prompt["prompt_token_ids"]) if body.return_token_ids else None).model_dump())
 
 
 @dataclass
@@ -145,6 +152,7 @@ class ChatChunks:
     body: ChatCompletionRequest
     tokenizer: object
     new_parser: Callable[[], ChatOutputParser] = ChatOutputParser
+    prompt_token_ids: list[int] = field(default_factory=list)  # sent in the first chunk with return_token_ids
     created: int = field(default_factory=lambda: int(time.time()))
     parsers: dict[int, ChatOutputParser] = field(default_factory=dict)
 
@@ -161,13 +169,16 @@ class ChatChunks:
             return None
         return chat_logprobs(token_ids, positions, self.body.top_logprobs or 0, self.tokenizer)
 
-    def _event(self, choices: list[protocol.ChatStreamChoice], usage=None) -> str:
+    def _event(self, choices: list[protocol.ChatStreamChoice], usage=None, prompt_token_ids=None) -> str:
         return sse(protocol.ChatCompletionChunk(id=self.call.record.request_id, created=self.created,
-                                                model=self.call.record.model, choices=choices, usage=usage))
+                                                model=self.call.record.model, choices=choices, usage=usage,
+                                                prompt_token_ids=prompt_token_ids))
 
     def opening(self) -> list[str]:
+        prompt_ids = list(self.prompt_token_ids) if self.body.return_token_ids else None
         return [self._event([protocol.ChatStreamChoice(index=index, delta=protocol.DeltaMessage(
-            role="assistant", content=""))]) for index in range(self.n)]
+            role="assistant", content=""))], prompt_token_ids=prompt_ids if index == 0 else None)
+            for index in range(self.n)]
 
     def whole_choice(self, completion: CompletionOutput, text: str, finish_reason: str | None) -> protocol.ChatChoice:
         parser = self.new_parser()
@@ -180,7 +191,8 @@ class ChatChunks:
         return protocol.ChatChoice(index=completion.index, message=message,
                                    logprobs=self._logprobs(completion.token_ids, completion.logprobs),
                                    finish_reason=api_finish_reason(parser, finish_reason),
-                                   stop_reason=completion.stop_reason)
+                                   stop_reason=completion.stop_reason,
+                                   token_ids=list(completion.token_ids) if self.body.return_token_ids else None)
 
     def chunk(self, key: int, prompt_index: int, output: RequestOutput, completion: CompletionOutput, delta: Delta,
               text: str, finish_reason: str | None, first: bool) -> str | None:
@@ -193,8 +205,8 @@ class ChatChunks:
             last = parser.finish()
             parsed = ChatDelta(parsed.reasoning + last.reasoning, parsed.content + last.content,
                                merge_tool_call_deltas(parsed.tool_calls + last.tool_calls))
-        if not parsed and finish_reason is None and not self.wants_logprobs:
-            return None
+        if not parsed and finish_reason is None and not self.wants_logprobs and not self.body.return_token_ids:
+            return None  # (with token ids every delta is sent: its ids are not held back with its text)
         if plain(parser):
             message = protocol.DeltaMessage(content=text)
         else:
@@ -203,7 +215,8 @@ class ChatChunks:
                 tool_calls=[protocol.DeltaToolCall(**item.to_openai()) for item in parsed.tool_calls] or None)
         return self._event([protocol.ChatStreamChoice(
             index=key, delta=message, logprobs=self._logprobs(delta.token_ids, delta.logprobs),
-            finish_reason=api_finish_reason(parser, finish_reason))])
+            finish_reason=api_finish_reason(parser, finish_reason),
+            token_ids=list(delta.token_ids) if self.body.return_token_ids else None)])
 
     def usage_chunk(self) -> str:
         return self._event([], usage=self.call.usage())

@@ -6,6 +6,7 @@ set the variable itself, and --disable-fastapi-docs takes /openapi.json away. Wi
 request's `priority` (vLLM's field) orders the waiting requests. Values Serval can't serve are refused by name
 (tests/test_cli.py; a priority without the priority scheduler: tests/e2e/test_api_fuzz.py)."""
 import asyncio
+import json
 import os
 import tempfile
 
@@ -153,3 +154,39 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(server, client):
         answer = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": ids,
                                                                   "truncate_prompt_tokens": keep}, timeout=30)
         assert answer.status_code == 400 and answer.json()["error"]["param"] == "truncate_prompt_tokens", keep
+
+
+def sse_events(server, path: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", f"{server.url}{path}", json={**body, "stream": True}, timeout=60) as response:
+        assert response.status_code == 200
+        return [json.loads(line[6:]) for line in response.iter_lines()
+                if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+def test_return_token_ids_gives_the_prompt_and_the_generated_ids(server):
+    """vLLM's return_token_ids: chat gives prompt_token_ids beside the choices (a stream: in its first chunk) and
+    each choice its token_ids (a stream: each chunk's), completions both on each choice; the ids are the prompt the
+    template made and the tokens whose text the answer is."""
+    tokenizer = qwen3_tokenizer()
+    text = tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 12, "temperature": 0.0, "ignore_eos": True,
+            "return_token_ids": True}
+    whole = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).json()
+    (choice,) = whole["choices"]
+    assert whole["prompt_token_ids"] == tokenizer.encode(text, add_special_tokens=False)
+    assert len(choice["token_ids"]) == whole["usage"]["completion_tokens"] == 12
+    assert tokenizer.decode(choice["token_ids"], skip_special_tokens=True) == choice["message"]["content"]
+    events = sse_events(server, "/v1/chat/completions", body)
+    assert events[0]["prompt_token_ids"] == whole["prompt_token_ids"]
+    assert all(event.get("prompt_token_ids") is None for event in events[1:])
+    assert [i for event in events for c in event["choices"] for i in c.get("token_ids") or []] == choice["token_ids"]
+    plain = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "return_token_ids": False}, timeout=60)
+    assert plain.json()["prompt_token_ids"] is None and plain.json()["choices"][0]["token_ids"] is None
+
+    ids = [11, 22, 33, 44]
+    completion = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
+        "model": MODEL, "prompt": ids, "max_tokens": 5, "temperature": 0.0, "ignore_eos": True,
+        "return_token_ids": True}).json()
+    (choice,) = completion["choices"]
+    assert choice["prompt_token_ids"] == ids and len(choice["token_ids"]) == 5
+    assert tokenizer.decode(choice["token_ids"], skip_special_tokens=True) == choice["text"]
