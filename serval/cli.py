@@ -291,7 +291,10 @@ def expand_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> list
             flags += [flag, json.dumps(value)]
         elif value is not None:
             flags += [flag, str(value)]
-    return ["serve", *flags, *rest]
+    # The model given positionally (`serve MODEL --config FILE`) stays first: after a list-valued flag of the file
+    # (--served-model-name a b) it would be read as one more value.
+    model_first = rest[:1] if rest and not rest[0].startswith("-") else []
+    return ["serve", *model_first, *flags, *rest[len(model_first):]]
 
 
 def _add_chat_args(chat: argparse.ArgumentParser) -> None:

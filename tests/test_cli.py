@@ -114,6 +114,10 @@ def test_a_config_file_gives_flags_and_the_command_line_wins(tmp_path):
     assert (spec.method, spec.num_speculative_tokens, spec.prompt_lookup_max) == ("ngram", 3, 4)
     assert args.served_model_name == ["a", "b"] and args.disable_log_requests
     assert json.loads(args.default_chat_template_kwargs) == {"enable_thinking": False}
+    # vLLM's `serve MODEL --config FILE`: the positional model is not taken for one more served name
+    config.write_text("served-model-name: [a, b]\n")
+    args = parser.parse_args(expand_config_file(parser, ["serve", "/models/p", "--config", str(config)]))
+    assert args.model_tag == "/models/p" and args.served_model_name == ["a", "b"]
 
 
 @pytest.mark.parametrize("text,named", [("max-model-lenn: 5\n", "max-model-lenn"), ("[1, 2]\n", "mapping")])
