@@ -136,9 +136,11 @@ class EngineCoreClient:
                                             "already running")
             self._streams[request_id] = stream
             self._num_sent += num_sequences
-        self._inbox.put(("send", messages.AddRequest(
-            request_id, {"prompt": tokenized.text, "prompt_token_ids": tokenized.token_ids}, params, priority,
-            arrival_time, lora_request)))
+        prompt = {"prompt": tokenized.text, "prompt_token_ids": tokenized.token_ids}
+        if tokenized.cache_salt is not None:
+            prompt["cache_salt"] = tokenized.cache_salt
+        self._inbox.put(("send", messages.AddRequest(request_id, prompt, params, priority, arrival_time,
+                                                     lora_request)))
         return RequestStream(self, request_id, stream)
 
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None = None,

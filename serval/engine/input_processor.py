@@ -25,6 +25,7 @@ PromptType = str | list[int] | dict
 class TokenizedPrompt:
     text: str | None  # None when the prompt came as token ids alone
     token_ids: list[int]
+    cache_salt: str | None = None  # a dict prompt's "cache_salt" (serval.engine.request.Request.cache_salt)
 
 
 @dataclass
@@ -57,6 +58,7 @@ class InputProcessor:
                             prompt_token_ids=tokenized.token_ids, sampling_params=params,
                             eos_token_id=self.eos_token_id, max_model_len=self.config.max_model_len,
                             prompt=tokenized.text, priority=priority, arrival_time=arrival_time,
+                            cache_salt=tokenized.cache_salt,
                             parent_request_id=request_id, index=index, grammar=grammars[index],
                             generator=(torch.Generator(device=self.device).manual_seed(params.seed + index)
                                        if params.seed is not None else None))
@@ -64,6 +66,12 @@ class InputProcessor:
         return ProcessedInput(tokenized, requests)
 
     def tokenize_prompt(self, prompt: PromptType) -> TokenizedPrompt:
+        if isinstance(prompt, dict) and prompt.get("cache_salt") is not None:
+            salt = prompt["cache_salt"]
+            if not isinstance(salt, str) or not salt:
+                raise InvalidArgument("cache_salt", f"invalid cache_salt {salt!r}: allowed a non-empty string")
+            unsalted = self.tokenize_prompt({key: value for key, value in prompt.items() if key != "cache_salt"})
+            return TokenizedPrompt(unsalted.text, unsalted.token_ids, salt)
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 token_ids = prompt["prompt_token_ids"]

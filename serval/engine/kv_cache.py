@@ -7,7 +7,8 @@ idle engine always has every block free.
 
 Prefix hashes are chained: a block's key is (parent block's hash, its tokens), so equal hashes mean
 equal whole prefixes. A request's first block chains from its LoRA adapter's id (0: the base model), so requests
-of different adapters, whose K/V differ for the same tokens, never share a block. The key itself is kept and compared on a hit, so a hash collision can never
+of different adapters, whose K/V differ for the same tokens, never share a block; and from its cache_salt when it
+has one (vLLM's), so requests share blocks only within a salt. The key itself is kept and compared on a hit, so a hash collision can never
 serve wrong K/V.
 
 Sliding windows. When every attention layer of the model sees only the last `sliding_window` positions (Mistral,
@@ -300,4 +301,5 @@ class KVCacheManager:
 
 
 def _root_hash(request: Request) -> int | tuple:
-    return _ROOT_HASH if request.lora_adapter is None else ("lora", request.lora_int_id)
+    root = _ROOT_HASH if request.lora_adapter is None else ("lora", request.lora_int_id)
+    return root if request.cache_salt is None else ("salt", request.cache_salt, root)

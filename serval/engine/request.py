@@ -83,6 +83,9 @@ class Request:
     pooling_params: PoolingParams | None = None
     # The LoRA adapter the request runs with (serval.lora), held until it ends; None: the base model.
     lora_adapter: LoRAAdapter | None = None
+    # vLLM's cache_salt: mixed into the first block's prefix-cache key, so only requests with the same salt share
+    # cached blocks (a tenant's prompts can't be probed through another's cache hits).
+    cache_salt: str | None = None
 
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

@@ -38,6 +38,8 @@ TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 Seed = Annotated[int, Field(strict=True, ge=SEED_MIN, le=SEED_MAX)]
 # vLLM's request priority (lower is scheduled first, with --scheduling-policy priority), bounded as seeds are.
 Priority = Annotated[int, Field(strict=True, ge=SEED_MIN, le=SEED_MAX)]
+# vLLM's cache_salt: requests share prefix-cache blocks only with requests of the same salt.
+CacheSalt = Annotated[str, Field(strict=True, min_length=1, max_length=1024)]
 # vLLM's truncate_prompt_tokens: keep the prompt's last k tokens; -1 keeps up to the context length. (0 is refused.)
 TruncatePromptTokens = Annotated[int, Field(strict=True, ge=-1)]
 
@@ -180,6 +182,7 @@ class SamplingFields(RequestBody):
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
     priority: Priority = 0
+    cache_salt: CacheSalt | None = None
 
     @model_validator(mode="before")
     @classmethod

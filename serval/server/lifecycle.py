@@ -52,6 +52,7 @@ class Call:
     defaults: GenerationDefaults | None = None  # the model's, for what the body leaves out
     lora_request: Any = None  # serval.lora.LoRARequest when the body's `model` names an adapter
     priority: int = 0  # the body's (vLLM's field), checked against the scheduling policy at admission
+    cache_salt: str | None = None  # the body's (vLLM's field): prefix-cache blocks shared only within a salt
 
     def sampling_params(self, body):
         try:
@@ -110,6 +111,7 @@ async def handle(state: ServerState, raw: Request, model_cls: type[BaseModel], h
         record.model = check_model(state, body.model)
         call.lora_request = state.loras.get(record.model)
         call.priority = check_priority(state, getattr(body, "priority", 0))
+        call.cache_salt = getattr(body, "cache_salt", None)
         if isinstance(body, protocol.ChatCompletionRequest):
             call.param_aliases["max_tokens"] = body.max_tokens_param  # SamplingParams knows one name
         call.span = _start_span(state, raw, body, record)

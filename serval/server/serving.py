@@ -257,6 +257,8 @@ async def start(state: ServerState, call: Call, prompts: list[dict], params, con
         await asyncio.to_thread(state.engine.add_lora, call.lora_request)
     call.session.reserve(*admission.token_reservation(state, prompts, params))
     admission.check_capacity(state)
+    if call.cache_salt is not None:
+        prompts = [{**prompt, "cache_salt": call.cache_salt} for prompt in prompts]
     fan_in = FanIn(state.metrics, state.model_name, call.record)
     # No await between the capacity check and the engine taking the requests: concurrent requests see each other.
     fan_in.start(state.engine, prompts, params, call.lora_request, call.priority)

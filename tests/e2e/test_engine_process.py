@@ -164,6 +164,20 @@ def test_client_disconnect_frees_the_request(server):
     assert server.wait_idle(), "the request kept running after its client left"
 
 
+def test_a_cache_salt_crosses_to_the_core(server):
+    """vLLM's cache_salt reaches the engine core's prefix cache: hits within a salt only (as in-process,
+    tests/e2e/test_vllm_flags.py)."""
+    ids = [(17 * i + 9) % 800 + 30 for i in range(48)]
+
+    def cached_tokens(salt: str) -> int:
+        answer = httpx.post(f"{server.url}/v1/completions", timeout=120, json={
+            "model": MODEL, "prompt": ids, "max_tokens": 1, "cache_salt": salt})
+        return answer.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    first, again, other_salt = cached_tokens("a"), cached_tokens("a"), cached_tokens("b")
+    assert first == 0 and again > 0 and other_salt == 0
+
+
 def test_metrics_counters_move(server):
     before = server.metric("serval:generation_tokens_total")
     prompts_before = server.metric("serval:prompt_tokens_total")

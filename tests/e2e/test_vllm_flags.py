@@ -190,3 +190,23 @@ def test_return_token_ids_gives_the_prompt_and_the_generated_ids(server):
     (choice,) = completion["choices"]
     assert choice["prompt_token_ids"] == ids and len(choice["token_ids"]) == 5
     assert tokenizer.decode(choice["token_ids"], skip_special_tokens=True) == choice["text"]
+
+
+def test_cache_salt_keeps_prefix_cache_hits_within_a_salt(server):
+    """vLLM's cache_salt: a prompt's blocks cached under one salt are hits for the same salt only (usage reports
+    the cached prompt tokens); an empty salt is refused."""
+    ids = [(13 * i + 5) % 900 + 20 for i in range(70)]  # this test's own prompt: nothing cached it before
+
+    def cached_tokens(**extra) -> int:
+        answer = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
+            "model": MODEL, "prompt": ids, "max_tokens": 1, **extra})
+        assert answer.status_code == 200, answer.text
+        return answer.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert cached_tokens(cache_salt="tenant-1") == 0
+    assert cached_tokens(cache_salt="tenant-1") > 0
+    assert cached_tokens(cache_salt="tenant-2") == 0
+    assert cached_tokens() == 0
+    refused = httpx.post(f"{server.url}/v1/completions", timeout=60,
+                         json={"model": MODEL, "prompt": ids, "max_tokens": 1, "cache_salt": ""})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "cache_salt"

@@ -61,6 +61,24 @@ def test_prefix_hit_shares_blocks_and_counts_tokens():
     kv.check_invariants([])
 
 
+def test_a_cache_salt_shares_blocks_only_within_the_salt():
+    """vLLM's cache_salt: the same tokens hit the cache only for a request with the same salt (the salt joins the
+    first block's key, so every later block differs too)."""
+    kv = KVCacheManager(num_blocks=32, block_size=4)
+    tokens = list(range(12)) + [50]
+
+    def salted(request_id: str, salt: str | None) -> Request:
+        request = make_request(tokens, request_id)
+        request.cache_salt = salt
+        return request
+
+    requests = [salted(name, salt) for name, salt in (("a", "tenant-1"), ("b", "tenant-1"), ("c", "tenant-2"),
+                                                       ("d", None), ("e", None))]
+    # the second of a salt hits the first's blocks; another salt, or none, does not
+    assert [admit(kv, request) for request in requests] == [0, 12, 0, 0, 12]
+    kv.check_invariants(requests)
+
+
 def test_full_hit_leaves_one_token_to_compute():
     kv = KVCacheManager(num_blocks=16, block_size=4)
     admit(kv, make_request(range(8), "a"))
