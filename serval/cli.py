@@ -16,6 +16,7 @@ import types
 import typing
 from typing import TYPE_CHECKING
 
+from serval.openai.errors import parse_json_object
 from serval.server.config import (DEFAULT_MAX_N, DEFAULT_MAX_REQUEST_BODY_BYTES, DEFAULT_MODEL_NAME,
                                   DEFAULT_RESPONSES_MAX_STORED, DEFAULT_SHUTDOWN_TIMEOUT_S, ServerConfig)
 
@@ -231,15 +232,10 @@ def _check_vllm_compatibility_args(args: argparse.Namespace) -> None:
 
 
 def _parse_template_kwargs(text: str | None) -> dict:
-    if text is None:
-        return {}
     try:
-        kwargs = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"invalid --default-chat-template-kwargs {text!r}: not JSON ({error})") from error
-    if not isinstance(kwargs, dict):
-        raise ValueError(f"invalid --default-chat-template-kwargs {text!r}: must be a JSON object")
-    return kwargs
+        return parse_json_object(text) or {}
+    except ValueError as error:
+        raise ValueError(f"invalid --default-chat-template-kwargs {text!r}: {error}") from None
 
 
 def expand_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass
 
@@ -10,7 +9,7 @@ import torch
 
 from serval.engine.spec_decode.config import SpeculativeConfig, parse_speculative_config
 from serval.layers.pooling import parse_pooler_overrides
-from serval.openai.errors import InvalidArgument
+from serval.openai.errors import InvalidArgument, parse_json_object
 from serval.sampling_params import SEED_RANGE
 
 _DTYPES = {"auto": None, "float32": torch.float32, "float": torch.float32, "float16": torch.float16,
@@ -69,16 +68,10 @@ _BOOL_FIELDS = ("skip_tokenizer_init", "enable_prefix_caching", "enable_chunked_
 
 
 def _json_object(name: str, value: str | dict | None) -> dict | None:
-    """A JSON-object argument (the CLI's string, or a dict) as a dict with string keys; None stays None."""
-    given = value
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as error:
-            raise _bad(name, given, f"a JSON object ({error})") from None
-    if value is not None and (not isinstance(value, dict) or not all(isinstance(key, str) for key in value)):
-        raise _bad(name, given, "a JSON object")
-    return value
+    try:
+        return parse_json_object(value)
+    except ValueError as error:
+        raise _bad(name, value, f"a JSON object ({error})") from None
 
 
 def _bad(name: str, given, allowed: str) -> InvalidArgument:

@@ -66,19 +66,16 @@ class InputProcessor:
         return ProcessedInput(tokenized, requests)
 
     def tokenize_prompt(self, prompt: PromptType) -> TokenizedPrompt:
-        if isinstance(prompt, dict) and prompt.get("cache_salt") is not None:
-            salt = prompt["cache_salt"]
-            if not isinstance(salt, str) or not salt:
-                raise InvalidArgument("cache_salt", f"invalid cache_salt {salt!r}: allowed a non-empty string")
-            unsalted = self.tokenize_prompt({key: value for key, value in prompt.items() if key != "cache_salt"})
-            return TokenizedPrompt(unsalted.text, unsalted.token_ids, salt)
+        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        if salt is not None and (not isinstance(salt, str) or not salt):
+            raise InvalidArgument("cache_salt", f"invalid cache_salt {salt!r}: allowed a non-empty string")
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 token_ids = prompt["prompt_token_ids"]
                 if not isinstance(token_ids, (list, tuple)):
                     raise InvalidArgument("prompt", f"invalid prompt_token_ids of type {type(token_ids).__name__}: "
                                                     "allowed a list of token ids")
-                return TokenizedPrompt(prompt.get("prompt"), list(token_ids))
+                return TokenizedPrompt(prompt.get("prompt"), list(token_ids), salt)
             if "prompt" not in prompt:
                 raise InvalidArgument("prompt", f"invalid prompt {prompt!r}: a dict needs 'prompt' or "
                                                 "'prompt_token_ids'")
@@ -87,9 +84,9 @@ class InputProcessor:
             if self.tokenizer is None:
                 raise InvalidArgument("prompt", "invalid prompt: this engine has no tokenizer, so prompts must be "
                                                 "token ids")
-            return TokenizedPrompt(prompt, self.tokenizer.encode(prompt))
+            return TokenizedPrompt(prompt, self.tokenizer.encode(prompt), salt)
         if isinstance(prompt, list):
-            return TokenizedPrompt(None, list(prompt))
+            return TokenizedPrompt(None, list(prompt), salt)
         raise InvalidArgument("prompt", f"invalid prompt of type {type(prompt).__name__}: allowed str, list of "
                                         "token ids, {'prompt': str} or {'prompt_token_ids': [...]}")
 

@@ -5,6 +5,7 @@ The server and the router answer every failure with `APIError.response()`; nobod
 """
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 from starlette.responses import JSONResponse
@@ -21,6 +22,19 @@ class InvalidArgument(ValueError):
     def __init__(self, param: str | None, message: str) -> None:
         super().__init__(message)
         self.param = param
+
+
+def parse_json_object(value: str | dict | None) -> dict | None:
+    """A JSON-object argument (a flag's JSON text, or a dict from Python) as a dict with string keys; None stays
+    None. ValueError says what is wrong; callers name the argument."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"not JSON ({error})") from None
+    if value is not None and (not isinstance(value, dict) or not all(isinstance(key, str) for key in value)):
+        raise ValueError("must be a JSON object")
+    return value
 
 
 class APIError(Exception):

@@ -59,6 +59,9 @@ SAMPLING = {
     "logit_bias": maybe_wrong(st.dictionaries(st.integers(-3, 60_000).map(str), st.floats(-100, 100), max_size=3)),
     "min_tokens": maybe_wrong(st.integers(min_value=0, max_value=4)),
     "priority": maybe_wrong(st.integers(min_value=-2, max_value=2)),
+    "cache_salt": maybe_wrong(text),
+    "truncate_prompt_tokens": maybe_wrong(st.integers(min_value=-2, max_value=300)),
+    "return_token_ids": maybe_wrong(st.booleans()),
     "ignore_eos": maybe_wrong(st.booleans()),
     "stream": maybe_wrong(st.booleans()),
     "stream_options": maybe_wrong(st.fixed_dictionaries({"include_usage": st.booleans()})),
@@ -81,12 +84,16 @@ completion_body = st.fixed_dictionaries(
 chat_body = st.fixed_dictionaries(
     {"messages": maybe_wrong(st.lists(message, min_size=1, max_size=3))},
     optional={**SAMPLING, "max_completion_tokens": maybe_wrong(st.integers(1, 4)),
-              "logprobs": maybe_wrong(st.booleans()), "top_logprobs": maybe_wrong(st.integers(0, 5))})
+              "logprobs": maybe_wrong(st.booleans()), "top_logprobs": maybe_wrong(st.integers(0, 5)),
+              "continue_final_message": maybe_wrong(st.booleans()),
+              "add_generation_prompt": maybe_wrong(st.booleans())})
 tokenize_body = st.one_of(
     st.fixed_dictionaries({"prompt": maybe_wrong(text)}, optional={"model": maybe_wrong(st.just(MODEL)),
                                                                    "add_special_tokens": maybe_wrong(st.booleans())}),
     st.fixed_dictionaries({"messages": maybe_wrong(st.lists(message, min_size=1, max_size=2))},
-                          optional={"add_generation_prompt": maybe_wrong(st.booleans())}))
+                          optional={"add_generation_prompt": maybe_wrong(st.booleans()),
+                                    "chat_template_kwargs": maybe_wrong(st.dictionaries(text, json_values,
+                                                                                        max_size=2))}))
 detokenize_body = st.fixed_dictionaries({"tokens": maybe_wrong(token_ids)},
                                         optional={"model": maybe_wrong(st.just(MODEL))})
 
