@@ -13,6 +13,7 @@ model's greedy answers equal the float32 dequantized model's except at near ties
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,8 +31,8 @@ _STAGING = "gguf_int4_staging"
 KERNEL_DTYPE = torch.bfloat16
 # The int4 kernel's rule for a layer's outputs.
 ROW_MULTIPLE = 16
-# torch's CPU int4 layout interleaves rows in blocks of this many (pack_int4_for_cpu).
-_PACK_ROWS = 64
+# torch's CPU int4 layout interleaves rows in blocks whose size follows the CPU's vector width (pack_int4_rows).
+_PACK_ROW_CANDIDATES = (64, 32)
 
 
 @dataclass
@@ -52,16 +53,35 @@ def bfloat16_from_numpy(values: np.ndarray) -> torch.Tensor:
 def pack_int4_for_cpu(values: np.ndarray) -> torch.Tensor:
     """uint8 [N, K] values in 0..15 -> uint8 [N, K / 2], torch._convert_weight_to_int4pack_for_cpu's layout.
 
-    That layout, for N a multiple of 64: rows in blocks of 64, each block [K][32] bytes, byte (k, j) holding row
-    j's value in its low nibble and row j + 32's in its high one. numpy writes it in one pass; torch's own packing
-    takes 30 ms a layer here. Other N go through torch's.
+    That layout: rows in blocks of B (64 where torch's kernel runs AVX-512, 32 on AVX2: pack_int4_rows), each block
+    [K][B / 2] bytes, byte (k, j) holding row j's value in its low nibble and row j + B / 2's in its high one.
+    numpy writes it in one pass; torch's own packing takes 30 ms a layer here. Other N, or a layout the probe does
+    not recognise, go through torch's.
     """
     n, k = values.shape
-    if n % _PACK_ROWS:
+    rows = pack_int4_rows()
+    if rows is None or n % rows:
         return torch._convert_weight_to_int4pack_for_cpu(torch.from_numpy(values.astype(np.int32)), _INNER_K_TILES)
-    halves = values.reshape(n // _PACK_ROWS, 2, _PACK_ROWS // 2, k)
-    packed = halves[:, 0] | (halves[:, 1] << 4)  # [blocks, 32, K]
-    return torch.from_numpy(np.ascontiguousarray(packed.transpose(0, 2, 1)).reshape(n, k // 2))
+    return torch.from_numpy(_interleave(values, rows))
+
+
+def _interleave(values: np.ndarray, rows: int) -> np.ndarray:
+    n, k = values.shape
+    halves = values.reshape(n // rows, 2, rows // 2, k)
+    packed = halves[:, 0] | (halves[:, 1] << 4)  # [blocks, rows / 2, K]
+    return np.ascontiguousarray(packed.transpose(0, 2, 1)).reshape(n, k // 2)
+
+
+@functools.cache
+def pack_int4_rows() -> int | None:
+    """The row block of this process's torch CPU int4 layout, found by packing a random matrix with torch once and
+    comparing (the kernel picks its layout by the CPU's instruction set, so no constant is right everywhere);
+    None if no candidate matches."""
+    values = np.random.default_rng(0).integers(0, 16, (128, 64)).astype(np.uint8)
+    expected = torch._convert_weight_to_int4pack_for_cpu(torch.from_numpy(values.astype(np.int32)),
+                                                         _INNER_K_TILES).numpy()
+    return next((rows for rows in _PACK_ROW_CANDIDATES
+                 if np.array_equal(_interleave(values, rows), expected)), None)
 
 
 def int4_kernel_available() -> bool:

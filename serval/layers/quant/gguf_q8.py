@@ -27,10 +27,11 @@ import numpy as np
 import torch
 
 from serval.layers.quant.base import QuantMethod, check_loaded, mark_loaded
-from serval.layers.quant.gguf import KERNEL_DTYPE, bfloat16_from_numpy, pack_int4_for_cpu
+from serval.layers.quant.gguf import KERNEL_DTYPE, bfloat16_from_numpy, pack_int4_for_cpu, pack_int4_rows
 from serval.layers.quant.gguf_blocks import GROUP_SIZE, Q
 
-# pack_int4_for_cpu's own layout (blocks of 64 rows), which embed() reads rows from.
+# Whole blocks of pack_int4_for_cpu's layout on any CPU (64 rows with AVX-512, 32 with AVX2), which embed() reads
+# rows from.
 PACK_ROWS = 64
 # The logits of each row recomputed in float32 after the kernel (apply). The kernel's error is ~0.06, so the
 # float32 head's top choices are among its top few; each refined row costs a row lookup (64 took 0.2-0.5 ms a
@@ -39,8 +40,9 @@ REFINED_LOGITS = 8
 
 
 def fits_q8_head(rows: int, columns: int) -> bool:
-    """Whether a [rows, columns] Q8_0 table fits this format: whole 32-weight groups, whole 64-row blocks."""
-    return columns % GROUP_SIZE == 0 and rows % PACK_ROWS == 0
+    """Whether a [rows, columns] Q8_0 table fits this format: whole 32-weight groups, whole 64-row blocks, and a
+    packed layout this process's torch is known to write (embed reads rows out of it)."""
+    return columns % GROUP_SIZE == 0 and rows % PACK_ROWS == 0 and pack_int4_rows() is not None
 
 
 @dataclass(frozen=True)
@@ -104,9 +106,10 @@ class GGUFQ8HeadMethod(QuantMethod):
         """Rows `ids` of the table, [*ids.shape, K] in dtype: float32 d * q, as the dequantizer computes them."""
         n, k = layer.out_features, layer.in_features
         flat = ids.reshape(-1).long()
-        # pack_int4_for_cpu's layout: 64-row blocks of [2K][32] bytes, row j's nibble low, row j + 32's high.
-        packed = layer.qweight.view(n // PACK_ROWS, 2 * k, PACK_ROWS // 2)[flat // PACK_ROWS, :, flat % (PACK_ROWS // 2)]
-        shift = torch.where(flat % PACK_ROWS >= PACK_ROWS // 2, 4, 0).unsqueeze(-1)
+        # pack_int4_for_cpu's layout: B-row blocks of [2K][B / 2] bytes, row j's nibble low, row j + B / 2's high.
+        block = pack_int4_rows()
+        packed = layer.qweight.view(n // block, 2 * k, block // 2)[flat // block, :, flat % (block // 2)]
+        shift = torch.where(flat % block >= block // 2, 4, 0).unsqueeze(-1)
         halves = (packed.int() >> shift) & 15  # [T, 2K]
         q = (halves[:, :k] - 8) * 16 + halves[:, k:]
         rows = q.float().view(-1, k // GROUP_SIZE, GROUP_SIZE) * layer.q8_scales[flat].float().unsqueeze(-1)
