@@ -21,7 +21,8 @@ softmax from the sink (running max = sink, running sum = 1) instead of from noth
 then counts it once.
 
 A float8 e4m3 cache (kv_cache_dtype="fp8") is written through to_cache_dtype and each K/V tile is converted to the
-query's dtype as it is loaded, before the dot products: half the bytes read, the same math. With per-layer scales
+query's dtype as it is loaded, before the dot products: half the bytes read, the same math; a bfloat16 query's
+products then run in float16 (fp8_half_products), which float8 widens to in a single instruction. With per-layer scales
 (k_scale, v_scale: serval.layers.quant.kv_scales) the cache holds k / k_scale and v / v_scale; the kernel reads the
 two scales from device memory (graph-safe) and folds them into the softmax scale and the output.
 """
@@ -98,6 +99,25 @@ def pick_prefill_config(table: dict | None, head_dim: int, group_pad: int) -> Pr
     return PREFILL_CONFIG
 
 
+def pick_decode_config(table: dict | None, head_dim: int, group_pad: int) -> PrefillConfig:
+    """The decode launch's tile_n, num_warps and num_stages from the table's "decode" section (its rows entry is
+    unused: a decode tile packs _DECODE_ROWS query heads), else PREFILL_CONFIG's."""
+    section = (table or {}).get("decode") or {}
+    for key in (prefill_shape_key(head_dim, group_pad), "default"):
+        values = section.get(key)
+        if values is not None:
+            return PrefillConfig(*(int(v) for v in values))
+    return PREFILL_CONFIG
+
+
+def decode_config(device: torch.device, head_dim: int, group_pad: int) -> PrefillConfig:
+    """This GPU's decode launch (PREFILL_CONFIG's without a table, and on the CPU's interpreter)."""
+    if device.type != "cuda":
+        return PREFILL_CONFIG
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return pick_decode_config(_device_table(index), head_dim, group_pad)
+
+
 def prefill_config(device: torch.device, head_dim: int, group_pad: int) -> PrefillConfig:
     """This GPU's flat-launch configuration (PREFILL_CONFIG without a table, and on the CPU's interpreter)."""
     if device.type != "cuda":
@@ -109,8 +129,12 @@ def prefill_config(device: torch.device, head_dim: int, group_pad: int) -> Prefi
 @functools.cache
 def _device_prefill_config(device_index: int, head_dim: int, group_pad: int) -> PrefillConfig:
     """Looked up once per GPU and shape: every attention layer of every step asks."""
-    table = load_table(os.path.join(CONFIG_DIR, attention_config_file_name(torch.cuda.get_device_name(device_index))))
-    return pick_prefill_config(table, head_dim, group_pad)
+    return pick_prefill_config(_device_table(device_index), head_dim, group_pad)
+
+
+@functools.cache
+def _device_table(device_index: int) -> dict | None:
+    return load_table(os.path.join(CONFIG_DIR, attention_config_file_name(torch.cuda.get_device_name(device_index))))
 
 
 @triton.jit
@@ -240,7 +264,7 @@ def _attention_kernel(query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partia
                       BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
                       USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr, HAS_KV_SCALE: tl.constexpr,
                       FLAT_TILES: tl.constexpr, SPLIT_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                      USE_PDL: tl.constexpr):
+                      HALF_PRODUCTS: tl.constexpr, QUERY_FILTER: tl.constexpr, USE_PDL: tl.constexpr):
     pdl.wait(USE_PDL)
     if HAS_KV_SCALE:  # q . (k_scale * k) = k_scale * (q . k): the key scale joins the softmax scale
         scale_log2 = scale_log2 * tl.load(k_scale_ptr)
@@ -257,6 +281,12 @@ def _attention_kernel(query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partia
     query_len = tl.load(query_start_loc_ptr + seq + 1) - query_start
     if query_tile * BLOCK_Q >= query_len:
         return
+    if QUERY_FILTER == 1:
+        if query_len != 1:
+            return
+    if QUERY_FILTER == 2:
+        if query_len == 1:
+            return
     seq_len = tl.load(seq_lens_ptr + seq)
     context_len = seq_len - query_len  # query i sits at position context_len + i
 
@@ -269,6 +299,8 @@ def _attention_kernel(query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partia
     token = (query_start + query_index).to(tl.int64)
     query = tl.load(query_ptr + token[:, None] * stride_query_token + head[:, None] * stride_query_head
                     + dims[None, :], mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
+    if HALF_PRODUCTS:  # every tile is widened to the query's type: float16 is one instruction from float8
+        query = tl.clamp(query.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
     query_pos = context_len + query_index
 
     # Keys this tile can see: causal up to its last query; with a window, from its first query's window start.
@@ -353,12 +385,29 @@ def launch_shape(max_query_len: int, num_seqs: int, num_kv_heads: int, group_pad
     return max(1, prefill_rows // group_pad), 1, True
 
 
+def fp8_half_products(kv_cache: torch.Tensor, query: torch.Tensor) -> bool:
+    """A float8 cache read by a bfloat16 query takes its products in float16: widening float8 to float16 is one
+    instruction a pair on the GPU, to bfloat16 several, and that conversion, not the bytes, set the time of
+    fp8-cache attention (no faster than a bfloat16 cache at decode, slower beside a prompt). float16 holds every
+    float8 e4m3 value exactly and the softmax's probabilities more finely than bfloat16; the query is clamped to
+    float16's range (+-65504). SERVAL_FP8_ATTENTION_HALF=0 keeps bfloat16 products."""
+    return (kv_cache.dtype == torch.float8_e4m3fn and query.dtype == torch.bfloat16
+            and os.environ.get("SERVAL_FP8_ATTENTION_HALF", "1") != "0")
+
+
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
                     sliding_window: int | None = None, out: torch.Tensor | None = None,
                     sinks: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
-                    v_scale: torch.Tensor | None = None, prefill: PrefillConfig | None = None) -> torch.Tensor:
+                    v_scale: torch.Tensor | None = None, prefill: PrefillConfig | None = None,
+                    decode: PrefillConfig | None = None, half_products: bool | None = None,
+                    split_decodes: bool | None = None) -> torch.Tensor:
     """Causal attention of query [T, H, D] over each request's cached K/V -> [T, H, D]; the reference's contract.
-    prefill: the flat launch's configuration (None: this GPU's, prefill_config; the tuner passes its candidates).
+    prefill, decode: the flat and the decode launch's configurations (None: this GPU's table, prefill_config and
+    decode_config; the tuners pass their candidates). half_products: fp8_half_products's rule unless given.
+    split_decodes (default on; SERVAL_ATTENTION_SPLIT_DECODES=0 turns it off): a batch that runs the flat grid
+    serves its single-token requests in a second launch over the decode grid with the decode configuration, a
+    program a request and KV head; the flat launch's programs for them exit at once. Both grids depend on shapes
+    alone, so a captured mixed step replays either way.
 
     A decode batch (one query token a request), or one with metadata.split_queries and at most
     _SMALL_QUERY_TOKENS query tokens a request (a verify step's graph), runs split-K and reads no host-side
@@ -366,18 +415,45 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
     tile of BLOCK_Q query tokens, over a grid set by T and the block table's rows only (flat_tiles), and is
     graph-safe too: metadata.max_query_len only picks between the two (launch_shape).
     """
-    num_tokens, num_heads, head_dim = query.shape
-    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
-    group = num_heads // num_kv_heads
-    group_pad = triton.next_power_of_2(group)
+    num_heads, head_dim = query.shape[1:]
+    num_kv_heads = kv_cache.shape[3]
+    group_pad = triton.next_power_of_2(num_heads // num_kv_heads)
     num_seqs = metadata.block_tables.shape[0]
     if out is None:
         out = torch.empty_like(query)
     config = prefill or prefill_config(query.device, head_dim, group_pad)
     block_q, num_splits, flat = launch_shape(metadata.max_query_len, num_seqs, num_kv_heads, group_pad,
                                              metadata.split_queries, config.rows)
-    if not flat:  # decode and verify keep the launch their graphs were tuned with
-        config = PREFILL_CONFIG
+    decode = decode or decode_config(query.device, head_dim, group_pad)
+    if not flat:
+        config = decode
+    if half_products is None:
+        half_products = fp8_half_products(kv_cache, query)
+    if split_decodes is None:
+        split_decodes = os.environ.get("SERVAL_ATTENTION_SPLIT_DECODES", "1") != "0"
+    assert query.stride(-1) == 1 and out.stride(-1) == 1 and kv_cache.is_contiguous()
+    launch = functools.partial(_launch, query, kv_cache, metadata, scale, sliding_window, out, sinks, k_scale,
+                               v_scale, half_products)
+    if flat and split_decodes:
+        # The prompt tiles in the flat grid, the single-token requests in the decode grid with decode's launch:
+        # a flat tile built for prompts spends most of its rows and pipeline on a lone decode token.
+        launch(block_q, 1, True, config, QUERY_MULTI)
+        launch(max(1, _DECODE_ROWS // group_pad), 1, False, decode, QUERY_SINGLE)
+    else:
+        launch(block_q, num_splits, flat, config, QUERY_ANY)
+    return out
+
+
+# Which requests a launch serves (split_decodes): all, only those with one query token, only those with more.
+QUERY_ANY, QUERY_SINGLE, QUERY_MULTI = 0, 1, 2
+
+
+def _launch(query, kv_cache, metadata, scale, sliding_window, out, sinks, k_scale, v_scale, half_products,
+            block_q: int, num_splits: int, flat: bool, config: PrefillConfig, query_filter: int) -> None:
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
+    group = num_heads // num_kv_heads
+    num_seqs = metadata.block_tables.shape[0]
     grid = ((flat_tiles(num_tokens, num_seqs, block_q), 1, num_kv_heads) if flat
             else (1, num_seqs, num_kv_heads * num_splits))
     partial_out = partial_lse = out
@@ -385,25 +461,25 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
         partial_out = torch.empty((num_tokens, num_heads, num_splits, head_dim), dtype=torch.float32,
                                   device=query.device)
         partial_lse = torch.empty((num_tokens, num_heads, num_splits), dtype=torch.float32, device=query.device)
-    assert query.stride(-1) == 1 and out.stride(-1) == 1 and kv_cache.is_contiguous()
     _attention_kernel[grid](
         query, kv_cache[0], kv_cache[1], out, partial_out, partial_lse,
         metadata.block_tables, metadata.seq_lens_tensor, metadata.query_start_loc_tensor,
         sinks if sinks is not None else out, scale * _LOG2E, sliding_window or 0,
         k_scale if k_scale is not None else partial_lse, v_scale if v_scale is not None else partial_lse, num_seqs,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), metadata.block_tables.stride(0),
-        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
+        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=triton.next_power_of_2(group), BLOCK_Q=block_q,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size,
         TILE_N=config.tile_n, NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None, USE_SINKS=sinks is not None,
         HAS_KV_SCALE=k_scale is not None, FLAT_TILES=flat,
         SPLIT_CAUSAL=bool(config.split_causal) and flat and sliding_window is None,
         # float32 models ask for float32 products: tl.dot would otherwise round float32 inputs to TF32 on a GPU,
         # enough to flip near-tie greedy tokens against the CPU engine (seen with gpt-oss's sinks)
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_options(query))
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", HALF_PRODUCTS=half_products,
+        QUERY_FILTER=query_filter, num_warps=config.num_warps, num_stages=config.num_stages,
+        **pdl.launch_options(query))
     if num_splits > 1:
         _combine_splits(partial_out, partial_lse, out)
-    return out
+
 
 
 @triton.jit

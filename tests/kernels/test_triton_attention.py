@@ -141,6 +141,48 @@ def test_float8_cache_close_to_unquantized_cache():
     assert 1e-3 < (out - unquantized).norm() / unquantized.norm() < 5e-2
 
 
+@pytest.mark.parametrize("spans", [[(0, 33), (20, 21), (3, 40)], [(30, 31), (5, 6), (47, 48)]],
+                         ids=["mixed", "decode"])
+def test_float8_cache_half_products_match_reference(spans):
+    """The float8 cache's products in float16 (what a bfloat16 query gets on a GPU; forced here, since the
+    interpreter has no bfloat16): near the reference over the same float8 cache, in the flat and split-K
+    launches, and a query past float16's range is clamped, not turned into inf or NaN."""
+    rng = random.Random(13)
+    kv_cache, metadata = random_step(rng, spans, 2, 32, block_size=16, dtype=FP8)
+    query = torch.randn(metadata.query_start_loc[-1], 8, 32, device=DEVICE)
+    expected = reference.paged_attention(query, kv_cache, metadata, 32 ** -0.5)
+    out = torch.full_like(query, float("nan"))
+    triton_attention.paged_attention(query, kv_cache, metadata, 32 ** -0.5, out=out, half_products=True)
+    assert (out - expected).norm() / expected.norm() < 1e-2
+    query[0, 0, 0] = 1e6
+    triton_attention.paged_attention(query, kv_cache, metadata, 32 ** -0.5, out=out, half_products=True)
+    assert out.isfinite().all()
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, FP8])
+def test_split_decodes_serve_each_request_once(kv_dtype):
+    """A mixed step in two launches (prompt tiles in the flat grid, single-token requests in the decode grid):
+    every request is answered (outputs start as NaN) and matches the reference."""
+    rng = random.Random(17)
+    spans = [(0, 33), (40, 41), (20, 21), (3, 40), (64, 65), (0, 1)]
+    kv_cache, metadata = random_step(rng, spans, 2, 32, block_size=16, dtype=kv_dtype)
+    query = torch.randn(metadata.query_start_loc[-1], 8, 32, device=DEVICE)
+    expected = reference.paged_attention(query, kv_cache, metadata, 32 ** -0.5)
+    out = torch.full_like(query, float("nan"))
+    triton_attention.paged_attention(query, kv_cache, metadata, 32 ** -0.5, out=out, split_decodes=True)
+    torch.testing.assert_close(out, expected, atol=2e-3, rtol=2e-3)
+
+
+def test_float8_cache_takes_half_products_only_for_bfloat16_queries(monkeypatch):
+    fp8_cache, bf16_cache = torch.zeros(2, 1, 1, 1, 8, dtype=FP8), torch.zeros(2, 1, 1, 1, 8, dtype=torch.bfloat16)
+    bf16, fp16 = torch.zeros(1, 1, 8, dtype=torch.bfloat16), torch.zeros(1, 1, 8, dtype=torch.float16)
+    assert triton_attention.fp8_half_products(fp8_cache, bf16)
+    assert not triton_attention.fp8_half_products(fp8_cache, fp16)
+    assert not triton_attention.fp8_half_products(bf16_cache, bf16)
+    monkeypatch.setenv("SERVAL_FP8_ATTENTION_HALF", "0")
+    assert not triton_attention.fp8_half_products(fp8_cache, bf16)
+
+
 def test_write_kv_reads_strided_projections():
     """k and v arrive as column slices of the merged qkv projection, not contiguous tensors."""
     torch.manual_seed(4)
@@ -191,7 +233,7 @@ def test_launch_shape_bounds_the_split_path():
 
 @pytest.mark.parametrize("config", [triton_attention.PrefillConfig(128, 32, 8, 3),
                                     triton_attention.PrefillConfig(16, 128, 4, 1),
-                                    triton_attention.PrefillConfig(16, 8, 4, 2, split_causal=1),
+                                    triton_attention.PrefillConfig(16, 16, 4, 2, split_causal=1),
                                     triton_attention.PrefillConfig(32, 16, 4, 2, split_causal=1)])
 def test_prefill_configs_from_a_device_table_match_reference(config):
     """The flat launch with another row count and key tile, and with the causal split (whole tiles before a
