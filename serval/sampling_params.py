@@ -54,6 +54,41 @@ def _token_id_list(name: str, value) -> list[int]:
     return [int(token_id) for token_id in ids]
 
 
+def _allowed_token_ids(value) -> list[int] | None:
+    """None allows every token; an empty list would allow none, which no request can mean."""
+    if value is None:
+        return None
+    ids = _token_id_list("allowed_token_ids", value)
+    if not ids:
+        raise _bad("allowed_token_ids", value, "a non-empty list of non-negative integer token ids, or None")
+    return ids
+
+
+def _bad_words(value) -> list[str] | None:
+    """Words must hold something besides whitespace: the engine tokenizes each with its leading whitespace
+    stripped, and an empty word has no token to ban."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise _bad("bad_words", value, "a list of strings")
+    words = list(value)
+    bad = [word for word in words if not isinstance(word, str) or not word.strip()]
+    if bad:
+        raise _bad("bad_words", bad[:5], "strings with at least one non-whitespace character")
+    return words
+
+
+def _bad_words_token_ids(value) -> list[list[int]] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise _bad("bad_words_token_ids", value, "a list of lists of non-negative integer token ids")
+    sequences = [_token_id_list("bad_words_token_ids", word) for word in value]
+    if not all(sequences):
+        raise _bad("bad_words_token_ids", [], "non-empty lists of non-negative integer token ids")
+    return sequences
+
+
 def _logit_bias(value) -> dict[int, float] | None:
     """Keys are token ids (integers, or their decimal strings as JSON object keys arrive); values finite numbers."""
     if not value:
@@ -127,6 +162,14 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None  # vLLM's: only these tokens may be sampled (None: every token)
+    # vLLM's: words not to generate, tokenized by the engine into bad_words_token_ids
+    # (serval.engine.input_processor.bad_words_token_ids says which spellings are banned).
+    bad_words: list[str] | None = None
+    # The token sequences the sampler bans: where a sequence's other tokens were generated last, its last token gets
+    # -inf (a one-token sequence's, always). Filled from bad_words by the input processor, which holds the tokenizer
+    # (vLLM's update_from_tokenizer), replacing any given; given without bad_words, they are banned as given.
+    bad_words_token_ids: list[list[int]] | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -143,6 +186,9 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         self.stop_token_ids = _token_id_list("stop_token_ids", self.stop_token_ids)
         self.logit_bias = _logit_bias(self.logit_bias)
+        self.allowed_token_ids = _allowed_token_ids(self.allowed_token_ids)
+        self.bad_words = _bad_words(self.bad_words)
+        self.bad_words_token_ids = _bad_words_token_ids(self.bad_words_token_ids)
         self._validate()
 
     def _validate(self) -> None:

@@ -64,6 +64,21 @@ INVALID = [
     (dict(ignore_eos="yes"), "ignore_eos", "'yes'", "true or false"),
     (dict(skip_special_tokens=1), "skip_special_tokens", "1", "true or false"),
     (dict(structured_outputs={"regex": "a+"}), "structured_outputs", "{'regex': 'a+'}", "a StructuredOutputsParams"),
+    (dict(allowed_token_ids=[]), "allowed_token_ids", "[]", "a non-empty list of non-negative integer token ids"),
+    (dict(allowed_token_ids=()), "allowed_token_ids", "()", "a non-empty list of non-negative integer token ids"),
+    (dict(allowed_token_ids=[3, -1]), "allowed_token_ids", "[-1]", "non-negative integer token ids"),
+    (dict(allowed_token_ids=[False]), "allowed_token_ids", "[False]", "non-negative integer token ids"),
+    (dict(allowed_token_ids=[2.0]), "allowed_token_ids", "[2.0]", "non-negative integer token ids"),
+    (dict(allowed_token_ids=7), "allowed_token_ids", "7", "a list of non-negative integer token ids"),
+    (dict(bad_words="word"), "bad_words", "'word'", "a list of strings"),
+    (dict(bad_words=5), "bad_words", "5", "a list of strings"),
+    (dict(bad_words=["ok", ""]), "bad_words", "['']", "strings with at least one non-whitespace character"),
+    (dict(bad_words=[" \n\t"]), "bad_words", "[' \\n\\t']", "strings with at least one non-whitespace character"),
+    (dict(bad_words=["ok", 3, None]), "bad_words", "[3, None]", "strings with at least one non-whitespace"),
+    (dict(bad_words_token_ids=[[1], []]), "bad_words_token_ids", "[]", "non-empty lists of non-negative integer"),
+    (dict(bad_words_token_ids=[[1, -2]]), "bad_words_token_ids", "[-2]", "non-negative integer token ids"),
+    (dict(bad_words_token_ids=[3]), "bad_words_token_ids", "3", "a list of non-negative integer token ids"),
+    (dict(bad_words_token_ids="ab"), "bad_words_token_ids", "'ab'", "a list of lists of non-negative integer"),
 ]
 
 
@@ -93,6 +108,8 @@ def test_structured_outputs_errors_carry_their_field():
     dict(n=1), dict(n=MAX_N), dict(seed=SEED_RANGE[0]), dict(seed=SEED_RANGE[1]), dict(seed=0), dict(max_tokens=None),
     dict(stop_token_ids=[0, 2]), dict(stop_token_ids=(4, 5)), dict(logit_bias={0: -100, 7: 100.0}),
     dict(temperature=0), dict(top_k=-1), dict(stop="x"), dict(logprobs=0),
+    dict(allowed_token_ids=[0]), dict(allowed_token_ids=(4, 5)), dict(bad_words=[]), dict(bad_words=[" x", "a b"]),
+    dict(bad_words_token_ids=[[0], [3, 4, 5]]),
 ])
 def test_edge_values_are_accepted(kwargs):
     SamplingParams(**kwargs)
@@ -130,10 +147,21 @@ def test_the_engine_samples_with_the_extreme_seeds(tiny_models):
         assert all(len(c.token_ids) == 4 for c in first.outputs)
 
 
+def test_token_constraints_are_lists_of_ints_and_clone_keeps_them():
+    params = SamplingParams(allowed_token_ids=(4, 5), bad_words=("spam",), bad_words_token_ids=((7,), (8, 9)))
+    assert params.allowed_token_ids == [4, 5] and params.bad_words == ["spam"]
+    assert params.bad_words_token_ids == [[7], [8, 9]]
+    copy = params.clone(temperature=0.0)
+    assert (copy.allowed_token_ids, copy.bad_words, copy.bad_words_token_ids) == ([4, 5], ["spam"], [[7], [8, 9]])
+    assert SamplingParams().allowed_token_ids is None and SamplingParams().bad_words_token_ids is None
+
+
 def test_numpy_integers_are_integers_and_numpy_bools_are_not():
     import numpy as np
-    params = SamplingParams(stop_token_ids=[np.int64(3)], logit_bias={np.int32(4): np.float32(1.5)}, seed=np.int64(2))
+    params = SamplingParams(stop_token_ids=[np.int64(3)], logit_bias={np.int32(4): np.float32(1.5)}, seed=np.int64(2),
+                            allowed_token_ids=np.array([6, 7]))
     assert params.stop_token_ids == [3] and type(params.stop_token_ids[0]) is int
+    assert params.allowed_token_ids == [6, 7] and type(params.allowed_token_ids[0]) is int
     assert params.logit_bias == {4: 1.5} and type(next(iter(params.logit_bias))) is int
     with pytest.raises(InvalidArgument) as caught:
         SamplingParams(max_tokens=np.bool_(True))

@@ -462,9 +462,10 @@ class LLMEngine:
     # step N's samples) and only then waits for step N's tokens and processes them: detokenizing, stop checks and
     # the next launch overlap the device's work instead of leaving it idle between steps. Step N+1 assumes every
     # request goes on; one that stops on step N's token (EOS, a stop string) has one wasted row in step N+1, which
-    # is dropped. A batch whose sampling needs step N's tokens on the host (grammars, penalties, min_tokens still
-    # masking) queues step N+1's forward alone and samples it once step N is processed (_finish_deferred): the
-    # forward still overlaps the host's work, and each grammar's next mask is filled on a worker thread meanwhile.
+    # is dropped. A batch whose sampling needs step N's tokens on the host (grammars, penalties, bad_words,
+    # min_tokens still masking) queues step N+1's forward alone and samples it once step N is processed
+    # (_finish_deferred): the forward still overlaps the host's work, and each grammar's next mask is filled on a
+    # worker thread meanwhile.
     # Logprobs (read back with the tokens) or a change in the batch (a waiting request to admit, a prompt chunk)
     # take the synchronous path for that step.
     def _can_overlap(self, scheduled: SchedulerOutput) -> bool:
@@ -478,13 +479,15 @@ class LLMEngine:
         params = request.sampling_params
         return (params.logprobs is None and request.grammar is None and params.prompt_logprobs is None
                 and params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
-                and params.presence_penalty == 0.0 and request.num_output_tokens + num_pending >= params.min_tokens)
+                and params.presence_penalty == 0.0 and not params.bad_words_token_ids
+                and request.num_output_tokens + num_pending >= params.min_tokens)
 
     @staticmethod
     def _sampling_deferrable(request: Request) -> bool:
         """Can the request's next forward be queued before its last token reaches the host, its sampling queued
         once the host has processed that token? All but logprobs can: the sampler then sees the host's state
-        (the grammar's matcher, the tokens penalties count, min_tokens) as the synchronous engine does."""
+        (the grammar's matcher, the tokens penalties count and bad words end with, min_tokens) as the synchronous
+        engine does."""
         params = request.sampling_params
         return params.logprobs is None and params.prompt_logprobs is None
 

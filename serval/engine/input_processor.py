@@ -1,9 +1,9 @@
 """InputProcessor: a user's request → validated engine Requests (vLLM's InputProcessor).
 
-Tokenizes the prompt, checks every token id the request carries against the vocabulary and the prompt against
-max_model_len, compiles any structured-output constraint (so a constraint the grammar engine can't serve is refused
-here, before the first token), and makes one Request per sample. It touches no engine state, so the caller's thread
-runs it: bad input raises InvalidArgument to the caller, and the engine loop never sees it.
+Tokenizes the prompt and any bad_words, checks every token id the request carries against the vocabulary and the
+prompt against max_model_len, compiles any structured-output constraint (so a constraint the grammar engine can't
+serve is refused here, before the first token), and makes one Request per sample. It touches no engine state, so the
+caller's thread runs it: bad input raises InvalidArgument to the caller, and the engine loop never sees it.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ class InputProcessor:
     def process(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
                 priority: int = 0, arrival_time: float | None = None) -> ProcessedInput:
         """Raises InvalidArgument, naming the body field at fault, for anything the engine can't serve."""
-        params = params or SamplingParams()
+        params = self._with_bad_words_token_ids(params or SamplingParams())
         tokenized = self.tokenize_prompt(prompt)
         self._validate_prompt(tokenized.token_ids, params)
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
@@ -101,6 +101,16 @@ class InputProcessor:
             self._grammar_compiler = GrammarCompiler(self.tokenizer)
         return self._grammar_compiler
 
+    def _with_bad_words_token_ids(self, params: SamplingParams) -> SamplingParams:
+        """params with bad_words tokenized into bad_words_token_ids: a copy, as the caller may reuse its params
+        (LLM.generate gives one to every prompt)."""
+        if not params.bad_words:
+            return params
+        if self.tokenizer is None:
+            raise InvalidArgument("bad_words", "invalid sampling parameter bad_words: bad words need a tokenizer; "
+                                               "give bad_words_token_ids instead")
+        return params.clone(bad_words_token_ids=bad_words_token_ids(self.tokenizer, params.bad_words))
+
     # ---- validation ----
     def _validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
         if not token_ids:
@@ -133,12 +143,32 @@ def _is_token_id(value, vocab_size: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab_size
 
 
+def bad_words_token_ids(tokenizer, words: list[str]) -> list[list[int]]:
+    """The token sequences that spell each word (vLLM's SamplingParams.update_from_tokenizer): the word as given,
+    its leading whitespace stripped (the word at the start of the text), and " " + that word (the word after a
+    space, which byte-level BPE folds into the first token). The second is kept only where its first token differs
+    (a SentencePiece tokenizer marks a word's start alike with or without the space) and it has as many tokens (the
+    space folded in, not a token of its own). So a word whose spelling after a space is shorter, " Word" one token
+    but "Word" several, is banned only where it starts the text: vLLM's rule, kept so the two engines agree."""
+    sequences = []
+    for word in words:
+        plain = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        if not plain:
+            raise InvalidArgument("bad_words", f"invalid sampling parameter bad_words: {word[:40]!r} has no tokens; "
+                                               "allowed words the tokenizer spells with at least one token")
+        sequences.append(plain)
+        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+            sequences.append(spaced)
+    return sequences
+
+
 def _sampling_token_ids(params: SamplingParams) -> list[tuple[str, list]]:
     """(OpenAI body field, token ids) for every token id the sampling parameters carry."""
-    fields = [("stop_token_ids", params.stop_token_ids or []), ("logit_bias", list(params.logit_bias or ()))]
-    for name in ("allowed_token_ids", "bad_words_token_ids"):  # vLLM's, once SamplingParams carries them
-        token_ids = getattr(params, name, None)
-        if token_ids:
-            fields.append((name, [t for group in token_ids for t in group] if name == "bad_words_token_ids"
-                           else list(token_ids)))
+    fields = [("stop_token_ids", params.stop_token_ids or []), ("logit_bias", list(params.logit_bias or ())),
+              ("allowed_token_ids", params.allowed_token_ids or [])]
+    if params.bad_words_token_ids:
+        # Tokenized from bad_words, they are past the model's vocabulary only where the tokenizer's is larger.
+        fields.append(("bad_words" if params.bad_words else "bad_words_token_ids",
+                       [t for word in params.bad_words_token_ids for t in word]))
     return fields

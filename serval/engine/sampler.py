@@ -1,8 +1,10 @@
 """Sampler: logits of the rows being sampled → one token per request, plus logprobs when asked.
 
 Order of operations follows vLLM v1's sampler, so the same request gives the same distribution on either engine:
-raw logprobs (before any processing) → logit_bias → min_tokens mask → repetition/frequency/presence penalties →
-grammar bitmask (structured outputs) → greedy argmax, or temperature → min_p → top_k → top_p → exponential-race draw.
+raw logprobs (before any processing) → allowed_token_ids mask → logit_bias → bad_words mask → min_tokens mask →
+repetition/frequency/presence penalties → grammar bitmask (structured outputs) → greedy argmax, or temperature →
+min_p → top_k → top_p → exponential-race draw. (The masks set -inf, which no later step lifts, so where they sit
+among the additive steps changes nothing.)
 
 Everything is vectorized over the batch with per-row parameter tensors; Python loops only build the ragged
 index lists (bias entries, penalized tokens) and draw the seeded rows from their own generators.
@@ -56,17 +58,19 @@ def sample_token_tensor(logits: torch.Tensor, requests: list[Request]) -> torch.
     reads a result back, so the runner can queue the next step before these are known (asynchronous
     scheduling). Consumes float32 logits as sample() does."""
     logits = logits.float()
-    apply_logit_bias(logits, [request.sampling_params for request in requests])
-    _apply_min_tokens(logits, requests)
-    _apply_penalties(logits, requests)
+    params = [request.sampling_params for request in requests]
+    apply_allowed_token_ids(logits, params)
+    apply_logit_bias(logits, params)
+    apply_history_processing(logits, requests)
     _apply_grammar_mask(logits, requests)
     return _sample_tokens(logits, requests)
 
 
 def apply_history_processing(logits: torch.Tensor, requests: list) -> None:
-    """min_tokens, then the penalties: the processing that reads the tokens generated so far, in place. requests:
-    per row, a Request or anything with its sampling_params, eos_token_id, all_token_ids and output_token_ids
-    (speculative verification passes each draft position's view)."""
+    """bad_words, min_tokens, then the penalties: the processing that reads the tokens generated so far, in place.
+    requests: per row, a Request or anything with its sampling_params, eos_token_id, all_token_ids and
+    output_token_ids (speculative verification passes each draft position's view)."""
+    _apply_bad_words(logits, requests)
     _apply_min_tokens(logits, requests)
     _apply_penalties(logits, requests)
 
@@ -117,6 +121,46 @@ def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> None
     if rows:
         index = (_tensor(rows, logits), _tensor(cols, logits))
         logits.index_put_(index, to_device(values, logits.dtype, logits.device), accumulate=True)
+
+
+def apply_allowed_token_ids(logits: torch.Tensor, params: list[SamplingParams]) -> None:
+    """vLLM's allowed_token_ids: every other token gets -inf, at every position alike."""
+    rows = [row for row, p in enumerate(params) if p.allowed_token_ids is not None]
+    if not rows:
+        return
+    disallowed = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+    disallowed[_tensor(rows, logits)] = True
+    allowed_rows = [row for row in rows for _ in params[row].allowed_token_ids]
+    allowed_cols = [token_id for row in rows for token_id in params[row].allowed_token_ids]
+    disallowed[_tensor(allowed_rows, logits), _tensor(allowed_cols, logits)] = False
+    logits.masked_fill_(disallowed, _NEG_INF)
+
+
+def _apply_bad_words(logits: torch.Tensor, requests: list[Request]) -> None:
+    """vLLM's bad_words: a word's last token gets -inf where the tokens generated last are the word's others (a
+    one-token word's, always). Only generated tokens count, as in vLLM: a word the prompt began may be finished."""
+    rows, cols = [], []
+    for row, request in enumerate(requests):
+        words = request.sampling_params.bad_words_token_ids
+        if words:
+            banned = _banned_next_tokens(request.output_token_ids, words)
+            rows.extend([row] * len(banned))
+            cols.extend(banned)
+    if rows:
+        logits[_tensor(rows, logits), _tensor(cols, logits)] = _NEG_INF
+
+
+def _banned_next_tokens(output_token_ids: list[int], bad_words_token_ids: list[list[int]]) -> list[int]:
+    """The tokens that would complete a bad word after output_token_ids."""
+    num_output = len(output_token_ids)
+    banned = []
+    for word in bad_words_token_ids:
+        num_before = len(word) - 1
+        # The last token is compared first: a request with many long words pays for slicing only near a match.
+        if num_before == 0 or (num_before <= num_output and output_token_ids[-1] == word[-2]
+                               and output_token_ids[num_output - num_before:] == word[:-1]):
+            banned.append(word[-1])
+    return banned
 
 
 def _apply_min_tokens(logits: torch.Tensor, requests: list[Request]) -> None:

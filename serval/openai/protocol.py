@@ -1,8 +1,9 @@
 """The OpenAI API's request and response bodies (pydantic), and the step from a request to SamplingParams.
 
 Field names and defaults are OpenAI's; the extras (top_k, min_p, repetition_penalty, ignore_eos, min_tokens,
-stop_token_ids, skip_special_tokens, include_stop_str_in_output, allowed_token_ids) are vLLM's. Unknown fields
-are ignored, as OpenAI's SDKs send fields that a given server may not know.
+stop_token_ids, skip_special_tokens, spaces_between_special_tokens, include_stop_str_in_output,
+allowed_token_ids, bad_words) are vLLM's. Unknown fields are ignored, as OpenAI's SDKs send fields that a given
+server may not know.
 
 Types are strict, as OpenAI's are: `"max_tokens": true`, `"stream": "yes"` and `"temperature": "0.5"` are 400s,
 not coerced (pydantic's lax mode would take all three). Numbers may be integers where OpenAI takes a float, and
@@ -11,7 +12,6 @@ integers here; their upper bound is the vocabulary's, which only the engine know
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 import typing
 import uuid
@@ -40,6 +40,12 @@ Seed = Annotated[int, Field(strict=True, ge=SEED_MIN, le=SEED_MAX)]
 Priority = Annotated[int, Field(strict=True, ge=SEED_MIN, le=SEED_MAX)]
 # vLLM's cache_salt: requests share prefix-cache blocks only with requests of the same salt.
 CacheSalt = Annotated[str, Field(strict=True, min_length=1, max_length=1024)]
+# vLLM's bad_words, bounded so that tokenizing them (twice each) stays a small part of a request, far above a real
+# block list's size. (SamplingParams refuses a word of whitespace alone.)
+MAX_BAD_WORDS = 1000
+MAX_BAD_WORD_CHARS = 1000
+BadWords = Annotated[list[Annotated[str, Field(strict=True, max_length=MAX_BAD_WORD_CHARS)]],
+                     Field(max_length=MAX_BAD_WORDS)]
 # vLLM's truncate_prompt_tokens: keep the prompt's last k tokens; -1 keeps up to the context length. (0 is refused.)
 TruncatePromptTokens = Annotated[int, Field(strict=True, ge=-1)]
 
@@ -50,10 +56,6 @@ def _keep_some_tokens(value):
     return value
 PositiveInt = Annotated[int, Field(strict=True, ge=1)]
 NonNegativeInt = Annotated[int, Field(strict=True, ge=0)]
-
-# Whether the engine takes allowed_token_ids (vLLM's name); until it does, a request that sends them is refused
-# rather than served unconstrained.
-ENGINE_HAS_ALLOWED_TOKEN_IDS = "allowed_token_ids" in {f.name for f in dataclasses.fields(SamplingParams)}
 
 
 class OpenAIBase(BaseModel):
@@ -172,9 +174,12 @@ class SamplingFields(RequestBody):
     repetition_penalty: Float | None = None
     logit_bias: dict[str, Float] | None = None
     allowed_token_ids: TokenIds | None = None
+    bad_words: BadWords | None = None
     ignore_eos: Bool = False
     min_tokens: Annotated[int, Field(strict=True, ge=0)] = 0
     skip_special_tokens: Bool = True
+    # vLLM's; a slow tokenizer's option (fast tokenizers never put spaces there, as in transformers)
+    spaces_between_special_tokens: Bool = True
     include_stop_str_in_output: Bool = False
     user: StrictStr | None = None
     stream: Bool = False
@@ -234,13 +239,6 @@ class SamplingFields(RequestBody):
                 raise ValueError(f"biases must be in [-100, 100], got {bias} for token {key}")
         return value
 
-    @field_validator("allowed_token_ids")
-    @classmethod
-    def _engine_takes_allowed_token_ids(cls, value):
-        if value is not None and not ENGINE_HAS_ALLOWED_TOKEN_IDS:
-            raise ValueError("allowed_token_ids is not supported by this server")
-        return value
-
     @property
     def include_usage_in_stream(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
@@ -250,12 +248,14 @@ class SamplingFields(RequestBody):
         """Raises ValueError naming the argument for a value out of range (SamplingParams checks them)."""
         given = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                      presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                     repetition_penalty=self.repetition_penalty, allowed_token_ids=self.allowed_token_ids)
+                     repetition_penalty=self.repetition_penalty, allowed_token_ids=self.allowed_token_ids,
+                     bad_words=self.bad_words)
         return SamplingParams(
             n=self.n, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
             max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
             skip_special_tokens=self.skip_special_tokens, include_stop_str_in_output=self.include_stop_str_in_output,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
             structured_outputs=self.structured_outputs_params(),
             **{name: value for name, value in given.items() if value is not None})
 

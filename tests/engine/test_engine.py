@@ -240,6 +240,44 @@ def test_async_scheduling_gives_the_synchronous_outputs(tiny_models, which):
     assert len(results[True][0][0][0]) == greedy.index(stop_token) + 1
 
 
+def counted_forwards(engine) -> list[bool]:
+    """Wrap the engine's real launch_forward to count the forwards queued alone, their sampling deferred until the
+    host has the previous step's tokens."""
+    calls = []
+    launch = engine.runner.launch_forward
+
+    def counting(requests, previous=None, staged=None):
+        calls.append(True)
+        return launch(requests, previous, staged)
+
+    engine.runner.launch_forward = counting
+    return calls
+
+
+def test_async_scheduling_reads_the_tokens_a_bad_word_ends_with(tiny_models):
+    """A two-token bad word from each prompt's free greedy run: its second token is banned only once the first is
+    on the host, so the overlapped engine must not sample before then. Same outputs as the synchronous engine,
+    and the word never appears."""
+    path, hf_model = tiny_models("llama")
+    prompts = make_prompts(hf_model.config.vocab_size, count=6, seed=9)
+    free = [hf_greedy(hf_model, prompt, 12) for prompt in prompts]
+    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, bad_words_token_ids=[tokens[4:6]])
+              for tokens in free]
+    results = {}
+    for overlap in (False, True):
+        llm = LLM(model=path, skip_tokenizer_init=True, max_num_seqs=6, block_size=4, max_model_len=128,
+                  async_scheduling=overlap)
+        forwards = counted_forwards(llm.engine)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        results[overlap] = [o.outputs[0].token_ids for o in outputs]
+        assert (len(forwards) > 0) == overlap
+    assert results[True] == results[False]
+    for tokens, unconstrained in zip(results[True], free):
+        word = unconstrained[4:6]
+        assert all(tokens[i:i + 2] != word for i in range(len(tokens) - 1))
+        assert tokens != unconstrained
+
+
 def test_abort_while_a_step_is_queued_frees_everything(tiny_models):
     path, hf_model = tiny_models("llama")
     prompts = make_prompts(hf_model.config.vocab_size, count=3, seed=8)

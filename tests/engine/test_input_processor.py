@@ -55,10 +55,58 @@ def test_n_samples_share_the_prompt_and_get_their_own_seeded_generators(processo
     ("prompt", {"text": "x"}, SamplingParams()),
     ("stop_token_ids", [5, 6], SamplingParams(stop_token_ids=[VOCAB_SIZE + 5], min_tokens=1)),
     ("logit_bias", [5, 6], SamplingParams(logit_bias={VOCAB_SIZE: 2.0})),
+    ("allowed_token_ids", [5, 6], SamplingParams(allowed_token_ids=[5, VOCAB_SIZE])),
+    ("bad_words_token_ids", [5, 6], SamplingParams(bad_words_token_ids=[[5], [6, VOCAB_SIZE + 9]])),
 ], ids=["id-past-vocab", "negative-id", "bool-id", "ids-not-a-list", "empty", "too-long", "no-prompt-key",
-        "stop-token-past-vocab", "logit-bias-past-vocab"])
+        "stop-token-past-vocab", "logit-bias-past-vocab", "allowed-id-past-vocab", "bad-word-id-past-vocab"])
 def test_bad_input_names_the_body_field(processor, param, prompt, params):
     with pytest.raises(InvalidArgument) as error:
         processor.process("bad", prompt, params)
     assert error.value.param == param
     assert str(error.value).startswith("invalid ")
+
+
+def test_bad_words_are_tokenized_by_vllms_rule(processor):
+    """Each word as given (lstripped) and after a space; the second only where its first token differs and it has
+    as many tokens (Llama 3's ids, written out so that a change of rule shows)."""
+    words = ["hello", "  Hello world", "123", "café"]
+    params = SamplingParams(n=2, bad_words=words)
+    processed = processor.process("r", "hi", params)
+    assert [r.sampling_params.bad_words_token_ids for r in processed.requests] == [[
+        [15339], [24748],  # "hello", " hello"
+        [9906, 1917], [22691, 1917],  # "Hello world", " Hello world": the leading spaces given are stripped first
+        [4513],  # "123"; " 123" is [220, 4513], the space a token of its own, so banning it would ban every space
+        [936, 59958],  # "café"; " café" is one token, [53050], a different length
+    ]] * 2
+    assert processed.requests[0].sampling_params.bad_words == words
+    assert params.bad_words_token_ids is None  # the caller's params are left as they were: LLM reuses them
+
+
+def test_bad_words_after_a_space_that_tokenize_alike_are_banned_once():
+    """A SentencePiece-style tokenizer (a leading "▁" whether or not the text starts with a space) spells "hello"
+    and " hello" alike: one sequence, as in vLLM."""
+    import tokenizers
+    from tokenizers import models, pre_tokenizers
+    backend = tokenizers.Tokenizer(models.WordLevel({"▁hello": 0, "▁big": 1, "▁world": 2, "[UNK]": 3},
+                                                    unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend)
+    assert tokenizer.encode(" hello", add_special_tokens=False) == [0]
+    processor = InputProcessor(EngineConfig(max_model_len=64), tokenizer, 4, None, torch.device("cpu"))
+    processed = processor.process("r", [1, 2], SamplingParams(bad_words=["hello", " big world"]))
+    assert processed.requests[0].sampling_params.bad_words_token_ids == [[0], [1, 2]]
+
+
+def test_bad_words_need_a_tokenizer_and_tokens_in_the_vocabulary(processor):
+    without = InputProcessor(EngineConfig(max_model_len=64), None, VOCAB_SIZE, None, torch.device("cpu"))
+    with pytest.raises(InvalidArgument) as error:
+        without.process("r", [5, 6], SamplingParams(bad_words=["hello"]))
+    assert error.value.param == "bad_words"
+    # Token ids need no tokenizer.
+    processed = without.process("r", [5, 6], SamplingParams(bad_words_token_ids=[[7], [8, 9]]))
+    assert processed.requests[0].sampling_params.bad_words_token_ids == [[7], [8, 9]]
+    # A model whose vocabulary is smaller than its tokenizer's: a word spelled past it is the body's bad_words.
+    small = InputProcessor(EngineConfig(max_model_len=64), processor.tokenizer, 1000, None, torch.device("cpu"))
+    with pytest.raises(InvalidArgument) as error:
+        small.process("r", [5, 6], SamplingParams(bad_words=["hello"]))
+    assert error.value.param == "bad_words" and "[15339, 24748]" in str(error.value)

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 import torch
 
 from serval.engine.request import Request
 from serval.engine.sampler import (
-    SamplerOutput, _apply_penalties, apply_top_k_top_p, compute_prompt_logprobs, sample)
+    SamplerOutput, _apply_penalties, apply_history_processing, apply_top_k_top_p, compute_prompt_logprobs, sample)
 from serval.sampling_params import SamplingParams
 
 _ids = itertools.count()
@@ -231,6 +232,114 @@ def test_min_tokens_blocks_eos_and_stop_ids():
     # With EOS ignored it ends nothing, so min_tokens leaves it alone (as vLLM does).
     assert out[:3] == [11, eos, eos]
     assert out[3] not in (eos, 9)
+
+
+def test_allowed_token_ids_restrict_greedy_sampling():
+    logits = random_logits(4, 200, seed=21)
+    allowed = [3, 50, 51, 199]
+    assert all(int(row.argmax()) not in allowed for row in logits)  # the mask decides every row below
+    requests = [make_request(temperature=0.0, allowed_token_ids=allowed),
+                make_request(temperature=0.0),
+                make_request(temperature=0.0, allowed_token_ids=[7]),
+                make_request(temperature=0.0, allowed_token_ids=allowed, logit_bias={int(logits[3].argmax()): 100.0},
+                             repetition_penalty=0.5, output=[int(logits[3].argmax())])]
+    out = sample(logits.clone(), requests).sampled_token_ids
+    assert out[0] == max(allowed, key=lambda token: float(logits[0, token]))
+    assert out[1] == int(logits[1].argmax())  # a row without the field is its own
+    assert out[2] == 7
+    # Nothing lifts a disallowed token back: neither a bias nor a penalty below 1 (which raises seen tokens).
+    assert out[3] == max(allowed, key=lambda token: float(logits[3, token]))
+
+
+def test_allowed_token_ids_restrict_random_sampling_to_the_renormalized_softmax():
+    torch.manual_seed(23)
+    logits = random_logits(1, 40, seed=24, scale=1.0)[0]
+    allowed = [0, 5, 6, 17, 39]
+    seen, counts = sampled_support(logits, 8000, temperature=0.9, allowed_token_ids=allowed)
+    assert seen == set(allowed)
+    # 4 degrees of freedom: P(chi2 > 30) < 1e-5, and the seed is fixed.
+    assert chi_square(counts[allowed], torch.softmax(logits[allowed] / 0.9, dim=-1)) < 30.0
+    seen, _ = sampled_support(logits, 500, temperature=1.0, top_k=2, allowed_token_ids=allowed)
+    assert seen <= set(allowed) and len(seen) == 2  # top_k counts among the allowed tokens
+    seeded = [make_request(seed=seed, allowed_token_ids=[11, 12]) for seed in range(200)]
+    assert set(sample(logits.expand(200, -1).clone(), seeded).sampled_token_ids) == {11, 12}
+
+
+def banned(requests: list[Request], vocab: int = 64) -> list[set[int]]:
+    """The tokens apply_history_processing sets to -inf, per request, on flat logits."""
+    logits = torch.zeros(len(requests), vocab)
+    apply_history_processing(logits, requests)
+    return [set(torch.isneginf(row).nonzero().flatten().tolist()) for row in logits]
+
+
+def test_a_one_token_bad_word_is_banned_at_every_step():
+    words = [[9], [20]]
+    assert banned([make_request(output=[], bad_words_token_ids=words),
+                   make_request(output=[9, 4], bad_words_token_ids=words),
+                   make_request(output=[1, 2, 3])]) == [{9, 20}, {9, 20}, set()]
+
+
+def test_a_longer_bad_words_last_token_is_banned_only_after_the_rest_was_generated():
+    word = [11, 12, 13]
+    cases = {
+        (): set(),  # too short to hold the prefix (vLLM: the word is longer than output + 1)
+        (12,): set(),  # only part of the prefix
+        (11, 12): {13},
+        (5, 11, 12): {13},
+        (11, 12, 7): set(),  # the prefix must be the last tokens generated
+        (12, 12): set(),  # the last token alone does not make the prefix
+        (11, 12, 13, 11, 12): {13},  # a word generated before (given directly, say) is banned again
+    }
+    requests = [make_request(output=list(output), bad_words_token_ids=[word]) for output in cases]
+    assert banned(requests) == list(cases.values())
+
+
+def test_bad_word_prefixes_count_generated_tokens_only():
+    """As in vLLM: a word the prompt began may be finished (the prompt's tokens are not the model's)."""
+    word = [30, 31]
+    assert banned([make_request(prompt=[1, 30], output=[], bad_words_token_ids=[word]),
+                   make_request(prompt=[1, 30], output=[30], bad_words_token_ids=[word])]) == [set(), {31}]
+
+
+@pytest.mark.parametrize("lengths", [(1,), (1, 3), (2, 2)], ids=["one", "one-and-three", "two-and-two"])
+def test_bad_words_in_a_batch_match_a_per_row_reference(lengths):
+    """vLLM's published cases (tests/v1/sample/test_sampler.py::test_sampler_bad_words): random words of these
+    lengths per request, one request without any, outputs that end in a word's prefix or in no prefix at all;
+    every word sharing the matched prefix has its last token banned."""
+    rng = random.Random(len(lengths) * 10 + sum(lengths))
+    vocab = 64
+    for _ in range(30):
+        requests, expected = [], []
+        for index in range(8):
+            output = [rng.randrange(vocab) for _ in range(6)]
+            if index == 3:
+                requests.append(make_request(output=output))
+                expected.append(set())
+                continue
+            words = [[rng.randrange(vocab) for _ in range(length)] for length in lengths]
+            longer = [word for word in words if len(word) > 1]
+            if longer and rng.random() < 0.6:
+                chosen = rng.choice(longer)
+                output[len(output) - len(chosen) + 1:] = chosen[:-1]
+            else:  # a last token that begins no word, so that no prefix matches by chance
+                output[-1] = rng.choice([t for t in range(vocab) if t not in {w[0] for w in words}])
+            expected.append({word[-1] for word in words
+                             if len(word) == 1 or output[len(output) - len(word) + 1:] == word[:-1]})
+            requests.append(make_request(output=output, bad_words_token_ids=words))
+        assert banned(requests, vocab) == expected
+
+
+def test_greedy_sampling_steps_around_a_bad_word():
+    logits = torch.zeros(3, 50)
+    logits[:, 7] = 5.0
+    logits[:, 8] = 4.0
+    logits[:, 9] = 3.0
+    words = [[7, 7], [3, 8]]
+    out = sample(logits.clone(), [make_request(temperature=0.0, output=[1], bad_words_token_ids=words),
+                                  make_request(temperature=0.0, output=[7], bad_words_token_ids=words),
+                                  make_request(temperature=0.0, output=[3, 7], bad_words_token_ids=words +
+                                               [[7, 8]])]).sampled_token_ids
+    assert out == [7, 8, 9]
 
 
 def test_logprobs_are_raw_with_ranks():

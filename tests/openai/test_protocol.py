@@ -2,9 +2,9 @@
 import pytest
 from pydantic import ValidationError
 
-from serval.openai.errors import APIError
-from serval.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
-                                    UsageInfo)
+from serval.openai.errors import APIError, InvalidArgument
+from serval.openai.protocol import (MAX_BAD_WORD_CHARS, MAX_BAD_WORDS, ChatCompletionRequest, CompletionRequest,
+                                    DetokenizeRequest, TokenizeRequest, UsageInfo)
 
 
 def test_completion_defaults_are_openais():
@@ -154,13 +154,54 @@ def test_the_sdk_reference_covers_the_fields_that_matter():
 @pytest.mark.parametrize("name, wrong", [("stream", "yes"), ("stream", 1), ("ignore_eos", "true"), ("top_k", True),
                                          ("min_tokens", True), ("min_p", "0.1"), ("repetition_penalty", True),
                                          ("skip_special_tokens", 0), ("include_stop_str_in_output", "no"),
-                                         ("stop", 5), ("stop", ["a", 5]), ("model", 5), ("user", 1)])
+                                         ("spaces_between_special_tokens", "false"), ("stop", 5), ("stop", ["a", 5]),
+                                         ("model", 5), ("user", 1)])
 def test_vllm_extras_and_the_stream_switch_are_strict_too(name, wrong):
     for model, base in ((CompletionRequest, {"prompt": "x"}),
                         (ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}]})):
         with pytest.raises(ValidationError) as error:
             model.model_validate({**base, name: wrong})
         assert error.value.errors()[0]["loc"][0] == name
+
+
+def test_spaces_between_special_tokens_reaches_the_sampling_params():
+    for model, base in ((CompletionRequest, {"prompt": "x"}),
+                        (ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}]})):
+        assert model.model_validate(base).to_sampling_params().spaces_between_special_tokens is True
+        request = model.model_validate({**base, "spaces_between_special_tokens": False})
+        assert request.to_sampling_params().spaces_between_special_tokens is False
+
+
+BOTH = ((CompletionRequest, {"prompt": "x"}), (ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}]}))
+
+
+def test_allowed_token_ids_and_bad_words_reach_the_sampling_params():
+    for model, base in BOTH:
+        params = model.model_validate(base).to_sampling_params()
+        assert params.allowed_token_ids is None and params.bad_words is None
+        params = model.model_validate({**base, "allowed_token_ids": [3, 0, 9], "bad_words": ["spam", " eggs"]}
+                                      ).to_sampling_params()
+        assert params.allowed_token_ids == [3, 0, 9] and params.bad_words == ["spam", " eggs"]
+        assert params.bad_words_token_ids is None  # the engine tokenizes them, with the model's tokenizer
+
+
+@pytest.mark.parametrize("wrong", ["spam", ["spam", 5], [["spam"]], [None], {"spam": 1}, [True],
+                                   ["x"] * (MAX_BAD_WORDS + 1), ["x" * (MAX_BAD_WORD_CHARS + 1)]],
+                         ids=["string", "number", "nested", "null", "object", "bool", "too-many", "too-long"])
+def test_bad_words_are_a_bounded_list_of_strings(wrong):
+    for model, base in BOTH:
+        with pytest.raises(ValidationError) as error:
+            model.model_validate({**base, "bad_words": wrong})
+        assert APIError.from_validation_error(error.value).param.split(".")[0] == "bad_words"
+    for model, base in BOTH:  # the bounds themselves are served
+        model.model_validate({**base, "bad_words": ["x" * MAX_BAD_WORD_CHARS] * MAX_BAD_WORDS})
+
+
+def test_a_blank_bad_word_names_the_field():
+    for model, base in BOTH:
+        with pytest.raises(InvalidArgument) as error:
+            model.model_validate({**base, "bad_words": ["ok", " \t"]}).to_sampling_params()
+        assert error.value.param == "bad_words"
 
 
 def test_nested_bools_are_strict():

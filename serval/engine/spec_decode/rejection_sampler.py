@@ -7,11 +7,11 @@ The first rejection draws from the residual max(0, p_j - q_j), renormalized, and
 accepted, one more token is drawn from p_d. Each emitted token is then distributed exactly as p (Leviathan et al.
 2023, Chen et al. 2023). Greedy requests keep the drafts equal to the target's argmax, then the argmax itself.
 
-p_j is what the plain sampler would draw from had d_1..d_{j-1} been generated: logit_bias, min_tokens and the
-penalties counting the drafts before row j as output, the grammar's mask after them, then temperature, min_p,
-top_k, top_p (sampler.warp_logits). A draft the grammar rejects has p_j(x) = 0 and is always rejected; the
-matcher itself is left where it was (draft_bitmasks rolls it back), and the output processor advances it
-through the tokens kept, so afterwards it holds exactly those.
+p_j is what the plain sampler would draw from had d_1..d_{j-1} been generated: allowed_token_ids and logit_bias,
+then bad_words, min_tokens and the penalties counting the drafts before row j as output, the grammar's mask after
+them, then temperature, min_p, top_k, top_p (sampler.warp_logits). A draft the grammar rejects has p_j(x) = 0
+and is always rejected; the matcher itself is left where it was (draft_bitmasks rolls it back), and the output
+processor advances it through the tokens kept, so afterwards it holds exactly those.
 """
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ def verify(logits: torch.Tensor, requests: list[Request], draft_token_ids: list[
     starts = _row_starts(draft_token_ids)
     logprob_rows = [row for row, p in enumerate(params) if p.logprobs is not None]
     raw_logits = logits[logprob_rows].clone() if logprob_rows else None
+    sampler.apply_allowed_token_ids(logits, params)
     sampler.apply_logit_bias(logits, params)
     _apply_history_processing(logits, requests, draft_token_ids, starts)
     _apply_grammar_masks(logits, requests, draft_token_ids, starts)
@@ -65,7 +66,7 @@ def verify(logits: torch.Tensor, requests: list[Request], draft_token_ids: list[
 @dataclass
 class DraftPosition:
     """A verify row's request as the plain sampler would see it had the drafts before the row been generated: what
-    min_tokens and the penalties read (sampler.apply_history_processing)."""
+    bad_words, min_tokens and the penalties read (sampler.apply_history_processing)."""
     sampling_params: SamplingParams
     eos_token_id: int | None
     all_token_ids: list[int]
@@ -75,12 +76,14 @@ class DraftPosition:
 def _needs_history(request: Request) -> bool:
     params = request.sampling_params
     return (request.num_output_tokens < params.min_tokens or params.repetition_penalty != 1.0
-            or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0)
+            or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
+            or bool(params.bad_words_token_ids))
 
 
 def _apply_history_processing(logits: torch.Tensor, requests: list[Request], draft_token_ids: list[list[int]],
                               starts: list[int]) -> None:
-    """min_tokens and the penalties, row j of a request counting its drafts before j as generated tokens."""
+    """bad_words, min_tokens and the penalties, row j of a request counting its drafts before j as generated
+    tokens."""
     rows, positions = [], []
     for request, drafts, start in zip(requests, draft_token_ids, starts):
         if not _needs_history(request):
