@@ -17,29 +17,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.attention_tune import model_shape  # noqa: E402
+from benchmarks.attention_tune import model_shape, time_call  # noqa: E402
 
 ROWS = (16, 64, 256, 320, 512, 1024, 1280, 2048, 4096, 8192)
 FP8 = torch.float8_e4m3fn
 
 
 def timed_ms(fn, repeats: int = 20) -> float:
-    """One CUDA graph of `repeats` calls, median of five replays (launch gaps left out, as in the engine's graphs)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(repeats):
-            fn()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / repeats)
-    return sorted(times)[2]
+    """One CUDA graph of `repeats` calls, the median of five replays, in ms (launch gaps left out, as in the engine's
+    graphs)."""
+    return time_call(fn, repeats, "cuda") * 1e3
 
 
 def main() -> None:
