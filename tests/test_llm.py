@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from serval import LLM, SamplingParams
+from tests.model.test_gguf_packed import NEAR_TIE_NATS
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +145,17 @@ def test_default_model_chat_matches_transformers(default_llm, hf_default_model):
         with torch.no_grad():
             expected = hf_model.generate(prompt, max_new_tokens=24, do_sample=False)[0, prompt.shape[1]:].tolist()
         got = output.outputs[0].token_ids
-        assert got == expected[:len(got)] and (len(got) == 24 or got[-1] == hf_tokenizer.eos_token_id)
+        assert len(got) == 24 or got[-1] == hf_tokenizer.eos_token_id
+        parted = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None)
+        if parted is not None:
+            # The packed CPU kernel multiplies in bfloat16, with sums that differ by instruction set (AVX-512 or
+            # AVX2): the answers may part only where transformers' own choice was a near tie.
+            with torch.no_grad():
+                logits = hf_model(torch.cat([prompt[0], torch.tensor(expected[:parted])])[None]).logits[0, -1]
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            gap = (logprobs[expected[parted]] - logprobs[got[parted]]).item()
+            assert gap < NEAR_TIE_NATS, f"position {parted}: transformers preferred {expected[parted]} by {gap:.3f}"
+        assert got[:parted] == expected[:len(got)][:parted]
         assert output.outputs[0].text == hf_tokenizer.decode(got, skip_special_tokens=True)
 
 
