@@ -115,7 +115,7 @@ def decode_config(device: torch.device, head_dim: int, group_pad: int) -> Prefil
     if device.type != "cuda":
         return PREFILL_CONFIG
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return pick_decode_config(_device_table(index), head_dim, group_pad)
+    return _device_decode_config(index, head_dim, group_pad)
 
 
 def prefill_config(device: torch.device, head_dim: int, group_pad: int) -> PrefillConfig:
@@ -130,6 +130,11 @@ def prefill_config(device: torch.device, head_dim: int, group_pad: int) -> Prefi
 def _device_prefill_config(device_index: int, head_dim: int, group_pad: int) -> PrefillConfig:
     """Looked up once per GPU and shape: every attention layer of every step asks."""
     return pick_prefill_config(_device_table(device_index), head_dim, group_pad)
+
+
+@functools.cache
+def _device_decode_config(device_index: int, head_dim: int, group_pad: int) -> PrefillConfig:
+    return pick_decode_config(_device_table(device_index), head_dim, group_pad)
 
 
 @functools.cache
