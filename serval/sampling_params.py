@@ -168,7 +168,8 @@ class SamplingParams:
     bad_words: list[str] | None = None
     # The token sequences the sampler bans: where a sequence's other tokens were generated last, its last token gets
     # -inf (a one-token sequence's, always). Filled from bad_words by the input processor, which holds the tokenizer
-    # (vLLM's update_from_tokenizer), replacing any given; given without bad_words, they are banned as given.
+    # (vLLM's update_from_tokenizer), where not filled yet: the server tokenizes the words on its worker thread
+    # (prepare_sampling) so that add_request, on the event loop, does not. Given without bad_words, banned as given.
     bad_words_token_ids: list[list[int]] | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True

@@ -242,12 +242,9 @@ class AsyncEngine:
         constrained request (a second or more for a large vocabulary)."""
         self.engine.grammar_compiler().ll_tokenizer
 
-    def compile_grammar(self, params: SamplingParams | None) -> None:
-        """Compile the request's structured-output constraint into the engine's grammar cache, raising
-        InvalidArgument as add_request would. A new grammar takes up to seconds to compile: the server calls
-        this on a worker thread first, so add_request (on the event loop) finds it cached."""
-        if params is not None and params.structured_outputs is not None:
-            self.engine.grammar_compiler().compile(params.structured_outputs)
+    def prepare_sampling(self, params):
+        """InputProcessor.prepare_sampling: the server calls it on a worker thread before add_request."""
+        return self.engine.input_processor.prepare_sampling(params)
 
     @property
     def is_dead(self) -> bool:

@@ -163,10 +163,10 @@ class EngineCoreClient:
     def remove_lora(self, lora_int_id: int) -> bool:
         return self._call("remove_lora", lora_int_id)
 
-    def compile_grammar(self, params: SamplingParams | None) -> None:
-        """Compiled here, where add_request checks it; the core compiles its own copy on its receiver thread."""
-        if params is not None and params.structured_outputs is not None:
-            self._input_processor.grammar_compiler().compile(params.structured_outputs)
+    def prepare_sampling(self, params):
+        """InputProcessor.prepare_sampling here, where add_request checks the request; the core compiles its own
+        copy of a grammar on its receiver thread, and takes the bad words as tokenized here."""
+        return self._input_processor.prepare_sampling(params)
 
     def warm_grammar_compiler(self) -> None:
         """Build the vocabulary's grammar view on both sides now rather than at the first constrained request."""

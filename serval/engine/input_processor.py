@@ -48,7 +48,7 @@ class InputProcessor:
     def process(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
                 priority: int = 0, arrival_time: float | None = None) -> ProcessedInput:
         """Raises InvalidArgument, naming the body field at fault, for anything the engine can't serve."""
-        params = self._with_bad_words_token_ids(params or SamplingParams())
+        params = self.with_bad_words_tokenized(params or SamplingParams())
         tokenized = self.tokenize_prompt(prompt)
         self._validate_prompt(tokenized.token_ids, params)
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
@@ -101,10 +101,22 @@ class InputProcessor:
             self._grammar_compiler = GrammarCompiler(self.tokenizer)
         return self._grammar_compiler
 
-    def _with_bad_words_token_ids(self, params: SamplingParams) -> SamplingParams:
+    def prepare_sampling(self, params):
+        """The work of process() that can take long, done ahead where a caller can afford it (the server, on its
+        worker thread): the structured-output constraint compiled into the grammar cache, where process() finds
+        it, and bad_words tokenized. Returns the params to pass on; raises InvalidArgument as process() would.
+        Anything but SamplingParams (pooling) passes through."""
+        if not isinstance(params, SamplingParams):
+            return params
+        if params.structured_outputs is not None:
+            self.grammar_compiler().compile(params.structured_outputs)
+        return self.with_bad_words_tokenized(params)
+
+    def with_bad_words_tokenized(self, params: SamplingParams) -> SamplingParams:
         """params with bad_words tokenized into bad_words_token_ids: a copy, as the caller may reuse its params
-        (LLM.generate gives one to every prompt)."""
-        if not params.bad_words:
+        (LLM.generate gives one to every prompt); params whose words were tokenized already, as they are. Up to a
+        second for a maximal list, so the server calls it off the event loop first (prepare_sampling)."""
+        if not params.bad_words or params.bad_words_token_ids is not None:
             return params
         if self.tokenizer is None:
             raise InvalidArgument("bad_words", "invalid sampling parameter bad_words: bad words need a tokenizer; "

@@ -252,7 +252,8 @@ async def start(state: ServerState, call: Call, prompts: list[dict], params, con
     """Hand the prompts to the engine, once the key has the tokens they may use reserved (budgets cannot overshoot
     however many run at once; `release` settles the reservation). A classifier rail's verdicts are asked for at the same time and awaited
     here, while the engine runs the prefill: an unsafe verdict aborts the requests before any output is sent."""
-    await state.off_loop(state.engine.compile_grammar, params)  # not on the event loop: it can take seconds
+    # Not on the event loop: a grammar can take seconds to compile, a long bad_words list one to tokenize.
+    params = await state.off_loop(state.engine.prepare_sampling, params)
     if call.lora_request is not None:  # in host memory before add_request (a cache miss reads the disk)
         await asyncio.to_thread(state.engine.add_lora, call.lora_request)
     call.session.reserve(*admission.token_reservation(state, prompts, params))

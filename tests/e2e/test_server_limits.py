@@ -1,10 +1,13 @@
 """Limits and checks at the server's edge, through a real `serval serve` process: the body size limit (413), big
-bodies and n=128 worked off the event loop (/health keeps answering), the bound on n, the API key on every endpoint
+bodies, a long bad_words list and n=128 worked off the event loop (/health keeps answering), the bound on n, the API key on every endpoint
 but /health and /version (and /metrics, open by default), the 429's Retry-After, the documented request bodies in
 /openapi.json, and the fields errors name (seed, max_completion_tokens). Each error is OpenAI's body, /health stays
 200 and the next ordinary request succeeds."""
 import concurrent.futures
 import json
+import random
+import string
+import time
 
 import httpx
 import pytest
@@ -81,6 +84,25 @@ def test_big_bodies_are_worked_off_the_event_loop(server):
     response, answered = health_during(server, lambda: post(server, "/tokenize", {"prompt": text}))
     assert response.status_code == 200 and response.json()["count"] > 100_000
     assert answered >= 100
+    assert_still_serving(server)
+
+
+def test_a_long_bad_words_list_is_tokenized_off_the_event_loop(server):
+    # ~0.9 MB of vLLM's bad_words, under the body limit, random letters (many tokens a word): the two tokenizer
+    # passes a word take seconds, which on the event loop would hold one /health poll for all of it.
+    rng = random.Random(0)
+    words = ["".join(rng.choice(string.ascii_letters + "  ") for _ in range(990)) for _ in range(900)]
+    slowest = 0.0
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, httpx.Client(timeout=60) as client:
+        future = pool.submit(lambda: post(server, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1,
+                                                                      "bad_words": words}))
+        while not future.done():
+            started = time.monotonic()
+            assert client.get(server.url + "/health").status_code == 200
+            slowest = max(slowest, time.monotonic() - started)
+        response = future.result()
+    assert response.status_code == 200, response.text
+    assert slowest < 1.0, slowest  # 0.3 s on a 2-core machine; 3.9 s with the words tokenized on the event loop
     assert_still_serving(server)
 
 
