@@ -22,9 +22,9 @@ then counts it once.
 
 A float8 e4m3 cache (kv_cache_dtype="fp8") is written through to_cache_dtype and each K/V tile is converted to the
 query's dtype as it is loaded, before the dot products: half the bytes read, the same math; a bfloat16 query's
-products then run in float16 (fp8_half_products), which float8 widens to in a single instruction. With per-layer scales
-(k_scale, v_scale: serval.layers.quant.kv_scales) the cache holds k / k_scale and v / v_scale; the kernel reads the
-two scales from device memory (graph-safe) and folds them into the softmax scale and the output.
+products then run in float16 (fp8_half_products), which float8 widens to in a single instruction. With per-layer
+scales (k_scale, v_scale: serval.layers.quant.kv_scales) the cache holds k / k_scale and v / v_scale; the kernel
+reads the two scales from device memory (graph-safe) and folds them into the softmax scale and the output.
 """
 from __future__ import annotations
 
@@ -484,7 +484,6 @@ def _launch(query, kv_cache, metadata, scale, sliding_window, out, sinks, k_scal
         **pdl.launch_options(query))
     if num_splits > 1:
         _combine_splits(partial_out, partial_lse, out)
-
 
 
 @triton.jit
