@@ -1,8 +1,8 @@
 """Limits and checks at the server's edge, through a real `serval serve` process: the body size limit (413), big
 bodies, a long bad_words list and n=128 worked off the event loop (/health keeps answering), the bound on n, the
-API key on every endpoint but /health and /version (and /metrics, open by default), the 429's Retry-After, the documented request bodies in
-/openapi.json, and the fields errors name (seed, max_completion_tokens). Each error is OpenAI's body, /health stays
-200 and the next ordinary request succeeds."""
+API key on every endpoint but /health and /version (and /metrics, open by default), the 429's Retry-After, the
+documented request bodies in /openapi.json, and the fields errors name (seed, max_completion_tokens). Each error is
+OpenAI's body, /health stays 200 and the next ordinary request succeeds."""
 import concurrent.futures
 import json
 import random
