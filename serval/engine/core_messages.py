@@ -47,7 +47,8 @@ class AbortRequest:
 
 @dataclass
 class CallRequest:
-    """A blocking call answered by a CallReply with the same call_id: add_lora, remove_lora, compile_grammar."""
+    """A blocking call answered by a CallReply with the same call_id: add_lora, remove_lora, warm_grammar_compiler,
+    start_profile, stop_profile."""
     call_id: int
     method: str
     argument: object

@@ -256,10 +256,6 @@ class EngineCore:
             pass
 
 
-def _compile_grammar(engine: LLMEngine, structured_outputs) -> None:
-    engine.grammar_compiler().compile(structured_outputs)
-
-
 def _warm_grammar_compiler(engine: LLMEngine, _argument) -> None:
     engine.grammar_compiler().ll_tokenizer
 
@@ -269,7 +265,6 @@ _CALLS = {
     "stop_profile": lambda engine, _argument: engine.stop_profile(),
     "add_lora": lambda engine, lora_request: engine.add_lora(lora_request),
     "remove_lora": lambda engine, lora_int_id: engine.remove_lora(lora_int_id),
-    "compile_grammar": _compile_grammar,
     "warm_grammar_compiler": _warm_grammar_compiler,
 }
 

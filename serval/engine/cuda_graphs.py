@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from serval.engine.kv_groups import with_group_metadata
+from serval.engine.sampler import to_device
 from serval.layers.attention import AttentionMetadata
 from serval.lora.batch import graph_lora_batch
 
@@ -44,6 +45,20 @@ class StagedDecode:
     """A decode step whose inputs are in the graphs' buffers (DecodeGraphs.stage), awaiting its replay."""
     num_requests: int
     batch: int  # the captured size it replays
+
+
+def gather_input_ids(input_ids: torch.Tensor, source: torch.Tensor, rows: list[int] | None = None) -> None:
+    """In place on the device: the input ids at `rows` (all where None) are row numbers of `source`, the previous
+    step's samples, which the host has not read yet; each becomes the token sampled there (asynchronous
+    scheduling)."""
+    if rows is None:
+        input_ids.copy_(source.index_select(0, input_ids))
+        return
+    if not rows:
+        return
+    index = to_device(rows, torch.int64, input_ids.device)
+    tokens = source.index_select(0, input_ids.index_select(0, index))
+    input_ids.index_copy_(0, index, tokens.to(input_ids.dtype))
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -170,11 +185,12 @@ class DecodeGraphs:
         self._fill(input_ids, positions, slot_mapping, seq_lens, block_tables, batch, lora_slots, groups)
         return StagedDecode(num_requests, batch)
 
-    def replay(self, staged: StagedDecode, source: torch.Tensor | None = None) -> torch.Tensor:
-        """run's second half: gather the input ids from `source` (as run) and replay the staged step's graph."""
+    def replay(self, staged: StagedDecode, source: torch.Tensor | None = None,
+               rows: list[int] | None = None) -> torch.Tensor:
+        """run's second half: gather the input ids from `source` (as run) and replay the staged step's graph.
+        rows: only these requests' input ids are rows of `source` (the rest are token ids); None: all."""
         if source is not None:
-            ids = self._view("input_ids", staged.num_requests)
-            ids.copy_(source.index_select(0, ids))
+            gather_input_ids(self._view("input_ids", staged.num_requests), source, rows)
         if staged.batch not in self.graphs:  # nothing captured (off CUDA): the same forward on the same buffers
             return self._forward(staged.batch)[:staged.num_requests]
         self.graphs[staged.batch].replay()

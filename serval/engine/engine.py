@@ -165,7 +165,9 @@ class LLMEngine:
         if self.spec_decoder is not None and not self.spec_decoder.overlaps_steps:
             # A draft model or EAGLE-3 head runs inside every synchronous target step: nothing queues without it.
             self.async_scheduling = False
-        # With asynchronous scheduling: the decode step queued on the device whose tokens are not processed yet.
+        # SERVAL_ASYNC_MIXED_STEPS=0 keeps steps that change the batch synchronous (the A/B of docs/performance.md).
+        self.async_mixed_steps = os.environ.get("SERVAL_ASYNC_MIXED_STEPS", "1") != "0"
+        # With asynchronous scheduling: the step queued on the device whose tokens are not processed yet.
         self.in_flight: DecodeInFlight | None = None
         # The decode forward queued behind in_flight whose sampling waits for in_flight's tokens (grammars).
         self.queued_forward: DecodeForward | None = None
@@ -336,6 +338,11 @@ class LLMEngine:
                 self.in_flight = self.runner.launch_decode(scheduled.requests)
             self.scheduler.update(scheduled)
             return self._finish_in_flight()
+        if self._launches_steps() and all(self._launchable(request, False) for request in scheduled.requests):
+            with host_range("serval.launch_step"):
+                self.in_flight = self.runner.launch_step(scheduled)
+            self.scheduler.update(scheduled)
+            return self._finish_in_flight()
         with host_range("serval.execute"):
             runner_output = self.runner.execute(scheduled)
         self.scheduler.update(scheduled)
@@ -466,21 +473,25 @@ class LLMEngine:
     # min_tokens still masking) queues step N+1's forward alone and samples it once step N is processed
     # (_finish_deferred): the forward still overlaps the host's work, and each grammar's next mask is filled on a
     # worker thread meanwhile.
-    # Logprobs (read back with the tokens) or a change in the batch (a waiting request to admit, a prompt chunk)
-    # take the synchronous path for that step.
+    # A step that changes the batch (a waiting request admitted, a prompt chunk) is queued the same way
+    # (_schedule_following): the scheduler plans it with the requests that sample in step N computing that
+    # token, its input id gathered on the device. Where that step's sampling would need step N's tokens on the host
+    # (grammars, penalties, bad_words, min_tokens still masking) it takes the synchronous path, as does any step
+    # with logprobs (read back with the tokens).
     def _can_overlap(self, scheduled: SchedulerOutput) -> bool:
         return all(num_new == 1 and request.num_computed_tokens + 1 == request.num_tokens
                    and self._sampling_deferrable(request)
                    for request, num_new in zip(scheduled.requests, scheduled.num_scheduled_tokens))
 
     @staticmethod
-    def _overlap_safe(request: Request, num_pending: int) -> bool:
-        """Can the request's next token be sampled while num_pending of its tokens are still on the device?"""
+    def _overlap_safe(request: Request) -> bool:
+        """Can the request's next token be sampled while its last token is still on the device? The sampler then
+        counts one output too few: min_tokens is safe only once that count is past it, not the true one."""
         params = request.sampling_params
         return (params.logprobs is None and request.grammar is None and params.prompt_logprobs is None
                 and params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
                 and params.presence_penalty == 0.0 and not params.bad_words_token_ids
-                and request.num_output_tokens + num_pending >= params.min_tokens)
+                and request.num_output_tokens >= params.min_tokens)
 
     @staticmethod
     def _sampling_deferrable(request: Request) -> bool:
@@ -490,6 +501,38 @@ class LLMEngine:
         engine does."""
         params = request.sampling_params
         return params.logprobs is None and params.prompt_logprobs is None
+
+    def _launches_steps(self) -> bool:
+        """Can steps that change the batch be queued (launch_step)? Not with speculative decoding (drafts are
+        proposed from the host's tokens), tensor parallelism (its workers take host input ids) or pooling."""
+        return (self.async_scheduling and self.async_mixed_steps and self.spec_decoder is None
+                and self.executor is None and self.pooling is None)
+
+    def _launchable(self, request: Request, pending: bool) -> bool:
+        """Can the request be in a step queued by launch_step? pending: its last token is on the device."""
+        if request.grammar is not None or not self._sampling_deferrable(request):
+            return False
+        return not pending or self._overlap_safe(request)
+
+    def _schedule_following(self, current: DecodeInFlight) -> DecodeInFlight | None:
+        """The step after `current` where the batch changes, scheduled and queued before current's tokens are
+        known; None where a request it could hold isn't _launchable (the next step is then synchronous)."""
+        if not self._launches_steps():
+            return None
+        scheduler = self.scheduler
+        pending = frozenset(id(request) for request in current.requests if not request.is_finished)
+        if not all(self._launchable(request, id(request) in pending) for request in scheduler.running):
+            return None
+        seats = scheduler.max_num_seqs - scheduler.num_running  # at most this many are admitted
+        if not all(self._launchable(request, False) for _, request in scheduler.waiting[:seats]):
+            return None
+        with host_range("serval.schedule"):
+            scheduled = scheduler.schedule(pending)
+        if not scheduled.requests:
+            return None
+        # Until it is processed the step holds its new requests too: a failure ends them with current's.
+        self.stepping = current.requests + [request for request in scheduled.requests if id(request) not in pending]
+        return self.runner.launch_step(scheduled, current)
 
     def _finish_in_flight(self) -> list[RequestOutput]:
         current, self.in_flight = self.in_flight, None
@@ -507,9 +550,11 @@ class LLMEngine:
             update = self.output_processor.process_step(current.requests, sampled, time.monotonic())
         outputs = self._finish(update)
         if following is not None:
-            live = [request for request in following.requests if not request.is_finished]
+            scheduled = following.scheduled or SchedulerOutput(following.requests, [1] * len(following.requests))
+            live = [(request, num_new) for request, num_new in zip(scheduled.requests, scheduled.num_scheduled_tokens)
+                    if not request.is_finished]
             if live:  # the rest stopped on current's tokens: their rows in `following` are never read
-                self.scheduler.update(SchedulerOutput(live, [1] * len(live)))
+                self.scheduler.update(SchedulerOutput(*map(list, zip(*live))))
                 self.in_flight = following
         self._propose_after_overlap()
         return outputs
@@ -573,8 +618,8 @@ class LLMEngine:
         sampling needs nothing from the host, else the forward alone; None where that isn't safe."""
         following = self._following_requests(current.requests)
         if following is None:
-            return None
-        if all(self._overlap_safe(request, 1) for request in following):
+            return self._schedule_following(current)
+        if all(self._overlap_safe(request) for request in following):
             return self.runner.launch_decode(following, previous=current)
         return self.runner.launch_forward(following, previous=current)
 

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from serval.config import MIXED_GRAPH_MAX_TOKENS
+from serval.engine.cuda_graphs import gather_input_ids
 from serval.kernels import paged_attention as torch_attention
 from serval.layers.attention import AttentionMetadata, attention_backend
 from serval.layers.quant.kv_scales import kv_scales_frozen, layers_awaiting_kv_scales
@@ -93,8 +94,10 @@ class MixedGraphs:
             self._layout["lora_slots"] = self._layout["block_tables"]
             self._layout["block_tables"] += max_tokens
         size = self._layout["block_tables"] + max_requests * self.max_blocks
-        # One staging buffer: mixed steps run synchronously (the host reads each step's tokens before the next).
-        self._staging = torch.zeros(size, dtype=torch.int32, pin_memory=device.type == "cuda")
+        # Two staging buffers, used in turn: with asynchronous scheduling step N + 1 is filled while step N's copy
+        # may still wait in the stream, and step N + 2 only after the host has waited for step N's tokens.
+        self._stagings = [torch.zeros(size, dtype=torch.int32, pin_memory=device.type == "cuda") for _ in range(2)]
+        self._fills = 0
         self.inputs = torch.zeros(size, dtype=torch.int32, device=device)
         # This step's query_start_loc and seq_lens, padded: AttentionMetadata's host fields (the kernels read the
         # device copies; nothing captured depends on these).
@@ -126,12 +129,16 @@ class MixedGraphs:
                 and len(inputs.logits_rows) < self._num_requests(bucket))
 
     @torch.inference_mode()
-    def run(self, inputs: ForwardInputs, lora_slots: list[int] | None = None) -> torch.Tensor:
+    def run(self, inputs: ForwardInputs, lora_slots: list[int] | None = None, source: torch.Tensor | None = None,
+            source_rows: list[int] = ()) -> torch.Tensor:
         """float32 logits [len(inputs.logits_rows), vocab] of the step, by graph replay (or, with no graph
         captured, by the same padded forward run eagerly): ModelRunner.forward_logits' contract. lora_slots: each
-        row's adapter slot (-1: none), with LoRA."""
+        row's adapter slot (-1: none), with LoRA. source_rows: rows whose input id is a row of `source`, the
+        previous step's samples on the device (cuda_graphs.gather_input_ids)."""
         bucket = self.bucket(len(inputs.input_ids))
         self._fill(inputs, bucket, lora_slots)
+        if source is not None:
+            gather_input_ids(self._view("input_ids", bucket), source, list(source_rows))
         if bucket in self.graphs:
             self.graphs[bucket].replay()
             logits = self.logits[bucket]
@@ -192,7 +199,7 @@ class MixedGraphs:
     def _fill(self, inputs: ForwardInputs, bucket: int, lora_slots: list[int] | None = None) -> None:
         """Write the step's inputs, padded to the bucket, into the buffers."""
         num_tokens, num_requests = len(inputs.input_ids), len(inputs.seq_lens)
-        staging = self._staging.numpy()  # numpy slice assignment from lists is several times cheaper than torch's
+        staging = self._stagings[self._fills % 2].numpy()  # numpy slice assignment from lists: cheaper than torch's
         self._write(staging, inputs, bucket, lora_slots)
         table_start = self._layout["block_tables"]
         table = staging[table_start:table_start + num_requests * self.max_blocks].reshape(num_requests,
@@ -206,7 +213,7 @@ class MixedGraphs:
     def _fill_padding(self, bucket: int) -> None:
         """Inputs of a step with no real request: the padding request owns every row (what capture runs)."""
         from serval.engine.model_runner import ForwardInputs  # here: model_runner imports this module
-        self._write(self._staging.numpy(), ForwardInputs([], [], [], [0], [], [], []), bucket)
+        self._write(self._stagings[self._fills % 2].numpy(), ForwardInputs([], [], [], [0], [], [], []), bucket)
         self._copy_to_device(0)
 
     def _write(self, staging, inputs: ForwardInputs, bucket: int, lora_slots: list[int] | None = None) -> None:
@@ -232,4 +239,5 @@ class MixedGraphs:
     def _copy_to_device(self, num_requests: int) -> None:
         # The vectors whole (the parts past this bucket are stale and unread), the block tables only to the step's.
         end = self._layout["block_tables"] + num_requests * self.max_blocks
-        self.inputs[:end].copy_(self._staging[:end], non_blocking=True)
+        self.inputs[:end].copy_(self._stagings[self._fills % 2][:end], non_blocking=True)
+        self._fills += 1

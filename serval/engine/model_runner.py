@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from serval.config import MIXED_GRAPH_MAX_TOKENS
 from serval.engine import sampler
-from serval.engine.cuda_graphs import DecodeGraphs
+from serval.engine.cuda_graphs import DecodeGraphs, gather_input_ids
 from serval.engine.kv_groups import KVCacheLayout, assign_kv_cache_groups, group_slots, shared_kv_caches, \
     with_group_metadata
 from serval.engine.mixed_graphs import MixedGraphs, mixed_capture_sizes
@@ -60,6 +60,9 @@ class DecodeInFlight:
     token_ids_device: torch.Tensor  # [n] int64
     token_ids_host: torch.Tensor  # [n] int64, pinned on CUDA: filled by a copy queued after the sampler
     copied: torch.cuda.Event | None  # recorded after that copy; None on CPU, where it is already done
+    # launch_step's: the whole step (prefill chunks too), whose computed tokens the engine advances once the step
+    # before it is processed; None for a decode step, whose requests are the step.
+    scheduled: SchedulerOutput | None = None
 
     def token_ids(self) -> list[int]:
         """Wait for the step and return its sampled tokens, in request order."""
@@ -130,6 +133,7 @@ class _BatchPlan:
     prompt_rows: list[PromptLogprobRows]
     verify_rows: list[VerifyRows]
     group_slot_mappings: list[list[int]] | None = None  # a hybrid KV cache: per group (slot_mapping is group 0's)
+    gather_rows: list[int] = field(default_factory=list)  # flat rows whose input id is a previous sample's row
 
 
 def kv_cache_shape(model: torch.nn.Module, num_blocks: int, block_size: int) -> tuple[int, ...]:
@@ -391,18 +395,65 @@ class ModelRunner:
         if len(requests) != len(forward.requests):
             row = {id(request): i for i, request in enumerate(forward.requests)}
             logits = logits.index_select(0, self._tensor([row[id(request)] for request in requests], torch.int64))
+        return self._queue_sampling(logits, requests)
+
+    def _queue_sampling(self, logits: torch.Tensor, requests: list[Request],
+                        scheduled: SchedulerOutput | None = None) -> DecodeInFlight:
         token_ids = sampler.sample_token_tensor(logits, requests)
         if self.device.type != "cuda":
-            return DecodeInFlight(requests, token_ids, token_ids, None)
+            return DecodeInFlight(requests, token_ids, token_ids, None, scheduled)
         host = torch.empty(len(requests), dtype=torch.int64, pin_memory=True)
         host.copy_(token_ids, non_blocking=True)
         copied = torch.cuda.Event()
         copied.record()
-        return DecodeInFlight(requests, token_ids, host, copied)
+        return DecodeInFlight(requests, token_ids, host, copied, scheduled)
 
     @torch.inference_mode()
-    def forward_logits(self, inputs: ForwardInputs) -> torch.Tensor:
-        """float32 logits [len(inputs.logits_rows), vocab] of one eager forward."""
+    def launch_step(self, scheduled: SchedulerOutput, previous: DecodeInFlight | None = None) -> DecodeInFlight:
+        """Queue a step of any shape (prefill chunks beside decodes) and its sampling without waiting for the
+        device: asynchronous scheduling of a step that changes the batch. `previous`: the step queued before this
+        one, whose sampled requests here compute the token it sampled (Scheduler.schedule's `pending`), their input
+        ids gathered from its samples on the device. No request may need logprobs, prompt logprobs, speculative
+        drafts or a grammar (the engine checks): the sampling reads nothing back. The DecodeInFlight's requests are
+        those that sample, in batch order."""
+        pending = ({id(request): row for row, request in enumerate(previous.requests)}
+                   if previous is not None else None)
+        with host_range("serval.prepare_inputs"):
+            plan = self._plan(scheduled, pending)
+        source = previous.token_ids_device if previous is not None and plan.gather_rows else None
+        requests = scheduled.requests
+        num_requests = len(requests)
+        if (self.graphs is not None and self._graphs_serve_lora(requests) and len(plan.sample_rows) == num_requests
+                and len(plan.input_ids) == num_requests and self.graphs.can_run(num_requests)):
+            staged = self.graphs.stage(plan.input_ids, plan.positions, plan.slot_mapping, plan.seq_lens,
+                                       [request.block_ids for request in requests],
+                                       lora_slots=self._lora_slots(requests),
+                                       **self._graph_groups(requests, plan.group_slot_mappings))
+            logits = self.graphs.replay(staged, source, plan.gather_rows)
+            return self._queue_sampling(logits, plan.sampled_requests, scheduled)
+        inputs = ForwardInputs(plan.input_ids, plan.positions, plan.slot_mapping, plan.query_start_loc,
+                               plan.seq_lens, [request.block_ids for request in requests], plan.sample_rows)
+        if self.kv_layout is not None:
+            inputs.group_slot_mappings = plan.group_slot_mappings
+            inputs.group_block_tables = self._group_block_tables(requests)
+            inputs.block_tables = inputs.group_block_tables[0]
+        if (self.mixed_graphs is not None and (self.mixed_graphs.lora is not None or not self._has_lora(requests))
+                and self.mixed_graphs.can_run(inputs)):
+            lora_slots = self._lora_row_slots(requests, plan.query_start_loc)
+            logits = self.mixed_graphs.run(inputs, lora_slots, source, plan.gather_rows)
+        else:
+            self._prepare_lora(requests, plan.query_start_loc)
+            try:
+                logits = self.forward_logits(inputs, source, plan.gather_rows)
+            finally:
+                self._clear_lora()
+        return self._queue_sampling(logits, plan.sampled_requests, scheduled)
+
+    @torch.inference_mode()
+    def forward_logits(self, inputs: ForwardInputs, source: torch.Tensor | None = None,
+                       source_rows: list[int] = ()) -> torch.Tensor:
+        """float32 logits [len(inputs.logits_rows), vocab] of one eager forward. source_rows: rows whose input id
+        is a row of `source`, the previous step's samples on the device (cuda_graphs.gather_input_ids)."""
         metadata = AttentionMetadata(slot_mapping=self._tensor(inputs.slot_mapping, torch.int64),
                                      query_start_loc=inputs.query_start_loc, seq_lens=inputs.seq_lens,
                                      block_tables=self._padded_block_tables(inputs.block_tables),
@@ -410,8 +461,10 @@ class ModelRunner:
         if inputs.group_slot_mappings is not None:
             with_group_metadata(metadata, [self._tensor(slots, torch.int64) for slots in inputs.group_slot_mappings],
                                 [self._padded_block_tables(tables) for tables in inputs.group_block_tables])
-        hidden = self.model(self._tensor(inputs.input_ids, torch.int64), self._tensor(inputs.positions, torch.int64),
-                            self.kv_caches, metadata)
+        input_ids = self._tensor(inputs.input_ids, torch.int64)
+        if source is not None:
+            gather_input_ids(input_ids, source, list(source_rows))
+        hidden = self.model(input_ids, self._tensor(inputs.positions, torch.int64), self.kv_caches, metadata)
         rows, num_rows = inputs.logits_rows, len(inputs.input_ids)
         if len(rows) == num_rows and rows == list(range(num_rows)):  # every row in order (verify only): no gather
             return self.model.compute_logits(hidden)
@@ -492,15 +545,23 @@ class ModelRunner:
         blocks, block_size = request.block_ids, self.block_size
         return [blocks[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
-    def _plan(self, scheduled: SchedulerOutput) -> _BatchPlan:
+    def _plan(self, scheduled: SchedulerOutput, pending: dict[int, int] | None = None) -> _BatchPlan:
+        """pending: id(request) -> its row in the previous step's samples, for the requests whose last token is
+        still on the device (launch_step): the input id of that token's row is the sample's row, for
+        InputGather."""
         plan = _BatchPlan([], [], [], [0], [], [], [], [], [])
         if self.kv_layout is not None:
             plan.group_slot_mappings = [[] for _ in range(self.kv_layout.num_groups)]
         for batch_index, (request, num_new) in enumerate(zip(scheduled.requests, scheduled.num_scheduled_tokens)):
             start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
             row0 = plan.query_start_loc[-1]
-            num_drafts = end - request.num_tokens
+            num_tokens = request.num_tokens
             plan.input_ids.extend(request.all_token_ids[start:end])
+            if pending and id(request) in pending:
+                plan.gather_rows.append(len(plan.input_ids))
+                plan.input_ids.append(pending[id(request)])
+                num_tokens += 1
+            num_drafts = end - num_tokens
             if num_drafts > 0:  # the drafts follow the known tokens (no copy of the whole sequence to slice)
                 plan.input_ids.extend(request.spec_token_ids[:num_drafts])
             plan.positions.extend(range(start, end))
@@ -523,7 +584,7 @@ class ModelRunner:
                 rows = list(range(row0 + num_new - num_drafts - 1, row0 + num_new))
                 plan.verify_rows.append(VerifyRows(batch_index, rows,
                                                    request.spec_token_ids[:num_drafts]))
-            elif end == request.num_tokens:
+            elif end == num_tokens:
                 plan.sample_rows.append(row0 + num_new - 1)
                 plan.sampled_requests.append(request)
         if plan.group_slot_mappings is not None:

@@ -74,13 +74,19 @@ class Scheduler:
         request.arrival_order = next(self._arrival_counter)
         self._enqueue(request)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, pending: frozenset[int] = frozenset()) -> SchedulerOutput:
+        """pending: id() of the running requests whose next token is still on the device (asynchronous
+        scheduling queues this step behind the one sampling it): each computes that token as its one new token,
+        its input id taken on the device; one known to stop with it (its length limit) is left out."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_left = request.num_tokens - request.num_computed_tokens
+            num_left = self._num_left(request, pending)
+            if num_left <= 0:
+                index += 1
+                continue
             num_new = min(num_left + self._num_drafts(request), budget, self.long_prefill_cap)
             while not self.kv_cache.allocate(request, num_new):
                 if num_new > num_left:  # drafts are worth no preemption: verify none this step
@@ -178,6 +184,12 @@ class Scheduler:
             if extra > 0 and self.kv_cache.allocate(request, num_scheduled + extra):
                 out.num_scheduled_tokens[index] += extra
                 budget -= extra
+
+    @staticmethod
+    def _num_left(request: Request, pending: frozenset[int]) -> int:
+        if id(request) not in pending:
+            return request.num_tokens - request.num_computed_tokens
+        return 0 if request.num_output_tokens + 1 >= request.max_tokens else 1
 
     @staticmethod
     def _num_drafts(request: Request) -> int:

@@ -89,52 +89,46 @@ def prefill_shape_key(head_dim: int, group_pad: int) -> str:
 def pick_prefill_config(table: dict | None, head_dim: int, group_pad: int) -> PrefillConfig:
     """The table's entry for this head size and padded group, else its default, else PREFILL_CONFIG. An entry whose
     rows don't hold one query token's heads (rows < group_pad) or a tensor-core tile (16) is not used."""
-    section = (table or {}).get("prefill") or {}
-    for key in (prefill_shape_key(head_dim, group_pad), "default"):
-        values = section.get(key)
-        if values is not None:
-            config = PrefillConfig(*(int(v) for v in values))
-            if config.rows >= max(16, group_pad):
-                return config
-    return PREFILL_CONFIG
+    return _pick_config(table, "prefill", head_dim, group_pad, lambda config: config.rows >= max(16, group_pad))
 
 
 def pick_decode_config(table: dict | None, head_dim: int, group_pad: int) -> PrefillConfig:
     """The decode launch's tile_n, num_warps and num_stages from the table's "decode" section (its rows entry is
     unused: a decode tile packs _DECODE_ROWS query heads), else PREFILL_CONFIG's."""
-    section = (table or {}).get("decode") or {}
+    return _pick_config(table, "decode", head_dim, group_pad, lambda config: True)
+
+
+def _pick_config(table: dict | None, section_name: str, head_dim: int, group_pad: int, usable) -> PrefillConfig:
+    section = (table or {}).get(section_name) or {}
     for key in (prefill_shape_key(head_dim, group_pad), "default"):
         values = section.get(key)
-        if values is not None:
-            return PrefillConfig(*(int(v) for v in values))
+        if values is not None and usable(config := PrefillConfig(*(int(v) for v in values))):
+            return config
     return PREFILL_CONFIG
 
 
 def decode_config(device: torch.device, head_dim: int, group_pad: int) -> PrefillConfig:
     """This GPU's decode launch (PREFILL_CONFIG's without a table, and on the CPU's interpreter)."""
-    if device.type != "cuda":
-        return PREFILL_CONFIG
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _device_decode_config(index, head_dim, group_pad)
+    return _launch_config(device, "decode", head_dim, group_pad)
 
 
 def prefill_config(device: torch.device, head_dim: int, group_pad: int) -> PrefillConfig:
     """This GPU's flat-launch configuration (PREFILL_CONFIG without a table, and on the CPU's interpreter)."""
+    return _launch_config(device, "prefill", head_dim, group_pad)
+
+
+def _launch_config(device: torch.device, section_name: str, head_dim: int, group_pad: int) -> PrefillConfig:
     if device.type != "cuda":
         return PREFILL_CONFIG
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _device_prefill_config(index, head_dim, group_pad)
+    return _device_config(index, section_name, head_dim, group_pad)
 
 
 @functools.cache
-def _device_prefill_config(device_index: int, head_dim: int, group_pad: int) -> PrefillConfig:
-    """Looked up once per GPU and shape: every attention layer of every step asks."""
-    return pick_prefill_config(_device_table(device_index), head_dim, group_pad)
-
-
-@functools.cache
-def _device_decode_config(device_index: int, head_dim: int, group_pad: int) -> PrefillConfig:
-    return pick_decode_config(_device_table(device_index), head_dim, group_pad)
+def _device_config(device_index: int, section_name: str, head_dim: int, group_pad: int) -> PrefillConfig:
+    """Looked up once per GPU, launch and shape: every attention layer of every step asks."""
+    pick = pick_decode_config if section_name == "decode" else pick_prefill_config
+    return pick(_device_table(device_index), head_dim, group_pad)
 
 
 @functools.cache

@@ -41,8 +41,8 @@ def eager_steps_on_reference(runner) -> None:
     graph-shaped step is compared with) attend with the torch reference; graph-shaped steps keep what they run."""
     forward_logits = runner.forward_logits
 
-    def on_reference(inputs):
+    def on_reference(inputs, *gather):
         with reference_attention(runner.model):
-            return forward_logits(inputs)
+            return forward_logits(inputs, *gather)
 
     runner.forward_logits = on_reference

@@ -167,16 +167,16 @@ def test_invalid_kv_cache_dtype_or_quantization_names_the_argument():
 
 
 # ---- asynchronous scheduling (decode step N+1 queued before step N's tokens are read) ----
-def counted_launches(engine) -> list[int]:
-    """Wrap the engine's real launch_decode to count the steps it queued: proof the overlapped path ran."""
+def counted_launches(engine, kinds: tuple[str, ...] = ("launch_decode", "launch_step")) -> list[bool]:
+    """Wrap the engine's real launch_decode and launch_step (decode steps; steps that change the batch) to count the
+    steps they launched, True for those queued behind an unread one: proof the overlapped path ran."""
     calls = []
-    launch = engine.runner.launch_decode
+    for kind in kinds:
+        def counting(batch, previous=None, launch=getattr(engine.runner, kind)):
+            calls.append(previous is not None)
+            return launch(batch, previous)
 
-    def counting(requests, previous=None):
-        calls.append(previous is not None)
-        return launch(requests, previous)
-
-    engine.runner.launch_decode = counting
+        setattr(engine.runner, kind, counting)
     return calls
 
 
@@ -238,6 +238,24 @@ def test_async_scheduling_gives_the_synchronous_outputs(tiny_models, which):
     assert results[True] == results[False]
     assert results[True][0][0][1:] == ("stop", stop_token)
     assert len(results[True][0][0][0]) == greedy.index(stop_token) + 1
+
+
+def test_async_scheduling_lets_a_stop_through_once_min_tokens_are_out(tiny_models):
+    """min_tokens = 2 and the free greedy run's third token as a stop token: the synchronous engine stops on it.
+    Overlapped, that token is sampled while the second is still on the device: the host's count of outputs is one
+    short, so it must not decide the mask (it did: the stop was masked and the request ran on)."""
+    path, hf_model = tiny_models("llama")
+    prompts = make_prompts(hf_model.config.vocab_size, count=12, seed=21)
+    m = 2
+    prompt, free = next((p, free) for p in prompts
+                        if len(p) > 1 and (free := hf_greedy(hf_model, p, 12))[m] not in free[:m])
+    params = SamplingParams(temperature=0.0, max_tokens=12, min_tokens=m, stop_token_ids=[free[m]])
+    for overlap in (False, True):
+        llm = LLM(model=path, skip_tokenizer_init=True, block_size=4, max_model_len=128, async_scheduling=overlap)
+        launches = counted_launches(llm.engine)
+        output = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0]
+        assert (output.token_ids, output.finish_reason, output.stop_reason) == (free[:m + 1], "stop", free[m])
+        assert bool(launches) == overlap  # launch_decode runs only overlapped
 
 
 def counted_forwards(engine) -> list[bool]:

@@ -16,7 +16,7 @@ from serval import LLM, SamplingParams
 from serval.engine.mixed_graphs import MixedGraphs, mixed_capture_sizes
 from serval.openai.errors import InvalidArgument
 from tests.engine.attention_reference import reference_attention, reference_generate
-from tests.engine.test_engine import hf_greedy_references, make_prompts, pressured_llm
+from tests.engine.test_engine import counted_launches, hf_greedy_references, make_prompts, pressured_llm
 from tests.model.engine_checks import check_pressured_greedy
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -58,6 +58,7 @@ class StepLog:
     def __init__(self):
         self.steps: list[list[int]] = []
         self.order: list[str] = []  # "graph" per graph-shaped step, and "eager" where a test counts those too
+        self.gathered: list[list[int]] = []  # per graph-shaped step with input ids gathered on the device: its rows
 
     def mixed(self) -> list[list[int]]:
         return [step for step in self.steps if any(rows > 1 for rows in step) and 1 in step]
@@ -72,17 +73,19 @@ def graph_shaped(llm: LLM, check: bool = True) -> StepLog:
                          config.max_model_len, config.max_num_batched_tokens, runner.device)
     log = StepLog()
 
-    def run_and_compare(inputs):
+    def run_and_compare(inputs, lora_slots=None, source=None, source_rows=()):
         expected = None
         if check:
-            with reference_attention(runner.model):
-                expected = runner.forward_logits(inputs)  # writes the K/V the padded forward rewrites
-        got = MixedGraphs.run(graphs, inputs)
+            with reference_attention(runner.model):  # writes the K/V the padded forward rewrites
+                expected = runner.forward_logits(inputs, source, source_rows)
+        got = MixedGraphs.run(graphs, inputs, lora_slots, source, source_rows)
         if check:
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
         starts = inputs.query_start_loc
         log.steps.append([end - start for start, end in zip(starts, starts[1:])])
         log.order.append("graph")
+        if source is not None:
+            log.gathered.append(list(source_rows))
         return got
 
     graphs.run = run_and_compare
@@ -109,6 +112,24 @@ def test_graph_shaped_mixed_steps_equal_plain_steps_and_transformers(tiny_models
     assert log.mixed(), "a step with a prefill chunk beside decodes"
     assert any(sum(step) not in (16, 32) for step in log.steps), "a step padded to its bucket"
     assert any(len(step) == llm.engine.config.max_num_seqs for step in log.mixed()), "a full batch, mixed"
+
+
+@interpreter_only
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_graph_shaped_mixed_steps_queued_behind_unread_ones(tiny_models, triton_backend, arch):
+    """Asynchronous scheduling queues the mixed steps too (engine._schedule_following): each is launched before
+    the host has read the step before it, whose sampled tokens reach its input ids on the device (row gather into
+    the graph's buffer). Every padded step equals the plain forward given the same gather, and the greedy tokens
+    equal transformers' under preemption and prefix hits."""
+    path, hf_model = tiny_models(arch)
+    llm = pressured_llm(path, True, async_scheduling=True, **POOLS[arch])
+    log = graph_shaped(llm)
+    queued = counted_launches(llm.engine, ("launch_step",))
+    check_pressured_greedy(llm, hf_model, True, some_prompts(hf_model.config.vocab_size), NUM_NEW_TOKENS)
+    assert log.mixed(), "a step with a prefill chunk beside decodes"
+    assert sum(queued) > 5, "mixed steps queued behind unread ones"
+    assert any(len(rows) > 1 for rows in log.gathered), "graph-shaped steps with gathered input ids"
+    assert llm.engine.in_flight is None
 
 
 @interpreter_only
@@ -169,9 +190,9 @@ def test_steps_before_the_float8_scales_are_calculated_run_eagerly(tiny_models, 
     runner = llm.engine.runner
     eager_forward = runner.forward_logits
 
-    def counted_eager_forward(inputs):
+    def counted_eager_forward(inputs, *gather):
         log.order.append("eager")
-        return eager_forward(inputs)
+        return eager_forward(inputs, *gather)
 
     runner.forward_logits = counted_eager_forward
     got = llm.generate(requests, params, use_tqdm=False)
@@ -247,9 +268,9 @@ def count_replays(llm: LLM) -> list[int]:
     replays = []
     run = graphs.run
 
-    def counted(inputs):
+    def counted(inputs, *args):
         replays.append(len(inputs.input_ids))
-        return run(inputs)
+        return run(inputs, *args)
 
     graphs.run = counted
     return replays
@@ -280,6 +301,30 @@ def test_gpu_mixed_graph_replay_equals_eager_mixed_steps(tiny_models, arch, dtyp
     else:
         assert sum(a == b for a, b in zip(graphs, eager)) >= 18, (graphs, eager)
     assert len(replays) > 5 and len(set(replays)) >= 3  # several graph sizes, not one
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_mixed_steps_queued_behind_unread_ones_change_no_token(tiny_models, dtype):
+    """Steps that admit prompts beside running decodes, launched before the host has read the step before them
+    (engine._schedule_following: input ids gathered on the device into the captured graph's buffer, its staging
+    double-buffered), against the synchronous loop: every token equal in float32. A queued step admits waiting
+    prompts a step later (the seats of requests that stop on the unread tokens free only once they are read), so
+    the batches differ: in bfloat16 a near-tie may flip a greedy token, and 18 of the 20 must match whole."""
+    path, hf_model = tiny_models("llama")
+    generator = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, hf_model.config.vocab_size, (n,), generator=generator).tolist()
+               for n in (5, 17, 40, 90, 33, 2, 64, 120, 9, 71, 16, 48, 100, 3, 30, 57, 80, 11, 25, 140)]
+    synchronous = cuda_generate(cuda_llm(path, dtype=dtype, async_scheduling=False), prompts)
+    llm = cuda_llm(path, dtype=dtype, async_scheduling=True)
+    queued = counted_launches(llm.engine, ("launch_step",))
+    replays = count_replays(llm)
+    overlapped = cuda_generate(llm, prompts)
+    if dtype == "float32":
+        assert overlapped == synchronous
+    else:
+        assert sum(a == b for a, b in zip(overlapped, synchronous)) >= 18, (overlapped, synchronous)
+    assert sum(queued) > 5 and len(replays) > 5
 
 
 @requires_cuda

@@ -18,6 +18,7 @@ from serval import LLM
 from serval.engine.mixed_graphs import MixedGraphs
 from serval.lora.batch import build_lora_batch
 from tests.engine.attention_reference import eager_steps_on_reference
+from tests.engine.test_engine import counted_launches
 from tests.lora.test_lora_generate import check, family, mixed_jobs, run  # noqa: F401, F811 (family: the fixture)
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -32,20 +33,21 @@ class CheckedMixedGraphs(MixedGraphs):
         self.runner, self.check_steps = runner, check_steps
         self.steps: list[tuple[list[int], list[int]]] = []  # (rows per request, slot per row)
 
-    def run(self, inputs, lora_slots=None):
+    def run(self, inputs, lora_slots=None, source=None, source_rows=()):
         assert lora_slots is not None and len(lora_slots) == len(inputs.input_ids)
         self.steps.append(([end - start for start, end in zip(inputs.query_start_loc, inputs.query_start_loc[1:])],
                            list(lora_slots)))
         if not self.check_steps:
-            return super().run(inputs, lora_slots)
+            return super().run(inputs, lora_slots, source, source_rows)
         context = self.lora
         context.batch = (build_lora_batch([1] * len(lora_slots), lora_slots, self.device)
                          if any(slot >= 0 for slot in lora_slots) else None)
         try:
-            expected = self.runner.forward_logits(inputs)  # writes the K/V the padded forward writes again
+            # writes the K/V the padded forward writes again
+            expected = self.runner.forward_logits(inputs, source, source_rows)
         finally:
             context.batch = None
-        got = super().run(inputs, lora_slots)
+        got = super().run(inputs, lora_slots, source, source_rows)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
         return got
 
@@ -72,14 +74,18 @@ def mixed_graph_path_llm(base: str, monkeypatch, max_loras: int, check_steps: bo
     return llm
 
 
-def test_mixed_steps_with_adapters_equal_eager_steps_and_peft(family, monkeypatch):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "queued"])
+def test_mixed_steps_with_adapters_equal_eager_steps_and_peft(family, monkeypatch, async_scheduling):
     """Base + three adapters interleaved through 4 sequences and 32-token steps (buckets 16 and 32): chunked prefill
     beside decodes of other adapters, padding rows, preemption (16 blocks of 4) and prefix hits (each job comes
-    again four jobs later, same adapter and prompt)."""
+    again four jobs later, same adapter and prompt). Queued: the mixed steps launched before the host has read the
+    step before them (their input ids gathered on the device), as on a GPU by default."""
     base, _, _ = family
     llm = mixed_graph_path_llm(base, monkeypatch, max_loras=3, max_model_len=64, num_gpu_blocks_override=16,
-                               enable_prefix_caching=True)
+                               enable_prefix_caching=True, async_scheduling=async_scheduling)
+    queued = counted_launches(llm.engine, ("launch_step",))
     check(llm, family, mixed_jobs()[:8])
+    assert (sum(queued) > 0) == async_scheduling
     graphs = llm.engine.runner.mixed_graphs
     mixed = graphs.mixed_steps_with_adapters()
     assert mixed, "a step with a prefill chunk beside decodes, with adapters"
