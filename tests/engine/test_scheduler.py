@@ -293,3 +293,23 @@ def test_a_short_requests_first_token_comes_while_a_max_length_prompt_prefills(t
     assert tokens["long"] == hf_greedy(hf_model, long_prompt, 1)
     assert tokens["short"] == hf_greedy(hf_model, short_prompt, 8)
     assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks
+
+
+def test_pending_requests_compute_their_unread_token_beside_new_prompts():
+    """schedule(pending), as asynchronous scheduling calls it before step N's tokens are read: a request that sampled
+    in step N computes that token (one new token, though the host has no token left to compute for it), one whose
+    pending token is its last (max_tokens) is left out, and the budget left admits a waiting prompt."""
+    scheduler = make_scheduler(max_num_batched_tokens=16)
+    going, ending = make_request("going", 4, max_tokens=10), make_request("ending", 4, max_tokens=2)
+    for request in (going, ending):
+        scheduler.add_request(request)
+    run_step(scheduler)  # both prompts, a first token each: `ending` has one token left
+    out = scheduler.schedule()
+    scheduler.update(out)  # step N queued, its tokens not yet on the host
+    assert [r.num_computed_tokens == r.num_tokens for r in (going, ending)] == [True, True]
+    scheduler.add_request(make_request("new", 40, first_token=500))
+    ahead = scheduler.schedule(pending=frozenset({id(going), id(ending)}))
+    assert [r.request_id for r in ahead.requests] == ["going", "new"]
+    assert ahead.num_scheduled_tokens == [1, 15]
+    without = scheduler.schedule()  # `new` again (its chunk not yet advanced), but no row for the other two
+    assert [r.request_id for r in without.requests] == ["new"]
