@@ -132,7 +132,9 @@ NUM_PROMPTS, MAX_NUM_SEQS = 80, 64
 def test_the_executor_at_size_one_runs_an_offline_batch_as_the_engine_does(tmp_path, monkeypatch):
     """tp_bench's tp1 pair timed the executor 1.28x faster offline (decode steps of up to 256 rows, prefix-cache
     hits, asynchronous scheduling) while one row matched: here the two schedule, launch and dispatch the same,
-    step for step, at 64 rows."""
+    step for step, at 64 rows. The executor keeps steps that change the batch synchronous (its workers take host
+    input ids), so the engine does too here."""
+    monkeypatch.setenv("SERVAL_ASYNC_MIXED_STEPS", "0")
     build_tiny_model(tmp_path, "llama")
     engine_args = dict(model=str(tmp_path), skip_tokenizer_init=True, max_model_len=64, max_num_seqs=MAX_NUM_SEQS,
                        block_size=16, async_scheduling=True)
