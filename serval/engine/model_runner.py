@@ -252,14 +252,8 @@ class ModelRunner:
         if self.drafter is not None and not self.drafter_follows_target:
             self.drafter.forward(plan.input_ids, plan.positions, plan.query_start_loc, plan.seq_lens,
                                  scheduled.requests)
-        num_requests = len(scheduled.requests)
-        if (self.graphs is not None and self._graphs_serve_lora(scheduled.requests)
-                and not plan.prompt_rows and len(plan.sample_rows) == num_requests
-                and len(plan.input_ids) == num_requests and self.graphs.can_run(num_requests)):
-            logits = self.graphs.run(plan.input_ids, plan.positions, plan.slot_mapping, plan.seq_lens,
-                                     [request.block_ids for request in scheduled.requests],
-                                     lora_slots=self._lora_slots(scheduled.requests),
-                                     **self._graph_groups(scheduled.requests, plan.group_slot_mappings))
+        if self._takes_decode_graph(scheduled.requests, plan):
+            logits = self._decode_graph_logits(scheduled.requests, plan)
             out = self._outputs(scheduled, plan, logits, logits[:0])
             if self.drafter_follows_target:
                 self.drafter.follow_target(scheduled.requests, plan.positions, plan.query_start_loc,
@@ -267,31 +261,16 @@ class ModelRunner:
             return out
         prompt_flat_rows = [row for prompt_rows in plan.prompt_rows for row in prompt_rows.rows]
         verify_flat_rows = [row for verify_rows in plan.verify_rows for row in verify_rows.rows]
-        inputs = ForwardInputs(plan.input_ids, plan.positions, plan.slot_mapping, plan.query_start_loc,
-                               plan.seq_lens, [request.block_ids for request in scheduled.requests],
-                               plan.sample_rows + prompt_flat_rows + verify_flat_rows)
-        if self.kv_layout is not None:
-            inputs.group_slot_mappings = plan.group_slot_mappings
-            inputs.group_block_tables = self._group_block_tables(scheduled.requests)
-            inputs.block_tables = inputs.group_block_tables[0]
+        inputs = self._forward_inputs(scheduled.requests, plan,
+                                      plan.sample_rows + prompt_flat_rows + verify_flat_rows)
         # A speculative verify step (at most k + 1 rows a request) replays a graph too.
         graph_rows_per_request = None
         if (self.verify_graphs is not None and plan.verify_rows and not self._has_lora(scheduled.requests)
                 and self.verify_graphs.can_run(plan.query_start_loc)):
             logits = self.verify_graphs.run(inputs)
             graph_rows_per_request = self.verify_graphs.num_query_tokens
-        elif (self.mixed_graphs is not None and not plan.prompt_rows and not plan.verify_rows
-              and (self.mixed_graphs.lora is not None or not self._has_lora(scheduled.requests))
-              and self.mixed_graphs.can_run(inputs)):
-            lora_slots = self._lora_row_slots(scheduled.requests, plan.query_start_loc)
-            logits = (self.mixed_graphs.run(inputs) if lora_slots is None  # without LoRA: the base graphs' call
-                      else self.mixed_graphs.run(inputs, lora_slots))
         else:
-            self._prepare_lora(scheduled.requests, plan.query_start_loc)
-            try:
-                logits = self.forward_logits(inputs)
-            finally:
-                self._clear_lora()
+            logits = self._mixed_or_eager_logits(scheduled.requests, plan, inputs)
         num_sampled, num_prompt = len(plan.sample_rows), len(prompt_flat_rows)
         out = self._outputs(scheduled, plan, logits[:num_sampled], logits[num_sampled:num_sampled + num_prompt])
         if plan.verify_rows:
@@ -422,32 +401,58 @@ class ModelRunner:
             plan = self._plan(scheduled, pending)
         source = previous.token_ids_device if previous is not None and plan.gather_rows else None
         requests = scheduled.requests
+        if self._takes_decode_graph(requests, plan):
+            logits = self._decode_graph_logits(requests, plan, source)
+        else:
+            logits = self._mixed_or_eager_logits(requests, plan, self._forward_inputs(requests, plan,
+                                                                                     plan.sample_rows), source)
+        return self._queue_sampling(logits, plan.sampled_requests, scheduled)
+
+    def _takes_decode_graph(self, requests: list[Request], plan: _BatchPlan) -> bool:
+        """Every request computes one token and samples it, in a batch the decode graphs hold."""
         num_requests = len(requests)
-        if (self.graphs is not None and self._graphs_serve_lora(requests) and len(plan.sample_rows) == num_requests
-                and len(plan.input_ids) == num_requests and self.graphs.can_run(num_requests)):
-            staged = self.graphs.stage(plan.input_ids, plan.positions, plan.slot_mapping, plan.seq_lens,
-                                       [request.block_ids for request in requests],
-                                       lora_slots=self._lora_slots(requests),
-                                       **self._graph_groups(requests, plan.group_slot_mappings))
-            logits = self.graphs.replay(staged, source, plan.gather_rows)
-            return self._queue_sampling(logits, plan.sampled_requests, scheduled)
+        return (self.graphs is not None and self._graphs_serve_lora(requests) and not plan.prompt_rows
+                and len(plan.sample_rows) == num_requests and len(plan.input_ids) == num_requests
+                and self.graphs.can_run(num_requests))
+
+    def _decode_graph_logits(self, requests: list[Request], plan: _BatchPlan,
+                             source: torch.Tensor | None = None) -> torch.Tensor:
+        """The decode graph's logits; with `source`, plan.gather_rows' input ids are gathered from it first."""
+        args = (plan.input_ids, plan.positions, plan.slot_mapping, plan.seq_lens,
+                [request.block_ids for request in requests])
+        kwargs = dict(lora_slots=self._lora_slots(requests), **self._graph_groups(requests, plan.group_slot_mappings))
+        if source is None:  # run: what a tensor-parallel driver's graphs override
+            return self.graphs.run(*args, **kwargs)
+        return self.graphs.replay(self.graphs.stage(*args, **kwargs), source, plan.gather_rows)
+
+    def _forward_inputs(self, requests: list[Request], plan: _BatchPlan, logits_rows: list[int]) -> ForwardInputs:
         inputs = ForwardInputs(plan.input_ids, plan.positions, plan.slot_mapping, plan.query_start_loc,
-                               plan.seq_lens, [request.block_ids for request in requests], plan.sample_rows)
+                               plan.seq_lens, [request.block_ids for request in requests], logits_rows)
         if self.kv_layout is not None:
             inputs.group_slot_mappings = plan.group_slot_mappings
             inputs.group_block_tables = self._group_block_tables(requests)
             inputs.block_tables = inputs.group_block_tables[0]
-        if (self.mixed_graphs is not None and (self.mixed_graphs.lora is not None or not self._has_lora(requests))
+        return inputs
+
+    def _mixed_or_eager_logits(self, requests: list[Request], plan: _BatchPlan, inputs: ForwardInputs,
+                               source: torch.Tensor | None = None) -> torch.Tensor:
+        """A step's logits from the mixed-step graphs where they take it (no prompt logprobs, no verify rows), else
+        from the eager forward; with `source`, plan.gather_rows' input ids are gathered from it first."""
+        if (self.mixed_graphs is not None and not plan.prompt_rows and not plan.verify_rows
+                and (self.mixed_graphs.lora is not None or not self._has_lora(requests))
                 and self.mixed_graphs.can_run(inputs)):
             lora_slots = self._lora_row_slots(requests, plan.query_start_loc)
-            logits = self.mixed_graphs.run(inputs, lora_slots, source, plan.gather_rows)
-        else:
-            self._prepare_lora(requests, plan.query_start_loc)
-            try:
-                logits = self.forward_logits(inputs, source, plan.gather_rows)
-            finally:
-                self._clear_lora()
-        return self._queue_sampling(logits, plan.sampled_requests, scheduled)
+            if source is not None:
+                return self.mixed_graphs.run(inputs, lora_slots, source, plan.gather_rows)
+            # Without LoRA the base graphs' call: what a tensor-parallel driver's graphs override.
+            return self.mixed_graphs.run(inputs) if lora_slots is None else self.mixed_graphs.run(inputs, lora_slots)
+        self._prepare_lora(requests, plan.query_start_loc)
+        try:
+            if source is not None:
+                return self.forward_logits(inputs, source, plan.gather_rows)
+            return self.forward_logits(inputs)  # the tensor-parallel runner's override takes inputs alone
+        finally:
+            self._clear_lora()
 
     @torch.inference_mode()
     def forward_logits(self, inputs: ForwardInputs, source: torch.Tensor | None = None,
@@ -547,8 +552,8 @@ class ModelRunner:
 
     def _plan(self, scheduled: SchedulerOutput, pending: dict[int, int] | None = None) -> _BatchPlan:
         """pending: id(request) -> its row in the previous step's samples, for the requests whose last token is
-        still on the device (launch_step): the input id of that token's row is the sample's row, for
-        InputGather."""
+        still on the device (launch_step): the input id of that token's row is the sample's row, which
+        cuda_graphs.gather_input_ids turns into the token on the device."""
         plan = _BatchPlan([], [], [], [0], [], [], [], [], [])
         if self.kv_layout is not None:
             plan.group_slot_mappings = [[] for _ in range(self.kv_layout.num_groups)]
