@@ -277,25 +277,29 @@ def existing_table(name: str) -> dict:
     return triton_gemv.load_table(os.path.join(triton_gemv.CONFIG_DIR, name)) or {}
 
 
-def fp8_loop_instructions(config: tuple[int, int, int], gated: bool, half: bool) -> dict:
+def fp8_loop_instructions(config: tuple[int, int, int], gated: bool, half: bool, norm: bool = False) -> dict:
     """The batch-1 float8 GEMV (bfloat16 x, row scales) compiled for sm_90 with no GPU (quant_kernel_tune's
     compiled_k_loop): its K loop's SASS instructions per weight a thread handles. half: the float16-products kernel
-    (serval.kernels.triton_fp8_gemv), else triton_gemv's float32 path."""
+    (serval.kernels.triton_fp8_gemv), else triton_gemv's float32 path. gated: the down projection, which also adds
+    the residual out; norm: a projection that reads the norm in (as a decode block's GEMVs run them)."""
     from benchmarks.quant_kernel_tune import compiled_k_loop
     from serval.kernels import triton_fp8_gemv
     block_n, block_k, num_warps = config
     pointers = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "bias_ptr": "*fp8e4nv",
-                "y_ptr": "*bf16"}
-    constants = dict(HAS_BIAS=False, GATED=gated, EVEN_K=True, BLOCK_N=block_n, BLOCK_K=block_k, USE_PDL=False)
+                "norm_ptr": "*bf16", "residual_ptr": "*bf16", "y_ptr": "*bf16"}
+    constants = dict(HAS_BIAS=False, GATED=gated, NORM=norm, RESIDUAL=gated, EVEN_K=True, BLOCK_N=block_n,
+                     BLOCK_K=block_k, USE_PDL=False)
     if half:
         kernel = triton_fp8_gemv._fp8_half_gemv_kernel
         constants.update(X_BLOCK=triton_fp8_gemv.X_PASS_BLOCK, FLUSH=triton_fp8_gemv.FLUSH_TILES, USE_ASM=True)
     else:
         kernel = triton_gemv._gemv_kernel
         constants.update(HAS_SCALE=True)
-    loop = compiled_k_loop(kernel, pointers, constants, [*pointers, "N", "K", "stride_w"], num_warps, 1)
+    loop = compiled_k_loop(kernel, pointers | {"eps": "fp32"}, constants, [*pointers, "N", "K", "stride_w"],
+                           num_warps, 1)
     weights = block_n * block_k / (32 * num_warps)  # one tile an iteration
-    return {"config": list(config), "gated": gated, "half": half, "loop_instructions": loop["loop_instructions"],
+    return {"config": list(config), "gated": gated, "norm": norm, "half": half,
+            "loop_instructions": loop["loop_instructions"],
             "weights_per_thread": weights, "per_weight": loop["loop_instructions"] / weights,
             "registers": loop["registers"], "stack_bytes": loop["stack_bytes"], "opcodes": loop["opcodes"]}
 

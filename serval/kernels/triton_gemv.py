@@ -203,30 +203,52 @@ def _row_block(w_ptr, N, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr)
 
 
 @triton.jit
-def _store_rows(y, y_ptr, bias_ptr, rows, row_valid, HAS_BIAS: tl.constexpr):
-    """y (float32, [BLOCK_N]) plus the bias, stored in y's dtype for the valid rows."""
+def _store_rows(y, y_ptr, bias_ptr, residual_ptr, rows, row_valid, HAS_BIAS: tl.constexpr,
+                RESIDUAL: tl.constexpr):
+    """y (float32, [BLOCK_N]) plus the bias, stored in y's dtype for the valid rows. RESIDUAL: the rounded y plus
+    the residual stream's rows, rounded again (the block's output added as the next norm's unfused add does)."""
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows, mask=row_valid, other=0.0).to(tl.float32)
+    if RESIDUAL:
+        y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + tl.load(residual_ptr + rows, mask=row_valid,
+                                                                   other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_valid)
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, N, K, stride_w, HAS_SCALE: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
-                 EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+def _add_products(partial, squares, w, x_ptr, norm_ptr, offsets, K, GATED: tl.constexpr, NORM: tl.constexpr,
+                  EVEN_K: tl.constexpr):
+    """partial + W tile x (a BLOCK_K slice of x); NORM: x is the residual stream h, whose squares are summed and
+    which is scaled by the norm's weight here and by 1/rms(h) once, at the end."""
+    x = _load_x(x_ptr, offsets, K, GATED, EVEN_K)
+    if NORM:
+        squares += x * x
+        x *= _load(norm_ptr, offsets, K, EVEN_K).to(tl.float32)
+    return partial + w.to(tl.float32) * x[None, :], squares
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, norm_ptr, residual_ptr, y_ptr, N, K, stride_w, eps,
+                 HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
+                 RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 USE_PDL: tl.constexpr):
     rows, row_valid, safe_rows, cols, w_rows = _row_block(w_ptr, N, stride_w, BLOCK_N, BLOCK_K)
     # The first tile of W is no earlier kernel's output: it is read while the previous kernel may still run
     # (programmatic dependent launch), and only x waits for it.
     w = _load_w(w_rows, cols, K, EVEN_K)
     pdl.wait(USE_PDL)
-    partial = w.to(tl.float32) * _load_x(x_ptr, cols, K, GATED, EVEN_K)[None, :]
+    partial, squares = _add_products(tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32),
+                                     tl.zeros((BLOCK_K,), dtype=tl.float32), w, x_ptr, norm_ptr, cols, K, GATED,
+                                     NORM, EVEN_K)
     for k in range(BLOCK_K, K, BLOCK_K):
-        partial += _load_w(w_rows, k + cols, K, EVEN_K).to(tl.float32) * _load_x(x_ptr, k + cols, K, GATED,
-                                                                                  EVEN_K)[None, :]
+        partial, squares = _add_products(partial, squares, _load_w(w_rows, k + cols, K, EVEN_K), x_ptr, norm_ptr,
+                                         k + cols, K, GATED, NORM, EVEN_K)
     y = tl.sum(partial, axis=1)
+    if NORM:  # every program sums all of h's squares: h is K elements, its W rows BLOCK_N x K
+        y *= 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
     if HAS_SCALE:
         y *= tl.load(scale_ptr + safe_rows)
-    _store_rows(y, y_ptr, bias_ptr, rows, row_valid, HAS_BIAS)
+    _store_rows(y, y_ptr, bias_ptr, residual_ptr, rows, row_valid, HAS_BIAS, RESIDUAL)
 
 
 @triton.jit
@@ -249,7 +271,7 @@ def _block_scaled_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, N, K, st
         per_group = tl.sum(tl.reshape(products, (BLOCK_N, GROUPS_PER_TILE, SCALE_GROUP)), axis=2)
         groups = k // SCALE_GROUP + tile_groups
         partial += per_group * tl.load(scale_rows + groups[None, :], mask=(groups < num_groups)[None, :], other=0.0)
-    _store_rows(tl.sum(partial, axis=1), y_ptr, bias_ptr, rows, row_valid, HAS_BIAS)
+    _store_rows(tl.sum(partial, axis=1), y_ptr, bias_ptr, bias_ptr, rows, row_valid, HAS_BIAS, False)
 
 
 def block_scaled_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, scale_group: int,
@@ -275,17 +297,26 @@ def block_scaled_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          config: tuple[int, int, int] | None = None, gated: bool = False,
-         weight_scale: torch.Tensor | None = None, half_products: bool | None = None) -> torch.Tensor:
+         weight_scale: torch.Tensor | None = None, half_products: bool | None = None,
+         norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+         residual: torch.Tensor | None = None) -> torch.Tensor:
     """x [1, K] (any leading shape with one row) @ weight [N, K]^T + bias [N] -> [1, N], in x's dtype.
     gated: x is [1, 2K], a merged gate/up output, and the product is with silu(gate) * up (SwiGLU fused into the
     down projection: one kernel, and the [1, K] activation never goes to memory). Accumulates in float32, as
     cuBLAS does. config: (BLOCK_N, BLOCK_K, num_warps); None: this GPU's tuned one (get_config). weight_scale [N]
     float32: weight is float8 and row n of the product is multiplied by weight_scale[n]. half_products (float8
     weight, 16-bit x): the products in float16 (serval.kernels.triton_fp8_gemv); None: on the CPU yes, on CUDA as
-    SERVAL_FP8_GEMV_HALF says."""
+    SERVAL_FP8_GEMV_HALF says.
+    norm_weight [K]: x is a pre-norm block's residual stream and the product is with RMSNorm(x) (norm_weight, eps;
+    serval.layers.norm.rms_norm), so the norm needs no kernel of its own. residual [1, N]: the result plus it
+    (the block's output added to the stream, as the next norm's fused add would). Neither with gated."""
     n, k = weight.shape
     assert x.numel() == (2 * k if gated else k) and weight.stride(1) == 1, (x.shape, weight.shape, weight.stride())
+    assert not gated or norm_weight is None, "a gated input is no residual stream"
+    assert norm_weight is None or norm_weight.shape == (k,), (norm_weight.shape, k)
+    assert residual is None or residual.numel() == n, (residual.shape, n)
     x = x.reshape(-1).contiguous()
+    residual = residual.reshape(-1).contiguous() if residual is not None else None
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     block_n, block_k, num_warps = config or get_config(n, k, weight_scale is not None, x.device)
     block_k = min(block_k, triton.next_power_of_2(k))
@@ -294,13 +325,15 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         if half_products is None:
             half_products = not x.is_cuda or triton_fp8_gemv.half_products_on_gpu()
         if half_products:
-            triton_fp8_gemv.launch(x, weight, weight_scale, bias, y, (block_n, block_k, num_warps), gated)
+            triton_fp8_gemv.launch(x, weight, weight_scale, bias, y, (block_n, block_k, num_warps), gated,
+                                   norm_weight, eps, residual)
             return y
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, weight_scale if weight_scale is not None else weight, bias if bias is not None else weight, y, n,
-        k, weight.stride(0), HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None,
-        GATED=gated, EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
-        **pdl.launch_options(x))
+        x, weight, weight_scale if weight_scale is not None else weight, bias if bias is not None else weight,
+        norm_weight if norm_weight is not None else weight, residual if residual is not None else weight, y, n,
+        k, weight.stride(0), eps, HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None, GATED=gated,
+        NORM=norm_weight is not None, RESIDUAL=residual is not None, EVEN_K=k % block_k == 0, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=num_warps, **pdl.launch_options(x))
     return y
 
 

@@ -95,6 +95,35 @@ class Linear(nn.Linear):
             return out.view(*gate_up.shape[:-1], self.out_features)
         return self(silu_and_mul(gate_up))
 
+    def forward_rms_norm(self, stream: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """self(norm(stream)) for a plain RMSNorm, one GEMV that normalizes the residual stream as it reads it;
+        only where fuses_norms says so."""
+        from serval.kernels import triton_gemv
+        out = triton_gemv.gemv(stream, self.weight, self.bias, weight_scale=self.weight_scale,
+                               norm_weight=norm.weight, eps=norm.eps)
+        return out.view(*stream.shape[:-1], self.out_features)
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        """self(x) + residual (gated: self(silu(gate) * up) + residual), the sum rounded as the unfused add rounds
+        it; one GEMV, only where fuses_norms says so."""
+        from serval.kernels import triton_gemv
+        out = triton_gemv.gemv(x, self.weight, self.bias, gated=gated, weight_scale=self.weight_scale,
+                               residual=residual)
+        return out.view(*residual.shape)
+
+
+def fuses_norms(x: torch.Tensor, *layers: nn.Module) -> bool:
+    """Whether one row x of a pre-norm block takes GEMVs that read the norm in and add the residual out
+    (forward_rms_norm, forward_add) through these projections: each a plain Linear, bfloat16/float16 or float8 with
+    row scales (no LoRA wrapper, no tensor-parallel shard, no other format), on the GEMV path. At batch 1 a norm is
+    one small kernel between two GEMVs, and the chain of them, not their bytes, is what it costs. On by default
+    where the GEMV runs; SERVAL_FUSED_NORM=0 keeps the norms as kernels of their own."""
+    if x.numel() != x.shape[-1] or not takes_gemv(x, x.shape[-1]):  # first: cheap, and false for every prefill
+        return False
+    return os.environ.get("SERVAL_FUSED_NORM", "1") != "0" and all(
+        type(layer) in (Linear, MergedLinear) and type(layer.quant_method) in (type(None), Fp8Method)
+        for layer in layers)
+
 
 def takes_gemv(x: torch.Tensor, row_length: int) -> bool:
     """One row in half precision: batch-1 decode, where reading the weight is the whole cost and the Triton GEMV

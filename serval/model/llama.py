@@ -19,9 +19,10 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from serval.layers.activation import silu_and_mul
 from serval.layers.attention import Attention, AttentionMetadata
 from serval.layers.embedding import Embedding
-from serval.layers.linear import Linear, MergedLinear, qkv_linear
+from serval.layers.linear import Linear, MergedLinear, fuses_norms, qkv_linear
 from serval.layers.mlp import GatedMLP
 from serval.layers.norm import RMSNorm, rms_norm_heads
 from serval.layers.rotary import RotaryEmbedding, rope_parameters
@@ -65,11 +66,15 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor,
                 metadata: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        return self.o_proj(self.attend(positions, self.qkv_proj(hidden), kv_cache, metadata))
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, kv_cache: torch.Tensor,
+               metadata: AttentionMetadata) -> torch.Tensor:
+        """The merged projection's output [T, q + k + v] -> the attention's [T, heads x head_dim], o_proj's input."""
+        q, k, v = self.qkv_proj.split(qkv)
         q, k, v = (x.unflatten(-1, (-1, self.head_dim)) for x in (q, k, v))  # [T, heads, head_dim]
         q, k = rms_norm_heads(q, k, self.q_norm, self.k_norm)
-        out = self.attn(positions, q, k, v, kv_cache, metadata)
-        return self.o_proj(out.flatten(-2))
+        return self.attn(positions, q, k, v, kv_cache, metadata).flatten(-2)
 
 
 def dense_mlp(config, layer_idx: int) -> nn.Module:
@@ -89,7 +94,11 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = mlp
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
-                kv_cache: torch.Tensor, metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+                kv_cache: torch.Tensor, metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden, residual) -> (block output, residual stream); residual None: hidden is the whole stream."""
+        if _fuses_norms(self, hidden):
+            return _forward_fused(self, positions, hidden if residual is None else hidden + residual, kv_cache,
+                                  metadata)
         # The residual stream is carried beside the block output so each norm can fuse "add, then normalize".
         if residual is None:
             hidden, residual = self.input_layernorm(hidden), hidden
@@ -98,6 +107,26 @@ class LlamaDecoderLayer(nn.Module):
         hidden = self.self_attn(positions, hidden, kv_cache, metadata)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
+
+
+def _fuses_norms(layer: LlamaDecoderLayer, hidden: torch.Tensor) -> bool:
+    """One row on the GEMV path through a plain Llama block: the families that borrow its forward with their own
+    attention or experts (DeepSeek-V3, gpt-oss, the MoE blocks) keep their norms as kernels of their own."""
+    attention, mlp = layer.self_attn, getattr(layer, "mlp", None)
+    return (type(attention) is LlamaAttention and type(mlp) is GatedMLP and mlp.act_and_mul is silu_and_mul
+            and type(layer.input_layernorm) is RMSNorm and type(layer.post_attention_layernorm) is RMSNorm
+            and fuses_norms(hidden, attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj))
+
+
+def _forward_fused(layer: LlamaDecoderLayer, positions: torch.Tensor, stream: torch.Tensor, kv_cache: torch.Tensor,
+                   metadata: AttentionMetadata) -> tuple[torch.Tensor, None]:
+    """The block at batch 1 as four GEMVs: each norm read in by the projection after it, each residual add written
+    out by the one before (Linear.forward_rms_norm, forward_add); the result is the whole stream."""
+    attention, mlp = layer.self_attn, layer.mlp
+    qkv = attention.qkv_proj.forward_rms_norm(stream, layer.input_layernorm)
+    stream = attention.o_proj.forward_add(attention.attend(positions, qkv, kv_cache, metadata), stream)
+    gate_up = mlp.gate_up_proj.forward_rms_norm(stream, layer.post_attention_layernorm)
+    return mlp.down_proj.forward_add(gate_up, stream, gated=True), None
 
 
 class LlamaModel(nn.Module):
@@ -135,8 +164,7 @@ class LlamaModel(nn.Module):
             if buffer is not None and len(states) <= len(buffer):
                 states = buffer[:len(states)].copy_(states)
             self.aux_hidden_states = states
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+        return self.norm(hidden) if residual is None else self.norm(hidden, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):

@@ -18,9 +18,9 @@ def recording_gemv(calls: list[tuple[tuple[int, ...], bool]]):
     """triton_gemv.gemv, recording each call's weight shape and whether SwiGLU was fused in."""
     gemv = triton_gemv.gemv
 
-    def record(x, weight, bias=None, config=None, gated=False, weight_scale=None):
+    def record(x, weight, bias=None, config=None, gated=False, weight_scale=None, **fusions):
         calls.append((tuple(weight.shape), gated))
-        return gemv(x, weight, bias, config, gated, weight_scale)
+        return gemv(x, weight, bias, config, gated, weight_scale, **fusions)
 
     return record
 

@@ -82,18 +82,43 @@ def test_fp8_kv_cache_with_graphs_stays_close_to_the_bfloat16_cache(tiny_models)
                for n in (1, 5, 16, 30, 41, 70, 100)]
     # A fixed KV pool: the second engine must not depend on the first one's memory being freed yet.
     engine_args = dict(device="cuda", dtype="bfloat16", max_num_seqs=8, kv_cache_memory_bytes=2**30)
+    error, top1 = scored_greedy_tokens(path, prompts, dict(engine_args, kv_cache_dtype="fp8"), engine_args)
+    assert error < 0.05 and top1 >= 0.85, (error, top1)
+
+
+def scored_greedy_tokens(path: str, prompts: list[list[int]], engine_args: dict,
+                         scoring_args: dict) -> tuple[float, float]:
+    """Greedy completions of an engine, each token scored by another's prefill (prompt logprobs over prompt +
+    completion): (mean |logprob difference|, fraction of the tokens that are the scorer's top token too)."""
     greedy = SamplingParams(temperature=0.0, max_tokens=24, logprobs=1, ignore_eos=True)
-    completions = [o.outputs[0] for o in run(path, prompts, greedy, kv_cache_dtype="fp8", **engine_args)]
+    completions = [o.outputs[0] for o in run(path, prompts, greedy, **engine_args)]
     full = [prompt + completion.token_ids for prompt, completion in zip(prompts, completions)]
-    scored = run(path, full, SamplingParams(max_tokens=1, prompt_logprobs=1), **engine_args)
+    scored = run(path, full, SamplingParams(max_tokens=1, prompt_logprobs=1), **scoring_args)
     errors, top1 = [], []
     for prompt, completion, output in zip(prompts, completions, scored):
         for step, token in enumerate(completion.token_ids):
             reference = output.prompt_logprobs[len(prompt) + step][token]
             errors.append(abs(completion.logprobs[step][token].logprob - reference.logprob))
             top1.append(reference.rank == 1)
-    assert sum(errors) / len(errors) < 0.05 and sum(top1) >= 0.85 * len(top1), (sum(errors) / len(errors),
-                                                                                   sum(top1) / len(top1))
+    return sum(errors) / len(errors), sum(top1) / len(top1)
+
+
+@requires_cuda
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_batch_one_blocks_reading_the_norms_in_score_as_the_norm_kernels_do(tiny_models, monkeypatch, quantization):
+    """One request at a time, every decode step takes the GEMVs that read the norms in and add the residual out
+    (SERVAL_FUSED_NORM, on by default): its greedy tokens, scored by a prefill (whose norms are kernels of their
+    own), are as close as those of the engine whose batch-1 norms are kernels too."""
+    path, hf_model = tiny_models("qwen3")
+    generator = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, hf_model.config.vocab_size, (n,), generator=generator).tolist()
+               for n in (1, 5, 16, 30, 41, 70)]
+    engine_args = dict(device="cuda", dtype="bfloat16", max_num_seqs=1, kv_cache_memory_bytes=2**30,
+                       quantization=quantization)
+    fused = scored_greedy_tokens(path, prompts, engine_args, engine_args)
+    monkeypatch.setenv("SERVAL_FUSED_NORM", "0")
+    unfused = scored_greedy_tokens(path, prompts, engine_args, engine_args)
+    assert fused[0] <= 1.5 * unfused[0] + 0.005 and fused[1] >= unfused[1] - 0.05, (fused, unfused)
 
 
 @requires_cuda

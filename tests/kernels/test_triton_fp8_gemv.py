@@ -24,13 +24,14 @@ UNIT = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}  # half a unit in 
 
 
 def within_rounding(got: torch.Tensor, x: torch.Tensor, q_weight: torch.Tensor, weight_scale: torch.Tensor,
-                    bias: torch.Tensor | None, gated: bool, tiles: int) -> None:
-    """got against the float32 product, within the module docstring's bound, column by column."""
+                    bias: torch.Tensor | None, gated: bool, tiles: int, rounded_apart: bool = False) -> None:
+    """got against the float32 product, within the module docstring's bound, column by column. rounded_apart: the
+    kernel's x may lie a unit of x's dtype from the given one (as gated)."""
     activation = silu_and_mul(x.cpu()).to(x.device) if gated else x
     weight = q_weight.float() * weight_scale[:, None]
     expected = activation.float() @ weight.T + (bias.float() if bias is not None else 0)
     magnitude = activation.float().abs() @ weight.abs().T  # sum_k |w_k x_k| per row
-    bound = (2 * tiles * 2.0 ** -11 + (UNIT[x.dtype] if gated else 0)) * magnitude \
+    bound = (2 * tiles * 2.0 ** -11 + (UNIT[x.dtype] if gated or rounded_apart else 0)) * magnitude \
         + UNIT[x.dtype] * expected.abs() + 1e-30
     error = (got.float() - expected).abs()
     assert torch.all(error <= bound), (error / bound).max().item()
@@ -51,6 +52,41 @@ def test_half_products_match_the_dequantized_product(dtype, gated, n, k, config)
     assert got.shape == (1, n) and got.dtype == dtype
     block_k = min((config or triton_gemv.FP8_CONFIG)[1], 1 << (k - 1).bit_length())
     within_rounding(got, x, q_weight, weight_scale, bias, gated, tiles=-(-k // block_k))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k, config", [(256, None), (96, (4, 64, 2)), (200, (8, 64, 4))])
+@pytest.mark.parametrize("size", [4.0, 1e3])
+def test_the_norm_read_in_is_the_unfused_norm_within_a_unit(dtype, k, config, size):
+    # norm_weight: each tile is RMSNorm(h) rounded once to float16 where serval.layers.norm.rms_norm rounds twice
+    # to x's dtype, so the bound is the one of the product with the reference's normed row plus a unit of x's
+    # dtype a column; the x scale comes from |g h| / rms (a larger stream, 1e3, must not change the result's scale).
+    torch.manual_seed(k)
+    from serval.layers.norm import rms_norm
+    q_weight, weight_scale = fp8.quantize_weight(torch.randn(37, k, device=DEVICE))
+    stream = (torch.randn(1, k, device=DEVICE) * size).to(dtype)
+    norm_weight = (torch.rand(k, device=DEVICE) * 3 + 0.5).to(dtype)
+    normed, _ = rms_norm(stream.cpu(), None, norm_weight.cpu(), 1e-6)
+    got = triton_gemv.gemv(stream, q_weight, config=config, weight_scale=weight_scale, half_products=True,
+                           norm_weight=norm_weight, eps=1e-6)
+    block_k = min((config or triton_gemv.FP8_CONFIG)[1], 1 << (k - 1).bit_length())
+    within_rounding(got, normed.to(DEVICE), q_weight, weight_scale, None, False, tiles=-(-k // block_k),
+                    rounded_apart=True)
+
+
+# Triton's interpreter rounds float32 to bfloat16 other than to nearest (half of a normal sample lands elsewhere),
+# unlike torch's add: bfloat16 is compared on a GPU.
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("gated", [False, True])
+def test_the_residual_added_out_is_the_rounded_product_plus_the_stream(gated, dtype):
+    torch.manual_seed(9 + gated)
+    q_weight, weight_scale = fp8.quantize_weight(torch.randn(37, 128, device=DEVICE))
+    x = torch.randn(1, 256 if gated else 128, device=DEVICE, dtype=dtype)
+    stream = (torch.randn(1, 37, device=DEVICE) * 8).to(dtype)
+    plain = triton_gemv.gemv(x, q_weight, gated=gated, weight_scale=weight_scale, half_products=True)
+    added = triton_gemv.gemv(x, q_weight, gated=gated, weight_scale=weight_scale, half_products=True,
+                             residual=stream)
+    assert torch.equal(added, plain + stream)
 
 
 @pytest.mark.parametrize("x_size", [3e4, 1e-6])

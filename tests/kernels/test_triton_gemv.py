@@ -10,6 +10,7 @@ from serval.kernels import triton_gemv  # noqa: E402
 from serval.layers import fp8  # noqa: E402
 from serval.layers.activation import silu_and_mul  # noqa: E402
 from serval.layers.linear import Linear  # noqa: E402
+from serval.layers.norm import rms_norm  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -70,6 +71,48 @@ def test_fp8_weights_with_row_scales(gated, k, half_products):
                              half_products=half_products)
         assert y.dtype == torch.float16
         torch.testing.assert_close(y.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("k, config", [(256, None), (96, (4, 64, 2)), (200, (8, 64, 4))])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemv_normalizes_the_stream_as_it_reads_it(dtype, k, config, with_bias):
+    # norm_weight: the product with RMSNorm(h), serval.layers.norm.rms_norm the reference. K 96 and 200 with
+    # BLOCK_K 64 end in a masked tile, whose padding must not count in the mean of the squares.
+    torch.manual_seed(k + with_bias)
+    stream = (torch.randn(1, k) * 4).to(DEVICE, dtype)
+    norm_weight = (torch.rand(k) + 0.5).to(DEVICE, dtype)
+    weight = torch.randn(37, k, device=DEVICE, dtype=dtype)
+    bias = torch.randn(37, device=DEVICE, dtype=dtype) if with_bias else None
+    normed, _ = rms_norm(stream.cpu(), None, norm_weight.cpu(), 1e-5)
+    expected = normed.float().to(DEVICE) @ weight.float().T + (bias.float() if with_bias else 0)
+    got = triton_gemv.gemv(stream, weight, bias, config=config, norm_weight=norm_weight, eps=1e-5)
+    assert got.shape == (1, 37) and got.dtype == dtype
+    # float16: the kernel keeps RMSNorm(h) unrounded where the reference rounds it (2^-11 an element).
+    tolerance = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(got.float(), expected, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_gemv_adds_the_residual_as_the_unfused_add_rounds_it(dtype, gated, scaled):
+    # The same kernel and sums with and without the residual: the sum is the rounded product plus the stream,
+    # rounded again, bit for bit (float8 weights on the float32 path here; the float16-products kernel has its own).
+    torch.manual_seed(gated + 2 * scaled)
+    weight = torch.randn(37, 128, device=DEVICE)
+    weight_scale = None
+    if scaled:
+        weight, weight_scale = fp8.quantize_weight(weight)
+    else:
+        weight = weight.to(dtype)
+    x = torch.randn(1, 256 if gated else 128, device=DEVICE, dtype=dtype)
+    stream = (torch.randn(1, 37) * 8).to(DEVICE, dtype)
+    plain = triton_gemv.gemv(x, weight, gated=gated, weight_scale=weight_scale, half_products=False)
+    added = triton_gemv.gemv(x, weight, gated=gated, weight_scale=weight_scale, half_products=False,
+                             residual=stream)
+    assert added.dtype == dtype
+    assert torch.equal(added, plain + stream)
 
 
 def bf16_layer(in_features: int, out_features: int) -> Linear:
