@@ -281,14 +281,16 @@ def fp8_loop_instructions(config: tuple[int, int, int], gated: bool, half: bool,
     """The batch-1 float8 GEMV (bfloat16 x, row scales) compiled for sm_90 with no GPU (quant_kernel_tune's
     compiled_k_loop): its K loop's SASS instructions per weight a thread handles. half: the float16-products kernel
     (serval.kernels.triton_fp8_gemv), else triton_gemv's float32 path. gated: the down projection, which also adds
-    the residual out; norm: a projection that reads the norm in (as a decode block's GEMVs run them)."""
+    the residual and starts the next norm; norm: a projection that finishes a pending norm (a decode block's
+    GEMVs as Llama runs them at batch 1)."""
     from benchmarks.quant_kernel_tune import compiled_k_loop
     from serval.kernels import triton_fp8_gemv
     block_n, block_k, num_warps = config
     pointers = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "bias_ptr": "*fp8e4nv",
-                "norm_ptr": "*bf16", "residual_ptr": "*bf16", "y_ptr": "*bf16"}
-    constants = dict(HAS_BIAS=False, GATED=gated, NORM=norm, RESIDUAL=gated, EVEN_K=True, BLOCK_N=block_n,
-                     BLOCK_K=block_k, USE_PDL=False)
+                "y_ptr": "*bf16", "residual_ptr": "*bf16", "norm_ptr": "*bf16", "scaled_ptr": "*bf16",
+                "sums_out_ptr": "*fp32", "sums_ptr": "*fp32"}
+    constants = dict(HAS_BIAS=False, GATED=gated, RESIDUAL=gated, NEXT_NORM=gated, NORMED=norm,
+                     SUMS_BLOCK=512 if norm else 1, EVEN_K=True, BLOCK_N=block_n, BLOCK_K=block_k, USE_PDL=False)
     if half:
         kernel = triton_fp8_gemv._fp8_half_gemv_kernel
         constants.update(X_BLOCK=triton_fp8_gemv.X_PASS_BLOCK, FLUSH=triton_fp8_gemv.FLUSH_TILES, USE_ASM=True)

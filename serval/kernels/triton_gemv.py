@@ -203,52 +203,65 @@ def _row_block(w_ptr, N, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr)
 
 
 @triton.jit
-def _store_rows(y, y_ptr, bias_ptr, residual_ptr, rows, row_valid, HAS_BIAS: tl.constexpr,
-                RESIDUAL: tl.constexpr):
+def _store_rows(y, y_ptr, bias_ptr, rows, row_valid, HAS_BIAS: tl.constexpr, residual_ptr, norm_ptr, scaled_ptr,
+                sums_ptr, RESIDUAL: tl.constexpr, NEXT_NORM: tl.constexpr):
     """y (float32, [BLOCK_N]) plus the bias, stored in y's dtype for the valid rows. RESIDUAL: the rounded y plus
-    the residual stream's rows, rounded again (the block's output added as the next norm's unfused add does)."""
+    the residual stream's rows, rounded again (the block's output added as the next norm's unfused add does).
+    NEXT_NORM: that sum h is the next RMSNorm's input, and its rows' share of the norm goes out with it: g h rounded
+    to scaled_ptr, and sum(h^2) over the rows to sums_ptr[program] (the norm's sum_of_squares, finished by the
+    GEMV that reads scaled_ptr)."""
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows, mask=row_valid, other=0.0).to(tl.float32)
     if RESIDUAL:
         y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + tl.load(residual_ptr + rows, mask=row_valid,
                                                                    other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_valid)
+    out = y.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + rows, out, mask=row_valid)
+    if NEXT_NORM:
+        h = tl.where(row_valid, out.to(tl.float32), 0.0)
+        weight = tl.load(norm_ptr + rows, mask=row_valid, other=0.0).to(tl.float32)
+        tl.store(scaled_ptr + rows, (weight * h).to(scaled_ptr.dtype.element_ty), mask=row_valid)
+        tl.store(sums_ptr + tl.program_id(0), tl.sum(h * h, axis=0))
 
 
 @triton.jit
-def _add_products(partial, squares, w, x_ptr, norm_ptr, offsets, K, GATED: tl.constexpr, NORM: tl.constexpr,
-                  EVEN_K: tl.constexpr):
-    """partial + W tile x (a BLOCK_K slice of x); NORM: x is the residual stream h, whose squares are summed and
-    which is scaled by the norm's weight here and by 1/rms(h) once, at the end."""
-    x = _load_x(x_ptr, offsets, K, GATED, EVEN_K)
-    if NORM:
-        squares += x * x
-        x *= _load(norm_ptr, offsets, K, EVEN_K).to(tl.float32)
-    return partial + w.to(tl.float32) * x[None, :], squares
+def _load_sums(sums_ptr, num_sums, NORMED: tl.constexpr, SUMS_BLOCK: tl.constexpr):
+    """NORMED: the sums of squares the GEMV before wrote (_store_rows' NEXT_NORM), loaded early: they are needed
+    only once the products are summed (inverse_rms)."""
+    if NORMED:
+        return tl.load(sums_ptr + tl.arange(0, SUMS_BLOCK), mask=tl.arange(0, SUMS_BLOCK) < num_sums, other=0.0)
+    return tl.zeros((SUMS_BLOCK,), dtype=tl.float32)
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, norm_ptr, residual_ptr, y_ptr, N, K, stride_w, eps,
-                 HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
-                 RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def inverse_rms(sums, K, eps):
+    """1 / sqrt(mean(h^2) + eps) of a K-long stream from its per-program sums of squares."""
+    return 1.0 / tl.sqrt(tl.sum(sums, axis=0) / K + eps)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, N, K, stride_w, residual_ptr, norm_ptr, scaled_ptr,
+                 sums_out_ptr, sums_ptr, num_sums, eps, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 GATED: tl.constexpr, RESIDUAL: tl.constexpr, NEXT_NORM: tl.constexpr, NORMED: tl.constexpr,
+                 SUMS_BLOCK: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  USE_PDL: tl.constexpr):
     rows, row_valid, safe_rows, cols, w_rows = _row_block(w_ptr, N, stride_w, BLOCK_N, BLOCK_K)
     # The first tile of W is no earlier kernel's output: it is read while the previous kernel may still run
     # (programmatic dependent launch), and only x waits for it.
     w = _load_w(w_rows, cols, K, EVEN_K)
     pdl.wait(USE_PDL)
-    partial, squares = _add_products(tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32),
-                                     tl.zeros((BLOCK_K,), dtype=tl.float32), w, x_ptr, norm_ptr, cols, K, GATED,
-                                     NORM, EVEN_K)
+    sums = _load_sums(sums_ptr, num_sums, NORMED, SUMS_BLOCK)
+    partial = w.to(tl.float32) * _load_x(x_ptr, cols, K, GATED, EVEN_K)[None, :]
     for k in range(BLOCK_K, K, BLOCK_K):
-        partial, squares = _add_products(partial, squares, _load_w(w_rows, k + cols, K, EVEN_K), x_ptr, norm_ptr,
-                                         k + cols, K, GATED, NORM, EVEN_K)
+        partial += _load_w(w_rows, k + cols, K, EVEN_K).to(tl.float32) * _load_x(x_ptr, k + cols, K, GATED,
+                                                                                  EVEN_K)[None, :]
     y = tl.sum(partial, axis=1)
-    if NORM:  # every program sums all of h's squares: h is K elements, its W rows BLOCK_N x K
-        y *= 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
+    if NORMED:
+        y *= inverse_rms(sums, K, eps)
     if HAS_SCALE:
         y *= tl.load(scale_ptr + safe_rows)
-    _store_rows(y, y_ptr, bias_ptr, residual_ptr, rows, row_valid, HAS_BIAS, RESIDUAL)
+    _store_rows(y, y_ptr, bias_ptr, rows, row_valid, HAS_BIAS, residual_ptr, norm_ptr, scaled_ptr, sums_out_ptr,
+                RESIDUAL, NEXT_NORM)
 
 
 @triton.jit
@@ -271,7 +284,8 @@ def _block_scaled_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, N, K, st
         per_group = tl.sum(tl.reshape(products, (BLOCK_N, GROUPS_PER_TILE, SCALE_GROUP)), axis=2)
         groups = k // SCALE_GROUP + tile_groups
         partial += per_group * tl.load(scale_rows + groups[None, :], mask=(groups < num_groups)[None, :], other=0.0)
-    _store_rows(tl.sum(partial, axis=1), y_ptr, bias_ptr, bias_ptr, rows, row_valid, HAS_BIAS, False)
+    _store_rows(tl.sum(partial, axis=1), y_ptr, bias_ptr, rows, row_valid, HAS_BIAS, y_ptr, y_ptr, y_ptr, y_ptr,
+                False, False)
 
 
 def block_scaled_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, scale_group: int,
@@ -295,11 +309,20 @@ def block_scaled_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     return y
 
 
+@dataclass(frozen=True)
+class PendingNorm:
+    """RMSNorm(h) of one row [1, K], left for the GEMV that reads it (gemv's normed) to finish: scaled = weight * h
+    rounded to h's dtype, square_sums [P] float32 the sums of h^2 over each program's rows of the GEMV that wrote
+    h (gemv_add_norm), and the norm's eps. RMSNorm(h) = scaled / sqrt(sum(square_sums) / K + eps)."""
+    scaled: torch.Tensor
+    square_sums: torch.Tensor
+    eps: float
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          config: tuple[int, int, int] | None = None, gated: bool = False,
          weight_scale: torch.Tensor | None = None, half_products: bool | None = None,
-         norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
-         residual: torch.Tensor | None = None) -> torch.Tensor:
+         residual: torch.Tensor | None = None, normed: PendingNorm | None = None) -> torch.Tensor:
     """x [1, K] (any leading shape with one row) @ weight [N, K]^T + bias [N] -> [1, N], in x's dtype.
     gated: x is [1, 2K], a merged gate/up output, and the product is with silu(gate) * up (SwiGLU fused into the
     down projection: one kernel, and the [1, K] activation never goes to memory). Accumulates in float32, as
@@ -307,34 +330,73 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     float32: weight is float8 and row n of the product is multiplied by weight_scale[n]. half_products (float8
     weight, 16-bit x): the products in float16 (serval.kernels.triton_fp8_gemv); None: on the CPU yes, on CUDA as
     SERVAL_FP8_GEMV_HALF says.
-    norm_weight [K]: x is a pre-norm block's residual stream and the product is with RMSNorm(x) (norm_weight, eps;
-    serval.layers.norm.rms_norm), so the norm needs no kernel of its own. residual [1, N]: the result plus it
-    (the block's output added to the stream, as the next norm's fused add would). Neither with gated."""
+    residual [1, N]: the result plus it (a block's output added to the residual stream, rounded as the unfused add
+    rounds it). normed: the product is with that RMSNorm (x is None): its scaled row times 1/rms, so the norm
+    needs no kernel of its own (the GEMV before wrote its parts, gemv_add_norm)."""
+    return _launch(x, weight, bias, config, gated, weight_scale, half_products, residual, normed)[0]
+
+
+def gemv_add_norm(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+                  eps: float, bias: torch.Tensor | None = None, config: tuple[int, int, int] | None = None,
+                  gated: bool = False, weight_scale: torch.Tensor | None = None,
+                  half_products: bool | None = None, normed: PendingNorm | None = None
+                  ) -> tuple[torch.Tensor, PendingNorm]:
+    """gemv(...) + residual = h, the residual stream after a block, and the next RMSNorm (norm_weight, eps) of h
+    left pending for the GEMV that reads it: (h [1, N], PendingNorm)."""
+    return _launch(x, weight, bias, config, gated, weight_scale, half_products, residual, normed,
+                   (norm_weight, eps))
+
+
+def _launch(x, weight, bias, config, gated, weight_scale, half_products, residual, normed, next_norm=None):
+    """gemv and gemv_add_norm's one launch: (y, the next norm pending or None)."""
     n, k = weight.shape
+    if normed is not None:
+        assert x is None and not gated and normed.scaled.numel() == k, (normed.scaled.shape, k)
+        x = normed.scaled
     assert x.numel() == (2 * k if gated else k) and weight.stride(1) == 1, (x.shape, weight.shape, weight.stride())
-    assert not gated or norm_weight is None, "a gated input is no residual stream"
-    assert norm_weight is None or norm_weight.shape == (k,), (norm_weight.shape, k)
     assert residual is None or residual.numel() == n, (residual.shape, n)
     x = x.reshape(-1).contiguous()
     residual = residual.reshape(-1).contiguous() if residual is not None else None
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     block_n, block_k, num_warps = config or get_config(n, k, weight_scale is not None, x.device)
     block_k = min(block_k, triton.next_power_of_2(k))
+    pending = None
+    if next_norm is not None:
+        norm_weight, eps = next_norm
+        assert residual is not None and norm_weight.shape == (n,), (norm_weight.shape, n)
+        pending = PendingNorm(torch.empty_like(y), torch.empty(triton.cdiv(n, block_n), dtype=torch.float32,
+                                                               device=x.device), eps)
+    epilogue = dict(residual=residual, norm_weight=next_norm[0] if next_norm else None, pending=pending)
     if weight_scale is not None and x.dtype in (torch.float16, torch.bfloat16):
         from serval.kernels import triton_fp8_gemv  # it imports this module's loads
         if half_products is None:
             half_products = not x.is_cuda or triton_fp8_gemv.half_products_on_gpu()
         if half_products:
             triton_fp8_gemv.launch(x, weight, weight_scale, bias, y, (block_n, block_k, num_warps), gated,
-                                   norm_weight, eps, residual)
-            return y
+                                   normed=normed, **epilogue)
+            return y, pending
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, weight_scale if weight_scale is not None else weight, bias if bias is not None else weight,
-        norm_weight if norm_weight is not None else weight, residual if residual is not None else weight, y, n,
-        k, weight.stride(0), eps, HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None, GATED=gated,
-        NORM=norm_weight is not None, RESIDUAL=residual is not None, EVEN_K=k % block_k == 0, BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=num_warps, **pdl.launch_options(x))
-    return y
+        x, weight, weight_scale if weight_scale is not None else weight, bias if bias is not None else weight, y, n,
+        k, weight.stride(0), *fusion_arguments(y, normed, **epilogue), HAS_SCALE=weight_scale is not None,
+        HAS_BIAS=bias is not None, GATED=gated, EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps, **fusion_constants(normed, **epilogue), **pdl.launch_options(x))
+    return y, pending
+
+
+def fusion_arguments(y: torch.Tensor, normed: PendingNorm | None, residual: torch.Tensor | None,
+                     norm_weight: torch.Tensor | None, pending: PendingNorm | None) -> tuple:
+    """The GEMV kernels' residual_ptr, norm_ptr, scaled_ptr, sums_out_ptr, sums_ptr, num_sums, eps (y for a
+    pointer not used)."""
+    return (residual if residual is not None else y, norm_weight if norm_weight is not None else y,
+            pending.scaled if pending else y, pending.square_sums if pending else y,
+            normed.square_sums if normed else y, normed.square_sums.numel() if normed else 1,
+            normed.eps if normed else 0.0)
+
+
+def fusion_constants(normed: PendingNorm | None, residual: torch.Tensor | None, norm_weight: torch.Tensor | None,
+                     pending: PendingNorm | None) -> dict:
+    return dict(RESIDUAL=residual is not None, NEXT_NORM=pending is not None, NORMED=normed is not None,
+                SUMS_BLOCK=triton.next_power_of_2(normed.square_sums.numel()) if normed else 1)
 
 
 @triton.jit

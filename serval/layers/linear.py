@@ -95,26 +95,31 @@ class Linear(nn.Linear):
             return out.view(*gate_up.shape[:-1], self.out_features)
         return self(silu_and_mul(gate_up))
 
-    def forward_rms_norm(self, stream: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-        """self(norm(stream)) for a plain RMSNorm, one GEMV that normalizes the residual stream as it reads it;
-        only where fuses_norms says so."""
+    def forward_normed(self, normed) -> torch.Tensor:
+        """self(RMSNorm(h)) of a norm the GEMV before left pending (serval.kernels.triton_gemv.PendingNorm): one
+        GEMV that finishes it; only where fuses_norms says so."""
         from serval.kernels import triton_gemv
-        out = triton_gemv.gemv(stream, self.weight, self.bias, weight_scale=self.weight_scale,
-                               norm_weight=norm.weight, eps=norm.eps)
-        return out.view(*stream.shape[:-1], self.out_features)
+        out = triton_gemv.gemv(None, self.weight, self.bias, weight_scale=self.weight_scale, normed=normed)
+        return out.view(*normed.scaled.shape[:-1], self.out_features)
 
-    def forward_add(self, x: torch.Tensor, residual: torch.Tensor, gated: bool = False) -> torch.Tensor:
-        """self(x) + residual (gated: self(silu(gate) * up) + residual), the sum rounded as the unfused add rounds
-        it; one GEMV, only where fuses_norms says so."""
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor, next_norm: nn.Module | None = None,
+                    gated: bool = False):
+        """(h, the next norm of h pending or None) for h = self(x) + residual (gated: self(silu(gate) * up) +
+        residual), the sum rounded as the unfused add rounds it; one GEMV, only where fuses_norms says so.
+        next_norm: the RMSNorm that reads h, whose weight-scaled row and sums of squares this GEMV writes."""
         from serval.kernels import triton_gemv
-        out = triton_gemv.gemv(x, self.weight, self.bias, gated=gated, weight_scale=self.weight_scale,
-                               residual=residual)
-        return out.view(*residual.shape)
+        if next_norm is None:
+            out = triton_gemv.gemv(x, self.weight, self.bias, gated=gated, weight_scale=self.weight_scale,
+                                   residual=residual)
+            return out.view(*residual.shape), None
+        out, pending = triton_gemv.gemv_add_norm(x, self.weight, residual, next_norm.weight, next_norm.eps,
+                                                 self.bias, gated=gated, weight_scale=self.weight_scale)
+        return out.view(*residual.shape), pending
 
 
 def fuses_norms(x: torch.Tensor, *layers: nn.Module) -> bool:
-    """Whether one row x of a pre-norm block takes GEMVs that read the norm in and add the residual out
-    (forward_rms_norm, forward_add) through these projections: each a plain Linear, bfloat16/float16 or float8 with
+    """Whether one row x of a pre-norm block takes GEMVs that finish the norm before them and add the residual and
+    start the next norm after them (forward_normed, forward_add) through these projections: each a plain Linear, bfloat16/float16 or float8 with
     row scales (no LoRA wrapper, no tensor-parallel shard, no other format), on the GEMV path. At batch 1 a norm is
     one small kernel between two GEMVs, and the chain of them, not their bytes, is what it costs. On by default
     where the GEMV runs; SERVAL_FUSED_NORM=0 keeps the norms as kernels of their own."""

@@ -94,11 +94,7 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = mlp
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
-                kv_cache: torch.Tensor, metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(hidden, residual) -> (block output, residual stream); residual None: hidden is the whole stream."""
-        if _fuses_norms(self, hidden):
-            return _forward_fused(self, positions, hidden if residual is None else hidden + residual, kv_cache,
-                                  metadata)
+                kv_cache: torch.Tensor, metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         # The residual stream is carried beside the block output so each norm can fuse "add, then normalize".
         if residual is None:
             hidden, residual = self.input_layernorm(hidden), hidden
@@ -109,24 +105,41 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
-def _fuses_norms(layer: LlamaDecoderLayer, hidden: torch.Tensor) -> bool:
-    """One row on the GEMV path through a plain Llama block: the families that borrow its forward with their own
-    attention or experts (DeepSeek-V3, gpt-oss, the MoE blocks) keep their norms as kernels of their own."""
-    attention, mlp = layer.self_attn, getattr(layer, "mlp", None)
-    return (type(attention) is LlamaAttention and type(mlp) is GatedMLP and mlp.act_and_mul is silu_and_mul
-            and type(layer.input_layernorm) is RMSNorm and type(layer.post_attention_layernorm) is RMSNorm
-            and fuses_norms(hidden, attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj))
+def _fuses_norms(model: LlamaModel, hidden: torch.Tensor) -> bool:
+    """One row on the GEMV path through plain Llama blocks only: the families that borrow LlamaModel's forward
+    with their own attention or experts (DeepSeek-V3, gpt-oss, the MoE blocks) keep their norms as kernels."""
+    if hidden.numel() != hidden.shape[-1]:  # first: false for every prefill
+        return False
+    projections = []
+    for layer in model.layers:
+        attention, mlp = layer.self_attn, getattr(layer, "mlp", None)
+        if not (type(attention) is LlamaAttention and type(mlp) is GatedMLP and mlp.act_and_mul is silu_and_mul
+                and type(layer.input_layernorm) is RMSNorm and type(layer.post_attention_layernorm) is RMSNorm):
+            return False
+        projections += [attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj]
+    return fuses_norms(hidden, *projections)
 
 
-def _forward_fused(layer: LlamaDecoderLayer, positions: torch.Tensor, stream: torch.Tensor, kv_cache: torch.Tensor,
-                   metadata: AttentionMetadata) -> tuple[torch.Tensor, None]:
-    """The block at batch 1 as four GEMVs: each norm read in by the projection after it, each residual add written
-    out by the one before (Linear.forward_rms_norm, forward_add); the result is the whole stream."""
-    attention, mlp = layer.self_attn, layer.mlp
-    qkv = attention.qkv_proj.forward_rms_norm(stream, layer.input_layernorm)
-    stream = attention.o_proj.forward_add(attention.attend(positions, qkv, kv_cache, metadata), stream)
-    gate_up = mlp.gate_up_proj.forward_rms_norm(stream, layer.post_attention_layernorm)
-    return mlp.down_proj.forward_add(gate_up, stream, gated=True), None
+def _layers_one_row(model: LlamaModel, positions: torch.Tensor, stream: torch.Tensor, kv_caches: list[torch.Tensor],
+                    metadata: AttentionMetadata, captured: dict[int, torch.Tensor], keep: tuple[int, ...]
+                    ) -> torch.Tensor:
+    """The layers at batch 1 as four GEMVs each and no norm kernel but the first: o_proj and down_proj add the
+    residual and start the next RMSNorm (its weight-scaled row and sums of squares), qkv_proj and gate_up_proj
+    finish it (Linear.forward_add, forward_normed). Returns the stream after the last layer (the model's final
+    norm is a kernel again); the streams entering the layers in keep go to captured."""
+    layers = model.layers
+    pending, normed = None, layers[0].input_layernorm(stream)  # no GEMV before the first norm
+    for index, (layer, kv_cache) in enumerate(zip(layers, kv_caches, strict=True)):
+        if index in keep:
+            captured[index] = stream
+        attention, mlp = layer.self_attn, layer.mlp
+        qkv = attention.qkv_proj(normed) if pending is None else attention.qkv_proj.forward_normed(pending)
+        stream, pending = attention.o_proj.forward_add(attention.attend(positions, qkv, kv_cache, metadata), stream,
+                                                       layer.post_attention_layernorm)
+        gate_up = mlp.gate_up_proj.forward_normed(pending)
+        next_norm = layers[index + 1].input_layernorm if index + 1 < len(layers) else None
+        stream, pending = mlp.down_proj.forward_add(gate_up, stream, next_norm, gated=True)
+    return stream
 
 
 class LlamaModel(nn.Module):
@@ -154,10 +167,13 @@ class LlamaModel(nn.Module):
                 metadata: AttentionMetadata) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None
         captured, keep = {}, getattr(self, "aux_hidden_state_layers", ())  # DeepSeek-V3, gpt-oss borrow forward
-        for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
-            if index in keep:
-                captured[index] = hidden if residual is None else hidden + residual
-            hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
+        if _fuses_norms(self, hidden):
+            hidden = _layers_one_row(self, positions, hidden, kv_caches, metadata, captured, keep)
+        else:
+            for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+                if index in keep:
+                    captured[index] = hidden if residual is None else hidden + residual
+                hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
         if captured:
             states = torch.cat([captured[i] for i in sorted(keep)], dim=-1)
             buffer = getattr(self, "aux_hidden_buffer", None)

@@ -25,6 +25,17 @@ def recording_gemv(calls: list[tuple[tuple[int, ...], bool]]):
     return record
 
 
+def recording_gemv_add_norm(calls: list[tuple[tuple[int, ...], bool]]):
+    """triton_gemv.gemv_add_norm (a batch-1 block's o_proj and down_proj), recorded as recording_gemv does."""
+    gemv_add_norm = triton_gemv.gemv_add_norm
+
+    def record(x, weight, *args, gated=False, **kwargs):
+        calls.append((tuple(weight.shape), gated))
+        return gemv_add_norm(x, weight, *args, gated=gated, **kwargs)
+
+    return record
+
+
 HIDDEN, INTERMEDIATE, TP = 16, 32, 2
 
 

@@ -19,7 +19,7 @@ from serval.engine.model_runner import ForwardInputs
 from serval.kernels import triton_gemv
 from tests.conftest import build_tiny_model
 from tests.distributed.row_parallel_rank import (HIDDEN, INTERMEDIATE, TP, full_down_proj, gate_up_row,
-                                                 recording_gemv, row_parallel_decode)
+                                                 recording_gemv, recording_gemv_add_norm, row_parallel_decode)
 from tests.model.tiny_models import build_tiny
 
 PROMPT = [5, 17, 42]
@@ -49,6 +49,7 @@ def decode_step(llm: LLM, monkeypatch) -> tuple[list[str], list[tuple[tuple[int,
     with monkeypatch.context() as patch:
         patch.setenv("SERVAL_GEMV", "triton")
         patch.setattr(triton_gemv, "gemv", recording_gemv(calls))
+        patch.setattr(triton_gemv, "gemv_add_norm", recording_gemv_add_norm(calls))
         with OpRecorder() as recorder:
             logits = runner.forward_logits(decode)
     return recorder.ops, calls, logits

@@ -54,39 +54,23 @@ def test_half_products_match_the_dequantized_product(dtype, gated, n, k, config)
     within_rounding(got, x, q_weight, weight_scale, bias, gated, tiles=-(-k // block_k))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("k, config", [(256, None), (96, (4, 64, 2)), (200, (8, 64, 4))])
-@pytest.mark.parametrize("size", [4.0, 1e3])
-def test_the_norm_read_in_is_the_unfused_norm_within_a_unit(dtype, k, config, size):
-    # norm_weight: each tile is RMSNorm(h) rounded once to float16 where serval.layers.norm.rms_norm rounds twice
-    # to x's dtype, so the bound is the one of the product with the reference's normed row plus a unit of x's
-    # dtype a column; the x scale comes from |g h| / rms (a larger stream, 1e3, must not change the result's scale).
-    torch.manual_seed(k)
-    from serval.layers.norm import rms_norm
-    q_weight, weight_scale = fp8.quantize_weight(torch.randn(37, k, device=DEVICE))
-    stream = (torch.randn(1, k, device=DEVICE) * size).to(dtype)
-    norm_weight = (torch.rand(k, device=DEVICE) * 3 + 0.5).to(dtype)
-    normed, _ = rms_norm(stream.cpu(), None, norm_weight.cpu(), 1e-6)
-    got = triton_gemv.gemv(stream, q_weight, config=config, weight_scale=weight_scale, half_products=True,
-                           norm_weight=norm_weight, eps=1e-6)
-    block_k = min((config or triton_gemv.FP8_CONFIG)[1], 1 << (k - 1).bit_length())
-    within_rounding(got, normed.to(DEVICE), q_weight, weight_scale, None, False, tiles=-(-k // block_k),
-                    rounded_apart=True)
-
-
 # Triton's interpreter rounds float32 to bfloat16 other than to nearest (half of a normal sample lands elsewhere),
-# unlike torch's add: bfloat16 is compared on a GPU.
+# unlike torch's add and multiply: bfloat16 is compared on a GPU.
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else []))
 @pytest.mark.parametrize("gated", [False, True])
-def test_the_residual_added_out_is_the_rounded_product_plus_the_stream(gated, dtype):
-    torch.manual_seed(9 + gated)
-    q_weight, weight_scale = fp8.quantize_weight(torch.randn(37, 128, device=DEVICE))
-    x = torch.randn(1, 256 if gated else 128, device=DEVICE, dtype=dtype)
-    stream = (torch.randn(1, 37, device=DEVICE) * 8).to(dtype)
-    plain = triton_gemv.gemv(x, q_weight, gated=gated, weight_scale=weight_scale, half_products=True)
-    added = triton_gemv.gemv(x, q_weight, gated=gated, weight_scale=weight_scale, half_products=True,
-                             residual=stream)
-    assert torch.equal(added, plain + stream)
+@pytest.mark.parametrize("config", [None, (4, 64, 2)])
+def test_the_residual_added_out_and_the_norm_finished(dtype, gated, config):
+    # The float16-products kernel in a block's chain (tests/kernels/test_triton_gemv.py's gemv_chain): h bit for
+    # bit, the next norm's parts, and the product with RMSNorm(h) within the kernel's rounding of the reference's
+    # normed row (whose two roundings to x's dtype the kernel's g h takes one of: a unit of x's dtype more).
+    from tests.kernels.test_triton_gemv import gemv_chain
+    chain = gemv_chain(dtype, True, gated, True, config)
+    h = chain["h"]
+    assert torch.equal(h, chain["expected_h"])
+    assert torch.equal(chain["pending"].scaled, (chain["norm_weight"].float() * h.float()).to(dtype))
+    block_k = min((config or triton_gemv.FP8_CONFIG)[1], 64)  # BLOCK_K capped at K's next power of two
+    within_rounding(chain["y"], chain["normed"], chain["w2"], chain["s2"], chain["bias"], False,
+                    tiles=-(-37 // block_k), rounded_apart=True)
 
 
 @pytest.mark.parametrize("x_size", [3e4, 1e-6])

@@ -73,46 +73,53 @@ def test_fp8_weights_with_row_scales(gated, k, half_products):
         torch.testing.assert_close(y.float(), expected, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("k, config", [(256, None), (96, (4, 64, 2)), (200, (8, 64, 4))])
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_gemv_normalizes_the_stream_as_it_reads_it(dtype, k, config, with_bias):
-    # norm_weight: the product with RMSNorm(h), serval.layers.norm.rms_norm the reference. K 96 and 200 with
-    # BLOCK_K 64 end in a masked tile, whose padding must not count in the mean of the squares.
-    torch.manual_seed(k + with_bias)
-    stream = (torch.randn(1, k) * 4).to(DEVICE, dtype)
-    norm_weight = (torch.rand(k) + 0.5).to(DEVICE, dtype)
-    weight = torch.randn(37, k, device=DEVICE, dtype=dtype)
-    bias = torch.randn(37, device=DEVICE, dtype=dtype) if with_bias else None
-    normed, _ = rms_norm(stream.cpu(), None, norm_weight.cpu(), 1e-5)
-    expected = normed.float().to(DEVICE) @ weight.float().T + (bias.float() if with_bias else 0)
-    got = triton_gemv.gemv(stream, weight, bias, config=config, norm_weight=norm_weight, eps=1e-5)
-    assert got.shape == (1, 37) and got.dtype == dtype
-    # float16: the kernel keeps RMSNorm(h) unrounded where the reference rounds it (2^-11 an element).
-    tolerance = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
-    torch.testing.assert_close(got.float(), expected, **tolerance)
+def gemv_chain(dtype, scaled: bool, gated: bool, half_products: bool, config, n: int = 37, k: int = 128) -> dict:
+    """A block's two GEMVs at batch 1 with the norm between them left pending: h = W1 x + residual, then
+    y = W2 RMSNorm(h) + bias. Returns them, their operands and the torch references (expected_h: the plain GEMV
+    plus the residual; normed: serval.layers.norm.rms_norm of h)."""
+    torch.manual_seed(n + gated + 2 * scaled)
+
+    def weight(rows, columns):
+        w = torch.randn(rows, columns, device=DEVICE)
+        return fp8.quantize_weight(w) if scaled else (w.to(dtype), None)
+    (w1, s1), (w2, s2) = weight(n, k), weight(19, n)
+    x = torch.randn(1, 2 * k if gated else k, device=DEVICE, dtype=dtype)
+    residual = (torch.randn(1, n, device=DEVICE) * 8).to(dtype)
+    norm_weight = (torch.rand(n, device=DEVICE) + 0.5).to(dtype)
+    bias = torch.randn(19, device=DEVICE, dtype=dtype)
+    h, pending = triton_gemv.gemv_add_norm(x, w1, residual, norm_weight, 1e-5, config=config, gated=gated,
+                                           weight_scale=s1, half_products=half_products)
+    y = triton_gemv.gemv(None, w2, bias, config=config, weight_scale=s2, half_products=half_products,
+                         normed=pending)
+    plain = triton_gemv.gemv(x, w1, config=config, gated=gated, weight_scale=s1, half_products=half_products)
+    normed, _ = rms_norm(h.cpu(), None, norm_weight.cpu(), 1e-5)
+    return dict(h=h, pending=pending, y=y, expected_h=plain + residual, normed=normed.to(DEVICE),
+                norm_weight=norm_weight, w2=w2, s2=s2, bias=bias)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("scaled", [False, True])
-def test_gemv_adds_the_residual_as_the_unfused_add_rounds_it(dtype, gated, scaled):
-    # The same kernel and sums with and without the residual: the sum is the rounded product plus the stream,
-    # rounded again, bit for bit (float8 weights on the float32 path here; the float16-products kernel has its own).
-    torch.manual_seed(gated + 2 * scaled)
-    weight = torch.randn(37, 128, device=DEVICE)
-    weight_scale = None
-    if scaled:
-        weight, weight_scale = fp8.quantize_weight(weight)
-    else:
-        weight = weight.to(dtype)
-    x = torch.randn(1, 256 if gated else 128, device=DEVICE, dtype=dtype)
-    stream = (torch.randn(1, 37) * 8).to(DEVICE, dtype)
-    plain = triton_gemv.gemv(x, weight, gated=gated, weight_scale=weight_scale, half_products=False)
-    added = triton_gemv.gemv(x, weight, gated=gated, weight_scale=weight_scale, half_products=False,
-                             residual=stream)
-    assert added.dtype == dtype
-    assert torch.equal(added, plain + stream)
+@pytest.mark.parametrize("config", [None, (4, 64, 2), (16, 32, 4)])
+def test_a_gemv_adds_the_residual_and_the_next_finishes_the_norm(dtype, gated, scaled, config):
+    # The residual stream h, the next norm's weight-scaled row and sums of squares (37 rows: the last program's
+    # rows past N must add nothing), then the product with RMSNorm(h) (serval.layers.norm.rms_norm the reference);
+    # float8 weights on the float32 path here, the float16-products kernel in test_triton_fp8_gemv.py.
+    chain = gemv_chain(dtype, scaled, gated, False, config)
+    h, pending = chain["h"], chain["pending"]
+    block_n = (config or (triton_gemv.FP8_CONFIG if scaled else triton_gemv.DEFAULT_CONFIG))[0]
+    assert h.dtype == dtype and pending.square_sums.shape == (-(-37 // block_n),)
+    if dtype == torch.float32:  # y * scale + residual may be one fused multiply-add on a GPU
+        torch.testing.assert_close(h, chain["expected_h"], atol=1e-5, rtol=1e-5)
+    else:  # the rounded product plus the stream, rounded again: bit for bit
+        assert torch.equal(h, chain["expected_h"])
+    assert torch.equal(pending.scaled, (chain["norm_weight"].float() * h.float()).to(dtype))
+    torch.testing.assert_close(pending.square_sums.sum(), h.float().square().sum(), atol=0, rtol=1e-5)
+    w2 = chain["w2"].float() * chain["s2"][:, None] if scaled else chain["w2"].float()
+    expected_y = chain["normed"].float() @ w2.T + chain["bias"].float()
+    # float16: the kernel keeps RMSNorm(h) unrounded but for g h where the reference rounds it twice.
+    tolerance = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(chain["y"].float(), expected_y, **tolerance)
 
 
 def bf16_layer(in_features: int, out_features: int) -> Linear:
