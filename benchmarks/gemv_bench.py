@@ -23,6 +23,9 @@ SERVAL_FP8_GEMV_HALF=0 the float32 path; compare the two with one run each:
     PYTHONPATH=/tmp/site:. SERVAL_FP8_GEMV_HALF=0 python benchmarks/gemv_bench.py --fp8 --out $OUT/fp8_float32
     PYTHONPATH=/tmp/site:. SERVAL_FP8_GEMV_HALF=1 python benchmarks/gemv_bench.py --fp8 --out $OUT/fp8_half
 
+--fusions: each decoder projection at this GPU's configuration, plain and as Llama's batch-1 block runs it with
+the norms left pending (SERVAL_FUSED_NORM), both weight types, next to the norm kernel they replace.
+
 --count-instructions: no GPU; both float8 paths compiled for sm_90, their K loops' SASS instructions per weight
 (plain and gated), for FP8_CONFIG and the float8 tables' configurations; writes fp8_gemv_instructions.json.
 
@@ -330,6 +333,57 @@ def count_instructions(out: str) -> None:
     print(f"\nwrote {os.path.join(out, 'fp8_gemv_instructions.json')}")
 
 
+def bench_fusions(dtype: torch.dtype, use_fp8: bool, shapes=SHAPES, device: str = "cuda") -> list[dict]:
+    """--fusions: each decoder projection at this GPU's configuration, plain and as a batch-1 block runs it with
+    the norms left pending (Llama's _layers_one_row: qkv and gate_up finish a norm, o and down add the residual and
+    start the next one; serval.kernels.triton_gemv.PendingNorm), and the norm kernel they replace (residual add
+    and RMSNorm of one row, serval.kernels.triton_fused.rms_norm). Microseconds per product from CUDA graphs."""
+    from serval.kernels import triton_fused
+    torch.manual_seed(0)
+    hidden = next(k for name, _, k in shapes if name == "qkv")
+    x = torch.randn(1, 2 * max(k for _, _, k in shapes), device=device, dtype=dtype)
+    stream = torch.randn(1, max(n for name, n, _ in shapes if name != "lm_head"), device=device, dtype=dtype)
+    norm_weight = torch.rand(stream.shape[1], device=device, dtype=dtype) + 0.5
+    pending = triton_gemv.PendingNorm(x[:, :hidden].contiguous(), torch.rand(512, device=device), 1e-5)
+    row = stream[:, :hidden].contiguous()
+    norm_us = time_graph(lambda a, w: triton_fused.rms_norm(a, w, norm_weight[:hidden], 1e-5), [row, row * 2],
+                         row) * 1e6
+    rows = []
+    for name, n, k in shapes:
+        if name == "lm_head":
+            continue
+        gated = name in GATED
+        x_in = x[:, :2 * k if gated else k].contiguous()
+        halves = [torch.randn(n, k, device=device, dtype=dtype) * 0.02
+                  for _ in range(weight_copies(n * k * (1 if use_fp8 else 2), device))]
+        weights = [fp8.quantize_weight(w) if use_fp8 else (w, None) for w in halves]
+        del halves
+        plain_us = time_graph(lambda a, w: triton_gemv.gemv(a, w[0], weight_scale=w[1], gated=gated), weights,
+                              x_in) * 1e6
+        if name in ("qkv", "gate_up"):
+            fused_us = time_graph(lambda a, w: triton_gemv.gemv(None, w[0], weight_scale=w[1], normed=pending),
+                                  weights, x_in) * 1e6
+            residual_us = None
+        else:
+            fused_us = time_graph(lambda a, w: triton_gemv.gemv_add_norm(
+                a, w[0], stream[:, :n], norm_weight[:n], 1e-5, weight_scale=w[1], gated=gated), weights, x_in) * 1e6
+            residual_us = time_graph(lambda a, w: triton_gemv.gemv(a, w[0], weight_scale=w[1], gated=gated,
+                                                                   residual=stream[:, :n]), weights, x_in) * 1e6
+        del weights
+        empty_cache()
+        rows.append({"name": name, "N": n, "K": k, "config": list(triton_gemv.get_config(n, k, use_fp8, x.device)),
+                     "plain_us": plain_us, "fused_us": fused_us, "residual_only_us": residual_us,
+                     "norm_kernel_us": norm_us})
+    print(f"\n{'fp8' if use_fp8 else str(dtype).split('.')[-1]} weights, batch 1: plain GEMV, as the block with "
+          f"pending norms runs it, and the norm kernel it replaces ({norm_us:.2f} us)")
+    print(f"{'projection':<10} {'config':<16} {'plain us':>9} {'fused us':>9} {'+ residual only':>15}")
+    for row in rows:
+        residual = f"{row['residual_only_us']:15.2f}" if row["residual_only_us"] is not None else f"{'-':>15}"
+        print(f"{row['name']:<10} {str(tuple(row['config'])):<16} {row['plain_us']:9.2f} {row['fused_us']:9.2f} "
+              f"{residual}")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results")
@@ -344,9 +398,21 @@ def main() -> None:
     parser.add_argument("--count-instructions", action="store_true",
                         help="no timing, no GPU: the float8 GEMV's K loop compiled for sm_90, SASS instructions per "
                              "weight of the float32 and the float16-products path")
+    parser.add_argument("--fusions", action="store_true",
+                        help="each projection plain and as a batch-1 block with pending norms runs it (both weight "
+                             "types), against the norm kernel it replaces")
     args = parser.parse_args()
     if args.count_instructions:
         return count_instructions(args.out)
+    if args.fusions:
+        dtype = getattr(torch, args.dtype or ("float16" if args.tiny else "bfloat16"))
+        shapes, device = (TINY_SHAPES + [("gate_up", 96, 64), ("o", 64, 48)], "cpu") if args.tiny else (SHAPES, "cuda")
+        results = {kind: bench_fusions(dtype, kind == "fp8", shapes, device) for kind in ("half", "fp8")}
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "gemv_fusions.json"), "w") as f:
+            json.dump({"device": device_name() if not args.tiny else "cpu", "dtype": str(dtype), **results}, f,
+                      indent=1)
+        return None
     dtype_name = args.dtype or ("float16" if args.tiny else "bfloat16")
     dtype = getattr(torch, dtype_name)
     row_counts = sorted({int(v) for v in args.rows.split(",")})

@@ -118,16 +118,20 @@ class Linear(nn.Linear):
 
 
 def fuses_norms(x: torch.Tensor, *layers: nn.Module) -> bool:
-    """Whether one row x of a pre-norm block takes GEMVs that finish the norm before them and add the residual and
-    start the next norm after them (forward_normed, forward_add) through these projections: each a plain Linear, bfloat16/float16 or float8 with
-    row scales (no LoRA wrapper, no tensor-parallel shard, no other format), on the GEMV path. At batch 1 a norm is
-    one small kernel between two GEMVs, and the chain of them, not their bytes, is what it costs. On by default
-    where the GEMV runs; SERVAL_FUSED_NORM=0 keeps the norms as kernels of their own."""
+    """Whether one row x of pre-norm blocks takes GEMVs that finish the norm before them and add the residual and
+    start the next norm after them (forward_normed, forward_add) through these projections: each a plain Linear,
+    bfloat16/float16 or float8 with row scales (no LoRA wrapper, no tensor-parallel shard, no other format), on the
+    GEMV path. At batch 1 a norm is one small kernel between two GEMVs. By default for float8 weights only, where
+    the H200 measured it faster (+1% batch-1 tok/s on the Llama-3-8B shape); with bfloat16 weights the GEMVs' added
+    epilogue cost more than the norm kernels (-2.9%; docs/performance.md). SERVAL_FUSED_NORM=1 takes it for both,
+    0 for neither."""
     if x.numel() != x.shape[-1] or not takes_gemv(x, x.shape[-1]):  # first: cheap, and false for every prefill
         return False
-    return os.environ.get("SERVAL_FUSED_NORM", "1") != "0" and all(
-        type(layer) in (Linear, MergedLinear) and type(layer.quant_method) in (type(None), Fp8Method)
-        for layer in layers)
+    choice = os.environ.get("SERVAL_FUSED_NORM", "")
+    if choice == "0" or not all(type(layer) in (Linear, MergedLinear)
+                                and type(layer.quant_method) in (type(None), Fp8Method) for layer in layers):
+        return False
+    return choice == "1" or all(type(layer.quant_method) is Fp8Method for layer in layers)
 
 
 def takes_gemv(x: torch.Tensor, row_length: int) -> bool:

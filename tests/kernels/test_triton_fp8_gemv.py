@@ -68,7 +68,7 @@ def test_the_residual_added_out_and_the_norm_finished(dtype, gated, config):
     h = chain["h"]
     assert torch.equal(h, chain["expected_h"])
     assert torch.equal(chain["pending"].scaled, (chain["norm_weight"].float() * h.float()).to(dtype))
-    block_k = min((config or triton_gemv.FP8_CONFIG)[1], 64)  # BLOCK_K capped at K's next power of two
+    block_k = min((config or triton_gemv.get_config(19, 37, True, h.device))[1], 64)  # capped at K's next power
     within_rounding(chain["y"], chain["normed"], chain["w2"], chain["s2"], chain["bias"], False,
                     tiles=-(-37 // block_k), rounded_apart=True)
 
