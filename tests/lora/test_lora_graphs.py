@@ -47,23 +47,23 @@ def graph_path_llm(base: str, monkeypatch, max_loras: int, max_num_seqs: int, **
     return llm
 
 
-@pytest.mark.parametrize("num_jobs,async_scheduling,lora_kernels", [(3, False, "triton"), (12, False, "triton"),
-                                                                    (12, True, "torch")])
+@pytest.mark.parametrize("num_jobs,async_scheduling,lora_kernels", [(3, False, "triton"), (9, False, "triton"),
+                                                                    (9, True, "torch")])
 def test_graph_path_mixed_adapters_matches_peft(family, monkeypatch, num_jobs, async_scheduling, lora_kernels):
-    """Base + three adapters interleaved: 3 requests pad to the graph of 4 (each row gathers its adapter), 12 to
-    the graph of 16 (rows grouped by slot on the device); asynchronous scheduling takes input ids on the device.
+    """Base + three adapters interleaved: 3 requests pad to the graph of 4 (each row gathers its adapter), 9 to
+    the graph of 12 (rows grouped by slot on the device); asynchronous scheduling takes input ids on the device.
     The LoRA kernels a GPU's graphs run, the Triton ones (in the interpreter), in both forms; the torch reference's
     segment form here, its gather form in test_graph_path_reuses_a_slot_in_place."""
     monkeypatch.setenv("SERVAL_LORA", lora_kernels)
     base, _, _ = family
-    llm = graph_path_llm(base, monkeypatch, max_loras=3, max_num_seqs=16, async_scheduling=async_scheduling)
+    llm = graph_path_llm(base, monkeypatch, max_loras=3, max_num_seqs=12, async_scheduling=async_scheduling)
     assert llm.engine.lora.context.use_triton == (lora_kernels == "triton")
     jobs = mixed_jobs()[:num_jobs]
     check(llm, family, jobs)
     steps = llm.engine.runner.graphs.steps
     assert steps and all(len(slots) == num_jobs for slots in steps)  # every decode step took the graph path
     assert -1 in steps[0] and len({slot for slot in steps[0] if slot >= 0}) == min(3, num_jobs - 1)
-    assert (num_jobs > MAX_GRAPH_GATHER_ROWS) == (num_jobs == 12)
+    assert (num_jobs > MAX_GRAPH_GATHER_ROWS) == (num_jobs == 9)
 
 
 def test_graph_path_reuses_a_slot_in_place(family, monkeypatch):
