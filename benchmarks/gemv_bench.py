@@ -24,7 +24,9 @@ SERVAL_FP8_GEMV_HALF=0 the float32 path; compare the two with one run each:
     PYTHONPATH=/tmp/site:. SERVAL_FP8_GEMV_HALF=1 python benchmarks/gemv_bench.py --fp8 --out $OUT/fp8_half
 
 --fusions: each decoder projection at this GPU's configuration, plain and as Llama's batch-1 block runs it with
-the norms left pending (SERVAL_FUSED_NORM), both weight types, next to the norm kernel they replace.
+the norms left pending (SERVAL_FUSED_NORM), both weight types, next to the norm kernel they replace; with
+--write-config also over FUSION_GRID / FP8_FUSION_GRID, the fastest blocks written to the table's "pending_norm"
+section (the other sections kept).
 
 --count-instructions: no GPU; both float8 paths compiled for sm_90, their K loops' SASS instructions per weight
 (plain and gated), for FP8_CONFIG and the float8 tables' configurations; writes fp8_gemv_instructions.json.
@@ -333,11 +335,19 @@ def count_instructions(out: str) -> None:
     print(f"\nwrote {os.path.join(out, 'fp8_gemv_instructions.json')}")
 
 
-def bench_fusions(dtype: torch.dtype, use_fp8: bool, shapes=SHAPES, device: str = "cuda") -> list[dict]:
+# --fusions --write-config: the blocks tried for the GEMVs of a block with pending norms (more rows a program than
+# the plain GEMV's best: each program reduces the norm's sums once, whatever its rows).
+FUSION_GRID = list(itertools.product((2, 4, 8, 16), (1024, 2048, 4096), (4, 8)))
+FP8_FUSION_GRID = list(itertools.product((8, 16), (1024, 2048, 4096), (4, 8)))
+
+
+def bench_fusions(dtype: torch.dtype, use_fp8: bool, shapes=SHAPES, device: str = "cuda",
+                  grid: list | None = None) -> list[dict]:
     """--fusions: each decoder projection at this GPU's configuration, plain and as a batch-1 block runs it with
     the norms left pending (Llama's _layers_one_row: qkv and gate_up finish a norm, o and down add the residual and
     start the next one; serval.kernels.triton_gemv.PendingNorm), and the norm kernel they replace (residual add
-    and RMSNorm of one row, serval.kernels.triton_fused.rms_norm). Microseconds per product from CUDA graphs."""
+    and RMSNorm of one row, serval.kernels.triton_fused.rms_norm). Microseconds per product from CUDA graphs.
+    grid: also the fused GEMV at each of these blocks, the fastest kept as the row's best_config."""
     from serval.kernels import triton_fused
     torch.manual_seed(0)
     hidden = next(k for name, _, k in shapes if name == "qkv")
@@ -360,28 +370,54 @@ def bench_fusions(dtype: torch.dtype, use_fp8: bool, shapes=SHAPES, device: str 
         del halves
         plain_us = time_graph(lambda a, w: triton_gemv.gemv(a, w[0], weight_scale=w[1], gated=gated), weights,
                               x_in) * 1e6
-        if name in ("qkv", "gate_up"):
-            fused_us = time_graph(lambda a, w: triton_gemv.gemv(None, w[0], weight_scale=w[1], normed=pending),
-                                  weights, x_in) * 1e6
-            residual_us = None
-        else:
-            fused_us = time_graph(lambda a, w: triton_gemv.gemv_add_norm(
-                a, w[0], stream[:, :n], norm_weight[:n], 1e-5, weight_scale=w[1], gated=gated), weights, x_in) * 1e6
+
+        def fused(a, w, config=None):
+            if name in ("qkv", "gate_up"):
+                return triton_gemv.gemv(None, w[0], weight_scale=w[1], normed=pending, config=config)
+            return triton_gemv.gemv_add_norm(a, w[0], stream[:, :n], norm_weight[:n], 1e-5, weight_scale=w[1],
+                                             gated=gated, config=config)
+        fused_us = time_graph(fused, weights, x_in) * 1e6
+        residual_us = None
+        if name not in ("qkv", "gate_up"):
             residual_us = time_graph(lambda a, w: triton_gemv.gemv(a, w[0], weight_scale=w[1], gated=gated,
                                                                    residual=stream[:, :n]), weights, x_in) * 1e6
+        tuned = {config: time_graph(lambda a, w, c=config: fused(a, w, c), weights, x_in) * 1e6
+                 for config in grid or []}
+        best = min(tuned, key=tuned.get) if tuned else None
         del weights
         empty_cache()
         rows.append({"name": name, "N": n, "K": k, "config": list(triton_gemv.get_config(n, k, use_fp8, x.device)),
                      "plain_us": plain_us, "fused_us": fused_us, "residual_only_us": residual_us,
-                     "norm_kernel_us": norm_us})
+                     "norm_kernel_us": norm_us, "best_config": list(best) if best else None,
+                     "best_us": tuned[best] if best else None})
     print(f"\n{'fp8' if use_fp8 else str(dtype).split('.')[-1]} weights, batch 1: plain GEMV, as the block with "
           f"pending norms runs it, and the norm kernel it replaces ({norm_us:.2f} us)")
-    print(f"{'projection':<10} {'config':<16} {'plain us':>9} {'fused us':>9} {'+ residual only':>15}")
+    print(f"{'projection':<10} {'config':<16} {'plain us':>9} {'fused us':>9} {'+ residual only':>15} "
+          f"{'best fused':>16} {'us':>7}")
     for row in rows:
         residual = f"{row['residual_only_us']:15.2f}" if row["residual_only_us"] is not None else f"{'-':>15}"
+        best = (f"{str(tuple(row['best_config'])):>16} {row['best_us']:7.2f}" if row["best_config"]
+                else f"{'-':>16} {'-':>7}")
         print(f"{row['name']:<10} {str(tuple(row['config'])):<16} {row['plain_us']:9.2f} {row['fused_us']:9.2f} "
-              f"{residual}")
+              f"{residual} {best}")
     return rows
+
+
+def write_pending_norm_section(results: dict, out: str, tiny: bool) -> None:
+    """This GPU's table with its PENDING_NORM section set to --fusions' best blocks, the other sections kept
+    (under --out too; --tiny: only there)."""
+    name = triton_gemv.config_file_name(device_name() if not tiny else "cpu")
+    table = {} if tiny else existing_table(name)
+    table[triton_gemv.PENDING_NORM] = {
+        section: {triton_gemv.shape_key(row["N"], row["K"]): row["best_config"] for row in results[kind]}
+        for kind, section in (("half", triton_gemv.HALF), ("fp8", triton_gemv.FLOAT8))}
+    text = json.dumps(table, indent=1)
+    paths = [os.path.join(out, name.replace("=", "_"))] + ([] if tiny else [os.path.join(triton_gemv.CONFIG_DIR,
+                                                                                            name)])
+    for path in paths:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+    print(f"\n{name}'s {triton_gemv.PENDING_NORM} section written to {', '.join(paths)}")
 
 
 def main() -> None:
@@ -407,11 +443,16 @@ def main() -> None:
     if args.fusions:
         dtype = getattr(torch, args.dtype or ("float16" if args.tiny else "bfloat16"))
         shapes, device = (TINY_SHAPES + [("gate_up", 96, 64), ("o", 64, 48)], "cpu") if args.tiny else (SHAPES, "cuda")
-        results = {kind: bench_fusions(dtype, kind == "fp8", shapes, device) for kind in ("half", "fp8")}
+        grids = ({"half": TINY_GRID, "fp8": TINY_FP8_GRID} if args.tiny
+                 else {"half": FUSION_GRID, "fp8": FP8_FUSION_GRID})
+        results = {kind: bench_fusions(dtype, kind == "fp8", shapes, device,
+                                       grids[kind] if args.write_config else None) for kind in ("half", "fp8")}
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "gemv_fusions.json"), "w") as f:
             json.dump({"device": device_name() if not args.tiny else "cpu", "dtype": str(dtype), **results}, f,
                       indent=1)
+        if args.write_config:
+            write_pending_norm_section(results, args.out, args.tiny)
         return None
     dtype_name = args.dtype or ("float16" if args.tiny else "bfloat16")
     dtype = getattr(torch, dtype_name)

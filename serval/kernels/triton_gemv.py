@@ -56,6 +56,10 @@ CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 HALF, FLOAT8 = "half", "float8"
 # The tables' section for gemv_rows: {"half" | "float8": {"<rows>": {"NxK" | "default": RowsConfig.as_list()}}}.
 ROWS = "rows"
+# The tables' section for the GEMVs of a batch-1 block with pending norms (gemv with normed, gemv_add_norm), whose
+# epilogue or sums change which blocks are fastest: {"half" | "float8": {"NxK": [BLOCK_N, BLOCK_K, num_warps]}}
+# (benchmarks/gemv_bench.py --fusions --write-config); a shape it lacks takes the plain GEMV's entry.
+PENDING_NORM = "pending_norm"
 
 
 @dataclass(frozen=True)
@@ -107,9 +111,14 @@ def _device_table(device_index: int) -> dict | None:
     return load_table(os.path.join(CONFIG_DIR, config_file_name(torch.cuda.get_device_name(device_index))))
 
 
-def pick_config(table: dict | None, n: int, k: int, float8: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) for an N x K weight from a device's table: the shape's own entry, else the
-    table's default, else the built-in one."""
+def pick_config(table: dict | None, n: int, k: int, float8: bool,
+                pending_norm: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) for an N x K weight from a device's table: the shape's own entry (pending_norm:
+    first in the PENDING_NORM section), else the table's default, else the built-in one."""
+    if pending_norm:
+        fused = (((table or {}).get(PENDING_NORM) or {}).get(FLOAT8 if float8 else HALF) or {}).get(shape_key(n, k))
+        if fused is not None:
+            return tuple(int(v) for v in fused)
     section = (table or {}).get(FLOAT8 if float8 else HALF) or {}
     config = section.get(shape_key(n, k)) or section.get("default")
     if config is None:
@@ -117,11 +126,12 @@ def pick_config(table: dict | None, n: int, k: int, float8: bool) -> tuple[int, 
     return tuple(int(v) for v in config)
 
 
-def get_config(n: int, k: int, float8: bool, device: torch.device) -> tuple[int, int, int]:
+def get_config(n: int, k: int, float8: bool, device: torch.device,
+               pending_norm: bool = False) -> tuple[int, int, int]:
     """The configuration for this GPU (its table under CONFIG_DIR, if benchmarks/gemv_bench.py wrote one)."""
     table = _device_table(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else None
-    return pick_config(table, n, k, float8)
+    return pick_config(table, n, k, float8, pending_norm)
 
 
 def pick_rows_config(table: dict | None, m: int, n: int, k: int, float8: bool) -> RowsConfig:
@@ -358,7 +368,8 @@ def _launch(x, weight, bias, config, gated, weight_scale, half_products, residua
     x = x.reshape(-1).contiguous()
     residual = residual.reshape(-1).contiguous() if residual is not None else None
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    block_n, block_k, num_warps = config or get_config(n, k, weight_scale is not None, x.device)
+    block_n, block_k, num_warps = config or get_config(n, k, weight_scale is not None, x.device,
+                                                       pending_norm=normed is not None or next_norm is not None)
     block_k = min(block_k, triton.next_power_of_2(k))
     pending = None
     if next_norm is not None:

@@ -36,6 +36,15 @@ def test_pick_config(n, k, float8, expected):
     assert triton_gemv.pick_config(TABLE, n, k, float8) == expected
 
 
+def test_the_gemvs_of_pending_norms_take_their_own_section_first():
+    table = dict(TABLE, **{triton_gemv.PENDING_NORM: {triton_gemv.HALF: {"6144x4096": [16, 2048, 8]}}})
+    assert triton_gemv.pick_config(table, 6144, 4096, False, pending_norm=True) == (16, 2048, 8)
+    assert triton_gemv.pick_config(table, 6144, 4096, False) == (4, 1024, 4)  # the plain GEMV keeps its entry
+    # Shapes and weight types the section lacks: the plain GEMV's choice.
+    assert triton_gemv.pick_config(table, 4096, 4096, False, pending_norm=True) == (8, 512, 2)
+    assert triton_gemv.pick_config(table, 4096, 14336, True, pending_norm=True) == (2, 8192, 16)
+
+
 def test_no_table_takes_the_built_in_defaults():
     assert triton_gemv.pick_config(None, 6144, 4096, float8=False) == triton_gemv.DEFAULT_CONFIG
     assert triton_gemv.pick_config(None, 6144, 4096, float8=True) == triton_gemv.FP8_CONFIG
