@@ -337,8 +337,8 @@ def count_instructions(out: str) -> None:
 
 # --fusions --write-config: the blocks tried for the GEMVs of a block with pending norms (more rows a program than
 # the plain GEMV's best: each program reduces the norm's sums once, whatever its rows).
-FUSION_GRID = list(itertools.product((2, 4, 8, 16), (1024, 2048, 4096), (4, 8)))
-FP8_FUSION_GRID = list(itertools.product((8, 16), (1024, 2048, 4096), (4, 8)))
+FUSION_GRID = list(itertools.product((4, 8, 16), (1024, 2048), (4, 8)))
+FP8_FUSION_GRID = list(itertools.product((8, 16), (1024, 2048), (4, 8)))
 
 
 def bench_fusions(dtype: torch.dtype, use_fp8: bool, shapes=SHAPES, device: str = "cuda",
@@ -408,9 +408,9 @@ def write_pending_norm_section(results: dict, out: str, tiny: bool) -> None:
     (under --out too; --tiny: only there)."""
     name = triton_gemv.config_file_name(device_name() if not tiny else "cpu")
     table = {} if tiny else existing_table(name)
-    table[triton_gemv.PENDING_NORM] = {
+    table[triton_gemv.PENDING_NORM] = dict(table.get(triton_gemv.PENDING_NORM) or {}) | {
         section: {triton_gemv.shape_key(row["N"], row["K"]): row["best_config"] for row in results[kind]}
-        for kind, section in (("half", triton_gemv.HALF), ("fp8", triton_gemv.FLOAT8))}
+        for kind, section in (("half", triton_gemv.HALF), ("fp8", triton_gemv.FLOAT8)) if kind in results}
     text = json.dumps(table, indent=1)
     paths = [os.path.join(out, name.replace("=", "_"))] + ([] if tiny else [os.path.join(triton_gemv.CONFIG_DIR,
                                                                                             name)])
@@ -437,6 +437,7 @@ def main() -> None:
     parser.add_argument("--fusions", action="store_true",
                         help="each projection plain and as a batch-1 block with pending norms runs it (both weight "
                              "types), against the norm kernel it replaces")
+    parser.add_argument("--fusion-kinds", default="half,fp8", help="--fusions: half, fp8 or both")
     args = parser.parse_args()
     if args.count_instructions:
         return count_instructions(args.out)
@@ -446,7 +447,8 @@ def main() -> None:
         grids = ({"half": TINY_GRID, "fp8": TINY_FP8_GRID} if args.tiny
                  else {"half": FUSION_GRID, "fp8": FP8_FUSION_GRID})
         results = {kind: bench_fusions(dtype, kind == "fp8", shapes, device,
-                                       grids[kind] if args.write_config else None) for kind in ("half", "fp8")}
+                                       grids[kind] if args.write_config else None)
+                   for kind in args.fusion_kinds.split(",")}
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "gemv_fusions.json"), "w") as f:
             json.dump({"device": device_name() if not args.tiny else "cpu", "dtype": str(dtype), **results}, f,
