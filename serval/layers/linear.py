@@ -123,8 +123,8 @@ def fuses_norms(x: torch.Tensor, *layers: nn.Module) -> bool:
     bfloat16/float16 or float8 with row scales (no LoRA wrapper, no tensor-parallel shard, no other format), on the
     GEMV path. At batch 1 a norm is one small kernel between two GEMVs. By default for float8 weights only, where
     the H200 measured it faster (+1% batch-1 tok/s on the Llama-3-8B shape); with bfloat16 weights the GEMVs' added
-    epilogue cost more than the norm kernels (-2.9%; docs/performance.md). SERVAL_FUSED_NORM=1 takes it for both,
-    0 for neither."""
+    epilogue and sums cost what the norm kernels did (-2.9% with the plain GEMV's blocks, level with the table's
+    pending_norm blocks; docs/performance.md). SERVAL_FUSED_NORM=1 takes it for both, 0 for neither."""
     if x.numel() != x.shape[-1] or not takes_gemv(x, x.shape[-1]):  # first: cheap, and false for every prefill
         return False
     choice = os.environ.get("SERVAL_FUSED_NORM", "")
