@@ -48,10 +48,20 @@ def _token_id_list(name: str, value) -> list[int]:
     if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
         raise _bad(name, value, "a list of non-negative integer token ids")
     ids = list(value)
+    if plain_token_ids(ids):  # at C speed: a server builds these on its event loop, from lists of any length
+        return ids
     bad = [token_id for token_id in ids if not _is_token_id(token_id)]
     if bad:
         raise _bad(name, bad[:5], "non-negative integer token ids")
     return [int(token_id) for token_id in ids]
+
+
+def plain_token_ids(ids: list, vocab_size: int | None = None) -> bool:
+    """True when ids are all Python ints in [0, vocab_size) (no bound: any non-negative), checked in C (map, min,
+    max); False also where a slower look may still accept them (numpy integers) or must name the bad ones."""
+    if not set(map(type, ids)) <= {int}:
+        return False
+    return not ids or (min(ids) >= 0 and (vocab_size is None or max(ids) < vocab_size))
 
 
 def _allowed_token_ids(value) -> list[int] | None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from serval.openai.errors import InvalidArgument
-from serval.sampling_params import MAX_N, SEED_RANGE, SamplingParams, StructuredOutputsParams
+from serval.sampling_params import MAX_N, SEED_RANGE, SamplingParams, StructuredOutputsParams, plain_token_ids
 
 INF, NAN = math.inf, math.nan
 
@@ -166,3 +166,13 @@ def test_numpy_integers_are_integers_and_numpy_bools_are_not():
     with pytest.raises(InvalidArgument) as caught:
         SamplingParams(max_tokens=np.bool_(True))
     assert caught.value.param == "max_tokens"
+
+
+def test_plain_token_ids_take_the_quick_check_only_when_it_can_decide():
+    # Lists of Python ints in range pass without a per-id look (a server builds them on its event loop); anything
+    # else is left to the per-id check, which names the bad ids or, for numpy integers, accepts them.
+    import numpy as np
+    assert plain_token_ids([0, 5, 9], vocab_size=10) and plain_token_ids([]) and plain_token_ids([7])
+    assert not plain_token_ids([0, 10], vocab_size=10) and not plain_token_ids([-1, 3])
+    assert not plain_token_ids([True, 2]) and not plain_token_ids([1.0]) and not plain_token_ids([np.int64(3)])
+    assert SamplingParams(allowed_token_ids=[np.int64(3), 4]).allowed_token_ids == [3, 4]

@@ -357,6 +357,8 @@ def bad_token_id_requests(vocab_size: int) -> list[tuple[str, dict, SamplingPara
         ("stop_token_ids", good, SamplingParams(stop_token_ids=[vocab_size + 5], min_tokens=1)),
         ("stop_token_ids", good, SamplingParams(stop_token_ids=[3, vocab_size])),
         ("logit_bias", good, SamplingParams(logit_bias={vocab_size + 5: 1.0})),
+        ("allowed_token_ids", good, SamplingParams(allowed_token_ids=list(range(vocab_size + 1)))),
+        ("prompt", {"prompt_token_ids": [5, 6.0]}, SamplingParams()),
     ]
 
 
