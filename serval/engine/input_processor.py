@@ -140,18 +140,23 @@ class InputProcessor:
         """Every token id the request carries must index the vocabulary: the sampler indexes the logits with
         them, and one out of range there fails the whole step."""
         vocab_size = self.vocab_size
-        if not plain_token_ids(prompt_token_ids, vocab_size):
-            bad = [t for t in prompt_token_ids if not _is_token_id(t, vocab_size)]
-            if bad:
-                raise InvalidArgument("prompt",
-                                      f"invalid prompt token ids {bad[:5]}: allowed integers in [0, {vocab_size})")
+        bad = _bad_token_ids(prompt_token_ids, vocab_size)
+        if bad:
+            raise InvalidArgument("prompt",
+                                  f"invalid prompt token ids {bad[:5]}: allowed integers in [0, {vocab_size})")
         for param, token_ids in _sampling_token_ids(params):
-            # On the server's event loop (add_request): plain ints at C speed, the per-id look only to name bad ones.
-            bad = [] if plain_token_ids(token_ids, vocab_size) else [
-                t for t in token_ids if not _is_token_id(t, vocab_size)]
+            bad = _bad_token_ids(token_ids, vocab_size)
             if bad:
                 raise InvalidArgument(param, f"invalid sampling parameter {param}={bad[:5]}: allowed token ids in "
                                              f"[0, {vocab_size})")
+
+
+def _bad_token_ids(token_ids: list, vocab_size: int) -> list:
+    """The ids that do not index the vocabulary. Run on the server's event loop (add_request): lists of plain ints
+    are checked at C speed, the per-id look only names the bad ones."""
+    if plain_token_ids(token_ids, vocab_size):
+        return []
+    return [t for t in token_ids if not _is_token_id(t, vocab_size)]
 
 
 def _is_token_id(value, vocab_size: int) -> bool:

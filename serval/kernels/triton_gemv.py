@@ -349,12 +349,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 def gemv_add_norm(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
                   eps: float, bias: torch.Tensor | None = None, config: tuple[int, int, int] | None = None,
                   gated: bool = False, weight_scale: torch.Tensor | None = None,
-                  half_products: bool | None = None, normed: PendingNorm | None = None
-                  ) -> tuple[torch.Tensor, PendingNorm]:
+                  half_products: bool | None = None) -> tuple[torch.Tensor, PendingNorm]:
     """gemv(...) + residual = h, the residual stream after a block, and the next RMSNorm (norm_weight, eps) of h
     left pending for the GEMV that reads it: (h [1, N], PendingNorm)."""
-    return _launch(x, weight, bias, config, gated, weight_scale, half_products, residual, normed,
-                   (norm_weight, eps))
+    return _launch(x, weight, bias, config, gated, weight_scale, half_products, residual, None, (norm_weight, eps))
 
 
 def _launch(x, weight, bias, config, gated, weight_scale, half_products, residual, normed, next_norm=None):

@@ -22,7 +22,7 @@ from torch import nn
 from serval.layers.activation import silu_and_mul
 from serval.layers.attention import Attention, AttentionMetadata
 from serval.layers.embedding import Embedding
-from serval.layers.linear import Linear, MergedLinear, fuses_norms, qkv_linear
+from serval.layers.linear import Linear, MergedLinear, fuses_norms, qkv_linear, takes_gemv
 from serval.layers.mlp import GatedMLP
 from serval.layers.norm import RMSNorm, rms_norm_heads
 from serval.layers.rotary import RotaryEmbedding, rope_parameters
@@ -108,7 +108,7 @@ class LlamaDecoderLayer(nn.Module):
 def _fuses_norms(model: LlamaModel, hidden: torch.Tensor) -> bool:
     """One row on the GEMV path through plain Llama blocks only: the families that borrow LlamaModel's forward
     with their own attention or experts (DeepSeek-V3, gpt-oss, the MoE blocks) keep their norms as kernels."""
-    if hidden.numel() != hidden.shape[-1]:  # first: false for every prefill
+    if not takes_gemv(hidden, hidden.shape[-1]):  # first: false for every prefill and off the GEMV path (CPU)
         return False
     projections = []
     for layer in model.layers:
