@@ -260,13 +260,20 @@ def _sample_tokens(logits: torch.Tensor, requests: list[Request]) -> torch.Tenso
     params = [request.sampling_params for request in requests]
     greedy = [p.temperature < SAMPLING_EPS for p in params]
     if all(greedy):
-        return logits.argmax(dim=-1)
-    greedy_tokens = logits.argmax(dim=-1) if any(greedy) else None
+        return _argmax(logits)
+    greedy_tokens = _argmax(logits) if any(greedy) else None
     probs = warp_logits(logits, params).softmax(dim=-1)
-    random_tokens = probs.div_(_exponential_noise(probs, requests, greedy)).argmax(dim=-1)
+    random_tokens = _argmax(probs.div_(_exponential_noise(probs, requests, greedy)))
     if greedy_tokens is None:
         return random_tokens
     return torch.where(to_device(greedy, torch.bool, logits.device), greedy_tokens, random_tokens)
+
+
+def _argmax(scores: torch.Tensor) -> torch.Tensor:
+    if not scores.is_cuda:
+        return scores.argmax(dim=-1)
+    from serval.kernels.triton_argmax import argmax  # torch's ran one row as one thread block
+    return argmax(scores)
 
 
 def warp_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
