@@ -260,20 +260,22 @@ def _sample_tokens(logits: torch.Tensor, requests: list[Request]) -> torch.Tenso
     params = [request.sampling_params for request in requests]
     greedy = [p.temperature < SAMPLING_EPS for p in params]
     if all(greedy):
-        return _argmax(logits)
-    greedy_tokens = _argmax(logits) if any(greedy) else None
+        return argmax(logits)
+    greedy_tokens = argmax(logits) if any(greedy) else None
     probs = warp_logits(logits, params).softmax(dim=-1)
-    random_tokens = _argmax(probs.div_(_exponential_noise(probs, requests, greedy)))
+    random_tokens = argmax(probs.div_(_exponential_noise(probs, requests, greedy)))
     if greedy_tokens is None:
         return random_tokens
     return torch.where(to_device(greedy, torch.bool, logits.device), greedy_tokens, random_tokens)
 
 
-def _argmax(scores: torch.Tensor) -> torch.Tensor:
+def argmax(scores: torch.Tensor) -> torch.Tensor:
+    """scores [rows, vocab] -> each row's first index of the largest, int64 [rows] (torch.argmax(dim=-1)): on CUDA
+    serval.kernels.triton_argmax's kernel, since torch's ran each row as one thread block (27 us a token)."""
     if not scores.is_cuda:
         return scores.argmax(dim=-1)
-    from serval.kernels.triton_argmax import argmax  # torch's ran one row as one thread block
-    return argmax(scores)
+    from serval.kernels import triton_argmax
+    return triton_argmax.argmax(scores)
 
 
 def warp_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

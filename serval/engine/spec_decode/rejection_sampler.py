@@ -53,12 +53,12 @@ def verify(logits: torch.Tensor, requests: list[Request], draft_token_ids: list[
     _apply_grammar_masks(logits, requests, draft_token_ids, starts)
     greedy = [p.temperature < SAMPLING_EPS for p in params]
     if all(greedy):
-        greedy_tokens = logits.argmax(dim=-1).tolist()
+        greedy_tokens = sampler.argmax(logits).tolist()
         emitted = [_accept_greedy(drafts, greedy_tokens[start:start + len(drafts) + 1])
                    for start, drafts in zip(starts, draft_token_ids)]
     else:
         emitted = _accept_random(logits, row_requests, params, draft_token_ids, starts, draft_probs, greedy,
-                                 logits.argmax(dim=-1) if any(greedy) else None)
+                                 sampler.argmax(logits) if any(greedy) else None)
     return [VerifiedTokens(tokens, _logprobs(raw_logits, logprob_rows, start, tokens, request), len(drafts))
             for request, drafts, start, tokens in zip(requests, draft_token_ids, starts, emitted)]
 
@@ -165,7 +165,7 @@ def _accept_random(logits: torch.Tensor, row_requests: list[Request], params, dr
     # A residual of all zeros (p == q, rejection impossible) would give NaN: fall back to p, never drawn anyway.
     empty = residual.sum(dim=-1, keepdim=True) <= 0
     residual = torch.where(empty, probs, residual)
-    fallback = residual.div_(_exponential(residual, row_requests)).argmax(dim=-1)
+    fallback = sampler.argmax(residual.div_(_exponential(residual, row_requests)))
     read = torch.stack([accepted.long(), fallback] + ([greedy_argmax] if greedy_argmax is not None else [])).tolist()
     accepted, fallback = read[0], read[1]
     greedy_tokens = read[2] if greedy_argmax is not None else None
